@@ -1,0 +1,287 @@
+//! Host side of the protocol: one [`AgentClient`] per VM connection,
+//! multiplexing any number of exec sessions over the single stream.
+
+use crate::{Body, CONTROL, ExecRequest, ExitStatus, Frame, FrameCodec, Hello, MAX_CHUNK, PROTO_VERSION};
+use futures::{SinkExt, StreamExt};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::{mpsc, watch};
+use tokio_util::codec::{FramedRead, FramedWrite};
+
+/// Errors talking to an agent.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum ClientError {
+    #[error("connection to the guest agent was lost")]
+    Disconnected,
+    #[error(
+        "guest agent speaks protocol v{agent}, this banger speaks v{host}: rebuild or re-pull the image so its agent matches"
+    )]
+    VersionMismatch { agent: u32, host: u32 },
+    #[error("guest agent refused the request: {0}")]
+    Refused(String),
+}
+
+/// What an exec session reports, in order; `Exited` or `Error` is last.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ExecEvent {
+    Stdout(Vec<u8>),
+    Stderr(Vec<u8>),
+    Exited(ExitStatus),
+    Error(String),
+}
+
+type Routes = Arc<Mutex<HashMap<u32, mpsc::UnboundedSender<ExecEvent>>>>;
+
+/// A connection to one guest agent.
+#[derive(Clone)]
+pub struct AgentClient {
+    tx: mpsc::UnboundedSender<Frame>,
+    routes: Routes,
+    next_channel: Arc<AtomicU32>,
+    hello: watch::Receiver<Option<Hello>>,
+    closed: watch::Receiver<bool>,
+}
+
+impl AgentClient {
+    /// Takes over `stream` and starts its reader and writer tasks.
+    pub fn spawn<S>(stream: S) -> Self
+    where
+        S: AsyncRead + AsyncWrite + Send + 'static,
+    {
+        let (rd, wr) = tokio::io::split(stream);
+        let (tx, mut rx) = mpsc::unbounded_channel::<Frame>();
+        let routes: Routes = Arc::default();
+        let (hello_tx, hello) = watch::channel(None);
+        let (closed_tx, closed) = watch::channel(false);
+
+        tokio::spawn(async move {
+            let mut sink = FramedWrite::new(wr, FrameCodec);
+            while let Some(f) = rx.recv().await {
+                if let Err(e) = sink.send(f).await {
+                    tracing::debug!(error = %e, "agent write failed");
+                    break;
+                }
+            }
+        });
+
+        let reader_routes = routes.clone();
+        tokio::spawn(async move {
+            let mut frames = FramedRead::new(rd, FrameCodec);
+            while let Some(next) = frames.next().await {
+                let frame = match next {
+                    Ok(Ok(f)) => f,
+                    Ok(Err(e)) => {
+                        tracing::warn!(error = %e, "skipping malformed frame from agent");
+                        continue;
+                    }
+                    Err(e) => {
+                        tracing::debug!(error = %e, "agent stream ended");
+                        break;
+                    }
+                };
+                route(frame, &reader_routes, &hello_tx);
+            }
+            // Dropping every sender ends every open session with Disconnected.
+            reader_routes.lock().map(|mut r| r.clear()).ok();
+            let _ = closed_tx.send(true);
+        });
+
+        Self { tx, routes, next_channel: Arc::new(AtomicU32::new(1)), hello, closed }
+    }
+
+    /// Waits for the agent's greeting (the readiness signal) and checks its version.
+    pub async fn wait_hello(&self) -> Result<Hello, ClientError> {
+        let mut hello = self.hello.clone();
+        let mut closed = self.closed.clone();
+        loop {
+            if let Some(h) = hello.borrow_and_update().clone() {
+                if h.proto_version != PROTO_VERSION {
+                    return Err(ClientError::VersionMismatch { agent: h.proto_version, host: PROTO_VERSION });
+                }
+                return Ok(h);
+            }
+            if *closed.borrow_and_update() {
+                return Err(ClientError::Disconnected);
+            }
+            tokio::select! {
+                r = hello.changed() => if r.is_err() { return Err(ClientError::Disconnected) },
+                r = closed.changed() => if r.is_err() { return Err(ClientError::Disconnected) },
+            }
+        }
+    }
+
+    /// True once the stream has ended.
+    pub fn is_closed(&self) -> bool {
+        *self.closed.borrow()
+    }
+
+    /// Asks the agent to greet again (after a reconnect).
+    pub fn ping(&self) -> Result<(), ClientError> {
+        self.send(Frame::new(CONTROL, Body::Ping))
+    }
+
+    /// Asks the guest to power off (or reboot).
+    pub fn shutdown(&self, reboot: bool) -> Result<(), ClientError> {
+        self.send(Frame::new(CONTROL, Body::Shutdown { reboot }))
+    }
+
+    /// Starts a process in the guest.
+    pub fn exec(&self, req: ExecRequest) -> Result<ExecSession, ClientError> {
+        let channel = self.next_channel.fetch_add(1, Ordering::Relaxed);
+        let (ev_tx, events) = mpsc::unbounded_channel();
+        self.routes.lock().map_err(|_| ClientError::Disconnected)?.insert(channel, ev_tx);
+        if let Err(e) = self.send(Frame::new(channel, Body::Exec(req))) {
+            self.routes.lock().map(|mut r| r.remove(&channel)).ok();
+            return Err(e);
+        }
+        Ok(ExecSession { channel, tx: self.tx.clone(), events, done: false })
+    }
+
+    fn send(&self, f: Frame) -> Result<(), ClientError> {
+        self.tx.send(f).map_err(|_| ClientError::Disconnected)
+    }
+}
+
+fn route(frame: Frame, routes: &Routes, hello_tx: &watch::Sender<Option<Hello>>) {
+    if frame.channel == CONTROL {
+        match frame.body {
+            Body::Hello(h) => {
+                let _ = hello_tx.send(Some(h));
+            }
+            other => tracing::debug!(?other, "ignoring control frame from agent"),
+        }
+        return;
+    }
+    let (event, last) = match frame.body {
+        Body::Stdout(d) => (ExecEvent::Stdout(d), false),
+        Body::Stderr(d) => (ExecEvent::Stderr(d), false),
+        Body::Exited(s) => (ExecEvent::Exited(s), true),
+        Body::Error(m) => (ExecEvent::Error(m), true),
+        other => {
+            tracing::debug!(channel = frame.channel, ?other, "unexpected frame from agent");
+            return;
+        }
+    };
+    let Ok(mut r) = routes.lock() else { return };
+    if let Some(tx) = r.get(&frame.channel) {
+        let _ = tx.send(event);
+    }
+    if last {
+        r.remove(&frame.channel);
+    }
+}
+
+/// One running guest process.
+pub struct ExecSession {
+    channel: u32,
+    tx: mpsc::UnboundedSender<Frame>,
+    events: mpsc::UnboundedReceiver<ExecEvent>,
+    done: bool,
+}
+
+impl ExecSession {
+    /// The next output or the final status. `Err(Disconnected)` if the agent
+    /// went away before the process ended; `Ok(None)` after the final event.
+    pub async fn next_event(&mut self) -> Result<Option<ExecEvent>, ClientError> {
+        if self.done {
+            return Ok(None);
+        }
+        match self.events.recv().await {
+            Some(ev) => {
+                if matches!(ev, ExecEvent::Exited(_) | ExecEvent::Error(_)) {
+                    self.done = true;
+                }
+                Ok(Some(ev))
+            }
+            None => Err(ClientError::Disconnected),
+        }
+    }
+
+    /// Feeds the process's stdin, split into protocol-sized chunks.
+    pub fn write_stdin(&self, data: &[u8]) -> Result<(), ClientError> {
+        for chunk in data.chunks(MAX_CHUNK) {
+            self.send(Body::Stdin(chunk.to_vec()))?;
+        }
+        Ok(())
+    }
+
+    /// Closes the process's stdin.
+    pub fn close_stdin(&self) -> Result<(), ClientError> {
+        self.send(Body::StdinEof)
+    }
+
+    /// Sends a signal to the process.
+    pub fn signal(&self, sig: i32) -> Result<(), ClientError> {
+        self.send(Body::Signal(sig))
+    }
+
+    fn send(&self, body: Body) -> Result<(), ClientError> {
+        self.tx.send(Frame::new(self.channel, body)).map_err(|_| ClientError::Disconnected)
+    }
+}
+
+impl Drop for ExecSession {
+    /// A session dropped before its process ended kills the process, so a
+    /// vanished client never leaves a stray guest process.
+    fn drop(&mut self) {
+        if !self.done {
+            let _ = self.tx.send(Frame::new(self.channel, Body::Signal(9)));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A scripted fake agent on the other end of an in-memory pipe.
+    async fn fake_agent(io: tokio::io::DuplexStream, version: u32) {
+        let (rd, wr) = tokio::io::split(io);
+        let mut rd = FramedRead::new(rd, FrameCodec);
+        let mut wr = FramedWrite::new(wr, FrameCodec);
+        let hello = Hello { proto_version: version, agent_version: "test".into(), uptime_ms: 1 };
+        wr.send(Frame::new(CONTROL, Body::Hello(hello))).await.expect("hello");
+        while let Some(Ok(Ok(f))) = rd.next().await {
+            if let Body::Exec(req) = f.body {
+                let out = req.argv.join(" ").into_bytes();
+                wr.send(Frame::new(f.channel, Body::Stdout(out))).await.expect("out");
+                let st = ExitStatus { code: Some(3), signal: None };
+                wr.send(Frame::new(f.channel, Body::Exited(st))).await.expect("exit");
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn hello_then_exec_roundtrip() {
+        let (a, b) = tokio::io::duplex(4096);
+        tokio::spawn(fake_agent(b, PROTO_VERSION));
+        let c = AgentClient::spawn(a);
+        let h = c.wait_hello().await.expect("hello");
+        assert_eq!(h.agent_version, "test");
+        let mut s = c.exec(ExecRequest { argv: vec!["echo".into(), "hi".into()], ..Default::default() }).expect("exec");
+        assert_eq!(s.next_event().await.expect("ev"), Some(ExecEvent::Stdout(b"echo hi".to_vec())));
+        assert_eq!(
+            s.next_event().await.expect("ev"),
+            Some(ExecEvent::Exited(ExitStatus { code: Some(3), signal: None }))
+        );
+        assert_eq!(s.next_event().await.expect("end"), None);
+    }
+
+    #[tokio::test]
+    async fn version_mismatch_is_refused() {
+        let (a, b) = tokio::io::duplex(4096);
+        tokio::spawn(fake_agent(b, PROTO_VERSION + 1));
+        let c = AgentClient::spawn(a);
+        assert!(matches!(c.wait_hello().await, Err(ClientError::VersionMismatch { .. })));
+    }
+
+    #[tokio::test]
+    async fn lost_connection_ends_waiters() {
+        let (a, b) = tokio::io::duplex(4096);
+        let c = AgentClient::spawn(a);
+        drop(b);
+        assert!(matches!(c.wait_hello().await, Err(ClientError::Disconnected)));
+    }
+}

@@ -1,0 +1,116 @@
+//! The banger agent protocol.
+//!
+//! One byte stream per VM (virtio-serial under QEMU, vsock under Firecracker)
+//! carries length-prefixed frames. Each frame names a channel: channel 0 is
+//! control (hello, ping, shutdown); every exec gets its own channel, opened by
+//! the host with [`Body::Exec`] and closed by the agent with [`Body::Exited`]
+//! or [`Body::Error`].
+//!
+//! Wire format of a frame: `u32` little-endian payload length, then the
+//! payload: a postcard-encoded [`Frame`]. Payloads over [`MAX_FRAME`] are
+//! refused before any allocation.
+
+mod codec;
+pub mod client;
+
+pub use codec::{FrameCodec, ProtoError};
+
+use serde::{Deserialize, Serialize};
+
+/// Bumped on every incompatible change. The daemon refuses agents that differ.
+pub const PROTO_VERSION: u32 = 1;
+
+/// Largest frame payload accepted, in bytes.
+pub const MAX_FRAME: usize = 1 << 20;
+
+/// Largest data chunk put in one stdout/stderr/stdin frame.
+pub const MAX_CHUNK: usize = 64 * 1024;
+
+/// The control channel.
+pub const CONTROL: u32 = 0;
+
+/// Name of the virtio-serial port the agent opens under QEMU.
+pub const VIRTIO_PORT_NAME: &str = "org.banger.agent";
+
+/// vsock port the agent connects to on the host (CID 2) under Firecracker.
+pub const VSOCK_PORT: u32 = 1024;
+
+/// One protocol frame.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Frame {
+    pub channel: u32,
+    pub body: Body,
+}
+
+impl Frame {
+    pub fn new(channel: u32, body: Body) -> Self {
+        Self { channel, body }
+    }
+}
+
+/// What a frame carries.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Body {
+    /// Agent → host on [`CONTROL`], first thing after the channel opens, and
+    /// again in answer to every [`Body::Ping`]. This is the readiness signal.
+    Hello(Hello),
+    /// Host → agent on [`CONTROL`]: "say hello again" (used after the host
+    /// (re)connects to a running guest).
+    Ping,
+    /// Host → agent on [`CONTROL`]: power the guest off (or reboot it).
+    Shutdown { reboot: bool },
+    /// Host → agent: start a process on this (new) channel.
+    Exec(ExecRequest),
+    /// Host → agent: bytes for the process's stdin.
+    Stdin(Vec<u8>),
+    /// Host → agent: close the process's stdin.
+    StdinEof,
+    /// Host → agent: deliver a signal (e.g. 2 for SIGINT) to the process.
+    Signal(i32),
+    /// Agent → host: the process wrote to stdout.
+    Stdout(Vec<u8>),
+    /// Agent → host: the process wrote to stderr.
+    Stderr(Vec<u8>),
+    /// Agent → host: the process ended; the channel is closed.
+    Exited(ExitStatus),
+    /// Agent → host: the request on this channel failed; the channel is closed.
+    Error(String),
+}
+
+/// The agent's greeting.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Hello {
+    pub proto_version: u32,
+    pub agent_version: String,
+    /// Seconds since the guest kernel booted, from /proc/uptime.
+    pub uptime_ms: u64,
+}
+
+/// A command to run in the guest.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct ExecRequest {
+    pub argv: Vec<String>,
+    /// Extra environment on top of the agent's default (PATH, HOME, TERM).
+    pub env: Vec<(String, String)>,
+    pub cwd: Option<String>,
+    /// When false the process gets /dev/null as stdin.
+    pub stdin: bool,
+}
+
+/// How a guest process ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExitStatus {
+    pub code: Option<i32>,
+    pub signal: Option<i32>,
+}
+
+impl ExitStatus {
+    /// The status a shell would report: the code, or 128 + signal.
+    pub fn shell_code(&self) -> i32 {
+        match (self.code, self.signal) {
+            (Some(c), _) => c,
+            (None, Some(s)) => 128 + s,
+            (None, None) => 255,
+        }
+    }
+}

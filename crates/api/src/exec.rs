@@ -1,0 +1,71 @@
+//! Exec over a WebSocket at `GET /v1/vms/{vm}/exec`.
+//!
+//! Client → daemon: first a text message holding [`ExecStart`]; then binary
+//! messages are stdin bytes and text messages are [`ExecControl`].
+//! Daemon → client: binary messages whose first byte is [`STDOUT`] or
+//! [`STDERR`] followed by the data; text messages are [`ExecReport`], the
+//! last one being `exit` or `error`.
+
+use crate::ApiError;
+use serde::{Deserialize, Serialize};
+
+/// Tag byte of a stdout chunk.
+pub const STDOUT: u8 = 1;
+/// Tag byte of a stderr chunk.
+pub const STDERR: u8 = 2;
+
+/// What to run.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ExecStart {
+    pub argv: Vec<String>,
+    #[serde(default)]
+    pub env: Vec<(String, String)>,
+    pub cwd: Option<String>,
+    /// Forward stdin (otherwise the process reads /dev/null).
+    #[serde(default)]
+    pub stdin: bool,
+}
+
+/// Control messages from the client once the process runs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum ExecControl {
+    StdinEof,
+    Signal(i32),
+}
+
+/// How the guest process ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct ExecExit {
+    pub code: Option<i32>,
+    pub signal: Option<i32>,
+}
+
+impl ExecExit {
+    /// The status a shell would report: the code, or 128 + signal.
+    pub fn shell_code(&self) -> i32 {
+        match (self.code, self.signal) {
+            (Some(c), _) => c,
+            (None, Some(s)) => 128 + s,
+            (None, None) => 255,
+        }
+    }
+}
+
+/// Text reports from the daemon.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum ExecReport {
+    Exit(ExecExit),
+    Error(ApiError),
+}
+
+/// What the client reads from an exec.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ExecOutput {
+    Stdout(Vec<u8>),
+    Stderr(Vec<u8>),
+    Exit(ExecExit),
+    Error(ApiError),
+}

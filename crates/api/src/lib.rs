@@ -1,0 +1,130 @@
+//! Wire types of the banger daemon API and a typed client.
+//!
+//! Transport: HTTP/1.1 over the daemon's Unix socket. Long operations
+//! (create, image build) answer with a stream of newline-delimited JSON
+//! events ending in `done` or `error`; exec is a WebSocket (see [`exec`]).
+
+pub mod client;
+pub mod exec;
+
+use banger_model::{ImageRecord, KernelRecord, VmRecord, VmSpec};
+use banger_version::BuildInfo;
+use serde::{Deserialize, Serialize};
+
+pub use client::{Client, ClientError};
+
+/// Route paths, shared by the server's router and the client.
+pub mod paths {
+    pub const INFO: &str = "/v1/info";
+    pub const SHUTDOWN: &str = "/v1/shutdown";
+    pub const VMS: &str = "/v1/vms";
+    pub const VM: &str = "/v1/vms/{vm}";
+    pub const VM_EXEC: &str = "/v1/vms/{vm}/exec";
+    pub const IMAGES: &str = "/v1/images";
+    pub const IMAGE: &str = "/v1/images/{image}";
+    pub const IMAGE_BUILD: &str = "/v1/images/build";
+    pub const KERNELS: &str = "/v1/kernels";
+    pub const OPENAPI: &str = "/openapi.json";
+
+    /// Fills the `{...}` parameter of `template` with `value`, percent-encoding it.
+    pub fn fill(template: &str, value: &str) -> String {
+        let start = template.find('{').unwrap_or(template.len());
+        let end = template.find('}').map(|e| e + 1).unwrap_or(template.len());
+        let mut out = String::with_capacity(template.len() + value.len());
+        out.push_str(&template[..start]);
+        for b in value.bytes() {
+            if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+                out.push(b as char);
+            } else {
+                out.push_str(&format!("%{b:02X}"));
+            }
+        }
+        out.push_str(&template[end..]);
+        out
+    }
+}
+
+/// An error as the daemon reports it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct ApiError {
+    /// Stable machine-readable kind: `not_found`, `conflict`, `invalid`, `failed`, ...
+    pub code: String,
+    /// One line for people: what was wrong and what to do.
+    pub message: String,
+}
+
+/// `GET /v1/info`.
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct DaemonInfo {
+    pub build: BuildInfo,
+    pub pid: u32,
+    pub socket: String,
+    pub log_path: String,
+    pub state_dir: String,
+    /// VMM backend new VMs get, and why.
+    pub backend: String,
+    pub backend_reason: String,
+}
+
+/// `POST /v1/vms`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateVmRequest {
+    /// DNS label; generated (adjective-noun) when absent.
+    pub name: Option<String>,
+    /// Image name; the configured default when absent.
+    pub image: Option<String>,
+    pub vcpu: Option<u32>,
+    pub memory_mib: Option<u64>,
+    /// e.g. "16G".
+    pub disk_size: Option<String>,
+    /// Boot the VM and wait for its agent (default true).
+    #[serde(default = "yes")]
+    pub start: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// A progress note of a long operation.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct Progress {
+    /// Short phase name: `plan`, `image`, `disk`, `boot`, `agent`, ...
+    pub phase: String,
+    pub message: String,
+    /// Milliseconds since the operation started.
+    pub elapsed_ms: u64,
+}
+
+/// One line of the `POST /v1/vms` response stream.
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum CreateVmEvent {
+    /// First event: the name and effective spec, before anything is made.
+    Planned { name: String, spec: VmSpec },
+    Progress(Progress),
+    Done(VmRecord),
+    Error(ApiError),
+}
+
+/// `POST /v1/images/build`.
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct BuildImageRequest {
+    pub name: String,
+    /// Debian suite, default `bookworm`.
+    pub suite: Option<String>,
+}
+
+/// One line of the `POST /v1/images/build` response stream.
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum BuildImageEvent {
+    Progress(Progress),
+    Done(ImageRecord),
+    Error(ApiError),
+}
+
+/// `GET /v1/kernels`.
+pub type KernelList = Vec<KernelRecord>;

@@ -1,0 +1,239 @@
+//! `banger bench`: where the time of `vm run --rm -- true` goes (JSON).
+
+use crate::connect;
+use anyhow::Context;
+use banger_api::exec::{ExecOutput, ExecStart};
+use banger_api::{CreateVmEvent, CreateVmRequest};
+use clap::Args;
+use serde::Serialize;
+use std::time::Instant;
+
+#[derive(Args)]
+pub struct BenchArgs {
+    /// Repetitions; medians are reported.
+    #[arg(long, default_value_t = 3)]
+    runs: usize,
+    /// Image to boot (default: the configured default image).
+    #[arg(long)]
+    image: Option<String>,
+}
+
+/// One `vm run --rm -- true`, in milliseconds.
+#[derive(Debug, Clone, Copy, Serialize, Default)]
+struct RunSample {
+    total_ms: f64,
+    /// Request sent → VMM about to be launched (name, image, disk, record).
+    create_ms: f64,
+    /// VMM launch → agent's hello: the guest's own boot.
+    boot_to_agent_ms: f64,
+    /// Agent hello → create answered (root fs grow, state update).
+    ready_ms: f64,
+    exec_ms: f64,
+    delete_ms: f64,
+    /// Everything banger adds on top of the guest's boot and the command.
+    orchestration_overhead_ms: f64,
+}
+
+#[derive(Debug, Serialize)]
+struct Report {
+    runs: usize,
+    backend: String,
+    host: String,
+    banger_median: RunSample,
+    samples: Vec<RunSample>,
+    /// The same kernel and disk booted by `qemu-system-x86_64` started
+    /// directly (no daemon), to agent-ready.
+    bare_qemu_boot_to_agent_ms_median: f64,
+    bare_qemu_samples_ms: Vec<f64>,
+    /// banger's boot-to-agent over the bare boot: ~1.0 means banger adds
+    /// nothing to the guest boot itself.
+    boot_ratio_banger_over_bare: f64,
+    /// banger's whole `vm run --rm -- true` over the bare boot.
+    total_ratio_banger_over_bare: f64,
+}
+
+const BENCH_VCPU: u32 = 1;
+const BENCH_MEMORY_MIB: u64 = 1024;
+
+fn ms(d: std::time::Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    if v.is_empty() {
+        return 0.0;
+    }
+    v.sort_by(|a, b| a.total_cmp(b));
+    let n = v.len();
+    if n % 2 == 1 { v[n / 2] } else { (v[n / 2 - 1] + v[n / 2]) / 2.0 }
+}
+
+pub async fn run(a: BenchArgs) -> anyhow::Result<i32> {
+    anyhow::ensure!(a.runs >= 1, "--runs must be at least 1");
+    let client = connect::client().await?;
+    let info = client.info().await?;
+    let mut samples = Vec::new();
+    let mut bare = Vec::new();
+    for i in 0..a.runs {
+        let s = one_run(&client, a.image.clone(), i).await?;
+        eprintln!("bench: run {}: total {:.0} ms, boot {:.0} ms, overhead {:.1} ms", i + 1, s.total_ms, s.boot_to_agent_ms, s.orchestration_overhead_ms);
+        samples.push(s);
+        let b = bare_boot(&client, a.image.as_deref()).await.context("bare qemu boot")?;
+        eprintln!("bench: bare qemu boot to agent {b:.0} ms");
+        bare.push(b);
+    }
+    let pick = |f: fn(&RunSample) -> f64| median(samples.iter().map(f).collect());
+    let med = RunSample {
+        total_ms: pick(|s| s.total_ms),
+        create_ms: pick(|s| s.create_ms),
+        boot_to_agent_ms: pick(|s| s.boot_to_agent_ms),
+        ready_ms: pick(|s| s.ready_ms),
+        exec_ms: pick(|s| s.exec_ms),
+        delete_ms: pick(|s| s.delete_ms),
+        orchestration_overhead_ms: pick(|s| s.orchestration_overhead_ms),
+    };
+    let bare_med = median(bare.clone());
+    let report = Report {
+        runs: a.runs,
+        backend: format!("{} ({})", info.backend, info.backend_reason),
+        host: host_summary(),
+        banger_median: med,
+        samples,
+        bare_qemu_boot_to_agent_ms_median: bare_med,
+        bare_qemu_samples_ms: bare,
+        boot_ratio_banger_over_bare: if bare_med > 0.0 { med.boot_to_agent_ms / bare_med } else { 0.0 },
+        total_ratio_banger_over_bare: if bare_med > 0.0 { med.total_ms / bare_med } else { 0.0 },
+    };
+    println!("{}", serde_json::to_string_pretty(&report)?);
+    Ok(0)
+}
+
+async fn one_run(client: &banger_api::Client, image: Option<String>, i: usize) -> anyhow::Result<RunSample> {
+    let req = CreateVmRequest {
+        name: Some(format!("bench-{}-{i}", std::process::id())),
+        image,
+        // Same size as the bare boot below, so the two are comparable.
+        vcpu: Some(BENCH_VCPU),
+        memory_mib: Some(BENCH_MEMORY_MIB),
+        start: true,
+        ..Default::default()
+    };
+    let t0 = Instant::now();
+    let mut boot_at = None;
+    let mut ready_at = None;
+    let vm = client
+        .create_vm(&req, |ev| {
+            if let CreateVmEvent::Progress(p) = ev {
+                match p.phase.as_str() {
+                    "boot" => boot_at = Some(t0.elapsed()),
+                    "ready" => ready_at = Some(t0.elapsed()),
+                    _ => {}
+                }
+            }
+        })
+        .await?;
+    let created = t0.elapsed();
+    let (boot_at, ready_at) = match (boot_at, ready_at) {
+        (Some(b), Some(r)) => (b, r),
+        _ => anyhow::bail!("the daemon did not report boot/ready phases"),
+    };
+    let t1 = Instant::now();
+    let (_, mut reader) = client
+        .exec(vm.name.as_str(), &ExecStart { argv: vec!["true".into()], ..Default::default() })
+        .await?;
+    loop {
+        match reader.next().await? {
+            Some(ExecOutput::Exit(_)) => break,
+            Some(ExecOutput::Error(e)) => anyhow::bail!("{}", e.message),
+            Some(_) => {}
+            None => anyhow::bail!("exec ended without status"),
+        }
+    }
+    let exec = t1.elapsed();
+    let t2 = Instant::now();
+    client.delete_vm(vm.name.as_str()).await?;
+    let delete = t2.elapsed();
+    let total = t0.elapsed();
+    let boot = ms(ready_at - boot_at);
+    Ok(RunSample {
+        total_ms: ms(total),
+        create_ms: ms(boot_at),
+        boot_to_agent_ms: boot,
+        ready_ms: ms(created - ready_at),
+        exec_ms: ms(exec),
+        delete_ms: ms(delete),
+        orchestration_overhead_ms: ms(total) - boot,
+    })
+}
+
+fn host_summary() -> String {
+    let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0);
+    let model = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| s.lines().find(|l| l.starts_with("model name")).map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string()))
+        .unwrap_or_default();
+    format!("{cpus} cpus, {model}")
+}
+
+/// Boots the image's kernel and disk with `qemu-system-x86_64` started
+/// directly (same arguments banger uses, no daemon, no QMP handshake) and
+/// times spawn → agent hello.
+async fn bare_boot(client: &banger_api::Client, image: Option<&str>) -> anyhow::Result<f64> {
+    use banger_vmm::{DiskFormat, DiskSpec, LaunchSpec, VmPaths};
+    let image = match image {
+        Some(i) => i.to_string(),
+        None => banger_config::Config::load(&banger_config::Paths::from_env()?)?.default_image_name,
+    };
+    let img = client.get_image(&image).await?;
+    let kernel = client
+        .list_kernels()
+        .await?
+        .into_iter()
+        .find(|k| k.name == img.kernel)
+        .ok_or_else(|| anyhow::anyhow!("kernel {} of image {} not found", img.kernel, img.name))?;
+    let tmp = tempfile::Builder::new().prefix("banger-bench-").tempdir()?;
+    let overlay = tmp.path().join("root.qcow2");
+    banger_storage::create_root_overlay(&img.rootfs, &overlay, 0).await?;
+    let qemu = banger_vmm::QemuVmm::from_host(None)?;
+    let spec = LaunchSpec {
+        name: "bench-bare".into(),
+        dir: tmp.path().to_path_buf(),
+        kernel: kernel.kernel.clone(),
+        initrd: kernel.initrd.clone(),
+        extra_cmdline: String::new(),
+        disks: vec![DiskSpec { path: overlay, format: DiskFormat::Qcow2, read_only: false }],
+        vcpu: BENCH_VCPU,
+        memory_mib: BENCH_MEMORY_MIB,
+    };
+    let args = banger_vmm::qemu::qemu_args(&spec, qemu.accel(), qemu.tsc_khz());
+    let paths = VmPaths::new(tmp.path());
+    let t0 = Instant::now();
+    let mut child = tokio::process::Command::new(qemu.binary())
+        .args(&args)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .context("starting qemu")?;
+    // QEMU creates the agent socket during start-up; it offers no other signal.
+    let stream = loop {
+        match tokio::net::UnixStream::connect(paths.agent_socket()).await {
+            Ok(s) => break s,
+            Err(_) if t0.elapsed() < std::time::Duration::from_secs(30) => {
+                if let Some(st) = child.try_wait()? {
+                    anyhow::bail!("qemu exited early: {st}");
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+            }
+            Err(e) => return Err(e).context("connecting to the agent socket"),
+        }
+    };
+    let agent = banger_agent_proto::client::AgentClient::spawn(stream);
+    tokio::time::timeout(std::time::Duration::from_secs(240), agent.wait_hello())
+        .await
+        .context("guest agent did not come up")??;
+    let elapsed = t0.elapsed();
+    let _ = child.kill().await;
+    Ok(ms(elapsed))
+}

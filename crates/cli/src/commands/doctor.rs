@@ -1,0 +1,181 @@
+//! `banger doctor`: can this host run banger VMs, and with what defaults?
+
+use crate::connect;
+use crate::output;
+use banger_config::{Config, HostResources, Paths, effective_defaults};
+use banger_model::ByteSize;
+use banger_version::BuildInfo;
+use banger_vmm::host;
+use clap::Args;
+use serde::Serialize;
+use std::path::Path;
+
+#[derive(Args)]
+pub struct DoctorArgs {
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+enum Status {
+    Pass,
+    Warn,
+    Fail,
+}
+
+#[derive(Debug, Serialize)]
+struct Check {
+    name: String,
+    status: Status,
+    detail: String,
+}
+
+fn check(name: &str, status: Status, detail: impl Into<String>) -> Check {
+    Check { name: name.to_string(), status, detail: detail.into() }
+}
+
+/// Lowest QEMU with a usable `microvm` machine and ACPI device discovery.
+const QEMU_MIN: (u32, u32, u32) = (7, 2, 0);
+
+fn triple(v: &host::Version) -> (u32, u32, u32) {
+    (v.major, v.minor, v.patch)
+}
+
+pub async fn run(a: DoctorArgs) -> anyhow::Result<i32> {
+    let mut checks = Vec::new();
+    let paths = Paths::from_env();
+    let config = match &paths {
+        Ok(p) => match Config::load(p) {
+            Ok(c) => {
+                checks.push(check("config", Status::Pass, format!("{}", p.config_file.display())));
+                Some(c)
+            }
+            Err(e) => {
+                checks.push(check("config", Status::Fail, e.to_string()));
+                None
+            }
+        },
+        Err(e) => {
+            checks.push(check("config", Status::Fail, e.to_string()));
+            None
+        }
+    };
+    let config = config.unwrap_or_default();
+
+    if std::env::consts::ARCH == "x86_64" {
+        checks.push(check("architecture", Status::Pass, "x86_64"));
+    } else {
+        checks.push(check("architecture", Status::Fail, format!("{}: banger supports x86_64 hosts only", std::env::consts::ARCH)));
+    }
+
+    let kvm = host::kvm_status();
+    checks.push(check("kvm", if kvm.is_usable() { Status::Pass } else { Status::Warn }, kvm.to_string()));
+
+    match host::find_binary("qemu-system-x86_64", config.qemu_bin.as_deref()) {
+        Some(bin) => match host::qemu_version(&bin) {
+            Ok(v) if triple(&v) >= QEMU_MIN => checks.push(check("qemu", Status::Pass, format!("{} {v}", bin.display()))),
+            Ok(v) => checks.push(check(
+                "qemu",
+                Status::Fail,
+                format!("{} is {v}; banger needs ≥ {}.{}.{}", bin.display(), QEMU_MIN.0, QEMU_MIN.1, QEMU_MIN.2),
+            )),
+            Err(e) => checks.push(check("qemu", Status::Fail, format!("{}: {e}", bin.display()))),
+        },
+        None => checks.push(check("qemu", Status::Fail, format!("qemu-system-x86_64 not found: {}", install_hint("qemu-system-x86")))),
+    }
+    let qboot = Path::new("/usr/share/qemu/qboot.rom");
+    checks.push(if qboot.is_file() {
+        check("qboot", Status::Pass, qboot.display().to_string())
+    } else {
+        check("qboot", Status::Fail, format!("{} missing: {}", qboot.display(), install_hint("qemu-system-x86")))
+    });
+    for (tool, pkg, why) in [
+        ("qemu-img", "qemu-utils", "per-VM disks"),
+        ("mkfs.ext4", "e2fsprogs", "image builds"),
+        ("mmdebstrap", "mmdebstrap", "building the default image"),
+        ("ssh", "openssh-client", "vm ssh"),
+    ] {
+        checks.push(match host::find_binary(tool, None) {
+            Some(p) => check(tool, Status::Pass, p.display().to_string()),
+            None => check(tool, Status::Fail, format!("not found (needed for {why}): {}", install_hint(pkg))),
+        });
+    }
+
+    let d = effective_defaults(&config.vm_defaults, &HostResources::detect());
+    checks.push(check(
+        "vm_defaults",
+        Status::Pass,
+        format!(
+            "vcpu={} ({}), memory={} ({}), disk={} ({})",
+            d.vcpu.value,
+            d.vcpu.source,
+            ByteSize::mib(d.memory_mib.value),
+            d.memory_mib.source,
+            ByteSize(d.disk_bytes.value),
+            d.disk_bytes.source
+        ),
+    ));
+
+    let cli = BuildInfo::current();
+    match connect::running_client().await {
+        Ok(Some(c)) => match c.info().await {
+            Ok(info) => {
+                let drift = info.build.commit != cli.commit || info.build.version != cli.version;
+                checks.push(check(
+                    "daemon",
+                    if drift { Status::Warn } else { Status::Pass },
+                    if drift {
+                        format!(
+                            "bangerd {} ({}) differs from this banger {} ({}): restart it with `banger daemon stop`",
+                            info.build.version,
+                            info.build.short_commit(),
+                            cli.version,
+                            cli.short_commit()
+                        )
+                    } else {
+                        format!("pid {}, {}; backend {}", info.pid, info.build.line("bangerd"), info.backend_reason)
+                    },
+                ));
+            }
+            Err(e) => checks.push(check("daemon", Status::Warn, e.to_string())),
+        },
+        Ok(None) => checks.push(check("daemon", Status::Pass, "not running (banger starts it on demand)")),
+        Err(e) => checks.push(check("daemon", Status::Warn, e.to_string())),
+    }
+
+    let failed = checks.iter().any(|c| c.status == Status::Fail);
+    if a.json {
+        output::json(&checks)?;
+    } else {
+        let rows: Vec<Vec<String>> = checks
+            .iter()
+            .map(|c| {
+                let s = match c.status {
+                    Status::Pass => "pass",
+                    Status::Warn => "warn",
+                    Status::Fail => "FAIL",
+                };
+                vec![s.to_string(), c.name.clone(), c.detail.clone()]
+            })
+            .collect();
+        output::table(&rows);
+    }
+    Ok(if failed { 1 } else { 0 })
+}
+
+/// An install hint for the host's distribution.
+fn install_hint(pkg: &str) -> String {
+    let os = std::fs::read_to_string("/etc/os-release").unwrap_or_default();
+    let like = |id: &str| os.lines().any(|l| (l.starts_with("ID=") || l.starts_with("ID_LIKE=")) && l.contains(id));
+    if like("debian") || like("ubuntu") {
+        format!("apt-get install {pkg}")
+    } else if like("fedora") || like("rhel") {
+        format!("dnf install {pkg}")
+    } else if like("arch") {
+        format!("pacman -S {pkg}")
+    } else {
+        format!("install {pkg} with your package manager")
+    }
+}

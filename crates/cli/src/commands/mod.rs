@@ -1,0 +1,5 @@
+pub mod bench;
+pub mod daemon;
+pub mod doctor;
+pub mod image;
+pub mod vm;

@@ -1,0 +1,331 @@
+//! `banger vm ...`
+
+use crate::connect;
+use crate::output;
+use anyhow::Context;
+use banger_api::exec::{ExecControl, ExecOutput, ExecStart};
+use banger_api::{Client, CreateVmEvent, CreateVmRequest};
+use banger_model::{ByteSize, VmName, VmRecord};
+use clap::{Args, Subcommand};
+use std::io::{IsTerminal, Write};
+use std::time::Instant;
+use tokio::io::AsyncReadExt;
+
+#[derive(Subcommand)]
+pub enum VmCommand {
+    /// Create a VM, boot it and run a command in it.
+    Run(RunArgs),
+    /// List VMs.
+    List(JsonArg),
+    /// Show one VM.
+    Show {
+        /// VM name or id prefix.
+        vm: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Stop and delete VMs with their disks.
+    Delete {
+        /// VM names or id prefixes.
+        #[arg(required = true)]
+        vms: Vec<String>,
+    },
+}
+
+#[derive(Args)]
+pub struct JsonArg {
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Sizing and identity flags shared by run and create.
+#[derive(Args, Clone, Default)]
+pub struct CreateFlags {
+    /// VM name (a DNS label); generated when omitted.
+    #[arg(long, value_parser = parse_name)]
+    pub name: Option<VmName>,
+    /// Image to boot (default: default_image_name from config).
+    #[arg(long)]
+    pub image: Option<String>,
+    /// Virtual CPUs.
+    #[arg(long)]
+    pub vcpu: Option<u32>,
+    /// Memory in MiB.
+    #[arg(long)]
+    pub memory: Option<u64>,
+    /// Root disk size, e.g. 16G.
+    #[arg(long, value_parser = parse_size)]
+    pub disk_size: Option<ByteSize>,
+}
+
+fn parse_name(s: &str) -> Result<VmName, String> {
+    VmName::parse(s).map_err(|e| e.to_string())
+}
+
+fn parse_size(s: &str) -> Result<ByteSize, String> {
+    s.parse::<ByteSize>().map_err(|e| e.to_string())
+}
+
+impl CreateFlags {
+    pub fn request(&self, start: bool) -> CreateVmRequest {
+        CreateVmRequest {
+            name: self.name.as_ref().map(ToString::to_string),
+            image: self.image.clone(),
+            vcpu: self.vcpu,
+            memory_mib: self.memory,
+            disk_size: self.disk_size.map(|d| d.to_string()),
+            start,
+        }
+    }
+}
+
+#[derive(Args)]
+pub struct RunArgs {
+    #[command(flatten)]
+    pub create: CreateFlags,
+    /// Delete the VM when the command ends (also on Ctrl-C).
+    #[arg(long)]
+    pub rm: bool,
+    /// The command to run in the guest, after `--`.
+    #[arg(last = true, required = true, value_name = "CMD")]
+    pub command: Vec<String>,
+}
+
+pub async fn run(cmd: VmCommand) -> anyhow::Result<i32> {
+    match cmd {
+        VmCommand::Run(a) => vm_run(a).await,
+        VmCommand::List(a) => {
+            let vms = connect::client().await?.list_vms().await?;
+            if a.json {
+                output::json(&vms)?;
+            } else {
+                print_vm_table(&vms);
+            }
+            Ok(0)
+        }
+        VmCommand::Show { vm, json } => {
+            let vm = connect::client().await?.get_vm(&vm).await?;
+            if json {
+                output::json(&vm)?;
+            } else {
+                print_vm(&vm);
+            }
+            Ok(0)
+        }
+        VmCommand::Delete { vms } => {
+            let client = connect::client().await?;
+            let results = futures_join_all(vms.iter().map(|r| {
+                let c = client.clone();
+                let r = r.clone();
+                async move { (r.clone(), c.delete_vm(&r).await) }
+            }))
+            .await;
+            let mut failed = 0;
+            for (r, res) in results {
+                match res {
+                    Ok(vm) => println!("deleted {}", vm.name),
+                    Err(e) => {
+                        failed += 1;
+                        eprintln!("banger: {r}: {e}");
+                    }
+                }
+            }
+            Ok(if failed > 0 { 1 } else { 0 })
+        }
+    }
+}
+
+/// Runs futures concurrently on the current-thread runtime, keeping order.
+async fn futures_join_all<F: std::future::Future>(futs: impl Iterator<Item = F>) -> Vec<F::Output>
+where
+    F: Send + 'static,
+    F::Output: Send + 'static,
+{
+    let handles: Vec<_> = futs.map(tokio::spawn).collect();
+    let mut out = Vec::with_capacity(handles.len());
+    for h in handles {
+        match h.await {
+            Ok(v) => out.push(v),
+            Err(e) => std::panic::resume_unwind(e.into_panic()),
+        }
+    }
+    out
+}
+
+fn print_vm_table(vms: &[VmRecord]) {
+    let mut rows = vec![["NAME", "ID", "STATE", "IMAGE", "VCPU", "MEMORY", "DISK", "CREATED"].map(String::from).to_vec()];
+    for v in vms {
+        rows.push(vec![
+            v.name.to_string(),
+            v.id.short().to_string(),
+            v.state.to_string(),
+            v.image.clone(),
+            v.spec.vcpu.value.to_string(),
+            ByteSize::mib(v.spec.memory_mib.value).to_string(),
+            ByteSize(v.spec.disk_bytes.value).to_string(),
+            v.created_at.clone(),
+        ]);
+    }
+    output::table(&rows);
+}
+
+fn print_vm(v: &VmRecord) {
+    let rows = vec![
+        vec!["name".into(), v.name.to_string()],
+        vec!["id".into(), v.id.to_string()],
+        vec!["state".into(), v.state.to_string()],
+        vec!["image".into(), v.image.clone()],
+        vec!["backend".into(), v.backend.to_string()],
+        vec!["spec".into(), v.spec.summary().trim_start_matches("spec: ").to_string()],
+        vec!["pid".into(), v.pid.map(|p| p.to_string()).unwrap_or_else(|| "-".into())],
+        vec!["dir".into(), v.dir.display().to_string()],
+        vec!["created".into(), v.created_at.clone()],
+    ];
+    output::table(&rows);
+    if let Some(e) = &v.last_error {
+        println!("error    {e}");
+    }
+}
+
+/// Creates a VM, streaming progress to stderr. Returns the VM, or the error
+/// plus the VM's name if it got as far as being named.
+pub async fn create_with_progress(
+    client: &Client,
+    req: &CreateVmRequest,
+    name_out: &mut Option<String>,
+) -> anyhow::Result<VmRecord> {
+    let chatty = output::chatty();
+    let mut spec_printed = false;
+    let res = client
+        .create_vm(req, |ev| match ev {
+            CreateVmEvent::Planned { name, spec } => {
+                *name_out = Some(name.clone());
+                eprintln!("{}", spec.summary());
+                spec_printed = true;
+            }
+            CreateVmEvent::Progress(p) if chatty || p.phase == "image" => {
+                eprintln!("[{:>5.1}s] {}: {}", p.elapsed_ms as f64 / 1000.0, p.phase, p.message);
+            }
+            _ => {}
+        })
+        .await;
+    let _ = spec_printed;
+    Ok(res?)
+}
+
+async fn vm_run(a: RunArgs) -> anyhow::Result<i32> {
+    let client = connect::client().await?;
+    let started = Instant::now();
+    let req = a.create.request(true);
+    let mut name: Option<String> = None;
+
+    // Ctrl-C during create: stop waiting, then clean up below.
+    let created = tokio::select! {
+        r = create_with_progress(&client, &req, &mut name) => Some(r),
+        _ = tokio::signal::ctrl_c() => None,
+    };
+    let vm = match created {
+        Some(Ok(vm)) => vm,
+        Some(Err(e)) => {
+            // A create that failed has rolled itself back, except when the
+            // guest never became ready: that VM is kept for inspection.
+            return Err(e);
+        }
+        None => {
+            eprintln!("banger: interrupted");
+            if a.rm {
+                if let Some(n) = &name {
+                    cleanup(&client, n).await;
+                }
+            }
+            return Ok(130);
+        }
+    };
+    if output::chatty() {
+        eprintln!("[{:>5.1}s] ready: {} is running", started.elapsed().as_secs_f64(), vm.name);
+    }
+    let code = exec_streaming(&client, vm.name.as_str(), a.command).await;
+    if a.rm {
+        cleanup(&client, vm.name.as_str()).await;
+    }
+    code
+}
+
+async fn cleanup(client: &Client, name: &str) {
+    // The daemon may have died meanwhile: reconnect (and restart it) to delete.
+    let result = match client.delete_vm(name).await {
+        Err(banger_api::ClientError::Unreachable { .. }) => match connect::client().await {
+            Ok(c) => c.delete_vm(name).await.map_err(anyhow::Error::from),
+            Err(e) => Err(e),
+        },
+        other => other.map_err(anyhow::Error::from),
+    };
+    if let Err(e) = result {
+        eprintln!("banger: could not delete VM {name}: {}", output::error_chain(&e));
+    }
+}
+
+/// Runs `argv` in the VM, streaming its output; returns its exit status.
+/// Stdin is forwarded when it is not a terminal.
+pub async fn exec_streaming(client: &Client, vm: &str, argv: Vec<String>) -> anyhow::Result<i32> {
+    let forward_stdin = !std::io::stdin().is_terminal();
+    let start = ExecStart { argv, env: Vec::new(), cwd: None, stdin: forward_stdin };
+    let (mut writer, mut reader) = client.exec(vm, &start).await.context("starting the command")?;
+    let (ctl_tx, mut ctl_rx) = tokio::sync::mpsc::unbounded_channel::<Option<Vec<u8>>>();
+    if forward_stdin {
+        let tx = ctl_tx.clone();
+        tokio::spawn(async move {
+            let mut stdin = tokio::io::stdin();
+            let mut buf = vec![0u8; 64 * 1024];
+            loop {
+                match stdin.read(&mut buf).await {
+                    Ok(0) | Err(_) => {
+                        let _ = tx.send(None);
+                        break;
+                    }
+                    Ok(n) => {
+                        if tx.send(Some(buf[..n].to_vec())).is_err() {
+                            break;
+                        }
+                    }
+                }
+            }
+        });
+    }
+    let mut interrupted = false;
+    // After a Ctrl-C the guest process gets this long to exit on its own.
+    let grace = tokio::time::sleep(std::time::Duration::from_secs(3600 * 24 * 365));
+    tokio::pin!(grace);
+    let mut stdout = std::io::stdout();
+    let mut stderr = std::io::stderr();
+    loop {
+        tokio::select! {
+            out = reader.next() => match out? {
+                Some(ExecOutput::Stdout(d)) => { stdout.write_all(&d)?; stdout.flush()?; }
+                Some(ExecOutput::Stderr(d)) => { stderr.write_all(&d)?; stderr.flush()?; }
+                Some(ExecOutput::Exit(e)) => return Ok(e.shell_code()),
+                Some(ExecOutput::Error(e)) => anyhow::bail!("{}", e.message),
+                None => anyhow::bail!("the command's stream ended without an exit status"),
+            },
+            msg = ctl_rx.recv() => match msg {
+                Some(Some(data)) => writer.stdin(&data).await?,
+                Some(None) => writer.control(ExecControl::StdinEof).await?,
+                None => {}
+            },
+            _ = tokio::signal::ctrl_c() => {
+                if interrupted {
+                    return Ok(130);
+                }
+                interrupted = true;
+                // Like a terminal would: the guest process gets SIGINT.
+                writer.control(ExecControl::Signal(libc::SIGINT)).await?;
+                grace.as_mut().reset(tokio::time::Instant::now() + std::time::Duration::from_secs(10));
+            }
+            _ = &mut grace => {
+                eprintln!("banger: the command did not exit within 10s of Ctrl-C; leaving it");
+                return Ok(130);
+            }
+        }
+    }
+}

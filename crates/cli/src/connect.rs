@@ -1,0 +1,101 @@
+//! Finding the daemon, and starting it when it is not running.
+
+use anyhow::{Context, bail};
+use banger_api::{Client, ClientError};
+use banger_config::Paths;
+use std::io::Read;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::process::CommandExt;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+/// The fd number the daemon's readiness pipe gets in the child.
+const READY_FD: i32 = 3;
+
+/// The daemon socket: `BANGER_SOCKET`, else the user-mode default.
+pub fn socket_path() -> anyhow::Result<PathBuf> {
+    if let Some(s) = std::env::var_os("BANGER_SOCKET") {
+        return Ok(PathBuf::from(s));
+    }
+    Ok(Paths::from_env().context("resolving banger's directories")?.socket)
+}
+
+/// A client for a daemon that answers, or `None`.
+pub async fn running_client() -> anyhow::Result<Option<Client>> {
+    let client = Client::new(socket_path()?);
+    match client.info().await {
+        Ok(_) => Ok(Some(client)),
+        Err(ClientError::Unreachable { .. }) => Ok(None),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// A client for the daemon, starting the daemon first if it is not running.
+pub async fn client() -> anyhow::Result<Client> {
+    if let Some(c) = running_client().await? {
+        return Ok(c);
+    }
+    if std::env::var_os("BANGER_SOCKET").is_some() {
+        bail!("no daemon answers on $BANGER_SOCKET; start it or unset BANGER_SOCKET");
+    }
+    start_daemon()?;
+    Ok(Client::new(socket_path()?))
+}
+
+fn bangerd_binary() -> anyhow::Result<PathBuf> {
+    let exe = std::env::current_exe().context("locating banger")?;
+    let beside = exe.with_file_name("bangerd");
+    if beside.is_file() {
+        return Ok(beside);
+    }
+    banger_vmm::host::find_binary("bangerd", None)
+        .ok_or_else(|| anyhow::anyhow!("bangerd not found next to {} nor on PATH", exe.display()))
+}
+
+/// Starts bangerd detached and waits until it says it is listening.
+fn start_daemon() -> anyhow::Result<()> {
+    let paths = Paths::from_env()?;
+    std::fs::create_dir_all(&paths.state_dir).with_context(|| format!("creating {}", paths.state_dir.display()))?;
+    let stderr_path = paths.state_dir.join("bangerd.stderr");
+    let stderr = std::fs::File::create(&stderr_path).with_context(|| format!("creating {}", stderr_path.display()))?;
+    let (rd, wr): (OwnedFd, OwnedFd) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).context("creating a pipe")?;
+    let bin = bangerd_binary()?;
+    let wr_raw = wr.as_raw_fd();
+    let mut cmd = Command::new(&bin);
+    cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(stderr).env("BANGER_READY_FD", READY_FD.to_string());
+    // SAFETY: only async-signal-safe calls (setsid, dup2) between fork and exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            // Own session: a Ctrl-C in this terminal must not reach the daemon.
+            nix::unistd::setsid().map_err(std::io::Error::from)?;
+            if libc::dup2(wr_raw, READY_FD) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().with_context(|| format!("starting {}", bin.display()))?;
+    drop(wr);
+    eprintln!("banger: daemon was not running; started bangerd (pid {}, log {})", child.id(), paths.log_file.display());
+
+    // Wait for "ready" on the pipe; EOF first means the daemon died.
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut f = std::fs::File::from(rd);
+        let mut buf = String::new();
+        let _ = f.read_to_string(&mut buf);
+        let _ = tx.send(buf);
+    });
+    match rx.recv_timeout(Duration::from_secs(30)) {
+        Ok(msg) if msg.starts_with("ready") => Ok(()),
+        Ok(_) => {
+            let _ = child.wait();
+            let err = std::fs::read_to_string(&stderr_path).unwrap_or_default();
+            let err = err.trim();
+            let err = err.strip_prefix("bangerd: ").unwrap_or(err);
+            bail!("the daemon failed to start: {}", if err.is_empty() { "no error output" } else { err })
+        }
+        Err(_) => bail!("the daemon did not come up within 30s; see {}", paths.log_file.display()),
+    }
+}

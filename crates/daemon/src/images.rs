@@ -1,0 +1,105 @@
+//! Images and kernels: lookup, and the local Debian build.
+
+use crate::vms::now_rfc3339;
+use crate::{Daemon, DaemonError};
+use anyhow::Context;
+use banger_image::{DebianBuild, Progress as BuildProgress};
+use banger_model::{ImageRecord, KernelRecord};
+use std::sync::Arc;
+use tokio_util::sync::CancellationToken;
+
+/// The Debian suite of the default image.
+const DEFAULT_SUITE: &str = "bookworm";
+
+impl Daemon {
+    /// The image named `name`; when it is missing and it is the default image,
+    /// builds it locally first.
+    pub(crate) async fn ensure_image(
+        self: &Arc<Self>,
+        name: &str,
+        progress: &(dyn Fn(&str, &str) + Send + Sync),
+    ) -> Result<ImageRecord, DaemonError> {
+        match self.store.get_image(name) {
+            Ok(img) => return Ok(img),
+            Err(banger_store::StoreError::NotFound(_)) => {}
+            Err(e) => return Err(e.into()),
+        }
+        if name != self.config.default_image_name {
+            return Err(DaemonError::NotFound(format!(
+                "no image named {name}: see `banger image list`, or build it with `banger image build --name {name}`"
+            )));
+        }
+        progress(
+            "image",
+            &format!("default image {name} not found; building it from Debian packages (takes about a minute)"),
+        );
+        self.build_debian_image(name, DEFAULT_SUITE, progress, self.shutdown.child_token()).await
+    }
+
+    /// Builds (or finds, if already built) a Debian image and registers it.
+    pub async fn build_debian_image(
+        self: &Arc<Self>,
+        name: &str,
+        suite: &str,
+        progress: &(dyn Fn(&str, &str) + Send + Sync),
+        cancel: CancellationToken,
+    ) -> Result<ImageRecord, DaemonError> {
+        banger_model::VmName::parse(name)
+            .map_err(|_| DaemonError::Invalid(format!("image name {name:?} must be a DNS label (a-z, 0-9, -)")))?;
+        let _guard = self.image_lock.lock().await;
+        if let Ok(img) = self.store.get_image(name) {
+            return Ok(img);
+        }
+        let spec = DebianBuild {
+            name: name.to_string(),
+            suite: suite.to_string(),
+            mirror: self.config.debian_mirror.clone(),
+            extra_packages: Vec::new(),
+            agent_binary: self.agent_binary()?,
+            images_dir: self.paths.images_dir.clone(),
+            kernels_dir: self.paths.kernels_dir.clone(),
+        };
+        let built = banger_image::build_debian(
+            &spec,
+            |p| match p {
+                BuildProgress::Phase { name, message } => progress(name, &message),
+                BuildProgress::Line(line) => tracing::debug!(target: "image_build", "{line}"),
+            },
+            cancel,
+        )
+        .await
+        .with_context(|| format!("building image {name}"))?;
+        let kernel = KernelRecord {
+            name: built.kernel_name.clone(),
+            kernel: built.kernel.clone(),
+            initrd: Some(built.initrd.clone()),
+            vmlinux: None,
+            release: Some(built.kernel_release.clone()),
+            created_at: now_rfc3339(),
+        };
+        self.store.upsert_kernel(&kernel)?;
+        let image = ImageRecord {
+            name: name.to_string(),
+            rootfs: built.rootfs.clone(),
+            kernel: kernel.name.clone(),
+            managed: true,
+            size_bytes: built.size_bytes,
+            created_at: now_rfc3339(),
+        };
+        self.store.upsert_image(&image)?;
+        tracing::info!(image = name, kernel = %kernel.name, "image registered");
+        Ok(image)
+    }
+
+    pub fn list_images(&self) -> Result<Vec<ImageRecord>, DaemonError> {
+        Ok(self.store.list_images()?)
+    }
+
+    pub fn get_image(&self, name: &str) -> Result<ImageRecord, DaemonError> {
+        Ok(self.store.get_image(name)?)
+    }
+
+    pub fn list_kernels(&self) -> Result<Vec<KernelRecord>, DaemonError> {
+        Ok(self.store.list_kernels()?)
+    }
+}

@@ -1,0 +1,189 @@
+//! bangerd: the daemon that owns VM lifecycle, images and the API.
+//!
+//! One [`Daemon`] value holds all state; the HTTP front end (`server`) turns
+//! requests into calls on it. Operations on one VM are serialised by a
+//! per-VM lock; different VMs proceed in parallel.
+
+mod error;
+mod images;
+mod logging;
+mod reconcile;
+pub mod server;
+pub mod steps;
+mod vms;
+
+pub use error::DaemonError;
+pub use logging::init_logging;
+
+use anyhow::Context;
+use banger_agent_proto::client::AgentClient;
+use banger_config::{Config, Paths};
+use banger_model::VmId;
+use banger_store::Store;
+use banger_vmm::Vmm;
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use tokio_util::sync::CancellationToken;
+
+/// The daemon's state. Cheap to share (`Arc<Daemon>`).
+pub struct Daemon {
+    pub config: Config,
+    pub paths: Paths,
+    pub store: Store,
+    /// The VMM backend, or why there is none (e.g. qemu missing): the daemon
+    /// still serves lists and deletes, and refuses to boot with that reason.
+    vmm: Result<Arc<dyn Vmm>, String>,
+    /// Why `vmm` was chosen, for `doctor` and `daemon status`.
+    pub backend_reason: String,
+    /// Live agent connections of running VMs.
+    agents: Mutex<HashMap<VmId, AgentClient>>,
+    /// Per-VM operation locks.
+    locks: Mutex<HashMap<VmId, Arc<tokio::sync::Mutex<()>>>>,
+    /// Serialises image builds (they are big and share a store).
+    image_lock: tokio::sync::Mutex<()>,
+    /// Cancelled when the daemon shuts down.
+    pub shutdown: CancellationToken,
+}
+
+impl Daemon {
+    /// Opens the store and picks the VMM backend. Does not touch VMs yet.
+    pub fn new(config: Config, paths: Paths) -> anyhow::Result<Arc<Self>> {
+        for dir in [&paths.state_dir, &paths.vms_dir, &paths.images_dir, &paths.kernels_dir, &paths.cache_dir] {
+            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        }
+        let store = Store::open(&paths.db).with_context(|| format!("opening {}", paths.db.display()))?;
+        let (vmm, backend_reason) = match vms::choose_backend(&config) {
+            Ok((v, why)) => (Ok(v), why),
+            Err(e) => {
+                let msg = format!("{e:#}");
+                tracing::warn!(error = %msg, "no usable VMM backend");
+                (Err(msg.clone()), msg)
+            }
+        };
+        Ok(Arc::new(Self {
+            config,
+            paths,
+            store,
+            vmm,
+            backend_reason,
+            agents: Mutex::default(),
+            locks: Mutex::default(),
+            image_lock: tokio::sync::Mutex::new(()),
+            shutdown: CancellationToken::new(),
+        }))
+    }
+
+    /// The VMM backend; an error saying what to install when there is none.
+    pub fn vmm(&self) -> Result<&Arc<dyn Vmm>, DaemonError> {
+        self.vmm.as_ref().map_err(|e| DaemonError::Failed(anyhow::anyhow!("{e}")))
+    }
+
+    fn vm_lock(&self, id: &VmId) -> Arc<tokio::sync::Mutex<()>> {
+        let mut locks = self.locks.lock().unwrap_or_else(|p| p.into_inner());
+        locks.entry(id.clone()).or_default().clone()
+    }
+
+    fn agent(&self, id: &VmId) -> Option<AgentClient> {
+        self.agents.lock().unwrap_or_else(|p| p.into_inner()).get(id).cloned()
+    }
+
+    fn set_agent(&self, id: &VmId, client: Option<AgentClient>) {
+        let mut agents = self.agents.lock().unwrap_or_else(|p| p.into_inner());
+        match client {
+            Some(c) => agents.insert(id.clone(), c),
+            None => agents.remove(id),
+        };
+    }
+
+    /// The banger-agent binary injected into images.
+    pub fn agent_binary(&self) -> anyhow::Result<PathBuf> {
+        if let Some(p) = &self.config.agent_path {
+            return Ok(p.clone());
+        }
+        if let Ok(p) = std::env::var("BANGER_AGENT") {
+            return Ok(PathBuf::from(p));
+        }
+        let exe = std::env::current_exe().context("locating bangerd")?;
+        let beside = exe.with_file_name("banger-agent");
+        if beside.is_file() {
+            return Ok(beside);
+        }
+        anyhow::bail!(
+            "banger-agent not found next to {}: build it (make build) or set agent_path in config.toml",
+            exe.display()
+        )
+    }
+}
+
+/// Runs the daemon until SIGTERM/SIGINT or `POST /v1/shutdown`.
+pub async fn serve(daemon: Arc<Daemon>) -> anyhow::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let socket = daemon.paths.socket.clone();
+    if let Some(dir) = socket.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).ok();
+    }
+    // Only one daemon per state dir: hold an exclusive lock for our lifetime.
+    let lock_path = daemon.paths.state_dir.join("bangerd.lock");
+    let lock_file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock_path)
+        .with_context(|| format!("opening {}", lock_path.display()))?;
+    let lock = nix::fcntl::Flock::lock(lock_file, nix::fcntl::FlockArg::LockExclusiveNonblock)
+        .map_err(|_| anyhow::anyhow!("another bangerd already runs for {}", daemon.paths.state_dir.display()))?;
+
+    daemon.reconcile().await.context("reconciling VMs")?;
+
+    match std::fs::remove_file(&socket) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e).with_context(|| format!("removing stale {}", socket.display())),
+    }
+    // Bind with a restrictive umask so the socket is never briefly world-usable.
+    let old = nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o177));
+    let listener = tokio::net::UnixListener::bind(&socket);
+    nix::sys::stat::umask(old);
+    let listener = listener.with_context(|| format!("binding {}", socket.display()))?;
+    std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o600))?;
+    tracing::info!(socket = %socket.display(), pid = std::process::id(), backend = %daemon.backend_reason, "bangerd listening");
+    notify_ready();
+
+    let (router, _) = server::router(daemon.clone());
+    let token = daemon.shutdown.clone();
+    let signals = token.clone();
+    tokio::spawn(async move {
+        use tokio::signal::unix::{SignalKind, signal};
+        let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+            return;
+        };
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
+            _ = int.recv() => tracing::info!("SIGINT: shutting down"),
+            _ = signals.cancelled() => {}
+        }
+        signals.cancel();
+    });
+    axum::serve(listener, router).with_graceful_shutdown(async move { token.cancelled().await }).await?;
+    let _ = std::fs::remove_file(&socket);
+    drop(lock);
+    tracing::info!("bangerd stopped; VMs keep running");
+    Ok(())
+}
+
+/// Tells the `banger` that started us that the socket is live: it passes the
+/// write end of a pipe as `BANGER_READY_FD`.
+fn notify_ready() {
+    use std::io::Write;
+    use std::os::fd::FromRawFd;
+    let Some(fd) = std::env::var("BANGER_READY_FD").ok().and_then(|s| s.parse::<i32>().ok()) else {
+        return;
+    };
+    // SAFETY: the fd was handed to us by our parent for exactly this purpose
+    // and nothing else in this process uses it.
+    let mut f = unsafe { std::fs::File::from_raw_fd(fd) };
+    let _ = f.write_all(b"ready\n");
+    // Dropping `f` closes it so the parent sees EOF after the message.
+}

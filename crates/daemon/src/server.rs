@@ -1,0 +1,253 @@
+//! The HTTP/JSON API on the daemon's Unix socket, described by OpenAPI.
+
+use crate::{Daemon, DaemonError};
+use axum::body::Body;
+use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
+use axum::extract::{Path, State};
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::{Json, Router};
+use banger_agent_proto::ExecRequest;
+use banger_agent_proto::client::ExecEvent;
+use banger_api::exec::{ExecControl, ExecExit, ExecReport, ExecStart, STDERR, STDOUT};
+use banger_api::{
+    ApiError, BuildImageEvent, BuildImageRequest, CreateVmEvent, CreateVmRequest, DaemonInfo, Progress, paths,
+};
+use banger_model::{ImageRecord, KernelRecord, VmRecord};
+use banger_version::BuildInfo;
+use serde::Serialize;
+use std::sync::Arc;
+use std::time::Instant;
+use tokio::sync::mpsc;
+use utoipa::OpenApi;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+
+type Shared = Arc<Daemon>;
+
+#[derive(OpenApi)]
+#[openapi(info(title = "banger daemon API", description = "bangerd's API on its Unix socket."))]
+struct ApiDoc;
+
+impl IntoResponse for DaemonError {
+    fn into_response(self) -> Response {
+        let status = match self {
+            DaemonError::NotFound(_) => StatusCode::NOT_FOUND,
+            DaemonError::Conflict(_) => StatusCode::CONFLICT,
+            DaemonError::Invalid(_) => StatusCode::BAD_REQUEST,
+            DaemonError::Failed(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        if status == StatusCode::INTERNAL_SERVER_ERROR {
+            tracing::error!(error = %self, "request failed");
+        }
+        (status, Json(self.to_api())).into_response()
+    }
+}
+
+/// The router and its OpenAPI document, built from the same route list so
+/// they cannot drift apart.
+pub fn router(daemon: Shared) -> (Router, utoipa::openapi::OpenApi) {
+    let (router, api) = OpenApiRouter::with_openapi(ApiDoc::openapi())
+        .routes(routes!(info))
+        .routes(routes!(shutdown))
+        .routes(routes!(list_vms, create_vm))
+        .routes(routes!(get_vm, delete_vm))
+        .routes(routes!(exec_vm))
+        .routes(routes!(list_images))
+        .routes(routes!(get_image))
+        .routes(routes!(build_image))
+        .routes(routes!(list_kernels))
+        .with_state(daemon)
+        .split_for_parts();
+    let doc = api.clone();
+    let router = router.route(paths::OPENAPI, axum::routing::get(move || async move { Json(doc) }));
+    (router, api)
+}
+
+#[utoipa::path(get, path = paths::INFO, responses((status = 200, body = DaemonInfo)))]
+async fn info(State(d): State<Shared>) -> Json<DaemonInfo> {
+    Json(DaemonInfo {
+        build: BuildInfo::current(),
+        pid: std::process::id(),
+        socket: d.paths.socket.display().to_string(),
+        log_path: d.paths.log_file.display().to_string(),
+        state_dir: d.paths.state_dir.display().to_string(),
+        backend: d.backend().to_string(),
+        backend_reason: d.backend_reason.clone(),
+    })
+}
+
+/// Stops the daemon. Running VMs keep running and are re-adopted at the next start.
+#[utoipa::path(post, path = paths::SHUTDOWN, responses((status = 202)))]
+async fn shutdown(State(d): State<Shared>) -> StatusCode {
+    d.shutdown.cancel();
+    StatusCode::ACCEPTED
+}
+
+#[utoipa::path(get, path = paths::VMS, responses((status = 200, body = Vec<VmRecord>)))]
+async fn list_vms(State(d): State<Shared>) -> Result<Json<Vec<VmRecord>>, DaemonError> {
+    d.list_vms().map(Json)
+}
+
+#[utoipa::path(get, path = paths::VM, params(("vm" = String, Path, description = "name or id prefix")),
+    responses((status = 200, body = VmRecord), (status = 404, body = ApiError)))]
+async fn get_vm(State(d): State<Shared>, Path(vm): Path<String>) -> Result<Json<VmRecord>, DaemonError> {
+    d.get_vm(&vm).map(Json)
+}
+
+/// Stops (if running) and deletes a VM and its disks.
+#[utoipa::path(delete, path = paths::VM, params(("vm" = String, Path, description = "name or id prefix")),
+    responses((status = 200, body = VmRecord), (status = 404, body = ApiError)))]
+async fn delete_vm(State(d): State<Shared>, Path(vm): Path<String>) -> Result<Json<VmRecord>, DaemonError> {
+    d.delete_vm(&vm).await.map(Json)
+}
+
+/// Creates a VM and (by default) boots it. Answers with newline-delimited
+/// JSON `CreateVmEvent`s: `planned`, `progress`..., then `done` or `error`.
+#[utoipa::path(post, path = paths::VMS, request_body = CreateVmRequest,
+    responses((status = 200, content_type = "application/x-ndjson", body = CreateVmEvent)))]
+async fn create_vm(State(d): State<Shared>, Json(req): Json<CreateVmRequest>) -> Response {
+    let (tx, rx) = mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        let ev = match d.create_vm(req, tx.clone()).await {
+            Ok(vm) => CreateVmEvent::Done(vm),
+            Err(e) => {
+                tracing::warn!(error = %e, "create failed");
+                CreateVmEvent::Error(e.to_api())
+            }
+        };
+        let _ = tx.send(ev);
+    });
+    ndjson(rx)
+}
+
+/// Builds a Debian image locally (mmdebstrap). Answers with newline-delimited
+/// JSON `BuildImageEvent`s.
+#[utoipa::path(post, path = paths::IMAGE_BUILD, request_body = BuildImageRequest,
+    responses((status = 200, content_type = "application/x-ndjson", body = BuildImageEvent)))]
+async fn build_image(State(d): State<Shared>, Json(req): Json<BuildImageRequest>) -> Response {
+    let (tx, rx) = mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        let started = Instant::now();
+        let ptx = tx.clone();
+        let progress = move |phase: &str, msg: &str| {
+            let _ = ptx.send(BuildImageEvent::Progress(Progress {
+                phase: phase.to_string(),
+                message: msg.to_string(),
+                elapsed_ms: started.elapsed().as_millis() as u64,
+            }));
+        };
+        let suite = req.suite.as_deref().unwrap_or("bookworm");
+        let cancel = d.shutdown.child_token();
+        let ev = match d.build_debian_image(&req.name, suite, &progress, cancel).await {
+            Ok(img) => BuildImageEvent::Done(img),
+            Err(e) => BuildImageEvent::Error(e.to_api()),
+        };
+        let _ = tx.send(ev);
+    });
+    ndjson(rx)
+}
+
+fn ndjson<E: Serialize + Send + 'static>(rx: mpsc::UnboundedReceiver<E>) -> Response {
+    let stream = futures::stream::unfold(rx, |mut rx| async move {
+        let ev = rx.recv().await?;
+        let mut line = serde_json::to_vec(&ev).unwrap_or_default();
+        line.push(b'\n');
+        Some((Ok::<_, std::convert::Infallible>(line), rx))
+    });
+    Response::builder()
+        .header(header::CONTENT_TYPE, "application/x-ndjson")
+        .body(Body::from_stream(stream))
+        .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
+}
+
+#[utoipa::path(get, path = paths::IMAGES, responses((status = 200, body = Vec<ImageRecord>)))]
+async fn list_images(State(d): State<Shared>) -> Result<Json<Vec<ImageRecord>>, DaemonError> {
+    d.list_images().map(Json)
+}
+
+#[utoipa::path(get, path = paths::IMAGE, params(("image" = String, Path)),
+    responses((status = 200, body = ImageRecord), (status = 404, body = ApiError)))]
+async fn get_image(State(d): State<Shared>, Path(image): Path<String>) -> Result<Json<ImageRecord>, DaemonError> {
+    d.get_image(&image).map(Json)
+}
+
+#[utoipa::path(get, path = paths::KERNELS, responses((status = 200, body = Vec<KernelRecord>)))]
+async fn list_kernels(State(d): State<Shared>) -> Result<Json<Vec<KernelRecord>>, DaemonError> {
+    d.list_kernels().map(Json)
+}
+
+/// Runs a process in a running VM over a WebSocket (protocol: `banger_api::exec`).
+#[utoipa::path(get, path = paths::VM_EXEC, params(("vm" = String, Path, description = "name or id prefix")),
+    responses((status = 101, description = "WebSocket: first text message is an ExecStart", body = ExecStart),
+              (status = 409, body = ApiError), (status = 404, body = ApiError)))]
+async fn exec_vm(State(d): State<Shared>, Path(vm): Path<String>, ws: WebSocketUpgrade) -> Response {
+    match d.running_agent(&vm) {
+        Ok((_, agent)) => ws.on_upgrade(move |socket| run_exec(agent, socket)).into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn run_exec(agent: banger_agent_proto::client::AgentClient, mut socket: WebSocket) {
+    let start: ExecStart = match socket.recv().await {
+        Some(Ok(Message::Text(t))) => match serde_json::from_str(&t) {
+            Ok(s) => s,
+            Err(e) => return report(&mut socket, error("invalid", format!("bad exec request: {e}"))).await,
+        },
+        _ => return,
+    };
+    if start.argv.is_empty() {
+        return report(&mut socket, error("invalid", "exec needs a command".into())).await;
+    }
+    let req = ExecRequest { argv: start.argv, env: start.env, cwd: start.cwd, stdin: start.stdin };
+    let mut session = match agent.exec(req) {
+        Ok(s) => s,
+        Err(e) => return report(&mut socket, error("failed", e.to_string())).await,
+    };
+    loop {
+        tokio::select! {
+            ev = session.next_event() => {
+                let msg = match ev {
+                    Ok(Some(ExecEvent::Stdout(d))) => tagged(STDOUT, d),
+                    Ok(Some(ExecEvent::Stderr(d))) => tagged(STDERR, d),
+                    Ok(Some(ExecEvent::Exited(s))) => {
+                        let exit = ExecExit { code: s.code, signal: s.signal };
+                        return report(&mut socket, ExecReport::Exit(exit)).await;
+                    }
+                    Ok(Some(ExecEvent::Error(m))) => return report(&mut socket, error("failed", m)).await,
+                    Ok(None) => return,
+                    Err(e) => return report(&mut socket, error("failed", e.to_string())).await,
+                };
+                if socket.send(msg).await.is_err() {
+                    return; // client gone: dropping the session kills the process
+                }
+            }
+            msg = socket.recv() => match msg {
+                Some(Ok(Message::Binary(b))) => { let _ = session.write_stdin(&b); }
+                Some(Ok(Message::Text(t))) => match serde_json::from_str::<ExecControl>(&t) {
+                    Ok(ExecControl::StdinEof) => { let _ = session.close_stdin(); }
+                    Ok(ExecControl::Signal(s)) => { let _ = session.signal(s); }
+                    Err(e) => tracing::debug!(error = %e, "ignoring bad exec control message"),
+                },
+                Some(Ok(_)) => {}
+                Some(Err(_)) | None => return,
+            }
+        }
+    }
+}
+
+fn tagged(tag: u8, mut data: Vec<u8>) -> Message {
+    data.insert(0, tag);
+    Message::Binary(data.into())
+}
+
+fn error(code: &str, message: String) -> ExecReport {
+    ExecReport::Error(ApiError { code: code.to_string(), message })
+}
+
+async fn report(socket: &mut WebSocket, r: ExecReport) {
+    if let Ok(text) = serde_json::to_string(&r) {
+        let _ = socket.send(Message::Text(text.into())).await;
+    }
+    let _ = socket.send(Message::Close(None)).await;
+}

@@ -1,0 +1,199 @@
+//! A step runner with per-step rollback.
+//!
+//! A lifecycle operation is a list of named steps. Each step may register an
+//! undo. When a step fails, the undos of every completed step *and of the
+//! failing step* (it may have acquired something before failing) run in
+//! reverse order; their errors are joined after the root cause, which stays
+//! first so callers and users see why the operation failed.
+
+use futures::future::BoxFuture;
+use std::fmt;
+use std::sync::{Arc, Mutex};
+
+/// An undo action: runs at most once, during rollback.
+pub type Undo<'a> = Box<dyn FnOnce() -> BoxFuture<'a, anyhow::Result<()>> + Send + 'a>;
+
+/// Errors of a rolled-back run: the root cause, then any undo failures.
+#[derive(Debug)]
+pub struct StepError {
+    pub step: &'static str,
+    pub cause: anyhow::Error,
+    pub rollback_errors: Vec<(&'static str, anyhow::Error)>,
+}
+
+impl fmt::Display for StepError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:#}", self.cause)?;
+        for (step, e) in &self.rollback_errors {
+            write!(f, "; also, undoing {step} failed: {e:#}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for StepError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(self.cause.as_ref())
+    }
+}
+
+/// Collects undos while steps run; rolls back on failure.
+pub struct Steps<'a> {
+    undos: Vec<(&'static str, Undo<'a>)>,
+    on_step: Box<dyn FnMut(&'static str, &str) + Send + 'a>,
+}
+
+impl<'a> Steps<'a> {
+    /// `on_step(name, message)` is called as each step begins (progress).
+    pub fn new(on_step: impl FnMut(&'static str, &str) + Send + 'a) -> Self {
+        Self { undos: Vec::new(), on_step: Box::new(on_step) }
+    }
+
+    /// Runs one step. The step receives an [`UndoSlot`] where it registers its
+    /// undo as soon as it has acquired something, even if it fails later.
+    pub async fn run<T, F, Fut>(&mut self, name: &'static str, message: &str, f: F) -> Result<T, StepError>
+    where
+        F: FnOnce(UndoSlot<'a>) -> Fut,
+        Fut: std::future::Future<Output = anyhow::Result<T>>,
+    {
+        (self.on_step)(name, message);
+        let slot = UndoSlot(Arc::new(Mutex::new(None)));
+        let result = f(slot.clone()).await;
+        if let Some(u) = slot.0.lock().ok().and_then(|mut s| s.take()) {
+            self.undos.push((name, u));
+        }
+        match result {
+            Ok(v) => Ok(v),
+            Err(cause) => {
+                tracing::warn!(step = name, error = %format!("{cause:#}"), "step failed, rolling back");
+                let rollback_errors = self.rollback().await;
+                Err(StepError { step: name, cause, rollback_errors })
+            }
+        }
+    }
+
+    /// Runs every registered undo in reverse order (also usable when a later,
+    /// non-step failure means the whole operation must be undone).
+    pub async fn rollback(&mut self) -> Vec<(&'static str, anyhow::Error)> {
+        let mut errors = Vec::new();
+        while let Some((name, undo)) = self.undos.pop() {
+            if let Err(e) = undo().await {
+                tracing::warn!(step = name, error = %format!("{e:#}"), "undo failed");
+                errors.push((name, e));
+            }
+        }
+        errors
+    }
+
+    /// Forgets the undos: the operation succeeded and keeps what it made.
+    pub fn commit(mut self) {
+        self.undos.clear();
+    }
+}
+
+/// Where a step registers its undo (a handle: the step owns a clone).
+#[derive(Clone)]
+pub struct UndoSlot<'a>(Arc<Mutex<Option<Undo<'a>>>>);
+
+impl<'a> UndoSlot<'a> {
+    pub fn set<F, Fut>(&self, f: F)
+    where
+        F: FnOnce() -> Fut + Send + 'a,
+        Fut: std::future::Future<Output = anyhow::Result<()>> + Send + 'a,
+    {
+        if let Ok(mut s) = self.0.lock() {
+            *s = Some(Box::new(move || Box::pin(f())));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::{Arc, Mutex};
+
+    type Log = Arc<Mutex<Vec<String>>>;
+
+    fn push(log: &Log, s: &str) {
+        log.lock().expect("log").push(s.to_string());
+    }
+
+    async fn ok_step(steps: &mut Steps<'_>, log: &Log, name: &'static str, with_undo: bool) -> Result<(), StepError> {
+        let log2 = log.clone();
+        steps
+            .run(name, "", |u: UndoSlot<'_>| async move {
+                push(&log2, &format!("run {name}"));
+                if with_undo {
+                    let l = log2.clone();
+                    u.set(move || async move {
+                        push(&l, &format!("undo {name}"));
+                        Ok(())
+                    });
+                }
+                Ok(())
+            })
+            .await
+    }
+
+    #[tokio::test]
+    async fn rolls_back_in_reverse_including_the_failing_step() {
+        let log: Log = Arc::default();
+        let mut steps = Steps::new(|_, _| {});
+        ok_step(&mut steps, &log, "a", true).await.expect("a");
+        ok_step(&mut steps, &log, "b", true).await.expect("b");
+        let l = log.clone();
+        let err = steps
+            .run("c", "", |u: UndoSlot<'_>| async move {
+                let l2 = l.clone();
+                u.set(move || async move {
+                    push(&l2, "undo c");
+                    Ok(())
+                });
+                Err::<(), _>(anyhow::anyhow!("disk full"))
+            })
+            .await
+            .expect_err("c fails");
+        assert_eq!(err.step, "c");
+        assert_eq!(err.to_string(), "disk full");
+        assert_eq!(*log.lock().expect("log"), ["run a", "run b", "undo c", "undo b", "undo a"]);
+    }
+
+    #[tokio::test]
+    async fn steps_without_undo_are_skipped() {
+        let log: Log = Arc::default();
+        let mut steps = Steps::new(|_, _| {});
+        ok_step(&mut steps, &log, "a", true).await.expect("a");
+        ok_step(&mut steps, &log, "b", false).await.expect("b");
+        steps.run("c", "", |_| async { Err::<(), _>(anyhow::anyhow!("boom")) }).await.expect_err("c");
+        assert_eq!(*log.lock().expect("log"), ["run a", "run b", "undo a"]);
+    }
+
+    #[tokio::test]
+    async fn undo_errors_do_not_hide_the_cause() {
+        let mut steps = Steps::new(|_, _| {});
+        steps
+            .run("a", "", |u: UndoSlot<'_>| async move {
+                u.set(|| async { anyhow::bail!("cannot remove tap") });
+                Ok(())
+            })
+            .await
+            .expect("a");
+        let err = steps.run("b", "", |_| async { Err::<(), _>(anyhow::anyhow!("qemu died")) }).await.expect_err("b");
+        assert_eq!(err.cause.to_string(), "qemu died");
+        assert_eq!(err.rollback_errors.len(), 1);
+        assert_eq!(err.to_string(), "qemu died; also, undoing a failed: cannot remove tap");
+    }
+
+    #[tokio::test]
+    async fn happy_path_fires_no_undo() {
+        let log: Log = Arc::default();
+        let names: Arc<Mutex<Vec<&'static str>>> = Arc::default();
+        let n2 = names.clone();
+        let mut steps = Steps::new(move |name, _| n2.lock().expect("names").push(name));
+        ok_step(&mut steps, &log, "a", true).await.expect("a");
+        ok_step(&mut steps, &log, "b", true).await.expect("b");
+        steps.commit();
+        assert_eq!(*log.lock().expect("log"), ["run a", "run b"]);
+        assert_eq!(*names.lock().expect("names"), ["a", "b"]);
+    }
+}

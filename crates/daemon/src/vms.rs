@@ -1,0 +1,409 @@
+//! VM lifecycle: create (+ boot), delete, exec, exit watching.
+
+use crate::steps::{Steps, UndoSlot};
+use crate::{Daemon, DaemonError};
+use anyhow::{Context, anyhow};
+use banger_agent_proto::client::AgentClient;
+use banger_api::{CreateVmEvent, CreateVmRequest, Progress};
+use banger_config::{Config, HostResources, apply_flags, effective_defaults};
+use banger_model::{ByteSize, KernelRecord, VmId, VmName, VmRecord, VmState, generate_name};
+use banger_vmm::qemu::QemuVmm;
+use banger_vmm::{DiskFormat, DiskSpec, LaunchSpec, Vmm, VmPaths};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::mpsc;
+
+/// How long a fresh guest may take to signal readiness. TCG boots take
+/// 5-30 s here; the margin covers a loaded CI host.
+pub(crate) const READY_TIMEOUT: Duration = Duration::from_secs(240);
+
+/// Picks the VMM backend from config and host facts.
+pub(crate) fn choose_backend(cfg: &Config) -> anyhow::Result<(Arc<dyn Vmm>, String)> {
+    let kvm = banger_vmm::host::kvm_status();
+    let why = match cfg.vmm.as_str() {
+        "qemu" => "vmm = \"qemu\" in config".to_string(),
+        "firecracker" => anyhow::bail!(
+            "vmm = \"firecracker\": the Firecracker backend is not in this build yet; set vmm = \"qemu\" or \"auto\""
+        ),
+        _ => "vmm = \"auto\": Firecracker is not in this build".to_string(),
+    };
+    let qemu = QemuVmm::from_host(cfg.qemu_bin.as_deref())?;
+    let reason = format!("{why}; qemu with {} (KVM {kvm})", qemu.accel());
+    Ok((Arc::new(qemu), reason))
+}
+
+pub(crate) fn now_rfc3339() -> String {
+    time::OffsetDateTime::now_utc()
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_else(|_| "1970-01-01T00:00:00Z".into())
+}
+
+/// Sends progress events of one operation.
+pub(crate) struct Reporter {
+    tx: mpsc::UnboundedSender<CreateVmEvent>,
+    started: Instant,
+}
+
+impl Reporter {
+    pub(crate) fn new(tx: mpsc::UnboundedSender<CreateVmEvent>) -> Self {
+        Self { tx, started: Instant::now() }
+    }
+    fn progress(&self, phase: &str, message: &str) {
+        let _ = self.tx.send(CreateVmEvent::Progress(Progress {
+            phase: phase.to_string(),
+            message: message.to_string(),
+            elapsed_ms: self.started.elapsed().as_millis() as u64,
+        }));
+    }
+    fn send(&self, ev: CreateVmEvent) {
+        let _ = self.tx.send(ev);
+    }
+}
+
+impl Daemon {
+    /// Creates a VM and, unless `req.start` is false, boots it and waits for
+    /// its agent. Emits `Planned`, then progress; the caller sends `Done`/`Error`.
+    pub async fn create_vm(
+        self: &Arc<Self>,
+        req: CreateVmRequest,
+        tx: mpsc::UnboundedSender<CreateVmEvent>,
+    ) -> Result<VmRecord, DaemonError> {
+        let rep = Reporter::new(tx);
+        let vmm = self.vmm()?.clone();
+        let name = match &req.name {
+            Some(n) => VmName::parse(n).map_err(|e| DaemonError::Invalid(e.to_string()))?,
+            None => self.unused_name()?,
+        };
+        if self.store.list_vms()?.iter().any(|v| v.name == name) {
+            return Err(DaemonError::Conflict(format!(
+                "a VM named {name} already exists: pick another --name or `banger vm delete {name}`"
+            )));
+        }
+        let disk = req
+            .disk_size
+            .as_deref()
+            .map(str::parse::<ByteSize>)
+            .transpose()
+            .map_err(|e| DaemonError::Invalid(format!("disk size: {e}")))?;
+        if req.vcpu == Some(0) || req.vcpu.is_some_and(|v| v > 64) {
+            return Err(DaemonError::Invalid("vcpu must be between 1 and 64".into()));
+        }
+        if req.memory_mib.is_some_and(|m| m < 128) {
+            return Err(DaemonError::Invalid("memory must be at least 128 MiB".into()));
+        }
+        let defaults = effective_defaults(&self.config.vm_defaults, &HostResources::detect());
+        let spec = apply_flags(defaults, req.vcpu, req.memory_mib, disk);
+        rep.send(CreateVmEvent::Planned { name: name.to_string(), spec });
+
+        let image_name = req.image.clone().unwrap_or_else(|| self.config.default_image_name.clone());
+        let image = self.ensure_image(&image_name, &|phase, msg| rep.progress(phase, msg)).await?;
+        let kernel = self.store.get_kernel(&image.kernel)?;
+
+        let id = VmId::random();
+        let dir = self.paths.vms_dir.join(id.as_str());
+        let mut vm = VmRecord {
+            id: id.clone(),
+            name,
+            image: image.name.clone(),
+            state: VmState::Creating,
+            backend: vmm.backend(),
+            spec,
+            dir: dir.clone(),
+            pid: None,
+            created_at: now_rfc3339(),
+            last_error: None,
+        };
+        let lock = self.vm_lock(&id);
+        let _guard = lock.lock().await;
+
+        let mut steps = Steps::new(|phase, msg| rep.progress(phase, msg));
+        let this = self.clone();
+        let d = dir.clone();
+        steps
+            .run("dir", "preparing VM directory", |u: UndoSlot<'_>| async move {
+                std::fs::create_dir_all(&d).with_context(|| format!("creating {}", d.display()))?;
+                u.set(move || async move {
+                    tokio::fs::remove_dir_all(&d).await.with_context(|| format!("removing {}", d.display()))
+                });
+                Ok(())
+            })
+            .await
+            .map_err(|e| DaemonError::Failed(e.into()))?;
+        let store = self.store.clone();
+        let rec = vm.clone();
+        steps
+            .run("record", "recording VM", |u: UndoSlot<'_>| async move {
+                store.insert_vm(&rec)?;
+                let (s, id) = (store.clone(), rec.id.clone());
+                u.set(move || async move { s.delete_vm(&id).map_err(Into::into) });
+                Ok(())
+            })
+            .await
+            .map_err(|e| match e.cause.downcast::<banger_store::StoreError>() {
+                Ok(se) => se.into(),
+                Err(other) => DaemonError::Failed(other),
+            })?;
+        let (rootfs, overlay) = (image.rootfs.clone(), dir.join(banger_storage::ROOT_OVERLAY));
+        let grown = steps
+            .run("disk", "creating root disk", |_| async move {
+                let size = banger_storage::create_root_overlay(&rootfs, &overlay, spec.disk_bytes.value)
+                .await?;
+                let base = std::fs::metadata(&rootfs).map(|m| m.len()).unwrap_or(size);
+                Ok(size > base)
+            })
+            .await
+            .map_err(|e| DaemonError::Failed(e.into()))?;
+
+        if !req.start {
+            this.store.set_vm_state(&id, VmState::Stopped, None, None)?;
+            steps.commit();
+            vm.state = VmState::Stopped;
+            return Ok(vm);
+        }
+        let progress = |phase: &str, msg: &str| rep.progress(phase, msg);
+        match this.boot(&vmm, &mut vm, &kernel, grown, &mut steps, &progress).await {
+            Ok(()) => {
+                steps.commit();
+                Ok(vm)
+            }
+            Err(BootError::NotReady(msg)) => {
+                // Keep the VM for post-mortem: its console log says why.
+                steps.commit();
+                this.store.set_vm_state(&id, VmState::Error, vm.pid, Some(&msg))?;
+                Err(DaemonError::Failed(anyhow!(msg)))
+            }
+            Err(BootError::Failed(e)) => Err(DaemonError::Failed(e)),
+        }
+    }
+
+    fn unused_name(&self) -> Result<VmName, DaemonError> {
+        let taken: Vec<VmName> = self.store.list_vms()?.into_iter().map(|v| v.name).collect();
+        for _ in 0..100 {
+            let n = generate_name();
+            if !taken.contains(&n) {
+                return Ok(n);
+            }
+        }
+        Err(DaemonError::Failed(anyhow!("could not find a free VM name; pass --name")))
+    }
+
+    /// Boots `vm` (state must be creating or stopped) and waits for its agent.
+    async fn boot(
+        self: &Arc<Self>,
+        vmm: &Arc<dyn Vmm>,
+        vm: &mut VmRecord,
+        kernel: &KernelRecord,
+        grow_root: bool,
+        steps: &mut Steps<'_>,
+        progress: &(dyn Fn(&str, &str) + Sync),
+    ) -> Result<(), BootError> {
+        let paths = VmPaths::new(&vm.dir);
+        if let Err(e) = self.store.set_vm_state(&vm.id, VmState::Starting, None, None) {
+            return Err(fail(steps, e.into()).await);
+        }
+        let spec = LaunchSpec {
+            name: vm.name.to_string(),
+            dir: vm.dir.clone(),
+            kernel: kernel.kernel.clone(),
+            initrd: kernel.initrd.clone(),
+            extra_cmdline: format!("systemd.hostname={}", vm.name),
+            disks: vec![DiskSpec {
+                path: vm.dir.join(banger_storage::ROOT_OVERLAY),
+                format: DiskFormat::Qcow2,
+                read_only: false,
+            }],
+            vcpu: vm.spec.vcpu.value,
+            memory_mib: vm.spec.memory_mib.value,
+        };
+        let launch_vmm = vmm.clone();
+        let launch_spec = spec.clone();
+        let launched = steps
+            .run("boot", "starting the VMM", |u: UndoSlot<'_>| async move {
+                let vmm = launch_vmm;
+                let l = vmm.launch(&launch_spec).await?;
+                let (v, d, pid) = (vmm.clone(), launch_spec.dir.clone(), l.pid);
+                u.set(move || async move { v.terminate(&d, pid).await.map_err(Into::into) });
+                Ok(l)
+            })
+            .await
+            .map_err(|e| BootError::Failed(e.into()))?;
+        vm.pid = Some(launched.pid);
+        let exited = launched.exited;
+        let agent_ep = launched.agent;
+        if let Err(e) = self.store.set_vm_state(&vm.id, VmState::Starting, vm.pid, None) {
+            return Err(fail(steps, e.into()).await);
+        }
+
+        let console = paths.console_log();
+        let agent = steps
+            .run("agent", "waiting for the guest agent", |_| async move {
+                let stream = agent_ep.open().await.context("connecting to the agent channel")?;
+                Ok(AgentClient::spawn(stream))
+            })
+            .await
+            .map_err(|e| BootError::Failed(e.into()))?;
+        match tokio::time::timeout(READY_TIMEOUT, agent.wait_hello()).await {
+            Ok(Ok(hello)) => {
+                tracing::info!(vm = %vm.name, agent = %hello.agent_version, guest_uptime_ms = hello.uptime_ms, "agent ready");
+                progress("ready", &format!("guest agent is up ({} ms after the guest kernel started)", hello.uptime_ms));
+            }
+            Ok(Err(banger_agent_proto::client::ClientError::Disconnected)) => {
+                let tail = console_tail(&console);
+                let err = anyhow!("the VM stopped before its agent came up; last console lines:\n{tail}");
+                return Err(fail(steps, err).await);
+            }
+            Ok(Err(e)) => return Err(fail(steps, e.into()).await),
+            Err(_) => {
+                self.set_agent(&vm.id, Some(agent));
+                self.watch_exit(vm.id.clone(), exited);
+                return Err(BootError::NotReady(format!(
+                    "VM {} did not signal readiness within {}s; it is kept running for inspection: see {}",
+                    vm.name,
+                    READY_TIMEOUT.as_secs(),
+                    console.display()
+                )));
+            }
+        }
+        self.set_agent(&vm.id, Some(agent.clone()));
+        if grow_root {
+            progress("disk", "growing the root file system to the disk size");
+            self.grow_root_fs(vm, &agent).await;
+        }
+        if let Err(e) = self.store.set_vm_state(&vm.id, VmState::Running, vm.pid, None) {
+            return Err(fail(steps, e.into()).await);
+        }
+        vm.state = VmState::Running;
+        self.watch_exit(vm.id.clone(), exited);
+        Ok(())
+    }
+
+    /// Grows the guest's root file system to the disk's size (no-op when it
+    /// already fills the disk). Best effort: a failure is logged, the VM works.
+    async fn grow_root_fs(&self, vm: &VmRecord, agent: &AgentClient) {
+        let req = banger_agent_proto::ExecRequest {
+            argv: vec!["resize2fs".into(), "/dev/vda".into()],
+            ..Default::default()
+        };
+        let Ok(mut s) = agent.exec(req) else { return };
+        while let Ok(Some(ev)) = s.next_event().await {
+            if let banger_agent_proto::client::ExecEvent::Exited(st) = ev {
+                if st.code != Some(0) {
+                    tracing::warn!(vm = %vm.name, ?st, "resize2fs of the root disk failed");
+                }
+            }
+        }
+    }
+
+    /// Marks the VM stopped when its VMM exits on its own.
+    pub(crate) fn watch_exit(self: &Arc<Self>, id: VmId, exited: tokio::task::JoinHandle<()>) {
+        let this = self.clone();
+        tokio::spawn(async move {
+            let _ = exited.await;
+            this.on_vmm_exit(&id).await;
+        });
+    }
+
+    pub(crate) async fn on_vmm_exit(self: &Arc<Self>, id: &VmId) {
+        self.set_agent(id, None);
+        // Whoever holds the lock (delete, stop) records the state itself.
+        let lock = self.vm_lock(id);
+        let _g = lock.lock().await;
+        if let Ok(vm) = self.store.get_vm(id) {
+            if matches!(vm.state, VmState::Running | VmState::Starting | VmState::Stopping) {
+                tracing::info!(vm = %vm.name, "VMM exited; marking VM stopped");
+                let _ = self.store.set_vm_state(id, VmState::Stopped, None, None);
+            }
+        }
+    }
+
+    pub fn list_vms(&self) -> Result<Vec<VmRecord>, DaemonError> {
+        Ok(self.store.list_vms()?)
+    }
+
+    pub fn get_vm(&self, r: &str) -> Result<VmRecord, DaemonError> {
+        Ok(self.store.resolve_vm(r)?)
+    }
+
+    /// Stops the VM if it runs, then removes its disks, directory and record.
+    pub async fn delete_vm(self: &Arc<Self>, r: &str) -> Result<VmRecord, DaemonError> {
+        let vm = self.store.resolve_vm(r)?;
+        let lock = self.vm_lock(&vm.id);
+        let _g = lock.lock().await;
+        // Re-read under the lock: a concurrent delete may have won.
+        let vm = self.store.get_vm(&vm.id)?;
+        self.set_agent(&vm.id, None);
+        if let Some(pid) = vm.pid {
+            self.terminate_vmm(&vm, pid).await?;
+        }
+        match tokio::fs::remove_dir_all(&vm.dir).await {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(anyhow::Error::from(e).context(format!("removing {}", vm.dir.display())).into()),
+        }
+        self.store.delete_vm(&vm.id)?;
+        tracing::info!(vm = %vm.name, id = %vm.id, "deleted VM");
+        Ok(vm)
+    }
+
+    /// The agent of a running VM.
+    pub fn running_agent(&self, r: &str) -> Result<(VmRecord, AgentClient), DaemonError> {
+        let vm = self.store.resolve_vm(r)?;
+        if vm.state != VmState::Running {
+            return Err(DaemonError::Conflict(format!(
+                "VM {} is {}, not running: start it first",
+                vm.name, vm.state
+            )));
+        }
+        match self.agent(&vm.id) {
+            Some(a) if !a.is_closed() => Ok((vm, a)),
+            _ => Err(DaemonError::Conflict(format!(
+                "VM {} has no agent connection (it may be shutting down)",
+                vm.name
+            ))),
+        }
+    }
+
+    /// Ends a VM's VMM, through the backend when there is one, else by signal.
+    pub(crate) async fn terminate_vmm(&self, vm: &VmRecord, pid: u32) -> Result<(), DaemonError> {
+        match self.vmm() {
+            Ok(vmm) => vmm.terminate(&vm.dir, pid).await.context("stopping the VMM").map_err(Into::into),
+            Err(_) => {
+                if banger_vmm::vmm_process_alive(pid, &vm.dir) {
+                    let _ = nix::sys::signal::kill(
+                        nix::unistd::Pid::from_raw(pid as i32),
+                        nix::sys::signal::Signal::SIGKILL,
+                    );
+                }
+                Ok(())
+            }
+        }
+    }
+
+    pub fn backend(&self) -> String {
+        match self.vmm() {
+            Ok(v) => v.backend().to_string(),
+            Err(_) => "none".into(),
+        }
+    }
+}
+
+/// Why a boot did not end with a ready VM.
+pub(crate) enum BootError {
+    /// The guest did not greet in time; the VM is kept for inspection.
+    NotReady(String),
+    /// Boot failed and everything the operation made was rolled back.
+    Failed(anyhow::Error),
+}
+
+/// Rolls back every step so far and reports `cause` with any undo failures.
+async fn fail(steps: &mut Steps<'_>, cause: anyhow::Error) -> BootError {
+    let rollback_errors = steps.rollback().await;
+    BootError::Failed(crate::steps::StepError { step: "boot", cause, rollback_errors }.into())
+}
+
+/// The last lines of a console log, for error messages.
+pub(crate) fn console_tail(path: &std::path::Path) -> String {
+    let text = std::fs::read(path).map(|b| String::from_utf8_lossy(&b).into_owned()).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+    lines[lines.len().saturating_sub(15)..].join("\n")
+}

@@ -1,0 +1,173 @@
+//! Harness for end-to-end tests: runs the built `banger` as a user would,
+//! against its own daemon and state under one e2e root.
+//!
+//! Needs `BANGER_BIN_DIR` (the `build/bin` of `scripts/build.sh`). The e2e
+//! root (`BANGER_E2E_ROOT`, default `/tmp/banger-e2e`) keeps the built image
+//! between runs; it is wiped when the agent binary changes, so guests always
+//! run the agent under test.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+/// One isolated banger installation: its binaries and its XDG directories.
+pub struct Banger {
+    pub bin_dir: PathBuf,
+    pub root: PathBuf,
+}
+
+static SHARED: OnceLock<Banger> = OnceLock::new();
+
+/// The shared installation used by tests that boot guests (built image reused).
+pub fn shared() -> &'static Banger {
+    SHARED.get_or_init(|| {
+        let root = std::env::var_os("BANGER_E2E_ROOT")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from("/tmp/banger-e2e"));
+        let b = Banger { bin_dir: bin_dir(), root };
+        b.reset_if_agent_changed();
+        // SAFETY: registering a plain extern "C" fn with no captured state.
+        unsafe { libc::atexit(stop_shared_daemon) };
+        b
+    })
+}
+
+extern "C" fn stop_shared_daemon() {
+    if let Some(b) = SHARED.get() {
+        let _ = b.cmd(&["daemon", "stop"]).stdout(Stdio::null()).stderr(Stdio::null()).status();
+    }
+}
+
+fn bin_dir() -> PathBuf {
+    let dir = std::env::var_os("BANGER_BIN_DIR").map(PathBuf::from).expect(
+        "BANGER_BIN_DIR is not set: run the e2e tests through scripts/test.sh (it builds build/bin first)",
+    );
+    for b in ["banger", "bangerd", "banger-agent"] {
+        assert!(dir.join(b).is_file(), "{} missing: run scripts/build.sh", dir.join(b).display());
+    }
+    dir
+}
+
+fn sha256_file(p: &Path) -> String {
+    use sha2::Digest;
+    let data = std::fs::read(p).unwrap_or_else(|e| panic!("reading {}: {e}", p.display()));
+    format!("{:x}", sha2::Sha256::digest(&data))
+}
+
+impl Banger {
+    /// A throwaway installation under a fresh temporary root (no image).
+    pub fn isolated(tag: &str) -> Banger {
+        let root = std::env::temp_dir().join(format!("banger-e2e-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        Banger { bin_dir: bin_dir(), root }
+    }
+
+    fn reset_if_agent_changed(&self) {
+        let marker = self.root.join("agent.sha256");
+        let want = sha256_file(&self.bin_dir.join("banger-agent"));
+        if std::fs::read_to_string(&marker).ok().as_deref() != Some(want.as_str()) {
+            let _ = self.cmd(&["daemon", "stop"]).output();
+            let _ = std::fs::remove_dir_all(&self.root);
+            std::fs::create_dir_all(&self.root).expect("create e2e root");
+            std::fs::write(&marker, want).expect("write marker");
+        }
+    }
+
+    pub fn config_dir(&self) -> PathBuf {
+        self.root.join("config/banger")
+    }
+
+    pub fn state_dir(&self) -> PathBuf {
+        self.root.join("state/banger")
+    }
+
+    pub fn vms_dir(&self) -> PathBuf {
+        self.state_dir().join("vms")
+    }
+
+    /// Writes `config.toml`.
+    pub fn write_config(&self, text: &str) {
+        std::fs::create_dir_all(self.config_dir()).expect("config dir");
+        std::fs::write(self.config_dir().join("config.toml"), text).expect("write config");
+    }
+
+    /// A `banger` command with this installation's environment.
+    pub fn cmd(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(self.bin_dir.join("banger"));
+        c.args(args)
+            .env_remove("BANGER_SOCKET")
+            .env("HOME", self.root.join("home"))
+            .env("XDG_CONFIG_HOME", self.root.join("config"))
+            .env("XDG_STATE_HOME", self.root.join("state"))
+            .env("XDG_CACHE_HOME", self.root.join("cache"))
+            .env("XDG_RUNTIME_DIR", self.root.join("run"))
+            .stdin(Stdio::null());
+        c
+    }
+
+    /// Runs `banger args...` to completion.
+    pub fn run(&self, args: &[&str]) -> Output {
+        self.cmd(args).output().expect("spawn banger")
+    }
+
+    /// Runs `banger args... --json` and parses stdout, asserting success.
+    pub fn json(&self, args: &[&str]) -> serde_json::Value {
+        let mut a = args.to_vec();
+        a.push("--json");
+        let out = self.run(&a);
+        assert!(out.status.success(), "banger {a:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+        serde_json::from_slice(&out.stdout).expect("json output")
+    }
+
+    /// Names of the VMs the daemon knows.
+    pub fn vm_names(&self) -> Vec<String> {
+        self.json(&["vm", "list"])
+            .as_array()
+            .expect("array")
+            .iter()
+            .map(|v| v["name"].as_str().expect("name").to_string())
+            .collect()
+    }
+
+    /// Entries in the VMs directory (one per VM that has files).
+    pub fn vm_dirs(&self) -> Vec<String> {
+        match std::fs::read_dir(self.vms_dir()) {
+            Ok(rd) => rd.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect(),
+            Err(_) => Vec::new(),
+        }
+    }
+}
+
+/// Pids of running processes whose command line contains `needle`.
+pub fn processes_mentioning(needle: &str) -> Vec<u32> {
+    let mut pids = Vec::new();
+    let Ok(rd) = std::fs::read_dir("/proc") else { return pids };
+    for e in rd.flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else { continue };
+        if pid == std::process::id() {
+            continue;
+        }
+        if let Ok(cmd) = std::fs::read(format!("/proc/{pid}/cmdline")) {
+            let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
+            if cmd.contains(needle) && !cmd.contains("cargo") {
+                pids.push(pid);
+            }
+        }
+    }
+    pids
+}
+
+/// Polls `cond` every 100 ms until it holds or `timeout` passes.
+pub fn wait_until(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Stdout and stderr as text, for assertions.
+pub fn text(out: &Output) -> (String, String) {
+    (String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+}

@@ -1,0 +1,101 @@
+//! CLI behaviour that needs no guest: versions, bad input, doctor, daemon.
+
+use banger_e2e::{Banger, text};
+
+fn one_line_error(out: &std::process::Output) -> String {
+    let (_, stderr) = text(out);
+    assert!(!out.status.success(), "expected failure, got success; stderr={stderr}");
+    let lines: Vec<&str> = stderr.lines().filter(|l| !l.starts_with("banger: daemon was not running")).collect();
+    assert_eq!(lines.len(), 1, "expected a one-line error, got: {stderr}");
+    lines[0].to_string()
+}
+
+#[test]
+fn version_is_one_line_for_both_binaries() {
+    let b = Banger::isolated("version");
+    for (bin, name) in [("banger", "banger"), ("bangerd", "bangerd")] {
+        let out = std::process::Command::new(b.bin_dir.join(bin)).arg("--version").output().expect("run");
+        let s = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success());
+        assert_eq!(s.lines().count(), 1, "{s}");
+        assert!(s.starts_with(&format!("{name} v")), "{s}");
+        assert!(s.contains("(commit ") && s.contains(", built "), "{s}");
+    }
+}
+
+#[test]
+fn unknown_config_key_is_a_one_line_error_naming_it() {
+    let b = Banger::isolated("badcfg");
+    b.write_config("bogus_key = 1\n");
+    let line = one_line_error(&b.run(&["vm", "list"]));
+    assert!(line.contains("bogus_key"), "{line}");
+    let _ = std::fs::remove_dir_all(&b.root);
+}
+
+#[test]
+fn bad_config_value_names_the_key() {
+    let b = Banger::isolated("badval");
+    b.write_config("[vm_defaults]\ndisk_size = \"lots\"\n");
+    let line = one_line_error(&b.run(&["vm", "list"]));
+    assert!(line.contains("disk_size"), "{line}");
+    let _ = std::fs::remove_dir_all(&b.root);
+}
+
+#[test]
+fn invalid_vm_name_is_refused_before_anything_happens() {
+    let b = Banger::isolated("badname");
+    let line = one_line_error(&b.run(&["vm", "run", "--rm", "--name", "Not_A_Label", "--", "true"]));
+    assert!(line.contains("DNS label"), "{line}");
+    assert!(!b.root.join("state").exists(), "state created for a refused command");
+}
+
+#[test]
+fn missing_qemu_is_a_clear_error_and_leaves_nothing() {
+    let b = Banger::isolated("noqemu");
+    b.write_config("qemu_bin = \"/nonexistent/qemu-system-x86_64\"\n");
+    let out = b.run(&["vm", "run", "--rm", "--name", "no-qemu", "--", "true"]);
+    let (_, stderr) = text(&out);
+    let line = one_line_error(&out);
+    assert!(line.contains("qemu"), "{stderr}");
+    assert!(b.vm_names().is_empty());
+    assert!(b.vm_dirs().is_empty());
+    let _ = b.run(&["daemon", "stop"]);
+    let _ = std::fs::remove_dir_all(&b.root);
+}
+
+#[test]
+fn daemon_status_socket_stop() {
+    let b = Banger::isolated("daemon");
+    let out = b.run(&["daemon", "status"]);
+    assert_eq!(out.status.code(), Some(3), "not running yet");
+    let sock = text(&b.run(&["daemon", "socket"])).0;
+    assert!(sock.trim().ends_with("banger/bangerd.sock"), "{sock}");
+    let info = b.json(&["vm", "list"]); // auto-starts
+    assert!(info.as_array().is_some_and(|a| a.is_empty()));
+    let st = b.json(&["daemon", "status"]);
+    assert!(st["pid"].as_u64().is_some());
+    assert_eq!(st["socket"].as_str().map(str::trim), Some(sock.trim()));
+    let meta = std::fs::metadata(sock.trim()).expect("socket exists");
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(meta.permissions().mode() & 0o777, 0o600);
+    let stop = b.run(&["daemon", "stop"]);
+    assert!(stop.status.success(), "{}", text(&stop).1);
+    assert_eq!(b.run(&["daemon", "status"]).status.code(), Some(3));
+    let _ = std::fs::remove_dir_all(&b.root);
+}
+
+#[test]
+fn doctor_reports_kvm_and_qemu() {
+    let b = Banger::isolated("doctor");
+    let v = b.json(&["doctor"]);
+    let rows = v.as_array().expect("rows");
+    let row = |n: &str| rows.iter().find(|r| r["name"] == n).unwrap_or_else(|| panic!("no {n} row: {v}")).clone();
+    assert_eq!(row("qemu")["status"], "pass", "{v}");
+    assert_eq!(row("mkfs.ext4")["status"], "pass");
+    let kvm = row("kvm");
+    if kvm["status"] != "pass" {
+        assert!(kvm["detail"].as_str().unwrap_or("").contains("TCG"), "{kvm}");
+    }
+    assert!(row("vm_defaults")["detail"].as_str().unwrap_or("").contains("vcpu="));
+    let _ = std::fs::remove_dir_all(&b.root);
+}

@@ -1,0 +1,98 @@
+//! `banger vm run` against a real daemon and a real guest.
+
+use banger_e2e::{processes_mentioning, shared, text, wait_until};
+use std::process::Stdio;
+use std::time::Duration;
+
+#[test]
+fn run_rm_streams_output_and_propagates_exit_status() {
+    let b = shared();
+    let out = b.run(&["vm", "run", "--rm", "--name", "e2e-exit", "--", "sh", "-c", "echo hi; echo oops >&2; exit 3"]);
+    let (stdout, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(3), "stdout={stdout} stderr={stderr}");
+    assert_eq!(stdout, "hi\n");
+    assert!(stderr.contains("oops"), "{stderr}");
+    let spec_line = stderr.lines().find(|l| l.starts_with("spec: ")).unwrap_or_else(|| panic!("no spec line in {stderr}"));
+    assert!(spec_line.contains("vcpu=") && spec_line.contains("memory=") && spec_line.contains("disk="), "{spec_line}");
+    assert!(!b.vm_names().contains(&"e2e-exit".to_string()));
+    assert!(b.vm_dirs().is_empty(), "VM files left behind: {:?}", b.vm_dirs());
+}
+
+#[test]
+fn vm_without_rm_survives_and_delete_removes_it() {
+    let b = shared();
+    let out = b.run(&["vm", "run", "--name", "e2e-keep", "--", "sh", "-c", "echo kept > /root/marker; uname -r"]);
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stdout.contains("cloud-amd64"), "{stdout}");
+
+    let list = b.json(&["vm", "list"]);
+    let vm = list.as_array().expect("list").iter().find(|v| v["name"] == "e2e-keep").expect("listed").clone();
+    assert_eq!(vm["state"], "running");
+    let dir = vm["dir"].as_str().expect("dir").to_string();
+    assert!(std::path::Path::new(&dir).is_dir());
+    assert_eq!(processes_mentioning(&dir).len(), 1, "exactly one VMM for the VM");
+
+    let show = b.json(&["vm", "show", "e2e-keep"]);
+    assert_eq!(show["id"], vm["id"]);
+
+    let del = b.run(&["vm", "delete", "e2e-keep"]);
+    assert!(del.status.success(), "{}", text(&del).1);
+    assert!(!std::path::Path::new(&dir).exists(), "VM dir left behind");
+    assert!(processes_mentioning(&dir).is_empty(), "VMM left running");
+    assert!(!b.vm_names().contains(&"e2e-keep".to_string()));
+}
+
+#[test]
+fn daemon_killed_mid_run_leaves_no_orphan_vmm() {
+    let b = shared();
+    let mut run = b
+        .cmd(&["vm", "run", "--rm", "--name", "e2e-orphan", "--", "sleep", "300"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn run");
+    wait_until("the VM to be running", Duration::from_secs(300), || {
+        let out = b.run(&["vm", "show", "e2e-orphan", "--json"]);
+        out.status.success()
+            && serde_json::from_slice::<serde_json::Value>(&out.stdout).is_ok_and(|v| v["state"] == "running")
+    });
+    let vm = b.json(&["vm", "show", "e2e-orphan"]);
+    let dir = vm["dir"].as_str().expect("dir").to_string();
+    let daemon_pid = b.json(&["daemon", "status"])["pid"].as_u64().expect("pid") as i32;
+
+    // SAFETY: plain kill(2) of the daemon we started.
+    assert_eq!(unsafe { libc::kill(daemon_pid, libc::SIGKILL) }, 0);
+
+    // The CLI loses its stream, restarts the daemon (which re-adopts the VM)
+    // and deletes the VM because of --rm.
+    let status = run.wait().expect("wait run");
+    assert!(!status.success());
+    wait_until("the VMM to be gone", Duration::from_secs(30), || processes_mentioning(&dir).is_empty());
+    assert!(!b.vm_names().contains(&"e2e-orphan".to_string()));
+    assert!(!std::path::Path::new(&dir).exists());
+}
+
+#[test]
+fn daemon_restart_readopts_running_vms() {
+    let b = shared();
+    let out = b.run(&["vm", "run", "--name", "e2e-adopt", "--", "true"]);
+    assert!(out.status.success(), "{}", text(&out).1);
+    let vm = b.json(&["vm", "show", "e2e-adopt"]);
+    let dir = vm["dir"].as_str().expect("dir").to_string();
+    let daemon_pid = b.json(&["daemon", "status"])["pid"].as_u64().expect("pid") as i32;
+    // SAFETY: plain kill(2) of the daemon we started.
+    assert_eq!(unsafe { libc::kill(daemon_pid, libc::SIGKILL) }, 0);
+    wait_until("the old daemon to exit", Duration::from_secs(10), || {
+        !std::path::Path::new(&format!("/proc/{daemon_pid}")).exists()
+    });
+
+    // Any command restarts the daemon; the VM must still be there and usable.
+    let vm2 = b.json(&["vm", "show", "e2e-adopt"]);
+    assert_eq!(vm2["state"], "running", "{vm2}");
+    assert_eq!(vm2["pid"], vm["pid"]);
+    assert_eq!(processes_mentioning(&dir).len(), 1);
+    let del = b.run(&["vm", "delete", "e2e-adopt"]);
+    assert!(del.status.success(), "{}", text(&del).1);
+    assert!(processes_mentioning(&dir).is_empty());
+}

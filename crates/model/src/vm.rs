@@ -1,0 +1,157 @@
+use crate::{VmName, VmSpec};
+use serde::{Deserialize, Serialize};
+use std::fmt;
+use std::path::PathBuf;
+
+/// A VM's stable id: 32 lowercase hex characters. Refs may use any unique prefix.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(transparent)]
+pub struct VmId(pub String);
+
+impl VmId {
+    pub fn random() -> Self {
+        let bytes: [u8; 16] = rand::random();
+        VmId(bytes.iter().map(|b| format!("{b:02x}")).collect())
+    }
+    pub fn short(&self) -> &str {
+        &self.0[..self.0.len().min(8)]
+    }
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for VmId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// Lifecycle state of a VM as recorded by the daemon.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum VmState {
+    Creating,
+    Starting,
+    Running,
+    Stopping,
+    Stopped,
+    Error,
+}
+
+impl VmState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            VmState::Creating => "creating",
+            VmState::Starting => "starting",
+            VmState::Running => "running",
+            VmState::Stopping => "stopping",
+            VmState::Stopped => "stopped",
+            VmState::Error => "error",
+        }
+    }
+}
+
+impl fmt::Display for VmState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for VmState {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        Ok(match s {
+            "creating" => VmState::Creating,
+            "starting" => VmState::Starting,
+            "running" => VmState::Running,
+            "stopping" => VmState::Stopping,
+            "stopped" => VmState::Stopped,
+            "error" => VmState::Error,
+            other => return Err(format!("unknown VM state {other:?}")),
+        })
+    }
+}
+
+/// Which VMM runs a VM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum VmBackend {
+    Qemu,
+    Firecracker,
+}
+
+impl VmBackend {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            VmBackend::Qemu => "qemu",
+            VmBackend::Firecracker => "firecracker",
+        }
+    }
+}
+
+impl fmt::Display for VmBackend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for VmBackend {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "qemu" => Ok(VmBackend::Qemu),
+            "firecracker" => Ok(VmBackend::Firecracker),
+            other => Err(format!("unknown VM backend {other:?}")),
+        }
+    }
+}
+
+/// A VM as stored by the daemon.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct VmRecord {
+    pub id: VmId,
+    #[schema(value_type = String)]
+    pub name: VmName,
+    pub image: String,
+    pub state: VmState,
+    pub backend: VmBackend,
+    pub spec: VmSpec,
+    /// The VM's directory: disks, sockets, logs.
+    #[schema(value_type = String)]
+    pub dir: PathBuf,
+    /// PID of the VMM process while it runs.
+    pub pid: Option<u32>,
+    /// RFC 3339 creation time.
+    pub created_at: String,
+    /// Last error, when `state` is `error`.
+    pub last_error: Option<String>,
+}
+
+/// A bootable kernel: for QEMU a bzImage + initrd, for Firecracker an ELF vmlinux.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct KernelRecord {
+    pub name: String,
+    #[schema(value_type = String)]
+    pub kernel: PathBuf,
+    #[schema(value_type = Option<String>)]
+    pub initrd: Option<PathBuf>,
+    #[schema(value_type = Option<String>)]
+    pub vmlinux: Option<PathBuf>,
+    /// Kernel release, e.g. `6.1.0-27-cloud-amd64`.
+    pub release: Option<String>,
+    pub created_at: String,
+}
+
+/// A root file system image VMs boot from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct ImageRecord {
+    pub name: String,
+    #[schema(value_type = String)]
+    pub rootfs: PathBuf,
+    pub kernel: String,
+    /// Managed images live in banger's image store and are removed with the record.
+    pub managed: bool,
+    pub size_bytes: u64,
+    pub created_at: String,
+}

@@ -1,0 +1,202 @@
+//! Virtual machine monitors behind one trait.
+//!
+//! A backend turns a [`LaunchSpec`] into a running VMM process and knows how
+//! to stop it. It owns nothing else: disks are made by `banger-storage`, the
+//! agent stream is spoken by `banger-agent-proto`, state lives in the daemon.
+//!
+//! The trait is shaped so both QEMU (everything on the command line) and
+//! Firecracker (API calls, all configuration before `InstanceStart`) fit:
+//! `launch` does whatever the backend needs up to a booting guest.
+
+pub mod host;
+mod process;
+pub mod qemu;
+pub mod qmp;
+
+pub use qemu::{Accel, QemuVmm};
+
+use banger_model::VmBackend;
+use std::path::{Path, PathBuf};
+use tokio::net::{UnixListener, UnixStream};
+
+/// Errors from a VMM backend.
+#[derive(Debug, thiserror::Error)]
+pub enum VmmError {
+    #[error(
+        "{binary} not found: install it (see `banger doctor`) or set {config_key} in config.toml"
+    )]
+    BinaryMissing {
+        binary: String,
+        config_key: &'static str,
+    },
+    #[error("could not start {binary}: {source}")]
+    Spawn {
+        binary: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{binary} exited during start-up: {detail} (see {log})")]
+    EarlyExit {
+        binary: String,
+        detail: String,
+        log: PathBuf,
+    },
+    #[error("timed out after {secs}s waiting for {what}")]
+    Timeout { what: String, secs: u64 },
+    #[error("VMM control channel: {0}")]
+    Control(String),
+    #[error(transparent)]
+    Qmp(#[from] qmp::QmpError),
+    #[error("{context}: {source}")]
+    Io {
+        context: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl VmmError {
+    pub fn io(context: impl Into<String>, source: std::io::Error) -> Self {
+        VmmError::Io {
+            context: context.into(),
+            source,
+        }
+    }
+}
+
+/// Format of a disk image file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DiskFormat {
+    Raw,
+    Qcow2,
+}
+
+/// One block device given to the guest, in order (`/dev/vda`, `/dev/vdb`, ...).
+#[derive(Debug, Clone)]
+pub struct DiskSpec {
+    pub path: PathBuf,
+    pub format: DiskFormat,
+    pub read_only: bool,
+}
+
+/// Everything a backend needs to boot one VM.
+#[derive(Debug, Clone)]
+pub struct LaunchSpec {
+    /// Used in process titles and logs.
+    pub name: String,
+    /// The VM's runtime directory; the backend puts its sockets and logs here
+    /// (see [`VmPaths`]).
+    pub dir: PathBuf,
+    /// bzImage for QEMU, ELF vmlinux for Firecracker.
+    pub kernel: PathBuf,
+    pub initrd: Option<PathBuf>,
+    /// Appended to the backend's own kernel arguments (console, root, ...).
+    pub extra_cmdline: String,
+    pub disks: Vec<DiskSpec>,
+    pub vcpu: u32,
+    pub memory_mib: u64,
+}
+
+/// Well-known file names inside a VM's directory, shared by all backends so
+/// the daemon can find them again after a restart.
+#[derive(Debug, Clone)]
+pub struct VmPaths {
+    pub dir: PathBuf,
+}
+
+impl VmPaths {
+    pub fn new(dir: impl Into<PathBuf>) -> Self {
+        Self { dir: dir.into() }
+    }
+    /// Serial console output of the guest.
+    pub fn console_log(&self) -> PathBuf {
+        self.dir.join("console.log")
+    }
+    /// The VMM's own stdout/stderr.
+    pub fn vmm_log(&self) -> PathBuf {
+        self.dir.join("vmm.log")
+    }
+    /// QMP socket (QEMU) or API socket (Firecracker).
+    pub fn control_socket(&self) -> PathBuf {
+        self.dir.join("control.sock")
+    }
+    /// Host end of the agent channel.
+    pub fn agent_socket(&self) -> PathBuf {
+        self.dir.join("agent.sock")
+    }
+    /// The VMM's pid, written after spawn.
+    pub fn pid_file(&self) -> PathBuf {
+        self.dir.join("vmm.pid")
+    }
+}
+
+/// How the host reaches the guest agent's byte stream.
+#[derive(Debug)]
+pub enum AgentEndpoint {
+    /// Connect to a Unix socket the VMM serves (QEMU chardev in server mode).
+    Connect(PathBuf),
+    /// Accept the connection the guest makes (Firecracker vsock to host).
+    Accept(UnixListener),
+}
+
+impl AgentEndpoint {
+    /// Opens the stream. For `Accept` this waits until the guest connects.
+    pub async fn open(self) -> std::io::Result<UnixStream> {
+        match self {
+            AgentEndpoint::Connect(p) => UnixStream::connect(p).await,
+            AgentEndpoint::Accept(l) => l.accept().await.map(|(s, _)| s),
+        }
+    }
+}
+
+/// A VMM process that has been started.
+#[derive(Debug)]
+pub struct Launched {
+    pub pid: u32,
+    pub agent: AgentEndpoint,
+    /// Resolves when the VMM process exits (and reaps it).
+    pub exited: tokio::task::JoinHandle<()>,
+}
+
+/// A virtual machine monitor backend.
+#[async_trait::async_trait]
+pub trait Vmm: Send + Sync {
+    fn backend(&self) -> VmBackend;
+
+    /// Starts the VMM and boots the guest. Precondition: `spec.dir` and all
+    /// disks exist. On error nothing of this call is left running.
+    async fn launch(&self, spec: &LaunchSpec) -> Result<Launched, VmmError>;
+
+    /// The agent endpoint of a VM that is already running (after a daemon
+    /// restart). Precondition: the VMM process `pid` is alive.
+    fn reattach_agent(&self, dir: &Path) -> Result<AgentEndpoint, VmmError>;
+
+    /// Asks the guest to power off (ACPI power button / Ctrl-Alt-Del).
+    /// Returns once the request is delivered, not when the guest is down.
+    async fn request_shutdown(&self, dir: &Path) -> Result<(), VmmError>;
+
+    /// Ends the VMM now. Precondition: none; a VMM that is already gone is fine.
+    async fn terminate(&self, dir: &Path, pid: u32) -> Result<(), VmmError>;
+}
+
+/// Whether a process with this pid exists and is the VMM of `dir`, judged by
+/// its command line naming the VM directory (pids are reused).
+pub fn vmm_process_alive(pid: u32, dir: &Path) -> bool {
+    let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+        return false;
+    };
+    let needle = dir.as_os_str().as_encoded_bytes();
+    cmdline.windows(needle.len()).any(|w| w == needle)
+}
+
+/// A task that ends when process `pid` exits, for VMMs that are not our
+/// children (re-adopted after a daemon restart). `Ok(None)` when the process
+/// is already gone.
+pub fn watch_exit(pid: u32) -> std::io::Result<Option<tokio::task::JoinHandle<()>>> {
+    let Some(pidfd) = process::PidFd::open(pid)? else {
+        return Ok(None);
+    };
+    Ok(Some(tokio::spawn(async move {
+        while !pidfd.wait_exit(std::time::Duration::from_secs(3600)).await {}
+    })))
+}

@@ -1,0 +1,75 @@
+//! Watching and killing a VMM process that may not be our child (after a
+//! daemon restart), through a pidfd so a reused pid is never signalled and
+//! exit is awaited as an event rather than polled.
+
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::time::Duration;
+use tokio::io::unix::AsyncFd;
+
+/// A handle on one process that stays valid even if its pid is reused.
+pub(crate) struct PidFd {
+    fd: AsyncFd<OwnedFd>,
+}
+
+impl PidFd {
+    /// Opens a pidfd for `pid`; `Ok(None)` when no such process exists.
+    pub(crate) fn open(pid: u32) -> io::Result<Option<Self>> {
+        let pid = libc::pid_t::try_from(pid).map_err(|_| {
+            io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("pid {pid} out of range"),
+            )
+        })?;
+        // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1.
+        let raw = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+        if raw < 0 {
+            let err = io::Error::last_os_error();
+            return match err.raw_os_error() {
+                Some(libc::ESRCH) => Ok(None),
+                _ => Err(err),
+            };
+        }
+        let raw =
+            i32::try_from(raw).map_err(|_| io::Error::other("pidfd_open returned a bad fd"))?;
+        // SAFETY: `raw` is a fresh fd owned by nobody else.
+        let owned = unsafe { OwnedFd::from_raw_fd(raw) };
+        // SAFETY: the OwnedFd is moved in and never replaced or closed while
+        // the AsyncFd lives.
+        let fd = unsafe { AsyncFd::register_with_interest(owned, tokio::io::Interest::READABLE) }
+            .map_err(io::Error::from)?;
+        Ok(Some(Self { fd }))
+    }
+
+    /// Waits until the process has exited (a zombie counts); false on timeout.
+    pub(crate) async fn wait_exit(&self, timeout: Duration) -> bool {
+        tokio::time::timeout(timeout, async {
+            // A pidfd never stops being readable once the process exited,
+            // so readiness alone is the answer; errors end the wait too.
+            let _ = self.fd.readable().await;
+        })
+        .await
+        .is_ok()
+    }
+
+    /// Sends SIGKILL; a process that already exited is fine.
+    pub(crate) fn kill(&self) -> io::Result<()> {
+        // SAFETY: pidfd_send_signal with a valid pidfd, no siginfo, no flags.
+        let rc = unsafe {
+            libc::syscall(
+                libc::SYS_pidfd_send_signal,
+                self.fd.as_raw_fd(),
+                libc::SIGKILL,
+                std::ptr::null::<libc::siginfo_t>(),
+                0,
+            )
+        };
+        if rc < 0 {
+            let err = io::Error::last_os_error();
+            if err.raw_os_error() != Some(libc::ESRCH) {
+                return Err(err);
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,718 @@
+//! QEMU `microvm` backend: everything on the command line, QMP for control,
+//! virtio-serial for the agent channel. KVM when it really works, else TCG.
+
+use crate::host::{self, KvmStatus};
+use crate::process::PidFd;
+use crate::qmp::{Qmp, QmpError};
+use crate::{
+    AgentEndpoint, DiskFormat, LaunchSpec, Launched, VmPaths, Vmm, VmmError, vmm_process_alive,
+};
+use banger_model::VmBackend;
+use std::ffi::{OsStr, OsString};
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
+use std::os::unix::fs::FileTypeExt;
+use std::path::{Path, PathBuf};
+use std::process::{ExitStatus, Stdio};
+use std::time::Duration;
+use tokio::process::{Child, Command};
+
+/// Name of the QEMU binary looked up in PATH.
+pub const QEMU_BINARY: &str = "qemu-system-x86_64";
+/// Config key that overrides the binary's location.
+pub const QEMU_CONFIG_KEY: &str = "qemu_bin";
+/// virtio-serial port name the guest agent opens (`/dev/virtio-ports/<name>`).
+pub const AGENT_PORT_NAME: &str = "org.banger.agent";
+
+/// How long QEMU gets to answer on QMP after spawn.
+const DEFAULT_STARTUP_TIMEOUT: Duration = Duration::from_secs(30);
+/// Bound on any single QMP exchange, so a hung QEMU cannot hang the daemon.
+const QMP_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long `terminate` lets QEMU exit by itself after `quit`.
+const QUIT_GRACE: Duration = Duration::from_secs(3);
+/// How long a SIGKILLed process may take to disappear.
+const KILL_GRACE: Duration = Duration::from_secs(5);
+/// How often the QMP socket is retried while QEMU starts; QEMU gives no
+/// other signal that its monitor is up.
+const CONNECT_RETRY: Duration = Duration::from_millis(10);
+
+/// The CPU virtualisation QEMU uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Accel {
+    /// Hardware virtualisation through /dev/kvm, `-cpu host`.
+    Kvm,
+    /// Software emulation (Tiny Code Generator), `-cpu max`.
+    Tcg,
+}
+
+impl Accel {
+    /// KVM when the host's /dev/kvm can run stock guests, TCG otherwise.
+    pub fn for_host(kvm: &KvmStatus) -> Self {
+        if kvm.is_usable() {
+            Accel::Kvm
+        } else {
+            Accel::Tcg
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Accel::Kvm => "kvm",
+            Accel::Tcg => "tcg",
+        }
+    }
+}
+
+impl std::fmt::Display for Accel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The QEMU microvm backend.
+#[derive(Debug, Clone)]
+pub struct QemuVmm {
+    binary: PathBuf,
+    accel: Accel,
+    tsc_khz: Option<u64>,
+    startup_timeout: Duration,
+}
+
+impl QemuVmm {
+    /// Finds the binary (`qemu_bin` from config, else PATH) and probes the
+    /// host for the accelerator and the TSC frequency.
+    pub fn from_host(configured_bin: Option<&Path>) -> Result<Self, VmmError> {
+        let binary = host::find_binary(QEMU_BINARY, configured_bin).ok_or_else(|| {
+            VmmError::BinaryMissing {
+                binary: configured_bin
+                    .map_or_else(|| QEMU_BINARY.to_owned(), |p| p.display().to_string()),
+                config_key: QEMU_CONFIG_KEY,
+            }
+        })?;
+        let kvm = host::kvm_status();
+        let accel = Accel::for_host(&kvm);
+        let tsc_khz = host::tsc_khz();
+        if accel == Accel::Tcg && tsc_khz.is_none() {
+            tracing::warn!(
+                "host TSC frequency unknown: TCG guests may hang while calibrating their clock"
+            );
+        }
+        tracing::info!(binary = %binary.display(), %accel, kvm = %kvm, ?tsc_khz, "QEMU backend");
+        Ok(Self::new(binary, accel, tsc_khz))
+    }
+
+    /// A backend with explicit parts, for callers that probed the host
+    /// themselves.
+    pub fn new(binary: PathBuf, accel: Accel, tsc_khz: Option<u64>) -> Self {
+        Self {
+            binary,
+            accel,
+            tsc_khz,
+            startup_timeout: DEFAULT_STARTUP_TIMEOUT,
+        }
+    }
+
+    /// How long `launch` waits for QEMU's control socket to answer.
+    pub fn with_startup_timeout(mut self, timeout: Duration) -> Self {
+        self.startup_timeout = timeout;
+        self
+    }
+
+    pub fn binary(&self) -> &Path {
+        &self.binary
+    }
+
+    pub fn accel(&self) -> Accel {
+        self.accel
+    }
+
+    pub fn tsc_khz(&self) -> Option<u64> {
+        self.tsc_khz
+    }
+
+    fn binary_name(&self) -> String {
+        self.binary.display().to_string()
+    }
+
+    /// Waits until QEMU answers on QMP, or it exits, or time runs out.
+    async fn wait_ready(&self, child: &mut Child, paths: &VmPaths) -> Result<(), VmmError> {
+        let socket = paths.control_socket();
+        let ready = async {
+            loop {
+                match Qmp::connect(&socket).await {
+                    Ok(mut qmp) => return qmp.query_status().await.map(drop),
+                    Err(e) if e.is_not_listening() => tokio::time::sleep(CONNECT_RETRY).await,
+                    Err(e) => return Err(e),
+                }
+            }
+        };
+        enum Outcome {
+            Exited(std::io::Result<ExitStatus>),
+            Ready(Result<(), QmpError>),
+            TimedOut,
+        }
+        let outcome = tokio::select! {
+            status = child.wait() => Outcome::Exited(status),
+            r = tokio::time::timeout(self.startup_timeout, ready) => match r {
+                Ok(r) => Outcome::Ready(r),
+                Err(_) => Outcome::TimedOut,
+            },
+        };
+        match outcome {
+            Outcome::Ready(Ok(())) => Ok(()),
+            Outcome::Exited(status) => Err(self.early_exit(status, paths)),
+            // A monitor that drops the connection usually belongs to a QEMU
+            // that found a fatal problem after its monitor came up.
+            Outcome::Ready(Err(e)) => match tokio::time::timeout(QMP_TIMEOUT, child.wait()).await {
+                Ok(status) => Err(self.early_exit(status, paths)),
+                Err(_) => Err(e.into()),
+            },
+            Outcome::TimedOut => Err(VmmError::Timeout {
+                what: format!("{} to answer on {}", self.binary_name(), socket.display()),
+                secs: self.startup_timeout.as_secs(),
+            }),
+        }
+    }
+
+    fn early_exit(&self, status: std::io::Result<ExitStatus>, paths: &VmPaths) -> VmmError {
+        let log = paths.vmm_log();
+        let status = match status {
+            Ok(s) => s.to_string(),
+            Err(e) => format!("wait failed: {e}"),
+        };
+        let tail = std::fs::read(&log)
+            .map(|b| log_tail(&b, 5))
+            .unwrap_or_default();
+        let detail = if tail.is_empty() {
+            status
+        } else {
+            format!("{status}: {tail}")
+        };
+        VmmError::EarlyExit {
+            binary: self.binary_name(),
+            detail,
+            log,
+        }
+    }
+}
+
+/// The last `lines` non-empty lines of a log, joined into one line.
+fn log_tail(bytes: &[u8], lines: usize) -> String {
+    let text = String::from_utf8_lossy(bytes);
+    let mut tail: Vec<&str> = text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .rev()
+        .take(lines)
+        .collect();
+    tail.reverse();
+    tail.join("; ")
+}
+
+/// The kernel command line: console on the ISA serial port, root on the
+/// first disk, reboot (= QEMU exit, with `-no-reboot`) on panic, then the
+/// caller's arguments, which win where they repeat a parameter.
+pub fn kernel_cmdline(accel: Accel, tsc_khz: Option<u64>, extra: &str) -> String {
+    let mut cmdline = String::from("console=ttyS0 root=/dev/vda rw panic=-1");
+    // Under TCG microvm has no HPET, no PM timer and no port 0x61: when the
+    // guest's PIT calibration fails it hangs for good. Telling it the TSC
+    // frequency skips calibration. Under KVM kvmclock supplies the
+    // frequency, and a host `cpu MHz` skewed by frequency scaling would
+    // only make it worse.
+    if let (Accel::Tcg, Some(khz)) = (accel, tsc_khz) {
+        cmdline.push_str(&format!(" tsc_early_khz={khz} tsc=reliable"));
+    }
+    let extra = extra.trim();
+    if !extra.is_empty() {
+        cmdline.push(' ');
+        cmdline.push_str(extra);
+    }
+    cmdline
+}
+
+/// Doubles commas, QEMU's escape inside `key=value,...` option lists.
+fn opt_value(value: &OsStr) -> OsString {
+    let mut out = Vec::with_capacity(value.len());
+    for &b in value.as_bytes() {
+        out.push(b);
+        if b == b',' {
+            out.push(b',');
+        }
+    }
+    OsString::from_vec(out)
+}
+
+/// `prefix` followed by an escaped value.
+fn opt(prefix: &str, value: &OsStr) -> OsString {
+    let mut s = OsString::from(prefix);
+    s.push(opt_value(value));
+    s
+}
+
+/// The full QEMU argument vector for one VM. The VM directory appears
+/// verbatim (in `-pidfile`), which is how [`vmm_process_alive`] recognises
+/// the process.
+pub fn qemu_args(spec: &LaunchSpec, accel: Accel, tsc_khz: Option<u64>) -> Vec<OsString> {
+    let paths = VmPaths::new(&spec.dir);
+    let mut args: Vec<OsString> = Vec::new();
+    let mut push = |items: &[&OsStr]| args.extend(items.iter().map(|s| s.to_os_string()));
+    let os = |s: &str| OsString::from(s);
+
+    push(&[
+        &os("-name"),
+        &opt("guest=", OsStr::new(&spec.name)),
+        &os("-M"),
+        &os("microvm,x-option-roms=off,acpi=on,isa-serial=on"),
+        &os("-accel"),
+        &os(accel.as_str()),
+        &os("-cpu"),
+        &os(match accel {
+            Accel::Kvm => "host",
+            Accel::Tcg => "max",
+        }),
+        // Without qboot QEMU falls back to SeaBIOS, which wants a boot disk.
+        // A bare name is searched in QEMU's data directories.
+        &os("-bios"),
+        &os("qboot.rom"),
+        &os("-nodefaults"),
+        &os("-no-user-config"),
+        &os("-no-reboot"),
+        &os("-display"),
+        &os("none"),
+        &os("-m"),
+        &os(&format!("{}M", spec.memory_mib)),
+        &os("-smp"),
+        &os(&spec.vcpu.to_string()),
+        &os("-pidfile"),
+        paths.pid_file().as_os_str(),
+        &os("-kernel"),
+        spec.kernel.as_os_str(),
+    ]);
+    if let Some(initrd) = &spec.initrd {
+        push(&[&os("-initrd"), initrd.as_os_str()]);
+    }
+    push(&[
+        &os("-append"),
+        &os(&kernel_cmdline(accel, tsc_khz, &spec.extra_cmdline)),
+    ]);
+
+    // Serial console into a file, truncated at each launch.
+    push(&[
+        &os("-chardev"),
+        &opt("file,id=console,path=", paths.console_log().as_os_str()),
+        &os("-serial"),
+        &os("chardev:console"),
+    ]);
+
+    // Disks first, so they take the first virtio-mmio slots.
+    for (i, disk) in spec.disks.iter().enumerate() {
+        let mut drive = opt(
+            &format!(
+                "if=none,id=disk{i},format={},file.driver=file,file.filename=",
+                match disk.format {
+                    DiskFormat::Raw => "raw",
+                    DiskFormat::Qcow2 => "qcow2",
+                }
+            ),
+            disk.path.as_os_str(),
+        );
+        // `file.driver=file` stops QEMU from reading a `proto:` prefix out of
+        // the path. Writable disks pass discards through so a sparse overlay
+        // shrinks when the guest trims.
+        drive.push(if disk.read_only {
+            ",readonly=on,cache=writeback"
+        } else {
+            ",readonly=off,cache=writeback,discard=unmap"
+        });
+        push(&[
+            &os("-drive"),
+            &drive,
+            &os("-device"),
+            &os(&format!("virtio-blk-device,drive=disk{i}")),
+        ]);
+    }
+
+    // Agent channel: a virtio-serial port backed by a Unix socket QEMU serves.
+    push(&[
+        &os("-device"),
+        &os("virtio-serial-device,id=vserial"),
+        &os("-chardev"),
+        &opt(
+            "socket,id=agent,server=on,wait=off,path=",
+            paths.agent_socket().as_os_str(),
+        ),
+        &os("-device"),
+        &os(&format!(
+            "virtserialport,bus=vserial.0,chardev=agent,name={AGENT_PORT_NAME}"
+        )),
+    ]);
+
+    // Guest entropy, so early getrandom() callers (sshd) never stall.
+    push(&[&os("-device"), &os("virtio-rng-device")]);
+
+    // QMP control socket.
+    push(&[
+        &os("-chardev"),
+        &opt(
+            "socket,id=qmp,server=on,wait=off,path=",
+            paths.control_socket().as_os_str(),
+        ),
+        &os("-mon"),
+        &os("chardev=qmp,mode=control"),
+    ]);
+    args
+}
+
+/// Kills a freshly spawned VMM's whole session if launch is abandoned
+/// (error or cancelled future) before it is disarmed.
+struct KillOnDrop {
+    pgid: Option<libc::pid_t>,
+}
+
+impl KillOnDrop {
+    fn disarm(mut self) {
+        self.pgid = None;
+    }
+}
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        // Armed only while the child is unreaped (launch has no await point
+        // between reaping and disarming), so the id cannot be reused yet.
+        if let Some(pgid) = self.pgid {
+            // SAFETY: kill(2) with a negative pid signals that process group.
+            unsafe { libc::kill(-pgid, libc::SIGKILL) };
+        }
+    }
+}
+
+/// Kills (with its session) and reaps a child that failed to start, bounded
+/// in time, so nothing of a failed launch is left running.
+async fn kill_and_reap(child: &mut Child) {
+    // An id means not yet reaped, so the group id is still ours.
+    if let Some(pgid) = child.id().and_then(|p| libc::pid_t::try_from(p).ok()) {
+        // SAFETY: kill(2) with a negative pid signals that process group.
+        unsafe { libc::kill(-pgid, libc::SIGKILL) };
+        if tokio::time::timeout(KILL_GRACE, child.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(pid = pgid, "killed VMM did not exit in time");
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl Vmm for QemuVmm {
+    fn backend(&self) -> VmBackend {
+        VmBackend::Qemu
+    }
+
+    async fn launch(&self, spec: &LaunchSpec) -> Result<Launched, VmmError> {
+        let paths = VmPaths::new(&spec.dir);
+        let log_path = paths.vmm_log();
+        let log = std::fs::File::create(&log_path)
+            .map_err(|e| VmmError::io(format!("create {}", log_path.display()), e))?;
+        let log_err = log
+            .try_clone()
+            .map_err(|e| VmmError::io(format!("dup {}", log_path.display()), e))?;
+
+        let mut cmd = Command::new(&self.binary);
+        cmd.args(qemu_args(spec, self.accel, self.tsc_khz))
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(log_err)
+            .kill_on_drop(false);
+        // Own session: a Ctrl-C or hang-up in the daemon's terminal must not
+        // reach guests, and the VMM outlives a daemon restart.
+        // SAFETY: setsid is async-signal-safe and touches no parent state.
+        unsafe {
+            cmd.pre_exec(|| {
+                if libc::setsid() < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let mut child = cmd.spawn().map_err(|source| VmmError::Spawn {
+            binary: self.binary_name(),
+            source,
+        })?;
+        let Some(pid) = child.id() else {
+            return Err(self.early_exit(child.wait().await, &paths));
+        };
+        let guard = KillOnDrop {
+            pgid: libc::pid_t::try_from(pid).ok(),
+        };
+        tracing::debug!(vm = %spec.name, pid, "spawned QEMU");
+
+        if let Err(e) = self.wait_ready(&mut child, &paths).await {
+            guard.disarm();
+            kill_and_reap(&mut child).await;
+            return Err(e);
+        }
+        guard.disarm();
+        let name = spec.name.clone();
+        let exited = tokio::spawn(async move {
+            match child.wait().await {
+                Ok(status) => tracing::info!(vm = %name, pid, %status, "QEMU exited"),
+                Err(e) => tracing::warn!(vm = %name, pid, error = %e, "waiting for QEMU failed"),
+            }
+        });
+        Ok(Launched {
+            pid,
+            agent: AgentEndpoint::Connect(paths.agent_socket()),
+            exited,
+        })
+    }
+
+    fn reattach_agent(&self, dir: &Path) -> Result<AgentEndpoint, VmmError> {
+        let socket = VmPaths::new(dir).agent_socket();
+        let meta = std::fs::symlink_metadata(&socket)
+            .map_err(|e| VmmError::io(format!("agent socket {}", socket.display()), e))?;
+        if !meta.file_type().is_socket() {
+            return Err(VmmError::io(
+                format!("agent socket {}", socket.display()),
+                std::io::Error::new(std::io::ErrorKind::InvalidInput, "not a socket"),
+            ));
+        }
+        Ok(AgentEndpoint::Connect(socket))
+    }
+
+    /// Presses the ACPI power button (microvm's generic event device). The
+    /// guest kernel turns it into a KEY_POWER input event; something in the
+    /// guest (systemd-logind, acpid or the agent) must act on it, so callers
+    /// should fall back to the agent or `terminate` when the VM does not
+    /// exit in time.
+    async fn request_shutdown(&self, dir: &Path) -> Result<(), VmmError> {
+        let socket = VmPaths::new(dir).control_socket();
+        let powerdown = async {
+            let mut qmp = Qmp::connect(&socket).await?;
+            qmp.system_powerdown().await
+        };
+        tokio::time::timeout(QMP_TIMEOUT, powerdown)
+            .await
+            .map_err(|_| VmmError::Timeout {
+                what: format!("system_powerdown on {}", socket.display()),
+                secs: QMP_TIMEOUT.as_secs(),
+            })??;
+        Ok(())
+    }
+
+    async fn terminate(&self, dir: &Path, pid: u32) -> Result<(), VmmError> {
+        let pidfd = PidFd::open(pid).map_err(|e| VmmError::io(format!("pidfd_open {pid}"), e))?;
+        // Checked after opening the pidfd, so the signal below cannot reach
+        // a process that took over a reused pid.
+        let Some(pidfd) = pidfd.filter(|_| vmm_process_alive(pid, dir)) else {
+            return Ok(());
+        };
+        let socket = VmPaths::new(dir).control_socket();
+        let quit = async { Qmp::connect(&socket).await?.quit().await };
+        match tokio::time::timeout(QMP_TIMEOUT, quit).await {
+            Ok(Ok(())) => {
+                if pidfd.wait_exit(QUIT_GRACE).await {
+                    return Ok(());
+                }
+            }
+            Ok(Err(e)) => tracing::debug!(pid, error = %e, "QMP quit failed; killing"),
+            Err(_) => tracing::debug!(pid, "QMP quit timed out; killing"),
+        }
+        pidfd
+            .kill()
+            .map_err(|e| VmmError::io(format!("kill VMM {pid}"), e))?;
+        if pidfd.wait_exit(KILL_GRACE).await {
+            Ok(())
+        } else {
+            Err(VmmError::Timeout {
+                what: format!("VMM {pid} to exit after SIGKILL"),
+                secs: KILL_GRACE.as_secs(),
+            })
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::DiskSpec;
+
+    fn spec(dir: &str) -> LaunchSpec {
+        LaunchSpec {
+            name: "calm-otter".into(),
+            dir: dir.into(),
+            kernel: "/img/vmlinuz".into(),
+            initrd: Some("/img/initrd.img".into()),
+            extra_cmdline: "  quiet init=/sbin/banger-init ".into(),
+            disks: vec![
+                DiskSpec {
+                    path: "/img/rootfs.ext4".into(),
+                    format: DiskFormat::Raw,
+                    read_only: true,
+                },
+                DiskSpec {
+                    path: "/vms/a/overlay.qcow2".into(),
+                    format: DiskFormat::Qcow2,
+                    read_only: false,
+                },
+            ],
+            vcpu: 2,
+            memory_mib: 1024,
+        }
+    }
+
+    fn strings(args: &[OsString]) -> Vec<String> {
+        args.iter()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect()
+    }
+
+    /// The value following `flag`, for each occurrence.
+    fn values<'a>(args: &'a [String], flag: &str) -> Vec<&'a str> {
+        args.windows(2)
+            .filter(|w| w[0] == flag)
+            .map(|w| w[1].as_str())
+            .collect()
+    }
+
+    #[test]
+    fn tcg_argv() {
+        let args = strings(&qemu_args(&spec("/vms/a"), Accel::Tcg, Some(2_445_404)));
+        assert_eq!(
+            values(&args, "-M"),
+            ["microvm,x-option-roms=off,acpi=on,isa-serial=on"]
+        );
+        assert_eq!(values(&args, "-accel"), ["tcg"]);
+        assert_eq!(values(&args, "-cpu"), ["max"]);
+        assert_eq!(values(&args, "-bios"), ["qboot.rom"]);
+        assert_eq!(values(&args, "-m"), ["1024M"]);
+        assert_eq!(values(&args, "-smp"), ["2"]);
+        assert_eq!(values(&args, "-kernel"), ["/img/vmlinuz"]);
+        assert_eq!(values(&args, "-initrd"), ["/img/initrd.img"]);
+        assert_eq!(values(&args, "-pidfile"), ["/vms/a/vmm.pid"]);
+        assert_eq!(values(&args, "-name"), ["guest=calm-otter"]);
+        for flag in ["-nodefaults", "-no-user-config", "-no-reboot"] {
+            assert!(args.iter().any(|a| a == flag), "{flag} missing");
+        }
+        assert_eq!(values(&args, "-display"), ["none"]);
+        assert_eq!(
+            values(&args, "-append"),
+            [
+                "console=ttyS0 root=/dev/vda rw panic=-1 tsc_early_khz=2445404 tsc=reliable quiet init=/sbin/banger-init"
+            ]
+        );
+        assert_eq!(
+            values(&args, "-drive"),
+            [
+                "if=none,id=disk0,format=raw,file.driver=file,file.filename=/img/rootfs.ext4,readonly=on,cache=writeback",
+                "if=none,id=disk1,format=qcow2,file.driver=file,file.filename=/vms/a/overlay.qcow2,readonly=off,cache=writeback,discard=unmap",
+            ]
+        );
+        assert_eq!(
+            values(&args, "-chardev"),
+            [
+                "file,id=console,path=/vms/a/console.log",
+                "socket,id=agent,server=on,wait=off,path=/vms/a/agent.sock",
+                "socket,id=qmp,server=on,wait=off,path=/vms/a/control.sock",
+            ]
+        );
+        assert_eq!(values(&args, "-serial"), ["chardev:console"]);
+        assert_eq!(values(&args, "-mon"), ["chardev=qmp,mode=control"]);
+        let devices = values(&args, "-device");
+        assert_eq!(
+            devices,
+            [
+                "virtio-blk-device,drive=disk0",
+                "virtio-blk-device,drive=disk1",
+                "virtio-serial-device,id=vserial",
+                "virtserialport,bus=vserial.0,chardev=agent,name=org.banger.agent",
+                "virtio-rng-device",
+            ]
+        );
+    }
+
+    #[test]
+    fn kvm_argv_uses_host_cpu_and_no_tsc_override() {
+        let mut s = spec("/vms/a");
+        s.initrd = None;
+        s.disks.clear();
+        s.extra_cmdline.clear();
+        let args = strings(&qemu_args(&s, Accel::Kvm, Some(2_445_404)));
+        assert_eq!(values(&args, "-accel"), ["kvm"]);
+        assert_eq!(values(&args, "-cpu"), ["host"]);
+        assert!(values(&args, "-initrd").is_empty());
+        assert!(values(&args, "-drive").is_empty());
+        assert_eq!(
+            values(&args, "-append"),
+            ["console=ttyS0 root=/dev/vda rw panic=-1"]
+        );
+    }
+
+    #[test]
+    fn tcg_without_known_tsc_omits_it() {
+        assert_eq!(
+            kernel_cmdline(Accel::Tcg, None, ""),
+            "console=ttyS0 root=/dev/vda rw panic=-1"
+        );
+    }
+
+    #[test]
+    fn commas_in_paths_are_escaped_and_dir_stays_verbatim() {
+        let mut s = spec("/vms/odd,dir");
+        s.name = "a,b".into();
+        s.disks.truncate(1);
+        s.disks[0].path = "/img/x,format=qcow2".into();
+        let args = strings(&qemu_args(&s, Accel::Tcg, Some(1)));
+        assert_eq!(values(&args, "-name"), ["guest=a,,b"]);
+        assert!(
+            values(&args, "-drive")[0].contains("file.filename=/img/x,,format=qcow2,readonly=on")
+        );
+        assert!(
+            values(&args, "-chardev")
+                .iter()
+                .all(|c| c.contains("/vms/odd,,dir/"))
+        );
+        // -pidfile is a plain argument: the VM dir appears as is, which is
+        // what vmm_process_alive looks for.
+        assert_eq!(values(&args, "-pidfile"), ["/vms/odd,dir/vmm.pid"]);
+    }
+
+    #[test]
+    fn accel_follows_kvm_status() {
+        assert_eq!(
+            Accel::for_host(&KvmStatus::Usable { api_version: 12 }),
+            Accel::Kvm
+        );
+        let pvm = KvmStatus::Unusable(host::KvmProblem::PvmOnly {
+            pvm_module: true,
+            cpu_virt_flags: false,
+        });
+        assert_eq!(Accel::for_host(&pvm), Accel::Tcg);
+    }
+
+    #[test]
+    fn log_tail_is_one_line() {
+        let log = b"qemu: warning: a\n\n  qemu: -drive x: Could not open 'x'  \n";
+        assert_eq!(
+            log_tail(log, 5),
+            "qemu: warning: a; qemu: -drive x: Could not open 'x'"
+        );
+        assert_eq!(log_tail(b"1\n2\n3\n", 2), "2; 3");
+        assert_eq!(log_tail(b"", 2), "");
+    }
+
+    #[test]
+    fn missing_binary_names_the_config_key() {
+        let err = QemuVmm::from_host(Some(Path::new("/nonexistent/qemu"))).expect_err("missing");
+        assert!(
+            matches!(
+                err,
+                VmmError::BinaryMissing {
+                    config_key: "qemu_bin",
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        assert!(err.to_string().contains("/nonexistent/qemu"), "{err}");
+    }
+}

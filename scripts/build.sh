@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Builds banger, bangerd and the static guest agent into build/bin/.
+#   scripts/build.sh            release build
+#   PROFILE=dev scripts/build.sh  debug build (what the tests use)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+profile=${PROFILE:-release}
+case "$profile" in
+  release) dir=release ;;
+  dev) dir=debug ;;
+  *) echo "build.sh: PROFILE must be release or dev" >&2; exit 2 ;;
+esac
+
+cargo build --profile "$profile" --locked -p banger-cli -p banger-daemon
+
+# The agent runs inside guests of any libc: link it fully static. A separate
+# target dir keeps these RUSTFLAGS from invalidating the main build.
+RUSTFLAGS='-C target-feature=+crt-static' CARGO_TARGET_DIR=target/agent-static \
+  cargo build --profile "$profile" --locked -p banger-agent --target x86_64-unknown-linux-gnu
+
+mkdir -p build/bin
+install -m 0755 "target/$dir/banger" "target/$dir/bangerd" build/bin/
+install -m 0755 "target/agent-static/x86_64-unknown-linux-gnu/$dir/banger-agent" build/bin/
+echo "built: $(ls build/bin | tr '\n' ' ')(profile $profile)"

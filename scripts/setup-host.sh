@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# Installs the host packages banger needs on a Debian/Ubuntu machine.
+# Idempotent; safe to run on a machine that already has everything.
+set -euo pipefail
+
+if [ "$(id -u)" -ne 0 ]; then
+  echo "setup-host.sh: run as root (it uses apt-get)" >&2
+  exit 1
+fi
+
+export DEBIAN_FRONTEND=noninteractive
+. /etc/os-release
+
+need_pkgs=(mmdebstrap e2fsprogs openssh-client iproute2 ca-certificates git tmux zstd)
+
+qemu_ok() {
+  command -v qemu-system-x86_64 >/dev/null 2>&1 && [ -e /usr/share/qemu/qboot.rom ]
+}
+
+apt-get update -qq
+
+if ! qemu_ok; then
+  # A Debian host that already carries qemu-utils from bookworm-backports
+  # cannot install bookworm's qemu-system-x86 next to it; take QEMU from
+  # backports too in that case (it is also faster under TCG).
+  if [ "${ID:-}" = debian ] && [ "${VERSION_CODENAME:-}" = bookworm ]; then
+    utils_ver=$(dpkg-query -W -f='${Version}' qemu-utils 2>/dev/null || true)
+    if [[ "$utils_ver" == *bpo12* ]] || ! apt-cache policy qemu-system-x86 | grep -q Candidate; then
+      mirror=$( { grep -rhE '^(URIs:|deb )' /etc/apt/sources.list /etc/apt/sources.list.d/ 2>/dev/null || true; } \
+        | grep -oE 'https?://[^ ]+/debian/?( |$)' | grep -v security | head -n1 | tr -d ' ')
+      mirror=${mirror:-http://deb.debian.org/debian}
+      echo "deb ${mirror%/} bookworm-backports main" > /etc/apt/sources.list.d/banger-backports.list
+      apt-get update -qq
+    fi
+    if [ -f /etc/apt/sources.list.d/banger-backports.list ]; then
+      apt-get install -y -qq -t bookworm-backports --no-install-recommends qemu-system-x86 qemu-utils
+    else
+      apt-get install -y -qq --no-install-recommends qemu-system-x86 qemu-utils
+    fi
+  else
+    apt-get install -y -qq --no-install-recommends qemu-system-x86 qemu-utils
+  fi
+fi
+
+apt-get install -y -qq --no-install-recommends "${need_pkgs[@]}"
+qemu-system-x86_64 --version | head -n1
