@@ -1,121 +1,255 @@
-//! One guest process per channel.
+//! One guest process per exec channel.
 
-use crate::serve::Channels;
-use banger_agent_proto::{Body, ExecRequest, ExitStatus, Frame, MAX_CHUNK};
+use crate::OUTPUT_CHUNK;
+use banger_agent_proto::{Body, ExecRequest, ExitStatus, Frame};
+use nix::errno::Errno;
+use nix::sys::signal::{Signal, killpg};
+use nix::unistd::Pid;
+use std::os::unix::process::ExitStatusExt;
+use std::path::Path;
 use std::process::Stdio;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
-use tokio::process::Command;
+use tokio::process::{Child, ChildStdin, Command};
 use tokio::sync::mpsc;
 
-/// Input the host sends to a running process.
-pub(crate) enum ExecInput {
+/// What the connection forwards to a running session.
+#[derive(Debug)]
+pub(crate) enum SessionMsg {
     Stdin(Vec<u8>),
     StdinEof,
     Signal(i32),
+    /// End the process now and close the channel with this error.
+    Abort(String),
 }
 
 const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+const DEFAULT_HOME: &str = "/root";
 
-/// Runs `req`, streaming its output on `channel` until it exits.
+/// Runs `req` on `channel`: streams its output to `out` and ends the
+/// channel with `Exited` once the process has exited and both of its output
+/// pipes are closed, or with `Error` if it cannot start or is aborted.
 pub(crate) async fn run(
     channel: u32,
     req: ExecRequest,
-    mut input: mpsc::UnboundedReceiver<ExecInput>,
-    out: mpsc::UnboundedSender<Frame>,
-    channels: Channels,
+    msgs: mpsc::UnboundedReceiver<SessionMsg>,
+    out: mpsc::Sender<Frame>,
 ) {
-    let finish = |body: Body| {
-        if let Ok(mut m) = channels.lock() {
-            m.remove(&channel);
+    let last = match spawn(&req) {
+        Ok(child) => supervise(channel, child, msgs, &out).await,
+        Err(msg) => Body::Error(msg),
+    };
+    if let Body::Error(msg) = &last {
+        tracing::debug!(channel, error = %msg, "exec failed");
+    }
+    let _ = out.send(Frame::new(channel, last)).await;
+}
+
+fn spawn(req: &ExecRequest) -> Result<Child, String> {
+    let Some((program, args)) = req.argv.split_first() else {
+        return Err("empty command".to_string());
+    };
+    let cwd = match &req.cwd {
+        Some(dir) => {
+            if let Err(e) = std::fs::read_dir(dir) {
+                return Err(format!("{dir}: {}", describe(&e)));
+            }
+            dir.as_str()
         }
-        let _ = out.send(Frame::new(channel, body));
+        // A guest without /root (unusual images) still runs commands.
+        None if Path::new(DEFAULT_HOME).is_dir() => DEFAULT_HOME,
+        None => "/",
     };
-    let Some((prog, args)) = req.argv.split_first() else {
-        return finish(Body::Error("empty command".into()));
-    };
-    let cwd = req.cwd.clone().unwrap_or_else(|| "/root".into());
-    let cwd = if std::path::Path::new(&cwd).is_dir() || req.cwd.is_some() { cwd } else { "/".into() };
-    let mut cmd = Command::new(prog);
+    let mut cmd = Command::new(program);
     cmd.args(args)
-        .current_dir(&cwd)
+        .current_dir(cwd)
         .env_clear()
         .env("PATH", DEFAULT_PATH)
-        .env("HOME", "/root")
+        .env("HOME", DEFAULT_HOME)
         .env("USER", "root")
         .env("LOGNAME", "root")
         .env("LANG", "C.UTF-8")
         .env("TERM", "xterm-256color")
-        .envs(req.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
-        .stdin(if req.stdin { Stdio::piped() } else { Stdio::null() })
+        .envs(req.env.iter().map(|(k, v)| (k, v)))
+        .stdin(if req.stdin {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
-        // Own process group, so signals reach the whole job.
-        .process_group(0)
-        .kill_on_drop(true);
-    let mut child = match cmd.spawn() {
-        Ok(c) => c,
-        Err(e) => return finish(Body::Error(format!("{prog}: {e}"))),
-    };
-    let pgid = child.id().map(|p| p as i32);
-    let stdout = child.stdout.take().map(|s| tokio::spawn(pump(s, channel, out.clone(), Body::Stdout)));
-    let stderr = child.stderr.take().map(|s| tokio::spawn(pump(s, channel, out.clone(), Body::Stderr)));
-    let mut stdin = child.stdin.take();
+        // Its own process group, so a signal reaches the whole job
+        // (a shell and its pipeline), not just the first process.
+        .process_group(0);
+    cmd.spawn()
+        .map_err(|e| format!("{program}: {}", describe(&e)))
+}
 
-    let status = loop {
+/// "No such file or directory" rather than "... (os error 2)".
+fn describe(e: &std::io::Error) -> String {
+    match e.raw_os_error() {
+        Some(code) => Errno::from_raw(code).desc().to_string(),
+        None => e.to_string(),
+    }
+}
+
+async fn supervise(
+    channel: u32,
+    mut child: Child,
+    mut msgs: mpsc::UnboundedReceiver<SessionMsg>,
+    out: &mpsc::Sender<Frame>,
+) -> Body {
+    let Some(pgid) = child
+        .id()
+        .and_then(|id| i32::try_from(id).ok())
+        .map(Pid::from_raw)
+    else {
+        return Body::Error("process vanished right after it started".to_string());
+    };
+    let mut stdout = child.stdout.take();
+    let mut stderr = child.stderr.take();
+    let mut stdin = child.stdin.take().map(StdinFeeder::start);
+    let mut out_buf = vec![0u8; OUTPUT_CHUNK];
+    let mut err_buf = vec![0u8; OUTPUT_CHUNK];
+    let mut status = None;
+    let mut msgs_open = true;
+
+    let end = loop {
+        if let (Some(st), None, None) = (status, &stdout, &stderr) {
+            break Ok(st);
+        }
         tokio::select! {
-            st = child.wait() => break st,
-            msg = input.recv() => match msg {
-                Some(ExecInput::Stdin(d)) => {
-                    if let Some(w) = stdin.as_mut() {
-                        // A process that closed its stdin just loses the data.
-                        if w.write_all(&d).await.is_err() {
-                            stdin = None;
-                        }
+            r = read_some(&mut stdout, &mut out_buf) => match r {
+                Some(n) => {
+                    let _ = out.send(Frame::new(channel, Body::Stdout(out_buf[..n].to_vec()))).await;
+                }
+                None => stdout = None,
+            },
+            r = read_some(&mut stderr, &mut err_buf) => match r {
+                Some(n) => {
+                    let _ = out.send(Frame::new(channel, Body::Stderr(err_buf[..n].to_vec()))).await;
+                }
+                None => stderr = None,
+            },
+            r = child.wait(), if status.is_none() => match r {
+                Ok(st) => status = Some(st),
+                Err(e) => break Err(format!("waiting for the process: {e}")),
+            },
+            m = msgs.recv(), if msgs_open => match m {
+                Some(SessionMsg::Stdin(data)) => {
+                    if !stdin.as_ref().is_some_and(|f| f.feed(data)) {
+                        break Err(stdin_refusal(channel));
                     }
                 }
-                Some(ExecInput::StdinEof) => stdin = None,
-                Some(ExecInput::Signal(sig)) => signal_group(pgid, sig),
-                // Host gave up on this channel: end the job.
-                None => signal_group(pgid, libc::SIGKILL),
-            }
+                Some(SessionMsg::StdinEof) => {
+                    if !stdin.as_mut().is_some_and(StdinFeeder::close) {
+                        break Err(stdin_refusal(channel));
+                    }
+                }
+                Some(SessionMsg::Signal(n)) => match Signal::try_from(n) {
+                    Ok(sig) => signal_group(pgid, sig),
+                    Err(_) => break Err(format!("invalid signal number {n}")),
+                },
+                Some(SessionMsg::Abort(reason)) => break Err(reason),
+                // The connection is gone without saying why.
+                None => {
+                    msgs_open = false;
+                    signal_group(pgid, Signal::SIGKILL);
+                }
+            },
         }
     };
     drop(stdin);
-    // All output must be sent before the exit status.
-    for task in [stdout, stderr].into_iter().flatten() {
-        let _ = task.await;
-    }
-    match status {
-        Ok(st) => {
-            use std::os::unix::process::ExitStatusExt;
-            finish(Body::Exited(ExitStatus { code: st.code(), signal: st.signal() }))
+
+    match end {
+        Ok(st) => Body::Exited(ExitStatus {
+            code: st.code(),
+            signal: st.signal(),
+        }),
+        Err(reason) => {
+            signal_group(pgid, Signal::SIGKILL);
+            // Reap it; its output no longer matters, and pipes held open by
+            // processes that left the group must not keep the channel open.
+            if status.is_none() {
+                let _ = child.wait().await;
+            }
+            Body::Error(reason)
         }
-        Err(e) => finish(Body::Error(format!("waiting for {prog}: {e}"))),
     }
 }
 
-fn signal_group(pgid: Option<i32>, sig: i32) {
-    if let Some(pgid) = pgid {
-        // SAFETY: kill(2) with a negative pid signals that process group.
-        unsafe { libc::kill(-pgid, sig) };
+fn stdin_refusal(channel: u32) -> String {
+    format!("stdin of the process on channel {channel} is not open")
+}
+
+/// Reads once from an open pipe: `Some(n)` with data, `None` at its end.
+/// Never resolves for a pipe that is already closed.
+async fn read_some<R: AsyncRead + Unpin>(pipe: &mut Option<R>, buf: &mut [u8]) -> Option<usize> {
+    match pipe {
+        Some(r) => match r.read(buf).await {
+            Ok(0) => None,
+            Ok(n) => Some(n),
+            Err(e) => {
+                tracing::debug!(error = %e, "reading process output failed");
+                None
+            }
+        },
+        None => std::future::pending().await,
     }
 }
 
-async fn pump<R: AsyncRead + Unpin>(
-    mut r: R,
-    channel: u32,
-    out: mpsc::UnboundedSender<Frame>,
-    wrap: fn(Vec<u8>) -> Body,
-) {
-    let mut buf = vec![0u8; MAX_CHUNK];
-    loop {
-        match r.read(&mut buf).await {
-            Ok(0) | Err(_) => break,
-            Ok(n) => {
-                if out.send(Frame::new(channel, wrap(buf[..n].to_vec()))).is_err() {
-                    break;
+fn signal_group(pgid: Pid, sig: Signal) {
+    match killpg(pgid, sig) {
+        // The whole group is already gone.
+        Ok(()) | Err(Errno::ESRCH) => {}
+        Err(e) => {
+            tracing::warn!(pgid = pgid.as_raw(), signal = %sig, error = %e, "cannot signal process group")
+        }
+    }
+}
+
+/// Writes stdin on its own task so that a process that does not read its
+/// input never holds up its output, its signals or its exit.
+struct StdinFeeder {
+    /// `None` once the host sent EOF.
+    tx: Option<mpsc::UnboundedSender<Vec<u8>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl StdinFeeder {
+    fn start(mut pipe: ChildStdin) -> Self {
+        let (tx, mut rx) = mpsc::unbounded_channel::<Vec<u8>>();
+        let task = tokio::spawn(async move {
+            while let Some(data) = rx.recv().await {
+                // A process that closed its stdin just loses the rest.
+                if pipe.write_all(&data).await.is_err() {
+                    return;
                 }
             }
+            // All queued data is written; dropping the pipe is the EOF.
+        });
+        Self { tx: Some(tx), task }
+    }
+
+    /// Queues data; false if stdin was already closed by the host.
+    fn feed(&self, data: Vec<u8>) -> bool {
+        match &self.tx {
+            Some(tx) => {
+                let _ = tx.send(data);
+                true
+            }
+            None => false,
         }
+    }
+
+    /// Closes stdin once the queued data is written; false if already closed.
+    fn close(&mut self) -> bool {
+        self.tx.take().is_some()
+    }
+}
+
+impl Drop for StdinFeeder {
+    /// The session is over: nobody will read the pipe any more.
+    fn drop(&mut self) {
+        self.task.abort();
     }
 }

@@ -1,126 +1,329 @@
-//! The protocol loop over one connected stream.
+//! The protocol loop over one host connection.
 
-use crate::exec::{self, ExecInput};
-use banger_agent_proto::{Body, CONTROL, Frame, FrameCodec, Hello, PROTO_VERSION};
-use futures::{SinkExt, StreamExt};
+use crate::exec::{self, SessionMsg};
+use crate::power::Power;
+use banger_agent_proto::{
+    Body, CONTROL, ExecRequest, Frame, FrameCodec, Hello, PROTO_VERSION, ProtoError,
+};
+use bytes::BytesMut;
+use futures::StreamExt;
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
-use tokio::io::{AsyncRead, AsyncWrite};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::sync::mpsc;
-use tokio_util::codec::{FramedRead, FramedWrite};
+use tokio::task::JoinSet;
+use tokio_util::codec::{Decoder, Encoder, FramedRead};
 
-/// Open exec channels: where their stdin/signals go.
-pub(crate) type Channels = Arc<Mutex<HashMap<u32, mpsc::UnboundedSender<ExecInput>>>>;
+/// Frames queued towards the host before producers (process output) wait.
+const OUTBOX: usize = 64;
 
-/// What the agent does on a shutdown request. Injected so tests do not
-/// power off the machine running them.
-pub type ShutdownFn = Arc<dyn Fn(bool) + Send + Sync>;
+/// How long a closed connection waits for its killed processes to be reaped.
+const TEARDOWN_GRACE: Duration = Duration::from_secs(5);
 
-/// Serves the protocol on `stream` until it ends. Greets first. Processes
-/// started on this stream are killed when it ends.
-pub async fn serve<S>(stream: S, on_shutdown: ShutdownFn) -> std::io::Result<()>
-where
-    S: AsyncRead + AsyncWrite + Send + 'static,
-{
-    let (rd, wr) = tokio::io::split(stream);
-    let (out, mut out_rx) = mpsc::unbounded_channel::<Frame>();
-    let writer = tokio::spawn(async move {
-        let mut sink = FramedWrite::new(wr, FrameCodec);
-        while let Some(f) = out_rx.recv().await {
-            if sink.send(f).await.is_err() {
-                break;
+/// The agent: serves host connections one at a time.
+#[derive(Clone)]
+pub struct Agent {
+    power: Arc<dyn Power>,
+}
+
+impl Agent {
+    /// An agent that carries out shutdown requests through `power`.
+    pub fn new(power: Arc<dyn Power>) -> Self {
+        Self { power }
+    }
+
+    /// Serves one host connection on `stream` until the host closes it.
+    ///
+    /// Greets first, then answers every frame. Processes started on this
+    /// connection belong to it: when it ends they are killed (the host that
+    /// could read their output is gone, and the next host numbers its
+    /// channels from 1 again).
+    pub async fn serve<S>(&self, stream: S)
+    where
+        S: AsyncRead + AsyncWrite + Send + 'static,
+    {
+        let (rd, wr) = tokio::io::split(stream);
+        let (out, out_rx) = mpsc::channel::<Frame>(OUTBOX);
+        let writer = tokio::spawn(write_frames(wr, out_rx));
+        let mut conn = Connection {
+            power: self.power.clone(),
+            out,
+            sessions: HashMap::new(),
+            tasks: JoinSet::new(),
+            next_id: 0,
+        };
+        conn.send(CONTROL, hello()).await;
+
+        let mut frames = FramedRead::new(rd, HostFrames);
+        loop {
+            tokio::select! {
+                next = frames.next() => match next {
+                    Some(Ok(Ok(frame))) => conn.handle(frame).await,
+                    Some(Ok(Err(e))) => tracing::warn!(error = %e, "skipping a bad frame from the host"),
+                    Some(Err(e)) => {
+                        tracing::info!(error = %e, "host connection failed");
+                        break;
+                    }
+                    None => {
+                        tracing::info!("host closed the connection");
+                        break;
+                    }
+                },
+                Some(done) = conn.tasks.join_next() => conn.reap(done),
+                () = conn.out.closed() => {
+                    tracing::info!("cannot write to the host any more");
+                    break;
+                }
             }
         }
-    });
-    let _ = out.send(hello());
+        writer.abort();
+        conn.teardown().await;
+    }
+}
 
-    let channels: Channels = Arc::default();
-    let mut frames = FramedRead::new(rd, FrameCodec);
-    while let Some(next) = frames.next().await {
-        let frame = match next {
-            Ok(Ok(f)) => f,
-            Ok(Err(e)) => {
-                eprintln!("banger-agent: skipping malformed frame: {e}");
-                continue;
-            }
-            Err(e) => {
-                eprintln!("banger-agent: stream error: {e}");
-                break;
-            }
+/// State of one host connection.
+struct Connection {
+    power: Arc<dyn Power>,
+    out: mpsc::Sender<Frame>,
+    /// Live exec sessions by channel, with the id of the task serving each.
+    sessions: HashMap<u32, (u64, mpsc::UnboundedSender<SessionMsg>)>,
+    tasks: JoinSet<(u32, u64)>,
+    next_id: u64,
+}
+
+impl Connection {
+    async fn send(&self, channel: u32, body: Body) {
+        // A failed send means the connection is going away; the main loop
+        // sees that through `out.closed()`.
+        let _ = self.out.send(Frame::new(channel, body)).await;
+    }
+
+    async fn handle(&mut self, frame: Frame) {
+        let Frame { channel, body } = frame;
+        if channel == CONTROL {
+            return self.handle_control(body).await;
+        }
+        let msg = match body {
+            Body::Exec(req) => return self.start(channel, req),
+            Body::Stdin(data) => SessionMsg::Stdin(data),
+            Body::StdinEof => SessionMsg::StdinEof,
+            Body::Signal(sig) => SessionMsg::Signal(sig),
+            other => SessionMsg::Abort(format!("unexpected {} frame from the host", kind(&other))),
         };
-        handle(frame, &out, &channels, &on_shutdown);
+        let live = self
+            .sessions
+            .get(&channel)
+            .filter(|(_, tx)| !tx.is_closed());
+        match live {
+            Some((_, tx)) => {
+                let _ = tx.send(msg);
+            }
+            None => {
+                let what = match &msg {
+                    SessionMsg::Abort(reason) => reason.clone(),
+                    _ => format!("no process is running on channel {channel}"),
+                };
+                self.send(channel, Body::Error(what)).await;
+            }
+        }
     }
-    // Stream gone: end every process it started (dropping their inputs).
-    let pending: Vec<_> = channels.lock().map(|mut c| c.drain().collect()).unwrap_or_default();
-    for (_, tx) in pending {
-        let _ = tx.send(ExecInput::Signal(libc::SIGKILL));
+
+    async fn handle_control(&mut self, body: Body) {
+        match body {
+            Body::Ping => self.send(CONTROL, hello()).await,
+            Body::Shutdown { reboot } => {
+                tracing::info!(reboot, "host asked to shut down");
+                let power = self.power.clone();
+                let out = self.out.clone();
+                tokio::spawn(async move {
+                    let result = tokio::task::spawn_blocking(move || power.power_off(reboot)).await;
+                    let err = match result {
+                        Ok(Ok(())) => return,
+                        Ok(Err(e)) => e.to_string(),
+                        Err(e) => format!("shutdown task failed: {e}"),
+                    };
+                    tracing::error!(error = %err, "shutdown failed");
+                    let _ = out.send(Frame::new(CONTROL, Body::Error(err))).await;
+                });
+            }
+            other => {
+                let msg = format!("unexpected {} frame on the control channel", kind(&other));
+                self.send(CONTROL, Body::Error(msg)).await;
+            }
+        }
     }
-    drop(out);
-    let _ = writer.await;
-    Ok(())
+
+    fn start(&mut self, channel: u32, req: ExecRequest) {
+        if let Some((_, old)) = self.sessions.remove(&channel) {
+            // The host reused a live channel: the old process can no longer
+            // be told apart from the new one, so it ends with an error.
+            let _ = old.send(SessionMsg::Abort(format!(
+                "channel {channel} was reused by a new exec"
+            )));
+        }
+        tracing::debug!(channel, argv = ?req.argv, "exec");
+        let id = self.next_id;
+        self.next_id += 1;
+        let (tx, rx) = mpsc::unbounded_channel();
+        self.sessions.insert(channel, (id, tx));
+        let out = self.out.clone();
+        self.tasks.spawn(async move {
+            exec::run(channel, req, rx, out).await;
+            (channel, id)
+        });
+    }
+
+    fn reap(&mut self, done: Result<(u32, u64), tokio::task::JoinError>) {
+        match done {
+            Ok((channel, id)) => {
+                if self
+                    .sessions
+                    .get(&channel)
+                    .is_some_and(|(live, _)| *live == id)
+                {
+                    self.sessions.remove(&channel);
+                }
+            }
+            Err(e) => tracing::error!(error = %e, "exec session task failed"),
+        }
+    }
+
+    /// Kills every process of this connection and waits (boundedly) for
+    /// them to be reaped.
+    async fn teardown(mut self) {
+        for (_, (_, tx)) in self.sessions.drain() {
+            let _ = tx.send(SessionMsg::Abort("the host connection closed".into()));
+        }
+        let drain = async { while self.tasks.join_next().await.is_some() {} };
+        if tokio::time::timeout(TEARDOWN_GRACE, drain).await.is_err() {
+            tracing::warn!("exec sessions did not end after the host left; abandoning them");
+            self.tasks.abort_all();
+        }
+    }
 }
 
-fn hello() -> Frame {
-    Frame::new(
-        CONTROL,
-        Body::Hello(Hello {
-            proto_version: PROTO_VERSION,
-            agent_version: env!("CARGO_PKG_VERSION").to_string(),
-            uptime_ms: uptime_ms(),
-        }),
-    )
+/// Writes each frame with its own `write` so that a transport which
+/// delivers whole writes (virtio-serial) never splits a frame.
+async fn write_frames<W: AsyncWrite + Unpin>(mut wr: W, mut rx: mpsc::Receiver<Frame>) {
+    let mut buf = BytesMut::new();
+    while let Some(frame) = rx.recv().await {
+        buf.clear();
+        if let Err(e) = FrameCodec.encode(frame, &mut buf) {
+            tracing::error!(error = %e, "cannot encode a frame for the host");
+            continue;
+        }
+        if let Err(e) = wr.write_all(&buf).await {
+            tracing::info!(error = %e, "writing to the host failed");
+            return;
+        }
+    }
 }
 
+fn hello() -> Body {
+    Body::Hello(Hello {
+        proto_version: PROTO_VERSION,
+        agent_version: env!("CARGO_PKG_VERSION").to_string(),
+        uptime_ms: uptime_ms(),
+    })
+}
+
+/// Milliseconds since the guest kernel booted (0 if /proc is unreadable).
 fn uptime_ms() -> u64 {
     std::fs::read_to_string("/proc/uptime")
         .ok()
-        .and_then(|s| s.split_whitespace().next().and_then(|v| v.parse::<f64>().ok()))
-        .map(|secs| (secs * 1000.0) as u64)
+        .and_then(|s| parse_uptime_ms(&s))
         .unwrap_or(0)
 }
 
-fn handle(frame: Frame, out: &mpsc::UnboundedSender<Frame>, channels: &Channels, on_shutdown: &ShutdownFn) {
-    let ch = frame.channel;
-    let refuse = |msg: String| {
-        let _ = out.send(Frame::new(ch, Body::Error(msg)));
-    };
-    if ch == CONTROL {
-        match frame.body {
-            Body::Ping => {
-                let _ = out.send(hello());
-            }
-            Body::Shutdown { reboot } => on_shutdown(reboot),
-            other => eprintln!("banger-agent: ignoring control frame {other:?}"),
-        }
-        return;
+fn parse_uptime_ms(proc_uptime: &str) -> Option<u64> {
+    let secs: f64 = proc_uptime.split_whitespace().next()?.parse().ok()?;
+    (secs.is_finite() && secs >= 0.0).then(|| (secs * 1000.0).round() as u64)
+}
+
+/// Name of a frame body, for error messages.
+fn kind(body: &Body) -> &'static str {
+    match body {
+        Body::Hello(_) => "Hello",
+        Body::Ping => "Ping",
+        Body::Shutdown { .. } => "Shutdown",
+        Body::Exec(_) => "Exec",
+        Body::Stdin(_) => "Stdin",
+        Body::StdinEof => "StdinEof",
+        Body::Signal(_) => "Signal",
+        Body::Stdout(_) => "Stdout",
+        Body::Stderr(_) => "Stderr",
+        Body::Exited(_) => "Exited",
+        Body::Error(_) => "Error",
     }
-    let input = match frame.body {
-        Body::Exec(req) => {
-            let mut map = match channels.lock() {
-                Ok(m) => m,
-                Err(_) => return refuse("agent state poisoned".into()),
-            };
-            if map.contains_key(&ch) {
-                return refuse(format!("channel {ch} is already in use"));
+}
+
+/// [`FrameCodec`] for the agent's side: no frame, however bad, ends the
+/// connection. An undecodable payload is skipped (the stream stays in sync);
+/// an impossible length means the stream is out of sync, so what is
+/// buffered is dropped and decoding starts again on the next bytes.
+struct HostFrames;
+
+impl Decoder for HostFrames {
+    type Item = Result<Frame, ProtoError>;
+    type Error = std::io::Error;
+
+    fn decode(&mut self, src: &mut BytesMut) -> Result<Option<Self::Item>, std::io::Error> {
+        match FrameCodec.decode(src) {
+            Ok(None) => Ok(None),
+            Ok(Some(frame)) => Ok(Some(frame.map_err(ProtoError::from))),
+            Err(ProtoError::Io(e)) => Err(e),
+            Err(e) => {
+                src.clear();
+                Ok(Some(Err(e)))
             }
-            let (tx, rx) = mpsc::unbounded_channel();
-            map.insert(ch, tx);
-            tokio::spawn(exec::run(ch, req, rx, out.clone(), channels.clone()));
-            return;
         }
-        Body::Stdin(data) => ExecInput::Stdin(data),
-        Body::StdinEof => ExecInput::StdinEof,
-        Body::Signal(sig) => ExecInput::Signal(sig),
-        other => return refuse(format!("unexpected request {other:?}")),
-    };
-    let tx = channels.lock().ok().and_then(|m| m.get(&ch).cloned());
-    match tx {
-        Some(tx) => {
-            let _ = tx.send(input);
-        }
-        // Input for a process that already ended is not an error: it raced
-        // with the exit. Anything else on an unknown channel is.
-        None if matches!(input, ExecInput::Signal(_) | ExecInput::Stdin(_) | ExecInput::StdinEof) => {}
-        None => refuse(format!("no process on channel {ch}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::BufMut;
+
+    #[test]
+    fn oversized_length_drops_the_buffer_and_decoding_resumes() {
+        let mut buf = BytesMut::new();
+        buf.put_u32_le(u32::MAX);
+        buf.extend_from_slice(b"garbage");
+        assert!(matches!(
+            HostFrames.decode(&mut buf),
+            Ok(Some(Err(ProtoError::TooLarge(_))))
+        ));
+        assert!(buf.is_empty());
+        FrameCodec
+            .encode(Frame::new(CONTROL, Body::Ping), &mut buf)
+            .expect("encode");
+        let next = HostFrames
+            .decode(&mut buf)
+            .expect("decode")
+            .expect("frame")
+            .expect("valid");
+        assert_eq!(next, Frame::new(CONTROL, Body::Ping));
+    }
+
+    #[test]
+    fn malformed_payload_is_an_item_not_an_error() {
+        let mut buf = BytesMut::new();
+        buf.put_u32_le(2);
+        buf.extend_from_slice(&[0xff, 0xff]);
+        assert!(matches!(
+            HostFrames.decode(&mut buf),
+            Ok(Some(Err(ProtoError::Malformed(_))))
+        ));
+        assert!(buf.is_empty());
+    }
+
+    #[test]
+    fn uptime_is_parsed_to_milliseconds() {
+        assert_eq!(parse_uptime_ms("4.57 6.20\n"), Some(4570));
+        assert_eq!(parse_uptime_ms("12345.01 1.00"), Some(12_345_010));
+        assert_eq!(parse_uptime_ms(""), None);
+        assert_eq!(parse_uptime_ms("nan 1"), None);
     }
 }

@@ -1,134 +1,450 @@
-//! The agent's protocol loop against the real host client, over an
-//! in-memory pipe, running real processes on this machine.
+//! The agent's protocol loop against the real host client (and a raw framed
+//! host for what the client cannot send), over an in-memory pipe, running
+//! real processes on the test machine.
 
-use banger_agent::serve::ShutdownFn;
-use banger_agent_proto::client::{AgentClient, ExecEvent};
-use banger_agent_proto::{ExecRequest, ExitStatus};
+use banger_agent::{Agent, Power, PowerError};
+use banger_agent_proto::client::{AgentClient, ExecEvent, ExecSession};
+use banger_agent_proto::{
+    Body, CONTROL, ExecRequest, ExitStatus, Frame, FrameCodec, PROTO_VERSION,
+};
+use futures::{SinkExt, StreamExt};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
+use tokio::io::{AsyncWriteExt, DuplexStream, ReadHalf, WriteHalf};
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tokio::time::timeout;
+use tokio_util::codec::{FramedRead, FramedWrite};
 
-fn start() -> (AgentClient, Arc<AtomicU32>) {
+const LIMIT: Duration = Duration::from_secs(30);
+
+/// Records shutdown requests instead of powering off the test machine.
+struct RecordingPower(mpsc::UnboundedSender<bool>);
+
+impl Power for RecordingPower {
+    fn power_off(&self, reboot: bool) -> Result<(), PowerError> {
+        let _ = self.0.send(reboot);
+        Ok(())
+    }
+}
+
+/// Starts an agent on one end of a pipe; returns the host end, the agent's
+/// task and its shutdown requests.
+fn start_agent() -> (DuplexStream, JoinHandle<()>, mpsc::UnboundedReceiver<bool>) {
     let (host, guest) = tokio::io::duplex(1 << 20);
-    let shutdowns = Arc::new(AtomicU32::new(0));
-    let s = shutdowns.clone();
-    let on_shutdown: ShutdownFn = Arc::new(move |_| {
-        s.fetch_add(1, Ordering::SeqCst);
-    });
-    tokio::spawn(banger_agent::serve(guest, on_shutdown));
-    (AgentClient::spawn(host), shutdowns)
+    let (tx, shutdowns) = mpsc::unbounded_channel();
+    let agent = Agent::new(Arc::new(RecordingPower(tx)));
+    let task = tokio::spawn(async move { agent.serve(guest).await });
+    (host, task, shutdowns)
 }
 
-fn req(argv: &[&str]) -> ExecRequest {
-    ExecRequest { argv: argv.iter().map(|s| s.to_string()).collect(), cwd: Some("/".into()), ..Default::default() }
+async fn client() -> AgentClient {
+    let (host, _, _) = start_agent();
+    let c = AgentClient::spawn(host);
+    timeout(LIMIT, c.wait_hello())
+        .await
+        .expect("hello in time")
+        .expect("hello");
+    c
 }
 
-/// Collects stdout, stderr and the end of a session.
-async fn collect(mut s: banger_agent_proto::client::ExecSession) -> (Vec<u8>, Vec<u8>, ExecEvent) {
+/// A host speaking frames directly.
+struct RawHost {
+    rd: FramedRead<ReadHalf<DuplexStream>, FrameCodec>,
+    wr: FramedWrite<WriteHalf<DuplexStream>, FrameCodec>,
+}
+
+impl RawHost {
+    fn new(host: DuplexStream) -> Self {
+        let (rd, wr) = tokio::io::split(host);
+        Self {
+            rd: FramedRead::new(rd, FrameCodec),
+            wr: FramedWrite::new(wr, FrameCodec),
+        }
+    }
+
+    async fn send(&mut self, channel: u32, body: Body) {
+        self.wr.send(Frame::new(channel, body)).await.expect("send");
+    }
+
+    async fn recv(&mut self) -> Frame {
+        let next = timeout(LIMIT, self.rd.next()).await.expect("frame in time");
+        next.expect("stream open")
+            .expect("no stream error")
+            .expect("well-formed frame")
+    }
+}
+
+fn cmd(argv: &[&str]) -> ExecRequest {
+    ExecRequest {
+        argv: argv.iter().map(|s| s.to_string()).collect(),
+        ..Default::default()
+    }
+}
+
+fn with_stdin(argv: &[&str]) -> ExecRequest {
+    ExecRequest {
+        stdin: true,
+        ..cmd(argv)
+    }
+}
+
+async fn next(s: &mut ExecSession) -> ExecEvent {
+    timeout(LIMIT, s.next_event())
+        .await
+        .expect("event in time")
+        .expect("connected")
+        .expect("an event")
+}
+
+/// Stdout, stderr and the final event of a session.
+async fn collect(mut s: ExecSession) -> (Vec<u8>, Vec<u8>, ExecEvent) {
     let (mut out, mut err) = (Vec::new(), Vec::new());
     loop {
-        let ev = tokio::time::timeout(Duration::from_secs(30), s.next_event()).await.expect("timely").expect("event");
-        match ev {
-            Some(ExecEvent::Stdout(d)) => out.extend(d),
-            Some(ExecEvent::Stderr(d)) => err.extend(d),
-            Some(end) => return (out, err, end),
-            None => panic!("session ended without a final event"),
+        match next(&mut s).await {
+            ExecEvent::Stdout(d) => out.extend(d),
+            ExecEvent::Stderr(d) => err.extend(d),
+            end => return (out, err, end),
         }
     }
 }
 
+fn exited(code: i32) -> ExecEvent {
+    ExecEvent::Exited(ExitStatus {
+        code: Some(code),
+        signal: None,
+    })
+}
+
+fn killed_by(signal: i32) -> ExecEvent {
+    ExecEvent::Exited(ExitStatus {
+        code: None,
+        signal: Some(signal),
+    })
+}
+
 #[tokio::test]
-async fn greets_and_runs_a_command() {
-    let (c, _) = start();
-    let hello = c.wait_hello().await.expect("hello");
-    assert_eq!(hello.proto_version, banger_agent_proto::PROTO_VERSION);
-    let s = c.exec(req(&["sh", "-c", "echo hi; echo err >&2; exit 3"])).expect("exec");
-    let (out, err, end) = collect(s).await;
-    assert_eq!(out, b"hi\n");
-    assert_eq!(err, b"err\n");
-    assert_eq!(end, ExecEvent::Exited(ExitStatus { code: Some(3), signal: None }));
+async fn greets_first_with_its_versions() {
+    let (host, _, _) = start_agent();
+    let mut h = RawHost::new(host);
+    let first = h.recv().await;
+    assert_eq!(first.channel, CONTROL);
+    let Body::Hello(hello) = first.body else {
+        panic!("first frame is not Hello: {first:?}")
+    };
+    assert_eq!(hello.proto_version, PROTO_VERSION);
+    assert_eq!(hello.agent_version, env!("CARGO_PKG_VERSION"));
+    assert!(hello.uptime_ms > 0, "uptime comes from /proc/uptime");
+}
+
+#[tokio::test]
+async fn streams_output_and_exit_code() {
+    let c = client().await;
+    let s = c
+        .exec(cmd(&["sh", "-c", "echo hi; echo err >&2; exit 3"]))
+        .expect("exec");
+    assert_eq!(
+        collect(s).await,
+        (b"hi\n".to_vec(), b"err\n".to_vec(), exited(3))
+    );
+}
+
+#[tokio::test]
+async fn output_is_live_not_held_until_exit() {
+    let c = client().await;
+    let mut s = c
+        .exec(with_stdin(&[
+            "sh",
+            "-c",
+            "echo first; read line; echo \"got $line\"",
+        ]))
+        .expect("exec");
+    // The process is blocked on stdin: "first" can only arrive if streamed.
+    assert_eq!(next(&mut s).await, ExecEvent::Stdout(b"first\n".to_vec()));
+    s.write_stdin(b"x\n").expect("stdin");
+    assert_eq!(
+        collect(s).await,
+        (b"got x\n".to_vec(), Vec::new(), exited(0))
+    );
 }
 
 #[tokio::test]
 async fn stdin_round_trips_five_megabytes() {
-    let (c, _) = start();
-    c.wait_hello().await.expect("hello");
-    let data: Vec<u8> = (0..5 * 1024 * 1024u32).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect();
-    let s = c.exec(ExecRequest { stdin: true, ..req(&["cat"]) }).expect("exec");
+    let c = client().await;
+    let data: Vec<u8> = (0..5 * 1024 * 1024u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    let s = c.exec(with_stdin(&["cat"])).expect("exec");
     s.write_stdin(&data).expect("stdin");
     s.close_stdin().expect("eof");
-    let (out, _, end) = collect(s).await;
-    assert_eq!(end, ExecEvent::Exited(ExitStatus { code: Some(0), signal: None }));
-    assert!(out == data, "stdout differs from stdin ({} vs {} bytes)", out.len(), data.len());
+    let (out, err, end) = collect(s).await;
+    assert_eq!(end, exited(0));
+    assert!(err.is_empty());
+    assert_eq!(out.len(), data.len());
+    assert!(out == data, "stdout differs from stdin");
 }
 
 #[tokio::test]
-async fn signals_reach_the_process() {
-    let (c, _) = start();
-    c.wait_hello().await.expect("hello");
-    let mut s = c.exec(req(&["sh", "-c", "echo started; exec sleep 100"])).expect("exec");
-    // Wait until it runs, then signal it.
-    assert_eq!(s.next_event().await.expect("ev"), Some(ExecEvent::Stdout(b"started\n".to_vec())));
+async fn signal_reaches_the_process() {
+    let c = client().await;
+    let s = c.exec(cmd(&["sleep", "100"])).expect("exec");
     s.signal(15).expect("signal");
-    let (_, _, end) = collect(s).await;
-    assert_eq!(end, ExecEvent::Exited(ExitStatus { code: None, signal: Some(15) }));
+    assert_eq!(collect(s).await, (Vec::new(), Vec::new(), killed_by(15)));
 }
 
 #[tokio::test]
-async fn missing_command_is_an_error_not_a_crash() {
-    let (c, _) = start();
-    c.wait_hello().await.expect("hello");
-    let (_, _, end) = collect(c.exec(req(&["/nonexistent/cmd"])).expect("exec")).await;
-    assert!(matches!(end, ExecEvent::Error(ref m) if m.contains("No such file")), "{end:?}");
+async fn signal_reaches_the_whole_process_group() {
+    let c = client().await;
+    let mut s = c
+        .exec(cmd(&["sh", "-c", "sleep 100 & echo started; wait"]))
+        .expect("exec");
+    assert_eq!(next(&mut s).await, ExecEvent::Stdout(b"started\n".to_vec()));
+    // Were the background sleep spared, it would hold stdout open and the
+    // session would not end for 100 s.
+    s.signal(15).expect("signal");
+    assert_eq!(collect(s).await.2, killed_by(15));
+}
+
+#[tokio::test]
+async fn missing_command_is_an_error() {
+    let c = client().await;
+    let s = c
+        .exec(cmd(&["/nonexistent/banger-test-cmd", "x"]))
+        .expect("exec");
+    let (out, err, end) = collect(s).await;
+    assert!(out.is_empty() && err.is_empty());
+    assert_eq!(
+        end,
+        ExecEvent::Error("/nonexistent/banger-test-cmd: No such file or directory".into())
+    );
+}
+
+#[tokio::test]
+async fn missing_working_directory_is_an_error() {
+    let c = client().await;
+    let req = ExecRequest {
+        cwd: Some("/nonexistent-banger-dir".into()),
+        ..cmd(&["true"])
+    };
+    let (_, _, end) = collect(c.exec(req).expect("exec")).await;
+    assert_eq!(
+        end,
+        ExecEvent::Error("/nonexistent-banger-dir: No such file or directory".into())
+    );
+}
+
+#[tokio::test]
+async fn empty_command_is_an_error() {
+    let c = client().await;
+    let (_, _, end) = collect(c.exec(cmd(&[])).expect("exec")).await;
+    assert_eq!(end, ExecEvent::Error("empty command".into()));
+}
+
+#[tokio::test]
+async fn environment_and_directory_have_defaults_the_request_can_override() {
+    let c = client().await;
+    let script = "echo \"$PATH|$HOME|$USER|$LANG|$TERM|$EXTRA\"; pwd";
+    let dir = tempfile::tempdir().expect("tempdir");
+    let dir_path = dir.path().to_str().expect("utf-8 path").to_string();
+    let req = ExecRequest {
+        env: vec![
+            ("TERM".into(), "dumb".into()),
+            ("EXTRA".into(), "yes".into()),
+        ],
+        cwd: Some(dir_path.clone()),
+        ..cmd(&["sh", "-c", script])
+    };
+    let (out, _, end) = collect(c.exec(req).expect("exec")).await;
+    assert_eq!(end, exited(0));
+    let expected = format!(
+        "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin|/root|root|C.UTF-8|dumb|yes\n{dir_path}\n"
+    );
+    assert_eq!(String::from_utf8_lossy(&out), expected);
+
+    let (out, _, _) = collect(c.exec(cmd(&["sh", "-c", "echo $TERM"])).expect("exec")).await;
+    assert_eq!(out, b"xterm-256color\n");
+}
+
+#[tokio::test]
+async fn processes_get_default_sigpipe() {
+    let c = client().await;
+    // With SIGPIPE ignored, `yes` would complain on stderr instead of dying.
+    let s = c.exec(cmd(&["sh", "-c", "yes | head -n 1"])).expect("exec");
+    assert_eq!(collect(s).await, (b"y\n".to_vec(), Vec::new(), exited(0)));
+}
+
+#[tokio::test]
+async fn ping_gets_another_hello() {
+    let (host, _, _) = start_agent();
+    let mut h = RawHost::new(host);
+    assert!(matches!(h.recv().await.body, Body::Hello(_)));
+    h.send(CONTROL, Body::Ping).await;
+    let again = h.recv().await;
+    assert_eq!(again.channel, CONTROL);
+    assert!(matches!(again.body, Body::Hello(_)), "got {again:?}");
+}
+
+#[tokio::test]
+async fn malformed_frame_is_skipped() {
+    let (mut host, _, _) = start_agent();
+    // A frame whose payload is not a valid Frame, ahead of the client's.
+    host.write_all(&[3, 0, 0, 0, 0xff, 0xff, 0xff])
+        .await
+        .expect("write garbage");
+    let c = AgentClient::spawn(host);
+    timeout(LIMIT, c.wait_hello())
+        .await
+        .expect("hello in time")
+        .expect("hello");
+    let s = c.exec(cmd(&["echo", "still here"])).expect("exec");
+    assert_eq!(
+        collect(s).await,
+        (b"still here\n".to_vec(), Vec::new(), exited(0))
+    );
+}
+
+#[tokio::test]
+async fn unexpected_frames_get_errors_on_their_channel() {
+    let (host, _, _) = start_agent();
+    let mut h = RawHost::new(host);
+    h.recv().await; // hello
+
+    h.send(9, Body::Stdin(b"nobody".to_vec())).await;
+    let f = h.recv().await;
+    assert_eq!(f.channel, 9);
+    assert!(
+        matches!(&f.body, Body::Error(m) if m.contains("no process")),
+        "got {f:?}"
+    );
+
+    h.send(CONTROL, Body::Exec(cmd(&["true"]))).await;
+    let f = h.recv().await;
+    assert_eq!(f.channel, CONTROL);
+    assert!(
+        matches!(&f.body, Body::Error(m) if m.contains("Exec")),
+        "got {f:?}"
+    );
+
+    h.send(4, Body::Stdout(b"backwards".to_vec())).await;
+    let f = h.recv().await;
+    assert_eq!(f.channel, 4);
+    assert!(
+        matches!(&f.body, Body::Error(m) if m.contains("Stdout")),
+        "got {f:?}"
+    );
+
     // The agent still works.
-    let (out, _, _) = collect(c.exec(req(&["echo", "alive"])).expect("exec")).await;
-    assert_eq!(out, b"alive\n");
+    h.send(5, Body::Exec(cmd(&["echo", "ok"]))).await;
+    assert_eq!(
+        h.recv().await,
+        Frame::new(5, Body::Stdout(b"ok\n".to_vec()))
+    );
+    assert_eq!(
+        h.recv().await,
+        Frame::new(
+            5,
+            Body::Exited(ExitStatus {
+                code: Some(0),
+                signal: None
+            })
+        )
+    );
 }
 
 #[tokio::test]
-async fn ping_gets_another_hello_and_shutdown_is_delivered() {
-    let (c, shutdowns) = start();
-    c.wait_hello().await.expect("hello");
-    c.ping().expect("ping");
-    c.wait_hello().await.expect("hello again");
-    c.shutdown(false).expect("shutdown");
-    // Shutdown is handled in order: an exec after it completes only after it.
-    let _ = collect(c.exec(req(&["true"])).expect("exec")).await;
-    assert_eq!(shutdowns.load(Ordering::SeqCst), 1);
+async fn protocol_violation_on_a_live_channel_ends_its_process() {
+    let c = client().await;
+    // stdin was not requested, so sending some is a violation.
+    let s = c.exec(cmd(&["sleep", "100"])).expect("exec");
+    s.write_stdin(b"unwanted").expect("stdin");
+    let (_, _, end) = collect(s).await;
+    assert!(
+        matches!(&end, ExecEvent::Error(m) if m.contains("stdin")),
+        "got {end:?}"
+    );
 }
 
 #[tokio::test]
 async fn concurrent_execs_are_independent() {
-    let (c, _) = start();
-    c.wait_hello().await.expect("hello");
-    let a = c.exec(req(&["sh", "-c", "sleep 0.2; echo a; exit 1"])).expect("a");
-    let b = c.exec(req(&["sh", "-c", "echo b; exit 2"])).expect("b");
-    let (ra, rb) = tokio::join!(collect(a), collect(b));
-    assert_eq!((ra.0, ra.2), (b"a\n".to_vec(), ExecEvent::Exited(ExitStatus { code: Some(1), signal: None })));
-    assert_eq!((rb.0, rb.2), (b"b\n".to_vec(), ExecEvent::Exited(ExitStatus { code: Some(2), signal: None })));
+    let c = client().await;
+    let mut slow = c
+        .exec(with_stdin(&[
+            "sh",
+            "-c",
+            "echo ready; read line; echo \"slow $line\"",
+        ]))
+        .expect("exec");
+    assert_eq!(
+        next(&mut slow).await,
+        ExecEvent::Stdout(b"ready\n".to_vec())
+    );
+    // A second process runs to completion while the first still waits.
+    let fast = c
+        .exec(cmd(&["sh", "-c", "echo fast; echo fast-err >&2; exit 7"]))
+        .expect("exec");
+    assert_eq!(
+        collect(fast).await,
+        (b"fast\n".to_vec(), b"fast-err\n".to_vec(), exited(7))
+    );
+    slow.write_stdin(b"done\n").expect("stdin");
+    assert_eq!(
+        collect(slow).await,
+        (b"slow done\n".to_vec(), Vec::new(), exited(0))
+    );
 }
 
 #[tokio::test]
-async fn malformed_frame_does_not_kill_the_agent() {
-    use tokio::io::AsyncWriteExt;
-    let (mut host, guest) = tokio::io::duplex(1 << 16);
-    let noop: ShutdownFn = Arc::new(|_| {});
-    tokio::spawn(banger_agent::serve(guest, noop));
-    // A length-prefixed frame of garbage, then a valid client on the same stream.
-    host.write_all(&[3, 0, 0, 0, 0xff, 0xff, 0xff]).await.expect("write");
-    let c = AgentClient::spawn(host);
-    c.wait_hello().await.expect("hello");
-    let (out, _, _) = collect(c.exec(req(&["echo", "ok"])).expect("exec")).await;
-    assert_eq!(out, b"ok\n");
+async fn many_concurrent_execs() {
+    let c = client().await;
+    let sessions: Vec<_> = (0..20)
+        .map(|i| {
+            c.exec(cmd(&["sh", "-c", &format!("echo {i}; exit {i}")]))
+                .expect("exec")
+        })
+        .collect();
+    let results = futures::future::join_all(sessions.into_iter().map(collect)).await;
+    for (i, (out, _, end)) in results.into_iter().enumerate() {
+        assert_eq!(out, format!("{i}\n").into_bytes());
+        assert_eq!(end, exited(i as i32));
+    }
 }
 
-#[test]
-fn finds_the_port_by_name() {
-    let t = tempfile::tempdir().expect("tmp");
-    for (dev, name) in [("vport0p0", "other"), ("vport0p1", banger_agent_proto::VIRTIO_PORT_NAME)] {
-        std::fs::create_dir_all(t.path().join(dev)).expect("dir");
-        std::fs::write(t.path().join(dev).join("name"), format!("{name}\n")).expect("name");
-    }
-    assert_eq!(banger_agent::transport::scan_ports(t.path()), Some(std::path::PathBuf::from("/dev/vport0p1")));
-    assert_eq!(banger_agent::transport::scan_ports(&t.path().join("missing")), None);
+#[tokio::test]
+async fn shutdown_requests_reach_the_power_control() {
+    let (host, _, mut shutdowns) = start_agent();
+    let c = AgentClient::spawn(host);
+    c.wait_hello().await.expect("hello");
+    c.shutdown(false).expect("shutdown");
+    assert_eq!(
+        timeout(LIMIT, shutdowns.recv()).await.expect("in time"),
+        Some(false)
+    );
+    c.shutdown(true).expect("reboot");
+    assert_eq!(
+        timeout(LIMIT, shutdowns.recv()).await.expect("in time"),
+        Some(true)
+    );
+}
+
+#[tokio::test]
+async fn closing_the_connection_kills_its_processes() {
+    let (host, serving, _) = start_agent();
+    let mut h = RawHost::new(host);
+    h.recv().await; // hello
+    h.send(1, Body::Exec(cmd(&["sh", "-c", "echo $$; exec sleep 100"])))
+        .await;
+    let Body::Stdout(pid) = h.recv().await.body else {
+        panic!("expected the pid")
+    };
+    let pid = String::from_utf8(pid).expect("utf-8").trim().to_string();
+    let proc_dir = std::path::Path::new("/proc").join(&pid);
+    assert!(proc_dir.exists(), "sleep {pid} runs");
+
+    drop(h);
+    timeout(LIMIT, serving)
+        .await
+        .expect("serve returns when the host leaves")
+        .expect("serve task");
+    // serve() reaps what it killed before returning.
+    assert!(!proc_dir.exists(), "sleep {pid} was not killed");
 }

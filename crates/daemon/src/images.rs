@@ -18,6 +18,7 @@ impl Daemon {
         self: &Arc<Self>,
         name: &str,
         progress: &(dyn Fn(&str, &str) + Send + Sync),
+        cancel: &CancellationToken,
     ) -> Result<ImageRecord, DaemonError> {
         match self.store.get_image(name) {
             Ok(img) => return Ok(img),
@@ -33,7 +34,7 @@ impl Daemon {
             "image",
             &format!("default image {name} not found; building it from Debian packages (takes about a minute)"),
         );
-        self.build_debian_image(name, DEFAULT_SUITE, progress, self.shutdown.child_token()).await
+        self.build_debian_image(name, DEFAULT_SUITE, progress, cancel.clone()).await
     }
 
     /// Builds (or finds, if already built) a Debian image and registers it.
@@ -56,6 +57,8 @@ impl Daemon {
             mirror: self.config.debian_mirror.clone(),
             extra_packages: Vec::new(),
             agent_binary: self.agent_binary()?,
+            agent_unit: banger_agent::SYSTEMD_UNIT.to_string(),
+            agent_modules_conf: banger_agent::MODULES_LOAD.to_string(),
             images_dir: self.paths.images_dir.clone(),
             kernels_dir: self.paths.kernels_dir.clone(),
         };

@@ -19,6 +19,7 @@ use serde::Serialize;
 use std::sync::Arc;
 use std::time::Instant;
 use tokio::sync::mpsc;
+use tokio_util::sync::DropGuard;
 use utoipa::OpenApi;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
@@ -108,8 +109,12 @@ async fn delete_vm(State(d): State<Shared>, Path(vm): Path<String>) -> Result<Js
     responses((status = 200, content_type = "application/x-ndjson", body = CreateVmEvent)))]
 async fn create_vm(State(d): State<Shared>, Json(req): Json<CreateVmRequest>) -> Response {
     let (tx, rx) = mpsc::unbounded_channel();
+    // The operation lives as long as its client listens: a client that goes
+    // away (Ctrl-C) cancels it, and it rolls back. Daemon shutdown does too.
+    let cancel = d.shutdown.child_token();
+    let guard = cancel.clone().drop_guard();
     tokio::spawn(async move {
-        let ev = match d.create_vm(req, tx.clone()).await {
+        let ev = match d.create_vm(req, tx.clone(), cancel).await {
             Ok(vm) => CreateVmEvent::Done(vm),
             Err(e) => {
                 tracing::warn!(error = %e, "create failed");
@@ -118,7 +123,7 @@ async fn create_vm(State(d): State<Shared>, Json(req): Json<CreateVmRequest>) ->
         };
         let _ = tx.send(ev);
     });
-    ndjson(rx)
+    ndjson(rx, guard)
 }
 
 /// Builds a Debian image locally (mmdebstrap). Answers with newline-delimited
@@ -127,6 +132,8 @@ async fn create_vm(State(d): State<Shared>, Json(req): Json<CreateVmRequest>) ->
     responses((status = 200, content_type = "application/x-ndjson", body = BuildImageEvent)))]
 async fn build_image(State(d): State<Shared>, Json(req): Json<BuildImageRequest>) -> Response {
     let (tx, rx) = mpsc::unbounded_channel();
+    let cancel = d.shutdown.child_token();
+    let guard = cancel.clone().drop_guard();
     tokio::spawn(async move {
         let started = Instant::now();
         let ptx = tx.clone();
@@ -138,22 +145,38 @@ async fn build_image(State(d): State<Shared>, Json(req): Json<BuildImageRequest>
             }));
         };
         let suite = req.suite.as_deref().unwrap_or("bookworm");
-        let cancel = d.shutdown.child_token();
         let ev = match d.build_debian_image(&req.name, suite, &progress, cancel).await {
             Ok(img) => BuildImageEvent::Done(img),
             Err(e) => BuildImageEvent::Error(e.to_api()),
         };
         let _ = tx.send(ev);
     });
-    ndjson(rx)
+    ndjson(rx, guard)
 }
 
-fn ndjson<E: Serialize + Send + 'static>(rx: mpsc::UnboundedReceiver<E>) -> Response {
-    let stream = futures::stream::unfold(rx, |mut rx| async move {
-        let ev = rx.recv().await?;
-        let mut line = serde_json::to_vec(&ev).unwrap_or_default();
-        line.push(b'\n');
-        Some((Ok::<_, std::convert::Infallible>(line), rx))
+/// Streams events as NDJSON. `guard` lives as long as the response body:
+/// when the client disconnects, the body is dropped and the guard cancels
+/// the operation behind it. A blank line every second keeps that detection
+/// prompt even while the operation has nothing to say (clients skip them).
+fn ndjson<E: Serialize + Send + 'static>(rx: mpsc::UnboundedReceiver<E>, guard: DropGuard) -> Response {
+    let tick = tokio::time::interval(std::time::Duration::from_secs(1));
+    let stream = futures::stream::unfold((rx, guard, tick), |(mut rx, guard, mut tick)| async move {
+        let line = tokio::select! {
+            ev = rx.recv() => match ev {
+                Some(ev) => {
+                    let mut line = serde_json::to_vec(&ev).unwrap_or_default();
+                    line.push(b'\n');
+                    line
+                }
+                None => {
+                    // The operation finished: nothing left to cancel.
+                    guard.disarm();
+                    return None;
+                }
+            },
+            _ = tick.tick() => b"\n".to_vec(),
+        };
+        Some((Ok::<_, std::convert::Infallible>(line), (rx, guard, tick)))
     });
     Response::builder()
         .header(header::CONTENT_TYPE, "application/x-ndjson")

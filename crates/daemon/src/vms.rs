@@ -12,6 +12,7 @@ use banger_vmm::{DiskFormat, DiskSpec, LaunchSpec, Vmm, VmPaths};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
 
 /// How long a fresh guest may take to signal readiness. TCG boots take
 /// 5-30 s here; the margin covers a loaded CI host.
@@ -63,10 +64,13 @@ impl Reporter {
 impl Daemon {
     /// Creates a VM and, unless `req.start` is false, boots it and waits for
     /// its agent. Emits `Planned`, then progress; the caller sends `Done`/`Error`.
+    /// Cancelling `cancel` (the client went away) before the VM is ready
+    /// rolls everything back.
     pub async fn create_vm(
         self: &Arc<Self>,
         req: CreateVmRequest,
         tx: mpsc::UnboundedSender<CreateVmEvent>,
+        cancel: CancellationToken,
     ) -> Result<VmRecord, DaemonError> {
         let rep = Reporter::new(tx);
         let vmm = self.vmm()?.clone();
@@ -96,7 +100,10 @@ impl Daemon {
         rep.send(CreateVmEvent::Planned { name: name.to_string(), spec });
 
         let image_name = req.image.clone().unwrap_or_else(|| self.config.default_image_name.clone());
-        let image = self.ensure_image(&image_name, &|phase, msg| rep.progress(phase, msg)).await?;
+        let image = self.ensure_image(&image_name, &|phase, msg| rep.progress(phase, msg), &cancel).await?;
+        if cancel.is_cancelled() {
+            return Err(DaemonError::Failed(anyhow!("cancelled: the client went away")));
+        }
         let kernel = self.store.get_kernel(&image.kernel)?;
 
         let id = VmId::random();
@@ -161,7 +168,7 @@ impl Daemon {
             return Ok(vm);
         }
         let progress = |phase: &str, msg: &str| rep.progress(phase, msg);
-        match this.boot(&vmm, &mut vm, &kernel, grown, &mut steps, &progress).await {
+        match this.boot(&vmm, &mut vm, &kernel, grown, &mut steps, &progress, &cancel).await {
             Ok(()) => {
                 steps.commit();
                 Ok(vm)
@@ -196,6 +203,7 @@ impl Daemon {
         grow_root: bool,
         steps: &mut Steps<'_>,
         progress: &(dyn Fn(&str, &str) + Sync),
+        cancel: &CancellationToken,
     ) -> Result<(), BootError> {
         let paths = VmPaths::new(&vm.dir);
         if let Err(e) = self.store.set_vm_state(&vm.id, VmState::Starting, None, None) {
@@ -242,7 +250,13 @@ impl Daemon {
             })
             .await
             .map_err(|e| BootError::Failed(e.into()))?;
-        match tokio::time::timeout(READY_TIMEOUT, agent.wait_hello()).await {
+        let hello = tokio::select! {
+            r = tokio::time::timeout(READY_TIMEOUT, agent.wait_hello()) => r,
+            _ = cancel.cancelled() => {
+                return Err(fail(steps, anyhow!("cancelled: the client went away")).await);
+            }
+        };
+        match hello {
             Ok(Ok(hello)) => {
                 tracing::info!(vm = %vm.name, agent = %hello.agent_version, guest_uptime_ms = hello.uptime_ms, "agent ready");
                 progress("ready", &format!("guest agent is up ({} ms after the guest kernel started)", hello.uptime_ms));

@@ -131,11 +131,14 @@ impl Banger {
     }
 
     /// Entries in the VMs directory (one per VM that has files).
+    /// Sorted names of the entries in the VMs directory.
     pub fn vm_dirs(&self) -> Vec<String> {
-        match std::fs::read_dir(self.vms_dir()) {
+        let mut v: Vec<String> = match std::fs::read_dir(self.vms_dir()) {
             Ok(rd) => rd.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect(),
             Err(_) => Vec::new(),
-        }
+        };
+        v.sort();
+        v
     }
 }
 

@@ -7,6 +7,7 @@ use std::time::Duration;
 #[test]
 fn run_rm_streams_output_and_propagates_exit_status() {
     let b = shared();
+    let dirs_before = b.vm_dirs();
     let out = b.run(&["vm", "run", "--rm", "--name", "e2e-exit", "--", "sh", "-c", "echo hi; echo oops >&2; exit 3"]);
     let (stdout, stderr) = text(&out);
     assert_eq!(out.status.code(), Some(3), "stdout={stdout} stderr={stderr}");
@@ -15,7 +16,7 @@ fn run_rm_streams_output_and_propagates_exit_status() {
     let spec_line = stderr.lines().find(|l| l.starts_with("spec: ")).unwrap_or_else(|| panic!("no spec line in {stderr}"));
     assert!(spec_line.contains("vcpu=") && spec_line.contains("memory=") && spec_line.contains("disk="), "{spec_line}");
     assert!(!b.vm_names().contains(&"e2e-exit".to_string()));
-    assert!(b.vm_dirs().is_empty(), "VM files left behind: {:?}", b.vm_dirs());
+    assert_eq!(b.vm_dirs(), dirs_before, "VM files left behind");
 }
 
 #[test]
@@ -95,4 +96,27 @@ fn daemon_restart_readopts_running_vms() {
     let del = b.run(&["vm", "delete", "e2e-adopt"]);
     assert!(del.status.success(), "{}", text(&del).1);
     assert!(processes_mentioning(&dir).is_empty());
+}
+
+#[test]
+fn ctrl_c_during_a_rm_run_still_deletes_the_vm() {
+    let b = shared();
+    let dirs_before = b.vm_dirs();
+    let mut run = b
+        .cmd(&["vm", "run", "--rm", "--name", "e2e-sigint", "--", "sh", "-c", "echo started; exec sleep 300"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn run");
+    // The command prints once it runs in the guest.
+    let mut stdout = run.stdout.take().expect("stdout");
+    let mut first = [0u8; 8];
+    std::io::Read::read_exact(&mut stdout, &mut first).expect("command output");
+    assert_eq!(&first, b"started\n");
+    // SAFETY: plain kill(2) of the child we spawned.
+    assert_eq!(unsafe { libc::kill(run.id() as i32, libc::SIGINT) }, 0);
+    let status = run.wait().expect("wait");
+    assert_eq!(status.code(), Some(130), "SIGINT ends the guest command: 128 + 2");
+    assert!(!b.vm_names().contains(&"e2e-sigint".to_string()));
+    assert_eq!(b.vm_dirs(), dirs_before, "VM files left behind");
 }

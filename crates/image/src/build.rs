@@ -1,83 +1,115 @@
-//! The local Debian image build.
+//! The local Debian image build: mmdebstrap, customisation, kernel, mkfs.
 
-use crate::customize::{Customization, customize, find_kernel};
+use crate::customize::{Customization, InstallSection, customize, find_kernel};
+use crate::fsutil::{find_tool, inode_count, rootfs_size, sha256_file, tree_usage};
 use crate::process::run_tool;
+use crate::staging::{STAGING_PREFIX, Staging, lock_images_dir, mounts_under, remove_stale, remove_tree, unmount_all_under};
 use crate::{ImageError, Manifest};
-use std::os::unix::fs::MetadataExt;
+use std::ffi::OsString;
 use std::path::{Path, PathBuf};
-use tokio::process::Command;
 use tokio_util::sync::CancellationToken;
 
-/// Packages of the default image on top of mmdebstrap's minbase.
+/// Packages of the default image on top of mmdebstrap's minbase variant:
+/// an init, sshd, the Debian cloud kernel (virtio drivers, small) and its
+/// initramfs, and the usual tools of a development sandbox.
 pub const BASE_PACKAGES: &[&str] = &[
     "systemd-sysv",
-    "dbus",
-    "udev",
-    "kmod",
     "openssh-server",
     "linux-image-cloud-amd64",
     "initramfs-tools",
     "iproute2",
-    "procps",
-    "less",
     "git",
     "curl",
     "ca-certificates",
     "jq",
     "tmux",
+    "kmod",
+    "udev",
+    "dbus",
+    "procps",
+    "less",
 ];
 
-/// The smallest root file system banger makes. It is a sparse file, so the
-/// unused part costs no disk, and VMs of the default disk size need no
-/// resize at boot.
-pub const MIN_ROOTFS_BYTES: u64 = 8 << 30;
+/// File name of the root file system inside an image directory.
+const ROOTFS_FILE: &str = "rootfs.ext4";
+
+/// File names of the kernel and initrd inside a kernel directory.
+const KERNEL_FILE: &str = "vmlinuz";
+const INITRD_FILE: &str = "initrd.img";
+
+const MIB: u64 = 1 << 20;
 
 /// What to build.
+#[derive(Debug, Clone)]
 pub struct DebianBuild {
     /// Image name (a DNS label); the image goes to `images_dir/<name>/`.
     pub name: String,
     /// Debian suite, e.g. `bookworm`.
     pub suite: String,
+    /// Debian mirror URL; `None` for mmdebstrap's default (deb.debian.org,
+    /// plus the updates and security archives of a stable suite).
     pub mirror: Option<String>,
+    /// Packages installed on top of [`BASE_PACKAGES`].
     pub extra_packages: Vec<String>,
+    /// The guest agent binary (static) to bake in.
     pub agent_binary: PathBuf,
+    /// The agent's systemd unit file, enabled per its `[Install]` section.
+    pub agent_unit: String,
+    /// The agent's `modules-load.d` list.
+    pub agent_modules_conf: String,
+    /// The image store; the image goes to `images_dir/<name>/`.
     pub images_dir: PathBuf,
-    /// Kernels go to `kernels_dir/<kernel-name>/`.
+    /// The kernel store; the kernel goes to `kernels_dir/<kernel name>/`.
     pub kernels_dir: PathBuf,
 }
 
-/// A finished image.
+/// A finished image and its kernel.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BuiltImage {
+    /// `images_dir/<name>/`.
     pub dir: PathBuf,
+    /// The ext4 root file system.
     pub rootfs: PathBuf,
     pub size_bytes: u64,
+    /// Directory name of the kernel under the kernels directory, see [`kernel_name`].
     pub kernel_name: String,
+    /// The kernel (bzImage).
     pub kernel: PathBuf,
     pub initrd: PathBuf,
+    /// e.g. `6.1.0-50-cloud-amd64`.
     pub kernel_release: String,
-    /// True when the image was already there and nothing was done.
+    /// True when a complete image was already there and nothing was done.
     pub already_existed: bool,
 }
 
 /// Build progress.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Progress {
-    /// A new phase began.
+    /// A phase began: `packages`, `customize`, `kernel`, `mkfs`, then `done`.
     Phase { name: &'static str, message: String },
-    /// A line of tool output (for verbose logs).
+    /// A line of tool output (mmdebstrap, mkfs), for verbose logs.
     Line(String),
 }
 
-/// The image `name` in `images_dir` if a complete build of it exists.
-pub fn find_built(images_dir: &Path, kernels_dir: &Path, name: &str) -> Option<BuiltImage> {
+/// Name of the kernel of a Debian `suite` image with kernel `release`.
+pub fn kernel_name(suite: &str, release: &str) -> String {
+    format!("debian-{suite}-{release}")
+}
+
+/// The complete image `name` in `images_dir`, if there is one: its manifest
+/// is valid, its root file system has the recorded size and its kernel files
+/// are in `kernels_dir`.
+pub fn debian_image_exists(images_dir: &Path, kernels_dir: &Path, name: &str) -> Option<BuiltImage> {
     let dir = images_dir.join(name);
-    let text = std::fs::read_to_string(dir.join(Manifest::FILE)).ok()?;
-    let m: Manifest = serde_json::from_str(&text).ok()?;
+    let m = Manifest::read(&dir).ok()?;
+    if m.name != name || !is_plain_file_name(&m.rootfs) || !is_plain_file_name(&m.kernel_name) {
+        return None;
+    }
     let rootfs = dir.join(&m.rootfs);
     let kdir = kernels_dir.join(&m.kernel_name);
-    let (kernel, initrd) = (kdir.join("vmlinuz"), kdir.join("initrd.img"));
-    if !(rootfs.is_file() && kernel.is_file() && initrd.is_file()) {
+    let (kernel, initrd) = (kdir.join(KERNEL_FILE), kdir.join(INITRD_FILE));
+    let rootfs_ok = std::fs::metadata(&rootfs).is_ok_and(|md| md.is_file() && md.len() == m.rootfs_bytes);
+    if !(rootfs_ok && kernel.is_file() && initrd.is_file()) {
         return None;
     }
     Some(BuiltImage {
@@ -92,275 +124,508 @@ pub fn find_built(images_dir: &Path, kernels_dir: &Path, name: &str) -> Option<B
     })
 }
 
-/// Builds the image (or returns the existing one). On any failure or
-/// cancellation, nothing of this build is left in `images_dir`.
+fn is_plain_file_name(s: &str) -> bool {
+    !s.is_empty() && s != "." && s != ".." && !s.contains('/')
+}
+
+/// Builds the image `spec.name` from Debian packages, or returns the
+/// complete one already there (`already_existed`). Needs root.
+///
+/// Builds sharing an images directory run one at a time. Everything happens
+/// in a staging directory renamed into place at the end; on failure or
+/// cancellation the tools are stopped, whatever they mounted is unmounted
+/// and the staging directory removed. Leftovers of a crashed build are
+/// removed by the next one.
 pub async fn build_debian(
     spec: &DebianBuild,
     progress: impl Fn(Progress) + Send + Sync,
     cancel: CancellationToken,
 ) -> Result<BuiltImage, ImageError> {
-    let valid = !spec.name.is_empty()
-        && spec.name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-        && !spec.name.starts_with('-');
-    if !valid {
-        return Err(ImageError::BadName(spec.name.clone()));
-    }
-    if let Some(b) = find_built(&spec.images_dir, &spec.kernels_dir, &spec.name) {
-        return Ok(b);
+    validate(spec)?;
+    if let Some(built) = debian_image_exists(&spec.images_dir, &spec.kernels_dir, &spec.name) {
+        return Ok(built);
     }
     if !spec.agent_binary.is_file() {
         return Err(ImageError::AgentMissing(spec.agent_binary.clone()));
     }
+    InstallSection::parse(&spec.agent_unit)?;
     if !nix::unistd::geteuid().is_root() {
         return Err(ImageError::NeedsRoot);
     }
+    let tools = Tools {
+        mmdebstrap: find_tool("mmdebstrap").ok_or(ImageError::ToolMissing { tool: "mmdebstrap", package: "mmdebstrap" })?,
+        mkfs: find_tool("mkfs.ext4").ok_or(ImageError::ToolMissing { tool: "mkfs.ext4", package: "e2fsprogs" })?,
+    };
+
     std::fs::create_dir_all(&spec.images_dir).map_err(ImageError::io(format!("creating {}", spec.images_dir.display())))?;
-    remove_stale_staging(&spec.images_dir, &spec.name);
-    let staging = spec.images_dir.join(format!(".staging-{}-{:08x}", spec.name, rand::random::<u32>()));
-    std::fs::create_dir(&staging).map_err(ImageError::io(format!("creating {}", staging.display())))?;
-    let result = build_in(spec, &staging, &progress, &cancel).await;
-    if result.is_err() {
-        remove_staging(&staging);
+    let _lock = lock_images_dir(&spec.images_dir, &cancel).await?;
+    // Another build may have finished it while this one waited for the lock.
+    if let Some(built) = debian_image_exists(&spec.images_dir, &spec.kernels_dir, &spec.name) {
+        return Ok(built);
     }
-    result
+    let images_dir = spec.images_dir.clone();
+    blocking(move || remove_stale(&images_dir)).await?;
+
+    let staging = Staging::create(&spec.images_dir, &spec.name)?;
+    let mut new_kernel_dir = None;
+    match build_in(spec, &tools, staging.path(), &progress, &cancel, &mut new_kernel_dir).await {
+        Ok(built) => {
+            staging.keep();
+            progress(Progress::Phase {
+                name: "done",
+                message: format!(
+                    "image {} ready: {} ({} MiB), kernel {}",
+                    spec.name,
+                    built.rootfs.display(),
+                    built.size_bytes / MIB,
+                    built.kernel_name
+                ),
+            });
+            Ok(built)
+        }
+        Err(err) => {
+            // A cleanup failure (something still mounted) needs the user's
+            // attention more than the build error that led to it.
+            staging.discard().await?;
+            if let Some(kdir) = new_kernel_dir {
+                blocking(move || remove_tree(&kdir)).await?;
+            }
+            Err(err)
+        }
+    }
 }
 
+struct Tools {
+    mmdebstrap: PathBuf,
+    mkfs: PathBuf,
+}
+
+/// The build proper, inside `staging`. Records in `new_kernel_dir` the
+/// kernel directory it created, for removal if the build then fails.
 async fn build_in(
     spec: &DebianBuild,
+    tools: &Tools,
     staging: &Path,
     progress: &(impl Fn(Progress) + Send + Sync),
     cancel: &CancellationToken,
+    new_kernel_dir: &mut Option<PathBuf>,
 ) -> Result<BuiltImage, ImageError> {
     let phase = |name: &'static str, message: String| progress(Progress::Phase { name, message });
-    let line = |l: String| progress(Progress::Line(l));
+    let on_line = |line: String| progress(Progress::Line(line));
+    let checkpoint = || if cancel.is_cancelled() { Err(ImageError::Cancelled) } else { Ok(()) };
     let tree = staging.join("root");
 
-    let mut packages: Vec<String> = BASE_PACKAGES.iter().map(|s| s.to_string()).collect();
-    packages.extend(spec.extra_packages.iter().cloned());
-    phase("packages", format!("installing Debian {} packages with mmdebstrap", spec.suite));
-    let mut cmd = Command::new("mmdebstrap");
-    cmd.args(["--variant=minbase", "--mode=root", "--format=directory"])
-        .arg(format!("--include={}", packages.join(",")))
-        .arg("--aptopt=Acquire::Retries \"3\"")
-        .arg(&spec.suite)
-        .arg(&tree);
-    if let Some(m) = &spec.mirror {
-        cmd.arg(m);
+    let packages = package_list(spec);
+    phase(
+        "packages",
+        format!(
+            "downloading and installing {} Debian {} packages and their dependencies from {} (mmdebstrap, about a minute)",
+            packages.len(),
+            spec.suite,
+            spec.mirror.as_deref().unwrap_or("deb.debian.org")
+        ),
+    );
+    // mmdebstrap's temporary files (a gpg home) go in the staging directory,
+    // so a killed run leaves none in /tmp.
+    let tmp = staging.join("tmp");
+    std::fs::create_dir(&tmp).map_err(ImageError::io(format!("creating {}", tmp.display())))?;
+    let args = mmdebstrap_args(spec, &packages, &tree);
+    run_tool("mmdebstrap", &tools.mmdebstrap, args, &[("TMPDIR", &tmp)], &on_line, cancel).await?;
+    // mmdebstrap unmounts what it mounted when it succeeds; make sure, as
+    // mkfs must not copy a mounted /proc.
+    if !mounts_under(&tree).is_empty() {
+        unmount_all_under(&tree)?;
     }
-    run_tool("mmdebstrap", cmd, &line, cancel).await?;
-    if cancel.is_cancelled() {
-        return Err(ImageError::Cancelled);
+    checkpoint()?;
+
+    phase("customize", "installing the banger agent, hardening sshd, trimming the boot".into());
+    let agent_sha256 = {
+        let (tree, agent, unit, modules) =
+            (tree.clone(), spec.agent_binary.clone(), spec.agent_unit.clone(), spec.agent_modules_conf.clone());
+        blocking(move || {
+            customize(&tree, &Customization { agent_binary: &agent, agent_unit: &unit, agent_modules_conf: &modules })?;
+            sha256_file(&agent)
+        })
+        .await?
+    };
+    checkpoint()?;
+
+    let kernel = find_kernel(&tree)?;
+    let kname = kernel_name(&spec.suite, &kernel.release);
+    let kdir = spec.kernels_dir.join(&kname);
+    phase("kernel", format!("copying kernel {} and its initrd to {}", kernel.release, kdir.display()));
+    if std::fs::symlink_metadata(&kdir).is_err() {
+        *new_kernel_dir = Some(kdir.clone());
     }
+    {
+        let (kdir, kernel) = (kdir.clone(), kernel.clone());
+        blocking(move || install_kernel(&kdir, &kernel.vmlinuz, &kernel.initrd)).await?;
+    }
+    checkpoint()?;
 
-    phase("customize", "installing the banger agent and hardening sshd".into());
-    customize(
-        &tree,
-        &Customization {
-            agent_binary: &spec.agent_binary,
-            agent_unit: crate::AGENT_UNIT,
-            modules_conf: crate::AGENT_MODULES_CONF,
-        },
-    )?;
-    let agent_sha256 = sha256_file(&spec.agent_binary)?;
-
-    phase("kernel", "extracting the kernel and initrd".into());
-    let (release, vmlinuz, initrd) = find_kernel(&tree)?;
-    let kernel_name = format!("debian-{release}");
-    let kdir = spec.kernels_dir.join(&kernel_name);
-    install_kernel(&kdir, &vmlinuz, &initrd)?;
-
-    let used = tree_bytes(&tree);
-    let size = (used + used / 4 + (256 << 20)).max(MIN_ROOTFS_BYTES).div_ceil(1 << 20) * (1 << 20);
-    phase("mkfs", format!("writing the root file system ({} MiB of files)", used >> 20));
-    let rootfs = staging.join("rootfs.ext4");
-    let mut mkfs = Command::new("mkfs.ext4");
-    mkfs.args(["-q", "-F", "-L", "rootfs", "-m", "0", "-E", "root_owner=0:0", "-d"])
-        .arg(&tree)
-        .arg(&rootfs)
-        .arg(format!("{}k", size / 1024));
-    run_tool("mkfs.ext4", mkfs, &line, cancel).await?;
-    // The tree is big and no longer needed.
-    std::fs::remove_dir_all(&tree).map_err(ImageError::io(format!("removing {}", tree.display())))?;
+    let usage = {
+        let tree = tree.clone();
+        blocking(move || tree_usage(&tree)).await?
+    };
+    let size = rootfs_size(usage.bytes);
+    phase(
+        "mkfs",
+        format!("writing the {} MiB ext4 root file system ({} MiB of files)", size / MIB, usage.bytes.div_ceil(MIB)),
+    );
+    let rootfs = staging.join(ROOTFS_FILE);
+    // A sparse file of the final size: mkfs takes its size from it.
+    std::fs::File::create(&rootfs)
+        .and_then(|f| f.set_len(size))
+        .map_err(ImageError::io(format!("creating {}", rootfs.display())))?;
+    let mkfs_args = mkfs_args(&tree, &rootfs, inode_count(usage.inodes, size));
+    run_tool("mkfs.ext4", &tools.mkfs, mkfs_args, &[], &on_line, cancel).await?;
+    {
+        // The unpacked tree is big and no longer needed.
+        let (tree, tmp) = (tree.clone(), tmp.clone());
+        blocking(move || remove_tree(&tree).and_then(|()| remove_tree(&tmp))).await?;
+    }
+    std::fs::File::open(&rootfs).and_then(|f| f.sync_all()).map_err(ImageError::io(format!("flushing {}", rootfs.display())))?;
 
     let manifest = Manifest {
         name: spec.name.clone(),
         suite: spec.suite.clone(),
-        kernel_name: kernel_name.clone(),
-        kernel_release: release.clone(),
-        rootfs: "rootfs.ext4".into(),
+        mirror: spec.mirror.clone(),
+        packages,
+        kernel_name: kname.clone(),
+        kernel_release: kernel.release.clone(),
+        rootfs: ROOTFS_FILE.into(),
         rootfs_bytes: size,
+        tree_bytes: usage.bytes,
         agent_sha256,
-        created_at_unix: std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_secs())
-            .unwrap_or(0),
+        created_at: now_rfc3339(),
     };
-    let mtext = serde_json::to_string_pretty(&manifest).map_err(|e| ImageError::Io {
-        context: "encoding manifest".into(),
-        source: std::io::Error::other(e),
-    })?;
-    std::fs::write(staging.join(Manifest::FILE), mtext).map_err(ImageError::io("writing manifest"))?;
+    manifest.write(staging)?;
+    checkpoint()?;
 
     let dest = spec.images_dir.join(&spec.name);
-    if dest.exists() {
-        // An incomplete leftover (no valid manifest, or we would have returned early).
-        std::fs::remove_dir_all(&dest).map_err(ImageError::io(format!("removing {}", dest.display())))?;
-    }
-    std::fs::rename(staging, &dest).map_err(ImageError::io(format!("moving the image into {}", dest.display())))?;
-    phase("done", format!("image {} ready", spec.name));
+    publish(staging, &dest).await?;
     Ok(BuiltImage {
-        rootfs: dest.join("rootfs.ext4"),
+        rootfs: dest.join(ROOTFS_FILE),
         dir: dest,
         size_bytes: size,
-        kernel_name,
-        kernel: kdir.join("vmlinuz"),
-        initrd: kdir.join("initrd.img"),
-        kernel_release: release,
+        kernel_name: kname,
+        kernel: kdir.join(KERNEL_FILE),
+        initrd: kdir.join(INITRD_FILE),
+        kernel_release: kernel.release,
         already_existed: false,
     })
 }
 
-fn install_kernel(kdir: &Path, vmlinuz: &Path, initrd: &Path) -> Result<(), ImageError> {
-    std::fs::create_dir_all(kdir).map_err(ImageError::io(format!("creating {}", kdir.display())))?;
-    for (src, name) in [(vmlinuz, "vmlinuz"), (initrd, "initrd.img")] {
-        // Copy then rename, so a running VM never sees a half-written kernel.
-        let tmp = kdir.join(format!(".{name}.tmp"));
-        std::fs::copy(src, &tmp).map_err(ImageError::io(format!("copying {}", src.display())))?;
-        std::fs::rename(&tmp, kdir.join(name)).map_err(ImageError::io(format!("installing {name}")))?;
+/// Checks the parts of the spec that end up on command lines and in paths.
+fn validate(spec: &DebianBuild) -> Result<(), ImageError> {
+    let label = |s: &str| {
+        (1..=63).contains(&s.len())
+            && !s.starts_with('-')
+            && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+    };
+    if !label(&spec.name) {
+        return Err(ImageError::BadName(spec.name.clone()));
+    }
+    if !label(&spec.suite) {
+        return Err(ImageError::BadSuite(spec.suite.clone()));
+    }
+    if let Some(m) = &spec.mirror
+        && (!m.contains("://") || m.starts_with('-') || m.chars().any(char::is_whitespace))
+    {
+        return Err(ImageError::BadMirror(m.clone()));
+    }
+    for p in &spec.extra_packages {
+        if !is_package_name(p) {
+            return Err(ImageError::BadPackage(p.clone()));
+        }
     }
     Ok(())
 }
 
-fn sha256_file(p: &Path) -> Result<String, ImageError> {
-    use sha2::Digest;
-    let data = std::fs::read(p).map_err(ImageError::io(format!("reading {}", p.display())))?;
-    Ok(format!("{:x}", sha2::Sha256::digest(&data)))
+/// A Debian package name, optionally pinned with `=version` or `/suite`.
+/// mmdebstrap splits `--include` on commas and spaces and treats a leading
+/// `?`, `!`, `~`, `(`, `/` or `.` as an apt pattern or a path, so plain names
+/// are all that is accepted.
+fn is_package_name(p: &str) -> bool {
+    let (name, pin) = match p.find(['=', '/']) {
+        Some(i) => (&p[..i], Some(&p[i + 1..])),
+        None => (p, None),
+    };
+    let name_ok = name.len() >= 2
+        && name.starts_with(|c: char| c.is_ascii_lowercase() || c.is_ascii_digit())
+        && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"+-.".contains(&b));
+    let pin_ok = pin.is_none_or(|v| !v.is_empty() && v.bytes().all(|b| b.is_ascii_alphanumeric() || b"+-.~:".contains(&b)));
+    name_ok && pin_ok
 }
 
-/// Bytes the tree occupies (allocated blocks, hard links counted once).
-pub fn tree_bytes(root: &Path) -> u64 {
-    let mut seen = std::collections::HashSet::new();
-    let mut total = 0u64;
-    let mut stack = vec![root.to_path_buf()];
-    while let Some(dir) = stack.pop() {
-        let Ok(rd) = std::fs::read_dir(&dir) else { continue };
-        for e in rd.flatten() {
-            let Ok(md) = e.path().symlink_metadata() else { continue };
-            if md.nlink() > 1 && !md.is_dir() && !seen.insert((md.dev(), md.ino())) {
-                continue;
-            }
-            total += md.blocks() * 512;
-            if md.is_dir() {
-                stack.push(e.path());
-            }
+fn package_list(spec: &DebianBuild) -> Vec<String> {
+    let mut packages: Vec<String> = BASE_PACKAGES.iter().map(|s| s.to_string()).collect();
+    for p in &spec.extra_packages {
+        if !packages.contains(p) {
+            packages.push(p.clone());
         }
     }
-    total
+    packages
 }
 
-/// Staging dirs of earlier builds of `name` that crashed.
-fn remove_stale_staging(images_dir: &Path, name: &str) {
-    let prefix = format!(".staging-{name}-");
-    if let Ok(rd) = std::fs::read_dir(images_dir) {
-        for e in rd.flatten() {
-            if e.file_name().to_string_lossy().starts_with(&prefix) {
-                remove_staging(&e.path());
-            }
+fn mmdebstrap_args(spec: &DebianBuild, packages: &[String], tree: &Path) -> Vec<OsString> {
+    let mut args: Vec<OsString> = [
+        "--mode=root",
+        "--variant=minbase",
+        "--format=directory",
+        // apt and dpkg output as lines instead of progress bars.
+        "--verbose",
+        "--aptopt=Acquire::Retries \"3\"",
+    ]
+    .iter()
+    .map(OsString::from)
+    .collect();
+    args.push(format!("--include={}", packages.join(",")).into());
+    args.push("--".into());
+    args.push(spec.suite.clone().into());
+    args.push(tree.into());
+    if let Some(m) = &spec.mirror {
+        args.push(m.into());
+    }
+    args
+}
+
+fn mkfs_args(tree: &Path, rootfs: &Path, inodes: u64) -> Vec<OsString> {
+    let mut args: Vec<OsString> = ["-F", "-T", "default", "-b", "4096", "-L", "rootfs", "-E", "root_owner=0:0"]
+        .iter()
+        .map(OsString::from)
+        .collect();
+    args.extend(["-N".into(), inodes.to_string().into(), "-d".into(), tree.into(), rootfs.into()]);
+    args
+}
+
+/// Copies the kernel and initrd into `kdir`, each through a temporary file
+/// and a rename, so a VM starting meanwhile never reads a half-written one.
+fn install_kernel(kdir: &Path, vmlinuz: &Path, initrd: &Path) -> Result<(), ImageError> {
+    std::fs::create_dir_all(kdir).map_err(ImageError::io(format!("creating {}", kdir.display())))?;
+    for (src, name) in [(vmlinuz, KERNEL_FILE), (initrd, INITRD_FILE)] {
+        let tmp = kdir.join(format!(".{name}.{:016x}", rand::random::<u64>()));
+        let dst = kdir.join(name);
+        let copied = std::fs::copy(src, &tmp)
+            .and_then(|_| std::fs::File::open(&tmp)?.sync_all())
+            .and_then(|()| std::fs::rename(&tmp, &dst));
+        if let Err(e) = copied {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(ImageError::Io { context: format!("copying {} to {}", src.display(), dst.display()), source: e });
         }
     }
+    Ok(())
 }
 
-/// Unmounts anything left mounted under `dir` (an interrupted mmdebstrap
-/// may leave /proc, /sys, /dev mounted in its chroot), then removes it.
-fn remove_staging(dir: &Path) {
-    for m in mounts_under(dir).into_iter().rev() {
-        let _ = nix::mount::umount2(&m, nix::mount::MntFlags::MNT_DETACH);
+/// Renames the finished staging directory to `dest`. An incomplete image
+/// already at `dest` (the caller found no valid manifest there) is moved
+/// aside first and removed afterwards.
+async fn publish(staging: &Path, dest: &Path) -> Result<(), ImageError> {
+    let parent = dest.parent().unwrap_or(Path::new("."));
+    let mut old = None;
+    if std::fs::symlink_metadata(dest).is_ok() {
+        let name = dest.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let aside = parent.join(format!("{STAGING_PREFIX}{name}-{:016x}-old", rand::random::<u64>()));
+        std::fs::rename(dest, &aside).map_err(ImageError::io(format!("moving the incomplete {} aside", dest.display())))?;
+        old = Some(aside);
     }
-    if !mounts_under(dir).is_empty() {
-        // Never recurse into a mounted /dev or /proc.
-        return;
+    std::fs::rename(staging, dest).map_err(ImageError::io(format!("moving the image into {}", dest.display())))?;
+    // Make the rename durable before anyone records the image.
+    std::fs::File::open(parent).and_then(|d| d.sync_all()).map_err(ImageError::io(format!("flushing {}", parent.display())))?;
+    if let Some(old) = old {
+        blocking(move || remove_tree(&old)).await?;
     }
-    let _ = std::fs::remove_dir_all(dir);
+    Ok(())
 }
 
-/// Mount points at or below `dir`, in mount order.
-pub fn mounts_under(dir: &Path) -> Vec<PathBuf> {
-    let Ok(text) = std::fs::read_to_string("/proc/self/mountinfo") else { return Vec::new() };
-    let Ok(dir) = dir.canonicalize() else { return Vec::new() };
-    text.lines()
-        .filter_map(|l| l.split(' ').nth(4))
-        .map(unescape_mount)
-        .map(PathBuf::from)
-        .filter(|p| p.starts_with(&dir))
-        .collect()
+fn now_rfc3339() -> String {
+    time::OffsetDateTime::now_utc()
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_else(|_| "1970-01-01T00:00:00Z".into())
 }
 
-fn unescape_mount(s: &str) -> String {
-    // mountinfo escapes space, tab, newline and backslash as \ooo.
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'\\' && i + 3 < b.len() && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c)) {
-            let v = (b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0');
-            out.push(v);
-            i += 4;
-        } else {
-            out.push(b[i]);
-            i += 1;
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
+/// Runs file-system work off the async threads.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, ImageError> + Send + 'static,
+) -> Result<T, ImageError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| ImageError::Io { context: "image build worker".into(), source: std::io::Error::other(e) })?
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    #[test]
-    fn tree_bytes_counts_hardlinks_once() {
-        let t = tempfile::tempdir().expect("tmp");
-        std::fs::write(t.path().join("a"), vec![1u8; 64 * 1024]).expect("a");
-        let one = tree_bytes(t.path());
-        std::fs::hard_link(t.path().join("a"), t.path().join("b")).expect("link");
-        assert_eq!(tree_bytes(t.path()), one);
-        assert!(one >= 64 * 1024);
-    }
-
-    #[test]
-    fn mountinfo_unescaping() {
-        assert_eq!(unescape_mount("/a\\040b"), "/a b");
-        assert_eq!(unescape_mount("/plain"), "/plain");
-    }
-
-    #[test]
-    fn stale_staging_dirs_are_removed_only_for_that_name() {
-        let t = tempfile::tempdir().expect("tmp");
-        for d in [".staging-deb-1234", ".staging-other-1", "deb"] {
-            std::fs::create_dir_all(t.path().join(d).join("root/etc")).expect("dir");
-        }
-        remove_stale_staging(t.path(), "deb");
-        assert!(!t.path().join(".staging-deb-1234").exists());
-        assert!(t.path().join(".staging-other-1").exists());
-        assert!(t.path().join("deb").exists());
-    }
-
-    #[tokio::test]
-    async fn refuses_bad_names_and_missing_agent_without_touching_disk() {
-        let t = tempfile::tempdir().expect("tmp");
-        let spec = |name: &str, agent: PathBuf| DebianBuild {
-            name: name.into(),
+    fn spec(root: &Path) -> DebianBuild {
+        DebianBuild {
+            name: "debian-bookworm".into(),
             suite: "bookworm".into(),
             mirror: None,
             extra_packages: vec![],
-            agent_binary: agent,
-            images_dir: t.path().join("images"),
-            kernels_dir: t.path().join("kernels"),
+            agent_binary: "/bin/true".into(),
+            agent_unit: "[Service]\nExecStart=/usr/local/bin/banger-agent\n[Install]\nWantedBy=sysinit.target\n".into(),
+            agent_modules_conf: "virtio_console\n".into(),
+            images_dir: root.join("images"),
+            kernels_dir: root.join("kernels"),
+        }
+    }
+
+    /// Lays out what a finished build leaves, without running one.
+    fn fake_built(s: &DebianBuild) -> Manifest {
+        let m = Manifest {
+            name: s.name.clone(),
+            suite: s.suite.clone(),
+            mirror: None,
+            packages: package_list(s),
+            kernel_name: kernel_name(&s.suite, "6.1.0-9-cloud-amd64"),
+            kernel_release: "6.1.0-9-cloud-amd64".into(),
+            rootfs: ROOTFS_FILE.into(),
+            rootfs_bytes: 4096,
+            tree_bytes: 1024,
+            agent_sha256: "00".repeat(32),
+            created_at: now_rfc3339(),
         };
-        let r = build_debian(&spec("Bad Name", "/bin/true".into()), |_| {}, CancellationToken::new()).await;
-        assert!(matches!(r, Err(ImageError::BadName(_))));
-        let r = build_debian(&spec("ok", t.path().join("nope")), |_| {}, CancellationToken::new()).await;
-        assert!(matches!(r, Err(ImageError::AgentMissing(_))));
+        let dir = s.images_dir.join(&s.name);
+        std::fs::create_dir_all(&dir).expect("mkdir");
+        std::fs::File::create(dir.join(ROOTFS_FILE)).and_then(|f| f.set_len(4096)).expect("rootfs");
+        m.write(&dir).expect("manifest");
+        let kdir = s.kernels_dir.join(&m.kernel_name);
+        std::fs::create_dir_all(&kdir).expect("mkdir");
+        std::fs::write(kdir.join(KERNEL_FILE), "k").expect("kernel");
+        std::fs::write(kdir.join(INITRD_FILE), "i").expect("initrd");
+        m
+    }
+
+    #[tokio::test]
+    async fn an_existing_complete_image_is_returned_without_building() {
+        let t = tempfile::tempdir().expect("tempdir");
+        let s = spec(t.path());
+        assert!(debian_image_exists(&s.images_dir, &s.kernels_dir, &s.name).is_none());
+        let m = fake_built(&s);
+        // Even without root or tools, and with a cancelled token: nothing runs.
+        let cancel = CancellationToken::new();
+        cancel.cancel();
+        let b = build_debian(&s, |p| panic!("unexpected progress {p:?}"), cancel).await.expect("exists");
+        assert!(b.already_existed);
+        assert_eq!(b.rootfs, s.images_dir.join("debian-bookworm/rootfs.ext4"));
+        assert_eq!(b.kernel, s.kernels_dir.join(&m.kernel_name).join("vmlinuz"));
+        assert_eq!(b.initrd, s.kernels_dir.join(&m.kernel_name).join("initrd.img"));
+        assert_eq!((b.size_bytes, b.kernel_release.as_str()), (4096, "6.1.0-9-cloud-amd64"));
+        assert_eq!(b.kernel_name, "debian-bookworm-6.1.0-9-cloud-amd64");
+    }
+
+    #[test]
+    fn an_image_is_incomplete_if_any_part_is_off() {
+        let t = tempfile::tempdir().expect("tempdir");
+        let s = spec(t.path());
+        let m = fake_built(&s);
+        let exists = || debian_image_exists(&s.images_dir, &s.kernels_dir, &s.name).is_some();
+        assert!(exists());
+        // A truncated root file system.
+        std::fs::File::options().write(true).open(s.images_dir.join("debian-bookworm/rootfs.ext4")).and_then(|f| f.set_len(10)).expect("truncate");
+        assert!(!exists());
+        fake_built(&s);
+        assert!(exists());
+        // A missing initrd.
+        std::fs::remove_file(s.kernels_dir.join(&m.kernel_name).join(INITRD_FILE)).expect("rm");
+        assert!(!exists());
+        fake_built(&s);
+        // A manifest of another image, or one pointing outside.
+        let mut other = m.clone();
+        other.name = "other".into();
+        other.write(&s.images_dir.join("debian-bookworm")).expect("write");
+        assert!(!exists());
+        let mut escape = m.clone();
+        escape.rootfs = "../../etc/passwd".into();
+        escape.write(&s.images_dir.join("debian-bookworm")).expect("write");
+        assert!(!exists());
+    }
+
+    #[tokio::test]
+    async fn bad_specs_are_refused_before_touching_the_disk() {
+        let t = tempfile::tempdir().expect("tempdir");
+        type Check = fn(&ImageError) -> bool;
+        let cases: Vec<(DebianBuild, Check)> = vec![
+            (DebianBuild { name: "Bad Name".into(), ..spec(t.path()) }, |e| matches!(e, ImageError::BadName(_))),
+            (DebianBuild { name: "-x".into(), ..spec(t.path()) }, |e| matches!(e, ImageError::BadName(_))),
+            (DebianBuild { name: "../x".into(), ..spec(t.path()) }, |e| matches!(e, ImageError::BadName(_))),
+            (DebianBuild { suite: "--help".into(), ..spec(t.path()) }, |e| matches!(e, ImageError::BadSuite(_))),
+            (DebianBuild { mirror: Some("--setup-hook=x".into()), ..spec(t.path()) }, |e| matches!(e, ImageError::BadMirror(_))),
+            (DebianBuild { extra_packages: vec!["vim,evil".into()], ..spec(t.path()) }, |e| matches!(e, ImageError::BadPackage(_))),
+            (DebianBuild { agent_binary: t.path().join("nope"), ..spec(t.path()) }, |e| matches!(e, ImageError::AgentMissing(_))),
+            (DebianBuild { agent_unit: "[Service]\nExecStart=/x\n".into(), ..spec(t.path()) }, |e| matches!(e, ImageError::BadUnit(_))),
+        ];
+        for (s, check) in cases {
+            let r = build_debian(&s, |_| {}, CancellationToken::new()).await;
+            match r {
+                Err(e) => assert!(check(&e), "{}: unexpected error {e}", s.name),
+                Ok(b) => panic!("{}: built {b:?}", s.name),
+            }
+        }
         assert!(!t.path().join("images").exists());
+    }
+
+    #[test]
+    fn package_names_are_plain() {
+        for ok in ["vim", "python3", "g++", "libc6-dev", "linux-image-6.1.0-9-cloud-amd64", "git=1:2.39.5-0+deb12u1", "jq/bookworm-backports"] {
+            assert!(is_package_name(ok), "{ok}");
+        }
+        for bad in ["", "a", "Vim", "-x", "vim,jq", "vim jq", "?essential", "./x.deb", "/x.deb", "x=", "x/a b", "(x)"] {
+            assert!(!is_package_name(bad), "{bad}");
+        }
+    }
+
+    #[test]
+    fn command_lines() {
+        let t = tempfile::tempdir().expect("tempdir");
+        let mut s = spec(t.path());
+        s.mirror = Some("http://deb.example/debian".into());
+        s.extra_packages = vec!["vim".into(), "jq".into()];
+        let packages = package_list(&s);
+        assert_eq!(packages.len(), BASE_PACKAGES.len() + 1, "jq is already a base package");
+        let args = mmdebstrap_args(&s, &packages, Path::new("/s/root"));
+        let args: Vec<&str> = args.iter().map(|a| a.to_str().expect("utf8")).collect();
+        assert_eq!(&args[..2], ["--mode=root", "--variant=minbase"]);
+        assert!(args.contains(&"--include=systemd-sysv,openssh-server,linux-image-cloud-amd64,initramfs-tools,iproute2,git,curl,ca-certificates,jq,tmux,kmod,udev,dbus,procps,less,vim"));
+        assert_eq!(&args[args.len() - 4..], ["--", "bookworm", "/s/root", "http://deb.example/debian"]);
+
+        let args = mkfs_args(Path::new("/s/root"), Path::new("/s/rootfs.ext4"), 50_000);
+        let args: Vec<&str> = args.iter().map(|a| a.to_str().expect("utf8")).collect();
+        assert_eq!(
+            args,
+            ["-F", "-T", "default", "-b", "4096", "-L", "rootfs", "-E", "root_owner=0:0", "-N", "50000", "-d", "/s/root", "/s/rootfs.ext4"]
+        );
+    }
+
+    #[tokio::test]
+    async fn publishing_replaces_an_incomplete_image_and_leaves_no_staging() {
+        let t = tempfile::tempdir().expect("tempdir");
+        let staging = t.path().join(".staging-img-1");
+        std::fs::create_dir_all(&staging).expect("mkdir");
+        std::fs::write(staging.join("manifest.json"), "new").expect("write");
+        let dest = t.path().join("img");
+        std::fs::create_dir_all(dest.join("junk")).expect("mkdir");
+        publish(&staging, &dest).await.expect("publish");
+        let left: Vec<_> = std::fs::read_dir(t.path()).expect("ls").flatten().map(|e| e.file_name()).collect();
+        assert_eq!(left, ["img"]);
+        assert_eq!(std::fs::read_to_string(dest.join("manifest.json")).expect("read"), "new");
+        assert!(!dest.join("junk").exists());
+    }
+
+    #[test]
+    fn kernel_install_replaces_files_atomically_and_leaves_no_temporaries() {
+        let t = tempfile::tempdir().expect("tempdir");
+        let (k, i) = (t.path().join("vmlinuz-x"), t.path().join("initrd.img-x"));
+        std::fs::write(&k, "kernel").expect("write");
+        std::fs::write(&i, "initrd").expect("write");
+        let kdir = t.path().join("kernels/debian-bookworm-x");
+        install_kernel(&kdir, &k, &i).expect("install");
+        std::fs::write(&k, "kernel2").expect("write");
+        install_kernel(&kdir, &k, &i).expect("again");
+        let mut names: Vec<_> = std::fs::read_dir(&kdir).expect("ls").flatten().map(|e| e.file_name().into_string().expect("utf8")).collect();
+        names.sort();
+        assert_eq!(names, ["initrd.img", "vmlinuz"]);
+        assert_eq!(std::fs::read_to_string(kdir.join("vmlinuz")).expect("read"), "kernel2");
     }
 }

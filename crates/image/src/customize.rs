@@ -1,39 +1,29 @@
-//! Prepares an unpacked Debian tree for banger. Pure file operations on the
-//! tree, so it is unit-tested on a fake tree.
+//! Prepares an unpacked Debian tree for banger: the guest agent and its
+//! unit, sshd hardening, per-VM identity, a quieter boot. Plain file
+//! operations on the tree, never through a symlink of the tree (an absolute
+//! link in a chroot points into the host), so it is unit-tested on a fake
+//! tree.
 
 use crate::ImageError;
-use std::os::unix::fs::{PermissionsExt, symlink};
-use std::path::{Path, PathBuf};
+use std::io::Write;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt, symlink};
+use std::path::{Component, Path, PathBuf};
 
-/// Where the agent binary lives in every image.
-pub const AGENT_INSTALL_PATH: &str = "usr/local/bin/banger-agent";
+/// Where the agent binary is installed in every image.
+pub const AGENT_BINARY_PATH: &str = "/usr/local/bin/banger-agent";
 
-/// `banger-agent.service`. It starts with the earliest units (no default
-/// dependencies, pulled in by sysinit.target) so the host learns the guest
-/// is up seconds before the rest of the boot finishes; the agent loads the
-/// virtio console module itself rather than waiting for udev.
-pub const AGENT_UNIT: &str = "\
-[Unit]
-Description=banger guest agent
-DefaultDependencies=no
-After=systemd-remount-fs.service
-Before=sysinit.target shutdown.target
-Conflicts=shutdown.target
+/// Name of the agent's systemd unit, installed in `/etc/systemd/system/`.
+pub const AGENT_UNIT_NAME: &str = "banger-agent.service";
 
-[Service]
-ExecStart=/usr/local/bin/banger-agent
-Restart=always
-RestartSec=1
+/// Where the agent's kernel module list is installed.
+pub const AGENT_MODULES_CONF_PATH: &str = "/etc/modules-load.d/banger.conf";
 
-[Install]
-WantedBy=sysinit.target
-";
+/// Host name of every guest until banger names it.
+pub const HOSTNAME: &str = "banger";
 
-/// Modules the agent's transports need; the Debian cloud kernel builds them
-/// as modules and its initramfs does not load them.
-pub const AGENT_MODULES_CONF: &str = "virtio_console\nvsock\nvmw_vsock_virtio_transport\n";
-
-/// sshd hardening (newest seed): keys only, root by key only.
+/// sshd settings (the seed's "Security" section): keys only, root by key only.
+/// Debian's `sshd_config` includes `sshd_config.d/*.conf` first, and the first
+/// value sshd reads wins, so these override the stock file.
 pub const SSHD_CONFIG: &str = "\
 # Installed by banger. Guests are single-user sandboxes reached by key only.
 PermitRootLogin prohibit-password
@@ -43,182 +33,574 @@ KbdInteractiveAuthentication no
 AuthorizedKeysFile /root/.ssh/authorized_keys
 ";
 
-/// Images are built once and booted many times: each VM makes its own ssh
-/// host keys at first boot instead of sharing the image's.
-pub const SSH_HOSTKEYS_DROPIN: &str = "\
+/// ssh.service drop-in. The image ships no host keys: banger gives each VM
+/// its own. Should a VM boot without them, Debian's `sshd -t` pre-check would
+/// fail the service, so missing keys are generated first (`ssh-keygen -A`
+/// never overwrites existing ones). `ExecStartPre=` is reset to keep the
+/// order: keys, then the config check.
+pub const SSH_HOST_KEYS_DROPIN: &str = "\
+# Installed by banger: generate host keys the VM was not given.
 [Service]
+ExecStartPre=
 ExecStartPre=/usr/bin/ssh-keygen -A
+ExecStartPre=/usr/sbin/sshd -t
 ";
 
-/// Timers that only cost a sandbox boot time and I/O.
-const DISABLED_UNITS: &[&str] = &[
-    "timers.target.wants/apt-daily.timer",
-    "timers.target.wants/apt-daily-upgrade.timer",
-    "timers.target.wants/e2scrub_all.timer",
-    "timers.target.wants/fstrim.timer",
-    "timers.target.wants/man-db.timer",
-    "multi-user.target.wants/e2scrub_reap.service",
+/// Units masked because they only cost a sandbox boot time, CPU and I/O:
+/// background apt updates and upgrades, the daily dpkg database backup,
+/// ext4 scrubbing (needs LVM, and its reaper runs at every boot), weekly
+/// TRIM (the disk is a host-side overlay) and man-db's index rebuild.
+/// Masked rather than only disabled, so that a package upgrade in the guest
+/// does not bring them back.
+pub const MASKED_UNITS: &[&str] = &[
+    "apt-daily.timer",
+    "apt-daily-upgrade.timer",
+    "dpkg-db-backup.timer",
+    "e2scrub_all.timer",
+    "e2scrub_reap.service",
+    "fstrim.timer",
+    "man-db.timer",
 ];
 
-/// Inputs of [`customize`].
+const HOSTS: &str = "\
+127.0.0.1\tlocalhost
+127.0.1.1\tbanger
+::1\t\tlocalhost ip6-localhost ip6-loopback
+ff02::1\t\tip6-allnodes
+ff02::2\t\tip6-allrouters
+";
+
+const FSTAB: &str = "\
+# Installed by banger: the root file system is the VM's first virtio disk.
+/dev/vda\t/\text4\tdefaults,errors=remount-ro\t0\t1
+";
+
+/// What [`customize`] installs besides its fixed files.
+#[derive(Debug, Clone, Copy)]
 pub struct Customization<'a> {
+    /// The guest agent binary (static), installed at [`AGENT_BINARY_PATH`].
     pub agent_binary: &'a Path,
+    /// The agent's unit file; enabled according to its `[Install]` section.
     pub agent_unit: &'a str,
-    pub modules_conf: &'a str,
+    /// `modules-load.d` list of the modules the agent's channels need.
+    pub agent_modules_conf: &'a str,
 }
 
-fn io(ctx: String) -> impl FnOnce(std::io::Error) -> ImageError {
-    ImageError::io(ctx)
+/// Where a unit's `[Install]` section asks to be enabled.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct InstallSection {
+    /// Targets whose `.wants/` directory links the unit.
+    pub wanted_by: Vec<String>,
+    /// Targets whose `.requires/` directory links the unit.
+    pub required_by: Vec<String>,
 }
 
-fn write(root: &Path, rel: &str, content: &str, mode: u32) -> Result<(), ImageError> {
-    let p = root.join(rel);
-    if let Some(dir) = p.parent() {
-        std::fs::create_dir_all(dir).map_err(io(format!("creating {}", dir.display())))?;
-    }
-    // Replace symlinks (e.g. /etc/hostname) rather than writing through them.
-    let _ = std::fs::remove_file(&p);
-    std::fs::write(&p, content).map_err(io(format!("writing {}", p.display())))?;
-    std::fs::set_permissions(&p, std::fs::Permissions::from_mode(mode)).map_err(io(format!("chmod {}", p.display())))
-}
-
-/// The `WantedBy=` targets of a unit's `[Install]` section.
-pub fn wanted_by(unit: &str) -> Vec<String> {
-    let mut in_install = false;
-    let mut out = Vec::new();
-    for line in unit.lines().map(str::trim) {
-        if line.starts_with('[') {
-            in_install = line == "[Install]";
-        } else if let Some(v) = line.strip_prefix("WantedBy=").filter(|_| in_install) {
-            out.extend(v.split_whitespace().map(String::from));
-        }
-    }
-    out
-}
-
-/// Applies banger's changes to the tree at `root`.
-pub fn customize(root: &Path, c: &Customization<'_>) -> Result<(), ImageError> {
-    write(root, "etc/hostname", "banger\n", 0o644)?;
-    write(root, "etc/hosts", "127.0.0.1 localhost\n127.0.1.1 banger\n::1 localhost ip6-localhost ip6-loopback\n", 0o644)?;
-    // Empty machine-id: systemd makes a fresh one on each VM's first boot.
-    write(root, "etc/machine-id", "", 0o444)?;
-    let _ = std::fs::remove_file(root.join("var/lib/dbus/machine-id"));
-    write(root, "etc/fstab", "/dev/vda / ext4 defaults,errors=remount-ro 0 1\n", 0o644)?;
-
-    // The agent, its unit (enabled) and its modules.
-    let agent_dst = root.join(AGENT_INSTALL_PATH);
-    if let Some(dir) = agent_dst.parent() {
-        std::fs::create_dir_all(dir).map_err(io(format!("creating {}", dir.display())))?;
-    }
-    std::fs::copy(c.agent_binary, &agent_dst).map_err(io(format!("copying {}", c.agent_binary.display())))?;
-    std::fs::set_permissions(&agent_dst, std::fs::Permissions::from_mode(0o755))
-        .map_err(io(format!("chmod {}", agent_dst.display())))?;
-    write(root, "etc/systemd/system/banger-agent.service", c.agent_unit, 0o644)?;
-    for target in wanted_by(c.agent_unit) {
-        let dir = root.join("etc/systemd/system").join(format!("{target}.wants"));
-        std::fs::create_dir_all(&dir).map_err(io(format!("creating {}", dir.display())))?;
-        let link = dir.join("banger-agent.service");
-        let _ = std::fs::remove_file(&link);
-        symlink("/etc/systemd/system/banger-agent.service", &link).map_err(io(format!("linking {}", link.display())))?;
-    }
-    write(root, "etc/modules-load.d/banger.conf", c.modules_conf, 0o644)?;
-
-    // sshd: hardened, per-VM host keys.
-    write(root, "etc/ssh/sshd_config.d/banger.conf", SSHD_CONFIG, 0o644)?;
-    write(root, "etc/systemd/system/ssh.service.d/banger-hostkeys.conf", SSH_HOSTKEYS_DROPIN, 0o644)?;
-    if let Ok(rd) = std::fs::read_dir(root.join("etc/ssh")) {
-        for e in rd.flatten() {
-            if e.file_name().to_string_lossy().starts_with("ssh_host_") {
-                std::fs::remove_file(e.path()).map_err(io(format!("removing {}", e.path().display())))?;
+impl InstallSection {
+    /// Parses the `[Install]` section of a unit file. Keys banger does not
+    /// act on (`Alias=`, `Also=`, ...) are errors rather than silently
+    /// ignored, and so is a unit nothing would start.
+    pub fn parse(unit: &str) -> Result<InstallSection, ImageError> {
+        let bad = |m: String| Err(ImageError::BadUnit(m));
+        let mut section = String::new();
+        let mut install = InstallSection::default();
+        let mut logical = String::new();
+        for raw in unit.lines() {
+            // A trailing backslash continues the line.
+            if let Some(part) = raw.strip_suffix('\\') {
+                logical.push_str(part);
+                logical.push(' ');
+                continue;
+            }
+            logical.push_str(raw);
+            let line = std::mem::take(&mut logical);
+            let line = line.trim();
+            if line.is_empty() || line.starts_with('#') || line.starts_with(';') {
+                continue;
+            }
+            if line.starts_with('[') {
+                section = line.to_string();
+                continue;
+            }
+            if section != "[Install]" {
+                continue;
+            }
+            let Some((key, value)) = line.split_once('=') else {
+                return bad(format!("[Install] line {line:?} is not key=value"));
+            };
+            let list = match key.trim() {
+                "WantedBy" => &mut install.wanted_by,
+                "RequiredBy" => &mut install.required_by,
+                other => return bad(format!("[Install] key {other}= is not supported: use WantedBy= or RequiredBy=")),
+            };
+            let value = value.trim();
+            if value.is_empty() {
+                // systemd semantics: an empty assignment resets the list.
+                list.clear();
+            }
+            for target in value.split_whitespace() {
+                if target.contains('/') || target.starts_with('.') || !target.contains('.') {
+                    return bad(format!("[Install] {} target {target:?} is not a unit name", key.trim()));
+                }
+                if !list.iter().any(|t| t == target) {
+                    list.push(target.to_string());
+                }
             }
         }
-    }
-    for (dir, mode) in [("root", 0o700), ("root/.ssh", 0o700)] {
-        let p = root.join(dir);
-        std::fs::create_dir_all(&p).map_err(io(format!("creating {}", p.display())))?;
-        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(mode)).map_err(io(format!("chmod {}", p.display())))?;
+        if install.wanted_by.is_empty() && install.required_by.is_empty() {
+            return bad("no WantedBy= or RequiredBy= in [Install]: nothing would start the agent".into());
+        }
+        Ok(install)
     }
 
-    for unit in DISABLED_UNITS {
-        let _ = std::fs::remove_file(root.join("etc/systemd/system").join(unit));
+    /// Enablement links relative to the tree root, with their targets, as
+    /// `systemctl enable` would make them.
+    fn links(&self, unit_name: &str) -> Vec<(PathBuf, PathBuf)> {
+        let dirs = self.wanted_by.iter().map(|t| format!("{t}.wants")).chain(self.required_by.iter().map(|t| format!("{t}.requires")));
+        dirs.map(|d| (Path::new("etc/systemd/system").join(d).join(unit_name), Path::new("..").join(unit_name))).collect()
+    }
+}
+
+/// The kernel of a tree: its release and where its files are.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KernelFiles {
+    /// e.g. `6.1.0-50-cloud-amd64`.
+    pub release: String,
+    /// The bzImage, `boot/vmlinuz-<release>`.
+    pub vmlinuz: PathBuf,
+    /// `boot/initrd.img-<release>`.
+    pub initrd: PathBuf,
+}
+
+/// The one kernel installed in the tree at `root`, with its initrd.
+pub fn find_kernel(root: &Path) -> Result<KernelFiles, ImageError> {
+    let boot = root.join("boot");
+    let entries = std::fs::read_dir(&boot).map_err(|_| ImageError::NoKernel(boot.clone()))?;
+    let mut releases: Vec<String> = entries
+        .flatten()
+        .filter_map(|e| e.file_name().to_str().and_then(|n| n.strip_prefix("vmlinuz-")).map(String::from))
+        .collect();
+    releases.sort();
+    let release = match releases.as_slice() {
+        [] => return Err(ImageError::NoKernel(boot)),
+        [one] => one.clone(),
+        several => return Err(ImageError::SeveralKernels(several.join(", "))),
+    };
+    let vmlinuz = boot.join(format!("vmlinuz-{release}"));
+    let initrd = boot.join(format!("initrd.img-{release}"));
+    if !initrd.is_file() {
+        return Err(ImageError::NoInitrd(initrd));
+    }
+    Ok(KernelFiles { release, vmlinuz, initrd })
+}
+
+/// Applies banger's changes to the Debian tree at `root`. Everything is
+/// checked before the first change, and running it twice gives the same tree.
+pub fn customize(root: &Path, c: &Customization<'_>) -> Result<(), ImageError> {
+    let install = InstallSection::parse(c.agent_unit)?;
+    if !c.agent_binary.is_file() {
+        return Err(ImageError::AgentMissing(c.agent_binary.to_path_buf()));
+    }
+    let sshd_config = root.join("etc/ssh/sshd_config");
+    let stock = std::fs::read_to_string(&sshd_config).map_err(ImageError::io(format!("reading {}", sshd_config.display())))?;
+    if !includes_dropins(&stock) {
+        return Err(ImageError::SshdNoInclude(sshd_config));
+    }
+
+    // Identity: each VM gets its own machine-id at first boot (an empty file
+    // means "not yet"), and ssh host keys from banger.
+    write_file(root, "etc/hostname", format!("{HOSTNAME}\n").as_bytes(), 0o644)?;
+    write_file(root, "etc/hosts", HOSTS.as_bytes(), 0o644)?;
+    write_file(root, "etc/machine-id", b"", 0o444)?;
+    remove_file_if(root, "var/lib/dbus/machine-id", |m| m.is_file())?;
+    write_file(root, "etc/fstab", FSTAB.as_bytes(), 0o644)?;
+
+    // The agent, started by its own unit.
+    let agent = std::fs::read(c.agent_binary).map_err(ImageError::io(format!("reading {}", c.agent_binary.display())))?;
+    write_file(root, rel(AGENT_BINARY_PATH), &agent, 0o755)?;
+    let unit_rel = Path::new("etc/systemd/system").join(AGENT_UNIT_NAME);
+    write_file(root, &unit_rel, c.agent_unit.as_bytes(), 0o644)?;
+    for (link, target) in install.links(AGENT_UNIT_NAME) {
+        write_symlink(root, &link, &target)?;
+    }
+    write_file(root, rel(AGENT_MODULES_CONF_PATH), c.agent_modules_conf.as_bytes(), 0o644)?;
+
+    // sshd: hardened, keys per VM.
+    write_file(root, "etc/ssh/sshd_config.d/banger.conf", SSHD_CONFIG.as_bytes(), 0o644)?;
+    write_file(root, "etc/systemd/system/ssh.service.d/banger-host-keys.conf", SSH_HOST_KEYS_DROPIN.as_bytes(), 0o644)?;
+    let ssh_dir = root.join("etc/ssh");
+    let entries = std::fs::read_dir(&ssh_dir).map_err(ImageError::io(format!("listing {}", ssh_dir.display())))?;
+    for entry in entries.flatten() {
+        if entry.file_name().to_string_lossy().starts_with("ssh_host_") {
+            let p = entry.path();
+            std::fs::remove_file(&p).map_err(ImageError::io(format!("removing {}", p.display())))?;
+        }
+    }
+    // StrictModes wants root's home and .ssh private.
+    for dir in ["root", "root/.ssh"] {
+        make_dir(root, Path::new(dir), 0o700)?;
+    }
+
+    // A quieter boot.
+    let system = Path::new("etc/systemd/system");
+    for unit in MASKED_UNITS {
+        write_symlink(root, &system.join(unit), Path::new("/dev/null"))?;
+        let wants_dirs = std::fs::read_dir(root.join(system)).map_err(ImageError::io(format!("listing {}", root.join(system).display())))?;
+        for dir in wants_dirs.flatten() {
+            let name = dir.file_name().to_string_lossy().into_owned();
+            if name.ends_with(".wants") || name.ends_with(".requires") {
+                remove_file_if(root, system.join(&name).join(unit), |m| m.file_type().is_symlink())?;
+            }
+        }
     }
     Ok(())
 }
 
-/// The kernel and initrd of the tree: `(release, vmlinuz, initrd)`.
-pub fn find_kernel(root: &Path) -> Result<(String, PathBuf, PathBuf), ImageError> {
-    let boot = root.join("boot");
-    let mut releases: Vec<String> = std::fs::read_dir(&boot)
-        .map_err(|_| ImageError::NoKernel)?
-        .flatten()
-        .filter_map(|e| e.file_name().to_str().and_then(|n| n.strip_prefix("vmlinuz-")).map(String::from))
-        .filter(|r| boot.join(format!("initrd.img-{r}")).is_file())
-        .collect();
-    releases.sort();
-    let release = releases.pop().ok_or(ImageError::NoKernel)?;
-    Ok((release.clone(), boot.join(format!("vmlinuz-{release}")), boot.join(format!("initrd.img-{release}"))))
+/// Whether an sshd_config includes `sshd_config.d/*.conf`.
+fn includes_dropins(config: &str) -> bool {
+    config.lines().map(str::trim).any(|l| {
+        let mut words = l.split_whitespace();
+        words.next().is_some_and(|k| k.eq_ignore_ascii_case("include")) && words.any(|w| w.contains("sshd_config.d/"))
+    })
+}
+
+/// An absolute guest path as a path relative to the tree root.
+fn rel(guest_path: &str) -> &Path {
+    Path::new(guest_path.trim_start_matches('/'))
+}
+
+/// `root/rel`, after checking that `rel` stays inside the tree and that no
+/// existing directory on the way is a symlink.
+fn inside(root: &Path, rel: &Path) -> Result<PathBuf, ImageError> {
+    let mut p = root.to_path_buf();
+    let comps: Vec<Component<'_>> = rel.components().collect();
+    for (i, comp) in comps.iter().enumerate() {
+        let Component::Normal(c) = comp else {
+            return Err(escape(root, rel, "is not a plain relative path"));
+        };
+        p.push(c);
+        if i + 1 < comps.len() && std::fs::symlink_metadata(&p).is_ok_and(|m| m.file_type().is_symlink()) {
+            return Err(escape(root, rel, "goes through a symlink"));
+        }
+    }
+    Ok(p)
+}
+
+fn escape(root: &Path, rel: &Path, why: &str) -> ImageError {
+    ImageError::Io {
+        context: format!("refusing to write {} in {}", rel.display(), root.display()),
+        source: std::io::Error::new(std::io::ErrorKind::InvalidInput, format!("the path {why}")),
+    }
+}
+
+/// Creates the missing directories of `rel` with mode 0755 whatever the
+/// umask, leaving existing ones as they are.
+fn create_dirs(root: &Path, rel: &Path) -> Result<(), ImageError> {
+    inside(root, rel)?;
+    let mut p = root.to_path_buf();
+    for comp in rel.components() {
+        p.push(comp);
+        match std::fs::symlink_metadata(&p) {
+            Ok(m) if m.is_dir() => {}
+            Ok(_) => return Err(escape(root, rel, "has a non-directory on the way")),
+            Err(_) => {
+                std::fs::DirBuilder::new()
+                    .mode(0o755)
+                    .create(&p)
+                    .map_err(ImageError::io(format!("creating {}", p.display())))?;
+                set_mode(&p, 0o755)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Creates directory `rel` (and missing parents) and gives it `mode`.
+fn make_dir(root: &Path, rel: &Path, mode: u32) -> Result<(), ImageError> {
+    create_dirs(root, rel)?;
+    set_mode(&inside(root, rel)?, mode)
+}
+
+fn set_mode(p: &Path, mode: u32) -> Result<(), ImageError> {
+    std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode)).map_err(ImageError::io(format!("chmod {}", p.display())))
+}
+
+/// Replaces whatever is at `rel` (a symlink is replaced, never followed)
+/// with a file holding `content`.
+fn write_file(root: &Path, rel: impl AsRef<Path>, content: &[u8], mode: u32) -> Result<(), ImageError> {
+    let rel = rel.as_ref();
+    let p = inside(root, rel)?;
+    if let Some(parent) = rel.parent() {
+        create_dirs(root, parent)?;
+    }
+    remove_file_if(root, rel, |m| !m.is_dir())?;
+    let ctx = || format!("writing {}", p.display());
+    let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(mode).open(&p).map_err(ImageError::io(ctx()))?;
+    f.write_all(content).map_err(ImageError::io(ctx()))?;
+    set_mode(&p, mode)
+}
+
+/// Replaces whatever is at `rel` with a symlink to `target`.
+fn write_symlink(root: &Path, rel: &Path, target: &Path) -> Result<(), ImageError> {
+    let p = inside(root, rel)?;
+    if let Some(parent) = rel.parent() {
+        create_dirs(root, parent)?;
+    }
+    remove_file_if(root, rel, |m| !m.is_dir())?;
+    symlink(target, &p).map_err(ImageError::io(format!("linking {}", p.display())))
+}
+
+/// Removes `rel` if it exists and `pred` holds for its (not followed) metadata.
+fn remove_file_if(root: &Path, rel: impl AsRef<Path>, pred: impl Fn(&std::fs::Metadata) -> bool) -> Result<(), ImageError> {
+    let p = inside(root, rel.as_ref())?;
+    match std::fs::symlink_metadata(&p) {
+        Ok(m) if pred(&m) => std::fs::remove_file(&p).map_err(ImageError::io(format!("removing {}", p.display()))),
+        _ => Ok(()),
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::collections::BTreeMap;
     use std::os::unix::fs::MetadataExt;
 
-    fn fake_tree() -> (tempfile::TempDir, PathBuf) {
-        let t = tempfile::tempdir().expect("tmp");
-        let root = t.path().join("root");
-        for d in ["boot", "etc/ssh", "etc/systemd/system/timers.target.wants", "root"] {
-            std::fs::create_dir_all(root.join(d)).expect("dir");
+    const UNIT: &str = "\
+[Unit]
+Description=test agent
+# WantedBy=not-this.target
+DefaultDependencies=no
+
+[Service]
+ExecStart=/usr/local/bin/banger-agent
+
+[Install]
+WantedBy=sysinit.target
+";
+
+    const MODULES: &str = "virtio_console\nvsock\n";
+
+    /// What a node of the tree is, for before/after comparisons.
+    #[derive(Debug, Clone, PartialEq, Eq)]
+    enum Node {
+        Dir(u32),
+        File(u32, Vec<u8>),
+        Link(PathBuf),
+    }
+
+    fn snapshot(root: &Path) -> BTreeMap<PathBuf, Node> {
+        let mut out = BTreeMap::new();
+        let mut stack = vec![root.to_path_buf()];
+        while let Some(dir) = stack.pop() {
+            for e in std::fs::read_dir(&dir).expect("ls").flatten() {
+                let p = e.path();
+                let m = std::fs::symlink_metadata(&p).expect("stat");
+                let node = if m.file_type().is_symlink() {
+                    Node::Link(std::fs::read_link(&p).expect("readlink"))
+                } else if m.is_dir() {
+                    stack.push(p.clone());
+                    Node::Dir(m.mode() & 0o7777)
+                } else {
+                    Node::File(m.mode() & 0o7777, std::fs::read(&p).expect("read"))
+                };
+                out.insert(p.strip_prefix(root).expect("prefix").to_path_buf(), node);
+            }
         }
-        std::fs::write(root.join("boot/vmlinuz-6.1.0-9-cloud-amd64"), "k").expect("k");
-        std::fs::write(root.join("boot/initrd.img-6.1.0-9-cloud-amd64"), "i").expect("i");
-        std::fs::write(root.join("etc/ssh/ssh_host_ed25519_key"), "secret").expect("key");
-        std::fs::write(root.join("etc/ssh/sshd_config"), "stock").expect("cfg");
-        std::fs::write(root.join("etc/systemd/system/timers.target.wants/apt-daily.timer"), "").expect("t");
+        out
+    }
+
+    /// A Debian-shaped tree: what the customisation reads, touches or must
+    /// leave alone.
+    fn fake_tree() -> (tempfile::TempDir, PathBuf, PathBuf) {
+        let t = tempfile::tempdir().expect("tempdir");
+        let root = t.path().join("root");
+        for d in [
+            "boot",
+            "etc/ssh/sshd_config.d",
+            "etc/systemd/system/timers.target.wants",
+            "etc/systemd/system/multi-user.target.wants",
+            "root",
+            "usr/local/bin",
+            "var/lib/dbus",
+        ] {
+            std::fs::create_dir_all(root.join(d)).expect("mkdir");
+        }
+        let files: &[(&str, &str)] = &[
+            ("boot/vmlinuz-6.1.0-9-cloud-amd64", "kernel"),
+            ("boot/initrd.img-6.1.0-9-cloud-amd64", "initrd"),
+            ("etc/hostname", "builder-host\n"),
+            ("etc/machine-id", "0123456789abcdef0123456789abcdef\n"),
+            ("var/lib/dbus/machine-id", "0123456789abcdef0123456789abcdef\n"),
+            ("etc/fstab", "# UNCONFIGURED FSTAB FOR BASE SYSTEM\n"),
+            ("etc/ssh/sshd_config", "Include /etc/ssh/sshd_config.d/*.conf\nUsePAM yes\n"),
+            ("etc/ssh/ssh_host_ed25519_key", "secret"),
+            ("etc/ssh/ssh_host_ed25519_key.pub", "public"),
+            ("etc/ssh/ssh_host_rsa_key", "secret"),
+            ("etc/ssh/moduli", "moduli"),
+        ];
+        for (p, c) in files {
+            std::fs::write(root.join(p), c).expect("write");
+        }
+        std::fs::set_permissions(root.join("root"), std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        for (link, target) in [
+            ("etc/systemd/system/timers.target.wants/apt-daily.timer", "/lib/systemd/system/apt-daily.timer"),
+            ("etc/systemd/system/timers.target.wants/fstrim.timer", "/lib/systemd/system/fstrim.timer"),
+            ("etc/systemd/system/multi-user.target.wants/e2scrub_reap.service", "/lib/systemd/system/e2scrub_reap.service"),
+            ("etc/systemd/system/multi-user.target.wants/ssh.service", "/lib/systemd/system/ssh.service"),
+        ] {
+            symlink(target, root.join(link)).expect("symlink");
+        }
         let agent = t.path().join("agent");
-        std::fs::write(&agent, "#!agent").expect("agent");
-        (t, root)
+        std::fs::write(&agent, "#!agent binary").expect("agent");
+        (t, root, agent)
+    }
+
+    fn file(mode: u32, content: &str) -> Node {
+        Node::File(mode, content.as_bytes().to_vec())
+    }
+
+    fn link(target: &str) -> Node {
+        Node::Link(PathBuf::from(target))
     }
 
     #[test]
-    fn wanted_by_reads_only_the_install_section() {
-        assert_eq!(wanted_by(AGENT_UNIT), ["sysinit.target"]);
-        assert_eq!(wanted_by("[Unit]\nWantedBy=x\n[Install]\nWantedBy=a.target b.target\n"), ["a.target", "b.target"]);
-        assert!(wanted_by("[Service]\nExecStart=/x\n").is_empty());
+    fn install_section_lists_targets_and_rejects_what_banger_would_ignore() {
+        let i = InstallSection::parse(UNIT).expect("parse");
+        assert_eq!(i.wanted_by, ["sysinit.target"]);
+        assert!(i.required_by.is_empty());
+
+        let i = InstallSection::parse(
+            "[Install]\nWantedBy = a.target \\\n  b.target\nWantedBy=a.target\nRequiredBy=c.target\n; WantedBy=x.target\n",
+        )
+        .expect("parse");
+        assert_eq!(i.wanted_by, ["a.target", "b.target"]);
+        assert_eq!(i.required_by, ["c.target"]);
+
+        let reset = InstallSection::parse("[Install]\nWantedBy=a.target\nWantedBy=\nWantedBy=b.target\n").expect("parse");
+        assert_eq!(reset.wanted_by, ["b.target"]);
+
+        for bad in [
+            "[Unit]\nWantedBy=a.target\n[Service]\nExecStart=/x\n",
+            "[Install]\nWantedBy=a.target\nAlias=agent.service\n",
+            "[Install]\nWantedBy=../../etc/passwd\n",
+            "[Install]\nWantedBy=multi-user\n",
+            "[Install]\nWantedBy\n",
+        ] {
+            assert!(matches!(InstallSection::parse(bad), Err(ImageError::BadUnit(_))), "{bad:?} should be refused");
+        }
     }
 
     #[test]
-    fn customize_writes_exactly_what_banger_needs() {
-        let (t, root) = fake_tree();
-        let agent = t.path().join("agent");
-        customize(&root, &Customization { agent_binary: &agent, agent_unit: AGENT_UNIT, modules_conf: AGENT_MODULES_CONF })
-            .expect("customize");
-        let md = std::fs::metadata(root.join(AGENT_INSTALL_PATH)).expect("agent installed");
-        assert_eq!(md.mode() & 0o7777, 0o755);
-        let link = std::fs::read_link(root.join("etc/systemd/system/sysinit.target.wants/banger-agent.service")).expect("enabled");
-        assert_eq!(link, Path::new("/etc/systemd/system/banger-agent.service"));
-        assert_eq!(std::fs::read_to_string(root.join("etc/machine-id")).expect("mid"), "");
-        assert!(!root.join("etc/ssh/ssh_host_ed25519_key").exists(), "shared host key must go");
-        assert_eq!(std::fs::read_to_string(root.join("etc/ssh/sshd_config")).expect("cfg"), "stock");
-        let sshd = std::fs::read_to_string(root.join("etc/ssh/sshd_config.d/banger.conf")).expect("sshd");
-        assert!(sshd.contains("PermitRootLogin prohibit-password") && sshd.contains("PasswordAuthentication no"));
-        assert_eq!(std::fs::metadata(root.join("root")).expect("root").mode() & 0o777, 0o700);
-        assert_eq!(std::fs::metadata(root.join("root/.ssh")).expect("ssh").mode() & 0o777, 0o700);
-        assert!(!root.join("etc/systemd/system/timers.target.wants/apt-daily.timer").exists());
-        assert_eq!(std::fs::read_to_string(root.join("etc/modules-load.d/banger.conf")).expect("m"), AGENT_MODULES_CONF);
-        // Running it twice is harmless.
-        customize(&root, &Customization { agent_binary: &agent, agent_unit: AGENT_UNIT, modules_conf: AGENT_MODULES_CONF })
-            .expect("again");
+    fn customize_makes_exactly_the_expected_changes() {
+        let (_t, root, agent) = fake_tree();
+        let before = snapshot(&root);
+        let c = Customization { agent_binary: &agent, agent_unit: UNIT, agent_modules_conf: MODULES };
+        customize(&root, &c).expect("customize");
+        let after = snapshot(&root);
+
+        let mut expected = before.clone();
+        for gone in [
+            "etc/ssh/ssh_host_ed25519_key",
+            "etc/ssh/ssh_host_ed25519_key.pub",
+            "etc/ssh/ssh_host_rsa_key",
+            "var/lib/dbus/machine-id",
+            "etc/systemd/system/timers.target.wants/apt-daily.timer",
+            "etc/systemd/system/timers.target.wants/fstrim.timer",
+            "etc/systemd/system/multi-user.target.wants/e2scrub_reap.service",
+        ] {
+            assert!(expected.remove(Path::new(gone)).is_some(), "{gone} was in the fake tree");
+        }
+        let mut set = |p: &str, n: Node| {
+            expected.insert(PathBuf::from(p), n);
+        };
+        set("etc/hostname", file(0o644, "banger\n"));
+        set("etc/hosts", file(0o644, HOSTS));
+        set("etc/machine-id", file(0o444, ""));
+        set("etc/fstab", file(0o644, FSTAB));
+        set("usr/local/bin/banger-agent", file(0o755, "#!agent binary"));
+        set("etc/systemd/system/banger-agent.service", file(0o644, UNIT));
+        set("etc/systemd/system/sysinit.target.wants", Node::Dir(0o755));
+        set("etc/systemd/system/sysinit.target.wants/banger-agent.service", link("../banger-agent.service"));
+        set("etc/modules-load.d", Node::Dir(0o755));
+        set("etc/modules-load.d/banger.conf", file(0o644, MODULES));
+        set("etc/ssh/sshd_config.d/banger.conf", file(0o644, SSHD_CONFIG));
+        set("etc/systemd/system/ssh.service.d", Node::Dir(0o755));
+        set("etc/systemd/system/ssh.service.d/banger-host-keys.conf", file(0o644, SSH_HOST_KEYS_DROPIN));
+        set("root", Node::Dir(0o700));
+        set("root/.ssh", Node::Dir(0o700));
+        for unit in MASKED_UNITS {
+            set(&format!("etc/systemd/system/{unit}"), link("/dev/null"));
+        }
+        for (path, node) in &after {
+            assert_eq!(expected.get(path), Some(node), "unexpected state of {}", path.display());
+        }
+        for path in expected.keys() {
+            assert!(after.contains_key(path), "{} is missing", path.display());
+        }
+
+        // Idempotent: a second run changes nothing.
+        customize(&root, &c).expect("again");
+        assert_eq!(snapshot(&root), after);
     }
 
     #[test]
-    fn finds_the_newest_kernel_with_an_initrd() {
-        let (_t, root) = fake_tree();
-        std::fs::write(root.join("boot/vmlinuz-6.1.0-10-cloud-amd64"), "k2").expect("k2"); // no initrd
-        let (rel, k, i) = find_kernel(&root).expect("kernel");
-        assert_eq!(rel, "6.1.0-9-cloud-amd64");
-        assert!(k.ends_with("vmlinuz-6.1.0-9-cloud-amd64") && i.ends_with("initrd.img-6.1.0-9-cloud-amd64"));
+    fn customize_checks_everything_before_changing_anything() {
+        let (t, root, agent) = fake_tree();
+        let before = snapshot(&root);
+        let c = Customization { agent_binary: &agent, agent_unit: "[Install]\nAlias=x.service\n", agent_modules_conf: MODULES };
+        assert!(matches!(customize(&root, &c), Err(ImageError::BadUnit(_))));
+        let missing = t.path().join("no-agent");
+        let c = Customization { agent_binary: &missing, agent_unit: UNIT, agent_modules_conf: MODULES };
+        assert!(matches!(customize(&root, &c), Err(ImageError::AgentMissing(_))));
+        std::fs::write(root.join("etc/ssh/sshd_config"), "UsePAM yes\n").expect("write");
+        let c = Customization { agent_binary: &agent, agent_unit: UNIT, agent_modules_conf: MODULES };
+        assert!(matches!(customize(&root, &c), Err(ImageError::SshdNoInclude(_))));
+        let mut now = snapshot(&root);
+        now.insert("etc/ssh/sshd_config".into(), before[Path::new("etc/ssh/sshd_config")].clone());
+        assert_eq!(now, before);
+    }
+
+    #[test]
+    fn customize_never_writes_through_a_symlink_of_the_tree() {
+        let (t, root, agent) = fake_tree();
+        // In a chroot, /etc/hostname -> /etc/hostname style links point at the host.
+        let host_file = t.path().join("host-hostname");
+        std::fs::write(&host_file, "host\n").expect("write");
+        std::fs::remove_file(root.join("etc/hostname")).expect("rm");
+        symlink(&host_file, root.join("etc/hostname")).expect("symlink");
+        // A directory on the way that is a symlink out of the tree is refused.
+        let outside = t.path().join("outside");
+        std::fs::create_dir(&outside).expect("mkdir");
+        symlink(&outside, root.join("etc/modules-load.d")).expect("symlink");
+
+        let c = Customization { agent_binary: &agent, agent_unit: UNIT, agent_modules_conf: MODULES };
+        let err = customize(&root, &c).expect_err("refused");
+        assert!(err.to_string().contains("modules-load.d"), "{err}");
+        assert_eq!(std::fs::read_to_string(&host_file).expect("read"), "host\n");
+        assert_eq!(std::fs::read_to_string(root.join("etc/hostname")).expect("read"), "banger\n");
+        assert_eq!(std::fs::read_dir(&outside).expect("ls").count(), 0);
+    }
+
+    #[test]
+    fn finds_the_one_kernel_and_its_initrd() {
+        let (_t, root, _) = fake_tree();
+        let k = find_kernel(&root).expect("kernel");
+        assert_eq!(k.release, "6.1.0-9-cloud-amd64");
+        assert_eq!(k.vmlinuz, root.join("boot/vmlinuz-6.1.0-9-cloud-amd64"));
+        assert_eq!(k.initrd, root.join("boot/initrd.img-6.1.0-9-cloud-amd64"));
+
+        std::fs::write(root.join("boot/vmlinuz-6.1.0-10-cloud-amd64"), "k2").expect("write");
+        assert!(matches!(find_kernel(&root), Err(ImageError::SeveralKernels(list)) if list == "6.1.0-10-cloud-amd64, 6.1.0-9-cloud-amd64"));
+        std::fs::remove_file(root.join("boot/vmlinuz-6.1.0-9-cloud-amd64")).expect("rm");
+        assert!(matches!(find_kernel(&root), Err(ImageError::NoInitrd(_))));
         std::fs::remove_dir_all(root.join("boot")).expect("rm");
-        assert!(matches!(find_kernel(&root), Err(ImageError::NoKernel)));
+        assert!(matches!(find_kernel(&root), Err(ImageError::NoKernel(_))));
+    }
+
+    #[test]
+    fn sshd_include_detection() {
+        assert!(includes_dropins("# comment\nInclude /etc/ssh/sshd_config.d/*.conf\n"));
+        assert!(includes_dropins("include   /etc/ssh/sshd_config.d/*.conf"));
+        assert!(!includes_dropins("#Include /etc/ssh/sshd_config.d/*.conf\n"));
+        assert!(!includes_dropins("Include /etc/other/*.conf\n"));
     }
 }

@@ -1,45 +1,76 @@
 //! Images banger boots.
 //!
 //! This crate builds the default image locally from Debian packages, for
-//! hosts without catalog access: `mmdebstrap` makes the tree, [`customize`]
-//! prepares it for banger (agent, sshd hardening, per-VM identity), the
-//! kernel and initrd are taken out as the image's kernel, and `mkfs.ext4 -d`
-//! writes the root file system. Everything happens in a staging directory
-//! that is renamed into place only at the end, so a failed or interrupted
-//! build leaves nothing behind.
+//! hosts without catalog access ([`build_debian`]): `mmdebstrap` makes the
+//! tree, [`customize`] prepares it for banger (agent, sshd hardening, per-VM
+//! identity), the kernel and initrd are copied out as the image's kernel, and
+//! `mkfs.ext4 -d` writes the root file system. Everything happens in a
+//! staging directory that is renamed into place only at the end, so a failed
+//! or cancelled build leaves nothing behind, and a finished one is marked by
+//! its `manifest.json` ([`debian_image_exists`]).
 
 mod build;
 pub mod customize;
+mod fsutil;
 mod manifest;
 mod process;
+mod staging;
 
-pub use build::{BuiltImage, DebianBuild, Progress, build_debian, find_built, mounts_under as mounts_under_dir};
-pub use customize::{AGENT_INSTALL_PATH, AGENT_MODULES_CONF, AGENT_UNIT};
+pub use build::{
+    BASE_PACKAGES, BuiltImage, DebianBuild, Progress, build_debian, debian_image_exists, kernel_name,
+};
+pub use fsutil::{rootfs_size, tree_usage};
 pub use manifest::Manifest;
+pub use staging::mounts_under;
 
 use std::path::PathBuf;
 
-/// Errors building or reading images. Messages say what to do.
+/// Errors building or reading images. Messages are one line and say what to do.
 #[derive(Debug, thiserror::Error)]
 pub enum ImageError {
     #[error("{tool} not found: apt-get install {package}")]
     ToolMissing { tool: &'static str, package: &'static str },
     #[error(
-        "building the Debian image needs root (mmdebstrap runs in root mode): run bangerd as root, \
-         or build the image once as root and register it"
+        "building the Debian image needs root: mmdebstrap mounts /proc and /sys in its chroot and \
+         creates root-owned files; run the build through the root daemon or with sudo"
     )]
     NeedsRoot,
-    #[error("{tool} failed ({status}); last output:\n{tail}")]
-    ToolFailed { tool: &'static str, status: String, tail: String },
+    #[error("image name {0:?} is not valid: use 1 to 63 characters a-z, 0-9 and -, not starting with -")]
+    BadName(String),
+    #[error("suite {0:?} is not valid: give a Debian suite name such as bookworm")]
+    BadSuite(String),
+    #[error("package {0:?} is not valid: give plain Debian package names (no spaces or commas, not starting with -)")]
+    BadPackage(String),
+    #[error("mirror {0:?} is not valid: give a URL such as http://deb.debian.org/debian")]
+    BadMirror(String),
+    #[error("agent binary {0} does not exist: build banger-agent first")]
+    AgentMissing(PathBuf),
+    #[error("agent unit: {0}")]
+    BadUnit(String),
+    #[error("{tool} failed ({status}): {last_line}; the build log has its full output")]
+    ToolFailed {
+        tool: &'static str,
+        status: String,
+        last_line: String,
+        /// The last lines the tool printed, oldest first.
+        tail: Vec<String>,
+    },
     #[error("image build cancelled")]
     Cancelled,
-    #[error("the Debian tree has no kernel in /boot (is linux-image-cloud-amd64 installed?)")]
-    NoKernel,
-    #[error("banger-agent binary {0} does not exist: build it (scripts/build.sh) or set agent_path")]
-    AgentMissing(PathBuf),
-    #[error("image name {0:?} is not valid: use a-z, 0-9 and -")]
-    BadName(String),
-    #[error("{context}: {source}")]
+    #[error("no kernel in {0}: is linux-image-cloud-amd64 among the packages?")]
+    NoKernel(PathBuf),
+    #[error("no initrd at {0}: is initramfs-tools among the packages?")]
+    NoInitrd(PathBuf),
+    #[error("several kernels in /boot ({0}): drop the extra kernel package from the extra packages")]
+    SeveralKernels(String),
+    #[error(
+        "{0} does not include sshd_config.d/*.conf, so banger's sshd settings would be ignored: \
+         use Debian bookworm or newer"
+    )]
+    SshdNoInclude(PathBuf),
+    #[error("cannot remove {dir}: {count} file systems are still mounted under it; unmount them (umount -R) and remove it")]
+    MountsLeft { dir: PathBuf, count: usize },
+    #[error("{context}")]
     Io {
         context: String,
         #[source]
@@ -48,6 +79,7 @@ pub enum ImageError {
 }
 
 impl ImageError {
+    /// Wraps an I/O error with what was being done (naming the path).
     pub(crate) fn io(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> Self {
         let context = context.into();
         move |source| ImageError::Io { context, source }
