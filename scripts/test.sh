@@ -8,5 +8,5 @@ export PROFILE=dev
 ./scripts/build.sh
 cargo fmt --all --check
 cargo clippy --locked --workspace --all-targets -- -D warnings
-cargo test --locked --workspace
+cargo test --locked --workspace --exclude banger-e2e
 BANGER_BIN_DIR="$PWD/build/bin" cargo test --locked -p banger-e2e -- --test-threads=1

@@ -3,6 +3,7 @@
 use crate::vms::now_rfc3339;
 use crate::{Daemon, DaemonError};
 use anyhow::Context;
+use banger_config::{HostResources, effective_defaults};
 use banger_image::{DebianBuild, Progress as BuildProgress};
 use banger_model::{ImageRecord, KernelRecord};
 use std::sync::Arc;
@@ -59,6 +60,8 @@ impl Daemon {
             agent_binary: self.agent_binary()?,
             agent_unit: banger_agent::SYSTEMD_UNIT.to_string(),
             agent_modules_conf: banger_agent::MODULES_LOAD.to_string(),
+            // VMs of the default disk size then need no resize at boot.
+            min_rootfs_bytes: effective_defaults(&self.config.vm_defaults, &HostResources::detect()).disk_bytes.value,
             images_dir: self.paths.images_dir.clone(),
             kernels_dir: self.paths.kernels_dir.clone(),
         };

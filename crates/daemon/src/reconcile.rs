@@ -51,10 +51,10 @@ impl Daemon {
 
     /// Ends whatever is left of a VM's VMM and records `state`. Disks stay.
     async fn stop_leftover(&self, vm: &VmRecord, state: VmState, error: Option<&str>) {
-        if let Some(pid) = vm.pid {
-            if let Err(e) = self.terminate_vmm(vm, pid).await {
-                tracing::warn!(vm = %vm.name, error = %e, "could not end leftover VMM");
-            }
+        if let Some(pid) = vm.pid
+            && let Err(e) = self.terminate_vmm(vm, pid).await
+        {
+            tracing::warn!(vm = %vm.name, error = %e, "could not end leftover VMM");
         }
         let p = VmPaths::new(&vm.dir);
         for f in [p.agent_socket(), p.control_socket(), p.pid_file()] {

@@ -13,6 +13,9 @@ use std::sync::{Arc, Mutex};
 /// An undo action: runs at most once, during rollback.
 pub type Undo<'a> = Box<dyn FnOnce() -> BoxFuture<'a, anyhow::Result<()>> + Send + 'a>;
 
+/// Called as each step begins, with its name and progress message.
+type OnStep<'a> = Box<dyn FnMut(&'static str, &str) + Send + 'a>;
+
 /// Errors of a rolled-back run: the root cause, then any undo failures.
 #[derive(Debug)]
 pub struct StepError {
@@ -40,7 +43,7 @@ impl std::error::Error for StepError {
 /// Collects undos while steps run; rolls back on failure.
 pub struct Steps<'a> {
     undos: Vec<(&'static str, Undo<'a>)>,
-    on_step: Box<dyn FnMut(&'static str, &str) + Send + 'a>,
+    on_step: OnStep<'a>,
 }
 
 impl<'a> Steps<'a> {

@@ -168,7 +168,8 @@ impl Daemon {
             return Ok(vm);
         }
         let progress = |phase: &str, msg: &str| rep.progress(phase, msg);
-        match this.boot(&vmm, &mut vm, &kernel, grown, &mut steps, &progress, &cancel).await {
+        let ctx = BootCtx { vmm: &vmm, kernel: &kernel, grow_root: grown, progress: &progress, cancel: &cancel };
+        match this.boot(ctx, &mut vm, &mut steps).await {
             Ok(()) => {
                 steps.commit();
                 Ok(vm)
@@ -195,16 +196,8 @@ impl Daemon {
     }
 
     /// Boots `vm` (state must be creating or stopped) and waits for its agent.
-    async fn boot(
-        self: &Arc<Self>,
-        vmm: &Arc<dyn Vmm>,
-        vm: &mut VmRecord,
-        kernel: &KernelRecord,
-        grow_root: bool,
-        steps: &mut Steps<'_>,
-        progress: &(dyn Fn(&str, &str) + Sync),
-        cancel: &CancellationToken,
-    ) -> Result<(), BootError> {
+    async fn boot(self: &Arc<Self>, ctx: BootCtx<'_>, vm: &mut VmRecord, steps: &mut Steps<'_>) -> Result<(), BootError> {
+        let BootCtx { vmm, kernel, grow_root, progress, cancel } = ctx;
         let paths = VmPaths::new(&vm.dir);
         if let Err(e) = self.store.set_vm_state(&vm.id, VmState::Starting, None, None) {
             return Err(fail(steps, e.into()).await);
@@ -300,10 +293,10 @@ impl Daemon {
         };
         let Ok(mut s) = agent.exec(req) else { return };
         while let Ok(Some(ev)) = s.next_event().await {
-            if let banger_agent_proto::client::ExecEvent::Exited(st) = ev {
-                if st.code != Some(0) {
-                    tracing::warn!(vm = %vm.name, ?st, "resize2fs of the root disk failed");
-                }
+            if let banger_agent_proto::client::ExecEvent::Exited(st) = ev
+                && st.code != Some(0)
+            {
+                tracing::warn!(vm = %vm.name, ?st, "resize2fs of the root disk failed");
             }
         }
     }
@@ -322,11 +315,11 @@ impl Daemon {
         // Whoever holds the lock (delete, stop) records the state itself.
         let lock = self.vm_lock(id);
         let _g = lock.lock().await;
-        if let Ok(vm) = self.store.get_vm(id) {
-            if matches!(vm.state, VmState::Running | VmState::Starting | VmState::Stopping) {
-                tracing::info!(vm = %vm.name, "VMM exited; marking VM stopped");
-                let _ = self.store.set_vm_state(id, VmState::Stopped, None, None);
-            }
+        if let Ok(vm) = self.store.get_vm(id)
+            && matches!(vm.state, VmState::Running | VmState::Starting | VmState::Stopping)
+        {
+            tracing::info!(vm = %vm.name, "VMM exited; marking VM stopped");
+            let _ = self.store.set_vm_state(id, VmState::Stopped, None, None);
         }
     }
 
@@ -399,6 +392,16 @@ impl Daemon {
             Err(_) => "none".into(),
         }
     }
+}
+
+/// What a boot needs besides the VM and its steps.
+struct BootCtx<'a> {
+    vmm: &'a Arc<dyn Vmm>,
+    kernel: &'a KernelRecord,
+    /// The root disk is larger than the image: grow the file system once up.
+    grow_root: bool,
+    progress: &'a (dyn Fn(&str, &str) + Sync),
+    cancel: &'a CancellationToken,
 }
 
 /// Why a boot did not end with a ready VM.

@@ -3,7 +3,10 @@
 use crate::customize::{Customization, InstallSection, customize, find_kernel};
 use crate::fsutil::{find_tool, inode_count, rootfs_size, sha256_file, tree_usage};
 use crate::process::run_tool;
-use crate::staging::{STAGING_PREFIX, Staging, lock_images_dir, mounts_under, remove_stale, remove_tree, unmount_all_under};
+use crate::staging::{
+    STAGING_PREFIX, Staging, lock_images_dir, mounts_under, remove_stale, remove_tree,
+    unmount_all_under,
+};
 use crate::{ImageError, Manifest};
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
@@ -61,6 +64,10 @@ pub struct DebianBuild {
     pub images_dir: PathBuf,
     /// The kernel store; the kernel goes to `kernels_dir/<kernel name>/`.
     pub kernels_dir: PathBuf,
+    /// The root file system is made at least this big (a sparse file, so the
+    /// unused part costs no disk). VMs whose disk is no bigger then boot
+    /// without growing their file system, which costs seconds under TCG.
+    pub min_rootfs_bytes: u64,
 }
 
 /// A finished image and its kernel.
@@ -99,7 +106,11 @@ pub fn kernel_name(suite: &str, release: &str) -> String {
 /// The complete image `name` in `images_dir`, if there is one: its manifest
 /// is valid, its root file system has the recorded size and its kernel files
 /// are in `kernels_dir`.
-pub fn debian_image_exists(images_dir: &Path, kernels_dir: &Path, name: &str) -> Option<BuiltImage> {
+pub fn debian_image_exists(
+    images_dir: &Path,
+    kernels_dir: &Path,
+    name: &str,
+) -> Option<BuiltImage> {
     let dir = images_dir.join(name);
     let m = Manifest::read(&dir).ok()?;
     if m.name != name || !is_plain_file_name(&m.rootfs) || !is_plain_file_name(&m.kernel_name) {
@@ -108,7 +119,8 @@ pub fn debian_image_exists(images_dir: &Path, kernels_dir: &Path, name: &str) ->
     let rootfs = dir.join(&m.rootfs);
     let kdir = kernels_dir.join(&m.kernel_name);
     let (kernel, initrd) = (kdir.join(KERNEL_FILE), kdir.join(INITRD_FILE));
-    let rootfs_ok = std::fs::metadata(&rootfs).is_ok_and(|md| md.is_file() && md.len() == m.rootfs_bytes);
+    let rootfs_ok =
+        std::fs::metadata(&rootfs).is_ok_and(|md| md.is_file() && md.len() == m.rootfs_bytes);
     if !(rootfs_ok && kernel.is_file() && initrd.is_file()) {
         return None;
     }
@@ -153,11 +165,20 @@ pub async fn build_debian(
         return Err(ImageError::NeedsRoot);
     }
     let tools = Tools {
-        mmdebstrap: find_tool("mmdebstrap").ok_or(ImageError::ToolMissing { tool: "mmdebstrap", package: "mmdebstrap" })?,
-        mkfs: find_tool("mkfs.ext4").ok_or(ImageError::ToolMissing { tool: "mkfs.ext4", package: "e2fsprogs" })?,
+        mmdebstrap: find_tool("mmdebstrap").ok_or(ImageError::ToolMissing {
+            tool: "mmdebstrap",
+            package: "mmdebstrap",
+        })?,
+        mkfs: find_tool("mkfs.ext4").ok_or(ImageError::ToolMissing {
+            tool: "mkfs.ext4",
+            package: "e2fsprogs",
+        })?,
     };
 
-    std::fs::create_dir_all(&spec.images_dir).map_err(ImageError::io(format!("creating {}", spec.images_dir.display())))?;
+    std::fs::create_dir_all(&spec.images_dir).map_err(ImageError::io(format!(
+        "creating {}",
+        spec.images_dir.display()
+    )))?;
     let _lock = lock_images_dir(&spec.images_dir, &cancel).await?;
     // Another build may have finished it while this one waited for the lock.
     if let Some(built) = debian_image_exists(&spec.images_dir, &spec.kernels_dir, &spec.name) {
@@ -168,7 +189,16 @@ pub async fn build_debian(
 
     let staging = Staging::create(&spec.images_dir, &spec.name)?;
     let mut new_kernel_dir = None;
-    match build_in(spec, &tools, staging.path(), &progress, &cancel, &mut new_kernel_dir).await {
+    match build_in(
+        spec,
+        &tools,
+        staging.path(),
+        &progress,
+        &cancel,
+        &mut new_kernel_dir,
+    )
+    .await
+    {
         Ok(built) => {
             staging.keep();
             progress(Progress::Phase {
@@ -212,7 +242,13 @@ async fn build_in(
 ) -> Result<BuiltImage, ImageError> {
     let phase = |name: &'static str, message: String| progress(Progress::Phase { name, message });
     let on_line = |line: String| progress(Progress::Line(line));
-    let checkpoint = || if cancel.is_cancelled() { Err(ImageError::Cancelled) } else { Ok(()) };
+    let checkpoint = || {
+        if cancel.is_cancelled() {
+            Err(ImageError::Cancelled)
+        } else {
+            Ok(())
+        }
+    };
     let tree = staging.join("root");
 
     let packages = package_list(spec);
@@ -230,7 +266,15 @@ async fn build_in(
     let tmp = staging.join("tmp");
     std::fs::create_dir(&tmp).map_err(ImageError::io(format!("creating {}", tmp.display())))?;
     let args = mmdebstrap_args(spec, &packages, &tree);
-    run_tool("mmdebstrap", &tools.mmdebstrap, args, &[("TMPDIR", &tmp)], &on_line, cancel).await?;
+    run_tool(
+        "mmdebstrap",
+        &tools.mmdebstrap,
+        args,
+        &[("TMPDIR", &tmp)],
+        &on_line,
+        cancel,
+    )
+    .await?;
     // mmdebstrap unmounts what it mounted when it succeeds; make sure, as
     // mkfs must not copy a mounted /proc.
     if !mounts_under(&tree).is_empty() {
@@ -238,12 +282,26 @@ async fn build_in(
     }
     checkpoint()?;
 
-    phase("customize", "installing the banger agent, hardening sshd, trimming the boot".into());
+    phase(
+        "customize",
+        "installing the banger agent, hardening sshd, trimming the boot".into(),
+    );
     let agent_sha256 = {
-        let (tree, agent, unit, modules) =
-            (tree.clone(), spec.agent_binary.clone(), spec.agent_unit.clone(), spec.agent_modules_conf.clone());
+        let (tree, agent, unit, modules) = (
+            tree.clone(),
+            spec.agent_binary.clone(),
+            spec.agent_unit.clone(),
+            spec.agent_modules_conf.clone(),
+        );
         blocking(move || {
-            customize(&tree, &Customization { agent_binary: &agent, agent_unit: &unit, agent_modules_conf: &modules })?;
+            customize(
+                &tree,
+                &Customization {
+                    agent_binary: &agent,
+                    agent_unit: &unit,
+                    agent_modules_conf: &modules,
+                },
+            )?;
             sha256_file(&agent)
         })
         .await?
@@ -251,9 +309,25 @@ async fn build_in(
     checkpoint()?;
 
     let kernel = find_kernel(&tree)?;
+    phase("initramfs", "putting the agent's channel modules in the initramfs".into());
+    add_initramfs_modules(&tree)?;
+    let chroot = find_tool("chroot").ok_or(ImageError::ToolMissing { tool: "chroot", package: "coreutils" })?;
+    let args = [tree.as_os_str(), "update-initramfs".as_ref(), "-u".as_ref(), "-k".as_ref(), kernel.release.as_ref()]
+        .map(OsString::from)
+        .to_vec();
+    run_tool("update-initramfs", &chroot, args, &[], &on_line, cancel).await?;
+    checkpoint()?;
+
     let kname = kernel_name(&spec.suite, &kernel.release);
     let kdir = spec.kernels_dir.join(&kname);
-    phase("kernel", format!("copying kernel {} and its initrd to {}", kernel.release, kdir.display()));
+    phase(
+        "kernel",
+        format!(
+            "copying kernel {} and its initrd to {}",
+            kernel.release,
+            kdir.display()
+        ),
+    );
     if std::fs::symlink_metadata(&kdir).is_err() {
         *new_kernel_dir = Some(kdir.clone());
     }
@@ -267,10 +341,14 @@ async fn build_in(
         let tree = tree.clone();
         blocking(move || tree_usage(&tree)).await?
     };
-    let size = rootfs_size(usage.bytes);
+    let size = rootfs_size(usage.bytes).max(spec.min_rootfs_bytes.div_ceil(MIB) * MIB);
     phase(
         "mkfs",
-        format!("writing the {} MiB ext4 root file system ({} MiB of files)", size / MIB, usage.bytes.div_ceil(MIB)),
+        format!(
+            "writing the {} MiB ext4 root file system ({} MiB of files)",
+            size / MIB,
+            usage.bytes.div_ceil(MIB)
+        ),
     );
     let rootfs = staging.join(ROOTFS_FILE);
     // A sparse file of the final size: mkfs takes its size from it.
@@ -284,7 +362,9 @@ async fn build_in(
         let (tree, tmp) = (tree.clone(), tmp.clone());
         blocking(move || remove_tree(&tree).and_then(|()| remove_tree(&tmp))).await?;
     }
-    std::fs::File::open(&rootfs).and_then(|f| f.sync_all()).map_err(ImageError::io(format!("flushing {}", rootfs.display())))?;
+    std::fs::File::open(&rootfs)
+        .and_then(|f| f.sync_all())
+        .map_err(ImageError::io(format!("flushing {}", rootfs.display())))?;
 
     let manifest = Manifest {
         name: spec.name.clone(),
@@ -321,7 +401,8 @@ fn validate(spec: &DebianBuild) -> Result<(), ImageError> {
     let label = |s: &str| {
         (1..=63).contains(&s.len())
             && !s.starts_with('-')
-            && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+            && s.bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
     };
     if !label(&spec.name) {
         return Err(ImageError::BadName(spec.name.clone()));
@@ -353,8 +434,14 @@ fn is_package_name(p: &str) -> bool {
     };
     let name_ok = name.len() >= 2
         && name.starts_with(|c: char| c.is_ascii_lowercase() || c.is_ascii_digit())
-        && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"+-.".contains(&b));
-    let pin_ok = pin.is_none_or(|v| !v.is_empty() && v.bytes().all(|b| b.is_ascii_alphanumeric() || b"+-.~:".contains(&b)));
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"+-.".contains(&b));
+    let pin_ok = pin.is_none_or(|v| {
+        !v.is_empty()
+            && v.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"+-.~:".contains(&b))
+    });
     name_ok && pin_ok
 }
 
@@ -391,18 +478,35 @@ fn mmdebstrap_args(spec: &DebianBuild, packages: &[String], tree: &Path) -> Vec<
 }
 
 fn mkfs_args(tree: &Path, rootfs: &Path, inodes: u64) -> Vec<OsString> {
-    let mut args: Vec<OsString> = ["-F", "-T", "default", "-b", "4096", "-L", "rootfs", "-E", "root_owner=0:0"]
-        .iter()
-        .map(OsString::from)
-        .collect();
-    args.extend(["-N".into(), inodes.to_string().into(), "-d".into(), tree.into(), rootfs.into()]);
+    let mut args: Vec<OsString> = [
+        "-F",
+        "-T",
+        "default",
+        "-b",
+        "4096",
+        "-L",
+        "rootfs",
+        "-E",
+        "root_owner=0:0",
+    ]
+    .iter()
+    .map(OsString::from)
+    .collect();
+    args.extend([
+        "-N".into(),
+        inodes.to_string().into(),
+        "-d".into(),
+        tree.into(),
+        rootfs.into(),
+    ]);
     args
 }
 
 /// Copies the kernel and initrd into `kdir`, each through a temporary file
 /// and a rename, so a VM starting meanwhile never reads a half-written one.
 fn install_kernel(kdir: &Path, vmlinuz: &Path, initrd: &Path) -> Result<(), ImageError> {
-    std::fs::create_dir_all(kdir).map_err(ImageError::io(format!("creating {}", kdir.display())))?;
+    std::fs::create_dir_all(kdir)
+        .map_err(ImageError::io(format!("creating {}", kdir.display())))?;
     for (src, name) in [(vmlinuz, KERNEL_FILE), (initrd, INITRD_FILE)] {
         let tmp = kdir.join(format!(".{name}.{:016x}", rand::random::<u64>()));
         let dst = kdir.join(name);
@@ -411,7 +515,10 @@ fn install_kernel(kdir: &Path, vmlinuz: &Path, initrd: &Path) -> Result<(), Imag
             .and_then(|()| std::fs::rename(&tmp, &dst));
         if let Err(e) = copied {
             let _ = std::fs::remove_file(&tmp);
-            return Err(ImageError::Io { context: format!("copying {} to {}", src.display(), dst.display()), source: e });
+            return Err(ImageError::Io {
+                context: format!("copying {} to {}", src.display(), dst.display()),
+                source: e,
+            });
         }
     }
     Ok(())
@@ -424,14 +531,28 @@ async fn publish(staging: &Path, dest: &Path) -> Result<(), ImageError> {
     let parent = dest.parent().unwrap_or(Path::new("."));
     let mut old = None;
     if std::fs::symlink_metadata(dest).is_ok() {
-        let name = dest.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-        let aside = parent.join(format!("{STAGING_PREFIX}{name}-{:016x}-old", rand::random::<u64>()));
-        std::fs::rename(dest, &aside).map_err(ImageError::io(format!("moving the incomplete {} aside", dest.display())))?;
+        let name = dest
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let aside = parent.join(format!(
+            "{STAGING_PREFIX}{name}-{:016x}-old",
+            rand::random::<u64>()
+        ));
+        std::fs::rename(dest, &aside).map_err(ImageError::io(format!(
+            "moving the incomplete {} aside",
+            dest.display()
+        )))?;
         old = Some(aside);
     }
-    std::fs::rename(staging, dest).map_err(ImageError::io(format!("moving the image into {}", dest.display())))?;
+    std::fs::rename(staging, dest).map_err(ImageError::io(format!(
+        "moving the image into {}",
+        dest.display()
+    )))?;
     // Make the rename durable before anyone records the image.
-    std::fs::File::open(parent).and_then(|d| d.sync_all()).map_err(ImageError::io(format!("flushing {}", parent.display())))?;
+    std::fs::File::open(parent)
+        .and_then(|d| d.sync_all())
+        .map_err(ImageError::io(format!("flushing {}", parent.display())))?;
     if let Some(old) = old {
         blocking(move || remove_tree(&old)).await?;
     }
@@ -450,7 +571,10 @@ async fn blocking<T: Send + 'static>(
 ) -> Result<T, ImageError> {
     tokio::task::spawn_blocking(f)
         .await
-        .map_err(|e| ImageError::Io { context: "image build worker".into(), source: std::io::Error::other(e) })?
+        .map_err(|e| ImageError::Io {
+            context: "image build worker".into(),
+            source: std::io::Error::other(e),
+        })?
 }
 
 #[cfg(test)]
@@ -468,6 +592,7 @@ mod tests {
             agent_modules_conf: "virtio_console\n".into(),
             images_dir: root.join("images"),
             kernels_dir: root.join("kernels"),
+            min_rootfs_bytes: 0,
         }
     }
 
@@ -488,7 +613,9 @@ mod tests {
         };
         let dir = s.images_dir.join(&s.name);
         std::fs::create_dir_all(&dir).expect("mkdir");
-        std::fs::File::create(dir.join(ROOTFS_FILE)).and_then(|f| f.set_len(4096)).expect("rootfs");
+        std::fs::File::create(dir.join(ROOTFS_FILE))
+            .and_then(|f| f.set_len(4096))
+            .expect("rootfs");
         m.write(&dir).expect("manifest");
         let kdir = s.kernels_dir.join(&m.kernel_name);
         std::fs::create_dir_all(&kdir).expect("mkdir");
@@ -506,12 +633,20 @@ mod tests {
         // Even without root or tools, and with a cancelled token: nothing runs.
         let cancel = CancellationToken::new();
         cancel.cancel();
-        let b = build_debian(&s, |p| panic!("unexpected progress {p:?}"), cancel).await.expect("exists");
+        let b = build_debian(&s, |p| panic!("unexpected progress {p:?}"), cancel)
+            .await
+            .expect("exists");
         assert!(b.already_existed);
         assert_eq!(b.rootfs, s.images_dir.join("debian-bookworm/rootfs.ext4"));
         assert_eq!(b.kernel, s.kernels_dir.join(&m.kernel_name).join("vmlinuz"));
-        assert_eq!(b.initrd, s.kernels_dir.join(&m.kernel_name).join("initrd.img"));
-        assert_eq!((b.size_bytes, b.kernel_release.as_str()), (4096, "6.1.0-9-cloud-amd64"));
+        assert_eq!(
+            b.initrd,
+            s.kernels_dir.join(&m.kernel_name).join("initrd.img")
+        );
+        assert_eq!(
+            (b.size_bytes, b.kernel_release.as_str()),
+            (4096, "6.1.0-9-cloud-amd64")
+        );
         assert_eq!(b.kernel_name, "debian-bookworm-6.1.0-9-cloud-amd64");
     }
 
@@ -523,7 +658,11 @@ mod tests {
         let exists = || debian_image_exists(&s.images_dir, &s.kernels_dir, &s.name).is_some();
         assert!(exists());
         // A truncated root file system.
-        std::fs::File::options().write(true).open(s.images_dir.join("debian-bookworm/rootfs.ext4")).and_then(|f| f.set_len(10)).expect("truncate");
+        std::fs::File::options()
+            .write(true)
+            .open(s.images_dir.join("debian-bookworm/rootfs.ext4"))
+            .and_then(|f| f.set_len(10))
+            .expect("truncate");
         assert!(!exists());
         fake_built(&s);
         assert!(exists());
@@ -534,11 +673,15 @@ mod tests {
         // A manifest of another image, or one pointing outside.
         let mut other = m.clone();
         other.name = "other".into();
-        other.write(&s.images_dir.join("debian-bookworm")).expect("write");
+        other
+            .write(&s.images_dir.join("debian-bookworm"))
+            .expect("write");
         assert!(!exists());
         let mut escape = m.clone();
         escape.rootfs = "../../etc/passwd".into();
-        escape.write(&s.images_dir.join("debian-bookworm")).expect("write");
+        escape
+            .write(&s.images_dir.join("debian-bookworm"))
+            .expect("write");
         assert!(!exists());
     }
 
@@ -547,14 +690,62 @@ mod tests {
         let t = tempfile::tempdir().expect("tempdir");
         type Check = fn(&ImageError) -> bool;
         let cases: Vec<(DebianBuild, Check)> = vec![
-            (DebianBuild { name: "Bad Name".into(), ..spec(t.path()) }, |e| matches!(e, ImageError::BadName(_))),
-            (DebianBuild { name: "-x".into(), ..spec(t.path()) }, |e| matches!(e, ImageError::BadName(_))),
-            (DebianBuild { name: "../x".into(), ..spec(t.path()) }, |e| matches!(e, ImageError::BadName(_))),
-            (DebianBuild { suite: "--help".into(), ..spec(t.path()) }, |e| matches!(e, ImageError::BadSuite(_))),
-            (DebianBuild { mirror: Some("--setup-hook=x".into()), ..spec(t.path()) }, |e| matches!(e, ImageError::BadMirror(_))),
-            (DebianBuild { extra_packages: vec!["vim,evil".into()], ..spec(t.path()) }, |e| matches!(e, ImageError::BadPackage(_))),
-            (DebianBuild { agent_binary: t.path().join("nope"), ..spec(t.path()) }, |e| matches!(e, ImageError::AgentMissing(_))),
-            (DebianBuild { agent_unit: "[Service]\nExecStart=/x\n".into(), ..spec(t.path()) }, |e| matches!(e, ImageError::BadUnit(_))),
+            (
+                DebianBuild {
+                    name: "Bad Name".into(),
+                    ..spec(t.path())
+                },
+                |e| matches!(e, ImageError::BadName(_)),
+            ),
+            (
+                DebianBuild {
+                    name: "-x".into(),
+                    ..spec(t.path())
+                },
+                |e| matches!(e, ImageError::BadName(_)),
+            ),
+            (
+                DebianBuild {
+                    name: "../x".into(),
+                    ..spec(t.path())
+                },
+                |e| matches!(e, ImageError::BadName(_)),
+            ),
+            (
+                DebianBuild {
+                    suite: "--help".into(),
+                    ..spec(t.path())
+                },
+                |e| matches!(e, ImageError::BadSuite(_)),
+            ),
+            (
+                DebianBuild {
+                    mirror: Some("--setup-hook=x".into()),
+                    ..spec(t.path())
+                },
+                |e| matches!(e, ImageError::BadMirror(_)),
+            ),
+            (
+                DebianBuild {
+                    extra_packages: vec!["vim,evil".into()],
+                    ..spec(t.path())
+                },
+                |e| matches!(e, ImageError::BadPackage(_)),
+            ),
+            (
+                DebianBuild {
+                    agent_binary: t.path().join("nope"),
+                    ..spec(t.path())
+                },
+                |e| matches!(e, ImageError::AgentMissing(_)),
+            ),
+            (
+                DebianBuild {
+                    agent_unit: "[Service]\nExecStart=/x\n".into(),
+                    ..spec(t.path())
+                },
+                |e| matches!(e, ImageError::BadUnit(_)),
+            ),
         ];
         for (s, check) in cases {
             let r = build_debian(&s, |_| {}, CancellationToken::new()).await;
@@ -568,10 +759,31 @@ mod tests {
 
     #[test]
     fn package_names_are_plain() {
-        for ok in ["vim", "python3", "g++", "libc6-dev", "linux-image-6.1.0-9-cloud-amd64", "git=1:2.39.5-0+deb12u1", "jq/bookworm-backports"] {
+        for ok in [
+            "vim",
+            "python3",
+            "g++",
+            "libc6-dev",
+            "linux-image-6.1.0-9-cloud-amd64",
+            "git=1:2.39.5-0+deb12u1",
+            "jq/bookworm-backports",
+        ] {
             assert!(is_package_name(ok), "{ok}");
         }
-        for bad in ["", "a", "Vim", "-x", "vim,jq", "vim jq", "?essential", "./x.deb", "/x.deb", "x=", "x/a b", "(x)"] {
+        for bad in [
+            "",
+            "a",
+            "Vim",
+            "-x",
+            "vim,jq",
+            "vim jq",
+            "?essential",
+            "./x.deb",
+            "/x.deb",
+            "x=",
+            "x/a b",
+            "(x)",
+        ] {
             assert!(!is_package_name(bad), "{bad}");
         }
     }
@@ -583,18 +795,40 @@ mod tests {
         s.mirror = Some("http://deb.example/debian".into());
         s.extra_packages = vec!["vim".into(), "jq".into()];
         let packages = package_list(&s);
-        assert_eq!(packages.len(), BASE_PACKAGES.len() + 1, "jq is already a base package");
+        assert_eq!(
+            packages.len(),
+            BASE_PACKAGES.len() + 1,
+            "jq is already a base package"
+        );
         let args = mmdebstrap_args(&s, &packages, Path::new("/s/root"));
         let args: Vec<&str> = args.iter().map(|a| a.to_str().expect("utf8")).collect();
         assert_eq!(&args[..2], ["--mode=root", "--variant=minbase"]);
         assert!(args.contains(&"--include=systemd-sysv,openssh-server,linux-image-cloud-amd64,initramfs-tools,iproute2,git,curl,ca-certificates,jq,tmux,kmod,udev,dbus,procps,less,vim"));
-        assert_eq!(&args[args.len() - 4..], ["--", "bookworm", "/s/root", "http://deb.example/debian"]);
+        assert_eq!(
+            &args[args.len() - 4..],
+            ["--", "bookworm", "/s/root", "http://deb.example/debian"]
+        );
 
         let args = mkfs_args(Path::new("/s/root"), Path::new("/s/rootfs.ext4"), 50_000);
         let args: Vec<&str> = args.iter().map(|a| a.to_str().expect("utf8")).collect();
         assert_eq!(
             args,
-            ["-F", "-T", "default", "-b", "4096", "-L", "rootfs", "-E", "root_owner=0:0", "-N", "50000", "-d", "/s/root", "/s/rootfs.ext4"]
+            [
+                "-F",
+                "-T",
+                "default",
+                "-b",
+                "4096",
+                "-L",
+                "rootfs",
+                "-E",
+                "root_owner=0:0",
+                "-N",
+                "50000",
+                "-d",
+                "/s/root",
+                "/s/rootfs.ext4"
+            ]
         );
     }
 
@@ -607,9 +841,16 @@ mod tests {
         let dest = t.path().join("img");
         std::fs::create_dir_all(dest.join("junk")).expect("mkdir");
         publish(&staging, &dest).await.expect("publish");
-        let left: Vec<_> = std::fs::read_dir(t.path()).expect("ls").flatten().map(|e| e.file_name()).collect();
+        let left: Vec<_> = std::fs::read_dir(t.path())
+            .expect("ls")
+            .flatten()
+            .map(|e| e.file_name())
+            .collect();
         assert_eq!(left, ["img"]);
-        assert_eq!(std::fs::read_to_string(dest.join("manifest.json")).expect("read"), "new");
+        assert_eq!(
+            std::fs::read_to_string(dest.join("manifest.json")).expect("read"),
+            "new"
+        );
         assert!(!dest.join("junk").exists());
     }
 
@@ -623,9 +864,38 @@ mod tests {
         install_kernel(&kdir, &k, &i).expect("install");
         std::fs::write(&k, "kernel2").expect("write");
         install_kernel(&kdir, &k, &i).expect("again");
-        let mut names: Vec<_> = std::fs::read_dir(&kdir).expect("ls").flatten().map(|e| e.file_name().into_string().expect("utf8")).collect();
+        let mut names: Vec<_> = std::fs::read_dir(&kdir)
+            .expect("ls")
+            .flatten()
+            .map(|e| e.file_name().into_string().expect("utf8"))
+            .collect();
         names.sort();
         assert_eq!(names, ["initrd.img", "vmlinuz"]);
-        assert_eq!(std::fs::read_to_string(kdir.join("vmlinuz")).expect("read"), "kernel2");
+        assert_eq!(
+            std::fs::read_to_string(kdir.join("vmlinuz")).expect("read"),
+            "kernel2"
+        );
     }
+}
+
+/// Modules the initramfs loads so the agent's channel exists as soon as
+/// systemd starts the agent, instead of after they load from the root file
+/// system (about 2 s later under TCG).
+pub const INITRAMFS_MODULES: &[&str] = &["virtio_console", "vsock", "vmw_vsock_virtio_transport"];
+
+/// Appends [`INITRAMFS_MODULES`] to the tree's initramfs-tools module list
+/// (each once).
+fn add_initramfs_modules(tree: &Path) -> Result<(), ImageError> {
+    let path = tree.join("etc/initramfs-tools/modules");
+    let mut text = std::fs::read_to_string(&path).map_err(ImageError::io(format!("reading {}", path.display())))?;
+    for m in INITRAMFS_MODULES {
+        if !text.lines().any(|l| l.trim() == *m) {
+            if !text.is_empty() && !text.ends_with('\n') {
+                text.push('\n');
+            }
+            text.push_str(m);
+            text.push('\n');
+        }
+    }
+    std::fs::write(&path, text).map_err(ImageError::io(format!("writing {}", path.display())))
 }

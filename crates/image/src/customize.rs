@@ -130,7 +130,11 @@ impl InstallSection {
             let list = match key.trim() {
                 "WantedBy" => &mut install.wanted_by,
                 "RequiredBy" => &mut install.required_by,
-                other => return bad(format!("[Install] key {other}= is not supported: use WantedBy= or RequiredBy=")),
+                other => {
+                    return bad(format!(
+                        "[Install] key {other}= is not supported: use WantedBy= or RequiredBy="
+                    ));
+                }
             };
             let value = value.trim();
             if value.is_empty() {
@@ -139,7 +143,10 @@ impl InstallSection {
             }
             for target in value.split_whitespace() {
                 if target.contains('/') || target.starts_with('.') || !target.contains('.') {
-                    return bad(format!("[Install] {} target {target:?} is not a unit name", key.trim()));
+                    return bad(format!(
+                        "[Install] {} target {target:?} is not a unit name",
+                        key.trim()
+                    ));
                 }
                 if !list.iter().any(|t| t == target) {
                     list.push(target.to_string());
@@ -147,7 +154,9 @@ impl InstallSection {
             }
         }
         if install.wanted_by.is_empty() && install.required_by.is_empty() {
-            return bad("no WantedBy= or RequiredBy= in [Install]: nothing would start the agent".into());
+            return bad(
+                "no WantedBy= or RequiredBy= in [Install]: nothing would start the agent".into(),
+            );
         }
         Ok(install)
     }
@@ -155,8 +164,18 @@ impl InstallSection {
     /// Enablement links relative to the tree root, with their targets, as
     /// `systemctl enable` would make them.
     fn links(&self, unit_name: &str) -> Vec<(PathBuf, PathBuf)> {
-        let dirs = self.wanted_by.iter().map(|t| format!("{t}.wants")).chain(self.required_by.iter().map(|t| format!("{t}.requires")));
-        dirs.map(|d| (Path::new("etc/systemd/system").join(d).join(unit_name), Path::new("..").join(unit_name))).collect()
+        let dirs = self
+            .wanted_by
+            .iter()
+            .map(|t| format!("{t}.wants"))
+            .chain(self.required_by.iter().map(|t| format!("{t}.requires")));
+        dirs.map(|d| {
+            (
+                Path::new("etc/systemd/system").join(d).join(unit_name),
+                Path::new("..").join(unit_name),
+            )
+        })
+        .collect()
     }
 }
 
@@ -177,7 +196,12 @@ pub fn find_kernel(root: &Path) -> Result<KernelFiles, ImageError> {
     let entries = std::fs::read_dir(&boot).map_err(|_| ImageError::NoKernel(boot.clone()))?;
     let mut releases: Vec<String> = entries
         .flatten()
-        .filter_map(|e| e.file_name().to_str().and_then(|n| n.strip_prefix("vmlinuz-")).map(String::from))
+        .filter_map(|e| {
+            e.file_name()
+                .to_str()
+                .and_then(|n| n.strip_prefix("vmlinuz-"))
+                .map(String::from)
+        })
         .collect();
     releases.sort();
     let release = match releases.as_slice() {
@@ -190,7 +214,11 @@ pub fn find_kernel(root: &Path) -> Result<KernelFiles, ImageError> {
     if !initrd.is_file() {
         return Err(ImageError::NoInitrd(initrd));
     }
-    Ok(KernelFiles { release, vmlinuz, initrd })
+    Ok(KernelFiles {
+        release,
+        vmlinuz,
+        initrd,
+    })
 }
 
 /// Applies banger's changes to the Debian tree at `root`. Everything is
@@ -201,38 +229,64 @@ pub fn customize(root: &Path, c: &Customization<'_>) -> Result<(), ImageError> {
         return Err(ImageError::AgentMissing(c.agent_binary.to_path_buf()));
     }
     let sshd_config = root.join("etc/ssh/sshd_config");
-    let stock = std::fs::read_to_string(&sshd_config).map_err(ImageError::io(format!("reading {}", sshd_config.display())))?;
+    let stock = std::fs::read_to_string(&sshd_config)
+        .map_err(ImageError::io(format!("reading {}", sshd_config.display())))?;
     if !includes_dropins(&stock) {
         return Err(ImageError::SshdNoInclude(sshd_config));
     }
 
     // Identity: each VM gets its own machine-id at first boot (an empty file
     // means "not yet"), and ssh host keys from banger.
-    write_file(root, "etc/hostname", format!("{HOSTNAME}\n").as_bytes(), 0o644)?;
+    write_file(
+        root,
+        "etc/hostname",
+        format!("{HOSTNAME}\n").as_bytes(),
+        0o644,
+    )?;
     write_file(root, "etc/hosts", HOSTS.as_bytes(), 0o644)?;
     write_file(root, "etc/machine-id", b"", 0o444)?;
     remove_file_if(root, "var/lib/dbus/machine-id", |m| m.is_file())?;
     write_file(root, "etc/fstab", FSTAB.as_bytes(), 0o644)?;
 
     // The agent, started by its own unit.
-    let agent = std::fs::read(c.agent_binary).map_err(ImageError::io(format!("reading {}", c.agent_binary.display())))?;
+    let agent = std::fs::read(c.agent_binary).map_err(ImageError::io(format!(
+        "reading {}",
+        c.agent_binary.display()
+    )))?;
     write_file(root, rel(AGENT_BINARY_PATH), &agent, 0o755)?;
     let unit_rel = Path::new("etc/systemd/system").join(AGENT_UNIT_NAME);
     write_file(root, &unit_rel, c.agent_unit.as_bytes(), 0o644)?;
     for (link, target) in install.links(AGENT_UNIT_NAME) {
         write_symlink(root, &link, &target)?;
     }
-    write_file(root, rel(AGENT_MODULES_CONF_PATH), c.agent_modules_conf.as_bytes(), 0o644)?;
+    write_file(
+        root,
+        rel(AGENT_MODULES_CONF_PATH),
+        c.agent_modules_conf.as_bytes(),
+        0o644,
+    )?;
 
     // sshd: hardened, keys per VM.
-    write_file(root, "etc/ssh/sshd_config.d/banger.conf", SSHD_CONFIG.as_bytes(), 0o644)?;
-    write_file(root, "etc/systemd/system/ssh.service.d/banger-host-keys.conf", SSH_HOST_KEYS_DROPIN.as_bytes(), 0o644)?;
+    write_file(
+        root,
+        "etc/ssh/sshd_config.d/banger.conf",
+        SSHD_CONFIG.as_bytes(),
+        0o644,
+    )?;
+    write_file(
+        root,
+        "etc/systemd/system/ssh.service.d/banger-host-keys.conf",
+        SSH_HOST_KEYS_DROPIN.as_bytes(),
+        0o644,
+    )?;
     let ssh_dir = root.join("etc/ssh");
-    let entries = std::fs::read_dir(&ssh_dir).map_err(ImageError::io(format!("listing {}", ssh_dir.display())))?;
+    let entries = std::fs::read_dir(&ssh_dir)
+        .map_err(ImageError::io(format!("listing {}", ssh_dir.display())))?;
     for entry in entries.flatten() {
         if entry.file_name().to_string_lossy().starts_with("ssh_host_") {
             let p = entry.path();
-            std::fs::remove_file(&p).map_err(ImageError::io(format!("removing {}", p.display())))?;
+            std::fs::remove_file(&p)
+                .map_err(ImageError::io(format!("removing {}", p.display())))?;
         }
     }
     // StrictModes wants root's home and .ssh private.
@@ -244,11 +298,16 @@ pub fn customize(root: &Path, c: &Customization<'_>) -> Result<(), ImageError> {
     let system = Path::new("etc/systemd/system");
     for unit in MASKED_UNITS {
         write_symlink(root, &system.join(unit), Path::new("/dev/null"))?;
-        let wants_dirs = std::fs::read_dir(root.join(system)).map_err(ImageError::io(format!("listing {}", root.join(system).display())))?;
+        let wants_dirs = std::fs::read_dir(root.join(system)).map_err(ImageError::io(format!(
+            "listing {}",
+            root.join(system).display()
+        )))?;
         for dir in wants_dirs.flatten() {
             let name = dir.file_name().to_string_lossy().into_owned();
             if name.ends_with(".wants") || name.ends_with(".requires") {
-                remove_file_if(root, system.join(&name).join(unit), |m| m.file_type().is_symlink())?;
+                remove_file_if(root, system.join(&name).join(unit), |m| {
+                    m.file_type().is_symlink()
+                })?;
             }
         }
     }
@@ -259,7 +318,10 @@ pub fn customize(root: &Path, c: &Customization<'_>) -> Result<(), ImageError> {
 fn includes_dropins(config: &str) -> bool {
     config.lines().map(str::trim).any(|l| {
         let mut words = l.split_whitespace();
-        words.next().is_some_and(|k| k.eq_ignore_ascii_case("include")) && words.any(|w| w.contains("sshd_config.d/"))
+        words
+            .next()
+            .is_some_and(|k| k.eq_ignore_ascii_case("include"))
+            && words.any(|w| w.contains("sshd_config.d/"))
     })
 }
 
@@ -278,7 +340,9 @@ fn inside(root: &Path, rel: &Path) -> Result<PathBuf, ImageError> {
             return Err(escape(root, rel, "is not a plain relative path"));
         };
         p.push(c);
-        if i + 1 < comps.len() && std::fs::symlink_metadata(&p).is_ok_and(|m| m.file_type().is_symlink()) {
+        if i + 1 < comps.len()
+            && std::fs::symlink_metadata(&p).is_ok_and(|m| m.file_type().is_symlink())
+        {
             return Err(escape(root, rel, "goes through a symlink"));
         }
     }
@@ -321,12 +385,18 @@ fn make_dir(root: &Path, rel: &Path, mode: u32) -> Result<(), ImageError> {
 }
 
 fn set_mode(p: &Path, mode: u32) -> Result<(), ImageError> {
-    std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode)).map_err(ImageError::io(format!("chmod {}", p.display())))
+    std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode))
+        .map_err(ImageError::io(format!("chmod {}", p.display())))
 }
 
 /// Replaces whatever is at `rel` (a symlink is replaced, never followed)
 /// with a file holding `content`.
-fn write_file(root: &Path, rel: impl AsRef<Path>, content: &[u8], mode: u32) -> Result<(), ImageError> {
+fn write_file(
+    root: &Path,
+    rel: impl AsRef<Path>,
+    content: &[u8],
+    mode: u32,
+) -> Result<(), ImageError> {
     let rel = rel.as_ref();
     let p = inside(root, rel)?;
     if let Some(parent) = rel.parent() {
@@ -334,7 +404,12 @@ fn write_file(root: &Path, rel: impl AsRef<Path>, content: &[u8], mode: u32) -> 
     }
     remove_file_if(root, rel, |m| !m.is_dir())?;
     let ctx = || format!("writing {}", p.display());
-    let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(mode).open(&p).map_err(ImageError::io(ctx()))?;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .open(&p)
+        .map_err(ImageError::io(ctx()))?;
     f.write_all(content).map_err(ImageError::io(ctx()))?;
     set_mode(&p, mode)
 }
@@ -350,10 +425,16 @@ fn write_symlink(root: &Path, rel: &Path, target: &Path) -> Result<(), ImageErro
 }
 
 /// Removes `rel` if it exists and `pred` holds for its (not followed) metadata.
-fn remove_file_if(root: &Path, rel: impl AsRef<Path>, pred: impl Fn(&std::fs::Metadata) -> bool) -> Result<(), ImageError> {
+fn remove_file_if(
+    root: &Path,
+    rel: impl AsRef<Path>,
+    pred: impl Fn(&std::fs::Metadata) -> bool,
+) -> Result<(), ImageError> {
     let p = inside(root, rel.as_ref())?;
     match std::fs::symlink_metadata(&p) {
-        Ok(m) if pred(&m) => std::fs::remove_file(&p).map_err(ImageError::io(format!("removing {}", p.display()))),
+        Ok(m) if pred(&m) => {
+            std::fs::remove_file(&p).map_err(ImageError::io(format!("removing {}", p.display())))
+        }
         _ => Ok(()),
     }
 }
@@ -429,9 +510,15 @@ WantedBy=sysinit.target
             ("boot/initrd.img-6.1.0-9-cloud-amd64", "initrd"),
             ("etc/hostname", "builder-host\n"),
             ("etc/machine-id", "0123456789abcdef0123456789abcdef\n"),
-            ("var/lib/dbus/machine-id", "0123456789abcdef0123456789abcdef\n"),
+            (
+                "var/lib/dbus/machine-id",
+                "0123456789abcdef0123456789abcdef\n",
+            ),
             ("etc/fstab", "# UNCONFIGURED FSTAB FOR BASE SYSTEM\n"),
-            ("etc/ssh/sshd_config", "Include /etc/ssh/sshd_config.d/*.conf\nUsePAM yes\n"),
+            (
+                "etc/ssh/sshd_config",
+                "Include /etc/ssh/sshd_config.d/*.conf\nUsePAM yes\n",
+            ),
             ("etc/ssh/ssh_host_ed25519_key", "secret"),
             ("etc/ssh/ssh_host_ed25519_key.pub", "public"),
             ("etc/ssh/ssh_host_rsa_key", "secret"),
@@ -440,12 +527,25 @@ WantedBy=sysinit.target
         for (p, c) in files {
             std::fs::write(root.join(p), c).expect("write");
         }
-        std::fs::set_permissions(root.join("root"), std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        std::fs::set_permissions(root.join("root"), std::fs::Permissions::from_mode(0o755))
+            .expect("chmod");
         for (link, target) in [
-            ("etc/systemd/system/timers.target.wants/apt-daily.timer", "/lib/systemd/system/apt-daily.timer"),
-            ("etc/systemd/system/timers.target.wants/fstrim.timer", "/lib/systemd/system/fstrim.timer"),
-            ("etc/systemd/system/multi-user.target.wants/e2scrub_reap.service", "/lib/systemd/system/e2scrub_reap.service"),
-            ("etc/systemd/system/multi-user.target.wants/ssh.service", "/lib/systemd/system/ssh.service"),
+            (
+                "etc/systemd/system/timers.target.wants/apt-daily.timer",
+                "/lib/systemd/system/apt-daily.timer",
+            ),
+            (
+                "etc/systemd/system/timers.target.wants/fstrim.timer",
+                "/lib/systemd/system/fstrim.timer",
+            ),
+            (
+                "etc/systemd/system/multi-user.target.wants/e2scrub_reap.service",
+                "/lib/systemd/system/e2scrub_reap.service",
+            ),
+            (
+                "etc/systemd/system/multi-user.target.wants/ssh.service",
+                "/lib/systemd/system/ssh.service",
+            ),
         ] {
             symlink(target, root.join(link)).expect("symlink");
         }
@@ -475,7 +575,9 @@ WantedBy=sysinit.target
         assert_eq!(i.wanted_by, ["a.target", "b.target"]);
         assert_eq!(i.required_by, ["c.target"]);
 
-        let reset = InstallSection::parse("[Install]\nWantedBy=a.target\nWantedBy=\nWantedBy=b.target\n").expect("parse");
+        let reset =
+            InstallSection::parse("[Install]\nWantedBy=a.target\nWantedBy=\nWantedBy=b.target\n")
+                .expect("parse");
         assert_eq!(reset.wanted_by, ["b.target"]);
 
         for bad in [
@@ -485,7 +587,10 @@ WantedBy=sysinit.target
             "[Install]\nWantedBy=multi-user\n",
             "[Install]\nWantedBy\n",
         ] {
-            assert!(matches!(InstallSection::parse(bad), Err(ImageError::BadUnit(_))), "{bad:?} should be refused");
+            assert!(
+                matches!(InstallSection::parse(bad), Err(ImageError::BadUnit(_))),
+                "{bad:?} should be refused"
+            );
         }
     }
 
@@ -493,7 +598,11 @@ WantedBy=sysinit.target
     fn customize_makes_exactly_the_expected_changes() {
         let (_t, root, agent) = fake_tree();
         let before = snapshot(&root);
-        let c = Customization { agent_binary: &agent, agent_unit: UNIT, agent_modules_conf: MODULES };
+        let c = Customization {
+            agent_binary: &agent,
+            agent_unit: UNIT,
+            agent_modules_conf: MODULES,
+        };
         customize(&root, &c).expect("customize");
         let after = snapshot(&root);
 
@@ -507,7 +616,10 @@ WantedBy=sysinit.target
             "etc/systemd/system/timers.target.wants/fstrim.timer",
             "etc/systemd/system/multi-user.target.wants/e2scrub_reap.service",
         ] {
-            assert!(expected.remove(Path::new(gone)).is_some(), "{gone} was in the fake tree");
+            assert!(
+                expected.remove(Path::new(gone)).is_some(),
+                "{gone} was in the fake tree"
+            );
         }
         let mut set = |p: &str, n: Node| {
             expected.insert(PathBuf::from(p), n);
@@ -519,19 +631,33 @@ WantedBy=sysinit.target
         set("usr/local/bin/banger-agent", file(0o755, "#!agent binary"));
         set("etc/systemd/system/banger-agent.service", file(0o644, UNIT));
         set("etc/systemd/system/sysinit.target.wants", Node::Dir(0o755));
-        set("etc/systemd/system/sysinit.target.wants/banger-agent.service", link("../banger-agent.service"));
+        set(
+            "etc/systemd/system/sysinit.target.wants/banger-agent.service",
+            link("../banger-agent.service"),
+        );
         set("etc/modules-load.d", Node::Dir(0o755));
         set("etc/modules-load.d/banger.conf", file(0o644, MODULES));
-        set("etc/ssh/sshd_config.d/banger.conf", file(0o644, SSHD_CONFIG));
+        set(
+            "etc/ssh/sshd_config.d/banger.conf",
+            file(0o644, SSHD_CONFIG),
+        );
         set("etc/systemd/system/ssh.service.d", Node::Dir(0o755));
-        set("etc/systemd/system/ssh.service.d/banger-host-keys.conf", file(0o644, SSH_HOST_KEYS_DROPIN));
+        set(
+            "etc/systemd/system/ssh.service.d/banger-host-keys.conf",
+            file(0o644, SSH_HOST_KEYS_DROPIN),
+        );
         set("root", Node::Dir(0o700));
         set("root/.ssh", Node::Dir(0o700));
         for unit in MASKED_UNITS {
             set(&format!("etc/systemd/system/{unit}"), link("/dev/null"));
         }
         for (path, node) in &after {
-            assert_eq!(expected.get(path), Some(node), "unexpected state of {}", path.display());
+            assert_eq!(
+                expected.get(path),
+                Some(node),
+                "unexpected state of {}",
+                path.display()
+            );
         }
         for path in expected.keys() {
             assert!(after.contains_key(path), "{} is missing", path.display());
@@ -546,16 +672,37 @@ WantedBy=sysinit.target
     fn customize_checks_everything_before_changing_anything() {
         let (t, root, agent) = fake_tree();
         let before = snapshot(&root);
-        let c = Customization { agent_binary: &agent, agent_unit: "[Install]\nAlias=x.service\n", agent_modules_conf: MODULES };
+        let c = Customization {
+            agent_binary: &agent,
+            agent_unit: "[Install]\nAlias=x.service\n",
+            agent_modules_conf: MODULES,
+        };
         assert!(matches!(customize(&root, &c), Err(ImageError::BadUnit(_))));
         let missing = t.path().join("no-agent");
-        let c = Customization { agent_binary: &missing, agent_unit: UNIT, agent_modules_conf: MODULES };
-        assert!(matches!(customize(&root, &c), Err(ImageError::AgentMissing(_))));
+        let c = Customization {
+            agent_binary: &missing,
+            agent_unit: UNIT,
+            agent_modules_conf: MODULES,
+        };
+        assert!(matches!(
+            customize(&root, &c),
+            Err(ImageError::AgentMissing(_))
+        ));
         std::fs::write(root.join("etc/ssh/sshd_config"), "UsePAM yes\n").expect("write");
-        let c = Customization { agent_binary: &agent, agent_unit: UNIT, agent_modules_conf: MODULES };
-        assert!(matches!(customize(&root, &c), Err(ImageError::SshdNoInclude(_))));
+        let c = Customization {
+            agent_binary: &agent,
+            agent_unit: UNIT,
+            agent_modules_conf: MODULES,
+        };
+        assert!(matches!(
+            customize(&root, &c),
+            Err(ImageError::SshdNoInclude(_))
+        ));
         let mut now = snapshot(&root);
-        now.insert("etc/ssh/sshd_config".into(), before[Path::new("etc/ssh/sshd_config")].clone());
+        now.insert(
+            "etc/ssh/sshd_config".into(),
+            before[Path::new("etc/ssh/sshd_config")].clone(),
+        );
         assert_eq!(now, before);
     }
 
@@ -572,11 +719,18 @@ WantedBy=sysinit.target
         std::fs::create_dir(&outside).expect("mkdir");
         symlink(&outside, root.join("etc/modules-load.d")).expect("symlink");
 
-        let c = Customization { agent_binary: &agent, agent_unit: UNIT, agent_modules_conf: MODULES };
+        let c = Customization {
+            agent_binary: &agent,
+            agent_unit: UNIT,
+            agent_modules_conf: MODULES,
+        };
         let err = customize(&root, &c).expect_err("refused");
         assert!(err.to_string().contains("modules-load.d"), "{err}");
         assert_eq!(std::fs::read_to_string(&host_file).expect("read"), "host\n");
-        assert_eq!(std::fs::read_to_string(root.join("etc/hostname")).expect("read"), "banger\n");
+        assert_eq!(
+            std::fs::read_to_string(root.join("etc/hostname")).expect("read"),
+            "banger\n"
+        );
         assert_eq!(std::fs::read_dir(&outside).expect("ls").count(), 0);
     }
 
@@ -589,7 +743,9 @@ WantedBy=sysinit.target
         assert_eq!(k.initrd, root.join("boot/initrd.img-6.1.0-9-cloud-amd64"));
 
         std::fs::write(root.join("boot/vmlinuz-6.1.0-10-cloud-amd64"), "k2").expect("write");
-        assert!(matches!(find_kernel(&root), Err(ImageError::SeveralKernels(list)) if list == "6.1.0-10-cloud-amd64, 6.1.0-9-cloud-amd64"));
+        assert!(
+            matches!(find_kernel(&root), Err(ImageError::SeveralKernels(list)) if list == "6.1.0-10-cloud-amd64, 6.1.0-9-cloud-amd64")
+        );
         std::fs::remove_file(root.join("boot/vmlinuz-6.1.0-9-cloud-amd64")).expect("rm");
         assert!(matches!(find_kernel(&root), Err(ImageError::NoInitrd(_))));
         std::fs::remove_dir_all(root.join("boot")).expect("rm");
@@ -598,9 +754,13 @@ WantedBy=sysinit.target
 
     #[test]
     fn sshd_include_detection() {
-        assert!(includes_dropins("# comment\nInclude /etc/ssh/sshd_config.d/*.conf\n"));
+        assert!(includes_dropins(
+            "# comment\nInclude /etc/ssh/sshd_config.d/*.conf\n"
+        ));
         assert!(includes_dropins("include   /etc/ssh/sshd_config.d/*.conf"));
-        assert!(!includes_dropins("#Include /etc/ssh/sshd_config.d/*.conf\n"));
+        assert!(!includes_dropins(
+            "#Include /etc/ssh/sshd_config.d/*.conf\n"
+        ));
         assert!(!includes_dropins("Include /etc/other/*.conf\n"));
     }
 }

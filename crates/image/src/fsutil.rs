@@ -28,17 +28,23 @@ pub struct TreeUsage {
 /// Walks `root` without following symlinks or leaving its file system
 /// (like `du -x`) and adds up what it occupies.
 pub fn tree_usage(root: &Path) -> Result<TreeUsage, ImageError> {
-    let md = std::fs::symlink_metadata(root).map_err(ImageError::io(format!("reading {}", root.display())))?;
+    let md = std::fs::symlink_metadata(root)
+        .map_err(ImageError::io(format!("reading {}", root.display())))?;
     let dev = md.dev();
-    let mut usage = TreeUsage { bytes: md.blocks() * 512, inodes: 1 };
+    let mut usage = TreeUsage {
+        bytes: md.blocks() * 512,
+        inodes: 1,
+    };
     let mut seen = HashSet::new();
     let mut stack = vec![root.to_path_buf()];
     while let Some(dir) = stack.pop() {
-        let entries = std::fs::read_dir(&dir).map_err(ImageError::io(format!("listing {}", dir.display())))?;
+        let entries = std::fs::read_dir(&dir)
+            .map_err(ImageError::io(format!("listing {}", dir.display())))?;
         for entry in entries {
             let entry = entry.map_err(ImageError::io(format!("listing {}", dir.display())))?;
             let path = entry.path();
-            let md = std::fs::symlink_metadata(&path).map_err(ImageError::io(format!("reading {}", path.display())))?;
+            let md = std::fs::symlink_metadata(&path)
+                .map_err(ImageError::io(format!("reading {}", path.display())))?;
             if md.dev() != dev {
                 continue;
             }
@@ -85,7 +91,9 @@ pub fn find_tool(tool: &str) -> Option<PathBuf> {
     std::env::split_paths(&path)
         .chain(["/usr/local/sbin", "/usr/sbin", "/sbin"].map(PathBuf::from))
         .map(|dir| dir.join(tool))
-        .find(|p| std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0))
+        .find(|p| {
+            std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+        })
 }
 
 #[cfg(test)]
@@ -136,7 +144,10 @@ mod tests {
     #[test]
     fn usage_of_a_missing_tree_is_an_error_naming_it() {
         let err = tree_usage(Path::new("/nonexistent/banger-tree")).expect_err("missing");
-        assert!(err.to_string().contains("/nonexistent/banger-tree"), "{err}");
+        assert!(
+            err.to_string().contains("/nonexistent/banger-tree"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -17,9 +17,10 @@ mod process;
 mod staging;
 
 pub use build::{
-    BASE_PACKAGES, BuiltImage, DebianBuild, Progress, build_debian, debian_image_exists, kernel_name,
+    BASE_PACKAGES, BuiltImage, DebianBuild, Progress, build_debian, debian_image_exists,
+    kernel_name,
 };
-pub use fsutil::{rootfs_size, tree_usage};
+pub use fsutil::{TreeUsage, rootfs_size, tree_usage};
 pub use manifest::Manifest;
 pub use staging::mounts_under;
 
@@ -29,17 +30,24 @@ use std::path::PathBuf;
 #[derive(Debug, thiserror::Error)]
 pub enum ImageError {
     #[error("{tool} not found: apt-get install {package}")]
-    ToolMissing { tool: &'static str, package: &'static str },
+    ToolMissing {
+        tool: &'static str,
+        package: &'static str,
+    },
     #[error(
         "building the Debian image needs root: mmdebstrap mounts /proc and /sys in its chroot and \
          creates root-owned files; run the build through the root daemon or with sudo"
     )]
     NeedsRoot,
-    #[error("image name {0:?} is not valid: use 1 to 63 characters a-z, 0-9 and -, not starting with -")]
+    #[error(
+        "image name {0:?} is not valid: use 1 to 63 characters a-z, 0-9 and -, not starting with -"
+    )]
     BadName(String),
     #[error("suite {0:?} is not valid: give a Debian suite name such as bookworm")]
     BadSuite(String),
-    #[error("package {0:?} is not valid: give plain Debian package names (no spaces or commas, not starting with -)")]
+    #[error(
+        "package {0:?} is not valid: give plain Debian package names (no spaces or commas, not starting with -)"
+    )]
     BadPackage(String),
     #[error("mirror {0:?} is not valid: give a URL such as http://deb.debian.org/debian")]
     BadMirror(String),
@@ -61,14 +69,18 @@ pub enum ImageError {
     NoKernel(PathBuf),
     #[error("no initrd at {0}: is initramfs-tools among the packages?")]
     NoInitrd(PathBuf),
-    #[error("several kernels in /boot ({0}): drop the extra kernel package from the extra packages")]
+    #[error(
+        "several kernels in /boot ({0}): drop the extra kernel package from the extra packages"
+    )]
     SeveralKernels(String),
     #[error(
         "{0} does not include sshd_config.d/*.conf, so banger's sshd settings would be ignored: \
          use Debian bookworm or newer"
     )]
     SshdNoInclude(PathBuf),
-    #[error("cannot remove {dir}: {count} file systems are still mounted under it; unmount them (umount -R) and remove it")]
+    #[error(
+        "cannot remove {dir}: {count} file systems are still mounted under it; unmount them (umount -R) and remove it"
+    )]
     MountsLeft { dir: PathBuf, count: usize },
     #[error("{context}")]
     Io {

@@ -42,7 +42,8 @@ impl Manifest {
     /// Reads `dir/manifest.json`.
     pub fn read(dir: &Path) -> Result<Manifest, ImageError> {
         let path = dir.join(Self::FILE);
-        let text = std::fs::read_to_string(&path).map_err(ImageError::io(format!("reading {}", path.display())))?;
+        let text = std::fs::read_to_string(&path)
+            .map_err(ImageError::io(format!("reading {}", path.display())))?;
         serde_json::from_str(&text).map_err(|e| ImageError::Io {
             context: format!("parsing {}", path.display()),
             source: std::io::Error::new(std::io::ErrorKind::InvalidData, e),
@@ -96,7 +97,10 @@ mod tests {
     fn rejects_partial_and_unknown_content() {
         let t = tempfile::tempdir().expect("tempdir");
         std::fs::write(t.path().join(Manifest::FILE), r#"{"name":"x"}"#).expect("write");
-        assert!(matches!(Manifest::read(t.path()), Err(ImageError::Io { .. })));
+        assert!(matches!(
+            Manifest::read(t.path()),
+            Err(ImageError::Io { .. })
+        ));
         let mut v = serde_json::to_value(sample()).expect("to value");
         v["surprise"] = serde_json::json!(1);
         std::fs::write(t.path().join(Manifest::FILE), v.to_string()).expect("write");

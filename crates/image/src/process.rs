@@ -64,11 +64,17 @@ pub(crate) async fn run_tool(
         .stderr(Stdio::piped())
         .process_group(0)
         .kill_on_drop(true);
-    let mut child = cmd.spawn().map_err(ImageError::io(format!("starting {}", program.display())))?;
-    let pid = child.id().and_then(|id| i32::try_from(id).ok()).map(Pid::from_raw).ok_or_else(|| ImageError::Io {
-        context: format!("starting {tool}"),
-        source: std::io::Error::other("the process exited before it could be tracked"),
-    })?;
+    let mut child = cmd
+        .spawn()
+        .map_err(ImageError::io(format!("starting {}", program.display())))?;
+    let pid = child
+        .id()
+        .and_then(|id| i32::try_from(id).ok())
+        .map(Pid::from_raw)
+        .ok_or_else(|| ImageError::Io {
+            context: format!("starting {tool}"),
+            source: std::io::Error::other("the process exited before it could be tracked"),
+        })?;
     let _group = GroupGuard(pid);
 
     let (tx, mut rx) = mpsc::unbounded_channel::<String>();
@@ -88,7 +94,10 @@ pub(crate) async fn run_tool(
         tail.push_back(line.clone());
         on_line(line);
     };
-    let wait_err = |e| ImageError::Io { context: format!("waiting for {tool}"), source: e };
+    let wait_err = |e| ImageError::Io {
+        context: format!("waiting for {tool}"),
+        source: e,
+    };
     let mut lines_open = true;
     let status = loop {
         tokio::select! {
@@ -121,9 +130,18 @@ pub(crate) async fn run_tool(
         return Ok(());
     }
     let tail: Vec<String> = tail.into_iter().collect();
-    let last_line =
-        tail.iter().rev().find(|l| !l.trim().is_empty()).cloned().unwrap_or_else(|| "no output".to_string());
-    Err(ImageError::ToolFailed { tool, status: status.to_string(), last_line, tail })
+    let last_line = tail
+        .iter()
+        .rev()
+        .find(|l| !l.trim().is_empty())
+        .cloned()
+        .unwrap_or_else(|| "no output".to_string());
+    Err(ImageError::ToolFailed {
+        tool,
+        status: status.to_string(),
+        last_line,
+        tail,
+    })
 }
 
 /// Sends each line of `pipe` (lossily decoded: dpkg output is not always
@@ -131,7 +149,9 @@ pub(crate) async fn run_tool(
 async fn forward_lines(pipe: impl AsyncRead + Unpin, tx: mpsc::UnboundedSender<String>) {
     let mut segments = BufReader::new(pipe).split(b'\n');
     while let Ok(Some(seg)) = segments.next_segment().await {
-        let line = String::from_utf8_lossy(&seg).trim_end_matches('\r').to_string();
+        let line = String::from_utf8_lossy(&seg)
+            .trim_end_matches('\r')
+            .to_string();
         if tx.send(line).is_err() {
             break;
         }
@@ -165,24 +185,47 @@ mod tests {
         got.sort();
         assert_eq!(got, ["bad \u{fffd} byte", "err", "out"]);
 
-        let err = run_tool("sh", Path::new("/bin/sh"), args(&["-c", "echo why >&2; exit 3"]), &[], &|_| {}, &CancellationToken::new())
-            .await
-            .expect_err("failure");
+        let err = run_tool(
+            "sh",
+            Path::new("/bin/sh"),
+            args(&["-c", "echo why >&2; exit 3"]),
+            &[],
+            &|_| {},
+            &CancellationToken::new(),
+        )
+        .await
+        .expect_err("failure");
         match &err {
-            ImageError::ToolFailed { tool, last_line, tail, .. } => {
+            ImageError::ToolFailed {
+                tool,
+                last_line,
+                tail,
+                ..
+            } => {
                 assert_eq!((*tool, last_line.as_str()), ("sh", "why"));
                 assert_eq!(tail, &["why"]);
             }
             other => panic!("unexpected {other:?}"),
         }
-        assert!(err.to_string().starts_with("sh failed (exit status: 3): why"), "{err}");
+        assert!(
+            err.to_string()
+                .starts_with("sh failed (exit status: 3): why"),
+            "{err}"
+        );
     }
 
     #[tokio::test]
     async fn a_missing_program_is_an_io_error_naming_it() {
-        let err = run_tool("nope", Path::new("/nonexistent/nope"), vec![], &[], &|_| {}, &CancellationToken::new())
-            .await
-            .expect_err("missing");
+        let err = run_tool(
+            "nope",
+            Path::new("/nonexistent/nope"),
+            vec![],
+            &[],
+            &|_| {},
+            &CancellationToken::new(),
+        )
+        .await
+        .expect_err("missing");
         assert!(err.to_string().contains("/nonexistent/nope"), "{err}");
     }
 
@@ -206,10 +249,25 @@ mod tests {
             }
         };
         let started = std::time::Instant::now();
-        let r = run_tool("sh", Path::new("/bin/sh"), args(&["-c", &script]), &[], &on_line, &cancel).await;
+        let r = run_tool(
+            "sh",
+            Path::new("/bin/sh"),
+            args(&["-c", &script]),
+            &[],
+            &on_line,
+            &cancel,
+        )
+        .await;
         assert!(matches!(r, Err(ImageError::Cancelled)), "{r:?}");
-        assert!(started.elapsed() < TERM_GRACE, "SIGTERM to the group should end it without waiting for SIGKILL");
-        let worker: i32 = std::fs::read_to_string(&pidfile).expect("pid").trim().parse().expect("int");
+        assert!(
+            started.elapsed() < TERM_GRACE,
+            "SIGTERM to the group should end it without waiting for SIGKILL"
+        );
+        let worker: i32 = std::fs::read_to_string(&pidfile)
+            .expect("pid")
+            .trim()
+            .parse()
+            .expect("int");
         // The worker was signalled; once reaped by init it is gone.
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
         while nix::sys::signal::kill(Pid::from_raw(worker), None).is_ok() {
@@ -217,7 +275,10 @@ mod tests {
             if stat.split(' ').nth(2) == Some("Z") {
                 break;
             }
-            assert!(std::time::Instant::now() < deadline, "worker {worker} survived cancellation");
+            assert!(
+                std::time::Instant::now() < deadline,
+                "worker {worker} survived cancellation"
+            );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
@@ -226,7 +287,15 @@ mod tests {
     async fn an_already_cancelled_token_starts_nothing() {
         let cancel = CancellationToken::new();
         cancel.cancel();
-        let r = run_tool("true", Path::new("/bin/true"), vec![], &[], &|_| {}, &cancel).await;
+        let r = run_tool(
+            "true",
+            Path::new("/bin/true"),
+            vec![],
+            &[],
+            &|_| {},
+            &cancel,
+        )
+        .await;
         assert!(matches!(r, Err(ImageError::Cancelled)));
     }
 }

@@ -22,16 +22,25 @@ const LOCK_FILE: &str = ".build.lock";
 /// Mount points at or below `dir` in this process's mount namespace, in
 /// mount order (parents before children).
 pub fn mounts_under(dir: &Path) -> Vec<PathBuf> {
-    let dir = std::fs::canonicalize(dir).or_else(|_| std::path::absolute(dir)).unwrap_or_else(|_| dir.to_path_buf());
+    let dir = std::fs::canonicalize(dir)
+        .or_else(|_| std::path::absolute(dir))
+        .unwrap_or_else(|_| dir.to_path_buf());
     let Ok(text) = std::fs::read_to_string("/proc/self/mountinfo") else {
         return Vec::new();
     };
-    parse_mount_points(&text).into_iter().filter(|p| p.starts_with(&dir)).collect()
+    parse_mount_points(&text)
+        .into_iter()
+        .filter(|p| p.starts_with(&dir))
+        .collect()
 }
 
 /// Mount points (field 5) of a mountinfo text.
 fn parse_mount_points(mountinfo: &str) -> Vec<PathBuf> {
-    mountinfo.lines().filter_map(|l| l.split(' ').nth(4)).map(|p| PathBuf::from(unescape_octal(p))).collect()
+    mountinfo
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .map(|p| PathBuf::from(unescape_octal(p)))
+        .collect()
 }
 
 /// mountinfo writes space, tab, newline and backslash as `\ooo`.
@@ -40,7 +49,9 @@ fn unescape_octal(s: &str) -> String {
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;
     while i < b.len() {
-        let octal = b.get(i + 1..i + 4).filter(|d| d.iter().all(|c| (b'0'..=b'7').contains(c)));
+        let octal = b
+            .get(i + 1..i + 4)
+            .filter(|d| d.iter().all(|c| (b'0'..=b'7').contains(c)));
         match (b[i], octal) {
             (b'\\', Some(d)) => {
                 out.push((d[0] - b'0') << 6 | (d[1] - b'0') << 3 | (d[2] - b'0'));
@@ -72,7 +83,14 @@ pub(crate) fn unmount_all_under(dir: &Path) -> Result<(), ImageError> {
         }
     }
     let count = mounts_under(dir).len();
-    if count == 0 { Ok(()) } else { Err(ImageError::MountsLeft { dir: dir.to_path_buf(), count }) }
+    if count == 0 {
+        Ok(())
+    } else {
+        Err(ImageError::MountsLeft {
+            dir: dir.to_path_buf(),
+            count,
+        })
+    }
 }
 
 /// Unmounts what is mounted under `dir`, then deletes it (a file or symlink
@@ -89,17 +107,24 @@ pub(crate) fn remove_tree(dir: &Path) -> Result<(), ImageError> {
     match removed {
         Ok(()) => Ok(()),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(ImageError::Io { context: format!("removing {}", dir.display()), source: e }),
+        Err(e) => Err(ImageError::Io {
+            context: format!("removing {}", dir.display()),
+            source: e,
+        }),
     }
 }
 
 /// Removes what crashed builds left in `images_dir`. Only call it while
 /// holding the build lock: then no staging directory belongs to a live build.
 pub(crate) fn remove_stale(images_dir: &Path) -> Result<(), ImageError> {
-    let entries =
-        std::fs::read_dir(images_dir).map_err(ImageError::io(format!("listing {}", images_dir.display())))?;
+    let entries = std::fs::read_dir(images_dir)
+        .map_err(ImageError::io(format!("listing {}", images_dir.display())))?;
     for entry in entries.flatten() {
-        if entry.file_name().to_string_lossy().starts_with(STAGING_PREFIX) {
+        if entry
+            .file_name()
+            .to_string_lossy()
+            .starts_with(STAGING_PREFIX)
+        {
             remove_tree(&entry.path())?;
         }
     }
@@ -109,7 +134,10 @@ pub(crate) fn remove_stale(images_dir: &Path) -> Result<(), ImageError> {
 /// Takes the exclusive build lock of `images_dir`, waiting for another build
 /// to finish. The lock is released when the returned value is dropped, or by
 /// the kernel if the process dies.
-pub(crate) async fn lock_images_dir(images_dir: &Path, cancel: &CancellationToken) -> Result<Flock<File>, ImageError> {
+pub(crate) async fn lock_images_dir(
+    images_dir: &Path,
+    cancel: &CancellationToken,
+) -> Result<Flock<File>, ImageError> {
     let path = images_dir.join(LOCK_FILE);
     let file = File::options()
         .create(true)
@@ -142,7 +170,10 @@ pub(crate) struct Staging {
 impl Staging {
     /// Creates `images_dir/.staging-<name>-<random>`.
     pub(crate) fn create(images_dir: &Path, name: &str) -> Result<Staging, ImageError> {
-        let dir = images_dir.join(format!("{STAGING_PREFIX}{name}-{:016x}", rand::random::<u64>()));
+        let dir = images_dir.join(format!(
+            "{STAGING_PREFIX}{name}-{:016x}",
+            rand::random::<u64>()
+        ));
         std::fs::create_dir(&dir).map_err(ImageError::io(format!("creating {}", dir.display())))?;
         Ok(Staging { dir, armed: true })
     }
@@ -155,10 +186,12 @@ impl Staging {
     pub(crate) async fn discard(mut self) -> Result<(), ImageError> {
         self.armed = false;
         let dir = self.dir.clone();
-        tokio::task::spawn_blocking(move || remove_tree(&dir)).await.map_err(|e| ImageError::Io {
-            context: format!("removing {}", self.dir.display()),
-            source: std::io::Error::other(e),
-        })?
+        tokio::task::spawn_blocking(move || remove_tree(&dir))
+            .await
+            .map_err(|e| ImageError::Io {
+                context: format!("removing {}", self.dir.display()),
+                source: std::io::Error::other(e),
+            })?
     }
 
     /// The directory stays; the caller has moved or taken it over.
@@ -185,7 +218,10 @@ mod tests {
                     90 27 0:50 / /var/lib/banger/images/.staging-a\\040b/root/proc rw - proc proc rw\n";
         assert_eq!(
             parse_mount_points(text),
-            [PathBuf::from("/proc"), PathBuf::from("/var/lib/banger/images/.staging-a b/root/proc")]
+            [
+                PathBuf::from("/proc"),
+                PathBuf::from("/var/lib/banger/images/.staging-a b/root/proc")
+            ]
         );
         assert_eq!(unescape_octal("/a\\134b\\011c"), "/a\\b\tc");
         assert_eq!(unescape_octal("/trailing\\04"), "/trailing\\04");
@@ -196,20 +232,31 @@ mod tests {
         let t = tempfile::tempdir().expect("tempdir");
         assert!(mounts_under(t.path()).is_empty());
         let all = mounts_under(Path::new("/"));
-        assert!(all.contains(&PathBuf::from("/")) && all.contains(&PathBuf::from("/proc")), "{all:?}");
+        assert!(
+            all.contains(&PathBuf::from("/")) && all.contains(&PathBuf::from("/proc")),
+            "{all:?}"
+        );
     }
 
     #[test]
     fn stale_staging_dirs_go_and_everything_else_stays() {
         let t = tempfile::tempdir().expect("tempdir");
-        for d in [".staging-deb-1/root/etc", ".staging-other-2/root", "deb", "other"] {
+        for d in [
+            ".staging-deb-1/root/etc",
+            ".staging-other-2/root",
+            "deb",
+            "other",
+        ] {
             std::fs::create_dir_all(t.path().join(d)).expect("mkdir");
         }
         std::fs::write(t.path().join(".staging-deb-3"), "half-written file").expect("write");
         std::fs::write(t.path().join("deb/manifest.json"), "{}").expect("write");
         remove_stale(t.path()).expect("remove stale");
-        let mut left: Vec<_> =
-            std::fs::read_dir(t.path()).expect("ls").flatten().map(|e| e.file_name().into_string().expect("utf8")).collect();
+        let mut left: Vec<_> = std::fs::read_dir(t.path())
+            .expect("ls")
+            .flatten()
+            .map(|e| e.file_name().into_string().expect("utf8"))
+            .collect();
         left.sort();
         assert_eq!(left, ["deb", "other"]);
         assert!(t.path().join("deb/manifest.json").exists());
@@ -220,7 +267,13 @@ mod tests {
         let t = tempfile::tempdir().expect("tempdir");
         let s = Staging::create(t.path(), "img").expect("create");
         let dropped = s.path().to_path_buf();
-        assert!(dropped.file_name().expect("name").to_string_lossy().starts_with(".staging-img-"));
+        assert!(
+            dropped
+                .file_name()
+                .expect("name")
+                .to_string_lossy()
+                .starts_with(".staging-img-")
+        );
         std::fs::create_dir_all(dropped.join("root/etc")).expect("mkdir");
         drop(s);
         assert!(!dropped.exists());
@@ -249,7 +302,9 @@ mod tests {
         tokio::task::yield_now().await;
         assert!(!waiter.is_finished());
         cancel.cancel();
-        let r = tokio::time::timeout(std::time::Duration::from_secs(10), waiter).await.expect("waiter returns");
+        let r = tokio::time::timeout(std::time::Duration::from_secs(10), waiter)
+            .await
+            .expect("waiter returns");
         assert!(matches!(r.expect("join"), Err(ImageError::Cancelled)));
         drop(held);
         let again = lock_images_dir(t.path(), &CancellationToken::new()).await;
@@ -266,8 +321,14 @@ mod tests {
         let tree = t.path().join(".staging-x-1/root");
         let mnt = tree.join("proc");
         std::fs::create_dir_all(&mnt).expect("mkdir");
-        nix::mount::mount(Some("tmpfs"), &mnt, Some("tmpfs"), nix::mount::MsFlags::empty(), None::<&str>)
-            .expect("mount tmpfs");
+        nix::mount::mount(
+            Some("tmpfs"),
+            &mnt,
+            Some("tmpfs"),
+            nix::mount::MsFlags::empty(),
+            None::<&str>,
+        )
+        .expect("mount tmpfs");
         std::fs::write(mnt.join("inside"), "x").expect("write");
         assert_eq!(mounts_under(t.path()), std::slice::from_ref(&mnt));
         remove_stale(t.path()).expect("remove");

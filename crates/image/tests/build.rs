@@ -3,7 +3,9 @@
 
 mod common;
 
-use banger_image::{BASE_PACKAGES, Manifest, Progress, build_debian, debian_image_exists, kernel_name, mounts_under};
+use banger_image::{
+    BASE_PACKAGES, Manifest, Progress, build_debian, debian_image_exists, kernel_name, mounts_under,
+};
 use std::io::Write;
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -13,15 +15,29 @@ use tokio_util::sync::CancellationToken;
 
 /// `debugfs -R <request> <image>` output.
 fn debugfs(image: &Path, request: &str) -> String {
-    let out = Command::new("debugfs").arg("-R").arg(request).arg(image).output().expect("run debugfs");
-    assert!(out.status.success(), "debugfs {request}: {}", String::from_utf8_lossy(&out.stderr));
+    let out = Command::new("debugfs")
+        .arg("-R")
+        .arg(request)
+        .arg(image)
+        .output()
+        .expect("run debugfs");
+    assert!(
+        out.status.success(),
+        "debugfs {request}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 /// The value after `key` in debugfs `stat` output, e.g. `Mode:` -> `0755`.
 fn stat_field<'a>(stat: &'a str, key: &str) -> &'a str {
-    let at = stat.find(key).unwrap_or_else(|| panic!("no {key} in {stat}"));
-    stat[at + key.len()..].split_whitespace().next().expect("value")
+    let at = stat
+        .find(key)
+        .unwrap_or_else(|| panic!("no {key} in {stat}"));
+    stat[at + key.len()..]
+        .split_whitespace()
+        .next()
+        .expect("value")
 }
 
 /// The initrd's main archive, decompressed (after any uncompressed early
@@ -30,7 +46,10 @@ fn initrd_archive(initrd: &Path) -> Vec<u8> {
     let data = std::fs::read(initrd).expect("read initrd");
     let mut start = 0;
     if data.starts_with(b"070701") {
-        let trailer = data.windows(10).rposition(|w| w == b"TRAILER!!!").expect("early cpio trailer");
+        let trailer = data
+            .windows(10)
+            .rposition(|w| w == b"TRAILER!!!")
+            .expect("early cpio trailer");
         start = trailer + 10;
         while data.get(start) == Some(&0) {
             start += 1;
@@ -42,9 +61,17 @@ fn initrd_archive(initrd: &Path) -> Vec<u8> {
         [0x28, 0xb5, 0x2f, 0xfd, ..] => &["zstd", "-dc"],
         [0xfd, b'7', b'z', b'X', b'Z', ..] => &["xz", "-dc"],
         _ if rest.starts_with(b"070701") => return rest.to_vec(),
-        _ => panic!("unknown initrd compression: {:02x?}", &rest[..rest.len().min(8)]),
+        _ => panic!(
+            "unknown initrd compression: {:02x?}",
+            &rest[..rest.len().min(8)]
+        ),
     };
-    let mut child = Command::new(tool[0]).args(&tool[1..]).stdin(Stdio::piped()).stdout(Stdio::piped()).spawn().expect("decompressor");
+    let mut child = Command::new(tool[0])
+        .args(&tool[1..])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("decompressor");
     let mut stdin = child.stdin.take().expect("stdin");
     let input = rest.to_vec();
     let writer = std::thread::spawn(move || stdin.write_all(&input));
@@ -74,66 +101,158 @@ async fn builds_the_debian_image_then_finds_it() {
     .expect("build");
     eprintln!("built in {:?}: {built:?}", started.elapsed());
     assert!(!built.already_existed);
-    assert_eq!(*phases.lock().expect("lock"), ["packages", "customize", "kernel", "mkfs", "done"]);
-    assert!(*lines.lock().expect("lock") > 100, "mmdebstrap --verbose output should reach the log");
+    assert_eq!(
+        *phases.lock().expect("lock"),
+        ["packages", "customize", "initramfs", "kernel", "mkfs", "done"]
+    );
+    assert!(
+        *lines.lock().expect("lock") > 100,
+        "mmdebstrap --verbose output should reach the log"
+    );
 
     // Only the image (and the build lock) is left; nothing mounted, no process inside.
-    assert_eq!(common::names_in(&spec.images_dir), [".build.lock", "debian-test"]);
-    assert_eq!(common::names_in(&built.dir), ["manifest.json", "rootfs.ext4"]);
-    assert!(mounts_under(t.path()).is_empty(), "{:?}", mounts_under(t.path()));
-    assert!(common::processes_inside(t.path()).is_empty(), "{:?}", common::processes_inside(t.path()));
+    assert_eq!(
+        common::names_in(&spec.images_dir),
+        [".build.lock", "debian-test"]
+    );
+    assert_eq!(
+        common::names_in(&built.dir),
+        ["manifest.json", "rootfs.ext4"]
+    );
+    assert!(
+        mounts_under(t.path()).is_empty(),
+        "{:?}",
+        mounts_under(t.path())
+    );
+    assert!(
+        common::processes_inside(t.path()).is_empty(),
+        "{:?}",
+        common::processes_inside(t.path())
+    );
 
     // The manifest.
     let m = Manifest::read(&built.dir).expect("manifest");
-    assert_eq!((m.name.as_str(), m.suite.as_str()), ("debian-test", "bookworm"));
-    assert!(m.kernel_release.starts_with("6.") && m.kernel_release.ends_with("-cloud-amd64"), "{}", m.kernel_release);
+    assert_eq!(
+        (m.name.as_str(), m.suite.as_str()),
+        ("debian-test", "bookworm")
+    );
+    assert!(
+        m.kernel_release.starts_with("6.") && m.kernel_release.ends_with("-cloud-amd64"),
+        "{}",
+        m.kernel_release
+    );
     assert_eq!(m.kernel_name, kernel_name("bookworm", &m.kernel_release));
-    assert_eq!((built.kernel_name.as_str(), built.kernel_release.as_str()), (m.kernel_name.as_str(), m.kernel_release.as_str()));
-    assert_eq!(m.rootfs_bytes, std::fs::metadata(&built.rootfs).expect("rootfs").len());
+    assert_eq!(
+        (built.kernel_name.as_str(), built.kernel_release.as_str()),
+        (m.kernel_name.as_str(), m.kernel_release.as_str())
+    );
+    assert_eq!(
+        m.rootfs_bytes,
+        std::fs::metadata(&built.rootfs).expect("rootfs").len()
+    );
     assert_eq!(m.rootfs_bytes, built.size_bytes);
     assert_eq!(m.rootfs_bytes, banger_image::rootfs_size(m.tree_bytes));
-    assert!(m.tree_bytes > 200 << 20, "a Debian tree with a kernel is a few hundred MiB, got {}", m.tree_bytes);
+    assert!(
+        m.tree_bytes > 200 << 20,
+        "a Debian tree with a kernel is a few hundred MiB, got {}",
+        m.tree_bytes
+    );
     for p in BASE_PACKAGES {
-        assert!(m.packages.iter().any(|q| q == p), "{p} missing from {:?}", m.packages);
+        assert!(
+            m.packages.iter().any(|q| q == p),
+            "{p} missing from {:?}",
+            m.packages
+        );
     }
-    let true_sha = Command::new("sha256sum").arg("/bin/true").output().expect("sha256sum");
+    let true_sha = Command::new("sha256sum")
+        .arg("/bin/true")
+        .output()
+        .expect("sha256sum");
     assert!(String::from_utf8_lossy(&true_sha.stdout).starts_with(&m.agent_sha256));
 
     // The kernel: a bzImage, and an initrd that can mount /dev/vda.
-    assert_eq!(built.kernel, spec.kernels_dir.join(&m.kernel_name).join("vmlinuz"));
+    assert_eq!(
+        built.kernel,
+        spec.kernels_dir.join(&m.kernel_name).join("vmlinuz")
+    );
     let kernel = std::fs::read(&built.kernel).expect("kernel");
     assert_eq!(&kernel[0x202..0x206], b"HdrS", "not a bzImage");
     let archive = initrd_archive(&built.initrd);
-    for module in ["virtio_blk.ko", "virtio_mmio.ko"] {
-        assert!(archive.windows(module.len()).any(|w| w == module.as_bytes()), "initrd lacks {module}");
+    for module in ["virtio_blk.ko", "virtio_mmio.ko", "virtio_console.ko", "vmw_vsock_virtio_transport.ko"] {
+        assert!(
+            archive
+                .windows(module.len())
+                .any(|w| w == module.as_bytes()),
+            "initrd lacks {module}"
+        );
     }
 
     // The file system: consistent, and customised.
-    let fsck = Command::new("e2fsck").args(["-f", "-n"]).arg(&built.rootfs).output().expect("e2fsck");
-    assert!(fsck.status.success(), "e2fsck: {}", String::from_utf8_lossy(&fsck.stdout));
+    let fsck = Command::new("e2fsck")
+        .args(["-f", "-n"])
+        .arg(&built.rootfs)
+        .output()
+        .expect("e2fsck");
+    assert!(
+        fsck.status.success(),
+        "e2fsck: {}",
+        String::from_utf8_lossy(&fsck.stdout)
+    );
     let agent = debugfs(&built.rootfs, "stat /usr/local/bin/banger-agent");
     assert_eq!(stat_field(&agent, "Type:"), "regular");
     assert_eq!(stat_field(&agent, "Mode:"), "0755");
-    assert_eq!((stat_field(&agent, "User:"), stat_field(&agent, "Group:")), ("0", "0"));
-    let link = debugfs(&built.rootfs, "stat /etc/systemd/system/sysinit.target.wants/banger-agent.service");
+    assert_eq!(
+        (stat_field(&agent, "User:"), stat_field(&agent, "Group:")),
+        ("0", "0")
+    );
+    let link = debugfs(
+        &built.rootfs,
+        "stat /etc/systemd/system/sysinit.target.wants/banger-agent.service",
+    );
     assert_eq!(stat_field(&link, "Type:"), "symlink");
     assert!(link.contains("\"../banger-agent.service\""), "{link}");
-    assert_eq!(debugfs(&built.rootfs, "cat /etc/systemd/system/banger-agent.service"), common::UNIT);
-    assert_eq!(debugfs(&built.rootfs, "cat /etc/modules-load.d/banger.conf"), common::MODULES);
+    assert_eq!(
+        debugfs(
+            &built.rootfs,
+            "cat /etc/systemd/system/banger-agent.service"
+        ),
+        common::UNIT
+    );
+    assert_eq!(
+        debugfs(&built.rootfs, "cat /etc/modules-load.d/banger.conf"),
+        common::MODULES
+    );
     assert_eq!(debugfs(&built.rootfs, "cat /etc/hostname"), "banger\n");
     assert_eq!(debugfs(&built.rootfs, "cat /etc/machine-id"), "");
-    assert!(debugfs(&built.rootfs, "cat /etc/ssh/sshd_config.d/banger.conf").contains("PasswordAuthentication no"));
+    assert!(
+        debugfs(&built.rootfs, "cat /etc/ssh/sshd_config.d/banger.conf")
+            .contains("PasswordAuthentication no")
+    );
     let ssh = debugfs(&built.rootfs, "ls /etc/ssh");
-    assert!(ssh.contains("sshd_config") && !ssh.contains("ssh_host_"), "{ssh}");
+    assert!(
+        ssh.contains("sshd_config") && !ssh.contains("ssh_host_"),
+        "{ssh}"
+    );
     for dir in ["/root", "/root/.ssh"] {
-        assert_eq!(stat_field(&debugfs(&built.rootfs, &format!("stat {dir}")), "Mode:"), "0700", "{dir}");
+        assert_eq!(
+            stat_field(&debugfs(&built.rootfs, &format!("stat {dir}")), "Mode:"),
+            "0700",
+            "{dir}"
+        );
     }
     let timer = debugfs(&built.rootfs, "stat /etc/systemd/system/apt-daily.timer");
-    assert!(timer.contains("\"/dev/null\""), "apt-daily.timer should be masked: {timer}");
+    assert!(
+        timer.contains("\"/dev/null\""),
+        "apt-daily.timer should be masked: {timer}"
+    );
     // /proc, /sys and /dev/pts were unmounted before mkfs: empty directories.
     for dir in ["/proc", "/sys", "/dev/pts"] {
         let entries = debugfs(&built.rootfs, &format!("ls -p {dir}"));
-        let names: Vec<&str> = entries.lines().filter_map(|l| l.split('/').nth(5)).filter(|n| !n.is_empty()).collect();
+        let names: Vec<&str> = entries
+            .lines()
+            .filter_map(|l| l.split('/').nth(5))
+            .filter(|n| !n.is_empty())
+            .collect();
         assert_eq!(names, [".", ".."], "{dir} should be empty in the image");
     }
 
@@ -141,12 +260,21 @@ async fn builds_the_debian_image_then_finds_it() {
     let phases2 = Arc::new(Mutex::new(Vec::new()));
     let p3 = phases2.clone();
     let started = Instant::now();
-    let again = build_debian(&spec, move |p| p3.lock().expect("lock").push(p), CancellationToken::new()).await.expect("again");
+    let again = build_debian(
+        &spec,
+        move |p| p3.lock().expect("lock").push(p),
+        CancellationToken::new(),
+    )
+    .await
+    .expect("again");
     assert!(started.elapsed() < Duration::from_secs(5));
     assert!(again.already_existed);
     assert!(phases2.lock().expect("lock").is_empty());
     assert_eq!(BuiltImageView::from(&again), BuiltImageView::from(&built));
-    assert_eq!(debian_image_exists(&spec.images_dir, &spec.kernels_dir, "debian-test"), Some(again));
+    assert_eq!(
+        debian_image_exists(&spec.images_dir, &spec.kernels_dir, "debian-test"),
+        Some(again)
+    );
 }
 
 /// A built image without its `already_existed` flag.

@@ -137,9 +137,9 @@ pub async fn run(cmd: VmCommand) -> anyhow::Result<i32> {
 }
 
 /// Runs futures concurrently on the current-thread runtime, keeping order.
-async fn futures_join_all<F: std::future::Future>(futs: impl Iterator<Item = F>) -> Vec<F::Output>
+async fn futures_join_all<F>(futs: impl Iterator<Item = F>) -> Vec<F::Output>
 where
-    F: Send + 'static,
+    F: std::future::Future + Send + 'static,
     F::Output: Send + 'static,
 {
     let handles: Vec<_> = futs.map(tokio::spawn).collect();
@@ -234,10 +234,8 @@ async fn vm_run(a: RunArgs) -> anyhow::Result<i32> {
         }
         None => {
             eprintln!("banger: interrupted");
-            if a.rm {
-                if let Some(n) = &name {
-                    cleanup(&client, n).await;
-                }
+            if let Some(n) = name.as_deref().filter(|_| a.rm) {
+                cleanup(&client, n).await;
             }
             return Ok(130);
         }

@@ -22,7 +22,10 @@ pub const MODULES: &str = "virtio_console\nvsock\nvmw_vsock_virtio_transport\n";
 
 /// A build spec inside `root`, with a copy of /bin/true as the agent.
 pub fn spec(root: &Path, name: &str) -> DebianBuild {
-    assert!(nix::unistd::geteuid().is_root(), "the real image build tests need root, as the build does");
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "the real image build tests need root, as the build does"
+    );
     let agent = root.join("agent");
     std::fs::copy("/bin/true", &agent).expect("agent stand-in");
     DebianBuild {
@@ -35,13 +38,18 @@ pub fn spec(root: &Path, name: &str) -> DebianBuild {
         agent_modules_conf: MODULES.into(),
         images_dir: root.join("images"),
         kernels_dir: root.join("kernels"),
+        min_rootfs_bytes: 0,
     }
 }
 
 /// Names in `dir` (sorted); empty if it does not exist.
 pub fn names_in(dir: &Path) -> Vec<String> {
     let mut names: Vec<String> = std::fs::read_dir(dir)
-        .map(|rd| rd.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect())
+        .map(|rd| {
+            rd.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
         .unwrap_or_default();
     names.sort();
     names
