@@ -18,12 +18,20 @@ fn main() {
     if let Some(dir) = git(&["rev-parse", "--git-dir"]) {
         let dir = root.join(dir);
         println!("cargo:rerun-if-changed={}", dir.join("HEAD").display());
-        println!("cargo:rerun-if-changed={}", dir.join("refs/heads").display());
+        println!(
+            "cargo:rerun-if-changed={}",
+            dir.join("refs/heads").display()
+        );
     }
     let epoch = std::env::var("SOURCE_DATE_EPOCH")
         .ok()
         .and_then(|s| s.parse::<u64>().ok())
-        .unwrap_or_else(|| SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0));
+        .unwrap_or_else(|| {
+            SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0)
+        });
     println!("cargo:rerun-if-env-changed=SOURCE_DATE_EPOCH");
     println!("cargo:rustc-env=BANGER_COMMIT={commit}");
     println!("cargo:rustc-env=BANGER_TAG={}", tag.unwrap_or_default());

@@ -1,7 +1,9 @@
 //! Host side of the protocol: one [`AgentClient`] per VM connection,
 //! multiplexing any number of exec sessions over the single stream.
 
-use crate::{Body, CONTROL, ExecRequest, ExitStatus, Frame, FrameCodec, Hello, MAX_CHUNK, PROTO_VERSION};
+use crate::{
+    Body, CONTROL, ExecRequest, ExitStatus, Frame, FrameCodec, Hello, MAX_CHUNK, PROTO_VERSION,
+};
 use futures::{SinkExt, StreamExt};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -88,7 +90,13 @@ impl AgentClient {
             let _ = closed_tx.send(true);
         });
 
-        Self { tx, routes, next_channel: Arc::new(AtomicU32::new(1)), hello, closed }
+        Self {
+            tx,
+            routes,
+            next_channel: Arc::new(AtomicU32::new(1)),
+            hello,
+            closed,
+        }
     }
 
     /// Waits for the agent's greeting (the readiness signal) and checks its version.
@@ -98,7 +106,10 @@ impl AgentClient {
         loop {
             if let Some(h) = hello.borrow_and_update().clone() {
                 if h.proto_version != PROTO_VERSION {
-                    return Err(ClientError::VersionMismatch { agent: h.proto_version, host: PROTO_VERSION });
+                    return Err(ClientError::VersionMismatch {
+                        agent: h.proto_version,
+                        host: PROTO_VERSION,
+                    });
                 }
                 return Ok(h);
             }
@@ -131,12 +142,20 @@ impl AgentClient {
     pub fn exec(&self, req: ExecRequest) -> Result<ExecSession, ClientError> {
         let channel = self.next_channel.fetch_add(1, Ordering::Relaxed);
         let (ev_tx, events) = mpsc::unbounded_channel();
-        self.routes.lock().map_err(|_| ClientError::Disconnected)?.insert(channel, ev_tx);
+        self.routes
+            .lock()
+            .map_err(|_| ClientError::Disconnected)?
+            .insert(channel, ev_tx);
         if let Err(e) = self.send(Frame::new(channel, Body::Exec(req))) {
             self.routes.lock().map(|mut r| r.remove(&channel)).ok();
             return Err(e);
         }
-        Ok(ExecSession { channel, tx: self.tx.clone(), events, done: false })
+        Ok(ExecSession {
+            channel,
+            tx: self.tx.clone(),
+            events,
+            done: false,
+        })
     }
 
     fn send(&self, f: Frame) -> Result<(), ClientError> {
@@ -160,7 +179,11 @@ fn route(frame: Frame, routes: &Routes, hello_tx: &watch::Sender<Option<Hello>>)
         Body::Exited(s) => (ExecEvent::Exited(s), true),
         Body::Error(m) => (ExecEvent::Error(m), true),
         other => {
-            tracing::debug!(channel = frame.channel, ?other, "unexpected frame from agent");
+            tracing::debug!(
+                channel = frame.channel,
+                ?other,
+                "unexpected frame from agent"
+            );
             return;
         }
     };
@@ -218,7 +241,9 @@ impl ExecSession {
     }
 
     fn send(&self, body: Body) -> Result<(), ClientError> {
-        self.tx.send(Frame::new(self.channel, body)).map_err(|_| ClientError::Disconnected)
+        self.tx
+            .send(Frame::new(self.channel, body))
+            .map_err(|_| ClientError::Disconnected)
     }
 }
 
@@ -241,14 +266,27 @@ mod tests {
         let (rd, wr) = tokio::io::split(io);
         let mut rd = FramedRead::new(rd, FrameCodec);
         let mut wr = FramedWrite::new(wr, FrameCodec);
-        let hello = Hello { proto_version: version, agent_version: "test".into(), uptime_ms: 1 };
-        wr.send(Frame::new(CONTROL, Body::Hello(hello))).await.expect("hello");
+        let hello = Hello {
+            proto_version: version,
+            agent_version: "test".into(),
+            uptime_ms: 1,
+        };
+        wr.send(Frame::new(CONTROL, Body::Hello(hello)))
+            .await
+            .expect("hello");
         while let Some(Ok(Ok(f))) = rd.next().await {
             if let Body::Exec(req) = f.body {
                 let out = req.argv.join(" ").into_bytes();
-                wr.send(Frame::new(f.channel, Body::Stdout(out))).await.expect("out");
-                let st = ExitStatus { code: Some(3), signal: None };
-                wr.send(Frame::new(f.channel, Body::Exited(st))).await.expect("exit");
+                wr.send(Frame::new(f.channel, Body::Stdout(out)))
+                    .await
+                    .expect("out");
+                let st = ExitStatus {
+                    code: Some(3),
+                    signal: None,
+                };
+                wr.send(Frame::new(f.channel, Body::Exited(st)))
+                    .await
+                    .expect("exit");
             }
         }
     }
@@ -260,11 +298,22 @@ mod tests {
         let c = AgentClient::spawn(a);
         let h = c.wait_hello().await.expect("hello");
         assert_eq!(h.agent_version, "test");
-        let mut s = c.exec(ExecRequest { argv: vec!["echo".into(), "hi".into()], ..Default::default() }).expect("exec");
-        assert_eq!(s.next_event().await.expect("ev"), Some(ExecEvent::Stdout(b"echo hi".to_vec())));
+        let mut s = c
+            .exec(ExecRequest {
+                argv: vec!["echo".into(), "hi".into()],
+                ..Default::default()
+            })
+            .expect("exec");
         assert_eq!(
             s.next_event().await.expect("ev"),
-            Some(ExecEvent::Exited(ExitStatus { code: Some(3), signal: None }))
+            Some(ExecEvent::Stdout(b"echo hi".to_vec()))
+        );
+        assert_eq!(
+            s.next_event().await.expect("ev"),
+            Some(ExecEvent::Exited(ExitStatus {
+                code: Some(3),
+                signal: None
+            }))
         );
         assert_eq!(s.next_event().await.expect("end"), None);
     }
@@ -274,7 +323,10 @@ mod tests {
         let (a, b) = tokio::io::duplex(4096);
         tokio::spawn(fake_agent(b, PROTO_VERSION + 1));
         let c = AgentClient::spawn(a);
-        assert!(matches!(c.wait_hello().await, Err(ClientError::VersionMismatch { .. })));
+        assert!(matches!(
+            c.wait_hello().await,
+            Err(ClientError::VersionMismatch { .. })
+        ));
     }
 
     #[tokio::test]
@@ -282,6 +334,9 @@ mod tests {
         let (a, b) = tokio::io::duplex(4096);
         let c = AgentClient::spawn(a);
         drop(b);
-        assert!(matches!(c.wait_hello().await, Err(ClientError::Disconnected)));
+        assert!(matches!(
+            c.wait_hello().await,
+            Err(ClientError::Disconnected)
+        ));
     }
 }

@@ -92,14 +92,23 @@ mod tests {
             }),
         ));
         roundtrip(Frame::new(7, Body::Stdout(vec![1, 2, 3])));
-        roundtrip(Frame::new(7, Body::Exited(ExitStatus { code: Some(3), signal: None })));
+        roundtrip(Frame::new(
+            7,
+            Body::Exited(ExitStatus {
+                code: Some(3),
+                signal: None,
+            }),
+        ));
     }
 
     #[test]
     fn oversized_length_is_refused_before_allocation() {
         let mut buf = BytesMut::new();
         buf.put_u32_le((MAX_FRAME + 1) as u32);
-        assert!(matches!(FrameCodec.decode(&mut buf), Err(ProtoError::TooLarge(_))));
+        assert!(matches!(
+            FrameCodec.decode(&mut buf),
+            Err(ProtoError::TooLarge(_))
+        ));
     }
 
     #[test]
@@ -107,7 +116,9 @@ mod tests {
         let mut buf = BytesMut::new();
         buf.put_u32_le(3);
         buf.extend_from_slice(&[0xff, 0xff, 0xff]);
-        FrameCodec.encode(Frame::new(0, Body::Ping), &mut buf).expect("encode");
+        FrameCodec
+            .encode(Frame::new(0, Body::Ping), &mut buf)
+            .expect("encode");
         assert!(matches!(FrameCodec.decode(&mut buf), Ok(Some(Err(_)))));
         let next = FrameCodec.decode(&mut buf).expect("decode").expect("frame");
         assert_eq!(next.expect("valid"), Frame::new(0, Body::Ping));

@@ -10,8 +10,8 @@
 //! payload: a postcard-encoded [`Frame`]. Payloads over [`MAX_FRAME`] are
 //! refused before any allocation.
 
-mod codec;
 pub mod client;
+mod codec;
 
 pub use codec::{FrameCodec, ProtoError};
 

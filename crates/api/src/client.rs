@@ -57,7 +57,9 @@ type Conn = hyper::client::conn::http1::SendRequest<Full<Bytes>>;
 
 impl Client {
     pub fn new(socket: impl Into<PathBuf>) -> Self {
-        Self { socket: socket.into() }
+        Self {
+            socket: socket.into(),
+        }
     }
 
     pub fn socket(&self) -> &Path {
@@ -67,12 +69,17 @@ impl Client {
     async fn stream(&self) -> Result<UnixStream, ClientError> {
         UnixStream::connect(&self.socket)
             .await
-            .map_err(|source| ClientError::Unreachable { socket: self.socket.clone(), source })
+            .map_err(|source| ClientError::Unreachable {
+                socket: self.socket.clone(),
+                source,
+            })
     }
 
     async fn connect(&self) -> Result<Conn, ClientError> {
         let io = hyper_util::rt::TokioIo::new(self.stream().await?);
-        let (sender, conn) = hyper::client::conn::http1::handshake(io).await.map_err(ClientError::protocol)?;
+        let (sender, conn) = hyper::client::conn::http1::handshake(io)
+            .await
+            .map_err(ClientError::protocol)?;
         tokio::spawn(async move {
             let _ = conn.await;
         });
@@ -86,22 +93,38 @@ impl Client {
         body: Option<Vec<u8>>,
     ) -> Result<hyper::Response<hyper::body::Incoming>, ClientError> {
         let mut conn = self.connect().await?;
-        let mut req = Request::builder().method(method).uri(path).header("host", "localhost");
+        let mut req = Request::builder()
+            .method(method)
+            .uri(path)
+            .header("host", "localhost");
         if body.is_some() {
             req = req.header("content-type", "application/json");
         }
-        let req = req.body(Full::new(Bytes::from(body.unwrap_or_default()))).map_err(ClientError::protocol)?;
-        let resp = conn.send_request(req).await.map_err(ClientError::protocol)?;
+        let req = req
+            .body(Full::new(Bytes::from(body.unwrap_or_default())))
+            .map_err(ClientError::protocol)?;
+        let resp = conn
+            .send_request(req)
+            .await
+            .map_err(ClientError::protocol)?;
         if resp.status().is_success() {
             return Ok(resp);
         }
         let status = resp.status();
-        let bytes = resp.into_body().collect().await.map_err(ClientError::protocol)?.to_bytes();
+        let bytes = resp
+            .into_body()
+            .collect()
+            .await
+            .map_err(ClientError::protocol)?
+            .to_bytes();
         let error = serde_json::from_slice::<ApiError>(&bytes).unwrap_or_else(|_| ApiError {
             code: status_code_name(status),
             message: String::from_utf8_lossy(&bytes).trim().to_string(),
         });
-        Err(ClientError::Api { status: status.as_u16(), error })
+        Err(ClientError::Api {
+            status: status.as_u16(),
+            error,
+        })
     }
 
     async fn json<T: DeserializeOwned>(
@@ -110,9 +133,17 @@ impl Client {
         path: &str,
         body: Option<&impl Serialize>,
     ) -> Result<T, ClientError> {
-        let body = body.map(serde_json::to_vec).transpose().map_err(ClientError::protocol)?;
+        let body = body
+            .map(serde_json::to_vec)
+            .transpose()
+            .map_err(ClientError::protocol)?;
         let resp = self.send(method, path, body).await?;
-        let bytes = resp.into_body().collect().await.map_err(ClientError::protocol)?.to_bytes();
+        let bytes = resp
+            .into_body()
+            .collect()
+            .await
+            .map_err(ClientError::protocol)?
+            .to_bytes();
         serde_json::from_slice(&bytes).map_err(ClientError::protocol)
     }
 
@@ -128,7 +159,9 @@ impl Client {
         let mut buf = Vec::new();
         while let Some(frame) = resp.frame().await {
             let frame = frame.map_err(ClientError::protocol)?;
-            let Ok(data) = frame.into_data() else { continue };
+            let Ok(data) = frame.into_data() else {
+                continue;
+            };
             buf.extend_from_slice(&data);
             while let Some(nl) = buf.iter().position(|b| *b == b'\n') {
                 let line: Vec<u8> = buf.drain(..=nl).collect();
@@ -148,7 +181,9 @@ impl Client {
 
     /// Asks the daemon to exit (VMs keep running).
     pub async fn shutdown(&self) -> Result<(), ClientError> {
-        self.send(Method::POST, paths::SHUTDOWN, None).await.map(|_| ())
+        self.send(Method::POST, paths::SHUTDOWN, None)
+            .await
+            .map(|_| ())
     }
 
     pub async fn list_vms(&self) -> Result<Vec<VmRecord>, ClientError> {
@@ -156,12 +191,14 @@ impl Client {
     }
 
     pub async fn get_vm(&self, vm: &str) -> Result<VmRecord, ClientError> {
-        self.json(Method::GET, &paths::fill(paths::VM, vm), None::<&()>).await
+        self.json(Method::GET, &paths::fill(paths::VM, vm), None::<&()>)
+            .await
     }
 
     /// Stops (if running) and deletes a VM with its disks.
     pub async fn delete_vm(&self, vm: &str) -> Result<VmRecord, ClientError> {
-        self.json(Method::DELETE, &paths::fill(paths::VM, vm), None::<&()>).await
+        self.json(Method::DELETE, &paths::fill(paths::VM, vm), None::<&()>)
+            .await
     }
 
     /// Creates (and by default boots) a VM, reporting progress to `on_event`.
@@ -207,7 +244,8 @@ impl Client {
     }
 
     pub async fn get_image(&self, name: &str) -> Result<ImageRecord, ClientError> {
-        self.json(Method::GET, &paths::fill(paths::IMAGE, name), None::<&()>).await
+        self.json(Method::GET, &paths::fill(paths::IMAGE, name), None::<&()>)
+            .await
     }
 
     pub async fn list_kernels(&self) -> Result<Vec<KernelRecord>, ClientError> {
@@ -220,7 +258,11 @@ impl Client {
     }
 
     /// Starts a process in a running VM.
-    pub async fn exec(&self, vm: &str, start: &ExecStart) -> Result<(ExecWriter, ExecReader), ClientError> {
+    pub async fn exec(
+        &self,
+        vm: &str,
+        start: &ExecStart,
+    ) -> Result<(ExecWriter, ExecReader), ClientError> {
         let stream = self.stream().await?;
         let url = format!("ws://localhost{}", paths::fill(paths::VM_EXEC, vm));
         let (mut ws, _) = match tokio_tungstenite::client_async(url, stream).await {
@@ -228,18 +270,30 @@ impl Client {
             Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => {
                 let status = resp.status();
                 let body = resp.body().clone().unwrap_or_default();
-                let error = serde_json::from_slice::<ApiError>(&body).unwrap_or_else(|_| ApiError {
-                    code: status_code_name(status),
-                    message: String::from_utf8_lossy(&body).trim().to_string(),
+                let error =
+                    serde_json::from_slice::<ApiError>(&body).unwrap_or_else(|_| ApiError {
+                        code: status_code_name(status),
+                        message: String::from_utf8_lossy(&body).trim().to_string(),
+                    });
+                return Err(ClientError::Api {
+                    status: status.as_u16(),
+                    error,
                 });
-                return Err(ClientError::Api { status: status.as_u16(), error });
             }
             Err(e) => return Err(ClientError::protocol(e)),
         };
         let start = serde_json::to_string(start).map_err(ClientError::protocol)?;
-        ws.send(Message::text(start)).await.map_err(ClientError::protocol)?;
+        ws.send(Message::text(start))
+            .await
+            .map_err(ClientError::protocol)?;
         let (sink, stream) = ws.split();
-        Ok((ExecWriter { sink }, ExecReader { stream, done: false }))
+        Ok((
+            ExecWriter { sink },
+            ExecReader {
+                stream,
+                done: false,
+            },
+        ))
     }
 }
 
@@ -247,12 +301,17 @@ fn finish<T>(result: Option<Result<T, ApiError>>) -> Result<T, ClientError> {
     match result {
         Some(Ok(v)) => Ok(v),
         Some(Err(error)) => Err(ClientError::Api { status: 500, error }),
-        None => Err(ClientError::Protocol("the daemon closed the stream before the operation finished".into())),
+        None => Err(ClientError::Protocol(
+            "the daemon closed the stream before the operation finished".into(),
+        )),
     }
 }
 
 fn status_code_name(s: StatusCode) -> String {
-    s.canonical_reason().unwrap_or("error").to_ascii_lowercase().replace(' ', "_")
+    s.canonical_reason()
+        .unwrap_or("error")
+        .to_ascii_lowercase()
+        .replace(' ', "_")
 }
 
 /// Sending half of an exec.
@@ -262,12 +321,18 @@ pub struct ExecWriter {
 
 impl ExecWriter {
     pub async fn stdin(&mut self, data: &[u8]) -> Result<(), ClientError> {
-        self.sink.send(Message::binary(data.to_vec())).await.map_err(ClientError::protocol)
+        self.sink
+            .send(Message::binary(data.to_vec()))
+            .await
+            .map_err(ClientError::protocol)
     }
 
     pub async fn control(&mut self, c: ExecControl) -> Result<(), ClientError> {
         let text = serde_json::to_string(&c).map_err(ClientError::protocol)?;
-        self.sink.send(Message::text(text)).await.map_err(ClientError::protocol)
+        self.sink
+            .send(Message::text(text))
+            .await
+            .map_err(ClientError::protocol)
     }
 }
 
@@ -292,16 +357,20 @@ impl ExecReader {
                 },
                 Message::Text(t) => {
                     self.done = true;
-                    return Ok(Some(match serde_json::from_str(&t).map_err(ClientError::protocol)? {
-                        ExecReport::Exit(e) => ExecOutput::Exit(e),
-                        ExecReport::Error(e) => ExecOutput::Error(e),
-                    }));
+                    return Ok(Some(
+                        match serde_json::from_str(&t).map_err(ClientError::protocol)? {
+                            ExecReport::Exit(e) => ExecOutput::Exit(e),
+                            ExecReport::Error(e) => ExecOutput::Error(e),
+                        },
+                    ));
                 }
                 Message::Close(_) => break,
                 _ => {}
             }
         }
-        Err(ClientError::Protocol("the daemon closed the exec before the process ended".into()))
+        Err(ClientError::Protocol(
+            "the daemon closed the exec before the process ended".into(),
+        ))
     }
 }
 
@@ -312,6 +381,9 @@ mod tests {
     #[test]
     fn fill_encodes_refs() {
         assert_eq!(paths::fill(paths::VM, "calm-otter"), "/v1/vms/calm-otter");
-        assert_eq!(paths::fill(paths::VM_EXEC, "a b/c"), "/v1/vms/a%20b%2Fc/exec");
+        assert_eq!(
+            paths::fill(paths::VM_EXEC, "a b/c"),
+            "/v1/vms/a%20b%2Fc/exec"
+        );
     }
 }

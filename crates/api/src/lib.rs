@@ -102,7 +102,10 @@ pub struct Progress {
 #[serde(rename_all = "snake_case")]
 pub enum CreateVmEvent {
     /// First event: the name and effective spec, before anything is made.
-    Planned { name: String, spec: VmSpec },
+    Planned {
+        name: String,
+        spec: VmSpec,
+    },
     Progress(Progress),
     Done(VmRecord),
     Error(ApiError),

@@ -18,7 +18,9 @@ pub fn socket_path() -> anyhow::Result<PathBuf> {
     if let Some(s) = std::env::var_os("BANGER_SOCKET") {
         return Ok(PathBuf::from(s));
     }
-    Ok(Paths::from_env().context("resolving banger's directories")?.socket)
+    Ok(Paths::from_env()
+        .context("resolving banger's directories")?
+        .socket)
 }
 
 /// A client for a daemon that answers, or `None`.
@@ -56,14 +58,20 @@ fn bangerd_binary() -> anyhow::Result<PathBuf> {
 /// Starts bangerd detached and waits until it says it is listening.
 fn start_daemon() -> anyhow::Result<()> {
     let paths = Paths::from_env()?;
-    std::fs::create_dir_all(&paths.state_dir).with_context(|| format!("creating {}", paths.state_dir.display()))?;
+    std::fs::create_dir_all(&paths.state_dir)
+        .with_context(|| format!("creating {}", paths.state_dir.display()))?;
     let stderr_path = paths.state_dir.join("bangerd.stderr");
-    let stderr = std::fs::File::create(&stderr_path).with_context(|| format!("creating {}", stderr_path.display()))?;
-    let (rd, wr): (OwnedFd, OwnedFd) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).context("creating a pipe")?;
+    let stderr = std::fs::File::create(&stderr_path)
+        .with_context(|| format!("creating {}", stderr_path.display()))?;
+    let (rd, wr): (OwnedFd, OwnedFd) =
+        nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).context("creating a pipe")?;
     let bin = bangerd_binary()?;
     let wr_raw = wr.as_raw_fd();
     let mut cmd = Command::new(&bin);
-    cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(stderr).env("BANGER_READY_FD", READY_FD.to_string());
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(stderr)
+        .env("BANGER_READY_FD", READY_FD.to_string());
     // SAFETY: only async-signal-safe calls (setsid, dup2) between fork and exec.
     unsafe {
         cmd.pre_exec(move || {
@@ -75,9 +83,15 @@ fn start_daemon() -> anyhow::Result<()> {
             Ok(())
         });
     }
-    let mut child = cmd.spawn().with_context(|| format!("starting {}", bin.display()))?;
+    let mut child = cmd
+        .spawn()
+        .with_context(|| format!("starting {}", bin.display()))?;
     drop(wr);
-    eprintln!("banger: daemon was not running; started bangerd (pid {}, log {})", child.id(), paths.log_file.display());
+    eprintln!(
+        "banger: daemon was not running; started bangerd (pid {}, log {})",
+        child.id(),
+        paths.log_file.display()
+    );
 
     // Wait for "ready" on the pipe; EOF first means the daemon died.
     let (tx, rx) = std::sync::mpsc::channel();
@@ -94,8 +108,18 @@ fn start_daemon() -> anyhow::Result<()> {
             let err = std::fs::read_to_string(&stderr_path).unwrap_or_default();
             let err = err.trim();
             let err = err.strip_prefix("bangerd: ").unwrap_or(err);
-            bail!("the daemon failed to start: {}", if err.is_empty() { "no error output" } else { err })
+            bail!(
+                "the daemon failed to start: {}",
+                if err.is_empty() {
+                    "no error output"
+                } else {
+                    err
+                }
+            )
         }
-        Err(_) => bail!("the daemon did not come up within 30s; see {}", paths.log_file.display()),
+        Err(_) => bail!(
+            "the daemon did not come up within 30s; see {}",
+            paths.log_file.display()
+        ),
     }
 }

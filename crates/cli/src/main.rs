@@ -65,7 +65,10 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("banger: cannot start the async runtime: {e}");
@@ -82,7 +85,10 @@ fn main() -> ExitCode {
             Command::Bench(a) => commands::bench::run(a).await,
             Command::Version => {
                 let b = BuildInfo::current();
-                println!("banger {}\ncommit: {}\nbuilt: {}", b.version, b.commit, b.built_at);
+                println!(
+                    "banger {}\ncommit: {}\nbuilt: {}",
+                    b.version, b.commit, b.built_at
+                );
                 Ok(0)
             }
         }

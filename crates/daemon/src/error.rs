@@ -24,7 +24,10 @@ impl DaemonError {
     }
 
     pub fn to_api(&self) -> ApiError {
-        ApiError { code: self.code().to_string(), message: self.to_string() }
+        ApiError {
+            code: self.code().to_string(),
+            message: self.to_string(),
+        }
     }
 }
 

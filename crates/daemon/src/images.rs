@@ -33,9 +33,12 @@ impl Daemon {
         }
         progress(
             "image",
-            &format!("default image {name} not found; building it from Debian packages (takes about a minute)"),
+            &format!(
+                "default image {name} not found; building it from Debian packages (takes about a minute)"
+            ),
         );
-        self.build_debian_image(name, DEFAULT_SUITE, progress, cancel.clone()).await
+        self.build_debian_image(name, DEFAULT_SUITE, progress, cancel.clone())
+            .await
     }
 
     /// Builds (or finds, if already built) a Debian image and registers it.
@@ -46,8 +49,11 @@ impl Daemon {
         progress: &(dyn Fn(&str, &str) + Send + Sync),
         cancel: CancellationToken,
     ) -> Result<ImageRecord, DaemonError> {
-        banger_model::VmName::parse(name)
-            .map_err(|_| DaemonError::Invalid(format!("image name {name:?} must be a DNS label (a-z, 0-9, -)")))?;
+        banger_model::VmName::parse(name).map_err(|_| {
+            DaemonError::Invalid(format!(
+                "image name {name:?} must be a DNS label (a-z, 0-9, -)"
+            ))
+        })?;
         let _guard = self.image_lock.lock().await;
         if let Ok(img) = self.store.get_image(name) {
             return Ok(img);
@@ -61,7 +67,12 @@ impl Daemon {
             agent_unit: banger_agent::SYSTEMD_UNIT.to_string(),
             agent_modules_conf: banger_agent::MODULES_LOAD.to_string(),
             // VMs of the default disk size then need no resize at boot.
-            min_rootfs_bytes: effective_defaults(&self.config.vm_defaults, &HostResources::detect()).disk_bytes.value,
+            min_rootfs_bytes: effective_defaults(
+                &self.config.vm_defaults,
+                &HostResources::detect(),
+            )
+            .disk_bytes
+            .value,
             images_dir: self.paths.images_dir.clone(),
             kernels_dir: self.paths.kernels_dir.clone(),
         };

@@ -49,10 +49,17 @@ pub struct Daemon {
 impl Daemon {
     /// Opens the store and picks the VMM backend. Does not touch VMs yet.
     pub fn new(config: Config, paths: Paths) -> anyhow::Result<Arc<Self>> {
-        for dir in [&paths.state_dir, &paths.vms_dir, &paths.images_dir, &paths.kernels_dir, &paths.cache_dir] {
+        for dir in [
+            &paths.state_dir,
+            &paths.vms_dir,
+            &paths.images_dir,
+            &paths.kernels_dir,
+            &paths.cache_dir,
+        ] {
             std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         }
-        let store = Store::open(&paths.db).with_context(|| format!("opening {}", paths.db.display()))?;
+        let store =
+            Store::open(&paths.db).with_context(|| format!("opening {}", paths.db.display()))?;
         let (vmm, backend_reason) = match vms::choose_backend(&config) {
             Ok((v, why)) => (Ok(v), why),
             Err(e) => {
@@ -76,7 +83,9 @@ impl Daemon {
 
     /// The VMM backend; an error saying what to install when there is none.
     pub fn vmm(&self) -> Result<&Arc<dyn Vmm>, DaemonError> {
-        self.vmm.as_ref().map_err(|e| DaemonError::Failed(anyhow::anyhow!("{e}")))
+        self.vmm
+            .as_ref()
+            .map_err(|e| DaemonError::Failed(anyhow::anyhow!("{e}")))
     }
 
     fn vm_lock(&self, id: &VmId) -> Arc<tokio::sync::Mutex<()>> {
@@ -85,7 +94,11 @@ impl Daemon {
     }
 
     fn agent(&self, id: &VmId) -> Option<AgentClient> {
-        self.agents.lock().unwrap_or_else(|p| p.into_inner()).get(id).cloned()
+        self.agents
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(id)
+            .cloned()
     }
 
     fn set_agent(&self, id: &VmId, client: Option<AgentClient>) {
@@ -133,7 +146,12 @@ pub async fn serve(daemon: Arc<Daemon>) -> anyhow::Result<()> {
         .open(&lock_path)
         .with_context(|| format!("opening {}", lock_path.display()))?;
     let lock = nix::fcntl::Flock::lock(lock_file, nix::fcntl::FlockArg::LockExclusiveNonblock)
-        .map_err(|_| anyhow::anyhow!("another bangerd already runs for {}", daemon.paths.state_dir.display()))?;
+        .map_err(|_| {
+            anyhow::anyhow!(
+                "another bangerd already runs for {}",
+                daemon.paths.state_dir.display()
+            )
+        })?;
 
     daemon.reconcile().await.context("reconciling VMs")?;
 
@@ -156,7 +174,10 @@ pub async fn serve(daemon: Arc<Daemon>) -> anyhow::Result<()> {
     let signals = token.clone();
     tokio::spawn(async move {
         use tokio::signal::unix::{SignalKind, signal};
-        let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+        let (Ok(mut term), Ok(mut int)) = (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        ) else {
             return;
         };
         tokio::select! {
@@ -166,7 +187,9 @@ pub async fn serve(daemon: Arc<Daemon>) -> anyhow::Result<()> {
         }
         signals.cancel();
     });
-    axum::serve(listener, router).with_graceful_shutdown(async move { token.cancelled().await }).await?;
+    axum::serve(listener, router)
+        .with_graceful_shutdown(async move { token.cancelled().await })
+        .await?;
     let _ = std::fs::remove_file(&socket);
     drop(lock);
     tracing::info!("bangerd stopped; VMs keep running");
@@ -178,7 +201,10 @@ pub async fn serve(daemon: Arc<Daemon>) -> anyhow::Result<()> {
 fn notify_ready() {
     use std::io::Write;
     use std::os::fd::FromRawFd;
-    let Some(fd) = std::env::var("BANGER_READY_FD").ok().and_then(|s| s.parse::<i32>().ok()) else {
+    let Some(fd) = std::env::var("BANGER_READY_FD")
+        .ok()
+        .and_then(|s| s.parse::<i32>().ok())
+    else {
         return;
     };
     // SAFETY: the fd was handed to us by our parent for exactly this purpose

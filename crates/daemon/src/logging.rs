@@ -6,7 +6,10 @@ pub fn init_logging(log_file: &Path, level: &str) -> anyhow::Result<()> {
     if let Some(dir) = log_file.parent() {
         std::fs::create_dir_all(dir)?;
     }
-    let file = std::fs::OpenOptions::new().create(true).append(true).open(log_file)?;
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log_file)?;
     let filter = EnvFilter::try_new(format!("{level},hyper=warn,tungstenite=warn"))?;
     tracing_subscriber::fmt()
         .json()

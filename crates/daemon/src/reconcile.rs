@@ -18,7 +18,12 @@ impl Daemon {
                 (VmState::Running, true) => {
                     if let Err(e) = self.adopt(&vm).await {
                         tracing::warn!(vm = %vm.name, error = %format!("{e:#}"), "could not re-adopt VM; stopping it");
-                        self.stop_leftover(&vm, VmState::Error, Some(&format!("lost after daemon restart: {e:#}"))).await;
+                        self.stop_leftover(
+                            &vm,
+                            VmState::Error,
+                            Some(&format!("lost after daemon restart: {e:#}")),
+                        )
+                        .await;
                     }
                 }
                 (VmState::Creating | VmState::Starting | VmState::Stopping, _) => {
@@ -37,7 +42,8 @@ impl Daemon {
 
     async fn adopt(self: &Arc<Self>, vm: &VmRecord) -> anyhow::Result<()> {
         let pid = vm.pid.ok_or_else(|| anyhow::anyhow!("no pid recorded"))?;
-        let exited = banger_vmm::watch_exit(pid)?.ok_or_else(|| anyhow::anyhow!("the VMM exited"))?;
+        let exited =
+            banger_vmm::watch_exit(pid)?.ok_or_else(|| anyhow::anyhow!("the VMM exited"))?;
         let ep = self.vmm()?.reattach_agent(&vm.dir)?;
         let stream = tokio::time::timeout(Duration::from_secs(5), ep.open()).await??;
         let client = AgentClient::spawn(stream);

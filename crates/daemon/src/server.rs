@@ -11,7 +11,8 @@ use banger_agent_proto::ExecRequest;
 use banger_agent_proto::client::ExecEvent;
 use banger_api::exec::{ExecControl, ExecExit, ExecReport, ExecStart, STDERR, STDOUT};
 use banger_api::{
-    ApiError, BuildImageEvent, BuildImageRequest, CreateVmEvent, CreateVmRequest, DaemonInfo, Progress, paths,
+    ApiError, BuildImageEvent, BuildImageRequest, CreateVmEvent, CreateVmRequest, DaemonInfo,
+    Progress, paths,
 };
 use banger_model::{ImageRecord, KernelRecord, VmRecord};
 use banger_version::BuildInfo;
@@ -27,7 +28,10 @@ use utoipa_axum::routes;
 type Shared = Arc<Daemon>;
 
 #[derive(OpenApi)]
-#[openapi(info(title = "banger daemon API", description = "bangerd's API on its Unix socket."))]
+#[openapi(info(
+    title = "banger daemon API",
+    description = "bangerd's API on its Unix socket."
+))]
 struct ApiDoc;
 
 impl IntoResponse for DaemonError {
@@ -61,7 +65,10 @@ pub fn router(daemon: Shared) -> (Router, utoipa::openapi::OpenApi) {
         .with_state(daemon)
         .split_for_parts();
     let doc = api.clone();
-    let router = router.route(paths::OPENAPI, axum::routing::get(move || async move { Json(doc) }));
+    let router = router.route(
+        paths::OPENAPI,
+        axum::routing::get(move || async move { Json(doc) }),
+    );
     (router, api)
 }
 
@@ -92,14 +99,20 @@ async fn list_vms(State(d): State<Shared>) -> Result<Json<Vec<VmRecord>>, Daemon
 
 #[utoipa::path(get, path = paths::VM, params(("vm" = String, Path, description = "name or id prefix")),
     responses((status = 200, body = VmRecord), (status = 404, body = ApiError)))]
-async fn get_vm(State(d): State<Shared>, Path(vm): Path<String>) -> Result<Json<VmRecord>, DaemonError> {
+async fn get_vm(
+    State(d): State<Shared>,
+    Path(vm): Path<String>,
+) -> Result<Json<VmRecord>, DaemonError> {
     d.get_vm(&vm).map(Json)
 }
 
 /// Stops (if running) and deletes a VM and its disks.
 #[utoipa::path(delete, path = paths::VM, params(("vm" = String, Path, description = "name or id prefix")),
     responses((status = 200, body = VmRecord), (status = 404, body = ApiError)))]
-async fn delete_vm(State(d): State<Shared>, Path(vm): Path<String>) -> Result<Json<VmRecord>, DaemonError> {
+async fn delete_vm(
+    State(d): State<Shared>,
+    Path(vm): Path<String>,
+) -> Result<Json<VmRecord>, DaemonError> {
     d.delete_vm(&vm).await.map(Json)
 }
 
@@ -145,7 +158,10 @@ async fn build_image(State(d): State<Shared>, Json(req): Json<BuildImageRequest>
             }));
         };
         let suite = req.suite.as_deref().unwrap_or("bookworm");
-        let ev = match d.build_debian_image(&req.name, suite, &progress, cancel).await {
+        let ev = match d
+            .build_debian_image(&req.name, suite, &progress, cancel)
+            .await
+        {
             Ok(img) => BuildImageEvent::Done(img),
             Err(e) => BuildImageEvent::Error(e.to_api()),
         };
@@ -158,26 +174,30 @@ async fn build_image(State(d): State<Shared>, Json(req): Json<BuildImageRequest>
 /// when the client disconnects, the body is dropped and the guard cancels
 /// the operation behind it. A blank line every second keeps that detection
 /// prompt even while the operation has nothing to say (clients skip them).
-fn ndjson<E: Serialize + Send + 'static>(rx: mpsc::UnboundedReceiver<E>, guard: DropGuard) -> Response {
+fn ndjson<E: Serialize + Send + 'static>(
+    rx: mpsc::UnboundedReceiver<E>,
+    guard: DropGuard,
+) -> Response {
     let tick = tokio::time::interval(std::time::Duration::from_secs(1));
-    let stream = futures::stream::unfold((rx, guard, tick), |(mut rx, guard, mut tick)| async move {
-        let line = tokio::select! {
-            ev = rx.recv() => match ev {
-                Some(ev) => {
-                    let mut line = serde_json::to_vec(&ev).unwrap_or_default();
-                    line.push(b'\n');
-                    line
-                }
-                None => {
-                    // The operation finished: nothing left to cancel.
-                    guard.disarm();
-                    return None;
-                }
-            },
-            _ = tick.tick() => b"\n".to_vec(),
-        };
-        Some((Ok::<_, std::convert::Infallible>(line), (rx, guard, tick)))
-    });
+    let stream =
+        futures::stream::unfold((rx, guard, tick), |(mut rx, guard, mut tick)| async move {
+            let line = tokio::select! {
+                ev = rx.recv() => match ev {
+                    Some(ev) => {
+                        let mut line = serde_json::to_vec(&ev).unwrap_or_default();
+                        line.push(b'\n');
+                        line
+                    }
+                    None => {
+                        // The operation finished: nothing left to cancel.
+                        guard.disarm();
+                        return None;
+                    }
+                },
+                _ = tick.tick() => b"\n".to_vec(),
+            };
+            Some((Ok::<_, std::convert::Infallible>(line), (rx, guard, tick)))
+        });
     Response::builder()
         .header(header::CONTENT_TYPE, "application/x-ndjson")
         .body(Body::from_stream(stream))
@@ -191,7 +211,10 @@ async fn list_images(State(d): State<Shared>) -> Result<Json<Vec<ImageRecord>>, 
 
 #[utoipa::path(get, path = paths::IMAGE, params(("image" = String, Path)),
     responses((status = 200, body = ImageRecord), (status = 404, body = ApiError)))]
-async fn get_image(State(d): State<Shared>, Path(image): Path<String>) -> Result<Json<ImageRecord>, DaemonError> {
+async fn get_image(
+    State(d): State<Shared>,
+    Path(image): Path<String>,
+) -> Result<Json<ImageRecord>, DaemonError> {
     d.get_image(&image).map(Json)
 }
 
@@ -204,9 +227,15 @@ async fn list_kernels(State(d): State<Shared>) -> Result<Json<Vec<KernelRecord>>
 #[utoipa::path(get, path = paths::VM_EXEC, params(("vm" = String, Path, description = "name or id prefix")),
     responses((status = 101, description = "WebSocket: first text message is an ExecStart", body = ExecStart),
               (status = 409, body = ApiError), (status = 404, body = ApiError)))]
-async fn exec_vm(State(d): State<Shared>, Path(vm): Path<String>, ws: WebSocketUpgrade) -> Response {
+async fn exec_vm(
+    State(d): State<Shared>,
+    Path(vm): Path<String>,
+    ws: WebSocketUpgrade,
+) -> Response {
     match d.running_agent(&vm) {
-        Ok((_, agent)) => ws.on_upgrade(move |socket| run_exec(agent, socket)).into_response(),
+        Ok((_, agent)) => ws
+            .on_upgrade(move |socket| run_exec(agent, socket))
+            .into_response(),
         Err(e) => e.into_response(),
     }
 }
@@ -215,14 +244,25 @@ async fn run_exec(agent: banger_agent_proto::client::AgentClient, mut socket: We
     let start: ExecStart = match socket.recv().await {
         Some(Ok(Message::Text(t))) => match serde_json::from_str(&t) {
             Ok(s) => s,
-            Err(e) => return report(&mut socket, error("invalid", format!("bad exec request: {e}"))).await,
+            Err(e) => {
+                return report(
+                    &mut socket,
+                    error("invalid", format!("bad exec request: {e}")),
+                )
+                .await;
+            }
         },
         _ => return,
     };
     if start.argv.is_empty() {
         return report(&mut socket, error("invalid", "exec needs a command".into())).await;
     }
-    let req = ExecRequest { argv: start.argv, env: start.env, cwd: start.cwd, stdin: start.stdin };
+    let req = ExecRequest {
+        argv: start.argv,
+        env: start.env,
+        cwd: start.cwd,
+        stdin: start.stdin,
+    };
     let mut session = match agent.exec(req) {
         Ok(s) => s,
         Err(e) => return report(&mut socket, error("failed", e.to_string())).await,
@@ -265,7 +305,10 @@ fn tagged(tag: u8, mut data: Vec<u8>) -> Message {
 }
 
 fn error(code: &str, message: String) -> ExecReport {
-    ExecReport::Error(ApiError { code: code.to_string(), message })
+    ExecReport::Error(ApiError {
+        code: code.to_string(),
+        message,
+    })
 }
 
 async fn report(socket: &mut WebSocket, r: ExecReport) {

@@ -49,12 +49,20 @@ pub struct Steps<'a> {
 impl<'a> Steps<'a> {
     /// `on_step(name, message)` is called as each step begins (progress).
     pub fn new(on_step: impl FnMut(&'static str, &str) + Send + 'a) -> Self {
-        Self { undos: Vec::new(), on_step: Box::new(on_step) }
+        Self {
+            undos: Vec::new(),
+            on_step: Box::new(on_step),
+        }
     }
 
     /// Runs one step. The step receives an [`UndoSlot`] where it registers its
     /// undo as soon as it has acquired something, even if it fails later.
-    pub async fn run<T, F, Fut>(&mut self, name: &'static str, message: &str, f: F) -> Result<T, StepError>
+    pub async fn run<T, F, Fut>(
+        &mut self,
+        name: &'static str,
+        message: &str,
+        f: F,
+    ) -> Result<T, StepError>
     where
         F: FnOnce(UndoSlot<'a>) -> Fut,
         Fut: std::future::Future<Output = anyhow::Result<T>>,
@@ -70,7 +78,11 @@ impl<'a> Steps<'a> {
             Err(cause) => {
                 tracing::warn!(step = name, error = %format!("{cause:#}"), "step failed, rolling back");
                 let rollback_errors = self.rollback().await;
-                Err(StepError { step: name, cause, rollback_errors })
+                Err(StepError {
+                    step: name,
+                    cause,
+                    rollback_errors,
+                })
             }
         }
     }
@@ -121,7 +133,12 @@ mod tests {
         log.lock().expect("log").push(s.to_string());
     }
 
-    async fn ok_step(steps: &mut Steps<'_>, log: &Log, name: &'static str, with_undo: bool) -> Result<(), StepError> {
+    async fn ok_step(
+        steps: &mut Steps<'_>,
+        log: &Log,
+        name: &'static str,
+        with_undo: bool,
+    ) -> Result<(), StepError> {
         let log2 = log.clone();
         steps
             .run(name, "", |u: UndoSlot<'_>| async move {
@@ -158,7 +175,10 @@ mod tests {
             .expect_err("c fails");
         assert_eq!(err.step, "c");
         assert_eq!(err.to_string(), "disk full");
-        assert_eq!(*log.lock().expect("log"), ["run a", "run b", "undo c", "undo b", "undo a"]);
+        assert_eq!(
+            *log.lock().expect("log"),
+            ["run a", "run b", "undo c", "undo b", "undo a"]
+        );
     }
 
     #[tokio::test]
@@ -167,7 +187,10 @@ mod tests {
         let mut steps = Steps::new(|_, _| {});
         ok_step(&mut steps, &log, "a", true).await.expect("a");
         ok_step(&mut steps, &log, "b", false).await.expect("b");
-        steps.run("c", "", |_| async { Err::<(), _>(anyhow::anyhow!("boom")) }).await.expect_err("c");
+        steps
+            .run("c", "", |_| async { Err::<(), _>(anyhow::anyhow!("boom")) })
+            .await
+            .expect_err("c");
         assert_eq!(*log.lock().expect("log"), ["run a", "run b", "undo a"]);
     }
 
@@ -181,10 +204,18 @@ mod tests {
             })
             .await
             .expect("a");
-        let err = steps.run("b", "", |_| async { Err::<(), _>(anyhow::anyhow!("qemu died")) }).await.expect_err("b");
+        let err = steps
+            .run("b", "", |_| async {
+                Err::<(), _>(anyhow::anyhow!("qemu died"))
+            })
+            .await
+            .expect_err("b");
         assert_eq!(err.cause.to_string(), "qemu died");
         assert_eq!(err.rollback_errors.len(), 1);
-        assert_eq!(err.to_string(), "qemu died; also, undoing a failed: cannot remove tap");
+        assert_eq!(
+            err.to_string(),
+            "qemu died; also, undoing a failed: cannot remove tap"
+        );
     }
 
     #[tokio::test]

@@ -8,7 +8,7 @@ use banger_api::{CreateVmEvent, CreateVmRequest, Progress};
 use banger_config::{Config, HostResources, apply_flags, effective_defaults};
 use banger_model::{ByteSize, KernelRecord, VmId, VmName, VmRecord, VmState, generate_name};
 use banger_vmm::qemu::QemuVmm;
-use banger_vmm::{DiskFormat, DiskSpec, LaunchSpec, Vmm, VmPaths};
+use banger_vmm::{DiskFormat, DiskSpec, LaunchSpec, VmPaths, Vmm};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
@@ -47,7 +47,10 @@ pub(crate) struct Reporter {
 
 impl Reporter {
     pub(crate) fn new(tx: mpsc::UnboundedSender<CreateVmEvent>) -> Self {
-        Self { tx, started: Instant::now() }
+        Self {
+            tx,
+            started: Instant::now(),
+        }
     }
     fn progress(&self, phase: &str, message: &str) {
         let _ = self.tx.send(CreateVmEvent::Progress(Progress {
@@ -93,16 +96,28 @@ impl Daemon {
             return Err(DaemonError::Invalid("vcpu must be between 1 and 64".into()));
         }
         if req.memory_mib.is_some_and(|m| m < 128) {
-            return Err(DaemonError::Invalid("memory must be at least 128 MiB".into()));
+            return Err(DaemonError::Invalid(
+                "memory must be at least 128 MiB".into(),
+            ));
         }
         let defaults = effective_defaults(&self.config.vm_defaults, &HostResources::detect());
         let spec = apply_flags(defaults, req.vcpu, req.memory_mib, disk);
-        rep.send(CreateVmEvent::Planned { name: name.to_string(), spec });
+        rep.send(CreateVmEvent::Planned {
+            name: name.to_string(),
+            spec,
+        });
 
-        let image_name = req.image.clone().unwrap_or_else(|| self.config.default_image_name.clone());
-        let image = self.ensure_image(&image_name, &|phase, msg| rep.progress(phase, msg), &cancel).await?;
+        let image_name = req
+            .image
+            .clone()
+            .unwrap_or_else(|| self.config.default_image_name.clone());
+        let image = self
+            .ensure_image(&image_name, &|phase, msg| rep.progress(phase, msg), &cancel)
+            .await?;
         if cancel.is_cancelled() {
-            return Err(DaemonError::Failed(anyhow!("cancelled: the client went away")));
+            return Err(DaemonError::Failed(anyhow!(
+                "cancelled: the client went away"
+            )));
         }
         let kernel = self.store.get_kernel(&image.kernel)?;
 
@@ -127,13 +142,20 @@ impl Daemon {
         let this = self.clone();
         let d = dir.clone();
         steps
-            .run("dir", "preparing VM directory", |u: UndoSlot<'_>| async move {
-                std::fs::create_dir_all(&d).with_context(|| format!("creating {}", d.display()))?;
-                u.set(move || async move {
-                    tokio::fs::remove_dir_all(&d).await.with_context(|| format!("removing {}", d.display()))
-                });
-                Ok(())
-            })
+            .run(
+                "dir",
+                "preparing VM directory",
+                |u: UndoSlot<'_>| async move {
+                    std::fs::create_dir_all(&d)
+                        .with_context(|| format!("creating {}", d.display()))?;
+                    u.set(move || async move {
+                        tokio::fs::remove_dir_all(&d)
+                            .await
+                            .with_context(|| format!("removing {}", d.display()))
+                    });
+                    Ok(())
+                },
+            )
             .await
             .map_err(|e| DaemonError::Failed(e.into()))?;
         let store = self.store.clone();
@@ -153,8 +175,9 @@ impl Daemon {
         let (rootfs, overlay) = (image.rootfs.clone(), dir.join(banger_storage::ROOT_OVERLAY));
         let grown = steps
             .run("disk", "creating root disk", |_| async move {
-                let size = banger_storage::create_root_overlay(&rootfs, &overlay, spec.disk_bytes.value)
-                .await?;
+                let size =
+                    banger_storage::create_root_overlay(&rootfs, &overlay, spec.disk_bytes.value)
+                        .await?;
                 let base = std::fs::metadata(&rootfs).map(|m| m.len()).unwrap_or(size);
                 Ok(size > base)
             })
@@ -168,7 +191,13 @@ impl Daemon {
             return Ok(vm);
         }
         let progress = |phase: &str, msg: &str| rep.progress(phase, msg);
-        let ctx = BootCtx { vmm: &vmm, kernel: &kernel, grow_root: grown, progress: &progress, cancel: &cancel };
+        let ctx = BootCtx {
+            vmm: &vmm,
+            kernel: &kernel,
+            grow_root: grown,
+            progress: &progress,
+            cancel: &cancel,
+        };
         match this.boot(ctx, &mut vm, &mut steps).await {
             Ok(()) => {
                 steps.commit();
@@ -177,7 +206,8 @@ impl Daemon {
             Err(BootError::NotReady(msg)) => {
                 // Keep the VM for post-mortem: its console log says why.
                 steps.commit();
-                this.store.set_vm_state(&id, VmState::Error, vm.pid, Some(&msg))?;
+                this.store
+                    .set_vm_state(&id, VmState::Error, vm.pid, Some(&msg))?;
                 Err(DaemonError::Failed(anyhow!(msg)))
             }
             Err(BootError::Failed(e)) => Err(DaemonError::Failed(e)),
@@ -192,14 +222,30 @@ impl Daemon {
                 return Ok(n);
             }
         }
-        Err(DaemonError::Failed(anyhow!("could not find a free VM name; pass --name")))
+        Err(DaemonError::Failed(anyhow!(
+            "could not find a free VM name; pass --name"
+        )))
     }
 
     /// Boots `vm` (state must be creating or stopped) and waits for its agent.
-    async fn boot(self: &Arc<Self>, ctx: BootCtx<'_>, vm: &mut VmRecord, steps: &mut Steps<'_>) -> Result<(), BootError> {
-        let BootCtx { vmm, kernel, grow_root, progress, cancel } = ctx;
+    async fn boot(
+        self: &Arc<Self>,
+        ctx: BootCtx<'_>,
+        vm: &mut VmRecord,
+        steps: &mut Steps<'_>,
+    ) -> Result<(), BootError> {
+        let BootCtx {
+            vmm,
+            kernel,
+            grow_root,
+            progress,
+            cancel,
+        } = ctx;
         let paths = VmPaths::new(&vm.dir);
-        if let Err(e) = self.store.set_vm_state(&vm.id, VmState::Starting, None, None) {
+        if let Err(e) = self
+            .store
+            .set_vm_state(&vm.id, VmState::Starting, None, None)
+        {
             return Err(fail(steps, e.into()).await);
         }
         let spec = LaunchSpec {
@@ -231,14 +277,20 @@ impl Daemon {
         vm.pid = Some(launched.pid);
         let exited = launched.exited;
         let agent_ep = launched.agent;
-        if let Err(e) = self.store.set_vm_state(&vm.id, VmState::Starting, vm.pid, None) {
+        if let Err(e) = self
+            .store
+            .set_vm_state(&vm.id, VmState::Starting, vm.pid, None)
+        {
             return Err(fail(steps, e.into()).await);
         }
 
         let console = paths.console_log();
         let agent = steps
             .run("agent", "waiting for the guest agent", |_| async move {
-                let stream = agent_ep.open().await.context("connecting to the agent channel")?;
+                let stream = agent_ep
+                    .open()
+                    .await
+                    .context("connecting to the agent channel")?;
                 Ok(AgentClient::spawn(stream))
             })
             .await
@@ -252,11 +304,18 @@ impl Daemon {
         match hello {
             Ok(Ok(hello)) => {
                 tracing::info!(vm = %vm.name, agent = %hello.agent_version, guest_uptime_ms = hello.uptime_ms, "agent ready");
-                progress("ready", &format!("guest agent is up ({} ms after the guest kernel started)", hello.uptime_ms));
+                progress(
+                    "ready",
+                    &format!(
+                        "guest agent is up ({} ms after the guest kernel started)",
+                        hello.uptime_ms
+                    ),
+                );
             }
             Ok(Err(banger_agent_proto::client::ClientError::Disconnected)) => {
                 let tail = console_tail(&console);
-                let err = anyhow!("the VM stopped before its agent came up; last console lines:\n{tail}");
+                let err =
+                    anyhow!("the VM stopped before its agent came up; last console lines:\n{tail}");
                 return Err(fail(steps, err).await);
             }
             Ok(Err(e)) => return Err(fail(steps, e.into()).await),
@@ -276,7 +335,10 @@ impl Daemon {
             progress("disk", "growing the root file system to the disk size");
             self.grow_root_fs(vm, &agent).await;
         }
-        if let Err(e) = self.store.set_vm_state(&vm.id, VmState::Running, vm.pid, None) {
+        if let Err(e) = self
+            .store
+            .set_vm_state(&vm.id, VmState::Running, vm.pid, None)
+        {
             return Err(fail(steps, e.into()).await);
         }
         vm.state = VmState::Running;
@@ -316,7 +378,10 @@ impl Daemon {
         let lock = self.vm_lock(id);
         let _g = lock.lock().await;
         if let Ok(vm) = self.store.get_vm(id)
-            && matches!(vm.state, VmState::Running | VmState::Starting | VmState::Stopping)
+            && matches!(
+                vm.state,
+                VmState::Running | VmState::Starting | VmState::Stopping
+            )
         {
             tracing::info!(vm = %vm.name, "VMM exited; marking VM stopped");
             let _ = self.store.set_vm_state(id, VmState::Stopped, None, None);
@@ -345,7 +410,11 @@ impl Daemon {
         match tokio::fs::remove_dir_all(&vm.dir).await {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(anyhow::Error::from(e).context(format!("removing {}", vm.dir.display())).into()),
+            Err(e) => {
+                return Err(anyhow::Error::from(e)
+                    .context(format!("removing {}", vm.dir.display()))
+                    .into());
+            }
         }
         self.store.delete_vm(&vm.id)?;
         tracing::info!(vm = %vm.name, id = %vm.id, "deleted VM");
@@ -373,7 +442,11 @@ impl Daemon {
     /// Ends a VM's VMM, through the backend when there is one, else by signal.
     pub(crate) async fn terminate_vmm(&self, vm: &VmRecord, pid: u32) -> Result<(), DaemonError> {
         match self.vmm() {
-            Ok(vmm) => vmm.terminate(&vm.dir, pid).await.context("stopping the VMM").map_err(Into::into),
+            Ok(vmm) => vmm
+                .terminate(&vm.dir, pid)
+                .await
+                .context("stopping the VMM")
+                .map_err(Into::into),
             Err(_) => {
                 if banger_vmm::vmm_process_alive(pid, &vm.dir) {
                     let _ = nix::sys::signal::kill(
@@ -415,12 +488,21 @@ pub(crate) enum BootError {
 /// Rolls back every step so far and reports `cause` with any undo failures.
 async fn fail(steps: &mut Steps<'_>, cause: anyhow::Error) -> BootError {
     let rollback_errors = steps.rollback().await;
-    BootError::Failed(crate::steps::StepError { step: "boot", cause, rollback_errors }.into())
+    BootError::Failed(
+        crate::steps::StepError {
+            step: "boot",
+            cause,
+            rollback_errors,
+        }
+        .into(),
+    )
 }
 
 /// The last lines of a console log, for error messages.
 pub(crate) fn console_tail(path: &std::path::Path) -> String {
-    let text = std::fs::read(path).map(|b| String::from_utf8_lossy(&b).into_owned()).unwrap_or_default();
+    let text = std::fs::read(path)
+        .map(|b| String::from_utf8_lossy(&b).into_owned())
+        .unwrap_or_default();
     let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
     lines[lines.len().saturating_sub(15)..].join("\n")
 }

@@ -17,10 +17,20 @@ fn daemon() -> (tempfile::TempDir, axum::Router, serde_json::Value) {
 
 /// Sends `method path` with an empty body; returns status and body.
 async fn send(router: &axum::Router, method: Method, path: &str) -> (StatusCode, Vec<u8>) {
-    let req = Request::builder().method(method).uri(path).body(Body::empty()).expect("request");
+    let req = Request::builder()
+        .method(method)
+        .uri(path)
+        .body(Body::empty())
+        .expect("request");
     let resp = router.clone().oneshot(req).await.expect("response");
     let status = resp.status();
-    let body = resp.into_body().collect().await.expect("body").to_bytes().to_vec();
+    let body = resp
+        .into_body()
+        .collect()
+        .await
+        .expect("body")
+        .to_bytes()
+        .to_vec();
     (status, body)
 }
 
@@ -30,18 +40,24 @@ async fn every_documented_operation_is_routed() {
     let paths = doc["paths"].as_object().expect("paths");
     assert!(paths.len() >= 8, "suspiciously few paths: {paths:?}");
     for (path, item) in paths {
-        let concrete = path.replace("{vm}", "no-such-vm").replace("{image}", "no-such-image");
+        let concrete = path
+            .replace("{vm}", "no-such-vm")
+            .replace("{image}", "no-such-image");
         for (method, _) in item.as_object().expect("item") {
             let m = Method::from_bytes(method.to_uppercase().as_bytes()).expect("method");
             if m == Method::POST && path == banger_api::paths::SHUTDOWN {
                 continue; // would stop the daemon under test
             }
             let (status, body) = send(&router, m.clone(), &concrete).await;
-            assert_ne!(status, StatusCode::METHOD_NOT_ALLOWED, "{m} {path} documented but not routed");
+            assert_ne!(
+                status,
+                StatusCode::METHOD_NOT_ALLOWED,
+                "{m} {path} documented but not routed"
+            );
             if status == StatusCode::NOT_FOUND {
                 // A 404 is fine only when it is the handler's own answer.
-                let err: banger_api::ApiError =
-                    serde_json::from_slice(&body).unwrap_or_else(|_| panic!("{m} {path}: router 404, not documented route"));
+                let err: banger_api::ApiError = serde_json::from_slice(&body)
+                    .unwrap_or_else(|_| panic!("{m} {path}: router 404, not documented route"));
                 assert_eq!(err.code, "not_found");
             }
         }
@@ -56,7 +72,10 @@ async fn undocumented_paths_are_not_routed() {
         assert!(!documented.iter().any(|p| p.as_str() == probe));
         let (status, body) = send(&router, Method::GET, probe).await;
         assert_eq!(status, StatusCode::NOT_FOUND, "{probe}");
-        assert!(serde_json::from_slice::<banger_api::ApiError>(&body).is_err(), "{probe} has a handler");
+        assert!(
+            serde_json::from_slice::<banger_api::ApiError>(&body).is_err(),
+            "{probe} has a handler"
+        );
     }
 }
 
@@ -67,8 +86,16 @@ async fn openapi_json_is_served_and_lists_the_vm_routes() {
     assert_eq!(status, StatusCode::OK);
     let served: serde_json::Value = serde_json::from_slice(&body).expect("json");
     assert_eq!(served, doc);
-    for p in [banger_api::paths::VMS, banger_api::paths::VM, banger_api::paths::VM_EXEC, banger_api::paths::INFO] {
-        assert!(served["paths"].get(p).is_some(), "{p} missing from the document");
+    for p in [
+        banger_api::paths::VMS,
+        banger_api::paths::VM,
+        banger_api::paths::VM_EXEC,
+        banger_api::paths::INFO,
+    ] {
+        assert!(
+            served["paths"].get(p).is_some(),
+            "{p} missing from the document"
+        );
     }
     assert!(served["components"]["schemas"].get("VmRecord").is_some());
 }

@@ -25,7 +25,10 @@ pub fn shared() -> &'static Banger {
         let root = std::env::var_os("BANGER_E2E_ROOT")
             .map(PathBuf::from)
             .unwrap_or_else(|| PathBuf::from("/tmp/banger-e2e"));
-        let b = Banger { bin_dir: bin_dir(), root };
+        let b = Banger {
+            bin_dir: bin_dir(),
+            root,
+        };
         b.reset_if_agent_changed();
         // SAFETY: registering a plain extern "C" fn with no captured state.
         unsafe { libc::atexit(stop_shared_daemon) };
@@ -35,7 +38,11 @@ pub fn shared() -> &'static Banger {
 
 extern "C" fn stop_shared_daemon() {
     if let Some(b) = SHARED.get() {
-        let _ = b.cmd(&["daemon", "stop"]).stdout(Stdio::null()).stderr(Stdio::null()).status();
+        let _ = b
+            .cmd(&["daemon", "stop"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
     }
 }
 
@@ -44,7 +51,11 @@ fn bin_dir() -> PathBuf {
         "BANGER_BIN_DIR is not set: run the e2e tests through scripts/test.sh (it builds build/bin first)",
     );
     for b in ["banger", "bangerd", "banger-agent"] {
-        assert!(dir.join(b).is_file(), "{} missing: run scripts/build.sh", dir.join(b).display());
+        assert!(
+            dir.join(b).is_file(),
+            "{} missing: run scripts/build.sh",
+            dir.join(b).display()
+        );
     }
     dir
 }
@@ -60,7 +71,10 @@ impl Banger {
     pub fn isolated(tag: &str) -> Banger {
         let root = std::env::temp_dir().join(format!("banger-e2e-{tag}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&root);
-        Banger { bin_dir: bin_dir(), root }
+        Banger {
+            bin_dir: bin_dir(),
+            root,
+        }
     }
 
     fn reset_if_agent_changed(&self) {
@@ -116,7 +130,11 @@ impl Banger {
         let mut a = args.to_vec();
         a.push("--json");
         let out = self.run(&a);
-        assert!(out.status.success(), "banger {a:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "banger {a:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         serde_json::from_slice(&out.stdout).expect("json output")
     }
 
@@ -134,7 +152,10 @@ impl Banger {
     /// Sorted names of the entries in the VMs directory.
     pub fn vm_dirs(&self) -> Vec<String> {
         let mut v: Vec<String> = match std::fs::read_dir(self.vms_dir()) {
-            Ok(rd) => rd.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect(),
+            Ok(rd) => rd
+                .flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect(),
             Err(_) => Vec::new(),
         };
         v.sort();
@@ -145,9 +166,13 @@ impl Banger {
 /// Pids of running processes whose command line contains `needle`.
 pub fn processes_mentioning(needle: &str) -> Vec<u32> {
     let mut pids = Vec::new();
-    let Ok(rd) = std::fs::read_dir("/proc") else { return pids };
+    let Ok(rd) = std::fs::read_dir("/proc") else {
+        return pids;
+    };
     for e in rd.flatten() {
-        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else { continue };
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
         if pid == std::process::id() {
             continue;
         }
@@ -165,12 +190,18 @@ pub fn processes_mentioning(needle: &str) -> Vec<u32> {
 pub fn wait_until(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
     let deadline = Instant::now() + timeout;
     while !cond() {
-        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
 }
 
 /// Stdout and stderr as text, for assertions.
 pub fn text(out: &Output) -> (String, String) {
-    (String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+    (
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }

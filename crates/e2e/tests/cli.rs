@@ -4,8 +4,14 @@ use banger_e2e::{Banger, text};
 
 fn one_line_error(out: &std::process::Output) -> String {
     let (_, stderr) = text(out);
-    assert!(!out.status.success(), "expected failure, got success; stderr={stderr}");
-    let lines: Vec<&str> = stderr.lines().filter(|l| !l.starts_with("banger: daemon was not running")).collect();
+    assert!(
+        !out.status.success(),
+        "expected failure, got success; stderr={stderr}"
+    );
+    let lines: Vec<&str> = stderr
+        .lines()
+        .filter(|l| !l.starts_with("banger: daemon was not running"))
+        .collect();
     assert_eq!(lines.len(), 1, "expected a one-line error, got: {stderr}");
     lines[0].to_string()
 }
@@ -14,7 +20,10 @@ fn one_line_error(out: &std::process::Output) -> String {
 fn version_is_one_line_for_both_binaries() {
     let b = Banger::isolated("version");
     for (bin, name) in [("banger", "banger"), ("bangerd", "bangerd")] {
-        let out = std::process::Command::new(b.bin_dir.join(bin)).arg("--version").output().expect("run");
+        let out = std::process::Command::new(b.bin_dir.join(bin))
+            .arg("--version")
+            .output()
+            .expect("run");
         let s = String::from_utf8_lossy(&out.stdout);
         assert!(out.status.success());
         assert_eq!(s.lines().count(), 1, "{s}");
@@ -44,9 +53,13 @@ fn bad_config_value_names_the_key() {
 #[test]
 fn invalid_vm_name_is_refused_before_anything_happens() {
     let b = Banger::isolated("badname");
-    let line = one_line_error(&b.run(&["vm", "run", "--rm", "--name", "Not_A_Label", "--", "true"]));
+    let line =
+        one_line_error(&b.run(&["vm", "run", "--rm", "--name", "Not_A_Label", "--", "true"]));
     assert!(line.contains("DNS label"), "{line}");
-    assert!(!b.root.join("state").exists(), "state created for a refused command");
+    assert!(
+        !b.root.join("state").exists(),
+        "state created for a refused command"
+    );
 }
 
 #[test]
@@ -89,13 +102,54 @@ fn doctor_reports_kvm_and_qemu() {
     let b = Banger::isolated("doctor");
     let v = b.json(&["doctor"]);
     let rows = v.as_array().expect("rows");
-    let row = |n: &str| rows.iter().find(|r| r["name"] == n).unwrap_or_else(|| panic!("no {n} row: {v}")).clone();
+    let row = |n: &str| {
+        rows.iter()
+            .find(|r| r["name"] == n)
+            .unwrap_or_else(|| panic!("no {n} row: {v}"))
+            .clone()
+    };
     assert_eq!(row("qemu")["status"], "pass", "{v}");
     assert_eq!(row("mkfs.ext4")["status"], "pass");
     let kvm = row("kvm");
     if kvm["status"] != "pass" {
-        assert!(kvm["detail"].as_str().unwrap_or("").contains("TCG"), "{kvm}");
+        assert!(
+            kvm["detail"].as_str().unwrap_or("").contains("TCG"),
+            "{kvm}"
+        );
     }
-    assert!(row("vm_defaults")["detail"].as_str().unwrap_or("").contains("vcpu="));
+    assert!(
+        row("vm_defaults")["detail"]
+            .as_str()
+            .unwrap_or("")
+            .contains("vcpu=")
+    );
+    let _ = std::fs::remove_dir_all(&b.root);
+}
+
+#[test]
+fn sigterm_stops_the_daemon_gracefully() {
+    let b = Banger::isolated("sigterm");
+    let _ = b.json(&["vm", "list"]); // auto-starts the daemon
+    let st = b.json(&["daemon", "status"]);
+    let pid = st["pid"].as_u64().expect("pid") as i32;
+    let sock = std::path::PathBuf::from(st["socket"].as_str().expect("socket"));
+    assert!(sock.exists());
+    // SAFETY: plain kill(2) of the daemon this test started.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
+    banger_e2e::wait_until(
+        "the daemon to exit",
+        std::time::Duration::from_secs(15),
+        || !std::path::Path::new(&format!("/proc/{pid}")).exists(),
+    );
+    assert!(!sock.exists(), "socket left behind after SIGTERM");
+    let log = std::fs::read_to_string(b.state_dir().join("bangerd.log")).expect("log");
+    let last: serde_json::Value =
+        serde_json::from_str(log.lines().last().expect("a log line")).expect("JSON log lines");
+    assert!(
+        last["fields"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("stopped")),
+        "{last}"
+    );
     let _ = std::fs::remove_dir_all(&b.root);
 }

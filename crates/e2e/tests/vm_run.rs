@@ -8,13 +8,33 @@ use std::time::Duration;
 fn run_rm_streams_output_and_propagates_exit_status() {
     let b = shared();
     let dirs_before = b.vm_dirs();
-    let out = b.run(&["vm", "run", "--rm", "--name", "e2e-exit", "--", "sh", "-c", "echo hi; echo oops >&2; exit 3"]);
+    let out = b.run(&[
+        "vm",
+        "run",
+        "--rm",
+        "--name",
+        "e2e-exit",
+        "--",
+        "sh",
+        "-c",
+        "echo hi; echo oops >&2; exit 3",
+    ]);
     let (stdout, stderr) = text(&out);
-    assert_eq!(out.status.code(), Some(3), "stdout={stdout} stderr={stderr}");
+    assert_eq!(
+        out.status.code(),
+        Some(3),
+        "stdout={stdout} stderr={stderr}"
+    );
     assert_eq!(stdout, "hi\n");
     assert!(stderr.contains("oops"), "{stderr}");
-    let spec_line = stderr.lines().find(|l| l.starts_with("spec: ")).unwrap_or_else(|| panic!("no spec line in {stderr}"));
-    assert!(spec_line.contains("vcpu=") && spec_line.contains("memory=") && spec_line.contains("disk="), "{spec_line}");
+    let spec_line = stderr
+        .lines()
+        .find(|l| l.starts_with("spec: "))
+        .unwrap_or_else(|| panic!("no spec line in {stderr}"));
+    assert!(
+        spec_line.contains("vcpu=") && spec_line.contains("memory=") && spec_line.contains("disk="),
+        "{spec_line}"
+    );
     assert!(!b.vm_names().contains(&"e2e-exit".to_string()));
     assert_eq!(b.vm_dirs(), dirs_before, "VM files left behind");
 }
@@ -22,17 +42,36 @@ fn run_rm_streams_output_and_propagates_exit_status() {
 #[test]
 fn vm_without_rm_survives_and_delete_removes_it() {
     let b = shared();
-    let out = b.run(&["vm", "run", "--name", "e2e-keep", "--", "sh", "-c", "echo kept > /root/marker; uname -r"]);
+    let out = b.run(&[
+        "vm",
+        "run",
+        "--name",
+        "e2e-keep",
+        "--",
+        "sh",
+        "-c",
+        "echo kept > /root/marker; uname -r",
+    ]);
     let (stdout, stderr) = text(&out);
     assert!(out.status.success(), "{stderr}");
     assert!(stdout.contains("cloud-amd64"), "{stdout}");
 
     let list = b.json(&["vm", "list"]);
-    let vm = list.as_array().expect("list").iter().find(|v| v["name"] == "e2e-keep").expect("listed").clone();
+    let vm = list
+        .as_array()
+        .expect("list")
+        .iter()
+        .find(|v| v["name"] == "e2e-keep")
+        .expect("listed")
+        .clone();
     assert_eq!(vm["state"], "running");
     let dir = vm["dir"].as_str().expect("dir").to_string();
     assert!(std::path::Path::new(&dir).is_dir());
-    assert_eq!(processes_mentioning(&dir).len(), 1, "exactly one VMM for the VM");
+    assert_eq!(
+        processes_mentioning(&dir).len(),
+        1,
+        "exactly one VMM for the VM"
+    );
 
     let show = b.json(&["vm", "show", "e2e-keep"]);
     assert_eq!(show["id"], vm["id"]);
@@ -48,7 +87,16 @@ fn vm_without_rm_survives_and_delete_removes_it() {
 fn daemon_killed_mid_run_leaves_no_orphan_vmm() {
     let b = shared();
     let mut run = b
-        .cmd(&["vm", "run", "--rm", "--name", "e2e-orphan", "--", "sleep", "300"])
+        .cmd(&[
+            "vm",
+            "run",
+            "--rm",
+            "--name",
+            "e2e-orphan",
+            "--",
+            "sleep",
+            "300",
+        ])
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
@@ -56,7 +104,8 @@ fn daemon_killed_mid_run_leaves_no_orphan_vmm() {
     wait_until("the VM to be running", Duration::from_secs(300), || {
         let out = b.run(&["vm", "show", "e2e-orphan", "--json"]);
         out.status.success()
-            && serde_json::from_slice::<serde_json::Value>(&out.stdout).is_ok_and(|v| v["state"] == "running")
+            && serde_json::from_slice::<serde_json::Value>(&out.stdout)
+                .is_ok_and(|v| v["state"] == "running")
     });
     let vm = b.json(&["vm", "show", "e2e-orphan"]);
     let dir = vm["dir"].as_str().expect("dir").to_string();
@@ -69,7 +118,9 @@ fn daemon_killed_mid_run_leaves_no_orphan_vmm() {
     // and deletes the VM because of --rm.
     let status = run.wait().expect("wait run");
     assert!(!status.success());
-    wait_until("the VMM to be gone", Duration::from_secs(30), || processes_mentioning(&dir).is_empty());
+    wait_until("the VMM to be gone", Duration::from_secs(30), || {
+        processes_mentioning(&dir).is_empty()
+    });
     assert!(!b.vm_names().contains(&"e2e-orphan".to_string()));
     assert!(!std::path::Path::new(&dir).exists());
 }
@@ -103,7 +154,17 @@ fn ctrl_c_during_a_rm_run_still_deletes_the_vm() {
     let b = shared();
     let dirs_before = b.vm_dirs();
     let mut run = b
-        .cmd(&["vm", "run", "--rm", "--name", "e2e-sigint", "--", "sh", "-c", "echo started; exec sleep 300"])
+        .cmd(&[
+            "vm",
+            "run",
+            "--rm",
+            "--name",
+            "e2e-sigint",
+            "--",
+            "sh",
+            "-c",
+            "echo started; exec sleep 300",
+        ])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -116,7 +177,11 @@ fn ctrl_c_during_a_rm_run_still_deletes_the_vm() {
     // SAFETY: plain kill(2) of the child we spawned.
     assert_eq!(unsafe { libc::kill(run.id() as i32, libc::SIGINT) }, 0);
     let status = run.wait().expect("wait");
-    assert_eq!(status.code(), Some(130), "SIGINT ends the guest command: 128 + 2");
+    assert_eq!(
+        status.code(),
+        Some(130),
+        "SIGINT ends the guest command: 128 + 2"
+    );
     assert!(!b.vm_names().contains(&"e2e-sigint".to_string()));
     assert_eq!(b.vm_dirs(), dirs_before, "VM files left behind");
 }

@@ -309,12 +309,24 @@ async fn build_in(
     checkpoint()?;
 
     let kernel = find_kernel(&tree)?;
-    phase("initramfs", "putting the agent's channel modules in the initramfs".into());
+    phase(
+        "initramfs",
+        "putting the agent's channel modules in the initramfs".into(),
+    );
     add_initramfs_modules(&tree)?;
-    let chroot = find_tool("chroot").ok_or(ImageError::ToolMissing { tool: "chroot", package: "coreutils" })?;
-    let args = [tree.as_os_str(), "update-initramfs".as_ref(), "-u".as_ref(), "-k".as_ref(), kernel.release.as_ref()]
-        .map(OsString::from)
-        .to_vec();
+    let chroot = find_tool("chroot").ok_or(ImageError::ToolMissing {
+        tool: "chroot",
+        package: "coreutils",
+    })?;
+    let args = [
+        tree.as_os_str(),
+        "update-initramfs".as_ref(),
+        "-u".as_ref(),
+        "-k".as_ref(),
+        kernel.release.as_ref(),
+    ]
+    .map(OsString::from)
+    .to_vec();
     run_tool("update-initramfs", &chroot, args, &[], &on_line, cancel).await?;
     checkpoint()?;
 
@@ -575,6 +587,29 @@ async fn blocking<T: Send + 'static>(
             context: "image build worker".into(),
             source: std::io::Error::other(e),
         })?
+}
+
+/// Modules the initramfs loads so the agent's channel exists as soon as
+/// systemd starts the agent, instead of after they load from the root file
+/// system (about 2 s later under TCG).
+pub const INITRAMFS_MODULES: &[&str] = &["virtio_console", "vsock", "vmw_vsock_virtio_transport"];
+
+/// Appends [`INITRAMFS_MODULES`] to the tree's initramfs-tools module list
+/// (each once).
+fn add_initramfs_modules(tree: &Path) -> Result<(), ImageError> {
+    let path = tree.join("etc/initramfs-tools/modules");
+    let mut text = std::fs::read_to_string(&path)
+        .map_err(ImageError::io(format!("reading {}", path.display())))?;
+    for m in INITRAMFS_MODULES {
+        if !text.lines().any(|l| l.trim() == *m) {
+            if !text.is_empty() && !text.ends_with('\n') {
+                text.push('\n');
+            }
+            text.push_str(m);
+            text.push('\n');
+        }
+    }
+    std::fs::write(&path, text).map_err(ImageError::io(format!("writing {}", path.display())))
 }
 
 #[cfg(test)]
@@ -876,26 +911,4 @@ mod tests {
             "kernel2"
         );
     }
-}
-
-/// Modules the initramfs loads so the agent's channel exists as soon as
-/// systemd starts the agent, instead of after they load from the root file
-/// system (about 2 s later under TCG).
-pub const INITRAMFS_MODULES: &[&str] = &["virtio_console", "vsock", "vmw_vsock_virtio_transport"];
-
-/// Appends [`INITRAMFS_MODULES`] to the tree's initramfs-tools module list
-/// (each once).
-fn add_initramfs_modules(tree: &Path) -> Result<(), ImageError> {
-    let path = tree.join("etc/initramfs-tools/modules");
-    let mut text = std::fs::read_to_string(&path).map_err(ImageError::io(format!("reading {}", path.display())))?;
-    for m in INITRAMFS_MODULES {
-        if !text.lines().any(|l| l.trim() == *m) {
-            if !text.is_empty() && !text.ends_with('\n') {
-                text.push('\n');
-            }
-            text.push_str(m);
-            text.push('\n');
-        }
-    }
-    std::fs::write(&path, text).map_err(ImageError::io(format!("writing {}", path.display())))
 }

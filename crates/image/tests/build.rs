@@ -103,7 +103,14 @@ async fn builds_the_debian_image_then_finds_it() {
     assert!(!built.already_existed);
     assert_eq!(
         *phases.lock().expect("lock"),
-        ["packages", "customize", "initramfs", "kernel", "mkfs", "done"]
+        [
+            "packages",
+            "customize",
+            "initramfs",
+            "kernel",
+            "mkfs",
+            "done"
+        ]
     );
     assert!(
         *lines.lock().expect("lock") > 100,
@@ -178,7 +185,12 @@ async fn builds_the_debian_image_then_finds_it() {
     let kernel = std::fs::read(&built.kernel).expect("kernel");
     assert_eq!(&kernel[0x202..0x206], b"HdrS", "not a bzImage");
     let archive = initrd_archive(&built.initrd);
-    for module in ["virtio_blk.ko", "virtio_mmio.ko", "virtio_console.ko", "vmw_vsock_virtio_transport.ko"] {
+    for module in [
+        "virtio_blk.ko",
+        "virtio_mmio.ko",
+        "virtio_console.ko",
+        "vmw_vsock_virtio_transport.ko",
+    ] {
         assert!(
             archive
                 .windows(module.len())

@@ -102,9 +102,23 @@ mod tests {
     #[test]
     fn rejects_non_labels() {
         assert_eq!(VmName::parse(""), Err(NameError::Empty));
-        assert!(matches!(VmName::parse(&"a".repeat(64)), Err(NameError::TooLong(_))));
-        for bad in ["-a", "a-", "Upper", "under_score", "dot.ted", "spa ce", "ümlaut"] {
-            assert!(matches!(VmName::parse(bad), Err(NameError::NotDnsLabel(_))), "{bad}");
+        assert!(matches!(
+            VmName::parse(&"a".repeat(64)),
+            Err(NameError::TooLong(_))
+        ));
+        for bad in [
+            "-a",
+            "a-",
+            "Upper",
+            "under_score",
+            "dot.ted",
+            "spa ce",
+            "ümlaut",
+        ] {
+            assert!(
+                matches!(VmName::parse(bad), Err(NameError::NotDnsLabel(_))),
+                "{bad}"
+            );
         }
     }
 

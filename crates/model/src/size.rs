@@ -3,7 +3,9 @@ use std::fmt;
 
 /// Why a size string did not parse.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("invalid size {0:?}: use a number with an optional K, M, G or T suffix (powers of 1024), e.g. \"16G\"")]
+#[error(
+    "invalid size {0:?}: use a number with an optional K, M, G or T suffix (powers of 1024), e.g. \"16G\""
+)]
 pub struct SizeError(pub String);
 
 /// A size in bytes, written by people as `8G`, `512M`, `1024K` or plain bytes.
@@ -62,7 +64,10 @@ impl std::str::FromStr for ByteSize {
             None => (t, 1),
             Some((i, _)) => {
                 let suffix = t[i..].trim().to_ascii_uppercase();
-                let suffix = suffix.strip_suffix("IB").or(suffix.strip_suffix('B')).unwrap_or(&suffix);
+                let suffix = suffix
+                    .strip_suffix("IB")
+                    .or(suffix.strip_suffix('B'))
+                    .unwrap_or(&suffix);
                 let mult = match suffix {
                     "" => 1,
                     "K" => Self::KIB,
@@ -82,7 +87,12 @@ impl std::str::FromStr for ByteSize {
 impl fmt::Display for ByteSize {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let b = self.0;
-        for (unit, m) in [("T", Self::GIB * 1024), ("G", Self::GIB), ("M", Self::MIB), ("K", Self::KIB)] {
+        for (unit, m) in [
+            ("T", Self::GIB * 1024),
+            ("G", Self::GIB),
+            ("M", Self::MIB),
+            ("K", Self::KIB),
+        ] {
             if b >= m && b.is_multiple_of(m) {
                 return write!(f, "{}{unit}", b / m);
             }

@@ -4,7 +4,9 @@ use std::fmt;
 use std::path::PathBuf;
 
 /// A VM's stable id: 32 lowercase hex characters. Refs may use any unique prefix.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, utoipa::ToSchema)]
+#[derive(
+    Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, utoipa::ToSchema,
+)]
 #[serde(transparent)]
 pub struct VmId(pub String);
 

@@ -32,7 +32,11 @@ pub const ROOT_OVERLAY: &str = "root.qcow2";
 /// with a virtual size of at least `min_size` bytes (never smaller than the
 /// base). Returns the virtual size. Precondition: `out` does not exist. On
 /// error nothing is left at `out`.
-pub async fn create_root_overlay(base: &Path, out: &Path, min_size: u64) -> Result<u64, StorageError> {
+pub async fn create_root_overlay(
+    base: &Path,
+    out: &Path,
+    min_size: u64,
+) -> Result<u64, StorageError> {
     let base_len = match std::fs::metadata(base) {
         Ok(md) if md.is_file() => md.len(),
         _ => return Err(StorageError::MissingBase(base.to_path_buf())),
@@ -54,7 +58,10 @@ pub async fn create_root_overlay(base: &Path, out: &Path, min_size: u64) -> Resu
         .await
         .map_err(|e| match e.kind() {
             std::io::ErrorKind::NotFound => StorageError::QemuImgMissing,
-            _ => StorageError::Io { context: "running qemu-img".into(), source: e },
+            _ => StorageError::Io {
+                context: "running qemu-img".into(),
+                source: e,
+            },
         })?;
     if !output.status.success() {
         let _ = tokio::fs::remove_file(out).await;
@@ -70,7 +77,9 @@ pub async fn create_root_overlay(base: &Path, out: &Path, min_size: u64) -> Resu
 pub fn allocated_bytes(dir: &Path) -> u64 {
     use std::os::unix::fs::MetadataExt;
     let mut total = 0;
-    let Ok(entries) = std::fs::read_dir(dir) else { return 0 };
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
     for e in entries.flatten() {
         let Ok(md) = e.metadata() else { continue };
         if md.is_dir() {
@@ -93,9 +102,16 @@ mod tests {
         let f = std::fs::File::create(&base).expect("base");
         f.set_len(64 << 20).expect("len");
         let out = t.path().join(ROOT_OVERLAY);
-        let size = create_root_overlay(&base, &out, 128 << 20).await.expect("overlay");
+        let size = create_root_overlay(&base, &out, 128 << 20)
+            .await
+            .expect("overlay");
         assert_eq!(size, 128 << 20);
-        let info = Command::new("qemu-img").args(["info", "--output=json"]).arg(&out).output().await.expect("info");
+        let info = Command::new("qemu-img")
+            .args(["info", "--output=json"])
+            .arg(&out)
+            .output()
+            .await
+            .expect("info");
         let v = String::from_utf8_lossy(&info.stdout);
         assert!(v.contains("\"backing-filename\""), "{v}");
         assert!(v.contains(&*base.to_string_lossy()), "{v}");
@@ -106,7 +122,9 @@ mod tests {
     async fn missing_base_is_a_clear_error_and_leaves_nothing() {
         let t = tempfile::tempdir().expect("tempdir");
         let out = t.path().join(ROOT_OVERLAY);
-        let err = create_root_overlay(&t.path().join("nope"), &out, 0).await.expect_err("must fail");
+        let err = create_root_overlay(&t.path().join("nope"), &out, 0)
+            .await
+            .expect_err("must fail");
         assert!(matches!(err, StorageError::MissingBase(_)));
         assert!(!out.exists());
     }

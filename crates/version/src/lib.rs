@@ -23,7 +23,11 @@ impl BuildInfo {
             tag.to_string()
         };
         let epoch: u64 = env!("BANGER_BUILD_EPOCH").parse().unwrap_or(0);
-        Self { version, commit: env!("BANGER_COMMIT").to_string(), built_at: rfc3339_utc(epoch) }
+        Self {
+            version,
+            commit: env!("BANGER_COMMIT").to_string(),
+            built_at: rfc3339_utc(epoch),
+        }
     }
 
     pub fn short_commit(&self) -> &str {
@@ -32,7 +36,12 @@ impl BuildInfo {
 
     /// One line: `banger v0.1.0 (commit abcd1234, built 2026-04-28T20:45:50Z)`.
     pub fn line(&self, program: &str) -> String {
-        format!("{program} {} (commit {}, built {})", self.version, self.short_commit(), self.built_at)
+        format!(
+            "{program} {} (commit {}, built {})",
+            self.version,
+            self.short_commit(),
+            self.built_at
+        )
     }
 }
 
@@ -49,7 +58,12 @@ pub fn rfc3339_utc(epoch: u64) -> String {
     let d = doy - (153 * mp + 2) / 5 + 1;
     let m = if mp < 10 { mp + 3 } else { mp - 9 };
     let y = yoe + era * 400 + i64::from(m <= 2);
-    format!("{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z", secs / 3600, secs / 60 % 60, secs % 60)
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
+        secs / 3600,
+        secs / 60 % 60,
+        secs % 60
+    )
 }
 
 #[cfg(test)]
@@ -65,7 +79,14 @@ mod tests {
 
     #[test]
     fn line_has_three_parts() {
-        let b = BuildInfo { version: "v0.1.0".into(), commit: "abcd1234ef".into(), built_at: "2026-04-28T20:45:50Z".into() };
-        assert_eq!(b.line("banger"), "banger v0.1.0 (commit abcd1234, built 2026-04-28T20:45:50Z)");
+        let b = BuildInfo {
+            version: "v0.1.0".into(),
+            commit: "abcd1234ef".into(),
+            built_at: "2026-04-28T20:45:50Z".into(),
+        };
+        assert_eq!(
+            b.line("banger"),
+            "banger v0.1.0 (commit abcd1234, built 2026-04-28T20:45:50Z)"
+        );
     }
 }

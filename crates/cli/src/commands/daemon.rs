@@ -29,7 +29,10 @@ pub async fn run(cmd: DaemonCommand) -> anyhow::Result<i32> {
                 if json {
                     output::json(&serde_json::json!({ "running": false }))?;
                 } else {
-                    println!("bangerd is not running (socket {})", connect::socket_path()?.display());
+                    println!(
+                        "bangerd is not running (socket {})",
+                        connect::socket_path()?.display()
+                    );
                 }
                 return Ok(3);
             };
@@ -42,7 +45,10 @@ pub async fn run(cmd: DaemonCommand) -> anyhow::Result<i32> {
                     vec!["socket".into(), info.socket.clone()],
                     vec!["log".into(), info.log_path.clone()],
                     vec!["state".into(), info.state_dir.clone()],
-                    vec!["backend".into(), format!("{} ({})", info.backend, info.backend_reason)],
+                    vec![
+                        "backend".into(),
+                        format!("{} ({})", info.backend, info.backend_reason),
+                    ],
                     vec!["version".into(), info.build.line("bangerd")],
                 ]);
             }

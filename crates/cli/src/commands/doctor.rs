@@ -33,7 +33,11 @@ struct Check {
 }
 
 fn check(name: &str, status: Status, detail: impl Into<String>) -> Check {
-    Check { name: name.to_string(), status, detail: detail.into() }
+    Check {
+        name: name.to_string(),
+        status,
+        detail: detail.into(),
+    }
 }
 
 /// Lowest QEMU with a usable `microvm` machine and ACPI device discovery.
@@ -49,7 +53,11 @@ pub async fn run(a: DoctorArgs) -> anyhow::Result<i32> {
     let config = match &paths {
         Ok(p) => match Config::load(p) {
             Ok(c) => {
-                checks.push(check("config", Status::Pass, format!("{}", p.config_file.display())));
+                checks.push(check(
+                    "config",
+                    Status::Pass,
+                    format!("{}", p.config_file.display()),
+                ));
                 Some(c)
             }
             Err(e) => {
@@ -67,29 +75,73 @@ pub async fn run(a: DoctorArgs) -> anyhow::Result<i32> {
     if std::env::consts::ARCH == "x86_64" {
         checks.push(check("architecture", Status::Pass, "x86_64"));
     } else {
-        checks.push(check("architecture", Status::Fail, format!("{}: banger supports x86_64 hosts only", std::env::consts::ARCH)));
+        checks.push(check(
+            "architecture",
+            Status::Fail,
+            format!(
+                "{}: banger supports x86_64 hosts only",
+                std::env::consts::ARCH
+            ),
+        ));
     }
 
     let kvm = host::kvm_status();
-    checks.push(check("kvm", if kvm.is_usable() { Status::Pass } else { Status::Warn }, kvm.to_string()));
+    checks.push(check(
+        "kvm",
+        if kvm.is_usable() {
+            Status::Pass
+        } else {
+            Status::Warn
+        },
+        kvm.to_string(),
+    ));
 
     match host::find_binary("qemu-system-x86_64", config.qemu_bin.as_deref()) {
         Some(bin) => match host::qemu_version(&bin) {
-            Ok(v) if triple(&v) >= QEMU_MIN => checks.push(check("qemu", Status::Pass, format!("{} {v}", bin.display()))),
+            Ok(v) if triple(&v) >= QEMU_MIN => checks.push(check(
+                "qemu",
+                Status::Pass,
+                format!("{} {v}", bin.display()),
+            )),
             Ok(v) => checks.push(check(
                 "qemu",
                 Status::Fail,
-                format!("{} is {v}; banger needs ≥ {}.{}.{}", bin.display(), QEMU_MIN.0, QEMU_MIN.1, QEMU_MIN.2),
+                format!(
+                    "{} is {v}; banger needs ≥ {}.{}.{}",
+                    bin.display(),
+                    QEMU_MIN.0,
+                    QEMU_MIN.1,
+                    QEMU_MIN.2
+                ),
             )),
-            Err(e) => checks.push(check("qemu", Status::Fail, format!("{}: {e}", bin.display()))),
+            Err(e) => checks.push(check(
+                "qemu",
+                Status::Fail,
+                format!("{}: {e}", bin.display()),
+            )),
         },
-        None => checks.push(check("qemu", Status::Fail, format!("qemu-system-x86_64 not found: {}", install_hint("qemu-system-x86")))),
+        None => checks.push(check(
+            "qemu",
+            Status::Fail,
+            format!(
+                "qemu-system-x86_64 not found: {}",
+                install_hint("qemu-system-x86")
+            ),
+        )),
     }
     let qboot = Path::new("/usr/share/qemu/qboot.rom");
     checks.push(if qboot.is_file() {
         check("qboot", Status::Pass, qboot.display().to_string())
     } else {
-        check("qboot", Status::Fail, format!("{} missing: {}", qboot.display(), install_hint("qemu-system-x86")))
+        check(
+            "qboot",
+            Status::Fail,
+            format!(
+                "{} missing: {}",
+                qboot.display(),
+                install_hint("qemu-system-x86")
+            ),
+        )
     });
     for (tool, pkg, why) in [
         ("qemu-img", "qemu-utils", "per-VM disks"),
@@ -99,7 +151,11 @@ pub async fn run(a: DoctorArgs) -> anyhow::Result<i32> {
     ] {
         checks.push(match host::find_binary(tool, None) {
             Some(p) => check(tool, Status::Pass, p.display().to_string()),
-            None => check(tool, Status::Fail, format!("not found (needed for {why}): {}", install_hint(pkg))),
+            None => check(
+                tool,
+                Status::Fail,
+                format!("not found (needed for {why}): {}", install_hint(pkg)),
+            ),
         });
     }
 
@@ -141,7 +197,11 @@ pub async fn run(a: DoctorArgs) -> anyhow::Result<i32> {
             }
             Err(e) => checks.push(check("daemon", Status::Warn, e.to_string())),
         },
-        Ok(None) => checks.push(check("daemon", Status::Pass, "not running (banger starts it on demand)")),
+        Ok(None) => checks.push(check(
+            "daemon",
+            Status::Pass,
+            "not running (banger starts it on demand)",
+        )),
         Err(e) => checks.push(check("daemon", Status::Warn, e.to_string())),
     }
 
@@ -168,7 +228,10 @@ pub async fn run(a: DoctorArgs) -> anyhow::Result<i32> {
 /// An install hint for the host's distribution.
 fn install_hint(pkg: &str) -> String {
     let os = std::fs::read_to_string("/etc/os-release").unwrap_or_default();
-    let like = |id: &str| os.lines().any(|l| (l.starts_with("ID=") || l.starts_with("ID_LIKE=")) && l.contains(id));
+    let like = |id: &str| {
+        os.lines()
+            .any(|l| (l.starts_with("ID=") || l.starts_with("ID_LIKE=")) && l.contains(id))
+    };
     if like("debian") || like("ubuntu") {
         format!("apt-get install {pkg}")
     } else if like("fedora") || like("rhel") {

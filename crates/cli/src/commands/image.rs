@@ -43,15 +43,28 @@ pub async fn run(cmd: ImageCommand) -> anyhow::Result<i32> {
     let client = connect::client().await?;
     match cmd {
         ImageCommand::Build { name, suite } => {
-            let req = BuildImageRequest { name, suite: Some(suite) };
+            let req = BuildImageRequest {
+                name,
+                suite: Some(suite),
+            };
             let img = client
                 .build_image(&req, |ev| {
                     if let BuildImageEvent::Progress(p) = ev {
-                        eprintln!("[{:>5.1}s] {}: {}", p.elapsed_ms as f64 / 1000.0, p.phase, p.message);
+                        eprintln!(
+                            "[{:>5.1}s] {}: {}",
+                            p.elapsed_ms as f64 / 1000.0,
+                            p.phase,
+                            p.message
+                        );
                     }
                 })
                 .await?;
-            println!("image {} ready ({}, kernel {})", img.name, img.rootfs.display(), img.kernel);
+            println!(
+                "image {} ready ({}, kernel {})",
+                img.name,
+                img.rootfs.display(),
+                img.kernel
+            );
             Ok(0)
         }
         ImageCommand::List { json } => {
@@ -60,7 +73,11 @@ pub async fn run(cmd: ImageCommand) -> anyhow::Result<i32> {
                 output::json(&images)?;
                 return Ok(0);
             }
-            let mut rows = vec![["NAME", "KERNEL", "SIZE", "MANAGED", "CREATED"].map(String::from).to_vec()];
+            let mut rows = vec![
+                ["NAME", "KERNEL", "SIZE", "MANAGED", "CREATED"]
+                    .map(String::from)
+                    .to_vec(),
+            ];
             for i in images {
                 rows.push(vec![
                     i.name,
@@ -101,9 +118,18 @@ pub async fn run_kernel(cmd: KernelCommand) -> anyhow::Result<i32> {
                 output::json(&kernels)?;
                 return Ok(0);
             }
-            let mut rows = vec![["NAME", "RELEASE", "KERNEL", "CREATED"].map(String::from).to_vec()];
+            let mut rows = vec![
+                ["NAME", "RELEASE", "KERNEL", "CREATED"]
+                    .map(String::from)
+                    .to_vec(),
+            ];
             for k in kernels {
-                rows.push(vec![k.name, k.release.unwrap_or_default(), k.kernel.display().to_string(), k.created_at]);
+                rows.push(vec![
+                    k.name,
+                    k.release.unwrap_or_default(),
+                    k.kernel.display().to_string(),
+                    k.created_at,
+                ]);
             }
             output::table(&rows);
             Ok(0)

@@ -154,7 +154,13 @@ where
 }
 
 fn print_vm_table(vms: &[VmRecord]) {
-    let mut rows = vec![["NAME", "ID", "STATE", "IMAGE", "VCPU", "MEMORY", "DISK", "CREATED"].map(String::from).to_vec()];
+    let mut rows = vec![
+        [
+            "NAME", "ID", "STATE", "IMAGE", "VCPU", "MEMORY", "DISK", "CREATED",
+        ]
+        .map(String::from)
+        .to_vec(),
+    ];
     for v in vms {
         rows.push(vec![
             v.name.to_string(),
@@ -177,8 +183,14 @@ fn print_vm(v: &VmRecord) {
         vec!["state".into(), v.state.to_string()],
         vec!["image".into(), v.image.clone()],
         vec!["backend".into(), v.backend.to_string()],
-        vec!["spec".into(), v.spec.summary().trim_start_matches("spec: ").to_string()],
-        vec!["pid".into(), v.pid.map(|p| p.to_string()).unwrap_or_else(|| "-".into())],
+        vec![
+            "spec".into(),
+            v.spec.summary().trim_start_matches("spec: ").to_string(),
+        ],
+        vec![
+            "pid".into(),
+            v.pid.map(|p| p.to_string()).unwrap_or_else(|| "-".into()),
+        ],
         vec!["dir".into(), v.dir.display().to_string()],
         vec!["created".into(), v.created_at.clone()],
     ];
@@ -205,7 +217,12 @@ pub async fn create_with_progress(
                 spec_printed = true;
             }
             CreateVmEvent::Progress(p) if chatty || p.phase == "image" => {
-                eprintln!("[{:>5.1}s] {}: {}", p.elapsed_ms as f64 / 1000.0, p.phase, p.message);
+                eprintln!(
+                    "[{:>5.1}s] {}: {}",
+                    p.elapsed_ms as f64 / 1000.0,
+                    p.phase,
+                    p.message
+                );
             }
             _ => {}
         })
@@ -228,8 +245,16 @@ async fn vm_run(a: RunArgs) -> anyhow::Result<i32> {
     let vm = match created {
         Some(Ok(vm)) => vm,
         Some(Err(e)) => {
-            // A create that failed has rolled itself back, except when the
-            // guest never became ready: that VM is kept for inspection.
+            // A create the daemon reports as failed has rolled itself back,
+            // except when the guest never became ready: that VM is kept for
+            // inspection. But when the daemon itself went away mid-create,
+            // nobody rolled back: with --rm, delete what may exist.
+            let daemon_answered = e
+                .downcast_ref::<banger_api::ClientError>()
+                .is_some_and(|c| c.code().is_some());
+            if let Some(n) = name.as_deref().filter(|_| a.rm && !daemon_answered) {
+                cleanup(&client, n).await;
+            }
             return Err(e);
         }
         None => {
@@ -241,7 +266,11 @@ async fn vm_run(a: RunArgs) -> anyhow::Result<i32> {
         }
     };
     if output::chatty() {
-        eprintln!("[{:>5.1}s] ready: {} is running", started.elapsed().as_secs_f64(), vm.name);
+        eprintln!(
+            "[{:>5.1}s] ready: {} is running",
+            started.elapsed().as_secs_f64(),
+            vm.name
+        );
     }
     let code = exec_streaming(&client, vm.name.as_str(), a.command).await;
     if a.rm {
@@ -259,8 +288,18 @@ async fn cleanup(client: &Client, name: &str) {
         },
         other => other.map_err(anyhow::Error::from),
     };
-    if let Err(e) = result {
-        eprintln!("banger: could not delete VM {name}: {}", output::error_chain(&e));
+    let gone = |e: &anyhow::Error| {
+        e.downcast_ref::<banger_api::ClientError>()
+            .and_then(|c| c.code())
+            == Some("not_found")
+    };
+    if let Err(e) = result
+        && !gone(&e)
+    {
+        eprintln!(
+            "banger: could not delete VM {name}: {}",
+            output::error_chain(&e)
+        );
     }
 }
 
@@ -268,8 +307,16 @@ async fn cleanup(client: &Client, name: &str) {
 /// Stdin is forwarded when it is not a terminal.
 pub async fn exec_streaming(client: &Client, vm: &str, argv: Vec<String>) -> anyhow::Result<i32> {
     let forward_stdin = !std::io::stdin().is_terminal();
-    let start = ExecStart { argv, env: Vec::new(), cwd: None, stdin: forward_stdin };
-    let (mut writer, mut reader) = client.exec(vm, &start).await.context("starting the command")?;
+    let start = ExecStart {
+        argv,
+        env: Vec::new(),
+        cwd: None,
+        stdin: forward_stdin,
+    };
+    let (mut writer, mut reader) = client
+        .exec(vm, &start)
+        .await
+        .context("starting the command")?;
     let (ctl_tx, mut ctl_rx) = tokio::sync::mpsc::unbounded_channel::<Option<Vec<u8>>>();
     if forward_stdin {
         let tx = ctl_tx.clone();

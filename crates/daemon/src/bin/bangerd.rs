@@ -6,7 +6,10 @@ use banger_version::BuildInfo;
 use clap::Parser;
 
 #[derive(Parser)]
-#[command(name = "bangerd", about = "The banger daemon: owns VMs, images and the API socket.")]
+#[command(
+    name = "bangerd",
+    about = "The banger daemon: owns VMs, images and the API socket."
+)]
 struct Args {
     /// Print the version and exit.
     #[arg(long, short = 'V')]
@@ -33,7 +36,10 @@ fn run() -> anyhow::Result<()> {
     let paths = Paths::from_env().context("resolving banger's directories")?;
     let config = Config::load(&paths)?;
     banger_daemon::init_logging(&paths.log_file, config.log_level.as_str())?;
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
     rt.block_on(async {
         let daemon = banger_daemon::Daemon::new(config, paths)?;
         banger_daemon::serve(daemon).await
