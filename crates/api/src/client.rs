@@ -201,42 +201,47 @@ impl Client {
             .await
     }
 
-    /// Creates (and by default boots) a VM, reporting progress to `on_event`.
-    pub async fn create_vm(
+    /// Runs a long operation, handing each event to `on_event`; its final
+    /// event is the result.
+    async fn operation<E: crate::OperationEvent + DeserializeOwned>(
         &self,
-        req: &CreateVmRequest,
-        mut on_event: impl FnMut(&CreateVmEvent),
-    ) -> Result<VmRecord, ClientError> {
+        path: &str,
+        req: &impl Serialize,
+        mut on_event: impl FnMut(&E),
+    ) -> Result<E::Output, ClientError> {
         let mut result = None;
-        self.events(paths::VMS, req, |ev: &CreateVmEvent| {
-            match ev {
-                CreateVmEvent::Done(vm) => result = Some(Ok(vm.clone())),
-                CreateVmEvent::Error(e) => result = Some(Err(e.clone())),
-                _ => {}
+        self.events(path, req, |ev: &E| {
+            if let Some(outcome) = ev.outcome() {
+                result = Some(outcome);
             }
             on_event(ev);
         })
         .await?;
-        finish(result)
+        match result {
+            Some(Ok(v)) => Ok(v),
+            Some(Err(error)) => Err(ClientError::Api { status: 500, error }),
+            None => Err(ClientError::Protocol(
+                "the daemon closed the stream before the operation finished".into(),
+            )),
+        }
+    }
+
+    /// Creates (and by default boots) a VM, reporting progress to `on_event`.
+    pub async fn create_vm(
+        &self,
+        req: &CreateVmRequest,
+        on_event: impl FnMut(&CreateVmEvent),
+    ) -> Result<VmRecord, ClientError> {
+        self.operation(paths::VMS, req, on_event).await
     }
 
     /// Builds a Debian image in the daemon, reporting progress to `on_event`.
     pub async fn build_image(
         &self,
         req: &BuildImageRequest,
-        mut on_event: impl FnMut(&BuildImageEvent),
+        on_event: impl FnMut(&BuildImageEvent),
     ) -> Result<ImageRecord, ClientError> {
-        let mut result = None;
-        self.events(paths::IMAGE_BUILD, req, |ev: &BuildImageEvent| {
-            match ev {
-                BuildImageEvent::Done(img) => result = Some(Ok(img.clone())),
-                BuildImageEvent::Error(e) => result = Some(Err(e.clone())),
-                BuildImageEvent::Progress(_) => {}
-            }
-            on_event(ev);
-        })
-        .await?;
-        finish(result)
+        self.operation(paths::IMAGE_BUILD, req, on_event).await
     }
 
     pub async fn list_images(&self) -> Result<Vec<ImageRecord>, ClientError> {
@@ -294,16 +299,6 @@ impl Client {
                 done: false,
             },
         ))
-    }
-}
-
-fn finish<T>(result: Option<Result<T, ApiError>>) -> Result<T, ClientError> {
-    match result {
-        Some(Ok(v)) => Ok(v),
-        Some(Err(error)) => Err(ClientError::Api { status: 500, error }),
-        None => Err(ClientError::Protocol(
-            "the daemon closed the stream before the operation finished".into(),
-        )),
     }
 }
 

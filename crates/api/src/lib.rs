@@ -129,5 +129,34 @@ pub enum BuildImageEvent {
     Error(ApiError),
 }
 
+/// An event of a long operation's stream; the last one carries its outcome.
+pub trait OperationEvent {
+    type Output;
+    /// `Some` for the final event: the result, or the daemon's error.
+    fn outcome(&self) -> Option<Result<Self::Output, ApiError>>;
+}
+
+impl OperationEvent for CreateVmEvent {
+    type Output = VmRecord;
+    fn outcome(&self) -> Option<Result<VmRecord, ApiError>> {
+        match self {
+            CreateVmEvent::Done(vm) => Some(Ok(vm.clone())),
+            CreateVmEvent::Error(e) => Some(Err(e.clone())),
+            CreateVmEvent::Planned { .. } | CreateVmEvent::Progress(_) => None,
+        }
+    }
+}
+
+impl OperationEvent for BuildImageEvent {
+    type Output = ImageRecord;
+    fn outcome(&self) -> Option<Result<ImageRecord, ApiError>> {
+        match self {
+            BuildImageEvent::Done(img) => Some(Ok(img.clone())),
+            BuildImageEvent::Error(e) => Some(Err(e.clone())),
+            BuildImageEvent::Progress(_) => None,
+        }
+    }
+}
+
 /// `GET /v1/kernels`.
 pub type KernelList = Vec<KernelRecord>;

@@ -163,6 +163,44 @@ impl Banger {
     }
 }
 
+impl Banger {
+    /// SIGKILLs the running daemon and waits until it is gone; returns its pid.
+    pub fn kill_daemon(&self) -> i32 {
+        let pid = self.json(&["daemon", "status"])["pid"]
+            .as_u64()
+            .expect("daemon pid") as i32;
+        // SAFETY: plain kill(2) of the daemon this installation started.
+        assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0);
+        wait_until("the killed daemon to exit", Duration::from_secs(10), || {
+            !Path::new(&format!("/proc/{pid}")).exists()
+        });
+        pid
+    }
+
+    /// Spawns `banger vm run ... -- sh -c 'echo started; exec CMD'` and
+    /// returns once the guest command has printed `started`.
+    pub fn spawn_running(&self, run_args: &[&str], guest_cmd: &str) -> std::process::Child {
+        let script = format!("echo started; exec {guest_cmd}");
+        let mut args = vec!["vm", "run"];
+        args.extend_from_slice(run_args);
+        args.extend_from_slice(&["--", "sh", "-c", &script]);
+        let mut child = self
+            .cmd(&args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn banger vm run");
+        let mut stdout = child.stdout.take().expect("stdout");
+        let mut first = [0u8; 8];
+        std::io::Read::read_exact(&mut stdout, &mut first)
+            .expect("the guest command's first output");
+        assert_eq!(&first, b"started\n");
+        // Keep the pipe open: the CLI must not see EPIPE on later output.
+        child.stdout = Some(stdout);
+        child
+    }
+}
+
 /// Pids of running processes whose command line contains `needle`.
 pub fn processes_mentioning(needle: &str) -> Vec<u32> {
     let mut pids = Vec::new();

@@ -1,7 +1,6 @@
 //! `banger vm run` against a real daemon and a real guest.
 
 use banger_e2e::{processes_mentioning, shared, text, wait_until};
-use std::process::Stdio;
 use std::time::Duration;
 
 #[test]
@@ -86,33 +85,10 @@ fn vm_without_rm_survives_and_delete_removes_it() {
 #[test]
 fn daemon_killed_mid_run_leaves_no_orphan_vmm() {
     let b = shared();
-    let mut run = b
-        .cmd(&[
-            "vm",
-            "run",
-            "--rm",
-            "--name",
-            "e2e-orphan",
-            "--",
-            "sleep",
-            "300",
-        ])
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn run");
-    wait_until("the VM to be running", Duration::from_secs(300), || {
-        let out = b.run(&["vm", "show", "e2e-orphan", "--json"]);
-        out.status.success()
-            && serde_json::from_slice::<serde_json::Value>(&out.stdout)
-                .is_ok_and(|v| v["state"] == "running")
-    });
+    let mut run = b.spawn_running(&["--rm", "--name", "e2e-orphan"], "sleep 300");
     let vm = b.json(&["vm", "show", "e2e-orphan"]);
     let dir = vm["dir"].as_str().expect("dir").to_string();
-    let daemon_pid = b.json(&["daemon", "status"])["pid"].as_u64().expect("pid") as i32;
-
-    // SAFETY: plain kill(2) of the daemon we started.
-    assert_eq!(unsafe { libc::kill(daemon_pid, libc::SIGKILL) }, 0);
+    b.kill_daemon();
 
     // The CLI loses its stream, restarts the daemon (which re-adopts the VM)
     // and deletes the VM because of --rm.
@@ -132,12 +108,7 @@ fn daemon_restart_readopts_running_vms() {
     assert!(out.status.success(), "{}", text(&out).1);
     let vm = b.json(&["vm", "show", "e2e-adopt"]);
     let dir = vm["dir"].as_str().expect("dir").to_string();
-    let daemon_pid = b.json(&["daemon", "status"])["pid"].as_u64().expect("pid") as i32;
-    // SAFETY: plain kill(2) of the daemon we started.
-    assert_eq!(unsafe { libc::kill(daemon_pid, libc::SIGKILL) }, 0);
-    wait_until("the old daemon to exit", Duration::from_secs(10), || {
-        !std::path::Path::new(&format!("/proc/{daemon_pid}")).exists()
-    });
+    b.kill_daemon();
 
     // Any command restarts the daemon; the VM must still be there and usable.
     let vm2 = b.json(&["vm", "show", "e2e-adopt"]);
@@ -153,30 +124,10 @@ fn daemon_restart_readopts_running_vms() {
 fn ctrl_c_during_a_rm_run_still_deletes_the_vm() {
     let b = shared();
     let dirs_before = b.vm_dirs();
-    let mut run = b
-        .cmd(&[
-            "vm",
-            "run",
-            "--rm",
-            "--name",
-            "e2e-sigint",
-            "--",
-            "sh",
-            "-c",
-            "echo started; exec sleep 300",
-        ])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn run");
-    // The command prints once it runs in the guest.
-    let mut stdout = run.stdout.take().expect("stdout");
-    let mut first = [0u8; 8];
-    std::io::Read::read_exact(&mut stdout, &mut first).expect("command output");
-    assert_eq!(&first, b"started\n");
+    let run = b.spawn_running(&["--rm", "--name", "e2e-sigint"], "sleep 300");
     // SAFETY: plain kill(2) of the child we spawned.
     assert_eq!(unsafe { libc::kill(run.id() as i32, libc::SIGINT) }, 0);
-    let status = run.wait().expect("wait");
+    let status = run.wait_with_output().expect("wait").status;
     assert_eq!(
         status.code(),
         Some(130),

@@ -3,7 +3,6 @@
 use crate::connect;
 use crate::output;
 use banger_config::{Config, HostResources, Paths, effective_defaults};
-use banger_model::ByteSize;
 use banger_version::BuildInfo;
 use banger_vmm::host;
 use clap::Args;
@@ -160,18 +159,11 @@ pub async fn run(a: DoctorArgs) -> anyhow::Result<i32> {
     }
 
     let d = effective_defaults(&config.vm_defaults, &HostResources::detect());
+    let summary = d.summary();
     checks.push(check(
         "vm_defaults",
         Status::Pass,
-        format!(
-            "vcpu={} ({}), memory={} ({}), disk={} ({})",
-            d.vcpu.value,
-            d.vcpu.source,
-            ByteSize::mib(d.memory_mib.value),
-            d.memory_mib.source,
-            ByteSize(d.disk_bytes.value),
-            d.disk_bytes.source
-        ),
+        summary.trim_start_matches("spec: "),
     ));
 
     let cli = BuildInfo::current();
