@@ -136,3 +136,53 @@ fn ctrl_c_during_a_rm_run_still_deletes_the_vm() {
     assert!(!b.vm_names().contains(&"e2e-sigint".to_string()));
     assert_eq!(b.vm_dirs(), dirs_before, "VM files left behind");
 }
+
+#[test]
+fn stdin_is_forwarded_and_sizing_flags_apply() {
+    use std::io::Write;
+    let b = shared();
+    let mut child = b
+        .cmd(&[
+            "vm",
+            "run",
+            "--rm",
+            "--vcpu",
+            "2",
+            "--memory",
+            "1536",
+            "--",
+            "sh",
+            "-c",
+            "cat; echo; nproc; grep MemTotal /proc/meminfo",
+        ])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let mut stdin = child.stdin.take().expect("stdin");
+    stdin
+        .write_all(b"payload from the host")
+        .expect("write stdin");
+    drop(stdin); // EOF ends `cat` in the guest
+    let out = child.wait_with_output().expect("wait");
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "{stderr}");
+    let mut lines = stdout.lines();
+    assert_eq!(lines.next(), Some("payload from the host"));
+    assert_eq!(lines.next(), Some("2"), "{stdout}");
+    let kib: u64 = lines
+        .next()
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no MemTotal in {stdout}"));
+    // The guest kernel keeps some memory for itself.
+    assert!(
+        (1200 * 1024..=1536 * 1024).contains(&kib),
+        "MemTotal {kib} kB"
+    );
+    assert!(
+        stderr.contains("vcpu=2 (flag)") && stderr.contains("memory=1536M (flag)"),
+        "{stderr}"
+    );
+}
