@@ -226,6 +226,60 @@ impl Client {
         }
     }
 
+    /// Boots a stopped VM and waits for its agent.
+    pub async fn start_vm(&self, vm: &str) -> Result<VmRecord, ClientError> {
+        self.json(Method::POST, &paths::fill(paths::VM_START, vm), None::<&()>)
+            .await
+    }
+
+    /// Powers a VM off; disks are kept.
+    pub async fn stop_vm(&self, vm: &str) -> Result<VmRecord, ClientError> {
+        self.json(Method::POST, &paths::fill(paths::VM_STOP, vm), None::<&()>)
+            .await
+    }
+
+    pub async fn restart_vm(&self, vm: &str) -> Result<VmRecord, ClientError> {
+        self.json(
+            Method::POST,
+            &paths::fill(paths::VM_RESTART, vm),
+            None::<&()>,
+        )
+        .await
+    }
+
+    /// Sends signal number `signal` to the VM's VMM.
+    pub async fn kill_vm(&self, vm: &str, signal: i32) -> Result<VmRecord, ClientError> {
+        let req = crate::KillRequest { signal };
+        self.json(Method::POST, &paths::fill(paths::VM_KILL, vm), Some(&req))
+            .await
+    }
+
+    /// A VM's log; with `follow`, `on_chunk` keeps receiving what is appended
+    /// until the VM is deleted.
+    pub async fn logs(
+        &self,
+        vm: &str,
+        source: crate::LogSource,
+        follow: bool,
+        mut on_chunk: impl FnMut(&[u8]),
+    ) -> Result<(), ClientError> {
+        let source = match source {
+            crate::LogSource::Console => "console",
+            crate::LogSource::Vmm => "vmm",
+        };
+        let path = format!(
+            "{}?source={source}&follow={follow}",
+            paths::fill(paths::VM_LOGS, vm)
+        );
+        let mut body = self.send(Method::GET, &path, None).await?.into_body();
+        while let Some(frame) = body.frame().await {
+            if let Ok(data) = frame.map_err(ClientError::protocol)?.into_data() {
+                on_chunk(&data);
+            }
+        }
+        Ok(())
+    }
+
     /// Creates (and by default boots) a VM, reporting progress to `on_event`.
     pub async fn create_vm(
         &self,

@@ -20,6 +20,11 @@ pub mod paths {
     pub const VMS: &str = "/v1/vms";
     pub const VM: &str = "/v1/vms/{vm}";
     pub const VM_EXEC: &str = "/v1/vms/{vm}/exec";
+    pub const VM_START: &str = "/v1/vms/{vm}/start";
+    pub const VM_STOP: &str = "/v1/vms/{vm}/stop";
+    pub const VM_RESTART: &str = "/v1/vms/{vm}/restart";
+    pub const VM_KILL: &str = "/v1/vms/{vm}/kill";
+    pub const VM_LOGS: &str = "/v1/vms/{vm}/logs";
     pub const IMAGES: &str = "/v1/images";
     pub const IMAGE: &str = "/v1/images/{image}";
     pub const IMAGE_BUILD: &str = "/v1/images/build";
@@ -156,6 +161,25 @@ impl OperationEvent for BuildImageEvent {
             BuildImageEvent::Progress(_) => None,
         }
     }
+}
+
+/// `POST /v1/vms/{vm}/kill`.
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct KillRequest {
+    /// Signal number, e.g. 15 (TERM) or 9 (KILL).
+    pub signal: i32,
+}
+
+/// Which log `GET /v1/vms/{vm}/logs` returns.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum LogSource {
+    /// The guest's serial console.
+    #[default]
+    Console,
+    /// The VMM's own output.
+    Vmm,
 }
 
 /// `GET /v1/kernels`.

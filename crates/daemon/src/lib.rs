@@ -6,6 +6,7 @@
 
 mod error;
 mod images;
+mod lifecycle;
 mod logging;
 mod reconcile;
 pub mod server;
@@ -38,6 +39,8 @@ pub struct Daemon {
     pub backend_reason: String,
     /// Live agent connections of running VMs.
     agents: Mutex<HashMap<VmId, AgentClient>>,
+    /// Per-VM "the VMM has exited" signals, set by the exit watchers.
+    exits: Mutex<HashMap<VmId, tokio::sync::watch::Sender<bool>>>,
     /// Per-VM operation locks.
     locks: Mutex<HashMap<VmId, Arc<tokio::sync::Mutex<()>>>>,
     /// Serialises image builds (they are big and share a store).
@@ -76,6 +79,7 @@ impl Daemon {
             backend_reason,
             agents: Mutex::default(),
             locks: Mutex::default(),
+            exits: Mutex::default(),
             image_lock: tokio::sync::Mutex::new(()),
             shutdown: CancellationToken::new(),
         }))

@@ -12,7 +12,7 @@ use banger_agent_proto::client::ExecEvent;
 use banger_api::exec::{ExecControl, ExecExit, ExecReport, ExecStart, STDERR, STDOUT};
 use banger_api::{
     ApiError, BuildImageEvent, BuildImageRequest, CreateVmEvent, CreateVmRequest, DaemonInfo,
-    Progress, paths,
+    KillRequest, LogSource, Progress, paths,
 };
 use banger_model::{ImageRecord, KernelRecord, VmRecord};
 use banger_version::BuildInfo;
@@ -58,6 +58,11 @@ pub fn router(daemon: Shared) -> (Router, utoipa::openapi::OpenApi) {
         .routes(routes!(list_vms, create_vm))
         .routes(routes!(get_vm, delete_vm))
         .routes(routes!(exec_vm))
+        .routes(routes!(start_vm))
+        .routes(routes!(stop_vm))
+        .routes(routes!(restart_vm))
+        .routes(routes!(kill_vm))
+        .routes(routes!(vm_logs))
         .routes(routes!(list_images))
         .routes(routes!(get_image))
         .routes(routes!(build_image))
@@ -114,6 +119,114 @@ async fn delete_vm(
     Path(vm): Path<String>,
 ) -> Result<Json<VmRecord>, DaemonError> {
     d.delete_vm(&vm).await.map(Json)
+}
+
+/// Boots a stopped VM and waits for its agent.
+#[utoipa::path(post, path = paths::VM_START, params(("vm" = String, Path, description = "name or id prefix")),
+    responses((status = 200, body = VmRecord), (status = 404, body = ApiError), (status = 409, body = ApiError)))]
+async fn start_vm(
+    State(d): State<Shared>,
+    Path(vm): Path<String>,
+) -> Result<Json<VmRecord>, DaemonError> {
+    d.start_vm(&vm).await.map(Json)
+}
+
+/// Powers a VM off (killing its VMM after a timeout); disks are kept.
+#[utoipa::path(post, path = paths::VM_STOP, params(("vm" = String, Path, description = "name or id prefix")),
+    responses((status = 200, body = VmRecord), (status = 404, body = ApiError), (status = 409, body = ApiError)))]
+async fn stop_vm(
+    State(d): State<Shared>,
+    Path(vm): Path<String>,
+) -> Result<Json<VmRecord>, DaemonError> {
+    d.stop_vm(&vm).await.map(Json)
+}
+
+/// Stops, then starts a VM.
+#[utoipa::path(post, path = paths::VM_RESTART, params(("vm" = String, Path, description = "name or id prefix")),
+    responses((status = 200, body = VmRecord), (status = 404, body = ApiError), (status = 409, body = ApiError)))]
+async fn restart_vm(
+    State(d): State<Shared>,
+    Path(vm): Path<String>,
+) -> Result<Json<VmRecord>, DaemonError> {
+    d.restart_vm(&vm).await.map(Json)
+}
+
+/// Sends a signal to a VM's VMM process.
+#[utoipa::path(post, path = paths::VM_KILL, params(("vm" = String, Path, description = "name or id prefix")),
+    request_body = KillRequest,
+    responses((status = 200, body = VmRecord), (status = 404, body = ApiError), (status = 409, body = ApiError)))]
+async fn kill_vm(
+    State(d): State<Shared>,
+    Path(vm): Path<String>,
+    Json(req): Json<KillRequest>,
+) -> Result<Json<VmRecord>, DaemonError> {
+    d.kill_vm(&vm, req.signal).await.map(Json)
+}
+
+#[derive(serde::Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+struct LogsQuery {
+    /// `console` (default) or `vmm`.
+    #[serde(default)]
+    #[param(value_type = Option<LogSource>)]
+    source: LogSource,
+    /// Keep streaming what is appended, until the VM is deleted.
+    #[serde(default)]
+    follow: bool,
+}
+
+/// A VM's serial console or VMM log, as text; with `follow`, a stream.
+#[utoipa::path(get, path = paths::VM_LOGS, params(("vm" = String, Path, description = "name or id prefix"), LogsQuery),
+    responses((status = 200, content_type = "text/plain", body = String), (status = 404, body = ApiError)))]
+async fn vm_logs(
+    State(d): State<Shared>,
+    Path(vm): Path<String>,
+    axum::extract::Query(q): axum::extract::Query<LogsQuery>,
+) -> Result<Response, DaemonError> {
+    let vm = d.get_vm(&vm)?;
+    let vp = banger_vmm::VmPaths::new(&vm.dir);
+    let path = match q.source {
+        LogSource::Console => vp.console_log(),
+        LogSource::Vmm => vp.vmm_log(),
+    };
+    let follow = q.follow;
+    // State: bytes sent so far, and whether the first read happened.
+    let stream = futures::stream::unfold((0u64, false), move |(offset, started)| {
+        let (d, path, id) = (d.clone(), path.clone(), vm.id.clone());
+        async move {
+            loop {
+                if started && !follow {
+                    return None;
+                }
+                let data = read_from(&path, offset).await;
+                if !data.is_empty() || !started {
+                    let next = offset + data.len() as u64;
+                    return Some((Ok::<_, std::convert::Infallible>(data), (next, true)));
+                }
+                // Following: stop when the VM is gone, else wait for more.
+                d.store.get_vm(&id).ok()?;
+                tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+            }
+        }
+    });
+    Ok(Response::builder()
+        .header(header::CONTENT_TYPE, "text/plain; charset=utf-8")
+        .body(Body::from_stream(stream))
+        .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response()))
+}
+
+/// The bytes of `path` from `offset` on (empty when missing or unchanged).
+async fn read_from(path: &std::path::Path, offset: u64) -> Vec<u8> {
+    use tokio::io::{AsyncReadExt, AsyncSeekExt};
+    let Ok(mut f) = tokio::fs::File::open(path).await else {
+        return Vec::new();
+    };
+    if f.seek(std::io::SeekFrom::Start(offset)).await.is_err() {
+        return Vec::new();
+    }
+    let mut buf = Vec::new();
+    let _ = f.read_to_end(&mut buf).await;
+    buf
 }
 
 /// Creates a VM and (by default) boots it. Answers with newline-delimited

@@ -115,9 +115,7 @@ impl Daemon {
             .ensure_image(&image_name, &|phase, msg| rep.progress(phase, msg), &cancel)
             .await?;
         if cancel.is_cancelled() {
-            return Err(DaemonError::Failed(anyhow!(
-                "cancelled: the client went away"
-            )));
+            return Err(DaemonError::Failed(anyhow!(self.cancel_reason())));
         }
         let kernel = self.store.get_kernel(&image.kernel)?;
 
@@ -214,6 +212,15 @@ impl Daemon {
         }
     }
 
+    /// Why an operation's cancellation token fired.
+    fn cancel_reason(&self) -> &'static str {
+        if self.shutdown.is_cancelled() {
+            "cancelled: the daemon is shutting down"
+        } else {
+            "cancelled: the client went away"
+        }
+    }
+
     fn unused_name(&self) -> Result<VmName, DaemonError> {
         let taken: Vec<VmName> = self.store.list_vms()?.into_iter().map(|v| v.name).collect();
         for _ in 0..100 {
@@ -228,7 +235,7 @@ impl Daemon {
     }
 
     /// Boots `vm` (state must be creating or stopped) and waits for its agent.
-    async fn boot(
+    pub(crate) async fn boot(
         self: &Arc<Self>,
         ctx: BootCtx<'_>,
         vm: &mut VmRecord,
@@ -274,7 +281,8 @@ impl Daemon {
             })
             .await
             .map_err(|e| BootError::Failed(e.into()))?;
-        vm.pid = Some(launched.pid);
+        let launched_pid = launched.pid;
+        vm.pid = Some(launched_pid);
         let exited = launched.exited;
         let agent_ep = launched.agent;
         if let Err(e) = self
@@ -298,7 +306,7 @@ impl Daemon {
         let hello = tokio::select! {
             r = tokio::time::timeout(READY_TIMEOUT, agent.wait_hello()) => r,
             _ = cancel.cancelled() => {
-                return Err(fail(steps, anyhow!("cancelled: the client went away")).await);
+                return Err(fail(steps, anyhow!(self.cancel_reason())).await);
             }
         };
         match hello {
@@ -321,7 +329,7 @@ impl Daemon {
             Ok(Err(e)) => return Err(fail(steps, e.into()).await),
             Err(_) => {
                 self.set_agent(&vm.id, Some(agent));
-                self.watch_exit(vm.id.clone(), exited);
+                self.watch_exit(vm.id.clone(), launched_pid, exited);
                 return Err(BootError::NotReady(format!(
                     "VM {} did not signal readiness within {}s; it is kept running for inspection: see {}",
                     vm.name,
@@ -342,7 +350,7 @@ impl Daemon {
             return Err(fail(steps, e.into()).await);
         }
         vm.state = VmState::Running;
-        self.watch_exit(vm.id.clone(), exited);
+        self.watch_exit(vm.id.clone(), launched_pid, exited);
         Ok(())
     }
 
@@ -364,25 +372,44 @@ impl Daemon {
     }
 
     /// Marks the VM stopped when its VMM exits on its own.
-    pub(crate) fn watch_exit(self: &Arc<Self>, id: VmId, exited: tokio::task::JoinHandle<()>) {
+    /// Watches VMM `pid` of VM `id`; when it exits, signals waiters and
+    /// records the VM stopped (unless an operation already moved it on).
+    pub(crate) fn watch_exit(
+        self: &Arc<Self>,
+        id: VmId,
+        pid: u32,
+        exited: tokio::task::JoinHandle<()>,
+    ) {
         let this = self.clone();
+        let (tx, _) = tokio::sync::watch::channel(false);
+        self.exits
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id.clone(), tx.clone());
         tokio::spawn(async move {
             let _ = exited.await;
-            this.on_vmm_exit(&id).await;
+            // Before taking the VM lock: a stop holding it waits for this.
+            let _ = tx.send(true);
+            this.on_vmm_exit(&id, pid).await;
         });
     }
 
-    pub(crate) async fn on_vmm_exit(self: &Arc<Self>, id: &VmId) {
-        self.set_agent(id, None);
-        // Whoever holds the lock (delete, stop) records the state itself.
+    async fn on_vmm_exit(self: &Arc<Self>, id: &VmId, pid: u32) {
+        // Whoever holds the lock (delete, stop) records the state itself; a
+        // VM already restarted has another pid and is left alone.
         let lock = self.vm_lock(id);
         let _g = lock.lock().await;
-        if let Ok(vm) = self.store.get_vm(id)
-            && matches!(
-                vm.state,
-                VmState::Running | VmState::Starting | VmState::Stopping
-            )
-        {
+        let Ok(vm) = self.store.get_vm(id) else {
+            return;
+        };
+        if vm.pid != Some(pid) {
+            return;
+        }
+        self.set_agent(id, None);
+        if matches!(
+            vm.state,
+            VmState::Running | VmState::Starting | VmState::Stopping
+        ) {
             tracing::info!(vm = %vm.name, "VMM exited; marking VM stopped");
             let _ = self.store.set_vm_state(id, VmState::Stopped, None, None);
         }
@@ -468,13 +495,13 @@ impl Daemon {
 }
 
 /// What a boot needs besides the VM and its steps.
-struct BootCtx<'a> {
-    vmm: &'a Arc<dyn Vmm>,
-    kernel: &'a KernelRecord,
+pub(crate) struct BootCtx<'a> {
+    pub(crate) vmm: &'a Arc<dyn Vmm>,
+    pub(crate) kernel: &'a KernelRecord,
     /// The root disk is larger than the image: grow the file system once up.
-    grow_root: bool,
-    progress: &'a (dyn Fn(&str, &str) + Sync),
-    cancel: &'a CancellationToken,
+    pub(crate) grow_root: bool,
+    pub(crate) progress: &'a (dyn Fn(&str, &str) + Sync),
+    pub(crate) cancel: &'a CancellationToken,
 }
 
 /// Why a boot did not end with a ready VM.

@@ -186,3 +186,74 @@ fn stdin_is_forwarded_and_sizing_flags_apply() {
         "{stderr}"
     );
 }
+
+#[test]
+fn lifecycle_create_start_exec_restart_kill() {
+    let b = shared();
+    let ok = |args: &[&str]| {
+        let out = b.run(args);
+        let (stdout, stderr) = text(&out);
+        assert!(out.status.success(), "banger {args:?}: {stderr}");
+        stdout
+    };
+    let state = || {
+        b.json(&["vm", "show", "e2e-life"])["state"]
+            .as_str()
+            .unwrap_or("")
+            .to_string()
+    };
+
+    ok(&["vm", "create", "--name", "e2e-life", "--no-start"]);
+    assert_eq!(state(), "stopped");
+    let dir = b.json(&["vm", "show", "e2e-life"])["dir"]
+        .as_str()
+        .expect("dir")
+        .to_string();
+    assert!(
+        processes_mentioning(&dir).is_empty(),
+        "a --no-start VM has no VMM"
+    );
+
+    ok(&["vm", "start", "e2e-life"]);
+    assert_eq!(state(), "running");
+    ok(&[
+        "vm",
+        "exec",
+        "e2e-life",
+        "--",
+        "sh",
+        "-c",
+        "echo kept > /root/marker; echo sys > /etc/marker; sync",
+    ]);
+
+    // Restart = graceful stop (guest powers off) + start on the same disks.
+    ok(&["vm", "restart", "e2e-life"]);
+    assert_eq!(state(), "running");
+    assert_eq!(
+        ok(&[
+            "vm",
+            "exec",
+            "e2e-life",
+            "--",
+            "cat",
+            "/root/marker",
+            "/etc/marker"
+        ]),
+        "kept\nsys\n"
+    );
+    let out = b.run(&["vm", "exec", "e2e-life", "--", "sh", "-c", "exit 7"]);
+    assert_eq!(out.status.code(), Some(7));
+    assert!(ok(&["vm", "logs", "e2e-life"]).contains("Linux version"));
+
+    ok(&["vm", "kill", "--signal", "KILL", "e2e-life"]);
+    wait_until(
+        "the killed VM to be recorded stopped",
+        Duration::from_secs(30),
+        || state() == "stopped",
+    );
+    assert!(processes_mentioning(&dir).is_empty());
+    assert!(std::path::Path::new(&dir).is_dir(), "kill keeps the disks");
+
+    ok(&["vm", "delete", "e2e-life"]);
+    assert!(!std::path::Path::new(&dir).exists());
+}

@@ -24,6 +24,54 @@ pub enum VmCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Create a VM (and boot it unless --no-start).
+    Create {
+        #[command(flatten)]
+        create: CreateFlags,
+        /// Only create the disks and record; boot later with `vm start`.
+        #[arg(long)]
+        no_start: bool,
+    },
+    /// Boot stopped VMs.
+    Start {
+        #[arg(required = true)]
+        vms: Vec<String>,
+    },
+    /// Power VMs off (their VMM is ended if the guest does not stop in 30s).
+    Stop {
+        #[arg(required = true)]
+        vms: Vec<String>,
+    },
+    /// Stop, then start VMs.
+    Restart {
+        #[arg(required = true)]
+        vms: Vec<String>,
+    },
+    /// Send a signal to the VMM of VMs.
+    Kill {
+        /// Signal name or number: TERM, KILL, SIGINT, 9, ...
+        #[arg(long, short = 's', default_value = "KILL", value_parser = parse_signal)]
+        signal: i32,
+        #[arg(required = true)]
+        vms: Vec<String>,
+    },
+    /// Run a command in a running VM through its agent; exits with its status.
+    Exec {
+        vm: String,
+        /// The command, after `--`. Stdin is forwarded when it is not a terminal.
+        #[arg(last = true, required = true, value_name = "CMD")]
+        command: Vec<String>,
+    },
+    /// Print a VM's serial console (or VMM) log.
+    Logs {
+        vm: String,
+        /// The VMM's own log instead of the guest console.
+        #[arg(long)]
+        vmm: bool,
+        /// Keep printing what is appended.
+        #[arg(long, short = 'f')]
+        follow: bool,
+    },
     /// Stop and delete VMs with their disks.
     Delete {
         /// VM names or id prefixes.
@@ -61,6 +109,23 @@ pub struct CreateFlags {
 
 fn parse_name(s: &str) -> Result<VmName, String> {
     VmName::parse(s).map_err(|e| e.to_string())
+}
+
+fn parse_signal(s: &str) -> Result<i32, String> {
+    if let Ok(n) = s.parse::<i32>() {
+        return nix::sys::signal::Signal::try_from(n)
+            .map(|sig| sig as i32)
+            .map_err(|_| format!("{n} is not a signal"));
+    }
+    let upper = s.to_ascii_uppercase();
+    let name = if upper.starts_with("SIG") {
+        upper
+    } else {
+        format!("SIG{upper}")
+    };
+    name.parse::<nix::sys::signal::Signal>()
+        .map(|sig| sig as i32)
+        .map_err(|_| format!("unknown signal {s:?}"))
 }
 
 fn parse_size(s: &str) -> Result<ByteSize, String> {
@@ -113,27 +178,83 @@ pub async fn run(cmd: VmCommand) -> anyhow::Result<i32> {
             }
             Ok(0)
         }
-        VmCommand::Delete { vms } => {
+        VmCommand::Create { create, no_start } => {
             let client = connect::client().await?;
-            let results = futures_join_all(vms.iter().map(|r| {
-                let c = client.clone();
-                let r = r.clone();
-                async move { (r.clone(), c.delete_vm(&r).await) }
-            }))
-            .await;
-            let mut failed = 0;
-            for (r, res) in results {
-                match res {
-                    Ok(vm) => println!("deleted {}", vm.name),
-                    Err(e) => {
-                        failed += 1;
-                        eprintln!("banger: {r}: {e}");
-                    }
-                }
-            }
-            Ok(if failed > 0 { 1 } else { 0 })
+            let mut name = None;
+            let vm = create_with_progress(&client, &create.request(!no_start), &mut name).await?;
+            println!("{} {}", vm.name, vm.state);
+            Ok(0)
+        }
+        VmCommand::Start { vms } => {
+            for_each(vms, "started", |c, r| async move { c.start_vm(&r).await }).await
+        }
+        VmCommand::Stop { vms } => {
+            for_each(vms, "stopped", |c, r| async move { c.stop_vm(&r).await }).await
+        }
+        VmCommand::Restart { vms } => {
+            for_each(
+                vms,
+                "restarted",
+                |c, r| async move { c.restart_vm(&r).await },
+            )
+            .await
+        }
+        VmCommand::Kill { signal, vms } => {
+            for_each(vms, "signalled", move |c, r| async move {
+                c.kill_vm(&r, signal).await
+            })
+            .await
+        }
+        VmCommand::Exec { vm, command } => {
+            exec_streaming(&connect::client().await?, &vm, command).await
+        }
+        VmCommand::Logs { vm, vmm, follow } => {
+            let source = if vmm {
+                banger_api::LogSource::Vmm
+            } else {
+                banger_api::LogSource::Console
+            };
+            let mut out = std::io::stdout();
+            connect::client()
+                .await?
+                .logs(&vm, source, follow, |chunk| {
+                    let _ = out.write_all(chunk);
+                    let _ = out.flush();
+                })
+                .await?;
+            Ok(0)
+        }
+        VmCommand::Delete { vms } => {
+            for_each(vms, "deleted", |c, r| async move { c.delete_vm(&r).await }).await
         }
     }
+}
+
+/// Runs `op` on every VM ref concurrently; prints one line per VM and
+/// exits non-zero if any failed.
+async fn for_each<F, Fut>(refs: Vec<String>, done: &str, op: F) -> anyhow::Result<i32>
+where
+    F: Fn(Client, String) -> Fut,
+    Fut: std::future::Future<Output = Result<VmRecord, banger_api::ClientError>> + Send + 'static,
+{
+    let client = connect::client().await?;
+    let results = futures_join_all(refs.iter().map(|r| {
+        let fut = op(client.clone(), r.clone());
+        let r = r.clone();
+        async move { (r, fut.await) }
+    }))
+    .await;
+    let mut failed = 0;
+    for (r, res) in results {
+        match res {
+            Ok(vm) => println!("{done} {}", vm.name),
+            Err(e) => {
+                failed += 1;
+                eprintln!("banger: {r}: {e}");
+            }
+        }
+    }
+    Ok(if failed > 0 { 1 } else { 0 })
 }
 
 /// Runs futures concurrently on the current-thread runtime, keeping order.

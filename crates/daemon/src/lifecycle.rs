@@ -1,0 +1,149 @@
+//! Start, stop, restart and kill of existing VMs. Each holds the VM's lock,
+//! so operations on one VM are serialised; different VMs run in parallel.
+
+use crate::steps::Steps;
+use crate::vms::{BootCtx, BootError};
+use crate::{Daemon, DaemonError};
+use anyhow::anyhow;
+use banger_model::{VmRecord, VmState};
+use banger_vmm::vmm_process_alive;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// How long a guest gets to power off before its VMM is ended.
+const STOP_TIMEOUT: Duration = Duration::from_secs(30);
+
+impl Daemon {
+    /// Boots a stopped VM from its existing disks and waits for its agent.
+    /// Precondition: the VM is stopped (or in error); a running VM is left as is.
+    pub async fn start_vm(self: &Arc<Self>, r: &str) -> Result<VmRecord, DaemonError> {
+        let vm = self.store.resolve_vm(r)?;
+        let lock = self.vm_lock(&vm.id);
+        let _g = lock.lock().await;
+        let mut vm = self.store.get_vm(&vm.id)?;
+        match vm.state {
+            VmState::Running => return Ok(vm),
+            VmState::Stopped | VmState::Error => {}
+            other => {
+                return Err(DaemonError::Conflict(format!(
+                    "VM {} is {other}: wait for that to finish",
+                    vm.name
+                )));
+            }
+        }
+        // An errored VM may still have its VMM, kept for inspection.
+        if let Some(pid) = vm.pid.filter(|p| vmm_process_alive(*p, &vm.dir)) {
+            self.terminate_vmm(&vm, pid).await?;
+        }
+        let vmm = self.vmm()?.clone();
+        let image = self.store.get_image(&vm.image)?;
+        let kernel = self.store.get_kernel(&image.kernel)?;
+        let mut steps = Steps::new(|_, _| {});
+        let cancel = self.shutdown.child_token();
+        let ctx = BootCtx {
+            vmm: &vmm,
+            kernel: &kernel,
+            grow_root: false,
+            progress: &|_, _| {},
+            cancel: &cancel,
+        };
+        match self.boot(ctx, &mut vm, &mut steps).await {
+            Ok(()) => {
+                steps.commit();
+                tracing::info!(vm = %vm.name, "started VM");
+                Ok(vm)
+            }
+            Err(BootError::NotReady(msg)) => {
+                steps.commit();
+                self.store
+                    .set_vm_state(&vm.id, VmState::Error, vm.pid, Some(&msg))?;
+                Err(DaemonError::Failed(anyhow!(msg)))
+            }
+            Err(BootError::Failed(e)) => {
+                let msg = format!("{e:#}");
+                self.store
+                    .set_vm_state(&vm.id, VmState::Error, None, Some(&msg))?;
+                Err(DaemonError::Failed(e))
+            }
+        }
+    }
+
+    /// Powers the guest off (agent, else ACPI), and ends the VMM if it has
+    /// not exited within [`STOP_TIMEOUT`]. Disks are kept.
+    pub async fn stop_vm(self: &Arc<Self>, r: &str) -> Result<VmRecord, DaemonError> {
+        let vm = self.store.resolve_vm(r)?;
+        let lock = self.vm_lock(&vm.id);
+        let _g = lock.lock().await;
+        let mut vm = self.store.get_vm(&vm.id)?;
+        if vm.state == VmState::Creating {
+            return Err(DaemonError::Conflict(format!(
+                "VM {} is being created: wait for that to finish",
+                vm.name
+            )));
+        }
+        if let Some(pid) = vm.pid.filter(|p| vmm_process_alive(*p, &vm.dir)) {
+            self.store
+                .set_vm_state(&vm.id, VmState::Stopping, Some(pid), None)?;
+            let exited = self
+                .exits
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .get(&vm.id)
+                .map(|tx| tx.subscribe());
+            let asked = match self.agent(&vm.id) {
+                Some(agent) => agent.shutdown(false).is_ok(),
+                None => match self.vmm() {
+                    Ok(v) => v.request_shutdown(&vm.dir).await.is_ok(),
+                    Err(_) => false,
+                },
+            };
+            let graceful = match exited {
+                Some(mut rx) if asked => {
+                    tokio::time::timeout(STOP_TIMEOUT, rx.wait_for(|gone| *gone))
+                        .await
+                        .is_ok_and(|r| r.is_ok())
+                }
+                _ => false,
+            };
+            if !graceful {
+                tracing::warn!(vm = %vm.name, "guest did not power off in time; ending its VMM");
+            }
+            self.terminate_vmm(&vm, pid).await?;
+        }
+        self.set_agent(&vm.id, None);
+        self.store
+            .set_vm_state(&vm.id, VmState::Stopped, None, None)?;
+        vm.state = VmState::Stopped;
+        vm.pid = None;
+        vm.last_error = None;
+        tracing::info!(vm = %vm.name, "stopped VM");
+        Ok(vm)
+    }
+
+    /// Stops, then starts.
+    pub async fn restart_vm(self: &Arc<Self>, r: &str) -> Result<VmRecord, DaemonError> {
+        let vm = self.stop_vm(r).await?;
+        self.start_vm(vm.id.as_str()).await
+    }
+
+    /// Sends `signal` to the VM's VMM process (KILL ends it at once; the exit
+    /// watcher then records the VM as stopped).
+    pub async fn kill_vm(self: &Arc<Self>, r: &str, signal: i32) -> Result<VmRecord, DaemonError> {
+        let sig = nix::sys::signal::Signal::try_from(signal)
+            .map_err(|_| DaemonError::Invalid(format!("{signal} is not a signal number")))?;
+        let vm = self.store.resolve_vm(r)?;
+        let lock = self.vm_lock(&vm.id);
+        let _g = lock.lock().await;
+        let vm = self.store.get_vm(&vm.id)?;
+        let Some(pid) = vm.pid.filter(|p| vmm_process_alive(*p, &vm.dir)) else {
+            return Err(DaemonError::Conflict(format!(
+                "VM {} is not running",
+                vm.name
+            )));
+        };
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), sig)
+            .map_err(|e| DaemonError::Failed(anyhow!("signalling the VMM of {}: {e}", vm.name)))?;
+        tracing::info!(vm = %vm.name, pid, signal = %sig, "signalled VMM");
+        Ok(vm)
+    }
+}
