@@ -186,19 +186,28 @@ impl Client {
             .map(|_| ())
     }
 
+    /// `method` on a VM route without a body, answered with the VM.
+    async fn vm_call(
+        &self,
+        method: Method,
+        template: &str,
+        vm: &str,
+    ) -> Result<VmRecord, ClientError> {
+        self.json(method, &paths::fill(template, vm), None::<&()>)
+            .await
+    }
+
     pub async fn list_vms(&self) -> Result<Vec<VmRecord>, ClientError> {
         self.json(Method::GET, paths::VMS, None::<&()>).await
     }
 
     pub async fn get_vm(&self, vm: &str) -> Result<VmRecord, ClientError> {
-        self.json(Method::GET, &paths::fill(paths::VM, vm), None::<&()>)
-            .await
+        self.vm_call(Method::GET, paths::VM, vm).await
     }
 
     /// Stops (if running) and deletes a VM with its disks.
     pub async fn delete_vm(&self, vm: &str) -> Result<VmRecord, ClientError> {
-        self.json(Method::DELETE, &paths::fill(paths::VM, vm), None::<&()>)
-            .await
+        self.vm_call(Method::DELETE, paths::VM, vm).await
     }
 
     /// Runs a long operation, handing each event to `on_event`; its final
@@ -228,23 +237,16 @@ impl Client {
 
     /// Boots a stopped VM and waits for its agent.
     pub async fn start_vm(&self, vm: &str) -> Result<VmRecord, ClientError> {
-        self.json(Method::POST, &paths::fill(paths::VM_START, vm), None::<&()>)
-            .await
+        self.vm_call(Method::POST, paths::VM_START, vm).await
     }
 
     /// Powers a VM off; disks are kept.
     pub async fn stop_vm(&self, vm: &str) -> Result<VmRecord, ClientError> {
-        self.json(Method::POST, &paths::fill(paths::VM_STOP, vm), None::<&()>)
-            .await
+        self.vm_call(Method::POST, paths::VM_STOP, vm).await
     }
 
     pub async fn restart_vm(&self, vm: &str) -> Result<VmRecord, ClientError> {
-        self.json(
-            Method::POST,
-            &paths::fill(paths::VM_RESTART, vm),
-            None::<&()>,
-        )
-        .await
+        self.vm_call(Method::POST, paths::VM_RESTART, vm).await
     }
 
     /// Sends signal number `signal` to the VM's VMM.
