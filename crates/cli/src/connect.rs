@@ -97,8 +97,16 @@ fn start_daemon() -> anyhow::Result<()> {
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         let mut f = std::fs::File::from(rd);
+        // Up to the first newline: a child of the daemon that inherited the
+        // pipe must not keep us waiting for EOF.
         let mut buf = String::new();
-        let _ = f.read_to_string(&mut buf);
+        let mut byte = [0u8; 1];
+        while let Ok(1) = f.read(&mut byte) {
+            if byte[0] == b'\n' {
+                break;
+            }
+            buf.push(byte[0] as char);
+        }
         let _ = tx.send(buf);
     });
     match rx.recv_timeout(Duration::from_secs(30)) {

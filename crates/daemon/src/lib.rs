@@ -202,6 +202,18 @@ pub async fn serve(daemon: Arc<Daemon>) -> anyhow::Result<()> {
 
 /// Tells the `banger` that started us that the socket is live: it passes the
 /// write end of a pipe as `BANGER_READY_FD`.
+/// Marks the readiness pipe close-on-exec, so no process the daemon starts
+/// (qemu, mmdebstrap) holds it open. Call first thing in `main`.
+pub fn protect_ready_fd() {
+    if let Some(fd) = std::env::var("BANGER_READY_FD")
+        .ok()
+        .and_then(|s| s.parse::<i32>().ok())
+    {
+        // SAFETY: fcntl(F_SETFD) only changes the flags of the descriptor.
+        unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
+    }
+}
+
 fn notify_ready() {
     use std::io::Write;
     use std::os::fd::FromRawFd;

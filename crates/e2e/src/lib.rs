@@ -30,6 +30,7 @@ pub fn shared() -> &'static Banger {
             root,
         };
         b.reset_if_agent_changed();
+        b.delete_leftover_vms();
         // SAFETY: registering a plain extern "C" fn with no captured state.
         unsafe { libc::atexit(stop_shared_daemon) };
         b
@@ -86,6 +87,30 @@ impl Banger {
             std::fs::create_dir_all(&self.root).expect("create e2e root");
             std::fs::write(&marker, want).expect("write marker");
         }
+    }
+
+    /// Deletes VMs an earlier, interrupted run left behind, so every run
+    /// starts with no VMs (only the built image is reused).
+    fn delete_leftover_vms(&self) {
+        let out = self.run(&["vm", "list", "--json"]);
+        let names: Vec<String> = serde_json::from_slice::<serde_json::Value>(&out.stdout)
+            .ok()
+            .and_then(|v| v.as_array().cloned())
+            .unwrap_or_default()
+            .iter()
+            .filter_map(|v| v["name"].as_str().map(String::from))
+            .collect();
+        if names.is_empty() {
+            return;
+        }
+        let mut args = vec!["vm", "delete"];
+        args.extend(names.iter().map(String::as_str));
+        let del = self.run(&args);
+        assert!(
+            del.status.success(),
+            "cannot clean up leftover VMs {names:?}: {}",
+            text(&del).1
+        );
     }
 
     pub fn config_dir(&self) -> PathBuf {

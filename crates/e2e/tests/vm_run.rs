@@ -85,18 +85,21 @@ fn vm_without_rm_survives_and_delete_removes_it() {
 #[test]
 fn daemon_killed_mid_run_leaves_no_orphan_vmm() {
     let b = shared();
-    let mut run = b.spawn_running(&["--rm", "--name", "e2e-orphan"], "sleep 300");
+    let run = b.spawn_running(&["--rm", "--name", "e2e-orphan"], "sleep 300");
     let vm = b.json(&["vm", "show", "e2e-orphan"]);
     let dir = vm["dir"].as_str().expect("dir").to_string();
     b.kill_daemon();
 
     // The CLI loses its stream, restarts the daemon (which re-adopts the VM)
     // and deletes the VM because of --rm.
-    let status = run.wait().expect("wait run");
-    assert!(!status.success());
-    wait_until("the VMM to be gone", Duration::from_secs(30), || {
-        processes_mentioning(&dir).is_empty()
-    });
+    let out = run.wait_with_output().expect("wait run");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    wait_until(
+        &format!("the VMM to be gone (banger said: {stderr})"),
+        Duration::from_secs(30),
+        || processes_mentioning(&dir).is_empty(),
+    );
     assert!(!b.vm_names().contains(&"e2e-orphan".to_string()));
     assert!(!std::path::Path::new(&dir).exists());
 }

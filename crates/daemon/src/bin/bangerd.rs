@@ -33,6 +33,7 @@ fn main() -> std::process::ExitCode {
 }
 
 fn run() -> anyhow::Result<()> {
+    banger_daemon::protect_ready_fd();
     let paths = Paths::from_env().context("resolving banger's directories")?;
     let config = Config::load(&paths)?;
     banger_daemon::init_logging(&paths.log_file, config.log_level.as_str())?;
