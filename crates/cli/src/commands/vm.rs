@@ -401,22 +401,38 @@ async fn vm_run(a: RunArgs) -> anyhow::Result<i32> {
 }
 
 async fn cleanup(client: &Client, name: &str) {
-    // The daemon may have died meanwhile: reconnect (and restart it) to delete.
-    let result = match client.delete_vm(name).await {
-        Err(banger_api::ClientError::Unreachable { .. }) => match connect::client().await {
-            Ok(c) => c.delete_vm(name).await.map_err(anyhow::Error::from),
-            Err(e) => Err(e),
-        },
-        other => other.map_err(anyhow::Error::from),
-    };
     let gone = |e: &anyhow::Error| {
         e.downcast_ref::<banger_api::ClientError>()
             .and_then(|c| c.code())
             == Some("not_found")
     };
-    if let Err(e) = result
-        && !gone(&e)
-    {
+    // The daemon may have died meanwhile: reconnect (restarting it) and try
+    // again for a while, as a daemon killed a moment ago may still be exiting.
+    let mut last = None;
+    for attempt in 0..5 {
+        if attempt > 0 {
+            tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+        }
+        let result = match client.delete_vm(name).await {
+            Ok(_) => return,
+            Err(banger_api::ClientError::Api { error, .. }) if error.code == "not_found" => return,
+            Err(banger_api::ClientError::Api { error, .. }) => Err(anyhow::anyhow!(error.message)),
+            Err(_) => match connect::client().await {
+                Ok(c) => c
+                    .delete_vm(name)
+                    .await
+                    .map(|_| ())
+                    .map_err(anyhow::Error::from),
+                Err(e) => Err(e),
+            },
+        };
+        match result {
+            Ok(()) => return,
+            Err(e) if gone(&e) => return,
+            Err(e) => last = Some(e),
+        }
+    }
+    if let Some(e) = last {
         eprintln!(
             "banger: could not delete VM {name}: {}",
             output::error_chain(&e)
