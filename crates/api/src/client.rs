@@ -117,14 +117,7 @@ impl Client {
             .await
             .map_err(ClientError::protocol)?
             .to_bytes();
-        let error = serde_json::from_slice::<ApiError>(&bytes).unwrap_or_else(|_| ApiError {
-            code: status_code_name(status),
-            message: String::from_utf8_lossy(&bytes).trim().to_string(),
-        });
-        Err(ClientError::Api {
-            status: status.as_u16(),
-            error,
-        })
+        Err(api_error(status, &bytes))
     }
 
     async fn json<T: DeserializeOwned>(
@@ -329,17 +322,8 @@ impl Client {
         let (mut ws, _) = match tokio_tungstenite::client_async(url, stream).await {
             Ok(ok) => ok,
             Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => {
-                let status = resp.status();
                 let body = resp.body().clone().unwrap_or_default();
-                let error =
-                    serde_json::from_slice::<ApiError>(&body).unwrap_or_else(|_| ApiError {
-                        code: status_code_name(status),
-                        message: String::from_utf8_lossy(&body).trim().to_string(),
-                    });
-                return Err(ClientError::Api {
-                    status: status.as_u16(),
-                    error,
-                });
+                return Err(api_error(resp.status(), &body));
             }
             Err(e) => return Err(ClientError::protocol(e)),
         };
@@ -355,6 +339,19 @@ impl Client {
                 done: false,
             },
         ))
+    }
+}
+
+/// The error of a non-2xx answer: the daemon's `ApiError` body, or (from
+/// anything else on the socket) the status and the body as text.
+fn api_error(status: StatusCode, body: &[u8]) -> ClientError {
+    let error = serde_json::from_slice::<ApiError>(body).unwrap_or_else(|_| ApiError {
+        code: status_code_name(status),
+        message: String::from_utf8_lossy(body).trim().to_string(),
+    });
+    ClientError::Api {
+        status: status.as_u16(),
+        error,
     }
 }
 
