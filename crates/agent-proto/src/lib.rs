@@ -10,6 +10,7 @@
 //! payload: a postcard-encoded [`Frame`]. Payloads over [`MAX_FRAME`] are
 //! refused before any allocation.
 
+pub mod boot;
 pub mod client;
 mod codec;
 

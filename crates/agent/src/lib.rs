@@ -11,6 +11,7 @@
 //! stream, so the tests drive it over an in-memory pipe.
 
 mod exec;
+pub mod init;
 pub mod power;
 mod serve;
 pub mod transport;

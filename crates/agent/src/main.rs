@@ -17,6 +17,13 @@ const DISCOVERY_WAIT: Duration = Duration::from_secs(30);
 const LOG_ENV: &str = "BANGER_AGENT_LOG";
 
 fn main() -> ExitCode {
+    if std::process::id() == 1 {
+        // Started as the kernel's init=: assemble the root and hand over to
+        // the image's init. Reaching the next line means that failed.
+        let err = banger_agent::init::run();
+        eprintln!("banger-agent (init): {err}; the VM cannot boot");
+        return ExitCode::FAILURE;
+    }
     match std::env::args().nth(1).as_deref() {
         None => {}
         Some("--version") => {

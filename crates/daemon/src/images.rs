@@ -3,7 +3,6 @@
 use crate::vms::now_rfc3339;
 use crate::{Daemon, DaemonError};
 use anyhow::Context;
-use banger_config::{HostResources, effective_defaults};
 use banger_image::{DebianBuild, Progress as BuildProgress};
 use banger_model::{ImageRecord, KernelRecord};
 use std::sync::Arc;
@@ -66,13 +65,6 @@ impl Daemon {
             agent_binary: self.agent_binary()?,
             agent_unit: banger_agent::SYSTEMD_UNIT.to_string(),
             agent_modules_conf: banger_agent::MODULES_LOAD.to_string(),
-            // VMs of the default disk size then need no resize at boot.
-            min_rootfs_bytes: effective_defaults(
-                &self.config.vm_defaults,
-                &HostResources::detect(),
-            )
-            .disk_bytes
-            .value,
             images_dir: self.paths.images_dir.clone(),
             kernels_dir: self.paths.kernels_dir.clone(),
         };
@@ -98,6 +90,7 @@ impl Daemon {
         let image = ImageRecord {
             name: name.to_string(),
             rootfs: built.rootfs.clone(),
+            work_seed: Some(built.work_seed.clone()),
             kernel: kernel.name.clone(),
             managed: true,
             size_bytes: built.size_bytes,

@@ -43,7 +43,7 @@ impl Daemon {
         let ctx = BootCtx {
             vmm: &vmm,
             kernel: &kernel,
-            grow_root: false,
+            image: &image,
             progress: &|_, _| {},
             cancel: &cancel,
         };

@@ -3,10 +3,14 @@
 use crate::steps::{Steps, UndoSlot};
 use crate::{Daemon, DaemonError};
 use anyhow::{Context, anyhow};
+use banger_agent_proto::boot::BootArgs;
 use banger_agent_proto::client::AgentClient;
 use banger_api::{CreateVmEvent, CreateVmRequest, Progress};
 use banger_config::{Config, HostResources, apply_flags, effective_defaults};
-use banger_model::{ByteSize, KernelRecord, VmId, VmName, VmRecord, VmState, generate_name};
+use banger_model::{
+    ByteSize, ImageRecord, KernelRecord, VmId, VmName, VmRecord, VmState, generate_name,
+};
+use banger_storage::{VmDisks, WorkSource};
 use banger_vmm::qemu::QemuVmm;
 use banger_vmm::{DiskFormat, DiskSpec, LaunchSpec, VmPaths, Vmm};
 use std::sync::Arc;
@@ -132,6 +136,7 @@ impl Daemon {
             pid: None,
             created_at: now_rfc3339(),
             last_error: None,
+            nat: false,
         };
         let lock = self.vm_lock(&id);
         let _guard = lock.lock().await;
@@ -170,15 +175,38 @@ impl Daemon {
                 Ok(se) => se.into(),
                 Err(other) => DaemonError::Failed(other),
             })?;
-        let (rootfs, overlay) = (image.rootfs.clone(), dir.join(banger_storage::ROOT_OVERLAY));
-        let grown = steps
-            .run("disk", "creating root disk", |_| async move {
-                let size =
-                    banger_storage::create_root_overlay(&rootfs, &overlay, spec.disk_bytes.value)
-                        .await?;
-                let base = std::fs::metadata(&rootfs).map(|m| m.len()).unwrap_or(size);
-                Ok(size > base)
-            })
+        let disks = VmDisks::in_dir(&dir);
+        let size = spec.disk_bytes.value;
+        let (overlay, work, seed) = (
+            disks.overlay.clone(),
+            disks.work.clone(),
+            image.work_seed.clone(),
+        );
+        steps
+            .run(
+                "disks",
+                "creating the system overlay and /root work disk",
+                |u: UndoSlot<'_>| async move {
+                    banger_storage::create_overlay_disk(&overlay, size).await?;
+                    let o = overlay.clone();
+                    u.set(move || async move {
+                        tokio::fs::remove_file(&o)
+                            .await
+                            .with_context(|| format!("removing {}", o.display()))
+                    });
+                    let source = match &seed {
+                        Some(s) => WorkSource::Seed(s),
+                        None => WorkSource::Empty,
+                    };
+                    banger_storage::create_work_disk(source, &work, size)
+                        .await
+                        .map_err(|e| {
+                            // The undo above removes the overlay.
+                            anyhow::Error::from(e).context("creating the /root work disk")
+                        })?;
+                    Ok(())
+                },
+            )
             .await
             .map_err(|e| DaemonError::Failed(e.into()))?;
 
@@ -192,7 +220,7 @@ impl Daemon {
         let ctx = BootCtx {
             vmm: &vmm,
             kernel: &kernel,
-            grow_root: grown,
+            image: &image,
             progress: &progress,
             cancel: &cancel,
         };
@@ -244,11 +272,12 @@ impl Daemon {
         let BootCtx {
             vmm,
             kernel,
-            grow_root,
+            image,
             progress,
             cancel,
         } = ctx;
         let paths = VmPaths::new(&vm.dir);
+        let disks = VmDisks::in_dir(&vm.dir);
         if let Err(e) = self
             .store
             .set_vm_state(&vm.id, VmState::Starting, None, None)
@@ -260,12 +289,29 @@ impl Daemon {
             dir: vm.dir.clone(),
             kernel: kernel.kernel.clone(),
             initrd: kernel.initrd.clone(),
-            extra_cmdline: format!("systemd.hostname={}", vm.name),
-            disks: vec![DiskSpec {
-                path: vm.dir.join(banger_storage::ROOT_OVERLAY),
-                format: DiskFormat::Qcow2,
-                read_only: false,
-            }],
+            extra_cmdline: format!(
+                "{} systemd.hostname={}",
+                BootArgs::standard().kernel_params(banger_agent::BINARY_PATH),
+                vm.name
+            ),
+            // The order is the boot contract's: base, overlay, work.
+            disks: vec![
+                DiskSpec {
+                    path: image.rootfs.clone(),
+                    format: DiskFormat::Raw,
+                    read_only: true,
+                },
+                DiskSpec {
+                    path: disks.overlay,
+                    format: DiskFormat::Raw,
+                    read_only: false,
+                },
+                DiskSpec {
+                    path: disks.work,
+                    format: DiskFormat::Raw,
+                    read_only: false,
+                },
+            ],
             vcpu: vm.spec.vcpu.value,
             memory_mib: vm.spec.memory_mib.value,
         };
@@ -339,10 +385,6 @@ impl Daemon {
             }
         }
         self.set_agent(&vm.id, Some(agent.clone()));
-        if grow_root {
-            progress("disk", "growing the root file system to the disk size");
-            self.grow_root_fs(vm, &agent).await;
-        }
         if let Err(e) = self
             .store
             .set_vm_state(&vm.id, VmState::Running, vm.pid, None)
@@ -352,23 +394,6 @@ impl Daemon {
         vm.state = VmState::Running;
         self.watch_exit(vm.id.clone(), launched_pid, exited);
         Ok(())
-    }
-
-    /// Grows the guest's root file system to the disk's size (no-op when it
-    /// already fills the disk). Best effort: a failure is logged, the VM works.
-    async fn grow_root_fs(&self, vm: &VmRecord, agent: &AgentClient) {
-        let req = banger_agent_proto::ExecRequest {
-            argv: vec!["resize2fs".into(), "/dev/vda".into()],
-            ..Default::default()
-        };
-        let Ok(mut s) = agent.exec(req) else { return };
-        while let Ok(Some(ev)) = s.next_event().await {
-            if let banger_agent_proto::client::ExecEvent::Exited(st) = ev
-                && st.code != Some(0)
-            {
-                tracing::warn!(vm = %vm.name, ?st, "resize2fs of the root disk failed");
-            }
-        }
     }
 
     /// Marks the VM stopped when its VMM exits on its own.
@@ -498,8 +523,7 @@ impl Daemon {
 pub(crate) struct BootCtx<'a> {
     pub(crate) vmm: &'a Arc<dyn Vmm>,
     pub(crate) kernel: &'a KernelRecord,
-    /// The root disk is larger than the image: grow the file system once up.
-    pub(crate) grow_root: bool,
+    pub(crate) image: &'a ImageRecord,
     pub(crate) progress: &'a (dyn Fn(&str, &str) + Sync),
     pub(crate) cancel: &'a CancellationToken,
 }
@@ -530,6 +554,10 @@ pub(crate) fn console_tail(path: &std::path::Path) -> String {
     let text = std::fs::read(path)
         .map(|b| String::from_utf8_lossy(&b).into_owned())
         .unwrap_or_default();
-    let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+    let mut lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+    // A kernel panic's stack dump says nothing to a user; what led to it does.
+    if let Some(i) = lines.iter().position(|l| l.contains("Kernel panic")) {
+        lines.truncate(i + 1);
+    }
     lines[lines.len().saturating_sub(15)..].join("\n")
 }

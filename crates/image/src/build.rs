@@ -36,6 +36,13 @@ pub const BASE_PACKAGES: &[&str] = &[
 /// File name of the root file system inside an image directory.
 const ROOTFS_FILE: &str = "rootfs.ext4";
 
+/// File name of the `/root` work seed inside an image directory.
+pub const WORK_SEED_FILE: &str = "work-seed.ext4";
+
+/// Smallest work seed made: VMs grow their copy to their disk size, and
+/// growing needs some room to start from.
+const WORK_SEED_MIN_BYTES: u64 = 64 * MIB;
+
 /// File names of the kernel and initrd inside a kernel directory.
 const KERNEL_FILE: &str = "vmlinuz";
 const INITRD_FILE: &str = "initrd.img";
@@ -64,10 +71,6 @@ pub struct DebianBuild {
     pub images_dir: PathBuf,
     /// The kernel store; the kernel goes to `kernels_dir/<kernel name>/`.
     pub kernels_dir: PathBuf,
-    /// The root file system is made at least this big (a sparse file, so the
-    /// unused part costs no disk). VMs whose disk is no bigger then boot
-    /// without growing their file system, which costs seconds under TCG.
-    pub min_rootfs_bytes: u64,
 }
 
 /// A finished image and its kernel.
@@ -75,9 +78,11 @@ pub struct DebianBuild {
 pub struct BuiltImage {
     /// `images_dir/<name>/`.
     pub dir: PathBuf,
-    /// The ext4 root file system.
+    /// The ext4 root file system, shared read-only by the image's VMs.
     pub rootfs: PathBuf,
     pub size_bytes: u64,
+    /// The ext4 file system VMs clone for their `/root` work disk.
+    pub work_seed: PathBuf,
     /// Directory name of the kernel under the kernels directory, see [`kernel_name`].
     pub kernel_name: String,
     /// The kernel (bzImage).
@@ -121,12 +126,15 @@ pub fn debian_image_exists(
     let (kernel, initrd) = (kdir.join(KERNEL_FILE), kdir.join(INITRD_FILE));
     let rootfs_ok =
         std::fs::metadata(&rootfs).is_ok_and(|md| md.is_file() && md.len() == m.rootfs_bytes);
-    if !(rootfs_ok && kernel.is_file() && initrd.is_file()) {
+    // Images from before work seeds existed are rebuilt.
+    let work_seed = dir.join(m.work_seed.as_deref().filter(|s| is_plain_file_name(s))?);
+    if !(rootfs_ok && work_seed.is_file() && kernel.is_file() && initrd.is_file()) {
         return None;
     }
     Some(BuiltImage {
         dir,
         rootfs,
+        work_seed,
         size_bytes: m.rootfs_bytes,
         kernel_name: m.kernel_name,
         kernel,
@@ -353,7 +361,41 @@ async fn build_in(
         let tree = tree.clone();
         blocking(move || tree_usage(&tree)).await?
     };
-    let size = rootfs_size(usage.bytes).max(spec.min_rootfs_bytes.div_ceil(MIB) * MIB);
+    // /root becomes the work seed: VMs mount their own copy over it.
+    let seed_usage = {
+        let root = tree.join("root");
+        blocking(move || tree_usage(&root)).await?
+    };
+    let seed_size = rootfs_size(seed_usage.bytes).max(WORK_SEED_MIN_BYTES);
+    phase(
+        "work-seed",
+        format!("writing the {} MiB /root work seed", seed_size / MIB),
+    );
+    let work_seed = staging.join(WORK_SEED_FILE);
+    std::fs::File::create(&work_seed)
+        .and_then(|f| f.set_len(seed_size))
+        .map_err(ImageError::io(format!("creating {}", work_seed.display())))?;
+    let seed_args = mkfs_args(
+        &tree.join("root"),
+        &work_seed,
+        "work",
+        inode_count(seed_usage.inodes, seed_size),
+    );
+    run_tool("mkfs.ext4", &tools.mkfs, seed_args, &[], &on_line, cancel).await?;
+    // mkfs -d gives the root directory mode 0755; /root is private.
+    let debugfs = find_tool("debugfs").ok_or(ImageError::ToolMissing {
+        tool: "debugfs",
+        package: "e2fsprogs",
+    })?;
+    let args = ["-w", "-R", "set_inode_field / mode 040700"]
+        .map(OsString::from)
+        .into_iter()
+        .chain([work_seed.clone().into_os_string()])
+        .collect();
+    run_tool("debugfs", &debugfs, args, &[], &on_line, cancel).await?;
+    checkpoint()?;
+
+    let size = rootfs_size(usage.bytes);
     phase(
         "mkfs",
         format!(
@@ -367,16 +409,18 @@ async fn build_in(
     std::fs::File::create(&rootfs)
         .and_then(|f| f.set_len(size))
         .map_err(ImageError::io(format!("creating {}", rootfs.display())))?;
-    let mkfs_args = mkfs_args(&tree, &rootfs, inode_count(usage.inodes, size));
+    let mkfs_args = mkfs_args(&tree, &rootfs, "rootfs", inode_count(usage.inodes, size));
     run_tool("mkfs.ext4", &tools.mkfs, mkfs_args, &[], &on_line, cancel).await?;
     {
         // The unpacked tree is big and no longer needed.
         let (tree, tmp) = (tree.clone(), tmp.clone());
         blocking(move || remove_tree(&tree).and_then(|()| remove_tree(&tmp))).await?;
     }
-    std::fs::File::open(&rootfs)
-        .and_then(|f| f.sync_all())
-        .map_err(ImageError::io(format!("flushing {}", rootfs.display())))?;
+    for f in [&rootfs, &work_seed] {
+        std::fs::File::open(f)
+            .and_then(|f| f.sync_all())
+            .map_err(ImageError::io(format!("flushing {}", f.display())))?;
+    }
 
     let manifest = Manifest {
         name: spec.name.clone(),
@@ -387,6 +431,7 @@ async fn build_in(
         kernel_release: kernel.release.clone(),
         rootfs: ROOTFS_FILE.into(),
         rootfs_bytes: size,
+        work_seed: Some(WORK_SEED_FILE.into()),
         tree_bytes: usage.bytes,
         agent_sha256,
         created_at: now_rfc3339(),
@@ -398,6 +443,7 @@ async fn build_in(
     publish(staging, &dest).await?;
     Ok(BuiltImage {
         rootfs: dest.join(ROOTFS_FILE),
+        work_seed: dest.join(WORK_SEED_FILE),
         dir: dest,
         size_bytes: size,
         kernel_name: kname,
@@ -489,22 +535,14 @@ fn mmdebstrap_args(spec: &DebianBuild, packages: &[String], tree: &Path) -> Vec<
     args
 }
 
-fn mkfs_args(tree: &Path, rootfs: &Path, inodes: u64) -> Vec<OsString> {
-    let mut args: Vec<OsString> = [
-        "-F",
-        "-T",
-        "default",
-        "-b",
-        "4096",
-        "-L",
-        "rootfs",
-        "-E",
-        "root_owner=0:0",
-    ]
-    .iter()
-    .map(OsString::from)
-    .collect();
+fn mkfs_args(tree: &Path, rootfs: &Path, label: &str, inodes: u64) -> Vec<OsString> {
+    let mut args: Vec<OsString> = ["-F", "-T", "default", "-b", "4096", "-E", "root_owner=0:0"]
+        .iter()
+        .map(OsString::from)
+        .collect();
     args.extend([
+        "-L".into(),
+        label.into(),
         "-N".into(),
         inodes.to_string().into(),
         "-d".into(),
@@ -592,7 +630,14 @@ async fn blocking<T: Send + 'static>(
 /// Modules the initramfs loads so the agent's channel exists as soon as
 /// systemd starts the agent, instead of after they load from the root file
 /// system (about 2 s later under TCG).
-pub const INITRAMFS_MODULES: &[&str] = &["virtio_console", "vsock", "vmw_vsock_virtio_transport"];
+/// `overlay` is there for the agent's early-init mode, which runs before
+/// the root file system's modules are reachable by name.
+pub const INITRAMFS_MODULES: &[&str] = &[
+    "virtio_console",
+    "vsock",
+    "vmw_vsock_virtio_transport",
+    "overlay",
+];
 
 /// Appends [`INITRAMFS_MODULES`] to the tree's initramfs-tools module list
 /// (each once).
@@ -627,7 +672,6 @@ mod tests {
             agent_modules_conf: "virtio_console\n".into(),
             images_dir: root.join("images"),
             kernels_dir: root.join("kernels"),
-            min_rootfs_bytes: 0,
         }
     }
 
@@ -642,6 +686,7 @@ mod tests {
             kernel_release: "6.1.0-9-cloud-amd64".into(),
             rootfs: ROOTFS_FILE.into(),
             rootfs_bytes: 4096,
+            work_seed: Some(WORK_SEED_FILE.into()),
             tree_bytes: 1024,
             agent_sha256: "00".repeat(32),
             created_at: now_rfc3339(),
@@ -651,6 +696,7 @@ mod tests {
         std::fs::File::create(dir.join(ROOTFS_FILE))
             .and_then(|f| f.set_len(4096))
             .expect("rootfs");
+        std::fs::write(dir.join(WORK_SEED_FILE), "seed").expect("work seed");
         m.write(&dir).expect("manifest");
         let kdir = s.kernels_dir.join(&m.kernel_name);
         std::fs::create_dir_all(&kdir).expect("mkdir");
@@ -844,7 +890,12 @@ mod tests {
             ["--", "bookworm", "/s/root", "http://deb.example/debian"]
         );
 
-        let args = mkfs_args(Path::new("/s/root"), Path::new("/s/rootfs.ext4"), 50_000);
+        let args = mkfs_args(
+            Path::new("/s/root"),
+            Path::new("/s/rootfs.ext4"),
+            "rootfs",
+            50_000,
+        );
         let args: Vec<&str> = args.iter().map(|a| a.to_str().expect("utf8")).collect();
         assert_eq!(
             args,
@@ -854,10 +905,10 @@ mod tests {
                 "default",
                 "-b",
                 "4096",
-                "-L",
-                "rootfs",
                 "-E",
                 "root_owner=0:0",
+                "-L",
+                "rootfs",
                 "-N",
                 "50000",
                 "-d",

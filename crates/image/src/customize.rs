@@ -71,8 +71,10 @@ ff02::2\t\tip6-allrouters
 ";
 
 const FSTAB: &str = "\
-# Installed by banger: the root file system is the VM's first virtio disk.
-/dev/vda\t/\text4\tdefaults,errors=remount-ro\t0\t1
+# Installed by banger. The root is assembled before init runs: the image's
+# shared file system (read-only) under an overlay on the VM's own disk, and
+# the VM's work disk at /root (see banger-agent's early-init mode). Neither
+# belongs here: remounting them by this file would fail.
 ";
 
 /// What [`customize`] installs besides its fixed files.

@@ -3,8 +3,8 @@
 
 use crate::ImageError;
 use std::collections::HashSet;
-use std::os::unix::fs::{MetadataExt, PermissionsExt};
-use std::path::{Path, PathBuf};
+use std::os::unix::fs::MetadataExt;
+use std::path::Path;
 
 const MIB: u64 = 1 << 20;
 
@@ -84,17 +84,7 @@ pub fn sha256_file(path: &Path) -> Result<String, ImageError> {
     Ok(format!("{:x}", hasher.finalize()))
 }
 
-/// The first executable named `tool` in `$PATH` (plus the sbin directories,
-/// which a non-login root environment may lack).
-pub fn find_tool(tool: &str) -> Option<PathBuf> {
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    std::env::split_paths(&path)
-        .chain(["/usr/local/sbin", "/usr/sbin", "/sbin"].map(PathBuf::from))
-        .map(|dir| dir.join(tool))
-        .find(|p| {
-            std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
-        })
-}
+pub use banger_storage::find_tool;
 
 #[cfg(test)]
 mod tests {

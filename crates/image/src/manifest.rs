@@ -27,6 +27,10 @@ pub struct Manifest {
     pub rootfs: String,
     /// Size of the root file system image.
     pub rootfs_bytes: u64,
+    /// File name of the `/root` work seed inside the image directory;
+    /// absent in images made before work seeds existed.
+    #[serde(default)]
+    pub work_seed: Option<String>,
     /// Disk usage of the unpacked tree the file system was made from.
     pub tree_bytes: u64,
     /// sha256 of the banger-agent binary baked in, lowercase hex.
@@ -79,6 +83,7 @@ mod tests {
             kernel_release: "6.1.0-50-cloud-amd64".into(),
             rootfs: "rootfs.ext4".into(),
             rootfs_bytes: 812 << 20,
+            work_seed: Some("work-seed.ext4".into()),
             tree_bytes: 430 << 20,
             agent_sha256: "ab".repeat(32),
             created_at: "2026-11-23T10:00:00Z".into(),

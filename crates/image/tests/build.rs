@@ -108,6 +108,7 @@ async fn builds_the_debian_image_then_finds_it() {
             "customize",
             "initramfs",
             "kernel",
+            "work-seed",
             "mkfs",
             "done"
         ]
@@ -117,6 +118,7 @@ async fn builds_the_debian_image_then_finds_it() {
         "mmdebstrap --verbose output should reach the log"
     );
 
+    let m = Manifest::read(&built.dir).expect("manifest");
     // Only the image (and the build lock) is left; nothing mounted, no process inside.
     assert_eq!(
         common::names_in(&spec.images_dir),
@@ -124,8 +126,27 @@ async fn builds_the_debian_image_then_finds_it() {
     );
     assert_eq!(
         common::names_in(&built.dir),
-        ["manifest.json", "rootfs.ext4"]
+        ["manifest.json", "rootfs.ext4", "work-seed.ext4"]
     );
+    // The work seed is /root of the image, private to root.
+    assert_eq!(built.work_seed, built.dir.join("work-seed.ext4"));
+    assert_eq!(m.work_seed.as_deref(), Some("work-seed.ext4"));
+    let stat = Command::new("debugfs")
+        .args(["-R", "stat /"])
+        .arg(&built.work_seed)
+        .output()
+        .expect("debugfs");
+    let stat = String::from_utf8_lossy(&stat.stdout);
+    assert!(
+        stat.contains("Mode:  0700") && stat.contains("User:     0"),
+        "{stat}"
+    );
+    let ls = Command::new("debugfs")
+        .args(["-R", "ls -l /"])
+        .arg(&built.work_seed)
+        .output()
+        .expect("debugfs");
+    assert!(String::from_utf8_lossy(&ls.stdout).contains(".bashrc"));
     assert!(
         mounts_under(t.path()).is_empty(),
         "{:?}",
@@ -138,7 +159,6 @@ async fn builds_the_debian_image_then_finds_it() {
     );
 
     // The manifest.
-    let m = Manifest::read(&built.dir).expect("manifest");
     assert_eq!(
         (m.name.as_str(), m.suite.as_str()),
         ("debian-test", "bookworm")

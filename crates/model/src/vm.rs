@@ -124,6 +124,8 @@ pub struct VmRecord {
     pub dir: PathBuf,
     /// PID of the VMM process while it runs.
     pub pid: Option<u32>,
+    /// Whether the VM's traffic is masqueraded out of the host.
+    pub nat: bool,
     /// RFC 3339 creation time.
     pub created_at: String,
     /// Last error, when `state` is `error`.
@@ -151,6 +153,10 @@ pub struct ImageRecord {
     pub name: String,
     #[schema(value_type = String)]
     pub rootfs: PathBuf,
+    /// ext4 file system cloned for each VM's `/root` work disk; without one
+    /// the work disk is made from the image's own `/root`, more slowly.
+    #[schema(value_type = Option<String>)]
+    pub work_seed: Option<PathBuf>,
     pub kernel: String,
     /// Managed images live in banger's image store and are removed with the record.
     pub managed: bool,

@@ -1,22 +1,63 @@
 //! Per-VM disks.
 //!
-//! Every VM boots from its image's rootfs, which is never written: each VM
-//! gets a copy-on-write overlay file backed by it, so creating a VM costs a
-//! few kilobytes and milliseconds whatever the image size.
+//! Every VM boots from its image's root file system, which is shared by all
+//! of the image's VMs and never written. Each VM owns two more disks, both
+//! sparse raw ext4 files in its directory:
+//!
+//! - the system overlay ([`OVERLAY_DISK`]): the upper layer of the overlayfs
+//!   the guest agent's early-init mode stacks on the shared root, so writes
+//!   to `/` persist without copying the image;
+//! - the work disk ([`WORK_DISK`]): mounted at `/root`, cloned from the
+//!   image's work seed and grown with `resize2fs` to the VM's disk size.
+//!
+//! Both are made with e2fsprogs on plain files: no root, no device-mapper,
+//! no loop devices. Stop keeps them; delete removes the VM directory.
+
+mod copy;
+mod tools;
+
+pub use tools::find_tool;
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use tokio::process::Command;
 
-/// Errors making or removing disks.
+/// File name of a VM's system overlay disk inside its directory.
+pub const OVERLAY_DISK: &str = "overlay.ext4";
+/// File name of a VM's work disk inside its directory.
+pub const WORK_DISK: &str = "work.ext4";
+
+/// Smallest disk banger makes: ext4 with a journal needs some room, and a
+/// guest with less than this for /root is not useful.
+pub const MIN_DISK_BYTES: u64 = 64 << 20;
+
+const MIB: u64 = 1 << 20;
+
+/// Errors making, growing or measuring disks.
 #[derive(Debug, thiserror::Error)]
 pub enum StorageError {
-    #[error("base image {0} does not exist: rebuild or re-pull the image")]
-    MissingBase(PathBuf),
-    #[error("qemu-img not found: apt-get install qemu-utils")]
-    QemuImgMissing,
-    #[error("qemu-img failed to create {path}: {stderr}")]
-    QemuImg { path: PathBuf, stderr: String },
+    #[error("{path} does not exist: rebuild or re-pull the image")]
+    MissingSource { path: PathBuf },
+    #[error("{tool} not found: install e2fsprogs (apt-get install e2fsprogs)")]
+    ToolMissing { tool: &'static str },
+    #[error("{tool} failed on {path}: {detail}")]
+    Tool {
+        tool: &'static str,
+        path: PathBuf,
+        detail: String,
+    },
+    #[error(
+        "no space left on the file system holding {path} (about {needed_mib} MiB needed): free some space and retry"
+    )]
+    NoSpace { path: PathBuf, needed_mib: u64 },
+    #[error("disk {path} is {current} bytes; disks only grow, so {requested} bytes is refused")]
+    Shrink {
+        path: PathBuf,
+        current: u64,
+        requested: u64,
+    },
+    #[error("a disk must be at least {} MiB, not {requested} bytes", MIN_DISK_BYTES / MIB)]
+    TooSmall { requested: u64 },
     #[error("{context}: {source}")]
     Io {
         context: String,
@@ -25,52 +66,142 @@ pub enum StorageError {
     },
 }
 
-/// The file name of a VM's root overlay inside its directory.
-pub const ROOT_OVERLAY: &str = "root.qcow2";
+impl StorageError {
+    /// An I/O error on `path`, turned into [`StorageError::NoSpace`] when
+    /// the file system is full.
+    fn io_on(path: &Path, needed: u64, context: String, source: std::io::Error) -> Self {
+        if source.raw_os_error() == Some(libc::ENOSPC) {
+            StorageError::NoSpace {
+                path: path.to_path_buf(),
+                needed_mib: needed.div_ceil(MIB),
+            }
+        } else {
+            StorageError::Io { context, source }
+        }
+    }
+}
 
-/// Creates `out` as a qcow2 overlay whose reads fall through to the raw `base`,
-/// with a virtual size of at least `min_size` bytes (never smaller than the
-/// base). Returns the virtual size. Precondition: `out` does not exist. On
-/// error nothing is left at `out`.
-pub async fn create_root_overlay(
-    base: &Path,
-    out: &Path,
-    min_size: u64,
-) -> Result<u64, StorageError> {
-    let base_len = match std::fs::metadata(base) {
-        Ok(md) if md.is_file() => md.len(),
-        _ => return Err(StorageError::MissingBase(base.to_path_buf())),
-    };
-    // qcow2 sizes are whole sectors; round up to MiB for tidy numbers.
-    let size = base_len.max(min_size).div_ceil(1 << 20) * (1 << 20);
-    let base = std::path::absolute(base).map_err(|source| StorageError::Io {
-        context: format!("resolving {}", base.display()),
-        source,
-    })?;
-    let output = Command::new("qemu-img")
-        .arg("create")
-        .args(["-q", "-f", "qcow2", "-F", "raw", "-b"])
-        .arg(&base)
-        .arg(out)
-        .arg(size.to_string())
-        .stdin(Stdio::null())
-        .output()
-        .await
-        .map_err(|e| match e.kind() {
-            std::io::ErrorKind::NotFound => StorageError::QemuImgMissing,
-            _ => StorageError::Io {
-                context: "running qemu-img".into(),
-                source: e,
-            },
-        })?;
-    if !output.status.success() {
-        let _ = tokio::fs::remove_file(out).await;
-        return Err(StorageError::QemuImg {
-            path: out.to_path_buf(),
-            stderr: String::from_utf8_lossy(&output.stderr).trim().to_string(),
+/// The disks of one VM.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VmDisks {
+    pub overlay: PathBuf,
+    pub work: PathBuf,
+}
+
+impl VmDisks {
+    /// The disks of the VM whose directory is `dir`.
+    pub fn in_dir(dir: &Path) -> Self {
+        Self {
+            overlay: dir.join(OVERLAY_DISK),
+            work: dir.join(WORK_DISK),
+        }
+    }
+}
+
+/// What a new work disk starts from.
+#[derive(Debug, Clone, Copy)]
+pub enum WorkSource<'a> {
+    /// A copy of the image's work seed (an ext4 image of its `/root`).
+    Seed(&'a Path),
+    /// An empty file system; the guest's early init fills it from the
+    /// image's own `/root` on first boot (slower, for images without seed).
+    Empty,
+}
+
+/// Host disk use of one disk file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct DiskUsage {
+    /// Size the guest sees.
+    pub virtual_bytes: u64,
+    /// Bytes allocated on the host (the file is sparse).
+    pub allocated_bytes: u64,
+}
+
+/// Makes `path` an empty sparse ext4 file system of `size` bytes for the
+/// system overlay. Precondition: `path` does not exist. On error nothing is
+/// left at `path`.
+pub async fn create_overlay_disk(path: &Path, size: u64) -> Result<(), StorageError> {
+    check_size(size)?;
+    let result = async {
+        create_sparse(path, size)?;
+        mkfs_empty(path, "overlay").await
+    }
+    .await;
+    remove_on_error(path, result)
+}
+
+/// Makes `path` the work disk: a copy of the seed (or an empty file system)
+/// grown to `size` bytes. Precondition: `path` does not exist. On error,
+/// including a full host disk, nothing is left at `path`.
+pub async fn create_work_disk(
+    source: WorkSource<'_>,
+    path: &Path,
+    size: u64,
+) -> Result<(), StorageError> {
+    check_size(size)?;
+    let result = async {
+        match source {
+            WorkSource::Seed(seed) => {
+                if !seed.is_file() {
+                    return Err(StorageError::MissingSource {
+                        path: seed.to_path_buf(),
+                    });
+                }
+                let (seed, out) = (seed.to_path_buf(), path.to_path_buf());
+                let copied = tokio::task::spawn_blocking(move || copy::sparse_copy(&seed, &out))
+                    .await
+                    .map_err(|e| StorageError::Io {
+                        context: "disk copy worker".into(),
+                        source: std::io::Error::other(e),
+                    })?;
+                copied.map_err(|(needed, e)| {
+                    let context = format!("copying the work seed to {}", path.display());
+                    StorageError::io_on(path, needed, context, e)
+                })?;
+                let len = file_len(path)?;
+                if size > len {
+                    grow_fs(path, size).await?;
+                }
+                Ok(())
+            }
+            WorkSource::Empty => {
+                create_sparse(path, size)?;
+                mkfs_empty(path, "work").await
+            }
+        }
+    }
+    .await;
+    remove_on_error(path, result)
+}
+
+/// Grows the ext4 file system in `path` (not in use by a VM) to `size`
+/// bytes. Growing to the current size is a no-op; shrinking is refused.
+/// Returns the new size.
+pub async fn grow_disk(path: &Path, size: u64) -> Result<u64, StorageError> {
+    let current = file_len(path)?;
+    if size < current {
+        return Err(StorageError::Shrink {
+            path: path.to_path_buf(),
+            current,
+            requested: size,
         });
     }
+    if size > current {
+        grow_fs(path, size).await?;
+    }
     Ok(size)
+}
+
+/// Virtual and allocated size of a disk file; zeros when it is missing.
+pub fn disk_usage(path: &Path) -> DiskUsage {
+    use std::os::unix::fs::MetadataExt;
+    match std::fs::metadata(path) {
+        Ok(md) => DiskUsage {
+            virtual_bytes: md.len(),
+            allocated_bytes: md.blocks() * 512,
+        },
+        Err(_) => DiskUsage::default(),
+    }
 }
 
 /// Bytes actually allocated on the host by the files under `dir` (sparse-aware).
@@ -91,41 +222,124 @@ pub fn allocated_bytes(dir: &Path) -> u64 {
     total
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[tokio::test]
-    async fn overlay_is_small_and_backed_by_base() {
-        let t = tempfile::tempdir().expect("tempdir");
-        let base = t.path().join("base.ext4");
-        let f = std::fs::File::create(&base).expect("base");
-        f.set_len(64 << 20).expect("len");
-        let out = t.path().join(ROOT_OVERLAY);
-        let size = create_root_overlay(&base, &out, 128 << 20)
-            .await
-            .expect("overlay");
-        assert_eq!(size, 128 << 20);
-        let info = Command::new("qemu-img")
-            .args(["info", "--output=json"])
-            .arg(&out)
-            .output()
-            .await
-            .expect("info");
-        let v = String::from_utf8_lossy(&info.stdout);
-        assert!(v.contains("\"backing-filename\""), "{v}");
-        assert!(v.contains(&*base.to_string_lossy()), "{v}");
-        assert!(std::fs::metadata(&out).expect("md").len() < 1 << 20);
+fn check_size(size: u64) -> Result<(), StorageError> {
+    if size < MIN_DISK_BYTES {
+        return Err(StorageError::TooSmall { requested: size });
     }
-
-    #[tokio::test]
-    async fn missing_base_is_a_clear_error_and_leaves_nothing() {
-        let t = tempfile::tempdir().expect("tempdir");
-        let out = t.path().join(ROOT_OVERLAY);
-        let err = create_root_overlay(&t.path().join("nope"), &out, 0)
-            .await
-            .expect_err("must fail");
-        assert!(matches!(err, StorageError::MissingBase(_)));
-        assert!(!out.exists());
-    }
+    Ok(())
 }
+
+fn file_len(path: &Path) -> Result<u64, StorageError> {
+    std::fs::metadata(path)
+        .map(|m| m.len())
+        .map_err(|source| StorageError::Io {
+            context: format!("reading {}", path.display()),
+            source,
+        })
+}
+
+fn create_sparse(path: &Path, size: u64) -> Result<(), StorageError> {
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(path)
+        .and_then(|f| f.set_len(size))
+        .map_err(|e| StorageError::io_on(path, MIB, format!("creating {}", path.display()), e))
+}
+
+/// Removes what a failed create left at `path`, unless the failure was
+/// that `path` already existed (then it is someone else's file).
+fn remove_on_error(path: &Path, result: Result<(), StorageError>) -> Result<(), StorageError> {
+    let existed = matches!(&result, Err(StorageError::Io { source, .. })
+        if source.kind() == std::io::ErrorKind::AlreadyExists);
+    if result.is_err() && !existed {
+        let _ = std::fs::remove_file(path);
+    }
+    result
+}
+
+/// An empty ext4 whose root directory belongs to root (whoever runs mkfs):
+/// the guest mounts it at / (upper layer) or /root, where sshd checks
+/// ownership. Lazy init keeps creation to a few milliseconds; the guest
+/// kernel finishes inode table init in the background.
+async fn mkfs_empty(path: &Path, label: &str) -> Result<(), StorageError> {
+    let mode = if label == "work" { "0700" } else { "0755" };
+    run(
+        "mkfs.ext4",
+        path,
+        &[
+            "-q",
+            "-F",
+            "-m",
+            "0",
+            "-L",
+            label,
+            "-E",
+            "lazy_itable_init=1,lazy_journal_init=1,root_owner=0:0",
+        ],
+    )
+    .await?;
+    // mkfs has no option for the root directory's mode.
+    run(
+        "debugfs",
+        path,
+        &["-w", "-R", &format!("set_inode_field / mode 04{mode}")],
+    )
+    .await
+}
+
+/// Extends the file to `size` and grows its ext4 to fill it.
+async fn grow_fs(path: &Path, size: u64) -> Result<(), StorageError> {
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(path)
+        .and_then(|f| f.set_len(size))
+        .map_err(|e| StorageError::io_on(path, MIB, format!("extending {}", path.display()), e))?;
+    // resize2fs insists on a freshly checked file system; -p repairs only
+    // what is safe without asking.
+    let fsck = run("e2fsck", path, &["-f", "-p"]).await;
+    match fsck {
+        Ok(()) => {}
+        // Exit status 1: errors were corrected; the file system is fine now.
+        Err(StorageError::Tool { ref detail, .. }) if detail.starts_with("exit status 1:") => {}
+        Err(e) => return Err(e),
+    }
+    run("resize2fs", path, &[]).await
+}
+
+/// Runs an e2fsprogs tool with `args` and then `path`.
+async fn run(tool: &'static str, path: &Path, args: &[&str]) -> Result<(), StorageError> {
+    let bin = find_tool(tool).ok_or(StorageError::ToolMissing { tool })?;
+    let out = Command::new(bin)
+        .args(args)
+        .arg(path)
+        .stdin(Stdio::null())
+        .output()
+        .await
+        .map_err(|source| StorageError::Io {
+            context: format!("running {tool}"),
+            source,
+        })?;
+    if out.status.success() {
+        return Ok(());
+    }
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    if stderr.contains("No space left on device") {
+        return Err(StorageError::NoSpace {
+            path: path.to_path_buf(),
+            needed_mib: 1,
+        });
+    }
+    let code = out
+        .status
+        .code()
+        .map_or_else(|| "killed".to_string(), |c| c.to_string());
+    Err(StorageError::Tool {
+        tool,
+        path: path.to_path_buf(),
+        detail: format!("exit status {code}: {}", stderr.trim()),
+    })
+}
+
+#[cfg(test)]
+mod tests;

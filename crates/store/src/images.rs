@@ -7,7 +7,7 @@ use rusqlite::{OptionalExtension, Row, params};
 use std::path::PathBuf;
 
 const IMAGE_SELECT: &str =
-    "SELECT name, rootfs, kernel, managed, size_bytes, created_at FROM images";
+    "SELECT name, rootfs, kernel, managed, size_bytes, created_at, work_seed FROM images";
 const KERNEL_SELECT: &str =
     "SELECT name, kernel, initrd, vmlinux, release, created_at FROM kernels";
 
@@ -23,17 +23,19 @@ impl Store {
         })?;
         self.conn()
             .execute(
-                "INSERT INTO images (name, rootfs, kernel, managed, size_bytes, created_at)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+                "INSERT INTO images (name, rootfs, kernel, managed, size_bytes, created_at, work_seed)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
                  ON CONFLICT(name) DO UPDATE SET rootfs = excluded.rootfs, kernel = excluded.kernel,
-                 managed = excluded.managed, size_bytes = excluded.size_bytes",
+                 managed = excluded.managed, size_bytes = excluded.size_bytes,
+                 work_seed = excluded.work_seed",
                 params![
                     img.name,
                     path_text(&img.rootfs)?,
                     img.kernel,
                     img.managed,
                     size,
-                    img.created_at
+                    img.created_at,
+                    img.work_seed.as_deref().map(path_text).transpose()?
                 ],
             )
             .map_err(|e| {
@@ -158,6 +160,7 @@ fn prefixed(kind: &str, names: Vec<String>) -> Vec<String> {
 fn image_row(r: &Row<'_>) -> rusqlite::Result<ImageRecord> {
     let rootfs: String = r.get(1)?;
     let size: i64 = r.get(4)?;
+    let work_seed: Option<String> = r.get(6)?;
     Ok(ImageRecord {
         name: r.get(0)?,
         rootfs: PathBuf::from(rootfs),
@@ -166,6 +169,7 @@ fn image_row(r: &Row<'_>) -> rusqlite::Result<ImageRecord> {
         // The schema's CHECK keeps it non-negative.
         size_bytes: u64::try_from(size).unwrap_or(0),
         created_at: r.get(5)?,
+        work_seed: work_seed.map(PathBuf::from),
     })
 }
 
@@ -205,6 +209,7 @@ mod tests {
             rootfs: format!("/i/{name}/rootfs.ext4").into(),
             kernel: kernel.into(),
             managed: true,
+            work_seed: None,
             size_bytes: 2 << 30,
             created_at: "2026-01-01T00:00:00Z".into(),
         }
@@ -259,6 +264,7 @@ mod tests {
         s.upsert_image(&ImageRecord {
             size_bytes: 456,
             managed: false,
+            work_seed: None,
             ..img.clone()
         })
         .expect("update");
@@ -299,6 +305,7 @@ mod tests {
             pid: None,
             created_at: "t".into(),
             last_error: None,
+            nat: false,
         })
         .expect("vm");
 

@@ -65,8 +65,9 @@ pub enum StoreError {
 }
 
 /// The schema, one entry per version; never edit a released entry, append.
-const MIGRATIONS: &[M<'static>] = &[M::up(
-    "CREATE TABLE kernels (
+const MIGRATIONS: &[M<'static>] = &[
+    M::up(
+        "CREATE TABLE kernels (
         name TEXT PRIMARY KEY NOT NULL,
         kernel TEXT NOT NULL,
         initrd TEXT,
@@ -106,7 +107,12 @@ const MIGRATIONS: &[M<'static>] = &[M::up(
         started_at TEXT NOT NULL,
         finished_at TEXT
     ) STRICT;",
-)];
+    ),
+    M::up(
+        "ALTER TABLE images ADD COLUMN work_seed TEXT;
+    ALTER TABLE vms ADD COLUMN nat INTEGER NOT NULL DEFAULT 0 CHECK (nat IN (0, 1));",
+    ),
+];
 
 /// How long a statement waits for another connection's lock before failing.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
@@ -289,7 +295,7 @@ mod tests {
                 e,
                 StoreError::TooNew {
                     found: 99,
-                    known: 1
+                    known: 2
                 }
             ),
             "{e}"

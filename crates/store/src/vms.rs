@@ -7,7 +7,7 @@ use rusqlite::{Connection, OptionalExtension, Row, params};
 use std::path::PathBuf;
 
 const SELECT: &str =
-    "SELECT id, name, image, state, backend, spec, dir, pid, created_at, last_error FROM vms";
+    "SELECT id, name, image, state, backend, spec, dir, pid, created_at, last_error, nat FROM vms";
 /// Oldest first. `julianday` compares instants, not strings (RFC 3339 texts
 /// with different fraction lengths do not sort as text); rowid breaks ties.
 const ORDER: &str = "ORDER BY julianday(created_at), rowid";
@@ -19,8 +19,8 @@ impl Store {
         let spec = spec_json(vm)?;
         self.conn()
             .execute(
-                "INSERT INTO vms (id, name, image, state, backend, spec, dir, pid, created_at, last_error)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+                "INSERT INTO vms (id, name, image, state, backend, spec, dir, pid, created_at, last_error, nat)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
                 params![
                     vm.id.as_str(),
                     vm.name.as_str(),
@@ -31,7 +31,8 @@ impl Store {
                     path_text(&vm.dir)?,
                     vm.pid,
                     vm.created_at,
-                    vm.last_error
+                    vm.last_error,
+                    vm.nat
                 ],
             )
             .map_err(|e| write_error(e, vm))?;
@@ -45,7 +46,7 @@ impl Store {
             .conn()
             .execute(
                 "UPDATE vms SET name = ?2, image = ?3, state = ?4, backend = ?5, spec = ?6, dir = ?7, pid = ?8,
-                 last_error = ?9 WHERE id = ?1",
+                 last_error = ?9, nat = ?10 WHERE id = ?1",
                 params![
                     vm.id.as_str(),
                     vm.name.as_str(),
@@ -55,7 +56,8 @@ impl Store {
                     spec,
                     path_text(&vm.dir)?,
                     vm.pid,
-                    vm.last_error
+                    vm.last_error,
+                    vm.nat
                 ],
             )
             .map_err(|e| write_error(e, vm))?;
@@ -191,6 +193,7 @@ struct VmRow {
     pid: Option<u32>,
     created_at: String,
     last_error: Option<String>,
+    nat: bool,
 }
 
 impl VmRow {
@@ -206,6 +209,7 @@ impl VmRow {
             pid: r.get(7)?,
             created_at: r.get(8)?,
             last_error: r.get(9)?,
+            nat: r.get(10)?,
         })
     }
 
@@ -229,6 +233,7 @@ impl VmRow {
             pid: self.pid,
             created_at: self.created_at,
             last_error: self.last_error,
+            nat: self.nat,
             id: VmId(id),
         })
     }
@@ -256,6 +261,7 @@ mod tests {
             rootfs: "/i/rootfs.ext4".into(),
             kernel: "k".into(),
             managed: true,
+            work_seed: None,
             size_bytes: 1,
             created_at: "2026-01-01T00:00:00Z".into(),
         })
@@ -279,6 +285,7 @@ mod tests {
             pid: None,
             created_at: created_at.into(),
             last_error: None,
+            nat: false,
         }
     }
 
@@ -484,6 +491,7 @@ mod tests {
                 rootfs: "/r".into(),
                 kernel: "k".into(),
                 managed: false,
+                work_seed: None,
                 size_bytes: 0,
                 created_at: "t".into(),
             })
@@ -502,7 +510,7 @@ mod tests {
             s.insert_vm(&v).expect("insert");
         }
         let s = Store::open(&p).expect("reopen");
-        assert_eq!(s.schema_version().expect("v"), 1);
+        assert_eq!(s.schema_version().expect("v"), crate::MIGRATIONS.len());
         assert_eq!(s.get_vm(&v.id).expect("get"), v);
         assert_eq!(s.list_vms().expect("list").len(), 5);
     }

@@ -209,11 +209,11 @@ fn log_tail(bytes: &[u8], lines: usize) -> String {
     tail.join("; ")
 }
 
-/// The kernel command line: console on the ISA serial port, root on the
-/// first disk, reboot (= QEMU exit, with `-no-reboot`) on panic, then the
-/// caller's arguments, which win where they repeat a parameter.
+/// The kernel command line: console on the ISA serial port, reboot (= QEMU
+/// exit, with `-no-reboot`) on panic, then the caller's arguments (root and
+/// init), which win where they repeat a parameter.
 pub fn kernel_cmdline(accel: Accel, tsc_khz: Option<u64>, extra: &str) -> String {
-    let mut cmdline = String::from("console=ttyS0 root=/dev/vda rw panic=-1");
+    let mut cmdline = String::from("console=ttyS0 panic=-1");
     // Under TCG microvm has no HPET, no PM timer and no port 0x61: when the
     // guest's PIT calibration fails it hangs for good. Telling it the TSC
     // frequency skips calibration. Under KVM kvmclock supplies the
@@ -597,7 +597,7 @@ mod tests {
         assert_eq!(
             values(&args, "-append"),
             [
-                "console=ttyS0 root=/dev/vda rw panic=-1 tsc_early_khz=2445404 tsc=reliable quiet init=/sbin/banger-init"
+                "console=ttyS0 panic=-1 tsc_early_khz=2445404 tsc=reliable quiet init=/sbin/banger-init"
             ]
         );
         assert_eq!(
@@ -641,17 +641,14 @@ mod tests {
         assert_eq!(values(&args, "-cpu"), ["host"]);
         assert!(values(&args, "-initrd").is_empty());
         assert!(values(&args, "-drive").is_empty());
-        assert_eq!(
-            values(&args, "-append"),
-            ["console=ttyS0 root=/dev/vda rw panic=-1"]
-        );
+        assert_eq!(values(&args, "-append"), ["console=ttyS0 panic=-1"]);
     }
 
     #[test]
     fn tcg_without_known_tsc_omits_it() {
         assert_eq!(
             kernel_cmdline(Accel::Tcg, None, ""),
-            "console=ttyS0 root=/dev/vda rw panic=-1"
+            "console=ttyS0 panic=-1"
         );
     }
 

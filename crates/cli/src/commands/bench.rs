@@ -216,9 +216,10 @@ fn host_summary() -> String {
     format!("{cpus} cpus, {model}")
 }
 
-/// Boots the image's kernel and disk with `qemu-system-x86_64` started
-/// directly (same arguments banger uses, no daemon, no QMP handshake) and
-/// times spawn → agent hello.
+/// Boots the image's kernel and root file system with `qemu-system-x86_64`
+/// started directly (same arguments banger uses, no daemon, no QMP
+/// handshake, no overlay or work disk: the image's init on its read-only
+/// root) and times spawn → agent hello.
 async fn bare_boot(client: &banger_api::Client, image: Option<&str>) -> anyhow::Result<f64> {
     use banger_vmm::{DiskFormat, DiskSpec, LaunchSpec, VmPaths};
     let image = match image {
@@ -233,19 +234,17 @@ async fn bare_boot(client: &banger_api::Client, image: Option<&str>) -> anyhow::
         .find(|k| k.name == img.kernel)
         .ok_or_else(|| anyhow::anyhow!("kernel {} of image {} not found", img.kernel, img.name))?;
     let tmp = tempfile::Builder::new().prefix("banger-bench-").tempdir()?;
-    let overlay = tmp.path().join("root.qcow2");
-    banger_storage::create_root_overlay(&img.rootfs, &overlay, 0).await?;
     let qemu = banger_vmm::QemuVmm::from_host(None)?;
     let spec = LaunchSpec {
         name: "bench-bare".into(),
         dir: tmp.path().to_path_buf(),
         kernel: kernel.kernel.clone(),
         initrd: kernel.initrd.clone(),
-        extra_cmdline: String::new(),
+        extra_cmdline: format!("root={} ro", banger_agent_proto::boot::BASE_DEVICE),
         disks: vec![DiskSpec {
-            path: overlay,
-            format: DiskFormat::Qcow2,
-            read_only: false,
+            path: img.rootfs.clone(),
+            format: DiskFormat::Raw,
+            read_only: true,
         }],
         vcpu: BENCH_VCPU,
         memory_mib: BENCH_MEMORY_MIB,

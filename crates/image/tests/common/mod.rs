@@ -38,7 +38,6 @@ pub fn spec(root: &Path, name: &str) -> DebianBuild {
         agent_modules_conf: MODULES.into(),
         images_dir: root.join("images"),
         kernels_dir: root.join("kernels"),
-        min_rootfs_bytes: 0,
     }
 }
 

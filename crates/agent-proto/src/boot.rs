@@ -1,0 +1,128 @@
+//! The boot contract between the host and the agent's early-init mode.
+//!
+//! Every VM gets three disks in this order: the image's shared root file
+//! system (read-only), its own system overlay (ext4, holds the overlayfs
+//! upper layer, so writes to `/` persist) and its own work disk (ext4,
+//! mounted at `/root`). The kernel boots the agent as `init=`; the agent
+//! assembles the overlay, mounts the work disk, switches root and execs the
+//! image's own init. The kernel command line says where each piece is, so
+//! the device order is decided in one place, on the host.
+
+/// Kernel parameter naming the system overlay device.
+pub const OVERLAY_PARAM: &str = "banger.overlay";
+/// Kernel parameter naming the work disk device.
+pub const WORK_PARAM: &str = "banger.work";
+/// Kernel parameter naming the image's init, exec'd once the root is ready.
+pub const INIT_PARAM: &str = "banger.init";
+/// The image's init when [`INIT_PARAM`] is absent.
+pub const DEFAULT_INIT: &str = "/sbin/init";
+
+/// Guest device of the shared, read-only root file system.
+pub const BASE_DEVICE: &str = "/dev/vda";
+/// Guest device of the per-VM system overlay.
+pub const OVERLAY_DEVICE: &str = "/dev/vdb";
+/// Guest device of the per-VM work disk.
+pub const WORK_DEVICE: &str = "/dev/vdc";
+/// Where the work disk is mounted in the guest.
+pub const WORK_MOUNT: &str = "/root";
+
+/// What the early-init mode needs to know, read from the kernel command line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BootArgs {
+    /// Device holding the overlay's upper layer; `None` boots the base
+    /// root as it is (read-only).
+    pub overlay: Option<String>,
+    /// Device to mount at [`WORK_MOUNT`].
+    pub work: Option<String>,
+    /// The image's init.
+    pub init: String,
+}
+
+impl BootArgs {
+    /// The standard layout: overlay on [`OVERLAY_DEVICE`], work disk on
+    /// [`WORK_DEVICE`], the image's default init.
+    pub fn standard() -> Self {
+        Self {
+            overlay: Some(OVERLAY_DEVICE.into()),
+            work: Some(WORK_DEVICE.into()),
+            init: DEFAULT_INIT.into(),
+        }
+    }
+
+    /// Kernel parameters for this layout with the agent at `agent_path` as
+    /// `init=`: root on [`BASE_DEVICE`], mounted read-only.
+    pub fn kernel_params(&self, agent_path: &str) -> String {
+        let mut s = format!("root={BASE_DEVICE} ro init={agent_path}");
+        if let Some(o) = &self.overlay {
+            s.push_str(&format!(" {OVERLAY_PARAM}={o}"));
+        }
+        if let Some(w) = &self.work {
+            s.push_str(&format!(" {WORK_PARAM}={w}"));
+        }
+        if self.init != DEFAULT_INIT {
+            s.push_str(&format!(" {INIT_PARAM}={}", self.init));
+        }
+        s
+    }
+
+    /// Reads the parameters out of `/proc/cmdline` text. Later occurrences
+    /// win, as with the kernel's own parameters; values must be absolute
+    /// paths, anything else is ignored.
+    pub fn parse(cmdline: &str) -> Self {
+        let mut args = BootArgs {
+            overlay: None,
+            work: None,
+            init: DEFAULT_INIT.into(),
+        };
+        for word in cmdline.split_ascii_whitespace() {
+            let Some((key, value)) = word.split_once('=') else {
+                continue;
+            };
+            if !value.starts_with('/') {
+                continue;
+            }
+            match key {
+                OVERLAY_PARAM => args.overlay = Some(value.into()),
+                WORK_PARAM => args.work = Some(value.into()),
+                INIT_PARAM => args.init = value.into(),
+                _ => {}
+            }
+        }
+        args
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kernel_params_round_trip_through_parse() {
+        let std = BootArgs::standard();
+        let params = std.kernel_params("/usr/local/bin/banger-agent");
+        assert_eq!(
+            params,
+            "root=/dev/vda ro init=/usr/local/bin/banger-agent banger.overlay=/dev/vdb banger.work=/dev/vdc"
+        );
+        assert_eq!(
+            BootArgs::parse(&format!("console=ttyS0 {params} quiet")),
+            std
+        );
+        let custom = BootArgs {
+            overlay: None,
+            work: Some("/dev/vdd".into()),
+            init: "/lib/systemd/systemd".into(),
+        };
+        assert_eq!(BootArgs::parse(&custom.kernel_params("/a")), custom);
+    }
+
+    #[test]
+    fn parse_ignores_relative_values_and_keeps_the_last() {
+        let a = BootArgs::parse(
+            "banger.init=sh banger.work=/dev/vdc banger.work=/dev/vdx banger.overlay banger.overlay=vdb",
+        );
+        assert_eq!(a.init, DEFAULT_INIT);
+        assert_eq!(a.work.as_deref(), Some("/dev/vdx"));
+        assert_eq!(a.overlay, None);
+    }
+}

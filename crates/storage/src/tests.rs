@@ -1,0 +1,196 @@
+use super::*;
+use std::process::Command as StdCommand;
+
+fn tool(name: &str, args: &[&str], path: &Path) -> String {
+    let bin =
+        find_tool(name).unwrap_or_else(|| panic!("{name} missing: apt-get install e2fsprogs"));
+    let out = StdCommand::new(bin)
+        .args(args)
+        .arg(path)
+        .output()
+        .expect("run tool");
+    assert!(
+        out.status.success(),
+        "{name} {args:?} {}: {}",
+        path.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A work seed holding `/hello` (and `len` bytes of incompressible data in
+/// `/blob` when asked), made the way the image build makes it.
+fn make_seed(dir: &Path, blob_len: usize) -> PathBuf {
+    let tree = dir.join("tree");
+    std::fs::create_dir(&tree).expect("tree");
+    std::fs::write(tree.join("hello"), "from the seed\n").expect("hello");
+    if blob_len > 0 {
+        let blob: Vec<u8> = (0..blob_len).map(|_| rand_byte()).collect();
+        std::fs::write(tree.join("blob"), blob).expect("blob");
+    }
+    let seed = dir.join("seed.ext4");
+    std::fs::File::create(&seed)
+        .and_then(|f| f.set_len(MIN_DISK_BYTES))
+        .expect("seed file");
+    tool(
+        "mkfs.ext4",
+        &[
+            "-q",
+            "-F",
+            "-E",
+            "root_owner=0:0",
+            "-d",
+            &tree.to_string_lossy(),
+        ],
+        &seed,
+    );
+    seed
+}
+
+fn rand_byte() -> u8 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static STATE: AtomicU64 = AtomicU64::new(0x9e37_79b9_7f4a_7c15);
+    let mut x = STATE.load(Ordering::Relaxed);
+    x ^= x << 13;
+    x ^= x >> 7;
+    x ^= x << 17;
+    STATE.store(x, Ordering::Relaxed);
+    (x >> 24) as u8
+}
+
+#[tokio::test]
+async fn overlay_disk_is_an_empty_sparse_ext4_owned_by_root() {
+    let t = tempfile::tempdir().expect("tempdir");
+    let disks = VmDisks::in_dir(t.path());
+    create_overlay_disk(&disks.overlay, 1 << 30)
+        .await
+        .expect("overlay");
+    let u = disk_usage(&disks.overlay);
+    assert_eq!(u.virtual_bytes, 1 << 30);
+    assert!(u.allocated_bytes < 64 << 20, "not sparse: {u:?}");
+    tool("e2fsck", &["-f", "-n"], &disks.overlay);
+    let stat = tool("debugfs", &["-R", "stat /"], &disks.overlay);
+    assert!(stat.contains("User:     0   Group:     0"), "{stat}");
+    assert!(stat.contains("Mode:  0755"), "{stat}");
+    // A second create on the same path fails and keeps the first.
+    let e = create_overlay_disk(&disks.overlay, 1 << 30)
+        .await
+        .expect_err("exists");
+    assert!(matches!(e, StorageError::Io { .. }), "{e}");
+    assert!(disks.overlay.is_file());
+}
+
+#[tokio::test]
+async fn work_disk_clones_the_seed_and_grows_it() {
+    let t = tempfile::tempdir().expect("tempdir");
+    let seed = make_seed(t.path(), 0);
+    let disks = VmDisks::in_dir(t.path());
+    create_work_disk(WorkSource::Seed(&seed), &disks.work, 256 << 20)
+        .await
+        .expect("work disk");
+    let u = disk_usage(&disks.work);
+    assert_eq!(u.virtual_bytes, 256 << 20);
+    assert!(u.allocated_bytes < 64 << 20, "not sparse: {u:?}");
+    tool("e2fsck", &["-f", "-n"], &disks.work);
+    assert_eq!(
+        tool("debugfs", &["-R", "cat /hello"], &disks.work),
+        "from the seed\n"
+    );
+    let stats = tool("dumpe2fs", &["-h"], &disks.work);
+    let blocks: u64 = stats
+        .lines()
+        .find_map(|l| l.strip_prefix("Block count:"))
+        .and_then(|v| v.trim().parse().ok())
+        .expect("block count");
+    let block_size: u64 = stats
+        .lines()
+        .find_map(|l| l.strip_prefix("Block size:"))
+        .and_then(|v| v.trim().parse().ok())
+        .expect("block size");
+    assert_eq!(blocks * block_size, 256 << 20, "file system not grown");
+    // The seed is untouched.
+    assert_eq!(disk_usage(&seed).virtual_bytes, MIN_DISK_BYTES);
+}
+
+#[tokio::test]
+async fn grow_is_grow_only() {
+    let t = tempfile::tempdir().expect("tempdir");
+    let seed = make_seed(t.path(), 0);
+    let work = t.path().join(WORK_DISK);
+    create_work_disk(WorkSource::Seed(&seed), &work, 128 << 20)
+        .await
+        .expect("work disk");
+    let e = grow_disk(&work, 100 << 20).await.expect_err("shrink");
+    assert!(matches!(e, StorageError::Shrink { .. }), "{e}");
+    assert_eq!(grow_disk(&work, 128 << 20).await.expect("same"), 128 << 20);
+    assert_eq!(grow_disk(&work, 300 << 20).await.expect("grow"), 300 << 20);
+    assert_eq!(disk_usage(&work).virtual_bytes, 300 << 20);
+    tool("e2fsck", &["-f", "-n"], &work);
+    assert_eq!(
+        tool("debugfs", &["-R", "cat /hello"], &work),
+        "from the seed\n"
+    );
+}
+
+#[tokio::test]
+async fn empty_work_disk_is_private_to_root() {
+    let t = tempfile::tempdir().expect("tempdir");
+    let work = t.path().join(WORK_DISK);
+    create_work_disk(WorkSource::Empty, &work, MIN_DISK_BYTES)
+        .await
+        .expect("work disk");
+    let stat = tool("debugfs", &["-R", "stat /"], &work);
+    assert!(stat.contains("Mode:  0700"), "{stat}");
+}
+
+#[tokio::test]
+async fn bad_requests_leave_nothing() {
+    let t = tempfile::tempdir().expect("tempdir");
+    let work = t.path().join(WORK_DISK);
+    let e = create_work_disk(WorkSource::Seed(&t.path().join("nope")), &work, 1 << 30)
+        .await
+        .expect_err("missing seed");
+    assert!(matches!(e, StorageError::MissingSource { .. }), "{e}");
+    assert!(e.to_string().contains("re-pull"), "{e}");
+    let e = create_overlay_disk(&work, 1 << 20).await.expect_err("tiny");
+    assert!(matches!(e, StorageError::TooSmall { .. }), "{e}");
+    assert!(!work.exists());
+}
+
+/// Cloning onto a full file system fails with a clear error and removes
+/// the partial copy. Needs root for the small tmpfs that plays the full
+/// host disk.
+#[tokio::test]
+async fn full_host_disk_during_clone_is_clear_and_leaves_nothing() {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("SKIPPED: mounting a small tmpfs needs root");
+        return;
+    }
+    let t = tempfile::tempdir().expect("tempdir");
+    let seed = make_seed(t.path(), 24 << 20);
+    let small = t.path().join("small");
+    std::fs::create_dir(&small).expect("mnt");
+    nix::mount::mount(
+        Some("tmpfs"),
+        &small,
+        Some("tmpfs"),
+        nix::mount::MsFlags::empty(),
+        Some("size=8m"),
+    )
+    .expect("mount tmpfs");
+    struct Unmount<'a>(&'a Path);
+    impl Drop for Unmount<'_> {
+        fn drop(&mut self) {
+            let _ = nix::mount::umount2(self.0, nix::mount::MntFlags::MNT_DETACH);
+        }
+    }
+    let _guard = Unmount(&small);
+    let work = small.join(WORK_DISK);
+    let e = create_work_disk(WorkSource::Seed(&seed), &work, 1 << 30)
+        .await
+        .expect_err("disk full");
+    assert!(matches!(e, StorageError::NoSpace { .. }), "{e:?}");
+    assert!(e.to_string().contains("no space left"), "{e}");
+    assert!(!work.exists(), "partial work disk left behind");
+    assert_eq!(std::fs::read_dir(&small).expect("ls").count(), 0);
+}
