@@ -7,8 +7,8 @@ use hickory_resolver::TokioResolver;
 use hickory_resolver::config::{ConnectionConfig, NameServerConfig, ResolverConfig, ResolverOpts};
 use hickory_resolver::net::runtime::TokioRuntimeProvider;
 use hickory_resolver::net::{DnsError, NetError, NoRecords};
-use hickory_resolver::proto::op::ResponseCode;
-use hickory_resolver::proto::rr::{RData, RecordType};
+use hickory_resolver::proto::op::{Message, MessageType, OpCode, Query, ResponseCode};
+use hickory_resolver::proto::rr::{Name, RData, RecordType};
 use std::net::{Ipv4Addr, SocketAddr};
 use std::time::Duration;
 
@@ -193,5 +193,53 @@ async fn latency_benchmark() {
         e.to_string().contains("NXDomain") || e.to_string().contains("Non-Existent"),
         "{e}"
     );
+    server.shutdown().await.expect("shutdown");
+}
+
+async fn raw_query(server: SocketAddr, name: &str, qtype: RecordType) -> Message {
+    let sock = tokio::net::UdpSocket::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let mut m = Message::new(4242, MessageType::Query, OpCode::Query);
+    m.metadata.recursion_desired = true;
+    m.add_query(Query::query(Name::from_ascii(name).expect("name"), qtype));
+    sock.send_to(&m.to_vec().expect("encode"), server)
+        .await
+        .expect("send");
+    let mut buf = [0u8; 2048];
+    let (n, _) = tokio::time::timeout(Duration::from_secs(2), sock.recv_from(&mut buf))
+        .await
+        .expect("answer in time")
+        .expect("recv");
+    Message::from_vec(&buf[..n]).expect("decode")
+}
+
+#[tokio::test]
+async fn answers_are_authoritative_and_never_recursive() {
+    let (server, records) = start().await;
+    records
+        .set("web", Ipv4Addr::new(172, 16, 0, 2))
+        .expect("set");
+    let addr = server.local_addr();
+
+    let r = raw_query(addr, "web.vm.", RecordType::A).await;
+    assert_eq!(r.metadata.id, 4242);
+    assert_eq!(r.metadata.response_code, ResponseCode::NoError);
+    assert!(r.metadata.authoritative);
+    assert!(!r.metadata.recursion_available);
+    assert_eq!(r.answers.len(), 1);
+    assert_eq!(r.answers[0].ttl, banger_net::dns::TTL);
+
+    // Known name, other type: NODATA with the SOA.
+    let r = raw_query(addr, "web.vm.", RecordType::AAAA).await;
+    assert_eq!(r.metadata.response_code, ResponseCode::NoError);
+    assert!(r.answers.is_empty());
+    assert_eq!(r.authorities.len(), 1);
+    assert_eq!(r.authorities[0].record_type(), RecordType::SOA);
+
+    let r = raw_query(addr, "example.com.", RecordType::A).await;
+    assert_eq!(r.metadata.response_code, ResponseCode::Refused);
+    assert!(!r.metadata.authoritative);
+    assert!(r.answers.is_empty() && r.authorities.is_empty());
     server.shutdown().await.expect("shutdown");
 }

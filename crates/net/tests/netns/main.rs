@@ -525,3 +525,74 @@ fn guest_reaches_upstream_only_with_nat() {
         "no connection completed without NAT"
     );
 }
+
+const PROBE_CHILD_ENV: &str = "BANGER_NET_PROBE_CHILD";
+const PROBE_MARKER: &str = "probe-child: routed and unrouted cases checked";
+
+/// Removes a directory tree on drop.
+struct RemoveDir(std::path::PathBuf);
+
+impl Drop for RemoveDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+#[test]
+fn host_resolver_probe() {
+    // `ip netns exec` puts /etc/netns/<ns>/resolv.conf over /etc/resolv.conf,
+    // so the child's own resolver asks 127.0.0.1:53 inside the namespace.
+    let ns = NetNs::new("probe");
+    let dir = std::path::PathBuf::from(format!("/etc/netns/{}", ns.name));
+    std::fs::create_dir_all(&dir).expect("mkdir");
+    let _cleanup = RemoveDir(dir.clone());
+    std::fs::write(
+        dir.join("resolv.conf"),
+        "nameserver 127.0.0.1\noptions timeout:1 attempts:1\n",
+    )
+    .expect("resolv.conf");
+    let exe = std::env::current_exe().expect("test binary");
+    let out = std::process::Command::new("ip")
+        .args(["netns", "exec", &ns.name])
+        .arg(exe)
+        .args(["--exact", "probe_child", "--ignored", "--nocapture"])
+        .env(PROBE_CHILD_ENV, "1")
+        .output()
+        .expect("run child");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains(PROBE_MARKER), "{text}");
+}
+
+#[test]
+#[ignore = "started by host_resolver_probe inside its namespace"]
+fn probe_child() {
+    use banger_net::dns::{DnsRecords, DnsServer};
+    use banger_net::resolved::{ProbeResult, probe};
+    // Outside the parent's namespace this would ask the host's real
+    // resolver: do nothing (the parent looks for the marker printed below).
+    if std::env::var(PROBE_CHILD_ENV).as_deref() != Ok("1") {
+        eprintln!("probe_child only runs inside host_resolver_probe");
+        return;
+    }
+    tokio::runtime::Runtime::new()
+        .expect("runtime")
+        .block_on(async {
+            let records = DnsRecords::new();
+            // Nothing answers on port 53 yet.
+            let r = probe(&records, Duration::from_secs(5)).await;
+            assert!(matches!(r, ProbeResult::NotRouted(_)), "{r:?}");
+            let server = DnsServer::start("127.0.0.1:53".parse().expect("addr"), records.clone())
+                .await
+                .expect("dns on :53");
+            let r = probe(&records, Duration::from_secs(5)).await;
+            assert_eq!(r, ProbeResult::Routed);
+            assert!(records.is_empty(), "the probe record is removed");
+            server.shutdown().await.expect("shutdown");
+        });
+    println!("{PROBE_MARKER}");
+}
