@@ -82,6 +82,8 @@ impl Subnet {
 
     /// From the config's `cidr` and effective bridge address.
     pub fn from_config(cidr: Ipv4Cidr, bridge_ip: Ipv4Addr) -> Result<Self, AllocError> {
+        // Ipv4Cidr keeps its prefix at most /30, so this cannot fail; it is
+        // mapped rather than unwrapped all the same.
         let net =
             Ipv4Net::new(cidr.network(), cidr.prefix()).map_err(|_| AllocError::TooSmall {
                 cidr: Ipv4Net::default(),
