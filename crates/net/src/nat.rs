@@ -1,0 +1,402 @@
+//! Per-VM NAT with nftables, in a table banger owns (`table ip banger`).
+//!
+//! The whole table is rewritten in one `nft` transaction on every change,
+//! from the set of NAT-enabled guest addresses: so every operation is
+//! atomic and idempotent, and nothing outside banger's table is ever read
+//! or written. Each VM gets three rules, all commented `banger vm <ip>`:
+//!
+//! - postrouting: `ip saddr <vm> ip daddr != <cidr> masquerade`
+//! - forward: `ip saddr <vm> ip daddr != <cidr> accept`
+//! - forward: `ip daddr <vm> ct state established,related accept`
+//!
+//! Chains have policy accept: banger adds permission, it never takes any
+//! away from other traffic.
+
+use crate::alloc::Subnet;
+use nftables::batch::Batch;
+use nftables::expr::{CT, Expression, NamedExpression, Payload, PayloadField, Prefix};
+use nftables::helper::{self, DEFAULT_NFT, NftablesError};
+use nftables::schema::{Chain, NfListObject, NfObject, Nftables, Rule, Table};
+use nftables::stmt::{Match, Operator, Statement};
+use nftables::types::{NfChainPolicy, NfChainType, NfFamily, NfHook};
+use std::borrow::Cow;
+use std::collections::BTreeSet;
+use std::net::Ipv4Addr;
+
+/// The nftables table banger owns (family `ip`).
+pub const TABLE: &str = "banger";
+const POSTROUTING: &str = "postrouting";
+const FORWARD: &str = "forward";
+const COMMENT_PREFIX: &str = "banger vm ";
+const IP_FORWARD: &str = "/proc/sys/net/ipv4/ip_forward";
+
+/// A NAT change that could not be made.
+#[derive(Debug, thiserror::Error)]
+pub enum NatError {
+    #[error("{ip} is not a guest address of {cidr}: refusing to NAT it")]
+    NotGuestIp { ip: Ipv4Addr, cidr: ipnet::Ipv4Net },
+    #[error("nft not found: install nftables (apt-get install nftables)")]
+    NftMissing,
+    #[error("nft failed {action}: {stderr}")]
+    Nft {
+        action: &'static str,
+        stderr: String,
+    },
+    #[error("reading nft output while {action}: {message}")]
+    NftOutput {
+        action: &'static str,
+        message: String,
+    },
+    #[error("{IP_FORWARD}: {0}")]
+    IpForward(#[source] std::io::Error),
+}
+
+fn nft_err(action: &'static str) -> impl FnOnce(NftablesError) -> NatError {
+    move |e| match e {
+        NftablesError::NftExecution { inner, .. }
+            if inner.kind() == std::io::ErrorKind::NotFound =>
+        {
+            NatError::NftMissing
+        }
+        NftablesError::NftFailed { stderr, .. } => NatError::Nft {
+            action,
+            stderr: stderr.trim().to_string(),
+        },
+        other => NatError::NftOutput {
+            action,
+            message: other.to_string(),
+        },
+    }
+}
+
+fn check(subnet: &Subnet, ip: Ipv4Addr) -> Result<(), NatError> {
+    if subnet.is_guest_ip(ip) {
+        Ok(())
+    } else {
+        Err(NatError::NotGuestIp {
+            ip,
+            cidr: subnet.cidr(),
+        })
+    }
+}
+
+/// Turns NAT on for `vm_ip` (and `ip_forward` on if it is off). Idempotent.
+pub async fn enable(subnet: &Subnet, vm_ip: Ipv4Addr) -> Result<(), NatError> {
+    check(subnet, vm_ip)?;
+    let mut vms = current().await?;
+    if vms.insert(vm_ip) {
+        apply(&ruleset(subnet, &vms), "enabling NAT").await?;
+    }
+    set_ip_forward(true)
+}
+
+/// Turns NAT off for `vm_ip`. Idempotent. `ip_forward` is left as it is:
+/// other software on the host may rely on it.
+pub async fn disable(subnet: &Subnet, vm_ip: Ipv4Addr) -> Result<(), NatError> {
+    check(subnet, vm_ip)?;
+    let mut vms = current().await?;
+    if vms.remove(&vm_ip) {
+        apply(&ruleset(subnet, &vms), "disabling NAT").await?;
+    }
+    Ok(())
+}
+
+/// Makes banger's table hold exactly `vm_ips` (reconcile). An empty set
+/// removes the table.
+pub async fn rebuild(subnet: &Subnet, vm_ips: &BTreeSet<Ipv4Addr>) -> Result<(), NatError> {
+    for ip in vm_ips {
+        check(subnet, *ip)?;
+    }
+    apply(&ruleset(subnet, vm_ips), "rebuilding NAT").await?;
+    if !vm_ips.is_empty() {
+        set_ip_forward(true)?;
+    }
+    Ok(())
+}
+
+/// Guest addresses that currently have NAT rules in banger's table.
+pub async fn current() -> Result<BTreeSet<Ipv4Addr>, NatError> {
+    let args = ["list", "table", "ip", TABLE];
+    match helper::get_current_ruleset_with_args_async(DEFAULT_NFT, &args).await {
+        Ok(rs) => Ok(vms_in(&rs)),
+        Err(NftablesError::NftFailed { stderr, .. })
+            if stderr.contains("No such file or directory") =>
+        {
+            Ok(BTreeSet::new())
+        }
+        Err(e) => Err(nft_err("listing table ip banger")(e)),
+    }
+}
+
+async fn apply(rs: &Nftables<'_>, action: &'static str) -> Result<(), NatError> {
+    helper::apply_ruleset_async(rs)
+        .await
+        .map_err(nft_err(action))
+}
+
+/// The guest addresses named by rule comments in a listing of banger's table.
+fn vms_in(rs: &Nftables<'_>) -> BTreeSet<Ipv4Addr> {
+    rs.objects
+        .iter()
+        .filter_map(|o| match o {
+            NfObject::ListObject(NfListObject::Rule(r))
+                if r.table == TABLE && r.chain == POSTROUTING =>
+            {
+                r.comment
+                    .as_deref()
+                    .and_then(|c| c.strip_prefix(COMMENT_PREFIX))
+                    .and_then(|ip| ip.parse().ok())
+            }
+            _ => None,
+        })
+        .collect()
+}
+
+fn field(proto: &'static str, name: &'static str) -> Expression<'static> {
+    Expression::Named(NamedExpression::Payload(Payload::PayloadField(
+        PayloadField {
+            protocol: Cow::Borrowed(proto),
+            field: Cow::Borrowed(name),
+        },
+    )))
+}
+
+fn matches(
+    left: Expression<'static>,
+    op: Operator,
+    right: Expression<'static>,
+) -> Statement<'static> {
+    Statement::Match(Match { left, right, op })
+}
+
+fn addr(ip: Ipv4Addr) -> Expression<'static> {
+    Expression::String(Cow::Owned(ip.to_string()))
+}
+
+/// The one transaction that makes banger's table hold exactly `vms`:
+/// `add table` (so the `delete` cannot fail), `delete table`, then the table
+/// again with its chains and rules.
+pub fn ruleset(subnet: &Subnet, vms: &BTreeSet<Ipv4Addr>) -> Nftables<'static> {
+    let table = || Table {
+        family: NfFamily::IP,
+        name: Cow::Borrowed(TABLE),
+        handle: None,
+    };
+    let mut b = Batch::new();
+    b.add(NfListObject::Table(table()));
+    b.delete(NfListObject::Table(table()));
+    if vms.is_empty() {
+        return b.to_nftables();
+    }
+    b.add(NfListObject::Table(table()));
+    for (name, ty, hook, prio) in [
+        (POSTROUTING, NfChainType::NAT, NfHook::Postrouting, 100),
+        (FORWARD, NfChainType::Filter, NfHook::Forward, 0),
+    ] {
+        b.add(NfListObject::Chain(Chain {
+            family: NfFamily::IP,
+            table: Cow::Borrowed(TABLE),
+            name: Cow::Borrowed(name),
+            _type: Some(ty),
+            hook: Some(hook),
+            prio: Some(prio),
+            policy: Some(NfChainPolicy::Accept),
+            ..Chain::default()
+        }));
+    }
+    let cidr = || {
+        Expression::Named(NamedExpression::Prefix(Prefix {
+            addr: Box::new(addr(subnet.network())),
+            len: u32::from(subnet.prefix()),
+        }))
+    };
+    for ip in vms {
+        let rule = |chain: &'static str, expr: Vec<Statement<'static>>| {
+            NfListObject::Rule(Rule {
+                family: NfFamily::IP,
+                table: Cow::Borrowed(TABLE),
+                chain: Cow::Borrowed(chain),
+                expr: Cow::Owned(expr),
+                handle: None,
+                index: None,
+                comment: Some(Cow::Owned(format!("{COMMENT_PREFIX}{ip}"))),
+            })
+        };
+        b.add(rule(
+            POSTROUTING,
+            vec![
+                matches(field("ip", "saddr"), Operator::EQ, addr(*ip)),
+                matches(field("ip", "daddr"), Operator::NEQ, cidr()),
+                Statement::Masquerade(None),
+            ],
+        ));
+        b.add(rule(
+            FORWARD,
+            vec![
+                matches(field("ip", "saddr"), Operator::EQ, addr(*ip)),
+                matches(field("ip", "daddr"), Operator::NEQ, cidr()),
+                Statement::Accept(None),
+            ],
+        ));
+        b.add(rule(
+            FORWARD,
+            vec![
+                matches(field("ip", "daddr"), Operator::EQ, addr(*ip)),
+                matches(
+                    Expression::Named(NamedExpression::CT(CT {
+                        key: Cow::Borrowed("state"),
+                        family: None,
+                        dir: None,
+                    })),
+                    Operator::IN,
+                    Expression::List(vec![
+                        Expression::String(Cow::Borrowed("established")),
+                        Expression::String(Cow::Borrowed("related")),
+                    ]),
+                ),
+                Statement::Accept(None),
+            ],
+        ));
+    }
+    b.to_nftables()
+}
+
+/// The current `net.ipv4.ip_forward` of the caller's network namespace.
+///
+/// Plain blocking file I/O on purpose: `/proc/sys/net` answers for the
+/// network namespace of the calling thread.
+pub fn ip_forward() -> Result<bool, NatError> {
+    let v = std::fs::read_to_string(IP_FORWARD).map_err(NatError::IpForward)?;
+    Ok(v.trim() == "1")
+}
+
+/// Sets `net.ipv4.ip_forward`; writes only when the value changes.
+pub fn set_ip_forward(on: bool) -> Result<(), NatError> {
+    if ip_forward()? == on {
+        return Ok(());
+    }
+    std::fs::write(IP_FORWARD, if on { "1\n" } else { "0\n" }).map_err(NatError::IpForward)?;
+    tracing::info!(on, "set net.ipv4.ip_forward");
+    Ok(())
+}
+
+/// NAT facts for `banger doctor`.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct NatStatus {
+    /// `nft --version` output, `None` when nft is not installed.
+    pub nft_version: Option<String>,
+    /// `net.ipv4.ip_forward`, `None` when unreadable.
+    pub ip_forward: Option<bool>,
+    /// Guests with NAT rules; `None` when the table could not be read
+    /// (not root, or nft missing), with the reason in `error`.
+    pub nat_vms: Option<Vec<Ipv4Addr>>,
+    pub error: Option<String>,
+}
+
+/// Collects [`NatStatus`]; never fails, problems are reported in the value.
+pub async fn status() -> NatStatus {
+    let nft_version = match tokio::process::Command::new("nft")
+        .arg("--version")
+        .output()
+        .await
+    {
+        Ok(o) if o.status.success() => Some(String::from_utf8_lossy(&o.stdout).trim().to_string()),
+        _ => None,
+    };
+    let (nat_vms, error) = if nft_version.is_none() {
+        (None, Some(NatError::NftMissing.to_string()))
+    } else {
+        match current().await {
+            Ok(v) => (Some(v.into_iter().collect()), None),
+            Err(e) => (None, Some(e.to_string())),
+        }
+    };
+    NatStatus {
+        nft_version,
+        ip_forward: ip_forward().ok(),
+        nat_vms,
+        error,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn subnet() -> Subnet {
+        Subnet::new(
+            "172.16.0.0/24".parse().expect("cidr"),
+            Ipv4Addr::new(172, 16, 0, 1),
+        )
+        .expect("subnet")
+    }
+
+    #[test]
+    fn ruleset_json() {
+        let vms: BTreeSet<_> = [Ipv4Addr::new(172, 16, 0, 2)].into();
+        let json = serde_json::to_value(ruleset(&subnet(), &vms)).expect("json");
+        let objs = json["nftables"].as_array().expect("array");
+        // add, delete, add table; two chains; three rules.
+        assert_eq!(objs.len(), 8, "{json}");
+        assert_eq!(objs[1]["delete"]["table"]["name"], "banger");
+        let masq = &objs[5]["add"]["rule"];
+        assert_eq!(masq["chain"], "postrouting");
+        assert_eq!(masq["comment"], "banger vm 172.16.0.2");
+        assert_eq!(masq["expr"][0]["match"]["right"], "172.16.0.2");
+        assert_eq!(masq["expr"][1]["match"]["op"], "!=");
+        assert_eq!(
+            masq["expr"][1]["match"]["right"]["prefix"]["addr"],
+            "172.16.0.0"
+        );
+        assert_eq!(masq["expr"][1]["match"]["right"]["prefix"]["len"], 24);
+        assert!(masq["expr"][2].get("masquerade").is_some(), "{masq}");
+        // Every object stays inside banger's table.
+        for o in objs {
+            let inner = o.as_object().and_then(|m| m.values().next()).expect("cmd");
+            let obj = inner
+                .as_object()
+                .and_then(|m| m.values().next())
+                .expect("obj");
+            let table = obj.get("table").or_else(|| obj.get("name"));
+            assert_eq!(table.and_then(|t| t.as_str()), Some("banger"), "{o}");
+        }
+    }
+
+    #[test]
+    fn empty_set_drops_the_table() {
+        let json = serde_json::to_value(ruleset(&subnet(), &BTreeSet::new())).expect("json");
+        assert_eq!(json["nftables"].as_array().map(Vec::len), Some(2));
+    }
+
+    #[test]
+    fn comments_are_read_back() {
+        let vms: BTreeSet<_> = [Ipv4Addr::new(172, 16, 0, 2), Ipv4Addr::new(172, 16, 0, 9)].into();
+        let text = serde_json::to_string(&ruleset(&subnet(), &vms)).expect("json");
+        // A listing has list objects, not commands: strip the "add" wrappers.
+        let v: serde_json::Value = serde_json::from_str(&text).expect("parse");
+        let listed: Vec<serde_json::Value> = v["nftables"]
+            .as_array()
+            .expect("array")
+            .iter()
+            .filter_map(|o| o.get("add").cloned())
+            .collect();
+        let rs: Nftables =
+            serde_json::from_value(serde_json::json!({ "nftables": listed })).expect("listing");
+        assert_eq!(vms_in(&rs), vms);
+    }
+
+    #[test]
+    fn refuses_non_guest_addresses() {
+        let s = subnet();
+        for ip in [
+            Ipv4Addr::new(172, 16, 0, 1),
+            Ipv4Addr::new(172, 16, 0, 255),
+            Ipv4Addr::new(10, 0, 0, 2),
+        ] {
+            assert!(
+                matches!(check(&s, ip), Err(NatError::NotGuestIp { .. })),
+                "{ip}"
+            );
+        }
+    }
+}

@@ -1,0 +1,221 @@
+//! A pool of idle TAP devices, so creating a VM does not wait for one.
+//!
+//! A background task keeps `size` TAPs ready (created, owned by the VMM's
+//! user, attached to the bridge, up). [`TapPool::acquire`] hands one out at
+//! once, or creates one on the spot when the pool is empty. Released TAPs
+//! are deleted rather than reused: a fresh device carries no state from the
+//! previous VM. On start the pool adopts idle TAPs a previous daemon left
+//! and deletes the rest, except those the caller says are in use.
+
+use crate::host::{HostNet, HostNetError};
+use crate::ifname::{IfName, TapName};
+use std::collections::{HashSet, VecDeque};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::{Notify, watch};
+use tokio::task::JoinHandle;
+
+/// A pool operation that failed.
+#[derive(Debug, thiserror::Error)]
+pub enum PoolError {
+    #[error(transparent)]
+    Host(#[from] HostNetError),
+    #[error("bridge {0} does not exist: set it up before starting the TAP pool")]
+    NoBridge(IfName),
+}
+
+/// How the pool makes its TAPs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PoolConfig {
+    pub bridge: IfName,
+    /// The uid the VMM runs as; it may open the TAPs without privileges.
+    pub owner_uid: u32,
+    /// Idle TAPs to keep ready (`tap_pool_size`); 0 disables the pool.
+    pub size: usize,
+}
+
+/// A TAP handed to a VM.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AcquiredTap {
+    pub name: TapName,
+    /// Taken from the pool (`true`) or created on demand (`false`).
+    pub warm: bool,
+}
+
+struct Inner {
+    host: Arc<dyn HostNet>,
+    cfg: PoolConfig,
+    idle: Mutex<VecDeque<TapName>>,
+    wake: Notify,
+    level: watch::Sender<usize>,
+    closed: AtomicBool,
+}
+
+impl Inner {
+    fn idle(&self) -> std::sync::MutexGuard<'_, VecDeque<TapName>> {
+        self.idle.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn publish(&self, idle: &VecDeque<TapName>) {
+        self.level.send_replace(idle.len());
+    }
+
+    async fn create(&self) -> Result<TapName, HostNetError> {
+        let tap = TapName::random();
+        self.host
+            .create_tap(&tap, self.cfg.owner_uid, &self.cfg.bridge)
+            .await?;
+        Ok(tap)
+    }
+}
+
+/// The TAP pool. Dropping it stops the refill task; [`TapPool::shutdown`]
+/// also deletes the idle TAPs.
+pub struct TapPool {
+    inner: Arc<Inner>,
+    task: Option<JoinHandle<()>>,
+}
+
+const MAX_BACKOFF: Duration = Duration::from_secs(30);
+
+impl TapPool {
+    /// Adopts leftover idle TAPs (attached to the bridge, owned by
+    /// `owner_uid`), deletes other banger TAPs not in `in_use`, and starts
+    /// the refill task on the current tokio runtime.
+    pub async fn start(
+        host: Arc<dyn HostNet>,
+        cfg: PoolConfig,
+        in_use: &HashSet<TapName>,
+    ) -> Result<Self, PoolError> {
+        let bridge = host
+            .bridge_index(&cfg.bridge)
+            .await?
+            .ok_or_else(|| PoolError::NoBridge(cfg.bridge.clone()))?;
+        let mut idle = VecDeque::new();
+        for tap in host.list_taps().await? {
+            if in_use.contains(&tap.name) {
+                continue;
+            }
+            let reusable =
+                tap.controller == Some(bridge) && tap.owner == Some(cfg.owner_uid) && tap.up;
+            if reusable && idle.len() < cfg.size {
+                tracing::debug!(tap = %tap.name, "adopting idle TAP");
+                idle.push_back(tap.name);
+            } else {
+                tracing::info!(tap = %tap.name, "deleting leftover TAP");
+                host.delete_tap(&tap.name).await?;
+            }
+        }
+        let (level, _) = watch::channel(idle.len());
+        let inner = Arc::new(Inner {
+            host,
+            cfg,
+            idle: Mutex::new(idle),
+            wake: Notify::new(),
+            level,
+            closed: AtomicBool::new(false),
+        });
+        let task = tokio::spawn(refill(inner.clone()));
+        Ok(Self {
+            inner,
+            task: Some(task),
+        })
+    }
+
+    /// A TAP for a new VM: from the pool when one is ready, else created now.
+    pub async fn acquire(&self) -> Result<AcquiredTap, PoolError> {
+        let warm = {
+            let mut idle = self.inner.idle();
+            let t = idle.pop_front();
+            self.inner.publish(&idle);
+            t
+        };
+        self.inner.wake.notify_one();
+        match warm {
+            Some(name) => Ok(AcquiredTap { name, warm: true }),
+            None => self.acquire_cold().await,
+        }
+    }
+
+    /// A freshly created TAP, bypassing the pool (what [`Self::acquire`]
+    /// does when the pool is empty; also used by benchmarks).
+    pub async fn acquire_cold(&self) -> Result<AcquiredTap, PoolError> {
+        Ok(AcquiredTap {
+            name: self.inner.create().await?,
+            warm: false,
+        })
+    }
+
+    /// Gives back a VM's TAP: it is deleted, the pool makes fresh ones.
+    pub async fn release(&self, tap: &TapName) -> Result<(), PoolError> {
+        Ok(self.inner.host.delete_tap(tap).await?)
+    }
+
+    /// How many TAPs are ready right now.
+    pub fn idle_count(&self) -> usize {
+        self.inner.idle().len()
+    }
+
+    /// The configured pool size.
+    pub fn size(&self) -> usize {
+        self.inner.cfg.size
+    }
+
+    /// Waits until at least `n` TAPs are idle; `false` on timeout.
+    pub async fn wait_idle(&self, n: usize, timeout: Duration) -> bool {
+        let mut rx = self.inner.level.subscribe();
+        tokio::time::timeout(timeout, rx.wait_for(|level| *level >= n))
+            .await
+            .is_ok_and(|r| r.is_ok())
+    }
+
+    /// Stops the refill task (after the TAP it may be creating) and deletes
+    /// the idle TAPs.
+    pub async fn shutdown(mut self) -> Result<(), PoolError> {
+        self.inner.closed.store(true, Ordering::SeqCst);
+        self.inner.wake.notify_one();
+        if let Some(task) = self.task.take() {
+            let _ = task.await;
+        }
+        let idle: Vec<TapName> = self.inner.idle().drain(..).collect();
+        self.inner.level.send_replace(0);
+        for tap in idle {
+            self.inner.host.delete_tap(&tap).await?;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for TapPool {
+    fn drop(&mut self) {
+        self.inner.closed.store(true, Ordering::SeqCst);
+        self.inner.wake.notify_one();
+    }
+}
+
+async fn refill(inner: Arc<Inner>) {
+    let mut backoff = Duration::from_millis(250);
+    while !inner.closed.load(Ordering::SeqCst) {
+        if inner.idle().len() >= inner.cfg.size {
+            inner.wake.notified().await;
+            continue;
+        }
+        match inner.create().await {
+            Ok(tap) => {
+                let mut idle = inner.idle();
+                idle.push_back(tap);
+                inner.publish(&idle);
+                backoff = Duration::from_millis(250);
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, retry_in = ?backoff, "refilling the TAP pool");
+                tokio::select! {
+                    _ = tokio::time::sleep(backoff) => {}
+                    _ = inner.wake.notified() => {}
+                }
+                backoff = (backoff * 2).min(MAX_BACKOFF);
+            }
+        }
+    }
+}

@@ -1,0 +1,598 @@
+//! banger's host networking against the real kernel, each test in network
+//! namespaces of its own (needs root). Nothing leaves those namespaces.
+
+mod common;
+
+use banger_net::host::BridgeSpec;
+use banger_net::link::LinkError;
+use banger_net::{
+    HostNet, HostNetError, IfName, LocalHostNet, PoolConfig, Subnet, TapName, TapPool, bench, nat,
+};
+use common::NetNs;
+use std::collections::{BTreeSet, HashSet};
+use std::io::{Read, Write};
+use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc;
+use std::time::Duration;
+
+const OWNER: u32 = 1000;
+
+fn subnet() -> Subnet {
+    Subnet::new(
+        "172.16.0.0/24".parse().expect("cidr"),
+        Ipv4Addr::new(172, 16, 0, 1),
+    )
+    .expect("subnet")
+}
+
+fn spec() -> BridgeSpec {
+    BridgeSpec {
+        name: IfName::new("banger0").expect("name"),
+        subnet: subnet(),
+    }
+}
+
+fn ip(last: u8) -> Ipv4Addr {
+    Ipv4Addr::new(172, 16, 0, last)
+}
+
+#[test]
+fn bridge_is_created_once_and_repaired() {
+    let ns = NetNs::new("br");
+    ns.run(|| async {
+        let host = LocalHostNet::connect().expect("netlink");
+        let nl = host.netlink();
+        let c = host.ensure_bridge(&spec()).await.expect("create");
+        assert!(c.created && c.address_added, "{c:?}");
+
+        let br = nl.link("banger0").await.expect("get").expect("exists");
+        assert_eq!(br.kind, "bridge");
+        assert!(br.up);
+        assert_eq!(
+            nl.ipv4_addresses(br.index).await.expect("addrs"),
+            vec![(ip(1), 24)]
+        );
+
+        // Second call: nothing to do.
+        let c = host.ensure_bridge(&spec()).await.expect("again");
+        assert_eq!(c, Default::default());
+        assert_eq!(
+            nl.link("banger0").await.expect("get").map(|l| l.index),
+            Some(br.index)
+        );
+
+        // Someone removed the address and took the bridge down: fixed.
+        ns.ip(&["addr", "flush", "dev", "banger0"]);
+        ns.ip(&["link", "set", "banger0", "down"]);
+        let c = host.ensure_bridge(&spec()).await.expect("repair");
+        assert!(!c.created && c.address_added && c.brought_up, "{c:?}");
+        assert_eq!(
+            nl.ipv4_addresses(br.index).await.expect("addrs"),
+            vec![(ip(1), 24)]
+        );
+
+        // A same-named link of another kind is refused, not taken over.
+        ns.ip(&[
+            "link",
+            "add",
+            "notabridge",
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "nabpeer",
+        ]);
+        let other = BridgeSpec {
+            name: IfName::new("notabridge").expect("name"),
+            subnet: subnet(),
+        };
+        let e = host.ensure_bridge(&other).await.expect_err("veth");
+        assert!(
+            matches!(e, HostNetError::Link(LinkError::NotABridge { .. })),
+            "{e}"
+        );
+        assert!(
+            nl.ipv4_addresses(nl.link("notabridge").await.expect("get").expect("x").index)
+                .await
+                .expect("addrs")
+                .is_empty()
+        );
+    });
+}
+
+#[test]
+fn tap_create_attach_delete() {
+    let ns = NetNs::new("tap");
+    ns.run(|| async {
+        let host = LocalHostNet::connect().expect("netlink");
+        let nl = host.netlink();
+        let bridge = spec().name;
+        let tap = TapName::new("bgtaptest0").expect("name");
+
+        // No bridge yet: a clear error and no TAP left behind.
+        let e = host
+            .create_tap(&tap, OWNER, &bridge)
+            .await
+            .expect_err("no bridge");
+        assert!(
+            e.to_string().contains("bridge banger0 does not exist"),
+            "{e}"
+        );
+        assert!(nl.link(tap.as_str()).await.expect("get").is_none());
+
+        host.ensure_bridge(&spec()).await.expect("bridge");
+        let br = nl.link("banger0").await.expect("get").expect("bridge");
+        host.create_tap(&tap, OWNER, &bridge).await.expect("create");
+
+        let l = nl
+            .link(tap.as_str())
+            .await
+            .expect("get")
+            .expect("tap exists");
+        assert_eq!(l.kind, "tun");
+        assert!(l.is_tap, "{l:?}");
+        assert!(l.persistent, "{l:?}");
+        assert_eq!(l.tun_owner, Some(OWNER));
+        assert_eq!(l.controller, Some(br.index));
+        assert!(l.up);
+
+        let taps = host.list_taps().await.expect("list");
+        assert_eq!(taps.len(), 1);
+        assert_eq!(taps[0].name, tap);
+        assert_eq!(taps[0].owner, Some(OWNER));
+
+        // Creating it again does not take the existing one over.
+        let e = host.create_tap(&tap, 0, &bridge).await.expect_err("exists");
+        assert!(e.to_string().contains("already exists"), "{e}");
+        let l = nl
+            .link(tap.as_str())
+            .await
+            .expect("get")
+            .expect("still there");
+        assert_eq!(l.tun_owner, Some(OWNER));
+
+        host.delete_tap(&tap).await.expect("delete");
+        assert!(nl.link(tap.as_str()).await.expect("get").is_none());
+        host.delete_tap(&tap)
+            .await
+            .expect("deleting a missing TAP is fine");
+        assert!(host.list_taps().await.expect("list").is_empty());
+
+        // A non-TAP link that merely carries the prefix is never deleted.
+        ns.ip(&["link", "add", "bgtapfake", "type", "bridge"]);
+        let fake = TapName::new("bgtapfake").expect("name");
+        let e = host.delete_tap(&fake).await.expect_err("bridge");
+        assert!(matches!(e, HostNetError::Refused(_)), "{e}");
+        assert!(nl.link("bgtapfake").await.expect("get").is_some());
+        assert!(host.list_taps().await.expect("list").is_empty());
+    });
+}
+
+#[test]
+fn pool_adopts_refills_and_hands_out() {
+    let ns = NetNs::new("pool");
+    ns.run(|| async {
+        let host = Arc::new(LocalHostNet::connect().expect("netlink"));
+        let bridge = spec().name;
+        host.ensure_bridge(&spec()).await.expect("bridge");
+
+        // Leftovers of an earlier daemon: one reusable idle TAP, one owned by
+        // someone else, and one a running VM still uses.
+        let reusable = TapName::new("bgtapold1").expect("n");
+        let foreign = TapName::new("bgtapold2").expect("n");
+        let busy = TapName::new("bgtapbusy").expect("n");
+        host.create_tap(&reusable, OWNER, &bridge).await.expect("c");
+        host.create_tap(&foreign, OWNER + 1, &bridge)
+            .await
+            .expect("c");
+        host.create_tap(&busy, OWNER, &bridge).await.expect("c");
+        let in_use: HashSet<TapName> = [busy.clone()].into();
+
+        let cfg = PoolConfig {
+            bridge: bridge.clone(),
+            owner_uid: OWNER,
+            size: 2,
+        };
+        let pool = TapPool::start(host.clone(), cfg.clone(), &in_use)
+            .await
+            .expect("pool");
+        let names = |taps: Vec<banger_net::host::TapInfo>| -> BTreeSet<String> {
+            taps.into_iter().map(|t| t.name.to_string()).collect()
+        };
+        let now = names(host.list_taps().await.expect("list"));
+        assert!(
+            !now.contains("bgtapold2"),
+            "foreign leftover deleted: {now:?}"
+        );
+        assert!(
+            now.contains("bgtapbusy") && now.contains("bgtapold1"),
+            "{now:?}"
+        );
+
+        assert!(
+            pool.wait_idle(2, Duration::from_secs(10)).await,
+            "pool filled"
+        );
+        let first = pool.acquire().await.expect("acquire");
+        assert!(first.warm);
+        assert_eq!(first.name, reusable, "the adopted TAP is handed out first");
+        let second = pool.acquire().await.expect("acquire");
+        assert!(second.warm);
+
+        // Refilled in the background after use.
+        assert!(
+            pool.wait_idle(2, Duration::from_secs(10)).await,
+            "pool refilled"
+        );
+        let all = names(host.list_taps().await.expect("list"));
+        assert_eq!(all.len(), 5, "busy + 2 handed out + 2 idle: {all:?}");
+
+        pool.release(&first.name).await.expect("release");
+        pool.release(&second.name).await.expect("release");
+
+        let t = bench::tap_acquire(&pool, Duration::from_secs(10))
+            .await
+            .expect("bench");
+        assert!(
+            t.warm < t.cold,
+            "warm {:?} should beat cold {:?}",
+            t.warm,
+            t.cold
+        );
+
+        assert!(pool.wait_idle(2, Duration::from_secs(10)).await);
+        pool.shutdown().await.expect("shutdown");
+        let left = names(host.list_taps().await.expect("list"));
+        assert_eq!(left, BTreeSet::from(["bgtapbusy".to_string()]));
+
+        // A pool of size 0 creates on demand.
+        let empty = TapPool::start(host.clone(), PoolConfig { size: 0, ..cfg }, &in_use)
+            .await
+            .expect("pool");
+        let cold = empty.acquire().await.expect("acquire");
+        assert!(!cold.warm);
+        assert_eq!(empty.idle_count(), 0);
+        empty.release(&cold.name).await.expect("release");
+        empty.shutdown().await.expect("shutdown");
+    });
+}
+
+#[test]
+fn pool_needs_the_bridge() {
+    let ns = NetNs::new("nobr");
+    ns.run(|| async {
+        let host = Arc::new(LocalHostNet::connect().expect("netlink"));
+        let cfg = PoolConfig {
+            bridge: spec().name,
+            owner_uid: OWNER,
+            size: 1,
+        };
+        let e = TapPool::start(host, cfg, &HashSet::new())
+            .await
+            .err()
+            .expect("no bridge");
+        assert!(e.to_string().contains("banger0 does not exist"), "{e}");
+    });
+}
+
+fn rule_comments(table: &serde_json::Value) -> Vec<(String, String)> {
+    table["nftables"]
+        .as_array()
+        .expect("array")
+        .iter()
+        .filter_map(|o| o.get("rule"))
+        .map(|r| {
+            (
+                r["chain"].as_str().unwrap_or_default().to_string(),
+                r["comment"].as_str().unwrap_or_default().to_string(),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn nat_rules_live_only_in_bangers_table() {
+    let ns = NetNs::new("nat");
+    // Another table that must never change.
+    let other = "table ip other {\n chain other_forward {\n  type filter hook forward priority 10; policy accept;\n  ip saddr 172.16.0.2 counter accept\n }\n}\n";
+    let path = std::env::temp_dir().join(format!("{}-other.nft", ns.name));
+    std::fs::write(&path, other).expect("write");
+    let out = ns.exec(&["nft", "-f", path.to_str().expect("utf8")]);
+    let _ = std::fs::remove_file(&path);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let before = ns.nft_table("other").expect("other table");
+    assert_eq!(ns.nft_table("banger"), None);
+
+    let s = subnet();
+    ns.run(|| async {
+        let host = LocalHostNet::connect().expect("netlink");
+        assert!(!nat::ip_forward().expect("read"));
+        assert!(nat::current().await.expect("current").is_empty());
+
+        host.nat_enable(&s, ip(2)).await.expect("enable");
+        assert!(nat::ip_forward().expect("read"), "ip_forward turned on");
+        let t = ns.nft_table("banger").expect("table");
+        let c = rule_comments(&t);
+        assert_eq!(c.len(), 3, "{c:?}");
+        assert!(
+            c.iter().all(|(_, cm)| cm == "banger vm 172.16.0.2"),
+            "{c:?}"
+        );
+        assert_eq!(c.iter().filter(|(ch, _)| ch == "postrouting").count(), 1);
+        assert_eq!(c.iter().filter(|(ch, _)| ch == "forward").count(), 2);
+
+        // Idempotent.
+        host.nat_enable(&s, ip(2)).await.expect("enable again");
+        assert_eq!(rule_comments(&ns.nft_table("banger").expect("t")).len(), 3);
+
+        host.nat_enable(&s, ip(3)).await.expect("enable .3");
+        assert_eq!(rule_comments(&ns.nft_table("banger").expect("t")).len(), 6);
+        assert_eq!(
+            nat::current().await.expect("current"),
+            BTreeSet::from([ip(2), ip(3)])
+        );
+
+        host.nat_disable(&s, ip(2)).await.expect("disable");
+        let c = rule_comments(&ns.nft_table("banger").expect("t"));
+        assert_eq!(c.len(), 3);
+        assert!(
+            c.iter().all(|(_, cm)| cm == "banger vm 172.16.0.3"),
+            "{c:?}"
+        );
+        host.nat_disable(&s, ip(2)).await.expect("disable again");
+
+        // Bad input never reaches nft.
+        for bad in [ip(1), ip(0), ip(255), Ipv4Addr::new(10, 0, 0, 2)] {
+            let e = host.nat_enable(&s, bad).await.expect_err("not a guest");
+            assert!(e.to_string().contains("not a guest address"), "{e}");
+        }
+
+        host.nat_rebuild(&s, &BTreeSet::from([ip(5), ip(6)]))
+            .await
+            .expect("rebuild");
+        assert_eq!(
+            nat::current().await.expect("current"),
+            BTreeSet::from([ip(5), ip(6)])
+        );
+
+        let st = nat::status().await;
+        assert!(st.nft_version.is_some(), "{st:?}");
+        assert_eq!(st.ip_forward, Some(true));
+        assert_eq!(st.nat_vms, Some(vec![ip(5), ip(6)]));
+
+        host.nat_rebuild(&s, &BTreeSet::new()).await.expect("clear");
+        assert_eq!(ns.nft_table("banger"), None, "empty set removes the table");
+        host.nat_disable(&s, ip(5))
+            .await
+            .expect("disable without a table");
+    });
+    assert_eq!(ns.nft_table("other"), Some(before), "other table untouched");
+}
+
+/// An HTTP server in `ns` on `addr` that answers every request with
+/// `hello` and reports each client's address.
+struct Upstream {
+    peers: mpsc::Receiver<SocketAddr>,
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Upstream {
+    fn start(ns: &NetNs, addr: SocketAddr) -> Self {
+        let listener = ns.enter(|| TcpListener::bind(addr).expect("bind upstream"));
+        listener.set_nonblocking(true).expect("nonblocking");
+        let (tx, peers) = mpsc::channel();
+        let stop = Arc::new(AtomicBool::new(false));
+        let stop2 = stop.clone();
+        let thread = std::thread::spawn(move || {
+            while !stop2.load(Ordering::SeqCst) {
+                match listener.accept() {
+                    Ok((mut s, peer)) => {
+                        let _ = s.set_nonblocking(false);
+                        let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+                        let mut buf = [0u8; 512];
+                        let _ = s.read(&mut buf);
+                        let _ = s.write_all(b"HTTP/1.0 200 OK\r\nContent-Length: 5\r\n\r\nhello");
+                        let _ = tx.send(peer);
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                        std::thread::sleep(Duration::from_millis(5));
+                    }
+                    Err(e) => panic!("accept: {e}"),
+                }
+            }
+        });
+        Self {
+            peers,
+            stop,
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for Upstream {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// One HTTP GET from inside `ns`.
+fn http_get(ns: &NetNs, addr: SocketAddr) -> std::io::Result<String> {
+    ns.enter(|| {
+        let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+        s.set_read_timeout(Some(Duration::from_secs(2)))?;
+        s.write_all(b"GET / HTTP/1.0\r\n\r\n")?;
+        let mut body = String::new();
+        s.read_to_string(&mut body)?;
+        Ok(body)
+    })
+}
+
+#[test]
+fn guest_reaches_upstream_only_with_nat() {
+    // upstream <-veth-> host (banger0 bridge) <-veth on the bridge-> guest
+    let host_ns = NetNs::new("h");
+    let up_ns = NetNs::new("u");
+    let guest_ns = NetNs::new("g");
+    let up_addr: SocketAddr = "10.200.0.2:8080".parse().expect("addr");
+
+    host_ns.ip(&[
+        "link",
+        "add",
+        "uplink",
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "eth0",
+        "netns",
+        &up_ns.name,
+    ]);
+    host_ns.ip(&["addr", "add", "10.200.0.1/24", "dev", "uplink"]);
+    host_ns.ip(&["link", "set", "uplink", "up"]);
+    up_ns.ip(&["addr", "add", "10.200.0.2/24", "dev", "eth0"]);
+    up_ns.ip(&["link", "set", "eth0", "up"]);
+    // The guest's side stands in for a VM's TAP.
+    host_ns.ip(&[
+        "link",
+        "add",
+        "bgvguest",
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "eth0",
+        "netns",
+        &guest_ns.name,
+    ]);
+    guest_ns.ip(&["addr", "add", "172.16.0.2/24", "dev", "eth0"]);
+    guest_ns.ip(&["link", "set", "eth0", "up"]);
+
+    let s = subnet();
+    host_ns.run(|| async {
+        let host = LocalHostNet::connect().expect("netlink");
+        host.ensure_bridge(&spec()).await.expect("bridge");
+        host.netlink()
+            .attach_to_bridge("bgvguest", &spec().name)
+            .await
+            .expect("attach");
+    });
+    guest_ns.ip(&["route", "add", "default", "via", "172.16.0.1"]);
+    let server = Upstream::start(&up_ns, up_addr);
+
+    host_ns.run(|| async {
+        let host = LocalHostNet::connect().expect("netlink");
+        host.nat_enable(&s, ip(2)).await.expect("nat on");
+    });
+    let body = http_get(&guest_ns, up_addr).expect("guest reaches upstream with NAT");
+    assert!(body.ends_with("hello"), "{body}");
+    let peer = server
+        .peers
+        .recv_timeout(Duration::from_secs(5))
+        .expect("upstream saw the connection");
+    assert_eq!(
+        peer.ip(),
+        Ipv4Addr::new(10, 200, 0, 1),
+        "upstream sees the host's address, not the guest's"
+    );
+
+    host_ns.run(|| async {
+        let host = LocalHostNet::connect().expect("netlink");
+        host.nat_disable(&s, ip(2)).await.expect("nat off");
+    });
+    let e = http_get(&guest_ns, up_addr).expect_err("no way back without NAT");
+    assert!(
+        matches!(
+            e.kind(),
+            std::io::ErrorKind::TimedOut
+                | std::io::ErrorKind::WouldBlock
+                | std::io::ErrorKind::HostUnreachable
+                | std::io::ErrorKind::ConnectionRefused
+        ),
+        "{e:?}"
+    );
+    assert!(
+        server.peers.try_recv().is_err(),
+        "no connection completed without NAT"
+    );
+}
+
+const PROBE_CHILD_ENV: &str = "BANGER_NET_PROBE_CHILD";
+const PROBE_MARKER: &str = "probe-child: routed and unrouted cases checked";
+
+/// Removes a directory tree on drop.
+struct RemoveDir(std::path::PathBuf);
+
+impl Drop for RemoveDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+#[test]
+fn host_resolver_probe() {
+    // `ip netns exec` puts /etc/netns/<ns>/resolv.conf over /etc/resolv.conf,
+    // so the child's own resolver asks 127.0.0.1:53 inside the namespace.
+    let ns = NetNs::new("probe");
+    let dir = std::path::PathBuf::from(format!("/etc/netns/{}", ns.name));
+    std::fs::create_dir_all(&dir).expect("mkdir");
+    let _cleanup = RemoveDir(dir.clone());
+    std::fs::write(
+        dir.join("resolv.conf"),
+        "nameserver 127.0.0.1\noptions timeout:1 attempts:1\n",
+    )
+    .expect("resolv.conf");
+    let exe = std::env::current_exe().expect("test binary");
+    let out = std::process::Command::new("ip")
+        .args(["netns", "exec", &ns.name])
+        .arg(exe)
+        .args(["--exact", "probe_child", "--ignored", "--nocapture"])
+        .env(PROBE_CHILD_ENV, "1")
+        .output()
+        .expect("run child");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains(PROBE_MARKER), "{text}");
+}
+
+#[test]
+#[ignore = "started by host_resolver_probe inside its namespace"]
+fn probe_child() {
+    use banger_net::dns::{DnsRecords, DnsServer};
+    use banger_net::resolved::{ProbeResult, probe};
+    // Outside the parent's namespace this would ask the host's real
+    // resolver: do nothing (the parent looks for the marker printed below).
+    if std::env::var(PROBE_CHILD_ENV).as_deref() != Ok("1") {
+        eprintln!("probe_child only runs inside host_resolver_probe");
+        return;
+    }
+    tokio::runtime::Runtime::new()
+        .expect("runtime")
+        .block_on(async {
+            let records = DnsRecords::new();
+            // Nothing answers on port 53 yet.
+            let r = probe(&records, Duration::from_secs(5)).await;
+            assert!(matches!(r, ProbeResult::NotRouted(_)), "{r:?}");
+            let server = DnsServer::start("127.0.0.1:53".parse().expect("addr"), records.clone())
+                .await
+                .expect("dns on :53");
+            let r = probe(&records, Duration::from_secs(5)).await;
+            assert_eq!(r, ProbeResult::Routed);
+            assert!(records.is_empty(), "the probe record is removed");
+            server.shutdown().await.expect("shutdown");
+        });
+    println!("{PROBE_MARKER}");
+}
