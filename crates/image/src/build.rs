@@ -489,7 +489,9 @@ fn mmdebstrap_args(spec: &DebianBuild, packages: &[String], tree: &Path) -> Vec<
     args
 }
 
-fn mkfs_args(tree: &Path, rootfs: &Path, inodes: u64) -> Vec<OsString> {
+/// `mkfs.ext4` arguments writing the tree at `tree` into the (already sized)
+/// file `rootfs`, with `inodes` inodes and a root-owned root directory.
+pub fn mkfs_args(tree: &Path, rootfs: &Path, inodes: u64) -> Vec<OsString> {
     let mut args: Vec<OsString> = [
         "-F",
         "-T",
