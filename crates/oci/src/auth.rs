@@ -247,7 +247,10 @@ mod tests {
             get("127.0.0.1:5000"),
             RegistryAuth::Basic("me".into(), "pa:ss".into())
         );
-        assert_eq!(get("other:80"), RegistryAuth::Basic("u".into(), "p:w".into()));
+        assert_eq!(
+            get("other:80"),
+            RegistryAuth::Basic("u".into(), "p:w".into())
+        );
         assert_eq!(get("tok.example"), RegistryAuth::Bearer("T".into()));
         assert_eq!(get("127.0.0.1:5001"), RegistryAuth::Anonymous);
     }
@@ -266,7 +269,11 @@ mod tests {
     fn bad_files_are_errors_and_missing_files_anonymous() {
         assert!(DockerConfigAuth::parse("{", "x").is_err());
         let bad = r#"{"auths": {"x": {"auth": "%%%"}}}"#;
-        assert!(DockerConfigAuth::parse(bad, "x").expect_err("b64").contains("base64"));
+        assert!(
+            DockerConfigAuth::parse(bad, "x")
+                .expect_err("b64")
+                .contains("base64")
+        );
         let a = DockerConfigAuth::read(Path::new("/nonexistent/config.json"), "x").expect("read");
         assert_eq!(a.auth, RegistryAuth::Anonymous);
     }

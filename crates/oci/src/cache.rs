@@ -79,7 +79,8 @@ impl BlobCache {
         }
         let tmp_dir = self.dir.join("tmp");
         for d in [&tmp_dir, &self.dir.join("blobs/sha256")] {
-            std::fs::create_dir_all(d).map_err(OciError::io(format!("creating {}", d.display())))?;
+            std::fs::create_dir_all(d)
+                .map_err(OciError::io(format!("creating {}", d.display())))?;
         }
         let available = free_space(&tmp_dir)?;
         if size.saturating_add(CACHE_RESERVE) > available {
@@ -92,7 +93,9 @@ impl BlobCache {
         }
         let tmp_path = tmp_dir.join(format!(
             "{}.{:016x}",
-            dest.file_name().map(|n| n.to_string_lossy()).unwrap_or_default(),
+            dest.file_name()
+                .map(|n| n.to_string_lossy())
+                .unwrap_or_default(),
             rand::random::<u64>()
         ));
         let mut guard = TempFile(Some(tmp_path.clone()));
@@ -163,10 +166,8 @@ impl BlobCache {
         }
         file.sync_all().await.map_err(OciError::io(ctx()))?;
         drop(file);
-        std::fs::rename(&tmp_path, &dest).map_err(OciError::io(format!(
-            "moving blob into {}",
-            dest.display()
-        )))?;
+        std::fs::rename(&tmp_path, &dest)
+            .map_err(OciError::io(format!("moving blob into {}", dest.display())))?;
         guard.0 = None;
         Ok(true)
     }

@@ -85,14 +85,24 @@ pub fn debugfs_script(tree: &Tree) -> Result<(Vec<u8>, usize), OciError> {
         if md.uid() != want.uid || is_root {
             push_cmd(
                 &mut cmds,
-                &[b"set_inode_field", &q, b"uid", want.uid.to_string().as_bytes()],
+                &[
+                    b"set_inode_field",
+                    &q,
+                    b"uid",
+                    want.uid.to_string().as_bytes(),
+                ],
             );
             count += 1;
         }
         if md.gid() != want.gid || is_root {
             push_cmd(
                 &mut cmds,
-                &[b"set_inode_field", &q, b"gid", want.gid.to_string().as_bytes()],
+                &[
+                    b"set_inode_field",
+                    &q,
+                    b"gid",
+                    want.gid.to_string().as_bytes(),
+                ],
             );
             count += 1;
         }

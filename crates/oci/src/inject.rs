@@ -5,8 +5,7 @@
 
 use crate::OciError;
 use banger_image::customize::{
-    AGENT_BINARY_PATH, Customization, install_agent, make_dir, rel, write_file,
-    write_symlink,
+    AGENT_BINARY_PATH, Customization, install_agent, make_dir, rel, write_file, write_symlink,
 };
 use std::path::{Component, Path, PathBuf};
 
@@ -276,7 +275,8 @@ mod tests {
     use super::*;
     use std::os::unix::fs::{PermissionsExt, symlink};
 
-    const UNIT: &str = "[Service]\nExecStart=/usr/local/bin/banger-agent\n[Install]\nWantedBy=sysinit.target\n";
+    const UNIT: &str =
+        "[Service]\nExecStart=/usr/local/bin/banger-agent\n[Install]\nWantedBy=sysinit.target\n";
 
     fn tree() -> (tempfile::TempDir, PathBuf, PathBuf) {
         let t = tempfile::tempdir().expect("tempdir");
@@ -302,7 +302,11 @@ mod tests {
         std::fs::create_dir_all(root.join("usr/sbin")).expect("mkdir");
         std::fs::write(root.join("usr/lib/systemd/systemd"), "").expect("w");
         std::fs::write(root.join("usr/sbin/sshd"), "").expect("w");
-        std::fs::write(root.join("usr/lib/os-release"), "NAME=\"Debian\"\nID=debian\n").expect("w");
+        std::fs::write(
+            root.join("usr/lib/os-release"),
+            "NAME=\"Debian\"\nID=debian\n",
+        )
+        .expect("w");
         // etc/os-release is usually a relative link; an absolute one must not reach the host.
         symlink("../usr/lib/os-release", root.join("etc/os-release")).expect("ln");
         symlink("usr/lib", root.join("lib")).expect("ln");
@@ -310,12 +314,18 @@ mod tests {
         assert_eq!(info.os_id.as_deref(), Some("debian"));
         assert!(info.has_systemd && info.has_sshd && !info.uses_inittab);
         let a = root.join("usr/local/bin/banger-agent");
-        assert_eq!(std::fs::metadata(&a).expect("agent").permissions().mode() & 0o7777, 0o755);
-        assert!(root.join("etc/systemd/system/banger-agent.service").is_file());
+        assert_eq!(
+            std::fs::metadata(&a).expect("agent").permissions().mode() & 0o7777,
+            0o755
+        );
         assert!(
-            std::fs::symlink_metadata(root.join(
-                "etc/systemd/system/sysinit.target.wants/banger-agent.service"
-            ))
+            root.join("etc/systemd/system/banger-agent.service")
+                .is_file()
+        );
+        assert!(
+            std::fs::symlink_metadata(
+                root.join("etc/systemd/system/sysinit.target.wants/banger-agent.service")
+            )
             .is_ok()
         );
         assert!(!root.join("usr/local/sbin/banger-install-sshd").exists());
@@ -338,11 +348,17 @@ mod tests {
             "::sysinit:/sbin/openrc sysinit\n::respawn:/usr/local/bin/banger-agent\n::once:/usr/local/sbin/banger-install-sshd\n"
         );
         let script = root.join("usr/local/sbin/banger-install-sshd");
-        assert_eq!(std::fs::read_to_string(&script).expect("s"), FIRST_BOOT_SSHD_SCRIPT);
+        assert_eq!(
+            std::fs::read_to_string(&script).expect("s"),
+            FIRST_BOOT_SSHD_SCRIPT
+        );
         assert!(!root.join("etc/systemd").exists());
         // Twice: nothing added again.
         inject(&root, &c(&agent)).expect("again");
-        assert_eq!(std::fs::read_to_string(root.join("etc/inittab")).expect("tab"), tab);
+        assert_eq!(
+            std::fs::read_to_string(root.join("etc/inittab")).expect("tab"),
+            tab
+        );
     }
 
     #[test]
@@ -373,6 +389,10 @@ mod tests {
             .arg(&p)
             .output()
             .expect("sh");
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
 }

@@ -266,7 +266,10 @@ pub async fn pull_to_ext4(opts: PullOptions) -> Result<PulledImage, OciError> {
     let tree_root = staging_dir.join("root");
     let budget = available.saturating_sub(OUT_RESERVE) / 2;
 
-    phase("unpack", format!("unpacking {} layers", resolved.layers.len()));
+    phase(
+        "unpack",
+        format!("unpacking {} layers", resolved.layers.len()),
+    );
     let started = Instant::now();
     let layer_paths = resolved
         .layers
@@ -324,7 +327,10 @@ pub async fn pull_to_ext4(opts: PullOptions) -> Result<PulledImage, OciError> {
     checkpoint()?;
 
     let rootfs = staging_dir.join(ROOTFS_FILE);
-    phase("mkfs", format!("writing {}", opts.out_dir.join(ROOTFS_FILE).display()));
+    phase(
+        "mkfs",
+        format!("writing {}", opts.out_dir.join(ROOTFS_FILE).display()),
+    );
     let started = Instant::now();
     let on_line = |l: String| emit(PullProgress::Line(l));
     let (size, changes) = ext4::make_ext4(&tree, &rootfs, opts.min_size, &on_line, cancel).await?;

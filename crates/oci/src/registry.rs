@@ -33,7 +33,9 @@ pub fn parse_reference(s: &str) -> Result<Reference, OciError> {
         reason,
     };
     if s.trim() != s || s.is_empty() {
-        return Err(bad("give registry/repository:tag or @sha256:<digest>".into()));
+        return Err(bad(
+            "give registry/repository:tag or @sha256:<digest>".into()
+        ));
     }
     let r: Reference = s.parse().map_err(|e| bad(format!("{e}")))?;
     if let Some(d) = r.digest() {
@@ -180,12 +182,13 @@ pub(crate) fn parse_manifest(
     content_type: Option<&str>,
     body: &[u8],
 ) -> Result<Parsed, OciError> {
-    let unknown = |what: &'static str, digest: &str, media_type: String| OciError::UnknownMediaType {
-        reference: reference.to_string(),
-        what,
-        digest: digest.to_string(),
-        media_type,
-    };
+    let unknown =
+        |what: &'static str, digest: &str, media_type: String| OciError::UnknownMediaType {
+            reference: reference.to_string(),
+            what,
+            digest: digest.to_string(),
+            media_type,
+        };
     let m: RawManifest = serde_json::from_slice(body).map_err(|e| OciError::BadReference {
         reference: reference.to_string(),
         reason: format!("manifest {digest} is not valid JSON: {e}"),
@@ -335,10 +338,21 @@ mod tests {
 
     #[test]
     fn loopback_registries() {
-        for r in ["localhost:5000", "127.0.0.1:80", "127.1.2.3", "[::1]:5000", "LOCALHOST"] {
+        for r in [
+            "localhost:5000",
+            "127.0.0.1:80",
+            "127.1.2.3",
+            "[::1]:5000",
+            "LOCALHOST",
+        ] {
             assert!(is_loopback(r), "{r}");
         }
-        for r in ["docker.io", "10.0.0.1:5000", "localhost.example.com", "[::2]:1"] {
+        for r in [
+            "docker.io",
+            "10.0.0.1:5000",
+            "localhost.example.com",
+            "[::2]:1",
+        ] {
             assert!(!is_loopback(r), "{r}");
         }
     }
@@ -356,13 +370,25 @@ mod tests {
             parse_manifest("r", &d, None, ok.as_bytes()),
             Ok(Parsed::Image { .. })
         ));
-        let docker = m(DOCKER_MANIFEST, "application/vnd.docker.image.rootfs.diff.tar.gzip");
+        let docker = m(
+            DOCKER_MANIFEST,
+            "application/vnd.docker.image.rootfs.diff.tar.gzip",
+        );
         assert!(parse_manifest("r", &d, None, docker.as_bytes()).is_ok());
         for (doc, what) in [
             (m("application/vnd.example.thing+json", "x"), "manifest"),
-            (m(OCI_MANIFEST, "application/vnd.cncf.helm.chart.content.v1.tar+gzip"), "layer"),
             (
-                m(DOCKER_MANIFEST, "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip"),
+                m(
+                    OCI_MANIFEST,
+                    "application/vnd.cncf.helm.chart.content.v1.tar+gzip",
+                ),
+                "layer",
+            ),
+            (
+                m(
+                    DOCKER_MANIFEST,
+                    "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip",
+                ),
                 "layer",
             ),
             (

@@ -29,9 +29,15 @@ pub enum Node {
     Symlink,
     Fifo,
     /// A character device: only recorded, created in the image by debugfs.
-    Char { major: u32, minor: u32 },
+    Char {
+        major: u32,
+        minor: u32,
+    },
     /// A block device: only recorded, created in the image by debugfs.
-    Block { major: u32, minor: u32 },
+    Block {
+        major: u32,
+        minor: u32,
+    },
 }
 
 /// Ownership, permission bits and mtime an image path must have in the
@@ -376,7 +382,10 @@ impl Tree {
         let h = entry.header();
         let bad = |what: &str, e: std::io::Error| OciError::BadLayer {
             layer: layer.to_string(),
-            reason: format!("{what} of {}: {e}", String::from_utf8_lossy(&h.path_bytes())),
+            reason: format!(
+                "{what} of {}: {e}",
+                String::from_utf8_lossy(&h.path_bytes())
+            ),
         };
         let uid = h.uid().map_err(|e| bad("uid", e))?;
         let gid = h.gid().map_err(|e| bad("gid", e))?;
@@ -546,8 +555,8 @@ impl Tree {
         let mut stack = vec![dir.to_path_buf()];
         while let Some(d) = stack.pop() {
             let p = self.root.join(&d);
-            let children = std::fs::read_dir(&p)
-                .map_err(OciError::io(format!("listing {}", p.display())))?;
+            let children =
+                std::fs::read_dir(&p).map_err(OciError::io(format!("listing {}", p.display())))?;
             for child in children {
                 let child = child.map_err(OciError::io(format!("listing {}", p.display())))?;
                 let rel = d.join(child.file_name());
@@ -710,9 +719,12 @@ mod tests {
     #[test]
     fn files_modes_owners_and_mtimes_are_kept_or_recorded() {
         let (_t, mut tree) = tree();
-        let layer = base()
-            .file("usr/bin/su", "su", 0o4755, 0, 0)
-            .device(tarfile(tar::EntryType::Fifo), "run/fifo", 0, 0);
+        let layer = base().file("usr/bin/su", "su", 0o4755, 0, 0).device(
+            tarfile(tar::EntryType::Fifo),
+            "run/fifo",
+            0,
+            0,
+        );
         apply(&mut tree, layer.gzip()).expect("apply");
         tree.finish().expect("finish");
         let su = std::fs::symlink_metadata(tree.root().join("usr/bin/su")).expect("su");
@@ -783,7 +795,10 @@ mod tests {
         let a = std::fs::metadata(tree.root().join("home/user/alias")).expect("alias");
         let b = std::fs::metadata(tree.root().join("home/user/notes")).expect("notes");
         assert_eq!(a.ino(), b.ino());
-        assert_eq!(tree.meta(Path::new("home/user/alias")).expect("m").uid, 1000);
+        assert_eq!(
+            tree.meta(Path::new("home/user/alias")).expect("m").uid,
+            1000
+        );
 
         for (target, why) in [
             ("../etc/passwd", ".."),
@@ -835,7 +850,11 @@ mod tests {
         let layer = Layer::new().file("escape", "now a file", 0o644, 0, 0);
         apply(&mut tree, layer.bytes()).expect("replace");
         assert!(outside.is_dir());
-        assert!(std::fs::symlink_metadata(tree.root().join("escape")).expect("m").is_file());
+        assert!(
+            std::fs::symlink_metadata(tree.root().join("escape"))
+                .expect("m")
+                .is_file()
+        );
     }
 
     #[test]
@@ -850,7 +869,11 @@ mod tests {
         }
         assert!(!t.path().join("evil").exists());
         // ./ prefixes are fine.
-        apply(&mut tree, Layer::new().file("./ok", "x", 0o644, 0, 0).bytes()).expect("ok");
+        apply(
+            &mut tree,
+            Layer::new().file("./ok", "x", 0o644, 0, 0).bytes(),
+        )
+        .expect("ok");
         assert!(exists(&tree, "ok"));
     }
 
@@ -892,9 +915,13 @@ mod tests {
     fn the_space_budget_is_checked_before_writing() {
         let t = tempfile::tempdir().expect("tempdir");
         let mut tree = Tree::create(&t.path().join("root"), 100).expect("tree");
-        let layer = Layer::new()
-            .file("a", &"x".repeat(60), 0o644, 0, 0)
-            .file("b", &"y".repeat(60), 0o644, 0, 0);
+        let layer = Layer::new().file("a", &"x".repeat(60), 0o644, 0, 0).file(
+            "b",
+            &"y".repeat(60),
+            0o644,
+            0,
+            0,
+        );
         let err = apply(&mut tree, layer.bytes()).expect_err("too big");
         assert!(matches!(err, OciError::NoSpace { .. }), "{err}");
         assert!(exists(&tree, "a"));

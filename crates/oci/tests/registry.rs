@@ -91,7 +91,11 @@ async fn pulls_flattens_caches_and_refuses_bad_images() {
     assert_eq!(img.os_id.as_deref(), Some("testos"));
     assert!(!img.has_systemd && !img.has_sshd);
     assert_eq!(
-        (img.report.layers, img.report.layers_downloaded, img.report.layers_cached),
+        (
+            img.report.layers,
+            img.report.layers_downloaded,
+            img.report.layers_cached
+        ),
         (2, 2, 0)
     );
     let events = events.lock().expect("lock").clone();
@@ -114,14 +118,25 @@ async fn pulls_flattens_caches_and_refuses_bad_images() {
     assert_eq!((home.uid, home.gid, home.mode), (1000, 1000, 0o750));
     let suid = s("/usr/bin/suid");
     assert_eq!((suid.uid, suid.mode), (0, 0o4755));
-    assert_eq!(s("/usr/bin/suid-link").ino, suid.ino, "hard link shares the inode");
+    assert_eq!(
+        s("/usr/bin/suid-link").ino,
+        suid.ino,
+        "hard link shares the inode"
+    );
     assert!(s("/usr/bin/suid").text.contains("Links: 2"));
     let sh = s("/bin/sh");
     assert_eq!(sh.kind, "symlink");
-    assert!(sh.text.contains("Fast link dest: \"busybox\""), "{}", sh.text);
+    assert!(
+        sh.text.contains("Fast link dest: \"busybox\""),
+        "{}",
+        sh.text
+    );
     assert!(s("/bin/abs").text.contains("\"/etc/os-release\""));
     assert!(stat(fs, "/etc/gone").is_none(), "whiteout did not delete");
-    assert!(stat(fs, "/opt/lower/x").is_none(), "opaque dir kept lower content");
+    assert!(
+        stat(fs, "/opt/lower/x").is_none(),
+        "opaque dir kept lower content"
+    );
     assert_eq!(cat(fs, "/opt/lower/new"), b"upper");
     let shadow = s("/etc/shadow");
     assert_eq!((shadow.mode, shadow.gid), (0, 42));
@@ -132,7 +147,11 @@ async fn pulls_flattens_caches_and_refuses_bad_images() {
     assert_eq!((www.uid, www.gid), (33, 33));
     let null = s("/dev/null");
     assert_eq!((null.kind.as_str(), null.mode), ("character", 0o666));
-    assert!(null.text.contains("major/minor number: 01:03"), "{}", null.text);
+    assert!(
+        null.text.contains("major/minor number: 01:03"),
+        "{}",
+        null.text
+    );
     let root = s("/");
     assert_eq!((root.uid, root.gid, root.mode), (0, 0, 0o755));
     // The agent, root-owned, and the sshd bootstrap through inittab.
@@ -141,8 +160,14 @@ async fn pulls_flattens_caches_and_refuses_bad_images() {
     assert_eq!(cat(fs, "/usr/local/bin/banger-agent"), AGENT.as_bytes());
     assert_eq!(s("/usr/local/sbin/banger-install-sshd").mode, 0o755);
     let inittab = String::from_utf8(cat(fs, "/etc/inittab")).expect("utf8");
-    assert!(inittab.contains("::respawn:/usr/local/bin/banger-agent"), "{inittab}");
-    assert!(inittab.contains("::once:/usr/local/sbin/banger-install-sshd"), "{inittab}");
+    assert!(
+        inittab.contains("::respawn:/usr/local/bin/banger-agent"),
+        "{inittab}"
+    );
+    assert!(
+        inittab.contains("::once:/usr/local/sbin/banger-install-sshd"),
+        "{inittab}"
+    );
     assert_eq!(s("/etc/inittab").uid, 0);
 
     // Second pull: nothing downloaded.
@@ -150,16 +175,24 @@ async fn pulls_flattens_caches_and_refuses_bad_images() {
         .await
         .expect("again");
     assert_eq!(
-        (again.report.layers_downloaded, again.report.layers_cached, again.report.bytes_downloaded),
+        (
+            again.report.layers_downloaded,
+            again.report.layers_cached,
+            again.report.bytes_downloaded
+        ),
         (0, 2, 0)
     );
     assert_eq!(again.digest, v1_digest);
 
     // By digest; into an existing directory is refused.
     let by_digest = format!("{}/test/img@{v1_digest}", reg.host());
-    let err = pull_to_ext4(opts(by_digest.clone(), "one")).await.expect_err("exists");
+    let err = pull_to_ext4(opts(by_digest.clone(), "one"))
+        .await
+        .expect_err("exists");
     assert!(matches!(err, OciError::Exists(_)), "{err}");
-    let d = pull_to_ext4(opts(by_digest, "three")).await.expect("by digest");
+    let d = pull_to_ext4(opts(by_digest, "three"))
+        .await
+        .expect("by digest");
     assert_eq!(d.digest, v1_digest);
 
     // Multi-arch index: the amd64 entry is chosen.

@@ -134,11 +134,14 @@ impl Registry {
                 break;
             }
             if let Ok(Some(status)) = r.child.try_wait() {
-                let log = std::fs::read_to_string(r._dir.path().join("registry.log"))
-                    .unwrap_or_default();
+                let log =
+                    std::fs::read_to_string(r._dir.path().join("registry.log")).unwrap_or_default();
                 panic!("docker-registry exited with {status}: {log}");
             }
-            assert!(Instant::now() < deadline, "docker-registry did not answer /v2/ in 30 s");
+            assert!(
+                Instant::now() < deadline,
+                "docker-registry did not answer /v2/ in 30 s"
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
         let _ = &mut r;
@@ -389,7 +392,9 @@ pub fn stat(image: &Path, path: &str) -> Option<Stat> {
         return None;
     }
     let field = |name: &str| -> String {
-        let i = text.find(name).unwrap_or_else(|| panic!("{name} in {text}"));
+        let i = text
+            .find(name)
+            .unwrap_or_else(|| panic!("{name} in {text}"));
         text[i + name.len()..]
             .split_whitespace()
             .next()
