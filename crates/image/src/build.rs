@@ -535,7 +535,10 @@ fn mmdebstrap_args(spec: &DebianBuild, packages: &[String], tree: &Path) -> Vec<
     args
 }
 
-fn mkfs_args(tree: &Path, rootfs: &Path, label: &str, inodes: u64) -> Vec<OsString> {
+/// `mkfs.ext4` arguments writing the tree at `tree` into the (already sized)
+/// file `rootfs`, labelled `label`, with `inodes` inodes and a root-owned
+/// root directory.
+pub fn mkfs_args(tree: &Path, rootfs: &Path, label: &str, inodes: u64) -> Vec<OsString> {
     let mut args: Vec<OsString> = ["-F", "-T", "default", "-b", "4096", "-E", "root_owner=0:0"]
         .iter()
         .map(OsString::from)

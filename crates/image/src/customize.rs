@@ -165,7 +165,7 @@ impl InstallSection {
 
     /// Enablement links relative to the tree root, with their targets, as
     /// `systemctl enable` would make them.
-    fn links(&self, unit_name: &str) -> Vec<(PathBuf, PathBuf)> {
+    pub fn links(&self, unit_name: &str) -> Vec<(PathBuf, PathBuf)> {
         let dirs = self
             .wanted_by
             .iter()
@@ -226,7 +226,7 @@ pub fn find_kernel(root: &Path) -> Result<KernelFiles, ImageError> {
 /// Applies banger's changes to the Debian tree at `root`. Everything is
 /// checked before the first change, and running it twice gives the same tree.
 pub fn customize(root: &Path, c: &Customization<'_>) -> Result<(), ImageError> {
-    let install = InstallSection::parse(c.agent_unit)?;
+    InstallSection::parse(c.agent_unit)?;
     if !c.agent_binary.is_file() {
         return Err(ImageError::AgentMissing(c.agent_binary.to_path_buf()));
     }
@@ -251,22 +251,7 @@ pub fn customize(root: &Path, c: &Customization<'_>) -> Result<(), ImageError> {
     write_file(root, "etc/fstab", FSTAB.as_bytes(), 0o644)?;
 
     // The agent, started by its own unit.
-    let agent = std::fs::read(c.agent_binary).map_err(ImageError::io(format!(
-        "reading {}",
-        c.agent_binary.display()
-    )))?;
-    write_file(root, rel(AGENT_BINARY_PATH), &agent, 0o755)?;
-    let unit_rel = Path::new("etc/systemd/system").join(AGENT_UNIT_NAME);
-    write_file(root, &unit_rel, c.agent_unit.as_bytes(), 0o644)?;
-    for (link, target) in install.links(AGENT_UNIT_NAME) {
-        write_symlink(root, &link, &target)?;
-    }
-    write_file(
-        root,
-        rel(AGENT_MODULES_CONF_PATH),
-        c.agent_modules_conf.as_bytes(),
-        0o644,
-    )?;
+    install_agent(root, c, true)?;
 
     // sshd: hardened, keys per VM.
     write_file(
@@ -316,6 +301,34 @@ pub fn customize(root: &Path, c: &Customization<'_>) -> Result<(), ImageError> {
     Ok(())
 }
 
+/// Installs the agent binary at [`AGENT_BINARY_PATH`] and its module list;
+/// with `systemd`, also its unit, enabled per the unit's `[Install]` section.
+/// Shared by the Debian build and OCI imports.
+pub fn install_agent(root: &Path, c: &Customization<'_>, systemd: bool) -> Result<(), ImageError> {
+    let install = InstallSection::parse(c.agent_unit)?;
+    let agent = std::fs::read(c.agent_binary).map_err(|e| match e.kind() {
+        std::io::ErrorKind::NotFound => ImageError::AgentMissing(c.agent_binary.to_path_buf()),
+        _ => ImageError::Io {
+            context: format!("reading {}", c.agent_binary.display()),
+            source: e,
+        },
+    })?;
+    write_file(root, rel(AGENT_BINARY_PATH), &agent, 0o755)?;
+    if systemd {
+        let unit_rel = Path::new("etc/systemd/system").join(AGENT_UNIT_NAME);
+        write_file(root, &unit_rel, c.agent_unit.as_bytes(), 0o644)?;
+        for (link, target) in install.links(AGENT_UNIT_NAME) {
+            write_symlink(root, &link, &target)?;
+        }
+    }
+    write_file(
+        root,
+        rel(AGENT_MODULES_CONF_PATH),
+        c.agent_modules_conf.as_bytes(),
+        0o644,
+    )
+}
+
 /// Whether an sshd_config includes `sshd_config.d/*.conf`.
 fn includes_dropins(config: &str) -> bool {
     config.lines().map(str::trim).any(|l| {
@@ -328,13 +341,13 @@ fn includes_dropins(config: &str) -> bool {
 }
 
 /// An absolute guest path as a path relative to the tree root.
-fn rel(guest_path: &str) -> &Path {
+pub fn rel(guest_path: &str) -> &Path {
     Path::new(guest_path.trim_start_matches('/'))
 }
 
 /// `root/rel`, after checking that `rel` stays inside the tree and that no
 /// existing directory on the way is a symlink.
-fn inside(root: &Path, rel: &Path) -> Result<PathBuf, ImageError> {
+pub fn inside(root: &Path, rel: &Path) -> Result<PathBuf, ImageError> {
     let mut p = root.to_path_buf();
     let comps: Vec<Component<'_>> = rel.components().collect();
     for (i, comp) in comps.iter().enumerate() {
@@ -381,7 +394,7 @@ fn create_dirs(root: &Path, rel: &Path) -> Result<(), ImageError> {
 }
 
 /// Creates directory `rel` (and missing parents) and gives it `mode`.
-fn make_dir(root: &Path, rel: &Path, mode: u32) -> Result<(), ImageError> {
+pub fn make_dir(root: &Path, rel: &Path, mode: u32) -> Result<(), ImageError> {
     create_dirs(root, rel)?;
     set_mode(&inside(root, rel)?, mode)
 }
@@ -393,7 +406,7 @@ fn set_mode(p: &Path, mode: u32) -> Result<(), ImageError> {
 
 /// Replaces whatever is at `rel` (a symlink is replaced, never followed)
 /// with a file holding `content`.
-fn write_file(
+pub fn write_file(
     root: &Path,
     rel: impl AsRef<Path>,
     content: &[u8],
@@ -417,7 +430,7 @@ fn write_file(
 }
 
 /// Replaces whatever is at `rel` with a symlink to `target`.
-fn write_symlink(root: &Path, rel: &Path, target: &Path) -> Result<(), ImageError> {
+pub fn write_symlink(root: &Path, rel: &Path, target: &Path) -> Result<(), ImageError> {
     let p = inside(root, rel)?;
     if let Some(parent) = rel.parent() {
         create_dirs(root, parent)?;
@@ -427,7 +440,7 @@ fn write_symlink(root: &Path, rel: &Path, target: &Path) -> Result<(), ImageErro
 }
 
 /// Removes `rel` if it exists and `pred` holds for its (not followed) metadata.
-fn remove_file_if(
+pub fn remove_file_if(
     root: &Path,
     rel: impl AsRef<Path>,
     pred: impl Fn(&std::fs::Metadata) -> bool,

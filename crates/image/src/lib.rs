@@ -18,11 +18,12 @@ mod staging;
 
 pub use build::{
     BASE_PACKAGES, BuiltImage, DebianBuild, Progress, build_debian, debian_image_exists,
-    kernel_name,
+    kernel_name, mkfs_args,
 };
-pub use fsutil::{TreeUsage, rootfs_size, tree_usage};
+pub use fsutil::{ROOTFS_HEADROOM, TreeUsage, find_tool, inode_count, rootfs_size, tree_usage};
 pub use manifest::Manifest;
-pub use staging::mounts_under;
+pub use process::run_tool;
+pub use staging::{Staging, mounts_under, remove_tree};
 
 use std::path::PathBuf;
 

@@ -45,7 +45,7 @@ impl Drop for GroupGuard {
 /// (stdout and stderr) to `on_line`. When `cancel` fires, the group gets
 /// SIGTERM, then SIGKILL after a grace period, and the call returns
 /// [`ImageError::Cancelled`] once the tool has exited.
-pub(crate) async fn run_tool(
+pub async fn run_tool(
     tool: &'static str,
     program: &Path,
     args: Vec<OsString>,

@@ -95,7 +95,7 @@ pub(crate) fn unmount_all_under(dir: &Path) -> Result<(), ImageError> {
 
 /// Unmounts what is mounted under `dir`, then deletes it (a file or symlink
 /// is just removed). A missing `dir` is fine.
-pub(crate) fn remove_tree(dir: &Path) -> Result<(), ImageError> {
+pub fn remove_tree(dir: &Path) -> Result<(), ImageError> {
     let removed = match std::fs::symlink_metadata(dir) {
         Err(_) => return Ok(()),
         Ok(m) if !m.is_dir() => std::fs::remove_file(dir),
@@ -162,14 +162,14 @@ pub(crate) async fn lock_images_dir(
 
 /// A build's staging directory. Unless [`Staging::keep`] is called it is
 /// removed when dropped, so a build future dropped mid-way cleans up too.
-pub(crate) struct Staging {
+pub struct Staging {
     dir: PathBuf,
     armed: bool,
 }
 
 impl Staging {
     /// Creates `images_dir/.staging-<name>-<random>`.
-    pub(crate) fn create(images_dir: &Path, name: &str) -> Result<Staging, ImageError> {
+    pub fn create(images_dir: &Path, name: &str) -> Result<Staging, ImageError> {
         let dir = images_dir.join(format!(
             "{STAGING_PREFIX}{name}-{:016x}",
             rand::random::<u64>()
@@ -178,12 +178,12 @@ impl Staging {
         Ok(Staging { dir, armed: true })
     }
 
-    pub(crate) fn path(&self) -> &Path {
+    pub fn path(&self) -> &Path {
         &self.dir
     }
 
     /// Removes the directory now (unmounting first) and reports failures.
-    pub(crate) async fn discard(mut self) -> Result<(), ImageError> {
+    pub async fn discard(mut self) -> Result<(), ImageError> {
         self.armed = false;
         let dir = self.dir.clone();
         tokio::task::spawn_blocking(move || remove_tree(&dir))
@@ -195,7 +195,7 @@ impl Staging {
     }
 
     /// The directory stays; the caller has moved or taken it over.
-    pub(crate) fn keep(mut self) {
+    pub fn keep(mut self) {
         self.armed = false;
     }
 }
