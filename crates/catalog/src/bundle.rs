@@ -228,14 +228,16 @@ async fn write_bundle<M: serde::Serialize + Send + 'static>(
             listed.push(scan(fname, path, &cancel)?);
         }
         let manifest = make_manifest(listed.clone());
-        let mut manifest_json = serde_json::to_vec_pretty(&manifest).map_err(|e| {
-            CatalogError::Invalid(format!("encoding the bundle manifest: {e}"))
-        })?;
+        let mut manifest_json = serde_json::to_vec_pretty(&manifest)
+            .map_err(|e| CatalogError::Invalid(format!("encoding the bundle manifest: {e}")))?;
         manifest_json.push(b'\n');
 
         std::fs::create_dir_all(&out_dir)
             .map_err(CatalogError::io(format!("creating {}", out_dir.display())))?;
-        let tmp = out_dir.join(format!(".{name}-{:016x}.tar.zst.tmp", rand::random::<u64>()));
+        let tmp = out_dir.join(format!(
+            ".{name}-{:016x}.tar.zst.tmp",
+            rand::random::<u64>()
+        ));
         let result = write_tar(&tmp, &manifest_json, &files, &listed, &cancel);
         let (sha256, size) = match result {
             Ok(v) => v,
@@ -327,10 +329,14 @@ fn write_tar(
     let workers = std::thread::available_parallelism().map_or(1, |n| n.get() as u32);
     enc.multithread(workers).map_err(CatalogError::io(ctx()))?;
     let mut tar = tar::Builder::new(enc);
-    tar.append(&header(MANIFEST_FILE, manifest_json.len() as u64), manifest_json)
-        .map_err(CatalogError::io(ctx()))?;
+    tar.append(
+        &header(MANIFEST_FILE, manifest_json.len() as u64),
+        manifest_json,
+    )
+    .map_err(CatalogError::io(ctx()))?;
     for ((name, path), want) in files.iter().zip(listed) {
-        let src = File::open(path).map_err(CatalogError::io(format!("reading {}", path.display())))?;
+        let src =
+            File::open(path).map_err(CatalogError::io(format!("reading {}", path.display())))?;
         let mut reader = HashingReader {
             inner: src.take(want.size),
             hasher: Sha256::new(),
@@ -452,7 +458,9 @@ mod tests {
             name: "ok".into(),
             ..req
         };
-        let err = bundle_image(&req, &cancel).await.expect_err("missing rootfs");
+        let err = bundle_image(&req, &cancel)
+            .await
+            .expect_err("missing rootfs");
         assert!(err.to_string().contains("rootfs.ext4"), "{err}");
         assert!(!t.path().join("out").exists());
     }

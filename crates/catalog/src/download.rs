@@ -123,6 +123,10 @@ pub(crate) async fn fetch(
     // Whatever happened, what was written must be on file before the next
     // attempt measures the .part.
     let flushed = dl.file.flush().await;
+    if result.is_err() && dl.have == 0 {
+        // Nothing to resume from: leave no empty .part behind.
+        let _ = std::fs::remove_file(part);
+    }
     result?;
     flushed.map_err(CatalogError::io(format!("writing {}", part.display())))?;
     let actual = hex_digest(dl.hasher);
@@ -199,18 +203,28 @@ impl Download<'_> {
         self.file
             .set_len(0)
             .await
-            .map_err(CatalogError::io(format!("truncating {}", self.part.display())))?;
+            .map_err(CatalogError::io(format!(
+                "truncating {}",
+                self.part.display()
+            )))?;
         self.file
             .seek(std::io::SeekFrom::Start(0))
             .await
-            .map_err(CatalogError::io(format!("truncating {}", self.part.display())))?;
+            .map_err(CatalogError::io(format!(
+                "truncating {}",
+                self.part.display()
+            )))?;
         self.hasher = Sha256::new();
         self.have = 0;
+        self.report(true);
         Ok(())
     }
 
     fn report(&mut self, force: bool) {
-        if force || self.have - self.reported >= PROGRESS_STEP || self.have == self.src.size {
+        if force
+            || self.have.saturating_sub(self.reported) >= PROGRESS_STEP
+            || self.have == self.src.size
+        {
             self.reported = self.have;
             (self.progress)(Progress::Download {
                 done: self.have,
@@ -257,7 +271,11 @@ impl Download<'_> {
             };
             match r.status() {
                 reqwest::StatusCode::RANGE_NOT_SATISFIABLE if self.have > 0 => {
-                    tracing::warn!(url = self.src.url, offset = self.have, "server refused the range; starting over");
+                    tracing::warn!(
+                        url = self.src.url,
+                        offset = self.have,
+                        "server refused the range; starting over"
+                    );
                     self.restart().await?;
                 }
                 _ => {
@@ -267,7 +285,9 @@ impl Download<'_> {
             }
         }
         let Some(mut resp) = resp else {
-            return Err(http("the server refused to send the bundle from its start".into()));
+            return Err(http(
+                "the server refused to send the bundle from its start".into(),
+            ));
         };
         let status = resp.status();
         if status == reqwest::StatusCode::PARTIAL_CONTENT && self.have > 0 {
@@ -280,7 +300,11 @@ impl Download<'_> {
             }
         } else if status == reqwest::StatusCode::OK {
             if self.have > 0 {
-                tracing::warn!(url = self.src.url, offset = self.have, "server ignored the range; starting over");
+                tracing::warn!(
+                    url = self.src.url,
+                    offset = self.have,
+                    "server ignored the range; starting over"
+                );
                 self.restart().await?;
             }
         } else {
@@ -342,7 +366,10 @@ impl Download<'_> {
             if cancel.is_cancelled() {
                 return Err(CatalogError::Cancelled);
             }
-            let n = src.read(&mut buf).await.map_err(CatalogError::io(ctx.clone()))?;
+            let n = src
+                .read(&mut buf)
+                .await
+                .map_err(CatalogError::io(ctx.clone()))?;
             if n == 0 {
                 return Err(self.incomplete(format!("{} got shorter", path.display())));
             }

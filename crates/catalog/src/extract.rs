@@ -1,11 +1,11 @@
 //! Unpacking a verified bundle into a staging directory: only the expected
 //! regular files, each checked against the manifest, written sparse.
 
+use crate::CatalogError;
 use crate::download::check_space;
 use crate::manifest::{MANIFEST_FILE, MAX_MANIFEST_BYTES, Manifest, parse_manifest};
 use crate::names::hex_digest;
 use crate::pull::{Progress, ProgressFn};
-use crate::CatalogError;
 use sha2::{Digest, Sha256};
 use std::collections::BTreeSet;
 use std::fs::File;
@@ -34,12 +34,14 @@ pub(crate) fn is_zero(b: &[u8]) -> bool {
 /// Unpacks the zstd tar `bundle` into the empty directory `dest`: the
 /// manifest must come first and describe a `M::KIND` named `expected_name`;
 /// then exactly the files it lists, as plain regular files, each once, with
-/// the listed size and sha256. Writes the manifest last and flushes
+/// the listed size and sha256. `check` compares the manifest with the
+/// catalog entry before anything is written. Writes the manifest last and flushes
 /// everything. `label` names the bundle in errors.
 pub(crate) fn extract<M: Manifest>(
     bundle: &Path,
     label: &str,
     expected_name: &str,
+    check: &(dyn Fn(&M) -> Result<(), String> + Send + Sync),
     dest: &Path,
     progress: &ProgressFn,
     cancel: &CancellationToken,
@@ -73,6 +75,7 @@ pub(crate) fn extract<M: Manifest>(
         .read_to_end(&mut manifest_bytes)
         .map_err(|e| bad(format!("reading {MANIFEST_FILE}: {e}")))?;
     let manifest: M = parse_manifest(&manifest_bytes, expected_name).map_err(&bad)?;
+    check(&manifest).map_err(&bad)?;
 
     let needed = manifest
         .files()
@@ -120,10 +123,9 @@ pub(crate) fn extract<M: Manifest>(
         let sha = write_sparse(&mut entry, &out, expected.size, &mut tracker, cancel).map_err(
             |e| match e {
                 WriteError::Read(e) => bad(format!("reading {name}: {e}")),
-                WriteError::Short(n) => bad(format!(
-                    "{name} ends after {n} of {} bytes",
-                    expected.size
-                )),
+                WriteError::Short(n) => {
+                    bad(format!("{name} ends after {n} of {} bytes", expected.size))
+                }
                 WriteError::Write(e) => CatalogError::Io {
                     context: format!("writing {}", path.display()),
                     source: e,

@@ -363,6 +363,8 @@ pub fn merge_into_index_file(path: &Path, entries: &[IndexEntry]) -> Result<Inde
 mod tests {
     use super::*;
 
+    type Change = Box<dyn Fn(&mut Index)>;
+
     fn kernel(name: &str) -> KernelEntry {
         KernelEntry {
             name: name.into(),
@@ -427,13 +429,19 @@ mod tests {
 
     #[test]
     fn refuses_bad_values_naming_them() {
-        let cases: Vec<(Box<dyn Fn(&mut Index)>, &str)> = vec![
+        let cases: Vec<(Change, &str)> = vec![
             (Box::new(|i| i.version = 2), "format version 2"),
             (Box::new(|i| i.images[0].name = "../x".into()), "\"../x\""),
-            (Box::new(|i| i.kernels[0].sha256 = "TODO".into()), "\"TODO\""),
+            (
+                Box::new(|i| i.kernels[0].sha256 = "TODO".into()),
+                "\"TODO\"",
+            ),
             (Box::new(|i| i.kernels[0].size = 0), "size 0"),
             (Box::new(|i| i.images[0].url = "ftp://x/y".into()), "ftp"),
-            (Box::new(|i| i.images[0].url = "no url".into()), "\"no url\""),
+            (
+                Box::new(|i| i.images[0].url = "no url".into()),
+                "\"no url\"",
+            ),
             (Box::new(|i| i.images[0].kernel = "nope".into()), "\"nope\""),
             (
                 Box::new(|i| i.kernels.push(i.kernels[0].clone())),
@@ -510,11 +518,11 @@ mod tests {
     fn entries_print_as_tagged_json() {
         let e = IndexEntry::Kernel(kernel("generic-6.12"));
         let text = serde_json::to_string(&e).expect("json");
-        assert!(text.starts_with(r#"{"kernel":{"name":"generic-6.12""#), "{text}");
-        assert_eq!(
-            serde_json::from_str::<IndexEntry>(&text).expect("parse"),
-            e
+        assert!(
+            text.starts_with(r#"{"kernel":{"name":"generic-6.12""#),
+            "{text}"
         );
+        assert_eq!(serde_json::from_str::<IndexEntry>(&text).expect("parse"), e);
     }
 
     #[tokio::test]

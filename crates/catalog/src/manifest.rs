@@ -202,7 +202,7 @@ pub(crate) fn parse_manifest<M: Manifest>(bytes: &[u8], expected_name: &str) -> 
     for f in m.files() {
         if !M::FILES.iter().any(|s| s.name == f.name) {
             return Err(format!(
-                "{MANIFEST_FILE} lists {:?}, which is not a {} file (expected {})",
+                "{MANIFEST_FILE} lists {:?}; {} bundles hold only {}",
                 f.name,
                 M::KIND,
                 M::FILES
@@ -241,6 +241,8 @@ pub(crate) fn parse_manifest<M: Manifest>(bytes: &[u8], expected_name: &str) -> 
 mod tests {
     use super::*;
 
+    type Change = Box<dyn Fn(&mut ImageManifest)>;
+
     fn file(name: &str) -> BundleFile {
         BundleFile {
             name: name.into(),
@@ -262,16 +264,13 @@ mod tests {
     }
 
     fn check(m: &ImageManifest) -> Result<ImageManifest, String> {
-        parse_manifest::<ImageManifest>(
-            &serde_json::to_vec(m).expect("json"),
-            "debian-bookworm",
-        )
+        parse_manifest::<ImageManifest>(&serde_json::to_vec(m).expect("json"), "debian-bookworm")
     }
 
     #[test]
     fn accepts_a_good_manifest_and_refuses_bad_ones() {
         assert_eq!(check(&sample()).expect("good"), sample());
-        let cases: Vec<(Box<dyn Fn(&mut ImageManifest)>, &str)> = vec![
+        let cases: Vec<(Change, &str)> = vec![
             (Box::new(|m| m.name = "other".into()), "\"other\""),
             (Box::new(|m| m.version = 9), "version 9"),
             (Box::new(|m| m.files.push(file("../etc"))), "\"../etc\""),

@@ -17,7 +17,9 @@ pub(crate) const NAME_RULE: &str =
 
 /// A sha256 digest written as 64 lowercase hex digits.
 pub(crate) fn is_sha256_hex(s: &str) -> bool {
-    s.len() == 64 && s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    s.len() == 64
+        && s.bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
 }
 
 /// Lowercase hex of a finished hash.
@@ -35,7 +37,16 @@ mod tests {
             assert!(is_valid_name(ok), "{ok}");
         }
         for bad in [
-            "", ".", "..", "-x", ".hidden", "A", "a/b", "a b", "é", &"a".repeat(64),
+            "",
+            ".",
+            "..",
+            "-x",
+            ".hidden",
+            "A",
+            "a/b",
+            "a b",
+            "é",
+            &"a".repeat(64),
         ] {
             assert!(!is_valid_name(bad), "{bad:?}");
         }

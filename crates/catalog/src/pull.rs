@@ -91,22 +91,18 @@ pub async fn pull_image(
         size: entry.size,
         arch: &entry.arch,
     };
-    let (dir, manifest) = pull::<ImageManifest>(&target, cache_dir, images_dir, opts).await?;
-    if manifest.kernel != entry.kernel {
-        // The bundle matches the index's digest, so the index entry is wrong.
-        let _ = blocking({
-            let dir = dir.clone();
-            move || remove_dir(&dir)
-        })
-        .await;
-        return Err(CatalogError::bad_bundle(
-            &entry.url,
-            format!(
-                "it boots kernel {:?}, the catalog entry says {:?}",
-                manifest.kernel, entry.kernel
-            ),
-        ));
-    }
+    let kernel = entry.kernel.clone();
+    let check = move |m: &ImageManifest| {
+        if m.kernel == kernel {
+            Ok(())
+        } else {
+            Err(format!(
+                "it boots kernel {:?}, the catalog entry says {kernel:?}",
+                m.kernel
+            ))
+        }
+    };
+    let (dir, manifest) = pull(&target, check, cache_dir, images_dir, opts).await?;
     let file = |n: &str| manifest.file(n).map(|_| dir.join(n));
     Ok(PulledImage {
         rootfs: dir.join(ROOTFS_FILE),
@@ -133,21 +129,18 @@ pub async fn pull_kernel(
         size: entry.size,
         arch: &entry.arch,
     };
-    let (dir, manifest) = pull::<KernelManifest>(&target, cache_dir, kernels_dir, opts).await?;
-    if manifest.release != entry.release {
-        let _ = blocking({
-            let dir = dir.clone();
-            move || remove_dir(&dir)
-        })
-        .await;
-        return Err(CatalogError::bad_bundle(
-            &entry.url,
-            format!(
-                "it holds kernel release {:?}, the catalog entry says {:?}",
-                manifest.release, entry.release
-            ),
-        ));
-    }
+    let release = entry.release.clone();
+    let check = move |m: &KernelManifest| {
+        if m.release == release {
+            Ok(())
+        } else {
+            Err(format!(
+                "it holds kernel release {:?}, the catalog entry says {release:?}",
+                m.release
+            ))
+        }
+    };
+    let (dir, manifest) = pull(&target, check, cache_dir, kernels_dir, opts).await?;
     let file = |n: &str| manifest.file(n).map(|_| dir.join(n));
     Ok(PulledKernel {
         kernel: dir.join(KERNEL_FILE),
@@ -175,6 +168,7 @@ const STAGING_PREFIX: &str = ".pull-";
 
 async fn pull<M: Manifest>(
     t: &Target<'_>,
+    check: impl Fn(&M) -> Result<(), String> + Send + Sync + 'static,
     cache_dir: &Path,
     store_dir: &Path,
     opts: &PullOptions,
@@ -206,8 +200,10 @@ async fn pull<M: Manifest>(
     if std::fs::symlink_metadata(&dest).is_ok() {
         return Err(CatalogError::Exists(dest));
     }
-    std::fs::create_dir_all(store_dir)
-        .map_err(CatalogError::io(format!("creating {}", store_dir.display())))?;
+    std::fs::create_dir_all(store_dir).map_err(CatalogError::io(format!(
+        "creating {}",
+        store_dir.display()
+    )))?;
     {
         let store_dir = store_dir.to_path_buf();
         blocking(move || remove_stale(&store_dir)).await?;
@@ -220,15 +216,32 @@ async fn pull<M: Manifest>(
         size: t.size,
     };
     let verified = fetch(&src, &part, &opts.progress, &opts.cancel).await?;
-    tracing::info!(kind = M::KIND, name = t.name, url = t.url, "bundle downloaded and verified");
+    tracing::info!(
+        kind = M::KIND,
+        name = t.name,
+        url = t.url,
+        "bundle downloaded and verified"
+    );
 
     let job = {
         let (store_dir, dest, name) = (store_dir.to_path_buf(), dest.clone(), t.name.to_string());
-        let (label, progress, cancel) = (t.url.to_string(), opts.progress.clone(), opts.cancel.clone());
+        let (label, progress, cancel) = (
+            t.url.to_string(),
+            opts.progress.clone(),
+            opts.cancel.clone(),
+        );
         let bundle = verified.path.clone();
         move || -> Result<M, CatalogError> {
             let staging = Staging::create(&store_dir, &name)?;
-            let m = extract::<M>(&bundle, &label, &name, &staging.dir, &progress, &cancel)?;
+            let m = extract::<M>(
+                &bundle,
+                &label,
+                &name,
+                &check,
+                &staging.dir,
+                &progress,
+                &cancel,
+            )?;
             staging.publish(&dest)?;
             Ok(m)
         }
@@ -267,10 +280,11 @@ impl Staging {
             "{STAGING_PREFIX}{name}-{:016x}",
             rand::random::<u64>()
         ));
-        std::fs::create_dir(&dir).map_err(CatalogError::io(format!("creating {}", dir.display())))?;
+        std::fs::create_dir(&dir)
+            .map_err(CatalogError::io(format!("creating {}", dir.display())))?;
         let mut s = Staging { dir, lock: None };
-        let f = File::open(&s.dir)
-            .map_err(CatalogError::io(format!("opening {}", s.dir.display())))?;
+        let f =
+            File::open(&s.dir).map_err(CatalogError::io(format!("opening {}", s.dir.display())))?;
         s.lock = Some(
             Flock::lock(f, FlockArg::LockExclusiveNonblock).map_err(|(_, e)| CatalogError::Io {
                 context: format!("locking {}", s.dir.display()),
@@ -306,16 +320,16 @@ impl Drop for Staging {
     }
 }
 
-fn remove_dir(dir: &Path) -> Result<(), CatalogError> {
-    std::fs::remove_dir_all(dir).map_err(CatalogError::io(format!("removing {}", dir.display())))
-}
-
 /// Removes staging directories of pulls that died (their lock is gone).
 fn remove_stale(store_dir: &Path) -> Result<(), CatalogError> {
     let entries = std::fs::read_dir(store_dir)
         .map_err(CatalogError::io(format!("listing {}", store_dir.display())))?;
     for entry in entries.flatten() {
-        if !entry.file_name().to_string_lossy().starts_with(STAGING_PREFIX) {
+        if !entry
+            .file_name()
+            .to_string_lossy()
+            .starts_with(STAGING_PREFIX)
+        {
             continue;
         }
         let path = entry.path();
