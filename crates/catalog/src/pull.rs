@@ -5,8 +5,8 @@ use crate::download::{Source, VerifiedPart, fetch};
 use crate::extract::extract;
 use crate::index::{ImageEntry, KernelEntry};
 use crate::manifest::{
-    CONFIG_FILE, INITRD_FILE, ImageManifest, KERNEL_FILE, KernelManifest, MODULES_FILE, Manifest,
-    ROOTFS_FILE, VMLINUX_FILE, WORK_SEED_FILE,
+    CONFIG_FILE, INITRD_FILE, ImageManifest, KERNEL_FILE, KernelManifest, MANIFEST_FILE,
+    MODULES_FILE, Manifest, ROOTFS_FILE, VMLINUX_FILE, WORK_SEED_FILE, parse_manifest,
 };
 use crate::names::{NAME_RULE, is_sha256_hex, is_valid_name};
 use crate::{CatalogError, blocking};
@@ -103,14 +103,7 @@ pub async fn pull_image(
         }
     };
     let (dir, manifest) = pull(&target, check, cache_dir, images_dir, opts).await?;
-    let file = |n: &str| manifest.file(n).map(|_| dir.join(n));
-    Ok(PulledImage {
-        rootfs: dir.join(ROOTFS_FILE),
-        work_seed: file(WORK_SEED_FILE),
-        size_bytes: manifest.file(ROOTFS_FILE).map_or(0, |f| f.size),
-        dir,
-        manifest,
-    })
+    Ok(PulledImage::new(dir, manifest))
 }
 
 /// Downloads the bundle of `entry` (to `cache_dir`, resuming an earlier
@@ -141,17 +134,66 @@ pub async fn pull_kernel(
         }
     };
     let (dir, manifest) = pull(&target, check, cache_dir, kernels_dir, opts).await?;
-    let file = |n: &str| manifest.file(n).map(|_| dir.join(n));
-    Ok(PulledKernel {
-        kernel: dir.join(KERNEL_FILE),
-        initrd: file(INITRD_FILE),
-        vmlinux: file(VMLINUX_FILE),
-        modules: file(MODULES_FILE),
-        config: file(CONFIG_FILE),
-        release: manifest.release.clone(),
-        dir,
-        manifest,
-    })
+    Ok(PulledKernel::new(dir, manifest))
+}
+
+impl PulledImage {
+    fn new(dir: PathBuf, manifest: ImageManifest) -> Self {
+        let file = |n: &str| manifest.file(n).map(|_| dir.join(n));
+        PulledImage {
+            rootfs: dir.join(ROOTFS_FILE),
+            work_seed: file(WORK_SEED_FILE),
+            size_bytes: manifest.file(ROOTFS_FILE).map_or(0, |f| f.size),
+            dir,
+            manifest,
+        }
+    }
+
+    /// The image pulled earlier into `images_dir/<name>/`, if it is
+    /// complete: its manifest is there and every file it lists has the
+    /// listed size. Lets the daemon adopt a pull that finished just before
+    /// it crashed, instead of failing with [`CatalogError::Exists`].
+    pub fn open(images_dir: &Path, name: &str) -> Option<PulledImage> {
+        let (dir, m) = open_complete::<ImageManifest>(images_dir, name)?;
+        Some(PulledImage::new(dir, m))
+    }
+}
+
+impl PulledKernel {
+    fn new(dir: PathBuf, manifest: KernelManifest) -> Self {
+        let file = |n: &str| manifest.file(n).map(|_| dir.join(n));
+        PulledKernel {
+            kernel: dir.join(KERNEL_FILE),
+            initrd: file(INITRD_FILE),
+            vmlinux: file(VMLINUX_FILE),
+            modules: file(MODULES_FILE),
+            config: file(CONFIG_FILE),
+            release: manifest.release.clone(),
+            dir,
+            manifest,
+        }
+    }
+
+    /// The kernel pulled earlier into `kernels_dir/<name>/`, if complete;
+    /// see [`PulledImage::open`].
+    pub fn open(kernels_dir: &Path, name: &str) -> Option<PulledKernel> {
+        let (dir, m) = open_complete::<KernelManifest>(kernels_dir, name)?;
+        Some(PulledKernel::new(dir, m))
+    }
+}
+
+fn open_complete<M: Manifest>(store_dir: &Path, name: &str) -> Option<(PathBuf, M)> {
+    if !is_valid_name(name) {
+        return None;
+    }
+    let dir = store_dir.join(name);
+    let bytes = std::fs::read(dir.join(MANIFEST_FILE)).ok()?;
+    let m: M = parse_manifest(&bytes, name).ok()?;
+    let complete = m.files().iter().all(|f| {
+        std::fs::symlink_metadata(dir.join(&f.name))
+            .is_ok_and(|md| md.is_file() && md.len() == f.size)
+    });
+    complete.then_some((dir, m))
 }
 
 struct Target<'a> {

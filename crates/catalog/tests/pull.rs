@@ -6,8 +6,8 @@ use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use banger_catalog::{
     CatalogError, ImageBundleRequest, ImageEntry, IndexEntry, KernelBundleRequest, Progress,
-    PullOptions, bundle_image, bundle_kernel, load_index, merge_into_index_file, pull_image,
-    pull_kernel,
+    PullOptions, PulledImage, PulledKernel, bundle_image, bundle_kernel, load_index,
+    merge_into_index_file, pull_image, pull_kernel,
 };
 use rand::RngCore;
 use sha2::{Digest, Sha256};
@@ -451,11 +451,23 @@ async fn bundle_serve_pull_round_trip_keeps_files_identical_and_sparse() {
         .collect();
     assert!(downloads.is_sorted(), "{downloads:?}");
 
-    // A second pull does not overwrite what is there.
+    // A second pull does not overwrite what is there; what is there can be
+    // opened as a complete pull, until a file goes missing.
     let err = pull_image(image, &fx.cache(), &fx.images(), &opts)
         .await
         .expect_err("exists");
     assert!(matches!(err, CatalogError::Exists(_)), "{err}");
+    assert_eq!(
+        PulledImage::open(&fx.images(), "debian-bookworm"),
+        Some(pi.clone())
+    );
+    assert_eq!(PulledKernel::open(&fx.kernels(), "generic-6.12"), Some(pk));
+    std::fs::remove_file(&pi.rootfs).expect("rm");
+    assert_eq!(PulledImage::open(&fx.images(), "debian-bookworm"), None);
+    assert_eq!(
+        PulledImage::open(&fx.images(), "../images/debian-bookworm"),
+        None
+    );
     assert_eq!(fx.server.ranges(), [None, None]);
 }
 
