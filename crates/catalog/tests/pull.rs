@@ -540,15 +540,21 @@ async fn cancelling_keeps_the_part_file_for_a_resume() {
     let (cancel_tx, cancel_rx) = oneshot::channel();
     let (opts, _) = recording_options(Some((MIB, cancel_tx)));
     let cancel = opts.cancel.clone();
-    tokio::spawn(async move {
-        if cancel_rx.await.is_ok() {
-            cancel.cancel();
-        }
+    let (cache, images, image) = (fx.cache(), fx.images(), fx.image.clone());
+    let second = tokio::spawn(async move {
+        cancel_rx.await.expect("the first pull got a MiB");
+        // While the first pull holds the download, a second one is turned
+        // away rather than writing into the same .part.
+        let second = pull_image(&image, &cache, &images, &PullOptions::default()).await;
+        cancel.cancel();
+        second
     });
     let err = with_timeout(pull_image(&fx.image, &fx.cache(), &fx.images(), &opts))
         .await
         .expect_err("cancelled");
     assert!(matches!(err, CatalogError::Cancelled), "{err}");
+    let second = second.await.expect("second pull");
+    assert!(matches!(second, Err(CatalogError::Busy(_))), "{second:?}");
     let kept = fx.part_len().expect("the .part is kept");
     assert!(kept >= MIB, "kept {kept}");
     assert!(fx.images_listing().is_empty());
@@ -931,4 +937,95 @@ async fn entries_that_do_not_match_their_bundle_are_refused() {
         .expect_err("name");
     assert!(err.to_string().contains("\"debian-bookworm\""), "{err}");
     assert!(fx.images_listing().is_empty());
+}
+
+fn run(tool: &str, args: &[&std::ffi::OsStr]) -> String {
+    let out = std::process::Command::new(tool)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("{tool} (e2fsprogs) must be installed: {e}"));
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "{tool} failed: {text}");
+    text
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_real_ext4_image_survives_bundle_and_pull_sparse_and_clean() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let tree = tmp.path().join("tree");
+    std::fs::create_dir_all(tree.join("etc")).expect("mkdir");
+    std::fs::write(tree.join("etc/hostname"), "banger\n").expect("write");
+    random_file(&tree.join("blob"), 300_000);
+    let rootfs = tmp.path().join("rootfs.ext4");
+    std::fs::File::create(&rootfs)
+        .and_then(|f| f.set_len(32 * MIB))
+        .expect("create");
+    run(
+        "mkfs.ext4",
+        &["-q", "-F", "-d"]
+            .map(std::ffi::OsStr::new)
+            .into_iter()
+            .chain([tree.as_os_str(), rootfs.as_os_str()])
+            .collect::<Vec<_>>(),
+    );
+    let server = Server::start().await;
+    let cancel = CancellationToken::new();
+    let bundled = bundle_image(
+        &ImageBundleRequest {
+            name: "ext4-test".into(),
+            description: String::new(),
+            kernel: "generic-6.12".into(),
+            rootfs: rootfs.clone(),
+            work_seed: None,
+            out_dir: tmp.path().join("out"),
+            base_url: server.base.clone(),
+        },
+        &cancel,
+    )
+    .await
+    .expect("bundle");
+    let file = bundled
+        .path
+        .file_name()
+        .expect("name")
+        .to_string_lossy()
+        .into_owned();
+    server.put(&file, std::fs::read(&bundled.path).expect("read"));
+    let rootfs_manifest = bundled
+        .manifest
+        .file("rootfs.ext4")
+        .expect("listed")
+        .clone();
+    assert!(rootfs_manifest.data_bytes < 16 * MIB, "{rootfs_manifest:?}");
+
+    let images = tmp.path().join("images");
+    let pi = with_timeout(pull_image(
+        &bundled.entry,
+        &tmp.path().join("cache"),
+        &images,
+        &PullOptions::default(),
+    ))
+    .await
+    .expect("pull");
+    assert!(std::fs::read(&pi.rootfs).expect("read") == std::fs::read(&rootfs).expect("read"));
+    let used = std::fs::metadata(&pi.rootfs).expect("stat").blocks() * 512;
+    assert!(
+        used <= rootfs_manifest.data_bytes + MIB,
+        "pulled rootfs uses {used} bytes, {} of data",
+        rootfs_manifest.data_bytes
+    );
+    run("e2fsck", &["-fn".as_ref(), pi.rootfs.as_os_str()]);
+    let cat = run(
+        "debugfs",
+        &[
+            "-R".as_ref(),
+            "cat /etc/hostname".as_ref(),
+            pi.rootfs.as_os_str(),
+        ],
+    );
+    assert!(cat.contains("banger"), "{cat}");
 }
