@@ -298,17 +298,28 @@ impl Config {
                 format!("{}: must be at most 64", self.tap_pool_size),
             ));
         }
-        for (key, url) in [
-            ("catalog_url", &self.catalog_url),
-            ("debian_mirror", &self.debian_mirror),
+        // The catalog index may also be a local file (a mirror, or a
+        // catalog being published); a Debian mirror must be HTTP.
+        for (key, url, schemes) in [
+            (
+                "catalog_url",
+                &self.catalog_url,
+                &["http://", "https://", "file:///"][..],
+            ),
+            (
+                "debian_mirror",
+                &self.debian_mirror,
+                &["http://", "https://"][..],
+            ),
         ] {
             if let Some(u) = url
                 .as_ref()
-                .filter(|u| !(u.starts_with("http://") || u.starts_with("https://")))
+                .filter(|u| !schemes.iter().any(|s| u.starts_with(s)))
             {
+                let names: Vec<&str> = schemes.iter().map(|s| s.trim_end_matches('/')).collect();
                 return Err(invalid(
                     key,
-                    format!("{u:?} is not an http:// or https:// URL"),
+                    format!("{u:?} is not a {} URL", names.join(" or ")),
                 ));
             }
         }
@@ -488,6 +499,8 @@ mod tests {
             ("web_listen_addr = 7777\n", "web_listen_addr"),
             ("debian_mirror = \"deb.debian.org\"\n", "debian_mirror"),
             ("catalog_url = \"ftp://x\"\n", "catalog_url"),
+            ("catalog_url = \"/srv/index.json\"\n", "catalog_url"),
+            ("debian_mirror = \"file:///srv/debian\"\n", "debian_mirror"),
             (
                 "[[file_sync]]\nhost = \"~/.aws\"\nguest = \"/etc/x\"\n",
                 "file_sync[0].guest",
@@ -588,6 +601,15 @@ mod tests {
         // The home itself and /root itself are not files to sync.
         assert!(parse("[[file_sync]]\nhost = \"~/\"\nguest = \"~/x\"\n").is_err());
         assert!(parse("[[file_sync]]\nhost = \"~/x\"\nguest = \"/root\"\n").is_err());
+    }
+
+    #[test]
+    fn catalog_url_may_be_a_local_file() {
+        let c = parse("catalog_url = \"file:///srv/catalog/index.json\"\n").expect("ok");
+        assert_eq!(
+            c.catalog_url.as_deref(),
+            Some("file:///srv/catalog/index.json")
+        );
     }
 
     #[test]
