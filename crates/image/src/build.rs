@@ -363,7 +363,10 @@ async fn build_in(
         .await?;
         match extracted {
             Ok((dest, compression)) => {
-                on_line(format!("extracted the {compression} kernel to {}", dest.display()));
+                on_line(format!(
+                    "extracted the {compression} kernel to {}",
+                    dest.display()
+                ));
                 Some(dest)
             }
             Err(e) => {

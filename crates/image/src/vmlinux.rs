@@ -61,7 +61,9 @@ impl std::fmt::Display for Compression {
 pub enum VmlinuxError {
     #[error("not a bzImage: {0}")]
     NotBzImage(String),
-    #[error("bzImage boot protocol {major}.{minor:02} is older than 2.08 and does not locate its payload")]
+    #[error(
+        "bzImage boot protocol {major}.{minor:02} is older than 2.08 and does not locate its payload"
+    )]
     OldProtocol { major: u8, minor: u8 },
     #[error("bzImage is truncated: {0}")]
     Truncated(String),
@@ -235,14 +237,13 @@ pub fn decompress(payload: &[u8], compression: Compression) -> Result<Vec<u8>, V
         // One stream only: the payload ends with the size, not more streams.
         Compression::Xz => read_capped(lzma_rust2::XzReader::new(payload, false), compression),
         Compression::Zstd => {
-            let decoder =
-                ruzstd::decoding::StreamingDecoder::new(payload).map_err(|e| err(&e))?;
+            let decoder = ruzstd::decoding::StreamingDecoder::new(payload).map_err(|e| err(&e))?;
             read_capped(decoder, compression)
         }
         Compression::Lz4 => unlz4_legacy(payload),
         Compression::Lzma => {
-            let reader =
-                lzma_rust2::LzmaReader::new_mem_limit(payload, u32::MAX, None).map_err(|e| err(&e))?;
+            let reader = lzma_rust2::LzmaReader::new_mem_limit(payload, u32::MAX, None)
+                .map_err(|e| err(&e))?;
             read_capped(reader, compression)
         }
     }
@@ -305,7 +306,11 @@ mod tests {
     /// A bzImage with `setup_sects` setup sectors and `payload` (to which the
     /// uncompressed size is appended, like the kernel build does).
     fn bzimage(setup_sects: u8, payload: &[u8], uncompressed: usize) -> Vec<u8> {
-        let sects = if setup_sects == 0 { 4 } else { setup_sects as usize };
+        let sects = if setup_sects == 0 {
+            4
+        } else {
+            setup_sects as usize
+        };
         let setup_len = (sects + 1) * 512;
         let payload_offset = 0x3b4usize; // somewhere inside the protected-mode part
         let mut img = vec![0u8; setup_len + payload_offset];
@@ -418,7 +423,10 @@ mod tests {
         let mut img = good.clone();
         img[PAYLOAD_OFFSET..PAYLOAD_OFFSET + 4].copy_from_slice(&u32::MAX.to_le_bytes());
         img[PAYLOAD_LENGTH..PAYLOAD_LENGTH + 4].copy_from_slice(&u32::MAX.to_le_bytes());
-        assert!(matches!(extract_vmlinux(&img), Err(VmlinuxError::Truncated(_))));
+        assert!(matches!(
+            extract_vmlinux(&img),
+            Err(VmlinuxError::Truncated(_))
+        ));
         // An old boot protocol.
         let mut img = good.clone();
         img[PROTOCOL_VERSION..PROTOCOL_VERSION + 2].copy_from_slice(&0x0204u16.to_le_bytes());

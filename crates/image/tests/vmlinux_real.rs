@@ -100,10 +100,18 @@ fn extracts_a_real_kernel() {
     let compression = vmlinux::extract_vmlinux_file(&kernel, &dest).expect("extract");
     println!("compression: {compression}");
     if kernel.to_string_lossy().contains("cloud-amd64") {
-        assert_eq!(compression, Compression::Lz4, "Debian's cloud kernel is LZ4");
+        assert_eq!(
+            compression,
+            Compression::Lz4,
+            "Debian's cloud kernel is LZ4"
+        );
     }
     let out = std::fs::read(&dest).expect("read vmlinux");
-    assert_eq!(out.len() as u64, u64::from(size), "size recorded in the bzImage");
+    assert_eq!(
+        out.len() as u64,
+        u64::from(size),
+        "size recorded in the bzImage"
+    );
     assert_eq!(&out[..4], b"\x7fELF");
     assert_eq!(out[4], 2, "64-bit ELF");
     assert_eq!(u16::from_le_bytes([out[18], out[19]]), 0x3e, "x86_64 ELF");

@@ -99,7 +99,12 @@ impl HostFacts {
         let Some(fc) = &self.firecracker else {
             let what = self.firecracker_configured.as_ref().map_or_else(
                 || format!("{FIRECRACKER_BINARY} is not in PATH"),
-                |p| format!("{FIRECRACKER_CONFIG_KEY} = {} is not an executable", p.display()),
+                |p| {
+                    format!(
+                        "{FIRECRACKER_CONFIG_KEY} = {} is not an executable",
+                        p.display()
+                    )
+                },
             );
             return Some(format!(
                 "{what}; install Firecracker v{TESTED} from its GitHub release or set {FIRECRACKER_CONFIG_KEY}"
@@ -167,12 +172,16 @@ impl Selection {
 pub fn select_backend(choice: VmmChoice, facts: &HostFacts) -> Result<Selection, SelectError> {
     let qemu = |why: String| -> Result<Selection, SelectError> {
         let accel = Accel::for_host(&facts.kvm);
-        let binary = facts.qemu.clone().ok_or_else(|| {
-            SelectError::NoVmm(format!("{why}; and {}", facts.qemu_missing()))
-        })?;
+        let binary = facts
+            .qemu
+            .clone()
+            .ok_or_else(|| SelectError::NoVmm(format!("{why}; and {}", facts.qemu_missing())))?;
+        // Said once: the reason for not using Firecracker may already be KVM.
         let kvm_note = match &facts.kvm {
-            KvmStatus::Usable { .. } => String::new(),
-            KvmStatus::Unusable(problem) => format!(" because KVM is not usable: {problem}"),
+            KvmStatus::Unusable(problem) if !why.contains("KVM is not usable") => {
+                format!(" because KVM is not usable: {problem}")
+            }
+            _ => String::new(),
         };
         Ok(Selection {
             kind: BackendKind::Qemu(accel),
@@ -186,7 +195,11 @@ pub fn select_backend(choice: VmmChoice, facts: &HostFacts) -> Result<Selection,
             (None, Some(fc)) => Ok(Selection {
                 kind: BackendKind::Firecracker,
                 binary: fc.binary.clone(),
-                reason: format!("vmm = \"firecracker\"; {} {}", fc.binary.display(), fc.version),
+                reason: format!(
+                    "vmm = \"firecracker\"; {} {}",
+                    fc.binary.display(),
+                    fc.version
+                ),
             }),
             (Some(problem), _) => Err(SelectError::FirecrackerUnusable(format!(
                 "{problem}; or set vmm = \"auto\" or \"qemu\""
@@ -237,11 +250,7 @@ mod tests {
         })
     }
 
-    fn facts(
-        kvm: KvmStatus,
-        firecracker: Option<FirecrackerFound>,
-        qemu: bool,
-    ) -> HostFacts {
+    fn facts(kvm: KvmStatus, firecracker: Option<FirecrackerFound>, qemu: bool) -> HostFacts {
         HostFacts {
             kvm,
             firecracker,
@@ -252,7 +261,7 @@ mod tests {
     }
 
     fn kind(r: &Result<Selection, SelectError>) -> Result<BackendKind, &SelectError> {
-        r.as_ref().map(|s| s.kind).map_err(|e| e)
+        r.as_ref().map(|s| s.kind)
     }
 
     #[test]
@@ -289,18 +298,25 @@ mod tests {
 
     #[test]
     fn reasons_say_why() {
-        let auto_pvm = select_backend(VmmChoice::Auto, &facts(pvm(), fc(1, 14, 1), true))
-            .expect("qemu");
+        let auto_pvm =
+            select_backend(VmmChoice::Auto, &facts(pvm(), fc(1, 14, 1), true)).expect("qemu");
         assert!(auto_pvm.reason.contains("kvm_pvm"), "{}", auto_pvm.reason);
-        assert!(auto_pvm.reason.contains("QEMU with tcg"), "{}", auto_pvm.reason);
+        assert!(
+            auto_pvm.reason.contains("QEMU with tcg"),
+            "{}",
+            auto_pvm.reason
+        );
 
-        let auto_fc =
-            select_backend(VmmChoice::Auto, &facts(KVM, fc(1, 14, 1), true)).expect("fc");
+        let auto_fc = select_backend(VmmChoice::Auto, &facts(KVM, fc(1, 14, 1), true)).expect("fc");
         assert_eq!(auto_fc.binary, PathBuf::from("/usr/bin/firecracker"));
         assert!(auto_fc.reason.contains("v1.14.1"), "{}", auto_fc.reason);
 
         let no_fc = select_backend(VmmChoice::Auto, &facts(KVM, None, true)).expect("qemu");
-        assert!(no_fc.reason.contains("firecracker is not in PATH"), "{}", no_fc.reason);
+        assert!(
+            no_fc.reason.contains("firecracker is not in PATH"),
+            "{}",
+            no_fc.reason
+        );
         assert!(no_fc.reason.contains("QEMU with kvm"), "{}", no_fc.reason);
     }
 
@@ -318,7 +334,10 @@ mod tests {
         let msg = select_backend(VmmChoice::Firecracker, &f)
             .expect_err("missing")
             .to_string();
-        assert!(msg.contains("firecracker_bin = /opt/fc/firecracker"), "{msg}");
+        assert!(
+            msg.contains("firecracker_bin = /opt/fc/firecracker"),
+            "{msg}"
+        );
 
         let msg = select_backend(VmmChoice::Firecracker, &facts(KVM, fc(1, 4, 0), true))
             .expect_err("old")

@@ -52,7 +52,10 @@ fn main() {
         Trial::test("contract_full_launch_and_shutdown", || {
             block_on(contract_full_launch_and_shutdown())
         }),
-        Trial::test("validator_rejects_bad_requests", validator_rejects_bad_requests),
+        Trial::test(
+            "validator_rejects_bad_requests",
+            validator_rejects_bad_requests,
+        ),
         Trial::test("early_exit_reports_log_tail", || {
             block_on(early_exit_reports_log_tail())
         }),
@@ -134,7 +137,11 @@ fn read(path: &Path) -> String {
 async fn wait_gone(dir: &Path) {
     let deadline = Instant::now() + WAIT;
     while !common::processes_mentioning(dir).is_empty() {
-        assert!(Instant::now() < deadline, "VMM of {} survived", dir.display());
+        assert!(
+            Instant::now() < deadline,
+            "VMM of {} survived",
+            dir.display()
+        );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
@@ -169,7 +176,10 @@ async fn contract_full_launch_and_shutdown() {
         pid,
         dir: spec.dir.clone(),
     };
-    assert!(vmm_process_alive(pid, &spec.dir), "VMM {pid} not recognised");
+    assert!(
+        vmm_process_alive(pid, &spec.dir),
+        "VMM {pid} not recognised"
+    );
     assert_eq!(read(&paths.pid_file()).trim(), pid.to_string());
     // Its own session, so terminal signals to the daemon never reach it.
     assert_eq!(
@@ -204,9 +214,15 @@ async fn contract_full_launch_and_shutdown() {
 
     // Serial console (stdout), logger and stderr are captured.
     let console = read(&paths.console_log());
-    assert!(console.contains("fake guest console: Linux version"), "{console:?}");
+    assert!(
+        console.contains("fake guest console: Linux version"),
+        "{console:?}"
+    );
     let log = read(&paths.vmm_log());
-    assert!(log.contains("fake logger: Running Firecracker v1.14.1"), "{log:?}");
+    assert!(
+        log.contains("fake logger: Running Firecracker v1.14.1"),
+        "{log:?}"
+    );
     assert!(log.contains("fake stderr: guest started"), "{log:?}");
     assert!(firecracker::metrics_path(&spec.dir).is_file());
 
@@ -431,14 +447,17 @@ async fn terminate_kills_and_reattach_rebinds() {
         panic!("listener expected");
     };
     let path = agent_listener_path(&spec.dir);
-    let (client, accepted) = tokio::join!(tokio::net::UnixStream::connect(&path), listener.accept());
+    let (client, accepted) =
+        tokio::join!(tokio::net::UnixStream::connect(&path), listener.accept());
     client.expect("connect");
     accepted.expect("accept");
     drop(listener);
     // A stale file in its place is replaced.
     std::fs::remove_file(&path).ok();
     std::fs::write(&path, "stale").expect("stale");
-    let again = vmm.reattach_agent(&spec.dir).expect("reattach over a stale file");
+    let again = vmm
+        .reattach_agent(&spec.dir)
+        .expect("reattach over a stale file");
     drop(again);
 
     vmm.terminate(&spec.dir, pid).await.expect("terminate");
@@ -447,10 +466,15 @@ async fn terminate_kills_and_reattach_rebinds() {
         .expect("reaped after terminate")
         .expect("exit task");
     assert!(!vmm_process_alive(pid, &spec.dir));
-    assert!(!Path::new(&format!("/proc/{pid}")).exists(), "pid {pid} still there");
+    assert!(
+        !Path::new(&format!("/proc/{pid}")).exists(),
+        "pid {pid} still there"
+    );
     assert!(!path.exists(), "agent listener socket left behind");
     // Terminating a VMM that is already gone is fine.
-    vmm.terminate(&spec.dir, pid).await.expect("terminate again");
+    vmm.terminate(&spec.dir, pid)
+        .await
+        .expect("terminate again");
 }
 
 fn version_of_a_real_binary() -> Result<(), Failed> {
@@ -479,7 +503,8 @@ struct Contract {
 
 impl Contract {
     fn load() -> Self {
-        let file = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/firecracker-v1.14.1.yaml");
+        let file =
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/firecracker-v1.14.1.yaml");
         let doc: Value = serde_norway::from_str(&read(&file)).expect("parse the API description");
         assert_eq!(doc["swagger"], "2.0");
         let paths = doc["paths"].as_object().expect("paths").clone();
@@ -507,7 +532,9 @@ impl Contract {
         match (param, body) {
             (None, None) => Ok(()),
             (None, Some(_)) => Err(format!("{method} {path} takes no body")),
-            (Some(p), None) if p["required"] == true => Err(format!("{method} {path} needs a body")),
+            (Some(p), None) if p["required"] == true => {
+                Err(format!("{method} {path} needs a body"))
+            }
             (Some(_), None) => Ok(()),
             (Some(p), Some(body)) => {
                 let schema = json!({
@@ -629,14 +656,17 @@ mod fake {
             .enable_all()
             .build()
             .expect("runtime");
-        rt.block_on(serve(State {
-            mode: mode.to_owned(),
-            id,
-            record: socket.parent().expect("socket in a dir").join(RECORD_FILE),
-            started: AtomicBool::new(false),
-            vsock_uds: std::sync::Mutex::new(None),
-            shutting_down: AtomicBool::new(false),
-        }, &socket));
+        rt.block_on(serve(
+            State {
+                mode: mode.to_owned(),
+                id,
+                record: socket.parent().expect("socket in a dir").join(RECORD_FILE),
+                started: AtomicBool::new(false),
+                vsock_uds: std::sync::Mutex::new(None),
+                shutting_down: AtomicBool::new(false),
+            },
+            &socket,
+        ));
         std::process::exit(0)
     }
 
@@ -682,7 +712,8 @@ mod fake {
         let body: Value = if bytes.is_empty() {
             Value::Null
         } else {
-            serde_json::from_slice(&bytes).unwrap_or_else(|_| json!({"unparsable": String::from_utf8_lossy(&bytes)}))
+            serde_json::from_slice(&bytes)
+                .unwrap_or_else(|_| json!({"unparsable": String::from_utf8_lossy(&bytes)}))
         };
         let line = json!({"method": method, "path": path, "body": body});
         std::fs::OpenOptions::new()
@@ -716,7 +747,9 @@ mod fake {
                 // for writing without O_APPEND.
                 let log_path = body["log_path"].as_str().unwrap_or_default();
                 let opened = std::fs::OpenOptions::new().write(true).open(log_path);
-                match opened.and_then(|mut f| writeln!(f, "fake logger: Running Firecracker v1.14.1")) {
+                match opened
+                    .and_then(|mut f| writeln!(f, "fake logger: Running Firecracker v1.14.1"))
+                {
                     Ok(()) => no_content(),
                     Err(e) => Ok(answer(
                         StatusCode::BAD_REQUEST,

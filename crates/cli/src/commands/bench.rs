@@ -247,6 +247,7 @@ async fn bare_boot(client: &banger_api::Client, image: Option<&str>) -> anyhow::
             format: DiskFormat::Qcow2,
             read_only: false,
         }],
+        nets: Vec::new(),
         vcpu: BENCH_VCPU,
         memory_mib: BENCH_MEMORY_MIB,
     };

@@ -162,7 +162,10 @@ impl ApiClient {
         serde_json::from_slice(&bytes).map_err(|e| ApiError::Protocol {
             method: Method::GET,
             path: path.to_owned(),
-            detail: format!("unexpected answer ({e}): {}", String::from_utf8_lossy(&bytes)),
+            detail: format!(
+                "unexpected answer ({e}): {}",
+                String::from_utf8_lossy(&bytes)
+            ),
         })
     }
 
@@ -283,7 +286,10 @@ mod tests {
             "Firecracker refused PUT /machine-config (400): The vCPU number is invalid!"
         );
         let e = rejected(Method::GET, "/", StatusCode::INTERNAL_SERVER_ERROR, b"");
-        assert!(e.to_string().ends_with("(500): Internal Server Error"), "{e}");
+        assert!(
+            e.to_string().ends_with("(500): Internal Server Error"),
+            "{e}"
+        );
         let e = rejected(Method::GET, "/", StatusCode::BAD_REQUEST, b"oops\n");
         assert!(e.to_string().ends_with("(400): oops"), "{e}");
     }

@@ -92,7 +92,11 @@ fn instance_id(name: &str) -> String {
         .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
         .take(64)
         .collect();
-    if id.is_empty() { "banger-vm".into() } else { id }
+    if id.is_empty() {
+        "banger-vm".into()
+    } else {
+        id
+    }
 }
 
 /// The Firecracker argument vector. The API socket path names the VM
@@ -235,7 +239,10 @@ fn remove_stale(path: &Path) -> Result<(), VmmError> {
     match std::fs::remove_file(path) {
         Ok(()) => Ok(()),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(VmmError::io(format!("removing stale {}", path.display()), e)),
+        Err(e) => Err(VmmError::io(
+            format!("removing stale {}", path.display()),
+            e,
+        )),
     }
 }
 
@@ -249,7 +256,8 @@ fn bind_agent_listener(dir: &Path) -> Result<UnixListener, VmmError> {
         ));
     }
     remove_stale(&path)?;
-    UnixListener::bind(&path).map_err(|e| VmmError::io(format!("listening on {}", path.display()), e))
+    UnixListener::bind(&path)
+        .map_err(|e| VmmError::io(format!("listening on {}", path.display()), e))
 }
 
 /// The Firecracker backend.
@@ -266,8 +274,10 @@ impl FirecrackerVmm {
     pub fn from_host(configured_bin: Option<&Path>) -> Result<Self, VmmError> {
         let binary = host::find_binary(FIRECRACKER_BINARY, configured_bin).ok_or_else(|| {
             VmmError::BinaryMissing {
-                binary: configured_bin
-                    .map_or_else(|| FIRECRACKER_BINARY.to_owned(), |p| p.display().to_string()),
+                binary: configured_bin.map_or_else(
+                    || FIRECRACKER_BINARY.to_owned(),
+                    |p| p.display().to_string(),
+                ),
                 config_key: FIRECRACKER_CONFIG_KEY,
             }
         })?;
@@ -388,7 +398,11 @@ impl FirecrackerVmm {
 
     /// Sends the whole configuration, then `InstanceStart`. The agent
     /// listener is bound before the guest can connect.
-    async fn configure(&self, paths: &VmPaths, config: &VmConfig) -> Result<UnixListener, VmmError> {
+    async fn configure(
+        &self,
+        paths: &VmPaths,
+        config: &VmConfig,
+    ) -> Result<UnixListener, VmmError> {
         let api = self.api(&paths.dir);
         api.put_logger(&config.logger).await?;
         api.put_metrics(&config.metrics).await?;
@@ -411,11 +425,10 @@ impl FirecrackerVmm {
     /// have exited (a refused connection or a dropped answer usually means
     /// Firecracker died).
     async fn explain(&self, err: VmmError, child: &mut Child, paths: &VmPaths) -> VmmError {
-        let gone = matches!(&err, VmmError::FirecrackerApi(e) if !matches!(e, ApiError::Rejected { .. }));
-        if gone {
-            if let Ok(status) = tokio::time::timeout(EXIT_CHECK, child.wait()).await {
-                return self.early_exit(status, paths);
-            }
+        let gone =
+            matches!(&err, VmmError::FirecrackerApi(e) if !matches!(e, ApiError::Rejected { .. }));
+        if gone && let Ok(status) = tokio::time::timeout(EXIT_CHECK, child.wait()).await {
+            return self.early_exit(status, paths);
         }
         err
     }
@@ -477,9 +490,8 @@ impl Vmm for FirecrackerVmm {
         tracing::debug!(vm = %spec.name, pid, "spawned Firecracker");
 
         let started = async {
-            std::fs::write(paths.pid_file(), format!("{pid}\n")).map_err(|e| {
-                VmmError::io(format!("writing {}", paths.pid_file().display()), e)
-            })?;
+            std::fs::write(paths.pid_file(), format!("{pid}\n"))
+                .map_err(|e| VmmError::io(format!("writing {}", paths.pid_file().display()), e))?;
             self.wait_ready(&mut child, &paths).await?;
             match self.configure(&paths, &config).await {
                 Ok(listener) => Ok(listener),
@@ -659,7 +671,12 @@ mod tests {
             .collect();
         assert_eq!(
             args,
-            ["--api-sock", "/vms/a/vm/control.sock", "--id", "calm-otter--"]
+            [
+                "--api-sock",
+                "/vms/a/vm/control.sock",
+                "--id",
+                "calm-otter--"
+            ]
         );
         assert_eq!(instance_id(""), "banger-vm");
         assert_eq!(instance_id(&"x".repeat(100)).len(), 64);
@@ -681,8 +698,8 @@ mod tests {
 
     #[test]
     fn missing_binary_names_the_config_key() {
-        let err =
-            FirecrackerVmm::from_host(Some(Path::new("/nonexistent/firecracker"))).expect_err("missing");
+        let err = FirecrackerVmm::from_host(Some(Path::new("/nonexistent/firecracker")))
+            .expect_err("missing");
         assert!(
             matches!(
                 err,

@@ -152,7 +152,10 @@ mod tests {
 
     #[test]
     fn verdicts_cover_the_range() {
-        assert_eq!(judge_version(v(1, 5, 0)), VersionVerdict::Supported(v(1, 5, 0)));
+        assert_eq!(
+            judge_version(v(1, 5, 0)),
+            VersionVerdict::Supported(v(1, 5, 0))
+        );
         assert_eq!(
             judge_version(v(1, 14, 1)),
             VersionVerdict::Supported(v(1, 14, 1))
@@ -161,9 +164,18 @@ mod tests {
             judge_version(v(1, 14, 2)),
             VersionVerdict::UntestedNewer(v(1, 14, 2))
         );
-        assert_eq!(judge_version(v(2, 0, 0)), VersionVerdict::UntestedNewer(v(2, 0, 0)));
-        assert_eq!(judge_version(v(1, 4, 9)), VersionVerdict::TooOld(v(1, 4, 9)));
-        assert_eq!(judge_version(v(0, 25, 0)), VersionVerdict::TooOld(v(0, 25, 0)));
+        assert_eq!(
+            judge_version(v(2, 0, 0)),
+            VersionVerdict::UntestedNewer(v(2, 0, 0))
+        );
+        assert_eq!(
+            judge_version(v(1, 4, 9)),
+            VersionVerdict::TooOld(v(1, 4, 9))
+        );
+        assert_eq!(
+            judge_version(v(0, 25, 0)),
+            VersionVerdict::TooOld(v(0, 25, 0))
+        );
         assert!(judge_version(v(1, 10, 0)).is_usable());
         assert!(judge_version(v(1, 15, 0)).is_usable());
         assert!(!judge_version(v(1, 4, 0)).is_usable());
