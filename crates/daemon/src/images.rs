@@ -82,7 +82,7 @@ impl Daemon {
             name: built.kernel_name.clone(),
             kernel: built.kernel.clone(),
             initrd: Some(built.initrd.clone()),
-            vmlinux: None,
+            vmlinux: built.vmlinux.clone(),
             release: Some(built.kernel_release.clone()),
             created_at: now_rfc3339(),
         };

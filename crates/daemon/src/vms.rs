@@ -8,11 +8,10 @@ use banger_agent_proto::client::AgentClient;
 use banger_api::{CreateVmEvent, CreateVmRequest, Progress};
 use banger_config::{Config, HostResources, apply_flags, effective_defaults};
 use banger_model::{
-    ByteSize, ImageRecord, KernelRecord, VmId, VmName, VmRecord, VmState, generate_name,
+    ByteSize, ImageRecord, KernelRecord, VmBackend, VmId, VmName, VmRecord, VmState, generate_name,
 };
 use banger_storage::{VmDisks, WorkSource};
-use banger_vmm::qemu::QemuVmm;
-use banger_vmm::{DiskFormat, DiskSpec, LaunchSpec, VmPaths, Vmm};
+use banger_vmm::{DiskFormat, DiskSpec, HostFacts, LaunchSpec, VmPaths, Vmm, select_backend};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
@@ -24,17 +23,10 @@ pub(crate) const READY_TIMEOUT: Duration = Duration::from_secs(240);
 
 /// Picks the VMM backend from config and host facts.
 pub(crate) fn choose_backend(cfg: &Config) -> anyhow::Result<(Arc<dyn Vmm>, String)> {
-    let kvm = banger_vmm::host::kvm_status();
-    let why = match cfg.vmm.as_str() {
-        "qemu" => "vmm = \"qemu\" in config".to_string(),
-        "firecracker" => anyhow::bail!(
-            "vmm = \"firecracker\": the Firecracker backend is not in this build yet; set vmm = \"qemu\" or \"auto\""
-        ),
-        _ => "vmm = \"auto\": Firecracker is not in this build".to_string(),
-    };
-    let qemu = QemuVmm::from_host(cfg.qemu_bin.as_deref())?;
-    let reason = format!("{why}; qemu with {} (KVM {kvm})", qemu.accel());
-    Ok((Arc::new(qemu), reason))
+    let facts = HostFacts::probe(cfg.firecracker_bin.as_deref(), cfg.qemu_bin.as_deref());
+    let selection = select_backend(cfg.vmm.as_str().parse()?, &facts)?;
+    let reason = selection.reason.clone();
+    Ok((selection.into_vmm(), reason))
 }
 
 pub(crate) fn now_rfc3339() -> String {
@@ -284,10 +276,25 @@ impl Daemon {
         {
             return Err(fail(steps, e.into()).await);
         }
+        // Firecracker boots an uncompressed ELF; QEMU the bzImage.
+        let kernel_file = match vmm.backend() {
+            VmBackend::Firecracker => match &kernel.vmlinux {
+                Some(v) => v.clone(),
+                None => {
+                    let err = anyhow!(
+                        "kernel {} has no vmlinux, which Firecracker needs: re-pull or rebuild image {}, or set vmm = \"qemu\"",
+                        kernel.name,
+                        image.name
+                    );
+                    return Err(fail(steps, err).await);
+                }
+            },
+            VmBackend::Qemu => kernel.kernel.clone(),
+        };
         let spec = LaunchSpec {
             name: vm.name.to_string(),
             dir: vm.dir.clone(),
-            kernel: kernel.kernel.clone(),
+            kernel: kernel_file,
             initrd: kernel.initrd.clone(),
             extra_cmdline: format!(
                 "{} systemd.hostname={}",
@@ -312,6 +319,7 @@ impl Daemon {
                     read_only: false,
                 },
             ],
+            nets: Vec::new(),
             vcpu: vm.spec.vcpu.value,
             memory_mib: vm.spec.memory_mib.value,
         };

@@ -46,6 +46,8 @@ const WORK_SEED_MIN_BYTES: u64 = 64 * MIB;
 /// File names of the kernel and initrd inside a kernel directory.
 const KERNEL_FILE: &str = "vmlinuz";
 const INITRD_FILE: &str = "initrd.img";
+/// The uncompressed ELF kernel extracted from the bzImage, for Firecracker.
+const VMLINUX_FILE: &str = "vmlinux";
 
 const MIB: u64 = 1 << 20;
 
@@ -88,6 +90,9 @@ pub struct BuiltImage {
     /// The kernel (bzImage).
     pub kernel: PathBuf,
     pub initrd: PathBuf,
+    /// The ELF vmlinux extracted from the kernel (for Firecracker); None
+    /// when the kernel's compression could not be unpacked.
+    pub vmlinux: Option<PathBuf>,
     /// e.g. `6.1.0-50-cloud-amd64`.
     pub kernel_release: String,
     /// True when a complete image was already there and nothing was done.
@@ -137,6 +142,7 @@ pub fn debian_image_exists(
         work_seed,
         size_bytes: m.rootfs_bytes,
         kernel_name: m.kernel_name,
+        vmlinux: Some(kdir.join(VMLINUX_FILE)).filter(|p| p.is_file()),
         kernel,
         initrd,
         kernel_release: m.kernel_release,
@@ -355,6 +361,28 @@ async fn build_in(
         let (kdir, kernel) = (kdir.clone(), kernel.clone());
         blocking(move || install_kernel(&kdir, &kernel.vmlinuz, &kernel.initrd)).await?;
     }
+    // Firecracker boots only the uncompressed kernel. Not fatal: QEMU does
+    // not need it, and a Firecracker launch says what is missing.
+    let vmlinux = {
+        let (src, dest) = (kdir.join(KERNEL_FILE), kdir.join(VMLINUX_FILE));
+        let extracted = blocking(move || {
+            Ok(crate::vmlinux::extract_vmlinux_file(&src, &dest).map(|c| (dest, c)))
+        })
+        .await?;
+        match extracted {
+            Ok((dest, compression)) => {
+                on_line(format!(
+                    "extracted the {compression} kernel to {}",
+                    dest.display()
+                ));
+                Some(dest)
+            }
+            Err(e) => {
+                on_line(format!("warning: no vmlinux for Firecracker: {e}"));
+                None
+            }
+        }
+    };
     checkpoint()?;
 
     let usage = {
@@ -449,6 +477,7 @@ async fn build_in(
         kernel_name: kname,
         kernel: kdir.join(KERNEL_FILE),
         initrd: kdir.join(INITRD_FILE),
+        vmlinux,
         kernel_release: kernel.release,
         already_existed: false,
     })

@@ -15,6 +15,7 @@ mod fsutil;
 mod manifest;
 mod process;
 mod staging;
+pub mod vmlinux;
 
 pub use build::{
     BASE_PACKAGES, BuiltImage, DebianBuild, Progress, build_debian, debian_image_exists,

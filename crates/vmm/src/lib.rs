@@ -8,12 +8,16 @@
 //! Firecracker (API calls, all configuration before `InstanceStart`) fit:
 //! `launch` does whatever the backend needs up to a booting guest.
 
+pub mod firecracker;
 pub mod host;
 mod process;
 pub mod qemu;
 pub mod qmp;
+pub mod select;
 
+pub use firecracker::FirecrackerVmm;
 pub use qemu::{Accel, QemuVmm};
+pub use select::{BackendKind, HostFacts, Selection, VmmChoice, select_backend};
 
 use banger_model::VmBackend;
 use std::path::{Path, PathBuf};
@@ -47,6 +51,12 @@ pub enum VmmError {
     Control(String),
     #[error(transparent)]
     Qmp(#[from] qmp::QmpError),
+    #[error(transparent)]
+    FirecrackerApi(#[from] firecracker::ApiError),
+    /// The spec is invalid or asks for something this backend cannot do;
+    /// the message says what to change.
+    #[error("{0}")]
+    Spec(String),
     #[error("{context}: {source}")]
     Io {
         context: String,
@@ -93,8 +103,29 @@ pub struct LaunchSpec {
     /// Appended to the backend's own kernel arguments (console, root, ...).
     pub extra_cmdline: String,
     pub disks: Vec<DiskSpec>,
+    /// Network interfaces on existing host tap devices, in order (`eth0`,
+    /// ...). Empty for none.
+    pub nets: Vec<NetSpec>,
     pub vcpu: u32,
     pub memory_mib: u64,
+}
+
+/// One guest network interface backed by a host tap device.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NetSpec {
+    /// Name of a tap device that already exists on the host.
+    pub tap_name: String,
+    /// Guest MAC address, `aa:bb:cc:dd:ee:ff`.
+    pub mac: String,
+}
+
+/// Whether `mac` is six colon-separated hex byte pairs.
+pub fn is_valid_mac(mac: &str) -> bool {
+    let parts: Vec<&str> = mac.split(':').collect();
+    parts.len() == 6
+        && parts
+            .iter()
+            .all(|p| p.len() == 2 && p.bytes().all(|b| b.is_ascii_hexdigit()))
 }
 
 /// Well-known file names inside a VM's directory, shared by all backends so

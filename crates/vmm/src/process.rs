@@ -73,3 +73,80 @@ impl PidFd {
         Ok(())
     }
 }
+
+/// How long a SIGKILLed process may take to disappear.
+pub(crate) const KILL_GRACE: Duration = Duration::from_secs(5);
+
+/// Kills a freshly spawned VMM's whole session if launch is abandoned
+/// (error or cancelled future) before it is disarmed.
+pub(crate) struct KillOnDrop {
+    pgid: Option<libc::pid_t>,
+}
+
+impl KillOnDrop {
+    /// Arms the guard for the session led by `pid` (spawned with setsid).
+    pub(crate) fn new(pid: u32) -> Self {
+        Self {
+            pgid: libc::pid_t::try_from(pid).ok(),
+        }
+    }
+
+    pub(crate) fn disarm(mut self) {
+        self.pgid = None;
+    }
+}
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        // Armed only while the child is unreaped (launch has no await point
+        // between reaping and disarming), so the id cannot be reused yet.
+        if let Some(pgid) = self.pgid {
+            // SAFETY: kill(2) with a negative pid signals that process group.
+            unsafe { libc::kill(-pgid, libc::SIGKILL) };
+        }
+    }
+}
+
+/// Kills (with its session) and reaps a child that failed to start, bounded
+/// in time, so nothing of a failed launch is left running.
+pub(crate) async fn kill_and_reap(child: &mut tokio::process::Child) {
+    // An id means not yet reaped, so the group id is still ours.
+    if let Some(pgid) = child.id().and_then(|p| libc::pid_t::try_from(p).ok()) {
+        // SAFETY: kill(2) with a negative pid signals that process group.
+        unsafe { libc::kill(-pgid, libc::SIGKILL) };
+        if tokio::time::timeout(KILL_GRACE, child.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(pid = pgid, "killed VMM did not exit in time");
+        }
+    }
+}
+
+/// The last `lines` non-empty lines of a log, joined into one line.
+pub(crate) fn log_tail(bytes: &[u8], lines: usize) -> String {
+    let text = String::from_utf8_lossy(bytes);
+    let mut tail: Vec<&str> = text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .rev()
+        .take(lines)
+        .collect();
+    tail.reverse();
+    tail.join("; ")
+}
+
+/// Own session for a VMM child: a Ctrl-C or hang-up in the daemon's
+/// terminal must not reach guests, and the VMM outlives a daemon restart.
+pub(crate) fn new_session(cmd: &mut tokio::process::Command) {
+    // SAFETY: setsid is async-signal-safe and touches no parent state.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::setsid() < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}

@@ -2,10 +2,11 @@
 //! virtio-serial for the agent channel. KVM when it really works, else TCG.
 
 use crate::host::{self, KvmStatus};
-use crate::process::PidFd;
+use crate::process::{KILL_GRACE, KillOnDrop, PidFd, kill_and_reap, log_tail, new_session};
 use crate::qmp::{Qmp, QmpError};
 use crate::{
-    AgentEndpoint, DiskFormat, LaunchSpec, Launched, VmPaths, Vmm, VmmError, vmm_process_alive,
+    AgentEndpoint, DiskFormat, LaunchSpec, Launched, VmPaths, Vmm, VmmError, is_valid_mac,
+    vmm_process_alive,
 };
 use banger_model::VmBackend;
 use std::ffi::{OsStr, OsString};
@@ -29,8 +30,6 @@ const DEFAULT_STARTUP_TIMEOUT: Duration = Duration::from_secs(30);
 const QMP_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long `terminate` lets QEMU exit by itself after `quit`.
 const QUIT_GRACE: Duration = Duration::from_secs(3);
-/// How long a SIGKILLed process may take to disappear.
-const KILL_GRACE: Duration = Duration::from_secs(5);
 /// How often the QMP socket is retried while QEMU starts; QEMU gives no
 /// other signal that its monitor is up.
 const CONNECT_RETRY: Duration = Duration::from_millis(10);
@@ -195,20 +194,6 @@ impl QemuVmm {
     }
 }
 
-/// The last `lines` non-empty lines of a log, joined into one line.
-fn log_tail(bytes: &[u8], lines: usize) -> String {
-    let text = String::from_utf8_lossy(bytes);
-    let mut tail: Vec<&str> = text
-        .lines()
-        .map(str::trim)
-        .filter(|l| !l.is_empty())
-        .rev()
-        .take(lines)
-        .collect();
-    tail.reverse();
-    tail.join("; ")
-}
-
 /// The kernel command line: console on the ISA serial port, reboot (= QEMU
 /// exit, with `-no-reboot`) on panic, then the caller's arguments (root and
 /// init), which win where they repeat a parameter.
@@ -332,6 +317,22 @@ pub fn qemu_args(spec: &LaunchSpec, accel: Accel, tsc_khz: Option<u64>) -> Vec<O
         ]);
     }
 
+    // Network interfaces on the host's tap devices, which banger creates;
+    // QEMU must not run its ifup scripts.
+    for (i, net) in spec.nets.iter().enumerate() {
+        let mut netdev = opt(&format!("tap,id=net{i},ifname="), OsStr::new(&net.tap_name));
+        netdev.push(",script=no,downscript=no");
+        push(&[
+            &os("-netdev"),
+            &netdev,
+            &os("-device"),
+            &opt(
+                &format!("virtio-net-device,netdev=net{i},mac="),
+                OsStr::new(&net.mac),
+            ),
+        ]);
+    }
+
     // Agent channel: a virtio-serial port backed by a Unix socket QEMU serves.
     push(&[
         &os("-device"),
@@ -363,45 +364,6 @@ pub fn qemu_args(spec: &LaunchSpec, accel: Accel, tsc_khz: Option<u64>) -> Vec<O
     args
 }
 
-/// Kills a freshly spawned VMM's whole session if launch is abandoned
-/// (error or cancelled future) before it is disarmed.
-struct KillOnDrop {
-    pgid: Option<libc::pid_t>,
-}
-
-impl KillOnDrop {
-    fn disarm(mut self) {
-        self.pgid = None;
-    }
-}
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        // Armed only while the child is unreaped (launch has no await point
-        // between reaping and disarming), so the id cannot be reused yet.
-        if let Some(pgid) = self.pgid {
-            // SAFETY: kill(2) with a negative pid signals that process group.
-            unsafe { libc::kill(-pgid, libc::SIGKILL) };
-        }
-    }
-}
-
-/// Kills (with its session) and reaps a child that failed to start, bounded
-/// in time, so nothing of a failed launch is left running.
-async fn kill_and_reap(child: &mut Child) {
-    // An id means not yet reaped, so the group id is still ours.
-    if let Some(pgid) = child.id().and_then(|p| libc::pid_t::try_from(p).ok()) {
-        // SAFETY: kill(2) with a negative pid signals that process group.
-        unsafe { libc::kill(-pgid, libc::SIGKILL) };
-        if tokio::time::timeout(KILL_GRACE, child.wait())
-            .await
-            .is_err()
-        {
-            tracing::warn!(pid = pgid, "killed VMM did not exit in time");
-        }
-    }
-}
-
 #[async_trait::async_trait]
 impl Vmm for QemuVmm {
     fn backend(&self) -> VmBackend {
@@ -409,6 +371,12 @@ impl Vmm for QemuVmm {
     }
 
     async fn launch(&self, spec: &LaunchSpec) -> Result<Launched, VmmError> {
+        if let Some(net) = spec.nets.iter().find(|n| !is_valid_mac(&n.mac)) {
+            return Err(VmmError::Spec(format!(
+                "network interface on {}: MAC {:?} is not of the form aa:bb:cc:dd:ee:ff",
+                net.tap_name, net.mac
+            )));
+        }
         let paths = VmPaths::new(&spec.dir);
         let log_path = paths.vmm_log();
         let log = std::fs::File::create(&log_path)
@@ -423,17 +391,7 @@ impl Vmm for QemuVmm {
             .stdout(log)
             .stderr(log_err)
             .kill_on_drop(false);
-        // Own session: a Ctrl-C or hang-up in the daemon's terminal must not
-        // reach guests, and the VMM outlives a daemon restart.
-        // SAFETY: setsid is async-signal-safe and touches no parent state.
-        unsafe {
-            cmd.pre_exec(|| {
-                if libc::setsid() < 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
+        new_session(&mut cmd);
         let mut child = cmd.spawn().map_err(|source| VmmError::Spawn {
             binary: self.binary_name(),
             source,
@@ -441,9 +399,7 @@ impl Vmm for QemuVmm {
         let Some(pid) = child.id() else {
             return Err(self.early_exit(child.wait().await, &paths));
         };
-        let guard = KillOnDrop {
-            pgid: libc::pid_t::try_from(pid).ok(),
-        };
+        let guard = KillOnDrop::new(pid);
         tracing::debug!(vm = %spec.name, pid, "spawned QEMU");
 
         if let Err(e) = self.wait_ready(&mut child, &paths).await {
@@ -555,6 +511,7 @@ mod tests {
                     read_only: false,
                 },
             ],
+            nets: Vec::new(),
             vcpu: 2,
             memory_mib: 1024,
         }
@@ -642,6 +599,32 @@ mod tests {
         assert!(values(&args, "-initrd").is_empty());
         assert!(values(&args, "-drive").is_empty());
         assert_eq!(values(&args, "-append"), ["console=ttyS0 panic=-1"]);
+    }
+
+    #[test]
+    fn taps_become_virtio_net_devices() {
+        let mut s = spec("/vms/a");
+        s.nets = vec![
+            crate::NetSpec {
+                tap_name: "tap-calm".into(),
+                mac: "06:00:ac:10:00:02".into(),
+            },
+            crate::NetSpec {
+                tap_name: "odd,tap".into(),
+                mac: "06:00:ac:10:00:03".into(),
+            },
+        ];
+        let args = strings(&qemu_args(&s, Accel::Tcg, None));
+        assert_eq!(
+            values(&args, "-netdev"),
+            [
+                "tap,id=net0,ifname=tap-calm,script=no,downscript=no",
+                "tap,id=net1,ifname=odd,,tap,script=no,downscript=no",
+            ]
+        );
+        let devices = values(&args, "-device");
+        assert!(devices.contains(&"virtio-net-device,netdev=net0,mac=06:00:ac:10:00:02"));
+        assert!(devices.contains(&"virtio-net-device,netdev=net1,mac=06:00:ac:10:00:03"));
     }
 
     #[test]

@@ -246,6 +246,7 @@ async fn bare_boot(client: &banger_api::Client, image: Option<&str>) -> anyhow::
             format: DiskFormat::Raw,
             read_only: true,
         }],
+        nets: Vec::new(),
         vcpu: BENCH_VCPU,
         memory_mib: BENCH_MEMORY_MIB,
     };

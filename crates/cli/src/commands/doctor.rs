@@ -95,6 +95,8 @@ pub async fn run(a: DoctorArgs) -> anyhow::Result<i32> {
         kvm.to_string(),
     ));
 
+    checks.extend(vmm_checks(&config));
+
     match host::find_binary("qemu-system-x86_64", config.qemu_bin.as_deref()) {
         Some(bin) => match host::qemu_version(&bin) {
             Ok(v) if triple(&v) >= QEMU_MIN => checks.push(check(
@@ -215,6 +217,53 @@ pub async fn run(a: DoctorArgs) -> anyhow::Result<i32> {
         output::table(&rows);
     }
     Ok(if failed { 1 } else { 0 })
+}
+
+/// The Firecracker binary and its version, then the backend `vmm` picks
+/// here and why.
+fn vmm_checks(config: &Config) -> Vec<Check> {
+    use banger_vmm::firecracker::{self, VersionVerdict};
+    let explicit = config.vmm.as_str() == "firecracker";
+    let facts = banger_vmm::HostFacts::probe(
+        config.firecracker_bin.as_deref(),
+        config.qemu_bin.as_deref(),
+    );
+    let fc = match &facts.firecracker {
+        Some(found) => {
+            let status = match found.version {
+                VersionVerdict::Supported(_) => Status::Pass,
+                _ if explicit && !found.version.is_usable() => Status::Fail,
+                _ => Status::Warn,
+            };
+            check(
+                "firecracker",
+                status,
+                format!("{} {}", found.binary.display(), found.version),
+            )
+        }
+        None => check(
+            "firecracker",
+            if explicit { Status::Fail } else { Status::Pass },
+            format!(
+                "not found (optional; needs working KVM): install v{} from its GitHub release or set firecracker_bin",
+                firecracker::TESTED
+            ),
+        ),
+    };
+    let backend = match config
+        .vmm
+        .as_str()
+        .parse()
+        .and_then(|choice| banger_vmm::select_backend(choice, &facts))
+    {
+        Ok(sel) => check(
+            "backend",
+            Status::Pass,
+            format!("{}: {}", sel.kind, sel.reason),
+        ),
+        Err(e) => check("backend", Status::Fail, e.to_string()),
+    };
+    vec![fc, backend]
 }
 
 /// An install hint for the host's distribution.

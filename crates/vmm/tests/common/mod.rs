@@ -46,6 +46,7 @@ pub fn spec(dir: &Path) -> LaunchSpec {
         extra_cmdline: String::new(),
         disks,
         vcpu: 1,
+        nets: Vec::new(),
         memory_mib: 64,
     }
 }

@@ -1,0 +1,714 @@
+//! Firecracker backend: the `firecracker` process is started with only its
+//! API socket, then configured through the API (logger, metrics, machine,
+//! boot source, drives, network, vsock, entropy) and started with
+//! `InstanceStart`.
+//!
+//! The agent channel is hybrid vsock: the guest agent connects to the host
+//! (CID 2) on [`VSOCK_PORT`], and Firecracker forwards that connection to
+//! the Unix socket `<dir>/agent.sock_<port>`, on which banger listens. The
+//! agent reconnects in a loop, so after a daemon restart banger only has to
+//! listen there again.
+
+pub mod api;
+pub mod client;
+pub mod version;
+
+pub use client::{ApiClient, ApiError};
+pub use version::{
+    MIN_SUPPORTED, TESTED, VersionVerdict, check_version, firecracker_version, judge_version,
+    parse_firecracker_version,
+};
+
+use crate::host;
+use crate::process::{KILL_GRACE, KillOnDrop, PidFd, kill_and_reap, log_tail, new_session};
+use crate::{
+    AgentEndpoint, DiskFormat, LaunchSpec, Launched, VmPaths, Vmm, VmmError, is_valid_mac,
+    vmm_process_alive,
+};
+use api::{
+    ActionType, BootSource, CacheType, Drive, EntropyDevice, LogLevel, Logger,
+    MachineConfiguration, Metrics, NetworkInterface, Vsock,
+};
+use banger_agent_proto::VSOCK_PORT;
+use banger_model::VmBackend;
+use std::ffi::OsString;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{ExitStatus, Stdio};
+use std::time::Duration;
+use tokio::net::UnixListener;
+use tokio::process::{Child, Command};
+
+/// Name of the Firecracker binary looked up in PATH.
+pub const FIRECRACKER_BINARY: &str = "firecracker";
+/// Config key that overrides the binary's location.
+pub const FIRECRACKER_CONFIG_KEY: &str = "firecracker_bin";
+/// The guest's vsock context id (0-2 are reserved; one guest per VMM).
+pub const GUEST_CID: u32 = 3;
+/// Kernel arguments banger always passes; Firecracker appends `pci=off` and
+/// its virtio-mmio device list itself. `reboot=k` makes a guest reboot
+/// reach Firecracker (through the i8042 keyboard controller), which then
+/// exits, and `panic=1` turns a guest panic into such a reboot.
+pub const BASE_BOOT_ARGS: &str = "console=ttyS0 reboot=k panic=1 root=/dev/vda rw";
+
+/// How long Firecracker gets to answer on its API socket after spawn. It
+/// normally does within milliseconds.
+const DEFAULT_STARTUP_TIMEOUT: Duration = Duration::from_secs(10);
+/// How often the API socket is retried while Firecracker starts; it gives
+/// no other signal that its API thread is up.
+const CONNECT_RETRY: Duration = Duration::from_millis(10);
+/// After a failed API call, how long to wait for the process to turn out
+/// to have exited (so the error can quote its log instead).
+const EXIT_CHECK: Duration = Duration::from_secs(1);
+
+/// The Unix socket the host listens on for the guest agent's connection:
+/// `<dir>/agent.sock_<VSOCK_PORT>`.
+pub fn agent_listener_path(dir: &Path) -> PathBuf {
+    let mut p = VmPaths::new(dir).agent_socket().into_os_string();
+    p.push(format!("_{VSOCK_PORT}"));
+    PathBuf::from(p)
+}
+
+/// Where Firecracker writes its JSON metrics.
+pub fn metrics_path(dir: &Path) -> PathBuf {
+    dir.join("metrics.json")
+}
+
+/// The guest kernel command line: [`BASE_BOOT_ARGS`] then the caller's
+/// arguments, which win where they repeat a parameter.
+pub fn boot_args(extra: &str) -> String {
+    let extra = extra.trim();
+    if extra.is_empty() {
+        BASE_BOOT_ARGS.to_owned()
+    } else {
+        format!("{BASE_BOOT_ARGS} {extra}")
+    }
+}
+
+/// Firecracker's `--id`: letters, digits and `-`, at most 64 characters.
+fn instance_id(name: &str) -> String {
+    let id: String = name
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
+        .take(64)
+        .collect();
+    if id.is_empty() {
+        "banger-vm".into()
+    } else {
+        id
+    }
+}
+
+/// The Firecracker argument vector. The API socket path names the VM
+/// directory, which is how [`vmm_process_alive`] recognises the process.
+pub fn firecracker_args(spec: &LaunchSpec) -> Vec<OsString> {
+    vec![
+        "--api-sock".into(),
+        VmPaths::new(&spec.dir).control_socket().into_os_string(),
+        "--id".into(),
+        instance_id(&spec.name).into(),
+    ]
+}
+
+/// Every API body of one launch, in the order they are sent (before
+/// `InstanceStart`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VmConfig {
+    pub logger: Logger,
+    pub metrics: Metrics,
+    pub machine: MachineConfiguration,
+    pub boot: BootSource,
+    pub drives: Vec<Drive>,
+    pub nets: Vec<NetworkInterface>,
+    pub vsock: Vsock,
+    pub entropy: EntropyDevice,
+}
+
+/// Checks `spec` against what Firecracker can do and turns it into API
+/// bodies. Reads the kernel's first bytes; starts nothing.
+pub fn vm_config(spec: &LaunchSpec) -> Result<VmConfig, VmmError> {
+    check_elf_kernel(&spec.kernel)?;
+    let paths = VmPaths::new(&spec.dir);
+    let mut drives = Vec::with_capacity(spec.disks.len());
+    for (i, disk) in spec.disks.iter().enumerate() {
+        if disk.format == DiskFormat::Qcow2 {
+            return Err(VmmError::Spec(format!(
+                "disk {} is qcow2, but Firecracker takes raw disk images only: \
+                 give it a raw disk or use the QEMU backend (vmm = \"qemu\" in config.toml)",
+                disk.path.display()
+            )));
+        }
+        drives.push(Drive {
+            drive_id: drive_name(i),
+            path_on_host: disk.path.clone(),
+            // The command line names the root itself; a root device would
+            // make Firecracker append its own `root=` and `ro`/`rw`.
+            is_root_device: false,
+            is_read_only: disk.read_only,
+            // Pass the guest's flushes on to the host file.
+            cache_type: Some(CacheType::Writeback),
+        });
+    }
+    let mut nets = Vec::with_capacity(spec.nets.len());
+    for (i, net) in spec.nets.iter().enumerate() {
+        if !is_valid_mac(&net.mac) {
+            return Err(VmmError::Spec(format!(
+                "network interface on {}: MAC {:?} is not of the form aa:bb:cc:dd:ee:ff",
+                net.tap_name, net.mac
+            )));
+        }
+        nets.push(NetworkInterface {
+            iface_id: format!("eth{i}"),
+            host_dev_name: net.tap_name.clone(),
+            guest_mac: Some(net.mac.to_ascii_lowercase()),
+        });
+    }
+    if !(1..=32).contains(&spec.vcpu) {
+        return Err(VmmError::Spec(format!(
+            "Firecracker runs 1 to 32 vCPUs, not {}",
+            spec.vcpu
+        )));
+    }
+    Ok(VmConfig {
+        logger: Logger {
+            log_path: paths.vmm_log(),
+            level: Some(LogLevel::Info),
+            show_level: Some(true),
+            show_log_origin: Some(false),
+        },
+        metrics: Metrics {
+            metrics_path: metrics_path(&spec.dir),
+        },
+        machine: MachineConfiguration {
+            vcpu_count: spec.vcpu,
+            mem_size_mib: spec.memory_mib,
+            smt: Some(false),
+        },
+        boot: BootSource {
+            kernel_image_path: spec.kernel.clone(),
+            initrd_path: spec.initrd.clone(),
+            boot_args: Some(boot_args(&spec.extra_cmdline)),
+        },
+        drives,
+        nets,
+        vsock: Vsock {
+            guest_cid: GUEST_CID,
+            uds_path: paths.agent_socket(),
+        },
+        entropy: EntropyDevice::default(),
+    })
+}
+
+/// `vda`, `vdb`, ... `vdz`, `vdaa`, ...: the guest's name for disk `i`.
+fn drive_name(i: usize) -> String {
+    let mut suffix = Vec::new();
+    let mut n = i;
+    loop {
+        // `n % 26` is below 26, so the cast cannot truncate.
+        suffix.push(b'a' + (n % 26) as u8);
+        if n < 26 {
+            break;
+        }
+        n = n / 26 - 1;
+    }
+    suffix.reverse();
+    format!("vd{}", String::from_utf8_lossy(&suffix))
+}
+
+/// Firecracker on x86_64 boots only an uncompressed ELF kernel; a bzImage
+/// would be accepted by the API and then fail at `InstanceStart`.
+fn check_elf_kernel(kernel: &Path) -> Result<(), VmmError> {
+    let mut magic = [0u8; 4];
+    std::fs::File::open(kernel)
+        .and_then(|mut f| f.read_exact(&mut magic))
+        .map_err(|e| VmmError::io(format!("reading kernel {}", kernel.display()), e))?;
+    if magic == *b"\x7fELF" {
+        Ok(())
+    } else {
+        Err(VmmError::Spec(format!(
+            "kernel {} is not an ELF vmlinux (a compressed bzImage?): Firecracker boots the \
+             uncompressed vmlinux, which banger extracts when it builds an image; rebuild the \
+             image or use the QEMU backend",
+            kernel.display()
+        )))
+    }
+}
+
+/// Removes a file if it exists (a socket left by an earlier run).
+fn remove_stale(path: &Path) -> Result<(), VmmError> {
+    match std::fs::remove_file(path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(VmmError::io(
+            format!("removing stale {}", path.display()),
+            e,
+        )),
+    }
+}
+
+/// Listens on the agent's vsock socket, replacing a stale socket file.
+fn bind_agent_listener(dir: &Path) -> Result<UnixListener, VmmError> {
+    let path = agent_listener_path(dir);
+    if tokio::runtime::Handle::try_current().is_err() {
+        return Err(VmmError::io(
+            format!("listening on {}", path.display()),
+            std::io::Error::other("not inside a Tokio runtime"),
+        ));
+    }
+    remove_stale(&path)?;
+    UnixListener::bind(&path)
+        .map_err(|e| VmmError::io(format!("listening on {}", path.display()), e))
+}
+
+/// The Firecracker backend.
+#[derive(Debug, Clone)]
+pub struct FirecrackerVmm {
+    binary: PathBuf,
+    startup_timeout: Duration,
+    request_timeout: Duration,
+}
+
+impl FirecrackerVmm {
+    /// Finds the binary: `firecracker_bin` from config (a bare name is
+    /// looked up in PATH), else `firecracker` in PATH.
+    pub fn from_host(configured_bin: Option<&Path>) -> Result<Self, VmmError> {
+        let binary = host::find_binary(FIRECRACKER_BINARY, configured_bin).ok_or_else(|| {
+            VmmError::BinaryMissing {
+                binary: configured_bin.map_or_else(
+                    || FIRECRACKER_BINARY.to_owned(),
+                    |p| p.display().to_string(),
+                ),
+                config_key: FIRECRACKER_CONFIG_KEY,
+            }
+        })?;
+        Ok(Self::new(binary))
+    }
+
+    /// A backend running `binary`.
+    pub fn new(binary: PathBuf) -> Self {
+        Self {
+            binary,
+            startup_timeout: DEFAULT_STARTUP_TIMEOUT,
+            request_timeout: client::DEFAULT_REQUEST_TIMEOUT,
+        }
+    }
+
+    /// How long `launch` waits for the API socket to answer.
+    pub fn with_startup_timeout(mut self, timeout: Duration) -> Self {
+        self.startup_timeout = timeout;
+        self
+    }
+
+    /// Bound on each API request.
+    pub fn with_request_timeout(mut self, timeout: Duration) -> Self {
+        self.request_timeout = timeout;
+        self
+    }
+
+    pub fn binary(&self) -> &Path {
+        &self.binary
+    }
+
+    fn binary_name(&self) -> String {
+        self.binary.display().to_string()
+    }
+
+    fn api(&self, dir: &Path) -> ApiClient {
+        ApiClient::new(VmPaths::new(dir).control_socket()).with_timeout(self.request_timeout)
+    }
+
+    /// Truncates the logs and metrics file (Firecracker opens them but does
+    /// not create them) and removes sockets an earlier run left, which
+    /// Firecracker would refuse to bind.
+    fn prepare_dir(&self, paths: &VmPaths) -> Result<(std::fs::File, std::fs::File), VmmError> {
+        for stale in [
+            paths.control_socket(),
+            paths.agent_socket(),
+            agent_listener_path(&paths.dir),
+            paths.pid_file(),
+        ] {
+            remove_stale(&stale)?;
+        }
+        let create = |path: PathBuf, append: bool| {
+            std::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .open(&path)
+                .and_then(|f| {
+                    if append {
+                        // Reopened in append mode so Firecracker's own
+                        // stderr never writes over the logger's lines.
+                        drop(f);
+                        std::fs::OpenOptions::new().append(true).open(&path)
+                    } else {
+                        Ok(f)
+                    }
+                })
+                .map_err(|e| VmmError::io(format!("creating {}", path.display()), e))
+        };
+        create(metrics_path(&paths.dir), false)?;
+        let console = create(paths.console_log(), false)?;
+        let log = create(paths.vmm_log(), true)?;
+        Ok((console, log))
+    }
+
+    /// Waits until the API answers `GET /`, or the process exits, or time
+    /// runs out.
+    async fn wait_ready(&self, child: &mut Child, paths: &VmPaths) -> Result<(), VmmError> {
+        let api = self.api(&paths.dir);
+        let ready = async {
+            loop {
+                match api.describe_instance().await {
+                    Ok(info) => {
+                        tracing::debug!(id = %info.id, version = %info.vmm_version, "Firecracker API up");
+                        return Ok(());
+                    }
+                    Err(e) if e.is_not_listening() => tokio::time::sleep(CONNECT_RETRY).await,
+                    Err(e) => return Err(e),
+                }
+            }
+        };
+        enum Outcome {
+            Exited(std::io::Result<ExitStatus>),
+            Ready(Result<(), ApiError>),
+            TimedOut,
+        }
+        let outcome = tokio::select! {
+            status = child.wait() => Outcome::Exited(status),
+            r = tokio::time::timeout(self.startup_timeout, ready) => match r {
+                Ok(r) => Outcome::Ready(r),
+                Err(_) => Outcome::TimedOut,
+            },
+        };
+        match outcome {
+            Outcome::Ready(Ok(())) => Ok(()),
+            Outcome::Exited(status) => Err(self.early_exit(status, paths)),
+            Outcome::Ready(Err(e)) => Err(e.into()),
+            Outcome::TimedOut => Err(VmmError::Timeout {
+                what: format!(
+                    "{} to answer on {}",
+                    self.binary_name(),
+                    paths.control_socket().display()
+                ),
+                secs: self.startup_timeout.as_secs(),
+            }),
+        }
+    }
+
+    /// Sends the whole configuration, then `InstanceStart`. The agent
+    /// listener is bound before the guest can connect.
+    async fn configure(
+        &self,
+        paths: &VmPaths,
+        config: &VmConfig,
+    ) -> Result<UnixListener, VmmError> {
+        let api = self.api(&paths.dir);
+        api.put_logger(&config.logger).await?;
+        api.put_metrics(&config.metrics).await?;
+        api.put_machine_config(&config.machine).await?;
+        api.put_boot_source(&config.boot).await?;
+        for drive in &config.drives {
+            api.put_drive(drive).await?;
+        }
+        for net in &config.nets {
+            api.put_network_interface(net).await?;
+        }
+        let listener = bind_agent_listener(&paths.dir)?;
+        api.put_vsock(&config.vsock).await?;
+        api.put_entropy(&config.entropy).await?;
+        api.action(ActionType::InstanceStart).await?;
+        Ok(listener)
+    }
+
+    /// An API error, or the process's own account when it turns out to
+    /// have exited (a refused connection or a dropped answer usually means
+    /// Firecracker died).
+    async fn explain(&self, err: VmmError, child: &mut Child, paths: &VmPaths) -> VmmError {
+        let gone =
+            matches!(&err, VmmError::FirecrackerApi(e) if !matches!(e, ApiError::Rejected { .. }));
+        if gone && let Ok(status) = tokio::time::timeout(EXIT_CHECK, child.wait()).await {
+            return self.early_exit(status, paths);
+        }
+        err
+    }
+
+    fn early_exit(&self, status: std::io::Result<ExitStatus>, paths: &VmPaths) -> VmmError {
+        let log = paths.vmm_log();
+        let status = match status {
+            Ok(s) => s.to_string(),
+            Err(e) => format!("wait failed: {e}"),
+        };
+        // Before its logger is configured Firecracker logs to stdout, which
+        // is the console log.
+        let tail = [log.clone(), paths.console_log()]
+            .iter()
+            .filter_map(|p| std::fs::read(p).ok())
+            .map(|b| log_tail(&b, 5))
+            .find(|t| !t.is_empty())
+            .unwrap_or_default();
+        let detail = if tail.is_empty() {
+            status
+        } else {
+            format!("{status}: {tail}")
+        };
+        VmmError::EarlyExit {
+            binary: self.binary_name(),
+            detail,
+            log,
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl Vmm for FirecrackerVmm {
+    fn backend(&self) -> VmBackend {
+        VmBackend::Firecracker
+    }
+
+    async fn launch(&self, spec: &LaunchSpec) -> Result<Launched, VmmError> {
+        let config = vm_config(spec)?;
+        let paths = VmPaths::new(&spec.dir);
+        let (console, log) = self.prepare_dir(&paths)?;
+
+        let mut cmd = Command::new(&self.binary);
+        cmd.args(firecracker_args(spec))
+            .stdin(Stdio::null())
+            // Firecracker's stdout is the guest's serial console.
+            .stdout(console)
+            .stderr(log)
+            .kill_on_drop(false);
+        new_session(&mut cmd);
+        let mut child = cmd.spawn().map_err(|source| VmmError::Spawn {
+            binary: self.binary_name(),
+            source,
+        })?;
+        let Some(pid) = child.id() else {
+            return Err(self.early_exit(child.wait().await, &paths));
+        };
+        let guard = KillOnDrop::new(pid);
+        tracing::debug!(vm = %spec.name, pid, "spawned Firecracker");
+
+        let started = async {
+            std::fs::write(paths.pid_file(), format!("{pid}\n"))
+                .map_err(|e| VmmError::io(format!("writing {}", paths.pid_file().display()), e))?;
+            self.wait_ready(&mut child, &paths).await?;
+            match self.configure(&paths, &config).await {
+                Ok(listener) => Ok(listener),
+                Err(e) => Err(self.explain(e, &mut child, &paths).await),
+            }
+        }
+        .await;
+        let listener = match started {
+            Ok(l) => l,
+            Err(e) => {
+                guard.disarm();
+                kill_and_reap(&mut child).await;
+                let _ = std::fs::remove_file(agent_listener_path(&spec.dir));
+                return Err(e);
+            }
+        };
+        guard.disarm();
+        let name = spec.name.clone();
+        let exited = tokio::spawn(async move {
+            match child.wait().await {
+                Ok(status) => tracing::info!(vm = %name, pid, %status, "Firecracker exited"),
+                Err(e) => {
+                    tracing::warn!(vm = %name, pid, error = %e, "waiting for Firecracker failed")
+                }
+            }
+        });
+        Ok(Launched {
+            pid,
+            agent: AgentEndpoint::Accept(listener),
+            exited,
+        })
+    }
+
+    /// Listens again on the agent's socket; the guest agent reconnects by
+    /// itself once its old connection is gone. Must run inside a Tokio
+    /// runtime.
+    fn reattach_agent(&self, dir: &Path) -> Result<AgentEndpoint, VmmError> {
+        bind_agent_listener(dir).map(AgentEndpoint::Accept)
+    }
+
+    /// Presses Ctrl-Alt-Del: the guest reboots, which with `reboot=k` ends
+    /// Firecracker. Callers should fall back to `terminate` when the VM
+    /// does not exit in time.
+    async fn request_shutdown(&self, dir: &Path) -> Result<(), VmmError> {
+        self.api(dir).action(ActionType::SendCtrlAltDel).await?;
+        Ok(())
+    }
+
+    async fn terminate(&self, dir: &Path, pid: u32) -> Result<(), VmmError> {
+        let pidfd = PidFd::open(pid).map_err(|e| VmmError::io(format!("pidfd_open {pid}"), e))?;
+        // Checked after opening the pidfd, so the signal below cannot reach
+        // a process that took over a reused pid.
+        if let Some(pidfd) = pidfd.filter(|_| vmm_process_alive(pid, dir)) {
+            pidfd
+                .kill()
+                .map_err(|e| VmmError::io(format!("kill Firecracker {pid}"), e))?;
+            if !pidfd.wait_exit(KILL_GRACE).await {
+                return Err(VmmError::Timeout {
+                    what: format!("Firecracker {pid} to exit after SIGKILL"),
+                    secs: KILL_GRACE.as_secs(),
+                });
+            }
+        }
+        // Nobody will connect to it any more.
+        remove_stale(&agent_listener_path(dir))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{DiskSpec, NetSpec};
+
+    fn spec(dir: &Path, kernel: &Path) -> LaunchSpec {
+        LaunchSpec {
+            name: "calm otter".into(),
+            dir: dir.join("vm"),
+            kernel: kernel.to_path_buf(),
+            initrd: Some("/img/initrd.img".into()),
+            extra_cmdline: " systemd.hostname=calm ".into(),
+            disks: vec![
+                DiskSpec {
+                    path: "/img/rootfs.ext4".into(),
+                    format: DiskFormat::Raw,
+                    read_only: false,
+                },
+                DiskSpec {
+                    path: "/img/data.raw".into(),
+                    format: DiskFormat::Raw,
+                    read_only: true,
+                },
+            ],
+            nets: vec![NetSpec {
+                tap_name: "tap0".into(),
+                mac: "06:00:AC:10:00:02".into(),
+            }],
+            vcpu: 2,
+            memory_mib: 512,
+        }
+    }
+
+    fn elf_kernel(dir: &Path) -> PathBuf {
+        let p = dir.join("vmlinux");
+        std::fs::write(&p, b"\x7fELF\x02\x01\x01rest").expect("kernel");
+        p
+    }
+
+    #[test]
+    fn config_from_spec() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let s = spec(tmp.path(), &elf_kernel(tmp.path()));
+        let c = vm_config(&s).expect("config");
+        let vm = tmp.path().join("vm");
+        assert_eq!(c.logger.log_path, vm.join("vmm.log"));
+        assert_eq!(c.metrics.metrics_path, vm.join("metrics.json"));
+        assert_eq!(c.machine.vcpu_count, 2);
+        assert_eq!(c.machine.mem_size_mib, 512);
+        assert_eq!(
+            c.boot.boot_args.as_deref(),
+            Some("console=ttyS0 reboot=k panic=1 root=/dev/vda rw systemd.hostname=calm")
+        );
+        assert_eq!(c.boot.initrd_path, Some(PathBuf::from("/img/initrd.img")));
+        assert_eq!(
+            c.drives
+                .iter()
+                .map(|d| (d.drive_id.as_str(), d.is_read_only, d.is_root_device))
+                .collect::<Vec<_>>(),
+            [("vda", false, false), ("vdb", true, false)]
+        );
+        assert_eq!(c.nets.len(), 1);
+        assert_eq!(c.nets[0].iface_id, "eth0");
+        assert_eq!(c.nets[0].host_dev_name, "tap0");
+        assert_eq!(c.nets[0].guest_mac.as_deref(), Some("06:00:ac:10:00:02"));
+        assert_eq!(c.vsock.guest_cid, 3);
+        assert_eq!(c.vsock.uds_path, vm.join("agent.sock"));
+        assert_eq!(agent_listener_path(&vm), vm.join("agent.sock_1024"));
+    }
+
+    #[test]
+    fn refuses_what_firecracker_cannot_run() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let kernel = elf_kernel(tmp.path());
+
+        let mut s = spec(tmp.path(), &kernel);
+        s.disks[1].format = DiskFormat::Qcow2;
+        let e = vm_config(&s).expect_err("qcow2");
+        assert!(matches!(e, VmmError::Spec(_)), "{e:?}");
+        assert!(e.to_string().contains("/img/data.raw is qcow2"), "{e}");
+        assert!(e.to_string().contains("raw disk images only"), "{e}");
+
+        let bz = tmp.path().join("bzImage");
+        std::fs::write(&bz, b"MZ\x00\x00 not elf").expect("write");
+        let e = vm_config(&spec(tmp.path(), &bz)).expect_err("bzImage");
+        assert!(e.to_string().contains("not an ELF vmlinux"), "{e}");
+
+        let e = vm_config(&spec(tmp.path(), &tmp.path().join("missing"))).expect_err("missing");
+        assert!(matches!(e, VmmError::Io { .. }), "{e:?}");
+
+        let mut s = spec(tmp.path(), &kernel);
+        s.nets[0].mac = "06:00:ac:10:00".into();
+        assert!(vm_config(&s).is_err());
+
+        let mut s = spec(tmp.path(), &kernel);
+        s.vcpu = 33;
+        assert!(vm_config(&s).is_err());
+    }
+
+    #[test]
+    fn argv_names_the_vm_dir() {
+        let s = LaunchSpec {
+            name: "calm otter/é".into(),
+            ..spec(Path::new("/vms/a"), Path::new("/k"))
+        };
+        let args: Vec<String> = firecracker_args(&s)
+            .iter()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(
+            args,
+            [
+                "--api-sock",
+                "/vms/a/vm/control.sock",
+                "--id",
+                "calm-otter--"
+            ]
+        );
+        assert_eq!(instance_id(""), "banger-vm");
+        assert_eq!(instance_id(&"x".repeat(100)).len(), 64);
+    }
+
+    #[test]
+    fn drive_names_follow_the_guest() {
+        assert_eq!(drive_name(0), "vda");
+        assert_eq!(drive_name(25), "vdz");
+        assert_eq!(drive_name(26), "vdaa");
+        assert_eq!(drive_name(27), "vdab");
+    }
+
+    #[test]
+    fn boot_args_append_extra() {
+        assert_eq!(boot_args("  "), BASE_BOOT_ARGS);
+        assert_eq!(boot_args(" quiet "), format!("{BASE_BOOT_ARGS} quiet"));
+    }
+
+    #[test]
+    fn missing_binary_names_the_config_key() {
+        let err = FirecrackerVmm::from_host(Some(Path::new("/nonexistent/firecracker")))
+            .expect_err("missing");
+        assert!(
+            matches!(
+                err,
+                VmmError::BinaryMissing {
+                    config_key: "firecracker_bin",
+                    ..
+                }
+            ),
+            "{err}"
+        );
+    }
+}
