@@ -249,6 +249,22 @@ impl Client {
             .await
     }
 
+    /// Changes a stopped VM's resources (see [`crate::SetVmRequest`]).
+    pub async fn set_vm(
+        &self,
+        vm: &str,
+        req: &crate::SetVmRequest,
+    ) -> Result<VmRecord, ClientError> {
+        self.json(Method::PATCH, &paths::fill(paths::VM, vm), Some(req))
+            .await
+    }
+
+    /// Host-side statistics of a VM, plus the guest's own when `guest`.
+    pub async fn vm_stats(&self, vm: &str, guest: bool) -> Result<crate::VmStats, ClientError> {
+        let path = format!("{}?guest={guest}", paths::fill(paths::VM_STATS, vm));
+        self.json(Method::GET, &path, None::<&()>).await
+    }
+
     /// A VM's log; with `follow`, `on_chunk` keeps receiving what is appended
     /// until the VM is deleted.
     pub async fn logs(

@@ -25,6 +25,7 @@ pub mod paths {
     pub const VM_RESTART: &str = "/v1/vms/{vm}/restart";
     pub const VM_KILL: &str = "/v1/vms/{vm}/kill";
     pub const VM_LOGS: &str = "/v1/vms/{vm}/logs";
+    pub const VM_STATS: &str = "/v1/vms/{vm}/stats";
     pub const IMAGES: &str = "/v1/images";
     pub const IMAGE: &str = "/v1/images/{image}";
     pub const IMAGE_BUILD: &str = "/v1/images/build";
@@ -169,6 +170,83 @@ impl OperationEvent for BuildImageEvent {
 pub struct KillRequest {
     /// Signal number, e.g. 15 (TERM) or 9 (KILL).
     pub signal: i32,
+}
+
+/// `PATCH /v1/vms/{vm}`: changes to a stopped VM. Absent fields are kept.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SetVmRequest {
+    pub vcpu: Option<u32>,
+    pub memory_mib: Option<u64>,
+    /// New disk size, e.g. "32G"; disks only grow.
+    pub disk_size: Option<String>,
+    /// Masquerade the VM's traffic out of the host.
+    pub nat: Option<bool>,
+}
+
+impl SetVmRequest {
+    /// True when nothing would change.
+    pub fn is_empty(&self) -> bool {
+        self == &SetVmRequest::default()
+    }
+}
+
+/// `GET /v1/vms/{vm}/stats`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct VmStats {
+    pub name: String,
+    pub state: banger_model::VmState,
+    pub vcpu: u32,
+    pub memory_mib: u64,
+    /// The VMM process on the host, while it runs.
+    pub vmm: Option<VmmProcessStats>,
+    /// The VM's disks: the image's shared base, its overlay and work disk.
+    pub disks: Vec<DiskStats>,
+    /// What the guest reports, when it runs and was asked (`?guest=true`).
+    pub guest: Option<GuestStats>,
+}
+
+/// Host-side figures of a VMM process.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct VmmProcessStats {
+    pub pid: u32,
+    /// CPU time used (user + system), seconds.
+    pub cpu_seconds: f64,
+    /// Average CPU use since the VMM started, in percent of one core.
+    pub cpu_percent: f64,
+    /// Resident memory of the VMM (guest RAM it touched plus its own).
+    pub rss_bytes: u64,
+    pub uptime_seconds: f64,
+}
+
+/// One disk of a VM.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct DiskStats {
+    /// `base`, `overlay` or `work`.
+    pub role: String,
+    pub path: String,
+    /// Size the guest sees.
+    pub virtual_bytes: u64,
+    /// Host bytes the file takes (they are sparse).
+    pub allocated_bytes: u64,
+    /// Shared with other VMs of the same image (not counted as this VM's).
+    pub shared: bool,
+}
+
+/// Guest-side figures, read through the agent.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct GuestStats {
+    pub mem_total_bytes: u64,
+    pub mem_available_bytes: u64,
+    /// Memory the guest has never touched or has freed.
+    pub mem_free_bytes: u64,
+    /// 1-minute load average.
+    pub load1: f64,
+    /// Used and total bytes of `/` (overlay) and `/root` (work disk).
+    pub root_used_bytes: u64,
+    pub root_total_bytes: u64,
+    pub work_used_bytes: u64,
+    pub work_total_bytes: u64,
 }
 
 /// Which log `GET /v1/vms/{vm}/logs` returns.

@@ -10,6 +10,7 @@ mod lifecycle;
 mod logging;
 mod reconcile;
 pub mod server;
+mod settings;
 pub mod steps;
 mod vms;
 

@@ -3,7 +3,7 @@
 use crate::{Daemon, DaemonError};
 use axum::body::Body;
 use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
-use axum::extract::{Path, State};
+use axum::extract::{Path, Query, State};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::{Json, Router};
@@ -12,7 +12,7 @@ use banger_agent_proto::client::ExecEvent;
 use banger_api::exec::{ExecControl, ExecExit, ExecReport, ExecStart, STDERR, STDOUT};
 use banger_api::{
     ApiError, BuildImageEvent, BuildImageRequest, CreateVmEvent, CreateVmRequest, DaemonInfo,
-    KillRequest, LogSource, Progress, paths,
+    KillRequest, LogSource, Progress, SetVmRequest, VmStats, paths,
 };
 use banger_model::{ImageRecord, KernelRecord, VmRecord};
 use banger_version::BuildInfo;
@@ -56,7 +56,8 @@ pub fn router(daemon: Shared) -> (Router, utoipa::openapi::OpenApi) {
         .routes(routes!(info))
         .routes(routes!(shutdown))
         .routes(routes!(list_vms, create_vm))
-        .routes(routes!(get_vm, delete_vm))
+        .routes(routes!(get_vm, delete_vm, set_vm))
+        .routes(routes!(vm_stats))
         .routes(routes!(exec_vm))
         .routes(routes!(start_vm))
         .routes(routes!(stop_vm))
@@ -163,6 +164,37 @@ async fn kill_vm(
     d.kill_vm(&vm, req.signal).await.map(Json)
 }
 
+/// Changes vcpu, memory, disk size (grow only) or NAT of a stopped VM.
+#[utoipa::path(patch, path = paths::VM, params(("vm" = String, Path, description = "name or id prefix")),
+    request_body = SetVmRequest,
+    responses((status = 200, body = VmRecord), (status = 400, body = ApiError), (status = 404, body = ApiError), (status = 409, body = ApiError)))]
+async fn set_vm(
+    State(d): State<Shared>,
+    Path(vm): Path<String>,
+    Json(req): Json<SetVmRequest>,
+) -> Result<Json<VmRecord>, DaemonError> {
+    d.set_vm(&vm, req).await.map(Json)
+}
+
+#[derive(serde::Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+struct StatsQuery {
+    /// Also ask the guest (memory, load, file systems); slower.
+    #[serde(default)]
+    guest: bool,
+}
+
+/// CPU, memory and disk use of a VM.
+#[utoipa::path(get, path = paths::VM_STATS, params(("vm" = String, Path, description = "name or id prefix"), StatsQuery),
+    responses((status = 200, body = VmStats), (status = 404, body = ApiError)))]
+async fn vm_stats(
+    State(d): State<Shared>,
+    Path(vm): Path<String>,
+    Query(q): Query<StatsQuery>,
+) -> Result<Json<VmStats>, DaemonError> {
+    d.vm_stats(&vm, q.guest).await.map(Json)
+}
+
 #[derive(serde::Deserialize, utoipa::IntoParams)]
 #[into_params(parameter_in = Query)]
 struct LogsQuery {
@@ -181,7 +213,7 @@ struct LogsQuery {
 async fn vm_logs(
     State(d): State<Shared>,
     Path(vm): Path<String>,
-    axum::extract::Query(q): axum::extract::Query<LogsQuery>,
+    Query(q): Query<LogsQuery>,
 ) -> Result<Response, DaemonError> {
     let vm = d.get_vm(&vm)?;
     let vp = banger_vmm::VmPaths::new(&vm.dir);

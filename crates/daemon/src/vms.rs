@@ -8,7 +8,7 @@ use banger_agent_proto::client::AgentClient;
 use banger_api::{CreateVmEvent, CreateVmRequest, Progress};
 use banger_config::{Config, HostResources, apply_flags, effective_defaults};
 use banger_model::{
-    ByteSize, ImageRecord, KernelRecord, VmBackend, VmId, VmName, VmRecord, VmState, generate_name,
+    ImageRecord, KernelRecord, VmBackend, VmId, VmName, VmRecord, VmState, generate_name,
 };
 use banger_storage::{VmDisks, WorkSource};
 use banger_vmm::{DiskFormat, DiskSpec, HostFacts, LaunchSpec, VmPaths, Vmm, select_backend};
@@ -82,20 +82,8 @@ impl Daemon {
                 "a VM named {name} already exists: pick another --name or `banger vm delete {name}`"
             )));
         }
-        let disk = req
-            .disk_size
-            .as_deref()
-            .map(str::parse::<ByteSize>)
-            .transpose()
-            .map_err(|e| DaemonError::Invalid(format!("disk size: {e}")))?;
-        if req.vcpu == Some(0) || req.vcpu.is_some_and(|v| v > 64) {
-            return Err(DaemonError::Invalid("vcpu must be between 1 and 64".into()));
-        }
-        if req.memory_mib.is_some_and(|m| m < 128) {
-            return Err(DaemonError::Invalid(
-                "memory must be at least 128 MiB".into(),
-            ));
-        }
+        let disk =
+            crate::settings::check_resources(req.vcpu, req.memory_mib, req.disk_size.as_deref())?;
         let defaults = effective_defaults(&self.config.vm_defaults, &HostResources::detect());
         let spec = apply_flags(defaults, req.vcpu, req.memory_mib, disk);
         rep.send(CreateVmEvent::Planned {

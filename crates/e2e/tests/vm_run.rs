@@ -257,6 +257,186 @@ fn lifecycle_create_start_exec_restart_kill() {
     assert!(processes_mentioning(&dir).is_empty());
     assert!(std::path::Path::new(&dir).is_dir(), "kill keeps the disks");
 
+    // After a kill -9 the disks still boot, with what was written before.
+    ok(&["vm", "start", "e2e-life"]);
+    assert_eq!(
+        ok(&[
+            "vm",
+            "exec",
+            "e2e-life",
+            "--",
+            "cat",
+            "/root/marker",
+            "/etc/marker"
+        ]),
+        "kept\nsys\n"
+    );
+
+    // Resources change only on a stopped VM, with a message saying so.
+    let out = b.run(&["vm", "set", "e2e-life", "--memory", "512"]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = text(&out).1;
+    assert!(
+        err.contains("is running") && err.contains("banger vm stop e2e-life"),
+        "{err}"
+    );
+    let stats = b.json(&["vm", "stats", "e2e-life"]);
+    let s = &stats[0];
+    assert!(
+        s["vmm"]["rss_bytes"].as_u64().unwrap_or(0) > 10 << 20,
+        "{stats}"
+    );
+    assert!(
+        s["guest"]["mem_total_bytes"].as_u64().unwrap_or(0) > 0,
+        "{stats}"
+    );
+    let roles: Vec<&str> = s["disks"]
+        .as_array()
+        .expect("disks")
+        .iter()
+        .filter_map(|d| d["role"].as_str())
+        .collect();
+    assert_eq!(roles, ["base", "overlay", "work"], "{stats}");
+
+    ok(&["vm", "stop", "e2e-life"]);
+    ok(&[
+        "vm",
+        "set",
+        "e2e-life",
+        "--memory",
+        "512",
+        "--disk-size",
+        "9G",
+    ]);
+    let out = b.run(&["vm", "set", "e2e-life", "--disk-size", "8G"]);
+    assert!(text(&out).1.contains("only grow"), "{}", text(&out).1);
+    let vm = b.json(&["vm", "show", "e2e-life"]);
+    assert_eq!(vm["spec"]["memory_mib"]["value"], 512, "{vm}");
+    assert_eq!(vm["spec"]["memory_mib"]["source"], "flag", "{vm}");
+    ok(&["vm", "start", "e2e-life"]);
+    let mem_kib: u64 = ok(&[
+        "vm",
+        "exec",
+        "e2e-life",
+        "--",
+        "awk",
+        "/MemTotal/ {print $2}",
+        "/proc/meminfo",
+    ])
+    .trim()
+    .parse()
+    .expect("MemTotal");
+    assert!(
+        (400 * 1024..=512 * 1024).contains(&mem_kib),
+        "guest sees {mem_kib} KiB, wanted about 512 MiB"
+    );
+    // The work disk was grown to the new size while stopped.
+    let root_kib: u64 = ok(&[
+        "vm",
+        "exec",
+        "e2e-life",
+        "--",
+        "sh",
+        "-c",
+        "df -P -k /root | awk 'NR==2 {print $2}'",
+    ])
+    .trim()
+    .parse()
+    .expect("df");
+    assert!(root_kib > 8 * 1024 * 1024, "/root is {root_kib} KiB");
+
     ok(&["vm", "delete", "e2e-life"]);
     assert!(!std::path::Path::new(&dir).exists());
+}
+
+#[test]
+fn three_concurrent_creates_succeed() {
+    let b = shared();
+    let names = ["e2e-con-a", "e2e-con-b", "e2e-con-c"];
+    let children: Vec<_> = names
+        .iter()
+        .map(|n| {
+            b.cmd(&["vm", "create", "--name", n])
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .expect("spawn banger")
+        })
+        .collect();
+    for (n, c) in names.iter().zip(children) {
+        let out = c.wait_with_output().expect("wait");
+        assert!(out.status.success(), "create {n}: {}", text(&out).1);
+    }
+    let vms = b.json(&["vm", "list"]);
+    for n in names {
+        let vm = vms
+            .as_array()
+            .expect("list")
+            .iter()
+            .find(|v| v["name"] == n)
+            .unwrap_or_else(|| panic!("{n} missing: {vms}"));
+        assert_eq!(vm["state"], "running", "{vm}");
+    }
+    let mut args = vec!["vm", "delete"];
+    args.extend(names);
+    let out = b.run(&args);
+    assert!(out.status.success(), "{}", text(&out).1);
+    for n in names {
+        assert!(!b.vm_names().iter().any(|v| v == n));
+    }
+}
+
+/// A VMM that dies during start-up makes the boot step fail after the
+/// directory, record and disks were made: all of it is rolled back.
+#[test]
+fn a_failing_boot_step_leaves_no_file_process_or_record() {
+    let b = shared();
+    // Make sure the image exists before breaking the VMM.
+    let out = b.run(&["vm", "create", "--name", "e2e-pre", "--no-start"]);
+    assert!(out.status.success(), "{}", text(&out).1);
+    assert!(b.run(&["vm", "delete", "e2e-pre"]).status.success());
+    let dirs_before = b.vm_dirs();
+
+    let fake = b.root.join("failing-qemu");
+    std::fs::write(
+        &fake,
+        "#!/bin/sh\necho 'qemu: simulated start-up failure' >&2\nexit 1\n",
+    )
+    .expect("write fake");
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&fake, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    let config = b.config_dir().join("config.toml");
+    let saved = std::fs::read_to_string(&config).ok();
+    struct Restore<'a>(&'a banger_e2e::Banger, std::path::PathBuf, Option<String>);
+    impl Drop for Restore<'_> {
+        fn drop(&mut self) {
+            let _ = self.0.run(&["daemon", "stop"]);
+            match &self.2 {
+                Some(t) => {
+                    let _ = std::fs::write(&self.1, t);
+                }
+                None => {
+                    let _ = std::fs::remove_file(&self.1);
+                }
+            }
+        }
+    }
+    let _restore = Restore(b, config.clone(), saved.clone());
+    let _ = b.run(&["daemon", "stop"]);
+    b.write_config(&format!(
+        "{}qemu_bin = \"{}\"\n",
+        saved.unwrap_or_default(),
+        fake.display()
+    ));
+
+    let out = b.run(&["vm", "create", "--name", "e2e-fault"]);
+    let err = text(&out).1;
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("simulated start-up failure"), "{err}");
+    assert!(
+        !b.vm_names().iter().any(|n| n == "e2e-fault"),
+        "record left"
+    );
+    assert_eq!(b.vm_dirs(), dirs_before, "VM directory left");
+    assert!(processes_mentioning("e2e-fault").is_empty(), "process left");
 }

@@ -84,6 +84,24 @@ impl std::str::FromStr for ByteSize {
     }
 }
 
+impl ByteSize {
+    /// Approximate, for people: `11.8M`, `2.0G`, `512` (one decimal).
+    pub fn human(self) -> String {
+        let b = self.0 as f64;
+        for (unit, m) in [
+            ("T", Self::GIB * 1024),
+            ("G", Self::GIB),
+            ("M", Self::MIB),
+            ("K", Self::KIB),
+        ] {
+            if self.0 >= m {
+                return format!("{:.1}{unit}", b / m as f64);
+            }
+        }
+        format!("{}", self.0)
+    }
+}
+
 impl fmt::Display for ByteSize {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let b = self.0;
@@ -126,5 +144,13 @@ mod tests {
         assert_eq!(ByteSize::gib(8).to_string(), "8G");
         assert_eq!(ByteSize::mib(1536).to_string(), "1536M");
         assert_eq!(ByteSize(1000).to_string(), "1000");
+    }
+
+    #[test]
+    fn human_is_approximate_with_one_decimal() {
+        assert_eq!(ByteSize(12_373_196).human(), "11.8M");
+        assert_eq!(ByteSize::gib(2).human(), "2.0G");
+        assert_eq!(ByteSize(512).human(), "512");
+        assert_eq!(ByteSize(1536).human(), "1.5K");
     }
 }

@@ -37,6 +37,23 @@ struct RunSample {
     overhead_excluding_exec_ms: f64,
 }
 
+/// One create → start → stop of a VM, in milliseconds, and its memory.
+#[derive(Debug, Clone, Copy, Serialize, Default)]
+struct LifecycleSample {
+    /// `vm create --no-start`: record, overlay and work disk.
+    create_no_start_ms: f64,
+    /// `vm start` until the agent's hello.
+    start_to_ready_ms: f64,
+    /// `vm stop`: guest power-off until the VMM is gone.
+    stop_ms: f64,
+    /// Resident memory of the VMM process while the guest idles.
+    vmm_rss_bytes: u64,
+    /// Guest memory the guest has touched (MemTotal − MemFree).
+    guest_touched_bytes: u64,
+    /// Host memory per VM beyond guest RAM: VMM RSS − guest touched memory.
+    overhead_bytes: i64,
+}
+
 #[derive(Debug, Serialize)]
 struct Report {
     runs: usize,
@@ -44,6 +61,8 @@ struct Report {
     host: String,
     banger_median: RunSample,
     samples: Vec<RunSample>,
+    lifecycle_median: LifecycleSample,
+    lifecycle_samples: Vec<LifecycleSample>,
     /// The same kernel and disk booted by `qemu-system-x86_64` started
     /// directly (no daemon), to agent-ready.
     bare_qemu_boot_to_agent_ms_median: f64,
@@ -81,6 +100,7 @@ pub async fn run(a: BenchArgs) -> anyhow::Result<i32> {
     let info = client.info().await?;
     let mut samples = Vec::new();
     let mut bare = Vec::new();
+    let mut life = Vec::new();
     for i in 0..a.runs {
         let s = one_run(&client, a.image.clone(), i).await?;
         eprintln!(
@@ -96,7 +116,26 @@ pub async fn run(a: BenchArgs) -> anyhow::Result<i32> {
             .context("bare qemu boot")?;
         eprintln!("bench: bare qemu boot to agent {b:.0} ms");
         bare.push(b);
+        let l = lifecycle(&client, a.image.clone(), i).await?;
+        eprintln!(
+            "bench: lifecycle {}: create {:.0} ms, start {:.0} ms, stop {:.0} ms, overhead {} MiB",
+            i + 1,
+            l.create_no_start_ms,
+            l.start_to_ready_ms,
+            l.stop_ms,
+            l.overhead_bytes >> 20
+        );
+        life.push(l);
     }
+    let lpick = |f: fn(&LifecycleSample) -> f64| median(life.iter().map(f).collect());
+    let life_med = LifecycleSample {
+        create_no_start_ms: lpick(|s| s.create_no_start_ms),
+        start_to_ready_ms: lpick(|s| s.start_to_ready_ms),
+        stop_ms: lpick(|s| s.stop_ms),
+        vmm_rss_bytes: lpick(|s| s.vmm_rss_bytes as f64) as u64,
+        guest_touched_bytes: lpick(|s| s.guest_touched_bytes as f64) as u64,
+        overhead_bytes: lpick(|s| s.overhead_bytes as f64) as i64,
+    };
     let pick = |f: fn(&RunSample) -> f64| median(samples.iter().map(f).collect());
     let med = RunSample {
         total_ms: pick(|s| s.total_ms),
@@ -115,6 +154,8 @@ pub async fn run(a: BenchArgs) -> anyhow::Result<i32> {
         host: host_summary(),
         banger_median: med,
         samples,
+        lifecycle_median: life_med,
+        lifecycle_samples: life,
         bare_qemu_boot_to_agent_ms_median: bare_med,
         bare_qemu_samples_ms: bare,
         boot_ratio_banger_over_bare: if bare_med > 0.0 {
@@ -199,6 +240,52 @@ async fn one_run(
         orchestration_overhead_ms: ms(total) - boot,
         overhead_excluding_exec_ms: ms(total) - boot - ms(exec),
     })
+}
+
+/// Creates a VM without starting it, starts it, reads its memory, stops
+/// and deletes it.
+async fn lifecycle(
+    client: &banger_api::Client,
+    image: Option<String>,
+    i: usize,
+) -> anyhow::Result<LifecycleSample> {
+    let req = CreateVmRequest {
+        name: Some(format!("bench-life-{}-{i}", std::process::id())),
+        image,
+        vcpu: Some(BENCH_VCPU),
+        memory_mib: Some(BENCH_MEMORY_MIB),
+        start: false,
+        ..Default::default()
+    };
+    let t0 = Instant::now();
+    let vm = client.create_vm(&req, |_| {}).await?;
+    let create = t0.elapsed();
+    let name = vm.name.to_string();
+    let result = async {
+        let t1 = Instant::now();
+        client.start_vm(&name).await?;
+        let start = t1.elapsed();
+        let stats = client.vm_stats(&name, true).await?;
+        let rss = stats.vmm.as_ref().map_or(0, |p| p.rss_bytes);
+        let touched = stats
+            .guest
+            .as_ref()
+            .map_or(0, |g| g.mem_total_bytes.saturating_sub(g.mem_free_bytes));
+        let t2 = Instant::now();
+        client.stop_vm(&name).await?;
+        let stop = t2.elapsed();
+        anyhow::Ok(LifecycleSample {
+            create_no_start_ms: ms(create),
+            start_to_ready_ms: ms(start),
+            stop_ms: ms(stop),
+            vmm_rss_bytes: rss,
+            guest_touched_bytes: touched,
+            overhead_bytes: rss as i64 - touched as i64,
+        })
+    }
+    .await;
+    client.delete_vm(&name).await?;
+    result
 }
 
 fn host_summary() -> String {

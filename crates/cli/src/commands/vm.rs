@@ -55,6 +55,33 @@ pub enum VmCommand {
         #[arg(required = true)]
         vms: Vec<String>,
     },
+    /// Change vcpu, memory, disk size (grow only) or NAT of stopped VMs.
+    Set {
+        /// Virtual CPUs.
+        #[arg(long)]
+        vcpu: Option<u32>,
+        /// Memory in MiB.
+        #[arg(long)]
+        memory: Option<u64>,
+        /// New size of the /root work disk and system overlay, e.g. 32G; disks only grow.
+        #[arg(long, value_parser = parse_size)]
+        disk_size: Option<ByteSize>,
+        /// Masquerade the VM's traffic out of the host.
+        #[arg(long, overrides_with = "no_nat")]
+        nat: bool,
+        /// Stop masquerading the VM's traffic.
+        #[arg(long)]
+        no_nat: bool,
+        #[arg(required = true)]
+        vms: Vec<String>,
+    },
+    /// CPU, memory and disk use of VMs (host side, and the guest's own view when it runs).
+    Stats {
+        #[arg(required = true)]
+        vms: Vec<String>,
+        #[arg(long)]
+        json: bool,
+    },
     /// Run a command in a running VM through its agent; exits with its status.
     Exec {
         vm: String,
@@ -170,13 +197,75 @@ pub async fn run(cmd: VmCommand) -> anyhow::Result<i32> {
             Ok(0)
         }
         VmCommand::Show { vm, json } => {
-            let vm = connect::client().await?.get_vm(&vm).await?;
+            let client = connect::client().await?;
+            let vm = client.get_vm(&vm).await?;
             if json {
                 output::json(&vm)?;
             } else {
                 print_vm(&vm);
+                let stats = client.vm_stats(vm.id.as_str(), false).await?;
+                print_disks(&stats.disks);
             }
             Ok(0)
+        }
+        VmCommand::Set {
+            vcpu,
+            memory,
+            disk_size,
+            nat,
+            no_nat,
+            vms,
+        } => {
+            let req = banger_api::SetVmRequest {
+                vcpu,
+                memory_mib: memory,
+                disk_size: disk_size.map(|d| d.to_string()),
+                nat: match (nat, no_nat) {
+                    (true, _) => Some(true),
+                    (_, true) => Some(false),
+                    _ => None,
+                },
+            };
+            if req.is_empty() {
+                anyhow::bail!(
+                    "nothing to change: pass --vcpu, --memory, --disk-size, --nat or --no-nat"
+                );
+            }
+            for_each(vms, "changed", move |c, r| {
+                let req = req.clone();
+                async move { c.set_vm(&r, &req).await }
+            })
+            .await
+        }
+        VmCommand::Stats { vms, json } => {
+            let client = connect::client().await?;
+            let results = futures_join_all(vms.into_iter().map(|r| {
+                let c = client.clone();
+                async move {
+                    let res = c.vm_stats(&r, true).await;
+                    (r, res)
+                }
+            }))
+            .await;
+            let mut failed = 0;
+            let mut all = Vec::new();
+            for (r, res) in results {
+                match res {
+                    Ok(s) => all.push(s),
+                    Err(e) => {
+                        failed += 1;
+                        eprintln!("banger: {r}: {e}");
+                    }
+                }
+            }
+            if json {
+                output::json(&all)?;
+            } else {
+                for s in &all {
+                    print_stats(s);
+                }
+            }
+            Ok(if failed > 0 { 1 } else { 0 })
         }
         VmCommand::Create { create, no_start } => {
             let client = connect::client().await?;
@@ -319,6 +408,62 @@ fn print_vm(v: &VmRecord) {
     if let Some(e) = &v.last_error {
         println!("error    {e}");
     }
+}
+
+fn print_disks(disks: &[banger_api::DiskStats]) {
+    for d in disks {
+        println!(
+            "disk     {:<8} {} virtual, {} on host{}  {}",
+            d.role,
+            ByteSize(d.virtual_bytes).human(),
+            ByteSize(d.allocated_bytes).human(),
+            if d.shared { " (shared)" } else { "" },
+            d.path
+        );
+    }
+    let own: u64 = disks
+        .iter()
+        .filter(|d| !d.shared)
+        .map(|d| d.allocated_bytes)
+        .sum();
+    println!("disk use {} on host for this VM", ByteSize(own).human());
+}
+
+fn print_stats(s: &banger_api::VmStats) {
+    println!(
+        "{} ({}): {} vcpu, {} memory",
+        s.name,
+        s.state,
+        s.vcpu,
+        ByteSize::mib(s.memory_mib)
+    );
+    match &s.vmm {
+        Some(p) => println!(
+            "vmm      pid {}, cpu {:.1}s ({:.1}% avg over {:.0}s), rss {}",
+            p.pid,
+            p.cpu_seconds,
+            p.cpu_percent,
+            p.uptime_seconds,
+            ByteSize(p.rss_bytes).human()
+        ),
+        None => println!("vmm      not running"),
+    }
+    if let Some(g) = &s.guest {
+        println!(
+            "guest    memory {} of {} available, load {:.2}",
+            ByteSize(g.mem_available_bytes).human(),
+            ByteSize(g.mem_total_bytes).human(),
+            g.load1
+        );
+        println!(
+            "guest    / {} of {} used, /root {} of {} used",
+            ByteSize(g.root_used_bytes).human(),
+            ByteSize(g.root_total_bytes).human(),
+            ByteSize(g.work_used_bytes).human(),
+            ByteSize(g.work_total_bytes).human()
+        );
+    }
+    print_disks(&s.disks);
 }
 
 /// Creates a VM, streaming progress to stderr. Returns the VM, or the error

@@ -1,0 +1,318 @@
+//! `vm set` (resources of a stopped VM) and `vm stats`.
+
+use crate::{Daemon, DaemonError};
+use anyhow::Context;
+use banger_agent_proto::ExecRequest;
+use banger_agent_proto::client::{AgentClient, ExecEvent};
+use banger_api::{DiskStats, GuestStats, SetVmRequest, VmStats, VmmProcessStats};
+use banger_model::{ByteSize, Provenance, SpecValue, VmRecord, VmState};
+use banger_storage::VmDisks;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Most vCPUs a VM may have.
+const MAX_VCPU: u32 = 64;
+/// Least memory a VM may have.
+const MIN_MEMORY_MIB: u64 = 128;
+/// Bound on the guest-side part of `vm stats`.
+const GUEST_STATS_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Checks requested resources the same way for create and set; returns the
+/// parsed disk size.
+pub(crate) fn check_resources(
+    vcpu: Option<u32>,
+    memory_mib: Option<u64>,
+    disk_size: Option<&str>,
+) -> Result<Option<ByteSize>, DaemonError> {
+    if vcpu.is_some_and(|v| v == 0 || v > MAX_VCPU) {
+        return Err(DaemonError::Invalid(format!(
+            "vcpu must be between 1 and {MAX_VCPU}"
+        )));
+    }
+    if memory_mib.is_some_and(|m| m < MIN_MEMORY_MIB) {
+        return Err(DaemonError::Invalid(format!(
+            "memory must be at least {MIN_MEMORY_MIB} MiB"
+        )));
+    }
+    let disk = disk_size
+        .map(str::parse::<ByteSize>)
+        .transpose()
+        .map_err(|e| DaemonError::Invalid(format!("disk size: {e}")))?;
+    if let Some(d) = disk
+        && d.bytes() < banger_storage::MIN_DISK_BYTES
+    {
+        return Err(DaemonError::Invalid(format!(
+            "disk size must be at least {}",
+            ByteSize(banger_storage::MIN_DISK_BYTES)
+        )));
+    }
+    Ok(disk)
+}
+
+impl Daemon {
+    /// Changes vcpu, memory, disk size (grow only) and NAT of a VM.
+    /// Precondition: the VM is stopped; a running VM is refused with what
+    /// to do, since none of these can change under a running guest here.
+    pub async fn set_vm(
+        self: &Arc<Self>,
+        r: &str,
+        req: SetVmRequest,
+    ) -> Result<VmRecord, DaemonError> {
+        if req.is_empty() {
+            return Err(DaemonError::Invalid(
+                "nothing to change: pass --vcpu, --memory, --disk-size or --nat/--no-nat".into(),
+            ));
+        }
+        let disk = check_resources(req.vcpu, req.memory_mib, req.disk_size.as_deref())?;
+        let vm = self.store.resolve_vm(r)?;
+        let lock = self.vm_lock(&vm.id);
+        let _g = lock.lock().await;
+        let mut vm = self.store.get_vm(&vm.id)?;
+        if !matches!(vm.state, VmState::Stopped | VmState::Error)
+            || vm
+                .pid
+                .is_some_and(|p| banger_vmm::vmm_process_alive(p, &vm.dir))
+        {
+            let what = [
+                req.vcpu.map(|_| "vcpu"),
+                req.memory_mib.map(|_| "memory"),
+                req.disk_size.as_ref().map(|_| "disk size"),
+                req.nat.map(|_| "NAT"),
+            ]
+            .into_iter()
+            .flatten()
+            .collect::<Vec<_>>()
+            .join(", ");
+            return Err(DaemonError::Conflict(format!(
+                "VM {} is {}: stop it first (`banger vm stop {}`) to change its {what}",
+                vm.name, vm.state, vm.name
+            )));
+        }
+        if let Some(d) = disk {
+            let current = vm.spec.disk_bytes.value;
+            if d.bytes() < current {
+                return Err(DaemonError::Invalid(format!(
+                    "VM {} has a {} disk; disks only grow, so {d} is refused",
+                    vm.name,
+                    ByteSize(current)
+                )));
+            }
+            let disks = VmDisks::in_dir(&vm.dir);
+            for path in [&disks.work, &disks.overlay] {
+                banger_storage::grow_disk(path, d.bytes())
+                    .await
+                    .with_context(|| format!("growing the disks of VM {}", vm.name))?;
+            }
+            vm.spec.disk_bytes = SpecValue::new(d.bytes(), Provenance::Flag);
+        }
+        if let Some(v) = req.vcpu {
+            vm.spec.vcpu = SpecValue::new(v, Provenance::Flag);
+        }
+        if let Some(m) = req.memory_mib {
+            vm.spec.memory_mib = SpecValue::new(m, Provenance::Flag);
+        }
+        if let Some(n) = req.nat {
+            vm.nat = n;
+        }
+        self.store.update_vm(&vm)?;
+        tracing::info!(vm = %vm.name, spec = %vm.spec.summary(), nat = vm.nat, "changed VM");
+        Ok(vm)
+    }
+
+    /// Host-side figures of a VM (VMM process, disks) and, with `guest`,
+    /// the guest's own through its agent.
+    pub async fn vm_stats(&self, r: &str, guest: bool) -> Result<VmStats, DaemonError> {
+        let vm = self.store.resolve_vm(r)?;
+        let vmm = vm
+            .pid
+            .filter(|p| banger_vmm::vmm_process_alive(*p, &vm.dir))
+            .and_then(process_stats);
+        let mut disks = Vec::new();
+        if let Ok(image) = self.store.get_image(&vm.image) {
+            disks.push(disk_stats("base", &image.rootfs, true));
+        }
+        let own = VmDisks::in_dir(&vm.dir);
+        disks.push(disk_stats("overlay", &own.overlay, false));
+        disks.push(disk_stats("work", &own.work, false));
+        let guest = match (guest, vm.state, self.agent(&vm.id)) {
+            (true, VmState::Running, Some(agent)) => {
+                tokio::time::timeout(GUEST_STATS_TIMEOUT, guest_stats(&agent))
+                    .await
+                    .ok()
+                    .flatten()
+            }
+            _ => None,
+        };
+        Ok(VmStats {
+            name: vm.name.to_string(),
+            state: vm.state,
+            vcpu: vm.spec.vcpu.value,
+            memory_mib: vm.spec.memory_mib.value,
+            vmm,
+            disks,
+            guest,
+        })
+    }
+}
+
+fn disk_stats(role: &str, path: &std::path::Path, shared: bool) -> DiskStats {
+    let u = banger_storage::disk_usage(path);
+    DiskStats {
+        role: role.into(),
+        path: path.display().to_string(),
+        virtual_bytes: u.virtual_bytes,
+        allocated_bytes: u.allocated_bytes,
+        shared,
+    }
+}
+
+/// CPU time, average CPU use and RSS of process `pid`, from /proc.
+pub(crate) fn process_stats(pid: u32) -> Option<VmmProcessStats> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name, which may contain spaces, in parens.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let f: Vec<&str> = rest.split(' ').collect();
+    // rest starts at field 3 (state); utime is field 14, starttime 22.
+    let field = |n: usize| f.get(n - 3)?.parse::<u64>().ok();
+    let ticks = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+        .ok()
+        .flatten()
+        .filter(|t| *t > 0)? as f64;
+    let cpu_seconds = (field(14)? + field(15)?) as f64 / ticks;
+    let started = field(22)? as f64 / ticks;
+    let uptime: f64 = std::fs::read_to_string("/proc/uptime")
+        .ok()?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()?;
+    let uptime_seconds = (uptime - started).max(0.0);
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let rss_kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()?;
+    Some(VmmProcessStats {
+        pid,
+        cpu_seconds,
+        cpu_percent: if uptime_seconds > 0.0 {
+            100.0 * cpu_seconds / uptime_seconds
+        } else {
+            0.0
+        },
+        rss_bytes: rss_kib * 1024,
+        uptime_seconds,
+    })
+}
+
+/// Reads memory, load and file system use inside the guest with one exec.
+async fn guest_stats(agent: &AgentClient) -> Option<GuestStats> {
+    let req = ExecRequest {
+        argv: vec![
+            "sh".into(),
+            "-c".into(),
+            "cat /proc/meminfo /proc/loadavg; df -P -B1 / /root".into(),
+        ],
+        ..Default::default()
+    };
+    let mut session = agent.exec(req).ok()?;
+    let mut out = Vec::new();
+    while let Ok(Some(ev)) = session.next_event().await {
+        match ev {
+            ExecEvent::Stdout(b) => out.extend_from_slice(&b),
+            ExecEvent::Exited(_) => break,
+            _ => {}
+        }
+    }
+    parse_guest_stats(&String::from_utf8_lossy(&out))
+}
+
+/// Parses `/proc/meminfo`, `/proc/loadavg` and `df -P -B1 / /root` output.
+fn parse_guest_stats(text: &str) -> Option<GuestStats> {
+    let kib = |key: &str| -> Option<u64> {
+        text.lines()
+            .find_map(|l| l.strip_prefix(key))?
+            .split_whitespace()
+            .next()?
+            .parse::<u64>()
+            .ok()
+            .map(|v| v * 1024)
+    };
+    let load1 = text
+        .lines()
+        .find(|l| l.split_whitespace().count() == 5 && l.contains('/'))?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()?;
+    // df rows: filesystem, size, used, available, capacity, mount point.
+    let df = |mount: &str| -> Option<(u64, u64)> {
+        let cols: Vec<&str> = text
+            .lines()
+            .map(|l| l.split_whitespace().collect::<Vec<_>>())
+            .find(|c| c.len() == 6 && c[5] == mount)?;
+        Some((cols[2].parse().ok()?, cols[1].parse().ok()?))
+    };
+    let (root_used, root_total) = df("/")?;
+    let (work_used, work_total) = df("/root").unwrap_or((0, 0));
+    Some(GuestStats {
+        mem_total_bytes: kib("MemTotal:")?,
+        mem_available_bytes: kib("MemAvailable:")?,
+        mem_free_bytes: kib("MemFree:")?,
+        load1,
+        root_used_bytes: root_used,
+        root_total_bytes: root_total,
+        work_used_bytes: work_used,
+        work_total_bytes: work_total,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn resources_are_checked_once_for_create_and_set() {
+        assert!(check_resources(Some(0), None, None).is_err());
+        assert!(check_resources(Some(65), None, None).is_err());
+        assert!(check_resources(None, Some(64), None).is_err());
+        assert!(check_resources(None, None, Some("lots")).is_err());
+        assert!(check_resources(None, None, Some("1M")).is_err());
+        assert_eq!(
+            check_resources(Some(2), Some(1024), Some("16G")).expect("ok"),
+            Some(ByteSize::gib(16))
+        );
+    }
+
+    #[test]
+    fn guest_stats_parse_real_output() {
+        let text = "MemTotal:        1004548 kB\nMemFree:          800000 kB\n\
+MemAvailable:     900000 kB\nBuffers:            1000 kB\n\
+0.52 0.31 0.12 1/97 412\n\
+Filesystem     1-blocks    Used Available Capacity Mounted on\n\
+overlay      8318783488 8482816 7883358208       1% /\n\
+/dev/vdc     8318783488   40960 7889833984       1% /root\n";
+        let g = parse_guest_stats(text).expect("parse");
+        assert_eq!(g.mem_total_bytes, 1004548 * 1024);
+        assert_eq!(g.mem_available_bytes, 900000 * 1024);
+        assert_eq!(g.mem_free_bytes, 800000 * 1024);
+        assert!((g.load1 - 0.52).abs() < 1e-9);
+        assert_eq!(
+            (g.root_used_bytes, g.root_total_bytes),
+            (8482816, 8318783488)
+        );
+        assert_eq!((g.work_used_bytes, g.work_total_bytes), (40960, 8318783488));
+        assert!(parse_guest_stats("garbage").is_none());
+    }
+
+    #[test]
+    fn own_process_stats_are_sane() {
+        let s = process_stats(std::process::id()).expect("stats of self");
+        assert!(s.rss_bytes > 1 << 20, "{s:?}");
+        assert!(s.cpu_seconds >= 0.0 && s.uptime_seconds >= 0.0, "{s:?}");
+        assert!(process_stats(u32::MAX).is_none());
+    }
+}
