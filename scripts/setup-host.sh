@@ -1,7 +1,12 @@
 #!/usr/bin/env bash
 # Installs the host packages banger needs on a Debian/Ubuntu machine.
 # Idempotent; safe to run on a machine that already has everything.
+#   scripts/setup-host.sh               what banger itself uses
+#   scripts/setup-host.sh --test-tools  plus what the test suite uses
 set -euo pipefail
+
+test_tools=0
+[ "${1:-}" = --test-tools ] && test_tools=1
 
 if [ "$(id -u)" -ne 0 ]; then
   echo "setup-host.sh: run as root (it uses apt-get)" >&2
@@ -11,7 +16,12 @@ fi
 export DEBIAN_FRONTEND=noninteractive
 . /etc/os-release
 
-need_pkgs=(gcc libc6-dev mmdebstrap e2fsprogs openssh-client iproute2 ca-certificates git tmux zstd)
+need_pkgs=(gcc libc6-dev mmdebstrap e2fsprogs openssh-client iproute2 nftables ca-certificates git tmux zstd)
+# Test servers and fixtures: a local OCI registry and the tools that push
+# to it, htpasswd for its auth test, busybox for tiny test images, dig.
+if [ "$test_tools" = 1 ]; then
+  need_pkgs+=(docker-registry skopeo umoci apache2-utils busybox-static dnsutils)
+fi
 
 qemu_ok() {
   command -v qemu-system-x86_64 >/dev/null 2>&1 && [ -e /usr/share/qemu/qboot.rom ]

@@ -3,7 +3,7 @@
 # that boot real guests under QEMU (TCG when KVM is not usable).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-./scripts/setup-host.sh
+./scripts/setup-host.sh --test-tools
 export PROFILE=dev
 ./scripts/build.sh
 cargo fmt --all --check
