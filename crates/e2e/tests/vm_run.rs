@@ -246,6 +246,24 @@ fn lifecycle_create_start_exec_restart_kill() {
     );
     let out = b.run(&["vm", "exec", "e2e-life", "--", "sh", "-c", "exit 7"]);
     assert_eq!(out.status.code(), Some(7));
+    assert_eq!(
+        ok(&[
+            "vm",
+            "exec",
+            "e2e-life",
+            "--cwd",
+            "/etc",
+            "--env",
+            "GREETING=hi there",
+            "--",
+            "sh",
+            "-c",
+            "echo \"$GREETING\"; pwd"
+        ]),
+        "hi there\n/etc\n"
+    );
+    let out = b.run(&["vm", "exec", "e2e-life", "--env", "1BAD=x", "--", "true"]);
+    assert_eq!(out.status.code(), Some(2), "clap usage error");
     assert!(ok(&["vm", "logs", "e2e-life"]).contains("Linux version"));
 
     ok(&["vm", "kill", "--signal", "KILL", "e2e-life"]);

@@ -85,6 +85,12 @@ pub enum VmCommand {
     /// Run a command in a running VM through its agent; exits with its status.
     Exec {
         vm: String,
+        /// Working directory in the guest (default: /root).
+        #[arg(long)]
+        cwd: Option<String>,
+        /// Extra environment, KEY=VALUE; repeatable.
+        #[arg(long = "env", short = 'e', value_parser = parse_env)]
+        env: Vec<(String, String)>,
         /// The command, after `--`. Stdin is forwarded when it is not a terminal.
         #[arg(last = true, required = true, value_name = "CMD")]
         command: Vec<String>,
@@ -136,6 +142,20 @@ pub struct CreateFlags {
 
 fn parse_name(s: &str) -> Result<VmName, String> {
     VmName::parse(s).map_err(|e| e.to_string())
+}
+
+/// `KEY=VALUE` with a shell-style variable name.
+fn parse_env(s: &str) -> Result<(String, String), String> {
+    let (k, v) = s
+        .split_once('=')
+        .ok_or_else(|| format!("{s:?} is not KEY=VALUE"))?;
+    let valid = !k.is_empty()
+        && !k.starts_with(|c: char| c.is_ascii_digit())
+        && k.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+    if !valid {
+        return Err(format!("{k:?} is not a valid environment variable name"));
+    }
+    Ok((k.to_string(), v.to_string()))
 }
 
 fn parse_signal(s: &str) -> Result<i32, String> {
@@ -294,8 +314,19 @@ pub async fn run(cmd: VmCommand) -> anyhow::Result<i32> {
             })
             .await
         }
-        VmCommand::Exec { vm, command } => {
-            exec_streaming(&connect::client().await?, &vm, command).await
+        VmCommand::Exec {
+            vm,
+            cwd,
+            env,
+            command,
+        } => {
+            let start = ExecStart {
+                argv: command,
+                env,
+                cwd,
+                stdin: false,
+            };
+            exec_streaming(&connect::client().await?, &vm, start).await
         }
         VmCommand::Logs { vm, vmm, follow } => {
             let source = if vmm {
@@ -538,7 +569,11 @@ async fn vm_run(a: RunArgs) -> anyhow::Result<i32> {
             vm.name
         );
     }
-    let code = exec_streaming(&client, vm.name.as_str(), a.command).await;
+    let start = ExecStart {
+        argv: a.command,
+        ..Default::default()
+    };
+    let code = exec_streaming(&client, vm.name.as_str(), start).await;
     if a.rm {
         cleanup(&client, vm.name.as_str()).await;
     }
@@ -587,13 +622,13 @@ async fn cleanup(client: &Client, name: &str) {
 
 /// Runs `argv` in the VM, streaming its output; returns its exit status.
 /// Stdin is forwarded when it is not a terminal.
-pub async fn exec_streaming(client: &Client, vm: &str, argv: Vec<String>) -> anyhow::Result<i32> {
+/// Runs `start` in the VM, streaming its output; stdin is forwarded when it
+/// is not a terminal. Returns the command's shell-style exit status.
+pub async fn exec_streaming(client: &Client, vm: &str, start: ExecStart) -> anyhow::Result<i32> {
     let forward_stdin = !std::io::stdin().is_terminal();
     let start = ExecStart {
-        argv,
-        env: Vec::new(),
-        cwd: None,
         stdin: forward_stdin,
+        ..start
     };
     let (mut writer, mut reader) = client
         .exec(vm, &start)
