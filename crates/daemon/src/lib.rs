@@ -11,6 +11,7 @@ mod logging;
 mod reconcile;
 pub mod server;
 mod settings;
+mod ssh;
 pub mod steps;
 mod vms;
 

@@ -189,6 +189,17 @@ impl Daemon {
             )
             .await
             .map_err(|e| DaemonError::Failed(e.into()))?;
+        let (this2, rec) = (self.clone(), vm.clone());
+        steps
+            .run("ssh", "giving the VM its ssh host key", |_| async move {
+                this2.provision_ssh(&rec).await?;
+                if let Err(e) = this2.refresh_known_hosts() {
+                    tracing::warn!(error = %format!("{e:#}"), "known_hosts not updated");
+                }
+                Ok(())
+            })
+            .await
+            .map_err(|e| DaemonError::Failed(e.into()))?;
 
         if !req.start {
             this.store.set_vm_state(&id, VmState::Stopped, None, None)?;
@@ -466,6 +477,9 @@ impl Daemon {
         }
         self.store.delete_vm(&vm.id)?;
         tracing::info!(vm = %vm.name, id = %vm.id, "deleted VM");
+        if let Err(e) = self.refresh_known_hosts() {
+            tracing::warn!(error = %format!("{e:#}"), "known_hosts not updated");
+        }
         Ok(vm)
     }
 

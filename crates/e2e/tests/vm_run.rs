@@ -219,6 +219,58 @@ fn lifecycle_create_start_exec_restart_kill() {
 
     ok(&["vm", "start", "e2e-life"]);
     assert_eq!(state(), "running");
+    // The host key was made on the host and is the one the guest's sshd
+    // uses; banger's known_hosts pins it; banger's key is authorised.
+    let host_pub = std::fs::read_to_string(format!("{dir}/ssh_host_ed25519_key.pub"))
+        .expect("host public key in the VM dir");
+    assert_eq!(
+        ok(&[
+            "vm",
+            "exec",
+            "e2e-life",
+            "--",
+            "cat",
+            "/etc/ssh/ssh_host_ed25519_key.pub"
+        ]),
+        host_pub
+    );
+    assert_eq!(
+        ok(&[
+            "vm",
+            "exec",
+            "e2e-life",
+            "--",
+            "stat",
+            "-c",
+            "%a %U",
+            "/etc/ssh/ssh_host_ed25519_key",
+            "/root/.ssh/authorized_keys"
+        ]),
+        "600 root\n600 root\n"
+    );
+    let user_pub =
+        std::fs::read_to_string(b.state_dir().join("ssh/id_ed25519.pub")).expect("user key");
+    assert!(
+        ok(&[
+            "vm",
+            "exec",
+            "e2e-life",
+            "--",
+            "cat",
+            "/root/.ssh/authorized_keys"
+        ])
+        .contains(user_pub.trim())
+    );
+    let known =
+        std::fs::read_to_string(b.state_dir().join("ssh/known_hosts")).expect("known_hosts");
+    let key_b64 = host_pub.split_whitespace().nth(1).expect("b64");
+    assert!(
+        known
+            .lines()
+            .any(|l| l.starts_with("e2e-life.vm ssh-ed25519 ") && l.contains(key_b64)),
+        "{known}"
+    );
+    assert!(ok(&["vm", "exec", "e2e-life", "--", "/usr/sbin/sshd", "-t"]).is_empty());
     ok(&[
         "vm",
         "exec",

@@ -14,7 +14,10 @@
 //! no loop devices. Stop keeps them; delete removes the VM directory.
 
 mod copy;
+mod inject;
 mod tools;
+
+pub use inject::{GuestFile, write_files};
 
 pub use tools::find_tool;
 

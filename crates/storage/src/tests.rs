@@ -194,3 +194,57 @@ async fn full_host_disk_during_clone_is_clear_and_leaves_nothing() {
     assert!(!work.exists(), "partial work disk left behind");
     assert_eq!(std::fs::read_dir(&small).expect("ls").count(), 0);
 }
+
+#[tokio::test]
+async fn files_are_written_into_the_disk_as_root_with_their_modes() {
+    let t = tempfile::tempdir().expect("tempdir");
+    let seed = make_seed(t.path(), 0);
+    let work = t.path().join(WORK_DISK);
+    create_work_disk(WorkSource::Seed(&seed), &work, MIN_DISK_BYTES)
+        .await
+        .expect("work disk");
+    let key = GuestFile {
+        path: "/.ssh/authorized_keys".into(),
+        content: b"ssh-ed25519 AAAA test\n".to_vec(),
+        mode: 0o600,
+        dir_mode: 0o700,
+    };
+    let replaced = GuestFile {
+        path: "/hello".into(),
+        content: b"replaced\n".to_vec(),
+        mode: 0o644,
+        dir_mode: 0o755,
+    };
+    write_files(&work, &[key, replaced]).await.expect("inject");
+    assert_eq!(
+        tool("debugfs", &["-R", "cat /.ssh/authorized_keys"], &work),
+        "ssh-ed25519 AAAA test\n"
+    );
+    assert_eq!(tool("debugfs", &["-R", "cat /hello"], &work), "replaced\n");
+    let stat = tool("debugfs", &["-R", "stat /.ssh/authorized_keys"], &work);
+    assert!(
+        stat.contains("Mode:  0600") && stat.contains("User:     0"),
+        "{stat}"
+    );
+    let stat = tool("debugfs", &["-R", "stat /.ssh"], &work);
+    assert!(
+        stat.contains("Mode:  0700") && stat.contains("directory"),
+        "{stat}"
+    );
+    tool("e2fsck", &["-f", "-n"], &work);
+    // No scratch files left next to the disk.
+    let names: Vec<_> = std::fs::read_dir(t.path())
+        .expect("ls")
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with(".inject"))
+        .collect();
+    assert!(names.is_empty(), "{names:?}");
+    let bad = GuestFile {
+        path: "/../etc/x".into(),
+        content: vec![],
+        mode: 0o600,
+        dir_mode: 0o700,
+    };
+    assert!(write_files(&work, &[bad]).await.is_err());
+}
