@@ -43,6 +43,8 @@ enum Command {
     Daemon(commands::daemon::DaemonCommand),
     /// Check that this host can run banger VMs.
     Doctor(commands::doctor::DoctorArgs),
+    /// Print (or --install / --uninstall) the ssh_config Include for `ssh <vm>.vm`.
+    SshConfig(commands::ssh_config::SshConfigArgs),
     /// Measure banger's orchestration overhead (JSON).
     Bench(commands::bench::BenchArgs),
     /// Print version, commit and build time.
@@ -82,6 +84,7 @@ fn main() -> ExitCode {
             Command::Kernel(c) => commands::image::run_kernel(c).await,
             Command::Daemon(c) => commands::daemon::run(c).await,
             Command::Doctor(a) => commands::doctor::run(a).await,
+            Command::SshConfig(a) => commands::ssh_config::run(a).await,
             Command::Bench(a) => commands::bench::run(a).await,
             Command::Version => {
                 let b = BuildInfo::current();

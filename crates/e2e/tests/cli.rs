@@ -153,3 +153,37 @@ fn sigterm_stops_the_daemon_gracefully() {
     );
     let _ = std::fs::remove_dir_all(&b.root);
 }
+
+#[test]
+fn ssh_config_install_is_idempotent_and_uninstall_restores_the_file() {
+    use std::os::unix::fs::PermissionsExt;
+    let b = Banger::isolated("sshcfg");
+    let user_cfg = b.root.join("home/.ssh/config");
+    std::fs::create_dir_all(user_cfg.parent().expect("dir")).expect("mkdir");
+    let original = "Host work\n  HostName example.invalid\n";
+    std::fs::write(&user_cfg, original).expect("write");
+    std::fs::set_permissions(&user_cfg, std::fs::Permissions::from_mode(0o640)).expect("chmod");
+
+    let printed = text(&b.run(&["ssh-config"])).0;
+    assert!(printed.contains("Include \""), "{printed}");
+    assert!(printed.contains("banger/ssh_config\""), "{printed}");
+
+    let out = b.run(&["ssh-config", "--install"]);
+    assert!(out.status.success(), "{}", text(&out).1);
+    let installed = std::fs::read_to_string(&user_cfg).expect("read");
+    assert!(installed.starts_with(&printed), "{installed}");
+    assert!(installed.ends_with(original));
+    assert!(b.run(&["ssh-config", "--install"]).status.success());
+    assert_eq!(std::fs::read_to_string(&user_cfg).expect("read"), installed);
+
+    let out = b.run(&["ssh-config", "--uninstall"]);
+    assert!(out.status.success(), "{}", text(&out).1);
+    assert_eq!(std::fs::read_to_string(&user_cfg).expect("read"), original);
+    let mode = std::fs::metadata(&user_cfg)
+        .expect("md")
+        .permissions()
+        .mode()
+        & 0o777;
+    assert_eq!(mode, 0o640);
+    let _ = std::fs::remove_dir_all(&b.root);
+}

@@ -270,7 +270,17 @@ fn lifecycle_create_start_exec_restart_kill() {
             .any(|l| l.starts_with("e2e-life.vm ssh-ed25519 ") && l.contains(key_b64)),
         "{known}"
     );
-    assert!(ok(&["vm", "exec", "e2e-life", "--", "/usr/sbin/sshd", "-t"]).is_empty());
+    // sshd really serves that key (it starts after the agent: wait for it).
+    let scanned = ok(&[
+        "vm",
+        "exec",
+        "e2e-life",
+        "--",
+        "sh",
+        "-c",
+        "for i in $(seq 120); do ssh-keyscan -t ed25519 127.0.0.1 2>/dev/null | grep . && exit 0; sleep 1; done; exit 1",
+    ]);
+    assert!(scanned.contains(key_b64), "sshd offers {scanned}");
     ok(&[
         "vm",
         "exec",

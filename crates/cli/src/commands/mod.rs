@@ -2,4 +2,5 @@ pub mod bench;
 pub mod daemon;
 pub mod doctor;
 pub mod image;
+pub mod ssh_config;
 pub mod vm;
