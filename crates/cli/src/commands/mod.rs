@@ -2,4 +2,6 @@ pub mod bench;
 pub mod daemon;
 pub mod doctor;
 pub mod image;
+pub mod kernel;
+pub mod transfer;
 pub mod vm;
