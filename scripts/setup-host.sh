@@ -11,7 +11,8 @@ fi
 export DEBIAN_FRONTEND=noninteractive
 . /etc/os-release
 
-need_pkgs=(gcc libc6-dev mmdebstrap e2fsprogs openssh-client iproute2 ca-certificates git tmux zstd)
+need_pkgs=(gcc libc6-dev mmdebstrap e2fsprogs openssh-client iproute2 ca-certificates git tmux zstd
+  docker-registry skopeo apache2-utils busybox-static umoci)
 
 qemu_ok() {
   command -v qemu-system-x86_64 >/dev/null 2>&1 && [ -e /usr/share/qemu/qboot.rom ]
