@@ -15,27 +15,31 @@ use tokio_util::sync::CancellationToken;
 /// first-boot sshd install before the guest grows its file system.
 const OCI_MIN_ROOTFS: u64 = 512 << 20;
 
+/// Receives a phase and a line for people.
+pub(crate) type ProgressFn = Arc<dyn Fn(&str, &str) + Send + Sync>;
+/// Receives bytes of a transfer: phase, done, total (0 when unknown).
+pub(crate) type TransferFn = Arc<dyn Fn(&str, u64, u64) + Send + Sync>;
+
 /// Where a long image operation reports to.
 #[derive(Clone)]
 pub(crate) struct Report {
     /// A phase and a line for people.
-    pub progress: Arc<dyn Fn(&str, &str) + Send + Sync>,
+    pub progress: ProgressFn,
     /// Bytes of a transfer: phase, done, total (0 when unknown).
-    pub transfer: Arc<dyn Fn(&str, u64, u64) + Send + Sync>,
+    pub transfer: TransferFn,
 }
 
 impl Report {
     /// Progress lines only: transfers become a line per tenth done.
-    pub(crate) fn lines(progress: Arc<dyn Fn(&str, &str) + Send + Sync>) -> Report {
+    pub(crate) fn lines(progress: ProgressFn) -> Report {
         let last = Arc::new(std::sync::Mutex::new((String::new(), u64::MAX)));
         let p = progress.clone();
         Report {
             progress,
             transfer: Arc::new(move |phase: &str, done: u64, total: u64| {
-                if total == 0 {
+                let Some(tenth) = done.saturating_mul(10).checked_div(total) else {
                     return;
-                }
-                let tenth = done.saturating_mul(10) / total;
+                };
                 let mut l = last.lock().unwrap_or_else(|e| e.into_inner());
                 if l.0 != phase || l.1 != tenth {
                     *l = (phase.to_string(), tenth);

@@ -54,11 +54,10 @@ fn reporter<E: Send + 'static>(
         }),
         transfer: Arc::new(move |phase: &str, done: u64, total: u64| {
             let Some(wrap) = transfer else { return };
-            let pct = if total == 0 {
-                done >> 20
-            } else {
-                done.saturating_mul(100) / total
-            };
+            let pct = done
+                .saturating_mul(100)
+                .checked_div(total)
+                .unwrap_or(done >> 20);
             let mut l = last.lock().unwrap_or_else(|e| e.into_inner());
             if l.0 == phase && l.1 == pct && done != total {
                 return;

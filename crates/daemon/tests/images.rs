@@ -78,8 +78,7 @@ impl D {
         let text = String::from_utf8(bytes).expect("utf8");
         let last = text
             .lines()
-            .filter(|l| !l.trim().is_empty())
-            .last()
+            .rfind(|l| !l.trim().is_empty())
             .expect("events");
         serde_json::from_str(last).expect("event json")
     }

@@ -104,15 +104,34 @@ fn register_bundle_serve_and_pull_from_the_catalog() {
     ok(
         &publisher,
         &[
-            "image", "register", "--name", "tiny", "--rootfs", s(&rootfs), "--kernel", s(&kernel),
+            "image",
+            "register",
+            "--name",
+            "tiny",
+            "--rootfs",
+            s(&rootfs),
+            "--kernel",
+            s(&kernel),
         ],
     );
     let shown = publisher.json(&["image", "show", "tiny"]);
     assert_eq!(shown["managed"], false);
-    assert_eq!(publisher.json(&["kernel", "show", "tiny"])["release"], "6.12.1-tiny");
+    assert_eq!(
+        publisher.json(&["kernel", "show", "tiny"])["release"],
+        "6.12.1-tiny"
+    );
     let line = fails(
         &publisher,
-        &["image", "register", "--name", "x", "--rootfs", "/nonexistent", "--kernel-ref", "tiny"],
+        &[
+            "image",
+            "register",
+            "--name",
+            "x",
+            "--rootfs",
+            "/nonexistent",
+            "--kernel-ref",
+            "tiny",
+        ],
     );
     assert!(line.contains("/nonexistent"), "{line}");
     let line = fails(&publisher, &["kernel", "delete", "tiny"]);
@@ -124,9 +143,20 @@ fn register_bundle_serve_and_pull_from_the_catalog() {
     let base = format!("http://127.0.0.1:{port}");
     for kind in ["kernel", "image"] {
         let b = publisher.json(&[
-            kind, "bundle", "tiny", "--out", s(&out), "--base-url", &base, "--index", s(&index),
+            kind,
+            "bundle",
+            "tiny",
+            "--out",
+            s(&out),
+            "--base-url",
+            &base,
+            "--index",
+            s(&index),
         ]);
-        assert!(Path::new(b["path"].as_str().expect("path")).is_file(), "{b}");
+        assert!(
+            Path::new(b["path"].as_str().expect("path")).is_file(),
+            "{b}"
+        );
     }
     let mut server = Command::new("busybox")
         .args(["httpd", "-f", "-p", &format!("127.0.0.1:{port}"), "-h"])
@@ -141,7 +171,10 @@ fn register_bundle_serve_and_pull_from_the_catalog() {
     let consumer = Banger::isolated("img-con");
     consumer.write_config(&format!("catalog_url = \"{base}/index.json\"\n"));
     let line = fails(&consumer, &["image", "pull", "nope"]);
-    assert!(line.contains("not in the catalog") && line.contains("tiny"), "{line}");
+    assert!(
+        line.contains("not in the catalog") && line.contains("tiny"),
+        "{line}"
+    );
     let img = consumer.json(&["image", "pull", "tiny"]);
     assert_eq!(img["managed"], true);
     assert_eq!(img["kernel"], "tiny");
@@ -208,7 +241,11 @@ fn registry_with_busybox(work: &Path) -> (Proc, String) {
     let layout = work.join("layout");
     let bundle = work.join("bundle");
     let image = format!("{}:1", layout.display());
-    run_ok(Command::new("umoci").args(["init", "--layout"]).arg(&layout));
+    run_ok(
+        Command::new("umoci")
+            .args(["init", "--layout"])
+            .arg(&layout),
+    );
     run_ok(Command::new("umoci").args(["new", "--image", &image]));
     run_ok(
         Command::new("umoci")
@@ -216,7 +253,9 @@ fn registry_with_busybox(work: &Path) -> (Proc, String) {
             .arg(&bundle),
     );
     let root = bundle.join("rootfs");
-    for d in ["bin", "sbin", "etc", "proc", "sys", "dev", "tmp", "root", "run"] {
+    for d in [
+        "bin", "sbin", "etc", "proc", "sys", "dev", "tmp", "root", "run",
+    ] {
         std::fs::create_dir_all(root.join(d)).expect("dir");
     }
     std::fs::copy("/bin/busybox", root.join("bin/busybox")).expect("busybox-static");
@@ -252,7 +291,16 @@ fn oci_pull_from_a_local_registry() {
     let b = Banger::isolated("img-oci");
     ok(
         &b,
-        &["image", "register", "--name", "k", "--rootfs", s(&rootfs), "--kernel", s(&kernel)],
+        &[
+            "image",
+            "register",
+            "--name",
+            "k",
+            "--rootfs",
+            s(&rootfs),
+            "--kernel",
+            s(&kernel),
+        ],
     );
     let line = fails(&b, &["image", "pull", &reference, "--kernel-ref", "nope"]);
     assert!(line.contains("no kernel named nope"), "{line}");
@@ -269,7 +317,15 @@ fn oci_pull_from_a_local_registry() {
     assert!(cat.contains("ID=bbtest"), "{cat}");
     let line = fails(&b, &["image", "pull", &reference, "--kernel-ref", "k"]);
     assert!(line.contains("already exists"), "{line}");
-    let named = b.json(&["image", "pull", &reference, "--kernel-ref", "k", "--name", "bb2"]);
+    let named = b.json(&[
+        "image",
+        "pull",
+        &reference,
+        "--kernel-ref",
+        "k",
+        "--name",
+        "bb2",
+    ]);
     assert_eq!(named["name"], "bb2");
     ok(&b, &["image", "delete", "bb-1", "bb2"]);
     assert!(!rootfs_out.exists());
@@ -289,15 +345,36 @@ fn oci_image_boots_and_runs_a_command() {
     let img = b.json(&["image", "pull", &reference, "--name", "e2e-bb"]);
     assert_eq!(img["name"], "e2e-bb");
     let out = b.run(&[
-        "vm", "run", "--rm", "--image", "e2e-bb", "--", "cat", "/etc/os-release",
+        "vm",
+        "run",
+        "--rm",
+        "--image",
+        "e2e-bb",
+        "--",
+        "cat",
+        "/etc/os-release",
     ]);
     let (stdout, stderr) = text(&out);
     assert!(out.status.success(), "stdout={stdout} stderr={stderr}");
     assert!(stdout.contains("ID=bbtest"), "{stdout}");
     // VMs use the image: delete refuses without --force.
-    ok(b, &["vm", "create", "--name", "e2e-bb-vm", "--image", "e2e-bb", "--no-start"]);
+    ok(
+        b,
+        &[
+            "vm",
+            "create",
+            "--name",
+            "e2e-bb-vm",
+            "--image",
+            "e2e-bb",
+            "--no-start",
+        ],
+    );
     let line = fails(b, &["image", "delete", "e2e-bb"]);
-    assert!(line.contains("e2e-bb-vm") && line.contains("--force"), "{line}");
+    assert!(
+        line.contains("e2e-bb-vm") && line.contains("--force"),
+        "{line}"
+    );
     ok(b, &["image", "delete", "--force", "e2e-bb"]);
     assert!(!b.vm_names().contains(&"e2e-bb-vm".to_string()));
     let _ = std::fs::remove_dir_all(&work);
