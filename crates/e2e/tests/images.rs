@@ -207,7 +207,7 @@ fn register_bundle_serve_and_pull_from_the_catalog() {
 }
 
 fn tempfile_dir(tag: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("banger-e2e-img-{tag}-{}", std::process::id()));
+    let d = std::env::temp_dir().join(format!("banger-img-work-{tag}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&d);
     std::fs::create_dir_all(&d).expect("work dir");
     d
