@@ -120,7 +120,7 @@ impl Client {
         Err(api_error(status, &bytes))
     }
 
-    async fn json<T: DeserializeOwned>(
+    pub(crate) async fn json<T: DeserializeOwned>(
         &self,
         method: Method,
         path: &str,
@@ -205,7 +205,7 @@ impl Client {
 
     /// Runs a long operation, handing each event to `on_event`; its final
     /// event is the result.
-    async fn operation<E: crate::OperationEvent + DeserializeOwned>(
+    pub(crate) async fn operation<E: crate::OperationEvent + DeserializeOwned>(
         &self,
         path: &str,
         req: &impl Serialize,

@@ -32,12 +32,12 @@ enum Command {
     /// Create, run and manage VMs.
     #[command(subcommand)]
     Vm(commands::vm::VmCommand),
-    /// Build and list images.
+    /// Pull, build, register, list, delete and bundle images.
     #[command(subcommand)]
     Image(commands::image::ImageCommand),
-    /// List kernels.
+    /// Pull, list, delete and bundle kernels.
     #[command(subcommand)]
-    Kernel(commands::image::KernelCommand),
+    Kernel(commands::kernel::KernelCommand),
     /// Inspect or stop the daemon.
     #[command(subcommand)]
     Daemon(commands::daemon::DaemonCommand),
@@ -81,7 +81,7 @@ fn main() -> ExitCode {
         match cli.command {
             Command::Vm(c) => commands::vm::run(c).await,
             Command::Image(c) => commands::image::run(c).await,
-            Command::Kernel(c) => commands::image::run_kernel(c).await,
+            Command::Kernel(c) => commands::kernel::run(c).await,
             Command::Daemon(c) => commands::daemon::run(c).await,
             Command::Doctor(a) => commands::doctor::run(a).await,
             Command::SshConfig(a) => commands::ssh_config::run(a).await,

@@ -1,5 +1,6 @@
 //! Images and kernels: lookup, and the local Debian build.
 
+use crate::image_ops::{Report, catalog_unavailable};
 use crate::vms::now_rfc3339;
 use crate::{Daemon, DaemonError};
 use anyhow::Context;
@@ -32,10 +33,39 @@ impl Daemon {
         }
         progress(
             "image",
-            &format!(
-                "default image {name} not found; building it from Debian packages (takes about a minute)"
-            ),
+            &format!("default image {name} not found; pulling it from the catalog"),
         );
+        // The catalog pull reports through `progress` too, whose lifetime is
+        // this call's: hand it over through a channel-free shared closure.
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(String, String)>();
+        let report = Report::lines(Arc::new(move |p: &str, m: &str| {
+            let _ = tx.send((p.to_string(), m.to_string()));
+        }));
+        let pull = self.pull_catalog_image(name, &report, cancel);
+        tokio::pin!(pull);
+        let pulled = loop {
+            tokio::select! {
+                Some((p, m)) = rx.recv() => progress(&p, &m),
+                r = &mut pull => break r,
+            }
+        };
+        while let Ok((p, m)) = rx.try_recv() {
+            progress(&p, &m);
+        }
+        match pulled {
+            Ok(img) => return Ok(img),
+            Err(e) if catalog_unavailable(&e) => progress(
+                "image",
+                &format!(
+                    "the catalog does not provide {name} ({e}); building it from Debian packages instead (takes about a minute)"
+                ),
+            ),
+            Err(e) => {
+                return Err(DaemonError::Failed(
+                    anyhow::Error::new(e).context(format!("pulling default image {name}")),
+                ));
+            }
+        }
         self.build_debian_image(name, DEFAULT_SUITE, progress, cancel.clone())
             .await
     }

@@ -5,6 +5,8 @@
 //! per-VM lock; different VMs proceed in parallel.
 
 mod error;
+mod image_ops;
+mod image_routes;
 mod images;
 mod lifecycle;
 mod logging;

@@ -68,6 +68,7 @@ pub fn router(daemon: Shared) -> (Router, utoipa::openapi::OpenApi) {
         .routes(routes!(get_image))
         .routes(routes!(build_image))
         .routes(routes!(list_kernels))
+        .merge(crate::image_routes::router())
         .with_state(daemon)
         .split_for_parts();
     let doc = api.clone();
@@ -319,7 +320,7 @@ async fn build_image(State(d): State<Shared>, Json(req): Json<BuildImageRequest>
 /// when the client disconnects, the body is dropped and the guard cancels
 /// the operation behind it. A blank line every second keeps that detection
 /// prompt even while the operation has nothing to say (clients skip them).
-fn ndjson<E: Serialize + Send + 'static>(
+pub(crate) fn ndjson<E: Serialize + Send + 'static>(
     rx: mpsc::UnboundedReceiver<E>,
     guard: DropGuard,
 ) -> Response {

@@ -1,10 +1,13 @@
 //! `banger image ...` and `banger kernel ...`
 
+use crate::commands::transfer::{Display, absolute, interruptible};
 use crate::connect;
 use crate::output;
+use banger_api::images::{BundleRequest, PullImageEvent, PullImageRequest, RegisterImageRequest};
 use banger_api::{BuildImageEvent, BuildImageRequest};
 use banger_model::ByteSize;
-use clap::Subcommand;
+use clap::{Args, Subcommand};
+use std::path::PathBuf;
 
 #[derive(Subcommand)]
 pub enum ImageCommand {
@@ -28,15 +31,107 @@ pub enum ImageCommand {
         #[arg(long)]
         json: bool,
     },
-}
-
-#[derive(Subcommand)]
-pub enum KernelCommand {
-    /// List kernels.
-    List {
+    /// Pull an image: a catalog name (debian-bookworm) or an OCI reference
+    /// (registry/repo:tag, registry/repo@sha256:...) from any registry.
+    Pull {
+        reference: String,
+        /// Kernel an OCI image boots with (default: the default image's kernel).
+        #[arg(long)]
+        kernel_ref: Option<String>,
+        /// Image name (OCI only; default: repository and tag).
+        #[arg(long)]
+        name: Option<String>,
         #[arg(long)]
         json: bool,
     },
+    /// Register local files as an image (unmanaged: banger never deletes
+    /// them). Registering an existing name updates it in place.
+    Register {
+        #[arg(long)]
+        name: String,
+        /// ext4 root file system.
+        #[arg(long)]
+        rootfs: PathBuf,
+        /// ext4 seed of new VMs' /root disks.
+        #[arg(long)]
+        work_seed: Option<PathBuf>,
+        /// A registered kernel (see `banger kernel list`).
+        #[arg(long, conflicts_with = "kernel")]
+        kernel_ref: Option<String>,
+        /// A kernel image (bzImage); it becomes a kernel named after the image.
+        #[arg(long)]
+        kernel: Option<PathBuf>,
+        /// Its initrd.
+        #[arg(long, requires = "kernel")]
+        initrd: Option<PathBuf>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Delete images (a pulled or built one with its files; a registered one
+    /// only its record).
+    Delete {
+        #[arg(required = true)]
+        names: Vec<String>,
+        /// Also stop and delete the VMs that use the image (their disks are
+        /// overlays of it and cannot outlive it).
+        #[arg(long)]
+        force: bool,
+    },
+    /// Write a catalog bundle of an image (and its index entry).
+    Bundle {
+        name: String,
+        #[command(flatten)]
+        bundle: BundleArgs,
+    },
+}
+
+/// Where a bundle goes.
+#[derive(Args)]
+pub struct BundleArgs {
+    /// Directory the bundle file is written to.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// URL of that directory once published (http, https or file).
+    #[arg(long)]
+    pub base_url: String,
+    /// Index file to add the entry to (created if missing).
+    #[arg(long)]
+    pub index: Option<PathBuf>,
+    /// One line for the catalog listing.
+    #[arg(long)]
+    pub description: Option<String>,
+    #[arg(long)]
+    pub json: bool,
+}
+
+impl BundleArgs {
+    pub fn request(&self) -> anyhow::Result<BundleRequest> {
+        std::fs::create_dir_all(&self.out)
+            .map_err(|e| anyhow::anyhow!("creating {}: {e}", self.out.display()))?;
+        Ok(BundleRequest {
+            out_dir: absolute(&self.out)?,
+            base_url: self.base_url.clone(),
+            index: self.index.as_deref().map(absolute).transpose()?,
+            description: self.description.clone(),
+        })
+    }
+}
+
+/// Prints a written bundle.
+pub fn print_bundle(b: &banger_api::images::BundleResult, json: bool) -> anyhow::Result<()> {
+    if json {
+        return output::json(b);
+    }
+    println!(
+        "{} {} bundled: {} ({} bytes, sha256 {})",
+        b.kind, b.name, b.path, b.size, b.sha256
+    );
+    println!("url: {}", b.url);
+    match &b.index {
+        Some(ix) => println!("index entry added to {ix}"),
+        None => println!("index entry:\n{}", serde_json::to_string_pretty(&b.entry)?),
+    }
+    Ok(())
 }
 
 pub async fn run(cmd: ImageCommand) -> anyhow::Result<i32> {
@@ -98,6 +193,12 @@ pub async fn run(cmd: ImageCommand) -> anyhow::Result<i32> {
                 output::table(&[
                     vec!["name".into(), i.name],
                     vec!["rootfs".into(), i.rootfs.display().to_string()],
+                    vec![
+                        "work seed".into(),
+                        i.work_seed
+                            .map(|p| p.display().to_string())
+                            .unwrap_or_else(|| "-".into()),
+                    ],
                     vec!["kernel".into(), i.kernel],
                     vec!["size".into(), ByteSize(i.size_bytes).to_string()],
                     vec!["managed".into(), i.managed.to_string()],
@@ -106,32 +207,87 @@ pub async fn run(cmd: ImageCommand) -> anyhow::Result<i32> {
             }
             Ok(0)
         }
-    }
-}
-
-pub async fn run_kernel(cmd: KernelCommand) -> anyhow::Result<i32> {
-    let client = connect::client().await?;
-    match cmd {
-        KernelCommand::List { json } => {
-            let kernels = client.list_kernels().await?;
+        ImageCommand::Pull {
+            reference,
+            kernel_ref,
+            name,
+            json,
+        } => {
+            let req = PullImageRequest {
+                reference: reference.clone(),
+                name,
+                kernel_ref,
+            };
+            let display = Display::new(&format!("pulling {reference}"));
+            let img = interruptible(client.pull_image(&req, |ev| match ev {
+                PullImageEvent::Progress(p) => display.line(p),
+                PullImageEvent::Transfer(t) => display.transfer(t),
+                PullImageEvent::Done(_) | PullImageEvent::Error(_) => display.finish(),
+            }))
+            .await;
+            display.finish();
+            let img = img?;
             if json {
-                output::json(&kernels)?;
-                return Ok(0);
+                output::json(&img)?;
+            } else {
+                println!(
+                    "image {} ready ({}, kernel {})",
+                    img.name,
+                    img.rootfs.display(),
+                    img.kernel
+                );
             }
-            let mut rows = vec![
-                ["NAME", "RELEASE", "KERNEL", "CREATED"]
-                    .map(String::from)
-                    .to_vec(),
-            ];
-            for k in kernels {
-                rows.push(vec![
-                    k.name,
-                    k.release.unwrap_or_default(),
-                    k.kernel.display().to_string(),
-                    k.created_at,
-                ]);
+            Ok(0)
+        }
+        ImageCommand::Register {
+            name,
+            rootfs,
+            work_seed,
+            kernel_ref,
+            kernel,
+            initrd,
+            json,
+        } => {
+            let req = RegisterImageRequest {
+                name,
+                rootfs: absolute(&rootfs)?,
+                work_seed: work_seed.as_deref().map(absolute).transpose()?,
+                kernel_ref,
+                kernel: kernel.as_deref().map(absolute).transpose()?,
+                initrd: initrd.as_deref().map(absolute).transpose()?,
+            };
+            let img = client.register_image(&req).await?;
+            if json {
+                output::json(&img)?;
+            } else {
+                println!("image {} registered (kernel {})", img.name, img.kernel);
             }
-            output::table(&rows);
+            Ok(0)
+        }
+        ImageCommand::Delete { names, force } => {
+            let mut failed = false;
+            for name in names {
+                match client.delete_image(&name, force).await {
+                    Ok(_) => println!("image {name} deleted"),
+                    Err(e) => {
+                        eprintln!("banger: {e}");
+                        failed = true;
+                    }
+                }
+            }
+            Ok(i32::from(failed))
+        }
+        ImageCommand::Bundle { name, bundle } => {
+            let req = bundle.request()?;
+            let display = Display::new(&format!("bundling {name}"));
+            let b = interruptible(client.bundle_image(&name, &req, |ev| {
+                if let banger_api::images::BundleEvent::Progress(p) = ev {
+                    display.line(p)
+                }
+            }))
+            .await;
+            display.finish();
+            print_bundle(&b?, bundle.json)?;
             Ok(0)
         }
     }

@@ -1,0 +1,214 @@
+//! HTTP routes for image and kernel pulls, registration, deletion and
+//! bundles (see `image_ops`).
+
+use crate::image_ops::Report;
+use crate::server::ndjson;
+use crate::{Daemon, DaemonError};
+use axum::Json;
+use axum::extract::{Path, Query, State};
+use axum::response::Response;
+use banger_api::images::{
+    BundleEvent, BundleRequest, BundleResult, DeleteImageQuery, PullImageEvent, PullImageRequest,
+    PullKernelEvent, PullKernelRequest, RegisterImageRequest, Transfer, routes as p,
+};
+use banger_api::{ApiError, Progress, paths};
+use banger_model::{ImageRecord, KernelRecord};
+use std::sync::Arc;
+use std::time::Instant;
+use tokio::sync::mpsc;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+
+type Shared = Arc<Daemon>;
+
+/// The routes of this module, merged into the daemon's router.
+pub(crate) fn router() -> OpenApiRouter<Shared> {
+    OpenApiRouter::new()
+        .routes(routes!(pull_image))
+        .routes(routes!(register_image))
+        .routes(routes!(delete_image))
+        .routes(routes!(bundle_image))
+        .routes(routes!(pull_kernel))
+        .routes(routes!(get_kernel, delete_kernel))
+        .routes(routes!(bundle_kernel))
+}
+
+/// A [`Report`] sending `Progress` and `Transfer` events made by `wrap`.
+fn reporter<E: Send + 'static>(
+    tx: &mpsc::UnboundedSender<E>,
+    progress: fn(Progress) -> E,
+    transfer: Option<fn(Transfer) -> E>,
+) -> Report {
+    let started = Instant::now();
+    let ptx = tx.clone();
+    let ttx = tx.clone();
+    // Transfers are throttled to whole percents so the stream stays small.
+    let last = Arc::new(std::sync::Mutex::new((String::new(), u64::MAX)));
+    Report {
+        progress: Arc::new(move |phase: &str, message: &str| {
+            let _ = ptx.send(progress(Progress {
+                phase: phase.to_string(),
+                message: message.to_string(),
+                elapsed_ms: started.elapsed().as_millis() as u64,
+            }));
+        }),
+        transfer: Arc::new(move |phase: &str, done: u64, total: u64| {
+            let Some(wrap) = transfer else { return };
+            let pct = done
+                .saturating_mul(100)
+                .checked_div(total)
+                .unwrap_or(done >> 20);
+            let mut l = last.lock().unwrap_or_else(|e| e.into_inner());
+            if l.0 == phase && l.1 == pct && done != total {
+                return;
+            }
+            *l = (phase.to_string(), pct);
+            let _ = ttx.send(wrap(Transfer {
+                phase: phase.to_string(),
+                done,
+                total,
+            }));
+        }),
+    }
+}
+
+/// Pulls an image: a catalog name through the catalog (with its kernel when
+/// missing), anything else as an OCI reference from its registry. Answers
+/// with newline-delimited JSON `PullImageEvent`s; disconnecting cancels.
+#[utoipa::path(post, path = p::IMAGE_PULL, request_body = PullImageRequest,
+    responses((status = 200, content_type = "application/x-ndjson", body = PullImageEvent)))]
+async fn pull_image(State(d): State<Shared>, Json(req): Json<PullImageRequest>) -> Response {
+    let (tx, rx) = mpsc::unbounded_channel();
+    let cancel = d.shutdown.child_token();
+    let guard = cancel.clone().drop_guard();
+    tokio::spawn(async move {
+        let report = reporter(
+            &tx,
+            PullImageEvent::Progress,
+            Some(PullImageEvent::Transfer),
+        );
+        let ev = match d.pull_image(req, &report, &cancel).await {
+            Ok(img) => PullImageEvent::Done(img),
+            Err(e) => {
+                tracing::warn!(error = %e, "image pull failed");
+                PullImageEvent::Error(e.to_api())
+            }
+        };
+        let _ = tx.send(ev);
+    });
+    ndjson(rx, guard)
+}
+
+/// Pulls a kernel from the catalog. Answers with newline-delimited JSON
+/// `PullKernelEvent`s; disconnecting cancels.
+#[utoipa::path(post, path = p::KERNEL_PULL, request_body = PullKernelRequest,
+    responses((status = 200, content_type = "application/x-ndjson", body = PullKernelEvent)))]
+async fn pull_kernel(State(d): State<Shared>, Json(req): Json<PullKernelRequest>) -> Response {
+    let (tx, rx) = mpsc::unbounded_channel();
+    let cancel = d.shutdown.child_token();
+    let guard = cancel.clone().drop_guard();
+    tokio::spawn(async move {
+        let report = reporter(
+            &tx,
+            PullKernelEvent::Progress,
+            Some(PullKernelEvent::Transfer),
+        );
+        let ev = match d.pull_kernel(&req.name, &report, &cancel).await {
+            Ok(k) => PullKernelEvent::Done(k),
+            Err(e) => PullKernelEvent::Error(e.to_api()),
+        };
+        let _ = tx.send(ev);
+    });
+    ndjson(rx, guard)
+}
+
+/// Registers local files as an unmanaged image (updating one of that name).
+#[utoipa::path(post, path = p::IMAGE_REGISTER, request_body = RegisterImageRequest,
+    responses((status = 200, body = ImageRecord), (status = 400, body = ApiError),
+              (status = 404, body = ApiError), (status = 409, body = ApiError)))]
+async fn register_image(
+    State(d): State<Shared>,
+    Json(req): Json<RegisterImageRequest>,
+) -> Result<Json<ImageRecord>, DaemonError> {
+    d.register_image(req).await.map(Json)
+}
+
+/// Deletes an image (a managed one with its files). Refused while VMs use
+/// it, unless `force`, which deletes those VMs first.
+#[utoipa::path(delete, path = paths::IMAGE, params(("image" = String, Path), DeleteImageQuery),
+    responses((status = 200, body = ImageRecord), (status = 404, body = ApiError), (status = 409, body = ApiError)))]
+async fn delete_image(
+    State(d): State<Shared>,
+    Path(image): Path<String>,
+    Query(q): Query<DeleteImageQuery>,
+) -> Result<Json<ImageRecord>, DaemonError> {
+    d.delete_image(&image, q.force).await.map(Json)
+}
+
+#[utoipa::path(get, path = p::KERNEL, params(("kernel" = String, Path)),
+    responses((status = 200, body = KernelRecord), (status = 404, body = ApiError)))]
+async fn get_kernel(
+    State(d): State<Shared>,
+    Path(kernel): Path<String>,
+) -> Result<Json<KernelRecord>, DaemonError> {
+    d.get_kernel(&kernel).map(Json)
+}
+
+/// Deletes a kernel no image uses (a pulled or built one with its files).
+#[utoipa::path(delete, path = p::KERNEL, params(("kernel" = String, Path)),
+    responses((status = 200, body = KernelRecord), (status = 404, body = ApiError), (status = 409, body = ApiError)))]
+async fn delete_kernel(
+    State(d): State<Shared>,
+    Path(kernel): Path<String>,
+) -> Result<Json<KernelRecord>, DaemonError> {
+    d.delete_kernel(&kernel).await.map(Json)
+}
+
+/// Writes a catalog bundle of an image (and adds it to an index file).
+/// Answers with newline-delimited JSON `BundleEvent`s.
+#[utoipa::path(post, path = p::IMAGE_BUNDLE, params(("image" = String, Path)), request_body = BundleRequest,
+    responses((status = 200, content_type = "application/x-ndjson", body = BundleEvent)))]
+async fn bundle_image(
+    State(d): State<Shared>,
+    Path(image): Path<String>,
+    Json(req): Json<BundleRequest>,
+) -> Response {
+    bundle(d, req, move |d, req, report, cancel| async move {
+        d.bundle_image(&image, req, &report, &cancel).await
+    })
+}
+
+/// Writes a catalog bundle of a kernel (and adds it to an index file).
+/// Answers with newline-delimited JSON `BundleEvent`s.
+#[utoipa::path(post, path = p::KERNEL_BUNDLE, params(("kernel" = String, Path)), request_body = BundleRequest,
+    responses((status = 200, content_type = "application/x-ndjson", body = BundleEvent)))]
+async fn bundle_kernel(
+    State(d): State<Shared>,
+    Path(kernel): Path<String>,
+    Json(req): Json<BundleRequest>,
+) -> Response {
+    bundle(d, req, move |d, req, report, cancel| async move {
+        d.bundle_kernel(&kernel, req, &report, &cancel).await
+    })
+}
+
+fn bundle<F, Fut>(d: Shared, req: BundleRequest, op: F) -> Response
+where
+    F: FnOnce(Shared, BundleRequest, Report, tokio_util::sync::CancellationToken) -> Fut
+        + Send
+        + 'static,
+    Fut: std::future::Future<Output = Result<BundleResult, DaemonError>> + Send,
+{
+    let (tx, rx) = mpsc::unbounded_channel();
+    let cancel = d.shutdown.child_token();
+    let guard = cancel.clone().drop_guard();
+    tokio::spawn(async move {
+        let report = reporter(&tx, BundleEvent::Progress, None);
+        let ev = match op(d, req, report, cancel).await {
+            Ok(b) => BundleEvent::Done(b),
+            Err(e) => BundleEvent::Error(e.to_api()),
+        };
+        let _ = tx.send(ev);
+    });
+    ndjson(rx, guard)
+}

@@ -1,0 +1,381 @@
+//! Images and kernels with the built `banger`: register, bundle, a catalog
+//! pull from a bundle served on 127.0.0.1, an OCI pull from a local
+//! `docker-registry`, and one boot of the OCI image under QEMU.
+
+use banger_e2e::{Banger, shared, text, wait_until};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+/// Kills and reaps a helper process (HTTP server, registry) when dropped.
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+        .port()
+}
+
+fn wait_for_port(port: u16, child: &mut Child) {
+    wait_until(
+        &format!("a server on 127.0.0.1:{port}"),
+        Duration::from_secs(30),
+        || {
+            if let Ok(Some(status)) = child.try_wait() {
+                panic!("server exited early with {status}");
+            }
+            TcpStream::connect(("127.0.0.1", port)).is_ok()
+        },
+    );
+}
+
+fn run_ok(cmd: &mut Command) -> String {
+    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn ok(b: &Banger, args: &[&str]) -> String {
+    let out = b.run(args);
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "banger {args:?}: {stderr}");
+    stdout
+}
+
+/// The one line of a failed command's error.
+fn fails(b: &Banger, args: &[&str]) -> String {
+    let out = b.run(args);
+    let (_, stderr) = text(&out);
+    assert!(!out.status.success(), "banger {args:?} succeeded");
+    let lines: Vec<&str> = stderr
+        .lines()
+        .filter(|l| !l.starts_with("banger: daemon was not running"))
+        .collect();
+    assert_eq!(lines.len(), 1, "not one line: {stderr}");
+    lines[0].to_string()
+}
+
+/// A small ext4 and a file with a bzImage setup header (nothing boots them).
+fn small_image(dir: &Path) -> (PathBuf, PathBuf) {
+    let tree = dir.join("tree");
+    std::fs::create_dir_all(tree.join("etc")).expect("tree");
+    std::fs::write(tree.join("etc/os-release"), "ID=tiny\n").expect("os-release");
+    let rootfs = dir.join("rootfs.ext4");
+    run_ok(
+        Command::new("mkfs.ext4")
+            .args(["-q", "-F", "-d"])
+            .arg(&tree)
+            .arg(&rootfs)
+            .arg("8M"),
+    );
+    let kernel = dir.join("bzImage");
+    let mut img = vec![0u8; 0x2000];
+    img[0x202..0x206].copy_from_slice(b"HdrS");
+    img[0x20E..0x210].copy_from_slice(&0x400u16.to_le_bytes());
+    let v = b"6.12.1-tiny (e2e@host) #1 SMP\0";
+    img[0x600..0x600 + v.len()].copy_from_slice(v);
+    std::fs::write(&kernel, img).expect("kernel");
+    (rootfs, kernel)
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().expect("utf8 path")
+}
+
+#[test]
+fn register_bundle_serve_and_pull_from_the_catalog() {
+    let work = tempfile_dir("catalog");
+    let (rootfs, kernel) = small_image(&work);
+
+    let publisher = Banger::isolated("img-pub");
+    ok(
+        &publisher,
+        &[
+            "image",
+            "register",
+            "--name",
+            "tiny",
+            "--rootfs",
+            s(&rootfs),
+            "--kernel",
+            s(&kernel),
+        ],
+    );
+    let shown = publisher.json(&["image", "show", "tiny"]);
+    assert_eq!(shown["managed"], false);
+    assert_eq!(
+        publisher.json(&["kernel", "show", "tiny"])["release"],
+        "6.12.1-tiny"
+    );
+    let line = fails(
+        &publisher,
+        &[
+            "image",
+            "register",
+            "--name",
+            "x",
+            "--rootfs",
+            "/nonexistent",
+            "--kernel-ref",
+            "tiny",
+        ],
+    );
+    assert!(line.contains("/nonexistent"), "{line}");
+    let line = fails(&publisher, &["kernel", "delete", "tiny"]);
+    assert!(line.contains("in use by image tiny"), "{line}");
+
+    let port = free_port();
+    let out = work.join("out");
+    let index = out.join("index.json");
+    let base = format!("http://127.0.0.1:{port}");
+    for kind in ["kernel", "image"] {
+        let b = publisher.json(&[
+            kind,
+            "bundle",
+            "tiny",
+            "--out",
+            s(&out),
+            "--base-url",
+            &base,
+            "--index",
+            s(&index),
+        ]);
+        assert!(
+            Path::new(b["path"].as_str().expect("path")).is_file(),
+            "{b}"
+        );
+    }
+    let mut server = Command::new("busybox")
+        .args(["httpd", "-f", "-p", &format!("127.0.0.1:{port}"), "-h"])
+        .arg(&out)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("busybox httpd (apt-get install busybox-static)");
+    wait_for_port(port, &mut server);
+    let _server = Proc(server);
+
+    let consumer = Banger::isolated("img-con");
+    consumer.write_config(&format!("catalog_url = \"{base}/index.json\"\n"));
+    let line = fails(&consumer, &["image", "pull", "nope"]);
+    assert!(
+        line.contains("not in the catalog") && line.contains("tiny"),
+        "{line}"
+    );
+    let img = consumer.json(&["image", "pull", "tiny"]);
+    assert_eq!(img["managed"], true);
+    assert_eq!(img["kernel"], "tiny");
+    let pulled = PathBuf::from(img["rootfs"].as_str().expect("rootfs"));
+    assert_eq!(
+        std::fs::read(&pulled).expect("pulled"),
+        std::fs::read(&rootfs).expect("orig")
+    );
+    let kernels = consumer.json(&["kernel", "list"]);
+    assert_eq!(kernels[0]["name"], "tiny", "{kernels}");
+    let list = consumer.json(&["image", "list"]);
+    assert_eq!(list.as_array().expect("list").len(), 1);
+
+    let line = fails(&consumer, &["kernel", "delete", "tiny"]);
+    assert!(line.contains("in use by image tiny"), "{line}");
+    ok(&consumer, &["image", "delete", "tiny"]);
+    assert!(!pulled.exists(), "managed image files left behind");
+    ok(&consumer, &["kernel", "delete", "tiny"]);
+    assert_eq!(consumer.json(&["kernel", "list"]), serde_json::json!([]));
+
+    // Unmanaged: deleting leaves the files alone.
+    ok(&publisher, &["image", "delete", "tiny"]);
+    ok(&publisher, &["kernel", "delete", "tiny"]);
+    assert!(rootfs.is_file() && kernel.is_file());
+    for b in [&publisher, &consumer] {
+        let _ = b.run(&["daemon", "stop"]);
+        let _ = std::fs::remove_dir_all(&b.root);
+    }
+    let _ = std::fs::remove_dir_all(&work);
+}
+
+fn tempfile_dir(tag: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("banger-img-work-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).expect("work dir");
+    d
+}
+
+/// A docker-registry on 127.0.0.1 holding `test/bb:1`, a busybox image
+/// written with umoci and pushed with skopeo. Returns the reference.
+fn registry_with_busybox(work: &Path) -> (Proc, String) {
+    let port = free_port();
+    let storage = work.join("registry");
+    std::fs::create_dir_all(&storage).expect("storage");
+    let cfg = work.join("registry.yml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: 127.0.0.1:{port}\n",
+            storage.display()
+        ),
+    )
+    .expect("config");
+    let mut child = Command::new("docker-registry")
+        .arg("serve")
+        .arg(&cfg)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("docker-registry (apt-get install docker-registry)");
+    wait_for_port(port, &mut child);
+    let registry = Proc(child);
+
+    let layout = work.join("layout");
+    let bundle = work.join("bundle");
+    let image = format!("{}:1", layout.display());
+    run_ok(
+        Command::new("umoci")
+            .args(["init", "--layout"])
+            .arg(&layout),
+    );
+    run_ok(Command::new("umoci").args(["new", "--image", &image]));
+    run_ok(
+        Command::new("umoci")
+            .args(["unpack", "--rootless", "--image", &image])
+            .arg(&bundle),
+    );
+    let root = bundle.join("rootfs");
+    for d in [
+        "bin", "sbin", "etc", "proc", "sys", "dev", "tmp", "root", "run",
+    ] {
+        std::fs::create_dir_all(root.join(d)).expect("dir");
+    }
+    std::fs::copy("/bin/busybox", root.join("bin/busybox")).expect("busybox-static");
+    for l in ["sh", "cat", "mount", "ls", "echo", "sleep"] {
+        std::os::unix::fs::symlink("busybox", root.join("bin").join(l)).expect("link");
+    }
+    std::os::unix::fs::symlink("/bin/busybox", root.join("sbin/init")).expect("init");
+    std::fs::write(
+        root.join("etc/os-release"),
+        "NAME=\"banger e2e busybox\"\nID=bbtest\n",
+    )
+    .expect("os-release");
+    run_ok(
+        Command::new("umoci")
+            .args(["repack", "--image", &image])
+            .arg(&bundle),
+    );
+    let reference = format!("127.0.0.1:{port}/test/bb:1");
+    run_ok(
+        Command::new("skopeo")
+            .args(["copy", "--quiet", "--dest-tls-verify=false"])
+            .arg(format!("oci:{image}"))
+            .arg(format!("docker://{reference}")),
+    );
+    (registry, reference)
+}
+
+#[test]
+fn oci_pull_from_a_local_registry() {
+    let work = tempfile_dir("oci");
+    let (_registry, reference) = registry_with_busybox(&work);
+    let (rootfs, kernel) = small_image(&work);
+    let b = Banger::isolated("img-oci");
+    ok(
+        &b,
+        &[
+            "image",
+            "register",
+            "--name",
+            "k",
+            "--rootfs",
+            s(&rootfs),
+            "--kernel",
+            s(&kernel),
+        ],
+    );
+    let line = fails(&b, &["image", "pull", &reference, "--kernel-ref", "nope"]);
+    assert!(line.contains("no kernel named nope"), "{line}");
+    let img = b.json(&["image", "pull", &reference, "--kernel-ref", "k"]);
+    assert_eq!(img["name"], "bb-1", "{img}");
+    assert_eq!(img["kernel"], "k");
+    assert_eq!(img["managed"], true);
+    let rootfs_out = PathBuf::from(img["rootfs"].as_str().expect("rootfs"));
+    let cat = run_ok(
+        Command::new("debugfs")
+            .args(["-R", "cat /etc/os-release"])
+            .arg(&rootfs_out),
+    );
+    assert!(cat.contains("ID=bbtest"), "{cat}");
+    let line = fails(&b, &["image", "pull", &reference, "--kernel-ref", "k"]);
+    assert!(line.contains("already exists"), "{line}");
+    let named = b.json(&[
+        "image",
+        "pull",
+        &reference,
+        "--kernel-ref",
+        "k",
+        "--name",
+        "bb2",
+    ]);
+    assert_eq!(named["name"], "bb2");
+    ok(&b, &["image", "delete", "bb-1", "bb2"]);
+    assert!(!rootfs_out.exists());
+    let _ = b.run(&["daemon", "stop"]);
+    let _ = std::fs::remove_dir_all(&b.root);
+    let _ = std::fs::remove_dir_all(&work);
+}
+
+/// The OCI image boots under QEMU with the default image's kernel, and the
+/// command runs in it. Uses the shared installation (its Debian image).
+#[test]
+fn oci_image_boots_and_runs_a_command() {
+    let work = tempfile_dir("oci-boot");
+    let (_registry, reference) = registry_with_busybox(&work);
+    let b = shared();
+    let _ = b.run(&["image", "delete", "--force", "e2e-bb"]);
+    let img = b.json(&["image", "pull", &reference, "--name", "e2e-bb"]);
+    assert_eq!(img["name"], "e2e-bb");
+    let out = b.run(&[
+        "vm",
+        "run",
+        "--rm",
+        "--image",
+        "e2e-bb",
+        "--",
+        "cat",
+        "/etc/os-release",
+    ]);
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "stdout={stdout} stderr={stderr}");
+    assert!(stdout.contains("ID=bbtest"), "{stdout}");
+    // VMs use the image: delete refuses without --force.
+    ok(
+        b,
+        &[
+            "vm",
+            "create",
+            "--name",
+            "e2e-bb-vm",
+            "--image",
+            "e2e-bb",
+            "--no-start",
+        ],
+    );
+    let line = fails(b, &["image", "delete", "e2e-bb"]);
+    assert!(
+        line.contains("e2e-bb-vm") && line.contains("--force"),
+        "{line}"
+    );
+    ok(b, &["image", "delete", "--force", "e2e-bb"]);
+    assert!(!b.vm_names().contains(&"e2e-bb-vm".to_string()));
+    let _ = std::fs::remove_dir_all(&work);
+}
