@@ -48,14 +48,25 @@ fn main() {
         fake::main(mode);
     }
     let args = Arguments::from_args();
+    // The API document is reference data outside the repository; without it
+    // the contract tests cannot run, and say so rather than pass.
+    let no_doc = api_document().is_none();
+    if no_doc {
+        eprintln!(
+            "SKIPPING the Firecracker contract tests: firecracker-v1.14.1.yaml not found in \
+             shared/reference/ next to the repository (set BANGER_FIRECRACKER_API_DOC)"
+        );
+    }
     let trials = vec![
         Trial::test("contract_full_launch_and_shutdown", || {
             block_on(contract_full_launch_and_shutdown())
-        }),
+        })
+        .with_ignored_flag(no_doc),
         Trial::test(
             "validator_rejects_bad_requests",
             validator_rejects_bad_requests,
-        ),
+        )
+        .with_ignored_flag(no_doc),
         Trial::test("early_exit_reports_log_tail", || {
             block_on(early_exit_reports_log_tail())
         }),
@@ -499,21 +510,16 @@ fn version_of_a_real_binary() -> Result<(), Failed> {
 /// repository at v1.14.1). It is reference data kept next to the project,
 /// in `../shared/reference/` from the repository root, not a project file:
 /// `BANGER_FIRECRACKER_API_DOC` overrides the location.
-fn api_document() -> std::path::PathBuf {
+fn api_document() -> Option<std::path::PathBuf> {
     const NAME: &str = "firecracker-v1.14.1.yaml";
     if let Some(p) = std::env::var_os("BANGER_FIRECRACKER_API_DOC") {
-        return p.into();
+        return Some(p.into());
     }
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .ancestors()
         .map(|dir| dir.join("shared/reference").join(NAME))
+        .chain([Path::new("/work/shared/reference").join(NAME)])
         .find(|p| p.is_file())
-        .unwrap_or_else(|| {
-            panic!(
-                "{NAME} not found in shared/reference/ next to the repository: \
-                 set BANGER_FIRECRACKER_API_DOC to its path"
-            )
-        })
 }
 
 /// Firecracker's API description, as a validator of requests.
@@ -524,7 +530,7 @@ struct Contract {
 
 impl Contract {
     fn load() -> Self {
-        let file = api_document();
+        let file = api_document().expect("the API document (checked in main)");
         let doc: Value = serde_norway::from_str(&read(&file)).expect("parse the API description");
         assert_eq!(doc["swagger"], "2.0");
         let paths = doc["paths"].as_object().expect("paths").clone();
