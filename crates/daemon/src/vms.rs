@@ -24,7 +24,7 @@ pub(crate) const READY_TIMEOUT: Duration = Duration::from_secs(240);
 /// Picks the VMM backend from config and host facts.
 pub(crate) fn choose_backend(cfg: &Config) -> anyhow::Result<(Arc<dyn Vmm>, String)> {
     let facts = HostFacts::probe(cfg.firecracker_bin.as_deref(), cfg.qemu_bin.as_deref());
-    let selection = select_backend(cfg.vmm.as_str().parse()?, &facts)?;
+    let selection = select_backend(cfg.vmm, &facts)?;
     let reason = selection.reason.clone();
     Ok((selection.into_vmm(), reason))
 }

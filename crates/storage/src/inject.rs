@@ -77,19 +77,11 @@ async fn write_files_in(
         context: format!("writing {}", script_path.display()),
         source,
     })?;
-    let bin = find_tool("debugfs").ok_or(StorageError::ToolMissing { tool: "debugfs" })?;
-    let out = Command::new(bin)
-        .arg("-w")
-        .arg("-f")
-        .arg(&script_path)
-        .arg(disk)
-        .stdin(Stdio::null())
-        .output()
-        .await
-        .map_err(|source| StorageError::Io {
-            context: "running debugfs".into(),
-            source,
-        })?;
+    let out = debugfs(
+        &["-w".as_ref(), "-f".as_ref(), script_path.as_os_str()],
+        disk,
+    )
+    .await?;
     // debugfs exits 0 whatever its commands did: check each file instead.
     for f in files {
         let got = Command::new(
@@ -118,6 +110,23 @@ async fn write_files_in(
         }
     }
     Ok(())
+}
+
+async fn debugfs(
+    args: &[&std::ffi::OsStr],
+    disk: &Path,
+) -> Result<std::process::Output, StorageError> {
+    let bin = find_tool("debugfs").ok_or(StorageError::ToolMissing { tool: "debugfs" })?;
+    Command::new(bin)
+        .args(args)
+        .arg(disk)
+        .stdin(Stdio::null())
+        .output()
+        .await
+        .map_err(|source| StorageError::Io {
+            context: "running debugfs".into(),
+            source,
+        })
 }
 
 fn plain_components(path: &str) -> Result<Vec<String>, StorageError> {

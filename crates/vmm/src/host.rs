@@ -263,6 +263,14 @@ impl fmt::Display for Version {
 
 /// Runs `<bin> --version` and parses QEMU's version line.
 pub fn qemu_version(bin: &Path) -> Result<Version, HostError> {
+    binary_version(bin, parse_qemu_version)
+}
+
+/// Runs `<bin> --version` and reads its stdout with `parse`.
+pub fn binary_version(
+    bin: &Path,
+    parse: impl FnOnce(&str) -> Option<Version>,
+) -> Result<Version, HostError> {
     let out = Command::new(bin)
         .arg("--version")
         .output()
@@ -271,7 +279,7 @@ pub fn qemu_version(bin: &Path) -> Result<Version, HostError> {
             source,
         })?;
     let text = String::from_utf8_lossy(&out.stdout);
-    parse_qemu_version(&text).ok_or_else(|| HostError::VersionParse {
+    parse(&text).ok_or_else(|| HostError::VersionParse {
         binary: bin.to_path_buf(),
         output: text.trim().to_owned(),
     })

@@ -8,39 +8,10 @@ use crate::qemu::{QEMU_BINARY, QEMU_CONFIG_KEY};
 use crate::{Accel, FirecrackerVmm, QemuVmm, Vmm};
 use std::fmt;
 use std::path::{Path, PathBuf};
-use std::str::FromStr;
 use std::sync::Arc;
 
 /// The `vmm` setting of config.toml.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum VmmChoice {
-    /// Firecracker when it can run guests here, else QEMU.
-    Auto,
-    Firecracker,
-    Qemu,
-}
-
-impl VmmChoice {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            VmmChoice::Auto => "auto",
-            VmmChoice::Firecracker => "firecracker",
-            VmmChoice::Qemu => "qemu",
-        }
-    }
-}
-
-impl FromStr for VmmChoice {
-    type Err = SelectError;
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        match s {
-            "auto" => Ok(VmmChoice::Auto),
-            "firecracker" => Ok(VmmChoice::Firecracker),
-            "qemu" => Ok(VmmChoice::Qemu),
-            other => Err(SelectError::BadChoice(other.to_owned())),
-        }
-    }
-}
+pub use banger_config::VmmChoice;
 
 /// Why no backend could be chosen.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -49,8 +20,6 @@ pub enum SelectError {
     FirecrackerUnusable(String),
     #[error("no usable VMM: {0}")]
     NoVmm(String),
-    #[error("vmm = {0:?} is not valid: use \"auto\", \"firecracker\" or \"qemu\"")]
-    BadChoice(String),
 }
 
 /// A Firecracker binary and what its version means for banger.
@@ -349,14 +318,6 @@ mod tests {
             .to_string();
         assert!(msg.starts_with("no usable VMM"), "{msg}");
         assert!(msg.contains("qemu-system-x86"), "{msg}");
-    }
-
-    #[test]
-    fn choice_parses() {
-        for c in [VmmChoice::Auto, VmmChoice::Firecracker, VmmChoice::Qemu] {
-            assert_eq!(c.as_str().parse::<VmmChoice>(), Ok(c));
-        }
-        assert!("kvm".parse::<VmmChoice>().is_err());
     }
 
     #[test]

@@ -250,12 +250,7 @@ fn vmm_checks(config: &Config) -> Vec<Check> {
             ),
         ),
     };
-    let backend = match config
-        .vmm
-        .as_str()
-        .parse()
-        .and_then(|choice| banger_vmm::select_backend(choice, &facts))
-    {
+    let backend = match banger_vmm::select_backend(config.vmm, &facts) {
         Ok(sel) => check(
             "backend",
             Status::Pass,

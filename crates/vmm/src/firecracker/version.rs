@@ -3,7 +3,6 @@
 use crate::host::{HostError, Version};
 use std::fmt;
 use std::path::Path;
-use std::process::Command;
 
 /// Oldest Firecracker banger supports: every API call it makes
 /// (`/entropy` included) exists from here on.
@@ -95,18 +94,7 @@ pub fn parse_firecracker_version(text: &str) -> Option<Version> {
 
 /// Runs `<bin> --version` and parses it.
 pub fn firecracker_version(bin: &Path) -> Result<Version, HostError> {
-    let out = Command::new(bin)
-        .arg("--version")
-        .output()
-        .map_err(|source| HostError::VersionRun {
-            binary: bin.to_path_buf(),
-            source,
-        })?;
-    let text = String::from_utf8_lossy(&out.stdout);
-    parse_firecracker_version(&text).ok_or_else(|| HostError::VersionParse {
-        binary: bin.to_path_buf(),
-        output: text.trim().to_owned(),
-    })
+    crate::host::binary_version(bin, parse_firecracker_version)
 }
 
 /// Runs `<bin> --version` and judges the answer.
