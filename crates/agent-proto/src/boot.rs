@@ -51,7 +51,11 @@ impl GuestIp {
         let gateway = f.get(2).and_then(|g| g.parse().ok());
         let netmask = f.get(3).and_then(|m| m.parse().ok())?;
         let device = f.get(5).filter(|d| !d.is_empty())?.to_string();
-        if device.len() > 15 || !device.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.') {
+        if device.len() > 15
+            || !device
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
+        {
             return None;
         }
         Some(Self {
@@ -77,7 +81,10 @@ impl NetArgs {
         for word in cmdline.split_ascii_whitespace() {
             if let Some(v) = word.strip_prefix("ip=") {
                 a.ip = GuestIp::parse(v);
-            } else if let Some(v) = word.strip_prefix(DNS_PARAM).and_then(|v| v.strip_prefix('=')) {
+            } else if let Some(v) = word
+                .strip_prefix(DNS_PARAM)
+                .and_then(|v| v.strip_prefix('='))
+            {
                 a.dns = v.split(',').filter_map(|d| d.parse().ok()).collect();
             }
         }
@@ -89,7 +96,12 @@ impl NetArgs {
         if self.dns.is_empty() {
             return None;
         }
-        Some(self.dns.iter().map(|d| format!("nameserver {d}\n")).collect())
+        Some(
+            self.dns
+                .iter()
+                .map(|d| format!("nameserver {d}\n"))
+                .collect(),
+        )
     }
 }
 
@@ -190,7 +202,10 @@ mod tests {
         );
         let ip = a.ip.clone().expect("ip");
         assert_eq!(ip.addr.to_string(), "172.16.0.7");
-        assert_eq!(ip.gateway.map(|g| g.to_string()).as_deref(), Some("172.16.0.1"));
+        assert_eq!(
+            ip.gateway.map(|g| g.to_string()).as_deref(),
+            Some("172.16.0.1")
+        );
         assert_eq!(ip.netmask.to_string(), "255.255.255.0");
         assert_eq!(ip.device, "eth0");
         assert_eq!(

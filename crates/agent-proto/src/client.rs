@@ -38,7 +38,8 @@ pub enum ExecEvent {
 type Routes = Arc<Mutex<HashMap<u32, mpsc::UnboundedSender<ExecEvent>>>>;
 
 /// One-shot requests waiting for their answer, by channel.
-type Queries = Arc<Mutex<HashMap<u32, tokio::sync::oneshot::Sender<Result<Vec<Listener>, String>>>>>;
+type Queries =
+    Arc<Mutex<HashMap<u32, tokio::sync::oneshot::Sender<Result<Vec<Listener>, String>>>>>;
 
 /// A connection to one guest agent.
 #[derive(Clone)]

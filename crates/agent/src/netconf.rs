@@ -68,7 +68,10 @@ fn configure(ip: &GuestIp) -> std::io::Result<()> {
         if r < 0 {
             let e = std::io::Error::last_os_error();
             if e.raw_os_error() != Some(libc::EEXIST) {
-                return Err(std::io::Error::new(e.kind(), format!("default route via {gw}: {e}")));
+                return Err(std::io::Error::new(
+                    e.kind(),
+                    format!("default route via {gw}: {e}"),
+                ));
             }
         }
     }

@@ -6,8 +6,7 @@ use rusqlite::ffi::{SQLITE_CONSTRAINT_FOREIGNKEY, SQLITE_CONSTRAINT_UNIQUE};
 use rusqlite::{Connection, OptionalExtension, Row, params};
 use std::path::PathBuf;
 
-const SELECT: &str =
-    "SELECT id, name, image, state, backend, spec, dir, pid, created_at, last_error, nat, ip, tap, ssh_port FROM vms";
+const SELECT: &str = "SELECT id, name, image, state, backend, spec, dir, pid, created_at, last_error, nat, ip, tap, ssh_port FROM vms";
 /// Oldest first. `julianday` compares instants, not strings (RFC 3339 texts
 /// with different fraction lengths do not sort as text); rowid breaks ties.
 const ORDER: &str = "ORDER BY julianday(created_at), rowid";
@@ -280,7 +279,10 @@ impl VmRow {
             nat: self.nat,
             ip: self
                 .ip
-                .map(|ip| ip.parse().map_err(|e: std::net::AddrParseError| corrupt("ip", e.to_string())))
+                .map(|ip| {
+                    ip.parse()
+                        .map_err(|e: std::net::AddrParseError| corrupt("ip", e.to_string()))
+                })
                 .transpose()?,
             tap: self.tap,
             ssh_port: self.ssh_port,
@@ -577,7 +579,10 @@ mod tests {
         let mut b = vm("b", "bb", "2026-01-01T00:00:01Z");
         b.ip = a.ip;
         let e = s.insert_vm(&b).expect_err("same address");
-        assert!(matches!(e, StoreError::AddressTaken(ref ip) if ip == "172.16.0.2"), "{e}");
+        assert!(
+            matches!(e, StoreError::AddressTaken(ref ip) if ip == "172.16.0.2"),
+            "{e}"
+        );
         // VMs without an address do not collide.
         let c = vm("c", "cc", "2026-01-01T00:00:02Z");
         let d = vm("d", "dd", "2026-01-01T00:00:03Z");
