@@ -23,10 +23,10 @@ const DEVICE_WAIT: Duration = Duration::from_secs(10);
 pub fn apply(cmdline: &str, etc: &Path) -> Vec<String> {
     let args = NetArgs::parse(cmdline);
     let mut problems = Vec::new();
-    if let Some(ip) = &args.ip {
-        if let Err(e) = configure(ip) {
-            problems.push(format!("configuring {}: {e}", ip.device));
-        }
+    if let Some(ip) = &args.ip
+        && let Err(e) = configure(ip)
+    {
+        problems.push(format!("configuring {}: {e}", ip.device));
     }
     if let Some(text) = args.resolv_conf() {
         let path = etc.join("resolv.conf");

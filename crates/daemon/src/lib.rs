@@ -8,6 +8,7 @@ mod error;
 mod images;
 mod lifecycle;
 mod logging;
+mod network;
 mod reconcile;
 pub mod server;
 pub mod steps;
@@ -45,6 +46,10 @@ pub struct Daemon {
     locks: Mutex<HashMap<VmId, Arc<tokio::sync::Mutex<()>>>>,
     /// Serialises image builds (they are big and share a store).
     image_lock: tokio::sync::Mutex<()>,
+    /// Networking, set up once by [`Daemon::init_network`].
+    network: std::sync::OnceLock<network::Network>,
+    /// Held from choosing a new VM's address until its record is stored.
+    alloc_lock: tokio::sync::Mutex<()>,
     /// Cancelled when the daemon shuts down.
     pub shutdown: CancellationToken,
 }
@@ -81,6 +86,8 @@ impl Daemon {
             locks: Mutex::default(),
             exits: Mutex::default(),
             image_lock: tokio::sync::Mutex::new(()),
+            network: std::sync::OnceLock::new(),
+            alloc_lock: tokio::sync::Mutex::new(()),
             shutdown: CancellationToken::new(),
         }))
     }
@@ -158,6 +165,7 @@ pub async fn serve(daemon: Arc<Daemon>) -> anyhow::Result<()> {
         })?;
 
     daemon.reconcile().await.context("reconciling VMs")?;
+    daemon.init_network().await.context("starting networking")?;
 
     match std::fs::remove_file(&socket) {
         Ok(()) => {}
