@@ -11,7 +11,7 @@ fi
 export DEBIAN_FRONTEND=noninteractive
 . /etc/os-release
 
-need_pkgs=(gcc libc6-dev mmdebstrap e2fsprogs openssh-client iproute2 ca-certificates git tmux zstd)
+need_pkgs=(gcc libc6-dev mmdebstrap e2fsprogs openssh-client iproute2 nftables dnsutils ca-certificates git tmux zstd)
 
 qemu_ok() {
   command -v qemu-system-x86_64 >/dev/null 2>&1 && [ -e /usr/share/qemu/qboot.rom ]
