@@ -81,6 +81,18 @@ pub(crate) fn has_net_admin() -> bool {
         .is_some_and(|caps| caps & (1 << CAP_NET_ADMIN) != 0)
 }
 
+/// Whether this process shares PID 1's network namespace.
+fn in_host_netns() -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (
+        std::fs::metadata("/proc/self/ns/net"),
+        std::fs::metadata("/proc/1/ns/net"),
+    ) {
+        (Ok(a), Ok(b)) => a.ino() == b.ino() && a.dev() == b.dev(),
+        _ => false,
+    }
+}
+
 /// Whether `/dev/net/tun` can be opened, with the reason when not.
 fn tun_access() -> (bool, String) {
     match std::fs::OpenOptions::new()
@@ -152,10 +164,16 @@ impl Network {
                 (None, Some(msg))
             }
         };
-        if let (Mode::Bridge { host, .. }, Some(dns)) = (&mode, &dns)
-            && let Err(e) = host.resolved_wire(&settings.bridge, dns.local_addr()).await
-        {
-            tracing::info!(error = %e, "host resolver not wired for .vm (see banger doctor)");
+        // resolved runs in the host's namespace and takes links by index:
+        // from another namespace the index would name some other link.
+        if let (Mode::Bridge { host, .. }, Some(dns)) = (&mode, &dns) {
+            if !in_host_netns() {
+                tracing::info!(
+                    "not in the host's network namespace: leaving the host resolver alone"
+                );
+            } else if let Err(e) = host.resolved_wire(&settings.bridge, dns.local_addr()).await {
+                tracing::info!(error = %e, "host resolver not wired for .vm (see banger doctor)");
+            }
         }
         match &mode {
             Mode::Bridge { .. } => {

@@ -22,12 +22,10 @@ struct Upstream {
 impl Upstream {
     fn start(b: &Banger) -> Upstream {
         let ns = format!("{}-up", b.netns);
-        let _ = Command::new("ip").args(["netns", "delete", &ns]).status();
+        let _ = quiet(&["netns", "delete", &ns]);
         run_ip(&["netns", "add", &ns]);
         // The daemon's namespace may keep the veth from an earlier run.
-        let _ = Command::new("ip")
-            .args(["-n", &b.netns, "link", "delete", "bge-up0"])
-            .status();
+        let _ = quiet(&["-n", &b.netns, "link", "delete", "bge-up0"]);
         b.ip(&[
             "link", "add", "bge-up0", "type", "veth", "peer", "name", "bge-dn0", "netns", &ns,
         ]);
@@ -39,9 +37,7 @@ impl Upstream {
             "bge-up0",
         ]);
         b.ip(&["link", "set", "bge-up0", "up"]);
-        let _ = Command::new("ip")
-            .args(["-n", &b.netns, "route", "del", "default"])
-            .status();
+        let _ = quiet(&["-n", &b.netns, "route", "del", "default"]);
         b.ip(&["route", "add", "default", "via", UPSTREAM_SERVER]);
         run_ip(&[
             "-n",
@@ -110,6 +106,16 @@ impl Drop for Upstream {
     }
 }
 
+/// `ip args...` whose failure is expected and uninteresting.
+fn quiet(args: &[&str]) -> bool {
+    Command::new("ip")
+        .args(args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
 fn dig(b: &Banger, name: &str) -> String {
     let out = b
         .in_netns(
@@ -142,8 +148,9 @@ fn resolve(b: &Banger, name: &str) -> Result<String, String> {
         .ok_or(status)
 }
 
+/// Runs `script` with bash in the guest (`/dev/tcp` is a bash feature).
 fn exec(b: &Banger, vm: &str, script: &str) -> (bool, String, String) {
-    let out = b.run(&["vm", "exec", vm, "--", "sh", "-c", script]);
+    let out = b.run(&["vm", "exec", vm, "--", "bash", "-c", script]);
     let (o, e) = text(&out);
     (out.status.success(), o, e)
 }
