@@ -26,6 +26,85 @@ pub const WORK_DEVICE: &str = "/dev/vdc";
 /// Where the work disk is mounted in the guest.
 pub const WORK_MOUNT: &str = "/root";
 
+/// Kernel parameter listing the guest's resolvers (comma-separated IPv4
+/// addresses), written to `/etc/resolv.conf` by early init.
+pub const DNS_PARAM: &str = "banger.dns";
+
+/// A static IPv4 configuration in the kernel's `ip=` syntax
+/// (`ip=<client>::<gateway>:<netmask>::<device>:off[:<dns0>]`), which early
+/// init applies itself: the guest kernel's NIC driver is a module, so the
+/// kernel cannot.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GuestIp {
+    pub addr: std::net::Ipv4Addr,
+    pub gateway: Option<std::net::Ipv4Addr>,
+    pub netmask: std::net::Ipv4Addr,
+    pub device: String,
+}
+
+impl GuestIp {
+    /// Parses the value of `ip=`; `None` for forms banger does not use
+    /// (`dhcp`, `off`, missing address or device).
+    pub fn parse(value: &str) -> Option<Self> {
+        let f: Vec<&str> = value.split(':').collect();
+        let addr = f.first()?.parse().ok()?;
+        let gateway = f.get(2).and_then(|g| g.parse().ok());
+        let netmask = f.get(3).and_then(|m| m.parse().ok())?;
+        let device = f.get(5).filter(|d| !d.is_empty())?.to_string();
+        if device.len() > 15
+            || !device
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
+        {
+            return None;
+        }
+        Some(Self {
+            addr,
+            gateway,
+            netmask,
+            device,
+        })
+    }
+}
+
+/// The guest's network as the kernel command line gives it: the last
+/// `ip=` and `banger.dns=` win.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct NetArgs {
+    pub ip: Option<GuestIp>,
+    pub dns: Vec<std::net::Ipv4Addr>,
+}
+
+impl NetArgs {
+    pub fn parse(cmdline: &str) -> Self {
+        let mut a = NetArgs::default();
+        for word in cmdline.split_ascii_whitespace() {
+            if let Some(v) = word.strip_prefix("ip=") {
+                a.ip = GuestIp::parse(v);
+            } else if let Some(v) = word
+                .strip_prefix(DNS_PARAM)
+                .and_then(|v| v.strip_prefix('='))
+            {
+                a.dns = v.split(',').filter_map(|d| d.parse().ok()).collect();
+            }
+        }
+        a
+    }
+
+    /// `nameserver` lines, `None` when no resolver was given.
+    pub fn resolv_conf(&self) -> Option<String> {
+        if self.dns.is_empty() {
+            return None;
+        }
+        Some(
+            self.dns
+                .iter()
+                .map(|d| format!("nameserver {d}\n"))
+                .collect(),
+        )
+    }
+}
+
 /// What the early-init mode needs to know, read from the kernel command line.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BootArgs {
@@ -114,6 +193,28 @@ mod tests {
             init: "/lib/systemd/systemd".into(),
         };
         assert_eq!(BootArgs::parse(&custom.kernel_params("/a")), custom);
+    }
+
+    #[test]
+    fn net_args() {
+        let a = NetArgs::parse(
+            "console=ttyS0 ip=172.16.0.7::172.16.0.1:255.255.255.0::eth0:off banger.dns=1.1.1.1,9.9.9.9",
+        );
+        let ip = a.ip.clone().expect("ip");
+        assert_eq!(ip.addr.to_string(), "172.16.0.7");
+        assert_eq!(
+            ip.gateway.map(|g| g.to_string()).as_deref(),
+            Some("172.16.0.1")
+        );
+        assert_eq!(ip.netmask.to_string(), "255.255.255.0");
+        assert_eq!(ip.device, "eth0");
+        assert_eq!(
+            a.resolv_conf().as_deref(),
+            Some("nameserver 1.1.1.1\nnameserver 9.9.9.9\n")
+        );
+        assert_eq!(NetArgs::parse("ip=dhcp").ip, None);
+        assert_eq!(NetArgs::parse("ip=1.2.3.4::::::off").ip, None);
+        assert_eq!(NetArgs::parse("quiet"), NetArgs::default());
     }
 
     #[test]

@@ -2,7 +2,8 @@
 //! multiplexing any number of exec sessions over the single stream.
 
 use crate::{
-    Body, CONTROL, ExecRequest, ExitStatus, Frame, FrameCodec, Hello, MAX_CHUNK, PROTO_VERSION,
+    Body, CONTROL, ExecRequest, ExitStatus, Frame, FrameCodec, Hello, Listener, MAX_CHUNK,
+    PROTO_VERSION,
 };
 use futures::{SinkExt, StreamExt};
 use std::collections::HashMap;
@@ -36,11 +37,16 @@ pub enum ExecEvent {
 
 type Routes = Arc<Mutex<HashMap<u32, mpsc::UnboundedSender<ExecEvent>>>>;
 
+/// One-shot requests waiting for their answer, by channel.
+type Queries =
+    Arc<Mutex<HashMap<u32, tokio::sync::oneshot::Sender<Result<Vec<Listener>, String>>>>>;
+
 /// A connection to one guest agent.
 #[derive(Clone)]
 pub struct AgentClient {
     tx: mpsc::UnboundedSender<Frame>,
     routes: Routes,
+    queries: Queries,
     next_channel: Arc<AtomicU32>,
     hello: watch::Receiver<Option<Hello>>,
     closed: watch::Receiver<bool>,
@@ -55,6 +61,7 @@ impl AgentClient {
         let (rd, wr) = tokio::io::split(stream);
         let (tx, mut rx) = mpsc::unbounded_channel::<Frame>();
         let routes: Routes = Arc::default();
+        let queries: Queries = Arc::default();
         let (hello_tx, hello) = watch::channel(None);
         let (closed_tx, closed) = watch::channel(false);
 
@@ -69,6 +76,7 @@ impl AgentClient {
         });
 
         let reader_routes = routes.clone();
+        let reader_queries = queries.clone();
         tokio::spawn(async move {
             let mut frames = FramedRead::new(rd, FrameCodec);
             while let Some(next) = frames.next().await {
@@ -83,16 +91,18 @@ impl AgentClient {
                         break;
                     }
                 };
-                route(frame, &reader_routes, &hello_tx);
+                route(frame, &reader_routes, &reader_queries, &hello_tx);
             }
             // Dropping every sender ends every open session with Disconnected.
             reader_routes.lock().map(|mut r| r.clear()).ok();
+            reader_queries.lock().map(|mut r| r.clear()).ok();
             let _ = closed_tx.send(true);
         });
 
         Self {
             tx,
             routes,
+            queries,
             next_channel: Arc::new(AtomicU32::new(1)),
             hello,
             closed,
@@ -158,12 +168,36 @@ impl AgentClient {
         })
     }
 
+    /// The guest's listening TCP sockets, as its agent sees them.
+    pub async fn list_listeners(&self) -> Result<Vec<Listener>, ClientError> {
+        let channel = self.next_channel.fetch_add(1, Ordering::Relaxed);
+        let (answer_tx, answer) = tokio::sync::oneshot::channel();
+        self.queries
+            .lock()
+            .map_err(|_| ClientError::Disconnected)?
+            .insert(channel, answer_tx);
+        if let Err(e) = self.send(Frame::new(channel, Body::ListListeners)) {
+            self.queries.lock().map(|mut r| r.remove(&channel)).ok();
+            return Err(e);
+        }
+        match answer.await {
+            Ok(Ok(listeners)) => Ok(listeners),
+            Ok(Err(msg)) => Err(ClientError::Refused(msg)),
+            Err(_) => Err(ClientError::Disconnected),
+        }
+    }
+
     fn send(&self, f: Frame) -> Result<(), ClientError> {
         self.tx.send(f).map_err(|_| ClientError::Disconnected)
     }
 }
 
-fn route(frame: Frame, routes: &Routes, hello_tx: &watch::Sender<Option<Hello>>) {
+fn route(
+    frame: Frame,
+    routes: &Routes,
+    queries: &Queries,
+    hello_tx: &watch::Sender<Option<Hello>>,
+) {
     if frame.channel == CONTROL {
         match frame.body {
             Body::Hello(h) => {
@@ -171,6 +205,17 @@ fn route(frame: Frame, routes: &Routes, hello_tx: &watch::Sender<Option<Hello>>)
             }
             other => tracing::debug!(?other, "ignoring control frame from agent"),
         }
+        return;
+    }
+    if let Ok(mut q) = queries.lock()
+        && let Some(answer) = q.remove(&frame.channel)
+    {
+        let result = match frame.body {
+            Body::Listeners(l) => Ok(l),
+            Body::Error(m) => Err(m),
+            other => Err(format!("unexpected answer {other:?}")),
+        };
+        let _ = answer.send(result);
         return;
     }
     let (event, last) = match frame.body {
@@ -275,6 +320,18 @@ mod tests {
             .await
             .expect("hello");
         while let Some(Ok(Ok(f))) = rd.next().await {
+            if f.body == Body::ListListeners {
+                let l = Listener {
+                    addr: "0.0.0.0".into(),
+                    port: 8080,
+                    pid: Some(7),
+                    command: Some("python3 -m http.server 8080".into()),
+                };
+                wr.send(Frame::new(f.channel, Body::Listeners(vec![l])))
+                    .await
+                    .expect("listeners");
+                continue;
+            }
             if let Body::Exec(req) = f.body {
                 let out = req.argv.join(" ").into_bytes();
                 wr.send(Frame::new(f.channel, Body::Stdout(out)))
@@ -289,6 +346,18 @@ mod tests {
                     .expect("exit");
             }
         }
+    }
+
+    #[tokio::test]
+    async fn listeners_roundtrip() {
+        let (a, b) = tokio::io::duplex(4096);
+        tokio::spawn(fake_agent(b, PROTO_VERSION));
+        let c = AgentClient::spawn(a);
+        c.wait_hello().await.expect("hello");
+        let l = c.list_listeners().await.expect("listeners");
+        assert_eq!(l.len(), 1);
+        assert_eq!(l[0].port, 8080);
+        assert_eq!(l[0].pid, Some(7));
     }
 
     #[tokio::test]

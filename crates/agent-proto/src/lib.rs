@@ -76,6 +76,23 @@ pub enum Body {
     Exited(ExitStatus),
     /// Agent → host: the request on this channel failed; the channel is closed.
     Error(String),
+    /// Host → agent: list the guest's listening TCP sockets on this (new)
+    /// channel; answered with [`Body::Listeners`] or [`Body::Error`].
+    ListListeners,
+    /// Agent → host: the listening sockets; the channel is closed.
+    Listeners(Vec<Listener>),
+}
+
+/// A listening TCP socket in the guest, from `/proc/net/tcp` or `tcp6`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Listener {
+    /// The local address, e.g. `0.0.0.0`, `127.0.0.1`, `::`.
+    pub addr: String,
+    pub port: u16,
+    /// The owning process, when the agent could map the socket to one.
+    pub pid: Option<u32>,
+    /// That process's command line, space-joined.
+    pub command: Option<String>,
 }
 
 /// The agent's greeting.

@@ -59,7 +59,16 @@ const MOVED_MOUNTS: &[&str] = &["/dev", "/proc", "/sys", "/run"];
 /// Assembles the VM's root and execs the image's init. Returns only on error.
 pub fn run() -> InitError {
     match prepare() {
-        Ok(args) => exec_init(&args.init),
+        Ok(args) => {
+            // Before the image's init: its services (sshd) find the network
+            // and resolver ready.
+            if let Ok(cmdline) = std::fs::read_to_string("/proc/cmdline") {
+                for p in crate::netconf::apply(&cmdline, Path::new("/etc")) {
+                    eprintln!("banger-agent: network: {p}");
+                }
+            }
+            exec_init(&args.init)
+        }
         Err(e) => e,
     }
 }

@@ -12,6 +12,8 @@
 
 mod exec;
 pub mod init;
+mod listeners;
+pub mod netconf;
 pub mod power;
 mod serve;
 pub mod transport;

@@ -106,6 +106,7 @@ impl Connection {
         }
         let msg = match body {
             Body::Exec(req) => return self.start(channel, req),
+            Body::ListListeners => return self.list_listeners(channel),
             Body::Stdin(data) => SessionMsg::Stdin(data),
             Body::StdinEof => SessionMsg::StdinEof,
             Body::Signal(sig) => SessionMsg::Signal(sig),
@@ -152,6 +153,24 @@ impl Connection {
                 self.send(CONTROL, Body::Error(msg)).await;
             }
         }
+    }
+
+    /// Answers on `channel` from a blocking task: walking /proc can take a
+    /// moment on a busy guest.
+    fn list_listeners(&self, channel: u32) {
+        let out = self.out.clone();
+        tokio::spawn(async move {
+            let found = tokio::task::spawn_blocking(|| {
+                crate::listeners::list(std::path::Path::new("/proc"))
+            })
+            .await;
+            let body = match found {
+                Ok(Ok(l)) => Body::Listeners(l),
+                Ok(Err(e)) => Body::Error(format!("reading /proc/net/tcp: {e}")),
+                Err(e) => Body::Error(format!("listing sockets failed: {e}")),
+            };
+            let _ = out.send(Frame::new(channel, body)).await;
+        });
     }
 
     fn start(&mut self, channel: u32, req: ExecRequest) {
@@ -255,6 +274,8 @@ fn kind(body: &Body) -> &'static str {
         Body::Stderr(_) => "Stderr",
         Body::Exited(_) => "Exited",
         Body::Error(_) => "Error",
+        Body::ListListeners => "ListListeners",
+        Body::Listeners(_) => "Listeners",
     }
 }
 

@@ -242,6 +242,23 @@ impl Client {
         self.vm_call(Method::POST, paths::VM_RESTART, vm).await
     }
 
+    /// Listening ports of a running VM, probed for HTTP/HTTPS.
+    pub async fn vm_ports(&self, vm: &str) -> Result<Vec<crate::PortInfo>, ClientError> {
+        self.json(Method::GET, &paths::fill(paths::VM_PORTS, vm), None::<&()>)
+            .await
+    }
+
+    /// The daemon's networking (mode, DNS, NAT, resolver).
+    pub async fn network(&self) -> Result<crate::NetworkStatus, ClientError> {
+        self.json(Method::GET, paths::NETWORK, None::<&()>).await
+    }
+
+    /// Runs the network micro-benchmarks in the daemon.
+    pub async fn network_bench(&self) -> Result<crate::NetworkBench, ClientError> {
+        self.json(Method::POST, paths::NETWORK_BENCH, None::<&()>)
+            .await
+    }
+
     /// Sends signal number `signal` to the VM's VMM.
     pub async fn kill_vm(&self, vm: &str, signal: i32) -> Result<VmRecord, ClientError> {
         let req = crate::KillRequest { signal };

@@ -27,6 +27,9 @@ pub mod paths {
     pub const VM_KILL: &str = "/v1/vms/{vm}/kill";
     pub const VM_LOGS: &str = "/v1/vms/{vm}/logs";
     pub const VM_STATS: &str = "/v1/vms/{vm}/stats";
+    pub const VM_PORTS: &str = "/v1/vms/{vm}/ports";
+    pub const NETWORK: &str = "/v1/network";
+    pub const NETWORK_BENCH: &str = "/v1/network/bench";
     pub const IMAGES: &str = "/v1/images";
     pub const IMAGE: &str = "/v1/images/{image}";
     pub const IMAGE_BUILD: &str = "/v1/images/build";
@@ -88,6 +91,9 @@ pub struct CreateVmRequest {
     /// Boot the VM and wait for its agent (default true).
     #[serde(default = "yes")]
     pub start: bool,
+    /// Masquerade the VM's traffic out of the host (bridge networking).
+    #[serde(default)]
+    pub nat: bool,
 }
 
 fn yes() -> bool {
@@ -263,3 +269,61 @@ pub enum LogSource {
 
 /// `GET /v1/kernels`.
 pub type KernelList = Vec<KernelRecord>;
+
+/// A listening TCP port in a VM (`vm ports`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct PortInfo {
+    /// Local address in the guest (`0.0.0.0`, `::`, `127.0.0.1`, ...).
+    pub addr: String,
+    pub port: u16,
+    pub pid: Option<u32>,
+    pub command: Option<String>,
+    /// `http` or `https` when a probe from the host recognised it.
+    pub protocol: Option<String>,
+    /// `http://<name>.vm:<port>/` (or https) when detected.
+    pub url: Option<String>,
+    /// Why the port was not probed or what the probe saw.
+    pub note: Option<String>,
+}
+
+/// The daemon's networking, for `doctor`.
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct NetworkStatus {
+    /// `bridge`, `user` or `unavailable`.
+    pub mode: String,
+    /// Why this mode.
+    pub reason: String,
+    pub bridge: String,
+    pub cidr: String,
+    pub bridge_ip: String,
+    /// Idle and configured TAPs of the pool (bridge mode).
+    pub tap_pool: Option<(usize, usize)>,
+    pub dns_listen: String,
+    /// Why the DNS server is not running, when it is not.
+    pub dns_error: Option<String>,
+    /// `nft --version`, `None` when nft is missing.
+    pub nft_version: Option<String>,
+    pub ip_forward: Option<bool>,
+    pub nat_error: Option<String>,
+    /// Whether the host resolver sends `.vm` to banger, and why (not).
+    pub resolver_ok: bool,
+    pub resolver_detail: String,
+    /// Whether `/dev/net/tun` can be opened, and why not.
+    pub tun_ok: bool,
+    pub tun_detail: String,
+}
+
+/// Network micro-benchmarks (`banger bench`).
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct NetworkBench {
+    /// A TAP from the warm pool, in microseconds.
+    pub tap_warm_us: Option<u64>,
+    /// A TAP created on demand, in microseconds.
+    pub tap_cold_us: Option<u64>,
+    /// Why TAP timings are missing (user-mode networking, pool disabled).
+    pub tap_note: Option<String>,
+    pub dns_queries: usize,
+    pub dns_p50_us: u64,
+    pub dns_p99_us: u64,
+    pub dns_max_us: u64,
+}

@@ -2,7 +2,7 @@
 //! as a whole, with errors that name the file and the key.
 
 use crate::Paths;
-use crate::values::{FileMode, Ipv4Cidr, LogLevel, VmmChoice};
+use crate::values::{FileMode, Ipv4Cidr, LogLevel, NetworkMode, VmmChoice};
 use banger_model::ByteSize;
 use serde::{Deserialize, Deserializer};
 use std::net::{Ipv4Addr, SocketAddr};
@@ -79,6 +79,11 @@ pub struct Config {
     pub tap_pool_size: u32,
     /// Resolver handed to guests; unset leaves the choice to the network setup.
     pub default_dns: Option<Ipv4Addr>,
+    /// Bridge or user-mode networking (see [`NetworkMode`]).
+    pub network: NetworkMode,
+    /// Where the `.vm` DNS server listens (UDP and TCP); must be a loopback
+    /// address.
+    pub dns_listen_addr: SocketAddr,
     /// Image catalog index instead of the embedded one.
     pub catalog_url: Option<String>,
     /// Debian mirror for local image builds.
@@ -131,6 +136,8 @@ impl Default for Config {
             cidr: Ipv4Cidr::DEFAULT,
             tap_pool_size: 2,
             default_dns: None,
+            network: NetworkMode::Auto,
+            dns_listen_addr: SocketAddr::from(([127, 0, 0, 1], 42069)),
             catalog_url: None,
             debian_mirror: None,
             vm_defaults: VmDefaults::default(),
@@ -289,6 +296,15 @@ impl Config {
                 format!(
                     "{:?} is not a network interface name: 1 to 15 characters, no '/', ':' or spaces",
                     self.bridge_name
+                ),
+            ));
+        }
+        if !self.dns_listen_addr.ip().is_loopback() {
+            return Err(invalid(
+                "dns_listen_addr",
+                format!(
+                    "{}: must be a loopback address (the .vm zone is only served to this host)",
+                    self.dns_listen_addr
                 ),
             ));
         }
@@ -489,6 +505,9 @@ mod tests {
             ("bridge_name = \"this-name-is-too-long\"\n", "bridge_name"),
             ("bridge_name = \"\"\n", "bridge_name"),
             ("tap_pool_size = 1000\n", "tap_pool_size"),
+            ("dns_listen_addr = \"0.0.0.0:53\"\n", "dns_listen_addr"),
+            ("dns_listen_addr = \"localhost\"\n", "dns_listen_addr"),
+            ("network = \"tap\"\n", "network"),
             ("default_dns = \"dns.example\"\n", "default_dns"),
             ("default_image_name = \"\"\n", "default_image_name"),
             ("default_image_name = \"a/b\"\n", "default_image_name"),
@@ -617,6 +636,7 @@ mod tests {
         let c = parse(
             "default_image_name = \"box\"\nvmm = \"qemu\"\nlog_level = \"debug\"\ncidr = \"10.9.0.0/16\"\n\
              bridge_ip = \"10.9.0.1\"\nbridge_name = \"br-banger\"\ntap_pool_size = 4\ndefault_dns = \"1.1.1.1\"\n\
+             network = \"user\"\ndns_listen_addr = \"127.0.0.1:5353\"\n\
              web_listen_addr = \"\"\ndebian_mirror = \"http://deb.debian.org/debian\"\n\
              catalog_url = \"https://example.invalid/catalog.json\"\nfirecracker_bin = \"/usr/bin/firecracker\"\n\
              [vm_defaults]\nvcpu = 4\nmemory_mib = 4096\ndisk_size = \"16G\"\n\
@@ -628,6 +648,8 @@ mod tests {
         assert_eq!(c.effective_bridge_ip(), Ipv4Addr::new(10, 9, 0, 1));
         assert_eq!(c.web_listen_addr, None);
         assert_eq!(c.default_dns, Some(Ipv4Addr::new(1, 1, 1, 1)));
+        assert_eq!(c.network, NetworkMode::User);
+        assert_eq!(c.dns_listen_addr.to_string(), "127.0.0.1:5353");
         assert_eq!(
             c.vm_defaults,
             VmDefaults {

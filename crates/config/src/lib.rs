@@ -15,4 +15,4 @@ pub use file::{
     VmDefaults,
 };
 pub use paths::{Paths, PathsError, SOCKET_ENV, SYSTEM_ENV};
-pub use values::{FileMode, Ipv4Cidr, LogLevel, VmmChoice};
+pub use values::{FileMode, Ipv4Cidr, LogLevel, NetworkMode, VmmChoice};

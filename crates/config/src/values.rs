@@ -57,6 +57,57 @@ impl fmt::Display for LogLevel {
     }
 }
 
+/// `network`: how VMs reach the network.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(try_from = "String")]
+pub enum NetworkMode {
+    /// The bridge when the daemon may manage it (root or CAP_NET_ADMIN),
+    /// else QEMU user-mode networking.
+    #[default]
+    Auto,
+    /// Always the bridge; VMs fail to boot when it cannot be set up.
+    Bridge,
+    /// Always QEMU user-mode networking (host port forwards on 127.0.0.1).
+    User,
+}
+
+impl NetworkMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            NetworkMode::Auto => "auto",
+            NetworkMode::Bridge => "bridge",
+            NetworkMode::User => "user",
+        }
+    }
+}
+
+impl FromStr for NetworkMode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "auto" => Ok(NetworkMode::Auto),
+            "bridge" => Ok(NetworkMode::Bridge),
+            "user" => Ok(NetworkMode::User),
+            other => Err(format!(
+                "unknown network mode {other:?}: use auto, bridge or user"
+            )),
+        }
+    }
+}
+
+impl TryFrom<String> for NetworkMode {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        s.parse()
+    }
+}
+
+impl fmt::Display for NetworkMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// `vmm`: which VMM runs new VMs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
 #[serde(try_from = "String")]

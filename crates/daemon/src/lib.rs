@@ -10,6 +10,7 @@ mod image_routes;
 mod images;
 mod lifecycle;
 mod logging;
+mod network;
 mod reconcile;
 pub mod server;
 mod settings;
@@ -49,6 +50,10 @@ pub struct Daemon {
     locks: Mutex<HashMap<VmId, Arc<tokio::sync::Mutex<()>>>>,
     /// Serialises image builds (they are big and share a store).
     image_lock: tokio::sync::Mutex<()>,
+    /// Networking, set up once by [`Daemon::init_network`].
+    network: std::sync::OnceLock<network::Network>,
+    /// Held from choosing a new VM's address until its record is stored.
+    alloc_lock: tokio::sync::Mutex<()>,
     /// Cancelled when the daemon shuts down.
     pub shutdown: CancellationToken,
 }
@@ -85,6 +90,8 @@ impl Daemon {
             locks: Mutex::default(),
             exits: Mutex::default(),
             image_lock: tokio::sync::Mutex::new(()),
+            network: std::sync::OnceLock::new(),
+            alloc_lock: tokio::sync::Mutex::new(()),
             shutdown: CancellationToken::new(),
         }))
     }
@@ -162,6 +169,7 @@ pub async fn serve(daemon: Arc<Daemon>) -> anyhow::Result<()> {
         })?;
 
     daemon.reconcile().await.context("reconciling VMs")?;
+    daemon.init_network().await.context("starting networking")?;
 
     match std::fs::remove_file(&socket) {
         Ok(()) => {}

@@ -35,6 +35,7 @@ impl Daemon {
         if let Some(pid) = vm.pid.filter(|p| vmm_process_alive(*p, &vm.dir)) {
             self.terminate_vmm(&vm, pid).await?;
         }
+        self.net_down(&vm).await;
         let vmm = self.vmm()?.clone();
         let image = self.store.get_image(&vm.image)?;
         let kernel = self.store.get_kernel(&image.kernel)?;
@@ -111,6 +112,7 @@ impl Daemon {
             self.terminate_vmm(&vm, pid).await?;
         }
         self.set_agent(&vm.id, None);
+        self.net_down(&vm).await;
         self.store
             .set_vm_state(&vm.id, VmState::Stopped, None, None)?;
         vm.state = VmState::Stopped;

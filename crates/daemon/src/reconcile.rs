@@ -62,6 +62,9 @@ impl Daemon {
         {
             tracing::warn!(vm = %vm.name, error = %e, "could not end leftover VMM");
         }
+        // Networking starts after reconcile: this clears the record, and
+        // the TAP pool then deletes TAPs no running VM holds.
+        self.net_down(vm).await;
         let p = VmPaths::new(&vm.dir);
         for f in [p.agent_socket(), p.control_socket(), p.pid_file()] {
             let _ = std::fs::remove_file(f);

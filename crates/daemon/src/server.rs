@@ -12,7 +12,8 @@ use banger_agent_proto::client::ExecEvent;
 use banger_api::exec::{ExecControl, ExecExit, ExecReport, ExecStart, STDERR, STDOUT};
 use banger_api::{
     ApiError, BuildImageEvent, BuildImageRequest, CreateVmEvent, CreateVmRequest, DaemonInfo,
-    KillRequest, LogSource, Progress, SetVmRequest, VmStats, paths,
+    KillRequest, LogSource, NetworkBench, NetworkStatus, PortInfo, Progress, SetVmRequest, VmStats,
+    paths,
 };
 use banger_model::{ImageRecord, KernelRecord, VmRecord};
 use banger_version::BuildInfo;
@@ -64,6 +65,9 @@ pub fn router(daemon: Shared) -> (Router, utoipa::openapi::OpenApi) {
         .routes(routes!(restart_vm))
         .routes(routes!(kill_vm))
         .routes(routes!(vm_logs))
+        .routes(routes!(vm_ports))
+        .routes(routes!(network_status))
+        .routes(routes!(network_bench))
         .routes(routes!(list_images))
         .routes(routes!(get_image))
         .routes(routes!(build_image))
@@ -194,6 +198,29 @@ async fn vm_stats(
     Query(q): Query<StatsQuery>,
 ) -> Result<Json<VmStats>, DaemonError> {
     d.vm_stats(&vm, q.guest).await.map(Json)
+}
+
+/// Listening TCP ports of a running VM (from its agent), probed from the
+/// host for HTTP and HTTPS.
+#[utoipa::path(get, path = paths::VM_PORTS, params(("vm" = String, Path, description = "name or id prefix")),
+    responses((status = 200, body = Vec<PortInfo>), (status = 404, body = ApiError), (status = 409, body = ApiError)))]
+async fn vm_ports(
+    State(d): State<Shared>,
+    Path(vm): Path<String>,
+) -> Result<Json<Vec<PortInfo>>, DaemonError> {
+    d.vm_ports(&vm).await.map(Json)
+}
+
+/// The daemon's networking: mode, DNS server, NAT prerequisites, resolver.
+#[utoipa::path(get, path = paths::NETWORK, responses((status = 200, body = NetworkStatus), (status = 409, body = ApiError)))]
+async fn network_status(State(d): State<Shared>) -> Result<Json<NetworkStatus>, DaemonError> {
+    d.network_status().await.map(Json)
+}
+
+/// Times TAP acquisition (warm pool vs cold) and 10k `.vm` DNS queries.
+#[utoipa::path(post, path = paths::NETWORK_BENCH, responses((status = 200, body = NetworkBench), (status = 409, body = ApiError)))]
+async fn network_bench(State(d): State<Shared>) -> Result<Json<NetworkBench>, DaemonError> {
+    d.network_bench().await.map(Json)
 }
 
 #[derive(serde::Deserialize, utoipa::IntoParams)]

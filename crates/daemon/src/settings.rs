@@ -51,8 +51,9 @@ pub(crate) fn check_resources(
 
 impl Daemon {
     /// Changes vcpu, memory, disk size (grow only) and NAT of a VM.
-    /// Precondition: the VM is stopped; a running VM is refused with what
-    /// to do, since none of these can change under a running guest here.
+    /// Precondition: the VM is stopped (NAT alone may change while it runs);
+    /// a running VM is refused with what to do, since vCPUs, memory and
+    /// disks cannot change under a running guest here.
     pub async fn set_vm(
         self: &Arc<Self>,
         r: &str,
@@ -62,6 +63,12 @@ impl Daemon {
             return Err(DaemonError::Invalid(
                 "nothing to change: pass --vcpu, --memory, --disk-size or --nat/--no-nat".into(),
             ));
+        }
+        // NAT alone can change under a running VM: its rules are host-side.
+        if let (Some(nat), None, None, None) =
+            (req.nat, req.vcpu, req.memory_mib, req.disk_size.as_ref())
+        {
+            return self.set_vm_nat(r, nat).await;
         }
         let disk = check_resources(req.vcpu, req.memory_mib, req.disk_size.as_deref())?;
         let vm = self.store.resolve_vm(r)?;

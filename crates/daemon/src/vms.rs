@@ -103,8 +103,20 @@ impl Daemon {
         }
         let kernel = self.store.get_kernel(&image.kernel)?;
 
+        if req.nat
+            && let Some(net) = self.network()
+            && net.mode_name() != "bridge"
+        {
+            return Err(DaemonError::Conflict(format!(
+                "--nat needs bridge networking; this daemon uses {} networking (see banger doctor)",
+                net.mode_name()
+            )));
+        }
         let id = VmId::random();
         let dir = self.paths.vms_dir.join(id.as_str());
+        // Held until the record (with its address) is stored.
+        let alloc = self.alloc_lock.lock().await;
+        let ip = self.allocate_ip()?;
         let mut vm = VmRecord {
             id: id.clone(),
             name,
@@ -116,7 +128,10 @@ impl Daemon {
             pid: None,
             created_at: now_rfc3339(),
             last_error: None,
-            nat: false,
+            nat: req.nat,
+            ip: Some(ip),
+            tap: None,
+            ssh_port: None,
         };
         let lock = self.vm_lock(&id);
         let _guard = lock.lock().await;
@@ -155,6 +170,7 @@ impl Daemon {
                 Ok(se) => se.into(),
                 Err(other) => DaemonError::Failed(other),
             })?;
+        drop(alloc);
         let disks = VmDisks::in_dir(&dir);
         let size = spec.disk_bytes.value;
         let (overlay, work, seed) = (
@@ -290,16 +306,28 @@ impl Daemon {
             },
             VmBackend::Qemu => kernel.kernel.clone(),
         };
+        progress("network", "setting up the VM's network");
+        let boot_net = match self.net_up(vm, steps).await {
+            Ok(n) => n,
+            Err(e) => return Err(fail(steps, e).await),
+        };
+        let mut extra_cmdline = format!(
+            "{} systemd.hostname={}",
+            BootArgs::standard().kernel_params(banger_agent::BINARY_PATH),
+            vm.name
+        );
+        let mut nets = Vec::new();
+        if let Some(n) = boot_net {
+            extra_cmdline.push(' ');
+            extra_cmdline.push_str(&n.cmdline);
+            nets = n.nets;
+        }
         let spec = LaunchSpec {
             name: vm.name.to_string(),
             dir: vm.dir.clone(),
             kernel: kernel_file,
             initrd: kernel.initrd.clone(),
-            extra_cmdline: format!(
-                "{} systemd.hostname={}",
-                BootArgs::standard().kernel_params(banger_agent::BINARY_PATH),
-                vm.name
-            ),
+            extra_cmdline,
             // The order is the boot contract's: base, overlay, work.
             disks: vec![
                 DiskSpec {
@@ -318,7 +346,7 @@ impl Daemon {
                     read_only: false,
                 },
             ],
-            nets: Vec::new(),
+            nets,
             vcpu: vm.spec.vcpu.value,
             memory_mib: vm.spec.memory_mib.value,
         };
@@ -399,6 +427,7 @@ impl Daemon {
             return Err(fail(steps, e.into()).await);
         }
         vm.state = VmState::Running;
+        self.net_ready(vm);
         self.watch_exit(vm.id.clone(), launched_pid, exited);
         Ok(())
     }
@@ -438,6 +467,7 @@ impl Daemon {
             return;
         }
         self.set_agent(id, None);
+        self.net_down(&vm).await;
         if matches!(
             vm.state,
             VmState::Running | VmState::Starting | VmState::Stopping
@@ -466,6 +496,7 @@ impl Daemon {
         if let Some(pid) = vm.pid {
             self.terminate_vmm(&vm, pid).await?;
         }
+        self.net_down(&vm).await;
         match tokio::fs::remove_dir_all(&vm.dir).await {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}

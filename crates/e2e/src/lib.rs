@@ -5,16 +5,30 @@
 //! root (`BANGER_E2E_ROOT`, default `/tmp/banger-e2e`) keeps the built image
 //! between runs; it is wiped when the agent binary changes, so guests always
 //! run the agent under test.
+//!
+//! Every installation runs its daemon (and so its bridge, TAPs, NAT rules
+//! and DNS server) inside a network namespace of its own, made here
+//! (`ip netns add`): `banger` is always started through `ip netns exec`,
+//! and the daemon it starts inherits the namespace. Nothing a test does
+//! touches the host's own network namespace. The one exception is the
+//! default image, built once outside the namespace (mmdebstrap needs the
+//! Debian mirror) by a daemon in user-mode networking, which creates no
+//! links.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-/// One isolated banger installation: its binaries and its XDG directories.
+/// One isolated banger installation: its binaries, its XDG directories
+/// and its network namespace.
 pub struct Banger {
     pub bin_dir: PathBuf,
     pub root: PathBuf,
+    /// The network namespace its daemon runs in.
+    pub netns: String,
+    /// Delete the namespace when dropped (throwaway installations).
+    owns_netns: bool,
 }
 
 static SHARED: OnceLock<Banger> = OnceLock::new();
@@ -27,9 +41,13 @@ pub fn shared() -> &'static Banger {
             .unwrap_or_else(|| PathBuf::from("/tmp/banger-e2e"));
         let b = Banger {
             bin_dir: bin_dir(),
+            netns: netns_name(&root),
             root,
+            owns_netns: false,
         };
         b.reset_if_agent_changed();
+        b.ensure_netns();
+        b.build_default_image_outside_netns();
         b.delete_leftover_vms();
         // SAFETY: registering a plain extern "C" fn with no captured state.
         unsafe { libc::atexit(stop_shared_daemon) };
@@ -72,10 +90,71 @@ impl Banger {
     pub fn isolated(tag: &str) -> Banger {
         let root = std::env::temp_dir().join(format!("banger-e2e-{tag}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&root);
-        Banger {
+        let b = Banger {
             bin_dir: bin_dir(),
+            netns: netns_name(&root),
             root,
+            owns_netns: true,
+        };
+        b.ensure_netns();
+        b
+    }
+
+    /// Creates this installation's network namespace (loopback up) unless
+    /// it exists.
+    fn ensure_netns(&self) {
+        if !Path::new("/run/netns").join(&self.netns).exists() {
+            run_ip(&["netns", "add", &self.netns]);
         }
+        run_ip(&["-n", &self.netns, "link", "set", "lo", "up"]);
+    }
+
+    /// Builds the default image with a daemon outside the namespace (see the
+    /// module docs), then stops that daemon. Idempotent: an existing image
+    /// is kept.
+    fn build_default_image_outside_netns(&self) {
+        let marker = self.root.join("image-built");
+        if marker.exists() {
+            return;
+        }
+        let cfg = self.config_dir().join("config.toml");
+        let saved = std::fs::read_to_string(&cfg).ok();
+        self.write_config("network = \"user\"\ndns_listen_addr = \"127.0.0.1:0\"\n");
+        let out = self
+            .env(Command::new(self.bin_dir.join("banger")))
+            .args(["image", "build"])
+            .output()
+            .expect("spawn banger image build");
+        let stop = self
+            .env(Command::new(self.bin_dir.join("banger")))
+            .args(["daemon", "stop"])
+            .output()
+            .expect("spawn banger daemon stop");
+        match saved {
+            Some(t) => std::fs::write(&cfg, t).expect("restore config"),
+            None => std::fs::remove_file(&cfg).expect("remove config"),
+        }
+        assert!(
+            out.status.success(),
+            "building the default image failed: {}",
+            text(&out).1
+        );
+        assert!(stop.status.success(), "daemon stop: {}", text(&stop).1);
+        std::fs::write(&marker, "").expect("image marker");
+    }
+
+    /// Runs `ip -n <netns> args...` and returns stdout, asserting success.
+    pub fn ip(&self, args: &[&str]) -> String {
+        let mut a = vec!["-n", self.netns.as_str()];
+        a.extend_from_slice(args);
+        run_ip(&a)
+    }
+
+    /// A command run inside this installation's network namespace.
+    pub fn in_netns(&self, program: &str, args: &[&str]) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &self.netns, program]).args(args);
+        c
     }
 
     fn reset_if_agent_changed(&self) {
@@ -131,11 +210,18 @@ impl Banger {
         std::fs::write(self.config_dir().join("config.toml"), text).expect("write config");
     }
 
-    /// A `banger` command with this installation's environment.
+    /// A `banger` command with this installation's environment, inside its
+    /// network namespace.
     pub fn cmd(&self, args: &[&str]) -> Command {
-        let mut c = Command::new(self.bin_dir.join("banger"));
-        c.args(args)
-            .env_remove("BANGER_SOCKET")
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &self.netns])
+            .arg(self.bin_dir.join("banger"))
+            .args(args);
+        self.env(c)
+    }
+
+    fn env(&self, mut c: Command) -> Command {
+        c.env_remove("BANGER_SOCKET")
             .env("HOME", self.root.join("home"))
             .env("XDG_CONFIG_HOME", self.root.join("config"))
             .env("XDG_STATE_HOME", self.root.join("state"))
@@ -224,6 +310,40 @@ impl Banger {
         child.stdout = Some(stdout);
         child
     }
+}
+
+impl Drop for Banger {
+    fn drop(&mut self) {
+        if self.owns_netns {
+            let _ = self
+                .cmd(&["daemon", "stop"])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status();
+            let _ = Command::new("ip")
+                .args(["netns", "delete", &self.netns])
+                .status();
+        }
+    }
+}
+
+/// A namespace name derived from the installation root (at most 15
+/// characters, like interface names, to stay readable in `ip netns`).
+fn netns_name(root: &Path) -> String {
+    use sha2::Digest;
+    let h = sha2::Sha256::digest(root.as_os_str().as_encoded_bytes());
+    format!("bge-{:x}", h)[..12].to_string()
+}
+
+/// Runs `ip args...`, asserting success; returns stdout.
+pub fn run_ip(args: &[&str]) -> String {
+    let out = Command::new("ip").args(args).output().expect("spawn ip");
+    assert!(
+        out.status.success(),
+        "ip {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 /// Pids of running processes whose command line contains `needle`.

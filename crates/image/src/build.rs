@@ -31,6 +31,8 @@ pub const BASE_PACKAGES: &[&str] = &[
     "dbus",
     "procps",
     "less",
+    // `python3 -m http.server` is the quickest web server to try `vm ports` with.
+    "python3",
 ];
 
 /// File name of the root file system inside an image directory.

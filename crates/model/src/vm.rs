@@ -126,6 +126,17 @@ pub struct VmRecord {
     pub pid: Option<u32>,
     /// Whether the VM's traffic is masqueraded out of the host.
     pub nat: bool,
+    /// The guest's address on the bridge network, allocated at create.
+    #[serde(default)]
+    #[schema(value_type = Option<String>)]
+    pub ip: Option<std::net::Ipv4Addr>,
+    /// The host TAP device while the VM runs on the bridge.
+    #[serde(default)]
+    pub tap: Option<String>,
+    /// Host port on 127.0.0.1 forwarded to the guest's ssh port while the
+    /// VM runs with user-mode networking.
+    #[serde(default)]
+    pub ssh_port: Option<u16>,
     /// RFC 3339 creation time.
     pub created_at: String,
     /// Last error, when `state` is `error`.

@@ -306,6 +306,9 @@ mod tests {
             created_at: "t".into(),
             last_error: None,
             nat: false,
+            ip: None,
+            tap: None,
+            ssh_port: None,
         })
         .expect("vm");
 

@@ -29,6 +29,8 @@ pub enum StoreError {
     },
     #[error("a VM named {0} already exists: pick another name or delete that VM")]
     NameTaken(String),
+    #[error("address {0} is already given to another VM")]
+    AddressTaken(String),
     /// A record others depend on, e.g. an image VMs boot from.
     #[error("{what} is in use by {}", .users.join(", "))]
     InUse { what: String, users: Vec<String> },
@@ -111,6 +113,12 @@ const MIGRATIONS: &[M<'static>] = &[
     M::up(
         "ALTER TABLE images ADD COLUMN work_seed TEXT;
     ALTER TABLE vms ADD COLUMN nat INTEGER NOT NULL DEFAULT 0 CHECK (nat IN (0, 1));",
+    ),
+    M::up(
+        "ALTER TABLE vms ADD COLUMN ip TEXT;
+    ALTER TABLE vms ADD COLUMN tap TEXT;
+    ALTER TABLE vms ADD COLUMN ssh_port INTEGER;
+    CREATE UNIQUE INDEX vms_ip ON vms(ip);",
     ),
 ];
 
@@ -295,8 +303,8 @@ mod tests {
                 e,
                 StoreError::TooNew {
                     found: 99,
-                    known: 2
-                }
+                    known
+                } if known == MIGRATIONS.len()
             ),
             "{e}"
         );

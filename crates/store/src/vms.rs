@@ -6,8 +6,7 @@ use rusqlite::ffi::{SQLITE_CONSTRAINT_FOREIGNKEY, SQLITE_CONSTRAINT_UNIQUE};
 use rusqlite::{Connection, OptionalExtension, Row, params};
 use std::path::PathBuf;
 
-const SELECT: &str =
-    "SELECT id, name, image, state, backend, spec, dir, pid, created_at, last_error, nat FROM vms";
+const SELECT: &str = "SELECT id, name, image, state, backend, spec, dir, pid, created_at, last_error, nat, ip, tap, ssh_port FROM vms";
 /// Oldest first. `julianday` compares instants, not strings (RFC 3339 texts
 /// with different fraction lengths do not sort as text); rowid breaks ties.
 const ORDER: &str = "ORDER BY julianday(created_at), rowid";
@@ -19,8 +18,8 @@ impl Store {
         let spec = spec_json(vm)?;
         self.conn()
             .execute(
-                "INSERT INTO vms (id, name, image, state, backend, spec, dir, pid, created_at, last_error, nat)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
+                "INSERT INTO vms (id, name, image, state, backend, spec, dir, pid, created_at, last_error, nat, ip, tap, ssh_port)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)",
                 params![
                     vm.id.as_str(),
                     vm.name.as_str(),
@@ -32,7 +31,10 @@ impl Store {
                     vm.pid,
                     vm.created_at,
                     vm.last_error,
-                    vm.nat
+                    vm.nat,
+                    vm.ip.map(|ip| ip.to_string()),
+                    vm.tap,
+                    vm.ssh_port
                 ],
             )
             .map_err(|e| write_error(e, vm))?;
@@ -46,7 +48,7 @@ impl Store {
             .conn()
             .execute(
                 "UPDATE vms SET name = ?2, image = ?3, state = ?4, backend = ?5, spec = ?6, dir = ?7, pid = ?8,
-                 last_error = ?9, nat = ?10 WHERE id = ?1",
+                 last_error = ?9, nat = ?10, ip = ?11, tap = ?12, ssh_port = ?13 WHERE id = ?1",
                 params![
                     vm.id.as_str(),
                     vm.name.as_str(),
@@ -57,7 +59,10 @@ impl Store {
                     path_text(&vm.dir)?,
                     vm.pid,
                     vm.last_error,
-                    vm.nat
+                    vm.nat,
+                    vm.ip.map(|ip| ip.to_string()),
+                    vm.tap,
+                    vm.ssh_port
                 ],
             )
             .map_err(|e| write_error(e, vm))?;
@@ -79,6 +84,36 @@ impl Store {
         let n = self.conn().execute(
             "UPDATE vms SET state = ?2, pid = ?3, last_error = ?4 WHERE id = ?1",
             params![id.as_str(), state.as_str(), pid, error],
+        )?;
+        if n == 0 {
+            return Err(no_vm_with_id(id));
+        }
+        Ok(())
+    }
+
+    /// Records the host side of a VM's network while it runs: its TAP
+    /// (bridge mode) or forwarded ssh port (user mode); `None`s when it stops.
+    pub fn set_vm_net(
+        &self,
+        id: &VmId,
+        tap: Option<&str>,
+        ssh_port: Option<u16>,
+    ) -> Result<(), StoreError> {
+        let n = self.conn().execute(
+            "UPDATE vms SET tap = ?2, ssh_port = ?3 WHERE id = ?1",
+            params![id.as_str(), tap, ssh_port],
+        )?;
+        if n == 0 {
+            return Err(no_vm_with_id(id));
+        }
+        Ok(())
+    }
+
+    /// Turns NAT on or off in the record.
+    pub fn set_vm_nat(&self, id: &VmId, nat: bool) -> Result<(), StoreError> {
+        let n = self.conn().execute(
+            "UPDATE vms SET nat = ?2 WHERE id = ?1",
+            params![id.as_str(), nat],
         )?;
         if n == 0 {
             return Err(no_vm_with_id(id));
@@ -156,6 +191,8 @@ fn spec_json(vm: &VmRecord) -> Result<String, StoreError> {
 fn write_error(e: rusqlite::Error, vm: &VmRecord) -> StoreError {
     if is_constraint(&e, SQLITE_CONSTRAINT_UNIQUE, "vms.name") {
         StoreError::NameTaken(vm.name.to_string())
+    } else if is_constraint(&e, SQLITE_CONSTRAINT_UNIQUE, "vms.ip") {
+        StoreError::AddressTaken(vm.ip.map(|ip| ip.to_string()).unwrap_or_default())
     } else if is_constraint(&e, SQLITE_CONSTRAINT_FOREIGNKEY, "") {
         StoreError::NotFound(format!("VM {}: no image named {}", vm.name, vm.image))
     } else {
@@ -194,6 +231,9 @@ struct VmRow {
     created_at: String,
     last_error: Option<String>,
     nat: bool,
+    ip: Option<String>,
+    tap: Option<String>,
+    ssh_port: Option<u16>,
 }
 
 impl VmRow {
@@ -210,6 +250,9 @@ impl VmRow {
             created_at: r.get(8)?,
             last_error: r.get(9)?,
             nat: r.get(10)?,
+            ip: r.get(11)?,
+            tap: r.get(12)?,
+            ssh_port: r.get(13)?,
         })
     }
 
@@ -234,6 +277,15 @@ impl VmRow {
             created_at: self.created_at,
             last_error: self.last_error,
             nat: self.nat,
+            ip: self
+                .ip
+                .map(|ip| {
+                    ip.parse()
+                        .map_err(|e: std::net::AddrParseError| corrupt("ip", e.to_string()))
+                })
+                .transpose()?,
+            tap: self.tap,
+            ssh_port: self.ssh_port,
             id: VmId(id),
         })
     }
@@ -286,6 +338,9 @@ mod tests {
             created_at: created_at.into(),
             last_error: None,
             nat: false,
+            ip: None,
+            tap: None,
+            ssh_port: None,
         }
     }
 
@@ -513,5 +568,38 @@ mod tests {
         assert_eq!(s.schema_version().expect("v"), crate::MIGRATIONS.len());
         assert_eq!(s.get_vm(&v.id).expect("get"), v);
         assert_eq!(s.list_vms().expect("list").len(), 5);
+    }
+
+    #[test]
+    fn addresses_are_unique_and_network_fields_round_trip() {
+        let s = store();
+        let mut a = vm("a", "aa", "2026-01-01T00:00:00Z");
+        a.ip = Some("172.16.0.2".parse().expect("ip"));
+        s.insert_vm(&a).expect("a");
+        let mut b = vm("b", "bb", "2026-01-01T00:00:01Z");
+        b.ip = a.ip;
+        let e = s.insert_vm(&b).expect_err("same address");
+        assert!(
+            matches!(e, StoreError::AddressTaken(ref ip) if ip == "172.16.0.2"),
+            "{e}"
+        );
+        // VMs without an address do not collide.
+        let c = vm("c", "cc", "2026-01-01T00:00:02Z");
+        let d = vm("d", "dd", "2026-01-01T00:00:03Z");
+        s.insert_vm(&c).expect("c");
+        s.insert_vm(&d).expect("d");
+
+        s.set_vm_net(&a.id, Some("bgtap0abc"), None).expect("net");
+        s.set_vm_nat(&a.id, true).expect("nat");
+        let got = s.get_vm(&a.id).expect("get");
+        assert_eq!(got.ip, a.ip);
+        assert_eq!(got.tap.as_deref(), Some("bgtap0abc"));
+        assert!(got.nat);
+        s.set_vm_net(&a.id, None, Some(2222)).expect("net");
+        let got = s.get_vm(&a.id).expect("get");
+        assert_eq!((got.tap, got.ssh_port), (None, Some(2222)));
+        // Deleting releases the address.
+        s.delete_vm(&a.id).expect("delete");
+        s.insert_vm(&b).expect("address free again");
     }
 }

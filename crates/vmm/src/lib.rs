@@ -103,20 +103,63 @@ pub struct LaunchSpec {
     /// Appended to the backend's own kernel arguments (console, root, ...).
     pub extra_cmdline: String,
     pub disks: Vec<DiskSpec>,
-    /// Network interfaces on existing host tap devices, in order (`eth0`,
-    /// ...). Empty for none.
+    /// Network interfaces, in order (`eth0`, ...). Empty for none.
     pub nets: Vec<NetSpec>,
     pub vcpu: u32,
     pub memory_mib: u64,
 }
 
-/// One guest network interface backed by a host tap device.
+/// One guest network interface.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NetSpec {
-    /// Name of a tap device that already exists on the host.
-    pub tap_name: String,
+    pub backend: NetBackend,
     /// Guest MAC address, `aa:bb:cc:dd:ee:ff`.
     pub mac: String,
+}
+
+impl NetSpec {
+    /// An interface on host tap device `tap_name`, which must exist.
+    pub fn tap(tap_name: impl Into<String>, mac: impl Into<String>) -> Self {
+        Self {
+            backend: NetBackend::Tap {
+                name: tap_name.into(),
+            },
+            mac: mac.into(),
+        }
+    }
+
+    /// What the interface is attached to, for error messages.
+    pub fn describe(&self) -> String {
+        match &self.backend {
+            NetBackend::Tap { name } => name.clone(),
+            NetBackend::User { .. } => "user-mode network".into(),
+        }
+    }
+}
+
+/// What backs a guest network interface on the host.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NetBackend {
+    /// An existing host tap device.
+    Tap { name: String },
+    /// QEMU's user-mode network stack (no host privileges), with TCP ports
+    /// of the host forwarded to the guest. The guest lives in `net`, as
+    /// `guest`, with the gateway at `host` and QEMU's resolver at `dns`.
+    User {
+        net: std::net::Ipv4Addr,
+        prefix: u8,
+        host: std::net::Ipv4Addr,
+        dns: std::net::Ipv4Addr,
+        guest: std::net::Ipv4Addr,
+        forwards: Vec<HostForward>,
+    },
+}
+
+/// A TCP port of the host forwarded into the guest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HostForward {
+    pub host: std::net::SocketAddrV4,
+    pub guest_port: u16,
 }
 
 /// Whether `mac` is six colon-separated hex byte pairs.

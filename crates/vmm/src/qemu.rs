@@ -5,8 +5,8 @@ use crate::host::{self, KvmStatus};
 use crate::process::{KILL_GRACE, KillOnDrop, PidFd, kill_and_reap, log_tail, new_session};
 use crate::qmp::{Qmp, QmpError};
 use crate::{
-    AgentEndpoint, DiskFormat, LaunchSpec, Launched, VmPaths, Vmm, VmmError, is_valid_mac,
-    vmm_process_alive,
+    AgentEndpoint, DiskFormat, LaunchSpec, Launched, NetBackend, VmPaths, Vmm, VmmError,
+    is_valid_mac, vmm_process_alive,
 };
 use banger_model::VmBackend;
 use std::ffi::{OsStr, OsString};
@@ -317,11 +317,37 @@ pub fn qemu_args(spec: &LaunchSpec, accel: Accel, tsc_khz: Option<u64>) -> Vec<O
         ]);
     }
 
-    // Network interfaces on the host's tap devices, which banger creates;
-    // QEMU must not run its ifup scripts.
+    // Network interfaces on the host's tap devices, which banger creates
+    // (QEMU must not run its ifup scripts), or on QEMU's user-mode stack.
     for (i, net) in spec.nets.iter().enumerate() {
-        let mut netdev = opt(&format!("tap,id=net{i},ifname="), OsStr::new(&net.tap_name));
-        netdev.push(",script=no,downscript=no");
+        let netdev = match &net.backend {
+            NetBackend::Tap { name } => {
+                let mut netdev = opt(&format!("tap,id=net{i},ifname="), OsStr::new(name));
+                netdev.push(",script=no,downscript=no");
+                netdev
+            }
+            NetBackend::User {
+                net,
+                prefix,
+                host,
+                dns,
+                guest,
+                forwards,
+            } => {
+                let mut s = format!(
+                    "user,id=net{i},net={net}/{prefix},host={host},dns={dns},dhcpstart={guest},ipv6=off"
+                );
+                for f in forwards {
+                    s.push_str(&format!(
+                        ",hostfwd=tcp:{}:{}-{guest}:{}",
+                        f.host.ip(),
+                        f.host.port(),
+                        f.guest_port
+                    ));
+                }
+                os(&s)
+            }
+        };
         push(&[
             &os("-netdev"),
             &netdev,
@@ -374,7 +400,8 @@ impl Vmm for QemuVmm {
         if let Some(net) = spec.nets.iter().find(|n| !is_valid_mac(&n.mac)) {
             return Err(VmmError::Spec(format!(
                 "network interface on {}: MAC {:?} is not of the form aa:bb:cc:dd:ee:ff",
-                net.tap_name, net.mac
+                net.describe(),
+                net.mac
             )));
         }
         let paths = VmPaths::new(&spec.dir);
@@ -605,14 +632,8 @@ mod tests {
     fn taps_become_virtio_net_devices() {
         let mut s = spec("/vms/a");
         s.nets = vec![
-            crate::NetSpec {
-                tap_name: "tap-calm".into(),
-                mac: "06:00:ac:10:00:02".into(),
-            },
-            crate::NetSpec {
-                tap_name: "odd,tap".into(),
-                mac: "06:00:ac:10:00:03".into(),
-            },
+            crate::NetSpec::tap("tap-calm", "06:00:ac:10:00:02"),
+            crate::NetSpec::tap("odd,tap", "06:00:ac:10:00:03"),
         ];
         let args = strings(&qemu_args(&s, Accel::Tcg, None));
         assert_eq!(
@@ -625,6 +646,32 @@ mod tests {
         let devices = values(&args, "-device");
         assert!(devices.contains(&"virtio-net-device,netdev=net0,mac=06:00:ac:10:00:02"));
         assert!(devices.contains(&"virtio-net-device,netdev=net1,mac=06:00:ac:10:00:03"));
+    }
+
+    #[test]
+    fn user_mode_network_forwards_ports() {
+        let mut s = spec("/vms/a");
+        s.nets = vec![crate::NetSpec {
+            backend: NetBackend::User {
+                net: "10.0.2.0".parse().expect("ip"),
+                prefix: 24,
+                host: "10.0.2.2".parse().expect("ip"),
+                dns: "10.0.2.3".parse().expect("ip"),
+                guest: "10.0.2.15".parse().expect("ip"),
+                forwards: vec![crate::HostForward {
+                    host: "127.0.0.1:2222".parse().expect("addr"),
+                    guest_port: 22,
+                }],
+            },
+            mac: "06:00:0a:00:02:0f".into(),
+        }];
+        let args = strings(&qemu_args(&s, Accel::Tcg, None));
+        assert_eq!(
+            values(&args, "-netdev"),
+            [
+                "user,id=net0,net=10.0.2.0/24,host=10.0.2.2,dns=10.0.2.3,dhcpstart=10.0.2.15,ipv6=off,hostfwd=tcp:127.0.0.1:2222-10.0.2.15:22"
+            ]
+        );
     }
 
     #[test]

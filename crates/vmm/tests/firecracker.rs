@@ -130,10 +130,7 @@ fn spec(dir: &Path) -> LaunchSpec {
         initrd: Some(initrd),
         extra_cmdline: "systemd.hostname=calm-otter".into(),
         disks,
-        nets: vec![NetSpec {
-            tap_name: "tap-calm".into(),
-            mac: "06:00:ac:10:00:02".into(),
-        }],
+        nets: vec![NetSpec::tap("tap-calm", "06:00:ac:10:00:02")],
         vcpu: 2,
         memory_mib: 256,
     }

@@ -72,6 +72,10 @@ struct Report {
     boot_ratio_banger_over_bare: f64,
     /// banger's whole `vm run --rm -- true` over the bare boot.
     total_ratio_banger_over_bare: f64,
+    /// TAP acquisition (warm pool vs cold) and `.vm` DNS latency over 10k
+    /// queries, measured in the daemon.
+    network: Option<banger_api::NetworkBench>,
+    network_error: Option<String>,
 }
 
 const BENCH_VCPU: u32 = 1;
@@ -148,6 +152,10 @@ pub async fn run(a: BenchArgs) -> anyhow::Result<i32> {
         overhead_excluding_exec_ms: pick(|s| s.overhead_excluding_exec_ms),
     };
     let bare_med = median(bare.clone());
+    let (network, network_error) = match client.network_bench().await {
+        Ok(n) => (Some(n), None),
+        Err(e) => (None, Some(e.to_string())),
+    };
     let report = Report {
         runs: a.runs,
         backend: format!("{} ({})", info.backend, info.backend_reason),
@@ -168,6 +176,8 @@ pub async fn run(a: BenchArgs) -> anyhow::Result<i32> {
         } else {
             0.0
         },
+        network,
+        network_error,
     };
     println!("{}", serde_json::to_string_pretty(&report)?);
     Ok(0)

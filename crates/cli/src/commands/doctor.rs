@@ -169,9 +169,11 @@ pub async fn run(a: DoctorArgs) -> anyhow::Result<i32> {
     ));
 
     let cli = BuildInfo::current();
+    let mut net_status = None;
     match connect::running_client().await {
         Ok(Some(c)) => match c.info().await {
             Ok(info) => {
+                net_status = Some(c.network().await.map_err(|e| e.to_string()));
                 let drift = info.build.commit != cli.commit || info.build.version != cli.version;
                 checks.push(check(
                     "daemon",
@@ -199,6 +201,8 @@ pub async fn run(a: DoctorArgs) -> anyhow::Result<i32> {
         Err(e) => checks.push(check("daemon", Status::Warn, e.to_string())),
     }
 
+    checks.extend(network_checks(net_status));
+
     let failed = checks.iter().any(|c| c.status == Status::Fail);
     if a.json {
         output::json(&checks)?;
@@ -217,6 +221,121 @@ pub async fn run(a: DoctorArgs) -> anyhow::Result<i32> {
         output::table(&rows);
     }
     Ok(if failed { 1 } else { 0 })
+}
+
+/// Networking rows: what the daemon reports when it runs, else what can be
+/// seen from here.
+fn network_checks(daemon: Option<Result<banger_api::NetworkStatus, String>>) -> Vec<Check> {
+    let mut out = Vec::new();
+    let n = match daemon {
+        Some(Ok(n)) => n,
+        Some(Err(e)) => {
+            out.push(check(
+                "network",
+                Status::Warn,
+                format!("asking the daemon: {e}"),
+            ));
+            return out;
+        }
+        None => {
+            out.push(check(
+                "network",
+                Status::Pass,
+                "daemon not running: networking is checked once it runs",
+            ));
+            let tun = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open("/dev/net/tun");
+            out.push(match tun {
+                Ok(_) => check("tun", Status::Pass, "/dev/net/tun opens read-write"),
+                Err(e) => check("tun", Status::Warn, format!("/dev/net/tun: {e}")),
+            });
+            return out;
+        }
+    };
+    out.push(match n.mode.as_str() {
+        "bridge" => check(
+            "network",
+            Status::Pass,
+            format!(
+                "bridge {} on {} (gateway {}), TAP pool {}",
+                n.bridge,
+                n.cidr,
+                n.bridge_ip,
+                n.tap_pool
+                    .map(|(idle, size)| format!("{idle}/{size} ready"))
+                    .unwrap_or_else(|| "-".into())
+            ),
+        ),
+        "user" => check(
+            "network",
+            Status::Warn,
+            format!(
+                "user-mode (QEMU slirp; VMs not reachable by address, ssh forwarded on 127.0.0.1): {}",
+                n.reason
+            ),
+        ),
+        _ => check("network", Status::Fail, n.reason.clone()),
+    });
+    let bridge = n.mode == "bridge";
+    out.push(match &n.nft_version {
+        Some(v) => check("nft", Status::Pass, v.clone()),
+        None => check(
+            "nft",
+            if bridge { Status::Fail } else { Status::Warn },
+            format!("nft not found (NAT needs it): {}", install_hint("nftables")),
+        ),
+    });
+    out.push(match n.ip_forward {
+        Some(true) => check("ip_forward", Status::Pass, "net.ipv4.ip_forward = 1"),
+        Some(false) => check(
+            "ip_forward",
+            Status::Pass,
+            "net.ipv4.ip_forward = 0 (banger turns it on when a VM gets NAT)",
+        ),
+        None => check(
+            "ip_forward",
+            Status::Warn,
+            "net.ipv4.ip_forward is unreadable",
+        ),
+    });
+    out.push(match &n.dns_error {
+        None => check(
+            "dns",
+            Status::Pass,
+            format!(".vm zone served on {}", n.dns_listen),
+        ),
+        Some(e) => check(
+            "dns",
+            Status::Warn,
+            format!(
+                "no .vm DNS server on {}: {e} (set dns_listen_addr)",
+                n.dns_listen
+            ),
+        ),
+    });
+    out.push(check(
+        "dns_routing",
+        if n.resolver_ok {
+            Status::Pass
+        } else {
+            Status::Warn
+        },
+        n.resolver_detail.clone(),
+    ));
+    out.push(check(
+        "tun",
+        if n.tun_ok {
+            Status::Pass
+        } else if bridge {
+            Status::Fail
+        } else {
+            Status::Warn
+        },
+        n.tun_detail.clone(),
+    ));
+    out
 }
 
 /// The Firecracker binary and its version, then the backend `vmm` picks

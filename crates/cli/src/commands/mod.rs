@@ -6,3 +6,4 @@ pub mod kernel;
 pub mod ssh_config;
 pub mod transfer;
 pub mod vm;
+pub mod vm_ports;

@@ -105,6 +105,12 @@ pub enum VmCommand {
         #[arg(long, short = 'f')]
         follow: bool,
     },
+    /// List a running VM's listening TCP ports; HTTP(S) ones with their URL.
+    Ports {
+        vm: String,
+        #[arg(long)]
+        json: bool,
+    },
     /// Stop and delete VMs with their disks.
     Delete {
         /// VM names or id prefixes.
@@ -138,6 +144,9 @@ pub struct CreateFlags {
     /// Root disk size, e.g. 16G.
     #[arg(long, value_parser = parse_size)]
     pub disk_size: Option<ByteSize>,
+    /// Masquerade the VM's traffic out of the host (needs bridge networking).
+    #[arg(long)]
+    pub nat: bool,
 }
 
 fn parse_name(s: &str) -> Result<VmName, String> {
@@ -188,6 +197,7 @@ impl CreateFlags {
             memory_mib: self.memory,
             disk_size: self.disk_size.map(|d| d.to_string()),
             start,
+            nat: self.nat,
         }
     }
 }
@@ -344,6 +354,7 @@ pub async fn run(cmd: VmCommand) -> anyhow::Result<i32> {
                 .await?;
             Ok(0)
         }
+        VmCommand::Ports { vm, json } => super::vm_ports::run(&vm, json).await,
         VmCommand::Delete { vms } => {
             for_each(vms, "deleted", |c, r| async move { c.delete_vm(&r).await }).await
         }
@@ -435,6 +446,7 @@ fn print_vm(v: &VmRecord) {
         vec!["dir".into(), v.dir.display().to_string()],
         vec!["created".into(), v.created_at.clone()],
     ];
+    let rows = [rows, super::vm_ports::network_rows(v)].concat();
     output::table(&rows);
     if let Some(e) = &v.last_error {
         println!("error    {e}");

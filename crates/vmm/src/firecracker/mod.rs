@@ -154,12 +154,20 @@ pub fn vm_config(spec: &LaunchSpec) -> Result<VmConfig, VmmError> {
         if !is_valid_mac(&net.mac) {
             return Err(VmmError::Spec(format!(
                 "network interface on {}: MAC {:?} is not of the form aa:bb:cc:dd:ee:ff",
-                net.tap_name, net.mac
+                net.describe(),
+                net.mac
             )));
         }
+        let crate::NetBackend::Tap { name: tap } = &net.backend else {
+            return Err(VmmError::Spec(
+                "Firecracker has no user-mode networking: VMs need the bridge, so run bangerd as root \
+                 (or with CAP_NET_ADMIN) with network = \"auto\" or \"bridge\", or set vmm = \"qemu\""
+                    .into(),
+            ));
+        };
         nets.push(NetworkInterface {
             iface_id: format!("eth{i}"),
-            host_dev_name: net.tap_name.clone(),
+            host_dev_name: tap.clone(),
             guest_mac: Some(net.mac.to_ascii_lowercase()),
         });
     }
@@ -584,10 +592,7 @@ mod tests {
                     read_only: true,
                 },
             ],
-            nets: vec![NetSpec {
-                tap_name: "tap0".into(),
-                mac: "06:00:AC:10:00:02".into(),
-            }],
+            nets: vec![NetSpec::tap("tap0", "06:00:AC:10:00:02")],
             vcpu: 2,
             memory_mib: 512,
         }
