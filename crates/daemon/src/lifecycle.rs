@@ -51,6 +51,9 @@ impl Daemon {
         match self.boot(ctx, &mut vm, &mut steps).await {
             Ok(()) => {
                 steps.commit();
+                if let Err(e) = self.refresh_known_hosts() {
+                    tracing::warn!(error = %format!("{e:#}"), "ssh files not updated");
+                }
                 tracing::info!(vm = %vm.name, "started VM");
                 Ok(vm)
             }

@@ -5,7 +5,7 @@
 use crate::Daemon;
 use anyhow::Context;
 use banger_model::VmRecord;
-use banger_ssh::{HostKey, UserKey, known_hosts_line};
+use banger_ssh::{HostEntry, HostKey, UserKey, known_hosts_line, render_config};
 use banger_storage::{GuestFile, VmDisks};
 use std::path::{Path, PathBuf};
 
@@ -71,25 +71,50 @@ impl Daemon {
         Ok(())
     }
 
-    /// Rewrites `known_hosts` from the VMs' host keys: one line per VM under
-    /// the alias `<name>.vm` (ssh uses it whatever address it dials).
+    /// banger's ssh_config, included from `~/.ssh/config` by
+    /// `banger ssh-config --install`.
+    pub fn ssh_config_path(&self) -> PathBuf {
+        self.paths.config_dir.join("ssh_config")
+    }
+
+    /// Rewrites `known_hosts` from the VMs' host keys (one line per VM under
+    /// the alias `<name>.vm`, which ssh uses whatever address it dials) and
+    /// banger's ssh_config (one `Host <name>.vm` per VM with an address).
     pub(crate) fn refresh_known_hosts(&self) -> anyhow::Result<()> {
         let mut text = String::new();
+        let mut entries = Vec::new();
         for vm in self.store.list_vms()? {
             if let Some(public) = read_public(&vm.dir) {
                 text.push_str(&known_hosts_line(&[format!("{}.vm", vm.name)], &public));
                 text.push('\n');
             }
+            let target = match (vm.ssh_port, vm.ip) {
+                (Some(port), _) => Some(("127.0.0.1".to_string(), port)),
+                (None, Some(ip)) => Some((ip.to_string(), 22)),
+                (None, None) => None,
+            };
+            if let Some((host, port)) = target {
+                entries.push(HostEntry {
+                    name: vm.name.to_string(),
+                    host,
+                    port,
+                });
+            }
         }
-        let path = self.known_hosts_path();
-        if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-        }
-        let tmp = path.with_extension("tmp");
-        std::fs::write(&tmp, text)
-            .and_then(|()| std::fs::rename(&tmp, &path))
-            .with_context(|| format!("writing {}", path.display()))
+        write_atomic(&self.known_hosts_path(), &text)?;
+        let config = render_config(&entries, &self.ssh_key_path(), &self.known_hosts_path());
+        write_atomic(&self.ssh_config_path(), &config)
     }
+}
+
+fn write_atomic(path: &Path, text: &str) -> anyhow::Result<()> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, text)
+        .and_then(|()| std::fs::rename(&tmp, path))
+        .with_context(|| format!("writing {}", path.display()))
 }
 
 fn read_public(dir: &Path) -> Option<String> {

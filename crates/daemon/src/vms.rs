@@ -234,6 +234,9 @@ impl Daemon {
         match this.boot(ctx, &mut vm, &mut steps).await {
             Ok(()) => {
                 steps.commit();
+                if let Err(e) = this.refresh_known_hosts() {
+                    tracing::warn!(error = %format!("{e:#}"), "ssh files not updated");
+                }
                 Ok(vm)
             }
             Err(BootError::NotReady(msg)) => {

@@ -520,3 +520,88 @@ fn a_failing_boot_step_leaves_no_file_process_or_record() {
     assert_eq!(b.vm_dirs(), dirs_before, "VM directory left");
     assert!(processes_mentioning("e2e-fault").is_empty(), "process left");
 }
+
+/// `vm ssh` uses the system ssh with banger's key and its exact
+/// known_hosts; plain `ssh <name>.vm` works through banger's ssh_config;
+/// a swapped host key is refused.
+#[test]
+fn vm_ssh_checks_the_pinned_host_key() {
+    let b = shared();
+    let out = b.run(&["vm", "create", "--name", "e2e-ssh"]);
+    assert!(out.status.success(), "{}", text(&out).1);
+    let ssh = |extra: &[&str]| {
+        let mut args = vec!["vm", "ssh", "e2e-ssh", "--"];
+        args.extend(extra);
+        b.run(&args)
+    };
+    // sshd comes up after the agent: wait for the first real login.
+    let mut last = String::new();
+    wait_until("ssh to the VM", Duration::from_secs(180), || {
+        let out = ssh(&["hostname"]);
+        last = text(&out).1;
+        out.status.success()
+    });
+    assert_eq!(text(&ssh(&["hostname"])).0.trim(), "e2e-ssh", "{last}");
+    assert_eq!(ssh(&["exit", "3"]).status.code(), Some(3));
+
+    // Through the ssh_config banger keeps (run inside the VMs' namespace).
+    let cfg = b.config_dir().join("ssh_config");
+    let out = b
+        .in_netns(
+            "ssh",
+            &[
+                "-F",
+                &cfg.to_string_lossy(),
+                "e2e-ssh.vm",
+                "echo",
+                "via-config",
+            ],
+        )
+        .output()
+        .expect("ssh");
+    assert_eq!(text(&out).0.trim(), "via-config", "{}", text(&out).1);
+
+    // Another key under the VM's alias: ssh must refuse the real one.
+    let kh = b.state_dir().join("ssh/known_hosts");
+    let saved = std::fs::read_to_string(&kh).expect("known_hosts");
+    let keyfile = b.root.join("other-host-key");
+    let _ = std::fs::remove_file(&keyfile);
+    let _ = std::fs::remove_file(keyfile.with_extension("pub"));
+    let keygen = std::process::Command::new("ssh-keygen")
+        .args(["-q", "-t", "ed25519", "-N", "", "-f"])
+        .arg(&keyfile)
+        .status()
+        .expect("ssh-keygen");
+    assert!(keygen.success());
+    let other_pub = std::fs::read_to_string(keyfile.with_extension("pub")).expect("pub");
+    let mut parts = other_pub.split_whitespace();
+    let other = format!(
+        "e2e-ssh.vm {} {}",
+        parts.next().expect("type"),
+        parts.next().expect("key")
+    );
+    let swapped: String = saved
+        .lines()
+        .map(|l| {
+            if l.starts_with("e2e-ssh.vm ") {
+                other.as_str()
+            } else {
+                l
+            }
+        })
+        .map(|l| format!("{l}\n"))
+        .collect();
+    std::fs::write(&kh, swapped).expect("swap");
+    let out = ssh(&["true"]);
+    std::fs::write(&kh, saved).expect("restore");
+    assert_eq!(out.status.code(), Some(255), "a swapped host key must fail");
+    assert!(
+        text(&out).1.to_lowercase().contains("host key"),
+        "{}",
+        text(&out).1
+    );
+
+    assert!(b.run(&["vm", "delete", "e2e-ssh"]).status.success());
+    let after = std::fs::read_to_string(&kh).expect("known_hosts");
+    assert!(!after.contains("e2e-ssh.vm"), "{after}");
+}

@@ -7,3 +7,4 @@ pub mod ssh_config;
 pub mod transfer;
 pub mod vm;
 pub mod vm_ports;
+pub mod vm_ssh;

@@ -82,6 +82,14 @@ pub enum VmCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Open an ssh session (or run CMD) in a running VM with banger's key;
+    /// the host key is checked against banger's known_hosts.
+    Ssh {
+        vm: String,
+        /// Command to run instead of a login shell, after `--`.
+        #[arg(last = true, value_name = "CMD")]
+        command: Vec<String>,
+    },
     /// Run a command in a running VM through its agent; exits with its status.
     Exec {
         vm: String,
@@ -355,6 +363,7 @@ pub async fn run(cmd: VmCommand) -> anyhow::Result<i32> {
             Ok(0)
         }
         VmCommand::Ports { vm, json } => super::vm_ports::run(&vm, json).await,
+        VmCommand::Ssh { vm, command } => super::vm_ssh::run(&vm, command).await,
         VmCommand::Delete { vms } => {
             for_each(vms, "deleted", |c, r| async move { c.delete_vm(&r).await }).await
         }
