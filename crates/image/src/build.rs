@@ -918,7 +918,7 @@ mod tests {
         let args = mmdebstrap_args(&s, &packages, Path::new("/s/root"));
         let args: Vec<&str> = args.iter().map(|a| a.to_str().expect("utf8")).collect();
         assert_eq!(&args[..2], ["--mode=root", "--variant=minbase"]);
-        assert!(args.contains(&"--include=systemd-sysv,openssh-server,linux-image-cloud-amd64,initramfs-tools,iproute2,git,curl,ca-certificates,jq,tmux,kmod,udev,dbus,procps,less,vim"));
+        assert!(args.contains(&"--include=systemd-sysv,openssh-server,linux-image-cloud-amd64,initramfs-tools,iproute2,git,curl,ca-certificates,jq,tmux,kmod,udev,dbus,procps,less,python3,vim"));
         assert_eq!(
             &args[args.len() - 4..],
             ["--", "bookworm", "/s/root", "http://deb.example/debian"]
