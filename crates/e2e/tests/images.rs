@@ -3,7 +3,6 @@
 //! `docker-registry`, and one boot of the OCI image under QEMU.
 
 use banger_e2e::{Banger, shared, text, wait_until};
-use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
@@ -25,7 +24,9 @@ fn free_port() -> u16 {
         .port()
 }
 
-fn wait_for_port(port: u16, child: &mut Child) {
+/// Waits until something listens on 127.0.0.1:`port` inside `b`'s
+/// network namespace (where its daemon runs, so where servers must be).
+fn wait_for_port(b: &Banger, port: u16, child: &mut Child) {
     wait_until(
         &format!("a server on 127.0.0.1:{port}"),
         Duration::from_secs(30),
@@ -33,7 +34,13 @@ fn wait_for_port(port: u16, child: &mut Child) {
             if let Ok(Some(status)) = child.try_wait() {
                 panic!("server exited early with {status}");
             }
-            TcpStream::connect(("127.0.0.1", port)).is_ok()
+            b.in_netns(
+                "bash",
+                &["-c", &format!("exec 3<>/dev/tcp/127.0.0.1/{port}")],
+            )
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
         },
     );
 }
@@ -137,6 +144,8 @@ fn register_bundle_serve_and_pull_from_the_catalog() {
     let line = fails(&publisher, &["kernel", "delete", "tiny"]);
     assert!(line.contains("in use by image tiny"), "{line}");
 
+    // The server runs where the consumer's daemon runs: its namespace.
+    let consumer = Banger::isolated("img-con");
     let port = free_port();
     let out = work.join("out");
     let index = out.join("index.json");
@@ -158,17 +167,25 @@ fn register_bundle_serve_and_pull_from_the_catalog() {
             "{b}"
         );
     }
-    let mut server = Command::new("busybox")
-        .args(["httpd", "-f", "-p", &format!("127.0.0.1:{port}"), "-h"])
-        .arg(&out)
+    let mut server = consumer
+        .in_netns(
+            "busybox",
+            &[
+                "httpd",
+                "-f",
+                "-p",
+                &format!("127.0.0.1:{port}"),
+                "-h",
+                s(&out),
+            ],
+        )
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
         .expect("busybox httpd (apt-get install busybox-static)");
-    wait_for_port(port, &mut server);
+    wait_for_port(&consumer, port, &mut server);
     let _server = Proc(server);
 
-    let consumer = Banger::isolated("img-con");
     consumer.write_config(&format!("catalog_url = \"{base}/index.json\"\n"));
     let line = fails(&consumer, &["image", "pull", "nope"]);
     assert!(
@@ -215,7 +232,7 @@ fn tempfile_dir(tag: &str) -> PathBuf {
 
 /// A docker-registry on 127.0.0.1 holding `test/bb:1`, a busybox image
 /// written with umoci and pushed with skopeo. Returns the reference.
-fn registry_with_busybox(work: &Path) -> (Proc, String) {
+fn registry_with_busybox(b: &Banger, work: &Path) -> (Proc, String) {
     let port = free_port();
     let storage = work.join("registry");
     std::fs::create_dir_all(&storage).expect("storage");
@@ -228,14 +245,13 @@ fn registry_with_busybox(work: &Path) -> (Proc, String) {
         ),
     )
     .expect("config");
-    let mut child = Command::new("docker-registry")
-        .arg("serve")
-        .arg(&cfg)
+    let mut child = b
+        .in_netns("docker-registry", &["serve", s(&cfg)])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
         .expect("docker-registry (apt-get install docker-registry)");
-    wait_for_port(port, &mut child);
+    wait_for_port(b, port, &mut child);
     let registry = Proc(child);
 
     let layout = work.join("layout");
@@ -274,21 +290,25 @@ fn registry_with_busybox(work: &Path) -> (Proc, String) {
             .arg(&bundle),
     );
     let reference = format!("127.0.0.1:{port}/test/bb:1");
-    run_ok(
-        Command::new("skopeo")
-            .args(["copy", "--quiet", "--dest-tls-verify=false"])
-            .arg(format!("oci:{image}"))
-            .arg(format!("docker://{reference}")),
-    );
+    run_ok(&mut b.in_netns(
+        "skopeo",
+        &[
+            "copy",
+            "--quiet",
+            "--dest-tls-verify=false",
+            &format!("oci:{image}"),
+            &format!("docker://{reference}"),
+        ],
+    ));
     (registry, reference)
 }
 
 #[test]
 fn oci_pull_from_a_local_registry() {
     let work = tempfile_dir("oci");
-    let (_registry, reference) = registry_with_busybox(&work);
-    let (rootfs, kernel) = small_image(&work);
     let b = Banger::isolated("img-oci");
+    let (_registry, reference) = registry_with_busybox(&b, &work);
+    let (rootfs, kernel) = small_image(&work);
     ok(
         &b,
         &[
@@ -339,8 +359,8 @@ fn oci_pull_from_a_local_registry() {
 #[test]
 fn oci_image_boots_and_runs_a_command() {
     let work = tempfile_dir("oci-boot");
-    let (_registry, reference) = registry_with_busybox(&work);
     let b = shared();
+    let (_registry, reference) = registry_with_busybox(b, &work);
     let _ = b.run(&["image", "delete", "--force", "e2e-bb"]);
     let img = b.json(&["image", "pull", &reference, "--name", "e2e-bb"]);
     assert_eq!(img["name"], "e2e-bb");
