@@ -291,10 +291,8 @@ fn lifecycle_create_start_exec_restart_kill() {
         "echo kept > /root/marker; echo sys > /etc/marker; sync",
     ]);
 
-    // Restart = graceful stop (guest powers off) + start on the same disks.
-    ok(&["vm", "restart", "e2e-life"]);
-    assert_eq!(state(), "running");
-    assert_eq!(
+    // What was written in /root (work disk) and /etc (overlay).
+    let markers = || {
         ok(&[
             "vm",
             "exec",
@@ -302,10 +300,13 @@ fn lifecycle_create_start_exec_restart_kill() {
             "--",
             "cat",
             "/root/marker",
-            "/etc/marker"
-        ]),
-        "kept\nsys\n"
-    );
+            "/etc/marker",
+        ])
+    };
+    // Restart = graceful stop (guest powers off) + start on the same disks.
+    ok(&["vm", "restart", "e2e-life"]);
+    assert_eq!(state(), "running");
+    assert_eq!(markers(), "kept\nsys\n");
     let out = b.run(&["vm", "exec", "e2e-life", "--", "sh", "-c", "exit 7"]);
     assert_eq!(out.status.code(), Some(7));
     assert_eq!(
@@ -339,18 +340,7 @@ fn lifecycle_create_start_exec_restart_kill() {
 
     // After a kill -9 the disks still boot, with what was written before.
     ok(&["vm", "start", "e2e-life"]);
-    assert_eq!(
-        ok(&[
-            "vm",
-            "exec",
-            "e2e-life",
-            "--",
-            "cat",
-            "/root/marker",
-            "/etc/marker"
-        ]),
-        "kept\nsys\n"
-    );
+    assert_eq!(markers(), "kept\nsys\n");
 
     // Resources change only on a stopped VM, with a message saying so.
     let out = b.run(&["vm", "set", "e2e-life", "--memory", "512"]);
