@@ -150,3 +150,28 @@ pub(crate) fn new_session(cmd: &mut tokio::process::Command) {
         });
     }
 }
+
+/// How waiting for a freshly spawned VMM's control socket ended.
+pub(crate) enum Startup<E> {
+    /// The process exited first.
+    Exited(io::Result<std::process::ExitStatus>),
+    /// The readiness probe finished (answered, or failed for good).
+    Ready(Result<(), E>),
+    TimedOut,
+}
+
+/// Races the child's exit against `ready` bounded by `timeout`; both
+/// backends wait on their control socket this way.
+pub(crate) async fn wait_startup<E>(
+    child: &mut tokio::process::Child,
+    timeout: Duration,
+    ready: impl std::future::Future<Output = Result<(), E>>,
+) -> Startup<E> {
+    tokio::select! {
+        status = child.wait() => Startup::Exited(status),
+        r = tokio::time::timeout(timeout, ready) => match r {
+            Ok(r) => Startup::Ready(r),
+            Err(_) => Startup::TimedOut,
+        },
+    }
+}

@@ -2,8 +2,10 @@
 //! virtio-serial for the agent channel. KVM when it really works, else TCG.
 
 use crate::host::{self, KvmStatus};
-use crate::process::{KILL_GRACE, KillOnDrop, PidFd, kill_and_reap, log_tail, new_session};
-use crate::qmp::{Qmp, QmpError};
+use crate::process::{
+    KILL_GRACE, KillOnDrop, PidFd, Startup, kill_and_reap, log_tail, new_session, wait_startup,
+};
+use crate::qmp::Qmp;
 use crate::{
     AgentEndpoint, DiskFormat, LaunchSpec, Launched, NetBackend, VmPaths, Vmm, VmmError,
     is_valid_mac, vmm_process_alive,
@@ -144,28 +146,16 @@ impl QemuVmm {
                 }
             }
         };
-        enum Outcome {
-            Exited(std::io::Result<ExitStatus>),
-            Ready(Result<(), QmpError>),
-            TimedOut,
-        }
-        let outcome = tokio::select! {
-            status = child.wait() => Outcome::Exited(status),
-            r = tokio::time::timeout(self.startup_timeout, ready) => match r {
-                Ok(r) => Outcome::Ready(r),
-                Err(_) => Outcome::TimedOut,
-            },
-        };
-        match outcome {
-            Outcome::Ready(Ok(())) => Ok(()),
-            Outcome::Exited(status) => Err(self.early_exit(status, paths)),
+        match wait_startup(child, self.startup_timeout, ready).await {
+            Startup::Ready(Ok(())) => Ok(()),
+            Startup::Exited(status) => Err(self.early_exit(status, paths)),
             // A monitor that drops the connection usually belongs to a QEMU
             // that found a fatal problem after its monitor came up.
-            Outcome::Ready(Err(e)) => match tokio::time::timeout(QMP_TIMEOUT, child.wait()).await {
+            Startup::Ready(Err(e)) => match tokio::time::timeout(QMP_TIMEOUT, child.wait()).await {
                 Ok(status) => Err(self.early_exit(status, paths)),
                 Err(_) => Err(e.into()),
             },
-            Outcome::TimedOut => Err(VmmError::Timeout {
+            Startup::TimedOut => Err(VmmError::Timeout {
                 what: format!("{} to answer on {}", self.binary_name(), socket.display()),
                 secs: self.startup_timeout.as_secs(),
             }),

@@ -20,7 +20,9 @@ pub use version::{
 };
 
 use crate::host;
-use crate::process::{KILL_GRACE, KillOnDrop, PidFd, kill_and_reap, log_tail, new_session};
+use crate::process::{
+    KILL_GRACE, KillOnDrop, PidFd, Startup, kill_and_reap, log_tail, new_session, wait_startup,
+};
 use crate::{
     AgentEndpoint, DiskFormat, LaunchSpec, Launched, VmPaths, Vmm, VmmError, is_valid_mac,
     vmm_process_alive,
@@ -377,23 +379,11 @@ impl FirecrackerVmm {
                 }
             }
         };
-        enum Outcome {
-            Exited(std::io::Result<ExitStatus>),
-            Ready(Result<(), ApiError>),
-            TimedOut,
-        }
-        let outcome = tokio::select! {
-            status = child.wait() => Outcome::Exited(status),
-            r = tokio::time::timeout(self.startup_timeout, ready) => match r {
-                Ok(r) => Outcome::Ready(r),
-                Err(_) => Outcome::TimedOut,
-            },
-        };
-        match outcome {
-            Outcome::Ready(Ok(())) => Ok(()),
-            Outcome::Exited(status) => Err(self.early_exit(status, paths)),
-            Outcome::Ready(Err(e)) => Err(e.into()),
-            Outcome::TimedOut => Err(VmmError::Timeout {
+        match wait_startup(child, self.startup_timeout, ready).await {
+            Startup::Ready(Ok(())) => Ok(()),
+            Startup::Exited(status) => Err(self.early_exit(status, paths)),
+            Startup::Ready(Err(e)) => Err(e.into()),
+            Startup::TimedOut => Err(VmmError::Timeout {
                 what: format!(
                     "{} to answer on {}",
                     self.binary_name(),
