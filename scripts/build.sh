@@ -6,6 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 profile=${PROFILE:-release}
+target=${CARGO_TARGET_DIR:-target}
 case "$profile" in
   release) dir=release ;;
   dev) dir=debug ;;
@@ -18,10 +19,10 @@ cargo build --profile "$profile" --locked -p banger-cli -p banger-daemon
 # target dir keeps these RUSTFLAGS from invalidating the main build. It is
 # always optimised: under TCG every guest instruction is emulated, so a debug
 # agent would slow every exec down.
-RUSTFLAGS='-C target-feature=+crt-static' CARGO_TARGET_DIR=target/agent-static \
+RUSTFLAGS='-C target-feature=+crt-static' CARGO_TARGET_DIR="$target/agent-static" \
   cargo build --release --locked -p banger-agent --target x86_64-unknown-linux-gnu
 
 mkdir -p build/bin
-install -m 0755 "target/$dir/banger" "target/$dir/bangerd" build/bin/
-install -m 0755 target/agent-static/x86_64-unknown-linux-gnu/release/banger-agent build/bin/
+install -m 0755 "$target/$dir/banger" "$target/$dir/bangerd" build/bin/
+install -m 0755 "$target"/agent-static/x86_64-unknown-linux-gnu/release/banger-agent build/bin/
 echo "built: $(ls build/bin | tr '\n' ' ')(profile $profile)"
