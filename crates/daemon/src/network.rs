@@ -330,7 +330,12 @@ impl Daemon {
                         vm.name
                     )
                 })?;
-                let guest = GuestNet::new(&settings.subnet, ip, settings.default_dns);
+                let mut guest = GuestNet::new(&settings.subnet, ip, settings.default_dns);
+                if guest.dns.is_empty() {
+                    // Without default_dns the guest would keep whatever
+                    // resolv.conf its image was built with.
+                    guest.dns = banger_net::guest::host_upstream_resolvers();
+                }
                 let (store, id, pool) = (self.store.clone(), vm.id.clone(), pool.clone());
                 let tap = steps
                     .run(

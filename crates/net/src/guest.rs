@@ -58,9 +58,51 @@ impl GuestNet {
     }
 }
 
+/// Where the host's real upstream resolvers are listed: systemd-resolved's
+/// upstream file first (its stub file only names 127.0.0.53), then the
+/// classic file.
+const HOST_RESOLV_FILES: [&str; 2] = ["/run/systemd/resolve/resolv.conf", "/etc/resolv.conf"];
+
+/// The host's IPv4 upstream resolvers that a guest can use: loopback
+/// addresses (local stubs such as systemd-resolved or dnsmasq) are
+/// unreachable from a guest and left out. Empty when none is found.
+pub fn host_upstream_resolvers() -> Vec<Ipv4Addr> {
+    HOST_RESOLV_FILES
+        .iter()
+        .filter_map(|f| std::fs::read(f).ok())
+        .map(|text| upstream_resolvers(&text))
+        .find(|r| !r.is_empty())
+        .unwrap_or_default()
+}
+
+/// The non-loopback IPv4 `nameserver`s of a resolv.conf text.
+pub fn upstream_resolvers(text: &[u8]) -> Vec<Ipv4Addr> {
+    let Ok(conf) = resolv_conf::Config::parse(text) else {
+        return Vec::new();
+    };
+    conf.nameservers
+        .iter()
+        .filter_map(|ns| match ns {
+            resolv_conf::ScopedIp::V4(ip) if !ip.is_loopback() => Some(*ip),
+            _ => None,
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn upstream_resolvers_skip_loopback_stubs_and_ipv6() {
+        let text = b"# generated\nnameserver 127.0.0.53\nnameserver 10.0.0.2\nnameserver fe80::1%eth0\nnameserver 192.168.1.1\noptions edns0\n";
+        assert_eq!(
+            upstream_resolvers(text),
+            vec![Ipv4Addr::new(10, 0, 0, 2), Ipv4Addr::new(192, 168, 1, 1)]
+        );
+        assert!(upstream_resolvers(b"nameserver 127.0.0.1\n").is_empty());
+        assert!(upstream_resolvers(b"\xff\xfe garbage").is_empty());
+    }
 
     fn subnet() -> Subnet {
         Subnet::new(
