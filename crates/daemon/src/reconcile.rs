@@ -66,7 +66,7 @@ impl Daemon {
         // the TAP pool then deletes TAPs no running VM holds.
         self.net_down(vm).await;
         let p = VmPaths::new(&vm.dir);
-        for f in [p.agent_socket(), p.control_socket(), p.pid_file()] {
+        for f in p.runtime_files() {
             let _ = std::fs::remove_file(f);
         }
         if let Err(e) = self.store.set_vm_state(&vm.id, state, None, error) {

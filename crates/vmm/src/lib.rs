@@ -202,6 +202,17 @@ impl VmPaths {
     pub fn pid_file(&self) -> PathBuf {
         self.dir.join("vmm.pid")
     }
+    /// Every file a running VMM (of any backend) leaves in the VM's
+    /// directory and that means nothing once it is gone. Logs and disks
+    /// are not among them.
+    pub fn runtime_files(&self) -> [PathBuf; 4] {
+        [
+            self.agent_socket(),
+            firecracker::agent_listener_path(&self.dir),
+            self.control_socket(),
+            self.pid_file(),
+        ]
+    }
 }
 
 /// How the host reaches the guest agent's byte stream.
