@@ -331,12 +331,7 @@ impl FirecrackerVmm {
     /// not create them) and removes sockets an earlier run left, which
     /// Firecracker would refuse to bind.
     fn prepare_dir(&self, paths: &VmPaths) -> Result<(std::fs::File, std::fs::File), VmmError> {
-        for stale in [
-            paths.control_socket(),
-            paths.agent_socket(),
-            agent_listener_path(&paths.dir),
-            paths.pid_file(),
-        ] {
+        for stale in paths.runtime_files() {
             remove_stale(&stale)?;
         }
         let create = |path: PathBuf, append: bool| {
