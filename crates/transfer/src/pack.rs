@@ -155,7 +155,9 @@ impl<R: Read> Read for Exact<'_, R> {
         if self.left == 0 {
             return Ok(0);
         }
-        let cap = buf.len().min(usize::try_from(self.left).unwrap_or(usize::MAX));
+        let cap = buf
+            .len()
+            .min(usize::try_from(self.left).unwrap_or(usize::MAX));
         let n = match self.inner.read(&mut buf[..cap]) {
             Ok(n) => n,
             Err(e) => {

@@ -151,7 +151,12 @@ pub(crate) fn symlink_entry(name: String, target: PathBuf, meta: &std::fs::Metad
 
 /// Adds the contents of `root/rel` (a directory) to `plan`, named under
 /// `prefix/rel`. Entries are sorted so archives are reproducible.
-pub(crate) fn walk(root: &Path, rel: &Path, prefix: &str, plan: &mut Plan) -> Result<(), PlanError> {
+pub(crate) fn walk(
+    root: &Path,
+    rel: &Path,
+    prefix: &str,
+    plan: &mut Plan,
+) -> Result<(), PlanError> {
     let dir = root.join(rel);
     let mut names: Vec<_> = std::fs::read_dir(&dir)
         .map_err(io_err(&dir))?

@@ -62,7 +62,8 @@ pub fn unpack<R: Read>(reader: R, dest: &Path) -> Result<Unpacked, UnpackError> 
             path: shown.clone(),
             reason: reason.to_string(),
         };
-        let rel = safe_relative(&entry.path().map_err(UnpackError::Read)?).map_err(|r| refuse(r))?;
+        let rel =
+            safe_relative(&entry.path().map_err(UnpackError::Read)?).map_err(|r| refuse(r))?;
         let kind = entry.header().entry_type();
         match kind {
             EntryType::Regular | EntryType::Continuous | EntryType::Directory => {}
@@ -86,11 +87,12 @@ pub fn unpack<R: Read>(reader: R, dest: &Path) -> Result<Unpacked, UnpackError> 
                     .link_name()
                     .map_err(UnpackError::Read)?
                     .ok_or_else(|| refuse("hard link without a target"))?;
-                safe_relative(&target)
-                    .map_err(|r| refuse(&format!("hard link target: {r}")))?;
+                safe_relative(&target).map_err(|r| refuse(&format!("hard link target: {r}")))?;
             }
             EntryType::XGlobalHeader => continue,
-            EntryType::Char | EntryType::Block => return Err(refuse("device nodes are not copied")),
+            EntryType::Char | EntryType::Block => {
+                return Err(refuse("device nodes are not copied"));
+            }
             EntryType::Fifo => return Err(refuse("fifos are not copied")),
             other => return Err(refuse(&format!("unsupported entry type {other:?}"))),
         }
@@ -209,7 +211,12 @@ mod tests {
     #[test]
     fn escaping_symlinks_are_refused() {
         refused(&[raw_entry(b"l", EntryType::Symlink, Some(b"/etc"), b"")]);
-        refused(&[raw_entry(b"l", EntryType::Symlink, Some(b"../outside"), b"")]);
+        refused(&[raw_entry(
+            b"l",
+            EntryType::Symlink,
+            Some(b"../outside"),
+            b"",
+        )]);
         // `s -> .` is fine on its own, but then `s/..` is the parent.
         let (msg, t) = refused(&[
             raw_entry(b"s", EntryType::Symlink, Some(b"."), b""),
@@ -239,7 +246,12 @@ mod tests {
 
     #[test]
     fn hard_link_to_outside_is_refused() {
-        refused(&[raw_entry(b"h", EntryType::Link, Some(b"../../etc/passwd"), b"")]);
+        refused(&[raw_entry(
+            b"h",
+            EntryType::Link,
+            Some(b"../../etc/passwd"),
+            b"",
+        )]);
         refused(&[raw_entry(b"h", EntryType::Link, Some(b"/etc/passwd"), b"")]);
     }
 
@@ -249,7 +261,8 @@ mod tests {
         h.set_mode(0o751);
         h.set_mtime(1_000_000);
         let mut b = tar::Builder::new(Vec::new());
-        b.append_data(&mut h, "sub/run.sh", &b"hi"[..]).expect("append");
+        b.append_data(&mut h, "sub/run.sh", &b"hi"[..])
+            .expect("append");
         let mut l = Header::new_gnu();
         l.set_entry_type(EntryType::Symlink);
         l.set_size(0);

@@ -99,7 +99,14 @@ pub fn select(path: &Path, opts: &Options) -> Result<Workspace, PlanError> {
     match &opts.rev {
         None => {
             let mut entries = BTreeMap::new();
-            list_worktree(&root, &root, "", opts.include_untracked, &mut entries, &mut plan)?;
+            list_worktree(
+                &root,
+                &root,
+                "",
+                opts.include_untracked,
+                &mut entries,
+                &mut plan,
+            )?;
             for (n, e) in entries {
                 if !n.ends_with("/.git") && !n.contains("/.git/") {
                     files.push(n);
@@ -334,7 +341,8 @@ fn add_git_dir(
             for f in ["HEAD", "index"] {
                 let p = git_dir.join(f);
                 if let Ok(meta) = std::fs::metadata(&p) {
-                    plan.entries.push(file_entry(format!(".git/{f}"), &p, &meta));
+                    plan.entries
+                        .push(file_entry(format!(".git/{f}"), &p, &meta));
                 }
             }
         }
@@ -357,10 +365,16 @@ fn resolve(root: &Path, rev: &Rev) -> Result<(String, String), PlanError> {
             Ok((sha, format!("ref: {full}\n")))
         }
         Rev::Commit(r) => {
-            let sha = git_text(root, &["rev-parse", "--verify", "--quiet", &format!("{r}^{{commit}}")])
-                .map_err(|_| {
-                    PlanError::Git(format!("{r:?} is not a commit in {}", root.display()))
-                })?;
+            let sha = git_text(
+                root,
+                &[
+                    "rev-parse",
+                    "--verify",
+                    "--quiet",
+                    &format!("{r}^{{commit}}"),
+                ],
+            )
+            .map_err(|_| PlanError::Git(format!("{r:?} is not a commit in {}", root.display())))?;
             Ok((sha.clone(), format!("{sha}\n")))
         }
     }
@@ -382,7 +396,8 @@ fn list_tree(
             continue;
         };
         let mut f = meta.split_whitespace();
-        let (Some(mode), Some(_kind), Some(oid), Some(size)) = (f.next(), f.next(), f.next(), f.next())
+        let (Some(mode), Some(_kind), Some(oid), Some(size)) =
+            (f.next(), f.next(), f.next(), f.next())
         else {
             continue;
         };
@@ -407,9 +422,9 @@ fn list_tree(
                 files.push(path.to_string());
             }
             "120000" => {
-                let (_, mut r) = blobs.blob(oid).map_err(|e| {
-                    PlanError::Git(format!("reading symlink {path} at {sha}: {e}"))
-                })?;
+                let (_, mut r) = blobs
+                    .blob(oid)
+                    .map_err(|e| PlanError::Git(format!("reading symlink {path} at {sha}: {e}")))?;
                 let mut target = Vec::new();
                 r.read_to_end(&mut target)
                     .map_err(|e| PlanError::Git(format!("reading symlink {path}: {e}")))?;

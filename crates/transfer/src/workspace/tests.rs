@@ -7,7 +7,12 @@ fn git_in(dir: &Path, args: &[&str]) -> String {
     let out = Command::new("git")
         .arg("-C")
         .arg(dir)
-        .args(["-c", "protocol.file.allow=always", "-c", "init.defaultBranch=main"])
+        .args([
+            "-c",
+            "protocol.file.allow=always",
+            "-c",
+            "init.defaultBranch=main",
+        ])
         .args(args)
         .env("GIT_AUTHOR_NAME", "t")
         .env("GIT_AUTHOR_EMAIL", "t@example.invalid")
@@ -141,13 +146,29 @@ fn submodule_working_tree_is_included() {
     git_in(&sub, &["add", "-A"]);
     git_in(&sub, &["commit", "-q", "-m", "lib"]);
     let r = repo(t.path());
-    git_in(&r, &["submodule", "add", "-q", sub.to_str().expect("utf8"), "vendor/lib"]);
+    git_in(
+        &r,
+        &[
+            "submodule",
+            "add",
+            "-q",
+            sub.to_str().expect("utf8"),
+            "vendor/lib",
+        ],
+    );
     git_in(&r, &["commit", "-q", "-m", "sub"]);
     write(&r.join("vendor/lib/scratch.txt"), "untracked in sub\n");
     let ws = select(&r, &Options::default()).expect("select");
     assert_eq!(
         names(&ws),
-        [".gitignore", ".gitmodules", "a.txt", "bin/run.sh", "link", "vendor/lib/lib.txt"]
+        [
+            ".gitignore",
+            ".gitmodules",
+            "a.txt",
+            "bin/run.sh",
+            "link",
+            "vendor/lib/lib.txt"
+        ]
     );
     assert!(ws.plan.entries.iter().any(|e| e.name == "vendor/lib/.git"));
     assert!(
@@ -158,10 +179,7 @@ fn submodule_working_tree_is_included() {
     );
     let dest = t.path().join("guest/proj");
     assert_eq!(unpack_and_status(&ws, &dest), "");
-    assert_eq!(
-        git_in(&dest.join("vendor/lib"), &["status", "--short"]),
-        ""
-    );
+    assert_eq!(git_in(&dest.join("vendor/lib"), &["status", "--short"]), "");
 }
 
 #[test]
@@ -198,7 +216,10 @@ fn branch_copies_that_branch_and_checks_it_out_clean() {
         PathBuf::from("a.txt")
     );
     // The host checkout is untouched.
-    assert_eq!(git_in(&r, &["status", "--short"]), " M a.txt\n?? untracked.txt\n");
+    assert_eq!(
+        git_in(&r, &["status", "--short"]),
+        " M a.txt\n?? untracked.txt\n"
+    );
 
     let missing = Options {
         include_untracked: false,
@@ -231,5 +252,8 @@ fn from_commit_is_detached_and_clean() {
 fn not_a_repository_is_a_clear_error() {
     let t = tempfile::tempdir().expect("tmp");
     let err = select(t.path(), &Options::default()).expect_err("not a repo");
-    assert!(err.to_string().contains("not inside a git repository"), "{err}");
+    assert!(
+        err.to_string().contains("not inside a git repository"),
+        "{err}"
+    );
 }
