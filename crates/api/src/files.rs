@@ -92,10 +92,7 @@ impl Client {
         start: &GetFilesStart,
     ) -> Result<FilesDownload, ClientError> {
         let ws = open(self, routes::VM_FILES_GET, vm, start).await?;
-        Ok(FilesDownload {
-            ws,
-            summary: None,
-        })
+        Ok(FilesDownload { ws, summary: None })
     }
 }
 

@@ -101,7 +101,11 @@ fn run_copies_the_tracked_files_with_a_clean_git_and_propagates_status() {
         "pwd; ls -a; ./bin/run.sh; readlink readme-link; echo status:; git status --short; exit 7",
     ]);
     let (stdout, stderr) = text(&out);
-    assert_eq!(out.status.code(), Some(7), "stdout={stdout} stderr={stderr}");
+    assert_eq!(
+        out.status.code(),
+        Some(7),
+        "stdout={stdout} stderr={stderr}"
+    );
     let lines: Vec<&str> = stdout.lines().collect();
     assert_eq!(lines[0], "/root/proj", "{stdout}");
     for f in [".git", ".gitignore", "README.md", "bin", "readme-link"] {
@@ -111,7 +115,11 @@ fn run_copies_the_tracked_files_with_a_clean_git_and_propagates_status() {
     assert!(!lines.contains(&"debug.log"), "{stdout}");
     assert!(lines.contains(&"ran"), "{stdout}");
     assert!(lines.contains(&"README.md"), "{stdout}");
-    assert_eq!(lines.last(), Some(&"status:"), "git status not clean: {stdout}");
+    assert_eq!(
+        lines.last(),
+        Some(&"status:"),
+        "git status not clean: {stdout}"
+    );
 }
 
 #[test]
@@ -136,7 +144,12 @@ fn include_untracked_adds_the_untracked_file_never_the_ignored_one() {
     let lines: Vec<&str> = stdout.lines().collect();
     assert!(lines.contains(&"untracked.txt"), "{stdout}");
     assert!(!lines.contains(&"debug.log"), "{stdout}");
-    let status: Vec<&str> = stdout.split("status:\n").nth(1).unwrap_or("").lines().collect();
+    let status: Vec<&str> = stdout
+        .split("status:\n")
+        .nth(1)
+        .unwrap_or("")
+        .lines()
+        .collect();
     assert_eq!(status, ["?? untracked.txt"], "{stdout}");
 }
 

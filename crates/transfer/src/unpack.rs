@@ -62,8 +62,7 @@ pub fn unpack<R: Read>(reader: R, dest: &Path) -> Result<Unpacked, UnpackError> 
             path: shown.clone(),
             reason: reason.to_string(),
         };
-        let rel =
-            safe_relative(&entry.path().map_err(UnpackError::Read)?).map_err(|r| refuse(r))?;
+        let rel = safe_relative(&entry.path().map_err(UnpackError::Read)?).map_err(&refuse)?;
         let kind = entry.header().entry_type();
         match kind {
             EntryType::Regular | EntryType::Continuous | EntryType::Directory => {}

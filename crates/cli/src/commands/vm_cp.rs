@@ -54,10 +54,21 @@ pub async fn run(a: CpArgs) -> anyhow::Result<i32> {
     match (remote(&a.src), remote(&a.dst)) {
         (None, Some((vm, dst))) => {
             let dir_hint = a.dst.ends_with('/');
-            push(&connect::client().await?, vm, Path::new(&a.src), &dst, dir_hint).await
+            push(
+                &connect::client().await?,
+                vm,
+                Path::new(&a.src),
+                &dst,
+                dir_hint,
+            )
+            .await
         }
-        (Some((vm, src)), None) => pull(&connect::client().await?, vm, &src, Path::new(&a.dst)).await,
-        (Some(_), Some(_)) => anyhow::bail!("both sides name a VM: one side of `vm cp` must be a local path"),
+        (Some((vm, src)), None) => {
+            pull(&connect::client().await?, vm, &src, Path::new(&a.dst)).await
+        }
+        (Some(_), Some(_)) => {
+            anyhow::bail!("both sides name a VM: one side of `vm cp` must be a local path")
+        }
         (None, None) => anyhow::bail!("neither side names a VM: write one side as <vm>:<path>"),
     }
 }
@@ -272,15 +283,18 @@ pub(crate) async fn download(
                     break; // the extractor stopped: its error says why
                 }
                 if chatty && received >= BAR_FROM {
-                    progress.get_or_insert_with(|| bar(None)).set_position(received);
+                    progress
+                        .get_or_insert_with(|| bar(None))
+                        .set_position(received);
                 }
             }
             Ok(None) => break,
             Err(e) => {
                 drop(tx);
                 let _ = extractor.await;
-                return Err(anyhow::Error::from(e)
-                    .context(format!("copying from {vm}:{}", start.path)));
+                return Err(
+                    anyhow::Error::from(e).context(format!("copying from {vm}:{}", start.path))
+                );
             }
         }
     }

@@ -97,12 +97,7 @@ async fn select_workspace(path: &Path, flags: &SelectFlags) -> anyhow::Result<Wo
 
 /// Copies `ws` to `guest` (replacing what was there once the copy is
 /// complete), then starts the best-effort tooling bootstrap.
-pub async fn prepare(
-    client: &Client,
-    vm: &str,
-    ws: &Workspace,
-    guest: &str,
-) -> anyhow::Result<()> {
+pub async fn prepare(client: &Client, vm: &str, ws: &Workspace, guest: &str) -> anyhow::Result<()> {
     let start = PutFilesStart {
         dest: guest.to_string(),
         replace: true,
