@@ -1,9 +1,10 @@
 //! Host side of the protocol: one [`AgentClient`] per VM connection,
 //! multiplexing any number of exec sessions over the single stream.
 
+use crate::archive::{ArchiveDownload, ArchiveRoutes, ArchiveUpload};
 use crate::{
-    Body, CONTROL, ExecRequest, ExitStatus, Frame, FrameCodec, Hello, Listener, MAX_CHUNK,
-    PROTO_VERSION,
+    Body, CONTROL, ExecRequest, ExitStatus, Frame, FrameCodec, GetArchive, Hello, Listener,
+    MAX_CHUNK, PROTO_VERSION, PutArchive,
 };
 use futures::{SinkExt, StreamExt};
 use std::collections::HashMap;
@@ -47,6 +48,7 @@ pub struct AgentClient {
     tx: mpsc::UnboundedSender<Frame>,
     routes: Routes,
     queries: Queries,
+    archives: ArchiveRoutes,
     next_channel: Arc<AtomicU32>,
     hello: watch::Receiver<Option<Hello>>,
     closed: watch::Receiver<bool>,
@@ -62,6 +64,7 @@ impl AgentClient {
         let (tx, mut rx) = mpsc::unbounded_channel::<Frame>();
         let routes: Routes = Arc::default();
         let queries: Queries = Arc::default();
+        let archives: ArchiveRoutes = Arc::default();
         let (hello_tx, hello) = watch::channel(None);
         let (closed_tx, closed) = watch::channel(false);
 
@@ -77,6 +80,7 @@ impl AgentClient {
 
         let reader_routes = routes.clone();
         let reader_queries = queries.clone();
+        let reader_archives = archives.clone();
         tokio::spawn(async move {
             let mut frames = FramedRead::new(rd, FrameCodec);
             while let Some(next) = frames.next().await {
@@ -91,11 +95,20 @@ impl AgentClient {
                         break;
                     }
                 };
-                route(frame, &reader_routes, &reader_queries, &hello_tx);
+                let Frame { channel, body } = frame;
+                if let Err(body) = crate::archive::route(&reader_archives, channel, body) {
+                    route(
+                        Frame { channel, body },
+                        &reader_routes,
+                        &reader_queries,
+                        &hello_tx,
+                    );
+                }
             }
             // Dropping every sender ends every open session with Disconnected.
             reader_routes.lock().map(|mut r| r.clear()).ok();
             reader_queries.lock().map(|mut r| r.clear()).ok();
+            reader_archives.lock().map(|mut r| r.clear()).ok();
             let _ = closed_tx.send(true);
         });
 
@@ -103,6 +116,7 @@ impl AgentClient {
             tx,
             routes,
             queries,
+            archives,
             next_channel: Arc::new(AtomicU32::new(1)),
             hello,
             closed,
@@ -185,6 +199,20 @@ impl AgentClient {
             Ok(Err(msg)) => Err(ClientError::Refused(msg)),
             Err(_) => Err(ClientError::Disconnected),
         }
+    }
+
+    /// Starts unpacking a tar stream into a guest directory; feed it with
+    /// [`ArchiveUpload::write`] and end it with [`ArchiveUpload::finish`].
+    pub fn put_archive(&self, req: PutArchive) -> Result<ArchiveUpload, ClientError> {
+        let channel = self.next_channel.fetch_add(1, Ordering::Relaxed);
+        ArchiveUpload::open(channel, self.tx.clone(), self.archives.clone(), req)
+    }
+
+    /// Starts streaming a tar of a guest path; read it with
+    /// [`ArchiveDownload::next`].
+    pub fn get_archive(&self, req: GetArchive) -> Result<ArchiveDownload, ClientError> {
+        let channel = self.next_channel.fetch_add(1, Ordering::Relaxed);
+        ArchiveDownload::open(channel, self.tx.clone(), self.archives.clone(), req)
     }
 
     fn send(&self, f: Frame) -> Result<(), ClientError> {

@@ -93,6 +93,23 @@ mod tests {
         ));
         roundtrip(Frame::new(7, Body::Stdout(vec![1, 2, 3])));
         roundtrip(Frame::new(
+            9,
+            Body::PutArchive(crate::PutArchive {
+                dest: "/root/repo".into(),
+                replace: true,
+            }),
+        ));
+        roundtrip(Frame::new(9, Body::ArchiveData(vec![0; 512])));
+        roundtrip(Frame::new(9, Body::Credit(8)));
+        roundtrip(Frame::new(
+            9,
+            Body::ArchiveDone(crate::ArchiveSummary {
+                files: 2,
+                bytes: 10,
+                skipped: vec!["skipped x".into()],
+            }),
+        ));
+        roundtrip(Frame::new(
             7,
             Body::Exited(ExitStatus {
                 code: Some(3),

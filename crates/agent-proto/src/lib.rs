@@ -6,20 +6,25 @@
 //! the host with [`Body::Exec`] and closed by the agent with [`Body::Exited`]
 //! or [`Body::Error`].
 //!
+//! File transfers use archive channels (see [`archive`]): a tar stream in
+//! [`Body::ArchiveData`] chunks under credit-based flow control.
+//!
 //! Wire format of a frame: `u32` little-endian payload length, then the
 //! payload: a postcard-encoded [`Frame`]. Payloads over [`MAX_FRAME`] are
 //! refused before any allocation.
 
+pub mod archive;
 pub mod boot;
 pub mod client;
 mod codec;
 
+pub use archive::{ArchiveSummary, GetArchive, PutArchive};
 pub use codec::{FrameCodec, ProtoError};
 
 use serde::{Deserialize, Serialize};
 
 /// Bumped on every incompatible change. The daemon refuses agents that differ.
-pub const PROTO_VERSION: u32 = 1;
+pub const PROTO_VERSION: u32 = 2;
 
 /// Largest frame payload accepted, in bytes.
 pub const MAX_FRAME: usize = 1 << 20;
@@ -74,13 +79,28 @@ pub enum Body {
     Stderr(Vec<u8>),
     /// Agent → host: the process ended; the channel is closed.
     Exited(ExitStatus),
-    /// Agent → host: the request on this channel failed; the channel is closed.
+    /// Agent → host: the request on this channel failed; the channel is
+    /// closed. Host → agent on an archive channel: abort the transfer.
     Error(String),
     /// Host → agent: list the guest's listening TCP sockets on this (new)
     /// channel; answered with [`Body::Listeners`] or [`Body::Error`].
     ListListeners,
     /// Agent → host: the listening sockets; the channel is closed.
     Listeners(Vec<Listener>),
+    /// Host → agent: unpack the tar stream that follows on this (new)
+    /// channel into a guest directory.
+    PutArchive(PutArchive),
+    /// Host → agent: stream a tar of a guest path on this (new) channel.
+    GetArchive(GetArchive),
+    /// Either way on an archive channel: the next piece of the tar stream.
+    ArchiveData(Vec<u8>),
+    /// Host → agent on a put channel: the tar stream is complete.
+    ArchiveEnd,
+    /// The receiver of an archive stream lets the sender send this many
+    /// more [`Body::ArchiveData`] frames.
+    Credit(u32),
+    /// Agent → host: the transfer is complete; the channel is closed.
+    ArchiveDone(ArchiveSummary),
 }
 
 /// A listening TCP socket in the guest, from `/proc/net/tcp` or `tcp6`.

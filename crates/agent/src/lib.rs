@@ -10,6 +10,7 @@
 //! The binary only wires these together; everything here works on any byte
 //! stream, so the tests drive it over an in-memory pipe.
 
+mod archive;
 mod exec;
 pub mod init;
 mod listeners;

@@ -1,5 +1,6 @@
 //! The protocol loop over one host connection.
 
+use crate::archive::{self, ArchiveMsg};
 use crate::exec::{self, SessionMsg};
 use crate::power::Power;
 use banger_agent_proto::{
@@ -50,6 +51,7 @@ impl Agent {
             power: self.power.clone(),
             out,
             sessions: HashMap::new(),
+            archives: HashMap::new(),
             tasks: JoinSet::new(),
             next_id: 0,
         };
@@ -60,7 +62,12 @@ impl Agent {
             tokio::select! {
                 next = frames.next() => match next {
                     Some(Ok(Ok(frame))) => conn.handle(frame).await,
-                    Some(Ok(Err(e))) => tracing::warn!(error = %e, "skipping a bad frame from the host"),
+                    Some(Ok(Err(bad))) => {
+                        tracing::warn!(channel = ?bad.channel, error = %bad.error, "bad frame from the host");
+                        if let Some(channel) = bad.channel.filter(|c| *c != CONTROL) {
+                            conn.abort(channel, format!("malformed frame from the host: {}", bad.error)).await;
+                        }
+                    }
                     Some(Err(e)) => {
                         tracing::info!(error = %e, "host connection failed");
                         break;
@@ -88,6 +95,8 @@ struct Connection {
     out: mpsc::Sender<Frame>,
     /// Live exec sessions by channel, with the id of the task serving each.
     sessions: HashMap<u32, (u64, mpsc::UnboundedSender<SessionMsg>)>,
+    /// Live file transfers by channel.
+    archives: HashMap<u32, mpsc::Sender<ArchiveMsg>>,
     tasks: JoinSet<(u32, u64)>,
     next_id: u64,
 }
@@ -104,6 +113,10 @@ impl Connection {
         if channel == CONTROL {
             return self.handle_control(body).await;
         }
+        let body = match self.handle_archive(channel, body).await {
+            Some(b) => b,
+            None => return,
+        };
         let msg = match body {
             Body::Exec(req) => return self.start(channel, req),
             Body::ListListeners => return self.list_listeners(channel),
@@ -127,6 +140,75 @@ impl Connection {
                 };
                 self.send(channel, Body::Error(what)).await;
             }
+        }
+    }
+
+    /// Takes the frames of archive channels; gives any other body back.
+    async fn handle_archive(&mut self, channel: u32, body: Body) -> Option<Body> {
+        let msg = match body {
+            Body::PutArchive(req) => {
+                let rx = self.open_archive(channel);
+                tokio::spawn(archive::put(channel, req, rx, self.out.clone()));
+                return None;
+            }
+            Body::GetArchive(req) => {
+                let rx = self.open_archive(channel);
+                tokio::spawn(archive::get(channel, req, rx, self.out.clone()));
+                return None;
+            }
+            Body::ArchiveData(d) => ArchiveMsg::Data(d),
+            Body::ArchiveEnd => ArchiveMsg::End,
+            Body::Credit(n) => ArchiveMsg::Credit(n),
+            Body::Error(m) if self.archives.contains_key(&channel) => ArchiveMsg::Abort(m),
+            other => {
+                if self.archives.contains_key(&channel) {
+                    let reason = format!("unexpected {} frame on a transfer", kind(&other));
+                    self.abort(channel, reason).await;
+                    return None;
+                }
+                return Some(other);
+            }
+        };
+        let Some(tx) = self.archives.get(&channel) else {
+            // A transfer that already ended (its error was sent then).
+            tracing::debug!(channel, "frame for a finished transfer");
+            return None;
+        };
+        match tx.try_send(msg) {
+            Ok(()) => {}
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                self.abort(channel, "the host exceeded its flow-control window".into())
+                    .await;
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => {
+                self.archives.remove(&channel);
+            }
+        }
+        None
+    }
+
+    fn open_archive(&mut self, channel: u32) -> mpsc::Receiver<ArchiveMsg> {
+        let (tx, rx) = mpsc::channel(archive::QUEUE);
+        if let Some(old) = self.archives.insert(channel, tx) {
+            let _ = old.try_send(ArchiveMsg::Abort(format!(
+                "channel {channel} was reused by a new transfer"
+            )));
+        }
+        self.archives.retain(|_, tx| !tx.is_closed());
+        rx
+    }
+
+    /// Ends whatever runs on `channel` with an error: a malformed or
+    /// out-of-order frame closes its channel, never the connection.
+    async fn abort(&mut self, channel: u32, reason: String) {
+        if let Some(tx) = self.archives.remove(&channel) {
+            // The queue may be full: the transfer then sees its sender
+            // dropped, which also aborts it.
+            let _ = tx.try_send(ArchiveMsg::Abort(reason));
+        } else if let Some((_, tx)) = self.sessions.get(&channel) {
+            let _ = tx.send(SessionMsg::Abort(reason));
+        } else {
+            self.send(channel, Body::Error(reason)).await;
         }
     }
 
@@ -276,27 +358,53 @@ fn kind(body: &Body) -> &'static str {
         Body::Error(_) => "Error",
         Body::ListListeners => "ListListeners",
         Body::Listeners(_) => "Listeners",
+        Body::PutArchive(_) => "PutArchive",
+        Body::GetArchive(_) => "GetArchive",
+        Body::ArchiveData(_) => "ArchiveData",
+        Body::ArchiveEnd => "ArchiveEnd",
+        Body::Credit(_) => "Credit",
+        Body::ArchiveDone(_) => "ArchiveDone",
     }
 }
 
+/// A frame the agent could not decode, with its channel when the payload
+/// at least started with one.
+#[derive(Debug)]
+struct BadFrame {
+    channel: Option<u32>,
+    error: ProtoError,
+}
+
 /// [`FrameCodec`] for the agent's side: no frame, however bad, ends the
-/// connection. An undecodable payload is skipped (the stream stays in sync);
-/// an impossible length means the stream is out of sync, so what is
-/// buffered is dropped and decoding starts again on the next bytes.
+/// connection. An undecodable payload is skipped (the stream stays in sync)
+/// and reported with its channel, which is then closed; an impossible
+/// length means the stream is out of sync, so what is buffered is dropped
+/// and decoding starts again on the next bytes.
 struct HostFrames;
 
 impl Decoder for HostFrames {
-    type Item = Result<Frame, ProtoError>;
+    type Item = Result<Frame, BadFrame>;
     type Error = std::io::Error;
 
     fn decode(&mut self, src: &mut BytesMut) -> Result<Option<Self::Item>, std::io::Error> {
+        // The channel is the payload's first field (a postcard varint).
+        let channel = src
+            .get(4..)
+            .and_then(|p| postcard::take_from_bytes::<u32>(p).ok())
+            .map(|(c, _)| c);
         match FrameCodec.decode(src) {
             Ok(None) => Ok(None),
-            Ok(Some(frame)) => Ok(Some(frame.map_err(ProtoError::from))),
+            Ok(Some(frame)) => Ok(Some(frame.map_err(|e| BadFrame {
+                channel,
+                error: ProtoError::from(e),
+            }))),
             Err(ProtoError::Io(e)) => Err(e),
-            Err(e) => {
+            Err(error) => {
                 src.clear();
-                Ok(Some(Err(e)))
+                Ok(Some(Err(BadFrame {
+                    channel: None,
+                    error,
+                })))
             }
         }
     }
@@ -314,7 +422,10 @@ mod tests {
         buf.extend_from_slice(b"garbage");
         assert!(matches!(
             HostFrames.decode(&mut buf),
-            Ok(Some(Err(ProtoError::TooLarge(_))))
+            Ok(Some(Err(BadFrame {
+                channel: None,
+                error: ProtoError::TooLarge(_)
+            })))
         ));
         assert!(buf.is_empty());
         FrameCodec
@@ -331,11 +442,15 @@ mod tests {
     #[test]
     fn malformed_payload_is_an_item_not_an_error() {
         let mut buf = BytesMut::new();
+        // Channel 5, then a body variant that does not exist.
         buf.put_u32_le(2);
-        buf.extend_from_slice(&[0xff, 0xff]);
+        buf.extend_from_slice(&[0x05, 0x7f]);
         assert!(matches!(
             HostFrames.decode(&mut buf),
-            Ok(Some(Err(ProtoError::Malformed(_))))
+            Ok(Some(Err(BadFrame {
+                channel: Some(5),
+                error: ProtoError::Malformed(_)
+            })))
         ));
         assert!(buf.is_empty());
     }

@@ -375,6 +375,29 @@ impl Client {
     }
 }
 
+/// A WebSocket to `path` on the daemon; a refused upgrade is the daemon's
+/// error.
+pub(crate) async fn websocket(
+    client: &Client,
+    path: &str,
+) -> Result<WebSocketStream<UnixStream>, ClientError> {
+    let stream = client.stream().await?;
+    let url = format!("ws://localhost{path}");
+    match tokio_tungstenite::client_async(url, stream).await {
+        Ok((ws, _)) => Ok(ws),
+        Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => {
+            let body = resp.body().clone().unwrap_or_default();
+            Err(api_error(resp.status(), &body))
+        }
+        Err(e) => Err(ClientError::protocol(e)),
+    }
+}
+
+/// An error the daemon reported inside a stream.
+pub(crate) fn api_error_of(error: ApiError) -> ClientError {
+    ClientError::Api { status: 500, error }
+}
+
 /// The error of a non-2xx answer: the daemon's `ApiError` body, or (from
 /// anything else on the socket) the status and the body as text.
 fn api_error(status: StatusCode, body: &[u8]) -> ClientError {

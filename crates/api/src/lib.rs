@@ -6,6 +6,7 @@
 
 pub mod client;
 pub mod exec;
+pub mod files;
 pub mod images;
 
 use banger_model::{ImageRecord, KernelRecord, VmRecord, VmSpec};

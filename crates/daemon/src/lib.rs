@@ -5,6 +5,7 @@
 //! per-VM lock; different VMs proceed in parallel.
 
 mod error;
+mod files_routes;
 mod image_ops;
 mod image_routes;
 mod images;

@@ -73,6 +73,7 @@ pub fn router(daemon: Shared) -> (Router, utoipa::openapi::OpenApi) {
         .routes(routes!(build_image))
         .routes(routes!(list_kernels))
         .merge(crate::image_routes::router())
+        .merge(crate::files_routes::router())
         .with_state(daemon)
         .split_for_parts();
     let doc = api.clone();

@@ -6,5 +6,7 @@ pub mod kernel;
 pub mod ssh_config;
 pub mod transfer;
 pub mod vm;
+pub mod vm_cp;
 pub mod vm_ports;
 pub mod vm_ssh;
+pub mod vm_workspace;

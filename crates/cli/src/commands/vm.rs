@@ -119,6 +119,12 @@ pub enum VmCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Copy files and directories to or from a running VM
+    /// (`vm cp ./dir box:/root/`, `vm cp box:/var/log/x.log .`).
+    Cp(super::vm_cp::CpArgs),
+    /// Copy git workspaces into a running VM.
+    #[command(subcommand)]
+    Workspace(super::vm_workspace::WorkspaceCommand),
     /// Stop and delete VMs with their disks.
     Delete {
         /// VM names or id prefixes.
@@ -217,8 +223,11 @@ pub struct RunArgs {
     /// Delete the VM when the command ends (also on Ctrl-C).
     #[arg(long)]
     pub rm: bool,
-    /// The command to run in the guest, after `--`.
-    #[arg(last = true, required = true, value_name = "CMD")]
+    #[command(flatten)]
+    pub workspace: super::vm_workspace::RunWorkspaceArgs,
+    /// The command to run in the guest, after `--`; without one, an ssh
+    /// session opens.
+    #[arg(last = true, value_name = "CMD")]
     pub command: Vec<String>,
 }
 
@@ -364,6 +373,8 @@ pub async fn run(cmd: VmCommand) -> anyhow::Result<i32> {
         }
         VmCommand::Ports { vm, json } => super::vm_ports::run(&vm, json).await,
         VmCommand::Ssh { vm, command } => super::vm_ssh::run(&vm, command).await,
+        VmCommand::Cp(a) => super::vm_cp::run(a).await,
+        VmCommand::Workspace(c) => super::vm_workspace::run(c).await,
         VmCommand::Delete { vms } => {
             for_each(vms, "deleted", |c, r| async move { c.delete_vm(&r).await }).await
         }
@@ -550,6 +561,10 @@ pub async fn create_with_progress(
 }
 
 async fn vm_run(a: RunArgs) -> anyhow::Result<i32> {
+    let ws = super::vm_workspace::for_run(&a.workspace).await?;
+    if a.workspace.dry_run {
+        return Ok(0);
+    }
     let client = connect::client().await?;
     let started = Instant::now();
     let req = a.create.request(true);
@@ -590,11 +605,7 @@ async fn vm_run(a: RunArgs) -> anyhow::Result<i32> {
             vm.name
         );
     }
-    let start = ExecStart {
-        argv: a.command,
-        ..Default::default()
-    };
-    let code = exec_streaming(&client, vm.name.as_str(), start).await;
+    let code = super::vm_workspace::after_ready(&client, &vm, ws.as_ref(), a.command).await;
     if a.rm {
         cleanup(&client, vm.name.as_str()).await;
     }

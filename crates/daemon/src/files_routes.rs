@@ -1,0 +1,192 @@
+//! File transfer routes: tar streams into and out of a running VM over
+//! WebSockets (protocol: `banger_api::files`), relayed to the guest agent's
+//! archive channels. The agent's credit window paces the relay, and the
+//! relay only reads from the client when the agent can take more, so a
+//! fast client is held back by its socket, not buffered here.
+
+use crate::Daemon;
+use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
+use axum::extract::{Path, State};
+use axum::response::{IntoResponse, Response};
+use banger_agent_proto::client::{AgentClient, ClientError};
+use banger_agent_proto::{ArchiveSummary, GetArchive, PutArchive};
+use banger_api::ApiError;
+use banger_api::files::{
+    FilesControl, FilesReport, FilesSummary, GetFilesStart, PutFilesStart, routes as p,
+};
+use std::sync::Arc;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+
+type Shared = Arc<Daemon>;
+
+/// The routes of this module, merged into the daemon's router.
+pub(crate) fn router() -> OpenApiRouter<Shared> {
+    OpenApiRouter::new()
+        .routes(routes!(put_files))
+        .routes(routes!(get_files))
+}
+
+/// Unpacks a tar stream into a running VM (WebSocket; protocol:
+/// `banger_api::files`).
+#[utoipa::path(get, path = p::VM_FILES_PUT, params(("vm" = String, Path, description = "name or id prefix")),
+    responses((status = 101, description = "WebSocket: a PutFilesStart, binary tar data, then FilesControl::End", body = PutFilesStart),
+              (status = 409, body = ApiError), (status = 404, body = ApiError)))]
+async fn put_files(
+    State(d): State<Shared>,
+    Path(vm): Path<String>,
+    ws: WebSocketUpgrade,
+) -> Response {
+    match d.running_agent(&vm) {
+        Ok((_, agent)) => ws
+            .on_upgrade(move |socket| run_put(agent, socket))
+            .into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
+/// Streams a tar of a path out of a running VM (WebSocket; protocol:
+/// `banger_api::files`).
+#[utoipa::path(get, path = p::VM_FILES_GET, params(("vm" = String, Path, description = "name or id prefix")),
+    responses((status = 101, description = "WebSocket: a GetFilesStart, answered by binary tar data and a FilesReport", body = GetFilesStart),
+              (status = 409, body = ApiError), (status = 404, body = ApiError)))]
+async fn get_files(
+    State(d): State<Shared>,
+    Path(vm): Path<String>,
+    ws: WebSocketUpgrade,
+) -> Response {
+    match d.running_agent(&vm) {
+        Ok((_, agent)) => ws
+            .on_upgrade(move |socket| run_get(agent, socket))
+            .into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn start<T: serde::de::DeserializeOwned>(socket: &mut WebSocket) -> Option<T> {
+    match socket.recv().await {
+        Some(Ok(Message::Text(t))) => match serde_json::from_str(&t) {
+            Ok(s) => Some(s),
+            Err(e) => {
+                fail(socket, "invalid", format!("bad transfer request: {e}")).await;
+                None
+            }
+        },
+        _ => None,
+    }
+}
+
+fn check_absolute(path: &str) -> Result<(), String> {
+    if std::path::Path::new(path).is_absolute() {
+        Ok(())
+    } else {
+        Err(format!("{path:?} is not an absolute guest path"))
+    }
+}
+
+async fn run_put(agent: AgentClient, mut socket: WebSocket) {
+    let Some(req) = start::<PutFilesStart>(&mut socket).await else {
+        return;
+    };
+    if let Err(m) = check_absolute(&req.dest) {
+        return fail(&mut socket, "invalid", m).await;
+    }
+    let mut up = match agent.put_archive(PutArchive {
+        dest: req.dest,
+        replace: req.replace,
+    }) {
+        Ok(u) => u,
+        Err(e) => return agent_failed(&mut socket, e).await,
+    };
+    loop {
+        match socket.recv().await {
+            Some(Ok(Message::Binary(b))) => {
+                if let Err(e) = up.write(&b).await {
+                    return agent_failed(&mut socket, e).await;
+                }
+            }
+            Some(Ok(Message::Text(t))) => match serde_json::from_str::<FilesControl>(&t) {
+                Ok(FilesControl::End) => break,
+                Err(e) => {
+                    return fail(&mut socket, "invalid", format!("bad transfer message: {e}"))
+                        .await;
+                }
+            },
+            Some(Ok(_)) => {}
+            // Client gone: dropping the upload aborts it in the guest.
+            Some(Err(_)) | None => return,
+        }
+    }
+    match up.finish().await {
+        Ok(s) => done(&mut socket, s).await,
+        Err(e) => agent_failed(&mut socket, e).await,
+    }
+}
+
+async fn run_get(agent: AgentClient, mut socket: WebSocket) {
+    let Some(req) = start::<GetFilesStart>(&mut socket).await else {
+        return;
+    };
+    if let Err(m) = check_absolute(&req.path) {
+        return fail(&mut socket, "invalid", m).await;
+    }
+    let mut down = match agent.get_archive(GetArchive {
+        path: req.path,
+        name: req.name,
+    }) {
+        Ok(d) => d,
+        Err(e) => return agent_failed(&mut socket, e).await,
+    };
+    loop {
+        tokio::select! {
+            chunk = down.next() => match chunk {
+                Ok(Some(data)) => {
+                    if socket.send(Message::Binary(data.into())).await.is_err() {
+                        return; // client gone: dropping the download aborts it
+                    }
+                }
+                Ok(None) => {
+                    let s = down.summary().cloned().unwrap_or_default();
+                    return done(&mut socket, s).await;
+                }
+                Err(e) => return agent_failed(&mut socket, e).await,
+            },
+            msg = socket.recv() => match msg {
+                Some(Ok(Message::Close(_))) | Some(Err(_)) | None => return,
+                Some(Ok(_)) => {}
+            },
+        }
+    }
+}
+
+async fn done(socket: &mut WebSocket, s: ArchiveSummary) {
+    let summary = FilesSummary {
+        files: s.files,
+        bytes: s.bytes,
+        skipped: s.skipped,
+    };
+    send_report(socket, FilesReport::Done(summary)).await;
+}
+
+async fn agent_failed(socket: &mut WebSocket, e: ClientError) {
+    let msg = match e {
+        ClientError::Refused(m) => m,
+        other => other.to_string(),
+    };
+    fail(socket, "failed", msg).await;
+}
+
+async fn fail(socket: &mut WebSocket, code: &str, message: String) {
+    let error = ApiError {
+        code: code.to_string(),
+        message,
+    };
+    send_report(socket, FilesReport::Error(error)).await;
+}
+
+async fn send_report(socket: &mut WebSocket, r: FilesReport) {
+    if let Ok(text) = serde_json::to_string(&r) {
+        let _ = socket.send(Message::Text(text.into())).await;
+    }
+    let _ = socket.send(Message::Close(None)).await;
+}
