@@ -5,6 +5,7 @@
 //! per-VM lock; different VMs proceed in parallel.
 
 mod error;
+mod file_sync;
 mod image_ops;
 mod image_routes;
 mod images;
@@ -12,6 +13,7 @@ mod lifecycle;
 mod logging;
 mod network;
 mod reconcile;
+mod run_mode;
 pub mod server;
 mod settings;
 mod ssh;

@@ -7,4 +7,5 @@ pub mod ssh_config;
 pub mod transfer;
 pub mod vm;
 pub mod vm_ports;
+pub mod vm_run;
 pub mod vm_ssh;

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 
 /// Where banger keeps its user key and known_hosts; the daemon uses the
 /// same rules (`Daemon::ssh_key_path`, `known_hosts_path`).
-fn key_and_known_hosts() -> anyhow::Result<(PathBuf, PathBuf)> {
+pub(crate) fn key_and_known_hosts() -> anyhow::Result<(PathBuf, PathBuf)> {
     let paths = Paths::from_env()?;
     let config = Config::load(&paths)?;
     let key = config
