@@ -34,7 +34,7 @@ pub enum ClientError {
 }
 
 impl ClientError {
-    fn protocol(e: impl std::fmt::Display) -> Self {
+    pub(crate) fn protocol(e: impl std::fmt::Display) -> Self {
         ClientError::Protocol(e.to_string())
     }
 
@@ -400,7 +400,7 @@ pub(crate) fn api_error_of(error: ApiError) -> ClientError {
 
 /// The error of a non-2xx answer: the daemon's `ApiError` body, or (from
 /// anything else on the socket) the status and the body as text.
-fn api_error(status: StatusCode, body: &[u8]) -> ClientError {
+pub(crate) fn api_error(status: StatusCode, body: &[u8]) -> ClientError {
     let error = serde_json::from_slice::<ApiError>(body).unwrap_or_else(|_| ApiError {
         code: status_code_name(status),
         message: String::from_utf8_lossy(body).trim().to_string(),

@@ -7,6 +7,7 @@
 pub mod client;
 pub mod exec;
 pub mod files;
+pub mod hold;
 pub mod images;
 
 use banger_model::{ImageRecord, KernelRecord, VmRecord, VmSpec};
@@ -95,6 +96,17 @@ pub struct CreateVmRequest {
     /// Masquerade the VM's traffic out of the host (bridge networking).
     #[serde(default)]
     pub nat: bool,
+    /// Delete the VM when this request's connection closes: after `done`
+    /// the response stream stays open (blank keep-alive lines) until the
+    /// client goes away. A VM kept because it never became ready is not
+    /// deleted. `vm run --rm` uses this so a killed CLI cannot leak a VM.
+    #[serde(default)]
+    pub ephemeral: bool,
+    /// Readiness also waits for the guest's sshd to greet (interactive
+    /// `vm run`); a timeout keeps the VM for inspection like a guest
+    /// whose agent never greeted.
+    #[serde(default)]
+    pub wait_ssh: bool,
 }
 
 fn yes() -> bool {

@@ -410,6 +410,16 @@ fn sync_host_path(p: &Path, home: &Path) -> Result<PathBuf, String> {
 /// Guest paths live on the work disk, i.e. under `/root`; `~/x` means `/root/x`.
 fn sync_guest_path(p: &Path) -> Result<PathBuf, String> {
     let rest = p.strip_prefix("~").or_else(|_| p.strip_prefix("/root"));
+    // Guest files are written with debugfs, which cannot quote these.
+    if p.to_string_lossy()
+        .chars()
+        .any(|c| c == '"' || c == '\\' || c.is_control())
+    {
+        return Err(format!(
+            "{:?} must not contain double quotes, backslashes or control characters",
+            p.display().to_string()
+        ));
+    }
     match rest {
         Ok(rest) if rest.components().next().is_some() && !has_parent_dir(rest) => {
             Ok(Path::new("/root").join(rest))
@@ -545,6 +555,30 @@ mod tests {
                 "file_sync[1].mode",
             ),
             ("[[file_sync]]\nguest = \"~/a\"\n", "file_sync[0]"),
+            (
+                "[[file_sync]]\nhost = \"~/a\"\nguest = \"~/a\\\"b\"\n",
+                "file_sync[0].guest",
+            ),
+            (
+                "[[file_sync]]\nhost = \"~/a\"\nguest = \"~/a\\nb\"\n",
+                "file_sync[0].guest",
+            ),
+            (
+                "[[file_sync]]\nhost = \"/home/other/a\"\nguest = \"~/a\"\n",
+                "file_sync[0].host",
+            ),
+            (
+                "[[file_sync]]\nhost = \"/home/u/../other/a\"\nguest = \"~/a\"\n",
+                "file_sync[0].host",
+            ),
+            (
+                "[[file_sync]]\nhost = \"/home/uu/a\"\nguest = \"~/a\"\n",
+                "file_sync[0].host",
+            ),
+            (
+                "[[file_sync]]\nhost = \"~/a\"\nguest = \"/rootx/a\"\n",
+                "file_sync[0].guest",
+            ),
         ] {
             let e = err(text);
             assert!(

@@ -5,6 +5,7 @@
 //! per-VM lock; different VMs proceed in parallel.
 
 mod error;
+mod file_sync;
 mod files_routes;
 mod image_ops;
 mod image_routes;
@@ -13,6 +14,7 @@ mod lifecycle;
 mod logging;
 mod network;
 mod reconcile;
+mod run_mode;
 pub mod server;
 mod settings;
 mod ssh;

@@ -300,15 +300,21 @@ async fn create_vm(State(d): State<Shared>, Json(req): Json<CreateVmRequest>) ->
     // away (Ctrl-C) cancels it, and it rolls back. Daemon shutdown does too.
     let cancel = d.shutdown.child_token();
     let guard = cancel.clone().drop_guard();
+    let ephemeral = req.ephemeral;
     tokio::spawn(async move {
-        let ev = match d.create_vm(req, tx.clone(), cancel).await {
-            Ok(vm) => CreateVmEvent::Done(vm),
+        match d.create_vm(req, tx.clone(), cancel).await {
+            Ok(vm) => {
+                let _ = tx.send(CreateVmEvent::Done(vm.clone()));
+                if ephemeral {
+                    // The stream stays open: its end deletes the VM.
+                    d.hold_ephemeral(vm, tx).await;
+                }
+            }
             Err(e) => {
                 tracing::warn!(error = %e, "create failed");
-                CreateVmEvent::Error(e.to_api())
+                let _ = tx.send(CreateVmEvent::Error(e.to_api()));
             }
-        };
-        let _ = tx.send(ev);
+        }
     });
     ndjson(rx, guard)
 }

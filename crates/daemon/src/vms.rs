@@ -48,7 +48,7 @@ impl Reporter {
             started: Instant::now(),
         }
     }
-    fn progress(&self, phase: &str, message: &str) {
+    pub(crate) fn progress(&self, phase: &str, message: &str) {
         let _ = self.tx.send(CreateVmEvent::Progress(Progress {
             phase: phase.to_string(),
             message: message.to_string(),
@@ -116,6 +116,13 @@ impl Daemon {
         let dir = self.paths.vms_dir.join(id.as_str());
         // Held until the record (with its address) is stored.
         let alloc = self.alloc_lock.lock().await;
+        // Again under the lock every create records under: a create of the
+        // same name that started meanwhile must not get as far as disks.
+        if self.store.list_vms()?.iter().any(|v| v.name == name) {
+            return Err(DaemonError::Conflict(format!(
+                "a VM named {name} already exists: pick another --name or `banger vm delete {name}`"
+            )));
+        }
         let ip = self.allocate_ip()?;
         let mut vm = VmRecord {
             id: id.clone(),
@@ -216,6 +223,21 @@ impl Daemon {
             })
             .await
             .map_err(|e| DaemonError::Failed(e.into()))?;
+        if !self.config.file_sync.is_empty() {
+            let (this2, rec, rep) = (self.clone(), vm.clone(), &rep);
+            steps
+                .run(
+                    "files",
+                    "copying [[file_sync]] files into /root",
+                    |_| async move {
+                        this2
+                            .sync_files(&rec, &|w| rep.progress("warning", w))
+                            .await
+                    },
+                )
+                .await
+                .map_err(|e| DaemonError::Failed(e.into()))?;
+        }
 
         if !req.start {
             this.store.set_vm_state(&id, VmState::Stopped, None, None)?;
@@ -231,7 +253,19 @@ impl Daemon {
             progress: &progress,
             cancel: &cancel,
         };
-        match this.boot(ctx, &mut vm, &mut steps).await {
+        let mut booted = this.boot(ctx, &mut vm, &mut steps).await;
+        if booted.is_ok() && req.wait_ssh {
+            booted = match this.wait_sshd(&vm, &progress, &cancel).await {
+                crate::run_mode::SshWait::Up => Ok(()),
+                // Kept like a guest whose agent never greeted.
+                crate::run_mode::SshWait::TimedOut(msg) => Err(BootError::NotReady(msg)),
+                crate::run_mode::SshWait::Cancelled => {
+                    this.set_agent(&id, None);
+                    Err(fail(&mut steps, anyhow!(this.cancel_reason())).await)
+                }
+            };
+        }
+        match booted {
             Ok(()) => {
                 steps.commit();
                 if let Err(e) = this.refresh_known_hosts() {
@@ -293,6 +327,10 @@ impl Daemon {
             .set_vm_state(&vm.id, VmState::Starting, None, None)
         {
             return Err(fail(steps, e.into()).await);
+        }
+        // The VM is not running: its work disk may be written.
+        if let Err(e) = self.sync_credentials(vm, &|w| progress("warning", w)).await {
+            return Err(fail(steps, e).await);
         }
         // Firecracker boots an uncompressed ELF; QEMU the bzImage.
         let kernel_file = match vmm.backend() {
@@ -415,10 +453,10 @@ impl Daemon {
                 self.set_agent(&vm.id, Some(agent));
                 self.watch_exit(vm.id.clone(), launched_pid, exited);
                 return Err(BootError::NotReady(format!(
-                    "VM {} did not signal readiness within {}s; it is kept running for inspection: see {}",
-                    vm.name,
+                    "VM {name} did not signal readiness within {}s; it is kept running for inspection: `banger vm logs {name}` shows its console ({}), `banger vm delete {name}` removes it",
                     READY_TIMEOUT.as_secs(),
-                    console.display()
+                    console.display(),
+                    name = vm.name,
                 )));
             }
         }

@@ -160,7 +160,7 @@ fn plain_components(path: &str) -> Result<Vec<String>, StorageError> {
 
 /// A private scratch directory next to `disk` (same file system, and the
 /// VM directory is the daemon's own).
-fn tempfile_dir(disk: &Path) -> Result<PathBuf, StorageError> {
+pub(crate) fn tempfile_dir(disk: &Path) -> Result<PathBuf, StorageError> {
     let parent = disk.parent().unwrap_or(Path::new("."));
     for n in 0..100u32 {
         let dir = parent.join(format!(".inject-{}-{n}", std::process::id()));

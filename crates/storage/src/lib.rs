@@ -16,8 +16,10 @@
 mod copy;
 mod inject;
 mod tools;
+mod tree;
 
 pub use inject::{GuestFile, write_files};
+pub use tree::{EntryKind, GuestEntry, entry_path_ok, write_entries};
 
 pub use tools::find_tool;
 

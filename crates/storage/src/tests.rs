@@ -248,3 +248,91 @@ async fn files_are_written_into_the_disk_as_root_with_their_modes() {
     };
     assert!(write_files(&work, &[bad]).await.is_err());
 }
+
+#[tokio::test]
+async fn entries_copy_host_files_and_directories_with_modes() {
+    let t = tempfile::tempdir().expect("tempdir");
+    let seed = make_seed(t.path(), 0);
+    let work = t.path().join(WORK_DISK);
+    create_work_disk(WorkSource::Seed(&seed), &work, MIN_DISK_BYTES)
+        .await
+        .expect("work disk");
+    let host = t.path().join("host");
+    std::fs::create_dir_all(&host).expect("mkdir");
+    std::fs::write(host.join("a b"), b"spaced\n").expect("write");
+    let big: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+    std::fs::write(host.join("big"), &big).expect("write");
+    std::os::unix::fs::symlink(host.join("big"), host.join("link")).expect("symlink");
+    let entries = vec![
+        GuestEntry {
+            path: "/.aws".into(),
+            kind: EntryKind::Dir,
+            mode: 0o700,
+        },
+        GuestEntry {
+            path: "/.aws/cred file".into(),
+            kind: EntryKind::HostFile(host.join("a b")),
+            mode: 0o600,
+        },
+        GuestEntry {
+            path: "/deep/er/big".into(),
+            kind: EntryKind::HostFile(host.join("big")),
+            mode: 0o755,
+        },
+        GuestEntry {
+            path: "/hello".into(),
+            kind: EntryKind::HostFile(host.join("a b")),
+            mode: 0o640,
+        },
+    ];
+    write_entries(&work, &entries).await.expect("write entries");
+    assert_eq!(
+        tool("debugfs", &["-R", "cat \"/.aws/cred file\""], &work),
+        "spaced\n"
+    );
+    assert_eq!(tool("debugfs", &["-R", "cat /hello"], &work), "spaced\n");
+    for (path, mode) in [
+        ("/.aws", "0700"),
+        ("\"/.aws/cred file\"", "0600"),
+        ("/deep/er/big", "0755"),
+        ("/deep", "0755"),
+        ("/hello", "0640"),
+    ] {
+        let stat = tool("debugfs", &["-R", &format!("stat {path}")], &work);
+        assert!(
+            stat.contains(&format!("Mode:  {mode}")) && stat.contains("User:     0"),
+            "{path}: {stat}"
+        );
+    }
+    let dumped = t.path().join("dumped");
+    tool(
+        "debugfs",
+        &["-R", &format!("dump /deep/er/big {}", dumped.display())],
+        &work,
+    );
+    assert_eq!(std::fs::read(&dumped).expect("dumped"), big);
+    tool("e2fsck", &["-f", "-n"], &work);
+
+    // A symlink given as a file is refused, not followed.
+    let link = [GuestEntry {
+        path: "/link".into(),
+        kind: EntryKind::HostFile(host.join("link")),
+        mode: 0o600,
+    }];
+    assert!(write_entries(&work, &link).await.is_err());
+    // A file where a directory is fails loudly.
+    let clash = [GuestEntry {
+        path: "/.aws".into(),
+        kind: EntryKind::HostFile(host.join("a b")),
+        mode: 0o600,
+    }];
+    let e = write_entries(&work, &clash).await.expect_err("clash");
+    assert!(e.to_string().contains("did not take"), "{e}");
+    let names: Vec<_> = std::fs::read_dir(t.path())
+        .expect("ls")
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with(".inject"))
+        .collect();
+    assert!(names.is_empty(), "{names:?}");
+}

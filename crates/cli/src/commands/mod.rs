@@ -8,5 +8,6 @@ pub mod transfer;
 pub mod vm;
 pub mod vm_cp;
 pub mod vm_ports;
+pub mod vm_run;
 pub mod vm_ssh;
 pub mod vm_workspace;

@@ -8,13 +8,12 @@ use banger_api::{Client, CreateVmEvent, CreateVmRequest};
 use banger_model::{ByteSize, VmName, VmRecord};
 use clap::{Args, Subcommand};
 use std::io::{IsTerminal, Write};
-use std::time::Instant;
 use tokio::io::AsyncReadExt;
 
 #[derive(Subcommand)]
 pub enum VmCommand {
-    /// Create a VM, boot it and run a command in it.
-    Run(RunArgs),
+    /// Create a VM, boot it, then run a command in it or open an ssh session.
+    Run(super::vm_run::RunArgs),
     /// List VMs.
     List(JsonArg),
     /// Show one VM.
@@ -212,28 +211,14 @@ impl CreateFlags {
             disk_size: self.disk_size.map(|d| d.to_string()),
             start,
             nat: self.nat,
+            ..Default::default()
         }
     }
 }
 
-#[derive(Args)]
-pub struct RunArgs {
-    #[command(flatten)]
-    pub create: CreateFlags,
-    /// Delete the VM when the command ends (also on Ctrl-C).
-    #[arg(long)]
-    pub rm: bool,
-    #[command(flatten)]
-    pub workspace: super::vm_workspace::RunWorkspaceArgs,
-    /// The command to run in the guest, after `--`; without one, an ssh
-    /// session opens.
-    #[arg(last = true, value_name = "CMD")]
-    pub command: Vec<String>,
-}
-
 pub async fn run(cmd: VmCommand) -> anyhow::Result<i32> {
     match cmd {
-        VmCommand::Run(a) => vm_run(a).await,
+        VmCommand::Run(a) => super::vm_run::run(a).await,
         VmCommand::List(a) => {
             let vms = connect::client().await?.list_vms().await?;
             if a.json {
@@ -558,98 +543,6 @@ pub async fn create_with_progress(
         .await;
     let _ = spec_printed;
     Ok(res?)
-}
-
-async fn vm_run(a: RunArgs) -> anyhow::Result<i32> {
-    let ws = super::vm_workspace::for_run(&a.workspace).await?;
-    if a.workspace.dry_run {
-        return Ok(0);
-    }
-    let client = connect::client().await?;
-    let started = Instant::now();
-    let req = a.create.request(true);
-    let mut name: Option<String> = None;
-
-    // Ctrl-C during create: stop waiting, then clean up below.
-    let created = tokio::select! {
-        r = create_with_progress(&client, &req, &mut name) => Some(r),
-        _ = tokio::signal::ctrl_c() => None,
-    };
-    let vm = match created {
-        Some(Ok(vm)) => vm,
-        Some(Err(e)) => {
-            // A create the daemon reports as failed has rolled itself back,
-            // except when the guest never became ready: that VM is kept for
-            // inspection. But when the daemon itself went away mid-create,
-            // nobody rolled back: with --rm, delete what may exist.
-            let daemon_answered = e
-                .downcast_ref::<banger_api::ClientError>()
-                .is_some_and(|c| c.code().is_some());
-            if let Some(n) = name.as_deref().filter(|_| a.rm && !daemon_answered) {
-                cleanup(&client, n).await;
-            }
-            return Err(e);
-        }
-        None => {
-            eprintln!("banger: interrupted");
-            if let Some(n) = name.as_deref().filter(|_| a.rm) {
-                cleanup(&client, n).await;
-            }
-            return Ok(130);
-        }
-    };
-    if output::chatty() {
-        eprintln!(
-            "[{:>5.1}s] ready: {} is running",
-            started.elapsed().as_secs_f64(),
-            vm.name
-        );
-    }
-    let code = super::vm_workspace::after_ready(&client, &vm, ws.as_ref(), a.command).await;
-    if a.rm {
-        cleanup(&client, vm.name.as_str()).await;
-    }
-    code
-}
-
-async fn cleanup(client: &Client, name: &str) {
-    let gone = |e: &anyhow::Error| {
-        e.downcast_ref::<banger_api::ClientError>()
-            .and_then(|c| c.code())
-            == Some("not_found")
-    };
-    // The daemon may have died meanwhile: reconnect (restarting it) and try
-    // again for a while, as a daemon killed a moment ago may still be exiting.
-    let mut last = None;
-    for attempt in 0..5 {
-        if attempt > 0 {
-            tokio::time::sleep(std::time::Duration::from_secs(1)).await;
-        }
-        let result = match client.delete_vm(name).await {
-            Ok(_) => return,
-            Err(banger_api::ClientError::Api { error, .. }) if error.code == "not_found" => return,
-            Err(banger_api::ClientError::Api { error, .. }) => Err(anyhow::anyhow!(error.message)),
-            Err(_) => match connect::client().await {
-                Ok(c) => c
-                    .delete_vm(name)
-                    .await
-                    .map(|_| ())
-                    .map_err(anyhow::Error::from),
-                Err(e) => Err(e),
-            },
-        };
-        match result {
-            Ok(()) => return,
-            Err(e) if gone(&e) => return,
-            Err(e) => last = Some(e),
-        }
-    }
-    if let Some(e) = last {
-        eprintln!(
-            "banger: could not delete VM {name}: {}",
-            output::error_chain(&e)
-        );
-    }
 }
 
 /// Runs `argv` in the VM, streaming its output; returns its exit status.

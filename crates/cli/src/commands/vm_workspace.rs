@@ -7,10 +7,10 @@ use anyhow::Context;
 use banger_api::Client;
 use banger_api::exec::{ExecOutput, ExecStart};
 use banger_api::files::PutFilesStart;
-use banger_model::{VmRecord, VmState};
+
 use banger_transfer::workspace::{self, Options, Rev, Workspace};
 use clap::{Args, Subcommand};
-use std::io::IsTerminal;
+
 use std::path::{Path, PathBuf};
 
 /// What to copy from the repository.
@@ -83,7 +83,7 @@ pub async fn run(cmd: WorkspaceCommand) -> anyhow::Result<i32> {
     }
 }
 
-fn default_guest_path(ws: &Workspace) -> String {
+pub(crate) fn default_guest_path(ws: &Workspace) -> String {
     format!("/root/{}", ws.name)
 }
 
@@ -182,59 +182,12 @@ pub async fn for_run(a: &RunWorkspaceArgs) -> anyhow::Result<Option<Workspace>> 
     Ok(Some(ws))
 }
 
-/// After the VM is ready: copies the workspace (if any), then runs
-/// `command` there (its status is returned) or opens an ssh session.
-pub async fn after_ready(
-    client: &Client,
-    vm: &VmRecord,
-    ws: Option<&Workspace>,
-    command: Vec<String>,
-) -> anyhow::Result<i32> {
-    let name = vm.name.as_str();
-    let cwd = match ws {
-        Some(ws) => {
-            let guest = default_guest_path(ws);
-            prepare(client, name, ws, &guest).await?;
-            Some(guest)
-        }
-        None => None,
-    };
-    if command.is_empty() {
-        return ssh_session(client, name, cwd.as_deref()).await;
-    }
-    let start = ExecStart {
-        argv: command,
-        cwd,
-        ..Default::default()
-    };
-    super::vm::exec_streaming(client, name, start).await
-}
-
-/// An interactive ssh session, starting in `dir` when given.
-async fn ssh_session(client: &Client, vm: &str, dir: Option<&str>) -> anyhow::Result<i32> {
-    let vm = client.get_vm(vm).await?;
-    if vm.state != VmState::Running {
-        anyhow::bail!("VM {} is {}", vm.name, vm.state);
-    }
-    let (key, known_hosts) = super::vm_ssh::key_and_known_hosts()?;
-    let command: Vec<String> = dir
-        .map(|d| {
-            vec![format!(
-                "cd {} && exec \"${{SHELL:-/bin/sh}}\" -l",
-                shell_quote(d)
-            )]
-        })
-        .unwrap_or_default();
-    let mut args = super::vm_ssh::ssh_args(&vm, &key, &known_hosts, &command)?;
-    if dir.is_some() && std::io::stdin().is_terminal() {
-        args.insert(0, "-t".into());
-    }
-    let status = tokio::process::Command::new("ssh")
-        .args(&args)
-        .status()
-        .await
-        .context("running ssh (apt-get install openssh-client)")?;
-    Ok(status.code().unwrap_or(255))
+/// The remote command of an ssh session that starts a login shell in `dir`.
+pub(crate) fn login_shell_in(dir: &str) -> Vec<String> {
+    vec![format!(
+        "cd {} && exec \"${{SHELL:-/bin/sh}}\" -l",
+        shell_quote(dir)
+    )]
 }
 
 fn shell_quote(s: &str) -> String {
