@@ -23,6 +23,12 @@ BASIC = [
     (102, 102, 102), (241, 76, 76), (35, 209, 139), (245, 245, 67),
     (59, 142, 234), (214, 112, 214), (41, 184, 219), (255, 255, 255),
 ]
+# Box-drawing characters: which of their left, right, up, down arms exist.
+BOX = {
+    "─": (1, 1, 0, 0), "│": (0, 0, 1, 1), "┌": (0, 1, 0, 1), "┐": (1, 0, 0, 1),
+    "└": (0, 1, 1, 0), "┘": (1, 0, 1, 0), "├": (0, 1, 1, 1), "┤": (1, 0, 1, 1),
+    "┬": (1, 1, 0, 1), "┴": (1, 1, 1, 0), "┼": (1, 1, 1, 1),
+}
 
 
 def color256(n):
@@ -117,7 +123,16 @@ def main():
             px, py = pad + x * cw, pad + y * ch
             if bg != BG:
                 d.rectangle([px, py, px + cw - 1, py + ch - 1], fill=bg)
-            if c != " ":
+            if c in BOX:
+                # Drawn as 2-pixel strokes: font glyphs are 1 pixel thin and
+                # vanish when the picture is shown scaled down.
+                mx, my = px + cw // 2, py + ch // 2
+                left, right, up, down = BOX[c]
+                if left or right:
+                    d.line([px if left else mx, my, px + cw if right else mx, my], fill=fg, width=2)
+                if up or down:
+                    d.line([mx, py if up else my, mx, py + ch if down else my], fill=fg, width=2)
+            elif c != " ":
                 d.text((px, py + 1), c, font=bold if st.get("bold") else font, fill=fg)
             if st.get("underline"):
                 d.line([px, py + ch - 2, px + cw - 1, py + ch - 2], fill=fg)

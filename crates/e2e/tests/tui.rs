@@ -142,15 +142,16 @@ fn tui_lists_a_running_vm_stops_it_and_quits_to_the_shell() {
         "{screen}"
     );
 
-    // Details get stats from the daemon and ports from the guest (sshd);
+    // Details get stats from the daemon and ports from the guest agent;
     // the log pane follows the serial console.
     tmux.wait_for(
         "stats, ports and the console log",
         Duration::from_secs(60),
         |s| {
+            // Ports answered (sshd may not listen yet on a slow boot).
             s.contains("pid ")
                 && s.contains(" up ")
-                && s.lines().any(|l| l.contains(" 22 "))
+                && (s.contains("ports  none listening") || s.contains("│ports "))
                 && s.contains(&format!("console log: {VM}"))
                 && !s.contains("(empty)")
         },

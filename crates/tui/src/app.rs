@@ -210,6 +210,8 @@ pub struct App {
     pub selected: Option<usize>,
     /// The VM the details and logs belong to.
     details_for: Option<VmId>,
+    /// Its state when details were last asked for: a change asks again.
+    details_state: Option<VmState>,
     pub details: Details,
     pub log: LogView,
     pub log_source: LogSource,
@@ -243,6 +245,7 @@ impl App {
             vms: Vec::new(),
             selected: None,
             details_for: None,
+            details_state: None,
             details: Details::default(),
             log: LogView::default(),
             log_source: LogSource::Console,
@@ -388,9 +391,17 @@ impl App {
     fn follow_selection(&mut self, fx: &mut Vec<Effect>) {
         let sel = self.selected_vm().map(|r| (r.vm.id.clone(), r.vm.pid));
         let sel_id = sel.as_ref().map(|(id, _)| id.clone());
+        let sel_state = self.selected_vm().map(|r| r.vm.state);
         if sel_id != self.details_for {
             self.details_for = sel_id;
             self.details = Details::default();
+            self.details_in_flight = false;
+            self.details_state = sel_state;
+            self.refresh_details(fx);
+        } else if sel_state != self.details_state {
+            // Stopped or booted: stats and ports changed now, not at the
+            // next periodic refresh.
+            self.details_state = sel_state;
             self.details_in_flight = false;
             self.refresh_details(fx);
         }
@@ -795,9 +806,13 @@ pub(crate) mod tests {
             chunk: b"boot 1\n".to_vec(),
         });
         assert_eq!(app.log.tail(5), ["boot 1"]);
-        // Stopped: the last boot's log stays.
+        // Stopped: the last boot's log stays; details are asked again.
         let fx = app.update(Msg::List(Ok(vec![vm("alpha", VmState::Stopped)])));
         assert!(!fx.iter().any(|e| matches!(e, Effect::FollowLogs { .. })));
+        assert!(
+            fx.iter()
+                .any(|e| matches!(e, Effect::RefreshDetails { ports: false, .. }))
+        );
         assert_eq!(app.log.tail(5), ["boot 1"]);
         // Booted again with a new VMM: a fresh stream.
         let mut again = vm("alpha", VmState::Running);

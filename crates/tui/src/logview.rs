@@ -24,7 +24,13 @@ impl LogView {
         self.partial.extend_from_slice(chunk);
         while let Some(nl) = self.partial.iter().position(|b| *b == b'\n') {
             let line: Vec<u8> = self.partial.drain(..=nl).collect();
-            self.lines.push_back(printable(&line[..nl]));
+            let text = printable(&line[..nl]);
+            // Lines that were only escape sequences (cursor moves, colour
+            // resets between status lines) would show as blank lines.
+            if text.is_empty() && line[..nl].contains(&0x1b) {
+                continue;
+            }
+            self.lines.push_back(text);
             if self.lines.len() > MAX_LINES {
                 self.lines.pop_front();
             }
@@ -127,6 +133,8 @@ mod tests {
         v.push(b"1mred\x1b[0m\nthird");
         assert_eq!(v.tail(10), ["first line", "sec\u{e9}ond red", "third"]);
         assert_eq!(v.tail(2), ["sec\u{e9}ond red", "third"]);
+        v.push(b"\x1b[0m\r\n\nafter\n");
+        assert_eq!(v.tail(3), ["third", "", "after"]);
     }
 
     #[test]
