@@ -47,6 +47,8 @@ enum Command {
     SshConfig(commands::ssh_config::SshConfigArgs),
     /// Measure banger's orchestration overhead (JSON).
     Bench(commands::bench::BenchArgs),
+    /// Terminal dashboard: VMs, stats, ports, logs and lifecycle actions.
+    Tui,
     /// Print version, commit and build time.
     Version,
 }
@@ -86,6 +88,7 @@ fn main() -> ExitCode {
             Command::Doctor(a) => commands::doctor::run(a).await,
             Command::SshConfig(a) => commands::ssh_config::run(a).await,
             Command::Bench(a) => commands::bench::run(a).await,
+            Command::Tui => commands::tui::run().await,
             Command::Version => {
                 let b = BuildInfo::current();
                 println!(

@@ -222,13 +222,33 @@ impl Banger {
 
     fn env(&self, mut c: Command) -> Command {
         c.env_remove("BANGER_SOCKET")
-            .env("HOME", self.root.join("home"))
-            .env("XDG_CONFIG_HOME", self.root.join("config"))
-            .env("XDG_STATE_HOME", self.root.join("state"))
-            .env("XDG_CACHE_HOME", self.root.join("cache"))
-            .env("XDG_RUNTIME_DIR", self.root.join("run"))
+            .envs(self.env_vars())
             .stdin(Stdio::null());
         c
+    }
+
+    /// The environment of this installation's `banger` (besides an unset
+    /// `BANGER_SOCKET`), for programs that start it themselves.
+    pub fn env_vars(&self) -> Vec<(&'static str, PathBuf)> {
+        vec![
+            ("HOME", self.root.join("home")),
+            ("XDG_CONFIG_HOME", self.root.join("config")),
+            ("XDG_STATE_HOME", self.root.join("state")),
+            ("XDG_CACHE_HOME", self.root.join("cache")),
+            ("XDG_RUNTIME_DIR", self.root.join("run")),
+        ]
+    }
+
+    /// The program and arguments that run `banger args...` inside this
+    /// installation's network namespace (what [`Banger::cmd`] runs, for
+    /// programs that start it themselves, e.g. in a terminal).
+    pub fn banger_argv(&self, args: &[&str]) -> Vec<String> {
+        let mut v: Vec<String> = ["ip", "netns", "exec", self.netns.as_str()]
+            .map(String::from)
+            .to_vec();
+        v.push(self.bin_dir.join("banger").to_string_lossy().into_owned());
+        v.extend(args.iter().map(|a| a.to_string()));
+        v
     }
 
     /// Runs `banger args...` to completion.

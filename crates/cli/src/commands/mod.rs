@@ -5,6 +5,7 @@ pub mod image;
 pub mod kernel;
 pub mod ssh_config;
 pub mod transfer;
+pub mod tui;
 pub mod vm;
 pub mod vm_cp;
 pub mod vm_ports;
