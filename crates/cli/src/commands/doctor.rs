@@ -170,9 +170,11 @@ pub async fn run(a: DoctorArgs) -> anyhow::Result<i32> {
 
     let cli = BuildInfo::current();
     let mut net_status = None;
+    let mut daemon_up = false;
     match connect::running_client().await {
         Ok(Some(c)) => match c.info().await {
             Ok(info) => {
+                daemon_up = true;
                 net_status = Some(c.network().await.map_err(|e| e.to_string()));
                 let drift = info.build.commit != cli.commit || info.build.version != cli.version;
                 checks.push(check(
@@ -202,6 +204,7 @@ pub async fn run(a: DoctorArgs) -> anyhow::Result<i32> {
     }
 
     checks.extend(network_checks(net_status));
+    checks.push(web_check(config.web_listen_addr, daemon_up).await);
 
     let failed = checks.iter().any(|c| c.status == Status::Fail);
     if a.json {
@@ -378,6 +381,49 @@ fn vmm_checks(config: &Config) -> Vec<Check> {
         Err(e) => check("backend", Status::Fail, e.to_string()),
     };
     vec![fc, backend]
+}
+
+/// The web UI: off, loopback-only (and answering, when the daemon runs), or
+/// exposed beyond this machine, which only an explicit `web_listen_addr`
+/// does and which deserves a warning.
+async fn web_check(addr: Option<std::net::SocketAddr>, daemon_up: bool) -> Check {
+    let Some(addr) = addr else {
+        return check("web_ui", Status::Pass, "disabled (web_listen_addr = \"\")");
+    };
+    if !addr.ip().to_canonical().is_loopback() {
+        return check(
+            "web_ui",
+            Status::Warn,
+            format!(
+                "listens on {addr}, beyond this machine: whoever reaches it can manage \
+                 your VMs; set web_listen_addr = \"127.0.0.1:{}\" unless you mean it",
+                addr.port()
+            ),
+        );
+    }
+    if !daemon_up {
+        return check(
+            "web_ui",
+            Status::Pass,
+            format!("http://{addr}/ once the daemon runs"),
+        );
+    }
+    let probe = tokio::time::timeout(
+        std::time::Duration::from_secs(1),
+        tokio::net::TcpStream::connect(addr),
+    )
+    .await;
+    match probe {
+        Ok(Ok(_)) => check("web_ui", Status::Pass, format!("http://{addr}/")),
+        _ => check(
+            "web_ui",
+            Status::Warn,
+            format!(
+                "nothing answers on {addr}: another program may hold the port (see \
+                 bangerd.log); set web_listen_addr to a free address, or \"\" to disable it"
+            ),
+        ),
+    }
 }
 
 /// An install hint for the host's distribution.
