@@ -117,10 +117,10 @@ impl Browser {
                     Ok(0) | Err(_) => return,
                     Ok(_) => {
                         msg.pop();
-                        if let Ok(v) = serde_json::from_slice::<Value>(&msg) {
-                            if tx.send(v).is_err() {
-                                return;
-                            }
+                        if let Ok(v) = serde_json::from_slice::<Value>(&msg)
+                            && tx.send(v).is_err()
+                        {
+                            return;
                         }
                     }
                 }
@@ -454,16 +454,26 @@ fn completion_scripts_load_and_complete_live_names() {
     got.sort();
     assert_eq!(got, ["comp-alpha", "comp-beta"], "{stderr}");
 
-    // No daemon: names complete to nothing, quietly, and none is started.
+    // No daemon: names complete to nothing, quietly (only flags, no file
+    // names even where files match), and no daemon is started for it.
     let idle = Banger::isolated("completion");
-    let out = idle
-        .cmd(&["--", "banger", "vm", "stop", ""])
-        .env("COMPLETE", "bash")
-        .env("_CLAP_COMPLETE_INDEX", "3")
-        .output()
-        .expect("spawn banger");
-    assert!(out.status.success());
-    assert_eq!(text(&out), (String::new(), String::new()));
+    let idle_complete = |word: &str| {
+        let out = idle
+            .cmd(&["--", "banger", "vm", "stop", word])
+            .current_dir(&dir)
+            .env("COMPLETE", "bash")
+            .env("_CLAP_COMPLETE_INDEX", "3")
+            .env("_CLAP_IFS", "\n")
+            .output()
+            .expect("spawn banger");
+        assert!(out.status.success());
+        let (stdout, stderr) = text(&out);
+        assert_eq!(stderr, "");
+        stdout
+    };
+    let offered = idle_complete("");
+    assert!(offered.lines().all(|l| l.starts_with('-')), "{offered}");
+    assert_eq!(idle_complete("banger."), "", "files of the cwd offered");
     assert!(
         !idle.state_dir().join("bangerd.lock").exists(),
         "completion started a daemon"

@@ -170,10 +170,10 @@ impl Guard {
         if !host.is_some_and(|h| self.host_allowed(h)) {
             return Err(Refusal::Host);
         }
-        if let Some(origin) = headers.get(header::ORIGIN) {
-            if !origin.to_str().is_ok_and(|o| self.origin_allowed(o)) {
-                return Err(Refusal::Origin);
-            }
+        if let Some(origin) = headers.get(header::ORIGIN)
+            && !origin.to_str().is_ok_and(|o| self.origin_allowed(o))
+        {
+            return Err(Refusal::Origin);
         }
         // A WebSocket upgrade arrives as a GET but acts (exec runs commands),
         // and browsers do not apply CORS to it.
