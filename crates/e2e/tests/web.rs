@@ -201,7 +201,12 @@ impl Browser {
                 return;
             }
             if Instant::now() > deadline {
-                let body = self.eval("document.body.innerText");
+                // The page without its (long) log tail.
+                let body = self.eval(
+                    "[...document.querySelectorAll('header, main .title, main .card:not(.wide), main table, #ops')]\
+                     .map(e => e.innerText).join('\\n')",
+                );
+                let body = body.as_str().unwrap_or_default();
                 panic!("timed out after {timeout:?} waiting for {what}; the page shows:\n{body}");
             }
             std::thread::sleep(Duration::from_millis(250));
@@ -247,6 +252,20 @@ fn web_ui_shows_the_vm_stops_it_and_refuses_foreign_requests() {
     let _cleanup = Cleanup(b, vec!["web-e2e"]);
     ok(b, &["vm", "create", "--name", "web-e2e"]);
     assert_eq!(state(b, "web-e2e"), "running");
+    // A guest web server, to show up as a link to its .vm name later
+    // (python starts slowly under TCG).
+    ok(
+        b,
+        &[
+            "vm",
+            "exec",
+            "web-e2e",
+            "--",
+            "sh",
+            "-c",
+            "cd /tmp && setsid -f python3 -m http.server 8080 >/dev/null 2>&1",
+        ],
+    );
 
     // The page embeds the token; the API is the daemon's, under /api.
     let base = format!("http://{WEB}");
@@ -343,9 +362,9 @@ fn web_ui_shows_the_vm_stops_it_and_refuses_foreign_requests() {
         Duration::from_secs(60),
     );
     browser.wait_for(
-        "the ports card",
-        "document.getElementById('ports').querySelector('ul, p')",
-        Duration::from_secs(60),
+        "a link to the guest's web server",
+        "document.querySelector('#ports a[href=\"http://web-e2e.vm:8080/\"]')",
+        Duration::from_secs(240),
     );
     browser.screenshot(&art.join("web-ui-vm.png"));
 
