@@ -96,14 +96,23 @@ function confirmDialog(text, okLabel) {
   });
 }
 
-/** Runs `fn` now and every `ms` until the returned stop function is called. */
+/** Runs `fn` now and every `ms` until the returned stop function is called;
+ * `stop.now()` runs it again at once (never two runs at the same time). */
 function poll(fn, ms) {
   let stopped = false;
-  let timer;
+  let timer = null;
+  let busy = false;
+  let again = false;
   const tick = async () => {
     if (stopped) return;
+    if (busy) { again = true; return; }
+    busy = true;
+    clearTimeout(timer);
     try { await fn(); } catch (e) { if (!stopped) toast(e.message); }
-    if (!stopped) timer = setTimeout(tick, ms);
+    busy = false;
+    if (stopped) return;
+    if (again) { again = false; tick(); return; }
+    timer = setTimeout(tick, ms);
   };
   tick();
   const stop = () => { stopped = true; clearTimeout(timer); };
@@ -227,6 +236,7 @@ async function vmAction(name, action, after) {
     if (action === 'delete') await api('DELETE', `/v1/vms/${enc(name)}`);
     else await api('POST', `/v1/vms/${enc(name)}/${action}`);
     op.done(`${name} ${PAST[action]}`);
+    if (action === 'delete' && location.hash.startsWith('#/vm/')) location.hash = '#/';
   } catch (e) {
     op.fail(e.message);
   }
@@ -440,7 +450,7 @@ function vmDetail(name) {
         const atBottom = logPre.scrollTop + logPre.clientHeight >= logPre.scrollHeight - 20;
         // Drop terminal escapes and carriage returns of the serial console.
         text += dec.decode(value, { stream: true })
-          .replace(/\x1b\[[0-9;?]*[A-Za-z]/g, '').replace(/\r/g, '');
+          .replace(/\x1b\[[0-9;?]*[A-Za-z]/g, '').replace(/[\x1b\r]/g, '');
         if (text.length > LIMIT) text = text.slice(text.length - LIMIT);
         logPre.textContent = text;
         if (atBottom) logPre.scrollTop = logPre.scrollHeight;

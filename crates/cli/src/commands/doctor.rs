@@ -443,3 +443,40 @@ fn install_hint(pkg: &str) -> String {
         format!("install {pkg} with your package manager")
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn addr(s: &str) -> Option<std::net::SocketAddr> {
+        Some(s.parse().expect("socket address"))
+    }
+
+    #[tokio::test]
+    async fn web_ui_row_warns_about_exposure_and_silence() {
+        let off = web_check(None, true).await;
+        assert_eq!(off.status, Status::Pass);
+        assert!(off.detail.contains("disabled"), "{}", off.detail);
+
+        for exposed in ["0.0.0.0:7777", "[::]:7777", "192.168.1.5:7777"] {
+            let c = web_check(addr(exposed), false).await;
+            assert_eq!(c.status, Status::Warn, "{exposed}");
+            assert!(c.detail.contains("127.0.0.1:7777"), "{}", c.detail);
+        }
+
+        let idle = web_check(addr("127.0.0.1:7777"), false).await;
+        assert_eq!(idle.status, Status::Pass);
+
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let live = listener.local_addr().expect("addr");
+        let c = web_check(Some(live), true).await;
+        assert_eq!(c.status, Status::Pass, "{}", c.detail);
+        assert_eq!(c.detail, format!("http://{live}/"));
+        drop(listener);
+        let c = web_check(Some(live), true).await;
+        assert_eq!(c.status, Status::Warn, "{}", c.detail);
+        assert!(c.detail.contains("nothing answers"), "{}", c.detail);
+    }
+}
