@@ -5,7 +5,7 @@ mod connect;
 mod output;
 
 use banger_version::BuildInfo;
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 use std::process::ExitCode;
 
 #[derive(Parser)]
@@ -51,9 +51,17 @@ enum Command {
     Tui,
     /// Print version, commit and build time.
     Version,
+    /// Print the shell completion script (bash, zsh, fish, powershell).
+    Completion(commands::completion::CompletionArgs),
 }
 
 fn main() -> ExitCode {
+    // A <TAB> in a shell with the completion script loaded: answer and exit.
+    clap_complete::CompleteEnv::with_factory(|| {
+        commands::completion::with_completers(Cli::command())
+    })
+    .var(commands::completion::COMPLETE_VAR)
+    .complete();
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) if !e.use_stderr() => {
@@ -89,6 +97,7 @@ fn main() -> ExitCode {
             Command::SshConfig(a) => commands::ssh_config::run(a).await,
             Command::Bench(a) => commands::bench::run(a).await,
             Command::Tui => commands::tui::run().await,
+            Command::Completion(a) => commands::completion::run(a),
             Command::Version => {
                 let b = BuildInfo::current();
                 println!(

@@ -20,6 +20,7 @@ mod settings;
 mod ssh;
 pub mod steps;
 mod vms;
+mod web;
 
 pub use error::DaemonError;
 pub use logging::init_logging;
@@ -186,9 +187,10 @@ pub async fn serve(daemon: Arc<Daemon>) -> anyhow::Result<()> {
     let listener = listener.with_context(|| format!("binding {}", socket.display()))?;
     std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o600))?;
     tracing::info!(socket = %socket.display(), pid = std::process::id(), backend = %daemon.backend_reason, "bangerd listening");
+    let (router, _) = server::router(daemon.clone());
+    web::start(&daemon, router.clone()).await;
     notify_ready();
 
-    let (router, _) = server::router(daemon.clone());
     let token = daemon.shutdown.clone();
     let signals = token.clone();
     tokio::spawn(async move {

@@ -119,7 +119,10 @@ impl Banger {
         }
         let cfg = self.config_dir().join("config.toml");
         let saved = std::fs::read_to_string(&cfg).ok();
-        self.write_config("network = \"user\"\ndns_listen_addr = \"127.0.0.1:0\"\n");
+        // No listener in the host's namespace: no DNS port, no web UI.
+        self.write_config(
+            "network = \"user\"\ndns_listen_addr = \"127.0.0.1:0\"\nweb_listen_addr = \"\"\n",
+        );
         let out = self
             .env(Command::new(self.bin_dir.join("banger")))
             .args(["image", "build"])

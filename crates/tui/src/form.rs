@@ -159,6 +159,7 @@ impl CreateForm {
             disk_size,
             start: true,
             nat: false,
+            ..Default::default()
         })
     }
 }

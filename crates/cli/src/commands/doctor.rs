@@ -170,9 +170,11 @@ pub async fn run(a: DoctorArgs) -> anyhow::Result<i32> {
 
     let cli = BuildInfo::current();
     let mut net_status = None;
+    let mut daemon_up = false;
     match connect::running_client().await {
         Ok(Some(c)) => match c.info().await {
             Ok(info) => {
+                daemon_up = true;
                 net_status = Some(c.network().await.map_err(|e| e.to_string()));
                 let drift = info.build.commit != cli.commit || info.build.version != cli.version;
                 checks.push(check(
@@ -202,6 +204,7 @@ pub async fn run(a: DoctorArgs) -> anyhow::Result<i32> {
     }
 
     checks.extend(network_checks(net_status));
+    checks.push(web_check(config.web_listen_addr, daemon_up).await);
 
     let failed = checks.iter().any(|c| c.status == Status::Fail);
     if a.json {
@@ -380,6 +383,49 @@ fn vmm_checks(config: &Config) -> Vec<Check> {
     vec![fc, backend]
 }
 
+/// The web UI: off, loopback-only (and answering, when the daemon runs), or
+/// exposed beyond this machine, which only an explicit `web_listen_addr`
+/// does and which deserves a warning.
+async fn web_check(addr: Option<std::net::SocketAddr>, daemon_up: bool) -> Check {
+    let Some(addr) = addr else {
+        return check("web_ui", Status::Pass, "disabled (web_listen_addr = \"\")");
+    };
+    if !addr.ip().to_canonical().is_loopback() {
+        return check(
+            "web_ui",
+            Status::Warn,
+            format!(
+                "listens on {addr}, beyond this machine: whoever reaches it can manage \
+                 your VMs; set web_listen_addr = \"127.0.0.1:{}\" unless you mean it",
+                addr.port()
+            ),
+        );
+    }
+    if !daemon_up {
+        return check(
+            "web_ui",
+            Status::Pass,
+            format!("http://{addr}/ once the daemon runs"),
+        );
+    }
+    let probe = tokio::time::timeout(
+        std::time::Duration::from_secs(1),
+        tokio::net::TcpStream::connect(addr),
+    )
+    .await;
+    match probe {
+        Ok(Ok(_)) => check("web_ui", Status::Pass, format!("http://{addr}/")),
+        _ => check(
+            "web_ui",
+            Status::Warn,
+            format!(
+                "nothing answers on {addr}: another program may hold the port (see \
+                 bangerd.log); set web_listen_addr to a free address, or \"\" to disable it"
+            ),
+        ),
+    }
+}
+
 /// An install hint for the host's distribution.
 fn install_hint(pkg: &str) -> String {
     let os = std::fs::read_to_string("/etc/os-release").unwrap_or_default();
@@ -395,5 +441,42 @@ fn install_hint(pkg: &str) -> String {
         format!("pacman -S {pkg}")
     } else {
         format!("install {pkg} with your package manager")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn addr(s: &str) -> Option<std::net::SocketAddr> {
+        Some(s.parse().expect("socket address"))
+    }
+
+    #[tokio::test]
+    async fn web_ui_row_warns_about_exposure_and_silence() {
+        let off = web_check(None, true).await;
+        assert_eq!(off.status, Status::Pass);
+        assert!(off.detail.contains("disabled"), "{}", off.detail);
+
+        for exposed in ["0.0.0.0:7777", "[::]:7777", "192.168.1.5:7777"] {
+            let c = web_check(addr(exposed), false).await;
+            assert_eq!(c.status, Status::Warn, "{exposed}");
+            assert!(c.detail.contains("127.0.0.1:7777"), "{}", c.detail);
+        }
+
+        let idle = web_check(addr("127.0.0.1:7777"), false).await;
+        assert_eq!(idle.status, Status::Pass);
+
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let live = listener.local_addr().expect("addr");
+        let c = web_check(Some(live), true).await;
+        assert_eq!(c.status, Status::Pass, "{}", c.detail);
+        assert_eq!(c.detail, format!("http://{live}/"));
+        drop(listener);
+        let c = web_check(Some(live), true).await;
+        assert_eq!(c.status, Status::Warn, "{}", c.detail);
+        assert!(c.detail.contains("nothing answers"), "{}", c.detail);
     }
 }
