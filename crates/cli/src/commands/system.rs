@@ -57,7 +57,6 @@ pub const HELPER_CAPABILITIES: &[&str] = &[
 #[derive(Debug, Clone)]
 pub struct Layout {
     pub lib_dir: PathBuf,
-    pub unit_dir: PathBuf,
     pub etc_dir: PathBuf,
     /// The system paths `uninstall --purge` deletes, and nothing else.
     pub purge: Vec<PathBuf>,
