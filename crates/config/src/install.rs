@@ -26,7 +26,9 @@ pub enum InstallError {
         #[source]
         source: std::io::Error,
     },
-    #[error("{path} is not a valid install record ({message}): re-run `sudo banger system install`")]
+    #[error(
+        "{path} is not a valid install record ({message}): re-run `sudo banger system install`"
+    )]
     Parse { path: PathBuf, message: String },
     #[error("writing {path}")]
     Write {

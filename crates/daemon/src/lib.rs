@@ -170,7 +170,10 @@ pub async fn serve(daemon: Arc<Daemon>) -> anyhow::Result<()> {
         })?;
 
     if let Some(helper) = network::system_helper().await {
-        let dirs = [daemon.paths.state_dir.clone(), daemon.paths.cache_dir.clone()];
+        let dirs = [
+            daemon.paths.state_dir.clone(),
+            daemon.paths.cache_dir.clone(),
+        ];
         let n = ownership::repair(&helper, &dirs).await;
         if n > 0 {
             tracing::info!(repaired = n, "repaired ownership in banger's directories");

@@ -14,11 +14,11 @@ use banger_api::{NetworkBench, NetworkStatus, PortInfo};
 use banger_config::{Config, InstallRecord, NetworkMode};
 use banger_model::{VmRecord, VmState};
 use banger_net::host::BridgeSpec;
-use banger_root_helper::HelperClient;
 use banger_net::{
     DnsRecords, DnsServer, GuestNet, HostNet, LocalHostNet, MacAddr, NetSettings, PoolConfig,
     Subnet, TapName, TapPool,
 };
+use banger_root_helper::HelperClient;
 use banger_vmm::{HostForward, NetBackend, NetSpec};
 use std::collections::{BTreeSet, HashSet};
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};

@@ -140,7 +140,10 @@ fn install_status_helper_reinstall_and_uninstall_in_a_guest() {
     assert!(out.status.success(), "{}", text(&out).1);
 
     // Install.
-    let installed = ok(b, &["/opt/bin/banger", "system", "install", "--owner", OWNER]);
+    let installed = ok(
+        b,
+        &["/opt/bin/banger", "system", "install", "--owner", OWNER],
+    );
     assert!(installed.contains("installed banger v"), "{installed}");
     both_active(b);
     assert_eq!(
@@ -228,11 +231,21 @@ fn install_status_helper_reinstall_and_uninstall_in_a_guest() {
     // Another user cannot use the owner's daemon, and is told why.
     let out = exec(
         b,
-        &["runuser", "-u", OTHER, "--", "/usr/local/bin/banger", "vm", "list"],
+        &[
+            "runuser",
+            "-u",
+            OTHER,
+            "--",
+            "/usr/local/bin/banger",
+            "vm",
+            "list",
+        ],
     );
     assert!(!out.status.success());
     assert!(
-        text(&out).1.contains(&format!("installed for user {OWNER}")),
+        text(&out)
+            .1
+            .contains(&format!("installed for user {OWNER}")),
         "{}",
         text(&out).1
     );
@@ -240,11 +253,22 @@ fn install_status_helper_reinstall_and_uninstall_in_a_guest() {
     // The helper: only its operations, only banger's names, only the owner.
     let r = helper(b, OWNER, r#"{"version":1,"op":{"name":"hello"}}"#);
     assert!(r.contains(r#""protocol":1"#), "{r}");
-    let r = helper(b, OWNER, r#"{"version":1,"op":{"name":"exec","argv":["/bin/sh"]}}"#);
-    assert!(r.contains(r#""kind":"malformed""#) && r.contains("not an operation"), "{r}");
+    let r = helper(
+        b,
+        OWNER,
+        r#"{"version":1,"op":{"name":"exec","argv":["/bin/sh"]}}"#,
+    );
+    assert!(
+        r.contains(r#""kind":"malformed""#) && r.contains("not an operation"),
+        "{r}"
+    );
     let r = helper(b, OWNER, r#"{"version":7,"op":{"name":"list_taps"}}"#);
     assert!(r.contains(r#""kind":"version""#), "{r}");
-    let r = helper(b, OWNER, r#"{"version":1,"op":{"name":"delete_tap","tap":"eth0"}}"#);
+    let r = helper(
+        b,
+        OWNER,
+        r#"{"version":1,"op":{"name":"delete_tap","tap":"eth0"}}"#,
+    );
     assert!(r.contains(r#""kind":"refused""#), "{r}");
     let r = helper(
         b,
@@ -258,7 +282,10 @@ fn install_status_helper_reinstall_and_uninstall_in_a_guest() {
         OWNER,
         r#"{"version":1,"op":{"name":"chown_to_owner","path":"/var/lib/banger/escape/shadow"}}"#,
     );
-    assert!(r.contains(r#""kind":"refused""#) && r.contains("symlink"), "{r}");
+    assert!(
+        r.contains(r#""kind":"refused""#) && r.contains("symlink"),
+        "{r}"
+    );
     assert_eq!(sh(b, "stat -c %U /etc/shadow"), "root\n");
     // Root is not the owner: SO_PEERCRED says so (root passes file modes).
     let r = helper(b, "root", r#"{"version":1,"op":{"name":"list_taps"}}"#);
@@ -274,15 +301,27 @@ fn install_status_helper_reinstall_and_uninstall_in_a_guest() {
 
     // A root-owned leftover in the state dir goes back to the owner at the
     // next daemon start (through the helper's chown).
-    sh(b, "touch /var/lib/banger/stray && systemctl restart bangerd.service");
-    assert_eq!(sh(b, "stat -c %U /var/lib/banger/stray"), format!("{OWNER}\n"));
+    sh(
+        b,
+        "touch /var/lib/banger/stray && systemctl restart bangerd.service",
+    );
+    assert_eq!(
+        sh(b, "stat -c %U /var/lib/banger/stray"),
+        format!("{OWNER}\n")
+    );
 
     // Re-install in place: idempotent.
     let pid = sh(b, "systemctl show -p MainPID --value bangerd.service");
-    let again = ok(b, &["/opt/bin/banger", "system", "install", "--owner", OWNER]);
+    let again = ok(
+        b,
+        &["/opt/bin/banger", "system", "install", "--owner", OWNER],
+    );
     assert!(again.contains("reinstalled banger v"), "{again}");
     both_active(b);
-    assert_ne!(sh(b, "systemctl show -p MainPID --value bangerd.service"), pid);
+    assert_ne!(
+        sh(b, "systemctl show -p MainPID --value bangerd.service"),
+        pid
+    );
     let out = as_owner(b, &["/usr/local/bin/banger", "system", "status"]);
     assert!(out.status.success(), "{}", text(&out).0);
 
@@ -320,7 +359,15 @@ fn install_status_helper_reinstall_and_uninstall_in_a_guest() {
     // Without an install, the owner's banger is back in user mode.
     let out = exec(
         b,
-        &["runuser", "-u", OWNER, "--", "/opt/bin/banger", "daemon", "socket"],
+        &[
+            "runuser",
+            "-u",
+            OWNER,
+            "--",
+            "/opt/bin/banger",
+            "daemon",
+            "socket",
+        ],
     );
     assert!(
         !text(&out).0.contains("/run/banger/bangerd.sock"),

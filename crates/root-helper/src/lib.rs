@@ -28,7 +28,9 @@ use std::sync::Arc;
 /// Why the helper could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
-    #[error("no install record at {INSTALL_RECORD}: run `sudo banger system install --owner USER` first")]
+    #[error(
+        "no install record at {INSTALL_RECORD}: run `sudo banger system install --owner USER` first"
+    )]
     NotInstalled,
     #[error(transparent)]
     Install(#[from] InstallError),

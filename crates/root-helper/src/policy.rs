@@ -199,11 +199,11 @@ impl Policy {
                 "{shown}: '..' and '.' are not allowed"
             )));
         }
-        let Some((dir, rel)) = self
-            .dirs
-            .iter()
-            .find_map(|d| path.strip_prefix(d).ok().map(|r| (d.clone(), r.to_path_buf())))
-        else {
+        let Some((dir, rel)) = self.dirs.iter().find_map(|d| {
+            path.strip_prefix(d)
+                .ok()
+                .map(|r| (d.clone(), r.to_path_buf()))
+        }) else {
             return Err(Refusal::refused(format!(
                 "{shown} is outside banger's directories ({})",
                 self.dirs
@@ -278,7 +278,15 @@ pub(crate) mod tests {
             ),
             Ok(Checked::CreateTap(TapName::new("bgtap1a2b").expect("tap")))
         );
-        for tap in ["eth0", "bgtap", "lo", "bgtap/../x", "BGTAP1", "bgtap0123456789a", ""] {
+        for tap in [
+            "eth0",
+            "bgtap",
+            "lo",
+            "bgtap/../x",
+            "BGTAP1",
+            "bgtap0123456789a",
+            "",
+        ] {
             let r = refused(&p, 1000, Op::DeleteTap { tap: tap.into() });
             assert_eq!(r.kind, ErrorKind::Refused, "{tap}");
         }
@@ -292,10 +300,22 @@ pub(crate) mod tests {
                 },
             );
             assert_eq!(r.kind, ErrorKind::Refused, "{bridge}");
-            let r = refused(&p, 1000, Op::ResolvedUnwire { bridge: bridge.into() });
+            let r = refused(
+                &p,
+                1000,
+                Op::ResolvedUnwire {
+                    bridge: bridge.into(),
+                },
+            );
             assert_eq!(r.kind, ErrorKind::Refused, "{bridge}");
         }
-        let r = refused(&p, 1000, Op::BridgeIndex { bridge: "eth0".into() });
+        let r = refused(
+            &p,
+            1000,
+            Op::BridgeIndex {
+                bridge: "eth0".into(),
+            },
+        );
         assert!(r.message.contains("not banger's bridge banger0"), "{r}");
     }
 

@@ -400,7 +400,10 @@ mod tests {
             ("garbage", ErrorKind::Malformed),
             (r#"{"op":{"name":"hello"}}"#, ErrorKind::Version),
             (r#"{"version":2,"op":{"name":"hello"}}"#, ErrorKind::Version),
-            (r#"{"version":"1","op":{"name":"hello"}}"#, ErrorKind::Version),
+            (
+                r#"{"version":"1","op":{"name":"hello"}}"#,
+                ErrorKind::Version,
+            ),
             (
                 r#"{"version":1,"op":{"name":"exec","argv":["/bin/sh"]}}"#,
                 ErrorKind::Malformed,
@@ -523,10 +526,15 @@ mod tests {
         let exe = std::env::current_exe().expect("test binary");
         let out = tokio::process::Command::from({
             let mut c = std::process::Command::new(exe);
-            c.args(["--exact", "server::tests::peer_child", "--nocapture", "--test-threads=1"])
-                .env("BANGER_TEST_PEER_SOCKET", &sock)
-                .uid(4243)
-                .gid(4243);
+            c.args([
+                "--exact",
+                "server::tests::peer_child",
+                "--nocapture",
+                "--test-threads=1",
+            ])
+            .env("BANGER_TEST_PEER_SOCKET", &sock)
+            .uid(4243)
+            .gid(4243);
             c
         })
         .output();
@@ -535,7 +543,11 @@ mod tests {
             .expect("child finishes")
             .expect("spawn child");
         let stdout = String::from_utf8_lossy(&out.stdout);
-        assert!(out.status.success(), "{stdout} {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{stdout} {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         let answer = stdout
             .lines()
             .find_map(|l| l.split_once("ANSWER ").map(|(_, a)| a))
@@ -545,7 +557,10 @@ mod tests {
         let Response::Error { message, .. } = r else {
             unreachable!()
         };
-        assert!(message.contains("uid 4243 is not the install owner (uid 4242)"), "{message}");
+        assert!(
+            message.contains("uid 4243 is not the install owner (uid 4242)"),
+            "{message}"
+        );
     }
 
     #[test]

@@ -108,7 +108,9 @@ pub async fn run(cmd: SystemCommand) -> anyhow::Result<i32> {
         SystemCommand::Restart => {
             need_root("system restart")?;
             if InstallRecord::load(&layout.record_file())?.is_none() {
-                bail!("banger is not installed as a system service: run `sudo banger system install --owner USER`");
+                bail!(
+                    "banger is not installed as a system service: run `sudo banger system install --owner USER`"
+                );
             }
             systemctl(&["restart", HELPER_UNIT, DAEMON_UNIT])?;
             println!("restarted {HELPER_UNIT} and {DAEMON_UNIT}");
@@ -165,8 +167,7 @@ fn install_file(from: &Path, to: &Path) -> anyhow::Result<()> {
     std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o755))?;
     std::os::unix::fs::chown(&tmp, Some(0), Some(0))
         .with_context(|| format!("chown {}", tmp.display()))?;
-    std::fs::rename(&tmp, to)
-        .with_context(|| format!("moving {} into place", to.display()))?;
+    std::fs::rename(&tmp, to).with_context(|| format!("moving {} into place", to.display()))?;
     Ok(())
 }
 
@@ -318,7 +319,9 @@ fn install(layout: &Layout, owner: &str) -> anyhow::Result<i32> {
         .with_context(|| format!("looking up user {owner}"))?
         .with_context(|| format!("no user named {owner:?}: pass an existing login with --owner"))?;
     if user.uid.is_root() {
-        bail!("--owner must be an unprivileged user, not root: the point of the install is that bangerd runs without privileges");
+        bail!(
+            "--owner must be an unprivileged user, not root: the point of the install is that bangerd runs without privileges"
+        );
     }
     let (banger, bangerd, agent) = sources()?;
     let b = BuildInfo::current();
@@ -347,7 +350,10 @@ fn install(layout: &Layout, owner: &str) -> anyhow::Result<i32> {
     std::fs::create_dir_all(&layout.etc_dir)
         .with_context(|| format!("creating {}", layout.etc_dir.display()))?;
     record.save(&layout.record_file())?;
-    let kvm = nix::unistd::Group::from_name("kvm").ok().flatten().is_some();
+    let kvm = nix::unistd::Group::from_name("kvm")
+        .ok()
+        .flatten()
+        .is_some();
     write_unit(&record.paths.daemon_unit, &daemon_unit(&record, kvm))?;
     write_unit(&record.paths.helper_unit, &helper_unit(&record))?;
 
@@ -374,7 +380,10 @@ fn install(layout: &Layout, owner: &str) -> anyhow::Result<i32> {
         record.paths.socket.display(),
         record.paths.helper_socket.display()
     );
-    println!("daily commands (banger vm run, ...) now work as {} without sudo", record.owner);
+    println!(
+        "daily commands (banger vm run, ...) now work as {} without sudo",
+        record.owner
+    );
     Ok(0)
 }
 
@@ -619,7 +628,10 @@ mod tests {
         let l = Layout::under(Path::new("/"));
         assert_eq!(l.paths.banger, Path::new("/usr/local/bin/banger"));
         assert_eq!(l.paths.bangerd, Path::new("/usr/local/bin/bangerd"));
-        assert_eq!(l.paths.agent, Path::new("/usr/local/lib/banger/banger-agent"));
+        assert_eq!(
+            l.paths.agent,
+            Path::new("/usr/local/lib/banger/banger-agent")
+        );
         assert_eq!(l.paths.socket, Path::new("/run/banger/bangerd.sock"));
         assert_eq!(
             l.paths.helper_socket,
