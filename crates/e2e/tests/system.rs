@@ -120,10 +120,11 @@ fn install_status_helper_reinstall_and_uninstall_in_a_guest() {
         put(b, &format!("/opt/bin/{bin}"), &data, "755");
     }
     put(b, "/opt/bin/helper.py", HELPER_PY.as_bytes(), "644");
-    // systemd must be up before units can be installed.
+    // systemd's manager must answer before units can be installed (boot
+    // jobs such as sshd may still run: the units do not wait for them).
     sh(
         b,
-        "for i in $(seq 180); do case $(systemctl is-system-running) in running|degraded) exit 0;; esac; sleep 1; done; exit 1",
+        "for i in $(seq 180); do case $(systemctl is-system-running) in running|degraded|starting) exit 0;; esac; sleep 1; done; exit 1",
     );
     // Two plain users: the owner (with config and a key in its home that
     // must survive everything) and another one.
