@@ -32,7 +32,7 @@ pub enum HelperError {
     Protocol { socket: PathBuf, message: String },
     #[error("the root helper did not answer {op} within {CALL_TIMEOUT:?}")]
     Timeout { op: &'static str },
-    #[error("the root helper refused {op}: {message}")]
+    #[error("root helper, {op}: {message}")]
     Remote {
         op: &'static str,
         kind: ErrorKind,

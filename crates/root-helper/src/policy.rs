@@ -183,9 +183,9 @@ impl Policy {
     /// Splits `path` into one of banger's directories and a relative path
     /// of plain names. Refuses relative paths, `.` and `..`, paths outside
     /// the directories, and paths that do not resolve to themselves (a
-    /// symlink somewhere). The executor opens the result again with
-    /// `RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS`, so a symlink swapped in
-    /// after this check is refused too.
+    /// symlink somewhere). The executor walks the result again name by
+    /// name with `O_NOFOLLOW`, so a symlink swapped in after this check is
+    /// refused too.
     pub fn inside_dirs(&self, path: &Path) -> Result<(PathBuf, PathBuf), Refusal> {
         let shown = path.display();
         if !path.is_absolute() {

@@ -244,54 +244,51 @@ impl Server {
     }
 }
 
-/// Chowns `dir/rel` to `uid:gid`, resolving `rel` beneath `dir` with no
-/// symlinks at any level (`openat2` with `RESOLVE_BENEATH |
-/// RESOLVE_NO_SYMLINKS`), so nothing swapped in after the policy check can
-/// redirect it.
+/// Chowns `dir/rel` to `uid:gid`, walking `rel` one plain name at a time
+/// with `O_NOFOLLOW` from an fd of `dir`, so no symlink (not even one
+/// swapped in after the policy check) and no `..` can lead outside.
+/// (Not `openat2`: systemd's seccomp filters answer it with ENOSYS.)
 pub(crate) fn chown_beneath(dir: &Path, rel: &Path, uid: u32, gid: u32) -> Result<(), Refusal> {
-    use nix::fcntl::{OFlag, OpenHow, ResolveFlag, open, openat2};
+    use nix::fcntl::{OFlag, open, openat};
     use nix::sys::stat::Mode;
-    let refused = |what: String, e: nix::Error| {
-        let kind = if e == nix::Error::ELOOP || e == nix::Error::EXDEV {
-            ErrorKind::Refused
+    use std::path::Component;
+    let shown = dir.join(rel).display().to_string();
+    let refused = |e: nix::Error| {
+        if matches!(e, nix::Error::ELOOP | nix::Error::ENOTDIR) {
+            Refusal::refused(format!(
+                "{shown}: goes through a symlink or a non-directory: refused"
+            ))
         } else {
-            ErrorKind::Failed
-        };
-        Refusal {
-            kind,
-            message: if kind == ErrorKind::Refused {
-                format!("{what}: a symlink or a path leaving the directory: refused")
-            } else {
-                format!("{what}: {e}")
-            },
+            Refusal {
+                kind: ErrorKind::Failed,
+                message: format!("{shown}: {e}"),
+            }
         }
     };
-    let shown = dir.join(rel).display().to_string();
-    let base = open(
-        dir,
-        OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
-        Mode::empty(),
-    )
-    .map_err(|e| refused(dir.display().to_string(), e))?;
-    let target = if rel.as_os_str().is_empty() {
-        base
-    } else {
-        openat2(
-            &base,
-            rel,
-            OpenHow::new()
-                .flags(OFlag::O_PATH | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC)
-                .resolve(
-                    ResolveFlag::RESOLVE_BENEATH
-                        | ResolveFlag::RESOLVE_NO_SYMLINKS
-                        | ResolveFlag::RESOLVE_NO_MAGICLINKS,
-                ),
-        )
-        .map_err(|e| refused(shown.clone(), e))?
-    };
+    let names: Vec<&std::ffi::OsStr> = rel
+        .components()
+        .map(|c| match c {
+            Component::Normal(n) => Ok(n),
+            _ => Err(Refusal::refused(format!(
+                "{shown}: only plain names below {} are allowed",
+                dir.display()
+            ))),
+        })
+        .collect::<Result<_, _>>()?;
+    let dir_flags = OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC;
+    let mut target = open(dir, dir_flags, Mode::empty()).map_err(refused)?;
+    for (i, name) in names.iter().enumerate() {
+        let last = i + 1 == names.len();
+        let flags = if last {
+            OFlag::O_PATH | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC
+        } else {
+            dir_flags
+        };
+        target = openat(&target, *name, flags, Mode::empty()).map_err(refused)?;
+    }
     // With O_PATH | O_NOFOLLOW a final symlink is opened, not followed:
     // changing even the link itself is not what the caller asked for.
-    let md = nix::sys::stat::fstat(&target).map_err(|e| refused(shown.clone(), e))?;
+    let md = nix::sys::stat::fstat(&target).map_err(refused)?;
     if md.st_mode & libc::S_IFMT == libc::S_IFLNK {
         return Err(Refusal::refused(format!("{shown} is a symlink: refused")));
     }
