@@ -310,8 +310,14 @@ fn install_status_helper_reinstall_and_uninstall_in_a_guest() {
         sh(b, "stat -c %U /var/lib/banger/stray"),
         format!("{OWNER}\n"),
         "daemon log: {}\nhelper journal: {}",
-        sh(b, "grep -i -E 'helper|owner|repair' /var/lib/banger/bangerd.log || true"),
-        sh(b, "journalctl --no-pager -u bangerd-root.service | tail -n 30")
+        sh(
+            b,
+            "grep -i -E 'helper|owner|repair' /var/lib/banger/bangerd.log || true"
+        ),
+        sh(
+            b,
+            "journalctl --no-pager -u bangerd-root.service | tail -n 30"
+        )
     );
 
     // Re-install in place: idempotent.
