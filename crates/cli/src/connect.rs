@@ -2,7 +2,7 @@
 
 use anyhow::{Context, bail};
 use banger_api::{Client, ClientError};
-use banger_config::Paths;
+use banger_config::{InstallRecord, Paths, SYSTEM_ENV};
 use std::io::Read;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::process::CommandExt;
@@ -13,10 +13,23 @@ use std::time::Duration;
 /// The fd number the daemon's readiness pipe gets in the child.
 const READY_FD: i32 = 3;
 
-/// The daemon socket: `BANGER_SOCKET`, else the user-mode default.
+/// The system install this CLI talks to, if any. `BANGER_SYSTEM=0` forces
+/// user mode even on a host with a system install.
+pub fn system_install() -> anyhow::Result<Option<InstallRecord>> {
+    if std::env::var(SYSTEM_ENV).as_deref() == Ok("0") {
+        return Ok(None);
+    }
+    Ok(InstallRecord::load_system()?)
+}
+
+/// The daemon socket: `BANGER_SOCKET`, else the system install's
+/// (`/run/banger/bangerd.sock`), else the user-mode default.
 pub fn socket_path() -> anyhow::Result<PathBuf> {
     if let Some(s) = std::env::var_os("BANGER_SOCKET") {
         return Ok(PathBuf::from(s));
+    }
+    if let Some(record) = system_install()? {
+        return Ok(record.paths.socket);
     }
     Ok(Paths::from_env()
         .context("resolving banger's directories")?
@@ -33,13 +46,28 @@ pub async fn running_client() -> anyhow::Result<Option<Client>> {
     }
 }
 
-/// A client for the daemon, starting the daemon first if it is not running.
+/// A client for the daemon, starting the daemon first if it is not running
+/// (user mode only: a system install's daemon is systemd's to start).
 pub async fn client() -> anyhow::Result<Client> {
     if let Some(c) = running_client().await? {
         return Ok(c);
     }
     if std::env::var_os("BANGER_SOCKET").is_some() {
         bail!("no daemon answers on $BANGER_SOCKET; start it or unset BANGER_SOCKET");
+    }
+    if let Some(record) = system_install()? {
+        let socket = record.paths.socket.display();
+        let me = nix::unistd::geteuid().as_raw();
+        if me != record.owner_uid && me != 0 {
+            bail!(
+                "banger is installed for user {} (uid {}), not for you (uid {me}): only the owner can use {socket}",
+                record.owner,
+                record.owner_uid
+            );
+        }
+        bail!(
+            "bangerd.service does not answer on {socket}: see `banger system status`, start it with `sudo systemctl start bangerd.service`"
+        );
     }
     start_daemon()?;
     Ok(Client::new(socket_path()?))

@@ -41,6 +41,9 @@ enum Command {
     /// Inspect or stop the daemon.
     #[command(subcommand)]
     Daemon(commands::daemon::DaemonCommand),
+    /// Install, inspect or remove banger's systemd services.
+    #[command(subcommand)]
+    System(commands::system::SystemCommand),
     /// Check that this host can run banger VMs.
     Doctor(commands::doctor::DoctorArgs),
     /// Print (or --install / --uninstall) the ssh_config Include for `ssh <vm>.vm`.
@@ -93,6 +96,7 @@ fn main() -> ExitCode {
             Command::Image(c) => commands::image::run(c).await,
             Command::Kernel(c) => commands::kernel::run(c).await,
             Command::Daemon(c) => commands::daemon::run(c).await,
+            Command::System(c) => commands::system::run(c).await,
             Command::Doctor(a) => commands::doctor::run(a).await,
             Command::SshConfig(a) => commands::ssh_config::run(a).await,
             Command::Bench(a) => commands::bench::run(a).await,

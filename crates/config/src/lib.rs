@@ -3,6 +3,7 @@
 
 mod defaults;
 mod file;
+pub mod install;
 mod paths;
 mod values;
 
@@ -14,5 +15,6 @@ pub use file::{
     Config, ConfigError, FileSync, LOG_LEVEL_ENV, MAX_VCPU, MIN_DISK_BYTES, MIN_MEMORY_MIB,
     VmDefaults,
 };
+pub use install::{InstallPaths, InstallRecord};
 pub use paths::{Paths, PathsError, SOCKET_ENV, SYSTEM_ENV};
 pub use values::{FileMode, Ipv4Cidr, LogLevel, NetworkMode, VmmChoice};

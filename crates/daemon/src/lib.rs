@@ -13,6 +13,7 @@ mod images;
 mod lifecycle;
 mod logging;
 mod network;
+mod ownership;
 mod reconcile;
 mod run_mode;
 pub mod server;
@@ -172,6 +173,16 @@ pub async fn serve(daemon: Arc<Daemon>) -> anyhow::Result<()> {
             )
         })?;
 
+    if let Some(helper) = network::system_helper().await {
+        let dirs = [
+            daemon.paths.state_dir.clone(),
+            daemon.paths.cache_dir.clone(),
+        ];
+        let n = ownership::repair(&helper, &dirs).await;
+        if n > 0 {
+            tracing::info!(repaired = n, "repaired ownership in banger's directories");
+        }
+    }
     daemon.reconcile().await.context("reconciling VMs")?;
     daemon.init_network().await.context("starting networking")?;
 
@@ -233,6 +244,9 @@ pub fn protect_ready_fd() {
 
 fn notify_ready() {
     use std::io::Write;
+    // bangerd.service is Type=notify: `systemctl start` returns once the
+    // socket is live.
+    banger_root_helper::sd::notify_ready();
     use std::os::fd::FromRawFd;
     let Some(fd) = std::env::var("BANGER_READY_FD")
         .ok()

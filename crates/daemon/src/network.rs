@@ -11,13 +11,14 @@ use crate::steps::{Steps, UndoSlot};
 use crate::{Daemon, DaemonError};
 use anyhow::{Context, anyhow};
 use banger_api::{NetworkBench, NetworkStatus, PortInfo};
-use banger_config::{Config, NetworkMode};
+use banger_config::{Config, InstallRecord, NetworkMode};
 use banger_model::{VmRecord, VmState};
 use banger_net::host::BridgeSpec;
 use banger_net::{
     DnsRecords, DnsServer, GuestNet, HostNet, LocalHostNet, MacAddr, NetSettings, PoolConfig,
     Subnet, TapName, TapPool,
 };
+use banger_root_helper::HelperClient;
 use banger_vmm::{HostForward, NetBackend, NetSpec};
 use std::collections::{BTreeSet, HashSet};
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
@@ -81,7 +82,38 @@ pub(crate) fn has_net_admin() -> bool {
         .is_some_and(|caps| caps & (1 << CAP_NET_ADMIN) != 0)
 }
 
-/// Whether this process shares PID 1's network namespace.
+/// The root helper of the system install this daemon belongs to: only
+/// when an install record names this process's uid as the owner and the
+/// helper answers with this build's protocol. Problems are logged and mean
+/// "no helper".
+pub(crate) async fn system_helper() -> Option<HelperClient> {
+    let record = match InstallRecord::load_system() {
+        Ok(Some(r)) => r,
+        Ok(None) => return None,
+        Err(e) => {
+            tracing::warn!(error = %e, "install record unreadable: not using the root helper");
+            return None;
+        }
+    };
+    if record.owner_uid != nix::unistd::geteuid().as_raw() {
+        return None;
+    }
+    let client = HelperClient::new(&record.paths.helper_socket);
+    match client.hello().await {
+        Ok(info) => {
+            tracing::info!(socket = %client.socket().display(), helper = %info.build.line("bangerd-root"), "using the root helper");
+            Some(client)
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "the root helper does not answer");
+            None
+        }
+    }
+}
+
+/// Whether this process shares PID 1's network namespace. An unprivileged
+/// daemon (the system install's, whose helper runs in the host namespace)
+/// cannot look at PID 1's namespace and is taken to share it.
 fn in_host_netns() -> bool {
     use std::os::unix::fs::MetadataExt;
     match (
@@ -89,6 +121,7 @@ fn in_host_netns() -> bool {
         std::fs::metadata("/proc/1/ns/net"),
     ) {
         (Ok(a), Ok(b)) => a.ino() == b.ino() && a.dev() == b.dev(),
+        (Ok(_), Err(e)) if e.kind() == std::io::ErrorKind::PermissionDenied => true,
         _ => false,
     }
 }
@@ -119,17 +152,29 @@ impl Network {
     /// Sets up networking for the VMs in `vms` (the store after reconcile):
     /// the bridge, NAT for running NAT VMs, the TAP pool (keeping running
     /// VMs' TAPs), the DNS server with their records, and resolved routing.
-    pub(crate) async fn start(config: &Config, vms: &[VmRecord]) -> anyhow::Result<Self> {
+    ///
+    /// Privileged steps are done by this process when it holds
+    /// CAP_NET_ADMIN, else by the root helper of a system install (`helper`).
+    pub(crate) async fn start(
+        config: &Config,
+        vms: &[VmRecord],
+        helper: Option<HelperClient>,
+    ) -> anyhow::Result<Self> {
         let settings = settings(config)?;
         let records = DnsRecords::new();
+        let host: Option<Arc<dyn HostNet>> = if has_net_admin() {
+            None
+        } else {
+            helper.map(|h| Arc::new(h) as Arc<dyn HostNet>)
+        };
         let mode = match config.network {
             NetworkMode::User => Mode::User {
                 reason: "network = \"user\" in config.toml".into(),
             },
-            NetworkMode::Auto if !has_net_admin() => Mode::User {
-                reason: "bangerd has no CAP_NET_ADMIN (not root): QEMU user-mode networking with ssh forwarded on 127.0.0.1".into(),
+            NetworkMode::Auto if !has_net_admin() && host.is_none() => Mode::User {
+                reason: "bangerd has no CAP_NET_ADMIN (not root) and no root helper (no system install): QEMU user-mode networking with ssh forwarded on 127.0.0.1".into(),
             },
-            choice => match Self::bridge(&settings, vms).await {
+            choice => match Self::bridge(&settings, vms, host).await {
                 Ok((host, pool)) => Mode::Bridge {
                     host,
                     pool: Arc::new(pool),
@@ -191,11 +236,17 @@ impl Network {
         })
     }
 
+    /// Sets up the bridge through `host` (the root helper), or directly
+    /// when `None`.
     async fn bridge(
         settings: &NetSettings,
         vms: &[VmRecord],
+        host: Option<Arc<dyn HostNet>>,
     ) -> anyhow::Result<(Arc<dyn HostNet>, TapPool)> {
-        let host: Arc<dyn HostNet> = Arc::new(LocalHostNet::connect()?);
+        let host: Arc<dyn HostNet> = match host {
+            Some(h) => h,
+            None => Arc::new(LocalHostNet::connect()?),
+        };
         host.ensure_bridge(&BridgeSpec {
             name: settings.bridge.clone(),
             subnet: settings.subnet,
@@ -258,7 +309,12 @@ impl Daemon {
     /// Starts networking (see [`Network::start`]); once, after reconcile.
     pub async fn init_network(&self) -> anyhow::Result<()> {
         let vms = self.store.list_vms()?;
-        let net = Network::start(&self.config, &vms).await?;
+        let helper = if has_net_admin() {
+            None
+        } else {
+            system_helper().await
+        };
+        let net = Network::start(&self.config, &vms, helper).await?;
         if self.network.set(net).is_err() {
             anyhow::bail!("networking is already initialised");
         }

@@ -239,6 +239,8 @@ impl Banger {
             ("XDG_STATE_HOME", self.root.join("state")),
             ("XDG_CACHE_HOME", self.root.join("cache")),
             ("XDG_RUNTIME_DIR", self.root.join("run")),
+            // A system install on the test host must not capture the tests.
+            ("BANGER_SYSTEM", PathBuf::from("0")),
         ]
     }
 

@@ -24,6 +24,9 @@ pub enum HostNetError {
     Resolved(#[from] ResolvedError),
     #[error("refused: {0}")]
     Refused(String),
+    /// The root helper (system install) failed or refused the operation.
+    #[error("{0}")]
+    Helper(String),
 }
 
 /// The bridge VMs' TAPs join.

@@ -203,6 +203,33 @@ pub async fn run(a: DoctorArgs) -> anyhow::Result<i32> {
         Err(e) => checks.push(check("daemon", Status::Warn, e.to_string())),
     }
 
+    match connect::system_install() {
+        Ok(Some(r)) => {
+            let installed = BuildInfo {
+                version: r.version.clone(),
+                commit: r.commit.clone(),
+                built_at: r.built_at.clone(),
+            };
+            checks.push(
+                match super::system::drift("this banger", &cli, &installed) {
+                    Some(w) => check("install", Status::Warn, w),
+                    None => check(
+                        "install",
+                        Status::Pass,
+                        format!(
+                            "system install {} for {} (installed {}); see `banger system status`",
+                            installed.line("banger"),
+                            r.owner,
+                            r.installed_at
+                        ),
+                    ),
+                },
+            );
+        }
+        Ok(None) => {}
+        Err(e) => checks.push(check("install", Status::Warn, format!("{e:#}"))),
+    }
+
     checks.extend(network_checks(net_status));
     checks.push(web_check(config.web_listen_addr, daemon_up).await);
 

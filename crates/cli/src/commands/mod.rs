@@ -5,6 +5,7 @@ pub mod doctor;
 pub mod image;
 pub mod kernel;
 pub mod ssh_config;
+pub mod system;
 pub mod transfer;
 pub mod tui;
 pub mod vm;

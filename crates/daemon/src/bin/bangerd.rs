@@ -3,7 +3,7 @@
 use anyhow::Context;
 use banger_config::{Config, Paths};
 use banger_version::BuildInfo;
-use clap::Parser;
+use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
 #[command(
@@ -14,6 +14,15 @@ struct Args {
     /// Print the version and exit.
     #[arg(long, short = 'V')]
     version: bool,
+    #[command(subcommand)]
+    command: Option<Sub>,
+}
+
+#[derive(Subcommand)]
+enum Sub {
+    /// Run the privileged root helper of a system install
+    /// (bangerd-root.service); serves only the install owner.
+    RootHelper,
 }
 
 fn main() -> std::process::ExitCode {
@@ -22,7 +31,11 @@ fn main() -> std::process::ExitCode {
         println!("{}", BuildInfo::current().line("bangerd"));
         return std::process::ExitCode::SUCCESS;
     }
-    match run() {
+    let result = match args.command {
+        None => run(),
+        Some(Sub::RootHelper) => root_helper(),
+    };
+    match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("bangerd: {e:#}");
@@ -45,4 +58,25 @@ fn run() -> anyhow::Result<()> {
         let daemon = banger_daemon::Daemon::new(config, paths)?;
         banger_daemon::serve(daemon).await
     })
+}
+
+fn root_helper() -> anyhow::Result<()> {
+    // systemd's journal keeps stderr; every operation is logged there.
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_ansi(false)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("BANGER_LOG_LEVEL")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .init();
+    if !nix::unistd::geteuid().is_root() {
+        anyhow::bail!("bangerd root-helper must run as root (it is bangerd-root.service)");
+    }
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(banger_root_helper::run())
+        .context("bangerd-root")?;
+    Ok(())
 }

@@ -1,0 +1,201 @@
+//! The wire protocol between the owner daemon and the root helper: one
+//! JSON object per line each way, one answer per request.
+//!
+//! Every request carries [`PROTOCOL_VERSION`]; the helper refuses any other
+//! version before looking at the operation, so a mismatched client gets a
+//! clear "restart the services" error instead of a confusing parse error.
+//! Arguments travel as plain strings and are validated by the helper
+//! ([`crate::policy`]), never trusted because of their type on the client.
+
+use banger_version::BuildInfo;
+use serde::{Deserialize, Serialize};
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+
+/// The protocol version this build speaks.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// Longest request or reply line accepted.
+pub const MAX_LINE: usize = 64 * 1024;
+
+/// One request: `{"version":1,"op":{"name":"create_tap",...}}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Request {
+    pub version: u32,
+    pub op: Op,
+}
+
+/// Everything the helper will do. Nothing else is accepted.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "name", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Op {
+    /// The helper's build and protocol; the only operation root may ask.
+    Hello,
+    /// Create the configured bridge with the configured address.
+    EnsureBridge {
+        bridge: String,
+        cidr: String,
+        bridge_ip: Ipv4Addr,
+    },
+    BridgeIndex {
+        bridge: String,
+    },
+    /// A TAP owned by the install owner, attached to the bridge.
+    CreateTap {
+        tap: String,
+        bridge: String,
+    },
+    DeleteTap {
+        tap: String,
+    },
+    ListTaps,
+    NatEnable {
+        cidr: String,
+        bridge_ip: Ipv4Addr,
+        ip: Ipv4Addr,
+    },
+    NatDisable {
+        cidr: String,
+        bridge_ip: Ipv4Addr,
+        ip: Ipv4Addr,
+    },
+    NatRebuild {
+        cidr: String,
+        bridge_ip: Ipv4Addr,
+        ips: Vec<Ipv4Addr>,
+    },
+    SetIpForward {
+        on: bool,
+    },
+    ResolvedWire {
+        bridge: String,
+        dns: SocketAddr,
+    },
+    ResolvedUnwire {
+        bridge: String,
+    },
+    /// Give a path inside banger's state, cache or runtime directory to the
+    /// install owner (repairs files a root-run banger left behind).
+    ChownToOwner {
+        path: PathBuf,
+    },
+}
+
+impl Op {
+    /// The operation's wire name, for logs.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Op::Hello => "hello",
+            Op::EnsureBridge { .. } => "ensure_bridge",
+            Op::BridgeIndex { .. } => "bridge_index",
+            Op::CreateTap { .. } => "create_tap",
+            Op::DeleteTap { .. } => "delete_tap",
+            Op::ListTaps => "list_taps",
+            Op::NatEnable { .. } => "nat_enable",
+            Op::NatDisable { .. } => "nat_disable",
+            Op::NatRebuild { .. } => "nat_rebuild",
+            Op::SetIpForward { .. } => "set_ip_forward",
+            Op::ResolvedWire { .. } => "resolved_wire",
+            Op::ResolvedUnwire { .. } => "resolved_unwire",
+            Op::ChownToOwner { .. } => "chown_to_owner",
+        }
+    }
+}
+
+/// The helper's answer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Response {
+    Ok(Reply),
+    Error { kind: ErrorKind, message: String },
+}
+
+/// Why a request failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorKind {
+    /// The request's protocol version is not [`PROTOCOL_VERSION`].
+    Version,
+    /// The peer is not allowed to ask this.
+    Unauthorized,
+    /// Not a request, or an operation the helper does not offer.
+    Malformed,
+    /// An argument failed validation.
+    Refused,
+    /// The operation was allowed but failed.
+    Failed,
+}
+
+/// A successful answer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Reply {
+    Hello {
+        protocol: u32,
+        build: BuildInfo,
+        owner_uid: u32,
+    },
+    Done,
+    Bridge {
+        created: bool,
+        address_added: bool,
+        brought_up: bool,
+    },
+    BridgeIndex(Option<u32>),
+    Taps(Vec<Tap>),
+}
+
+/// A banger TAP as listed by the helper.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Tap {
+    pub name: String,
+    pub controller: Option<u32>,
+    pub owner: Option<u32>,
+    pub up: bool,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wire_format_is_stable() {
+        let r = Request {
+            version: 1,
+            op: Op::CreateTap {
+                tap: "bgtap1".into(),
+                bridge: "banger0".into(),
+            },
+        };
+        assert_eq!(
+            serde_json::to_string(&r).expect("json"),
+            r#"{"version":1,"op":{"name":"create_tap","tap":"bgtap1","bridge":"banger0"}}"#
+        );
+        let hello = serde_json::to_string(&Request {
+            version: 1,
+            op: Op::Hello,
+        })
+        .expect("json");
+        assert_eq!(hello, r#"{"version":1,"op":{"name":"hello"}}"#);
+        let e = Response::Error {
+            kind: ErrorKind::Refused,
+            message: "x".into(),
+        };
+        assert_eq!(
+            serde_json::to_string(&e).expect("json"),
+            r#"{"error":{"kind":"refused","message":"x"}}"#
+        );
+    }
+
+    #[test]
+    fn unknown_fields_and_operations_do_not_parse() {
+        for bad in [
+            r#"{"version":1,"op":{"name":"exec","argv":["sh"]}}"#,
+            r#"{"version":1,"op":{"name":"delete_tap","tap":"bgtap1","extra":1}}"#,
+            r#"{"version":1,"op":{"name":"hello"},"uid":0}"#,
+        ] {
+            assert!(serde_json::from_str::<Request>(bad).is_err(), "{bad}");
+        }
+    }
+}

@@ -1,0 +1,592 @@
+//! The helper's socket server: reads the peer's uid with `SO_PEERCRED`,
+//! checks each request against the [`Policy`], runs it through a
+//! [`HostNet`] (or the chown executor) and logs every operation.
+
+use crate::policy::{Checked, Policy, Refusal};
+use crate::proto::{ErrorKind, MAX_LINE, PROTOCOL_VERSION, Reply, Request, Response, Tap};
+use banger_net::HostNet;
+use banger_net::host::BridgeSpec;
+use banger_version::BuildInfo;
+use std::os::fd::{AsFd, AsRawFd};
+use std::path::Path;
+use std::sync::Arc;
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{UnixListener, UnixStream};
+
+/// Serves helper requests for one install.
+pub struct Server {
+    policy: Policy,
+    host: Arc<dyn HostNet>,
+}
+
+/// The uid of the process at the other end of `stream` (`SO_PEERCRED`).
+pub fn peer_uid(stream: &impl AsFd) -> std::io::Result<u32> {
+    let cred = nix::sys::socket::getsockopt(stream, nix::sys::socket::sockopt::PeerCredentials)
+        .map_err(std::io::Error::from)?;
+    Ok(cred.uid())
+}
+
+impl Server {
+    pub fn new(policy: Policy, host: Arc<dyn HostNet>) -> Self {
+        Self { policy, host }
+    }
+
+    /// Answers one request line from `peer_uid`. Never panics on input.
+    pub async fn handle_line(&self, peer_uid: u32, line: &str) -> Response {
+        let fail = |kind, message: String| Response::Error { kind, message };
+        // The version first: a client of another protocol gets this error,
+        // not a parse error about an operation it thinks exists.
+        let value: serde_json::Value = match serde_json::from_str(line) {
+            Ok(v) => v,
+            Err(e) => {
+                tracing::warn!(peer_uid, error = %e, "malformed request");
+                return fail(ErrorKind::Malformed, format!("not a JSON request: {e}"));
+            }
+        };
+        let version = value.get("version").and_then(serde_json::Value::as_u64);
+        if version != Some(u64::from(PROTOCOL_VERSION)) {
+            tracing::warn!(peer_uid, ?version, "protocol version mismatch");
+            return fail(
+                ErrorKind::Version,
+                format!(
+                    "protocol version {} is not supported (this helper speaks {PROTOCOL_VERSION}): the helper and bangerd are from different builds; re-run `sudo banger system install`",
+                    version.map_or_else(|| "missing".to_string(), |v| v.to_string())
+                ),
+            );
+        }
+        let request: Request = match serde_json::from_value(value) {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::warn!(peer_uid, error = %e, "unknown operation");
+                return fail(
+                    ErrorKind::Malformed,
+                    format!("not an operation the root helper offers: {e}"),
+                );
+            }
+        };
+        let name = request.op.name();
+        let checked = match self.policy.check(peer_uid, request.op) {
+            Ok(c) => c,
+            Err(Refusal { kind, message }) => {
+                tracing::warn!(peer_uid, op = name, %message, "refused");
+                return fail(kind, message);
+            }
+        };
+        tracing::info!(peer_uid, op = name, args = ?checked, "operation");
+        match self.execute(checked).await {
+            Ok(reply) => Response::Ok(reply),
+            Err(e) => {
+                tracing::warn!(peer_uid, op = name, error = %e, "operation failed");
+                Response::Error {
+                    kind: e.kind,
+                    message: e.message,
+                }
+            }
+        }
+    }
+
+    async fn execute(&self, op: Checked) -> Result<Reply, Refusal> {
+        let failed = |e: banger_net::HostNetError| Refusal {
+            kind: ErrorKind::Failed,
+            message: e.to_string(),
+        };
+        let p = &self.policy;
+        let h = &self.host;
+        Ok(match op {
+            Checked::Hello => Reply::Hello {
+                protocol: PROTOCOL_VERSION,
+                build: BuildInfo::current(),
+                owner_uid: p.owner_uid,
+            },
+            Checked::EnsureBridge => {
+                let c = h
+                    .ensure_bridge(&BridgeSpec {
+                        name: p.bridge.clone(),
+                        subnet: p.subnet,
+                    })
+                    .await
+                    .map_err(failed)?;
+                Reply::Bridge {
+                    created: c.created,
+                    address_added: c.address_added,
+                    brought_up: c.brought_up,
+                }
+            }
+            Checked::BridgeIndex => {
+                Reply::BridgeIndex(h.bridge_index(&p.bridge).await.map_err(failed)?)
+            }
+            // The TAP's owner is always the install owner, never an argument.
+            Checked::CreateTap(tap) => {
+                h.create_tap(&tap, p.owner_uid, &p.bridge)
+                    .await
+                    .map_err(failed)?;
+                Reply::Done
+            }
+            Checked::DeleteTap(tap) => {
+                h.delete_tap(&tap).await.map_err(failed)?;
+                Reply::Done
+            }
+            Checked::ListTaps => Reply::Taps(
+                h.list_taps()
+                    .await
+                    .map_err(failed)?
+                    .into_iter()
+                    .map(|t| Tap {
+                        name: t.name.to_string(),
+                        controller: t.controller,
+                        owner: t.owner,
+                        up: t.up,
+                    })
+                    .collect(),
+            ),
+            Checked::NatEnable(ip) => {
+                h.nat_enable(&p.subnet, ip).await.map_err(failed)?;
+                Reply::Done
+            }
+            Checked::NatDisable(ip) => {
+                h.nat_disable(&p.subnet, ip).await.map_err(failed)?;
+                Reply::Done
+            }
+            Checked::NatRebuild(ips) => {
+                h.nat_rebuild(&p.subnet, &ips.into_iter().collect())
+                    .await
+                    .map_err(failed)?;
+                Reply::Done
+            }
+            Checked::SetIpForward(on) => {
+                h.set_ip_forward(on).await.map_err(failed)?;
+                Reply::Done
+            }
+            Checked::ResolvedWire(dns) => {
+                h.resolved_wire(&p.bridge, dns).await.map_err(failed)?;
+                Reply::Done
+            }
+            Checked::ResolvedUnwire => {
+                h.resolved_unwire(&p.bridge).await.map_err(failed)?;
+                Reply::Done
+            }
+            Checked::ChownToOwner { dir, rel } => {
+                chown_beneath(&dir, &rel, p.owner_uid, p.owner_gid)?;
+                Reply::Done
+            }
+        })
+    }
+
+    /// Serves one connection: requests until EOF.
+    pub async fn serve_conn(&self, stream: UnixStream) {
+        let uid = match peer_uid(&stream) {
+            Ok(u) => u,
+            Err(e) => {
+                tracing::warn!(error = %e, "SO_PEERCRED failed; dropping the connection");
+                return;
+            }
+        };
+        let (rd, mut wr) = stream.into_split();
+        let mut rd = BufReader::new(rd);
+        let mut line = Vec::new();
+        loop {
+            line.clear();
+            let n = match AsyncReadExt::take(&mut rd, MAX_LINE as u64 + 1)
+                .read_until(b'\n', &mut line)
+                .await
+            {
+                Ok(n) => n,
+                Err(e) => {
+                    tracing::debug!(peer_uid = uid, error = %e, "reading a request");
+                    return;
+                }
+            };
+            if n == 0 {
+                return;
+            }
+            let response = if line.len() > MAX_LINE {
+                Response::Error {
+                    kind: ErrorKind::Malformed,
+                    message: format!("request longer than {MAX_LINE} bytes"),
+                }
+            } else {
+                let text = String::from_utf8_lossy(&line);
+                self.handle_line(uid, text.trim_end()).await
+            };
+            let mut out = serde_json::to_vec(&response).unwrap_or_else(|e| {
+                format!(r#"{{"error":{{"kind":"failed","message":"encoding the reply: {e}"}}}}"#)
+                    .into_bytes()
+            });
+            out.push(b'\n');
+            if wr.write_all(&out).await.is_err() || line.len() > MAX_LINE {
+                return;
+            }
+        }
+    }
+
+    /// Accepts connections until `shutdown` resolves.
+    pub async fn serve(
+        self: Arc<Self>,
+        listener: UnixListener,
+        shutdown: impl std::future::Future<Output = ()>,
+    ) {
+        tokio::pin!(shutdown);
+        loop {
+            tokio::select! {
+                _ = &mut shutdown => return,
+                accepted = listener.accept() => match accepted {
+                    Ok((stream, _)) => {
+                        let me = self.clone();
+                        tokio::spawn(async move { me.serve_conn(stream).await });
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "accepting a connection");
+                        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Chowns `dir/rel` to `uid:gid`, walking `rel` one plain name at a time
+/// with `O_NOFOLLOW` from an fd of `dir`, so no symlink (not even one
+/// swapped in after the policy check) and no `..` can lead outside.
+/// (Not `openat2`: systemd's seccomp filters answer it with ENOSYS.)
+pub(crate) fn chown_beneath(dir: &Path, rel: &Path, uid: u32, gid: u32) -> Result<(), Refusal> {
+    use nix::fcntl::{OFlag, open, openat};
+    use nix::sys::stat::Mode;
+    use std::path::Component;
+    let shown = dir.join(rel).display().to_string();
+    let refused = |e: nix::Error| {
+        if matches!(e, nix::Error::ELOOP | nix::Error::ENOTDIR) {
+            Refusal::refused(format!(
+                "{shown}: goes through a symlink or a non-directory: refused"
+            ))
+        } else {
+            Refusal {
+                kind: ErrorKind::Failed,
+                message: format!("{shown}: {e}"),
+            }
+        }
+    };
+    let names: Vec<&std::ffi::OsStr> = rel
+        .components()
+        .map(|c| match c {
+            Component::Normal(n) => Ok(n),
+            _ => Err(Refusal::refused(format!(
+                "{shown}: only plain names below {} are allowed",
+                dir.display()
+            ))),
+        })
+        .collect::<Result<_, _>>()?;
+    let dir_flags = OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC;
+    let mut target = open(dir, dir_flags, Mode::empty()).map_err(refused)?;
+    for (i, name) in names.iter().enumerate() {
+        let last = i + 1 == names.len();
+        let flags = if last {
+            OFlag::O_PATH | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC
+        } else {
+            dir_flags
+        };
+        target = openat(&target, *name, flags, Mode::empty()).map_err(refused)?;
+    }
+    // With O_PATH | O_NOFOLLOW a final symlink is opened, not followed:
+    // changing even the link itself is not what the caller asked for.
+    let md = nix::sys::stat::fstat(&target).map_err(refused)?;
+    if md.st_mode & libc::S_IFMT == libc::S_IFLNK {
+        return Err(Refusal::refused(format!("{shown} is a symlink: refused")));
+    }
+    // SAFETY: fchownat on an fd we own with an empty path and AT_EMPTY_PATH
+    // changes that very inode; no pointers outlive the call.
+    let rc = unsafe {
+        libc::fchownat(
+            target.as_raw_fd(),
+            c"".as_ptr(),
+            uid,
+            gid,
+            libc::AT_EMPTY_PATH | libc::AT_SYMLINK_NOFOLLOW,
+        )
+    };
+    if rc != 0 {
+        return Err(Refusal {
+            kind: ErrorKind::Failed,
+            message: format!("chown {shown}: {}", std::io::Error::last_os_error()),
+        });
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::policy::tests::policy;
+    use banger_net::host::{HostNetError, TapInfo};
+    use banger_net::link::BridgeChange;
+    use banger_net::{IfName, Subnet, TapName};
+    use std::collections::BTreeSet;
+    use std::net::{Ipv4Addr, SocketAddr};
+    use std::os::unix::fs::MetadataExt;
+    use std::sync::Mutex;
+
+    /// Records what reached the host; the test double of the real netlink.
+    #[derive(Default)]
+    struct Recorder(Mutex<Vec<String>>);
+
+    impl Recorder {
+        fn log(&self, s: String) -> Result<(), HostNetError> {
+            self.0.lock().expect("lock").push(s);
+            Ok(())
+        }
+        fn calls(&self) -> Vec<String> {
+            self.0.lock().expect("lock").clone()
+        }
+    }
+
+    #[async_trait::async_trait]
+    impl HostNet for Recorder {
+        async fn ensure_bridge(&self, b: &BridgeSpec) -> Result<BridgeChange, HostNetError> {
+            self.log(format!("ensure_bridge {}", b.name))?;
+            Ok(BridgeChange::default())
+        }
+        async fn bridge_index(&self, b: &IfName) -> Result<Option<u32>, HostNetError> {
+            self.log(format!("bridge_index {b}"))?;
+            Ok(Some(7))
+        }
+        async fn create_tap(&self, t: &TapName, uid: u32, b: &IfName) -> Result<(), HostNetError> {
+            self.log(format!("create_tap {t} {uid} {b}"))
+        }
+        async fn delete_tap(&self, t: &TapName) -> Result<(), HostNetError> {
+            self.log(format!("delete_tap {t}"))
+        }
+        async fn list_taps(&self) -> Result<Vec<TapInfo>, HostNetError> {
+            Ok(vec![])
+        }
+        async fn nat_enable(&self, _: &Subnet, ip: Ipv4Addr) -> Result<(), HostNetError> {
+            self.log(format!("nat_enable {ip}"))
+        }
+        async fn nat_disable(&self, _: &Subnet, ip: Ipv4Addr) -> Result<(), HostNetError> {
+            self.log(format!("nat_disable {ip}"))
+        }
+        async fn nat_rebuild(
+            &self,
+            _: &Subnet,
+            ips: &BTreeSet<Ipv4Addr>,
+        ) -> Result<(), HostNetError> {
+            self.log(format!("nat_rebuild {}", ips.len()))
+        }
+        async fn set_ip_forward(&self, on: bool) -> Result<(), HostNetError> {
+            self.log(format!("ip_forward {on}"))
+        }
+        async fn resolved_wire(&self, b: &IfName, dns: SocketAddr) -> Result<(), HostNetError> {
+            self.log(format!("wire {b} {dns}"))
+        }
+        async fn resolved_unwire(&self, b: &IfName) -> Result<(), HostNetError> {
+            self.log(format!("unwire {b}"))
+        }
+    }
+
+    fn kind(r: &Response) -> Option<ErrorKind> {
+        match r {
+            Response::Error { kind, .. } => Some(*kind),
+            Response::Ok(_) => None,
+        }
+    }
+
+    #[tokio::test]
+    async fn lines_are_versioned_parsed_and_checked_before_anything_runs() {
+        let t = tempfile::tempdir().expect("tmp");
+        let rec = Arc::new(Recorder::default());
+        let s = Server::new(policy(t.path()), rec.clone());
+        let cases = [
+            ("garbage", ErrorKind::Malformed),
+            (r#"{"op":{"name":"hello"}}"#, ErrorKind::Version),
+            (r#"{"version":2,"op":{"name":"hello"}}"#, ErrorKind::Version),
+            (
+                r#"{"version":"1","op":{"name":"hello"}}"#,
+                ErrorKind::Version,
+            ),
+            (
+                r#"{"version":1,"op":{"name":"exec","argv":["/bin/sh"]}}"#,
+                ErrorKind::Malformed,
+            ),
+            (
+                r#"{"version":1,"op":{"name":"delete_tap","tap":"eth0"}}"#,
+                ErrorKind::Refused,
+            ),
+            (
+                r#"{"version":1,"op":{"name":"create_tap","tap":"bgtap1","bridge":"eth0"}}"#,
+                ErrorKind::Refused,
+            ),
+        ];
+        for (line, want) in cases {
+            let r = s.handle_line(1000, line).await;
+            assert_eq!(kind(&r), Some(want), "{line}: {r:?}");
+        }
+        let r = s
+            .handle_line(1000, r#"{"version":99,"op":{"name":"hello"}}"#)
+            .await;
+        let Response::Error { message, .. } = r else {
+            panic!("accepted")
+        };
+        assert!(message.contains("protocol version 99"), "{message}");
+        assert!(rec.calls().is_empty(), "{:?}", rec.calls());
+
+        // Allowed: the TAP goes to the owner uid whatever the client says.
+        let r = s
+            .handle_line(
+                1000,
+                r#"{"version":1,"op":{"name":"create_tap","tap":"bgtap1","bridge":"banger0"}}"#,
+            )
+            .await;
+        assert_eq!(r, Response::Ok(Reply::Done));
+        let r = s
+            .handle_line(
+                1001,
+                r#"{"version":1,"op":{"name":"delete_tap","tap":"bgtap1"}}"#,
+            )
+            .await;
+        assert_eq!(kind(&r), Some(ErrorKind::Unauthorized));
+        assert_eq!(rec.calls(), ["create_tap bgtap1 1000 banger0"]);
+    }
+
+    /// The real path: a Unix socket, SO_PEERCRED, and a client whose uid
+    /// is not the configured owner.
+    #[tokio::test]
+    async fn peer_credentials_decide_who_is_served() {
+        let t = tempfile::tempdir().expect("tmp");
+        let me = nix::unistd::getuid().as_raw();
+        let sock = t.path().join("helper.sock");
+        let listener = UnixListener::bind(&sock).expect("bind");
+        // Owner is someone else: we (root or not) must be refused.
+        let mut p = policy(t.path());
+        p.owner_uid = me + 1;
+        let s = Arc::new(Server::new(p, Arc::new(Recorder::default())));
+        tokio::spawn(s.serve(listener, std::future::pending()));
+        let client = crate::client::HelperClient::new(&sock);
+        let e = client
+            .call(crate::proto::Op::ListTaps)
+            .await
+            .expect_err("non-owner");
+        assert!(e.to_string().contains("not the install owner"), "{e}");
+
+        // Owner is us: served.
+        let sock2 = t.path().join("helper2.sock");
+        let listener = UnixListener::bind(&sock2).expect("bind");
+        let mut p = policy(t.path());
+        p.owner_uid = me;
+        let s = Arc::new(Server::new(p, Arc::new(Recorder::default())));
+        tokio::spawn(s.serve(listener, std::future::pending()));
+        let client = crate::client::HelperClient::new(&sock2);
+        let hello = client.hello().await.expect("hello");
+        assert_eq!(hello.owner_uid, me);
+        assert_eq!(hello.protocol, PROTOCOL_VERSION);
+        // And peer_uid itself reports the real uid of a socketpair peer.
+        let (a, _b) = UnixStream::pair().expect("pair");
+        assert_eq!(peer_uid(&a).expect("cred"), me);
+    }
+
+    /// Not a test on its own: the client half of
+    /// `a_process_of_another_uid_is_refused`, run in a child process
+    /// started with another uid.
+    #[test]
+    fn peer_child() {
+        let Some(sock) = std::env::var_os("BANGER_TEST_PEER_SOCKET") else {
+            return;
+        };
+        use std::io::{BufRead, Write};
+        let mut s = std::os::unix::net::UnixStream::connect(sock).expect("connect");
+        s.write_all(b"{\"version\":1,\"op\":{\"name\":\"list_taps\"}}\n")
+            .expect("write");
+        let mut line = String::new();
+        std::io::BufReader::new(s)
+            .read_line(&mut line)
+            .expect("read");
+        print!("ANSWER {line}");
+    }
+
+    /// A process of another uid reaches the socket (its permissions let
+    /// it) and is refused by SO_PEERCRED.
+    #[tokio::test]
+    async fn a_process_of_another_uid_is_refused() {
+        use std::os::unix::process::CommandExt;
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("SKIPPED: switching uid needs root");
+            return;
+        }
+        let t = tempfile::tempdir().expect("tmp");
+        let sock = t.path().join("helper.sock");
+        let listener = UnixListener::bind(&sock).expect("bind");
+        use std::os::unix::fs::PermissionsExt;
+        for p in [t.path(), sock.as_path()] {
+            std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o777)).expect("chmod");
+        }
+        let mut p = policy(t.path());
+        p.owner_uid = 4242;
+        let s = Arc::new(Server::new(p, Arc::new(Recorder::default())));
+        tokio::spawn(s.serve(listener, std::future::pending()));
+        let exe = std::env::current_exe().expect("test binary");
+        let out = tokio::process::Command::from({
+            let mut c = std::process::Command::new(exe);
+            c.args([
+                "--exact",
+                "server::tests::peer_child",
+                "--nocapture",
+                "--test-threads=1",
+            ])
+            .env("BANGER_TEST_PEER_SOCKET", &sock)
+            .uid(4243)
+            .gid(4243);
+            c
+        })
+        .output();
+        let out = tokio::time::timeout(std::time::Duration::from_secs(60), out)
+            .await
+            .expect("child finishes")
+            .expect("spawn child");
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "{stdout} {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let answer = stdout
+            .lines()
+            .find_map(|l| l.split_once("ANSWER ").map(|(_, a)| a))
+            .unwrap_or_else(|| panic!("no answer in {stdout}"));
+        let r: Response = serde_json::from_str(answer).expect("response");
+        assert_eq!(kind(&r), Some(ErrorKind::Unauthorized), "{answer}");
+        let Response::Error { message, .. } = r else {
+            unreachable!()
+        };
+        assert!(
+            message.contains("uid 4243 is not the install owner (uid 4242)"),
+            "{message}"
+        );
+    }
+
+    #[test]
+    fn chown_follows_no_symlink_even_when_swapped_in_after_the_check() {
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("SKIPPED: chown to another uid needs root");
+            return;
+        }
+        let t = tempfile::tempdir().expect("tmp");
+        let state = t.path().join("state");
+        let outside = t.path().join("outside");
+        std::fs::create_dir_all(state.join("vms/a")).expect("mkdir");
+        std::fs::create_dir_all(&outside).expect("mkdir");
+        std::fs::write(outside.join("victim"), "x").expect("write");
+        chown_beneath(&state, Path::new("vms/a"), 4242, 4243).expect("chown");
+        let md = std::fs::metadata(state.join("vms/a")).expect("meta");
+        assert_eq!((md.uid(), md.gid()), (4242, 4243));
+        // The directory itself.
+        chown_beneath(&state, Path::new(""), 4242, 4242).expect("chown dir");
+        // Swapped for a symlink after the policy check: refused.
+        std::fs::remove_dir(state.join("vms/a")).expect("rmdir");
+        std::os::unix::fs::symlink(&outside, state.join("vms/a")).expect("symlink");
+        let e = chown_beneath(&state, Path::new("vms/a/victim"), 4242, 4242).expect_err("link");
+        assert_eq!(e.kind, ErrorKind::Refused, "{e}");
+        let e = chown_beneath(&state, Path::new("vms/a"), 4242, 4242).expect_err("link");
+        assert_eq!(e.kind, ErrorKind::Refused, "{e}");
+        let e = chown_beneath(&state, Path::new("../outside/victim"), 4242, 4242).expect_err("..");
+        assert_eq!(e.kind, ErrorKind::Refused, "{e}");
+        let md = std::fs::metadata(outside.join("victim")).expect("meta");
+        assert_eq!(md.uid(), 0);
+    }
+}
