@@ -7,6 +7,7 @@
 pub mod client;
 pub mod exec;
 pub mod images;
+pub mod sessions;
 
 use banger_model::{ImageRecord, KernelRecord, VmRecord, VmSpec};
 use banger_version::BuildInfo;

@@ -12,6 +12,7 @@ mod lifecycle;
 mod logging;
 mod network;
 mod reconcile;
+mod session_routes;
 pub mod server;
 mod settings;
 mod ssh;

@@ -6,5 +6,7 @@ pub mod kernel;
 pub mod ssh_config;
 pub mod transfer;
 pub mod vm;
+pub mod vm_exec;
 pub mod vm_ports;
+pub mod vm_session;
 pub mod vm_ssh;
