@@ -125,7 +125,12 @@ pub(crate) fn spawn(
                 })?;
             let (rd, wr) = pty.into_split();
             let out: Output = Box::new(rd);
-            (child, Some(StdinFeeder::start(Sink::Pty(wr))), Some(out), None)
+            (
+                child,
+                Some(StdinFeeder::start(Sink::Pty(wr))),
+                Some(out),
+                None,
+            )
         }
         Input::Pipe | Input::Null => {
             let piped = matches!(input, Input::Pipe);
@@ -265,7 +270,10 @@ fn stdin_refusal(channel: u32) -> String {
 
 /// Reads once from an open pipe: `Some(n)` with data, `None` at its end.
 /// Never resolves for a pipe that is already closed.
-pub(crate) async fn read_some<R: AsyncRead + Unpin>(pipe: &mut Option<R>, buf: &mut [u8]) -> Option<usize> {
+pub(crate) async fn read_some<R: AsyncRead + Unpin>(
+    pipe: &mut Option<R>,
+    buf: &mut [u8],
+) -> Option<usize> {
     match pipe {
         Some(r) => match r.read(buf).await {
             Ok(0) => None,

@@ -3,9 +3,7 @@
 use crate::exec::{self, SessionMsg};
 use crate::power::Power;
 use crate::sessions::Sessions;
-use banger_agent_proto::{
-    Body, CONTROL, Frame, FrameCodec, Hello, PROTO_VERSION, ProtoError,
-};
+use banger_agent_proto::{Body, CONTROL, Frame, FrameCodec, Hello, PROTO_VERSION, ProtoError};
 use bytes::BytesMut;
 use futures::StreamExt;
 use std::collections::HashMap;

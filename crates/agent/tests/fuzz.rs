@@ -35,15 +35,25 @@ fn body() -> impl Strategy<Value = Body> {
         Just(Body::SessionList),
         Just(Body::ListListeners),
         Just(Body::Stdout(vec![1, 2])),
-        Just(Body::Exited(banger_agent_proto::ExitStatus { code: Some(0), signal: None })),
+        Just(Body::Exited(banger_agent_proto::ExitStatus {
+            code: Some(0),
+            signal: None
+        })),
         (-5i32..70).prop_map(Body::Signal),
         proptest::collection::vec(any::<u8>(), 0..64).prop_map(Body::Stdin),
         (any::<u16>(), any::<u16>())
             .prop_map(|(rows, cols)| Body::Resize(banger_agent_proto::TtySize { rows, cols })),
         "[a-z./]{0,12}".prop_map(|name| Body::SessionStop { name }),
         "[a-z./]{0,12}".prop_map(|name| Body::SessionAttach { name }),
-        "[a-z./]{0,12}".prop_map(|name| Body::SessionLogs { name, stream: None, follow: false }),
-        argv.clone().prop_map(|argv| Body::Exec(ExecRequest { argv, ..Default::default() })),
+        "[a-z./]{0,12}".prop_map(|name| Body::SessionLogs {
+            name,
+            stream: None,
+            follow: false
+        }),
+        argv.clone().prop_map(|argv| Body::Exec(ExecRequest {
+            argv,
+            ..Default::default()
+        })),
         (argv, "[a-z]{0,3}").prop_map(|(argv, name)| Body::SessionStart(SessionSpec {
             name,
             argv,
@@ -79,7 +89,11 @@ async fn drive(pieces: Vec<Piece>) {
     let (hello_tx, mut hellos) = tokio::sync::mpsc::unbounded_channel();
     tokio::spawn(async move {
         while let Some(Ok(item)) = rd.next().await {
-            if let Ok(Frame { body: Body::Hello(_), .. }) = item {
+            if let Ok(Frame {
+                body: Body::Hello(_),
+                ..
+            }) = item
+            {
                 let _ = hello_tx.send(());
             }
         }
@@ -87,7 +101,9 @@ async fn drive(pieces: Vec<Piece>) {
     let mut buf = BytesMut::new();
     for p in pieces {
         match p {
-            Piece::Frame(c, b) => FrameCodec.encode(Frame::new(c, b), &mut buf).expect("encode"),
+            Piece::Frame(c, b) => FrameCodec
+                .encode(Frame::new(c, b), &mut buf)
+                .expect("encode"),
             Piece::Garbage(g) => {
                 buf.put_u32_le(g.len() as u32);
                 buf.extend_from_slice(&g);
@@ -96,7 +112,9 @@ async fn drive(pieces: Vec<Piece>) {
     }
     wr.write_all(&buf).await.expect("write");
     let mut fw = FramedWrite::new(wr, FrameCodec);
-    fw.send(Frame::new(CONTROL, Body::Ping)).await.expect("ping");
+    fw.send(Frame::new(CONTROL, Body::Ping))
+        .await
+        .expect("ping");
     // The first hello is the greeting, a later one answers some Ping.
     let limit = Duration::from_secs(20);
     let wait = async {
@@ -158,9 +176,15 @@ async fn a_malformed_frame_closes_its_channel_only() {
     let hello = next_frame(&mut rd).await;
     assert!(matches!(hello.body, Body::Hello(_)));
     // A long-running exec on channel 3.
-    wr.send(Frame::new(3, Body::Exec(ExecRequest { argv: vec!["sleep".into(), "30".into()], ..Default::default() })))
-        .await
-        .expect("exec");
+    wr.send(Frame::new(
+        3,
+        Body::Exec(ExecRequest {
+            argv: vec!["sleep".into(), "30".into()],
+            ..Default::default()
+        }),
+    ))
+    .await
+    .expect("exec");
     // Channel 3, then a body tag no variant has.
     let mut raw = BytesMut::new();
     raw.put_u32_le(3);
@@ -168,8 +192,13 @@ async fn a_malformed_frame_closes_its_channel_only() {
     wr.get_mut().write_all(&raw).await.expect("raw");
     let f = next_frame(&mut rd).await;
     assert_eq!(f.channel, 3);
-    assert!(matches!(&f.body, Body::Error(m) if m.contains("malformed")), "{f:?}");
-    wr.send(Frame::new(CONTROL, Body::Ping)).await.expect("ping");
+    assert!(
+        matches!(&f.body, Body::Error(m) if m.contains("malformed")),
+        "{f:?}"
+    );
+    wr.send(Frame::new(CONTROL, Body::Ping))
+        .await
+        .expect("ping");
     let f = next_frame(&mut rd).await;
     assert!(matches!(f.body, Body::Hello(_)), "{f:?}");
 }

@@ -31,7 +31,10 @@ impl Guest {
         let agent = self.0.clone();
         tokio::spawn(async move { agent.serve(guest).await });
         let c = AgentClient::spawn(host);
-        timeout(LIMIT, c.wait_hello()).await.expect("in time").expect("hello");
+        timeout(LIMIT, c.wait_hello())
+            .await
+            .expect("in time")
+            .expect("hello");
         c
     }
 }
@@ -49,7 +52,9 @@ async fn read_until(s: &mut ExecSession, needle: &str) -> String {
     let mut out = String::new();
     while !out.contains(needle) {
         match next(s).await {
-            ExecEvent::Stdout(d) | ExecEvent::Stderr(d) => out.push_str(&String::from_utf8_lossy(&d)),
+            ExecEvent::Stdout(d) | ExecEvent::Stderr(d) => {
+                out.push_str(&String::from_utf8_lossy(&d))
+            }
             end => panic!("ended before {needle:?}: {end:?}; output {out:?}"),
         }
     }
@@ -67,13 +72,20 @@ async fn exec_on_a_tty_has_a_terminal_of_the_given_size_and_resizes() {
         .exec(ExecRequest {
             argv: argv(&["sh", "-c", "tty; stty size; read x; stty size"]),
             stdin: true,
-            tty: Some(TtySize { rows: 33, cols: 111 }),
+            tty: Some(TtySize {
+                rows: 33,
+                cols: 111,
+            }),
             ..Default::default()
         })
         .expect("exec");
     let out = read_until(&mut s, "33 111").await;
     assert!(out.contains("/dev/pts/"), "{out:?}");
-    s.resize(TtySize { rows: 44, cols: 122 }).expect("resize");
+    s.resize(TtySize {
+        rows: 44,
+        cols: 122,
+    })
+    .expect("resize");
     s.write_stdin(b"\n").expect("stdin");
     read_until(&mut s, "44 122").await;
     loop {
@@ -95,7 +107,11 @@ async fn sessions_outlive_their_connection_and_keep_logs() {
     let info = c
         .session_start(SessionSpec {
             name: "svc".into(),
-            argv: argv(&["sh", "-c", "echo started; echo oops >&2; while read l; do echo got $l; done"]),
+            argv: argv(&[
+                "sh",
+                "-c",
+                "echo started; echo oops >&2; while read l; do echo got $l; done",
+            ]),
             stdin: StdinMode::Pipe,
             ..Default::default()
         })
@@ -136,7 +152,10 @@ async fn sessions_outlive_their_connection_and_keep_logs() {
     assert_eq!(list.len(), 1);
     assert!(list[0].stdout_bytes >= 8);
 
-    let stopped = timeout(LIMIT, c.session_stop("svc")).await.expect("in time").expect("stop");
+    let stopped = timeout(LIMIT, c.session_stop("svc"))
+        .await
+        .expect("in time")
+        .expect("stop");
     assert_eq!(stopped.status.and_then(|s| s.signal), Some(15));
     assert!(c.session_list().await.expect("list").is_empty());
     assert!(c.session_stop("svc").await.is_err());
@@ -161,5 +180,13 @@ async fn an_ended_session_reports_its_status() {
     };
     assert_eq!(status.and_then(|s| s.code), Some(3));
     assert!(c.session_attach("nope").is_ok());
-    assert!(c.session_start(SessionSpec { name: "../x".into(), argv: argv(&["true"]), ..Default::default() }).await.is_err());
+    assert!(
+        c.session_start(SessionSpec {
+            name: "../x".into(),
+            argv: argv(&["true"]),
+            ..Default::default()
+        })
+        .await
+        .is_err()
+    );
 }

@@ -19,9 +19,7 @@ pub mod paths {
 }
 
 /// What a session's stdin is.
-#[derive(
-    Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, utoipa::ToSchema,
-)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum StdinMode {
     /// A pipe fed by attached clients; stays open between attaches.

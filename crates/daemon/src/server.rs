@@ -7,8 +7,8 @@ use axum::extract::{Path, Query, State};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::{Json, Router};
-use banger_agent_proto::{ExecRequest, TtySize};
 use banger_agent_proto::client::ExecEvent;
+use banger_agent_proto::{ExecRequest, TtySize};
 use banger_api::exec::{ExecControl, ExecExit, ExecReport, ExecStart, STDERR, STDOUT};
 use banger_api::{
     ApiError, BuildImageEvent, BuildImageRequest, CreateVmEvent, CreateVmRequest, DaemonInfo,

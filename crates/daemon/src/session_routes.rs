@@ -9,11 +9,11 @@ use axum::http::header;
 use axum::response::{IntoResponse, Response};
 use banger_agent_proto::client::{AgentClient, ClientError, ExecEvent, ExecSession};
 use banger_agent_proto::{OutputStream, SessionSpec, TtySize};
+use banger_api::ApiError;
 use banger_api::exec::ExecExit;
 use banger_api::sessions::{
     AttachInfo, AttachRequest, LogStream, SessionInfo, StartSession, StdinMode, paths as p,
 };
-use banger_api::ApiError;
 use std::path::{Path as FsPath, PathBuf};
 use std::sync::Arc;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};

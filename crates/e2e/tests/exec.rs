@@ -90,7 +90,8 @@ fn spawn_on_pty(
     cols: u16,
 ) -> (pty_process::blocking::Pty, std::process::Child, PtyOutput) {
     let std_cmd = b.cmd(args);
-    let mut cmd = pty_process::blocking::Command::new(std_cmd.get_program()).args(std_cmd.get_args());
+    let mut cmd =
+        pty_process::blocking::Command::new(std_cmd.get_program()).args(std_cmd.get_args());
     for (k, v) in std_cmd.get_envs() {
         cmd = match v {
             Some(v) => cmd.env(k, v),
@@ -98,7 +99,8 @@ fn spawn_on_pty(
         };
     }
     let (pty, pts) = pty_process::blocking::open().expect("open pty");
-    pty.resize(pty_process::Size::new(rows, cols)).expect("size");
+    pty.resize(pty_process::Size::new(rows, cols))
+        .expect("size");
     let child = cmd.spawn(pts).expect("spawn on pty");
     let out = Arc::new(Mutex::new(Vec::new()));
     let sink = out.clone();
@@ -118,7 +120,15 @@ fn spawn_on_pty(
 fn tty_size_and_resize(b: &Banger) {
     let (mut pty, mut child, out) = spawn_on_pty(
         b,
-        &["vm", "exec", VM, "--", "sh", "-c", "tty; stty size; while read l; do stty size; done"],
+        &[
+            "vm",
+            "exec",
+            VM,
+            "--",
+            "sh",
+            "-c",
+            "tty; stty size; while read l; do stty size; done",
+        ],
         33,
         111,
     );
@@ -139,12 +149,25 @@ fn tty_size_and_resize(b: &Banger) {
     wait_until("exec on a tty to exit", LONG, || {
         child.try_wait().expect("wait").is_some()
     });
-    assert_eq!(child.wait().expect("status").code(), Some(0), "{}", out.text());
+    assert_eq!(
+        child.wait().expect("status").code(),
+        Some(0),
+        "{}",
+        out.text()
+    );
 }
 
 fn sigint_ends_the_guest_process(b: &Banger) {
     let mut child = b
-        .cmd(&["vm", "exec", VM, "--", "sh", "-c", "echo ready; exec sleep 600"])
+        .cmd(&[
+            "vm",
+            "exec",
+            VM,
+            "--",
+            "sh",
+            "-c",
+            "echo ready; exec sleep 600",
+        ])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -169,7 +192,16 @@ fn sigint_ends_the_guest_process(b: &Banger) {
 
 fn sessions_survive_the_cli(b: &Banger) {
     let out = b.run(&[
-        "vm", "session", "start", VM, "--name", "bg", "--", "sh", "-c", "echo started; sleep 600",
+        "vm",
+        "session",
+        "start",
+        VM,
+        "--name",
+        "bg",
+        "--",
+        "sh",
+        "-c",
+        "echo started; sleep 600",
     ]);
     assert!(out.status.success(), "start: {}", text(&out).1);
     // The CLI has exited; the session runs on.
@@ -183,7 +215,9 @@ fn sessions_survive_the_cli(b: &Banger) {
         .clone();
     assert!(s["exit"].is_null(), "{s}");
     wait_until("the session's log", LONG, || {
-        text(&b.run(&["vm", "session", "logs", VM, "bg"])).0.contains("started")
+        text(&b.run(&["vm", "session", "logs", VM, "bg"]))
+            .0
+            .contains("started")
     });
     let out = b.run(&["vm", "session", "stop", VM, "bg"]);
     let (stdout, stderr) = text(&out);
@@ -210,7 +244,12 @@ fn acp_bridges_stdio(b: &Banger) {
         .spawn()
         .expect("spawn acp");
     let msg = b"{\"jsonrpc\":\"2.0\",\"id\":1,\"method\":\"initialize\"}\n";
-    child.stdin.take().expect("stdin").write_all(msg).expect("write");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(msg)
+        .expect("write");
     let out = child.wait_with_output().expect("acp output");
     match saved {
         Some(t) => b.write_config(&t),

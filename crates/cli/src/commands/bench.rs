@@ -332,7 +332,11 @@ async fn lifecycle(
 }
 
 /// Runs `argv` to its end; returns the stdout byte count and exit code.
-async fn exec_count(client: &banger_api::Client, vm: &str, argv: &[&str]) -> anyhow::Result<(u64, i32)> {
+async fn exec_count(
+    client: &banger_api::Client,
+    vm: &str,
+    argv: &[&str],
+) -> anyhow::Result<(u64, i32)> {
     let start = ExecStart {
         argv: argv.iter().map(|s| s.to_string()).collect(),
         ..Default::default()
@@ -361,7 +365,10 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
 
 /// Boots one VM, times [`EXEC_RUNS`] runs of `true` and the throughput of
 /// [`EXEC_STDOUT_BYTES`] of stdout, deletes the VM.
-async fn exec_bench(client: &banger_api::Client, image: Option<String>) -> anyhow::Result<ExecBench> {
+async fn exec_bench(
+    client: &banger_api::Client,
+    image: Option<String>,
+) -> anyhow::Result<ExecBench> {
     let req = CreateVmRequest {
         name: Some(format!("bench-exec-{}", std::process::id())),
         image,
@@ -384,7 +391,10 @@ async fn exec_bench(client: &banger_api::Client, image: Option<String>) -> anyho
         let t = Instant::now();
         let (bytes, code) = exec_count(client, &name, &["head", "-c", &count, "/dev/zero"]).await?;
         let secs = t.elapsed().as_secs_f64();
-        anyhow::ensure!(code == 0 && bytes == EXEC_STDOUT_BYTES, "head wrote {bytes} bytes and exited {code}");
+        anyhow::ensure!(
+            code == 0 && bytes == EXEC_STDOUT_BYTES,
+            "head wrote {bytes} bytes and exited {code}"
+        );
         let mean = times.iter().sum::<f64>() / times.len() as f64;
         times.sort_by(|a, b| a.total_cmp(b));
         anyhow::Ok(ExecBench {

@@ -9,7 +9,6 @@ use std::io::{IsTerminal, Write};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 use std::sync::Mutex;
 use std::time::Duration;
-use tokio::io::AsyncReadExt;
 use tokio::signal::unix::{SignalKind, signal};
 
 /// How long a guest process gets to exit after Ctrl-C/SIGTERM was forwarded
@@ -110,6 +109,30 @@ fn restore_terminal() {
     }
 }
 
+/// Reads stdin on a thread of its own: `Some(data)` chunks, then `None`
+/// at its end. Not tokio's stdin: its blocking read would hold up the
+/// runtime's shutdown until the user typed something (a terminal never ends).
+pub fn stdin_chunks() -> tokio::sync::mpsc::Receiver<Option<Vec<u8>>> {
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    std::thread::spawn(move || {
+        let mut stdin = std::io::stdin().lock();
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            let n = match std::io::Read::read(&mut stdin, &mut buf) {
+                Ok(0) | Err(_) => {
+                    let _ = tx.blocking_send(None);
+                    return;
+                }
+                Ok(n) => n,
+            };
+            if tx.blocking_send(Some(buf[..n].to_vec())).is_err() {
+                return;
+            }
+        }
+    });
+    rx
+}
+
 /// Runs `start` in the VM with `mode`, bridging stdio; returns the guest
 /// process's shell-style exit status (128+N when killed by signal N).
 ///
@@ -117,7 +140,12 @@ fn restore_terminal() {
 /// to the guest process; a second one stops waiting. With a tty the local
 /// terminal is raw, so Ctrl-C reaches the guest as a byte, and SIGWINCH
 /// resizes the guest terminal.
-pub async fn exec(client: &Client, vm: &str, start: ExecStart, mode: ExecMode) -> anyhow::Result<i32> {
+pub async fn exec(
+    client: &Client,
+    vm: &str,
+    start: ExecStart,
+    mode: ExecMode,
+) -> anyhow::Result<i32> {
     let start = ExecStart {
         stdin: mode.stdin,
         tty: mode.tty.then(local_size),
@@ -129,26 +157,11 @@ pub async fn exec(client: &Client, vm: &str, start: ExecStart, mode: ExecMode) -
         .context("starting the command")?;
     let _raw = if mode.tty { RawMode::enter()? } else { None };
 
-    let (in_tx, mut in_rx) = tokio::sync::mpsc::channel::<Option<Vec<u8>>>(4);
-    if mode.stdin {
-        tokio::spawn(async move {
-            let mut stdin = tokio::io::stdin();
-            let mut buf = vec![0u8; 64 * 1024];
-            loop {
-                match stdin.read(&mut buf).await {
-                    Ok(0) | Err(_) => {
-                        let _ = in_tx.send(None).await;
-                        break;
-                    }
-                    Ok(n) => {
-                        if in_tx.send(Some(buf[..n].to_vec())).await.is_err() {
-                            break;
-                        }
-                    }
-                }
-            }
-        });
-    }
+    let mut in_rx = if mode.stdin {
+        stdin_chunks()
+    } else {
+        tokio::sync::mpsc::channel(1).1
+    };
     let mut sigint = signal(SignalKind::interrupt()).context("handling SIGINT")?;
     let mut sigterm = signal(SignalKind::terminate()).context("handling SIGTERM")?;
     let mut winch = signal(SignalKind::window_change()).context("handling SIGWINCH")?;

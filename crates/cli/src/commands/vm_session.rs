@@ -184,11 +184,10 @@ async fn attach(client: &Client, vm: &str, name: &str) -> anyhow::Result<i32> {
     }
     let raw = if tty { RawMode::enter()? } else { None };
     let (mut rd, mut wr) = conn.into_split();
-    let mut stdin = tokio::io::stdin();
+    let mut stdin = vm_exec::stdin_chunks();
     let mut stdout = tokio::io::stdout();
     let mut sigint = signal(SignalKind::interrupt()).context("handling SIGINT")?;
     let mut winch = signal(SignalKind::window_change()).context("handling SIGWINCH")?;
-    let mut in_buf = vec![0u8; 32 * 1024];
     let mut out_buf = vec![0u8; 32 * 1024];
     let mut stdin_open = true;
     let detached = loop {
@@ -200,11 +199,11 @@ async fn attach(client: &Client, vm: &str, name: &str) -> anyhow::Result<i32> {
                     stdout.flush().await?;
                 }
             },
-            n = stdin.read(&mut in_buf), if stdin_open => match n {
+            chunk = stdin.recv(), if stdin_open => match chunk {
                 // Input ended; keep showing output until detach or the end.
-                Ok(0) | Err(_) => stdin_open = false,
-                Ok(n) => {
-                    let data = &in_buf[..n];
+                Some(None) | None => stdin_open = false,
+                Some(Some(data)) => {
+                    let n = data.len();
                     let cut = if tty { data.iter().position(|b| *b == DETACH_KEY) } else { None };
                     wr.write_all(&data[..cut.unwrap_or(n)]).await?;
                     if cut.is_some() {
