@@ -2,7 +2,7 @@
 
 use crate::exec::{self, SessionMsg};
 use crate::power::Power;
-use crate::sessions::Sessions;
+use crate::sessions::{Follow, Sessions};
 use banger_agent_proto::{Body, CONTROL, Frame, FrameCodec, Hello, PROTO_VERSION, ProtoError};
 use bytes::BytesMut;
 use futures::StreamExt;
@@ -143,7 +143,7 @@ impl Connection {
                 let (sessions, out) = (self.sessions.clone(), self.out.clone());
                 return self.open(channel, move |rx| async move {
                     sessions
-                        .follow(channel, &name, true, None, true, rx, out)
+                        .follow(channel, &name, Follow::Attach, rx, out)
                         .await
                 });
             }
@@ -155,7 +155,7 @@ impl Connection {
                 let (sessions, out) = (self.sessions.clone(), self.out.clone());
                 return self.open(channel, move |rx| async move {
                     sessions
-                        .follow(channel, &name, false, stream, follow, rx, out)
+                        .follow(channel, &name, Follow::Logs { stream, follow }, rx, out)
                         .await
                 });
             }

@@ -25,6 +25,17 @@ const STOP_GRACE: Duration = Duration::from_secs(10);
 /// by a process it left behind) before the session counts as ended anyway.
 const DRAIN_GRACE: Duration = Duration::from_secs(2);
 
+/// What a channel following a session does.
+pub(crate) enum Follow {
+    /// Live output from now on, input from the host.
+    Attach,
+    /// The ring logs (one stream or both), then live output if `follow`.
+    Logs {
+        stream: Option<OutputStream>,
+        follow: bool,
+    },
+}
+
 /// The agent's sessions, by name.
 #[derive(Default)]
 pub(crate) struct Sessions {
@@ -198,9 +209,7 @@ impl Sessions {
         &self,
         channel: u32,
         name: &str,
-        attach: bool,
-        streams: Option<OutputStream>,
-        follow: bool,
+        how: Follow,
         mut msgs: mpsc::UnboundedReceiver<SessionMsg>,
         out: mpsc::Sender<Frame>,
     ) {
@@ -210,6 +219,10 @@ impl Sessions {
                 let _ = out.send(Frame::new(channel, Body::Error(e))).await;
                 return;
             }
+        };
+        let (attach, streams, follow) = match how {
+            Follow::Attach => (true, None, true),
+            Follow::Logs { stream, follow } => (false, stream, follow),
         };
         let mut rx = s.changed.subscribe();
         let want_out = streams != Some(OutputStream::Stderr);

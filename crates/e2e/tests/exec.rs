@@ -40,6 +40,7 @@ fn exec_sessions_and_acp_on_one_guest() {
     tty_size_and_resize(b);
     sigint_ends_the_guest_process(b);
     sessions_survive_the_cli(b);
+    attach_bridges_a_pipe_session(b);
     acp_bridges_stdio(b);
 }
 
@@ -227,6 +228,50 @@ fn sessions_survive_the_cli(b: &Banger) {
     assert_eq!(text(&out).0.trim(), "", "the session's sleep still runs");
     let list = b.json(&["vm", "session", "list", VM]);
     assert_eq!(list.as_array().map(Vec::len), Some(0), "{list}");
+}
+
+fn attach_bridges_a_pipe_session(b: &Banger) {
+    let out = b.run(&[
+        "vm",
+        "session",
+        "start",
+        VM,
+        "--name",
+        "echo",
+        "--",
+        "sh",
+        "-c",
+        "while read l; do echo got $l; done",
+    ]);
+    assert!(out.status.success(), "start: {}", text(&out).1);
+    let mut child = b
+        .cmd(&["vm", "session", "attach", VM, "echo"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn attach");
+    let mut stdin = child.stdin.take().expect("stdin");
+    stdin.write_all(b"hello\n").expect("write");
+    let mut got = [0u8; 10];
+    child
+        .stdout
+        .as_mut()
+        .expect("stdout")
+        .read_exact(&mut got)
+        .expect("the session's answer");
+    assert_eq!(&got, b"got hello\n");
+    // Ctrl-C detaches; the session keeps running.
+    // SAFETY: kill(2) of the process this test spawned.
+    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGINT) }, 0);
+    let out = child.wait_with_output().expect("attach exit");
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out).1);
+    drop(stdin);
+    let list = b.json(&["vm", "session", "list", VM]);
+    let s = &list.as_array().expect("array")[0];
+    assert!(s["name"] == "echo" && s["exit"].is_null(), "{list}");
+    let out = b.run(&["vm", "session", "stop", VM, "echo"]);
+    assert!(out.status.success(), "stop: {}", text(&out).1);
 }
 
 fn acp_bridges_stdio(b: &Banger) {
