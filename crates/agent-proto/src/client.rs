@@ -4,7 +4,7 @@
 use crate::archive::{ArchiveDownload, ArchiveRoutes, ArchiveUpload};
 use crate::{
     Body, CONTROL, ExecRequest, ExitStatus, Frame, FrameCodec, GetArchive, Hello, Listener,
-    MAX_CHUNK, PROTO_VERSION, PutArchive,
+    MAX_CHUNK, OutputStream, PROTO_VERSION, PutArchive, SessionInfo, SessionSpec, TtySize,
 };
 use futures::{SinkExt, StreamExt};
 use std::collections::HashMap;
@@ -34,13 +34,14 @@ pub enum ExecEvent {
     Stderr(Vec<u8>),
     Exited(ExitStatus),
     Error(String),
+    /// Last event of a session attach or logs stream: the session's state.
+    Session(SessionInfo),
 }
 
 type Routes = Arc<Mutex<HashMap<u32, mpsc::UnboundedSender<ExecEvent>>>>;
 
 /// One-shot requests waiting for their answer, by channel.
-type Queries =
-    Arc<Mutex<HashMap<u32, tokio::sync::oneshot::Sender<Result<Vec<Listener>, String>>>>>;
+type Queries = Arc<Mutex<HashMap<u32, tokio::sync::oneshot::Sender<Body>>>>;
 
 /// A connection to one guest agent.
 #[derive(Clone)]
@@ -164,13 +165,45 @@ impl AgentClient {
 
     /// Starts a process in the guest.
     pub fn exec(&self, req: ExecRequest) -> Result<ExecSession, ClientError> {
+        // Dropping the handle early kills the process.
+        self.stream(Body::Exec(req), Body::Signal(9))
+    }
+
+    /// Attaches to a session: its live output, and its input from
+    /// [`ExecSession::write_stdin`]. Dropping the handle detaches.
+    pub fn session_attach(&self, name: &str) -> Result<ExecSession, ClientError> {
+        let body = Body::SessionAttach {
+            name: name.to_string(),
+        };
+        self.stream(body, Body::Detach)
+    }
+
+    /// A session's ring logs (both streams, stdout first, unless `stream`
+    /// picks one), then with `follow` its output until it ends.
+    pub fn session_logs(
+        &self,
+        name: &str,
+        stream: Option<OutputStream>,
+        follow: bool,
+    ) -> Result<ExecSession, ClientError> {
+        let body = Body::SessionLogs {
+            name: name.to_string(),
+            stream,
+            follow,
+        };
+        self.stream(body, Body::Detach)
+    }
+
+    /// Opens a streaming channel with `body`; `on_drop` is sent if the
+    /// handle is dropped before the channel ended.
+    fn stream(&self, body: Body, on_drop: Body) -> Result<ExecSession, ClientError> {
         let channel = self.next_channel.fetch_add(1, Ordering::Relaxed);
         let (ev_tx, events) = mpsc::unbounded_channel();
         self.routes
             .lock()
             .map_err(|_| ClientError::Disconnected)?
             .insert(channel, ev_tx);
-        if let Err(e) = self.send(Frame::new(channel, Body::Exec(req))) {
+        if let Err(e) = self.send(Frame::new(channel, body)) {
             self.routes.lock().map(|mut r| r.remove(&channel)).ok();
             return Err(e);
         }
@@ -179,24 +212,26 @@ impl AgentClient {
             tx: self.tx.clone(),
             events,
             done: false,
+            on_drop,
         })
     }
 
-    /// The guest's listening TCP sockets, as its agent sees them.
-    pub async fn list_listeners(&self) -> Result<Vec<Listener>, ClientError> {
+    /// Sends `body` on a new channel and waits for the one-frame answer;
+    /// an [`Body::Error`] answer becomes [`ClientError::Refused`].
+    async fn query(&self, body: Body) -> Result<Body, ClientError> {
         let channel = self.next_channel.fetch_add(1, Ordering::Relaxed);
         let (answer_tx, answer) = tokio::sync::oneshot::channel();
         self.queries
             .lock()
             .map_err(|_| ClientError::Disconnected)?
             .insert(channel, answer_tx);
-        if let Err(e) = self.send(Frame::new(channel, Body::ListListeners)) {
+        if let Err(e) = self.send(Frame::new(channel, body)) {
             self.queries.lock().map(|mut r| r.remove(&channel)).ok();
             return Err(e);
         }
         match answer.await {
-            Ok(Ok(listeners)) => Ok(listeners),
-            Ok(Err(msg)) => Err(ClientError::Refused(msg)),
+            Ok(Body::Error(msg)) => Err(ClientError::Refused(msg)),
+            Ok(body) => Ok(body),
             Err(_) => Err(ClientError::Disconnected),
         }
     }
@@ -215,9 +250,58 @@ impl AgentClient {
         ArchiveDownload::open(channel, self.tx.clone(), self.archives.clone(), req)
     }
 
+    /// The guest's listening TCP sockets, as its agent sees them.
+    pub async fn list_listeners(&self) -> Result<Vec<Listener>, ClientError> {
+        match self.query(Body::ListListeners).await? {
+            Body::Listeners(l) => Ok(l),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// Starts a supervised session in the guest.
+    pub async fn session_start(&self, spec: SessionSpec) -> Result<SessionInfo, ClientError> {
+        match self.query(Body::SessionStart(spec)).await? {
+            Body::Session(s) => Ok(s),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// The guest's sessions, running and ended.
+    pub async fn session_list(&self) -> Result<Vec<SessionInfo>, ClientError> {
+        match self.query(Body::SessionList).await? {
+            Body::Sessions(s) => Ok(s),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// Ends a session and forgets it; answers with its final state.
+    pub async fn session_stop(&self, name: &str) -> Result<SessionInfo, ClientError> {
+        let body = Body::SessionStop {
+            name: name.to_string(),
+        };
+        match self.query(body).await? {
+            Body::Session(s) => Ok(s),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// Resolves once the stream to the agent has ended.
+    pub async fn closed(&self) {
+        let mut closed = self.closed.clone();
+        while !*closed.borrow_and_update() {
+            if closed.changed().await.is_err() {
+                return;
+            }
+        }
+    }
+
     fn send(&self, f: Frame) -> Result<(), ClientError> {
         self.tx.send(f).map_err(|_| ClientError::Disconnected)
     }
+}
+
+fn unexpected(body: &Body) -> ClientError {
+    ClientError::Refused(format!("unexpected answer from the agent: {body:?}"))
 }
 
 fn route(
@@ -238,12 +322,7 @@ fn route(
     if let Ok(mut q) = queries.lock()
         && let Some(answer) = q.remove(&frame.channel)
     {
-        let result = match frame.body {
-            Body::Listeners(l) => Ok(l),
-            Body::Error(m) => Err(m),
-            other => Err(format!("unexpected answer {other:?}")),
-        };
-        let _ = answer.send(result);
+        let _ = answer.send(frame.body);
         return;
     }
     let (event, last) = match frame.body {
@@ -251,6 +330,7 @@ fn route(
         Body::Stderr(d) => (ExecEvent::Stderr(d), false),
         Body::Exited(s) => (ExecEvent::Exited(s), true),
         Body::Error(m) => (ExecEvent::Error(m), true),
+        Body::Session(s) => (ExecEvent::Session(s), true),
         other => {
             tracing::debug!(
                 channel = frame.channel,
@@ -275,6 +355,7 @@ pub struct ExecSession {
     tx: mpsc::UnboundedSender<Frame>,
     events: mpsc::UnboundedReceiver<ExecEvent>,
     done: bool,
+    on_drop: Body,
 }
 
 impl ExecSession {
@@ -286,7 +367,10 @@ impl ExecSession {
         }
         match self.events.recv().await {
             Some(ev) => {
-                if matches!(ev, ExecEvent::Exited(_) | ExecEvent::Error(_)) {
+                if matches!(
+                    ev,
+                    ExecEvent::Exited(_) | ExecEvent::Error(_) | ExecEvent::Session(_)
+                ) {
                     self.done = true;
                 }
                 Ok(Some(ev))
@@ -313,6 +397,17 @@ impl ExecSession {
         self.send(Body::Signal(sig))
     }
 
+    /// Resizes the process's terminal (exec with a tty, or a tty session).
+    pub fn resize(&self, size: TtySize) -> Result<(), ClientError> {
+        self.send(Body::Resize(size))
+    }
+
+    /// Stops following a session (attach or logs); it keeps running. The
+    /// stream then ends with [`ExecEvent::Session`].
+    pub fn detach(&self) -> Result<(), ClientError> {
+        self.send(Body::Detach)
+    }
+
     fn send(&self, body: Body) -> Result<(), ClientError> {
         self.tx
             .send(Frame::new(self.channel, body))
@@ -321,11 +416,13 @@ impl ExecSession {
 }
 
 impl Drop for ExecSession {
-    /// A session dropped before its process ended kills the process, so a
-    /// vanished client never leaves a stray guest process.
+    /// An exec dropped before its process ended kills the process, so a
+    /// vanished client never leaves a stray guest process; a dropped attach
+    /// or logs stream detaches.
     fn drop(&mut self) {
         if !self.done {
-            let _ = self.tx.send(Frame::new(self.channel, Body::Signal(9)));
+            let body = std::mem::replace(&mut self.on_drop, Body::Detach);
+            let _ = self.tx.send(Frame::new(self.channel, body));
         }
     }
 }

@@ -89,6 +89,10 @@ mod tests {
                 env: vec![("A".into(), "b".into())],
                 cwd: Some("/root".into()),
                 stdin: true,
+                tty: Some(crate::TtySize {
+                    rows: 40,
+                    cols: 120,
+                }),
             }),
         ));
         roundtrip(Frame::new(7, Body::Stdout(vec![1, 2, 3])));

@@ -24,7 +24,7 @@ pub use codec::{FrameCodec, ProtoError};
 use serde::{Deserialize, Serialize};
 
 /// Bumped on every incompatible change. The daemon refuses agents that differ.
-pub const PROTO_VERSION: u32 = 2;
+pub const PROTO_VERSION: u32 = 3;
 
 /// Largest frame payload accepted, in bytes.
 pub const MAX_FRAME: usize = 1 << 20;
@@ -101,7 +101,122 @@ pub enum Body {
     Credit(u32),
     /// Agent → host: the transfer is complete; the channel is closed.
     ArchiveDone(ArchiveSummary),
+
+    // Terminals and sessions.
+    /// Host → agent: the terminal of the process (or attached session) on
+    /// this channel changed size.
+    Resize(TtySize),
+    /// Host → agent: stop following the session on this channel (attach or
+    /// logs); the session keeps running. Answered with [`Body::Session`].
+    Detach,
+    /// Host → agent: start a supervised session, which outlives this channel
+    /// and the host connection. Answered with [`Body::Session`] or [`Body::Error`].
+    SessionStart(SessionSpec),
+    /// Host → agent: list sessions; answered with [`Body::Sessions`].
+    SessionList,
+    /// Host → agent: end a session (SIGTERM, SIGKILL after a grace period)
+    /// and forget it; answered with [`Body::Session`] once it has exited.
+    SessionStop { name: String },
+    /// Host → agent: stream the session's output from now on and feed its
+    /// input from this channel until [`Body::Detach`] or the session's end;
+    /// the channel ends with [`Body::Session`].
+    SessionAttach { name: String },
+    /// Host → agent: the session's ring log(s) (stdout first), then with
+    /// `follow` its live output until it ends; the channel ends with
+    /// [`Body::Session`].
+    SessionLogs {
+        name: String,
+        stream: Option<OutputStream>,
+        follow: bool,
+    },
+    /// Agent → host: one session's state; the channel is closed.
+    Session(SessionInfo),
+    /// Agent → host: every session; the channel is closed.
+    Sessions(Vec<SessionInfo>),
 }
+
+/// Size of a terminal in character cells.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TtySize {
+    pub rows: u16,
+    pub cols: u16,
+}
+
+impl Default for TtySize {
+    fn default() -> Self {
+        Self { rows: 24, cols: 80 }
+    }
+}
+
+/// One of a process's output streams.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum OutputStream {
+    Stdout,
+    Stderr,
+}
+
+/// What a session's stdin is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub enum StdinMode {
+    /// A pipe fed by attached clients; stays open between attaches.
+    #[default]
+    Pipe,
+    /// A pseudo-terminal (stdout and stderr both go to its output).
+    Tty,
+    /// /dev/null.
+    Null,
+}
+
+/// Longest session name.
+pub const MAX_SESSION_NAME: usize = 48;
+
+/// Checks a session name: 1 to [`MAX_SESSION_NAME`] of `[A-Za-z0-9._-]`,
+/// not starting with a dot (names become file names on the host).
+pub fn validate_session_name(name: &str) -> Result<(), String> {
+    let ok = !name.is_empty()
+        && name.len() <= MAX_SESSION_NAME
+        && !name.starts_with('.')
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b));
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "invalid session name {name:?}: use 1 to {MAX_SESSION_NAME} letters, digits, '.', '_' or '-', not starting with '.'"
+        ))
+    }
+}
+
+/// A session to start.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct SessionSpec {
+    pub name: String,
+    pub argv: Vec<String>,
+    pub env: Vec<(String, String)>,
+    pub cwd: Option<String>,
+    pub stdin: StdinMode,
+}
+
+/// A session as the agent reports it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SessionInfo {
+    pub name: String,
+    pub argv: Vec<String>,
+    pub stdin: StdinMode,
+    pub pid: Option<u32>,
+    /// Unix time (guest clock) the session started, in seconds.
+    pub started_at: u64,
+    /// Set once the process has exited.
+    pub status: Option<ExitStatus>,
+    /// Bytes written to each stream since the start (the ring logs keep the
+    /// newest [`SESSION_LOG_BYTES`] of each).
+    pub stdout_bytes: u64,
+    pub stderr_bytes: u64,
+}
+
+/// Bytes kept per output stream of a session.
+pub const SESSION_LOG_BYTES: usize = 1 << 20;
 
 /// A listening TCP socket in the guest, from `/proc/net/tcp` or `tcp6`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -133,6 +248,9 @@ pub struct ExecRequest {
     pub cwd: Option<String>,
     /// When false the process gets /dev/null as stdin.
     pub stdin: bool,
+    /// Run on a pseudo-terminal of this size (the process's session and
+    /// controlling terminal); its stdout and stderr are then one stream.
+    pub tty: Option<TtySize>,
 }
 
 /// How a guest process ended.

@@ -119,7 +119,7 @@ async fn exec(socket: &str, ping: bool, argv: &[&str]) -> Result<ExitCode, Strin
                     return Ok(ExitCode::from(st.shell_code().clamp(0, 255) as u8));
                 }
                 Some(ExecEvent::Error(e)) => return Err(format!("agent: {e}")),
-                None => return Err("session ended without a status".into()),
+                Some(ExecEvent::Session(_)) | None => return Err("session ended without a status".into()),
             },
         }
     }

@@ -1,7 +1,7 @@
 //! One guest process per exec channel.
 
 use crate::OUTPUT_CHUNK;
-use banger_agent_proto::{Body, ExecRequest, ExitStatus, Frame};
+use banger_agent_proto::{Body, ExecRequest, ExitStatus, Frame, TtySize};
 use nix::errno::Errno;
 use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
@@ -10,6 +10,7 @@ use std::path::Path;
 use std::process::Stdio;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::process::{Child, ChildStdin, Command};
+
 use tokio::sync::mpsc;
 
 /// What the connection forwards to a running session.
@@ -18,6 +19,9 @@ pub(crate) enum SessionMsg {
     Stdin(Vec<u8>),
     StdinEof,
     Signal(i32),
+    Resize(TtySize),
+    /// Stop following (attach/logs channels); an exec treats it as an error.
+    Detach,
     /// End the process now and close the channel with this error.
     Abort(String),
 }
@@ -34,8 +38,13 @@ pub(crate) async fn run(
     msgs: mpsc::UnboundedReceiver<SessionMsg>,
     out: mpsc::Sender<Frame>,
 ) {
-    let last = match spawn(&req) {
-        Ok(child) => supervise(channel, child, msgs, &out).await,
+    let stdin = match (req.tty, req.stdin) {
+        (Some(size), _) => Input::Tty(size),
+        (None, true) => Input::Pipe,
+        (None, false) => Input::Null,
+    };
+    let last = match spawn(&req.argv, &req.env, req.cwd.as_deref(), stdin) {
+        Ok(proc) => supervise(channel, proc, msgs, &out).await,
         Err(msg) => Body::Error(msg),
     };
     if let Body::Error(msg) = &last {
@@ -44,16 +53,46 @@ pub(crate) async fn run(
     let _ = out.send(Frame::new(channel, last)).await;
 }
 
-fn spawn(req: &ExecRequest) -> Result<Child, String> {
-    let Some((program, args)) = req.argv.split_first() else {
+/// How a process's stdin is wired.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Input {
+    Null,
+    Pipe,
+    /// A new pseudo-terminal of this size: stdin, stdout and stderr.
+    Tty(TtySize),
+}
+
+type Output = Box<dyn AsyncRead + Unpin + Send>;
+
+/// A started process with its ends.
+pub(crate) struct Spawned {
+    pub child: Child,
+    /// Its process group (it leads its own group, or its own session on a tty).
+    pub pgid: Pid,
+    /// Takes stdin data, EOF and resizes; `None` for /dev/null.
+    pub input: Option<StdinFeeder>,
+    pub stdout: Option<Output>,
+    /// `None` on a tty, where stderr is part of stdout.
+    pub stderr: Option<Output>,
+}
+
+/// Starts `argv` with the agent's default environment plus `env`, in `cwd`
+/// (default /root).
+pub(crate) fn spawn(
+    argv: &[String],
+    env: &[(String, String)],
+    cwd: Option<&str>,
+    input: Input,
+) -> Result<Spawned, String> {
+    let Some((program, args)) = argv.split_first() else {
         return Err("empty command".to_string());
     };
-    let cwd = match &req.cwd {
+    let cwd = match cwd {
         Some(dir) => {
             if let Err(e) = std::fs::read_dir(dir) {
                 return Err(format!("{dir}: {}", describe(&e)));
             }
-            dir.as_str()
+            dir
         }
         // A guest without /root (unusual images) still runs commands.
         None if Path::new(DEFAULT_HOME).is_dir() => DEFAULT_HOME,
@@ -69,19 +108,62 @@ fn spawn(req: &ExecRequest) -> Result<Child, String> {
         .env("LOGNAME", "root")
         .env("LANG", "C.UTF-8")
         .env("TERM", "xterm-256color")
-        .envs(req.env.iter().map(|(k, v)| (k, v)))
-        .stdin(if req.stdin {
-            Stdio::piped()
-        } else {
-            Stdio::null()
-        })
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        // Its own process group, so a signal reaches the whole job
-        // (a shell and its pipeline), not just the first process.
-        .process_group(0);
-    cmd.spawn()
-        .map_err(|e| format!("{program}: {}", describe(&e)))
+        .envs(env.iter().map(|(k, v)| (k, v)));
+    let started = |e: &dyn std::fmt::Display| format!("{program}: {e}");
+    let (child, input, stdout, stderr) = match input {
+        Input::Tty(size) => {
+            let (pty, pts) = pty_process::open().map_err(|e| started(&e))?;
+            pty.resize(pty_process::Size::new(size.rows, size.cols))
+                .map_err(|e| started(&e))?;
+            // pty-process makes the child a session leader with the pty as
+            // its controlling terminal (so it leads its own process group).
+            let child = pty_process::Command::from(cmd)
+                .spawn(pts)
+                .map_err(|e| match e {
+                    pty_process::Error::Io(io) => started(&describe(&io)),
+                    other => started(&other),
+                })?;
+            let (rd, wr) = pty.into_split();
+            let out: Output = Box::new(rd);
+            (
+                child,
+                Some(StdinFeeder::start(Sink::Pty(wr))),
+                Some(out),
+                None,
+            )
+        }
+        Input::Pipe | Input::Null => {
+            let piped = matches!(input, Input::Pipe);
+            cmd.stdin(if piped { Stdio::piped() } else { Stdio::null() })
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                // Its own process group, so a signal reaches the whole job
+                // (a shell and its pipeline), not just the first process.
+                .process_group(0);
+            let mut child = cmd.spawn().map_err(|e| started(&describe(&e)))?;
+            let input = child
+                .stdin
+                .take()
+                .map(|p| StdinFeeder::start(Sink::Pipe(p)));
+            let out = child.stdout.take().map(|o| Box::new(o) as Output);
+            let err = child.stderr.take().map(|o| Box::new(o) as Output);
+            (child, input, out, err)
+        }
+    };
+    let Some(pgid) = child
+        .id()
+        .and_then(|id| i32::try_from(id).ok())
+        .map(Pid::from_raw)
+    else {
+        return Err("process vanished right after it started".to_string());
+    };
+    Ok(Spawned {
+        child,
+        pgid,
+        input,
+        stdout,
+        stderr,
+    })
 }
 
 /// "No such file or directory" rather than "... (os error 2)".
@@ -94,20 +176,18 @@ fn describe(e: &std::io::Error) -> String {
 
 async fn supervise(
     channel: u32,
-    mut child: Child,
+    proc: Spawned,
     mut msgs: mpsc::UnboundedReceiver<SessionMsg>,
     out: &mpsc::Sender<Frame>,
 ) -> Body {
-    let Some(pgid) = child
-        .id()
-        .and_then(|id| i32::try_from(id).ok())
-        .map(Pid::from_raw)
-    else {
-        return Body::Error("process vanished right after it started".to_string());
-    };
-    let mut stdout = child.stdout.take();
-    let mut stderr = child.stderr.take();
-    let mut stdin = child.stdin.take().map(StdinFeeder::start);
+    let Spawned {
+        mut child,
+        pgid,
+        input,
+        mut stdout,
+        mut stderr,
+    } = proc;
+    let mut stdin = input;
     let mut out_buf = vec![0u8; OUTPUT_CHUNK];
     let mut err_buf = vec![0u8; OUTPUT_CHUNK];
     let mut status = None;
@@ -136,10 +216,17 @@ async fn supervise(
             },
             m = msgs.recv(), if msgs_open => match m {
                 Some(SessionMsg::Stdin(data)) => {
-                    if !stdin.as_ref().is_some_and(|f| f.feed(data)) {
+                    if !stdin.as_ref().is_some_and(|f| f.feed(Feed::Data(data))) {
                         break Err(stdin_refusal(channel));
                     }
                 }
+                Some(SessionMsg::Resize(size)) => {
+                    // Only a tty can be resized; a pipe ignores it.
+                    if let Some(f) = &stdin {
+                        f.feed(Feed::Resize(size));
+                    }
+                }
+                Some(SessionMsg::Detach) => break Err("an exec cannot be detached".to_string()),
                 Some(SessionMsg::StdinEof) => {
                     if !stdin.as_mut().is_some_and(StdinFeeder::close) {
                         break Err(stdin_refusal(channel));
@@ -183,7 +270,10 @@ fn stdin_refusal(channel: u32) -> String {
 
 /// Reads once from an open pipe: `Some(n)` with data, `None` at its end.
 /// Never resolves for a pipe that is already closed.
-async fn read_some<R: AsyncRead + Unpin>(pipe: &mut Option<R>, buf: &mut [u8]) -> Option<usize> {
+pub(crate) async fn read_some<R: AsyncRead + Unpin>(
+    pipe: &mut Option<R>,
+    buf: &mut [u8],
+) -> Option<usize> {
     match pipe {
         Some(r) => match r.read(buf).await {
             Ok(0) => None,
@@ -197,7 +287,7 @@ async fn read_some<R: AsyncRead + Unpin>(pipe: &mut Option<R>, buf: &mut [u8]) -
     }
 }
 
-fn signal_group(pgid: Pid, sig: Signal) {
+pub(crate) fn signal_group(pgid: Pid, sig: Signal) {
     match killpg(pgid, sig) {
         // The whole group is already gone.
         Ok(()) | Err(Errno::ESRCH) => {}
@@ -207,34 +297,62 @@ fn signal_group(pgid: Pid, sig: Signal) {
     }
 }
 
+/// Where a feeder writes.
+pub(crate) enum Sink {
+    Pipe(ChildStdin),
+    Pty(pty_process::OwnedWritePty),
+}
+
+/// What a feeder is asked to do, in order.
+#[derive(Debug)]
+pub(crate) enum Feed {
+    Data(Vec<u8>),
+    Resize(TtySize),
+}
+
 /// Writes stdin on its own task so that a process that does not read its
 /// input never holds up its output, its signals or its exit.
-struct StdinFeeder {
+pub(crate) struct StdinFeeder {
     /// `None` once the host sent EOF.
-    tx: Option<mpsc::UnboundedSender<Vec<u8>>>,
+    tx: Option<mpsc::UnboundedSender<Feed>>,
     task: tokio::task::JoinHandle<()>,
 }
 
 impl StdinFeeder {
-    fn start(mut pipe: ChildStdin) -> Self {
-        let (tx, mut rx) = mpsc::unbounded_channel::<Vec<u8>>();
+    fn start(mut sink: Sink) -> Self {
+        let (tx, mut rx) = mpsc::unbounded_channel::<Feed>();
         let task = tokio::spawn(async move {
-            while let Some(data) = rx.recv().await {
+            while let Some(feed) = rx.recv().await {
+                let written = match (&mut sink, feed) {
+                    (Sink::Pipe(p), Feed::Data(d)) => p.write_all(&d).await,
+                    (Sink::Pty(p), Feed::Data(d)) => p.write_all(&d).await,
+                    (Sink::Pty(p), Feed::Resize(size)) => {
+                        if let Err(e) = p.resize(pty_process::Size::new(size.rows, size.cols)) {
+                            tracing::debug!(error = %e, "resizing the terminal failed");
+                        }
+                        Ok(())
+                    }
+                    (Sink::Pipe(_), Feed::Resize(_)) => Ok(()),
+                };
                 // A process that closed its stdin just loses the rest.
-                if pipe.write_all(&data).await.is_err() {
+                if written.is_err() {
                     return;
                 }
             }
-            // All queued data is written; dropping the pipe is the EOF.
+            // All queued data is written. A pipe's EOF is dropping it; a
+            // terminal's is its EOF character (^D) at the start of a line.
+            if let Sink::Pty(p) = &mut sink {
+                let _ = p.write_all(&[4]).await;
+            }
         });
         Self { tx: Some(tx), task }
     }
 
-    /// Queues data; false if stdin was already closed by the host.
-    fn feed(&self, data: Vec<u8>) -> bool {
+    /// Queues data or a resize; false if stdin was already closed by the host.
+    pub(crate) fn feed(&self, feed: Feed) -> bool {
         match &self.tx {
             Some(tx) => {
-                let _ = tx.send(data);
+                let _ = tx.send(feed);
                 true
             }
             None => false,
@@ -242,13 +360,13 @@ impl StdinFeeder {
     }
 
     /// Closes stdin once the queued data is written; false if already closed.
-    fn close(&mut self) -> bool {
+    pub(crate) fn close(&mut self) -> bool {
         self.tx.take().is_some()
     }
 }
 
 impl Drop for StdinFeeder {
-    /// The session is over: nobody will read the pipe any more.
+    /// The process is over: nobody will read its input any more.
     fn drop(&mut self) {
         self.task.abort();
     }

@@ -16,11 +16,13 @@ pub mod init;
 mod listeners;
 pub mod netconf;
 pub mod power;
+mod ring;
 mod serve;
+mod sessions;
 pub mod transport;
 
 pub use power::{Power, PowerError, SystemPower};
-pub use serve::Agent;
+pub use serve::{Agent, BadFrame, HostFrames};
 
 /// Where the image builder installs the agent binary.
 pub const BINARY_PATH: &str = "/usr/local/bin/banger-agent";

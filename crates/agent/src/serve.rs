@@ -3,9 +3,8 @@
 use crate::archive::{self, ArchiveMsg};
 use crate::exec::{self, SessionMsg};
 use crate::power::Power;
-use banger_agent_proto::{
-    Body, CONTROL, ExecRequest, Frame, FrameCodec, Hello, PROTO_VERSION, ProtoError,
-};
+use crate::sessions::{Follow, Sessions};
+use banger_agent_proto::{Body, CONTROL, Frame, FrameCodec, Hello, PROTO_VERSION, ProtoError};
 use bytes::BytesMut;
 use futures::StreamExt;
 use std::collections::HashMap;
@@ -26,12 +25,17 @@ const TEARDOWN_GRACE: Duration = Duration::from_secs(5);
 #[derive(Clone)]
 pub struct Agent {
     power: Arc<dyn Power>,
+    /// Supervised sessions, shared by all host connections.
+    sessions: Arc<Sessions>,
 }
 
 impl Agent {
     /// An agent that carries out shutdown requests through `power`.
     pub fn new(power: Arc<dyn Power>) -> Self {
-        Self { power }
+        Self {
+            power,
+            sessions: Arc::default(),
+        }
     }
 
     /// Serves one host connection on `stream` until the host closes it.
@@ -49,8 +53,9 @@ impl Agent {
         let writer = tokio::spawn(write_frames(wr, out_rx));
         let mut conn = Connection {
             power: self.power.clone(),
+            sessions: self.sessions.clone(),
             out,
-            sessions: HashMap::new(),
+            channels: HashMap::new(),
             archives: HashMap::new(),
             tasks: JoinSet::new(),
             next_id: 0,
@@ -62,12 +67,7 @@ impl Agent {
             tokio::select! {
                 next = frames.next() => match next {
                     Some(Ok(Ok(frame))) => conn.handle(frame).await,
-                    Some(Ok(Err(bad))) => {
-                        tracing::warn!(channel = ?bad.channel, error = %bad.error, "bad frame from the host");
-                        if let Some(channel) = bad.channel.filter(|c| *c != CONTROL) {
-                            conn.abort(channel, format!("malformed frame from the host: {}", bad.error)).await;
-                        }
-                    }
+                    Some(Ok(Err(bad))) => conn.reject(bad).await,
                     Some(Err(e)) => {
                         tracing::info!(error = %e, "host connection failed");
                         break;
@@ -92,9 +92,11 @@ impl Agent {
 /// State of one host connection.
 struct Connection {
     power: Arc<dyn Power>,
+    sessions: Arc<Sessions>,
     out: mpsc::Sender<Frame>,
-    /// Live exec sessions by channel, with the id of the task serving each.
-    sessions: HashMap<u32, (u64, mpsc::UnboundedSender<SessionMsg>)>,
+    /// Live channels (exec, session attach, session logs) with the id of
+    /// the task serving each.
+    channels: HashMap<u32, (u64, mpsc::UnboundedSender<SessionMsg>)>,
     /// Live file transfers by channel.
     archives: HashMap<u32, mpsc::Sender<ArchiveMsg>>,
     tasks: JoinSet<(u32, u64)>,
@@ -118,15 +120,62 @@ impl Connection {
             None => return,
         };
         let msg = match body {
-            Body::Exec(req) => return self.start(channel, req),
+            Body::Exec(req) => {
+                let out = self.out.clone();
+                return self.open(channel, move |rx| exec::run(channel, req, rx, out));
+            }
             Body::ListListeners => return self.list_listeners(channel),
+            Body::SessionStart(spec) => {
+                let answer = match self.sessions.start(spec) {
+                    Ok(info) => Body::Session(info),
+                    Err(e) => Body::Error(e),
+                };
+                return self.send(channel, answer).await;
+            }
+            Body::SessionList => {
+                let all = self.sessions.list();
+                return self.send(channel, Body::Sessions(all)).await;
+            }
+            Body::SessionStop { name } => {
+                let (sessions, out) = (self.sessions.clone(), self.out.clone());
+                tokio::spawn(async move {
+                    let answer = match sessions.stop(&name).await {
+                        Ok(info) => Body::Session(info),
+                        Err(e) => Body::Error(e),
+                    };
+                    let _ = out.send(Frame::new(channel, answer)).await;
+                });
+                return;
+            }
+            Body::SessionAttach { name } => {
+                let (sessions, out) = (self.sessions.clone(), self.out.clone());
+                return self.open(channel, move |rx| async move {
+                    sessions
+                        .follow(channel, &name, Follow::Attach, rx, out)
+                        .await
+                });
+            }
+            Body::SessionLogs {
+                name,
+                stream,
+                follow,
+            } => {
+                let (sessions, out) = (self.sessions.clone(), self.out.clone());
+                return self.open(channel, move |rx| async move {
+                    sessions
+                        .follow(channel, &name, Follow::Logs { stream, follow }, rx, out)
+                        .await
+                });
+            }
             Body::Stdin(data) => SessionMsg::Stdin(data),
             Body::StdinEof => SessionMsg::StdinEof,
             Body::Signal(sig) => SessionMsg::Signal(sig),
+            Body::Resize(size) => SessionMsg::Resize(size),
+            Body::Detach => SessionMsg::Detach,
             other => SessionMsg::Abort(format!("unexpected {} frame from the host", kind(&other))),
         };
         let live = self
-            .sessions
+            .channels
             .get(&channel)
             .filter(|(_, tx)| !tx.is_closed());
         match live {
@@ -205,10 +254,13 @@ impl Connection {
             // The queue may be full: the transfer then sees its sender
             // dropped, which also aborts it.
             let _ = tx.try_send(ArchiveMsg::Abort(reason));
-        } else if let Some((_, tx)) = self.sessions.get(&channel) {
-            let _ = tx.send(SessionMsg::Abort(reason));
-        } else {
-            self.send(channel, Body::Error(reason)).await;
+            return;
+        }
+        match self.channels.remove(&channel) {
+            Some((_, tx)) if !tx.is_closed() => {
+                let _ = tx.send(SessionMsg::Abort(reason));
+            }
+            _ => self.send(channel, Body::Error(reason)).await,
         }
     }
 
@@ -255,22 +307,38 @@ impl Connection {
         });
     }
 
-    fn start(&mut self, channel: u32, req: ExecRequest) {
-        if let Some((_, old)) = self.sessions.remove(&channel) {
+    /// A frame that did not decode: the channel it was for (when its
+    /// header could be read) is closed with an error; others are untouched.
+    async fn reject(&mut self, bad: BadFrame) {
+        tracing::warn!(channel = ?bad.channel, error = %bad.error, "bad frame from the host");
+        let Some(channel) = bad.channel.filter(|c| *c != CONTROL) else {
+            return;
+        };
+        let reason = format!("malformed frame on channel {channel}: {}", bad.error);
+        self.abort(channel, reason).await;
+    }
+
+    /// Serves a new channel with the task `serve` makes from its inbox.
+    fn open<F, Fut>(&mut self, channel: u32, serve: F)
+    where
+        F: FnOnce(mpsc::UnboundedReceiver<SessionMsg>) -> Fut,
+        Fut: std::future::Future<Output = ()> + Send + 'static,
+    {
+        if let Some((_, old)) = self.channels.remove(&channel) {
             // The host reused a live channel: the old process can no longer
             // be told apart from the new one, so it ends with an error.
             let _ = old.send(SessionMsg::Abort(format!(
-                "channel {channel} was reused by a new exec"
+                "channel {channel} was reused by a new request"
             )));
         }
-        tracing::debug!(channel, argv = ?req.argv, "exec");
+        tracing::debug!(channel, "channel opened");
         let id = self.next_id;
         self.next_id += 1;
         let (tx, rx) = mpsc::unbounded_channel();
-        self.sessions.insert(channel, (id, tx));
-        let out = self.out.clone();
+        self.channels.insert(channel, (id, tx));
+        let fut = serve(rx);
         self.tasks.spawn(async move {
-            exec::run(channel, req, rx, out).await;
+            fut.await;
             (channel, id)
         });
     }
@@ -279,11 +347,11 @@ impl Connection {
         match done {
             Ok((channel, id)) => {
                 if self
-                    .sessions
+                    .channels
                     .get(&channel)
                     .is_some_and(|(live, _)| *live == id)
                 {
-                    self.sessions.remove(&channel);
+                    self.channels.remove(&channel);
                 }
             }
             Err(e) => tracing::error!(error = %e, "exec session task failed"),
@@ -293,7 +361,7 @@ impl Connection {
     /// Kills every process of this connection and waits (boundedly) for
     /// them to be reaped.
     async fn teardown(mut self) {
-        for (_, (_, tx)) in self.sessions.drain() {
+        for (_, (_, tx)) in self.channels.drain() {
             let _ = tx.send(SessionMsg::Abort("the host connection closed".into()));
         }
         let drain = async { while self.tasks.join_next().await.is_some() {} };
@@ -364,34 +432,40 @@ fn kind(body: &Body) -> &'static str {
         Body::ArchiveEnd => "ArchiveEnd",
         Body::Credit(_) => "Credit",
         Body::ArchiveDone(_) => "ArchiveDone",
+        Body::Resize(_) => "Resize",
+        Body::Detach => "Detach",
+        Body::SessionStart(_) => "SessionStart",
+        Body::SessionList => "SessionList",
+        Body::SessionStop { .. } => "SessionStop",
+        Body::SessionAttach { .. } => "SessionAttach",
+        Body::SessionLogs { .. } => "SessionLogs",
+        Body::Session(_) => "Session",
+        Body::Sessions(_) => "Sessions",
     }
 }
 
-/// A frame the agent could not decode, with its channel when the payload
-/// at least started with one.
+/// A frame from the host that could not be used.
 #[derive(Debug)]
-struct BadFrame {
-    channel: Option<u32>,
-    error: ProtoError,
+pub struct BadFrame {
+    /// The channel it named, when its header was readable.
+    pub channel: Option<u32>,
+    pub error: ProtoError,
 }
 
 /// [`FrameCodec`] for the agent's side: no frame, however bad, ends the
-/// connection. An undecodable payload is skipped (the stream stays in sync)
-/// and reported with its channel, which is then closed; an impossible
-/// length means the stream is out of sync, so what is buffered is dropped
-/// and decoding starts again on the next bytes.
-struct HostFrames;
+/// connection. An undecodable payload is reported with the channel it
+/// named (the stream stays in sync); an impossible length means the stream
+/// is out of sync, so what is buffered is dropped and decoding starts again
+/// on the next bytes.
+pub struct HostFrames;
 
 impl Decoder for HostFrames {
     type Item = Result<Frame, BadFrame>;
     type Error = std::io::Error;
 
     fn decode(&mut self, src: &mut BytesMut) -> Result<Option<Self::Item>, std::io::Error> {
-        // The channel is the payload's first field (a postcard varint).
-        let channel = src
-            .get(4..)
-            .and_then(|p| postcard::take_from_bytes::<u32>(p).ok())
-            .map(|(c, _)| c);
+        // A frame's payload starts with its channel (postcard varint).
+        let channel = src.get(4..).and_then(varint_u32);
         match FrameCodec.decode(src) {
             Ok(None) => Ok(None),
             Ok(Some(frame)) => Ok(Some(frame.map_err(|e| BadFrame {
@@ -410,6 +484,18 @@ impl Decoder for HostFrames {
     }
 }
 
+/// A postcard (LEB128) `u32` at the start of `b`.
+fn varint_u32(b: &[u8]) -> Option<u32> {
+    let mut v: u64 = 0;
+    for (i, byte) in b.iter().take(5).enumerate() {
+        v |= u64::from(byte & 0x7f) << (7 * i);
+        if byte & 0x80 == 0 {
+            return u32::try_from(v).ok();
+        }
+    }
+    None
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -423,8 +509,8 @@ mod tests {
         assert!(matches!(
             HostFrames.decode(&mut buf),
             Ok(Some(Err(BadFrame {
-                channel: None,
-                error: ProtoError::TooLarge(_)
+                error: ProtoError::TooLarge(_),
+                ..
             })))
         ));
         assert!(buf.is_empty());
@@ -442,13 +528,13 @@ mod tests {
     #[test]
     fn malformed_payload_is_an_item_not_an_error() {
         let mut buf = BytesMut::new();
-        // Channel 5, then a body variant that does not exist.
-        buf.put_u32_le(2);
-        buf.extend_from_slice(&[0x05, 0x7f]);
+        buf.put_u32_le(3);
+        // Channel 7, then a body tag no variant has.
+        buf.extend_from_slice(&[7, 0xff, 0x7f]);
         assert!(matches!(
             HostFrames.decode(&mut buf),
             Ok(Some(Err(BadFrame {
-                channel: Some(5),
+                channel: Some(7),
                 error: ProtoError::Malformed(_)
             })))
         ));

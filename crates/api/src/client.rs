@@ -86,7 +86,7 @@ impl Client {
         Ok(sender)
     }
 
-    async fn send(
+    pub(crate) async fn send(
         &self,
         method: Method,
         path: &str,

@@ -25,6 +25,16 @@ pub struct ExecStart {
     /// Forward stdin (otherwise the process reads /dev/null).
     #[serde(default)]
     pub stdin: bool,
+    /// Run on a pseudo-terminal of this size; output then comes as stdout only.
+    #[serde(default)]
+    pub tty: Option<TermSize>,
+}
+
+/// A terminal's size in character cells.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct TermSize {
+    pub rows: u16,
+    pub cols: u16,
 }
 
 /// Control messages from the client once the process runs.
@@ -33,6 +43,8 @@ pub struct ExecStart {
 pub enum ExecControl {
     StdinEof,
     Signal(i32),
+    /// The client's terminal changed size (tty execs).
+    Resize(TermSize),
 }
 
 /// How the guest process ended.

@@ -9,6 +9,7 @@ pub mod exec;
 pub mod files;
 pub mod hold;
 pub mod images;
+pub mod sessions;
 
 use banger_model::{ImageRecord, KernelRecord, VmRecord, VmSpec};
 use banger_version::BuildInfo;

@@ -90,6 +90,8 @@ pub struct Config {
     pub debian_mirror: Option<String>,
     pub vm_defaults: VmDefaults,
     pub file_sync: Vec<FileSync>,
+    /// The guest command `vm acp` bridges stdio to, as an argument vector.
+    pub acp_command: Vec<String>,
 }
 
 /// `[vm_defaults]`: sizing for new VMs when flags do not say.
@@ -142,6 +144,7 @@ impl Default for Config {
             debian_mirror: None,
             vm_defaults: VmDefaults::default(),
             file_sync: Vec::new(),
+            acp_command: vec!["opencode".into(), "acp".into()],
         }
     }
 }
@@ -308,6 +311,17 @@ impl Config {
                 ),
             ));
         }
+        if self.acp_command.first().is_none_or(|p| p.trim().is_empty())
+            || self.acp_command.iter().any(|a| a.contains('\0'))
+        {
+            return Err(invalid(
+                "acp_command",
+                format!(
+                    "{:?}: must be a non-empty argument list such as [\"opencode\", \"acp\"] whose first item names a program",
+                    self.acp_command
+                ),
+            ));
+        }
         if self.tap_pool_size > 64 {
             return Err(invalid(
                 "tap_pool_size",
@@ -467,6 +481,16 @@ mod tests {
             Some("127.0.0.1:7777".parse().expect("addr"))
         );
         assert_eq!(c.log_level, LogLevel::Info);
+    }
+
+    #[test]
+    fn acp_command_is_an_argument_list() {
+        assert_eq!(Config::default().acp_command, ["opencode", "acp"]);
+        let c = parse("acp_command = [\"cat\"]\n").expect("ok");
+        assert_eq!(c.acp_command, ["cat"]);
+        assert!(err("acp_command = []\n").contains("acp_command"));
+        assert!(err("acp_command = [\" \", \"x\"]\n").contains("acp_command"));
+        assert!(err("acp_command = \"opencode acp\"\n").contains("acp_command"));
     }
 
     #[test]

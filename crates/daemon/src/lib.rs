@@ -17,6 +17,7 @@ mod ownership;
 mod reconcile;
 mod run_mode;
 pub mod server;
+mod session_routes;
 mod settings;
 mod ssh;
 pub mod steps;

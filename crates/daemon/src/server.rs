@@ -7,8 +7,8 @@ use axum::extract::{Path, Query, State};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::{Json, Router};
-use banger_agent_proto::ExecRequest;
 use banger_agent_proto::client::ExecEvent;
+use banger_agent_proto::{ExecRequest, TtySize};
 use banger_api::exec::{ExecControl, ExecExit, ExecReport, ExecStart, STDERR, STDOUT};
 use banger_api::{
     ApiError, BuildImageEvent, BuildImageRequest, CreateVmEvent, CreateVmRequest, DaemonInfo,
@@ -74,6 +74,7 @@ pub fn router(daemon: Shared) -> (Router, utoipa::openapi::OpenApi) {
         .routes(routes!(list_kernels))
         .merge(crate::image_routes::router())
         .merge(crate::files_routes::router())
+        .merge(crate::session_routes::router())
         .with_state(daemon)
         .split_for_parts();
     let doc = api.clone();
@@ -442,6 +443,10 @@ async fn run_exec(agent: banger_agent_proto::client::AgentClient, mut socket: We
         env: start.env,
         cwd: start.cwd,
         stdin: start.stdin,
+        tty: start.tty.map(|t| TtySize {
+            rows: t.rows,
+            cols: t.cols,
+        }),
     };
     let mut session = match agent.exec(req) {
         Ok(s) => s,
@@ -458,7 +463,7 @@ async fn run_exec(agent: banger_agent_proto::client::AgentClient, mut socket: We
                         return report(&mut socket, ExecReport::Exit(exit)).await;
                     }
                     Ok(Some(ExecEvent::Error(m))) => return report(&mut socket, error("failed", m)).await,
-                    Ok(None) => return,
+                    Ok(Some(ExecEvent::Session(_))) | Ok(None) => return,
                     Err(e) => return report(&mut socket, error("failed", e.to_string())).await,
                 };
                 if socket.send(msg).await.is_err() {
@@ -470,6 +475,7 @@ async fn run_exec(agent: banger_agent_proto::client::AgentClient, mut socket: We
                 Some(Ok(Message::Text(t))) => match serde_json::from_str::<ExecControl>(&t) {
                     Ok(ExecControl::StdinEof) => { let _ = session.close_stdin(); }
                     Ok(ExecControl::Signal(s)) => { let _ = session.signal(s); }
+                    Ok(ExecControl::Resize(t)) => { let _ = session.resize(TtySize { rows: t.rows, cols: t.cols }); }
                     Err(e) => tracing::debug!(error = %e, "ignoring bad exec control message"),
                 },
                 Some(Ok(_)) => {}

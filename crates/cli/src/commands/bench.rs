@@ -76,7 +76,28 @@ struct Report {
     /// queries, measured in the daemon.
     network: Option<banger_api::NetworkBench>,
     network_error: Option<String>,
+    /// Exec round trip and stdout throughput through daemon and agent.
+    exec: Option<ExecBench>,
+    exec_error: Option<String>,
 }
+
+/// `vm exec` costs on one running VM.
+#[derive(Debug, Serialize)]
+struct ExecBench {
+    /// Sequential runs of `true`.
+    runs: usize,
+    /// Request to exit status of `true`, in milliseconds.
+    true_p50_ms: f64,
+    true_p99_ms: f64,
+    true_mean_ms: f64,
+    /// Bytes `head -c N /dev/zero` wrote to stdout and the rate they arrived.
+    stdout_bytes: u64,
+    stdout_seconds: f64,
+    stdout_mb_per_s: f64,
+}
+
+const EXEC_RUNS: usize = 100;
+const EXEC_STDOUT_BYTES: u64 = 200 << 20;
 
 const BENCH_VCPU: u32 = 1;
 const BENCH_MEMORY_MIB: u64 = 1024;
@@ -156,6 +177,16 @@ pub async fn run(a: BenchArgs) -> anyhow::Result<i32> {
         Ok(n) => (Some(n), None),
         Err(e) => (None, Some(e.to_string())),
     };
+    let (exec, exec_error) = match exec_bench(&client, a.image.clone()).await {
+        Ok(e) => {
+            eprintln!(
+                "bench: exec true p50 {:.1} ms, p99 {:.1} ms; stdout {:.1} MB/s",
+                e.true_p50_ms, e.true_p99_ms, e.stdout_mb_per_s
+            );
+            (Some(e), None)
+        }
+        Err(e) => (None, Some(format!("{e:#}"))),
+    };
     let report = Report {
         runs: a.runs,
         backend: format!("{} ({})", info.backend, info.backend_reason),
@@ -178,6 +209,8 @@ pub async fn run(a: BenchArgs) -> anyhow::Result<i32> {
         },
         network,
         network_error,
+        exec,
+        exec_error,
     };
     println!("{}", serde_json::to_string_pretty(&report)?);
     Ok(0)
@@ -298,6 +331,87 @@ async fn lifecycle(
     result
 }
 
+/// Runs `argv` to its end; returns the stdout byte count and exit code.
+async fn exec_count(
+    client: &banger_api::Client,
+    vm: &str,
+    argv: &[&str],
+) -> anyhow::Result<(u64, i32)> {
+    let start = ExecStart {
+        argv: argv.iter().map(|s| s.to_string()).collect(),
+        ..Default::default()
+    };
+    let (_, mut reader) = client.exec(vm, &start).await?;
+    let mut bytes = 0u64;
+    loop {
+        match reader.next().await? {
+            Some(ExecOutput::Stdout(d)) => bytes += d.len() as u64,
+            Some(ExecOutput::Stderr(_)) => {}
+            Some(ExecOutput::Exit(e)) => return Ok((bytes, e.shell_code())),
+            Some(ExecOutput::Error(e)) => anyhow::bail!("{}", e.message),
+            None => anyhow::bail!("exec ended without status"),
+        }
+    }
+}
+
+/// The `p`-th percentile (0..=100) of sorted samples, nearest rank.
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
+    sorted[rank.clamp(1, sorted.len()) - 1]
+}
+
+/// Boots one VM, times [`EXEC_RUNS`] runs of `true` and the throughput of
+/// [`EXEC_STDOUT_BYTES`] of stdout, deletes the VM.
+async fn exec_bench(
+    client: &banger_api::Client,
+    image: Option<String>,
+) -> anyhow::Result<ExecBench> {
+    let req = CreateVmRequest {
+        name: Some(format!("bench-exec-{}", std::process::id())),
+        image,
+        vcpu: Some(BENCH_VCPU),
+        memory_mib: Some(BENCH_MEMORY_MIB),
+        start: true,
+        ..Default::default()
+    };
+    let vm = client.create_vm(&req, |_| {}).await?;
+    let name = vm.name.to_string();
+    let result = async {
+        let mut times = Vec::with_capacity(EXEC_RUNS);
+        for _ in 0..EXEC_RUNS {
+            let t = Instant::now();
+            let (_, code) = exec_count(client, &name, &["true"]).await?;
+            anyhow::ensure!(code == 0, "`true` exited {code} in the guest");
+            times.push(ms(t.elapsed()));
+        }
+        let count = format!("{EXEC_STDOUT_BYTES}");
+        let t = Instant::now();
+        let (bytes, code) = exec_count(client, &name, &["head", "-c", &count, "/dev/zero"]).await?;
+        let secs = t.elapsed().as_secs_f64();
+        anyhow::ensure!(
+            code == 0 && bytes == EXEC_STDOUT_BYTES,
+            "head wrote {bytes} bytes and exited {code}"
+        );
+        let mean = times.iter().sum::<f64>() / times.len() as f64;
+        times.sort_by(|a, b| a.total_cmp(b));
+        anyhow::Ok(ExecBench {
+            runs: EXEC_RUNS,
+            true_p50_ms: percentile(&times, 50.0),
+            true_p99_ms: percentile(&times, 99.0),
+            true_mean_ms: mean,
+            stdout_bytes: bytes,
+            stdout_seconds: secs,
+            stdout_mb_per_s: bytes as f64 / 1e6 / secs.max(1e-9),
+        })
+    }
+    .await;
+    client.delete_vm(&name).await?;
+    result
+}
+
 fn host_summary() -> String {
     let cpus = std::thread::available_parallelism()
         .map(|n| n.get())
@@ -378,4 +492,18 @@ async fn bare_boot(client: &banger_api::Client, image: Option<&str>) -> anyhow::
     let elapsed = t0.elapsed();
     let _ = child.kill().await;
     Ok(ms(elapsed))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn percentiles_use_the_nearest_rank() {
+        let v: Vec<f64> = (1..=100).map(f64::from).collect();
+        assert_eq!(percentile(&v, 50.0), 50.0);
+        assert_eq!(percentile(&v, 99.0), 99.0);
+        assert_eq!(percentile(&[3.0], 99.0), 3.0);
+        assert_eq!(percentile(&[], 50.0), 0.0);
+    }
 }

@@ -2,13 +2,11 @@
 
 use crate::connect;
 use crate::output;
-use anyhow::Context;
-use banger_api::exec::{ExecControl, ExecOutput, ExecStart};
+use banger_api::exec::ExecStart;
 use banger_api::{Client, CreateVmEvent, CreateVmRequest};
 use banger_model::{ByteSize, VmName, VmRecord};
 use clap::{Args, Subcommand};
-use std::io::{IsTerminal, Write};
-use tokio::io::AsyncReadExt;
+use std::io::Write;
 
 #[derive(Subcommand)]
 pub enum VmCommand {
@@ -90,18 +88,34 @@ pub enum VmCommand {
         command: Vec<String>,
     },
     /// Run a command in a running VM through its agent; exits with its status.
+    ///
+    /// A pseudo-terminal is used when stdin and stdout are terminals (or
+    /// with --tty); otherwise stdin is forwarded unless it is a terminal,
+    /// and Ctrl-C / SIGTERM are forwarded to the guest process.
     Exec {
         vm: String,
+        /// Run the command on a pseudo-terminal even when banger's stdio is not one.
+        #[arg(long, short = 't', conflicts_with = "no_tty")]
+        tty: bool,
+        /// Never allocate a pseudo-terminal.
+        #[arg(long, short = 'T')]
+        no_tty: bool,
         /// Working directory in the guest (default: /root).
         #[arg(long)]
         cwd: Option<String>,
         /// Extra environment, KEY=VALUE; repeatable.
         #[arg(long = "env", short = 'e', value_parser = parse_env)]
         env: Vec<(String, String)>,
-        /// The command, after `--`. Stdin is forwarded when it is not a terminal.
+        /// The command, after `--`.
         #[arg(last = true, required = true, value_name = "CMD")]
         command: Vec<String>,
     },
+    /// Long-lived guest processes supervised by the agent.
+    #[command(subcommand)]
+    Session(super::vm_session::SessionCommand),
+    /// Bridge stdio to the guest's ACP agent (`acp_command` in config,
+    /// default `opencode acp`) through the guest agent.
+    Acp { vm: String },
     /// Print a VM's serial console (or VMM) log.
     Logs {
         vm: String,
@@ -167,7 +181,7 @@ fn parse_name(s: &str) -> Result<VmName, String> {
 }
 
 /// `KEY=VALUE` with a shell-style variable name.
-fn parse_env(s: &str) -> Result<(String, String), String> {
+pub(crate) fn parse_env(s: &str) -> Result<(String, String), String> {
     let (k, v) = s
         .split_once('=')
         .ok_or_else(|| format!("{s:?} is not KEY=VALUE"))?;
@@ -328,6 +342,8 @@ pub async fn run(cmd: VmCommand) -> anyhow::Result<i32> {
         }
         VmCommand::Exec {
             vm,
+            tty,
+            no_tty,
             cwd,
             env,
             command,
@@ -336,10 +352,13 @@ pub async fn run(cmd: VmCommand) -> anyhow::Result<i32> {
                 argv: command,
                 env,
                 cwd,
-                stdin: false,
+                ..Default::default()
             };
-            exec_streaming(&connect::client().await?, &vm, start).await
+            let mode = super::vm_exec::ExecMode::choose(tty, no_tty);
+            super::vm_exec::exec(&connect::client().await?, &vm, start, mode).await
         }
+        VmCommand::Session(c) => super::vm_session::run(c).await,
+        VmCommand::Acp { vm } => super::vm_session::acp(&vm).await,
         VmCommand::Logs { vm, vmm, follow } => {
             let source = if vmm {
                 banger_api::LogSource::Vmm
@@ -543,76 +562,4 @@ pub async fn create_with_progress(
         .await;
     let _ = spec_printed;
     Ok(res?)
-}
-
-/// Runs `argv` in the VM, streaming its output; returns its exit status.
-/// Stdin is forwarded when it is not a terminal.
-/// Runs `start` in the VM, streaming its output; stdin is forwarded when it
-/// is not a terminal. Returns the command's shell-style exit status.
-pub async fn exec_streaming(client: &Client, vm: &str, start: ExecStart) -> anyhow::Result<i32> {
-    let forward_stdin = !std::io::stdin().is_terminal();
-    let start = ExecStart {
-        stdin: forward_stdin,
-        ..start
-    };
-    let (mut writer, mut reader) = client
-        .exec(vm, &start)
-        .await
-        .context("starting the command")?;
-    let (ctl_tx, mut ctl_rx) = tokio::sync::mpsc::unbounded_channel::<Option<Vec<u8>>>();
-    if forward_stdin {
-        let tx = ctl_tx.clone();
-        tokio::spawn(async move {
-            let mut stdin = tokio::io::stdin();
-            let mut buf = vec![0u8; 64 * 1024];
-            loop {
-                match stdin.read(&mut buf).await {
-                    Ok(0) | Err(_) => {
-                        let _ = tx.send(None);
-                        break;
-                    }
-                    Ok(n) => {
-                        if tx.send(Some(buf[..n].to_vec())).is_err() {
-                            break;
-                        }
-                    }
-                }
-            }
-        });
-    }
-    let mut interrupted = false;
-    // After a Ctrl-C the guest process gets this long to exit on its own.
-    let grace = tokio::time::sleep(std::time::Duration::from_secs(3600 * 24 * 365));
-    tokio::pin!(grace);
-    let mut stdout = std::io::stdout();
-    let mut stderr = std::io::stderr();
-    loop {
-        tokio::select! {
-            out = reader.next() => match out? {
-                Some(ExecOutput::Stdout(d)) => { stdout.write_all(&d)?; stdout.flush()?; }
-                Some(ExecOutput::Stderr(d)) => { stderr.write_all(&d)?; stderr.flush()?; }
-                Some(ExecOutput::Exit(e)) => return Ok(e.shell_code()),
-                Some(ExecOutput::Error(e)) => anyhow::bail!("{}", e.message),
-                None => anyhow::bail!("the command's stream ended without an exit status"),
-            },
-            msg = ctl_rx.recv() => match msg {
-                Some(Some(data)) => writer.stdin(&data).await?,
-                Some(None) => writer.control(ExecControl::StdinEof).await?,
-                None => {}
-            },
-            _ = tokio::signal::ctrl_c() => {
-                if interrupted {
-                    return Ok(130);
-                }
-                interrupted = true;
-                // Like a terminal would: the guest process gets SIGINT.
-                writer.control(ExecControl::Signal(libc::SIGINT)).await?;
-                grace.as_mut().reset(tokio::time::Instant::now() + std::time::Duration::from_secs(10));
-            }
-            _ = &mut grace => {
-                eprintln!("banger: the command did not exit within 10s of Ctrl-C; leaving it");
-                return Ok(130);
-            }
-        }
-    }
 }

@@ -1,0 +1,352 @@
+//! HTTP routes for supervised guest sessions, and the per-session Unix
+//! socket that `vm session attach` (or any local tool) connects to.
+
+use crate::{Daemon, DaemonError};
+use axum::Json;
+use axum::body::Body;
+use axum::extract::{Path, Query, State};
+use axum::http::header;
+use axum::response::{IntoResponse, Response};
+use banger_agent_proto::client::{AgentClient, ClientError, ExecEvent, ExecSession};
+use banger_agent_proto::{OutputStream, SessionSpec, TtySize};
+use banger_api::ApiError;
+use banger_api::exec::ExecExit;
+use banger_api::sessions::{
+    AttachInfo, AttachRequest, LogStream, SessionInfo, StartSession, StdinMode, paths as p,
+};
+use std::path::{Path as FsPath, PathBuf};
+use std::sync::Arc;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{UnixListener, UnixStream};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+
+type Shared = Arc<Daemon>;
+
+/// Longest path a Unix socket address holds (sun_path minus its NUL).
+const MAX_SOCKET_PATH: usize = 107;
+
+/// The routes of this module, merged into the daemon's router.
+pub(crate) fn router() -> OpenApiRouter<Shared> {
+    OpenApiRouter::new()
+        .routes(routes!(list_sessions, start_session))
+        .routes(routes!(stop_session))
+        .routes(routes!(session_logs))
+        .routes(routes!(attach_session))
+}
+
+fn to_api(s: banger_agent_proto::SessionInfo) -> SessionInfo {
+    SessionInfo {
+        name: s.name,
+        argv: s.argv,
+        stdin: match s.stdin {
+            banger_agent_proto::StdinMode::Pipe => StdinMode::Pipe,
+            banger_agent_proto::StdinMode::Tty => StdinMode::Tty,
+            banger_agent_proto::StdinMode::Null => StdinMode::Null,
+        },
+        pid: s.pid,
+        started_at: s.started_at,
+        exit: s.status.map(|st| ExecExit {
+            code: st.code,
+            signal: st.signal,
+        }),
+        stdout_bytes: s.stdout_bytes,
+        stderr_bytes: s.stderr_bytes,
+    }
+}
+
+/// Agent refusals are the caller's doing (unknown name, name in use, bad
+/// command); a lost connection is a conflict with the VM's state.
+fn agent_error(e: ClientError) -> DaemonError {
+    match e {
+        ClientError::Refused(m) if m.starts_with("no session named") => DaemonError::NotFound(m),
+        ClientError::Refused(m) => DaemonError::Invalid(m),
+        other => DaemonError::Conflict(other.to_string()),
+    }
+}
+
+fn check_name(name: &str) -> Result<(), DaemonError> {
+    banger_agent_proto::validate_session_name(name).map_err(DaemonError::Invalid)
+}
+
+/// Sessions of a running VM, running and ended.
+#[utoipa::path(get, path = p::SESSIONS, params(("vm" = String, Path, description = "name or id prefix")),
+    responses((status = 200, body = Vec<SessionInfo>), (status = 404, body = ApiError), (status = 409, body = ApiError)))]
+async fn list_sessions(
+    State(d): State<Shared>,
+    Path(vm): Path<String>,
+) -> Result<Json<Vec<SessionInfo>>, DaemonError> {
+    let (_, agent) = d.running_agent(&vm)?;
+    let all = agent.session_list().await.map_err(agent_error)?;
+    Ok(Json(all.into_iter().map(to_api).collect()))
+}
+
+/// Starts a supervised session in a running VM.
+#[utoipa::path(post, path = p::SESSIONS, params(("vm" = String, Path, description = "name or id prefix")),
+    request_body = StartSession,
+    responses((status = 200, body = SessionInfo), (status = 400, body = ApiError), (status = 409, body = ApiError)))]
+async fn start_session(
+    State(d): State<Shared>,
+    Path(vm): Path<String>,
+    Json(req): Json<StartSession>,
+) -> Result<Json<SessionInfo>, DaemonError> {
+    check_name(&req.name)?;
+    if req.argv.is_empty() {
+        return Err(DaemonError::Invalid("a session needs a command".into()));
+    }
+    let (_, agent) = d.running_agent(&vm)?;
+    let spec = SessionSpec {
+        name: req.name,
+        argv: req.argv,
+        env: req.env,
+        cwd: req.cwd,
+        stdin: match req.stdin {
+            StdinMode::Pipe => banger_agent_proto::StdinMode::Pipe,
+            StdinMode::Tty => banger_agent_proto::StdinMode::Tty,
+            StdinMode::Null => banger_agent_proto::StdinMode::Null,
+        },
+    };
+    let info = agent.session_start(spec).await.map_err(agent_error)?;
+    Ok(Json(to_api(info)))
+}
+
+/// Ends a session (SIGTERM, SIGKILL after 10 s) and forgets it.
+#[utoipa::path(post, path = p::SESSION_STOP,
+    params(("vm" = String, Path, description = "name or id prefix"), ("name" = String, Path)),
+    responses((status = 200, body = SessionInfo), (status = 404, body = ApiError), (status = 409, body = ApiError)))]
+async fn stop_session(
+    State(d): State<Shared>,
+    Path((vm, name)): Path<(String, String)>,
+) -> Result<Json<SessionInfo>, DaemonError> {
+    check_name(&name)?;
+    let (_, agent) = d.running_agent(&vm)?;
+    let info = agent.session_stop(&name).await.map_err(agent_error)?;
+    Ok(Json(to_api(info)))
+}
+
+#[derive(serde::Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+struct LogsQuery {
+    /// One stream only (default: stdout's log, then stderr's).
+    #[param(value_type = Option<LogStream>)]
+    stream: Option<LogStream>,
+    /// Keep streaming the session's output until it ends.
+    #[serde(default)]
+    follow: bool,
+}
+
+/// A session's ring logs (the last 1 MiB of each stream), as bytes; with
+/// `follow`, then its live output until it ends.
+#[utoipa::path(get, path = p::SESSION_LOGS,
+    params(("vm" = String, Path, description = "name or id prefix"), ("name" = String, Path), LogsQuery),
+    responses((status = 200, content_type = "application/octet-stream", body = String), (status = 404, body = ApiError)))]
+async fn session_logs(
+    State(d): State<Shared>,
+    Path((vm, name)): Path<(String, String)>,
+    Query(q): Query<LogsQuery>,
+) -> Result<Response, DaemonError> {
+    check_name(&name)?;
+    let (_, agent) = d.running_agent(&vm)?;
+    let stream = q.stream.map(|s| match s {
+        LogStream::Stdout => OutputStream::Stdout,
+        LogStream::Stderr => OutputStream::Stderr,
+    });
+    let mut logs = agent
+        .session_logs(&name, stream, q.follow)
+        .map_err(agent_error)?;
+    // The first event tells an unknown session from an empty log.
+    let first = next_bytes(&mut logs).await.map_err(|e| match e {
+        ClientError::Refused(m) => agent_error(ClientError::Refused(m)),
+        other => DaemonError::Conflict(other.to_string()),
+    })?;
+    let head = futures::stream::iter(first.map(Ok::<_, std::convert::Infallible>));
+    let rest = futures::stream::unfold(logs, |mut logs| async move {
+        match next_bytes(&mut logs).await {
+            Ok(Some(data)) => Some((Ok(data), logs)),
+            _ => None,
+        }
+    });
+    use futures::StreamExt;
+    Ok(Response::builder()
+        .header(header::CONTENT_TYPE, "application/octet-stream")
+        .body(Body::from_stream(head.chain(rest)))
+        .unwrap_or_else(|_| axum::http::StatusCode::INTERNAL_SERVER_ERROR.into_response()))
+}
+
+/// The next output of a logs/attach stream; `None` at its end.
+async fn next_bytes(s: &mut ExecSession) -> Result<Option<Vec<u8>>, ClientError> {
+    match s.next_event().await? {
+        Some(ExecEvent::Stdout(d) | ExecEvent::Stderr(d)) => Ok(Some(d)),
+        Some(ExecEvent::Error(m)) => Err(ClientError::Refused(m)),
+        Some(ExecEvent::Exited(_) | ExecEvent::Session(_)) | None => Ok(None),
+    }
+}
+
+/// Opens (or reuses) the session's attach socket and, for a tty session
+/// and a given size, resizes its terminal.
+#[utoipa::path(post, path = p::SESSION_ATTACH,
+    params(("vm" = String, Path, description = "name or id prefix"), ("name" = String, Path)),
+    request_body = AttachRequest,
+    responses((status = 200, body = AttachInfo), (status = 404, body = ApiError), (status = 409, body = ApiError)))]
+async fn attach_session(
+    State(d): State<Shared>,
+    Path((vm, name)): Path<(String, String)>,
+    Json(req): Json<AttachRequest>,
+) -> Result<Json<AttachInfo>, DaemonError> {
+    check_name(&name)?;
+    let (rec, agent) = d.running_agent(&vm)?;
+    let all = agent.session_list().await.map_err(agent_error)?;
+    let Some(info) = all.into_iter().find(|s| s.name == name) else {
+        return Err(DaemonError::NotFound(format!(
+            "VM {} has no session named {name:?}: `banger vm session list {}` shows them",
+            rec.name, rec.name
+        )));
+    };
+    if info.status.is_some() {
+        return Err(DaemonError::Conflict(format!(
+            "session {name:?} has ended: `banger vm session logs` shows its output"
+        )));
+    }
+    if let Some(size) = req.size
+        && info.stdin == banger_agent_proto::StdinMode::Tty
+    {
+        // A short attach of its own carries the resize.
+        let s = agent.session_attach(&name).map_err(agent_error)?;
+        s.resize(TtySize {
+            rows: size.rows,
+            cols: size.cols,
+        })
+        .map_err(agent_error)?;
+        s.detach().map_err(agent_error)?;
+    }
+    let socket = socket_path(&rec.dir, &name)?;
+    ensure_bridge(&socket, agent, name, d.shutdown.clone()).await?;
+    Ok(Json(AttachInfo {
+        socket: socket.display().to_string(),
+        session: to_api(info),
+    }))
+}
+
+/// `<vm dir>/sessions/<name>.sock`, if it fits in a socket address.
+fn socket_path(vm_dir: &FsPath, name: &str) -> Result<PathBuf, DaemonError> {
+    let path = vm_dir.join("sessions").join(format!("{name}.sock"));
+    if path.as_os_str().len() > MAX_SOCKET_PATH {
+        return Err(DaemonError::Invalid(format!(
+            "attach socket {} is longer than a Unix socket address allows ({MAX_SOCKET_PATH} bytes): use a shorter session name",
+            path.display()
+        )));
+    }
+    Ok(path)
+}
+
+/// Makes sure a bridge listens on `socket`: a live one is reused, a stale
+/// file (from a stopped daemon) is replaced.
+async fn ensure_bridge(
+    socket: &FsPath,
+    agent: AgentClient,
+    name: String,
+    shutdown: tokio_util::sync::CancellationToken,
+) -> Result<(), DaemonError> {
+    if UnixStream::connect(socket).await.is_ok() {
+        // A live bridge just got an empty connection, which it treats as
+        // an attach that detached at once.
+        return Ok(());
+    }
+    let failed = |what: &str, e: std::io::Error| {
+        DaemonError::Failed(anyhow::anyhow!("{what} {}: {e}", socket.display()))
+    };
+    if let Some(dir) = socket.parent() {
+        std::fs::create_dir_all(dir).map_err(|e| failed("creating the directory of", e))?;
+    }
+    match std::fs::remove_file(socket) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(failed("removing stale", e)),
+    }
+    let listener = UnixListener::bind(socket).map_err(|e| failed("listening on", e))?;
+    let path = socket.to_path_buf();
+    tokio::spawn(async move {
+        serve_bridge(listener, &agent, &name, shutdown).await;
+        let _ = std::fs::remove_file(&path);
+        tracing::debug!(session = %name, "attach bridge closed");
+    });
+    Ok(())
+}
+
+/// Accepts attach connections until the session ends, the VM's agent goes
+/// away or the daemon stops.
+async fn serve_bridge(
+    listener: UnixListener,
+    agent: &AgentClient,
+    name: &str,
+    shutdown: tokio_util::sync::CancellationToken,
+) {
+    loop {
+        let conn = tokio::select! {
+            c = listener.accept() => match c {
+                Ok((c, _)) => c,
+                Err(e) => {
+                    tracing::warn!(session = name, error = %e, "attach socket accept failed");
+                    return;
+                }
+            },
+            () = agent.closed() => return,
+            () = shutdown.cancelled() => return,
+        };
+        let Ok(session) = agent.session_attach(name) else {
+            return;
+        };
+        let agent = agent.clone();
+        let name = name.to_string();
+        let ended = tokio::spawn(async move {
+            let ended = bridge(conn, session).await;
+            // Check the agent's view too: a session gone while nobody was
+            // attached also ends the bridge.
+            ended
+                || !agent
+                    .session_list()
+                    .await
+                    .is_ok_and(|all| all.iter().any(|s| s.name == name && s.status.is_none()))
+        });
+        // One client at a time keeps input ordering simple; later
+        // connections wait in the listen queue.
+        match ended.await {
+            Ok(false) => continue,
+            _ => return,
+        }
+    }
+}
+
+/// Copies `conn`'s bytes to the session's stdin and its output back, until
+/// the client closes (detach) or the session ends. True if it ended.
+async fn bridge(conn: UnixStream, mut session: ExecSession) -> bool {
+    let (mut rd, mut wr) = conn.into_split();
+    let mut buf = vec![0u8; 32 * 1024];
+    let mut reading = true;
+    loop {
+        tokio::select! {
+            n = rd.read(&mut buf), if reading => match n {
+                Ok(0) | Err(_) => {
+                    reading = false;
+                    let _ = session.detach();
+                }
+                Ok(n) => {
+                    if session.write_stdin(&buf[..n]).is_err() {
+                        return false;
+                    }
+                }
+            },
+            ev = session.next_event() => match ev {
+                Ok(Some(ExecEvent::Stdout(d) | ExecEvent::Stderr(d))) => {
+                    if wr.write_all(&d).await.is_err() {
+                        let _ = session.detach();
+                        reading = false;
+                    }
+                }
+                Ok(Some(ExecEvent::Session(info))) => return info.status.is_some(),
+                Ok(Some(ExecEvent::Error(_) | ExecEvent::Exited(_))) | Ok(None) => return true,
+                Err(_) => return true,
+            },
+        }
+    }
+}

@@ -1,0 +1,308 @@
+//! `vm exec` (exit codes, stdin, tty, signals), `vm session ...` and
+//! `vm acp` against one real guest, created for this file.
+
+use banger_e2e::{Banger, shared, text, wait_until};
+use std::io::{Read, Write};
+use std::os::fd::AsFd;
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+const VM: &str = "e2e-exec";
+/// Prints the pids of `sleep` processes in the guest (procps may be absent).
+const GUEST_SLEEPS: &str =
+    "for p in /proc/[0-9]*; do [ \"$(cat $p/comm 2>/dev/null)\" = sleep ] && echo $p; done; true";
+const LONG: Duration = Duration::from_secs(120);
+
+/// Deletes the VM however the test ends.
+struct VmGuard(&'static Banger);
+
+impl Drop for VmGuard {
+    fn drop(&mut self) {
+        let _ = self.0.run(&["vm", "delete", VM]);
+    }
+}
+
+fn exec(b: &Banger, cmd: &str) -> std::process::Output {
+    b.run(&["vm", "exec", VM, "--", "sh", "-c", cmd])
+}
+
+#[test]
+fn exec_sessions_and_acp_on_one_guest() {
+    let b = shared();
+    let _ = b.run(&["vm", "delete", VM]);
+    let out = b.run(&["vm", "create", "--name", VM]);
+    assert!(out.status.success(), "create: {}", text(&out).1);
+    let _guard = VmGuard(b);
+
+    exit_codes(b);
+    stdin_is_piped_intact(b);
+    tty_size_and_resize(b);
+    sigint_ends_the_guest_process(b);
+    sessions_survive_the_cli(b);
+    attach_bridges_a_pipe_session(b);
+    acp_bridges_stdio(b);
+}
+
+fn exit_codes(b: &Banger) {
+    for (cmd, code) in [("true", 0), ("exit 1", 1), ("kill -9 $$", 137)] {
+        let out = exec(b, cmd);
+        assert_eq!(out.status.code(), Some(code), "{cmd}: {}", text(&out).1);
+    }
+}
+
+fn stdin_is_piped_intact(b: &Banger) {
+    use sha2::Digest;
+    // 50 MB of varied bytes (not just zeros).
+    let data: Vec<u8> = (0..50_000_000u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    let want = format!("{:x}", sha2::Sha256::digest(&data));
+    let mut child = b
+        .cmd(&["vm", "exec", VM, "--", "sha256sum"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn exec");
+    let mut stdin = child.stdin.take().expect("stdin");
+    let writer = std::thread::spawn(move || stdin.write_all(&data));
+    let out = child.wait_with_output().expect("exec output");
+    writer.join().expect("writer").expect("write stdin");
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "{stderr}");
+    assert_eq!(stdout.split_whitespace().next(), Some(want.as_str()));
+}
+
+/// The output of a process on a pty, collected by a reader thread.
+struct PtyOutput(Arc<Mutex<Vec<u8>>>);
+
+impl PtyOutput {
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().expect("lock")).into_owned()
+    }
+}
+
+/// `b.cmd(args)` on a new pseudo-terminal of `rows` x `cols`.
+fn spawn_on_pty(
+    b: &Banger,
+    args: &[&str],
+    rows: u16,
+    cols: u16,
+) -> (pty_process::blocking::Pty, std::process::Child, PtyOutput) {
+    let std_cmd = b.cmd(args);
+    let mut cmd =
+        pty_process::blocking::Command::new(std_cmd.get_program()).args(std_cmd.get_args());
+    for (k, v) in std_cmd.get_envs() {
+        cmd = match v {
+            Some(v) => cmd.env(k, v),
+            None => cmd.env_remove(k),
+        };
+    }
+    let (pty, pts) = pty_process::blocking::open().expect("open pty");
+    pty.resize(pty_process::Size::new(rows, cols))
+        .expect("size");
+    let child = cmd.spawn(pts).expect("spawn on pty");
+    let out = Arc::new(Mutex::new(Vec::new()));
+    let sink = out.clone();
+    let mut reader = std::fs::File::from(pty.as_fd().try_clone_to_owned().expect("clone pty fd"));
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = reader.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            sink.lock().expect("lock").extend_from_slice(&buf[..n]);
+        }
+    });
+    (pty, child, PtyOutput(out))
+}
+
+fn tty_size_and_resize(b: &Banger) {
+    let (mut pty, mut child, out) = spawn_on_pty(
+        b,
+        &[
+            "vm",
+            "exec",
+            VM,
+            "--",
+            "sh",
+            "-c",
+            "tty; stty size; while read l; do stty size; done",
+        ],
+        33,
+        111,
+    );
+    wait_until("the guest tty and size", LONG, || {
+        let t = out.text();
+        t.contains("/dev/pts/") && t.contains("33 111")
+    });
+    pty.resize(pty_process::Size::new(44, 122)).expect("resize");
+    // Each Enter makes the guest print its size again; the resize is
+    // forwarded on SIGWINCH, so repeat until it shows.
+    wait_until("the resized guest tty", LONG, || {
+        let _ = pty.write_all(b"\r");
+        std::thread::sleep(Duration::from_millis(400));
+        out.text().contains("44 122")
+    });
+    // Ctrl-D at the start of a line ends the guest's `read` loop.
+    pty.write_all(&[4]).expect("eof");
+    wait_until("exec on a tty to exit", LONG, || {
+        child.try_wait().expect("wait").is_some()
+    });
+    assert_eq!(
+        child.wait().expect("status").code(),
+        Some(0),
+        "{}",
+        out.text()
+    );
+}
+
+fn sigint_ends_the_guest_process(b: &Banger) {
+    let mut child = b
+        .cmd(&[
+            "vm",
+            "exec",
+            VM,
+            "--",
+            "sh",
+            "-c",
+            "echo ready; exec sleep 600",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn exec");
+    let mut first = [0u8; 6];
+    child
+        .stdout
+        .as_mut()
+        .expect("stdout")
+        .read_exact(&mut first)
+        .expect("ready");
+    assert_eq!(&first, b"ready\n");
+    // `ip netns exec` runs banger as its child (same pid after exec).
+    let pid = child.id() as i32;
+    // SAFETY: kill(2) of the process this test spawned.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGINT) }, 0);
+    let status = child.wait().expect("wait");
+    assert_eq!(status.code(), Some(130), "SIGINT-ed sleep should exit 130");
+    let out = exec(b, GUEST_SLEEPS);
+    assert_eq!(text(&out).0.trim(), "", "sleep still runs in the guest");
+}
+
+fn sessions_survive_the_cli(b: &Banger) {
+    let out = b.run(&[
+        "vm",
+        "session",
+        "start",
+        VM,
+        "--name",
+        "bg",
+        "--",
+        "sh",
+        "-c",
+        "echo started; sleep 600",
+    ]);
+    assert!(out.status.success(), "start: {}", text(&out).1);
+    // The CLI has exited; the session runs on.
+    let list = b.json(&["vm", "session", "list", VM]);
+    let s = list
+        .as_array()
+        .expect("array")
+        .iter()
+        .find(|s| s["name"] == "bg")
+        .unwrap_or_else(|| panic!("no session bg in {list}"))
+        .clone();
+    assert!(s["exit"].is_null(), "{s}");
+    wait_until("the session's log", LONG, || {
+        text(&b.run(&["vm", "session", "logs", VM, "bg"]))
+            .0
+            .contains("started")
+    });
+    let out = b.run(&["vm", "session", "stop", VM, "bg"]);
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "stop: {stderr}");
+    assert!(stdout.contains("signal 15"), "{stdout}");
+    let out = exec(b, GUEST_SLEEPS);
+    assert_eq!(text(&out).0.trim(), "", "the session's sleep still runs");
+    let list = b.json(&["vm", "session", "list", VM]);
+    assert_eq!(list.as_array().map(Vec::len), Some(0), "{list}");
+}
+
+fn attach_bridges_a_pipe_session(b: &Banger) {
+    let out = b.run(&[
+        "vm",
+        "session",
+        "start",
+        VM,
+        "--name",
+        "echo",
+        "--",
+        "sh",
+        "-c",
+        "while read l; do echo got $l; done",
+    ]);
+    assert!(out.status.success(), "start: {}", text(&out).1);
+    let mut child = b
+        .cmd(&["vm", "session", "attach", VM, "echo"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn attach");
+    let mut stdin = child.stdin.take().expect("stdin");
+    stdin.write_all(b"hello\n").expect("write");
+    let mut got = [0u8; 10];
+    child
+        .stdout
+        .as_mut()
+        .expect("stdout")
+        .read_exact(&mut got)
+        .expect("the session's answer");
+    assert_eq!(&got, b"got hello\n");
+    // Ctrl-C detaches; the session keeps running.
+    // SAFETY: kill(2) of the process this test spawned.
+    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGINT) }, 0);
+    let out = child.wait_with_output().expect("attach exit");
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out).1);
+    drop(stdin);
+    let list = b.json(&["vm", "session", "list", VM]);
+    let s = &list.as_array().expect("array")[0];
+    assert!(s["name"] == "echo" && s["exit"].is_null(), "{list}");
+    let out = b.run(&["vm", "session", "stop", VM, "echo"]);
+    assert!(out.status.success(), "stop: {}", text(&out).1);
+}
+
+fn acp_bridges_stdio(b: &Banger) {
+    let cfg = b.config_dir().join("config.toml");
+    let saved = std::fs::read_to_string(&cfg).ok();
+    b.write_config(&format!(
+        "{}acp_command = [\"cat\"]\n",
+        saved.clone().unwrap_or_default()
+    ));
+    let mut child = b
+        .cmd(&["vm", "acp", VM])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn acp");
+    let msg = b"{\"jsonrpc\":\"2.0\",\"id\":1,\"method\":\"initialize\"}\n";
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(msg)
+        .expect("write");
+    let out = child.wait_with_output().expect("acp output");
+    match saved {
+        Some(t) => b.write_config(&t),
+        None => {
+            let _ = std::fs::remove_file(&cfg);
+        }
+    }
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "{stderr}");
+    assert_eq!(stdout.as_bytes(), msg);
+}
