@@ -94,7 +94,10 @@ pub async fn run() -> Result<(), StartError> {
         images_dir: paths.images_dir.clone(),
         kernels_dir: paths.kernels_dir.clone(),
         mirror: config.debian_mirror.clone(),
-        agent_binary: agent_binary(&config),
+        agent_binary: config
+            .agent_path
+            .clone()
+            .unwrap_or_else(|| record.paths.agent.clone()),
     };
     tracing::info!(images = %images.images_dir.display(), agent = %images.agent_binary.display(), "image builds enabled");
     let server = Arc::new(Server::new(policy, host).with_images(images));
@@ -102,17 +105,6 @@ pub async fn run() -> Result<(), StartError> {
     let _ = std::fs::remove_file(&socket);
     tracing::info!("bangerd-root stopped");
     Ok(())
-}
-
-/// The banger-agent baked into images: `agent_path` of the system config,
-/// else the one installed next to bangerd (as the owner daemon finds it).
-fn agent_binary(config: &Config) -> PathBuf {
-    if let Some(p) = &config.agent_path {
-        return p.clone();
-    }
-    std::env::current_exe()
-        .map(|exe| exe.with_file_name("banger-agent"))
-        .unwrap_or_else(|_| PathBuf::from("/usr/local/bin/banger-agent"))
 }
 
 /// Binds `socket` so that only `uid` can connect: directory 0711 (root),

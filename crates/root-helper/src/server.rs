@@ -766,4 +766,45 @@ mod tests {
         let md = std::fs::metadata(outside.join("victim")).expect("meta");
         assert_eq!(md.uid(), 0);
     }
+
+    #[test]
+    fn chown_tree_gives_the_whole_tree_and_nothing_outside() {
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("SKIPPED: chown to another uid needs root");
+            return;
+        }
+        let t = tempfile::tempdir().expect("tmp");
+        let state = t.path().join("state");
+        let outside = t.path().join("outside");
+        std::fs::create_dir_all(state.join("images/default/sub")).expect("mkdir");
+        std::fs::create_dir_all(&outside).expect("mkdir");
+        std::fs::write(outside.join("victim"), "x").expect("write");
+        std::fs::write(state.join("images/default/rootfs.ext4"), "x").expect("write");
+        std::fs::write(state.join("images/default/sub/f"), "x").expect("write");
+        std::os::unix::fs::symlink(&outside, state.join("images/default/link")).expect("symlink");
+        chown_tree_beneath(&state, Path::new("images/default"), 4242, 4243).expect("chown");
+        for p in ["", "rootfs.ext4", "sub", "sub/f"] {
+            let md = std::fs::metadata(state.join("images/default").join(p)).expect("meta");
+            assert_eq!((md.uid(), md.gid()), (4242, 4243), "{p}");
+        }
+        let link = std::fs::symlink_metadata(state.join("images/default/link")).expect("meta");
+        assert_eq!(link.uid(), 4242);
+        for p in [
+            outside.clone(),
+            outside.join("victim"),
+            state.join("images"),
+        ] {
+            assert_eq!(
+                std::fs::metadata(&p).expect("meta").uid(),
+                0,
+                "{}",
+                p.display()
+            );
+        }
+        // The tree's root itself may not be a symlink.
+        std::os::unix::fs::symlink(&outside, state.join("images/evil")).expect("symlink");
+        let e = chown_tree_beneath(&state, Path::new("images/evil"), 4242, 4242).expect_err("link");
+        assert_eq!(e.kind, ErrorKind::Refused, "{e}");
+        assert_eq!(std::fs::metadata(&outside).expect("meta").uid(), 0);
+    }
 }
