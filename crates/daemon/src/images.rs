@@ -98,16 +98,42 @@ impl Daemon {
             images_dir: self.paths.images_dir.clone(),
             kernels_dir: self.paths.kernels_dir.clone(),
         };
-        let built = banger_image::build_debian(
-            &spec,
-            |p| match p {
-                BuildProgress::Phase { name, message } => progress(name, &message),
-                BuildProgress::Line(line) => tracing::debug!(target: "image_build", "{line}"),
-            },
-            cancel,
-        )
-        .await
-        .with_context(|| format!("building image {name}"))?;
+        let root = nix::unistd::geteuid().is_root();
+        let helper = if root {
+            None
+        } else {
+            crate::network::system_helper().await
+        };
+        let built = match build_via(root, helper) {
+            BuildVia::InProcess => banger_image::build_debian(
+                &spec,
+                |p| match p {
+                    BuildProgress::Phase { name, message } => progress(name, &message),
+                    BuildProgress::Line(line) => tracing::debug!(target: "image_build", "{line}"),
+                },
+                cancel,
+            )
+            .await
+            .with_context(|| format!("building image {name}"))?,
+            BuildVia::Helper(helper) => {
+                progress(
+                    "image",
+                    &format!(
+                        "building {name} through the root helper (progress: journalctl -u bangerd-root)"
+                    ),
+                );
+                tokio::select! {
+                    r = helper.build_debian_image(name, suite) => {
+                        r.with_context(|| format!("building image {name}"))?
+                    }
+                    _ = cancel.cancelled() => {
+                        return Err(DaemonError::Failed(anyhow::anyhow!(
+                            "building image {name}: cancelled (the root helper finishes the build in the background)"
+                        )));
+                    }
+                }
+            }
+        };
         let kernel = KernelRecord {
             name: built.kernel_name.clone(),
             kernel: built.kernel.clone(),
@@ -141,5 +167,40 @@ impl Daemon {
 
     pub fn list_kernels(&self) -> Result<Vec<KernelRecord>, DaemonError> {
         Ok(self.store.list_kernels()?)
+    }
+}
+
+/// Who builds a Debian image.
+#[derive(Debug)]
+enum BuildVia {
+    /// This process: it is root, or there is nobody else to ask (the build
+    /// then fails with its "needs root" error).
+    InProcess,
+    /// The root helper of the system install this daemon runs in.
+    Helper(banger_root_helper::HelperClient),
+}
+
+fn build_via(root: bool, helper: Option<banger_root_helper::HelperClient>) -> BuildVia {
+    match helper {
+        Some(h) if !root => BuildVia::Helper(h),
+        _ => BuildVia::InProcess,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_unprivileged_daemon_builds_through_its_helper() {
+        let h = || {
+            Some(banger_root_helper::HelperClient::new(
+                "/run/banger-root/helper.sock",
+            ))
+        };
+        assert!(matches!(build_via(false, h()), BuildVia::Helper(_)));
+        assert!(matches!(build_via(true, h()), BuildVia::InProcess));
+        assert!(matches!(build_via(true, None), BuildVia::InProcess));
+        assert!(matches!(build_via(false, None), BuildVia::InProcess));
     }
 }

@@ -24,7 +24,7 @@ pub use build::{
 pub use fsutil::{ROOTFS_HEADROOM, TreeUsage, find_tool, inode_count, rootfs_size, tree_usage};
 pub use manifest::Manifest;
 pub use process::run_tool;
-pub use staging::{Staging, mounts_under, remove_tree};
+pub use staging::{LOCK_FILE, Staging, mounts_under, remove_tree};
 
 use std::path::PathBuf;
 

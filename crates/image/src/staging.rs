@@ -17,7 +17,7 @@ use tokio_util::sync::CancellationToken;
 pub(crate) const STAGING_PREFIX: &str = ".staging-";
 
 /// Lock file that serialises builds sharing an images directory.
-const LOCK_FILE: &str = ".build.lock";
+pub const LOCK_FILE: &str = ".build.lock";
 
 /// Mount points at or below `dir` in this process's mount namespace, in
 /// mount order (parents before children).

@@ -17,6 +17,10 @@ use tokio::net::UnixStream;
 /// Longest a helper operation may take (nft and resolvectl included).
 const CALL_TIMEOUT: Duration = Duration::from_secs(60);
 
+/// Longest an image build may take: mmdebstrap downloads and installs a
+/// few hundred packages, which takes minutes on a slow mirror or disk.
+pub const BUILD_TIMEOUT: Duration = Duration::from_secs(30 * 60);
+
 /// A helper call that failed.
 #[derive(Debug, thiserror::Error)]
 pub enum HelperError {
@@ -30,8 +34,8 @@ pub enum HelperError {
     },
     #[error("talking to the root helper at {socket}: {message}")]
     Protocol { socket: PathBuf, message: String },
-    #[error("the root helper did not answer {op} within {CALL_TIMEOUT:?}")]
-    Timeout { op: &'static str },
+    #[error("the root helper did not answer {op} within {after:?}")]
+    Timeout { op: &'static str, after: Duration },
     #[error("root helper, {op}: {message}")]
     Remote {
         op: &'static str,
@@ -68,10 +72,14 @@ impl HelperClient {
 
     /// Sends `op` and returns the helper's reply.
     pub async fn call(&self, op: Op) -> Result<Reply, HelperError> {
+        let after = match op {
+            Op::BuildDebianImage { .. } => BUILD_TIMEOUT,
+            _ => CALL_TIMEOUT,
+        };
         let name = op.name();
-        tokio::time::timeout(CALL_TIMEOUT, self.call_inner(op))
+        tokio::time::timeout(after, self.call_inner(op))
             .await
-            .map_err(|_| HelperError::Timeout { op: name })?
+            .map_err(|_| HelperError::Timeout { op: name, after })?
     }
 
     async fn call_inner(&self, op: Op) -> Result<Reply, HelperError> {
@@ -142,6 +150,24 @@ impl HelperClient {
             },
         )
         .await
+    }
+
+    /// Has the helper build (or find) the Debian image `image` of `suite`
+    /// in banger's image store, owned by the install owner afterwards.
+    /// Takes minutes; the helper logs progress to its journal.
+    pub async fn build_debian_image(
+        &self,
+        image: &str,
+        suite: &str,
+    ) -> Result<banger_image::BuiltImage, HelperError> {
+        let op = Op::BuildDebianImage {
+            image: image.to_string(),
+            suite: suite.to_string(),
+        };
+        match self.call(op).await? {
+            Reply::Image(i) => Ok(i.into()),
+            other => Err(self.unexpected("build_debian_image", &other)),
+        }
     }
 
     fn unexpected(&self, op: &str, reply: &Reply) -> HelperError {

@@ -17,7 +17,7 @@ pub mod server;
 
 pub use client::{HelperClient, HelperError, HelperInfo};
 pub use policy::{Checked, Policy, Refusal};
-pub use server::Server;
+pub use server::{ImageStore, Server};
 
 use banger_config::install::{INSTALL_RECORD, InstallError};
 use banger_config::{Config, ConfigError, InstallRecord, Paths};
@@ -90,7 +90,17 @@ pub async fn run() -> Result<(), StartError> {
         "bangerd-root listening"
     );
     sd::notify_ready();
-    let server = Arc::new(Server::new(policy, host));
+    let images = ImageStore {
+        images_dir: paths.images_dir.clone(),
+        kernels_dir: paths.kernels_dir.clone(),
+        mirror: config.debian_mirror.clone(),
+        agent_binary: config
+            .agent_path
+            .clone()
+            .unwrap_or_else(|| record.paths.agent.clone()),
+    };
+    tracing::info!(images = %images.images_dir.display(), agent = %images.agent_binary.display(), "image builds enabled");
+    let server = Arc::new(Server::new(policy, host).with_images(images));
     server.serve(listener, shutdown_signal()).await;
     let _ = std::fs::remove_file(&socket);
     tracing::info!("bangerd-root stopped");

@@ -62,6 +62,11 @@ pub enum Checked {
         dir: PathBuf,
         rel: PathBuf,
     },
+    /// `image` is a DNS label, `suite` a plain lowercase word.
+    BuildDebianImage {
+        image: String,
+        suite: String,
+    },
 }
 
 impl Policy {
@@ -144,6 +149,10 @@ impl Policy {
                 let (dir, rel) = self.inside_dirs(&path)?;
                 Checked::ChownToOwner { dir, rel }
             }
+            Op::BuildDebianImage { image, suite } => Checked::BuildDebianImage {
+                image: image_name(&image)?,
+                suite: suite_name(&suite)?,
+            },
         })
     }
 
@@ -221,6 +230,35 @@ impl Policy {
             ))),
             Err(e) => Err(Refusal::refused(format!("{shown}: {e}"))),
         }
+    }
+}
+
+/// An image name is a DNS label: it becomes a directory name in the image
+/// store, so nothing else (no `/`, no `..`) gets through.
+fn image_name(name: &str) -> Result<String, Refusal> {
+    let ok = (1..=63).contains(&name.len())
+        && !name.starts_with('-')
+        && !name.ends_with('-')
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+    if ok {
+        Ok(name.to_string())
+    } else {
+        Err(Refusal::refused(format!(
+            "image name {name:?} must be a DNS label (1-63 of a-z, 0-9, -)"
+        )))
+    }
+}
+
+/// A Debian suite is a plain lowercase word (`bookworm`, `trixie`, `sid`).
+fn suite_name(suite: &str) -> Result<String, Refusal> {
+    if (1..=32).contains(&suite.len()) && suite.bytes().all(|b| b.is_ascii_lowercase()) {
+        Ok(suite.to_string())
+    } else {
+        Err(Refusal::refused(format!(
+            "Debian suite {suite:?} must be a lowercase word such as bookworm"
+        )))
     }
 }
 
@@ -427,5 +465,52 @@ pub(crate) mod tests {
         // A non-owner is refused before the path is even looked at.
         let r = refused(&p, 1001, chown(state.join("vms")));
         assert_eq!(r.kind, ErrorKind::Unauthorized);
+    }
+
+    #[test]
+    fn image_builds_take_only_plain_names() {
+        let t = tempfile::tempdir().expect("tmp");
+        let p = policy(t.path());
+        let build = |image: &str, suite: &str| Op::BuildDebianImage {
+            image: image.into(),
+            suite: suite.into(),
+        };
+        assert_eq!(
+            p.check(1000, build("default", "bookworm")),
+            Ok(Checked::BuildDebianImage {
+                image: "default".into(),
+                suite: "bookworm".into()
+            })
+        );
+        assert!(p.check(1000, build("dev-2", "trixie")).is_ok());
+        let long = "a".repeat(64);
+        for image in [
+            "", "../x", "a/b", "..", ".", "-a", "a-", "A", "a b", "a\0", &long,
+        ] {
+            let r = refused(&p, 1000, build(image, "bookworm"));
+            assert_eq!(r.kind, ErrorKind::Refused, "{image:?}");
+        }
+        for suite in [
+            "",
+            "..",
+            "../sid",
+            "bookworm;rm",
+            "sid`x`",
+            "$(id)",
+            "a b",
+            "Sid",
+            "b2",
+        ] {
+            let r = refused(&p, 1000, build("default", suite));
+            assert_eq!(r.kind, ErrorKind::Refused, "{suite:?}");
+        }
+        assert_eq!(
+            refused(&p, 1001, build("default", "bookworm")).kind,
+            ErrorKind::Unauthorized
+        );
+        assert_eq!(
+            refused(&p, 0, build("default", "bookworm")).kind,
+            ErrorKind::Unauthorized
+        );
     }
 }

@@ -13,7 +13,8 @@ use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 
 /// The protocol version this build speaks.
-pub const PROTOCOL_VERSION: u32 = 1;
+/// 2 added [`Op::BuildDebianImage`].
+pub const PROTOCOL_VERSION: u32 = 2;
 
 /// Longest request or reply line accepted.
 pub const MAX_LINE: usize = 64 * 1024;
@@ -80,6 +81,14 @@ pub enum Op {
     ChownToOwner {
         path: PathBuf,
     },
+    /// Build (or find) the Debian image `image` of `suite` in banger's image
+    /// store, then give its files to the install owner. Where it goes, the
+    /// mirror and the agent baked in are the helper's choice, not the
+    /// client's.
+    BuildDebianImage {
+        image: String,
+        suite: String,
+    },
 }
 
 impl Op {
@@ -99,6 +108,7 @@ impl Op {
             Op::ResolvedWire { .. } => "resolved_wire",
             Op::ResolvedUnwire { .. } => "resolved_unwire",
             Op::ChownToOwner { .. } => "chown_to_owner",
+            Op::BuildDebianImage { .. } => "build_debian_image",
         }
     }
 }
@@ -144,6 +154,56 @@ pub enum Reply {
     },
     BridgeIndex(Option<u32>),
     Taps(Vec<Tap>),
+    Image(Image),
+}
+
+/// A built Debian image, as `banger_image::BuiltImage`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Image {
+    pub dir: PathBuf,
+    pub rootfs: PathBuf,
+    pub size_bytes: u64,
+    pub work_seed: PathBuf,
+    pub kernel_name: String,
+    pub kernel: PathBuf,
+    pub initrd: PathBuf,
+    pub vmlinux: Option<PathBuf>,
+    pub kernel_release: String,
+    pub already_existed: bool,
+}
+
+impl From<banger_image::BuiltImage> for Image {
+    fn from(b: banger_image::BuiltImage) -> Self {
+        Self {
+            dir: b.dir,
+            rootfs: b.rootfs,
+            size_bytes: b.size_bytes,
+            work_seed: b.work_seed,
+            kernel_name: b.kernel_name,
+            kernel: b.kernel,
+            initrd: b.initrd,
+            vmlinux: b.vmlinux,
+            kernel_release: b.kernel_release,
+            already_existed: b.already_existed,
+        }
+    }
+}
+
+impl From<Image> for banger_image::BuiltImage {
+    fn from(i: Image) -> Self {
+        Self {
+            dir: i.dir,
+            rootfs: i.rootfs,
+            size_bytes: i.size_bytes,
+            work_seed: i.work_seed,
+            kernel_name: i.kernel_name,
+            kernel: i.kernel,
+            initrd: i.initrd,
+            vmlinux: i.vmlinux,
+            kernel_release: i.kernel_release,
+            already_existed: i.already_existed,
+        }
+    }
 }
 
 /// A banger TAP as listed by the helper.
@@ -162,7 +222,7 @@ mod tests {
     #[test]
     fn wire_format_is_stable() {
         let r = Request {
-            version: 1,
+            version: 2,
             op: Op::CreateTap {
                 tap: "bgtap1".into(),
                 bridge: "banger0".into(),
@@ -170,14 +230,14 @@ mod tests {
         };
         assert_eq!(
             serde_json::to_string(&r).expect("json"),
-            r#"{"version":1,"op":{"name":"create_tap","tap":"bgtap1","bridge":"banger0"}}"#
+            r#"{"version":2,"op":{"name":"create_tap","tap":"bgtap1","bridge":"banger0"}}"#
         );
         let hello = serde_json::to_string(&Request {
-            version: 1,
+            version: 2,
             op: Op::Hello,
         })
         .expect("json");
-        assert_eq!(hello, r#"{"version":1,"op":{"name":"hello"}}"#);
+        assert_eq!(hello, r#"{"version":2,"op":{"name":"hello"}}"#);
         let e = Response::Error {
             kind: ErrorKind::Refused,
             message: "x".into(),
@@ -185,6 +245,47 @@ mod tests {
         assert_eq!(
             serde_json::to_string(&e).expect("json"),
             r#"{"error":{"kind":"refused","message":"x"}}"#
+        );
+    }
+
+    #[test]
+    fn build_debian_image_roundtrips() {
+        let r = Request {
+            version: PROTOCOL_VERSION,
+            op: Op::BuildDebianImage {
+                image: "default".into(),
+                suite: "bookworm".into(),
+            },
+        };
+        let line = serde_json::to_string(&r).expect("json");
+        assert_eq!(
+            line,
+            r#"{"version":2,"op":{"name":"build_debian_image","image":"default","suite":"bookworm"}}"#
+        );
+        assert_eq!(serde_json::from_str::<Request>(&line).expect("parse"), r);
+        // No paths, mirror or agent from the client.
+        for bad in [
+            r#"{"version":2,"op":{"name":"build_debian_image","image":"d","suite":"bookworm","images_dir":"/etc"}}"#,
+            r#"{"version":2,"op":{"name":"build_debian_image","image":"d","suite":"bookworm","mirror":"http://x"}}"#,
+        ] {
+            assert!(serde_json::from_str::<Request>(bad).is_err(), "{bad}");
+        }
+        let reply = Response::Ok(Reply::Image(Image {
+            dir: "/var/lib/banger/images/default".into(),
+            rootfs: "/var/lib/banger/images/default/rootfs.ext4".into(),
+            size_bytes: 1 << 30,
+            work_seed: "/var/lib/banger/images/default/work-seed.ext4".into(),
+            kernel_name: "debian-bookworm-6.1.0-50-cloud-amd64".into(),
+            kernel: "/var/lib/banger/kernels/k/vmlinuz".into(),
+            initrd: "/var/lib/banger/kernels/k/initrd.img".into(),
+            vmlinux: None,
+            kernel_release: "6.1.0-50-cloud-amd64".into(),
+            already_existed: false,
+        }));
+        let text = serde_json::to_string(&reply).expect("json");
+        assert_eq!(
+            serde_json::from_str::<Response>(&text).expect("parse"),
+            reply
         );
     }
 

@@ -7,8 +7,8 @@ use crate::proto::{ErrorKind, MAX_LINE, PROTOCOL_VERSION, Reply, Request, Respon
 use banger_net::HostNet;
 use banger_net::host::BridgeSpec;
 use banger_version::BuildInfo;
-use std::os::fd::{AsFd, AsRawFd};
-use std::path::Path;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
@@ -17,6 +17,21 @@ use tokio::net::{UnixListener, UnixStream};
 pub struct Server {
     policy: Policy,
     host: Arc<dyn HostNet>,
+    images: Option<ImageStore>,
+}
+
+/// Where and how the helper builds Debian images: all from the install
+/// record and the root-owned system config, never from the client.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ImageStore {
+    /// The owner daemon's image store (`/var/lib/banger/images`).
+    pub images_dir: PathBuf,
+    /// The owner daemon's kernel store (`/var/lib/banger/kernels`).
+    pub kernels_dir: PathBuf,
+    /// `debian_mirror` of the system config.
+    pub mirror: Option<String>,
+    /// The banger-agent binary baked into images.
+    pub agent_binary: PathBuf,
 }
 
 /// The uid of the process at the other end of `stream` (`SO_PEERCRED`).
@@ -28,7 +43,17 @@ pub fn peer_uid(stream: &impl AsFd) -> std::io::Result<u32> {
 
 impl Server {
     pub fn new(policy: Policy, host: Arc<dyn HostNet>) -> Self {
-        Self { policy, host }
+        Self {
+            policy,
+            host,
+            images: None,
+        }
+    }
+
+    /// Lets the helper build Debian images into `images`.
+    pub fn with_images(mut self, images: ImageStore) -> Self {
+        self.images = Some(images);
+        self
     }
 
     /// Answers one request line from `peer_uid`. Never panics on input.
@@ -169,7 +194,71 @@ impl Server {
                 chown_beneath(&dir, &rel, p.owner_uid, p.owner_gid)?;
                 Reply::Done
             }
+            Checked::BuildDebianImage { image, suite } => {
+                Reply::Image(self.build_image(image, suite).await?.into())
+            }
         })
+    }
+
+    /// Builds the image as root (mmdebstrap, chroot, mkfs need it), then
+    /// gives the image and kernel directories to the owner. Progress goes
+    /// to the journal: the protocol has one answer per request.
+    async fn build_image(
+        &self,
+        image: String,
+        suite: String,
+    ) -> Result<banger_image::BuiltImage, Refusal> {
+        let failed = |message: String| Refusal {
+            kind: ErrorKind::Failed,
+            message,
+        };
+        let store = self.images.as_ref().ok_or_else(|| {
+            failed("this helper does not build images (no image store configured)".into())
+        })?;
+        let spec = banger_image::DebianBuild {
+            name: image.clone(),
+            suite,
+            mirror: store.mirror.clone(),
+            extra_packages: Vec::new(),
+            agent_binary: store.agent_binary.clone(),
+            agent_unit: banger_agent::SYSTEMD_UNIT.to_string(),
+            agent_modules_conf: banger_agent::MODULES_LOAD.to_string(),
+            images_dir: store.images_dir.clone(),
+            kernels_dir: store.kernels_dir.clone(),
+        };
+        let progress = |p: banger_image::Progress| match p {
+            banger_image::Progress::Phase { name, message } => {
+                tracing::info!(target: "image_build", image = %image, phase = name, "{message}");
+            }
+            banger_image::Progress::Line(line) => {
+                tracing::info!(target: "image_build", image = %image, "{line}");
+            }
+        };
+        // A client that goes away does not stop the build: the next request
+        // finds the finished image.
+        let built = banger_image::build_debian(&spec, progress, Default::default())
+            .await
+            .map_err(|e| failed(format!("building image {image}: {e}")))?;
+        let (uid, gid) = (self.policy.owner_uid, self.policy.owner_gid);
+        for (path, tree) in [
+            (store.images_dir.clone(), false),
+            (store.images_dir.join(banger_image::LOCK_FILE), false),
+            (store.kernels_dir.clone(), false),
+            (built.dir.clone(), true),
+            (store.kernels_dir.join(&built.kernel_name), true),
+        ] {
+            if !path.exists() {
+                continue;
+            }
+            let (dir, rel) = self.policy.inside_dirs(&path)?;
+            if tree {
+                chown_tree_beneath(&dir, &rel, uid, gid)?;
+            } else {
+                chown_beneath(&dir, &rel, uid, gid)?;
+            }
+        }
+        tracing::info!(image = %image, kernel = %built.kernel_name, existed = built.already_existed, "image built and given to the owner");
+        Ok(built)
     }
 
     /// Serves one connection: requests until EOF.
@@ -249,6 +338,77 @@ impl Server {
 /// swapped in after the policy check) and no `..` can lead outside.
 /// (Not `openat2`: systemd's seccomp filters answer it with ENOSYS.)
 pub(crate) fn chown_beneath(dir: &Path, rel: &Path, uid: u32, gid: u32) -> Result<(), Refusal> {
+    let shown = dir.join(rel).display().to_string();
+    let target = open_beneath(dir, rel, false)?;
+    fchown_fd(&target, uid, gid, &shown)
+}
+
+/// Like [`chown_beneath`] for the directory `dir/rel` and everything in it.
+/// Each level is opened from its parent's fd with `O_NOFOLLOW` and listed
+/// through that fd, so nothing outside the tree can be reached, even if
+/// the owner swaps entries for symlinks meanwhile.
+pub(crate) fn chown_tree_beneath(
+    dir: &Path,
+    rel: &Path,
+    uid: u32,
+    gid: u32,
+) -> Result<(), Refusal> {
+    let shown = dir.join(rel).display().to_string();
+    let root = open_beneath(dir, rel, true)?;
+    chown_tree_fd(root, uid, gid, &shown)
+}
+
+fn chown_tree_fd(fd: OwnedFd, uid: u32, gid: u32, shown: &str) -> Result<(), Refusal> {
+    use nix::fcntl::{OFlag, openat};
+    use nix::sys::stat::Mode;
+    use std::os::unix::ffi::OsStrExt;
+    fchown_fd(&fd, uid, gid, shown)?;
+    let failed = |what: String| Refusal {
+        kind: ErrorKind::Failed,
+        message: what,
+    };
+    // The fd's own /proc link names exactly this directory.
+    let listing = format!("/proc/self/fd/{}", fd.as_raw_fd());
+    let entries =
+        std::fs::read_dir(&listing).map_err(|e| failed(format!("listing {shown}: {e}")))?;
+    for entry in entries {
+        let entry = entry.map_err(|e| failed(format!("listing {shown}: {e}")))?;
+        let name = entry.file_name();
+        let child_shown = format!("{shown}/{}", name.to_string_lossy());
+        let flags = OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC;
+        match openat(&fd, name.as_os_str(), flags, Mode::empty()) {
+            Ok(sub) => chown_tree_fd(sub, uid, gid, &child_shown)?,
+            // Not a directory (or a symlink): change the entry itself.
+            Err(nix::Error::ENOTDIR | nix::Error::ELOOP) => {
+                let c = std::ffi::CString::new(name.as_bytes())
+                    .map_err(|e| failed(format!("{child_shown}: {e}")))?;
+                // SAFETY: a valid fd and NUL-terminated name; no pointers
+                // outlive the call.
+                let rc = unsafe {
+                    libc::fchownat(
+                        fd.as_raw_fd(),
+                        c.as_ptr(),
+                        uid,
+                        gid,
+                        libc::AT_SYMLINK_NOFOLLOW,
+                    )
+                };
+                if rc != 0 {
+                    return Err(failed(format!(
+                        "chown {child_shown}: {}",
+                        std::io::Error::last_os_error()
+                    )));
+                }
+            }
+            Err(e) => return Err(failed(format!("opening {child_shown}: {e}"))),
+        }
+    }
+    Ok(())
+}
+
+/// Opens `dir/rel` one plain name at a time with `O_NOFOLLOW`; the last
+/// one as a listable directory when `listable`, else as an `O_PATH` fd.
+fn open_beneath(dir: &Path, rel: &Path, listable: bool) -> Result<OwnedFd, Refusal> {
     use nix::fcntl::{OFlag, open, openat};
     use nix::sys::stat::Mode;
     use std::path::Component;
@@ -276,11 +436,24 @@ pub(crate) fn chown_beneath(dir: &Path, rel: &Path, uid: u32, gid: u32) -> Resul
         })
         .collect::<Result<_, _>>()?;
     let dir_flags = OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC;
-    let mut target = open(dir, dir_flags, Mode::empty()).map_err(refused)?;
+    let last_flags = if listable {
+        OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC
+    } else {
+        OFlag::O_PATH | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC
+    };
+    let mut target = open(
+        dir,
+        if names.is_empty() {
+            last_flags
+        } else {
+            dir_flags
+        },
+        Mode::empty(),
+    )
+    .map_err(refused)?;
     for (i, name) in names.iter().enumerate() {
-        let last = i + 1 == names.len();
-        let flags = if last {
-            OFlag::O_PATH | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC
+        let flags = if i + 1 == names.len() {
+            last_flags
         } else {
             dir_flags
         };
@@ -292,6 +465,10 @@ pub(crate) fn chown_beneath(dir: &Path, rel: &Path, uid: u32, gid: u32) -> Resul
     if md.st_mode & libc::S_IFMT == libc::S_IFLNK {
         return Err(Refusal::refused(format!("{shown} is a symlink: refused")));
     }
+    Ok(target)
+}
+
+fn fchown_fd(target: &OwnedFd, uid: u32, gid: u32, shown: &str) -> Result<(), Refusal> {
     // SAFETY: fchownat on an fd we own with an empty path and AT_EMPTY_PATH
     // changes that very inode; no pointers outlive the call.
     let rc = unsafe {
@@ -396,21 +573,21 @@ mod tests {
         let cases = [
             ("garbage", ErrorKind::Malformed),
             (r#"{"op":{"name":"hello"}}"#, ErrorKind::Version),
-            (r#"{"version":2,"op":{"name":"hello"}}"#, ErrorKind::Version),
+            (r#"{"version":1,"op":{"name":"hello"}}"#, ErrorKind::Version),
             (
-                r#"{"version":"1","op":{"name":"hello"}}"#,
+                r#"{"version":"2","op":{"name":"hello"}}"#,
                 ErrorKind::Version,
             ),
             (
-                r#"{"version":1,"op":{"name":"exec","argv":["/bin/sh"]}}"#,
+                r#"{"version":2,"op":{"name":"exec","argv":["/bin/sh"]}}"#,
                 ErrorKind::Malformed,
             ),
             (
-                r#"{"version":1,"op":{"name":"delete_tap","tap":"eth0"}}"#,
+                r#"{"version":2,"op":{"name":"delete_tap","tap":"eth0"}}"#,
                 ErrorKind::Refused,
             ),
             (
-                r#"{"version":1,"op":{"name":"create_tap","tap":"bgtap1","bridge":"eth0"}}"#,
+                r#"{"version":2,"op":{"name":"create_tap","tap":"bgtap1","bridge":"eth0"}}"#,
                 ErrorKind::Refused,
             ),
         ];
@@ -431,14 +608,14 @@ mod tests {
         let r = s
             .handle_line(
                 1000,
-                r#"{"version":1,"op":{"name":"create_tap","tap":"bgtap1","bridge":"banger0"}}"#,
+                r#"{"version":2,"op":{"name":"create_tap","tap":"bgtap1","bridge":"banger0"}}"#,
             )
             .await;
         assert_eq!(r, Response::Ok(Reply::Done));
         let r = s
             .handle_line(
                 1001,
-                r#"{"version":1,"op":{"name":"delete_tap","tap":"bgtap1"}}"#,
+                r#"{"version":2,"op":{"name":"delete_tap","tap":"bgtap1"}}"#,
             )
             .await;
         assert_eq!(kind(&r), Some(ErrorKind::Unauthorized));
@@ -491,7 +668,7 @@ mod tests {
         };
         use std::io::{BufRead, Write};
         let mut s = std::os::unix::net::UnixStream::connect(sock).expect("connect");
-        s.write_all(b"{\"version\":1,\"op\":{\"name\":\"list_taps\"}}\n")
+        s.write_all(b"{\"version\":2,\"op\":{\"name\":\"list_taps\"}}\n")
             .expect("write");
         let mut line = String::new();
         std::io::BufReader::new(s)
@@ -588,5 +765,46 @@ mod tests {
         assert_eq!(e.kind, ErrorKind::Refused, "{e}");
         let md = std::fs::metadata(outside.join("victim")).expect("meta");
         assert_eq!(md.uid(), 0);
+    }
+
+    #[test]
+    fn chown_tree_gives_the_whole_tree_and_nothing_outside() {
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("SKIPPED: chown to another uid needs root");
+            return;
+        }
+        let t = tempfile::tempdir().expect("tmp");
+        let state = t.path().join("state");
+        let outside = t.path().join("outside");
+        std::fs::create_dir_all(state.join("images/default/sub")).expect("mkdir");
+        std::fs::create_dir_all(&outside).expect("mkdir");
+        std::fs::write(outside.join("victim"), "x").expect("write");
+        std::fs::write(state.join("images/default/rootfs.ext4"), "x").expect("write");
+        std::fs::write(state.join("images/default/sub/f"), "x").expect("write");
+        std::os::unix::fs::symlink(&outside, state.join("images/default/link")).expect("symlink");
+        chown_tree_beneath(&state, Path::new("images/default"), 4242, 4243).expect("chown");
+        for p in ["", "rootfs.ext4", "sub", "sub/f"] {
+            let md = std::fs::metadata(state.join("images/default").join(p)).expect("meta");
+            assert_eq!((md.uid(), md.gid()), (4242, 4243), "{p}");
+        }
+        let link = std::fs::symlink_metadata(state.join("images/default/link")).expect("meta");
+        assert_eq!(link.uid(), 4242);
+        for p in [
+            outside.clone(),
+            outside.join("victim"),
+            state.join("images"),
+        ] {
+            assert_eq!(
+                std::fs::metadata(&p).expect("meta").uid(),
+                0,
+                "{}",
+                p.display()
+            );
+        }
+        // The tree's root itself may not be a symlink.
+        std::os::unix::fs::symlink(&outside, state.join("images/evil")).expect("symlink");
+        let e = chown_tree_beneath(&state, Path::new("images/evil"), 4242, 4242).expect_err("link");
+        assert_eq!(e.kind, ErrorKind::Refused, "{e}");
+        assert_eq!(std::fs::metadata(&outside).expect("meta").uid(), 0);
     }
 }

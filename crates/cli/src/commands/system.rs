@@ -43,11 +43,15 @@ pub const HELPER_CAPABILITIES: &[&str] = &[
     "CAP_CHOWN",
     "CAP_DAC_OVERRIDE",
     "CAP_FOWNER",
+    // dpkg keeps setuid bits and file capabilities when the helper builds
+    // an image (mmdebstrap).
+    "CAP_FSETID",
     "CAP_KILL",
     "CAP_MKNOD",
     "CAP_NET_ADMIN",
     "CAP_NET_RAW",
     "CAP_SETGID",
+    "CAP_SETFCAP",
     "CAP_SETUID",
     "CAP_SYS_ADMIN",
     "CAP_SYS_CHROOT",
@@ -278,7 +282,6 @@ ProtectHome=yes
 PrivateTmp=yes
 ProtectKernelModules=yes
 ProtectKernelLogs=yes
-RestrictSUIDSGID=yes
 LockPersonality=yes
 
 [Install]
@@ -684,8 +687,10 @@ mod tests {
             .expect("bounding set");
         assert_eq!(
             caps,
-            "CAP_CHOWN CAP_DAC_OVERRIDE CAP_FOWNER CAP_KILL CAP_MKNOD CAP_NET_ADMIN CAP_NET_RAW CAP_SETGID CAP_SETUID CAP_SYS_ADMIN CAP_SYS_CHROOT"
+            "CAP_CHOWN CAP_DAC_OVERRIDE CAP_FOWNER CAP_FSETID CAP_KILL CAP_MKNOD CAP_NET_ADMIN CAP_NET_RAW CAP_SETGID CAP_SETFCAP CAP_SETUID CAP_SYS_ADMIN CAP_SYS_CHROOT"
         );
+        // Image builds install setuid programs into the image.
+        assert!(!h.contains("RestrictSUIDSGID"));
         assert!(h.contains("ExecStart=\"/usr/local/bin/bangerd\" root-helper\n"));
         assert!(h.contains("RuntimeDirectory=banger-root\n"));
         assert!(h.contains("User=root\n"));
