@@ -77,8 +77,9 @@ pub struct DebianBuild {
     pub kernels_dir: PathBuf,
 }
 
-/// A finished image and its kernel.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// A finished image and its kernel (also the root helper's answer to a
+/// build, hence serde).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct BuiltImage {
     /// `images_dir/<name>/`.
     pub dir: PathBuf,

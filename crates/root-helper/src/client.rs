@@ -165,7 +165,7 @@ impl HelperClient {
             suite: suite.to_string(),
         };
         match self.call(op).await? {
-            Reply::Image(i) => Ok(i.into()),
+            Reply::Image(i) => Ok(i),
             other => Err(self.unexpected("build_debian_image", &other)),
         }
     }

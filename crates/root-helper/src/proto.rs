@@ -157,54 +157,8 @@ pub enum Reply {
     Image(Image),
 }
 
-/// A built Debian image, as `banger_image::BuiltImage`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Image {
-    pub dir: PathBuf,
-    pub rootfs: PathBuf,
-    pub size_bytes: u64,
-    pub work_seed: PathBuf,
-    pub kernel_name: String,
-    pub kernel: PathBuf,
-    pub initrd: PathBuf,
-    pub vmlinux: Option<PathBuf>,
-    pub kernel_release: String,
-    pub already_existed: bool,
-}
-
-impl From<banger_image::BuiltImage> for Image {
-    fn from(b: banger_image::BuiltImage) -> Self {
-        Self {
-            dir: b.dir,
-            rootfs: b.rootfs,
-            size_bytes: b.size_bytes,
-            work_seed: b.work_seed,
-            kernel_name: b.kernel_name,
-            kernel: b.kernel,
-            initrd: b.initrd,
-            vmlinux: b.vmlinux,
-            kernel_release: b.kernel_release,
-            already_existed: b.already_existed,
-        }
-    }
-}
-
-impl From<Image> for banger_image::BuiltImage {
-    fn from(i: Image) -> Self {
-        Self {
-            dir: i.dir,
-            rootfs: i.rootfs,
-            size_bytes: i.size_bytes,
-            work_seed: i.work_seed,
-            kernel_name: i.kernel_name,
-            kernel: i.kernel,
-            initrd: i.initrd,
-            vmlinux: i.vmlinux,
-            kernel_release: i.kernel_release,
-            already_existed: i.already_existed,
-        }
-    }
-}
+/// A built Debian image: the image crate's own record travels as is.
+pub type Image = banger_image::BuiltImage;
 
 /// A banger TAP as listed by the helper.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

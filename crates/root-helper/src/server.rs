@@ -195,7 +195,7 @@ impl Server {
                 Reply::Done
             }
             Checked::BuildDebianImage { image, suite } => {
-                Reply::Image(self.build_image(image, suite).await?.into())
+                Reply::Image(self.build_image(image, suite).await?)
             }
         })
     }
