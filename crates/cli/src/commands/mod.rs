@@ -1,4 +1,5 @@
 pub mod bench;
+pub mod bench_image;
 pub mod daemon;
 pub mod doctor;
 pub mod image;
