@@ -21,7 +21,9 @@ use anyhow::{Context, anyhow};
 use banger_agent_proto::ExecRequest;
 use banger_agent_proto::client::{AgentClient, ExecEvent};
 use banger_config::{HostResources, apply_flags, effective_defaults};
-use banger_image::derive::{DeriveOptions, GuestStep, check_packages, provisioning_steps};
+use banger_image::derive::{
+    DeriveOptions, GuestStep, HostFile, check_packages, provisioning_steps,
+};
 use banger_model::{ImageRecord, VmId, VmName, VmRecord, VmState};
 use banger_storage::{VmDisks, WorkSource};
 use banger_vmm::VmPaths;
@@ -242,6 +244,15 @@ impl Daemon {
         let disks = VmDisks::in_dir(&vm.dir);
         let root = vm.dir.join(ROOTFS_FILE);
 
+        let mut host_files = Vec::new();
+        for f in plan.iter().filter_map(|s| s.stdin) {
+            let (url, _) = f.source();
+            progress("download", &format!("downloading {url} on the host"));
+            let path = vm.dir.join(format!("host-file-{}", host_files.len()));
+            fetch_verified(f, &path, cancel).await?;
+            host_files.push((f, path));
+        }
+
         let base_len = file_len(&base.rootfs)?;
         progress(
             "disks",
@@ -293,7 +304,11 @@ impl Daemon {
 
         for step in plan {
             progress(step.name, &step.message);
-            run_step(&agent, step, cancel)
+            let stdin = step
+                .stdin
+                .and_then(|f| host_files.iter().find(|(h, _)| *h == f))
+                .map(|(_, p)| p.as_path());
+            run_step(&agent, step, stdin, cancel)
                 .await
                 .map_err(|e| anyhow!("provisioning step {} failed: {e}", step.name))?;
         }
@@ -481,14 +496,27 @@ fn move_file(from: &Path, to: &Path) -> anyhow::Result<()> {
 async fn run_step(
     agent: &AgentClient,
     step: &GuestStep,
+    stdin: Option<&Path>,
     cancel: &CancellationToken,
 ) -> anyhow::Result<()> {
+    let input = match stdin {
+        Some(p) => Some(
+            tokio::fs::read(p)
+                .await
+                .with_context(|| format!("reading {}", p.display()))?,
+        ),
+        None => None,
+    };
     let mut session = agent.exec(ExecRequest {
         argv: step.argv.clone(),
         env: vec![],
         cwd: Some("/".into()),
-        stdin: false,
+        stdin: input.is_some(),
     })?;
+    if let Some(data) = input {
+        session.write_stdin(&data)?;
+        session.close_stdin()?;
+    }
     let mut tail = Tail::default();
     let deadline = tokio::time::sleep(STEP_TIMEOUT);
     tokio::pin!(deadline);
@@ -520,6 +548,54 @@ async fn run_step(
             None => anyhow::bail!("the guest agent ended the session without an exit status"),
         }
     }
+}
+
+/// Downloads host file `f` to `path` and checks its sha512.
+async fn fetch_verified(
+    f: HostFile,
+    path: &Path,
+    cancel: &CancellationToken,
+) -> Result<(), DaemonError> {
+    use futures::StreamExt;
+    use sha2::Digest;
+    use tokio::io::AsyncWriteExt;
+    let (url, want) = f.source();
+    let fail = |e: String| DaemonError::Failed(anyhow!("downloading {url}: {e}"));
+    let client = reqwest::Client::builder()
+        .connect_timeout(Duration::from_secs(30))
+        .build()
+        .map_err(|e| fail(e.to_string()))?;
+    let resp = client
+        .get(url)
+        .send()
+        .await
+        .and_then(|r| r.error_for_status())
+        .map_err(|e| fail(e.to_string()))?;
+    let mut out = tokio::fs::File::create(path)
+        .await
+        .with_context(|| format!("creating {}", path.display()))?;
+    let mut hash = sha2::Sha512::new();
+    let mut body = resp.bytes_stream();
+    loop {
+        let chunk = tokio::select! {
+            c = body.next() => c,
+            _ = cancel.cancelled() => return Err(fail("cancelled".into())),
+        };
+        let Some(chunk) = chunk else { break };
+        let chunk = chunk.map_err(|e| fail(e.to_string()))?;
+        hash.update(&chunk);
+        out.write_all(&chunk)
+            .await
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    out.flush().await.context("flushing the download")?;
+    let got = format!("{:x}", hash.finalize());
+    if got != want {
+        return Err(fail(format!(
+            "its sha512 is {got}, not the pinned {want}: the download is corrupt or was replaced"
+        )));
+    }
+    Ok(())
 }
 
 /// The last lines of a process's output.

@@ -1,6 +1,12 @@
 //! What `image build --from-image` runs inside its transient VM: the guest
 //! side of a derived image, as a list of commands for the agent's exec.
 //!
+//! Downloads the guest would make over HTTPS (mise) are made by the host
+//! instead and streamed in on the step's stdin ([`HostFile`]): the host's
+//! trust store is the one its owner configured (proxies, private CAs), the
+//! guest needs no route to the npm registry, and the digest is checked on
+//! both sides.
+//!
 //! Each step is one `sh -c SCRIPT sh ARGS...` run: the scripts are fixed
 //! text and everything that varies (device, package names, URL, digest)
 //! travels as positional arguments, so nothing a user passes is ever parsed
@@ -50,6 +56,22 @@ pub struct DeriveOptions {
     pub work_device: String,
 }
 
+/// A file the host fetches and feeds to a step's stdin.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HostFile {
+    /// [`MISE_URL`], whose sha512 must be [`MISE_SHA512`].
+    MiseTarball,
+}
+
+impl HostFile {
+    /// Where the host downloads it from, and its sha512 (hex).
+    pub fn source(self) -> (&'static str, &'static str) {
+        match self {
+            HostFile::MiseTarball => (MISE_URL, MISE_SHA512),
+        }
+    }
+}
+
 /// One command run in the transient VM.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct GuestStep {
@@ -59,6 +81,8 @@ pub struct GuestStep {
     pub message: String,
     /// The command (`sh -c SCRIPT sh ARGS...`).
     pub argv: Vec<String>,
+    /// A host file streamed to its stdin (else stdin is /dev/null).
+    pub stdin: Option<HostFile>,
 }
 
 fn sh(script: &str, args: impl IntoIterator<Item = String>) -> Vec<String> {
@@ -96,10 +120,10 @@ systemctl is-enabled containerd.service docker.service
 "#;
 
 const MISE_SCRIPT: &str = r#"set -eu
-url="$1"; sha512="$2"
-tmp=$(mktemp -d)
+sha512="$1"
+tmp=$(mktemp -d /var/tmp/banger-mise.XXXXXX)
 trap 'rm -rf "$tmp"' EXIT
-curl -fsSL --retry 3 -o "$tmp/mise.tgz" "$url"
+cat > "$tmp/mise.tgz"
 echo "$sha512  $tmp/mise.tgz" | sha512sum -c --quiet -
 tar -xzf "$tmp/mise.tgz" -C "$tmp" package/bin/mise
 install -m 0755 "$tmp/package/bin/mise" /usr/local/bin/mise
@@ -168,6 +192,7 @@ pub fn provisioning_steps(o: &DeriveOptions) -> Result<Vec<GuestStep>, ImageErro
             name: "work",
             message: "mounting the work disk on /root".into(),
             argv: sh(WORK_SCRIPT, [o.work_device.clone()]),
+            stdin: None,
         },
         GuestStep {
             name: "packages",
@@ -176,6 +201,7 @@ pub fn provisioning_steps(o: &DeriveOptions) -> Result<Vec<GuestStep>, ImageErro
                 packages.join(" ")
             ),
             argv: sh(PACKAGES_SCRIPT, packages),
+            stdin: None,
         },
     ];
     if o.docker {
@@ -183,22 +209,28 @@ pub fn provisioning_steps(o: &DeriveOptions) -> Result<Vec<GuestStep>, ImageErro
             name: "docker",
             message: "enabling containerd and docker".into(),
             argv: sh(DOCKER_SCRIPT, []),
+            stdin: None,
         });
     }
     steps.push(GuestStep {
         name: "mise",
-        message: format!("installing mise {MISE_VERSION} at /usr/local/bin/mise (from npm)"),
-        argv: sh(MISE_SCRIPT, [MISE_URL.to_string(), MISE_SHA512.to_string()]),
+        message: format!(
+            "installing mise {MISE_VERSION} at /usr/local/bin/mise (downloaded by the host from npm)"
+        ),
+        argv: sh(MISE_SCRIPT, [MISE_SHA512.to_string()]),
+        stdin: Some(HostFile::MiseTarball),
     });
     steps.push(GuestStep {
         name: "tmux",
         message: "writing root's tmux defaults".into(),
         argv: sh(TMUX_SCRIPT, [TMUX_CONF.to_string()]),
+        stdin: None,
     });
     steps.push(GuestStep {
         name: "seal",
         message: "removing host keys, machine-id and apt caches".into(),
         argv: sh(SEAL_SCRIPT, []),
+        stdin: None,
     });
     Ok(steps)
 }
@@ -273,6 +305,18 @@ mod tests {
             };
             assert!(provisioning_steps(&o).is_err(), "{dev:?}");
         }
+    }
+
+    #[test]
+    fn only_mise_reads_a_host_file() {
+        let steps = provisioning_steps(&opts()).expect("plan");
+        let with_stdin: Vec<_> = steps
+            .iter()
+            .filter(|s| s.stdin.is_some())
+            .map(|s| s.name)
+            .collect();
+        assert_eq!(with_stdin, ["mise"]);
+        assert_eq!(HostFile::MiseTarball.source(), (MISE_URL, MISE_SHA512));
     }
 
     #[test]
