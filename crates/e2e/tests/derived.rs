@@ -1,7 +1,7 @@
 //! Derived images (`image build --from-image`) and `banger bench image`.
 //!
 //! A derived build provisions a transient VM with packages from the base
-//! image's Debian mirror and mise from the npm registry, so like the
+//! image's Debian mirror (and the daemon fetches mise from npm), so like the
 //! default image's build (see the harness docs) it runs outside the
 //! installation's network namespace, by a daemon in user-mode networking
 //! (QEMU's slirp: no links, no host routes). Everything else, the boot of
@@ -141,6 +141,7 @@ fn derived_image_with_docker_boots_and_failed_builds_leave_nothing() {
         assert!(out.status.success(), "derived build failed: {stderr}");
         assert!(stdout.contains("image derived ready"), "{stdout}");
         for phase in [
+            "download:",
             "packages:",
             "docker:",
             "mise:",
