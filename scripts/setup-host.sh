@@ -18,9 +18,13 @@ export DEBIAN_FRONTEND=noninteractive
 
 need_pkgs=(gcc libc6-dev mmdebstrap e2fsprogs openssh-client iproute2 nftables ca-certificates git tmux zstd)
 # Test servers and fixtures: a local OCI registry and the tools that push
-# to it, htpasswd for its auth test, busybox for tiny test images, dig.
+# to it, htpasswd for its auth test, busybox for tiny test images, dig;
+# curl and a headless browser for the web UI, the shells whose completion
+# scripts are checked.
 if [ "$test_tools" = 1 ]; then
-  need_pkgs+=(docker-registry skopeo umoci apache2-utils busybox-static dnsutils)
+  need_pkgs+=(docker-registry skopeo umoci apache2-utils busybox-static dnsutils curl zsh fish)
+  # Ubuntu ships Chromium as a snap behind chromium-browser.
+  if [ "${ID:-}" = ubuntu ]; then need_pkgs+=(chromium-browser); else need_pkgs+=(chromium); fi
 fi
 
 qemu_ok() {

@@ -4,6 +4,7 @@
 //! (create, image build) answer with a stream of newline-delimited JSON
 //! events ending in `done` or `error`; exec is a WebSocket (see [`exec`]).
 
+pub mod bench;
 pub mod client;
 pub mod exec;
 pub mod files;
@@ -143,8 +144,18 @@ pub enum CreateVmEvent {
 #[serde(deny_unknown_fields)]
 pub struct BuildImageRequest {
     pub name: String,
-    /// Debian suite, default `bookworm`.
+    /// Debian suite, default `bookworm` (local Debian builds only).
     pub suite: Option<String>,
+    /// Derive the image from this registered image in a transient VM
+    /// instead of building it from Debian packages.
+    #[serde(default)]
+    pub from_image: Option<String>,
+    /// Install Docker (Debian's `docker.io`, containerd and docker enabled).
+    #[serde(default)]
+    pub docker: bool,
+    /// More Debian packages to install.
+    #[serde(default)]
+    pub packages: Vec<String>,
 }
 
 /// One line of the `POST /v1/images/build` response stream.

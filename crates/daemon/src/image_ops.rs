@@ -58,7 +58,7 @@ pub(crate) fn is_oci_reference(reference: &str) -> bool {
 
 /// The rule for image and kernel names: they become directory names and
 /// catalog names.
-fn check_name(kind: &str, name: &str) -> Result<(), DaemonError> {
+pub(crate) fn check_name(kind: &str, name: &str) -> Result<(), DaemonError> {
     let ok = (1..=63).contains(&name.len())
         && name.starts_with(|c: char| c.is_ascii_lowercase() || c.is_ascii_digit())
         && name
@@ -484,7 +484,7 @@ impl Daemon {
         Ok(image)
     }
 
-    fn refuse_existing_image(&self, name: &str) -> Result<(), DaemonError> {
+    pub(crate) fn refuse_existing_image(&self, name: &str) -> Result<(), DaemonError> {
         if self.store.get_image(name).is_ok() {
             return Err(DaemonError::Conflict(format!(
                 "image {name} already exists: delete it first (banger image delete {name}) or choose another name"

@@ -66,15 +66,17 @@ impl Daemon {
                 ));
             }
         }
-        self.build_debian_image(name, DEFAULT_SUITE, progress, cancel.clone())
+        self.build_debian_image(name, DEFAULT_SUITE, Vec::new(), progress, cancel.clone())
             .await
     }
 
-    /// Builds (or finds, if already built) a Debian image and registers it.
+    /// Builds (or finds, if already built) a Debian image with
+    /// `extra_packages` on top of the base set and registers it.
     pub async fn build_debian_image(
         self: &Arc<Self>,
         name: &str,
         suite: &str,
+        extra_packages: Vec<String>,
         progress: &(dyn Fn(&str, &str) + Send + Sync),
         cancel: CancellationToken,
     ) -> Result<ImageRecord, DaemonError> {
@@ -91,7 +93,7 @@ impl Daemon {
             name: name.to_string(),
             suite: suite.to_string(),
             mirror: self.config.debian_mirror.clone(),
-            extra_packages: Vec::new(),
+            extra_packages,
             agent_binary: self.agent_binary()?,
             agent_unit: banger_agent::SYSTEMD_UNIT.to_string(),
             agent_modules_conf: banger_agent::MODULES_LOAD.to_string(),

@@ -4,6 +4,8 @@
 //! requests into calls on it. Operations on one VM are serialised by a
 //! per-VM lock; different VMs proceed in parallel.
 
+mod bench_image;
+mod derive;
 mod error;
 mod file_sync;
 mod files_routes;

@@ -47,6 +47,7 @@ impl Daemon {
             image: &image,
             progress: &|_, _| {},
             cancel: &cancel,
+            writable_root: None,
         };
         match self.boot(ctx, &mut vm, &mut steps).await {
             Ok(()) => {

@@ -75,6 +75,7 @@ pub fn router(daemon: Shared) -> (Router, utoipa::openapi::OpenApi) {
         .merge(crate::image_routes::router())
         .merge(crate::files_routes::router())
         .merge(crate::session_routes::router())
+        .merge(crate::bench_image::router())
         .with_state(daemon)
         .split_for_parts();
     let doc = api.clone();
@@ -320,8 +321,9 @@ async fn create_vm(State(d): State<Shared>, Json(req): Json<CreateVmRequest>) ->
     ndjson(rx, guard)
 }
 
-/// Builds a Debian image locally (mmdebstrap). Answers with newline-delimited
-/// JSON `BuildImageEvent`s.
+/// Builds an image: locally from Debian packages (mmdebstrap), or with
+/// `from_image` derived from a registered image in a transient VM. Answers
+/// with newline-delimited JSON `BuildImageEvent`s; disconnecting cancels.
 #[utoipa::path(post, path = paths::IMAGE_BUILD, request_body = BuildImageRequest,
     responses((status = 200, content_type = "application/x-ndjson", body = BuildImageEvent)))]
 async fn build_image(State(d): State<Shared>, Json(req): Json<BuildImageRequest>) -> Response {
@@ -338,11 +340,34 @@ async fn build_image(State(d): State<Shared>, Json(req): Json<BuildImageRequest>
                 elapsed_ms: started.elapsed().as_millis() as u64,
             }));
         };
-        let suite = req.suite.as_deref().unwrap_or("bookworm");
-        let ev = match d
-            .build_debian_image(&req.name, suite, &progress, cancel)
-            .await
-        {
+        let built = match req.from_image.as_deref() {
+            Some(base) => {
+                if req.suite.is_some() {
+                    let e = DaemonError::Invalid(
+                        "--suite is for local Debian builds; a derived image keeps its base image's suite".into(),
+                    );
+                    let _ = tx.send(BuildImageEvent::Error(e.to_api()));
+                    return;
+                }
+                let derive = crate::derive::DeriveRequest {
+                    name: &req.name,
+                    base,
+                    docker: req.docker,
+                    packages: &req.packages,
+                };
+                d.derive_image(derive, &progress, cancel).await
+            }
+            None => {
+                let suite = req.suite.as_deref().unwrap_or("bookworm");
+                let mut packages = req.packages.clone();
+                if req.docker {
+                    packages.push(banger_image::derive::DOCKER_PACKAGE.into());
+                }
+                d.build_debian_image(&req.name, suite, packages, &progress, cancel)
+                    .await
+            }
+        };
+        let ev = match built {
             Ok(img) => BuildImageEvent::Done(img),
             Err(e) => BuildImageEvent::Error(e.to_api()),
         };

@@ -252,6 +252,7 @@ impl Daemon {
             image: &image,
             progress: &progress,
             cancel: &cancel,
+            writable_root: None,
         };
         let mut booted = this.boot(ctx, &mut vm, &mut steps).await;
         if booted.is_ok() && req.wait_ssh {
@@ -285,7 +286,7 @@ impl Daemon {
     }
 
     /// Why an operation's cancellation token fired.
-    fn cancel_reason(&self) -> &'static str {
+    pub(crate) fn cancel_reason(&self) -> &'static str {
         if self.shutdown.is_cancelled() {
             "cancelled: the daemon is shutting down"
         } else {
@@ -319,6 +320,7 @@ impl Daemon {
             image,
             progress,
             cancel,
+            writable_root,
         } = ctx;
         let paths = VmPaths::new(&vm.dir);
         let disks = VmDisks::in_dir(&vm.dir);
@@ -352,11 +354,8 @@ impl Daemon {
             Ok(n) => n,
             Err(e) => return Err(fail(steps, e).await),
         };
-        let mut extra_cmdline = format!(
-            "{} systemd.hostname={}",
-            BootArgs::standard().kernel_params(banger_agent::BINARY_PATH),
-            vm.name
-        );
+        let (boot_args, disk_specs) = boot_layout(image, &disks, writable_root);
+        let mut extra_cmdline = format!("{} systemd.hostname={}", boot_args, vm.name);
         let mut nets = Vec::new();
         if let Some(n) = boot_net {
             extra_cmdline.push(' ');
@@ -369,24 +368,7 @@ impl Daemon {
             kernel: kernel_file,
             initrd: kernel.initrd.clone(),
             extra_cmdline,
-            // The order is the boot contract's: base, overlay, work.
-            disks: vec![
-                DiskSpec {
-                    path: image.rootfs.clone(),
-                    format: DiskFormat::Raw,
-                    read_only: true,
-                },
-                DiskSpec {
-                    path: disks.overlay,
-                    format: DiskFormat::Raw,
-                    read_only: false,
-                },
-                DiskSpec {
-                    path: disks.work,
-                    format: DiskFormat::Raw,
-                    read_only: false,
-                },
-            ],
+            disks: disk_specs,
             nets,
             vcpu: vm.spec.vcpu.value,
             memory_mib: vm.spec.memory_mib.value,
@@ -608,7 +590,55 @@ pub(crate) struct BootCtx<'a> {
     pub(crate) image: &'a ImageRecord,
     pub(crate) progress: &'a (dyn Fn(&str, &str) + Sync),
     pub(crate) cancel: &'a CancellationToken,
+    /// Boot this writable root file system instead of the image's shared
+    /// one under an overlay (the transient VM of `image build
+    /// --from-image`, whose writes must land in the new image's file).
+    pub(crate) writable_root: Option<&'a std::path::Path>,
 }
+
+/// Kernel parameters and disks of a boot.
+///
+/// The standard layout is the boot contract's: the image's root
+/// (read-only), the VM's overlay, its work disk. With a writable root there
+/// is no overlay: early init boots that root as it is, `rw` after the
+/// contract's `ro` makes the kernel and the initramfs mount it writable (the
+/// last of the two wins), and the work disk comes second.
+fn boot_layout(
+    image: &ImageRecord,
+    disks: &VmDisks,
+    writable_root: Option<&std::path::Path>,
+) -> (String, Vec<DiskSpec>) {
+    let disk = |path: &std::path::Path, read_only: bool| DiskSpec {
+        path: path.to_path_buf(),
+        format: DiskFormat::Raw,
+        read_only,
+    };
+    match writable_root {
+        None => (
+            BootArgs::standard().kernel_params(banger_agent::BINARY_PATH),
+            vec![
+                disk(&image.rootfs, true),
+                disk(&disks.overlay, false),
+                disk(&disks.work, false),
+            ],
+        ),
+        Some(root) => {
+            let args = BootArgs {
+                overlay: None,
+                work: None,
+                init: banger_agent_proto::boot::DEFAULT_INIT.into(),
+            };
+            (
+                format!("{} rw", args.kernel_params(banger_agent::BINARY_PATH)),
+                vec![disk(root, false), disk(&disks.work, false)],
+            )
+        }
+    }
+}
+
+/// Guest device of the work disk in the writable-root layout of
+/// [`boot_layout`].
+pub(crate) const WRITABLE_ROOT_WORK_DEVICE: &str = "/dev/vdb";
 
 /// Why a boot did not end with a ready VM.
 pub(crate) enum BootError {
@@ -642,4 +672,57 @@ pub(crate) fn console_tail(path: &std::path::Path) -> String {
         lines.truncate(i + 1);
     }
     lines[lines.len().saturating_sub(15)..].join("\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::{Path, PathBuf};
+
+    #[test]
+    fn boot_layouts() {
+        let image = ImageRecord {
+            name: "img".into(),
+            rootfs: "/images/img/rootfs.ext4".into(),
+            work_seed: None,
+            kernel: "k".into(),
+            managed: true,
+            size_bytes: 0,
+            created_at: String::new(),
+        };
+        let disks = VmDisks::in_dir(Path::new("/vms/x"));
+        let paths = |d: &[DiskSpec]| -> Vec<(PathBuf, bool)> {
+            d.iter().map(|s| (s.path.clone(), s.read_only)).collect()
+        };
+
+        let (params, d) = boot_layout(&image, &disks, None);
+        assert!(params.contains("root=/dev/vda ro "), "{params}");
+        assert!(params.contains("banger.overlay=/dev/vdb"), "{params}");
+        assert_eq!(
+            paths(&d),
+            [
+                (PathBuf::from("/images/img/rootfs.ext4"), true),
+                (PathBuf::from("/vms/x/overlay.ext4"), false),
+                (PathBuf::from("/vms/x/work.ext4"), false),
+            ]
+        );
+
+        let root = Path::new("/vms/x/rootfs.ext4");
+        let (params, d) = boot_layout(&image, &disks, Some(root));
+        assert!(params.ends_with(" rw"), "{params}");
+        assert!(!params.contains("banger.overlay"), "{params}");
+        assert_eq!(
+            BootArgs::parse(&params).overlay,
+            None,
+            "early init must boot the root as it is"
+        );
+        assert_eq!(
+            paths(&d),
+            [
+                (root.to_path_buf(), false),
+                (PathBuf::from("/vms/x/work.ext4"), false),
+            ]
+        );
+        assert_eq!(WRITABLE_ROOT_WORK_DEVICE, "/dev/vdb");
+    }
 }

@@ -517,7 +517,7 @@ fn validate(spec: &DebianBuild) -> Result<(), ImageError> {
 /// mmdebstrap splits `--include` on commas and spaces and treats a leading
 /// `?`, `!`, `~`, `(`, `/` or `.` as an apt pattern or a path, so plain names
 /// are all that is accepted.
-fn is_package_name(p: &str) -> bool {
+pub(crate) fn is_package_name(p: &str) -> bool {
     let (name, pin) = match p.find(['=', '/']) {
         Some(i) => (&p[..i], Some(&p[i + 1..])),
         None => (p, None),

@@ -11,6 +11,7 @@
 
 mod build;
 pub mod customize;
+pub mod derive;
 mod fsutil;
 mod manifest;
 mod process;

@@ -9,7 +9,10 @@ use serde::Serialize;
 use std::time::Instant;
 
 #[derive(Args)]
+#[command(args_conflicts_with_subcommands = true)]
 pub struct BenchArgs {
+    #[command(subcommand)]
+    command: Option<crate::commands::bench_image::BenchCommand>,
     /// Repetitions; medians are reported.
     #[arg(long, default_value_t = 3)]
     runs: usize,
@@ -120,6 +123,9 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 pub async fn run(a: BenchArgs) -> anyhow::Result<i32> {
+    if let Some(cmd) = a.command {
+        return crate::commands::bench_image::run(cmd).await;
+    }
     anyhow::ensure!(a.runs >= 1, "--runs must be at least 1");
     let client = connect::client().await?;
     let info = client.info().await?;

@@ -11,14 +11,26 @@ use std::path::PathBuf;
 
 #[derive(Subcommand)]
 pub enum ImageCommand {
-    /// Build a Debian image locally from Debian packages (mmdebstrap).
+    /// Build an image: locally from Debian packages (mmdebstrap), or with
+    /// --from-image derived from a registered image in a transient VM
+    /// (tmux, mise, root's shell and tmux defaults; --docker adds Docker).
     Build {
         /// Image name.
         #[arg(long, default_value = "debian-bookworm")]
         name: String,
-        /// Debian suite.
-        #[arg(long, default_value = "bookworm")]
-        suite: String,
+        /// Debian suite (local Debian builds; default bookworm).
+        #[arg(long, conflicts_with = "from_image")]
+        suite: Option<String>,
+        /// Derive the image from this registered image: boot it in a
+        /// transient VM, provision it over the agent, save the result.
+        #[arg(long, value_name = "BASE")]
+        from_image: Option<String>,
+        /// Install Docker (Debian's docker.io; containerd and docker enabled).
+        #[arg(long)]
+        docker: bool,
+        /// Another Debian package to install (repeatable).
+        #[arg(long = "package", value_name = "PACKAGE")]
+        packages: Vec<String>,
     },
     /// List images.
     List {
@@ -137,10 +149,19 @@ pub fn print_bundle(b: &banger_api::images::BundleResult, json: bool) -> anyhow:
 pub async fn run(cmd: ImageCommand) -> anyhow::Result<i32> {
     let client = connect::client().await?;
     match cmd {
-        ImageCommand::Build { name, suite } => {
+        ImageCommand::Build {
+            name,
+            suite,
+            from_image,
+            docker,
+            packages,
+        } => {
             let req = BuildImageRequest {
                 name,
-                suite: Some(suite),
+                suite,
+                from_image,
+                docker,
+                packages,
             };
             let img = client
                 .build_image(&req, |ev| {

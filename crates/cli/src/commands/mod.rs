@@ -1,4 +1,5 @@
 pub mod bench;
+pub mod bench_image;
 pub mod completion;
 pub mod daemon;
 pub mod doctor;

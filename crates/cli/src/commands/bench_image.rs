@@ -1,0 +1,42 @@
+//! `banger bench image`: OCI import and catalog install timed against
+//! skopeo + umoci + mkfs.ext4 and curl | zstd -d | tar x (JSON).
+
+use crate::commands::transfer::interruptible;
+use crate::connect;
+use crate::output;
+use banger_api::bench::{ImageBenchEvent, ImageBenchRequest};
+use clap::{Args, Subcommand};
+
+#[derive(Subcommand)]
+pub enum BenchCommand {
+    /// Time an OCI import (banger vs skopeo + umoci + mkfs.ext4) and a
+    /// catalog install (banger vs curl | zstd -d | tar x) of one image.
+    Image(ImageBenchArgs),
+}
+
+#[derive(Args)]
+pub struct ImageBenchArgs {
+    /// OCI reference of the image (registry/repo:tag); the daemon pulls it
+    /// from its registry (plain HTTP is used for loopback registries).
+    #[arg(long)]
+    reference: String,
+}
+
+pub async fn run(cmd: BenchCommand) -> anyhow::Result<i32> {
+    match cmd {
+        BenchCommand::Image(a) => {
+            let client = connect::client().await?;
+            let req = ImageBenchRequest {
+                reference: a.reference,
+            };
+            let report = interruptible(client.bench_image(&req, |ev| {
+                if let ImageBenchEvent::Progress(p) = ev {
+                    eprintln!("bench: {}: {}", p.phase, p.message);
+                }
+            }))
+            .await?;
+            output::json(&report)?;
+            Ok(0)
+        }
+    }
+}
