@@ -4,6 +4,7 @@
 //! still start, answer its socket and use the root helper.
 
 use banger_e2e::{Banger, shared, text};
+use banger_root_helper::proto::PROTOCOL_VERSION;
 use std::io::Write;
 use std::process::{Output, Stdio};
 
@@ -66,8 +67,14 @@ fn put(b: &Banger, path: &str, data: &[u8], mode: &str) {
     assert!(out.status.success(), "writing {path}: {}", text(&out).1);
 }
 
-/// One raw helper request as `user`; the helper's answer line.
+/// One raw helper request as `user`; the helper's answer line. `"version":V`
+/// in `request` stands for the protocol version of the helper under test.
 fn helper(b: &Banger, user: &str, request: &str) -> String {
+    let request = request.replace(
+        r#""version":V,"#,
+        &format!(r#""version":{PROTOCOL_VERSION},"#),
+    );
+    let request = request.as_str();
     ok(
         b,
         &[
@@ -254,12 +261,15 @@ fn install_status_helper_reinstall_and_uninstall_in_a_guest() {
     );
 
     // The helper: only its operations, only banger's names, only the owner.
-    let r = helper(b, OWNER, r#"{"version":1,"op":{"name":"hello"}}"#);
-    assert!(r.contains(r#""protocol":1"#), "{r}");
+    let r = helper(b, OWNER, r#"{"version":V,"op":{"name":"hello"}}"#);
+    assert!(
+        r.contains(&format!(r#""protocol":{PROTOCOL_VERSION}"#)),
+        "{r}"
+    );
     let r = helper(
         b,
         OWNER,
-        r#"{"version":1,"op":{"name":"exec","argv":["/bin/sh"]}}"#,
+        r#"{"version":V,"op":{"name":"exec","argv":["/bin/sh"]}}"#,
     );
     assert!(
         r.contains(r#""kind":"malformed""#) && r.contains("not an operation"),
@@ -270,20 +280,20 @@ fn install_status_helper_reinstall_and_uninstall_in_a_guest() {
     let r = helper(
         b,
         OWNER,
-        r#"{"version":1,"op":{"name":"delete_tap","tap":"eth0"}}"#,
+        r#"{"version":V,"op":{"name":"delete_tap","tap":"eth0"}}"#,
     );
     assert!(r.contains(r#""kind":"refused""#), "{r}");
     let r = helper(
         b,
         OWNER,
-        r#"{"version":1,"op":{"name":"chown_to_owner","path":"/var/lib/banger/../../../etc/shadow"}}"#,
+        r#"{"version":V,"op":{"name":"chown_to_owner","path":"/var/lib/banger/../../../etc/shadow"}}"#,
     );
     assert!(r.contains(r#""kind":"refused""#), "{r}");
     sh(b, "ln -sfn /etc /var/lib/banger/escape");
     let r = helper(
         b,
         OWNER,
-        r#"{"version":1,"op":{"name":"chown_to_owner","path":"/var/lib/banger/escape/shadow"}}"#,
+        r#"{"version":V,"op":{"name":"chown_to_owner","path":"/var/lib/banger/escape/shadow"}}"#,
     );
     assert!(
         r.contains(r#""kind":"refused""#) && r.contains("symlink"),
@@ -291,13 +301,13 @@ fn install_status_helper_reinstall_and_uninstall_in_a_guest() {
     );
     assert_eq!(sh(b, "stat -c %U /etc/shadow"), "root\n");
     // Root is not the owner: SO_PEERCRED says so (root passes file modes).
-    let r = helper(b, "root", r#"{"version":1,"op":{"name":"list_taps"}}"#);
+    let r = helper(b, "root", r#"{"version":V,"op":{"name":"list_taps"}}"#);
     assert!(
         r.contains(r#""kind":"unauthorized""#) && r.contains("uid 0 is not the install owner"),
         "{r}"
     );
     // Another user cannot even connect.
-    let r = helper(b, OTHER, r#"{"version":1,"op":{"name":"list_taps"}}"#);
+    let r = helper(b, OTHER, r#"{"version":V,"op":{"name":"list_taps"}}"#);
     assert!(r.contains("connect failed: Permission denied"), "{r}");
     let journal = sh(b, "journalctl --no-pager -u bangerd-root.service");
     assert!(journal.contains("refused"), "{journal}");
