@@ -7,7 +7,7 @@
 use crate::Daemon;
 use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
 use axum::extract::{Path, State};
-use axum::response::{IntoResponse, Response};
+use axum::response::Response;
 use banger_agent_proto::client::{AgentClient, ClientError};
 use banger_agent_proto::{ArchiveSummary, GetArchive, PutArchive};
 use banger_api::ApiError;
@@ -37,12 +37,7 @@ async fn put_files(
     Path(vm): Path<String>,
     ws: WebSocketUpgrade,
 ) -> Response {
-    match d.running_agent(&vm) {
-        Ok((_, agent)) => ws
-            .on_upgrade(move |socket| run_put(agent, socket))
-            .into_response(),
-        Err(e) => e.into_response(),
-    }
+    crate::server::upgrade_to_agent(&d, &vm, ws, run_put)
 }
 
 /// Streams a tar of a path out of a running VM (WebSocket; protocol:
@@ -55,12 +50,7 @@ async fn get_files(
     Path(vm): Path<String>,
     ws: WebSocketUpgrade,
 ) -> Response {
-    match d.running_agent(&vm) {
-        Ok((_, agent)) => ws
-            .on_upgrade(move |socket| run_get(agent, socket))
-            .into_response(),
-        Err(e) => e.into_response(),
-    }
+    crate::server::upgrade_to_agent(&d, &vm, ws, run_get)
 }
 
 async fn start<T: serde::de::DeserializeOwned>(socket: &mut WebSocket) -> Option<T> {

@@ -438,9 +438,24 @@ async fn exec_vm(
     Path(vm): Path<String>,
     ws: WebSocketUpgrade,
 ) -> Response {
-    match d.running_agent(&vm) {
+    upgrade_to_agent(&d, &vm, ws, run_exec)
+}
+
+/// Answers a WebSocket upgrade for `vm` with `serve` on its agent, or with
+/// the error that says why the VM's agent cannot be reached.
+pub(crate) fn upgrade_to_agent<F, Fut>(
+    d: &Daemon,
+    vm: &str,
+    ws: WebSocketUpgrade,
+    serve: F,
+) -> Response
+where
+    F: FnOnce(banger_agent_proto::client::AgentClient, WebSocket) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    match d.running_agent(vm) {
         Ok((_, agent)) => ws
-            .on_upgrade(move |socket| run_exec(agent, socket))
+            .on_upgrade(move |socket| serve(agent, socket))
             .into_response(),
         Err(e) => e.into_response(),
     }
