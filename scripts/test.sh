@@ -1,6 +1,12 @@
 #!/usr/bin/env bash
 # The whole test suite: host packages, lint, unit tests, and end-to-end tests
 # that boot real guests under QEMU (TCG when KVM is not usable).
+#
+# Everything is compiled once, up front. The end-to-end files then run in two
+# lanes at once (each guest is one vCPU, the machine has two), each lane with
+# its own e2e root, daemon and network namespace. Lane A's first file builds
+# the default image while the unit tests run; lane B registers that image
+# instead of building its own.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/setup-host.sh --test-tools
@@ -8,5 +14,38 @@ export PROFILE=dev
 ./scripts/build.sh
 cargo fmt --all --check
 cargo clippy --locked --workspace --all-targets -- -D warnings
+cargo test --locked --workspace --no-run
+
+export BANGER_BIN_DIR="$PWD/build/bin"
+E2E="${BANGER_E2E_ROOT:-/tmp/banger-e2e}"
+LANE_A=(exec derived run_modes cli images bench)
+LANE_B=(vm_run system network workspace web tui)
+
+# e2e LABEL ROOT FILE...: runs those test files against ROOT, prefixing output.
+e2e() {
+    local label=$1 root=$2
+    shift 2
+    local tests=()
+    for t in "$@"; do tests+=(--test "$t"); done
+    (
+        set -o pipefail
+        BANGER_E2E_ROOT="$root" cargo test --locked -p banger-e2e "${tests[@]}" \
+            -- --test-threads=1 2>&1 | sed -u "s/^/[$label] /"
+    )
+}
+
+# A failure anywhere stops the lanes still running.
+trap 'kill $(jobs -p) 2>/dev/null || true' EXIT
+e2e e2e-a "$E2E-a" "${LANE_A[0]}" &
+first=$!
 cargo test --locked --workspace --exclude banger-e2e
-BANGER_BIN_DIR="$PWD/build/bin" cargo test --locked -p banger-e2e -- --test-threads=1
+wait "$first"
+
+e2e e2e-a "$E2E-a" "${LANE_A[@]:1}" &
+lane_a=$!
+BANGER_E2E_IMAGE_FROM="$E2E-a" e2e e2e-b "$E2E-b" "${LANE_B[@]}" &
+lane_b=$!
+status=0
+wait "$lane_a" || status=$?
+wait "$lane_b" || status=$?
+exit "$status"

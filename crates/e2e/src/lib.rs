@@ -13,7 +13,9 @@
 //! touches the host's own network namespace. The one exception is the
 //! default image, built once outside the namespace (mmdebstrap needs the
 //! Debian mirror) by a daemon in user-mode networking, which creates no
-//! links.
+//! links. A second root may borrow that image instead of building its own
+//! (`BANGER_E2E_IMAGE_FROM=<other root>`): `scripts/test.sh` runs the suite
+//! in two such lanes at once.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
@@ -117,6 +119,11 @@ impl Banger {
         if marker.exists() {
             return;
         }
+        if let Some(from) = std::env::var_os("BANGER_E2E_IMAGE_FROM") {
+            self.register_image_of(Path::new(&from));
+            std::fs::write(&marker, "").expect("image marker");
+            return;
+        }
         let cfg = self.config_dir().join("config.toml");
         let saved = std::fs::read_to_string(&cfg).ok();
         // No listener in the host's namespace: no DNS port, no web UI.
@@ -144,6 +151,46 @@ impl Banger {
         );
         assert!(stop.status.success(), "daemon stop: {}", text(&stop).1);
         std::fs::write(&marker, "").expect("image marker");
+    }
+
+    /// Registers the default image another e2e root built (read-only for
+    /// this installation: its rootfs is only ever a base), so parallel lanes
+    /// of the suite build it once.
+    fn register_image_of(&self, other: &Path) {
+        let state = other.join("state/banger");
+        let image = state.join("images/debian-bookworm");
+        let kernel = std::fs::read_dir(state.join("kernels"))
+            .unwrap_or_else(|e| panic!("BANGER_E2E_IMAGE_FROM={}: {e}", other.display()))
+            .flatten()
+            .map(|e| e.path())
+            .find(|p| p.join("vmlinuz").is_file())
+            .unwrap_or_else(|| panic!("no kernel under {}", state.display()));
+        let arg = |p: PathBuf| p.to_string_lossy().into_owned();
+        let (rootfs, seed) = (
+            arg(image.join("rootfs.ext4")),
+            arg(image.join("work-seed.ext4")),
+        );
+        let (vmlinuz, initrd) = (arg(kernel.join("vmlinuz")), arg(kernel.join("initrd.img")));
+        let out = self.run(&[
+            "image",
+            "register",
+            "--name",
+            "debian-bookworm",
+            "--rootfs",
+            &rootfs,
+            "--work-seed",
+            &seed,
+            "--kernel",
+            &vmlinuz,
+            "--initrd",
+            &initrd,
+        ]);
+        assert!(
+            out.status.success(),
+            "registering {}'s image: {}",
+            other.display(),
+            text(&out).1
+        );
     }
 
     /// Runs `ip -n <netns> args...` and returns stdout, asserting success.

@@ -56,7 +56,11 @@ impl<'a> UserModeDaemon<'a> {
         assert!(stop.status.success(), "daemon stop: {}", text(&stop).1);
         let cfg = b.config_dir().join("config.toml");
         let saved = std::fs::read_to_string(&cfg).ok();
-        b.write_config("network = \"user\"\ndns_listen_addr = \"127.0.0.1:0\"\n");
+        // Outside the test namespace: no fixed listener (another lane of the
+        // suite may run its own).
+        b.write_config(
+            "network = \"user\"\ndns_listen_addr = \"127.0.0.1:0\"\nweb_listen_addr = \"\"\n",
+        );
         UserModeDaemon { b, saved }
     }
 }

@@ -31,18 +31,21 @@ PubkeyAuthentication yes
 PasswordAuthentication no
 KbdInteractiveAuthentication no
 AuthorizedKeysFile /root/.ssh/authorized_keys
+HostKey /etc/ssh/ssh_host_ed25519_key
 ";
 
 /// ssh.service drop-in. The image ships no host keys: banger gives each VM
-/// its own. Should a VM boot without them, Debian's `sshd -t` pre-check would
-/// fail the service, so missing keys are generated first (`ssh-keygen -A`
-/// never overwrites existing ones). `ExecStartPre=` is reset to keep the
-/// order: keys, then the config check.
+/// its own ed25519 key, the only one sshd is told to use. Should a VM boot
+/// without it, Debian's `sshd -t` pre-check would fail the service, so it
+/// is generated first when missing. Only that one: `ssh-keygen -A` would
+/// also make RSA and ECDSA keys at every boot, which takes seconds of an
+/// emulated CPU before sshd listens. `ExecStartPre=` is reset to keep the
+/// order: key, then the config check.
 pub const SSH_HOST_KEYS_DROPIN: &str = "\
-# Installed by banger: generate host keys the VM was not given.
+# Installed by banger: generate the host key the VM was not given.
 [Service]
 ExecStartPre=
-ExecStartPre=/usr/bin/ssh-keygen -A
+ExecStartPre=/bin/sh -c 'test -s /etc/ssh/ssh_host_ed25519_key || exec /usr/bin/ssh-keygen -q -t ed25519 -N \"\" -f /etc/ssh/ssh_host_ed25519_key'
 ExecStartPre=/usr/sbin/sshd -t
 ";
 

@@ -82,6 +82,7 @@ PubkeyAuthentication yes
 PasswordAuthentication no
 KbdInteractiveAuthentication no
 AuthorizedKeysFile /root/.ssh/authorized_keys
+HostKey /etc/ssh/ssh_host_ed25519_key
 EOF
 if [ -f "$conf" ] && ! grep -Eiq '^[[:space:]]*include[[:space:]].*sshd_config\.d' "$conf"; then
     # sshd keeps the first value it reads: the settings go first.

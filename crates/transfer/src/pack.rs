@@ -66,11 +66,22 @@ pub fn write_tar<W: Write>(
                 b.append_link(&mut h, &e.name, target)
                     .map_err(PackError::Write)?;
             }
-            Source::File(path) => {
-                let f = std::fs::File::open(path).map_err(|source| PackError::Read {
-                    path: path.clone(),
-                    source,
-                })?;
+            Source::File(path) | Source::GitInternal(path) => {
+                let f = match std::fs::File::open(path) {
+                    Ok(f) => f,
+                    Err(err)
+                        if err.kind() == io::ErrorKind::NotFound
+                            && matches!(e.source, Source::GitInternal(_)) =>
+                    {
+                        continue;
+                    }
+                    Err(source) => {
+                        return Err(PackError::Read {
+                            path: path.clone(),
+                            source,
+                        });
+                    }
+                };
                 h.set_entry_type(EntryType::Regular);
                 h.set_size(e.size);
                 let mut r = Exact::new(f, e.size, &mut done, progress);
@@ -218,5 +229,38 @@ mod tests {
         std::fs::write(&f, "01").expect("truncate");
         let err = write_tar(&plan, Vec::new(), None, &mut |_| {}).expect_err("must fail");
         assert!(matches!(err, PackError::Changed { .. }), "{err}");
+    }
+
+    #[test]
+    fn a_vanished_git_file_is_left_out_but_a_vanished_file_fails() {
+        let t = tempfile::tempdir().expect("tmp");
+        let (kept, gone) = (t.path().join("kept"), t.path().join("gc.pid"));
+        std::fs::write(&kept, "k").expect("write");
+        std::fs::write(&gone, "1").expect("write");
+        let mut plan = Plan::default();
+        for (name, p) in [("gc.pid", &gone), ("kept", &kept)] {
+            let mut e = plan_path(p, name).expect("plan").entries.remove(0);
+            e.source = Source::GitInternal(p.clone());
+            plan.entries.push(e);
+        }
+        std::fs::remove_file(&gone).expect("rm");
+        let tar = write_tar(&plan, Vec::new(), None, &mut |_| {}).expect("tar");
+        let names: Vec<String> = tar::Archive::new(tar.as_slice())
+            .entries()
+            .expect("entries")
+            .map(|e| {
+                e.expect("entry")
+                    .path()
+                    .expect("path")
+                    .display()
+                    .to_string()
+            })
+            .collect();
+        assert_eq!(names, ["kept"]);
+
+        let plan = plan_path(&kept, "kept").expect("plan");
+        std::fs::remove_file(&kept).expect("rm");
+        let err = write_tar(&plan, Vec::new(), None, &mut |_| {}).expect_err("must fail");
+        assert!(matches!(err, PackError::Read { .. }), "{err}");
     }
 }

@@ -10,6 +10,10 @@ pub enum Source {
     Dir,
     /// A regular file on the local file system.
     File(PathBuf),
+    /// A file of a repository's `.git` that git itself may delete at any
+    /// moment (a background `git gc`, a finished command's pid or lock
+    /// file): left out if it is gone when the archive is written.
+    GitInternal(PathBuf),
     /// A symbolic link, stored as a link (never followed).
     Symlink(PathBuf),
     /// A git blob, read through `git cat-file --batch` of the repository.

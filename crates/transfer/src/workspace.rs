@@ -321,7 +321,11 @@ fn add_git_dir(
             || n.ends_with(".lock")
             || (linked && (n == ".git/worktrees" || n.starts_with(".git/worktrees/")));
         if !dropped {
-            plan.entries.push(e);
+            let source = match e.source {
+                Source::File(p) => Source::GitInternal(p),
+                other => other,
+            };
+            plan.entries.push(Entry { source, ..e });
         }
     }
     plan.skipped.extend(sub.skipped);

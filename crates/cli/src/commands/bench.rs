@@ -4,21 +4,40 @@ use crate::connect;
 use anyhow::Context;
 use banger_api::exec::{ExecOutput, ExecStart};
 use banger_api::{CreateVmEvent, CreateVmRequest};
-use clap::Args;
+use clap::{Args, Subcommand};
 use serde::Serialize;
 use std::time::Instant;
+
+#[derive(Subcommand)]
+pub enum BenchCommand {
+    /// Time an OCI import (banger vs skopeo + umoci + mkfs.ext4) and a
+    /// catalog install (banger vs curl | zstd -d | tar x) of one image.
+    Image(crate::commands::bench_image::ImageBenchArgs),
+    /// Time `vm run REPO -- true` on a generated repository and its
+    /// workspace copy against `git archive | ssh tar -x` (JSON).
+    Run(crate::commands::bench_run::RunBenchArgs),
+}
 
 #[derive(Args)]
 #[command(args_conflicts_with_subcommands = true)]
 pub struct BenchArgs {
     #[command(subcommand)]
-    command: Option<crate::commands::bench_image::BenchCommand>,
+    command: Option<BenchCommand>,
     /// Repetitions; medians are reported.
     #[arg(long, default_value_t = 3)]
     runs: usize,
     /// Image to boot (default: the configured default image).
     #[arg(long)]
     image: Option<String>,
+    /// Sequential `true` runs timed by the exec block.
+    #[arg(long, default_value_t = 100)]
+    exec_runs: usize,
+    /// MiB of stdout the exec block streams (`head -c N /dev/zero`).
+    #[arg(long, default_value_t = 200)]
+    stdout_mib: u64,
+    /// MiB of the file the cp block copies each way.
+    #[arg(long, default_value_t = 100)]
+    cp_mib: u64,
 }
 
 /// One `vm run --rm -- true`, in milliseconds.
@@ -82,6 +101,9 @@ struct Report {
     /// Exec round trip and stdout throughput through daemon and agent.
     exec: Option<ExecBench>,
     exec_error: Option<String>,
+    /// `vm cp` against `ssh cat`, both ways, on the exec block's VM.
+    cp: Option<crate::commands::bench_cp::CpBench>,
+    cp_error: Option<String>,
 }
 
 /// `vm exec` costs on one running VM.
@@ -99,13 +121,10 @@ struct ExecBench {
     stdout_mb_per_s: f64,
 }
 
-const EXEC_RUNS: usize = 100;
-const EXEC_STDOUT_BYTES: u64 = 200 << 20;
-
 const BENCH_VCPU: u32 = 1;
 const BENCH_MEMORY_MIB: u64 = 1024;
 
-fn ms(d: std::time::Duration) -> f64 {
+pub(crate) fn ms(d: std::time::Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
 
@@ -123,10 +142,17 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 pub async fn run(a: BenchArgs) -> anyhow::Result<i32> {
-    if let Some(cmd) = a.command {
-        return crate::commands::bench_image::run(cmd).await;
+    match a.command {
+        Some(BenchCommand::Image(a)) => return crate::commands::bench_image::run(a).await,
+        Some(BenchCommand::Run(a)) => return crate::commands::bench_run::run(a).await,
+        None => {}
     }
     anyhow::ensure!(a.runs >= 1, "--runs must be at least 1");
+    anyhow::ensure!(a.exec_runs >= 1, "--exec-runs must be at least 1");
+    anyhow::ensure!(
+        a.stdout_mib >= 1 && a.cp_mib >= 1,
+        "--stdout-mib and --cp-mib must be at least 1"
+    );
     let client = connect::client().await?;
     let info = client.info().await?;
     let mut samples = Vec::new();
@@ -183,15 +209,28 @@ pub async fn run(a: BenchArgs) -> anyhow::Result<i32> {
         Ok(n) => (Some(n), None),
         Err(e) => (None, Some(e.to_string())),
     };
-    let (exec, exec_error) = match exec_bench(&client, a.image.clone()).await {
-        Ok(e) => {
+    let (exec, exec_error, cp, cp_error) = match exec_and_cp(&client, &a).await {
+        Ok((e, cp)) => {
             eprintln!(
                 "bench: exec true p50 {:.1} ms, p99 {:.1} ms; stdout {:.1} MB/s",
                 e.true_p50_ms, e.true_p99_ms, e.stdout_mb_per_s
             );
-            (Some(e), None)
+            let (cp, cp_error) = match cp {
+                Ok(c) => {
+                    eprintln!(
+                        "bench: cp push {:.1} MB/s (ssh cat {:.1}), pull {:.1} MB/s (ssh cat {:.1})",
+                        c.banger_push_mb_per_s,
+                        c.ssh_cat_push_mb_per_s,
+                        c.banger_pull_mb_per_s,
+                        c.ssh_cat_pull_mb_per_s
+                    );
+                    (Some(c), None)
+                }
+                Err(e) => (None, Some(format!("{e:#}"))),
+            };
+            (Some(e), None, cp, cp_error)
         }
-        Err(e) => (None, Some(format!("{e:#}"))),
+        Err(e) => (None, Some(format!("{e:#}")), None, None),
     };
     let report = Report {
         runs: a.runs,
@@ -217,6 +256,8 @@ pub async fn run(a: BenchArgs) -> anyhow::Result<i32> {
         network_error,
         exec,
         exec_error,
+        cp,
+        cp_error,
     };
     println!("{}", serde_json::to_string_pretty(&report)?);
     Ok(0)
@@ -337,27 +378,50 @@ async fn lifecycle(
     result
 }
 
+/// Runs `argv` to its end, handing its stdout to `on_stdout`; returns the
+/// exit code.
+async fn exec_with(
+    client: &banger_api::Client,
+    vm: &str,
+    argv: &[&str],
+    mut on_stdout: impl FnMut(&[u8]),
+) -> anyhow::Result<i32> {
+    let start = ExecStart {
+        argv: argv.iter().map(|s| s.to_string()).collect(),
+        ..Default::default()
+    };
+    let (_, mut reader) = client.exec(vm, &start).await?;
+    loop {
+        match reader.next().await? {
+            Some(ExecOutput::Stdout(d)) => on_stdout(&d),
+            Some(ExecOutput::Stderr(_)) => {}
+            Some(ExecOutput::Exit(e)) => return Ok(e.shell_code()),
+            Some(ExecOutput::Error(e)) => anyhow::bail!("{}", e.message),
+            None => anyhow::bail!("exec ended without status"),
+        }
+    }
+}
+
 /// Runs `argv` to its end; returns the stdout byte count and exit code.
 async fn exec_count(
     client: &banger_api::Client,
     vm: &str,
     argv: &[&str],
 ) -> anyhow::Result<(u64, i32)> {
-    let start = ExecStart {
-        argv: argv.iter().map(|s| s.to_string()).collect(),
-        ..Default::default()
-    };
-    let (_, mut reader) = client.exec(vm, &start).await?;
     let mut bytes = 0u64;
-    loop {
-        match reader.next().await? {
-            Some(ExecOutput::Stdout(d)) => bytes += d.len() as u64,
-            Some(ExecOutput::Stderr(_)) => {}
-            Some(ExecOutput::Exit(e)) => return Ok((bytes, e.shell_code())),
-            Some(ExecOutput::Error(e)) => anyhow::bail!("{}", e.message),
-            None => anyhow::bail!("exec ended without status"),
-        }
-    }
+    let code = exec_with(client, vm, argv, |d| bytes += d.len() as u64).await?;
+    Ok((bytes, code))
+}
+
+/// Runs `argv` to its end; returns its stdout as text and its exit code.
+pub(crate) async fn exec_text(
+    client: &banger_api::Client,
+    vm: &str,
+    argv: &[&str],
+) -> anyhow::Result<(String, i32)> {
+    let mut out = Vec::new();
+    let code = exec_with(client, vm, argv, |d| out.extend_from_slice(d)).await?;
+    Ok((String::from_utf8_lossy(&out).into_owned(), code))
 }
 
 /// The `p`-th percentile (0..=100) of sorted samples, nearest rank.
@@ -369,53 +433,70 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
     sorted[rank.clamp(1, sorted.len()) - 1]
 }
 
-/// Boots one VM, times [`EXEC_RUNS`] runs of `true` and the throughput of
-/// [`EXEC_STDOUT_BYTES`] of stdout, deletes the VM.
-async fn exec_bench(
+/// Boots one VM (sshd up too), runs the exec block and then the cp block
+/// on it, deletes the VM. A failed cp block does not void the exec one.
+async fn exec_and_cp(
     client: &banger_api::Client,
-    image: Option<String>,
-) -> anyhow::Result<ExecBench> {
+    a: &BenchArgs,
+) -> anyhow::Result<(
+    ExecBench,
+    anyhow::Result<crate::commands::bench_cp::CpBench>,
+)> {
     let req = CreateVmRequest {
         name: Some(format!("bench-exec-{}", std::process::id())),
-        image,
+        image: a.image.clone(),
         vcpu: Some(BENCH_VCPU),
         memory_mib: Some(BENCH_MEMORY_MIB),
         start: true,
+        wait_ssh: true,
         ..Default::default()
     };
     let vm = client.create_vm(&req, |_| {}).await?;
     let name = vm.name.to_string();
     let result = async {
-        let mut times = Vec::with_capacity(EXEC_RUNS);
-        for _ in 0..EXEC_RUNS {
-            let t = Instant::now();
-            let (_, code) = exec_count(client, &name, &["true"]).await?;
-            anyhow::ensure!(code == 0, "`true` exited {code} in the guest");
-            times.push(ms(t.elapsed()));
-        }
-        let count = format!("{EXEC_STDOUT_BYTES}");
-        let t = Instant::now();
-        let (bytes, code) = exec_count(client, &name, &["head", "-c", &count, "/dev/zero"]).await?;
-        let secs = t.elapsed().as_secs_f64();
-        anyhow::ensure!(
-            code == 0 && bytes == EXEC_STDOUT_BYTES,
-            "head wrote {bytes} bytes and exited {code}"
-        );
-        let mean = times.iter().sum::<f64>() / times.len() as f64;
-        times.sort_by(|a, b| a.total_cmp(b));
-        anyhow::Ok(ExecBench {
-            runs: EXEC_RUNS,
-            true_p50_ms: percentile(&times, 50.0),
-            true_p99_ms: percentile(&times, 99.0),
-            true_mean_ms: mean,
-            stdout_bytes: bytes,
-            stdout_seconds: secs,
-            stdout_mb_per_s: bytes as f64 / 1e6 / secs.max(1e-9),
-        })
+        let exec = exec_bench(client, &name, a.exec_runs, a.stdout_mib << 20).await?;
+        let cp = crate::commands::bench_cp::cp_bench(client, &vm, a.cp_mib << 20).await;
+        anyhow::Ok((exec, cp))
     }
     .await;
     client.delete_vm(&name).await?;
     result
+}
+
+/// Times `runs` runs of `true` and the throughput of `stdout_bytes` of
+/// stdout on the running VM `name`.
+async fn exec_bench(
+    client: &banger_api::Client,
+    name: &str,
+    runs: usize,
+    stdout_bytes: u64,
+) -> anyhow::Result<ExecBench> {
+    let mut times = Vec::with_capacity(runs);
+    for _ in 0..runs {
+        let t = Instant::now();
+        let (_, code) = exec_count(client, name, &["true"]).await?;
+        anyhow::ensure!(code == 0, "`true` exited {code} in the guest");
+        times.push(ms(t.elapsed()));
+    }
+    let count = format!("{stdout_bytes}");
+    let t = Instant::now();
+    let (bytes, code) = exec_count(client, name, &["head", "-c", &count, "/dev/zero"]).await?;
+    let secs = t.elapsed().as_secs_f64();
+    anyhow::ensure!(
+        code == 0 && bytes == stdout_bytes,
+        "head wrote {bytes} bytes and exited {code}"
+    );
+    let mean = times.iter().sum::<f64>() / times.len() as f64;
+    times.sort_by(|a, b| a.total_cmp(b));
+    anyhow::Ok(ExecBench {
+        runs,
+        true_p50_ms: percentile(&times, 50.0),
+        true_p99_ms: percentile(&times, 99.0),
+        true_mean_ms: mean,
+        stdout_bytes: bytes,
+        stdout_seconds: secs,
+        stdout_mb_per_s: bytes as f64 / 1e6 / secs.max(1e-9),
+    })
 }
 
 fn host_summary() -> String {

@@ -5,14 +5,7 @@ use crate::commands::transfer::interruptible;
 use crate::connect;
 use crate::output;
 use banger_api::bench::{ImageBenchEvent, ImageBenchRequest};
-use clap::{Args, Subcommand};
-
-#[derive(Subcommand)]
-pub enum BenchCommand {
-    /// Time an OCI import (banger vs skopeo + umoci + mkfs.ext4) and a
-    /// catalog install (banger vs curl | zstd -d | tar x) of one image.
-    Image(ImageBenchArgs),
-}
+use clap::Args;
 
 #[derive(Args)]
 pub struct ImageBenchArgs {
@@ -22,21 +15,17 @@ pub struct ImageBenchArgs {
     reference: String,
 }
 
-pub async fn run(cmd: BenchCommand) -> anyhow::Result<i32> {
-    match cmd {
-        BenchCommand::Image(a) => {
-            let client = connect::client().await?;
-            let req = ImageBenchRequest {
-                reference: a.reference,
-            };
-            let report = interruptible(client.bench_image(&req, |ev| {
-                if let ImageBenchEvent::Progress(p) = ev {
-                    eprintln!("bench: {}: {}", p.phase, p.message);
-                }
-            }))
-            .await?;
-            output::json(&report)?;
-            Ok(0)
+pub async fn run(a: ImageBenchArgs) -> anyhow::Result<i32> {
+    let client = connect::client().await?;
+    let req = ImageBenchRequest {
+        reference: a.reference,
+    };
+    let report = interruptible(client.bench_image(&req, |ev| {
+        if let ImageBenchEvent::Progress(p) = ev {
+            eprintln!("bench: {}: {}", p.phase, p.message);
         }
-    }
+    }))
+    .await?;
+    output::json(&report)?;
+    Ok(0)
 }

@@ -1,5 +1,7 @@
 pub mod bench;
+pub mod bench_cp;
 pub mod bench_image;
+pub mod bench_run;
 pub mod completion;
 pub mod daemon;
 pub mod doctor;
