@@ -72,6 +72,15 @@ pub struct InstallPaths {
     pub cache_dir: PathBuf,
     pub runtime_dir: PathBuf,
     pub helper_runtime_dir: PathBuf,
+    /// The helper's own root-only state (`/var/lib/banger-root`): where it
+    /// builds images before handing them to the owner. Records written
+    /// before it existed get the default.
+    #[serde(default = "default_helper_state_dir")]
+    pub helper_state_dir: PathBuf,
+}
+
+fn default_helper_state_dir() -> PathBuf {
+    PathBuf::from("/var/lib/banger-root")
 }
 
 impl InstallRecord {
@@ -153,6 +162,7 @@ mod tests {
                 cache_dir: "/var/cache/banger".into(),
                 runtime_dir: "/run/banger".into(),
                 helper_runtime_dir: "/run/banger-root".into(),
+                helper_state_dir: "/var/lib/banger-root".into(),
             },
         }
     }

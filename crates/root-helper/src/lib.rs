@@ -93,6 +93,7 @@ pub async fn run() -> Result<(), StartError> {
     let images = ImageStore {
         images_dir: paths.images_dir.clone(),
         kernels_dir: paths.kernels_dir.clone(),
+        staging_dir: record.paths.helper_state_dir.join("build"),
         mirror: config.debian_mirror.clone(),
         agent_binary: config
             .agent_path

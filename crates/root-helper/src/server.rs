@@ -28,6 +28,10 @@ pub struct ImageStore {
     pub images_dir: PathBuf,
     /// The owner daemon's kernel store (`/var/lib/banger/kernels`).
     pub kernels_dir: PathBuf,
+    /// Root's own directory (0700, on the file system of `images_dir`)
+    /// where builds run: nothing of the owner's is in the build's paths,
+    /// so the owner cannot steer root's writes with a planted symlink.
+    pub staging_dir: PathBuf,
     /// `debian_mirror` of the system config.
     pub mirror: Option<String>,
     /// The banger-agent binary baked into images.
@@ -200,9 +204,10 @@ impl Server {
         })
     }
 
-    /// Builds the image as root (mmdebstrap, chroot, mkfs need it), then
-    /// gives the image and kernel directories to the owner. Progress goes
-    /// to the journal: the protocol has one answer per request.
+    /// Builds the image as root (mmdebstrap, chroot, mkfs need it) in the
+    /// root-only staging directory, gives the result to the owner there,
+    /// then renames it into the owner's stores. Progress goes to the
+    /// journal: the protocol has one answer per request.
     async fn build_image(
         &self,
         image: String,
@@ -215,6 +220,7 @@ impl Server {
         let store = self.images.as_ref().ok_or_else(|| {
             failed("this helper does not build images (no image store configured)".into())
         })?;
+        let staging = Staging::prepare(&store.staging_dir).map_err(|e| failed(e.to_string()))?;
         let spec = banger_image::DebianBuild {
             name: image.clone(),
             suite,
@@ -223,8 +229,8 @@ impl Server {
             agent_binary: store.agent_binary.clone(),
             agent_unit: banger_agent::SYSTEMD_UNIT.to_string(),
             agent_modules_conf: banger_agent::MODULES_LOAD.to_string(),
-            images_dir: store.images_dir.clone(),
-            kernels_dir: store.kernels_dir.clone(),
+            images_dir: staging.images.clone(),
+            kernels_dir: staging.kernels.clone(),
         };
         let progress = |p: banger_image::Progress| match p {
             banger_image::Progress::Phase { name, message } => {
@@ -239,26 +245,79 @@ impl Server {
         let built = banger_image::build_debian(&spec, progress, Default::default())
             .await
             .map_err(|e| failed(format!("building image {image}: {e}")))?;
-        let (uid, gid) = (self.policy.owner_uid, self.policy.owner_gid);
-        for (path, tree) in [
-            (store.images_dir.clone(), false),
-            (store.images_dir.join(banger_image::LOCK_FILE), false),
-            (store.kernels_dir.clone(), false),
-            (built.dir.clone(), true),
-            (store.kernels_dir.join(&built.kernel_name), true),
-        ] {
-            if !path.exists() {
-                continue;
-            }
-            let (dir, rel) = self.policy.inside_dirs(&path)?;
-            if tree {
-                chown_tree_beneath(&dir, &rel, uid, gid)?;
-            } else {
-                chown_beneath(&dir, &rel, uid, gid)?;
-            }
-        }
+        let built = self.hand_over(&staging, store, built)?;
         tracing::info!(image = %image, kernel = %built.kernel_name, existed = built.already_existed, "image built and given to the owner");
         Ok(built)
+    }
+
+    /// Gives the staged image and kernel to the owner (still out of the
+    /// owner's reach), then renames them into the owner's stores without
+    /// replacing anything there. A kernel the owner already has is kept.
+    fn hand_over(
+        &self,
+        staging: &Staging,
+        store: &ImageStore,
+        built: banger_image::BuiltImage,
+    ) -> Result<banger_image::BuiltImage, Refusal> {
+        let (uid, gid) = (self.policy.owner_uid, self.policy.owner_gid);
+        let failed = |message: String| Refusal {
+            kind: ErrorKind::Failed,
+            message,
+        };
+        let name = built
+            .dir
+            .file_name()
+            .map(PathBuf::from)
+            .ok_or_else(|| failed(format!("{}: no image name", built.dir.display())))?;
+        let kernel = PathBuf::from(&built.kernel_name);
+        let staged = [(&staging.images, &name), (&staging.kernels, &kernel)];
+        let result = (|| {
+            for (dir, rel) in staged {
+                chown_tree_beneath(dir, rel, uid, gid)?;
+            }
+            let kernels = self.owner_dir(&store.kernels_dir)?;
+            let images = self.owner_dir(&store.images_dir)?;
+            let from = open_beneath(&staging.kernels, Path::new(""), true)?;
+            match move_no_replace(&from, &kernel, &kernels) {
+                Ok(()) | Err(nix::Error::EEXIST) | Err(nix::Error::ENOTEMPTY) => {}
+                Err(e) => return Err(failed(move_error(&store.kernels_dir, &kernel, e))),
+            }
+            let from = open_beneath(&staging.images, Path::new(""), true)?;
+            move_no_replace(&from, &name, &images)
+                .map_err(|e| failed(move_error(&store.images_dir, &name, e)))
+        })();
+        // Whatever was not moved (a failure, a kernel already there) goes.
+        for (dir, rel) in staged {
+            let _ = std::fs::remove_dir_all(dir.join(rel));
+        }
+        result?;
+        Ok(rebase(
+            built,
+            [
+                (&staging.images, &store.images_dir),
+                (&staging.kernels, &store.kernels_dir),
+            ],
+        ))
+    }
+
+    /// An fd of the owner's store `path` (created, owner's, when missing),
+    /// opened without following any symlink below banger's directories.
+    fn owner_dir(&self, path: &Path) -> Result<OwnedFd, Refusal> {
+        match std::fs::create_dir(path) {
+            Ok(()) => {
+                let (dir, rel) = self.policy.inside_dirs(path)?;
+                chown_beneath(&dir, &rel, self.policy.owner_uid, self.policy.owner_gid)?;
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(e) => {
+                return Err(Refusal {
+                    kind: ErrorKind::Failed,
+                    message: format!("creating {}: {e}", path.display()),
+                });
+            }
+        }
+        let (dir, rel) = self.policy.inside_dirs(path)?;
+        open_beneath(&dir, &rel, true)
     }
 
     /// Serves one connection: requests until EOF.
@@ -331,6 +390,96 @@ impl Server {
             }
         }
     }
+}
+
+/// The helper's build area: `<dir>/images` and `<dir>/kernels`, in a
+/// directory only root can enter.
+pub(crate) struct Staging {
+    pub(crate) images: PathBuf,
+    pub(crate) kernels: PathBuf,
+}
+
+impl Staging {
+    /// Creates the area (mode 0700) and checks that it is a real directory
+    /// of root's, not a symlink.
+    pub(crate) fn prepare(dir: &Path) -> std::io::Result<Staging> {
+        use std::os::unix::fs::{MetadataExt, PermissionsExt};
+        let context = |e: std::io::Error| {
+            std::io::Error::new(
+                e.kind(),
+                format!("staging directory {}: {e}", dir.display()),
+            )
+        };
+        std::fs::create_dir_all(dir).map_err(context)?;
+        let md = std::fs::symlink_metadata(dir).map_err(context)?;
+        if !md.is_dir() || md.uid() != nix::unistd::geteuid().as_raw() {
+            return Err(context(std::io::Error::other(
+                "not a directory of the helper's own user: refused",
+            )));
+        }
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(context)?;
+        let staging = Staging {
+            images: dir.join("images"),
+            kernels: dir.join("kernels"),
+        };
+        for d in [&staging.images, &staging.kernels] {
+            std::fs::create_dir_all(d).map_err(context)?;
+        }
+        Ok(staging)
+    }
+}
+
+/// Renames `from_dir/name` to `to_dir/name` unless the latter exists.
+fn move_no_replace(from_dir: &OwnedFd, name: &Path, to_dir: &OwnedFd) -> nix::Result<()> {
+    nix::fcntl::renameat2(
+        from_dir,
+        name,
+        to_dir,
+        name,
+        nix::fcntl::RenameFlags::RENAME_NOREPLACE,
+    )
+}
+
+fn move_error(store: &Path, name: &Path, e: nix::Error) -> String {
+    let to = store.join(name);
+    match e {
+        nix::Error::EEXIST | nix::Error::ENOTEMPTY => {
+            format!("{} already exists: delete it first", to.display())
+        }
+        nix::Error::EXDEV => format!(
+            "{} is on another file system than the helper's staging directory: both must be under one file system",
+            store.display()
+        ),
+        e => format!("moving the built image to {}: {e}", to.display()),
+    }
+}
+
+/// `built` with its paths moved from each staging directory to its store.
+fn rebase(
+    mut built: banger_image::BuiltImage,
+    moves: [(&PathBuf, &PathBuf); 2],
+) -> banger_image::BuiltImage {
+    let map = |p: &mut PathBuf| {
+        for (from, to) in moves {
+            if let Ok(rest) = p.strip_prefix(from) {
+                *p = to.join(rest);
+                return;
+            }
+        }
+    };
+    for p in [
+        &mut built.dir,
+        &mut built.rootfs,
+        &mut built.work_seed,
+        &mut built.kernel,
+        &mut built.initrd,
+    ] {
+        map(p);
+    }
+    if let Some(v) = built.vmlinux.as_mut() {
+        map(v);
+    }
+    built
 }
 
 /// Chowns `dir/rel` to `uid:gid`, walking `rel` one plain name at a time
@@ -806,5 +955,100 @@ mod tests {
         let e = chown_tree_beneath(&state, Path::new("images/evil"), 4242, 4242).expect_err("link");
         assert_eq!(e.kind, ErrorKind::Refused, "{e}");
         assert_eq!(std::fs::metadata(&outside).expect("meta").uid(), 0);
+    }
+
+    /// A staged build as `build_debian` leaves it: image `img`, kernel `k`.
+    fn staged_build(staging: &Staging) -> banger_image::BuiltImage {
+        let dir = staging.images.join("img");
+        let kdir = staging.kernels.join("k");
+        std::fs::create_dir_all(&dir).expect("mkdir");
+        std::fs::create_dir_all(&kdir).expect("mkdir");
+        for f in [dir.join("rootfs.ext4"), dir.join("work-seed.ext4")] {
+            std::fs::write(f, "fs").expect("write");
+        }
+        for f in [kdir.join("vmlinuz"), kdir.join("initrd.img")] {
+            std::fs::write(f, "k").expect("write");
+        }
+        banger_image::BuiltImage {
+            rootfs: dir.join("rootfs.ext4"),
+            work_seed: dir.join("work-seed.ext4"),
+            dir,
+            size_bytes: 2,
+            kernel_name: "k".into(),
+            kernel: kdir.join("vmlinuz"),
+            initrd: kdir.join("initrd.img"),
+            vmlinux: None,
+            kernel_release: "6.1".into(),
+            already_existed: false,
+        }
+    }
+
+    #[test]
+    fn builds_are_staged_in_root_s_dir_and_moved_into_the_owner_s_stores() {
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("SKIPPED: chown to another uid needs root");
+            return;
+        }
+        let t = tempfile::tempdir().expect("tmp");
+        let state = t.path().join("state");
+        std::fs::create_dir_all(&state).expect("mkdir");
+        let state = std::fs::canonicalize(&state).expect("canonical");
+        let store = ImageStore {
+            images_dir: state.join("images"),
+            kernels_dir: state.join("kernels"),
+            staging_dir: t.path().join("root/build"),
+            mirror: None,
+            agent_binary: PathBuf::from("/nonexistent"),
+        };
+        let s = Server::new(policy(&state), Arc::new(Recorder::default()));
+        let staging = Staging::prepare(&store.staging_dir).expect("staging");
+        let md = std::fs::metadata(&store.staging_dir).expect("meta");
+        assert_eq!((md.uid(), md.mode() & 0o777), (0, 0o700));
+
+        // Both stores missing: created for the owner, image and kernel moved.
+        let built = s
+            .hand_over(&staging, &store, staged_build(&staging))
+            .expect("hand over");
+        assert_eq!(built.rootfs, state.join("images/img/rootfs.ext4"));
+        assert_eq!(built.initrd, state.join("kernels/k/initrd.img"));
+        for p in [
+            &store.images_dir,
+            &built.dir,
+            &built.rootfs,
+            &built.work_seed,
+            &built.kernel,
+        ] {
+            let md = std::fs::metadata(p).expect("moved");
+            assert_eq!((md.uid(), md.gid()), (1000, 1000), "{}", p.display());
+        }
+        assert!(!staging.images.join("img").exists());
+        assert!(!staging.kernels.join("k").exists());
+
+        // The image exists now: refused, the owner's copy untouched, the
+        // staged one removed. (The kernel alone would have been kept.)
+        let e = s
+            .hand_over(&staging, &store, staged_build(&staging))
+            .expect_err("exists");
+        assert!(e.message.contains("already exists"), "{e}");
+        assert_eq!(std::fs::read(&built.rootfs).expect("kept"), b"fs");
+        assert!(!staging.images.join("img").exists());
+
+        // The owner swapped its image store for a symlink: nothing is
+        // written where it points.
+        let elsewhere = t.path().join("elsewhere");
+        std::fs::create_dir_all(&elsewhere).expect("mkdir");
+        std::fs::rename(&store.images_dir, state.join("old-images")).expect("mv");
+        std::os::unix::fs::symlink(&elsewhere, &store.images_dir).expect("symlink");
+        let e = s
+            .hand_over(&staging, &store, staged_build(&staging))
+            .expect_err("symlink");
+        assert_eq!(e.kind, ErrorKind::Refused, "{e}");
+        assert_eq!(std::fs::read_dir(&elsewhere).expect("ls").count(), 0);
+        assert!(!staging.images.join("img").exists());
+
+        // A staging directory that is a symlink is refused.
+        let link = t.path().join("link-build");
+        std::os::unix::fs::symlink(&elsewhere, &link).expect("symlink");
+        assert!(Staging::prepare(&link).is_err());
     }
 }

@@ -31,8 +31,9 @@ pub enum SystemCommand {
     /// Stop and remove the services and binaries (as root). Running VMs are
     /// stopped. User config and keys in the owner's home stay.
     Uninstall {
-        /// Also delete /var/lib/banger, /var/cache/banger, /run/banger and
-        /// /run/banger-root (VMs, images, kernels, caches).
+        /// Also delete /var/lib/banger, /var/cache/banger, /run/banger,
+        /// /run/banger-root and /var/lib/banger-root (VMs, images, kernels,
+        /// caches).
         #[arg(long)]
         purge: bool,
     },
@@ -85,6 +86,7 @@ impl Layout {
             cache_dir: p("/var/cache/banger"),
             runtime_dir: p("/run/banger"),
             helper_runtime_dir: p("/run/banger-root"),
+            helper_state_dir: p("/var/lib/banger-root"),
         };
         Self {
             purge: vec![
@@ -92,6 +94,7 @@ impl Layout {
                 paths.cache_dir.clone(),
                 paths.runtime_dir.clone(),
                 paths.helper_runtime_dir.clone(),
+                paths.helper_state_dir.clone(),
             ],
             lib_dir,
             etc_dir: p("/etc/banger"),
@@ -274,6 +277,8 @@ Restart=on-failure
 RestartSec=2
 RuntimeDirectory=banger-root
 RuntimeDirectoryMode=0711
+StateDirectory=banger-root
+StateDirectoryMode=0700
 CapabilityBoundingSet={caps}
 NoNewPrivileges=yes
 ProtectSystem=strict
@@ -647,7 +652,8 @@ mod tests {
                 "/var/lib/banger",
                 "/var/cache/banger",
                 "/run/banger",
-                "/run/banger-root"
+                "/run/banger-root",
+                "/var/lib/banger-root"
             ]
             .map(PathBuf::from)
         );
