@@ -2,24 +2,38 @@
 # The whole test suite: host packages, lint, unit tests, and end-to-end tests
 # that boot real guests under QEMU (TCG when KVM is not usable).
 #
-# Everything is compiled once, up front. The end-to-end files then run in two
-# lanes at once (each guest is one vCPU, the machine has two), each lane with
-# its own e2e root, daemon and network namespace. Lane A's first file builds
-# the default image while the unit tests run; lane B registers that image
-# instead of building its own.
+# Everything is compiled once, up front, and every cargo command below selects
+# the whole workspace, so they all share one feature set and nothing is built
+# twice. The end-to-end files (`test = false` in crates/e2e/Cargo.toml: run
+# only when named) then run in two lanes at once (each guest has one vCPU, the
+# machine two cores), each lane with its own e2e root, daemon and network
+# namespace. Lane A's first file builds the default image while the unit tests
+# run; lane B registers that image instead of building its own.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/setup-host.sh --test-tools
 export PROFILE=dev
 ./scripts/build.sh
 cargo fmt --all --check
+# `--all-targets` leaves out `test = false` targets: the end-to-end files
+# are linted and built by name (`--test '*'`; combined with `--tests` that
+# selection is lost too).
 cargo clippy --locked --workspace --all-targets -- -D warnings
+cargo clippy --locked --workspace --test '*' -- -D warnings
 cargo test --locked --workspace --no-run
+cargo test --locked --workspace --no-run --test '*'
 
 export BANGER_BIN_DIR="$PWD/build/bin"
 E2E="${BANGER_E2E_ROOT:-/tmp/banger-e2e}"
-LANE_A=(exec derived run_modes cli images bench)
-LANE_B=(vm_run system network workspace web tui)
+LANE_A=(exec derived bench run_modes)
+LANE_B=(vm_run system network workspace web tui cli image_pull)
+for f in crates/e2e/tests/*.rs; do
+    t=$(basename "$f" .rs)
+    if [[ " ${LANE_A[*]} ${LANE_B[*]} " != *" $t "* ]]; then
+        echo "test.sh: crates/e2e/tests/$t.rs is in no lane" >&2
+        exit 1
+    fi
+done
 
 # e2e LABEL ROOT FILE...: runs those test files against ROOT, prefixing output.
 e2e() {
@@ -29,7 +43,7 @@ e2e() {
     for t in "$@"; do tests+=(--test "$t"); done
     (
         set -o pipefail
-        BANGER_E2E_ROOT="$root" cargo test --locked -p banger-e2e "${tests[@]}" \
+        BANGER_E2E_ROOT="$root" cargo test --locked --workspace "${tests[@]}" \
             -- --test-threads=1 2>&1 | sed -u "s/^/[$label] /"
     )
 }
@@ -38,7 +52,7 @@ e2e() {
 trap 'kill $(jobs -p) 2>/dev/null || true' EXIT
 e2e e2e-a "$E2E-a" "${LANE_A[0]}" &
 first=$!
-cargo test --locked --workspace --exclude banger-e2e
+cargo test --locked --workspace
 wait "$first"
 
 e2e e2e-a "$E2E-a" "${LANE_A[@]:1}" &

@@ -77,6 +77,11 @@ pub struct Config {
     pub cidr: Ipv4Cidr,
     /// TAP devices kept ready for new VMs.
     pub tap_pool_size: u32,
+    /// Seconds a starting VM has to signal readiness (its agent's hello,
+    /// and sshd for interactive `vm run`) before banger gives up waiting
+    /// and keeps it for inspection. TCG boots take 5-30 s; the default's
+    /// margin covers a loaded host.
+    pub ready_timeout_secs: u32,
     /// Resolver handed to guests; unset leaves the choice to the network setup.
     pub default_dns: Option<Ipv4Addr>,
     /// Bridge or user-mode networking (see [`NetworkMode`]).
@@ -137,6 +142,7 @@ impl Default for Config {
             bridge_ip: None,
             cidr: Ipv4Cidr::DEFAULT,
             tap_pool_size: 2,
+            ready_timeout_secs: 240,
             default_dns: None,
             network: NetworkMode::Auto,
             dns_listen_addr: SocketAddr::from(([127, 0, 0, 1], 42069)),
@@ -320,6 +326,12 @@ impl Config {
                     "{:?}: must be a non-empty argument list such as [\"opencode\", \"acp\"] whose first item names a program",
                     self.acp_command
                 ),
+            ));
+        }
+        if !(1..=3600).contains(&self.ready_timeout_secs) {
+            return Err(invalid(
+                "ready_timeout_secs",
+                format!("{}: must be 1 to 3600", self.ready_timeout_secs),
             ));
         }
         if self.tap_pool_size > 64 {
@@ -539,6 +551,8 @@ mod tests {
             ("bridge_name = \"this-name-is-too-long\"\n", "bridge_name"),
             ("bridge_name = \"\"\n", "bridge_name"),
             ("tap_pool_size = 1000\n", "tap_pool_size"),
+            ("ready_timeout_secs = 0\n", "ready_timeout_secs"),
+            ("ready_timeout_secs = 86400\n", "ready_timeout_secs"),
             ("dns_listen_addr = \"0.0.0.0:53\"\n", "dns_listen_addr"),
             ("dns_listen_addr = \"localhost\"\n", "dns_listen_addr"),
             ("network = \"tap\"\n", "network"),

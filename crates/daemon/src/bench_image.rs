@@ -8,13 +8,12 @@
 //!   on 127.0.0.1 by this daemon, and installed by banger's catalog pull
 //!   (download, sha256, unpack), then by `curl | zstd -d | tar -x`.
 
-use crate::server::ndjson;
+use crate::server::{operation, progress_events};
 use crate::{Daemon, DaemonError};
 use anyhow::{Context, anyhow};
 use axum::Json;
 use axum::extract::State;
 use axum::response::Response;
-use banger_api::Progress;
 use banger_api::bench::{
     CatalogInstallBench, ImageBench, ImageBenchEvent, ImageBenchRequest, OciImportBench,
     routes as p,
@@ -23,7 +22,6 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
@@ -41,26 +39,15 @@ pub(crate) fn router() -> OpenApiRouter<Shared> {
 #[utoipa::path(post, path = p::BENCH_IMAGE, request_body = ImageBenchRequest,
     responses((status = 200, content_type = "application/x-ndjson", body = ImageBenchEvent)))]
 async fn bench_image(State(d): State<Shared>, Json(req): Json<ImageBenchRequest>) -> Response {
-    let (tx, rx) = mpsc::unbounded_channel();
-    let cancel = d.shutdown.child_token();
-    let guard = cancel.clone().drop_guard();
-    tokio::spawn(async move {
-        let started = Instant::now();
-        let ptx = tx.clone();
-        let progress = move |phase: &str, message: &str| {
-            let _ = ptx.send(ImageBenchEvent::Progress(Progress {
-                phase: phase.to_string(),
-                message: message.to_string(),
-                elapsed_ms: started.elapsed().as_millis() as u64,
-            }));
-        };
-        let ev = match d.bench_image(&req, &progress, &cancel).await {
-            Ok(b) => ImageBenchEvent::Done(b),
-            Err(e) => ImageBenchEvent::Error(e.to_api()),
-        };
-        let _ = tx.send(ev);
-    });
-    ndjson(rx, guard)
+    operation(
+        d,
+        ImageBenchEvent::Done,
+        ImageBenchEvent::Error,
+        move |d, tx, cancel| async move {
+            let progress = progress_events(&tx, ImageBenchEvent::Progress);
+            d.bench_image(&req, &progress, &cancel).await
+        },
+    )
 }
 
 fn ms(d: Duration) -> f64 {

@@ -2,7 +2,7 @@
 //! bundles (see `image_ops`).
 
 use crate::image_ops::Report;
-use crate::server::ndjson;
+use crate::server::{operation, progress_events};
 use crate::{Daemon, DaemonError};
 use axum::Json;
 use axum::extract::{Path, Query, State};
@@ -14,7 +14,6 @@ use banger_api::images::{
 use banger_api::{ApiError, Progress, paths};
 use banger_model::{ImageRecord, KernelRecord};
 use std::sync::Arc;
-use std::time::Instant;
 use tokio::sync::mpsc;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
@@ -39,19 +38,11 @@ fn reporter<E: Send + 'static>(
     progress: fn(Progress) -> E,
     transfer: Option<fn(Transfer) -> E>,
 ) -> Report {
-    let started = Instant::now();
-    let ptx = tx.clone();
     let ttx = tx.clone();
     // Transfers are throttled to whole percents so the stream stays small.
     let last = Arc::new(std::sync::Mutex::new((String::new(), u64::MAX)));
     Report {
-        progress: Arc::new(move |phase: &str, message: &str| {
-            let _ = ptx.send(progress(Progress {
-                phase: phase.to_string(),
-                message: message.to_string(),
-                elapsed_ms: started.elapsed().as_millis() as u64,
-            }));
-        }),
+        progress: Arc::new(progress_events(tx, progress)),
         transfer: Arc::new(move |phase: &str, done: u64, total: u64| {
             let Some(wrap) = transfer else { return };
             let pct = done
@@ -78,25 +69,19 @@ fn reporter<E: Send + 'static>(
 #[utoipa::path(post, path = p::IMAGE_PULL, request_body = PullImageRequest,
     responses((status = 200, content_type = "application/x-ndjson", body = PullImageEvent)))]
 async fn pull_image(State(d): State<Shared>, Json(req): Json<PullImageRequest>) -> Response {
-    let (tx, rx) = mpsc::unbounded_channel();
-    let cancel = d.shutdown.child_token();
-    let guard = cancel.clone().drop_guard();
-    tokio::spawn(async move {
-        let report = reporter(
-            &tx,
-            PullImageEvent::Progress,
-            Some(PullImageEvent::Transfer),
-        );
-        let ev = match d.pull_image(req, &report, &cancel).await {
-            Ok(img) => PullImageEvent::Done(img),
-            Err(e) => {
-                tracing::warn!(error = %e, "image pull failed");
-                PullImageEvent::Error(e.to_api())
-            }
-        };
-        let _ = tx.send(ev);
-    });
-    ndjson(rx, guard)
+    operation(
+        d,
+        PullImageEvent::Done,
+        PullImageEvent::Error,
+        move |d, tx, cancel| async move {
+            let report = reporter(
+                &tx,
+                PullImageEvent::Progress,
+                Some(PullImageEvent::Transfer),
+            );
+            d.pull_image(req, &report, &cancel).await
+        },
+    )
 }
 
 /// Pulls a kernel from the catalog. Answers with newline-delimited JSON
@@ -104,22 +89,19 @@ async fn pull_image(State(d): State<Shared>, Json(req): Json<PullImageRequest>) 
 #[utoipa::path(post, path = p::KERNEL_PULL, request_body = PullKernelRequest,
     responses((status = 200, content_type = "application/x-ndjson", body = PullKernelEvent)))]
 async fn pull_kernel(State(d): State<Shared>, Json(req): Json<PullKernelRequest>) -> Response {
-    let (tx, rx) = mpsc::unbounded_channel();
-    let cancel = d.shutdown.child_token();
-    let guard = cancel.clone().drop_guard();
-    tokio::spawn(async move {
-        let report = reporter(
-            &tx,
-            PullKernelEvent::Progress,
-            Some(PullKernelEvent::Transfer),
-        );
-        let ev = match d.pull_kernel(&req.name, &report, &cancel).await {
-            Ok(k) => PullKernelEvent::Done(k),
-            Err(e) => PullKernelEvent::Error(e.to_api()),
-        };
-        let _ = tx.send(ev);
-    });
-    ndjson(rx, guard)
+    operation(
+        d,
+        PullKernelEvent::Done,
+        PullKernelEvent::Error,
+        move |d, tx, cancel| async move {
+            let report = reporter(
+                &tx,
+                PullKernelEvent::Progress,
+                Some(PullKernelEvent::Transfer),
+            );
+            d.pull_kernel(&req.name, &report, &cancel).await
+        },
+    )
 }
 
 /// Registers local files as an unmanaged image (updating one of that name).
@@ -197,18 +179,15 @@ where
     F: FnOnce(Shared, BundleRequest, Report, tokio_util::sync::CancellationToken) -> Fut
         + Send
         + 'static,
-    Fut: std::future::Future<Output = Result<BundleResult, DaemonError>> + Send,
+    Fut: std::future::Future<Output = Result<BundleResult, DaemonError>> + Send + 'static,
 {
-    let (tx, rx) = mpsc::unbounded_channel();
-    let cancel = d.shutdown.child_token();
-    let guard = cancel.clone().drop_guard();
-    tokio::spawn(async move {
-        let report = reporter(&tx, BundleEvent::Progress, None);
-        let ev = match op(d, req, report, cancel).await {
-            Ok(b) => BundleEvent::Done(b),
-            Err(e) => BundleEvent::Error(e.to_api()),
-        };
-        let _ = tx.send(ev);
-    });
-    ndjson(rx, guard)
+    operation(
+        d,
+        BundleEvent::Done,
+        BundleEvent::Error,
+        move |d, tx, cancel| async move {
+            let report = reporter(&tx, BundleEvent::Progress, None);
+            op(d, req, report, cancel).await
+        },
+    )
 }

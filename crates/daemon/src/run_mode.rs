@@ -4,7 +4,6 @@
 //! that connection closes, so a killed CLI cannot leak its VM.
 
 use crate::Daemon;
-use crate::vms::READY_TIMEOUT;
 use banger_api::CreateVmEvent;
 use banger_model::VmRecord;
 use std::net::SocketAddr;
@@ -48,7 +47,12 @@ async fn ssh_banner(addr: SocketAddr) -> bool {
 }
 
 impl Daemon {
-    /// Waits until the guest's sshd greets, for at most [`READY_TIMEOUT`].
+    /// How long a starting VM may take to signal readiness.
+    pub(crate) fn ready_timeout(&self) -> Duration {
+        Duration::from_secs(u64::from(self.config.ready_timeout_secs))
+    }
+
+    /// Waits until the guest's sshd greets, for at most [`Self::ready_timeout`].
     pub(crate) async fn wait_sshd(
         &self,
         vm: &VmRecord,
@@ -74,10 +78,10 @@ impl Daemon {
                 );
                 return SshWait::Up;
             }
-            if started.elapsed() >= READY_TIMEOUT {
+            if started.elapsed() >= self.ready_timeout() {
                 return SshWait::TimedOut(format!(
-                    "VM {name}'s sshd did not answer on {addr} within {}s; the VM is kept running for inspection: `banger vm logs {name}` shows its console, `banger vm delete {name}` removes it",
-                    READY_TIMEOUT.as_secs(),
+                    "VM {name}'s sshd did not answer on {addr} within {}s (ready_timeout_secs); the VM is kept running for inspection: `banger vm logs {name}` shows its console, `banger vm delete {name}` removes it",
+                    self.ready_timeout().as_secs(),
                     name = vm.name
                 ));
             }

@@ -21,7 +21,7 @@ use serde::Serialize;
 use std::sync::Arc;
 use std::time::Instant;
 use tokio::sync::mpsc;
-use tokio_util::sync::DropGuard;
+use tokio_util::sync::{CancellationToken, DropGuard};
 use utoipa::OpenApi;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
@@ -327,53 +327,86 @@ async fn create_vm(State(d): State<Shared>, Json(req): Json<CreateVmRequest>) ->
 #[utoipa::path(post, path = paths::IMAGE_BUILD, request_body = BuildImageRequest,
     responses((status = 200, content_type = "application/x-ndjson", body = BuildImageEvent)))]
 async fn build_image(State(d): State<Shared>, Json(req): Json<BuildImageRequest>) -> Response {
+    operation(
+        d,
+        BuildImageEvent::Done,
+        BuildImageEvent::Error,
+        move |d, tx, cancel| async move {
+            let progress = progress_events(&tx, BuildImageEvent::Progress);
+            match req.from_image.as_deref() {
+                Some(_) if req.suite.is_some() => Err(DaemonError::Invalid(
+                    "--suite is for local Debian builds; a derived image keeps its base image's suite".into(),
+                )),
+                Some(base) => {
+                    let derive = crate::derive::DeriveRequest {
+                        name: &req.name,
+                        base,
+                        docker: req.docker,
+                        packages: &req.packages,
+                    };
+                    d.derive_image(derive, &progress, cancel).await
+                }
+                None => {
+                    let suite = req.suite.as_deref().unwrap_or("bookworm");
+                    let mut packages = req.packages.clone();
+                    if req.docker {
+                        packages.push(banger_image::derive::DOCKER_PACKAGE.into());
+                    }
+                    d.build_debian_image(&req.name, suite, packages, &progress, cancel)
+                        .await
+                }
+            }
+        },
+    )
+}
+
+/// Runs `op` as a streamed operation: the events it sends on its channel
+/// go out as NDJSON, its result ends the stream as `done(..)` or
+/// `error(..)`, and its token is cancelled when the client goes away or the
+/// daemon shuts down.
+pub(crate) fn operation<E, T, F, Fut>(
+    d: Shared,
+    done: fn(T) -> E,
+    error: fn(ApiError) -> E,
+    op: F,
+) -> Response
+where
+    E: Serialize + Send + 'static,
+    T: 'static,
+    F: FnOnce(Shared, mpsc::UnboundedSender<E>, CancellationToken) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = Result<T, DaemonError>> + Send + 'static,
+{
     let (tx, rx) = mpsc::unbounded_channel();
     let cancel = d.shutdown.child_token();
     let guard = cancel.clone().drop_guard();
     tokio::spawn(async move {
-        let started = Instant::now();
-        let ptx = tx.clone();
-        let progress = move |phase: &str, msg: &str| {
-            let _ = ptx.send(BuildImageEvent::Progress(Progress {
-                phase: phase.to_string(),
-                message: msg.to_string(),
-                elapsed_ms: started.elapsed().as_millis() as u64,
-            }));
-        };
-        let built = match req.from_image.as_deref() {
-            Some(base) => {
-                if req.suite.is_some() {
-                    let e = DaemonError::Invalid(
-                        "--suite is for local Debian builds; a derived image keeps its base image's suite".into(),
-                    );
-                    let _ = tx.send(BuildImageEvent::Error(e.to_api()));
-                    return;
-                }
-                let derive = crate::derive::DeriveRequest {
-                    name: &req.name,
-                    base,
-                    docker: req.docker,
-                    packages: &req.packages,
-                };
-                d.derive_image(derive, &progress, cancel).await
+        let ev = match op(d, tx.clone(), cancel).await {
+            Ok(v) => done(v),
+            Err(e) => {
+                tracing::warn!(error = %e, "streamed operation failed");
+                error(e.to_api())
             }
-            None => {
-                let suite = req.suite.as_deref().unwrap_or("bookworm");
-                let mut packages = req.packages.clone();
-                if req.docker {
-                    packages.push(banger_image::derive::DOCKER_PACKAGE.into());
-                }
-                d.build_debian_image(&req.name, suite, packages, &progress, cancel)
-                    .await
-            }
-        };
-        let ev = match built {
-            Ok(img) => BuildImageEvent::Done(img),
-            Err(e) => BuildImageEvent::Error(e.to_api()),
         };
         let _ = tx.send(ev);
     });
     ndjson(rx, guard)
+}
+
+/// A `(phase, message)` callback sending `wrap(Progress)` events on `tx`,
+/// their time counted from now.
+pub(crate) fn progress_events<E: Send + 'static>(
+    tx: &mpsc::UnboundedSender<E>,
+    wrap: fn(Progress) -> E,
+) -> impl Fn(&str, &str) + Send + Sync + 'static {
+    let started = Instant::now();
+    let tx = tx.clone();
+    move |phase: &str, message: &str| {
+        let _ = tx.send(wrap(Progress {
+            phase: phase.to_string(),
+            message: message.to_string(),
+            elapsed_ms: started.elapsed().as_millis() as u64,
+        }));
+    }
 }
 
 /// Streams events as NDJSON. `guard` lives as long as the response body:

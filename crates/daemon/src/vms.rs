@@ -13,13 +13,9 @@ use banger_model::{
 use banger_storage::{VmDisks, WorkSource};
 use banger_vmm::{DiskFormat, DiskSpec, HostFacts, LaunchSpec, VmPaths, Vmm, select_backend};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
-
-/// How long a fresh guest may take to signal readiness. TCG boots take
-/// 5-30 s here; the margin covers a loaded CI host.
-pub(crate) const READY_TIMEOUT: Duration = Duration::from_secs(240);
 
 /// Picks the VMM backend from config and host facts.
 pub(crate) fn choose_backend(cfg: &Config) -> anyhow::Result<(Arc<dyn Vmm>, String)> {
@@ -408,7 +404,7 @@ impl Daemon {
             .await
             .map_err(|e| BootError::Failed(e.into()))?;
         let hello = tokio::select! {
-            r = tokio::time::timeout(READY_TIMEOUT, agent.wait_hello()) => r,
+            r = tokio::time::timeout(self.ready_timeout(), agent.wait_hello()) => r,
             _ = cancel.cancelled() => {
                 return Err(fail(steps, anyhow!(self.cancel_reason())).await);
             }
@@ -435,8 +431,8 @@ impl Daemon {
                 self.set_agent(&vm.id, Some(agent));
                 self.watch_exit(vm.id.clone(), launched_pid, exited);
                 return Err(BootError::NotReady(format!(
-                    "VM {name} did not signal readiness within {}s; it is kept running for inspection: `banger vm logs {name}` shows its console ({}), `banger vm delete {name}` removes it",
-                    READY_TIMEOUT.as_secs(),
+                    "VM {name} did not signal readiness within {}s (ready_timeout_secs); it is kept running for inspection: `banger vm logs {name}` shows its console ({}), `banger vm delete {name}` removes it",
+                    self.ready_timeout().as_secs(),
                     console.display(),
                     name = vm.name,
                 )));

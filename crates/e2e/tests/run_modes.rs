@@ -327,3 +327,29 @@ fn a_bad_file_sync_entry_is_named_at_config_load() {
         "{err}"
     );
 }
+
+#[test]
+fn a_vm_not_ready_in_time_is_kept_despite_rm() {
+    let b = shared();
+    let _config = ConfigSwap::new(b, "ready_timeout_secs = 1\n");
+    let out = b.run(&["vm", "run", "--rm", "--name", "e2e-slow", "--", "true"]);
+    let err = text(&out).1;
+    assert_ne!(out.status.code(), Some(0), "{err}");
+    assert!(
+        err.contains("did not signal readiness within 1s")
+            && err.contains("banger vm logs e2e-slow"),
+        "{err}"
+    );
+    // The CLI is gone, and with it the --rm guard: the VM must stay.
+    assert!(
+        b.vm_names().iter().any(|n| n == "e2e-slow"),
+        "the VM was not kept: {err}"
+    );
+    wait_until("the kept VM's console", Duration::from_secs(60), || {
+        let logs = b.run(&["vm", "logs", "e2e-slow"]);
+        logs.status.success() && text(&logs).0.contains("Linux version")
+    });
+    let del = b.run(&["vm", "delete", "e2e-slow"]);
+    assert!(del.status.success(), "{}", text(&del).1);
+    assert!(processes_mentioning("e2e-slow").is_empty(), "VMM left");
+}

@@ -9,7 +9,7 @@ use std::io::{IsTerminal, Write};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 use std::sync::Mutex;
 use std::time::Duration;
-use tokio::signal::unix::{SignalKind, signal};
+use tokio::signal::unix::{Signal, SignalKind, signal};
 
 /// How long a guest process gets to exit after Ctrl-C/SIGTERM was forwarded
 /// before banger stops waiting for it.
@@ -133,18 +133,60 @@ pub fn stdin_chunks() -> tokio::sync::mpsc::Receiver<Option<Vec<u8>>> {
     rx
 }
 
+/// SIGINT, SIGTERM and SIGHUP, caught so that none of them ends banger
+/// before it has passed them on (and, in `vm run`, cleaned up).
+pub struct Interrupts {
+    int: Signal,
+    term: Signal,
+    hup: Signal,
+}
+
+impl Interrupts {
+    pub fn new() -> anyhow::Result<Self> {
+        let ctx = "installing signal handlers";
+        Ok(Self {
+            int: signal(SignalKind::interrupt()).context(ctx)?,
+            term: signal(SignalKind::terminate()).context(ctx)?,
+            hup: signal(SignalKind::hangup()).context(ctx)?,
+        })
+    }
+
+    /// The next signal's number.
+    pub async fn recv(&mut self) -> i32 {
+        tokio::select! {
+            _ = self.int.recv() => libc::SIGINT,
+            _ = self.term.recv() => libc::SIGTERM,
+            _ = self.hup.recv() => libc::SIGHUP,
+        }
+    }
+}
+
 /// Runs `start` in the VM with `mode`, bridging stdio; returns the guest
 /// process's shell-style exit status (128+N when killed by signal N).
-///
-/// Without a tty, Ctrl-C (SIGINT) and SIGTERM sent to banger are forwarded
-/// to the guest process; a second one stops waiting. With a tty the local
-/// terminal is raw, so Ctrl-C reaches the guest as a byte, and SIGWINCH
-/// resizes the guest terminal.
 pub async fn exec(
     client: &Client,
     vm: &str,
     start: ExecStart,
     mode: ExecMode,
+) -> anyhow::Result<i32> {
+    exec_with(client, vm, start, mode, false, &mut Interrupts::new()?).await
+}
+
+/// [`exec`] with the caller's signal handlers, and the guest's stdout
+/// written to stderr when `stdout_to_stderr` (`vm run --json` keeps stdout
+/// for its record).
+///
+/// Without a tty, SIGINT, SIGTERM and SIGHUP sent to banger are forwarded
+/// to the guest process, which gets [`SIGNAL_GRACE`] to exit; a second one
+/// stops waiting. With a tty the local terminal is raw, so Ctrl-C reaches
+/// the guest as a byte, and SIGWINCH resizes the guest terminal.
+pub async fn exec_with(
+    client: &Client,
+    vm: &str,
+    start: ExecStart,
+    mode: ExecMode,
+    stdout_to_stderr: bool,
+    sig: &mut Interrupts,
 ) -> anyhow::Result<i32> {
     let start = ExecStart {
         stdin: mode.stdin,
@@ -162,14 +204,16 @@ pub async fn exec(
     } else {
         tokio::sync::mpsc::channel(1).1
     };
-    let mut sigint = signal(SignalKind::interrupt()).context("handling SIGINT")?;
-    let mut sigterm = signal(SignalKind::terminate()).context("handling SIGTERM")?;
     let mut winch = signal(SignalKind::window_change()).context("handling SIGWINCH")?;
     let mut forwarded: Option<i32> = None;
     let grace = tokio::time::sleep(Duration::MAX / 4);
     tokio::pin!(grace);
     let mut stdin_open = mode.stdin;
-    let mut stdout = std::io::stdout();
+    let mut stdout: Box<dyn Write + Send> = if stdout_to_stderr {
+        Box::new(std::io::stderr())
+    } else {
+        Box::new(std::io::stdout())
+    };
     let mut stderr = std::io::stderr();
     loop {
         let sig = tokio::select! {
@@ -198,8 +242,7 @@ pub async fn exec(
                 writer.control(ExecControl::Resize(local_size())).await?;
                 continue;
             }
-            _ = sigint.recv() => libc::SIGINT,
-            _ = sigterm.recv() => libc::SIGTERM,
+            s = sig.recv() => s,
             () = &mut grace => {
                 eprintln!("banger: the guest command did not exit within {}s of the signal; leaving it", SIGNAL_GRACE.as_secs());
                 return Ok(128 + forwarded.unwrap_or(libc::SIGINT));

@@ -11,20 +11,19 @@
 //! session's) is written to stderr instead.
 
 use super::vm::CreateFlags;
+use super::vm_exec::{ExecMode, Interrupts, exec_with};
 use crate::connect;
 use crate::output;
 use anyhow::Context;
-use banger_api::exec::{ExecControl, ExecOutput, ExecStart};
+use banger_api::exec::ExecStart;
 use banger_api::{Client, CreateVmEvent, CreateVmRequest};
 use banger_model::{VmRecord, VmState};
 use banger_transfer::workspace::Workspace;
 use clap::Args;
 use serde::Serialize;
 use std::collections::BTreeMap;
-use std::io::{IsTerminal, Write};
+use std::io::IsTerminal;
 use std::time::{Duration, Instant};
-use tokio::io::AsyncReadExt;
-use tokio::signal::unix::{Signal, SignalKind, signal};
 
 #[derive(Args)]
 pub struct RunArgs {
@@ -188,34 +187,6 @@ impl Phases {
     }
 }
 
-/// SIGINT, SIGTERM and SIGHUP, caught for the whole run so that none of
-/// them ends banger before its VM is cleaned up.
-struct Interrupts {
-    int: Signal,
-    term: Signal,
-    hup: Signal,
-}
-
-impl Interrupts {
-    fn new() -> anyhow::Result<Self> {
-        let ctx = "installing signal handlers";
-        Ok(Self {
-            int: signal(SignalKind::interrupt()).context(ctx)?,
-            term: signal(SignalKind::terminate()).context(ctx)?,
-            hup: signal(SignalKind::hangup()).context(ctx)?,
-        })
-    }
-
-    /// The next signal's number.
-    async fn recv(&mut self) -> i32 {
-        tokio::select! {
-            _ = self.int.recv() => libc::SIGINT,
-            _ = self.term.recv() => libc::SIGTERM,
-            _ = self.hup.recv() => libc::SIGHUP,
-        }
-    }
-}
-
 pub async fn run(a: RunArgs) -> anyhow::Result<i32> {
     // The workspace is chosen before anything is created: a bad path or
     // ref fails early, and --dry-run stops here.
@@ -333,7 +304,13 @@ async fn run_inner(
                 cwd,
                 ..Default::default()
             };
-            run_command(&client, vm.name.as_str(), start, a.json, sig).await
+            // Stdin is forwarded when it is not a terminal (a command
+            // run never gets a tty: its output may be piped or --json).
+            let mode = ExecMode {
+                tty: false,
+                stdin: !std::io::stdin().is_terminal(),
+            };
+            exec_with(&client, vm.name.as_str(), start, mode, a.json, sig).await
         }
     };
     if a.rm {
@@ -416,88 +393,6 @@ async fn cleanup(client: &Client, name: &str, phases: &mut Phases) -> bool {
         );
     }
     false
-}
-
-/// Runs the command through the daemon, streaming its output (stdout to
-/// stderr with `--json`); stdin is forwarded when it is not a terminal. A
-/// signal to banger is passed on to the guest process, which then has 10s
-/// to exit; a second signal stops waiting. Returns the shell-style status.
-async fn run_command(
-    client: &Client,
-    vm: &str,
-    start: ExecStart,
-    json: bool,
-    sig: &mut Interrupts,
-) -> anyhow::Result<i32> {
-    let forward_stdin = !std::io::stdin().is_terminal();
-    let start = ExecStart {
-        stdin: forward_stdin,
-        ..start
-    };
-    let (mut writer, mut reader) = client
-        .exec(vm, &start)
-        .await
-        .context("starting the command")?;
-    let (tx, mut stdin_rx) = tokio::sync::mpsc::unbounded_channel::<Option<Vec<u8>>>();
-    if forward_stdin {
-        tokio::spawn(async move {
-            let mut stdin = tokio::io::stdin();
-            let mut buf = vec![0u8; 64 * 1024];
-            loop {
-                match stdin.read(&mut buf).await {
-                    Ok(0) | Err(_) => {
-                        let _ = tx.send(None);
-                        break;
-                    }
-                    Ok(n) => {
-                        if tx.send(Some(buf[..n].to_vec())).is_err() {
-                            break;
-                        }
-                    }
-                }
-            }
-        });
-    } else {
-        drop(tx);
-    }
-    let mut out: Box<dyn Write + Send> = if json {
-        Box::new(std::io::stderr())
-    } else {
-        Box::new(std::io::stdout())
-    };
-    let mut err = std::io::stderr();
-    let mut signalled: Option<i32> = None;
-    let grace = tokio::time::sleep(Duration::from_secs(3600 * 24 * 365));
-    tokio::pin!(grace);
-    loop {
-        tokio::select! {
-            o = reader.next() => match o? {
-                Some(ExecOutput::Stdout(d)) => { out.write_all(&d)?; out.flush()?; }
-                Some(ExecOutput::Stderr(d)) => { err.write_all(&d)?; err.flush()?; }
-                Some(ExecOutput::Exit(e)) => return Ok(e.shell_code()),
-                Some(ExecOutput::Error(e)) => anyhow::bail!("{}", e.message),
-                None => anyhow::bail!("the command's stream ended without an exit status"),
-            },
-            msg = stdin_rx.recv(), if forward_stdin => match msg {
-                Some(Some(data)) => writer.stdin(&data).await?,
-                Some(None) => writer.control(ExecControl::StdinEof).await?,
-                None => {}
-            },
-            s = sig.recv() => {
-                if let Some(first) = signalled {
-                    return Ok(128 + first);
-                }
-                signalled = Some(s);
-                // As a terminal would: the guest process gets the signal.
-                writer.control(ExecControl::Signal(s)).await?;
-                grace.as_mut().reset(tokio::time::Instant::now() + Duration::from_secs(10));
-            }
-            _ = &mut grace => {
-                eprintln!("banger: the command did not exit within 10s of the signal; leaving it");
-                return Ok(128 + signalled.unwrap_or(libc::SIGINT));
-            }
-        }
-    }
 }
 
 /// Runs the system `ssh` into the VM (its stdout to stderr with `--json`)
