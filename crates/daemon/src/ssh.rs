@@ -34,37 +34,33 @@ impl Daemon {
         let disks = VmDisks::in_dir(&vm.dir);
         // The overlay's upper layer is the guest's `/`.
         let etc_ssh = "/upper/etc/ssh";
-        banger_storage::write_files(
-            &disks.overlay,
-            &[
-                GuestFile {
-                    path: format!("{etc_ssh}/ssh_host_ed25519_key"),
-                    content: host.private_openssh.clone().into_bytes(),
-                    mode: 0o600,
-                    dir_mode: 0o755,
-                },
-                GuestFile {
-                    path: format!("{etc_ssh}/ssh_host_ed25519_key.pub"),
-                    content: format!("{}\n", host.public).into_bytes(),
-                    mode: 0o644,
-                    dir_mode: 0o755,
-                },
-            ],
-        )
-        .await
-        .context("writing the host key into the VM's overlay disk")?;
-        // The work disk is the guest's /root.
-        banger_storage::write_files(
-            &disks.work,
-            &[GuestFile {
-                path: "/.ssh/authorized_keys".into(),
-                content: format!("{}\n", user.public).into_bytes(),
+        let host_files = [
+            GuestFile {
+                path: format!("{etc_ssh}/ssh_host_ed25519_key"),
+                content: host.private_openssh.clone().into_bytes(),
                 mode: 0o600,
-                dir_mode: 0o700,
-            }],
-        )
-        .await
-        .context("authorising banger's key in the VM's work disk")?;
+                dir_mode: 0o755,
+            },
+            GuestFile {
+                path: format!("{etc_ssh}/ssh_host_ed25519_key.pub"),
+                content: format!("{}\n", host.public).into_bytes(),
+                mode: 0o644,
+                dir_mode: 0o755,
+            },
+        ];
+        // The work disk is the guest's /root.
+        let key_files = [GuestFile {
+            path: "/.ssh/authorized_keys".into(),
+            content: format!("{}\n", user.public).into_bytes(),
+            mode: 0o600,
+            dir_mode: 0o700,
+        }];
+        let overlay = banger_storage::write_files(&disks.overlay, &host_files);
+        let work = banger_storage::write_files(&disks.work, &key_files);
+        // Two disks, two debugfs runs: side by side.
+        let (overlay, work) = tokio::join!(overlay, work);
+        overlay.context("writing the host key into the VM's overlay disk")?;
+        work.context("authorising banger's key in the VM's work disk")?;
         let pub_path = vm.dir.join(HOST_PUBLIC_KEY);
         std::fs::write(&pub_path, format!("{}\n", host.public))
             .with_context(|| format!("writing {}", pub_path.display()))?;

@@ -186,23 +186,32 @@ impl Daemon {
                 "disks",
                 "creating the system overlay and /root work disk",
                 |u: UndoSlot<'_>| async move {
-                    banger_storage::create_overlay_disk(&overlay, size).await?;
-                    let o = overlay.clone();
-                    u.set(move || async move {
-                        tokio::fs::remove_file(&o)
-                            .await
-                            .with_context(|| format!("removing {}", o.display()))
-                    });
                     let source = match &seed {
                         Some(s) => WorkSource::Seed(s),
                         None => WorkSource::Empty,
                     };
-                    banger_storage::create_work_disk(source, &work, size)
-                        .await
-                        .map_err(|e| {
-                            // The undo above removes the overlay.
-                            anyhow::Error::from(e).context("creating the /root work disk")
-                        })?;
+                    // Independent files, each made by a few e2fsprogs runs:
+                    // side by side. Each removes its own file on failure.
+                    let (o, w) = tokio::join!(
+                        banger_storage::create_overlay_disk(&overlay, size),
+                        banger_storage::create_work_disk(source, &work, size),
+                    );
+                    let made =
+                        |r: &Result<(), _>, p: &std::path::Path| r.is_ok().then(|| p.to_path_buf());
+                    let undo: Vec<_> = [made(&o, &overlay), made(&w, &work)]
+                        .into_iter()
+                        .flatten()
+                        .collect();
+                    u.set(move || async move {
+                        for p in undo {
+                            tokio::fs::remove_file(&p)
+                                .await
+                                .with_context(|| format!("removing {}", p.display()))?;
+                        }
+                        Ok(())
+                    });
+                    o.context("creating the system overlay disk")?;
+                    w.context("creating the /root work disk")?;
                     Ok(())
                 },
             )

@@ -17,6 +17,8 @@
 //! (`BANGER_E2E_IMAGE_FROM=<other root>`): `scripts/test.sh` runs the suite
 //! in two such lanes at once.
 
+pub mod registry;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::sync::OnceLock;

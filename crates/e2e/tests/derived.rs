@@ -7,10 +7,10 @@
 //! (QEMU's slirp: no links, no host routes). Everything else, the boot of
 //! the derived image included, runs inside the namespace as usual.
 
-use banger_e2e::{Banger, shared, text, wait_until};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
-use std::time::Duration;
+use banger_e2e::registry::registry_with_busybox;
+use banger_e2e::{Banger, shared, text};
+use std::path::PathBuf;
+use std::process::{Command, Output, Stdio};
 
 /// A `banger` outside the network namespace, with the installation's
 /// directories (as the harness runs its default-image build).
@@ -185,112 +185,6 @@ fn derived_image_with_docker_boots_and_failed_builds_leave_nothing() {
     assert!(b.vm_names().is_empty(), "vm run --rm left a VM");
     let del = b.run(&["image", "delete", "derived"]);
     assert!(del.status.success(), "{}", text(&del).1);
-}
-
-/// Kills and reaps a helper process when dropped.
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn run_ok(cmd: &mut Command) {
-    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
-    assert!(
-        out.status.success(),
-        "{cmd:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().expect("utf8 path")
-}
-
-/// A docker-registry on 127.0.0.1 in `b`'s namespace holding `bench/bb:1`,
-/// a busybox image written with umoci and pushed with skopeo.
-fn registry_with_busybox(b: &Banger, work: &Path) -> (Proc, String) {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("free port")
-        .port();
-    let storage = work.join("registry");
-    std::fs::create_dir_all(&storage).expect("storage");
-    let cfg = work.join("registry.yml");
-    std::fs::write(
-        &cfg,
-        format!(
-            "version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: 127.0.0.1:{port}\n",
-            storage.display()
-        ),
-    )
-    .expect("config");
-    let mut child = b
-        .in_netns("docker-registry", &["serve", s(&cfg)])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("docker-registry (apt-get install docker-registry)");
-    wait_until(
-        &format!("the registry on 127.0.0.1:{port}"),
-        Duration::from_secs(30),
-        || {
-            if let Ok(Some(status)) = child.try_wait() {
-                panic!("docker-registry exited early with {status}");
-            }
-            b.in_netns(
-                "bash",
-                &["-c", &format!("exec 3<>/dev/tcp/127.0.0.1/{port}")],
-            )
-            .stderr(Stdio::null())
-            .status()
-            .is_ok_and(|s| s.success())
-        },
-    );
-    let registry = Proc(child);
-
-    let layout = work.join("layout");
-    let bundle = work.join("bundle");
-    let image = format!("{}:1", layout.display());
-    run_ok(
-        Command::new("umoci")
-            .args(["init", "--layout"])
-            .arg(&layout),
-    );
-    run_ok(Command::new("umoci").args(["new", "--image", &image]));
-    run_ok(
-        Command::new("umoci")
-            .args(["unpack", "--rootless", "--image", &image])
-            .arg(&bundle),
-    );
-    let root = bundle.join("rootfs");
-    for d in ["bin", "sbin", "etc", "proc", "sys", "dev", "tmp", "root"] {
-        std::fs::create_dir_all(root.join(d)).expect("dir");
-    }
-    std::fs::copy("/bin/busybox", root.join("bin/busybox")).expect("busybox-static");
-    std::os::unix::fs::symlink("busybox", root.join("bin/sh")).expect("link");
-    std::os::unix::fs::symlink("/bin/busybox", root.join("sbin/init")).expect("init");
-    std::fs::write(root.join("etc/os-release"), "ID=bbbench\n").expect("os-release");
-    run_ok(
-        Command::new("umoci")
-            .args(["repack", "--image", &image])
-            .arg(&bundle),
-    );
-    let reference = format!("127.0.0.1:{port}/bench/bb:1");
-    run_ok(&mut b.in_netns(
-        "skopeo",
-        &[
-            "copy",
-            "--quiet",
-            "--dest-tls-verify=false",
-            &format!("oci:{image}"),
-            &format!("docker://{reference}"),
-        ],
-    ));
-    (registry, reference)
 }
 
 fn work_dir(tag: &str) -> PathBuf {

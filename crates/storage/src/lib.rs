@@ -300,8 +300,14 @@ async fn grow_fs(path: &Path, size: u64) -> Result<(), StorageError> {
         .open(path)
         .and_then(|f| f.set_len(size))
         .map_err(|e| StorageError::io_on(path, MIB, format!("extending {}", path.display()), e))?;
-    // resize2fs insists on a freshly checked file system; -p repairs only
-    // what is safe without asking.
+    // resize2fs refuses a file system mounted since its last check (a used
+    // work disk) and asks for `e2fsck -f` first; a fresh copy of a seed
+    // needs no check, which saves a third of a VM create's disk work.
+    match run("resize2fs", path, &[]).await {
+        Err(StorageError::Tool { ref detail, .. }) if detail.contains("e2fsck") => {}
+        other => return other,
+    }
+    // -p repairs only what is safe without asking.
     let fsck = run("e2fsck", path, &["-f", "-p"]).await;
     match fsck {
         Ok(()) => {}

@@ -133,6 +133,38 @@ async fn grow_is_grow_only() {
 }
 
 #[tokio::test]
+async fn a_disk_mounted_since_its_last_check_is_checked_before_growing() {
+    let t = tempfile::tempdir().expect("tempdir");
+    let seed = make_seed(t.path(), 0);
+    let work = t.path().join(WORK_DISK);
+    create_work_disk(WorkSource::Seed(&seed), &work, 128 << 20)
+        .await
+        .expect("work disk");
+    // As a VM leaves it: mounted after the last check.
+    tool("debugfs", &["-w", "-R", "ssv mtime 20300101000000"], &work);
+    let plain = std::process::Command::new("resize2fs")
+        .arg(&work)
+        .arg("200M")
+        .output()
+        .expect("resize2fs");
+    assert!(
+        !plain.status.success() && String::from_utf8_lossy(&plain.stderr).contains("e2fsck"),
+        "resize2fs did not ask for a check: {plain:?}"
+    );
+    assert_eq!(grow_disk(&work, 256 << 20).await.expect("grow"), 256 << 20);
+    tool("e2fsck", &["-f", "-n"], &work);
+    let stats = tool("dumpe2fs", &["-h"], &work);
+    let field = |name: &str| -> u64 {
+        stats
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or_else(|| panic!("{name} in {stats}"))
+    };
+    assert_eq!(field("Block count:") * field("Block size:"), 256 << 20);
+}
+
+#[tokio::test]
 async fn empty_work_disk_is_private_to_root() {
     let t = tempfile::tempdir().expect("tempdir");
     let work = t.path().join(WORK_DISK);

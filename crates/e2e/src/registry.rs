@@ -1,0 +1,132 @@
+//! Local servers for tests: a `docker-registry` holding a tiny busybox
+//! image, and the process guard and helpers around them.
+
+use crate::{Banger, wait_until};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+/// Kills and reaps a helper process (HTTP server, registry) when dropped.
+pub struct Proc(pub Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+        .port()
+}
+
+/// Waits until something listens on 127.0.0.1:`port` inside `b`'s
+/// network namespace (where its daemon runs, so where servers must be).
+pub fn wait_for_port(b: &Banger, port: u16, child: &mut Child) {
+    wait_until(
+        &format!("a server on 127.0.0.1:{port}"),
+        Duration::from_secs(30),
+        || {
+            if let Ok(Some(status)) = child.try_wait() {
+                panic!("server exited early with {status}");
+            }
+            b.in_netns(
+                "bash",
+                &["-c", &format!("exec 3<>/dev/tcp/127.0.0.1/{port}")],
+            )
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+        },
+    );
+}
+
+pub fn run_ok(cmd: &mut Command) -> String {
+    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A docker-registry on 127.0.0.1 holding `test/bb:1`, a busybox image
+/// written with umoci and pushed with skopeo. Returns the reference.
+pub fn registry_with_busybox(b: &Banger, work: &Path) -> (Proc, String) {
+    let port = free_port();
+    let storage = work.join("registry");
+    std::fs::create_dir_all(&storage).expect("storage");
+    let cfg = work.join("registry.yml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: 127.0.0.1:{port}\n",
+            storage.display()
+        ),
+    )
+    .expect("config");
+    let mut child = b
+        .in_netns("docker-registry", &["serve", s(&cfg)])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("docker-registry (apt-get install docker-registry)");
+    wait_for_port(b, port, &mut child);
+    let registry = Proc(child);
+
+    let layout = work.join("layout");
+    let bundle = work.join("bundle");
+    let image = format!("{}:1", layout.display());
+    run_ok(
+        Command::new("umoci")
+            .args(["init", "--layout"])
+            .arg(&layout),
+    );
+    run_ok(Command::new("umoci").args(["new", "--image", &image]));
+    run_ok(
+        Command::new("umoci")
+            .args(["unpack", "--rootless", "--image", &image])
+            .arg(&bundle),
+    );
+    let root = bundle.join("rootfs");
+    for d in [
+        "bin", "sbin", "etc", "proc", "sys", "dev", "tmp", "root", "run",
+    ] {
+        std::fs::create_dir_all(root.join(d)).expect("dir");
+    }
+    std::fs::copy("/bin/busybox", root.join("bin/busybox")).expect("busybox-static");
+    for l in ["sh", "cat", "mount", "ls", "echo", "sleep"] {
+        std::os::unix::fs::symlink("busybox", root.join("bin").join(l)).expect("link");
+    }
+    std::os::unix::fs::symlink("/bin/busybox", root.join("sbin/init")).expect("init");
+    std::fs::write(
+        root.join("etc/os-release"),
+        "NAME=\"banger e2e busybox\"\nID=bbtest\n",
+    )
+    .expect("os-release");
+    run_ok(
+        Command::new("umoci")
+            .args(["repack", "--image", &image])
+            .arg(&bundle),
+    );
+    let reference = format!("127.0.0.1:{port}/test/bb:1");
+    run_ok(&mut b.in_netns(
+        "skopeo",
+        &[
+            "copy",
+            "--quiet",
+            "--dest-tls-verify=false",
+            &format!("oci:{image}"),
+            &format!("docker://{reference}"),
+        ],
+    ));
+    (registry, reference)
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().expect("utf8 path")
+}
