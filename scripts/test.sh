@@ -7,13 +7,39 @@
 # twice. The end-to-end files (`test = false` in crates/e2e/Cargo.toml: run
 # only when named) then run in two lanes at once (each guest has one vCPU, the
 # machine two cores), each lane with its own e2e root, daemon and network
-# namespace. Lane A's first file builds the default image while the unit tests
-# run; lane B registers that image instead of building its own.
+# namespace, while the unit tests run beside them. Lane A's default image is
+# built while the rest compiles; lane B registers that image instead of
+# building its own.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/setup-host.sh --test-tools
 export PROFILE=dev
 ./scripts/build.sh
+export BANGER_BIN_DIR="$PWD/build/bin"
+E2E="${BANGER_E2E_ROOT:-/tmp/banger-e2e}"
+LANE_A=(derived bench exec image_pull cli tui web)
+LANE_B=(vm_run system network workspace run_modes)
+for f in crates/e2e/tests/*.rs; do
+    t=$(basename "$f" .rs)
+    if [[ " ${LANE_A[*]} ${LANE_B[*]} " != *" $t "* ]]; then
+        echo "test.sh: crates/e2e/tests/$t.rs is in no lane" >&2
+        exit 1
+    fi
+done
+
+# A failure anywhere stops whatever still runs in the background.
+trap 'kill $(jobs -p) 2>/dev/null || true' EXIT
+
+# Lane A's installation and its default image (mmdebstrap: mostly the
+# mirror and dpkg) are made while the lint and the tests compile.
+cargo build --locked -p banger-e2e --bin e2e-prepare
+(
+    set -o pipefail
+    BANGER_E2E_ROOT="$E2E-a" "${CARGO_TARGET_DIR:-target}/debug/e2e-prepare" 2>&1 |
+        sed -u "s/^/[prepare] /"
+) &
+prepare=$!
+
 cargo fmt --all --check
 # `--all-targets` leaves out `test = false` targets: the end-to-end files
 # are linted and built by name (`--test '*'`; combined with `--tests` that
@@ -22,18 +48,7 @@ cargo clippy --locked --workspace --all-targets -- -D warnings
 cargo clippy --locked --workspace --test '*' -- -D warnings
 cargo test --locked --workspace --no-run
 cargo test --locked --workspace --no-run --test '*'
-
-export BANGER_BIN_DIR="$PWD/build/bin"
-E2E="${BANGER_E2E_ROOT:-/tmp/banger-e2e}"
-LANE_A=(exec derived bench run_modes)
-LANE_B=(vm_run system network workspace web tui cli image_pull)
-for f in crates/e2e/tests/*.rs; do
-    t=$(basename "$f" .rs)
-    if [[ " ${LANE_A[*]} ${LANE_B[*]} " != *" $t "* ]]; then
-        echo "test.sh: crates/e2e/tests/$t.rs is in no lane" >&2
-        exit 1
-    fi
-done
+wait "$prepare"
 
 # e2e LABEL ROOT FILE...: runs those test files against ROOT, prefixing output.
 e2e() {
@@ -48,18 +63,14 @@ e2e() {
     )
 }
 
-# A failure anywhere stops the lanes still running.
-trap 'kill $(jobs -p) 2>/dev/null || true' EXIT
-e2e e2e-a "$E2E-a" "${LANE_A[0]}" &
-first=$!
-cargo test --locked --workspace
-wait "$first"
-
-e2e e2e-a "$E2E-a" "${LANE_A[@]:1}" &
+e2e e2e-a "$E2E-a" "${LANE_A[@]}" &
 lane_a=$!
 BANGER_E2E_IMAGE_FROM="$E2E-a" e2e e2e-b "$E2E-b" "${LANE_B[@]}" &
 lane_b=$!
+# The unit and integration tests run beside the lanes: mostly I/O and
+# short bursts, while the lanes mostly wait on their guests.
 status=0
+cargo test --locked --workspace || status=$?
 wait "$lane_a" || status=$?
 wait "$lane_b" || status=$?
 exit "$status"

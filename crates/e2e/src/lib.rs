@@ -31,7 +31,7 @@ pub struct Banger {
     pub root: PathBuf,
     /// The network namespace its daemon runs in.
     pub netns: String,
-    /// Delete the namespace when dropped (throwaway installations).
+    /// Delete the namespace and the root when dropped (throwaway installations).
     owns_netns: bool,
 }
 
@@ -397,6 +397,7 @@ impl Drop for Banger {
             let _ = Command::new("ip")
                 .args(["netns", "delete", &self.netns])
                 .status();
+            let _ = std::fs::remove_dir_all(&self.root);
         }
     }
 }

@@ -162,16 +162,45 @@ fn derived_image_with_docker_boots_and_failed_builds_leave_nothing() {
     let img = b.json(&["image", "show", "derived"]);
     assert_eq!(img["managed"], true, "{img}");
     assert!(img["work_seed"].is_string(), "{img}");
+    // A workspace with a mise config: on an image with mise, `vm run`
+    // starts `mise install` in the background, logging where the seed says.
+    let repo = work_dir("mise").join("tooled");
+    std::fs::create_dir_all(&repo).expect("repo dir");
+    std::fs::write(repo.join(".mise.toml"), "[tools]\n").expect("mise.toml");
+    for args in [
+        &["init", "-q"][..],
+        &["add", "-A"],
+        &[
+            "-c",
+            "user.name=e2e",
+            "-c",
+            "user.email=e2e@banger.invalid",
+            "commit",
+            "-q",
+            "-m",
+            "mise",
+        ],
+    ] {
+        let st = Command::new("git")
+            .arg("-C")
+            .arg(&repo)
+            .args(args)
+            .status()
+            .expect("git");
+        assert!(st.success(), "git {args:?}");
+    }
     let out = b.run(&[
         "vm",
         "run",
         "--rm",
         "--image",
         "derived",
+        repo.to_str().expect("utf8"),
         "--",
         "sh",
         "-c",
-        "command -v tmux && command -v docker && systemctl is-enabled docker containerd \
+        "test -f /root/.cache/banger/vm-run-tooling-tooled.log \
+         && command -v tmux && command -v docker && systemctl is-enabled docker containerd \
          && /usr/local/bin/mise --version && test -f /root/.tmux.conf \
          && ! ls /etc/ssh/ssh_host_rsa_key",
     ]);
