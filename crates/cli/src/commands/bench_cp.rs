@@ -158,9 +158,7 @@ fn write_noise(path: &Path, bytes: u64) -> anyhow::Result<()> {
     let mut block = vec![0u8; 1 << 16];
     while left > 0 {
         for chunk in block.chunks_mut(8) {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
+            xorshift(&mut x);
             chunk.copy_from_slice(&x.to_le_bytes()[..chunk.len()]);
         }
         let n = left.min(block.len() as u64) as usize;
@@ -169,6 +167,13 @@ fn write_noise(path: &Path, bytes: u64) -> anyhow::Result<()> {
     }
     f.flush()?;
     Ok(())
+}
+
+/// One step of Marsaglia's xorshift64: cheap bytes no compressor shrinks.
+pub(crate) fn xorshift(x: &mut u64) {
+    *x ^= *x << 13;
+    *x ^= *x >> 7;
+    *x ^= *x << 17;
 }
 
 #[cfg(test)]

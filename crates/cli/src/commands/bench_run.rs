@@ -3,7 +3,7 @@
 //! `git archive HEAD | ssh VM tar -x` into the same VM in the same run.
 
 use super::bench::{exec_text, ms};
-use super::bench_cp::run_ssh;
+use super::bench_cp::{run_ssh, xorshift};
 use super::vm_ssh::{key_and_known_hosts, ssh_args};
 use super::vm_workspace::{RunWorkspaceArgs, for_run, prepare};
 use crate::connect;
@@ -16,6 +16,9 @@ use std::io::Write;
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
+
+/// banger's ssh key and known_hosts.
+type KeyFiles = (std::path::PathBuf, std::path::PathBuf);
 
 #[derive(Args)]
 pub struct RunBenchArgs {
@@ -150,9 +153,10 @@ async fn compare(
     let banger_dir = format!("/root/{repo_name}");
     let archive_dir = "/root/bench-git-archive";
 
-    wait_for_sshd(&vm).await?;
+    let ssh = key_and_known_hosts()?;
+    wait_for_sshd(&vm, &ssh).await?;
     let t = Instant::now();
-    git_archive_over_ssh(&vm, repo, archive_dir).await?;
+    git_archive_over_ssh(&vm, &ssh, repo, archive_dir).await?;
     let git_archive = t.elapsed();
 
     let select = RunWorkspaceArgs {
@@ -193,9 +197,8 @@ async fn compare(
 
 /// Waits until `ssh VM true` succeeds (sshd may start after the agent said
 /// the guest was ready), for at most two minutes.
-async fn wait_for_sshd(vm: &VmRecord) -> anyhow::Result<()> {
-    let (key, known_hosts) = key_and_known_hosts()?;
-    let args = ssh_args(vm, &key, &known_hosts, &["true".to_string()])?;
+async fn wait_for_sshd(vm: &VmRecord, (key, known_hosts): &KeyFiles) -> anyhow::Result<()> {
+    let args = ssh_args(vm, key, known_hosts, &["true".to_string()])?;
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
         match run_ssh(&args, Stdio::null(), Stdio::null()).await {
@@ -208,38 +211,28 @@ async fn wait_for_sshd(vm: &VmRecord) -> anyhow::Result<()> {
     }
 }
 
-async fn git_archive_over_ssh(vm: &VmRecord, repo: &Path, dest: &str) -> anyhow::Result<()> {
-    let (key, known_hosts) = key_and_known_hosts()?;
+async fn git_archive_over_ssh(
+    vm: &VmRecord,
+    (key, known_hosts): &KeyFiles,
+    repo: &Path,
+    dest: &str,
+) -> anyhow::Result<()> {
     let remote = format!("mkdir -p {dest} && tar -x -C {dest}");
-    let args = ssh_args(vm, &key, &known_hosts, &[remote])?;
-    let repo = repo.to_path_buf();
-    tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
-        let mut git = Command::new("git")
-            .arg("-C")
-            .arg(&repo)
-            .args(["archive", "--format=tar", "HEAD"])
-            .stdout(Stdio::piped())
-            .spawn()
-            .context("running git archive")?;
-        let pipe = git.stdout.take().context("git archive's stdout")?;
-        let ssh = Command::new("ssh")
-            .args(&args)
-            .stdin(Stdio::from(pipe))
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .output()
-            .context("running ssh")?;
-        let git = git.wait()?;
-        anyhow::ensure!(git.success(), "git archive exited with {git}");
-        anyhow::ensure!(
-            ssh.status.success(),
-            "ssh tar -x exited with {}: {}",
-            ssh.status,
-            String::from_utf8_lossy(&ssh.stderr).trim()
-        );
-        Ok(())
-    })
-    .await?
+    let args = ssh_args(vm, key, known_hosts, &[remote])?;
+    let mut git = Command::new("git")
+        .arg("-C")
+        .arg(repo)
+        .args(["archive", "--format=tar", "HEAD"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .context("running git archive")?;
+    let pipe = git.stdout.take().context("git archive's stdout")?;
+    let sent = run_ssh(&args, Stdio::from(pipe), Stdio::null()).await;
+    // ssh has read the archive to its end (or failed): git is done too.
+    let git = git.wait()?;
+    sent.context("ssh tar -x")?;
+    anyhow::ensure!(git.success(), "git archive exited with {git}");
+    Ok(())
 }
 
 /// Creates a git repository at `dir` with `files` files of 64 B to 8 KiB
@@ -253,9 +246,7 @@ fn make_repo(dir: &Path, files: usize) -> anyhow::Result<(usize, u64)> {
         if i % 100 == 0 {
             std::fs::create_dir_all(&sub)?;
         }
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
+        xorshift(&mut x);
         let len = 64 + (x % 8128) as usize;
         let line = format!("{x:016x} file {i}\n");
         let body: String = line.repeat(len / line.len() + 1)[..len].to_string();
