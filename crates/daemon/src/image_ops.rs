@@ -202,6 +202,19 @@ fn owned_dir(store: &Path, file: &Path) -> Option<PathBuf> {
     (dir.parent()? == store).then(|| dir.to_path_buf())
 }
 
+/// A new, empty directory `kernels_dir/<name>.<random>` (mode 0700).
+fn new_kernel_dir(kernels_dir: &Path, name: &str) -> std::io::Result<PathBuf> {
+    use std::os::unix::fs::DirBuilderExt;
+    loop {
+        let dir = kernels_dir.join(format!("{name}.{:08x}", rand::random::<u32>()));
+        match std::fs::DirBuilder::new().mode(0o700).create(&dir) {
+            Ok(()) => return Ok(dir),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+            Err(e) => return Err(e),
+        }
+    }
+}
+
 async fn remove_dir(dir: &Path) {
     if let Err(e) = tokio::fs::remove_dir_all(dir).await
         && e.kind() != std::io::ErrorKind::NotFound
@@ -323,6 +336,7 @@ impl Daemon {
             initrd: pulled.initrd,
             vmlinux: pulled.vmlinux,
             release: Some(pulled.release),
+            dir: Some(pulled.dir),
             created_at: now_rfc3339(),
         };
         self.store
@@ -545,22 +559,34 @@ impl Daemon {
                     .as_deref()
                     .map(|p| regular_file("initrd", p))
                     .transpose()?;
-                if let Ok(existing) = self.store.get_kernel(name)
-                    && owned_dir(&self.paths.kernels_dir, &existing.kernel).is_some()
-                {
+                let existing = self.store.get_kernel(name).ok();
+                if existing.as_ref().is_some_and(KernelRecord::is_managed) {
                     return Err(DaemonError::Conflict(format!(
                         "kernel {name} was pulled or built by banger: register the image under another name, or use --kernel-ref {name}"
                     )));
                 }
+                let (vmlinux, dir) = self.registered_vmlinux(name, &kernel).await?;
                 let k = KernelRecord {
                     name: name.to_string(),
                     release: bzimage_release(&kernel),
                     kernel,
                     initrd,
-                    vmlinux: None,
+                    vmlinux,
+                    dir,
                     created_at: now_rfc3339(),
                 };
-                self.store.upsert_kernel(&k)?;
+                if let Err(e) = self.store.upsert_kernel(&k) {
+                    if let Some(d) = &k.dir {
+                        remove_dir(d).await;
+                    }
+                    return Err(e.into());
+                }
+                // The vmlinux of the kernel this registration replaces.
+                if let Some(old_dir) = existing.and_then(|e| e.dir)
+                    && Some(&old_dir) != k.dir.as_ref()
+                {
+                    self.remove_kernel_dir(&old_dir).await;
+                }
                 k
             }
         };
@@ -629,6 +655,80 @@ impl Daemon {
         Ok(img)
     }
 
+    /// The vmlinux Firecracker boots for a kernel registered from `kernel`
+    /// (a user's file), and the directory banger made for it: an ELF is
+    /// used as it is; a bzImage's vmlinux is extracted into a new
+    /// directory of the kernel store. A kernel that yields no vmlinux is
+    /// refused, and nothing is left behind.
+    async fn registered_vmlinux(
+        &self,
+        name: &str,
+        kernel: &Path,
+    ) -> Result<(Option<PathBuf>, Option<PathBuf>), DaemonError> {
+        let unusable = |why: String| {
+            DaemonError::Invalid(format!(
+                "kernel {} cannot be booted by Firecracker: {why}; give a bzImage compressed with gzip, xz, zstd, lz4 or lzma, or its uncompressed ELF vmlinux",
+                kernel.display()
+            ))
+        };
+        if banger_image::vmlinux::is_elf(kernel).map_err(|e| unusable(e.to_string()))? {
+            return Ok((Some(kernel.to_path_buf()), None));
+        }
+        let dir = new_kernel_dir(&self.paths.kernels_dir, name).map_err(|e| {
+            DaemonError::Failed(anyhow!(
+                "creating a directory for kernel {name}'s vmlinux in {}: {e}",
+                self.paths.kernels_dir.display()
+            ))
+        })?;
+        let dest = dir.join(banger_image::vmlinux::VMLINUX_FILE);
+        let (src, to) = (kernel.to_path_buf(), dest.clone());
+        let extracted = tokio::task::spawn_blocking(move || {
+            banger_image::vmlinux::extract_vmlinux_file(&src, &to)
+        })
+        .await;
+        match extracted {
+            Ok(Ok(compression)) => {
+                tracing::info!(kernel = name, %compression, vmlinux = %dest.display(), "extracted vmlinux");
+                Ok((Some(dest), Some(dir)))
+            }
+            Ok(Err(e)) => {
+                remove_dir(&dir).await;
+                Err(unusable(e.to_string()))
+            }
+            Err(e) => {
+                remove_dir(&dir).await;
+                Err(DaemonError::Failed(anyhow!(
+                    "extracting the vmlinux of kernel {name}: {e}"
+                )))
+            }
+        }
+    }
+
+    /// Removes a kernel directory banger recorded as its own, but only one
+    /// directly in the kernel store (a record is never a licence to delete
+    /// anything else).
+    async fn remove_kernel_dir(&self, dir: &Path) {
+        if dir.parent() == Some(self.paths.kernels_dir.as_path()) {
+            remove_dir(dir).await;
+        } else {
+            tracing::warn!(dir = %dir.display(), "kernel directory outside the kernel store left alone");
+        }
+    }
+
+    /// Records the directories of kernels pulled or built before kernel
+    /// records carried them (`kernels/<name>/`, made by banger under the
+    /// record's own name).
+    pub(crate) fn record_legacy_kernel_dirs(&self) -> Result<(), DaemonError> {
+        for mut k in self.store.list_kernels()? {
+            let own = self.paths.kernels_dir.join(&k.name);
+            if k.dir.is_none() && k.kernel.parent() == Some(own.as_path()) {
+                k.dir = Some(own);
+                self.store.upsert_kernel(&k)?;
+            }
+        }
+        Ok(())
+    }
+
     pub(crate) fn get_kernel(&self, name: &str) -> Result<KernelRecord, DaemonError> {
         self.store.get_kernel(name).map_err(|_| {
             DaemonError::NotFound(format!("no kernel named {name}: see `banger kernel list`"))
@@ -647,8 +747,8 @@ impl Daemon {
             )),
             other => other.into(),
         })?;
-        if let Some(dir) = owned_dir(&self.paths.kernels_dir, &k.kernel) {
-            remove_dir(&dir).await;
+        if let Some(dir) = &k.dir {
+            self.remove_kernel_dir(dir).await;
         }
         tracing::info!(kernel = name, "kernel deleted");
         Ok(k)

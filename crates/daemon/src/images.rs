@@ -142,6 +142,7 @@ impl Daemon {
             initrd: Some(built.initrd.clone()),
             vmlinux: built.vmlinux.clone(),
             release: Some(built.kernel_release.clone()),
+            dir: Some(self.paths.kernels_dir.join(&built.kernel_name)),
             created_at: now_rfc3339(),
         };
         self.store.upsert_kernel(&kernel)?;

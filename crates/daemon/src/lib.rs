@@ -186,6 +186,9 @@ pub async fn serve(daemon: Arc<Daemon>) -> anyhow::Result<()> {
             tracing::info!(repaired = n, "repaired ownership in banger's directories");
         }
     }
+    daemon
+        .record_legacy_kernel_dirs()
+        .context("recording kernel directories")?;
     daemon.reconcile().await.context("reconciling VMs")?;
     daemon.init_network().await.context("starting networking")?;
 

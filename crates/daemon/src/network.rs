@@ -14,9 +14,10 @@ use banger_api::{NetworkBench, NetworkStatus, PortInfo};
 use banger_config::{Config, InstallRecord, NetworkMode};
 use banger_model::{VmRecord, VmState};
 use banger_net::host::BridgeSpec;
+use banger_net::nat::NatError;
 use banger_net::{
-    DnsRecords, DnsServer, GuestNet, HostNet, LocalHostNet, MacAddr, NetSettings, PoolConfig,
-    Subnet, TapName, TapPool,
+    DnsRecords, DnsServer, GuestNet, HostNet, HostNetError, LocalHostNet, MacAddr, NetSettings,
+    PoolConfig, Subnet, TapName, TapPool,
 };
 use banger_root_helper::HelperClient;
 use banger_vmm::{HostForward, NetBackend, NetSpec};
@@ -257,9 +258,20 @@ impl Network {
             .filter(|v| v.nat && running(v))
             .filter_map(|v| v.ip)
             .collect();
-        host.nat_rebuild(&settings.subnet, &nat)
-            .await
-            .context("rebuilding NAT rules")?;
+        // Bridge networking needs no nft: without it there can be no rules
+        // of an earlier run to clear, and only a VM that asks for NAT needs
+        // it (its start then fails, saying so). Running NAT VMs lose NAT
+        // until nft is installed; the bridge still works for everyone.
+        match host.nat_rebuild(&settings.subnet, &nat).await {
+            Ok(()) => {}
+            Err(HostNetError::Nat(NatError::NftMissing)) if nat.is_empty() => {
+                tracing::debug!("nft not installed; no NAT rules to rebuild");
+            }
+            Err(e @ HostNetError::Nat(NatError::NftMissing)) => {
+                tracing::warn!(error = %e, vms = nat.len(), "NAT of running VMs not restored");
+            }
+            Err(e) => return Err(anyhow::Error::from(e).context("rebuilding NAT rules")),
+        }
         let in_use: HashSet<TapName> = vms
             .iter()
             .filter(|v| running(v))

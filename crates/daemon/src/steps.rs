@@ -34,11 +34,10 @@ impl fmt::Display for StepError {
     }
 }
 
-impl std::error::Error for StepError {
-    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
-        Some(self.cause.as_ref())
-    }
-}
+/// No `source()`: the message above already carries the cause's whole
+/// chain (and the undo failures after it), so a chain printer would say
+/// the cause twice. Callers that need the cause take [`StepError::cause`].
+impl std::error::Error for StepError {}
 
 /// Collects undos while steps run; rolls back on failure.
 pub struct Steps<'a> {
@@ -216,6 +215,20 @@ mod tests {
             err.to_string(),
             "qemu died; also, undoing a failed: cannot remove tap"
         );
+    }
+
+    #[tokio::test]
+    async fn a_wrapped_step_error_says_its_cause_once() {
+        let mut steps = Steps::new(|_, _| {});
+        let err = steps
+            .run("boot", "", |_| async {
+                Err::<(), _>(anyhow::anyhow!("no vmlinux").context("kernel k"))
+            })
+            .await
+            .expect_err("boot");
+        // What the daemon does with it: an anyhow error printed with its chain.
+        let wrapped = anyhow::Error::from(err);
+        assert_eq!(format!("{wrapped:#}"), "kernel k: no vmlinux");
     }
 
     #[tokio::test]

@@ -702,6 +702,14 @@ mod tests {
 
         let (params, d) = boot_layout(&image, &disks, None);
         assert!(params.contains("root=/dev/vda ro "), "{params}");
+        // What the guest kernel gets under Firecracker names one root.
+        let fc = banger_vmm::firecracker::boot_args(&params);
+        assert_eq!(fc.matches("root=").count(), 1, "{fc}");
+        assert_eq!(
+            fc.split(' ').filter(|a| *a == "rw" || *a == "ro").count(),
+            1,
+            "{fc}"
+        );
         assert!(params.contains("banger.overlay=/dev/vdb"), "{params}");
         assert_eq!(
             paths(&d),

@@ -84,14 +84,42 @@ impl D {
     }
 }
 
-/// A file that looks like a bzImage of release `release`.
+/// The fake vmlinux inside [`fake_bzimage`]'s payload.
+const FAKE_VMLINUX: &[u8] = b"\x7fELF\x02\x01\x01\x00 a kernel that boots nothing";
+
+/// A bzImage of release `release` whose payload is [`FAKE_VMLINUX`],
+/// gzip-compressed (the boot protocol's layout, no real code).
 fn fake_bzimage(path: &Path, release: &str) {
-    let mut img = vec![0u8; 0x2000];
+    use std::io::Write;
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    gz.write_all(FAKE_VMLINUX).expect("gzip");
+    let mut payload = gz.finish().expect("gzip");
+    payload.extend_from_slice(&(FAKE_VMLINUX.len() as u32).to_le_bytes());
+    // 4 setup sectors: the protected-mode part (and the payload) at 0xa00.
+    let mut img = vec![0u8; 0xa00];
+    img[0x1f1] = 4;
     img[0x202..0x206].copy_from_slice(b"HdrS");
+    img[0x206..0x208].copy_from_slice(&0x020fu16.to_le_bytes());
     img[0x20E..0x210].copy_from_slice(&0x400u16.to_le_bytes());
+    img[0x248..0x24c].copy_from_slice(&0u32.to_le_bytes());
+    img[0x24c..0x250].copy_from_slice(&(payload.len() as u32).to_le_bytes());
     let v = format!("{release} (builder@host) #1 SMP\0");
     img[0x600..0x600 + v.len()].copy_from_slice(v.as_bytes());
+    img.extend_from_slice(&payload);
     std::fs::write(path, img).expect("kernel");
+}
+
+/// Entries of a directory, sorted.
+fn entries(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(dir)
+        .map(|rd| {
+            rd.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    v.sort();
+    v
 }
 
 fn s(p: &Path) -> String {
@@ -149,6 +177,14 @@ async fn register_update_refuse_and_delete() {
     let k = d.ok(Method::GET, "/v1/kernels/small", None).await;
     assert_eq!(k["release"], "6.12.9-test");
     assert_eq!(k["initrd"], s(&f.initrd));
+    // Firecracker's vmlinux, extracted into a directory banger made.
+    let vmlinux = PathBuf::from(k["vmlinux"].as_str().expect("vmlinux recorded"));
+    assert_eq!(std::fs::read(&vmlinux).expect("vmlinux"), FAKE_VMLINUX);
+    assert_eq!(
+        vmlinux.parent().and_then(Path::parent),
+        Some(d.paths.kernels_dir.as_path())
+    );
+    assert_eq!(k["dir"], s(vmlinux.parent().expect("dir")));
 
     // Re-register: updated in place.
     let img = d
@@ -206,8 +242,87 @@ async fn register_update_refuse_and_delete() {
     assert_eq!(status, StatusCode::NOT_FOUND);
     d.ok(Method::DELETE, "/v1/kernels/small", None).await;
     assert!(f.kernel.is_file(), "a registered kernel's file is not ours");
+    assert!(
+        !vmlinux.exists(),
+        "the vmlinux banger extracted goes with it"
+    );
+    assert_eq!(entries(&d.paths.kernels_dir), Vec::<String>::new());
     let (status, msg) = d.err(Method::GET, "/v1/kernels/small", None).await;
     assert_eq!(status, StatusCode::NOT_FOUND, "{msg}");
+}
+
+#[tokio::test]
+async fn registered_kernels_for_firecracker() {
+    let d = daemon(Config::default());
+    let f = files();
+    let reg = |name: &str, kernel: &Path| json!({"name": name, "rootfs": s(&f.rootfs), "kernel": s(kernel)});
+
+    // An ELF vmlinux is Firecracker's kernel as it is; nothing is copied.
+    let elf = f.dir.join("vmlinux");
+    std::fs::write(&elf, FAKE_VMLINUX).expect("elf");
+    d.ok(Method::POST, "/v1/images/register", Some(reg("elf", &elf)))
+        .await;
+    let k = d.ok(Method::GET, "/v1/kernels/elf", None).await;
+    assert_eq!(k["vmlinux"], s(&elf));
+    assert_eq!(k["dir"], Value::Null);
+    assert_eq!(entries(&d.paths.kernels_dir), Vec::<String>::new());
+
+    // A kernel no vmlinux can be taken from is refused, and nothing stays.
+    let bad = f.dir.join("bad-bzImage");
+    let mut junk = std::fs::read(&f.kernel).expect("kernel");
+    let end = junk.len();
+    junk[0xa00..end].fill(0x5a);
+    std::fs::write(&bad, junk).expect("bad kernel");
+    let (status, msg) = d
+        .err(Method::POST, "/v1/images/register", Some(reg("bad", &bad)))
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{msg}");
+    assert!(msg.contains("cannot be booted by Firecracker"), "{msg}");
+    assert!(msg.contains("unknown format"), "{msg}");
+    assert_eq!(
+        msg.matches("cannot be booted").count(),
+        1,
+        "said once: {msg}"
+    );
+    for path in ["/v1/images/bad", "/v1/kernels/bad"] {
+        let (status, _) = d.err(Method::GET, path, None).await;
+        assert_eq!(status, StatusCode::NOT_FOUND, "{path}");
+    }
+    assert_eq!(entries(&d.paths.kernels_dir), Vec::<String>::new());
+
+    // Ownership comes from the record, never from where a path points:
+    // a kernel registered from inside another kernel's directory is the
+    // user's file, and deleting it leaves that directory alone.
+    d.ok(
+        Method::POST,
+        "/v1/images/register",
+        Some(reg("bz", &f.kernel)),
+    )
+    .await;
+    let bz = d.ok(Method::GET, "/v1/kernels/bz", None).await;
+    let bz_vmlinux = PathBuf::from(bz["vmlinux"].as_str().expect("vmlinux"));
+    d.ok(
+        Method::POST,
+        "/v1/images/register",
+        Some(reg("borrower", &bz_vmlinux)),
+    )
+    .await;
+    d.ok(Method::DELETE, "/v1/images/borrower", None).await;
+    d.ok(Method::DELETE, "/v1/kernels/borrower", None).await;
+    assert!(bz_vmlinux.is_file(), "kernel bz's vmlinux was removed");
+
+    // Re-registering a name replaces its extracted vmlinux.
+    let before = entries(&d.paths.kernels_dir);
+    assert_eq!(before.len(), 1, "{before:?}");
+    d.ok(
+        Method::POST,
+        "/v1/images/register",
+        Some(reg("bz", &f.kernel)),
+    )
+    .await;
+    let after = entries(&d.paths.kernels_dir);
+    assert_eq!(after.len(), 1, "{after:?}");
+    assert_ne!(before, after);
 }
 
 /// Serves the files of `dir` on 127.0.0.1 (no directory listing).

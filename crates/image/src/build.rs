@@ -47,9 +47,9 @@ const WORK_SEED_MIN_BYTES: u64 = 64 * MIB;
 
 /// File names of the kernel and initrd inside a kernel directory.
 const KERNEL_FILE: &str = "vmlinuz";
-const INITRD_FILE: &str = "initrd.img";
 /// The uncompressed ELF kernel extracted from the bzImage, for Firecracker.
-const VMLINUX_FILE: &str = "vmlinux";
+use crate::vmlinux::VMLINUX_FILE;
+const INITRD_FILE: &str = "initrd.img";
 
 const MIB: u64 = 1 << 20;
 

@@ -17,6 +17,10 @@ use std::path::Path;
 /// Cap on the decompressed kernel (real ones are 20-100 MiB), so a crafted
 /// payload cannot fill memory.
 pub const MAX_VMLINUX_BYTES: u64 = 1 << 30;
+/// Cap on the bzImage read into memory (real ones are 5-20 MiB).
+pub const MAX_BZIMAGE_BYTES: u64 = 256 << 20;
+/// File name of the extracted kernel in a kernel directory.
+pub const VMLINUX_FILE: &str = "vmlinux";
 
 /// Offsets in the boot sector / setup header (Documentation/arch/x86/boot.rst).
 const SETUP_SECTS: usize = 0x1f1;
@@ -260,11 +264,32 @@ pub fn extract_vmlinux(bzimage: &[u8]) -> Result<(Vec<u8>, Compression), Vmlinux
     Ok((vmlinux, compression))
 }
 
+/// Whether `path` is an ELF file (an uncompressed vmlinux, booted as it is).
+pub fn is_elf(path: &Path) -> std::io::Result<bool> {
+    let mut magic = [0u8; 4];
+    let mut f = std::fs::File::open(path)?;
+    match f.read_exact(&mut magic) {
+        Ok(()) => Ok(&magic == b"\x7fELF"),
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
 /// Extracts `bzimage`'s vmlinux into `dest`, through a temporary file and a
 /// rename so nobody sees a half-written kernel.
 pub fn extract_vmlinux_file(bzimage: &Path, dest: &Path) -> Result<Compression, VmlinuxError> {
     let io = |context: String| move |source| VmlinuxError::Io { context, source };
-    let image = std::fs::read(bzimage).map_err(io(format!("reading {}", bzimage.display())))?;
+    let mut image = Vec::new();
+    std::fs::File::open(bzimage)
+        .and_then(|f| f.take(MAX_BZIMAGE_BYTES + 1).read_to_end(&mut image))
+        .map_err(io(format!("reading {}", bzimage.display())))?;
+    if image.len() as u64 > MAX_BZIMAGE_BYTES {
+        return Err(VmlinuxError::NotBzImage(format!(
+            "{} is larger than {} MiB",
+            bzimage.display(),
+            MAX_BZIMAGE_BYTES >> 20
+        )));
+    }
     let (vmlinux, compression) = extract_vmlinux(&image)?;
     let dir = dest.parent().unwrap_or(Path::new("."));
     let name = dest

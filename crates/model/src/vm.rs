@@ -155,7 +155,23 @@ pub struct KernelRecord {
     pub vmlinux: Option<PathBuf>,
     /// Kernel release, e.g. `6.1.0-27-cloud-amd64`.
     pub release: Option<String>,
+    /// The directory banger made for this kernel's files (pulled, built, or
+    /// a vmlinux extracted at register), removed with the record. `None`:
+    /// every file is the user's and banger never deletes any of them.
+    #[schema(value_type = Option<String>)]
+    pub dir: Option<PathBuf>,
     pub created_at: String,
+}
+
+impl KernelRecord {
+    /// Pulled or built by banger: its files live in the directory banger
+    /// made for it (a registered kernel may have only its extracted
+    /// vmlinux there).
+    pub fn is_managed(&self) -> bool {
+        self.dir
+            .as_ref()
+            .is_some_and(|d| self.kernel.starts_with(d))
+    }
 }
 
 /// A root file system image VMs boot from.

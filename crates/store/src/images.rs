@@ -9,7 +9,7 @@ use std::path::PathBuf;
 const IMAGE_SELECT: &str =
     "SELECT name, rootfs, kernel, managed, size_bytes, created_at, work_seed FROM images";
 const KERNEL_SELECT: &str =
-    "SELECT name, kernel, initrd, vmlinux, release, created_at FROM kernels";
+    "SELECT name, kernel, initrd, vmlinux, release, created_at, dir FROM kernels";
 
 impl Store {
     /// Inserts an image, or replaces the one with that name (keeping its
@@ -93,16 +93,18 @@ impl Store {
     /// creation time).
     pub fn upsert_kernel(&self, k: &KernelRecord) -> Result<(), StoreError> {
         self.conn().execute(
-            "INSERT INTO kernels (name, kernel, initrd, vmlinux, release, created_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+            "INSERT INTO kernels (name, kernel, initrd, vmlinux, release, created_at, dir)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
              ON CONFLICT(name) DO UPDATE SET kernel = excluded.kernel, initrd = excluded.initrd,
-             vmlinux = excluded.vmlinux, release = excluded.release",
+             vmlinux = excluded.vmlinux, release = excluded.release, dir = excluded.dir",
             params![
                 k.name,
                 path_text(&k.kernel)?,
                 k.initrd.as_deref().map(path_text).transpose()?,
                 k.vmlinux.as_deref().map(path_text).transpose()?,
                 k.release,
-                k.created_at
+                k.created_at,
+                k.dir.as_deref().map(path_text).transpose()?
             ],
         )?;
         Ok(())
@@ -177,6 +179,7 @@ fn kernel_row(r: &Row<'_>) -> rusqlite::Result<KernelRecord> {
     let kernel: String = r.get(1)?;
     let initrd: Option<String> = r.get(2)?;
     let vmlinux: Option<String> = r.get(3)?;
+    let dir: Option<String> = r.get(6)?;
     Ok(KernelRecord {
         name: r.get(0)?,
         kernel: PathBuf::from(kernel),
@@ -184,6 +187,7 @@ fn kernel_row(r: &Row<'_>) -> rusqlite::Result<KernelRecord> {
         vmlinux: vmlinux.map(PathBuf::from),
         release: r.get(4)?,
         created_at: r.get(5)?,
+        dir: dir.map(PathBuf::from),
     })
 }
 
@@ -199,6 +203,7 @@ mod tests {
             initrd: Some("/k/initrd.img".into()),
             vmlinux: None,
             release: Some("6.1.0-50-cloud-amd64".into()),
+            dir: Some("/k".into()),
             created_at: "2026-01-01T00:00:00Z".into(),
         }
     }
@@ -224,6 +229,7 @@ mod tests {
         let k2 = KernelRecord {
             initrd: None,
             release: None,
+            dir: None,
             created_at: "later".into(),
             ..k.clone()
         };

@@ -120,6 +120,7 @@ const MIGRATIONS: &[M<'static>] = &[
     ALTER TABLE vms ADD COLUMN ssh_port INTEGER;
     CREATE UNIQUE INDEX vms_ip ON vms(ip);",
     ),
+    M::up("ALTER TABLE kernels ADD COLUMN dir TEXT;"),
 ];
 
 /// How long a statement waits for another connection's lock before failing.

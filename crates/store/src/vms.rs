@@ -305,6 +305,7 @@ mod tests {
             initrd: None,
             vmlinux: None,
             release: None,
+            dir: None,
             created_at: "2026-01-01T00:00:00Z".into(),
         })
         .expect("kernel");
@@ -538,6 +539,7 @@ mod tests {
                 initrd: None,
                 vmlinux: None,
                 release: None,
+                dir: None,
                 created_at: "t".into(),
             })
             .expect("k");

@@ -4,7 +4,7 @@ use crate::connect;
 use crate::output;
 use banger_config::{Config, HostResources, Paths, effective_defaults};
 use banger_version::BuildInfo;
-use banger_vmm::host;
+use banger_vmm::{BackendKind, host};
 use clap::Args;
 use serde::Serialize;
 use std::path::Path;
@@ -20,6 +20,8 @@ pub struct DoctorArgs {
 #[serde(rename_all = "lowercase")]
 enum Status {
     Pass,
+    /// Not needed by this setup; says what would need it.
+    Note,
     Warn,
     Fail,
 }
@@ -95,59 +97,16 @@ pub async fn run(a: DoctorArgs) -> anyhow::Result<i32> {
         kvm.to_string(),
     ));
 
-    checks.extend(vmm_checks(&config));
-
-    match host::find_binary("qemu-system-x86_64", config.qemu_bin.as_deref()) {
-        Some(bin) => match host::qemu_version(&bin) {
-            Ok(v) if triple(&v) >= QEMU_MIN => checks.push(check(
-                "qemu",
-                Status::Pass,
-                format!("{} {v}", bin.display()),
-            )),
-            Ok(v) => checks.push(check(
-                "qemu",
-                Status::Fail,
-                format!(
-                    "{} is {v}; banger needs ≥ {}.{}.{}",
-                    bin.display(),
-                    QEMU_MIN.0,
-                    QEMU_MIN.1,
-                    QEMU_MIN.2
-                ),
-            )),
-            Err(e) => checks.push(check(
-                "qemu",
-                Status::Fail,
-                format!("{}: {e}", bin.display()),
-            )),
-        },
-        None => checks.push(check(
-            "qemu",
-            Status::Fail,
-            format!(
-                "qemu-system-x86_64 not found: {}",
-                install_hint("qemu-system-x86")
-            ),
-        )),
-    }
-    let qboot = Path::new("/usr/share/qemu/qboot.rom");
-    checks.push(if qboot.is_file() {
-        check("qboot", Status::Pass, qboot.display().to_string())
-    } else {
-        check(
-            "qboot",
-            Status::Fail,
-            format!(
-                "{} missing: {}",
-                qboot.display(),
-                install_hint("qemu-system-x86")
-            ),
-        )
-    });
+    let (vmm_rows, backend) = vmm_checks(&config);
+    checks.extend(vmm_rows);
+    let qemu_chosen = matches!(backend, Some(BackendKind::Qemu(_)));
+    checks.extend(qemu_checks(&config, qemu_chosen));
     for (tool, pkg, why) in [
-        ("qemu-img", "qemu-utils", "per-VM disks"),
-        ("mkfs.ext4", "e2fsprogs", "image builds"),
-        ("mmdebstrap", "mmdebstrap", "building the default image"),
+        (
+            "mkfs.ext4",
+            "e2fsprogs",
+            "image builds, OCI pulls and work disks",
+        ),
         ("ssh", "openssh-client", "vm ssh"),
     ] {
         checks.push(match host::find_binary(tool, None) {
@@ -159,6 +118,20 @@ pub async fn run(a: DoctorArgs) -> anyhow::Result<i32> {
             ),
         });
     }
+    let running = connect::running_client().await;
+    let image_names: Option<Vec<String>> = match &running {
+        Ok(Some(c)) => c
+            .list_images()
+            .await
+            .ok()
+            .map(|v| v.into_iter().map(|i| i.name).collect()),
+        _ => None,
+    };
+    checks.push(mmdebstrap_check(
+        host::find_binary("mmdebstrap", None).as_deref(),
+        &config.default_image_name,
+        image_names.as_deref(),
+    ));
 
     let d = effective_defaults(&config.vm_defaults, &HostResources::detect());
     let summary = d.summary();
@@ -171,7 +144,7 @@ pub async fn run(a: DoctorArgs) -> anyhow::Result<i32> {
     let cli = BuildInfo::current();
     let mut net_status = None;
     let mut daemon_up = false;
-    match connect::running_client().await {
+    match &running {
         Ok(Some(c)) => match c.info().await {
             Ok(info) => {
                 daemon_up = true;
@@ -242,6 +215,7 @@ pub async fn run(a: DoctorArgs) -> anyhow::Result<i32> {
             .map(|c| {
                 let s = match c.status {
                     Status::Pass => "pass",
+                    Status::Note => "note",
                     Status::Warn => "warn",
                     Status::Fail => "FAIL",
                 };
@@ -368,9 +342,88 @@ fn network_checks(daemon: Option<Result<banger_api::NetworkStatus, String>>) -> 
     out
 }
 
+/// QEMU and its firmware: failures when QEMU is the backend, notes when
+/// another backend is chosen (`vmm = "qemu"` would need them).
+fn qemu_checks(config: &Config, chosen: bool) -> Vec<Check> {
+    let missing = |name: &str, what: String| {
+        if chosen {
+            check(name, Status::Fail, what)
+        } else {
+            check(
+                name,
+                Status::Note,
+                format!("{what} (not needed: QEMU is not the backend here)"),
+            )
+        }
+    };
+    let hint = install_hint("qemu-system-x86");
+    let qemu = match host::find_binary("qemu-system-x86_64", config.qemu_bin.as_deref()) {
+        Some(bin) => match host::qemu_version(&bin) {
+            Ok(v) if triple(&v) >= QEMU_MIN => {
+                check("qemu", Status::Pass, format!("{} {v}", bin.display()))
+            }
+            Ok(v) => missing(
+                "qemu",
+                format!(
+                    "{} is {v}; banger needs ≥ {}.{}.{}",
+                    bin.display(),
+                    QEMU_MIN.0,
+                    QEMU_MIN.1,
+                    QEMU_MIN.2
+                ),
+            ),
+            Err(e) => missing("qemu", format!("{}: {e}", bin.display())),
+        },
+        None => missing("qemu", format!("qemu-system-x86_64 not found: {hint}")),
+    };
+    let rom = Path::new(QBOOT_ROM);
+    let qboot = if rom.is_file() {
+        check("qboot", Status::Pass, rom.display().to_string())
+    } else {
+        missing("qboot", format!("{} missing: {hint}", rom.display()))
+    };
+    vec![qemu, qboot]
+}
+
+/// QEMU's firmware for the microvm machine.
+const QBOOT_ROM: &str = "/usr/share/qemu/qboot.rom";
+
+/// mmdebstrap builds the default image: a failure only when that image
+/// must still be built (`images`: the daemon's image names, when it runs).
+fn mmdebstrap_check(found: Option<&Path>, default_image: &str, images: Option<&[String]>) -> Check {
+    let have_default = images.map(|names| names.iter().any(|n| n == default_image));
+    match (found, have_default) {
+        (Some(p), _) => check("mmdebstrap", Status::Pass, p.display().to_string()),
+        (None, Some(true)) => check(
+            "mmdebstrap",
+            Status::Note,
+            format!(
+                "not found; not needed while image {default_image} exists (building images needs it: {})",
+                install_hint("mmdebstrap")
+            ),
+        ),
+        (None, Some(false)) => check(
+            "mmdebstrap",
+            Status::Fail,
+            format!(
+                "not found, and image {default_image} must be built with it: {} (or register an image: banger image register)",
+                install_hint("mmdebstrap")
+            ),
+        ),
+        (None, None) => check(
+            "mmdebstrap",
+            Status::Warn,
+            format!(
+                "not found: building the default image {default_image} needs it: {}",
+                install_hint("mmdebstrap")
+            ),
+        ),
+    }
+}
+
 /// The Firecracker binary and its version, then the backend `vmm` picks
-/// here and why.
-fn vmm_checks(config: &Config) -> Vec<Check> {
+/// here and why (and which, when one can be chosen).
+fn vmm_checks(config: &Config) -> (Vec<Check>, Option<BackendKind>) {
     use banger_vmm::firecracker::{self, VersionVerdict};
     let explicit = config.vmm.as_str() == "firecracker";
     let facts = banger_vmm::HostFacts::probe(
@@ -399,15 +452,18 @@ fn vmm_checks(config: &Config) -> Vec<Check> {
             ),
         ),
     };
-    let backend = match banger_vmm::select_backend(config.vmm, &facts) {
-        Ok(sel) => check(
-            "backend",
-            Status::Pass,
-            format!("{}: {}", sel.kind, sel.reason),
+    let (backend, kind) = match banger_vmm::select_backend(config.vmm, &facts) {
+        Ok(sel) => (
+            check(
+                "backend",
+                Status::Pass,
+                format!("{}: {}", sel.kind, sel.reason),
+            ),
+            Some(sel.kind),
         ),
-        Err(e) => check("backend", Status::Fail, e.to_string()),
+        Err(e) => (check("backend", Status::Fail, e.to_string()), None),
     };
-    vec![fc, backend]
+    (vec![fc, backend], kind)
 }
 
 /// The web UI: off, loopback-only (and answering, when the daemon runs), or
@@ -477,6 +533,43 @@ mod tests {
 
     fn addr(s: &str) -> Option<std::net::SocketAddr> {
         Some(s.parse().expect("socket address"))
+    }
+
+    #[test]
+    fn mmdebstrap_fails_only_when_the_default_image_must_be_built() {
+        let img = "debian-bookworm";
+        let have = vec![img.to_string()];
+        let other = vec!["alpine".to_string()];
+        let found = Path::new("/usr/bin/mmdebstrap");
+        assert_eq!(
+            mmdebstrap_check(Some(found), img, None).status,
+            Status::Pass
+        );
+        assert_eq!(
+            mmdebstrap_check(None, img, Some(&have)).status,
+            Status::Note
+        );
+        let c = mmdebstrap_check(None, img, Some(&other));
+        assert_eq!(c.status, Status::Fail);
+        assert!(c.detail.contains("image register"), "{}", c.detail);
+        assert_eq!(mmdebstrap_check(None, img, None).status, Status::Warn);
+    }
+
+    #[test]
+    fn missing_qemu_is_a_note_unless_it_is_the_backend() {
+        let config = Config {
+            qemu_bin: Some("/nonexistent/qemu-system-x86_64".into()),
+            ..Config::default()
+        };
+        // A configured absolute path is used as it is: here, a missing one.
+        let rows = qemu_checks(&config, false);
+        let qemu = rows.iter().find(|c| c.name == "qemu").expect("qemu row");
+        assert_eq!(qemu.status, Status::Note, "{}", qemu.detail);
+        assert!(qemu.detail.contains("not needed"), "{}", qemu.detail);
+        assert!(rows.iter().all(|c| c.status != Status::Fail));
+        let chosen = qemu_checks(&config, true);
+        let qemu = chosen.iter().find(|c| c.name == "qemu").expect("qemu row");
+        assert_eq!(qemu.status, Status::Fail, "{}", qemu.detail);
     }
 
     #[tokio::test]

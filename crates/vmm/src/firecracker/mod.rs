@@ -50,8 +50,10 @@ pub const GUEST_CID: u32 = 3;
 /// Kernel arguments banger always passes; Firecracker appends `pci=off` and
 /// its virtio-mmio device list itself. `reboot=k` makes a guest reboot
 /// reach Firecracker (through the i8042 keyboard controller), which then
-/// exits, and `panic=1` turns a guest panic into such a reboot.
-pub const BASE_BOOT_ARGS: &str = "console=ttyS0 reboot=k panic=1 root=/dev/vda rw";
+/// exits, and `panic=1` turns a guest panic into such a reboot. The root
+/// device and its `ro`/`rw` come from the caller's arguments only (no
+/// drive is Firecracker's root device, so it adds none of its own).
+pub const BASE_BOOT_ARGS: &str = "console=ttyS0 reboot=k panic=1";
 
 /// How long Firecracker gets to answer on its API socket after spawn. It
 /// normally does within milliseconds.
@@ -601,7 +603,7 @@ mod tests {
         assert_eq!(c.machine.mem_size_mib, 512);
         assert_eq!(
             c.boot.boot_args.as_deref(),
-            Some("console=ttyS0 reboot=k panic=1 root=/dev/vda rw systemd.hostname=calm")
+            Some("console=ttyS0 reboot=k panic=1 systemd.hostname=calm")
         );
         assert_eq!(c.boot.initrd_path, Some(PathBuf::from("/img/initrd.img")));
         assert_eq!(
