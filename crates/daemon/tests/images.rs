@@ -87,25 +87,9 @@ impl D {
 /// The fake vmlinux inside [`fake_bzimage`]'s payload.
 const FAKE_VMLINUX: &[u8] = b"\x7fELF\x02\x01\x01\x00 a kernel that boots nothing";
 
-/// A bzImage of release `release` whose payload is [`FAKE_VMLINUX`],
-/// gzip-compressed (the boot protocol's layout, no real code).
+/// A bzImage of release `release` whose payload is [`FAKE_VMLINUX`].
 fn fake_bzimage(path: &Path, release: &str) {
-    use std::io::Write;
-    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
-    gz.write_all(FAKE_VMLINUX).expect("gzip");
-    let mut payload = gz.finish().expect("gzip");
-    payload.extend_from_slice(&(FAKE_VMLINUX.len() as u32).to_le_bytes());
-    // 4 setup sectors: the protected-mode part (and the payload) at 0xa00.
-    let mut img = vec![0u8; 0xa00];
-    img[0x1f1] = 4;
-    img[0x202..0x206].copy_from_slice(b"HdrS");
-    img[0x206..0x208].copy_from_slice(&0x020fu16.to_le_bytes());
-    img[0x20E..0x210].copy_from_slice(&0x400u16.to_le_bytes());
-    img[0x248..0x24c].copy_from_slice(&0u32.to_le_bytes());
-    img[0x24c..0x250].copy_from_slice(&(payload.len() as u32).to_le_bytes());
-    let v = format!("{release} (builder@host) #1 SMP\0");
-    img[0x600..0x600 + v.len()].copy_from_slice(v.as_bytes());
-    img.extend_from_slice(&payload);
+    let img = banger_image::vmlinux::fake_bzimage(release, FAKE_VMLINUX);
     std::fs::write(path, img).expect("kernel");
 }
 

@@ -27,7 +27,8 @@ fn fails(b: &Banger, args: &[&str]) -> String {
     lines[0].to_string()
 }
 
-/// A small ext4 and a file with a bzImage setup header (nothing boots them).
+/// A small ext4 and a bzImage with a gzip-compressed ELF payload (nothing
+/// boots them).
 fn small_image(dir: &Path) -> (PathBuf, PathBuf) {
     let tree = dir.join("tree");
     std::fs::create_dir_all(tree.join("etc")).expect("tree");
@@ -41,11 +42,7 @@ fn small_image(dir: &Path) -> (PathBuf, PathBuf) {
             .arg("8M"),
     );
     let kernel = dir.join("bzImage");
-    let mut img = vec![0u8; 0x2000];
-    img[0x202..0x206].copy_from_slice(b"HdrS");
-    img[0x20E..0x210].copy_from_slice(&0x400u16.to_le_bytes());
-    let v = b"6.12.1-tiny (e2e@host) #1 SMP\0";
-    img[0x600..0x600 + v.len()].copy_from_slice(v);
+    let img = banger_image::vmlinux::fake_bzimage("6.12.1-tiny", b"\x7fELF\x02\x01\x01\x00 boots nothing");
     std::fs::write(&kernel, img).expect("kernel");
     (rootfs, kernel)
 }

@@ -310,6 +310,31 @@ pub fn extract_vmlinux_file(bzimage: &Path, dest: &Path) -> Result<Compression, 
     Ok(compression)
 }
 
+/// A bzImage of kernel `release` that boots nothing: the boot protocol's
+/// header (2.15, 4 setup sectors, the release string where the kernel keeps
+/// it) and `vmlinux` as its gzip payload. For tests and fixtures of the
+/// code that registers kernels.
+pub fn fake_bzimage(release: &str, vmlinux: &[u8]) -> Vec<u8> {
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    // Writing into a Vec cannot fail.
+    let _ = gz.write_all(vmlinux);
+    let mut payload = gz.finish().unwrap_or_default();
+    payload.extend_from_slice(&(vmlinux.len() as u32).to_le_bytes());
+    // 4 setup sectors: the protected-mode part (and the payload) at 0xa00.
+    let mut img = vec![0u8; 0xa00];
+    img[SETUP_SECTS] = 4;
+    img[HEADER_MAGIC..HEADER_MAGIC + 4].copy_from_slice(b"HdrS");
+    img[PROTOCOL_VERSION..PROTOCOL_VERSION + 2].copy_from_slice(&0x020fu16.to_le_bytes());
+    // kernel_version: the release string's offset from 0x200.
+    img[0x20e..0x210].copy_from_slice(&0x400u16.to_le_bytes());
+    img[PAYLOAD_LENGTH..PAYLOAD_LENGTH + 4].copy_from_slice(&(payload.len() as u32).to_le_bytes());
+    let v = format!("{release} (builder@host) #1 SMP\0");
+    let v = &v.as_bytes()[..v.len().min(0x400)];
+    img[0x600..0x600 + v.len()].copy_from_slice(v);
+    img.extend_from_slice(&payload);
+    img
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -293,7 +293,7 @@ async fn contract_full_launch_and_shutdown() {
         json!({
             "kernel_image_path": spec.kernel,
             "initrd_path": spec.initrd,
-            "boot_args": "console=ttyS0 reboot=k panic=1 root=/dev/vda rw systemd.hostname=calm-otter",
+            "boot_args": "console=ttyS0 reboot=k panic=1 systemd.hostname=calm-otter",
         })
     );
     assert_eq!(
