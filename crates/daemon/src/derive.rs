@@ -326,7 +326,7 @@ impl Daemon {
             )));
         };
         agent
-            .shutdown(false)
+            .shutdown(self.guest_exits_by_reboot())
             .context("asking the guest to power off")?;
         let off = tokio::select! {
             r = tokio::time::timeout(POWEROFF_TIMEOUT, exited.wait_for(|gone| *gone)) => r.is_ok_and(|r| r.is_ok()),

@@ -111,6 +111,14 @@ impl Daemon {
             .map_err(|e| DaemonError::Failed(anyhow::anyhow!("{e}")))
     }
 
+    /// Whether the guest must reboot rather than power off for its VMM
+    /// to exit (Firecracker; see [`banger_vmm::GuestExit`]).
+    fn guest_exits_by_reboot(&self) -> bool {
+        self.vmm
+            .as_ref()
+            .is_ok_and(|v| v.guest_exit() == banger_vmm::GuestExit::Reboot)
+    }
+
     fn vm_lock(&self, id: &VmId) -> Arc<tokio::sync::Mutex<()>> {
         let mut locks = self.locks.lock().unwrap_or_else(|p| p.into_inner());
         locks.entry(id.clone()).or_default().clone()

@@ -96,7 +96,7 @@ impl Daemon {
                 .get(&vm.id)
                 .map(|tx| tx.subscribe());
             let asked = match self.agent(&vm.id) {
-                Some(agent) => agent.shutdown(false).is_ok(),
+                Some(agent) => agent.shutdown(self.guest_exits_by_reboot()).is_ok(),
                 None => match self.vmm() {
                     Ok(v) => v.request_shutdown(&vm.dir).await.is_ok(),
                     Err(_) => false,

@@ -243,10 +243,25 @@ pub struct Launched {
     pub exited: tokio::task::JoinHandle<()>,
 }
 
+/// What a guest does so that its VMM exits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GuestExit {
+    /// Power off (QEMU ends on ACPI power-off).
+    PowerOff,
+    /// Reboot: Firecracker has no power-off device (a powered-off guest
+    /// halts and Firecracker keeps running), but with `reboot=k` a guest
+    /// reboot ends it.
+    Reboot,
+}
+
 /// A virtual machine monitor backend.
 #[async_trait::async_trait]
 pub trait Vmm: Send + Sync {
     fn backend(&self) -> VmBackend;
+
+    /// How the guest must go down for this VMM to exit (the agent is asked
+    /// for that when the host stops a VM).
+    fn guest_exit(&self) -> GuestExit;
 
     /// Starts the VMM and boots the guest. Precondition: `spec.dir` and all
     /// disks exist. On error nothing of this call is left running.

@@ -7,7 +7,7 @@ use crate::process::{
 };
 use crate::qmp::Qmp;
 use crate::{
-    AgentEndpoint, DiskFormat, LaunchSpec, Launched, NetBackend, VmPaths, Vmm, VmmError,
+    AgentEndpoint, DiskFormat, GuestExit, LaunchSpec, Launched, NetBackend, VmPaths, Vmm, VmmError,
     is_valid_mac, vmm_process_alive,
 };
 use banger_model::VmBackend;
@@ -384,6 +384,10 @@ pub fn qemu_args(spec: &LaunchSpec, accel: Accel, tsc_khz: Option<u64>) -> Vec<O
 impl Vmm for QemuVmm {
     fn backend(&self) -> VmBackend {
         VmBackend::Qemu
+    }
+
+    fn guest_exit(&self) -> GuestExit {
+        GuestExit::PowerOff
     }
 
     async fn launch(&self, spec: &LaunchSpec) -> Result<Launched, VmmError> {

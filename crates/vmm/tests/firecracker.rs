@@ -67,6 +67,11 @@ fn main() {
             validator_rejects_bad_requests,
         )
         .with_ignored_flag(no_doc),
+        Trial::test(
+            "config_file_holds_the_api_bodies",
+            config_file_holds_the_api_bodies,
+        )
+        .with_ignored_flag(no_doc),
         Trial::test("early_exit_reports_log_tail", || {
             block_on(early_exit_reports_log_tail())
         }),
@@ -314,6 +319,75 @@ async fn contract_full_launch_and_shutdown() {
         body("/network-interfaces/eth0"),
         json!({"iface_id": "eth0", "host_dev_name": "tap-calm", "guest_mac": "06:00:ac:10:00:02"})
     );
+}
+
+/// The `--config-file` document (the bench's bare Firecracker boot) holds
+/// exactly the bodies the API would get, each valid for its resource.
+fn config_file_holds_the_api_bodies() -> Result<(), Failed> {
+    let c = Contract::load();
+    let t = tempfile::tempdir().map_err(|e| Failed::from(e.to_string()))?;
+    let config =
+        firecracker::vm_config(&spec(t.path())).map_err(|e| Failed::from(e.to_string()))?;
+    let doc = config.config_file();
+    let keys: Vec<&str> = doc
+        .as_object()
+        .ok_or("config file is not an object")?
+        .keys()
+        .map(String::as_str)
+        .collect();
+    let mut want = vec![
+        "boot-source",
+        "drives",
+        "entropy",
+        "logger",
+        "machine-config",
+        "metrics",
+        "network-interfaces",
+        "vsock",
+    ];
+    want.sort_unstable();
+    let mut keys = keys;
+    keys.sort_unstable();
+    if keys != want {
+        return Err(format!("config file sections {keys:?}, expected {want:?}").into());
+    }
+    let mut checks: Vec<(String, &Value)> = [
+        "boot-source",
+        "entropy",
+        "logger",
+        "machine-config",
+        "metrics",
+        "vsock",
+    ]
+    .iter()
+    .map(|k| (format!("/{k}"), &doc[*k]))
+    .collect();
+    for d in doc["drives"].as_array().ok_or("drives")? {
+        checks.push((
+            format!("/drives/{}", d["drive_id"].as_str().ok_or("drive_id")?),
+            d,
+        ));
+    }
+    for n in doc["network-interfaces"]
+        .as_array()
+        .ok_or("network-interfaces")?
+    {
+        checks.push((
+            format!(
+                "/network-interfaces/{}",
+                n["iface_id"].as_str().ok_or("iface_id")?
+            ),
+            n,
+        ));
+    }
+    if checks.len() != 6 + config.drives.len() + config.nets.len() || config.drives.is_empty() {
+        return Err("drives or interfaces missing from the config file".into());
+    }
+    for (path, body) in checks {
+        c.check("PUT", &path, Some(body))
+            .map_err(|e| Failed::from(format!("{path} in the config file: {e}")))?;
+    }
+    Ok(())
 }
 
 fn validator_rejects_bad_requests() -> Result<(), Failed> {

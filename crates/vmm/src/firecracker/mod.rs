@@ -24,8 +24,8 @@ use crate::process::{
     KILL_GRACE, KillOnDrop, PidFd, Startup, kill_and_reap, log_tail, new_session, wait_startup,
 };
 use crate::{
-    AgentEndpoint, DiskFormat, LaunchSpec, Launched, VmPaths, Vmm, VmmError, is_valid_mac,
-    vmm_process_alive,
+    AgentEndpoint, DiskFormat, GuestExit, LaunchSpec, Launched, VmPaths, Vmm, VmmError,
+    is_valid_mac, vmm_process_alive,
 };
 use api::{
     ActionType, BootSource, CacheType, Drive, EntropyDevice, LogLevel, Logger,
@@ -58,6 +58,9 @@ pub const BASE_BOOT_ARGS: &str = "console=ttyS0 reboot=k panic=1";
 /// How long Firecracker gets to answer on its API socket after spawn. It
 /// normally does within milliseconds.
 const DEFAULT_STARTUP_TIMEOUT: Duration = Duration::from_secs(10);
+/// Bound on the `InstanceStart` call (see [`FirecrackerVmm::configure`]);
+/// the guest's boot has its own, longer bound.
+const INSTANCE_START_TIMEOUT: Duration = Duration::from_secs(60);
 /// How often the API socket is retried while Firecracker starts; it gives
 /// no other signal that its API thread is up.
 const CONNECT_RETRY: Duration = Duration::from_millis(10);
@@ -126,6 +129,24 @@ pub struct VmConfig {
     pub nets: Vec<NetworkInterface>,
     pub vsock: Vsock,
     pub entropy: EntropyDevice,
+}
+
+impl VmConfig {
+    /// The whole configuration as one document for `firecracker --no-api
+    /// --config-file`: the same bodies under Firecracker's kebab-case
+    /// resource names. For booting without the API (the bench's bare boot).
+    pub fn config_file(&self) -> serde_json::Value {
+        serde_json::json!({
+            "logger": self.logger,
+            "metrics": self.metrics,
+            "machine-config": self.machine,
+            "boot-source": self.boot,
+            "drives": self.drives,
+            "network-interfaces": self.nets,
+            "vsock": self.vsock,
+            "entropy": self.entropy,
+        })
+    }
 }
 
 /// Checks `spec` against what Firecracker can do and turns it into API
@@ -412,7 +433,12 @@ impl FirecrackerVmm {
         let listener = bind_agent_listener(&paths.dir)?;
         api.put_vsock(&config.vsock).await?;
         api.put_entropy(&config.entropy).await?;
-        api.action(ActionType::InstanceStart).await?;
+        // InstanceStart loads the kernel and initrd into guest memory and
+        // sets up the vCPUs before it answers: on a loaded or nested host
+        // that takes longer than a configuration call.
+        api.with_timeout(self.request_timeout.max(INSTANCE_START_TIMEOUT))
+            .action(ActionType::InstanceStart)
+            .await?;
         Ok(listener)
     }
 
@@ -459,6 +485,10 @@ impl FirecrackerVmm {
 impl Vmm for FirecrackerVmm {
     fn backend(&self) -> VmBackend {
         VmBackend::Firecracker
+    }
+
+    fn guest_exit(&self) -> GuestExit {
+        GuestExit::Reboot
     }
 
     async fn launch(&self, spec: &LaunchSpec) -> Result<Launched, VmmError> {
