@@ -85,10 +85,12 @@ struct Report {
     samples: Vec<RunSample>,
     lifecycle_median: LifecycleSample,
     lifecycle_samples: Vec<LifecycleSample>,
-    /// The same kernel and disk booted by `qemu-system-x86_64` started
-    /// directly (no daemon), to agent-ready.
-    bare_qemu_boot_to_agent_ms_median: f64,
-    bare_qemu_samples_ms: Vec<f64>,
+    /// The VMM of the bare boot: the daemon's backend, started directly.
+    bare_vmm: String,
+    /// The same kernel and disk booted by that VMM started directly (no
+    /// daemon, no overlay or work disk), to agent-ready.
+    bare_boot_to_agent_ms_median: f64,
+    bare_samples_ms: Vec<f64>,
     /// banger's boot-to-agent over the bare boot: ~1.0 means banger adds
     /// nothing to the guest boot itself.
     boot_ratio_banger_over_bare: f64,
@@ -155,6 +157,7 @@ pub async fn run(a: BenchArgs) -> anyhow::Result<i32> {
     );
     let client = connect::client().await?;
     let info = client.info().await?;
+    let bare_vmm = bare_backend().context("choosing the VMM for the bare boot")?;
     let mut samples = Vec::new();
     let mut bare = Vec::new();
     let mut life = Vec::new();
@@ -168,10 +171,10 @@ pub async fn run(a: BenchArgs) -> anyhow::Result<i32> {
             s.orchestration_overhead_ms
         );
         samples.push(s);
-        let b = bare_boot(&client, a.image.as_deref())
+        let b = bare_boot(&client, a.image.as_deref(), &bare_vmm)
             .await
-            .context("bare qemu boot")?;
-        eprintln!("bench: bare qemu boot to agent {b:.0} ms");
+            .with_context(|| format!("bare {} boot", bare_vmm.kind))?;
+        eprintln!("bench: bare {} boot to agent {b:.0} ms", bare_vmm.kind);
         bare.push(b);
         let l = lifecycle(&client, a.image.clone(), i).await?;
         eprintln!(
@@ -240,8 +243,9 @@ pub async fn run(a: BenchArgs) -> anyhow::Result<i32> {
         samples,
         lifecycle_median: life_med,
         lifecycle_samples: life,
-        bare_qemu_boot_to_agent_ms_median: bare_med,
-        bare_qemu_samples_ms: bare,
+        bare_vmm: bare_vmm.kind.to_string(),
+        bare_boot_to_agent_ms_median: bare_med,
+        bare_samples_ms: bare,
         boot_ratio_banger_over_bare: if bare_med > 0.0 {
             med.boot_to_agent_ms / bare_med
         } else {
@@ -514,12 +518,26 @@ fn host_summary() -> String {
     format!("{cpus} cpus, {model}")
 }
 
-/// Boots the image's kernel and root file system with `qemu-system-x86_64`
-/// started directly (same arguments banger uses, no daemon, no QMP
+/// The backend the daemon chooses from the same config and host facts:
+/// the bare boot starts that VMM directly.
+fn bare_backend() -> anyhow::Result<banger_vmm::Selection> {
+    let cfg = banger_config::Config::load(&banger_config::Paths::from_env()?)?;
+    let facts =
+        banger_vmm::HostFacts::probe(cfg.firecracker_bin.as_deref(), cfg.qemu_bin.as_deref());
+    Ok(banger_vmm::select_backend(cfg.vmm, &facts)?)
+}
+
+/// Boots the image's kernel and root file system with the VMM started
+/// directly (QEMU with banger's arguments, or Firecracker with
+/// `--no-api --config-file` holding banger's API bodies; no daemon, no API
 /// handshake, no overlay or work disk: the image's init on its read-only
 /// root) and times spawn → agent hello.
-async fn bare_boot(client: &banger_api::Client, image: Option<&str>) -> anyhow::Result<f64> {
-    use banger_vmm::{DiskFormat, DiskSpec, LaunchSpec, VmPaths};
+async fn bare_boot(
+    client: &banger_api::Client,
+    image: Option<&str>,
+    vmm: &banger_vmm::Selection,
+) -> anyhow::Result<f64> {
+    use banger_vmm::{BackendKind, DiskFormat, DiskSpec, LaunchSpec};
     let image = match image {
         Some(i) => i.to_string(),
         None => banger_config::Config::load(&banger_config::Paths::from_env()?)?.default_image_name,
@@ -532,11 +550,16 @@ async fn bare_boot(client: &banger_api::Client, image: Option<&str>) -> anyhow::
         .find(|k| k.name == img.kernel)
         .ok_or_else(|| anyhow::anyhow!("kernel {} of image {} not found", img.kernel, img.name))?;
     let tmp = tempfile::Builder::new().prefix("banger-bench-").tempdir()?;
-    let qemu = banger_vmm::QemuVmm::from_host(None)?;
+    let kernel_file = match vmm.kind {
+        BackendKind::Firecracker => kernel.vmlinux.clone().ok_or_else(|| {
+            anyhow::anyhow!("kernel {} has no vmlinux for Firecracker", kernel.name)
+        })?,
+        BackendKind::Qemu(_) => kernel.kernel.clone(),
+    };
     let spec = LaunchSpec {
         name: "bench-bare".into(),
         dir: tmp.path().to_path_buf(),
-        kernel: kernel.kernel.clone(),
+        kernel: kernel_file,
         initrd: kernel.initrd.clone(),
         extra_cmdline: format!("root={} ro", banger_agent_proto::boot::BASE_DEVICE),
         disks: vec![DiskSpec {
@@ -548,8 +571,25 @@ async fn bare_boot(client: &banger_api::Client, image: Option<&str>) -> anyhow::
         vcpu: BENCH_VCPU,
         memory_mib: BENCH_MEMORY_MIB,
     };
-    let args = banger_vmm::qemu::qemu_args(&spec, qemu.accel(), qemu.tsc_khz());
-    let paths = VmPaths::new(tmp.path());
+    match vmm.kind {
+        BackendKind::Qemu(_) => bare_qemu(&spec).await,
+        BackendKind::Firecracker => bare_firecracker(&spec, &vmm.binary).await,
+    }
+}
+
+/// The guest agent's hello on `stream`, within the boot timeout.
+async fn hello(stream: tokio::net::UnixStream) -> anyhow::Result<()> {
+    let agent = banger_agent_proto::client::AgentClient::spawn(stream);
+    tokio::time::timeout(std::time::Duration::from_secs(240), agent.wait_hello())
+        .await
+        .context("guest agent did not come up")??;
+    Ok(())
+}
+
+async fn bare_qemu(spec: &banger_vmm::LaunchSpec) -> anyhow::Result<f64> {
+    let qemu = banger_vmm::QemuVmm::from_host(None)?;
+    let args = banger_vmm::qemu::qemu_args(spec, qemu.accel(), qemu.tsc_khz());
+    let paths = banger_vmm::VmPaths::new(&spec.dir);
     let t0 = Instant::now();
     let mut child = tokio::process::Command::new(qemu.binary())
         .args(&args)
@@ -572,10 +612,51 @@ async fn bare_boot(client: &banger_api::Client, image: Option<&str>) -> anyhow::
             Err(e) => return Err(e).context("connecting to the agent socket"),
         }
     };
-    let agent = banger_agent_proto::client::AgentClient::spawn(stream);
-    tokio::time::timeout(std::time::Duration::from_secs(240), agent.wait_hello())
-        .await
-        .context("guest agent did not come up")??;
+    hello(stream).await?;
+    let elapsed = t0.elapsed();
+    let _ = child.kill().await;
+    Ok(ms(elapsed))
+}
+
+async fn bare_firecracker(
+    spec: &banger_vmm::LaunchSpec,
+    binary: &std::path::Path,
+) -> anyhow::Result<f64> {
+    let config = banger_vmm::firecracker::vm_config(spec)?;
+    // Firecracker opens its log and metrics files; it does not create them.
+    for f in [&config.logger.log_path, &config.metrics.metrics_path] {
+        std::fs::File::create(f).with_context(|| format!("creating {}", f.display()))?;
+    }
+    let config_file = spec.dir.join("config.json");
+    std::fs::write(&config_file, config.config_file().to_string())
+        .with_context(|| format!("writing {}", config_file.display()))?;
+    // The guest agent connects out through the hybrid vsock to this socket.
+    let listener =
+        tokio::net::UnixListener::bind(banger_vmm::firecracker::agent_listener_path(&spec.dir))
+            .context("listening for the guest agent")?;
+    let t0 = Instant::now();
+    let mut child = tokio::process::Command::new(binary)
+        .arg("--no-api")
+        .arg("--config-file")
+        .arg(&config_file)
+        .args(["--id", "bench-bare"])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .with_context(|| format!("starting {}", binary.display()))?;
+    let stream = tokio::select! {
+        accepted = tokio::time::timeout(std::time::Duration::from_secs(240), listener.accept()) => {
+            accepted.context("guest agent did not connect")??.0
+        }
+        status = child.wait() => anyhow::bail!(
+            "firecracker exited early ({}); its log: {}",
+            status?,
+            config.logger.log_path.display()
+        ),
+    };
+    hello(stream).await?;
     let elapsed = t0.elapsed();
     let _ = child.kill().await;
     Ok(ms(elapsed))
