@@ -107,16 +107,34 @@ impl Daemon {
             crate::network::system_helper().await
         };
         let built = match build_via(root, helper) {
-            BuildVia::InProcess => banger_image::build_debian(
-                &spec,
-                |p| match p {
-                    BuildProgress::Phase { name, message } => progress(name, &message),
-                    BuildProgress::Line(line) => tracing::debug!(target: "image_build", "{line}"),
-                },
-                cancel,
-            )
-            .await
-            .with_context(|| format!("building image {name}"))?,
+            BuildVia::InProcess => {
+                // The tools' whole output, for when a build fails.
+                let log_path = self.paths.state_dir.join(format!("image-build-{name}.log"));
+                let log = std::sync::Mutex::new(
+                    std::fs::File::create(&log_path)
+                        .with_context(|| format!("creating {}", log_path.display()))?,
+                );
+                banger_image::build_debian(
+                    &spec,
+                    |p| match p {
+                        BuildProgress::Phase { name, message } => progress(name, &message),
+                        BuildProgress::Line(line) => {
+                            use std::io::Write;
+                            if let Ok(mut f) = log.lock() {
+                                let _ = writeln!(f, "{line}");
+                            }
+                        }
+                    },
+                    cancel,
+                )
+                .await
+                .with_context(|| {
+                    format!(
+                        "building image {name} (the build's output: {})",
+                        log_path.display()
+                    )
+                })?
+            }
             BuildVia::Helper(helper) => {
                 progress(
                     "image",

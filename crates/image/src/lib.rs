@@ -58,7 +58,7 @@ pub enum ImageError {
     AgentMissing(PathBuf),
     #[error("agent unit: {0}")]
     BadUnit(String),
-    #[error("{tool} failed ({status}): {last_line}; the build log has its full output")]
+    #[error("{tool} failed ({status}): {last_line}")]
     ToolFailed {
         tool: &'static str,
         status: String,
