@@ -17,6 +17,7 @@
 //! (`BANGER_E2E_IMAGE_FROM=<other root>`): `scripts/test.sh` runs the suite
 //! in two such lanes at once.
 
+pub mod kvm_host;
 pub mod registry;
 
 use std::path::{Path, PathBuf};
@@ -83,10 +84,12 @@ fn bin_dir() -> PathBuf {
     dir
 }
 
-fn sha256_file(p: &Path) -> String {
+pub(crate) fn sha256_file(p: &Path) -> String {
     use sha2::Digest;
-    let data = std::fs::read(p).unwrap_or_else(|e| panic!("reading {}: {e}", p.display()));
-    format!("{:x}", sha2::Sha256::digest(&data))
+    let mut f = std::fs::File::open(p).unwrap_or_else(|e| panic!("opening {}: {e}", p.display()));
+    let mut h = sha2::Sha256::new();
+    std::io::copy(&mut f, &mut h).unwrap_or_else(|e| panic!("reading {}: {e}", p.display()));
+    format!("{:x}", h.finalize())
 }
 
 impl Banger {
@@ -117,15 +120,30 @@ impl Banger {
     /// module docs), then stops that daemon. Idempotent: an existing image
     /// is kept.
     fn build_default_image_outside_netns(&self) {
-        let marker = self.root.join("image-built");
-        if marker.exists() {
+        let marker = "image-built";
+        if self.root.join(marker).exists() {
             return;
         }
         if let Some(from) = std::env::var_os("BANGER_E2E_IMAGE_FROM") {
             self.register_image_of(Path::new(&from));
-            std::fs::write(&marker, "").expect("image marker");
+            std::fs::write(self.root.join(marker), "").expect("image marker");
             return;
         }
+        self.build_image_outside_netns(marker, &["image", "build"]);
+    }
+
+    /// Runs `banger build_args...` (an image build) with a daemon outside
+    /// the namespace in user-mode networking (mmdebstrap needs the Debian
+    /// mirror), then stops that daemon; once per root (`marker`, a file
+    /// name in the root, records it).
+    pub fn build_image_outside_netns(&self, marker: &str, build_args: &[&str]) {
+        let marker = self.root.join(marker);
+        if marker.exists() {
+            return;
+        }
+        // A daemon already running in the namespace would get the build.
+        let stop = self.run(&["daemon", "stop"]);
+        assert!(stop.status.success(), "daemon stop: {}", text(&stop).1);
         let cfg = self.config_dir().join("config.toml");
         let saved = std::fs::read_to_string(&cfg).ok();
         // No listener in the host's namespace: no DNS port, no web UI.
@@ -134,7 +152,7 @@ impl Banger {
         );
         let out = self
             .env(Command::new(self.bin_dir.join("banger")))
-            .args(["image", "build"])
+            .args(build_args)
             .output()
             .expect("spawn banger image build");
         let stop = self
@@ -148,7 +166,7 @@ impl Banger {
         }
         assert!(
             out.status.success(),
-            "building the default image failed: {}",
+            "banger {build_args:?} failed: {}",
             text(&out).1
         );
         assert!(stop.status.success(), "daemon stop: {}", text(&stop).1);
@@ -195,6 +213,29 @@ impl Banger {
         );
     }
 
+    /// The default image's rootfs, work seed, kernel (bzImage) and initrd,
+    /// as this installation's daemon records them.
+    pub fn default_image_files(&self) -> (PathBuf, PathBuf, PathBuf, PathBuf) {
+        let img = self.json(&["image", "show", "debian-bookworm"]);
+        let k = self.json(&[
+            "kernel",
+            "show",
+            img["kernel"].as_str().expect("image kernel"),
+        ]);
+        let path = |v: &serde_json::Value, what: &str| {
+            PathBuf::from(
+                v.as_str()
+                    .unwrap_or_else(|| panic!("no {what} in the default image: {img} {k}")),
+            )
+        };
+        (
+            path(&img["rootfs"], "rootfs"),
+            path(&img["work_seed"], "work seed"),
+            path(&k["kernel"], "kernel"),
+            path(&k["initrd"], "initrd"),
+        )
+    }
+
     /// Runs `ip -n <netns> args...` and returns stdout, asserting success.
     pub fn ip(&self, args: &[&str]) -> String {
         let mut a = vec!["-n", self.netns.as_str()];
@@ -231,6 +272,15 @@ impl Banger {
             .iter()
             .filter_map(|v| v["name"].as_str().map(String::from))
             .collect();
+        // A kept KVM host (see `kvm_host`) is reused, not deleted.
+        let names: Vec<String> = if std::env::var_os(kvm_host::KEEP_ENV).is_some() {
+            names
+                .into_iter()
+                .filter(|n| n != kvm_host::OUTER_VM)
+                .collect()
+        } else {
+            names
+        };
         if names.is_empty() {
             return;
         }

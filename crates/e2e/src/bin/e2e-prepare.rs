@@ -1,11 +1,12 @@
 //! Prepares the shared e2e installation of `BANGER_E2E_ROOT` (network
 //! namespace, default image, no leftover VMs) and stops its daemon, so that
-//! `scripts/test.sh` can build the image while the tests still compile.
+//! `scripts/test.sh` can build images while the tests still compile.
+//! `--kvm-host` also builds the image of the nested-KVM tests' outer guest.
 
 fn main() {
-    banger_e2e::shared();
-    println!(
-        "e2e installation ready: {}",
-        banger_e2e::shared().root.display()
-    );
+    let b = banger_e2e::shared();
+    if std::env::args().any(|a| a == "--kvm-host") {
+        banger_e2e::kvm_host::build_outer_image(b);
+    }
+    println!("e2e installation ready: {}", b.root.display());
 }
