@@ -18,9 +18,11 @@ pub const STDERR: u8 = 2;
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ExecStart {
+    /// The command and its arguments.
+    #[schema(min_items = 1)]
     pub argv: Vec<String>,
     #[serde(default)]
-    pub env: Vec<(String, String)>,
+    pub env: Vec<EnvVar>,
     pub cwd: Option<String>,
     /// Forward stdin (otherwise the process reads /dev/null).
     #[serde(default)]
@@ -28,6 +30,23 @@ pub struct ExecStart {
     /// Run on a pseudo-terminal of this size; output then comes as stdout only.
     #[serde(default)]
     pub tty: Option<TermSize>,
+}
+
+/// An environment variable of a guest process.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct EnvVar {
+    pub name: String,
+    pub value: String,
+}
+
+impl EnvVar {
+    pub fn new(name: impl Into<String>, value: impl Into<String>) -> Self {
+        EnvVar {
+            name: name.into(),
+            value: value.into(),
+        }
+    }
 }
 
 /// A terminal's size in character cells.

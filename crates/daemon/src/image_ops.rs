@@ -59,18 +59,12 @@ pub(crate) fn is_oci_reference(reference: &str) -> bool {
 /// The rule for image and kernel names: they become directory names and
 /// catalog names.
 pub(crate) fn check_name(kind: &str, name: &str) -> Result<(), DaemonError> {
-    let ok = (1..=63).contains(&name.len())
-        && name.starts_with(|c: char| c.is_ascii_lowercase() || c.is_ascii_digit())
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"._-".contains(&b));
-    if ok {
-        Ok(())
-    } else {
-        Err(DaemonError::Invalid(format!(
-            "{kind} name {name:?} is not valid: use 1 to 63 characters a-z, 0-9, '.', '_' and '-', starting with a letter or digit"
-        )))
-    }
+    let rule = match kind {
+        "kernel" => &banger_api::rules::KERNEL_NAME,
+        _ => &banger_api::rules::IMAGE_NAME,
+    };
+    rule.check(name)
+        .map_err(|e| DaemonError::Invalid(e.to_string()))
 }
 
 /// A default image name for an OCI reference: last repository component and
