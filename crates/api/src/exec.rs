@@ -52,7 +52,11 @@ impl EnvVar {
 /// A terminal's size in character cells.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct TermSize {
+    #[serde(deserialize_with = "crate::rules::integer")]
+    #[schema(schema_with = crate::rules::schema::term_cells)]
     pub rows: u16,
+    #[serde(deserialize_with = "crate::rules::integer")]
+    #[schema(schema_with = crate::rules::schema::term_cells)]
     pub cols: u16,
 }
 

@@ -85,15 +85,32 @@ pub struct RegisterImageRequest {
     /// Absolute path of an ext4 seed for new VMs' `/root` disks.
     #[schema(schema_with = crate::rules::schema::host_path_opt)]
     pub work_seed: Option<String>,
-    /// A registered kernel (excludes `kernel`).
-    #[schema(schema_with = crate::rules::schema::kernel_name_opt)]
+    /// A registered kernel. Exactly one of `kernel_ref` and `kernel` is
+    /// given (`oneOf`, see [`crate::rules::complete_document`]); neither
+    /// may be `null`.
+    #[serde(
+        default,
+        deserialize_with = "crate::rules::present",
+        skip_serializing_if = "Option::is_none"
+    )]
+    #[schema(schema_with = crate::rules::schema::kernel_name)]
     pub kernel_ref: Option<String>,
     /// Absolute path of a kernel image (bzImage); recorded as a kernel named
     /// after the image.
-    #[schema(schema_with = crate::rules::schema::host_path_opt)]
+    #[serde(
+        default,
+        deserialize_with = "crate::rules::present",
+        skip_serializing_if = "Option::is_none"
+    )]
+    #[schema(schema_with = crate::rules::schema::host_path)]
     pub kernel: Option<String>,
     /// Absolute path of its initrd (only with `kernel`).
-    #[schema(schema_with = crate::rules::schema::host_path_opt)]
+    #[serde(
+        default,
+        deserialize_with = "crate::rules::present",
+        skip_serializing_if = "Option::is_none"
+    )]
+    #[schema(schema_with = crate::rules::schema::host_path)]
     pub initrd: Option<String>,
 }
 

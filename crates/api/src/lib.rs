@@ -92,8 +92,10 @@ pub struct CreateVmRequest {
     /// Image name; the configured default when absent.
     #[schema(schema_with = rules::schema::image_name_opt)]
     pub image: Option<String>,
+    #[serde(default, deserialize_with = "rules::integer_opt")]
     #[schema(schema_with = rules::schema::vcpu_opt)]
     pub vcpu: Option<u32>,
+    #[serde(default, deserialize_with = "rules::integer_opt")]
     #[schema(schema_with = rules::schema::memory_mib_opt)]
     pub memory_mib: Option<u64>,
     /// e.g. "16G".
@@ -215,6 +217,7 @@ impl OperationEvent for BuildImageEvent {
 #[serde(deny_unknown_fields)]
 pub struct KillRequest {
     /// Signal number, e.g. 15 (TERM) or 9 (KILL).
+    #[serde(deserialize_with = "rules::integer")]
     #[schema(schema_with = rules::schema::signal)]
     pub signal: i32,
 }
@@ -227,14 +230,14 @@ pub struct KillRequest {
 pub struct SetVmRequest {
     #[serde(
         default,
-        deserialize_with = "rules::present",
+        deserialize_with = "rules::integer_present",
         skip_serializing_if = "Option::is_none"
     )]
     #[schema(schema_with = rules::schema::vcpu)]
     pub vcpu: Option<u32>,
     #[serde(
         default,
-        deserialize_with = "rules::present",
+        deserialize_with = "rules::integer_present",
         skip_serializing_if = "Option::is_none"
     )]
     #[schema(schema_with = rules::schema::memory_mib)]

@@ -180,7 +180,12 @@ impl StringRule {
 }
 
 /// An integer schema of `lo..=hi`, nullable or not.
-fn integer(lo: i64, hi: i64, nullable: bool, format: utoipa::openapi::KnownFormat) -> Object {
+fn integer_schema(
+    lo: i64,
+    hi: i64,
+    nullable: bool,
+    format: utoipa::openapi::KnownFormat,
+) -> Object {
     let ty = if nullable {
         SchemaType::from_iter([Type::Integer, Type::Null])
     } else {
@@ -249,13 +254,13 @@ pub mod schema {
         DISK_SIZE.schema()
     }
     pub fn vcpu_opt() -> Object {
-        integer(1, i64::from(MAX_VCPU), true, KnownFormat::Int32)
+        integer_schema(1, i64::from(MAX_VCPU), true, KnownFormat::Int32)
     }
     pub fn vcpu() -> Object {
-        integer(1, i64::from(MAX_VCPU), false, KnownFormat::Int32)
+        integer_schema(1, i64::from(MAX_VCPU), false, KnownFormat::Int32)
     }
     pub fn memory_mib_opt() -> Object {
-        integer(
+        integer_schema(
             MIN_MEMORY_MIB as i64,
             MAX_MEMORY_MIB as i64,
             true,
@@ -263,7 +268,7 @@ pub mod schema {
         )
     }
     pub fn memory_mib() -> Object {
-        integer(
+        integer_schema(
             MIN_MEMORY_MIB as i64,
             MAX_MEMORY_MIB as i64,
             false,
@@ -273,8 +278,12 @@ pub mod schema {
     pub fn boolean() -> Object {
         ObjectBuilder::new().schema_type(Type::Boolean).build()
     }
+    /// Rows or columns of a terminal.
+    pub fn term_cells() -> Object {
+        integer_schema(0, i64::from(u16::MAX), false, KnownFormat::Int32)
+    }
     pub fn signal() -> Object {
-        integer(
+        integer_schema(
             i64::from(MIN_SIGNAL),
             i64::from(MAX_SIGNAL),
             false,
@@ -287,14 +296,70 @@ pub mod schema {
     }
 }
 
-/// What the derive macros cannot say: `PATCH /v1/vms/{vm}` needs at least
-/// one field. Applied to the finished document.
-pub fn complete_document(api: &mut utoipa::openapi::OpenApi) {
-    if let Some(components) = api.components.as_mut()
-        && let Some(RefOr::T(Schema::Object(set))) = components.schemas.get_mut("SetVmRequest")
-    {
-        set.min_properties = Some(1);
+/// What the derive macros cannot say, added to the finished document:
+/// `PATCH /v1/vms/{vm}` needs at least one field, and an image is
+/// registered with exactly one of `kernel_ref` and `kernel`, `initrd`
+/// only with `kernel`.
+pub fn complete_document(doc: &mut serde_json::Value) {
+    let schemas = &mut doc["components"]["schemas"];
+    if let Some(set) = schemas.get_mut("SetVmRequest") {
+        set["minProperties"] = 1.into();
     }
+    if let Some(register) = schemas.get_mut("RegisterImageRequest") {
+        register["oneOf"] = serde_json::json!([
+            { "required": ["kernel_ref"], "not": { "required": ["initrd"] } },
+            { "required": ["kernel"] }
+        ]);
+    }
+}
+
+/// An integer as JSON Schema counts them (`24` and `24.0` alike), within
+/// `T`'s range: `#[serde(deserialize_with = "rules::integer")]`.
+pub fn integer<'de, D, T>(d: D) -> Result<T, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: TryFrom<i64> + TryFrom<u64>,
+{
+    use serde::de::Error;
+    let n = <serde_json::Number as serde::Deserialize>::deserialize(d)?;
+    let out_of_range = || D::Error::custom(format!("{n} is out of range"));
+    if let Some(u) = n.as_u64() {
+        return T::try_from(u).map_err(|_| out_of_range());
+    }
+    if let Some(i) = n.as_i64() {
+        return T::try_from(i).map_err(|_| out_of_range());
+    }
+    match n.as_f64() {
+        Some(f) if f.fract() == 0.0 && f >= i64::MIN as f64 && f <= u64::MAX as f64 => {
+            if f >= 0.0 {
+                T::try_from(f as u64).map_err(|_| out_of_range())
+            } else {
+                T::try_from(f as i64).map_err(|_| out_of_range())
+            }
+        }
+        _ => Err(D::Error::custom(format!("{n} is not an integer"))),
+    }
+}
+
+/// [`integer`] for an `Option` field that may be `null`.
+pub fn integer_opt<'de, D, T>(d: D) -> Result<Option<T>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: TryFrom<i64> + TryFrom<u64>,
+{
+    match <Option<serde_json::Number> as serde::Deserialize>::deserialize(d)? {
+        None => Ok(None),
+        Some(n) => integer(n).map(Some).map_err(serde::de::Error::custom),
+    }
+}
+
+/// [`integer`] for an `Option` field that may be absent but not `null`.
+pub fn integer_present<'de, D, T>(d: D) -> Result<Option<T>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: TryFrom<i64> + TryFrom<u64>,
+{
+    integer(d).map(Some)
 }
 
 /// For `Option` fields that may be absent but not `null`:

@@ -182,6 +182,9 @@ fn document_operation(path: &str, op: &mut Operation) {
         .request_body
         .as_ref()
         .is_some_and(|b| b.content.contains_key("application/json"));
+    if websocket {
+        add_upgrade_headers(op);
+    }
     let mut add = |status: u16, description: &str| {
         op.responses
             .responses
@@ -211,6 +214,39 @@ fn document_operation(path: &str, op: &mut Operation) {
             }
             .to_string();
         }
+    }
+}
+
+/// The headers a WebSocket upgrade needs (RFC 6455), which the framework
+/// checks before the handler runs; without them the answer is a 400.
+fn add_upgrade_headers(op: &mut Operation) {
+    use utoipa::openapi::Required;
+    use utoipa::openapi::path::ParameterBuilder;
+    use utoipa::openapi::schema::{ObjectBuilder, Type};
+    let headers = [
+        ("Connection", Some("Upgrade"), None),
+        ("Upgrade", Some("websocket"), None),
+        ("Sec-WebSocket-Version", Some("13"), None),
+        ("Sec-WebSocket-Key", None, Some("^[A-Za-z0-9+/]{22}==$")),
+    ];
+    let params = op.parameters.get_or_insert_with(Vec::new);
+    for (name, value, pattern) in headers {
+        let mut schema = ObjectBuilder::new().schema_type(Type::String);
+        if let Some(v) = value {
+            schema = schema.enum_values(Some([v]));
+        }
+        if let Some(p) = pattern {
+            schema = schema.pattern(Some(p));
+        }
+        params.push(
+            ParameterBuilder::new()
+                .name(name)
+                .parameter_in(ParameterIn::Header)
+                .required(Required::True)
+                .description(Some("WebSocket upgrade (RFC 6455)"))
+                .schema(Some(schema.build()))
+                .build(),
+        );
     }
 }
 

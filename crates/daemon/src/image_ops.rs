@@ -137,7 +137,10 @@ fn in_use(e: banger_store::StoreError) -> DaemonError {
     }
 }
 
-/// `path` as an absolute, existing regular file (symlinks resolved).
+/// `path` as an absolute, existing regular file (symlinks resolved). A
+/// path that is not absolute is a bad request; a missing file is not
+/// found, and one that is no regular file or cannot be read conflicts
+/// with the host's state.
 fn regular_file(what: &str, path: &str) -> Result<PathBuf, DaemonError> {
     let p = Path::new(path);
     if !p.is_absolute() {
@@ -147,11 +150,14 @@ fn regular_file(what: &str, path: &str) -> Result<PathBuf, DaemonError> {
     }
     match std::fs::metadata(p) {
         Ok(md) if md.is_file() => std::fs::canonicalize(p)
-            .map_err(|e| DaemonError::Invalid(format!("{what} {path}: {e}"))),
-        Ok(_) => Err(DaemonError::Invalid(format!(
+            .map_err(|e| DaemonError::Conflict(format!("{what} {path}: {e}"))),
+        Ok(_) => Err(DaemonError::Conflict(format!(
             "{what} {path} is not a regular file"
         ))),
-        Err(e) => Err(DaemonError::Invalid(format!(
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(DaemonError::NotFound(format!(
+            "{what} {path} does not exist"
+        ))),
+        Err(e) => Err(DaemonError::Conflict(format!(
             "{what} {path} cannot be read: {e}"
         ))),
     }
@@ -659,8 +665,9 @@ impl Daemon {
         name: &str,
         kernel: &Path,
     ) -> Result<(Option<PathBuf>, Option<PathBuf>), DaemonError> {
+        // What the file holds, not the request's shape.
         let unusable = |why: String| {
-            DaemonError::Invalid(format!(
+            DaemonError::Conflict(format!(
                 "kernel {} cannot be booted by Firecracker: {why}; give a bzImage compressed with gzip, xz, zstd, lz4 or lzma, or its uncompressed ELF vmlinux",
                 kernel.display()
             ))

@@ -45,7 +45,7 @@ struct ApiDoc;
 /// they cannot drift apart. Every error response, the framework's own
 /// rejections included, leaves as an `ApiError` ([`crate::api_errors`]),
 /// and the document lists the statuses those rejections use.
-pub fn router(daemon: Shared) -> (Router, utoipa::openapi::OpenApi) {
+pub fn router(daemon: Shared) -> (Router, serde_json::Value) {
     let (router, mut api) = OpenApiRouter::with_openapi(ApiDoc::openapi())
         .routes(routes!(info))
         .routes(routes!(shutdown))
@@ -69,8 +69,9 @@ pub fn router(daemon: Shared) -> (Router, utoipa::openapi::OpenApi) {
         .merge(crate::session_routes::router())
         .with_state(daemon.clone())
         .split_for_parts();
-    banger_api::rules::complete_document(&mut api);
     crate::api_errors::document(&mut api);
+    let mut api = serde_json::to_value(&api).expect("an OpenAPI document serialises to JSON");
+    banger_api::rules::complete_document(&mut api);
     let doc = api.clone();
     let router = router
         .route(

@@ -97,7 +97,7 @@ async fn list_sessions(
 /// Starts a supervised session in a running VM.
 #[utoipa::path(post, path = p::SESSIONS, params(("vm" = String, Path, description = "name or id prefix")),
     request_body = StartSession,
-    responses((status = 200, body = SessionInfo), (status = 400, body = ApiError), (status = 409, body = ApiError)))]
+    responses((status = 200, body = SessionInfo), (status = 400, body = ApiError), (status = 404, body = ApiError), (status = 409, body = ApiError)))]
 async fn start_session(
     State(d): State<Shared>,
     Path(vm): Path<String>,
@@ -152,7 +152,7 @@ struct LogsQuery {
 /// `follow`, then its live output until it ends.
 #[utoipa::path(get, path = p::SESSION_LOGS,
     params(SessionPath, LogsQuery),
-    responses((status = 200, content_type = "application/octet-stream", body = String), (status = 404, body = ApiError)))]
+    responses((status = 200, content_type = "application/octet-stream", body = String), (status = 404, body = ApiError), (status = 409, body = ApiError)))]
 async fn session_logs(
     State(d): State<Shared>,
     Path(SessionPath { vm, name }): Path<SessionPath>,

@@ -92,7 +92,13 @@ impl Daemon {
             )));
         }
         if let Some(d) = disk {
-            let current = vm.spec.disk_bytes.value;
+            // A work disk cloned from a seed larger than the asked size is
+            // as large as its seed.
+            let disks = VmDisks::in_dir(&vm.dir);
+            let current = [&disks.work, &disks.overlay]
+                .into_iter()
+                .map(|p| banger_storage::disk_usage(p).virtual_bytes)
+                .fold(vm.spec.disk_bytes.value, u64::max);
             if d.bytes() < current {
                 // A rule of this VM's state, not of the request's shape.
                 return Err(DaemonError::Conflict(format!(
@@ -101,7 +107,6 @@ impl Daemon {
                     ByteSize(current)
                 )));
             }
-            let disks = VmDisks::in_dir(&vm.dir);
             for path in [&disks.work, &disks.overlay] {
                 banger_storage::grow_disk(path, d.bytes())
                     .await
