@@ -104,7 +104,7 @@ fn rejection(
         StatusCode::UNSUPPORTED_MEDIA_TYPE => (
             status,
             "unsupported_media_type",
-            format!("{said}: send the body as JSON with `Content-Type: application/json`"),
+            "the body must be JSON, sent with `Content-Type: application/json`".to_string(),
         ),
         StatusCode::PAYLOAD_TOO_LARGE => (status, "too_large", said.to_string()),
         s if s.is_server_error() => {
