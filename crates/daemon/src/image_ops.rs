@@ -376,19 +376,18 @@ impl Daemon {
         Ok(k)
     }
 
-    /// `POST /v1/images/pull`: a catalog name or an OCI reference.
-    pub(crate) async fn pull_image(
-        self: &Arc<Self>,
-        req: PullImageRequest,
-        report: &Report,
-        cancel: &CancellationToken,
-    ) -> Result<ImageRecord, DaemonError> {
-        let reference = req.reference.trim();
-        if reference.is_empty() {
-            return Err(DaemonError::Invalid(
-                "give a catalog image name or an OCI reference (registry/repo:tag)".into(),
-            ));
+    /// The checks of a pull request that need nothing but the request and
+    /// the store, so a bad one is answered before the stream starts;
+    /// [`Daemon::pull_image`] runs them again.
+    pub(crate) fn check_pull(&self, req: &PullImageRequest) -> Result<(), DaemonError> {
+        let rule = |r: &banger_api::rules::StringRule, v: &str| {
+            r.check(v).map_err(|e| DaemonError::Invalid(e.to_string()))
+        };
+        rule(&banger_api::rules::REFERENCE, &req.reference)?;
+        if let Some(k) = &req.kernel_ref {
+            rule(&banger_api::rules::KERNEL_NAME, k)?;
         }
+        let reference = req.reference.as_str();
         if !is_oci_reference(reference) {
             if req.kernel_ref.is_some() {
                 return Err(DaemonError::Invalid(format!(
@@ -401,7 +400,27 @@ impl Daemon {
                 )));
             }
             check_name("image", reference)?;
-            self.refuse_existing_image(reference)?;
+            return self.refuse_existing_image(reference);
+        }
+        let name = req
+            .name
+            .clone()
+            .unwrap_or_else(|| name_from_reference(reference));
+        check_name("image", &name)?;
+        banger_oci::parse_reference(reference).map_err(oci_error)?;
+        self.refuse_existing_image(&name)
+    }
+
+    /// `POST /v1/images/pull`: a catalog name or an OCI reference.
+    pub(crate) async fn pull_image(
+        self: &Arc<Self>,
+        req: PullImageRequest,
+        report: &Report,
+        cancel: &CancellationToken,
+    ) -> Result<ImageRecord, DaemonError> {
+        self.check_pull(&req)?;
+        let reference = req.reference.as_str();
+        if !is_oci_reference(reference) {
             return self
                 .pull_catalog_image(reference, report, cancel)
                 .await
@@ -411,9 +430,6 @@ impl Daemon {
             .name
             .clone()
             .unwrap_or_else(|| name_from_reference(reference));
-        check_name("image", &name)?;
-        banger_oci::parse_reference(reference).map_err(oci_error)?;
-        self.refuse_existing_image(&name)?;
         let kernel = match &req.kernel_ref {
             Some(k) => self.store.get_kernel(k).map_err(|_| {
                 DaemonError::NotFound(format!(

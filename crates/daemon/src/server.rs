@@ -337,8 +337,17 @@ async fn create_vm(State(d): State<Shared>, Json(req): Json<CreateVmRequest>) ->
 /// `from_image` derived from a registered image in a transient VM. Answers
 /// with newline-delimited JSON `BuildImageEvent`s; disconnecting cancels.
 #[utoipa::path(post, path = paths::IMAGE_BUILD, request_body = BuildImageRequest,
-    responses((status = 200, content_type = "application/x-ndjson", body = BuildImageEvent)))]
+    responses((status = 200, content_type = "application/x-ndjson", body = BuildImageEvent),
+              (status = 400, body = ApiError)))]
 async fn build_image(State(d): State<Shared>, Json(req): Json<BuildImageRequest>) -> Response {
+    let names = [Some(&req.name), req.from_image.as_ref()];
+    let checked = names
+        .into_iter()
+        .flatten()
+        .try_for_each(|n| crate::image_ops::check_name("image", n));
+    if let Err(e) = checked {
+        return e.into_response();
+    }
     operation(
         d,
         BuildImageEvent::Done,

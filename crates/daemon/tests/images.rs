@@ -413,11 +413,15 @@ async fn bundle_serve_and_pull_through_the_catalog() {
     let kfile = PathBuf::from(k["kernel"].as_str().expect("kernel"));
     assert!(kfile.starts_with(&consumer.paths.kernels_dir));
 
-    // A second pull of the same name is refused.
-    let ev = consumer
-        .operation("/v1/images/pull", json!({"reference": "small"}))
+    // A second pull of the same name is refused, before any stream.
+    let (status, msg) = consumer
+        .err(
+            Method::POST,
+            "/v1/images/pull",
+            Some(json!({"reference": "small"})),
+        )
         .await;
-    let msg = ev["error"]["message"].as_str().expect("error");
+    assert_eq!(status, StatusCode::CONFLICT, "{msg}");
     assert!(msg.contains("already exists"), "{msg}");
 
     // Managed: deleting removes the files.

@@ -210,6 +210,14 @@ async fn framework_rejections_are_api_errors() {
         (Method::POST, "/v1/vms", json, r#"{"memory_mib": 99999999999}"#, 400, "invalid", "memory"),
         (Method::POST, "/v1/images/register", json, r#"{"name": "i", "rootfs": "/nonexistent", "kernel": "/k"}"#, 404, "not_found", "/nonexistent"),
         (Method::POST, "/v1/images/register", json, r#"{"name": "i", "rootfs": "/", "kernel": "/k"}"#, 409, "conflict", "not a regular file"),
+        // Streamed operations refuse a bad request before their stream starts.
+        (Method::POST, "/v1/images/pull", json, r#"{"reference": "a b"}"#, 400, "invalid", "reference"),
+        (Method::POST, "/v1/images/pull", json, r#"{"reference": "debian", "kernel_ref": "k"}"#, 400, "invalid", "--kernel-ref"),
+        (Method::POST, "/v1/kernels/pull", json, r#"{"name": "Bad Kernel"}"#, 400, "invalid", "kernel name"),
+        (Method::POST, "/v1/images/build", json, r#"{"name": "-x"}"#, 400, "invalid", "image name"),
+        (Method::POST, "/v1/images/{image}/bundle", json, r#"{"out_dir": "rel", "base_url": "file:///srv"}"#, 400, "invalid", "absolute"),
+        (Method::POST, "/v1/images/{image}/bundle", json, r#"{"out_dir": "/tmp/o", "base_url": "file:///srv"}"#, 404, "not_found", "img"),
+        (Method::POST, "/v1/kernels/{kernel}/bundle", json, r#"{"out_dir": "/tmp/o", "base_url": "ftp://x"}"#, 400, "invalid", "base URL"),
         (Method::GET, "/v1/vms/{vm}/stats?guest=maybe", None, "", 400, "invalid", "guest"),
         (Method::GET, "/v1/vms/{vm}/logs?source=disk", None, "", 400, "invalid", "source"),
         (Method::GET, "/v1/vms/{vm}/exec", None, "", 400, "invalid", "WebSocket"),
@@ -222,6 +230,7 @@ async fn framework_rejections_are_api_errors() {
     for (method, path, ct, body, status, code, needle) in cases {
         let concrete = path
             .replace("{image}", "img")
+            .replace("{kernel}", "krn")
             .replace("{vm}", "x")
             .replace("{name}", "bad%20name");
         let (s, err, headers) = send_body(&router, method.clone(), &concrete, *ct, body).await;

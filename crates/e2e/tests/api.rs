@@ -277,6 +277,7 @@ fn schemathesis_finds_nothing() {
         .current_dir(&b.root)
         .env("PYTHONDONTWRITEBYTECODE", "1")
         .env("PYTHONPATH", tools_dir())
+        .env("BANGER_OPENAPI", repo().join("docs/openapi.json"))
         .env("SCHEMATHESIS_HOOKS", "st_hooks");
     let documented = served_document(&b).to_string();
     for (op, _why) in EXCLUDED {
@@ -294,8 +295,13 @@ fn schemathesis_finds_nothing() {
         "schemathesis found problems (report under {}):\n{stdout}\n{stderr}",
         report.display()
     );
-    // It really ran: operations were tested and the stateful phase too.
+    // It really ran: operations were tested and the stateful phase too,
+    // and the create stream was checked (the hooks' NDJSON deserializer).
     assert!(stdout.contains("Stateful"), "no stateful phase:\n{stdout}");
+    assert!(
+        !stdout.contains("cannot validate application/x-ndjson"),
+        "create's stream was not validated:\n{stdout}"
+    );
     // Whatever the fuzzer did, the daemon still answers and its VMs are
     // consistent with their files.
     let names = b.vm_names();
