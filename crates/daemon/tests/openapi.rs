@@ -354,3 +354,24 @@ async fn refused_creates_leave_nothing() {
         vms.display()
     );
 }
+
+/// The benchmarks `banger bench` drives are served, under `/internal/`,
+/// and are not part of the public document.
+#[tokio::test]
+async fn bench_routes_are_internal() {
+    let (_t, router, doc) = daemon();
+    for p in [
+        banger_api::paths::NETWORK_BENCH,
+        banger_api::bench::routes::BENCH_IMAGE,
+    ] {
+        assert!(p.starts_with("/internal/"), "{p}");
+        assert!(doc["paths"].get(p).is_none(), "{p} is in the document");
+        let (status, body) = send(&router, Method::POST, p).await;
+        let err: banger_api::ApiError = serde_json::from_slice(&body).expect("api error");
+        assert!(
+            status.is_client_error() && !err.message.starts_with("no route"),
+            "{p}: {status} {}",
+            err.message
+        );
+    }
+}
