@@ -20,9 +20,11 @@ need_pkgs=(gcc libc6-dev mmdebstrap e2fsprogs openssh-client iproute2 nftables c
 # Test servers and fixtures: a local OCI registry and the tools that push
 # to it, htpasswd for its auth test, busybox for tiny test images, dig;
 # curl and a headless browser for the web UI, the shells whose completion
-# scripts are checked.
+# scripts are checked, Python with venv for the API contract tools
+# (crates/e2e/tests/api.rs installs them from PyPI into a venv of its own).
 if [ "$test_tools" = 1 ]; then
   need_pkgs+=(docker-registry skopeo umoci apache2-utils busybox-static dnsutils curl zsh fish)
+  need_pkgs+=(python3 python3-venv python3-pip)
   # Ubuntu ships Chromium as a snap behind chromium-browser.
   if [ "${ID:-}" = ubuntu ]; then need_pkgs+=(chromium-browser); else need_pkgs+=(chromium); fi
 fi

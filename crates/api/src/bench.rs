@@ -4,9 +4,9 @@
 use crate::{ApiError, Client, ClientError, OperationEvent, Progress};
 use serde::{Deserialize, Serialize};
 
-/// Route paths of this module.
+/// Route paths of this module: internal, outside the public API document.
 pub mod routes {
-    pub const BENCH_IMAGE: &str = "/v1/bench/image";
+    pub const BENCH_IMAGE: &str = "/internal/bench/image";
 }
 
 /// `POST /v1/bench/image`.

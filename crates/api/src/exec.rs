@@ -18,9 +18,11 @@ pub const STDERR: u8 = 2;
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ExecStart {
+    /// The command and its arguments.
+    #[schema(min_items = 1)]
     pub argv: Vec<String>,
     #[serde(default)]
-    pub env: Vec<(String, String)>,
+    pub env: Vec<EnvVar>,
     pub cwd: Option<String>,
     /// Forward stdin (otherwise the process reads /dev/null).
     #[serde(default)]
@@ -30,10 +32,31 @@ pub struct ExecStart {
     pub tty: Option<TermSize>,
 }
 
+/// An environment variable of a guest process.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct EnvVar {
+    pub name: String,
+    pub value: String,
+}
+
+impl EnvVar {
+    pub fn new(name: impl Into<String>, value: impl Into<String>) -> Self {
+        EnvVar {
+            name: name.into(),
+            value: value.into(),
+        }
+    }
+}
+
 /// A terminal's size in character cells.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct TermSize {
+    #[serde(deserialize_with = "crate::rules::integer")]
+    #[schema(schema_with = crate::rules::schema::term_cells)]
     pub rows: u16,
+    #[serde(deserialize_with = "crate::rules::integer")]
+    #[schema(schema_with = crate::rules::schema::term_cells)]
     pub cols: u16,
 }
 

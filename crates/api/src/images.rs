@@ -22,11 +22,14 @@ pub mod routes {
 pub struct PullImageRequest {
     /// A catalog name (`debian-bookworm`), or an OCI reference
     /// (`registry/repo:tag`, `registry/repo@sha256:...`).
+    #[schema(schema_with = crate::rules::schema::reference)]
     pub reference: String,
     /// Name of the new image; for OCI references the default is derived
     /// from the repository and tag, for catalog names it is the name.
+    #[schema(schema_with = crate::rules::schema::image_name_opt)]
     pub name: Option<String>,
     /// Kernel an OCI image boots with; default: the default image's kernel.
+    #[schema(schema_with = crate::rules::schema::kernel_name_opt)]
     pub kernel_ref: Option<String>,
 }
 
@@ -35,6 +38,7 @@ pub struct PullImageRequest {
 #[serde(deny_unknown_fields)]
 pub struct PullKernelRequest {
     /// Catalog name, e.g. `generic-6.12`.
+    #[schema(schema_with = crate::rules::schema::kernel_name)]
     pub name: String,
 }
 
@@ -73,17 +77,40 @@ pub enum PullKernelEvent {
 #[derive(Debug, Clone, Default, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RegisterImageRequest {
+    #[schema(schema_with = crate::rules::schema::image_name)]
     pub name: String,
     /// Absolute path of the ext4 root file system.
+    #[schema(schema_with = crate::rules::schema::host_path)]
     pub rootfs: String,
     /// Absolute path of an ext4 seed for new VMs' `/root` disks.
+    #[schema(schema_with = crate::rules::schema::host_path_opt)]
     pub work_seed: Option<String>,
-    /// A registered kernel (excludes `kernel`).
+    /// A registered kernel. Exactly one of `kernel_ref` and `kernel` is
+    /// given (`oneOf`, see [`crate::rules::complete_document`]); neither
+    /// may be `null`.
+    #[serde(
+        default,
+        deserialize_with = "crate::rules::present",
+        skip_serializing_if = "Option::is_none"
+    )]
+    #[schema(schema_with = crate::rules::schema::kernel_name)]
     pub kernel_ref: Option<String>,
     /// Absolute path of a kernel image (bzImage); recorded as a kernel named
     /// after the image.
+    #[serde(
+        default,
+        deserialize_with = "crate::rules::present",
+        skip_serializing_if = "Option::is_none"
+    )]
+    #[schema(schema_with = crate::rules::schema::host_path)]
     pub kernel: Option<String>,
     /// Absolute path of its initrd (only with `kernel`).
+    #[serde(
+        default,
+        deserialize_with = "crate::rules::present",
+        skip_serializing_if = "Option::is_none"
+    )]
+    #[schema(schema_with = crate::rules::schema::host_path)]
     pub initrd: Option<String>,
 }
 
@@ -102,10 +129,13 @@ pub struct DeleteImageQuery {
 #[serde(deny_unknown_fields)]
 pub struct BundleRequest {
     /// Absolute path of the directory the bundle is written to.
+    #[schema(schema_with = crate::rules::schema::host_path)]
     pub out_dir: String,
     /// URL of that directory once published (http, https or file).
+    #[schema(schema_with = crate::rules::schema::base_url)]
     pub base_url: String,
     /// Absolute path of an index file to add the entry to (created if missing).
+    #[schema(schema_with = crate::rules::schema::host_path_opt)]
     pub index: Option<String>,
     /// One line for the catalog listing.
     pub description: Option<String>,

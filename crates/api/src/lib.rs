@@ -10,6 +10,7 @@ pub mod exec;
 pub mod files;
 pub mod hold;
 pub mod images;
+pub mod rules;
 pub mod sessions;
 
 use banger_model::{ImageRecord, KernelRecord, VmRecord, VmSpec};
@@ -33,7 +34,8 @@ pub mod paths {
     pub const VM_STATS: &str = "/v1/vms/{vm}/stats";
     pub const VM_PORTS: &str = "/v1/vms/{vm}/ports";
     pub const NETWORK: &str = "/v1/network";
-    pub const NETWORK_BENCH: &str = "/v1/network/bench";
+    /// Internal (`banger bench`), outside the public API document.
+    pub const NETWORK_BENCH: &str = "/internal/bench/network";
     pub const IMAGES: &str = "/v1/images";
     pub const IMAGE: &str = "/v1/images/{image}";
     pub const IMAGE_BUILD: &str = "/v1/images/build";
@@ -85,12 +87,19 @@ pub struct DaemonInfo {
 #[serde(deny_unknown_fields)]
 pub struct CreateVmRequest {
     /// DNS label; generated (adjective-noun) when absent.
+    #[schema(schema_with = rules::schema::vm_name_opt)]
     pub name: Option<String>,
     /// Image name; the configured default when absent.
+    #[schema(schema_with = rules::schema::image_name_opt)]
     pub image: Option<String>,
+    #[serde(default, deserialize_with = "rules::integer_opt")]
+    #[schema(schema_with = rules::schema::vcpu_opt)]
     pub vcpu: Option<u32>,
+    #[serde(default, deserialize_with = "rules::integer_opt")]
+    #[schema(schema_with = rules::schema::memory_mib_opt)]
     pub memory_mib: Option<u64>,
     /// e.g. "16G".
+    #[schema(schema_with = rules::schema::disk_size_opt)]
     pub disk_size: Option<String>,
     /// Boot the VM and wait for its agent (default true).
     #[serde(default = "yes")]
@@ -125,15 +134,19 @@ pub struct Progress {
     pub elapsed_ms: u64,
 }
 
+/// The `planned` event of a create: what will be made.
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct PlannedVm {
+    pub name: String,
+    pub spec: VmSpec,
+}
+
 /// One line of the `POST /v1/vms` response stream.
 #[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum CreateVmEvent {
     /// First event: the name and effective spec, before anything is made.
-    Planned {
-        name: String,
-        spec: VmSpec,
-    },
+    Planned(PlannedVm),
     Progress(Progress),
     Done(VmRecord),
     Error(ApiError),
@@ -143,12 +156,15 @@ pub enum CreateVmEvent {
 #[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct BuildImageRequest {
+    /// Local Debian builds also need a DNS label (no '.' or '_').
+    #[schema(schema_with = rules::schema::image_name)]
     pub name: String,
     /// Debian suite, default `bookworm` (local Debian builds only).
     pub suite: Option<String>,
     /// Derive the image from this registered image in a transient VM
     /// instead of building it from Debian packages.
     #[serde(default)]
+    #[schema(schema_with = rules::schema::image_name_opt)]
     pub from_image: Option<String>,
     /// Install Docker (Debian's `docker.io`, containerd and docker enabled).
     #[serde(default)]
@@ -180,7 +196,7 @@ impl OperationEvent for CreateVmEvent {
         match self {
             CreateVmEvent::Done(vm) => Some(Ok(vm.clone())),
             CreateVmEvent::Error(e) => Some(Err(e.clone())),
-            CreateVmEvent::Planned { .. } | CreateVmEvent::Progress(_) => None,
+            CreateVmEvent::Planned(_) | CreateVmEvent::Progress(_) => None,
         }
     }
 }
@@ -201,18 +217,46 @@ impl OperationEvent for BuildImageEvent {
 #[serde(deny_unknown_fields)]
 pub struct KillRequest {
     /// Signal number, e.g. 15 (TERM) or 9 (KILL).
+    #[serde(deserialize_with = "rules::integer")]
+    #[schema(schema_with = rules::schema::signal)]
     pub signal: i32,
 }
 
-/// `PATCH /v1/vms/{vm}`: changes to a stopped VM. Absent fields are kept.
+/// `PATCH /v1/vms/{vm}`: changes to a stopped VM. Absent fields are kept;
+/// at least one is needed (`minProperties`, see
+/// [`rules::complete_document`]), and none may be `null`.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SetVmRequest {
+    #[serde(
+        default,
+        deserialize_with = "rules::integer_present",
+        skip_serializing_if = "Option::is_none"
+    )]
+    #[schema(schema_with = rules::schema::vcpu)]
     pub vcpu: Option<u32>,
+    #[serde(
+        default,
+        deserialize_with = "rules::integer_present",
+        skip_serializing_if = "Option::is_none"
+    )]
+    #[schema(schema_with = rules::schema::memory_mib)]
     pub memory_mib: Option<u64>,
     /// New disk size, e.g. "32G"; disks only grow.
+    #[serde(
+        default,
+        deserialize_with = "rules::present",
+        skip_serializing_if = "Option::is_none"
+    )]
+    #[schema(schema_with = rules::schema::disk_size)]
     pub disk_size: Option<String>,
     /// Masquerade the VM's traffic out of the host.
+    #[serde(
+        default,
+        deserialize_with = "rules::present",
+        skip_serializing_if = "Option::is_none"
+    )]
+    #[schema(schema_with = rules::schema::boolean)]
     pub nat: Option<bool>,
 }
 
@@ -321,8 +365,8 @@ pub struct NetworkStatus {
     pub bridge: String,
     pub cidr: String,
     pub bridge_ip: String,
-    /// Idle and configured TAPs of the pool (bridge mode).
-    pub tap_pool: Option<(usize, usize)>,
+    /// The TAP pool (bridge mode).
+    pub tap_pool: Option<TapPool>,
     pub dns_listen: String,
     /// Why the DNS server is not running, when it is not.
     pub dns_error: Option<String>,
@@ -336,6 +380,15 @@ pub struct NetworkStatus {
     /// Whether `/dev/net/tun` can be opened, and why not.
     pub tun_ok: bool,
     pub tun_detail: String,
+}
+
+/// TAPs of the warm pool.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct TapPool {
+    /// Made and waiting for a VM.
+    pub idle: u64,
+    /// How many the pool keeps ready (`tap_pool_size`).
+    pub configured: u64,
 }
 
 /// Network micro-benchmarks (`banger bench`).

@@ -5,7 +5,7 @@
 //! per-session Unix socket the daemon serves (see [`AttachInfo`]).
 
 use crate::client::{Client, ClientError};
-use crate::exec::{ExecExit, TermSize};
+use crate::exec::{EnvVar, ExecExit, TermSize};
 use http_body_util::BodyExt;
 use hyper::Method;
 use serde::{Deserialize, Serialize};
@@ -35,10 +35,13 @@ pub enum StdinMode {
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct StartSession {
+    #[schema(schema_with = crate::rules::schema::session_name)]
     pub name: String,
+    /// The command and its arguments.
+    #[schema(min_items = 1)]
     pub argv: Vec<String>,
     #[serde(default)]
-    pub env: Vec<(String, String)>,
+    pub env: Vec<EnvVar>,
     pub cwd: Option<String>,
     #[serde(default)]
     pub stdin: StdinMode,

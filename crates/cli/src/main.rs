@@ -48,6 +48,9 @@ enum Command {
     Doctor(commands::doctor::DoctorArgs),
     /// Print (or --install / --uninstall) the ssh_config Include for `ssh <vm>.vm`.
     SshConfig(commands::ssh_config::SshConfigArgs),
+    /// The daemon's HTTP API: print its OpenAPI document.
+    #[command(subcommand)]
+    Api(commands::api::ApiCommand),
     /// Measure banger's orchestration overhead (JSON).
     Bench(commands::bench::BenchArgs),
     /// Terminal dashboard: VMs, stats, ports, logs and lifecycle actions.
@@ -99,6 +102,7 @@ fn main() -> ExitCode {
             Command::System(c) => commands::system::run(c).await,
             Command::Doctor(a) => commands::doctor::run(a).await,
             Command::SshConfig(a) => commands::ssh_config::run(a).await,
+            Command::Api(c) => commands::api::run(c).await,
             Command::Bench(a) => commands::bench::run(a).await,
             Command::Tui => commands::tui::run().await,
             Command::Completion(a) => commands::completion::run(a),

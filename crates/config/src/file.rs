@@ -11,11 +11,8 @@ use std::path::{Component, Path, PathBuf};
 /// The environment variable that overrides `log_level`.
 pub const LOG_LEVEL_ENV: &str = "BANGER_LOG_LEVEL";
 
-/// Most vCPUs a VM may get from `[vm_defaults]`.
-pub const MAX_VCPU: u32 = 64;
-/// Least memory a VM may get from `[vm_defaults]`: a Debian guest with
-/// systemd does not boot in less.
-pub const MIN_MEMORY_MIB: u64 = 128;
+/// Bounds of `[vm_defaults]`: those of every VM.
+pub use banger_model::limits::{MAX_VCPU, MIN_MEMORY_MIB};
 /// Smallest disk `[vm_defaults]` may ask for.
 pub const MIN_DISK_BYTES: u64 = ByteSize::GIB;
 

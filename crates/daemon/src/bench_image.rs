@@ -23,21 +23,18 @@ use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
-use utoipa_axum::router::OpenApiRouter;
-use utoipa_axum::routes;
 
 type Shared = Arc<Daemon>;
 
-/// The routes of this module, merged into the daemon's router.
-pub(crate) fn router() -> OpenApiRouter<Shared> {
-    OpenApiRouter::new().routes(routes!(bench_image))
+/// The routes of this module, merged into the daemon's internal routes
+/// (not in the public API document).
+pub(crate) fn router() -> axum::Router<Shared> {
+    axum::Router::new().route(p::BENCH_IMAGE, axum::routing::post(bench_image))
 }
 
 /// Times an OCI import and a catalog install against skopeo/umoci/mkfs and
 /// curl/zstd/tar. Answers with newline-delimited JSON `ImageBenchEvent`s;
 /// disconnecting cancels.
-#[utoipa::path(post, path = p::BENCH_IMAGE, request_body = ImageBenchRequest,
-    responses((status = 200, content_type = "application/x-ndjson", body = ImageBenchEvent)))]
 async fn bench_image(State(d): State<Shared>, Json(req): Json<ImageBenchRequest>) -> Response {
     operation(
         d,

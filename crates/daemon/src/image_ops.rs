@@ -59,18 +59,12 @@ pub(crate) fn is_oci_reference(reference: &str) -> bool {
 /// The rule for image and kernel names: they become directory names and
 /// catalog names.
 pub(crate) fn check_name(kind: &str, name: &str) -> Result<(), DaemonError> {
-    let ok = (1..=63).contains(&name.len())
-        && name.starts_with(|c: char| c.is_ascii_lowercase() || c.is_ascii_digit())
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"._-".contains(&b));
-    if ok {
-        Ok(())
-    } else {
-        Err(DaemonError::Invalid(format!(
-            "{kind} name {name:?} is not valid: use 1 to 63 characters a-z, 0-9, '.', '_' and '-', starting with a letter or digit"
-        )))
-    }
+    let rule = match kind {
+        "kernel" => &banger_api::rules::KERNEL_NAME,
+        _ => &banger_api::rules::IMAGE_NAME,
+    };
+    rule.check(name)
+        .map_err(|e| DaemonError::Invalid(e.to_string()))
 }
 
 /// A default image name for an OCI reference: last repository component and
@@ -143,7 +137,10 @@ fn in_use(e: banger_store::StoreError) -> DaemonError {
     }
 }
 
-/// `path` as an absolute, existing regular file (symlinks resolved).
+/// `path` as an absolute, existing regular file (symlinks resolved). A
+/// path that is not absolute is a bad request; a missing file is not
+/// found, and one that is no regular file or cannot be read conflicts
+/// with the host's state.
 fn regular_file(what: &str, path: &str) -> Result<PathBuf, DaemonError> {
     let p = Path::new(path);
     if !p.is_absolute() {
@@ -153,11 +150,14 @@ fn regular_file(what: &str, path: &str) -> Result<PathBuf, DaemonError> {
     }
     match std::fs::metadata(p) {
         Ok(md) if md.is_file() => std::fs::canonicalize(p)
-            .map_err(|e| DaemonError::Invalid(format!("{what} {path}: {e}"))),
-        Ok(_) => Err(DaemonError::Invalid(format!(
+            .map_err(|e| DaemonError::Conflict(format!("{what} {path}: {e}"))),
+        Ok(_) => Err(DaemonError::Conflict(format!(
             "{what} {path} is not a regular file"
         ))),
-        Err(e) => Err(DaemonError::Invalid(format!(
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(DaemonError::NotFound(format!(
+            "{what} {path} does not exist"
+        ))),
+        Err(e) => Err(DaemonError::Conflict(format!(
             "{what} {path} cannot be read: {e}"
         ))),
     }
@@ -376,19 +376,18 @@ impl Daemon {
         Ok(k)
     }
 
-    /// `POST /v1/images/pull`: a catalog name or an OCI reference.
-    pub(crate) async fn pull_image(
-        self: &Arc<Self>,
-        req: PullImageRequest,
-        report: &Report,
-        cancel: &CancellationToken,
-    ) -> Result<ImageRecord, DaemonError> {
-        let reference = req.reference.trim();
-        if reference.is_empty() {
-            return Err(DaemonError::Invalid(
-                "give a catalog image name or an OCI reference (registry/repo:tag)".into(),
-            ));
+    /// The checks of a pull request that need nothing but the request and
+    /// the store, so a bad one is answered before the stream starts;
+    /// [`Daemon::pull_image`] runs them again.
+    pub(crate) fn check_pull(&self, req: &PullImageRequest) -> Result<(), DaemonError> {
+        let rule = |r: &banger_api::rules::StringRule, v: &str| {
+            r.check(v).map_err(|e| DaemonError::Invalid(e.to_string()))
+        };
+        rule(&banger_api::rules::REFERENCE, &req.reference)?;
+        if let Some(k) = &req.kernel_ref {
+            rule(&banger_api::rules::KERNEL_NAME, k)?;
         }
+        let reference = req.reference.as_str();
         if !is_oci_reference(reference) {
             if req.kernel_ref.is_some() {
                 return Err(DaemonError::Invalid(format!(
@@ -401,7 +400,27 @@ impl Daemon {
                 )));
             }
             check_name("image", reference)?;
-            self.refuse_existing_image(reference)?;
+            return self.refuse_existing_image(reference);
+        }
+        let name = req
+            .name
+            .clone()
+            .unwrap_or_else(|| name_from_reference(reference));
+        check_name("image", &name)?;
+        banger_oci::parse_reference(reference).map_err(oci_error)?;
+        self.refuse_existing_image(&name)
+    }
+
+    /// `POST /v1/images/pull`: a catalog name or an OCI reference.
+    pub(crate) async fn pull_image(
+        self: &Arc<Self>,
+        req: PullImageRequest,
+        report: &Report,
+        cancel: &CancellationToken,
+    ) -> Result<ImageRecord, DaemonError> {
+        self.check_pull(&req)?;
+        let reference = req.reference.as_str();
+        if !is_oci_reference(reference) {
             return self
                 .pull_catalog_image(reference, report, cancel)
                 .await
@@ -411,9 +430,6 @@ impl Daemon {
             .name
             .clone()
             .unwrap_or_else(|| name_from_reference(reference));
-        check_name("image", &name)?;
-        banger_oci::parse_reference(reference).map_err(oci_error)?;
-        self.refuse_existing_image(&name)?;
         let kernel = match &req.kernel_ref {
             Some(k) => self.store.get_kernel(k).map_err(|_| {
                 DaemonError::NotFound(format!(
@@ -665,8 +681,9 @@ impl Daemon {
         name: &str,
         kernel: &Path,
     ) -> Result<(Option<PathBuf>, Option<PathBuf>), DaemonError> {
+        // What the file holds, not the request's shape.
         let unusable = |why: String| {
-            DaemonError::Invalid(format!(
+            DaemonError::Conflict(format!(
                 "kernel {} cannot be booted by Firecracker: {why}; give a bzImage compressed with gzip, xz, zstd, lz4 or lzma, or its uncompressed ELF vmlinux",
                 kernel.display()
             ))

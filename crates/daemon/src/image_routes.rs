@@ -6,7 +6,7 @@ use crate::server::{operation, progress_events};
 use crate::{Daemon, DaemonError};
 use axum::Json;
 use axum::extract::{Path, Query, State};
-use axum::response::Response;
+use axum::response::{IntoResponse, Response};
 use banger_api::images::{
     BundleEvent, BundleRequest, BundleResult, DeleteImageQuery, PullImageEvent, PullImageRequest,
     PullKernelEvent, PullKernelRequest, RegisterImageRequest, Transfer, routes as p,
@@ -67,8 +67,12 @@ fn reporter<E: Send + 'static>(
 /// missing), anything else as an OCI reference from its registry. Answers
 /// with newline-delimited JSON `PullImageEvent`s; disconnecting cancels.
 #[utoipa::path(post, path = p::IMAGE_PULL, request_body = PullImageRequest,
-    responses((status = 200, content_type = "application/x-ndjson", body = PullImageEvent)))]
+    responses((status = 200, content_type = "application/x-ndjson", body = PullImageEvent),
+              (status = 400, body = ApiError), (status = 404, body = ApiError), (status = 409, body = ApiError)))]
 async fn pull_image(State(d): State<Shared>, Json(req): Json<PullImageRequest>) -> Response {
+    if let Err(e) = d.check_pull(&req) {
+        return e.into_response();
+    }
     operation(
         d,
         PullImageEvent::Done,
@@ -87,8 +91,21 @@ async fn pull_image(State(d): State<Shared>, Json(req): Json<PullImageRequest>) 
 /// Pulls a kernel from the catalog. Answers with newline-delimited JSON
 /// `PullKernelEvent`s; disconnecting cancels.
 #[utoipa::path(post, path = p::KERNEL_PULL, request_body = PullKernelRequest,
-    responses((status = 200, content_type = "application/x-ndjson", body = PullKernelEvent)))]
+    responses((status = 200, content_type = "application/x-ndjson", body = PullKernelEvent),
+              (status = 400, body = ApiError), (status = 409, body = ApiError)))]
 async fn pull_kernel(State(d): State<Shared>, Json(req): Json<PullKernelRequest>) -> Response {
+    let checked = crate::image_ops::check_name("kernel", &req.name).and_then(|()| {
+        match d.store.get_kernel(&req.name) {
+            Ok(_) => Err(DaemonError::Conflict(format!(
+                "kernel {} is already registered: delete it first (banger kernel delete {})",
+                req.name, req.name
+            ))),
+            Err(_) => Ok(()),
+        }
+    });
+    if let Err(e) = checked {
+        return e.into_response();
+    }
     operation(
         d,
         PullKernelEvent::Done,
@@ -149,12 +166,19 @@ async fn delete_kernel(
 /// Writes a catalog bundle of an image (and adds it to an index file).
 /// Answers with newline-delimited JSON `BundleEvent`s.
 #[utoipa::path(post, path = p::IMAGE_BUNDLE, params(("image" = String, Path)), request_body = BundleRequest,
-    responses((status = 200, content_type = "application/x-ndjson", body = BundleEvent)))]
+    responses((status = 200, content_type = "application/x-ndjson", body = BundleEvent),
+              (status = 400, body = ApiError), (status = 404, body = ApiError)))]
 async fn bundle_image(
     State(d): State<Shared>,
     Path(image): Path<String>,
     Json(req): Json<BundleRequest>,
 ) -> Response {
+    let exists = d.store.get_image(&image).map(|_| ()).map_err(|_| {
+        DaemonError::NotFound(format!("no image named {image}: see `banger image list`"))
+    });
+    if let Err(e) = check_bundle(&req).and(exists) {
+        return e.into_response();
+    }
     bundle(d, req, move |d, req, report, cancel| async move {
         d.bundle_image(&image, req, &report, &cancel).await
     })
@@ -163,15 +187,36 @@ async fn bundle_image(
 /// Writes a catalog bundle of a kernel (and adds it to an index file).
 /// Answers with newline-delimited JSON `BundleEvent`s.
 #[utoipa::path(post, path = p::KERNEL_BUNDLE, params(("kernel" = String, Path)), request_body = BundleRequest,
-    responses((status = 200, content_type = "application/x-ndjson", body = BundleEvent)))]
+    responses((status = 200, content_type = "application/x-ndjson", body = BundleEvent),
+              (status = 400, body = ApiError), (status = 404, body = ApiError)))]
 async fn bundle_kernel(
     State(d): State<Shared>,
     Path(kernel): Path<String>,
     Json(req): Json<BundleRequest>,
 ) -> Response {
+    let exists = d.store.get_kernel(&kernel).map(|_| ()).map_err(|_| {
+        DaemonError::NotFound(format!(
+            "no kernel named {kernel}: see `banger kernel list`"
+        ))
+    });
+    if let Err(e) = check_bundle(&req).and(exists) {
+        return e.into_response();
+    }
     bundle(d, req, move |d, req, report, cancel| async move {
         d.bundle_kernel(&kernel, req, &report, &cancel).await
     })
+}
+
+/// The request's own rules, checked before the stream starts.
+fn check_bundle(req: &BundleRequest) -> Result<(), DaemonError> {
+    use banger_api::rules::{BASE_URL, HOST_PATH};
+    let paths = [Some(&req.out_dir), req.index.as_ref()];
+    paths
+        .into_iter()
+        .flatten()
+        .try_for_each(|p| HOST_PATH.check(p))
+        .and_then(|()| BASE_URL.check(&req.base_url))
+        .map_err(|e| DaemonError::Invalid(e.to_string()))
 }
 
 fn bundle<F, Fut>(d: Shared, req: BundleRequest, op: F) -> Response

@@ -4,6 +4,7 @@
 //! requests into calls on it. Operations on one VM are serialised by a
 //! per-VM lock; different VMs proceed in parallel.
 
+mod api_errors;
 mod bench_image;
 mod derive;
 mod error;

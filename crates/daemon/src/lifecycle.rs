@@ -135,6 +135,12 @@ impl Daemon {
     /// Sends `signal` to the VM's VMM process (KILL ends it at once; the exit
     /// watcher then records the VM as stopped).
     pub async fn kill_vm(self: &Arc<Self>, r: &str, signal: i32) -> Result<VmRecord, DaemonError> {
+        use banger_api::rules::{MAX_SIGNAL, MIN_SIGNAL};
+        if !(MIN_SIGNAL..=MAX_SIGNAL).contains(&signal) {
+            return Err(DaemonError::Invalid(format!(
+                "signal {signal} is not between {MIN_SIGNAL} and {MAX_SIGNAL}: give a standard signal number, e.g. 15 (TERM) or 9 (KILL)"
+            )));
+        }
         let sig = nix::sys::signal::Signal::try_from(signal)
             .map_err(|_| DaemonError::Invalid(format!("{signal} is not a signal number")))?;
         let vm = self.store.resolve_vm(r)?;

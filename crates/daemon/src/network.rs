@@ -580,7 +580,10 @@ impl Daemon {
         let (reason, tap_pool) = match &net.mode {
             Mode::Bridge { pool, .. } => (
                 format!("bangerd manages bridge {}", s.bridge),
-                Some((pool.idle_count(), pool.size())),
+                Some(banger_api::TapPool {
+                    idle: pool.idle_count() as u64,
+                    configured: pool.size() as u64,
+                }),
             ),
             Mode::User { reason } | Mode::Unavailable { reason } => (reason.clone(), None),
         };

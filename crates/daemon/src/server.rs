@@ -29,31 +29,24 @@ use utoipa_axum::routes;
 type Shared = Arc<Daemon>;
 
 #[derive(OpenApi)]
-#[openapi(info(
-    title = "banger daemon API",
-    description = "bangerd's API on its Unix socket."
-))]
+#[openapi(
+    info(
+        title = "banger daemon API",
+        description = "bangerd's API on its Unix socket. Paths under /v1 are stable: \
+            fields and routes are only added, never removed or changed in meaning. \
+            Every error is an ApiError with a stable `code`."
+    ),
+    // Schemas only named by query parameters, which the route list does not collect.
+    components(schemas(LogSource, banger_api::sessions::LogStream))
+)]
 struct ApiDoc;
 
-impl IntoResponse for DaemonError {
-    fn into_response(self) -> Response {
-        let status = match self {
-            DaemonError::NotFound(_) => StatusCode::NOT_FOUND,
-            DaemonError::Conflict(_) => StatusCode::CONFLICT,
-            DaemonError::Invalid(_) => StatusCode::BAD_REQUEST,
-            DaemonError::Failed(_) => StatusCode::INTERNAL_SERVER_ERROR,
-        };
-        if status == StatusCode::INTERNAL_SERVER_ERROR {
-            tracing::error!(error = %self, "request failed");
-        }
-        (status, Json(self.to_api())).into_response()
-    }
-}
-
 /// The router and its OpenAPI document, built from the same route list so
-/// they cannot drift apart.
-pub fn router(daemon: Shared) -> (Router, utoipa::openapi::OpenApi) {
-    let (router, api) = OpenApiRouter::with_openapi(ApiDoc::openapi())
+/// they cannot drift apart. Every error response, the framework's own
+/// rejections included, leaves as an `ApiError` ([`crate::api_errors`]),
+/// and the document lists the statuses those rejections use.
+pub fn router(daemon: Shared) -> (Router, serde_json::Value) {
+    let (router, mut api) = OpenApiRouter::with_openapi(ApiDoc::openapi())
         .routes(routes!(info))
         .routes(routes!(shutdown))
         .routes(routes!(list_vms, create_vm))
@@ -67,7 +60,6 @@ pub fn router(daemon: Shared) -> (Router, utoipa::openapi::OpenApi) {
         .routes(routes!(vm_logs))
         .routes(routes!(vm_ports))
         .routes(routes!(network_status))
-        .routes(routes!(network_bench))
         .routes(routes!(list_images))
         .routes(routes!(get_image))
         .routes(routes!(build_image))
@@ -75,15 +67,30 @@ pub fn router(daemon: Shared) -> (Router, utoipa::openapi::OpenApi) {
         .merge(crate::image_routes::router())
         .merge(crate::files_routes::router())
         .merge(crate::session_routes::router())
+        .with_state(daemon.clone())
+        .split_for_parts();
+    crate::api_errors::document(&mut api);
+    let mut api = serde_json::to_value(&api).expect("an OpenAPI document serialises to JSON");
+    banger_api::rules::complete_document(&mut api);
+    let doc = api.clone();
+    let router = router
+        .route(
+            paths::OPENAPI,
+            axum::routing::get(move || async move { Json(doc) }),
+        )
+        .merge(internal_router(daemon))
+        .fallback(crate::api_errors::no_route)
+        .layer(axum::middleware::from_fn(crate::api_errors::layer));
+    (router, api)
+}
+
+/// Routes outside the public document: the benchmarks `banger bench`
+/// drives (`/internal/...`, no stability promise).
+fn internal_router(daemon: Shared) -> Router {
+    Router::new()
+        .route(paths::NETWORK_BENCH, axum::routing::post(network_bench))
         .merge(crate::bench_image::router())
         .with_state(daemon)
-        .split_for_parts();
-    let doc = api.clone();
-    let router = router.route(
-        paths::OPENAPI,
-        axum::routing::get(move || async move { Json(doc) }),
-    );
-    (router, api)
 }
 
 #[utoipa::path(get, path = paths::INFO, responses((status = 200, body = DaemonInfo)))]
@@ -221,7 +228,6 @@ async fn network_status(State(d): State<Shared>) -> Result<Json<NetworkStatus>, 
 }
 
 /// Times TAP acquisition (warm pool vs cold) and 10k `.vm` DNS queries.
-#[utoipa::path(post, path = paths::NETWORK_BENCH, responses((status = 200, body = NetworkBench), (status = 409, body = ApiError)))]
 async fn network_bench(State(d): State<Shared>) -> Result<Json<NetworkBench>, DaemonError> {
     d.network_bench().await.map(Json)
 }
@@ -294,9 +300,15 @@ async fn read_from(path: &std::path::Path, offset: u64) -> Vec<u8> {
 
 /// Creates a VM and (by default) boots it. Answers with newline-delimited
 /// JSON `CreateVmEvent`s: `planned`, `progress`..., then `done` or `error`.
+/// A request that is wrong on its face (name, resources, image) is refused
+/// before the stream starts.
 #[utoipa::path(post, path = paths::VMS, request_body = CreateVmRequest,
-    responses((status = 200, content_type = "application/x-ndjson", body = CreateVmEvent)))]
+    responses((status = 200, content_type = "application/x-ndjson", body = CreateVmEvent),
+              (status = 400, body = ApiError), (status = 404, body = ApiError), (status = 409, body = ApiError)))]
 async fn create_vm(State(d): State<Shared>, Json(req): Json<CreateVmRequest>) -> Response {
+    if let Err(e) = d.check_create(&req) {
+        return e.into_response();
+    }
     let (tx, rx) = mpsc::unbounded_channel();
     // The operation lives as long as its client listens: a client that goes
     // away (Ctrl-C) cancels it, and it rolls back. Daemon shutdown does too.
@@ -325,8 +337,17 @@ async fn create_vm(State(d): State<Shared>, Json(req): Json<CreateVmRequest>) ->
 /// `from_image` derived from a registered image in a transient VM. Answers
 /// with newline-delimited JSON `BuildImageEvent`s; disconnecting cancels.
 #[utoipa::path(post, path = paths::IMAGE_BUILD, request_body = BuildImageRequest,
-    responses((status = 200, content_type = "application/x-ndjson", body = BuildImageEvent)))]
+    responses((status = 200, content_type = "application/x-ndjson", body = BuildImageEvent),
+              (status = 400, body = ApiError)))]
 async fn build_image(State(d): State<Shared>, Json(req): Json<BuildImageRequest>) -> Response {
+    let names = [Some(&req.name), req.from_image.as_ref()];
+    let checked = names
+        .into_iter()
+        .flatten()
+        .try_for_each(|n| crate::image_ops::check_name("image", n));
+    if let Err(e) = checked {
+        return e.into_response();
+    }
     operation(
         d,
         BuildImageEvent::Done,
@@ -513,7 +534,7 @@ async fn run_exec(agent: banger_agent_proto::client::AgentClient, mut socket: We
     }
     let req = ExecRequest {
         argv: start.argv,
-        env: start.env,
+        env: start.env.into_iter().map(|e| (e.name, e.value)).collect(),
         cwd: start.cwd,
         stdin: start.stdin,
         tty: start.tty.map(|t| TtySize {

@@ -65,8 +65,21 @@ fn agent_error(e: ClientError) -> DaemonError {
     }
 }
 
+/// The path parameters of a session's routes.
+#[derive(serde::Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Path)]
+struct SessionPath {
+    /// The VM: name or id prefix.
+    vm: String,
+    /// The session's name.
+    #[param(value_type = banger_api::rules::SessionNameParam, inline)]
+    name: String,
+}
+
 fn check_name(name: &str) -> Result<(), DaemonError> {
-    banger_agent_proto::validate_session_name(name).map_err(DaemonError::Invalid)
+    banger_api::rules::SESSION_NAME
+        .check(name)
+        .map_err(|e| DaemonError::Invalid(e.to_string()))
 }
 
 /// Sessions of a running VM, running and ended.
@@ -84,7 +97,7 @@ async fn list_sessions(
 /// Starts a supervised session in a running VM.
 #[utoipa::path(post, path = p::SESSIONS, params(("vm" = String, Path, description = "name or id prefix")),
     request_body = StartSession,
-    responses((status = 200, body = SessionInfo), (status = 400, body = ApiError), (status = 409, body = ApiError)))]
+    responses((status = 200, body = SessionInfo), (status = 400, body = ApiError), (status = 404, body = ApiError), (status = 409, body = ApiError)))]
 async fn start_session(
     State(d): State<Shared>,
     Path(vm): Path<String>,
@@ -98,7 +111,7 @@ async fn start_session(
     let spec = SessionSpec {
         name: req.name,
         argv: req.argv,
-        env: req.env,
+        env: req.env.into_iter().map(|e| (e.name, e.value)).collect(),
         cwd: req.cwd,
         stdin: match req.stdin {
             StdinMode::Pipe => banger_agent_proto::StdinMode::Pipe,
@@ -112,11 +125,11 @@ async fn start_session(
 
 /// Ends a session (SIGTERM, SIGKILL after 10 s) and forgets it.
 #[utoipa::path(post, path = p::SESSION_STOP,
-    params(("vm" = String, Path, description = "name or id prefix"), ("name" = String, Path)),
+    params(SessionPath),
     responses((status = 200, body = SessionInfo), (status = 404, body = ApiError), (status = 409, body = ApiError)))]
 async fn stop_session(
     State(d): State<Shared>,
-    Path((vm, name)): Path<(String, String)>,
+    Path(SessionPath { vm, name }): Path<SessionPath>,
 ) -> Result<Json<SessionInfo>, DaemonError> {
     check_name(&name)?;
     let (_, agent) = d.running_agent(&vm)?;
@@ -138,11 +151,11 @@ struct LogsQuery {
 /// A session's ring logs (the last 1 MiB of each stream), as bytes; with
 /// `follow`, then its live output until it ends.
 #[utoipa::path(get, path = p::SESSION_LOGS,
-    params(("vm" = String, Path, description = "name or id prefix"), ("name" = String, Path), LogsQuery),
-    responses((status = 200, content_type = "application/octet-stream", body = String), (status = 404, body = ApiError)))]
+    params(SessionPath, LogsQuery),
+    responses((status = 200, content_type = "application/octet-stream", body = String), (status = 404, body = ApiError), (status = 409, body = ApiError)))]
 async fn session_logs(
     State(d): State<Shared>,
-    Path((vm, name)): Path<(String, String)>,
+    Path(SessionPath { vm, name }): Path<SessionPath>,
     Query(q): Query<LogsQuery>,
 ) -> Result<Response, DaemonError> {
     check_name(&name)?;
@@ -185,12 +198,12 @@ async fn next_bytes(s: &mut ExecSession) -> Result<Option<Vec<u8>>, ClientError>
 /// Opens (or reuses) the session's attach socket and, for a tty session
 /// and a given size, resizes its terminal.
 #[utoipa::path(post, path = p::SESSION_ATTACH,
-    params(("vm" = String, Path, description = "name or id prefix"), ("name" = String, Path)),
+    params(SessionPath),
     request_body = AttachRequest,
     responses((status = 200, body = AttachInfo), (status = 404, body = ApiError), (status = 409, body = ApiError)))]
 async fn attach_session(
     State(d): State<Shared>,
-    Path((vm, name)): Path<(String, String)>,
+    Path(SessionPath { vm, name }): Path<SessionPath>,
     Json(req): Json<AttachRequest>,
 ) -> Result<Json<AttachInfo>, DaemonError> {
     check_name(&name)?;

@@ -10,10 +10,10 @@ use banger_storage::VmDisks;
 use std::sync::Arc;
 use std::time::Duration;
 
-/// Most vCPUs a VM may have.
-const MAX_VCPU: u32 = 64;
-/// Least memory a VM may have.
-const MIN_MEMORY_MIB: u64 = 128;
+use banger_api::rules::{self, MAX_MEMORY_MIB, MAX_VCPU, MIN_MEMORY_MIB};
+
+// The storage crate refuses smaller disks with the same bound.
+const _: () = assert!(rules::MIN_DISK_BYTES == banger_storage::MIN_DISK_BYTES);
 /// Bound on the guest-side part of `vm stats`.
 const GUEST_STATS_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -29,24 +29,20 @@ pub(crate) fn check_resources(
             "vcpu must be between 1 and {MAX_VCPU}"
         )));
     }
-    if memory_mib.is_some_and(|m| m < MIN_MEMORY_MIB) {
+    if memory_mib.is_some_and(|m| !(MIN_MEMORY_MIB..=MAX_MEMORY_MIB).contains(&m)) {
         return Err(DaemonError::Invalid(format!(
-            "memory must be at least {MIN_MEMORY_MIB} MiB"
+            "memory must be between {MIN_MEMORY_MIB} and {MAX_MEMORY_MIB} MiB"
         )));
     }
-    let disk = disk_size
+    if let Some(d) = disk_size {
+        rules::DISK_SIZE
+            .check(d)
+            .map_err(|e| DaemonError::Invalid(e.to_string()))?;
+    }
+    disk_size
         .map(str::parse::<ByteSize>)
         .transpose()
-        .map_err(|e| DaemonError::Invalid(format!("disk size: {e}")))?;
-    if let Some(d) = disk
-        && d.bytes() < banger_storage::MIN_DISK_BYTES
-    {
-        return Err(DaemonError::Invalid(format!(
-            "disk size must be at least {}",
-            ByteSize(banger_storage::MIN_DISK_BYTES)
-        )));
-    }
-    Ok(disk)
+        .map_err(|e| DaemonError::Invalid(format!("disk size: {e}")))
 }
 
 impl Daemon {
@@ -96,15 +92,21 @@ impl Daemon {
             )));
         }
         if let Some(d) = disk {
-            let current = vm.spec.disk_bytes.value;
+            // A work disk cloned from a seed larger than the asked size is
+            // as large as its seed.
+            let disks = VmDisks::in_dir(&vm.dir);
+            let current = [&disks.work, &disks.overlay]
+                .into_iter()
+                .map(|p| banger_storage::disk_usage(p).virtual_bytes)
+                .fold(vm.spec.disk_bytes.value, u64::max);
             if d.bytes() < current {
-                return Err(DaemonError::Invalid(format!(
+                // A rule of this VM's state, not of the request's shape.
+                return Err(DaemonError::Conflict(format!(
                     "VM {} has a {} disk; disks only grow, so {d} is refused",
                     vm.name,
                     ByteSize(current)
                 )));
             }
-            let disks = VmDisks::in_dir(&vm.dir);
             for path in [&disks.work, &disks.overlay] {
                 banger_storage::grow_disk(path, d.bytes())
                     .await

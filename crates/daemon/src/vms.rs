@@ -57,6 +57,41 @@ impl Reporter {
 }
 
 impl Daemon {
+    /// The checks of a create request that need no lock and change nothing,
+    /// so a bad request is answered with its error before the operation's
+    /// stream starts. [`Daemon::create_vm`] checks again where it matters.
+    pub(crate) fn check_create(&self, req: &CreateVmRequest) -> Result<(), DaemonError> {
+        if let Some(n) = &req.name {
+            let name = VmName::parse(n).map_err(|e| DaemonError::Invalid(e.to_string()))?;
+            if self.store.list_vms()?.iter().any(|v| v.name == name) {
+                return Err(DaemonError::Conflict(format!(
+                    "a VM named {name} already exists: pick another --name or `banger vm delete {name}`"
+                )));
+            }
+        }
+        crate::settings::check_resources(req.vcpu, req.memory_mib, req.disk_size.as_deref())?;
+        if let Some(image) = &req.image {
+            crate::image_ops::check_name("image", image)?;
+            if *image != self.config.default_image_name {
+                self.store.get_image(image).map_err(|_| {
+                    DaemonError::NotFound(format!(
+                        "no image named {image}: see `banger image list`"
+                    ))
+                })?;
+            }
+        }
+        if req.nat
+            && let Some(net) = self.network()
+            && net.mode_name() != "bridge"
+        {
+            return Err(DaemonError::Conflict(format!(
+                "--nat needs bridge networking; this daemon uses {} networking (see banger doctor)",
+                net.mode_name()
+            )));
+        }
+        Ok(())
+    }
+
     /// Creates a VM and, unless `req.start` is false, boots it and waits for
     /// its agent. Emits `Planned`, then progress; the caller sends `Done`/`Error`.
     /// Cancelling `cancel` (the client went away) before the VM is ready
@@ -82,10 +117,10 @@ impl Daemon {
             crate::settings::check_resources(req.vcpu, req.memory_mib, req.disk_size.as_deref())?;
         let defaults = effective_defaults(&self.config.vm_defaults, &HostResources::detect());
         let spec = apply_flags(defaults, req.vcpu, req.memory_mib, disk);
-        rep.send(CreateVmEvent::Planned {
+        rep.send(CreateVmEvent::Planned(banger_api::PlannedVm {
             name: name.to_string(),
             spec,
-        });
+        }));
 
         let image_name = req
             .image

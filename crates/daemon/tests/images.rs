@@ -186,7 +186,7 @@ async fn register_update_refuse_and_delete() {
     for (body, needle) in [
         (
             reg(json!({"rootfs": s(&f.dir.join("missing"))})),
-            "cannot be read",
+            "does not exist",
         ),
         (reg(json!({"rootfs": s(&f.dir)})), "not a regular file"),
         (reg(json!({"rootfs": "rel/rootfs.ext4"})), "absolute path"),
@@ -260,7 +260,8 @@ async fn registered_kernels_for_firecracker() {
     let (status, msg) = d
         .err(Method::POST, "/v1/images/register", Some(reg("bad", &bad)))
         .await;
-    assert_eq!(status, StatusCode::BAD_REQUEST, "{msg}");
+    // The request is well formed; the file it names is no kernel.
+    assert_eq!(status, StatusCode::CONFLICT, "{msg}");
     assert!(msg.contains("cannot be booted by Firecracker"), "{msg}");
     assert!(msg.contains("unknown format"), "{msg}");
     assert_eq!(
@@ -412,11 +413,15 @@ async fn bundle_serve_and_pull_through_the_catalog() {
     let kfile = PathBuf::from(k["kernel"].as_str().expect("kernel"));
     assert!(kfile.starts_with(&consumer.paths.kernels_dir));
 
-    // A second pull of the same name is refused.
-    let ev = consumer
-        .operation("/v1/images/pull", json!({"reference": "small"}))
+    // A second pull of the same name is refused, before any stream.
+    let (status, msg) = consumer
+        .err(
+            Method::POST,
+            "/v1/images/pull",
+            Some(json!({"reference": "small"})),
+        )
         .await;
-    let msg = ev["error"]["message"].as_str().expect("error");
+    assert_eq!(status, StatusCode::CONFLICT, "{msg}");
     assert!(msg.contains("already exists"), "{msg}");
 
     // Managed: deleting removes the files.

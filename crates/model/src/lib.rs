@@ -1,12 +1,13 @@
 //! Domain types shared by every banger component. Pure data and validation;
 //! nothing here touches the file system, the network or a process.
 
+pub mod limits;
 mod name;
 mod size;
 mod spec;
 mod vm;
 
-pub use name::{NameError, VmName, generate_name};
+pub use name::{NameError, VM_NAME_MAX_LEN, VM_NAME_PATTERN, VmName, generate_name};
 pub use size::{ByteSize, SizeError};
 pub use spec::{Provenance, SpecValue, VmSpec};
 pub use vm::{ImageRecord, KernelRecord, VmBackend, VmId, VmRecord, VmState};

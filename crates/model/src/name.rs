@@ -7,13 +7,20 @@ use std::fmt;
 pub enum NameError {
     #[error("VM name is empty")]
     Empty,
-    #[error("VM name {0:?} is longer than 63 characters")]
+    #[error("VM name {0:?} is longer than {VM_NAME_MAX_LEN} characters")]
     TooLong(String),
     #[error(
         "VM name {0:?} is not a DNS label: use lowercase letters, digits and '-', not starting or ending with '-'"
     )]
     NotDnsLabel(String),
 }
+
+/// Longest VM name (a DNS label).
+pub const VM_NAME_MAX_LEN: usize = 63;
+/// The characters of a VM name, as the API document states them (with
+/// 1 to [`VM_NAME_MAX_LEN`] characters); `banger_api::rules` checks that
+/// this pattern and [`VmName::parse`] agree.
+pub const VM_NAME_PATTERN: &str = "^[a-z0-9](?:[a-z0-9-]*[a-z0-9])?$";
 
 /// A VM name: a DNS label (RFC 1123, lowercase), so `<name>.vm` resolves.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -26,7 +33,7 @@ impl VmName {
         if s.is_empty() {
             return Err(NameError::Empty);
         }
-        if s.len() > 63 {
+        if s.len() > VM_NAME_MAX_LEN {
             return Err(NameError::TooLong(s.to_string()));
         }
         let ok_chars = s

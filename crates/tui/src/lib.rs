@@ -179,7 +179,7 @@ impl Runner {
                 let result = c
                     .create_vm(&req, |ev| {
                         let text = match ev {
-                            CreateVmEvent::Planned { name, spec } => {
+                            CreateVmEvent::Planned(banger_api::PlannedVm { name, spec }) => {
                                 format!("creating {name}: {}", spec.summary())
                             }
                             CreateVmEvent::Progress(p) => {

@@ -318,7 +318,8 @@ function createForm(after) {
       image: f.get('image') || null,
       vcpu: num('vcpu'),
       memory_mib: num('memory'),
-      disk_size: f.get('disk') || null,
+      // The API takes sizes as banger prints them: 16G, 1536M.
+      disk_size: (f.get('disk') || '').trim().toUpperCase() || null,
       nat: f.get('nat') === 'on',
       start: f.get('start') === 'on',
     };

@@ -268,7 +268,7 @@ fn network_checks(daemon: Option<Result<banger_api::NetworkStatus, String>>) -> 
                 n.cidr,
                 n.bridge_ip,
                 n.tap_pool
-                    .map(|(idle, size)| format!("{idle}/{size} ready"))
+                    .map(|p| format!("{}/{} ready", p.idle, p.configured))
                     .unwrap_or_else(|| "-".into())
             ),
         ),

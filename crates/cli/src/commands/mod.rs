@@ -1,3 +1,4 @@
+pub mod api;
 pub mod bench;
 pub mod bench_cp;
 pub mod bench_image;

@@ -105,7 +105,7 @@ pub enum VmCommand {
         cwd: Option<String>,
         /// Extra environment, KEY=VALUE; repeatable.
         #[arg(long = "env", short = 'e', value_parser = parse_env)]
-        env: Vec<(String, String)>,
+        env: Vec<banger_api::exec::EnvVar>,
         /// The command, after `--`.
         #[arg(last = true, required = true, value_name = "CMD")]
         command: Vec<String>,
@@ -181,7 +181,7 @@ fn parse_name(s: &str) -> Result<VmName, String> {
 }
 
 /// `KEY=VALUE` with a shell-style variable name.
-pub(crate) fn parse_env(s: &str) -> Result<(String, String), String> {
+pub(crate) fn parse_env(s: &str) -> Result<banger_api::exec::EnvVar, String> {
     let (k, v) = s
         .split_once('=')
         .ok_or_else(|| format!("{s:?} is not KEY=VALUE"))?;
@@ -191,7 +191,7 @@ pub(crate) fn parse_env(s: &str) -> Result<(String, String), String> {
     if !valid {
         return Err(format!("{k:?} is not a valid environment variable name"));
     }
-    Ok((k.to_string(), v.to_string()))
+    Ok(banger_api::exec::EnvVar::new(k, v))
 }
 
 fn parse_signal(s: &str) -> Result<i32, String> {
@@ -544,7 +544,7 @@ pub async fn create_with_progress(
     let mut spec_printed = false;
     let res = client
         .create_vm(req, |ev| match ev {
-            CreateVmEvent::Planned { name, spec } => {
+            CreateVmEvent::Planned(banger_api::PlannedVm { name, spec }) => {
                 *name_out = Some(name.clone());
                 eprintln!("{}", spec.summary());
                 spec_printed = true;

@@ -123,7 +123,7 @@ impl Phases {
 
     fn on_event(&mut self, ev: &CreateVmEvent) {
         match ev {
-            CreateVmEvent::Planned { name, spec } => {
+            CreateVmEvent::Planned(banger_api::PlannedVm { name, spec }) => {
                 self.name = Some(name.clone());
                 // Always printed, and first: says what the VM will get.
                 eprintln!("{}", spec.summary());

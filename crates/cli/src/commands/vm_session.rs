@@ -28,7 +28,7 @@ pub enum SessionCommand {
         cwd: Option<String>,
         /// Extra environment, KEY=VALUE; repeatable.
         #[arg(long = "env", short = 'e', value_parser = super::vm::parse_env)]
-        env: Vec<(String, String)>,
+        env: Vec<banger_api::exec::EnvVar>,
         /// What the process reads: a pipe fed by `attach`, a terminal, or nothing.
         #[arg(long, value_enum, default_value_t = Mode::Pipe)]
         stdin_mode: Mode,

@@ -1,0 +1,307 @@
+//! One error shape for the whole API: every error response leaves as an
+//! [`ApiError`] JSON body, whether a handler made it ([`DaemonError`]) or
+//! the framework did (JSON syntax, content type, missing or unknown fields,
+//! query parsing, unknown route, wrong method, missing WebSocket upgrade).
+//! [`document`] adds the statuses those framework rejections use to every
+//! operation of the OpenAPI document, so the document lists them all.
+//!
+//! | status | code                     | when                                        |
+//! |--------|--------------------------|---------------------------------------------|
+//! | 400    | `invalid`                | bad JSON, body shape, query, path, upgrade   |
+//! | 404    | `not_found`              | no such object, or no such route            |
+//! | 405    | `method_not_allowed`     | the route exists, the method does not       |
+//! | 409    | `conflict`               | the object's state forbids it               |
+//! | 413    | `too_large`              | body over the limit                         |
+//! | 415    | `unsupported_media_type` | body not sent as `application/json`         |
+//! | 500    | `failed`                 | the daemon failed (a bug or the host)       |
+
+use crate::DaemonError;
+use axum::Json;
+use axum::extract::Request;
+use axum::http::{HeaderMap, Method, StatusCode, header};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use banger_api::ApiError;
+use utoipa::openapi::path::{Operation, ParameterIn};
+use utoipa::openapi::{ContentBuilder, OpenApi, Ref, ResponseBuilder};
+
+/// Largest framework error body read to build the message.
+const MAX_REJECTION_BODY: usize = 16 * 1024;
+
+/// Middleware over every route: rewrites error responses that are not
+/// already an `ApiError` into one.
+pub(crate) async fn layer(req: Request, next: Next) -> Response {
+    let method = req.method().clone();
+    let path = req.uri().path().to_string();
+    let resp = next.run(req).await;
+    let status = resp.status();
+    if !(status.is_client_error() || status.is_server_error()) || is_json(resp.headers()) {
+        return resp;
+    }
+    let (parts, body) = resp.into_parts();
+    let text = axum::body::to_bytes(body, MAX_REJECTION_BODY)
+        .await
+        .map(|b| one_line(&String::from_utf8_lossy(&b)))
+        .unwrap_or_default();
+    let allow = parts.headers.get(header::ALLOW).cloned();
+    let (status, error) = rejection(status, &method, &path, &text, allow.as_ref());
+    let mut out = (status, Json(error)).into_response();
+    if let Some(allow) = allow {
+        out.headers_mut().insert(header::ALLOW, allow);
+    }
+    out
+}
+
+/// The router's fallback: a route the API does not have.
+pub(crate) async fn no_route(method: Method, uri: axum::http::Uri) -> Response {
+    let error = ApiError {
+        code: "not_found".into(),
+        message: format!(
+            "no route {method} {}: the API's routes are listed in {}",
+            uri.path(),
+            banger_api::paths::OPENAPI
+        ),
+    };
+    (StatusCode::NOT_FOUND, Json(error)).into_response()
+}
+
+fn is_json(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json"))
+}
+
+fn one_line(s: &str) -> String {
+    s.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+/// The `ApiError` (and status) of a framework rejection whose text body
+/// was `text`.
+fn rejection(
+    status: StatusCode,
+    method: &Method,
+    path: &str,
+    text: &str,
+    allow: Option<&axum::http::HeaderValue>,
+) -> (StatusCode, ApiError) {
+    let reason = status.canonical_reason().unwrap_or("error");
+    let said = if text.is_empty() { reason } else { text };
+    let (status, code, message) = match status {
+        StatusCode::NOT_FOUND => (
+            status,
+            "not_found",
+            format!("no route {method} {path}: the API's routes are listed in /openapi.json"),
+        ),
+        StatusCode::METHOD_NOT_ALLOWED => {
+            let allowed = allow.and_then(|a| a.to_str().ok()).unwrap_or("");
+            (
+                status,
+                "method_not_allowed",
+                format!("{method} is not allowed on {path}; allowed: {allowed}"),
+            )
+        }
+        StatusCode::UNSUPPORTED_MEDIA_TYPE => (
+            status,
+            "unsupported_media_type",
+            "the body must be JSON, sent with `Content-Type: application/json`".to_string(),
+        ),
+        StatusCode::PAYLOAD_TOO_LARGE => (status, "too_large", said.to_string()),
+        s if s.is_server_error() => {
+            tracing::error!(%method, path, status = s.as_u16(), error = said, "request failed");
+            (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "failed",
+                said.to_string(),
+            )
+        }
+        // Everything else the framework refuses is a bad request: body
+        // shape (422), JSON syntax, query, path, WebSocket upgrade (426).
+        s => {
+            let message = if s == StatusCode::UPGRADE_REQUIRED
+                || text.contains("upgrade")
+                || text.contains("WebSocket")
+                || text.contains("Sec-WebSocket")
+            {
+                format!("{path} is a WebSocket endpoint: {said}")
+            } else {
+                said.to_string()
+            };
+            (StatusCode::BAD_REQUEST, "invalid", message)
+        }
+    };
+    let error = ApiError {
+        code: code.into(),
+        message,
+    };
+    (status, error)
+}
+
+impl IntoResponse for DaemonError {
+    fn into_response(self) -> Response {
+        let status = match self {
+            DaemonError::NotFound(_) => StatusCode::NOT_FOUND,
+            DaemonError::Conflict(_) => StatusCode::CONFLICT,
+            DaemonError::Invalid(_) => StatusCode::BAD_REQUEST,
+            DaemonError::Failed(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        if status == StatusCode::INTERNAL_SERVER_ERROR {
+            tracing::error!(error = %self, "request failed");
+        }
+        (status, Json(self.to_api())).into_response()
+    }
+}
+
+/// Adds to each operation of `api` the error statuses the framework (and
+/// [`DaemonError::Failed`]) can answer it with, each with an `ApiError`
+/// body: 400 for any operation taking parameters or a body, 413 and 415
+/// for a JSON body, 400 for a WebSocket endpoint, and 500 for all but the
+/// two that cannot fail.
+pub(crate) fn document(api: &mut OpenApi) {
+    for (path, item) in api.paths.paths.iter_mut() {
+        let ops = [
+            item.get.as_mut(),
+            item.put.as_mut(),
+            item.post.as_mut(),
+            item.delete.as_mut(),
+            item.patch.as_mut(),
+        ];
+        for op in ops.into_iter().flatten() {
+            document_operation(path, op);
+        }
+    }
+}
+
+fn document_operation(path: &str, op: &mut Operation) {
+    let params = op.parameters.as_ref().is_some_and(|p| {
+        p.iter()
+            .any(|p| matches!(p.parameter_in, ParameterIn::Query | ParameterIn::Path))
+    });
+    let websocket = op.responses.responses.contains_key("101");
+    let json_body = op
+        .request_body
+        .as_ref()
+        .is_some_and(|b| b.content.contains_key("application/json"));
+    if websocket {
+        add_upgrade_headers(op);
+    }
+    let mut add = |status: u16, description: &str| {
+        op.responses
+            .responses
+            .entry(status.to_string())
+            .or_insert_with(|| error_response(description).into());
+    };
+    if params || json_body || websocket {
+        add(400, "Bad request: the message names the field or header");
+    }
+    if json_body {
+        add(413, "The body is larger than the daemon accepts");
+        add(415, "The body was not sent as application/json");
+    }
+    if path != banger_api::paths::INFO && path != banger_api::paths::SHUTDOWN {
+        add(500, "The daemon failed; the message says where");
+    }
+    // The same description for every ApiError response a handler declared.
+    for (status, r) in op.responses.responses.iter_mut() {
+        if let utoipa::openapi::RefOr::T(r) = r
+            && r.description.is_empty()
+        {
+            r.description = match status.as_str() {
+                "400" => "Bad request: the message names the field",
+                "404" => "No such object",
+                "409" => "The object's state does not allow this now",
+                _ => "",
+            }
+            .to_string();
+        }
+    }
+}
+
+/// The headers a WebSocket upgrade needs (RFC 6455), which the framework
+/// checks before the handler runs; without them the answer is a 400.
+fn add_upgrade_headers(op: &mut Operation) {
+    use utoipa::openapi::Required;
+    use utoipa::openapi::path::ParameterBuilder;
+    use utoipa::openapi::schema::{ObjectBuilder, Type};
+    let headers = [
+        ("Connection", Some("Upgrade"), None),
+        ("Upgrade", Some("websocket"), None),
+        ("Sec-WebSocket-Version", Some("13"), None),
+        ("Sec-WebSocket-Key", None, Some("^[A-Za-z0-9+/]{22}==$")),
+    ];
+    let params = op.parameters.get_or_insert_with(Vec::new);
+    for (name, value, pattern) in headers {
+        let mut schema = ObjectBuilder::new().schema_type(Type::String);
+        if let Some(v) = value {
+            schema = schema.enum_values(Some([v]));
+        }
+        if let Some(p) = pattern {
+            schema = schema.pattern(Some(p));
+        }
+        params.push(
+            ParameterBuilder::new()
+                .name(name)
+                .parameter_in(ParameterIn::Header)
+                .required(Required::True)
+                .description(Some("WebSocket upgrade (RFC 6455)"))
+                .schema(Some(schema.build()))
+                .build(),
+        );
+    }
+}
+
+fn error_response(description: &str) -> utoipa::openapi::Response {
+    ResponseBuilder::new()
+        .description(description)
+        .content(
+            "application/json",
+            ContentBuilder::new()
+                .schema(Some(Ref::from_schema_name("ApiError")))
+                .build(),
+        )
+        .build()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rejections_become_api_errors() {
+        let m = Method::POST;
+        let (s, e) = rejection(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            &m,
+            "/v1/vms",
+            "Failed to deserialize the JSON body into the target type: missing field `name` at line 1 column 2",
+            None,
+        );
+        assert_eq!(s, StatusCode::BAD_REQUEST);
+        assert_eq!(e.code, "invalid");
+        assert!(e.message.contains("missing field `name`"), "{}", e.message);
+
+        let (s, e) = rejection(
+            StatusCode::UPGRADE_REQUIRED,
+            &Method::GET,
+            "/v1/vms/a/exec",
+            "",
+            None,
+        );
+        assert_eq!((s, e.code.as_str()), (StatusCode::BAD_REQUEST, "invalid"));
+        assert!(e.message.contains("WebSocket"), "{}", e.message);
+
+        let allow = axum::http::HeaderValue::from_static("GET,HEAD");
+        let (s, e) = rejection(
+            StatusCode::METHOD_NOT_ALLOWED,
+            &Method::PUT,
+            "/v1/vms",
+            "",
+            Some(&allow),
+        );
+        assert_eq!(
+            (s, e.code.as_str()),
+            (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed")
+        );
+        assert!(e.message.ends_with("allowed: GET,HEAD"), "{}", e.message);
+    }
+}
