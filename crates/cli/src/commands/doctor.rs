@@ -478,8 +478,9 @@ async fn web_check(addr: Option<std::net::SocketAddr>, daemon_up: bool) -> Check
             "web_ui",
             Status::Warn,
             format!(
-                "listens on {addr}, beyond this machine: whoever reaches it can manage \
-                 your VMs; set web_listen_addr = \"127.0.0.1:{}\" unless you mean it",
+                "listens on {addr}, beyond loopback: it still serves only your own \
+                 connections from this machine (others get 403), so other machines cannot \
+                 use it; set web_listen_addr = \"127.0.0.1:{}\" and use ssh -L from elsewhere",
                 addr.port()
             ),
         );
