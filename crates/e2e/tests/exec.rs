@@ -306,3 +306,149 @@ fn acp_bridges_stdio(b: &Banger) {
     assert!(out.status.success(), "{stderr}");
     assert_eq!(stdout.as_bytes(), msg);
 }
+
+/// Resident memory of a process, in KiB.
+fn rss_kib(pid: u64) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("daemon status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmRSS")
+}
+
+/// Bytes in the files of a directory tree, as allocated on disk.
+fn dir_kib(dir: &std::path::Path) -> u64 {
+    let out = std::process::Command::new("du")
+        .args(["-sk", "--apparent-size"])
+        .arg(dir)
+        .output()
+        .expect("du");
+    text(&out)
+        .0
+        .split_whitespace()
+        .next()
+        .and_then(|n| n.parse().ok())
+        .expect("du size")
+}
+
+/// A guest that floods its serial console and an exec's stdout, with a
+/// host reader that stops reading: the guest's writer is held up (the
+/// daemon buffers a bounded window, not the stream), the daemon's memory
+/// stays put and the console log is rotated at its cap.
+#[test]
+fn a_flooding_guest_leaves_the_daemon_and_the_vm_dir_bounded() {
+    const FLOOD: &str = "e2e-flood";
+    let b = shared();
+    let _ = b.run(&["vm", "delete", FLOOD]);
+    let out = b.run(&["vm", "create", "--name", FLOOD]);
+    assert!(out.status.success(), "create: {}", text(&out).1);
+    struct Del(&'static Banger);
+    impl Drop for Del {
+        fn drop(&mut self) {
+            let _ = self.0.run(&["vm", "delete", "e2e-flood"]);
+        }
+    }
+    let _del = Del(b);
+    let daemon = b.json(&["daemon", "status"])["pid"]
+        .as_u64()
+        .expect("daemon pid");
+    let vm_dir = std::path::PathBuf::from(
+        b.json(&["vm", "show", FLOOD])["dir"]
+            .as_str()
+            .expect("vm dir"),
+    );
+    let before = rss_kib(daemon);
+
+    // 200 MiB on stdout into a reader that never reads.
+    let mut stalled = b
+        .cmd(&[
+            "vm",
+            "exec",
+            FLOOD,
+            "--",
+            "sh",
+            "-c",
+            "echo $$ > /tmp/flood.pid; exec head -c 200M /dev/zero",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn the flood");
+    // And the console, meanwhile: 24 MiB, three times the log's cap.
+    let console = b
+        .cmd(&[
+            "vm",
+            "exec",
+            FLOOD,
+            "--",
+            "sh",
+            "-c",
+            "head -c 24M /dev/zero | tr '\\0' x > /dev/ttyS0",
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn the console flood");
+
+    // The guest writer's progress (bytes written), until it stops moving:
+    // held up by flow control, or done.
+    let written = |b: &Banger| -> Option<u64> {
+        let out = exec_in(
+            b,
+            FLOOD,
+            "p=$(cat /tmp/flood.pid) && sed -n 's/^wchar: //p' /proc/$p/io",
+        );
+        text(&out).0.trim().parse().ok()
+    };
+    let mut last = None;
+    let mut plateau = None;
+    wait_until("the guest's stdout writer to stop", LONG, || {
+        let now = written(b);
+        if now.is_some() && now == last {
+            plateau = now;
+            return true;
+        }
+        if now.is_none() && last.is_some() {
+            // The process ended: it wrote everything, nothing held it up.
+            plateau = Some(200 << 20);
+            return true;
+        }
+        last = now;
+        std::thread::sleep(Duration::from_secs(1));
+        false
+    });
+    let plateau = plateau.expect("plateau");
+    assert!(
+        plateau < 32 << 20,
+        "the guest wrote {plateau} bytes to a reader that reads nothing: the host buffered them"
+    );
+    let grown = rss_kib(daemon).saturating_sub(before);
+    assert!(grown < 64 * 1024, "the daemon grew by {grown} KiB");
+
+    let out = console.wait_with_output().expect("console flood");
+    assert!(out.status.success(), "console flood: {}", text(&out).1);
+    let _ = stalled.kill();
+    let _ = stalled.wait();
+    // The console log (with its previous generation) stays near its cap,
+    // and the newest lines are in it.
+    let kib = dir_kib(&vm_dir) - dir_kib_of_disks(&vm_dir);
+    assert!(kib < 20 * 1024, "{} KiB besides the disks", kib);
+    assert!(vm_dir.join("console.log.1").is_file(), "never rotated");
+    let grown = rss_kib(daemon).saturating_sub(before);
+    assert!(grown < 64 * 1024, "the daemon grew by {grown} KiB");
+}
+
+fn exec_in(b: &Banger, vm: &str, cmd: &str) -> std::process::Output {
+    b.run(&["vm", "exec", vm, "--", "sh", "-c", cmd])
+}
+
+/// Apparent size of the VM's disk images, which the guest fills as it likes.
+fn dir_kib_of_disks(dir: &std::path::Path) -> u64 {
+    std::fs::read_dir(dir)
+        .expect("vm dir")
+        .flatten()
+        .filter(|e| e.path().extension().is_some_and(|x| x == "ext4"))
+        .map(|e| e.metadata().map(|m| m.len() / 1024).unwrap_or(0))
+        .sum()
+}
