@@ -161,7 +161,8 @@ async fn pull(client: &Client, vm: &str, src: &str, dst: &Path) -> anyhow::Resul
 
 pub(crate) fn warn_skipped(skipped: &[String]) {
     for s in skipped {
-        eprintln!("banger: warning: {s}");
+        // The guest's own words, for a copy out of a VM.
+        eprintln!("banger: warning: {}", crate::output::printable(s));
     }
 }
 
