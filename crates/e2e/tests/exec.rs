@@ -369,49 +369,38 @@ fn a_flooding_guest_leaves_the_daemon_and_the_vm_dir_bounded() {
             "--",
             "sh",
             "-c",
-            "echo $$ > /tmp/flood.pid; exec head -c 200M /dev/zero",
+            // /root, not /tmp: the guest may still be mounting its /tmp.
+            "head -c 200M /dev/zero & echo $! > /root/flood.pid; wait $!; touch /root/flood.done",
         ])
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
         .expect("spawn the flood");
-    // And the console, meanwhile: 24 MiB, three times the log's cap.
-    let console = b
-        .cmd(&[
-            "vm",
-            "exec",
-            FLOOD,
-            "--",
-            "sh",
-            "-c",
-            "head -c 24M /dev/zero | tr '\\0' x > /dev/ttyS0",
-        ])
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn the console flood");
 
-    // The guest writer's progress (bytes written), until it stops moving:
-    // held up by flow control, or done.
-    let written = |b: &Banger| -> Option<u64> {
+    // The guest writer's progress (bytes written), until it stops moving
+    // (held up by flow control) or it is done (nothing held it up).
+    let written = |b: &Banger| -> (Option<u64>, bool) {
         let out = exec_in(
             b,
             FLOOD,
-            "p=$(cat /tmp/flood.pid) && sed -n 's/^wchar: //p' /proc/$p/io",
+            "test -e /root/flood.done && echo done; p=$(cat /root/flood.pid) && sed -n 's/^wchar: //p' /proc/$p/io",
         );
-        text(&out).0.trim().parse().ok()
+        let out = text(&out).0;
+        (
+            out.lines().find_map(|l| l.trim().parse().ok()),
+            out.lines().any(|l| l == "done"),
+        )
     };
     let mut last = None;
     let mut plateau = None;
     wait_until("the guest's stdout writer to stop", LONG, || {
-        let now = written(b);
-        if now.is_some() && now == last {
-            plateau = now;
+        let (now, done) = written(b);
+        if done {
+            plateau = Some(200 << 20);
             return true;
         }
-        if now.is_none() && last.is_some() {
-            // The process ended: it wrote everything, nothing held it up.
-            plateau = Some(200 << 20);
+        if now.is_some() && now == last {
+            plateau = now;
             return true;
         }
         last = now;
@@ -426,15 +415,49 @@ fn a_flooding_guest_leaves_the_daemon_and_the_vm_dir_bounded() {
     let grown = rss_kib(daemon).saturating_sub(before);
     assert!(grown < 64 * 1024, "the daemon grew by {grown} KiB");
 
-    let out = console.wait_with_output().expect("console flood");
-    assert!(out.status.success(), "console flood: {}", text(&out).1);
     let _ = stalled.kill();
     let _ = stalled.wait();
-    // The console log (with its previous generation) stays near its cap,
-    // and the newest lines are in it.
+
+    // The console: the guest's serial port runs at tens of KiB/s under
+    // TCG, so its flood is played by appending to the log as the VMM does
+    // (24 MiB, three times the cap); the daemon rotates it while the VM
+    // runs, and the VMM's next lines land at the start of the new log.
+    let console = vm_dir.join("console.log");
+    {
+        let mut log = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&console)
+            .expect("console.log");
+        let line = [b'x'; 1023]
+            .iter()
+            .chain(b"\n")
+            .copied()
+            .collect::<Vec<u8>>();
+        for _ in 0..24 * 1024 {
+            log.write_all(&line).expect("flood the console log");
+        }
+    }
+    let len = |p: &std::path::Path| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0);
+    wait_until("the console log to be rotated", LONG, || {
+        vm_dir.join("console.log.1").is_file() && len(&console) < 8 << 20
+    });
+    let rotated_len = len(&console);
+    let out = exec_in(b, FLOOD, "echo banger-after-rotation > /dev/ttyS0");
+    assert!(out.status.success(), "{}", text(&out).1);
+    wait_until("the guest's next console line", LONG, || {
+        std::fs::read(&console)
+            .is_ok_and(|t| String::from_utf8_lossy(&t).contains("banger-after-rotation"))
+    });
+    // Appended after what is there, not at the VMM's old offset (which
+    // would leave a sparse file of the pre-rotation size).
+    assert!(
+        len(&console) < rotated_len + 64 * 1024,
+        "the VMM kept writing at its old offset: {} bytes after rotation, {} now",
+        rotated_len,
+        len(&console)
+    );
     let kib = dir_kib(&vm_dir) - dir_kib_of_disks(&vm_dir);
-    assert!(kib < 20 * 1024, "{} KiB besides the disks", kib);
-    assert!(vm_dir.join("console.log.1").is_file(), "never rotated");
+    assert!(kib < 20 * 1024, "{kib} KiB besides the disks");
     let grown = rss_kib(daemon).saturating_sub(before);
     assert!(grown < 64 * 1024, "the daemon grew by {grown} KiB");
 }

@@ -1,9 +1,10 @@
 //! Guest-fed logs stay bounded: the serial console (and the VMM's own
 //! output) are files the VMM appends to (`O_APPEND`), and the daemon calls
 //! [`rotate_if_over`] on them while the VM runs. A log over [`LOG_CAP`]
-//! becomes `<name>.1` (replacing the previous one) and starts again empty,
-//! so a guest flooding its console costs at most about twice the cap on
-//! the host's disk.
+//! keeps its last [`LOG_CAP`] bytes as `<name>.1` (replacing the previous
+//! one) and starts again empty, so a guest flooding its console costs at
+//! most twice the cap on the host's disk, plus what it writes between two
+//! checks.
 
 use std::io;
 use std::path::{Path, PathBuf};
@@ -34,10 +35,10 @@ pub fn rotated(path: &Path) -> PathBuf {
     path.with_file_name(name)
 }
 
-/// When the log at `path` is larger than `cap`, copies it to
-/// [`rotated`]`(path)` and empties it. Returns whether it rotated. What the
-/// VMM writes between the copy and the truncation is lost (a few bytes);
-/// nothing else is.
+/// When the log at `path` is larger than `cap`, copies its last `cap`
+/// bytes to [`rotated`]`(path)` and empties it. Returns whether it rotated.
+/// What the VMM writes between the copy and the truncation is lost (a few
+/// bytes), and so is whatever came before the last `cap` bytes.
 pub fn rotate_if_over(path: &Path, cap: u64) -> io::Result<bool> {
     let len = match std::fs::metadata(path) {
         Ok(m) => m.len(),
@@ -50,11 +51,13 @@ pub fn rotate_if_over(path: &Path, cap: u64) -> io::Result<bool> {
     let old = rotated(path);
     let tmp = old.with_extension("1.tmp");
     {
+        use io::Seek;
         let mut from = std::fs::File::open(path)?;
+        from.seek(io::SeekFrom::Start(len - cap))?;
         let mut to = std::fs::File::create(&tmp)?;
-        // Only the first `len` bytes: what the VMM appends meanwhile stays
-        // for the next generation (most of it; see above).
-        io::copy(&mut io::Read::take(&mut from, len), &mut to)?;
+        // The tail up to `len`: what the VMM appends meanwhile stays for
+        // the next generation (most of it; see above).
+        io::copy(&mut io::Read::take(&mut from, cap), &mut to)?;
     }
     std::fs::rename(&tmp, &old)?;
     std::fs::OpenOptions::new()
@@ -80,14 +83,17 @@ mod tests {
         assert!(rotate_if_over(&log, 100).expect("rotate"));
         assert_eq!(std::fs::metadata(&log).expect("meta").len(), 0);
         let old = std::fs::read(rotated(&log)).expect("old");
-        assert_eq!(old.len(), 101);
+        assert_eq!(old.len(), 100, "the last cap bytes");
+        assert_eq!(old.last(), Some(&b'b'));
         // The writer's next bytes land at the start, not at offset 101.
         w.write_all(b"next").expect("write");
         assert_eq!(std::fs::read(&log).expect("read"), b"next");
         // A second rotation replaces the first generation.
         w.write_all(&[b'c'; 200]).expect("write");
         assert!(rotate_if_over(&log, 100).expect("rotate"));
-        assert_eq!(std::fs::read(rotated(&log)).expect("old").len(), 204);
+        let old = std::fs::read(rotated(&log)).expect("old");
+        assert_eq!(old.len(), 100);
+        assert!(old.iter().all(|&c| c == b'c'), "the newest bytes are kept");
         assert!(!rotate_if_over(&t.path().join("missing"), 1).expect("missing"));
         // create_log empties an existing log.
         drop(w);
