@@ -248,6 +248,7 @@ impl Network {
             Some(h) => h,
             None => Arc::new(LocalHostNet::connect()?),
         };
+        check_cidr_free(settings).await?;
         host.ensure_bridge(&BridgeSpec {
             name: settings.bridge.clone(),
             subnet: settings.subnet,
@@ -692,6 +693,25 @@ fn guest_cmdline(g: &GuestNet) -> String {
 const PROBE_TIMEOUT: Duration = Duration::from_millis(1500);
 
 /// `http` or `https` when the service at `addr` speaks it.
+/// Refuses a `cidr` that the host already uses (an address or a route on
+/// another interface): guests would get addresses of the host's own
+/// network, as a nested banger inside a banger guest with the default
+/// `cidr` did. Reading addresses and routes needs no privilege.
+pub(crate) async fn check_cidr_free(settings: &NetSettings) -> anyhow::Result<()> {
+    let cidr = settings.subnet.cidr();
+    let uses = banger_net::link::Netlink::connect()
+        .context("opening netlink")?
+        .cidr_uses(cidr, settings.bridge.as_str())
+        .await?;
+    if let Some(first) = uses.first() {
+        anyhow::bail!(
+            "cidr {cidr} overlaps {first} (the host's own network): set cidr in config.toml to a \
+             range this host does not use, e.g. cidr = \"10.213.0.0/24\""
+        );
+    }
+    Ok(())
+}
+
 /// Most listening ports one `vm ports` probes: the guest says how many
 /// there are, and each probe costs the host two connections.
 const MAX_PROBED: usize = 64;

@@ -623,3 +623,72 @@ fn probe_child() {
         });
     println!("{PROBE_MARKER}");
 }
+
+/// A `cidr` the host already uses (as a nested banger's guest does with the
+/// default range on its own eth0) is found, naming the interface; banger's
+/// own bridge does not count.
+#[test]
+fn cidr_overlaps_with_the_hosts_addresses_and_routes_are_found() {
+    let ns = NetNs::new("cidr");
+    // Plays a guest's eth0 in the default range, and a LAN route.
+    ns.ip(&[
+        "link", "add", "eth9", "type", "veth", "peer", "name", "eth9p",
+    ]);
+    ns.ip(&["addr", "add", "172.16.0.15/24", "dev", "eth9"]);
+    ns.ip(&["link", "set", "eth9", "up"]);
+    ns.ip(&["link", "set", "eth9p", "up"]);
+    ns.ip(&["route", "add", "10.50.0.0/16", "dev", "eth9"]);
+    let net = |s: &str| -> ipnet::Ipv4Net { s.parse().expect("cidr") };
+    ns.run(|| async {
+        let nl = banger_net::link::Netlink::connect().expect("netlink");
+        let uses = nl
+            .cidr_uses(net("172.16.0.0/24"), "banger0")
+            .await
+            .expect("uses");
+        let shown: Vec<String> = uses.iter().map(ToString::to_string).collect();
+        assert!(
+            shown.contains(&"address 172.16.0.15/24 on eth9".to_string()),
+            "{shown:?}"
+        );
+        assert!(uses.iter().all(|u| u.interface == "eth9"), "{shown:?}");
+        // A wider range containing it, and a range inside a route.
+        assert!(
+            !nl.cidr_uses(net("172.16.0.0/16"), "banger0")
+                .await
+                .expect("uses")
+                .is_empty()
+        );
+        let inside = nl
+            .cidr_uses(net("10.50.3.0/24"), "banger0")
+            .await
+            .expect("uses");
+        let shown: Vec<String> = inside.iter().map(ToString::to_string).collect();
+        assert_eq!(shown, ["route 10.50.0.0/16 on eth9"]);
+        // Free ranges, and the bridge's own address and route.
+        assert_eq!(
+            nl.cidr_uses(net("10.213.0.0/24"), "banger0")
+                .await
+                .expect("uses"),
+            []
+        );
+        let own = Subnet::new(net("10.213.0.0/24"), Ipv4Addr::new(10, 213, 0, 1)).expect("subnet");
+        let host = LocalHostNet::connect().expect("netlink");
+        host.ensure_bridge(&BridgeSpec {
+            name: IfName::new("banger0").expect("name"),
+            subnet: own,
+        })
+        .await
+        .expect("bridge");
+        assert_eq!(
+            nl.cidr_uses(net("10.213.0.0/24"), "banger0")
+                .await
+                .expect("uses"),
+            []
+        );
+        let other = nl
+            .cidr_uses(net("10.213.0.0/24"), "other0")
+            .await
+            .expect("uses");
+        assert!(other.iter().any(|u| u.interface == "banger0"), "{other:?}");
+    });
+}
