@@ -4,7 +4,8 @@
 use crate::archive::{ArchiveDownload, ArchiveRoutes, ArchiveUpload};
 use crate::{
     Body, CONTROL, ExecRequest, ExitStatus, Frame, FrameCodec, GetArchive, Hello, Listener,
-    MAX_CHUNK, OutputStream, PROTO_VERSION, PutArchive, SessionInfo, SessionSpec, TtySize,
+    MAX_CHUNK, OUTPUT_WINDOW, OutputStream, PROTO_VERSION, PutArchive, SessionInfo, SessionSpec,
+    TtySize,
 };
 use futures::{SinkExt, StreamExt};
 use std::collections::HashMap;
@@ -38,7 +39,15 @@ pub enum ExecEvent {
     Session(SessionInfo),
 }
 
-type Routes = Arc<Mutex<HashMap<u32, mpsc::UnboundedSender<ExecEvent>>>>;
+/// Where a streaming channel's events go, and how many of its output
+/// frames are received but not yet taken by its consumer (at most
+/// [`OUTPUT_WINDOW`]: the agent sends no more without credit).
+struct Route {
+    tx: mpsc::UnboundedSender<ExecEvent>,
+    unread: Arc<AtomicU32>,
+}
+
+type Routes = Arc<Mutex<HashMap<u32, Route>>>;
 
 /// One-shot requests waiting for their answer, by channel.
 type Queries = Arc<Mutex<HashMap<u32, tokio::sync::oneshot::Sender<Body>>>>;
@@ -165,8 +174,12 @@ impl AgentClient {
 
     /// Starts a process in the guest.
     pub fn exec(&self, req: ExecRequest) -> Result<ExecSession, ClientError> {
-        // Dropping the handle early kills the process.
-        self.stream(Body::Exec(req), Body::Signal(9))
+        // Dropping the handle early ends the channel and kills the process
+        // (a signal alone would leave it waiting for credit).
+        self.stream(
+            Body::Exec(req),
+            Body::Error("the host closed the exec".into()),
+        )
     }
 
     /// Attaches to a session: its live output, and its input from
@@ -199,10 +212,15 @@ impl AgentClient {
     fn stream(&self, body: Body, on_drop: Body) -> Result<ExecSession, ClientError> {
         let channel = self.next_channel.fetch_add(1, Ordering::Relaxed);
         let (ev_tx, events) = mpsc::unbounded_channel();
+        let unread = Arc::new(AtomicU32::new(0));
+        let route = Route {
+            tx: ev_tx,
+            unread: unread.clone(),
+        };
         self.routes
             .lock()
             .map_err(|_| ClientError::Disconnected)?
-            .insert(channel, ev_tx);
+            .insert(channel, route);
         if let Err(e) = self.send(Frame::new(channel, body)) {
             self.routes.lock().map(|mut r| r.remove(&channel)).ok();
             return Err(e);
@@ -210,7 +228,10 @@ impl AgentClient {
         Ok(ExecSession {
             channel,
             tx: self.tx.clone(),
+            routes: self.routes.clone(),
             events,
+            unread,
+            taken: 0,
             done: false,
             on_drop,
         })
@@ -325,9 +346,16 @@ fn route(
         let _ = answer.send(frame.body);
         return;
     }
+    let output = matches!(frame.body, Body::Stdout(_) | Body::Stderr(_));
     let (event, last) = match frame.body {
-        Body::Stdout(d) => (ExecEvent::Stdout(d), false),
-        Body::Stderr(d) => (ExecEvent::Stderr(d), false),
+        Body::Stdout(d) if d.len() <= MAX_CHUNK => (ExecEvent::Stdout(d), false),
+        Body::Stderr(d) if d.len() <= MAX_CHUNK => (ExecEvent::Stderr(d), false),
+        Body::Stdout(_) | Body::Stderr(_) => (
+            ExecEvent::Error(format!(
+                "the guest agent sent an output frame over {MAX_CHUNK} bytes"
+            )),
+            true,
+        ),
         Body::Exited(s) => (ExecEvent::Exited(s), true),
         Body::Error(m) => (ExecEvent::Error(m), true),
         Body::Session(s) => (ExecEvent::Session(s), true),
@@ -341,9 +369,19 @@ fn route(
         }
     };
     let Ok(mut r) = routes.lock() else { return };
-    if let Some(tx) = r.get(&frame.channel) {
-        let _ = tx.send(event);
+    let Some(route) = r.get(&frame.channel) else {
+        return;
+    };
+    // Past its window the agent ignores flow control: the channel ends
+    // rather than the host buffering without bound.
+    if output && !last && route.unread.fetch_add(1, Ordering::AcqRel) >= OUTPUT_WINDOW {
+        let _ = route.tx.send(ExecEvent::Error(format!(
+            "the guest agent sent more than {OUTPUT_WINDOW} output frames without credit"
+        )));
+        r.remove(&frame.channel);
+        return;
     }
+    let _ = route.tx.send(event);
     if last {
         r.remove(&frame.channel);
     }
@@ -353,7 +391,12 @@ fn route(
 pub struct ExecSession {
     channel: u32,
     tx: mpsc::UnboundedSender<Frame>,
+    routes: Routes,
     events: mpsc::UnboundedReceiver<ExecEvent>,
+    /// Output frames received and not taken yet (shared with the route).
+    unread: Arc<AtomicU32>,
+    /// Output frames taken since credit was last granted.
+    taken: u32,
     done: bool,
     on_drop: Body,
 }
@@ -367,15 +410,26 @@ impl ExecSession {
         }
         match self.events.recv().await {
             Some(ev) => {
-                if matches!(
-                    ev,
-                    ExecEvent::Exited(_) | ExecEvent::Error(_) | ExecEvent::Session(_)
-                ) {
-                    self.done = true;
+                match ev {
+                    ExecEvent::Exited(_) | ExecEvent::Error(_) | ExecEvent::Session(_) => {
+                        self.done = true;
+                    }
+                    ExecEvent::Stdout(_) | ExecEvent::Stderr(_) => self.took_output(),
                 }
                 Ok(Some(ev))
             }
             None => Err(ClientError::Disconnected),
+        }
+    }
+
+    /// One output frame was taken: grant the agent more, a quarter of the
+    /// window at a time.
+    fn took_output(&mut self) {
+        self.unread.fetch_sub(1, Ordering::AcqRel);
+        self.taken += 1;
+        if self.taken >= OUTPUT_WINDOW / 4 {
+            let _ = self.send(Body::Credit(self.taken));
+            self.taken = 0;
         }
     }
 
@@ -424,6 +478,8 @@ impl Drop for ExecSession {
             let body = std::mem::replace(&mut self.on_drop, Body::Detach);
             let _ = self.tx.send(Frame::new(self.channel, body));
         }
+        // Whatever still arrives on the channel has nobody to read it.
+        self.routes.lock().map(|mut r| r.remove(&self.channel)).ok();
     }
 }
 
@@ -532,5 +588,101 @@ mod tests {
             c.wait_hello().await,
             Err(ClientError::Disconnected)
         ));
+    }
+
+    /// An agent that ignores credit: the host keeps at most the window of
+    /// its output and ends the channel, whatever the agent sends.
+    #[tokio::test]
+    async fn output_beyond_the_window_ends_the_channel() {
+        let (a, b) = tokio::io::duplex(1 << 16);
+        tokio::spawn(async move {
+            let (rd, wr) = tokio::io::split(b);
+            let mut rd = FramedRead::new(rd, FrameCodec);
+            let mut wr = FramedWrite::new(wr, FrameCodec);
+            let hello = Hello {
+                proto_version: PROTO_VERSION,
+                agent_version: "flood".into(),
+                uptime_ms: 1,
+            };
+            wr.send(Frame::new(CONTROL, Body::Hello(hello)))
+                .await
+                .expect("hello");
+            while let Some(Ok(Ok(f))) = rd.next().await {
+                match f.body {
+                    Body::Exec(_) => {
+                        for _ in 0..1000 {
+                            let out = Body::Stdout(vec![b'x'; 1024]);
+                            if wr.send(Frame::new(f.channel, out)).await.is_err() {
+                                return;
+                            }
+                        }
+                    }
+                    // Answered after the flood: everything before is routed.
+                    Body::ListListeners => {
+                        let _ = wr
+                            .send(Frame::new(f.channel, Body::Listeners(vec![])))
+                            .await;
+                    }
+                    _ => {}
+                }
+            }
+        });
+        let c = AgentClient::spawn(a);
+        c.wait_hello().await.expect("hello");
+        let mut s = c.exec(ExecRequest::default()).expect("exec");
+        c.list_listeners().await.expect("listeners");
+        let mut outputs = 0;
+        loop {
+            match s.next_event().await.expect("event") {
+                Some(ExecEvent::Stdout(_)) => outputs += 1,
+                Some(ExecEvent::Error(m)) => {
+                    assert!(m.contains("without credit"), "{m}");
+                    break;
+                }
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        assert_eq!(outputs, OUTPUT_WINDOW);
+        assert_eq!(s.next_event().await.expect("end"), None);
+    }
+
+    /// Taking output grants credit, a quarter of the window at a time.
+    #[tokio::test]
+    async fn taking_output_grants_credit() {
+        let (a, b) = tokio::io::duplex(1 << 16);
+        let (credit_tx, mut credits) = mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            let (rd, wr) = tokio::io::split(b);
+            let mut rd = FramedRead::new(rd, FrameCodec);
+            let mut wr = FramedWrite::new(wr, FrameCodec);
+            while let Some(Ok(Ok(f))) = rd.next().await {
+                match f.body {
+                    Body::Exec(_) => {
+                        for _ in 0..OUTPUT_WINDOW {
+                            let out = Body::Stdout(b"x".to_vec());
+                            wr.send(Frame::new(f.channel, out)).await.expect("out");
+                        }
+                    }
+                    Body::Credit(n) => {
+                        let _ = credit_tx.send(n);
+                    }
+                    _ => {}
+                }
+            }
+        });
+        let c = AgentClient::spawn(a);
+        let mut s = c.exec(ExecRequest::default()).expect("exec");
+        for _ in 0..OUTPUT_WINDOW {
+            assert_eq!(
+                s.next_event().await.expect("ev"),
+                Some(ExecEvent::Stdout(b"x".to_vec()))
+            );
+        }
+        let mut granted = 0;
+        while granted < OUTPUT_WINDOW {
+            let n = credits.recv().await.expect("credit");
+            assert_eq!(n, OUTPUT_WINDOW / 4);
+            granted += n;
+        }
     }
 }

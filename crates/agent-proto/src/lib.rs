@@ -9,6 +9,14 @@
 //! File transfers use archive channels (see [`archive`]): a tar stream in
 //! [`Body::ArchiveData`] chunks under credit-based flow control.
 //!
+//! Output of exec, attach and logs channels is under credit too: the agent
+//! may have at most [`OUTPUT_WINDOW`] [`Body::Stdout`]/[`Body::Stderr`]
+//! frames (of at most [`MAX_CHUNK`] bytes each) unacknowledged on a
+//! channel, and the host grants more with [`Body::Credit`] as its consumer
+//! takes them. A process whose reader is slow (`vm exec box -- cat
+//! /dev/urandom | sleep 1d`) is held up in the guest, never buffered on the
+//! host; an agent that sends past its window loses the channel.
+//!
 //! Wire format of a frame: `u32` little-endian payload length, then the
 //! payload: a postcard-encoded [`Frame`]. Payloads over [`MAX_FRAME`] are
 //! refused before any allocation.
@@ -24,7 +32,13 @@ pub use codec::{FrameCodec, ProtoError};
 use serde::{Deserialize, Serialize};
 
 /// Bumped on every incompatible change. The daemon refuses agents that differ.
-pub const PROTO_VERSION: u32 = 3;
+/// 4: output of exec, attach and logs channels is under credit
+/// ([`OUTPUT_WINDOW`]); the host ends an exec it drops with [`Body::Error`].
+pub const PROTO_VERSION: u32 = 4;
+
+/// Output frames an agent may send on one exec, attach or logs channel
+/// before the host grants more with [`Body::Credit`].
+pub const OUTPUT_WINDOW: u32 = 64;
 
 /// Largest frame payload accepted, in bytes.
 pub const MAX_FRAME: usize = 1 << 20;
@@ -80,7 +94,8 @@ pub enum Body {
     /// Agent → host: the process ended; the channel is closed.
     Exited(ExitStatus),
     /// Agent → host: the request on this channel failed; the channel is
-    /// closed. Host → agent on an archive channel: abort the transfer.
+    /// closed. Host → agent: abort what runs on the channel (a transfer, or
+    /// an exec whose process is then killed).
     Error(String),
     /// Host → agent: list the guest's listening TCP sockets on this (new)
     /// channel; answered with [`Body::Listeners`] or [`Body::Error`].
@@ -97,7 +112,8 @@ pub enum Body {
     /// Host → agent on a put channel: the tar stream is complete.
     ArchiveEnd,
     /// The receiver of an archive stream lets the sender send this many
-    /// more [`Body::ArchiveData`] frames.
+    /// more [`Body::ArchiveData`] frames; on an exec, attach or logs
+    /// channel, the host lets the agent send this many more output frames.
     Credit(u32),
     /// Agent → host: the transfer is complete; the channel is closed.
     ArchiveDone(ArchiveSummary),

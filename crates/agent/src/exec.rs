@@ -1,7 +1,7 @@
 //! One guest process per exec channel.
 
 use crate::OUTPUT_CHUNK;
-use banger_agent_proto::{Body, ExecRequest, ExitStatus, Frame, TtySize};
+use banger_agent_proto::{Body, ExecRequest, ExitStatus, Frame, OUTPUT_WINDOW, TtySize};
 use nix::errno::Errno;
 use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
@@ -24,6 +24,8 @@ pub(crate) enum SessionMsg {
     Detach,
     /// End the process now and close the channel with this error.
     Abort(String),
+    /// The host may take this many more output frames.
+    Credit(u32),
 }
 
 const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
@@ -192,22 +194,31 @@ async fn supervise(
     let mut err_buf = vec![0u8; OUTPUT_CHUNK];
     let mut status = None;
     let mut msgs_open = true;
+    // Output frames the host takes before it grants more: without credit
+    // the pipes are not read, so the process waits, not the host's memory.
+    // Once the host is gone (`msgs` closed) output is read and dropped.
+    let mut credit = OUTPUT_WINDOW;
 
     let end = loop {
         if let (Some(st), None, None) = (status, &stdout, &stderr) {
             break Ok(st);
         }
+        let may_read = credit > 0 || !msgs_open;
         tokio::select! {
-            r = read_some(&mut stdout, &mut out_buf) => match r {
-                Some(n) => {
+            r = read_some(&mut stdout, &mut out_buf), if may_read => match r {
+                Some(n) if msgs_open => {
+                    credit -= 1;
                     let _ = out.send(Frame::new(channel, Body::Stdout(out_buf[..n].to_vec()))).await;
                 }
+                Some(_) => {}
                 None => stdout = None,
             },
-            r = read_some(&mut stderr, &mut err_buf) => match r {
-                Some(n) => {
+            r = read_some(&mut stderr, &mut err_buf), if may_read => match r {
+                Some(n) if msgs_open => {
+                    credit -= 1;
                     let _ = out.send(Frame::new(channel, Body::Stderr(err_buf[..n].to_vec()))).await;
                 }
+                Some(_) => {}
                 None => stderr = None,
             },
             r = child.wait(), if status.is_none() => match r {
@@ -237,6 +248,7 @@ async fn supervise(
                     Err(_) => break Err(format!("invalid signal number {n}")),
                 },
                 Some(SessionMsg::Abort(reason)) => break Err(reason),
+                Some(SessionMsg::Credit(n)) => credit = credit.saturating_add(n),
                 // The connection is gone without saying why.
                 None => {
                     msgs_open = false;

@@ -119,6 +119,8 @@ impl Connection {
             Some(b) => b,
             None => return,
         };
+        // Credit or an abort for a channel that has ended needs no answer.
+        let quiet = matches!(body, Body::Credit(_) | Body::Error(_));
         let msg = match body {
             Body::Exec(req) => {
                 let out = self.out.clone();
@@ -172,6 +174,10 @@ impl Connection {
             Body::Signal(sig) => SessionMsg::Signal(sig),
             Body::Resize(size) => SessionMsg::Resize(size),
             Body::Detach => SessionMsg::Detach,
+            Body::Credit(n) => SessionMsg::Credit(n),
+            Body::Error(reason) => {
+                SessionMsg::Abort(format!("the host ended the channel: {reason}"))
+            }
             other => SessionMsg::Abort(format!("unexpected {} frame from the host", kind(&other))),
         };
         let live = self
@@ -182,6 +188,9 @@ impl Connection {
             Some((_, tx)) => {
                 let _ = tx.send(msg);
             }
+            // Late credit, or the end of a channel that already ended:
+            // nothing to answer.
+            None if quiet => {}
             None => {
                 let what = match &msg {
                     SessionMsg::Abort(reason) => reason.clone(),
@@ -207,7 +216,7 @@ impl Connection {
             }
             Body::ArchiveData(d) => ArchiveMsg::Data(d),
             Body::ArchiveEnd => ArchiveMsg::End,
-            Body::Credit(n) => ArchiveMsg::Credit(n),
+            Body::Credit(n) if self.archives.contains_key(&channel) => ArchiveMsg::Credit(n),
             Body::Error(m) if self.archives.contains_key(&channel) => ArchiveMsg::Abort(m),
             other => {
                 if self.archives.contains_key(&channel) {

@@ -7,8 +7,8 @@ use crate::OUTPUT_CHUNK;
 use crate::exec::{self, Feed, Input, SessionMsg, Spawned, StdinFeeder};
 use crate::ring::RingLog;
 use banger_agent_proto::{
-    Body, ExitStatus, Frame, OutputStream, SESSION_LOG_BYTES, SessionInfo, SessionSpec, StdinMode,
-    validate_session_name,
+    Body, ExitStatus, Frame, OUTPUT_WINDOW, OutputStream, SESSION_LOG_BYTES, SessionInfo,
+    SessionSpec, StdinMode, validate_session_name,
 };
 use nix::sys::signal::Signal;
 use nix::unistd::Pid;
@@ -233,17 +233,25 @@ impl Sessions {
         } else {
             (0, 0)
         };
+        // Output frames the host takes before it grants more; the rings
+        // keep the rest (and drop their oldest bytes, as for anyone).
+        let mut credit = OUTPUT_WINDOW;
         loop {
             rx.borrow_and_update();
             // Send what is there: stdout's log first, then stderr's.
+            let mut starved = false;
             for (want, stream) in [
                 (want_out, OutputStream::Stdout),
                 (want_err, OutputStream::Stderr),
             ] {
-                if !want {
+                if !want || starved {
                     continue;
                 }
                 loop {
+                    if credit == 0 {
+                        starved = true;
+                        break;
+                    }
                     let (data, next) = {
                         let st = lock(&s.state);
                         match stream {
@@ -265,16 +273,18 @@ impl Sessions {
                     if out.send(Frame::new(channel, body)).await.is_err() {
                         return;
                     }
+                    credit -= 1;
                 }
             }
             // Output is appended before the end is published, so after the
             // drain above an ended session has nothing more to say.
-            if !(attach || follow) || s.ended() {
+            if !starved && (!(attach || follow) || s.ended()) {
                 break;
             }
             tokio::select! {
-                r = rx.changed() => if r.is_err() { break },
+                r = rx.changed(), if !starved => if r.is_err() { break },
                 m = msgs.recv() => match m {
+                    Some(SessionMsg::Credit(n)) => credit = credit.saturating_add(n),
                     Some(SessionMsg::Stdin(d)) if attach => { s.feed(Feed::Data(d)); }
                     Some(SessionMsg::Resize(size)) if attach => { s.feed(Feed::Resize(size)); }
                     Some(SessionMsg::StdinEof) if attach => {

@@ -448,3 +448,48 @@ async fn closing_the_connection_kills_its_processes() {
     // serve() reaps what it killed before returning.
     assert!(!proc_dir.exists(), "sleep {pid} was not killed");
 }
+
+/// Output is under credit: a host that takes nothing gets exactly the
+/// window, then nothing more however much the process writes; credit lets
+/// more through, and ending the channel kills the process.
+#[tokio::test]
+async fn output_waits_for_credit() {
+    use banger_agent_proto::OUTPUT_WINDOW;
+    let (host, _, _) = start_agent();
+    let mut h = RawHost::new(host);
+    let hello = h.recv().await;
+    assert!(matches!(hello.body, Body::Hello(_)), "{hello:?}");
+    h.send(7, Body::Exec(cmd(&["yes", "flood"]))).await;
+    let stdout_frames = |f: &Frame| f.channel == 7 && matches!(f.body, Body::Stdout(_));
+    for i in 0..OUTPUT_WINDOW {
+        let f = h.recv().await;
+        assert!(stdout_frames(&f), "frame {i}: {f:?}");
+    }
+    // `yes` keeps writing; without credit the agent sends nothing, so the
+    // next frame on the channel is the answer to our abort.
+    h.send(7, Body::Credit(2)).await;
+    for _ in 0..2 {
+        let f = h.recv().await;
+        assert!(stdout_frames(&f), "{f:?}");
+    }
+    h.send(7, Body::Error("enough".into())).await;
+    let f = h.recv().await;
+    assert_eq!(f.channel, 7);
+    match f.body {
+        Body::Error(m) => assert!(m.contains("enough"), "{m}"),
+        other => panic!("more output than the credit allowed: {other:?}"),
+    }
+}
+
+/// The client grants credit as output is taken, so a long stream flows.
+#[tokio::test]
+async fn a_stream_longer_than_the_window_flows_through_the_client() {
+    let c = client().await;
+    let s = c
+        .exec(cmd(&["head", "-c", "20000000", "/dev/zero"]))
+        .expect("exec");
+    let (out, err, last) = collect(s).await;
+    assert_eq!(out.len(), 20_000_000);
+    assert!(err.is_empty());
+    assert_eq!(last, exited(0));
+}

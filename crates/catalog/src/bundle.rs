@@ -194,6 +194,13 @@ fn base_url(raw: &str) -> Result<Url, CatalogError> {
     }
 }
 
+/// Mode of what banger writes for a web server to publish (bundles and
+/// index files): 0644, whatever the daemon's umask.
+pub(crate) fn publishable() -> std::fs::Permissions {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::Permissions::from_mode(0o644)
+}
+
 fn join_url(base: &Url, file_name: &str) -> String {
     format!("{}/{file_name}", base.as_str().trim_end_matches('/'))
 }
@@ -248,6 +255,15 @@ async fn write_bundle<M: serde::Serialize + Send + 'static>(
         };
         let file_name = bundle_file_name(&name, &sha256);
         let path = out_dir.join(&file_name);
+        // Bundles are for publishing: world-readable whatever the umask
+        // (bangerd's is 077).
+        if let Err(e) = std::fs::set_permissions(&tmp, publishable()) {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(CatalogError::Io {
+                context: format!("chmod {}", tmp.display()),
+                source: e,
+            });
+        }
         if let Err(e) = std::fs::rename(&tmp, &path) {
             let _ = std::fs::remove_file(&tmp);
             return Err(CatalogError::Io {
@@ -437,6 +453,35 @@ mod tests {
         }
         assert!(base_url("/srv/catalog").is_err());
         assert!(base_url("ftp://h/x").is_err());
+    }
+
+    /// bangerd runs with umask 077; what it writes for publishing must
+    /// still be readable by the web server that serves it.
+    #[tokio::test]
+    async fn bundles_and_index_files_are_world_readable_under_a_private_umask() {
+        use std::os::unix::fs::PermissionsExt;
+        let t = tempfile::tempdir().expect("tempdir");
+        let file = t.path().join("rootfs.ext4");
+        std::fs::write(&file, b"data").expect("write");
+        let old = nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
+        let cancel = CancellationToken::new();
+        let written = write_bundle(
+            "x",
+            vec![("rootfs.ext4", file)],
+            &t.path().join("out"),
+            &cancel,
+            |f| f,
+        )
+        .await;
+        let index = t.path().join("out/index.json");
+        let merged = crate::index::merge_into_index_file(&index, &[]);
+        nix::sys::stat::umask(old);
+        let written = written.expect("bundle");
+        merged.expect("index");
+        for p in [&written.path, &index] {
+            let mode = std::fs::metadata(p).expect("meta").permissions().mode() & 0o777;
+            assert_eq!(mode, 0o644, "{}", p.display());
+        }
     }
 
     #[tokio::test]

@@ -346,6 +346,7 @@ pub fn merge_into_index_file(path: &Path, entries: &[IndexEntry]) -> Result<Inde
     let written = (|| {
         let mut f = std::fs::File::create_new(&tmp)?;
         f.write_all(index.to_json().as_bytes())?;
+        f.set_permissions(crate::bundle::publishable())?;
         f.sync_all()?;
         std::fs::rename(&tmp, path)
     })();

@@ -5,6 +5,7 @@ use banger_api::{Client, ClientError};
 use banger_config::{InstallRecord, Paths, SYSTEM_ENV};
 use std::io::Read;
 use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
@@ -86,10 +87,20 @@ fn bangerd_binary() -> anyhow::Result<PathBuf> {
 /// Starts bangerd detached and waits until it says it is listening.
 fn start_daemon() -> anyhow::Result<()> {
     let paths = Paths::from_env()?;
-    std::fs::create_dir_all(&paths.state_dir)
+    // The daemon's state is the owner's only (bangerd closes what an older
+    // install left open when it starts).
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&paths.state_dir)
         .with_context(|| format!("creating {}", paths.state_dir.display()))?;
     let stderr_path = paths.state_dir.join("bangerd.stderr");
-    let stderr = std::fs::File::create(&stderr_path)
+    let stderr = std::fs::File::options()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&stderr_path)
         .with_context(|| format!("creating {}", stderr_path.display()))?;
     let (rd, wr): (OwnedFd, OwnedFd) =
         nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).context("creating a pipe")?;

@@ -2,7 +2,9 @@
 
 use std::io::IsTerminal;
 
-/// The error and its causes on one line, each cause once.
+/// The error and its causes on one line, each cause once. Errors can
+/// carry what a guest said (its agent's messages, console lines), so
+/// control characters are shown escaped; newlines stay.
 pub fn error_chain(e: &anyhow::Error) -> String {
     let mut parts: Vec<String> = Vec::new();
     for cause in e.chain() {
@@ -11,7 +13,39 @@ pub fn error_chain(e: &anyhow::Error) -> String {
             parts.push(s);
         }
     }
-    parts.join(": ")
+    printable_lines(&parts.join(": "))
+}
+
+/// `s` with control characters (terminal escape sequences, carriage
+/// returns, newlines) and bidirectional overrides written as escapes
+/// (`\u{1b}`): strings a guest supplies (file names, process and session
+/// names) never reach the terminal raw.
+pub fn printable(s: &str) -> String {
+    clean(s, false)
+}
+
+/// Like [`printable`], keeping newlines and tabs (multi-line messages).
+pub fn printable_lines(s: &str) -> String {
+    clean(s, true)
+}
+
+fn clean(s: &str, keep_lines: bool) -> String {
+    let unsafe_char = |c: char| {
+        (c.is_control() && !(keep_lines && (c == '\n' || c == '\t')))
+            || matches!(c, '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
+    };
+    if !s.chars().any(unsafe_char) {
+        return s.to_string();
+    }
+    let mut out = String::with_capacity(s.len() + 8);
+    for c in s.chars() {
+        if unsafe_char(c) {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }
 
 /// Prints `value` as pretty JSON on stdout.
@@ -25,8 +59,13 @@ pub fn chatty() -> bool {
     std::io::stderr().is_terminal()
 }
 
-/// Prints rows as aligned columns; the first row is the header.
+/// Prints rows as aligned columns; the first row is the header. Cells are
+/// made [`printable`].
 pub fn table(rows: &[Vec<String>]) {
+    let rows: Vec<Vec<String>> = rows
+        .iter()
+        .map(|r| r.iter().map(|c| printable(c)).collect())
+        .collect();
     let cols = rows.iter().map(Vec::len).max().unwrap_or(0);
     let widths: Vec<usize> = (0..cols)
         .map(|c| {
@@ -37,7 +76,7 @@ pub fn table(rows: &[Vec<String>]) {
                 .unwrap_or(0)
         })
         .collect();
-    for r in rows {
+    for r in &rows {
         let line: Vec<String> = r
             .iter()
             .enumerate()
@@ -61,5 +100,25 @@ mod tests {
     fn chain_dedups_repeated_causes() {
         let e = anyhow::anyhow!("disk full").context("creating root disk");
         assert_eq!(error_chain(&e), "creating root disk: disk full");
+    }
+
+    #[test]
+    fn guest_strings_lose_their_control_characters() {
+        // A process name that would clear the screen and retitle the window.
+        let evil = "python3\x1b[2J\x1b]0;pwned\x07\rok\u{202e}txt.exe";
+        let shown = printable(evil);
+        assert!(!shown.chars().any(|c| c.is_control()), "{shown:?}");
+        assert_eq!(
+            shown,
+            "python3\\u{1b}[2J\\u{1b}]0;pwned\\u{7}\\rok\\u{202e}txt.exe"
+        );
+        assert_eq!(printable("plain name-1.txt"), "plain name-1.txt");
+        assert_eq!(printable("a\nb"), "a\\nb");
+        assert_eq!(printable_lines("a\nb\tc\x1b"), "a\nb\tc\\u{1b}");
+        let e = anyhow::anyhow!("guest agent refused the request: \x1b[31mred");
+        assert_eq!(
+            error_chain(&e),
+            "guest agent refused the request: \\u{1b}[31mred"
+        );
     }
 }

@@ -17,6 +17,7 @@ mod lifecycle;
 mod logging;
 mod network;
 mod ownership;
+mod private;
 mod reconcile;
 mod run_mode;
 pub mod server;
@@ -81,6 +82,15 @@ impl Daemon {
         }
         let store =
             Store::open(&paths.db).with_context(|| format!("opening {}", paths.db.display()))?;
+        // Installs made before banger kept its files private (0755 dirs,
+        // 0644 disks) are closed here; new files are private already
+        // (SQLite gives its -wal and -shm files the database's mode).
+        for dir in [&paths.state_dir, &paths.cache_dir] {
+            let n = private::tighten(dir);
+            if n > 0 {
+                tracing::info!(dir = %dir.display(), changed = n, "made banger's files private to their owner");
+            }
+        }
         let (vmm, backend_reason) = match vms::choose_backend(&config) {
             Ok((v, why)) => (Ok(v), why),
             Err(e) => {

@@ -248,6 +248,7 @@ impl Network {
             Some(h) => h,
             None => Arc::new(LocalHostNet::connect()?),
         };
+        check_cidr_free(settings).await?;
         host.ensure_bridge(&BridgeSpec {
             name: settings.bridge.clone(),
             subnet: settings.subnet,
@@ -531,8 +532,20 @@ impl Daemon {
             Some(Mode::Bridge { .. }) => vm.ip,
             _ => None,
         };
-        let probes = listeners.into_iter().map(|l| {
-            let name = vm.name.to_string();
+        let name = vm.name.to_string();
+        let unprobed = |l: banger_agent_proto::Listener| PortInfo {
+            addr: l.addr,
+            port: l.port,
+            pid: l.pid,
+            command: l.command,
+            protocol: None,
+            url: None,
+            note: Some(format!(
+                "not probed: only the first {MAX_PROBED} listening ports are"
+            )),
+        };
+        let probe_one = |l: banger_agent_proto::Listener| {
+            let name = name.clone();
             async move {
                 let mut info = PortInfo {
                     addr: l.addr.clone(),
@@ -563,8 +576,8 @@ impl Daemon {
                 }
                 info
             }
-        });
-        Ok(futures::future::join_all(probes).await)
+        };
+        Ok(bounded_probes(listeners, probe_one, unprobed).await)
     }
 
     /// Networking facts for `doctor`.
@@ -683,6 +696,50 @@ fn guest_cmdline(g: &GuestNet) -> String {
 const PROBE_TIMEOUT: Duration = Duration::from_millis(1500);
 
 /// `http` or `https` when the service at `addr` speaks it.
+/// Refuses a `cidr` that the host already uses (an address or a route on
+/// another interface): guests would get addresses of the host's own
+/// network, as a nested banger inside a banger guest with the default
+/// `cidr` did. Reading addresses and routes needs no privilege.
+pub(crate) async fn check_cidr_free(settings: &NetSettings) -> anyhow::Result<()> {
+    let cidr = settings.subnet.cidr();
+    let uses = banger_net::link::Netlink::connect()
+        .context("opening netlink")?
+        .cidr_uses(cidr, settings.bridge.as_str())
+        .await?;
+    if let Some(first) = uses.first() {
+        anyhow::bail!(
+            "cidr {cidr} overlaps {first} (the host's own network): set cidr in config.toml to a \
+             range this host does not use, e.g. cidr = \"10.213.0.0/24\""
+        );
+    }
+    Ok(())
+}
+
+/// Most listening ports one `vm ports` probes: the guest says how many
+/// there are, and each probe costs the host two connections.
+const MAX_PROBED: usize = 64;
+
+/// Most probes in flight at once.
+const PROBES_AT_ONCE: usize = 8;
+
+/// `probe` of the first [`MAX_PROBED`] `items`, [`PROBES_AT_ONCE`] at a
+/// time, and `skip` of the rest; results in the order of `items`.
+async fn bounded_probes<T, R, F, Fut>(items: Vec<T>, probe: F, skip: impl Fn(T) -> R) -> Vec<R>
+where
+    F: Fn(T) -> Fut,
+    Fut: std::future::Future<Output = R>,
+{
+    use futures::StreamExt;
+    let mut items = items;
+    let rest = items.split_off(items.len().min(MAX_PROBED));
+    let mut out: Vec<R> = futures::stream::iter(items.into_iter().map(probe))
+        .buffered(PROBES_AT_ONCE)
+        .collect()
+        .await;
+    out.extend(rest.into_iter().map(skip));
+    out
+}
+
 async fn probe(addr: SocketAddr, name: &str) -> Option<&'static str> {
     let head = format!("HEAD / HTTP/1.0\r\nHost: {name}.vm\r\n\r\n");
     if let Some(reply) = exchange(addr, head.as_bytes()).await
@@ -754,6 +811,40 @@ fn client_hello(name: &str) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn port_probes_are_capped_and_few_at_once() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        let (now, most, calls) = (
+            AtomicUsize::new(0),
+            AtomicUsize::new(0),
+            AtomicUsize::new(0),
+        );
+        let (now, most, calls) = (&now, &most, &calls);
+        let items: Vec<usize> = (0..30_000).collect();
+        let out = bounded_probes(
+            items,
+            |i| async move {
+                calls.fetch_add(1, Ordering::SeqCst);
+                let n = now.fetch_add(1, Ordering::SeqCst) + 1;
+                most.fetch_max(n, Ordering::SeqCst);
+                tokio::task::yield_now().await;
+                now.fetch_sub(1, Ordering::SeqCst);
+                (i, true)
+            },
+            |i| (i, false),
+        )
+        .await;
+        assert_eq!(out.len(), 30_000);
+        assert!(
+            out.iter().enumerate().all(|(i, (j, _))| i == *j),
+            "order kept"
+        );
+        assert_eq!(out.iter().filter(|(_, probed)| *probed).count(), MAX_PROBED);
+        assert_eq!(calls.load(Ordering::SeqCst), MAX_PROBED);
+        let most = most.load(Ordering::SeqCst);
+        assert!((1..=PROBES_AT_ONCE).contains(&most), "{most} at once");
+    }
 
     #[tokio::test]
     async fn probe_tells_http_from_other_services() {

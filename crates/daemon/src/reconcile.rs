@@ -50,6 +50,7 @@ impl Daemon {
         client.ping()?;
         tokio::time::timeout(Duration::from_secs(10), client.wait_hello()).await??;
         self.set_agent(&vm.id, Some(client));
+        crate::vms::cap_logs(vm.dir.clone(), pid);
         self.watch_exit(vm.id.clone(), pid, exited);
         tracing::info!(vm = %vm.name, pid, "re-adopted running VM");
         Ok(())

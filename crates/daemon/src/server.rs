@@ -259,22 +259,41 @@ async fn vm_logs(
         LogSource::Vmm => vp.vmm_log(),
     };
     let follow = q.follow;
-    // State: bytes sent so far, and whether the first read happened.
-    let stream = futures::stream::unfold((0u64, false), move |(offset, started)| {
-        let (d, path, id) = (d.clone(), path.clone(), vm.id.clone());
+    // The previous generation of a rotated log first, then the log itself,
+    // read a piece at a time (never a whole file in memory).
+    let old = banger_vmm::logcap::rotated(&path);
+    let files = if old.is_file() {
+        vec![old, path]
+    } else {
+        vec![path]
+    };
+    // State: which file, and the bytes of it sent so far.
+    let stream = futures::stream::unfold((0usize, 0u64), move |(file, offset)| {
+        let (d, files, id) = (d.clone(), files.clone(), vm.id.clone());
         async move {
+            let mut offset = offset;
             loop {
-                if started && !follow {
-                    return None;
+                let path = &files[file];
+                let last = file + 1 == files.len();
+                match read_piece(path, offset).await {
+                    Piece::Data(data) => {
+                        let next = offset + data.len() as u64;
+                        return Some((Ok::<_, std::convert::Infallible>(data), (file, next)));
+                    }
+                    // Rotated under us: its new generation starts at 0.
+                    Piece::Shrunk if last => offset = 0,
+                    Piece::End | Piece::Shrunk if !last => {
+                        return Some((Ok(Vec::new()), (file + 1, 0)));
+                    }
+                    Piece::End | Piece::Shrunk => {
+                        if !follow {
+                            return None;
+                        }
+                        // Following: stop when the VM is gone, else wait.
+                        d.store.get_vm(&id).ok()?;
+                        tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+                    }
                 }
-                let data = read_from(&path, offset).await;
-                if !data.is_empty() || !started {
-                    let next = offset + data.len() as u64;
-                    return Some((Ok::<_, std::convert::Infallible>(data), (next, true)));
-                }
-                // Following: stop when the VM is gone, else wait for more.
-                d.store.get_vm(&id).ok()?;
-                tokio::time::sleep(std::time::Duration::from_millis(250)).await;
             }
         }
     });
@@ -284,18 +303,37 @@ async fn vm_logs(
         .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response()))
 }
 
-/// The bytes of `path` from `offset` on (empty when missing or unchanged).
-async fn read_from(path: &std::path::Path, offset: u64) -> Vec<u8> {
+/// Most bytes of a log read (and held) at once.
+const LOG_PIECE: u64 = 256 * 1024;
+
+/// What the next read of a log found.
+enum Piece {
+    /// Up to [`LOG_PIECE`] bytes from the offset.
+    Data(Vec<u8>),
+    /// Nothing after the offset (or no file).
+    End,
+    /// The file is now shorter than the offset: it was rotated.
+    Shrunk,
+}
+
+async fn read_piece(path: &std::path::Path, offset: u64) -> Piece {
     use tokio::io::{AsyncReadExt, AsyncSeekExt};
     let Ok(mut f) = tokio::fs::File::open(path).await else {
-        return Vec::new();
+        return Piece::End;
     };
+    match f.metadata().await {
+        Ok(m) if m.len() < offset => return Piece::Shrunk,
+        Ok(_) => {}
+        Err(_) => return Piece::End,
+    }
     if f.seek(std::io::SeekFrom::Start(offset)).await.is_err() {
-        return Vec::new();
+        return Piece::End;
     }
     let mut buf = Vec::new();
-    let _ = f.read_to_end(&mut buf).await;
-    buf
+    match f.take(LOG_PIECE).read_to_end(&mut buf).await {
+        Ok(n) if n > 0 => Piece::Data(buf),
+        _ => Piece::End,
+    }
 }
 
 /// Creates a VM and (by default) boots it. Answers with newline-delimited

@@ -12,6 +12,7 @@ use banger_model::{
 };
 use banger_storage::{VmDisks, WorkSource};
 use banger_vmm::{DiskFormat, DiskSpec, HostFacts, LaunchSpec, VmPaths, Vmm, select_backend};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
 use tokio::sync::mpsc;
@@ -426,6 +427,7 @@ impl Daemon {
             .await
             .map_err(|e| BootError::Failed(e.into()))?;
         let launched_pid = launched.pid;
+        cap_logs(spec.dir.clone(), launched_pid);
         vm.pid = Some(launched_pid);
         let exited = launched.exited;
         let agent_ep = launched.agent;
@@ -495,7 +497,6 @@ impl Daemon {
         Ok(())
     }
 
-    /// Marks the VM stopped when its VMM exits on its own.
     /// Watches VMM `pid` of VM `id`; when it exits, signals waiters and
     /// records the VM stopped (unless an operation already moved it on).
     pub(crate) fn watch_exit(
@@ -703,7 +704,17 @@ async fn fail(steps: &mut Steps<'_>, cause: anyhow::Error) -> BootError {
 
 /// The last lines of a console log, for error messages.
 pub(crate) fn console_tail(path: &std::path::Path) -> String {
-    let text = std::fs::read(path)
+    // The last 64 KiB hold the last 15 lines of any console worth reading.
+    let tail = |path: &std::path::Path| -> std::io::Result<Vec<u8>> {
+        use std::io::{Read, Seek, SeekFrom};
+        let mut f = std::fs::File::open(path)?;
+        let len = f.metadata()?.len();
+        f.seek(SeekFrom::Start(len.saturating_sub(64 * 1024)))?;
+        let mut b = Vec::new();
+        f.take(64 * 1024).read_to_end(&mut b)?;
+        Ok(b)
+    };
+    let text = tail(path)
         .map(|b| String::from_utf8_lossy(&b).into_owned())
         .unwrap_or_default();
     let mut lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
@@ -712,6 +723,26 @@ pub(crate) fn console_tail(path: &std::path::Path) -> String {
         lines.truncate(i + 1);
     }
     lines[lines.len().saturating_sub(15)..].join("\n")
+}
+
+/// Keeps the console and VMM logs of the VM in `dir` under
+/// [`banger_vmm::logcap::LOG_CAP`] (rotating them) while its VMM `pid`
+/// runs: whatever the guest prints, the VM's directory stays bounded.
+pub(crate) fn cap_logs(dir: PathBuf, pid: u32) {
+    let paths = VmPaths::new(&dir);
+    let logs = [paths.console_log(), paths.vmm_log()];
+    tokio::spawn(async move {
+        use banger_vmm::logcap::{CHECK_EVERY, LOG_CAP, rotate_if_over};
+        let alive = || nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), None).is_ok();
+        while alive() && dir.is_dir() {
+            for log in &logs {
+                if let Err(e) = rotate_if_over(log, LOG_CAP) {
+                    tracing::warn!(log = %log.display(), error = %e, "cannot rotate the log");
+                }
+            }
+            tokio::time::sleep(CHECK_EVERY).await;
+        }
+    });
 }
 
 #[cfg(test)]

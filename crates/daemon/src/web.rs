@@ -13,12 +13,17 @@ pub(crate) async fn start(daemon: &Daemon, api: axum::Router) {
     if !banger_web::is_loopback(&addr) {
         tracing::warn!(
             %addr,
-            "the web UI listens on a non-loopback address, as web_listen_addr asks: \
-             other machines that reach it can see and manage this host's VMs"
+            "the web UI listens on a non-loopback address, as web_listen_addr asks; it \
+             serves only this user's connections from this machine, so other machines \
+             get 403 (use ssh -L instead)"
         );
     }
     let shutdown = daemon.shutdown.clone();
-    match banger_web::start(addr, api, async move { shutdown.cancelled().await }).await {
+    match banger_web::start(addr, api, nix::unistd::geteuid().as_raw(), async move {
+        shutdown.cancelled().await
+    })
+    .await
+    {
         Ok(bound) => tracing::info!(url = %format!("http://{bound}/"), "web UI listening"),
         Err(e) => tracing::warn!(error = %e, "web UI not started"),
     }

@@ -295,6 +295,27 @@ async fn registered_kernels_for_firecracker() {
     d.ok(Method::DELETE, "/v1/images/borrower", None).await;
     d.ok(Method::DELETE, "/v1/kernels/borrower", None).await;
     assert!(bz_vmlinux.is_file(), "kernel bz's vmlinux was removed");
+    // The review's case: `--kernel kernels/K/vmlinuz`, a bzImage in another
+    // kernel's directory. Its vmlinux goes to a directory of its own, and
+    // deleting the borrower removes that one only.
+    let k_dir = bz_vmlinux.parent().expect("bz's dir").to_path_buf();
+    let k_bzimage = k_dir.join("vmlinuz");
+    std::fs::copy(&f.kernel, &k_bzimage).expect("copy");
+    d.ok(
+        Method::POST,
+        "/v1/images/register",
+        Some(reg("borrower2", &k_bzimage)),
+    )
+    .await;
+    let b2 = d.ok(Method::GET, "/v1/kernels/borrower2", None).await;
+    assert_ne!(b2["dir"], s(&k_dir), "{b2}");
+    d.ok(Method::DELETE, "/v1/images/borrower2", None).await;
+    d.ok(Method::DELETE, "/v1/kernels/borrower2", None).await;
+    assert!(
+        k_bzimage.is_file() && bz_vmlinux.is_file(),
+        "K's directory was removed"
+    );
+    std::fs::remove_file(&k_bzimage).expect("rm");
 
     // Re-registering a name replaces its extracted vmlinux.
     let before = entries(&d.paths.kernels_dir);

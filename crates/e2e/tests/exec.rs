@@ -306,3 +306,172 @@ fn acp_bridges_stdio(b: &Banger) {
     assert!(out.status.success(), "{stderr}");
     assert_eq!(stdout.as_bytes(), msg);
 }
+
+/// Resident memory of a process, in KiB.
+fn rss_kib(pid: u64) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("daemon status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmRSS")
+}
+
+/// Bytes in the files of a directory tree, as allocated on disk.
+fn dir_kib(dir: &std::path::Path) -> u64 {
+    let out = std::process::Command::new("du")
+        .args(["-sk", "--apparent-size"])
+        .arg(dir)
+        .output()
+        .expect("du");
+    text(&out)
+        .0
+        .split_whitespace()
+        .next()
+        .and_then(|n| n.parse().ok())
+        .expect("du size")
+}
+
+/// A guest that floods its serial console and an exec's stdout, with a
+/// host reader that stops reading: the guest's writer is held up (the
+/// daemon buffers a bounded window, not the stream), the daemon's memory
+/// stays put and the console log is rotated at its cap.
+#[test]
+fn a_flooding_guest_leaves_the_daemon_and_the_vm_dir_bounded() {
+    const FLOOD: &str = "e2e-flood";
+    let b = shared();
+    let _ = b.run(&["vm", "delete", FLOOD]);
+    let out = b.run(&["vm", "create", "--name", FLOOD]);
+    assert!(out.status.success(), "create: {}", text(&out).1);
+    struct Del(&'static Banger);
+    impl Drop for Del {
+        fn drop(&mut self) {
+            let _ = self.0.run(&["vm", "delete", "e2e-flood"]);
+        }
+    }
+    let _del = Del(b);
+    let daemon = b.json(&["daemon", "status"])["pid"]
+        .as_u64()
+        .expect("daemon pid");
+    let vm_dir = std::path::PathBuf::from(
+        b.json(&["vm", "show", FLOOD])["dir"]
+            .as_str()
+            .expect("vm dir"),
+    );
+    let before = rss_kib(daemon);
+
+    // 200 MiB on stdout into a reader that never reads.
+    let mut stalled = b
+        .cmd(&[
+            "vm",
+            "exec",
+            FLOOD,
+            "--",
+            "sh",
+            "-c",
+            // /root, not /tmp: the guest may still be mounting its /tmp.
+            "head -c 200M /dev/zero & echo $! > /root/flood.pid; wait $!; touch /root/flood.done",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn the flood");
+
+    // The guest writer's progress (bytes written), until it stops moving
+    // (held up by flow control) or it is done (nothing held it up).
+    let written = |b: &Banger| -> (Option<u64>, bool) {
+        let out = exec_in(
+            b,
+            FLOOD,
+            "test -e /root/flood.done && echo done; p=$(cat /root/flood.pid) && sed -n 's/^wchar: //p' /proc/$p/io",
+        );
+        let out = text(&out).0;
+        (
+            out.lines().find_map(|l| l.trim().parse().ok()),
+            out.lines().any(|l| l == "done"),
+        )
+    };
+    let mut last = None;
+    let mut plateau = None;
+    wait_until("the guest's stdout writer to stop", LONG, || {
+        let (now, done) = written(b);
+        if done {
+            plateau = Some(200 << 20);
+            return true;
+        }
+        if now.is_some() && now == last {
+            plateau = now;
+            return true;
+        }
+        last = now;
+        std::thread::sleep(Duration::from_secs(1));
+        false
+    });
+    let plateau = plateau.expect("plateau");
+    assert!(
+        plateau < 32 << 20,
+        "the guest wrote {plateau} bytes to a reader that reads nothing: the host buffered them"
+    );
+    let grown = rss_kib(daemon).saturating_sub(before);
+    assert!(grown < 64 * 1024, "the daemon grew by {grown} KiB");
+
+    let _ = stalled.kill();
+    let _ = stalled.wait();
+
+    // The console: the guest's serial port runs at tens of KiB/s under
+    // TCG, so its flood is played by appending to the log as the VMM does
+    // (24 MiB, three times the cap); the daemon rotates it while the VM
+    // runs, and the VMM's next lines land at the start of the new log.
+    let console = vm_dir.join("console.log");
+    {
+        let mut log = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&console)
+            .expect("console.log");
+        let line = [b'x'; 1023]
+            .iter()
+            .chain(b"\n")
+            .copied()
+            .collect::<Vec<u8>>();
+        for _ in 0..24 * 1024 {
+            log.write_all(&line).expect("flood the console log");
+        }
+    }
+    let len = |p: &std::path::Path| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0);
+    wait_until("the console log to be rotated", LONG, || {
+        vm_dir.join("console.log.1").is_file() && len(&console) < 8 << 20
+    });
+    let rotated_len = len(&console);
+    let out = exec_in(b, FLOOD, "echo banger-after-rotation > /dev/ttyS0");
+    assert!(out.status.success(), "{}", text(&out).1);
+    wait_until("the guest's next console line", LONG, || {
+        std::fs::read(&console)
+            .is_ok_and(|t| String::from_utf8_lossy(&t).contains("banger-after-rotation"))
+    });
+    // Appended after what is there, not at the VMM's old offset (which
+    // would leave a sparse file of the pre-rotation size).
+    assert!(
+        len(&console) < rotated_len + 64 * 1024,
+        "the VMM kept writing at its old offset: {} bytes after rotation, {} now",
+        rotated_len,
+        len(&console)
+    );
+    let kib = dir_kib(&vm_dir) - dir_kib_of_disks(&vm_dir);
+    assert!(kib < 20 * 1024, "{kib} KiB besides the disks");
+    let grown = rss_kib(daemon).saturating_sub(before);
+    assert!(grown < 64 * 1024, "the daemon grew by {grown} KiB");
+}
+
+fn exec_in(b: &Banger, vm: &str, cmd: &str) -> std::process::Output {
+    b.run(&["vm", "exec", vm, "--", "sh", "-c", cmd])
+}
+
+/// Apparent size of the VM's disk images, which the guest fills as it likes.
+fn dir_kib_of_disks(dir: &std::path::Path) -> u64 {
+    std::fs::read_dir(dir)
+        .expect("vm dir")
+        .flatten()
+        .filter(|e| e.path().extension().is_some_and(|x| x == "ext4"))
+        .map(|e| e.metadata().map(|m| m.len() / 1024).unwrap_or(0))
+        .sum()
+}

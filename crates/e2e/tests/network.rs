@@ -277,3 +277,55 @@ fn bridge_dns_nat_ports_and_restart() {
         text(&nat).0
     );
 }
+
+/// A `cidr` the host already uses (here an interface of the daemon's
+/// namespace in the default range, as a nested banger's guest has) is
+/// refused for bridge networking, naming the interface and the key to
+/// change; `doctor` shows it.
+#[test]
+fn a_cidr_the_host_uses_is_refused_naming_the_interface() {
+    let b = Banger::isolated("cidr");
+    b.write_config(
+        "network = \"bridge\"\ndns_listen_addr = \"127.0.0.1:0\"\nweb_listen_addr = \"\"\n",
+    );
+    b.ip(&[
+        "link", "add", "eth9", "type", "veth", "peer", "name", "eth9p",
+    ]);
+    b.ip(&["addr", "add", "172.16.0.15/24", "dev", "eth9"]);
+    b.ip(&["link", "set", "eth9", "up"]);
+    // Starts the daemon.
+    let out = b.run(&["vm", "list"]);
+    assert!(out.status.success(), "{}", text(&out).1);
+    let out = b.run(&["doctor", "--json"]);
+    let rows: serde_json::Value = serde_json::from_slice(&out.stdout).expect("doctor json");
+    let row = |name: &str| {
+        rows.as_array()
+            .expect("rows")
+            .iter()
+            .find(|r| r["name"] == name)
+            .unwrap_or_else(|| panic!("no {name} row in {rows}"))
+            .clone()
+    };
+    let network = row("network");
+    let detail = network["detail"].as_str().unwrap_or_default();
+    assert_eq!(network["status"], "fail", "{network}");
+    for needle in [
+        "172.16.0.0/24",
+        "address 172.16.0.15/24 on eth9",
+        "set cidr in config.toml",
+    ] {
+        assert!(detail.contains(needle), "{needle}: {detail}");
+    }
+    let cidr = row("cidr");
+    assert_eq!(cidr["status"], "fail", "{cidr}");
+    assert!(
+        cidr["detail"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("on eth9"),
+        "{cidr}"
+    );
+    // No bridge was made with the host's addresses.
+    let links = b.ip(&["-o", "link", "show"]);
+    assert!(!links.contains("banger0"), "{links}");
+}

@@ -58,6 +58,33 @@ fn curl(b: &Banger, args: &[&str]) -> (u16, String) {
     (code.trim().parse().expect("status code"), body.to_string())
 }
 
+/// `curl` as another local user (uid 65534, `nobody`) inside the
+/// installation's namespace: (HTTP status, body).
+fn curl_as_stranger(b: &Banger, url: &str) -> (u16, String) {
+    let out = b
+        .in_netns(
+            "setpriv",
+            &[
+                "--reuid=65534",
+                "--regid=65534",
+                "--clear-groups",
+                "curl",
+                "-sS",
+                "--max-time",
+                "20",
+                "-w",
+                "\n%{http_code}",
+                url,
+            ],
+        )
+        .output()
+        .expect("spawn setpriv curl");
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "curl as nobody {url}: {stderr}");
+    let (body, code) = stdout.rsplit_once('\n').expect("status line");
+    (code.trim().parse().expect("status code"), body.to_string())
+}
+
 /// Headless Chromium in the installation's network namespace, driven over
 /// the DevTools protocol on a pipe (fds 3 and 4), which needs no port and
 /// crosses the namespace boundary.
@@ -283,6 +310,38 @@ fn web_ui_shows_the_vm_stops_it_and_refuses_foreign_requests() {
     assert!(vms.contains("\"web-e2e\""), "{vms}");
     let (code, _) = curl(b, &["-H", "Host: localhost:7791", &format!("{base}/")]);
     assert_eq!(code, 200);
+
+    // Another local user reaches the port but not the UI: no page (and so
+    // no token), no API, not even with the token.
+    for path in ["/", "/api/v1/vms", "/api/v1/vms/web-e2e"] {
+        let (code, body) = curl_as_stranger(b, &format!("{base}{path}"));
+        assert_eq!(code, 403, "{path}: {body}");
+        assert!(!body.contains(&token), "{path}: {body}");
+    }
+    let out = b
+        .in_netns(
+            "setpriv",
+            &[
+                "--reuid=65534",
+                "--regid=65534",
+                "--clear-groups",
+                "curl",
+                "-sS",
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{http_code}",
+                "-X",
+                "POST",
+                "-H",
+                &format!("x-banger-token: {token}"),
+                &format!("{base}/api/v1/vms/web-e2e/stop"),
+            ],
+        )
+        .output()
+        .expect("spawn setpriv curl");
+    assert_eq!(text(&out).0, "403", "{}", text(&out).1);
+    assert_eq!(state(b, "web-e2e"), "running");
 
     // DNS rebinding: a foreign Host is refused, for the page and the API.
     for path in ["/", "/api/v1/vms"] {

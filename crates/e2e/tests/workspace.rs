@@ -211,7 +211,8 @@ fn cp_round_trip_keeps_modes_and_inner_symlinks_and_skips_outside_ones() {
         "--",
         "sh",
         "-c",
-        "cd /root/tree && stat -c '%n %a' tool.sh sub && readlink inner && test ! -e outside && wc -c < sub/data.bin",
+        "cd /root/tree && stat -c '%n %a' tool.sh sub && readlink inner && test ! -e outside && wc -c < sub/data.bin \
+         && install -m 6755 /dev/null suid",
     ]);
     let (stdout, stderr) = text(&check);
     assert!(check.status.success(), "{stdout} {stderr}");
@@ -232,6 +233,13 @@ fn cp_round_trip_keeps_modes_and_inner_symlinks_and_skips_outside_ones() {
         PathBuf::from("sub/data.bin")
     );
     assert!(!back.join("outside").exists());
+    // The guest's setuid/setgid bits are not carried onto the host.
+    let full = std::fs::metadata(back.join("suid"))
+        .expect("meta")
+        .permissions()
+        .mode()
+        & 0o7777;
+    assert_eq!(full, 0o755);
 
     let del = b.run(&["vm", "delete", "e2e-cp"]);
     assert!(del.status.success(), "{}", text(&del).1);

@@ -64,6 +64,16 @@ pub async fn run_tool(
         .stderr(Stdio::piped())
         .process_group(0)
         .kill_on_drop(true);
+    // Image tools build trees for a guest (mmdebstrap, maintainer scripts):
+    // their files get the modes packages intend, not bangerd's private
+    // umask (077), which would leave guest files unreadable to its users.
+    // SAFETY: umask(2) is async-signal-safe and touches no memory.
+    unsafe {
+        cmd.pre_exec(|| {
+            nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o022));
+            Ok(())
+        });
+    }
     let mut child = cmd
         .spawn()
         .map_err(ImageError::io(format!("starting {}", program.display())))?;
@@ -165,6 +175,25 @@ mod tests {
 
     fn args(a: &[&str]) -> Vec<OsString> {
         a.iter().map(OsString::from).collect()
+    }
+
+    #[tokio::test]
+    async fn tools_run_with_the_conventional_umask_whatever_the_callers() {
+        let lines = Mutex::new(Vec::new());
+        let on_line = |l: String| lines.lock().expect("lock").push(l);
+        let old = nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
+        let r = run_tool(
+            "sh",
+            Path::new("/bin/sh"),
+            args(&["-c", "umask"]),
+            &[],
+            &on_line,
+            &CancellationToken::new(),
+        )
+        .await;
+        nix::sys::stat::umask(old);
+        r.expect("umask");
+        assert_eq!(lines.lock().expect("lock").as_slice(), ["0022"]);
     }
 
     #[tokio::test]

@@ -88,9 +88,6 @@ pub trait HostNet: Send + Sync {
         vm_ips: &BTreeSet<Ipv4Addr>,
     ) -> Result<(), HostNetError>;
 
-    /// Sets `net.ipv4.ip_forward`.
-    async fn set_ip_forward(&self, on: bool) -> Result<(), HostNetError>;
-
     /// Routes `.vm` lookups through `bridge` to `dns` in systemd-resolved.
     async fn resolved_wire(&self, bridge: &IfName, dns: SocketAddr) -> Result<(), HostNetError>;
 
@@ -225,10 +222,6 @@ impl HostNet for LocalHostNet {
     ) -> Result<(), HostNetError> {
         let _g = self.nat_lock.lock().await;
         Ok(nat::rebuild(subnet, vm_ips).await?)
-    }
-
-    async fn set_ip_forward(&self, on: bool) -> Result<(), HostNetError> {
-        Ok(nat::set_ip_forward(on)?)
     }
 
     async fn resolved_wire(&self, bridge: &IfName, dns: SocketAddr) -> Result<(), HostNetError> {

@@ -16,6 +16,27 @@ use rtnetlink::packet_route::link::{
 use rtnetlink::{Handle, LinkBridge, LinkUnspec};
 use std::net::{IpAddr, Ipv4Addr};
 
+/// An address or route of the host inside a range banger wants for its
+/// guests.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CidrUse {
+    /// `address 172.16.0.15/24` or `route 172.16.0.0/16`.
+    pub what: String,
+    /// The interface it is on.
+    pub interface: String,
+}
+
+impl std::fmt::Display for CidrUse {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} on {}", self.what, self.interface)
+    }
+}
+
+/// Whether two IPv4 networks share any address.
+pub fn overlaps(a: ipnet::Ipv4Net, b: ipnet::Ipv4Net) -> bool {
+    a.contains(&b.network()) || b.contains(&a.network())
+}
+
 /// A netlink or `/dev/net/tun` operation that failed.
 #[derive(Debug, thiserror::Error)]
 pub enum LinkError {
@@ -150,6 +171,88 @@ impl Netlink {
                 })
             })
             .collect())
+    }
+
+    /// IPv4 addresses and routes of this network namespace that overlap
+    /// `cidr`, except those of the link `own_bridge` (banger's bridge, which
+    /// carries `cidr` on purpose). Default routes and the kernel's local and
+    /// broadcast routes do not count.
+    pub async fn cidr_uses(
+        &self,
+        cidr: ipnet::Ipv4Net,
+        own_bridge: &str,
+    ) -> Result<Vec<CidrUse>, LinkError> {
+        use rtnetlink::packet_route::route::{
+            RouteAddress, RouteAttribute, RouteMessage, RouteType,
+        };
+        let links = self.links().await?;
+        let name_of = |index: u32| {
+            links
+                .iter()
+                .find(|l| l.index == index)
+                .map(|l| l.name.clone())
+        };
+        let mut uses = Vec::new();
+        for l in links.iter().filter(|l| l.name != own_bridge) {
+            for (ip, prefix) in self.ipv4_addresses(l.index).await? {
+                let Ok(net) = ipnet::Ipv4Net::new(ip, prefix) else {
+                    continue;
+                };
+                if overlaps(net.trunc(), cidr) {
+                    uses.push(CidrUse {
+                        what: format!("address {ip}/{prefix}"),
+                        interface: l.name.clone(),
+                    });
+                }
+            }
+        }
+        let routes: Vec<RouteMessage> = self
+            .handle
+            .route()
+            .get(rtnetlink::RouteMessageBuilder::<Ipv4Addr>::new().build())
+            .execute()
+            .try_collect()
+            .await
+            .map_err(nl_err("listing", "routes"))?;
+        for r in &routes {
+            if !matches!(
+                r.header.kind,
+                RouteType::Unicast
+                    | RouteType::Unreachable
+                    | RouteType::BlackHole
+                    | RouteType::Prohibit
+            ) || r.header.destination_prefix_length == 0
+            {
+                continue;
+            }
+            let dst = r.attributes.iter().find_map(|a| match a {
+                RouteAttribute::Destination(RouteAddress::Inet(ip)) => Some(*ip),
+                _ => None,
+            });
+            let oif = r.attributes.iter().find_map(|a| match a {
+                RouteAttribute::Oif(i) => Some(*i),
+                _ => None,
+            });
+            let Some(dst) = dst else { continue };
+            let interface = oif
+                .and_then(name_of)
+                .unwrap_or_else(|| "no interface".into());
+            if interface == own_bridge {
+                continue;
+            }
+            let Ok(net) = ipnet::Ipv4Net::new(dst, r.header.destination_prefix_length) else {
+                continue;
+            };
+            let what = format!("route {}", net.trunc());
+            if overlaps(net.trunc(), cidr)
+                && !uses
+                    .iter()
+                    .any(|u| u.interface == interface && u.what == what)
+            {
+                uses.push(CidrUse { what, interface });
+            }
+        }
+        Ok(uses)
     }
 
     /// Makes sure bridge `name` exists, carries `ip/prefix` and is up.
@@ -412,5 +515,21 @@ mod tun {
         // SAFETY: as above.
         unsafe { tunsetpersist(fd.as_raw_fd(), 1) }?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn networks_overlap_when_either_contains_the_other() {
+        let n = |s: &str| -> ipnet::Ipv4Net { s.parse().expect("net") };
+        assert!(overlaps(n("172.16.0.0/24"), n("172.16.0.0/24")));
+        assert!(overlaps(n("172.16.0.0/16"), n("172.16.0.0/24")));
+        assert!(overlaps(n("172.16.0.0/24"), n("172.16.0.128/25")));
+        assert!(overlaps(n("172.16.0.15/32"), n("172.16.0.0/24")));
+        assert!(!overlaps(n("172.16.1.0/24"), n("172.16.0.0/24")));
+        assert!(!overlaps(n("10.213.0.0/24"), n("172.16.0.0/24")));
     }
 }

@@ -10,7 +10,18 @@
 //! - forward: `ip daddr <vm> ct state established,related accept`
 //!
 //! Chains have policy accept: banger adds permission, it never takes any
-//! away from other traffic.
+//! away from other traffic, with one exception for its own guests. Forwarding
+//! is a host-wide switch, so once it is on (for NAT) a LAN neighbour that
+//! routes the bridge's cidr through the host could reach every guest's
+//! ports, NAT or not. The forward chain therefore starts with a guard
+//! (commented `banger guard`), present whenever the table is, even without
+//! NAT VMs:
+//!
+//! - forward: `ip daddr <cidr> ip saddr != <cidr> ct state { new, invalid,
+//!   untracked } drop`
+//!
+//! Guests still reach each other (same bridge) and the host (not forwarded),
+//! and their own NATed connections get their replies (established).
 
 use crate::alloc::Subnet;
 use nftables::batch::Batch;
@@ -28,6 +39,7 @@ pub const TABLE: &str = "banger";
 const POSTROUTING: &str = "postrouting";
 const FORWARD: &str = "forward";
 const COMMENT_PREFIX: &str = "banger vm ";
+const GUARD_COMMENT: &str = "banger guard";
 const IP_FORWARD: &str = "/proc/sys/net/ipv4/ip_forward";
 
 /// A NAT change that could not be made.
@@ -101,8 +113,8 @@ pub async fn disable(subnet: &Subnet, vm_ip: Ipv4Addr) -> Result<(), NatError> {
     Ok(())
 }
 
-/// Makes banger's table hold exactly `vm_ips` (reconcile). An empty set
-/// removes the table.
+/// Makes banger's table hold exactly `vm_ips` (reconcile). With an empty
+/// set the table keeps only the guard (see the module docs).
 pub async fn rebuild(subnet: &Subnet, vm_ips: &BTreeSet<Ipv4Addr>) -> Result<(), NatError> {
     for ip in vm_ips {
         check(subnet, *ip)?;
@@ -173,9 +185,9 @@ fn addr(ip: Ipv4Addr) -> Expression<'static> {
     Expression::String(Cow::Owned(ip.to_string()))
 }
 
-/// The one transaction that makes banger's table hold exactly `vms`:
-/// `add table` (so the `delete` cannot fail), `delete table`, then the table
-/// again with its chains and rules.
+/// The one transaction that makes banger's table hold exactly the guard
+/// and the rules of `vms`: `add table` (so the `delete` cannot fail),
+/// `delete table`, then the table again with its chains and rules.
 pub fn ruleset(subnet: &Subnet, vms: &BTreeSet<Ipv4Addr>) -> Nftables<'static> {
     let table = || Table {
         family: NfFamily::IP,
@@ -185,9 +197,6 @@ pub fn ruleset(subnet: &Subnet, vms: &BTreeSet<Ipv4Addr>) -> Nftables<'static> {
     let mut b = Batch::new();
     b.add(NfListObject::Table(table()));
     b.delete(NfListObject::Table(table()));
-    if vms.is_empty() {
-        return b.to_nftables();
-    }
     b.add(NfListObject::Table(table()));
     for (name, ty, hook, prio) in [
         (POSTROUTING, NfChainType::NAT, NfHook::Postrouting, 100),
@@ -210,6 +219,39 @@ pub fn ruleset(subnet: &Subnet, vms: &BTreeSet<Ipv4Addr>) -> Nftables<'static> {
             len: u32::from(subnet.prefix()),
         }))
     };
+    let ct_state = || {
+        Expression::Named(NamedExpression::CT(CT {
+            key: Cow::Borrowed("state"),
+            family: None,
+            dir: None,
+        }))
+    };
+    let states = |names: &[&'static str]| {
+        Expression::List(
+            names
+                .iter()
+                .map(|n| Expression::String(Cow::Borrowed(*n)))
+                .collect(),
+        )
+    };
+    b.add(NfListObject::Rule(Rule {
+        family: NfFamily::IP,
+        table: Cow::Borrowed(TABLE),
+        chain: Cow::Borrowed(FORWARD),
+        expr: Cow::Owned(vec![
+            matches(field("ip", "daddr"), Operator::EQ, cidr()),
+            matches(field("ip", "saddr"), Operator::NEQ, cidr()),
+            matches(
+                ct_state(),
+                Operator::IN,
+                states(&["new", "invalid", "untracked"]),
+            ),
+            Statement::Drop(None),
+        ]),
+        handle: None,
+        index: None,
+        comment: Some(Cow::Borrowed(GUARD_COMMENT)),
+    }));
     for ip in vms {
         let rule = |chain: &'static str, expr: Vec<Statement<'static>>| {
             NfListObject::Rule(Rule {
@@ -243,16 +285,9 @@ pub fn ruleset(subnet: &Subnet, vms: &BTreeSet<Ipv4Addr>) -> Nftables<'static> {
             vec![
                 matches(field("ip", "daddr"), Operator::EQ, addr(*ip)),
                 matches(
-                    Expression::Named(NamedExpression::CT(CT {
-                        key: Cow::Borrowed("state"),
-                        family: None,
-                        dir: None,
-                    })),
+                    ct_state(),
                     Operator::IN,
-                    Expression::List(vec![
-                        Expression::String(Cow::Borrowed("established")),
-                        Expression::String(Cow::Borrowed("related")),
-                    ]),
+                    states(&["established", "related"]),
                 ),
                 Statement::Accept(None),
             ],
@@ -336,10 +371,14 @@ mod tests {
         let vms: BTreeSet<_> = [Ipv4Addr::new(172, 16, 0, 2)].into();
         let json = serde_json::to_value(ruleset(&subnet(), &vms)).expect("json");
         let objs = json["nftables"].as_array().expect("array");
-        // add, delete, add table; two chains; three rules.
-        assert_eq!(objs.len(), 8, "{json}");
+        // add, delete, add table; two chains; the guard; three rules.
+        assert_eq!(objs.len(), 9, "{json}");
         assert_eq!(objs[1]["delete"]["table"]["name"], "banger");
-        let masq = &objs[5]["add"]["rule"];
+        let guard = &objs[5]["add"]["rule"];
+        assert_eq!(guard["chain"], "forward");
+        assert_eq!(guard["comment"], "banger guard");
+        assert!(guard["expr"][3].get("drop").is_some(), "{guard}");
+        let masq = &objs[6]["add"]["rule"];
         assert_eq!(masq["chain"], "postrouting");
         assert_eq!(masq["comment"], "banger vm 172.16.0.2");
         assert_eq!(masq["expr"][0]["match"]["right"], "172.16.0.2");
@@ -363,9 +402,12 @@ mod tests {
     }
 
     #[test]
-    fn empty_set_drops_the_table() {
+    fn without_nat_vms_only_the_guard_stays() {
         let json = serde_json::to_value(ruleset(&subnet(), &BTreeSet::new())).expect("json");
-        assert_eq!(json["nftables"].as_array().map(Vec::len), Some(2));
+        let objs = json["nftables"].as_array().expect("array");
+        let rules: Vec<_> = objs.iter().filter_map(|o| o["add"].get("rule")).collect();
+        assert_eq!(rules.len(), 1, "{json}");
+        assert_eq!(rules[0]["comment"], "banger guard");
     }
 
     #[test]

@@ -166,6 +166,37 @@ fn resolve_in_tree(root: &Path, rel: &Path) -> Option<PathBuf> {
     Some(root.join(cur))
 }
 
+/// Reads the image's file `rel` the way the guest would find it
+/// ([`resolve_in_tree`]), as text of at most `cap` bytes. Only a regular
+/// file is read: it is opened without following a link and without
+/// blocking (a FIFO planted by a layer never hangs the pull), and checked
+/// before reading. `None` when it is missing or not a regular file.
+fn read_image_file(root: &Path, rel: &str, cap: u64) -> Option<String> {
+    use nix::fcntl::{OFlag, open};
+    use nix::sys::stat::{Mode, SFlag, fstat};
+    use std::io::Read;
+    let path = resolve_in_tree(root, Path::new(rel))?;
+    let flags = OFlag::O_RDONLY | OFlag::O_NOFOLLOW | OFlag::O_NONBLOCK | OFlag::O_CLOEXEC;
+    let fd = open(&path, flags, Mode::empty()).ok()?;
+    let st = fstat(&fd).ok()?;
+    if SFlag::from_bits_truncate(st.st_mode & SFlag::S_IFMT.bits()) != SFlag::S_IFREG {
+        tracing::warn!(path = %path.display(), "not a regular file in the image; ignored");
+        return None;
+    }
+    let mut text = Vec::new();
+    std::fs::File::from(fd)
+        .take(cap)
+        .read_to_end(&mut text)
+        .ok()?;
+    Some(String::from_utf8_lossy(&text).into_owned())
+}
+
+/// Most bytes read of an image's os-release.
+const OS_RELEASE_CAP: u64 = 64 * 1024;
+
+/// Most bytes read of an image's inittab.
+const INITTAB_CAP: u64 = 1 << 20;
+
 fn exists_in_tree(root: &Path, rel: &str) -> bool {
     resolve_in_tree(root, Path::new(rel)).is_some()
 }
@@ -183,8 +214,7 @@ fn os_release_id(text: &str) -> Option<String> {
 pub fn inspect(root: &Path) -> GuestInfo {
     let os_id = ["etc/os-release", "usr/lib/os-release"]
         .iter()
-        .filter_map(|p| resolve_in_tree(root, Path::new(p)))
-        .filter_map(|p| std::fs::read_to_string(p).ok())
+        .filter_map(|p| read_image_file(root, p, OS_RELEASE_CAP))
         .find_map(|t| os_release_id(&t));
     let init_is_systemd = resolve_in_tree(root, Path::new("sbin/init"))
         .and_then(|p| p.strip_prefix(root).ok().map(Path::to_path_buf))
@@ -247,8 +277,17 @@ pub fn inject(root: &Path, c: &Customization<'_>) -> Result<GuestInfo, OciError>
         let inittab = root.join("etc/inittab");
         let md = std::fs::symlink_metadata(&inittab).ok();
         let mut text = match md {
-            Some(m) if m.is_file() => std::fs::read_to_string(&inittab)
-                .map_err(OciError::io(format!("reading {}", inittab.display())))?,
+            Some(m) if m.is_file() => {
+                if m.len() > INITTAB_CAP {
+                    return Err(OciError::BadImageFile(format!(
+                        "the image's /etc/inittab is {} bytes; an inittab over {INITTAB_CAP} is refused",
+                        m.len()
+                    )));
+                }
+                read_image_file(root, "etc/inittab", INITTAB_CAP).ok_or_else(|| {
+                    OciError::BadImageFile(format!("cannot read the image's {}", inittab.display()))
+                })?
+            }
             _ => BUSYBOX_INITTAB.to_string(),
         };
         let mut lines = vec![format!("::respawn:{AGENT_BINARY_PATH}")];
@@ -330,6 +369,46 @@ mod tests {
             .is_ok()
         );
         assert!(!root.join("usr/local/sbin/banger-install-sshd").exists());
+    }
+
+    /// A layer's FIFO or device where banger reads a file must not hang
+    /// the pull: only regular files are read, without blocking.
+    #[test]
+    fn a_fifo_or_an_escaping_link_where_os_release_should_be_is_skipped() {
+        let (_t, root, agent) = tree();
+        nix::unistd::mkfifo(
+            &root.join("etc/os-release"),
+            nix::sys::stat::Mode::from_bits_truncate(0o644),
+        )
+        .expect("mkfifo");
+        std::fs::create_dir_all(root.join("usr/lib")).expect("mkdir");
+        // An absolute link resolves inside the image, never on the host.
+        symlink("/etc/hostname", root.join("usr/lib/os-release")).expect("ln");
+        let (tx, rx) = std::sync::mpsc::channel();
+        let (r, a) = (root.clone(), agent.clone());
+        std::thread::spawn(move || {
+            let _ = tx.send(inject(&r, &c(&a)).map(|i| i.os_id));
+        });
+        let got = rx
+            .recv_timeout(std::time::Duration::from_secs(20))
+            .expect("inject returned instead of blocking on the FIFO");
+        assert_eq!(got.expect("inject"), None);
+        // A huge file is read only up to its cap.
+        std::fs::remove_file(root.join("etc/os-release")).expect("rm");
+        let mut big = "ID=alpine\n".to_string();
+        big.push_str(&"#".repeat(200_000));
+        std::fs::write(root.join("etc/os-release"), &big).expect("w");
+        let text = read_image_file(&root, "etc/os-release", OS_RELEASE_CAP).expect("read");
+        assert_eq!(text.len() as u64, OS_RELEASE_CAP);
+        assert_eq!(inspect(&root).os_id.as_deref(), Some("alpine"));
+        // An inittab that is a FIFO is not read either.
+        std::fs::remove_file(root.join("etc/inittab")).expect("rm");
+        nix::unistd::mkfifo(
+            &root.join("etc/inittab"),
+            nix::sys::stat::Mode::from_bits_truncate(0o644),
+        )
+        .expect("mkfifo");
+        assert_eq!(read_image_file(&root, "etc/inittab", INITTAB_CAP), None);
     }
 
     #[test]

@@ -127,6 +127,9 @@ pub enum OciError {
     Image(#[from] banger_image::ImageError),
     #[error("image pull cancelled")]
     Cancelled,
+    /// A file banger must read from the image is not usable.
+    #[error("{0}; fix the image and pull it again")]
+    BadImageFile(String),
     #[error("{context}")]
     Io {
         context: String,

@@ -586,8 +586,13 @@ impl Tree {
     }
 }
 
+/// Sets the permission bits of a file of the unpacked tree on the host.
+/// Setuid, setgid and sticky bits are never set there: the recorded mode
+/// (which keeps them) is what the ext4 step writes into the image, and a
+/// setuid binary from an untrusted image must not exist on the host (nor
+/// can a `RestrictSUIDSGID=yes` daemon make one).
 fn set_host_mode(p: &Path, mode: u32) -> Result<(), OciError> {
-    std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode & 0o7777))
+    std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode & 0o777))
         .map_err(OciError::io(format!("chmod {}", p.display())))
 }
 
@@ -727,8 +732,10 @@ mod tests {
         );
         apply(&mut tree, layer.gzip()).expect("apply");
         tree.finish().expect("finish");
+        // The host copy has no setuid bit; the image's mode is recorded.
         let su = std::fs::symlink_metadata(tree.root().join("usr/bin/su")).expect("su");
-        assert_eq!(su.mode() & 0o7777, 0o4755);
+        assert_eq!(su.mode() & 0o7777, 0o755);
+        assert_eq!(tree.meta(Path::new("usr/bin/su")).expect("su").mode, 0o4755);
         assert_eq!(su.mtime(), 1_600_000_000);
         let notes = tree.meta(Path::new("home/user/notes")).expect("notes");
         assert_eq!((notes.uid, notes.gid, notes.mode), (1000, 1000, 0o600));

@@ -29,6 +29,8 @@ fn test_image(layout: &mut Layout) -> (String, Vec<Layer>) {
         E::Dir("usr/bin", 0o755, 0, 0),
         E::File("usr/bin/suid", b"setuid", 0o4755, 0, 0),
         E::Hardlink("usr/bin/suid-link", "usr/bin/suid"),
+        E::Dir("var", 0o755, 0, 0),
+        E::Dir("var/mail", 0o2775, 0, 8),
         E::Dir("opt/lower", 0o755, 0, 0),
         E::File("opt/lower/x", b"lower", 0o644, 0, 0),
         E::Dir("srv", 0o755, 33, 33),
@@ -118,6 +120,9 @@ async fn pulls_flattens_caches_and_refuses_bad_images() {
     assert_eq!((home.uid, home.gid, home.mode), (1000, 1000, 0o750));
     let suid = s("/usr/bin/suid");
     assert_eq!((suid.uid, suid.mode), (0, 0o4755));
+    // Setuid and setgid bits reach the image (never the host's copy).
+    let mail = s("/var/mail");
+    assert_eq!((mail.gid, mail.mode), (8, 0o2775));
     assert_eq!(
         s("/usr/bin/suid-link").ino,
         suid.ino,

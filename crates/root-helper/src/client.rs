@@ -297,10 +297,6 @@ impl HostNet for HelperClient {
         Ok(self.done("nat_rebuild", op).await?)
     }
 
-    async fn set_ip_forward(&self, on: bool) -> Result<(), HostNetError> {
-        Ok(self.done("set_ip_forward", Op::SetIpForward { on }).await?)
-    }
-
     async fn resolved_wire(&self, bridge: &IfName, dns: SocketAddr) -> Result<(), HostNetError> {
         let op = Op::ResolvedWire {
             bridge: bridge.to_string(),

@@ -54,7 +54,6 @@ pub enum Checked {
     NatEnable(Ipv4Addr),
     NatDisable(Ipv4Addr),
     NatRebuild(Vec<Ipv4Addr>),
-    SetIpForward(bool),
     ResolvedWire(SocketAddr),
     ResolvedUnwire,
     /// `dir` is one of [`Policy::dirs`], `rel` a plain relative path in it.
@@ -131,7 +130,6 @@ impl Policy {
                     .collect::<Result<_, _>>()?;
                 Checked::NatRebuild(ips)
             }
-            Op::SetIpForward { on } => Checked::SetIpForward(on),
             Op::ResolvedWire { bridge, dns } => {
                 self.bridge(&bridge)?;
                 if !dns.ip().is_loopback() {

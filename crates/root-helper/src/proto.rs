@@ -13,8 +13,9 @@ use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 
 /// The protocol version this build speaks.
-/// 2 added [`Op::BuildDebianImage`].
-pub const PROTOCOL_VERSION: u32 = 2;
+/// 2 added [`Op::BuildDebianImage`]; 3 dropped `set_ip_forward` (NAT
+/// switches forwarding on by itself, and nothing may switch it off).
+pub const PROTOCOL_VERSION: u32 = 3;
 
 /// Longest request or reply line accepted.
 pub const MAX_LINE: usize = 64 * 1024;
@@ -66,9 +67,6 @@ pub enum Op {
         bridge_ip: Ipv4Addr,
         ips: Vec<Ipv4Addr>,
     },
-    SetIpForward {
-        on: bool,
-    },
     ResolvedWire {
         bridge: String,
         dns: SocketAddr,
@@ -104,7 +102,6 @@ impl Op {
             Op::NatEnable { .. } => "nat_enable",
             Op::NatDisable { .. } => "nat_disable",
             Op::NatRebuild { .. } => "nat_rebuild",
-            Op::SetIpForward { .. } => "set_ip_forward",
             Op::ResolvedWire { .. } => "resolved_wire",
             Op::ResolvedUnwire { .. } => "resolved_unwire",
             Op::ChownToOwner { .. } => "chown_to_owner",
@@ -176,7 +173,7 @@ mod tests {
     #[test]
     fn wire_format_is_stable() {
         let r = Request {
-            version: 2,
+            version: 3,
             op: Op::CreateTap {
                 tap: "bgtap1".into(),
                 bridge: "banger0".into(),
@@ -184,14 +181,14 @@ mod tests {
         };
         assert_eq!(
             serde_json::to_string(&r).expect("json"),
-            r#"{"version":2,"op":{"name":"create_tap","tap":"bgtap1","bridge":"banger0"}}"#
+            r#"{"version":3,"op":{"name":"create_tap","tap":"bgtap1","bridge":"banger0"}}"#
         );
         let hello = serde_json::to_string(&Request {
-            version: 2,
+            version: 3,
             op: Op::Hello,
         })
         .expect("json");
-        assert_eq!(hello, r#"{"version":2,"op":{"name":"hello"}}"#);
+        assert_eq!(hello, r#"{"version":3,"op":{"name":"hello"}}"#);
         let e = Response::Error {
             kind: ErrorKind::Refused,
             message: "x".into(),
@@ -214,13 +211,13 @@ mod tests {
         let line = serde_json::to_string(&r).expect("json");
         assert_eq!(
             line,
-            r#"{"version":2,"op":{"name":"build_debian_image","image":"default","suite":"bookworm"}}"#
+            r#"{"version":3,"op":{"name":"build_debian_image","image":"default","suite":"bookworm"}}"#
         );
         assert_eq!(serde_json::from_str::<Request>(&line).expect("parse"), r);
         // No paths, mirror or agent from the client.
         for bad in [
-            r#"{"version":2,"op":{"name":"build_debian_image","image":"d","suite":"bookworm","images_dir":"/etc"}}"#,
-            r#"{"version":2,"op":{"name":"build_debian_image","image":"d","suite":"bookworm","mirror":"http://x"}}"#,
+            r#"{"version":3,"op":{"name":"build_debian_image","image":"d","suite":"bookworm","images_dir":"/etc"}}"#,
+            r#"{"version":3,"op":{"name":"build_debian_image","image":"d","suite":"bookworm","mirror":"http://x"}}"#,
         ] {
             assert!(serde_json::from_str::<Request>(bad).is_err(), "{bad}");
         }

@@ -182,10 +182,6 @@ impl Server {
                     .map_err(failed)?;
                 Reply::Done
             }
-            Checked::SetIpForward(on) => {
-                h.set_ip_forward(on).await.map_err(failed)?;
-                Reply::Done
-            }
             Checked::ResolvedWire(dns) => {
                 h.resolved_wire(&p.bridge, dns).await.map_err(failed)?;
                 Reply::Done
@@ -489,7 +485,25 @@ fn rebase(
 pub(crate) fn chown_beneath(dir: &Path, rel: &Path, uid: u32, gid: u32) -> Result<(), Refusal> {
     let shown = dir.join(rel).display().to_string();
     let target = open_beneath(dir, rel, false)?;
+    refuse_hard_links(&target, &shown)?;
     fchown_fd(&target, uid, gid, &shown)
+}
+
+/// Refuses a non-directory with more than one name: a hard link made in
+/// banger's directories to a file elsewhere on the same file system
+/// (`/etc/shadow`) would otherwise be handed to the owner with it.
+fn refuse_hard_links(target: &OwnedFd, shown: &str) -> Result<(), Refusal> {
+    let md = nix::sys::stat::fstat(target).map_err(|e| Refusal {
+        kind: ErrorKind::Failed,
+        message: format!("{shown}: {e}"),
+    })?;
+    if md.st_mode & libc::S_IFMT != libc::S_IFDIR && md.st_nlink > 1 {
+        return Err(Refusal::refused(format!(
+            "{shown} has {} hard links: refused (banger never makes hard links; remove the extra names)",
+            md.st_nlink
+        )));
+    }
+    Ok(())
 }
 
 /// Like [`chown_beneath`] for the directory `dir/rel` and everything in it.
@@ -510,7 +524,6 @@ pub(crate) fn chown_tree_beneath(
 fn chown_tree_fd(fd: OwnedFd, uid: u32, gid: u32, shown: &str) -> Result<(), Refusal> {
     use nix::fcntl::{OFlag, openat};
     use nix::sys::stat::Mode;
-    use std::os::unix::ffi::OsStrExt;
     fchown_fd(&fd, uid, gid, shown)?;
     let failed = |what: String| Refusal {
         kind: ErrorKind::Failed,
@@ -527,27 +540,14 @@ fn chown_tree_fd(fd: OwnedFd, uid: u32, gid: u32, shown: &str) -> Result<(), Ref
         let flags = OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC;
         match openat(&fd, name.as_os_str(), flags, Mode::empty()) {
             Ok(sub) => chown_tree_fd(sub, uid, gid, &child_shown)?,
-            // Not a directory (or a symlink): change the entry itself.
+            // Not a directory (or a symlink): change the entry itself,
+            // through an fd of exactly the inode that was checked.
             Err(nix::Error::ENOTDIR | nix::Error::ELOOP) => {
-                let c = std::ffi::CString::new(name.as_bytes())
-                    .map_err(|e| failed(format!("{child_shown}: {e}")))?;
-                // SAFETY: a valid fd and NUL-terminated name; no pointers
-                // outlive the call.
-                let rc = unsafe {
-                    libc::fchownat(
-                        fd.as_raw_fd(),
-                        c.as_ptr(),
-                        uid,
-                        gid,
-                        libc::AT_SYMLINK_NOFOLLOW,
-                    )
-                };
-                if rc != 0 {
-                    return Err(failed(format!(
-                        "chown {child_shown}: {}",
-                        std::io::Error::last_os_error()
-                    )));
-                }
+                let flags = OFlag::O_PATH | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC;
+                let entry = openat(&fd, name.as_os_str(), flags, Mode::empty())
+                    .map_err(|e| failed(format!("opening {child_shown}: {e}")))?;
+                refuse_hard_links(&entry, &child_shown)?;
+                fchown_fd(&entry, uid, gid, &child_shown)?;
             }
             Err(e) => return Err(failed(format!("opening {child_shown}: {e}"))),
         }
@@ -696,9 +696,6 @@ mod tests {
         ) -> Result<(), HostNetError> {
             self.log(format!("nat_rebuild {}", ips.len()))
         }
-        async fn set_ip_forward(&self, on: bool) -> Result<(), HostNetError> {
-            self.log(format!("ip_forward {on}"))
-        }
         async fn resolved_wire(&self, b: &IfName, dns: SocketAddr) -> Result<(), HostNetError> {
             self.log(format!("wire {b} {dns}"))
         }
@@ -724,19 +721,24 @@ mod tests {
             (r#"{"op":{"name":"hello"}}"#, ErrorKind::Version),
             (r#"{"version":1,"op":{"name":"hello"}}"#, ErrorKind::Version),
             (
-                r#"{"version":"2","op":{"name":"hello"}}"#,
+                r#"{"version":"3","op":{"name":"hello"}}"#,
                 ErrorKind::Version,
             ),
             (
-                r#"{"version":2,"op":{"name":"exec","argv":["/bin/sh"]}}"#,
+                r#"{"version":3,"op":{"name":"exec","argv":["/bin/sh"]}}"#,
+                ErrorKind::Malformed,
+            ),
+            // Forwarding is switched on by NAT alone; nothing switches it off.
+            (
+                r#"{"version":3,"op":{"name":"set_ip_forward","on":false}}"#,
                 ErrorKind::Malformed,
             ),
             (
-                r#"{"version":2,"op":{"name":"delete_tap","tap":"eth0"}}"#,
+                r#"{"version":3,"op":{"name":"delete_tap","tap":"eth0"}}"#,
                 ErrorKind::Refused,
             ),
             (
-                r#"{"version":2,"op":{"name":"create_tap","tap":"bgtap1","bridge":"eth0"}}"#,
+                r#"{"version":3,"op":{"name":"create_tap","tap":"bgtap1","bridge":"eth0"}}"#,
                 ErrorKind::Refused,
             ),
         ];
@@ -757,14 +759,14 @@ mod tests {
         let r = s
             .handle_line(
                 1000,
-                r#"{"version":2,"op":{"name":"create_tap","tap":"bgtap1","bridge":"banger0"}}"#,
+                r#"{"version":3,"op":{"name":"create_tap","tap":"bgtap1","bridge":"banger0"}}"#,
             )
             .await;
         assert_eq!(r, Response::Ok(Reply::Done));
         let r = s
             .handle_line(
                 1001,
-                r#"{"version":2,"op":{"name":"delete_tap","tap":"bgtap1"}}"#,
+                r#"{"version":3,"op":{"name":"delete_tap","tap":"bgtap1"}}"#,
             )
             .await;
         assert_eq!(kind(&r), Some(ErrorKind::Unauthorized));
@@ -817,7 +819,7 @@ mod tests {
         };
         use std::io::{BufRead, Write};
         let mut s = std::os::unix::net::UnixStream::connect(sock).expect("connect");
-        s.write_all(b"{\"version\":2,\"op\":{\"name\":\"list_taps\"}}\n")
+        s.write_all(b"{\"version\":3,\"op\":{\"name\":\"list_taps\"}}\n")
             .expect("write");
         let mut line = String::new();
         std::io::BufReader::new(s)
@@ -955,6 +957,57 @@ mod tests {
         let e = chown_tree_beneath(&state, Path::new("images/evil"), 4242, 4242).expect_err("link");
         assert_eq!(e.kind, ErrorKind::Refused, "{e}");
         assert_eq!(std::fs::metadata(&outside).expect("meta").uid(), 0);
+        // A hard link to a file elsewhere on the file system, in the tree.
+        std::fs::create_dir_all(state.join("images/hl")).expect("mkdir");
+        std::fs::hard_link(outside.join("victim"), state.join("images/hl/shadow")).expect("link");
+        let e = chown_tree_beneath(&state, Path::new("images/hl"), 4242, 4242).expect_err("hl");
+        assert_eq!(e.kind, ErrorKind::Refused, "{e}");
+        assert!(e.message.contains("hard links"), "{e}");
+        assert_eq!(
+            std::fs::metadata(outside.join("victim"))
+                .expect("meta")
+                .uid(),
+            0
+        );
+    }
+
+    #[tokio::test]
+    async fn chown_refuses_a_hard_link_to_a_file_outside() {
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("SKIPPED: chown to another uid needs root");
+            return;
+        }
+        let t = tempfile::tempdir().expect("tmp");
+        let state = t.path().join("state");
+        std::fs::create_dir_all(state.join("vms/a")).expect("mkdir");
+        // Plays /etc/shadow: root's, on the same file system.
+        let victim = t.path().join("shadow");
+        std::fs::write(&victim, "root:x").expect("write");
+        std::fs::hard_link(&victim, state.join("vms/a/console.log")).expect("link");
+        let e = chown_beneath(&state, Path::new("vms/a/console.log"), 4242, 4242)
+            .expect_err("a hard link");
+        assert_eq!(e.kind, ErrorKind::Refused, "{e}");
+        assert!(e.message.contains("2 hard links"), "{e}");
+        assert_eq!(std::fs::metadata(&victim).expect("meta").uid(), 0);
+        // Through the whole request path too, and a plain file still works.
+        let s = Server::new(policy(&state), Arc::new(Recorder::default()));
+        let line = |p: &Path| {
+            format!(
+                r#"{{"version":3,"op":{{"name":"chown_to_owner","path":"{}"}}}}"#,
+                p.display()
+            )
+        };
+        let r = s
+            .handle_line(1000, &line(&state.join("vms/a/console.log")))
+            .await;
+        assert_eq!(kind(&r), Some(ErrorKind::Refused), "{r:?}");
+        assert_eq!(std::fs::metadata(&victim).expect("meta").uid(), 0);
+        std::fs::remove_file(state.join("vms/a/console.log")).expect("rm");
+        std::fs::write(state.join("vms/a/console.log"), "x").expect("write");
+        let r = s
+            .handle_line(1000, &line(&state.join("vms/a/console.log")))
+            .await;
+        assert_eq!(r, Response::Ok(Reply::Done));
     }
 
     /// A staged build as `build_debian` leaves it: image `img`, kernel `k`.

@@ -5,6 +5,7 @@
 use std::fs::File;
 use std::io::{self, Read, Seek, SeekFrom};
 use std::os::fd::AsFd;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 
 /// Copies `src` to the new file `dst` (which must not exist), keeping
@@ -14,9 +15,11 @@ pub(crate) fn sparse_copy(src: &Path, dst: &Path) -> Result<(), (u64, io::Error)
     let mut from = File::open(src).map_err(|e| (0, e))?;
     let len = from.metadata().map_err(|e| (0, e))?.len();
     let needed = allocated(&from);
+    // Disks hold secrets (file_sync files, host keys): the owner's only.
     let mut to = File::options()
         .write(true)
         .create_new(true)
+        .mode(0o600)
         .open(dst)
         .map_err(|e| (needed, e))?;
     let fail = |e| (needed, e);

@@ -243,10 +243,14 @@ fn file_len(path: &Path) -> Result<u64, StorageError> {
         })
 }
 
+/// A new sparse file of `size` bytes, the owner's only (mode 0600: disks
+/// hold the VM's host key and `file_sync` secrets).
 fn create_sparse(path: &Path, size: u64) -> Result<(), StorageError> {
+    use std::os::unix::fs::OpenOptionsExt;
     std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
+        .mode(0o600)
         .open(path)
         .and_then(|f| f.set_len(size))
         .map_err(|e| StorageError::io_on(path, MIB, format!("creating {}", path.display()), e))

@@ -72,6 +72,7 @@ async fn overlay_disk_is_an_empty_sparse_ext4_owned_by_root() {
     let stat = tool("debugfs", &["-R", "stat /"], &disks.overlay);
     assert!(stat.contains("User:     0   Group:     0"), "{stat}");
     assert!(stat.contains("Mode:  0755"), "{stat}");
+    assert_eq!(host_mode(&disks.overlay), 0o600, "whatever the umask");
     // A second create on the same path fails and keeps the first.
     let e = create_overlay_disk(&disks.overlay, 1 << 30)
         .await
@@ -110,6 +111,13 @@ async fn work_disk_clones_the_seed_and_grows_it() {
     assert_eq!(blocks * block_size, 256 << 20, "file system not grown");
     // The seed is untouched.
     assert_eq!(disk_usage(&seed).virtual_bytes, MIN_DISK_BYTES);
+    assert_eq!(host_mode(&disks.work), 0o600, "whatever the umask");
+}
+
+/// The permission bits of a host file.
+fn host_mode(p: &Path) -> u32 {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(p).expect("stat").permissions().mode() & 0o7777
 }
 
 #[tokio::test]

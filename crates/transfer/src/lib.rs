@@ -17,4 +17,4 @@ pub mod workspace;
 
 pub use pack::{PackError, write_tar};
 pub use plan::{Entry, Plan, PlanError, Source, plan_path};
-pub use unpack::{UnpackError, Unpacked, unpack};
+pub use unpack::{UnpackError, Unpacked, unpack, unpack_only};

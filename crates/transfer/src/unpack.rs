@@ -7,6 +7,13 @@
 //! the destination are refused by the `tar` crate's own check. Modes and
 //! modification times are kept; ownership is not (files belong to the
 //! extracting user).
+//!
+//! [`unpack_only`] is for archives from a peer that is not trusted at all
+//! (a guest, whose root can replace the agent): only the one requested
+//! top entry (and what is below it, when it is a directory) is accepted,
+//! nothing is written through a symlink, links stay inside that tree,
+//! setuid and setgid bits are cleared, and a file larger than the free
+//! space of the destination's file system is refused before it is written.
 
 use crate::plan::link_stays_inside;
 use std::io::{self, Read};
@@ -43,6 +50,26 @@ pub struct Unpacked {
 /// Extracts the tar stream `reader` into the directory `dest` (created
 /// with its parents when missing), entry by entry as the stream arrives.
 pub fn unpack<R: Read>(reader: R, dest: &Path) -> Result<Unpacked, UnpackError> {
+    extract(reader, dest, None)
+}
+
+/// Like [`unpack`], for an archive from an untrusted peer that was asked
+/// for one file or directory named `top` (see the module docs).
+pub fn unpack_only<R: Read>(reader: R, dest: &Path, top: &str) -> Result<Unpacked, UnpackError> {
+    let top_path = Path::new(top);
+    if top.is_empty() || top_path.components().count() != 1 || safe_relative(top_path).is_err() {
+        return Err(UnpackError::Refused {
+            path: top.to_string(),
+            reason: "the requested name must be one plain file name".into(),
+        });
+    }
+    extract(reader, dest, Some(top))
+}
+
+/// Permission bits never taken from an untrusted archive.
+const SETID_BITS: u32 = 0o6000;
+
+fn extract<R: Read>(reader: R, dest: &Path, only: Option<&str>) -> Result<Unpacked, UnpackError> {
     std::fs::create_dir_all(dest).map_err(|e| UnpackError::Dest(dest.to_path_buf(), e))?;
     let real_dest = dest
         .canonicalize()
@@ -53,6 +80,11 @@ pub fn unpack<R: Read>(reader: R, dest: &Path) -> Result<Unpacked, UnpackError> 
     ar.set_overwrite(true);
     ar.set_unpack_xattrs(false);
     ar.set_preserve_ownerships(false);
+    if only.is_some() {
+        ar.set_mask(SETID_BITS);
+    }
+    // Whether the requested top entry arrived, and as a directory.
+    let mut top_seen: Option<bool> = None;
     let mut done = Unpacked::default();
     for entry in ar.entries().map_err(UnpackError::Read)? {
         let mut entry = entry.map_err(UnpackError::Read)?;
@@ -64,6 +96,36 @@ pub fn unpack<R: Read>(reader: R, dest: &Path) -> Result<Unpacked, UnpackError> 
         };
         let rel = safe_relative(&entry.path().map_err(UnpackError::Read)?).map_err(&refuse)?;
         let kind = entry.header().entry_type();
+        if kind == EntryType::XGlobalHeader {
+            continue;
+        }
+        // Where a link's relative target is judged from: the destination,
+        // or for an untrusted archive the requested tree.
+        let mut link_base = rel.clone();
+        if let Some(top) = only {
+            let below = rel
+                .strip_prefix(top)
+                .map_err(|_| refuse(&format!("only {top:?} was asked for")))?;
+            match top_seen {
+                None if below.as_os_str().is_empty() => {
+                    if !matches!(
+                        kind,
+                        EntryType::Regular | EntryType::Continuous | EntryType::Directory
+                    ) {
+                        return Err(refuse("the requested entry must be a file or a directory"));
+                    }
+                    top_seen = Some(kind.is_dir());
+                }
+                None => return Err(refuse(&format!("{top:?} must come first"))),
+                Some(_) if below.as_os_str().is_empty() => {
+                    return Err(refuse("the requested entry came twice"));
+                }
+                Some(false) => return Err(refuse(&format!("{top:?} is not a directory"))),
+                Some(true) => {}
+            }
+            no_symlink_on_the_way(&real_dest, &rel).map_err(|r| refuse(&r))?;
+            link_base = below.to_path_buf();
+        }
         match kind {
             EntryType::Regular | EntryType::Continuous | EntryType::Directory => {}
             EntryType::Symlink => {
@@ -72,8 +134,12 @@ pub fn unpack<R: Read>(reader: R, dest: &Path) -> Result<Unpacked, UnpackError> 
                     .map_err(UnpackError::Read)?
                     .ok_or_else(|| refuse("symlink without a target"))?
                     .into_owned();
-                let real_parent = real_parent(&real_dest, &rel).map_err(|r| refuse(&r))?;
-                let at = real_parent.join(rel.file_name().unwrap_or_default());
+                let at = if only.is_some() {
+                    link_base.clone()
+                } else {
+                    let real_parent = real_parent(&real_dest, &rel).map_err(|r| refuse(&r))?;
+                    real_parent.join(rel.file_name().unwrap_or_default())
+                };
                 if !link_stays_inside(&at, &target) {
                     return Err(refuse(&format!(
                         "symlink target {} leaves the destination",
@@ -86,9 +152,17 @@ pub fn unpack<R: Read>(reader: R, dest: &Path) -> Result<Unpacked, UnpackError> 
                     .link_name()
                     .map_err(UnpackError::Read)?
                     .ok_or_else(|| refuse("hard link without a target"))?;
-                safe_relative(&target).map_err(|r| refuse(&format!("hard link target: {r}")))?;
+                let target = safe_relative(&target)
+                    .map_err(|r| refuse(&format!("hard link target: {r}")))?;
+                if let Some(top) = only
+                    && (!target.starts_with(top) || target == Path::new(top))
+                {
+                    return Err(refuse(&format!(
+                        "hard link target {} is not inside {top:?}",
+                        target.display()
+                    )));
+                }
             }
-            EntryType::XGlobalHeader => continue,
             EntryType::Char | EntryType::Block => {
                 return Err(refuse("device nodes are not copied"));
             }
@@ -100,6 +174,9 @@ pub fn unpack<R: Read>(reader: R, dest: &Path) -> Result<Unpacked, UnpackError> 
             continue;
         }
         let size = entry.header().size().unwrap_or(0);
+        if only.is_some() && matches!(kind, EntryType::Regular | EntryType::Continuous) {
+            fits(&real_dest, size).map_err(|r| refuse(&r))?;
+        }
         let written = entry
             .unpack_in(&real_dest)
             .map_err(|source| UnpackError::Write {
@@ -132,6 +209,43 @@ fn safe_relative(p: &Path) -> Result<PathBuf, &'static str> {
         }
     }
     Ok(out)
+}
+
+/// Refuses `rel` when an existing directory on its way below `real_dest`
+/// is a symlink (or not a directory): nothing from an untrusted archive
+/// is written through a link, even one that stays inside.
+fn no_symlink_on_the_way(real_dest: &Path, rel: &Path) -> Result<(), String> {
+    let mut at = real_dest.to_path_buf();
+    let parent = rel.parent().unwrap_or(Path::new(""));
+    for c in parent.components() {
+        at.push(c);
+        match std::fs::symlink_metadata(&at) {
+            Ok(m) if m.is_dir() => {}
+            Ok(_) => {
+                return Err(format!(
+                    "{} is a symlink or not a directory: nothing is written through it",
+                    at.display()
+                ));
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(format!("checking {}: {e}", at.display())),
+        }
+    }
+    Ok(())
+}
+
+/// Refuses a file of `size` bytes that the file system of `dir` has no
+/// room for (the announced size, checked before anything is written).
+fn fits(dir: &Path, size: u64) -> Result<(), String> {
+    let st = nix::sys::statvfs::statvfs(dir).map_err(|e| format!("checking free space: {e}"))?;
+    let free = st.blocks_available().saturating_mul(st.fragment_size());
+    if size > free {
+        return Err(format!(
+            "its announced size ({size} bytes) is more than the {free} bytes free in {}",
+            dir.display()
+        ));
+    }
+    Ok(())
 }
 
 /// Where the parent of `rel` really is under `real_dest`, following
@@ -278,5 +392,133 @@ mod tests {
             std::fs::read_link(t.path().join("sub/link")).expect("link"),
             PathBuf::from("run.sh")
         );
+    }
+
+    fn with_mode(mut entry: Vec<u8>, mode: u32) -> Vec<u8> {
+        let mut h = Header::new_gnu();
+        h.as_mut_bytes().copy_from_slice(&entry[..512]);
+        h.set_mode(mode);
+        h.set_cksum();
+        entry[..512].copy_from_slice(h.as_bytes());
+        entry
+    }
+
+    fn dir_entry(name: &[u8]) -> Vec<u8> {
+        with_mode(raw_entry(name, EntryType::Directory, None, b""), 0o755)
+    }
+
+    /// `vm cp box:/root/log .` in a repository: the guest answers with
+    /// more than `log`.
+    fn refused_only(entries: &[Vec<u8>]) -> (String, tempfile::TempDir) {
+        let t = tempfile::tempdir().expect("tmp");
+        let repo = t.path().join("repo");
+        std::fs::create_dir_all(repo.join(".git/hooks")).expect("mkdir");
+        let err = unpack_only(archive(entries).as_slice(), &repo, "log").expect_err("refused");
+        assert!(matches!(err, UnpackError::Refused { .. }), "{err}");
+        (err.to_string(), t)
+    }
+
+    #[test]
+    fn an_untrusted_archive_gets_only_the_name_asked_for() {
+        let hook = with_mode(
+            raw_entry(b".git/hooks/pre-commit", EntryType::Regular, None, b"evil"),
+            0o755,
+        );
+        let (msg, t) = refused_only(&[
+            raw_entry(b"log", EntryType::Regular, None, b"x"),
+            hook.clone(),
+        ]);
+        assert!(msg.contains("only \"log\" was asked for"), "{msg}");
+        assert!(!t.path().join("repo/.git/hooks/pre-commit").exists());
+        // Before the requested entry too.
+        refused_only(std::slice::from_ref(&hook));
+        // Below a top that is a file, or before the top arrived.
+        refused_only(&[
+            raw_entry(b"log", EntryType::Regular, None, b"x"),
+            raw_entry(b"log/x", EntryType::Regular, None, b"x"),
+        ]);
+        refused_only(&[raw_entry(b"log/x", EntryType::Regular, None, b"x")]);
+        // A top that is a link, to somewhere inside the destination.
+        let (msg, _t) = refused_only(&[raw_entry(
+            b"log",
+            EntryType::Symlink,
+            Some(b".git/hooks"),
+            b"",
+        )]);
+        assert!(msg.contains("file or a directory"), "{msg}");
+        // A symlink inside the tree pointing out of it (but inside the
+        // destination), and writes through a link that stays inside.
+        refused_only(&[
+            dir_entry(b"log"),
+            raw_entry(b"log/l", EntryType::Symlink, Some(b"../.git"), b""),
+        ]);
+        let (msg, t) = refused_only(&[
+            dir_entry(b"log"),
+            dir_entry(b"log/sub"),
+            raw_entry(b"log/l", EntryType::Symlink, Some(b"sub"), b""),
+            raw_entry(b"log/l/x", EntryType::Regular, None, b"x"),
+        ]);
+        assert!(msg.contains("nothing is written through it"), "{msg}");
+        assert!(!t.path().join("repo/log/sub/x").exists());
+        // Hard links to files outside the tree.
+        refused_only(&[
+            dir_entry(b"log"),
+            raw_entry(b"log/h", EntryType::Link, Some(b".git/config"), b""),
+        ]);
+        // The requested name must be a plain name.
+        let t = tempfile::tempdir().expect("tmp");
+        for bad in ["", "a/b", "..", "/x"] {
+            assert!(
+                unpack_only(archive(&[]).as_slice(), t.path(), bad).is_err(),
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
+    fn an_untrusted_archive_keeps_its_tree_but_loses_setuid_and_setgid() {
+        let t = tempfile::tempdir().expect("tmp");
+        let entries = [
+            with_mode(dir_entry(b"log"), 0o2775),
+            with_mode(raw_entry(b"log/su", EntryType::Regular, None, b"x"), 0o4755),
+            dir_entry(b"log/sub"),
+            raw_entry(b"log/sub/f", EntryType::Regular, None, b"hello"),
+            raw_entry(b"log/sub/l", EntryType::Symlink, Some(b"f"), b""),
+            raw_entry(b"log/up", EntryType::Symlink, Some(b"sub/f"), b""),
+            raw_entry(b"log/h", EntryType::Link, Some(b"log/sub/f"), b""),
+        ];
+        let got = unpack_only(archive(&entries).as_slice(), t.path(), "log").expect("unpack");
+        assert_eq!(got, Unpacked { files: 5, bytes: 6 });
+        use std::os::unix::fs::PermissionsExt;
+        let mode = |p: &str| {
+            std::fs::metadata(t.path().join(p))
+                .expect("meta")
+                .permissions()
+                .mode()
+                & 0o7777
+        };
+        assert_eq!(mode("log"), 0o775);
+        assert_eq!(mode("log/su"), 0o755);
+        assert_eq!(std::fs::read(t.path().join("log/h")).expect("h"), b"hello");
+    }
+
+    #[test]
+    fn an_untrusted_file_larger_than_the_free_space_is_refused_before_writing() {
+        let t = tempfile::tempdir().expect("tmp");
+        // Announces an exabyte, sends nothing.
+        let mut h = file_header(1 << 60);
+        {
+            let g = h.as_gnu_mut().expect("gnu");
+            g.name[..3].copy_from_slice(b"log");
+        }
+        h.set_cksum();
+        let err = unpack_only(
+            archive(&[h.as_bytes().to_vec()]).as_slice(),
+            t.path(),
+            "log",
+        )
+        .expect_err("does not fit");
+        assert!(err.to_string().contains("announced size"), "{err}");
+        assert!(!t.path().join("log").exists());
     }
 }

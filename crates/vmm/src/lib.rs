@@ -10,6 +10,7 @@
 
 pub mod firecracker;
 pub mod host;
+pub mod logcap;
 mod process;
 pub mod qemu;
 pub mod qmp;

@@ -271,10 +271,14 @@ pub fn qemu_args(spec: &LaunchSpec, accel: Accel, tsc_khz: Option<u64>) -> Vec<O
         &os(&kernel_cmdline(accel, tsc_khz, &spec.extra_cmdline)),
     ]);
 
-    // Serial console into a file, truncated at each launch.
+    // Serial console into a file, emptied at each launch (by `launch`) and
+    // appended to, so the daemon can rotate it (`logcap`).
     push(&[
         &os("-chardev"),
-        &opt("file,id=console,path=", paths.console_log().as_os_str()),
+        &opt(
+            "file,id=console,append=on,path=",
+            paths.console_log().as_os_str(),
+        ),
         &os("-serial"),
         &os("chardev:console"),
     ]);
@@ -399,8 +403,11 @@ impl Vmm for QemuVmm {
             )));
         }
         let paths = VmPaths::new(&spec.dir);
+        let console = paths.console_log();
+        crate::logcap::create_log(&console)
+            .map_err(|e| VmmError::io(format!("create {}", console.display()), e))?;
         let log_path = paths.vmm_log();
-        let log = std::fs::File::create(&log_path)
+        let log = crate::logcap::create_log(&log_path)
             .map_err(|e| VmmError::io(format!("create {}", log_path.display()), e))?;
         let log_err = log
             .try_clone()
@@ -588,7 +595,7 @@ mod tests {
         assert_eq!(
             values(&args, "-chardev"),
             [
-                "file,id=console,path=/vms/a/console.log",
+                "file,id=console,append=on,path=/vms/a/console.log",
                 "socket,id=agent,server=on,wait=off,path=/vms/a/agent.sock",
                 "socket,id=qmp,server=on,wait=off,path=/vms/a/control.sock",
             ]

@@ -6,6 +6,10 @@
 //! second code path for any operation.
 //!
 //! Every request passes a [`Guard`]:
+//! - the connection must come from a socket of the owner's uid on this
+//!   machine ([`Peer`]): the UI (and the whole API under `/api`) is the
+//!   owner's, like the daemon's 0600 socket, and other local users get 403
+//!   even though they can reach the loopback port;
 //! - the `Host` header must name the listen address or `localhost:<port>`
 //!   (DNS rebinding: a foreign name that resolves to 127.0.0.1 is refused);
 //! - an `Origin` header, when sent, must be this UI's own origin;
@@ -15,14 +19,19 @@
 //!   (same-origin policy), so they cannot learn the token.
 
 use axum::Router;
+use axum::extract::ConnectInfo;
+use axum::extract::connect_info::Connected;
 use axum::extract::{Request, State};
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
+use axum::serve::IncomingStream;
 use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
+use tokio::net::TcpListener;
+use tokio::sync::OnceCell;
 
 /// Header that carries the same-origin token on state-changing requests.
 pub const TOKEN_HEADER: &str = "x-banger-token";
@@ -93,9 +102,84 @@ impl std::fmt::Debug for Token {
     }
 }
 
+/// One accepted connection: its two ends and, once looked up, the uid that
+/// owns the peer's socket (the same for every request on the connection).
+#[derive(Debug, Clone)]
+pub struct Peer {
+    remote: SocketAddr,
+    local: Option<SocketAddr>,
+    uid: Arc<OnceCell<Option<u32>>>,
+}
+
+impl Connected<IncomingStream<'_, TcpListener>> for Peer {
+    fn connect_info(stream: IncomingStream<'_, TcpListener>) -> Self {
+        Peer {
+            remote: *stream.remote_addr(),
+            local: stream.io().local_addr().ok(),
+            uid: Arc::new(OnceCell::new()),
+        }
+    }
+}
+
+impl Peer {
+    /// The uid owning the peer's socket, looked up once per connection.
+    /// `None` when the peer is not a socket on this machine (another
+    /// machine, or a socket that closed meanwhile) or cannot be looked up.
+    async fn uid(&self) -> Option<u32> {
+        *self
+            .uid
+            .get_or_init(|| async {
+                let (remote, local) = (self.remote, self.local);
+                match tokio::task::spawn_blocking(move || socket_owner(remote, local)).await {
+                    Ok(Ok(uid)) => uid,
+                    Ok(Err(e)) => {
+                        tracing::warn!(peer = %remote, error = %e, "web UI: cannot look up the peer's socket");
+                        None
+                    }
+                    Err(e) => {
+                        tracing::warn!(peer = %remote, error = %e, "web UI: peer lookup failed");
+                        None
+                    }
+                }
+            })
+            .await
+    }
+}
+
+/// The uid owning the TCP socket of this machine (and network namespace)
+/// whose local address is `peer` and which is connected to `local`: the
+/// client's end of a connection accepted on `local`, as an identd would
+/// find it, from `/proc/net/tcp` and `/proc/net/tcp6`. `None` when no such
+/// socket exists (the peer is another machine, or has closed). Sockets in
+/// TIME_WAIT have no owner and never match.
+pub fn socket_owner(peer: SocketAddr, local: Option<SocketAddr>) -> std::io::Result<Option<u32>> {
+    use procfs::net::TcpState;
+    let same = |a: SocketAddr, b: SocketAddr| {
+        a.port() == b.port() && a.ip().to_canonical() == b.ip().to_canonical()
+    };
+    let mut entries = procfs::net::tcp().map_err(std::io::Error::other)?;
+    match procfs::net::tcp6() {
+        Ok(v6) => entries.extend(v6),
+        // A kernel without IPv6 has no tcp6 table.
+        Err(procfs::ProcError::NotFound(_)) => {}
+        Err(e) => return Err(std::io::Error::other(e)),
+    }
+    Ok(entries
+        .into_iter()
+        .find(|e| {
+            !matches!(e.state, TcpState::TimeWait | TcpState::Listen)
+                && same(e.local_address, peer)
+                && local.is_none_or(|l| same(e.remote_address, l))
+        })
+        .map(|e| e.uid))
+}
+
 /// Why a request was refused.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Refusal {
+    /// The connection does not come from a socket of the owner's uid on
+    /// this machine.
+    Peer,
     /// The `Host` header is missing or names something else.
     Host,
     /// The `Origin` header names another site.
@@ -107,6 +191,10 @@ pub enum Refusal {
 impl IntoResponse for Refusal {
     fn into_response(self) -> Response {
         let message = match self {
+            Refusal::Peer => {
+                "this web UI serves only the user bangerd runs as, from this machine; other \
+                 users and other machines are refused (from elsewhere, use ssh -L as that user)"
+            }
             Refusal::Host => {
                 "the Host header is not this web UI's address; open the UI by the address \
                  bangerd listens on (web_listen_addr) or localhost:<port>"
@@ -122,16 +210,27 @@ impl IntoResponse for Refusal {
     }
 }
 
-/// The request checks of one listen address and token.
+/// The request checks of one listen address, owner and token.
 #[derive(Debug, Clone)]
 pub struct Guard {
     listen: SocketAddr,
+    owner_uid: u32,
     token: Token,
 }
 
 impl Guard {
-    pub fn new(listen: SocketAddr, token: Token) -> Self {
-        Self { listen, token }
+    pub fn new(listen: SocketAddr, owner_uid: u32, token: Token) -> Self {
+        Self {
+            listen,
+            owner_uid,
+            token,
+        }
+    }
+
+    /// Whether a connection whose peer socket belongs to `uid` (`None`:
+    /// not a socket of this machine) may use the UI: only the owner's.
+    pub fn peer_allowed(&self, uid: Option<u32>) -> bool {
+        uid == Some(self.owner_uid)
     }
 
     /// Whether a `Host` header value names this UI: the listen address
@@ -216,9 +315,11 @@ fn split_host(host: &str) -> Option<(&str, Option<u16>)> {
 }
 
 /// The web UI's router: the page and its assets, and the daemon's `api`
-/// router under `/api`, all behind the [`Guard`] for `listen` and `token`.
-pub fn app(api: Router, listen: SocketAddr, token: Token) -> Router {
-    let guard = Arc::new(Guard::new(listen, token));
+/// router under `/api`, all behind the [`Guard`] for `listen`, `owner_uid`
+/// and `token`. Requests must carry `ConnectInfo<Peer>` (what [`start`]
+/// serves with); those without it are refused.
+pub fn app(api: Router, listen: SocketAddr, owner_uid: u32, token: Token) -> Router {
+    let guard = Arc::new(Guard::new(listen, owner_uid, token));
     Router::new()
         .route("/", get(index))
         .route(
@@ -259,11 +360,26 @@ async fn asset(content_type: &'static str, body: &'static str) -> Response {
 }
 
 async fn check(State(g): State<Arc<Guard>>, req: Request, next: Next) -> Response {
-    if let Err(refusal) = g.check(req.method(), req.headers()) {
+    let peer = req
+        .extensions()
+        .get::<ConnectInfo<Peer>>()
+        .map(|c| c.0.clone());
+    let uid = match &peer {
+        Some(p) => p.uid().await,
+        None => None,
+    };
+    let verdict = if g.peer_allowed(uid) {
+        g.check(req.method(), req.headers())
+    } else {
+        Err(Refusal::Peer)
+    };
+    if let Err(refusal) = verdict {
         tracing::warn!(
             method = %req.method(),
             path = %req.uri().path(),
             refusal = ?refusal,
+            peer = ?peer.map(|p| p.remote),
+            peer_uid = ?uid,
             "web UI refused a request"
         );
         return with_security_headers(refusal.into_response());
@@ -289,11 +405,13 @@ fn with_security_headers(mut resp: Response) -> Response {
     resp
 }
 
-/// Binds `addr` and serves the web UI over `api` until `shutdown` resolves.
-/// Returns the bound address (its port when `addr` asked for port 0).
+/// Binds `addr` and serves the web UI over `api` to `owner_uid`'s
+/// connections until `shutdown` resolves. Returns the bound address (its
+/// port when `addr` asked for port 0).
 pub async fn start(
     addr: SocketAddr,
     api: Router,
+    owner_uid: u32,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<SocketAddr, WebError> {
     let listener = tokio::net::TcpListener::bind(addr)
@@ -302,9 +420,9 @@ pub async fn start(
     let bound = listener
         .local_addr()
         .map_err(|source| WebError::Bind { addr, source })?;
-    let app = app(api, bound, Token::generate());
+    let app = app(api, bound, owner_uid, Token::generate());
     tokio::spawn(async move {
-        if let Err(e) = axum::serve(listener, app)
+        if let Err(e) = axum::serve(listener, app.into_make_service_with_connect_info::<Peer>())
             .with_graceful_shutdown(shutdown)
             .await
         {
@@ -326,7 +444,101 @@ mod tests {
     }
 
     fn guard(listen: &str) -> Guard {
-        Guard::new(addr(listen), Token("secret".into()))
+        Guard::new(addr(listen), 1000, Token("secret".into()))
+    }
+
+    /// A connection whose peer lookup already answered `uid`.
+    fn peer(uid: Option<u32>) -> ConnectInfo<Peer> {
+        ConnectInfo(Peer {
+            remote: addr("127.0.0.1:50000"),
+            local: Some(addr("127.0.0.1:7777")),
+            uid: Arc::new(OnceCell::new_with(Some(uid))),
+        })
+    }
+
+    fn me() -> u32 {
+        nix::unistd::geteuid().as_raw()
+    }
+
+    #[test]
+    fn only_the_owners_local_sockets_may_connect() {
+        let g = guard("127.0.0.1:7777");
+        assert!(g.peer_allowed(Some(1000)));
+        assert!(!g.peer_allowed(Some(0)), "not even root");
+        assert!(!g.peer_allowed(Some(1001)));
+        assert!(!g.peer_allowed(None), "another machine, or unknown");
+    }
+
+    #[test]
+    fn socket_owner_finds_the_uid_of_a_loopback_client_socket() {
+        for listen in ["127.0.0.1:0", "[::1]:0"] {
+            let Ok(l) = std::net::TcpListener::bind(listen) else {
+                assert!(listen.starts_with('['), "binding {listen}");
+                continue; // no IPv6 loopback here
+            };
+            let server = l.local_addr().expect("addr");
+            let client = std::net::TcpStream::connect(server).expect("connect");
+            let (_accepted, seen) = l.accept().expect("accept");
+            assert_eq!(seen, client.local_addr().expect("client addr"));
+            assert_eq!(
+                socket_owner(seen, Some(server)).expect("lookup"),
+                Some(me()),
+                "{listen}"
+            );
+            assert_eq!(socket_owner(seen, None).expect("lookup"), Some(me()));
+            // The server's own end is not the peer's, and a socket that is
+            // not there has no owner.
+            assert_eq!(socket_owner(seen, Some(seen)).expect("lookup"), None);
+            let mut gone = seen;
+            gone.set_port(seen.port().wrapping_add(1).max(1));
+            assert_eq!(socket_owner(gone, Some(server)).expect("lookup"), None);
+        }
+    }
+
+    /// Another uid on this machine gets 403 for the page and the API, over
+    /// a real connection (curl run as that uid; needs root to switch).
+    #[tokio::test]
+    async fn another_local_uid_is_refused_and_the_owner_is_served() {
+        assert!(
+            nix::unistd::geteuid().is_root(),
+            "this test runs curl as another uid and needs root"
+        );
+        let (_tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let bound = start(addr("127.0.0.1:0"), echo_api(), me(), async move {
+            let _ = rx.await;
+        })
+        .await
+        .expect("start");
+        let curl = |uid: u32, path: &'static str| {
+            let url = format!("http://{bound}{path}");
+            tokio::task::spawn_blocking(move || {
+                use std::os::unix::process::CommandExt;
+                let out = std::process::Command::new("curl")
+                    .args(["-sS", "--max-time", "20", "-w", "\n%{http_code}", &url])
+                    .uid(uid)
+                    .gid(uid)
+                    .output()
+                    .expect("spawn curl (apt-get install curl)");
+                let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+                assert!(
+                    out.status.success(),
+                    "curl as {uid}: {}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
+                let (body, code) = stdout.rsplit_once('\n').expect("status line");
+                (code.to_string(), body.to_string())
+            })
+        };
+        // 65534 is nobody on Debian; any uid that is not ours will do.
+        let stranger = if me() == 65534 { 65533 } else { 65534 };
+        for path in ["/", "/api/v1/vms", "/app.js"] {
+            let (code, body) = curl(stranger, path).await.expect("join");
+            assert_eq!(code, "403", "{path}: {body}");
+            assert!(body.contains("serves only the user"), "{body}");
+            assert!(!body.contains("banger-token"), "{body}");
+            let (code, body) = curl(me(), path).await.expect("join");
+            assert_eq!(code, "200", "{path}: {body}");
+        }
     }
 
     #[test]
@@ -478,16 +690,23 @@ mod tests {
         )
     }
 
+    /// A request over a connection of the owner (uid 1000 in these tests).
     fn request(method: &str, path: &str, host: &str) -> axum::http::request::Builder {
         axum::http::Request::builder()
             .method(method)
             .uri(path)
             .header("host", host)
+            .extension(peer(Some(1000)))
     }
 
     #[tokio::test]
     async fn page_embeds_the_token_and_api_requests_reach_the_daemon_router() {
-        let app = app(echo_api(), addr("127.0.0.1:7777"), Token("t0ken".into()));
+        let app = app(
+            echo_api(),
+            addr("127.0.0.1:7777"),
+            1000,
+            Token("t0ken".into()),
+        );
         let (status, headers, body) = send(
             &app,
             request("GET", "/", "127.0.0.1:7777")
@@ -548,7 +767,12 @@ mod tests {
 
     #[tokio::test]
     async fn refused_requests_never_reach_the_daemon_router() {
-        let app = app(echo_api(), addr("127.0.0.1:7777"), Token("t0ken".into()));
+        let app = app(
+            echo_api(),
+            addr("127.0.0.1:7777"),
+            1000,
+            Token("t0ken".into()),
+        );
         let cases = [
             request("GET", "/", "attacker.example:7777"),
             request("GET", "/api/v1/vms", "attacker.example:7777"),
@@ -556,6 +780,15 @@ mod tests {
             request("DELETE", "/api/v1/vms/a", "127.0.0.1:7777").header(TOKEN_HEADER, "nope"),
             request("POST", "/api/v1/vms/a/stop", "attacker.example:7777")
                 .header(TOKEN_HEADER, "t0ken"),
+            // Right host and token, wrong user or no known peer.
+            request("GET", "/", "127.0.0.1:7777").extension(peer(Some(1001))),
+            request("GET", "/api/v1/vms", "127.0.0.1:7777").extension(peer(None)),
+            request("POST", "/api/v1/vms/a/stop", "127.0.0.1:7777")
+                .header(TOKEN_HEADER, "t0ken")
+                .extension(peer(Some(0))),
+            axum::http::Request::builder()
+                .uri("/")
+                .header("host", "127.0.0.1:7777"),
         ];
         for req in cases {
             let (status, _, body) = send(&app, req.body(Body::empty()).expect("req")).await;
@@ -567,7 +800,7 @@ mod tests {
     #[tokio::test]
     async fn start_serves_on_the_bound_port_and_stops_on_shutdown() {
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-        let bound = start(addr("127.0.0.1:0"), echo_api(), async move {
+        let bound = start(addr("127.0.0.1:0"), echo_api(), me(), async move {
             let _ = rx.await;
         })
         .await
@@ -594,7 +827,7 @@ mod tests {
 
         let busy = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
         let taken = busy.local_addr().expect("addr");
-        let e = start(taken, echo_api(), std::future::pending())
+        let e = start(taken, echo_api(), me(), std::future::pending())
             .await
             .expect_err("the port is in use");
         let msg = e.to_string();

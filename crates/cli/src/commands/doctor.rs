@@ -204,6 +204,7 @@ pub async fn run(a: DoctorArgs) -> anyhow::Result<i32> {
     }
 
     checks.extend(network_checks(net_status));
+    checks.push(cidr_check(&config).await);
     checks.push(web_check(config.web_listen_addr, daemon_up).await);
 
     let failed = checks.iter().any(|c| c.status == Status::Fail);
@@ -466,6 +467,57 @@ fn vmm_checks(config: &Config) -> (Vec<Check>, Option<BackendKind>) {
     (vec![fc, backend], kind)
 }
 
+/// Whether `cidr` is free on this host: bridge networking is refused when
+/// an address or route of another interface overlaps it.
+async fn cidr_check(config: &Config) -> Check {
+    let settings = match banger_net::NetSettings::from_config(config) {
+        Ok(s) => s,
+        Err(e) => return check("cidr", Status::Fail, e.to_string()),
+    };
+    let cidr = settings.subnet.cidr();
+    let uses = match banger_net::link::Netlink::connect() {
+        Ok(nl) => nl.cidr_uses(cidr, settings.bridge.as_str()).await,
+        Err(e) => {
+            return check(
+                "cidr",
+                Status::Warn,
+                format!("cannot read the host's routes: {e}"),
+            );
+        }
+    };
+    cidr_row(cidr, uses.map_err(|e| e.to_string()))
+}
+
+fn cidr_row(
+    cidr: impl std::fmt::Display,
+    uses: Result<Vec<banger_net::link::CidrUse>, String>,
+) -> Check {
+    match uses {
+        Ok(u) if u.is_empty() => check(
+            "cidr",
+            Status::Pass,
+            format!("{cidr} is not used by this host"),
+        ),
+        Ok(u) => check(
+            "cidr",
+            Status::Fail,
+            format!(
+                "{cidr} overlaps {}: bridge networking is refused; set cidr in config.toml to a \
+                 range this host does not use, e.g. cidr = \"10.213.0.0/24\"",
+                u.iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        ),
+        Err(e) => check(
+            "cidr",
+            Status::Warn,
+            format!("cannot read the host's routes: {e}"),
+        ),
+    }
+}
+
 /// The web UI: off, loopback-only (and answering, when the daemon runs), or
 /// exposed beyond this machine, which only an explicit `web_listen_addr`
 /// does and which deserves a warning.
@@ -478,8 +530,9 @@ async fn web_check(addr: Option<std::net::SocketAddr>, daemon_up: bool) -> Check
             "web_ui",
             Status::Warn,
             format!(
-                "listens on {addr}, beyond this machine: whoever reaches it can manage \
-                 your VMs; set web_listen_addr = \"127.0.0.1:{}\" unless you mean it",
+                "listens on {addr}, beyond loopback: it still serves only your own \
+                 connections from this machine (others get 403), so other machines cannot \
+                 use it; set web_listen_addr = \"127.0.0.1:{}\" and use ssh -L from elsewhere",
                 addr.port()
             ),
         );
@@ -530,6 +583,27 @@ fn install_hint(pkg: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_used_cidr_fails_naming_the_interface_and_the_key() {
+        let used = vec![banger_net::link::CidrUse {
+            what: "address 172.16.0.2/24".into(),
+            interface: "eth0".into(),
+        }];
+        let c = cidr_row("172.16.0.0/24", Ok(used));
+        assert_eq!(c.status, Status::Fail);
+        for needle in [
+            "172.16.0.0/24 overlaps address 172.16.0.2/24 on eth0",
+            "set cidr in config.toml",
+        ] {
+            assert!(c.detail.contains(needle), "{}", c.detail);
+        }
+        assert_eq!(cidr_row("10.213.0.0/24", Ok(vec![])).status, Status::Pass);
+        assert_eq!(
+            cidr_row("10.213.0.0/24", Err("x".into())).status,
+            Status::Warn
+        );
+    }
 
     fn addr(s: &str) -> Option<std::net::SocketAddr> {
         Some(s.parse().expect("socket address"))

@@ -161,7 +161,8 @@ async fn pull(client: &Client, vm: &str, src: &str, dst: &Path) -> anyhow::Resul
 
 pub(crate) fn warn_skipped(skipped: &[String]) {
     for s in skipped {
-        eprintln!("banger: warning: {s}");
+        // The guest's own words, for a copy out of a VM.
+        eprintln!("banger: warning: {}", crate::output::printable(s));
     }
 }
 
@@ -249,7 +250,8 @@ pub(crate) async fn upload(
     Ok(s)
 }
 
-/// Streams a tar out of the VM and unpacks it into `dir` as it arrives.
+/// Streams a tar out of the VM and unpacks it into `dir` as it arrives;
+/// only `start.name` (and what is below it) is accepted.
 pub(crate) async fn download(
     client: &Client,
     vm: &str,
@@ -262,14 +264,18 @@ pub(crate) async fn download(
         .with_context(|| format!("copying from {vm}:{}", start.path))?;
     let (tx, rx) = mpsc::channel::<Vec<u8>>(8);
     let target = dir.clone();
+    let top = start.name.clone();
+    // The guest is not trusted: only the name asked for, nothing through
+    // a symlink, no setuid/setgid bits, nothing larger than the free space.
     let extractor = tokio::task::spawn_blocking(move || {
-        banger_transfer::unpack(
+        banger_transfer::unpack_only(
             ChunkReader {
                 rx,
                 buf: Vec::new(),
                 pos: 0,
             },
             &target,
+            &top,
         )
     });
     let chatty = crate::output::chatty();

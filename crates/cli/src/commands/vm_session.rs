@@ -98,7 +98,7 @@ pub async fn run(cmd: SessionCommand) -> anyhow::Result<i32> {
             let s = client.start_session(&vm, &req).await?;
             println!(
                 "started session {} (pid {})",
-                s.name,
+                output::printable(&s.name),
                 s.pid.map_or("-".into(), |p| p.to_string())
             );
             Ok(0)
@@ -134,7 +134,11 @@ pub async fn run(cmd: SessionCommand) -> anyhow::Result<i32> {
         }
         SessionCommand::Stop { vm, name } => {
             let s = client.stop_session(&vm, &name).await?;
-            println!("stopped session {} ({})", s.name, state(&s));
+            println!(
+                "stopped session {} ({})",
+                output::printable(&s.name),
+                state(&s)
+            );
             Ok(0)
         }
     }

@@ -46,6 +46,9 @@ fn main() -> std::process::ExitCode {
 }
 
 fn run() -> anyhow::Result<()> {
+    // Everything bangerd and its VMMs create (disks, logs, sockets, the
+    // database) is the owner's only, as in the system unit (UMask=0077).
+    nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
     banger_daemon::protect_ready_fd();
     let paths = Paths::from_env().context("resolving banger's directories")?;
     let config = Config::load(&paths)?;

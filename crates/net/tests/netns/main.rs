@@ -277,12 +277,14 @@ fn pool_needs_the_bridge() {
     });
 }
 
+/// (chain, comment) of the per-VM rules of a table listing (not the guard).
 fn rule_comments(table: &serde_json::Value) -> Vec<(String, String)> {
     table["nftables"]
         .as_array()
         .expect("array")
         .iter()
         .filter_map(|o| o.get("rule"))
+        .filter(|r| r["comment"] != "banger guard")
         .map(|r| {
             (
                 r["chain"].as_str().unwrap_or_default().to_string(),
@@ -367,7 +369,9 @@ fn nat_rules_live_only_in_bangers_table() {
         assert_eq!(st.nat_vms, Some(vec![ip(5), ip(6)]));
 
         host.nat_rebuild(&s, &BTreeSet::new()).await.expect("clear");
-        assert_eq!(ns.nft_table("banger"), None, "empty set removes the table");
+        let t = ns.nft_table("banger").expect("the guard stays");
+        assert!(rule_comments(&t).is_empty(), "{t}");
+        assert!(t.to_string().contains("banger guard"), "{t}");
         host.nat_disable(&s, ip(5))
             .await
             .expect("disable without a table");
@@ -505,10 +509,33 @@ fn guest_reaches_upstream_only_with_nat() {
         "upstream sees the host's address, not the guest's"
     );
 
+    // A LAN neighbour that routes the bridge's cidr through the host gets
+    // no connection to a guest's port: forwarding is on (for NAT), but new
+    // connections into the bridge from outside it are dropped.
+    let guest_port: SocketAddr = "172.16.0.2:9000".parse().expect("addr");
+    let _listener = guest_ns.enter(|| TcpListener::bind(guest_port).expect("bind in the guest"));
+    up_ns.ip(&["route", "add", "172.16.0.0/24", "via", "10.200.0.1"]);
+    let neighbour = |what: &str| {
+        let r = up_ns.enter(|| TcpStream::connect_timeout(&guest_port, Duration::from_secs(2)));
+        assert!(
+            r.is_err(),
+            "a LAN neighbour connected to a guest port {what}"
+        );
+    };
+    neighbour("with NAT on");
+    // The guest's own connections out still work after that.
+    let body = http_get(&guest_ns, up_addr).expect("guest still reaches upstream");
+    assert!(body.ends_with("hello"), "{body}");
+    let _ = server.peers.recv_timeout(Duration::from_secs(5));
+
     host_ns.run(|| async {
         let host = LocalHostNet::connect().expect("netlink");
         host.nat_disable(&s, ip(2)).await.expect("nat off");
     });
+    // Forwarding stays on after NAT: the guard stays too.
+    neighbour("with NAT off");
+    // Without that route the upstream has no way back to a guest address.
+    up_ns.ip(&["route", "del", "172.16.0.0/24"]);
     let e = http_get(&guest_ns, up_addr).expect_err("no way back without NAT");
     assert!(
         matches!(
@@ -595,4 +622,73 @@ fn probe_child() {
             server.shutdown().await.expect("shutdown");
         });
     println!("{PROBE_MARKER}");
+}
+
+/// A `cidr` the host already uses (as a nested banger's guest does with the
+/// default range on its own eth0) is found, naming the interface; banger's
+/// own bridge does not count.
+#[test]
+fn cidr_overlaps_with_the_hosts_addresses_and_routes_are_found() {
+    let ns = NetNs::new("cidr");
+    // Plays a guest's eth0 in the default range, and a LAN route.
+    ns.ip(&[
+        "link", "add", "eth9", "type", "veth", "peer", "name", "eth9p",
+    ]);
+    ns.ip(&["addr", "add", "172.16.0.15/24", "dev", "eth9"]);
+    ns.ip(&["link", "set", "eth9", "up"]);
+    ns.ip(&["link", "set", "eth9p", "up"]);
+    ns.ip(&["route", "add", "10.50.0.0/16", "dev", "eth9"]);
+    let net = |s: &str| -> ipnet::Ipv4Net { s.parse().expect("cidr") };
+    ns.run(|| async {
+        let nl = banger_net::link::Netlink::connect().expect("netlink");
+        let uses = nl
+            .cidr_uses(net("172.16.0.0/24"), "banger0")
+            .await
+            .expect("uses");
+        let shown: Vec<String> = uses.iter().map(ToString::to_string).collect();
+        assert!(
+            shown.contains(&"address 172.16.0.15/24 on eth9".to_string()),
+            "{shown:?}"
+        );
+        assert!(uses.iter().all(|u| u.interface == "eth9"), "{shown:?}");
+        // A wider range containing it, and a range inside a route.
+        assert!(
+            !nl.cidr_uses(net("172.16.0.0/16"), "banger0")
+                .await
+                .expect("uses")
+                .is_empty()
+        );
+        let inside = nl
+            .cidr_uses(net("10.50.3.0/24"), "banger0")
+            .await
+            .expect("uses");
+        let shown: Vec<String> = inside.iter().map(ToString::to_string).collect();
+        assert_eq!(shown, ["route 10.50.0.0/16 on eth9"]);
+        // Free ranges, and the bridge's own address and route.
+        assert_eq!(
+            nl.cidr_uses(net("10.213.0.0/24"), "banger0")
+                .await
+                .expect("uses"),
+            []
+        );
+        let own = Subnet::new(net("10.213.0.0/24"), Ipv4Addr::new(10, 213, 0, 1)).expect("subnet");
+        let host = LocalHostNet::connect().expect("netlink");
+        host.ensure_bridge(&BridgeSpec {
+            name: IfName::new("banger0").expect("name"),
+            subnet: own,
+        })
+        .await
+        .expect("bridge");
+        assert_eq!(
+            nl.cidr_uses(net("10.213.0.0/24"), "banger0")
+                .await
+                .expect("uses"),
+            []
+        );
+        let other = nl
+            .cidr_uses(net("10.213.0.0/24"), "other0")
+            .await
+            .expect("uses");
+        assert!(other.iter().any(|u| u.interface == "banger0"), "{other:?}");
+    });
 }

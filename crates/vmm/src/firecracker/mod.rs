@@ -376,7 +376,8 @@ impl FirecrackerVmm {
                 .map_err(|e| VmmError::io(format!("creating {}", path.display()), e))
         };
         create(metrics_path(&paths.dir), false)?;
-        let console = create(paths.console_log(), false)?;
+        // Appended to, so the daemon can rotate it (`logcap`).
+        let console = create(paths.console_log(), true)?;
         let log = create(paths.vmm_log(), true)?;
         Ok((console, log))
     }
