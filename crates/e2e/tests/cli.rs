@@ -53,9 +53,15 @@ fn bad_config_value_names_the_key() {
 #[test]
 fn invalid_vm_name_is_refused_before_anything_happens() {
     let b = Banger::isolated("badname");
-    let line =
-        one_line_error(&b.run(&["vm", "run", "--rm", "--name", "Not_A_Label", "--", "true"]));
-    assert!(line.contains("DNS label"), "{line}");
+    // A usage error, printed as clap renders it: the error line first, then
+    // where to find help.
+    let out = b.run(&["vm", "run", "--rm", "--name", "Not_A_Label", "--", "true"]);
+    let (_, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    let line = stderr.lines().next().unwrap_or_default();
+    assert!(line.contains("'Not_A_Label'"), "{stderr}");
+    assert!(line.contains("DNS label"), "{stderr}");
+    assert!(stderr.contains("--help"), "{stderr}");
     assert!(
         !b.root.join("state").exists(),
         "state created for a refused command"
@@ -186,4 +192,68 @@ fn ssh_config_install_is_idempotent_and_uninstall_restores_the_file() {
         & 0o777;
     assert_eq!(mode, 0o640);
     let _ = std::fs::remove_dir_all(&b.root);
+}
+
+/// `banger ARGS` outside any daemon (parse-level behaviour).
+fn banger_bare(b: &Banger, args: &[&str]) -> std::process::Output {
+    std::process::Command::new(b.bin_dir.join("banger"))
+        .args(args)
+        .envs(b.env_vars())
+        .env_remove("BANGER_SOCKET")
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("run banger")
+}
+
+#[test]
+fn bare_command_groups_print_their_help() {
+    let b = Banger::isolated("barehelp");
+    for (args, commands) in [
+        (&[][..], &["vm", "image", "kernel", "doctor"][..]),
+        (&["vm"][..], &["run", "exec", "ssh", "logs"][..]),
+        (&["vm", "session"][..], &["start", "attach"][..]),
+        (&["image"][..], &["pull", "build", "register"][..]),
+    ] {
+        let out = banger_bare(&b, args);
+        let (stdout, stderr) = text(&out);
+        let help = format!("{stdout}{stderr}");
+        assert_eq!(out.status.code(), Some(2), "banger {args:?}: {help}");
+        assert!(help.contains("Usage: banger"), "banger {args:?}: {help}");
+        assert!(help.contains("Commands:"), "banger {args:?}: {help}");
+        for c in commands {
+            assert!(
+                help.lines().any(|l| l.trim_start().starts_with(c)),
+                "banger {args:?}: no {c} in {help}"
+            );
+        }
+    }
+    let out = banger_bare(&b, &["vm", "--help"]);
+    assert_eq!(out.status.code(), Some(0));
+    assert!(text(&out).0.contains("Commands:"));
+}
+
+#[test]
+fn usage_errors_are_printed_whole() {
+    let b = Banger::isolated("usage");
+    // A missing argument: which one, and the usage line.
+    let out = banger_bare(&b, &["vm", "exec"]);
+    let (_, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("the following required arguments were not provided"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("<VM>"), "{stderr}");
+    assert!(stderr.contains("Usage: banger vm exec"), "{stderr}");
+    assert!(stderr.contains("--help"), "{stderr}");
+    // A misspelt flag: clap's tip is kept.
+    let out = banger_bare(&b, &["vm", "list", "--jsn"]);
+    let (_, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("unexpected argument '--jsn'"), "{stderr}");
+    assert!(
+        stderr.contains("tip: a similar argument exists: '--json'"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("Usage: banger vm list"), "{stderr}");
 }
