@@ -115,8 +115,9 @@ fn start_daemon() -> anyhow::Result<()> {
         .spawn()
         .with_context(|| format!("starting {}", bin.display()))?;
     drop(wr);
-    eprintln!(
-        "banger: daemon was not running; started bangerd (pid {}, log {})",
+    // One line: what is being done now, then (below) how it went.
+    eprint!(
+        "banger: daemon was not running; starting bangerd (pid {}, log {}) ... ",
         child.id(),
         paths.log_file.display()
     );
@@ -138,8 +139,12 @@ fn start_daemon() -> anyhow::Result<()> {
         let _ = tx.send(buf);
     });
     match rx.recv_timeout(Duration::from_secs(30)) {
-        Ok(msg) if msg.starts_with("ready") => Ok(()),
+        Ok(msg) if msg.starts_with("ready") => {
+            eprintln!("started");
+            Ok(())
+        }
         Ok(_) => {
+            eprintln!("failed");
             let _ = child.wait();
             let err = std::fs::read_to_string(&stderr_path).unwrap_or_default();
             let err = err.trim();
@@ -153,9 +158,12 @@ fn start_daemon() -> anyhow::Result<()> {
                 }
             )
         }
-        Err(_) => bail!(
-            "the daemon did not come up within 30s; see {}",
-            paths.log_file.display()
-        ),
+        Err(_) => {
+            eprintln!("no answer");
+            bail!(
+                "the daemon did not come up within 30s; see {}",
+                paths.log_file.display()
+            )
+        }
     }
 }

@@ -257,3 +257,32 @@ fn usage_errors_are_printed_whole() {
     );
     assert!(stderr.contains("Usage: banger vm list"), "{stderr}");
 }
+
+#[test]
+fn daemon_start_says_starting_then_the_outcome() {
+    let b = Banger::isolated("startmsg");
+    b.write_config("bogus_key = 1\n");
+    let out = b.run(&["vm", "list"]);
+    let (_, stderr) = text(&out);
+    assert!(!out.status.success(), "{stderr}");
+    let lines: Vec<&str> = stderr.lines().collect();
+    assert_eq!(lines.len(), 2, "{stderr}");
+    assert!(
+        lines[0].starts_with("banger: daemon was not running; starting bangerd"),
+        "{stderr}"
+    );
+    assert!(lines[0].ends_with("... failed"), "{stderr}");
+    assert!(lines[1].contains("bogus_key"), "{stderr}");
+    assert!(!stderr.contains("started"), "{stderr}");
+
+    b.write_config("web_listen_addr = \"\"\n");
+    let out = b.run(&["vm", "list"]);
+    let (_, stderr) = text(&out);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stderr.starts_with("banger: daemon was not running; starting bangerd"),
+        "{stderr}"
+    );
+    assert!(stderr.trim_end().ends_with("... started"), "{stderr}");
+    let _ = b.run(&["daemon", "stop"]);
+}
