@@ -55,10 +55,10 @@ pub enum VmCommand {
     /// Change vcpu, memory, disk size (grow only) or NAT of stopped VMs.
     Set {
         /// Virtual CPUs.
-        #[arg(long)]
+        #[arg(long, visible_alias = "cpus")]
         vcpu: Option<u32>,
-        /// Memory in MiB.
-        #[arg(long)]
+        /// Memory: 2G, 512M, or a plain number of MiB.
+        #[arg(long, value_parser = parse_memory_mib, value_name = "SIZE")]
         memory: Option<u64>,
         /// New size of the /root work disk and system overlay, e.g. 32G; disks only grow.
         #[arg(long, value_parser = parse_size)]
@@ -163,10 +163,10 @@ pub struct CreateFlags {
     #[arg(long)]
     pub image: Option<String>,
     /// Virtual CPUs.
-    #[arg(long)]
+    #[arg(long, visible_alias = "cpus")]
     pub vcpu: Option<u32>,
-    /// Memory in MiB.
-    #[arg(long)]
+    /// Memory: 2G, 512M, or a plain number of MiB.
+    #[arg(long, value_parser = parse_memory_mib, value_name = "SIZE")]
     pub memory: Option<u64>,
     /// Root disk size, e.g. 16G.
     #[arg(long, value_parser = parse_size)]
@@ -213,6 +213,22 @@ fn parse_signal(s: &str) -> Result<i32, String> {
 
 fn parse_size(s: &str) -> Result<ByteSize, String> {
     s.parse::<ByteSize>().map_err(|e| e.to_string())
+}
+
+/// `--memory`: a size with a unit (`2G`, `512M`, `1536MiB`) or a plain
+/// number of MiB (`2048`), as a whole number of MiB.
+pub(crate) fn parse_memory_mib(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    if !t.is_empty() && t.bytes().all(|b| b.is_ascii_digit()) {
+        return t.parse::<u64>().map_err(|_| format!("{s:?} is too large"));
+    }
+    let size = t.parse::<ByteSize>().map_err(|e| e.to_string())?;
+    if size.0 % ByteSize::MIB != 0 {
+        return Err(format!(
+            "{s:?} is not a whole number of MiB: use M or G (2G, 512M)"
+        ));
+    }
+    Ok(size.0 / ByteSize::MIB)
 }
 
 impl CreateFlags {
@@ -562,4 +578,45 @@ pub async fn create_with_progress(
         .await;
     let _ = spec_printed;
     Ok(res?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Flags {
+        #[command(flatten)]
+        create: CreateFlags,
+    }
+
+    fn parse(args: &[&str]) -> Result<CreateFlags, clap::Error> {
+        let mut argv = vec!["create"];
+        argv.extend_from_slice(args);
+        Flags::try_parse_from(argv).map(|f| f.create)
+    }
+
+    #[test]
+    fn memory_takes_units_and_plain_mib() {
+        assert_eq!(parse_memory_mib("2G"), Ok(2048));
+        assert_eq!(parse_memory_mib("512M"), Ok(512));
+        assert_eq!(parse_memory_mib("512m"), Ok(512));
+        assert_eq!(parse_memory_mib("1536MiB"), Ok(1536));
+        assert_eq!(parse_memory_mib("2048"), Ok(2048));
+        assert!(parse_memory_mib("1536K").is_err_and(|e| e.contains("whole number of MiB")));
+        assert!(parse_memory_mib("lots").is_err());
+        assert!(parse_memory_mib("").is_err());
+        let f = parse(&["--memory", "2G"]).expect("parse");
+        assert_eq!(f.request(true).memory_mib, Some(2048));
+        let e = parse(&["--memory", "2X"]).err().expect("refused");
+        assert!(e.to_string().contains("--memory"), "{e}");
+    }
+
+    #[test]
+    fn cpus_is_an_alias_of_vcpu() {
+        assert_eq!(parse(&["--cpus", "3"]).expect("parse").vcpu, Some(3));
+        assert_eq!(parse(&["--vcpu", "2"]).expect("parse").vcpu, Some(2));
+        assert!(parse(&["--cpus", "3", "--vcpu", "2"]).is_err());
+    }
 }
