@@ -286,3 +286,67 @@ fn daemon_start_says_starting_then_the_outcome() {
     assert!(stderr.trim_end().ends_with("... started"), "{stderr}");
     let _ = b.run(&["daemon", "stop"]);
 }
+
+/// Item by item of what docker and limactl users bring: sizes with units,
+/// `--cpus`, `--json` on changing commands, `-q` on lists. No guest boots
+/// (`--no-start`), but the VM's disks are made from the shared image.
+#[test]
+fn changing_commands_print_json_records_and_lists_print_names() {
+    let b = banger_e2e::shared();
+    let name = "e2e-json";
+    let _ = b.run(&["vm", "delete", name]);
+    let vm = b.json(&[
+        "vm",
+        "create",
+        "--no-start",
+        "--name",
+        name,
+        "--memory",
+        "1G",
+        "--cpus",
+        "3",
+    ]);
+    assert_eq!(vm["name"], name, "{vm}");
+    assert_eq!(vm["state"], "stopped", "{vm}");
+    assert_eq!(vm["spec"]["memory_mib"]["value"], 1024, "{vm}");
+    assert_eq!(vm["spec"]["vcpu"]["value"], 3, "{vm}");
+
+    let set = b.json(&["vm", "set", name, "--memory", "1536M", "--cpus", "2"]);
+    let set = set.as_array().expect("an array of records");
+    assert_eq!(set.len(), 1, "{set:?}");
+    assert_eq!(set[0]["name"], name);
+    assert_eq!(set[0]["spec"]["memory_mib"]["value"], 1536);
+    assert_eq!(set[0]["spec"]["vcpu"]["value"], 2);
+    // A plain number is still MiB.
+    let set = b.json(&["vm", "set", name, "--memory", "768"]);
+    assert_eq!(set[0]["spec"]["memory_mib"]["value"], 768);
+
+    // Names only, no header.
+    let quiet = |args: &[&str]| {
+        let out = b.run(args);
+        assert!(out.status.success(), "{args:?}: {}", text(&out).1);
+        text(&out).0
+    };
+    let vms = quiet(&["vm", "list", "-q"]);
+    assert!(vms.lines().any(|l| l == name), "{vms}");
+    assert!(!vms.contains("NAME"), "{vms}");
+    let images = quiet(&["image", "list", "--quiet"]);
+    assert!(images.lines().any(|l| l == "debian-bookworm"), "{images}");
+    let kernels = quiet(&["kernel", "list", "-q"]);
+    assert!(
+        !kernels.is_empty() && kernels.lines().all(|l| !l.contains(' ')),
+        "{kernels}"
+    );
+
+    // A delete of a VM and a missing one: the record of the one deleted on
+    // stdout, the other's error on stderr, and a failure status.
+    let out = b.run(&["vm", "delete", "--json", name, "no-such-vm"]);
+    let (stdout, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(1), "{stdout} {stderr}");
+    let deleted: serde_json::Value = serde_json::from_str(&stdout).expect("json array");
+    let deleted = deleted.as_array().expect("array");
+    assert_eq!(deleted.len(), 1, "{stdout}");
+    assert_eq!(deleted[0]["name"], name);
+    assert!(stderr.contains("no-such-vm"), "{stderr}");
+    assert!(!b.vm_names().contains(&name.to_string()));
+}

@@ -13,7 +13,7 @@ pub enum VmCommand {
     /// Create a VM, boot it, then run a command in it or open an ssh session.
     Run(super::vm_run::RunArgs),
     /// List VMs.
-    List(JsonArg),
+    List(ListArgs),
     /// Show one VM.
     Show {
         /// VM name or id prefix.
@@ -28,21 +28,30 @@ pub enum VmCommand {
         /// Only create the disks and record; boot later with `vm start`.
         #[arg(long)]
         no_start: bool,
+        /// Print the VM's record as JSON.
+        #[arg(long)]
+        json: bool,
     },
     /// Boot stopped VMs.
     Start {
         #[arg(required = true)]
         vms: Vec<String>,
+        #[command(flatten)]
+        out: JsonArg,
     },
     /// Power VMs off (their VMM is ended if the guest does not stop in 30s).
     Stop {
         #[arg(required = true)]
         vms: Vec<String>,
+        #[command(flatten)]
+        out: JsonArg,
     },
     /// Stop, then start VMs.
     Restart {
         #[arg(required = true)]
         vms: Vec<String>,
+        #[command(flatten)]
+        out: JsonArg,
     },
     /// Send a signal to the VMM of VMs.
     Kill {
@@ -51,6 +60,8 @@ pub enum VmCommand {
         signal: i32,
         #[arg(required = true)]
         vms: Vec<String>,
+        #[command(flatten)]
+        out: JsonArg,
     },
     /// Change vcpu, memory, disk size (grow only) or NAT of stopped VMs.
     Set {
@@ -71,6 +82,8 @@ pub enum VmCommand {
         no_nat: bool,
         #[arg(required = true)]
         vms: Vec<String>,
+        #[command(flatten)]
+        out: JsonArg,
     },
     /// CPU, memory and disk use of VMs (host side, and the guest's own view when it runs).
     Stats {
@@ -143,14 +156,50 @@ pub enum VmCommand {
         /// VM names or id prefixes.
         #[arg(required = true)]
         vms: Vec<String>,
+        #[command(flatten)]
+        out: JsonArg,
     },
 }
 
+/// `--json` of the commands that change VMs: a JSON array on stdout with
+/// the record of every VM changed (failures stay on stderr).
 #[derive(Args)]
 pub struct JsonArg {
-    /// Print JSON.
+    /// Print a JSON array of the VMs' records.
     #[arg(long)]
     pub json: bool,
+}
+
+/// `--json` or `-q/--quiet` of list commands.
+#[derive(Args)]
+pub struct ListArgs {
+    /// Print JSON.
+    #[arg(long, conflicts_with = "quiet")]
+    pub json: bool,
+    /// Print only the names, one per line.
+    #[arg(long, short = 'q')]
+    pub quiet: bool,
+}
+
+impl ListArgs {
+    /// Prints `items` as JSON, as names, or with `table`.
+    pub fn print<T: serde::Serialize>(
+        &self,
+        items: &[T],
+        name: impl Fn(&T) -> String,
+        table: impl FnOnce(&[T]),
+    ) -> anyhow::Result<()> {
+        if self.json {
+            output::json(&items)?;
+        } else if self.quiet {
+            for i in items {
+                println!("{}", name(i));
+            }
+        } else {
+            table(items);
+        }
+        Ok(())
+    }
 }
 
 /// Sizing and identity flags shared by run and create.
@@ -251,11 +300,7 @@ pub async fn run(cmd: VmCommand) -> anyhow::Result<i32> {
         VmCommand::Run(a) => super::vm_run::run(a).await,
         VmCommand::List(a) => {
             let vms = connect::client().await?.list_vms().await?;
-            if a.json {
-                output::json(&vms)?;
-            } else {
-                print_vm_table(&vms);
-            }
+            a.print(&vms, |v| v.name.to_string(), print_vm_table)?;
             Ok(0)
         }
         VmCommand::Show { vm, json } => {
@@ -277,6 +322,7 @@ pub async fn run(cmd: VmCommand) -> anyhow::Result<i32> {
             nat,
             no_nat,
             vms,
+            out,
         } => {
             let req = banger_api::SetVmRequest {
                 vcpu,
@@ -293,7 +339,7 @@ pub async fn run(cmd: VmCommand) -> anyhow::Result<i32> {
                     "nothing to change: pass --vcpu, --memory, --disk-size, --nat or --no-nat"
                 );
             }
-            for_each(vms, "changed", move |c, r| {
+            for_each(vms, "changed", out, move |c, r| {
                 let req = req.clone();
                 async move { c.set_vm(&r, &req).await }
             })
@@ -329,29 +375,47 @@ pub async fn run(cmd: VmCommand) -> anyhow::Result<i32> {
             }
             Ok(if failed > 0 { 1 } else { 0 })
         }
-        VmCommand::Create { create, no_start } => {
+        VmCommand::Create {
+            create,
+            no_start,
+            json,
+        } => {
             let client = connect::client().await?;
             let mut name = None;
             let vm = create_with_progress(&client, &create.request(!no_start), &mut name).await?;
-            println!("{} {}", vm.name, vm.state);
+            if json {
+                output::json(&vm)?;
+            } else {
+                println!("{} {}", vm.name, vm.state);
+            }
             Ok(0)
         }
-        VmCommand::Start { vms } => {
-            for_each(vms, "started", |c, r| async move { c.start_vm(&r).await }).await
-        }
-        VmCommand::Stop { vms } => {
-            for_each(vms, "stopped", |c, r| async move { c.stop_vm(&r).await }).await
-        }
-        VmCommand::Restart { vms } => {
+        VmCommand::Start { vms, out } => {
             for_each(
                 vms,
-                "restarted",
-                |c, r| async move { c.restart_vm(&r).await },
+                "started",
+                out,
+                |c, r| async move { c.start_vm(&r).await },
             )
             .await
         }
-        VmCommand::Kill { signal, vms } => {
-            for_each(vms, "signalled", move |c, r| async move {
+        VmCommand::Stop { vms, out } => {
+            for_each(
+                vms,
+                "stopped",
+                out,
+                |c, r| async move { c.stop_vm(&r).await },
+            )
+            .await
+        }
+        VmCommand::Restart { vms, out } => {
+            for_each(vms, "restarted", out, |c, r| async move {
+                c.restart_vm(&r).await
+            })
+            .await
+        }
+        VmCommand::Kill { signal, vms, out } => {
+            for_each(vms, "signalled", out, move |c, r| async move {
                 c.kill_vm(&r, signal).await
             })
             .await
@@ -395,15 +459,22 @@ pub async fn run(cmd: VmCommand) -> anyhow::Result<i32> {
         VmCommand::Ssh { vm, command } => super::vm_ssh::run(&vm, command).await,
         VmCommand::Cp(a) => super::vm_cp::run(a).await,
         VmCommand::Workspace(c) => super::vm_workspace::run(c).await,
-        VmCommand::Delete { vms } => {
-            for_each(vms, "deleted", |c, r| async move { c.delete_vm(&r).await }).await
+        VmCommand::Delete { vms, out } => {
+            for_each(
+                vms,
+                "deleted",
+                out,
+                |c, r| async move { c.delete_vm(&r).await },
+            )
+            .await
         }
     }
 }
 
-/// Runs `op` on every VM ref concurrently; prints one line per VM and
-/// exits non-zero if any failed.
-async fn for_each<F, Fut>(refs: Vec<String>, done: &str, op: F) -> anyhow::Result<i32>
+/// Runs `op` on every VM ref concurrently; prints one line per VM (with
+/// `--json`, an array of the records of the VMs it succeeded on) and exits
+/// non-zero if any failed.
+async fn for_each<F, Fut>(refs: Vec<String>, done: &str, out: JsonArg, op: F) -> anyhow::Result<i32>
 where
     F: Fn(Client, String) -> Fut,
     Fut: std::future::Future<Output = Result<VmRecord, banger_api::ClientError>> + Send + 'static,
@@ -416,14 +487,19 @@ where
     }))
     .await;
     let mut failed = 0;
+    let mut records = Vec::new();
     for (r, res) in results {
         match res {
+            Ok(vm) if out.json => records.push(vm),
             Ok(vm) => println!("{done} {}", vm.name),
             Err(e) => {
                 failed += 1;
                 eprintln!("banger: {r}: {e}");
             }
         }
+    }
+    if out.json {
+        output::json(&records)?;
     }
     Ok(if failed > 0 { 1 } else { 0 })
 }
