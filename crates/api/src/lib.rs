@@ -292,6 +292,46 @@ pub enum LogSource {
     Vmm,
 }
 
+/// Query of `GET /v1/vms/{vm}/logs`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct LogsQuery {
+    /// `console` (default) or `vmm`.
+    #[serde(default)]
+    #[param(value_type = Option<LogSource>)]
+    pub source: LogSource,
+    /// Keep streaming what is appended, until the VM is deleted.
+    #[serde(default)]
+    pub follow: bool,
+    /// Start at the last `tail` lines (of what `since_ms` selects).
+    #[serde(default)]
+    pub tail: Option<u64>,
+    /// Start with what was written at or after this time (Unix
+    /// milliseconds). The daemon notes the log's size every second while
+    /// the VM runs; lines are placed within that second (or, for what was
+    /// written while the daemon was down, as early as they could have been).
+    #[serde(default)]
+    pub since_ms: Option<u64>,
+}
+
+impl LogsQuery {
+    /// The query string, without the `?`.
+    pub fn to_query(&self) -> String {
+        let source = match self.source {
+            LogSource::Console => "console",
+            LogSource::Vmm => "vmm",
+        };
+        let mut q = format!("source={source}&follow={}", self.follow);
+        if let Some(n) = self.tail {
+            q.push_str(&format!("&tail={n}"));
+        }
+        if let Some(t) = self.since_ms {
+            q.push_str(&format!("&since_ms={t}"));
+        }
+        q
+    }
+}
+
 /// `GET /v1/kernels`.
 pub type KernelList = Vec<KernelRecord>;
 

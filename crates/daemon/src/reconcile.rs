@@ -51,6 +51,13 @@ impl Daemon {
         tokio::time::timeout(Duration::from_secs(10), client.wait_hello()).await??;
         self.set_agent(&vm.id, Some(client));
         self.watch_exit(vm.id.clone(), pid, exited);
+        let paths = banger_vmm::VmPaths::new(&vm.dir);
+        crate::log_index::spawn_sampler(
+            vec![paths.console_log(), paths.vmm_log()],
+            pid,
+            false,
+            self.shutdown.clone(),
+        );
         tracing::info!(vm = %vm.name, pid, "re-adopted running VM");
         Ok(())
     }

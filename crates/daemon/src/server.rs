@@ -12,8 +12,8 @@ use banger_agent_proto::{ExecRequest, TtySize};
 use banger_api::exec::{ExecControl, ExecExit, ExecReport, ExecStart, STDERR, STDOUT};
 use banger_api::{
     ApiError, BuildImageEvent, BuildImageRequest, CreateVmEvent, CreateVmRequest, DaemonInfo,
-    KillRequest, LogSource, NetworkBench, NetworkStatus, PortInfo, Progress, SetVmRequest, VmStats,
-    paths,
+    KillRequest, LogSource, LogsQuery, NetworkBench, NetworkStatus, PortInfo, Progress,
+    SetVmRequest, VmStats, paths,
 };
 use banger_model::{ImageRecord, KernelRecord, VmRecord};
 use banger_version::BuildInfo;
@@ -226,19 +226,8 @@ async fn network_bench(State(d): State<Shared>) -> Result<Json<NetworkBench>, Da
     d.network_bench().await.map(Json)
 }
 
-#[derive(serde::Deserialize, utoipa::IntoParams)]
-#[into_params(parameter_in = Query)]
-struct LogsQuery {
-    /// `console` (default) or `vmm`.
-    #[serde(default)]
-    #[param(value_type = Option<LogSource>)]
-    source: LogSource,
-    /// Keep streaming what is appended, until the VM is deleted.
-    #[serde(default)]
-    follow: bool,
-}
-
-/// A VM's serial console or VMM log, as text; with `follow`, a stream.
+/// A VM's serial console or VMM log, as text, from the last `tail` lines
+/// and/or what was written since `since_ms`; with `follow`, a stream.
 #[utoipa::path(get, path = paths::VM_LOGS, params(("vm" = String, Path, description = "name or id prefix"), LogsQuery),
     responses((status = 200, content_type = "text/plain", body = String), (status = 404, body = ApiError)))]
 async fn vm_logs(
@@ -253,8 +242,10 @@ async fn vm_logs(
         LogSource::Vmm => vp.vmm_log(),
     };
     let follow = q.follow;
-    // State: bytes sent so far, and whether the first read happened.
-    let stream = futures::stream::unfold((0u64, false), move |(offset, started)| {
+    let start = crate::log_index::start_offset(&path, q.since_ms, q.tail)
+        .map_err(|e| DaemonError::Failed(anyhow::anyhow!("reading {}: {e}", path.display())))?;
+    // State: where the next read starts, and whether the first read happened.
+    let stream = futures::stream::unfold((start, false), move |(offset, started)| {
         let (d, path, id) = (d.clone(), path.clone(), vm.id.clone());
         async move {
             loop {

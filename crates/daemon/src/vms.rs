@@ -392,6 +392,13 @@ impl Daemon {
             .map_err(|e| BootError::Failed(e.into()))?;
         let launched_pid = launched.pid;
         vm.pid = Some(launched_pid);
+        // The console starts over at each launch: so does its time index.
+        crate::log_index::spawn_sampler(
+            vec![paths.console_log(), paths.vmm_log()],
+            launched_pid,
+            true,
+            self.shutdown.clone(),
+        );
         let exited = launched.exited;
         let agent_ep = launched.agent;
         if let Err(e) = self

@@ -36,6 +36,8 @@ fn exec_sessions_and_acp_on_one_guest() {
     let _guard = VmGuard(b);
 
     exit_codes(b);
+    exec_without_dashes(b);
+    logs_tail_and_since(b);
     stdin_is_piped_intact(b);
     tty_size_and_resize(b);
     sigint_ends_the_guest_process(b);
@@ -49,6 +51,70 @@ fn exit_codes(b: &Banger) {
         let out = exec(b, cmd);
         assert_eq!(out.status.code(), Some(code), "{cmd}: {}", text(&out).1);
     }
+}
+
+/// `vm exec NAME CMD...` needs no `--` (the command's own flags are its).
+fn exec_without_dashes(b: &Banger) {
+    let out = b.run(&["vm", "exec", VM, "ls", "-d", "/etc"]);
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "{stderr}");
+    assert_eq!(stdout, "/etc\n");
+    let out = b.run(&["vm", "exec", VM, "--cwd", "/tmp", "sh", "-c", "pwd; exit 3"]);
+    assert_eq!(out.status.code(), Some(3), "{}", text(&out).1);
+    assert_eq!(text(&out).0, "/tmp\n");
+}
+
+/// `vm logs --tail N` and `--since TIME`, on the guest's console.
+fn logs_tail_and_since(b: &Banger) {
+    let logs = |args: &[&str]| {
+        let mut a = vec!["vm", "logs", VM];
+        a.extend_from_slice(args);
+        let out = b.run(&a);
+        assert!(out.status.success(), "{a:?}: {}", text(&out).1);
+        text(&out).0
+    };
+    let tail = logs(&["--tail", "3"]);
+    assert_eq!(tail.lines().count(), 3, "{tail}");
+    let all = logs(&[]);
+    assert!(all.lines().count() > 3, "{all}");
+    assert!(
+        all.contains(&tail),
+        "the tail is not the log's end:\n{tail}"
+    );
+
+    let now = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .expect("clock")
+            .as_secs_f64()
+    };
+    let console = |line: &str| {
+        let out = exec(b, &format!("echo {line} > /dev/console"));
+        assert!(out.status.success(), "{}", text(&out).1);
+    };
+    console("e2e-mark-before");
+    wait_until("the first mark in the console log", LONG, || {
+        logs(&[]).contains("e2e-mark-before")
+    });
+    // Once the daemon has noted when it was written (within a second), a
+    // later --since leaves it out.
+    let mut since = String::new();
+    wait_until("--since to leave the first mark out", LONG, || {
+        since = format!("{:.3}", now());
+        !logs(&["--since", &since]).contains("e2e-mark-before")
+    });
+    console("e2e-mark-after");
+    wait_until("the second mark after --since", LONG, || {
+        logs(&["--since", &since]).contains("e2e-mark-after")
+    });
+    let recent = logs(&["--since", &since]);
+    assert!(!recent.contains("e2e-mark-before"), "{recent}");
+    let both = logs(&["--since", "10m"]);
+    assert!(
+        both.contains("e2e-mark-before") && both.contains("e2e-mark-after"),
+        "{both}"
+    );
+    assert_eq!(logs(&["--since", &since, "--tail", "1"]).lines().count(), 1);
 }
 
 fn stdin_is_piped_intact(b: &Banger) {

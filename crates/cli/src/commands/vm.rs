@@ -96,8 +96,9 @@ pub enum VmCommand {
     /// the host key is checked against banger's known_hosts.
     Ssh {
         vm: String,
-        /// Command to run instead of a login shell, after `--`.
-        #[arg(last = true, value_name = "CMD")]
+        /// Command to run instead of a login shell: `vm ssh box uname -a`,
+        /// or after `--` when it starts with a dash.
+        #[arg(trailing_var_arg = true, value_name = "CMD")]
         command: Vec<String>,
     },
     /// Run a command in a running VM through its agent; exits with its status.
@@ -119,8 +120,9 @@ pub enum VmCommand {
         /// Extra environment, KEY=VALUE; repeatable.
         #[arg(long = "env", short = 'e', value_parser = parse_env)]
         env: Vec<(String, String)>,
-        /// The command, after `--`.
-        #[arg(last = true, required = true, value_name = "CMD")]
+        /// The command: `vm exec box make test`, or after `--` (always
+        /// unambiguous, and needed when CMD starts with a dash).
+        #[arg(required = true, trailing_var_arg = true, value_name = "CMD")]
         command: Vec<String>,
     },
     /// Long-lived guest processes supervised by the agent.
@@ -138,6 +140,13 @@ pub enum VmCommand {
         /// Keep printing what is appended.
         #[arg(long, short = 'f')]
         follow: bool,
+        /// Only the last N lines (then what is appended, with --follow).
+        #[arg(long, short = 'n', value_name = "N")]
+        tail: Option<u64>,
+        /// Only what was written since TIME: a duration ago (10m, 1h30m,
+        /// 45s), an RFC 3339 time (2026-05-01T12:00:00Z) or Unix seconds.
+        #[arg(long, value_name = "TIME", value_parser = parse_since)]
+        since: Option<u64>,
     },
     /// List a running VM's listening TCP ports; HTTP(S) ones with their URL.
     Ports {
@@ -258,6 +267,37 @@ fn parse_signal(s: &str) -> Result<i32, String> {
     name.parse::<nix::sys::signal::Signal>()
         .map(|sig| sig as i32)
         .map_err(|_| format!("unknown signal {s:?}"))
+}
+
+/// `vm logs --since`: a duration ago (`10m`, `1h30m`), an RFC 3339 time,
+/// or Unix seconds; as Unix milliseconds.
+fn parse_since(s: &str) -> Result<u64, String> {
+    since_ms(s, std::time::SystemTime::now())
+}
+
+fn since_ms(s: &str, now: std::time::SystemTime) -> Result<u64, String> {
+    let t = s.trim();
+    let unix_ms = |at: std::time::SystemTime| {
+        at.duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .map_err(|_| format!("{s:?} is before 1970"))
+    };
+    if let Ok(secs) = t.parse::<f64>()
+        && secs.is_finite()
+        && secs >= 0.0
+    {
+        return Ok((secs * 1000.0) as u64);
+    }
+    if let Ok(ago) = humantime::parse_duration(t) {
+        return unix_ms(now.checked_sub(ago).unwrap_or(std::time::UNIX_EPOCH));
+    }
+    match time::OffsetDateTime::parse(t, &time::format_description::well_known::Rfc3339) {
+        Ok(at) => u64::try_from(at.unix_timestamp_nanos() / 1_000_000)
+            .map_err(|_| format!("{s:?} is before 1970")),
+        Err(_) => Err(format!(
+            "{s:?} is not a time: use a duration ago (10m, 1h30m), an RFC 3339 time (2026-05-01T12:00:00Z) or Unix seconds"
+        )),
+    }
 }
 
 fn parse_size(s: &str) -> Result<ByteSize, String> {
@@ -439,16 +479,27 @@ pub async fn run(cmd: VmCommand) -> anyhow::Result<i32> {
         }
         VmCommand::Session(c) => super::vm_session::run(c).await,
         VmCommand::Acp { vm } => super::vm_session::acp(&vm).await,
-        VmCommand::Logs { vm, vmm, follow } => {
-            let source = if vmm {
-                banger_api::LogSource::Vmm
-            } else {
-                banger_api::LogSource::Console
+        VmCommand::Logs {
+            vm,
+            vmm,
+            follow,
+            tail,
+            since,
+        } => {
+            let query = banger_api::LogsQuery {
+                source: if vmm {
+                    banger_api::LogSource::Vmm
+                } else {
+                    banger_api::LogSource::Console
+                },
+                follow,
+                tail,
+                since_ms: since,
             };
             let mut out = std::io::stdout();
             connect::client()
                 .await?
-                .logs(&vm, source, follow, |chunk| {
+                .logs(&vm, &query, |chunk| {
                     let _ = out.write_all(chunk);
                     let _ = out.flush();
                 })
@@ -687,6 +738,60 @@ mod tests {
         assert_eq!(f.request(true).memory_mib, Some(2048));
         let e = parse(&["--memory", "2X"]).err().expect("refused");
         assert!(e.to_string().contains("--memory"), "{e}");
+    }
+
+    #[derive(Parser)]
+    struct Vm {
+        #[command(subcommand)]
+        cmd: VmCommand,
+    }
+
+    fn vm(args: &[&str]) -> Result<VmCommand, clap::Error> {
+        let mut argv = vec!["vm"];
+        argv.extend_from_slice(args);
+        Vm::try_parse_from(argv).map(|v| v.cmd)
+    }
+
+    #[test]
+    fn exec_takes_its_command_with_or_without_dashes() {
+        let argv = |args: &[&str]| match vm(args).expect("parse") {
+            VmCommand::Exec { command, cwd, .. } => (command, cwd),
+            _ => panic!("not exec"),
+        };
+        let ls = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert_eq!(argv(&["exec", "box", "ls", "-la"]).0, ls(&["ls", "-la"]));
+        assert_eq!(
+            argv(&["exec", "box", "--", "ls", "-la"]).0,
+            ls(&["ls", "-la"])
+        );
+        // Flags before CMD are banger's, after it the command's.
+        let (cmd, cwd) = argv(&["exec", "box", "--cwd", "/tmp", "grep", "--cwd", "x"]);
+        assert_eq!(cmd, ls(&["grep", "--cwd", "x"]));
+        assert_eq!(cwd.as_deref(), Some("/tmp"));
+        assert_eq!(argv(&["exec", "box", "--", "--weird"]).0, ls(&["--weird"]));
+        assert!(vm(&["exec", "box"]).is_err());
+        match vm(&["ssh", "box", "uname", "-a"]).expect("parse") {
+            VmCommand::Ssh { command, .. } => assert_eq!(command, ls(&["uname", "-a"])),
+            _ => panic!("not ssh"),
+        }
+    }
+
+    #[test]
+    fn logs_since_takes_durations_times_and_unix_seconds() {
+        let now = std::time::UNIX_EPOCH + std::time::Duration::from_secs(1_800_000_000);
+        assert_eq!(since_ms("10m", now), Ok(1_800_000_000_000 - 600_000));
+        assert_eq!(since_ms("1h30m", now), Ok(1_800_000_000_000 - 5_400_000));
+        assert_eq!(since_ms("1700000000", now), Ok(1_700_000_000_000));
+        assert_eq!(since_ms("1700000000.5", now), Ok(1_700_000_000_500));
+        assert_eq!(since_ms("2026-05-01T12:00:00Z", now), Ok(1_777_636_800_000));
+        assert!(since_ms("yesterday", now).is_err());
+        match vm(&["logs", "box", "--tail", "5", "--since", "1m"]).expect("parse") {
+            VmCommand::Logs { tail, since, .. } => {
+                assert_eq!(tail, Some(5));
+                assert!(since.is_some());
+            }
+            _ => panic!("not logs"),
+        }
     }
 
     #[test]
