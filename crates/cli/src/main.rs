@@ -105,6 +105,10 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    let failed = match &cli.command {
+        Command::Vm(c) if c.passes_exit_status() => output::EXIT_BANGER_FAILED,
+        _ => 1,
+    };
     let result = rt.block_on(async {
         match cli.command {
             Command::Vm(c) => commands::vm::run(c).await,
@@ -131,7 +135,7 @@ fn main() -> ExitCode {
         Ok(code) => ExitCode::from(code.clamp(0, 255) as u8),
         Err(e) => {
             eprintln!("banger: {}", output::error_chain(&e));
-            ExitCode::FAILURE
+            ExitCode::from(failed as u8)
         }
     }
 }

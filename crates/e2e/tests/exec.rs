@@ -51,6 +51,32 @@ fn exit_codes(b: &Banger) {
         let out = exec(b, cmd);
         assert_eq!(out.status.code(), Some(code), "{cmd}: {}", text(&out).1);
     }
+    // Like docker: 127 not found, 126 not executable, 125 banger failed.
+    for (argv, code, says) in [
+        (
+            &["no-such-command"][..],
+            127,
+            "no-such-command: command not found",
+        ),
+        (
+            &["/etc/hostname"][..],
+            126,
+            "/etc/hostname: Permission denied",
+        ),
+    ] {
+        let mut args = vec!["vm", "exec", VM, "--"];
+        args.extend_from_slice(argv);
+        let out = b.run(&args);
+        let stderr = text(&out).1;
+        assert_eq!(out.status.code(), Some(code), "{argv:?}: {stderr}");
+        assert!(stderr.contains(says), "{argv:?}: {stderr}");
+    }
+    let out = b.run(&["vm", "exec", "no-such-vm", "--", "true"]);
+    assert_eq!(out.status.code(), Some(125), "{}", text(&out).1);
+    let help = text(&b.run(&["vm", "exec", "--help"])).0;
+    for line in ["125", "126", "127"] {
+        assert!(help.contains(line), "{help}");
+    }
 }
 
 /// `vm exec NAME CMD...` needs no `--` (the command's own flags are its).

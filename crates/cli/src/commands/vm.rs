@@ -11,6 +11,7 @@ use std::io::Write;
 #[derive(Subcommand)]
 pub enum VmCommand {
     /// Create a VM, boot it, then run a command in it or open an ssh session.
+    #[command(after_help = output::EXIT_STATUS_HELP)]
     Run(super::vm_run::RunArgs),
     /// List VMs.
     List(ListArgs),
@@ -94,6 +95,7 @@ pub enum VmCommand {
     },
     /// Open an ssh session (or run CMD) in a running VM with banger's key;
     /// the host key is checked against banger's known_hosts.
+    #[command(after_help = output::EXIT_STATUS_HELP)]
     Ssh {
         vm: String,
         /// Command to run instead of a login shell: `vm ssh box uname -a`,
@@ -106,6 +108,7 @@ pub enum VmCommand {
     /// A pseudo-terminal is used when stdin and stdout are terminals (or
     /// with --tty); otherwise stdin is forwarded unless it is a terminal,
     /// and Ctrl-C / SIGTERM are forwarded to the guest process.
+    #[command(after_help = output::EXIT_STATUS_HELP)]
     Exec {
         vm: String,
         /// Run the command on a pseudo-terminal even when banger's stdio is not one.
@@ -130,6 +133,7 @@ pub enum VmCommand {
     Session(super::vm_session::SessionCommand),
     /// Bridge stdio to the guest's ACP agent (`acp_command` in config,
     /// default `opencode acp`) through the guest agent.
+    #[command(after_help = output::EXIT_STATUS_HELP)]
     Acp { vm: String },
     /// Print a VM's serial console (or VMM) log.
     Logs {
@@ -332,6 +336,21 @@ impl CreateFlags {
             nat: self.nat,
             ..Default::default()
         }
+    }
+}
+
+impl VmCommand {
+    /// Whether this command exits with a guest command's status, so that
+    /// banger's own failures need a status of their own
+    /// ([`output::EXIT_BANGER_FAILED`]).
+    pub fn passes_exit_status(&self) -> bool {
+        matches!(
+            self,
+            VmCommand::Run(_)
+                | VmCommand::Exec { .. }
+                | VmCommand::Ssh { .. }
+                | VmCommand::Acp { .. }
+        )
     }
 }
 
