@@ -309,6 +309,17 @@ impl Client {
         self.operation(paths::VMS, req, on_event).await
     }
 
+    /// Waits until running VM `vm`'s sshd greets (at most the daemon's
+    /// `ready_timeout_secs`), reporting progress to `on_event`.
+    pub async fn wait_sshd(
+        &self,
+        vm: &str,
+        on_event: impl FnMut(&crate::WaitSshdEvent),
+    ) -> Result<VmRecord, ClientError> {
+        self.operation(&paths::fill(paths::VM_SSHD_WAIT, vm), &(), on_event)
+            .await
+    }
+
     /// Builds a Debian image in the daemon, reporting progress to `on_event`.
     pub async fn build_image(
         &self,

@@ -32,6 +32,7 @@ pub mod paths {
     pub const VM_LOGS: &str = "/v1/vms/{vm}/logs";
     pub const VM_STATS: &str = "/v1/vms/{vm}/stats";
     pub const VM_PORTS: &str = "/v1/vms/{vm}/ports";
+    pub const VM_SSHD_WAIT: &str = "/v1/vms/{vm}/sshd/wait";
     pub const NETWORK: &str = "/v1/network";
     pub const NETWORK_BENCH: &str = "/v1/network/bench";
     pub const IMAGES: &str = "/v1/images";
@@ -165,6 +166,28 @@ pub enum BuildImageEvent {
     Progress(Progress),
     Done(ImageRecord),
     Error(ApiError),
+}
+
+/// One line of the `POST /v1/vms/{vm}/sshd/wait` response stream: a
+/// `sshd` progress note when the guest's sshd does not answer yet, then
+/// the VM once it greets.
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum WaitSshdEvent {
+    Progress(Progress),
+    Done(VmRecord),
+    Error(ApiError),
+}
+
+impl OperationEvent for WaitSshdEvent {
+    type Output = VmRecord;
+    fn outcome(&self) -> Option<Result<VmRecord, ApiError>> {
+        match self {
+            WaitSshdEvent::Done(vm) => Some(Ok(vm.clone())),
+            WaitSshdEvent::Error(e) => Some(Err(e.clone())),
+            WaitSshdEvent::Progress(_) => None,
+        }
+    }
 }
 
 /// An event of a long operation's stream; the last one carries its outcome.

@@ -13,7 +13,7 @@ use banger_api::exec::{ExecControl, ExecExit, ExecReport, ExecStart, STDERR, STD
 use banger_api::{
     ApiError, BuildImageEvent, BuildImageRequest, CreateVmEvent, CreateVmRequest, DaemonInfo,
     KillRequest, LogSource, LogsQuery, NetworkBench, NetworkStatus, PortInfo, Progress,
-    SetVmRequest, VmStats, paths,
+    SetVmRequest, VmStats, WaitSshdEvent, paths,
 };
 use banger_model::{ImageRecord, KernelRecord, VmRecord};
 use banger_version::BuildInfo;
@@ -66,6 +66,7 @@ pub fn router(daemon: Shared) -> (Router, utoipa::openapi::OpenApi) {
         .routes(routes!(kill_vm))
         .routes(routes!(vm_logs))
         .routes(routes!(vm_ports))
+        .routes(routes!(wait_vm_sshd))
         .routes(routes!(network_status))
         .routes(routes!(network_bench))
         .routes(routes!(list_images))
@@ -212,6 +213,29 @@ async fn vm_ports(
     Path(vm): Path<String>,
 ) -> Result<Json<Vec<PortInfo>>, DaemonError> {
     d.vm_ports(&vm).await.map(Json)
+}
+
+/// Waits until a running VM's sshd greets (an `SSH-` banner probed from the
+/// host), at most `ready_timeout_secs`. Answers with newline-delimited JSON
+/// `WaitSshdEvent`s: a `sshd` progress note if it has to wait, then `done`
+/// with the VM or `error`.
+#[utoipa::path(post, path = paths::VM_SSHD_WAIT, params(("vm" = String, Path, description = "name or id prefix")),
+    responses((status = 200, content_type = "application/x-ndjson", body = WaitSshdEvent),
+              (status = 404, body = ApiError)))]
+async fn wait_vm_sshd(State(d): State<Shared>, Path(vm): Path<String>) -> Response {
+    // An unknown VM is a plain 404, before any stream.
+    if let Err(e) = d.get_vm(&vm) {
+        return e.into_response();
+    }
+    operation(
+        d,
+        WaitSshdEvent::Done,
+        WaitSshdEvent::Error,
+        move |d, tx, cancel| async move {
+            let progress = progress_events(&tx, WaitSshdEvent::Progress);
+            d.wait_vm_sshd(&vm, &progress, &cancel).await
+        },
+    )
 }
 
 /// The daemon's networking: mode, DNS server, NAT prerequisites, resolver.

@@ -264,7 +264,10 @@ impl Daemon {
             booted = match this.wait_sshd(&vm, &progress, &cancel).await {
                 crate::run_mode::SshWait::Up => Ok(()),
                 // Kept like a guest whose agent never greeted.
-                crate::run_mode::SshWait::TimedOut(msg) => Err(BootError::NotReady(msg)),
+                crate::run_mode::SshWait::TimedOut(msg) => Err(BootError::NotReady(format!(
+                    "{msg}; the VM is kept running for inspection: `banger vm logs {name}` shows its console, `banger vm delete {name}` removes it",
+                    name = vm.name
+                ))),
                 crate::run_mode::SshWait::Cancelled => {
                     this.set_agent(&id, None);
                     Err(fail(&mut steps, anyhow!(this.cancel_reason())).await)

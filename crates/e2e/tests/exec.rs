@@ -35,6 +35,7 @@ fn exec_sessions_and_acp_on_one_guest() {
     assert!(out.status.success(), "create: {}", text(&out).1);
     let _guard = VmGuard(b);
 
+    ssh_waits_for_sshd(b);
     exit_codes(b);
     exec_without_dashes(b);
     logs_tail_and_since(b);
@@ -44,6 +45,21 @@ fn exec_sessions_and_acp_on_one_guest() {
     sessions_survive_the_cli(b);
     attach_bridges_a_pipe_session(b);
     acp_bridges_stdio(b);
+}
+
+/// Right after `vm create` the agent is ready but sshd may not be yet:
+/// `vm ssh` waits for it (saying so) instead of failing.
+fn ssh_waits_for_sshd(b: &Banger) {
+    let out = b.run(&["vm", "ssh", VM, "echo", "ssh-ok"]);
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "{stderr}");
+    assert_eq!(stdout, "ssh-ok\n", "{stderr}");
+    for line in stderr.lines() {
+        assert!(
+            line.starts_with(&format!("banger: waiting for {VM}'s sshd on ")),
+            "unexpected stderr: {stderr}"
+        );
+    }
 }
 
 fn exit_codes(b: &Banger) {

@@ -63,15 +63,17 @@ pub fn ssh_args(
 
 pub async fn run(vm_ref: &str, command: Vec<String>) -> anyhow::Result<i32> {
     let client = connect::client().await?;
-    let vm = client.get_vm(vm_ref).await?;
-    if vm.state != VmState::Running {
-        anyhow::bail!(
-            "VM {} is {}: start it first (`banger vm start {}`)",
-            vm.name,
-            vm.state,
-            vm.name
-        );
-    }
+    // A VM that has just booted may not run sshd yet (its agent is ready
+    // first): wait for it like session mode of `vm run`, saying so once.
+    let vm = client
+        .wait_sshd(vm_ref, |ev| {
+            if let banger_api::WaitSshdEvent::Progress(p) = ev
+                && p.phase == "sshd"
+            {
+                eprintln!("banger: {}", p.message);
+            }
+        })
+        .await?;
     let (key, known_hosts) = key_and_known_hosts()?;
     let args = ssh_args(&vm, &key, &known_hosts, &command)?;
     let interactive = command.is_empty() && std::io::stdin().is_terminal();
