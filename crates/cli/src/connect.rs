@@ -22,6 +22,16 @@ pub fn system_install() -> anyhow::Result<Option<InstallRecord>> {
     Ok(InstallRecord::load_system()?)
 }
 
+/// The directories of the daemon this CLI talks to, where its config, ssh
+/// key, known_hosts and ssh_config are: the system install's (`/etc/banger`,
+/// `/var/lib/banger`, ...) when there is one, else the user's (XDG).
+pub fn daemon_paths() -> anyhow::Result<Paths> {
+    if let Some(record) = system_install()? {
+        return Ok(Paths::system(record.owner_home));
+    }
+    Paths::from_env().context("resolving banger's directories")
+}
+
 /// The daemon socket: `BANGER_SOCKET`, else the system install's
 /// (`/run/banger/bangerd.sock`), else the user-mode default.
 pub fn socket_path() -> anyhow::Result<PathBuf> {

@@ -236,8 +236,7 @@ async fn attach(client: &Client, vm: &str, name: &str) -> anyhow::Result<i32> {
 /// `vm acp`: the configured ACP command in the guest, stdio bridged
 /// (never a tty: ACP speaks JSON-RPC over pipes).
 pub async fn acp(vm: &str) -> anyhow::Result<i32> {
-    let paths = banger_config::Paths::from_env().context("resolving banger's directories")?;
-    let config = banger_config::Config::load(&paths)?;
+    let config = banger_config::Config::load(&connect::daemon_paths()?)?;
     let start = ExecStart {
         argv: config.acp_command.clone(),
         ..Default::default()

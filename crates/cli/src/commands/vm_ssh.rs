@@ -2,16 +2,17 @@
 
 use crate::connect;
 use anyhow::Context;
-use banger_config::{Config, Paths};
+use banger_config::Config;
 use banger_model::{VmRecord, VmState};
 use std::ffi::OsString;
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 
-/// Where banger keeps its user key and known_hosts; the daemon uses the
-/// same rules (`Daemon::ssh_key_path`, `known_hosts_path`).
+/// Where banger keeps its user key and known_hosts (the system install's
+/// under a system install); the daemon uses the same rules
+/// (`Daemon::ssh_key_path`, `known_hosts_path`).
 pub(crate) fn key_and_known_hosts() -> anyhow::Result<(PathBuf, PathBuf)> {
-    let paths = Paths::from_env()?;
+    let paths = connect::daemon_paths()?;
     let config = Config::load(&paths)?;
     let key = config
         .ssh_key_path
