@@ -65,7 +65,11 @@ pub fn unpack<R: Read>(reader: R, dest: &Path) -> Result<Unpacked, UnpackError> 
         let rel = safe_relative(&entry.path().map_err(UnpackError::Read)?).map_err(&refuse)?;
         let kind = entry.header().entry_type();
         match kind {
-            EntryType::Regular | EntryType::Continuous | EntryType::Directory => {}
+            // GNU sparse files are written with their holes.
+            EntryType::Regular
+            | EntryType::Continuous
+            | EntryType::GNUSparse
+            | EntryType::Directory => {}
             EntryType::Symlink => {
                 let target = entry
                     .link_name()
@@ -99,7 +103,8 @@ pub fn unpack<R: Read>(reader: R, dest: &Path) -> Result<Unpacked, UnpackError> 
             // "./": the destination itself.
             continue;
         }
-        let size = entry.header().size().unwrap_or(0);
+        // The file's size (a sparse entry stores less).
+        let size = entry.size();
         let written = entry
             .unpack_in(&real_dest)
             .map_err(|source| UnpackError::Write {
@@ -113,7 +118,10 @@ pub fn unpack<R: Read>(reader: R, dest: &Path) -> Result<Unpacked, UnpackError> 
         if !kind.is_dir() {
             done.files += 1;
         }
-        if matches!(kind, EntryType::Regular | EntryType::Continuous) {
+        if matches!(
+            kind,
+            EntryType::Regular | EntryType::Continuous | EntryType::GNUSparse
+        ) {
             done.bytes += size;
         }
     }
