@@ -47,7 +47,21 @@ pub(crate) async fn run(
     };
     let last = match spawn(&req.argv, &req.env, req.cwd.as_deref(), stdin) {
         Ok(proc) => supervise(channel, proc, msgs, &out).await,
-        Err(msg) => Body::Error(msg),
+        // Like a shell: a command that is missing or cannot be run says so
+        // on stderr and exits 127 or 126, so callers tell it from a failure
+        // of banger's own.
+        Err(SpawnError {
+            message,
+            shell_status: Some(code),
+        }) => {
+            let line = format!("banger-agent: {message}\n").into_bytes();
+            let _ = out.send(Frame::new(channel, Body::Stderr(line))).await;
+            Body::Exited(ExitStatus {
+                code: Some(code),
+                signal: None,
+            })
+        }
+        Err(e) => Body::Error(e.message),
     };
     if let Body::Error(msg) = &last {
         tracing::debug!(channel, error = %msg, "exec failed");
@@ -78,6 +92,53 @@ pub(crate) struct Spawned {
     pub stderr: Option<Output>,
 }
 
+/// Why a process could not be started.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct SpawnError {
+    pub message: String,
+    /// The status a shell gives a command that could not run: 127 when it
+    /// is not found, 126 when it is found but cannot be executed. `None`
+    /// for other failures (a bad working directory, no pty).
+    pub shell_status: Option<i32>,
+}
+
+impl SpawnError {
+    fn other(message: String) -> Self {
+        Self {
+            message,
+            shell_status: None,
+        }
+    }
+
+    /// The failure of exec'ing `program`.
+    fn exec(program: &str, e: &std::io::Error) -> Self {
+        let errno = e.raw_os_error().map(Errno::from_raw);
+        let shell_status = match errno {
+            Some(Errno::ENOENT) => Some(127),
+            Some(
+                Errno::EACCES | Errno::ENOEXEC | Errno::EISDIR | Errno::EPERM | Errno::ENOTDIR,
+            ) => Some(126),
+            _ => None,
+        };
+        let message = match errno {
+            Some(Errno::ENOENT) if !program.contains('/') => {
+                format!("{program}: command not found")
+            }
+            _ => format!("{program}: {}", describe(e)),
+        };
+        Self {
+            message,
+            shell_status,
+        }
+    }
+}
+
+impl From<SpawnError> for String {
+    fn from(e: SpawnError) -> String {
+        e.message
+    }
+}
+
 /// Starts `argv` with the agent's default environment plus `env`, in `cwd`
 /// (default /root).
 pub(crate) fn spawn(
@@ -85,14 +146,14 @@ pub(crate) fn spawn(
     env: &[(String, String)],
     cwd: Option<&str>,
     input: Input,
-) -> Result<Spawned, String> {
+) -> Result<Spawned, SpawnError> {
     let Some((program, args)) = argv.split_first() else {
-        return Err("empty command".to_string());
+        return Err(SpawnError::other("empty command".to_string()));
     };
     let cwd = match cwd {
         Some(dir) => {
             if let Err(e) = std::fs::read_dir(dir) {
-                return Err(format!("{dir}: {}", describe(&e)));
+                return Err(SpawnError::other(format!("{dir}: {}", describe(&e))));
             }
             dir
         }
@@ -111,7 +172,7 @@ pub(crate) fn spawn(
         .env("LANG", "C.UTF-8")
         .env("TERM", "xterm-256color")
         .envs(env.iter().map(|(k, v)| (k, v)));
-    let started = |e: &dyn std::fmt::Display| format!("{program}: {e}");
+    let started = |e: &dyn std::fmt::Display| SpawnError::other(format!("{program}: {e}"));
     let (child, input, stdout, stderr) = match input {
         Input::Tty(size) => {
             let (pty, pts) = pty_process::open().map_err(|e| started(&e))?;
@@ -122,7 +183,7 @@ pub(crate) fn spawn(
             let child = pty_process::Command::from(cmd)
                 .spawn(pts)
                 .map_err(|e| match e {
-                    pty_process::Error::Io(io) => started(&describe(&io)),
+                    pty_process::Error::Io(io) => SpawnError::exec(program, &io),
                     other => started(&other),
                 })?;
             let (rd, wr) = pty.into_split();
@@ -142,7 +203,7 @@ pub(crate) fn spawn(
                 // Its own process group, so a signal reaches the whole job
                 // (a shell and its pipeline), not just the first process.
                 .process_group(0);
-            let mut child = cmd.spawn().map_err(|e| started(&describe(&e)))?;
+            let mut child = cmd.spawn().map_err(|e| SpawnError::exec(program, &e))?;
             let input = child
                 .stdin
                 .take()
@@ -157,7 +218,9 @@ pub(crate) fn spawn(
         .and_then(|id| i32::try_from(id).ok())
         .map(Pid::from_raw)
     else {
-        return Err("process vanished right after it started".to_string());
+        return Err(SpawnError::other(
+            "process vanished right after it started".to_string(),
+        ));
     };
     Ok(Spawned {
         child,

@@ -36,6 +36,10 @@ pub enum InitError {
     NoStagingDir(&'static [&'static str]),
     #[error("bad init path {0:?}")]
     BadInit(String),
+    /// The root is ready but the image has no init to hand over to (an
+    /// image that is only a static binary or two): the agent is the init.
+    #[error("the image has no {0}")]
+    NoInit(String),
 }
 
 fn sys(what: impl Into<String>) -> impl FnOnce(nix::Error) -> InitError {
@@ -55,6 +59,59 @@ const STAGING_CANDIDATES: &[&str] = &["/mnt", "/tmp", "/media", "/srv", "/opt", 
 /// API file systems moved into the new root when the initramfs (or this
 /// function) mounted them.
 const MOVED_MOUNTS: &[&str] = &["/dev", "/proc", "/sys", "/run"];
+
+/// Directories a root needs, made (in the VM's overlay) when the image has
+/// none, as a container runtime would: mount points, and /tmp for programs.
+const ROOT_DIRS: &[(&str, u32)] = &[
+    ("dev", 0o755),
+    ("proc", 0o555),
+    ("sys", 0o555),
+    ("run", 0o755),
+    ("tmp", 0o1777),
+];
+
+/// Stays PID 1 when the image has no init: reaps every orphan (the kernel
+/// gives them to PID 1) and runs `serve` in a child process, started again
+/// should it exit. Never returns.
+pub fn be_init(serve: impl Fn() -> std::process::ExitCode) -> ! {
+    use nix::sys::wait::{WaitStatus, waitpid};
+    use nix::unistd::{ForkResult, fork};
+    loop {
+        // SAFETY: PID 1 is single-threaded here (no runtime has started),
+        // so the child may run anything.
+        let child = match unsafe { fork() } {
+            Ok(ForkResult::Child) => {
+                let code = serve();
+                std::process::exit(if code == std::process::ExitCode::SUCCESS {
+                    0
+                } else {
+                    1
+                });
+            }
+            Ok(ForkResult::Parent { child }) => child,
+            Err(e) => {
+                eprintln!("banger-agent (init): fork failed: {e}; retrying");
+                std::thread::sleep(std::time::Duration::from_secs(1));
+                continue;
+            }
+        };
+        loop {
+            match waitpid(None, None) {
+                Ok(WaitStatus::Exited(pid, _) | WaitStatus::Signaled(pid, _, _))
+                    if pid == child =>
+                {
+                    eprintln!("banger-agent (init): the agent exited; starting it again");
+                    break;
+                }
+                Ok(_) => {}
+                Err(nix::errno::Errno::ECHILD) => break,
+                Err(_) => {}
+            }
+        }
+        // A crash loop must not spin the CPU.
+        std::thread::sleep(std::time::Duration::from_secs(1));
+    }
+}
 
 /// Assembles the VM's root and execs the image's init. Returns only on error.
 pub fn run() -> InitError {
@@ -145,6 +202,18 @@ fn prepare() -> Result<BootArgs, InitError> {
         // image's own /root, still visible here in the old root.
         if is_fresh_fs(&target)? {
             copy_tree(Path::new(WORK_MOUNT), &target)?;
+        }
+    }
+
+    // A root made of a static binary or two has no mount points of its
+    // own: make them in the overlay (the base stays read-only).
+    for (d, mode) in ROOT_DIRS {
+        let p = newroot.join(d);
+        if std::fs::symlink_metadata(&p).is_err() {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::create_dir(&p).map_err(io(format!("creating {}", p.display())))?;
+            std::fs::set_permissions(&p, std::fs::Permissions::from_mode(*mode))
+                .map_err(io(format!("setting the mode of {}", p.display())))?;
         }
     }
 
@@ -292,6 +361,10 @@ fn exec_init(init: &str) -> InitError {
     let Ok(path) = CString::new(init) else {
         return InitError::BadInit(init.into());
     };
+    // Not even a dangling symlink: nothing to exec.
+    if std::fs::metadata(init).is_err() && std::fs::symlink_metadata(init).is_err() {
+        return InitError::NoInit(init.into());
+    }
     match nix::unistd::execv(&path, std::slice::from_ref(&path)) {
         Err(e) => InitError::Sys {
             what: format!("exec {init}"),

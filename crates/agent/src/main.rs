@@ -20,9 +20,18 @@ fn main() -> ExitCode {
     if std::process::id() == 1 {
         // Started as the kernel's init=: assemble the root and hand over to
         // the image's init. Reaching the next line means that failed.
-        let err = banger_agent::init::run();
-        eprintln!("banger-agent (init): {err}; the VM cannot boot");
-        return ExitCode::FAILURE;
+        match banger_agent::init::run() {
+            banger_agent::init::InitError::NoInit(init) => {
+                eprintln!(
+                    "banger-agent (init): the image has no {init}: the agent is its init (banger.init= names another)"
+                );
+                banger_agent::init::be_init(serve_main);
+            }
+            err => {
+                eprintln!("banger-agent (init): {err}; the VM cannot boot");
+                return ExitCode::FAILURE;
+            }
+        }
     }
     match std::env::args().nth(1).as_deref() {
         None => {}
@@ -38,6 +47,11 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     }
+    serve_main()
+}
+
+/// The agent's service: logging, the runtime, the host channel.
+fn serve_main() -> ExitCode {
     init_logging();
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()

@@ -205,18 +205,48 @@ async fn signal_reaches_the_whole_process_group() {
     assert_eq!(collect(s).await.2, killed_by(15));
 }
 
+/// A command that cannot run exits like it would in a shell (127: not
+/// found, 126: not executable) with the reason on stderr, so `vm exec`
+/// and `vm run` can tell it from a failure of banger's own.
 #[tokio::test]
-async fn missing_command_is_an_error() {
+async fn missing_command_exits_127_with_the_reason_on_stderr() {
     let c = client().await;
-    let s = c
-        .exec(cmd(&["/nonexistent/banger-test-cmd", "x"]))
-        .expect("exec");
-    let (out, err, end) = collect(s).await;
-    assert!(out.is_empty() && err.is_empty());
-    assert_eq!(
-        end,
-        ExecEvent::Error("/nonexistent/banger-test-cmd: No such file or directory".into())
-    );
+    for (argv0, msg) in [
+        (
+            "/nonexistent/banger-test-cmd",
+            "banger-agent: /nonexistent/banger-test-cmd: No such file or directory\n",
+        ),
+        (
+            "banger-no-such-command",
+            "banger-agent: banger-no-such-command: command not found\n",
+        ),
+    ] {
+        let s = c.exec(cmd(&[argv0, "x"])).expect("exec");
+        let (out, err, end) = collect(s).await;
+        assert!(out.is_empty());
+        assert_eq!(String::from_utf8_lossy(&err), msg);
+        assert_eq!(end, exited(127));
+    }
+}
+
+#[tokio::test]
+async fn non_executable_command_exits_126() {
+    let c = client().await;
+    let dir = tempfile::tempdir().expect("tmp");
+    let file = dir.path().join("not-executable");
+    std::fs::write(&file, "#!/bin/sh\necho hi\n").expect("write");
+    let path = file.to_string_lossy().into_owned();
+    for argv0 in [path.as_str(), "/"] {
+        let s = c.exec(cmd(&[argv0])).expect("exec");
+        let (out, err, end) = collect(s).await;
+        assert!(out.is_empty());
+        let err = String::from_utf8_lossy(&err).into_owned();
+        assert!(
+            err.starts_with(&format!("banger-agent: {argv0}: ")),
+            "{err}"
+        );
+        assert_eq!(end, exited(126), "{argv0}: {err}");
+    }
 }
 
 #[tokio::test]

@@ -282,23 +282,15 @@ impl Client {
         self.json(Method::GET, &path, None::<&()>).await
     }
 
-    /// A VM's log; with `follow`, `on_chunk` keeps receiving what is appended
-    /// until the VM is deleted.
+    /// A VM's log (from where `query` says); with `follow`, `on_chunk`
+    /// keeps receiving what is appended until the VM is deleted.
     pub async fn logs(
         &self,
         vm: &str,
-        source: crate::LogSource,
-        follow: bool,
+        query: &crate::LogsQuery,
         mut on_chunk: impl FnMut(&[u8]),
     ) -> Result<(), ClientError> {
-        let source = match source {
-            crate::LogSource::Console => "console",
-            crate::LogSource::Vmm => "vmm",
-        };
-        let path = format!(
-            "{}?source={source}&follow={follow}",
-            paths::fill(paths::VM_LOGS, vm)
-        );
+        let path = format!("{}?{}", paths::fill(paths::VM_LOGS, vm), query.to_query());
         let mut body = self.send(Method::GET, &path, None).await?.into_body();
         while let Some(frame) = body.frame().await {
             if let Ok(data) = frame.map_err(ClientError::protocol)?.into_data() {
@@ -315,6 +307,17 @@ impl Client {
         on_event: impl FnMut(&CreateVmEvent),
     ) -> Result<VmRecord, ClientError> {
         self.operation(paths::VMS, req, on_event).await
+    }
+
+    /// Waits until running VM `vm`'s sshd greets (at most the daemon's
+    /// `ready_timeout_secs`), reporting progress to `on_event`.
+    pub async fn wait_sshd(
+        &self,
+        vm: &str,
+        on_event: impl FnMut(&crate::WaitSshdEvent),
+    ) -> Result<VmRecord, ClientError> {
+        self.operation(&paths::fill(paths::VM_SSHD_WAIT, vm), &(), on_event)
+            .await
     }
 
     /// Builds a Debian image in the daemon, reporting progress to `on_event`.

@@ -33,6 +33,7 @@ pub mod paths {
     pub const VM_LOGS: &str = "/v1/vms/{vm}/logs";
     pub const VM_STATS: &str = "/v1/vms/{vm}/stats";
     pub const VM_PORTS: &str = "/v1/vms/{vm}/ports";
+    pub const VM_SSHD_WAIT: &str = "/v1/vms/{vm}/sshd/wait";
     pub const NETWORK: &str = "/v1/network";
     /// Internal (`banger bench`), outside the public API document.
     pub const NETWORK_BENCH: &str = "/internal/bench/network";
@@ -181,6 +182,28 @@ pub enum BuildImageEvent {
     Progress(Progress),
     Done(ImageRecord),
     Error(ApiError),
+}
+
+/// One line of the `POST /v1/vms/{vm}/sshd/wait` response stream: a
+/// `sshd` progress note when the guest's sshd does not answer yet, then
+/// the VM once it greets.
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum WaitSshdEvent {
+    Progress(Progress),
+    Done(VmRecord),
+    Error(ApiError),
+}
+
+impl OperationEvent for WaitSshdEvent {
+    type Output = VmRecord;
+    fn outcome(&self) -> Option<Result<VmRecord, ApiError>> {
+        match self {
+            WaitSshdEvent::Done(vm) => Some(Ok(vm.clone())),
+            WaitSshdEvent::Error(e) => Some(Err(e.clone())),
+            WaitSshdEvent::Progress(_) => None,
+        }
+    }
 }
 
 /// An event of a long operation's stream; the last one carries its outcome.
@@ -334,6 +357,46 @@ pub enum LogSource {
     Console,
     /// The VMM's own output.
     Vmm,
+}
+
+/// Query of `GET /v1/vms/{vm}/logs`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct LogsQuery {
+    /// `console` (default) or `vmm`.
+    #[serde(default)]
+    #[param(value_type = Option<LogSource>)]
+    pub source: LogSource,
+    /// Keep streaming what is appended, until the VM is deleted.
+    #[serde(default)]
+    pub follow: bool,
+    /// Start at the last `tail` lines (of what `since_ms` selects).
+    #[serde(default)]
+    pub tail: Option<u64>,
+    /// Start with what was written at or after this time (Unix
+    /// milliseconds). The daemon notes the log's size every second while
+    /// the VM runs; lines are placed within that second (or, for what was
+    /// written while the daemon was down, as early as they could have been).
+    #[serde(default)]
+    pub since_ms: Option<u64>,
+}
+
+impl LogsQuery {
+    /// The query string, without the `?`.
+    pub fn to_query(&self) -> String {
+        let source = match self.source {
+            LogSource::Console => "console",
+            LogSource::Vmm => "vmm",
+        };
+        let mut q = format!("source={source}&follow={}", self.follow);
+        if let Some(n) = self.tail {
+            q.push_str(&format!("&tail={n}"));
+        }
+        if let Some(t) = self.since_ms {
+            q.push_str(&format!("&since_ms={t}"));
+        }
+        q
+    }
 }
 
 /// `GET /v1/kernels`.

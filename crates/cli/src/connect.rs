@@ -23,6 +23,16 @@ pub fn system_install() -> anyhow::Result<Option<InstallRecord>> {
     Ok(InstallRecord::load_system()?)
 }
 
+/// The directories of the daemon this CLI talks to, where its config, ssh
+/// key, known_hosts and ssh_config are: the system install's (`/etc/banger`,
+/// `/var/lib/banger`, ...) when there is one, else the user's (XDG).
+pub fn daemon_paths() -> anyhow::Result<Paths> {
+    if let Some(record) = system_install()? {
+        return Ok(Paths::system(record.owner_home));
+    }
+    Paths::from_env().context("resolving banger's directories")
+}
+
 /// The daemon socket: `BANGER_SOCKET`, else the system install's
 /// (`/run/banger/bangerd.sock`), else the user-mode default.
 pub fn socket_path() -> anyhow::Result<PathBuf> {
@@ -126,8 +136,9 @@ fn start_daemon() -> anyhow::Result<()> {
         .spawn()
         .with_context(|| format!("starting {}", bin.display()))?;
     drop(wr);
-    eprintln!(
-        "banger: daemon was not running; started bangerd (pid {}, log {})",
+    // One line: what is being done now, then (below) how it went.
+    eprint!(
+        "banger: daemon was not running; starting bangerd (pid {}, log {}) ... ",
         child.id(),
         paths.log_file.display()
     );
@@ -149,8 +160,12 @@ fn start_daemon() -> anyhow::Result<()> {
         let _ = tx.send(buf);
     });
     match rx.recv_timeout(Duration::from_secs(30)) {
-        Ok(msg) if msg.starts_with("ready") => Ok(()),
+        Ok(msg) if msg.starts_with("ready") => {
+            eprintln!("started");
+            Ok(())
+        }
         Ok(_) => {
+            eprintln!("failed");
             let _ = child.wait();
             let err = std::fs::read_to_string(&stderr_path).unwrap_or_default();
             let err = err.trim();
@@ -164,9 +179,12 @@ fn start_daemon() -> anyhow::Result<()> {
                 }
             )
         }
-        Err(_) => bail!(
-            "the daemon did not come up within 30s; see {}",
-            paths.log_file.display()
-        ),
+        Err(_) => {
+            eprintln!("no answer");
+            bail!(
+                "the daemon did not come up within 30s; see {}",
+                paths.log_file.display()
+            )
+        }
     }
 }

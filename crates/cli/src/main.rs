@@ -5,7 +5,7 @@ mod connect;
 mod output;
 
 use banger_version::BuildInfo;
-use clap::{CommandFactory, Parser, Subcommand};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use std::process::ExitCode;
 
 #[derive(Parser)]
@@ -18,6 +18,25 @@ use std::process::ExitCode;
 struct Cli {
     #[command(subcommand)]
     command: Command,
+}
+
+/// banger's clap command: [`Cli`], where every command group run without
+/// a subcommand (`banger`, `banger vm`, ...) prints its help.
+fn command() -> clap::Command {
+    help_on_bare_groups(Cli::command())
+}
+
+fn help_on_bare_groups(cmd: clap::Command) -> clap::Command {
+    let has_subcommands = cmd.get_subcommands().next().is_some();
+    let names: Vec<String> = cmd
+        .get_subcommands()
+        .map(|s| s.get_name().to_string())
+        .collect();
+    let mut cmd = cmd.arg_required_else_help(has_subcommands);
+    for name in names {
+        cmd = cmd.mut_subcommand(name, help_on_bare_groups);
+    }
+    cmd
 }
 
 fn version_line() -> &'static str {
@@ -63,24 +82,20 @@ enum Command {
 
 fn main() -> ExitCode {
     // A <TAB> in a shell with the completion script loaded: answer and exit.
-    clap_complete::CompleteEnv::with_factory(|| {
-        commands::completion::with_completers(Cli::command())
-    })
-    .var(commands::completion::COMPLETE_VAR)
-    .complete();
-    let cli = match Cli::try_parse() {
+    clap_complete::CompleteEnv::with_factory(|| commands::completion::with_completers(command()))
+        .var(commands::completion::COMPLETE_VAR)
+        .complete();
+    let cli = match command()
+        .try_get_matches()
+        .and_then(|m| Cli::from_arg_matches(&m))
+    {
         Ok(cli) => cli,
-        Err(e) if !e.use_stderr() => {
-            // --help, --version: print as clap renders them.
-            let _ = e.print();
-            return ExitCode::SUCCESS;
-        }
         Err(e) => {
-            // Usage errors in one line; `--help` has the details.
-            let rendered = e.render().to_string();
-            let first = rendered.lines().next().unwrap_or("invalid arguments");
-            eprintln!("banger: {}", first.trim_start_matches("error: "));
-            return ExitCode::from(2);
+            // --help, --version, a bare command group's help, usage errors:
+            // whole, as clap renders them (usage line and tips included),
+            // with clap's exit status (0 for help and version, 2 otherwise).
+            let _ = e.print();
+            return ExitCode::from(u8::try_from(e.exit_code()).unwrap_or(2));
         }
     };
     let rt = match tokio::runtime::Builder::new_current_thread()
@@ -92,6 +107,10 @@ fn main() -> ExitCode {
             eprintln!("banger: cannot start the async runtime: {e}");
             return ExitCode::FAILURE;
         }
+    };
+    let failed = match &cli.command {
+        Command::Vm(c) if c.passes_exit_status() => output::EXIT_BANGER_FAILED,
+        _ => 1,
     };
     let result = rt.block_on(async {
         match cli.command {
@@ -120,7 +139,7 @@ fn main() -> ExitCode {
         Ok(code) => ExitCode::from(code.clamp(0, 255) as u8),
         Err(e) => {
             eprintln!("banger: {}", output::error_chain(&e));
-            ExitCode::FAILURE
+            ExitCode::from(failed as u8)
         }
     }
 }

@@ -2,6 +2,20 @@
 
 use std::io::IsTerminal;
 
+/// Exit status of a command that runs a guest command (`vm run`, `vm exec`,
+/// `vm ssh`, `vm acp`) when banger itself failed, as docker's 125: the
+/// guest command's own statuses pass through unchanged.
+pub const EXIT_BANGER_FAILED: i32 = 125;
+
+/// What `--help` of those commands says about their exit status.
+pub const EXIT_STATUS_HELP: &str = "\
+Exit status:
+  the command's own (128+N when a signal N ended it)
+  125  banger itself failed (the VM, the daemon, the connection)
+  126  the command was found but cannot be executed
+  127  the command was not found
+  2    invalid arguments";
+
 /// The error and its causes on one line, each cause once. Errors can
 /// carry what a guest said (its agent's messages, console lines), so
 /// control characters are shown escaped; newlines stay.

@@ -43,6 +43,11 @@ pub struct Paths {
     pub vms_dir: PathBuf,
     pub images_dir: PathBuf,
     pub kernels_dir: PathBuf,
+    /// banger's ssh_config (a `Host <name>.vm` per VM), kept by the daemon
+    /// and included from `~/.ssh/config` by `banger ssh-config --install`:
+    /// in the config directory in user mode, in the state directory in
+    /// system mode (the service cannot write /etc).
+    pub ssh_config: PathBuf,
     /// The owner's home directory: `~/` in config values, `file_sync` sources.
     pub home: PathBuf,
 }
@@ -105,13 +110,15 @@ impl Paths {
     /// The system-service layout (`banger system install`); `owner_home` is
     /// the home of the user the service works for.
     pub fn system(owner_home: PathBuf) -> Self {
-        Self::layout(
+        let mut paths = Self::layout(
             PathBuf::from("/etc/banger"),
             PathBuf::from("/var/lib/banger"),
             PathBuf::from("/var/cache/banger"),
             PathBuf::from("/run/banger"),
             owner_home,
-        )
+        );
+        paths.ssh_config = paths.state_dir.join("ssh/ssh_config");
+        paths
     }
 
     /// The user-mode layout with every XDG directory under `root`, as the
@@ -135,6 +142,7 @@ impl Paths {
     ) -> Self {
         Self {
             config_file: config_dir.join("config.toml"),
+            ssh_config: config_dir.join("ssh_config"),
             socket: runtime_dir.join("bangerd.sock"),
             log_file: state_dir.join("bangerd.log"),
             db: state_dir.join("banger.db"),
@@ -283,9 +291,18 @@ mod tests {
         assert_eq!(p.config_file, PathBuf::from("/etc/banger/config.toml"));
         assert_eq!(p.state_dir, PathBuf::from("/var/lib/banger"));
         assert_eq!(p.cache_dir, PathBuf::from("/var/cache/banger"));
+        // The service cannot write /etc: its ssh_config is with its state.
+        assert_eq!(
+            p.ssh_config,
+            PathBuf::from("/var/lib/banger/ssh/ssh_config")
+        );
         // Any other value keeps user mode.
         let p = from(&[("HOME", "/home/u"), ("BANGER_SYSTEM", "0")]).expect("paths");
         assert_eq!(p.state_dir, PathBuf::from("/home/u/.local/state/banger"));
+        assert_eq!(
+            p.ssh_config,
+            PathBuf::from("/home/u/.config/banger/ssh_config")
+        );
     }
 
     #[test]

@@ -560,46 +560,10 @@ async fn fetch_verified(
     path: &Path,
     cancel: &CancellationToken,
 ) -> Result<(), DaemonError> {
-    use futures::StreamExt;
-    use sha2::Digest;
-    use tokio::io::AsyncWriteExt;
     let (url, want) = f.source();
-    let fail = |e: String| DaemonError::Failed(anyhow!("downloading {url}: {e}"));
-    let client = reqwest::Client::builder()
-        .connect_timeout(Duration::from_secs(30))
-        .build()
-        .map_err(|e| fail(e.to_string()))?;
-    let resp = client
-        .get(url)
-        .send()
+    banger_image::mise::fetch_sha512(url, want, path, cancel)
         .await
-        .and_then(|r| r.error_for_status())
-        .map_err(|e| fail(e.to_string()))?;
-    let mut out = tokio::fs::File::create(path)
-        .await
-        .with_context(|| format!("creating {}", path.display()))?;
-    let mut hash = sha2::Sha512::new();
-    let mut body = resp.bytes_stream();
-    loop {
-        let chunk = tokio::select! {
-            c = body.next() => c,
-            _ = cancel.cancelled() => return Err(fail("cancelled".into())),
-        };
-        let Some(chunk) = chunk else { break };
-        let chunk = chunk.map_err(|e| fail(e.to_string()))?;
-        hash.update(&chunk);
-        out.write_all(&chunk)
-            .await
-            .with_context(|| format!("writing {}", path.display()))?;
-    }
-    out.flush().await.context("flushing the download")?;
-    let got = format!("{:x}", hash.finalize());
-    if got != want {
-        return Err(fail(format!(
-            "its sha512 is {got}, not the pinned {want}: the download is corrupt or was replaced"
-        )));
-    }
-    Ok(())
+        .map_err(|e| DaemonError::Failed(e.into()))
 }
 
 /// The last lines of a process's output.

@@ -14,6 +14,7 @@ mod image_ops;
 mod image_routes;
 mod images;
 mod lifecycle;
+mod log_index;
 mod logging;
 mod network;
 mod ownership;

@@ -52,6 +52,13 @@ impl Daemon {
         self.set_agent(&vm.id, Some(client));
         crate::vms::cap_logs(vm.dir.clone(), pid);
         self.watch_exit(vm.id.clone(), pid, exited);
+        let paths = banger_vmm::VmPaths::new(&vm.dir);
+        crate::log_index::spawn_sampler(
+            vec![paths.console_log(), paths.vmm_log()],
+            pid,
+            false,
+            self.shutdown.clone(),
+        );
         tracing::info!(vm = %vm.name, pid, "re-adopted running VM");
         Ok(())
     }

@@ -1,7 +1,8 @@
 //! What `banger vm run` asks of a create beyond `vm create`: readiness
-//! that includes the guest's sshd (interactive sessions), and VMs owned by
-//! the create request's connection (`--rm`), deleted by the daemon when
-//! that connection closes, so a killed CLI cannot leak its VM.
+//! that includes the guest's sshd (interactive sessions; `vm ssh` waits
+//! the same way), and VMs owned by the create request's connection
+//! (`--rm`), deleted by the daemon when that connection closes, so a killed
+//! CLI cannot leak its VM.
 
 use crate::Daemon;
 use banger_api::CreateVmEvent;
@@ -18,7 +19,7 @@ pub(crate) enum SshWait {
     Up,
     /// The client went away or the daemon is stopping.
     Cancelled,
-    /// No ssh banner in time; the message says what to do.
+    /// No ssh banner in time; the message says so (callers add what to do).
     TimedOut(String),
 }
 
@@ -52,7 +53,9 @@ impl Daemon {
         Duration::from_secs(u64::from(self.config.ready_timeout_secs))
     }
 
-    /// Waits until the guest's sshd greets, for at most [`Self::ready_timeout`].
+    /// Waits until the guest's sshd greets (an `SSH-` banner, probed from
+    /// the host), for at most [`Self::ready_timeout`]. Says `sshd` progress
+    /// only when the first probe finds no sshd, i.e. when it waits.
     pub(crate) async fn wait_sshd(
         &self,
         vm: &VmRecord,
@@ -61,34 +64,72 @@ impl Daemon {
     ) -> SshWait {
         let Some(addr) = ssh_target(vm) else {
             return SshWait::TimedOut(format!(
-                "VM {name} has no network address to reach its sshd; it is kept for inspection: `banger vm logs {name}`",
-                name = vm.name
+                "VM {} has no network address to reach its sshd",
+                vm.name
             ));
         };
-        progress("sshd", "waiting for the guest's sshd");
         let started = Instant::now();
+        let mut waited = false;
         loop {
             if ssh_banner(addr).await {
-                progress(
-                    "ready",
-                    &format!(
-                        "sshd is up ({} ms after the agent)",
-                        started.elapsed().as_millis()
-                    ),
-                );
+                if waited {
+                    progress(
+                        "ready",
+                        &format!("sshd is up (after {} ms)", started.elapsed().as_millis()),
+                    );
+                }
                 return SshWait::Up;
             }
             if started.elapsed() >= self.ready_timeout() {
                 return SshWait::TimedOut(format!(
-                    "VM {name}'s sshd did not answer on {addr} within {}s (ready_timeout_secs); the VM is kept running for inspection: `banger vm logs {name}` shows its console, `banger vm delete {name}` removes it",
+                    "VM {}'s sshd did not answer on {addr} within {}s (ready_timeout_secs)",
+                    vm.name,
                     self.ready_timeout().as_secs(),
-                    name = vm.name
                 ));
+            }
+            if !waited {
+                waited = true;
+                progress(
+                    "sshd",
+                    &format!(
+                        "waiting for {}'s sshd on {addr} (up to {}s)",
+                        vm.name,
+                        self.ready_timeout().as_secs()
+                    ),
+                );
             }
             tokio::select! {
                 _ = tokio::time::sleep(Duration::from_millis(500)) => {}
                 _ = cancel.cancelled() => return SshWait::Cancelled,
             }
+        }
+    }
+
+    /// `vm ssh`: waits until running VM `vm_ref`'s sshd greets, like
+    /// session mode of `vm run` (same probe, same timeout).
+    pub async fn wait_vm_sshd(
+        &self,
+        vm_ref: &str,
+        progress: &(dyn Fn(&str, &str) + Sync),
+        cancel: &CancellationToken,
+    ) -> Result<VmRecord, crate::DaemonError> {
+        let vm = self.get_vm(vm_ref)?;
+        if vm.state != banger_model::VmState::Running {
+            return Err(crate::DaemonError::Conflict(format!(
+                "VM {name} is {}: start it first (`banger vm start {name}`)",
+                vm.state,
+                name = vm.name
+            )));
+        }
+        match self.wait_sshd(&vm, progress, cancel).await {
+            SshWait::Up => Ok(vm),
+            SshWait::Cancelled => Err(crate::DaemonError::Failed(anyhow::anyhow!(
+                self.cancel_reason()
+            ))),
+            SshWait::TimedOut(msg) => Err(crate::DaemonError::Failed(anyhow::anyhow!(
+                "{msg}: `banger vm logs {}` shows its console",
+                vm.name
+            ))),
         }
     }
 
@@ -118,6 +159,120 @@ impl Daemon {
             Err(e) => {
                 tracing::warn!(vm = %vm.name, error = %e, "could not delete ephemeral VM")
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use banger_config::{Config, Paths};
+    use banger_model::{Provenance, SpecValue, VmBackend, VmId, VmName, VmSpec, VmState};
+    use std::sync::Mutex;
+    use tokio::io::AsyncWriteExt;
+
+    fn vm(port: u16) -> VmRecord {
+        VmRecord {
+            id: VmId("0".repeat(32)),
+            name: VmName::parse("calm-otter").expect("name"),
+            image: "debian-bookworm".into(),
+            state: VmState::Running,
+            backend: VmBackend::Qemu,
+            spec: VmSpec {
+                vcpu: SpecValue::new(1, Provenance::Flag),
+                memory_mib: SpecValue::new(512, Provenance::Flag),
+                disk_bytes: SpecValue::new(1 << 30, Provenance::Flag),
+            },
+            dir: "/nonexistent".into(),
+            pid: None,
+            nat: false,
+            ip: None,
+            tap: None,
+            ssh_port: Some(port),
+            created_at: "2026-01-01T00:00:00Z".into(),
+            last_error: None,
+        }
+    }
+
+    fn daemon(t: &tempfile::TempDir, timeout_secs: u32) -> Arc<Daemon> {
+        let config = Config {
+            ready_timeout_secs: timeout_secs,
+            ..Config::default()
+        };
+        Daemon::new(config, Paths::under(t.path())).expect("daemon")
+    }
+
+    /// Like user-mode networking before the guest listens: connections are
+    /// accepted and closed without a banner; after `greet` is set, a banner.
+    async fn fake_sshd() -> (u16, Arc<std::sync::atomic::AtomicBool>) {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let port = l.local_addr().expect("addr").port();
+        let greet = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let g = greet.clone();
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = l.accept().await {
+                if g.load(std::sync::atomic::Ordering::SeqCst) {
+                    let _ = s.write_all(b"SSH-2.0-OpenSSH_9.2\r\n").await;
+                }
+            }
+        });
+        (port, greet)
+    }
+
+    #[tokio::test]
+    async fn waits_for_the_banner_and_says_so_once() {
+        let t = tempfile::tempdir().expect("tmp");
+        let d = daemon(&t, 60);
+        let (port, greet) = fake_sshd().await;
+        let notes = Arc::new(Mutex::new(Vec::<(String, String)>::new()));
+        let n = notes.clone();
+        let progress = move |phase: &str, msg: &str| {
+            if phase == "sshd" {
+                // The waiting note came: now let sshd answer.
+                greet.store(true, std::sync::atomic::Ordering::SeqCst);
+            }
+            n.lock().expect("lock").push((phase.into(), msg.into()));
+        };
+        let r = d
+            .wait_sshd(&vm(port), &progress, &CancellationToken::new())
+            .await;
+        assert!(matches!(r, SshWait::Up));
+        let notes = notes.lock().expect("lock").clone();
+        assert_eq!(notes.len(), 2, "{notes:?}");
+        assert_eq!(notes[0].0, "sshd");
+        assert!(
+            notes[0].1.starts_with(&format!(
+                "waiting for calm-otter's sshd on 127.0.0.1:{port} (up to 60s)"
+            )),
+            "{notes:?}"
+        );
+        assert_eq!(notes[1].0, "ready");
+    }
+
+    #[tokio::test]
+    async fn an_sshd_already_up_needs_no_note_and_none_times_out() {
+        let t = tempfile::tempdir().expect("tmp");
+        let d = daemon(&t, 1);
+        let (port, greet) = fake_sshd().await;
+        greet.store(true, std::sync::atomic::Ordering::SeqCst);
+        let notes = Arc::new(Mutex::new(0));
+        let n = notes.clone();
+        let progress = move |_: &str, _: &str| *n.lock().expect("lock") += 1;
+        let r = d
+            .wait_sshd(&vm(port), &progress, &CancellationToken::new())
+            .await;
+        assert!(matches!(r, SshWait::Up));
+        assert_eq!(*notes.lock().expect("lock"), 0);
+
+        let (port, _never) = fake_sshd().await;
+        match d
+            .wait_sshd(&vm(port), &|_, _| {}, &CancellationToken::new())
+            .await
+        {
+            SshWait::TimedOut(m) => assert!(m.contains("within 1s (ready_timeout_secs)"), "{m}"),
+            _ => panic!("expected a timeout"),
         }
     }
 }

@@ -12,8 +12,8 @@ use banger_agent_proto::{ExecRequest, TtySize};
 use banger_api::exec::{ExecControl, ExecExit, ExecReport, ExecStart, STDERR, STDOUT};
 use banger_api::{
     ApiError, BuildImageEvent, BuildImageRequest, CreateVmEvent, CreateVmRequest, DaemonInfo,
-    KillRequest, LogSource, NetworkBench, NetworkStatus, PortInfo, Progress, SetVmRequest, VmStats,
-    paths,
+    KillRequest, LogSource, LogsQuery, NetworkBench, NetworkStatus, PortInfo, Progress,
+    SetVmRequest, VmStats, WaitSshdEvent, paths,
 };
 use banger_model::{ImageRecord, KernelRecord, VmRecord};
 use banger_version::BuildInfo;
@@ -59,6 +59,7 @@ pub fn router(daemon: Shared) -> (Router, serde_json::Value) {
         .routes(routes!(kill_vm))
         .routes(routes!(vm_logs))
         .routes(routes!(vm_ports))
+        .routes(routes!(wait_vm_sshd))
         .routes(routes!(network_status))
         .routes(routes!(list_images))
         .routes(routes!(get_image))
@@ -221,6 +222,29 @@ async fn vm_ports(
     d.vm_ports(&vm).await.map(Json)
 }
 
+/// Waits until a running VM's sshd greets (an `SSH-` banner probed from the
+/// host), at most `ready_timeout_secs`. Answers with newline-delimited JSON
+/// `WaitSshdEvent`s: a `sshd` progress note if it has to wait, then `done`
+/// with the VM or `error`.
+#[utoipa::path(post, path = paths::VM_SSHD_WAIT, params(("vm" = String, Path, description = "name or id prefix")),
+    responses((status = 200, content_type = "application/x-ndjson", body = WaitSshdEvent),
+              (status = 404, body = ApiError)))]
+async fn wait_vm_sshd(State(d): State<Shared>, Path(vm): Path<String>) -> Response {
+    // An unknown VM is a plain 404, before any stream.
+    if let Err(e) = d.get_vm(&vm) {
+        return e.into_response();
+    }
+    operation(
+        d,
+        WaitSshdEvent::Done,
+        WaitSshdEvent::Error,
+        move |d, tx, cancel| async move {
+            let progress = progress_events(&tx, WaitSshdEvent::Progress);
+            d.wait_vm_sshd(&vm, &progress, &cancel).await
+        },
+    )
+}
+
 /// The daemon's networking: mode, DNS server, NAT prerequisites, resolver.
 #[utoipa::path(get, path = paths::NETWORK, responses((status = 200, body = NetworkStatus), (status = 409, body = ApiError)))]
 async fn network_status(State(d): State<Shared>) -> Result<Json<NetworkStatus>, DaemonError> {
@@ -232,19 +256,8 @@ async fn network_bench(State(d): State<Shared>) -> Result<Json<NetworkBench>, Da
     d.network_bench().await.map(Json)
 }
 
-#[derive(serde::Deserialize, utoipa::IntoParams)]
-#[into_params(parameter_in = Query)]
-struct LogsQuery {
-    /// `console` (default) or `vmm`.
-    #[serde(default)]
-    #[param(value_type = Option<LogSource>)]
-    source: LogSource,
-    /// Keep streaming what is appended, until the VM is deleted.
-    #[serde(default)]
-    follow: bool,
-}
-
-/// A VM's serial console or VMM log, as text; with `follow`, a stream.
+/// A VM's serial console or VMM log, as text, from the last `tail` lines
+/// and/or what was written since `since_ms`; with `follow`, a stream.
 #[utoipa::path(get, path = paths::VM_LOGS, params(("vm" = String, Path, description = "name or id prefix"), LogsQuery),
     responses((status = 200, content_type = "text/plain", body = String), (status = 404, body = ApiError)))]
 async fn vm_logs(
@@ -259,16 +272,21 @@ async fn vm_logs(
         LogSource::Vmm => vp.vmm_log(),
     };
     let follow = q.follow;
-    // The previous generation of a rotated log first, then the log itself,
-    // read a piece at a time (never a whole file in memory).
+    // With --since or --tail, the current generation from where they
+    // start (the index behind --since covers it alone); otherwise the
+    // previous generation of a rotated log first, then the log itself.
+    // Either is read a piece at a time (never a whole file in memory).
+    let filtered = q.since_ms.is_some() || q.tail.is_some();
+    let start = crate::log_index::start_offset(&path, q.since_ms, q.tail)
+        .map_err(|e| DaemonError::Failed(anyhow::anyhow!("reading {}: {e}", path.display())))?;
     let old = banger_vmm::logcap::rotated(&path);
-    let files = if old.is_file() {
+    let files = if !filtered && old.is_file() {
         vec![old, path]
     } else {
         vec![path]
     };
     // State: which file, and the bytes of it sent so far.
-    let stream = futures::stream::unfold((0usize, 0u64), move |(file, offset)| {
+    let stream = futures::stream::unfold((0usize, start), move |(file, offset)| {
         let (d, files, id) = (d.clone(), files.clone(), vm.id.clone());
         async move {
             let mut offset = offset;

@@ -70,7 +70,7 @@ impl Daemon {
     /// banger's ssh_config, included from `~/.ssh/config` by
     /// `banger ssh-config --install`.
     pub fn ssh_config_path(&self) -> PathBuf {
-        self.paths.config_dir.join("ssh_config")
+        self.paths.ssh_config.clone()
     }
 
     /// Rewrites `known_hosts` from the VMs' host keys (one line per VM under

@@ -300,7 +300,10 @@ impl Daemon {
             booted = match this.wait_sshd(&vm, &progress, &cancel).await {
                 crate::run_mode::SshWait::Up => Ok(()),
                 // Kept like a guest whose agent never greeted.
-                crate::run_mode::SshWait::TimedOut(msg) => Err(BootError::NotReady(msg)),
+                crate::run_mode::SshWait::TimedOut(msg) => Err(BootError::NotReady(format!(
+                    "{msg}; the VM is kept running for inspection: `banger vm logs {name}` shows its console, `banger vm delete {name}` removes it",
+                    name = vm.name
+                ))),
                 crate::run_mode::SshWait::Cancelled => {
                     this.set_agent(&id, None);
                     Err(fail(&mut steps, anyhow!(this.cancel_reason())).await)
@@ -429,6 +432,13 @@ impl Daemon {
         let launched_pid = launched.pid;
         cap_logs(spec.dir.clone(), launched_pid);
         vm.pid = Some(launched_pid);
+        // The console starts over at each launch: so does its time index.
+        crate::log_index::spawn_sampler(
+            vec![paths.console_log(), paths.vmm_log()],
+            launched_pid,
+            true,
+            self.shutdown.clone(),
+        );
         let exited = launched.exited;
         let agent_ep = launched.agent;
         if let Err(e) = self

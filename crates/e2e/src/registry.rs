@@ -127,6 +127,57 @@ pub fn registry_with_busybox(b: &Banger, work: &Path) -> (Proc, String) {
     (registry, reference)
 }
 
+/// Pushes `test/bare:1` next to `busybox_ref` (what
+/// [`registry_with_busybox`] returned): an image whose only file is a
+/// static busybox in `/bin`: no `/dev`, `/proc`, `/sys`, `/run`, `/tmp`,
+/// `/root`, no init. Returns its reference.
+pub fn push_static_only(b: &Banger, work: &Path, busybox_ref: &str) -> String {
+    let host = busybox_ref
+        .split('/')
+        .next()
+        .expect("a registry host in the reference");
+    let layout = work.join("bare-layout");
+    let bundle = work.join("bare-bundle");
+    let image = format!("{}:1", layout.display());
+    run_ok(
+        Command::new("umoci")
+            .args(["init", "--layout"])
+            .arg(&layout),
+    );
+    run_ok(Command::new("umoci").args(["new", "--image", &image]));
+    run_ok(
+        Command::new("umoci")
+            .args(["unpack", "--rootless", "--image", &image])
+            .arg(&bundle),
+    );
+    let root = bundle.join("rootfs");
+    std::fs::create_dir_all(root.join("bin")).expect("bin");
+    std::fs::copy("/bin/busybox", root.join("bin/busybox")).expect("busybox-static");
+    let top: Vec<String> = std::fs::read_dir(&root)
+        .expect("rootfs")
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(top, ["bin"], "the bare image has more than /bin");
+    run_ok(
+        Command::new("umoci")
+            .args(["repack", "--image", &image])
+            .arg(&bundle),
+    );
+    let reference = format!("{host}/test/bare:1");
+    run_ok(&mut b.in_netns(
+        "skopeo",
+        &[
+            "copy",
+            "--quiet",
+            "--dest-tls-verify=false",
+            &format!("oci:{image}"),
+            &format!("docker://{reference}"),
+        ],
+    ));
+    reference
+}
+
 fn s(p: &Path) -> &str {
     p.to_str().expect("utf8 path")
 }

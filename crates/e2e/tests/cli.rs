@@ -53,9 +53,15 @@ fn bad_config_value_names_the_key() {
 #[test]
 fn invalid_vm_name_is_refused_before_anything_happens() {
     let b = Banger::isolated("badname");
-    let line =
-        one_line_error(&b.run(&["vm", "run", "--rm", "--name", "Not_A_Label", "--", "true"]));
-    assert!(line.contains("DNS label"), "{line}");
+    // A usage error, printed as clap renders it: the error line first, then
+    // where to find help.
+    let out = b.run(&["vm", "run", "--rm", "--name", "Not_A_Label", "--", "true"]);
+    let (_, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    let line = stderr.lines().next().unwrap_or_default();
+    assert!(line.contains("'Not_A_Label'"), "{stderr}");
+    assert!(line.contains("DNS label"), "{stderr}");
+    assert!(stderr.contains("--help"), "{stderr}");
     assert!(
         !b.root.join("state").exists(),
         "state created for a refused command"
@@ -186,4 +192,161 @@ fn ssh_config_install_is_idempotent_and_uninstall_restores_the_file() {
         & 0o777;
     assert_eq!(mode, 0o640);
     let _ = std::fs::remove_dir_all(&b.root);
+}
+
+/// `banger ARGS` outside any daemon (parse-level behaviour).
+fn banger_bare(b: &Banger, args: &[&str]) -> std::process::Output {
+    std::process::Command::new(b.bin_dir.join("banger"))
+        .args(args)
+        .envs(b.env_vars())
+        .env_remove("BANGER_SOCKET")
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("run banger")
+}
+
+#[test]
+fn bare_command_groups_print_their_help() {
+    let b = Banger::isolated("barehelp");
+    for (args, commands) in [
+        (&[][..], &["vm", "image", "kernel", "doctor"][..]),
+        (&["vm"][..], &["run", "exec", "ssh", "logs"][..]),
+        (&["vm", "session"][..], &["start", "attach"][..]),
+        (&["image"][..], &["pull", "build", "register"][..]),
+    ] {
+        let out = banger_bare(&b, args);
+        let (stdout, stderr) = text(&out);
+        let help = format!("{stdout}{stderr}");
+        assert_eq!(out.status.code(), Some(2), "banger {args:?}: {help}");
+        assert!(help.contains("Usage: banger"), "banger {args:?}: {help}");
+        assert!(help.contains("Commands:"), "banger {args:?}: {help}");
+        for c in commands {
+            assert!(
+                help.lines().any(|l| l.trim_start().starts_with(c)),
+                "banger {args:?}: no {c} in {help}"
+            );
+        }
+    }
+    let out = banger_bare(&b, &["vm", "--help"]);
+    assert_eq!(out.status.code(), Some(0));
+    assert!(text(&out).0.contains("Commands:"));
+}
+
+#[test]
+fn usage_errors_are_printed_whole() {
+    let b = Banger::isolated("usage");
+    // A missing argument: which one, and the usage line.
+    let out = banger_bare(&b, &["vm", "exec"]);
+    let (_, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("the following required arguments were not provided"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("<VM>"), "{stderr}");
+    assert!(stderr.contains("Usage: banger vm exec"), "{stderr}");
+    assert!(stderr.contains("--help"), "{stderr}");
+    // A misspelt flag: clap's tip is kept.
+    let out = banger_bare(&b, &["vm", "list", "--jsn"]);
+    let (_, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("unexpected argument '--jsn'"), "{stderr}");
+    assert!(
+        stderr.contains("tip: a similar argument exists: '--json'"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("Usage: banger vm list"), "{stderr}");
+}
+
+#[test]
+fn daemon_start_says_starting_then_the_outcome() {
+    let b = Banger::isolated("startmsg");
+    b.write_config("bogus_key = 1\n");
+    let out = b.run(&["vm", "list"]);
+    let (_, stderr) = text(&out);
+    assert!(!out.status.success(), "{stderr}");
+    let lines: Vec<&str> = stderr.lines().collect();
+    assert_eq!(lines.len(), 2, "{stderr}");
+    assert!(
+        lines[0].starts_with("banger: daemon was not running; starting bangerd"),
+        "{stderr}"
+    );
+    assert!(lines[0].ends_with("... failed"), "{stderr}");
+    assert!(lines[1].contains("bogus_key"), "{stderr}");
+    assert!(!stderr.contains("started"), "{stderr}");
+
+    b.write_config("web_listen_addr = \"\"\n");
+    let out = b.run(&["vm", "list"]);
+    let (_, stderr) = text(&out);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stderr.starts_with("banger: daemon was not running; starting bangerd"),
+        "{stderr}"
+    );
+    assert!(stderr.trim_end().ends_with("... started"), "{stderr}");
+    let _ = b.run(&["daemon", "stop"]);
+}
+
+/// Item by item of what docker and limactl users bring: sizes with units,
+/// `--cpus`, `--json` on changing commands, `-q` on lists. No guest boots
+/// (`--no-start`), but the VM's disks are made from the shared image.
+#[test]
+fn changing_commands_print_json_records_and_lists_print_names() {
+    let b = banger_e2e::shared();
+    let name = "e2e-json";
+    let _ = b.run(&["vm", "delete", name]);
+    let vm = b.json(&[
+        "vm",
+        "create",
+        "--no-start",
+        "--name",
+        name,
+        "--memory",
+        "1G",
+        "--cpus",
+        "3",
+    ]);
+    assert_eq!(vm["name"], name, "{vm}");
+    assert_eq!(vm["state"], "stopped", "{vm}");
+    assert_eq!(vm["spec"]["memory_mib"]["value"], 1024, "{vm}");
+    assert_eq!(vm["spec"]["vcpu"]["value"], 3, "{vm}");
+
+    let set = b.json(&["vm", "set", name, "--memory", "1536M", "--cpus", "2"]);
+    let set = set.as_array().expect("an array of records");
+    assert_eq!(set.len(), 1, "{set:?}");
+    assert_eq!(set[0]["name"], name);
+    assert_eq!(set[0]["spec"]["memory_mib"]["value"], 1536);
+    assert_eq!(set[0]["spec"]["vcpu"]["value"], 2);
+    // A plain number is still MiB.
+    let set = b.json(&["vm", "set", name, "--memory", "768"]);
+    assert_eq!(set[0]["spec"]["memory_mib"]["value"], 768);
+
+    // Names only, no header.
+    let quiet = |args: &[&str]| {
+        let out = b.run(args);
+        assert!(out.status.success(), "{args:?}: {}", text(&out).1);
+        text(&out).0
+    };
+    let vms = quiet(&["vm", "list", "-q"]);
+    assert!(vms.lines().any(|l| l == name), "{vms}");
+    assert!(!vms.contains("NAME"), "{vms}");
+    let images = quiet(&["image", "list", "--quiet"]);
+    assert!(images.lines().any(|l| l == "debian-bookworm"), "{images}");
+    let kernels = quiet(&["kernel", "list", "-q"]);
+    assert!(
+        !kernels.is_empty() && kernels.lines().all(|l| !l.contains(' ')),
+        "{kernels}"
+    );
+
+    // A delete of a VM and a missing one: the record of the one deleted on
+    // stdout, the other's error on stderr, and a failure status.
+    let out = b.run(&["vm", "delete", "--json", name, "no-such-vm"]);
+    let (stdout, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(1), "{stdout} {stderr}");
+    let deleted: serde_json::Value = serde_json::from_str(&stdout).expect("json array");
+    let deleted = deleted.as_array().expect("array");
+    assert_eq!(deleted.len(), 1, "{stdout}");
+    assert_eq!(deleted[0]["name"], name);
+    assert!(stderr.contains("no-such-vm"), "{stderr}");
+    assert!(!b.vm_names().contains(&name.to_string()));
 }

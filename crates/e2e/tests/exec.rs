@@ -35,7 +35,10 @@ fn exec_sessions_and_acp_on_one_guest() {
     assert!(out.status.success(), "create: {}", text(&out).1);
     let _guard = VmGuard(b);
 
+    ssh_waits_for_sshd(b);
     exit_codes(b);
+    exec_without_dashes(b);
+    logs_tail_and_since(b);
     stdin_is_piped_intact(b);
     tty_size_and_resize(b);
     sigint_ends_the_guest_process(b);
@@ -44,11 +47,116 @@ fn exec_sessions_and_acp_on_one_guest() {
     acp_bridges_stdio(b);
 }
 
+/// Right after `vm create` the agent is ready but sshd may not be yet:
+/// `vm ssh` waits for it (saying so) instead of failing.
+fn ssh_waits_for_sshd(b: &Banger) {
+    let out = b.run(&["vm", "ssh", VM, "echo", "ssh-ok"]);
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "{stderr}");
+    assert_eq!(stdout, "ssh-ok\n", "{stderr}");
+    for line in stderr.lines() {
+        assert!(
+            line.starts_with(&format!("banger: waiting for {VM}'s sshd on ")),
+            "unexpected stderr: {stderr}"
+        );
+    }
+}
+
 fn exit_codes(b: &Banger) {
     for (cmd, code) in [("true", 0), ("exit 1", 1), ("kill -9 $$", 137)] {
         let out = exec(b, cmd);
         assert_eq!(out.status.code(), Some(code), "{cmd}: {}", text(&out).1);
     }
+    // Like docker: 127 not found, 126 not executable, 125 banger failed.
+    for (argv, code, says) in [
+        (
+            &["no-such-command"][..],
+            127,
+            "no-such-command: command not found",
+        ),
+        (
+            &["/etc/hostname"][..],
+            126,
+            "/etc/hostname: Permission denied",
+        ),
+    ] {
+        let mut args = vec!["vm", "exec", VM, "--"];
+        args.extend_from_slice(argv);
+        let out = b.run(&args);
+        let stderr = text(&out).1;
+        assert_eq!(out.status.code(), Some(code), "{argv:?}: {stderr}");
+        assert!(stderr.contains(says), "{argv:?}: {stderr}");
+    }
+    let out = b.run(&["vm", "exec", "no-such-vm", "--", "true"]);
+    assert_eq!(out.status.code(), Some(125), "{}", text(&out).1);
+    let help = text(&b.run(&["vm", "exec", "--help"])).0;
+    for line in ["125", "126", "127"] {
+        assert!(help.contains(line), "{help}");
+    }
+}
+
+/// `vm exec NAME CMD...` needs no `--` (the command's own flags are its).
+fn exec_without_dashes(b: &Banger) {
+    let out = b.run(&["vm", "exec", VM, "ls", "-d", "/etc"]);
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "{stderr}");
+    assert_eq!(stdout, "/etc\n");
+    let out = b.run(&["vm", "exec", VM, "--cwd", "/tmp", "sh", "-c", "pwd; exit 3"]);
+    assert_eq!(out.status.code(), Some(3), "{}", text(&out).1);
+    assert_eq!(text(&out).0, "/tmp\n");
+}
+
+/// `vm logs --tail N` and `--since TIME`, on the guest's console.
+fn logs_tail_and_since(b: &Banger) {
+    let logs = |args: &[&str]| {
+        let mut a = vec!["vm", "logs", VM];
+        a.extend_from_slice(args);
+        let out = b.run(&a);
+        assert!(out.status.success(), "{a:?}: {}", text(&out).1);
+        text(&out).0
+    };
+    let tail = logs(&["--tail", "3"]);
+    assert_eq!(tail.lines().count(), 3, "{tail}");
+    let all = logs(&[]);
+    assert!(all.lines().count() > 3, "{all}");
+    assert!(
+        all.contains(&tail),
+        "the tail is not the log's end:\n{tail}"
+    );
+
+    let now = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .expect("clock")
+            .as_secs_f64()
+    };
+    let console = |line: &str| {
+        let out = exec(b, &format!("echo {line} > /dev/console"));
+        assert!(out.status.success(), "{}", text(&out).1);
+    };
+    console("e2e-mark-before");
+    wait_until("the first mark in the console log", LONG, || {
+        logs(&[]).contains("e2e-mark-before")
+    });
+    // Once the daemon has noted when it was written (within a second), a
+    // later --since leaves it out.
+    let mut since = String::new();
+    wait_until("--since to leave the first mark out", LONG, || {
+        since = format!("{:.3}", now());
+        !logs(&["--since", &since]).contains("e2e-mark-before")
+    });
+    console("e2e-mark-after");
+    wait_until("the second mark after --since", LONG, || {
+        logs(&["--since", &since]).contains("e2e-mark-after")
+    });
+    let recent = logs(&["--since", &since]);
+    assert!(!recent.contains("e2e-mark-before"), "{recent}");
+    let both = logs(&["--since", "10m"]);
+    assert!(
+        both.contains("e2e-mark-before") && both.contains("e2e-mark-after"),
+        "{both}"
+    );
+    assert_eq!(logs(&["--since", &since, "--tail", "1"]).lines().count(), 1);
 }
 
 fn stdin_is_piped_intact(b: &Banger) {

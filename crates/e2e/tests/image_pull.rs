@@ -2,7 +2,9 @@
 //! pull from a bundle served on 127.0.0.1, an OCI pull from a local
 //! `docker-registry`, and one boot of the OCI image under QEMU.
 
-use banger_e2e::registry::{Proc, free_port, registry_with_busybox, run_ok, wait_for_port};
+use banger_e2e::registry::{
+    Proc, free_port, push_static_only, registry_with_busybox, run_ok, wait_for_port,
+};
 use banger_e2e::{Banger, shared, text};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -276,5 +278,34 @@ fn oci_image_boots_and_runs_a_command() {
     );
     ok(b, &["image", "delete", "--force", "e2e-bb"]);
     assert!(!b.vm_names().contains(&"e2e-bb-vm".to_string()));
+
+    // An image that is one static binary (no mount points, no init) boots
+    // too: import makes the directories a root needs, the agent is its init.
+    let bare = push_static_only(b, &work, &reference);
+    let _ = b.run(&["image", "delete", "--force", "e2e-bare"]);
+    let img = b.json(&["image", "pull", &bare, "--name", "e2e-bare"]);
+    let rootfs = PathBuf::from(img["rootfs"].as_str().expect("rootfs"));
+    let ls = run_ok(Command::new("debugfs").args(["-R", "ls -l /"]).arg(&rootfs));
+    for d in ["dev", "proc", "sys", "run", "tmp", "root"] {
+        assert!(
+            ls.lines().any(|l| l.split_whitespace().last() == Some(d)),
+            "no /{d} in the imported image: {ls}"
+        );
+    }
+    let out = b.run(&[
+        "vm",
+        "run",
+        "--rm",
+        "--image",
+        "e2e-bare",
+        "--",
+        "/bin/busybox",
+        "echo",
+        "hi from a static binary",
+    ]);
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "stdout={stdout} stderr={stderr}");
+    assert_eq!(stdout, "hi from a static binary\n", "{stderr}");
+    ok(b, &["image", "delete", "e2e-bare"]);
     let _ = std::fs::remove_dir_all(&work);
 }

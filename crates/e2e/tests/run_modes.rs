@@ -212,7 +212,8 @@ fn a_name_clash_is_refused_before_anything_is_made() {
     let dirs_before = b.vm_dirs();
     let out = b.run(&["vm", "run", "--rm", "--name", "e2e-clash", "--", "true"]);
     let err = text(&out).1;
-    assert_eq!(out.status.code(), Some(1), "{err}");
+    // banger's own failure, told apart from a command's status.
+    assert_eq!(out.status.code(), Some(125), "{err}");
     assert!(err.contains("a VM named e2e-clash already exists"), "{err}");
     assert!(!err.contains("spec: "), "refused before planning: {err}");
     assert_eq!(b.vm_dirs(), dirs_before, "no disks made");

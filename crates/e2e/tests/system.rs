@@ -1,7 +1,10 @@
 //! `banger system install` for real: inside a guest (which runs systemd as
 //! PID 1, unlike the build machines), with the freshly built binaries.
-//! The guest has no QEMU, so the installed daemon cannot boot VMs; it must
-//! still start, answer its socket and use the root helper.
+//! The guest has no QEMU, but it has nested KVM (a TCG guest with `-cpu
+//! max` can load kvm_amd): the installed daemon boots VMs there with the
+//! real Firecracker (`../shared/firecracker/`, sha256-checked) from the
+//! guest's own root file system, and the owner uses them as a user would:
+//! `vm run` (session), `vm ssh`, `ssh <name>.vm`, `vm acp`.
 
 use banger_e2e::{Banger, shared, text};
 use banger_root_helper::proto::PROTOCOL_VERSION;
@@ -11,6 +14,28 @@ use std::process::{Output, Stdio};
 const VM: &str = "e2e-system";
 const OWNER: &str = "bgowner";
 const OTHER: &str = "bgother";
+/// The VM the system daemon boots inside the guest.
+const INNER: &str = "inner";
+
+/// The Firecracker the tests use, and its sha256 (`SHA256SUMS` there).
+const FIRECRACKER: &str = "shared/firecracker/firecracker-v1.14.1-x86_64";
+const FIRECRACKER_SHA256: &str = "ce39ca94c18eb7bb20dd5b55c56cfa1e5f1cd4f8497418760a020580bbf47791";
+
+/// The system daemon's config: Firecracker on the guest's nested KVM, a
+/// bridge range apart from the guest's own eth0 (172.16.0.0/24), small
+/// inner VMs, and an ACP command that only this file sets (so `vm acp`
+/// proves the CLI read the system config, not the owner's).
+const SYSTEM_CONFIG: &str = r#"vmm = "firecracker"
+firecracker_bin = "/usr/local/bin/firecracker"
+cidr = "10.99.0.0/24"
+acp_command = ["cat"]
+ready_timeout_secs = 600
+
+[vm_defaults]
+vcpu = 1
+memory_mib = 512
+disk_size = "2G"
+"#;
 
 /// Talks the helper protocol raw, as any local process could.
 const HELPER_PY: &str = r#"import socket, sys
@@ -116,7 +141,19 @@ fn both_active(b: &Banger) {
 fn install_status_helper_reinstall_and_uninstall_in_a_guest() {
     let b = shared();
     let _ = b.run(&["vm", "delete", VM]);
-    let out = b.run(&["vm", "create", "--name", VM]);
+    // Two vCPUs and room for a nested guest.
+    let out = b.run(&[
+        "vm",
+        "create",
+        "--name",
+        VM,
+        "--cpus",
+        "2",
+        "--memory",
+        "3G",
+        "--disk-size",
+        "8G",
+    ]);
     assert!(out.status.success(), "vm create: {}", text(&out).1);
     let _cleanup = DeleteVm(b);
 
@@ -127,6 +164,20 @@ fn install_status_helper_reinstall_and_uninstall_in_a_guest() {
         put(b, &format!("/opt/bin/{bin}"), &data, "755");
     }
     put(b, "/opt/bin/helper.py", HELPER_PY.as_bytes(), "644");
+    // Nested KVM for the system daemon's VMs (before the install, which
+    // gives the service the kvm group), and Firecracker.
+    sh(
+        b,
+        "modprobe kvm_amd 2>/dev/null || modprobe kvm_intel; test -c /dev/kvm && getent group kvm",
+    );
+    put(b, "/usr/local/bin/firecracker", &firecracker(), "755");
+    sh(b, "mkdir -p /etc/banger");
+    put(
+        b,
+        "/etc/banger/config.toml",
+        SYSTEM_CONFIG.as_bytes(),
+        "644",
+    );
     // systemd's manager must answer before units can be installed (boot
     // jobs such as sshd may still run: the units do not wait for them).
     sh(
@@ -224,6 +275,8 @@ fn install_status_helper_reinstall_and_uninstall_in_a_guest() {
     sh(b, "ip -o link show banger0");
     let journal = sh(b, "journalctl --no-pager -u bangerd-root.service");
     assert!(journal.contains("ensure_bridge"), "{journal}");
+
+    vms_under_the_system_install(b);
 
     // Status as the owner: units, every version, the record.
     let out = as_owner(b, &["/usr/local/bin/banger", "system", "status"]);
@@ -403,4 +456,141 @@ fn install_status_helper_reinstall_and_uninstall_in_a_guest() {
         "{}",
         text(&out).0
     );
+}
+
+/// The Firecracker binary from `../shared/firecracker/` (the nearest
+/// ancestor of this crate that has it), checked against its sha256.
+fn firecracker() -> Vec<u8> {
+    use sha2::Digest;
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .ancestors()
+        .map(|d| d.join(FIRECRACKER))
+        .find(|p| p.is_file())
+        .unwrap_or_else(|| {
+            panic!(
+                "{FIRECRACKER} not found above {}",
+                env!("CARGO_MANIFEST_DIR")
+            )
+        });
+    let data = std::fs::read(&path).expect("read firecracker");
+    assert_eq!(
+        format!("{:x}", sha2::Sha256::digest(&data)),
+        FIRECRACKER_SHA256,
+        "{} is not the tested Firecracker",
+        path.display()
+    );
+    data
+}
+
+/// `script` run by the owner (`sh -c`), with `stdin` as its input.
+fn owner_sh(b: &Banger, script: &str, stdin: &[u8]) -> Output {
+    let mut child = b
+        .cmd(&[
+            "vm", "exec", VM, "--", "runuser", "-u", OWNER, "--", "sh", "-c", script,
+        ])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn banger vm exec");
+    let mut input = child.stdin.take().expect("stdin");
+    input.write_all(stdin).expect("stdin to the guest");
+    drop(input);
+    child.wait_with_output().expect("wait")
+}
+
+/// What to look at when a step with the inner VM fails.
+fn inner_diagnostics(b: &Banger) -> String {
+    sh(
+        b,
+        &format!(
+            "tail -n 30 /var/lib/banger/bangerd.log; echo; \
+             runuser -u {OWNER} -- /usr/local/bin/banger vm logs {INNER} --tail 40 2>&1 || true; \
+             journalctl --no-pager -n 20 -u bangerd-root.service || true"
+        ),
+    )
+}
+
+/// Asserts `out` succeeded and returns its stdout.
+fn owner_ok(b: &Banger, what: &str, out: Output) -> String {
+    let (o, e) = text(&out);
+    assert!(
+        out.status.success(),
+        "{what} failed: {o}\n{e}\n--- inner daemon ---\n{}",
+        inner_diagnostics(b)
+    );
+    o
+}
+
+/// The owner's daily use of VMs under the system install: every command
+/// finds the system daemon's key, known_hosts, ssh_config and config
+/// (`/var/lib/banger/ssh/`, `/etc/banger/config.toml`), not the user-mode
+/// ones under its home.
+fn vms_under_the_system_install(b: &Banger) {
+    // The guest's own root file system (the default image) and kernel
+    // become the system daemon's default image.
+    sh(
+        b,
+        "mkdir -p /opt/img && chmod 755 /opt/img \
+         && dd if=/dev/vda of=/opt/img/rootfs.ext4 bs=1M conv=sparse status=none \
+         && cp /boot/vmlinuz-* /opt/img/vmlinuz && cp /boot/initrd.img-* /opt/img/initrd.img \
+         && chmod 644 /opt/img/*",
+    );
+    let out = owner_sh(
+        b,
+        "/usr/local/bin/banger image register --name debian-bookworm --rootfs /opt/img/rootfs.ext4 \
+         --kernel /opt/img/vmlinuz --initrd /opt/img/initrd.img",
+        b"",
+    );
+    owner_ok(b, "image register", out);
+
+    // Session mode of `vm run`: ssh with the system install's key, once
+    // the inner sshd answers; its shell reads our stdin.
+    let out = owner_sh(
+        b,
+        &format!("/usr/local/bin/banger vm run --name {INNER}"),
+        b"echo session-on-$(hostname)\n",
+    );
+    let session = owner_ok(b, "vm run (session)", out);
+    assert!(
+        session.contains(&format!("session-on-{INNER}")),
+        "{session}"
+    );
+    sh(
+        b,
+        "test -f /var/lib/banger/ssh/id_ed25519 && test -f /var/lib/banger/ssh/known_hosts \
+         && grep -q 'Host inner.vm' /var/lib/banger/ssh/ssh_config",
+    );
+    sh(
+        b,
+        &format!("test ! -e /home/{OWNER}/.config/banger/ssh_config"),
+    );
+
+    let out = owner_sh(
+        b,
+        &format!("/usr/local/bin/banger vm ssh {INNER} hostname"),
+        b"",
+    );
+    assert_eq!(owner_ok(b, "vm ssh", out), format!("{INNER}\n"));
+
+    // `ssh <name>.vm` through the Include `ssh-config --install` adds.
+    let out = owner_sh(b, "/usr/local/bin/banger ssh-config --install", b"");
+    let installed = owner_ok(b, "ssh-config --install", out);
+    assert!(
+        installed.contains("/var/lib/banger/ssh/ssh_config"),
+        "{installed}"
+    );
+    let out = owner_sh(b, &format!("ssh -o BatchMode=yes {INNER}.vm hostname"), b"");
+    assert_eq!(owner_ok(b, "ssh <name>.vm", out), format!("{INNER}\n"));
+
+    // `vm acp` runs the system config's acp_command (`cat`).
+    let out = owner_sh(
+        b,
+        &format!("/usr/local/bin/banger vm acp {INNER}"),
+        b"acp-round-trip\n",
+    );
+    assert_eq!(owner_ok(b, "vm acp", out), "acp-round-trip\n");
+
+    let out = owner_sh(b, &format!("/usr/local/bin/banger vm delete {INNER}"), b"");
+    owner_ok(b, "vm delete", out);
 }

@@ -595,3 +595,48 @@ fn vm_ssh_checks_the_pinned_host_key() {
     let after = std::fs::read_to_string(&kh).expect("known_hosts");
     assert!(!after.contains("e2e-ssh.vm"), "{after}");
 }
+
+/// The default image is the seed's golden image: Docker (its data on the
+/// /root disk, overlay2) and mise are there. Nothing outside is reachable,
+/// so the container image is made in the guest from its own /bin/echo and
+/// loaded with `docker import`, then run with `docker run` on the default
+/// bridge network.
+#[test]
+fn the_default_image_runs_containers_and_has_mise() {
+    let b = shared();
+    let script = r#"set -eu
+mise --version
+docker info --format 'driver={{.Driver}} root={{.DockerRootDir}}'
+r=$(mktemp -d)
+for f in /bin/echo $(ldd /bin/echo | grep -o '/[^ ]*'); do
+  mkdir -p "$r$(dirname "$f")"
+  cp "$f" "$r$f"
+done
+tar -C "$r" -c . | docker import - banger-e2e/echo:1 >/dev/null
+docker run --rm banger-e2e/echo:1 /bin/echo hello-from-a-container
+"#;
+    let out = b.run(&[
+        "vm",
+        "run",
+        "--rm",
+        "--name",
+        "e2e-docker",
+        "--",
+        "bash",
+        "-c",
+        script,
+    ]);
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "stdout={stdout} stderr={stderr}");
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert!(
+        lines[0].starts_with(banger_image::derive::MISE_VERSION),
+        "mise --version: {stdout}"
+    );
+    assert_eq!(
+        lines[1], "driver=overlay2 root=/root/.local/share/docker",
+        "{stdout}"
+    );
+    assert_eq!(lines.last(), Some(&"hello-from-a-container"), "{stdout}");
+    assert!(!b.vm_names().contains(&"e2e-docker".to_string()));
+}

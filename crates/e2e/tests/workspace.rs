@@ -176,6 +176,22 @@ fn branch_copies_the_other_branch_checked_out_clean() {
     assert_eq!(stdout, "from feature\nfeature\nstatus:\n", "{stderr}");
 }
 
+/// Size of the sparse disk image `vm cp` copies both ways.
+const SPARSE_SIZE: u64 = 256 << 20;
+
+fn allocated(p: &std::path::Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(p).expect("stat").blocks() * 512
+}
+
+fn sha256_file(p: &std::path::Path) -> String {
+    use sha2::Digest;
+    let mut h = sha2::Sha256::new();
+    let mut f = std::fs::File::open(p).expect("open");
+    std::io::copy(&mut f, &mut h).expect("hash");
+    format!("{:x}", h.finalize())
+}
+
 #[test]
 fn cp_round_trip_keeps_modes_and_inner_symlinks_and_skips_outside_ones() {
     let b = shared();
@@ -192,6 +208,21 @@ fn cp_round_trip_keeps_modes_and_inner_symlinks_and_skips_outside_ones() {
         .expect("chmod");
     std::os::unix::fs::symlink("sub/data.bin", src.join("inner")).expect("symlink");
     std::os::unix::fs::symlink("/etc/hostname", src.join("outside")).expect("symlink");
+    // A disk image: 256 MiB, 3 MiB of it data.
+    let disk = src.join("disk.img");
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::File::create(&disk).expect("create");
+        f.set_len(SPARSE_SIZE).expect("set_len");
+        for (i, at) in [0u64, 100 << 20, (256 << 20) - (1 << 20)]
+            .iter()
+            .enumerate()
+        {
+            f.write_all_at(&vec![i as u8 + 1; 1 << 20], *at)
+                .expect("write");
+        }
+    }
+    assert!(allocated(&disk) < 8 << 20, "not sparse on this host");
 
     let run = b.run(&["vm", "run", "--name", "e2e-cp", "--", "true"]);
     assert!(run.status.success(), "{}", text(&run).1);
@@ -212,11 +243,30 @@ fn cp_round_trip_keeps_modes_and_inner_symlinks_and_skips_outside_ones() {
         "sh",
         "-c",
         "cd /root/tree && stat -c '%n %a' tool.sh sub && readlink inner && test ! -e outside && wc -c < sub/data.bin \
-         && install -m 6755 /dev/null suid",
+         && stat -c '%s %b %B' disk.img && sha256sum < disk.img && install -m 6755 /dev/null suid",
     ]);
     let (stdout, stderr) = text(&check);
     assert!(check.status.success(), "{stdout} {stderr}");
-    assert_eq!(stdout, "tool.sh 750\nsub 700\nsub/data.bin\n300000\n");
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(
+        lines[..4].join("\n"),
+        "tool.sh 750\nsub 700\nsub/data.bin\n300000"
+    );
+    // The disk image arrived whole and sparse.
+    let sizes: Vec<u64> = lines[4]
+        .split_whitespace()
+        .map(|n| n.parse().expect("number"))
+        .collect();
+    assert_eq!(sizes[0], SPARSE_SIZE, "{stdout}");
+    assert!(
+        sizes[1] * sizes[2] < 8 << 20,
+        "disk.img takes {} bytes in the guest: {stdout}",
+        sizes[1] * sizes[2]
+    );
+    assert_eq!(
+        lines[5].split_whitespace().next(),
+        Some(sha256_file(&disk).as_str())
+    );
 
     let back = t.path().join("back");
     let pull = b.run(&["vm", "cp", "e2e-cp:tree", back.to_str().expect("utf8")]);
@@ -225,6 +275,18 @@ fn cp_round_trip_keeps_modes_and_inner_symlinks_and_skips_outside_ones() {
         std::fs::read(back.join("sub/data.bin")).expect("read"),
         std::fs::read(src.join("sub/data.bin")).expect("read")
     );
+    // And came back sparse.
+    let disk_back = back.join("disk.img");
+    assert_eq!(
+        std::fs::metadata(&disk_back).expect("stat").len(),
+        SPARSE_SIZE
+    );
+    assert!(
+        allocated(&disk_back) < 8 << 20,
+        "disk.img takes {} bytes back on the host",
+        allocated(&disk_back)
+    );
+    assert_eq!(sha256_file(&disk_back), sha256_file(&disk));
     let mode = |p: PathBuf| std::fs::metadata(p).expect("meta").permissions().mode() & 0o777;
     assert_eq!(mode(back.join("tool.sh")), 0o750);
     assert_eq!(mode(back.join("sub")), 0o700);

@@ -1,6 +1,6 @@
 //! The local Debian image build: mmdebstrap, customisation, kernel, mkfs.
 
-use crate::customize::{Customization, InstallSection, customize, find_kernel};
+use crate::customize::{Customization, InstallSection, customize, find_kernel, write_file};
 use crate::fsutil::{find_tool, inode_count, rootfs_size, sha256_file, tree_usage};
 use crate::process::run_tool;
 use crate::staging::{
@@ -14,7 +14,8 @@ use tokio_util::sync::CancellationToken;
 
 /// Packages of the default image on top of mmdebstrap's minbase variant:
 /// an init, sshd, the Debian cloud kernel (virtio drivers, small) and its
-/// initramfs, and the usual tools of a development sandbox.
+/// initramfs, the usual tools of a development sandbox, and Docker (the
+/// seed's golden image; Debian's `docker.io` with containerd, enabled).
 pub const BASE_PACKAGES: &[&str] = &[
     "systemd-sysv",
     "openssh-server",
@@ -33,7 +34,17 @@ pub const BASE_PACKAGES: &[&str] = &[
     "less",
     // `python3 -m http.server` is the quickest web server to try `vm ports` with.
     "python3",
+    "docker.io",
+    "containerd",
+    // apparmor_parser: the guest kernel has AppArmor on, and Docker refuses
+    // to start containers unless it can load its profile.
+    "apparmor",
 ];
+
+/// Docker's settings in the default image: its data on the `/root` work
+/// disk (ext4, grown with the VM's disk), where the overlay2 driver works;
+/// the root file system is an overlayfs, which overlay2 cannot sit on.
+pub const DOCKER_DAEMON_JSON: &str = "{\n  \"data-root\": \"/root/.local/share/docker\"\n}\n";
 
 /// File name of the root file system inside an image directory.
 const ROOTFS_FILE: &str = "rootfs.ext4";
@@ -283,15 +294,21 @@ async fn build_in(
     let tmp = staging.join("tmp");
     std::fs::create_dir(&tmp).map_err(ImageError::io(format!("creating {}", tmp.display())))?;
     let args = mmdebstrap_args(spec, &packages, &tree);
-    run_tool(
-        "mmdebstrap",
-        &tools.mmdebstrap,
-        args,
-        &[("TMPDIR", &tmp)],
-        &on_line,
-        cancel,
-    )
-    .await?;
+    // mise's pinned tarball downloads while mmdebstrap runs.
+    let mise_tarball = tmp.join("mise.tgz");
+    let env = [("TMPDIR", tmp.as_path())];
+    let (debootstrapped, mise) = tokio::join!(
+        run_tool(
+            "mmdebstrap",
+            &tools.mmdebstrap,
+            args,
+            &env,
+            &on_line,
+            cancel,
+        ),
+        crate::mise::fetch_mise(&mise_tarball, cancel),
+    );
+    debootstrapped?;
     // mmdebstrap unmounts what it mounted when it succeeds; make sure, as
     // mkfs must not copy a mounted /proc.
     if !mounts_under(&tree).is_empty() {
@@ -323,6 +340,51 @@ async fn build_in(
         })
         .await?
     };
+    checkpoint()?;
+
+    match mise {
+        Ok(()) => {
+            phase(
+                "mise",
+                format!(
+                    "installing mise {} at {} (the pinned npm tarball, sha512-checked)",
+                    crate::derive::MISE_VERSION,
+                    crate::mise::MISE_PATH
+                ),
+            );
+            let (t, tarball) = (tree.clone(), mise_tarball.clone());
+            blocking(move || crate::mise::install_mise(&t, &tarball)).await?;
+            let chroot = find_tool("chroot").ok_or(ImageError::ToolMissing {
+                tool: "chroot",
+                package: "coreutils",
+            })?;
+            let args = [
+                tree.as_os_str(),
+                crate::mise::MISE_PATH.as_ref(),
+                "--version".as_ref(),
+            ]
+            .map(OsString::from)
+            .to_vec();
+            run_tool("mise", &chroot, args, &[], &on_line, cancel).await?;
+        }
+        Err(ImageError::Cancelled) => return Err(ImageError::Cancelled),
+        // Not fatal: a host that reaches its Debian mirror but not npm
+        // still gets an image, and is told what it lacks.
+        Err(e) => phase(
+            "mise",
+            format!(
+                "warning: the image has no mise: {e}; `banger image build --from-image` adds it later"
+            ),
+        ),
+    }
+    if tree.join("usr/sbin/dockerd").exists() {
+        write_file(
+            &tree,
+            "etc/docker/daemon.json",
+            DOCKER_DAEMON_JSON.as_bytes(),
+            0o644,
+        )?;
+    }
     checkpoint()?;
 
     let kernel = find_kernel(&tree)?;
@@ -919,7 +981,7 @@ mod tests {
         let args = mmdebstrap_args(&s, &packages, Path::new("/s/root"));
         let args: Vec<&str> = args.iter().map(|a| a.to_str().expect("utf8")).collect();
         assert_eq!(&args[..2], ["--mode=root", "--variant=minbase"]);
-        assert!(args.contains(&"--include=systemd-sysv,openssh-server,linux-image-cloud-amd64,initramfs-tools,iproute2,git,curl,ca-certificates,jq,tmux,kmod,udev,dbus,procps,less,python3,vim"));
+        assert!(args.contains(&"--include=systemd-sysv,openssh-server,linux-image-cloud-amd64,initramfs-tools,iproute2,git,curl,ca-certificates,jq,tmux,kmod,udev,dbus,procps,less,python3,docker.io,containerd,apparmor,vim"));
         assert_eq!(
             &args[args.len() - 4..],
             ["--", "bookworm", "/s/root", "http://deb.example/debian"]

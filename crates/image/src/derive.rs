@@ -119,25 +119,29 @@ systemctl enable containerd.service docker.service
 systemctl is-enabled containerd.service docker.service
 "#;
 
-const MISE_SCRIPT: &str = r#"set -eu
+/// Installs mise in the guest from the tarball on stdin (its sha512 is
+/// `$1`): the same files the default image gets at build time
+/// ([`crate::mise`]).
+pub(crate) fn mise_script() -> String {
+    use crate::mise::{MISE_BASHRC_LINE, MISE_PATH, MISE_PROFILE};
+    format!(
+        r#"set -eu
 sha512="$1"
 tmp=$(mktemp -d /var/tmp/banger-mise.XXXXXX)
 trap 'rm -rf "$tmp"' EXIT
 cat > "$tmp/mise.tgz"
 echo "$sha512  $tmp/mise.tgz" | sha512sum -c --quiet -
 tar -xzf "$tmp/mise.tgz" -C "$tmp" package/bin/mise
-install -m 0755 "$tmp/package/bin/mise" /usr/local/bin/mise
-/usr/local/bin/mise --version
+install -m 0755 "$tmp/package/bin/mise" {MISE_PATH}
+{MISE_PATH} --version
 cat > /etc/profile.d/mise.sh <<'EOF'
-# Installed by banger: mise for bash login shells.
-if [ -n "${BASH_VERSION:-}" ] && [ -z "${MISE_SHELL:-}" ] && [ -x /usr/local/bin/mise ]; then
-  eval "$(/usr/local/bin/mise activate bash)"
-fi
-EOF
-line='[ -z "${MISE_SHELL:-}" ] && [ -x /usr/local/bin/mise ] && eval "$(/usr/local/bin/mise activate bash)"'
+{MISE_PROFILE}EOF
+line='{MISE_BASHRC_LINE}'
 touch /root/.bashrc
 grep -qxF "$line" /root/.bashrc || printf '%s\n' "$line" >> /root/.bashrc
-"#;
+"#
+    )
+}
 
 const TMUX_SCRIPT: &str = r#"set -eu
 [ -e /root/.tmux.conf ] || printf '%s' "$1" > /root/.tmux.conf
@@ -217,7 +221,7 @@ pub fn provisioning_steps(o: &DeriveOptions) -> Result<Vec<GuestStep>, ImageErro
         message: format!(
             "installing mise {MISE_VERSION} at /usr/local/bin/mise (downloaded by the host from npm)"
         ),
-        argv: sh(MISE_SCRIPT, [MISE_SHA512.to_string()]),
+        argv: sh(&mise_script(), [MISE_SHA512.to_string()]),
         stdin: Some(HostFile::MiseTarball),
     });
     steps.push(GuestStep {

@@ -14,13 +14,14 @@ pub mod customize;
 pub mod derive;
 mod fsutil;
 mod manifest;
+pub mod mise;
 mod process;
 mod staging;
 pub mod vmlinux;
 
 pub use build::{
-    BASE_PACKAGES, BuiltImage, DebianBuild, Progress, build_debian, debian_image_exists,
-    kernel_name, mkfs_args,
+    BASE_PACKAGES, BuiltImage, DOCKER_DAEMON_JSON, DebianBuild, Progress, build_debian,
+    debian_image_exists, kernel_name, mkfs_args,
 };
 pub use fsutil::{ROOTFS_HEADROOM, TreeUsage, find_tool, inode_count, rootfs_size, tree_usage};
 pub use manifest::Manifest;
@@ -85,6 +86,8 @@ pub enum ImageError {
         "cannot remove {dir}: {count} file systems are still mounted under it; unmount them (umount -R) and remove it"
     )]
     MountsLeft { dir: PathBuf, count: usize },
+    #[error("downloading {url}: {reason}")]
+    Download { url: String, reason: String },
     #[error("{context}")]
     Io {
         context: String,

@@ -106,6 +106,7 @@ async fn builds_the_debian_image_then_finds_it() {
         [
             "packages",
             "customize",
+            "mise",
             "initramfs",
             "kernel",
             "work-seed",
@@ -272,6 +273,37 @@ async fn builds_the_debian_image_then_finds_it() {
             "{dir}"
         );
     }
+    // The seed's golden image: Docker enabled, its data on the /root disk,
+    // and mise from the pinned tarball, activated for root's bash.
+    assert!(debugfs(&built.rootfs, "stat /usr/sbin/dockerd").contains("Type: regular"));
+    for unit in ["docker.service", "containerd.service"] {
+        let wants = debugfs(
+            &built.rootfs,
+            &format!("stat /etc/systemd/system/multi-user.target.wants/{unit}"),
+        );
+        assert_eq!(stat_field(&wants, "Type:"), "symlink", "{unit}: {wants}");
+    }
+    assert_eq!(
+        debugfs(&built.rootfs, "cat /etc/docker/daemon.json"),
+        banger_image::DOCKER_DAEMON_JSON
+    );
+    let mise = debugfs(&built.rootfs, "stat /usr/local/bin/mise");
+    assert_eq!(stat_field(&mise, "Mode:"), "0755");
+    assert_eq!(
+        debugfs(&built.rootfs, "cat /etc/profile.d/mise.sh"),
+        banger_image::mise::MISE_PROFILE
+    );
+    let seed_bashrc = Command::new("debugfs")
+        .args(["-R", "cat /.bashrc"])
+        .arg(&built.work_seed)
+        .output()
+        .expect("debugfs");
+    assert!(
+        String::from_utf8_lossy(&seed_bashrc.stdout)
+            .lines()
+            .any(|l| l == banger_image::mise::MISE_BASHRC_LINE),
+        "root's .bashrc does not activate mise"
+    );
     let timer = debugfs(&built.rootfs, "stat /etc/systemd/system/apt-daily.timer");
     assert!(
         timer.contains("\"/dev/null\""),

@@ -114,12 +114,17 @@ pub async fn disable(subnet: &Subnet, vm_ip: Ipv4Addr) -> Result<(), NatError> {
 }
 
 /// Makes banger's table hold exactly `vm_ips` (reconcile). With an empty
-/// set the table keeps only the guard (see the module docs).
+/// set the table keeps only the guard (see the module docs); without nft
+/// there is no table to guard, so that is done too (bridge networking needs
+/// nft only for NAT, also through the root helper).
 pub async fn rebuild(subnet: &Subnet, vm_ips: &BTreeSet<Ipv4Addr>) -> Result<(), NatError> {
     for ip in vm_ips {
         check(subnet, *ip)?;
     }
-    apply(&ruleset(subnet, vm_ips), "rebuilding NAT").await?;
+    match apply(&ruleset(subnet, vm_ips), "rebuilding NAT").await {
+        Err(NatError::NftMissing) if vm_ips.is_empty() => return Ok(()),
+        r => r?,
+    }
     if !vm_ips.is_empty() {
         set_ip_forward(true)?;
     }

@@ -1,10 +1,14 @@
 //! Registry credentials: given directly or read from the Docker config file
-//! (`$DOCKER_CONFIG/config.json`, else `~/.docker/config.json`).
-//!
-//! Only the file's `auths` section is read (`auth` = base64 `user:pass`, or
-//! `username`/`password`, or `registrytoken` for a bearer token). Credential
-//! helpers (`credsStore`, `credHelpers`) are programs banger does not run; a
-//! registry they cover is pulled anonymously and the pull's notes say so.
+//! (`$DOCKER_CONFIG/config.json`, else `~/.docker/config.json`), as Docker
+//! reads it: a registry's `credHelpers` entry names the credential helper
+//! that holds its credentials; else its `auths` entry holds them inline
+//! (`auth` = base64 `user:pass`, or `username`/`password`, or
+//! `registrytoken` for a bearer token); else `credsStore` names the helper
+//! for every registry. Helpers are the `docker-credential-<name>` programs
+//! on `PATH`, run through the `docker_credential` crate (`get`, the
+//! registry's address on stdin, JSON `{Username, Secret}` on stdout). A
+//! helper that has nothing for the registry means an anonymous pull; one
+//! that fails or is missing is an error naming it.
 
 use crate::OciError;
 use base64::Engine;
@@ -12,6 +16,10 @@ use oci_client::secrets::RegistryAuth;
 use serde::Deserialize;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// How long a credential helper may take (a keychain may ask its user).
+const HELPER_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// How to authenticate to the registry.
 #[derive(Clone, Default)]
@@ -82,10 +90,23 @@ struct AuthEntry {
 /// What the Docker config says for one registry.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DockerConfigAuth {
-    /// Credentials found, or anonymous.
+    /// Credentials found inline, or anonymous.
     pub auth: RegistryAuth,
     /// Why credentials that are there were not used, for the pull's notes.
     pub note: Option<String>,
+    /// The credential helper that holds the registry's credentials, when
+    /// the file names one for it (then `auth` is not used).
+    pub helper: Option<HelperRef>,
+}
+
+/// A credential helper to ask for one registry's credentials.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HelperRef {
+    /// `<name>` of `docker-credential-<name>`.
+    pub name: String,
+    /// The address the helper is asked about: the `credHelpers` key, the
+    /// registry's host, or Docker Hub's `https://index.docker.io/v1/`.
+    pub server: String,
 }
 
 /// The host part of an `auths` key: `https://index.docker.io/v1/` ->
@@ -114,6 +135,7 @@ impl DockerConfigAuth {
                 return Ok(DockerConfigAuth {
                     auth: RegistryAuth::Anonymous,
                     note: None,
+                    helper: None,
                 });
             }
             Err(e) => {
@@ -132,90 +154,173 @@ impl DockerConfigAuth {
     fn parse(text: &str, registry: &str) -> Result<DockerConfigAuth, String> {
         let file: DockerConfigFile =
             serde_json::from_str(text).map_err(|e| format!("not valid JSON: {e}"))?;
+        let found = |auth: RegistryAuth| DockerConfigAuth {
+            auth,
+            note: None,
+            helper: None,
+        };
+        let anonymous = |note: Option<String>| DockerConfigAuth {
+            auth: RegistryAuth::Anonymous,
+            note,
+            helper: None,
+        };
+        let with_helper = |name: &str, server: String| DockerConfigAuth {
+            auth: RegistryAuth::Anonymous,
+            note: None,
+            helper: Some(HelperRef {
+                name: name.to_string(),
+                server,
+            }),
+        };
+        // Docker's address for a registry: Docker Hub's is a URL.
+        let address = if same_registry(registry, "docker.io") {
+            "https://index.docker.io/v1/".to_string()
+        } else {
+            registry.to_string()
+        };
+        // 1. The registry's own helper.
+        if let Some((key, name)) = file
+            .cred_helpers
+            .iter()
+            .find(|(k, h)| !h.is_empty() && same_registry(key_host(k), registry))
+        {
+            return Ok(with_helper(name, key.clone()));
+        }
+        // 2. Inline credentials.
         let entry = file
             .auths
             .iter()
             .find(|(k, _)| same_registry(key_host(k), registry));
-        let helper = file
-            .cred_helpers
-            .iter()
-            .find(|(k, _)| same_registry(key_host(k), registry))
-            .map(|(_, h)| h.clone())
-            .or(file.creds_store.clone());
-        let anonymous = |note: Option<String>| DockerConfigAuth {
-            auth: RegistryAuth::Anonymous,
-            note,
-        };
-        let Some((key, e)) = entry else {
-            return Ok(anonymous(helper.map(|h| {
-                format!(
-                    "credentials for {registry} are kept by the credential helper \
-                     docker-credential-{h}, which banger does not run: pulling anonymously"
-                )
-            })));
-        };
-        if let Some(token) = &e.registrytoken {
-            return Ok(DockerConfigAuth {
-                auth: RegistryAuth::Bearer(token.clone()),
-                note: None,
-            });
+        if let Some((key, e)) = entry {
+            if let Some(token) = &e.registrytoken {
+                return Ok(found(RegistryAuth::Bearer(token.clone())));
+            }
+            if let Some(auth) = e.auth.as_deref().filter(|a| !a.is_empty()) {
+                let raw = base64::engine::general_purpose::STANDARD
+                    .decode(auth.trim())
+                    .map_err(|_| format!("auths.{key}.auth is not base64"))?;
+                let pair = String::from_utf8(raw)
+                    .map_err(|_| format!("auths.{key}.auth is not UTF-8 user:password"))?;
+                let (user, pass) = pair
+                    .split_once(':')
+                    .ok_or_else(|| format!("auths.{key}.auth is not user:password"))?;
+                return Ok(found(RegistryAuth::Basic(
+                    user.to_string(),
+                    pass.to_string(),
+                )));
+            }
+            if let (Some(u), Some(p)) = (&e.username, &e.password) {
+                return Ok(found(RegistryAuth::Basic(u.clone(), p.clone())));
+            }
+            if e.identitytoken.is_some() && file.creds_store.is_none() {
+                return Ok(anonymous(Some(format!(
+                    "auths.{key} holds an OAuth identity token, which banger does not use: pulling anonymously"
+                ))));
+            }
         }
-        if let Some(auth) = e.auth.as_deref().filter(|a| !a.is_empty()) {
-            let raw = base64::engine::general_purpose::STANDARD
-                .decode(auth.trim())
-                .map_err(|_| format!("auths.{key}.auth is not base64"))?;
-            let pair = String::from_utf8(raw)
-                .map_err(|_| format!("auths.{key}.auth is not UTF-8 user:password"))?;
-            let (user, pass) = pair
-                .split_once(':')
-                .ok_or_else(|| format!("auths.{key}.auth is not user:password"))?;
-            return Ok(DockerConfigAuth {
-                auth: RegistryAuth::Basic(user.to_string(), pass.to_string()),
-                note: None,
-            });
+        // 3. The store for every registry.
+        match file.creds_store.as_deref().filter(|s| !s.is_empty()) {
+            Some(store) => Ok(with_helper(store, address)),
+            None => Ok(anonymous(None)),
         }
-        if let (Some(u), Some(p)) = (&e.username, &e.password) {
-            return Ok(DockerConfigAuth {
-                auth: RegistryAuth::Basic(u.clone(), p.clone()),
-                note: None,
-            });
-        }
-        if e.identitytoken.is_some() {
-            return Ok(anonymous(Some(format!(
-                "auths.{key} holds an OAuth identity token, which banger does not use: pulling anonymously"
-            ))));
-        }
-        Ok(anonymous(helper.map(|h| {
-            format!(
-                "auths.{key} is empty and its credentials are kept by docker-credential-{h}, \
-                 which banger does not run: pulling anonymously"
-            )
-        })))
     }
 }
 
-/// The credentials to use for `registry`, with a note when some were skipped.
-pub(crate) fn resolve(
+/// Asks credential helper `h` for its credentials (blocking: runs the
+/// helper). `Ok(None)` when it has none for that address.
+fn ask_helper(h: &HelperRef, registry: &str) -> Result<Option<RegistryAuth>, OciError> {
+    use docker_credential::{CredentialRetrievalError as E, DockerCredential};
+    // The crate speaks the helper protocol; give it a config that sends
+    // this address to this helper.
+    let config = serde_json::json!({ "credHelpers": { &h.server: &h.name } }).to_string();
+    let failed = |reason: String| OciError::CredentialHelper {
+        helper: format!("docker-credential-{}", h.name),
+        registry: registry.to_string(),
+        reason,
+    };
+    match docker_credential::get_credential_from_reader(config.as_bytes(), &h.server) {
+        Ok(DockerCredential::UsernamePassword(user, secret)) => {
+            Ok(Some(RegistryAuth::Basic(user, secret)))
+        }
+        Ok(DockerCredential::IdentityToken(_)) => Err(failed(
+            "it answered with an OAuth identity token, which banger does not use".into(),
+        )),
+        Err(E::HelperFailure { stdout, stderr, .. }) => {
+            let said = format!("{} {}", stdout.trim(), stderr.trim());
+            // docker-credential-helpers' "credentials not found in native keychain".
+            if said.to_ascii_lowercase().contains("credentials not found") {
+                return Ok(None);
+            }
+            let said = said.trim();
+            Err(failed(if said.is_empty() {
+                "it exited with an error".into()
+            } else {
+                format!(
+                    "it exited with an error: {}",
+                    said.lines().next().unwrap_or(said)
+                )
+            }))
+        }
+        Err(E::HelperCommunicationError) => Err(failed(
+            "it could not be run: is it installed and on PATH?".into(),
+        )),
+        Err(e) => Err(failed(e.to_string())),
+    }
+}
+
+/// The credentials to use for `registry`, with a note when some were
+/// skipped. Runs the credential helper the Docker config names for it, if
+/// any (at most [`HELPER_TIMEOUT`]).
+pub(crate) async fn resolve(
     creds: &Credentials,
     registry: &str,
 ) -> Result<(RegistryAuth, Option<String>), OciError> {
-    let from_file = |path: Option<PathBuf>| -> Result<_, OciError> {
-        let Some(path) = path else {
-            return Ok((RegistryAuth::Anonymous, None));
-        };
-        let a = DockerConfigAuth::read(&path, registry)?;
-        Ok((a.auth, a.note))
+    let path = match creds {
+        Credentials::Anonymous => return Ok((RegistryAuth::Anonymous, None)),
+        Credentials::Basic { username, password } => {
+            return Ok((
+                RegistryAuth::Basic(username.clone(), password.clone()),
+                None,
+            ));
+        }
+        Credentials::Bearer(t) => return Ok((RegistryAuth::Bearer(t.clone()), None)),
+        Credentials::DockerConfig => docker_config_path(),
+        Credentials::DockerConfigFile(p) => Some(p.clone()),
     };
-    match creds {
-        Credentials::Anonymous => Ok((RegistryAuth::Anonymous, None)),
-        Credentials::DockerConfig => from_file(docker_config_path()),
-        Credentials::DockerConfigFile(p) => from_file(Some(p.clone())),
-        Credentials::Basic { username, password } => Ok((
-            RegistryAuth::Basic(username.clone(), password.clone()),
-            None,
-        )),
-        Credentials::Bearer(t) => Ok((RegistryAuth::Bearer(t.clone()), None)),
-    }
+    let Some(path) = path else {
+        return Ok((RegistryAuth::Anonymous, None));
+    };
+    let a = DockerConfigAuth::read(&path, registry)?;
+    let Some(helper) = a.helper else {
+        return Ok((a.auth, a.note));
+    };
+    let name = format!("docker-credential-{}", helper.name);
+    let (h, r) = (helper.clone(), registry.to_string());
+    let asked = tokio::time::timeout(
+        HELPER_TIMEOUT,
+        tokio::task::spawn_blocking(move || ask_helper(&h, &r)),
+    )
+    .await
+    .map_err(|_| OciError::CredentialHelper {
+        helper: name.clone(),
+        registry: registry.to_string(),
+        reason: format!("it did not answer within {}s", HELPER_TIMEOUT.as_secs()),
+    })?
+    .map_err(|e| OciError::CredentialHelper {
+        helper: name.clone(),
+        registry: registry.to_string(),
+        reason: e.to_string(),
+    })??;
+    Ok(match asked {
+        Some(auth) => (auth, None),
+        None => (
+            RegistryAuth::Anonymous,
+            Some(format!(
+                "{name} has no credentials for {}: pulling anonymously",
+                helper.server
+            )),
+        ),
+    })
 }
 
 #[cfg(test)]
@@ -256,13 +361,51 @@ mod tests {
     }
 
     #[test]
-    fn credential_helpers_are_noted_not_run() {
-        let text = r#"{"auths": {"ghcr.io": {}}, "credHelpers": {"ghcr.io": "pass"}, "credsStore": "desktop"}"#;
-        let a = DockerConfigAuth::parse(text, "ghcr.io").expect("parse");
-        assert_eq!(a.auth, RegistryAuth::Anonymous);
-        assert!(a.note.expect("note").contains("docker-credential-pass"));
-        let a = DockerConfigAuth::parse(text, "quay.io").expect("parse");
-        assert!(a.note.expect("note").contains("docker-credential-desktop"));
+    fn credential_helpers_are_chosen_as_docker_does() {
+        let text = format!(
+            r#"{{"auths": {{"ghcr.io": {{}}, "127.0.0.1:5000": {{"auth": "{}"}}}},
+                "credHelpers": {{"ghcr.io": "pass", "https://gcr.io": "gcloud"}},
+                "credsStore": "desktop"}}"#,
+            b64("me:pw")
+        );
+        let helper = |r: &str| DockerConfigAuth::parse(&text, r).expect("parse").helper;
+        // The registry's own helper, under its key.
+        assert_eq!(
+            helper("ghcr.io"),
+            Some(HelperRef {
+                name: "pass".into(),
+                server: "ghcr.io".into()
+            })
+        );
+        assert_eq!(
+            helper("gcr.io"),
+            Some(HelperRef {
+                name: "gcloud".into(),
+                server: "https://gcr.io".into()
+            })
+        );
+        // Inline credentials before the store.
+        let a = DockerConfigAuth::parse(&text, "127.0.0.1:5000").expect("parse");
+        assert_eq!(a.helper, None);
+        assert_eq!(a.auth, RegistryAuth::Basic("me".into(), "pw".into()));
+        // The store for the rest; Docker Hub by its URL.
+        assert_eq!(
+            helper("quay.io"),
+            Some(HelperRef {
+                name: "desktop".into(),
+                server: "quay.io".into()
+            })
+        );
+        assert_eq!(
+            helper("docker.io").map(|h| h.server),
+            Some("https://index.docker.io/v1/".to_string())
+        );
+        // No helper and no entry: anonymous, nothing to say.
+        let a = DockerConfigAuth::parse(r#"{"auths": {}}"#, "quay.io").expect("parse");
+        assert_eq!(
+            (a.auth, a.note, a.helper),
+            (RegistryAuth::Anonymous, None, None)
+        );
     }
 
     #[test]

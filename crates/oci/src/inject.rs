@@ -246,9 +246,28 @@ const BUSYBOX_INITTAB: &str = "\
 ::restart:/sbin/init
 ";
 
-/// Adds the agent and, without sshd, the first-boot installer. Returns
-/// what the image has.
+/// Directories every root needs, with their modes: the mount points the
+/// boot moves /dev, /proc, /sys and /run onto, /tmp and /root. Made (owned
+/// by root) when no layer has them, as a container runtime would, so an
+/// image that is only a static binary or two boots.
+pub const ROOT_DIRS: &[(&str, u32)] = &[
+    ("dev", 0o755),
+    ("proc", 0o555),
+    ("sys", 0o555),
+    ("run", 0o755),
+    ("tmp", 0o1777),
+    ("root", 0o700),
+];
+
+/// Adds the agent and, without sshd, the first-boot installer, and the
+/// [`ROOT_DIRS`] missing. Returns what the image has.
 pub fn inject(root: &Path, c: &Customization<'_>) -> Result<GuestInfo, OciError> {
+    for (d, mode) in ROOT_DIRS {
+        // Whatever a layer put there (a directory, a symlink) stays.
+        if std::fs::symlink_metadata(root.join(d)).is_err() {
+            make_dir(root, Path::new(d), *mode).map_err(image_err)?;
+        }
+    }
     let mut info = inspect(root);
     install_agent(root, c, info.has_systemd).map_err(image_err)?;
     if !info.has_sshd {
@@ -438,6 +457,37 @@ mod tests {
         assert_eq!(
             std::fs::read_to_string(root.join("etc/inittab")).expect("tab"),
             tab
+        );
+    }
+
+    #[test]
+    fn a_root_of_one_binary_gets_its_mount_points_and_keeps_its_own() {
+        let (_t, root, agent) = tree();
+        std::fs::create_dir_all(root.join("bin")).expect("mkdir");
+        std::fs::write(root.join("bin/busybox"), "static").expect("w");
+        // The image's own /run is a symlink and /tmp has its own mode.
+        symlink("var/run", root.join("run")).expect("ln");
+        std::fs::create_dir(root.join("tmp")).expect("mkdir");
+        std::fs::set_permissions(root.join("tmp"), std::fs::Permissions::from_mode(0o700))
+            .expect("chmod");
+        inject(&root, &c(&agent)).expect("inject");
+        let mode = |d: &str| {
+            std::fs::symlink_metadata(root.join(d))
+                .expect(d)
+                .permissions()
+                .mode()
+                & 0o7777
+        };
+        assert_eq!(mode("dev"), 0o755);
+        assert_eq!(mode("proc"), 0o555);
+        assert_eq!(mode("sys"), 0o555);
+        assert_eq!(mode("root"), 0o700);
+        assert_eq!(mode("tmp"), 0o700, "an existing directory keeps its mode");
+        assert!(
+            std::fs::symlink_metadata(root.join("run"))
+                .expect("run")
+                .file_type()
+                .is_symlink()
         );
     }
 

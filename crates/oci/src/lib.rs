@@ -27,7 +27,7 @@ mod pull;
 mod registry;
 mod unpack;
 
-pub use auth::{Credentials, DockerConfigAuth, docker_config_path};
+pub use auth::{Credentials, DockerConfigAuth, HelperRef, docker_config_path};
 pub use cache::BlobCache;
 pub use inject::{FIRST_BOOT_SSHD_SCRIPT, GuestInfo, INSTALL_SSHD_PATH, INSTALL_SSHD_UNIT};
 pub use pull::{
@@ -51,6 +51,15 @@ pub enum OciError {
         registry: String,
         reference: String,
         detail: String,
+    },
+    #[error(
+        "credential helper {helper} failed for {registry}: {reason}; try `{helper} get` with \
+         {registry} on its stdin, or `docker login {registry}`"
+    )]
+    CredentialHelper {
+        helper: String,
+        registry: String,
+        reason: String,
     },
     #[error("registry error for {reference}: {source}")]
     Registry {

@@ -166,7 +166,7 @@ pub async fn pull_to_ext4(opts: PullOptions) -> Result<PulledImage, OciError> {
         .map_err(OciError::io(format!("creating {}", out_parent.display())))?;
 
     let registry = reference.resolve_registry().to_string();
-    let (auth, note) = resolve_credentials(&opts.auth, &registry)?;
+    let (auth, note) = resolve_credentials(&opts.auth, &registry).await?;
     if let Some(n) = note {
         emit(PullProgress::Note(n.clone()));
         report.notes.push(n);

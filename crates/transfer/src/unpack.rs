@@ -127,7 +127,11 @@ fn extract<R: Read>(reader: R, dest: &Path, only: Option<&str>) -> Result<Unpack
             link_base = below.to_path_buf();
         }
         match kind {
-            EntryType::Regular | EntryType::Continuous | EntryType::Directory => {}
+            // GNU sparse files are written with their holes.
+            EntryType::Regular
+            | EntryType::Continuous
+            | EntryType::GNUSparse
+            | EntryType::Directory => {}
             EntryType::Symlink => {
                 let target = entry
                     .link_name()
@@ -173,9 +177,17 @@ fn extract<R: Read>(reader: R, dest: &Path, only: Option<&str>) -> Result<Unpack
             // "./": the destination itself.
             continue;
         }
-        let size = entry.header().size().unwrap_or(0);
-        if only.is_some() && matches!(kind, EntryType::Regular | EntryType::Continuous) {
-            fits(&real_dest, size).map_err(|r| refuse(&r))?;
+        // The file's size (a sparse entry stores less: only its data
+        // regions take space, so those are what must fit).
+        let size = entry.size();
+        let stored = entry.header().size().unwrap_or(0);
+        if only.is_some()
+            && matches!(
+                kind,
+                EntryType::Regular | EntryType::Continuous | EntryType::GNUSparse
+            )
+        {
+            fits(&real_dest, stored).map_err(|r| refuse(&r))?;
         }
         let written = entry
             .unpack_in(&real_dest)
@@ -190,7 +202,10 @@ fn extract<R: Read>(reader: R, dest: &Path, only: Option<&str>) -> Result<Unpack
         if !kind.is_dir() {
             done.files += 1;
         }
-        if matches!(kind, EntryType::Regular | EntryType::Continuous) {
+        if matches!(
+            kind,
+            EntryType::Regular | EntryType::Continuous | EntryType::GNUSparse
+        ) {
             done.bytes += size;
         }
     }

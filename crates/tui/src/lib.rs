@@ -260,12 +260,20 @@ async fn follow_logs(
 ) {
     let chunks = tx.clone();
     let result = c
-        .logs(id.as_str(), source, true, |chunk| {
-            let _ = chunks.send(Msg::Log {
-                generation,
-                chunk: chunk.to_vec(),
-            });
-        })
+        .logs(
+            id.as_str(),
+            &banger_api::LogsQuery {
+                source,
+                follow: true,
+                ..Default::default()
+            },
+            |chunk| {
+                let _ = chunks.send(Msg::Log {
+                    generation,
+                    chunk: chunk.to_vec(),
+                });
+            },
+        )
         .await;
     let _ = tx.send(Msg::LogEnded {
         generation,

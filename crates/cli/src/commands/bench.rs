@@ -540,7 +540,7 @@ async fn bare_boot(
     use banger_vmm::{BackendKind, DiskFormat, DiskSpec, LaunchSpec};
     let image = match image {
         Some(i) => i.to_string(),
-        None => banger_config::Config::load(&banger_config::Paths::from_env()?)?.default_image_name,
+        None => banger_config::Config::load(&crate::connect::daemon_paths()?)?.default_image_name,
     };
     let img = client.get_image(&image).await?;
     let kernel = client

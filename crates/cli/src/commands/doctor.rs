@@ -2,7 +2,7 @@
 
 use crate::connect;
 use crate::output;
-use banger_config::{Config, HostResources, Paths, effective_defaults};
+use banger_config::{Config, HostResources, effective_defaults};
 use banger_version::BuildInfo;
 use banger_vmm::{BackendKind, host};
 use clap::Args;
@@ -50,7 +50,7 @@ fn triple(v: &host::Version) -> (u32, u32, u32) {
 
 pub async fn run(a: DoctorArgs) -> anyhow::Result<i32> {
     let mut checks = Vec::new();
-    let paths = Paths::from_env();
+    let paths = crate::connect::daemon_paths();
     let config = match &paths {
         Ok(p) => match Config::load(p) {
             Ok(c) => {
@@ -67,7 +67,7 @@ pub async fn run(a: DoctorArgs) -> anyhow::Result<i32> {
             }
         },
         Err(e) => {
-            checks.push(check("config", Status::Fail, e.to_string()));
+            checks.push(check("config", Status::Fail, format!("{e:#}")));
             None
         }
     };

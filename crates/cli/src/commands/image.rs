@@ -31,12 +31,12 @@ pub enum ImageCommand {
         /// Another Debian package to install (repeatable).
         #[arg(long = "package", value_name = "PACKAGE")]
         packages: Vec<String>,
-    },
-    /// List images.
-    List {
+        /// Print the image's record as JSON.
         #[arg(long)]
         json: bool,
     },
+    /// List images.
+    List(super::vm::ListArgs),
     /// Show one image.
     Show {
         name: String,
@@ -88,6 +88,9 @@ pub enum ImageCommand {
         /// overlays of it and cannot outlive it).
         #[arg(long)]
         force: bool,
+        /// Print a JSON array of the deleted images' records.
+        #[arg(long)]
+        json: bool,
     },
     /// Write a catalog bundle of an image (and its index entry).
     Bundle {
@@ -155,6 +158,7 @@ pub async fn run(cmd: ImageCommand) -> anyhow::Result<i32> {
             from_image,
             docker,
             packages,
+            json,
         } => {
             let req = BuildImageRequest {
                 name,
@@ -175,35 +179,41 @@ pub async fn run(cmd: ImageCommand) -> anyhow::Result<i32> {
                     }
                 })
                 .await?;
-            println!(
-                "image {} ready ({}, kernel {})",
-                img.name,
-                img.rootfs.display(),
-                img.kernel
-            );
+            if json {
+                output::json(&img)?;
+            } else {
+                println!(
+                    "image {} ready ({}, kernel {})",
+                    img.name,
+                    img.rootfs.display(),
+                    img.kernel
+                );
+            }
             Ok(0)
         }
-        ImageCommand::List { json } => {
+        ImageCommand::List(list) => {
             let images = client.list_images().await?;
-            if json {
-                output::json(&images)?;
-                return Ok(0);
-            }
-            let mut rows = vec![
-                ["NAME", "KERNEL", "SIZE", "MANAGED", "CREATED"]
-                    .map(String::from)
-                    .to_vec(),
-            ];
-            for i in images {
-                rows.push(vec![
-                    i.name,
-                    i.kernel,
-                    ByteSize(i.size_bytes).to_string(),
-                    i.managed.to_string(),
-                    i.created_at,
-                ]);
-            }
-            output::table(&rows);
+            list.print(
+                &images,
+                |i| i.name.clone(),
+                |images| {
+                    let mut rows = vec![
+                        ["NAME", "KERNEL", "SIZE", "MANAGED", "CREATED"]
+                            .map(String::from)
+                            .to_vec(),
+                    ];
+                    for i in images {
+                        rows.push(vec![
+                            i.name.clone(),
+                            i.kernel.clone(),
+                            ByteSize(i.size_bytes).to_string(),
+                            i.managed.to_string(),
+                            i.created_at.clone(),
+                        ]);
+                    }
+                    output::table(&rows);
+                },
+            )?;
             Ok(0)
         }
         ImageCommand::Show { name, json } => {
@@ -285,16 +295,21 @@ pub async fn run(cmd: ImageCommand) -> anyhow::Result<i32> {
             }
             Ok(0)
         }
-        ImageCommand::Delete { names, force } => {
+        ImageCommand::Delete { names, force, json } => {
             let mut failed = false;
+            let mut deleted = Vec::new();
             for name in names {
                 match client.delete_image(&name, force).await {
+                    Ok(img) if json => deleted.push(img),
                     Ok(_) => println!("image {name} deleted"),
                     Err(e) => {
                         eprintln!("banger: {e}");
                         failed = true;
                     }
                 }
+            }
+            if json {
+                output::json(&deleted)?;
             }
             Ok(i32::from(failed))
         }

@@ -11,10 +11,7 @@ use clap::Subcommand;
 #[derive(Subcommand)]
 pub enum KernelCommand {
     /// List kernels.
-    List {
-        #[arg(long)]
-        json: bool,
-    },
+    List(super::vm::ListArgs),
     /// Show one kernel.
     Show {
         name: String,
@@ -31,6 +28,9 @@ pub enum KernelCommand {
     Delete {
         #[arg(required = true)]
         names: Vec<String>,
+        /// Print a JSON array of the deleted kernels' records.
+        #[arg(long)]
+        json: bool,
     },
     /// Write a catalog bundle of a kernel (and its index entry).
     Bundle {
@@ -60,26 +60,28 @@ fn show(k: KernelRecord) {
 pub async fn run(cmd: KernelCommand) -> anyhow::Result<i32> {
     let client = connect::client().await?;
     match cmd {
-        KernelCommand::List { json } => {
+        KernelCommand::List(list) => {
             let kernels = client.list_kernels().await?;
-            if json {
-                output::json(&kernels)?;
-                return Ok(0);
-            }
-            let mut rows = vec![
-                ["NAME", "RELEASE", "KERNEL", "CREATED"]
-                    .map(String::from)
-                    .to_vec(),
-            ];
-            for k in kernels {
-                rows.push(vec![
-                    k.name,
-                    k.release.unwrap_or_default(),
-                    k.kernel.display().to_string(),
-                    k.created_at,
-                ]);
-            }
-            output::table(&rows);
+            list.print(
+                &kernels,
+                |k| k.name.clone(),
+                |kernels| {
+                    let mut rows = vec![
+                        ["NAME", "RELEASE", "KERNEL", "CREATED"]
+                            .map(String::from)
+                            .to_vec(),
+                    ];
+                    for k in kernels {
+                        rows.push(vec![
+                            k.name.clone(),
+                            k.release.clone().unwrap_or_default(),
+                            k.kernel.display().to_string(),
+                            k.created_at.clone(),
+                        ]);
+                    }
+                    output::table(&rows);
+                },
+            )?;
             Ok(0)
         }
         KernelCommand::Show { name, json } => {
@@ -109,16 +111,21 @@ pub async fn run(cmd: KernelCommand) -> anyhow::Result<i32> {
             }
             Ok(0)
         }
-        KernelCommand::Delete { names } => {
+        KernelCommand::Delete { names, json } => {
             let mut failed = false;
+            let mut deleted = Vec::new();
             for name in names {
                 match client.delete_kernel(&name).await {
+                    Ok(k) if json => deleted.push(k),
                     Ok(_) => println!("kernel {name} deleted"),
                     Err(e) => {
                         eprintln!("banger: {e}");
                         failed = true;
                     }
                 }
+            }
+            if json {
+                output::json(&deleted)?;
             }
             Ok(i32::from(failed))
         }

@@ -1,6 +1,5 @@
 //! `banger ssh-config`: makes `ssh <name>.vm` work from any terminal.
 
-use banger_config::Paths;
 use clap::Args;
 use std::path::PathBuf;
 
@@ -15,11 +14,6 @@ pub struct SshConfigArgs {
     uninstall: bool,
 }
 
-/// banger's own ssh_config, kept current by the daemon.
-pub fn banger_ssh_config(paths: &Paths) -> PathBuf {
-    paths.config_dir.join("ssh_config")
-}
-
 fn user_ssh_config() -> anyhow::Result<PathBuf> {
     let home = std::env::var_os("HOME")
         .filter(|h| !h.is_empty())
@@ -28,8 +22,9 @@ fn user_ssh_config() -> anyhow::Result<PathBuf> {
 }
 
 pub async fn run(a: SshConfigArgs) -> anyhow::Result<i32> {
-    let paths = Paths::from_env()?;
-    let ours = banger_ssh_config(&paths);
+    // banger's own ssh_config, kept current by the daemon (the system
+    // install's under one).
+    let ours = crate::connect::daemon_paths()?.ssh_config;
     if a.install {
         let user = user_ssh_config()?;
         let changed = banger_ssh::install_include(&user, &ours)?;

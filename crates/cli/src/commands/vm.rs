@@ -11,9 +11,10 @@ use std::io::Write;
 #[derive(Subcommand)]
 pub enum VmCommand {
     /// Create a VM, boot it, then run a command in it or open an ssh session.
+    #[command(after_help = output::EXIT_STATUS_HELP)]
     Run(super::vm_run::RunArgs),
     /// List VMs.
-    List(JsonArg),
+    List(ListArgs),
     /// Show one VM.
     Show {
         /// VM name or id prefix.
@@ -28,21 +29,30 @@ pub enum VmCommand {
         /// Only create the disks and record; boot later with `vm start`.
         #[arg(long)]
         no_start: bool,
+        /// Print the VM's record as JSON.
+        #[arg(long)]
+        json: bool,
     },
     /// Boot stopped VMs.
     Start {
         #[arg(required = true)]
         vms: Vec<String>,
+        #[command(flatten)]
+        out: JsonArg,
     },
     /// Power VMs off (their VMM is ended if the guest does not stop in 30s).
     Stop {
         #[arg(required = true)]
         vms: Vec<String>,
+        #[command(flatten)]
+        out: JsonArg,
     },
     /// Stop, then start VMs.
     Restart {
         #[arg(required = true)]
         vms: Vec<String>,
+        #[command(flatten)]
+        out: JsonArg,
     },
     /// Send a signal to the VMM of VMs.
     Kill {
@@ -51,14 +61,16 @@ pub enum VmCommand {
         signal: i32,
         #[arg(required = true)]
         vms: Vec<String>,
+        #[command(flatten)]
+        out: JsonArg,
     },
     /// Change vcpu, memory, disk size (grow only) or NAT of stopped VMs.
     Set {
         /// Virtual CPUs.
-        #[arg(long)]
+        #[arg(long, visible_alias = "cpus")]
         vcpu: Option<u32>,
-        /// Memory in MiB.
-        #[arg(long)]
+        /// Memory: 2G, 512M, or a plain number of MiB.
+        #[arg(long, value_parser = parse_memory_mib, value_name = "SIZE")]
         memory: Option<u64>,
         /// New size of the /root work disk and system overlay, e.g. 32G; disks only grow.
         #[arg(long, value_parser = parse_size)]
@@ -71,6 +83,8 @@ pub enum VmCommand {
         no_nat: bool,
         #[arg(required = true)]
         vms: Vec<String>,
+        #[command(flatten)]
+        out: JsonArg,
     },
     /// CPU, memory and disk use of VMs (host side, and the guest's own view when it runs).
     Stats {
@@ -81,10 +95,12 @@ pub enum VmCommand {
     },
     /// Open an ssh session (or run CMD) in a running VM with banger's key;
     /// the host key is checked against banger's known_hosts.
+    #[command(after_help = output::EXIT_STATUS_HELP)]
     Ssh {
         vm: String,
-        /// Command to run instead of a login shell, after `--`.
-        #[arg(last = true, value_name = "CMD")]
+        /// Command to run instead of a login shell: `vm ssh box uname -a`,
+        /// or after `--` when it starts with a dash.
+        #[arg(trailing_var_arg = true, value_name = "CMD")]
         command: Vec<String>,
     },
     /// Run a command in a running VM through its agent; exits with its status.
@@ -92,6 +108,7 @@ pub enum VmCommand {
     /// A pseudo-terminal is used when stdin and stdout are terminals (or
     /// with --tty); otherwise stdin is forwarded unless it is a terminal,
     /// and Ctrl-C / SIGTERM are forwarded to the guest process.
+    #[command(after_help = output::EXIT_STATUS_HELP)]
     Exec {
         vm: String,
         /// Run the command on a pseudo-terminal even when banger's stdio is not one.
@@ -106,8 +123,9 @@ pub enum VmCommand {
         /// Extra environment, KEY=VALUE; repeatable.
         #[arg(long = "env", short = 'e', value_parser = parse_env)]
         env: Vec<banger_api::exec::EnvVar>,
-        /// The command, after `--`.
-        #[arg(last = true, required = true, value_name = "CMD")]
+        /// The command: `vm exec box make test`, or after `--` (always
+        /// unambiguous, and needed when CMD starts with a dash).
+        #[arg(required = true, trailing_var_arg = true, value_name = "CMD")]
         command: Vec<String>,
     },
     /// Long-lived guest processes supervised by the agent.
@@ -115,6 +133,7 @@ pub enum VmCommand {
     Session(super::vm_session::SessionCommand),
     /// Bridge stdio to the guest's ACP agent (`acp_command` in config,
     /// default `opencode acp`) through the guest agent.
+    #[command(after_help = output::EXIT_STATUS_HELP)]
     Acp { vm: String },
     /// Print a VM's serial console (or VMM) log.
     Logs {
@@ -125,6 +144,13 @@ pub enum VmCommand {
         /// Keep printing what is appended.
         #[arg(long, short = 'f')]
         follow: bool,
+        /// Only the last N lines (then what is appended, with --follow).
+        #[arg(long, short = 'n', value_name = "N")]
+        tail: Option<u64>,
+        /// Only what was written since TIME: a duration ago (10m, 1h30m,
+        /// 45s), an RFC 3339 time (2026-05-01T12:00:00Z) or Unix seconds.
+        #[arg(long, value_name = "TIME", value_parser = parse_since)]
+        since: Option<u64>,
     },
     /// List a running VM's listening TCP ports; HTTP(S) ones with their URL.
     Ports {
@@ -143,14 +169,50 @@ pub enum VmCommand {
         /// VM names or id prefixes.
         #[arg(required = true)]
         vms: Vec<String>,
+        #[command(flatten)]
+        out: JsonArg,
     },
 }
 
+/// `--json` of the commands that change VMs: a JSON array on stdout with
+/// the record of every VM changed (failures stay on stderr).
 #[derive(Args)]
 pub struct JsonArg {
-    /// Print JSON.
+    /// Print a JSON array of the VMs' records.
     #[arg(long)]
     pub json: bool,
+}
+
+/// `--json` or `-q/--quiet` of list commands.
+#[derive(Args)]
+pub struct ListArgs {
+    /// Print JSON.
+    #[arg(long, conflicts_with = "quiet")]
+    pub json: bool,
+    /// Print only the names, one per line.
+    #[arg(long, short = 'q')]
+    pub quiet: bool,
+}
+
+impl ListArgs {
+    /// Prints `items` as JSON, as names, or with `table`.
+    pub fn print<T: serde::Serialize>(
+        &self,
+        items: &[T],
+        name: impl Fn(&T) -> String,
+        table: impl FnOnce(&[T]),
+    ) -> anyhow::Result<()> {
+        if self.json {
+            output::json(&items)?;
+        } else if self.quiet {
+            for i in items {
+                println!("{}", name(i));
+            }
+        } else {
+            table(items);
+        }
+        Ok(())
+    }
 }
 
 /// Sizing and identity flags shared by run and create.
@@ -163,10 +225,10 @@ pub struct CreateFlags {
     #[arg(long)]
     pub image: Option<String>,
     /// Virtual CPUs.
-    #[arg(long)]
+    #[arg(long, visible_alias = "cpus")]
     pub vcpu: Option<u32>,
-    /// Memory in MiB.
-    #[arg(long)]
+    /// Memory: 2G, 512M, or a plain number of MiB.
+    #[arg(long, value_parser = parse_memory_mib, value_name = "SIZE")]
     pub memory: Option<u64>,
     /// Root disk size, e.g. 16G.
     #[arg(long, value_parser = parse_size)]
@@ -211,8 +273,55 @@ fn parse_signal(s: &str) -> Result<i32, String> {
         .map_err(|_| format!("unknown signal {s:?}"))
 }
 
+/// `vm logs --since`: a duration ago (`10m`, `1h30m`), an RFC 3339 time,
+/// or Unix seconds; as Unix milliseconds.
+fn parse_since(s: &str) -> Result<u64, String> {
+    since_ms(s, std::time::SystemTime::now())
+}
+
+fn since_ms(s: &str, now: std::time::SystemTime) -> Result<u64, String> {
+    let t = s.trim();
+    let unix_ms = |at: std::time::SystemTime| {
+        at.duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .map_err(|_| format!("{s:?} is before 1970"))
+    };
+    if let Ok(secs) = t.parse::<f64>()
+        && secs.is_finite()
+        && secs >= 0.0
+    {
+        return Ok((secs * 1000.0) as u64);
+    }
+    if let Ok(ago) = humantime::parse_duration(t) {
+        return unix_ms(now.checked_sub(ago).unwrap_or(std::time::UNIX_EPOCH));
+    }
+    match time::OffsetDateTime::parse(t, &time::format_description::well_known::Rfc3339) {
+        Ok(at) => u64::try_from(at.unix_timestamp_nanos() / 1_000_000)
+            .map_err(|_| format!("{s:?} is before 1970")),
+        Err(_) => Err(format!(
+            "{s:?} is not a time: use a duration ago (10m, 1h30m), an RFC 3339 time (2026-05-01T12:00:00Z) or Unix seconds"
+        )),
+    }
+}
+
 fn parse_size(s: &str) -> Result<ByteSize, String> {
     s.parse::<ByteSize>().map_err(|e| e.to_string())
+}
+
+/// `--memory`: a size with a unit (`2G`, `512M`, `1536MiB`) or a plain
+/// number of MiB (`2048`), as a whole number of MiB.
+pub(crate) fn parse_memory_mib(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    if !t.is_empty() && t.bytes().all(|b| b.is_ascii_digit()) {
+        return t.parse::<u64>().map_err(|_| format!("{s:?} is too large"));
+    }
+    let size = t.parse::<ByteSize>().map_err(|e| e.to_string())?;
+    if size.0 % ByteSize::MIB != 0 {
+        return Err(format!(
+            "{s:?} is not a whole number of MiB: use M or G (2G, 512M)"
+        ));
+    }
+    Ok(size.0 / ByteSize::MIB)
 }
 
 impl CreateFlags {
@@ -230,16 +339,27 @@ impl CreateFlags {
     }
 }
 
+impl VmCommand {
+    /// Whether this command exits with a guest command's status, so that
+    /// banger's own failures need a status of their own
+    /// ([`output::EXIT_BANGER_FAILED`]).
+    pub fn passes_exit_status(&self) -> bool {
+        matches!(
+            self,
+            VmCommand::Run(_)
+                | VmCommand::Exec { .. }
+                | VmCommand::Ssh { .. }
+                | VmCommand::Acp { .. }
+        )
+    }
+}
+
 pub async fn run(cmd: VmCommand) -> anyhow::Result<i32> {
     match cmd {
         VmCommand::Run(a) => super::vm_run::run(a).await,
         VmCommand::List(a) => {
             let vms = connect::client().await?.list_vms().await?;
-            if a.json {
-                output::json(&vms)?;
-            } else {
-                print_vm_table(&vms);
-            }
+            a.print(&vms, |v| v.name.to_string(), print_vm_table)?;
             Ok(0)
         }
         VmCommand::Show { vm, json } => {
@@ -261,6 +381,7 @@ pub async fn run(cmd: VmCommand) -> anyhow::Result<i32> {
             nat,
             no_nat,
             vms,
+            out,
         } => {
             let req = banger_api::SetVmRequest {
                 vcpu,
@@ -277,7 +398,7 @@ pub async fn run(cmd: VmCommand) -> anyhow::Result<i32> {
                     "nothing to change: pass --vcpu, --memory, --disk-size, --nat or --no-nat"
                 );
             }
-            for_each(vms, "changed", move |c, r| {
+            for_each(vms, "changed", out, move |c, r| {
                 let req = req.clone();
                 async move { c.set_vm(&r, &req).await }
             })
@@ -313,29 +434,47 @@ pub async fn run(cmd: VmCommand) -> anyhow::Result<i32> {
             }
             Ok(if failed > 0 { 1 } else { 0 })
         }
-        VmCommand::Create { create, no_start } => {
+        VmCommand::Create {
+            create,
+            no_start,
+            json,
+        } => {
             let client = connect::client().await?;
             let mut name = None;
             let vm = create_with_progress(&client, &create.request(!no_start), &mut name).await?;
-            println!("{} {}", vm.name, vm.state);
+            if json {
+                output::json(&vm)?;
+            } else {
+                println!("{} {}", vm.name, vm.state);
+            }
             Ok(0)
         }
-        VmCommand::Start { vms } => {
-            for_each(vms, "started", |c, r| async move { c.start_vm(&r).await }).await
-        }
-        VmCommand::Stop { vms } => {
-            for_each(vms, "stopped", |c, r| async move { c.stop_vm(&r).await }).await
-        }
-        VmCommand::Restart { vms } => {
+        VmCommand::Start { vms, out } => {
             for_each(
                 vms,
-                "restarted",
-                |c, r| async move { c.restart_vm(&r).await },
+                "started",
+                out,
+                |c, r| async move { c.start_vm(&r).await },
             )
             .await
         }
-        VmCommand::Kill { signal, vms } => {
-            for_each(vms, "signalled", move |c, r| async move {
+        VmCommand::Stop { vms, out } => {
+            for_each(
+                vms,
+                "stopped",
+                out,
+                |c, r| async move { c.stop_vm(&r).await },
+            )
+            .await
+        }
+        VmCommand::Restart { vms, out } => {
+            for_each(vms, "restarted", out, |c, r| async move {
+                c.restart_vm(&r).await
+            })
+            .await
+        }
+        VmCommand::Kill { signal, vms, out } => {
+            for_each(vms, "signalled", out, move |c, r| async move {
                 c.kill_vm(&r, signal).await
             })
             .await
@@ -359,16 +498,27 @@ pub async fn run(cmd: VmCommand) -> anyhow::Result<i32> {
         }
         VmCommand::Session(c) => super::vm_session::run(c).await,
         VmCommand::Acp { vm } => super::vm_session::acp(&vm).await,
-        VmCommand::Logs { vm, vmm, follow } => {
-            let source = if vmm {
-                banger_api::LogSource::Vmm
-            } else {
-                banger_api::LogSource::Console
+        VmCommand::Logs {
+            vm,
+            vmm,
+            follow,
+            tail,
+            since,
+        } => {
+            let query = banger_api::LogsQuery {
+                source: if vmm {
+                    banger_api::LogSource::Vmm
+                } else {
+                    banger_api::LogSource::Console
+                },
+                follow,
+                tail,
+                since_ms: since,
             };
             let mut out = std::io::stdout();
             connect::client()
                 .await?
-                .logs(&vm, source, follow, |chunk| {
+                .logs(&vm, &query, |chunk| {
                     let _ = out.write_all(chunk);
                     let _ = out.flush();
                 })
@@ -379,15 +529,22 @@ pub async fn run(cmd: VmCommand) -> anyhow::Result<i32> {
         VmCommand::Ssh { vm, command } => super::vm_ssh::run(&vm, command).await,
         VmCommand::Cp(a) => super::vm_cp::run(a).await,
         VmCommand::Workspace(c) => super::vm_workspace::run(c).await,
-        VmCommand::Delete { vms } => {
-            for_each(vms, "deleted", |c, r| async move { c.delete_vm(&r).await }).await
+        VmCommand::Delete { vms, out } => {
+            for_each(
+                vms,
+                "deleted",
+                out,
+                |c, r| async move { c.delete_vm(&r).await },
+            )
+            .await
         }
     }
 }
 
-/// Runs `op` on every VM ref concurrently; prints one line per VM and
-/// exits non-zero if any failed.
-async fn for_each<F, Fut>(refs: Vec<String>, done: &str, op: F) -> anyhow::Result<i32>
+/// Runs `op` on every VM ref concurrently; prints one line per VM (with
+/// `--json`, an array of the records of the VMs it succeeded on) and exits
+/// non-zero if any failed.
+async fn for_each<F, Fut>(refs: Vec<String>, done: &str, out: JsonArg, op: F) -> anyhow::Result<i32>
 where
     F: Fn(Client, String) -> Fut,
     Fut: std::future::Future<Output = Result<VmRecord, banger_api::ClientError>> + Send + 'static,
@@ -400,14 +557,19 @@ where
     }))
     .await;
     let mut failed = 0;
+    let mut records = Vec::new();
     for (r, res) in results {
         match res {
+            Ok(vm) if out.json => records.push(vm),
             Ok(vm) => println!("{done} {}", vm.name),
             Err(e) => {
                 failed += 1;
                 eprintln!("banger: {r}: {e}");
             }
         }
+    }
+    if out.json {
+        output::json(&records)?;
     }
     Ok(if failed > 0 { 1 } else { 0 })
 }
@@ -562,4 +724,99 @@ pub async fn create_with_progress(
         .await;
     let _ = spec_printed;
     Ok(res?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Flags {
+        #[command(flatten)]
+        create: CreateFlags,
+    }
+
+    fn parse(args: &[&str]) -> Result<CreateFlags, clap::Error> {
+        let mut argv = vec!["create"];
+        argv.extend_from_slice(args);
+        Flags::try_parse_from(argv).map(|f| f.create)
+    }
+
+    #[test]
+    fn memory_takes_units_and_plain_mib() {
+        assert_eq!(parse_memory_mib("2G"), Ok(2048));
+        assert_eq!(parse_memory_mib("512M"), Ok(512));
+        assert_eq!(parse_memory_mib("512m"), Ok(512));
+        assert_eq!(parse_memory_mib("1536MiB"), Ok(1536));
+        assert_eq!(parse_memory_mib("2048"), Ok(2048));
+        assert!(parse_memory_mib("1536K").is_err_and(|e| e.contains("whole number of MiB")));
+        assert!(parse_memory_mib("lots").is_err());
+        assert!(parse_memory_mib("").is_err());
+        let f = parse(&["--memory", "2G"]).expect("parse");
+        assert_eq!(f.request(true).memory_mib, Some(2048));
+        let e = parse(&["--memory", "2X"]).err().expect("refused");
+        assert!(e.to_string().contains("--memory"), "{e}");
+    }
+
+    #[derive(Parser)]
+    struct Vm {
+        #[command(subcommand)]
+        cmd: VmCommand,
+    }
+
+    fn vm(args: &[&str]) -> Result<VmCommand, clap::Error> {
+        let mut argv = vec!["vm"];
+        argv.extend_from_slice(args);
+        Vm::try_parse_from(argv).map(|v| v.cmd)
+    }
+
+    #[test]
+    fn exec_takes_its_command_with_or_without_dashes() {
+        let argv = |args: &[&str]| match vm(args).expect("parse") {
+            VmCommand::Exec { command, cwd, .. } => (command, cwd),
+            _ => panic!("not exec"),
+        };
+        let ls = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert_eq!(argv(&["exec", "box", "ls", "-la"]).0, ls(&["ls", "-la"]));
+        assert_eq!(
+            argv(&["exec", "box", "--", "ls", "-la"]).0,
+            ls(&["ls", "-la"])
+        );
+        // Flags before CMD are banger's, after it the command's.
+        let (cmd, cwd) = argv(&["exec", "box", "--cwd", "/tmp", "grep", "--cwd", "x"]);
+        assert_eq!(cmd, ls(&["grep", "--cwd", "x"]));
+        assert_eq!(cwd.as_deref(), Some("/tmp"));
+        assert_eq!(argv(&["exec", "box", "--", "--weird"]).0, ls(&["--weird"]));
+        assert!(vm(&["exec", "box"]).is_err());
+        match vm(&["ssh", "box", "uname", "-a"]).expect("parse") {
+            VmCommand::Ssh { command, .. } => assert_eq!(command, ls(&["uname", "-a"])),
+            _ => panic!("not ssh"),
+        }
+    }
+
+    #[test]
+    fn logs_since_takes_durations_times_and_unix_seconds() {
+        let now = std::time::UNIX_EPOCH + std::time::Duration::from_secs(1_800_000_000);
+        assert_eq!(since_ms("10m", now), Ok(1_800_000_000_000 - 600_000));
+        assert_eq!(since_ms("1h30m", now), Ok(1_800_000_000_000 - 5_400_000));
+        assert_eq!(since_ms("1700000000", now), Ok(1_700_000_000_000));
+        assert_eq!(since_ms("1700000000.5", now), Ok(1_700_000_000_500));
+        assert_eq!(since_ms("2026-05-01T12:00:00Z", now), Ok(1_777_636_800_000));
+        assert!(since_ms("yesterday", now).is_err());
+        match vm(&["logs", "box", "--tail", "5", "--since", "1m"]).expect("parse") {
+            VmCommand::Logs { tail, since, .. } => {
+                assert_eq!(tail, Some(5));
+                assert!(since.is_some());
+            }
+            _ => panic!("not logs"),
+        }
+    }
+
+    #[test]
+    fn cpus_is_an_alias_of_vcpu() {
+        assert_eq!(parse(&["--cpus", "3"]).expect("parse").vcpu, Some(3));
+        assert_eq!(parse(&["--vcpu", "2"]).expect("parse").vcpu, Some(2));
+        assert!(parse(&["--cpus", "3", "--vcpu", "2"]).is_err());
+    }
 }

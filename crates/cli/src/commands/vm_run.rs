@@ -55,7 +55,7 @@ pub struct RunRecord {
     /// `command` or `session`.
     pub mode: &'static str,
     /// banger's own exit status: the command's or session's, 128 + signal
-    /// when interrupted, 1 on an error.
+    /// when interrupted, 125 when banger failed.
     pub exit_status: i32,
     /// Whether the VM was deleted (`--rm`).
     pub deleted: bool,
@@ -212,7 +212,7 @@ pub async fn run(a: RunArgs) -> anyhow::Result<i32> {
     match &result {
         Ok(code) => record.exit_status = *code,
         Err(e) => {
-            record.exit_status = 1;
+            record.exit_status = output::EXIT_BANGER_FAILED;
             record.error = Some(output::error_chain(e));
         }
     }

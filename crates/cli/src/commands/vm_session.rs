@@ -39,8 +39,8 @@ pub enum SessionCommand {
     /// List a VM's sessions (running and ended).
     List {
         vm: String,
-        #[arg(long)]
-        json: bool,
+        #[command(flatten)]
+        list: super::vm::ListArgs,
     },
     /// Bridge this terminal to a session: its output here, input there.
     /// Ctrl-] (tty sessions) or Ctrl-C (others) detaches; the session keeps running.
@@ -103,13 +103,9 @@ pub async fn run(cmd: SessionCommand) -> anyhow::Result<i32> {
             );
             Ok(0)
         }
-        SessionCommand::List { vm, json } => {
+        SessionCommand::List { vm, list } => {
             let all = client.list_sessions(&vm).await?;
-            if json {
-                output::json(&all)?;
-            } else {
-                print_table(&all);
-            }
+            list.print(&all, |s| s.name.clone(), print_table)?;
             Ok(0)
         }
         SessionCommand::Attach { vm, name } => attach(&client, &vm, &name).await,
@@ -244,8 +240,7 @@ async fn attach(client: &Client, vm: &str, name: &str) -> anyhow::Result<i32> {
 /// `vm acp`: the configured ACP command in the guest, stdio bridged
 /// (never a tty: ACP speaks JSON-RPC over pipes).
 pub async fn acp(vm: &str) -> anyhow::Result<i32> {
-    let paths = banger_config::Paths::from_env().context("resolving banger's directories")?;
-    let config = banger_config::Config::load(&paths)?;
+    let config = banger_config::Config::load(&connect::daemon_paths()?)?;
     let start = ExecStart {
         argv: config.acp_command.clone(),
         ..Default::default()

@@ -2,16 +2,17 @@
 
 use crate::connect;
 use anyhow::Context;
-use banger_config::{Config, Paths};
+use banger_config::Config;
 use banger_model::{VmRecord, VmState};
 use std::ffi::OsString;
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 
-/// Where banger keeps its user key and known_hosts; the daemon uses the
-/// same rules (`Daemon::ssh_key_path`, `known_hosts_path`).
+/// Where banger keeps its user key and known_hosts (the system install's
+/// under a system install); the daemon uses the same rules
+/// (`Daemon::ssh_key_path`, `known_hosts_path`).
 pub(crate) fn key_and_known_hosts() -> anyhow::Result<(PathBuf, PathBuf)> {
-    let paths = Paths::from_env()?;
+    let paths = connect::daemon_paths()?;
     let config = Config::load(&paths)?;
     let key = config
         .ssh_key_path
@@ -63,15 +64,17 @@ pub fn ssh_args(
 
 pub async fn run(vm_ref: &str, command: Vec<String>) -> anyhow::Result<i32> {
     let client = connect::client().await?;
-    let vm = client.get_vm(vm_ref).await?;
-    if vm.state != VmState::Running {
-        anyhow::bail!(
-            "VM {} is {}: start it first (`banger vm start {}`)",
-            vm.name,
-            vm.state,
-            vm.name
-        );
-    }
+    // A VM that has just booted may not run sshd yet (its agent is ready
+    // first): wait for it like session mode of `vm run`, saying so once.
+    let vm = client
+        .wait_sshd(vm_ref, |ev| {
+            if let banger_api::WaitSshdEvent::Progress(p) = ev
+                && p.phase == "sshd"
+            {
+                eprintln!("banger: {}", p.message);
+            }
+        })
+        .await?;
     let (key, known_hosts) = key_and_known_hosts()?;
     let args = ssh_args(&vm, &key, &known_hosts, &command)?;
     let interactive = command.is_empty() && std::io::stdin().is_terminal();
