@@ -42,7 +42,10 @@ fn small_image(dir: &Path) -> (PathBuf, PathBuf) {
             .arg("8M"),
     );
     let kernel = dir.join("bzImage");
-    let img = banger_image::vmlinux::fake_bzimage("6.12.1-tiny", b"\x7fELF\x02\x01\x01\x00 boots nothing");
+    let img = banger_image::vmlinux::fake_bzimage(
+        "6.12.1-tiny",
+        b"\x7fELF\x02\x01\x01\x00 boots nothing",
+    );
     std::fs::write(&kernel, img).expect("kernel");
     (rootfs, kernel)
 }
