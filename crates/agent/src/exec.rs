@@ -26,7 +26,8 @@ pub(crate) enum SessionMsg {
     Abort(String),
 }
 
-const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+pub(crate) const DEFAULT_PATH: &str =
+    "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 const DEFAULT_HOME: &str = "/root";
 
 /// Runs `req` on `channel`: streams its output to `out` and ends the
