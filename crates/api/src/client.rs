@@ -243,6 +243,19 @@ impl Client {
     }
 
     /// Listening ports of a running VM, probed for HTTP/HTTPS.
+    /// How a running VM booted.
+    pub async fn vm_boot(&self, vm: &str) -> Result<crate::VmBoot, ClientError> {
+        self.json(Method::GET, &paths::fill(paths::VM_BOOT, vm), None::<&()>)
+            .await
+    }
+
+    /// Waits until the running VM's sshd greets, or its init has booted.
+    pub async fn wait_vm(&self, vm: &str, until: crate::WaitFor) -> Result<VmRecord, ClientError> {
+        let req = crate::WaitRequest { until };
+        self.json(Method::POST, &paths::fill(paths::VM_WAIT, vm), Some(&req))
+            .await
+    }
+
     pub async fn vm_ports(&self, vm: &str) -> Result<Vec<crate::PortInfo>, ClientError> {
         self.json(Method::GET, &paths::fill(paths::VM_PORTS, vm), None::<&()>)
             .await

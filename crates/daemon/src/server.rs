@@ -12,8 +12,8 @@ use banger_agent_proto::{ExecRequest, TtySize};
 use banger_api::exec::{ExecControl, ExecExit, ExecReport, ExecStart, STDERR, STDOUT};
 use banger_api::{
     ApiError, BuildImageEvent, BuildImageRequest, CreateVmEvent, CreateVmRequest, DaemonInfo,
-    KillRequest, LogSource, NetworkBench, NetworkStatus, PortInfo, Progress, SetVmRequest, VmStats,
-    paths,
+    KillRequest, LogSource, NetworkBench, NetworkStatus, PortInfo, Progress, SetVmRequest, VmBoot,
+    VmStats, WaitRequest, paths,
 };
 use banger_model::{ImageRecord, KernelRecord, VmRecord};
 use banger_version::BuildInfo;
@@ -66,6 +66,8 @@ pub fn router(daemon: Shared) -> (Router, utoipa::openapi::OpenApi) {
         .routes(routes!(kill_vm))
         .routes(routes!(vm_logs))
         .routes(routes!(vm_ports))
+        .routes(routes!(vm_boot))
+        .routes(routes!(wait_vm))
         .routes(routes!(network_status))
         .routes(routes!(network_bench))
         .routes(routes!(list_images))
@@ -212,6 +214,31 @@ async fn vm_ports(
     Path(vm): Path<String>,
 ) -> Result<Json<Vec<PortInfo>>, DaemonError> {
     d.vm_ports(&vm).await.map(Json)
+}
+
+/// How a running VM booted: which initramfs, when the kernel started its
+/// first process and when the agent greeted (guest uptime), and how far
+/// the image's init is.
+#[utoipa::path(get, path = paths::VM_BOOT, params(("vm" = String, Path, description = "name or id prefix")),
+    responses((status = 200, body = VmBoot), (status = 404, body = ApiError), (status = 409, body = ApiError)))]
+async fn vm_boot(
+    State(d): State<Shared>,
+    Path(vm): Path<String>,
+) -> Result<Json<VmBoot>, DaemonError> {
+    d.vm_boot(&vm).await.map(Json)
+}
+
+/// Waits until a running VM's sshd greets, or its init has finished
+/// booting; fails after `ready_timeout_secs`.
+#[utoipa::path(post, path = paths::VM_WAIT, params(("vm" = String, Path, description = "name or id prefix")),
+    request_body = WaitRequest,
+    responses((status = 200, body = VmRecord), (status = 404, body = ApiError), (status = 409, body = ApiError), (status = 500, body = ApiError)))]
+async fn wait_vm(
+    State(d): State<Shared>,
+    Path(vm): Path<String>,
+    Json(req): Json<WaitRequest>,
+) -> Result<Json<VmRecord>, DaemonError> {
+    d.wait_vm(&vm, req.until).await.map(Json)
 }
 
 /// The daemon's networking: mode, DNS server, NAT prerequisites, resolver.

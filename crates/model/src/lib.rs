@@ -9,4 +9,4 @@ mod vm;
 pub use name::{NameError, VmName, generate_name};
 pub use size::{ByteSize, SizeError};
 pub use spec::{Provenance, SpecValue, VmSpec};
-pub use vm::{ImageRecord, KernelRecord, VmBackend, VmId, VmRecord, VmState};
+pub use vm::{ImageRecord, InitramfsMode, KernelRecord, VmBackend, VmId, VmRecord, VmState};

@@ -72,6 +72,10 @@ pub async fn run(vm_ref: &str, command: Vec<String>) -> anyhow::Result<i32> {
             vm.name
         );
     }
+    // The agent answers before the image's init has started sshd.
+    let vm = client
+        .wait_vm(vm.id.as_str(), banger_api::WaitFor::Sshd)
+        .await?;
     let (key, known_hosts) = key_and_known_hosts()?;
     let args = ssh_args(&vm, &key, &known_hosts, &command)?;
     let interactive = command.is_empty() && std::io::stdin().is_terminal();
