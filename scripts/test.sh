@@ -17,7 +17,7 @@ export PROFILE=dev
 ./scripts/build.sh
 export BANGER_BIN_DIR="$PWD/build/bin"
 E2E="${BANGER_E2E_ROOT:-/tmp/banger-e2e}"
-LANE_A=(derived bench exec image_pull cli tui web)
+LANE_A=(derived bench exec image_pull boot cli tui web)
 LANE_B=(vm_run system network workspace run_modes)
 for f in crates/e2e/tests/*.rs; do
     t=$(basename "$f" .rs)

@@ -257,14 +257,21 @@ pub async fn run(cmd: VmCommand) -> anyhow::Result<i32> {
         VmCommand::Show { vm, json } => {
             let client = connect::client().await?;
             let vm = client.get_vm(&vm).await?;
+            // How it booted, while it runs (its agent answers).
+            let boot = match vm.state {
+                banger_model::VmState::Running => client.vm_boot(vm.id.as_str()).await.ok(),
+                _ => None,
+            };
             if json {
-                output::json(&vm)?;
+                let mut v = serde_json::to_value(&vm)?;
+                if let (Some(b), Some(obj)) = (&boot, v.as_object_mut()) {
+                    obj.insert("boot".into(), serde_json::to_value(b)?);
+                }
+                output::json(&v)?;
             } else {
                 print_vm(&vm);
-                if vm.state == banger_model::VmState::Running
-                    && let Ok(b) = client.vm_boot(vm.id.as_str()).await
-                {
-                    println!("boot     {}", boot_line(&b));
+                if let Some(b) = &boot {
+                    println!("boot     {}", boot_line(b));
                 }
                 let stats = client.vm_stats(vm.id.as_str(), false).await?;
                 print_disks(&stats.disks);
