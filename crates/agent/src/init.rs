@@ -27,8 +27,8 @@
 
 use banger_agent_proto::AgentStart;
 use banger_agent_proto::boot::{
-    BOOT_FAILURE_PREFIX, BootArgs, INITRAMFS_MODULES_DIR, INITRAMFS_MODULES_LIST, ModuleEntry,
-    TRANSPORT_MODULE, WORK_MOUNT,
+    BOOT_FAILURE_PREFIX, BootArgs, DEVICE_MODULES, INITRAMFS_MODULES_DIR, INITRAMFS_MODULES_LIST,
+    ModuleEntry, TRANSPORT_MODULE, WORK_MOUNT,
 };
 use nix::mount::{MntFlags, MsFlags, mount, umount2};
 use std::ffi::CString;
@@ -68,6 +68,8 @@ pub enum InitError {
     },
     #[error("no disk at {device} after {}s: the VM's root disk did not appear", .waited.as_secs())]
     NoRootDisk { device: String, waited: Duration },
+    #[error("{0} failed unexpectedly (a bug in banger-agent)")]
+    Panicked(&'static str),
     #[error("the image has no init at {path}{target}: it cannot boot")]
     NoInit { path: String, target: String },
 }
@@ -135,12 +137,18 @@ pub fn run() -> Result<Early, InitError> {
     );
     let start = if initramfs {
         let t = Instant::now();
-        let n = load_modules(Path::new(INITRAMFS_MODULES_LIST), &cmdline)?;
+        let (n, devices) = load_modules(Path::new(INITRAMFS_MODULES_LIST), &cmdline)?;
         timings.push_str(&format!(", {n} modules in {} ms", t.elapsed().as_millis()));
         let t = Instant::now();
         let newroot = assemble_from_initramfs(&args)?;
         switch_root(&newroot)?;
         timings.push_str(&format!(", root in {} ms", t.elapsed().as_millis()));
+        let t = Instant::now();
+        let d = devices.wait()?;
+        timings.push_str(&format!(
+            ", {d} device modules alongside (waited {} ms)",
+            t.elapsed().as_millis()
+        ));
         AgentStart::Initramfs
     } else {
         let t = Instant::now();
@@ -216,30 +224,57 @@ pub fn fail(err: &InitError) -> ! {
 }
 
 /// The modules of banger's initramfs (see [`ModuleEntry`]): first those of
-/// the virtio transport, then, in the listed order, those needed always or
-/// by a virtio device the guest has (the network card, the console of
-/// QEMU's agent channel, Firecracker's vsock...). Parameters given on the
-/// kernel command line as `module.param=value` are passed on, as modprobe
-/// would. A module already loaded (or built in) is fine.
-fn load_modules(list: &Path, cmdline: &str) -> Result<usize, InitError> {
+/// the virtio transport, then, in the listed order, those needed always
+/// (the disks and their file systems) and those of the virtio devices the
+/// guest has (the network card, the console of QEMU's agent channel,
+/// Firecracker's vsock...). The device modules load in a thread of their
+/// own while the disks are probed and mounted (both wait on emulated I/O
+/// much of the time); it is joined before the network and the channel are
+/// used. Parameters given on the kernel command line as
+/// `module.param=value` are passed on, as modprobe would. A module already
+/// loaded (or built in) is fine. Returns how many modules loaded now.
+fn load_modules(list: &Path, cmdline: &str) -> Result<(usize, DeviceModules), InitError> {
     let text = std::fs::read_to_string(list).map_err(io(format!("reading {}", list.display())))?;
     let entries = ModuleEntry::parse_list(&text);
-    let transport: Vec<&ModuleEntry> = entries
-        .iter()
-        .filter(|e| e.wanted_by.iter().any(|w| w == TRANSPORT_MODULE))
-        .collect();
-    for e in &transport {
+    let is_transport = |e: &ModuleEntry| e.wanted_by.iter().any(|w| w == TRANSPORT_MODULE);
+    for e in entries.iter().filter(|e| is_transport(e)) {
         load_module(e, cmdline)?;
     }
     let ids = crate::transport::virtio_device_ids(Path::new(VIRTIO_DEVICES));
-    let mut loaded = transport.len();
-    for e in &entries {
-        if !transport.iter().any(|t| t.file == e.file) && e.needed(&ids) {
-            load_module(e, cmdline)?;
-            loaded += 1;
+    let only_for_devices = |e: &ModuleEntry| {
+        e.wanted_by
+            .iter()
+            .all(|w| DEVICE_MODULES.iter().any(|(m, _)| m == w))
+    };
+    let (devices, disks): (Vec<ModuleEntry>, Vec<ModuleEntry>) = entries
+        .iter()
+        .filter(|e| !is_transport(e) && e.needed(&ids))
+        .cloned()
+        .partition(|e| only_for_devices(e));
+    let line = cmdline.to_string();
+    let thread = std::thread::spawn(move || {
+        for e in &devices {
+            load_module(e, &line)?;
         }
+        Ok(devices.len())
+    });
+    for e in &disks {
+        load_module(e, cmdline)?;
     }
-    Ok(loaded)
+    let now = entries.iter().filter(|e| is_transport(e)).count() + disks.len();
+    Ok((now, DeviceModules(thread)))
+}
+
+/// The device modules loading alongside ([`load_modules`]).
+struct DeviceModules(std::thread::JoinHandle<Result<usize, InitError>>);
+
+impl DeviceModules {
+    /// Waits until they are loaded; how many.
+    fn wait(self) -> Result<usize, InitError> {
+        self.0
+            .join()
+            .map_err(|_| InitError::Panicked("loading the device modules"))?
+    }
 }
 
 /// Where the kernel lists virtio devices (with their `device` ids).
@@ -517,8 +552,14 @@ fn mount_work(work_dev: &str, base: &Path, newroot: &Path) -> Result<(), InitErr
     let target = newroot.join(&WORK_MOUNT[1..]);
     std::fs::create_dir_all(&target).map_err(io(format!("creating {}", target.display())))?;
     mount_ext4_data(work_dev, &target, MsFlags::empty(), VM_DISK_OPTIONS)?;
-    if is_fresh_fs(&target)? {
-        copy_tree(&base.join(&WORK_MOUNT[1..]), &target)?;
+    fill_fresh_work(base, &target)
+}
+
+/// A work disk made without a seed starts empty: it gets the image's own
+/// /root, read from `base`.
+fn fill_fresh_work(base: &Path, target: &Path) -> Result<(), InitError> {
+    if is_fresh_fs(target)? {
+        copy_tree(&base.join(&WORK_MOUNT[1..]), target)?;
     }
     Ok(())
 }
