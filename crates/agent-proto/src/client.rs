@@ -3,9 +3,9 @@
 
 use crate::archive::{ArchiveDownload, ArchiveRoutes, ArchiveUpload};
 use crate::{
-    Body, CONTROL, ExecRequest, ExitStatus, Frame, FrameCodec, GetArchive, Hello, Listener,
-    MAX_CHUNK, OUTPUT_WINDOW, OutputStream, PROTO_VERSION, PutArchive, SessionInfo, SessionSpec,
-    TtySize,
+    Body, BootReport, CONTROL, ExecRequest, ExitStatus, Frame, FrameCodec, GetArchive, Hello,
+    Listener, MAX_CHUNK, OUTPUT_WINDOW, OutputStream, PROTO_VERSION, PutArchive, SessionInfo,
+    SessionSpec, TtySize,
 };
 use futures::{SinkExt, StreamExt};
 use std::collections::HashMap;
@@ -275,6 +275,15 @@ impl AgentClient {
     pub async fn list_listeners(&self) -> Result<Vec<Listener>, ClientError> {
         match self.query(Body::ListListeners).await? {
             Body::Listeners(l) => Ok(l),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// How the guest booted; with `wait`, once its init has finished
+    /// booting (the caller bounds the wait).
+    pub async fn boot_status(&self, wait: bool) -> Result<BootReport, ClientError> {
+        match self.query(Body::BootStatus { wait }).await? {
+            Body::Boot(r) => Ok(r),
             other => Err(unexpected(&other)),
         }
     }

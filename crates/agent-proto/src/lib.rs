@@ -34,7 +34,9 @@ use serde::{Deserialize, Serialize};
 /// Bumped on every incompatible change. The daemon refuses agents that differ.
 /// 4: output of exec, attach and logs channels is under credit
 /// ([`OUTPUT_WINDOW`]); the host ends an exec it drops with [`Body::Error`].
-pub const PROTO_VERSION: u32 = 4;
+/// 5: boot status (`BootStatus`/`Boot`), the boot contract carries `root=`
+/// and ro/rw, the module list and the boot failure line.
+pub const PROTO_VERSION: u32 = 5;
 
 /// Output frames an agent may send on one exec, attach or logs channel
 /// before the host grants more with [`Body::Credit`].
@@ -149,6 +151,80 @@ pub enum Body {
     Session(SessionInfo),
     /// Agent → host: every session; the channel is closed.
     Sessions(Vec<SessionInfo>),
+
+    // Boot.
+    /// Host → agent on a new channel: how the guest booted and how far the
+    /// image's init is. With `wait` the answer waits until that init has
+    /// finished booting (systemd's `is-system-running --wait`). Answered
+    /// with [`Body::Boot`] or [`Body::Error`].
+    BootStatus { wait: bool },
+    /// Agent → host: the answer to [`Body::BootStatus`]; the channel is closed.
+    Boot(BootReport),
+}
+
+/// How the guest booted, as its agent saw it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BootReport {
+    /// How the answering agent was started.
+    pub agent: AgentStart,
+    /// Kernel uptime, in milliseconds, when the kernel started its first
+    /// process (`Run /init as init process` in the kernel log); `None`
+    /// when the kernel log no longer holds that line.
+    pub kernel_init_ms: Option<u64>,
+    /// Kernel uptime, in milliseconds, when the answering agent started.
+    pub agent_start_ms: u64,
+    /// The image's init and how far its boot is.
+    pub system: SystemState,
+}
+
+/// How the agent was started.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum AgentStart {
+    /// As `/init` of banger's initramfs: it loaded the modules, assembled
+    /// the root and handed PID 1 to the image's init.
+    Initramfs,
+    /// As `init=` after the distribution's initramfs (or none) mounted the
+    /// root; it assembled the overlay and handed PID 1 to the image's init.
+    InitParam,
+    /// By the image's init (a systemd unit or an inittab line).
+    Service,
+}
+
+impl AgentStart {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AgentStart::Initramfs => "initramfs",
+            AgentStart::InitParam => "init-param",
+            AgentStart::Service => "service",
+        }
+    }
+}
+
+/// The image's init and its progress.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum SystemState {
+    /// PID 1 is not systemd (busybox, runit, OpenRC...): nothing reports
+    /// a boot state, so there is nothing more to wait for.
+    NoSystemd { init: String },
+    /// systemd's `is-system-running` answer: `initializing`, `starting`,
+    /// `running`, `degraded`, `maintenance`, `stopping`...
+    Systemd { state: String },
+}
+
+impl SystemState {
+    /// True while the init is still booting (systemd `initializing` or
+    /// `starting`); every other state is final for a boot.
+    pub fn is_booting(&self) -> bool {
+        matches!(self, SystemState::Systemd { state } if state == "initializing" || state == "starting")
+    }
+
+    /// One word for people and JSON: systemd's state, or `no-systemd`.
+    pub fn describe(&self) -> &str {
+        match self {
+            SystemState::NoSystemd { .. } => "no-systemd",
+            SystemState::Systemd { state } => state,
+        }
+    }
 }
 
 /// Size of a terminal in character cells.

@@ -18,6 +18,15 @@ fn body() -> impl Strategy<Value = Body> {
             .prop_map(|(rows, cols)| Body::Resize(banger_agent_proto::TtySize { rows, cols })),
         ".{0,40}".prop_map(|name| Body::SessionStop { name }),
         ".{0,40}".prop_map(Body::Error),
+        any::<bool>().prop_map(|wait| Body::BootStatus { wait }),
+        (any::<Option<u64>>(), any::<u64>(), ".{0,20}").prop_map(|(k, a, state)| {
+            Body::Boot(banger_agent_proto::BootReport {
+                agent: banger_agent_proto::AgentStart::Initramfs,
+                kernel_init_ms: k,
+                agent_start_ms: a,
+                system: banger_agent_proto::SystemState::Systemd { state },
+            })
+        }),
     ]
 }
 

@@ -28,7 +28,8 @@ pub(crate) enum SessionMsg {
     Credit(u32),
 }
 
-const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+pub(crate) const DEFAULT_PATH: &str =
+    "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 const DEFAULT_HOME: &str = "/root";
 
 /// Runs `req` on `channel`: streams its output to `out` and ends the

@@ -11,6 +11,7 @@
 //! stream, so the tests drive it over an in-memory pipe.
 
 mod archive;
+pub mod bootinfo;
 mod exec;
 pub mod init;
 mod listeners;
@@ -19,6 +20,7 @@ pub mod power;
 mod ring;
 mod serve;
 mod sessions;
+pub mod singleton;
 pub mod transport;
 
 pub use power::{Power, PowerError, SystemPower};

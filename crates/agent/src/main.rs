@@ -1,10 +1,17 @@
 //! `banger-agent`: the guest agent (see the library docs). Finds its channel
 //! to the host and serves host connections on it, forever.
+//!
+//! As the guest's first process (PID 1: `/init` of banger's initramfs, or
+//! `init=`) it first assembles the root and forks: PID 1 becomes the
+//! image's init, the child serves the host.
 
+use banger_agent::bootinfo::{BootInfo, uptime_ms};
 use banger_agent::transport::virtio::VirtioPort;
 use banger_agent::transport::{self, Transport, vsock};
-use banger_agent::{Agent, SystemPower};
+use banger_agent::{Agent, SystemPower, init, singleton};
 use banger_agent_proto::{PROTO_VERSION, VSOCK_PORT};
+use std::io::Write;
+use std::os::fd::OwnedFd;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
@@ -17,41 +24,27 @@ const DISCOVERY_WAIT: Duration = Duration::from_secs(30);
 const LOG_ENV: &str = "BANGER_AGENT_LOG";
 
 fn main() -> ExitCode {
-    if std::process::id() == 1 {
-        // Started as the kernel's init=: assemble the root and hand over to
-        // the image's init. Reaching the next line means that failed.
-        match banger_agent::init::run() {
-            banger_agent::init::InitError::NoInit(init) => {
-                eprintln!(
-                    "banger-agent (init): the image has no {init}: the agent is its init (banger.init= names another)"
-                );
-                banger_agent::init::be_init(serve_main);
-            }
-            err => {
-                eprintln!("banger-agent (init): {err}; the VM cannot boot");
-                return ExitCode::FAILURE;
-            }
+    let started_ms = uptime_ms();
+    let (boot, greeted) = if std::process::id() == 1 {
+        // The guest's first process: assemble the root, hand PID 1 over to
+        // the image's init; only the forked child gets here.
+        match init::run() {
+            Ok(early) => (
+                BootInfo {
+                    start: early.start,
+                    started_ms,
+                    init: early.init.map(|i| (i, early.init_is_systemd)),
+                },
+                early.greeted,
+            ),
+            Err(e) => init::fail(&e),
         }
-    }
-    match std::env::args().nth(1).as_deref() {
-        None => {}
-        Some("--version") => {
-            println!(
-                "banger-agent {} (protocol v{PROTO_VERSION})",
-                env!("CARGO_PKG_VERSION")
-            );
-            return ExitCode::SUCCESS;
+    } else {
+        match service_args() {
+            Ok(()) => (BootInfo::service(), None),
+            Err(code) => return code,
         }
-        Some(other) => {
-            eprintln!("banger-agent: unexpected argument {other:?}; it takes none but --version");
-            return ExitCode::from(2);
-        }
-    }
-    serve_main()
-}
-
-/// The agent's service: logging, the runtime, the host channel.
-fn serve_main() -> ExitCode {
+    };
     init_logging();
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -63,11 +56,47 @@ fn serve_main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    runtime.block_on(run())
+    runtime.block_on(run(boot, greeted))
 }
 
-async fn run() -> ExitCode {
-    let agent = Agent::new(Arc::new(SystemPower));
+/// The command line of an agent started by the image's init: nothing, or
+/// `--version` (answered here).
+fn service_args() -> Result<(), ExitCode> {
+    match std::env::args().nth(1).as_deref() {
+        None => Ok(()),
+        Some("--version") => {
+            println!(
+                "banger-agent {} (protocol v{PROTO_VERSION})",
+                env!("CARGO_PKG_VERSION")
+            );
+            Err(ExitCode::SUCCESS)
+        }
+        Some(other) => {
+            eprintln!("banger-agent: unexpected argument {other:?}; it takes none but --version");
+            Err(ExitCode::from(2))
+        }
+    }
+}
+
+/// `greeted`: told (written to, then closed) once the host has the first
+/// greeting; PID 1 waits for that before it starts the image's init.
+async fn run(boot: BootInfo, greeted: Option<OwnedFd>) -> ExitCode {
+    // One agent serves; one started later by the image's init stands by.
+    match singleton::acquire(singleton::NAME).await {
+        Ok(l) => {
+            if let Err(e) = singleton::keep(l) {
+                tracing::warn!(error = %e, "cannot keep the agent lock");
+            }
+        }
+        Err(e) => tracing::warn!(error = %e, "cannot take the agent lock; serving anyway"),
+    }
+    let start = boot.start;
+    let agent = Agent::with_boot(Arc::new(SystemPower), boot);
+    if let Some(fd) = greeted {
+        agent.on_first_greeting(move || {
+            let _ = std::fs::File::from(fd).write_all(b"1");
+        });
+    }
     let transport = match transport::discover(DISCOVERY_WAIT).await {
         Ok(t) => t,
         Err(e) => {
@@ -75,7 +104,12 @@ async fn run() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    tracing::info!(?transport, "agent {} starting", env!("CARGO_PKG_VERSION"));
+    tracing::info!(
+        ?transport,
+        started = start.as_str(),
+        "agent {} starting",
+        env!("CARGO_PKG_VERSION")
+    );
     match transport {
         Transport::VirtioSerial(path) => {
             let mut port = match VirtioPort::open(&path) {

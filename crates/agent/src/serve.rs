@@ -1,6 +1,7 @@
 //! The protocol loop over one host connection.
 
 use crate::archive::{self, ArchiveMsg};
+use crate::bootinfo::BootInfo;
 use crate::exec::{self, SessionMsg};
 use crate::power::Power;
 use crate::sessions::{Follow, Sessions};
@@ -27,14 +28,35 @@ pub struct Agent {
     power: Arc<dyn Power>,
     /// Supervised sessions, shared by all host connections.
     sessions: Arc<Sessions>,
+    /// How the guest booted, for [`Body::BootStatus`].
+    boot: Arc<BootInfo>,
+    /// Called once the first greeting has been written to a host.
+    first_greeting: Arc<std::sync::Mutex<Option<Greeted>>>,
 }
 
+type Greeted = Box<dyn FnOnce() + Send>;
+
 impl Agent {
-    /// An agent that carries out shutdown requests through `power`.
+    /// An agent that carries out shutdown requests through `power`,
+    /// started by the image's init.
     pub fn new(power: Arc<dyn Power>) -> Self {
+        Self::with_boot(power, BootInfo::service())
+    }
+
+    /// An agent that knows how it was started (early init's child).
+    pub fn with_boot(power: Arc<dyn Power>, boot: BootInfo) -> Self {
         Self {
             power,
             sessions: Arc::default(),
+            boot: Arc::new(boot),
+            first_greeting: Arc::default(),
+        }
+    }
+
+    /// Calls `f` once the first greeting has been written to a host.
+    pub fn on_first_greeting(&self, f: impl FnOnce() + Send + 'static) {
+        if let Ok(mut g) = self.first_greeting.lock() {
+            *g = Some(Box::new(f));
         }
     }
 
@@ -50,10 +72,12 @@ impl Agent {
     {
         let (rd, wr) = tokio::io::split(stream);
         let (out, out_rx) = mpsc::channel::<Frame>(OUTBOX);
-        let writer = tokio::spawn(write_frames(wr, out_rx));
+        let greeted = self.first_greeting.lock().ok().and_then(|mut g| g.take());
+        let writer = tokio::spawn(write_frames(wr, out_rx, greeted));
         let mut conn = Connection {
             power: self.power.clone(),
             sessions: self.sessions.clone(),
+            boot: self.boot.clone(),
             out,
             channels: HashMap::new(),
             archives: HashMap::new(),
@@ -93,6 +117,7 @@ impl Agent {
 struct Connection {
     power: Arc<dyn Power>,
     sessions: Arc<Sessions>,
+    boot: Arc<BootInfo>,
     out: mpsc::Sender<Frame>,
     /// Live channels (exec, session attach, session logs) with the id of
     /// the task serving each.
@@ -137,6 +162,15 @@ impl Connection {
             Body::SessionList => {
                 let all = self.sessions.list();
                 return self.send(channel, Body::Sessions(all)).await;
+            }
+            Body::BootStatus { wait } => {
+                // Waiting for the init's boot can take long: off the loop.
+                let (boot, out) = (self.boot.clone(), self.out.clone());
+                tokio::spawn(async move {
+                    let report = boot.report(wait).await;
+                    let _ = out.send(Frame::new(channel, Body::Boot(report))).await;
+                });
+                return;
             }
             Body::SessionStop { name } => {
                 let (sessions, out) = (self.sessions.clone(), self.out.clone());
@@ -383,7 +417,13 @@ impl Connection {
 
 /// Writes each frame with its own `write` so that a transport which
 /// delivers whole writes (virtio-serial) never splits a frame.
-async fn write_frames<W: AsyncWrite + Unpin>(mut wr: W, mut rx: mpsc::Receiver<Frame>) {
+/// Writes frames to the host; `greeted` is called after the first one (the
+/// greeting) has been written.
+async fn write_frames<W: AsyncWrite + Unpin>(
+    mut wr: W,
+    mut rx: mpsc::Receiver<Frame>,
+    mut greeted: Option<Greeted>,
+) {
     let mut buf = BytesMut::new();
     while let Some(frame) = rx.recv().await {
         buf.clear();
@@ -395,6 +435,10 @@ async fn write_frames<W: AsyncWrite + Unpin>(mut wr: W, mut rx: mpsc::Receiver<F
             tracing::info!(error = %e, "writing to the host failed");
             return;
         }
+        if let Some(f) = greeted.take() {
+            let _ = wr.flush().await;
+            f();
+        }
     }
 }
 
@@ -402,21 +446,8 @@ fn hello() -> Body {
     Body::Hello(Hello {
         proto_version: PROTO_VERSION,
         agent_version: env!("CARGO_PKG_VERSION").to_string(),
-        uptime_ms: uptime_ms(),
+        uptime_ms: crate::bootinfo::uptime_ms(),
     })
-}
-
-/// Milliseconds since the guest kernel booted (0 if /proc is unreadable).
-fn uptime_ms() -> u64 {
-    std::fs::read_to_string("/proc/uptime")
-        .ok()
-        .and_then(|s| parse_uptime_ms(&s))
-        .unwrap_or(0)
-}
-
-fn parse_uptime_ms(proc_uptime: &str) -> Option<u64> {
-    let secs: f64 = proc_uptime.split_whitespace().next()?.parse().ok()?;
-    (secs.is_finite() && secs >= 0.0).then(|| (secs * 1000.0).round() as u64)
 }
 
 /// Name of a frame body, for error messages.
@@ -450,6 +481,8 @@ fn kind(body: &Body) -> &'static str {
         Body::SessionLogs { .. } => "SessionLogs",
         Body::Session(_) => "Session",
         Body::Sessions(_) => "Sessions",
+        Body::BootStatus { .. } => "BootStatus",
+        Body::Boot(_) => "Boot",
     }
 }
 
@@ -548,13 +581,5 @@ mod tests {
             })))
         ));
         assert!(buf.is_empty());
-    }
-
-    #[test]
-    fn uptime_is_parsed_to_milliseconds() {
-        assert_eq!(parse_uptime_ms("4.57 6.20\n"), Some(4570));
-        assert_eq!(parse_uptime_ms("12345.01 1.00"), Some(12_345_010));
-        assert_eq!(parse_uptime_ms(""), None);
-        assert_eq!(parse_uptime_ms("nan 1"), None);
     }
 }

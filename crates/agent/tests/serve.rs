@@ -523,3 +523,59 @@ async fn a_stream_longer_than_the_window_flows_through_the_client() {
     assert!(err.is_empty());
     assert_eq!(last, exited(0));
 }
+
+#[tokio::test]
+async fn reports_how_the_guest_booted() {
+    let (host, guest) = tokio::io::duplex(1 << 20);
+    let (tx, _shutdowns) = mpsc::unbounded_channel();
+    let boot = banger_agent::bootinfo::BootInfo {
+        start: banger_agent_proto::AgentStart::Initramfs,
+        started_ms: 1234,
+        init: Some(("/sbin/init".into(), false)),
+    };
+    let agent = Agent::with_boot(Arc::new(RecordingPower(tx)), boot);
+    tokio::spawn(async move { agent.serve(guest).await });
+    let c = AgentClient::spawn(host);
+    timeout(LIMIT, c.wait_hello())
+        .await
+        .expect("hello in time")
+        .expect("hello");
+    for wait in [false, true] {
+        let r = timeout(LIMIT, c.boot_status(wait))
+            .await
+            .expect("answer in time")
+            .expect("report");
+        assert_eq!(r.agent, banger_agent_proto::AgentStart::Initramfs);
+        assert_eq!(r.agent_start_ms, 1234);
+        // Not systemd: nothing to wait for, even with `wait`.
+        assert_eq!(r.system.describe(), "no-systemd");
+        assert!(!r.system.is_booting());
+    }
+}
+
+#[tokio::test]
+async fn says_once_when_the_first_greeting_is_out() {
+    let (tx, _shutdowns) = mpsc::unbounded_channel();
+    let agent = Agent::new(Arc::new(RecordingPower(tx)));
+    let (greeted_tx, mut greeted) = mpsc::unbounded_channel();
+    agent.on_first_greeting(move || {
+        let _ = greeted_tx.send(());
+    });
+    for round in 0..2 {
+        let (host, guest) = tokio::io::duplex(1 << 20);
+        let a = agent.clone();
+        let task = tokio::spawn(async move { a.serve(guest).await });
+        let mut h = RawHost::new(host);
+        assert!(matches!(h.recv().await.body, Body::Hello(_)));
+        if round == 0 {
+            timeout(LIMIT, greeted.recv())
+                .await
+                .expect("told in time")
+                .expect("told");
+        }
+        drop(h);
+        timeout(LIMIT, task).await.expect("ends").expect("task");
+    }
+    // The hook is gone after the first connection: nothing more arrives.
+    assert!(greeted.try_recv().is_err());
+}

@@ -243,6 +243,12 @@ impl Client {
     }
 
     /// Listening ports of a running VM, probed for HTTP/HTTPS.
+    /// How a running VM booted.
+    pub async fn vm_boot(&self, vm: &str) -> Result<crate::VmBoot, ClientError> {
+        self.json(Method::GET, &paths::fill(paths::VM_BOOT, vm), None::<&()>)
+            .await
+    }
+
     pub async fn vm_ports(&self, vm: &str) -> Result<Vec<crate::PortInfo>, ClientError> {
         self.json(Method::GET, &paths::fill(paths::VM_PORTS, vm), None::<&()>)
             .await
@@ -309,14 +315,16 @@ impl Client {
         self.operation(paths::VMS, req, on_event).await
     }
 
-    /// Waits until running VM `vm`'s sshd greets (at most the daemon's
-    /// `ready_timeout_secs`), reporting progress to `on_event`.
-    pub async fn wait_sshd(
+    /// Waits until running VM `vm` is there as `until` says (at most the
+    /// daemon's `ready_timeout_secs`), reporting progress to `on_event`.
+    pub async fn wait_vm(
         &self,
         vm: &str,
-        on_event: impl FnMut(&crate::WaitSshdEvent),
+        until: crate::WaitFor,
+        on_event: impl FnMut(&crate::WaitEvent),
     ) -> Result<VmRecord, ClientError> {
-        self.operation(&paths::fill(paths::VM_SSHD_WAIT, vm), &(), on_event)
+        let req = crate::WaitRequest { until };
+        self.operation(&paths::fill(paths::VM_WAIT, vm), &req, on_event)
             .await
     }
 

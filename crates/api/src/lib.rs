@@ -13,7 +13,7 @@ pub mod images;
 pub mod rules;
 pub mod sessions;
 
-use banger_model::{ImageRecord, KernelRecord, VmRecord, VmSpec};
+use banger_model::{ImageRecord, InitramfsMode, KernelRecord, VmRecord, VmSpec};
 use banger_version::BuildInfo;
 use serde::{Deserialize, Serialize};
 
@@ -33,7 +33,8 @@ pub mod paths {
     pub const VM_LOGS: &str = "/v1/vms/{vm}/logs";
     pub const VM_STATS: &str = "/v1/vms/{vm}/stats";
     pub const VM_PORTS: &str = "/v1/vms/{vm}/ports";
-    pub const VM_SSHD_WAIT: &str = "/v1/vms/{vm}/sshd/wait";
+    pub const VM_BOOT: &str = "/v1/vms/{vm}/boot";
+    pub const VM_WAIT: &str = "/v1/vms/{vm}/wait";
     pub const NETWORK: &str = "/v1/network";
     /// Internal (`banger bench`), outside the public API document.
     pub const NETWORK_BENCH: &str = "/internal/bench/network";
@@ -119,6 +120,15 @@ pub struct CreateVmRequest {
     /// whose agent never greeted.
     #[serde(default)]
     pub wait_ssh: bool,
+    /// Readiness also waits for the guest's init to finish booting
+    /// (systemd `running` or `degraded`); absent: the `wait_boot` config
+    /// key. A timeout keeps the VM like one whose agent never greeted.
+    #[serde(default)]
+    pub wait_boot: Option<bool>,
+    /// Which initramfs boots the VM (kept for its later boots); absent:
+    /// the `initramfs` config key.
+    #[serde(default)]
+    pub initramfs: Option<InitramfsMode>,
 }
 
 fn yes() -> bool {
@@ -184,24 +194,24 @@ pub enum BuildImageEvent {
     Error(ApiError),
 }
 
-/// One line of the `POST /v1/vms/{vm}/sshd/wait` response stream: a
-/// `sshd` progress note when the guest's sshd does not answer yet, then
-/// the VM once it greets.
+/// One line of the `POST /v1/vms/{vm}/wait` response stream: a progress
+/// note (phase `sshd` or `system`) when the guest is not there yet, then
+/// the VM once it is.
 #[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
-pub enum WaitSshdEvent {
+pub enum WaitEvent {
     Progress(Progress),
     Done(VmRecord),
     Error(ApiError),
 }
 
-impl OperationEvent for WaitSshdEvent {
+impl OperationEvent for WaitEvent {
     type Output = VmRecord;
     fn outcome(&self) -> Option<Result<VmRecord, ApiError>> {
         match self {
-            WaitSshdEvent::Done(vm) => Some(Ok(vm.clone())),
-            WaitSshdEvent::Error(e) => Some(Err(e.clone())),
-            WaitSshdEvent::Progress(_) => None,
+            WaitEvent::Done(vm) => Some(Ok(vm.clone())),
+            WaitEvent::Error(e) => Some(Err(e.clone())),
+            WaitEvent::Progress(_) => None,
         }
     }
 }
@@ -401,6 +411,53 @@ impl LogsQuery {
 
 /// `GET /v1/kernels`.
 pub type KernelList = Vec<KernelRecord>;
+
+/// `GET /v1/vms/{vm}/boot`: how a running VM booted, from the daemon's
+/// record of its last boot and its agent's report.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct VmBoot {
+    pub name: String,
+    /// The initramfs of its last boot: `banger`, `distro` or `none`;
+    /// unknown when this daemon did not boot it.
+    pub initramfs: Option<String>,
+    /// Guest kernel uptime, in milliseconds, when the kernel started its
+    /// first process (`Run /init as init process`).
+    pub kernel_init_ms: Option<u64>,
+    /// Guest kernel uptime, in milliseconds, when the agent greeted the
+    /// host (the readiness signal); unknown when this daemon did not boot it.
+    pub agent_ready_ms: Option<u64>,
+    /// `agent_ready_ms / kernel_init_ms`: 1.0 is ready the moment the
+    /// kernel started userspace.
+    pub ready_over_kernel_init: Option<f64>,
+    /// How the serving agent started: `initramfs`, `init-param` (after
+    /// the distribution's initramfs) or `service` (by the image's init).
+    pub agent_start: String,
+    /// The image's init: systemd's `is-system-running` state
+    /// (`initializing`, `starting`, `running`, `degraded`, ...) or
+    /// `no-systemd`.
+    pub system: String,
+    /// The init is still booting.
+    pub booting: bool,
+}
+
+/// What `POST /v1/vms/{vm}/wait` waits for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum WaitFor {
+    /// The guest's sshd greets (what `vm ssh` needs).
+    Sshd,
+    /// The guest's init has finished booting (systemd `running` or
+    /// `degraded`; at once without systemd).
+    System,
+}
+
+/// `POST /v1/vms/{vm}/wait`: returns once the running VM is there, or
+/// fails after `ready_timeout_secs`.
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct WaitRequest {
+    pub until: WaitFor,
+}
 
 /// A listening TCP port in a VM (`vm ports`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]

@@ -3,7 +3,7 @@
 
 use crate::Paths;
 use crate::values::{FileMode, Ipv4Cidr, LogLevel, NetworkMode, VmmChoice};
-use banger_model::ByteSize;
+use banger_model::{ByteSize, InitramfsMode};
 use serde::{Deserialize, Deserializer};
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Component, Path, PathBuf};
@@ -79,6 +79,15 @@ pub struct Config {
     /// and keeps it for inspection. TCG boots take 5-30 s; the default's
     /// margin covers a loaded host.
     pub ready_timeout_secs: u32,
+    /// Which initramfs boots VMs: `auto` (banger's own when the kernel has
+    /// one, else the distribution's), `banger` or `distro`. `--initramfs`
+    /// on `vm create`/`vm run` overrides it per VM.
+    pub initramfs: InitramfsMode,
+    /// Readiness also waits for the guest's init to finish booting
+    /// (systemd's `is-system-running`), not only for the agent, which
+    /// answers as soon as the root is assembled. `vm run --wait-boot`
+    /// asks for it once.
+    pub wait_boot: bool,
     /// Resolver handed to guests; unset leaves the choice to the network setup.
     pub default_dns: Option<Ipv4Addr>,
     /// Bridge or user-mode networking (see [`NetworkMode`]).
@@ -140,6 +149,8 @@ impl Default for Config {
             cidr: Ipv4Cidr::DEFAULT,
             tap_pool_size: 2,
             ready_timeout_secs: 240,
+            initramfs: InitramfsMode::Auto,
+            wait_boot: false,
             default_dns: None,
             network: NetworkMode::Auto,
             dns_listen_addr: SocketAddr::from(([127, 0, 0, 1], 42069)),
@@ -490,6 +501,18 @@ mod tests {
             Some("127.0.0.1:7777".parse().expect("addr"))
         );
         assert_eq!(c.log_level, LogLevel::Info);
+    }
+
+    #[test]
+    fn initramfs_and_wait_boot() {
+        let c = parse("").expect("ok");
+        assert_eq!((c.initramfs, c.wait_boot), (InitramfsMode::Auto, false));
+        let c = parse("initramfs = \"distro\"\nwait_boot = true\n").expect("ok");
+        assert_eq!((c.initramfs, c.wait_boot), (InitramfsMode::Distro, true));
+        let e = err("initramfs = \"dracut\"\n");
+        assert!(e.starts_with("/c/config.toml: initramfs: "), "{e}");
+        assert!(e.contains("`banger`"), "{e}");
+        assert!(err("wait_boot = \"yes\"\n").starts_with("/c/config.toml: wait_boot: "));
     }
 
     #[test]

@@ -216,6 +216,7 @@ impl Daemon {
             ip: Some(ip),
             tap: None,
             ssh_port: None,
+            initramfs: self.config.initramfs,
         };
         std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
         if let Err(e) = self.store.insert_vm(&vm) {
@@ -287,7 +288,19 @@ impl Daemon {
             cancel,
             writable_root: Some(&root),
         };
-        match self.boot(ctx, &mut vm, &mut steps).await {
+        let booted = match self.boot(ctx, &mut vm, &mut steps).await {
+            // Provisioning (apt, dpkg's service restarts) runs against a
+            // fully booted system, as it would on a host.
+            Ok(()) => match self.wait_system(&vm, &boot_progress, cancel).await {
+                crate::boot_path::SystemWait::Booted => Ok(()),
+                crate::boot_path::SystemWait::TimedOut(m) => Err(BootError::NotReady(m)),
+                crate::boot_path::SystemWait::Cancelled => {
+                    Err(BootError::Failed(anyhow!(self.cancel_reason())))
+                }
+            },
+            Err(e) => Err(e),
+        };
+        match booted {
             Ok(()) => steps.commit(),
             Err(BootError::NotReady(_)) => {
                 steps.commit();

@@ -203,7 +203,7 @@ fn owned_dir(store: &Path, file: &Path) -> Option<PathBuf> {
 }
 
 /// A new, empty directory `kernels_dir/<name>.<random>` (mode 0700).
-fn new_kernel_dir(kernels_dir: &Path, name: &str) -> std::io::Result<PathBuf> {
+pub(crate) fn new_kernel_dir(kernels_dir: &Path, name: &str) -> std::io::Result<PathBuf> {
     use std::os::unix::fs::DirBuilderExt;
     loop {
         let dir = kernels_dir.join(format!("{name}.{:08x}", rand::random::<u32>()));
@@ -303,6 +303,8 @@ impl Daemon {
         self.store
             .upsert_image(&image)
             .map_err(|e| CatalogError::Invalid(e.to_string()))?;
+        self.offer_kernel_modules(&image, &|m| (report.progress)("warning", m))
+            .await;
         tracing::info!(image = name, kernel = %entry.kernel, "image pulled from the catalog");
         (report.progress)("done", &format!("image {name} registered"));
         Ok(image)
@@ -337,6 +339,7 @@ impl Daemon {
             vmlinux: pulled.vmlinux,
             release: Some(pulled.release),
             dir: Some(pulled.dir),
+            banger_initramfs: None,
             created_at: now_rfc3339(),
         };
         self.store
@@ -506,6 +509,8 @@ impl Daemon {
             remove_dir(&pulled.dir).await;
             return Err(e.into());
         }
+        self.offer_kernel_modules(&image, &|m| (report.progress)("warning", m))
+            .await;
         tracing::info!(image = %name, reference, digest = %pulled.digest, "OCI image pulled");
         (report.progress)(
             "done",
@@ -589,6 +594,7 @@ impl Daemon {
                     initrd,
                     vmlinux,
                     dir,
+                    banger_initramfs: None,
                     created_at: now_rfc3339(),
                 };
                 if let Err(e) = self.store.upsert_kernel(&k) {
@@ -617,6 +623,7 @@ impl Daemon {
             created_at: now_rfc3339(),
         };
         self.store.upsert_image(&image)?;
+        self.offer_kernel_modules(&image, &|_| {}).await;
         // A kernel registered with an earlier --kernel and no longer used goes too.
         if let Some(old) = old
             && old.kernel == name

@@ -161,6 +161,12 @@ impl Daemon {
             vmlinux: built.vmlinux.clone(),
             release: Some(built.kernel_release.clone()),
             dir: Some(self.paths.kernels_dir.join(&built.kernel_name)),
+            // Another image of the same kernel may have made it already.
+            banger_initramfs: self
+                .store
+                .get_kernel(&built.kernel_name)
+                .ok()
+                .and_then(|k| k.banger_initramfs),
             created_at: now_rfc3339(),
         };
         self.store.upsert_kernel(&kernel)?;
@@ -174,6 +180,8 @@ impl Daemon {
             created_at: now_rfc3339(),
         };
         self.store.upsert_image(&image)?;
+        self.offer_kernel_modules(&image, &|m| progress("warning", m))
+            .await;
         tracing::info!(image = name, kernel = %kernel.name, "image registered");
         Ok(image)
     }

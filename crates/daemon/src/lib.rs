@@ -6,6 +6,7 @@
 
 mod api_errors;
 mod bench_image;
+mod boot_path;
 mod derive;
 mod error;
 mod file_sync;
@@ -65,6 +66,12 @@ pub struct Daemon {
     network: std::sync::OnceLock<network::Network>,
     /// Held from choosing a new VM's address until its record is stored.
     alloc_lock: tokio::sync::Mutex<()>,
+    /// What each running VM's last boot was (initramfs, agent hello).
+    boots: Mutex<HashMap<VmId, boot_path::BootFacts>>,
+    /// Serialises making kernels' initramfs parts.
+    initramfs_lock: tokio::sync::Mutex<()>,
+    /// Kernels this daemon already tried to give an initramfs at boot.
+    initramfs_tried: Mutex<std::collections::HashSet<String>>,
     /// Cancelled when the daemon shuts down.
     pub shutdown: CancellationToken,
 }
@@ -112,6 +119,9 @@ impl Daemon {
             image_lock: tokio::sync::Mutex::new(()),
             network: std::sync::OnceLock::new(),
             alloc_lock: tokio::sync::Mutex::new(()),
+            boots: Mutex::default(),
+            initramfs_lock: tokio::sync::Mutex::new(()),
+            initramfs_tried: Mutex::default(),
             shutdown: CancellationToken::new(),
         }))
     }

@@ -49,7 +49,17 @@ impl Daemon {
             cancel: &cancel,
             writable_root: None,
         };
-        match self.boot(ctx, &mut vm, &mut steps).await {
+        let mut booted = self.boot(ctx, &mut vm, &mut steps).await;
+        if booted.is_ok() && self.config.wait_boot {
+            booted = match self.wait_system(&vm, &|_, _| {}, &cancel).await {
+                crate::boot_path::SystemWait::Booted => Ok(()),
+                crate::boot_path::SystemWait::TimedOut(m) => Err(BootError::NotReady(m)),
+                crate::boot_path::SystemWait::Cancelled => {
+                    Err(BootError::NotReady(self.cancel_reason().to_string()))
+                }
+            };
+        }
+        match booted {
             Ok(()) => {
                 steps.commit();
                 if let Err(e) = self.refresh_known_hosts() {

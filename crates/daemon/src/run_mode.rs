@@ -105,34 +105,6 @@ impl Daemon {
         }
     }
 
-    /// `vm ssh`: waits until running VM `vm_ref`'s sshd greets, like
-    /// session mode of `vm run` (same probe, same timeout).
-    pub async fn wait_vm_sshd(
-        &self,
-        vm_ref: &str,
-        progress: &(dyn Fn(&str, &str) + Sync),
-        cancel: &CancellationToken,
-    ) -> Result<VmRecord, crate::DaemonError> {
-        let vm = self.get_vm(vm_ref)?;
-        if vm.state != banger_model::VmState::Running {
-            return Err(crate::DaemonError::Conflict(format!(
-                "VM {name} is {}: start it first (`banger vm start {name}`)",
-                vm.state,
-                name = vm.name
-            )));
-        }
-        match self.wait_sshd(&vm, progress, cancel).await {
-            SshWait::Up => Ok(vm),
-            SshWait::Cancelled => Err(crate::DaemonError::Failed(anyhow::anyhow!(
-                self.cancel_reason()
-            ))),
-            SshWait::TimedOut(msg) => Err(crate::DaemonError::Failed(anyhow::anyhow!(
-                "{msg}: `banger vm logs {}` shows its console",
-                vm.name
-            ))),
-        }
-    }
-
     /// Keeps an ephemeral VM (`vm run --rm`) alive while its create
     /// response is being read: when the client's connection closes (`tx`'s
     /// receiver, the response stream, is dropped), the VM is deleted. A
@@ -189,6 +161,7 @@ mod tests {
             ip: None,
             tap: None,
             ssh_port: Some(port),
+            initramfs: Default::default(),
             created_at: "2026-01-01T00:00:00Z".into(),
             last_error: None,
         }

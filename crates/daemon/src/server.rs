@@ -13,7 +13,7 @@ use banger_api::exec::{ExecControl, ExecExit, ExecReport, ExecStart, STDERR, STD
 use banger_api::{
     ApiError, BuildImageEvent, BuildImageRequest, CreateVmEvent, CreateVmRequest, DaemonInfo,
     KillRequest, LogSource, LogsQuery, NetworkBench, NetworkStatus, PortInfo, Progress,
-    SetVmRequest, VmStats, WaitSshdEvent, paths,
+    SetVmRequest, VmBoot, VmStats, WaitEvent, WaitRequest, paths,
 };
 use banger_model::{ImageRecord, KernelRecord, VmRecord};
 use banger_version::BuildInfo;
@@ -59,7 +59,8 @@ pub fn router(daemon: Shared) -> (Router, serde_json::Value) {
         .routes(routes!(kill_vm))
         .routes(routes!(vm_logs))
         .routes(routes!(vm_ports))
-        .routes(routes!(wait_vm_sshd))
+        .routes(routes!(vm_boot))
+        .routes(routes!(wait_vm))
         .routes(routes!(network_status))
         .routes(routes!(list_images))
         .routes(routes!(get_image))
@@ -222,25 +223,42 @@ async fn vm_ports(
     d.vm_ports(&vm).await.map(Json)
 }
 
+/// How a running VM booted: which initramfs, when the kernel started its
+/// first process and when the agent greeted (guest uptime), and how far
+/// the image's init is.
+#[utoipa::path(get, path = paths::VM_BOOT, params(("vm" = String, Path, description = "name or id prefix")),
+    responses((status = 200, body = VmBoot), (status = 404, body = ApiError), (status = 409, body = ApiError)))]
+async fn vm_boot(
+    State(d): State<Shared>,
+    Path(vm): Path<String>,
+) -> Result<Json<VmBoot>, DaemonError> {
+    d.vm_boot(&vm).await.map(Json)
+}
+
 /// Waits until a running VM's sshd greets (an `SSH-` banner probed from the
-/// host), at most `ready_timeout_secs`. Answers with newline-delimited JSON
-/// `WaitSshdEvent`s: a `sshd` progress note if it has to wait, then `done`
-/// with the VM or `error`.
-#[utoipa::path(post, path = paths::VM_SSHD_WAIT, params(("vm" = String, Path, description = "name or id prefix")),
-    responses((status = 200, content_type = "application/x-ndjson", body = WaitSshdEvent),
-              (status = 404, body = ApiError)))]
-async fn wait_vm_sshd(State(d): State<Shared>, Path(vm): Path<String>) -> Response {
-    // An unknown VM is a plain 404, before any stream.
-    if let Err(e) = d.get_vm(&vm) {
+/// host) or its init has finished booting, at most `ready_timeout_secs`.
+/// Answers with newline-delimited JSON `WaitEvent`s: a progress note if it
+/// has to wait, then `done` with the VM or `error`.
+#[utoipa::path(post, path = paths::VM_WAIT, params(("vm" = String, Path, description = "name or id prefix")),
+    request_body = WaitRequest,
+    responses((status = 200, content_type = "application/x-ndjson", body = WaitEvent),
+              (status = 404, body = ApiError), (status = 409, body = ApiError)))]
+async fn wait_vm(
+    State(d): State<Shared>,
+    Path(vm): Path<String>,
+    Json(req): Json<WaitRequest>,
+) -> Response {
+    // An unknown or stopped VM is a plain 404 or 409, before any stream.
+    if let Err(e) = d.running_agent(&vm) {
         return e.into_response();
     }
     operation(
         d,
-        WaitSshdEvent::Done,
-        WaitSshdEvent::Error,
+        WaitEvent::Done,
+        WaitEvent::Error,
         move |d, tx, cancel| async move {
-            let progress = progress_events(&tx, WaitSshdEvent::Progress);
-            d.wait_vm_sshd(&vm, &progress, &cancel).await
+            let progress = progress_events(&tx, WaitEvent::Progress);
+            d.wait_vm(&vm, req.until, &progress, &cancel).await
         },
     )
 }

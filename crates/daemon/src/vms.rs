@@ -1,5 +1,6 @@
 //! VM lifecycle: create (+ boot), delete, exec, exit watching.
 
+use crate::boot_path::{BootFacts, BootInitrd};
 use crate::steps::{Steps, UndoSlot};
 use crate::{Daemon, DaemonError};
 use anyhow::{Context, anyhow};
@@ -171,6 +172,7 @@ impl Daemon {
             ip: Some(ip),
             tap: None,
             ssh_port: None,
+            initramfs: req.initramfs.unwrap_or(self.config.initramfs),
         };
         let lock = self.vm_lock(&id);
         let _guard = lock.lock().await;
@@ -296,6 +298,16 @@ impl Daemon {
             writable_root: None,
         };
         let mut booted = this.boot(ctx, &mut vm, &mut steps).await;
+        if booted.is_ok() && req.wait_boot.unwrap_or(self.config.wait_boot) {
+            booted = match this.wait_system(&vm, &progress, &cancel).await {
+                crate::boot_path::SystemWait::Booted => Ok(()),
+                crate::boot_path::SystemWait::TimedOut(msg) => Err(BootError::NotReady(msg)),
+                crate::boot_path::SystemWait::Cancelled => {
+                    this.set_agent(&id, None);
+                    Err(fail(&mut steps, anyhow!(this.cancel_reason())).await)
+                }
+            };
+        }
         if booted.is_ok() && req.wait_ssh {
             booted = match this.wait_sshd(&vm, &progress, &cancel).await {
                 crate::run_mode::SshWait::Up => Ok(()),
@@ -406,11 +418,15 @@ impl Daemon {
             extra_cmdline.push_str(&n.cmdline);
             nets = n.nets;
         }
+        let (initrd, initrd_kind) = match self.boot_initrd(vm, kernel, image).await {
+            Ok(x) => x,
+            Err(e) => return Err(fail(steps, e).await),
+        };
         let spec = LaunchSpec {
             name: vm.name.to_string(),
             dir: vm.dir.clone(),
             kernel: kernel_file,
-            initrd: kernel.initrd.clone(),
+            initrd,
             extra_cmdline,
             disks: disk_specs,
             nets,
@@ -427,8 +443,13 @@ impl Daemon {
                 u.set(move || async move { v.terminate(&d, pid).await.map_err(Into::into) });
                 Ok(l)
             })
-            .await
-            .map_err(|e| BootError::Failed(e.into()))?;
+            .await;
+        if initrd_kind == BootInitrd::Banger {
+            // The VMM has read it into the guest's memory (QEMU at start-up,
+            // Firecracker at InstanceStart).
+            let _ = tokio::fs::remove_file(vm.dir.join(crate::boot_path::BOOT_INITRD_FILE)).await;
+        }
+        let launched = launched.map_err(|e| BootError::Failed(e.into()))?;
         let launched_pid = launched.pid;
         cap_logs(spec.dir.clone(), launched_pid);
         vm.pid = Some(launched_pid);
@@ -439,7 +460,7 @@ impl Daemon {
             true,
             self.shutdown.clone(),
         );
-        let exited = launched.exited;
+        let mut exited = launched.exited;
         let agent_ep = launched.agent;
         if let Err(e) = self
             .store
@@ -449,37 +470,59 @@ impl Daemon {
         }
 
         let console = paths.console_log();
-        let agent = steps
-            .run("agent", "waiting for the guest agent", |_| async move {
-                let stream = agent_ep
-                    .open()
-                    .await
-                    .context("connecting to the agent channel")?;
-                Ok(AgentClient::spawn(stream))
+        let ready_by = Instant::now() + self.ready_timeout();
+        // Firecracker's guest connects to us: a VMM that exits first (a
+        // failed boot) or a guest that never connects must not hang this.
+        let opened = steps
+            .run("agent", "waiting for the guest agent", |_| async {
+                tokio::select! {
+                    r = tokio::time::timeout_at(ready_by.into(), agent_ep.open()) => match r {
+                        Ok(stream) => Ok(Some(AgentClient::spawn(
+                            stream.context("connecting to the agent channel")?,
+                        ))),
+                        Err(_) => Ok(None),
+                    },
+                    _ = &mut exited => Err(crate::boot_path::stopped_before_agent(vm.name.as_str(), &console)),
+                }
             })
             .await
             .map_err(|e| BootError::Failed(e.into()))?;
+        let Some(agent) = opened else {
+            self.watch_exit(vm.id.clone(), launched_pid, exited);
+            return Err(BootError::NotReady(format!(
+                "VM {name}'s agent did not connect within {}s (ready_timeout_secs); it is kept running for inspection: `banger vm logs {name}` shows its console ({}), `banger vm delete {name}` removes it",
+                self.ready_timeout().as_secs(),
+                console.display(),
+                name = vm.name,
+            )));
+        };
         let hello = tokio::select! {
-            r = tokio::time::timeout(self.ready_timeout(), agent.wait_hello()) => r,
+            r = tokio::time::timeout_at(ready_by.into(), agent.wait_hello()) => r,
             _ = cancel.cancelled() => {
                 return Err(fail(steps, anyhow!(self.cancel_reason())).await);
             }
         };
         match hello {
             Ok(Ok(hello)) => {
-                tracing::info!(vm = %vm.name, agent = %hello.agent_version, guest_uptime_ms = hello.uptime_ms, "agent ready");
+                tracing::info!(vm = %vm.name, agent = %hello.agent_version, guest_uptime_ms = hello.uptime_ms, initramfs = initrd_kind.as_str(), "agent ready");
+                self.set_boot_facts(
+                    &vm.id,
+                    Some(BootFacts {
+                        initrd: initrd_kind,
+                        hello_ms: hello.uptime_ms,
+                    }),
+                );
                 progress(
                     "ready",
                     &format!(
-                        "guest agent is up ({} ms after the guest kernel started)",
-                        hello.uptime_ms
+                        "guest agent is up ({} ms after the guest kernel started; {} initramfs)",
+                        hello.uptime_ms,
+                        initrd_kind.as_str()
                     ),
                 );
             }
             Ok(Err(banger_agent_proto::client::ClientError::Disconnected)) => {
-                let tail = console_tail(&console);
-                let err =
-                    anyhow!("the VM stopped before its agent came up; last console lines:\n{tail}");
+                let err = crate::boot_path::stopped_before_agent(vm.name.as_str(), &console);
                 return Err(fail(steps, err).await);
             }
             Ok(Err(e)) => return Err(fail(steps, e.into()).await),
@@ -541,6 +584,7 @@ impl Daemon {
             return;
         }
         self.set_agent(id, None);
+        self.set_boot_facts(id, None);
         self.net_down(&vm).await;
         if matches!(
             vm.state,
@@ -567,6 +611,7 @@ impl Daemon {
         // Re-read under the lock: a concurrent delete may have won.
         let vm = self.store.get_vm(&vm.id)?;
         self.set_agent(&vm.id, None);
+        self.set_boot_facts(&vm.id, None);
         if let Some(pid) = vm.pid {
             self.terminate_vmm(&vm, pid).await?;
         }
@@ -651,9 +696,9 @@ pub(crate) struct BootCtx<'a> {
 ///
 /// The standard layout is the boot contract's: the image's root
 /// (read-only), the VM's overlay, its work disk. With a writable root there
-/// is no overlay: early init boots that root as it is, `rw` after the
-/// contract's `ro` makes the kernel and the initramfs mount it writable (the
-/// last of the two wins), and the work disk comes second.
+/// is no overlay: early init boots that root as it is, mounted `rw` (by
+/// banger's initramfs, the distribution's or the kernel), and the work disk
+/// comes second.
 fn boot_layout(
     image: &ImageRecord,
     disks: &VmDisks,
@@ -675,12 +720,13 @@ fn boot_layout(
         ),
         Some(root) => {
             let args = BootArgs {
+                root_writable: true,
                 overlay: None,
                 work: None,
-                init: banger_agent_proto::boot::DEFAULT_INIT.into(),
+                ..BootArgs::standard()
             };
             (
-                format!("{} rw", args.kernel_params(banger_agent::BINARY_PATH)),
+                args.kernel_params(banger_agent::BINARY_PATH),
                 vec![disk(root, false), disk(&disks.work, false)],
             )
         }
@@ -798,7 +844,14 @@ mod tests {
 
         let root = Path::new("/vms/x/rootfs.ext4");
         let (params, d) = boot_layout(&image, &disks, Some(root));
-        assert!(params.ends_with(" rw"), "{params}");
+        assert!(params.starts_with("root=/dev/vda rw "), "{params}");
+        assert!(BootArgs::parse(&params).root_writable);
+        let fc = banger_vmm::firecracker::boot_args(&params);
+        assert_eq!(
+            fc.split(' ').filter(|a| *a == "rw" || *a == "ro").count(),
+            1,
+            "{fc}"
+        );
         assert!(!params.contains("banger.overlay"), "{params}");
         assert_eq!(
             BootArgs::parse(&params).overlay,

@@ -42,6 +42,15 @@ fn bench_reports_run_lifecycle_exec_and_cp_blocks() {
     for f in [
         "banger_median.total_ms",
         "banger_median.boot_to_agent_ms",
+        "banger_median.kernel_init_ms",
+        "banger_median.agent_ready_ms",
+        "banger_median.ready_over_kernel_init",
+        "distro_median.total_ms",
+        "distro_median.kernel_init_ms",
+        "distro_median.agent_ready_ms",
+        "total_ratio_banger_over_distro",
+        "previous_total_ms",
+        "total_ratio_banger_over_previous",
         "lifecycle_median.start_to_ready_ms",
         "bare_boot_to_agent_ms_median",
         "exec.true_p50_ms",
@@ -57,6 +66,13 @@ fn bench_reports_run_lifecycle_exec_and_cp_blocks() {
     }
     // The bare boot starts the daemon's own backend (QEMU under TCG here).
     assert_eq!(r["bare_vmm"], "qemu (tcg)", "{r}");
+    // The same run booted both ways, side by side.
+    assert_eq!(r["banger_median"]["initramfs"], "banger", "{r}");
+    assert_eq!(r["distro_median"]["initramfs"], "distro", "{r}");
+    assert!(
+        positive(&r, "banger_median.ready_over_kernel_init") > 1.0,
+        "{r}"
+    );
     assert_eq!(r["exec"]["runs"], 5, "{r}");
     assert_eq!(r["exec"]["stdout_bytes"], 4 << 20, "{r}");
     assert_eq!(r["cp"]["bytes"], 4 << 20, "{r}");

@@ -524,14 +524,10 @@ fn vm_ssh_checks_the_pinned_host_key() {
         args.extend(extra);
         b.run(&args)
     };
-    // sshd comes up after the agent: wait for the first real login.
-    let mut last = String::new();
-    wait_until("ssh to the VM", Duration::from_secs(180), || {
-        let out = ssh(&["hostname"]);
-        last = text(&out).1;
-        out.status.success()
-    });
-    assert_eq!(text(&ssh(&["hostname"])).0.trim(), "e2e-ssh", "{last}");
+    // sshd comes up seconds after the agent answers: `vm ssh` waits for
+    // it, so the first login works.
+    let out = ssh(&["hostname"]);
+    assert_eq!(text(&out).0.trim(), "e2e-ssh", "{}", text(&out).1);
     assert_eq!(ssh(&["exit", "3"]).status.code(), Some(3));
 
     // Through the ssh_config banger keeps (run inside the VMs' namespace).

@@ -36,23 +36,25 @@ HostKey /etc/ssh/ssh_host_ed25519_key
 
 /// ssh.service drop-in. The image ships no host keys: banger gives each VM
 /// its own ed25519 key, the only one sshd is told to use. Should a VM boot
-/// without it, Debian's `sshd -t` pre-check would fail the service, so it
-/// is generated first when missing. Only that one: `ssh-keygen -A` would
+/// without it, it is generated first. Only that one: `ssh-keygen -A` would
 /// also make RSA and ECDSA keys at every boot, which takes seconds of an
-/// emulated CPU before sshd listens. `ExecStartPre=` is reset to keep the
-/// order: key, then the config check.
+/// emulated CPU before sshd listens. Debian's `sshd -t` pre-check goes too
+/// (`ExecStartPre=` is reset): banger wrote the configuration, and the
+/// check cost seconds of emulated CPU at every boot before sshd listened
+/// (a broken configuration still fails the service, in sshd itself).
 pub const SSH_HOST_KEYS_DROPIN: &str = "\
 # Installed by banger: generate the host key the VM was not given.
 [Service]
 ExecStartPre=
 ExecStartPre=/bin/sh -c 'test -s /etc/ssh/ssh_host_ed25519_key || exec /usr/bin/ssh-keygen -q -t ed25519 -N \"\" -f /etc/ssh/ssh_host_ed25519_key'
-ExecStartPre=/usr/sbin/sshd -t
 ";
 
 /// Units masked because they only cost a sandbox boot time, CPU and I/O:
 /// background apt updates and upgrades, the daily dpkg database backup,
 /// ext4 scrubbing (needs LVM, and its reaper runs at every boot), weekly
-/// TRIM (the disk is a host-side overlay) and man-db's index rebuild.
+/// TRIM (the disk is a host-side overlay), man-db's index rebuild, and the
+/// early module loads of hardware a microVM does not have (DRM graphics,
+/// EFI pstore, device-mapper), each seconds of emulated CPU at every boot.
 /// Masked rather than only disabled, so that a package upgrade in the guest
 /// does not bring them back.
 pub const MASKED_UNITS: &[&str] = &[
@@ -67,6 +69,9 @@ pub const MASKED_UNITS: &[&str] = &[
     // loads its own docker-default profile with apparmor_parser when it
     // starts a container.
     "apparmor.service",
+    "modprobe@drm.service",
+    "modprobe@efi_pstore.service",
+    "modprobe@dm_mod.service",
 ];
 
 const HOSTS: &str = "\

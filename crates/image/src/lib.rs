@@ -13,6 +13,7 @@ mod build;
 pub mod customize;
 pub mod derive;
 mod fsutil;
+pub mod initramfs;
 mod manifest;
 pub mod mise;
 mod process;

@@ -10,4 +10,4 @@ mod vm;
 pub use name::{NameError, VM_NAME_MAX_LEN, VM_NAME_PATTERN, VmName, generate_name};
 pub use size::{ByteSize, SizeError};
 pub use spec::{Provenance, SpecValue, VmSpec};
-pub use vm::{ImageRecord, KernelRecord, VmBackend, VmId, VmRecord, VmState};
+pub use vm::{ImageRecord, InitramfsMode, KernelRecord, VmBackend, VmId, VmRecord, VmState};

@@ -109,6 +109,51 @@ impl std::str::FromStr for VmBackend {
     }
 }
 
+/// Which initramfs boots a VM's kernel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum InitramfsMode {
+    /// banger's own when the kernel has one, else the distribution's.
+    #[default]
+    Auto,
+    /// banger's own: the guest agent as `/init` with the few modules it
+    /// needs; ready as soon as the root is assembled.
+    Banger,
+    /// The distribution's (the kernel's own initrd), then the agent as
+    /// `init=`.
+    Distro,
+}
+
+impl InitramfsMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            InitramfsMode::Auto => "auto",
+            InitramfsMode::Banger => "banger",
+            InitramfsMode::Distro => "distro",
+        }
+    }
+}
+
+impl fmt::Display for InitramfsMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for InitramfsMode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "auto" => Ok(InitramfsMode::Auto),
+            "banger" => Ok(InitramfsMode::Banger),
+            "distro" => Ok(InitramfsMode::Distro),
+            other => Err(format!(
+                "unknown initramfs {other:?}: use auto, banger or distro"
+            )),
+        }
+    }
+}
+
 /// A VM as stored by the daemon.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct VmRecord {
@@ -137,6 +182,9 @@ pub struct VmRecord {
     /// VM runs with user-mode networking.
     #[serde(default)]
     pub ssh_port: Option<u16>,
+    /// Which initramfs its boots use.
+    #[serde(default)]
+    pub initramfs: InitramfsMode,
     /// RFC 3339 creation time.
     pub created_at: String,
     /// Last error, when `state` is `error`.
@@ -155,6 +203,12 @@ pub struct KernelRecord {
     pub vmlinux: Option<PathBuf>,
     /// Kernel release, e.g. `6.1.0-27-cloud-amd64`.
     pub release: Option<String>,
+    /// The kernel's part of banger's initramfs (its modules, see
+    /// `banger_image::initramfs`), made from the modules of an image that
+    /// boots it; `None` until one did.
+    #[serde(default)]
+    #[schema(value_type = Option<String>)]
+    pub banger_initramfs: Option<PathBuf>,
     /// The directory banger made for this kernel's files (pulled, built, or
     /// a vmlinux extracted at register), removed with the record. `None`:
     /// every file is the user's and banger never deletes any of them.

@@ -9,7 +9,7 @@ use std::path::PathBuf;
 const IMAGE_SELECT: &str =
     "SELECT name, rootfs, kernel, managed, size_bytes, created_at, work_seed FROM images";
 const KERNEL_SELECT: &str =
-    "SELECT name, kernel, initrd, vmlinux, release, created_at, dir FROM kernels";
+    "SELECT name, kernel, initrd, vmlinux, release, created_at, dir, banger_initramfs FROM kernels";
 
 impl Store {
     /// Inserts an image, or replaces the one with that name (keeping its
@@ -93,10 +93,11 @@ impl Store {
     /// creation time).
     pub fn upsert_kernel(&self, k: &KernelRecord) -> Result<(), StoreError> {
         self.conn().execute(
-            "INSERT INTO kernels (name, kernel, initrd, vmlinux, release, created_at, dir)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
+            "INSERT INTO kernels (name, kernel, initrd, vmlinux, release, created_at, dir, banger_initramfs)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
              ON CONFLICT(name) DO UPDATE SET kernel = excluded.kernel, initrd = excluded.initrd,
-             vmlinux = excluded.vmlinux, release = excluded.release, dir = excluded.dir",
+             vmlinux = excluded.vmlinux, release = excluded.release, dir = excluded.dir,
+             banger_initramfs = excluded.banger_initramfs",
             params![
                 k.name,
                 path_text(&k.kernel)?,
@@ -104,7 +105,8 @@ impl Store {
                 k.vmlinux.as_deref().map(path_text).transpose()?,
                 k.release,
                 k.created_at,
-                k.dir.as_deref().map(path_text).transpose()?
+                k.dir.as_deref().map(path_text).transpose()?,
+                k.banger_initramfs.as_deref().map(path_text).transpose()?
             ],
         )?;
         Ok(())
@@ -180,6 +182,7 @@ fn kernel_row(r: &Row<'_>) -> rusqlite::Result<KernelRecord> {
     let initrd: Option<String> = r.get(2)?;
     let vmlinux: Option<String> = r.get(3)?;
     let dir: Option<String> = r.get(6)?;
+    let banger_initramfs: Option<String> = r.get(7)?;
     Ok(KernelRecord {
         name: r.get(0)?,
         kernel: PathBuf::from(kernel),
@@ -188,6 +191,7 @@ fn kernel_row(r: &Row<'_>) -> rusqlite::Result<KernelRecord> {
         release: r.get(4)?,
         created_at: r.get(5)?,
         dir: dir.map(PathBuf::from),
+        banger_initramfs: banger_initramfs.map(PathBuf::from),
     })
 }
 
@@ -204,6 +208,7 @@ mod tests {
             vmlinux: None,
             release: Some("6.1.0-50-cloud-amd64".into()),
             dir: Some("/k".into()),
+            banger_initramfs: Some("/k/banger-modules.cpio".into()),
             created_at: "2026-01-01T00:00:00Z".into(),
         }
     }
@@ -230,6 +235,7 @@ mod tests {
             initrd: None,
             release: None,
             dir: None,
+            banger_initramfs: None,
             created_at: "later".into(),
             ..k.clone()
         };
@@ -315,6 +321,7 @@ mod tests {
             ip: None,
             tap: None,
             ssh_port: None,
+            initramfs: Default::default(),
         })
         .expect("vm");
 

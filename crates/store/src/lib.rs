@@ -121,6 +121,11 @@ const MIGRATIONS: &[M<'static>] = &[
     CREATE UNIQUE INDEX vms_ip ON vms(ip);",
     ),
     M::up("ALTER TABLE kernels ADD COLUMN dir TEXT;"),
+    M::up(
+        "ALTER TABLE kernels ADD COLUMN banger_initramfs TEXT;
+    ALTER TABLE vms ADD COLUMN initramfs TEXT NOT NULL DEFAULT 'auto'
+        CHECK (initramfs IN ('auto', 'banger', 'distro'));",
+    ),
 ];
 
 /// How long a statement waits for another connection's lock before failing.

@@ -6,7 +6,7 @@ use rusqlite::ffi::{SQLITE_CONSTRAINT_FOREIGNKEY, SQLITE_CONSTRAINT_UNIQUE};
 use rusqlite::{Connection, OptionalExtension, Row, params};
 use std::path::PathBuf;
 
-const SELECT: &str = "SELECT id, name, image, state, backend, spec, dir, pid, created_at, last_error, nat, ip, tap, ssh_port FROM vms";
+const SELECT: &str = "SELECT id, name, image, state, backend, spec, dir, pid, created_at, last_error, nat, ip, tap, ssh_port, initramfs FROM vms";
 /// Oldest first. `julianday` compares instants, not strings (RFC 3339 texts
 /// with different fraction lengths do not sort as text); rowid breaks ties.
 const ORDER: &str = "ORDER BY julianday(created_at), rowid";
@@ -18,8 +18,8 @@ impl Store {
         let spec = spec_json(vm)?;
         self.conn()
             .execute(
-                "INSERT INTO vms (id, name, image, state, backend, spec, dir, pid, created_at, last_error, nat, ip, tap, ssh_port)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)",
+                "INSERT INTO vms (id, name, image, state, backend, spec, dir, pid, created_at, last_error, nat, ip, tap, ssh_port, initramfs)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)",
                 params![
                     vm.id.as_str(),
                     vm.name.as_str(),
@@ -34,7 +34,8 @@ impl Store {
                     vm.nat,
                     vm.ip.map(|ip| ip.to_string()),
                     vm.tap,
-                    vm.ssh_port
+                    vm.ssh_port,
+                    vm.initramfs.as_str()
                 ],
             )
             .map_err(|e| write_error(e, vm))?;
@@ -48,7 +49,7 @@ impl Store {
             .conn()
             .execute(
                 "UPDATE vms SET name = ?2, image = ?3, state = ?4, backend = ?5, spec = ?6, dir = ?7, pid = ?8,
-                 last_error = ?9, nat = ?10, ip = ?11, tap = ?12, ssh_port = ?13 WHERE id = ?1",
+                 last_error = ?9, nat = ?10, ip = ?11, tap = ?12, ssh_port = ?13, initramfs = ?14 WHERE id = ?1",
                 params![
                     vm.id.as_str(),
                     vm.name.as_str(),
@@ -62,7 +63,8 @@ impl Store {
                     vm.nat,
                     vm.ip.map(|ip| ip.to_string()),
                     vm.tap,
-                    vm.ssh_port
+                    vm.ssh_port,
+                    vm.initramfs.as_str()
                 ],
             )
             .map_err(|e| write_error(e, vm))?;
@@ -234,6 +236,7 @@ struct VmRow {
     ip: Option<String>,
     tap: Option<String>,
     ssh_port: Option<u16>,
+    initramfs: String,
 }
 
 impl VmRow {
@@ -253,6 +256,7 @@ impl VmRow {
             ip: r.get(11)?,
             tap: r.get(12)?,
             ssh_port: r.get(13)?,
+            initramfs: r.get(14)?,
         })
     }
 
@@ -286,6 +290,10 @@ impl VmRow {
                 .transpose()?,
             tap: self.tap,
             ssh_port: self.ssh_port,
+            initramfs: self
+                .initramfs
+                .parse()
+                .map_err(|e| corrupt("initramfs", e))?,
             id: VmId(id),
         })
     }
@@ -294,6 +302,7 @@ impl VmRow {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use banger_model::InitramfsMode;
     use banger_model::{ImageRecord, KernelRecord, Provenance, SpecValue};
 
     /// A store with the image `debian-bookworm`, which test VMs use.
@@ -306,6 +315,7 @@ mod tests {
             vmlinux: None,
             release: None,
             dir: None,
+            banger_initramfs: None,
             created_at: "2026-01-01T00:00:00Z".into(),
         })
         .expect("kernel");
@@ -342,6 +352,7 @@ mod tests {
             ip: None,
             tap: None,
             ssh_port: None,
+            initramfs: InitramfsMode::Distro,
         }
     }
 
@@ -540,6 +551,7 @@ mod tests {
                 vmlinux: None,
                 release: None,
                 dir: None,
+                banger_initramfs: None,
                 created_at: "t".into(),
             })
             .expect("k");

@@ -590,6 +590,7 @@ pub(crate) mod tests {
                 ip: Some(std::net::Ipv4Addr::new(172, 16, 0, 2)),
                 tap: None,
                 ssh_port: None,
+                initramfs: Default::default(),
                 created_at: "2026-01-01T00:00:00Z".into(),
                 last_error: None,
             },

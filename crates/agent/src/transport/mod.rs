@@ -91,7 +91,7 @@ fn find_port(class: &Path, dev: &Path, name: &str) -> Option<PathBuf> {
 }
 
 /// Device ids of all virtio devices (`0x0003` in each `device` file).
-fn virtio_device_ids(devices: &Path) -> Vec<u32> {
+pub fn virtio_device_ids(devices: &Path) -> Vec<u32> {
     let Ok(entries) = std::fs::read_dir(devices) else {
         return Vec::new();
     };

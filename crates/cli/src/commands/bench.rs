@@ -4,6 +4,7 @@ use crate::connect;
 use anyhow::Context;
 use banger_api::exec::{ExecOutput, ExecStart};
 use banger_api::{CreateVmEvent, CreateVmRequest};
+use banger_model::InitramfsMode;
 use clap::{Args, Subcommand};
 use serde::Serialize;
 use std::time::Instant;
@@ -41,8 +42,10 @@ pub struct BenchArgs {
 }
 
 /// One `vm run --rm -- true`, in milliseconds.
-#[derive(Debug, Clone, Copy, Serialize, Default)]
+#[derive(Debug, Clone, Serialize, Default)]
 struct RunSample {
+    /// The initramfs that booted it: `banger`, `distro` or `none`.
+    initramfs: String,
     total_ms: f64,
     /// Request sent → VMM about to be launched (name, image, disk, record).
     create_ms: f64,
@@ -57,6 +60,14 @@ struct RunSample {
     /// The same without the exec round trip, whose time is mostly the guest
     /// starting `true` (emulated under TCG).
     overhead_excluding_exec_ms: f64,
+    /// Guest kernel uptime when the kernel started its first process
+    /// (`Run /init as init process`).
+    kernel_init_ms: f64,
+    /// Guest kernel uptime at the agent's hello.
+    agent_ready_ms: f64,
+    /// `agent_ready_ms / kernel_init_ms`: how far past the kernel's own
+    /// start the guest is ready (1.0 = at once).
+    ready_over_kernel_init: f64,
 }
 
 /// One create → start → stop of a VM, in milliseconds, and its memory.
@@ -81,8 +92,23 @@ struct Report {
     runs: usize,
     backend: String,
     host: String,
+    /// `vm run --rm -- true` booting banger's initramfs (the agent as
+    /// /init, ready before the image's init).
     banger_median: RunSample,
     samples: Vec<RunSample>,
+    /// The same run with `--initramfs distro` (the kernel's own initramfs,
+    /// then the agent as init=), in the same iterations.
+    distro_median: RunSample,
+    distro_samples: Vec<RunSample>,
+    /// banger's total over the distro boot's total: below 1 is faster.
+    total_ratio_banger_over_distro: f64,
+    /// What `vm run --rm -- true` took before banger's initramfs and
+    /// readiness at init: the bare boot below (the kernel's own initramfs,
+    /// then systemd starting the agent's unit) plus the distro run's time
+    /// outside its boot (create, exec, delete).
+    previous_total_ms: f64,
+    /// banger's total over [`Report::previous_total_ms`].
+    total_ratio_banger_over_previous: f64,
     lifecycle_median: LifecycleSample,
     lifecycle_samples: Vec<LifecycleSample>,
     /// The VMM of the bare boot: the daemon's backend, started directly.
@@ -159,18 +185,28 @@ pub async fn run(a: BenchArgs) -> anyhow::Result<i32> {
     let info = client.info().await?;
     let bare_vmm = bare_backend().context("choosing the VMM for the bare boot")?;
     let mut samples = Vec::new();
+    let mut distro = Vec::new();
     let mut bare = Vec::new();
     let mut life = Vec::new();
     for i in 0..a.runs {
-        let s = one_run(&client, a.image.clone(), i).await?;
-        eprintln!(
-            "bench: run {}: total {:.0} ms, boot {:.0} ms, overhead {:.1} ms",
-            i + 1,
-            s.total_ms,
-            s.boot_to_agent_ms,
-            s.orchestration_overhead_ms
-        );
-        samples.push(s);
+        for (mode, out) in [
+            (InitramfsMode::Banger, &mut samples),
+            (InitramfsMode::Distro, &mut distro),
+        ] {
+            let s = one_run(&client, a.image.clone(), i, mode).await?;
+            eprintln!(
+                "bench: run {} ({} initramfs): total {:.0} ms, boot {:.0} ms, overhead {:.1} ms, kernel init {:.0} ms, agent ready {:.0} ms ({:.2}x)",
+                i + 1,
+                s.initramfs,
+                s.total_ms,
+                s.boot_to_agent_ms,
+                s.orchestration_overhead_ms,
+                s.kernel_init_ms,
+                s.agent_ready_ms,
+                s.ready_over_kernel_init
+            );
+            out.push(s);
+        }
         let b = bare_boot(&client, a.image.as_deref(), &bare_vmm)
             .await
             .with_context(|| format!("bare {} boot", bare_vmm.kind))?;
@@ -196,17 +232,8 @@ pub async fn run(a: BenchArgs) -> anyhow::Result<i32> {
         guest_touched_bytes: lpick(|s| s.guest_touched_bytes as f64) as u64,
         overhead_bytes: lpick(|s| s.overhead_bytes as f64) as i64,
     };
-    let pick = |f: fn(&RunSample) -> f64| median(samples.iter().map(f).collect());
-    let med = RunSample {
-        total_ms: pick(|s| s.total_ms),
-        create_ms: pick(|s| s.create_ms),
-        boot_to_agent_ms: pick(|s| s.boot_to_agent_ms),
-        ready_ms: pick(|s| s.ready_ms),
-        exec_ms: pick(|s| s.exec_ms),
-        delete_ms: pick(|s| s.delete_ms),
-        orchestration_overhead_ms: pick(|s| s.orchestration_overhead_ms),
-        overhead_excluding_exec_ms: pick(|s| s.overhead_excluding_exec_ms),
-    };
+    let med = median_sample(&samples);
+    let distro_med = median_sample(&distro);
     let bare_med = median(bare.clone());
     let (network, network_error) = match client.network_bench().await {
         Ok(n) => (Some(n), None),
@@ -239,8 +266,21 @@ pub async fn run(a: BenchArgs) -> anyhow::Result<i32> {
         runs: a.runs,
         backend: format!("{} ({})", info.backend, info.backend_reason),
         host: host_summary(),
-        banger_median: med,
+        total_ratio_banger_over_distro: if distro_med.total_ms > 0.0 {
+            med.total_ms / distro_med.total_ms
+        } else {
+            0.0
+        },
+        previous_total_ms: bare_med + distro_med.orchestration_overhead_ms,
+        total_ratio_banger_over_previous: if bare_med > 0.0 {
+            med.total_ms / (bare_med + distro_med.orchestration_overhead_ms)
+        } else {
+            0.0
+        },
+        banger_median: med.clone(),
         samples,
+        distro_median: distro_med,
+        distro_samples: distro,
         lifecycle_median: life_med,
         lifecycle_samples: life,
         bare_vmm: bare_vmm.kind.to_string(),
@@ -267,18 +307,42 @@ pub async fn run(a: BenchArgs) -> anyhow::Result<i32> {
     Ok(0)
 }
 
+/// The median of each field.
+fn median_sample(samples: &[RunSample]) -> RunSample {
+    let pick = |f: fn(&RunSample) -> f64| median(samples.iter().map(f).collect());
+    RunSample {
+        initramfs: samples
+            .first()
+            .map(|s| s.initramfs.clone())
+            .unwrap_or_default(),
+        total_ms: pick(|s| s.total_ms),
+        create_ms: pick(|s| s.create_ms),
+        boot_to_agent_ms: pick(|s| s.boot_to_agent_ms),
+        ready_ms: pick(|s| s.ready_ms),
+        exec_ms: pick(|s| s.exec_ms),
+        delete_ms: pick(|s| s.delete_ms),
+        orchestration_overhead_ms: pick(|s| s.orchestration_overhead_ms),
+        overhead_excluding_exec_ms: pick(|s| s.overhead_excluding_exec_ms),
+        kernel_init_ms: pick(|s| s.kernel_init_ms),
+        agent_ready_ms: pick(|s| s.agent_ready_ms),
+        ready_over_kernel_init: pick(|s| s.ready_over_kernel_init),
+    }
+}
+
 async fn one_run(
     client: &banger_api::Client,
     image: Option<String>,
     i: usize,
+    initramfs: InitramfsMode,
 ) -> anyhow::Result<RunSample> {
     let req = CreateVmRequest {
-        name: Some(format!("bench-{}-{i}", std::process::id())),
+        name: Some(format!("bench-{}-{initramfs}-{i}", std::process::id())),
         image,
         // Same size as the bare boot below, so the two are comparable.
         vcpu: Some(BENCH_VCPU),
         memory_mib: Some(BENCH_MEMORY_MIB),
         start: true,
+        initramfs: Some(initramfs),
         ..Default::default()
     };
     let t0 = Instant::now();
@@ -319,12 +383,22 @@ async fn one_run(
         }
     }
     let exec = t1.elapsed();
+    // How it booted, asked outside the timed run.
+    let tq = Instant::now();
+    let report = client.vm_boot(vm.name.as_str()).await?;
+    let query = tq.elapsed();
     let t2 = Instant::now();
     client.delete_vm(vm.name.as_str()).await?;
     let delete = t2.elapsed();
-    let total = t0.elapsed();
+    let total = t0.elapsed() - query;
     let boot = ms(ready_at - boot_at);
+    let kernel_init_ms = report.kernel_init_ms.unwrap_or(0) as f64;
+    let agent_ready_ms = report.agent_ready_ms.unwrap_or(0) as f64;
     Ok(RunSample {
+        initramfs: report.initramfs.unwrap_or_default(),
+        kernel_init_ms,
+        agent_ready_ms,
+        ready_over_kernel_init: report.ready_over_kernel_init.unwrap_or(0.0),
         total_ms: ms(total),
         create_ms: ms(boot_at),
         boot_to_agent_ms: boot,

@@ -135,11 +135,12 @@ pub async fn run(a: DoctorArgs) -> anyhow::Result<i32> {
 
     let d = effective_defaults(&config.vm_defaults, &HostResources::detect());
     let summary = d.summary();
-    checks.push(check(
-        "vm_defaults",
-        Status::Pass,
-        summary.trim_start_matches("spec: "),
-    ));
+    let mut detail = summary.trim_start_matches("spec: ").to_string();
+    if let Some(note) = memory_cost_note(d.memory_mib, !kvm.is_usable()) {
+        detail.push_str("; ");
+        detail.push_str(&note);
+    }
+    checks.push(check("vm_defaults", Status::Pass, detail));
 
     let cli = BuildInfo::current();
     let mut net_status = None;
@@ -580,6 +581,30 @@ fn install_hint(pkg: &str) -> String {
     }
 }
 
+/// Seconds an emulated (TCG) guest kernel spends per GiB of memory at every
+/// boot, initialising its page structures before it starts userspace
+/// (measured with the Debian cloud kernel under QEMU 10 TCG: `Run /init`
+/// 0.9 s later with 4 GiB than with 1 GiB).
+const TCG_BOOT_SECS_PER_GIB: f64 = 0.3;
+
+/// What the default memory costs every boot, when the host heuristic (not
+/// the user) chose more than the floor and guests are emulated.
+fn memory_cost_note(memory: banger_model::SpecValue<u64>, tcg: bool) -> Option<String> {
+    let extra_gib = memory
+        .value
+        .saturating_sub(banger_config::BUILTIN_MEMORY_MIB) as f64
+        / 1024.0;
+    if !tcg || memory.source != banger_model::Provenance::Host || extra_gib < 0.5 {
+        return None;
+    }
+    Some(format!(
+        "each boot spends about {:.1} s setting up the {:.1} GiB above 1 GiB under emulation \
+         (~{TCG_BOOT_SECS_PER_GIB} s per GiB): set [vm_defaults] memory_mib to what your guests need",
+        extra_gib * TCG_BOOT_SECS_PER_GIB,
+        extra_gib
+    ))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -602,6 +627,21 @@ mod tests {
         assert_eq!(
             cidr_row("10.213.0.0/24", Err("x".into())).status,
             Status::Warn
+        );
+    }
+
+    #[test]
+    fn the_memory_a_boot_pays_for_is_said_under_emulation_only() {
+        use banger_model::{Provenance, SpecValue};
+        let host = |m| SpecValue::new(m, Provenance::Host);
+        let note = memory_cost_note(host(3072), true).expect("note");
+        assert!(note.starts_with("each boot spends about 0.6 s"), "{note}");
+        assert!(note.contains("memory_mib"), "{note}");
+        assert_eq!(memory_cost_note(host(3072), false), None);
+        assert_eq!(memory_cost_note(host(1024), true), None);
+        assert_eq!(
+            memory_cost_note(SpecValue::new(4096, Provenance::Config), true),
+            None
         );
     }
 

@@ -4,7 +4,7 @@ use crate::connect;
 use crate::output;
 use banger_api::exec::ExecStart;
 use banger_api::{Client, CreateVmEvent, CreateVmRequest};
-use banger_model::{ByteSize, VmName, VmRecord};
+use banger_model::{ByteSize, InitramfsMode, VmName, VmRecord};
 use clap::{Args, Subcommand};
 use std::io::Write;
 
@@ -236,6 +236,16 @@ pub struct CreateFlags {
     /// Masquerade the VM's traffic out of the host (needs bridge networking).
     #[arg(long)]
     pub nat: bool,
+    /// Initramfs its boots use: banger (the agent as /init, ready as soon
+    /// as the root is assembled), distro (the kernel's own), or auto
+    /// (banger's when the kernel has one). Default: `initramfs` in config.
+    #[arg(long, value_name = "auto|banger|distro")]
+    pub initramfs: Option<InitramfsMode>,
+    /// Ready only once the guest's init has finished booting (systemd
+    /// running or degraded), not as soon as the agent answers. Default:
+    /// `wait_boot` in config.
+    #[arg(long)]
+    pub wait_boot: bool,
 }
 
 fn parse_name(s: &str) -> Result<VmName, String> {
@@ -334,6 +344,8 @@ impl CreateFlags {
             disk_size: self.disk_size.map(|d| d.to_string()),
             start,
             nat: self.nat,
+            initramfs: self.initramfs,
+            wait_boot: self.wait_boot.then_some(true),
             ..Default::default()
         }
     }
@@ -365,10 +377,22 @@ pub async fn run(cmd: VmCommand) -> anyhow::Result<i32> {
         VmCommand::Show { vm, json } => {
             let client = connect::client().await?;
             let vm = client.get_vm(&vm).await?;
+            // How it booted, while it runs (its agent answers).
+            let boot = match vm.state {
+                banger_model::VmState::Running => client.vm_boot(vm.id.as_str()).await.ok(),
+                _ => None,
+            };
             if json {
-                output::json(&vm)?;
+                let mut v = serde_json::to_value(&vm)?;
+                if let (Some(b), Some(obj)) = (&boot, v.as_object_mut()) {
+                    obj.insert("boot".into(), serde_json::to_value(b)?);
+                }
+                output::json(&v)?;
             } else {
                 print_vm(&vm);
+                if let Some(b) = &boot {
+                    println!("boot     {}", boot_line(b));
+                }
                 let stats = client.vm_stats(vm.id.as_str(), false).await?;
                 print_disks(&stats.disks);
             }
@@ -630,6 +654,7 @@ fn print_vm(v: &VmRecord) {
             v.pid.map(|p| p.to_string()).unwrap_or_else(|| "-".into()),
         ],
         vec!["dir".into(), v.dir.display().to_string()],
+        vec!["initramfs".into(), v.initramfs.to_string()],
         vec!["created".into(), v.created_at.clone()],
     ];
     let rows = [rows, super::vm_ports::network_rows(v)].concat();
@@ -637,6 +662,27 @@ fn print_vm(v: &VmRecord) {
     if let Some(e) = &v.last_error {
         println!("error    {e}");
     }
+}
+
+/// `banger initramfs, kernel ran /init at 1.84 s, agent ready at 2.10 s
+/// (1.14x); system running`.
+fn boot_line(b: &banger_api::VmBoot) -> String {
+    let secs = |ms: u64| format!("{:.2} s", ms as f64 / 1000.0);
+    let mut parts = vec![format!(
+        "{} initramfs",
+        b.initramfs.as_deref().unwrap_or("unknown")
+    )];
+    if let Some(k) = b.kernel_init_ms {
+        parts.push(format!("kernel ran its first process at {}", secs(k)));
+    }
+    if let Some(r) = b.agent_ready_ms {
+        let ratio = b
+            .ready_over_kernel_init
+            .map(|x| format!(" ({x:.2}x)"))
+            .unwrap_or_default();
+        parts.push(format!("agent ready at {}{ratio}", secs(r)));
+    }
+    format!("{}; system {}", parts.join(", "), b.system)
 }
 
 fn print_disks(disks: &[banger_api::DiskStats]) {

@@ -72,7 +72,7 @@ pub struct RunRecord {
 fn phase_of(daemon_phase: &str) -> Option<&'static str> {
     match daemon_phase {
         "dir" | "record" | "disks" | "ssh" | "files" => Some("create"),
-        "network" | "credentials" | "boot" | "agent" | "sshd" => Some("boot"),
+        "network" | "credentials" | "boot" | "agent" | "system" | "sshd" => Some("boot"),
         _ => None,
     }
 }

@@ -67,8 +67,8 @@ pub async fn run(vm_ref: &str, command: Vec<String>) -> anyhow::Result<i32> {
     // A VM that has just booted may not run sshd yet (its agent is ready
     // first): wait for it like session mode of `vm run`, saying so once.
     let vm = client
-        .wait_sshd(vm_ref, |ev| {
-            if let banger_api::WaitSshdEvent::Progress(p) = ev
+        .wait_vm(vm_ref, banger_api::WaitFor::Sshd, |ev| {
+            if let banger_api::WaitEvent::Progress(p) = ev
                 && p.phase == "sshd"
             {
                 eprintln!("banger: {}", p.message);

@@ -1,0 +1,203 @@
+//! How the guest booted, for [`Body::BootStatus`](banger_agent_proto::Body::BootStatus):
+//! how the agent started, when the kernel started its first process (from
+//! the kernel log), and how far the image's init is.
+
+use banger_agent_proto::{AgentStart, BootReport, SystemState};
+use std::path::Path;
+use std::time::Duration;
+
+/// What the serving agent knows about its start.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BootInfo {
+    pub start: AgentStart,
+    /// Kernel uptime when this agent process started, in milliseconds.
+    pub started_ms: u64,
+    /// The image's init and whether it is systemd, when the agent handed
+    /// PID 1 to it itself; otherwise PID 1 is looked at.
+    pub init: Option<(String, bool)>,
+}
+
+impl BootInfo {
+    /// An agent started by the image's init.
+    pub fn service() -> Self {
+        Self {
+            start: AgentStart::Service,
+            started_ms: uptime_ms(),
+            init: None,
+        }
+    }
+
+    /// The report, with the system state now; with `wait`, once the init
+    /// has finished booting.
+    pub async fn report(&self, wait: bool) -> BootReport {
+        BootReport {
+            agent: self.start,
+            kernel_init_ms: kernel_init_ms(),
+            agent_start_ms: self.started_ms,
+            system: self.system_state(wait).await,
+        }
+    }
+
+    /// The image's init (PID 1) and whether it is systemd.
+    fn init(&self) -> (String, bool) {
+        if let Some(i) = &self.init {
+            return i.clone();
+        }
+        let exe = std::fs::read_link("/proc/1/exe").unwrap_or_default();
+        let is_systemd = exe.file_name().is_some_and(|n| n == "systemd");
+        (exe.display().to_string(), is_systemd)
+    }
+
+    async fn system_state(&self, wait: bool) -> SystemState {
+        let (init, is_systemd) = self.init();
+        if !is_systemd {
+            return SystemState::NoSystemd { init };
+        }
+        loop {
+            let state = systemctl_state(wait).await;
+            match state.as_deref() {
+                // Not answering yet: systemd has just been exec'd.
+                None | Some("offline") | Some("unknown") | Some("") => {
+                    if !wait {
+                        return SystemState::Systemd {
+                            state: "initializing".into(),
+                        };
+                    }
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                Some(s) => return SystemState::Systemd { state: s.into() },
+            }
+        }
+    }
+}
+
+/// `systemctl is-system-running [--wait]`'s answer; `None` when it could
+/// not be asked.
+async fn systemctl_state(wait: bool) -> Option<String> {
+    let mut cmd = tokio::process::Command::new("systemctl");
+    cmd.arg("is-system-running");
+    if wait {
+        cmd.arg("--wait");
+    }
+    let out = cmd
+        .env("PATH", crate::exec::DEFAULT_PATH)
+        .stdin(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .output()
+        .await
+        .ok()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    Some(text.lines().last().unwrap_or("").trim().to_string())
+}
+
+/// Milliseconds since the guest kernel booted (0 if /proc is unreadable).
+pub fn uptime_ms() -> u64 {
+    std::fs::read_to_string("/proc/uptime")
+        .ok()
+        .and_then(|s| parse_uptime_ms(&s))
+        .unwrap_or(0)
+}
+
+pub(crate) fn parse_uptime_ms(proc_uptime: &str) -> Option<u64> {
+    let secs: f64 = proc_uptime.split_whitespace().next()?.parse().ok()?;
+    (secs.is_finite() && secs >= 0.0).then(|| (secs * 1000.0).round() as u64)
+}
+
+/// When the kernel started its first process: the timestamp of its first
+/// `Run <path> as init process` record in the kernel log.
+pub fn kernel_init_ms() -> Option<u64> {
+    read_kmsg(Path::new("/dev/kmsg"))
+        .iter()
+        .find_map(|r| kmsg_init_ms(r))
+}
+
+/// The timestamp (ms) of a `/dev/kmsg` record (`PRI,SEQ,USEC,FLAGS;TEXT`)
+/// announcing the first process.
+pub(crate) fn kmsg_init_ms(record: &str) -> Option<u64> {
+    let (head, text) = record.split_once(';')?;
+    let text = text.lines().next()?;
+    if !(text.starts_with("Run ") && text.ends_with(" as init process")) {
+        return None;
+    }
+    let usec: u64 = head.split(',').nth(2)?.parse().ok()?;
+    Some(usec / 1000)
+}
+
+/// Every record the kernel log still holds (one per read of /dev/kmsg).
+fn read_kmsg(path: &Path) -> Vec<String> {
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    let Ok(mut f) = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)
+    else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    let mut buf = vec![0u8; 8192];
+    loop {
+        match f.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => out.push(String::from_utf8_lossy(&buf[..n]).into_owned()),
+            // Overwritten while we read: the next read goes on.
+            Err(e) if e.raw_os_error() == Some(libc::EPIPE) => continue,
+            Err(_) => break,
+        }
+        // The log only grows; the first process is near its start.
+        if out.len() > 4096 {
+            break;
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_the_first_process_in_kernel_log_records() {
+        assert_eq!(
+            kmsg_init_ms("6,812,2615388,-;Run /init as init process\n"),
+            Some(2615)
+        );
+        assert_eq!(
+            kmsg_init_ms(
+                "6,812,4100000,-;Run /usr/local/bin/banger-agent as init process\n SUBSYSTEM=x\n"
+            ),
+            Some(4100)
+        );
+        assert_eq!(kmsg_init_ms("6,1,10,-;Run /init failed"), None);
+        assert_eq!(kmsg_init_ms("garbage"), None);
+        assert_eq!(kmsg_init_ms("6,1,x,-;Run /init as init process"), None);
+    }
+
+    #[test]
+    fn uptime_is_parsed_to_milliseconds() {
+        assert_eq!(parse_uptime_ms("4.57 6.20\n"), Some(4570));
+        assert_eq!(parse_uptime_ms("12345.01 1.00"), Some(12_345_010));
+        assert_eq!(parse_uptime_ms("nan 1"), None);
+        assert_eq!(parse_uptime_ms(""), None);
+    }
+
+    #[tokio::test]
+    async fn an_init_that_is_not_systemd_has_nothing_to_wait_for() {
+        let info = BootInfo {
+            start: AgentStart::Initramfs,
+            started_ms: 7,
+            init: Some(("/sbin/init".into(), false)),
+        };
+        let r = info.report(true).await;
+        assert_eq!(r.agent, AgentStart::Initramfs);
+        assert_eq!(r.agent_start_ms, 7);
+        assert_eq!(
+            r.system,
+            SystemState::NoSystemd {
+                init: "/sbin/init".into()
+            }
+        );
+        assert!(!r.system.is_booting());
+    }
+}
