@@ -382,16 +382,34 @@ pub struct LogsQuery {
     pub follow: bool,
     /// Start at the last `tail` lines (of what `since_ms` selects).
     #[serde(default)]
+    #[param(value_type = Option<rules::LogTailParam>, inline)]
     pub tail: Option<u64>,
     /// Start with what was written at or after this time (Unix
     /// milliseconds). The daemon notes the log's size every second while
     /// the VM runs; lines are placed within that second (or, for what was
     /// written while the daemon was down, as early as they could have been).
     #[serde(default)]
+    #[param(value_type = Option<rules::SinceMsParam>, inline)]
     pub since_ms: Option<u64>,
 }
 
 impl LogsQuery {
+    /// Refuses a `tail` or `since_ms` beyond [`rules::MAX_LOG_TAIL`] and
+    /// [`rules::MAX_SINCE_MS`].
+    pub fn check(&self) -> Result<(), String> {
+        if let Some(t) = self.tail
+            && t > rules::MAX_LOG_TAIL
+        {
+            return Err(format!("tail must be at most {}", rules::MAX_LOG_TAIL));
+        }
+        if let Some(s) = self.since_ms
+            && s > rules::MAX_SINCE_MS
+        {
+            return Err(format!("since_ms must be at most {}", rules::MAX_SINCE_MS));
+        }
+        Ok(())
+    }
+
     /// The query string, without the `?`.
     pub fn to_query(&self) -> String {
         let source = match self.source {

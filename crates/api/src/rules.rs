@@ -17,6 +17,11 @@ pub use banger_model::limits::{
 /// Signals `POST /v1/vms/{vm}/kill` sends: the standard ones, 1 (HUP) to 31 (SYS).
 pub const MIN_SIGNAL: i32 = 1;
 pub const MAX_SIGNAL: i32 = 31;
+/// Most lines `GET /v1/vms/{vm}/logs?tail=` asks for.
+pub const MAX_LOG_TAIL: u64 = 10_000_000;
+/// Latest `since_ms` of `GET /v1/vms/{vm}/logs` (the document's integers
+/// are int64).
+pub const MAX_SINCE_MS: u64 = i64::MAX as u64;
 
 /// A rule for a string field.
 pub struct StringRule {
@@ -210,6 +215,38 @@ impl utoipa::PartialSchema for SessionNameParam {
 }
 
 impl utoipa::ToSchema for SessionNameParam {}
+
+/// `tail` of `GET /v1/vms/{vm}/logs` as a query parameter's type.
+pub struct LogTailParam;
+
+impl utoipa::PartialSchema for LogTailParam {
+    fn schema() -> RefOr<Schema> {
+        RefOr::T(Schema::Object(integer_schema(
+            0,
+            MAX_LOG_TAIL as i64,
+            false,
+            utoipa::openapi::KnownFormat::Int64,
+        )))
+    }
+}
+
+impl utoipa::ToSchema for LogTailParam {}
+
+/// `since_ms` of `GET /v1/vms/{vm}/logs` as a query parameter's type.
+pub struct SinceMsParam;
+
+impl utoipa::PartialSchema for SinceMsParam {
+    fn schema() -> RefOr<Schema> {
+        RefOr::T(Schema::Object(integer_schema(
+            0,
+            MAX_SINCE_MS as i64,
+            false,
+            utoipa::openapi::KnownFormat::Int64,
+        )))
+    }
+}
+
+impl utoipa::ToSchema for SinceMsParam {}
 
 /// Schemas of the rules, for `#[schema(schema_with = ...)]`.
 pub mod schema {

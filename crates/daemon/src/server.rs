@@ -283,6 +283,7 @@ async fn vm_logs(
     Path(vm): Path<String>,
     Query(q): Query<LogsQuery>,
 ) -> Result<Response, DaemonError> {
+    q.check().map_err(DaemonError::Invalid)?;
     let vm = d.get_vm(&vm)?;
     let vp = banger_vmm::VmPaths::new(&vm.dir);
     let path = match q.source {

@@ -145,7 +145,8 @@ pub enum VmCommand {
         #[arg(long, short = 'f')]
         follow: bool,
         /// Only the last N lines (then what is appended, with --follow).
-        #[arg(long, short = 'n', value_name = "N")]
+        #[arg(long, short = 'n', value_name = "N",
+              value_parser = clap::value_parser!(u64).range(..=banger_api::rules::MAX_LOG_TAIL))]
         tail: Option<u64>,
         /// Only what was written since TIME: a duration ago (10m, 1h30m,
         /// 45s), an RFC 3339 time (2026-05-01T12:00:00Z) or Unix seconds.
