@@ -171,6 +171,11 @@ pub fn run() -> Result<Early, InitError> {
         AgentStart::InitParam
     };
     finish_root()?;
+    // The host's commands run while the image's init boots: what that init
+    // would clean at boot is cleaned now, and not again under them.
+    if let Err(e) = crate::boot_tmp::settle(Path::new("/")) {
+        eprintln!("banger-agent: settling /tmp: {e}");
+    }
     let checked = check_init(&args.init)?;
     // Before the image's init: its services (sshd) find the network and
     // resolver ready.

@@ -11,6 +11,7 @@
 //! stream, so the tests drive it over an in-memory pipe.
 
 mod archive;
+pub mod boot_tmp;
 pub mod bootinfo;
 mod exec;
 pub mod init;
