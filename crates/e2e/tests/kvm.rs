@@ -381,6 +381,11 @@ fn firecracker_persistent_vm_end_to_end() {
     assert!(disk > 5000, "/root is {disk} MiB");
     let page = h.banger_ok(&exec);
     assert_eq!(page.trim(), "upstream-page", "through NAT");
+    // The outer guest runs Docker (the default image has it), whose FORWARD
+    // policy drops what its DOCKER-USER chain does not accept: banger's
+    // forward rules are mirrored there.
+    let mirrored = h.ok("nft list chain ip filter DOCKER-USER | grep -c 'banger vm' || true");
+    assert_eq!(mirrored.trim(), "2", "DOCKER-USER: {mirrored}");
     h.outer_session_stop("upstream");
 
     // kill -9 of the VMM: the daemon sees the VM stop; it starts again

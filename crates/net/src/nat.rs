@@ -22,6 +22,16 @@
 //!
 //! Guests still reach each other (same bridge) and the host (not forwarded),
 //! and their own NATed connections get their replies (established).
+//!
+//! A packet passes the forward hook only when no base chain of any table
+//! drops it, and Docker sets its `ip filter` FORWARD chain's policy to drop.
+//! On a host with Docker, NAT therefore also needs the two forward rules of
+//! each NAT VM in `DOCKER-USER`, the chain Docker keeps for its users' own
+//! rules (as LXD and Incus document): banger mirrors them there, with the
+//! same comments, on every change, and touches no other rule of that table.
+//! Docker also loads `br_netfilter`, which sends traffic between two guests
+//! on the bridge through that chain too: one more rule (`banger bridge`)
+//! accepts traffic from the cidr to the cidr.
 
 use crate::alloc::Subnet;
 use nftables::batch::Batch;
@@ -40,6 +50,7 @@ const POSTROUTING: &str = "postrouting";
 const FORWARD: &str = "forward";
 const COMMENT_PREFIX: &str = "banger vm ";
 const GUARD_COMMENT: &str = "banger guard";
+const BRIDGE_COMMENT: &str = "banger bridge";
 const IP_FORWARD: &str = "/proc/sys/net/ipv4/ip_forward";
 
 /// A NAT change that could not be made.
@@ -99,6 +110,7 @@ pub async fn enable(subnet: &Subnet, vm_ip: Ipv4Addr) -> Result<(), NatError> {
     if vms.insert(vm_ip) {
         apply(&ruleset(subnet, &vms), "enabling NAT").await?;
     }
+    sync_docker_user(subnet, &vms).await?;
     set_ip_forward(true)
 }
 
@@ -110,7 +122,7 @@ pub async fn disable(subnet: &Subnet, vm_ip: Ipv4Addr) -> Result<(), NatError> {
     if vms.remove(&vm_ip) {
         apply(&ruleset(subnet, &vms), "disabling NAT").await?;
     }
-    Ok(())
+    sync_docker_user(subnet, &vms).await
 }
 
 /// Makes banger's table hold exactly `vm_ips` (reconcile). With an empty
@@ -125,6 +137,7 @@ pub async fn rebuild(subnet: &Subnet, vm_ips: &BTreeSet<Ipv4Addr>) -> Result<(),
         Err(NatError::NftMissing) if vm_ips.is_empty() => return Ok(()),
         r => r?,
     }
+    sync_docker_user(subnet, vm_ips).await?;
     if !vm_ips.is_empty() {
         set_ip_forward(true)?;
     }
@@ -277,26 +290,146 @@ pub fn ruleset(subnet: &Subnet, vms: &BTreeSet<Ipv4Addr>) -> Nftables<'static> {
                 Statement::Masquerade(None),
             ],
         ));
-        b.add(rule(
-            FORWARD,
-            vec![
-                matches(field("ip", "saddr"), Operator::EQ, addr(*ip)),
-                matches(field("ip", "daddr"), Operator::NEQ, cidr()),
-                Statement::Accept(None),
-            ],
-        ));
-        b.add(rule(
-            FORWARD,
-            vec![
-                matches(field("ip", "daddr"), Operator::EQ, addr(*ip)),
-                matches(
-                    ct_state(),
-                    Operator::IN,
-                    states(&["established", "related"]),
-                ),
-                Statement::Accept(None),
-            ],
-        ));
+        for r in forward_rules(TABLE, FORWARD, subnet, *ip) {
+            b.add(r);
+        }
+    }
+    b.to_nftables()
+}
+
+/// The forward rules of NAT VM `ip` in `table`'s `chain`: its outbound
+/// traffic and the replies to it are accepted.
+fn forward_rules(
+    table: &'static str,
+    chain: &'static str,
+    subnet: &Subnet,
+    ip: Ipv4Addr,
+) -> [NfListObject<'static>; 2] {
+    let cidr = Expression::Named(NamedExpression::Prefix(Prefix {
+        addr: Box::new(addr(subnet.network())),
+        len: u32::from(subnet.prefix()),
+    }));
+    let ct_state = Expression::Named(NamedExpression::CT(CT {
+        key: Cow::Borrowed("state"),
+        family: None,
+        dir: None,
+    }));
+    let replies = Expression::List(vec![
+        Expression::String(Cow::Borrowed("established")),
+        Expression::String(Cow::Borrowed("related")),
+    ]);
+    let rule = |expr: Vec<Statement<'static>>| {
+        NfListObject::Rule(Rule {
+            family: NfFamily::IP,
+            table: Cow::Borrowed(table),
+            chain: Cow::Borrowed(chain),
+            expr: Cow::Owned(expr),
+            handle: None,
+            index: None,
+            comment: Some(Cow::Owned(format!("{COMMENT_PREFIX}{ip}"))),
+        })
+    };
+    [
+        rule(vec![
+            matches(field("ip", "saddr"), Operator::EQ, addr(ip)),
+            matches(field("ip", "daddr"), Operator::NEQ, cidr),
+            Statement::Accept(None),
+        ]),
+        rule(vec![
+            matches(field("ip", "daddr"), Operator::EQ, addr(ip)),
+            matches(ct_state, Operator::IN, replies),
+            Statement::Accept(None),
+        ]),
+    ]
+}
+
+/// Docker's table and the chain it leaves to its users.
+const DOCKER_TABLE: &str = "filter";
+const DOCKER_USER: &str = "DOCKER-USER";
+
+/// Makes Docker's `DOCKER-USER` chain hold exactly banger's rules: the
+/// bridge rule and the forward rules of `vms`, before any other rule;
+/// nothing when Docker has no such chain.
+async fn sync_docker_user(subnet: &Subnet, vms: &BTreeSet<Ipv4Addr>) -> Result<(), NatError> {
+    let args = ["list", "chain", "ip", DOCKER_TABLE, DOCKER_USER];
+    let listed = match helper::get_current_ruleset_with_args_async(DEFAULT_NFT, &args).await {
+        Ok(rs) => rs,
+        // No Docker (or not its iptables-nft tables): nothing to do. Without
+        // nft there is no NAT (enabling it fails before this).
+        Err(NftablesError::NftFailed { .. }) => return Ok(()),
+        Err(NftablesError::NftExecution { inner, .. })
+            if inner.kind() == std::io::ErrorKind::NotFound =>
+        {
+            return Ok(());
+        }
+        Err(e) => return Err(nft_err("listing Docker's DOCKER-USER chain")(e)),
+    };
+    let ours: Vec<u32> = listed
+        .objects
+        .iter()
+        .filter_map(|o| match o {
+            NfObject::ListObject(NfListObject::Rule(r))
+                if r.table == DOCKER_TABLE
+                    && r.chain == DOCKER_USER
+                    && r.comment
+                        .as_deref()
+                        .is_some_and(|c| c.starts_with(COMMENT_PREFIX) || c == BRIDGE_COMMENT) =>
+            {
+                r.handle
+            }
+            _ => None,
+        })
+        .collect();
+    apply(
+        &docker_user_batch(subnet, vms, &ours),
+        "updating Docker's DOCKER-USER chain",
+    )
+    .await
+}
+
+/// The transaction that replaces the rules with `handles` in
+/// `DOCKER-USER` by the bridge rule and the forward rules of `vms`,
+/// inserted first.
+fn docker_user_batch(
+    subnet: &Subnet,
+    vms: &BTreeSet<Ipv4Addr>,
+    handles: &[u32],
+) -> Nftables<'static> {
+    let mut b = Batch::new();
+    for h in handles {
+        b.delete(NfListObject::Rule(Rule {
+            family: NfFamily::IP,
+            table: Cow::Borrowed(DOCKER_TABLE),
+            chain: Cow::Borrowed(DOCKER_USER),
+            expr: Cow::Owned(Vec::new()),
+            handle: Some(*h),
+            index: None,
+            comment: None,
+        }));
+    }
+    let cidr = || {
+        Expression::Named(NamedExpression::Prefix(Prefix {
+            addr: Box::new(addr(subnet.network())),
+            len: u32::from(subnet.prefix()),
+        }))
+    };
+    b.add_cmd(nftables::schema::NfCmd::Insert(NfListObject::Rule(Rule {
+        family: NfFamily::IP,
+        table: Cow::Borrowed(DOCKER_TABLE),
+        chain: Cow::Borrowed(DOCKER_USER),
+        expr: Cow::Owned(vec![
+            matches(field("ip", "saddr"), Operator::EQ, cidr()),
+            matches(field("ip", "daddr"), Operator::EQ, cidr()),
+            Statement::Accept(None),
+        ]),
+        handle: None,
+        index: None,
+        comment: Some(Cow::Borrowed(BRIDGE_COMMENT)),
+    })));
+    for ip in vms {
+        for rule in forward_rules(DOCKER_TABLE, DOCKER_USER, subnet, *ip) {
+            b.add_cmd(nftables::schema::NfCmd::Insert(rule));
+        }
     }
     b.to_nftables()
 }
@@ -404,6 +537,40 @@ mod tests {
             let table = obj.get("table").or_else(|| obj.get("name"));
             assert_eq!(table.and_then(|t| t.as_str()), Some("banger"), "{o}");
         }
+    }
+
+    #[test]
+    fn docker_user_gets_the_bridge_rule_and_each_vms_forward_rules_only() {
+        let vms: BTreeSet<_> = [Ipv4Addr::new(172, 16, 0, 2)].into();
+        let json = serde_json::to_value(docker_user_batch(&subnet(), &vms, &[7, 9])).expect("json");
+        let objs = json["nftables"].as_array().expect("array");
+        // Two deletes by handle, then three inserts.
+        assert_eq!(objs.len(), 5, "{json}");
+        for (o, h) in objs[..2].iter().zip([7, 9]) {
+            assert_eq!(o["delete"]["rule"]["handle"], h, "{o}");
+        }
+        let comments: Vec<_> = objs[2..]
+            .iter()
+            .map(|o| o["insert"]["rule"]["comment"].as_str().expect("comment"))
+            .collect();
+        assert_eq!(
+            comments,
+            [
+                "banger bridge",
+                "banger vm 172.16.0.2",
+                "banger vm 172.16.0.2"
+            ]
+        );
+        for o in objs {
+            let rule = o
+                .as_object()
+                .and_then(|m| m.values().next())
+                .map(|c| &c["rule"])
+                .expect("rule");
+            assert_eq!(rule["table"], "filter", "{o}");
+            assert_eq!(rule["chain"], "DOCKER-USER", "{o}");
+        }
+        assert!(objs[3]["insert"]["rule"]["expr"][2].get("accept").is_some());
     }
 
     #[test]
