@@ -20,8 +20,8 @@ export PROFILE=dev
 ./scripts/build.sh
 export BANGER_BIN_DIR="$PWD/build/bin"
 E2E="${BANGER_E2E_ROOT:-/tmp/banger-e2e}"
-LANE_A=(derived bench exec image_pull cli tui web api)
-LANE_B=(vm_run system network workspace run_modes boot)
+LANE_A=(derived bench exec image_pull cli tui web api run_modes)
+LANE_B=(vm_run system network workspace boot)
 LANE_C=(kvm)
 for f in crates/e2e/tests/*.rs; do
     t=$(basename "$f" .rs)

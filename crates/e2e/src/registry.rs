@@ -2,7 +2,7 @@
 //! image, and the process guard and helpers around them.
 
 use crate::{Banger, wait_until};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
@@ -54,6 +54,26 @@ pub fn run_ok(cmd: &mut Command) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// An empty OCI image `<work>/<prefix>layout:1` made with umoci, unpacked
+/// (rootless) into `<work>/<prefix>bundle`: `(image, bundle)`.
+fn empty_image(work: &Path, prefix: &str) -> (String, PathBuf) {
+    let layout = work.join(format!("{prefix}layout"));
+    let bundle = work.join(format!("{prefix}bundle"));
+    let image = format!("{}:1", layout.display());
+    run_ok(
+        Command::new("umoci")
+            .args(["init", "--layout"])
+            .arg(&layout),
+    );
+    run_ok(Command::new("umoci").args(["new", "--image", &image]));
+    run_ok(
+        Command::new("umoci")
+            .args(["unpack", "--rootless", "--image", &image])
+            .arg(&bundle),
+    );
+    (image, bundle)
+}
+
 /// A docker-registry on 127.0.0.1 holding `test/bb:1`, a busybox image
 /// written with umoci and pushed with skopeo. Returns the reference.
 pub fn registry_with_busybox(b: &Banger, work: &Path) -> (Proc, String) {
@@ -78,20 +98,7 @@ pub fn registry_with_busybox(b: &Banger, work: &Path) -> (Proc, String) {
     wait_for_port(b, port, &mut child);
     let registry = Proc(child);
 
-    let layout = work.join("layout");
-    let bundle = work.join("bundle");
-    let image = format!("{}:1", layout.display());
-    run_ok(
-        Command::new("umoci")
-            .args(["init", "--layout"])
-            .arg(&layout),
-    );
-    run_ok(Command::new("umoci").args(["new", "--image", &image]));
-    run_ok(
-        Command::new("umoci")
-            .args(["unpack", "--rootless", "--image", &image])
-            .arg(&bundle),
-    );
+    let (image, bundle) = empty_image(work, "");
     let root = bundle.join("rootfs");
     for d in [
         "bin", "sbin", "etc", "proc", "sys", "dev", "tmp", "root", "run",
@@ -136,20 +143,7 @@ pub fn push_static_only(b: &Banger, work: &Path, busybox_ref: &str) -> String {
         .split('/')
         .next()
         .expect("a registry host in the reference");
-    let layout = work.join("bare-layout");
-    let bundle = work.join("bare-bundle");
-    let image = format!("{}:1", layout.display());
-    run_ok(
-        Command::new("umoci")
-            .args(["init", "--layout"])
-            .arg(&layout),
-    );
-    run_ok(Command::new("umoci").args(["new", "--image", &image]));
-    run_ok(
-        Command::new("umoci")
-            .args(["unpack", "--rootless", "--image", &image])
-            .arg(&bundle),
-    );
+    let (image, bundle) = empty_image(work, "bare-");
     let root = bundle.join("rootfs");
     std::fs::create_dir_all(root.join("bin")).expect("bin");
     std::fs::copy("/bin/busybox", root.join("bin/busybox")).expect("busybox-static");

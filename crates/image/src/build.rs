@@ -354,10 +354,7 @@ async fn build_in(
             );
             let (t, tarball) = (tree.clone(), mise_tarball.clone());
             blocking(move || crate::mise::install_mise(&t, &tarball)).await?;
-            let chroot = find_tool("chroot").ok_or(ImageError::ToolMissing {
-                tool: "chroot",
-                package: "coreutils",
-            })?;
+            let chroot = chroot_tool()?;
             let args = [
                 tree.as_os_str(),
                 crate::mise::MISE_PATH.as_ref(),
@@ -393,10 +390,7 @@ async fn build_in(
         "putting the agent's channel modules in the initramfs".into(),
     );
     add_initramfs_modules(&tree)?;
-    let chroot = find_tool("chroot").ok_or(ImageError::ToolMissing {
-        tool: "chroot",
-        package: "coreutils",
-    })?;
+    let chroot = chroot_tool()?;
     let args = [
         tree.as_os_str(),
         "update-initramfs".as_ref(),
@@ -605,6 +599,14 @@ fn package_list(spec: &DebianBuild) -> Vec<String> {
         }
     }
     packages
+}
+
+/// The `chroot` binary, for running tools inside the image tree.
+fn chroot_tool() -> Result<std::path::PathBuf, ImageError> {
+    find_tool("chroot").ok_or(ImageError::ToolMissing {
+        tool: "chroot",
+        package: "coreutils",
+    })
 }
 
 fn mmdebstrap_args(spec: &DebianBuild, packages: &[String], tree: &Path) -> Vec<OsString> {

@@ -149,6 +149,20 @@ pub fn print_bundle(b: &banger_api::images::BundleResult, json: bool) -> anyhow:
     Ok(())
 }
 
+/// Prints an image that is ready (pulled or built).
+fn print_ready(img: &banger_model::ImageRecord, json: bool) -> anyhow::Result<()> {
+    if json {
+        return output::json(img);
+    }
+    println!(
+        "image {} ready ({}, kernel {})",
+        img.name,
+        img.rootfs.display(),
+        img.kernel
+    );
+    Ok(())
+}
+
 pub async fn run(cmd: ImageCommand) -> anyhow::Result<i32> {
     let client = connect::client().await?;
     match cmd {
@@ -179,16 +193,7 @@ pub async fn run(cmd: ImageCommand) -> anyhow::Result<i32> {
                     }
                 })
                 .await?;
-            if json {
-                output::json(&img)?;
-            } else {
-                println!(
-                    "image {} ready ({}, kernel {})",
-                    img.name,
-                    img.rootfs.display(),
-                    img.kernel
-                );
-            }
+            print_ready(&img, json)?;
             Ok(0)
         }
         ImageCommand::List(list) => {
@@ -258,16 +263,7 @@ pub async fn run(cmd: ImageCommand) -> anyhow::Result<i32> {
             .await;
             display.finish();
             let img = img?;
-            if json {
-                output::json(&img)?;
-            } else {
-                println!(
-                    "image {} ready ({}, kernel {})",
-                    img.name,
-                    img.rootfs.display(),
-                    img.kernel
-                );
-            }
+            print_ready(&img, json)?;
             Ok(0)
         }
         ImageCommand::Register {

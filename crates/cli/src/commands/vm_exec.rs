@@ -227,19 +227,28 @@ pub async fn exec_with(
                 }
                 continue;
             }
+            // A write fails when the daemon has already closed the exec
+            // after the process ended: its report is still to be read, and
+            // decides the outcome, so sending just stops.
             msg = in_rx.recv(), if stdin_open => {
-                match msg {
-                    Some(Some(data)) => writer.stdin(&data).await?,
+                let sent = match msg {
+                    Some(Some(data)) => writer.stdin(&data).await,
                     Some(None) => {
                         stdin_open = false;
-                        writer.control(ExecControl::StdinEof).await?;
+                        writer.control(ExecControl::StdinEof).await
                     }
-                    None => stdin_open = false,
+                    None => {
+                        stdin_open = false;
+                        Ok(())
+                    }
+                };
+                if sent.is_err() {
+                    stdin_open = false;
                 }
                 continue;
             }
             _ = winch.recv(), if mode.tty => {
-                writer.control(ExecControl::Resize(local_size())).await?;
+                let _ = writer.control(ExecControl::Resize(local_size())).await;
                 continue;
             }
             s = sig.recv() => s,
@@ -253,7 +262,7 @@ pub async fn exec_with(
             return Ok(128 + sig);
         }
         forwarded = Some(sig);
-        writer.control(ExecControl::Signal(sig)).await?;
+        let _ = writer.control(ExecControl::Signal(sig)).await;
         grace
             .as_mut()
             .reset(tokio::time::Instant::now() + SIGNAL_GRACE);
