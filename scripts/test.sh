@@ -57,7 +57,8 @@ cargo test --locked --workspace --no-run
 cargo test --locked --workspace --no-run --test '*'
 wait "$prepare"
 
-# e2e LABEL ROOT FILE...: runs those test files against ROOT, prefixing output.
+# e2e LABEL ROOT FILE...: runs those test files against ROOT, prefixing
+# output; every file runs even after one failed, so a run shows them all.
 e2e() {
     local label=$1 root=$2
     shift 2
@@ -65,7 +66,7 @@ e2e() {
     for t in "$@"; do tests+=(--test "$t"); done
     (
         set -o pipefail
-        BANGER_E2E_ROOT="$root" cargo test --locked --workspace "${tests[@]}" \
+        BANGER_E2E_ROOT="$root" cargo test --locked --workspace --no-fail-fast "${tests[@]}" \
             -- --test-threads=1 2>&1 | sed -u "s/^/[$label] /"
     )
 }

@@ -596,7 +596,7 @@ fn vm_ssh_checks_the_pinned_host_key() {
 /// /root disk, overlay2) and mise are there. Nothing outside is reachable,
 /// so the container image is made in the guest from its own /bin/echo and
 /// loaded with `docker import`, then run with `docker run` on the default
-/// bridge network.
+/// bridge network, once the guest's systemd has booted (`--wait-boot`).
 #[test]
 fn the_default_image_runs_containers_and_has_mise() {
     let b = shared();
@@ -617,6 +617,9 @@ docker run --rm banger-e2e/echo:1 /bin/echo hello-from-a-container
         "--rm",
         "--name",
         "e2e-docker",
+        // The command runs as soon as the agent is up, before systemd has
+        // started dockerd: --wait-boot waits for the image's services.
+        "--wait-boot",
         "--",
         "bash",
         "-c",
