@@ -314,6 +314,9 @@ fn free_local_port() -> anyhow::Result<u16> {
     Ok(l.local_addr()?.port())
 }
 
+/// How long the agent has to list a VM's listening ports.
+const PORTS_TIMEOUT: Duration = Duration::from_secs(30);
+
 impl Daemon {
     pub(crate) fn network(&self) -> Option<&Network> {
         self.network.get()
@@ -522,11 +525,21 @@ impl Daemon {
     }
 
     /// Listening ports of a running VM, probed from the host.
+    ///
+    /// The agent walks the guest's /proc for the listeners' processes; right
+    /// after boot (ready at init) that competes with the image's init for an
+    /// emulated CPU, hence [`PORTS_TIMEOUT`].
     pub async fn vm_ports(self: &Arc<Self>, r: &str) -> Result<Vec<PortInfo>, DaemonError> {
         let (vm, agent) = self.running_agent(r)?;
-        let listeners = tokio::time::timeout(Duration::from_secs(10), agent.list_listeners())
+        let listeners = tokio::time::timeout(PORTS_TIMEOUT, agent.list_listeners())
             .await
-            .map_err(|_| anyhow!("the agent of {} did not list its ports within 10s", vm.name))?
+            .map_err(|_| {
+                anyhow!(
+                    "the agent of {} did not list its ports within {}s",
+                    vm.name,
+                    PORTS_TIMEOUT.as_secs()
+                )
+            })?
             .map_err(|e| anyhow!("listing ports of {}: {e}", vm.name))?;
         let target = match self.network().map(|n| &n.mode) {
             Some(Mode::Bridge { .. }) => vm.ip,

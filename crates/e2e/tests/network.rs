@@ -231,7 +231,9 @@ fn bridge_dns_nat_ports_and_restart() {
         "vm ports to show the web server",
         Duration::from_secs(60),
         || {
-            last = b.json(&["vm", "ports", "net-a"]);
+            // A listing that fails (the guest still booting) is tried again.
+            let out = b.run(&["vm", "ports", "net-a", "--json"]);
+            last = serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null);
             last.as_array().is_some_and(|ports| {
                 ports.iter().any(|p| {
                     p["port"] == 8080
