@@ -346,6 +346,15 @@ fn firecracker_persistent_vm_end_to_end() {
         "fc",
         "echo in-root > /root/marker && echo in-etc > /etc/banger-marker && sync",
     );
+    // The agent answered long before systemd finished booting (dockerd and
+    // containerd take minutes here, emulated twice over); a reboot queued
+    // behind running start jobs can outlast the stop timeout, so the
+    // graceful stop is checked on a booted guest.
+    guest(
+        h,
+        "fc",
+        "timeout 600 systemctl is-system-running --wait >/dev/null; true",
+    );
     h.banger_ok(&["vm", "stop", "fc"]);
     // Firecracker has no power-off device: the guest was asked to reboot,
     // which ends Firecracker, so the stop did not wait out its timeout.
