@@ -23,6 +23,12 @@ const DEVICE_WAIT: Duration = Duration::from_secs(10);
 pub fn apply(cmdline: &str, etc: &Path) -> Vec<String> {
     let args = NetArgs::parse(cmdline);
     let mut problems = Vec::new();
+    // systemd sets it only when it starts; the host's commands may run first.
+    if let Some(name) = hostname(cmdline)
+        && let Err(e) = nix::unistd::sethostname(name)
+    {
+        problems.push(format!("setting the host name {name}: {e}"));
+    }
     if let Some(ip) = &args.ip
         && let Err(e) = configure(ip)
     {
@@ -37,6 +43,15 @@ pub fn apply(cmdline: &str, etc: &Path) -> Vec<String> {
         }
     }
     problems
+}
+
+/// The guest's host name, `systemd.hostname=` on the kernel command line
+/// (the last one wins, as for systemd).
+fn hostname(cmdline: &str) -> Option<&str> {
+    cmdline
+        .split_ascii_whitespace()
+        .filter_map(|w| w.strip_prefix("systemd.hostname="))
+        .rfind(|n| !n.is_empty() && n.len() <= 64)
 }
 
 fn configure(ip: &GuestIp) -> std::io::Result<()> {
@@ -146,4 +161,20 @@ fn ioctl<T>(fd: i32, request: libc::Ioctl, arg: &mut T, what: &str) -> std::io::
         return Err(std::io::Error::new(e.kind(), format!("{what}: {e}")));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_host_name_comes_from_systemd_hostname() {
+        assert_eq!(
+            hostname("console=ttyS0 systemd.hostname=calm-otter quiet"),
+            Some("calm-otter")
+        );
+        assert_eq!(hostname("systemd.hostname=a systemd.hostname=b"), Some("b"));
+        assert_eq!(hostname("systemd.hostname= ro"), None);
+        assert_eq!(hostname("hostname=x"), None);
+    }
 }

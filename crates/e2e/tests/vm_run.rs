@@ -49,11 +49,14 @@ fn vm_without_rm_survives_and_delete_removes_it() {
         "--",
         "sh",
         "-c",
-        "echo kept > /root/marker; uname -r",
+        "echo kept > /root/marker; uname -r; hostname",
     ]);
     let (stdout, stderr) = text(&out);
     assert!(out.status.success(), "{stderr}");
     assert!(stdout.contains("cloud-amd64"), "{stdout}");
+    // The command runs before systemd would set the host name: the agent
+    // set it already.
+    assert_eq!(stdout.lines().nth(1), Some("e2e-keep"), "{stdout}");
 
     let list = b.json(&["vm", "list"]);
     let vm = list
