@@ -59,6 +59,20 @@ impl Reporter {
 }
 
 impl Daemon {
+    /// `--nat` needs bridge networking.
+    fn check_nat_mode(&self, nat: bool) -> Result<(), DaemonError> {
+        if nat
+            && let Some(net) = self.network()
+            && net.mode_name() != "bridge"
+        {
+            return Err(DaemonError::Conflict(format!(
+                "--nat needs bridge networking; this daemon uses {} networking (see banger doctor)",
+                net.mode_name()
+            )));
+        }
+        Ok(())
+    }
+
     /// The checks of a create request that need no lock and change nothing,
     /// so a bad request is answered with its error before the operation's
     /// stream starts. [`Daemon::create_vm`] checks again where it matters.
@@ -82,15 +96,7 @@ impl Daemon {
                 })?;
             }
         }
-        if req.nat
-            && let Some(net) = self.network()
-            && net.mode_name() != "bridge"
-        {
-            return Err(DaemonError::Conflict(format!(
-                "--nat needs bridge networking; this daemon uses {} networking (see banger doctor)",
-                net.mode_name()
-            )));
-        }
+        self.check_nat_mode(req.nat)?;
         Ok(())
     }
 
@@ -136,15 +142,7 @@ impl Daemon {
         }
         let kernel = self.store.get_kernel(&image.kernel)?;
 
-        if req.nat
-            && let Some(net) = self.network()
-            && net.mode_name() != "bridge"
-        {
-            return Err(DaemonError::Conflict(format!(
-                "--nat needs bridge networking; this daemon uses {} networking (see banger doctor)",
-                net.mode_name()
-            )));
-        }
+        self.check_nat_mode(req.nat)?;
         let id = VmId::random();
         let dir = self.paths.vms_dir.join(id.as_str());
         // Held until the record (with its address) is stored.
