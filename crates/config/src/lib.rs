@@ -5,6 +5,7 @@ mod defaults;
 mod file;
 pub mod install;
 mod paths;
+pub mod sd;
 mod values;
 
 pub use defaults::{

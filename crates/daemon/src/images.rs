@@ -206,10 +206,10 @@ enum BuildVia {
     /// then fails with its "needs root" error).
     InProcess,
     /// The root helper of the system install this daemon runs in.
-    Helper(banger_root_helper::HelperClient),
+    Helper(banger_root_client::HelperClient),
 }
 
-fn build_via(root: bool, helper: Option<banger_root_helper::HelperClient>) -> BuildVia {
+fn build_via(root: bool, helper: Option<banger_root_client::HelperClient>) -> BuildVia {
     match helper {
         Some(h) if !root => BuildVia::Helper(h),
         _ => BuildVia::InProcess,
@@ -223,7 +223,7 @@ mod tests {
     #[test]
     fn an_unprivileged_daemon_builds_through_its_helper() {
         let h = || {
-            Some(banger_root_helper::HelperClient::new(
+            Some(banger_root_client::HelperClient::new(
                 "/run/banger-root/helper.sock",
             ))
         };

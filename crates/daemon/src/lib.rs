@@ -282,7 +282,7 @@ fn notify_ready() {
     use std::io::Write;
     // bangerd.service is Type=notify: `systemctl start` returns once the
     // socket is live.
-    banger_root_helper::sd::notify_ready();
+    banger_config::sd::notify_ready();
     use std::os::fd::FromRawFd;
     let Some(fd) = std::env::var("BANGER_READY_FD")
         .ok()

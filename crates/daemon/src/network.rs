@@ -19,7 +19,7 @@ use banger_net::{
     DnsRecords, DnsServer, GuestNet, HostNet, HostNetError, LocalHostNet, MacAddr, NetSettings,
     PoolConfig, Subnet, TapName, TapPool,
 };
-use banger_root_helper::HelperClient;
+use banger_root_client::HelperClient;
 use banger_vmm::{HostForward, NetBackend, NetSpec};
 use std::collections::{BTreeSet, HashSet};
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};

@@ -3,7 +3,7 @@
 //! given back to the owner through the root helper, so the unprivileged
 //! daemon can use them.
 
-use banger_root_helper::HelperClient;
+use banger_root_client::HelperClient;
 use std::os::unix::fs::MetadataExt;
 use std::path::PathBuf;
 

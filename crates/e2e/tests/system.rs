@@ -7,7 +7,7 @@
 //! `vm run` (session), `vm ssh`, `ssh <name>.vm`, `vm acp`.
 
 use banger_e2e::{Banger, shared, text};
-use banger_root_helper::proto::PROTOCOL_VERSION;
+use banger_root_client::proto::PROTOCOL_VERSION;
 use std::io::Write;
 use std::process::{Output, Stdio};
 

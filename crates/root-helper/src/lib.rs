@@ -1,5 +1,6 @@
 //! The root helper of a system install (`bangerd root-helper`, run by
-//! `bangerd-root.service`) and the owner daemon's client for it.
+//! `bangerd-root.service`). Its protocol and the owner daemon's client for
+//! it are `banger-root-client`.
 //!
 //! The owner daemon runs unprivileged; the few host operations it needs
 //! (bridge, TAPs, banger's nftables table, resolved wiring on the bridge,
@@ -9,13 +10,10 @@
 //! [`proto::Op`], validates every argument ([`policy`]) and logs each
 //! operation.
 
-pub mod client;
 pub mod policy;
-pub mod proto;
-pub mod sd;
 pub mod server;
 
-pub use client::{HelperClient, HelperError, HelperInfo};
+pub use banger_root_client::proto;
 pub use policy::{Checked, Policy, Refusal};
 pub use server::{ImageStore, Server};
 
@@ -89,7 +87,7 @@ pub async fn run() -> Result<(), StartError> {
         cidr = %policy.subnet.cidr(),
         "bangerd-root listening"
     );
-    sd::notify_ready();
+    banger_config::sd::notify_ready();
     let images = ImageStore {
         images_dir: paths.images_dir.clone(),
         kernels_dir: paths.kernels_dir.clone(),

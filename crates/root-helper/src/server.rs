@@ -786,7 +786,7 @@ mod tests {
         p.owner_uid = me + 1;
         let s = Arc::new(Server::new(p, Arc::new(Recorder::default())));
         tokio::spawn(s.serve(listener, std::future::pending()));
-        let client = crate::client::HelperClient::new(&sock);
+        let client = banger_root_client::HelperClient::new(&sock);
         let e = client
             .call(crate::proto::Op::ListTaps)
             .await
@@ -800,7 +800,7 @@ mod tests {
         p.owner_uid = me;
         let s = Arc::new(Server::new(p, Arc::new(Recorder::default())));
         tokio::spawn(s.serve(listener, std::future::pending()));
-        let client = crate::client::HelperClient::new(&sock2);
+        let client = banger_root_client::HelperClient::new(&sock2);
         let hello = client.hello().await.expect("hello");
         assert_eq!(hello.owner_uid, me);
         assert_eq!(hello.protocol, PROTOCOL_VERSION);

@@ -529,7 +529,7 @@ async fn status(layout: &Layout, json: bool) -> anyhow::Result<i32> {
         .await
         .map(|i| i.build)
         .map_err(|e| e.to_string());
-    let helper = banger_root_helper::HelperClient::new(&record.paths.helper_socket)
+    let helper = banger_root_client::HelperClient::new(&record.paths.helper_socket)
         .hello()
         .await
         .map(|h| h.build)

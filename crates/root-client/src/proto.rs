@@ -5,7 +5,7 @@
 //! version before looking at the operation, so a mismatched client gets a
 //! clear "restart the services" error instead of a confusing parse error.
 //! Arguments travel as plain strings and are validated by the helper
-//! ([`crate::policy`]), never trusted because of their type on the client.
+//! (`banger_root_helper::policy`), never trusted because of their type on the client.
 
 use banger_version::BuildInfo;
 use serde::{Deserialize, Serialize};

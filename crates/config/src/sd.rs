@@ -1,4 +1,5 @@
-//! The systemd readiness notification (`Type=notify`), without libsystemd.
+//! The systemd readiness notification (`Type=notify`) of `bangerd` and
+//! `bangerd-root`, without libsystemd.
 
 use std::os::unix::net::UnixDatagram;
 
