@@ -99,28 +99,38 @@ pub fn registry_with_busybox(b: &Banger, work: &Path) -> (Proc, String) {
     let registry = Proc(child);
 
     let (image, bundle) = empty_image(work, "");
-    let root = bundle.join("rootfs");
+    busybox_rootfs(&bundle.join("rootfs"), "bbtest");
+    let reference = format!("127.0.0.1:{port}/test/bb:1");
+    repack_and_push(b, &image, &bundle, &reference);
+    (registry, reference)
+}
+
+/// A busybox root file system at `root` whose os-release says `ID=id`.
+fn busybox_rootfs(root: &Path, id: &str) {
     for d in [
         "bin", "sbin", "etc", "proc", "sys", "dev", "tmp", "root", "run",
     ] {
         std::fs::create_dir_all(root.join(d)).expect("dir");
     }
     std::fs::copy("/bin/busybox", root.join("bin/busybox")).expect("busybox-static");
-    for l in ["sh", "cat", "mount", "ls", "echo", "sleep"] {
+    for l in ["sh", "cat", "mount", "ls", "echo", "sleep", "stat", "find"] {
         std::os::unix::fs::symlink("busybox", root.join("bin").join(l)).expect("link");
     }
     std::os::unix::fs::symlink("/bin/busybox", root.join("sbin/init")).expect("init");
     std::fs::write(
         root.join("etc/os-release"),
-        "NAME=\"banger e2e busybox\"\nID=bbtest\n",
+        format!("NAME=\"banger e2e busybox\"\nID={id}\n"),
     )
     .expect("os-release");
+}
+
+/// Repacks the umoci `bundle` into `image` and pushes it as `reference`.
+fn repack_and_push(b: &Banger, image: &str, bundle: &Path, reference: &str) {
     run_ok(
         Command::new("umoci")
-            .args(["repack", "--image", &image])
-            .arg(&bundle),
+            .args(["repack", "--image", image])
+            .arg(bundle),
     );
-    let reference = format!("127.0.0.1:{port}/test/bb:1");
     run_ok(&mut b.in_netns(
         "skopeo",
         &[
@@ -131,7 +141,33 @@ pub fn registry_with_busybox(b: &Banger, work: &Path) -> (Proc, String) {
             &format!("docker://{reference}"),
         ],
     ));
-    (registry, reference)
+}
+
+/// Pushes `test/setid:1` next to `busybox_ref`: the busybox image plus
+/// what real distributions ship and a host must not keep: a setuid binary
+/// (`/bin/suid`, 4755, like `su`), a setgid one (`/bin/sgid`, 2755) and a
+/// setgid directory (`/var/mail`, 2775). Returns its reference.
+pub fn push_setid(b: &Banger, work: &Path, busybox_ref: &str) -> String {
+    use std::os::unix::fs::PermissionsExt;
+    let host = busybox_ref
+        .split('/')
+        .next()
+        .expect("a registry host in the reference");
+    let (image, bundle) = empty_image(work, "setid-");
+    let root = bundle.join("rootfs");
+    busybox_rootfs(&root, "setid");
+    let mode = |p: &str, m: u32| {
+        std::fs::set_permissions(root.join(p), std::fs::Permissions::from_mode(m)).expect(p)
+    };
+    for (bin, m) in [("bin/suid", 0o4755), ("bin/sgid", 0o2755)] {
+        std::fs::copy("/bin/busybox", root.join(bin)).expect("busybox-static");
+        mode(bin, m);
+    }
+    std::fs::create_dir_all(root.join("var/mail")).expect("var/mail");
+    mode("var/mail", 0o2775);
+    let reference = format!("{host}/test/setid:1");
+    repack_and_push(b, &image, &bundle, &reference);
+    reference
 }
 
 /// Pushes `test/bare:1` next to `busybox_ref` (what
@@ -153,22 +189,8 @@ pub fn push_static_only(b: &Banger, work: &Path, busybox_ref: &str) -> String {
         .map(|e| e.file_name().to_string_lossy().into_owned())
         .collect();
     assert_eq!(top, ["bin"], "the bare image has more than /bin");
-    run_ok(
-        Command::new("umoci")
-            .args(["repack", "--image", &image])
-            .arg(&bundle),
-    );
     let reference = format!("{host}/test/bare:1");
-    run_ok(&mut b.in_netns(
-        "skopeo",
-        &[
-            "copy",
-            "--quiet",
-            "--dest-tls-verify=false",
-            &format!("oci:{image}"),
-            &format!("docker://{reference}"),
-        ],
-    ));
+    repack_and_push(b, &image, &bundle, &reference);
     reference
 }
 

@@ -9,7 +9,7 @@
 use banger_e2e::{Banger, shared, text};
 use banger_root_client::proto::PROTOCOL_VERSION;
 use std::io::Write;
-use std::process::{Output, Stdio};
+use std::process::{Command, Output, Stdio};
 
 const VM: &str = "e2e-system";
 const OWNER: &str = "bgowner";
@@ -270,6 +270,7 @@ fn install_status_helper_reinstall_and_uninstall_in_a_guest() {
     assert!(journal.contains("ensure_bridge"), "{journal}");
 
     vms_under_the_system_install(b);
+    setid_image_under_the_system_install(b);
 
     // Status as the owner: units, every version, the record.
     let out = as_owner(b, &["/usr/local/bin/banger", "system", "status"]);
@@ -586,4 +587,94 @@ fn vms_under_the_system_install(b: &Banger) {
 
     let out = owner_sh(b, &format!("/usr/local/bin/banger vm delete {INNER}"), b"");
     owner_ok(b, "vm delete", out);
+}
+
+/// An OCI image with setuid and setgid entries, pulled by the system daemon
+/// (which runs with `RestrictSUIDSGID=yes`: it may not make such files on
+/// the host) and booted: the guest sees the image's modes, the host keeps
+/// no setuid or setgid file. The image is written and pushed on the test
+/// host; the registry's storage and binary are carried into the guest,
+/// which serves them on its own loopback.
+fn setid_image_under_the_system_install(b: &Banger) {
+    let work = std::env::temp_dir().join(format!("banger-e2e-setid-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&work);
+    std::fs::create_dir_all(&work).expect("work dir");
+    let (registry, busybox) = banger_e2e::registry::registry_with_busybox(b, &work);
+    let reference = banger_e2e::registry::push_setid(b, &work, &busybox);
+    drop(registry);
+    let repo_path = reference
+        .split_once('/')
+        .map(|(_, p)| p.to_string())
+        .expect("reference");
+
+    let mut tar = Command::new("tar")
+        .args(["-c", "-f", "-", "-C"])
+        .arg(work.join("registry"))
+        .arg(".")
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("spawn tar");
+    let out = b
+        .cmd(&[
+            "vm",
+            "exec",
+            VM,
+            "--",
+            "sh",
+            "-c",
+            "rm -rf /opt/registry && mkdir -p /opt/registry && tar -x -f - -C /opt/registry",
+        ])
+        .stdin(Stdio::from(tar.stdout.take().expect("tar stdout")))
+        .output()
+        .expect("spawn banger vm exec");
+    assert!(
+        tar.wait().expect("wait tar").success(),
+        "tar of the registry"
+    );
+    assert!(
+        out.status.success(),
+        "registry into the guest: {}",
+        text(&out).1
+    );
+    let _ = std::fs::remove_dir_all(&work);
+    let registry_bin = std::fs::read("/usr/bin/docker-registry")
+        .expect("docker-registry (apt-get install docker-registry)");
+    put(b, "/opt/bin/docker-registry", &registry_bin, "755");
+    put(
+        b,
+        "/opt/registry.yml",
+        b"version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: /opt/registry\nhttp:\n  addr: 127.0.0.1:5055\n",
+        "644",
+    );
+    sh(
+        b,
+        "systemd-run --quiet --unit=e2e-registry /opt/bin/docker-registry serve /opt/registry.yml \
+         && for i in $(seq 60); do curl -fsS --max-time 5 -o /dev/null http://127.0.0.1:5055/v2/ && exit 0; sleep 1; done; exit 1",
+    );
+
+    let out = owner_sh(
+        b,
+        &format!(
+            "/usr/local/bin/banger image pull 127.0.0.1:5055/{repo_path} --name setid --kernel-ref debian-bookworm"
+        ),
+        b"",
+    );
+    owner_ok(b, "image pull (setuid/setgid entries)", out);
+    let out = owner_sh(
+        b,
+        "/usr/local/bin/banger vm run --rm --name setid --image setid -- stat -c '%a %n' /bin/suid /bin/sgid /var/mail",
+        b"",
+    );
+    assert_eq!(
+        owner_ok(b, "vm run on the setuid image", out),
+        "4755 /bin/suid\n2755 /bin/sgid\n2775 /var/mail\n"
+    );
+    assert_eq!(
+        sh(b, "find /var/lib/banger /var/cache/banger -perm /6000"),
+        "",
+        "setuid/setgid files on the host"
+    );
+    let out = owner_sh(b, "/usr/local/bin/banger image delete setid", b"");
+    owner_ok(b, "image delete", out);
+    sh(b, "systemctl stop e2e-registry.service");
 }
