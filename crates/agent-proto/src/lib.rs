@@ -25,6 +25,7 @@ pub mod archive;
 pub mod boot;
 pub mod client;
 mod codec;
+pub mod install;
 
 pub use archive::{ArchiveSummary, GetArchive, PutArchive};
 pub use codec::{FrameCodec, ProtoError};

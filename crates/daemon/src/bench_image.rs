@@ -101,9 +101,7 @@ impl Daemon {
             // An empty cache: the first pull downloads like skopeo does.
             cache_dir: work.join("cache"),
             out_dir: work.join("unused"),
-            agent_bin: self.agent_binary()?,
-            agent_unit: banger_agent::SYSTEMD_UNIT.to_string(),
-            agent_modules_conf: banger_agent::MODULES_LOAD.to_string(),
+            payload: banger_image::GuestPayload::new(self.agent_binary()?),
             min_size: 0,
             auth: banger_oci::Credentials::DockerConfig,
             progress: None,

@@ -461,9 +461,7 @@ impl Daemon {
             reference: reference.to_string(),
             cache_dir: self.paths.cache_dir.clone(),
             out_dir,
-            agent_bin: self.agent_binary()?,
-            agent_unit: banger_agent::SYSTEMD_UNIT.to_string(),
-            agent_modules_conf: banger_agent::MODULES_LOAD.to_string(),
+            payload: banger_image::GuestPayload::new(self.agent_binary()?),
             min_size: OCI_MIN_ROOTFS,
             auth: banger_oci::Credentials::DockerConfig,
             progress: Some(Arc::new(move |p| {

@@ -4,7 +4,7 @@ use crate::image_ops::{Report, catalog_unavailable};
 use crate::vms::now_rfc3339;
 use crate::{Daemon, DaemonError};
 use anyhow::Context;
-use banger_image::{DebianBuild, Progress as BuildProgress};
+use banger_image::{DebianBuild, GuestPayload, Progress as BuildProgress};
 use banger_model::{ImageRecord, KernelRecord};
 use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
@@ -94,9 +94,7 @@ impl Daemon {
             suite: suite.to_string(),
             mirror: self.config.debian_mirror.clone(),
             extra_packages,
-            agent_binary: self.agent_binary()?,
-            agent_unit: banger_agent::SYSTEMD_UNIT.to_string(),
-            agent_modules_conf: banger_agent::MODULES_LOAD.to_string(),
+            payload: GuestPayload::new(self.agent_binary()?),
             images_dir: self.paths.images_dir.clone(),
             kernels_dir: self.paths.kernels_dir.clone(),
         };

@@ -709,7 +709,7 @@ fn boot_layout(
     };
     match writable_root {
         None => (
-            BootArgs::standard().kernel_params(banger_agent::BINARY_PATH),
+            BootArgs::standard().kernel_params(banger_agent_proto::install::BINARY_PATH),
             vec![
                 disk(&image.rootfs, true),
                 disk(&disks.overlay, false),
@@ -724,7 +724,7 @@ fn boot_layout(
                 ..BootArgs::standard()
             };
             (
-                args.kernel_params(banger_agent::BINARY_PATH),
+                args.kernel_params(banger_agent_proto::install::BINARY_PATH),
                 vec![disk(root, false), disk(&disks.work, false)],
             )
         }

@@ -1,6 +1,6 @@
 //! The local Debian image build: mmdebstrap, customisation, kernel, mkfs.
 
-use crate::customize::{Customization, InstallSection, customize, find_kernel, write_file};
+use crate::customize::{GuestPayload, InstallSection, customize, find_kernel, write_file};
 use crate::fsutil::{find_tool, inode_count, rootfs_size, sha256_file, tree_usage};
 use crate::process::run_tool;
 use crate::staging::{
@@ -76,12 +76,8 @@ pub struct DebianBuild {
     pub mirror: Option<String>,
     /// Packages installed on top of [`BASE_PACKAGES`].
     pub extra_packages: Vec<String>,
-    /// The guest agent binary (static) to bake in.
-    pub agent_binary: PathBuf,
-    /// The agent's systemd unit file, enabled per its `[Install]` section.
-    pub agent_unit: String,
-    /// The agent's `modules-load.d` list.
-    pub agent_modules_conf: String,
+    /// The agent, its unit and its module list to bake in.
+    pub payload: GuestPayload,
     /// The image store; the image goes to `images_dir/<name>/`.
     pub images_dir: PathBuf,
     /// The kernel store; the kernel goes to `kernels_dir/<kernel name>/`.
@@ -185,10 +181,10 @@ pub async fn build_debian(
     if let Some(built) = debian_image_exists(&spec.images_dir, &spec.kernels_dir, &spec.name) {
         return Ok(built);
     }
-    if !spec.agent_binary.is_file() {
-        return Err(ImageError::AgentMissing(spec.agent_binary.clone()));
+    if !spec.payload.agent_binary.is_file() {
+        return Err(ImageError::AgentMissing(spec.payload.agent_binary.clone()));
     }
-    InstallSection::parse(&spec.agent_unit)?;
+    InstallSection::parse(&spec.payload.agent_unit)?;
     if !nix::unistd::geteuid().is_root() {
         return Err(ImageError::NeedsRoot);
     }
@@ -321,22 +317,10 @@ async fn build_in(
         "installing the banger agent, hardening sshd, trimming the boot".into(),
     );
     let agent_sha256 = {
-        let (tree, agent, unit, modules) = (
-            tree.clone(),
-            spec.agent_binary.clone(),
-            spec.agent_unit.clone(),
-            spec.agent_modules_conf.clone(),
-        );
+        let (tree, payload) = (tree.clone(), spec.payload.clone());
         blocking(move || {
-            customize(
-                &tree,
-                &Customization {
-                    agent_binary: &agent,
-                    agent_unit: &unit,
-                    agent_modules_conf: &modules,
-                },
-            )?;
-            sha256_file(&agent)
+            customize(&tree, &payload)?;
+            sha256_file(&payload.agent_binary)
         })
         .await?
     };
@@ -766,9 +750,11 @@ mod tests {
             suite: "bookworm".into(),
             mirror: None,
             extra_packages: vec![],
-            agent_binary: "/bin/true".into(),
-            agent_unit: "[Service]\nExecStart=/usr/local/bin/banger-agent\n[Install]\nWantedBy=sysinit.target\n".into(),
-            agent_modules_conf: "virtio_console\n".into(),
+            payload: GuestPayload {
+                agent_binary: "/bin/true".into(),
+                agent_unit: "[Service]\nExecStart=/usr/local/bin/banger-agent\n[Install]\nWantedBy=sysinit.target\n".into(),
+                agent_modules_conf: "virtio_console\n".into(),
+            },
             images_dir: root.join("images"),
             kernels_dir: root.join("kernels"),
         }
@@ -913,16 +899,18 @@ mod tests {
                 |e| matches!(e, ImageError::BadPackage(_)),
             ),
             (
-                DebianBuild {
-                    agent_binary: t.path().join("nope"),
-                    ..spec(t.path())
+                {
+                    let mut s = spec(t.path());
+                    s.payload.agent_binary = t.path().join("nope");
+                    s
                 },
                 |e| matches!(e, ImageError::AgentMissing(_)),
             ),
             (
-                DebianBuild {
-                    agent_unit: "[Service]\nExecStart=/x\n".into(),
-                    ..spec(t.path())
+                {
+                    let mut s = spec(t.path());
+                    s.payload.agent_unit = "[Service]\nExecStart=/x\n".into();
+                    s
                 },
                 |e| matches!(e, ImageError::BadUnit(_)),
             ),

@@ -10,13 +10,13 @@ use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt, symlink};
 use std::path::{Component, Path, PathBuf};
 
 /// Where the agent binary is installed in every image.
-pub const AGENT_BINARY_PATH: &str = "/usr/local/bin/banger-agent";
+pub const AGENT_BINARY_PATH: &str = banger_agent_proto::install::BINARY_PATH;
 
 /// Name of the agent's systemd unit, installed in `/etc/systemd/system/`.
-pub const AGENT_UNIT_NAME: &str = "banger-agent.service";
+pub const AGENT_UNIT_NAME: &str = banger_agent_proto::install::UNIT_NAME;
 
 /// Where the agent's kernel module list is installed.
-pub const AGENT_MODULES_CONF_PATH: &str = "/etc/modules-load.d/banger.conf";
+pub const AGENT_MODULES_CONF_PATH: &str = banger_agent_proto::install::MODULES_LOAD_PATH;
 
 /// Host name of every guest until banger names it.
 pub const HOSTNAME: &str = "banger";
@@ -89,15 +89,29 @@ const FSTAB: &str = "\
 # belongs here: remounting them by this file would fail.
 ";
 
-/// What [`customize`] installs besides its fixed files.
-#[derive(Debug, Clone, Copy)]
-pub struct Customization<'a> {
+/// What banger puts into every image it makes (the Debian build, OCI
+/// pulls, derived images, the bench's imports) besides [`customize`]'s
+/// fixed files: the agent, its unit and its module list.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GuestPayload {
     /// The guest agent binary (static), installed at [`AGENT_BINARY_PATH`].
-    pub agent_binary: &'a Path,
+    pub agent_binary: PathBuf,
     /// The agent's unit file; enabled according to its `[Install]` section.
-    pub agent_unit: &'a str,
+    pub agent_unit: String,
     /// `modules-load.d` list of the modules the agent's channels need.
-    pub agent_modules_conf: &'a str,
+    pub agent_modules_conf: String,
+}
+
+impl GuestPayload {
+    /// The agent at `agent_binary`, with the unit and module list it is
+    /// installed with ([`banger_agent_proto::install`]).
+    pub fn new(agent_binary: PathBuf) -> Self {
+        GuestPayload {
+            agent_binary,
+            agent_unit: banger_agent_proto::install::SYSTEMD_UNIT.to_string(),
+            agent_modules_conf: banger_agent_proto::install::MODULES_LOAD.to_string(),
+        }
+    }
 }
 
 /// Where a unit's `[Install]` section asks to be enabled.
@@ -237,10 +251,10 @@ pub fn find_kernel(root: &Path) -> Result<KernelFiles, ImageError> {
 
 /// Applies banger's changes to the Debian tree at `root`. Everything is
 /// checked before the first change, and running it twice gives the same tree.
-pub fn customize(root: &Path, c: &Customization<'_>) -> Result<(), ImageError> {
-    InstallSection::parse(c.agent_unit)?;
+pub fn customize(root: &Path, c: &GuestPayload) -> Result<(), ImageError> {
+    InstallSection::parse(&c.agent_unit)?;
     if !c.agent_binary.is_file() {
-        return Err(ImageError::AgentMissing(c.agent_binary.to_path_buf()));
+        return Err(ImageError::AgentMissing(c.agent_binary.clone()));
     }
     let sshd_config = root.join("etc/ssh/sshd_config");
     let stock = std::fs::read_to_string(&sshd_config)
@@ -316,10 +330,10 @@ pub fn customize(root: &Path, c: &Customization<'_>) -> Result<(), ImageError> {
 /// Installs the agent binary at [`AGENT_BINARY_PATH`] and its module list;
 /// with `systemd`, also its unit, enabled per the unit's `[Install]` section.
 /// Shared by the Debian build and OCI imports.
-pub fn install_agent(root: &Path, c: &Customization<'_>, systemd: bool) -> Result<(), ImageError> {
-    let install = InstallSection::parse(c.agent_unit)?;
-    let agent = std::fs::read(c.agent_binary).map_err(|e| match e.kind() {
-        std::io::ErrorKind::NotFound => ImageError::AgentMissing(c.agent_binary.to_path_buf()),
+pub fn install_agent(root: &Path, c: &GuestPayload, systemd: bool) -> Result<(), ImageError> {
+    let install = InstallSection::parse(&c.agent_unit)?;
+    let agent = std::fs::read(&c.agent_binary).map_err(|e| match e.kind() {
+        std::io::ErrorKind::NotFound => ImageError::AgentMissing(c.agent_binary.clone()),
         _ => ImageError::Io {
             context: format!("reading {}", c.agent_binary.display()),
             source: e,
@@ -625,10 +639,10 @@ WantedBy=sysinit.target
     fn customize_makes_exactly_the_expected_changes() {
         let (_t, root, agent) = fake_tree();
         let before = snapshot(&root);
-        let c = Customization {
-            agent_binary: &agent,
-            agent_unit: UNIT,
-            agent_modules_conf: MODULES,
+        let c = GuestPayload {
+            agent_binary: agent.clone(),
+            agent_unit: UNIT.into(),
+            agent_modules_conf: MODULES.into(),
         };
         customize(&root, &c).expect("customize");
         let after = snapshot(&root);
@@ -699,27 +713,27 @@ WantedBy=sysinit.target
     fn customize_checks_everything_before_changing_anything() {
         let (t, root, agent) = fake_tree();
         let before = snapshot(&root);
-        let c = Customization {
-            agent_binary: &agent,
-            agent_unit: "[Install]\nAlias=x.service\n",
-            agent_modules_conf: MODULES,
+        let c = GuestPayload {
+            agent_binary: agent.clone(),
+            agent_unit: "[Install]\nAlias=x.service\n".into(),
+            agent_modules_conf: MODULES.into(),
         };
         assert!(matches!(customize(&root, &c), Err(ImageError::BadUnit(_))));
         let missing = t.path().join("no-agent");
-        let c = Customization {
-            agent_binary: &missing,
-            agent_unit: UNIT,
-            agent_modules_conf: MODULES,
+        let c = GuestPayload {
+            agent_binary: missing.clone(),
+            agent_unit: UNIT.into(),
+            agent_modules_conf: MODULES.into(),
         };
         assert!(matches!(
             customize(&root, &c),
             Err(ImageError::AgentMissing(_))
         ));
         std::fs::write(root.join("etc/ssh/sshd_config"), "UsePAM yes\n").expect("write");
-        let c = Customization {
-            agent_binary: &agent,
-            agent_unit: UNIT,
-            agent_modules_conf: MODULES,
+        let c = GuestPayload {
+            agent_binary: agent.clone(),
+            agent_unit: UNIT.into(),
+            agent_modules_conf: MODULES.into(),
         };
         assert!(matches!(
             customize(&root, &c),
@@ -746,10 +760,10 @@ WantedBy=sysinit.target
         std::fs::create_dir(&outside).expect("mkdir");
         symlink(&outside, root.join("etc/modules-load.d")).expect("symlink");
 
-        let c = Customization {
-            agent_binary: &agent,
-            agent_unit: UNIT,
-            agent_modules_conf: MODULES,
+        let c = GuestPayload {
+            agent_binary: agent.clone(),
+            agent_unit: UNIT.into(),
+            agent_modules_conf: MODULES.into(),
         };
         let err = customize(&root, &c).expect_err("refused");
         assert!(err.to_string().contains("modules-load.d"), "{err}");

@@ -24,6 +24,7 @@ pub use build::{
     BASE_PACKAGES, BuiltImage, DOCKER_DAEMON_JSON, DebianBuild, Progress, build_debian,
     debian_image_exists, kernel_name, mkfs_args,
 };
+pub use customize::GuestPayload;
 pub use fsutil::{ROOTFS_HEADROOM, TreeUsage, find_tool, inode_count, rootfs_size, tree_usage};
 pub use manifest::Manifest;
 pub use process::run_tool;

@@ -5,7 +5,7 @@
 
 use crate::OciError;
 use banger_image::customize::{
-    AGENT_BINARY_PATH, Customization, install_agent, make_dir, rel, write_file, write_symlink,
+    AGENT_BINARY_PATH, GuestPayload, install_agent, make_dir, rel, write_file, write_symlink,
 };
 use std::path::{Component, Path, PathBuf};
 
@@ -261,7 +261,7 @@ pub const ROOT_DIRS: &[(&str, u32)] = &[
 
 /// Adds the agent and, without sshd, the first-boot installer, and the
 /// [`ROOT_DIRS`] missing. Returns what the image has.
-pub fn inject(root: &Path, c: &Customization<'_>) -> Result<GuestInfo, OciError> {
+pub fn inject(root: &Path, c: &GuestPayload) -> Result<GuestInfo, OciError> {
     for (d, mode) in ROOT_DIRS {
         // Whatever a layer put there (a directory, a symlink) stays.
         if std::fs::symlink_metadata(root.join(d)).is_err() {
@@ -346,11 +346,11 @@ mod tests {
         (t, root, agent)
     }
 
-    fn c(agent: &Path) -> Customization<'_> {
-        Customization {
-            agent_binary: agent,
-            agent_unit: UNIT,
-            agent_modules_conf: "vsock\n",
+    fn c(agent: &Path) -> GuestPayload {
+        GuestPayload {
+            agent_binary: agent.to_path_buf(),
+            agent_unit: UNIT.into(),
+            agent_modules_conf: "vsock\n".into(),
         }
     }
 

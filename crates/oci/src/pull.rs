@@ -7,7 +7,7 @@ use crate::registry::{ImageConfig, client, parse_reference, resolve};
 use crate::unpack::{Tree, open_blob};
 use crate::{OciError, blocking, ext4, free_space};
 use banger_image::Staging;
-use banger_image::customize::{AGENT_BINARY_PATH, AGENT_MODULES_CONF_PATH, Customization, rel};
+use banger_image::customize::{AGENT_BINARY_PATH, AGENT_MODULES_CONF_PATH, GuestPayload, rel};
 use serde::Serialize;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -65,12 +65,9 @@ pub struct PullOptions {
     /// The image directory to create (must not exist): `rootfs.ext4` and
     /// `oci-image.json`. It is written in a staging directory beside it.
     pub out_dir: PathBuf,
-    /// The guest agent binary installed at `/usr/local/bin/banger-agent`.
-    pub agent_bin: PathBuf,
-    /// The agent's systemd unit (installed when the image has systemd).
-    pub agent_unit: String,
-    /// The agent's `modules-load.d` list.
-    pub agent_modules_conf: String,
+    /// The agent, its unit (installed when the image has systemd) and its
+    /// module list.
+    pub payload: GuestPayload,
     /// The root file system is at least this big (sparse).
     pub min_size: u64,
     /// Registry credentials.
@@ -144,10 +141,12 @@ pub async fn pull_to_ext4(opts: PullOptions) -> Result<PulledImage, OciError> {
 
     // Everything local is checked before the network.
     let reference = parse_reference(&opts.reference)?;
-    if !opts.agent_bin.is_file() {
-        return Err(banger_image::ImageError::AgentMissing(opts.agent_bin.clone()).into());
+    if !opts.payload.agent_binary.is_file() {
+        return Err(
+            banger_image::ImageError::AgentMissing(opts.payload.agent_binary.clone()).into(),
+        );
     }
-    banger_image::customize::InstallSection::parse(&opts.agent_unit)?;
+    banger_image::customize::InstallSection::parse(&opts.payload.agent_unit)?;
     if std::fs::symlink_metadata(&opts.out_dir).is_ok() {
         return Err(OciError::Exists(opts.out_dir.clone()));
     }
@@ -293,21 +292,10 @@ pub async fn pull_to_ext4(opts: PullOptions) -> Result<PulledImage, OciError> {
 
     phase("inject", "adding the banger agent".into());
     let (tree, info) = {
-        let (agent_bin, unit, modules) = (
-            opts.agent_bin.clone(),
-            opts.agent_unit.clone(),
-            opts.agent_modules_conf.clone(),
-        );
+        let payload = opts.payload.clone();
         blocking(move || {
             let mut tree = tree;
-            let info = inject(
-                tree.root(),
-                &Customization {
-                    agent_binary: &agent_bin,
-                    agent_unit: &unit,
-                    agent_modules_conf: &modules,
-                },
-            )?;
+            let info = inject(tree.root(), &payload)?;
             // What banger wrote is root-owned with the mode it was given,
             // whatever a layer recorded at that path.
             for p in [

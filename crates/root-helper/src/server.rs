@@ -222,9 +222,7 @@ impl Server {
             suite,
             mirror: store.mirror.clone(),
             extra_packages: Vec::new(),
-            agent_binary: store.agent_binary.clone(),
-            agent_unit: banger_agent::SYSTEMD_UNIT.to_string(),
-            agent_modules_conf: banger_agent::MODULES_LOAD.to_string(),
+            payload: banger_image::GuestPayload::new(store.agent_binary.clone()),
             images_dir: staging.images.clone(),
             kernels_dir: staging.kernels.clone(),
         };

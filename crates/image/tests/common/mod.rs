@@ -33,9 +33,11 @@ pub fn spec(root: &Path, name: &str) -> DebianBuild {
         suite: "bookworm".into(),
         mirror: None,
         extra_packages: vec![],
-        agent_binary: agent,
-        agent_unit: UNIT.into(),
-        agent_modules_conf: MODULES.into(),
+        payload: banger_image::customize::GuestPayload {
+            agent_binary: agent,
+            agent_unit: UNIT.into(),
+            agent_modules_conf: MODULES.into(),
+        },
         images_dir: root.join("images"),
         kernels_dir: root.join("kernels"),
     }
