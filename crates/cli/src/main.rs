@@ -80,7 +80,31 @@ enum Command {
     Completion(commands::completion::CompletionArgs),
 }
 
+/// `banger vm list | head -1`: once the reader has gone, printing more is
+/// pointless. `println!` panics on a closed stdout; end quietly instead,
+/// with the status a shell gives a process that SIGPIPE ended (128+13), as
+/// coreutils do. Other panics are reported as before. (Restoring SIGPIPE's
+/// default action instead would also end the CLI, without a word, when the
+/// daemon closes its socket under a write.)
+fn quiet_on_closed_stdout() {
+    let report = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let payload = info.payload();
+        let message = payload
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| payload.downcast_ref::<&str>().copied())
+            .unwrap_or("");
+        let epipe = format!("(os error {})", libc::EPIPE);
+        if message.starts_with("failed printing to stdout") && message.contains(&epipe) {
+            std::process::exit(128 + libc::SIGPIPE);
+        }
+        report(info);
+    }));
+}
+
 fn main() -> ExitCode {
+    quiet_on_closed_stdout();
     // A <TAB> in a shell with the completion script loaded: answer and exit.
     clap_complete::CompleteEnv::with_factory(|| commands::completion::with_completers(command()))
         .var(commands::completion::COMPLETE_VAR)
