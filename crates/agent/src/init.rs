@@ -173,15 +173,21 @@ pub fn run() -> Result<Early, InitError> {
     finish_root()?;
     // The host's commands run while the image's init boots: what that init
     // would clean at boot is cleaned now, and not again under them.
-    if let Err(e) = crate::boot_tmp::settle(Path::new("/")) {
-        eprintln!("banger-agent: settling /tmp: {e}");
-    }
+    // (In a thread, while the network is set up: both wait on the guest's
+    // devices much of the time.)
+    let settle = std::thread::spawn(|| crate::boot_tmp::settle(Path::new("/")));
     let checked = check_init(&args.init)?;
     // Before the image's init: its services (sshd) find the network and
     // resolver ready.
     let t = Instant::now();
     for p in crate::netconf::apply(&cmdline, Path::new("/etc")) {
         eprintln!("banger-agent: network: {p}");
+    }
+    let network_ms = t.elapsed().as_millis();
+    match settle.join() {
+        Ok(Ok(_)) => {}
+        Ok(Err(e)) => eprintln!("banger-agent: settling /tmp: {e}"),
+        Err(_) => eprintln!("banger-agent: settling /tmp failed unexpectedly"),
     }
     // One line for `vm logs`: where early boot's time went.
     let next = match &checked {
@@ -192,10 +198,7 @@ pub fn run() -> Result<Early, InitError> {
             banger_agent_proto::boot::INIT_PARAM
         ),
     };
-    eprintln!(
-        "banger-agent: {timings}, network in {} ms; {next}",
-        t.elapsed().as_millis()
-    );
+    eprintln!("banger-agent: {timings}, network in {network_ms} ms; {next}");
     let Some((init, target)) = checked else {
         return be_init(start);
     };
