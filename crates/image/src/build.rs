@@ -1,13 +1,13 @@
 //! The local Debian image build: mmdebstrap, customisation, kernel, mkfs.
 
 use crate::customize::{GuestPayload, InstallSection, customize, find_kernel, write_file};
-use crate::fsutil::{find_tool, inode_count, rootfs_size, sha256_file, tree_usage};
-use crate::process::run_tool;
+use crate::fsutil::{sha256_file, tree_usage};
 use crate::staging::{
     STAGING_PREFIX, Staging, lock_images_dir, mounts_under, remove_stale, remove_tree,
     unmount_all_under,
 };
 use crate::{ImageError, Manifest};
+use banger_ext4::{find_tool, inode_count, mkfs_tree, rootfs_size, run_tool, set_root_mode};
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use tokio_util::sync::CancellationToken;
@@ -193,11 +193,11 @@ pub async fn build_debian(
             tool: "mmdebstrap",
             package: "mmdebstrap",
         })?,
-        mkfs: find_tool("mkfs.ext4").ok_or(ImageError::ToolMissing {
-            tool: "mkfs.ext4",
-            package: "e2fsprogs",
-        })?,
     };
+    // Checked before the long part of the build; the calls find them again.
+    for tool in ["mkfs.ext4", "debugfs"] {
+        banger_ext4::tool(tool)?;
+    }
 
     std::fs::create_dir_all(&spec.images_dir).map_err(ImageError::io(format!(
         "creating {}",
@@ -251,7 +251,6 @@ pub async fn build_debian(
 
 struct Tools {
     mmdebstrap: PathBuf,
-    mkfs: PathBuf,
 }
 
 /// The build proper, inside `staging`. Records in `new_kernel_dir` the
@@ -446,24 +445,17 @@ async fn build_in(
     std::fs::File::create(&work_seed)
         .and_then(|f| f.set_len(seed_size))
         .map_err(ImageError::io(format!("creating {}", work_seed.display())))?;
-    let seed_args = mkfs_args(
+    mkfs_tree(
         &tree.join("root"),
         &work_seed,
         "work",
         inode_count(seed_usage.inodes, seed_size),
-    );
-    run_tool("mkfs.ext4", &tools.mkfs, seed_args, &[], &on_line, cancel).await?;
+        &on_line,
+        cancel,
+    )
+    .await?;
     // mkfs -d gives the root directory mode 0755; /root is private.
-    let debugfs = find_tool("debugfs").ok_or(ImageError::ToolMissing {
-        tool: "debugfs",
-        package: "e2fsprogs",
-    })?;
-    let args = ["-w", "-R", "set_inode_field / mode 040700"]
-        .map(OsString::from)
-        .into_iter()
-        .chain([work_seed.clone().into_os_string()])
-        .collect();
-    run_tool("debugfs", &debugfs, args, &[], &on_line, cancel).await?;
+    set_root_mode(&work_seed, 0o700, &on_line, cancel).await?;
     checkpoint()?;
 
     let size = rootfs_size(usage.bytes);
@@ -480,8 +472,8 @@ async fn build_in(
     std::fs::File::create(&rootfs)
         .and_then(|f| f.set_len(size))
         .map_err(ImageError::io(format!("creating {}", rootfs.display())))?;
-    let mkfs_args = mkfs_args(&tree, &rootfs, "rootfs", inode_count(usage.inodes, size));
-    run_tool("mkfs.ext4", &tools.mkfs, mkfs_args, &[], &on_line, cancel).await?;
+    let inodes = inode_count(usage.inodes, size);
+    mkfs_tree(&tree, &rootfs, "rootfs", inodes, &on_line, cancel).await?;
     {
         // The unpacked tree is big and no longer needed.
         let (tree, tmp) = (tree.clone(), tmp.clone());
@@ -612,26 +604,6 @@ fn mmdebstrap_args(spec: &DebianBuild, packages: &[String], tree: &Path) -> Vec<
     if let Some(m) = &spec.mirror {
         args.push(m.into());
     }
-    args
-}
-
-/// `mkfs.ext4` arguments writing the tree at `tree` into the (already sized)
-/// file `rootfs`, labelled `label`, with `inodes` inodes and a root-owned
-/// root directory.
-pub fn mkfs_args(tree: &Path, rootfs: &Path, label: &str, inodes: u64) -> Vec<OsString> {
-    let mut args: Vec<OsString> = ["-F", "-T", "default", "-b", "4096", "-E", "root_owner=0:0"]
-        .iter()
-        .map(OsString::from)
-        .collect();
-    args.extend([
-        "-L".into(),
-        label.into(),
-        "-N".into(),
-        inodes.to_string().into(),
-        "-d".into(),
-        tree.into(),
-        rootfs.into(),
-    ]);
     args
 }
 
@@ -975,33 +947,6 @@ mod tests {
         assert_eq!(
             &args[args.len() - 4..],
             ["--", "bookworm", "/s/root", "http://deb.example/debian"]
-        );
-
-        let args = mkfs_args(
-            Path::new("/s/root"),
-            Path::new("/s/rootfs.ext4"),
-            "rootfs",
-            50_000,
-        );
-        let args: Vec<&str> = args.iter().map(|a| a.to_str().expect("utf8")).collect();
-        assert_eq!(
-            args,
-            [
-                "-F",
-                "-T",
-                "default",
-                "-b",
-                "4096",
-                "-E",
-                "root_owner=0:0",
-                "-L",
-                "rootfs",
-                "-N",
-                "50000",
-                "-d",
-                "/s/root",
-                "/s/rootfs.ext4"
-            ]
         );
     }
 

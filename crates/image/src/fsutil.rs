@@ -1,20 +1,10 @@
-//! File-system arithmetic and small helpers: tree usage, the size of the
-//! root file system made from it, hashing, finding tools.
+//! Small file-system helpers: tree usage (what sizes the ext4 made from a
+//! tree, see [`banger_ext4::rootfs_size`]) and hashing.
 
 use crate::ImageError;
 use std::collections::HashSet;
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
-
-const MIB: u64 = 1 << 20;
-
-/// Free space the root file system gets on top of its files, besides the
-/// proportional 25%: room for the first boot (journal, machine-id, ssh host
-/// keys) before a VM's own disk size is applied.
-pub const ROOTFS_HEADROOM: u64 = 256 * MIB;
-
-/// ext4 bytes-per-inode ratio of the `default` usage type (`/etc/mke2fs.conf`).
-const INODE_RATIO: u64 = 16384;
 
 /// Disk usage of a directory tree.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -61,19 +51,6 @@ pub fn tree_usage(root: &Path) -> Result<TreeUsage, ImageError> {
     Ok(usage)
 }
 
-/// Size of the root file system for a tree using `tree_bytes`: the tree plus
-/// 25% (ext4 metadata, journal, slack) plus [`ROOTFS_HEADROOM`], rounded up
-/// to a whole MiB.
-pub fn rootfs_size(tree_bytes: u64) -> u64 {
-    (tree_bytes + tree_bytes / 4 + ROOTFS_HEADROOM).div_ceil(MIB) * MIB
-}
-
-/// Inodes to ask mkfs for: its default for `size`, unless the tree holds so
-/// many small files that the default would not fit them with room to spare.
-pub fn inode_count(tree_inodes: u64, size: u64) -> u64 {
-    (size / INODE_RATIO).max(tree_inodes + tree_inodes / 4 + 1024)
-}
-
 /// Lowercase hex sha256 of a file's content.
 pub fn sha256_file(path: &Path) -> Result<String, ImageError> {
     use sha2::Digest;
@@ -84,27 +61,9 @@ pub fn sha256_file(path: &Path) -> Result<String, ImageError> {
     Ok(format!("{:x}", hasher.finalize()))
 }
 
-pub use banger_storage::find_tool;
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn size_is_tree_plus_a_quarter_plus_headroom_in_whole_mib() {
-        assert_eq!(rootfs_size(0), 256 * MIB);
-        assert_eq!(rootfs_size(400 * MIB), (400 + 100 + 256) * MIB);
-        // 1 byte more than 400 MiB still rounds up to the next MiB.
-        assert_eq!(rootfs_size(400 * MIB + 1), (400 + 100 + 256 + 1) * MIB);
-        assert_eq!(rootfs_size(430 * MIB) % MIB, 0);
-        assert!(rootfs_size(430 * MIB) >= 430 * MIB * 5 / 4 + ROOTFS_HEADROOM);
-    }
-
-    #[test]
-    fn inode_count_keeps_the_default_unless_the_tree_needs_more() {
-        assert_eq!(inode_count(14_520, 800 * MIB), 800 * MIB / INODE_RATIO);
-        assert_eq!(inode_count(100_000, 800 * MIB), 100_000 + 25_000 + 1024);
-    }
 
     #[test]
     fn usage_counts_blocks_once_per_inode_and_not_through_symlinks() {
@@ -149,11 +108,5 @@ mod tests {
             sha256_file(&p).expect("hash"),
             "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
         );
-    }
-
-    #[test]
-    fn finds_tools_on_path_only_when_executable() {
-        assert!(find_tool("sh").is_some());
-        assert!(find_tool("banger-no-such-tool").is_none());
     }
 }

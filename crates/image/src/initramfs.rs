@@ -21,6 +21,7 @@
 //! directory and every read is capped.
 
 use banger_agent_proto::boot::{INITRAMFS_MODULES_DIR, INITRAMFS_MODULES_LIST, ModuleEntry};
+use banger_ext4::debugfs;
 use std::collections::{HashMap, HashSet};
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
@@ -81,8 +82,8 @@ pub enum InitramfsError {
     },
     #[error("{0}")]
     Bad(String),
-    #[error("debugfs not found: apt-get install e2fsprogs")]
-    NoDebugfs,
+    #[error(transparent)]
+    Ext4(#[from] banger_ext4::Ext4Error),
     #[error("{context}")]
     Io {
         context: String,
@@ -153,7 +154,6 @@ impl Ext4Source {
 
 impl ModuleSource for Ext4Source {
     fn fetch(&self, rels: &[&str], cap: u64) -> Result<Vec<Option<Vec<u8>>>, InitramfsError> {
-        let debugfs = crate::fsutil::find_tool("debugfs").ok_or(InitramfsError::NoDebugfs)?;
         let tmp = tempfile::Builder::new()
             .prefix("banger-modules-")
             .tempdir()
@@ -167,23 +167,19 @@ impl ModuleSource for Ext4Source {
                 .to_str()
                 .filter(|d| !d.contains(['"', ' ', '\n']))
                 .ok_or_else(|| InitramfsError::Bad(format!("unusable temporary path {dest:?}")))?;
-            script.push_str(&format!("dump \"{}/{rel}\" \"{dest}\"\n", self.dir));
+            script.push_str(&format!(
+                "dump {} {}\n",
+                debugfs::quote_str(&format!("{}/{rel}", self.dir)),
+                debugfs::quote_str(dest)
+            ));
         }
         let cmds = tmp.path().join("commands");
-        std::fs::write(&cmds, script).map_err(io(format!("writing {}", cmds.display())))?;
-        let out = std::process::Command::new(&debugfs)
-            .arg("-f")
-            .arg(&cmds)
-            .arg(&self.image)
-            .stdin(std::process::Stdio::null())
-            .output()
-            .map_err(io(format!("running {}", debugfs.display())))?;
+        let out = debugfs::run_script_blocking(&self.image, &cmds, script.as_bytes(), false)?;
         if !out.status.success() {
-            let err = String::from_utf8_lossy(&out.stderr);
             return Err(InitramfsError::Bad(format!(
                 "debugfs could not read {}: {}",
                 self.image.display(),
-                err.lines().last().unwrap_or("").trim()
+                out.messages.last().map_or("", |l| l.trim())
             )));
         }
         (0..rels.len())

@@ -16,18 +16,19 @@ mod fsutil;
 pub mod initramfs;
 mod manifest;
 pub mod mise;
-mod process;
 mod staging;
 pub mod vmlinux;
 
+/// The tool finder and runner are banger-ext4's; the image build runs
+/// mmdebstrap and friends with them too.
+pub use banger_ext4::{find_tool, run_tool};
 pub use build::{
     BASE_PACKAGES, BuiltImage, DOCKER_DAEMON_JSON, DebianBuild, Progress, build_debian,
-    debian_image_exists, kernel_name, mkfs_args,
+    debian_image_exists, kernel_name,
 };
 pub use customize::GuestPayload;
-pub use fsutil::{ROOTFS_HEADROOM, TreeUsage, find_tool, inode_count, rootfs_size, tree_usage};
+pub use fsutil::{TreeUsage, tree_usage};
 pub use manifest::Manifest;
-pub use process::run_tool;
 pub use staging::{LOCK_FILE, Staging, mounts_under, remove_tree};
 
 use std::path::PathBuf;
@@ -90,12 +91,45 @@ pub enum ImageError {
     MountsLeft { dir: PathBuf, count: usize },
     #[error("downloading {url}: {reason}")]
     Download { url: String, reason: String },
+    #[error(transparent)]
+    Ext4(banger_ext4::Ext4Error),
     #[error("{context}")]
     Io {
         context: String,
         #[source]
         source: std::io::Error,
     },
+}
+
+impl From<banger_ext4::Ext4Error> for ImageError {
+    fn from(e: banger_ext4::Ext4Error) -> Self {
+        match e {
+            banger_ext4::Ext4Error::Cancelled { .. } => ImageError::Cancelled,
+            e => ImageError::Ext4(e),
+        }
+    }
+}
+
+impl From<banger_ext4::RunError> for ImageError {
+    fn from(e: banger_ext4::RunError) -> Self {
+        use banger_ext4::RunError;
+        match e {
+            RunError::Failed {
+                tool,
+                status,
+                last_line,
+                tail,
+                ..
+            } => ImageError::ToolFailed {
+                tool,
+                status,
+                last_line,
+                tail,
+            },
+            RunError::Cancelled { .. } => ImageError::Cancelled,
+            RunError::Io { context, source } => ImageError::Io { context, source },
+        }
+    }
 }
 
 impl ImageError {

@@ -179,7 +179,7 @@ async fn builds_the_debian_image_then_finds_it() {
         std::fs::metadata(&built.rootfs).expect("rootfs").len()
     );
     assert_eq!(m.rootfs_bytes, built.size_bytes);
-    assert_eq!(m.rootfs_bytes, banger_image::rootfs_size(m.tree_bytes));
+    assert_eq!(m.rootfs_bytes, banger_ext4::rootfs_size(m.tree_bytes));
     assert!(
         m.tree_bytes > 200 << 20,
         "a Debian tree with a kernel is a few hundred MiB, got {}",

@@ -5,7 +5,8 @@
 use crate::pull::{PullOptions, pull_to_ext4};
 use crate::registry::{is_loopback, parse_reference};
 use crate::{OciError, ROOTFS_FILE};
-use banger_image::{find_tool, inode_count, mkfs_args, rootfs_size, run_tool, tree_usage};
+use banger_ext4::{find_tool, inode_count, mkfs_tree, rootfs_size, run_tool};
+use banger_image::{ImageError, tree_usage};
 use std::ffi::OsString;
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -38,12 +39,14 @@ async fn timed_tool(
     args: Vec<OsString>,
     cancel: &CancellationToken,
 ) -> Result<Duration, OciError> {
-    let path = find_tool(tool).ok_or(banger_image::ImageError::ToolMissing {
+    let path = find_tool(tool).ok_or(ImageError::ToolMissing {
         tool,
         package: tool,
     })?;
     let start = Instant::now();
-    run_tool(tool, &path, args, &[], &|_| {}, cancel).await?;
+    run_tool(tool, &path, args, &[], &|_| {}, cancel)
+        .await
+        .map_err(ImageError::from)?;
     Ok(start.elapsed())
 }
 
@@ -95,12 +98,10 @@ pub async fn bench_image(opts: &PullOptions, work: &Path) -> Result<BenchResult,
     std::fs::File::create(&image)
         .and_then(|f| f.set_len(size))
         .map_err(OciError::io(format!("creating {}", image.display())))?;
-    let mkfs = timed_tool(
-        "mkfs.ext4",
-        mkfs_args(&tree, &image, "rootfs", inode_count(usage.inodes, size)),
-        cancel,
-    )
-    .await?;
+    let inodes = inode_count(usage.inodes, size);
+    let start = Instant::now();
+    mkfs_tree(&tree, &image, "rootfs", inodes, &|_| {}, cancel).await?;
+    let mkfs = start.elapsed();
     Ok(BenchResult {
         first_pull,
         warm_pull,

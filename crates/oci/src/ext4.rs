@@ -5,41 +5,21 @@
 
 use crate::OciError;
 use crate::unpack::{EntryMeta, Node, Tree};
-use banger_image::{ImageError, find_tool, inode_count, mkfs_args, rootfs_size, run_tool};
+use banger_ext4::{Ext4Error, debugfs, inode_count, mkfs_tree, rootfs_size};
 use std::collections::HashSet;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use tokio_util::sync::CancellationToken;
 
 const MIB: u64 = 1 << 20;
 const S_IFMT: u32 = 0o170000;
 
-fn tool(name: &'static str) -> Result<PathBuf, OciError> {
-    find_tool(name).ok_or(OciError::Image(ImageError::ToolMissing {
-        tool: name,
-        package: "e2fsprogs",
-    }))
-}
-
 /// `/rel` quoted for debugfs's command parser (`"` doubled inside quotes).
 fn quote(rel: &Path) -> Vec<u8> {
     let mut s = b"/".to_vec();
     s.extend_from_slice(rel.as_os_str().as_bytes());
-    quote_bytes(&s)
-}
-
-fn quote_bytes(s: &[u8]) -> Vec<u8> {
-    let mut out = b"\"".to_vec();
-    for &b in s {
-        if b == b'"' {
-            out.push(b'"');
-        }
-        out.push(b);
-    }
-    out.push(b'"');
-    out
+    debugfs::quote(&s)
 }
 
 fn push_cmd(cmds: &mut Vec<u8>, parts: &[&[u8]]) {
@@ -125,7 +105,7 @@ pub fn debugfs_script(tree: &Tree) -> Result<(Vec<u8>, usize), OciError> {
             continue;
         };
         // debugfs's mknod takes a name in the current directory, not a path.
-        let name = &quote_bytes(name.as_bytes());
+        let name = &debugfs::quote(name.as_bytes());
         push_cmd(&mut cmds, &[b"cd", &quote(parent)]);
         push_cmd(
             &mut cmds,
@@ -165,7 +145,9 @@ pub async fn make_ext4(
     on_line: &(dyn Fn(String) + Send + Sync),
     cancel: &CancellationToken,
 ) -> Result<(u64, usize), OciError> {
-    let (mkfs, debugfs, e2fsck) = (tool("mkfs.ext4")?, tool("debugfs")?, tool("e2fsck")?);
+    for tool in ["mkfs.ext4", "debugfs", "e2fsck"] {
+        banger_ext4::tool(tool)?;
+    }
     let usage = banger_image::tree_usage(tree.root())?;
     let devices = tree
         .entries()
@@ -187,82 +169,32 @@ pub async fn make_ext4(
     std::fs::File::create(rootfs)
         .and_then(|f| f.set_len(size))
         .map_err(OciError::io(format!("creating {}", rootfs.display())))?;
-    let args = mkfs_args(
-        tree.root(),
-        rootfs,
-        "rootfs",
-        inode_count(usage.inodes + devices, size),
-    );
-    run_tool("mkfs.ext4", &mkfs, args, &[], on_line, cancel).await?;
+    let inodes = inode_count(usage.inodes + devices, size);
+    mkfs_tree(tree.root(), rootfs, "rootfs", inodes, on_line, cancel).await?;
 
     let (script, count) = debugfs_script(tree)?;
     if count > 0 {
         let cmd_file = parent.join(".debugfs-commands");
-        std::fs::write(&cmd_file, &script)
-            .map_err(OciError::io(format!("writing {}", cmd_file.display())))?;
-        let run = run_debugfs(&debugfs, &cmd_file, rootfs, cancel).await;
+        let run = debugfs::run_script(rootfs, &cmd_file, &script, true, cancel).await;
         let _ = std::fs::remove_file(&cmd_file);
-        let errors = run?;
+        let errors = run?.errors();
         if let Some(first) = errors.first() {
-            return Err(OciError::Debugfs {
+            return Err(Ext4Error::Debugfs {
                 image: rootfs.to_path_buf(),
                 count: errors.len(),
                 first: first.clone(),
-            });
+            }
+            .into());
         }
     }
-    let fsck = run_tool(
-        "e2fsck",
-        &e2fsck,
-        vec!["-fn".into(), rootfs.into()],
-        &[],
-        on_line,
-        cancel,
-    )
-    .await;
-    match fsck {
+    match banger_ext4::check(rootfs, on_line, cancel).await {
         Ok(()) => Ok((size, count)),
-        Err(ImageError::ToolFailed { last_line, .. }) => Err(OciError::Fsck {
+        Err(Ext4Error::Failed { message, .. }) => Err(OciError::Fsck {
             image: rootfs.to_path_buf(),
-            last_line,
+            last_line: message,
         }),
         Err(e) => Err(e.into()),
     }
-}
-
-/// Runs `debugfs -w -f cmd_file image` and returns its error lines (debugfs
-/// exits 0 even when commands fail, and reports them on stderr).
-async fn run_debugfs(
-    debugfs: &Path,
-    cmd_file: &Path,
-    image: &Path,
-    cancel: &CancellationToken,
-) -> Result<Vec<String>, OciError> {
-    let child = tokio::process::Command::new(debugfs)
-        .arg("-w")
-        .arg("-f")
-        .arg(cmd_file)
-        .arg(image)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .map_err(OciError::io(format!("starting {}", debugfs.display())))?;
-    let out = tokio::select! {
-        out = child.wait_with_output() => out.map_err(OciError::io("waiting for debugfs"))?,
-        _ = cancel.cancelled() => return Err(OciError::Cancelled),
-    };
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    let mut errors: Vec<String> = stderr
-        .lines()
-        .filter(|l| !l.trim().is_empty() && !l.starts_with("debugfs "))
-        .map(String::from)
-        .collect();
-    if !out.status.success() {
-        errors.insert(0, format!("debugfs exited with {}", out.status));
-    }
-    Ok(errors)
 }
 
 #[cfg(test)]

@@ -124,16 +124,12 @@ pub enum OciError {
     DockerConfig { path: PathBuf, reason: String },
     #[error("{0} already exists: remove it or choose another name")]
     Exists(PathBuf),
-    #[error("debugfs could not apply {count} changes to {image}: {first}")]
-    Debugfs {
-        image: PathBuf,
-        count: usize,
-        first: String,
-    },
     #[error("e2fsck found errors in the new file system {image}: {last_line}")]
     Fsck { image: PathBuf, last_line: String },
     #[error(transparent)]
     Image(#[from] banger_image::ImageError),
+    #[error(transparent)]
+    Ext4(banger_ext4::Ext4Error),
     #[error("image pull cancelled")]
     Cancelled,
     /// A file banger must read from the image is not usable.
@@ -145,6 +141,15 @@ pub enum OciError {
         #[source]
         source: std::io::Error,
     },
+}
+
+impl From<banger_ext4::Ext4Error> for OciError {
+    fn from(e: banger_ext4::Ext4Error) -> Self {
+        match e {
+            banger_ext4::Ext4Error::Cancelled { .. } => OciError::Cancelled,
+            e => OciError::Ext4(e),
+        }
+    }
 }
 
 impl OciError {

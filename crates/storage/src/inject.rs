@@ -2,10 +2,9 @@
 //! `debugfs` edits the ext4 image directly, owner and mode included, so the
 //! daemon needs no root for it.
 
-use crate::{StorageError, find_tool};
+use crate::StorageError;
+use banger_ext4::{CancellationToken, debugfs};
 use std::path::{Component, Path, PathBuf};
-use std::process::Stdio;
-use tokio::process::Command;
 
 /// One file to put into a disk, owned by root.
 #[derive(Debug, Clone)]
@@ -73,60 +72,25 @@ async fn write_files_in(
         ));
     }
     let script_path = staging.join("commands");
-    std::fs::write(&script_path, &script).map_err(|source| StorageError::Io {
-        context: format!("writing {}", script_path.display()),
-        source,
-    })?;
-    let out = debugfs(
-        &["-w".as_ref(), "-f".as_ref(), script_path.as_os_str()],
+    let out = debugfs::run_script(
         disk,
+        &script_path,
+        script.as_bytes(),
+        true,
+        &CancellationToken::new(),
     )
     .await?;
     // debugfs exits 0 whatever its commands did: check each file instead.
     for f in files {
-        let got = Command::new(
-            find_tool("debugfs").ok_or(StorageError::ToolMissing { tool: "debugfs" })?,
-        )
-        .args(["-R", &format!("cat {}", f.path)])
-        .arg(disk)
-        .stdin(Stdio::null())
-        .stderr(Stdio::null())
-        .output()
-        .await
-        .map_err(|source| StorageError::Io {
-            context: "running debugfs".into(),
-            source,
-        })?;
-        if got.stdout != f.content {
+        if debugfs::cat(disk, &f.path).await? != f.content {
             return Err(StorageError::Tool {
                 tool: "debugfs",
                 path: disk.to_path_buf(),
-                detail: format!(
-                    "writing {} did not take: {}",
-                    f.path,
-                    String::from_utf8_lossy(&out.stderr).trim()
-                ),
+                detail: format!("writing {} did not take: {}", f.path, out.last_error()),
             });
         }
     }
     Ok(())
-}
-
-async fn debugfs(
-    args: &[&std::ffi::OsStr],
-    disk: &Path,
-) -> Result<std::process::Output, StorageError> {
-    let bin = find_tool("debugfs").ok_or(StorageError::ToolMissing { tool: "debugfs" })?;
-    Command::new(bin)
-        .args(args)
-        .arg(disk)
-        .stdin(Stdio::null())
-        .output()
-        .await
-        .map_err(|source| StorageError::Io {
-            context: "running debugfs".into(),
-            source,
-        })
 }
 
 fn plain_components(path: &str) -> Result<Vec<String>, StorageError> {

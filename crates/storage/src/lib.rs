@@ -15,17 +15,13 @@
 
 mod copy;
 mod inject;
-mod tools;
 mod tree;
 
 pub use inject::{GuestFile, write_files};
 pub use tree::{EntryKind, GuestEntry, entry_path_ok, write_entries};
 
-pub use tools::find_tool;
-
+use banger_ext4::Ext4Error;
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
-use tokio::process::Command;
 
 /// File name of a VM's system overlay disk inside its directory.
 pub const OVERLAY_DISK: &str = "overlay.ext4";
@@ -43,8 +39,9 @@ const MIB: u64 = 1 << 20;
 pub enum StorageError {
     #[error("{path} does not exist: rebuild or re-pull the image")]
     MissingSource { path: PathBuf },
-    #[error("{tool} not found: install e2fsprogs (apt-get install e2fsprogs)")]
-    ToolMissing { tool: &'static str },
+    #[error(transparent)]
+    Ext4(Ext4Error),
+    /// debugfs ran, but what it was to write is not in the disk.
     #[error("{tool} failed on {path}: {detail}")]
     Tool {
         tool: &'static str,
@@ -69,6 +66,18 @@ pub enum StorageError {
         #[source]
         source: std::io::Error,
     },
+}
+
+impl From<Ext4Error> for StorageError {
+    fn from(e: Ext4Error) -> Self {
+        match e {
+            Ext4Error::NoSpace { image, .. } => StorageError::NoSpace {
+                path: image,
+                needed_mib: 1,
+            },
+            e => StorageError::Ext4(e),
+        }
+    }
 }
 
 impl StorageError {
@@ -269,32 +278,10 @@ fn remove_on_error(path: &Path, result: Result<(), StorageError>) -> Result<(), 
 
 /// An empty ext4 whose root directory belongs to root (whoever runs mkfs):
 /// the guest mounts it at / (upper layer) or /root, where sshd checks
-/// ownership. Lazy init keeps creation to a few milliseconds; the guest
-/// kernel finishes inode table init in the background.
+/// ownership.
 async fn mkfs_empty(path: &Path, label: &str) -> Result<(), StorageError> {
-    let mode = if label == "work" { "0700" } else { "0755" };
-    run(
-        "mkfs.ext4",
-        path,
-        &[
-            "-q",
-            "-F",
-            "-m",
-            "0",
-            "-L",
-            label,
-            "-E",
-            "lazy_itable_init=1,lazy_journal_init=1,root_owner=0:0",
-        ],
-    )
-    .await?;
-    // mkfs has no option for the root directory's mode.
-    run(
-        "debugfs",
-        path,
-        &["-w", "-R", &format!("set_inode_field / mode 04{mode}")],
-    )
-    .await
+    let mode = if label == "work" { 0o700 } else { 0o755 };
+    Ok(banger_ext4::mkfs_empty(path, label, mode).await?)
 }
 
 /// Extends the file to `size` and grows its ext4 to fill it.
@@ -304,56 +291,7 @@ async fn grow_fs(path: &Path, size: u64) -> Result<(), StorageError> {
         .open(path)
         .and_then(|f| f.set_len(size))
         .map_err(|e| StorageError::io_on(path, MIB, format!("extending {}", path.display()), e))?;
-    // resize2fs refuses a file system mounted since its last check (a used
-    // work disk) and asks for `e2fsck -f` first; a fresh copy of a seed
-    // needs no check, which saves a third of a VM create's disk work.
-    match run("resize2fs", path, &[]).await {
-        Err(StorageError::Tool { ref detail, .. }) if detail.contains("e2fsck") => {}
-        other => return other,
-    }
-    // -p repairs only what is safe without asking.
-    let fsck = run("e2fsck", path, &["-f", "-p"]).await;
-    match fsck {
-        Ok(()) => {}
-        // Exit status 1: errors were corrected; the file system is fine now.
-        Err(StorageError::Tool { ref detail, .. }) if detail.starts_with("exit status 1:") => {}
-        Err(e) => return Err(e),
-    }
-    run("resize2fs", path, &[]).await
-}
-
-/// Runs an e2fsprogs tool with `args` and then `path`.
-async fn run(tool: &'static str, path: &Path, args: &[&str]) -> Result<(), StorageError> {
-    let bin = find_tool(tool).ok_or(StorageError::ToolMissing { tool })?;
-    let out = Command::new(bin)
-        .args(args)
-        .arg(path)
-        .stdin(Stdio::null())
-        .output()
-        .await
-        .map_err(|source| StorageError::Io {
-            context: format!("running {tool}"),
-            source,
-        })?;
-    if out.status.success() {
-        return Ok(());
-    }
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    if stderr.contains("No space left on device") {
-        return Err(StorageError::NoSpace {
-            path: path.to_path_buf(),
-            needed_mib: 1,
-        });
-    }
-    let code = out
-        .status
-        .code()
-        .map_or_else(|| "killed".to_string(), |c| c.to_string());
-    Err(StorageError::Tool {
-        tool,
-        path: path.to_path_buf(),
-        detail: format!("exit status {code}: {}", stderr.trim()),
-    })
+    Ok(banger_ext4::grow(path).await?)
 }
 
 #[cfg(test)]

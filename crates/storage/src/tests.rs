@@ -1,4 +1,5 @@
 use super::*;
+use banger_ext4::find_tool;
 use std::process::Command as StdCommand;
 
 fn tool(name: &str, args: &[&str], path: &Path) -> String {

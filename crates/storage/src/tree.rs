@@ -3,12 +3,12 @@
 //! [`crate::write_files`] the content is streamed from host files, names
 //! may contain spaces, and directories are entries of their own.
 
-use crate::{StorageError, find_tool};
+use crate::StorageError;
+use banger_ext4::CancellationToken;
+use banger_ext4::debugfs::{self, quote_str as quote};
 use std::io::Read;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
-use tokio::process::Command;
 
 /// What a [`GuestEntry`] puts at its path.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -137,7 +137,7 @@ async fn write_in(disk: &Path, entries: &[GuestEntry], staging: &Path) -> Result
                 path: disk.to_path_buf(),
                 detail: format!(
                     "writing {path} did not take (is the disk full, or a directory in the way?): {}",
-                    last_error(&out.stderr)
+                    out.last_error()
                 ),
             });
         }
@@ -199,53 +199,15 @@ fn read_full(f: &mut std::fs::File, buf: &mut [u8]) -> std::io::Result<usize> {
     Ok(n)
 }
 
-/// debugfs argument quoting: double quotes keep spaces together.
-fn quote(s: &str) -> String {
-    format!("\"{s}\"")
-}
-
 async fn run_script(
     disk: &Path,
     staging: &Path,
     name: &str,
     script: &str,
-) -> Result<std::process::Output, StorageError> {
+) -> Result<debugfs::ScriptOutput, StorageError> {
     let path = staging.join(name);
-    std::fs::write(&path, script).map_err(|source| StorageError::Io {
-        context: format!("writing {}", path.display()),
-        source,
-    })?;
-    let bin = find_tool("debugfs").ok_or(StorageError::ToolMissing { tool: "debugfs" })?;
-    Command::new(bin)
-        .arg("-w")
-        .arg("-f")
-        .arg(&path)
-        .arg(disk)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .output()
-        .await
-        .map_err(|source| StorageError::Io {
-            context: "running debugfs".into(),
-            source,
-        })
-}
-
-/// The last line of debugfs's stderr that is not an expected complaint
-/// (its banner, mkdir of an existing directory, rm of a missing file).
-fn last_error(stderr: &[u8]) -> String {
-    String::from_utf8_lossy(stderr)
-        .lines()
-        .rev()
-        .find(|l| {
-            !l.starts_with("debugfs ")
-                && !l.contains("already exists")
-                && !l.contains("File not found")
-                && !l.trim().is_empty()
-        })
-        .unwrap_or("no error reported")
-        .trim()
-        .to_string()
+    let cancel = CancellationToken::new();
+    Ok(debugfs::run_script(disk, &path, script.as_bytes(), true, &cancel).await?)
 }
 
 #[cfg(test)]

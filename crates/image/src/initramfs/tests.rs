@@ -306,8 +306,8 @@ fn modules_cpio_from_a_directory_and_assembled_with_the_agent() {
 #[test]
 fn modules_cpio_from_an_ext4_image() {
     let (Some(mkfs), Some(_)) = (
-        crate::fsutil::find_tool("mkfs.ext4"),
-        crate::fsutil::find_tool("debugfs"),
+        banger_ext4::find_tool("mkfs.ext4"),
+        banger_ext4::find_tool("debugfs"),
     ) else {
         panic!("mkfs.ext4 and debugfs are needed (apt-get install e2fsprogs)");
     };

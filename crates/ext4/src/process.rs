@@ -1,4 +1,5 @@
-//! Running a build tool: argument vector, output streamed line by line, and
+//! Running a host tool (e2fsprogs, and the image build's mmdebstrap and
+//! friends): argument vector, output streamed line by line, and
 //! cancellation that stops the tool's whole process group and waits for it.
 //!
 //! Signalling only the tool is not enough for mmdebstrap: its main process
@@ -6,7 +7,6 @@
 //! signal has to reach every process of the build, as Ctrl-C in a terminal
 //! would. The tool therefore runs in its own process group.
 
-use crate::ImageError;
 use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
 use std::collections::VecDeque;
@@ -29,6 +29,31 @@ const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 /// Lines of output kept for the error of a failed tool.
 const TAIL_LINES: usize = 30;
 
+/// Errors running a tool with [`run_tool`].
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error("{tool} failed ({status}): {last_line}")]
+    Failed {
+        tool: &'static str,
+        /// How it ended, e.g. `exit status: 1`.
+        status: String,
+        /// The exit code, `None` when a signal ended it.
+        code: Option<i32>,
+        /// The last non-empty line it printed.
+        last_line: String,
+        /// The last lines the tool printed, oldest first.
+        tail: Vec<String>,
+    },
+    #[error("{tool} cancelled")]
+    Cancelled { tool: &'static str },
+    #[error("{context}")]
+    Io {
+        context: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
 /// Kills the process group when dropped, so that nothing of a build outlives
 /// it even if the future running it is dropped.
 struct GroupGuard(Pid);
@@ -44,7 +69,7 @@ impl Drop for GroupGuard {
 /// process group, passing every output line
 /// (stdout and stderr) to `on_line`. When `cancel` fires, the group gets
 /// SIGTERM, then SIGKILL after a grace period, and the call returns
-/// [`ImageError::Cancelled`] once the tool has exited.
+/// [`RunError::Cancelled`] once the tool has exited.
 pub async fn run_tool(
     tool: &'static str,
     program: &Path,
@@ -52,9 +77,9 @@ pub async fn run_tool(
     envs: &[(&str, &Path)],
     on_line: &(dyn Fn(String) + Send + Sync),
     cancel: &CancellationToken,
-) -> Result<(), ImageError> {
+) -> Result<(), RunError> {
     if cancel.is_cancelled() {
-        return Err(ImageError::Cancelled);
+        return Err(RunError::Cancelled { tool });
     }
     let mut cmd = Command::new(program);
     cmd.args(&args)
@@ -74,14 +99,15 @@ pub async fn run_tool(
             Ok(())
         });
     }
-    let mut child = cmd
-        .spawn()
-        .map_err(ImageError::io(format!("starting {}", program.display())))?;
+    let mut child = cmd.spawn().map_err(|source| RunError::Io {
+        context: format!("starting {}", program.display()),
+        source,
+    })?;
     let pid = child
         .id()
         .and_then(|id| i32::try_from(id).ok())
         .map(Pid::from_raw)
-        .ok_or_else(|| ImageError::Io {
+        .ok_or_else(|| RunError::Io {
             context: format!("starting {tool}"),
             source: std::io::Error::other("the process exited before it could be tracked"),
         })?;
@@ -104,7 +130,7 @@ pub async fn run_tool(
         tail.push_back(line.clone());
         on_line(line);
     };
-    let wait_err = |e| ImageError::Io {
+    let wait_err = |e| RunError::Io {
         context: format!("waiting for {tool}"),
         source: e,
     };
@@ -124,7 +150,7 @@ pub async fn run_tool(
                 }
                 // Whatever of the group survived its leader goes too.
                 let _ = killpg(pid, Signal::SIGKILL);
-                return Err(ImageError::Cancelled);
+                return Err(RunError::Cancelled { tool });
             }
         }
     };
@@ -146,9 +172,10 @@ pub async fn run_tool(
         .find(|l| !l.trim().is_empty())
         .cloned()
         .unwrap_or_else(|| "no output".to_string());
-    Err(ImageError::ToolFailed {
+    Err(RunError::Failed {
         tool,
         status: status.to_string(),
+        code: status.code(),
         last_line,
         tail,
     })
@@ -225,7 +252,7 @@ mod tests {
         .await
         .expect_err("failure");
         match &err {
-            ImageError::ToolFailed {
+            RunError::Failed {
                 tool,
                 last_line,
                 tail,
@@ -287,7 +314,7 @@ mod tests {
             &cancel,
         )
         .await;
-        assert!(matches!(r, Err(ImageError::Cancelled)), "{r:?}");
+        assert!(matches!(r, Err(RunError::Cancelled { .. })), "{r:?}");
         assert!(
             started.elapsed() < TERM_GRACE,
             "SIGTERM to the group should end it without waiting for SIGKILL"
@@ -325,6 +352,6 @@ mod tests {
             &cancel,
         )
         .await;
-        assert!(matches!(r, Err(ImageError::Cancelled)));
+        assert!(matches!(r, Err(RunError::Cancelled { tool: "true" })));
     }
 }
