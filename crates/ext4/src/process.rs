@@ -200,8 +200,14 @@ mod tests {
     use super::*;
     use std::sync::Mutex;
 
-    fn args(a: &[&str]) -> Vec<OsString> {
-        a.iter().map(OsString::from).collect()
+    /// `sh -c script`, lines to `on_line`.
+    async fn sh(
+        script: &str,
+        on_line: &(dyn Fn(String) + Send + Sync),
+        cancel: &CancellationToken,
+    ) -> Result<(), RunError> {
+        let args = ["-c", script].map(OsString::from).to_vec();
+        run_tool("sh", Path::new("/bin/sh"), args, &[], on_line, cancel).await
     }
 
     #[tokio::test]
@@ -209,15 +215,7 @@ mod tests {
         let lines = Mutex::new(Vec::new());
         let on_line = |l: String| lines.lock().expect("lock").push(l);
         let old = nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
-        let r = run_tool(
-            "sh",
-            Path::new("/bin/sh"),
-            args(&["-c", "umask"]),
-            &[],
-            &on_line,
-            &CancellationToken::new(),
-        )
-        .await;
+        let r = sh("umask", &on_line, &CancellationToken::new()).await;
         nix::sys::stat::umask(old);
         r.expect("umask");
         assert_eq!(lines.lock().expect("lock").as_slice(), ["0022"]);
@@ -227,11 +225,8 @@ mod tests {
     async fn streams_lines_from_both_pipes_and_reports_failure_with_the_tail() {
         let lines = Mutex::new(Vec::new());
         let on_line = |l: String| lines.lock().expect("lock").push(l);
-        run_tool(
-            "sh",
-            Path::new("/bin/sh"),
-            args(&["-c", "echo out; echo err >&2; printf 'bad \\377 byte\\n'"]),
-            &[],
+        sh(
+            "echo out; echo err >&2; printf 'bad \\377 byte\\n'",
             &on_line,
             &CancellationToken::new(),
         )
@@ -241,16 +236,9 @@ mod tests {
         got.sort();
         assert_eq!(got, ["bad \u{fffd} byte", "err", "out"]);
 
-        let err = run_tool(
-            "sh",
-            Path::new("/bin/sh"),
-            args(&["-c", "echo why >&2; exit 3"]),
-            &[],
-            &|_| {},
-            &CancellationToken::new(),
-        )
-        .await
-        .expect_err("failure");
+        let err = sh("echo why >&2; exit 3", &|_| {}, &CancellationToken::new())
+            .await
+            .expect_err("failure");
         match &err {
             RunError::Failed {
                 tool,
@@ -305,15 +293,7 @@ mod tests {
             }
         };
         let started = std::time::Instant::now();
-        let r = run_tool(
-            "sh",
-            Path::new("/bin/sh"),
-            args(&["-c", &script]),
-            &[],
-            &on_line,
-            &cancel,
-        )
-        .await;
+        let r = sh(&script, &on_line, &cancel).await;
         assert!(matches!(r, Err(RunError::Cancelled { .. })), "{r:?}");
         assert!(
             started.elapsed() < TERM_GRACE,
@@ -343,15 +323,10 @@ mod tests {
     async fn an_already_cancelled_token_starts_nothing() {
         let cancel = CancellationToken::new();
         cancel.cancel();
-        let r = run_tool(
-            "true",
-            Path::new("/bin/true"),
-            vec![],
-            &[],
-            &|_| {},
-            &cancel,
-        )
-        .await;
-        assert!(matches!(r, Err(RunError::Cancelled { tool: "true" })));
+        let started = std::sync::atomic::AtomicBool::new(false);
+        let on_line = |_| started.store(true, std::sync::atomic::Ordering::SeqCst);
+        let r = sh("echo started", &on_line, &cancel).await;
+        assert!(matches!(r, Err(RunError::Cancelled { tool: "sh" })));
+        assert!(!started.load(std::sync::atomic::Ordering::SeqCst));
     }
 }
