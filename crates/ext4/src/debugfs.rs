@@ -23,18 +23,9 @@ pub fn quote(s: &[u8]) -> Vec<u8> {
     out
 }
 
-/// [`quote`] for text.
+/// [`quote`] for text (lossless: quoting only adds ASCII `"`).
 pub fn quote_str(s: &str) -> String {
-    let mut out = String::with_capacity(s.len() + 2);
-    out.push('"');
-    for c in s.chars() {
-        if c == '"' {
-            out.push('"');
-        }
-        out.push(c);
-    }
-    out.push('"');
-    out
+    String::from_utf8_lossy(&quote(s.as_bytes())).into_owned()
 }
 
 /// What one debugfs run reported.
