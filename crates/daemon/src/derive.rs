@@ -423,20 +423,10 @@ async fn remove_dir(dir: &Path) {
 /// `e2fsck -fn`: the guest powered off cleanly, so both file systems must
 /// be clean; anything else means they are not fit to become an image.
 async fn fsck(disk: &Path, cancel: &CancellationToken) -> Result<(), DaemonError> {
-    let tool = banger_image::find_tool("e2fsck").ok_or_else(|| {
-        DaemonError::Failed(anyhow!("e2fsck not found: apt-get install e2fsprogs"))
-    })?;
-    banger_image::run_tool(
-        "e2fsck",
-        &tool,
-        vec!["-f".into(), "-n".into(), disk.into()],
-        &[],
-        &|_| {},
-        cancel,
-    )
-    .await
-    .with_context(|| format!("checking {}", disk.display()))
-    .map_err(Into::into)
+    banger_ext4::check(disk, &|_| {}, cancel)
+        .await
+        .with_context(|| format!("checking {}", disk.display()))
+        .map_err(Into::into)
 }
 
 /// Moves the root file system and work disk into `images_dir/<name>/`

@@ -21,7 +21,6 @@ pub mod vmlinux;
 
 /// The tool finder and runner are banger-ext4's; the image build runs
 /// mmdebstrap and friends with them too.
-pub use banger_ext4::{find_tool, run_tool};
 pub use build::{
     BASE_PACKAGES, BuiltImage, DOCKER_DAEMON_JSON, DebianBuild, Progress, build_debian,
     debian_image_exists, kernel_name,
