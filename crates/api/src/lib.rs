@@ -12,8 +12,9 @@ pub mod hold;
 pub mod images;
 pub mod rules;
 pub mod sessions;
+pub mod templates;
 
-use banger_model::{ImageRecord, InitramfsMode, KernelRecord, VmRecord, VmSpec};
+use banger_model::{ImageRecord, InitramfsMode, KernelRecord, VmRecord, VmSpec, WarmMode};
 use banger_version::BuildInfo;
 use serde::{Deserialize, Serialize};
 
@@ -129,6 +130,11 @@ pub struct CreateVmRequest {
     /// the `initramfs` config key.
     #[serde(default)]
     pub initramfs: Option<InitramfsMode>,
+    /// Restore a warm-start template instead of booting: `auto` (when one
+    /// fits and the `warm_start` config key allows), `off` (always boot)
+    /// or `require` (restore or fail, leaving nothing behind).
+    #[serde(default)]
+    pub warm: WarmMode,
 }
 
 fn yes() -> bool {

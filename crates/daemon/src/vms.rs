@@ -166,6 +166,7 @@ impl Daemon {
             pid: None,
             created_at: now_rfc3339(),
             last_error: None,
+            start: Default::default(),
             nat: req.nat,
             ip: Some(ip),
             tap: None,
