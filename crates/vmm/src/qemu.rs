@@ -7,8 +7,8 @@ use crate::process::{
 };
 use crate::qmp::Qmp;
 use crate::{
-    AgentEndpoint, DiskFormat, GuestExit, LaunchSpec, Launched, NetBackend, VmPaths, Vmm, VmmError,
-    is_valid_mac, vmm_process_alive,
+    AgentEndpoint, DiskFormat, GuestExit, LaunchSpec, Launched, NetBackend, RestoreSpec,
+    SnapshotFiles, VmPaths, Vmm, VmmError, WarmSupport, is_valid_mac, vmm_process_alive,
 };
 use banger_model::VmBackend;
 use std::ffi::{OsStr, OsString};
@@ -512,6 +512,28 @@ impl Vmm for QemuVmm {
                 secs: KILL_GRACE.as_secs(),
             })
         }
+    }
+
+    async fn warm_support(&self) -> WarmSupport {
+        WarmSupport::Unsupported("QEMU snapshots are not implemented yet".into())
+    }
+
+    async fn snapshot(&self, _dir: &Path, _pid: u32, _out: &SnapshotFiles) -> Result<(), VmmError> {
+        Err(VmmError::WarmUnsupported(
+            "QEMU snapshots are not implemented yet".into(),
+        ))
+    }
+
+    async fn restore(&self, _spec: &RestoreSpec) -> Result<Launched, VmmError> {
+        Err(VmmError::WarmUnsupported(
+            "QEMU snapshots are not implemented yet".into(),
+        ))
+    }
+
+    async fn grow_disk(&self, _dir: &Path, _index: usize, _bytes: u64) -> Result<(), VmmError> {
+        Err(VmmError::WarmUnsupported(
+            "QEMU online disk growth is not implemented yet".into(),
+        ))
     }
 }
 

@@ -24,8 +24,8 @@ use crate::process::{
     KILL_GRACE, KillOnDrop, PidFd, Startup, kill_and_reap, log_tail, new_session, wait_startup,
 };
 use crate::{
-    AgentEndpoint, DiskFormat, GuestExit, LaunchSpec, Launched, VmPaths, Vmm, VmmError,
-    is_valid_mac, vmm_process_alive,
+    AgentEndpoint, DiskFormat, GuestExit, LaunchSpec, Launched, RestoreSpec, SnapshotFiles,
+    VmPaths, Vmm, VmmError, WarmSupport, is_valid_mac, vmm_process_alive,
 };
 use api::{
     ActionType, BootSource, CacheType, Drive, EntropyDevice, LogLevel, Logger,
@@ -583,6 +583,28 @@ impl Vmm for FirecrackerVmm {
         }
         // Nobody will connect to it any more.
         remove_stale(&agent_listener_path(dir))
+    }
+
+    async fn warm_support(&self) -> WarmSupport {
+        WarmSupport::Unsupported("Firecracker snapshots are not implemented yet".into())
+    }
+
+    async fn snapshot(&self, _dir: &Path, _pid: u32, _out: &SnapshotFiles) -> Result<(), VmmError> {
+        Err(VmmError::WarmUnsupported(
+            "Firecracker snapshots are not implemented yet".into(),
+        ))
+    }
+
+    async fn restore(&self, _spec: &RestoreSpec) -> Result<Launched, VmmError> {
+        Err(VmmError::WarmUnsupported(
+            "Firecracker snapshots are not implemented yet".into(),
+        ))
+    }
+
+    async fn grow_disk(&self, _dir: &Path, _index: usize, _bytes: u64) -> Result<(), VmmError> {
+        Err(VmmError::WarmUnsupported(
+            "Firecracker online disk growth is not implemented yet".into(),
+        ))
     }
 }
 
