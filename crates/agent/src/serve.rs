@@ -447,6 +447,7 @@ fn hello() -> Body {
         proto_version: PROTO_VERSION,
         agent_version: env!("CARGO_PKG_VERSION").to_string(),
         uptime_ms: crate::bootinfo::uptime_ms(),
+        sealed: false,
     })
 }
 
@@ -483,6 +484,10 @@ fn kind(body: &Body) -> &'static str {
         Body::Sessions(_) => "Sessions",
         Body::BootStatus { .. } => "BootStatus",
         Body::Boot(_) => "Boot",
+        Body::Seal => "Seal",
+        Body::Sealed(_) => "Sealed",
+        Body::Restore(_) => "Restore",
+        Body::Restored(_) => "Restored",
     }
 }
 
