@@ -14,6 +14,7 @@ mod archive;
 pub mod boot_tmp;
 pub mod bootinfo;
 mod exec;
+pub mod identity;
 pub mod init;
 mod listeners;
 pub mod netconf;
@@ -24,6 +25,7 @@ mod sessions;
 pub mod singleton;
 pub mod transport;
 
+pub use identity::{IdentitySys, SealGate, SystemIdentity};
 pub use power::{Power, PowerError, SystemPower};
 pub use serve::{Agent, BadFrame, HostFrames};
 

@@ -3,9 +3,13 @@
 use crate::archive::{self, ArchiveMsg};
 use crate::bootinfo::BootInfo;
 use crate::exec::{self, SessionMsg};
+use crate::identity::{self, IdentitySys, SealGate, SystemIdentity};
 use crate::power::Power;
 use crate::sessions::{Follow, Sessions};
-use banger_agent_proto::{Body, CONTROL, Frame, FrameCodec, Hello, PROTO_VERSION, ProtoError};
+use banger_agent_proto::{
+    Body, CONTROL, Frame, FrameCodec, Hello, PROTO_VERSION, ProtoError, RestoreIdentity,
+    SEALED_MESSAGE,
+};
 use bytes::BytesMut;
 use futures::StreamExt;
 use std::collections::HashMap;
@@ -32,6 +36,11 @@ pub struct Agent {
     boot: Arc<BootInfo>,
     /// Called once the first greeting has been written to a host.
     first_greeting: Arc<std::sync::Mutex<Option<Greeted>>>,
+    /// Sealed for a template, or waiting for a clone's identity: shared by
+    /// all host connections (a clone's first connection is a new one).
+    gate: Arc<SealGate>,
+    /// The system calls of sealing and restoring.
+    identity: Arc<dyn IdentitySys>,
 }
 
 type Greeted = Box<dyn FnOnce() + Send>;
@@ -50,7 +59,21 @@ impl Agent {
             sessions: Arc::default(),
             boot: Arc::new(boot),
             first_greeting: Arc::default(),
+            gate: Arc::default(),
+            identity: Arc::new(SystemIdentity),
         }
+    }
+
+    /// Seals and restores through `sys` instead of the guest's own system
+    /// calls (tests record them).
+    pub fn with_identity(mut self, sys: Arc<dyn IdentitySys>) -> Self {
+        self.identity = sys;
+        self
+    }
+
+    /// Whether the agent is sealed (see [`SealGate`]).
+    pub fn is_sealed(&self) -> bool {
+        self.gate.is_sealed()
     }
 
     /// Calls `f` once the first greeting has been written to a host.
@@ -78,13 +101,15 @@ impl Agent {
             power: self.power.clone(),
             sessions: self.sessions.clone(),
             boot: self.boot.clone(),
+            gate: self.gate.clone(),
+            identity: self.identity.clone(),
             out,
             channels: HashMap::new(),
             archives: HashMap::new(),
             tasks: JoinSet::new(),
             next_id: 0,
         };
-        conn.send(CONTROL, hello()).await;
+        conn.send(CONTROL, hello(self.gate.is_sealed())).await;
 
         let mut frames = FramedRead::new(rd, HostFrames);
         loop {
@@ -118,6 +143,8 @@ struct Connection {
     power: Arc<dyn Power>,
     sessions: Arc<Sessions>,
     boot: Arc<BootInfo>,
+    gate: Arc<SealGate>,
+    identity: Arc<dyn IdentitySys>,
     out: mpsc::Sender<Frame>,
     /// Live channels (exec, session attach, session logs) with the id of
     /// the task serving each.
@@ -137,6 +164,19 @@ impl Connection {
 
     async fn handle(&mut self, frame: Frame) {
         let Frame { channel, body } = frame;
+        // A sealed guest runs nothing with its template's identity.
+        if self.gate.is_sealed()
+            && !matches!(
+                body,
+                Body::Ping | Body::BootStatus { .. } | Body::Restore(_)
+            )
+        {
+            // Credit or an abort needs no answer, sealed or not.
+            if !matches!(body, Body::Credit(_) | Body::Error(_)) {
+                self.send(channel, Body::Error(SEALED_MESSAGE.into())).await;
+            }
+            return;
+        }
         if channel == CONTROL {
             return self.handle_control(body).await;
         }
@@ -152,6 +192,8 @@ impl Connection {
                 return self.open(channel, move |rx| exec::run(channel, req, rx, out));
             }
             Body::ListListeners => return self.list_listeners(channel),
+            Body::Seal => return self.seal(channel).await,
+            Body::Restore(id) => return self.restore(channel, *id).await,
             Body::SessionStart(spec) => {
                 let answer = match self.sessions.start(spec) {
                     Ok(info) => Body::Session(info),
@@ -309,7 +351,7 @@ impl Connection {
 
     async fn handle_control(&mut self, body: Body) {
         match body {
-            Body::Ping => self.send(CONTROL, hello()).await,
+            Body::Ping => self.send(CONTROL, hello(self.gate.is_sealed())).await,
             Body::Shutdown { reboot } => {
                 tracing::info!(reboot, "host asked to shut down");
                 let power = self.power.clone();
@@ -330,6 +372,46 @@ impl Connection {
                 self.send(CONTROL, Body::Error(msg)).await;
             }
         }
+    }
+
+    /// Seals the guest (see [`identity::seal`]) unless work is live: a
+    /// template must hold no process or transfer of the host that built it.
+    async fn seal(&mut self, channel: u32) {
+        self.channels.retain(|_, (_, tx)| !tx.is_closed());
+        self.archives.retain(|_, tx| !tx.is_closed());
+        let sessions = self.sessions.running();
+        if !self.channels.is_empty() || !self.archives.is_empty() || !sessions.is_empty() {
+            let msg = format!(
+                "cannot seal while work runs: {} command(s), {} transfer(s), sessions [{}]",
+                self.channels.len(),
+                self.archives.len(),
+                sessions.join(", ")
+            );
+            return self.send(channel, Body::Error(msg)).await;
+        }
+        if let Err(e) = self.gate.begin_seal() {
+            return self.send(channel, Body::Error(e)).await;
+        }
+        let (sys, gate, out) = (self.identity.clone(), self.gate.clone(), self.out.clone());
+        tokio::task::spawn_blocking(move || {
+            identity::run_seal(&*sys, &gate, |body| {
+                let _ = out.blocking_send(Frame::new(channel, body));
+            });
+        });
+    }
+
+    /// Gives a sealed guest its identity (see [`identity::restore`]).
+    async fn restore(&mut self, channel: u32, id: RestoreIdentity) {
+        let plan = match self.gate.begin_restore() {
+            Ok(p) => p,
+            Err(e) => return self.send(channel, Body::Error(e)).await,
+        };
+        let (sys, gate, out) = (self.identity.clone(), self.gate.clone(), self.out.clone());
+        tokio::task::spawn_blocking(move || {
+            identity::run_restore(&*sys, &gate, &id, plan, |body| {
+                let _ = out.blocking_send(Frame::new(channel, body));
+            });
+        });
     }
 
     /// Answers on `channel` from a blocking task: walking /proc can take a
@@ -442,12 +524,12 @@ async fn write_frames<W: AsyncWrite + Unpin>(
     }
 }
 
-fn hello() -> Body {
+fn hello(sealed: bool) -> Body {
     Body::Hello(Hello {
         proto_version: PROTO_VERSION,
         agent_version: env!("CARGO_PKG_VERSION").to_string(),
         uptime_ms: crate::bootinfo::uptime_ms(),
-        sealed: false,
+        sealed,
     })
 }
 
