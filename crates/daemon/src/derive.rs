@@ -288,8 +288,9 @@ impl Daemon {
             progress: &boot_progress,
             cancel,
             writable_root: Some(&root),
+            purpose: crate::vms::BootPurpose::Vm,
         };
-        let booted = match self.boot(ctx, &mut vm, &mut steps).await {
+        let booted = match self.boot(ctx, &mut vm, &mut steps).await.map(|_| ()) {
             // Provisioning (apt, dpkg's service restarts) runs against a
             // fully booted system, as it would on a host.
             Ok(()) => match self.wait_system(&vm, &boot_progress, cancel).await {

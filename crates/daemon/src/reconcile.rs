@@ -37,6 +37,7 @@ impl Daemon {
                 (VmState::Stopped, true) => self.stop_leftover(&vm, VmState::Stopped, None).await,
             }
         }
+        self.reconcile_templates();
         Ok(())
     }
 

@@ -113,7 +113,7 @@ impl TemplateKey {
 }
 
 /// The resources a template's guest has (and each of its clones).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct TemplateShape {
     pub vcpu: u32,
     pub memory_mib: u64,
@@ -349,7 +349,10 @@ mod tests {
             (Box::new(|k| k.image_fp[0].ino = 9), "image files"),
             (Box::new(|k| k.image_created_at = "x".into()), "image files"),
             (Box::new(|k| k.kernel_fp[0].size = 9), "kernel"),
-            (Box::new(|k| k.initramfs = InitramfsMode::Distro), "initramfs"),
+            (
+                Box::new(|k| k.initramfs = InitramfsMode::Distro),
+                "initramfs",
+            ),
             (Box::new(|k| k.agent_sha256 = "cd".into()), "agent"),
             (
                 Box::new(|k| k.backend_version = "QEMU 9.2.0 tcg".into()),

@@ -317,7 +317,10 @@ mod tests {
             .collect::<Result<_, _>>()
             .expect("rows");
         tables.retain(|t| !t.starts_with("sqlite_"));
-        assert_eq!(tables, ["images", "kernels", "operations", "templates", "vms"]);
+        assert_eq!(
+            tables,
+            ["images", "kernels", "operations", "templates", "vms"]
+        );
     }
 
     #[test]

@@ -60,12 +60,7 @@ impl Store {
             "{SELECT} WHERE image = ?1 AND backend = ?2 AND vcpu = ?3 AND memory_mib = ?4 ORDER BY julianday(created_at) DESC, rowid DESC"
         ))?;
         let rows = stmt.query_map(
-            params![
-                image,
-                backend.as_str(),
-                shape.vcpu,
-                shape.memory_mib as i64
-            ],
+            params![image, backend.as_str(), shape.vcpu, shape.memory_mib as i64],
             read,
         )?;
         rows.map(|r| {
@@ -150,10 +145,7 @@ impl Raw {
         };
         Ok(TemplateRecord {
             image: self.image,
-            backend: self
-                .backend
-                .parse()
-                .map_err(|e| corrupt("backend", e))?,
+            backend: self.backend.parse().map_err(|e| corrupt("backend", e))?,
             shape: TemplateShape {
                 vcpu: self.vcpu,
                 memory_mib: unsigned("memory_mib", self.memory_mib)?,
@@ -247,7 +239,11 @@ mod tests {
             .into_iter()
             .map(|(t, _)| t.id)
             .collect();
-        assert_eq!(found, ["bbbb", "aaaa"], "newest first, shape and image match");
+        assert_eq!(
+            found,
+            ["bbbb", "aaaa"],
+            "newest first, shape and image match"
+        );
         assert!(
             s.find_templates("img", VmBackend::Firecracker, a.shape)
                 .expect("find")
@@ -268,7 +264,10 @@ mod tests {
         assert_eq!(got.last_used_at.as_deref(), Some("2026-02-02T00:00:00Z"));
         // A rebuild replaces the row but keeps its use count.
         s.upsert_template(&a, "{}").expect("upsert");
-        assert_eq!(s.get_template("aaaa").expect("get").expect("some").0.uses, 2);
+        assert_eq!(
+            s.get_template("aaaa").expect("get").expect("some").0.uses,
+            2
+        );
         s.delete_template("aaaa").expect("delete");
         s.delete_template("aaaa").expect("delete twice");
         assert!(s.get_template("aaaa").expect("get").is_none());
