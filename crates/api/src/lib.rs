@@ -83,6 +83,25 @@ pub struct DaemonInfo {
     /// VMM backend new VMs get, and why.
     pub backend: String,
     pub backend_reason: String,
+    /// Warm starts on this daemon.
+    #[serde(default)]
+    pub warm: WarmInfo,
+}
+
+/// Whether this daemon can restore templates, and what it keeps.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct WarmInfo {
+    /// The `warm_start` config key: `auto`, `manual` or `off`.
+    pub setting: String,
+    /// Whether the backend can snapshot and restore.
+    pub supported: bool,
+    /// The backend's restore identity ("QEMU 10.0.2"), or why it cannot.
+    pub detail: String,
+    pub templates: u64,
+    /// Bytes the templates take on disk.
+    pub template_bytes: u64,
+    /// Whether template disks clone by reflink (else each warm VM copies them).
+    pub reflink: bool,
 }
 
 /// `POST /v1/vms`.

@@ -105,6 +105,7 @@ async fn info(State(d): State<Shared>) -> Json<DaemonInfo> {
         state_dir: d.paths.state_dir.display().to_string(),
         backend: d.backend().to_string(),
         backend_reason: d.backend_reason.clone(),
+        warm: d.warm_info().await,
     })
 }
 

@@ -48,6 +48,33 @@ impl Daemon {
         }
     }
 
+    /// Warm-start facts for `doctor` (`GET /v1/info`).
+    pub(crate) async fn warm_info(&self) -> banger_api::WarmInfo {
+        let (supported, detail) = match self.warm_backend().await {
+            Ok(id) => (true, id),
+            Err(why) => (false, why),
+        };
+        let list = self.store.list_templates(None).unwrap_or_default();
+        let dir = self.templates_dir();
+        let probe_dir = if dir.is_dir() {
+            dir
+        } else {
+            self.paths.vms_dir.clone()
+        };
+        banger_api::WarmInfo {
+            setting: self.config.warm_start.as_str().to_string(),
+            supported,
+            detail,
+            templates: list.len() as u64,
+            template_bytes: list.iter().map(|t| t.size_bytes).sum(),
+            reflink: tokio::task::spawn_blocking(move || {
+                banger_storage::reflink_supported(&probe_dir)
+            })
+            .await
+            .unwrap_or(false),
+        }
+    }
+
     /// The kind of NIC VMs get from this daemon's networking.
     pub(crate) fn nic_kind(&self) -> NicKind {
         match self.network().map(|n| n.mode_name()) {
