@@ -709,7 +709,10 @@ async fn bare_firecracker(
         tokio::net::UnixListener::bind(banger_vmm::firecracker::agent_listener_path(&spec.dir))
             .context("listening for the guest agent")?;
     let t0 = Instant::now();
+    // Files in the VM directory are given relative to it (as for every
+    // banger launch), so Firecracker must run there.
     let mut child = tokio::process::Command::new(binary)
+        .current_dir(&spec.dir)
         .arg("--no-api")
         .arg("--config-file")
         .arg(&config_file)
