@@ -628,7 +628,228 @@ fn varint_u32(b: &[u8]) -> Option<u32> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::identity::tests::{Recorder, grown, identity};
+    use banger_agent_proto::client::{AgentClient, ClientError, ExecEvent};
+    use banger_agent_proto::{ExecRequest, PutArchive, SshdPlan};
     use bytes::BufMut;
+    use futures::SinkExt;
+    use tokio::time::timeout;
+    use tokio_util::codec::FramedWrite;
+
+    const LIMIT: Duration = Duration::from_secs(30);
+
+    struct NoPower;
+
+    impl Power for NoPower {
+        fn power_off(&self, _reboot: bool) -> Result<(), crate::PowerError> {
+            Ok(())
+        }
+    }
+
+    /// An agent whose seal and restore are recorded; the guest's sshd runs
+    /// under systemd as `ssh.service`.
+    fn agent() -> (Agent, Arc<Recorder>) {
+        let rec = Arc::new(Recorder {
+            systemd: true,
+            active_units: vec!["ssh.service"],
+            ..grown()
+        });
+        let agent = Agent::new(Arc::new(NoPower)).with_identity(rec.clone());
+        (agent, rec)
+    }
+
+    /// Serves one connection of `agent`; returns the host's client.
+    async fn connect(agent: &Agent) -> (AgentClient, tokio::task::JoinHandle<()>) {
+        let (host, guest) = tokio::io::duplex(1 << 20);
+        let a = agent.clone();
+        let task = tokio::spawn(async move { a.serve(guest).await });
+        (AgentClient::spawn(host), task)
+    }
+
+    async fn hello(c: &AgentClient) -> Hello {
+        timeout(LIMIT, c.wait_hello())
+            .await
+            .expect("hello in time")
+            .expect("hello")
+    }
+
+    #[tokio::test]
+    async fn restore_when_not_sealed_is_refused() {
+        let (agent, rec) = agent();
+        let (c, _) = connect(&agent).await;
+        assert!(!hello(&c).await.sealed);
+        let err = c.restore(identity()).await.expect_err("refused");
+        assert!(
+            matches!(&err, ClientError::Refused(m) if m.contains("not sealed")),
+            "{err}"
+        );
+        assert!(rec.lines().is_empty());
+    }
+
+    #[tokio::test]
+    async fn sealed_agent_refuses_work_but_pings_and_restores() {
+        let (agent, rec) = agent();
+        let (c, _) = connect(&agent).await;
+        hello(&c).await;
+        let report = timeout(LIMIT, c.seal())
+            .await
+            .expect("in time")
+            .expect("seal");
+        assert_eq!(report.sshd, SshdPlan::Unit("ssh.service".into()));
+        assert!(agent.is_sealed());
+
+        // Exec, a file transfer, a second seal: refused with the one message.
+        let mut exec = c
+            .exec(ExecRequest {
+                argv: vec!["true".into()],
+                ..Default::default()
+            })
+            .expect("exec");
+        assert_eq!(
+            timeout(LIMIT, exec.next_event())
+                .await
+                .expect("in time")
+                .expect("event"),
+            Some(ExecEvent::Error(SEALED_MESSAGE.into()))
+        );
+        let put = c
+            .put_archive(PutArchive {
+                dest: "/tmp/x".into(),
+                replace: false,
+            })
+            .expect("put");
+        let err = timeout(LIMIT, put.finish())
+            .await
+            .expect("in time")
+            .expect_err("refused");
+        assert!(err.to_string().contains(SEALED_MESSAGE), "{err}");
+        let err = c.seal().await.expect_err("sealed");
+        assert!(err.to_string().contains(SEALED_MESSAGE), "{err}");
+        let err = c.list_listeners().await.expect_err("sealed");
+        assert!(err.to_string().contains(SEALED_MESSAGE), "{err}");
+
+        // A ping is answered, saying sealed.
+        let (host, guest) = tokio::io::duplex(1 << 16);
+        let a = agent.clone();
+        tokio::spawn(async move { a.serve(guest).await });
+        let (rd, wr) = tokio::io::split(host);
+        let mut rd = FramedRead::new(rd, FrameCodec);
+        let mut wr = FramedWrite::new(wr, FrameCodec);
+        let first = rd.next().await.expect("frame").expect("io").expect("valid");
+        assert!(matches!(
+            first.body,
+            Body::Hello(Hello { sealed: true, .. })
+        ));
+        wr.send(Frame::new(CONTROL, Body::Ping))
+            .await
+            .expect("ping");
+        let again = rd.next().await.expect("frame").expect("io").expect("valid");
+        assert!(matches!(
+            again.body,
+            Body::Hello(Hello { sealed: true, .. })
+        ));
+        wr.send(Frame::new(CONTROL, Body::Shutdown { reboot: false }))
+            .await
+            .expect("shutdown");
+        let refused = rd.next().await.expect("frame").expect("io").expect("valid");
+        assert_eq!(
+            refused,
+            Frame::new(CONTROL, Body::Error(SEALED_MESSAGE.into()))
+        );
+        drop(wr);
+
+        // The restore opens the gate: the same exec now runs.
+        let r = timeout(LIMIT, c.restore(identity()))
+            .await
+            .expect("in time")
+            .expect("restore");
+        assert_eq!(r.sshd, "unit ssh.service");
+        assert!(!agent.is_sealed());
+        let mut exec = c
+            .exec(ExecRequest {
+                argv: vec!["true".into()],
+                ..Default::default()
+            })
+            .expect("exec");
+        let ev = timeout(LIMIT, exec.next_event())
+            .await
+            .expect("in time")
+            .expect("event");
+        assert!(
+            matches!(ev, Some(ExecEvent::Exited(s)) if s.code == Some(0)),
+            "{ev:?}"
+        );
+        // sshd is started after the answer.
+        let lines = rec.lines();
+        assert_eq!(
+            lines.last().map(String::as_str),
+            Some("systemctl start --no-block ssh.service")
+        );
+    }
+
+    /// A clone's first host connection is a new one (Firecracker resets
+    /// vsock at the snapshot): it is greeted sealed, and restored on it.
+    #[tokio::test]
+    async fn the_seal_outlives_the_connection() {
+        let (agent, _) = agent();
+        let (host, guest) = tokio::io::duplex(1 << 16);
+        let a = agent.clone();
+        let task = tokio::spawn(async move { a.serve(guest).await });
+        let (rd, wr) = tokio::io::split(host);
+        let mut rd = FramedRead::new(rd, FrameCodec);
+        let mut wr = FramedWrite::new(wr, FrameCodec);
+        let first = rd.next().await.expect("frame").expect("io").expect("valid");
+        assert!(matches!(
+            first.body,
+            Body::Hello(Hello { sealed: false, .. })
+        ));
+        wr.send(Frame::new(1, Body::Seal)).await.expect("seal");
+        let sealed = rd.next().await.expect("frame").expect("io").expect("valid");
+        assert!(matches!(sealed.body, Body::Sealed(_)), "{sealed:?}");
+        // The connection breaks (a vsock reset): the agent serves the next.
+        drop((rd, wr));
+        timeout(LIMIT, task)
+            .await
+            .expect("serve returns")
+            .expect("task");
+        let (c, _) = connect(&agent).await;
+        assert!(hello(&c).await.sealed);
+        timeout(LIMIT, c.restore(identity()))
+            .await
+            .expect("in time")
+            .expect("restore");
+        c.ping().expect("ping");
+        let (c, _) = connect(&agent).await;
+        assert!(!hello(&c).await.sealed);
+    }
+
+    #[tokio::test]
+    async fn seal_is_refused_while_a_command_runs() {
+        let (agent, rec) = agent();
+        let (c, _) = connect(&agent).await;
+        hello(&c).await;
+        let mut exec = c
+            .exec(ExecRequest {
+                argv: vec!["sh".into(), "-c".into(), "echo up; exec sleep 30".into()],
+                ..Default::default()
+            })
+            .expect("exec");
+        // Running for sure once it has written.
+        let ev = timeout(LIMIT, exec.next_event())
+            .await
+            .expect("in time")
+            .expect("event");
+        assert_eq!(ev, Some(ExecEvent::Stdout(b"up\n".to_vec())));
+        let err = c.seal().await.expect_err("refused");
+        assert!(
+            err.to_string()
+                .contains("cannot seal while work runs: 1 command"),
+            "{err}"
+        );
+        assert!(!agent.is_sealed());
+        assert!(rec.lines().is_empty(), "nothing was stopped");
+        drop(exec);
+    }
 
     #[test]
     fn oversized_length_drops_the_buffer_and_decoding_resumes() {

@@ -177,7 +177,7 @@ fn size(blocks: u64, device_bytes: u64) -> FsSize {
 }
 
 /// A recorder whose `/` and `/root` disks have grown to 4 GiB.
-fn grown() -> Recorder {
+pub(crate) fn grown() -> Recorder {
     let r = Recorder::default();
     {
         let mut sizes = r.sizes.lock().expect("sizes");
