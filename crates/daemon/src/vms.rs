@@ -186,7 +186,7 @@ impl Daemon {
                     return Err(DaemonError::Conflict(format!("--warm: {reason}")));
                 }
                 if req.start {
-                    rep.progress("start", &format!("cold boot: {reason}"));
+                    rep.progress("start", &format!("cold ({reason})"));
                     if reason.wants_template() && self.config.warm_start == WarmSetting::Auto {
                         self.queue_template_build(&image.name, shape);
                     }
@@ -266,6 +266,10 @@ impl Daemon {
         drop(alloc);
         let mut warmed = false;
         if let Some(template) = &warm_template {
+            rep.progress(
+                "start",
+                &format!("warm (restoring template {})", template.header.id),
+            );
             match this
                 .try_warm(&mut vm, &image, template, &mut steps, &progress, &cancel)
                 .await
@@ -285,7 +289,7 @@ impl Daemon {
                         ));
                     }
                     tracing::warn!(vm = %vm.name, template = %template.header.id, step = e.step, error = %why, "warm start failed; booting cold");
-                    rep.progress("start", &format!("warm start failed: {why}; booting cold"));
+                    rep.progress("start", &format!("cold (warm start failed: {why})"));
                     if e.blames_template()
                         && let Ok(Some((row, _))) = this.store.get_template(&template.header.id)
                     {

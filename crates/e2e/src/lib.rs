@@ -317,7 +317,10 @@ impl Banger {
     pub fn write_config(&self, text: &str) {
         std::fs::create_dir_all(self.config_dir()).expect("config dir");
         // First: a top-level key must come before any table.
-        let text = if text.lines().any(|l| l.trim_start().starts_with("warm_start")) {
+        let text = if text
+            .lines()
+            .any(|l| l.trim_start().starts_with("warm_start"))
+        {
             text.to_string()
         } else {
             format!("warm_start = \"manual\"\n{text}")

@@ -71,8 +71,9 @@ pub struct RunRecord {
 /// Daemon step names, grouped into the phases users see.
 fn phase_of(daemon_phase: &str) -> Option<&'static str> {
     match daemon_phase {
-        "dir" | "record" | "disks" | "ssh" | "files" => Some("create"),
-        "network" | "credentials" | "boot" | "agent" | "system" | "sshd" => Some("boot"),
+        "dir" | "record" | "disks" | "ssh" | "files" | "clone-disks" => Some("create"),
+        "network" | "credentials" | "boot" | "agent" | "system" | "sshd" | "restore" | "grow"
+        | "identity" => Some("boot"),
         _ => None,
     }
 }
@@ -127,6 +128,10 @@ impl Phases {
                 self.name = Some(name.clone());
                 // Always printed, and first: says what the VM will get.
                 eprintln!("{}", spec.summary());
+            }
+            // Always printed, right after the spec: warm or cold, and why.
+            CreateVmEvent::Progress(p) if p.phase == "start" => {
+                eprintln!("start: {}", p.message);
             }
             CreateVmEvent::Progress(p) if p.phase == "warning" => {
                 eprintln!("banger: warning: {}", p.message);
