@@ -184,7 +184,8 @@ pub enum CreateVmEvent {
     /// First event: the name and effective spec, before anything is made.
     Planned(PlannedVm),
     Progress(Progress),
-    Done(VmRecord),
+    /// Boxed: far larger than the other events.
+    Done(Box<VmRecord>),
     Error(ApiError),
 }
 
@@ -226,7 +227,8 @@ pub enum BuildImageEvent {
 #[serde(rename_all = "snake_case")]
 pub enum WaitEvent {
     Progress(Progress),
-    Done(VmRecord),
+    /// Boxed: far larger than the other events.
+    Done(Box<VmRecord>),
     Error(ApiError),
 }
 
@@ -234,7 +236,7 @@ impl OperationEvent for WaitEvent {
     type Output = VmRecord;
     fn outcome(&self) -> Option<Result<VmRecord, ApiError>> {
         match self {
-            WaitEvent::Done(vm) => Some(Ok(vm.clone())),
+            WaitEvent::Done(vm) => Some(Ok((**vm).clone())),
             WaitEvent::Error(e) => Some(Err(e.clone())),
             WaitEvent::Progress(_) => None,
         }
@@ -252,7 +254,7 @@ impl OperationEvent for CreateVmEvent {
     type Output = VmRecord;
     fn outcome(&self) -> Option<Result<VmRecord, ApiError>> {
         match self {
-            CreateVmEvent::Done(vm) => Some(Ok(vm.clone())),
+            CreateVmEvent::Done(vm) => Some(Ok((**vm).clone())),
             CreateVmEvent::Error(e) => Some(Err(e.clone())),
             CreateVmEvent::Planned(_) | CreateVmEvent::Progress(_) => None,
         }

@@ -343,7 +343,8 @@ mod tests {
     fn diff_names_each_changed_field() {
         let a = key();
         assert!(a.diff(&a).is_empty());
-        let cases: Vec<(Box<dyn Fn(&mut TemplateKey)>, &str)> = vec![
+        type Change = Box<dyn Fn(&mut TemplateKey)>;
+        let cases: Vec<(Change, &str)> = vec![
             (Box::new(|k| k.format = 2), "format"),
             (Box::new(|k| k.image = "x".into()), "image"),
             (Box::new(|k| k.image_fp[0].ino = 9), "image files"),
@@ -395,7 +396,7 @@ mod tests {
         assert!(
             "yes"
                 .parse::<WarmSetting>()
-                .unwrap_err()
+                .expect_err("not a setting")
                 .contains("auto, manual or off")
         );
     }
