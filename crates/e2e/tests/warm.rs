@@ -238,6 +238,11 @@ fn warm_vms_restore_with_identities_of_their_own() {
         ),
         "kept\netc\n"
     );
+    // A daemon killed outright re-adopts a running warm VM.
+    b.kill_daemon();
+    assert_eq!(ok(b, &["vm", "exec", "warm-b", "--", "hostname"]), "warm-b\n");
+    let show = b.json(&["vm", "show", "warm-b"]);
+    assert_eq!(show["start"]["kind"], "warm", "{show}");
     ok(b, &["vm", "delete", "warm-a", "warm-b"]);
     let used = warm(b);
     assert!(used["uses"].as_u64().unwrap_or(0) >= 3, "{used}");
