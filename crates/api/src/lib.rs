@@ -184,7 +184,7 @@ pub enum CreateVmEvent {
     /// First event: the name and effective spec, before anything is made.
     Planned(PlannedVm),
     Progress(Progress),
-    /// Boxed: far larger than the other events.
+    // Boxed: far larger than the other events (not in the API document).
     Done(Box<VmRecord>),
     Error(ApiError),
 }
@@ -227,7 +227,7 @@ pub enum BuildImageEvent {
 #[serde(rename_all = "snake_case")]
 pub enum WaitEvent {
     Progress(Progress),
-    /// Boxed: far larger than the other events.
+    // Boxed: far larger than the other events (not in the API document).
     Done(Box<VmRecord>),
     Error(ApiError),
 }

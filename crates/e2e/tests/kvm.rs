@@ -602,6 +602,9 @@ fn firecracker_warm_start_end_to_end() {
     h.banger_ok(&["vm", "start", "fw-a"]);
     let show = h.banger_json(&["vm", "show", "fw-a"]);
     assert_eq!(show["start"]["kind"], "cold", "{show}");
-    assert_eq!(guest(h, "fw-a", "cat /root/marker; hostname"), "kept\nfw-a\n");
+    assert_eq!(
+        guest(h, "fw-a", "cat /root/marker; hostname"),
+        "kept\nfw-a\n"
+    );
     h.banger_ok(&["vm", "delete", "fw-a", "fw-b"]);
 }

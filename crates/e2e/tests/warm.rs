@@ -240,7 +240,10 @@ fn warm_vms_restore_with_identities_of_their_own() {
     );
     // A daemon killed outright re-adopts a running warm VM.
     b.kill_daemon();
-    assert_eq!(ok(b, &["vm", "exec", "warm-b", "--", "hostname"]), "warm-b\n");
+    assert_eq!(
+        ok(b, &["vm", "exec", "warm-b", "--", "hostname"]),
+        "warm-b\n"
+    );
     let show = b.json(&["vm", "show", "warm-b"]);
     assert_eq!(show["start"]["kind"], "warm", "{show}");
     ok(b, &["vm", "delete", "warm-a", "warm-b"]);
