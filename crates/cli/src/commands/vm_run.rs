@@ -59,6 +59,9 @@ pub struct RunRecord {
     pub exit_status: i32,
     /// Whether the VM was deleted (`--rm`).
     pub deleted: bool,
+    /// How the VM started: `cold` or `warm` (restored from a template),
+    /// with the template or why it was cold.
+    pub start: Option<banger_model::StartInfo>,
     pub error: Option<String>,
     /// Paths skipped by `[[file_sync]]` or credential sync.
     pub warnings: Vec<String>,
@@ -280,6 +283,7 @@ async fn run_inner(
         }
     };
     record.id = Some(vm.id.to_string());
+    record.start = Some(vm.start.clone());
     phases.ready(&vm);
     let code = match ws {
         Some(ws) => copy_workspace(&client, &vm, ws, phases, sig).await,
