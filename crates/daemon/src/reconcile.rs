@@ -38,6 +38,7 @@ impl Daemon {
             }
         }
         self.reconcile_templates();
+        self.verify_templates_later();
         Ok(())
     }
 

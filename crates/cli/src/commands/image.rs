@@ -217,12 +217,20 @@ pub async fn run(cmd: ImageCommand) -> anyhow::Result<i32> {
         }
         ImageCommand::List(list) => {
             let images = client.list_images().await?;
+            // Warm-start templates per image, for the table only.
+            let mut templates = std::collections::HashMap::new();
+            if !list.json && !list.quiet {
+                for i in &images {
+                    let n = client.list_templates(&i.name).await.map_or(0, |t| t.len());
+                    templates.insert(i.name.clone(), n);
+                }
+            }
             list.print(
                 &images,
                 |i| i.name.clone(),
                 |images| {
                     let mut rows = vec![
-                        ["NAME", "KERNEL", "SIZE", "MANAGED", "CREATED"]
+                        ["NAME", "KERNEL", "SIZE", "MANAGED", "TEMPLATES", "CREATED"]
                             .map(String::from)
                             .to_vec(),
                     ];
@@ -232,6 +240,7 @@ pub async fn run(cmd: ImageCommand) -> anyhow::Result<i32> {
                             i.kernel.clone(),
                             ByteSize(i.size_bytes).to_string(),
                             i.managed.to_string(),
+                            templates.get(&i.name).copied().unwrap_or(0).to_string(),
                             i.created_at.clone(),
                         ]);
                     }

@@ -197,6 +197,24 @@ impl Template {
     }
 }
 
+/// Re-reads every file of the template in `dir` and compares its sha256
+/// with the header's (the full check [`Template::open`] leaves out: it
+/// reads hundreds of MiB). `Err` names the first file that differs.
+pub(crate) fn verify_contents(dir: &Path) -> Result<(), TemplateError> {
+    let header = read_header(dir)?;
+    for f in &header.files {
+        let sum = sha256_file(&dir.join(&f.name)).map_err(|_| TemplateError::Missing {
+            file: f.name.clone(),
+        })?;
+        if sum != f.sha256 {
+            return Err(TemplateError::Changed {
+                file: f.name.clone(),
+            });
+        }
+    }
+    Ok(())
+}
+
 /// The header of `dir`, parsed (size-capped, magic checked) but not
 /// compared with anything.
 pub(crate) fn read_header(dir: &Path) -> Result<Header, TemplateError> {
@@ -384,6 +402,25 @@ mod tests {
         let (t, h) = setup();
         std::fs::remove_file(t.path().join("memory")).expect("rm");
         assert!(matches!(open(&t, &h), Err(TemplateError::Missing { .. })));
+    }
+
+    #[test]
+    fn contents_are_verified_by_hash() {
+        let (t, h) = setup();
+        verify_contents(t.path()).expect("intact");
+        // Same size, same inode, other bytes: only the hash sees it.
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(t.path().join("overlay.ext4"))
+            .expect("open");
+        f.write_all_at(b"x", 10).expect("write");
+        let e = verify_contents(t.path()).expect_err("changed");
+        assert!(
+            matches!(e, TemplateError::Changed { ref file } if file == "overlay.ext4"),
+            "{e}"
+        );
+        drop(h);
     }
 
     #[test]

@@ -295,6 +295,51 @@ impl Daemon {
         }
     }
 
+    /// Re-hashes every ready template's files once, one template at a time
+    /// at the lowest CPU priority, and removes any whose contents changed
+    /// since its seal (every use checks only sizes, inodes and times).
+    pub(crate) fn verify_templates_later(self: &std::sync::Arc<Self>) {
+        let this = self.clone();
+        tokio::spawn(async move {
+            let list = this.store.list_templates(None).unwrap_or_default();
+            for t in list.into_iter().filter(|t| t.state == TemplateState::Ready) {
+                if this.shutdown.is_cancelled() {
+                    return;
+                }
+                // Not while a build may be replacing this very directory.
+                let _build = this.template_build.lock().await;
+                let dir = t.dir.clone();
+                // A thread of its own: its lowered priority cannot be raised
+                // back without privilege, so no pooled thread may get it.
+                let (tx, rx) = tokio::sync::oneshot::channel();
+                let spawned = std::thread::Builder::new()
+                    .name("template-verify".into())
+                    .spawn(move || {
+                        // SAFETY: setpriority of this thread only (PRIO_PROCESS
+                        // with a thread id is per-thread on Linux).
+                        unsafe {
+                            libc::setpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t, 19);
+                        }
+                        let _ = tx.send(header::verify_contents(&dir));
+                    });
+                let checked = match spawned {
+                    Ok(_) => rx.await.map_err(|e| e.to_string()),
+                    Err(e) => Err(e.to_string()),
+                };
+                match checked {
+                    Ok(Ok(())) => tracing::debug!(template = %t.id, "template contents verified"),
+                    Ok(Err(e)) => {
+                        tracing::warn!(template = %t.id, error = %e, "removing a template whose contents changed");
+                        this.remove_template(&t);
+                    }
+                    Err(e) => {
+                        tracing::warn!(template = %t.id, error = %e, "template verification worker failed")
+                    }
+                }
+            }
+        });
+    }
+
     /// Daemon start: template directories without a row, rows without a
     /// directory, half-built ones (`*.partial`, rows `building`).
     pub(crate) fn reconcile_templates(&self) {
