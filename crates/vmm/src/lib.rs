@@ -342,8 +342,12 @@ pub trait Vmm: Send + Sync {
     /// guest: it is running when this returns. Preconditions: the directory
     /// and the disk copies exist. On error nothing of this call is left
     /// running. The agent endpoint is the same kind as `launch`'s (see
-    /// [`AgentEndpoint`]); the guest's agent connection of the template is
-    /// gone, the host must open a new one.
+    /// [`AgentEndpoint`]); the template's agent connection is gone and the
+    /// host opens a new one. QEMU (`Connect`): the guest agent does not
+    /// greet a host that connects after the restore by itself; send `Ping`
+    /// first, it answers `Hello`. Firecracker (`Accept`): the vsock device
+    /// was reset at the snapshot, so the guest agent reconnects to the
+    /// listener on its own and greets.
     async fn restore(&self, spec: &RestoreSpec) -> Result<Launched, VmmError>;
 
     /// Grows disk number `index` (in [`LaunchSpec::disks`] order) of the
