@@ -346,8 +346,9 @@ pub trait Vmm: Send + Sync {
     /// host opens a new one. QEMU (`Connect`): the guest agent does not
     /// greet a host that connects after the restore by itself; send `Ping`
     /// first, it answers `Hello`. Firecracker (`Accept`): the vsock device
-    /// was reset at the snapshot, so the guest agent reconnects to the
-    /// listener on its own and greets.
+    /// was reset at the snapshot; the guest agent must notice the reset and
+    /// connect to the listener again (the agent of 2026-12-06 does not: see
+    /// docs/design/warm-starts.md §5a), so bound the wait on `open`.
     async fn restore(&self, spec: &RestoreSpec) -> Result<Launched, VmmError>;
 
     /// Grows disk number `index` (in [`LaunchSpec::disks`] order) of the
