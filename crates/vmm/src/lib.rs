@@ -342,8 +342,13 @@ pub trait Vmm: Send + Sync {
     /// guest: it is running when this returns. Preconditions: the directory
     /// and the disk copies exist. On error nothing of this call is left
     /// running. The agent endpoint is the same kind as `launch`'s (see
-    /// [`AgentEndpoint`]); the guest's agent connection of the template is
-    /// gone, the host must open a new one.
+    /// [`AgentEndpoint`]); the template's agent connection is gone and the
+    /// host opens a new one. QEMU (`Connect`): the guest agent does not
+    /// greet a host that connects after the restore by itself; send `Ping`
+    /// first, it answers `Hello`. Firecracker (`Accept`): the vsock device
+    /// was reset at the snapshot; the guest agent must notice the reset and
+    /// connect to the listener again (the agent of 2026-12-06 does not: see
+    /// docs/design/warm-starts.md §5a), so bound the wait on `open`.
     async fn restore(&self, spec: &RestoreSpec) -> Result<Launched, VmmError>;
 
     /// Grows disk number `index` (in [`LaunchSpec::disks`] order) of the
