@@ -21,7 +21,7 @@ export PROFILE=dev
 export BANGER_BIN_DIR="$PWD/build/bin"
 E2E="${BANGER_E2E_ROOT:-/tmp/banger-e2e}"
 LANE_A=(derived bench exec image_pull cli tui web api run_modes)
-LANE_B=(vm_run system network workspace boot)
+LANE_B=(vm_run system network workspace boot warm)
 LANE_C=(kvm)
 for f in crates/e2e/tests/*.rs; do
     t=$(basename "$f" .rs)

@@ -4,8 +4,8 @@
 use crate::archive::{ArchiveDownload, ArchiveRoutes, ArchiveUpload};
 use crate::{
     Body, BootReport, CONTROL, ExecRequest, ExitStatus, Frame, FrameCodec, GetArchive, Hello,
-    Listener, MAX_CHUNK, OUTPUT_WINDOW, OutputStream, PROTO_VERSION, PutArchive, SessionInfo,
-    SessionSpec, TtySize,
+    Listener, MAX_CHUNK, OUTPUT_WINDOW, OutputStream, PROTO_VERSION, PutArchive, RestoreIdentity,
+    RestoreReport, SealReport, SessionInfo, SessionSpec, TtySize,
 };
 use futures::{SinkExt, StreamExt};
 use std::collections::HashMap;
@@ -26,6 +26,8 @@ pub enum ClientError {
     VersionMismatch { agent: u32, host: u32 },
     #[error("guest agent refused the request: {0}")]
     Refused(String),
+    #[error("guest agent sent an invalid answer: {0}")]
+    Invalid(String),
 }
 
 /// What an exec session reports, in order; `Exited` or `Error` is last.
@@ -315,6 +317,31 @@ impl AgentClient {
         }
     }
 
+    /// Seals the guest for a template: sshd stopped, host keys deleted,
+    /// every request but a restore refused from now on. The answer is
+    /// checked against the protocol's bounds.
+    pub async fn seal(&self) -> Result<SealReport, ClientError> {
+        match self.query(Body::Seal).await? {
+            Body::Sealed(r) => {
+                r.validate().map_err(ClientError::Invalid)?;
+                Ok(r)
+            }
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// Gives a sealed guest its own identity; the agent serves again once
+    /// this returns. The report is checked against the protocol's bounds.
+    pub async fn restore(&self, identity: RestoreIdentity) -> Result<RestoreReport, ClientError> {
+        match self.query(Body::Restore(Box::new(identity))).await? {
+            Body::Restored(r) => {
+                r.validate().map_err(ClientError::Invalid)?;
+                Ok(r)
+            }
+            other => Err(unexpected(&other)),
+        }
+    }
+
     /// Resolves once the stream to the agent has ended.
     pub async fn closed(&self) {
         let mut closed = self.closed.clone();
@@ -505,6 +532,7 @@ mod tests {
             proto_version: version,
             agent_version: "test".into(),
             uptime_ms: 1,
+            sealed: false,
         };
         wr.send(Frame::new(CONTROL, Body::Hello(hello)))
             .await
@@ -577,6 +605,74 @@ mod tests {
         assert_eq!(s.next_event().await.expect("end"), None);
     }
 
+    /// A fake agent answering one seal and one restore with the given bodies.
+    async fn warm_agent(io: tokio::io::DuplexStream, sealed: Body, restored: Body) {
+        let (rd, wr) = tokio::io::split(io);
+        let mut rd = FramedRead::new(rd, FrameCodec);
+        let mut wr = FramedWrite::new(wr, FrameCodec);
+        while let Some(Ok(Ok(f))) = rd.next().await {
+            let answer = match f.body {
+                Body::Seal => sealed.clone(),
+                Body::Restore(id) if id.hostname == "box-1" => restored.clone(),
+                Body::Restore(id) => Body::Error(format!("wrong identity {}", id.hostname)),
+                _ => continue,
+            };
+            wr.send(Frame::new(f.channel, answer))
+                .await
+                .expect("answer");
+        }
+    }
+
+    #[tokio::test]
+    async fn seal_and_restore_roundtrip() {
+        let report = SealReport {
+            sshd: crate::SshdPlan::Unit("ssh.service".into()),
+            machine_id: "0123456789abcdef0123456789abcdef".into(),
+        };
+        let restored = RestoreReport {
+            steps_ms: vec![("reseed".into(), 1)],
+            vmgenid: false,
+            clock_step_ms: 5,
+            sshd: "unit ssh.service".into(),
+        };
+        let (a, b) = tokio::io::duplex(1 << 16);
+        tokio::spawn(warm_agent(
+            b,
+            Body::Sealed(report.clone()),
+            Body::Restored(restored.clone()),
+        ));
+        let c = AgentClient::spawn(a);
+        assert_eq!(c.seal().await.expect("seal"), report);
+        let id = crate::identity::tests::identity();
+        assert_eq!(c.restore(id).await.expect("restore"), restored);
+    }
+
+    /// The guest is not trusted: an answer past the protocol's bounds is
+    /// an error, not data.
+    #[tokio::test]
+    async fn oversized_warm_answers_are_refused() {
+        let report = SealReport {
+            sshd: crate::SshdPlan::Process(vec!["x".repeat(crate::identity::MAX_ARG + 1)]),
+            machine_id: String::new(),
+        };
+        let restored = RestoreReport {
+            steps_ms: vec![("s".into(), 1); crate::identity::MAX_STEPS + 1],
+            vmgenid: false,
+            clock_step_ms: 0,
+            sshd: String::new(),
+        };
+        let (a, b) = tokio::io::duplex(1 << 16);
+        tokio::spawn(warm_agent(
+            b,
+            Body::Sealed(report),
+            Body::Restored(restored),
+        ));
+        let c = AgentClient::spawn(a);
+        assert!(matches!(c.seal().await, Err(ClientError::Invalid(_))));
+        let id = crate::identity::tests::identity();
+        assert!(matches!(c.restore(id).await, Err(ClientError::Invalid(_))));
+    }
+
     #[tokio::test]
     async fn version_mismatch_is_refused() {
         let (a, b) = tokio::io::duplex(4096);
@@ -612,6 +708,7 @@ mod tests {
                 proto_version: PROTO_VERSION,
                 agent_version: "flood".into(),
                 uptime_ms: 1,
+                sealed: false,
             };
             wr.send(Frame::new(CONTROL, Body::Hello(hello)))
                 .await

@@ -123,6 +123,51 @@ mod tests {
     }
 
     #[test]
+    fn warm_start_frames_roundtrip() {
+        use crate::{Hello, RestoreReport, SealReport, SshdPlan};
+        roundtrip(Frame::new(
+            0,
+            Body::Hello(Hello {
+                proto_version: crate::PROTO_VERSION,
+                agent_version: "0.1".into(),
+                uptime_ms: 12,
+                sealed: true,
+            }),
+        ));
+        roundtrip(Frame::new(3, Body::Seal));
+        for sshd in [
+            SshdPlan::None,
+            SshdPlan::Unit("ssh.service".into()),
+            SshdPlan::Process(vec!["/usr/sbin/sshd".into(), "-D".into()]),
+        ] {
+            roundtrip(Frame::new(
+                3,
+                Body::Sealed(SealReport {
+                    sshd,
+                    machine_id: "0123456789abcdef0123456789abcdef".into(),
+                }),
+            ));
+        }
+        roundtrip(Frame::new(
+            4,
+            Body::Restore(Box::new(crate::identity::tests::identity())),
+        ));
+        let mut no_net = crate::identity::tests::identity();
+        no_net.net = None;
+        no_net.grow.clear();
+        roundtrip(Frame::new(4, Body::Restore(Box::new(no_net))));
+        roundtrip(Frame::new(
+            4,
+            Body::Restored(RestoreReport {
+                steps_ms: vec![("reseed".into(), 0), ("net".into(), 12)],
+                vmgenid: true,
+                clock_step_ms: -3_600_000,
+                sshd: "unit ssh.service".into(),
+            }),
+        ));
+    }
+
+    #[test]
     fn oversized_length_is_refused_before_allocation() {
         let mut buf = BytesMut::new();
         buf.put_u32_le((MAX_FRAME + 1) as u32);

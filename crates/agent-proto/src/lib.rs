@@ -25,10 +25,15 @@ pub mod archive;
 pub mod boot;
 pub mod client;
 mod codec;
+pub mod identity;
 pub mod install;
 
 pub use archive::{ArchiveSummary, GetArchive, PutArchive};
 pub use codec::{FrameCodec, ProtoError};
+pub use identity::{
+    GuestNetConfig, RestoreIdentity, RestoreReport, SEALED_MESSAGE, SealReport, SshHostKey,
+    SshdPlan,
+};
 
 use serde::{Deserialize, Serialize};
 
@@ -37,7 +42,8 @@ use serde::{Deserialize, Serialize};
 /// ([`OUTPUT_WINDOW`]); the host ends an exec it drops with [`Body::Error`].
 /// 5: boot status (`BootStatus`/`Boot`), the boot contract carries `root=`
 /// and ro/rw, the module list and the boot failure line.
-pub const PROTO_VERSION: u32 = 5;
+/// 6: warm starts: `Hello.sealed`, `Seal`/`Sealed`, `Restore`/`Restored`.
+pub const PROTO_VERSION: u32 = 6;
 
 /// Output frames an agent may send on one exec, attach or logs channel
 /// before the host grants more with [`Body::Credit`].
@@ -161,6 +167,23 @@ pub enum Body {
     BootStatus { wait: bool },
     /// Agent → host: the answer to [`Body::BootStatus`]; the channel is closed.
     Boot(BootReport),
+
+    // Warm starts (see [`identity`]).
+    /// Host → agent on a new channel: stop sshd, delete the SSH host keys,
+    /// sync, and refuse all work until [`Body::Restore`] (the guest is
+    /// about to become a template). Refused while execs or sessions run.
+    /// Answered with [`Body::Sealed`] or [`Body::Error`]; the host sends
+    /// nothing more before it snapshots.
+    Seal,
+    /// Agent → host: the guest is sealed; the channel is closed.
+    Sealed(SealReport),
+    /// Host → agent on a new channel: give this sealed clone its own
+    /// identity. Answered with [`Body::Restored`] or [`Body::Error`].
+    /// (Boxed: it is the largest body by far.)
+    Restore(Box<RestoreIdentity>),
+    /// Agent → host: the identity is applied and the agent serves again;
+    /// the channel is closed.
+    Restored(RestoreReport),
 }
 
 /// How the guest booted, as its agent saw it.
@@ -330,6 +353,9 @@ pub struct Hello {
     pub agent_version: String,
     /// Seconds since the guest kernel booted, from /proc/uptime.
     pub uptime_ms: u64,
+    /// The guest is sealed (a template or a clone waiting for
+    /// [`Body::Restore`]): it refuses all other work.
+    pub sealed: bool,
 }
 
 /// A command to run in the guest.

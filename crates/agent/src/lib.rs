@@ -6,6 +6,8 @@
 //! greets the host with [`Body::Hello`](banger_agent_proto::Body::Hello) and
 //! then serves the frames of `banger-agent-proto` ([`Agent::serve`]): it runs
 //! commands and streams their output, and powers the guest off on request.
+//! For warm starts it seals a template guest and gives each restored clone
+//! its own identity ([`identity`]).
 //!
 //! The binary only wires these together; everything here works on any byte
 //! stream, so the tests drive it over an in-memory pipe.
@@ -14,6 +16,7 @@ mod archive;
 pub mod boot_tmp;
 pub mod bootinfo;
 mod exec;
+pub mod identity;
 pub mod init;
 mod listeners;
 pub mod netconf;
@@ -24,6 +27,7 @@ mod sessions;
 pub mod singleton;
 pub mod transport;
 
+pub use identity::{IdentitySys, SealGate, SystemIdentity};
 pub use power::{Power, PowerError, SystemPower};
 pub use serve::{Agent, BadFrame, HostFrames};
 

@@ -3,9 +3,13 @@
 use crate::archive::{self, ArchiveMsg};
 use crate::bootinfo::BootInfo;
 use crate::exec::{self, SessionMsg};
+use crate::identity::{self, IdentitySys, SealGate, SystemIdentity};
 use crate::power::Power;
 use crate::sessions::{Follow, Sessions};
-use banger_agent_proto::{Body, CONTROL, Frame, FrameCodec, Hello, PROTO_VERSION, ProtoError};
+use banger_agent_proto::{
+    Body, CONTROL, Frame, FrameCodec, Hello, PROTO_VERSION, ProtoError, RestoreIdentity,
+    SEALED_MESSAGE,
+};
 use bytes::BytesMut;
 use futures::StreamExt;
 use std::collections::HashMap;
@@ -32,6 +36,11 @@ pub struct Agent {
     boot: Arc<BootInfo>,
     /// Called once the first greeting has been written to a host.
     first_greeting: Arc<std::sync::Mutex<Option<Greeted>>>,
+    /// Sealed for a template, or waiting for a clone's identity: shared by
+    /// all host connections (a clone's first connection is a new one).
+    gate: Arc<SealGate>,
+    /// The system calls of sealing and restoring.
+    identity: Arc<dyn IdentitySys>,
 }
 
 type Greeted = Box<dyn FnOnce() + Send>;
@@ -50,7 +59,21 @@ impl Agent {
             sessions: Arc::default(),
             boot: Arc::new(boot),
             first_greeting: Arc::default(),
+            gate: Arc::default(),
+            identity: Arc::new(SystemIdentity),
         }
+    }
+
+    /// Seals and restores through `sys` instead of the guest's own system
+    /// calls (tests record them).
+    pub fn with_identity(mut self, sys: Arc<dyn IdentitySys>) -> Self {
+        self.identity = sys;
+        self
+    }
+
+    /// Whether the agent is sealed (see [`SealGate`]).
+    pub fn is_sealed(&self) -> bool {
+        self.gate.is_sealed()
     }
 
     /// Calls `f` once the first greeting has been written to a host.
@@ -78,13 +101,15 @@ impl Agent {
             power: self.power.clone(),
             sessions: self.sessions.clone(),
             boot: self.boot.clone(),
+            gate: self.gate.clone(),
+            identity: self.identity.clone(),
             out,
             channels: HashMap::new(),
             archives: HashMap::new(),
             tasks: JoinSet::new(),
             next_id: 0,
         };
-        conn.send(CONTROL, hello()).await;
+        conn.send(CONTROL, hello(self.gate.is_sealed())).await;
 
         let mut frames = FramedRead::new(rd, HostFrames);
         loop {
@@ -118,6 +143,8 @@ struct Connection {
     power: Arc<dyn Power>,
     sessions: Arc<Sessions>,
     boot: Arc<BootInfo>,
+    gate: Arc<SealGate>,
+    identity: Arc<dyn IdentitySys>,
     out: mpsc::Sender<Frame>,
     /// Live channels (exec, session attach, session logs) with the id of
     /// the task serving each.
@@ -137,6 +164,19 @@ impl Connection {
 
     async fn handle(&mut self, frame: Frame) {
         let Frame { channel, body } = frame;
+        // A sealed guest runs nothing with its template's identity.
+        if self.gate.is_sealed()
+            && !matches!(
+                body,
+                Body::Ping | Body::BootStatus { .. } | Body::Restore(_)
+            )
+        {
+            // Credit or an abort needs no answer, sealed or not.
+            if !matches!(body, Body::Credit(_) | Body::Error(_)) {
+                self.send(channel, Body::Error(SEALED_MESSAGE.into())).await;
+            }
+            return;
+        }
         if channel == CONTROL {
             return self.handle_control(body).await;
         }
@@ -152,6 +192,8 @@ impl Connection {
                 return self.open(channel, move |rx| exec::run(channel, req, rx, out));
             }
             Body::ListListeners => return self.list_listeners(channel),
+            Body::Seal => return self.seal(channel).await,
+            Body::Restore(id) => return self.restore(channel, *id).await,
             Body::SessionStart(spec) => {
                 let answer = match self.sessions.start(spec) {
                     Ok(info) => Body::Session(info),
@@ -309,7 +351,7 @@ impl Connection {
 
     async fn handle_control(&mut self, body: Body) {
         match body {
-            Body::Ping => self.send(CONTROL, hello()).await,
+            Body::Ping => self.send(CONTROL, hello(self.gate.is_sealed())).await,
             Body::Shutdown { reboot } => {
                 tracing::info!(reboot, "host asked to shut down");
                 let power = self.power.clone();
@@ -330,6 +372,46 @@ impl Connection {
                 self.send(CONTROL, Body::Error(msg)).await;
             }
         }
+    }
+
+    /// Seals the guest (see [`identity::seal`]) unless work is live: a
+    /// template must hold no process or transfer of the host that built it.
+    async fn seal(&mut self, channel: u32) {
+        self.channels.retain(|_, (_, tx)| !tx.is_closed());
+        self.archives.retain(|_, tx| !tx.is_closed());
+        let sessions = self.sessions.running();
+        if !self.channels.is_empty() || !self.archives.is_empty() || !sessions.is_empty() {
+            let msg = format!(
+                "cannot seal while work runs: {} command(s), {} transfer(s), sessions [{}]",
+                self.channels.len(),
+                self.archives.len(),
+                sessions.join(", ")
+            );
+            return self.send(channel, Body::Error(msg)).await;
+        }
+        if let Err(e) = self.gate.begin_seal() {
+            return self.send(channel, Body::Error(e)).await;
+        }
+        let (sys, gate, out) = (self.identity.clone(), self.gate.clone(), self.out.clone());
+        tokio::task::spawn_blocking(move || {
+            identity::run_seal(&*sys, &gate, |body| {
+                let _ = out.blocking_send(Frame::new(channel, body));
+            });
+        });
+    }
+
+    /// Gives a sealed guest its identity (see [`identity::restore`]).
+    async fn restore(&mut self, channel: u32, id: RestoreIdentity) {
+        let plan = match self.gate.begin_restore() {
+            Ok(p) => p,
+            Err(e) => return self.send(channel, Body::Error(e)).await,
+        };
+        let (sys, gate, out) = (self.identity.clone(), self.gate.clone(), self.out.clone());
+        tokio::task::spawn_blocking(move || {
+            identity::run_restore(&*sys, &gate, &id, plan, |body| {
+                let _ = out.blocking_send(Frame::new(channel, body));
+            });
+        });
     }
 
     /// Answers on `channel` from a blocking task: walking /proc can take a
@@ -442,11 +524,12 @@ async fn write_frames<W: AsyncWrite + Unpin>(
     }
 }
 
-fn hello() -> Body {
+fn hello(sealed: bool) -> Body {
     Body::Hello(Hello {
         proto_version: PROTO_VERSION,
         agent_version: env!("CARGO_PKG_VERSION").to_string(),
         uptime_ms: crate::bootinfo::uptime_ms(),
+        sealed,
     })
 }
 
@@ -483,6 +566,10 @@ fn kind(body: &Body) -> &'static str {
         Body::Sessions(_) => "Sessions",
         Body::BootStatus { .. } => "BootStatus",
         Body::Boot(_) => "Boot",
+        Body::Seal => "Seal",
+        Body::Sealed(_) => "Sealed",
+        Body::Restore(_) => "Restore",
+        Body::Restored(_) => "Restored",
     }
 }
 
@@ -541,7 +628,228 @@ fn varint_u32(b: &[u8]) -> Option<u32> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::identity::tests::{Recorder, grown, identity};
+    use banger_agent_proto::client::{AgentClient, ClientError, ExecEvent};
+    use banger_agent_proto::{ExecRequest, PutArchive, SshdPlan};
     use bytes::BufMut;
+    use futures::SinkExt;
+    use tokio::time::timeout;
+    use tokio_util::codec::FramedWrite;
+
+    const LIMIT: Duration = Duration::from_secs(30);
+
+    struct NoPower;
+
+    impl Power for NoPower {
+        fn power_off(&self, _reboot: bool) -> Result<(), crate::PowerError> {
+            Ok(())
+        }
+    }
+
+    /// An agent whose seal and restore are recorded; the guest's sshd runs
+    /// under systemd as `ssh.service`.
+    fn agent() -> (Agent, Arc<Recorder>) {
+        let rec = Arc::new(Recorder {
+            systemd: true,
+            active_units: vec!["ssh.service"],
+            ..grown()
+        });
+        let agent = Agent::new(Arc::new(NoPower)).with_identity(rec.clone());
+        (agent, rec)
+    }
+
+    /// Serves one connection of `agent`; returns the host's client.
+    async fn connect(agent: &Agent) -> (AgentClient, tokio::task::JoinHandle<()>) {
+        let (host, guest) = tokio::io::duplex(1 << 20);
+        let a = agent.clone();
+        let task = tokio::spawn(async move { a.serve(guest).await });
+        (AgentClient::spawn(host), task)
+    }
+
+    async fn hello(c: &AgentClient) -> Hello {
+        timeout(LIMIT, c.wait_hello())
+            .await
+            .expect("hello in time")
+            .expect("hello")
+    }
+
+    #[tokio::test]
+    async fn restore_when_not_sealed_is_refused() {
+        let (agent, rec) = agent();
+        let (c, _) = connect(&agent).await;
+        assert!(!hello(&c).await.sealed);
+        let err = c.restore(identity()).await.expect_err("refused");
+        assert!(
+            matches!(&err, ClientError::Refused(m) if m.contains("not sealed")),
+            "{err}"
+        );
+        assert!(rec.lines().is_empty());
+    }
+
+    #[tokio::test]
+    async fn sealed_agent_refuses_work_but_pings_and_restores() {
+        let (agent, rec) = agent();
+        let (c, _) = connect(&agent).await;
+        hello(&c).await;
+        let report = timeout(LIMIT, c.seal())
+            .await
+            .expect("in time")
+            .expect("seal");
+        assert_eq!(report.sshd, SshdPlan::Unit("ssh.service".into()));
+        assert!(agent.is_sealed());
+
+        // Exec, a file transfer, a second seal: refused with the one message.
+        let mut exec = c
+            .exec(ExecRequest {
+                argv: vec!["true".into()],
+                ..Default::default()
+            })
+            .expect("exec");
+        assert_eq!(
+            timeout(LIMIT, exec.next_event())
+                .await
+                .expect("in time")
+                .expect("event"),
+            Some(ExecEvent::Error(SEALED_MESSAGE.into()))
+        );
+        let put = c
+            .put_archive(PutArchive {
+                dest: "/tmp/x".into(),
+                replace: false,
+            })
+            .expect("put");
+        let err = timeout(LIMIT, put.finish())
+            .await
+            .expect("in time")
+            .expect_err("refused");
+        assert!(err.to_string().contains(SEALED_MESSAGE), "{err}");
+        let err = c.seal().await.expect_err("sealed");
+        assert!(err.to_string().contains(SEALED_MESSAGE), "{err}");
+        let err = c.list_listeners().await.expect_err("sealed");
+        assert!(err.to_string().contains(SEALED_MESSAGE), "{err}");
+
+        // A ping is answered, saying sealed.
+        let (host, guest) = tokio::io::duplex(1 << 16);
+        let a = agent.clone();
+        tokio::spawn(async move { a.serve(guest).await });
+        let (rd, wr) = tokio::io::split(host);
+        let mut rd = FramedRead::new(rd, FrameCodec);
+        let mut wr = FramedWrite::new(wr, FrameCodec);
+        let first = rd.next().await.expect("frame").expect("io").expect("valid");
+        assert!(matches!(
+            first.body,
+            Body::Hello(Hello { sealed: true, .. })
+        ));
+        wr.send(Frame::new(CONTROL, Body::Ping))
+            .await
+            .expect("ping");
+        let again = rd.next().await.expect("frame").expect("io").expect("valid");
+        assert!(matches!(
+            again.body,
+            Body::Hello(Hello { sealed: true, .. })
+        ));
+        wr.send(Frame::new(CONTROL, Body::Shutdown { reboot: false }))
+            .await
+            .expect("shutdown");
+        let refused = rd.next().await.expect("frame").expect("io").expect("valid");
+        assert_eq!(
+            refused,
+            Frame::new(CONTROL, Body::Error(SEALED_MESSAGE.into()))
+        );
+        drop(wr);
+
+        // The restore opens the gate: the same exec now runs.
+        let r = timeout(LIMIT, c.restore(identity()))
+            .await
+            .expect("in time")
+            .expect("restore");
+        assert_eq!(r.sshd, "unit ssh.service");
+        assert!(!agent.is_sealed());
+        let mut exec = c
+            .exec(ExecRequest {
+                argv: vec!["true".into()],
+                ..Default::default()
+            })
+            .expect("exec");
+        let ev = timeout(LIMIT, exec.next_event())
+            .await
+            .expect("in time")
+            .expect("event");
+        assert!(
+            matches!(ev, Some(ExecEvent::Exited(s)) if s.code == Some(0)),
+            "{ev:?}"
+        );
+        // sshd is started after the answer.
+        let lines = rec.lines();
+        assert_eq!(
+            lines.last().map(String::as_str),
+            Some("systemctl start --no-block ssh.service")
+        );
+    }
+
+    /// A clone's first host connection is a new one (Firecracker resets
+    /// vsock at the snapshot): it is greeted sealed, and restored on it.
+    #[tokio::test]
+    async fn the_seal_outlives_the_connection() {
+        let (agent, _) = agent();
+        let (host, guest) = tokio::io::duplex(1 << 16);
+        let a = agent.clone();
+        let task = tokio::spawn(async move { a.serve(guest).await });
+        let (rd, wr) = tokio::io::split(host);
+        let mut rd = FramedRead::new(rd, FrameCodec);
+        let mut wr = FramedWrite::new(wr, FrameCodec);
+        let first = rd.next().await.expect("frame").expect("io").expect("valid");
+        assert!(matches!(
+            first.body,
+            Body::Hello(Hello { sealed: false, .. })
+        ));
+        wr.send(Frame::new(1, Body::Seal)).await.expect("seal");
+        let sealed = rd.next().await.expect("frame").expect("io").expect("valid");
+        assert!(matches!(sealed.body, Body::Sealed(_)), "{sealed:?}");
+        // The connection breaks (a vsock reset): the agent serves the next.
+        drop((rd, wr));
+        timeout(LIMIT, task)
+            .await
+            .expect("serve returns")
+            .expect("task");
+        let (c, _) = connect(&agent).await;
+        assert!(hello(&c).await.sealed);
+        timeout(LIMIT, c.restore(identity()))
+            .await
+            .expect("in time")
+            .expect("restore");
+        c.ping().expect("ping");
+        let (c, _) = connect(&agent).await;
+        assert!(!hello(&c).await.sealed);
+    }
+
+    #[tokio::test]
+    async fn seal_is_refused_while_a_command_runs() {
+        let (agent, rec) = agent();
+        let (c, _) = connect(&agent).await;
+        hello(&c).await;
+        let mut exec = c
+            .exec(ExecRequest {
+                argv: vec!["sh".into(), "-c".into(), "echo up; exec sleep 30".into()],
+                ..Default::default()
+            })
+            .expect("exec");
+        // Running for sure once it has written.
+        let ev = timeout(LIMIT, exec.next_event())
+            .await
+            .expect("in time")
+            .expect("event");
+        assert_eq!(ev, Some(ExecEvent::Stdout(b"up\n".to_vec())));
+        let err = c.seal().await.expect_err("refused");
+        assert!(
+            err.to_string()
+                .contains("cannot seal while work runs: 1 command"),
+            "{err}"
+        );
+        assert!(!agent.is_sealed());
+        assert!(rec.lines().is_empty(), "nothing was stopped");
+        drop(exec);
+    }
 
     #[test]
     fn oversized_length_drops_the_buffer_and_decoding_resumes() {

@@ -172,6 +172,17 @@ impl Sessions {
         Ok(info)
     }
 
+    /// Names of the sessions still running.
+    pub(crate) fn running(&self) -> Vec<String> {
+        let mut names: Vec<String> = lock(&self.map)
+            .values()
+            .filter(|s| !s.ended())
+            .map(|s| s.name.clone())
+            .collect();
+        names.sort();
+        names
+    }
+
     pub(crate) fn list(&self) -> Vec<SessionInfo> {
         let mut all: Vec<SessionInfo> = lock(&self.map).values().map(|s| s.info()).collect();
         all.sort_by(|a, b| a.name.cmp(&b.name));

@@ -96,7 +96,7 @@ impl Client {
                 on_event(&ev);
                 match ev {
                     CreateVmEvent::Done(vm) => {
-                        outcome = Some(Ok(vm));
+                        outcome = Some(Ok(*vm));
                         break 'read;
                     }
                     CreateVmEvent::Error(error) => {

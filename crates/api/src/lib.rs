@@ -12,8 +12,9 @@ pub mod hold;
 pub mod images;
 pub mod rules;
 pub mod sessions;
+pub mod templates;
 
-use banger_model::{ImageRecord, InitramfsMode, KernelRecord, VmRecord, VmSpec};
+use banger_model::{ImageRecord, InitramfsMode, KernelRecord, VmRecord, VmSpec, WarmMode};
 use banger_version::BuildInfo;
 use serde::{Deserialize, Serialize};
 
@@ -82,6 +83,25 @@ pub struct DaemonInfo {
     /// VMM backend new VMs get, and why.
     pub backend: String,
     pub backend_reason: String,
+    /// Warm starts on this daemon.
+    #[serde(default)]
+    pub warm: WarmInfo,
+}
+
+/// Whether this daemon can restore templates, and what it keeps.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct WarmInfo {
+    /// The `warm_start` config key: `auto`, `manual` or `off`.
+    pub setting: String,
+    /// Whether the backend can snapshot and restore.
+    pub supported: bool,
+    /// The backend's restore identity ("QEMU 10.0.2"), or why it cannot.
+    pub detail: String,
+    pub templates: u64,
+    /// Bytes the templates take on disk.
+    pub template_bytes: u64,
+    /// Whether template disks clone by reflink (else each warm VM copies them).
+    pub reflink: bool,
 }
 
 /// `POST /v1/vms`.
@@ -129,6 +149,11 @@ pub struct CreateVmRequest {
     /// the `initramfs` config key.
     #[serde(default)]
     pub initramfs: Option<InitramfsMode>,
+    /// Restore a warm-start template instead of booting: `auto` (when one
+    /// fits and the `warm_start` config key allows), `off` (always boot)
+    /// or `require` (restore or fail, leaving nothing behind).
+    #[serde(default)]
+    pub warm: WarmMode,
 }
 
 fn yes() -> bool {
@@ -159,7 +184,8 @@ pub enum CreateVmEvent {
     /// First event: the name and effective spec, before anything is made.
     Planned(PlannedVm),
     Progress(Progress),
-    Done(VmRecord),
+    // Boxed: far larger than the other events (not in the API document).
+    Done(Box<VmRecord>),
     Error(ApiError),
 }
 
@@ -201,7 +227,8 @@ pub enum BuildImageEvent {
 #[serde(rename_all = "snake_case")]
 pub enum WaitEvent {
     Progress(Progress),
-    Done(VmRecord),
+    // Boxed: far larger than the other events (not in the API document).
+    Done(Box<VmRecord>),
     Error(ApiError),
 }
 
@@ -209,7 +236,7 @@ impl OperationEvent for WaitEvent {
     type Output = VmRecord;
     fn outcome(&self) -> Option<Result<VmRecord, ApiError>> {
         match self {
-            WaitEvent::Done(vm) => Some(Ok(vm.clone())),
+            WaitEvent::Done(vm) => Some(Ok((**vm).clone())),
             WaitEvent::Error(e) => Some(Err(e.clone())),
             WaitEvent::Progress(_) => None,
         }
@@ -227,7 +254,7 @@ impl OperationEvent for CreateVmEvent {
     type Output = VmRecord;
     fn outcome(&self) -> Option<Result<VmRecord, ApiError>> {
         match self {
-            CreateVmEvent::Done(vm) => Some(Ok(vm.clone())),
+            CreateVmEvent::Done(vm) => Some(Ok((**vm).clone())),
             CreateVmEvent::Error(e) => Some(Err(e.clone())),
             CreateVmEvent::Planned(_) | CreateVmEvent::Progress(_) => None,
         }

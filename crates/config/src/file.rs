@@ -3,7 +3,7 @@
 
 use crate::Paths;
 use crate::values::{FileMode, Ipv4Cidr, LogLevel, NetworkMode, VmmChoice};
-use banger_model::{ByteSize, InitramfsMode};
+use banger_model::{ByteSize, InitramfsMode, WarmSetting};
 use serde::{Deserialize, Deserializer};
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Component, Path, PathBuf};
@@ -88,6 +88,10 @@ pub struct Config {
     /// answers as soon as the root is assembled. `vm run --wait-boot`
     /// asks for it once.
     pub wait_boot: bool,
+    /// Warm starts: `auto` restores a saved template when one fits and
+    /// makes one in the background after a cold create; `manual` restores
+    /// only templates made by `banger image warm`; `off` always boots cold.
+    pub warm_start: WarmSetting,
     /// Resolver handed to guests; unset leaves the choice to the network setup.
     pub default_dns: Option<Ipv4Addr>,
     /// Bridge or user-mode networking (see [`NetworkMode`]).
@@ -151,6 +155,7 @@ impl Default for Config {
             ready_timeout_secs: 240,
             initramfs: InitramfsMode::Auto,
             wait_boot: false,
+            warm_start: WarmSetting::Auto,
             default_dns: None,
             network: NetworkMode::Auto,
             dns_listen_addr: SocketAddr::from(([127, 0, 0, 1], 42069)),
@@ -501,6 +506,21 @@ mod tests {
             Some("127.0.0.1:7777".parse().expect("addr"))
         );
         assert_eq!(c.log_level, LogLevel::Info);
+    }
+
+    #[test]
+    fn warm_start() {
+        assert_eq!(parse("").expect("ok").warm_start, WarmSetting::Auto);
+        for (text, want) in [
+            ("auto", WarmSetting::Auto),
+            ("manual", WarmSetting::Manual),
+            ("off", WarmSetting::Off),
+        ] {
+            let c = parse(&format!("warm_start = \"{text}\"\n")).expect("ok");
+            assert_eq!(c.warm_start, want);
+        }
+        let e = err("warm_start = \"sometimes\"\n");
+        assert!(e.starts_with("/c/config.toml: warm_start: "), "{e}");
     }
 
     #[test]

@@ -232,7 +232,7 @@ impl Daemon {
         };
     }
 
-    fn boot_facts(&self, id: &VmId) -> Option<BootFacts> {
+    pub(crate) fn boot_facts(&self, id: &VmId) -> Option<BootFacts> {
         self.boots
             .lock()
             .unwrap_or_else(|p| p.into_inner())

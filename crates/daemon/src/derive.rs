@@ -212,6 +212,7 @@ impl Daemon {
             pid: None,
             created_at: now_rfc3339(),
             last_error: None,
+            start: Default::default(),
             nat,
             ip: Some(ip),
             tap: None,
@@ -287,8 +288,9 @@ impl Daemon {
             progress: &boot_progress,
             cancel,
             writable_root: Some(&root),
+            purpose: crate::vms::BootPurpose::Vm,
         };
-        let booted = match self.boot(ctx, &mut vm, &mut steps).await {
+        let booted = match self.boot(ctx, &mut vm, &mut steps).await.map(|_| ()) {
             // Provisioning (apt, dpkg's service restarts) runs against a
             // fully booted system, as it would on a host.
             Ok(()) => match self.wait_system(&vm, &boot_progress, cancel).await {

@@ -303,6 +303,8 @@ impl Daemon {
         self.store
             .upsert_image(&image)
             .map_err(|e| CatalogError::Invalid(e.to_string()))?;
+        // Snapshots of the old contents: never restorable on the new ones.
+        self.remove_image_templates(&image.name);
         self.offer_kernel_modules(&image, &|m| (report.progress)("warning", m))
             .await;
         tracing::info!(image = name, kernel = %entry.kernel, "image pulled from the catalog");
@@ -507,6 +509,7 @@ impl Daemon {
             remove_dir(&pulled.dir).await;
             return Err(e.into());
         }
+        self.remove_image_templates(&image.name);
         self.offer_kernel_modules(&image, &|m| (report.progress)("warning", m))
             .await;
         tracing::info!(image = %name, reference, digest = %pulled.digest, "OCI image pulled");
@@ -621,6 +624,7 @@ impl Daemon {
             created_at: now_rfc3339(),
         };
         self.store.upsert_image(&image)?;
+        self.remove_image_templates(&image.name);
         self.offer_kernel_modules(&image, &|_| {}).await;
         // A kernel registered with an earlier --kernel and no longer used goes too.
         if let Some(old) = old
@@ -666,6 +670,12 @@ impl Daemon {
             }
         }
         let _guard = self.image_lock.lock().await;
+        {
+            // A template build in progress would save a template of a
+            // deleted image: wait for it, then remove them all.
+            let _build = self.template_build.lock().await;
+            self.remove_image_templates(name);
+        }
         self.store.delete_image(name).map_err(in_use)?;
         if img.managed
             && let Some(dir) = owned_dir(&self.paths.images_dir, &img.rootfs)

@@ -11,8 +11,9 @@ use banger_api::images::{
     BundleEvent, BundleRequest, BundleResult, DeleteImageQuery, PullImageEvent, PullImageRequest,
     PullKernelEvent, PullKernelRequest, RegisterImageRequest, Transfer, routes as p,
 };
+use banger_api::templates::{WarmImageEvent, WarmImageRequest, routes as t};
 use banger_api::{ApiError, Progress, paths};
-use banger_model::{ImageRecord, KernelRecord};
+use banger_model::{ImageRecord, KernelRecord, TemplateRecord};
 use std::sync::Arc;
 use tokio::sync::mpsc;
 use utoipa_axum::router::OpenApiRouter;
@@ -30,6 +31,65 @@ pub(crate) fn router() -> OpenApiRouter<Shared> {
         .routes(routes!(pull_kernel))
         .routes(routes!(get_kernel, delete_kernel))
         .routes(routes!(bundle_kernel))
+        .routes(routes!(list_templates, warm_image, drop_templates))
+}
+
+/// The warm-start templates of an image.
+#[utoipa::path(get, path = t::IMAGE_TEMPLATES, params(("image" = String, Path)),
+    responses((status = 200, body = Vec<TemplateRecord>), (status = 404, body = ApiError)))]
+async fn list_templates(
+    State(d): State<Shared>,
+    Path(image): Path<String>,
+) -> Result<Json<Vec<TemplateRecord>>, DaemonError> {
+    d.list_templates(&image).map(Json)
+}
+
+/// Makes (or remakes) the warm-start template of one shape of an image:
+/// boots it, seals and saves the guest. Answers with newline-delimited
+/// JSON `WarmImageEvent`s; disconnecting cancels.
+#[utoipa::path(post, path = t::IMAGE_TEMPLATES, params(("image" = String, Path)), request_body = WarmImageRequest,
+    responses((status = 200, content_type = "application/x-ndjson", body = WarmImageEvent),
+              (status = 400, body = ApiError), (status = 404, body = ApiError), (status = 409, body = ApiError)))]
+async fn warm_image(
+    State(d): State<Shared>,
+    Path(image): Path<String>,
+    Json(req): Json<WarmImageRequest>,
+) -> Response {
+    let checked = crate::settings::check_resources(req.vcpu, req.memory_mib, None)
+        .map(|_| ())
+        .and_then(|()| crate::image_ops::check_name("image", &image))
+        .and_then(|()| {
+            if image == d.config.default_image_name {
+                return Ok(());
+            }
+            d.store.get_image(&image).map(|_| ()).map_err(|_| {
+                DaemonError::NotFound(format!("no image named {image}: see `banger image list`"))
+            })
+        });
+    if let Err(e) = checked {
+        return e.into_response();
+    }
+    operation(
+        d,
+        WarmImageEvent::Done,
+        WarmImageEvent::Error,
+        move |d, tx, cancel| async move {
+            let progress = progress_events(&tx, WarmImageEvent::Progress);
+            let shape = d.default_shape(req.vcpu, req.memory_mib);
+            d.build_template(&image, shape, &progress, &cancel).await
+        },
+    )
+}
+
+/// Deletes every warm-start template of an image (waiting for a build in
+/// progress); answers with those removed.
+#[utoipa::path(delete, path = t::IMAGE_TEMPLATES, params(("image" = String, Path)),
+    responses((status = 200, body = Vec<TemplateRecord>), (status = 404, body = ApiError)))]
+async fn drop_templates(
+    State(d): State<Shared>,
+    Path(image): Path<String>,
+) -> Result<Json<Vec<TemplateRecord>>, DaemonError> {
+    d.drop_templates(&image).await.map(Json)
 }
 
 /// A [`Report`] sending `Progress` and `Transfer` events made by `wrap`.

@@ -178,6 +178,7 @@ impl Daemon {
             created_at: now_rfc3339(),
         };
         self.store.upsert_image(&image)?;
+        self.remove_image_templates(&image.name);
         self.offer_kernel_modules(&image, &|m| progress("warning", m))
             .await;
         tracing::info!(image = name, kernel = %kernel.name, "image registered");

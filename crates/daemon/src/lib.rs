@@ -28,6 +28,7 @@ mod settings;
 mod ssh;
 pub mod steps;
 mod vms;
+mod warm;
 mod web;
 
 pub use error::DaemonError;
@@ -72,6 +73,14 @@ pub struct Daemon {
     initramfs_lock: tokio::sync::Mutex<()>,
     /// Kernels this daemon already tried to give an initramfs at boot.
     initramfs_tried: Mutex<std::collections::HashSet<String>>,
+    /// Serialises template builds (each boots a guest; hosts may have 2 cores).
+    template_build: tokio::sync::Mutex<()>,
+    /// Image and shape of template builds queued in the background.
+    queued_builds: Mutex<std::collections::HashSet<(String, banger_model::TemplateShape)>>,
+    /// Creates in progress; background template builds wait for zero.
+    creates: tokio::sync::watch::Sender<usize>,
+    /// sha256 of the agent binary, by its size/inode/mtime (template keys).
+    agent_sha: Mutex<Option<(banger_model::FileFp, String)>>,
     /// Cancelled when the daemon shuts down.
     pub shutdown: CancellationToken,
 }
@@ -122,6 +131,10 @@ impl Daemon {
             boots: Mutex::default(),
             initramfs_lock: tokio::sync::Mutex::new(()),
             initramfs_tried: Mutex::default(),
+            template_build: tokio::sync::Mutex::new(()),
+            queued_builds: Mutex::default(),
+            creates: tokio::sync::watch::Sender::new(0),
+            agent_sha: Mutex::default(),
             shutdown: CancellationToken::new(),
         }))
     }

@@ -2,7 +2,7 @@
 //! so operations on one VM are serialised; different VMs run in parallel.
 
 use crate::steps::Steps;
-use crate::vms::{BootCtx, BootError};
+use crate::vms::{BootCtx, BootError, BootPurpose};
 use crate::{Daemon, DaemonError};
 use anyhow::anyhow;
 use banger_model::{VmRecord, VmState};
@@ -48,8 +48,9 @@ impl Daemon {
             progress: &|_, _| {},
             cancel: &cancel,
             writable_root: None,
+            purpose: BootPurpose::Vm,
         };
-        let mut booted = self.boot(ctx, &mut vm, &mut steps).await;
+        let mut booted = self.boot(ctx, &mut vm, &mut steps).await.map(|_| ());
         if booted.is_ok() && self.config.wait_boot {
             booted = match self.wait_system(&vm, &|_, _| {}, &cancel).await {
                 crate::boot_path::SystemWait::Booted => Ok(()),
@@ -62,6 +63,12 @@ impl Daemon {
         match booted {
             Ok(()) => {
                 steps.commit();
+                // A VM restored from a template boots its own disks from
+                // now on: every later start is cold.
+                vm.start = banger_model::StartInfo::cold(None);
+                if let Err(e) = self.store.set_vm_start(&vm.id, &vm.start) {
+                    tracing::warn!(vm = %vm.name, error = %e, "start kind not recorded");
+                }
                 if let Err(e) = self.refresh_known_hosts() {
                     tracing::warn!(error = %format!("{e:#}"), "ssh files not updated");
                 }

@@ -59,6 +59,8 @@ pub(crate) struct Network {
 /// What one boot needs on the host for its network, decided before launch.
 pub(crate) struct BootNet {
     pub(crate) nets: Vec<NetSpec>,
+    /// The guest side: what `cmdline` says, for a restore to apply live.
+    pub(crate) guest: GuestNet,
     /// Kernel parameters configuring the guest side.
     pub(crate) cmdline: String,
 }
@@ -393,6 +395,7 @@ impl Daemon {
                         mac: guest.mac.to_string(),
                     }],
                     cmdline: guest_cmdline(&guest),
+                    guest,
                 }))
             }
             Mode::Bridge { host, pool } => {
@@ -442,6 +445,7 @@ impl Daemon {
                 Ok(Some(BootNet {
                     nets: vec![NetSpec::tap(tap.name.as_str(), guest.mac.to_string())],
                     cmdline: guest_cmdline(&guest),
+                    guest,
                 }))
             }
         }

@@ -37,6 +37,8 @@ impl Daemon {
                 (VmState::Stopped, true) => self.stop_leftover(&vm, VmState::Stopped, None).await,
             }
         }
+        self.reconcile_templates();
+        self.verify_templates_later();
         Ok(())
     }
 

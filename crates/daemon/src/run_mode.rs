@@ -164,6 +164,7 @@ mod tests {
             initramfs: Default::default(),
             created_at: "2026-01-01T00:00:00Z".into(),
             last_error: None,
+            start: Default::default(),
         }
     }
 

@@ -105,6 +105,7 @@ async fn info(State(d): State<Shared>) -> Json<DaemonInfo> {
         state_dir: d.paths.state_dir.display().to_string(),
         backend: d.backend().to_string(),
         backend_reason: d.backend_reason.clone(),
+        warm: d.warm_info().await,
     })
 }
 
@@ -254,7 +255,7 @@ async fn wait_vm(
     }
     operation(
         d,
-        WaitEvent::Done,
+        |vm| WaitEvent::Done(Box::new(vm)),
         WaitEvent::Error,
         move |d, tx, cancel| async move {
             let progress = progress_events(&tx, WaitEvent::Progress);
@@ -393,7 +394,7 @@ async fn create_vm(State(d): State<Shared>, Json(req): Json<CreateVmRequest>) ->
     tokio::spawn(async move {
         match d.create_vm(req, tx.clone(), cancel).await {
             Ok(vm) => {
-                let _ = tx.send(CreateVmEvent::Done(vm.clone()));
+                let _ = tx.send(CreateVmEvent::Done(Box::new(vm.clone())));
                 if ephemeral {
                     // The stream stays open: its end deletes the VM.
                     d.hold_ephemeral(vm, tx).await;

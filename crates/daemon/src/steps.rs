@@ -99,6 +99,13 @@ impl<'a> Steps<'a> {
         errors
     }
 
+    /// Takes over the undos of `other` (an attempt run under its own
+    /// steps, so that its failure rolled back only itself), to run after
+    /// this runner's own in a later rollback.
+    pub fn absorb(&mut self, mut other: Steps<'a>) {
+        self.undos.append(&mut other.undos);
+    }
+
     /// Forgets the undos: the operation succeeded and keeps what it made.
     pub fn commit(mut self) {
         self.undos.clear();

@@ -2,6 +2,7 @@
 
 use crate::boot_path::{BootFacts, BootInitrd};
 use crate::steps::{Steps, UndoSlot};
+use crate::warm::plan::{ColdReason, StartPlan};
 use crate::{Daemon, DaemonError};
 use anyhow::{Context, anyhow};
 use banger_agent_proto::boot::BootArgs;
@@ -9,7 +10,8 @@ use banger_agent_proto::client::AgentClient;
 use banger_api::{CreateVmEvent, CreateVmRequest, Progress};
 use banger_config::{Config, HostResources, apply_flags, effective_defaults};
 use banger_model::{
-    ImageRecord, KernelRecord, VmBackend, VmId, VmName, VmRecord, VmState, generate_name,
+    ImageRecord, KernelRecord, StartInfo, TemplateShape, VmBackend, VmId, VmName, VmRecord,
+    VmState, WarmMode, WarmSetting, generate_name,
 };
 use banger_storage::{VmDisks, WorkSource};
 use banger_vmm::{DiskFormat, DiskSpec, HostFacts, LaunchSpec, VmPaths, Vmm, select_backend};
@@ -97,6 +99,18 @@ impl Daemon {
             }
         }
         self.check_nat_mode(req.nat)?;
+        if req.warm == WarmMode::Require {
+            if !req.start {
+                return Err(DaemonError::Invalid(
+                    "--warm restores a running VM: it cannot go with --no-start".into(),
+                ));
+            }
+            if self.config.warm_start == WarmSetting::Off {
+                return Err(DaemonError::Conflict(
+                    "--warm: warm starts are off (warm_start = \"off\" in config.toml)".into(),
+                ));
+            }
+        }
         Ok(())
     }
 
@@ -112,6 +126,7 @@ impl Daemon {
     ) -> Result<VmRecord, DaemonError> {
         let rep = Reporter::new(tx);
         let vmm = self.vmm()?.clone();
+        let _in_flight = CreateGuard::new(self);
         let name = match &req.name {
             Some(n) => VmName::parse(n).map_err(|e| DaemonError::Invalid(e.to_string()))?,
             None => self.unused_name()?,
@@ -143,6 +158,43 @@ impl Daemon {
         let kernel = self.store.get_kernel(&image.kernel)?;
 
         self.check_nat_mode(req.nat)?;
+        let initramfs = req.initramfs.unwrap_or(self.config.initramfs);
+        let shape = TemplateShape {
+            vcpu: spec.vcpu.value,
+            memory_mib: spec.memory_mib.value,
+        };
+        // Warm or cold, decided before anything is made: `--warm` without
+        // a usable template fails here, leaving nothing behind.
+        let plan = if req.start {
+            self.plan_start(
+                req.warm,
+                &image,
+                &kernel,
+                initramfs,
+                shape,
+                spec.disk_bytes.value,
+            )
+            .await
+        } else {
+            StartPlan::Cold(ColdReason::NotAsked)
+        };
+        let mut cold_note = None;
+        let warm_template = match plan {
+            StartPlan::Warm(t) => Some(t),
+            StartPlan::Cold(reason) => {
+                if req.warm == WarmMode::Require {
+                    return Err(DaemonError::Conflict(format!("--warm: {reason}")));
+                }
+                if req.start {
+                    rep.progress("start", &format!("cold ({reason})"));
+                    if reason.wants_template() && self.config.warm_start == WarmSetting::Auto {
+                        self.queue_template_build(&image.name, shape);
+                    }
+                    cold_note = Some(reason.to_string());
+                }
+                None
+            }
+        };
         let id = VmId::random();
         let dir = self.paths.vms_dir.join(id.as_str());
         // Held until the record (with its address) is stored.
@@ -166,15 +218,17 @@ impl Daemon {
             pid: None,
             created_at: now_rfc3339(),
             last_error: None,
+            start: StartInfo::cold(cold_note),
             nat: req.nat,
             ip: Some(ip),
             tap: None,
             ssh_port: None,
-            initramfs: req.initramfs.unwrap_or(self.config.initramfs),
+            initramfs,
         };
         let lock = self.vm_lock(&id);
         let _guard = lock.lock().await;
 
+        let progress = |phase: &str, msg: &str| rep.progress(phase, msg);
         let mut steps = Steps::new(|phase, msg| rep.progress(phase, msg));
         let this = self.clone();
         let d = dir.clone();
@@ -210,83 +264,121 @@ impl Daemon {
                 Err(other) => DaemonError::Failed(other),
             })?;
         drop(alloc);
+        let mut warmed = false;
+        if let Some(template) = &warm_template {
+            rep.progress(
+                "start",
+                &format!("warm (restoring template {})", template.header.id),
+            );
+            match this
+                .try_warm(&mut vm, &image, template, &mut steps, &progress, &cancel)
+                .await
+            {
+                Ok(_) => warmed = true,
+                Err(e) => {
+                    let why = format!("{:#}", e.cause);
+                    if req.warm == WarmMode::Require {
+                        let rollback_errors = steps.rollback().await;
+                        return Err(DaemonError::Failed(
+                            crate::steps::StepError {
+                                step: e.step,
+                                cause: anyhow!("--warm: warm start failed: {why}"),
+                                rollback_errors,
+                            }
+                            .into(),
+                        ));
+                    }
+                    tracing::warn!(vm = %vm.name, template = %template.header.id, step = e.step, error = %why, "warm start failed; booting cold");
+                    rep.progress("start", &format!("cold (warm start failed: {why})"));
+                    if e.blames_template()
+                        && let Ok(Some((row, _))) = this.store.get_template(&template.header.id)
+                    {
+                        this.remove_template(&row);
+                    }
+                    vm.start = StartInfo::cold(Some(format!("warm start failed: {why}")));
+                    vm.state = VmState::Creating;
+                    this.store.set_vm_start(&id, &vm.start)?;
+                }
+            }
+        }
         let disks = VmDisks::in_dir(&dir);
         let size = spec.disk_bytes.value;
-        let (overlay, work, seed) = (
-            disks.overlay.clone(),
-            disks.work.clone(),
-            image.work_seed.clone(),
-        );
-        steps
-            .run(
-                "disks",
-                "creating the system overlay and /root work disk",
-                |u: UndoSlot<'_>| async move {
-                    let source = match &seed {
-                        Some(s) => WorkSource::Seed(s),
-                        None => WorkSource::Empty,
-                    };
-                    // Independent files, each made by a few e2fsprogs runs:
-                    // side by side. Each removes its own file on failure.
-                    let (o, w) = tokio::join!(
-                        banger_storage::create_overlay_disk(&overlay, size),
-                        banger_storage::create_work_disk(source, &work, size),
-                    );
-                    let made =
-                        |r: &Result<(), _>, p: &std::path::Path| r.is_ok().then(|| p.to_path_buf());
-                    let undo: Vec<_> = [made(&o, &overlay), made(&w, &work)]
-                        .into_iter()
-                        .flatten()
-                        .collect();
-                    u.set(move || async move {
-                        for p in undo {
-                            tokio::fs::remove_file(&p)
-                                .await
-                                .with_context(|| format!("removing {}", p.display()))?;
-                        }
-                        Ok(())
-                    });
-                    o.context("creating the system overlay disk")?;
-                    w.context("creating the /root work disk")?;
-                    Ok(())
-                },
-            )
-            .await
-            .map_err(|e| DaemonError::Failed(e.into()))?;
-        let (this2, rec) = (self.clone(), vm.clone());
-        steps
-            .run("ssh", "giving the VM its ssh host key", |_| async move {
-                this2.provision_ssh(&rec).await?;
-                if let Err(e) = this2.refresh_known_hosts() {
-                    tracing::warn!(error = %format!("{e:#}"), "known_hosts not updated");
-                }
-                Ok(())
-            })
-            .await
-            .map_err(|e| DaemonError::Failed(e.into()))?;
-        if !self.config.file_sync.is_empty() {
-            let (this2, rec, rep) = (self.clone(), vm.clone(), &rep);
+        if !warmed {
+            let (overlay, work, seed) = (
+                disks.overlay.clone(),
+                disks.work.clone(),
+                image.work_seed.clone(),
+            );
             steps
                 .run(
-                    "files",
-                    "copying [[file_sync]] files into /root",
-                    |_| async move {
-                        this2
-                            .sync_files(&rec, &|w| rep.progress("warning", w))
-                            .await
+                    "disks",
+                    "creating the system overlay and /root work disk",
+                    |u: UndoSlot<'_>| async move {
+                        let source = match &seed {
+                            Some(s) => WorkSource::Seed(s),
+                            None => WorkSource::Empty,
+                        };
+                        // Independent files, each made by a few e2fsprogs runs:
+                        // side by side. Each removes its own file on failure.
+                        let (o, w) = tokio::join!(
+                            banger_storage::create_overlay_disk(&overlay, size),
+                            banger_storage::create_work_disk(source, &work, size),
+                        );
+                        let made = |r: &Result<(), _>, p: &std::path::Path| {
+                            r.is_ok().then(|| p.to_path_buf())
+                        };
+                        let undo: Vec<_> = [made(&o, &overlay), made(&w, &work)]
+                            .into_iter()
+                            .flatten()
+                            .collect();
+                        u.set(move || async move {
+                            for p in undo {
+                                tokio::fs::remove_file(&p)
+                                    .await
+                                    .with_context(|| format!("removing {}", p.display()))?;
+                            }
+                            Ok(())
+                        });
+                        o.context("creating the system overlay disk")?;
+                        w.context("creating the /root work disk")?;
+                        Ok(())
                     },
                 )
                 .await
                 .map_err(|e| DaemonError::Failed(e.into()))?;
+            let (this2, rec) = (self.clone(), vm.clone());
+            steps
+                .run("ssh", "giving the VM its ssh host key", |_| async move {
+                    this2.provision_ssh(&rec).await?;
+                    if let Err(e) = this2.refresh_known_hosts() {
+                        tracing::warn!(error = %format!("{e:#}"), "known_hosts not updated");
+                    }
+                    Ok(())
+                })
+                .await
+                .map_err(|e| DaemonError::Failed(e.into()))?;
+            if !self.config.file_sync.is_empty() {
+                let (this2, rec, rep) = (self.clone(), vm.clone(), &rep);
+                steps
+                    .run(
+                        "files",
+                        "copying [[file_sync]] files into /root",
+                        |_| async move {
+                            this2
+                                .sync_files(&rec, &|w| rep.progress("warning", w))
+                                .await
+                        },
+                    )
+                    .await
+                    .map_err(|e| DaemonError::Failed(e.into()))?;
+            }
         }
-
         if !req.start {
             this.store.set_vm_state(&id, VmState::Stopped, None, None)?;
             steps.commit();
             vm.state = VmState::Stopped;
             return Ok(vm);
         }
-        let progress = |phase: &str, msg: &str| rep.progress(phase, msg);
         let ctx = BootCtx {
             vmm: &vmm,
             kernel: &kernel,
@@ -294,8 +386,13 @@ impl Daemon {
             progress: &progress,
             cancel: &cancel,
             writable_root: None,
+            purpose: BootPurpose::Vm,
         };
-        let mut booted = this.boot(ctx, &mut vm, &mut steps).await;
+        let mut booted = if warmed {
+            Ok(())
+        } else {
+            this.boot(ctx, &mut vm, &mut steps).await.map(|_| ())
+        };
         if booted.is_ok() && req.wait_boot.unwrap_or(self.config.wait_boot) {
             booted = match this.wait_system(&vm, &progress, &cancel).await {
                 crate::boot_path::SystemWait::Booted => Ok(()),
@@ -367,7 +464,7 @@ impl Daemon {
         ctx: BootCtx<'_>,
         vm: &mut VmRecord,
         steps: &mut Steps<'_>,
-    ) -> Result<(), BootError> {
+    ) -> Result<LaunchSpec, BootError> {
         let BootCtx {
             vmm,
             kernel,
@@ -375,7 +472,9 @@ impl Daemon {
             progress,
             cancel,
             writable_root,
+            purpose,
         } = ctx;
+        let template = purpose == BootPurpose::Template;
         let paths = VmPaths::new(&vm.dir);
         let disks = VmDisks::in_dir(&vm.dir);
         if let Err(e) = self
@@ -384,8 +483,9 @@ impl Daemon {
         {
             return Err(fail(steps, e.into()).await);
         }
-        // The VM is not running: its work disk may be written.
-        if let Err(e) = self.sync_credentials(vm, &|w| progress("warning", w)).await {
+        // The VM is not running: its work disk may be written. Never into
+        // a template, which every VM of every user of this host restores.
+        if !template && let Err(e) = self.sync_credentials(vm, &|w| progress("warning", w)).await {
             return Err(fail(steps, e).await);
         }
         // Firecracker boots an uncompressed ELF; QEMU the bzImage.
@@ -409,12 +509,26 @@ impl Daemon {
             Err(e) => return Err(fail(steps, e).await),
         };
         let (boot_args, disk_specs) = boot_layout(image, &disks, writable_root);
-        let mut extra_cmdline = format!("{} systemd.hostname={}", boot_args, vm.name);
+        let hostname = if template {
+            TEMPLATE_HOSTNAME
+        } else {
+            vm.name.as_str()
+        };
+        let mut extra_cmdline = format!("{boot_args} systemd.hostname={hostname}");
         let mut nets = Vec::new();
         if let Some(n) = boot_net {
-            extra_cmdline.push(' ');
-            extra_cmdline.push_str(&n.cmdline);
-            nets = n.nets;
+            if template {
+                // Attached but never configured: no address or connection
+                // is frozen into the snapshot.
+                nets = n.nets;
+                for net in &mut nets {
+                    net.mac = TEMPLATE_MAC.to_string();
+                }
+            } else {
+                extra_cmdline.push(' ');
+                extra_cmdline.push_str(&n.cmdline);
+                nets = n.nets;
+            }
         }
         let (initrd, initrd_kind) = match self.boot_initrd(vm, kernel, image).await {
             Ok(x) => x,
@@ -442,7 +556,7 @@ impl Daemon {
                 Ok(l)
             })
             .await;
-        if initrd_kind == BootInitrd::Banger {
+        if initrd_kind == BootInitrd::Banger && !template {
             // The VMM has read it into the guest's memory (QEMU at start-up,
             // Firecracker at InstanceStart).
             let _ = tokio::fs::remove_file(vm.dir.join(crate::boot_path::BOOT_INITRD_FILE)).await;
@@ -545,7 +659,7 @@ impl Daemon {
         vm.state = VmState::Running;
         self.net_ready(vm);
         self.watch_exit(vm.id.clone(), launched_pid, exited);
-        Ok(())
+        Ok(spec)
     }
 
     /// Watches VMM `pid` of VM `id`; when it exits, signals waiters and
@@ -677,6 +791,23 @@ impl Daemon {
     }
 }
 
+/// Counts one create in flight while it lives (background template
+/// builds wait for none).
+struct CreateGuard<'a>(&'a Daemon);
+
+impl<'a> CreateGuard<'a> {
+    fn new(d: &'a Daemon) -> Self {
+        d.creates.send_modify(|n| *n += 1);
+        Self(d)
+    }
+}
+
+impl Drop for CreateGuard<'_> {
+    fn drop(&mut self) {
+        self.0.creates.send_modify(|n| *n = n.saturating_sub(1));
+    }
+}
+
 /// What a boot needs besides the VM and its steps.
 pub(crate) struct BootCtx<'a> {
     pub(crate) vmm: &'a Arc<dyn Vmm>,
@@ -688,7 +819,24 @@ pub(crate) struct BootCtx<'a> {
     /// one under an overlay (the transient VM of `image build
     /// --from-image`, whose writes must land in the new image's file).
     pub(crate) writable_root: Option<&'a std::path::Path>,
+    pub(crate) purpose: BootPurpose,
 }
+
+/// What a boot is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum BootPurpose {
+    /// A VM of its own: its name, address and the owner's credentials.
+    Vm,
+    /// A warm-start template's guest: nothing per-VM or per-user enters it
+    /// (neutral host name, NIC attached but never configured, no
+    /// credentials), and banger's initrd is kept for the restores.
+    Template,
+}
+
+/// Host name of every template guest (clones get their own at restore).
+pub(crate) const TEMPLATE_HOSTNAME: &str = "banger";
+/// MAC of every template guest's NIC (clones set their own at restore).
+pub(crate) const TEMPLATE_MAC: &str = "06:00:00:00:00:01";
 
 /// Kernel parameters and disks of a boot.
 ///

@@ -298,8 +298,11 @@ impl KvmHost {
             }
             InnerVmm::Qemu => "vmm = \"qemu\"\n".to_string(),
         };
+        // warm_start = "manual": a background template build after each
+        // cold create would cost minutes of doubly emulated CPU here; the
+        // warm test makes its template itself.
         let config = format!(
-            "{backend}cidr = \"{INNER_CIDR}\"\nweb_listen_addr = \"\"\n\
+            "{backend}cidr = \"{INNER_CIDR}\"\nweb_listen_addr = \"\"\nwarm_start = \"manual\"\n\
              [vm_defaults]\nvcpu = 1\nmemory_mib = 1024\ndisk_size = \"4G\"\n"
         );
         let _ = self.banger(&["daemon", "stop"]);

@@ -53,6 +53,9 @@ pub fn shared() -> &'static Banger {
         b.reset_if_agent_changed();
         b.ensure_netns();
         b.build_default_image_outside_netns();
+        if !b.config_dir().join("config.toml").exists() {
+            b.write_config("");
+        }
         b.delete_leftover_vms();
         // SAFETY: registering a plain extern "C" fn with no captured state.
         unsafe { libc::atexit(stop_shared_daemon) };
@@ -306,9 +309,22 @@ impl Banger {
         self.state_dir().join("vms")
     }
 
-    /// Writes `config.toml`.
+    /// Writes `config.toml`, with `warm_start = "manual"` unless `text`
+    /// sets `warm_start` itself: CI hosts have 2 cores, and the template
+    /// builds that `auto` starts in the background after a cold create
+    /// would compete with the next test's guests (and make its boots warm).
+    /// Warm starts are tested on purpose in `tests/warm.rs`.
     pub fn write_config(&self, text: &str) {
         std::fs::create_dir_all(self.config_dir()).expect("config dir");
+        // First: a top-level key must come before any table.
+        let text = if text
+            .lines()
+            .any(|l| l.trim_start().starts_with("warm_start"))
+        {
+            text.to_string()
+        } else {
+            format!("warm_start = \"manual\"\n{text}")
+        };
         std::fs::write(self.config_dir().join("config.toml"), text).expect("write config");
     }
 

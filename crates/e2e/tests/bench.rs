@@ -36,7 +36,7 @@ fn bench_reports_run_lifecycle_exec_and_cp_blocks() {
         "4",
     ]);
     let r = json_of(&out);
-    for err in ["exec_error", "cp_error", "network_error"] {
+    for err in ["exec_error", "cp_error", "network_error", "warm_error"] {
         assert!(r[err].is_null(), "{err}: {}", r[err]);
     }
     for f in [
@@ -61,6 +61,13 @@ fn bench_reports_run_lifecycle_exec_and_cp_blocks() {
         "cp.banger_pull_mb_per_s",
         "cp.ssh_cat_pull_mb_per_s",
         "cp.push_speedup_banger_over_ssh",
+        "warm.template_build_ms",
+        "warm.template_bytes.memory",
+        "warm.template_bytes.disks",
+        "warm.warm_median.total_ms",
+        "warm.warm_restore_ms",
+        "warm.total_ratio_warm_over_cold",
+        "warm.warm_vmm_pss_bytes",
     ] {
         positive(&r, f);
     }
@@ -69,6 +76,13 @@ fn bench_reports_run_lifecycle_exec_and_cp_blocks() {
     // The same run booted both ways, side by side.
     assert_eq!(r["banger_median"]["initramfs"], "banger", "{r}");
     assert_eq!(r["distro_median"]["initramfs"], "distro", "{r}");
+    // Cold and warm runs of the same shape, interleaved.
+    assert_eq!(r["banger_median"]["start_kind"], "cold", "{r}");
+    assert_eq!(r["warm"]["warm_median"]["start_kind"], "warm", "{r}");
+    assert!(
+        positive(&r, "warm.total_ratio_warm_over_cold") < 1.0,
+        "a restore beats a boot: {r}"
+    );
     assert!(
         positive(&r, "banger_median.ready_over_kernel_init") > 1.0,
         "{r}"

@@ -15,15 +15,20 @@ fn ok(b: &Banger, args: &[&str]) -> String {
     stdout
 }
 
-/// The lines of a failed command's stderr that are not the `spec:` line or
-/// the daemon's start note: what the user is told went wrong.
+/// The lines of a failed command's stderr that are not the `spec:` and
+/// `start:` lines or the daemon's start note: what the user is told went
+/// wrong.
 fn error_lines(b: &Banger, args: &[&str]) -> Vec<String> {
     let out = b.run(args);
     let (_, stderr) = text(&out);
     assert!(!out.status.success(), "banger {args:?} succeeded");
     stderr
         .lines()
-        .filter(|l| !l.starts_with("spec: ") && !l.starts_with("banger: daemon was not running"))
+        .filter(|l| {
+            !l.starts_with("spec: ")
+                && !l.starts_with("start: ")
+                && !l.starts_with("banger: daemon was not running")
+        })
         .map(str::to_string)
         .collect()
 }

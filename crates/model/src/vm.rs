@@ -189,6 +189,9 @@ pub struct VmRecord {
     pub created_at: String,
     /// Last error, when `state` is `error`.
     pub last_error: Option<String>,
+    /// How its last start happened (cold boot or restored template).
+    #[serde(default)]
+    pub start: crate::StartInfo,
 }
 
 /// A bootable kernel: for QEMU a bzImage + initrd, for Firecracker an ELF vmlinux.

@@ -13,7 +13,6 @@ use std::path::Path;
 /// the cause; the caller removes `dst`.
 pub(crate) fn sparse_copy(src: &Path, dst: &Path) -> Result<(), (u64, io::Error)> {
     let mut from = File::open(src).map_err(|e| (0, e))?;
-    let len = from.metadata().map_err(|e| (0, e))?.len();
     let needed = allocated(&from);
     // Disks hold secrets (file_sync files, host keys): the owner's only.
     let mut to = File::options()
@@ -22,16 +21,29 @@ pub(crate) fn sparse_copy(src: &Path, dst: &Path) -> Result<(), (u64, io::Error)
         .mode(0o600)
         .open(dst)
         .map_err(|e| (needed, e))?;
+    copy_into(src, &mut from, &mut to)
+}
+
+/// Copies the data extents of `from` (opened from `src`) into the empty
+/// file `to`, then sets its length and syncs it. On error returns how many
+/// bytes the copy needed in total, with the cause.
+pub(crate) fn copy_into(
+    src: &Path,
+    from: &mut File,
+    to: &mut File,
+) -> Result<(), (u64, io::Error)> {
+    let len = from.metadata().map_err(|e| (0, e))?.len();
+    let needed = allocated(from);
     let fail = |e| (needed, e);
     let mut pos = 0u64;
     while pos < len {
-        let Some(start) = seek_data(&from, pos).map_err(fail)? else {
+        let Some(start) = seek_data(from, pos).map_err(fail)? else {
             break;
         };
-        let end = seek_hole(&from, start).map_err(fail)?.min(len);
+        let end = seek_hole(from, start).map_err(fail)?.min(len);
         from.seek(SeekFrom::Start(start)).map_err(fail)?;
         to.seek(SeekFrom::Start(start)).map_err(fail)?;
-        let copied = io::copy(&mut (&mut from).take(end - start), &mut to).map_err(fail)?;
+        let copied = io::copy(&mut from.take(end - start), to).map_err(fail)?;
         if copied != end - start {
             return Err(fail(io::Error::new(
                 io::ErrorKind::UnexpectedEof,

@@ -13,10 +13,12 @@
 //! Both are made with e2fsprogs on plain files: no root, no device-mapper,
 //! no loop devices. Stop keeps them; delete removes the VM directory.
 
+mod clone;
 mod copy;
 mod inject;
 mod tree;
 
+pub use clone::{CloneKind, clone_file, reflink_supported};
 pub use inject::{GuestFile, write_files};
 pub use tree::{EntryKind, GuestEntry, entry_path_ok, write_entries};
 

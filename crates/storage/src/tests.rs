@@ -377,3 +377,136 @@ async fn entries_copy_host_files_and_directories_with_modes() {
         .collect();
     assert!(names.is_empty(), "{names:?}");
 }
+
+/// A file of `len` bytes with data only at `chunks` (offset, byte).
+fn holey_file(path: &Path, len: u64, chunks: &[(u64, u8)]) {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::File::create(path).expect("create");
+    f.set_len(len).expect("len");
+    for &(off, b) in chunks {
+        f.write_all_at(&[b; 4096], off).expect("write");
+    }
+}
+
+fn allocated(path: &Path) -> u64 {
+    disk_usage(path).allocated_bytes
+}
+
+#[test]
+fn clone_keeps_holes_contents_and_is_private() {
+    let t = tempfile::tempdir().expect("tempdir");
+    let src = t.path().join("src");
+    let len = 256 << 20;
+    holey_file(&src, len, &[(0, 1), (100 << 20, 2), (len - 4096, 3)]);
+    let dst = t.path().join("dst");
+    let kind = clone_file(&src, &dst).expect("clone");
+    // ext4 and tmpfs share no extents: the sparse copy it is. On a
+    // reflink file system the data is shared instead; both keep holes.
+    if !reflink_supported(t.path()) {
+        assert_eq!(kind, CloneKind::Sparse);
+    }
+    assert_eq!(
+        std::fs::read(&dst).expect("dst"),
+        std::fs::read(&src).expect("src")
+    );
+    assert_eq!(disk_usage(&dst).virtual_bytes, len);
+    assert!(
+        allocated(&dst) <= 1 << 20,
+        "holes filled: {}",
+        allocated(&dst)
+    );
+    assert_eq!(host_mode(&dst), 0o600);
+}
+
+#[test]
+fn clone_refuses_an_existing_destination_and_keeps_it() {
+    let t = tempfile::tempdir().expect("tempdir");
+    let src = t.path().join("src");
+    holey_file(&src, 1 << 20, &[(0, 7)]);
+    let dst = t.path().join("dst");
+    std::fs::write(&dst, "someone else's").expect("dst");
+    let e = clone_file(&src, &dst).expect_err("exists");
+    assert!(
+        matches!(&e, StorageError::Io { source, .. }
+        if source.kind() == std::io::ErrorKind::AlreadyExists),
+        "{e:?}"
+    );
+    assert_eq!(std::fs::read(&dst).expect("dst"), b"someone else's");
+}
+
+#[test]
+fn clone_of_a_missing_source_leaves_nothing() {
+    let t = tempfile::tempdir().expect("tempdir");
+    let dst = t.path().join("dst");
+    let e = clone_file(&t.path().join("nope"), &dst).expect_err("missing");
+    assert!(matches!(e, StorageError::MissingSource { .. }), "{e:?}");
+    assert!(!dst.exists());
+}
+
+/// A small tmpfs mounted under `dir` for the test's lifetime (needs root).
+struct SmallFs(PathBuf);
+
+impl SmallFs {
+    fn mount(dir: &Path, size: &str) -> Option<Self> {
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("SKIPPED: mounting a small tmpfs needs root");
+            return None;
+        }
+        let at = dir.join("small");
+        std::fs::create_dir(&at).expect("mnt");
+        nix::mount::mount(
+            Some("tmpfs"),
+            &at,
+            Some("tmpfs"),
+            nix::mount::MsFlags::empty(),
+            Some(size),
+        )
+        .expect("mount tmpfs");
+        Some(Self(at))
+    }
+}
+
+impl Drop for SmallFs {
+    fn drop(&mut self) {
+        let _ = nix::mount::umount2(&self.0, nix::mount::MntFlags::MNT_DETACH);
+    }
+}
+
+/// Source and destination on different file systems: FICLONE says EXDEV
+/// and the copy takes over.
+#[test]
+fn clone_across_file_systems_falls_back_to_a_sparse_copy() {
+    let t = tempfile::tempdir().expect("tempdir");
+    let Some(fs) = SmallFs::mount(t.path(), "size=64m") else {
+        return;
+    };
+    let src = t.path().join("src");
+    holey_file(&src, 32 << 20, &[(1 << 20, 9)]);
+    let dst = fs.0.join("dst");
+    assert_eq!(clone_file(&src, &dst).expect("clone"), CloneKind::Sparse);
+    assert_eq!(
+        std::fs::read(&dst).expect("dst"),
+        std::fs::read(&src).expect("src")
+    );
+    assert!(allocated(&dst) <= 1 << 20);
+    assert!(!reflink_supported(&fs.0), "tmpfs has no reflink");
+    assert_eq!(
+        std::fs::read_dir(&fs.0).expect("ls").count(),
+        1,
+        "probe files left"
+    );
+}
+
+#[test]
+fn clone_onto_a_full_file_system_is_no_space_and_leaves_nothing() {
+    let t = tempfile::tempdir().expect("tempdir");
+    let Some(fs) = SmallFs::mount(t.path(), "size=8m") else {
+        return;
+    };
+    let src = t.path().join("src");
+    std::fs::write(&src, vec![5u8; 16 << 20]).expect("src");
+    let dst = fs.0.join("dst");
+    let e = clone_file(&src, &dst).expect_err("full");
+    assert!(matches!(e, StorageError::NoSpace { .. }), "{e:?}");
+    assert!(!dst.exists(), "partial clone left behind");
+}

@@ -85,6 +85,8 @@ impl Store {
                 users: prefixed("VM", users),
             });
         }
+        // Templates are snapshots of this image's guest: never of another.
+        conn.execute("DELETE FROM templates WHERE image = ?1", [name])?;
         conn.execute("DELETE FROM images WHERE name = ?1", [name])?;
         Ok(())
     }
@@ -317,6 +319,7 @@ mod tests {
             pid: None,
             created_at: "t".into(),
             last_error: None,
+            start: Default::default(),
             nat: false,
             ip: None,
             tap: None,

@@ -6,6 +6,7 @@
 
 mod images;
 mod operations;
+mod templates;
 mod vms;
 
 pub use operations::{Operation, OperationState};
@@ -125,6 +126,30 @@ const MIGRATIONS: &[M<'static>] = &[
         "ALTER TABLE kernels ADD COLUMN banger_initramfs TEXT;
     ALTER TABLE vms ADD COLUMN initramfs TEXT NOT NULL DEFAULT 'auto'
         CHECK (initramfs IN ('auto', 'banger', 'distro'));",
+    ),
+    M::up(
+        "CREATE TABLE templates (
+        id TEXT PRIMARY KEY NOT NULL,
+        image TEXT NOT NULL REFERENCES images(name),
+        backend TEXT NOT NULL,
+        vcpu INTEGER NOT NULL CHECK (vcpu > 0),
+        memory_mib INTEGER NOT NULL CHECK (memory_mib > 0),
+        disk_bytes INTEGER NOT NULL CHECK (disk_bytes > 0),
+        key TEXT NOT NULL,
+        dir TEXT NOT NULL,
+        state TEXT NOT NULL CHECK (state IN ('building', 'ready')),
+        size_bytes INTEGER NOT NULL DEFAULT 0 CHECK (size_bytes >= 0),
+        build_ms INTEGER,
+        created_at TEXT NOT NULL,
+        last_used_at TEXT,
+        uses INTEGER NOT NULL DEFAULT 0
+    ) STRICT;
+    CREATE INDEX templates_image ON templates(image);
+    ALTER TABLE vms ADD COLUMN start_kind TEXT NOT NULL DEFAULT 'cold'
+        CHECK (start_kind IN ('cold', 'warm'));
+    ALTER TABLE vms ADD COLUMN start_template TEXT;
+    ALTER TABLE vms ADD COLUMN start_note TEXT;
+    ALTER TABLE vms ADD COLUMN start_restore_ms INTEGER;",
     ),
 ];
 
@@ -292,7 +317,10 @@ mod tests {
             .collect::<Result<_, _>>()
             .expect("rows");
         tables.retain(|t| !t.starts_with("sqlite_"));
-        assert_eq!(tables, ["images", "kernels", "operations", "vms"]);
+        assert_eq!(
+            tables,
+            ["images", "kernels", "operations", "templates", "vms"]
+        );
     }
 
     #[test]

@@ -1,12 +1,12 @@
 //! VM records.
 
 use crate::{Store, StoreError, is_constraint, path_text};
-use banger_model::{VmBackend, VmId, VmName, VmRecord, VmSpec, VmState};
+use banger_model::{StartInfo, VmBackend, VmId, VmName, VmRecord, VmSpec, VmState};
 use rusqlite::ffi::{SQLITE_CONSTRAINT_FOREIGNKEY, SQLITE_CONSTRAINT_UNIQUE};
 use rusqlite::{Connection, OptionalExtension, Row, params};
 use std::path::PathBuf;
 
-const SELECT: &str = "SELECT id, name, image, state, backend, spec, dir, pid, created_at, last_error, nat, ip, tap, ssh_port, initramfs FROM vms";
+const SELECT: &str = "SELECT id, name, image, state, backend, spec, dir, pid, created_at, last_error, nat, ip, tap, ssh_port, initramfs, start_kind, start_template, start_note, start_restore_ms FROM vms";
 /// Oldest first. `julianday` compares instants, not strings (RFC 3339 texts
 /// with different fraction lengths do not sort as text); rowid breaks ties.
 const ORDER: &str = "ORDER BY julianday(created_at), rowid";
@@ -18,8 +18,8 @@ impl Store {
         let spec = spec_json(vm)?;
         self.conn()
             .execute(
-                "INSERT INTO vms (id, name, image, state, backend, spec, dir, pid, created_at, last_error, nat, ip, tap, ssh_port, initramfs)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)",
+                "INSERT INTO vms (id, name, image, state, backend, spec, dir, pid, created_at, last_error, nat, ip, tap, ssh_port, initramfs, start_kind, start_template, start_note, start_restore_ms)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19)",
                 params![
                     vm.id.as_str(),
                     vm.name.as_str(),
@@ -35,7 +35,11 @@ impl Store {
                     vm.ip.map(|ip| ip.to_string()),
                     vm.tap,
                     vm.ssh_port,
-                    vm.initramfs.as_str()
+                    vm.initramfs.as_str(),
+                    vm.start.kind.as_str(),
+                    vm.start.template,
+                    vm.start.note,
+                    vm.start.restore_ms.map(|ms| ms as i64)
                 ],
             )
             .map_err(|e| write_error(e, vm))?;
@@ -49,7 +53,8 @@ impl Store {
             .conn()
             .execute(
                 "UPDATE vms SET name = ?2, image = ?3, state = ?4, backend = ?5, spec = ?6, dir = ?7, pid = ?8,
-                 last_error = ?9, nat = ?10, ip = ?11, tap = ?12, ssh_port = ?13, initramfs = ?14 WHERE id = ?1",
+                 last_error = ?9, nat = ?10, ip = ?11, tap = ?12, ssh_port = ?13, initramfs = ?14,
+                 start_kind = ?15, start_template = ?16, start_note = ?17, start_restore_ms = ?18 WHERE id = ?1",
                 params![
                     vm.id.as_str(),
                     vm.name.as_str(),
@@ -64,7 +69,11 @@ impl Store {
                     vm.ip.map(|ip| ip.to_string()),
                     vm.tap,
                     vm.ssh_port,
-                    vm.initramfs.as_str()
+                    vm.initramfs.as_str(),
+                    vm.start.kind.as_str(),
+                    vm.start.template,
+                    vm.start.note,
+                    vm.start.restore_ms.map(|ms| ms as i64)
                 ],
             )
             .map_err(|e| write_error(e, vm))?;
@@ -104,6 +113,24 @@ impl Store {
         let n = self.conn().execute(
             "UPDATE vms SET tap = ?2, ssh_port = ?3 WHERE id = ?1",
             params![id.as_str(), tap, ssh_port],
+        )?;
+        if n == 0 {
+            return Err(no_vm_with_id(id));
+        }
+        Ok(())
+    }
+
+    /// Records how the VM's latest start happened.
+    pub fn set_vm_start(&self, id: &VmId, start: &StartInfo) -> Result<(), StoreError> {
+        let n = self.conn().execute(
+            "UPDATE vms SET start_kind = ?2, start_template = ?3, start_note = ?4, start_restore_ms = ?5 WHERE id = ?1",
+            params![
+                id.as_str(),
+                start.kind.as_str(),
+                start.template,
+                start.note,
+                start.restore_ms.map(|ms| ms as i64)
+            ],
         )?;
         if n == 0 {
             return Err(no_vm_with_id(id));
@@ -237,6 +264,10 @@ struct VmRow {
     tap: Option<String>,
     ssh_port: Option<u16>,
     initramfs: String,
+    start_kind: String,
+    start_template: Option<String>,
+    start_note: Option<String>,
+    start_restore_ms: Option<i64>,
 }
 
 impl VmRow {
@@ -257,6 +288,10 @@ impl VmRow {
             tap: r.get(12)?,
             ssh_port: r.get(13)?,
             initramfs: r.get(14)?,
+            start_kind: r.get(15)?,
+            start_template: r.get(16)?,
+            start_note: r.get(17)?,
+            start_restore_ms: r.get(18)?,
         })
     }
 
@@ -294,6 +329,15 @@ impl VmRow {
                 .initramfs
                 .parse()
                 .map_err(|e| corrupt("initramfs", e))?,
+            start: StartInfo {
+                kind: self
+                    .start_kind
+                    .parse()
+                    .map_err(|e| corrupt("start_kind", e))?,
+                template: self.start_template,
+                note: self.start_note,
+                restore_ms: self.start_restore_ms.and_then(|ms| u64::try_from(ms).ok()),
+            },
             id: VmId(id),
         })
     }
@@ -353,6 +397,7 @@ mod tests {
             tap: None,
             ssh_port: None,
             initramfs: InitramfsMode::Distro,
+            start: Default::default(),
         }
     }
 

@@ -593,6 +593,7 @@ pub(crate) mod tests {
                 initramfs: Default::default(),
                 created_at: "2026-01-01T00:00:00Z".into(),
                 last_error: None,
+                start: Default::default(),
             },
             uptime_seconds: (state == VmState::Running).then_some(75.0),
         }

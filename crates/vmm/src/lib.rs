@@ -64,6 +64,14 @@ pub enum VmmError {
         #[source]
         source: std::io::Error,
     },
+    /// This backend (binary, version or host) cannot snapshot or restore;
+    /// the message says why (the same text as [`WarmSupport::Unsupported`]).
+    #[error("warm start unavailable: {0}")]
+    WarmUnsupported(String),
+    /// Saving or loading a snapshot failed inside the VMM; `detail` is the
+    /// VMM's own description.
+    #[error("{what} failed: {detail}")]
+    Snapshot { what: &'static str, detail: String },
 }
 
 impl VmmError {
@@ -244,6 +252,46 @@ pub struct Launched {
     pub exited: tokio::task::JoinHandle<()>,
 }
 
+/// Whether a backend can snapshot a running guest and restore it into a new
+/// VMM process (warm starts).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WarmSupport {
+    /// Supported; `id` names the exact VMM build ("Firecracker v1.14.1",
+    /// "QEMU 10.0.2"), since a snapshot only loads into the build that made it.
+    Supported { id: String },
+    /// Not supported; the reason, one line, for `doctor` and cold-start notes.
+    Unsupported(String),
+}
+
+/// The files a snapshot is written to and restored from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SnapshotFiles {
+    /// Guest memory (Firecracker memory file; QEMU `mapped-ram` migration
+    /// stream, which also holds the device state).
+    pub memory: PathBuf,
+    /// Device state (Firecracker only; `None` for QEMU).
+    pub vmstate: Option<PathBuf>,
+}
+
+/// Everything needed to start a VMM from a snapshot.
+#[derive(Debug, Clone)]
+pub struct RestoreSpec {
+    /// The new VM as for a launch: its own `dir`, its own copies of the
+    /// template's disks (same order and file names), its own host network
+    /// backends (TAP, user-mode forwards); but the template's kernel, initrd,
+    /// `extra_cmdline`, vCPU count and memory size, which must be exactly
+    /// what the template was launched with. The MACs in `nets` are ignored:
+    /// the guest's MAC is the template's until the guest changes it.
+    pub launch: LaunchSpec,
+    /// The snapshot to load; it is only read (Firecracker maps the memory
+    /// file privately for the clone's lifetime: never rewrite it in place).
+    pub from: SnapshotFiles,
+    /// The template's interfaces as it was launched (same order as
+    /// `launch.nets`): their MACs rebuild an identical machine, their host
+    /// backends are not used.
+    pub template_nets: Vec<NetSpec>,
+}
+
 /// What a guest does so that its VMM exits.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum GuestExit {
@@ -278,6 +326,36 @@ pub trait Vmm: Send + Sync {
 
     /// Ends the VMM now. Precondition: none; a VMM that is already gone is fine.
     async fn terminate(&self, dir: &Path, pid: u32) -> Result<(), VmmError>;
+
+    /// Whether [`Vmm::snapshot`] and [`Vmm::restore`] work with this binary on
+    /// this host. Probed on first call (may run the VMM binary once) and
+    /// cached.
+    async fn warm_support(&self) -> WarmSupport;
+
+    /// Pauses the running VM of `dir` (VMM process `pid`), writes its state
+    /// to `out` and ends the VMM: the guest never runs again, and its disks
+    /// are flushed and no longer written when this returns `Ok`. On error
+    /// the VMM may still be running (paused); call [`Vmm::terminate`].
+    async fn snapshot(&self, dir: &Path, pid: u32, out: &SnapshotFiles) -> Result<(), VmmError>;
+
+    /// Starts a VMM in `spec.launch.dir` from the snapshot and resumes the
+    /// guest: it is running when this returns. Preconditions: the directory
+    /// and the disk copies exist. On error nothing of this call is left
+    /// running. The agent endpoint is the same kind as `launch`'s (see
+    /// [`AgentEndpoint`]); the template's agent connection is gone and the
+    /// host opens a new one. QEMU (`Connect`): the guest agent does not
+    /// greet a host that connects after the restore by itself; send `Ping`
+    /// first, it answers `Hello`. Firecracker (`Accept`): the vsock device
+    /// was reset at the snapshot; the guest agent must notice the reset and
+    /// connect to the listener again (the agent of 2026-12-06 does not: see
+    /// docs/design/warm-starts.md §5a), so bound the wait on `open`.
+    async fn restore(&self, spec: &RestoreSpec) -> Result<Launched, VmmError>;
+
+    /// Grows disk number `index` (in [`LaunchSpec::disks`] order) of the
+    /// running VM of `dir` to `bytes` and tells the guest the new size. The
+    /// file system inside is the guest's to grow. Growing to the current
+    /// size is a no-op; shrinking is refused.
+    async fn grow_disk(&self, dir: &Path, index: usize, bytes: u64) -> Result<(), VmmError>;
 }
 
 /// Whether a process with this pid exists and is the VMM of `dir`, judged by

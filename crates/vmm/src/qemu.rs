@@ -7,8 +7,8 @@ use crate::process::{
 };
 use crate::qmp::Qmp;
 use crate::{
-    AgentEndpoint, DiskFormat, GuestExit, LaunchSpec, Launched, NetBackend, VmPaths, Vmm, VmmError,
-    is_valid_mac, vmm_process_alive,
+    AgentEndpoint, DiskFormat, GuestExit, LaunchSpec, Launched, NetBackend, RestoreSpec,
+    SnapshotFiles, VmPaths, Vmm, VmmError, WarmSupport, is_valid_mac, vmm_process_alive,
 };
 use banger_model::VmBackend;
 use std::ffi::{OsStr, OsString};
@@ -35,6 +35,18 @@ const QUIT_GRACE: Duration = Duration::from_secs(3);
 /// How often the QMP socket is retried while QEMU starts; QEMU gives no
 /// other signal that its monitor is up.
 const CONNECT_RETRY: Duration = Duration::from_millis(10);
+/// Bound on writing a snapshot (QEMU writes only non-zero pages; a few GiB
+/// under a loaded 2-core host stay well below this).
+const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(600);
+/// Bound on loading a snapshot: a base plus the memory file at a slow
+/// 32 MiB/s.
+const RESTORE_BASE_TIMEOUT: Duration = Duration::from_secs(30);
+const RESTORE_BYTES_PER_SEC: u64 = 32 << 20;
+/// The first QEMU whose migration has `mapped-ram` (a file with a fixed
+/// offset per RAM page, so restore reads a bounded file).
+const MIN_WARM_VERSION: (i64, i64) = (9, 0);
+/// The migration capability warm starts need.
+const MAPPED_RAM: &str = "mapped-ram";
 
 /// The CPU virtualisation QEMU uses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -76,6 +88,8 @@ pub struct QemuVmm {
     accel: Accel,
     tsc_khz: Option<u64>,
     startup_timeout: Duration,
+    /// [`Vmm::warm_support`], probed once per backend value.
+    warm: std::sync::Arc<tokio::sync::OnceCell<WarmSupport>>,
 }
 
 impl QemuVmm {
@@ -109,6 +123,7 @@ impl QemuVmm {
             accel,
             tsc_khz,
             startup_timeout: DEFAULT_STARTUP_TIMEOUT,
+            warm: Default::default(),
         }
     }
 
@@ -132,6 +147,142 @@ impl QemuVmm {
 
     fn binary_name(&self) -> String {
         self.binary.display().to_string()
+    }
+
+    /// Spawns QEMU with `args` for the VM in `paths` and waits until it
+    /// answers on QMP. Console and VMM logs start empty. On error nothing is
+    /// left running.
+    async fn spawn(
+        &self,
+        name: &str,
+        paths: &VmPaths,
+        args: Vec<OsString>,
+    ) -> Result<(Child, u32), VmmError> {
+        let console = paths.console_log();
+        crate::logcap::create_log(&console)
+            .map_err(|e| VmmError::io(format!("create {}", console.display()), e))?;
+        let log_path = paths.vmm_log();
+        let log = crate::logcap::create_log(&log_path)
+            .map_err(|e| VmmError::io(format!("create {}", log_path.display()), e))?;
+        let log_err = log
+            .try_clone()
+            .map_err(|e| VmmError::io(format!("dup {}", log_path.display()), e))?;
+
+        let mut cmd = Command::new(&self.binary);
+        cmd.args(args)
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(log_err)
+            .kill_on_drop(false);
+        new_session(&mut cmd);
+        let mut child = cmd.spawn().map_err(|source| VmmError::Spawn {
+            binary: self.binary_name(),
+            source,
+        })?;
+        let Some(pid) = child.id() else {
+            return Err(self.early_exit(child.wait().await, paths));
+        };
+        let guard = KillOnDrop::new(pid);
+        tracing::debug!(vm = %name, pid, "spawned QEMU");
+
+        if let Err(e) = self.wait_ready(&mut child, paths).await {
+            guard.disarm();
+            kill_and_reap(&mut child).await;
+            return Err(e);
+        }
+        guard.disarm();
+        Ok((child, pid))
+    }
+
+    /// The task that reaps QEMU and logs how it ended.
+    fn reaper(name: &str, pid: u32, mut child: Child) -> tokio::task::JoinHandle<()> {
+        let name = name.to_owned();
+        tokio::spawn(async move {
+            match child.wait().await {
+                Ok(status) => tracing::info!(vm = %name, pid, %status, "QEMU exited"),
+                Err(e) => tracing::warn!(vm = %name, pid, error = %e, "waiting for QEMU failed"),
+            }
+        })
+    }
+
+    /// Loads the snapshot into a QEMU started with `-incoming defer` and
+    /// resumes it.
+    async fn load_and_resume(&self, paths: &VmPaths, from: &Path) -> Result<(), VmmError> {
+        let size = std::fs::metadata(from)
+            .map_err(|e| VmmError::io(format!("snapshot {}", from.display()), e))?
+            .len();
+        let limit = RESTORE_BASE_TIMEOUT + Duration::from_secs(size / RESTORE_BYTES_PER_SEC);
+        let mut qmp = Qmp::connect(&paths.control_socket()).await?;
+        qmp_bounded("migrate-set-capabilities", qmp.set_mapped_ram()).await?;
+        qmp_bounded("migrate-incoming", qmp.migrate_incoming_file(from)).await?;
+        qmp.wait_migration("migrate-incoming", limit)
+            .await
+            .map_err(|e| VmmError::Snapshot {
+                what: "loading the snapshot",
+                detail: e.to_string(),
+            })?;
+        qmp_bounded("cont", qmp.cont()).await?;
+        Ok(())
+    }
+
+    /// Runs a `-M none` QEMU once and asks it for its version and migration
+    /// capabilities.
+    async fn probe_warm(&self) -> WarmSupport {
+        let dir = std::env::temp_dir().join(format!(
+            "banger-qemu-probe-{}-{}",
+            std::process::id(),
+            PROBE_SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        ));
+        if let Err(e) = std::fs::create_dir(&dir) {
+            return WarmSupport::Unsupported(format!(
+                "cannot probe QEMU: creating {}: {e}",
+                dir.display()
+            ));
+        }
+        let paths = VmPaths::new(&dir);
+        let socket = paths.control_socket();
+        let args: Vec<OsString> = vec![
+            "-machine".into(),
+            "none".into(),
+            "-S".into(),
+            "-nodefaults".into(),
+            "-no-user-config".into(),
+            "-display".into(),
+            "none".into(),
+            "-chardev".into(),
+            opt("socket,id=qmp,server=on,wait=off,path=", socket.as_os_str()),
+            "-mon".into(),
+            "chardev=qmp,mode=control".into(),
+        ];
+        let verdict = match self.spawn("qemu-probe", &paths, args).await {
+            Ok((mut child, _pid)) => {
+                let asked = async {
+                    let mut qmp = Qmp::connect(&socket).await?;
+                    let version = qmp.query_version().await?;
+                    let caps = qmp.query_migrate_capabilities().await?;
+                    let _ = qmp.quit().await;
+                    Ok::<_, crate::qmp::QmpError>((version, caps))
+                };
+                let verdict = match tokio::time::timeout(QMP_TIMEOUT, asked).await {
+                    Ok(Ok((version, caps))) => judge_warm(version, &caps),
+                    Ok(Err(e)) => WarmSupport::Unsupported(format!("cannot probe QEMU: {e}")),
+                    Err(_) => WarmSupport::Unsupported(format!(
+                        "cannot probe QEMU: no QMP answer in {}s",
+                        QMP_TIMEOUT.as_secs()
+                    )),
+                };
+                if tokio::time::timeout(QUIT_GRACE, child.wait())
+                    .await
+                    .is_err()
+                {
+                    kill_and_reap(&mut child).await;
+                }
+                verdict
+            }
+            Err(e) => WarmSupport::Unsupported(format!("cannot probe QEMU: {e}")),
+        };
+        let _ = std::fs::remove_dir_all(&dir);
+        verdict
     }
 
     /// Waits until QEMU answers on QMP, or it exits, or time runs out.
@@ -184,6 +335,85 @@ impl QemuVmm {
     }
 }
 
+static PROBE_SEQ: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+
+/// Bounds one QMP exchange by [`QMP_TIMEOUT`].
+async fn qmp_bounded<T>(
+    what: &str,
+    f: impl std::future::Future<Output = Result<T, crate::qmp::QmpError>>,
+) -> Result<T, VmmError> {
+    match tokio::time::timeout(QMP_TIMEOUT, f).await {
+        Ok(r) => Ok(r?),
+        Err(_) => Err(VmmError::Timeout {
+            what: format!("QMP {what}"),
+            secs: QMP_TIMEOUT.as_secs(),
+        }),
+    }
+}
+
+fn check_macs(nets: &[crate::NetSpec]) -> Result<(), VmmError> {
+    if let Some(net) = nets.iter().find(|n| !is_valid_mac(&n.mac)) {
+        return Err(VmmError::Spec(format!(
+            "network interface on {}: MAC {:?} is not of the form aa:bb:cc:dd:ee:ff",
+            net.describe(),
+            net.mac
+        )));
+    }
+    Ok(())
+}
+
+/// Whether a QEMU of `version` listing `caps` can save to and restore from
+/// a file.
+pub fn judge_warm(version: (i64, i64, i64), caps: &[String]) -> WarmSupport {
+    let (major, minor, micro) = version;
+    let id = format!("QEMU {major}.{minor}.{micro}");
+    if (major, minor) < MIN_WARM_VERSION {
+        return WarmSupport::Unsupported(format!(
+            "{id} cannot restore from a file ({MAPPED_RAM} needs QEMU >= {}.{})",
+            MIN_WARM_VERSION.0, MIN_WARM_VERSION.1
+        ));
+    }
+    if !caps.iter().any(|c| c == MAPPED_RAM) {
+        return WarmSupport::Unsupported(format!("{id} has no {MAPPED_RAM} migration capability"));
+    }
+    WarmSupport::Supported { id }
+}
+
+/// The launch spec a restore starts QEMU with: the clone's files, the
+/// template's MACs (the machine must be identical; the guest's MAC is in
+/// the migration stream anyway).
+fn incoming_launch(spec: &RestoreSpec) -> Result<LaunchSpec, VmmError> {
+    let mut launch = spec.launch.clone();
+    if launch.nets.len() != spec.template_nets.len() {
+        return Err(VmmError::Spec(format!(
+            "the template has {} network interface(s), the restore asks for {}",
+            spec.template_nets.len(),
+            launch.nets.len()
+        )));
+    }
+    for (net, template) in launch.nets.iter_mut().zip(&spec.template_nets) {
+        if std::mem::discriminant(&net.backend) != std::mem::discriminant(&template.backend) {
+            return Err(VmmError::Spec(format!(
+                "the template's interface is on {}, the restore's on {}: the network kind must match",
+                template.describe(),
+                net.describe()
+            )));
+        }
+        net.mac.clone_from(&template.mac);
+    }
+    check_macs(&launch.nets)?;
+    Ok(launch)
+}
+
+/// What QEMU is started for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ArgsMode {
+    /// Boot the guest.
+    Boot,
+    /// Wait paused for a migration stream (`-S -incoming defer`).
+    Incoming,
+}
+
 /// The kernel command line: console on the ISA serial port, reboot (= QEMU
 /// exit, with `-no-reboot`) on panic, then the caller's arguments (root and
 /// init), which win where they repeat a parameter.
@@ -228,6 +458,18 @@ fn opt(prefix: &str, value: &OsStr) -> OsString {
 /// verbatim (in `-pidfile`), which is how [`vmm_process_alive`] recognises
 /// the process.
 pub fn qemu_args(spec: &LaunchSpec, accel: Accel, tsc_khz: Option<u64>) -> Vec<OsString> {
+    qemu_args_for(spec, accel, tsc_khz, ArgsMode::Boot)
+}
+
+/// [`qemu_args`] for `mode`. An incoming QEMU gets exactly the boot
+/// arguments plus `-S -incoming defer`: restore needs the same machine,
+/// devices in the same order, the same RAM size and ROM blobs.
+pub fn qemu_args_for(
+    spec: &LaunchSpec,
+    accel: Accel,
+    tsc_khz: Option<u64>,
+    mode: ArgsMode,
+) -> Vec<OsString> {
     let paths = VmPaths::new(&spec.dir);
     let mut args: Vec<OsString> = Vec::new();
     let mut push = |items: &[&OsStr]| args.extend(items.iter().map(|s| s.to_os_string()));
@@ -381,6 +623,9 @@ pub fn qemu_args(spec: &LaunchSpec, accel: Accel, tsc_khz: Option<u64>) -> Vec<O
         &os("-mon"),
         &os("chardev=qmp,mode=control"),
     ]);
+    if mode == ArgsMode::Incoming {
+        push(&[&os("-S"), &os("-incoming"), &os("defer")]);
+    }
     args
 }
 
@@ -395,58 +640,14 @@ impl Vmm for QemuVmm {
     }
 
     async fn launch(&self, spec: &LaunchSpec) -> Result<Launched, VmmError> {
-        if let Some(net) = spec.nets.iter().find(|n| !is_valid_mac(&n.mac)) {
-            return Err(VmmError::Spec(format!(
-                "network interface on {}: MAC {:?} is not of the form aa:bb:cc:dd:ee:ff",
-                net.describe(),
-                net.mac
-            )));
-        }
+        check_macs(&spec.nets)?;
         let paths = VmPaths::new(&spec.dir);
-        let console = paths.console_log();
-        crate::logcap::create_log(&console)
-            .map_err(|e| VmmError::io(format!("create {}", console.display()), e))?;
-        let log_path = paths.vmm_log();
-        let log = crate::logcap::create_log(&log_path)
-            .map_err(|e| VmmError::io(format!("create {}", log_path.display()), e))?;
-        let log_err = log
-            .try_clone()
-            .map_err(|e| VmmError::io(format!("dup {}", log_path.display()), e))?;
-
-        let mut cmd = Command::new(&self.binary);
-        cmd.args(qemu_args(spec, self.accel, self.tsc_khz))
-            .stdin(Stdio::null())
-            .stdout(log)
-            .stderr(log_err)
-            .kill_on_drop(false);
-        new_session(&mut cmd);
-        let mut child = cmd.spawn().map_err(|source| VmmError::Spawn {
-            binary: self.binary_name(),
-            source,
-        })?;
-        let Some(pid) = child.id() else {
-            return Err(self.early_exit(child.wait().await, &paths));
-        };
-        let guard = KillOnDrop::new(pid);
-        tracing::debug!(vm = %spec.name, pid, "spawned QEMU");
-
-        if let Err(e) = self.wait_ready(&mut child, &paths).await {
-            guard.disarm();
-            kill_and_reap(&mut child).await;
-            return Err(e);
-        }
-        guard.disarm();
-        let name = spec.name.clone();
-        let exited = tokio::spawn(async move {
-            match child.wait().await {
-                Ok(status) => tracing::info!(vm = %name, pid, %status, "QEMU exited"),
-                Err(e) => tracing::warn!(vm = %name, pid, error = %e, "waiting for QEMU failed"),
-            }
-        });
+        let args = qemu_args(spec, self.accel, self.tsc_khz);
+        let (child, pid) = self.spawn(&spec.name, &paths, args).await?;
         Ok(Launched {
             pid,
             agent: AgentEndpoint::Connect(paths.agent_socket()),
-            exited,
+            exited: Self::reaper(&spec.name, pid, child),
         })
     }
 
@@ -512,6 +713,103 @@ impl Vmm for QemuVmm {
                 secs: KILL_GRACE.as_secs(),
             })
         }
+    }
+
+    async fn warm_support(&self) -> WarmSupport {
+        self.warm.get_or_init(|| self.probe_warm()).await.clone()
+    }
+
+    /// `stop` (drains and flushes the disks), `mapped-ram`, `migrate` to
+    /// `out.memory`, wait, `quit`.
+    async fn snapshot(&self, dir: &Path, pid: u32, out: &SnapshotFiles) -> Result<(), VmmError> {
+        if out.vmstate.is_some() {
+            return Err(VmmError::Spec(
+                "QEMU keeps device state in the memory file: no separate vmstate file".into(),
+            ));
+        }
+        let pidfd = PidFd::open(pid)
+            .map_err(|e| VmmError::io(format!("pidfd_open {pid}"), e))?
+            .filter(|_| vmm_process_alive(pid, dir))
+            .ok_or_else(|| {
+                VmmError::Control(format!("QEMU {pid} of {} is not running", dir.display()))
+            })?;
+        // The file holds guest memory: the owner's only. QEMU truncates it
+        // and keeps the mode.
+        {
+            use std::os::unix::fs::OpenOptionsExt;
+            std::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(0o600)
+                .open(&out.memory)
+                .map_err(|e| VmmError::io(format!("create {}", out.memory.display()), e))?;
+        }
+        let mut qmp = Qmp::connect(&VmPaths::new(dir).control_socket()).await?;
+        qmp_bounded("stop", qmp.stop()).await?;
+        qmp_bounded("migrate-set-capabilities", qmp.set_mapped_ram()).await?;
+        qmp_bounded("migrate", qmp.migrate_file(&out.memory)).await?;
+        qmp.wait_migration("migrate", SNAPSHOT_TIMEOUT)
+            .await
+            .map_err(|e| VmmError::Snapshot {
+                what: "saving the snapshot",
+                detail: e.to_string(),
+            })?;
+        match tokio::time::timeout(QMP_TIMEOUT, qmp.quit()).await {
+            Ok(Ok(())) | Err(_) => {}
+            Ok(Err(e)) => tracing::debug!(pid, error = %e, "QMP quit after snapshot failed"),
+        }
+        if !pidfd.wait_exit(QUIT_GRACE).await {
+            pidfd
+                .kill()
+                .map_err(|e| VmmError::io(format!("kill VMM {pid}"), e))?;
+            if !pidfd.wait_exit(KILL_GRACE).await {
+                return Err(VmmError::Timeout {
+                    what: format!("VMM {pid} to exit after its snapshot"),
+                    secs: KILL_GRACE.as_secs(),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// A `-S -incoming defer` QEMU with the template's machine (kernel,
+    /// initrd, command line, MACs) on the clone's files, `mapped-ram`,
+    /// `migrate-incoming`, wait, `cont`.
+    async fn restore(&self, spec: &RestoreSpec) -> Result<Launched, VmmError> {
+        if spec.from.vmstate.is_some() {
+            return Err(VmmError::Spec(
+                "QEMU restores from one migration file: no separate vmstate file".into(),
+            ));
+        }
+        let launch = incoming_launch(spec)?;
+        let paths = VmPaths::new(&launch.dir);
+        let args = qemu_args_for(&launch, self.accel, self.tsc_khz, ArgsMode::Incoming);
+        let (mut child, pid) = self.spawn(&launch.name, &paths, args).await?;
+        let guard = KillOnDrop::new(pid);
+        if let Err(e) = self.load_and_resume(&paths, &spec.from.memory).await {
+            guard.disarm();
+            kill_and_reap(&mut child).await;
+            return Err(e);
+        }
+        guard.disarm();
+        Ok(Launched {
+            pid,
+            agent: AgentEndpoint::Connect(paths.agent_socket()),
+            exited: Self::reaper(&launch.name, pid, child),
+        })
+    }
+
+    /// `block_resize` of drive `disk<index>`: QEMU extends the file and the
+    /// guest sees the new capacity.
+    async fn grow_disk(&self, dir: &Path, index: usize, bytes: u64) -> Result<(), VmmError> {
+        let mut qmp = Qmp::connect(&VmPaths::new(dir).control_socket()).await?;
+        qmp_bounded(
+            "block_resize",
+            qmp.block_resize(&format!("disk{index}"), bytes),
+        )
+        .await?;
+        Ok(())
     }
 }
 
@@ -702,6 +1000,70 @@ mod tests {
         // -pidfile is a plain argument: the VM dir appears as is, which is
         // what vmm_process_alive looks for.
         assert_eq!(values(&args, "-pidfile"), ["/vms/odd,dir/vmm.pid"]);
+    }
+
+    #[test]
+    fn incoming_argv_is_the_boot_argv_paused_for_a_stream() {
+        let s = spec("/vms/a");
+        let boot = strings(&qemu_args(&s, Accel::Tcg, Some(1)));
+        let incoming = strings(&qemu_args_for(&s, Accel::Tcg, Some(1), ArgsMode::Incoming));
+        assert_eq!(incoming[..boot.len()], boot[..]);
+        assert_eq!(incoming[boot.len()..], ["-S", "-incoming", "defer"]);
+    }
+
+    #[test]
+    fn restore_uses_the_template_macs_and_the_clone_backends() {
+        let mut launch = spec("/vms/clone");
+        launch.nets = vec![crate::NetSpec::tap("tap-clone", "06:00:ac:10:00:09")];
+        let r = RestoreSpec {
+            launch,
+            from: SnapshotFiles {
+                memory: "/t/memory".into(),
+                vmstate: None,
+            },
+            template_nets: vec![crate::NetSpec::tap("tap-tpl", "06:00:00:00:00:01")],
+        };
+        let l = incoming_launch(&r).expect("launch");
+        assert_eq!(
+            l.nets,
+            [crate::NetSpec::tap("tap-clone", "06:00:00:00:00:01")]
+        );
+
+        let mut fewer = r.clone();
+        fewer.template_nets.clear();
+        assert!(matches!(incoming_launch(&fewer), Err(VmmError::Spec(_))));
+        let mut user = r.clone();
+        user.template_nets[0].backend = NetBackend::User {
+            net: "10.0.2.0".parse().expect("ip"),
+            prefix: 24,
+            host: "10.0.2.2".parse().expect("ip"),
+            dns: "10.0.2.3".parse().expect("ip"),
+            guest: "10.0.2.15".parse().expect("ip"),
+            forwards: Vec::new(),
+        };
+        let err = incoming_launch(&user).expect_err("kind differs");
+        assert!(err.to_string().contains("network kind must match"), "{err}");
+    }
+
+    #[test]
+    fn warm_needs_qemu_9_with_mapped_ram() {
+        let caps = |c: &[&str]| c.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert_eq!(
+            judge_warm((10, 0, 2), &caps(&["xbzrle", "mapped-ram"])),
+            WarmSupport::Supported {
+                id: "QEMU 10.0.2".into()
+            }
+        );
+        let old = judge_warm((7, 2, 15), &caps(&["xbzrle"]));
+        assert!(
+            matches!(&old, WarmSupport::Unsupported(why) if why.contains("QEMU 7.2.15") && why.contains(">= 9.0")),
+            "{old:?}"
+        );
+        let no_cap = judge_warm((9, 1, 0), &caps(&["xbzrle"]));
+        assert!(
+            matches!(&no_cap, WarmSupport::Unsupported(why) if why.contains("no mapped-ram")),
+            "{no_cap:?}"
+        );
     }
 
     #[test]

@@ -9,7 +9,12 @@ use std::path::{Path, PathBuf};
 use tokio::io::{ReadHalf, WriteHalf};
 use tokio::net::UnixStream;
 
-pub use qapi::qmp::{RunState, StatusInfo};
+pub use qapi::qmp::{MigrationStatus, RunState, StatusInfo};
+
+use qapi::qmp::{
+    FileMigrationArgs, MigrationAddress, MigrationCapability, MigrationCapabilityStatus,
+    MigrationChannel, MigrationChannelType,
+};
 
 type Reader = QmpStreamTokio<ReadHalf<UnixStream>>;
 type Writer = QmpStreamTokio<WriteHalf<UnixStream>>;
@@ -35,6 +40,12 @@ pub enum QmpError {
         path: PathBuf,
         command: &'static str,
         desc: String,
+    },
+    #[error("QMP {command} on {path}: unexpected answer: {detail}")]
+    Answer {
+        path: PathBuf,
+        command: &'static str,
+        detail: String,
     },
 }
 
@@ -122,6 +133,202 @@ impl Qmp {
         }
     }
 
+    /// `stop`: pauses the vCPUs. QEMU drains and flushes the block devices
+    /// before answering, so the disk files are complete afterwards.
+    pub async fn stop(&mut self) -> Result<(), QmpError> {
+        self.execute("stop", qapi::qmp::stop {}).await.map(drop)
+    }
+
+    /// `cont`: resumes the vCPUs (after `-S` or `stop`).
+    pub async fn cont(&mut self) -> Result<(), QmpError> {
+        self.execute("cont", qapi::qmp::cont {}).await.map(drop)
+    }
+
+    /// `query-version`: QEMU's version as (major, minor, micro).
+    pub async fn query_version(&mut self) -> Result<(i64, i64, i64), QmpError> {
+        let v = self
+            .execute("query-version", qapi::qmp::query_version {})
+            .await?;
+        Ok((v.qemu.major, v.qemu.minor, v.qemu.micro))
+    }
+
+    /// `query-migrate-capabilities`: the names of every migration
+    /// capability this QEMU knows (read untyped: a newer QEMU lists
+    /// capabilities the generated schema does not have).
+    pub async fn query_migrate_capabilities(&mut self) -> Result<Vec<String>, QmpError> {
+        const CMD: &str = "query-migrate-capabilities";
+        let caps = self.execute(CMD, RawQueryMigrateCapabilities {}).await?;
+        caps.iter()
+            .map(|c| {
+                c.get("capability")
+                    .and_then(serde_json::Value::as_str)
+                    .map(str::to_owned)
+                    .ok_or_else(|| self.answer(CMD, format!("no capability name in {c}")))
+            })
+            .collect()
+    }
+
+    /// `migrate-set-capabilities`: turns `mapped-ram` on (a fixed file
+    /// offset per RAM page, zero pages not written); needed on both the
+    /// saving and the loading side.
+    pub async fn set_mapped_ram(&mut self) -> Result<(), QmpError> {
+        self.execute(
+            "migrate-set-capabilities",
+            qapi::qmp::migrate_set_capabilities {
+                capabilities: vec![MigrationCapabilityStatus {
+                    capability: MigrationCapability::mapped_ram,
+                    state: true,
+                }],
+            },
+        )
+        .await
+        .map(drop)
+    }
+
+    /// `migrate` to the file `path` (the migration runs in the background;
+    /// see [`Qmp::query_migrate`]).
+    pub async fn migrate_file(&mut self, path: &Path) -> Result<(), QmpError> {
+        let channels = Some(vec![self.file_channel("migrate", path)?]);
+        self.execute(
+            "migrate",
+            qapi::qmp::migrate {
+                channels,
+                detach: None,
+                resume: None,
+                uri: None,
+            },
+        )
+        .await
+        .map(drop)
+    }
+
+    /// `migrate-incoming` from the file `path`, for a QEMU started with
+    /// `-incoming defer`. With `exit-on-error: false` a failed load leaves
+    /// QEMU up, so [`Qmp::query_migrate`] can report why.
+    pub async fn migrate_incoming_file(&mut self, path: &Path) -> Result<(), QmpError> {
+        let channels = Some(vec![self.file_channel("migrate-incoming", path)?]);
+        self.execute(
+            "migrate-incoming",
+            qapi::qmp::migrate_incoming {
+                channels,
+                exit_on_error: Some(false),
+                uri: None,
+            },
+        )
+        .await
+        .map(drop)
+    }
+
+    /// `query-migrate`: the state of the outgoing or incoming migration
+    /// and, when it failed, QEMU's description.
+    pub async fn query_migrate(
+        &mut self,
+    ) -> Result<(Option<MigrationStatus>, Option<String>), QmpError> {
+        let info = self
+            .execute("query-migrate", qapi::qmp::query_migrate {})
+            .await?;
+        Ok((info.status, info.error_desc))
+    }
+
+    /// Polls [`Qmp::query_migrate`] until the migration completed (`Ok`),
+    /// failed or was cancelled (`Err` with QEMU's reason), or `limit`
+    /// passed.
+    pub async fn wait_migration(
+        &mut self,
+        what: &'static str,
+        limit: std::time::Duration,
+    ) -> Result<(), QmpError> {
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            let (status, desc) = self.query_migrate().await?;
+            match status {
+                Some(MigrationStatus::completed) => return Ok(()),
+                Some(MigrationStatus::failed | MigrationStatus::cancelled) => {
+                    return Err(QmpError::Command {
+                        path: self.path.clone(),
+                        command: what,
+                        desc: desc.unwrap_or_else(|| "migration failed".into()),
+                    });
+                }
+                _ => {}
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(
+                    self.answer(what, format!("still {status:?} after {}s", limit.as_secs()))
+                );
+            }
+            tokio::time::sleep(MIGRATION_POLL).await;
+        }
+    }
+
+    /// `block_resize` of the drive with id `device` to `bytes`. The guest
+    /// is told the new capacity. Refuses to shrink (QEMU would truncate a
+    /// raw file).
+    pub async fn block_resize(&mut self, device: &str, bytes: u64) -> Result<(), QmpError> {
+        const CMD: &str = "block_resize";
+        let current = self.block_size(device).await?;
+        if bytes < current {
+            return Err(self.answer(
+                CMD,
+                format!("{device} is {current} bytes; disks only grow, {bytes} refused"),
+            ));
+        }
+        if bytes == current {
+            return Ok(());
+        }
+        let size = i64::try_from(bytes)
+            .map_err(|_| self.answer(CMD, format!("size {bytes} too large")))?;
+        self.execute(
+            CMD,
+            qapi::qmp::block_resize {
+                device: Some(device.to_owned()),
+                node_name: None,
+                size,
+            },
+        )
+        .await
+        .map(drop)
+    }
+
+    /// The virtual size of the drive with id `device` (`query-block`, read
+    /// untyped for the same reason as the capabilities).
+    pub async fn block_size(&mut self, device: &str) -> Result<u64, QmpError> {
+        const CMD: &str = "query-block";
+        let blocks = self.execute(CMD, RawQueryBlock {}).await?;
+        blocks
+            .iter()
+            .find(|b| b.get("device").and_then(serde_json::Value::as_str) == Some(device))
+            .and_then(|b| b.pointer("/inserted/image/virtual-size"))
+            .and_then(serde_json::Value::as_u64)
+            .ok_or_else(|| self.answer(CMD, format!("no drive {device} with a size")))
+    }
+
+    fn file_channel(
+        &self,
+        command: &'static str,
+        path: &Path,
+    ) -> Result<MigrationChannel, QmpError> {
+        let filename = path
+            .to_str()
+            .ok_or_else(|| self.answer(command, format!("{} is not UTF-8", path.display())))?
+            .to_owned();
+        Ok(MigrationChannel {
+            channel_type: MigrationChannelType::main,
+            addr: MigrationAddress::file(FileMigrationArgs {
+                filename,
+                offset: 0,
+            }),
+        })
+    }
+
+    fn answer(&self, command: &'static str, detail: String) -> QmpError {
+        QmpError::Answer {
+            path: self.path.clone(),
+            command,
+            detail,
+        }
+    }
+
     async fn execute<C: qapi::Command + qapi::qmp::QmpCommand>(
         &mut self,
         command: &'static str,
@@ -141,3 +348,28 @@ impl Qmp {
         })
     }
 }
+
+/// How often a running migration is polled.
+const MIGRATION_POLL: std::time::Duration = std::time::Duration::from_millis(20);
+
+/// `query-migrate-capabilities` with an untyped answer.
+#[derive(Debug, serde::Serialize)]
+struct RawQueryMigrateCapabilities {}
+
+impl qapi::Command for RawQueryMigrateCapabilities {
+    type Ok = Vec<serde_json::Value>;
+    const NAME: &'static str = "query-migrate-capabilities";
+    const ALLOW_OOB: bool = false;
+}
+impl qapi::qmp::QmpCommand for RawQueryMigrateCapabilities {}
+
+/// `query-block` with an untyped answer.
+#[derive(Debug, serde::Serialize)]
+struct RawQueryBlock {}
+
+impl qapi::Command for RawQueryBlock {
+    type Ok = Vec<serde_json::Value>;
+    const NAME: &'static str = "query-block";
+    const ALLOW_OOB: bool = false;
+}
+impl qapi::qmp::QmpCommand for RawQueryBlock {}

@@ -62,6 +62,13 @@ fn main() {
             block_on(contract_full_launch_and_shutdown())
         })
         .with_ignored_flag(no_doc),
+        Trial::test("contract_snapshot_restore_and_grow", || {
+            block_on(contract_snapshot_restore_and_grow())
+        })
+        .with_ignored_flag(no_doc),
+        Trial::test("warm_support_needs_kvm", || {
+            block_on(warm_support_needs_kvm())
+        }),
         Trial::test(
             "validator_rejects_bad_requests",
             validator_rejects_bad_requests,
@@ -311,14 +318,239 @@ async fn contract_full_launch_and_shutdown() {
             "cache_type": "Writeback",
         })
     );
+    // Relative to the VM directory, Firecracker's working directory, so a
+    // snapshot of this VM can be restored in another directory.
     assert_eq!(
         body("/vsock"),
-        json!({"guest_cid": 3, "uds_path": paths.agent_socket()})
+        json!({"guest_cid": 3, "uds_path": "agent.sock"})
     );
     assert_eq!(
         body("/network-interfaces/eth0"),
         json!({"iface_id": "eth0", "host_dev_name": "tap-calm", "guest_mac": "06:00:ac:10:00:02"})
     );
+}
+
+/// Accepts the guest agent's connection on `agent` and reads its hello.
+async fn guest_hello(agent: AgentEndpoint) {
+    let mut stream = tokio::time::timeout(WAIT, agent.open())
+        .await
+        .expect("guest connects in time")
+        .expect("accept");
+    let mut hello = vec![0u8; GUEST_HELLO.len()];
+    tokio::time::timeout(WAIT, stream.read_exact(&mut hello))
+        .await
+        .expect("guest says hello in time")
+        .expect("read");
+    assert_eq!(hello, GUEST_HELLO.as_bytes());
+}
+
+fn mode_of(path: &Path) -> u32 {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(path).expect("stat").permissions().mode() & 0o777
+}
+
+/// A template VM whose writable disk lives in its directory is snapshotted,
+/// then restored in another directory holding a copy of that disk: the
+/// clone's Firecracker runs there, so the relative drive and vsock paths of
+/// the state file resolve to the clone's files. Then its disk grows.
+async fn contract_snapshot_restore_and_grow() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let vmm = FirecrackerVmm::new(fake_binary(tmp.path(), "ok"));
+    let mut template = spec(tmp.path());
+    let own_disk = template.dir.join("overlay.ext4");
+    std::fs::File::create(&own_disk)
+        .and_then(|f| f.set_len(1 << 20))
+        .expect("disk");
+    template.disks[0].path = own_disk;
+    let launched = vmm.launch(&template).await.expect("launch");
+    let _cleanup = common::KillOnDrop {
+        pid: launched.pid,
+        dir: template.dir.clone(),
+    };
+    guest_hello(launched.agent).await;
+
+    let files = banger_vmm::SnapshotFiles {
+        memory: tmp.path().join("memory"),
+        vmstate: Some(tmp.path().join("vmstate")),
+    };
+    vmm.snapshot(&template.dir, launched.pid, &files)
+        .await
+        .expect("snapshot");
+    tokio::time::timeout(WAIT, launched.exited)
+        .await
+        .expect("the template's VMM ends after its snapshot")
+        .expect("exit task");
+    assert_eq!(mode_of(&files.memory), 0o600);
+    assert_eq!(mode_of(files.vmstate.as_ref().expect("vmstate")), 0o600);
+
+    let clone_dir = tmp.path().join("clone");
+    std::fs::create_dir(&clone_dir).expect("clone dir");
+    std::fs::copy(&template.disks[0].path, clone_dir.join("overlay.ext4")).expect("copy");
+    let mut launch = template.clone();
+    launch.name = "clone".into();
+    launch.dir = clone_dir.clone();
+    launch.disks[0].path = clone_dir.join("overlay.ext4");
+    launch.nets = vec![NetSpec::tap("tap-clone", "06:00:ac:10:00:09")];
+    let restore = banger_vmm::RestoreSpec {
+        launch,
+        from: files.clone(),
+        template_nets: template.nets.clone(),
+    };
+    let restored = vmm.restore(&restore).await.expect("restore");
+    let _cleanup_clone = common::KillOnDrop {
+        pid: restored.pid,
+        dir: clone_dir.clone(),
+    };
+    assert!(vmm_process_alive(restored.pid, &clone_dir));
+    assert_eq!(
+        std::fs::read_link(format!("/proc/{}/cwd", restored.pid)).expect("cwd"),
+        clone_dir
+    );
+    // The fake guest connects to `agent.sock_1024` relative to its working
+    // directory: only the clone's listener can take it.
+    guest_hello(restored.agent).await;
+
+    vmm.grow_disk(&clone_dir, 0, 2 << 20).await.expect("grow");
+    assert_eq!(
+        std::fs::metadata(clone_dir.join("overlay.ext4"))
+            .expect("disk")
+            .len(),
+        2 << 20
+    );
+    assert_eq!(
+        std::fs::metadata(&template.disks[0].path)
+            .expect("disk")
+            .len(),
+        1 << 20,
+        "the template's disk must not change"
+    );
+    let err = vmm
+        .grow_disk(&clone_dir, 0, 1 << 20)
+        .await
+        .expect_err("shrink");
+    assert!(err.to_string().contains("only grow"), "{err}");
+    let log = read(&VmPaths::new(&clone_dir).vmm_log());
+    assert!(log.contains("drive \"vda\" is now 2097152 bytes"), "{log}");
+
+    let contract = Contract::load();
+    let template_requests = recorded(&template.dir);
+    let clone_requests = recorded(&clone_dir);
+    for (method, path, body) in template_requests.iter().chain(&clone_requests) {
+        if let Err(e) = contract.check(method, path, body.as_ref()) {
+            panic!("{method} {path} {body:?} breaks Firecracker's API: {e}");
+        }
+    }
+    let calls = |reqs: &[(String, String, Option<Value>)]| -> Vec<String> {
+        reqs.iter()
+            .filter(|(m, ..)| m != "GET")
+            .map(|(m, p, _)| format!("{m} {p}"))
+            .collect()
+    };
+    let template_calls = calls(&template_requests);
+    assert_eq!(
+        template_calls[template_calls.len() - 2..],
+        ["PATCH /vm", "PUT /snapshot/create"]
+    );
+    // Load is the first call after logger and metrics.
+    assert_eq!(
+        calls(&clone_requests),
+        [
+            "PUT /logger",
+            "PUT /metrics",
+            "PUT /snapshot/load",
+            "PATCH /vm",
+            "PATCH /drives/vda",
+        ]
+    );
+    let body = |reqs: &[(String, String, Option<Value>)], m: &str, p: &str| {
+        reqs.iter()
+            .filter(|(rm, rp, _)| rm == m && rp == p)
+            .filter_map(|(.., b)| b.clone())
+            .collect::<Vec<Value>>()
+    };
+    assert_eq!(
+        body(&template_requests, "PATCH", "/vm"),
+        [json!({"state": "Paused"})]
+    );
+    assert_eq!(
+        body(&template_requests, "PUT", "/snapshot/create"),
+        [json!({
+            "snapshot_path": files.vmstate,
+            "mem_file_path": files.memory,
+            "snapshot_type": "Full",
+        })]
+    );
+    assert_eq!(
+        body(&template_requests, "PUT", "/drives/vda"),
+        [json!({
+            "drive_id": "vda",
+            "path_on_host": "overlay.ext4",
+            "is_root_device": false,
+            "is_read_only": false,
+            "cache_type": "Writeback",
+        })]
+    );
+    assert_eq!(
+        body(&clone_requests, "PUT", "/snapshot/load"),
+        [json!({
+            "snapshot_path": files.vmstate,
+            "mem_backend": {"backend_type": "File", "backend_path": files.memory},
+            "track_dirty_pages": false,
+            "resume_vm": false,
+            "network_overrides": [{"iface_id": "eth0", "host_dev_name": "tap-clone"}],
+        })]
+    );
+    assert_eq!(
+        body(&clone_requests, "PATCH", "/vm"),
+        [json!({"state": "Resumed"})]
+    );
+    assert_eq!(
+        body(&clone_requests, "PATCH", "/drives/vda"),
+        [json!({"drive_id": "vda", "path_on_host": "overlay.ext4"})]
+    );
+
+    vmm.terminate(&clone_dir, restored.pid)
+        .await
+        .expect("terminate");
+    tokio::time::timeout(WAIT, restored.exited)
+        .await
+        .expect("reaped")
+        .expect("exit task");
+
+    // A restore that fails leaves nothing running and no listener.
+    let broken = tmp.path().join("broken");
+    std::fs::create_dir(&broken).expect("dir");
+    let mut bad = restore.clone();
+    bad.launch.dir = broken.clone();
+    bad.launch.disks[0].path = broken.join("overlay.ext4");
+    let err = vmm.restore(&bad).await.expect_err("no disk copy");
+    assert!(err.to_string().contains("overlay.ext4 missing"), "{err}");
+    assert!(common::processes_mentioning(&broken).is_empty());
+    assert!(!agent_listener_path(&broken).exists());
+}
+
+/// The fake says v1.14.1, new enough; this host has no usable /dev/kvm
+/// (or, on a KVM host, it is supported).
+async fn warm_support_needs_kvm() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let vmm = FirecrackerVmm::new(fake_binary(tmp.path(), "ok"));
+    match vmm.warm_support().await {
+        banger_vmm::WarmSupport::Supported { id } => {
+            assert!(banger_vmm::host::kvm_status().is_usable());
+            assert_eq!(id, "Firecracker v1.14.1");
+        }
+        banger_vmm::WarmSupport::Unsupported(why) => {
+            assert!(!banger_vmm::host::kvm_status().is_usable());
+            assert!(why.contains("/dev/kvm"), "{why}");
+        }
+    }
+    let old = FirecrackerVmm::new(fake_binary(tmp.path(), "old"));
+    match old.warm_support().await {
+        banger_vmm::WarmSupport::Unsupported(why) => {
+            assert!(why.contains("v1.4.0") && why.contains("v1.12.0"), "{why}")
+        }
+        other => panic!("{other:?}"),
+    }
 }
 
 /// The `--config-file` document (the bench's bare Firecracker boot) holds
@@ -718,6 +950,10 @@ mod fake {
         record: PathBuf,
         started: AtomicBool,
         vsock_uds: std::sync::Mutex<Option<PathBuf>>,
+        drives: std::sync::Mutex<Vec<Value>>,
+        /// Something besides logger and metrics was configured (then a
+        /// snapshot load is refused, as by Firecracker).
+        configured: AtomicBool,
         shutting_down: AtomicBool,
     }
 
@@ -760,6 +996,8 @@ mod fake {
                 record: socket.parent().expect("socket in a dir").join(RECORD_FILE),
                 started: AtomicBool::new(false),
                 vsock_uds: std::sync::Mutex::new(None),
+                drives: std::sync::Mutex::new(Vec::new()),
+                configured: AtomicBool::new(false),
                 shutting_down: AtomicBool::new(false),
             },
             &socket,
@@ -821,6 +1059,20 @@ mod fake {
             .expect("record request");
 
         let no_content = || Ok(answer(StatusCode::NO_CONTENT, None));
+        let bad = |msg: String| {
+            Ok(answer(
+                StatusCode::BAD_REQUEST,
+                Some(json!({"fault_message": msg})),
+            ))
+        };
+        if method == "PUT"
+            && !matches!(
+                path.as_str(),
+                "/logger" | "/metrics" | "/actions" | "/snapshot/create" | "/snapshot/load"
+            )
+        {
+            state.configured.store(true, Ordering::SeqCst);
+        }
         match (method.as_str(), path.as_str()) {
             ("GET", "/") => Ok(answer(
                 StatusCode::OK,
@@ -853,6 +1105,96 @@ mod fake {
                         Some(json!({"fault_message": format!("logger: {e}")})),
                     )),
                 }
+            }
+            ("GET", "/vm/config") => {
+                let drives = state.drives.lock().expect("lock").clone();
+                Ok(answer(StatusCode::OK, Some(json!({"drives": drives}))))
+            }
+            ("PUT", p) if p.starts_with("/drives/") => {
+                state.drives.lock().expect("lock").push(body);
+                no_content()
+            }
+            ("PATCH", p) if p.starts_with("/drives/") => {
+                // Like Firecracker: the file is reopened (relative to the
+                // working directory) and its size re-read.
+                let on_host = body["path_on_host"].as_str().unwrap_or_default();
+                match std::fs::metadata(on_host) {
+                    Ok(md) => {
+                        eprintln!(
+                            "fake stderr: drive {} is now {} bytes",
+                            body["drive_id"],
+                            md.len()
+                        );
+                        no_content()
+                    }
+                    Err(e) => bad(format!("drive {on_host}: {e}")),
+                }
+            }
+            ("PATCH", "/vm") => match body["state"].as_str() {
+                Some("Paused") => no_content(),
+                Some("Resumed") => {
+                    // A restored guest's agent reconnects after the vsock
+                    // reset the snapshot recorded.
+                    let uds = state.vsock_uds.lock().expect("lock").clone();
+                    if let Some(uds) = uds {
+                        tokio::spawn(guest_agent(uds));
+                    }
+                    no_content()
+                }
+                _ => bad("bad state".into()),
+            },
+            ("PUT", "/snapshot/create") => {
+                // The state file keeps drive and vsock paths verbatim, as
+                // Firecracker's does.
+                let drives = state.drives.lock().expect("lock").clone();
+                let uds = state.vsock_uds.lock().expect("lock").clone();
+                let saved = json!({"drives": drives, "vsock_uds": uds}).to_string();
+                let written =
+                    std::fs::write(body["snapshot_path"].as_str().unwrap_or_default(), saved)
+                        .and_then(|()| {
+                            std::fs::write(
+                                body["mem_file_path"].as_str().unwrap_or_default(),
+                                b"guest memory",
+                            )
+                        });
+                match written {
+                    Ok(()) => no_content(),
+                    Err(e) => bad(format!("snapshot: {e}")),
+                }
+            }
+            ("PUT", "/snapshot/load") => {
+                if state.configured.load(Ordering::SeqCst) {
+                    return bad("Loading a microVM snapshot not allowed after configuring boot-specific resources.".into());
+                }
+                let saved =
+                    std::fs::read_to_string(body["snapshot_path"].as_str().unwrap_or_default())
+                        .ok()
+                        .and_then(|t| serde_json::from_str::<Value>(&t).ok());
+                let mem_ok = std::fs::metadata(
+                    body["mem_backend"]["backend_path"]
+                        .as_str()
+                        .unwrap_or_default(),
+                )
+                .is_ok();
+                let Some(saved) = saved.filter(|_| mem_ok) else {
+                    eprintln!("fake stderr: cannot load the snapshot");
+                    std::process::exit(1);
+                };
+                // Restored devices open their files now, relative to the
+                // working directory.
+                let drives = saved["drives"].as_array().cloned().unwrap_or_default();
+                for d in &drives {
+                    let on_host = d["path_on_host"].as_str().unwrap_or_default();
+                    if std::fs::metadata(on_host).is_err() {
+                        eprintln!("fake stderr: drive {on_host} missing");
+                        std::process::exit(1);
+                    }
+                }
+                *state.drives.lock().expect("lock") = drives;
+                *state.vsock_uds.lock().expect("lock") =
+                    saved["vsock_uds"].as_str().map(PathBuf::from);
+                state.started.store(true, Ordering::SeqCst);
+                no_content()
             }
             ("PUT", "/vsock") => {
                 let uds = body["uds_path"].as_str().map(PathBuf::from);

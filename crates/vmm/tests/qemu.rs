@@ -3,7 +3,10 @@
 mod common;
 
 use banger_vmm::qmp::{Qmp, RunState};
-use banger_vmm::{AgentEndpoint, QemuVmm, VmPaths, Vmm, VmmError, host, vmm_process_alive};
+use banger_vmm::{
+    AgentEndpoint, QemuVmm, RestoreSpec, SnapshotFiles, VmPaths, Vmm, VmmError, WarmSupport, host,
+    vmm_process_alive,
+};
 use common::{KillOnDrop, processes_mentioning, spec};
 use std::time::Duration;
 
@@ -208,4 +211,165 @@ fn reattach_without_socket_is_an_error() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let err = vmm().reattach_agent(tmp.path()).expect_err("no socket");
     assert!(err.to_string().contains("agent.sock"), "{err}");
+}
+
+/// The argv of process `pid` with `dir` replaced by `<dir>`.
+fn argv_of(pid: u32, dir: &std::path::Path) -> Vec<String> {
+    let raw = std::fs::read(format!("/proc/{pid}/cmdline")).expect("cmdline");
+    let dir = dir.to_string_lossy().into_owned();
+    raw.split(|b| *b == 0)
+        .filter(|a| !a.is_empty())
+        .map(|a| String::from_utf8_lossy(a).replace(&dir, "<dir>"))
+        .collect()
+}
+
+#[tokio::test]
+async fn warm_support_is_probed_from_the_binary() {
+    let vmm = vmm();
+    let version = host::qemu_version(vmm.binary()).expect("qemu --version");
+    let support = vmm.warm_support().await;
+    if version.major >= 9 {
+        assert_eq!(
+            support,
+            WarmSupport::Supported {
+                id: format!("QEMU {version}")
+            }
+        );
+    } else {
+        assert!(
+            matches!(&support, WarmSupport::Unsupported(why) if why.contains("mapped-ram")),
+            "{support:?}"
+        );
+    }
+    // Cached: the same answer without another probe.
+    assert_eq!(vmm.warm_support().await, support);
+}
+
+/// A running VM is saved to a file and restored into a new QEMU in another
+/// directory, with its own copy of the writable disk; the clone runs, its
+/// argv is the template's plus `-S -incoming defer` (host paths aside), and
+/// its disk grows online.
+#[tokio::test]
+async fn snapshot_restore_and_grow() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let vmm = vmm();
+    if !matches!(vmm.warm_support().await, WarmSupport::Supported { .. }) {
+        eprintln!("SKIPPED: this QEMU cannot restore from a file");
+        return;
+    }
+    let template = spec(tmp.path());
+    // The writable disk inside the VM directory, like banger's.
+    let mut template = template;
+    let own = template.dir.join("work.raw");
+    std::fs::rename(&template.disks[1].path, &own).expect("move disk");
+    template.disks[1].path = own;
+    let launched = vmm.launch(&template).await.expect("launch");
+    let _cleanup = KillOnDrop {
+        pid: launched.pid,
+        dir: template.dir.clone(),
+    };
+    let template_argv = argv_of(launched.pid, &template.dir);
+
+    let files = SnapshotFiles {
+        memory: tmp.path().join("memory"),
+        vmstate: None,
+    };
+    vmm.snapshot(&template.dir, launched.pid, &files)
+        .await
+        .expect("snapshot");
+    tokio::time::timeout(EXIT_WAIT, launched.exited)
+        .await
+        .expect("the template's QEMU ends after its snapshot")
+        .expect("join");
+    let memory = std::fs::read(&files.memory).expect("memory file");
+    assert_eq!(&memory[..4], b"QEVM", "not a QEMU migration stream");
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(
+        std::fs::metadata(&files.memory)
+            .expect("stat")
+            .permissions()
+            .mode()
+            & 0o777,
+        0o600
+    );
+
+    let clone_dir = tmp.path().join("clone");
+    std::fs::create_dir(&clone_dir).expect("clone dir");
+    std::fs::copy(&template.disks[1].path, clone_dir.join("work.raw")).expect("copy disk");
+    let mut launch = template.clone();
+    launch.dir = clone_dir.clone();
+    launch.disks[1].path = clone_dir.join("work.raw");
+    let restore = RestoreSpec {
+        launch,
+        from: files.clone(),
+        template_nets: template.nets.clone(),
+    };
+    let restored = vmm.restore(&restore).await.expect("restore");
+    let _cleanup_clone = KillOnDrop {
+        pid: restored.pid,
+        dir: clone_dir.clone(),
+    };
+    let paths = VmPaths::new(&clone_dir);
+    let mut qmp = Qmp::connect(&paths.control_socket())
+        .await
+        .expect("QMP connect");
+    let status = qmp.query_status().await.expect("query-status");
+    assert_eq!(status.status, RunState::running);
+    assert!(status.running);
+    drop(qmp);
+    let mut want = template_argv.clone();
+    want.extend(["-S", "-incoming", "defer"].map(String::from));
+    assert_eq!(argv_of(restored.pid, &clone_dir), want);
+    assert!(matches!(restored.agent, AgentEndpoint::Connect(ref p) if *p == paths.agent_socket()));
+
+    vmm.grow_disk(&clone_dir, 1, 2 << 20).await.expect("grow");
+    assert_eq!(
+        std::fs::metadata(clone_dir.join("work.raw"))
+            .expect("disk")
+            .len(),
+        2 << 20
+    );
+    assert_eq!(
+        std::fs::metadata(&template.disks[1].path)
+            .expect("disk")
+            .len(),
+        1 << 20
+    );
+    vmm.grow_disk(&clone_dir, 1, 2 << 20)
+        .await
+        .expect("same size");
+    let err = vmm
+        .grow_disk(&clone_dir, 1, 1 << 20)
+        .await
+        .expect_err("shrink");
+    assert!(err.to_string().contains("only grow"), "{err}");
+
+    vmm.terminate(&clone_dir, restored.pid)
+        .await
+        .expect("terminate");
+    tokio::time::timeout(EXIT_WAIT, restored.exited)
+        .await
+        .expect("reaped")
+        .expect("join");
+
+    // A truncated snapshot fails to load and leaves nothing running.
+    let short = tmp.path().join("short");
+    std::fs::write(&short, &memory[..memory.len() / 2]).expect("short");
+    let broken = tmp.path().join("broken");
+    std::fs::create_dir(&broken).expect("dir");
+    let mut bad = restore.clone();
+    bad.launch.dir = broken.clone();
+    bad.from.memory = short;
+    let err = vmm.restore(&bad).await.expect_err("truncated");
+    assert!(
+        matches!(
+            err,
+            VmmError::Snapshot {
+                what: "loading the snapshot",
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    assert!(processes_mentioning(&broken).is_empty());
 }

@@ -4,7 +4,7 @@ use crate::connect;
 use anyhow::Context;
 use banger_api::exec::{ExecOutput, ExecStart};
 use banger_api::{CreateVmEvent, CreateVmRequest};
-use banger_model::InitramfsMode;
+use banger_model::{InitramfsMode, WarmMode};
 use clap::{Args, Subcommand};
 use serde::Serialize;
 use std::time::Instant;
@@ -44,7 +44,10 @@ pub struct BenchArgs {
 /// One `vm run --rm -- true`, in milliseconds.
 #[derive(Debug, Clone, Serialize, Default)]
 struct RunSample {
-    /// The initramfs that booted it: `banger`, `distro` or `none`.
+    /// `cold` (booted) or `warm` (restored from a template).
+    start_kind: String,
+    /// The initramfs that booted it: `banger`, `distro` or `none`
+    /// (a warm run's template booted banger's or the distribution's).
     initramfs: String,
     total_ms: f64,
     /// Request sent → VMM about to be launched (name, image, disk, record).
@@ -126,12 +129,52 @@ struct Report {
     /// queries, measured in the daemon.
     network: Option<banger_api::NetworkBench>,
     network_error: Option<String>,
+    /// Warm starts: the same run restored from a template, interleaved
+    /// with the cold runs above.
+    warm: Option<WarmBench>,
+    warm_error: Option<String>,
     /// Exec round trip and stdout throughput through daemon and agent.
     exec: Option<ExecBench>,
     exec_error: Option<String>,
     /// `vm cp` against `ssh cat`, both ways, on the exec block's VM.
     cp: Option<crate::commands::bench_cp::CpBench>,
     cp_error: Option<String>,
+}
+
+/// `vm run --warm --rm -- true` against the cold runs of the same shape.
+#[derive(Debug, Serialize)]
+struct WarmBench {
+    template: String,
+    /// `image warm` of the bench shape, from nothing (the daemon's own
+    /// count: boot, settle, seal, snapshot, save).
+    template_build_ms: f64,
+    /// Bytes the template's files take on disk.
+    template_bytes: TemplateBytes,
+    warm_median: RunSample,
+    warm_samples: Vec<RunSample>,
+    /// Warm total over the cold (banger initramfs) total: below 1 is faster.
+    total_ratio_warm_over_cold: f64,
+    /// Median time the VMM took to load the snapshot and resume.
+    warm_restore_ms: f64,
+    /// Bytes a warm VM's own disks take on disk (clones of the template's:
+    /// shared extents with reflink, copies without).
+    warm_vm_disk_allocated_bytes: u64,
+    /// `reflink` or `sparse copy`, as the daemon reports its state dir.
+    clone_kind: String,
+    /// PSS and private memory of a warm VM's VMM (`smaps_rollup`) against
+    /// the RSS of a cold VM's (lifecycle block).
+    warm_vmm_pss_bytes: u64,
+    warm_vmm_private_bytes: u64,
+    cold_vmm_rss_bytes: u64,
+}
+
+/// Allocated bytes of a template's files.
+#[derive(Debug, Serialize, Default)]
+struct TemplateBytes {
+    memory: u64,
+    vmstate: u64,
+    disks: u64,
+    total: u64,
 }
 
 /// `vm exec` costs on one running VM.
@@ -188,12 +231,37 @@ pub async fn run(a: BenchArgs) -> anyhow::Result<i32> {
     let mut distro = Vec::new();
     let mut bare = Vec::new();
     let mut life = Vec::new();
+    let mut warm_runs = Vec::new();
+    // The template of the bench shape, made from nothing so its build is
+    // timed (a failure is reported, the cold runs go on).
+    let template = make_template(&client, a.image.as_deref()).await;
+    if let Err(e) = &template {
+        eprintln!("bench: no template: {e:#}");
+    }
     for i in 0..a.runs {
+        if template.is_ok() {
+            let s = one_run(
+                &client,
+                a.image.clone(),
+                i,
+                InitramfsMode::Auto,
+                WarmMode::Require,
+            )
+            .await?;
+            eprintln!(
+                "bench: run {} (warm): total {:.0} ms, restore {:.0} ms, overhead {:.1} ms",
+                i + 1,
+                s.total_ms,
+                s.boot_to_agent_ms,
+                s.orchestration_overhead_ms
+            );
+            warm_runs.push(s);
+        }
         for (mode, out) in [
             (InitramfsMode::Banger, &mut samples),
             (InitramfsMode::Distro, &mut distro),
         ] {
-            let s = one_run(&client, a.image.clone(), i, mode).await?;
+            let s = one_run(&client, a.image.clone(), i, mode, WarmMode::Off).await?;
             eprintln!(
                 "bench: run {} ({} initramfs): total {:.0} ms, boot {:.0} ms, overhead {:.1} ms, kernel init {:.0} ms, agent ready {:.0} ms ({:.2}x)",
                 i + 1,
@@ -234,6 +302,13 @@ pub async fn run(a: BenchArgs) -> anyhow::Result<i32> {
     };
     let med = median_sample(&samples);
     let distro_med = median_sample(&distro);
+    let (warm, warm_error) = match template {
+        Ok(t) => match warm_block(&client, a.image.clone(), &t, warm_runs, &med, &life_med).await {
+            Ok(w) => (Some(w), None),
+            Err(e) => (None, Some(format!("{e:#}"))),
+        },
+        Err(e) => (None, Some(format!("{e:#}"))),
+    };
     let bare_med = median(bare.clone());
     let (network, network_error) = match client.network_bench().await {
         Ok(n) => (Some(n), None),
@@ -298,6 +373,8 @@ pub async fn run(a: BenchArgs) -> anyhow::Result<i32> {
         },
         network,
         network_error,
+        warm,
+        warm_error,
         exec,
         exec_error,
         cp,
@@ -311,6 +388,10 @@ pub async fn run(a: BenchArgs) -> anyhow::Result<i32> {
 fn median_sample(samples: &[RunSample]) -> RunSample {
     let pick = |f: fn(&RunSample) -> f64| median(samples.iter().map(f).collect());
     RunSample {
+        start_kind: samples
+            .first()
+            .map(|s| s.start_kind.clone())
+            .unwrap_or_default(),
         initramfs: samples
             .first()
             .map(|s| s.initramfs.clone())
@@ -334,15 +415,26 @@ async fn one_run(
     image: Option<String>,
     i: usize,
     initramfs: InitramfsMode,
+    warm: WarmMode,
 ) -> anyhow::Result<RunSample> {
+    let kind = if warm == WarmMode::Require {
+        "warm"
+    } else {
+        "cold"
+    };
     let req = CreateVmRequest {
-        name: Some(format!("bench-{}-{initramfs}-{i}", std::process::id())),
+        name: Some(format!(
+            "bench-{}-{kind}-{initramfs}-{i}",
+            std::process::id()
+        )),
         image,
         // Same size as the bare boot below, so the two are comparable.
         vcpu: Some(BENCH_VCPU),
         memory_mib: Some(BENCH_MEMORY_MIB),
         start: true,
-        initramfs: Some(initramfs),
+        // A warm run boots nothing: its template decided the initramfs.
+        initramfs: (warm != WarmMode::Require).then_some(initramfs),
+        warm,
         ..Default::default()
     };
     let t0 = Instant::now();
@@ -352,7 +444,8 @@ async fn one_run(
         .create_vm(&req, |ev| {
             if let CreateVmEvent::Progress(p) = ev {
                 match p.phase.as_str() {
-                    "boot" => boot_at = Some(t0.elapsed()),
+                    // A warm start's "boot" is the VMM loading the snapshot.
+                    "boot" | "restore" => boot_at = Some(t0.elapsed()),
                     "ready" => ready_at = Some(t0.elapsed()),
                     _ => {}
                 }
@@ -395,6 +488,7 @@ async fn one_run(
     let kernel_init_ms = report.kernel_init_ms.unwrap_or(0) as f64;
     let agent_ready_ms = report.agent_ready_ms.unwrap_or(0) as f64;
     Ok(RunSample {
+        start_kind: vm.start.kind.to_string(),
         initramfs: report.initramfs.unwrap_or_default(),
         kernel_init_ms,
         agent_ready_ms,
@@ -410,6 +504,126 @@ async fn one_run(
     })
 }
 
+/// Makes the template of the bench shape (an existing current one is
+/// kept, with the build time it was made in). Also says whether the image
+/// had no template before, so the bench removes what it made.
+async fn make_template(
+    client: &banger_api::Client,
+    image: Option<&str>,
+) -> anyhow::Result<(banger_model::TemplateRecord, bool)> {
+    let image = match image {
+        Some(i) => i.to_string(),
+        None => banger_config::Config::load(&crate::connect::daemon_paths()?)?.default_image_name,
+    };
+    let had_none = client.list_templates(&image).await?.is_empty();
+    let req = banger_api::templates::WarmImageRequest {
+        vcpu: Some(BENCH_VCPU),
+        memory_mib: Some(BENCH_MEMORY_MIB),
+    };
+    let t = client.warm_image(&image, &req, |_| {}).await?;
+    eprintln!(
+        "bench: template {} built in {} ms",
+        t.id,
+        t.build_ms.unwrap_or(0)
+    );
+    Ok((t, had_none))
+}
+
+/// The warm block: sizes of the template and of a warm VM, and a warm
+/// VM's VMM memory, on one more warm VM kept briefly.
+async fn warm_block(
+    client: &banger_api::Client,
+    image: Option<String>,
+    (t, made): &(banger_model::TemplateRecord, bool),
+    runs: Vec<RunSample>,
+    cold: &RunSample,
+    life: &LifecycleSample,
+) -> anyhow::Result<WarmBench> {
+    use std::os::unix::fs::MetadataExt;
+    let alloc = |p: &std::path::Path| std::fs::metadata(p).map_or(0, |m| m.blocks() * 512);
+    let mut bytes = TemplateBytes::default();
+    for e in std::fs::read_dir(&t.dir)
+        .with_context(|| format!("reading {}", t.dir.display()))?
+        .flatten()
+    {
+        let n = alloc(&e.path());
+        match e.file_name().to_string_lossy().as_ref() {
+            "memory" => bytes.memory += n,
+            "vmstate" => bytes.vmstate += n,
+            name if name.ends_with(".ext4") => bytes.disks += n,
+            _ => {}
+        }
+        bytes.total += n;
+    }
+    let req = CreateVmRequest {
+        name: Some(format!("bench-warm-mem-{}", std::process::id())),
+        image,
+        vcpu: Some(BENCH_VCPU),
+        memory_mib: Some(BENCH_MEMORY_MIB),
+        start: true,
+        warm: WarmMode::Require,
+        ..Default::default()
+    };
+    let vm = client.create_vm(&req, |_| {}).await?;
+    let measured = async {
+        let disks = ["overlay.ext4", "work.ext4"]
+            .iter()
+            .map(|f| alloc(&vm.dir.join(f)))
+            .sum::<u64>();
+        let (pss, private) = vm.pid.map(smaps_rollup).unwrap_or((0, 0));
+        anyhow::Ok((disks, pss, private))
+    }
+    .await;
+    client.delete_vm(vm.name.as_str()).await?;
+    // A benchmark leaves nothing behind: a template it made goes too.
+    if *made {
+        client.drop_templates(&t.image).await?;
+    }
+    let (disks, pss, private) = measured?;
+    let warm_med = median_sample(&runs);
+    let info = client.info().await?;
+    Ok(WarmBench {
+        template: t.id.clone(),
+        template_build_ms: t.build_ms.unwrap_or(0) as f64,
+        template_bytes: bytes,
+        total_ratio_warm_over_cold: if cold.total_ms > 0.0 {
+            warm_med.total_ms / cold.total_ms
+        } else {
+            0.0
+        },
+        warm_restore_ms: median(runs.iter().map(|s| s.boot_to_agent_ms).collect()),
+        warm_median: warm_med,
+        warm_samples: runs,
+        warm_vm_disk_allocated_bytes: disks,
+        clone_kind: if info.warm.reflink {
+            "reflink"
+        } else {
+            "sparse copy"
+        }
+        .into(),
+        warm_vmm_pss_bytes: pss,
+        warm_vmm_private_bytes: private,
+        cold_vmm_rss_bytes: life.vmm_rss_bytes,
+    })
+}
+
+/// PSS and private (clean + dirty) bytes of process `pid`.
+fn smaps_rollup(pid: u32) -> (u64, u64) {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).unwrap_or_default();
+    let field = |name: &str| -> u64 {
+        text.lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0)
+            * 1024
+    };
+    (
+        field("Pss:"),
+        field("Private_Clean:") + field("Private_Dirty:"),
+    )
+}
+
 /// Creates a VM without starting it, starts it, reads its memory, stops
 /// and deletes it.
 async fn lifecycle(
@@ -423,6 +637,7 @@ async fn lifecycle(
         vcpu: Some(BENCH_VCPU),
         memory_mib: Some(BENCH_MEMORY_MIB),
         start: false,
+        warm: WarmMode::Off,
         ..Default::default()
     };
     let t0 = Instant::now();
@@ -709,7 +924,10 @@ async fn bare_firecracker(
         tokio::net::UnixListener::bind(banger_vmm::firecracker::agent_listener_path(&spec.dir))
             .context("listening for the guest agent")?;
     let t0 = Instant::now();
+    // Files in the VM directory are given relative to it (as for every
+    // banger launch), so Firecracker must run there.
     let mut child = tokio::process::Command::new(binary)
+        .current_dir(&spec.dir)
         .arg("--no-api")
         .arg("--config-file")
         .arg(&config_file)

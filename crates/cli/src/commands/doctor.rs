@@ -33,6 +33,40 @@ struct Check {
     detail: String,
 }
 
+/// The `warm start` row, from the running daemon's answer.
+fn warm_check(w: &banger_api::WarmInfo) -> Check {
+    if w.setting == "off" {
+        return check(
+            "warm start",
+            Status::Warn,
+            "warm_start = \"off\": VMs always boot cold",
+        );
+    }
+    if !w.supported {
+        return check(
+            "warm start",
+            Status::Warn,
+            format!("{}: VMs boot cold", w.detail),
+        );
+    }
+    let disks = if w.reflink {
+        "disks reflinked".to_string()
+    } else {
+        "no reflink on this file system: each warm VM copies the template's disks".to_string()
+    };
+    check(
+        "warm start",
+        Status::Pass,
+        format!(
+            "{}: snapshot/restore ({}); {} template(s), {}; {disks}",
+            w.detail,
+            w.setting,
+            w.templates,
+            banger_model::ByteSize(w.template_bytes).human()
+        ),
+    )
+}
+
 fn check(name: &str, status: Status, detail: impl Into<String>) -> Check {
     Check {
         name: name.to_string(),
@@ -166,6 +200,7 @@ pub async fn run(a: DoctorArgs) -> anyhow::Result<i32> {
                         format!("pid {}, {}; backend {}", info.pid, info.build.line("bangerd"), info.backend_reason)
                     },
                 ));
+                checks.push(warm_check(&info.warm));
             }
             Err(e) => checks.push(check("daemon", Status::Warn, e.to_string())),
         },

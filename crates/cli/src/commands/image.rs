@@ -4,6 +4,7 @@ use crate::commands::transfer::{Display, absolute, interruptible};
 use crate::connect;
 use crate::output;
 use banger_api::images::{BundleRequest, PullImageEvent, PullImageRequest, RegisterImageRequest};
+use banger_api::templates::{WarmImageEvent, WarmImageRequest};
 use banger_api::{BuildImageEvent, BuildImageRequest};
 use banger_model::ByteSize;
 use clap::{Args, Subcommand};
@@ -89,6 +90,24 @@ pub enum ImageCommand {
         #[arg(long)]
         force: bool,
         /// Print a JSON array of the deleted images' records.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Make the warm-start template of an image: boot it once, seal and
+    /// save the paused guest, so `vm run`/`vm create` of that image and
+    /// shape restore it instead of booting. Shape: --vcpu/--memory, else
+    /// the effective vm_defaults (what a plain `vm run` gets).
+    Warm {
+        name: String,
+        #[arg(long, visible_alias = "cpus", conflicts_with = "drop")]
+        vcpu: Option<u32>,
+        /// Memory: 2G, 512M, or a plain number of MiB.
+        #[arg(long, value_parser = super::vm::parse_memory_mib, value_name = "SIZE", conflicts_with = "drop")]
+        memory: Option<u64>,
+        /// Delete the image's templates instead.
+        #[arg(long)]
+        drop: bool,
+        /// Print the template's record (with --drop: the removed ones) as JSON.
         #[arg(long)]
         json: bool,
     },
@@ -198,12 +217,20 @@ pub async fn run(cmd: ImageCommand) -> anyhow::Result<i32> {
         }
         ImageCommand::List(list) => {
             let images = client.list_images().await?;
+            // Warm-start templates per image, for the table only.
+            let mut templates = std::collections::HashMap::new();
+            if !list.json && !list.quiet {
+                for i in &images {
+                    let n = client.list_templates(&i.name).await.map_or(0, |t| t.len());
+                    templates.insert(i.name.clone(), n);
+                }
+            }
             list.print(
                 &images,
                 |i| i.name.clone(),
                 |images| {
                     let mut rows = vec![
-                        ["NAME", "KERNEL", "SIZE", "MANAGED", "CREATED"]
+                        ["NAME", "KERNEL", "SIZE", "MANAGED", "TEMPLATES", "CREATED"]
                             .map(String::from)
                             .to_vec(),
                     ];
@@ -213,6 +240,7 @@ pub async fn run(cmd: ImageCommand) -> anyhow::Result<i32> {
                             i.kernel.clone(),
                             ByteSize(i.size_bytes).to_string(),
                             i.managed.to_string(),
+                            templates.get(&i.name).copied().unwrap_or(0).to_string(),
                             i.created_at.clone(),
                         ]);
                     }
@@ -221,11 +249,54 @@ pub async fn run(cmd: ImageCommand) -> anyhow::Result<i32> {
             )?;
             Ok(0)
         }
+        ImageCommand::Warm {
+            name,
+            vcpu,
+            memory,
+            drop,
+            json,
+        } => {
+            if drop {
+                let gone = client.drop_templates(&name).await?;
+                if json {
+                    output::json(&gone)?;
+                } else {
+                    println!("removed {} template(s) of {name}", gone.len());
+                }
+                return Ok(0);
+            }
+            let req = WarmImageRequest {
+                vcpu,
+                memory_mib: memory,
+            };
+            let display = Display::new(&format!("warming {name}"));
+            let t = interruptible(client.warm_image(&name, &req, |ev| {
+                if let WarmImageEvent::Progress(p) = ev {
+                    display.line(p);
+                }
+            }))
+            .await?;
+            display.finish();
+            if json {
+                output::json(&t)?;
+            } else {
+                println!(
+                    "template {} of {} ready: {}, {} on disk, built in {:.1}s",
+                    t.id,
+                    t.image,
+                    t.shape,
+                    ByteSize(t.size_bytes).human(),
+                    t.build_ms.unwrap_or(0) as f64 / 1000.0
+                );
+            }
+            Ok(0)
+        }
         ImageCommand::Show { name, json } => {
             let i = client.get_image(&name).await?;
             if json {
                 output::json(&i)?;
             } else {
+                let templates = client.list_templates(&name).await.unwrap_or_default();
                 output::table(&[
                     vec!["name".into(), i.name],
                     vec!["rootfs".into(), i.rootfs.display().to_string()],
@@ -240,6 +311,28 @@ pub async fn run(cmd: ImageCommand) -> anyhow::Result<i32> {
                     vec!["managed".into(), i.managed.to_string()],
                     vec!["created".into(), i.created_at],
                 ]);
+                if !templates.is_empty() {
+                    println!();
+                    let mut rows = vec![
+                        [
+                            "TEMPLATE", "SHAPE", "BACKEND", "SIZE", "BUILT", "USES", "STATE",
+                        ]
+                        .map(String::from)
+                        .to_vec(),
+                    ];
+                    for t in &templates {
+                        rows.push(vec![
+                            t.id.clone(),
+                            t.shape.to_string(),
+                            t.backend.to_string(),
+                            ByteSize(t.size_bytes).human(),
+                            t.created_at.clone(),
+                            t.uses.to_string(),
+                            t.state.as_str().to_string(),
+                        ]);
+                    }
+                    output::table(&rows);
+                }
             }
             Ok(0)
         }

@@ -4,7 +4,7 @@ use crate::connect;
 use crate::output;
 use banger_api::exec::ExecStart;
 use banger_api::{Client, CreateVmEvent, CreateVmRequest};
-use banger_model::{ByteSize, InitramfsMode, VmName, VmRecord};
+use banger_model::{ByteSize, InitramfsMode, VmName, VmRecord, WarmMode};
 use clap::{Args, Subcommand};
 use std::io::Write;
 
@@ -247,6 +247,14 @@ pub struct CreateFlags {
     /// `wait_boot` in config.
     #[arg(long)]
     pub wait_boot: bool,
+    /// Restore a saved template of the image (a warm start) or fail,
+    /// leaving nothing behind; without it a template is used when one
+    /// fits (`warm_start` in config) and the VM boots cold otherwise.
+    #[arg(long, conflicts_with = "no_warm")]
+    pub warm: bool,
+    /// Boot cold even when a template fits.
+    #[arg(long)]
+    pub no_warm: bool,
 }
 
 fn parse_name(s: &str) -> Result<VmName, String> {
@@ -347,6 +355,13 @@ impl CreateFlags {
             nat: self.nat,
             initramfs: self.initramfs,
             wait_boot: self.wait_boot.then_some(true),
+            warm: if self.warm {
+                WarmMode::Require
+            } else if self.no_warm {
+                WarmMode::Off
+            } else {
+                WarmMode::Auto
+            },
             ..Default::default()
         }
     }
@@ -656,6 +671,7 @@ fn print_vm(v: &VmRecord) {
         ],
         vec!["dir".into(), v.dir.display().to_string()],
         vec!["initramfs".into(), v.initramfs.to_string()],
+        vec!["start".into(), v.start.to_string()],
         vec!["created".into(), v.created_at.clone()],
     ];
     let rows = [rows, super::vm_ports::network_rows(v)].concat();

@@ -59,6 +59,9 @@ pub struct RunRecord {
     pub exit_status: i32,
     /// Whether the VM was deleted (`--rm`).
     pub deleted: bool,
+    /// How the VM started: `cold` or `warm` (restored from a template),
+    /// with the template or why it was cold.
+    pub start: Option<banger_model::StartInfo>,
     pub error: Option<String>,
     /// Paths skipped by `[[file_sync]]` or credential sync.
     pub warnings: Vec<String>,
@@ -71,8 +74,9 @@ pub struct RunRecord {
 /// Daemon step names, grouped into the phases users see.
 fn phase_of(daemon_phase: &str) -> Option<&'static str> {
     match daemon_phase {
-        "dir" | "record" | "disks" | "ssh" | "files" => Some("create"),
-        "network" | "credentials" | "boot" | "agent" | "system" | "sshd" => Some("boot"),
+        "dir" | "record" | "disks" | "ssh" | "files" | "clone-disks" => Some("create"),
+        "network" | "credentials" | "boot" | "agent" | "system" | "sshd" | "restore" | "grow"
+        | "identity" => Some("boot"),
         _ => None,
     }
 }
@@ -127,6 +131,10 @@ impl Phases {
                 self.name = Some(name.clone());
                 // Always printed, and first: says what the VM will get.
                 eprintln!("{}", spec.summary());
+            }
+            // Always printed, right after the spec: warm or cold, and why.
+            CreateVmEvent::Progress(p) if p.phase == "start" => {
+                eprintln!("start: {}", p.message);
             }
             CreateVmEvent::Progress(p) if p.phase == "warning" => {
                 eprintln!("banger: warning: {}", p.message);
@@ -275,6 +283,7 @@ async fn run_inner(
         }
     };
     record.id = Some(vm.id.to_string());
+    record.start = Some(vm.start.clone());
     phases.ready(&vm);
     let code = match ws {
         Some(ws) => copy_workspace(&client, &vm, ws, phases, sig).await,

@@ -148,6 +148,83 @@ pub struct FirecrackerVersion {
     pub firecracker_version: String,
 }
 
+/// `PATCH /drives/{drive_id}` after boot: Firecracker reopens the file and
+/// re-reads its size, and tells the guest of a new capacity.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PartialDrive {
+    pub drive_id: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path_on_host: Option<PathBuf>,
+}
+
+/// What `PUT /snapshot/create` saves. `Diff` is a developer preview in
+/// v1.14 and not used by banger.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum SnapshotType {
+    Full,
+    Diff,
+}
+
+/// `PUT /snapshot/create` (the VM must be paused).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotCreateParams {
+    pub snapshot_path: PathBuf,
+    pub mem_file_path: PathBuf,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snapshot_type: Option<SnapshotType>,
+}
+
+/// Where restored guest memory comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum MemoryBackendType {
+    /// The memory file, mapped privately (copy-on-write).
+    File,
+    /// A userfaultfd page-fault handler process (not used by banger).
+    Uffd,
+}
+
+/// `mem_backend` of [`SnapshotLoadParams`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemoryBackend {
+    pub backend_type: MemoryBackendType,
+    pub backend_path: PathBuf,
+}
+
+/// A TAP device to use instead of the snapshot's for one interface
+/// (Firecracker >= 1.12).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetworkOverride {
+    pub iface_id: String,
+    pub host_dev_name: String,
+}
+
+/// `PUT /snapshot/load`: only on a fresh process, before anything but the
+/// logger and metrics is configured.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotLoadParams {
+    pub snapshot_path: PathBuf,
+    pub mem_backend: MemoryBackend,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub track_dirty_pages: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resume_vm: Option<bool>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub network_overrides: Vec<NetworkOverride>,
+}
+
+/// The run state `PATCH /vm` asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum VmState {
+    Paused,
+    Resumed,
+}
+
+/// `PATCH /vm`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Vm {
+    pub state: VmState,
+}
+
 /// The body of every error answer.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Error {
@@ -174,6 +251,48 @@ mod tests {
         assert_eq!(
             serde_json::to_value(EntropyDevice::default()).expect("json"),
             json!({})
+        );
+    }
+
+    #[test]
+    fn snapshot_bodies() {
+        let load = SnapshotLoadParams {
+            snapshot_path: "/t/vmstate".into(),
+            mem_backend: MemoryBackend {
+                backend_type: MemoryBackendType::File,
+                backend_path: "/t/memory".into(),
+            },
+            track_dirty_pages: Some(false),
+            resume_vm: Some(false),
+            network_overrides: vec![NetworkOverride {
+                iface_id: "eth0".into(),
+                host_dev_name: "tap1".into(),
+            }],
+        };
+        assert_eq!(
+            serde_json::to_value(&load).expect("json"),
+            json!({
+                "snapshot_path": "/t/vmstate",
+                "mem_backend": {"backend_type": "File", "backend_path": "/t/memory"},
+                "track_dirty_pages": false,
+                "resume_vm": false,
+                "network_overrides": [{"iface_id": "eth0", "host_dev_name": "tap1"}],
+            })
+        );
+        assert_eq!(
+            serde_json::to_value(Vm {
+                state: VmState::Paused
+            })
+            .expect("json"),
+            json!({"state": "Paused"})
+        );
+        assert_eq!(
+            serde_json::to_value(PartialDrive {
+                drive_id: "vdc".into(),
+                path_on_host: Some("work.ext4".into()),
+            })
+            .expect("json"),
+            json!({"drive_id": "vdc", "path_on_host": "work.ext4"})
         );
     }
 

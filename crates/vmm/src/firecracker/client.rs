@@ -2,7 +2,8 @@
 
 use super::api::{
     ActionType, BootSource, Drive, EntropyDevice, FirecrackerVersion, InstanceActionInfo,
-    InstanceInfo, Logger, MachineConfiguration, Metrics, NetworkInterface, Vsock,
+    InstanceInfo, Logger, MachineConfiguration, Metrics, NetworkInterface, PartialDrive,
+    SnapshotCreateParams, SnapshotLoadParams, Vm, VmState, Vsock,
 };
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
@@ -156,6 +157,18 @@ impl ApiClient {
         self.request(Method::PUT, path, Some(json)).await.map(drop)
     }
 
+    /// `PATCH path` with a JSON body; Firecracker answers 204 on success.
+    pub async fn patch<T: Serialize>(&self, path: &str, body: &T) -> Result<(), ApiError> {
+        let json = serde_json::to_vec(body).map_err(|e| ApiError::Protocol {
+            method: Method::PATCH,
+            path: path.to_owned(),
+            detail: format!("encoding the body: {e}"),
+        })?;
+        self.request(Method::PATCH, path, Some(json))
+            .await
+            .map(drop)
+    }
+
     /// `GET path`, decoding the JSON answer.
     pub async fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T, ApiError> {
         let bytes = self.request(Method::GET, path, None).await?;
@@ -213,6 +226,34 @@ impl ApiClient {
 
     pub async fn put_entropy(&self, entropy: &EntropyDevice) -> Result<(), ApiError> {
         self.put("/entropy", entropy).await
+    }
+
+    /// `PUT /snapshot/create`: writes the paused VM's state and memory.
+    pub async fn put_snapshot_create(&self, params: &SnapshotCreateParams) -> Result<(), ApiError> {
+        self.put("/snapshot/create", params).await
+    }
+
+    /// `PUT /snapshot/load`: on a fresh process only (after logger and
+    /// metrics at most). Firecracker ends itself when loading fails.
+    pub async fn put_snapshot_load(&self, params: &SnapshotLoadParams) -> Result<(), ApiError> {
+        self.put("/snapshot/load", params).await
+    }
+
+    /// `PATCH /vm`: pauses or resumes the vCPUs.
+    pub async fn patch_vm(&self, state: VmState) -> Result<(), ApiError> {
+        self.patch("/vm", &Vm { state }).await
+    }
+
+    /// `PATCH /drives/{drive_id}` after boot (see [`PartialDrive`]).
+    pub async fn patch_drive(&self, drive: &PartialDrive) -> Result<(), ApiError> {
+        let path = format!("/drives/{}", path_segment(&drive.drive_id)?);
+        self.patch(&path, drive).await
+    }
+
+    /// `GET /vm/config`: the whole configuration, untyped (banger reads
+    /// only its drives).
+    pub async fn vm_config(&self) -> Result<serde_json::Value, ApiError> {
+        self.get("/vm/config").await
     }
 
     /// `PUT /actions`.

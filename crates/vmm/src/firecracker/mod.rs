@@ -19,17 +19,19 @@ pub use version::{
     parse_firecracker_version,
 };
 
-use crate::host;
+use crate::host::{self, Version};
 use crate::process::{
     KILL_GRACE, KillOnDrop, PidFd, Startup, kill_and_reap, log_tail, new_session, wait_startup,
 };
 use crate::{
-    AgentEndpoint, DiskFormat, GuestExit, LaunchSpec, Launched, VmPaths, Vmm, VmmError,
-    is_valid_mac, vmm_process_alive,
+    AgentEndpoint, DiskFormat, GuestExit, LaunchSpec, Launched, RestoreSpec, SnapshotFiles,
+    VmPaths, Vmm, VmmError, WarmSupport, is_valid_mac, vmm_process_alive,
 };
 use api::{
     ActionType, BootSource, CacheType, Drive, EntropyDevice, LogLevel, Logger,
-    MachineConfiguration, Metrics, NetworkInterface, Vsock,
+    MachineConfiguration, MemoryBackend, MemoryBackendType, Metrics, NetworkInterface,
+    NetworkOverride, PartialDrive, SnapshotCreateParams, SnapshotLoadParams, SnapshotType, VmState,
+    Vsock,
 };
 use banger_agent_proto::VSOCK_PORT;
 use banger_model::VmBackend;
@@ -67,6 +69,17 @@ const CONNECT_RETRY: Duration = Duration::from_millis(10);
 /// After a failed API call, how long to wait for the process to turn out
 /// to have exited (so the error can quote its log instead).
 const EXIT_CHECK: Duration = Duration::from_secs(1);
+/// Bound on `PUT /snapshot/create`, which writes all guest memory.
+const SNAPSHOT_CREATE_TIMEOUT: Duration = Duration::from_secs(600);
+/// Bound on `PUT /snapshot/load` (maps the memory file; pages come in lazily).
+const SNAPSHOT_LOAD_TIMEOUT: Duration = Duration::from_secs(60);
+/// The first Firecracker whose snapshot load takes `network_overrides`
+/// (CHANGELOG 1.12.0), without which a clone cannot have its own TAP.
+pub const MIN_WARM: Version = Version {
+    major: 1,
+    minor: 12,
+    patch: 0,
+};
 
 /// The Unix socket the host listens on for the guest agent's connection:
 /// `<dir>/agent.sock_<VSOCK_PORT>`.
@@ -89,6 +102,18 @@ pub fn boot_args(extra: &str) -> String {
         BASE_BOOT_ARGS.to_owned()
     } else {
         format!("{BASE_BOOT_ARGS} {extra}")
+    }
+}
+
+/// `path` as Firecracker should be given it: relative to the VM directory
+/// (Firecracker's working directory) when the file is directly inside it,
+/// else as is. A snapshot stores drive and vsock paths verbatim, so relative
+/// paths are what lets a restored clone in another directory use its own
+/// disk copies and socket (Firecracker v1.14 has no override for them).
+pub fn vm_relative(dir: &Path, path: &Path) -> PathBuf {
+    match (path.parent(), path.file_name()) {
+        (Some(parent), Some(name)) if parent == dir => PathBuf::from(name),
+        _ => path.to_path_buf(),
     }
 }
 
@@ -165,7 +190,7 @@ pub fn vm_config(spec: &LaunchSpec) -> Result<VmConfig, VmmError> {
         }
         drives.push(Drive {
             drive_id: drive_name(i),
-            path_on_host: disk.path.clone(),
+            path_on_host: vm_relative(&spec.dir, &disk.path),
             // The command line names the root itself; a root device would
             // make Firecracker append its own `root=` and `ro`/`rw`.
             is_root_device: false,
@@ -203,12 +228,7 @@ pub fn vm_config(spec: &LaunchSpec) -> Result<VmConfig, VmmError> {
         )));
     }
     Ok(VmConfig {
-        logger: Logger {
-            log_path: paths.vmm_log(),
-            level: Some(LogLevel::Info),
-            show_level: Some(true),
-            show_log_origin: Some(false),
-        },
+        logger: logger(&paths),
         metrics: Metrics {
             metrics_path: metrics_path(&spec.dir),
         },
@@ -226,14 +246,95 @@ pub fn vm_config(spec: &LaunchSpec) -> Result<VmConfig, VmmError> {
         nets,
         vsock: Vsock {
             guest_cid: GUEST_CID,
-            uds_path: paths.agent_socket(),
+            uds_path: vm_relative(&spec.dir, &paths.agent_socket()),
         },
         entropy: EntropyDevice::default(),
     })
 }
 
-/// `vda`, `vdb`, ... `vdz`, `vdaa`, ...: the guest's name for disk `i`.
-fn drive_name(i: usize) -> String {
+/// The logger banger configures: Firecracker's log into `vmm.log`.
+fn logger(paths: &VmPaths) -> Logger {
+    Logger {
+        log_path: paths.vmm_log(),
+        level: Some(LogLevel::Info),
+        show_level: Some(true),
+        show_log_origin: Some(false),
+    }
+}
+
+/// `PUT /snapshot/load` for a restore: memory file mapped privately, no
+/// dirty page tracking, resumed separately (after the host listens).
+pub fn snapshot_load_params(
+    vmstate: &Path,
+    memory: &Path,
+    network_overrides: Vec<NetworkOverride>,
+) -> SnapshotLoadParams {
+    SnapshotLoadParams {
+        snapshot_path: vmstate.to_path_buf(),
+        mem_backend: MemoryBackend {
+            backend_type: MemoryBackendType::File,
+            backend_path: memory.to_path_buf(),
+        },
+        track_dirty_pages: Some(false),
+        resume_vm: Some(false),
+        network_overrides,
+    }
+}
+
+/// `PUT /snapshot/create` for a template: a full snapshot.
+pub fn snapshot_create_params(vmstate: &Path, memory: &Path) -> SnapshotCreateParams {
+    SnapshotCreateParams {
+        snapshot_path: vmstate.to_path_buf(),
+        mem_file_path: memory.to_path_buf(),
+        snapshot_type: Some(SnapshotType::Full),
+    }
+}
+
+/// The TAP of each clone interface in place of the template's, by
+/// interface id (`eth<i>`, as [`vm_config`] names them).
+pub fn network_overrides(spec: &RestoreSpec) -> Result<Vec<NetworkOverride>, VmmError> {
+    if spec.launch.nets.len() != spec.template_nets.len() {
+        return Err(VmmError::Spec(format!(
+            "the template has {} network interface(s), the restore asks for {}",
+            spec.template_nets.len(),
+            spec.launch.nets.len()
+        )));
+    }
+    spec.launch
+        .nets
+        .iter()
+        .enumerate()
+        .map(|(i, net)| match &net.backend {
+            crate::NetBackend::Tap { name } => Ok(NetworkOverride {
+                iface_id: format!("eth{i}"),
+                host_dev_name: name.clone(),
+            }),
+            crate::NetBackend::User { .. } => Err(VmmError::Spec(
+                "Firecracker has no user-mode networking: a clone needs a TAP".into(),
+            )),
+        })
+        .collect()
+}
+
+/// Whether Firecracker `version` on a host with `kvm` can snapshot and
+/// restore with per-clone TAPs.
+pub fn judge_warm(version: Version, kvm: &host::KvmStatus) -> WarmSupport {
+    if version < MIN_WARM {
+        return WarmSupport::Unsupported(format!(
+            "Firecracker v{version} cannot give a restored VM its own TAP (network_overrides needs v{MIN_WARM} or newer)"
+        ));
+    }
+    if !kvm.is_usable() {
+        return WarmSupport::Unsupported(format!("Firecracker needs /dev/kvm: {kvm}"));
+    }
+    WarmSupport::Supported {
+        id: format!("Firecracker v{version}"),
+    }
+}
+
+/// `vda`, `vdb`, ... `vdz`, `vdaa`, ...: the guest's name for disk `i`,
+/// and its Firecracker drive id.
+pub fn drive_name(i: usize) -> String {
     let mut suffix = Vec::new();
     let mut n = i;
     loop {
@@ -299,6 +400,8 @@ pub struct FirecrackerVmm {
     binary: PathBuf,
     startup_timeout: Duration,
     request_timeout: Duration,
+    /// [`Vmm::warm_support`], probed once per backend value.
+    warm: std::sync::Arc<std::sync::OnceLock<WarmSupport>>,
 }
 
 impl FirecrackerVmm {
@@ -323,6 +426,7 @@ impl FirecrackerVmm {
             binary,
             startup_timeout: DEFAULT_STARTUP_TIMEOUT,
             request_timeout: client::DEFAULT_REQUEST_TIMEOUT,
+            warm: Default::default(),
         }
     }
 
@@ -380,6 +484,93 @@ impl FirecrackerVmm {
         let console = create(paths.console_log(), true)?;
         let log = create(paths.vmm_log(), true)?;
         Ok((console, log))
+    }
+
+    /// Spawns Firecracker for the VM of `spec` in its directory (relative
+    /// paths resolve there) with its logs prepared; returns once the API
+    /// answers. On error nothing is left running.
+    async fn spawn(&self, spec: &LaunchSpec) -> Result<(Child, u32), VmmError> {
+        let paths = VmPaths::new(&spec.dir);
+        let (console, log) = self.prepare_dir(&paths)?;
+        let mut cmd = Command::new(&self.binary);
+        cmd.args(firecracker_args(spec))
+            .current_dir(&spec.dir)
+            .stdin(Stdio::null())
+            // Firecracker's stdout is the guest's serial console.
+            .stdout(console)
+            .stderr(log)
+            .kill_on_drop(false);
+        new_session(&mut cmd);
+        let mut child = cmd.spawn().map_err(|source| VmmError::Spawn {
+            binary: self.binary_name(),
+            source,
+        })?;
+        let Some(pid) = child.id() else {
+            return Err(self.early_exit(child.wait().await, &paths));
+        };
+        let guard = KillOnDrop::new(pid);
+        tracing::debug!(vm = %spec.name, pid, "spawned Firecracker");
+        let ready = async {
+            std::fs::write(paths.pid_file(), format!("{pid}\n"))
+                .map_err(|e| VmmError::io(format!("writing {}", paths.pid_file().display()), e))?;
+            self.wait_ready(&mut child, &paths).await
+        }
+        .await;
+        guard.disarm();
+        if let Err(e) = ready {
+            kill_and_reap(&mut child).await;
+            return Err(e);
+        }
+        Ok((child, pid))
+    }
+
+    /// The task that reaps Firecracker and logs how it ended.
+    fn reaper(name: &str, pid: u32, mut child: Child) -> tokio::task::JoinHandle<()> {
+        let name = name.to_owned();
+        tokio::spawn(async move {
+            match child.wait().await {
+                Ok(status) => tracing::info!(vm = %name, pid, %status, "Firecracker exited"),
+                Err(e) => {
+                    tracing::warn!(vm = %name, pid, error = %e, "waiting for Firecracker failed")
+                }
+            }
+        })
+    }
+
+    /// Logger and metrics, the agent listener, `PUT /snapshot/load` (not
+    /// resumed), `PATCH /vm Resumed`.
+    async fn load_and_resume(
+        &self,
+        spec: &RestoreSpec,
+        vmstate: &Path,
+        overrides: Vec<NetworkOverride>,
+    ) -> Result<UnixListener, VmmError> {
+        let dir = &spec.launch.dir;
+        let paths = VmPaths::new(dir);
+        let api = self.api(dir);
+        api.put_logger(&logger(&paths)).await?;
+        api.put_metrics(&Metrics {
+            metrics_path: metrics_path(dir),
+        })
+        .await?;
+        // Bound before the guest runs: its agent reconnects at once after
+        // the vsock reset the snapshot recorded.
+        let listener = bind_agent_listener(dir)?;
+        api.clone()
+            .with_timeout(self.request_timeout.max(SNAPSHOT_LOAD_TIMEOUT))
+            .put_snapshot_load(&snapshot_load_params(vmstate, &spec.from.memory, overrides))
+            .await?;
+        api.patch_vm(VmState::Resumed).await?;
+        Ok(listener)
+    }
+
+    /// `firecracker --version` (>= [`MIN_WARM`]) and a usable /dev/kvm.
+    fn probe_warm(&self) -> WarmSupport {
+        let version = match firecracker_version(&self.binary) {
+            Ok(v) => v,
+            Err(e) => return WarmSupport::Unsupported(format!("Firecracker version unknown: {e}")),
+        };
+        judge_warm(version, &host::kvm_status())
     }
 
     /// Waits until the API answers `GET /`, or the process exits, or time
@@ -495,39 +686,12 @@ impl Vmm for FirecrackerVmm {
     async fn launch(&self, spec: &LaunchSpec) -> Result<Launched, VmmError> {
         let config = vm_config(spec)?;
         let paths = VmPaths::new(&spec.dir);
-        let (console, log) = self.prepare_dir(&paths)?;
-
-        let mut cmd = Command::new(&self.binary);
-        cmd.args(firecracker_args(spec))
-            .stdin(Stdio::null())
-            // Firecracker's stdout is the guest's serial console.
-            .stdout(console)
-            .stderr(log)
-            .kill_on_drop(false);
-        new_session(&mut cmd);
-        let mut child = cmd.spawn().map_err(|source| VmmError::Spawn {
-            binary: self.binary_name(),
-            source,
-        })?;
-        let Some(pid) = child.id() else {
-            return Err(self.early_exit(child.wait().await, &paths));
-        };
+        let (mut child, pid) = self.spawn(spec).await?;
         let guard = KillOnDrop::new(pid);
-        tracing::debug!(vm = %spec.name, pid, "spawned Firecracker");
-
-        let started = async {
-            std::fs::write(paths.pid_file(), format!("{pid}\n"))
-                .map_err(|e| VmmError::io(format!("writing {}", paths.pid_file().display()), e))?;
-            self.wait_ready(&mut child, &paths).await?;
-            match self.configure(&paths, &config).await {
-                Ok(listener) => Ok(listener),
-                Err(e) => Err(self.explain(e, &mut child, &paths).await),
-            }
-        }
-        .await;
-        let listener = match started {
+        let listener = match self.configure(&paths, &config).await {
             Ok(l) => l,
             Err(e) => {
+                let e = self.explain(e, &mut child, &paths).await;
                 guard.disarm();
                 kill_and_reap(&mut child).await;
                 let _ = std::fs::remove_file(agent_listener_path(&spec.dir));
@@ -535,19 +699,10 @@ impl Vmm for FirecrackerVmm {
             }
         };
         guard.disarm();
-        let name = spec.name.clone();
-        let exited = tokio::spawn(async move {
-            match child.wait().await {
-                Ok(status) => tracing::info!(vm = %name, pid, %status, "Firecracker exited"),
-                Err(e) => {
-                    tracing::warn!(vm = %name, pid, error = %e, "waiting for Firecracker failed")
-                }
-            }
-        });
         Ok(Launched {
             pid,
             agent: AgentEndpoint::Accept(listener),
-            exited,
+            exited: Self::reaper(&spec.name, pid, child),
         })
     }
 
@@ -583,6 +738,129 @@ impl Vmm for FirecrackerVmm {
         }
         // Nobody will connect to it any more.
         remove_stale(&agent_listener_path(dir))
+    }
+
+    async fn warm_support(&self) -> WarmSupport {
+        if let Some(w) = self.warm.get() {
+            return w.clone();
+        }
+        let this = self.clone();
+        let probed = tokio::task::spawn_blocking(move || this.probe_warm())
+            .await
+            .unwrap_or_else(|e| WarmSupport::Unsupported(format!("probing Firecracker: {e}")));
+        self.warm.get_or_init(|| probed).clone()
+    }
+
+    /// `PATCH /vm Paused`, `PUT /snapshot/create` (full), then the process
+    /// is killed: the snapshotted guest never runs again.
+    async fn snapshot(&self, dir: &Path, pid: u32, out: &SnapshotFiles) -> Result<(), VmmError> {
+        let vmstate = out.vmstate.as_deref().ok_or_else(|| {
+            VmmError::Spec("a Firecracker snapshot needs a vmstate file next to the memory".into())
+        })?;
+        if !vmm_process_alive(pid, dir) {
+            return Err(VmmError::Control(format!(
+                "Firecracker {pid} of {} is not running",
+                dir.display()
+            )));
+        }
+        // Both files hold guest state: the owner's only. Firecracker
+        // truncates them and keeps the mode.
+        for f in [vmstate, out.memory.as_path()] {
+            use std::os::unix::fs::OpenOptionsExt;
+            std::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(0o600)
+                .open(f)
+                .map_err(|e| VmmError::io(format!("create {}", f.display()), e))?;
+        }
+        let api = self.api(dir);
+        api.patch_vm(VmState::Paused).await?;
+        api.with_timeout(self.request_timeout.max(SNAPSHOT_CREATE_TIMEOUT))
+            .put_snapshot_create(&snapshot_create_params(vmstate, &out.memory))
+            .await?;
+        self.terminate(dir, pid).await
+    }
+
+    /// A fresh Firecracker in the clone's directory loads the template's
+    /// state: drives and vsock were given relative to the template's
+    /// directory, so they resolve to the clone's copies; TAPs are
+    /// overridden.
+    async fn restore(&self, spec: &RestoreSpec) -> Result<Launched, VmmError> {
+        let vmstate = spec.from.vmstate.as_deref().ok_or_else(|| {
+            VmmError::Spec("a Firecracker restore needs the snapshot's vmstate file".into())
+        })?;
+        let overrides = network_overrides(spec)?;
+        let launch = &spec.launch;
+        let paths = VmPaths::new(&launch.dir);
+        let (mut child, pid) = self.spawn(launch).await?;
+        let guard = KillOnDrop::new(pid);
+        let listener = match self.load_and_resume(spec, vmstate, overrides).await {
+            Ok(l) => l,
+            Err(e) => {
+                let e = self.explain(e, &mut child, &paths).await;
+                guard.disarm();
+                kill_and_reap(&mut child).await;
+                let _ = std::fs::remove_file(agent_listener_path(&launch.dir));
+                return Err(e);
+            }
+        };
+        guard.disarm();
+        Ok(Launched {
+            pid,
+            agent: AgentEndpoint::Accept(listener),
+            exited: Self::reaper(&launch.name, pid, child),
+        })
+    }
+
+    /// Extends the file and `PATCH /drives/{id}`: Firecracker re-reads the
+    /// size and raises a config interrupt in the guest.
+    async fn grow_disk(&self, dir: &Path, index: usize, bytes: u64) -> Result<(), VmmError> {
+        let api = self.api(dir);
+        let drive_id = drive_name(index);
+        let config = api.vm_config().await?;
+        let on_host = config
+            .get("drives")
+            .and_then(serde_json::Value::as_array)
+            .and_then(|drives| {
+                drives.iter().find(|d| {
+                    d.get("drive_id").and_then(serde_json::Value::as_str) == Some(&drive_id)
+                })
+            })
+            .and_then(|d| d.get("path_on_host"))
+            .and_then(serde_json::Value::as_str)
+            .map(PathBuf::from)
+            .ok_or_else(|| {
+                VmmError::Control(format!(
+                    "Firecracker of {} has no drive {drive_id}",
+                    dir.display()
+                ))
+            })?;
+        let file = dir.join(&on_host);
+        let current = std::fs::metadata(&file)
+            .map_err(|e| VmmError::io(format!("disk {}", file.display()), e))?
+            .len();
+        if bytes < current {
+            return Err(VmmError::Spec(format!(
+                "disk {} is {current} bytes; disks only grow, so {bytes} bytes is refused",
+                file.display()
+            )));
+        }
+        if bytes == current {
+            return Ok(());
+        }
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&file)
+            .and_then(|f| f.set_len(bytes))
+            .map_err(|e| VmmError::io(format!("extending {}", file.display()), e))?;
+        api.patch_drive(&PartialDrive {
+            drive_id,
+            path_on_host: Some(on_host),
+        })
+        .await?;
+        Ok(())
     }
 }
 
@@ -649,7 +927,8 @@ mod tests {
         assert_eq!(c.nets[0].host_dev_name, "tap0");
         assert_eq!(c.nets[0].guest_mac.as_deref(), Some("06:00:ac:10:00:02"));
         assert_eq!(c.vsock.guest_cid, 3);
-        assert_eq!(c.vsock.uds_path, vm.join("agent.sock"));
+        // Relative to the VM dir, where Firecracker runs (see `vm_relative`).
+        assert_eq!(c.vsock.uds_path, Path::new("agent.sock"));
         assert_eq!(agent_listener_path(&vm), vm.join("agent.sock_1024"));
     }
 
@@ -711,6 +990,77 @@ mod tests {
         assert_eq!(drive_name(25), "vdz");
         assert_eq!(drive_name(26), "vdaa");
         assert_eq!(drive_name(27), "vdab");
+    }
+
+    #[test]
+    fn files_in_the_vm_dir_are_relative() {
+        let dir = Path::new("/vms/a");
+        assert_eq!(
+            vm_relative(dir, Path::new("/vms/a/overlay.ext4")),
+            Path::new("overlay.ext4")
+        );
+        assert_eq!(
+            vm_relative(dir, Path::new("/img/rootfs.ext4")),
+            Path::new("/img/rootfs.ext4")
+        );
+        assert_eq!(
+            vm_relative(dir, Path::new("/vms/a/sub/x")),
+            Path::new("/vms/a/sub/x")
+        );
+        assert_eq!(vm_relative(dir, Path::new("/vms/ab")), Path::new("/vms/ab"));
+    }
+
+    #[test]
+    fn warm_needs_network_overrides_and_kvm() {
+        let v = |minor| Version {
+            major: 1,
+            minor,
+            patch: 0,
+        };
+        let kvm = host::KvmStatus::Usable { api_version: 12 };
+        assert_eq!(
+            judge_warm(v(14), &kvm),
+            WarmSupport::Supported {
+                id: "Firecracker v1.14.0".into()
+            }
+        );
+        assert!(matches!(
+            judge_warm(v(11), &kvm),
+            WarmSupport::Unsupported(why) if why.contains("network_overrides")
+        ));
+        let no_kvm = host::KvmStatus::Unusable(host::KvmProblem::PvmOnly {
+            pvm_module: true,
+            cpu_virt_flags: false,
+        });
+        assert!(matches!(
+            judge_warm(v(14), &no_kvm),
+            WarmSupport::Unsupported(why) if why.contains("/dev/kvm")
+        ));
+    }
+
+    #[test]
+    fn clone_taps_override_the_templates() {
+        let t = tempfile::tempdir().expect("tempdir");
+        let mut launch = spec(t.path(), &elf_kernel(t.path()));
+        launch.nets = vec![crate::NetSpec::tap("tap-clone", "06:00:ac:10:00:09")];
+        let r = RestoreSpec {
+            launch,
+            from: SnapshotFiles {
+                memory: "/t/memory".into(),
+                vmstate: Some("/t/vmstate".into()),
+            },
+            template_nets: vec![crate::NetSpec::tap("tap-tpl", "06:00:00:00:00:01")],
+        };
+        assert_eq!(
+            network_overrides(&r).expect("overrides"),
+            [NetworkOverride {
+                iface_id: "eth0".into(),
+                host_dev_name: "tap-clone".into()
+            }]
+        );
+        let mut fewer = r.clone();
+        fewer.template_nets.clear();
+        assert!(network_overrides(&fewer).is_err());
     }
 
     #[test]
