@@ -1,4 +1,4 @@
-use crate::{Frame, MAX_FRAME};
+use crate::{Body, Frame, Hello, MAX_FRAME, PROTO_VERSION};
 use bytes::{Buf, BufMut, BytesMut};
 use tokio_util::codec::{Decoder, Encoder};
 
@@ -39,8 +39,36 @@ impl Decoder for FrameCodec {
         }
         src.advance(4);
         let payload = src.split_to(len);
-        Ok(Some(postcard::from_bytes(&payload)))
+        Ok(Some(
+            postcard::from_bytes(&payload).or_else(|e| other_version_hello(&payload).ok_or(e)),
+        ))
     }
+}
+
+/// Where [`Body::Hello`] is in [`Body`] (postcard writes the variant's
+/// index): first, in every protocol version.
+const HELLO_VARIANT: u32 = 0;
+
+/// The greeting of an agent that speaks another protocol version (an image
+/// built by an older banger, booted with its own agent): its `Hello` may
+/// have other fields, but the first two, the protocol and agent versions,
+/// are where they have always been. Decoded that far, the host can say
+/// which versions differ instead of skipping the frame and waiting for a
+/// greeting that never comes.
+fn other_version_hello(payload: &[u8]) -> Option<Frame> {
+    let ((channel, variant, proto_version, agent_version), _) =
+        postcard::take_from_bytes::<(u32, u32, u32, String)>(payload).ok()?;
+    (variant == HELLO_VARIANT && proto_version != PROTO_VERSION).then(|| {
+        Frame::new(
+            channel,
+            Body::Hello(Hello {
+                proto_version,
+                agent_version,
+                uptime_ms: 0,
+                sealed: false,
+            }),
+        )
+    })
 }
 
 impl Encoder<Frame> for FrameCodec {
@@ -61,7 +89,55 @@ impl Encoder<Frame> for FrameCodec {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{Body, ExecRequest, ExitStatus};
+    use crate::{ExecRequest, ExitStatus};
+
+    #[test]
+    fn hello_is_the_first_variant() {
+        let hello = Body::Hello(Hello {
+            proto_version: PROTO_VERSION,
+            agent_version: "x".into(),
+            uptime_ms: 1,
+            sealed: true,
+        });
+        let bytes = postcard::to_allocvec(&Frame::new(7, hello)).expect("encode");
+        let ((channel, variant, version), _) =
+            postcard::take_from_bytes::<(u32, u32, u32)>(&bytes).expect("prefix");
+        assert_eq!(
+            (channel, variant, version),
+            (7, HELLO_VARIANT, PROTO_VERSION)
+        );
+    }
+
+    #[test]
+    fn a_greeting_of_another_version_decodes_as_far_as_its_versions() {
+        // Protocol 5's Hello: no `sealed` field.
+        let old: (u32, u32, u32, String, u64) = (0, HELLO_VARIANT, 5, "0.0.9".into(), 1234);
+        let payload = postcard::to_allocvec(&old).expect("encode");
+        let mut buf = BytesMut::new();
+        buf.put_u32_le(payload.len() as u32);
+        buf.extend_from_slice(&payload);
+        let frame = FrameCodec
+            .decode(&mut buf)
+            .expect("stream in sync")
+            .expect("a whole frame")
+            .expect("decoded as a greeting");
+        let Body::Hello(h) = frame.body else {
+            panic!("not a greeting: {frame:?}");
+        };
+        assert_eq!((h.proto_version, h.agent_version.as_str()), (5, "0.0.9"));
+        // Another body that does not decode is still refused.
+        let junk = postcard::to_allocvec(&(0u32, 250u32, 1u32)).expect("encode");
+        let mut buf = BytesMut::new();
+        buf.put_u32_le(junk.len() as u32);
+        buf.extend_from_slice(&junk);
+        assert!(
+            FrameCodec
+                .decode(&mut buf)
+                .expect("in sync")
+                .expect("whole")
+                .is_err()
+        );
+    }
 
     fn roundtrip(f: Frame) {
         let mut buf = BytesMut::new();

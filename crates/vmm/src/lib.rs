@@ -346,9 +346,9 @@ pub trait Vmm: Send + Sync {
     /// host opens a new one. QEMU (`Connect`): the guest agent does not
     /// greet a host that connects after the restore by itself; send `Ping`
     /// first, it answers `Hello`. Firecracker (`Accept`): the vsock device
-    /// was reset at the snapshot; the guest agent must notice the reset and
-    /// connect to the listener again (the agent of 2026-12-06 does not: see
-    /// docs/design/warm-starts.md §5a), so bound the wait on `open`.
+    /// was reset at the snapshot; the guest agent notices the reset and
+    /// connects to the listener again (docs/design/warm-starts.md §5a);
+    /// bound the wait on `open` all the same.
     async fn restore(&self, spec: &RestoreSpec) -> Result<Launched, VmmError>;
 
     /// Grows disk number `index` (in [`LaunchSpec::disks`] order) of the
