@@ -314,7 +314,7 @@ fn load_modules(list: &Path, cmdline: &str) -> Result<(usize, DeviceModules), In
     let entries = ModuleEntry::parse_list(&text);
     let is_transport = |e: &ModuleEntry| e.wanted_by.iter().any(|w| w == TRANSPORT_MODULE);
     for e in entries.iter().filter(|e| is_transport(e)) {
-        load_module(e, cmdline)?;
+        load_module(&open_module(e)?, cmdline)?;
     }
     let ids = crate::transport::virtio_device_ids(Path::new(VIRTIO_DEVICES));
     let only_for_devices = |e: &ModuleEntry| {
@@ -327,15 +327,21 @@ fn load_modules(list: &Path, cmdline: &str) -> Result<(usize, DeviceModules), In
         .filter(|e| !is_transport(e) && e.needed(&ids))
         .cloned()
         .partition(|e| only_for_devices(e));
+    // Opened here, before the thread starts: the root is switched (and the
+    // initramfs's files deleted) while it may still be loading them.
+    let devices = devices
+        .iter()
+        .map(open_module)
+        .collect::<Result<Vec<_>, _>>()?;
     let line = cmdline.to_string();
     let thread = std::thread::spawn(move || {
-        for e in &devices {
-            load_module(e, &line)?;
+        for m in &devices {
+            load_module(m, &line)?;
         }
         Ok(devices.len())
     });
     for e in &disks {
-        load_module(e, cmdline)?;
+        load_module(&open_module(e)?, cmdline)?;
     }
     let now = entries.iter().filter(|e| is_transport(e)).count() + disks.len();
     Ok((now, DeviceModules(thread)))
@@ -356,15 +362,28 @@ impl DeviceModules {
 /// Where the kernel lists virtio devices (with their `device` ids).
 const VIRTIO_DEVICES: &str = "/sys/bus/virtio/devices";
 
-fn load_module(e: &ModuleEntry, cmdline: &str) -> Result<(), InitError> {
+/// A module file of the initramfs, open.
+struct ModuleFile {
+    name: String,
+    file: std::fs::File,
+}
+
+fn open_module(e: &ModuleEntry) -> Result<ModuleFile, InitError> {
     let name = e.name().to_string();
     let path = Path::new(INITRAMFS_MODULES_DIR).join(&e.file);
-    let f = std::fs::File::open(&path).map_err(|_| InitError::ModuleMissing {
-        name: name.clone(),
-        path: path.display().to_string(),
-    })?;
+    match std::fs::File::open(&path) {
+        Ok(file) => Ok(ModuleFile { name, file }),
+        Err(_) => Err(InitError::ModuleMissing {
+            name,
+            path: path.display().to_string(),
+        }),
+    }
+}
+
+fn load_module(m: &ModuleFile, cmdline: &str) -> Result<(), InitError> {
+    let name = m.name.clone();
     let params = CString::new(module_params(cmdline, &name)).unwrap_or_default();
-    match nix::kmod::finit_module(&f, &params, nix::kmod::ModuleInitFlags::empty()) {
+    match nix::kmod::finit_module(&m.file, &params, nix::kmod::ModuleInitFlags::empty()) {
         Ok(()) | Err(nix::Error::EEXIST) => Ok(()),
         Err(source) => {
             let hint = match source {

@@ -465,4 +465,27 @@ fn auto_builds_a_template_on_first_use() {
     });
     let info = warm(b);
     assert!(ready().contains(info["id"].as_str().expect("id")), "{info}");
+    // With a template there, --no-warm still boots cold, and says why.
+    let out = b.run(&[
+        "vm",
+        "run",
+        "--rm",
+        "--no-warm",
+        "--vcpu",
+        VCPU,
+        "--memory",
+        MEMORY,
+        "--",
+        "true",
+    ]);
+    let (_, stderr) = text(&out);
+    assert!(out.status.success(), "{stderr}");
+    let start = stderr
+        .lines()
+        .find(|l| l.starts_with("start: "))
+        .unwrap_or_else(|| panic!("no start: line in {stderr}"));
+    assert!(
+        start.contains("cold") && start.contains("--no-warm"),
+        "{start}"
+    );
 }
