@@ -106,6 +106,38 @@ pub fn table(rows: &[Vec<String>]) {
     }
 }
 
+/// `--json` or `-q/--quiet` of list commands.
+#[derive(clap::Args)]
+pub struct ListArgs {
+    /// Print JSON.
+    #[arg(long, conflicts_with = "quiet")]
+    pub json: bool,
+    /// Print only the names, one per line.
+    #[arg(long, short = 'q')]
+    pub quiet: bool,
+}
+
+impl ListArgs {
+    /// Prints `items` as JSON, as names, or with `table`.
+    pub fn print<T: serde::Serialize>(
+        &self,
+        items: &[T],
+        name: impl Fn(&T) -> String,
+        table: impl FnOnce(&[T]),
+    ) -> anyhow::Result<()> {
+        if self.json {
+            json(&items)?;
+        } else if self.quiet {
+            for i in items {
+                println!("{}", name(i));
+            }
+        } else {
+            table(items);
+        }
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,5 +1,6 @@
 //! `banger bench`: where the time of `vm run --rm -- true` goes (JSON).
 
+use super::bench_util::{exec_with, ms};
 use crate::connect;
 use anyhow::Context;
 use banger_api::exec::{ExecOutput, ExecStart};
@@ -194,10 +195,6 @@ struct ExecBench {
 
 const BENCH_VCPU: u32 = 1;
 const BENCH_MEMORY_MIB: u64 = 1024;
-
-pub(crate) fn ms(d: std::time::Duration) -> f64 {
-    d.as_secs_f64() * 1000.0
-}
 
 fn median(mut v: Vec<f64>) -> f64 {
     if v.is_empty() {
@@ -671,30 +668,6 @@ async fn lifecycle(
     result
 }
 
-/// Runs `argv` to its end, handing its stdout to `on_stdout`; returns the
-/// exit code.
-async fn exec_with(
-    client: &banger_api::Client,
-    vm: &str,
-    argv: &[&str],
-    mut on_stdout: impl FnMut(&[u8]),
-) -> anyhow::Result<i32> {
-    let start = ExecStart {
-        argv: argv.iter().map(|s| s.to_string()).collect(),
-        ..Default::default()
-    };
-    let (_, mut reader) = client.exec(vm, &start).await?;
-    loop {
-        match reader.next().await? {
-            Some(ExecOutput::Stdout(d)) => on_stdout(&d),
-            Some(ExecOutput::Stderr(_)) => {}
-            Some(ExecOutput::Exit(e)) => return Ok(e.shell_code()),
-            Some(ExecOutput::Error(e)) => anyhow::bail!("{}", e.message),
-            None => anyhow::bail!("exec ended without status"),
-        }
-    }
-}
-
 /// Runs `argv` to its end; returns the stdout byte count and exit code.
 async fn exec_count(
     client: &banger_api::Client,
@@ -704,17 +677,6 @@ async fn exec_count(
     let mut bytes = 0u64;
     let code = exec_with(client, vm, argv, |d| bytes += d.len() as u64).await?;
     Ok((bytes, code))
-}
-
-/// Runs `argv` to its end; returns its stdout as text and its exit code.
-pub(crate) async fn exec_text(
-    client: &banger_api::Client,
-    vm: &str,
-    argv: &[&str],
-) -> anyhow::Result<(String, i32)> {
-    let mut out = Vec::new();
-    let code = exec_with(client, vm, argv, |d| out.extend_from_slice(d)).await?;
-    Ok((String::from_utf8_lossy(&out).into_owned(), code))
 }
 
 /// The `p`-th percentile (0..=100) of sorted samples, nearest rank.

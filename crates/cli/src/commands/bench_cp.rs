@@ -2,7 +2,7 @@
 //! daemon and the guest agent against `ssh VM cat` over the guest's sshd,
 //! both ways, on the same file and the same running VM.
 
-use super::bench::{exec_text, ms};
+use super::bench_util::{exec_text, ms, run_ssh, xorshift};
 use super::vm_cp::{download, upload};
 use super::vm_ssh::{key_and_known_hosts, ssh_args};
 use anyhow::Context;
@@ -100,32 +100,6 @@ pub async fn cp_bench(client: &Client, vm: &VmRecord, bytes: u64) -> anyhow::Res
     })
 }
 
-/// Runs the system `ssh` with `args` to completion; a failure carries its
-/// stderr.
-pub async fn run_ssh(
-    args: &[std::ffi::OsString],
-    stdin: Stdio,
-    stdout: Stdio,
-) -> anyhow::Result<()> {
-    // Not `output()`: tokio's would replace `stdout` with a pipe.
-    let out = tokio::process::Command::new("ssh")
-        .args(args)
-        .stdin(stdin)
-        .stdout(stdout)
-        .stderr(Stdio::piped())
-        .spawn()
-        .context("running ssh (apt-get install openssh-client)")?
-        .wait_with_output()
-        .await?;
-    anyhow::ensure!(
-        out.status.success(),
-        "ssh exited with {}: {}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr).trim()
-    );
-    Ok(())
-}
-
 async fn guest_size_is(client: &Client, vm: &str, name: &str, bytes: u64) -> anyhow::Result<()> {
     let path = format!("{GUEST_DIR}/{name}");
     let (out, code) = exec_text(client, vm, &["stat", "-c", "%s", &path]).await?;
@@ -167,13 +141,6 @@ fn write_noise(path: &Path, bytes: u64) -> anyhow::Result<()> {
     }
     f.flush()?;
     Ok(())
-}
-
-/// One step of Marsaglia's xorshift64: cheap bytes no compressor shrinks.
-pub(crate) fn xorshift(x: &mut u64) {
-    *x ^= *x << 13;
-    *x ^= *x >> 7;
-    *x ^= *x << 17;
 }
 
 #[cfg(test)]

@@ -2,8 +2,7 @@
 //! (JSON): where its time goes, and its workspace copy against
 //! `git archive HEAD | ssh VM tar -x` into the same VM in the same run.
 
-use super::bench::{exec_text, ms};
-use super::bench_cp::{run_ssh, xorshift};
+use super::bench_util::{exec_text, ms, run_ssh, xorshift};
 use super::vm_ssh::{key_and_known_hosts, ssh_args};
 use super::vm_workspace::{RunWorkspaceArgs, for_run, prepare};
 use crate::connect;

@@ -11,7 +11,7 @@ use clap::Subcommand;
 #[derive(Subcommand)]
 pub enum KernelCommand {
     /// List kernels.
-    List(super::vm::ListArgs),
+    List(crate::output::ListArgs),
     /// Show one kernel.
     Show {
         name: String,

@@ -10,7 +10,7 @@
 //! the final record ([`RunRecord`]); the command's own stdout (or the
 //! session's) is written to stderr instead.
 
-use super::vm::CreateFlags;
+use super::vm_args::CreateFlags;
 use super::vm_exec::{ExecMode, Interrupts, exec_with};
 use crate::connect;
 use crate::output;

@@ -27,7 +27,7 @@ pub enum SessionCommand {
         #[arg(long)]
         cwd: Option<String>,
         /// Extra environment, KEY=VALUE; repeatable.
-        #[arg(long = "env", short = 'e', value_parser = super::vm::parse_env)]
+        #[arg(long = "env", short = 'e', value_parser = super::vm_args::parse_env)]
         env: Vec<banger_api::exec::EnvVar>,
         /// What the process reads: a pipe fed by `attach`, a terminal, or nothing.
         #[arg(long, value_enum, default_value_t = Mode::Pipe)]
@@ -40,7 +40,7 @@ pub enum SessionCommand {
     List {
         vm: String,
         #[command(flatten)]
-        list: super::vm::ListArgs,
+        list: crate::output::ListArgs,
     },
     /// Bridge this terminal to a session: its output here, input there.
     /// Ctrl-] (tty sessions) or Ctrl-C (others) detaches; the session keeps running.
