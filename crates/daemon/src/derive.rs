@@ -24,7 +24,7 @@ use banger_config::{HostResources, apply_flags, effective_defaults};
 use banger_image::derive::{
     DeriveOptions, GuestStep, HostFile, check_packages, provisioning_steps,
 };
-use banger_model::{ImageRecord, VmId, VmName, VmRecord, VmState};
+use banger_model::{ImageRecord, VmId, VmName, VmRecord, VmSpec, VmState};
 use banger_storage::{VmDisks, WorkSource};
 use banger_vmm::VmPaths;
 use std::collections::{HashSet, VecDeque};
@@ -190,13 +190,27 @@ impl Daemon {
         vm_name: &str,
         base: &ImageRecord,
     ) -> Result<VmRecord, DaemonError> {
-        let vmm = self.vmm()?.clone();
-        let name = VmName::parse(vm_name).map_err(|e| DaemonError::Invalid(e.to_string()))?;
         let defaults = effective_defaults(&self.config.vm_defaults, &HostResources::detect());
         let spec = apply_flags(defaults, None, None, None);
         // The guest downloads packages: bridge networking needs NAT for
         // that; user-mode networking always has it.
         let nat = self.network().is_some_and(|n| n.mode_name() == "bridge");
+        self.record_transient_vm(vm_name, &base.name, spec, nat)
+            .await
+    }
+
+    /// Records a VM that a build boots and removes (a derived image's,
+    /// a template's): state `creating`, its directory made, an address
+    /// allocated. Nothing is left when this fails.
+    pub(crate) async fn record_transient_vm(
+        &self,
+        vm_name: &str,
+        image: &str,
+        spec: VmSpec,
+        nat: bool,
+    ) -> Result<VmRecord, DaemonError> {
+        let vmm = self.vmm()?.clone();
+        let name = VmName::parse(vm_name).map_err(|e| DaemonError::Invalid(e.to_string()))?;
         let id = VmId::random();
         let dir = self.paths.vms_dir.join(id.as_str());
         let _alloc = self.alloc_lock.lock().await;
@@ -204,7 +218,7 @@ impl Daemon {
         let vm = VmRecord {
             id,
             name,
-            image: base.name.clone(),
+            image: image.to_string(),
             state: VmState::Creating,
             backend: vmm.backend(),
             spec,

@@ -12,7 +12,7 @@ use anyhow::{Context, anyhow};
 use banger_config::{HostResources, apply_flags, effective_defaults};
 use banger_model::{
     InitramfsMode, Provenance, SpecValue, TemplateRecord, TemplateShape, TemplateState, VmBackend,
-    VmId, VmName, VmRecord, VmState,
+    VmRecord,
 };
 use banger_storage::{VmDisks, WorkSource};
 use banger_vmm::{SnapshotFiles, VmPaths};
@@ -132,40 +132,11 @@ impl Daemon {
         image: &str,
         shape: TemplateShape,
     ) -> Result<VmRecord, DaemonError> {
-        let vmm = self.vmm()?.clone();
-        let vm_name = VmName::parse(name).map_err(|e| DaemonError::Invalid(e.to_string()))?;
         let defaults = effective_defaults(&self.config.vm_defaults, &HostResources::detect());
         let mut spec = apply_flags(defaults, None, None, None);
         spec.vcpu = SpecValue::new(shape.vcpu, Provenance::Flag);
         spec.memory_mib = SpecValue::new(shape.memory_mib, Provenance::Flag);
-        let id = VmId::random();
-        let dir = self.paths.vms_dir.join(id.as_str());
-        let _alloc = self.alloc_lock.lock().await;
-        let ip = self.allocate_ip()?;
-        let vm = VmRecord {
-            id,
-            name: vm_name,
-            image: image.to_string(),
-            state: VmState::Creating,
-            backend: vmm.backend(),
-            spec,
-            dir: dir.clone(),
-            pid: None,
-            created_at: now_rfc3339(),
-            last_error: None,
-            start: Default::default(),
-            nat: false,
-            ip: Some(ip),
-            tap: None,
-            ssh_port: None,
-            initramfs: self.config.initramfs,
-        };
-        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-        if let Err(e) = self.store.insert_vm(&vm) {
-            let _ = std::fs::remove_dir_all(&dir);
-            return Err(e.into());
-        }
-        Ok(vm)
+        self.record_transient_vm(name, image, spec, false).await
     }
 
     /// Disks, boot, settle, seal, snapshot and save of the transient VM.
@@ -443,6 +414,7 @@ pub(crate) fn allocated(dir: &Path) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use banger_model::VmName;
 
     #[test]
     fn transient_names_are_dns_labels() {
