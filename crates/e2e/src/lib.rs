@@ -53,9 +53,10 @@ pub fn shared() -> &'static Banger {
         b.reset_if_agent_changed();
         b.ensure_netns();
         b.build_default_image_outside_netns();
-        if !b.config_dir().join("config.toml").exists() {
-            b.write_config("");
-        }
+        // Rewritten even when it exists: a root made before `warm_start`
+        // existed gets it pinned too.
+        let config = std::fs::read_to_string(b.config_dir().join("config.toml"));
+        b.write_config(&config.unwrap_or_default());
         b.delete_leftover_vms();
         // SAFETY: registering a plain extern "C" fn with no captured state.
         unsafe { libc::atexit(stop_shared_daemon) };
