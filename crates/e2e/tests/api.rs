@@ -251,6 +251,10 @@ const EXCLUDED: &[(&str, &str)] = &[
     ),
     ("start_vm", "boots a guest (20-60 s under TCG)"),
     ("restart_vm", "boots a guest (20-60 s under TCG)"),
+    (
+        "warm_image",
+        "boots a guest to make a template (about a minute under TCG)",
+    ),
 ];
 
 #[test]
