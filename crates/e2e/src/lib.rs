@@ -52,11 +52,13 @@ pub fn shared() -> &'static Banger {
         };
         b.reset_if_agent_changed();
         b.ensure_netns();
-        b.build_default_image_outside_netns();
-        // Rewritten even when it exists: a root made before `warm_start`
-        // existed gets it pinned too.
+        // Before anything starts the daemon (registering another root's
+        // image does): it reads its config once. Rewritten even when it
+        // exists, so a root made before `warm_start` existed gets it
+        // pinned too.
         let config = std::fs::read_to_string(b.config_dir().join("config.toml"));
         b.write_config(&config.unwrap_or_default());
+        b.build_default_image_outside_netns();
         b.delete_leftover_vms();
         // SAFETY: registering a plain extern "C" fn with no captured state.
         unsafe { libc::atexit(stop_shared_daemon) };
