@@ -658,6 +658,27 @@ mod tests {
         (agent, rec)
     }
 
+    /// The host's raw frame reader and writer on one connection of `agent`.
+    type RawHost = (
+        FramedRead<tokio::io::ReadHalf<tokio::io::DuplexStream>, FrameCodec>,
+        FramedWrite<tokio::io::WriteHalf<tokio::io::DuplexStream>, FrameCodec>,
+        tokio::task::JoinHandle<()>,
+    );
+
+    /// Serves one connection of `agent`; returns the host's raw frames, for
+    /// tests that send what the client never would.
+    fn connect_raw(agent: &Agent) -> RawHost {
+        let (host, guest) = tokio::io::duplex(1 << 16);
+        let a = agent.clone();
+        let task = tokio::spawn(async move { a.serve(guest).await });
+        let (rd, wr) = tokio::io::split(host);
+        (
+            FramedRead::new(rd, FrameCodec),
+            FramedWrite::new(wr, FrameCodec),
+            task,
+        )
+    }
+
     /// Serves one connection of `agent`; returns the host's client.
     async fn connect(agent: &Agent) -> (AgentClient, tokio::task::JoinHandle<()>) {
         let (host, guest) = tokio::io::duplex(1 << 20);
@@ -729,12 +750,7 @@ mod tests {
         assert!(err.to_string().contains(SEALED_MESSAGE), "{err}");
 
         // A ping is answered, saying sealed.
-        let (host, guest) = tokio::io::duplex(1 << 16);
-        let a = agent.clone();
-        tokio::spawn(async move { a.serve(guest).await });
-        let (rd, wr) = tokio::io::split(host);
-        let mut rd = FramedRead::new(rd, FrameCodec);
-        let mut wr = FramedWrite::new(wr, FrameCodec);
+        let (mut rd, mut wr, _) = connect_raw(&agent);
         let first = rd.next().await.expect("frame").expect("io").expect("valid");
         assert!(matches!(
             first.body,
@@ -792,12 +808,7 @@ mod tests {
     #[tokio::test]
     async fn the_seal_outlives_the_connection() {
         let (agent, _) = agent();
-        let (host, guest) = tokio::io::duplex(1 << 16);
-        let a = agent.clone();
-        let task = tokio::spawn(async move { a.serve(guest).await });
-        let (rd, wr) = tokio::io::split(host);
-        let mut rd = FramedRead::new(rd, FrameCodec);
-        let mut wr = FramedWrite::new(wr, FrameCodec);
+        let (mut rd, mut wr, task) = connect_raw(&agent);
         let first = rd.next().await.expect("frame").expect("io").expect("valid");
         assert!(matches!(
             first.body,
