@@ -103,7 +103,9 @@ impl AgentClient {
                         continue;
                     }
                     Err(e) => {
-                        tracing::debug!(error = %e, "agent stream ended");
+                        // The host never closes a live connection on purpose,
+                        // so a failed read is worth seeing in the daemon log.
+                        tracing::warn!(error = %e, "agent connection failed");
                         break;
                     }
                 };
@@ -117,6 +119,7 @@ impl AgentClient {
                     );
                 }
             }
+            tracing::debug!("agent connection ended");
             // Dropping every sender ends every open session with Disconnected.
             reader_routes.lock().map(|mut r| r.clear()).ok();
             reader_queries.lock().map(|mut r| r.clear()).ok();

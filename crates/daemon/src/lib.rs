@@ -56,7 +56,7 @@ pub struct Daemon {
     /// Why `vmm` was chosen, for `doctor` and `daemon status`.
     pub backend_reason: String,
     /// Live agent connections of running VMs.
-    agents: Mutex<HashMap<VmId, AgentClient>>,
+    agents: Arc<Mutex<HashMap<VmId, AgentClient>>>,
     /// Per-VM "the VMM has exited" signals, set by the exit watchers.
     exits: Mutex<HashMap<VmId, tokio::sync::watch::Sender<bool>>>,
     /// Per-VM operation locks.
@@ -122,7 +122,7 @@ impl Daemon {
             store,
             vmm,
             backend_reason,
-            agents: Mutex::default(),
+            agents: Arc::default(),
             locks: Mutex::default(),
             exits: Mutex::default(),
             image_lock: tokio::sync::Mutex::new(()),
@@ -167,10 +167,21 @@ impl Daemon {
             .cloned()
     }
 
+    /// Forgets a VM's agent and hands it back, before a deliberate end.
+    fn take_agent(&self, id: &VmId) -> Option<AgentClient> {
+        self.agents
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(id)
+    }
+
     fn set_agent(&self, id: &VmId, client: Option<AgentClient>) {
         let mut agents = self.agents.lock().unwrap_or_else(|p| p.into_inner());
         match client {
-            Some(c) => agents.insert(id.clone(), c),
+            Some(c) => {
+                watch_agent_loss(Arc::downgrade(&self.agents), id.clone(), c.clone());
+                agents.insert(id.clone(), c)
+            }
             None => agents.remove(id),
         };
     }
@@ -308,4 +319,29 @@ fn notify_ready() {
     let mut f = unsafe { std::fs::File::from_raw_fd(fd) };
     let _ = f.write_all(b"ready\n");
     // Dropping `f` closes it so the parent sees EOF after the message.
+}
+
+/// Logs an agent connection that ends while its VM still counts it as live:
+/// every deliberate end (stop, delete, restore) forgets the client first, so
+/// this line is the trace of a guest or VMM that dropped the host.
+fn watch_agent_loss(
+    agents: std::sync::Weak<Mutex<HashMap<VmId, AgentClient>>>,
+    id: VmId,
+    client: AgentClient,
+) {
+    let Ok(rt) = tokio::runtime::Handle::try_current() else {
+        return;
+    };
+    rt.spawn(async move {
+        client.closed().await;
+        let still_live = agents.upgrade().is_some_and(|a| {
+            a.lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .get(&id)
+                .is_some_and(AgentClient::is_closed)
+        });
+        if still_live {
+            tracing::warn!(vm = %id, "agent connection lost while the VM was running");
+        }
+    });
 }

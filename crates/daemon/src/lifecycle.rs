@@ -112,7 +112,7 @@ impl Daemon {
                 .unwrap_or_else(|p| p.into_inner())
                 .get(&vm.id)
                 .map(|tx| tx.subscribe());
-            let asked = match self.agent(&vm.id) {
+            let asked = match self.take_agent(&vm.id) {
                 Some(agent) => agent.shutdown(self.guest_exits_by_reboot()).is_ok(),
                 None => match self.vmm() {
                     Ok(v) => v.request_shutdown(&vm.dir).await.is_ok(),

@@ -493,15 +493,31 @@ fn owner_sh(b: &Banger, script: &str, stdin: &[u8]) -> Output {
     child.wait_with_output().expect("wait")
 }
 
-/// What to look at when a step with the inner VM fails.
+/// What to look at when a step with the inner VM fails. Never panics: when
+/// the outer guest itself is gone, its console and the host daemon's view
+/// of it are what tell why.
 fn inner_diagnostics(b: &Banger) -> String {
-    sh(
-        b,
-        &format!(
-            "tail -n 30 /var/lib/banger/bangerd.log; echo; \
-             runuser -u {OWNER} -- /usr/local/bin/banger vm logs {INNER} --tail 40 2>&1 || true; \
-             journalctl --no-pager -n 20 -u bangerd-root.service || true"
-        ),
+    let script = format!(
+        "tail -n 30 /var/lib/banger/bangerd.log; echo; \
+         runuser -u {OWNER} -- /usr/local/bin/banger vm logs {INNER} --tail 40 2>&1 || true; \
+         journalctl --no-pager -n 20 -u bangerd-root.service || true"
+    );
+    let out = exec(b, &["sh", "-c", &script]);
+    let (o, e) = text(&out);
+    if out.status.success() {
+        return o;
+    }
+    let show = b.run(&["vm", "show", VM]);
+    let logs = b.run(&["vm", "logs", VM, "--tail", "60"]);
+    let daemon_log = std::fs::read_to_string(b.state_dir().join("bangerd.log")).unwrap_or_default();
+    let tail: Vec<&str> = daemon_log.lines().rev().take(30).collect();
+    format!(
+        "(the outer guest did not answer: {e})\n--- vm show {VM} ---\n{}{}\n--- vm logs {VM} ---\n{}{}\n--- host bangerd.log ---\n{}",
+        text(&show).0,
+        text(&show).1,
+        text(&logs).0,
+        text(&logs).1,
+        tail.into_iter().rev().collect::<Vec<_>>().join("\n")
     )
 }
 
