@@ -89,9 +89,11 @@ pub trait IdentitySys: Send + Sync {
     fn read_file(&self, path: &Path) -> std::io::Result<String>;
     /// Replaces `path` (a new file renamed over it; a symlink is replaced,
     /// not followed) with `data`, mode `mode`; makes missing parents 0700.
+    /// Not durable by itself: the caller syncs once after a batch.
     fn replace_file(&self, path: &Path, data: &[u8], mode: u32) -> std::io::Result<()>;
     /// Writes `data` into the existing file at `path` (creating it, mode
-    /// `mode`, if missing): a bind mount over it stays in place.
+    /// `mode`, if missing): a bind mount over it stays in place. Not
+    /// durable by itself, like `replace_file`.
     fn overwrite_file(&self, path: &Path, data: &[u8], mode: u32) -> std::io::Result<()>;
     /// Removes the files in `dir` whose names start with `prefix`.
     fn remove_files(&self, dir: &Path, prefix: &str) -> std::io::Result<Vec<PathBuf>>;
@@ -378,6 +380,14 @@ pub fn restore(
             0o600,
         )
         .map_err(|e| format!("writing {AUTHORIZED_KEYS}: {e}"))
+    })?;
+    // One flush for every file above, before the answer: the VM's disks
+    // must hold its own identity (never the template's) if it is killed
+    // and later booted cold. Each file's own fsync used to cost a host
+    // fdatasync apiece (cache=writeback), the largest part of a restore.
+    steps.run("sync", || {
+        sys.sync();
+        Ok(())
     })?;
     Ok(RestoreReport {
         steps_ms: steps.done,

@@ -113,7 +113,6 @@ impl IdentitySys for SystemIdentity {
         let written = f
             .write_all(data)
             .and_then(|()| f.set_permissions(std::fs::Permissions::from_mode(mode)))
-            .and_then(|()| f.sync_all())
             .and_then(|()| std::fs::rename(&tmp, path));
         if written.is_err() {
             let _ = std::fs::remove_file(&tmp);
@@ -128,8 +127,7 @@ impl IdentitySys for SystemIdentity {
             .truncate(true)
             .mode(mode)
             .open(path)?;
-        f.write_all(data)?;
-        f.sync_all()
+        f.write_all(data)
     }
 
     fn remove_files(&self, dir: &Path, prefix: &str) -> std::io::Result<Vec<PathBuf>> {

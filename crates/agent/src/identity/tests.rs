@@ -227,6 +227,7 @@ fn restore_runs_in_order_reseed_first_sshd_after_the_answer() {
             "replace /etc/ssh/ssh_host_ed25519_key 600",
             "replace /etc/ssh/ssh_host_ed25519_key.pub 644",
             "replace /root/.ssh/authorized_keys 600",
+            "sync",
             "answer",
             "systemctl start --no-block ssh.service",
         ]
@@ -244,7 +245,8 @@ fn restore_runs_in_order_reseed_first_sshd_after_the_answer() {
             "machine-id",
             "network",
             "grow",
-            "ssh"
+            "ssh",
+            "sync"
         ]
     );
     assert!(report.vmgenid);
@@ -329,7 +331,10 @@ fn restore_without_network_or_growth_skips_those_steps() {
     id.grow.clear();
     let report = restore(&sys, &id, &SshdPlan::None).expect("restore");
     let names: Vec<&str> = report.steps_ms.iter().map(|(n, _)| n.as_str()).collect();
-    assert_eq!(names, ["reseed", "clock", "hostname", "machine-id", "ssh"]);
+    assert_eq!(
+        names,
+        ["reseed", "clock", "hostname", "machine-id", "ssh", "sync"]
+    );
     assert!(!sys.lines().iter().any(|l| l.starts_with("apply_net")));
 }
 
