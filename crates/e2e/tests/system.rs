@@ -509,14 +509,17 @@ fn inner_diagnostics(b: &Banger) -> String {
     }
     let show = b.run(&["vm", "show", VM]);
     let logs = b.run(&["vm", "logs", VM, "--tail", "60"]);
+    let vmm = b.run(&["vm", "logs", VM, "--vmm", "--tail", "30"]);
     let daemon_log = std::fs::read_to_string(b.state_dir().join("bangerd.log")).unwrap_or_default();
     let tail: Vec<&str> = daemon_log.lines().rev().take(30).collect();
     format!(
-        "(the outer guest did not answer: {e})\n--- vm show {VM} ---\n{}{}\n--- vm logs {VM} ---\n{}{}\n--- host bangerd.log ---\n{}",
+        "(the outer guest did not answer: {e})\n--- vm show {VM} ---\n{}{}\n--- vm logs {VM} ---\n{}{}\n--- vm logs --vmm {VM} ---\n{}{}\n--- host bangerd.log ---\n{}",
         text(&show).0,
         text(&show).1,
         text(&logs).0,
         text(&logs).1,
+        text(&vmm).0,
+        text(&vmm).1,
         tail.into_iter().rev().collect::<Vec<_>>().join("\n")
     )
 }
