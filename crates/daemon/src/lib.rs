@@ -257,6 +257,7 @@ pub async fn serve(daemon: Arc<Daemon>) -> anyhow::Result<()> {
     nix::sys::stat::umask(old);
     let listener = listener.with_context(|| format!("binding {}", socket.display()))?;
     std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o600))?;
+    let bound = file_identity(&socket);
     tracing::info!(socket = %socket.display(), pid = std::process::id(), backend = %daemon.backend_reason, "bangerd listening");
     let (router, _) = server::router(daemon.clone());
     web::start(&daemon, router.clone()).await;
@@ -282,10 +283,22 @@ pub async fn serve(daemon: Arc<Daemon>) -> anyhow::Result<()> {
     axum::serve(listener, router)
         .with_graceful_shutdown(async move { token.cancelled().await })
         .await?;
-    let _ = std::fs::remove_file(&socket);
+    // Only our own socket: a daemon started since (for another state dir
+    // with the same runtime dir, say) may have bound the path anew.
+    if bound.is_some() && file_identity(&socket) == bound {
+        let _ = std::fs::remove_file(&socket);
+    }
     drop(lock);
     tracing::info!("bangerd stopped; VMs keep running");
     Ok(())
+}
+
+/// The device and inode of the file at `path`, if there is one.
+fn file_identity(path: &std::path::Path) -> Option<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::symlink_metadata(path)
+        .ok()
+        .map(|m| (m.dev(), m.ino()))
 }
 
 /// Tells the `banger` that started us that the socket is live: it passes the

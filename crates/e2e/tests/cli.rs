@@ -100,6 +100,33 @@ fn daemon_status_socket_stop() {
     let stop = b.run(&["daemon", "stop"]);
     assert!(stop.status.success(), "{}", text(&stop).1);
     assert_eq!(b.run(&["daemon", "status"]).status.code(), Some(3));
+
+    // A daemon that stops removes only its own socket: a socket bound at
+    // the path since (by whoever) stays.
+    b.json(&["vm", "list"]); // starts it again
+    let st = b.json(&["daemon", "status"]);
+    let pid = st["pid"].as_i64().expect("pid") as i32;
+    let path = std::path::Path::new(sock.trim());
+    std::fs::rename(path, path.with_extension("old")).expect("move the socket aside");
+    let other = std::os::unix::net::UnixListener::bind(path).expect("bind another socket");
+    use std::os::unix::fs::MetadataExt;
+    let ino = std::fs::metadata(path).expect("the other socket").ino();
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
+    banger_e2e::wait_until(
+        "the daemon exits",
+        std::time::Duration::from_secs(30),
+        || {
+            let alive = unsafe { libc::kill(pid, 0) } == 0;
+            !alive
+        },
+    );
+    let after = std::fs::metadata(path).expect("the other socket is still there");
+    assert_eq!(
+        after.ino(),
+        ino,
+        "the stopping daemon removed a socket not its own"
+    );
+    drop(other);
     let _ = std::fs::remove_dir_all(&b.root);
 }
 
