@@ -10,6 +10,7 @@ pub mod exec;
 pub mod files;
 pub mod hold;
 pub mod images;
+pub mod progress;
 pub mod rules;
 pub mod sessions;
 pub mod templates;
@@ -19,6 +20,7 @@ use banger_version::BuildInfo;
 use serde::{Deserialize, Serialize};
 
 pub use client::{Client, ClientError};
+pub use progress::{Step, StepGroup};
 
 /// Route paths, shared by the server's router and the client.
 pub mod paths {
@@ -164,7 +166,8 @@ fn yes() -> bool {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Progress {
     /// Short phase name: `plan`, `image`, `disk`, `boot`, `agent`, ...
-    pub phase: String,
+    #[schema(value_type = String)]
+    pub phase: progress::Step,
     pub message: String,
     /// Milliseconds since the operation started.
     pub elapsed_ms: u64,

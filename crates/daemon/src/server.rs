@@ -499,7 +499,7 @@ pub(crate) fn progress_events<E: Send + 'static>(
     let tx = tx.clone();
     move |phase: &str, message: &str| {
         let _ = tx.send(wrap(Progress {
-            phase: phase.to_string(),
+            phase: phase.into(),
             message: message.to_string(),
             elapsed_ms: started.elapsed().as_millis() as u64,
         }));

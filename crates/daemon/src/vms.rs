@@ -50,7 +50,7 @@ impl Reporter {
     }
     pub(crate) fn progress(&self, phase: &str, message: &str) {
         let _ = self.tx.send(CreateVmEvent::Progress(Progress {
-            phase: phase.to_string(),
+            phase: phase.into(),
             message: message.to_string(),
             elapsed_ms: self.started.elapsed().as_millis() as u64,
         }));

@@ -4,7 +4,7 @@ use super::bench_util::{exec_with, ms};
 use crate::connect;
 use anyhow::Context;
 use banger_api::exec::{ExecOutput, ExecStart};
-use banger_api::{CreateVmEvent, CreateVmRequest};
+use banger_api::{CreateVmEvent, CreateVmRequest, Step};
 use banger_model::{InitramfsMode, WarmMode};
 use clap::{Args, Subcommand};
 use serde::Serialize;
@@ -440,10 +440,10 @@ async fn one_run(
     let vm = client
         .create_vm(&req, |ev| {
             if let CreateVmEvent::Progress(p) = ev {
-                match p.phase.as_str() {
+                match p.phase {
                     // A warm start's "boot" is the VMM loading the snapshot.
-                    "boot" | "restore" => boot_at = Some(t0.elapsed()),
-                    "ready" => ready_at = Some(t0.elapsed()),
+                    Step::Boot | Step::Restore => boot_at = Some(t0.elapsed()),
+                    Step::Ready => ready_at = Some(t0.elapsed()),
                     _ => {}
                 }
             }

@@ -641,7 +641,7 @@ pub async fn create_with_progress(
                 eprintln!("{}", spec.summary());
                 spec_printed = true;
             }
-            CreateVmEvent::Progress(p) if chatty || p.phase == "image" => {
+            CreateVmEvent::Progress(p) if chatty || p.phase == banger_api::Step::Image => {
                 eprintln!(
                     "[{:>5.1}s] {}: {}",
                     p.elapsed_ms as f64 / 1000.0,

@@ -16,7 +16,7 @@ use crate::connect;
 use crate::output;
 use anyhow::Context;
 use banger_api::exec::ExecStart;
-use banger_api::{Client, CreateVmEvent, CreateVmRequest};
+use banger_api::{Client, CreateVmEvent, CreateVmRequest, Step};
 use banger_model::{VmRecord, VmState};
 use banger_transfer::workspace::Workspace;
 use clap::Args;
@@ -71,16 +71,6 @@ pub struct RunRecord {
     pub timings_ms: BTreeMap<String, u64>,
 }
 
-/// Daemon step names, grouped into the phases users see.
-fn phase_of(daemon_phase: &str) -> Option<&'static str> {
-    match daemon_phase {
-        "dir" | "record" | "disks" | "ssh" | "files" | "clone-disks" => Some("create"),
-        "network" | "credentials" | "boot" | "agent" | "system" | "sshd" | "restore" | "grow"
-        | "identity" => Some("boot"),
-        _ => None,
-    }
-}
-
 /// Phase lines, timings and warnings of one run.
 struct Phases {
     started: Instant,
@@ -133,18 +123,18 @@ impl Phases {
                 eprintln!("{}", spec.summary());
             }
             // Always printed, right after the spec: warm or cold, and why.
-            CreateVmEvent::Progress(p) if p.phase == "start" => {
+            CreateVmEvent::Progress(p) if p.phase == Step::Start => {
                 eprintln!("start: {}", p.message);
             }
-            CreateVmEvent::Progress(p) if p.phase == "warning" => {
+            CreateVmEvent::Progress(p) if p.phase == Step::Warning => {
                 eprintln!("banger: warning: {}", p.message);
                 self.warnings.push(p.message.clone());
             }
-            CreateVmEvent::Progress(p) => match phase_of(&p.phase) {
-                Some(phase) => self.enter(phase, &p.message),
+            CreateVmEvent::Progress(p) => match p.phase.group() {
+                Some(group) => self.enter(group.as_str(), &p.message),
                 // The agent's and sshd's "ready" notes; ready is shown once
                 // the create is done.
-                None if p.phase == "ready" || p.phase == "note" => {}
+                None if matches!(p.phase, Step::Ready | Step::Note) => {}
                 // Anything before the VM's own steps is getting its image,
                 // which may take long: each of its steps gets a line.
                 None if matches!(self.current(), None | Some("image")) => {

@@ -69,7 +69,7 @@ pub async fn run(vm_ref: &str, command: Vec<String>) -> anyhow::Result<i32> {
     let vm = client
         .wait_vm(vm_ref, banger_api::WaitFor::Sshd, |ev| {
             if let banger_api::WaitEvent::Progress(p) = ev
-                && p.phase == "sshd"
+                && p.phase == banger_api::Step::Sshd
             {
                 eprintln!("banger: {}", p.message);
             }
