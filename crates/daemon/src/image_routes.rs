@@ -1,8 +1,8 @@
 //! HTTP routes for image and kernel pulls, registration, deletion and
 //! bundles (see `image_ops`).
 
+use crate::http::{operation, progress_events};
 use crate::image_ops::Report;
-use crate::server::{operation, progress_events};
 use crate::{Daemon, DaemonError};
 use axum::Json;
 use axum::extract::{Path, Query, State};

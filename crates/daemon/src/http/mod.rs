@@ -1,5 +1,7 @@
 //! The HTTP/JSON API on the daemon's Unix socket, described by OpenAPI.
 
+pub(crate) mod error;
+
 use crate::{Daemon, DaemonError};
 use axum::body::Body;
 use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
@@ -43,7 +45,7 @@ struct ApiDoc;
 
 /// The router and its OpenAPI document, built from the same route list so
 /// they cannot drift apart. Every error response, the framework's own
-/// rejections included, leaves as an `ApiError` ([`crate::api_errors`]),
+/// rejections included, leaves as an `ApiError` ([`error`]),
 /// and the document lists the statuses those rejections use.
 pub fn router(daemon: Shared) -> (Router, serde_json::Value) {
     let (router, mut api) = OpenApiRouter::with_openapi(ApiDoc::openapi())
@@ -71,7 +73,7 @@ pub fn router(daemon: Shared) -> (Router, serde_json::Value) {
         .merge(crate::session_routes::router())
         .with_state(daemon.clone())
         .split_for_parts();
-    crate::api_errors::document(&mut api);
+    error::document(&mut api);
     let mut api = serde_json::to_value(&api).expect("an OpenAPI document serialises to JSON");
     banger_api::rules::complete_document(&mut api);
     let doc = api.clone();
@@ -81,8 +83,8 @@ pub fn router(daemon: Shared) -> (Router, serde_json::Value) {
             axum::routing::get(move || async move { Json(doc) }),
         )
         .merge(internal_router(daemon))
-        .fallback(crate::api_errors::no_route)
-        .layer(axum::middleware::from_fn(crate::api_errors::layer));
+        .fallback(error::no_route)
+        .layer(axum::middleware::from_fn(error::layer));
     (router, api)
 }
 
