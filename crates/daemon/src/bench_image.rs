@@ -8,7 +8,7 @@
 //!   on 127.0.0.1 by this daemon, and installed by banger's catalog pull
 //!   (download, sha256, unpack), then by `curl | zstd -d | tar -x`.
 
-use crate::http::{operation, progress_events};
+use crate::http::stream::{operation, progress_events};
 use crate::{Daemon, DaemonError};
 use anyhow::{Context, anyhow};
 use axum::Json;

@@ -37,7 +37,7 @@ async fn put_files(
     Path(vm): Path<String>,
     ws: WebSocketUpgrade,
 ) -> Response {
-    crate::http::upgrade_to_agent(&d, &vm, ws, run_put)
+    crate::http::stream::upgrade_to_agent(&d, &vm, ws, run_put)
 }
 
 /// Streams a tar of a path out of a running VM (WebSocket; protocol:
@@ -50,7 +50,7 @@ async fn get_files(
     Path(vm): Path<String>,
     ws: WebSocketUpgrade,
 ) -> Response {
-    crate::http::upgrade_to_agent(&d, &vm, ws, run_get)
+    crate::http::stream::upgrade_to_agent(&d, &vm, ws, run_get)
 }
 
 async fn start<T: serde::de::DeserializeOwned>(socket: &mut WebSocket) -> Option<T> {

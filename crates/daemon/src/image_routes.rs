@@ -1,7 +1,7 @@
 //! HTTP routes for image and kernel pulls, registration, deletion and
 //! bundles (see `image_ops`).
 
-use crate::http::{operation, progress_events};
+use crate::http::stream::{operation, progress_events};
 use crate::image_ops::Report;
 use crate::{Daemon, DaemonError};
 use axum::Json;

@@ -1,6 +1,7 @@
 //! The HTTP/JSON API on the daemon's Unix socket, described by OpenAPI.
 
 pub(crate) mod error;
+pub(crate) mod stream;
 
 use crate::{Daemon, DaemonError};
 use axum::body::Body;
@@ -14,16 +15,14 @@ use banger_agent_proto::{ExecRequest, TtySize};
 use banger_api::exec::{ExecControl, ExecExit, ExecReport, ExecStart, STDERR, STDOUT};
 use banger_api::{
     ApiError, BuildImageEvent, BuildImageRequest, CreateVmEvent, CreateVmRequest, DaemonInfo,
-    KillRequest, LogSource, LogsQuery, NetworkBench, NetworkStatus, PortInfo, Progress,
-    SetVmRequest, VmBoot, VmStats, WaitEvent, WaitRequest, paths,
+    KillRequest, LogSource, LogsQuery, NetworkBench, NetworkStatus, PortInfo, SetVmRequest, VmBoot,
+    VmStats, WaitEvent, WaitRequest, paths,
 };
 use banger_model::{ImageRecord, KernelRecord, VmRecord};
 use banger_version::BuildInfo;
-use serde::Serialize;
 use std::sync::Arc;
-use std::time::Instant;
+use stream::{ndjson, operation, progress_events, upgrade_to_agent};
 use tokio::sync::mpsc;
-use tokio_util::sync::{CancellationToken, DropGuard};
 use utoipa::OpenApi;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
@@ -459,89 +458,6 @@ async fn build_image(State(d): State<Shared>, Json(req): Json<BuildImageRequest>
     )
 }
 
-/// Runs `op` as a streamed operation: the events it sends on its channel
-/// go out as NDJSON, its result ends the stream as `done(..)` or
-/// `error(..)`, and its token is cancelled when the client goes away or the
-/// daemon shuts down.
-pub(crate) fn operation<E, T, F, Fut>(
-    d: Shared,
-    done: fn(T) -> E,
-    error: fn(ApiError) -> E,
-    op: F,
-) -> Response
-where
-    E: Serialize + Send + 'static,
-    T: 'static,
-    F: FnOnce(Shared, mpsc::UnboundedSender<E>, CancellationToken) -> Fut + Send + 'static,
-    Fut: std::future::Future<Output = Result<T, DaemonError>> + Send + 'static,
-{
-    let (tx, rx) = mpsc::unbounded_channel();
-    let cancel = d.shutdown.child_token();
-    let guard = cancel.clone().drop_guard();
-    tokio::spawn(async move {
-        let ev = match op(d, tx.clone(), cancel).await {
-            Ok(v) => done(v),
-            Err(e) => {
-                tracing::warn!(error = %e, "streamed operation failed");
-                error(e.to_api())
-            }
-        };
-        let _ = tx.send(ev);
-    });
-    ndjson(rx, guard)
-}
-
-/// A `(phase, message)` callback sending `wrap(Progress)` events on `tx`,
-/// their time counted from now.
-pub(crate) fn progress_events<E: Send + 'static>(
-    tx: &mpsc::UnboundedSender<E>,
-    wrap: fn(Progress) -> E,
-) -> impl Fn(&str, &str) + Send + Sync + 'static {
-    let started = Instant::now();
-    let tx = tx.clone();
-    move |phase: &str, message: &str| {
-        let _ = tx.send(wrap(Progress {
-            phase: phase.to_string(),
-            message: message.to_string(),
-            elapsed_ms: started.elapsed().as_millis() as u64,
-        }));
-    }
-}
-
-/// Streams events as NDJSON. `guard` lives as long as the response body:
-/// when the client disconnects, the body is dropped and the guard cancels
-/// the operation behind it. A blank line every second keeps that detection
-/// prompt even while the operation has nothing to say (clients skip them).
-pub(crate) fn ndjson<E: Serialize + Send + 'static>(
-    rx: mpsc::UnboundedReceiver<E>,
-    guard: DropGuard,
-) -> Response {
-    let tick = tokio::time::interval(std::time::Duration::from_secs(1));
-    let stream =
-        futures::stream::unfold((rx, guard, tick), |(mut rx, guard, mut tick)| async move {
-            let line = tokio::select! {
-                ev = rx.recv() => match ev {
-                    Some(ev) => {
-                        let mut line = serde_json::to_vec(&ev).unwrap_or_default();
-                        line.push(b'\n');
-                        line
-                    }
-                    None => {
-                        // The operation finished: nothing left to cancel.
-                        guard.disarm();
-                        return None;
-                    }
-                },
-                _ = tick.tick() => b"\n".to_vec(),
-            };
-            Some((Ok::<_, std::convert::Infallible>(line), (rx, guard, tick)))
-        });
-    Response::builder()
-        .header(header::CONTENT_TYPE, "application/x-ndjson")
-        .body(Body::from_stream(stream))
-        .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
-}
-
 #[utoipa::path(get, path = paths::IMAGES, responses((status = 200, body = Vec<ImageRecord>)))]
 async fn list_images(State(d): State<Shared>) -> Result<Json<Vec<ImageRecord>>, DaemonError> {
     d.list_images().map(Json)
@@ -571,26 +487,6 @@ async fn exec_vm(
     ws: WebSocketUpgrade,
 ) -> Response {
     upgrade_to_agent(&d, &vm, ws, run_exec)
-}
-
-/// Answers a WebSocket upgrade for `vm` with `serve` on its agent, or with
-/// the error that says why the VM's agent cannot be reached.
-pub(crate) fn upgrade_to_agent<F, Fut>(
-    d: &Daemon,
-    vm: &str,
-    ws: WebSocketUpgrade,
-    serve: F,
-) -> Response
-where
-    F: FnOnce(banger_agent_proto::client::AgentClient, WebSocket) -> Fut + Send + 'static,
-    Fut: std::future::Future<Output = ()> + Send + 'static,
-{
-    match d.running_agent(vm) {
-        Ok((_, agent)) => ws
-            .on_upgrade(move |socket| serve(agent, socket))
-            .into_response(),
-        Err(e) => e.into_response(),
-    }
 }
 
 async fn run_exec(agent: banger_agent_proto::client::AgentClient, mut socket: WebSocket) {
