@@ -9,7 +9,6 @@ mod boot_path;
 mod derive;
 mod error;
 mod file_sync;
-mod files_routes;
 mod http;
 mod image_ops;
 mod image_routes;

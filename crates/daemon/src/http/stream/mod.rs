@@ -14,6 +14,10 @@ use std::time::Instant;
 use tokio::sync::mpsc;
 use tokio_util::sync::{CancellationToken, DropGuard};
 
+pub(crate) mod exec;
+pub(crate) mod files;
+pub(crate) mod session_socket;
+
 type Shared = Arc<Daemon>;
 
 /// Runs `op` as a streamed operation: the events it sends on its channel
