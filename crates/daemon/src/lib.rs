@@ -11,7 +11,6 @@ mod error;
 mod file_sync;
 mod http;
 mod image_ops;
-mod image_routes;
 mod images;
 mod lifecycle;
 mod log_index;
@@ -25,7 +24,6 @@ mod run_mode;
 pub mod server {
     pub use crate::http::router;
 }
-mod session_routes;
 mod settings;
 mod ssh;
 pub mod steps;

@@ -16,7 +16,7 @@ use utoipa_axum::routes;
 type Shared = Arc<Daemon>;
 
 /// The routes of this module, merged into the daemon's router.
-pub(crate) fn router() -> OpenApiRouter<Shared> {
+pub(super) fn router() -> OpenApiRouter<Shared> {
     OpenApiRouter::new()
         .routes(routes!(put_files))
         .routes(routes!(get_files))

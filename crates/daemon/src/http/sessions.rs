@@ -1,7 +1,7 @@
 //! HTTP routes for supervised guest sessions; the per-session Unix socket
 //! that `vm session attach` connects to is `http::stream::session_socket`.
 
-use crate::http::stream::session_socket;
+use super::stream::session_socket;
 use crate::{Daemon, DaemonError};
 use axum::Json;
 use axum::body::Body;
@@ -22,7 +22,7 @@ use utoipa_axum::routes;
 type Shared = Arc<Daemon>;
 
 /// The routes of this module, merged into the daemon's router.
-pub(crate) fn router() -> OpenApiRouter<Shared> {
+pub(super) fn router() -> OpenApiRouter<Shared> {
     OpenApiRouter::new()
         .routes(routes!(list_sessions, start_session))
         .routes(routes!(stop_session))

@@ -1,7 +1,7 @@
-//! HTTP routes for image and kernel pulls, registration, deletion and
-//! bundles (see `image_ops`).
+//! HTTP routes for images, kernels and warm-start templates: list, get,
+//! build, pull, register, delete, bundle (see `image_ops`).
 
-use crate::http::stream::{operation, progress_events};
+use super::stream::{operation, progress_events};
 use crate::image_ops::Report;
 use crate::{Daemon, DaemonError};
 use axum::Json;
@@ -12,7 +12,7 @@ use banger_api::images::{
     PullKernelEvent, PullKernelRequest, RegisterImageRequest, Transfer, routes as p,
 };
 use banger_api::templates::{WarmImageEvent, WarmImageRequest, routes as t};
-use banger_api::{ApiError, Progress, paths};
+use banger_api::{ApiError, BuildImageEvent, BuildImageRequest, Progress, paths};
 use banger_model::{ImageRecord, KernelRecord, TemplateRecord};
 use std::sync::Arc;
 use tokio::sync::mpsc;
@@ -22,8 +22,12 @@ use utoipa_axum::routes;
 type Shared = Arc<Daemon>;
 
 /// The routes of this module, merged into the daemon's router.
-pub(crate) fn router() -> OpenApiRouter<Shared> {
+pub(super) fn router() -> OpenApiRouter<Shared> {
     OpenApiRouter::new()
+        .routes(routes!(list_images))
+        .routes(routes!(get_image))
+        .routes(routes!(build_image))
+        .routes(routes!(list_kernels))
         .routes(routes!(pull_image))
         .routes(routes!(register_image))
         .routes(routes!(delete_image))
@@ -295,4 +299,71 @@ where
             op(d, req, report, cancel).await
         },
     )
+}
+
+/// Builds an image: locally from Debian packages (mmdebstrap), or with
+/// `from_image` derived from a registered image in a transient VM. Answers
+/// with newline-delimited JSON `BuildImageEvent`s; disconnecting cancels.
+#[utoipa::path(post, path = paths::IMAGE_BUILD, request_body = BuildImageRequest,
+    responses((status = 200, content_type = "application/x-ndjson", body = BuildImageEvent),
+              (status = 400, body = ApiError)))]
+async fn build_image(State(d): State<Shared>, Json(req): Json<BuildImageRequest>) -> Response {
+    let names = [Some(&req.name), req.from_image.as_ref()];
+    let checked = names
+        .into_iter()
+        .flatten()
+        .try_for_each(|n| crate::image_ops::check_name("image", n));
+    if let Err(e) = checked {
+        return e.into_response();
+    }
+    operation(
+        d,
+        BuildImageEvent::Done,
+        BuildImageEvent::Error,
+        move |d, tx, cancel| async move {
+            let progress = progress_events(&tx, BuildImageEvent::Progress);
+            match req.from_image.as_deref() {
+                Some(_) if req.suite.is_some() => Err(DaemonError::Invalid(
+                    "--suite is for local Debian builds; a derived image keeps its base image's suite".into(),
+                )),
+                Some(base) => {
+                    let derive = crate::derive::DeriveRequest {
+                        name: &req.name,
+                        base,
+                        docker: req.docker,
+                        packages: &req.packages,
+                    };
+                    d.derive_image(derive, &progress, cancel).await
+                }
+                None => {
+                    let suite = req.suite.as_deref().unwrap_or("bookworm");
+                    let mut packages = req.packages.clone();
+                    if req.docker {
+                        packages.push(banger_image::derive::DOCKER_PACKAGE.into());
+                    }
+                    d.build_debian_image(&req.name, suite, packages, &progress, cancel)
+                        .await
+                }
+            }
+        },
+    )
+}
+
+#[utoipa::path(get, path = paths::IMAGES, responses((status = 200, body = Vec<ImageRecord>)))]
+async fn list_images(State(d): State<Shared>) -> Result<Json<Vec<ImageRecord>>, DaemonError> {
+    d.list_images().map(Json)
+}
+
+#[utoipa::path(get, path = paths::IMAGE, params(("image" = String, Path)),
+    responses((status = 200, body = ImageRecord), (status = 404, body = ApiError)))]
+async fn get_image(
+    State(d): State<Shared>,
+    Path(image): Path<String>,
+) -> Result<Json<ImageRecord>, DaemonError> {
+    d.get_image(&image).map(Json)
+}
+
+#[utoipa::path(get, path = paths::KERNELS, responses((status = 200, body = Vec<KernelRecord>)))]
+async fn list_kernels(State(d): State<Shared>) -> Result<Json<Vec<KernelRecord>>, DaemonError> {
+    d.list_kernels().map(Json)
 }
