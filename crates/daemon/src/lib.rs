@@ -24,9 +24,11 @@ mod run_mode;
 pub mod server {
     pub use crate::http::router;
 }
+mod sessions;
 mod settings;
 mod ssh;
 pub mod steps;
+mod vm_logs;
 mod vms;
 mod warm;
 mod web;

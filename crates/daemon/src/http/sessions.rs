@@ -1,14 +1,11 @@
 //! HTTP routes for supervised guest sessions; the per-session Unix socket
 //! that `vm session attach` connects to is `http::stream::session_socket`.
 
-use super::stream::session_socket;
+use super::stream::{self, session_socket};
 use crate::{Daemon, DaemonError};
 use axum::Json;
-use axum::body::Body;
 use axum::extract::{Path, Query, State};
-use axum::http::header;
-use axum::response::{IntoResponse, Response};
-use banger_agent_proto::client::{ClientError, ExecEvent, ExecSession};
+use axum::response::Response;
 use banger_agent_proto::{OutputStream, SessionSpec, TtySize};
 use banger_api::ApiError;
 use banger_api::exec::ExecExit;
@@ -50,16 +47,6 @@ fn to_api(s: banger_agent_proto::SessionInfo) -> SessionInfo {
     }
 }
 
-/// Agent refusals are the caller's doing (unknown name, name in use, bad
-/// command); a lost connection is a conflict with the VM's state.
-fn agent_error(e: ClientError) -> DaemonError {
-    match e {
-        ClientError::Refused(m) if m.starts_with("no session named") => DaemonError::NotFound(m),
-        ClientError::Refused(m) => DaemonError::Invalid(m),
-        other => DaemonError::Conflict(other.to_string()),
-    }
-}
-
 /// The path parameters of a session's routes.
 #[derive(serde::Deserialize, utoipa::IntoParams)]
 #[into_params(parameter_in = Path)]
@@ -84,8 +71,7 @@ async fn list_sessions(
     State(d): State<Shared>,
     Path(vm): Path<String>,
 ) -> Result<Json<Vec<SessionInfo>>, DaemonError> {
-    let (_, agent) = d.running_agent(&vm)?;
-    let all = agent.session_list().await.map_err(agent_error)?;
+    let all = d.list_sessions(&vm).await?;
     Ok(Json(all.into_iter().map(to_api).collect()))
 }
 
@@ -102,7 +88,6 @@ async fn start_session(
     if req.argv.is_empty() {
         return Err(DaemonError::Invalid("a session needs a command".into()));
     }
-    let (_, agent) = d.running_agent(&vm)?;
     let spec = SessionSpec {
         name: req.name,
         argv: req.argv,
@@ -114,7 +99,7 @@ async fn start_session(
             StdinMode::Null => banger_agent_proto::StdinMode::Null,
         },
     };
-    let info = agent.session_start(spec).await.map_err(agent_error)?;
+    let info = d.start_session(&vm, spec).await?;
     Ok(Json(to_api(info)))
 }
 
@@ -127,8 +112,7 @@ async fn stop_session(
     Path(SessionPath { vm, name }): Path<SessionPath>,
 ) -> Result<Json<SessionInfo>, DaemonError> {
     check_name(&name)?;
-    let (_, agent) = d.running_agent(&vm)?;
-    let info = agent.session_stop(&name).await.map_err(agent_error)?;
+    let info = d.stop_session(&vm, &name).await?;
     Ok(Json(to_api(info)))
 }
 
@@ -154,40 +138,12 @@ async fn session_logs(
     Query(q): Query<LogsQuery>,
 ) -> Result<Response, DaemonError> {
     check_name(&name)?;
-    let (_, agent) = d.running_agent(&vm)?;
     let stream = q.stream.map(|s| match s {
         LogStream::Stdout => OutputStream::Stdout,
         LogStream::Stderr => OutputStream::Stderr,
     });
-    let mut logs = agent
-        .session_logs(&name, stream, q.follow)
-        .map_err(agent_error)?;
-    // The first event tells an unknown session from an empty log.
-    let first = next_bytes(&mut logs).await.map_err(|e| match e {
-        ClientError::Refused(m) => agent_error(ClientError::Refused(m)),
-        other => DaemonError::Conflict(other.to_string()),
-    })?;
-    let head = futures::stream::iter(first.map(Ok::<_, std::convert::Infallible>));
-    let rest = futures::stream::unfold(logs, |mut logs| async move {
-        match next_bytes(&mut logs).await {
-            Ok(Some(data)) => Some((Ok(data), logs)),
-            _ => None,
-        }
-    });
-    use futures::StreamExt;
-    Ok(Response::builder()
-        .header(header::CONTENT_TYPE, "application/octet-stream")
-        .body(Body::from_stream(head.chain(rest)))
-        .unwrap_or_else(|_| axum::http::StatusCode::INTERNAL_SERVER_ERROR.into_response()))
-}
-
-/// The next output of a logs/attach stream; `None` at its end.
-async fn next_bytes(s: &mut ExecSession) -> Result<Option<Vec<u8>>, ClientError> {
-    match s.next_event().await? {
-        Some(ExecEvent::Stdout(d) | ExecEvent::Stderr(d)) => Ok(Some(d)),
-        Some(ExecEvent::Error(m)) => Err(ClientError::Refused(m)),
-        Some(ExecEvent::Exited(_) | ExecEvent::Session(_)) | None => Ok(None),
-    }
+    let logs = d.session_log_stream(&vm, &name, stream, q.follow).await?;
+    Ok(stream::bytes("application/octet-stream", logs))
 }
 
 /// Opens (or reuses) the session's attach socket and, for a tty session
@@ -202,35 +158,15 @@ async fn attach_session(
     Json(req): Json<AttachRequest>,
 ) -> Result<Json<AttachInfo>, DaemonError> {
     check_name(&name)?;
-    let (rec, agent) = d.running_agent(&vm)?;
-    let all = agent.session_list().await.map_err(agent_error)?;
-    let Some(info) = all.into_iter().find(|s| s.name == name) else {
-        return Err(DaemonError::NotFound(format!(
-            "VM {} has no session named {name:?}: `banger vm session list {}` shows them",
-            rec.name, rec.name
-        )));
-    };
-    if info.status.is_some() {
-        return Err(DaemonError::Conflict(format!(
-            "session {name:?} has ended: `banger vm session logs` shows its output"
-        )));
-    }
-    if let Some(size) = req.size
-        && info.stdin == banger_agent_proto::StdinMode::Tty
-    {
-        // A short attach of its own carries the resize.
-        let s = agent.session_attach(&name).map_err(agent_error)?;
-        s.resize(TtySize {
-            rows: size.rows,
-            cols: size.cols,
-        })
-        .map_err(agent_error)?;
-        s.detach().map_err(agent_error)?;
-    }
-    let socket = session_socket::socket_path(&rec.dir, &name)?;
-    session_socket::ensure_bridge(&socket, agent, name, d.shutdown.clone()).await?;
+    let size = req.size.map(|size| TtySize {
+        rows: size.rows,
+        cols: size.cols,
+    });
+    let attach = d.attach_session(&vm, &name, size).await?;
+    let socket = session_socket::socket_path(&attach.vm.dir, &name)?;
+    session_socket::ensure_bridge(&socket, attach.agent, name, d.shutdown.clone()).await?;
     Ok(Json(AttachInfo {
         socket: socket.display().to_string(),
-        session: to_api(info),
+        session: to_api(attach.session),
     }))
 }

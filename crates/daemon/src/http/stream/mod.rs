@@ -2,11 +2,13 @@
 //! events, their cancellation when the client goes away) and WebSocket
 //! upgrades to a running VM's agent.
 
+use crate::image_ops::Report;
 use crate::{Daemon, DaemonError};
 use axum::body::Body;
 use axum::extract::ws::{WebSocket, WebSocketUpgrade};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
+use banger_api::images::Transfer;
 use banger_api::{ApiError, Progress};
 use serde::Serialize;
 use std::sync::Arc;
@@ -121,4 +123,50 @@ where
             .into_response(),
         Err(e) => e.into_response(),
     }
+}
+
+/// A [`Report`] sending `Progress` and `Transfer` events made by `wrap`.
+pub(crate) fn reporter<E: Send + 'static>(
+    tx: &mpsc::UnboundedSender<E>,
+    progress: fn(Progress) -> E,
+    transfer: Option<fn(Transfer) -> E>,
+) -> Report {
+    let ttx = tx.clone();
+    // Transfers are throttled to whole percents so the stream stays small.
+    let last = Arc::new(std::sync::Mutex::new((String::new(), u64::MAX)));
+    Report {
+        progress: Arc::new(progress_events(tx, progress)),
+        transfer: Arc::new(move |phase: &str, done: u64, total: u64| {
+            let Some(wrap) = transfer else { return };
+            let pct = done
+                .saturating_mul(100)
+                .checked_div(total)
+                .unwrap_or(done >> 20);
+            let mut l = last.lock().unwrap_or_else(|e| e.into_inner());
+            if l.0 == phase && l.1 == pct && done != total {
+                return;
+            }
+            *l = (phase.to_string(), pct);
+            let _ = ttx.send(wrap(Transfer {
+                phase: phase.to_string(),
+                done,
+                total,
+            }));
+        }),
+    }
+}
+
+/// A response whose body is `stream`'s bytes as they come, as
+/// `content_type`.
+pub(crate) fn bytes<S>(content_type: &'static str, stream: S) -> Response
+where
+    S: futures::Stream<Item = Vec<u8>> + Send + 'static,
+{
+    use futures::StreamExt;
+    Response::builder()
+        .header(header::CONTENT_TYPE, content_type)
+        .body(Body::from_stream(
+            stream.map(Ok::<_, std::convert::Infallible>),
+        ))
+        .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
 }
