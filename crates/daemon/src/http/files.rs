@@ -2,18 +2,15 @@
 //! WebSockets (protocol: `banger_api::files`); the relays are in
 //! `stream::files`.
 
+use super::Shared;
 use super::stream::{files, upgrade_to_agent};
-use crate::Daemon;
 use axum::extract::ws::WebSocketUpgrade;
 use axum::extract::{Path, State};
 use axum::response::Response;
 use banger_api::ApiError;
 use banger_api::files::{GetFilesStart, PutFilesStart, routes as p};
-use std::sync::Arc;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
-
-type Shared = Arc<Daemon>;
 
 /// The routes of this module, merged into the daemon's router.
 pub(super) fn router() -> OpenApiRouter<Shared> {

@@ -1,9 +1,10 @@
 //! HTTP routes for images, kernels and warm-start templates: list, get,
 //! build, pull, register, delete, bundle (see `image_ops`).
 
+use super::Shared;
 use super::stream::{operation, progress_events, reporter};
+use crate::DaemonError;
 use crate::image_ops::Report;
-use crate::{Daemon, DaemonError};
 use axum::Json;
 use axum::extract::{Path, Query, State};
 use axum::response::{IntoResponse, Response};
@@ -14,11 +15,8 @@ use banger_api::images::{
 use banger_api::templates::{WarmImageEvent, WarmImageRequest, routes as t};
 use banger_api::{ApiError, BuildImageEvent, BuildImageRequest, paths};
 use banger_model::{ImageRecord, KernelRecord, TemplateRecord};
-use std::sync::Arc;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
-
-type Shared = Arc<Daemon>;
 
 /// The routes of this module, merged into the daemon's router.
 pub(super) fn router() -> OpenApiRouter<Shared> {

@@ -1,16 +1,14 @@
 //! Routes outside the public document: the benchmarks `banger bench`
 //! drives (`/internal/...`, no stability promise).
 
+use super::Shared;
 use super::stream::{operation, progress_events};
-use crate::{Daemon, DaemonError};
+use crate::DaemonError;
 use axum::extract::State;
 use axum::response::Response;
 use axum::{Json, Router};
 use banger_api::bench::{ImageBenchEvent, ImageBenchRequest, routes as p};
 use banger_api::{NetworkBench, paths};
-use std::sync::Arc;
-
-type Shared = Arc<Daemon>;
 
 /// The internal routes, outside the public document.
 pub(super) fn router(daemon: Shared) -> Router {

@@ -19,6 +19,7 @@ use utoipa::OpenApi;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
+/// The daemon as the handlers' state.
 type Shared = Arc<Daemon>;
 
 #[derive(OpenApi)]

@@ -1,8 +1,9 @@
 //! HTTP routes for supervised guest sessions; the per-session Unix socket
 //! that `vm session attach` connects to is `http::stream::session_socket`.
 
+use super::Shared;
 use super::stream::{self, session_socket};
-use crate::{Daemon, DaemonError};
+use crate::DaemonError;
 use axum::Json;
 use axum::extract::{Path, Query, State};
 use axum::response::Response;
@@ -12,11 +13,8 @@ use banger_api::exec::ExecExit;
 use banger_api::sessions::{
     AttachInfo, AttachRequest, LogStream, SessionInfo, StartSession, StdinMode, paths as p,
 };
-use std::sync::Arc;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
-
-type Shared = Arc<Daemon>;
 
 /// The routes of this module, merged into the daemon's router.
 pub(super) fn router() -> OpenApiRouter<Shared> {

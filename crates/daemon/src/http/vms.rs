@@ -1,8 +1,9 @@
 //! HTTP routes for VMs: list, create, inspect, lifecycle, settings, logs,
 //! ports, waiting, and exec (the relay is `stream::exec`).
 
+use super::Shared;
 use super::stream::{self, ndjson, operation, progress_events, upgrade_to_agent};
-use crate::{Daemon, DaemonError};
+use crate::DaemonError;
 use axum::Json;
 use axum::extract::ws::WebSocketUpgrade;
 use axum::extract::{Path, Query, State};
@@ -13,12 +14,9 @@ use banger_api::{
     VmBoot, VmStats, WaitEvent, WaitRequest, paths,
 };
 use banger_model::VmRecord;
-use std::sync::Arc;
 use tokio::sync::mpsc;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
-
-type Shared = Arc<Daemon>;
 
 /// The routes of this module, merged into the daemon's router.
 pub(super) fn router() -> OpenApiRouter<Shared> {

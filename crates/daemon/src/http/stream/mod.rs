@@ -2,6 +2,7 @@
 //! events, their cancellation when the client goes away) and WebSocket
 //! upgrades to a running VM's agent.
 
+use super::Shared;
 use crate::image_ops::Report;
 use crate::{Daemon, DaemonError};
 use axum::body::Body;
@@ -19,8 +20,6 @@ use tokio_util::sync::{CancellationToken, DropGuard};
 pub(crate) mod exec;
 pub(crate) mod files;
 pub(crate) mod session_socket;
-
-type Shared = Arc<Daemon>;
 
 /// Runs `op` as a streamed operation: the events it sends on its channel
 /// go out as NDJSON, its result ends the stream as `done(..)` or
