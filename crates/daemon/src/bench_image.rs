@@ -1,6 +1,7 @@
-//! `POST /v1/bench/image` (`banger bench image`): an OCI import and a
-//! catalog install, each timed side by side with the usual tool chain in the
-//! same run, in a scratch directory removed afterwards.
+//! `banger bench image` (`POST /internal/bench/image`, routed by
+//! `http::internal`): an OCI import and a catalog install, each timed side
+//! by side with the usual tool chain in the same run, in a scratch directory
+//! removed afterwards.
 //!
 //! - OCI: [`banger_oci::bench::bench_image`] (banger's pull with a cold and a
 //!   warm cache, then `skopeo copy` + `umoci unpack` + `mkfs.ext4 -d`).
@@ -8,44 +9,14 @@
 //!   on 127.0.0.1 by this daemon, and installed by banger's catalog pull
 //!   (download, sha256, unpack), then by `curl | zstd -d | tar -x`.
 
-use crate::server::{operation, progress_events};
 use crate::{Daemon, DaemonError};
 use anyhow::{Context, anyhow};
-use axum::Json;
-use axum::extract::State;
-use axum::response::Response;
-use banger_api::bench::{
-    CatalogInstallBench, ImageBench, ImageBenchEvent, ImageBenchRequest, OciImportBench,
-    routes as p,
-};
+use banger_api::bench::{CatalogInstallBench, ImageBench, ImageBenchRequest, OciImportBench};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
-
-type Shared = Arc<Daemon>;
-
-/// The routes of this module, merged into the daemon's internal routes
-/// (not in the public API document).
-pub(crate) fn router() -> axum::Router<Shared> {
-    axum::Router::new().route(p::BENCH_IMAGE, axum::routing::post(bench_image))
-}
-
-/// Times an OCI import and a catalog install against skopeo/umoci/mkfs and
-/// curl/zstd/tar. Answers with newline-delimited JSON `ImageBenchEvent`s;
-/// disconnecting cancels.
-async fn bench_image(State(d): State<Shared>, Json(req): Json<ImageBenchRequest>) -> Response {
-    operation(
-        d,
-        ImageBenchEvent::Done,
-        ImageBenchEvent::Error,
-        move |d, tx, cancel| async move {
-            let progress = progress_events(&tx, ImageBenchEvent::Progress);
-            d.bench_image(&req, &progress, &cancel).await
-        },
-    )
-}
 
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0

@@ -1,6 +1,5 @@
-use banger_api::ApiError;
-
-/// A failed daemon operation, classified for the API.
+/// A failed daemon operation, classified by what went wrong; the HTTP front
+/// end (`http::error`) decides the status and `code` it answers with.
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
     #[error("{0}")]
@@ -11,24 +10,6 @@ pub enum DaemonError {
     Invalid(String),
     #[error("{0:#}")]
     Failed(#[from] anyhow::Error),
-}
-
-impl DaemonError {
-    pub fn code(&self) -> &'static str {
-        match self {
-            DaemonError::NotFound(_) => "not_found",
-            DaemonError::Conflict(_) => "conflict",
-            DaemonError::Invalid(_) => "invalid",
-            DaemonError::Failed(_) => "failed",
-        }
-    }
-
-    pub fn to_api(&self) -> ApiError {
-        ApiError {
-            code: self.code().to_string(),
-            message: self.to_string(),
-        }
-    }
 }
 
 impl From<banger_store::StoreError> for DaemonError {

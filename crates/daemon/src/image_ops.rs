@@ -4,7 +4,9 @@
 use crate::vms::now_rfc3339;
 use crate::{Daemon, DaemonError};
 use anyhow::anyhow;
-use banger_api::images::{BundleRequest, BundleResult, PullImageRequest, RegisterImageRequest};
+use banger_api::images::{
+    BundleRequest, BundleResult, PullImageRequest, PullKernelRequest, RegisterImageRequest,
+};
 use banger_catalog::{CatalogError, IndexEntry};
 use banger_model::{ImageRecord, KernelRecord};
 use std::path::{Path, PathBuf};
@@ -414,6 +416,47 @@ impl Daemon {
         check_name("image", &name)?;
         banger_oci::parse_reference(reference).map_err(oci_error)?;
         self.refuse_existing_image(&name)
+    }
+
+    /// A kernel pull, checked before its stream starts: a valid name that
+    /// no kernel has yet.
+    pub(crate) fn check_pull_kernel(&self, req: &PullKernelRequest) -> Result<(), DaemonError> {
+        check_name("kernel", &req.name)?;
+        match self.store.get_kernel(&req.name) {
+            Ok(_) => Err(DaemonError::Conflict(format!(
+                "kernel {} is already registered: delete it first (banger kernel delete {})",
+                req.name, req.name
+            ))),
+            Err(_) => Ok(()),
+        }
+    }
+
+    /// A bundle of `image`, checked before its stream starts: the
+    /// request's own rules, then the image.
+    pub(crate) fn check_bundle_image(
+        &self,
+        image: &str,
+        req: &BundleRequest,
+    ) -> Result<(), DaemonError> {
+        check_bundle(req)?;
+        self.store.get_image(image).map(|_| ()).map_err(|_| {
+            DaemonError::NotFound(format!("no image named {image}: see `banger image list`"))
+        })
+    }
+
+    /// A bundle of `kernel`, checked before its stream starts: the
+    /// request's own rules, then the kernel.
+    pub(crate) fn check_bundle_kernel(
+        &self,
+        kernel: &str,
+        req: &BundleRequest,
+    ) -> Result<(), DaemonError> {
+        check_bundle(req)?;
+        self.store.get_kernel(kernel).map(|_| ()).map_err(|_| {
+            DaemonError::NotFound(format!(
+                "no kernel named {kernel}: see `banger kernel list`"
+            ))
+        })
     }
 
     /// `POST /v1/images/pull`: a catalog name or an OCI reference.
@@ -943,6 +986,18 @@ async fn finish_bundle(
         entry,
         index: index.map(|p| p.display().to_string()),
     })
+}
+
+/// The request's own rules, checked before the stream starts.
+fn check_bundle(req: &BundleRequest) -> Result<(), DaemonError> {
+    use banger_api::rules::{BASE_URL, HOST_PATH};
+    let paths = [Some(&req.out_dir), req.index.as_ref()];
+    paths
+        .into_iter()
+        .flatten()
+        .try_for_each(|p| HOST_PATH.check(p))
+        .and_then(|()| BASE_URL.check(&req.base_url))
+        .map_err(|e| DaemonError::Invalid(e.to_string()))
 }
 
 #[cfg(test)]

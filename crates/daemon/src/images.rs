@@ -4,6 +4,8 @@ use crate::image_ops::{Report, catalog_unavailable};
 use crate::vms::now_rfc3339;
 use crate::{Daemon, DaemonError};
 use anyhow::Context;
+use banger_api::BuildImageRequest;
+use banger_api::templates::WarmImageRequest;
 use banger_image::{DebianBuild, GuestPayload, Progress as BuildProgress};
 use banger_model::{ImageRecord, KernelRecord};
 use std::sync::Arc;
@@ -68,6 +70,67 @@ impl Daemon {
         }
         self.build_debian_image(name, DEFAULT_SUITE, Vec::new(), progress, cancel.clone())
             .await
+    }
+
+    /// A template build of `image`, checked before its stream starts: the
+    /// shape's resources, the name, and the image (the default image may
+    /// still be missing: the build makes it).
+    pub(crate) fn check_warm_image(
+        &self,
+        image: &str,
+        req: &WarmImageRequest,
+    ) -> Result<(), DaemonError> {
+        crate::settings::check_resources(req.vcpu, req.memory_mib, None)?;
+        crate::image_ops::check_name("image", image)?;
+        if image == self.config.default_image_name {
+            return Ok(());
+        }
+        self.store.get_image(image).map(|_| ()).map_err(|_| {
+            DaemonError::NotFound(format!("no image named {image}: see `banger image list`"))
+        })
+    }
+
+    /// The names of a build request, checked before its stream starts.
+    pub(crate) fn check_build_image(&self, req: &BuildImageRequest) -> Result<(), DaemonError> {
+        let names = [Some(&req.name), req.from_image.as_ref()];
+        names
+            .into_iter()
+            .flatten()
+            .try_for_each(|n| crate::image_ops::check_name("image", n))
+    }
+
+    /// `POST /v1/images/build`: a local Debian build, or with `from_image`
+    /// an image derived from a registered one in a transient VM.
+    pub(crate) async fn build_image(
+        self: &Arc<Self>,
+        req: BuildImageRequest,
+        progress: &(dyn Fn(&str, &str) + Send + Sync),
+        cancel: CancellationToken,
+    ) -> Result<ImageRecord, DaemonError> {
+        match req.from_image.as_deref() {
+            Some(_) if req.suite.is_some() => Err(DaemonError::Invalid(
+                "--suite is for local Debian builds; a derived image keeps its base image's suite"
+                    .into(),
+            )),
+            Some(base) => {
+                let derive = crate::derive::DeriveRequest {
+                    name: &req.name,
+                    base,
+                    docker: req.docker,
+                    packages: &req.packages,
+                };
+                self.derive_image(derive, progress, cancel).await
+            }
+            None => {
+                let suite = req.suite.as_deref().unwrap_or(DEFAULT_SUITE);
+                let mut packages = req.packages.clone();
+                if req.docker {
+                    packages.push(banger_image::derive::DOCKER_PACKAGE.into());
+                }
+                self.build_debian_image(&req.name, suite, packages, progress, cancel)
+                    .await
+            }
+        }
     }
 
     /// Builds (or finds, if already built) a Debian image with

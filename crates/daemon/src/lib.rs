@@ -1,18 +1,16 @@
 //! bangerd: the daemon that owns VM lifecycle, images and the API.
 //!
-//! One [`Daemon`] value holds all state; the HTTP front end (`server`) turns
+//! One [`Daemon`] value holds all state; the HTTP front end (`http`) turns
 //! requests into calls on it. Operations on one VM are serialised by a
 //! per-VM lock; different VMs proceed in parallel.
 
-mod api_errors;
 mod bench_image;
 mod boot_path;
 mod derive;
 mod error;
 mod file_sync;
-mod files_routes;
+mod http;
 mod image_ops;
-mod image_routes;
 mod images;
 mod lifecycle;
 mod log_index;
@@ -22,11 +20,15 @@ mod ownership;
 mod private;
 mod reconcile;
 mod run_mode;
-pub mod server;
-mod session_routes;
+/// The HTTP front end's router under its old path, for the tests.
+pub mod server {
+    pub use crate::http::router;
+}
+mod sessions;
 mod settings;
 mod ssh;
 pub mod steps;
+mod vm_logs;
 mod vms;
 mod warm;
 mod web;
@@ -259,7 +261,7 @@ pub async fn serve(daemon: Arc<Daemon>) -> anyhow::Result<()> {
     std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o600))?;
     let bound = file_identity(&socket);
     tracing::info!(socket = %socket.display(), pid = std::process::id(), backend = %daemon.backend_reason, "bangerd listening");
-    let (router, _) = server::router(daemon.clone());
+    let (router, _) = http::router(daemon.clone());
     web::start(&daemon, router.clone()).await;
     notify_ready();
 

@@ -1,29 +1,30 @@
-//! HTTP routes for image and kernel pulls, registration, deletion and
-//! bundles (see `image_ops`).
+//! HTTP routes for images, kernels and warm-start templates: list, get,
+//! build, pull, register, delete, bundle (see `image_ops`).
 
+use super::Shared;
+use super::stream::{operation, progress_events, reporter};
+use crate::DaemonError;
 use crate::image_ops::Report;
-use crate::server::{operation, progress_events};
-use crate::{Daemon, DaemonError};
 use axum::Json;
 use axum::extract::{Path, Query, State};
 use axum::response::{IntoResponse, Response};
 use banger_api::images::{
     BundleEvent, BundleRequest, BundleResult, DeleteImageQuery, PullImageEvent, PullImageRequest,
-    PullKernelEvent, PullKernelRequest, RegisterImageRequest, Transfer, routes as p,
+    PullKernelEvent, PullKernelRequest, RegisterImageRequest, routes as p,
 };
 use banger_api::templates::{WarmImageEvent, WarmImageRequest, routes as t};
-use banger_api::{ApiError, Progress, paths};
+use banger_api::{ApiError, BuildImageEvent, BuildImageRequest, paths};
 use banger_model::{ImageRecord, KernelRecord, TemplateRecord};
-use std::sync::Arc;
-use tokio::sync::mpsc;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
-type Shared = Arc<Daemon>;
-
 /// The routes of this module, merged into the daemon's router.
-pub(crate) fn router() -> OpenApiRouter<Shared> {
+pub(super) fn router() -> OpenApiRouter<Shared> {
     OpenApiRouter::new()
+        .routes(routes!(list_images))
+        .routes(routes!(get_image))
+        .routes(routes!(build_image))
+        .routes(routes!(list_kernels))
         .routes(routes!(pull_image))
         .routes(routes!(register_image))
         .routes(routes!(delete_image))
@@ -55,18 +56,7 @@ async fn warm_image(
     Path(image): Path<String>,
     Json(req): Json<WarmImageRequest>,
 ) -> Response {
-    let checked = crate::settings::check_resources(req.vcpu, req.memory_mib, None)
-        .map(|_| ())
-        .and_then(|()| crate::image_ops::check_name("image", &image))
-        .and_then(|()| {
-            if image == d.config.default_image_name {
-                return Ok(());
-            }
-            d.store.get_image(&image).map(|_| ()).map_err(|_| {
-                DaemonError::NotFound(format!("no image named {image}: see `banger image list`"))
-            })
-        });
-    if let Err(e) = checked {
+    if let Err(e) = d.check_warm_image(&image, &req) {
         return e.into_response();
     }
     operation(
@@ -90,37 +80,6 @@ async fn drop_templates(
     Path(image): Path<String>,
 ) -> Result<Json<Vec<TemplateRecord>>, DaemonError> {
     d.drop_templates(&image).await.map(Json)
-}
-
-/// A [`Report`] sending `Progress` and `Transfer` events made by `wrap`.
-fn reporter<E: Send + 'static>(
-    tx: &mpsc::UnboundedSender<E>,
-    progress: fn(Progress) -> E,
-    transfer: Option<fn(Transfer) -> E>,
-) -> Report {
-    let ttx = tx.clone();
-    // Transfers are throttled to whole percents so the stream stays small.
-    let last = Arc::new(std::sync::Mutex::new((String::new(), u64::MAX)));
-    Report {
-        progress: Arc::new(progress_events(tx, progress)),
-        transfer: Arc::new(move |phase: &str, done: u64, total: u64| {
-            let Some(wrap) = transfer else { return };
-            let pct = done
-                .saturating_mul(100)
-                .checked_div(total)
-                .unwrap_or(done >> 20);
-            let mut l = last.lock().unwrap_or_else(|e| e.into_inner());
-            if l.0 == phase && l.1 == pct && done != total {
-                return;
-            }
-            *l = (phase.to_string(), pct);
-            let _ = ttx.send(wrap(Transfer {
-                phase: phase.to_string(),
-                done,
-                total,
-            }));
-        }),
-    }
 }
 
 /// Pulls an image: a catalog name through the catalog (with its kernel when
@@ -154,16 +113,7 @@ async fn pull_image(State(d): State<Shared>, Json(req): Json<PullImageRequest>) 
     responses((status = 200, content_type = "application/x-ndjson", body = PullKernelEvent),
               (status = 400, body = ApiError), (status = 409, body = ApiError)))]
 async fn pull_kernel(State(d): State<Shared>, Json(req): Json<PullKernelRequest>) -> Response {
-    let checked = crate::image_ops::check_name("kernel", &req.name).and_then(|()| {
-        match d.store.get_kernel(&req.name) {
-            Ok(_) => Err(DaemonError::Conflict(format!(
-                "kernel {} is already registered: delete it first (banger kernel delete {})",
-                req.name, req.name
-            ))),
-            Err(_) => Ok(()),
-        }
-    });
-    if let Err(e) = checked {
+    if let Err(e) = d.check_pull_kernel(&req) {
         return e.into_response();
     }
     operation(
@@ -233,10 +183,7 @@ async fn bundle_image(
     Path(image): Path<String>,
     Json(req): Json<BundleRequest>,
 ) -> Response {
-    let exists = d.store.get_image(&image).map(|_| ()).map_err(|_| {
-        DaemonError::NotFound(format!("no image named {image}: see `banger image list`"))
-    });
-    if let Err(e) = check_bundle(&req).and(exists) {
+    if let Err(e) = d.check_bundle_image(&image, &req) {
         return e.into_response();
     }
     bundle(d, req, move |d, req, report, cancel| async move {
@@ -254,29 +201,12 @@ async fn bundle_kernel(
     Path(kernel): Path<String>,
     Json(req): Json<BundleRequest>,
 ) -> Response {
-    let exists = d.store.get_kernel(&kernel).map(|_| ()).map_err(|_| {
-        DaemonError::NotFound(format!(
-            "no kernel named {kernel}: see `banger kernel list`"
-        ))
-    });
-    if let Err(e) = check_bundle(&req).and(exists) {
+    if let Err(e) = d.check_bundle_kernel(&kernel, &req) {
         return e.into_response();
     }
     bundle(d, req, move |d, req, report, cancel| async move {
         d.bundle_kernel(&kernel, req, &report, &cancel).await
     })
-}
-
-/// The request's own rules, checked before the stream starts.
-fn check_bundle(req: &BundleRequest) -> Result<(), DaemonError> {
-    use banger_api::rules::{BASE_URL, HOST_PATH};
-    let paths = [Some(&req.out_dir), req.index.as_ref()];
-    paths
-        .into_iter()
-        .flatten()
-        .try_for_each(|p| HOST_PATH.check(p))
-        .and_then(|()| BASE_URL.check(&req.base_url))
-        .map_err(|e| DaemonError::Invalid(e.to_string()))
 }
 
 fn bundle<F, Fut>(d: Shared, req: BundleRequest, op: F) -> Response
@@ -295,4 +225,44 @@ where
             op(d, req, report, cancel).await
         },
     )
+}
+
+/// Builds an image: locally from Debian packages (mmdebstrap), or with
+/// `from_image` derived from a registered image in a transient VM. Answers
+/// with newline-delimited JSON `BuildImageEvent`s; disconnecting cancels.
+#[utoipa::path(post, path = paths::IMAGE_BUILD, request_body = BuildImageRequest,
+    responses((status = 200, content_type = "application/x-ndjson", body = BuildImageEvent),
+              (status = 400, body = ApiError)))]
+async fn build_image(State(d): State<Shared>, Json(req): Json<BuildImageRequest>) -> Response {
+    if let Err(e) = d.check_build_image(&req) {
+        return e.into_response();
+    }
+    operation(
+        d,
+        BuildImageEvent::Done,
+        BuildImageEvent::Error,
+        move |d, tx, cancel| async move {
+            let progress = progress_events(&tx, BuildImageEvent::Progress);
+            d.build_image(req, &progress, cancel).await
+        },
+    )
+}
+
+#[utoipa::path(get, path = paths::IMAGES, responses((status = 200, body = Vec<ImageRecord>)))]
+async fn list_images(State(d): State<Shared>) -> Result<Json<Vec<ImageRecord>>, DaemonError> {
+    d.list_images().map(Json)
+}
+
+#[utoipa::path(get, path = paths::IMAGE, params(("image" = String, Path)),
+    responses((status = 200, body = ImageRecord), (status = 404, body = ApiError)))]
+async fn get_image(
+    State(d): State<Shared>,
+    Path(image): Path<String>,
+) -> Result<Json<ImageRecord>, DaemonError> {
+    d.get_image(&image).map(Json)
+}
+
+#[utoipa::path(get, path = paths::KERNELS, responses((status = 200, body = Vec<KernelRecord>)))]
+async fn list_kernels(State(d): State<Shared>) -> Result<Json<Vec<KernelRecord>>, DaemonError> {
+    d.list_kernels().map(Json)
 }

@@ -1,57 +1,14 @@
-//! File transfer routes: tar streams into and out of a running VM over
+//! File transfer relays: tar streams into and out of a running VM over
 //! WebSockets (protocol: `banger_api::files`), relayed to the guest agent's
 //! archive channels. The agent's credit window paces the relay, and the
 //! relay only reads from the client when the agent can take more, so a
 //! fast client is held back by its socket, not buffered here.
 
-use crate::Daemon;
-use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
-use axum::extract::{Path, State};
-use axum::response::Response;
+use axum::extract::ws::{Message, WebSocket};
 use banger_agent_proto::client::{AgentClient, ClientError};
 use banger_agent_proto::{ArchiveSummary, GetArchive, PutArchive};
 use banger_api::ApiError;
-use banger_api::files::{
-    FilesControl, FilesReport, FilesSummary, GetFilesStart, PutFilesStart, routes as p,
-};
-use std::sync::Arc;
-use utoipa_axum::router::OpenApiRouter;
-use utoipa_axum::routes;
-
-type Shared = Arc<Daemon>;
-
-/// The routes of this module, merged into the daemon's router.
-pub(crate) fn router() -> OpenApiRouter<Shared> {
-    OpenApiRouter::new()
-        .routes(routes!(put_files))
-        .routes(routes!(get_files))
-}
-
-/// Unpacks a tar stream into a running VM (WebSocket; protocol:
-/// `banger_api::files`).
-#[utoipa::path(get, path = p::VM_FILES_PUT, params(("vm" = String, Path, description = "name or id prefix")),
-    responses((status = 101, description = "WebSocket: a PutFilesStart, binary tar data, then FilesControl::End", body = PutFilesStart),
-              (status = 409, body = ApiError), (status = 404, body = ApiError)))]
-async fn put_files(
-    State(d): State<Shared>,
-    Path(vm): Path<String>,
-    ws: WebSocketUpgrade,
-) -> Response {
-    crate::server::upgrade_to_agent(&d, &vm, ws, run_put)
-}
-
-/// Streams a tar of a path out of a running VM (WebSocket; protocol:
-/// `banger_api::files`).
-#[utoipa::path(get, path = p::VM_FILES_GET, params(("vm" = String, Path, description = "name or id prefix")),
-    responses((status = 101, description = "WebSocket: a GetFilesStart, answered by binary tar data and a FilesReport", body = GetFilesStart),
-              (status = 409, body = ApiError), (status = 404, body = ApiError)))]
-async fn get_files(
-    State(d): State<Shared>,
-    Path(vm): Path<String>,
-    ws: WebSocketUpgrade,
-) -> Response {
-    crate::server::upgrade_to_agent(&d, &vm, ws, run_get)
-}
+use banger_api::files::{FilesControl, FilesReport, FilesSummary, GetFilesStart, PutFilesStart};
 
 async fn start<T: serde::de::DeserializeOwned>(socket: &mut WebSocket) -> Option<T> {
     match socket.recv().await {
@@ -74,7 +31,7 @@ fn check_absolute(path: &str) -> Result<(), String> {
     }
 }
 
-async fn run_put(agent: AgentClient, mut socket: WebSocket) {
+pub(crate) async fn run_put(agent: AgentClient, mut socket: WebSocket) {
     let Some(req) = start::<PutFilesStart>(&mut socket).await else {
         return;
     };
@@ -113,7 +70,7 @@ async fn run_put(agent: AgentClient, mut socket: WebSocket) {
     }
 }
 
-async fn run_get(agent: AgentClient, mut socket: WebSocket) {
+pub(crate) async fn run_get(agent: AgentClient, mut socket: WebSocket) {
     let Some(req) = start::<GetFilesStart>(&mut socket).await else {
         return;
     };

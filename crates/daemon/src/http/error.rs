@@ -174,14 +174,40 @@ fn rejection(
     (status, error)
 }
 
-impl IntoResponse for DaemonError {
-    fn into_response(self) -> Response {
-        let status = match self {
+/// The edge mapping of the daemon's errors: the one place that decides a
+/// [`DaemonError`]'s status and its stable `code`.
+impl DaemonError {
+    /// The `code` of the `ApiError` this error answers with.
+    pub fn code(&self) -> &'static str {
+        match self {
+            DaemonError::NotFound(_) => "not_found",
+            DaemonError::Conflict(_) => "conflict",
+            DaemonError::Invalid(_) => "invalid",
+            DaemonError::Failed(_) => "failed",
+        }
+    }
+
+    /// The `ApiError` body (or stream event) of this error.
+    pub fn to_api(&self) -> ApiError {
+        ApiError {
+            code: self.code().to_string(),
+            message: self.to_string(),
+        }
+    }
+
+    fn status(&self) -> StatusCode {
+        match self {
             DaemonError::NotFound(_) => StatusCode::NOT_FOUND,
             DaemonError::Conflict(_) => StatusCode::CONFLICT,
             DaemonError::Invalid(_) => StatusCode::BAD_REQUEST,
             DaemonError::Failed(_) => StatusCode::INTERNAL_SERVER_ERROR,
-        };
+        }
+    }
+}
+
+impl IntoResponse for DaemonError {
+    fn into_response(self) -> Response {
+        let status = self.status();
         if status == StatusCode::INTERNAL_SERVER_ERROR {
             tracing::error!(error = %self, "request failed");
         }

@@ -1,0 +1,130 @@
+//! Supervised guest sessions, run by a running VM's agent: list, start,
+//! stop, their logs, and the checks before an attach.
+
+use crate::{Daemon, DaemonError};
+use banger_agent_proto::client::{AgentClient, ClientError, ExecEvent, ExecSession};
+use banger_agent_proto::{OutputStream, SessionInfo, SessionSpec, StdinMode, TtySize};
+use banger_model::VmRecord;
+use futures::Stream;
+
+/// A live session to attach to, and what the attach socket needs.
+pub(crate) struct Attach {
+    pub(crate) vm: VmRecord,
+    pub(crate) agent: AgentClient,
+    pub(crate) session: SessionInfo,
+}
+
+impl Daemon {
+    /// Sessions of a running VM, running and ended.
+    pub(crate) async fn list_sessions(&self, vm: &str) -> Result<Vec<SessionInfo>, DaemonError> {
+        let (_, agent) = self.running_agent(vm)?;
+        agent.session_list().await.map_err(agent_error)
+    }
+
+    /// Starts a supervised session in a running VM.
+    pub(crate) async fn start_session(
+        &self,
+        vm: &str,
+        spec: SessionSpec,
+    ) -> Result<SessionInfo, DaemonError> {
+        let (_, agent) = self.running_agent(vm)?;
+        agent.session_start(spec).await.map_err(agent_error)
+    }
+
+    /// Ends a session of a running VM (SIGTERM, SIGKILL after 10 s) and
+    /// forgets it.
+    pub(crate) async fn stop_session(
+        &self,
+        vm: &str,
+        name: &str,
+    ) -> Result<SessionInfo, DaemonError> {
+        let (_, agent) = self.running_agent(vm)?;
+        agent.session_stop(name).await.map_err(agent_error)
+    }
+
+    /// A session's ring logs (one stream, or stdout's then stderr's) and,
+    /// with `follow`, its live output until it ends. An unknown session is
+    /// an error here, before any byte.
+    pub(crate) async fn session_log_stream(
+        &self,
+        vm: &str,
+        name: &str,
+        stream: Option<OutputStream>,
+        follow: bool,
+    ) -> Result<impl Stream<Item = Vec<u8>> + Send + 'static, DaemonError> {
+        use futures::StreamExt;
+        let (_, agent) = self.running_agent(vm)?;
+        let mut logs = agent
+            .session_logs(name, stream, follow)
+            .map_err(agent_error)?;
+        // The first event tells an unknown session from an empty log.
+        let first = next_bytes(&mut logs).await.map_err(|e| match e {
+            ClientError::Refused(m) => agent_error(ClientError::Refused(m)),
+            other => DaemonError::Conflict(other.to_string()),
+        })?;
+        let head = futures::stream::iter(first);
+        let rest = futures::stream::unfold(logs, |mut logs| async move {
+            match next_bytes(&mut logs).await {
+                Ok(Some(data)) => Some((data, logs)),
+                _ => None,
+            }
+        });
+        Ok(head.chain(rest))
+    }
+
+    /// The checks before attaching to session `name` of `vm`: the VM runs
+    /// and the session is live. For a tty session and a given `size`, its
+    /// terminal is resized first.
+    pub(crate) async fn attach_session(
+        &self,
+        vm: &str,
+        name: &str,
+        size: Option<TtySize>,
+    ) -> Result<Attach, DaemonError> {
+        let (rec, agent) = self.running_agent(vm)?;
+        let all = agent.session_list().await.map_err(agent_error)?;
+        let Some(info) = all.into_iter().find(|s| s.name == name) else {
+            return Err(DaemonError::NotFound(format!(
+                "VM {} has no session named {name:?}: `banger vm session list {}` shows them",
+                rec.name, rec.name
+            )));
+        };
+        if info.status.is_some() {
+            return Err(DaemonError::Conflict(format!(
+                "session {name:?} has ended: `banger vm session logs` shows its output"
+            )));
+        }
+        if let Some(size) = size
+            && info.stdin == StdinMode::Tty
+        {
+            // A short attach of its own carries the resize.
+            let s = agent.session_attach(name).map_err(agent_error)?;
+            s.resize(size).map_err(agent_error)?;
+            s.detach().map_err(agent_error)?;
+        }
+        Ok(Attach {
+            vm: rec,
+            agent,
+            session: info,
+        })
+    }
+}
+
+/// Agent refusals are the caller's doing (unknown name, name in use, bad
+/// command); a lost connection is a conflict with the VM's state.
+fn agent_error(e: ClientError) -> DaemonError {
+    match e {
+        ClientError::Refused(m) if m.starts_with("no session named") => DaemonError::NotFound(m),
+        ClientError::Refused(m) => DaemonError::Invalid(m),
+        other => DaemonError::Conflict(other.to_string()),
+    }
+}
+
+/// The next output of a logs/attach stream; `None` at its end.
+async fn next_bytes(s: &mut ExecSession) -> Result<Option<Vec<u8>>, ClientError> {
+    match s.next_event().await? {
+        Some(ExecEvent::Stdout(d) | ExecEvent::Stderr(d)) => Ok(Some(d)),
+        Some(ExecEvent::Error(m)) => Err(ClientError::Refused(m)),
+        Some(ExecEvent::Exited(_) | ExecEvent::Session(_)) | None => Ok(None),
+    }
+}
