@@ -343,12 +343,7 @@ impl Daemon {
         }
 
         progress("shutdown", "powering the guest off");
-        let exited = self
-            .exits
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(&vm.id)
-            .map(|tx| tx.subscribe());
+        let exited = self.vms.existing(&vm.id).and_then(|h| h.subscribe_exit());
         let Some(mut exited) = exited else {
             return Err(DaemonError::Failed(anyhow!(
                 "the transient VM's VMM is not watched; cannot tell when it powers off"

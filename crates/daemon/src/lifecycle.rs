@@ -106,12 +106,7 @@ impl Daemon {
         if let Some(pid) = vm.pid.filter(|p| vmm_process_alive(*p, &vm.dir)) {
             self.store
                 .set_vm_state(&vm.id, VmState::Stopping, Some(pid), None)?;
-            let exited = self
-                .exits
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .get(&vm.id)
-                .map(|tx| tx.subscribe());
+            let exited = self.vms.existing(&vm.id).and_then(|h| h.subscribe_exit());
             let asked = match self.take_agent(&vm.id) {
                 Some(agent) => agent.shutdown(self.guest_exits_by_reboot()).is_ok(),
                 None => match self.vmm() {

@@ -669,34 +669,33 @@ impl Daemon {
         id: VmId,
         pid: u32,
         exited: tokio::task::JoinHandle<()>,
-    ) {
+    ) -> tokio::task::JoinHandle<()> {
         let this = self.clone();
-        let (tx, _) = tokio::sync::watch::channel(false);
-        self.exits
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(id.clone(), tx.clone());
+        let tx = self.vms.handle(&id).new_exit();
         tokio::spawn(async move {
             let _ = exited.await;
             // Before taking the VM lock: a stop holding it waits for this.
             let _ = tx.send(true);
             this.on_vmm_exit(&id, pid).await;
-        });
+        })
     }
 
     async fn on_vmm_exit(self: &Arc<Self>, id: &VmId, pid: u32) {
+        // A deleted VM has no handle: nothing to record, and none is made.
+        let Some(handle) = self.vms.existing(id) else {
+            return;
+        };
         // Whoever holds the lock (delete, stop) records the state itself; a
         // VM already restarted has another pid and is left alone.
-        let lock = self.vm_lock(id);
-        let _g = lock.lock().await;
+        let _g = handle.lock_op().await;
         let Ok(vm) = self.store.get_vm(id) else {
             return;
         };
         if vm.pid != Some(pid) {
             return;
         }
-        self.set_agent(id, None);
-        self.set_boot_facts(id, None);
+        handle.set_agent(None);
+        handle.set_boot_facts(None);
         self.net_down(&vm).await;
         if matches!(
             vm.state,
@@ -738,6 +737,10 @@ impl Daemon {
             }
         }
         self.store.delete_vm(&vm.id)?;
+        // Still under the VM's lock: a waiter on it re-reads, finds no VM.
+        if let Some(h) = self.vms.existing(&vm.id) {
+            self.vms.remove(&h);
+        }
         tracing::info!(vm = %vm.name, id = %vm.id, "deleted VM");
         if let Err(e) = self.refresh_known_hosts() {
             tracing::warn!(error = %format!("{e:#}"), "known_hosts not updated");
