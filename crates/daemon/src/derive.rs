@@ -252,9 +252,8 @@ impl Daemon {
         progress: ProgressRef<'_>,
         cancel: &CancellationToken,
     ) -> Result<DerivedFiles, DaemonError> {
-        let lock = self.vm_lock(&vm.id);
-        let guard = lock.lock().await;
-        let mut vm = vm.clone();
+        let guard = self.lock_vm_id(&vm.id).await?;
+        let mut vm = guard.vm.clone();
         let vmm = self.vmm()?.clone();
         let kernel = self.store.get_kernel(&base.kernel)?;
         let disks = VmDisks::in_dir(&vm.dir);

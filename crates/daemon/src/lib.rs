@@ -145,10 +145,6 @@ impl Daemon {
             .is_ok_and(|v| v.guest_exit() == banger_vmm::GuestExit::Reboot)
     }
 
-    fn vm_lock(&self, id: &VmId) -> Arc<tokio::sync::Mutex<()>> {
-        self.vms.handle(id).op_lock()
-    }
-
     fn agent(&self, id: &VmId) -> Option<AgentClient> {
         self.vms.existing(id)?.agent()
     }

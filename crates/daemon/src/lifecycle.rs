@@ -17,12 +17,10 @@ impl Daemon {
     /// Boots a stopped VM from its existing disks and waits for its agent.
     /// Precondition: the VM is stopped (or in error); a running VM is left as is.
     pub async fn start_vm(self: &Arc<Self>, r: &str) -> Result<VmRecord, DaemonError> {
-        let vm = self.store.resolve_vm(r)?;
-        let lock = self.vm_lock(&vm.id);
-        let _g = lock.lock().await;
-        let mut vm = self.store.get_vm(&vm.id)?;
+        let mut cx = self.lock_vm(r).await?;
+        let vm = &mut cx.vm;
         match vm.state {
-            VmState::Running => return Ok(vm),
+            VmState::Running => return Ok(vm.clone()),
             VmState::Stopped | VmState::Error => {}
             other => {
                 return Err(DaemonError::Conflict(format!(
@@ -33,9 +31,9 @@ impl Daemon {
         }
         // An errored VM may still have its VMM, kept for inspection.
         if let Some(pid) = vm.pid.filter(|p| vmm_process_alive(*p, &vm.dir)) {
-            self.terminate_vmm(&vm, pid).await?;
+            self.terminate_vmm(vm, pid).await?;
         }
-        self.net_down(&vm).await;
+        self.net_down(vm).await;
         let vmm = self.vmm()?.clone();
         let image = self.store.get_image(&vm.image)?;
         let kernel = self.store.get_kernel(&image.kernel)?;
@@ -50,9 +48,9 @@ impl Daemon {
             writable_root: None,
             purpose: BootPurpose::Vm,
         };
-        let mut booted = self.boot(ctx, &mut vm, &mut steps).await.map(|_| ());
+        let mut booted = self.boot(ctx, vm, &mut steps).await.map(|_| ());
         if booted.is_ok() && self.config.wait_boot {
-            booted = match self.wait_system(&vm, &|_, _| {}, &cancel).await {
+            booted = match self.wait_system(vm, &|_, _| {}, &cancel).await {
                 crate::boot_path::SystemWait::Booted => Ok(()),
                 crate::boot_path::SystemWait::TimedOut(m) => Err(BootError::NotReady(m)),
                 crate::boot_path::SystemWait::Cancelled => {
@@ -73,7 +71,7 @@ impl Daemon {
                     tracing::warn!(error = %format!("{e:#}"), "ssh files not updated");
                 }
                 tracing::info!(vm = %vm.name, "started VM");
-                Ok(vm)
+                Ok(vm.clone())
             }
             Err(BootError::NotReady(msg)) => {
                 steps.commit();
@@ -93,10 +91,8 @@ impl Daemon {
     /// Powers the guest off (agent, else ACPI), and ends the VMM if it has
     /// not exited within [`STOP_TIMEOUT`]. Disks are kept.
     pub async fn stop_vm(self: &Arc<Self>, r: &str) -> Result<VmRecord, DaemonError> {
-        let vm = self.store.resolve_vm(r)?;
-        let lock = self.vm_lock(&vm.id);
-        let _g = lock.lock().await;
-        let mut vm = self.store.get_vm(&vm.id)?;
+        let mut cx = self.lock_vm(r).await?;
+        let vm = &mut cx.vm;
         if vm.state == VmState::Creating {
             return Err(DaemonError::Conflict(format!(
                 "VM {} is being created: wait for that to finish",
@@ -125,17 +121,17 @@ impl Daemon {
             if !graceful {
                 tracing::warn!(vm = %vm.name, "guest did not power off in time; ending its VMM");
             }
-            self.terminate_vmm(&vm, pid).await?;
+            self.terminate_vmm(vm, pid).await?;
         }
         self.set_agent(&vm.id, None);
-        self.net_down(&vm).await;
+        self.net_down(vm).await;
         self.store
             .set_vm_state(&vm.id, VmState::Stopped, None, None)?;
         vm.state = VmState::Stopped;
         vm.pid = None;
         vm.last_error = None;
         tracing::info!(vm = %vm.name, "stopped VM");
-        Ok(vm)
+        Ok(vm.clone())
     }
 
     /// Stops, then starts.
@@ -155,10 +151,8 @@ impl Daemon {
         }
         let sig = nix::sys::signal::Signal::try_from(signal)
             .map_err(|_| DaemonError::Invalid(format!("{signal} is not a signal number")))?;
-        let vm = self.store.resolve_vm(r)?;
-        let lock = self.vm_lock(&vm.id);
-        let _g = lock.lock().await;
-        let vm = self.store.get_vm(&vm.id)?;
+        let cx = self.lock_vm(r).await?;
+        let vm = &cx.vm;
         let Some(pid) = vm.pid.filter(|p| vmm_process_alive(*p, &vm.dir)) else {
             return Err(DaemonError::Conflict(format!(
                 "VM {} is not running",
@@ -168,6 +162,6 @@ impl Daemon {
         nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), sig)
             .map_err(|e| DaemonError::Failed(anyhow!("signalling the VMM of {}: {e}", vm.name)))?;
         tracing::info!(vm = %vm.name, pid, signal = %sig, "signalled VMM");
-        Ok(vm)
+        Ok(vm.clone())
     }
 }

@@ -225,8 +225,9 @@ impl Daemon {
             ssh_port: None,
             initramfs,
         };
-        let lock = self.vm_lock(&id);
-        let _guard = lock.lock().await;
+        // Held from before the record exists; a failed create removes
+        // the handle with the record.
+        let _held = CreatingVm::lock(self, &id).await;
 
         let progress = |phase: &str, msg: &str| rep.progress(phase, msg);
         let mut steps = Steps::new(|phase, msg| rep.progress(phase, msg));
@@ -716,17 +717,15 @@ impl Daemon {
 
     /// Stops the VM if it runs, then removes its disks, directory and record.
     pub async fn delete_vm(self: &Arc<Self>, r: &str) -> Result<VmRecord, DaemonError> {
-        let vm = self.store.resolve_vm(r)?;
-        let lock = self.vm_lock(&vm.id);
-        let _g = lock.lock().await;
         // Re-read under the lock: a concurrent delete may have won.
-        let vm = self.store.get_vm(&vm.id)?;
-        self.set_agent(&vm.id, None);
-        self.set_boot_facts(&vm.id, None);
+        let cx = self.lock_vm(r).await?;
+        let vm = &cx.vm;
+        cx.handle.set_agent(None);
+        cx.handle.set_boot_facts(None);
         if let Some(pid) = vm.pid {
-            self.terminate_vmm(&vm, pid).await?;
+            self.terminate_vmm(vm, pid).await?;
         }
-        self.net_down(&vm).await;
+        self.net_down(vm).await;
         match tokio::fs::remove_dir_all(&vm.dir).await {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
@@ -738,14 +737,12 @@ impl Daemon {
         }
         self.store.delete_vm(&vm.id)?;
         // Still under the VM's lock: a waiter on it re-reads, finds no VM.
-        if let Some(h) = self.vms.existing(&vm.id) {
-            self.vms.remove(&h);
-        }
+        self.vms.remove(&cx.handle);
         tracing::info!(vm = %vm.name, id = %vm.id, "deleted VM");
         if let Err(e) = self.refresh_known_hosts() {
             tracing::warn!(error = %format!("{e:#}"), "known_hosts not updated");
         }
-        Ok(vm)
+        Ok(cx.vm)
     }
 
     /// The agent of a running VM.
@@ -790,6 +787,34 @@ impl Daemon {
         match self.vmm() {
             Ok(v) => v.backend().to_string(),
             Err(_) => "none".into(),
+        }
+    }
+}
+
+/// The operation lock of a VM being created, taken before its record
+/// exists. Dropped with no record (a failed create rolled it back), it
+/// removes the VM's handle too, still under the lock.
+struct CreatingVm<'a> {
+    d: &'a Daemon,
+    handle: Arc<crate::vm::registry::VmHandle>,
+    _op: tokio::sync::OwnedMutexGuard<()>,
+}
+
+impl<'a> CreatingVm<'a> {
+    async fn lock(d: &'a Daemon, id: &VmId) -> Self {
+        let handle = d.vms.handle(id);
+        let _op = handle.lock_op().await;
+        Self { d, handle, _op }
+    }
+}
+
+impl Drop for CreatingVm<'_> {
+    fn drop(&mut self) {
+        if matches!(
+            self.d.store.get_vm(self.handle.id()),
+            Err(banger_store::StoreError::NotFound(_))
+        ) {
+            self.d.vms.remove(&self.handle);
         }
     }
 }

@@ -3,6 +3,52 @@
 
 pub(crate) mod registry;
 
+use crate::{Daemon, DaemonError};
+use banger_model::{VmId, VmRecord};
+use registry::VmHandle;
+use std::sync::Arc;
+use tokio::sync::OwnedMutexGuard;
+
+/// A VM held for one operation: its operation lock is taken and `vm` was
+/// read under it. The lock is released when this drops.
+pub(crate) struct VmCtx {
+    pub(crate) vm: VmRecord,
+    pub(crate) handle: Arc<VmHandle>,
+    _op: OwnedMutexGuard<()>,
+}
+
+impl Daemon {
+    /// The one way into an existing VM: resolves `r` (name, id or id
+    /// prefix), takes the VM's operation lock, then re-reads its record
+    /// under the lock (an operation that held it may have changed or
+    /// deleted the VM).
+    pub(crate) async fn lock_vm(&self, r: &str) -> Result<VmCtx, DaemonError> {
+        let vm = self.store.resolve_vm(r)?;
+        self.lock_vm_id(&vm.id).await
+    }
+
+    /// [`Daemon::lock_vm`] for a VM known by id.
+    pub(crate) async fn lock_vm_id(&self, id: &VmId) -> Result<VmCtx, DaemonError> {
+        let handle = self.vms.handle(id);
+        let op = handle.lock_op().await;
+        match self.store.get_vm(id) {
+            Ok(vm) => Ok(VmCtx {
+                vm,
+                handle,
+                _op: op,
+            }),
+            Err(e) => {
+                // Deleted while this waited: the handle this call found or
+                // made belongs to no VM.
+                if matches!(e, banger_store::StoreError::NotFound(_)) {
+                    self.vms.remove(&handle);
+                }
+                Err(e.into())
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 pub(crate) mod tests {
     use crate::Daemon;
@@ -99,5 +145,39 @@ pub(crate) mod tests {
             "the exit watcher brought no handle back"
         );
         assert_eq!(d.vms.len(), 0);
+    }
+
+    #[tokio::test]
+    async fn of_two_deletes_one_wins_and_the_other_finds_no_vm() {
+        let t = tempfile::tempdir().expect("tmp");
+        let d = daemon(&t);
+        let vm = record(&d, "calm-otter", VmState::Stopped);
+        // Both resolve the name before either holds the lock.
+        let held = d.lock_vm("calm-otter").await.expect("lock");
+        let (a, b) = (d.clone(), d.clone());
+        let first = tokio::spawn(async move { a.delete_vm("calm-otter").await });
+        let second = tokio::spawn(async move { b.delete_vm(vm.id.as_str()).await });
+        // Each has resolved and waits on the lock once it holds a clone of
+        // the handle (the registry's own reference is the third).
+        tokio::time::timeout(std::time::Duration::from_secs(10), async {
+            while Arc::strong_count(&held.handle) < 4 {
+                tokio::task::yield_now().await;
+            }
+        })
+        .await
+        .expect("both deletes wait on the lock");
+        drop(held);
+        let (first, second) = (first.await.expect("join"), second.await.expect("join"));
+        let (ok, err) = match (first, second) {
+            (Ok(v), Err(e)) | (Err(e), Ok(v)) => (v, e),
+            other => panic!("expected one ok and one error: {other:?}"),
+        };
+        assert_eq!(ok.name.as_str(), "calm-otter");
+        match err {
+            crate::DaemonError::NotFound(m) => assert_eq!(m, format!("no VM with id {}", ok.id)),
+            e => panic!("expected not found: {e:?}"),
+        }
+        assert!(d.store.list_vms().expect("list").is_empty());
+        assert_eq!(d.vms.len(), 0, "no handle left behind");
     }
 }

@@ -79,9 +79,8 @@ impl VmHandle {
         }
     }
 
-    /// The operation lock itself.
-    pub(crate) fn op_lock(&self) -> Arc<tokio::sync::Mutex<()>> {
-        self.op.clone()
+    pub(crate) fn id(&self) -> &VmId {
+        &self.id
     }
 
     /// Takes the operation lock; it is released when the guard drops.
