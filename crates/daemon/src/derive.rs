@@ -15,6 +15,7 @@
 //! neither a VM nor an image behind.
 
 use crate::image_ops::check_name;
+use crate::vm::power::{Ask, PowerOff};
 use crate::vms::{BootCtx, BootError, WRITABLE_ROOT_WORK_DEVICE, console_tail, now_rfc3339};
 use crate::{Daemon, DaemonError};
 use anyhow::{Context, anyhow};
@@ -342,24 +343,28 @@ impl Daemon {
         }
 
         progress("shutdown", "powering the guest off");
-        let exited = self.vms.existing(&vm.id).and_then(|h| h.subscribe_exit());
-        let Some(mut exited) = exited else {
-            return Err(DaemonError::Failed(anyhow!(
-                "the transient VM's VMM is not watched; cannot tell when it powers off"
-            )));
-        };
-        agent
-            .shutdown(self.guest_exits_by_reboot())
-            .context("asking the guest to power off")?;
-        let off = tokio::select! {
-            r = tokio::time::timeout(POWEROFF_TIMEOUT, exited.wait_for(|gone| *gone)) => r.is_ok_and(|r| r.is_ok()),
-            _ = cancel.cancelled() => return Err(DaemonError::Failed(anyhow!(self.cancel_reason()))),
-        };
-        if !off {
-            return Err(DaemonError::Failed(anyhow!(
-                "the guest did not power off within {}s, so its disks may be inconsistent; the image was not saved",
-                POWEROFF_TIMEOUT.as_secs()
-            )));
+        match self
+            .power_off(&guard, Ask::Agent(&agent), POWEROFF_TIMEOUT, Some(cancel))
+            .await
+        {
+            PowerOff::Exited => {}
+            PowerOff::Unwatched => {
+                return Err(DaemonError::Failed(anyhow!(
+                    "the transient VM's VMM is not watched; cannot tell when it powers off"
+                )));
+            }
+            PowerOff::NotAsked(e) => {
+                return Err(DaemonError::Failed(
+                    e.context("asking the guest to power off"),
+                ));
+            }
+            PowerOff::Cancelled => return Err(DaemonError::Failed(anyhow!(self.cancel_reason()))),
+            PowerOff::TimedOut => {
+                return Err(DaemonError::Failed(anyhow!(
+                    "the guest did not power off within {}s, so its disks may be inconsistent; the image was not saved",
+                    POWEROFF_TIMEOUT.as_secs()
+                )));
+            }
         }
         drop(guard);
 

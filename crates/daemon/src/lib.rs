@@ -149,11 +149,6 @@ impl Daemon {
         self.vms.existing(id)?.agent()
     }
 
-    /// Forgets a VM's agent and hands it back, before a deliberate end.
-    fn take_agent(&self, id: &VmId) -> Option<AgentClient> {
-        self.vms.existing(id)?.take_agent()
-    }
-
     fn set_agent(&self, id: &VmId, client: Option<AgentClient>) {
         match client {
             Some(c) => self.vms.handle(id).set_agent(Some(c)),

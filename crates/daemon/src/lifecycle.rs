@@ -2,6 +2,7 @@
 //! so operations on one VM are serialised; different VMs run in parallel.
 
 use crate::steps::Steps;
+use crate::vm::power::{Ask, PowerOff};
 use crate::vms::{BootCtx, BootError, BootPurpose};
 use crate::{Daemon, DaemonError};
 use anyhow::anyhow;
@@ -92,37 +93,24 @@ impl Daemon {
     /// not exited within [`STOP_TIMEOUT`]. Disks are kept.
     pub async fn stop_vm(self: &Arc<Self>, r: &str) -> Result<VmRecord, DaemonError> {
         let mut cx = self.lock_vm(r).await?;
-        let vm = &mut cx.vm;
-        if vm.state == VmState::Creating {
+        if cx.vm.state == VmState::Creating {
             return Err(DaemonError::Conflict(format!(
                 "VM {} is being created: wait for that to finish",
-                vm.name
+                cx.vm.name
             )));
         }
-        if let Some(pid) = vm.pid.filter(|p| vmm_process_alive(*p, &vm.dir)) {
+        if let Some(pid) = cx.vm.pid.filter(|p| vmm_process_alive(*p, &cx.vm.dir)) {
             self.store
-                .set_vm_state(&vm.id, VmState::Stopping, Some(pid), None)?;
-            let exited = self.vms.existing(&vm.id).and_then(|h| h.subscribe_exit());
-            let asked = match self.take_agent(&vm.id) {
-                Some(agent) => agent.shutdown(self.guest_exits_by_reboot()).is_ok(),
-                None => match self.vmm() {
-                    Ok(v) => v.request_shutdown(&vm.dir).await.is_ok(),
-                    Err(_) => false,
-                },
-            };
-            let graceful = match exited {
-                Some(mut rx) if asked => {
-                    tokio::time::timeout(STOP_TIMEOUT, rx.wait_for(|gone| *gone))
-                        .await
-                        .is_ok_and(|r| r.is_ok())
-                }
-                _ => false,
-            };
-            if !graceful {
-                tracing::warn!(vm = %vm.name, "guest did not power off in time; ending its VMM");
+                .set_vm_state(&cx.vm.id, VmState::Stopping, Some(pid), None)?;
+            let off = self
+                .power_off(&cx, Ask::AgentElseAcpi, STOP_TIMEOUT, None)
+                .await;
+            if !matches!(off, PowerOff::Exited) {
+                tracing::warn!(vm = %cx.vm.name, "guest did not power off in time; ending its VMM");
             }
-            self.terminate_vmm(vm, pid).await?;
+            self.terminate_vmm(&cx.vm, pid).await?;
         }
+        let vm = &mut cx.vm;
         self.set_agent(&vm.id, None);
         self.net_down(vm).await;
         self.store
@@ -131,7 +119,7 @@ impl Daemon {
         vm.pid = None;
         vm.last_error = None;
         tracing::info!(vm = %vm.name, "stopped VM");
-        Ok(vm.clone())
+        Ok(cx.vm)
     }
 
     /// Stops, then starts.

@@ -1,6 +1,7 @@
 //! What the daemon holds about each VM at run time, and the one way into
 //! a VM for an operation.
 
+pub(crate) mod power;
 pub(crate) mod registry;
 
 use crate::{Daemon, DaemonError};
