@@ -76,14 +76,13 @@ impl Daemon {
             }
             Err(BootError::NotReady(msg)) => {
                 steps.commit();
-                self.store
-                    .set_vm_state(&vm.id, VmState::Error, vm.pid, Some(&msg))?;
+                let pid = vm.pid;
+                self.set_state(vm, VmState::Error, pid, Some(&msg))?;
                 Err(DaemonError::Failed(anyhow!(msg)))
             }
             Err(BootError::Failed(e)) => {
                 let msg = format!("{e:#}");
-                self.store
-                    .set_vm_state(&vm.id, VmState::Error, None, Some(&msg))?;
+                self.set_state(vm, VmState::Error, None, Some(&msg))?;
                 Err(DaemonError::Failed(e))
             }
         }
@@ -100,8 +99,7 @@ impl Daemon {
             )));
         }
         if let Some(pid) = cx.vm.pid.filter(|p| vmm_process_alive(*p, &cx.vm.dir)) {
-            self.store
-                .set_vm_state(&cx.vm.id, VmState::Stopping, Some(pid), None)?;
+            self.set_state(&mut cx.vm, VmState::Stopping, Some(pid), None)?;
             let off = self
                 .power_off(&cx, Ask::AgentElseAcpi, STOP_TIMEOUT, None)
                 .await;
@@ -113,11 +111,7 @@ impl Daemon {
         let vm = &mut cx.vm;
         self.set_agent(&vm.id, None);
         self.net_down(vm).await;
-        self.store
-            .set_vm_state(&vm.id, VmState::Stopped, None, None)?;
-        vm.state = VmState::Stopped;
-        vm.pid = None;
-        vm.last_error = None;
+        self.set_state(vm, VmState::Stopped, None, None)?;
         tracing::info!(vm = %vm.name, "stopped VM");
         Ok(cx.vm)
     }

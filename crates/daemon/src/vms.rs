@@ -375,9 +375,8 @@ impl Daemon {
             }
         }
         if !req.start {
-            this.store.set_vm_state(&id, VmState::Stopped, None, None)?;
+            this.set_state(&mut vm, VmState::Stopped, None, None)?;
             steps.commit();
-            vm.state = VmState::Stopped;
             return Ok(vm);
         }
         let ctx = BootCtx {
@@ -429,8 +428,8 @@ impl Daemon {
             Err(BootError::NotReady(msg)) => {
                 // Keep the VM for post-mortem: its console log says why.
                 steps.commit();
-                this.store
-                    .set_vm_state(&id, VmState::Error, vm.pid, Some(&msg))?;
+                let pid = vm.pid;
+                this.set_state(&mut vm, VmState::Error, pid, Some(&msg))?;
                 Err(DaemonError::Failed(anyhow!(msg)))
             }
             Err(BootError::Failed(e)) => Err(DaemonError::Failed(e)),
@@ -478,10 +477,7 @@ impl Daemon {
         let template = purpose == BootPurpose::Template;
         let paths = VmPaths::new(&vm.dir);
         let disks = VmDisks::in_dir(&vm.dir);
-        if let Err(e) = self
-            .store
-            .set_vm_state(&vm.id, VmState::Starting, None, None)
-        {
+        if let Err(e) = self.set_state(vm, VmState::Starting, None, None) {
             return Err(fail(steps, e.into()).await);
         }
         // The VM is not running: its work disk may be written. Never into
@@ -565,7 +561,6 @@ impl Daemon {
         let launched = launched.map_err(|e| BootError::Failed(e.into()))?;
         let launched_pid = launched.pid;
         cap_logs(spec.dir.clone(), launched_pid);
-        vm.pid = Some(launched_pid);
         // The console starts over at each launch: so does its time index.
         crate::log_index::spawn_sampler(
             vec![paths.console_log(), paths.vmm_log()],
@@ -575,10 +570,7 @@ impl Daemon {
         );
         let mut exited = launched.exited;
         let agent_ep = launched.agent;
-        if let Err(e) = self
-            .store
-            .set_vm_state(&vm.id, VmState::Starting, vm.pid, None)
-        {
+        if let Err(e) = self.set_state(vm, VmState::Starting, Some(launched_pid), None) {
             return Err(fail(steps, e.into()).await);
         }
 
@@ -651,13 +643,9 @@ impl Daemon {
             }
         }
         self.set_agent(&vm.id, Some(agent.clone()));
-        if let Err(e) = self
-            .store
-            .set_vm_state(&vm.id, VmState::Running, vm.pid, None)
-        {
+        if let Err(e) = self.set_state(vm, VmState::Running, Some(launched_pid), None) {
             return Err(fail(steps, e.into()).await);
         }
-        vm.state = VmState::Running;
         self.net_ready(vm);
         self.watch_exit(vm.id.clone(), launched_pid, exited);
         Ok(spec)
@@ -689,7 +677,7 @@ impl Daemon {
         // Whoever holds the lock (delete, stop) records the state itself; a
         // VM already restarted has another pid and is left alone.
         let _g = handle.lock_op().await;
-        let Ok(vm) = self.store.get_vm(id) else {
+        let Ok(mut vm) = self.store.get_vm(id) else {
             return;
         };
         if vm.pid != Some(pid) {
@@ -703,7 +691,7 @@ impl Daemon {
             VmState::Running | VmState::Starting | VmState::Stopping
         ) {
             tracing::info!(vm = %vm.name, "VMM exited; marking VM stopped");
-            let _ = self.store.set_vm_state(id, VmState::Stopped, None, None);
+            let _ = self.set_state(&mut vm, VmState::Stopped, None, None);
         }
     }
 

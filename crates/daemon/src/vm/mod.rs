@@ -3,6 +3,7 @@
 
 pub(crate) mod power;
 pub(crate) mod registry;
+mod state;
 
 use crate::{Daemon, DaemonError};
 use banger_model::{VmId, VmRecord};
