@@ -15,6 +15,7 @@
 //! neither a VM nor an image behind.
 
 use crate::image_ops::check_name;
+use crate::vm::admit::NewVm;
 use crate::vm::power::{Ask, PowerOff};
 use crate::vms::{BootCtx, BootError, WRITABLE_ROOT_WORK_DEVICE, console_tail, now_rfc3339};
 use crate::{Daemon, DaemonError};
@@ -25,7 +26,7 @@ use banger_config::{HostResources, apply_flags, effective_defaults};
 use banger_image::derive::{
     DeriveOptions, GuestStep, HostFile, check_packages, provisioning_steps,
 };
-use banger_model::{ImageRecord, VmId, VmName, VmRecord, VmSpec, VmState};
+use banger_model::{ImageRecord, VmName, VmRecord, VmSpec};
 use banger_storage::{VmDisks, WorkSource};
 use banger_vmm::VmPaths;
 use std::collections::{HashSet, VecDeque};
@@ -210,35 +211,19 @@ impl Daemon {
         spec: VmSpec,
         nat: bool,
     ) -> Result<VmRecord, DaemonError> {
-        let vmm = self.vmm()?.clone();
+        self.vmm()?;
         let name = VmName::parse(vm_name).map_err(|e| DaemonError::Invalid(e.to_string()))?;
-        let id = VmId::random();
-        let dir = self.paths.vms_dir.join(id.as_str());
-        let _alloc = self.alloc_lock.lock().await;
-        let ip = self.allocate_ip()?;
-        let vm = VmRecord {
-            id,
+        let new = NewVm {
             name,
             image: image.to_string(),
-            state: VmState::Creating,
-            backend: vmm.backend(),
             spec,
-            dir: dir.clone(),
-            pid: None,
-            created_at: now_rfc3339(),
-            last_error: None,
-            start: Default::default(),
             nat,
-            ip: Some(ip),
-            tap: None,
-            ssh_port: None,
             initramfs: self.config.initramfs,
+            start: Default::default(),
         };
-        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-        if let Err(e) = self.store.insert_vm(&vm) {
-            let _ = std::fs::remove_dir_all(&dir);
-            return Err(e.into());
-        }
+        let mut steps = crate::steps::Steps::new(|_, _| {});
+        let (vm, _held) = self.admit(new, &mut steps).await?;
+        steps.commit();
         Ok(vm)
     }
 

@@ -2,6 +2,7 @@
 
 use crate::boot_path::{BootFacts, BootInitrd};
 use crate::steps::{Steps, UndoSlot};
+use crate::vm::admit::NewVm;
 use crate::warm::plan::{ColdReason, StartPlan};
 use crate::{Daemon, DaemonError};
 use anyhow::{Context, anyhow};
@@ -81,11 +82,7 @@ impl Daemon {
     pub(crate) fn check_create(&self, req: &CreateVmRequest) -> Result<(), DaemonError> {
         if let Some(n) = &req.name {
             let name = VmName::parse(n).map_err(|e| DaemonError::Invalid(e.to_string()))?;
-            if self.store.list_vms()?.iter().any(|v| v.name == name) {
-                return Err(DaemonError::Conflict(format!(
-                    "a VM named {name} already exists: pick another --name or `banger vm delete {name}`"
-                )));
-            }
+            self.check_name_free(&name)?;
         }
         crate::settings::check_resources(req.vcpu, req.memory_mib, req.disk_size.as_deref())?;
         if let Some(image) = &req.image {
@@ -131,11 +128,7 @@ impl Daemon {
             Some(n) => VmName::parse(n).map_err(|e| DaemonError::Invalid(e.to_string()))?,
             None => self.unused_name()?,
         };
-        if self.store.list_vms()?.iter().any(|v| v.name == name) {
-            return Err(DaemonError::Conflict(format!(
-                "a VM named {name} already exists: pick another --name or `banger vm delete {name}`"
-            )));
-        }
+        self.check_name_free(&name)?;
         let disk =
             crate::settings::check_resources(req.vcpu, req.memory_mib, req.disk_size.as_deref())?;
         let defaults = effective_defaults(&self.config.vm_defaults, &HostResources::detect());
@@ -195,76 +188,21 @@ impl Daemon {
                 None
             }
         };
-        let id = VmId::random();
-        let dir = self.paths.vms_dir.join(id.as_str());
-        // Held until the record (with its address) is stored.
-        let alloc = self.alloc_lock.lock().await;
-        // Again under the lock every create records under: a create of the
-        // same name that started meanwhile must not get as far as disks.
-        if self.store.list_vms()?.iter().any(|v| v.name == name) {
-            return Err(DaemonError::Conflict(format!(
-                "a VM named {name} already exists: pick another --name or `banger vm delete {name}`"
-            )));
-        }
-        let ip = self.allocate_ip()?;
-        let mut vm = VmRecord {
-            id: id.clone(),
-            name,
-            image: image.name.clone(),
-            state: VmState::Creating,
-            backend: vmm.backend(),
-            spec,
-            dir: dir.clone(),
-            pid: None,
-            created_at: now_rfc3339(),
-            last_error: None,
-            start: StartInfo::cold(cold_note),
-            nat: req.nat,
-            ip: Some(ip),
-            tap: None,
-            ssh_port: None,
-            initramfs,
-        };
-        // Held from before the record exists; a failed create removes
-        // the handle with the record.
-        let _held = CreatingVm::lock(self, &id).await;
-
         let progress = |phase: &str, msg: &str| rep.progress(phase, msg);
         let mut steps = Steps::new(|phase, msg| rep.progress(phase, msg));
+        let new = NewVm {
+            name,
+            image: image.name.clone(),
+            spec,
+            nat: req.nat,
+            initramfs,
+            start: StartInfo::cold(cold_note),
+        };
+        // Its lock is held from before the record exists; a failed create
+        // removes the VM's handle with the record.
+        let (mut vm, _held) = self.admit(new, &mut steps).await?;
+        let (id, dir) = (vm.id.clone(), vm.dir.clone());
         let this = self.clone();
-        let d = dir.clone();
-        steps
-            .run(
-                "dir",
-                "preparing VM directory",
-                |u: UndoSlot<'_>| async move {
-                    std::fs::create_dir_all(&d)
-                        .with_context(|| format!("creating {}", d.display()))?;
-                    u.set(move || async move {
-                        tokio::fs::remove_dir_all(&d)
-                            .await
-                            .with_context(|| format!("removing {}", d.display()))
-                    });
-                    Ok(())
-                },
-            )
-            .await
-            .map_err(|e| DaemonError::Failed(e.into()))?;
-        let store = self.store.clone();
-        let rec = vm.clone();
-        steps
-            .run("record", "recording VM", |u: UndoSlot<'_>| async move {
-                store.insert_vm(&rec)?;
-                let (s, id) = (store.clone(), rec.id.clone());
-                u.set(move || async move { s.delete_vm(&id).map_err(Into::into) });
-                Ok(())
-            })
-            .await
-            .map_err(|e| match e.cause.downcast::<banger_store::StoreError>() {
-                Ok(se) => se.into(),
-                Err(other) => DaemonError::Failed(other),
-            })?;
-        drop(alloc);
         let mut warmed = false;
         if let Some(template) = &warm_template {
             rep.progress(
@@ -775,34 +713,6 @@ impl Daemon {
         match self.vmm() {
             Ok(v) => v.backend().to_string(),
             Err(_) => "none".into(),
-        }
-    }
-}
-
-/// The operation lock of a VM being created, taken before its record
-/// exists. Dropped with no record (a failed create rolled it back), it
-/// removes the VM's handle too, still under the lock.
-struct CreatingVm<'a> {
-    d: &'a Daemon,
-    handle: Arc<crate::vm::registry::VmHandle>,
-    _op: tokio::sync::OwnedMutexGuard<()>,
-}
-
-impl<'a> CreatingVm<'a> {
-    async fn lock(d: &'a Daemon, id: &VmId) -> Self {
-        let handle = d.vms.handle(id);
-        let _op = handle.lock_op().await;
-        Self { d, handle, _op }
-    }
-}
-
-impl Drop for CreatingVm<'_> {
-    fn drop(&mut self) {
-        if matches!(
-            self.d.store.get_vm(self.handle.id()),
-            Err(banger_store::StoreError::NotFound(_))
-        ) {
-            self.d.vms.remove(&self.handle);
         }
     }
 }

@@ -1,6 +1,7 @@
 //! What the daemon holds about each VM at run time, and the one way into
 //! a VM for an operation.
 
+pub(crate) mod admit;
 pub(crate) mod power;
 pub(crate) mod registry;
 mod state;
@@ -65,6 +66,12 @@ pub(crate) mod tests {
     /// VMs of. It never boots anything.
     pub(crate) fn daemon(t: &tempfile::TempDir) -> Arc<Daemon> {
         let d = Daemon::new(Config::default(), Paths::under(t.path())).expect("daemon");
+        add_image(&d);
+        d
+    }
+
+    /// Records image `img` (and its kernel `k`) for VMs to name.
+    pub(crate) fn add_image(d: &Daemon) {
         d.store
             .upsert_kernel(&KernelRecord {
                 name: "k".into(),
@@ -88,7 +95,6 @@ pub(crate) mod tests {
                 created_at: "2026-01-01T00:00:00Z".into(),
             })
             .expect("image");
-        d
     }
 
     /// Records a VM named `name` in `state`, with no VMM process.

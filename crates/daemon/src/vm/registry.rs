@@ -88,6 +88,12 @@ impl VmHandle {
         self.op.clone().lock_owned().await
     }
 
+    /// Whether an operation holds the lock now.
+    #[cfg(test)]
+    pub(crate) fn is_busy(&self) -> bool {
+        self.op.try_lock().is_err()
+    }
+
     pub(crate) fn agent(&self) -> Option<AgentClient> {
         lock(&self.agent).clone()
     }
