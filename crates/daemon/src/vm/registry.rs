@@ -106,10 +106,10 @@ impl VmHandle {
     /// Records the live agent (or none). A connection that ends while it
     /// is still recorded here is logged: see [`watch_agent_loss`].
     pub(crate) fn set_agent(self: &Arc<Self>, client: Option<AgentClient>) {
-        if let Some(c) = &client {
-            watch_agent_loss(Arc::downgrade(self), c.clone());
+        *lock(&self.agent) = client.clone();
+        if let Some(c) = client {
+            watch_agent_loss(Arc::downgrade(self), c);
         }
-        *lock(&self.agent) = client;
     }
 
     pub(crate) fn boot_facts(&self) -> Option<BootFacts> {
@@ -217,5 +217,46 @@ mod tests {
         assert!(!*new.borrow_and_update(), "the new launch has not exited");
         second.send(true).expect("a receiver");
         new.wait_for(|gone| *gone).await.expect("second exit seen");
+    }
+
+    /// A log line sink for one test.
+    #[derive(Clone, Default)]
+    struct Lines(Arc<Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Lines {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            lock(&self.0).extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[tokio::test]
+    async fn a_recorded_agent_that_drops_is_logged_as_lost() {
+        let lines = Lines::default();
+        let sink = lines.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(move || sink.clone())
+            .with_ansi(false)
+            .finish();
+        // The test runtime runs every task on this thread.
+        let _log = tracing::subscriber::set_default(subscriber);
+        let h = Arc::new(VmHandle::new(id('a')));
+        let (host, guest) = tokio::io::duplex(1024);
+        let agent = AgentClient::spawn(host);
+        h.set_agent(Some(agent.clone()));
+        drop(guest);
+        agent.closed().await;
+        let logged = || String::from_utf8_lossy(&lock(&lines.0)).into_owned();
+        tokio::time::timeout(std::time::Duration::from_secs(10), async {
+            while !logged().contains("agent connection lost while the VM was running") {
+                tokio::task::yield_now().await;
+            }
+        })
+        .await
+        .unwrap_or_else(|_| panic!("no loss logged: {}", logged()));
+        assert!(logged().contains(&"a".repeat(32)), "names the VM");
     }
 }
