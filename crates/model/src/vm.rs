@@ -65,7 +65,8 @@ impl VmState {
     /// - the exit watcher: starting, running or stopping → stopped;
     /// - a guest not ready in time, a failed boot, a lost re-adoption or an
     ///   interrupted operation (reconcile): creating, starting, running or
-    ///   stopping → error;
+    ///   stopping → error; a start that fails before it could record
+    ///   starting: stopped or error → error;
     /// - reconcile of a stopped VM with a leftover VMM: stopped → stopped.
     pub fn can_move_to(self, to: VmState) -> bool {
         use VmState::*;
@@ -75,7 +76,7 @@ impl VmState {
                 | (Starting, Starting | Running | Stopping | Stopped | Error)
                 | (Running, Stopping | Stopped | Error)
                 | (Stopping, Stopping | Stopped | Error)
-                | (Stopped | Error, Starting | Stopping | Stopped)
+                | (Stopped | Error, Starting | Stopping | Stopped | Error)
         )
     }
 }
@@ -287,8 +288,8 @@ mod tests {
         (Starting, "-xxxxx"),
         (Running, "---xxx"),
         (Stopping, "---xxx"),
-        (Stopped, "-x-xx-"),
-        (Error, "-x-xx-"),
+        (Stopped, "-x-xxx"),
+        (Error, "-x-xxx"),
     ];
 
     #[test]
