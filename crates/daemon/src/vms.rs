@@ -671,24 +671,6 @@ impl Daemon {
         Ok(cx.vm)
     }
 
-    /// The agent of a running VM.
-    pub fn running_agent(&self, r: &str) -> Result<(VmRecord, AgentClient), DaemonError> {
-        let vm = self.store.resolve_vm(r)?;
-        if vm.state != VmState::Running {
-            return Err(DaemonError::Conflict(format!(
-                "VM {} is {}, not running: start it first",
-                vm.name, vm.state
-            )));
-        }
-        match self.agent(&vm.id) {
-            Some(a) if !a.is_closed() => Ok((vm, a)),
-            _ => Err(DaemonError::Conflict(format!(
-                "VM {} has no agent connection (it may be shutting down)",
-                vm.name
-            ))),
-        }
-    }
-
     /// Ends a VM's VMM, through the backend when there is one, else by signal.
     pub(crate) async fn terminate_vmm(&self, vm: &VmRecord, pid: u32) -> Result<(), DaemonError> {
         match self.vmm() {

@@ -7,7 +7,8 @@ pub(crate) mod registry;
 mod state;
 
 use crate::{Daemon, DaemonError};
-use banger_model::{VmId, VmRecord};
+use banger_agent_proto::client::AgentClient;
+use banger_model::{VmId, VmRecord, VmState};
 use registry::VmHandle;
 use std::sync::Arc;
 use tokio::sync::OwnedMutexGuard;
@@ -28,6 +29,24 @@ impl Daemon {
     pub(crate) async fn lock_vm(&self, r: &str) -> Result<VmCtx, DaemonError> {
         let vm = self.store.resolve_vm(r)?;
         self.lock_vm_id(&vm.id).await
+    }
+
+    /// The agent of a running VM.
+    pub fn running_agent(&self, r: &str) -> Result<(VmRecord, AgentClient), DaemonError> {
+        let vm = self.store.resolve_vm(r)?;
+        if vm.state != VmState::Running {
+            return Err(DaemonError::Conflict(format!(
+                "VM {} is {}, not running: start it first",
+                vm.name, vm.state
+            )));
+        }
+        match self.agent(&vm.id) {
+            Some(a) if !a.is_closed() => Ok((vm, a)),
+            _ => Err(DaemonError::Conflict(format!(
+                "VM {} has no agent connection (it may be shutting down)",
+                vm.name
+            ))),
+        }
     }
 
     /// [`Daemon::lock_vm`] for a VM known by id.
