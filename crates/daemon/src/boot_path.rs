@@ -225,19 +225,18 @@ impl Daemon {
     }
 
     pub(crate) fn set_boot_facts(&self, id: &VmId, facts: Option<BootFacts>) {
-        let mut boots = self.boots.lock().unwrap_or_else(|p| p.into_inner());
         match facts {
-            Some(f) => boots.insert(id.clone(), f),
-            None => boots.remove(id),
-        };
+            Some(f) => self.vms.handle(id).set_boot_facts(Some(f)),
+            None => {
+                if let Some(h) = self.vms.existing(id) {
+                    h.set_boot_facts(None);
+                }
+            }
+        }
     }
 
     pub(crate) fn boot_facts(&self, id: &VmId) -> Option<BootFacts> {
-        self.boots
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(id)
-            .copied()
+        self.vms.existing(id)?.boot_facts()
     }
 
     /// `GET /v1/vms/{vm}/boot`.

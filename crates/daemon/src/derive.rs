@@ -15,6 +15,8 @@
 //! neither a VM nor an image behind.
 
 use crate::image_ops::check_name;
+use crate::vm::admit::NewVm;
+use crate::vm::power::{Ask, PowerOff};
 use crate::vms::{BootCtx, BootError, WRITABLE_ROOT_WORK_DEVICE, console_tail, now_rfc3339};
 use crate::{Daemon, DaemonError};
 use anyhow::{Context, anyhow};
@@ -24,7 +26,7 @@ use banger_config::{HostResources, apply_flags, effective_defaults};
 use banger_image::derive::{
     DeriveOptions, GuestStep, HostFile, check_packages, provisioning_steps,
 };
-use banger_model::{ImageRecord, VmId, VmName, VmRecord, VmSpec, VmState};
+use banger_model::{ImageRecord, VmName, VmRecord, VmSpec};
 use banger_storage::{VmDisks, WorkSource};
 use banger_vmm::VmPaths;
 use std::collections::{HashSet, VecDeque};
@@ -209,35 +211,19 @@ impl Daemon {
         spec: VmSpec,
         nat: bool,
     ) -> Result<VmRecord, DaemonError> {
-        let vmm = self.vmm()?.clone();
+        self.vmm()?;
         let name = VmName::parse(vm_name).map_err(|e| DaemonError::Invalid(e.to_string()))?;
-        let id = VmId::random();
-        let dir = self.paths.vms_dir.join(id.as_str());
-        let _alloc = self.alloc_lock.lock().await;
-        let ip = self.allocate_ip()?;
-        let vm = VmRecord {
-            id,
+        let new = NewVm {
             name,
             image: image.to_string(),
-            state: VmState::Creating,
-            backend: vmm.backend(),
             spec,
-            dir: dir.clone(),
-            pid: None,
-            created_at: now_rfc3339(),
-            last_error: None,
-            start: Default::default(),
             nat,
-            ip: Some(ip),
-            tap: None,
-            ssh_port: None,
             initramfs: self.config.initramfs,
+            start: Default::default(),
         };
-        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-        if let Err(e) = self.store.insert_vm(&vm) {
-            let _ = std::fs::remove_dir_all(&dir);
-            return Err(e.into());
-        }
+        let mut steps = crate::steps::Steps::new(|_, _| {});
+        let (vm, _held) = self.admit(new, &mut steps).await?;
+        steps.commit();
         Ok(vm)
     }
 
@@ -252,9 +238,8 @@ impl Daemon {
         progress: ProgressRef<'_>,
         cancel: &CancellationToken,
     ) -> Result<DerivedFiles, DaemonError> {
-        let lock = self.vm_lock(&vm.id);
-        let guard = lock.lock().await;
-        let mut vm = vm.clone();
+        let guard = self.lock_vm_id(&vm.id).await?;
+        let mut vm = guard.vm.clone();
         let vmm = self.vmm()?.clone();
         let kernel = self.store.get_kernel(&base.kernel)?;
         let disks = VmDisks::in_dir(&vm.dir);
@@ -343,29 +328,28 @@ impl Daemon {
         }
 
         progress("shutdown", "powering the guest off");
-        let exited = self
-            .exits
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(&vm.id)
-            .map(|tx| tx.subscribe());
-        let Some(mut exited) = exited else {
-            return Err(DaemonError::Failed(anyhow!(
-                "the transient VM's VMM is not watched; cannot tell when it powers off"
-            )));
-        };
-        agent
-            .shutdown(self.guest_exits_by_reboot())
-            .context("asking the guest to power off")?;
-        let off = tokio::select! {
-            r = tokio::time::timeout(POWEROFF_TIMEOUT, exited.wait_for(|gone| *gone)) => r.is_ok_and(|r| r.is_ok()),
-            _ = cancel.cancelled() => return Err(DaemonError::Failed(anyhow!(self.cancel_reason()))),
-        };
-        if !off {
-            return Err(DaemonError::Failed(anyhow!(
-                "the guest did not power off within {}s, so its disks may be inconsistent; the image was not saved",
-                POWEROFF_TIMEOUT.as_secs()
-            )));
+        match self
+            .power_off(&guard, Ask::Agent(&agent), POWEROFF_TIMEOUT, Some(cancel))
+            .await
+        {
+            PowerOff::Exited => {}
+            PowerOff::Unwatched => {
+                return Err(DaemonError::Failed(anyhow!(
+                    "the transient VM's VMM is not watched; cannot tell when it powers off"
+                )));
+            }
+            PowerOff::NotAsked(e) => {
+                return Err(DaemonError::Failed(
+                    e.context("asking the guest to power off"),
+                ));
+            }
+            PowerOff::Cancelled => return Err(DaemonError::Failed(anyhow!(self.cancel_reason()))),
+            PowerOff::TimedOut => {
+                return Err(DaemonError::Failed(anyhow!(
+                    "the guest did not power off within {}s, so its disks may be inconsistent; the image was not saved",
+                    POWEROFF_TIMEOUT.as_secs()
+                )));
+            }
         }
         drop(guard);
 

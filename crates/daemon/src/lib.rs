@@ -28,6 +28,7 @@ mod sessions;
 mod settings;
 mod ssh;
 pub mod steps;
+mod vm;
 mod vm_logs;
 mod vms;
 mod warm;
@@ -42,7 +43,6 @@ use banger_config::{Config, Paths};
 use banger_model::VmId;
 use banger_store::Store;
 use banger_vmm::Vmm;
-use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use tokio_util::sync::CancellationToken;
@@ -57,20 +57,14 @@ pub struct Daemon {
     vmm: Result<Arc<dyn Vmm>, String>,
     /// Why `vmm` was chosen, for `doctor` and `daemon status`.
     pub backend_reason: String,
-    /// Live agent connections of running VMs.
-    agents: Arc<Mutex<HashMap<VmId, AgentClient>>>,
-    /// Per-VM "the VMM has exited" signals, set by the exit watchers.
-    exits: Mutex<HashMap<VmId, tokio::sync::watch::Sender<bool>>>,
-    /// Per-VM operation locks.
-    locks: Mutex<HashMap<VmId, Arc<tokio::sync::Mutex<()>>>>,
+    /// Per-VM run-time state: operation lock, agent, exit signal, boot facts.
+    vms: vm::registry::VmRegistry,
     /// Serialises image builds (they are big and share a store).
     image_lock: tokio::sync::Mutex<()>,
     /// Networking, set up once by [`Daemon::init_network`].
     network: std::sync::OnceLock<network::Network>,
     /// Held from choosing a new VM's address until its record is stored.
     alloc_lock: tokio::sync::Mutex<()>,
-    /// What each running VM's last boot was (initramfs, agent hello).
-    boots: Mutex<HashMap<VmId, boot_path::BootFacts>>,
     /// Serialises making kernels' initramfs parts.
     initramfs_lock: tokio::sync::Mutex<()>,
     /// Kernels this daemon already tried to give an initramfs at boot.
@@ -124,13 +118,10 @@ impl Daemon {
             store,
             vmm,
             backend_reason,
-            agents: Arc::default(),
-            locks: Mutex::default(),
-            exits: Mutex::default(),
+            vms: Default::default(),
             image_lock: tokio::sync::Mutex::new(()),
             network: std::sync::OnceLock::new(),
             alloc_lock: tokio::sync::Mutex::new(()),
-            boots: Mutex::default(),
             initramfs_lock: tokio::sync::Mutex::new(()),
             initramfs_tried: Mutex::default(),
             template_build: tokio::sync::Mutex::new(()),
@@ -156,36 +147,19 @@ impl Daemon {
             .is_ok_and(|v| v.guest_exit() == banger_vmm::GuestExit::Reboot)
     }
 
-    fn vm_lock(&self, id: &VmId) -> Arc<tokio::sync::Mutex<()>> {
-        let mut locks = self.locks.lock().unwrap_or_else(|p| p.into_inner());
-        locks.entry(id.clone()).or_default().clone()
-    }
-
     fn agent(&self, id: &VmId) -> Option<AgentClient> {
-        self.agents
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(id)
-            .cloned()
-    }
-
-    /// Forgets a VM's agent and hands it back, before a deliberate end.
-    fn take_agent(&self, id: &VmId) -> Option<AgentClient> {
-        self.agents
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(id)
+        self.vms.existing(id)?.agent()
     }
 
     fn set_agent(&self, id: &VmId, client: Option<AgentClient>) {
-        let mut agents = self.agents.lock().unwrap_or_else(|p| p.into_inner());
         match client {
-            Some(c) => {
-                watch_agent_loss(Arc::downgrade(&self.agents), id.clone(), c.clone());
-                agents.insert(id.clone(), c)
+            Some(c) => self.vms.handle(id).set_agent(Some(c)),
+            None => {
+                if let Some(h) = self.vms.existing(id) {
+                    h.set_agent(None);
+                }
             }
-            None => agents.remove(id),
-        };
+        }
     }
 
     /// The banger-agent binary injected into images.
@@ -334,29 +308,4 @@ fn notify_ready() {
     let mut f = unsafe { std::fs::File::from_raw_fd(fd) };
     let _ = f.write_all(b"ready\n");
     // Dropping `f` closes it so the parent sees EOF after the message.
-}
-
-/// Logs an agent connection that ends while its VM still counts it as live:
-/// every deliberate end (stop, delete, restore) forgets the client first, so
-/// this line is the trace of a guest or VMM that dropped the host.
-fn watch_agent_loss(
-    agents: std::sync::Weak<Mutex<HashMap<VmId, AgentClient>>>,
-    id: VmId,
-    client: AgentClient,
-) {
-    let Ok(rt) = tokio::runtime::Handle::try_current() else {
-        return;
-    };
-    rt.spawn(async move {
-        client.closed().await;
-        let still_live = agents.upgrade().is_some_and(|a| {
-            a.lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .get(&id)
-                .is_some_and(AgentClient::is_closed)
-        });
-        if still_live {
-            tracing::warn!(vm = %id, "agent connection lost while the VM was running");
-        }
-    });
 }

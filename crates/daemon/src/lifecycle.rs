@@ -2,6 +2,7 @@
 //! so operations on one VM are serialised; different VMs run in parallel.
 
 use crate::steps::Steps;
+use crate::vm::power::{Ask, PowerOff};
 use crate::vms::{BootCtx, BootError, BootPurpose};
 use crate::{Daemon, DaemonError};
 use anyhow::anyhow;
@@ -17,12 +18,10 @@ impl Daemon {
     /// Boots a stopped VM from its existing disks and waits for its agent.
     /// Precondition: the VM is stopped (or in error); a running VM is left as is.
     pub async fn start_vm(self: &Arc<Self>, r: &str) -> Result<VmRecord, DaemonError> {
-        let vm = self.store.resolve_vm(r)?;
-        let lock = self.vm_lock(&vm.id);
-        let _g = lock.lock().await;
-        let mut vm = self.store.get_vm(&vm.id)?;
+        let mut cx = self.lock_vm(r).await?;
+        let vm = &mut cx.vm;
         match vm.state {
-            VmState::Running => return Ok(vm),
+            VmState::Running => return Ok(vm.clone()),
             VmState::Stopped | VmState::Error => {}
             other => {
                 return Err(DaemonError::Conflict(format!(
@@ -33,9 +32,9 @@ impl Daemon {
         }
         // An errored VM may still have its VMM, kept for inspection.
         if let Some(pid) = vm.pid.filter(|p| vmm_process_alive(*p, &vm.dir)) {
-            self.terminate_vmm(&vm, pid).await?;
+            self.terminate_vmm(vm, pid).await?;
         }
-        self.net_down(&vm).await;
+        self.net_down(vm).await;
         let vmm = self.vmm()?.clone();
         let image = self.store.get_image(&vm.image)?;
         let kernel = self.store.get_kernel(&image.kernel)?;
@@ -50,9 +49,9 @@ impl Daemon {
             writable_root: None,
             purpose: BootPurpose::Vm,
         };
-        let mut booted = self.boot(ctx, &mut vm, &mut steps).await.map(|_| ());
+        let mut booted = self.boot(ctx, vm, &mut steps).await.map(|_| ());
         if booted.is_ok() && self.config.wait_boot {
-            booted = match self.wait_system(&vm, &|_, _| {}, &cancel).await {
+            booted = match self.wait_system(vm, &|_, _| {}, &cancel).await {
                 crate::boot_path::SystemWait::Booted => Ok(()),
                 crate::boot_path::SystemWait::TimedOut(m) => Err(BootError::NotReady(m)),
                 crate::boot_path::SystemWait::Cancelled => {
@@ -73,18 +72,17 @@ impl Daemon {
                     tracing::warn!(error = %format!("{e:#}"), "ssh files not updated");
                 }
                 tracing::info!(vm = %vm.name, "started VM");
-                Ok(vm)
+                Ok(vm.clone())
             }
             Err(BootError::NotReady(msg)) => {
                 steps.commit();
-                self.store
-                    .set_vm_state(&vm.id, VmState::Error, vm.pid, Some(&msg))?;
+                let pid = vm.pid;
+                self.set_state(vm, VmState::Error, pid, Some(&msg))?;
                 Err(DaemonError::Failed(anyhow!(msg)))
             }
             Err(BootError::Failed(e)) => {
                 let msg = format!("{e:#}");
-                self.store
-                    .set_vm_state(&vm.id, VmState::Error, None, Some(&msg))?;
+                self.set_state(vm, VmState::Error, None, Some(&msg))?;
                 Err(DaemonError::Failed(e))
             }
         }
@@ -93,54 +91,29 @@ impl Daemon {
     /// Powers the guest off (agent, else ACPI), and ends the VMM if it has
     /// not exited within [`STOP_TIMEOUT`]. Disks are kept.
     pub async fn stop_vm(self: &Arc<Self>, r: &str) -> Result<VmRecord, DaemonError> {
-        let vm = self.store.resolve_vm(r)?;
-        let lock = self.vm_lock(&vm.id);
-        let _g = lock.lock().await;
-        let mut vm = self.store.get_vm(&vm.id)?;
-        if vm.state == VmState::Creating {
+        let mut cx = self.lock_vm(r).await?;
+        if cx.vm.state == VmState::Creating {
             return Err(DaemonError::Conflict(format!(
                 "VM {} is being created: wait for that to finish",
-                vm.name
+                cx.vm.name
             )));
         }
-        if let Some(pid) = vm.pid.filter(|p| vmm_process_alive(*p, &vm.dir)) {
-            self.store
-                .set_vm_state(&vm.id, VmState::Stopping, Some(pid), None)?;
-            let exited = self
-                .exits
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .get(&vm.id)
-                .map(|tx| tx.subscribe());
-            let asked = match self.take_agent(&vm.id) {
-                Some(agent) => agent.shutdown(self.guest_exits_by_reboot()).is_ok(),
-                None => match self.vmm() {
-                    Ok(v) => v.request_shutdown(&vm.dir).await.is_ok(),
-                    Err(_) => false,
-                },
-            };
-            let graceful = match exited {
-                Some(mut rx) if asked => {
-                    tokio::time::timeout(STOP_TIMEOUT, rx.wait_for(|gone| *gone))
-                        .await
-                        .is_ok_and(|r| r.is_ok())
-                }
-                _ => false,
-            };
-            if !graceful {
-                tracing::warn!(vm = %vm.name, "guest did not power off in time; ending its VMM");
+        if let Some(pid) = cx.vm.pid.filter(|p| vmm_process_alive(*p, &cx.vm.dir)) {
+            self.set_state(&mut cx.vm, VmState::Stopping, Some(pid), None)?;
+            let off = self
+                .power_off(&cx, Ask::AgentElseAcpi, STOP_TIMEOUT, None)
+                .await;
+            if !matches!(off, PowerOff::Exited) {
+                tracing::warn!(vm = %cx.vm.name, "guest did not power off in time; ending its VMM");
             }
-            self.terminate_vmm(&vm, pid).await?;
+            self.terminate_vmm(&cx.vm, pid).await?;
         }
+        let vm = &mut cx.vm;
         self.set_agent(&vm.id, None);
-        self.net_down(&vm).await;
-        self.store
-            .set_vm_state(&vm.id, VmState::Stopped, None, None)?;
-        vm.state = VmState::Stopped;
-        vm.pid = None;
-        vm.last_error = None;
+        self.net_down(vm).await;
+        self.set_state(vm, VmState::Stopped, None, None)?;
         tracing::info!(vm = %vm.name, "stopped VM");
-        Ok(vm)
+        Ok(cx.vm)
     }
 
     /// Stops, then starts.
@@ -160,10 +133,8 @@ impl Daemon {
         }
         let sig = nix::sys::signal::Signal::try_from(signal)
             .map_err(|_| DaemonError::Invalid(format!("{signal} is not a signal number")))?;
-        let vm = self.store.resolve_vm(r)?;
-        let lock = self.vm_lock(&vm.id);
-        let _g = lock.lock().await;
-        let vm = self.store.get_vm(&vm.id)?;
+        let cx = self.lock_vm(r).await?;
+        let vm = &cx.vm;
         let Some(pid) = vm.pid.filter(|p| vmm_process_alive(*p, &vm.dir)) else {
             return Err(DaemonError::Conflict(format!(
                 "VM {} is not running",
@@ -173,6 +144,6 @@ impl Daemon {
         nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), sig)
             .map_err(|e| DaemonError::Failed(anyhow!("signalling the VMM of {}: {e}", vm.name)))?;
         tracing::info!(vm = %vm.name, pid, signal = %sig, "signalled VMM");
-        Ok(vm)
+        Ok(vm.clone())
     }
 }

@@ -492,12 +492,10 @@ impl Daemon {
     /// Turns NAT on or off for a VM; on a running VM the rules change at
     /// once.
     pub async fn set_vm_nat(self: &Arc<Self>, r: &str, nat: bool) -> Result<VmRecord, DaemonError> {
-        let vm = self.store.resolve_vm(r)?;
-        let lock = self.vm_lock(&vm.id);
-        let _g = lock.lock().await;
-        let mut vm = self.store.get_vm(&vm.id)?;
+        let mut cx = self.lock_vm(r).await?;
+        let vm = &mut cx.vm;
         if vm.nat == nat {
-            return Ok(vm);
+            return Ok(vm.clone());
         }
         if vm.state == VmState::Running
             && let Some(net) = self.network()
@@ -525,7 +523,7 @@ impl Daemon {
         self.store.set_vm_nat(&vm.id, nat)?;
         vm.nat = nat;
         tracing::info!(vm = %vm.name, nat, "NAT changed");
-        Ok(vm)
+        Ok(vm.clone())
     }
 
     /// Listening ports of a running VM, probed from the host.

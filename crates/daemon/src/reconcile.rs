@@ -19,7 +19,7 @@ impl Daemon {
                     if let Err(e) = self.adopt(&vm).await {
                         tracing::warn!(vm = %vm.name, error = %format!("{e:#}"), "could not re-adopt VM; stopping it");
                         self.stop_leftover(
-                            &vm,
+                            vm,
                             VmState::Error,
                             Some(&format!("lost after daemon restart: {e:#}")),
                         )
@@ -29,12 +29,12 @@ impl Daemon {
                 (VmState::Creating | VmState::Starting | VmState::Stopping, _) => {
                     // The operation that owned it died with the old daemon.
                     let msg = format!("interrupted while {}: the daemon restarted", vm.state);
-                    self.stop_leftover(&vm, VmState::Error, Some(&msg)).await;
+                    self.stop_leftover(vm, VmState::Error, Some(&msg)).await;
                 }
-                (VmState::Running, false) => self.stop_leftover(&vm, VmState::Stopped, None).await,
+                (VmState::Running, false) => self.stop_leftover(vm, VmState::Stopped, None).await,
                 (VmState::Error, true) => {} // kept on purpose for inspection
                 (VmState::Stopped | VmState::Error, false) => {}
-                (VmState::Stopped, true) => self.stop_leftover(&vm, VmState::Stopped, None).await,
+                (VmState::Stopped, true) => self.stop_leftover(vm, VmState::Stopped, None).await,
             }
         }
         self.reconcile_templates();
@@ -66,20 +66,20 @@ impl Daemon {
     }
 
     /// Ends whatever is left of a VM's VMM and records `state`. Disks stay.
-    async fn stop_leftover(&self, vm: &VmRecord, state: VmState, error: Option<&str>) {
+    async fn stop_leftover(&self, mut vm: VmRecord, state: VmState, error: Option<&str>) {
         if let Some(pid) = vm.pid
-            && let Err(e) = self.terminate_vmm(vm, pid).await
+            && let Err(e) = self.terminate_vmm(&vm, pid).await
         {
             tracing::warn!(vm = %vm.name, error = %e, "could not end leftover VMM");
         }
         // Networking starts after reconcile: this clears the record, and
         // the TAP pool then deletes TAPs no running VM holds.
-        self.net_down(vm).await;
+        self.net_down(&vm).await;
         let p = VmPaths::new(&vm.dir);
         for f in p.runtime_files() {
             let _ = std::fs::remove_file(f);
         }
-        if let Err(e) = self.store.set_vm_state(&vm.id, state, None, error) {
+        if let Err(e) = self.set_state(&mut vm, state, None, error) {
             tracing::warn!(vm = %vm.name, error = %e, "could not record VM state");
         }
         tracing::info!(vm = %vm.name, state = %state, "reconciled VM");

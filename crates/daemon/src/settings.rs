@@ -67,10 +67,8 @@ impl Daemon {
             return self.set_vm_nat(r, nat).await;
         }
         let disk = check_resources(req.vcpu, req.memory_mib, req.disk_size.as_deref())?;
-        let vm = self.store.resolve_vm(r)?;
-        let lock = self.vm_lock(&vm.id);
-        let _g = lock.lock().await;
-        let mut vm = self.store.get_vm(&vm.id)?;
+        let mut cx = self.lock_vm(r).await?;
+        let vm = &mut cx.vm;
         if !matches!(vm.state, VmState::Stopped | VmState::Error)
             || vm
                 .pid
@@ -123,9 +121,9 @@ impl Daemon {
         if let Some(n) = req.nat {
             vm.nat = n;
         }
-        self.store.update_vm(&vm)?;
+        self.store.update_vm(vm)?;
         tracing::info!(vm = %vm.name, spec = %vm.spec.summary(), nat = vm.nat, "changed VM");
-        Ok(vm)
+        Ok(vm.clone())
     }
 
     /// Host-side figures of a VM (VMM process, disks) and, with `guest`,

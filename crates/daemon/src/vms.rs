@@ -2,6 +2,7 @@
 
 use crate::boot_path::{BootFacts, BootInitrd};
 use crate::steps::{Steps, UndoSlot};
+use crate::vm::admit::NewVm;
 use crate::warm::plan::{ColdReason, StartPlan};
 use crate::{Daemon, DaemonError};
 use anyhow::{Context, anyhow};
@@ -81,11 +82,7 @@ impl Daemon {
     pub(crate) fn check_create(&self, req: &CreateVmRequest) -> Result<(), DaemonError> {
         if let Some(n) = &req.name {
             let name = VmName::parse(n).map_err(|e| DaemonError::Invalid(e.to_string()))?;
-            if self.store.list_vms()?.iter().any(|v| v.name == name) {
-                return Err(DaemonError::Conflict(format!(
-                    "a VM named {name} already exists: pick another --name or `banger vm delete {name}`"
-                )));
-            }
+            self.check_name_free(&name)?;
         }
         crate::settings::check_resources(req.vcpu, req.memory_mib, req.disk_size.as_deref())?;
         if let Some(image) = &req.image {
@@ -131,11 +128,7 @@ impl Daemon {
             Some(n) => VmName::parse(n).map_err(|e| DaemonError::Invalid(e.to_string()))?,
             None => self.unused_name()?,
         };
-        if self.store.list_vms()?.iter().any(|v| v.name == name) {
-            return Err(DaemonError::Conflict(format!(
-                "a VM named {name} already exists: pick another --name or `banger vm delete {name}`"
-            )));
-        }
+        self.check_name_free(&name)?;
         let disk =
             crate::settings::check_resources(req.vcpu, req.memory_mib, req.disk_size.as_deref())?;
         let defaults = effective_defaults(&self.config.vm_defaults, &HostResources::detect());
@@ -195,75 +188,21 @@ impl Daemon {
                 None
             }
         };
-        let id = VmId::random();
-        let dir = self.paths.vms_dir.join(id.as_str());
-        // Held until the record (with its address) is stored.
-        let alloc = self.alloc_lock.lock().await;
-        // Again under the lock every create records under: a create of the
-        // same name that started meanwhile must not get as far as disks.
-        if self.store.list_vms()?.iter().any(|v| v.name == name) {
-            return Err(DaemonError::Conflict(format!(
-                "a VM named {name} already exists: pick another --name or `banger vm delete {name}`"
-            )));
-        }
-        let ip = self.allocate_ip()?;
-        let mut vm = VmRecord {
-            id: id.clone(),
-            name,
-            image: image.name.clone(),
-            state: VmState::Creating,
-            backend: vmm.backend(),
-            spec,
-            dir: dir.clone(),
-            pid: None,
-            created_at: now_rfc3339(),
-            last_error: None,
-            start: StartInfo::cold(cold_note),
-            nat: req.nat,
-            ip: Some(ip),
-            tap: None,
-            ssh_port: None,
-            initramfs,
-        };
-        let lock = self.vm_lock(&id);
-        let _guard = lock.lock().await;
-
         let progress = |phase: &str, msg: &str| rep.progress(phase, msg);
         let mut steps = Steps::new(|phase, msg| rep.progress(phase, msg));
+        let new = NewVm {
+            name,
+            image: image.name.clone(),
+            spec,
+            nat: req.nat,
+            initramfs,
+            start: StartInfo::cold(cold_note),
+        };
+        // Its lock is held from before the record exists; a failed create
+        // removes the VM's handle with the record.
+        let (mut vm, _held) = self.admit(new, &mut steps).await?;
+        let (id, dir) = (vm.id.clone(), vm.dir.clone());
         let this = self.clone();
-        let d = dir.clone();
-        steps
-            .run(
-                "dir",
-                "preparing VM directory",
-                |u: UndoSlot<'_>| async move {
-                    std::fs::create_dir_all(&d)
-                        .with_context(|| format!("creating {}", d.display()))?;
-                    u.set(move || async move {
-                        tokio::fs::remove_dir_all(&d)
-                            .await
-                            .with_context(|| format!("removing {}", d.display()))
-                    });
-                    Ok(())
-                },
-            )
-            .await
-            .map_err(|e| DaemonError::Failed(e.into()))?;
-        let store = self.store.clone();
-        let rec = vm.clone();
-        steps
-            .run("record", "recording VM", |u: UndoSlot<'_>| async move {
-                store.insert_vm(&rec)?;
-                let (s, id) = (store.clone(), rec.id.clone());
-                u.set(move || async move { s.delete_vm(&id).map_err(Into::into) });
-                Ok(())
-            })
-            .await
-            .map_err(|e| match e.cause.downcast::<banger_store::StoreError>() {
-                Ok(se) => se.into(),
-                Err(other) => DaemonError::Failed(other),
-            })?;
-        drop(alloc);
         let mut warmed = false;
         if let Some(template) = &warm_template {
             rep.progress(
@@ -374,9 +313,8 @@ impl Daemon {
             }
         }
         if !req.start {
-            this.store.set_vm_state(&id, VmState::Stopped, None, None)?;
+            this.set_state(&mut vm, VmState::Stopped, None, None)?;
             steps.commit();
-            vm.state = VmState::Stopped;
             return Ok(vm);
         }
         let ctx = BootCtx {
@@ -428,8 +366,8 @@ impl Daemon {
             Err(BootError::NotReady(msg)) => {
                 // Keep the VM for post-mortem: its console log says why.
                 steps.commit();
-                this.store
-                    .set_vm_state(&id, VmState::Error, vm.pid, Some(&msg))?;
+                let pid = vm.pid;
+                this.set_state(&mut vm, VmState::Error, pid, Some(&msg))?;
                 Err(DaemonError::Failed(anyhow!(msg)))
             }
             Err(BootError::Failed(e)) => Err(DaemonError::Failed(e)),
@@ -477,10 +415,7 @@ impl Daemon {
         let template = purpose == BootPurpose::Template;
         let paths = VmPaths::new(&vm.dir);
         let disks = VmDisks::in_dir(&vm.dir);
-        if let Err(e) = self
-            .store
-            .set_vm_state(&vm.id, VmState::Starting, None, None)
-        {
+        if let Err(e) = self.set_state(vm, VmState::Starting, None, None) {
             return Err(fail(steps, e.into()).await);
         }
         // The VM is not running: its work disk may be written. Never into
@@ -564,7 +499,6 @@ impl Daemon {
         let launched = launched.map_err(|e| BootError::Failed(e.into()))?;
         let launched_pid = launched.pid;
         cap_logs(spec.dir.clone(), launched_pid);
-        vm.pid = Some(launched_pid);
         // The console starts over at each launch: so does its time index.
         crate::log_index::spawn_sampler(
             vec![paths.console_log(), paths.vmm_log()],
@@ -574,10 +508,7 @@ impl Daemon {
         );
         let mut exited = launched.exited;
         let agent_ep = launched.agent;
-        if let Err(e) = self
-            .store
-            .set_vm_state(&vm.id, VmState::Starting, vm.pid, None)
-        {
+        if let Err(e) = self.set_state(vm, VmState::Starting, Some(launched_pid), None) {
             return Err(fail(steps, e.into()).await);
         }
 
@@ -650,13 +581,9 @@ impl Daemon {
             }
         }
         self.set_agent(&vm.id, Some(agent.clone()));
-        if let Err(e) = self
-            .store
-            .set_vm_state(&vm.id, VmState::Running, vm.pid, None)
-        {
+        if let Err(e) = self.set_state(vm, VmState::Running, Some(launched_pid), None) {
             return Err(fail(steps, e.into()).await);
         }
-        vm.state = VmState::Running;
         self.net_ready(vm);
         self.watch_exit(vm.id.clone(), launched_pid, exited);
         Ok(spec)
@@ -669,41 +596,40 @@ impl Daemon {
         id: VmId,
         pid: u32,
         exited: tokio::task::JoinHandle<()>,
-    ) {
+    ) -> tokio::task::JoinHandle<()> {
         let this = self.clone();
-        let (tx, _) = tokio::sync::watch::channel(false);
-        self.exits
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(id.clone(), tx.clone());
+        let tx = self.vms.handle(&id).new_exit();
         tokio::spawn(async move {
             let _ = exited.await;
             // Before taking the VM lock: a stop holding it waits for this.
             let _ = tx.send(true);
             this.on_vmm_exit(&id, pid).await;
-        });
+        })
     }
 
     async fn on_vmm_exit(self: &Arc<Self>, id: &VmId, pid: u32) {
+        // A deleted VM has no handle: nothing to record, and none is made.
+        let Some(handle) = self.vms.existing(id) else {
+            return;
+        };
         // Whoever holds the lock (delete, stop) records the state itself; a
         // VM already restarted has another pid and is left alone.
-        let lock = self.vm_lock(id);
-        let _g = lock.lock().await;
-        let Ok(vm) = self.store.get_vm(id) else {
+        let _g = handle.lock_op().await;
+        let Ok(mut vm) = self.store.get_vm(id) else {
             return;
         };
         if vm.pid != Some(pid) {
             return;
         }
-        self.set_agent(id, None);
-        self.set_boot_facts(id, None);
+        handle.set_agent(None);
+        handle.set_boot_facts(None);
         self.net_down(&vm).await;
         if matches!(
             vm.state,
             VmState::Running | VmState::Starting | VmState::Stopping
         ) {
             tracing::info!(vm = %vm.name, "VMM exited; marking VM stopped");
-            let _ = self.store.set_vm_state(id, VmState::Stopped, None, None);
+            let _ = self.set_state(&mut vm, VmState::Stopped, None, None);
         }
     }
 
@@ -717,17 +643,15 @@ impl Daemon {
 
     /// Stops the VM if it runs, then removes its disks, directory and record.
     pub async fn delete_vm(self: &Arc<Self>, r: &str) -> Result<VmRecord, DaemonError> {
-        let vm = self.store.resolve_vm(r)?;
-        let lock = self.vm_lock(&vm.id);
-        let _g = lock.lock().await;
         // Re-read under the lock: a concurrent delete may have won.
-        let vm = self.store.get_vm(&vm.id)?;
-        self.set_agent(&vm.id, None);
-        self.set_boot_facts(&vm.id, None);
+        let cx = self.lock_vm(r).await?;
+        let vm = &cx.vm;
+        cx.handle.set_agent(None);
+        cx.handle.set_boot_facts(None);
         if let Some(pid) = vm.pid {
-            self.terminate_vmm(&vm, pid).await?;
+            self.terminate_vmm(vm, pid).await?;
         }
-        self.net_down(&vm).await;
+        self.net_down(vm).await;
         match tokio::fs::remove_dir_all(&vm.dir).await {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
@@ -738,29 +662,13 @@ impl Daemon {
             }
         }
         self.store.delete_vm(&vm.id)?;
+        // Still under the VM's lock: a waiter on it re-reads, finds no VM.
+        self.vms.remove(&cx.handle);
         tracing::info!(vm = %vm.name, id = %vm.id, "deleted VM");
         if let Err(e) = self.refresh_known_hosts() {
             tracing::warn!(error = %format!("{e:#}"), "known_hosts not updated");
         }
-        Ok(vm)
-    }
-
-    /// The agent of a running VM.
-    pub fn running_agent(&self, r: &str) -> Result<(VmRecord, AgentClient), DaemonError> {
-        let vm = self.store.resolve_vm(r)?;
-        if vm.state != VmState::Running {
-            return Err(DaemonError::Conflict(format!(
-                "VM {} is {}, not running: start it first",
-                vm.name, vm.state
-            )));
-        }
-        match self.agent(&vm.id) {
-            Some(a) if !a.is_closed() => Ok((vm, a)),
-            _ => Err(DaemonError::Conflict(format!(
-                "VM {} has no agent connection (it may be shutting down)",
-                vm.name
-            ))),
-        }
+        Ok(cx.vm)
     }
 
     /// Ends a VM's VMM, through the backend when there is one, else by signal.

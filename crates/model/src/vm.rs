@@ -52,6 +52,33 @@ impl VmState {
             VmState::Error => "error",
         }
     }
+
+    /// Whether the daemon may move a VM from this state to `to`. Creating
+    /// is entered only by recording a new VM, and delete removes the
+    /// record; every other move the daemon makes is listed here:
+    ///
+    /// - boot: creating, stopped or error → starting → starting (its VMM's
+    ///   pid recorded) → running (the agent greeted); a warm restore the same;
+    /// - create without start: creating → stopped;
+    /// - stop: any state but creating → stopping (a VMM is left: stopping
+    ///   again after a failed stop) → stopped, or straight to stopped;
+    /// - the exit watcher: starting, running or stopping → stopped;
+    /// - a guest not ready in time, a failed boot, a lost re-adoption or an
+    ///   interrupted operation (reconcile): creating, starting, running or
+    ///   stopping → error; a start that fails before it could record
+    ///   starting: stopped or error → error;
+    /// - reconcile of a stopped VM with a leftover VMM: stopped → stopped.
+    pub fn can_move_to(self, to: VmState) -> bool {
+        use VmState::*;
+        matches!(
+            (self, to),
+            (Creating, Starting | Stopped | Error)
+                | (Starting, Starting | Running | Stopping | Stopped | Error)
+                | (Running, Stopping | Stopped | Error)
+                | (Stopping, Stopping | Stopped | Error)
+                | (Stopped | Error, Starting | Stopping | Stopped | Error)
+        )
+    }
 }
 
 impl fmt::Display for VmState {
@@ -246,4 +273,48 @@ pub struct ImageRecord {
     pub managed: bool,
     pub size_bytes: u64,
     pub created_at: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::VmState::{self, *};
+
+    const ALL: [VmState; 6] = [Creating, Starting, Running, Stopping, Stopped, Error];
+
+    /// The transition table of docs/design/daemon-core.md §3.3, one row
+    /// per from-state, columns in the order of `ALL` ('x' = legal).
+    const TABLE: [(VmState, &str); 6] = [
+        (Creating, "-x--xx"),
+        (Starting, "-xxxxx"),
+        (Running, "---xxx"),
+        (Stopping, "---xxx"),
+        (Stopped, "-x-xxx"),
+        (Error, "-x-xxx"),
+    ];
+
+    #[test]
+    fn moves_follow_the_table() {
+        for (from, row) in TABLE {
+            for (to, cell) in ALL.iter().zip(row.chars()) {
+                assert_eq!(
+                    from.can_move_to(*to),
+                    cell == 'x',
+                    "{from} -> {to} should be {}",
+                    if cell == 'x' { "legal" } else { "illegal" }
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn creating_is_never_reentered_and_running_comes_only_from_starting() {
+        for from in ALL {
+            assert!(!from.can_move_to(Creating), "{from} -> creating");
+            assert_eq!(
+                from.can_move_to(Running),
+                from == Starting,
+                "{from} -> running"
+            );
+        }
+    }
 }

@@ -149,9 +149,8 @@ impl Daemon {
         progress: Progress<'_>,
         cancel: &CancellationToken,
     ) -> Result<TemplateRecord, DaemonError> {
-        let lock = self.vm_lock(&vm.id);
-        let guard = lock.lock().await;
-        let mut vm = vm.clone();
+        let guard = self.lock_vm_id(&vm.id).await?;
+        let mut vm = guard.vm.clone();
         let vmm = self.vmm()?.clone();
         let kernel = self.store.get_kernel(&image.kernel)?;
         let disks = VmDisks::in_dir(&vm.dir);

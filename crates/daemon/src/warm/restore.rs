@@ -210,8 +210,7 @@ impl Daemon {
             .map_err(fail("ssh"))?;
 
         // 3. The host side of its network.
-        self.store
-            .set_vm_state(&vm.id, VmState::Starting, None, None)
+        self.set_state(vm, VmState::Starting, None, None)
             .map_err(|e| fail("network")(e.into()))?;
         progress("network", "setting up the VM's network");
         let boot_net = self.net_up(vm, steps).await.map_err(fail("network"))?;
@@ -281,8 +280,7 @@ impl Daemon {
             true,
             self.shutdown.clone(),
         );
-        self.store
-            .set_vm_state(&vm.id, VmState::Starting, vm.pid, None)
+        self.set_state(vm, VmState::Starting, Some(pid), None)
             .map_err(|e| fail("restore")(e.into()))?;
         let mut exited = launched.exited;
 
@@ -401,14 +399,12 @@ impl Daemon {
             note: None,
             restore_ms: Some(restore_ms),
         };
-        self.store
-            .set_vm_state(&vm.id, VmState::Running, vm.pid, None)
+        self.set_state(vm, VmState::Running, Some(pid), None)
             .and_then(|()| self.store.set_vm_start(&vm.id, &info))
             .map_err(|e| fail("record")(e.into()))?;
         if let Err(e) = self.store.touch_template(&h.id, &crate::vms::now_rfc3339()) {
             tracing::warn!(template = %h.id, error = %e, "template use not recorded");
         }
-        vm.state = VmState::Running;
         vm.start = info.clone();
         self.net_ready(vm);
         self.watch_exit(vm.id.clone(), pid, exited);

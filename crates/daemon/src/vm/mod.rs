@@ -1,0 +1,210 @@
+//! What the daemon holds about each VM at run time, and the one way into
+//! a VM for an operation.
+
+pub(crate) mod admit;
+pub(crate) mod power;
+pub(crate) mod registry;
+mod state;
+
+use crate::{Daemon, DaemonError};
+use banger_agent_proto::client::AgentClient;
+use banger_model::{VmId, VmRecord, VmState};
+use registry::VmHandle;
+use std::sync::Arc;
+use tokio::sync::OwnedMutexGuard;
+
+/// A VM held for one operation: its operation lock is taken and `vm` was
+/// read under it. The lock is released when this drops.
+pub(crate) struct VmCtx {
+    pub(crate) vm: VmRecord,
+    pub(crate) handle: Arc<VmHandle>,
+    _op: OwnedMutexGuard<()>,
+}
+
+impl Daemon {
+    /// The one way into an existing VM: resolves `r` (name, id or id
+    /// prefix), takes the VM's operation lock, then re-reads its record
+    /// under the lock (an operation that held it may have changed or
+    /// deleted the VM).
+    pub(crate) async fn lock_vm(&self, r: &str) -> Result<VmCtx, DaemonError> {
+        let vm = self.store.resolve_vm(r)?;
+        self.lock_vm_id(&vm.id).await
+    }
+
+    /// The agent of a running VM.
+    pub fn running_agent(&self, r: &str) -> Result<(VmRecord, AgentClient), DaemonError> {
+        let vm = self.store.resolve_vm(r)?;
+        if vm.state != VmState::Running {
+            return Err(DaemonError::Conflict(format!(
+                "VM {} is {}, not running: start it first",
+                vm.name, vm.state
+            )));
+        }
+        match self.agent(&vm.id) {
+            Some(a) if !a.is_closed() => Ok((vm, a)),
+            _ => Err(DaemonError::Conflict(format!(
+                "VM {} has no agent connection (it may be shutting down)",
+                vm.name
+            ))),
+        }
+    }
+
+    /// [`Daemon::lock_vm`] for a VM known by id.
+    pub(crate) async fn lock_vm_id(&self, id: &VmId) -> Result<VmCtx, DaemonError> {
+        let handle = self.vms.handle(id);
+        let op = handle.lock_op().await;
+        match self.store.get_vm(id) {
+            Ok(vm) => Ok(VmCtx {
+                vm,
+                handle,
+                _op: op,
+            }),
+            Err(e) => {
+                // Deleted while this waited: the handle this call found or
+                // made belongs to no VM.
+                if matches!(e, banger_store::StoreError::NotFound(_)) {
+                    self.vms.remove(&handle);
+                }
+                Err(e.into())
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use crate::Daemon;
+    use banger_config::{Config, Paths};
+    use banger_model::{
+        ImageRecord, KernelRecord, Provenance, SpecValue, VmBackend, VmId, VmName, VmRecord,
+        VmSpec, VmState,
+    };
+    use std::sync::Arc;
+
+    /// A daemon over a fresh state directory, with one image to record
+    /// VMs of. It never boots anything.
+    pub(crate) fn daemon(t: &tempfile::TempDir) -> Arc<Daemon> {
+        let d = Daemon::new(Config::default(), Paths::under(t.path())).expect("daemon");
+        add_image(&d);
+        d
+    }
+
+    /// Records image `img` (and its kernel `k`) for VMs to name.
+    pub(crate) fn add_image(d: &Daemon) {
+        d.store
+            .upsert_kernel(&KernelRecord {
+                name: "k".into(),
+                kernel: "/k/vmlinuz".into(),
+                initrd: None,
+                vmlinux: None,
+                release: None,
+                dir: None,
+                banger_initramfs: None,
+                created_at: "2026-01-01T00:00:00Z".into(),
+            })
+            .expect("kernel");
+        d.store
+            .upsert_image(&ImageRecord {
+                name: "img".into(),
+                rootfs: "/i/img/rootfs.ext4".into(),
+                kernel: "k".into(),
+                managed: true,
+                work_seed: None,
+                size_bytes: 0,
+                created_at: "2026-01-01T00:00:00Z".into(),
+            })
+            .expect("image");
+    }
+
+    /// Records a VM named `name` in `state`, with no VMM process.
+    pub(crate) fn record(d: &Daemon, name: &str, state: VmState) -> VmRecord {
+        let id = VmId::random();
+        let vm = VmRecord {
+            dir: d.paths.vms_dir.join(id.as_str()),
+            id,
+            name: VmName::parse(name).expect("name"),
+            image: "img".into(),
+            state,
+            backend: VmBackend::Qemu,
+            spec: VmSpec {
+                vcpu: SpecValue::new(1, Provenance::Flag),
+                memory_mib: SpecValue::new(256, Provenance::Flag),
+                disk_bytes: SpecValue::new(1 << 30, Provenance::Flag),
+            },
+            pid: None,
+            nat: false,
+            ip: None,
+            tap: None,
+            ssh_port: None,
+            initramfs: Default::default(),
+            created_at: "2026-01-01T00:00:00Z".into(),
+            last_error: None,
+            start: Default::default(),
+        };
+        std::fs::create_dir_all(&vm.dir).expect("dir");
+        d.store.insert_vm(&vm).expect("insert");
+        vm
+    }
+
+    #[tokio::test]
+    async fn delete_removes_the_handle_and_a_later_exit_makes_none() {
+        let t = tempfile::tempdir().expect("tmp");
+        let d = daemon(&t);
+        let vm = record(&d, "calm-otter", VmState::Running);
+        let (exit, exited) = tokio::sync::oneshot::channel::<()>();
+        let vmm = tokio::spawn(async move {
+            let _ = exited.await;
+        });
+        let watcher = d.watch_exit(vm.id.clone(), 4242, vmm);
+        assert!(d.vms.existing(&vm.id).is_some(), "watching made the handle");
+
+        d.delete_vm("calm-otter").await.expect("delete");
+        assert!(
+            d.vms.existing(&vm.id).is_none(),
+            "delete removed the handle"
+        );
+        assert!(!vm.dir.exists());
+
+        let _ = exit.send(());
+        watcher.await.expect("watcher");
+        assert!(
+            d.vms.existing(&vm.id).is_none(),
+            "the exit watcher brought no handle back"
+        );
+        assert_eq!(d.vms.len(), 0);
+    }
+
+    #[tokio::test]
+    async fn of_two_deletes_one_wins_and_the_other_finds_no_vm() {
+        let t = tempfile::tempdir().expect("tmp");
+        let d = daemon(&t);
+        let vm = record(&d, "calm-otter", VmState::Stopped);
+        // Both resolve the name before either holds the lock.
+        let held = d.lock_vm("calm-otter").await.expect("lock");
+        let (a, b) = (d.clone(), d.clone());
+        let first = tokio::spawn(async move { a.delete_vm("calm-otter").await });
+        let second = tokio::spawn(async move { b.delete_vm(vm.id.as_str()).await });
+        // Each has resolved and waits on the lock once it holds a clone of
+        // the handle (the registry's own reference is the third).
+        tokio::time::timeout(std::time::Duration::from_secs(10), async {
+            while Arc::strong_count(&held.handle) < 4 {
+                tokio::task::yield_now().await;
+            }
+        })
+        .await
+        .expect("both deletes wait on the lock");
+        drop(held);
+        let (first, second) = (first.await.expect("join"), second.await.expect("join"));
+        let (ok, err) = match (first, second) {
+            (Ok(v), Err(e)) | (Err(e), Ok(v)) => (v, e),
+            other => panic!("expected one ok and one error: {other:?}"),
+        };
+        assert_eq!(ok.name.as_str(), "calm-otter");
+        match err {
+            crate::DaemonError::NotFound(m) => assert_eq!(m, format!("no VM with id {}", ok.id)),
+            e => panic!("expected not found: {e:?}"),
+        }
+        assert!(d.store.list_vms().expect("list").is_empty());
+        assert_eq!(d.vms.len(), 0, "no handle left behind");
+    }
+}
