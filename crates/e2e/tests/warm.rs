@@ -161,6 +161,14 @@ fn warm_vms_restore_with_identities_of_their_own() {
     assert_eq!(show["start"]["template"], t["id"], "{show}");
     let human = ok(b, &["vm", "show", "warm-a"]);
     assert!(human.contains("warm (template "), "{human}");
+    // Its console log names the template whose boot it continues.
+    let logs = ok(b, &["vm", "logs", "warm-a"]);
+    let banner = format!(
+        "banger: restored from template {} (template boot log: {}/console.log)",
+        t["id"].as_str().expect("id"),
+        dir.display()
+    );
+    assert!(logs.contains(&banner), "{banner:?} not in:\n{logs}");
 
     let a = identity(b, "warm-a");
     let c = identity(b, "warm-b");
