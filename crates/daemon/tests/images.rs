@@ -235,6 +235,97 @@ async fn register_update_refuse_and_delete() {
     assert_eq!(status, StatusCode::NOT_FOUND, "{msg}");
 }
 
+/// Ids of the templates the API lists for `image`.
+async fn template_ids(d: &D, image: &str) -> Vec<String> {
+    let list = d
+        .ok(Method::GET, &format!("/v1/images/{image}/templates"), None)
+        .await;
+    list.as_array()
+        .expect("array")
+        .iter()
+        .map(|t| t["id"].as_str().expect("id").to_string())
+        .collect()
+}
+
+/// Warm-start templates go with their image: registering it again (its
+/// files may have changed) or deleting it removes each template's row and
+/// directory, and leaves other images' templates alone. (A template of an
+/// image whose files changed under the same record is refused by its key
+/// at the next use: `warm::header` tests, e2e `warm`.)
+#[tokio::test]
+async fn templates_go_with_their_image() {
+    let d = daemon(Config::default());
+    let f = files();
+    let reg = |name: &str| json!({"name": name, "rootfs": s(&f.rootfs), "kernel": s(&f.kernel), "initrd": s(&f.initrd)});
+    for name in ["small", "other"] {
+        d.ok(Method::POST, "/v1/images/register", Some(reg(name)))
+            .await;
+    }
+    // A template as a build leaves it: a row and a directory of files. The
+    // daemon's store is SQLite; a second connection sees its writes.
+    let store = banger_store::Store::open(&d.paths.db).expect("store");
+    let plant = |id: &str, image: &str| -> PathBuf {
+        let dir = d.paths.state_dir.join("templates").join(id);
+        std::fs::create_dir_all(&dir).expect("template dir");
+        for file in ["template.json", "memory", "overlay.ext4", "work.ext4"] {
+            std::fs::write(dir.join(file), file).expect("template file");
+        }
+        let t = banger_model::TemplateRecord {
+            id: id.into(),
+            image: image.into(),
+            backend: banger_model::VmBackend::Qemu,
+            shape: banger_model::TemplateShape {
+                vcpu: 1,
+                memory_mib: 1024,
+            },
+            disk_bytes: 8 << 30,
+            dir: dir.clone(),
+            state: banger_model::TemplateState::Ready,
+            size_bytes: 4096,
+            build_ms: Some(1000),
+            created_at: "2026-12-06T08:00:00Z".into(),
+            last_used_at: None,
+            uses: 0,
+        };
+        store.upsert_template(&t, "{}").expect("template row");
+        dir
+    };
+    let small = plant("00000000000000a1", "small");
+    let other = plant("00000000000000b1", "other");
+    assert_eq!(template_ids(&d, "small").await, ["00000000000000a1"]);
+
+    // Registered again: the old contents' templates are gone.
+    d.ok(Method::POST, "/v1/images/register", Some(reg("small")))
+        .await;
+    assert_eq!(template_ids(&d, "small").await, Vec::<String>::new());
+    assert!(!small.exists(), "template directory left behind");
+    assert_eq!(template_ids(&d, "other").await, ["00000000000000b1"]);
+    assert!(other.is_dir());
+
+    // Deleted: its templates go with it, the other image's stay.
+    let small = plant("00000000000000a2", "small");
+    d.ok(Method::DELETE, "/v1/images/small", None).await;
+    assert!(!small.exists(), "template directory left behind");
+    let (status, msg) = d.err(Method::GET, "/v1/images/small/templates", None).await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "{msg}");
+    let rows: Vec<String> = store
+        .list_templates(None)
+        .expect("rows")
+        .into_iter()
+        .map(|t| t.id)
+        .collect();
+    assert_eq!(rows, ["00000000000000b1"]);
+    assert!(other.is_dir());
+
+    // Dropped through the API: row and directory.
+    let dropped = d
+        .ok(Method::DELETE, "/v1/images/other/templates", None)
+        .await;
+    assert_eq!(dropped[0]["id"], "00000000000000b1");
+    assert!(!other.exists(), "template directory left behind");
+    assert_eq!(template_ids(&d, "other").await, Vec::<String>::new());
+}
+
 #[tokio::test]
 async fn registered_kernels_for_firecracker() {
     let d = daemon(Config::default());

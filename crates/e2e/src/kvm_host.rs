@@ -21,11 +21,17 @@ use std::time::Duration;
 pub const OUTER_VM: &str = "e2e-kvmhost";
 const OUTER_IMAGE: &str = "e2e-kvmhost";
 /// What the outer guest has beyond the default image: what a KVM host
-/// running these tests needs (NAT, QEMU for `-accel kvm`, unpacking what
-/// is carried in, DNS queries, a registry for OCI pulls).
+/// running these tests needs (NAT, QEMU for `-accel kvm` (from backports:
+/// warm starts need QEMU >= 9.0's `mapped-ram`, bookworm has 7.2),
+/// unpacking what is carried in, DNS queries, a registry for OCI pulls).
 const OUTER_PACKAGES: &[&str] = &[
     "nftables",
-    "qemu-system-x86",
+    "qemu-system-x86/bookworm-backports",
+    // Its exact-version dependencies, pinned too rather than trusting apt
+    // to follow the pin.
+    "qemu-system-common/bookworm-backports",
+    "qemu-system-data/bookworm-backports",
+    "seabios/bookworm-backports",
     "zstd",
     "dnsutils",
     "docker-registry",
@@ -111,7 +117,13 @@ pub fn build_outer_image(b: &Banger) {
     for p in OUTER_PACKAGES {
         build.extend(["--package", p]);
     }
-    b.build_image_outside_netns(&format!("image-{OUTER_IMAGE}-built"), &build);
+    // The marker names the packages: a root whose outer image was built
+    // with another list builds it again.
+    let marker = format!(
+        "image-{OUTER_IMAGE}-built-{}",
+        OUTER_PACKAGES.join(",").replace('/', "@")
+    );
+    b.build_image_outside_netns(&marker, &build);
 }
 
 /// `sha256sum` lines of `files`, as they are named in the outer guest.

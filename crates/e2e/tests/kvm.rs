@@ -495,6 +495,21 @@ fn firecracker_boots_an_oci_image_pulled_from_a_registry_on_loopback() {
     let _ = std::fs::remove_dir_all(&work);
 }
 
+/// The inner doctor's row `name`.
+fn doctor_row(h: &KvmHost, name: &str) -> serde_json::Value {
+    let rows = h.banger_json(&["doctor"]);
+    rows.as_array()
+        .expect("rows")
+        .iter()
+        .find(|r| r["name"] == name)
+        .cloned()
+        .unwrap_or_else(|| panic!("no {name} row in {rows}"))
+}
+
+/// QEMU with `-accel kvm`: a warm start from a template saved as QEMU's
+/// migration file (the `start:` line says so, the console log names the
+/// template), then stop/start boots the VM's own disks cold and keeps its
+/// state. One VM serves both: the lane grows by the template build only.
 #[test]
 fn qemu_with_kvm_runs_stops_and_starts() {
     let h = kvm_host();
@@ -502,23 +517,63 @@ fn qemu_with_kvm_runs_stops_and_starts() {
     let _vms = vms(h, &["q-kvm"]);
     let backend = backend_row(h);
     assert!(backend.contains("qemu (kvm)"), "{backend}");
-    let out = h.banger_ok(&[
+
+    let t = h.banger_json(&["image", "warm", "debian-bookworm"]);
+    assert_eq!(t["state"], "ready", "{t}\n{}", h.diagnostics());
+    assert_eq!(t["backend"], "qemu", "{t}");
+    // The row comes from the running daemon (started by `image warm`).
+    let warm_row = doctor_row(h, "warm start");
+    assert_eq!(warm_row["status"], "pass", "{warm_row}");
+    assert!(
+        warm_row["detail"].as_str().unwrap_or("").contains("QEMU"),
+        "{warm_row}"
+    );
+    let out = h.banger(&[
         "vm",
         "run",
+        "--warm",
         "--name",
         "q-kvm",
         "--",
         "sh",
         "-c",
-        "systemd-detect-virt; echo kept > /root/marker",
+        "systemd-detect-virt; hostname; echo kept > /root/marker",
     ]);
-    assert_eq!(out.trim(), "kvm");
+    h.assert_ok(&out, "warm vm run under QEMU-KVM");
+    let (stdout, stderr) = banger_e2e::text(&out);
+    assert_eq!(stdout, "kvm\nq-kvm\n", "{stderr}");
+    let start = stderr
+        .lines()
+        .find(|l| l.starts_with("start: "))
+        .unwrap_or_else(|| panic!("no start: line in {stderr}"));
+    assert!(start.starts_with("start: warm"), "{start}");
+    let show = h.banger_json(&["vm", "show", "q-kvm"]);
+    assert_eq!(show["start"]["kind"], "warm", "{show}");
+    assert_eq!(show["start"]["template"], t["id"], "{show}");
+    let logs = h.banger_ok(&["vm", "logs", "q-kvm"]);
+    assert!(
+        logs.contains(&format!(
+            "banger: restored from template {}",
+            t["id"].as_str().expect("id")
+        )),
+        "{logs}"
+    );
     let accel = h.ok("pgrep -a qemu-system");
     assert!(accel.contains("-accel kvm"), "{accel}");
+
+    // Stop/start: a cold boot of its own disks under KVM, state kept.
     h.banger_ok(&["vm", "stop", "q-kvm"]);
     h.banger_ok(&["vm", "start", "q-kvm"]);
-    assert_eq!(guest(h, "q-kvm", "cat /root/marker"), "kept\n");
+    let show = h.banger_json(&["vm", "show", "q-kvm"]);
+    assert_eq!(show["start"]["kind"], "cold", "{show}");
+    assert_eq!(
+        guest(h, "q-kvm", "systemd-detect-virt; cat /root/marker"),
+        "kvm\nkept\n"
+    );
+    let accel = h.ok("pgrep -a qemu-system");
+    assert!(accel.contains("-accel kvm"), "{accel}");
     h.banger_ok(&["vm", "delete", "q-kvm"]);
+    h.banger_ok(&["image", "warm", "debian-bookworm", "--drop"]);
     use_backend(h, InnerVmm::Firecracker);
 }
 
@@ -532,14 +587,7 @@ fn firecracker_warm_start_end_to_end() {
     let h = kvm_host();
     use_backend(h, InnerVmm::Firecracker);
     let _vms = vms(h, &["fw-a", "fw-b"]);
-    let rows = h.banger_json(&["doctor"]);
-    let warm_row = rows
-        .as_array()
-        .expect("rows")
-        .iter()
-        .find(|r| r["name"] == "warm start")
-        .cloned()
-        .unwrap_or_else(|| panic!("no warm start row in {rows}"));
+    let warm_row = doctor_row(h, "warm start");
     assert_eq!(warm_row["status"], "pass", "{warm_row}");
     assert!(
         warm_row["detail"]

@@ -98,6 +98,22 @@ fn warm_vms_restore_with_identities_of_their_own() {
     let t = warm(b);
     assert_eq!(t["state"], "ready", "{t}");
     assert_eq!(t["shape"]["memory_mib"], 1024, "{t}");
+    // The image's JSON carries its templates, as `image warm` printed them.
+    let shown = b.json(&["image", "show", IMAGE]);
+    let listed = b.json(&["image", "list"]);
+    let listed = listed
+        .as_array()
+        .and_then(|l| l.iter().find(|i| i["name"] == IMAGE))
+        .unwrap_or_else(|| panic!("{IMAGE} not in image list: {listed}"));
+    for (what, img) in [("image show", &shown), ("image list", listed)] {
+        let of_shape: Vec<&Value> = img["templates"]
+            .as_array()
+            .unwrap_or_else(|| panic!("{what}: no templates array: {img}"))
+            .iter()
+            .filter(|x| x["id"] == t["id"])
+            .collect();
+        assert_eq!(of_shape, [&t], "{what}: {img}");
+    }
     let dir = PathBuf::from(t["dir"].as_str().expect("dir"));
     for f in ["template.json", "memory", "overlay.ext4", "work.ext4"] {
         assert!(dir.join(f).is_file(), "{f} missing in {}", dir.display());
@@ -145,6 +161,14 @@ fn warm_vms_restore_with_identities_of_their_own() {
     assert_eq!(show["start"]["template"], t["id"], "{show}");
     let human = ok(b, &["vm", "show", "warm-a"]);
     assert!(human.contains("warm (template "), "{human}");
+    // Its console log names the template whose boot it continues.
+    let logs = ok(b, &["vm", "logs", "warm-a"]);
+    let banner = format!(
+        "banger: restored from template {} (template boot log: {}/console.log)",
+        t["id"].as_str().expect("id"),
+        dir.display()
+    );
+    assert!(logs.contains(&banner), "{banner:?} not in:\n{logs}");
 
     let a = identity(b, "warm-a");
     let c = identity(b, "warm-b");

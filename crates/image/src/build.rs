@@ -567,6 +567,23 @@ pub(crate) fn is_package_name(p: &str) -> bool {
     name_ok && pin_ok
 }
 
+/// mmdebstrap's mirror when none is configured.
+const DEFAULT_MIRROR: &str = "http://deb.debian.org/debian";
+
+/// The `*-backports` releases `packages` are pinned to (`name/release`),
+/// each once. Release names are checked by [`is_package_name`]: letters,
+/// digits and `+-.~:` only.
+fn backports_releases(packages: &[String]) -> Vec<&str> {
+    let mut releases: Vec<&str> = packages
+        .iter()
+        .filter_map(|p| p.split_once('/').map(|(_, release)| release))
+        .filter(|r| r.ends_with("-backports"))
+        .collect();
+    releases.sort_unstable();
+    releases.dedup();
+    releases
+}
+
 fn package_list(spec: &DebianBuild) -> Vec<String> {
     let mut packages: Vec<String> = BASE_PACKAGES.iter().map(|s| s.to_string()).collect();
     for p in &spec.extra_packages {
@@ -598,6 +615,23 @@ fn mmdebstrap_args(spec: &DebianBuild, packages: &[String], tree: &Path) -> Vec<
     .map(OsString::from)
     .collect();
     args.push(format!("--include={}", packages.join(",")).into());
+    // A package pinned to a backports release (`qemu-system-x86/bookworm-
+    // backports`) needs that release in apt's sources, which mmdebstrap's
+    // defaults (the suite, its updates and security) lack: a setup hook
+    // adds it before apt's first update.
+    for release in backports_releases(packages) {
+        let mirror = spec
+            .mirror
+            .as_deref()
+            .unwrap_or(DEFAULT_MIRROR)
+            .replace('\'', "'\\''");
+        args.push(
+            format!(
+                "--setup-hook=echo 'deb {mirror} {release} main' > \"$1/etc/apt/sources.list.d/{release}.list\""
+            )
+            .into(),
+        );
+    }
     args.push("--".into());
     args.push(spec.suite.clone().into());
     args.push(tree.into());
@@ -948,6 +982,34 @@ mod tests {
             &args[args.len() - 4..],
             ["--", "bookworm", "/s/root", "http://deb.example/debian"]
         );
+        assert!(!args.iter().any(|a| a.starts_with("--setup-hook")));
+
+        // A backports pin brings its release into apt's sources, once.
+        s.extra_packages = vec![
+            "qemu-system-x86/bookworm-backports".into(),
+            "qemu-utils/bookworm-backports".into(),
+            "vim=2:9.0".into(),
+        ];
+        let packages = package_list(&s);
+        let args = mmdebstrap_args(&s, &packages, Path::new("/s/root"));
+        let hooks: Vec<&str> = args
+            .iter()
+            .map(|a| a.to_str().expect("utf8"))
+            .filter(|a| a.starts_with("--setup-hook="))
+            .collect();
+        assert_eq!(
+            hooks,
+            [
+                "--setup-hook=echo 'deb http://deb.example/debian bookworm-backports main' > \"$1/etc/apt/sources.list.d/bookworm-backports.list\""
+            ]
+        );
+        s.mirror = None;
+        let args = mmdebstrap_args(&s, &packages, Path::new("/s/root"));
+        assert!(args.iter().any(|a| {
+            a.to_str()
+                .expect("utf8")
+                .contains("'deb http://deb.debian.org/debian bookworm-backports main'")
+        }));
     }
 
     #[tokio::test]

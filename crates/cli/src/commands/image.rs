@@ -3,10 +3,11 @@
 use crate::commands::transfer::{Display, absolute, interruptible};
 use crate::connect;
 use crate::output;
+use anyhow::Context;
 use banger_api::images::{BundleRequest, PullImageEvent, PullImageRequest, RegisterImageRequest};
 use banger_api::templates::{WarmImageEvent, WarmImageRequest};
 use banger_api::{BuildImageEvent, BuildImageRequest};
-use banger_model::ByteSize;
+use banger_model::{ByteSize, ImageRecord, TemplateRecord};
 use clap::{Args, Subcommand};
 use std::path::PathBuf;
 
@@ -168,6 +169,26 @@ pub fn print_bundle(b: &banger_api::images::BundleResult, json: bool) -> anyhow:
     Ok(())
 }
 
+/// An image as `image show --json` and `image list --json` print it: the
+/// daemon's record, with its warm-start templates beside the record's
+/// fields (the API keeps them apart: templates come and go on their own).
+#[derive(Debug, serde::Serialize)]
+struct ImageView {
+    #[serde(flatten)]
+    image: ImageRecord,
+    templates: Vec<TemplateRecord>,
+}
+
+impl ImageView {
+    /// Without its templates (names only are printed).
+    fn bare(image: ImageRecord) -> Self {
+        Self {
+            image,
+            templates: Vec::new(),
+        }
+    }
+}
+
 /// Prints an image that is ready (pulled or built).
 fn print_ready(img: &banger_model::ImageRecord, json: bool) -> anyhow::Result<()> {
     if json {
@@ -217,30 +238,42 @@ pub async fn run(cmd: ImageCommand) -> anyhow::Result<i32> {
         }
         ImageCommand::List(list) => {
             let images = client.list_images().await?;
-            // Warm-start templates per image, for the table only.
-            let mut templates = std::collections::HashMap::new();
-            if !list.json && !list.quiet {
-                for i in &images {
-                    let n = client.list_templates(&i.name).await.map_or(0, |t| t.len());
-                    templates.insert(i.name.clone(), n);
+            let mut views = Vec::with_capacity(images.len());
+            for image in images {
+                if list.quiet {
+                    views.push(ImageView::bare(image));
+                    continue;
+                }
+                match client.list_templates(&image.name).await {
+                    Ok(templates) => views.push(ImageView { image, templates }),
+                    // Deleted since the listing: not an image any more.
+                    Err(e) if e.code() == Some("not_found") => {}
+                    Err(e) => {
+                        return Err(anyhow::Error::new(e)
+                            .context(format!("listing the templates of {}", image.name)));
+                    }
                 }
             }
             list.print(
-                &images,
-                |i| i.name.clone(),
-                |images| {
+                &views,
+                |v| v.image.name.clone(),
+                |views| {
                     let mut rows = vec![
                         ["NAME", "KERNEL", "SIZE", "MANAGED", "TEMPLATES", "CREATED"]
                             .map(String::from)
                             .to_vec(),
                     ];
-                    for i in images {
+                    for ImageView {
+                        image: i,
+                        templates,
+                    } in views
+                    {
                         rows.push(vec![
                             i.name.clone(),
                             i.kernel.clone(),
                             ByteSize(i.size_bytes).to_string(),
                             i.managed.to_string(),
-                            templates.get(&i.name).copied().unwrap_or(0).to_string(),
+                            templates.len().to_string(),
                             i.created_at.clone(),
                         ]);
                     }
@@ -293,10 +326,16 @@ pub async fn run(cmd: ImageCommand) -> anyhow::Result<i32> {
         }
         ImageCommand::Show { name, json } => {
             let i = client.get_image(&name).await?;
+            let templates = client
+                .list_templates(&name)
+                .await
+                .with_context(|| format!("listing the templates of {name}"))?;
             if json {
-                output::json(&i)?;
+                output::json(&ImageView {
+                    image: i,
+                    templates,
+                })?;
             } else {
-                let templates = client.list_templates(&name).await.unwrap_or_default();
                 output::table(&[
                     vec!["name".into(), i.name],
                     vec!["rootfs".into(), i.rootfs.display().to_string()],
@@ -415,5 +454,58 @@ pub async fn run(cmd: ImageCommand) -> anyhow::Result<i32> {
             print_bundle(&b?, bundle.json)?;
             Ok(0)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use banger_model::{TemplateShape, TemplateState, VmBackend};
+
+    #[test]
+    fn image_json_carries_its_templates_beside_the_record() {
+        let image = ImageRecord {
+            name: "debian-bookworm".into(),
+            rootfs: "/s/images/debian-bookworm/rootfs.ext4".into(),
+            work_seed: None,
+            kernel: "debian-bookworm".into(),
+            managed: true,
+            size_bytes: 1 << 30,
+            created_at: "2026-12-06T08:00:00Z".into(),
+        };
+        let t = TemplateRecord {
+            id: "3f2a9c1e00112233".into(),
+            image: image.name.clone(),
+            backend: VmBackend::Qemu,
+            shape: TemplateShape {
+                vcpu: 1,
+                memory_mib: 1024,
+            },
+            disk_bytes: 8 << 30,
+            dir: "/s/templates/3f2a9c1e00112233".into(),
+            state: TemplateState::Ready,
+            size_bytes: 300 << 20,
+            build_ms: Some(46_600),
+            created_at: "2026-12-06T08:01:00Z".into(),
+            last_used_at: None,
+            uses: 2,
+        };
+        let v = serde_json::to_value(ImageView {
+            image: image.clone(),
+            templates: vec![t.clone()],
+        })
+        .expect("json");
+        // Every field of the record, unchanged, at the top level.
+        let record = serde_json::to_value(&image).expect("record");
+        for (k, val) in record.as_object().expect("object") {
+            assert_eq!(&v[k], val, "{k}");
+        }
+        assert_eq!(v["templates"], serde_json::json!([t]));
+        assert_eq!(v["templates"][0]["shape"]["memory_mib"], 1024);
+        assert_eq!(v["templates"][0]["uses"], 2);
+        assert_eq!(v["templates"][0]["state"], "ready");
+        // An image without templates says so with an empty list.
+        let v = serde_json::to_value(ImageView::bare(image)).expect("json");
+        assert_eq!(v["templates"], serde_json::json!([]));
     }
 }

@@ -5,7 +5,7 @@
 //! in the create's own [`Steps`], so a failure rolls back exactly the warm
 //! part (the caller then boots cold, or with `--warm` fails).
 
-use super::header::{MEMORY_FILE, Template, VMSTATE_FILE};
+use super::header::{CONSOLE_FILE, MEMORY_FILE, Template, VMSTATE_FILE};
 use crate::file_sync::{SyncPlan, plan_credentials, plan_file_sync};
 use crate::steps::{Steps, UndoSlot};
 use crate::vms::cap_logs;
@@ -274,6 +274,12 @@ impl Daemon {
         vm.pid = Some(pid);
         cap_logs(vm.dir.clone(), pid);
         let paths = VmPaths::new(&vm.dir);
+        // The guest's boot happened in the template: say so where its
+        // console log would have shown it.
+        let banner = restored_banner(&h.id, &template.file(CONSOLE_FILE));
+        if let Err(e) = append_line(&paths.console_log(), &banner) {
+            tracing::warn!(vm = %vm.name, error = %e, "cannot note the restore in the console log");
+        }
         crate::log_index::spawn_sampler(
             vec![paths.console_log(), paths.vmm_log()],
             pid,
@@ -421,6 +427,25 @@ impl Daemon {
     }
 }
 
+/// The line a restored VM's console log starts with: the template it
+/// continues and where that template's boot log is.
+fn restored_banner(id: &str, template_console: &std::path::Path) -> String {
+    format!(
+        "banger: restored from template {id} (template boot log: {})\n",
+        template_console.display()
+    )
+}
+
+/// Appends `line` to the log at `path` (opened in append mode, as the VMM
+/// has it, so neither writes over the other).
+fn append_line(path: &std::path::Path, line: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    std::fs::OpenOptions::new()
+        .append(true)
+        .open(path)?
+        .write_all(line.as_bytes())
+}
+
 fn file_name(p: &std::path::Path) -> String {
     p.file_name()
         .map(|n| n.to_string_lossy().into_owned())
@@ -532,6 +557,29 @@ mod tests {
     use super::*;
 
     use crate::vms::TEMPLATE_MAC;
+
+    #[test]
+    fn the_restore_is_noted_after_what_the_vmm_wrote() {
+        let t = tempfile::tempdir().expect("tmp");
+        let log = t.path().join("console.log");
+        std::fs::write(&log, "vmm line\n").expect("log");
+        let banner = restored_banner(
+            "3f2a9c1e00112233",
+            std::path::Path::new("/t/3f2a/console.log"),
+        );
+        assert_eq!(
+            banner,
+            "banger: restored from template 3f2a9c1e00112233 (template boot log: /t/3f2a/console.log)\n"
+        );
+        append_line(&log, &banner).expect("append");
+        assert_eq!(
+            std::fs::read_to_string(&log).expect("read"),
+            format!("vmm line\n{banner}")
+        );
+        // A VM directory without a console log is an error, not a new file.
+        assert!(append_line(&t.path().join("gone.log"), "x\n").is_err());
+        assert!(!t.path().join("gone.log").exists());
+    }
 
     #[test]
     fn identities_never_repeat() {
