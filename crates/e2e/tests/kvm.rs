@@ -46,14 +46,7 @@ fn firecracker_is_chosen_and_doctor_follows_it() {
     let h = kvm_host();
     use_backend(h, InnerVmm::Firecracker);
     let rows = h.banger_json(&["doctor"]);
-    let row = |name: &str| {
-        rows.as_array()
-            .expect("rows")
-            .iter()
-            .find(|r| r["name"] == name)
-            .cloned()
-            .unwrap_or_else(|| panic!("no {name} row in {rows}"))
-    };
+    let row = |name: &str| find_row(&rows, name);
     assert_eq!(row("kvm")["status"], "pass", "{}", row("kvm"));
     let fc = row("firecracker");
     assert_eq!(fc["status"], "pass", "{fc}");
@@ -497,7 +490,11 @@ fn firecracker_boots_an_oci_image_pulled_from_a_registry_on_loopback() {
 
 /// The inner doctor's row `name`.
 fn doctor_row(h: &KvmHost, name: &str) -> serde_json::Value {
-    let rows = h.banger_json(&["doctor"]);
+    find_row(&h.banger_json(&["doctor"]), name)
+}
+
+/// The row `name` of doctor's JSON `rows`.
+fn find_row(rows: &serde_json::Value, name: &str) -> serde_json::Value {
     rows.as_array()
         .expect("rows")
         .iter()
