@@ -73,7 +73,7 @@ impl Daemon {
         let release = k
             .release
             .clone()
-            .or_else(|| crate::image_ops::bzimage_release(&k.kernel))
+            .or_else(|| crate::images::bzimage_release(&k.kernel))
             .ok_or_else(|| {
                 anyhow!(
                     "kernel {kernel_name}: its release is unknown, so its modules cannot be found"
@@ -82,13 +82,14 @@ impl Daemon {
         let (dir, made) = match &k.dir {
             Some(d) if d.is_dir() => (d.clone(), false),
             _ => (
-                crate::image_ops::new_kernel_dir(&self.paths.kernels_dir, kernel_name)
-                    .with_context(|| {
+                crate::images::new_kernel_dir(&self.paths.kernels_dir, kernel_name).with_context(
+                    || {
                         format!(
                             "creating a directory for kernel {kernel_name} in {}",
                             self.paths.kernels_dir.display()
                         )
-                    })?,
+                    },
+                )?,
                 true,
             ),
         };

@@ -6,11 +6,9 @@
 
 mod bench_image;
 mod boot_path;
-mod derive;
 mod error;
 mod file_sync;
 mod http;
-mod image_ops;
 mod images;
 mod lifecycle;
 mod log_index;

@@ -86,7 +86,7 @@ impl Daemon {
         }
         crate::settings::check_resources(req.vcpu, req.memory_mib, req.disk_size.as_deref())?;
         if let Some(image) = &req.image {
-            crate::image_ops::check_name("image", image)?;
+            crate::images::check_name("image", image)?;
             if *image != self.config.default_image_name {
                 self.store.get_image(image).map_err(|_| {
                     DaemonError::NotFound(format!(
