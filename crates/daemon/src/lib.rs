@@ -13,7 +13,7 @@ mod images;
 mod lifecycle;
 mod log_index;
 mod logging;
-mod network;
+mod net;
 mod ownership;
 mod private;
 mod reconcile;
@@ -60,7 +60,7 @@ pub struct Daemon {
     /// Serialises image builds (they are big and share a store).
     image_lock: tokio::sync::Mutex<()>,
     /// Networking, set up once by [`Daemon::init_network`].
-    network: std::sync::OnceLock<network::Network>,
+    network: std::sync::OnceLock<net::Network>,
     /// Held from choosing a new VM's address until its record is stored.
     alloc_lock: tokio::sync::Mutex<()>,
     /// Serialises making kernels' initramfs parts.
@@ -204,7 +204,7 @@ pub async fn serve(daemon: Arc<Daemon>) -> anyhow::Result<()> {
             )
         })?;
 
-    if let Some(helper) = network::system_helper().await {
+    if let Some(helper) = net::system_helper().await {
         let dirs = [
             daemon.paths.state_dir.clone(),
             daemon.paths.cache_dir.clone(),

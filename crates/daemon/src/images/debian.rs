@@ -41,7 +41,7 @@ impl Daemon {
         let helper = if root {
             None
         } else {
-            crate::network::system_helper().await
+            crate::net::system_helper().await
         };
         let built = match build_via(root, helper) {
             BuildVia::InProcess => {
