@@ -5,30 +5,21 @@
 //! per-VM lock; different VMs proceed in parallel.
 
 mod bench_image;
-mod boot_path;
 mod error;
-mod file_sync;
+mod guest;
 mod http;
 mod images;
-mod lifecycle;
-mod log_index;
 mod logging;
 mod net;
 mod ownership;
 mod private;
-mod reconcile;
-mod run_mode;
 /// The HTTP front end's router under its old path, for the tests.
 pub mod server {
     pub use crate::http::router;
 }
 mod sessions;
-mod settings;
-mod ssh;
 pub mod steps;
 mod vm;
-mod vm_logs;
-mod vms;
 mod warm;
 mod web;
 
@@ -102,7 +93,7 @@ impl Daemon {
                 tracing::info!(dir = %dir.display(), changed = n, "made banger's files private to their owner");
             }
         }
-        let (vmm, backend_reason) = match vms::choose_backend(&config) {
+        let (vmm, backend_reason) = match vm::choose_backend(&config) {
             Ok((v, why)) => (Ok(v), why),
             Err(e) => {
                 let msg = format!("{e:#}");

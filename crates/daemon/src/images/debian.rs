@@ -1,6 +1,6 @@
 //! The local Debian build.
 
-use crate::vms::now_rfc3339;
+use crate::vm::now_rfc3339;
 use crate::{Daemon, DaemonError};
 use anyhow::Context;
 use banger_image::{DebianBuild, GuestPayload, Progress as BuildProgress};

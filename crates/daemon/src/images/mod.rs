@@ -296,7 +296,7 @@ impl Daemon {
         image: &str,
         req: &WarmImageRequest,
     ) -> Result<(), DaemonError> {
-        crate::settings::check_resources(req.vcpu, req.memory_mib, None)?;
+        crate::vm::settings::check_resources(req.vcpu, req.memory_mib, None)?;
         crate::images::check_name("image", image)?;
         if image == self.config.default_image_name {
             return Ok(());

@@ -1,7 +1,7 @@
 //! Catalog and OCI pulls of images and kernels.
 
 use super::*;
-use crate::vms::now_rfc3339;
+use crate::vm::now_rfc3339;
 use crate::{Daemon, DaemonError};
 use banger_api::images::{PullImageRequest, PullKernelRequest};
 use banger_catalog::CatalogError;

@@ -1,7 +1,7 @@
 //! Registration of local files as images, and deletion of images.
 
 use super::*;
-use crate::vms::now_rfc3339;
+use crate::vm::now_rfc3339;
 use crate::{Daemon, DaemonError};
 use banger_api::images::RegisterImageRequest;
 use banger_model::{ImageRecord, KernelRecord};

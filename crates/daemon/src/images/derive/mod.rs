@@ -20,7 +20,7 @@ mod publish;
 use crate::images::check_name;
 use crate::vm::admit::NewVm;
 use crate::vm::power::{Ask, PowerOff};
-use crate::vms::{BootCtx, BootError, WRITABLE_ROOT_WORK_DEVICE, console_tail, now_rfc3339};
+use crate::vm::{BootCtx, BootError, WRITABLE_ROOT_WORK_DEVICE, console_tail, now_rfc3339};
 use crate::{Daemon, DaemonError};
 use anyhow::{Context, anyhow};
 use banger_config::{HostResources, apply_flags, effective_defaults};
@@ -287,15 +287,15 @@ impl Daemon {
             progress: &boot_progress,
             cancel,
             writable_root: Some(&root),
-            purpose: crate::vms::BootPurpose::Vm,
+            purpose: crate::vm::BootPurpose::Vm,
         };
         let booted = match self.boot(ctx, &mut vm, &mut steps).await.map(|_| ()) {
             // Provisioning (apt, dpkg's service restarts) runs against a
             // fully booted system, as it would on a host.
             Ok(()) => match self.wait_system(&vm, &boot_progress, cancel).await {
-                crate::boot_path::SystemWait::Booted => Ok(()),
-                crate::boot_path::SystemWait::TimedOut(m) => Err(BootError::NotReady(m)),
-                crate::boot_path::SystemWait::Cancelled => {
+                crate::vm::SystemWait::Booted => Ok(()),
+                crate::vm::SystemWait::TimedOut(m) => Err(BootError::NotReady(m)),
+                crate::vm::SystemWait::Cancelled => {
                     Err(BootError::Failed(anyhow!(self.cancel_reason())))
                 }
             },
