@@ -5,32 +5,21 @@
 //! per-VM lock; different VMs proceed in parallel.
 
 mod bench_image;
-mod boot_path;
-mod derive;
 mod error;
-mod file_sync;
+mod guest;
 mod http;
-mod image_ops;
 mod images;
-mod lifecycle;
-mod log_index;
 mod logging;
-mod network;
+mod net;
 mod ownership;
 mod private;
-mod reconcile;
-mod run_mode;
 /// The HTTP front end's router under its old path, for the tests.
 pub mod server {
     pub use crate::http::router;
 }
 mod sessions;
-mod settings;
-mod ssh;
 pub mod steps;
 mod vm;
-mod vm_logs;
-mod vms;
 mod warm;
 mod web;
 
@@ -62,7 +51,7 @@ pub struct Daemon {
     /// Serialises image builds (they are big and share a store).
     image_lock: tokio::sync::Mutex<()>,
     /// Networking, set up once by [`Daemon::init_network`].
-    network: std::sync::OnceLock<network::Network>,
+    network: std::sync::OnceLock<net::Network>,
     /// Held from choosing a new VM's address until its record is stored.
     alloc_lock: tokio::sync::Mutex<()>,
     /// Serialises making kernels' initramfs parts.
@@ -104,7 +93,7 @@ impl Daemon {
                 tracing::info!(dir = %dir.display(), changed = n, "made banger's files private to their owner");
             }
         }
-        let (vmm, backend_reason) = match vms::choose_backend(&config) {
+        let (vmm, backend_reason) = match vm::choose_backend(&config) {
             Ok((v, why)) => (Ok(v), why),
             Err(e) => {
                 let msg = format!("{e:#}");
@@ -206,7 +195,7 @@ pub async fn serve(daemon: Arc<Daemon>) -> anyhow::Result<()> {
             )
         })?;
 
-    if let Some(helper) = network::system_helper().await {
+    if let Some(helper) = net::system_helper().await {
         let dirs = [
             daemon.paths.state_dir.clone(),
             daemon.paths.cache_dir.clone(),

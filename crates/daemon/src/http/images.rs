@@ -4,7 +4,7 @@
 use super::Shared;
 use super::stream::{operation, progress_events, reporter};
 use crate::DaemonError;
-use crate::image_ops::Report;
+use crate::images::Report;
 use axum::Json;
 use axum::extract::{Path, Query, State};
 use axum::response::{IntoResponse, Response};

@@ -77,7 +77,7 @@ impl Daemon {
             spec: new.spec,
             dir: dir.clone(),
             pid: None,
-            created_at: crate::vms::now_rfc3339(),
+            created_at: crate::vm::now_rfc3339(),
             last_error: None,
             start: new.start,
             nat: new.nat,

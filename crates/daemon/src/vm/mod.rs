@@ -1,14 +1,39 @@
 //! What the daemon holds about each VM at run time, and the one way into
 //! a VM for an operation.
+//!
+//! The VM operations live beside it: `create`, `boot` (with `initramfs` and
+//! `ready`), `lifecycle` (start, stop, restart, kill), `settings`, `exit`
+//! (the VMM's exit watch), `reconcile` (at daemon start), `logs`, and
+//! `ephemeral` (`vm run --rm`).
 
 pub(crate) mod admit;
+pub(crate) mod boot;
+mod create;
+mod ephemeral;
+pub(crate) mod exit;
+pub(crate) mod initramfs;
+mod lifecycle;
+pub(crate) mod log_index;
+mod logs;
 pub(crate) mod power;
+pub(crate) mod ready;
+mod reconcile;
 pub(crate) mod registry;
+pub(crate) mod settings;
 mod state;
+
+pub(crate) use boot::{
+    BootCtx, BootError, BootPurpose, TEMPLATE_MAC, WRITABLE_ROOT_WORK_DEVICE, console_tail,
+};
+pub(crate) use exit::cap_logs;
+pub(crate) use initramfs::{BOOT_INITRD_FILE, BootFacts, BootInitrd};
+pub(crate) use ready::{SshWait, SystemWait, stopped_before_agent};
 
 use crate::{Daemon, DaemonError};
 use banger_agent_proto::client::AgentClient;
+use banger_config::Config;
 use banger_model::{VmId, VmRecord, VmState};
+use banger_vmm::{HostFacts, Vmm, select_backend};
 use registry::VmHandle;
 use std::sync::Arc;
 use tokio::sync::OwnedMutexGuard;
@@ -67,6 +92,67 @@ impl Daemon {
                 }
                 Err(e.into())
             }
+        }
+    }
+}
+
+/// Picks the VMM backend from config and host facts.
+pub(crate) fn choose_backend(cfg: &Config) -> anyhow::Result<(Arc<dyn Vmm>, String)> {
+    let facts = HostFacts::probe(cfg.firecracker_bin.as_deref(), cfg.qemu_bin.as_deref());
+    let selection = select_backend(cfg.vmm, &facts)?;
+    let reason = selection.reason.clone();
+    Ok((selection.into_vmm(), reason))
+}
+
+pub(crate) fn now_rfc3339() -> String {
+    time::OffsetDateTime::now_utc()
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_else(|_| "1970-01-01T00:00:00Z".into())
+}
+
+impl Daemon {
+    pub fn list_vms(&self) -> Result<Vec<VmRecord>, DaemonError> {
+        Ok(self.store.list_vms()?)
+    }
+
+    pub fn get_vm(&self, r: &str) -> Result<VmRecord, DaemonError> {
+        Ok(self.store.resolve_vm(r)?)
+    }
+
+    /// Stops the VM if it runs, then removes its disks, directory and record.
+    pub async fn delete_vm(self: &Arc<Self>, r: &str) -> Result<VmRecord, DaemonError> {
+        // Re-read under the lock: a concurrent delete may have won.
+        let cx = self.lock_vm(r).await?;
+        let vm = &cx.vm;
+        cx.handle.set_agent(None);
+        cx.handle.set_boot_facts(None);
+        if let Some(pid) = vm.pid {
+            self.terminate_vmm(vm, pid).await?;
+        }
+        self.net_down(vm).await;
+        match tokio::fs::remove_dir_all(&vm.dir).await {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => {
+                return Err(anyhow::Error::from(e)
+                    .context(format!("removing {}", vm.dir.display()))
+                    .into());
+            }
+        }
+        self.store.delete_vm(&vm.id)?;
+        // Still under the VM's lock: a waiter on it re-reads, finds no VM.
+        self.vms.remove(&cx.handle);
+        tracing::info!(vm = %vm.name, id = %vm.id, "deleted VM");
+        if let Err(e) = self.refresh_known_hosts() {
+            tracing::warn!(error = %format!("{e:#}"), "known_hosts not updated");
+        }
+        Ok(cx.vm)
+    }
+
+    pub fn backend(&self) -> String {
+        match self.vmm() {
+            Ok(v) => v.backend().to_string(),
+            Err(_) => "none".into(),
         }
     }
 }

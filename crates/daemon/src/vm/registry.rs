@@ -3,7 +3,7 @@
 //! agent connection, the exit signal, the last boot's facts). A handle is
 //! made on first use and removed when its VM is deleted.
 
-use crate::boot_path::BootFacts;
+use crate::vm::BootFacts;
 use banger_agent_proto::client::AgentClient;
 use banger_model::VmId;
 use std::collections::HashMap;
@@ -175,7 +175,7 @@ mod tests {
         let r = VmRegistry::default();
         let old = r.handle(&id('a'));
         old.set_boot_facts(Some(BootFacts {
-            initrd: crate::boot_path::BootInitrd::None,
+            initrd: crate::vm::BootInitrd::None,
             hello_ms: 7,
         }));
         r.remove(&old);

@@ -5,8 +5,8 @@
 
 use super::header::{self, FileEntry, Header, MEMORY_FILE, VMSTATE_FILE};
 use super::key::{KeyInput, key_id};
-use crate::boot_path::{BOOT_INITRD_FILE, BootInitrd};
-use crate::vms::{BootCtx, BootError, BootPurpose, TEMPLATE_MAC, now_rfc3339};
+use crate::vm::{BOOT_INITRD_FILE, BootInitrd};
+use crate::vm::{BootCtx, BootError, BootPurpose, TEMPLATE_MAC, now_rfc3339};
 use crate::{Daemon, DaemonError};
 use anyhow::{Context, anyhow};
 use banger_config::{HostResources, apply_flags, effective_defaults};
@@ -190,13 +190,13 @@ impl Daemon {
         };
         steps.commit();
         match self.wait_system(&vm, &boot_progress, cancel).await {
-            crate::boot_path::SystemWait::Booted => {}
-            crate::boot_path::SystemWait::TimedOut(m) => {
+            crate::vm::SystemWait::Booted => {}
+            crate::vm::SystemWait::TimedOut(m) => {
                 return Err(DaemonError::Failed(anyhow!(
                     "the template's guest did not finish booting: {m}"
                 )));
             }
-            crate::boot_path::SystemWait::Cancelled => {
+            crate::vm::SystemWait::Cancelled => {
                 return Err(DaemonError::Failed(anyhow!(self.cancel_reason())));
             }
         }

@@ -6,10 +6,10 @@
 //! part (the caller then boots cold, or with `--warm` fails).
 
 use super::header::{CONSOLE_FILE, MEMORY_FILE, Template, VMSTATE_FILE};
-use crate::file_sync::{SyncPlan, plan_credentials, plan_file_sync};
+use crate::guest::file_sync::{SyncPlan, plan_credentials, plan_file_sync};
 use crate::steps::{Steps, UndoSlot};
-use crate::vms::cap_logs;
-use crate::{Daemon, ssh::HOST_PUBLIC_KEY};
+use crate::vm::cap_logs;
+use crate::{Daemon, guest::ssh::HOST_PUBLIC_KEY};
 use anyhow::{Context, anyhow};
 use banger_agent_proto::client::AgentClient;
 use banger_agent_proto::{GuestNetConfig, RestoreIdentity, RestoreReport, SshHostKey};
@@ -280,7 +280,7 @@ impl Daemon {
         if let Err(e) = append_line(&paths.console_log(), &banner) {
             tracing::warn!(vm = %vm.name, error = %e, "cannot note the restore in the console log");
         }
-        crate::log_index::spawn_sampler(
+        crate::vm::log_index::spawn_sampler(
             vec![paths.console_log(), paths.vmm_log()],
             pid,
             true,
@@ -408,7 +408,7 @@ impl Daemon {
         self.set_state(vm, VmState::Running, Some(pid), None)
             .and_then(|()| self.store.set_vm_start(&vm.id, &info))
             .map_err(|e| fail("record")(e.into()))?;
-        if let Err(e) = self.store.touch_template(&h.id, &crate::vms::now_rfc3339()) {
+        if let Err(e) = self.store.touch_template(&h.id, &crate::vm::now_rfc3339()) {
             tracing::warn!(template = %h.id, error = %e, "template use not recorded");
         }
         vm.start = info.clone();
@@ -556,7 +556,7 @@ fn tar_of(plan: &SyncPlan) -> anyhow::Result<Vec<u8>> {
 mod tests {
     use super::*;
 
-    use crate::vms::TEMPLATE_MAC;
+    use crate::vm::TEMPLATE_MAC;
 
     #[test]
     fn the_restore_is_noted_after_what_the_vmm_wrote() {

@@ -3,7 +3,7 @@
 //! upgrades to a running VM's agent.
 
 use super::Shared;
-use crate::image_ops::Report;
+use crate::images::Report;
 use crate::{Daemon, DaemonError};
 use axum::body::Body;
 use axum::extract::ws::{WebSocket, WebSocketUpgrade};

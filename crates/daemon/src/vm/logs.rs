@@ -30,7 +30,7 @@ impl Daemon {
         // previous generation of a rotated log first, then the log itself.
         // Either is read a piece at a time (never a whole file in memory).
         let filtered = q.since_ms.is_some() || q.tail.is_some();
-        let start = crate::log_index::start_offset(&path, q.since_ms, q.tail)
+        let start = crate::vm::log_index::start_offset(&path, q.since_ms, q.tail)
             .map_err(|e| DaemonError::Failed(anyhow::anyhow!("reading {}: {e}", path.display())))?;
         let old = banger_vmm::logcap::rotated(&path);
         let files = if !filtered && old.is_file() {

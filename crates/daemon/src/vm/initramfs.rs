@@ -11,13 +11,10 @@
 
 use crate::{Daemon, DaemonError};
 use anyhow::{Context, anyhow};
-use banger_api::{VmBoot, WaitFor};
+use banger_api::VmBoot;
 use banger_image::initramfs::{Ext4Source, InitramfsError, MODULES_CPIO_FILE};
-use banger_model::{ImageRecord, InitramfsMode, KernelRecord, VmId, VmRecord, VmState};
+use banger_model::{ImageRecord, InitramfsMode, KernelRecord, VmId, VmRecord};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
-use std::time::Instant;
-use tokio_util::sync::CancellationToken;
 
 /// File name of a boot's initramfs in the VM's directory (removed once the
 /// VMM has read it).
@@ -49,13 +46,6 @@ pub(crate) struct BootFacts {
     pub(crate) hello_ms: u64,
 }
 
-/// How a wait for the guest's init ended.
-pub(crate) enum SystemWait {
-    Booted,
-    Cancelled,
-    TimedOut(String),
-}
-
 impl Daemon {
     /// The kernel `kernel_name` with the modules part of banger's
     /// initramfs, made from `image`'s modules when it has none yet.
@@ -73,7 +63,7 @@ impl Daemon {
         let release = k
             .release
             .clone()
-            .or_else(|| crate::image_ops::bzimage_release(&k.kernel))
+            .or_else(|| crate::images::bzimage_release(&k.kernel))
             .ok_or_else(|| {
                 anyhow!(
                     "kernel {kernel_name}: its release is unknown, so its modules cannot be found"
@@ -82,13 +72,14 @@ impl Daemon {
         let (dir, made) = match &k.dir {
             Some(d) if d.is_dir() => (d.clone(), false),
             _ => (
-                crate::image_ops::new_kernel_dir(&self.paths.kernels_dir, kernel_name)
-                    .with_context(|| {
+                crate::images::new_kernel_dir(&self.paths.kernels_dir, kernel_name).with_context(
+                    || {
                         format!(
                             "creating a directory for kernel {kernel_name} in {}",
                             self.paths.kernels_dir.display()
                         )
-                    })?,
+                    },
+                )?,
                 true,
             ),
         };
@@ -261,132 +252,5 @@ impl Daemon {
             booting: report.system.is_booting(),
             system: report.system.describe().to_string(),
         })
-    }
-
-    /// Waits until the guest's init has finished booting (at once without
-    /// systemd), for at most the ready timeout.
-    pub(crate) async fn wait_system(
-        &self,
-        vm: &VmRecord,
-        progress: &(dyn Fn(&str, &str) + Sync),
-        cancel: &CancellationToken,
-    ) -> SystemWait {
-        let Some(agent) = self.agent(&vm.id) else {
-            return SystemWait::TimedOut(format!("VM {} has no agent connection", vm.name));
-        };
-        progress("system", "waiting for the guest's init to finish booting");
-        let started = Instant::now();
-        let timeout = self.ready_timeout();
-        let report = tokio::select! {
-            r = tokio::time::timeout(timeout, agent.boot_status(true)) => r,
-            _ = cancel.cancelled() => return SystemWait::Cancelled,
-        };
-        match report {
-            Ok(Ok(r)) => {
-                let state = r.system.describe().to_string();
-                progress(
-                    "system",
-                    &format!(
-                        "the guest's init is up: {state} ({} ms after the agent)",
-                        started.elapsed().as_millis()
-                    ),
-                );
-                SystemWait::Booted
-            }
-            Ok(Err(e)) => SystemWait::TimedOut(format!(
-                "VM {}'s agent could not say how its boot went: {e}",
-                vm.name
-            )),
-            Err(_) => SystemWait::TimedOut(format!(
-                "VM {name}'s init did not finish booting within {}s (ready_timeout_secs); the VM is kept running for inspection: `banger vm logs {name}` shows its console, `banger vm delete {name}` removes it",
-                timeout.as_secs(),
-                name = vm.name
-            )),
-        }
-    }
-
-    /// `POST /v1/vms/{vm}/wait`: until its sshd greets (as session mode of
-    /// `vm run` waits: same probe, same timeout) or its init has booted,
-    /// with progress notes while it waits; a conflict when it is not
-    /// running, a failure on timeout.
-    pub async fn wait_vm(
-        self: &Arc<Self>,
-        r: &str,
-        until: WaitFor,
-        progress: &(dyn Fn(&str, &str) + Sync),
-        cancel: &CancellationToken,
-    ) -> Result<VmRecord, DaemonError> {
-        let (vm, _) = self.running_agent(r)?;
-        let hint = |m: String| {
-            DaemonError::Failed(anyhow!(
-                "{m}: `banger vm logs {}` shows its console",
-                vm.name
-            ))
-        };
-        match until {
-            WaitFor::Sshd => match self.wait_sshd(&vm, progress, cancel).await {
-                crate::run_mode::SshWait::Up => {}
-                crate::run_mode::SshWait::Cancelled => {
-                    return Err(DaemonError::Failed(anyhow!(self.cancel_reason())));
-                }
-                crate::run_mode::SshWait::TimedOut(m) => return Err(hint(m)),
-            },
-            WaitFor::System => match self.wait_system(&vm, progress, cancel).await {
-                SystemWait::Booted => {}
-                SystemWait::Cancelled => {
-                    return Err(DaemonError::Failed(anyhow!(self.cancel_reason())));
-                }
-                SystemWait::TimedOut(m) => return Err(DaemonError::Failed(anyhow!(m))),
-            },
-        }
-        let vm = self.store.get_vm(&vm.id)?;
-        if vm.state != VmState::Running {
-            return Err(DaemonError::Conflict(format!(
-                "VM {} is {} now",
-                vm.name, vm.state
-            )));
-        }
-        Ok(vm)
-    }
-}
-
-/// The one line a failed boot leaves on the console, as an error; else
-/// the console's last lines.
-pub(crate) fn stopped_before_agent(vm: &str, console: &Path) -> anyhow::Error {
-    let text = std::fs::read(console)
-        .map(|b| String::from_utf8_lossy(&b).into_owned())
-        .unwrap_or_default();
-    if let Some(reason) = banger_agent_proto::boot::boot_failure(&text) {
-        return anyhow!("VM {vm} cannot boot: {reason}");
-    }
-    let tail = crate::vms::console_tail(console);
-    anyhow!("the VM stopped before its agent came up; last console lines:\n{tail}")
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_failed_boot_is_one_line() {
-        let t = tempfile::tempdir().expect("tmp");
-        let console = t.path().join("console.log");
-        std::fs::write(
-            &console,
-            "[    1.9] Run /init as init process\r\nbanger-agent: boot failed: the image has no init at /sbin/init: it cannot boot\r\n[    2.0] reboot: Restarting system\r\n",
-        )
-        .expect("w");
-        let e = stopped_before_agent("calm-otter", &console).to_string();
-        assert_eq!(
-            e,
-            "VM calm-otter cannot boot: the image has no init at /sbin/init: it cannot boot"
-        );
-        std::fs::write(
-            &console,
-            "[ 1.0] something\n[ 2.0] Kernel panic - not syncing: x\n",
-        )
-        .expect("w");
-        let e = stopped_before_agent("x", &console).to_string();
-        assert!(e.contains("Kernel panic"), "{e}");
     }
 }

@@ -52,10 +52,10 @@ impl Daemon {
         client.ping()?;
         tokio::time::timeout(Duration::from_secs(10), client.wait_hello()).await??;
         self.set_agent(&vm.id, Some(client));
-        crate::vms::cap_logs(vm.dir.clone(), pid);
+        crate::vm::cap_logs(vm.dir.clone(), pid);
         self.watch_exit(vm.id.clone(), pid, exited);
         let paths = banger_vmm::VmPaths::new(&vm.dir);
-        crate::log_index::spawn_sampler(
+        crate::vm::log_index::spawn_sampler(
             vec![paths.console_log(), paths.vmm_log()],
             pid,
             false,

@@ -3,7 +3,7 @@
 
 use crate::steps::Steps;
 use crate::vm::power::{Ask, PowerOff};
-use crate::vms::{BootCtx, BootError, BootPurpose};
+use crate::vm::{BootCtx, BootError, BootPurpose};
 use crate::{Daemon, DaemonError};
 use anyhow::anyhow;
 use banger_model::{VmRecord, VmState};
@@ -52,9 +52,9 @@ impl Daemon {
         let mut booted = self.boot(ctx, vm, &mut steps).await.map(|_| ());
         if booted.is_ok() && self.config.wait_boot {
             booted = match self.wait_system(vm, &|_, _| {}, &cancel).await {
-                crate::boot_path::SystemWait::Booted => Ok(()),
-                crate::boot_path::SystemWait::TimedOut(m) => Err(BootError::NotReady(m)),
-                crate::boot_path::SystemWait::Cancelled => {
+                crate::vm::SystemWait::Booted => Ok(()),
+                crate::vm::SystemWait::TimedOut(m) => Err(BootError::NotReady(m)),
+                crate::vm::SystemWait::Cancelled => {
                     Err(BootError::NotReady(self.cancel_reason().to_string()))
                 }
             };

@@ -1,18 +1,23 @@
-//! What `banger vm run` asks of a create beyond `vm create`: readiness
-//! that includes the guest's sshd (interactive sessions; `vm ssh` waits
-//! the same way), and VMs owned by the create request's connection
-//! (`--rm`), deleted by the daemon when that connection closes, so a killed
-//! CLI cannot leak its VM.
+//! Readiness beyond the agent: the guest's init finished booting, and
+//! its sshd (interactive sessions; `vm ssh` waits the same way).
 
-use crate::Daemon;
-use banger_api::CreateVmEvent;
-use banger_model::VmRecord;
+use crate::{Daemon, DaemonError};
+use anyhow::anyhow;
+use banger_api::WaitFor;
+use banger_model::{VmRecord, VmState};
 use std::net::SocketAddr;
+use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::io::AsyncReadExt;
-use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
+
+/// How a wait for the guest's init ended.
+pub(crate) enum SystemWait {
+    Booted,
+    Cancelled,
+    TimedOut(String),
+}
 
 /// How the wait for a guest's sshd ended.
 pub(crate) enum SshWait {
@@ -105,34 +110,104 @@ impl Daemon {
         }
     }
 
-    /// Keeps an ephemeral VM (`vm run --rm`) alive while its create
-    /// response is being read: when the client's connection closes (`tx`'s
-    /// receiver, the response stream, is dropped), the VM is deleted. A
-    /// daemon shutdown ends the hold and keeps the VM (it survives daemon
-    /// restarts; the CLI deletes it itself when its run ends).
-    pub async fn hold_ephemeral(
-        self: &Arc<Self>,
-        vm: VmRecord,
-        tx: mpsc::UnboundedSender<CreateVmEvent>,
-    ) {
-        tokio::select! {
-            _ = tx.closed() => {}
-            _ = self.shutdown.cancelled() => return,
-        }
-        if self.shutdown.is_cancelled() {
-            return;
-        }
-        match self.delete_vm(vm.id.as_str()).await {
-            Ok(_) => {
-                tracing::info!(vm = %vm.name, "deleted ephemeral VM: its client went away")
+    /// Waits until the guest's init has finished booting (at once without
+    /// systemd), for at most the ready timeout.
+    pub(crate) async fn wait_system(
+        &self,
+        vm: &VmRecord,
+        progress: &(dyn Fn(&str, &str) + Sync),
+        cancel: &CancellationToken,
+    ) -> SystemWait {
+        let Some(agent) = self.agent(&vm.id) else {
+            return SystemWait::TimedOut(format!("VM {} has no agent connection", vm.name));
+        };
+        progress("system", "waiting for the guest's init to finish booting");
+        let started = Instant::now();
+        let timeout = self.ready_timeout();
+        let report = tokio::select! {
+            r = tokio::time::timeout(timeout, agent.boot_status(true)) => r,
+            _ = cancel.cancelled() => return SystemWait::Cancelled,
+        };
+        match report {
+            Ok(Ok(r)) => {
+                let state = r.system.describe().to_string();
+                progress(
+                    "system",
+                    &format!(
+                        "the guest's init is up: {state} ({} ms after the agent)",
+                        started.elapsed().as_millis()
+                    ),
+                );
+                SystemWait::Booted
             }
-            // The client deleted it itself before closing: the usual case.
-            Err(crate::DaemonError::NotFound(_)) => {}
-            Err(e) => {
-                tracing::warn!(vm = %vm.name, error = %e, "could not delete ephemeral VM")
-            }
+            Ok(Err(e)) => SystemWait::TimedOut(format!(
+                "VM {}'s agent could not say how its boot went: {e}",
+                vm.name
+            )),
+            Err(_) => SystemWait::TimedOut(format!(
+                "VM {name}'s init did not finish booting within {}s (ready_timeout_secs); the VM is kept running for inspection: `banger vm logs {name}` shows its console, `banger vm delete {name}` removes it",
+                timeout.as_secs(),
+                name = vm.name
+            )),
         }
     }
+
+    /// `POST /v1/vms/{vm}/wait`: until its sshd greets (as session mode of
+    /// `vm run` waits: same probe, same timeout) or its init has booted,
+    /// with progress notes while it waits; a conflict when it is not
+    /// running, a failure on timeout.
+    pub async fn wait_vm(
+        self: &Arc<Self>,
+        r: &str,
+        until: WaitFor,
+        progress: &(dyn Fn(&str, &str) + Sync),
+        cancel: &CancellationToken,
+    ) -> Result<VmRecord, DaemonError> {
+        let (vm, _) = self.running_agent(r)?;
+        let hint = |m: String| {
+            DaemonError::Failed(anyhow!(
+                "{m}: `banger vm logs {}` shows its console",
+                vm.name
+            ))
+        };
+        match until {
+            WaitFor::Sshd => match self.wait_sshd(&vm, progress, cancel).await {
+                crate::vm::SshWait::Up => {}
+                crate::vm::SshWait::Cancelled => {
+                    return Err(DaemonError::Failed(anyhow!(self.cancel_reason())));
+                }
+                crate::vm::SshWait::TimedOut(m) => return Err(hint(m)),
+            },
+            WaitFor::System => match self.wait_system(&vm, progress, cancel).await {
+                SystemWait::Booted => {}
+                SystemWait::Cancelled => {
+                    return Err(DaemonError::Failed(anyhow!(self.cancel_reason())));
+                }
+                SystemWait::TimedOut(m) => return Err(DaemonError::Failed(anyhow!(m))),
+            },
+        }
+        let vm = self.store.get_vm(&vm.id)?;
+        if vm.state != VmState::Running {
+            return Err(DaemonError::Conflict(format!(
+                "VM {} is {} now",
+                vm.name, vm.state
+            )));
+        }
+        Ok(vm)
+    }
+}
+
+/// The one line a failed boot leaves on the console, as an error; else
+/// the console's last lines.
+pub(crate) fn stopped_before_agent(vm: &str, console: &Path) -> anyhow::Error {
+    let text = std::fs::read(console)
+        .map(|b| String::from_utf8_lossy(&b).into_owned())
+        .unwrap_or_default();
+    if let Some(reason) = banger_agent_proto::boot::boot_failure(&text) {
+        return anyhow!("VM {vm} cannot boot: {reason}");
+    }
+    let tail = crate::vm::console_tail(console);
+    anyhow!("the VM stopped before its agent came up; last console lines:\n{tail}")
 }
 
 #[cfg(test)]
@@ -248,5 +323,28 @@ mod tests {
             SshWait::TimedOut(m) => assert!(m.contains("within 1s (ready_timeout_secs)"), "{m}"),
             _ => panic!("expected a timeout"),
         }
+    }
+
+    #[test]
+    fn a_failed_boot_is_one_line() {
+        let t = tempfile::tempdir().expect("tmp");
+        let console = t.path().join("console.log");
+        std::fs::write(
+            &console,
+            "[    1.9] Run /init as init process\r\nbanger-agent: boot failed: the image has no init at /sbin/init: it cannot boot\r\n[    2.0] reboot: Restarting system\r\n",
+        )
+        .expect("w");
+        let e = stopped_before_agent("calm-otter", &console).to_string();
+        assert_eq!(
+            e,
+            "VM calm-otter cannot boot: the image has no init at /sbin/init: it cannot boot"
+        );
+        std::fs::write(
+            &console,
+            "[ 1.0] something\n[ 2.0] Kernel panic - not syncing: x\n",
+        )
+        .expect("w");
+        let e = stopped_before_agent("x", &console).to_string();
+        assert!(e.contains("Kernel panic"), "{e}");
     }
 }

@@ -14,23 +14,23 @@
 //! registered only after everything else worked, so a failed build leaves
 //! neither a VM nor an image behind.
 
-use crate::image_ops::check_name;
+mod guest;
+mod publish;
+
+use crate::images::check_name;
 use crate::vm::admit::NewVm;
 use crate::vm::power::{Ask, PowerOff};
-use crate::vms::{BootCtx, BootError, WRITABLE_ROOT_WORK_DEVICE, console_tail, now_rfc3339};
+use crate::vm::{BootCtx, BootError, WRITABLE_ROOT_WORK_DEVICE, console_tail, now_rfc3339};
 use crate::{Daemon, DaemonError};
 use anyhow::{Context, anyhow};
-use banger_agent_proto::ExecRequest;
-use banger_agent_proto::client::{AgentClient, ExecEvent};
 use banger_config::{HostResources, apply_flags, effective_defaults};
-use banger_image::derive::{
-    DeriveOptions, GuestStep, HostFile, check_packages, provisioning_steps,
-};
+use banger_image::derive::{DeriveOptions, GuestStep, check_packages, provisioning_steps};
 use banger_model::{ImageRecord, VmName, VmRecord, VmSpec};
 use banger_storage::{VmDisks, WorkSource};
 use banger_vmm::VmPaths;
-use std::collections::{HashSet, VecDeque};
-use std::path::{Path, PathBuf};
+use guest::*;
+use publish::*;
+use std::collections::HashSet;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
@@ -287,15 +287,15 @@ impl Daemon {
             progress: &boot_progress,
             cancel,
             writable_root: Some(&root),
-            purpose: crate::vms::BootPurpose::Vm,
+            purpose: crate::vm::BootPurpose::Vm,
         };
         let booted = match self.boot(ctx, &mut vm, &mut steps).await.map(|_| ()) {
             // Provisioning (apt, dpkg's service restarts) runs against a
             // fully booted system, as it would on a host.
             Ok(()) => match self.wait_system(&vm, &boot_progress, cancel).await {
-                crate::boot_path::SystemWait::Booted => Ok(()),
-                crate::boot_path::SystemWait::TimedOut(m) => Err(BootError::NotReady(m)),
-                crate::boot_path::SystemWait::Cancelled => {
+                crate::vm::SystemWait::Booted => Ok(()),
+                crate::vm::SystemWait::TimedOut(m) => Err(BootError::NotReady(m)),
+                crate::vm::SystemWait::Cancelled => {
                     Err(BootError::Failed(anyhow!(self.cancel_reason())))
                 }
             },
@@ -398,216 +398,6 @@ impl Daemon {
     }
 }
 
-/// The files of a saved derived image.
-struct DerivedFiles {
-    dir: PathBuf,
-    rootfs: PathBuf,
-    work_seed: PathBuf,
-}
-
-fn file_len(p: &Path) -> Result<u64, DaemonError> {
-    std::fs::metadata(p)
-        .map(|m| m.len())
-        .with_context(|| format!("reading {}", p.display()))
-        .map_err(Into::into)
-}
-
-async fn remove_dir(dir: &Path) {
-    if let Err(e) = tokio::fs::remove_dir_all(dir).await
-        && e.kind() != std::io::ErrorKind::NotFound
-    {
-        tracing::warn!(dir = %dir.display(), error = %e, "could not remove a derived image's directory");
-    }
-}
-
-/// `e2fsck -fn`: the guest powered off cleanly, so both file systems must
-/// be clean; anything else means they are not fit to become an image.
-async fn fsck(disk: &Path, cancel: &CancellationToken) -> Result<(), DaemonError> {
-    banger_ext4::check(disk, &|_| {}, cancel)
-        .await
-        .with_context(|| format!("checking {}", disk.display()))
-        .map_err(Into::into)
-}
-
-/// Moves the root file system and work disk into `images_dir/<name>/`
-/// through a hidden directory renamed into place, so the image directory
-/// appears complete or not at all.
-fn publish(
-    images_dir: &Path,
-    name: &str,
-    dest: &Path,
-    root: &Path,
-    work: &Path,
-) -> anyhow::Result<DerivedFiles> {
-    let tmp = images_dir.join(format!(".derive-{name}-{:016x}", rand::random::<u64>()));
-    let result = (|| {
-        std::fs::create_dir_all(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
-        move_file(root, &tmp.join(ROOTFS_FILE))?;
-        move_file(work, &tmp.join(WORK_SEED_FILE))?;
-        // No record names this directory (the name was checked free), so
-        // anything there is the leftover of an interrupted save.
-        if std::fs::symlink_metadata(dest).is_ok() {
-            std::fs::remove_dir_all(dest)
-                .with_context(|| format!("removing the stale {}", dest.display()))?;
-        }
-        std::fs::rename(&tmp, dest)
-            .with_context(|| format!("moving the image into {}", dest.display()))?;
-        std::fs::File::open(images_dir)
-            .and_then(|d| d.sync_all())
-            .with_context(|| format!("flushing {}", images_dir.display()))
-    })();
-    if let Err(e) = result {
-        let _ = std::fs::remove_dir_all(&tmp);
-        return Err(e);
-    }
-    Ok(DerivedFiles {
-        dir: dest.to_path_buf(),
-        rootfs: dest.join(ROOTFS_FILE),
-        work_seed: dest.join(WORK_SEED_FILE),
-    })
-}
-
-/// Renames `from` to `to`, copying (sparse-aware, through `cp`) when they
-/// are on different file systems.
-fn move_file(from: &Path, to: &Path) -> anyhow::Result<()> {
-    match std::fs::rename(from, to) {
-        Ok(()) => Ok(()),
-        Err(e) if e.raw_os_error() == Some(libc::EXDEV) => {
-            let status = std::process::Command::new("cp")
-                .args(["--sparse=always", "--"])
-                .arg(from)
-                .arg(to)
-                .status()
-                .context("running cp")?;
-            if !status.success() {
-                anyhow::bail!("copying {} to {} failed", from.display(), to.display());
-            }
-            std::fs::File::open(to)
-                .and_then(|f| f.sync_all())
-                .with_context(|| format!("flushing {}", to.display()))
-        }
-        Err(e) => Err(anyhow::Error::from(e).context(format!(
-            "moving {} to {}",
-            from.display(),
-            to.display()
-        ))),
-    }
-}
-
-/// Runs one provisioning step through the agent; its output goes to the
-/// daemon log, and the last lines into the error when it fails.
-async fn run_step(
-    agent: &AgentClient,
-    step: &GuestStep,
-    stdin: Option<&Path>,
-    cancel: &CancellationToken,
-) -> anyhow::Result<()> {
-    let input = match stdin {
-        Some(p) => Some(
-            tokio::fs::read(p)
-                .await
-                .with_context(|| format!("reading {}", p.display()))?,
-        ),
-        None => None,
-    };
-    let mut session = agent.exec(ExecRequest {
-        argv: step.argv.clone(),
-        env: vec![],
-        cwd: Some("/".into()),
-        stdin: input.is_some(),
-        tty: None,
-    })?;
-    if let Some(data) = input {
-        session.write_stdin(&data)?;
-        session.close_stdin()?;
-    }
-    let mut tail = Tail::default();
-    let deadline = tokio::time::sleep(STEP_TIMEOUT);
-    tokio::pin!(deadline);
-    loop {
-        let ev = tokio::select! {
-            ev = session.next_event() => ev?,
-            _ = cancel.cancelled() => anyhow::bail!("cancelled"),
-            _ = &mut deadline => anyhow::bail!(
-                "it ran longer than {} minutes; last output:\n{}",
-                STEP_TIMEOUT.as_secs() / 60,
-                tail.text()
-            ),
-        };
-        match ev {
-            Some(ExecEvent::Stdout(d)) | Some(ExecEvent::Stderr(d)) => {
-                for line in tail.push(&d) {
-                    tracing::debug!(target: "image_build", step = step.name, "{line}");
-                }
-            }
-            Some(ExecEvent::Exited(s)) if s.code == Some(0) => return Ok(()),
-            Some(ExecEvent::Exited(s)) => anyhow::bail!(
-                "it exited with status {}; last output:\n{}",
-                s.code
-                    .map(|c| c.to_string())
-                    .unwrap_or_else(|| format!("signal {}", s.signal.unwrap_or(0))),
-                tail.text()
-            ),
-            Some(ExecEvent::Error(m)) => anyhow::bail!("{m}"),
-            // Only attach and logs channels end with a session record.
-            Some(ExecEvent::Session(_)) | None => {
-                anyhow::bail!("the guest agent ended the session without an exit status")
-            }
-        }
-    }
-}
-
-/// Downloads host file `f` to `path` and checks its sha512.
-async fn fetch_verified(
-    f: HostFile,
-    path: &Path,
-    cancel: &CancellationToken,
-) -> Result<(), DaemonError> {
-    let (url, want) = f.source();
-    banger_image::mise::fetch_sha512(url, want, path, cancel)
-        .await
-        .map_err(|e| DaemonError::Failed(e.into()))
-}
-
-/// The last lines of a process's output.
-#[derive(Default)]
-struct Tail {
-    partial: Vec<u8>,
-    lines: VecDeque<String>,
-}
-
-impl Tail {
-    /// Adds output; returns the lines it completed.
-    fn push(&mut self, data: &[u8]) -> Vec<String> {
-        self.partial.extend_from_slice(data);
-        let mut done = Vec::new();
-        while let Some(i) = self.partial.iter().position(|&b| b == b'\n' || b == b'\r') {
-            let line: Vec<u8> = self.partial.drain(..=i).collect();
-            let text = String::from_utf8_lossy(&line[..line.len() - 1])
-                .trim_end()
-                .to_string();
-            if text.is_empty() {
-                continue;
-            }
-            if self.lines.len() == TAIL_LINES {
-                self.lines.pop_front();
-            }
-            self.lines.push_back(text.clone());
-            done.push(text);
-        }
-        done
-    }
-
-    fn text(&self) -> String {
-        let mut lines: Vec<String> = self.lines.iter().cloned().collect();
-        let rest = String::from_utf8_lossy(&self.partial).trim().to_string();
-        if !rest.is_empty() {
-            lines.push(rest);
-        }
-        lines.join("\n")
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -632,48 +422,5 @@ mod tests {
         ));
         drop(a);
         BuildClaim::take("claim-test").expect("free again");
-    }
-
-    #[test]
-    fn tail_keeps_the_last_lines() {
-        let mut t = Tail::default();
-        assert!(t.push(b"par").is_empty());
-        assert_eq!(t.push(b"tial\nnext\r\n\n"), ["partial", "next"]);
-        for i in 0..20 {
-            t.push(format!("line {i}\n").as_bytes());
-        }
-        t.push(b"unterminated");
-        let text = t.text();
-        assert!(text.starts_with("line 8\n"), "{text}");
-        assert!(text.ends_with("line 19\nunterminated"), "{text}");
-    }
-
-    #[test]
-    fn publish_moves_both_files_and_replaces_a_stale_directory() {
-        let t = tempfile::tempdir().expect("tmp");
-        let images = t.path().join("images");
-        let vm = t.path().join("vm");
-        std::fs::create_dir_all(images.join("img/junk")).expect("stale");
-        std::fs::create_dir_all(&vm).expect("vm");
-        let (root, work) = (vm.join("rootfs.ext4"), vm.join("work.ext4"));
-        std::fs::write(&root, "root").expect("root");
-        std::fs::write(&work, "work").expect("work");
-        let dest = images.join("img");
-        let f = publish(&images, "img", &dest, &root, &work).expect("publish");
-        assert_eq!(std::fs::read_to_string(&f.rootfs).expect("read"), "root");
-        assert_eq!(std::fs::read_to_string(&f.work_seed).expect("read"), "work");
-        assert!(!dest.join("junk").exists());
-        assert!(!root.exists() && !work.exists());
-        let left: Vec<_> = std::fs::read_dir(&images)
-            .expect("ls")
-            .flatten()
-            .map(|e| e.file_name())
-            .collect();
-        assert_eq!(left, ["img"]);
-
-        // A failure leaves no hidden directory behind.
-        let err = publish(&images, "x", &images.join("x"), &root, &work);
-        assert!(err.is_err());
-        assert_eq!(std::fs::read_dir(&images).expect("ls").count(), 1);
     }
 }

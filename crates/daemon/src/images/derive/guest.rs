@@ -1,0 +1,144 @@
+//! Provisioning steps run in the transient VM through its agent.
+
+use super::*;
+use crate::DaemonError;
+use anyhow::Context;
+use banger_agent_proto::ExecRequest;
+use banger_agent_proto::client::{AgentClient, ExecEvent};
+use banger_image::derive::{GuestStep, HostFile};
+use std::collections::VecDeque;
+use std::path::Path;
+use tokio_util::sync::CancellationToken;
+
+/// Runs one provisioning step through the agent; its output goes to the
+/// daemon log, and the last lines into the error when it fails.
+pub(super) async fn run_step(
+    agent: &AgentClient,
+    step: &GuestStep,
+    stdin: Option<&Path>,
+    cancel: &CancellationToken,
+) -> anyhow::Result<()> {
+    let input = match stdin {
+        Some(p) => Some(
+            tokio::fs::read(p)
+                .await
+                .with_context(|| format!("reading {}", p.display()))?,
+        ),
+        None => None,
+    };
+    let mut session = agent.exec(ExecRequest {
+        argv: step.argv.clone(),
+        env: vec![],
+        cwd: Some("/".into()),
+        stdin: input.is_some(),
+        tty: None,
+    })?;
+    if let Some(data) = input {
+        session.write_stdin(&data)?;
+        session.close_stdin()?;
+    }
+    let mut tail = Tail::default();
+    let deadline = tokio::time::sleep(STEP_TIMEOUT);
+    tokio::pin!(deadline);
+    loop {
+        let ev = tokio::select! {
+            ev = session.next_event() => ev?,
+            _ = cancel.cancelled() => anyhow::bail!("cancelled"),
+            _ = &mut deadline => anyhow::bail!(
+                "it ran longer than {} minutes; last output:\n{}",
+                STEP_TIMEOUT.as_secs() / 60,
+                tail.text()
+            ),
+        };
+        match ev {
+            Some(ExecEvent::Stdout(d)) | Some(ExecEvent::Stderr(d)) => {
+                for line in tail.push(&d) {
+                    tracing::debug!(target: "image_build", step = step.name, "{line}");
+                }
+            }
+            Some(ExecEvent::Exited(s)) if s.code == Some(0) => return Ok(()),
+            Some(ExecEvent::Exited(s)) => anyhow::bail!(
+                "it exited with status {}; last output:\n{}",
+                s.code
+                    .map(|c| c.to_string())
+                    .unwrap_or_else(|| format!("signal {}", s.signal.unwrap_or(0))),
+                tail.text()
+            ),
+            Some(ExecEvent::Error(m)) => anyhow::bail!("{m}"),
+            // Only attach and logs channels end with a session record.
+            Some(ExecEvent::Session(_)) | None => {
+                anyhow::bail!("the guest agent ended the session without an exit status")
+            }
+        }
+    }
+}
+
+/// Downloads host file `f` to `path` and checks its sha512.
+pub(super) async fn fetch_verified(
+    f: HostFile,
+    path: &Path,
+    cancel: &CancellationToken,
+) -> Result<(), DaemonError> {
+    let (url, want) = f.source();
+    banger_image::mise::fetch_sha512(url, want, path, cancel)
+        .await
+        .map_err(|e| DaemonError::Failed(e.into()))
+}
+
+/// The last lines of a process's output.
+#[derive(Default)]
+struct Tail {
+    partial: Vec<u8>,
+    lines: VecDeque<String>,
+}
+
+impl Tail {
+    /// Adds output; returns the lines it completed.
+    fn push(&mut self, data: &[u8]) -> Vec<String> {
+        self.partial.extend_from_slice(data);
+        let mut done = Vec::new();
+        while let Some(i) = self.partial.iter().position(|&b| b == b'\n' || b == b'\r') {
+            let line: Vec<u8> = self.partial.drain(..=i).collect();
+            let text = String::from_utf8_lossy(&line[..line.len() - 1])
+                .trim_end()
+                .to_string();
+            if text.is_empty() {
+                continue;
+            }
+            if self.lines.len() == TAIL_LINES {
+                self.lines.pop_front();
+            }
+            self.lines.push_back(text.clone());
+            done.push(text);
+        }
+        done
+    }
+
+    fn text(&self) -> String {
+        let mut lines: Vec<String> = self.lines.iter().cloned().collect();
+        let rest = String::from_utf8_lossy(&self.partial).trim().to_string();
+        if !rest.is_empty() {
+            lines.push(rest);
+        }
+        lines.join("\n")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tail_keeps_the_last_lines() {
+        let mut t = Tail::default();
+        assert!(t.push(b"par").is_empty());
+        assert_eq!(t.push(b"tial\nnext\r\n\n"), ["partial", "next"]);
+        for i in 0..20 {
+            t.push(format!("line {i}\n").as_bytes());
+        }
+        t.push(b"unterminated");
+        let text = t.text();
+        assert!(text.starts_with("line 8\n"), "{text}");
+        assert!(text.ends_with("line 19\nunterminated"), "{text}");
+    }
+}

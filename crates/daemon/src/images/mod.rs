@@ -1,0 +1,421 @@
+//! Images and kernels: lookup, and the local Debian build.
+//!
+//! Images and kernels from elsewhere: catalog and OCI pulls, registration of
+//! local files, deletion and catalog bundles.
+
+mod bundle;
+mod debian;
+mod derive;
+mod kernels;
+mod pull;
+mod register;
+
+use crate::{Daemon, DaemonError};
+use banger_api::BuildImageRequest;
+use banger_api::templates::WarmImageRequest;
+use banger_catalog::CatalogError;
+use banger_model::{ImageRecord, KernelRecord};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use tokio_util::sync::CancellationToken;
+
+/// Receives a phase and a line for people.
+pub(crate) type ProgressFn = Arc<dyn Fn(&str, &str) + Send + Sync>;
+/// Receives bytes of a transfer: phase, done, total (0 when unknown).
+pub(crate) type TransferFn = Arc<dyn Fn(&str, u64, u64) + Send + Sync>;
+
+/// Where a long image operation reports to.
+#[derive(Clone)]
+pub(crate) struct Report {
+    /// A phase and a line for people.
+    pub progress: ProgressFn,
+    /// Bytes of a transfer: phase, done, total (0 when unknown).
+    pub transfer: TransferFn,
+}
+
+impl Report {
+    /// Progress lines only: transfers become a line per tenth done.
+    pub(crate) fn lines(progress: ProgressFn) -> Report {
+        let last = Arc::new(std::sync::Mutex::new((String::new(), u64::MAX)));
+        let p = progress.clone();
+        Report {
+            progress,
+            transfer: Arc::new(move |phase: &str, done: u64, total: u64| {
+                let Some(tenth) = done.saturating_mul(10).checked_div(total) else {
+                    return;
+                };
+                let mut l = last.lock().unwrap_or_else(|e| e.into_inner());
+                if l.0 != phase || l.1 != tenth {
+                    *l = (phase.to_string(), tenth);
+                    p(phase, &format!("{}% of {} bytes", tenth * 10, total));
+                }
+            }),
+        }
+    }
+}
+
+/// Whether a pull reference is an OCI image reference rather than a catalog
+/// name (catalog names never hold `/`, `:` or `@`).
+pub(crate) fn is_oci_reference(reference: &str) -> bool {
+    reference.contains(['/', ':', '@'])
+}
+
+/// The rule for image and kernel names: they become directory names and
+/// catalog names.
+pub(crate) fn check_name(kind: &str, name: &str) -> Result<(), DaemonError> {
+    let rule = match kind {
+        "kernel" => &banger_api::rules::KERNEL_NAME,
+        _ => &banger_api::rules::IMAGE_NAME,
+    };
+    rule.check(name)
+        .map_err(|e| DaemonError::Invalid(e.to_string()))
+}
+
+/// A default image name for an OCI reference: last repository component and
+/// tag (`ghcr.io/org/tool:1.2` -> `tool-1.2`).
+pub(crate) fn name_from_reference(reference: &str) -> String {
+    let without_digest = reference.split('@').next().unwrap_or(reference);
+    let last = without_digest.rsplit('/').next().unwrap_or(without_digest);
+    let raw = match last.split_once(':') {
+        Some((repo, tag)) if !tag.is_empty() && tag != "latest" => format!("{repo}-{tag}"),
+        Some((repo, _)) => repo.to_string(),
+        None => last.to_string(),
+    };
+    let mut name: String = raw
+        .to_ascii_lowercase()
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || "._-".contains(c) {
+                c
+            } else {
+                '-'
+            }
+        })
+        .collect();
+    name = name
+        .trim_start_matches(|c: char| !c.is_ascii_alphanumeric())
+        .to_string();
+    name.truncate(63);
+    if name.is_empty() {
+        "oci-image".into()
+    } else {
+        name
+    }
+}
+
+/// The catalog errors after which `vm run` builds the default image locally:
+/// the catalog cannot be reached or does not have it.
+pub(crate) fn catalog_unavailable(e: &CatalogError) -> bool {
+    matches!(
+        e,
+        CatalogError::NotInCatalog { .. }
+            | CatalogError::WrongArch { .. }
+            | CatalogError::Http { .. }
+            | CatalogError::BadIndex { .. }
+            | CatalogError::Incomplete { .. }
+    )
+}
+
+fn catalog_error(e: CatalogError) -> DaemonError {
+    match e {
+        CatalogError::NotInCatalog { .. } => DaemonError::NotFound(e.to_string()),
+        CatalogError::Exists(_) | CatalogError::Busy(_) => DaemonError::Conflict(e.to_string()),
+        CatalogError::Invalid(_) => DaemonError::Invalid(e.to_string()),
+        other => DaemonError::Failed(other.into()),
+    }
+}
+
+fn oci_error(e: banger_oci::OciError) -> DaemonError {
+    use banger_oci::OciError as O;
+    match e {
+        O::BadReference { .. } | O::BadDigest(_) => DaemonError::Invalid(e.to_string()),
+        O::Exists(_) => DaemonError::Conflict(e.to_string()),
+        other => DaemonError::Failed(other.into()),
+    }
+}
+
+fn in_use(e: banger_store::StoreError) -> DaemonError {
+    match e {
+        banger_store::StoreError::InUse { .. } => DaemonError::Conflict(e.to_string()),
+        other => other.into(),
+    }
+}
+
+/// `path` as an absolute, existing regular file (symlinks resolved). A
+/// path that is not absolute is a bad request; a missing file is not
+/// found, and one that is no regular file or cannot be read conflicts
+/// with the host's state.
+fn regular_file(what: &str, path: &str) -> Result<PathBuf, DaemonError> {
+    let p = Path::new(path);
+    if !p.is_absolute() {
+        return Err(DaemonError::Invalid(format!(
+            "{what} {path:?} must be an absolute path"
+        )));
+    }
+    match std::fs::metadata(p) {
+        Ok(md) if md.is_file() => std::fs::canonicalize(p)
+            .map_err(|e| DaemonError::Conflict(format!("{what} {path}: {e}"))),
+        Ok(_) => Err(DaemonError::Conflict(format!(
+            "{what} {path} is not a regular file"
+        ))),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(DaemonError::NotFound(format!(
+            "{what} {path} does not exist"
+        ))),
+        Err(e) => Err(DaemonError::Conflict(format!(
+            "{what} {path} cannot be read: {e}"
+        ))),
+    }
+}
+
+fn absolute_dir(what: &str, path: &str) -> Result<PathBuf, DaemonError> {
+    let p = Path::new(path);
+    if !p.is_absolute() {
+        return Err(DaemonError::Invalid(format!(
+            "{what} {path:?} must be an absolute path"
+        )));
+    }
+    Ok(p.to_path_buf())
+}
+
+/// The release of a bzImage, from its setup header's version string
+/// (`kernel_version` at 0x20E points to it, relative to 0x200).
+pub(crate) fn bzimage_release(path: &Path) -> Option<String> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut f = std::fs::File::open(path).ok()?;
+    let mut hdr = [0u8; 0x210];
+    f.read_exact(&mut hdr).ok()?;
+    if &hdr[0x202..0x206] != b"HdrS" {
+        return None;
+    }
+    let ptr = u16::from_le_bytes([hdr[0x20E], hdr[0x20F]]);
+    if ptr == 0 {
+        return None;
+    }
+    f.seek(SeekFrom::Start(u64::from(ptr) + 0x200)).ok()?;
+    let mut s = [0u8; 128];
+    let n = f.read(&mut s).ok()?;
+    let text = String::from_utf8_lossy(&s[..n]);
+    let release = text.split([' ', '\0']).next()?.trim();
+    (!release.is_empty()).then(|| release.to_string())
+}
+
+/// The directory `file` is directly in, when that directory is `store/<x>`:
+/// the daemon's own artifact directory, safe to remove.
+fn owned_dir(store: &Path, file: &Path) -> Option<PathBuf> {
+    let dir = file.parent()?;
+    (dir.parent()? == store).then(|| dir.to_path_buf())
+}
+
+/// A new, empty directory `kernels_dir/<name>.<random>` (mode 0700).
+pub(crate) fn new_kernel_dir(kernels_dir: &Path, name: &str) -> std::io::Result<PathBuf> {
+    use std::os::unix::fs::DirBuilderExt;
+    loop {
+        let dir = kernels_dir.join(format!("{name}.{:08x}", rand::random::<u32>()));
+        match std::fs::DirBuilder::new().mode(0o700).create(&dir) {
+            Ok(()) => return Ok(dir),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+async fn remove_dir(dir: &Path) {
+    if let Err(e) = tokio::fs::remove_dir_all(dir).await
+        && e.kind() != std::io::ErrorKind::NotFound
+    {
+        tracing::warn!(dir = %dir.display(), error = %e, "could not remove artifact directory");
+    }
+}
+
+/// The Debian suite of the default image.
+const DEFAULT_SUITE: &str = "bookworm";
+
+impl Daemon {
+    /// The image named `name`; when it is missing and it is the default image,
+    /// builds it locally first.
+    pub(crate) async fn ensure_image(
+        self: &Arc<Self>,
+        name: &str,
+        progress: &(dyn Fn(&str, &str) + Send + Sync),
+        cancel: &CancellationToken,
+    ) -> Result<ImageRecord, DaemonError> {
+        match self.store.get_image(name) {
+            Ok(img) => return Ok(img),
+            Err(banger_store::StoreError::NotFound(_)) => {}
+            Err(e) => return Err(e.into()),
+        }
+        if name != self.config.default_image_name {
+            return Err(DaemonError::NotFound(format!(
+                "no image named {name}: see `banger image list`, or build it with `banger image build --name {name}`"
+            )));
+        }
+        progress(
+            "image",
+            &format!("default image {name} not found; pulling it from the catalog"),
+        );
+        // The catalog pull reports through `progress` too, whose lifetime is
+        // this call's: hand it over through a channel-free shared closure.
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(String, String)>();
+        let report = Report::lines(Arc::new(move |p: &str, m: &str| {
+            let _ = tx.send((p.to_string(), m.to_string()));
+        }));
+        let pull = self.pull_catalog_image(name, &report, cancel);
+        tokio::pin!(pull);
+        let pulled = loop {
+            tokio::select! {
+                Some((p, m)) = rx.recv() => progress(&p, &m),
+                r = &mut pull => break r,
+            }
+        };
+        while let Ok((p, m)) = rx.try_recv() {
+            progress(&p, &m);
+        }
+        match pulled {
+            Ok(img) => return Ok(img),
+            Err(e) if catalog_unavailable(&e) => progress(
+                "image",
+                &format!(
+                    "the catalog does not provide {name} ({e}); building it from Debian packages instead (takes about a minute)"
+                ),
+            ),
+            Err(e) => {
+                return Err(DaemonError::Failed(
+                    anyhow::Error::new(e).context(format!("pulling default image {name}")),
+                ));
+            }
+        }
+        self.build_debian_image(name, DEFAULT_SUITE, Vec::new(), progress, cancel.clone())
+            .await
+    }
+
+    /// A template build of `image`, checked before its stream starts: the
+    /// shape's resources, the name, and the image (the default image may
+    /// still be missing: the build makes it).
+    pub(crate) fn check_warm_image(
+        &self,
+        image: &str,
+        req: &WarmImageRequest,
+    ) -> Result<(), DaemonError> {
+        crate::vm::settings::check_resources(req.vcpu, req.memory_mib, None)?;
+        crate::images::check_name("image", image)?;
+        if image == self.config.default_image_name {
+            return Ok(());
+        }
+        self.store.get_image(image).map(|_| ()).map_err(|_| {
+            DaemonError::NotFound(format!("no image named {image}: see `banger image list`"))
+        })
+    }
+
+    /// The names of a build request, checked before its stream starts.
+    pub(crate) fn check_build_image(&self, req: &BuildImageRequest) -> Result<(), DaemonError> {
+        let names = [Some(&req.name), req.from_image.as_ref()];
+        names
+            .into_iter()
+            .flatten()
+            .try_for_each(|n| crate::images::check_name("image", n))
+    }
+
+    /// `POST /v1/images/build`: a local Debian build, or with `from_image`
+    /// an image derived from a registered one in a transient VM.
+    pub(crate) async fn build_image(
+        self: &Arc<Self>,
+        req: BuildImageRequest,
+        progress: &(dyn Fn(&str, &str) + Send + Sync),
+        cancel: CancellationToken,
+    ) -> Result<ImageRecord, DaemonError> {
+        match req.from_image.as_deref() {
+            Some(_) if req.suite.is_some() => Err(DaemonError::Invalid(
+                "--suite is for local Debian builds; a derived image keeps its base image's suite"
+                    .into(),
+            )),
+            Some(base) => {
+                let derive = derive::DeriveRequest {
+                    name: &req.name,
+                    base,
+                    docker: req.docker,
+                    packages: &req.packages,
+                };
+                self.derive_image(derive, progress, cancel).await
+            }
+            None => {
+                let suite = req.suite.as_deref().unwrap_or(DEFAULT_SUITE);
+                let mut packages = req.packages.clone();
+                if req.docker {
+                    packages.push(banger_image::derive::DOCKER_PACKAGE.into());
+                }
+                self.build_debian_image(&req.name, suite, packages, progress, cancel)
+                    .await
+            }
+        }
+    }
+
+    pub fn list_images(&self) -> Result<Vec<ImageRecord>, DaemonError> {
+        Ok(self.store.list_images()?)
+    }
+
+    pub fn get_image(&self, name: &str) -> Result<ImageRecord, DaemonError> {
+        Ok(self.store.get_image(name)?)
+    }
+
+    pub fn list_kernels(&self) -> Result<Vec<KernelRecord>, DaemonError> {
+        Ok(self.store.list_kernels()?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn references_and_names() {
+        assert!(!is_oci_reference("debian-bookworm"));
+        assert!(!is_oci_reference("generic-6.12"));
+        assert!(is_oci_reference("127.0.0.1:5000/test/alpine:3"));
+        assert!(is_oci_reference("docker.io/library/busybox"));
+        assert!(is_oci_reference("x@sha256:00"));
+        assert_eq!(name_from_reference("ghcr.io/org/tool:1.2"), "tool-1.2");
+        assert_eq!(
+            name_from_reference("127.0.0.1:5000/a/Busy_Box:latest"),
+            "busy_box"
+        );
+        assert_eq!(name_from_reference("reg:5000/repo"), "repo");
+        assert_eq!(
+            name_from_reference(&format!("reg/repo@sha256:{}", "a".repeat(64))),
+            "repo"
+        );
+        assert_eq!(name_from_reference("reg/--x:t+1"), "x-t-1");
+        check_name("image", &name_from_reference("reg/--x:t+1")).expect("valid");
+        assert!(check_name("image", "Bad").is_err());
+        assert!(check_name("image", "-x").is_err());
+    }
+
+    #[test]
+    fn only_the_store_s_own_directories_are_owned() {
+        let store = Path::new("/s/images");
+        assert_eq!(
+            owned_dir(store, Path::new("/s/images/a/rootfs.ext4")),
+            Some(PathBuf::from("/s/images/a"))
+        );
+        assert_eq!(owned_dir(store, Path::new("/home/u/rootfs.ext4")), None);
+        assert_eq!(owned_dir(store, Path::new("/s/images/rootfs.ext4")), None);
+        assert_eq!(
+            owned_dir(store, Path::new("/s/images/a/b/rootfs.ext4")),
+            None
+        );
+    }
+
+    #[test]
+    fn bzimage_release_reads_the_setup_header() {
+        let t = tempfile::tempdir().expect("tmp");
+        let p = t.path().join("bz");
+        let mut img = vec![0u8; 0x1000];
+        img[0x202..0x206].copy_from_slice(b"HdrS");
+        img[0x20E..0x210].copy_from_slice(&0x300u16.to_le_bytes());
+        let v = b"6.1.0-42-cloud-amd64 (debian-kernel@lists.debian.org) #1 SMP\0";
+        img[0x500..0x500 + v.len()].copy_from_slice(v);
+        std::fs::write(&p, &img).expect("write");
+        assert_eq!(bzimage_release(&p).as_deref(), Some("6.1.0-42-cloud-amd64"));
+        std::fs::write(&p, b"not a kernel").expect("write");
+        assert_eq!(bzimage_release(&p), None);
+    }
+}

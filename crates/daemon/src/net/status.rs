@@ -1,0 +1,62 @@
+//! Networking facts for `doctor`.
+
+use crate::{Daemon, DaemonError};
+use banger_api::NetworkStatus;
+use std::time::Duration;
+
+use super::*;
+
+impl Daemon {
+    /// Networking facts for `doctor`.
+    pub async fn network_status(&self) -> Result<NetworkStatus, DaemonError> {
+        let (tun_ok, tun_detail) = tun_access();
+        let nat = banger_net::nat::status().await;
+        let Some(net) = self.network() else {
+            return Err(DaemonError::Conflict(
+                "networking is not initialised yet".into(),
+            ));
+        };
+        let s = &net.settings;
+        let (reason, tap_pool) = match &net.mode {
+            Mode::Bridge { pool, .. } => (
+                format!("bangerd manages bridge {}", s.bridge),
+                Some(banger_api::TapPool {
+                    idle: pool.idle_count() as u64,
+                    configured: pool.size() as u64,
+                }),
+            ),
+            Mode::User { reason } | Mode::Unavailable { reason } => (reason.clone(), None),
+        };
+        let (resolver_ok, resolver_detail) = match net.dns_addr() {
+            None => (false, "the .vm DNS server is not running".to_string()),
+            Some(addr) => {
+                let check = banger_net::resolved::check(&s.bridge, addr).await;
+                match banger_net::resolved::probe(&net.records, Duration::from_secs(2)).await {
+                    banger_net::resolved::ProbeResult::Routed => {
+                        (true, format!("the host resolver answers .vm from {addr}"))
+                    }
+                    banger_net::resolved::ProbeResult::NotRouted(why) => {
+                        (false, format!("{why}; {}", check.detail))
+                    }
+                }
+            }
+        };
+        Ok(NetworkStatus {
+            mode: net.mode_name().into(),
+            reason,
+            bridge: s.bridge.to_string(),
+            cidr: s.subnet.cidr().to_string(),
+            bridge_ip: s.subnet.bridge_ip().to_string(),
+            tap_pool,
+            dns_listen: s.dns_listen.to_string(),
+            dns_error: net.dns_error.clone(),
+            nft_version: nat.nft_version,
+            ip_forward: nat.ip_forward,
+            nat_error: nat.error,
+            resolver_ok,
+            resolver_detail,
+            tun_ok,
+            tun_detail,
+        })
+    }
+}

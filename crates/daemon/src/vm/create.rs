@@ -1,0 +1,400 @@
+//! `vm create`: the checks, the new VM's record, disks and first boot.
+
+use super::boot::fail;
+use super::*;
+use crate::steps::{Steps, UndoSlot};
+use crate::vm::admit::NewVm;
+use crate::warm::plan::{ColdReason, StartPlan};
+use crate::{Daemon, DaemonError};
+use anyhow::{Context, anyhow};
+use banger_api::{CreateVmEvent, CreateVmRequest, Progress};
+use banger_config::{HostResources, apply_flags, effective_defaults};
+use banger_model::{
+    StartInfo, TemplateShape, VmName, VmRecord, VmState, WarmMode, WarmSetting, generate_name,
+};
+use banger_storage::{VmDisks, WorkSource};
+use std::sync::Arc;
+use std::time::Instant;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+/// Sends progress events of one operation.
+pub(crate) struct Reporter {
+    tx: mpsc::UnboundedSender<CreateVmEvent>,
+    started: Instant,
+}
+
+impl Reporter {
+    pub(crate) fn new(tx: mpsc::UnboundedSender<CreateVmEvent>) -> Self {
+        Self {
+            tx,
+            started: Instant::now(),
+        }
+    }
+    pub(crate) fn progress(&self, phase: &str, message: &str) {
+        let _ = self.tx.send(CreateVmEvent::Progress(Progress {
+            phase: phase.into(),
+            message: message.to_string(),
+            elapsed_ms: self.started.elapsed().as_millis() as u64,
+        }));
+    }
+    fn send(&self, ev: CreateVmEvent) {
+        let _ = self.tx.send(ev);
+    }
+}
+
+impl Daemon {
+    /// `--nat` needs bridge networking.
+    fn check_nat_mode(&self, nat: bool) -> Result<(), DaemonError> {
+        if nat
+            && let Some(net) = self.network()
+            && net.mode_name() != "bridge"
+        {
+            return Err(DaemonError::Conflict(format!(
+                "--nat needs bridge networking; this daemon uses {} networking (see banger doctor)",
+                net.mode_name()
+            )));
+        }
+        Ok(())
+    }
+
+    /// The checks of a create request that need no lock and change nothing,
+    /// so a bad request is answered with its error before the operation's
+    /// stream starts. [`Daemon::create_vm`] checks again where it matters.
+    pub(crate) fn check_create(&self, req: &CreateVmRequest) -> Result<(), DaemonError> {
+        if let Some(n) = &req.name {
+            let name = VmName::parse(n).map_err(|e| DaemonError::Invalid(e.to_string()))?;
+            self.check_name_free(&name)?;
+        }
+        crate::vm::settings::check_resources(req.vcpu, req.memory_mib, req.disk_size.as_deref())?;
+        if let Some(image) = &req.image {
+            crate::images::check_name("image", image)?;
+            if *image != self.config.default_image_name {
+                self.store.get_image(image).map_err(|_| {
+                    DaemonError::NotFound(format!(
+                        "no image named {image}: see `banger image list`"
+                    ))
+                })?;
+            }
+        }
+        self.check_nat_mode(req.nat)?;
+        if req.warm == WarmMode::Require {
+            if !req.start {
+                return Err(DaemonError::Invalid(
+                    "--warm restores a running VM: it cannot go with --no-start".into(),
+                ));
+            }
+            if self.config.warm_start == WarmSetting::Off {
+                return Err(DaemonError::Conflict(
+                    "--warm: warm starts are off (warm_start = \"off\" in config.toml)".into(),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Creates a VM and, unless `req.start` is false, boots it and waits for
+    /// its agent. Emits `Planned`, then progress; the caller sends `Done`/`Error`.
+    /// Cancelling `cancel` (the client went away) before the VM is ready
+    /// rolls everything back.
+    pub async fn create_vm(
+        self: &Arc<Self>,
+        req: CreateVmRequest,
+        tx: mpsc::UnboundedSender<CreateVmEvent>,
+        cancel: CancellationToken,
+    ) -> Result<VmRecord, DaemonError> {
+        let rep = Reporter::new(tx);
+        let vmm = self.vmm()?.clone();
+        let _in_flight = CreateGuard::new(self);
+        let name = match &req.name {
+            Some(n) => VmName::parse(n).map_err(|e| DaemonError::Invalid(e.to_string()))?,
+            None => self.unused_name()?,
+        };
+        self.check_name_free(&name)?;
+        let disk = crate::vm::settings::check_resources(
+            req.vcpu,
+            req.memory_mib,
+            req.disk_size.as_deref(),
+        )?;
+        let defaults = effective_defaults(&self.config.vm_defaults, &HostResources::detect());
+        let spec = apply_flags(defaults, req.vcpu, req.memory_mib, disk);
+        rep.send(CreateVmEvent::Planned(banger_api::PlannedVm {
+            name: name.to_string(),
+            spec,
+        }));
+
+        let image_name = req
+            .image
+            .clone()
+            .unwrap_or_else(|| self.config.default_image_name.clone());
+        let image = self
+            .ensure_image(&image_name, &|phase, msg| rep.progress(phase, msg), &cancel)
+            .await?;
+        if cancel.is_cancelled() {
+            return Err(DaemonError::Failed(anyhow!(self.cancel_reason())));
+        }
+        let kernel = self.store.get_kernel(&image.kernel)?;
+
+        self.check_nat_mode(req.nat)?;
+        let initramfs = req.initramfs.unwrap_or(self.config.initramfs);
+        let shape = TemplateShape {
+            vcpu: spec.vcpu.value,
+            memory_mib: spec.memory_mib.value,
+        };
+        // Warm or cold, decided before anything is made: `--warm` without
+        // a usable template fails here, leaving nothing behind.
+        let plan = if req.start {
+            self.plan_start(
+                req.warm,
+                &image,
+                &kernel,
+                initramfs,
+                shape,
+                spec.disk_bytes.value,
+            )
+            .await
+        } else {
+            StartPlan::Cold(ColdReason::NotAsked)
+        };
+        let mut cold_note = None;
+        let warm_template = match plan {
+            StartPlan::Warm(t) => Some(t),
+            StartPlan::Cold(reason) => {
+                if req.warm == WarmMode::Require {
+                    return Err(DaemonError::Conflict(format!("--warm: {reason}")));
+                }
+                if req.start {
+                    rep.progress("start", &format!("cold ({reason})"));
+                    if reason.wants_template() && self.config.warm_start == WarmSetting::Auto {
+                        self.queue_template_build(&image.name, shape);
+                    }
+                    cold_note = Some(reason.to_string());
+                }
+                None
+            }
+        };
+        let progress = |phase: &str, msg: &str| rep.progress(phase, msg);
+        let mut steps = Steps::new(|phase, msg| rep.progress(phase, msg));
+        let new = NewVm {
+            name,
+            image: image.name.clone(),
+            spec,
+            nat: req.nat,
+            initramfs,
+            start: StartInfo::cold(cold_note),
+        };
+        // Its lock is held from before the record exists; a failed create
+        // removes the VM's handle with the record.
+        let (mut vm, _held) = self.admit(new, &mut steps).await?;
+        let (id, dir) = (vm.id.clone(), vm.dir.clone());
+        let this = self.clone();
+        let mut warmed = false;
+        if let Some(template) = &warm_template {
+            rep.progress(
+                "start",
+                &format!("warm (restoring template {})", template.header.id),
+            );
+            match this
+                .try_warm(&mut vm, &image, template, &mut steps, &progress, &cancel)
+                .await
+            {
+                Ok(_) => warmed = true,
+                Err(e) => {
+                    let why = format!("{:#}", e.cause);
+                    if req.warm == WarmMode::Require {
+                        let rollback_errors = steps.rollback().await;
+                        return Err(DaemonError::Failed(
+                            crate::steps::StepError {
+                                step: e.step,
+                                cause: anyhow!("--warm: warm start failed: {why}"),
+                                rollback_errors,
+                            }
+                            .into(),
+                        ));
+                    }
+                    tracing::warn!(vm = %vm.name, template = %template.header.id, step = e.step, error = %why, "warm start failed; booting cold");
+                    rep.progress("start", &format!("cold (warm start failed: {why})"));
+                    if e.blames_template()
+                        && let Ok(Some((row, _))) = this.store.get_template(&template.header.id)
+                    {
+                        this.remove_template(&row);
+                    }
+                    vm.start = StartInfo::cold(Some(format!("warm start failed: {why}")));
+                    vm.state = VmState::Creating;
+                    this.store.set_vm_start(&id, &vm.start)?;
+                }
+            }
+        }
+        let disks = VmDisks::in_dir(&dir);
+        let size = spec.disk_bytes.value;
+        if !warmed {
+            let (overlay, work, seed) = (
+                disks.overlay.clone(),
+                disks.work.clone(),
+                image.work_seed.clone(),
+            );
+            steps
+                .run(
+                    "disks",
+                    "creating the system overlay and /root work disk",
+                    |u: UndoSlot<'_>| async move {
+                        let source = match &seed {
+                            Some(s) => WorkSource::Seed(s),
+                            None => WorkSource::Empty,
+                        };
+                        // Independent files, each made by a few e2fsprogs runs:
+                        // side by side. Each removes its own file on failure.
+                        let (o, w) = tokio::join!(
+                            banger_storage::create_overlay_disk(&overlay, size),
+                            banger_storage::create_work_disk(source, &work, size),
+                        );
+                        let made = |r: &Result<(), _>, p: &std::path::Path| {
+                            r.is_ok().then(|| p.to_path_buf())
+                        };
+                        let undo: Vec<_> = [made(&o, &overlay), made(&w, &work)]
+                            .into_iter()
+                            .flatten()
+                            .collect();
+                        u.set(move || async move {
+                            for p in undo {
+                                tokio::fs::remove_file(&p)
+                                    .await
+                                    .with_context(|| format!("removing {}", p.display()))?;
+                            }
+                            Ok(())
+                        });
+                        o.context("creating the system overlay disk")?;
+                        w.context("creating the /root work disk")?;
+                        Ok(())
+                    },
+                )
+                .await
+                .map_err(|e| DaemonError::Failed(e.into()))?;
+            let (this2, rec) = (self.clone(), vm.clone());
+            steps
+                .run("ssh", "giving the VM its ssh host key", |_| async move {
+                    this2.provision_ssh(&rec).await?;
+                    if let Err(e) = this2.refresh_known_hosts() {
+                        tracing::warn!(error = %format!("{e:#}"), "known_hosts not updated");
+                    }
+                    Ok(())
+                })
+                .await
+                .map_err(|e| DaemonError::Failed(e.into()))?;
+            if !self.config.file_sync.is_empty() {
+                let (this2, rec, rep) = (self.clone(), vm.clone(), &rep);
+                steps
+                    .run(
+                        "files",
+                        "copying [[file_sync]] files into /root",
+                        |_| async move {
+                            this2
+                                .sync_files(&rec, &|w| rep.progress("warning", w))
+                                .await
+                        },
+                    )
+                    .await
+                    .map_err(|e| DaemonError::Failed(e.into()))?;
+            }
+        }
+        if !req.start {
+            this.set_state(&mut vm, VmState::Stopped, None, None)?;
+            steps.commit();
+            return Ok(vm);
+        }
+        let ctx = BootCtx {
+            vmm: &vmm,
+            kernel: &kernel,
+            image: &image,
+            progress: &progress,
+            cancel: &cancel,
+            writable_root: None,
+            purpose: BootPurpose::Vm,
+        };
+        let mut booted = if warmed {
+            Ok(())
+        } else {
+            this.boot(ctx, &mut vm, &mut steps).await.map(|_| ())
+        };
+        if booted.is_ok() && req.wait_boot.unwrap_or(self.config.wait_boot) {
+            booted = match this.wait_system(&vm, &progress, &cancel).await {
+                crate::vm::SystemWait::Booted => Ok(()),
+                crate::vm::SystemWait::TimedOut(msg) => Err(BootError::NotReady(msg)),
+                crate::vm::SystemWait::Cancelled => {
+                    this.set_agent(&id, None);
+                    Err(fail(&mut steps, anyhow!(this.cancel_reason())).await)
+                }
+            };
+        }
+        if booted.is_ok() && req.wait_ssh {
+            booted = match this.wait_sshd(&vm, &progress, &cancel).await {
+                crate::vm::SshWait::Up => Ok(()),
+                // Kept like a guest whose agent never greeted.
+                crate::vm::SshWait::TimedOut(msg) => Err(BootError::NotReady(format!(
+                    "{msg}; the VM is kept running for inspection: `banger vm logs {name}` shows its console, `banger vm delete {name}` removes it",
+                    name = vm.name
+                ))),
+                crate::vm::SshWait::Cancelled => {
+                    this.set_agent(&id, None);
+                    Err(fail(&mut steps, anyhow!(this.cancel_reason())).await)
+                }
+            };
+        }
+        match booted {
+            Ok(()) => {
+                steps.commit();
+                if let Err(e) = this.refresh_known_hosts() {
+                    tracing::warn!(error = %format!("{e:#}"), "ssh files not updated");
+                }
+                Ok(vm)
+            }
+            Err(BootError::NotReady(msg)) => {
+                // Keep the VM for post-mortem: its console log says why.
+                steps.commit();
+                let pid = vm.pid;
+                this.set_state(&mut vm, VmState::Error, pid, Some(&msg))?;
+                Err(DaemonError::Failed(anyhow!(msg)))
+            }
+            Err(BootError::Failed(e)) => Err(DaemonError::Failed(e)),
+        }
+    }
+
+    /// Why an operation's cancellation token fired.
+    pub(crate) fn cancel_reason(&self) -> &'static str {
+        if self.shutdown.is_cancelled() {
+            "cancelled: the daemon is shutting down"
+        } else {
+            "cancelled: the client went away"
+        }
+    }
+
+    fn unused_name(&self) -> Result<VmName, DaemonError> {
+        let taken: Vec<VmName> = self.store.list_vms()?.into_iter().map(|v| v.name).collect();
+        for _ in 0..100 {
+            let n = generate_name();
+            if !taken.contains(&n) {
+                return Ok(n);
+            }
+        }
+        Err(DaemonError::Failed(anyhow!(
+            "could not find a free VM name; pass --name"
+        )))
+    }
+}
+
+/// Counts one create in flight while it lives (background template
+/// builds wait for none).
+struct CreateGuard<'a>(&'a Daemon);
+
+impl<'a> CreateGuard<'a> {
+    fn new(d: &'a Daemon) -> Self {
+        d.creates.send_modify(|n| *n += 1);
+        Self(d)
+    }
+}
+
+impl Drop for CreateGuard<'_> {
+    fn drop(&mut self) {
+        self.0.creates.send_modify(|n| *n = n.saturating_sub(1));
+    }
+}
