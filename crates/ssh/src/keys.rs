@@ -1,7 +1,7 @@
 //! Key pairs: the user's and each VM's host key.
 
 use crate::SshError;
-use ssh_key::rand_core::OsRng;
+use ssh_key::rand_core::{OsRng, RngCore};
 use ssh_key::{Algorithm, LineEnding, PrivateKey};
 use std::io::Write;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
@@ -22,21 +22,7 @@ impl UserKey {
     /// an OpenSSH ed25519 private key is an error, never overwritten.
     pub fn ensure(path: &Path) -> Result<UserKey, SshError> {
         if path.exists() {
-            let key = PrivateKey::read_openssh_file(path).map_err(|e| SshError::BadKey {
-                path: path.to_path_buf(),
-                detail: e.to_string(),
-            })?;
-            if key.algorithm() != Algorithm::Ed25519 {
-                return Err(SshError::BadKey {
-                    path: path.to_path_buf(),
-                    detail: format!("it is {}", key.algorithm()),
-                });
-            }
-            let public = public_line(&key)?;
-            return Ok(UserKey {
-                path: path.to_path_buf(),
-                public,
-            });
+            return Self::load(path);
         }
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir)
@@ -49,13 +35,44 @@ impl UserKey {
         let private = key
             .to_openssh(LineEnding::LF)
             .map_err(|e| SshError::Generate(e.to_string()))?;
-        write_new(path, private.as_bytes(), 0o600)?;
+        // Written whole under a private name, then linked into place: two
+        // processes making the key at once (two creates on a fresh state
+        // dir) both succeed, the second with the first one's complete key.
+        let tmp = sibling(path, &format!(".new-{:016x}", OsRng.next_u64()));
+        let _ = std::fs::remove_file(&tmp);
+        write_new(&tmp, private.as_bytes(), 0o600)?;
+        let linked = std::fs::hard_link(&tmp, path);
+        let _ = std::fs::remove_file(&tmp);
+        match linked {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => return Self::load(path),
+            Err(e) => return Err(SshError::io(format!("creating {}", path.display()))(e)),
+        }
         let public = public_line(&key)?;
         let pub_path = pub_path(path);
         if let Err(e) = std::fs::write(&pub_path, format!("{public}\n")) {
             let _ = std::fs::remove_file(path);
             return Err(SshError::io(format!("writing {}", pub_path.display()))(e));
         }
+        Ok(UserKey {
+            path: path.to_path_buf(),
+            public,
+        })
+    }
+
+    /// Loads the OpenSSH ed25519 private key at `path`.
+    fn load(path: &Path) -> Result<UserKey, SshError> {
+        let key = PrivateKey::read_openssh_file(path).map_err(|e| SshError::BadKey {
+            path: path.to_path_buf(),
+            detail: e.to_string(),
+        })?;
+        if key.algorithm() != Algorithm::Ed25519 {
+            return Err(SshError::BadKey {
+                path: path.to_path_buf(),
+                detail: format!("it is {}", key.algorithm()),
+            });
+        }
+        let public = public_line(&key)?;
         Ok(UserKey {
             path: path.to_path_buf(),
             public,
@@ -110,8 +127,13 @@ fn public_line(key: &PrivateKey) -> Result<String, SshError> {
 }
 
 fn pub_path(path: &Path) -> PathBuf {
+    sibling(path, ".pub")
+}
+
+/// `path` with `suffix` appended to its file name.
+fn sibling(path: &Path, suffix: &str) -> PathBuf {
     let mut s = path.as_os_str().to_os_string();
-    s.push(".pub");
+    s.push(suffix);
     PathBuf::from(s)
 }
 
@@ -155,6 +177,34 @@ mod tests {
         );
         let again = UserKey::ensure(&path).expect("reload");
         assert_eq!(again.public, k.public, "an existing key is kept");
+    }
+
+    #[test]
+    fn concurrent_first_uses_all_get_the_one_key() {
+        let t = tempfile::tempdir().expect("tmp");
+        let path = t.path().join("ssh/id_ed25519");
+        let barrier = std::sync::Barrier::new(8);
+        let keys: Vec<String> = std::thread::scope(|s| {
+            let workers: Vec<_> = (0..8)
+                .map(|_| {
+                    s.spawn(|| {
+                        barrier.wait();
+                        UserKey::ensure(&path).map(|k| k.public)
+                    })
+                })
+                .collect();
+            workers
+                .into_iter()
+                .map(|w| w.join().expect("thread").expect("ensure"))
+                .collect()
+        });
+        assert!(keys.iter().all(|k| *k == keys[0]), "{keys:?}");
+        assert_eq!(UserKey::ensure(&path).expect("reload").public, keys[0]);
+        let names: Vec<_> = std::fs::read_dir(path.parent().expect("dir"))
+            .expect("list")
+            .map(|e| e.expect("entry").file_name())
+            .collect();
+        assert_eq!(names.len(), 2, "the key and its .pub only: {names:?}");
     }
 
     #[test]
