@@ -1,6 +1,8 @@
 //! Domain types shared by every banger component. Pure data and validation;
 //! nothing here touches the file system, the network or a process.
 
+#[cfg(feature = "fixtures")]
+pub mod fixtures;
 pub mod limits;
 mod name;
 mod size;

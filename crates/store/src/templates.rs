@@ -169,32 +169,13 @@ impl Raw {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use banger_model::{ImageRecord, KernelRecord};
+    use banger_model::fixtures;
 
     fn store() -> Store {
         let s = Store::open_in_memory().expect("db");
-        s.upsert_kernel(&KernelRecord {
-            name: "k".into(),
-            kernel: "/k/vmlinuz".into(),
-            initrd: None,
-            vmlinux: None,
-            release: None,
-            dir: None,
-            banger_initramfs: None,
-            created_at: "2026-01-01T00:00:00Z".into(),
-        })
-        .expect("kernel");
+        s.upsert_kernel(&fixtures::kernel("k")).expect("kernel");
         for name in ["img", "other"] {
-            s.upsert_image(&ImageRecord {
-                name: name.into(),
-                rootfs: format!("/i/{name}/rootfs.ext4").into(),
-                kernel: "k".into(),
-                managed: true,
-                work_seed: None,
-                size_bytes: 1,
-                created_at: "2026-01-01T00:00:00Z".into(),
-            })
-            .expect("image");
+            s.upsert_image(&fixtures::image(name, "k")).expect("image");
         }
         s
     }

@@ -347,32 +347,14 @@ impl VmRow {
 mod tests {
     use super::*;
     use banger_model::InitramfsMode;
-    use banger_model::{ImageRecord, KernelRecord, Provenance, SpecValue};
+    use banger_model::{Provenance, SpecValue, fixtures};
 
     /// A store with the image `debian-bookworm`, which test VMs use.
     fn store() -> Store {
         let s = Store::open_in_memory().expect("db");
-        s.upsert_kernel(&KernelRecord {
-            name: "k".into(),
-            kernel: "/k/vmlinuz".into(),
-            initrd: None,
-            vmlinux: None,
-            release: None,
-            dir: None,
-            banger_initramfs: None,
-            created_at: "2026-01-01T00:00:00Z".into(),
-        })
-        .expect("kernel");
-        s.upsert_image(&ImageRecord {
-            name: "debian-bookworm".into(),
-            rootfs: "/i/rootfs.ext4".into(),
-            kernel: "k".into(),
-            managed: true,
-            work_seed: None,
-            size_bytes: 1,
-            created_at: "2026-01-01T00:00:00Z".into(),
-        })
-        .expect("image");
+        s.upsert_kernel(&fixtures::kernel("k")).expect("kernel");
+        s.upsert_image(&fixtures::image("debian-bookworm", "k"))
+            .expect("image");
         s
     }
 
@@ -589,27 +571,9 @@ mod tests {
         let v = vm("calm-otter", "aa11", "2026-01-01T00:00:00Z");
         {
             let s = Store::open(&p).expect("open");
-            s.upsert_kernel(&KernelRecord {
-                name: "k".into(),
-                kernel: "/k".into(),
-                initrd: None,
-                vmlinux: None,
-                release: None,
-                dir: None,
-                banger_initramfs: None,
-                created_at: "t".into(),
-            })
-            .expect("k");
-            s.upsert_image(&ImageRecord {
-                name: "debian-bookworm".into(),
-                rootfs: "/r".into(),
-                kernel: "k".into(),
-                managed: false,
-                work_seed: None,
-                size_bytes: 0,
-                created_at: "t".into(),
-            })
-            .expect("img");
+            s.upsert_kernel(&fixtures::kernel("k")).expect("k");
+            s.upsert_image(&fixtures::image("debian-bookworm", "k"))
+                .expect("img");
             // Writers on several threads through clones of one store.
             std::thread::scope(|sc| {
                 for i in 0..4 {

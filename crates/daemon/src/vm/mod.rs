@@ -162,8 +162,7 @@ pub(crate) mod tests {
     use crate::Daemon;
     use banger_config::{Config, Paths};
     use banger_model::{
-        ImageRecord, KernelRecord, Provenance, SpecValue, VmBackend, VmId, VmName, VmRecord,
-        VmSpec, VmState,
+        Provenance, SpecValue, VmBackend, VmId, VmName, VmRecord, VmSpec, VmState, fixtures,
     };
     use std::sync::Arc;
 
@@ -178,27 +177,10 @@ pub(crate) mod tests {
     /// Records image `img` (and its kernel `k`) for VMs to name.
     pub(crate) fn add_image(d: &Daemon) {
         d.store
-            .upsert_kernel(&KernelRecord {
-                name: "k".into(),
-                kernel: "/k/vmlinuz".into(),
-                initrd: None,
-                vmlinux: None,
-                release: None,
-                dir: None,
-                banger_initramfs: None,
-                created_at: "2026-01-01T00:00:00Z".into(),
-            })
+            .upsert_kernel(&fixtures::kernel("k"))
             .expect("kernel");
         d.store
-            .upsert_image(&ImageRecord {
-                name: "img".into(),
-                rootfs: "/i/img/rootfs.ext4".into(),
-                kernel: "k".into(),
-                managed: true,
-                work_seed: None,
-                size_bytes: 0,
-                created_at: "2026-01-01T00:00:00Z".into(),
-            })
+            .upsert_image(&fixtures::image("img", "k"))
             .expect("image");
     }
 
