@@ -217,13 +217,8 @@ mod tests {
 
     fn image(name: &str, kernel: &str) -> ImageRecord {
         ImageRecord {
-            name: name.into(),
-            rootfs: format!("/i/{name}/rootfs.ext4").into(),
-            kernel: kernel.into(),
-            managed: true,
-            work_seed: None,
             size_bytes: 2 << 30,
-            created_at: "2026-01-01T00:00:00Z".into(),
+            ..banger_model::fixtures::image(name, kernel)
         }
     }
 
