@@ -144,7 +144,7 @@ impl Daemon {
                         ))),
                         Err(_) => Ok(None),
                     },
-                    _ = &mut exited => Err(crate::vm::stopped_before_agent(vm.name.as_str(), &console)),
+                    _ = &mut exited => Err(crate::vm::stopped_before_agent(vm.name.as_str(), &paths)),
                 }
             })
             .await
@@ -184,7 +184,7 @@ impl Daemon {
                 );
             }
             Ok(Err(banger_agent_proto::client::ClientError::Disconnected)) => {
-                let err = crate::vm::stopped_before_agent(vm.name.as_str(), &console);
+                let err = crate::vm::stopped_before_agent(vm.name.as_str(), &paths);
                 return Err(fail(steps, err).await);
             }
             Ok(Err(e)) => return Err(fail(steps, e.into()).await),
@@ -305,8 +305,8 @@ pub(super) async fn fail(steps: &mut Steps<'_>, cause: anyhow::Error) -> BootErr
     )
 }
 
-/// The last lines of a console log, for error messages.
-pub(crate) fn console_tail(path: &std::path::Path) -> String {
+/// The last `n` lines of a console (or VMM) log, for error messages.
+pub(crate) fn console_tail(path: &std::path::Path, n: usize) -> String {
     // The last 64 KiB hold the last 15 lines of any console worth reading.
     let tail = |path: &std::path::Path| -> std::io::Result<Vec<u8>> {
         use std::io::{Read, Seek, SeekFrom};
@@ -325,7 +325,7 @@ pub(crate) fn console_tail(path: &std::path::Path) -> String {
     if let Some(i) = lines.iter().position(|l| l.contains("Kernel panic")) {
         lines.truncate(i + 1);
     }
-    lines[lines.len().saturating_sub(15)..].join("\n")
+    lines[lines.len().saturating_sub(n)..].join("\n")
 }
 
 #[cfg(test)]

@@ -27,7 +27,7 @@ pub(crate) use boot::{
 };
 pub(crate) use exit::cap_logs;
 pub(crate) use initramfs::{BOOT_INITRD_FILE, BootFacts, BootInitrd};
-pub(crate) use ready::{SshWait, SystemWait, stopped_before_agent};
+pub(crate) use ready::{CONSOLE_LINES, SshWait, SystemWait, stopped_before_agent};
 
 use crate::{Daemon, DaemonError};
 use banger_agent_proto::client::AgentClient;

@@ -5,8 +5,8 @@ use crate::{Daemon, DaemonError};
 use anyhow::anyhow;
 use banger_api::WaitFor;
 use banger_model::{VmRecord, VmState};
+use banger_vmm::VmPaths;
 use std::net::SocketAddr;
-use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::io::AsyncReadExt;
@@ -198,17 +198,31 @@ impl Daemon {
 }
 
 /// The one line a failed boot leaves on the console, as an error; else
-/// the console's last lines.
-pub(crate) fn stopped_before_agent(vm: &str, console: &Path) -> anyhow::Error {
-    let text = std::fs::read(console)
+/// the console's last lines and the VMM's (which say how the guest ended:
+/// Firecracker logs a triple fault apart from a reset the guest asked for).
+pub(crate) fn stopped_before_agent(vm: &str, paths: &VmPaths) -> anyhow::Error {
+    let console = paths.console_log();
+    let text = std::fs::read(&console)
         .map(|b| String::from_utf8_lossy(&b).into_owned())
         .unwrap_or_default();
     if let Some(reason) = banger_agent_proto::boot::boot_failure(&text) {
         return anyhow!("VM {vm} cannot boot: {reason}");
     }
-    let tail = crate::vm::console_tail(console);
-    anyhow!("the VM stopped before its agent came up; last console lines:\n{tail}")
+    let tail = crate::vm::console_tail(&console, CONSOLE_LINES);
+    let vmm = crate::vm::console_tail(&paths.vmm_log(), VMM_LOG_LINES);
+    if vmm.is_empty() {
+        anyhow!("the VM stopped before its agent came up; last console lines:\n{tail}")
+    } else {
+        anyhow!(
+            "the VM stopped before its agent came up; last console lines:\n{tail}\nthe VMM's last log lines:\n{vmm}"
+        )
+    }
 }
+
+/// Console lines quoted by a failed boot.
+pub(crate) const CONSOLE_LINES: usize = 15;
+/// VMM log lines quoted by a failed boot: its exit reason is in the last few.
+const VMM_LOG_LINES: usize = 6;
 
 #[cfg(test)]
 mod tests {
@@ -328,13 +342,14 @@ mod tests {
     #[test]
     fn a_failed_boot_is_one_line() {
         let t = tempfile::tempdir().expect("tmp");
-        let console = t.path().join("console.log");
+        let paths = VmPaths::new(t.path());
+        let console = paths.console_log();
         std::fs::write(
             &console,
             "[    1.9] Run /init as init process\r\nbanger-agent: boot failed: the image has no init at /sbin/init: it cannot boot\r\n[    2.0] reboot: Restarting system\r\n",
         )
         .expect("w");
-        let e = stopped_before_agent("calm-otter", &console).to_string();
+        let e = stopped_before_agent("calm-otter", &paths).to_string();
         assert_eq!(
             e,
             "VM calm-otter cannot boot: the image has no init at /sbin/init: it cannot boot"
@@ -344,7 +359,24 @@ mod tests {
             "[ 1.0] something\n[ 2.0] Kernel panic - not syncing: x\n",
         )
         .expect("w");
-        let e = stopped_before_agent("x", &console).to_string();
+        let e = stopped_before_agent("x", &paths).to_string();
         assert!(e.contains("Kernel panic"), "{e}");
+        assert!(!e.contains("VMM"), "no VMM log, no VMM lines: {e}");
+        std::fs::write(
+            paths.vmm_log(),
+            "2026-12-06T10:37:35 [fc:main] Running Firecracker\n2026-12-06T10:37:35 [fc:vcpu0] Received KVM_EXIT_SHUTDOWN signal\n2026-12-06T10:37:35 [fc:main] Vmm is stopping.\n",
+        )
+        .expect("w");
+        let e = stopped_before_agent("x", &paths).to_string();
+        let (console_part, vmm_part) = e
+            .split_once("the VMM's last log lines:\n")
+            .expect("VMM part");
+        assert!(console_part.contains("Kernel panic"), "{e}");
+        assert!(
+            vmm_part.ends_with(
+                "Received KVM_EXIT_SHUTDOWN signal\n2026-12-06T10:37:35 [fc:main] Vmm is stopping."
+            ),
+            "{e}"
+        );
     }
 }

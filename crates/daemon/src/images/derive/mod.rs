@@ -305,7 +305,10 @@ impl Daemon {
             Ok(()) => steps.commit(),
             Err(BootError::NotReady(_)) => {
                 steps.commit();
-                let tail = console_tail(&VmPaths::new(&vm.dir).console_log());
+                let tail = console_tail(
+                    &VmPaths::new(&vm.dir).console_log(),
+                    crate::vm::CONSOLE_LINES,
+                );
                 return Err(DaemonError::Failed(anyhow!(
                     "the transient VM did not come up; last console lines:\n{tail}"
                 )));
