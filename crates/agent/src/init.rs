@@ -128,6 +128,9 @@ pub struct Early {
     /// Written to (or closed) once the agent has greeted the host: PID 1
     /// waits for it before it execs the image's init.
     pub greeted: Option<std::os::fd::OwnedFd>,
+    /// Closed by PID 1 once the guest is prepared for commands (see
+    /// [`crate::prepared`]); `None` when it already is.
+    pub prepared: Option<std::os::fd::OwnedFd>,
 }
 
 /// Assembles the VM's root and hands PID 1 to the image's init. Returns
@@ -149,18 +152,24 @@ pub fn run() -> Result<Early, InitError> {
         "started at {:.2} s",
         crate::bootinfo::uptime_ms() as f64 / 1000.0
     );
+    let mut later = Vec::new();
     let start = if initramfs {
         let t = Instant::now();
-        let (n, devices) = load_modules(Path::new(INITRAMFS_MODULES_LIST), &cmdline)?;
-        timings.push_str(&format!(", {n} modules in {} ms", t.elapsed().as_millis()));
+        let loaded = load_modules(Path::new(INITRAMFS_MODULES_LIST), &cmdline)?;
+        timings.push_str(&format!(
+            ", {} modules in {} ms",
+            loaded.now,
+            t.elapsed().as_millis()
+        ));
+        later = loaded.later;
         let t = Instant::now();
         let newroot = assemble_from_initramfs(&args)?;
         switch_root(&newroot)?;
         timings.push_str(&format!(", root in {} ms", t.elapsed().as_millis()));
         let t = Instant::now();
-        let d = devices.wait()?;
+        let d = loaded.channel.wait()?;
         timings.push_str(&format!(
-            ", {d} device modules alongside (waited {} ms)",
+            ", {d} channel modules alongside (waited {} ms)",
             t.elapsed().as_millis()
         ));
         AgentStart::Initramfs
@@ -171,52 +180,40 @@ pub fn run() -> Result<Early, InitError> {
         AgentStart::InitParam
     };
     finish_root()?;
-    // The host's commands run while the image's init boots: what that init
-    // would clean at boot is cleaned now, and not again under them.
-    // (In a thread, while the network is set up: both wait on the guest's
-    // devices much of the time.)
-    let settle = std::thread::spawn(|| crate::boot_tmp::settle(Path::new("/")));
     let checked = check_init(&args.init)?;
-    // Before the image's init: its services (sshd) find the network and
-    // resolver ready.
-    let t = Instant::now();
-    for p in crate::netconf::apply(&cmdline, Path::new("/etc")) {
-        eprintln!("banger-agent: network: {p}");
-    }
-    let network_ms = t.elapsed().as_millis();
-    match settle.join() {
-        Ok(Ok(_)) => {}
-        Ok(Err(e)) => eprintln!("banger-agent: settling /tmp: {e}"),
-        Err(_) => eprintln!("banger-agent: settling /tmp failed unexpectedly"),
-    }
-    // One line for `vm logs`: where early boot's time went.
-    let next = match &checked {
-        Some((init, _)) => format!("greeting the host, then starting {init}"),
-        None => format!(
-            "the image has nothing at {}: the agent is its init ({}= names another)",
+    let Some((init, target)) = checked else {
+        // The agent is the init and serves from the start: prepare first.
+        let prepared = prepare_for_commands(&cmdline, &later);
+        eprintln!(
+            "banger-agent: {timings}, {prepared}; the image has nothing at {}: the agent is its init ({}= names another)",
             args.init,
             banger_agent_proto::boot::INIT_PARAM
-        ),
-    };
-    eprintln!("banger-agent: {timings}, network in {network_ms} ms; {next}");
-    let Some((init, target)) = checked else {
+        );
         return be_init(start);
     };
+    // One line for `vm logs`: where early boot's time went (the second,
+    // below, says what PID 1 did while the agent greeted).
+    eprintln!("banger-agent: {timings}; greeting the host, then starting {init}");
     // The child says when it has greeted the host (or gives up): the
     // image's init, which takes the CPU for seconds, starts after that.
     let (handover_rd, handover_wr) =
+        nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(sys("creating a pipe"))?;
+    // PID 1 closes its end once the guest is prepared for commands.
+    let (prepared_rd, prepared_wr) =
         nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(sys("creating a pipe"))?;
     let early = Early {
         start,
         init_is_systemd: target.file_name().is_some_and(|n| n == "systemd"),
         init: Some(init.clone()),
         greeted: Some(handover_wr),
+        prepared: Some(prepared_rd),
     };
-    // SAFETY: the process is single-threaded here (no runtime yet), so the
-    // child may do anything.
+    // SAFETY: the process is single-threaded here (no runtime yet, the
+    // module thread joined), so the child may do anything.
     match unsafe { nix::unistd::fork() }.map_err(sys("forking the agent off PID 1"))? {
         nix::unistd::ForkResult::Child => {
             drop(handover_rd);
+            drop(prepared_wr);
             let _ = nix::unistd::setsid();
             let _ = nix::sys::prctl::set_name(c"banger-agent");
             // Like the unit's OOMScoreAdjust: the agent is the way in.
@@ -225,10 +222,74 @@ pub fn run() -> Result<Early, InitError> {
         }
         nix::unistd::ForkResult::Parent { .. } => {
             drop(early.greeted);
+            drop(early.prepared);
+            // On one vCPU the two compete: the greeting goes first, the
+            // preparing takes the time the agent waits for the host.
+            let idle = set_idle(true);
+            let prepared = prepare_for_commands(&cmdline, &later);
+            if idle {
+                set_idle(false);
+            }
+            eprintln!("banger-agent: {prepared} while the agent greeted");
+            drop(prepared_wr);
             wait_for_greeting(handover_rd, HANDOVER_WAIT);
             fail(&exec_init(&init))
         }
     }
+}
+
+/// Puts the calling process in (or back out of) the idle scheduling
+/// class, where it runs only when nothing else wants the CPU. PID 1 leaves
+/// it before it execs the image's init, which inherits the class. Whether
+/// the switch happened.
+fn set_idle(idle: bool) -> bool {
+    let policy = if idle {
+        libc::SCHED_IDLE
+    } else {
+        libc::SCHED_OTHER
+    };
+    let param = libc::sched_param { sched_priority: 0 };
+    // SAFETY: plain sched_setscheduler(2) on this process with a valid,
+    // initialised parameter.
+    let r = unsafe { libc::sched_setscheduler(0, policy, &param) };
+    if r != 0 {
+        eprintln!(
+            "banger-agent: setting the scheduling class: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+    r == 0
+}
+
+/// What the host's commands expect and the agent's greeting does not:
+/// the remaining device modules (the network card, the entropy source),
+/// `/tmp` cleaned as the image's init would at boot, the network and the
+/// resolver, all before the image's init starts (its services find them
+/// ready). Problems are printed, not fatal: by now the agent may already
+/// serve. Returns a line for the console.
+fn prepare_for_commands(cmdline: &str, later: &[ModuleFile]) -> String {
+    let t = Instant::now();
+    // In a thread, while the network is set up: both wait on the guest's
+    // devices much of the time. Joined before anything forks or execs.
+    let settle = std::thread::spawn(|| crate::boot_tmp::settle(Path::new("/")));
+    for m in later {
+        if let Err(e) = load_module(m, cmdline) {
+            eprintln!("banger-agent: {e}");
+        }
+    }
+    for p in crate::netconf::apply(cmdline, Path::new("/etc")) {
+        eprintln!("banger-agent: network: {p}");
+    }
+    match settle.join() {
+        Ok(Ok(_)) => {}
+        Ok(Err(e)) => eprintln!("banger-agent: settling /tmp: {e}"),
+        Err(_) => eprintln!("banger-agent: settling /tmp failed unexpectedly"),
+    }
+    format!(
+        "{} device modules, /tmp and network in {} ms",
+        later.len(),
+        t.elapsed().as_millis()
+    )
 }
 
 /// The agent as the image's init: PID 1 stays and reaps every orphan (the
@@ -248,6 +309,7 @@ fn be_init(start: AgentStart) -> Result<Early, InitError> {
                     init: None,
                     init_is_systemd: false,
                     greeted: None,
+                    prepared: None,
                 });
             }
             Ok(ForkResult::Parent { child }) => child,
@@ -302,14 +364,15 @@ pub fn fail(err: &InitError) -> ! {
 /// The modules of banger's initramfs (see [`ModuleEntry`]): first those of
 /// the virtio transport, then, in the listed order, those needed always
 /// (the disks and their file systems) and those of the virtio devices the
-/// guest has (the network card, the console of QEMU's agent channel,
-/// Firecracker's vsock...). The device modules load in a thread of their
+/// guest has. The modules of the agent's channel to the host (the console
+/// of QEMU's agent channel, Firecracker's vsock) load in a thread of their
 /// own while the disks are probed and mounted (both wait on emulated I/O
-/// much of the time); it is joined before the network and the channel are
-/// used. Parameters given on the kernel command line as
-/// `module.param=value` are passed on, as modprobe would. A module already
-/// loaded (or built in) is fine. Returns how many modules loaded now.
-fn load_modules(list: &Path, cmdline: &str) -> Result<(usize, DeviceModules), InitError> {
+/// much of the time); it is joined before the agent greets. The other
+/// device modules (network card, entropy) are opened now and loaded after
+/// the greeting ([`prepare_for_commands`]). Parameters given on the kernel
+/// command line as `module.param=value` are passed on, as modprobe would.
+/// A module already loaded (or built in) is fine.
+fn load_modules(list: &Path, cmdline: &str) -> Result<LoadedModules, InitError> {
     let text = std::fs::read_to_string(list).map_err(io(format!("reading {}", list.display())))?;
     let entries = ModuleEntry::parse_list(&text);
     let is_transport = |e: &ModuleEntry| e.wanted_by.iter().any(|w| w == TRANSPORT_MODULE);
@@ -322,29 +385,52 @@ fn load_modules(list: &Path, cmdline: &str) -> Result<(usize, DeviceModules), In
             .iter()
             .all(|w| DEVICE_MODULES.iter().any(|(m, _)| m == w))
     };
+    let for_channel = |e: &ModuleEntry| {
+        e.wanted_by
+            .iter()
+            .any(|w| CHANNEL_MODULES.contains(&w.as_str()))
+    };
     let (devices, disks): (Vec<ModuleEntry>, Vec<ModuleEntry>) = entries
         .iter()
         .filter(|e| !is_transport(e) && e.needed(&ids))
         .cloned()
         .partition(|e| only_for_devices(e));
+    let (channel, later): (Vec<ModuleEntry>, Vec<ModuleEntry>) =
+        devices.into_iter().partition(|e| for_channel(e));
     // Opened here, before the thread starts: the root is switched (and the
-    // initramfs's files deleted) while it may still be loading them.
-    let devices = devices
-        .iter()
-        .map(open_module)
-        .collect::<Result<Vec<_>, _>>()?;
+    // initramfs's files deleted) while it may still be loading them, and
+    // the later ones load after that.
+    let open_all = |v: &[ModuleEntry]| v.iter().map(open_module).collect::<Result<Vec<_>, _>>();
+    let (channel, later) = (open_all(&channel)?, open_all(&later)?);
     let line = cmdline.to_string();
     let thread = std::thread::spawn(move || {
-        for m in &devices {
+        for m in &channel {
             load_module(m, &line)?;
         }
-        Ok(devices.len())
+        Ok(channel.len())
     });
     for e in &disks {
         load_module(&open_module(e)?, cmdline)?;
     }
-    let now = entries.iter().filter(|e| is_transport(e)).count() + disks.len();
-    Ok((now, DeviceModules(thread)))
+    Ok(LoadedModules {
+        now: entries.iter().filter(|e| is_transport(e)).count() + disks.len(),
+        channel: DeviceModules(thread),
+        later,
+    })
+}
+
+/// The device modules of the agent's channel to the host: loaded before it
+/// greets. Other device modules wait until after the greeting.
+const CHANNEL_MODULES: &[&str] = &["virtio_console", "vsock", "vmw_vsock_virtio_transport"];
+
+/// What [`load_modules`] did and left to do.
+struct LoadedModules {
+    /// How many loaded before it returned.
+    now: usize,
+    /// The channel's modules, loading alongside.
+    channel: DeviceModules,
+    /// Opened, loaded after the greeting.
+    later: Vec<ModuleFile>,
 }
 
 /// The device modules loading alongside ([`load_modules`]).

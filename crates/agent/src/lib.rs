@@ -21,6 +21,7 @@ pub mod init;
 mod listeners;
 pub mod netconf;
 pub mod power;
+pub mod prepared;
 mod ring;
 mod serve;
 mod sessions;
@@ -29,6 +30,7 @@ pub mod transport;
 
 pub use identity::{IdentitySys, SealGate, SystemIdentity};
 pub use power::{Power, PowerError, SystemPower};
+pub use prepared::Prepared;
 pub use serve::{Agent, BadFrame, HostFrames};
 
 pub use banger_agent_proto::install::{

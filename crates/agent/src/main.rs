@@ -6,6 +6,7 @@
 //! image's init, the child serves the host.
 
 use banger_agent::bootinfo::{BootInfo, uptime_ms};
+use banger_agent::prepared::{PREPARE_WAIT, Prepared};
 use banger_agent::transport::virtio::VirtioPort;
 use banger_agent::transport::{self, Transport, vsock};
 use banger_agent::{Agent, SystemPower, init, singleton};
@@ -25,7 +26,7 @@ const LOG_ENV: &str = "BANGER_AGENT_LOG";
 
 fn main() -> ExitCode {
     let started_ms = uptime_ms();
-    let (boot, greeted) = if std::process::id() == 1 {
+    let (boot, greeted, prepared) = if std::process::id() == 1 {
         // The guest's first process: assemble the root, hand PID 1 over to
         // the image's init; only the forked child gets here.
         match init::run() {
@@ -36,12 +37,13 @@ fn main() -> ExitCode {
                     init: early.init.map(|i| (i, early.init_is_systemd)),
                 },
                 early.greeted,
+                early.prepared,
             ),
             Err(e) => init::fail(&e),
         }
     } else {
         match service_args() {
-            Ok(()) => (BootInfo::service(), None),
+            Ok(()) => (BootInfo::service(), None, None),
             Err(code) => return code,
         }
     };
@@ -56,7 +58,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    runtime.block_on(run(boot, greeted))
+    runtime.block_on(run(boot, greeted, prepared))
 }
 
 /// The command line of an agent started by the image's init: nothing, or
@@ -80,7 +82,8 @@ fn service_args() -> Result<(), ExitCode> {
 
 /// `greeted`: told (written to, then closed) once the host has the first
 /// greeting; PID 1 waits for that before it starts the image's init.
-async fn run(boot: BootInfo, greeted: Option<OwnedFd>) -> ExitCode {
+/// `prepared`: closed by PID 1 once the guest is ready for commands.
+async fn run(boot: BootInfo, greeted: Option<OwnedFd>, prepared: Option<OwnedFd>) -> ExitCode {
     // One agent serves; one started later by the image's init stands by.
     match singleton::acquire(singleton::NAME).await {
         Ok(l) => {
@@ -91,7 +94,10 @@ async fn run(boot: BootInfo, greeted: Option<OwnedFd>) -> ExitCode {
         Err(e) => tracing::warn!(error = %e, "cannot take the agent lock; serving anyway"),
     }
     let start = boot.start;
-    let agent = Agent::with_boot(Arc::new(SystemPower), boot);
+    let mut agent = Agent::with_boot(Arc::new(SystemPower), boot);
+    if let Some(fd) = prepared {
+        agent = agent.with_prepared(Prepared::from_pipe(fd, PREPARE_WAIT));
+    }
     if let Some(fd) = greeted {
         agent.on_first_greeting(move || {
             let _ = std::fs::File::from(fd).write_all(b"1");

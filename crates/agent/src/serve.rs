@@ -5,6 +5,7 @@ use crate::bootinfo::BootInfo;
 use crate::exec::{self, SessionMsg};
 use crate::identity::{self, IdentitySys, SealGate, SystemIdentity};
 use crate::power::Power;
+use crate::prepared::Prepared;
 use crate::sessions::{Follow, Sessions};
 use banger_agent_proto::{
     Body, CONTROL, Frame, FrameCodec, Hello, PROTO_VERSION, ProtoError, RestoreIdentity,
@@ -41,6 +42,8 @@ pub struct Agent {
     gate: Arc<SealGate>,
     /// The system calls of sealing and restoring.
     identity: Arc<dyn IdentitySys>,
+    /// Whether early init has finished preparing the guest for commands.
+    prepared: Prepared,
 }
 
 type Greeted = Box<dyn FnOnce() + Send>;
@@ -61,7 +64,15 @@ impl Agent {
             first_greeting: Arc::default(),
             gate: Arc::default(),
             identity: Arc::new(SystemIdentity),
+            prepared: Prepared::default(),
         }
+    }
+
+    /// Holds the host's requests (all but pings, boot status and flow
+    /// control) until `prepared` is ready; the greeting goes out at once.
+    pub fn with_prepared(mut self, prepared: Prepared) -> Self {
+        self.prepared = prepared;
+        self
     }
 
     /// Seals and restores through `sys` instead of the guest's own system
@@ -103,6 +114,7 @@ impl Agent {
             boot: self.boot.clone(),
             gate: self.gate.clone(),
             identity: self.identity.clone(),
+            prepared: self.prepared.clone(),
             out,
             channels: HashMap::new(),
             archives: HashMap::new(),
@@ -145,6 +157,7 @@ struct Connection {
     boot: Arc<BootInfo>,
     gate: Arc<SealGate>,
     identity: Arc<dyn IdentitySys>,
+    prepared: Prepared,
     out: mpsc::Sender<Frame>,
     /// Live channels (exec, session attach, session logs) with the id of
     /// the task serving each.
@@ -179,6 +192,15 @@ impl Connection {
         }
         if channel == CONTROL {
             return self.handle_control(body).await;
+        }
+        // Commands, transfers and sessions expect the network and a settled
+        // /tmp. Frames are handled in order, so waiting here keeps a
+        // channel's later frames behind its opening one.
+        if !matches!(
+            body,
+            Body::BootStatus { .. } | Body::Credit(_) | Body::Error(_)
+        ) {
+            self.prepared.wait().await;
         }
         let body = match self.handle_archive(channel, body).await {
             Some(b) => b,

@@ -579,3 +579,33 @@ async fn says_once_when_the_first_greeting_is_out() {
     // The hook is gone after the first connection: nothing more arrives.
     assert!(greeted.try_recv().is_err());
 }
+
+#[tokio::test]
+async fn greets_at_once_and_holds_commands_until_the_guest_is_prepared() {
+    let (host, guest) = tokio::io::duplex(1 << 20);
+    let (tx, _shutdowns) = mpsc::unbounded_channel();
+    let (rd, wr) = nix::unistd::pipe().expect("pipe");
+    let prepared = banger_agent::Prepared::from_pipe(rd, LIMIT);
+    let agent = Agent::new(Arc::new(RecordingPower(tx))).with_prepared(prepared);
+    tokio::spawn(async move { agent.serve(guest).await });
+    let c = AgentClient::spawn(host);
+    timeout(LIMIT, c.wait_hello())
+        .await
+        .expect("hello before the guest is prepared")
+        .expect("hello");
+    // Boot status is answered while the guest is being prepared.
+    timeout(LIMIT, c.boot_status(false))
+        .await
+        .expect("boot status in time")
+        .expect("report");
+    let mut s = c.exec(cmd(&["echo", "ran"])).expect("exec");
+    let held = timeout(Duration::from_millis(300), s.next_event()).await;
+    assert!(
+        held.is_err(),
+        "the command ran before the guest was prepared"
+    );
+    drop(wr);
+    let (out, _, end) = collect(s).await;
+    assert_eq!(out, b"ran\n");
+    assert_eq!(end, exited(0));
+}
