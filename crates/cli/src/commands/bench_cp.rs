@@ -3,8 +3,8 @@
 //! both ways, on the same file and the same running VM.
 
 use super::bench_util::{exec_text, ms, run_ssh, xorshift};
-use super::vm_cp::{download, upload};
-use super::vm_ssh::{key_and_known_hosts, ssh_args};
+use super::vm::cp::{download, upload};
+use super::vm::ssh::{key_and_known_hosts, ssh_args};
 use anyhow::Context;
 use banger_api::Client;
 use banger_api::files::{GetFilesStart, PutFilesStart};

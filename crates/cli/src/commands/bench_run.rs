@@ -3,8 +3,8 @@
 //! `git archive HEAD | ssh VM tar -x` into the same VM in the same run.
 
 use super::bench_util::{exec_text, ms, run_ssh, xorshift};
-use super::vm_ssh::{key_and_known_hosts, ssh_args};
-use super::vm_workspace::{RunWorkspaceArgs, for_run, prepare};
+use super::vm::ssh::{key_and_known_hosts, ssh_args};
+use super::vm::workspace::{RunWorkspaceArgs, for_run, prepare};
 use crate::connect;
 use anyhow::Context;
 use banger_model::VmRecord;

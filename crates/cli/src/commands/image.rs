@@ -103,7 +103,7 @@ pub enum ImageCommand {
         #[arg(long, visible_alias = "cpus", conflicts_with = "drop")]
         vcpu: Option<u32>,
         /// Memory: 2G, 512M, or a plain number of MiB.
-        #[arg(long, value_parser = super::vm_args::parse_memory_mib, value_name = "SIZE", conflicts_with = "drop")]
+        #[arg(long, value_parser = super::vm::flags::parse_memory_mib, value_name = "SIZE", conflicts_with = "drop")]
         memory: Option<u64>,
         /// Delete the image's templates instead.
         #[arg(long)]

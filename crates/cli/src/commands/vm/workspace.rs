@@ -1,7 +1,7 @@
 //! Workspaces: a git repository's files copied into a VM
 //! (`vm workspace prepare`, and the workspace mode of `vm run`).
 
-use super::vm_cp::{upload, warn_skipped};
+use super::cp::{upload, warn_skipped};
 use crate::connect;
 use anyhow::Context;
 use banger_api::Client;

@@ -1,6 +1,6 @@
 //! `banger vm session ...` and `banger vm acp`.
 
-use super::vm_exec::{self, ExecMode, RawMode};
+use super::exec::{self, ExecMode, RawMode};
 use crate::{connect, output};
 use anyhow::Context;
 use banger_api::Client;
@@ -27,7 +27,7 @@ pub enum SessionCommand {
         #[arg(long)]
         cwd: Option<String>,
         /// Extra environment, KEY=VALUE; repeatable.
-        #[arg(long = "env", short = 'e', value_parser = super::vm_args::parse_env)]
+        #[arg(long = "env", short = 'e', value_parser = super::flags::parse_env)]
         env: Vec<banger_api::exec::EnvVar>,
         /// What the process reads: a pipe fed by `attach`, a terminal, or nothing.
         #[arg(long, value_enum, default_value_t = Mode::Pipe)]
@@ -172,7 +172,7 @@ fn print_table(all: &[SessionInfo]) {
 
 /// Connects to the session's attach socket and bridges stdio to it.
 async fn attach(client: &Client, vm: &str, name: &str) -> anyhow::Result<i32> {
-    let size = vm_exec::term_size(std::io::stdin().as_fd());
+    let size = exec::term_size(std::io::stdin().as_fd());
     let info = client.attach_session(vm, name, size).await?;
     let tty = info.session.stdin == StdinMode::Tty && std::io::stdin().is_terminal();
     let conn = tokio::net::UnixStream::connect(&info.socket)
@@ -184,7 +184,7 @@ async fn attach(client: &Client, vm: &str, name: &str) -> anyhow::Result<i32> {
     }
     let raw = if tty { RawMode::enter()? } else { None };
     let (mut rd, mut wr) = conn.into_split();
-    let mut stdin = vm_exec::stdin_chunks();
+    let mut stdin = exec::stdin_chunks();
     let mut stdout = tokio::io::stdout();
     let mut sigint = signal(SignalKind::interrupt()).context("handling SIGINT")?;
     let mut winch = signal(SignalKind::window_change()).context("handling SIGWINCH")?;
@@ -213,7 +213,7 @@ async fn attach(client: &Client, vm: &str, name: &str) -> anyhow::Result<i32> {
             },
             _ = sigint.recv() => break true,
             _ = winch.recv(), if tty => {
-                let size = vm_exec::term_size(std::io::stdin().as_fd());
+                let size = exec::term_size(std::io::stdin().as_fd());
                 let _ = client.attach_session(vm, name, size).await;
             }
         }
@@ -249,5 +249,5 @@ pub async fn acp(vm: &str) -> anyhow::Result<i32> {
         tty: false,
         stdin: true,
     };
-    vm_exec::exec(&connect::client().await?, vm, start, mode).await
+    exec::exec(&connect::client().await?, vm, start, mode).await
 }

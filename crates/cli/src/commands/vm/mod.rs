@@ -1,20 +1,33 @@
-//! `banger vm ...`
+//! `banger vm ...`: the command tree and the small commands; the larger
+//! ones each have a module here.
 
-use super::vm_args::{CreateFlags, parse_env, parse_memory_mib, parse_size};
+pub mod cp;
+pub mod exec;
+pub mod flags;
+pub mod ports;
+pub mod run;
+pub mod session;
+pub mod show;
+pub mod ssh;
+pub mod workspace;
+
 use crate::connect;
 use crate::output;
 use crate::output::ListArgs;
 use banger_api::exec::ExecStart;
 use banger_api::{Client, CreateVmEvent, CreateVmRequest};
 use banger_model::{ByteSize, VmRecord};
-use clap::{Args, Subcommand};
+use clap::Subcommand;
+pub use flags::JsonArg;
+use flags::{CreateFlags, parse_env, parse_memory_mib, parse_signal, parse_since, parse_size};
+use show::{boot_line, print_disks, print_stats, print_vm, print_vm_table};
 use std::io::Write;
 
 #[derive(Subcommand)]
 pub enum VmCommand {
     /// Create a VM, boot it, then run a command in it or open an ssh session.
     #[command(after_help = output::EXIT_STATUS_HELP)]
-    Run(super::vm_run::RunArgs),
+    Run(run::RunArgs),
     /// List VMs.
     List(ListArgs),
     /// Show one VM.
@@ -132,7 +145,7 @@ pub enum VmCommand {
     },
     /// Long-lived guest processes supervised by the agent.
     #[command(subcommand)]
-    Session(super::vm_session::SessionCommand),
+    Session(session::SessionCommand),
     /// Bridge stdio to the guest's ACP agent (`acp_command` in config,
     /// default `opencode acp`) through the guest agent.
     #[command(after_help = output::EXIT_STATUS_HELP)]
@@ -163,10 +176,10 @@ pub enum VmCommand {
     },
     /// Copy files and directories to or from a running VM
     /// (`vm cp ./dir box:/root/`, `vm cp box:/var/log/x.log .`).
-    Cp(super::vm_cp::CpArgs),
+    Cp(cp::CpArgs),
     /// Copy git workspaces into a running VM.
     #[command(subcommand)]
-    Workspace(super::vm_workspace::WorkspaceCommand),
+    Workspace(workspace::WorkspaceCommand),
     /// Stop and delete VMs with their disks.
     Delete {
         /// VM names or id prefixes.
@@ -175,63 +188,6 @@ pub enum VmCommand {
         #[command(flatten)]
         out: JsonArg,
     },
-}
-
-/// `--json` of the commands that change VMs: a JSON array on stdout with
-/// the record of every VM changed (failures stay on stderr).
-#[derive(Args)]
-pub struct JsonArg {
-    /// Print a JSON array of the VMs' records.
-    #[arg(long)]
-    pub json: bool,
-}
-
-fn parse_signal(s: &str) -> Result<i32, String> {
-    if let Ok(n) = s.parse::<i32>() {
-        return nix::sys::signal::Signal::try_from(n)
-            .map(|sig| sig as i32)
-            .map_err(|_| format!("{n} is not a signal"));
-    }
-    let upper = s.to_ascii_uppercase();
-    let name = if upper.starts_with("SIG") {
-        upper
-    } else {
-        format!("SIG{upper}")
-    };
-    name.parse::<nix::sys::signal::Signal>()
-        .map(|sig| sig as i32)
-        .map_err(|_| format!("unknown signal {s:?}"))
-}
-
-/// `vm logs --since`: a duration ago (`10m`, `1h30m`), an RFC 3339 time,
-/// or Unix seconds; as Unix milliseconds.
-fn parse_since(s: &str) -> Result<u64, String> {
-    since_ms(s, std::time::SystemTime::now())
-}
-
-fn since_ms(s: &str, now: std::time::SystemTime) -> Result<u64, String> {
-    let t = s.trim();
-    let unix_ms = |at: std::time::SystemTime| {
-        at.duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_millis() as u64)
-            .map_err(|_| format!("{s:?} is before 1970"))
-    };
-    if let Ok(secs) = t.parse::<f64>()
-        && secs.is_finite()
-        && secs >= 0.0
-    {
-        return Ok((secs * 1000.0) as u64);
-    }
-    if let Ok(ago) = humantime::parse_duration(t) {
-        return unix_ms(now.checked_sub(ago).unwrap_or(std::time::UNIX_EPOCH));
-    }
-    match time::OffsetDateTime::parse(t, &time::format_description::well_known::Rfc3339) {
-        Ok(at) => u64::try_from(at.unix_timestamp_nanos() / 1_000_000)
-            .map_err(|_| format!("{s:?} is before 1970")),
-        Err(_) => Err(format!(
-            "{s:?} is not a time: use a duration ago (10m, 1h30m), an RFC 3339 time (2026-05-01T12:00:00Z) or Unix seconds"
-        )),
-    }
 }
 
 impl VmCommand {
@@ -251,7 +207,7 @@ impl VmCommand {
 
 pub async fn run(cmd: VmCommand) -> anyhow::Result<i32> {
     match cmd {
-        VmCommand::Run(a) => super::vm_run::run(a).await,
+        VmCommand::Run(a) => run::run(a).await,
         VmCommand::List(a) => {
             let vms = connect::client().await?.list_vms().await?;
             a.print(&vms, |v| v.name.to_string(), print_vm_table)?;
@@ -400,11 +356,11 @@ pub async fn run(cmd: VmCommand) -> anyhow::Result<i32> {
                 cwd,
                 ..Default::default()
             };
-            let mode = super::vm_exec::ExecMode::choose(tty, no_tty);
-            super::vm_exec::exec(&connect::client().await?, &vm, start, mode).await
+            let mode = exec::ExecMode::choose(tty, no_tty);
+            exec::exec(&connect::client().await?, &vm, start, mode).await
         }
-        VmCommand::Session(c) => super::vm_session::run(c).await,
-        VmCommand::Acp { vm } => super::vm_session::acp(&vm).await,
+        VmCommand::Session(c) => session::run(c).await,
+        VmCommand::Acp { vm } => session::acp(&vm).await,
         VmCommand::Logs {
             vm,
             vmm,
@@ -432,10 +388,10 @@ pub async fn run(cmd: VmCommand) -> anyhow::Result<i32> {
                 .await?;
             Ok(0)
         }
-        VmCommand::Ports { vm, json } => super::vm_ports::run(&vm, json).await,
-        VmCommand::Ssh { vm, command } => super::vm_ssh::run(&vm, command).await,
-        VmCommand::Cp(a) => super::vm_cp::run(a).await,
-        VmCommand::Workspace(c) => super::vm_workspace::run(c).await,
+        VmCommand::Ports { vm, json } => ports::run(&vm, json).await,
+        VmCommand::Ssh { vm, command } => ssh::run(&vm, command).await,
+        VmCommand::Cp(a) => cp::run(a).await,
+        VmCommand::Workspace(c) => workspace::run(c).await,
         VmCommand::Delete { vms, out } => {
             for_each(
                 vms,
@@ -496,133 +452,6 @@ where
         }
     }
     out
-}
-
-fn print_vm_table(vms: &[VmRecord]) {
-    let mut rows = vec![
-        [
-            "NAME", "ID", "STATE", "IMAGE", "VCPU", "MEMORY", "DISK", "CREATED",
-        ]
-        .map(String::from)
-        .to_vec(),
-    ];
-    for v in vms {
-        rows.push(vec![
-            v.name.to_string(),
-            v.id.short().to_string(),
-            v.state.to_string(),
-            v.image.clone(),
-            v.spec.vcpu.value.to_string(),
-            ByteSize::mib(v.spec.memory_mib.value).to_string(),
-            ByteSize(v.spec.disk_bytes.value).to_string(),
-            v.created_at.clone(),
-        ]);
-    }
-    output::table(&rows);
-}
-
-fn print_vm(v: &VmRecord) {
-    let rows = vec![
-        vec!["name".into(), v.name.to_string()],
-        vec!["id".into(), v.id.to_string()],
-        vec!["state".into(), v.state.to_string()],
-        vec!["image".into(), v.image.clone()],
-        vec!["backend".into(), v.backend.to_string()],
-        vec![
-            "spec".into(),
-            v.spec.summary().trim_start_matches("spec: ").to_string(),
-        ],
-        vec![
-            "pid".into(),
-            v.pid.map(|p| p.to_string()).unwrap_or_else(|| "-".into()),
-        ],
-        vec!["dir".into(), v.dir.display().to_string()],
-        vec!["initramfs".into(), v.initramfs.to_string()],
-        vec!["start".into(), v.start.to_string()],
-        vec!["created".into(), v.created_at.clone()],
-    ];
-    let rows = [rows, super::vm_ports::network_rows(v)].concat();
-    output::table(&rows);
-    if let Some(e) = &v.last_error {
-        println!("error    {e}");
-    }
-}
-
-/// `banger initramfs, kernel ran /init at 1.84 s, agent ready at 2.10 s
-/// (1.14x); system running`.
-fn boot_line(b: &banger_api::VmBoot) -> String {
-    let secs = |ms: u64| format!("{:.2} s", ms as f64 / 1000.0);
-    let mut parts = vec![format!(
-        "{} initramfs",
-        b.initramfs.as_deref().unwrap_or("unknown")
-    )];
-    if let Some(k) = b.kernel_init_ms {
-        parts.push(format!("kernel ran its first process at {}", secs(k)));
-    }
-    if let Some(r) = b.agent_ready_ms {
-        let ratio = b
-            .ready_over_kernel_init
-            .map(|x| format!(" ({x:.2}x)"))
-            .unwrap_or_default();
-        parts.push(format!("agent ready at {}{ratio}", secs(r)));
-    }
-    format!("{}; system {}", parts.join(", "), b.system)
-}
-
-fn print_disks(disks: &[banger_api::DiskStats]) {
-    for d in disks {
-        println!(
-            "disk     {:<8} {} virtual, {} on host{}  {}",
-            d.role,
-            ByteSize(d.virtual_bytes).human(),
-            ByteSize(d.allocated_bytes).human(),
-            if d.shared { " (shared)" } else { "" },
-            d.path
-        );
-    }
-    let own: u64 = disks
-        .iter()
-        .filter(|d| !d.shared)
-        .map(|d| d.allocated_bytes)
-        .sum();
-    println!("disk use {} on host for this VM", ByteSize(own).human());
-}
-
-fn print_stats(s: &banger_api::VmStats) {
-    println!(
-        "{} ({}): {} vcpu, {} memory",
-        s.name,
-        s.state,
-        s.vcpu,
-        ByteSize::mib(s.memory_mib)
-    );
-    match &s.vmm {
-        Some(p) => println!(
-            "vmm      pid {}, cpu {:.1}s ({:.1}% avg over {:.0}s), rss {}",
-            p.pid,
-            p.cpu_seconds,
-            p.cpu_percent,
-            p.uptime_seconds,
-            ByteSize(p.rss_bytes).human()
-        ),
-        None => println!("vmm      not running"),
-    }
-    if let Some(g) = &s.guest {
-        println!(
-            "guest    memory {} of {} available, load {:.2}",
-            ByteSize(g.mem_available_bytes).human(),
-            ByteSize(g.mem_total_bytes).human(),
-            g.load1
-        );
-        println!(
-            "guest    / {} of {} used, /root {} of {} used",
-            ByteSize(g.root_used_bytes).human(),
-            ByteSize(g.root_total_bytes).human(),
-            ByteSize(g.work_used_bytes).human(),
-            ByteSize(g.work_total_bytes).human()
-        );
-    }
-    print_disks(&s.disks);
 }
 
 /// Creates a VM, streaming progress to stderr. Returns the VM, or the error
@@ -700,12 +529,18 @@ mod tests {
     #[test]
     fn logs_since_takes_durations_times_and_unix_seconds() {
         let now = std::time::UNIX_EPOCH + std::time::Duration::from_secs(1_800_000_000);
-        assert_eq!(since_ms("10m", now), Ok(1_800_000_000_000 - 600_000));
-        assert_eq!(since_ms("1h30m", now), Ok(1_800_000_000_000 - 5_400_000));
-        assert_eq!(since_ms("1700000000", now), Ok(1_700_000_000_000));
-        assert_eq!(since_ms("1700000000.5", now), Ok(1_700_000_000_500));
-        assert_eq!(since_ms("2026-05-01T12:00:00Z", now), Ok(1_777_636_800_000));
-        assert!(since_ms("yesterday", now).is_err());
+        assert_eq!(flags::since_ms("10m", now), Ok(1_800_000_000_000 - 600_000));
+        assert_eq!(
+            flags::since_ms("1h30m", now),
+            Ok(1_800_000_000_000 - 5_400_000)
+        );
+        assert_eq!(flags::since_ms("1700000000", now), Ok(1_700_000_000_000));
+        assert_eq!(flags::since_ms("1700000000.5", now), Ok(1_700_000_000_500));
+        assert_eq!(
+            flags::since_ms("2026-05-01T12:00:00Z", now),
+            Ok(1_777_636_800_000)
+        );
+        assert!(flags::since_ms("yesterday", now).is_err());
         match vm(&["logs", "box", "--tail", "5", "--since", "1m"]).expect("parse") {
             VmCommand::Logs { tail, since, .. } => {
                 assert_eq!(tail, Some(5));

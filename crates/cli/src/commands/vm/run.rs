@@ -10,8 +10,8 @@
 //! the final record ([`RunRecord`]); the command's own stdout (or the
 //! session's) is written to stderr instead.
 
-use super::vm_args::CreateFlags;
-use super::vm_exec::{ExecMode, Interrupts, exec_with};
+use super::exec::{ExecMode, Interrupts, exec_with};
+use super::flags::CreateFlags;
 use crate::connect;
 use crate::output;
 use anyhow::Context;
@@ -39,7 +39,7 @@ pub struct RunArgs {
     #[arg(long)]
     pub json: bool,
     #[command(flatten)]
-    pub workspace: super::vm_workspace::RunWorkspaceArgs,
+    pub workspace: super::workspace::RunWorkspaceArgs,
     /// Command to run in the guest, after `--`; without one, an interactive
     /// ssh session (once the guest's sshd answers).
     #[arg(last = true, value_name = "CMD")]
@@ -188,7 +188,7 @@ impl Phases {
 pub async fn run(a: RunArgs) -> anyhow::Result<i32> {
     // The workspace is chosen before anything is created: a bad path or
     // ref fails early, and --dry-run stops here.
-    let ws = super::vm_workspace::for_run(&a.workspace).await?;
+    let ws = super::workspace::for_run(&a.workspace).await?;
     if a.workspace.dry_run {
         return Ok(0);
     }
@@ -338,7 +338,7 @@ async fn copy_workspace(
     phases: &mut Phases,
     sig: &mut Interrupts,
 ) -> anyhow::Result<Option<String>> {
-    let guest = super::vm_workspace::default_guest_path(ws);
+    let guest = super::workspace::default_guest_path(ws);
     phases.enter(
         "copy",
         &format!(
@@ -348,7 +348,7 @@ async fn copy_workspace(
         ),
     );
     tokio::select! {
-        r = super::vm_workspace::prepare(client, vm.name.as_str(), ws, &guest) => r.map(|()| Some(guest)),
+        r = super::workspace::prepare(client, vm.name.as_str(), ws, &guest) => r.map(|()| Some(guest)),
         s = sig.recv() => Err(anyhow::anyhow!("interrupted (signal {s}) while copying the workspace")),
     }
 }
@@ -403,11 +403,11 @@ async fn run_session(
     json: bool,
     sig: &mut Interrupts,
 ) -> anyhow::Result<i32> {
-    let (key, known_hosts) = super::vm_ssh::key_and_known_hosts()?;
+    let (key, known_hosts) = super::ssh::key_and_known_hosts()?;
     let command = dir
-        .map(super::vm_workspace::login_shell_in)
+        .map(super::workspace::login_shell_in)
         .unwrap_or_default();
-    let mut args = super::vm_ssh::ssh_args(vm, &key, &known_hosts, &command)?;
+    let mut args = super::ssh::ssh_args(vm, &key, &known_hosts, &command)?;
     if dir.is_some() && std::io::stdin().is_terminal() {
         args.insert(0, "-t".into());
     }

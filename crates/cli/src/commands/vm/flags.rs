@@ -109,6 +109,63 @@ pub(crate) fn parse_memory_mib(s: &str) -> Result<u64, String> {
     Ok(size.0 / ByteSize::MIB)
 }
 
+/// `--json` of the commands that change VMs: a JSON array on stdout with
+/// the record of every VM changed (failures stay on stderr).
+#[derive(Args)]
+pub struct JsonArg {
+    /// Print a JSON array of the VMs' records.
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub(crate) fn parse_signal(s: &str) -> Result<i32, String> {
+    if let Ok(n) = s.parse::<i32>() {
+        return nix::sys::signal::Signal::try_from(n)
+            .map(|sig| sig as i32)
+            .map_err(|_| format!("{n} is not a signal"));
+    }
+    let upper = s.to_ascii_uppercase();
+    let name = if upper.starts_with("SIG") {
+        upper
+    } else {
+        format!("SIG{upper}")
+    };
+    name.parse::<nix::sys::signal::Signal>()
+        .map(|sig| sig as i32)
+        .map_err(|_| format!("unknown signal {s:?}"))
+}
+
+/// `vm logs --since`: a duration ago (`10m`, `1h30m`), an RFC 3339 time,
+/// or Unix seconds; as Unix milliseconds.
+pub(crate) fn parse_since(s: &str) -> Result<u64, String> {
+    since_ms(s, std::time::SystemTime::now())
+}
+
+pub(crate) fn since_ms(s: &str, now: std::time::SystemTime) -> Result<u64, String> {
+    let t = s.trim();
+    let unix_ms = |at: std::time::SystemTime| {
+        at.duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .map_err(|_| format!("{s:?} is before 1970"))
+    };
+    if let Ok(secs) = t.parse::<f64>()
+        && secs.is_finite()
+        && secs >= 0.0
+    {
+        return Ok((secs * 1000.0) as u64);
+    }
+    if let Ok(ago) = humantime::parse_duration(t) {
+        return unix_ms(now.checked_sub(ago).unwrap_or(std::time::UNIX_EPOCH));
+    }
+    match time::OffsetDateTime::parse(t, &time::format_description::well_known::Rfc3339) {
+        Ok(at) => u64::try_from(at.unix_timestamp_nanos() / 1_000_000)
+            .map_err(|_| format!("{s:?} is before 1970")),
+        Err(_) => Err(format!(
+            "{s:?} is not a time: use a duration ago (10m, 1h30m), an RFC 3339 time (2026-05-01T12:00:00Z) or Unix seconds"
+        )),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
