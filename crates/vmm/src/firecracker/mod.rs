@@ -11,32 +11,32 @@
 
 pub mod api;
 pub mod client;
+mod config;
 pub mod version;
+mod warm;
 
 pub use client::{ApiClient, ApiError};
+use config::logger;
+pub use config::{VmConfig, boot_args, drive_name, firecracker_args, vm_config, vm_relative};
 pub use version::{
     MIN_SUPPORTED, TESTED, VersionVerdict, check_version, firecracker_version, judge_version,
     parse_firecracker_version,
 };
+pub use warm::{
+    MIN_WARM, judge_warm, network_overrides, snapshot_create_params, snapshot_load_params,
+};
 
-use crate::host::{self, Version};
+use crate::host::{self};
 use crate::process::{
     KILL_GRACE, KillOnDrop, PidFd, Startup, kill_and_reap, log_tail, new_session, wait_startup,
 };
 use crate::{
-    AgentEndpoint, DiskFormat, GuestExit, LaunchSpec, Launched, RestoreSpec, SnapshotFiles,
-    VmPaths, Vmm, VmmError, WarmSupport, is_valid_mac, vmm_process_alive,
+    AgentEndpoint, GuestExit, LaunchSpec, Launched, RestoreSpec, SnapshotFiles, VmPaths, Vmm,
+    VmmError, WarmSupport, vmm_process_alive,
 };
-use api::{
-    ActionType, BootSource, CacheType, Drive, EntropyDevice, LogLevel, Logger,
-    MachineConfiguration, MemoryBackend, MemoryBackendType, Metrics, NetworkInterface,
-    NetworkOverride, PartialDrive, SnapshotCreateParams, SnapshotLoadParams, SnapshotType, VmState,
-    Vsock,
-};
+use api::{ActionType, Metrics, NetworkOverride, PartialDrive, VmState};
 use banger_agent_proto::VSOCK_PORT;
 use banger_model::VmBackend;
-use std::ffi::OsString;
-use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
 use std::time::Duration;
@@ -73,14 +73,6 @@ const EXIT_CHECK: Duration = Duration::from_secs(1);
 const SNAPSHOT_CREATE_TIMEOUT: Duration = Duration::from_secs(600);
 /// Bound on `PUT /snapshot/load` (maps the memory file; pages come in lazily).
 const SNAPSHOT_LOAD_TIMEOUT: Duration = Duration::from_secs(60);
-/// The first Firecracker whose snapshot load takes `network_overrides`
-/// (CHANGELOG 1.12.0), without which a clone cannot have its own TAP.
-pub const MIN_WARM: Version = Version {
-    major: 1,
-    minor: 12,
-    patch: 0,
-};
-
 /// The Unix socket the host listens on for the guest agent's connection:
 /// `<dir>/agent.sock_<VSOCK_PORT>`.
 pub fn agent_listener_path(dir: &Path) -> PathBuf {
@@ -92,280 +84,6 @@ pub fn agent_listener_path(dir: &Path) -> PathBuf {
 /// Where Firecracker writes its JSON metrics.
 pub fn metrics_path(dir: &Path) -> PathBuf {
     dir.join("metrics.json")
-}
-
-/// The guest kernel command line: [`BASE_BOOT_ARGS`] then the caller's
-/// arguments, which win where they repeat a parameter.
-pub fn boot_args(extra: &str) -> String {
-    let extra = extra.trim();
-    if extra.is_empty() {
-        BASE_BOOT_ARGS.to_owned()
-    } else {
-        format!("{BASE_BOOT_ARGS} {extra}")
-    }
-}
-
-/// `path` as Firecracker should be given it: relative to the VM directory
-/// (Firecracker's working directory) when the file is directly inside it,
-/// else as is. A snapshot stores drive and vsock paths verbatim, so relative
-/// paths are what lets a restored clone in another directory use its own
-/// disk copies and socket (Firecracker v1.14 has no override for them).
-pub fn vm_relative(dir: &Path, path: &Path) -> PathBuf {
-    match (path.parent(), path.file_name()) {
-        (Some(parent), Some(name)) if parent == dir => PathBuf::from(name),
-        _ => path.to_path_buf(),
-    }
-}
-
-/// Firecracker's `--id`: letters, digits and `-`, at most 64 characters.
-fn instance_id(name: &str) -> String {
-    let id: String = name
-        .chars()
-        .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
-        .take(64)
-        .collect();
-    if id.is_empty() {
-        "banger-vm".into()
-    } else {
-        id
-    }
-}
-
-/// The Firecracker argument vector. The API socket path names the VM
-/// directory, which is how [`vmm_process_alive`] recognises the process.
-pub fn firecracker_args(spec: &LaunchSpec) -> Vec<OsString> {
-    vec![
-        "--api-sock".into(),
-        VmPaths::new(&spec.dir).control_socket().into_os_string(),
-        "--id".into(),
-        instance_id(&spec.name).into(),
-    ]
-}
-
-/// Every API body of one launch, in the order they are sent (before
-/// `InstanceStart`).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct VmConfig {
-    pub logger: Logger,
-    pub metrics: Metrics,
-    pub machine: MachineConfiguration,
-    pub boot: BootSource,
-    pub drives: Vec<Drive>,
-    pub nets: Vec<NetworkInterface>,
-    pub vsock: Vsock,
-    pub entropy: EntropyDevice,
-}
-
-impl VmConfig {
-    /// The whole configuration as one document for `firecracker --no-api
-    /// --config-file`: the same bodies under Firecracker's kebab-case
-    /// resource names. For booting without the API (the bench's bare boot).
-    pub fn config_file(&self) -> serde_json::Value {
-        serde_json::json!({
-            "logger": self.logger,
-            "metrics": self.metrics,
-            "machine-config": self.machine,
-            "boot-source": self.boot,
-            "drives": self.drives,
-            "network-interfaces": self.nets,
-            "vsock": self.vsock,
-            "entropy": self.entropy,
-        })
-    }
-}
-
-/// Checks `spec` against what Firecracker can do and turns it into API
-/// bodies. Reads the kernel's first bytes; starts nothing.
-pub fn vm_config(spec: &LaunchSpec) -> Result<VmConfig, VmmError> {
-    check_elf_kernel(&spec.kernel)?;
-    let paths = VmPaths::new(&spec.dir);
-    let mut drives = Vec::with_capacity(spec.disks.len());
-    for (i, disk) in spec.disks.iter().enumerate() {
-        if disk.format == DiskFormat::Qcow2 {
-            return Err(VmmError::Spec(format!(
-                "disk {} is qcow2, but Firecracker takes raw disk images only: \
-                 give it a raw disk or use the QEMU backend (vmm = \"qemu\" in config.toml)",
-                disk.path.display()
-            )));
-        }
-        drives.push(Drive {
-            drive_id: drive_name(i),
-            path_on_host: vm_relative(&spec.dir, &disk.path),
-            // The command line names the root itself; a root device would
-            // make Firecracker append its own `root=` and `ro`/`rw`.
-            is_root_device: false,
-            is_read_only: disk.read_only,
-            // Pass the guest's flushes on to the host file.
-            cache_type: Some(CacheType::Writeback),
-        });
-    }
-    let mut nets = Vec::with_capacity(spec.nets.len());
-    for (i, net) in spec.nets.iter().enumerate() {
-        if !is_valid_mac(&net.mac) {
-            return Err(VmmError::Spec(format!(
-                "network interface on {}: MAC {:?} is not of the form aa:bb:cc:dd:ee:ff",
-                net.describe(),
-                net.mac
-            )));
-        }
-        let crate::NetBackend::Tap { name: tap } = &net.backend else {
-            return Err(VmmError::Spec(
-                "Firecracker has no user-mode networking: VMs need the bridge, so run bangerd as root \
-                 (or with CAP_NET_ADMIN) with network = \"auto\" or \"bridge\", or set vmm = \"qemu\""
-                    .into(),
-            ));
-        };
-        nets.push(NetworkInterface {
-            iface_id: format!("eth{i}"),
-            host_dev_name: tap.clone(),
-            guest_mac: Some(net.mac.to_ascii_lowercase()),
-        });
-    }
-    if !(1..=32).contains(&spec.vcpu) {
-        return Err(VmmError::Spec(format!(
-            "Firecracker runs 1 to 32 vCPUs, not {}",
-            spec.vcpu
-        )));
-    }
-    Ok(VmConfig {
-        logger: logger(&paths),
-        metrics: Metrics {
-            metrics_path: metrics_path(&spec.dir),
-        },
-        machine: MachineConfiguration {
-            vcpu_count: spec.vcpu,
-            mem_size_mib: spec.memory_mib,
-            smt: Some(false),
-        },
-        boot: BootSource {
-            kernel_image_path: spec.kernel.clone(),
-            initrd_path: spec.initrd.clone(),
-            boot_args: Some(boot_args(&spec.extra_cmdline)),
-        },
-        drives,
-        nets,
-        vsock: Vsock {
-            guest_cid: GUEST_CID,
-            uds_path: vm_relative(&spec.dir, &paths.agent_socket()),
-        },
-        entropy: EntropyDevice::default(),
-    })
-}
-
-/// The logger banger configures: Firecracker's log into `vmm.log`.
-fn logger(paths: &VmPaths) -> Logger {
-    Logger {
-        log_path: paths.vmm_log(),
-        level: Some(LogLevel::Info),
-        show_level: Some(true),
-        show_log_origin: Some(false),
-    }
-}
-
-/// `PUT /snapshot/load` for a restore: memory file mapped privately, no
-/// dirty page tracking, resumed separately (after the host listens).
-pub fn snapshot_load_params(
-    vmstate: &Path,
-    memory: &Path,
-    network_overrides: Vec<NetworkOverride>,
-) -> SnapshotLoadParams {
-    SnapshotLoadParams {
-        snapshot_path: vmstate.to_path_buf(),
-        mem_backend: MemoryBackend {
-            backend_type: MemoryBackendType::File,
-            backend_path: memory.to_path_buf(),
-        },
-        track_dirty_pages: Some(false),
-        resume_vm: Some(false),
-        network_overrides,
-    }
-}
-
-/// `PUT /snapshot/create` for a template: a full snapshot.
-pub fn snapshot_create_params(vmstate: &Path, memory: &Path) -> SnapshotCreateParams {
-    SnapshotCreateParams {
-        snapshot_path: vmstate.to_path_buf(),
-        mem_file_path: memory.to_path_buf(),
-        snapshot_type: Some(SnapshotType::Full),
-    }
-}
-
-/// The TAP of each clone interface in place of the template's, by
-/// interface id (`eth<i>`, as [`vm_config`] names them).
-pub fn network_overrides(spec: &RestoreSpec) -> Result<Vec<NetworkOverride>, VmmError> {
-    if spec.launch.nets.len() != spec.template_nets.len() {
-        return Err(VmmError::Spec(format!(
-            "the template has {} network interface(s), the restore asks for {}",
-            spec.template_nets.len(),
-            spec.launch.nets.len()
-        )));
-    }
-    spec.launch
-        .nets
-        .iter()
-        .enumerate()
-        .map(|(i, net)| match &net.backend {
-            crate::NetBackend::Tap { name } => Ok(NetworkOverride {
-                iface_id: format!("eth{i}"),
-                host_dev_name: name.clone(),
-            }),
-            crate::NetBackend::User { .. } => Err(VmmError::Spec(
-                "Firecracker has no user-mode networking: a clone needs a TAP".into(),
-            )),
-        })
-        .collect()
-}
-
-/// Whether Firecracker `version` on a host with `kvm` can snapshot and
-/// restore with per-clone TAPs.
-pub fn judge_warm(version: Version, kvm: &host::KvmStatus) -> WarmSupport {
-    if version < MIN_WARM {
-        return WarmSupport::Unsupported(format!(
-            "Firecracker v{version} cannot give a restored VM its own TAP (network_overrides needs v{MIN_WARM} or newer)"
-        ));
-    }
-    if !kvm.is_usable() {
-        return WarmSupport::Unsupported(format!("Firecracker needs /dev/kvm: {kvm}"));
-    }
-    WarmSupport::Supported {
-        id: format!("Firecracker v{version}"),
-    }
-}
-
-/// `vda`, `vdb`, ... `vdz`, `vdaa`, ...: the guest's name for disk `i`,
-/// and its Firecracker drive id.
-pub fn drive_name(i: usize) -> String {
-    let mut suffix = Vec::new();
-    let mut n = i;
-    loop {
-        // `n % 26` is below 26, so the cast cannot truncate.
-        suffix.push(b'a' + (n % 26) as u8);
-        if n < 26 {
-            break;
-        }
-        n = n / 26 - 1;
-    }
-    suffix.reverse();
-    format!("vd{}", String::from_utf8_lossy(&suffix))
-}
-
-/// Firecracker on x86_64 boots only an uncompressed ELF kernel; a bzImage
-/// would be accepted by the API and then fail at `InstanceStart`.
-fn check_elf_kernel(kernel: &Path) -> Result<(), VmmError> {
-    let mut magic = [0u8; 4];
-    std::fs::File::open(kernel)
-        .and_then(|mut f| f.read_exact(&mut magic))
-        .map_err(|e| VmmError::io(format!("reading kernel {}", kernel.display()), e))?;
-    if magic == *b"\x7fELF" {
-        Ok(())
-    } else {
-        Err(VmmError::Spec(format!(
-            "kernel {} is not an ELF vmlinux (a compressed bzImage?): Firecracker boots the \
-             uncompressed vmlinux, which banger extracts when it builds an image; rebuild the \
-             image or use the QEMU backend",
-            kernel.display()
-        )))
-    }
 }
 
 /// Removes a file if it exists (a socket left by an earlier run).
@@ -867,7 +585,9 @@ impl Vmm for FirecrackerVmm {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{DiskSpec, NetSpec};
+    use super::config::instance_id;
+    use crate::host::Version;
+    use crate::{DiskFormat, DiskSpec, NetSpec};
 
     fn spec(dir: &Path, kernel: &Path) -> LaunchSpec {
         LaunchSpec {

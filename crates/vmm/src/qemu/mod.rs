@@ -7,17 +7,24 @@ use crate::process::{
 };
 use crate::qmp::Qmp;
 use crate::{
-    AgentEndpoint, DiskFormat, GuestExit, LaunchSpec, Launched, NetBackend, RestoreSpec,
-    SnapshotFiles, VmPaths, Vmm, VmmError, WarmSupport, is_valid_mac, vmm_process_alive,
+    AgentEndpoint, GuestExit, LaunchSpec, Launched, RestoreSpec, SnapshotFiles, VmPaths, Vmm,
+    VmmError, WarmSupport, is_valid_mac, vmm_process_alive,
 };
 use banger_model::VmBackend;
-use std::ffi::{OsStr, OsString};
-use std::os::unix::ffi::{OsStrExt, OsStringExt};
+use std::ffi::OsString;
 use std::os::unix::fs::FileTypeExt;
 use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
 use std::time::Duration;
 use tokio::process::{Child, Command};
+
+mod args;
+mod warm;
+
+use args::opt;
+pub use args::{ArgsMode, kernel_cmdline, qemu_args, qemu_args_for};
+use warm::incoming_launch;
+pub use warm::judge_warm;
 
 /// Name of the QEMU binary looked up in PATH.
 pub const QEMU_BINARY: &str = "qemu-system-x86_64";
@@ -42,11 +49,6 @@ const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(600);
 /// 32 MiB/s.
 const RESTORE_BASE_TIMEOUT: Duration = Duration::from_secs(30);
 const RESTORE_BYTES_PER_SEC: u64 = 32 << 20;
-/// The first QEMU whose migration has `mapped-ram` (a file with a fixed
-/// offset per RAM page, so restore reads a bounded file).
-const MIN_WARM_VERSION: (i64, i64) = (9, 0);
-/// The migration capability warm starts need.
-const MAPPED_RAM: &str = "mapped-ram";
 
 /// The CPU virtualisation QEMU uses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -362,273 +364,6 @@ fn check_macs(nets: &[crate::NetSpec]) -> Result<(), VmmError> {
     Ok(())
 }
 
-/// Whether a QEMU of `version` listing `caps` can save to and restore from
-/// a file.
-pub fn judge_warm(version: (i64, i64, i64), caps: &[String]) -> WarmSupport {
-    let (major, minor, micro) = version;
-    let id = format!("QEMU {major}.{minor}.{micro}");
-    if (major, minor) < MIN_WARM_VERSION {
-        return WarmSupport::Unsupported(format!(
-            "{id} cannot restore from a file ({MAPPED_RAM} needs QEMU >= {}.{})",
-            MIN_WARM_VERSION.0, MIN_WARM_VERSION.1
-        ));
-    }
-    if !caps.iter().any(|c| c == MAPPED_RAM) {
-        return WarmSupport::Unsupported(format!("{id} has no {MAPPED_RAM} migration capability"));
-    }
-    WarmSupport::Supported { id }
-}
-
-/// The launch spec a restore starts QEMU with: the clone's files, the
-/// template's MACs (the machine must be identical; the guest's MAC is in
-/// the migration stream anyway).
-fn incoming_launch(spec: &RestoreSpec) -> Result<LaunchSpec, VmmError> {
-    let mut launch = spec.launch.clone();
-    if launch.nets.len() != spec.template_nets.len() {
-        return Err(VmmError::Spec(format!(
-            "the template has {} network interface(s), the restore asks for {}",
-            spec.template_nets.len(),
-            launch.nets.len()
-        )));
-    }
-    for (net, template) in launch.nets.iter_mut().zip(&spec.template_nets) {
-        if std::mem::discriminant(&net.backend) != std::mem::discriminant(&template.backend) {
-            return Err(VmmError::Spec(format!(
-                "the template's interface is on {}, the restore's on {}: the network kind must match",
-                template.describe(),
-                net.describe()
-            )));
-        }
-        net.mac.clone_from(&template.mac);
-    }
-    check_macs(&launch.nets)?;
-    Ok(launch)
-}
-
-/// What QEMU is started for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ArgsMode {
-    /// Boot the guest.
-    Boot,
-    /// Wait paused for a migration stream (`-S -incoming defer`).
-    Incoming,
-}
-
-/// The kernel command line: console on the ISA serial port, reboot (= QEMU
-/// exit, with `-no-reboot`) on panic, then the caller's arguments (root and
-/// init), which win where they repeat a parameter.
-pub fn kernel_cmdline(accel: Accel, tsc_khz: Option<u64>, extra: &str) -> String {
-    let mut cmdline = String::from("console=ttyS0 panic=-1");
-    // Under TCG microvm has no HPET, no PM timer and no port 0x61: when the
-    // guest's PIT calibration fails it hangs for good. Telling it the TSC
-    // frequency skips calibration. Under KVM kvmclock supplies the
-    // frequency, and a host `cpu MHz` skewed by frequency scaling would
-    // only make it worse.
-    if let (Accel::Tcg, Some(khz)) = (accel, tsc_khz) {
-        cmdline.push_str(&format!(" tsc_early_khz={khz} tsc=reliable"));
-    }
-    let extra = extra.trim();
-    if !extra.is_empty() {
-        cmdline.push(' ');
-        cmdline.push_str(extra);
-    }
-    cmdline
-}
-
-/// Doubles commas, QEMU's escape inside `key=value,...` option lists.
-fn opt_value(value: &OsStr) -> OsString {
-    let mut out = Vec::with_capacity(value.len());
-    for &b in value.as_bytes() {
-        out.push(b);
-        if b == b',' {
-            out.push(b',');
-        }
-    }
-    OsString::from_vec(out)
-}
-
-/// `prefix` followed by an escaped value.
-fn opt(prefix: &str, value: &OsStr) -> OsString {
-    let mut s = OsString::from(prefix);
-    s.push(opt_value(value));
-    s
-}
-
-/// The full QEMU argument vector for one VM. The VM directory appears
-/// verbatim (in `-pidfile`), which is how [`vmm_process_alive`] recognises
-/// the process.
-pub fn qemu_args(spec: &LaunchSpec, accel: Accel, tsc_khz: Option<u64>) -> Vec<OsString> {
-    qemu_args_for(spec, accel, tsc_khz, ArgsMode::Boot)
-}
-
-/// [`qemu_args`] for `mode`. An incoming QEMU gets exactly the boot
-/// arguments plus `-S -incoming defer`: restore needs the same machine,
-/// devices in the same order, the same RAM size and ROM blobs.
-pub fn qemu_args_for(
-    spec: &LaunchSpec,
-    accel: Accel,
-    tsc_khz: Option<u64>,
-    mode: ArgsMode,
-) -> Vec<OsString> {
-    let paths = VmPaths::new(&spec.dir);
-    let mut args: Vec<OsString> = Vec::new();
-    let mut push = |items: &[&OsStr]| args.extend(items.iter().map(|s| s.to_os_string()));
-    let os = |s: &str| OsString::from(s);
-
-    push(&[
-        &os("-name"),
-        &opt("guest=", OsStr::new(&spec.name)),
-        &os("-M"),
-        &os("microvm,x-option-roms=off,acpi=on,isa-serial=on"),
-        &os("-accel"),
-        &os(accel.as_str()),
-        &os("-cpu"),
-        &os(match accel {
-            Accel::Kvm => "host",
-            Accel::Tcg => "max",
-        }),
-        // Without qboot QEMU falls back to SeaBIOS, which wants a boot disk.
-        // A bare name is searched in QEMU's data directories.
-        &os("-bios"),
-        &os("qboot.rom"),
-        &os("-nodefaults"),
-        &os("-no-user-config"),
-        &os("-no-reboot"),
-        &os("-display"),
-        &os("none"),
-        &os("-m"),
-        &os(&format!("{}M", spec.memory_mib)),
-        &os("-smp"),
-        &os(&spec.vcpu.to_string()),
-        &os("-pidfile"),
-        paths.pid_file().as_os_str(),
-        &os("-kernel"),
-        spec.kernel.as_os_str(),
-    ]);
-    if let Some(initrd) = &spec.initrd {
-        push(&[&os("-initrd"), initrd.as_os_str()]);
-    }
-    push(&[
-        &os("-append"),
-        &os(&kernel_cmdline(accel, tsc_khz, &spec.extra_cmdline)),
-    ]);
-
-    // Serial console into a file, emptied at each launch (by `launch`) and
-    // appended to, so the daemon can rotate it (`logcap`).
-    push(&[
-        &os("-chardev"),
-        &opt(
-            "file,id=console,append=on,path=",
-            paths.console_log().as_os_str(),
-        ),
-        &os("-serial"),
-        &os("chardev:console"),
-    ]);
-
-    // Disks first, so they take the first virtio-mmio slots.
-    for (i, disk) in spec.disks.iter().enumerate() {
-        let mut drive = opt(
-            &format!(
-                "if=none,id=disk{i},format={},file.driver=file,file.filename=",
-                match disk.format {
-                    DiskFormat::Raw => "raw",
-                    DiskFormat::Qcow2 => "qcow2",
-                }
-            ),
-            disk.path.as_os_str(),
-        );
-        // `file.driver=file` stops QEMU from reading a `proto:` prefix out of
-        // the path. Writable disks pass discards through so a sparse overlay
-        // shrinks when the guest trims.
-        drive.push(if disk.read_only {
-            ",readonly=on,cache=writeback"
-        } else {
-            ",readonly=off,cache=writeback,discard=unmap"
-        });
-        push(&[
-            &os("-drive"),
-            &drive,
-            &os("-device"),
-            &os(&format!("virtio-blk-device,drive=disk{i}")),
-        ]);
-    }
-
-    // Network interfaces on the host's tap devices, which banger creates
-    // (QEMU must not run its ifup scripts), or on QEMU's user-mode stack.
-    for (i, net) in spec.nets.iter().enumerate() {
-        let netdev = match &net.backend {
-            NetBackend::Tap { name } => {
-                let mut netdev = opt(&format!("tap,id=net{i},ifname="), OsStr::new(name));
-                netdev.push(",script=no,downscript=no");
-                netdev
-            }
-            NetBackend::User {
-                net,
-                prefix,
-                host,
-                dns,
-                guest,
-                forwards,
-            } => {
-                let mut s = format!(
-                    "user,id=net{i},net={net}/{prefix},host={host},dns={dns},dhcpstart={guest},ipv6=off"
-                );
-                for f in forwards {
-                    s.push_str(&format!(
-                        ",hostfwd=tcp:{}:{}-{guest}:{}",
-                        f.host.ip(),
-                        f.host.port(),
-                        f.guest_port
-                    ));
-                }
-                os(&s)
-            }
-        };
-        push(&[
-            &os("-netdev"),
-            &netdev,
-            &os("-device"),
-            &opt(
-                &format!("virtio-net-device,netdev=net{i},mac="),
-                OsStr::new(&net.mac),
-            ),
-        ]);
-    }
-
-    // Agent channel: a virtio-serial port backed by a Unix socket QEMU serves.
-    push(&[
-        &os("-device"),
-        &os("virtio-serial-device,id=vserial"),
-        &os("-chardev"),
-        &opt(
-            "socket,id=agent,server=on,wait=off,path=",
-            paths.agent_socket().as_os_str(),
-        ),
-        &os("-device"),
-        &os(&format!(
-            "virtserialport,bus=vserial.0,chardev=agent,name={AGENT_PORT_NAME}"
-        )),
-    ]);
-
-    // Guest entropy, so early getrandom() callers (sshd) never stall.
-    push(&[&os("-device"), &os("virtio-rng-device")]);
-
-    // QMP control socket.
-    push(&[
-        &os("-chardev"),
-        &opt(
-            "socket,id=qmp,server=on,wait=off,path=",
-            paths.control_socket().as_os_str(),
-        ),
-        &os("-mon"),
-        &os("chardev=qmp,mode=control"),
-    ]);
-    if mode == ArgsMode::Incoming {
-        push(&[&os("-S"), &os("-incoming"), &os("defer")]);
-    }
-    args
-}
-
 #[async_trait::async_trait]
 impl Vmm for QemuVmm {
     fn backend(&self) -> VmBackend {
@@ -817,6 +552,7 @@ impl Vmm for QemuVmm {
 mod tests {
     use super::*;
     use crate::DiskSpec;
+    use crate::{DiskFormat, NetBackend};
 
     fn spec(dir: &str) -> LaunchSpec {
         LaunchSpec {
