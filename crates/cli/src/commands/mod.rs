@@ -1,9 +1,5 @@
 pub mod api;
 pub mod bench;
-pub mod bench_cp;
-pub mod bench_image;
-pub mod bench_run;
-pub mod bench_util;
 pub mod completion;
 pub mod daemon;
 pub mod doctor;

@@ -584,8 +584,8 @@ impl Vmm for FirecrackerVmm {
 
 #[cfg(test)]
 mod tests {
-    use super::*;
     use super::config::instance_id;
+    use super::*;
     use crate::host::Version;
     use crate::{DiskFormat, DiskSpec, NetSpec};
 

@@ -2,9 +2,9 @@
 //! daemon and the guest agent against `ssh VM cat` over the guest's sshd,
 //! both ways, on the same file and the same running VM.
 
-use super::bench_util::{exec_text, ms, run_ssh, xorshift};
-use super::vm::cp::{download, upload};
-use super::vm::ssh::{key_and_known_hosts, ssh_args};
+use super::util::{exec_text, ms, run_ssh, xorshift};
+use crate::commands::vm::cp::{download, upload};
+use crate::commands::vm::ssh::{key_and_known_hosts, ssh_args};
 use anyhow::Context;
 use banger_api::Client;
 use banger_api::files::{GetFilesStart, PutFilesStart};

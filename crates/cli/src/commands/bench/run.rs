@@ -2,9 +2,9 @@
 //! (JSON): where its time goes, and its workspace copy against
 //! `git archive HEAD | ssh VM tar -x` into the same VM in the same run.
 
-use super::bench_util::{exec_text, ms, run_ssh, xorshift};
-use super::vm::ssh::{key_and_known_hosts, ssh_args};
-use super::vm::workspace::{RunWorkspaceArgs, for_run, prepare};
+use super::util::{exec_text, ms, run_ssh, xorshift};
+use crate::commands::vm::ssh::{key_and_known_hosts, ssh_args};
+use crate::commands::vm::workspace::{RunWorkspaceArgs, for_run, prepare};
 use crate::connect;
 use anyhow::Context;
 use banger_model::VmRecord;
