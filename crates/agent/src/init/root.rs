@@ -36,6 +36,14 @@ const ROOT_WAIT: Duration = Duration::from_secs(10);
 const INITRAMFS_NEWROOT: &str = "/newroot";
 const INITRAMFS_BASE: &str = "/banger/base";
 const INITRAMFS_DISK: &str = "/banger/disk";
+const INITRAMFS_WORK: &str = "/banger/work";
+
+/// Waits for a mount running in a thread of its own.
+fn joined(thread: std::thread::JoinHandle<Result<(), InitError>>) -> Result<(), InitError> {
+    thread
+        .join()
+        .map_err(|_| InitError::Panicked("mounting the VM's disks"))?
+}
 
 /// Mounts the root device and the VM's disks under [`INITRAMFS_NEWROOT`]:
 /// the base read-only under an overlay whose upper layer is on the overlay
@@ -61,10 +69,46 @@ pub(super) fn assemble_from_initramfs(args: &BootArgs) -> Result<PathBuf, InitEr
             let (base, disk) = (Path::new(INITRAMFS_BASE), Path::new(INITRAMFS_DISK));
             mkdir(base)?;
             mkdir(disk)?;
+            // The three disks mount at once: each mount waits on emulated
+            // I/O much of the time. The work disk is staged, then moved
+            // under the new root once that is mounted.
+            let upper = {
+                let dev = overlay_dev.clone();
+                std::thread::spawn(move || mount_upper_disk(&dev, Path::new(INITRAMFS_DISK)))
+            };
+            let work = match &args.work {
+                Some(work_dev) => {
+                    mkdir(Path::new(INITRAMFS_WORK))?;
+                    let dev = work_dev.clone();
+                    Some(std::thread::spawn(move || {
+                        wait_for_device(&dev, ROOT_WAIT)?;
+                        mount_ext4_data(
+                            &dev,
+                            Path::new(INITRAMFS_WORK),
+                            MsFlags::empty(),
+                            VM_DISK_OPTIONS,
+                        )
+                    }))
+                }
+                None => None,
+            };
             mount_ext4(&args.root, base, MsFlags::MS_RDONLY)?;
-            mount_overlay(overlay_dev, base, disk, &newroot)?;
-            if let Some(work_dev) = &args.work {
-                mount_work(work_dev, base, &newroot)?;
+            joined(upper)?;
+            mount_overlay_root(base, disk, &newroot)?;
+            if let Some(work) = work {
+                joined(work)?;
+                let target = newroot.join(&WORK_MOUNT[1..]);
+                std::fs::create_dir_all(&target)
+                    .map_err(io(format!("creating {}", target.display())))?;
+                mount(
+                    Some(INITRAMFS_WORK),
+                    &target,
+                    None::<&str>,
+                    MsFlags::MS_MOVE,
+                    None::<&str>,
+                )
+                .map_err(sys(format!("moving the work disk to {}", target.display())))?;
+                fill_fresh_work(base, &target)?;
             }
         }
     }
@@ -220,10 +264,29 @@ fn mount_overlay(
     newroot: &Path,
 ) -> Result<(), InitError> {
     mount_ext4_data(overlay_dev, disk, MsFlags::empty(), VM_DISK_OPTIONS)?;
-    let (upper, work) = (disk.join("upper"), disk.join("work"));
-    for d in [&upper, &work] {
-        mkdir(d)?;
+    make_upper_dirs(disk)?;
+    mount_overlay_root(base, disk, newroot)
+}
+
+/// Mounts the overlay disk at `disk` (once its device is there) with the
+/// overlay's directories on it.
+fn mount_upper_disk(overlay_dev: &str, disk: &Path) -> Result<(), InitError> {
+    wait_for_device(overlay_dev, ROOT_WAIT)?;
+    mount_ext4_data(overlay_dev, disk, MsFlags::empty(), VM_DISK_OPTIONS)?;
+    make_upper_dirs(disk)
+}
+
+fn make_upper_dirs(disk: &Path) -> Result<(), InitError> {
+    for d in [disk.join("upper"), disk.join("work")] {
+        mkdir(&d)?;
     }
+    Ok(())
+}
+
+/// Stacks the overlay on `newroot`: `base` read-only below, the upper
+/// layer on the overlay disk mounted at `disk`.
+fn mount_overlay_root(base: &Path, disk: &Path, newroot: &Path) -> Result<(), InitError> {
+    let (upper, work) = (disk.join("upper"), disk.join("work"));
     let opts = format!(
         "lowerdir={},upperdir={},workdir={}",
         base.display(),

@@ -8,9 +8,11 @@
 //! tokio's readiness tracking (which treats a hang-up as final) cannot drive
 //! this descriptor. Two plain threads own it instead:
 //!
-//! - the reader polls it; while no host is there it looks again every
-//!   [`HOST_POLL`] (the driver offers no wake-up for "host connected" that
-//!   `poll` can wait on: `POLLHUP` is reported until then). Each time a host
+//! - the reader polls it; while no host is there it looks again after
+//!   [`HOST_POLL_FIRST`], doubling up to [`HOST_POLL`] (the driver offers no
+//!   wake-up for "host connected" that `poll` can wait on: `POLLHUP` is
+//!   reported until then; at boot the host is usually a few milliseconds
+//!   away, and the greeting waits for it). Each time a host
 //!   appears it hands out a new [`HostConnection`], and ends that
 //!   connection's byte stream when the host goes away.
 //! - the writer writes what connections send, one `write` per buffer. Bytes
@@ -35,8 +37,11 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::mpsc;
 use tokio_util::sync::PollSender;
 
-/// How often the reader looks for a host while none is connected.
+/// The longest the reader waits between looks for a host while none is
+/// connected.
 pub const HOST_POLL: Duration = Duration::from_millis(50);
+/// The first such wait after the port opens or a host leaves.
+pub const HOST_POLL_FIRST: Duration = Duration::from_millis(2);
 
 /// Largest write the guest driver hands to the host as one buffer.
 pub const WRITE_MAX: usize = 32 * 1024;
@@ -190,6 +195,7 @@ impl Reader {
         // Where the live connection's bytes go; `None` while no host is there.
         let mut feed: Option<mpsc::Sender<Bytes>> = None;
         let mut buf = vec![0u8; 64 * 1024];
+        let mut pause = HOST_POLL_FIRST;
         loop {
             let wait = if feed.is_some() {
                 PollTimeout::NONE
@@ -241,8 +247,10 @@ impl Reader {
                 if feed.take().is_some() {
                     self.epoch.fetch_add(1, Ordering::SeqCst);
                     tracing::info!("host left the virtio-serial port");
+                    pause = HOST_POLL_FIRST;
                 }
-                std::thread::sleep(HOST_POLL);
+                std::thread::sleep(pause);
+                pause = (pause * 2).min(HOST_POLL);
                 continue;
             }
             if feed.is_none() {
