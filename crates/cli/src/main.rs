@@ -71,7 +71,7 @@ enum Command {
     #[command(subcommand)]
     Api(commands::api::ApiCommand),
     /// Measure banger's orchestration overhead (JSON).
-    Bench(commands::bench::BenchArgs),
+    Bench(banger_bench::BenchArgs),
     /// Terminal dashboard: VMs, stats, ports, logs and lifecycle actions.
     Tui,
     /// Print version, commit and build time.
@@ -146,7 +146,7 @@ fn main() -> ExitCode {
             Command::Doctor(a) => commands::doctor::run(a).await,
             Command::SshConfig(a) => commands::ssh_config::run(a).await,
             Command::Api(c) => commands::api::run(c).await,
-            Command::Bench(a) => commands::bench::run(a).await,
+            Command::Bench(a) => banger_bench::run(a).await,
             Command::Tui => commands::tui::run().await,
             Command::Completion(a) => commands::completion::run(a),
             Command::Version => {

@@ -1,5 +1,4 @@
 pub mod api;
-pub mod bench;
 pub mod completion;
 pub mod daemon;
 pub mod doctor;

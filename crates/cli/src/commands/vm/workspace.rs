@@ -1,16 +1,13 @@
 //! Workspaces: a git repository's files copied into a VM
 //! (`vm workspace prepare`, and the workspace mode of `vm run`).
 
-use super::cp::{upload, warn_skipped};
+use super::cp::{upload_bar, warn_skipped};
 use crate::connect;
-use anyhow::Context;
 use banger_api::Client;
-use banger_api::exec::{ExecOutput, ExecStart};
-use banger_api::files::PutFilesStart;
-
-use banger_transfer::workspace::{self, Options, Rev, Workspace};
+use banger_client::workspace;
+pub use banger_client::workspace::{default_guest_path, login_shell_in};
+use banger_transfer::workspace::{Options, Rev, Workspace};
 use clap::{Args, Subcommand};
-
 use std::path::{Path, PathBuf};
 
 /// What to copy from the repository.
@@ -83,66 +80,29 @@ pub async fn run(cmd: WorkspaceCommand) -> anyhow::Result<i32> {
     }
 }
 
-pub(crate) fn default_guest_path(ws: &Workspace) -> String {
-    format!("/root/{}", ws.name)
-}
-
 async fn select_workspace(path: &Path, flags: &SelectFlags) -> anyhow::Result<Workspace> {
-    let path = path.to_path_buf();
-    let opts = flags.options();
-    let ws = tokio::task::spawn_blocking(move || workspace::select(&path, &opts)).await??;
+    let ws = workspace::select(path, flags.options()).await?;
     warn_skipped(&ws.plan.skipped);
     Ok(ws)
 }
 
-/// Copies `ws` to `guest` (replacing what was there once the copy is
-/// complete), then starts the best-effort tooling bootstrap.
+/// [`banger_client::workspace::prepare`] with a progress bar for a large
+/// copy, printing its warnings.
 pub async fn prepare(client: &Client, vm: &str, ws: &Workspace, guest: &str) -> anyhow::Result<()> {
-    let start = PutFilesStart {
-        dest: guest.to_string(),
-        replace: true,
-    };
-    upload(client, vm, ws.plan.clone(), ws.blob_repo.clone(), start)
-        .await
-        .with_context(|| format!("copying workspace {}", ws.root.display()))?;
-    if ws.has_tool_config() {
-        bootstrap_tooling(client, vm, guest, &ws.name).await;
+    let bar = upload_bar(ws.plan.total_bytes());
+    let warnings = workspace::prepare(client, vm, ws, guest, &mut |n| {
+        if let Some(b) = &bar {
+            b.set_position(n);
+        }
+    })
+    .await;
+    if let Some(b) = bar {
+        b.finish_and_clear();
+    }
+    for w in warnings? {
+        eprintln!("banger: warning: {w}");
     }
     Ok(())
-}
-
-/// Starts `mise install` in the background in the guest workspace when the
-/// guest has mise; never fails the caller.
-async fn bootstrap_tooling(client: &Client, vm: &str, dir: &str, repo: &str) {
-    const SCRIPT: &str = r#"command -v mise >/dev/null 2>&1 || exit 0
-mkdir -p "$(dirname "$2")" && cd "$1" || exit 0
-nohup sh -c 'mise trust --yes . >/dev/null 2>&1; exec mise install' >"$2" 2>&1 </dev/null &
-exit 0"#;
-    let log = format!("/root/.cache/banger/vm-run-tooling-{repo}.log");
-    let start = ExecStart {
-        argv: vec![
-            "sh".into(),
-            "-c".into(),
-            SCRIPT.into(),
-            "sh".into(),
-            dir.into(),
-            log,
-        ],
-        ..Default::default()
-    };
-    let result = async {
-        let (_w, mut r) = client.exec(vm, &start).await?;
-        while let Some(ev) = r.next().await? {
-            if let ExecOutput::Exit(_) | ExecOutput::Error(_) = ev {
-                break;
-            }
-        }
-        anyhow::Ok(())
-    }
-    .await;
-    if let Err(e) = result {
-        eprintln!("banger: warning: tooling bootstrap did not start: {e}");
-    }
 }
 
 /// `vm run`'s workspace arguments.
@@ -180,27 +140,4 @@ pub async fn for_run(a: &RunWorkspaceArgs) -> anyhow::Result<Option<Workspace>> 
         print!("{out}");
     }
     Ok(Some(ws))
-}
-
-/// The remote command of an ssh session that starts a login shell in `dir`.
-pub(crate) fn login_shell_in(dir: &str) -> Vec<String> {
-    vec![format!(
-        "cd {} && exec \"${{SHELL:-/bin/sh}}\" -l",
-        shell_quote(dir)
-    )]
-}
-
-fn shell_quote(s: &str) -> String {
-    format!("'{}'", s.replace('\'', r"'\''"))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn quoting() {
-        assert_eq!(shell_quote("/root/my repo"), "'/root/my repo'");
-        assert_eq!(shell_quote("a'b"), r"'a'\''b'");
-    }
 }

@@ -1,10 +1,8 @@
 //! `banger bench image`: OCI import and catalog install timed against
 //! skopeo + umoci + mkfs.ext4 and curl | zstd -d | tar x (JSON).
 
-use crate::commands::transfer::interruptible;
-use crate::connect;
-use crate::output;
 use banger_api::bench::{ImageBenchEvent, ImageBenchRequest};
+use banger_client::connect;
 use clap::Args;
 
 #[derive(Args)]
@@ -20,12 +18,12 @@ pub async fn run(a: ImageBenchArgs) -> anyhow::Result<i32> {
     let req = ImageBenchRequest {
         reference: a.reference,
     };
-    let report = interruptible(client.bench_image(&req, |ev| {
+    let report = super::util::interruptible(client.bench_image(&req, |ev| {
         if let ImageBenchEvent::Progress(p) = ev {
             eprintln!("bench: {}: {}", p.phase, p.message);
         }
     }))
     .await?;
-    output::json(&report)?;
+    super::util::print_json(&report)?;
     Ok(0)
 }

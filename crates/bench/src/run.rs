@@ -3,10 +3,10 @@
 //! `git archive HEAD | ssh VM tar -x` into the same VM in the same run.
 
 use super::util::{exec_text, ms, run_ssh, xorshift};
-use crate::commands::vm::ssh::{key_and_known_hosts, ssh_args};
-use crate::commands::vm::workspace::{RunWorkspaceArgs, for_run, prepare};
-use crate::connect;
 use anyhow::Context;
+use banger_client::connect;
+use banger_client::ssh::{key_and_known_hosts, ssh_args};
+use banger_client::workspace::{prepare, select};
 use banger_model::VmRecord;
 use clap::Args;
 use serde::Serialize;
@@ -113,7 +113,7 @@ pub async fn run(a: RunBenchArgs) -> anyhow::Result<i32> {
         report.git_archive_ssh_ms,
         report.overhead_beyond_copy_and_command_ms
     );
-    crate::output::json(&report)?;
+    crate::util::print_json(&report)?;
     Ok(0)
 }
 
@@ -158,16 +158,12 @@ async fn compare(
     git_archive_over_ssh(&vm, &ssh, repo, archive_dir).await?;
     let git_archive = t.elapsed();
 
-    let select = RunWorkspaceArgs {
-        path: Some(repo.to_path_buf()),
-        ..Default::default()
-    };
-    let ws = for_run(&select)
-        .await?
+    let ws = select(repo, Default::default())
+        .await
         .context("the generated repository is not a workspace")?;
     let settled_dir = "/root/bench-banger-settled";
     let t = Instant::now();
-    prepare(client, name, &ws, settled_dir).await?;
+    prepare(client, name, &ws, settled_dir, &mut |_| {}).await?;
     let settled = t.elapsed();
 
     for dir in [banger_dir.as_str(), archive_dir, settled_dir] {

@@ -1,16 +1,19 @@
-//! `banger bench`: where the time of `vm run --rm -- true` goes (JSON).
+//! `banger bench`: where the time of `vm run --rm -- true` goes (JSON). The
+//! benchmarks drive the daemon's public API (through `banger-client`), the
+//! guest over ssh, and the VMMs directly for the bare boot; the CLI only
+//! parses `banger bench` and calls [`run`].
 
 mod bare;
 mod boot;
-mod cp;
+pub mod cp;
 mod exec;
-mod image;
-mod run;
+pub mod image;
+pub mod run;
 mod util;
 mod warm;
 
-use crate::connect;
 use anyhow::Context;
+use banger_client::connect;
 use banger_model::{InitramfsMode, WarmMode};
 use bare::{bare_backend, bare_boot, host_summary};
 use boot::{lifecycle, one_run};

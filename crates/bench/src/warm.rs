@@ -17,7 +17,10 @@ pub(super) async fn make_template(
 ) -> anyhow::Result<(banger_model::TemplateRecord, bool)> {
     let image = match image {
         Some(i) => i.to_string(),
-        None => banger_config::Config::load(&crate::connect::daemon_paths()?)?.default_image_name,
+        None => {
+            banger_config::Config::load(&banger_client::connect::daemon_paths()?)?
+                .default_image_name
+        }
     };
     let had_none = client.list_templates(&image).await?.is_empty();
     let req = banger_api::templates::WarmImageRequest {

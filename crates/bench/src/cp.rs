@@ -3,11 +3,11 @@
 //! both ways, on the same file and the same running VM.
 
 use super::util::{exec_text, ms, run_ssh, xorshift};
-use crate::commands::vm::cp::{download, upload};
-use crate::commands::vm::ssh::{key_and_known_hosts, ssh_args};
 use anyhow::Context;
 use banger_api::Client;
 use banger_api::files::{GetFilesStart, PutFilesStart};
+use banger_client::files::{download, upload};
+use banger_client::ssh::{key_and_known_hosts, ssh_args};
 use banger_model::VmRecord;
 use serde::Serialize;
 use std::io::Write;
@@ -56,7 +56,7 @@ pub async fn cp_bench(client: &Client, vm: &VmRecord, bytes: u64) -> anyhow::Res
         dest: GUEST_DIR.into(),
         replace: false,
     };
-    upload(client, name, plan, None, put).await?;
+    upload(client, name, plan, None, put, &mut |_| {}).await?;
     let banger_push = t.elapsed();
     guest_size_is(client, name, BANGER_NAME, bytes).await?;
 
@@ -72,7 +72,7 @@ pub async fn cp_bench(client: &Client, vm: &VmRecord, bytes: u64) -> anyhow::Res
         path: format!("{GUEST_DIR}/{BANGER_NAME}"),
         name: "pulled-banger.bin".into(),
     };
-    download(client, name, get, dir.path().to_path_buf()).await?;
+    download(client, name, get, dir.path().to_path_buf(), &mut |_| {}).await?;
     let banger_pull = t.elapsed();
     host_size_is(&dir.path().join("pulled-banger.bin"), bytes)?;
 

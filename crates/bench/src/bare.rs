@@ -42,7 +42,10 @@ pub(super) async fn bare_boot(
     use banger_vmm::{BackendKind, DiskFormat, DiskSpec, LaunchSpec};
     let image = match image {
         Some(i) => i.to_string(),
-        None => banger_config::Config::load(&crate::connect::daemon_paths()?)?.default_image_name,
+        None => {
+            banger_config::Config::load(&banger_client::connect::daemon_paths()?)?
+                .default_image_name
+        }
     };
     let img = client.get_image(&image).await?;
     let kernel = client
