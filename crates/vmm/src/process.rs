@@ -175,3 +175,63 @@ pub(crate) async fn wait_startup<E>(
         },
     }
 }
+
+/// Spawns `cmd` (in a session of its own, never killed when dropped) as
+/// VMM `vmm`; `Err` carries how it ended when it exited before it had a
+/// pid. Then runs `ready`, its start-up checks, with the process killed
+/// should they fail or be abandoned; on failure it is also reaped.
+pub(crate) async fn spawn_checked(
+    vmm: &'static str,
+    name: &str,
+    binary: String,
+    mut cmd: tokio::process::Command,
+    ready: impl AsyncFnOnce(&mut tokio::process::Child, u32) -> Result<(), crate::VmmError>,
+) -> Result<Spawned, SpawnFailure> {
+    cmd.stdin(std::process::Stdio::null()).kill_on_drop(false);
+    new_session(&mut cmd);
+    let mut child = cmd
+        .spawn()
+        .map_err(|source| SpawnFailure::Vmm(crate::VmmError::Spawn { binary, source }))?;
+    let Some(pid) = child.id() else {
+        return Err(SpawnFailure::Exited(child.wait().await));
+    };
+    let guard = KillOnDrop::new(pid);
+    tracing::debug!(vm = %name, pid, "spawned {vmm}");
+    let checked = ready(&mut child, pid).await;
+    guard.disarm();
+    if let Err(e) = checked {
+        kill_and_reap(&mut child).await;
+        return Err(SpawnFailure::Vmm(e));
+    }
+    Ok(Spawned { child, pid })
+}
+
+/// A VMM process that passed its start-up checks.
+pub(crate) struct Spawned {
+    pub(crate) child: tokio::process::Child,
+    pub(crate) pid: u32,
+}
+
+/// Why [`spawn_checked`] failed.
+pub(crate) enum SpawnFailure {
+    /// It exited before it had a pid: how (for the backend to explain).
+    Exited(io::Result<std::process::ExitStatus>),
+    Vmm(crate::VmmError),
+}
+
+/// The task that reaps VMM `vmm` (pid `pid`, of VM `name`) and logs how it
+/// ended.
+pub(crate) fn reaper(
+    vmm: &'static str,
+    name: &str,
+    pid: u32,
+    mut child: tokio::process::Child,
+) -> tokio::task::JoinHandle<()> {
+    let name = name.to_owned();
+    tokio::spawn(async move {
+        match child.wait().await {
+            Ok(status) => tracing::info!(vm = %name, pid, %status, "{vmm} exited"),
+            Err(e) => tracing::warn!(vm = %name, pid, error = %e, "waiting for {vmm} failed"),
+        }
+    })
+}

@@ -28,7 +28,8 @@ pub use warm::{
 
 use crate::host::{self};
 use crate::process::{
-    KILL_GRACE, KillOnDrop, PidFd, Startup, kill_and_reap, log_tail, new_session, wait_startup,
+    KILL_GRACE, KillOnDrop, PidFd, SpawnFailure, Startup, kill_and_reap, log_tail, reaper,
+    spawn_checked, wait_startup,
 };
 use crate::{
     AgentEndpoint, GuestExit, LaunchSpec, Launched, RestoreSpec, SnapshotFiles, VmPaths, Vmm,
@@ -38,7 +39,7 @@ use api::{ActionType, Metrics, NetworkOverride, PartialDrive, VmState};
 use banger_agent_proto::VSOCK_PORT;
 use banger_model::VmBackend;
 use std::path::{Path, PathBuf};
-use std::process::{ExitStatus, Stdio};
+use std::process::ExitStatus;
 use std::time::Duration;
 use tokio::net::UnixListener;
 use tokio::process::{Child, Command};
@@ -213,46 +214,19 @@ impl FirecrackerVmm {
         let mut cmd = Command::new(&self.binary);
         cmd.args(firecracker_args(spec))
             .current_dir(&spec.dir)
-            .stdin(Stdio::null())
             // Firecracker's stdout is the guest's serial console.
             .stdout(console)
-            .stderr(log)
-            .kill_on_drop(false);
-        new_session(&mut cmd);
-        let mut child = cmd.spawn().map_err(|source| VmmError::Spawn {
-            binary: self.binary_name(),
-            source,
-        })?;
-        let Some(pid) = child.id() else {
-            return Err(self.early_exit(child.wait().await, &paths));
-        };
-        let guard = KillOnDrop::new(pid);
-        tracing::debug!(vm = %spec.name, pid, "spawned Firecracker");
-        let ready = async {
+            .stderr(log);
+        let ready = async |child: &mut Child, pid: u32| {
             std::fs::write(paths.pid_file(), format!("{pid}\n"))
                 .map_err(|e| VmmError::io(format!("writing {}", paths.pid_file().display()), e))?;
-            self.wait_ready(&mut child, &paths).await
+            self.wait_ready(child, &paths).await
+        };
+        match spawn_checked("Firecracker", &spec.name, self.binary_name(), cmd, ready).await {
+            Ok(s) => Ok((s.child, s.pid)),
+            Err(SpawnFailure::Exited(status)) => Err(self.early_exit(status, &paths)),
+            Err(SpawnFailure::Vmm(e)) => Err(e),
         }
-        .await;
-        guard.disarm();
-        if let Err(e) = ready {
-            kill_and_reap(&mut child).await;
-            return Err(e);
-        }
-        Ok((child, pid))
-    }
-
-    /// The task that reaps Firecracker and logs how it ended.
-    fn reaper(name: &str, pid: u32, mut child: Child) -> tokio::task::JoinHandle<()> {
-        let name = name.to_owned();
-        tokio::spawn(async move {
-            match child.wait().await {
-                Ok(status) => tracing::info!(vm = %name, pid, %status, "Firecracker exited"),
-                Err(e) => {
-                    tracing::warn!(vm = %name, pid, error = %e, "waiting for Firecracker failed")
-                }
-            }
-        })
     }
 
     /// Logger and metrics, the agent listener, `PUT /snapshot/load` (not
@@ -420,7 +394,7 @@ impl Vmm for FirecrackerVmm {
         Ok(Launched {
             pid,
             agent: AgentEndpoint::Accept(listener),
-            exited: Self::reaper(&spec.name, pid, child),
+            exited: reaper("Firecracker", &spec.name, pid, child),
         })
     }
 
@@ -528,7 +502,7 @@ impl Vmm for FirecrackerVmm {
         Ok(Launched {
             pid,
             agent: AgentEndpoint::Accept(listener),
-            exited: Self::reaper(&launch.name, pid, child),
+            exited: reaper("Firecracker", &launch.name, pid, child),
         })
     }
 

@@ -3,7 +3,8 @@
 
 use crate::host::{self, KvmStatus};
 use crate::process::{
-    KILL_GRACE, KillOnDrop, PidFd, Startup, kill_and_reap, log_tail, new_session, wait_startup,
+    KILL_GRACE, KillOnDrop, PidFd, SpawnFailure, Startup, kill_and_reap, log_tail, reaper,
+    spawn_checked, wait_startup,
 };
 use crate::qmp::Qmp;
 use crate::{
@@ -14,7 +15,7 @@ use banger_model::VmBackend;
 use std::ffi::OsString;
 use std::os::unix::fs::FileTypeExt;
 use std::path::{Path, PathBuf};
-use std::process::{ExitStatus, Stdio};
+use std::process::ExitStatus;
 use std::time::Duration;
 use tokio::process::{Child, Command};
 
@@ -171,40 +172,13 @@ impl QemuVmm {
             .map_err(|e| VmmError::io(format!("dup {}", log_path.display()), e))?;
 
         let mut cmd = Command::new(&self.binary);
-        cmd.args(args)
-            .stdin(Stdio::null())
-            .stdout(log)
-            .stderr(log_err)
-            .kill_on_drop(false);
-        new_session(&mut cmd);
-        let mut child = cmd.spawn().map_err(|source| VmmError::Spawn {
-            binary: self.binary_name(),
-            source,
-        })?;
-        let Some(pid) = child.id() else {
-            return Err(self.early_exit(child.wait().await, paths));
-        };
-        let guard = KillOnDrop::new(pid);
-        tracing::debug!(vm = %name, pid, "spawned QEMU");
-
-        if let Err(e) = self.wait_ready(&mut child, paths).await {
-            guard.disarm();
-            kill_and_reap(&mut child).await;
-            return Err(e);
+        cmd.args(args).stdout(log).stderr(log_err);
+        let ready = async |child: &mut Child, _pid: u32| self.wait_ready(child, paths).await;
+        match spawn_checked("QEMU", name, self.binary_name(), cmd, ready).await {
+            Ok(s) => Ok((s.child, s.pid)),
+            Err(SpawnFailure::Exited(status)) => Err(self.early_exit(status, paths)),
+            Err(SpawnFailure::Vmm(e)) => Err(e),
         }
-        guard.disarm();
-        Ok((child, pid))
-    }
-
-    /// The task that reaps QEMU and logs how it ended.
-    fn reaper(name: &str, pid: u32, mut child: Child) -> tokio::task::JoinHandle<()> {
-        let name = name.to_owned();
-        tokio::spawn(async move {
-            match child.wait().await {
-                Ok(status) => tracing::info!(vm = %name, pid, %status, "QEMU exited"),
-                Err(e) => tracing::warn!(vm = %name, pid, error = %e, "waiting for QEMU failed"),
-            }
-        })
     }
 
     /// Loads the snapshot into a QEMU started with `-incoming defer` and
@@ -382,7 +356,7 @@ impl Vmm for QemuVmm {
         Ok(Launched {
             pid,
             agent: AgentEndpoint::Connect(paths.agent_socket()),
-            exited: Self::reaper(&spec.name, pid, child),
+            exited: reaper("QEMU", &spec.name, pid, child),
         })
     }
 
@@ -531,7 +505,7 @@ impl Vmm for QemuVmm {
         Ok(Launched {
             pid,
             agent: AgentEndpoint::Connect(paths.agent_socket()),
-            exited: Self::reaper(&launch.name, pid, child),
+            exited: reaper("QEMU", &launch.name, pid, child),
         })
     }
 
