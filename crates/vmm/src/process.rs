@@ -2,6 +2,7 @@
 //! daemon restart), through a pidfd so a reused pid is never signalled and
 //! exit is awaited as an event rather than polled.
 
+use crate::VmmError;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::time::Duration;
@@ -39,6 +40,28 @@ impl PidFd {
         let fd = unsafe { AsyncFd::register_with_interest(owned, tokio::io::Interest::READABLE) }
             .map_err(io::Error::from)?;
         Ok(Some(Self { fd }))
+    }
+
+    /// A pidfd for the VMM `pid` of the VM in `dir`, `None` when it is not
+    /// running. Checked after opening the pidfd, so a signal sent through
+    /// it cannot reach a process that took over a reused pid.
+    pub(crate) fn open_vmm(pid: u32, dir: &std::path::Path) -> Result<Option<Self>, VmmError> {
+        let pidfd = Self::open(pid).map_err(|e| VmmError::io(format!("pidfd_open {pid}"), e))?;
+        Ok(pidfd.filter(|_| crate::vmm_process_alive(pid, dir)))
+    }
+
+    /// SIGKILL, then waits [`KILL_GRACE`] for the exit of `what`.
+    pub(crate) async fn kill_and_wait(&self, what: &str) -> Result<(), VmmError> {
+        self.kill()
+            .map_err(|e| VmmError::io(format!("kill {what}"), e))?;
+        if self.wait_exit(KILL_GRACE).await {
+            Ok(())
+        } else {
+            Err(VmmError::Timeout {
+                what: format!("{what} to exit after SIGKILL"),
+                secs: KILL_GRACE.as_secs(),
+            })
+        }
     }
 
     /// Waits until the process has exited (a zombie counts); false on timeout.

@@ -28,8 +28,8 @@ pub use warm::{
 
 use crate::host::{self};
 use crate::process::{
-    KILL_GRACE, KillOnDrop, PidFd, SpawnFailure, Startup, kill_and_reap, log_tail, reaper,
-    spawn_checked, wait_startup,
+    KillOnDrop, PidFd, SpawnFailure, Startup, kill_and_reap, log_tail, reaper, spawn_checked,
+    wait_startup,
 };
 use crate::{
     AgentEndpoint, GuestExit, LaunchSpec, Launched, RestoreSpec, SnapshotFiles, VmPaths, Vmm,
@@ -414,19 +414,8 @@ impl Vmm for FirecrackerVmm {
     }
 
     async fn terminate(&self, dir: &Path, pid: u32) -> Result<(), VmmError> {
-        let pidfd = PidFd::open(pid).map_err(|e| VmmError::io(format!("pidfd_open {pid}"), e))?;
-        // Checked after opening the pidfd, so the signal below cannot reach
-        // a process that took over a reused pid.
-        if let Some(pidfd) = pidfd.filter(|_| vmm_process_alive(pid, dir)) {
-            pidfd
-                .kill()
-                .map_err(|e| VmmError::io(format!("kill Firecracker {pid}"), e))?;
-            if !pidfd.wait_exit(KILL_GRACE).await {
-                return Err(VmmError::Timeout {
-                    what: format!("Firecracker {pid} to exit after SIGKILL"),
-                    secs: KILL_GRACE.as_secs(),
-                });
-            }
+        if let Some(pidfd) = PidFd::open_vmm(pid, dir)? {
+            pidfd.kill_and_wait(&format!("Firecracker {pid}")).await?;
         }
         // Nobody will connect to it any more.
         remove_stale(&agent_listener_path(dir))

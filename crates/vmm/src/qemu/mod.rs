@@ -9,7 +9,7 @@ use crate::process::{
 use crate::qmp::Qmp;
 use crate::{
     AgentEndpoint, GuestExit, LaunchSpec, Launched, RestoreSpec, SnapshotFiles, VmPaths, Vmm,
-    VmmError, WarmSupport, is_valid_mac, vmm_process_alive,
+    VmmError, WarmSupport, is_valid_mac,
 };
 use banger_model::VmBackend;
 use std::ffi::OsString;
@@ -394,10 +394,7 @@ impl Vmm for QemuVmm {
     }
 
     async fn terminate(&self, dir: &Path, pid: u32) -> Result<(), VmmError> {
-        let pidfd = PidFd::open(pid).map_err(|e| VmmError::io(format!("pidfd_open {pid}"), e))?;
-        // Checked after opening the pidfd, so the signal below cannot reach
-        // a process that took over a reused pid.
-        let Some(pidfd) = pidfd.filter(|_| vmm_process_alive(pid, dir)) else {
+        let Some(pidfd) = PidFd::open_vmm(pid, dir)? else {
             return Ok(());
         };
         let socket = VmPaths::new(dir).control_socket();
@@ -411,17 +408,7 @@ impl Vmm for QemuVmm {
             Ok(Err(e)) => tracing::debug!(pid, error = %e, "QMP quit failed; killing"),
             Err(_) => tracing::debug!(pid, "QMP quit timed out; killing"),
         }
-        pidfd
-            .kill()
-            .map_err(|e| VmmError::io(format!("kill VMM {pid}"), e))?;
-        if pidfd.wait_exit(KILL_GRACE).await {
-            Ok(())
-        } else {
-            Err(VmmError::Timeout {
-                what: format!("VMM {pid} to exit after SIGKILL"),
-                secs: KILL_GRACE.as_secs(),
-            })
-        }
+        pidfd.kill_and_wait(&format!("VMM {pid}")).await
     }
 
     async fn warm_support(&self) -> WarmSupport {
@@ -436,12 +423,9 @@ impl Vmm for QemuVmm {
                 "QEMU keeps device state in the memory file: no separate vmstate file".into(),
             ));
         }
-        let pidfd = PidFd::open(pid)
-            .map_err(|e| VmmError::io(format!("pidfd_open {pid}"), e))?
-            .filter(|_| vmm_process_alive(pid, dir))
-            .ok_or_else(|| {
-                VmmError::Control(format!("QEMU {pid} of {} is not running", dir.display()))
-            })?;
+        let pidfd = PidFd::open_vmm(pid, dir)?.ok_or_else(|| {
+            VmmError::Control(format!("QEMU {pid} of {} is not running", dir.display()))
+        })?;
         // The file holds guest memory: the owner's only. QEMU truncates it
         // and keeps the mode.
         {
