@@ -20,10 +20,10 @@ pub async fn run(a: ImageBenchArgs) -> anyhow::Result<i32> {
     let req = ImageBenchRequest {
         reference: a.reference,
     };
-    let report = interruptible(client.bench_image(&req, |ev| {
-        if let ImageBenchEvent::Progress(p) = ev {
-            eprintln!("bench: {}: {}", p.phase, p.message);
-        }
+    let report = interruptible(client.bench_image(&req, |ev| match ev {
+        ImageBenchEvent::Progress(p) => eprintln!("bench: {}: {}", p.phase, p.message),
+        ImageBenchEvent::Warning(w) => eprintln!("bench: warning: {}", w.message),
+        _ => {}
     }))
     .await?;
     output::json(&report)?;
