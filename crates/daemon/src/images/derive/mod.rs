@@ -220,7 +220,7 @@ impl Daemon {
             initramfs: self.config.initramfs,
             start: Default::default(),
         };
-        let mut steps = crate::steps::Steps::new(&banger_api::ProgressSink::discard());
+        let mut steps = crate::steps::Steps::new(&ProgressSink::discard());
         let (vm, _held) = self.admit(new, &mut steps).await?;
         steps.commit();
         Ok(vm)
