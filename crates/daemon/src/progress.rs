@@ -11,7 +11,7 @@ use banger_api::{ProgressSink, Step};
 use std::sync::Arc;
 
 /// A catalog pull's progress as transfers of `download` and `extract`.
-pub(crate) fn catalog(sink: &ProgressSink) -> banger_catalog::ProgressFn {
+pub(crate) fn catalog(sink: &ProgressSink) -> Arc<dyn Fn(banger_catalog::Progress) + Send + Sync> {
     let sink = sink.clone();
     Arc::new(move |p| match p {
         banger_catalog::Progress::Download { done, total } => {
