@@ -1,7 +1,7 @@
 //! Wire types and client call of `banger bench image`: OCI import and
 //! catalog install, each timed against the usual tool chain.
 
-use crate::{ApiError, Client, ClientError, OperationEvent, Progress};
+use crate::{ApiError, Client, ClientError, OperationEvent, Progress, Warning};
 use serde::{Deserialize, Serialize};
 
 /// Route paths of this module: internal, outside the public API document.
@@ -67,6 +67,7 @@ pub struct ImageBench {
 #[serde(rename_all = "snake_case")]
 pub enum ImageBenchEvent {
     Progress(Progress),
+    Warning(Warning),
     Done(ImageBench),
     Error(ApiError),
 }
@@ -77,7 +78,7 @@ impl OperationEvent for ImageBenchEvent {
         match self {
             Self::Done(b) => Some(Ok(b.clone())),
             Self::Error(e) => Some(Err(e.clone())),
-            Self::Progress(_) => None,
+            Self::Progress(_) | Self::Warning(_) => None,
         }
     }
 }

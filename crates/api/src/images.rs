@@ -1,7 +1,7 @@
 //! Wire types and client calls for images and kernels: catalog and OCI
 //! pulls, registration of local files, deletion and catalog bundles.
 
-use crate::{ApiError, Client, ClientError, OperationEvent, Progress, paths};
+use crate::{ApiError, Client, ClientError, OperationEvent, Progress, Warning, paths};
 use banger_model::{ImageRecord, KernelRecord};
 use hyper::Method;
 use serde::{Deserialize, Serialize};
@@ -57,6 +57,7 @@ pub struct Transfer {
 #[serde(rename_all = "snake_case")]
 pub enum PullImageEvent {
     Progress(Progress),
+    Warning(Warning),
     Transfer(Transfer),
     Done(ImageRecord),
     Error(ApiError),
@@ -67,6 +68,7 @@ pub enum PullImageEvent {
 #[serde(rename_all = "snake_case")]
 pub enum PullKernelEvent {
     Progress(Progress),
+    Warning(Warning),
     Transfer(Transfer),
     Done(KernelRecord),
     Error(ApiError),
@@ -165,6 +167,7 @@ pub struct BundleResult {
 #[serde(rename_all = "snake_case")]
 pub enum BundleEvent {
     Progress(Progress),
+    Warning(Warning),
     Done(BundleResult),
     Error(ApiError),
 }
@@ -188,15 +191,22 @@ outcome!(
     PullImageEvent,
     ImageRecord,
     PullImageEvent::Progress(_),
-    PullImageEvent::Transfer(_)
+    PullImageEvent::Transfer(_),
+    PullImageEvent::Warning(_)
 );
 outcome!(
     PullKernelEvent,
     KernelRecord,
     PullKernelEvent::Progress(_),
-    PullKernelEvent::Transfer(_)
+    PullKernelEvent::Transfer(_),
+    PullKernelEvent::Warning(_)
 );
-outcome!(BundleEvent, BundleResult, BundleEvent::Progress(_));
+outcome!(
+    BundleEvent,
+    BundleResult,
+    BundleEvent::Progress(_),
+    BundleEvent::Warning(_)
+);
 
 impl Client {
     /// Pulls an image from the catalog or an OCI registry.

@@ -20,7 +20,7 @@ use banger_version::BuildInfo;
 use serde::{Deserialize, Serialize};
 
 pub use client::{Client, ClientError};
-pub use progress::{Step, StepGroup};
+pub use progress::{Event, ProgressSink, Step, StepGroup};
 
 /// Route paths, shared by the server's router and the client.
 pub mod paths {
@@ -173,6 +173,15 @@ pub struct Progress {
     pub elapsed_ms: u64,
 }
 
+/// A warning of a long operation: something skipped or degraded that the
+/// user should know of (the operation goes on).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct Warning {
+    pub message: String,
+    /// Milliseconds since the operation started.
+    pub elapsed_ms: u64,
+}
+
 /// The `planned` event of a create: what will be made.
 #[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct PlannedVm {
@@ -187,6 +196,7 @@ pub enum CreateVmEvent {
     /// First event: the name and effective spec, before anything is made.
     Planned(PlannedVm),
     Progress(Progress),
+    Warning(Warning),
     // Boxed: far larger than the other events (not in the API document).
     Done(Box<VmRecord>),
     Error(ApiError),
@@ -219,6 +229,7 @@ pub struct BuildImageRequest {
 #[serde(rename_all = "snake_case")]
 pub enum BuildImageEvent {
     Progress(Progress),
+    Warning(Warning),
     Done(ImageRecord),
     Error(ApiError),
 }
@@ -230,6 +241,7 @@ pub enum BuildImageEvent {
 #[serde(rename_all = "snake_case")]
 pub enum WaitEvent {
     Progress(Progress),
+    Warning(Warning),
     // Boxed: far larger than the other events (not in the API document).
     Done(Box<VmRecord>),
     Error(ApiError),
@@ -241,7 +253,7 @@ impl OperationEvent for WaitEvent {
         match self {
             WaitEvent::Done(vm) => Some(Ok((**vm).clone())),
             WaitEvent::Error(e) => Some(Err(e.clone())),
-            WaitEvent::Progress(_) => None,
+            WaitEvent::Progress(_) | WaitEvent::Warning(_) => None,
         }
     }
 }
@@ -259,7 +271,9 @@ impl OperationEvent for CreateVmEvent {
         match self {
             CreateVmEvent::Done(vm) => Some(Ok((**vm).clone())),
             CreateVmEvent::Error(e) => Some(Err(e.clone())),
-            CreateVmEvent::Planned(_) | CreateVmEvent::Progress(_) => None,
+            CreateVmEvent::Planned(_) | CreateVmEvent::Progress(_) | CreateVmEvent::Warning(_) => {
+                None
+            }
         }
     }
 }
@@ -270,7 +284,7 @@ impl OperationEvent for BuildImageEvent {
         match self {
             BuildImageEvent::Done(img) => Some(Ok(img.clone())),
             BuildImageEvent::Error(e) => Some(Err(e.clone())),
-            BuildImageEvent::Progress(_) => None,
+            BuildImageEvent::Progress(_) | BuildImageEvent::Warning(_) => None,
         }
     }
 }
@@ -572,4 +586,34 @@ pub struct NetworkBench {
     pub dns_p50_us: u64,
     pub dns_p99_us: u64,
     pub dns_max_us: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_warning_is_its_own_event_on_the_wire() {
+        let ev = CreateVmEvent::Warning(Warning {
+            message: "file_sync[0]: ~/x does not exist; skipped".into(),
+            elapsed_ms: 1200,
+        });
+        let line = serde_json::to_string(&ev).expect("encode");
+        assert_eq!(
+            line,
+            r#"{"warning":{"message":"file_sync[0]: ~/x does not exist; skipped","elapsed_ms":1200}}"#
+        );
+        let back: CreateVmEvent = serde_json::from_str(&line).expect("decode");
+        assert!(matches!(back, CreateVmEvent::Warning(w) if w.elapsed_ms == 1200));
+        assert!(ev.outcome().is_none(), "a warning ends nothing");
+        let pull: images::PullImageEvent = serde_json::from_str(&line).expect("decode");
+        assert!(matches!(pull, images::PullImageEvent::Warning(_)));
+    }
+
+    #[test]
+    fn the_old_warning_step_is_just_an_unknown_step() {
+        let line = r#"{"progress":{"phase":"warning","message":"m","elapsed_ms":1}}"#;
+        let ev: WaitEvent = serde_json::from_str(line).expect("decode");
+        assert!(matches!(ev, WaitEvent::Progress(p) if p.phase == Step::Other("warning".into())));
+    }
 }

@@ -1,11 +1,17 @@
-//! The steps long operations report, typed.
+//! The progress of long operations, typed: the steps they report, the
+//! [`Event`]s producers make, and the one [`ProgressSink`] they make them
+//! through (which also throttles transfers, see [`Throttle`]).
 //!
 //! On the wire a step is its name, a plain string (`Progress.phase`), so
 //! the API document and older clients are unchanged. Clients match the
 //! variants instead of names; a name this version does not know decodes as
-//! [`Step::Other`] and is shown as it came.
+//! [`Step::Other`] and is shown as it came. Warnings are not a step: each
+//! operation's event enum has its own `warning` variant.
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+mod sink;
+pub use sink::{Event, ProgressSink, Throttle};
 
 /// Declares [`Step`] with each variant's wire name, in one table.
 macro_rules! steps {
@@ -44,8 +50,6 @@ macro_rules! steps {
 steps! {
     /// How the VM starts: cold or warm, and why (always shown).
     Start => "start",
-    /// Something skipped or degraded that the user should know of.
-    Warning => "warning",
     /// An informational line that opens no phase.
     Note => "note",
     /// The guest answered (agent ready, or sshd up).
@@ -53,9 +57,17 @@ steps! {
     /// Getting the VM's image (pull, build or check).
     Image => "image",
     Download => "download",
+    /// Unpacking a downloaded bundle.
+    Extract => "extract",
+    /// Getting the kernel an image boots with.
+    Kernel => "kernel",
     Catalog => "catalog",
     Oci => "oci",
     Check => "check",
+    /// Writing a catalog bundle.
+    Bundle => "bundle",
+    /// The transient VM of an image derivation.
+    Vm => "vm",
     Resolve => "resolve",
     /// The VM's directory.
     Dir => "dir",
@@ -200,7 +212,7 @@ mod tests {
         assert_eq!(Step::CloneDisks.group(), Some(StepGroup::Create));
         assert_eq!(Step::Agent.group(), Some(StepGroup::Boot));
         assert_eq!(Step::Restore.group(), Some(StepGroup::Boot));
-        assert_eq!(Step::Warning.group(), None);
+        assert_eq!(Step::Note.group(), None);
         assert_eq!(Step::Ready.group(), None);
         assert_eq!(Step::from("identity").group(), Some(StepGroup::Boot));
     }

@@ -1,7 +1,7 @@
 //! Wire types and client calls for warm-start templates: saved, paused
 //! guests of an image that `vm run`/`vm create` restore instead of booting.
 
-use crate::{ApiError, Client, ClientError, OperationEvent, Progress};
+use crate::{ApiError, Client, ClientError, OperationEvent, Progress, Warning};
 use banger_model::TemplateRecord;
 use hyper::Method;
 use serde::{Deserialize, Serialize};
@@ -30,6 +30,7 @@ pub struct WarmImageRequest {
 #[serde(rename_all = "snake_case")]
 pub enum WarmImageEvent {
     Progress(Progress),
+    Warning(Warning),
     Done(TemplateRecord),
     Error(ApiError),
 }
@@ -40,7 +41,7 @@ impl OperationEvent for WarmImageEvent {
         match self {
             Self::Done(v) => Some(Ok(v.clone())),
             Self::Error(e) => Some(Err(e.clone())),
-            Self::Progress(_) => None,
+            Self::Progress(_) | Self::Warning(_) => None,
         }
     }
 }

@@ -18,10 +18,10 @@ pub async fn run(a: ImageBenchArgs) -> anyhow::Result<i32> {
     let req = ImageBenchRequest {
         reference: a.reference,
     };
-    let report = super::util::interruptible(client.bench_image(&req, |ev| {
-        if let ImageBenchEvent::Progress(p) = ev {
-            eprintln!("bench: {}: {}", p.phase, p.message);
-        }
+    let report = super::util::interruptible(client.bench_image(&req, |ev| match ev {
+        ImageBenchEvent::Progress(p) => eprintln!("bench: {}: {}", p.phase, p.message),
+        ImageBenchEvent::Warning(w) => eprintln!("bench: warning: {}", w.message),
+        _ => {}
     }))
     .await?;
     super::util::print_json(&report)?;

@@ -68,6 +68,21 @@ pub fn json<T: serde::Serialize>(value: &T) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A line of a long operation's progress: `[ 12.3s] phase: message`.
+pub fn progress_line(elapsed_ms: u64, phase: &str, message: &str) -> String {
+    format!("[{:>5.1}s] {phase}: {message}", elapsed_ms as f64 / 1000.0)
+}
+
+/// [`progress_line`] of an operation's progress event.
+pub fn progress_event(p: &banger_api::Progress) -> String {
+    progress_line(p.elapsed_ms, p.phase.as_str(), &p.message)
+}
+
+/// [`progress_line`] of an operation's warning, shown as a `warning` phase.
+pub fn warning_event(w: &banger_api::Warning) -> String {
+    progress_line(w.elapsed_ms, "warning", &w.message)
+}
+
 /// Whether progress chatter should go to stderr.
 pub fn chatty() -> bool {
     std::io::stderr().is_terminal()
@@ -141,6 +156,24 @@ impl ListArgs {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn progress_and_warnings_share_one_line_format() {
+        let p = banger_api::Progress {
+            phase: banger_api::Step::Download,
+            message: "40% of 1000 bytes".into(),
+            elapsed_ms: 1234,
+        };
+        assert_eq!(progress_event(&p), "[  1.2s] download: 40% of 1000 bytes");
+        let w = banger_api::Warning {
+            message: "kernel k gets no banger initramfs".into(),
+            elapsed_ms: 65_050,
+        };
+        assert_eq!(
+            warning_event(&w),
+            "[ 65.0s] warning: kernel k gets no banger initramfs"
+        );
+    }
 
     #[test]
     fn chain_dedups_repeated_causes() {

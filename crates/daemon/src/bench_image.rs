@@ -12,6 +12,7 @@
 use crate::{Daemon, DaemonError};
 use anyhow::{Context, anyhow};
 use banger_api::bench::{CatalogInstallBench, ImageBench, ImageBenchRequest, OciImportBench};
+use banger_api::{ProgressSink, Step};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::Arc;
@@ -36,7 +37,7 @@ impl Daemon {
     pub(crate) async fn bench_image(
         self: &Arc<Self>,
         req: &ImageBenchRequest,
-        progress: &(dyn Fn(&str, &str) + Send + Sync),
+        progress: &ProgressSink,
         cancel: &CancellationToken,
     ) -> Result<ImageBench, DaemonError> {
         let reference = req.reference.trim();
@@ -58,12 +59,12 @@ impl Daemon {
         self: &Arc<Self>,
         reference: &str,
         work: &Path,
-        progress: &(dyn Fn(&str, &str) + Send + Sync),
+        progress: &ProgressSink,
         cancel: &CancellationToken,
     ) -> Result<ImageBench, DaemonError> {
-        progress(
-            "oci",
-            &format!(
+        progress.phase(
+            Step::Oci,
+            format!(
                 "importing {reference}: banger (cold and warm cache), then skopeo + umoci + mkfs.ext4"
             ),
         );
@@ -96,8 +97,8 @@ impl Daemon {
             first_pull_over_baseline: ratio(ms(r.first_pull), ms(r.baseline())),
         };
 
-        progress(
-            "catalog",
+        progress.phase(
+            Step::Catalog,
             "bundling the imported root file system and serving it on 127.0.0.1",
         );
         let catalog = catalog_bench(&rootfs, work, cancel).await?;

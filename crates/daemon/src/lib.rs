@@ -13,6 +13,7 @@ mod logging;
 mod net;
 mod ownership;
 mod private;
+mod progress;
 /// The HTTP front end's router under its old path, for the tests.
 pub mod server {
     pub use crate::http::router;

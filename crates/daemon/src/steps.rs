@@ -6,15 +6,13 @@
 //! reverse order; their errors are joined after the root cause, which stays
 //! first so callers and users see why the operation failed.
 
+use banger_api::ProgressSink;
 use futures::future::BoxFuture;
 use std::fmt;
 use std::sync::{Arc, Mutex};
 
 /// An undo action: runs at most once, during rollback.
 pub type Undo<'a> = Box<dyn FnOnce() -> BoxFuture<'a, anyhow::Result<()>> + Send + 'a>;
-
-/// Called as each step begins, with its name and progress message.
-type OnStep<'a> = Box<dyn FnMut(&'static str, &str) + Send + 'a>;
 
 /// Errors of a rolled-back run: the root cause, then any undo failures.
 #[derive(Debug)]
@@ -42,15 +40,16 @@ impl std::error::Error for StepError {}
 /// Collects undos while steps run; rolls back on failure.
 pub struct Steps<'a> {
     undos: Vec<(&'static str, Undo<'a>)>,
-    on_step: OnStep<'a>,
+    /// Told of each step as it begins.
+    progress: ProgressSink,
 }
 
 impl<'a> Steps<'a> {
-    /// `on_step(name, message)` is called as each step begins (progress).
-    pub fn new(on_step: impl FnMut(&'static str, &str) + Send + 'a) -> Self {
+    /// Each step's name and message go to `progress` as it begins.
+    pub fn new(progress: &ProgressSink) -> Self {
         Self {
             undos: Vec::new(),
-            on_step: Box::new(on_step),
+            progress: progress.clone(),
         }
     }
 
@@ -66,7 +65,7 @@ impl<'a> Steps<'a> {
         F: FnOnce(UndoSlot<'a>) -> Fut,
         Fut: std::future::Future<Output = anyhow::Result<T>>,
     {
-        (self.on_step)(name, message);
+        self.progress.phase(name, message);
         let slot = UndoSlot(Arc::new(Mutex::new(None)));
         let result = f(slot.clone()).await;
         if let Some(u) = slot.0.lock().ok().and_then(|mut s| s.take()) {
@@ -164,7 +163,7 @@ mod tests {
     #[tokio::test]
     async fn rolls_back_in_reverse_including_the_failing_step() {
         let log: Log = Arc::default();
-        let mut steps = Steps::new(|_, _| {});
+        let mut steps = Steps::new(&ProgressSink::discard());
         ok_step(&mut steps, &log, "a", true).await.expect("a");
         ok_step(&mut steps, &log, "b", true).await.expect("b");
         let l = log.clone();
@@ -190,7 +189,7 @@ mod tests {
     #[tokio::test]
     async fn steps_without_undo_are_skipped() {
         let log: Log = Arc::default();
-        let mut steps = Steps::new(|_, _| {});
+        let mut steps = Steps::new(&ProgressSink::discard());
         ok_step(&mut steps, &log, "a", true).await.expect("a");
         ok_step(&mut steps, &log, "b", false).await.expect("b");
         steps
@@ -202,7 +201,7 @@ mod tests {
 
     #[tokio::test]
     async fn undo_errors_do_not_hide_the_cause() {
-        let mut steps = Steps::new(|_, _| {});
+        let mut steps = Steps::new(&ProgressSink::discard());
         steps
             .run("a", "", |u: UndoSlot<'_>| async move {
                 u.set(|| async { anyhow::bail!("cannot remove tap") });
@@ -226,7 +225,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_wrapped_step_error_says_its_cause_once() {
-        let mut steps = Steps::new(|_, _| {});
+        let mut steps = Steps::new(&ProgressSink::discard());
         let err = steps
             .run("boot", "", |_| async {
                 Err::<(), _>(anyhow::anyhow!("no vmlinux").context("kernel k"))
@@ -241,13 +240,17 @@ mod tests {
     #[tokio::test]
     async fn happy_path_fires_no_undo() {
         let log: Log = Arc::default();
-        let names: Arc<Mutex<Vec<&'static str>>> = Arc::default();
+        let names: Arc<Mutex<Vec<banger_api::Step>>> = Arc::default();
         let n2 = names.clone();
-        let mut steps = Steps::new(move |name, _| n2.lock().expect("names").push(name));
+        let mut steps = Steps::new(&ProgressSink::new(move |ev| {
+            if let banger_api::Event::Phase { step, .. } = ev {
+                n2.lock().expect("names").push(step)
+            }
+        }));
         ok_step(&mut steps, &log, "a", true).await.expect("a");
         ok_step(&mut steps, &log, "b", true).await.expect("b");
         steps.commit();
         assert_eq!(*log.lock().expect("log"), ["run a", "run b"]);
-        assert_eq!(*names.lock().expect("names"), ["a", "b"]);
+        assert_eq!(*names.lock().expect("names"), ["a".into(), "b".into()]);
     }
 }

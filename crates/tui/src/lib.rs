@@ -185,6 +185,9 @@ impl Runner {
                             CreateVmEvent::Progress(p) => {
                                 format!("creating: {}: {}", p.phase, p.message)
                             }
+                            CreateVmEvent::Warning(w) => {
+                                format!("creating: warning: {}", w.message)
+                            }
                             CreateVmEvent::Done(_) | CreateVmEvent::Error(_) => return,
                         };
                         let _ = progress.send(Msg::CreateProgress(text));

@@ -204,6 +204,8 @@ async function streamOp(title, path, body) {
           op.note(`planned ${ev.planned.name}: ${s.vcpu.value} vCPU, ${s.memory_mib.value} MiB, ${bytes(s.disk_bytes.value)} disk`);
         } else if (ev.progress) {
           op.note(`${ev.progress.phase}: ${ev.progress.message}`);
+        } else if (ev.warning) {
+          op.note(`warning: ${ev.warning.message}`);
         } else if (ev.transfer) {
           op.transfer(ev.transfer);
         } else if (ev.done) {

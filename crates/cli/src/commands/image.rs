@@ -222,15 +222,10 @@ pub async fn run(cmd: ImageCommand) -> anyhow::Result<i32> {
                 packages,
             };
             let img = client
-                .build_image(&req, |ev| {
-                    if let BuildImageEvent::Progress(p) = ev {
-                        eprintln!(
-                            "[{:>5.1}s] {}: {}",
-                            p.elapsed_ms as f64 / 1000.0,
-                            p.phase,
-                            p.message
-                        );
-                    }
+                .build_image(&req, |ev| match ev {
+                    BuildImageEvent::Progress(p) => eprintln!("{}", output::progress_event(p)),
+                    BuildImageEvent::Warning(w) => eprintln!("{}", output::warning_event(w)),
+                    _ => {}
                 })
                 .await?;
             print_ready(&img, json)?;
@@ -303,10 +298,10 @@ pub async fn run(cmd: ImageCommand) -> anyhow::Result<i32> {
                 memory_mib: memory,
             };
             let display = Display::new(&format!("warming {name}"));
-            let t = interruptible(client.warm_image(&name, &req, |ev| {
-                if let WarmImageEvent::Progress(p) = ev {
-                    display.line(p);
-                }
+            let t = interruptible(client.warm_image(&name, &req, |ev| match ev {
+                WarmImageEvent::Progress(p) => display.line(p),
+                WarmImageEvent::Warning(w) => display.warning(w),
+                _ => {}
             }))
             .await?;
             display.finish();
@@ -390,6 +385,7 @@ pub async fn run(cmd: ImageCommand) -> anyhow::Result<i32> {
             let img = interruptible(client.pull_image(&req, |ev| match ev {
                 PullImageEvent::Progress(p) => display.line(p),
                 PullImageEvent::Transfer(t) => display.transfer(t),
+                PullImageEvent::Warning(w) => display.warning(w),
                 PullImageEvent::Done(_) | PullImageEvent::Error(_) => display.finish(),
             }))
             .await;
@@ -444,10 +440,10 @@ pub async fn run(cmd: ImageCommand) -> anyhow::Result<i32> {
         ImageCommand::Bundle { name, bundle } => {
             let req = bundle.request()?;
             let display = Display::new(&format!("bundling {name}"));
-            let b = interruptible(client.bundle_image(&name, &req, |ev| {
-                if let banger_api::images::BundleEvent::Progress(p) = ev {
-                    display.line(p)
-                }
+            let b = interruptible(client.bundle_image(&name, &req, |ev| match ev {
+                banger_api::images::BundleEvent::Progress(p) => display.line(p),
+                banger_api::images::BundleEvent::Warning(w) => display.warning(w),
+                _ => {}
             }))
             .await;
             display.finish();

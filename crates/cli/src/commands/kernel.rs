@@ -99,6 +99,7 @@ pub async fn run(cmd: KernelCommand) -> anyhow::Result<i32> {
             let k = interruptible(client.pull_kernel(&req, |ev| match ev {
                 PullKernelEvent::Progress(p) => display.line(p),
                 PullKernelEvent::Transfer(t) => display.transfer(t),
+                PullKernelEvent::Warning(w) => display.warning(w),
                 PullKernelEvent::Done(_) | PullKernelEvent::Error(_) => display.finish(),
             }))
             .await;
@@ -132,10 +133,10 @@ pub async fn run(cmd: KernelCommand) -> anyhow::Result<i32> {
         KernelCommand::Bundle { name, bundle } => {
             let req = bundle.request()?;
             let display = Display::new(&format!("bundling kernel {name}"));
-            let b = interruptible(client.bundle_kernel(&name, &req, |ev| {
-                if let BundleEvent::Progress(p) = ev {
-                    display.line(p)
-                }
+            let b = interruptible(client.bundle_kernel(&name, &req, |ev| match ev {
+                BundleEvent::Progress(p) => display.line(p),
+                BundleEvent::Warning(w) => display.warning(w),
+                _ => {}
             }))
             .await;
             display.finish();

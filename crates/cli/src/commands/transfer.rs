@@ -2,7 +2,7 @@
 //! cancellation with Ctrl-C.
 
 use banger_api::images::Transfer;
-use banger_api::{ClientError, Progress};
+use banger_api::{ClientError, Progress, Warning};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use std::cell::RefCell;
 use std::path::Path;
@@ -28,12 +28,15 @@ impl Display {
 
     /// A phase line; always printed, so logs of non-interactive runs show it.
     pub fn line(&self, p: &Progress) {
-        let text = format!(
-            "[{:>5.1}s] {}: {}",
-            p.elapsed_ms as f64 / 1000.0,
-            p.phase,
-            p.message
-        );
+        self.print(crate::output::progress_event(p));
+    }
+
+    /// A warning, as a `warning` line; always printed.
+    pub fn warning(&self, w: &Warning) {
+        self.print(crate::output::warning_event(w));
+    }
+
+    fn print(&self, text: String) {
         match &*self.bar.borrow() {
             Some((_, bar)) => bar.println(text),
             None => eprintln!("{text}"),

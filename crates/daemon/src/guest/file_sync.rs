@@ -10,6 +10,7 @@
 
 use crate::Daemon;
 use anyhow::Context;
+use banger_api::ProgressSink;
 use banger_config::FileSync;
 use banger_model::VmRecord;
 use banger_storage::{EntryKind, GuestEntry, VmDisks, entry_path_ok};
@@ -233,12 +234,13 @@ fn tilde(home: &Path, p: &Path) -> String {
 
 impl Daemon {
     /// Writes the `[[file_sync]]` entries into `vm`'s work disk (create
-    /// time, before the first boot); each skipped path goes to `warn`.
+    /// time, before the first boot); each skipped path is a warning on
+    /// `progress`.
     /// Returns how many entries were written.
     pub(crate) async fn sync_files(
         &self,
         vm: &VmRecord,
-        warn: &(dyn Fn(&str) + Sync),
+        progress: &ProgressSink,
     ) -> anyhow::Result<usize> {
         let (home, syncs) = (self.paths.home.clone(), self.config.file_sync.clone());
         if syncs.is_empty() {
@@ -247,7 +249,7 @@ impl Daemon {
         let plan = tokio::task::spawn_blocking(move || plan_file_sync(&home, &syncs))
             .await
             .context("planning [[file_sync]]")?;
-        self.write_plan(vm, plan, warn, "copying [[file_sync]] files into /root")
+        self.write_plan(vm, plan, progress, "copying [[file_sync]] files into /root")
             .await
     }
 
@@ -256,13 +258,13 @@ impl Daemon {
     pub(crate) async fn sync_credentials(
         &self,
         vm: &VmRecord,
-        warn: &(dyn Fn(&str) + Sync),
+        progress: &ProgressSink,
     ) -> anyhow::Result<usize> {
         let home = self.paths.home.clone();
         let plan = tokio::task::spawn_blocking(move || plan_credentials(&home))
             .await
             .context("planning credential sync")?;
-        self.write_plan(vm, plan, warn, "copying credential files into /root")
+        self.write_plan(vm, plan, progress, "copying credential files into /root")
             .await
     }
 
@@ -270,12 +272,12 @@ impl Daemon {
         &self,
         vm: &VmRecord,
         plan: SyncPlan,
-        warn: &(dyn Fn(&str) + Sync),
+        progress: &ProgressSink,
         what: &str,
     ) -> anyhow::Result<usize> {
         for w in &plan.warnings {
             tracing::warn!(vm = %vm.name, "{w}");
-            warn(w);
+            progress.warn(w);
         }
         let disk = VmDisks::in_dir(&vm.dir).work;
         banger_storage::write_entries(&disk, &plan.entries)

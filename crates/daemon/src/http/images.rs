@@ -2,9 +2,8 @@
 //! build, pull, register, delete, bundle (see `image_ops`).
 
 use super::Shared;
-use super::stream::{operation, progress_events, reporter};
+use super::stream::operation;
 use crate::DaemonError;
-use crate::images::Report;
 use axum::Json;
 use axum::extract::{Path, Query, State};
 use axum::response::{IntoResponse, Response};
@@ -63,8 +62,7 @@ async fn warm_image(
         d,
         WarmImageEvent::Done,
         WarmImageEvent::Error,
-        move |d, tx, cancel| async move {
-            let progress = progress_events(&tx, WarmImageEvent::Progress);
+        move |d, progress, cancel| async move {
             let shape = d.default_shape(req.vcpu, req.memory_mib);
             d.build_template(&image, shape, &progress, &cancel).await
         },
@@ -96,14 +94,7 @@ async fn pull_image(State(d): State<Shared>, Json(req): Json<PullImageRequest>) 
         d,
         PullImageEvent::Done,
         PullImageEvent::Error,
-        move |d, tx, cancel| async move {
-            let report = reporter(
-                &tx,
-                PullImageEvent::Progress,
-                Some(PullImageEvent::Transfer),
-            );
-            d.pull_image(req, &report, &cancel).await
-        },
+        move |d, progress, cancel| async move { d.pull_image(req, &progress, &cancel).await },
     )
 }
 
@@ -120,14 +111,7 @@ async fn pull_kernel(State(d): State<Shared>, Json(req): Json<PullKernelRequest>
         d,
         PullKernelEvent::Done,
         PullKernelEvent::Error,
-        move |d, tx, cancel| async move {
-            let report = reporter(
-                &tx,
-                PullKernelEvent::Progress,
-                Some(PullKernelEvent::Transfer),
-            );
-            d.pull_kernel(&req.name, &report, &cancel).await
-        },
+        move |d, progress, cancel| async move { d.pull_kernel(&req.name, &progress, &cancel).await },
     )
 }
 
@@ -186,8 +170,8 @@ async fn bundle_image(
     if let Err(e) = d.check_bundle_image(&image, &req) {
         return e.into_response();
     }
-    bundle(d, req, move |d, req, report, cancel| async move {
-        d.bundle_image(&image, req, &report, &cancel).await
+    bundle(d, req, move |d, req, progress, cancel| async move {
+        d.bundle_image(&image, req, &progress, &cancel).await
     })
 }
 
@@ -204,14 +188,19 @@ async fn bundle_kernel(
     if let Err(e) = d.check_bundle_kernel(&kernel, &req) {
         return e.into_response();
     }
-    bundle(d, req, move |d, req, report, cancel| async move {
-        d.bundle_kernel(&kernel, req, &report, &cancel).await
+    bundle(d, req, move |d, req, progress, cancel| async move {
+        d.bundle_kernel(&kernel, req, &progress, &cancel).await
     })
 }
 
 fn bundle<F, Fut>(d: Shared, req: BundleRequest, op: F) -> Response
 where
-    F: FnOnce(Shared, BundleRequest, Report, tokio_util::sync::CancellationToken) -> Fut
+    F: FnOnce(
+            Shared,
+            BundleRequest,
+            banger_api::ProgressSink,
+            tokio_util::sync::CancellationToken,
+        ) -> Fut
         + Send
         + 'static,
     Fut: std::future::Future<Output = Result<BundleResult, DaemonError>> + Send + 'static,
@@ -220,10 +209,7 @@ where
         d,
         BundleEvent::Done,
         BundleEvent::Error,
-        move |d, tx, cancel| async move {
-            let report = reporter(&tx, BundleEvent::Progress, None);
-            op(d, req, report, cancel).await
-        },
+        move |d, progress, cancel| async move { op(d, req, progress, cancel).await },
     )
 }
 
@@ -241,10 +227,7 @@ async fn build_image(State(d): State<Shared>, Json(req): Json<BuildImageRequest>
         d,
         BuildImageEvent::Done,
         BuildImageEvent::Error,
-        move |d, tx, cancel| async move {
-            let progress = progress_events(&tx, BuildImageEvent::Progress);
-            d.build_image(req, &progress, cancel).await
-        },
+        move |d, progress, cancel| async move { d.build_image(req, &progress, cancel).await },
     )
 }
 

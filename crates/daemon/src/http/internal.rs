@@ -2,7 +2,7 @@
 //! drives (`/internal/...`, no stability promise).
 
 use super::Shared;
-use super::stream::{operation, progress_events};
+use super::stream::operation;
 use crate::DaemonError;
 use axum::extract::State;
 use axum::response::Response;
@@ -31,9 +31,6 @@ async fn bench_image(State(d): State<Shared>, Json(req): Json<ImageBenchRequest>
         d,
         ImageBenchEvent::Done,
         ImageBenchEvent::Error,
-        move |d, tx, cancel| async move {
-            let progress = progress_events(&tx, ImageBenchEvent::Progress);
-            d.bench_image(&req, &progress, &cancel).await
-        },
+        move |d, progress, cancel| async move { d.bench_image(&req, &progress, &cancel).await },
     )
 }

@@ -2,7 +2,7 @@
 //! ports, waiting, and exec (the relay is `stream::exec`).
 
 use super::Shared;
-use super::stream::{self, ndjson, operation, progress_events, upgrade_to_agent};
+use super::stream::{self, ndjson, operation, upgrade_to_agent};
 use crate::DaemonError;
 use axum::Json;
 use axum::extract::ws::WebSocketUpgrade;
@@ -58,7 +58,11 @@ async fn create_vm(State(d): State<Shared>, Json(req): Json<CreateVmRequest>) ->
     let guard = cancel.clone().drop_guard();
     let ephemeral = req.ephemeral;
     tokio::spawn(async move {
-        match d.create_vm(req, tx.clone(), cancel).await {
+        let progress = stream::progress::sink(&tx);
+        let planned = |p| {
+            let _ = tx.send(CreateVmEvent::Planned(p));
+        };
+        match d.create_vm(req, planned, &progress, cancel).await {
             Ok(vm) => {
                 let _ = tx.send(CreateVmEvent::Done(Box::new(vm.clone())));
                 if ephemeral {
@@ -236,9 +240,6 @@ async fn wait_vm(
         d,
         |vm| WaitEvent::Done(Box::new(vm)),
         WaitEvent::Error,
-        move |d, tx, cancel| async move {
-            let progress = progress_events(&tx, WaitEvent::Progress);
-            d.wait_vm(&vm, req.until, &progress, &cancel).await
-        },
+        move |d, progress, cancel| async move { d.wait_vm(&vm, req.until, &progress, &cancel).await },
     )
 }

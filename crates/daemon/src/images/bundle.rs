@@ -42,7 +42,7 @@ impl Daemon {
         &self,
         name: &str,
         req: BundleRequest,
-        report: &Report,
+        progress: &ProgressSink,
         cancel: &CancellationToken,
     ) -> Result<BundleResult, DaemonError> {
         let img = self.store.get_image(name).map_err(|_| {
@@ -54,9 +54,9 @@ impl Daemon {
             .as_deref()
             .map(|p| absolute_dir("index file", p))
             .transpose()?;
-        (report.progress)(
-            "bundle",
-            &format!(
+        progress.phase(
+            Step::Bundle,
+            format!(
                 "compressing {} into {}",
                 img.rootfs.display(),
                 out_dir.display()
@@ -100,7 +100,7 @@ impl Daemon {
         &self,
         name: &str,
         req: BundleRequest,
-        report: &Report,
+        progress: &ProgressSink,
         cancel: &CancellationToken,
     ) -> Result<BundleResult, DaemonError> {
         let k = self.get_kernel(name)?;
@@ -122,9 +122,9 @@ impl Daemon {
                 .map(|d| d.join(file))
                 .filter(|p| p.is_file())
         };
-        (report.progress)(
-            "bundle",
-            &format!("compressing kernel {name} into {}", out_dir.display()),
+        progress.phase(
+            Step::Bundle,
+            format!("compressing kernel {name} into {}", out_dir.display()),
         );
         let breq = banger_catalog::KernelBundleRequest {
             name: k.name.clone(),

@@ -3,7 +3,8 @@
 use crate::vm::now_rfc3339;
 use crate::{Daemon, DaemonError};
 use anyhow::Context;
-use banger_image::{DebianBuild, GuestPayload, Progress as BuildProgress};
+use banger_api::{ProgressSink, Step};
+use banger_image::{DebianBuild, GuestPayload};
 use banger_model::{ImageRecord, KernelRecord};
 use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
@@ -16,7 +17,7 @@ impl Daemon {
         name: &str,
         suite: &str,
         extra_packages: Vec<String>,
-        progress: &(dyn Fn(&str, &str) + Send + Sync),
+        progress: &ProgressSink,
         cancel: CancellationToken,
     ) -> Result<ImageRecord, DaemonError> {
         banger_model::VmName::parse(name).map_err(|_| {
@@ -53,9 +54,8 @@ impl Daemon {
                 );
                 banger_image::build_debian(
                     &spec,
-                    |p| match p {
-                        BuildProgress::Phase { name, message } => progress(name, &message),
-                        BuildProgress::Line(line) => {
+                    |p| {
+                        if let Some(line) = crate::progress::image_build(progress, p) {
                             use std::io::Write;
                             if let Ok(mut f) = log.lock() {
                                 let _ = writeln!(f, "{line}");
@@ -73,9 +73,9 @@ impl Daemon {
                 })?
             }
             BuildVia::Helper(helper) => {
-                progress(
-                    "image",
-                    &format!(
+                progress.phase(
+                    Step::Image,
+                    format!(
                         "building {name} through the root helper (progress: journalctl -u bangerd-root)"
                     ),
                 );
@@ -118,8 +118,7 @@ impl Daemon {
         };
         self.store.upsert_image(&image)?;
         self.remove_image_templates(&image.name);
-        self.offer_kernel_modules(&image, &|m| progress("warning", m))
-            .await;
+        self.offer_kernel_modules(&image, progress).await;
         tracing::info!(image = name, kernel = %kernel.name, "image registered");
         Ok(image)
     }

@@ -11,48 +11,13 @@ mod pull;
 mod register;
 
 use crate::{Daemon, DaemonError};
-use banger_api::BuildImageRequest;
 use banger_api::templates::WarmImageRequest;
+use banger_api::{BuildImageRequest, ProgressSink, Step};
 use banger_catalog::CatalogError;
 use banger_model::{ImageRecord, KernelRecord};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
-
-/// Receives a phase and a line for people.
-pub(crate) type ProgressFn = Arc<dyn Fn(&str, &str) + Send + Sync>;
-/// Receives bytes of a transfer: phase, done, total (0 when unknown).
-pub(crate) type TransferFn = Arc<dyn Fn(&str, u64, u64) + Send + Sync>;
-
-/// Where a long image operation reports to.
-#[derive(Clone)]
-pub(crate) struct Report {
-    /// A phase and a line for people.
-    pub progress: ProgressFn,
-    /// Bytes of a transfer: phase, done, total (0 when unknown).
-    pub transfer: TransferFn,
-}
-
-impl Report {
-    /// Progress lines only: transfers become a line per tenth done.
-    pub(crate) fn lines(progress: ProgressFn) -> Report {
-        let last = Arc::new(std::sync::Mutex::new((String::new(), u64::MAX)));
-        let p = progress.clone();
-        Report {
-            progress,
-            transfer: Arc::new(move |phase: &str, done: u64, total: u64| {
-                let Some(tenth) = done.saturating_mul(10).checked_div(total) else {
-                    return;
-                };
-                let mut l = last.lock().unwrap_or_else(|e| e.into_inner());
-                if l.0 != phase || l.1 != tenth {
-                    *l = (phase.to_string(), tenth);
-                    p(phase, &format!("{}% of {} bytes", tenth * 10, total));
-                }
-            }),
-        }
-    }
-}
 
 /// Whether a pull reference is an OCI image reference rather than a catalog
 /// name (catalog names never hold `/`, `:` or `@`).
@@ -236,7 +201,7 @@ impl Daemon {
     pub(crate) async fn ensure_image(
         self: &Arc<Self>,
         name: &str,
-        progress: &(dyn Fn(&str, &str) + Send + Sync),
+        progress: &ProgressSink,
         cancel: &CancellationToken,
     ) -> Result<ImageRecord, DaemonError> {
         match self.store.get_image(name) {
@@ -249,32 +214,20 @@ impl Daemon {
                 "no image named {name}: see `banger image list`, or build it with `banger image build --name {name}`"
             )));
         }
-        progress(
-            "image",
-            &format!("default image {name} not found; pulling it from the catalog"),
+        progress.phase(
+            Step::Image,
+            format!("default image {name} not found; pulling it from the catalog"),
         );
-        // The catalog pull reports through `progress` too, whose lifetime is
-        // this call's: hand it over through a channel-free shared closure.
-        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(String, String)>();
-        let report = Report::lines(Arc::new(move |p: &str, m: &str| {
-            let _ = tx.send((p.to_string(), m.to_string()));
-        }));
-        let pull = self.pull_catalog_image(name, &report, cancel);
-        tokio::pin!(pull);
-        let pulled = loop {
-            tokio::select! {
-                Some((p, m)) = rx.recv() => progress(&p, &m),
-                r = &mut pull => break r,
-            }
-        };
-        while let Ok((p, m)) = rx.try_recv() {
-            progress(&p, &m);
-        }
+        // Its bytes are told as lines: the operations that make the default
+        // image on the way (create, template builds) have no progress bars.
+        let pulled = self
+            .pull_catalog_image(name, &progress.as_lines(), cancel)
+            .await;
         match pulled {
             Ok(img) => return Ok(img),
-            Err(e) if catalog_unavailable(&e) => progress(
-                "image",
-                &format!(
+            Err(e) if catalog_unavailable(&e) => progress.phase(
+                Step::Image,
+                format!(
                     "the catalog does not provide {name} ({e}); building it from Debian packages instead (takes about a minute)"
                 ),
             ),
@@ -320,7 +273,7 @@ impl Daemon {
     pub(crate) async fn build_image(
         self: &Arc<Self>,
         req: BuildImageRequest,
-        progress: &(dyn Fn(&str, &str) + Send + Sync),
+        progress: &ProgressSink,
         cancel: CancellationToken,
     ) -> Result<ImageRecord, DaemonError> {
         match req.from_image.as_deref() {

@@ -4,6 +4,7 @@ use super::*;
 use crate::vm::now_rfc3339;
 use crate::{Daemon, DaemonError};
 use banger_api::images::{PullImageRequest, PullKernelRequest};
+use banger_api::{ProgressSink, Step};
 use banger_catalog::CatalogError;
 use banger_model::{ImageRecord, KernelRecord};
 use std::path::PathBuf;
@@ -17,19 +18,11 @@ const OCI_MIN_ROOTFS: u64 = 512 << 20;
 impl Daemon {
     fn catalog_options(
         &self,
-        report: &Report,
+        progress: &ProgressSink,
         cancel: &CancellationToken,
     ) -> banger_catalog::PullOptions {
-        let transfer = report.transfer.clone();
         banger_catalog::PullOptions {
-            progress: Arc::new(move |p| match p {
-                banger_catalog::Progress::Download { done, total } => {
-                    transfer("download", done, total)
-                }
-                banger_catalog::Progress::Extract { done, total } => {
-                    transfer("extract", done, total)
-                }
-            }),
+            progress: crate::progress::catalog(progress),
             cancel: cancel.clone(),
         }
     }
@@ -44,7 +37,7 @@ impl Daemon {
     pub(crate) async fn pull_catalog_image(
         self: &Arc<Self>,
         name: &str,
-        report: &Report,
+        progress: &ProgressSink,
         cancel: &CancellationToken,
     ) -> Result<ImageRecord, CatalogError> {
         let index = banger_catalog::load_index(self.config.catalog_url.as_deref()).await?;
@@ -52,20 +45,20 @@ impl Daemon {
         let _guard = self.image_lock.lock().await;
         if self.store.get_kernel(&entry.kernel).is_err() {
             let kentry = index.kernel(&entry.kernel)?.clone();
-            (report.progress)(
-                "kernel",
-                &format!("pulling kernel {} from the catalog", kentry.name),
+            progress.phase(
+                Step::Kernel,
+                format!("pulling kernel {} from the catalog", kentry.name),
             );
-            self.pull_kernel_entry(&kentry, report, cancel).await?;
+            self.pull_kernel_entry(&kentry, progress, cancel).await?;
         }
-        (report.progress)(
-            "download",
-            &format!(
+        progress.phase(
+            Step::Download,
+            format!(
                 "pulling image {name} from {} ({} bytes)",
                 entry.url, entry.size
             ),
         );
-        let opts = self.catalog_options(report, cancel);
+        let opts = self.catalog_options(progress, cancel);
         let pulled = match banger_catalog::pull_image(
             &entry,
             &self.catalog_cache(),
@@ -96,20 +89,19 @@ impl Daemon {
             .map_err(|e| CatalogError::Invalid(e.to_string()))?;
         // Snapshots of the old contents: never restorable on the new ones.
         self.remove_image_templates(&image.name);
-        self.offer_kernel_modules(&image, &|m| (report.progress)("warning", m))
-            .await;
+        self.offer_kernel_modules(&image, progress).await;
         tracing::info!(image = name, kernel = %entry.kernel, "image pulled from the catalog");
-        (report.progress)("done", &format!("image {name} registered"));
+        progress.phase(Step::Done, format!("image {name} registered"));
         Ok(image)
     }
 
     async fn pull_kernel_entry(
         &self,
         entry: &banger_catalog::KernelEntry,
-        report: &Report,
+        progress: &ProgressSink,
         cancel: &CancellationToken,
     ) -> Result<KernelRecord, CatalogError> {
-        let opts = self.catalog_options(report, cancel);
+        let opts = self.catalog_options(progress, cancel);
         let pulled = match banger_catalog::pull_kernel(
             entry,
             &self.catalog_cache(),
@@ -146,7 +138,7 @@ impl Daemon {
     pub(crate) async fn pull_kernel(
         self: &Arc<Self>,
         name: &str,
-        report: &Report,
+        progress: &ProgressSink,
         cancel: &CancellationToken,
     ) -> Result<KernelRecord, DaemonError> {
         check_name("kernel", name)?;
@@ -160,15 +152,15 @@ impl Daemon {
             .map_err(catalog_error)?;
         let entry = index.kernel(name).map_err(catalog_error)?.clone();
         let _guard = self.image_lock.lock().await;
-        (report.progress)(
-            "download",
-            &format!("pulling kernel {name} from {}", entry.url),
+        progress.phase(
+            Step::Download,
+            format!("pulling kernel {name} from {}", entry.url),
         );
         let k = self
-            .pull_kernel_entry(&entry, report, cancel)
+            .pull_kernel_entry(&entry, progress, cancel)
             .await
             .map_err(catalog_error)?;
-        (report.progress)("done", &format!("kernel {name} registered"));
+        progress.phase(Step::Done, format!("kernel {name} registered"));
         Ok(k)
     }
 
@@ -224,14 +216,14 @@ impl Daemon {
     pub(crate) async fn pull_image(
         self: &Arc<Self>,
         req: PullImageRequest,
-        report: &Report,
+        progress: &ProgressSink,
         cancel: &CancellationToken,
     ) -> Result<ImageRecord, DaemonError> {
         self.check_pull(&req)?;
         let reference = req.reference.as_str();
         if !is_oci_reference(reference) {
             return self
-                .pull_catalog_image(reference, report, cancel)
+                .pull_catalog_image(reference, progress, cancel)
                 .await
                 .map_err(catalog_error);
         }
@@ -247,13 +239,12 @@ impl Daemon {
             })?,
             None => {
                 let default = self.config.default_image_name.clone();
-                (report.progress)(
-                    "kernel",
-                    &format!("using the kernel of the default image {default} (choose another with --kernel-ref)"),
+                progress.phase(
+                    Step::Kernel,
+                    format!("using the kernel of the default image {default} (choose another with --kernel-ref)"),
                 );
-                let progress = report.progress.clone();
                 let img = self
-                    .ensure_image(&default, &move |p, m| progress(p, m), cancel)
+                    .ensure_image(&default, progress, cancel)
                     .await?;
                 self.store.get_kernel(&img.kernel)?
             }
@@ -261,8 +252,6 @@ impl Daemon {
         let _guard = self.image_lock.lock().await;
         self.refuse_existing_image(&name)?;
         let out_dir = self.paths.images_dir.join(&name);
-        let progress = report.progress.clone();
-        let transfer = report.transfer.clone();
         let opts = banger_oci::PullOptions {
             reference: reference.to_string(),
             cache_dir: self.paths.cache_dir.clone(),
@@ -270,33 +259,7 @@ impl Daemon {
             payload: banger_image::GuestPayload::new(self.agent_binary()?),
             min_size: OCI_MIN_ROOTFS,
             auth: banger_oci::Credentials::DockerConfig,
-            progress: Some(Arc::new(move |p| {
-                use banger_oci::PullProgress as P;
-                match p {
-                    P::Resolved {
-                        digest,
-                        layers,
-                        total_bytes,
-                    } => progress(
-                        "resolve",
-                        &format!("{digest}: {layers} layers, {total_bytes} bytes"),
-                    ),
-                    P::Layer {
-                        index,
-                        done,
-                        total,
-                        cached,
-                        ..
-                    } => {
-                        if !cached {
-                            transfer(&format!("layer {}", index + 1), done, total)
-                        }
-                    }
-                    P::Phase { name, message } => progress(name, &message),
-                    P::Line(l) => tracing::debug!(target: "oci_pull", "{l}"),
-                    P::Note(n) => progress("note", &n),
-                }
-            })),
+            progress: Some(crate::progress::oci(progress)),
             cancel: cancel.clone(),
         };
         let pulled = banger_oci::pull_to_ext4(opts).await.map_err(oci_error)?;
@@ -314,12 +277,11 @@ impl Daemon {
             return Err(e.into());
         }
         self.remove_image_templates(&image.name);
-        self.offer_kernel_modules(&image, &|m| (report.progress)("warning", m))
-            .await;
+        self.offer_kernel_modules(&image, progress).await;
         tracing::info!(image = %name, reference, digest = %pulled.digest, "OCI image pulled");
-        (report.progress)(
-            "done",
-            &format!("image {name} registered ({})", pulled.digest),
+        progress.phase(
+            Step::Done,
+            format!("image {name} registered ({})", pulled.digest),
         );
         Ok(image)
     }

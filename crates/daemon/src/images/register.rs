@@ -113,7 +113,8 @@ impl Daemon {
         };
         self.store.upsert_image(&image)?;
         self.remove_image_templates(&image.name);
-        self.offer_kernel_modules(&image, &|_| {}).await;
+        self.offer_kernel_modules(&image, &banger_api::ProgressSink::discard())
+            .await;
         // A kernel registered with an earlier --kernel and no longer used goes too.
         if let Some(old) = old
             && old.kernel == name

@@ -161,7 +161,7 @@ mod tests {
         let d = Daemon::new(config, Paths::under(t.path())).expect("daemon");
         crate::vm::tests::add_image(&d);
 
-        let mut steps = Steps::new(|_, _| {});
+        let mut steps = Steps::new(&banger_api::ProgressSink::discard());
         let (vm, held) = d
             .admit(new_vm("calm-otter"), &mut steps)
             .await
@@ -176,7 +176,7 @@ mod tests {
         assert!(!handle.is_busy());
         assert!(d.vms.existing(&vm.id).is_some(), "a recorded VM keeps it");
 
-        let mut steps = Steps::new(|_, _| {});
+        let mut steps = Steps::new(&banger_api::ProgressSink::discard());
         match d.admit(new_vm("calm-otter"), &mut steps).await {
             Err(DaemonError::Conflict(m)) => assert_eq!(
                 m,
@@ -185,7 +185,7 @@ mod tests {
             other => panic!("expected a name clash: {:?}", other.map(|(v, _)| v)),
         }
 
-        let mut steps = Steps::new(|_, _| {});
+        let mut steps = Steps::new(&banger_api::ProgressSink::discard());
         let (other, held) = d
             .admit(new_vm("bold-heron"), &mut steps)
             .await

@@ -7,6 +7,7 @@ use crate::vm::{BootFacts, BootInitrd};
 use anyhow::{Context, anyhow};
 use banger_agent_proto::boot::BootArgs;
 use banger_agent_proto::client::AgentClient;
+use banger_api::{ProgressSink, Step};
 use banger_model::{ImageRecord, KernelRecord, VmBackend, VmRecord, VmState};
 use banger_storage::VmDisks;
 use banger_vmm::{DiskFormat, DiskSpec, LaunchSpec, VmPaths, Vmm};
@@ -39,7 +40,7 @@ impl Daemon {
         }
         // The VM is not running: its work disk may be written. Never into
         // a template, which every VM of every user of this host restores.
-        if !template && let Err(e) = self.sync_credentials(vm, &|w| progress("warning", w)).await {
+        if !template && let Err(e) = self.sync_credentials(vm, progress).await {
             return Err(fail(steps, e).await);
         }
         // Firecracker boots an uncompressed ELF; QEMU the bzImage.
@@ -57,7 +58,7 @@ impl Daemon {
             },
             VmBackend::Qemu => kernel.kernel.clone(),
         };
-        progress("network", "setting up the VM's network");
+        progress.phase(Step::Network, "setting up the VM's network");
         let boot_net = match self.net_up(vm, steps).await {
             Ok(n) => n,
             Err(e) => return Err(fail(steps, e).await),
@@ -174,9 +175,9 @@ impl Daemon {
                         hello_ms: hello.uptime_ms,
                     }),
                 );
-                progress(
-                    "ready",
-                    &format!(
+                progress.phase(
+                    Step::Ready,
+                    format!(
                         "guest agent is up ({} ms after the guest kernel started; {} initramfs)",
                         hello.uptime_ms,
                         initrd_kind.as_str()
@@ -214,7 +215,7 @@ pub(crate) struct BootCtx<'a> {
     pub(crate) vmm: &'a Arc<dyn Vmm>,
     pub(crate) kernel: &'a KernelRecord,
     pub(crate) image: &'a ImageRecord,
-    pub(crate) progress: &'a (dyn Fn(&str, &str) + Sync),
+    pub(crate) progress: &'a ProgressSink,
     pub(crate) cancel: &'a CancellationToken,
     /// Boot this writable root file system instead of the image's shared
     /// one under an overlay (the transient VM of `image build

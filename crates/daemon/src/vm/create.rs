@@ -7,41 +7,14 @@ use crate::vm::admit::NewVm;
 use crate::warm::plan::{ColdReason, StartPlan};
 use crate::{Daemon, DaemonError};
 use anyhow::{Context, anyhow};
-use banger_api::{CreateVmEvent, CreateVmRequest, Progress};
+use banger_api::{CreateVmRequest, PlannedVm, ProgressSink, Step};
 use banger_config::{HostResources, apply_flags, effective_defaults};
 use banger_model::{
     StartInfo, TemplateShape, VmName, VmRecord, VmState, WarmMode, WarmSetting, generate_name,
 };
 use banger_storage::{VmDisks, WorkSource};
 use std::sync::Arc;
-use std::time::Instant;
-use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
-
-/// Sends progress events of one operation.
-pub(crate) struct Reporter {
-    tx: mpsc::UnboundedSender<CreateVmEvent>,
-    started: Instant,
-}
-
-impl Reporter {
-    pub(crate) fn new(tx: mpsc::UnboundedSender<CreateVmEvent>) -> Self {
-        Self {
-            tx,
-            started: Instant::now(),
-        }
-    }
-    pub(crate) fn progress(&self, phase: &str, message: &str) {
-        let _ = self.tx.send(CreateVmEvent::Progress(Progress {
-            phase: phase.into(),
-            message: message.to_string(),
-            elapsed_ms: self.started.elapsed().as_millis() as u64,
-        }));
-    }
-    fn send(&self, ev: CreateVmEvent) {
-        let _ = self.tx.send(ev);
-    }
-}
 
 impl Daemon {
     /// `--nat` needs bridge networking.
@@ -94,16 +67,16 @@ impl Daemon {
     }
 
     /// Creates a VM and, unless `req.start` is false, boots it and waits for
-    /// its agent. Emits `Planned`, then progress; the caller sends `Done`/`Error`.
+    /// its agent. Calls `planned` with the name and spec, then reports to `progress`; the caller sends `Done`/`Error`.
     /// Cancelling `cancel` (the client went away) before the VM is ready
     /// rolls everything back.
     pub async fn create_vm(
         self: &Arc<Self>,
         req: CreateVmRequest,
-        tx: mpsc::UnboundedSender<CreateVmEvent>,
+        planned: impl FnOnce(PlannedVm),
+        progress: &ProgressSink,
         cancel: CancellationToken,
     ) -> Result<VmRecord, DaemonError> {
-        let rep = Reporter::new(tx);
         let vmm = self.vmm()?.clone();
         let _in_flight = CreateGuard::new(self);
         let name = match &req.name {
@@ -118,18 +91,16 @@ impl Daemon {
         )?;
         let defaults = effective_defaults(&self.config.vm_defaults, &HostResources::detect());
         let spec = apply_flags(defaults, req.vcpu, req.memory_mib, disk);
-        rep.send(CreateVmEvent::Planned(banger_api::PlannedVm {
+        planned(PlannedVm {
             name: name.to_string(),
             spec,
-        }));
+        });
 
         let image_name = req
             .image
             .clone()
             .unwrap_or_else(|| self.config.default_image_name.clone());
-        let image = self
-            .ensure_image(&image_name, &|phase, msg| rep.progress(phase, msg), &cancel)
-            .await?;
+        let image = self.ensure_image(&image_name, progress, &cancel).await?;
         if cancel.is_cancelled() {
             return Err(DaemonError::Failed(anyhow!(self.cancel_reason())));
         }
@@ -164,7 +135,7 @@ impl Daemon {
                     return Err(DaemonError::Conflict(format!("--warm: {reason}")));
                 }
                 if req.start {
-                    rep.progress("start", &format!("cold ({reason})"));
+                    progress.phase(Step::Start, format!("cold ({reason})"));
                     if reason.wants_template() && self.config.warm_start == WarmSetting::Auto {
                         self.queue_template_build(&image.name, shape);
                     }
@@ -173,8 +144,7 @@ impl Daemon {
                 None
             }
         };
-        let progress = |phase: &str, msg: &str| rep.progress(phase, msg);
-        let mut steps = Steps::new(|phase, msg| rep.progress(phase, msg));
+        let mut steps = Steps::new(progress);
         let new = NewVm {
             name,
             image: image.name.clone(),
@@ -190,12 +160,12 @@ impl Daemon {
         let this = self.clone();
         let mut warmed = false;
         if let Some(template) = &warm_template {
-            rep.progress(
-                "start",
-                &format!("warm (restoring template {})", template.header.id),
+            progress.phase(
+                Step::Start,
+                format!("warm (restoring template {})", template.header.id),
             );
             match this
-                .try_warm(&mut vm, &image, template, &mut steps, &progress, &cancel)
+                .try_warm(&mut vm, &image, template, &mut steps, progress, &cancel)
                 .await
             {
                 Ok(_) => warmed = true,
@@ -213,7 +183,7 @@ impl Daemon {
                         ));
                     }
                     tracing::warn!(vm = %vm.name, template = %template.header.id, step = e.step, error = %why, "warm start failed; booting cold");
-                    rep.progress("start", &format!("cold (warm start failed: {why})"));
+                    progress.phase(Step::Start, format!("cold (warm start failed: {why})"));
                     if e.blames_template()
                         && let Ok(Some((row, _))) = this.store.get_template(&template.header.id)
                     {
@@ -282,16 +252,12 @@ impl Daemon {
                 .await
                 .map_err(|e| DaemonError::Failed(e.into()))?;
             if !self.config.file_sync.is_empty() {
-                let (this2, rec, rep) = (self.clone(), vm.clone(), &rep);
+                let (this2, rec) = (self.clone(), vm.clone());
                 steps
                     .run(
                         "files",
                         "copying [[file_sync]] files into /root",
-                        |_| async move {
-                            this2
-                                .sync_files(&rec, &|w| rep.progress("warning", w))
-                                .await
-                        },
+                        |_| async move { this2.sync_files(&rec, progress).await },
                     )
                     .await
                     .map_err(|e| DaemonError::Failed(e.into()))?;
@@ -306,7 +272,7 @@ impl Daemon {
             vmm: &vmm,
             kernel: &kernel,
             image: &image,
-            progress: &progress,
+            progress,
             cancel: &cancel,
             writable_root: None,
             purpose: BootPurpose::Vm,
@@ -317,7 +283,7 @@ impl Daemon {
             this.boot(ctx, &mut vm, &mut steps).await.map(|_| ())
         };
         if booted.is_ok() && req.wait_boot.unwrap_or(self.config.wait_boot) {
-            booted = match this.wait_system(&vm, &progress, &cancel).await {
+            booted = match this.wait_system(&vm, progress, &cancel).await {
                 crate::vm::SystemWait::Booted => Ok(()),
                 crate::vm::SystemWait::TimedOut(msg) => Err(BootError::NotReady(msg)),
                 crate::vm::SystemWait::Cancelled => {
@@ -327,7 +293,7 @@ impl Daemon {
             };
         }
         if booted.is_ok() && req.wait_ssh {
-            booted = match this.wait_sshd(&vm, &progress, &cancel).await {
+            booted = match this.wait_sshd(&vm, progress, &cancel).await {
                 crate::vm::SshWait::Up => Ok(()),
                 // Kept like a guest whose agent never greeted.
                 crate::vm::SshWait::TimedOut(msg) => Err(BootError::NotReady(format!(

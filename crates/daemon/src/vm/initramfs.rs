@@ -11,7 +11,7 @@
 
 use crate::{Daemon, DaemonError};
 use anyhow::{Context, anyhow};
-use banger_api::VmBoot;
+use banger_api::{ProgressSink, VmBoot};
 use banger_image::initramfs::{Ext4Source, InitramfsError, MODULES_CPIO_FILE};
 use banger_model::{ImageRecord, InitramfsMode, KernelRecord, VmId, VmRecord};
 use std::path::{Path, PathBuf};
@@ -119,11 +119,7 @@ impl Daemon {
     /// After an image was built, pulled or registered: gives its kernel
     /// banger's initramfs from the image's modules when it has none. Never
     /// fails the operation; says what happened.
-    pub(crate) async fn offer_kernel_modules(
-        &self,
-        image: &ImageRecord,
-        note: &(dyn Fn(&str) + Sync),
-    ) {
+    pub(crate) async fn offer_kernel_modules(&self, image: &ImageRecord, progress: &ProgressSink) {
         match self.ensure_kernel_initramfs(&image.kernel, image).await {
             Ok(Some(_)) => {}
             Ok(None) => {
@@ -135,7 +131,7 @@ impl Daemon {
                     image.kernel, image.name
                 );
                 tracing::warn!("{msg}");
-                note(&msg);
+                progress.warn(msg);
             }
         }
     }

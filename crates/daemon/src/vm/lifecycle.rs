@@ -38,20 +38,22 @@ impl Daemon {
         let vmm = self.vmm()?.clone();
         let image = self.store.get_image(&vm.image)?;
         let kernel = self.store.get_kernel(&image.kernel)?;
-        let mut steps = Steps::new(|_, _| {});
+        // Nobody watches a start: its steps are only logged on failure.
+        let quiet = banger_api::ProgressSink::discard();
+        let mut steps = Steps::new(&quiet);
         let cancel = self.shutdown.child_token();
         let ctx = BootCtx {
             vmm: &vmm,
             kernel: &kernel,
             image: &image,
-            progress: &|_, _| {},
+            progress: &quiet,
             cancel: &cancel,
             writable_root: None,
             purpose: BootPurpose::Vm,
         };
         let mut booted = self.boot(ctx, vm, &mut steps).await.map(|_| ());
         if booted.is_ok() && self.config.wait_boot {
-            booted = match self.wait_system(vm, &|_, _| {}, &cancel).await {
+            booted = match self.wait_system(vm, &quiet, &cancel).await {
                 crate::vm::SystemWait::Booted => Ok(()),
                 crate::vm::SystemWait::TimedOut(m) => Err(BootError::NotReady(m)),
                 crate::vm::SystemWait::Cancelled => {

@@ -4,6 +4,7 @@
 use crate::{Daemon, DaemonError};
 use anyhow::anyhow;
 use banger_api::WaitFor;
+use banger_api::{ProgressSink, Step};
 use banger_model::{VmRecord, VmState};
 use banger_vmm::VmPaths;
 use std::net::SocketAddr;
@@ -64,7 +65,7 @@ impl Daemon {
     pub(crate) async fn wait_sshd(
         &self,
         vm: &VmRecord,
-        progress: &(dyn Fn(&str, &str) + Sync),
+        progress: &ProgressSink,
         cancel: &CancellationToken,
     ) -> SshWait {
         let Some(addr) = ssh_target(vm) else {
@@ -78,9 +79,9 @@ impl Daemon {
         loop {
             if ssh_banner(addr).await {
                 if waited {
-                    progress(
-                        "ready",
-                        &format!("sshd is up (after {} ms)", started.elapsed().as_millis()),
+                    progress.phase(
+                        Step::Ready,
+                        format!("sshd is up (after {} ms)", started.elapsed().as_millis()),
                     );
                 }
                 return SshWait::Up;
@@ -94,9 +95,9 @@ impl Daemon {
             }
             if !waited {
                 waited = true;
-                progress(
-                    "sshd",
-                    &format!(
+                progress.phase(
+                    Step::Sshd,
+                    format!(
                         "waiting for {}'s sshd on {addr} (up to {}s)",
                         vm.name,
                         self.ready_timeout().as_secs()
@@ -115,13 +116,16 @@ impl Daemon {
     pub(crate) async fn wait_system(
         &self,
         vm: &VmRecord,
-        progress: &(dyn Fn(&str, &str) + Sync),
+        progress: &ProgressSink,
         cancel: &CancellationToken,
     ) -> SystemWait {
         let Some(agent) = self.agent(&vm.id) else {
             return SystemWait::TimedOut(format!("VM {} has no agent connection", vm.name));
         };
-        progress("system", "waiting for the guest's init to finish booting");
+        progress.phase(
+            Step::System,
+            "waiting for the guest's init to finish booting",
+        );
         let started = Instant::now();
         let timeout = self.ready_timeout();
         let report = tokio::select! {
@@ -131,9 +135,9 @@ impl Daemon {
         match report {
             Ok(Ok(r)) => {
                 let state = r.system.describe().to_string();
-                progress(
-                    "system",
-                    &format!(
+                progress.phase(
+                    Step::System,
+                    format!(
                         "the guest's init is up: {state} ({} ms after the agent)",
                         started.elapsed().as_millis()
                     ),
@@ -160,7 +164,7 @@ impl Daemon {
         self: &Arc<Self>,
         r: &str,
         until: WaitFor,
-        progress: &(dyn Fn(&str, &str) + Sync),
+        progress: &ProgressSink,
         cancel: &CancellationToken,
     ) -> Result<VmRecord, DaemonError> {
         let (vm, _) = self.running_agent(r)?;
@@ -291,13 +295,16 @@ mod tests {
         let (port, greet) = fake_sshd().await;
         let notes = Arc::new(Mutex::new(Vec::<(String, String)>::new()));
         let n = notes.clone();
-        let progress = move |phase: &str, msg: &str| {
-            if phase == "sshd" {
+        let progress = ProgressSink::new(move |ev| {
+            let banger_api::Event::Phase { step, message } = ev else {
+                panic!("not a phase: {ev:?}");
+            };
+            if step == Step::Sshd {
                 // The waiting note came: now let sshd answer.
                 greet.store(true, std::sync::atomic::Ordering::SeqCst);
             }
-            n.lock().expect("lock").push((phase.into(), msg.into()));
-        };
+            n.lock().expect("lock").push((step.to_string(), message));
+        });
         let r = d
             .wait_sshd(&vm(port), &progress, &CancellationToken::new())
             .await;
@@ -322,7 +329,7 @@ mod tests {
         greet.store(true, std::sync::atomic::Ordering::SeqCst);
         let notes = Arc::new(Mutex::new(0));
         let n = notes.clone();
-        let progress = move |_: &str, _: &str| *n.lock().expect("lock") += 1;
+        let progress = ProgressSink::new(move |_| *n.lock().expect("lock") += 1);
         let r = d
             .wait_sshd(&vm(port), &progress, &CancellationToken::new())
             .await;
@@ -331,7 +338,11 @@ mod tests {
 
         let (port, _never) = fake_sshd().await;
         match d
-            .wait_sshd(&vm(port), &|_, _| {}, &CancellationToken::new())
+            .wait_sshd(
+                &vm(port),
+                &ProgressSink::discard(),
+                &CancellationToken::new(),
+            )
             .await
         {
             SshWait::TimedOut(m) => assert!(m.contains("within 1s (ready_timeout_secs)"), "{m}"),

@@ -9,6 +9,7 @@ use crate::vm::{BOOT_INITRD_FILE, BootInitrd};
 use crate::vm::{BootCtx, BootError, BootPurpose, TEMPLATE_MAC, now_rfc3339};
 use crate::{Daemon, DaemonError};
 use anyhow::{Context, anyhow};
+use banger_api::{ProgressSink, Step};
 use banger_config::{HostResources, apply_flags, effective_defaults};
 use banger_model::{
     InitramfsMode, Provenance, SpecValue, TemplateRecord, TemplateShape, TemplateState, VmBackend,
@@ -24,8 +25,6 @@ use tokio_util::sync::CancellationToken;
 /// Quiet time after the guest's init finished, so its last start-up
 /// writes are done before the seal.
 const SETTLE: Duration = Duration::from_millis(500);
-
-type Progress<'a> = &'a (dyn Fn(&str, &str) + Send + Sync);
 
 /// The name of the transient VM of a template build: a DNS label.
 fn transient_name(image: &str, shape: TemplateShape) -> String {
@@ -60,16 +59,14 @@ impl Daemon {
         self: &Arc<Self>,
         image_name: &str,
         shape: TemplateShape,
-        progress: Progress<'_>,
+        progress: &ProgressSink,
         cancel: &CancellationToken,
     ) -> Result<TemplateRecord, DaemonError> {
         let backend_id = self.warm_backend().await.map_err(|why| {
             DaemonError::Conflict(format!("this host cannot make templates: {why}"))
         })?;
-        let image = self
-            .ensure_image(image_name, &|p, m| progress(p, m), cancel)
-            .await?;
-        progress("wait", "waiting for other template builds");
+        let image = self.ensure_image(image_name, progress, cancel).await?;
+        progress.phase(Step::Wait, "waiting for other template builds");
         let _one = tokio::select! {
             g = self.template_build.lock() => g,
             _ = cancel.cancelled() => return Err(DaemonError::Failed(anyhow!(self.cancel_reason()))),
@@ -80,22 +77,22 @@ impl Daemon {
         if let super::plan::Lookup::Found { template, .. } = looked.lookup
             && let Some((row, _)) = self.store.get_template(&template.header.id)?
         {
-            progress("done", &format!("template {} is up to date", row.id));
+            progress.phase(Step::Done, format!("template {} is up to date", row.id));
             return Ok(row);
         }
         let started = Instant::now();
         let name = transient_name(&image.name, shape);
         if let Ok(old) = self.store.resolve_vm(&name) {
-            progress(
-                "cleanup",
-                &format!("removing a leftover transient VM {name}"),
+            progress.phase(
+                Step::Cleanup,
+                format!("removing a leftover transient VM {name}"),
             );
             self.delete_vm(old.id.as_str()).await?;
         }
         let vm = self.template_vm(&name, &image.name, shape).await?;
-        progress(
-            "vm",
-            &format!("transient VM {name} ({shape}; removed when the build ends)"),
+        progress.phase(
+            Step::Vm,
+            format!("transient VM {name} ({shape}; removed when the build ends)"),
         );
         let built = self
             .build_in(&vm, &image, &backend_id, started, progress, cancel)
@@ -103,9 +100,9 @@ impl Daemon {
         let removed = self.delete_vm(vm.id.as_str()).await;
         match (built, removed) {
             (Ok(t), Ok(_)) => {
-                progress(
-                    "done",
-                    &format!(
+                progress.phase(
+                    Step::Done,
+                    format!(
                         "template {} of {} ({shape}) saved in {:.1}s",
                         t.id,
                         image.name,
@@ -146,7 +143,7 @@ impl Daemon {
         image: &banger_model::ImageRecord,
         backend_id: &str,
         started: Instant,
-        progress: Progress<'_>,
+        progress: &ProgressSink,
         cancel: &CancellationToken,
     ) -> Result<TemplateRecord, DaemonError> {
         let guard = self.lock_vm_id(&vm.id).await?;
@@ -155,7 +152,10 @@ impl Daemon {
         let kernel = self.store.get_kernel(&image.kernel)?;
         let disks = VmDisks::in_dir(&vm.dir);
         let disk_bytes = vm.spec.disk_bytes.value;
-        progress("disks", "creating the system overlay and /root work disk");
+        progress.phase(
+            Step::Disks,
+            "creating the system overlay and /root work disk",
+        );
         let source = match &image.work_seed {
             Some(s) => WorkSource::Seed(s),
             None => WorkSource::Empty,
@@ -167,13 +167,12 @@ impl Daemon {
         o.context("creating the system overlay disk")?;
         w.context("creating the /root work disk")?;
 
-        let mut steps = crate::steps::Steps::new(|p, m| progress(p, m));
-        let boot_progress = |p: &str, m: &str| progress(p, m);
+        let mut steps = crate::steps::Steps::new(progress);
         let ctx = BootCtx {
             vmm: &vmm,
             kernel: &kernel,
             image,
-            progress: &boot_progress,
+            progress,
             cancel,
             writable_root: None,
             purpose: BootPurpose::Template,
@@ -189,7 +188,7 @@ impl Daemon {
             Err(BootError::Failed(e)) => return Err(DaemonError::Failed(e)),
         };
         steps.commit();
-        match self.wait_system(&vm, &boot_progress, cancel).await {
+        match self.wait_system(&vm, progress, cancel).await {
             crate::vm::SystemWait::Booted => {}
             crate::vm::SystemWait::TimedOut(m) => {
                 return Err(DaemonError::Failed(anyhow!(
@@ -208,8 +207,8 @@ impl Daemon {
             .boot_facts(&vm.id)
             .map(|f| f.initrd)
             .ok_or_else(|| anyhow!("the template's boot left no record of its initramfs"))?;
-        progress(
-            "seal",
+        progress.phase(
+            Step::Seal,
             "sealing the guest (sshd stopped, host keys removed)",
         );
         let seal = agent.seal().await.context("sealing the template's guest")?;
@@ -221,9 +220,9 @@ impl Daemon {
             memory: vm.dir.join(MEMORY_FILE),
             vmstate: (backend == VmBackend::Firecracker).then(|| vm.dir.join(VMSTATE_FILE)),
         };
-        progress(
-            "snapshot",
-            &format!(
+        progress.phase(
+            Step::Snapshot,
+            format!(
                 "saving the guest's memory and state ({} MiB of memory)",
                 vm.spec.memory_mib.value
             ),
@@ -261,7 +260,7 @@ impl Daemon {
         let id = key_id(&key);
         let final_dir = self.templates_dir().join(&id);
         let partial = self.templates_dir().join(format!("{id}.partial"));
-        progress("save", &format!("saving template {id}"));
+        progress.phase(Step::Save, format!("saving template {id}"));
         let mut names = vec![
             MEMORY_FILE.to_string(),
             disks_name(&disks.overlay),

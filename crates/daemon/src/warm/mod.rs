@@ -222,7 +222,7 @@ impl Daemon {
             };
             if idle {
                 tracing::info!(image = %job.0, vcpu = shape.vcpu, memory_mib = shape.memory_mib, "building a template in the background");
-                let quiet = |_: &str, _: &str| {};
+                let quiet = banger_api::ProgressSink::discard();
                 match this.build_template(&job.0, shape, &quiet, &cancel).await {
                     Ok(t) => {
                         tracing::info!(template = %t.id, image = %job.0, "background template ready")

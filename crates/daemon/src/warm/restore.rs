@@ -13,6 +13,7 @@ use crate::{Daemon, guest::ssh::HOST_PUBLIC_KEY};
 use anyhow::{Context, anyhow};
 use banger_agent_proto::client::AgentClient;
 use banger_agent_proto::{GuestNetConfig, RestoreIdentity, RestoreReport, SshHostKey};
+use banger_api::{ProgressSink, Step};
 use banger_model::{ImageRecord, StartInfo, StartKind, VmBackend, VmRecord, VmState};
 use banger_net::guest::GuestNet;
 use banger_ssh::{HostKey, UserKey};
@@ -111,12 +112,12 @@ impl Daemon {
         image: &ImageRecord,
         template: &Template,
         steps: &mut Steps<'a>,
-        progress: &'a (dyn Fn(&str, &str) + Sync),
+        progress: &'a ProgressSink,
         cancel: &CancellationToken,
     ) -> Result<StartInfo, WarmError> {
         // Its own runner: a failed step rolls back the warm attempt only,
         // never the create's directory and record.
-        let mut warm = Steps::new(move |p, m| progress(p, m));
+        let mut warm = Steps::new(progress);
         match self
             .restore_into(vm, image, template, &mut warm, progress, cancel)
             .await
@@ -143,7 +144,7 @@ impl Daemon {
         image: &ImageRecord,
         template: &Template,
         steps: &mut Steps<'_>,
-        progress: &(dyn Fn(&str, &str) + Sync),
+        progress: &ProgressSink,
         cancel: &CancellationToken,
     ) -> Result<StartInfo, WarmError> {
         let fail = |step: &'static str| move |e: anyhow::Error| WarmError { step, cause: e };
@@ -212,7 +213,7 @@ impl Daemon {
         // 3. The host side of its network.
         self.set_state(vm, VmState::Starting, None, None)
             .map_err(|e| fail("network")(e.into()))?;
-        progress("network", "setting up the VM's network");
+        progress.phase(Step::Network, "setting up the VM's network");
         let boot_net = self.net_up(vm, steps).await.map_err(fail("network"))?;
         let (nets, guest) = match boot_net {
             Some(n) => (n.nets, Some(n.guest)),
@@ -392,7 +393,7 @@ impl Daemon {
                 .run(
                     "files",
                     &format!("copying {n} credential and [[file_sync]] entries into /root"),
-                    |_| async { push_plan_live(&agent, plan, &|w| progress("warning", w)).await },
+                    |_| async { push_plan_live(&agent, plan, progress).await },
                 )
                 .await
                 .map_err(|e| fail("files")(e.into()))?;
@@ -414,9 +415,9 @@ impl Daemon {
         vm.start = info.clone();
         self.net_ready(vm);
         self.watch_exit(vm.id.clone(), pid, exited);
-        progress(
-            "ready",
-            &format!(
+        progress.phase(
+            Step::Ready,
+            format!(
                 "restored from template {} in {} ms ({} ms in all)",
                 h.id,
                 restore_ms,
@@ -457,11 +458,11 @@ fn file_name(p: &std::path::Path) -> String {
 async fn push_plan_live(
     agent: &AgentClient,
     plan: SyncPlan,
-    warn: &(dyn Fn(&str) + Sync),
+    progress: &ProgressSink,
 ) -> anyhow::Result<()> {
     for w in &plan.warnings {
         tracing::warn!("{w}");
-        warn(w);
+        progress.warn(w);
     }
     if plan.entries.is_empty() {
         return Ok(());

@@ -471,13 +471,9 @@ pub async fn create_with_progress(
                 spec_printed = true;
             }
             CreateVmEvent::Progress(p) if chatty || p.phase == banger_api::Step::Image => {
-                eprintln!(
-                    "[{:>5.1}s] {}: {}",
-                    p.elapsed_ms as f64 / 1000.0,
-                    p.phase,
-                    p.message
-                );
+                eprintln!("{}", output::progress_event(p));
             }
+            CreateVmEvent::Warning(w) if chatty => eprintln!("{}", output::warning_event(w)),
             _ => {}
         })
         .await;

@@ -126,9 +126,10 @@ impl Phases {
             CreateVmEvent::Progress(p) if p.phase == Step::Start => {
                 eprintln!("start: {}", p.message);
             }
-            CreateVmEvent::Progress(p) if p.phase == Step::Warning => {
-                eprintln!("banger: warning: {}", p.message);
-                self.warnings.push(p.message.clone());
+            // Always printed, and kept for `--json`.
+            CreateVmEvent::Warning(w) => {
+                eprintln!("{}", warning_line(w));
+                self.warnings.push(w.message.clone());
             }
             CreateVmEvent::Progress(p) => match p.phase.group() {
                 Some(group) => self.enter(group.as_str(), &p.message),
@@ -183,6 +184,11 @@ impl Phases {
         );
         t
     }
+}
+
+/// How `vm run` shows a warning of its create.
+fn warning_line(w: &banger_api::Warning) -> String {
+    format!("banger: warning: {}", w.message)
 }
 
 pub async fn run(a: RunArgs) -> anyhow::Result<i32> {
@@ -457,6 +463,24 @@ mod tests {
         })
     }
 
+    fn warning(message: &str) -> CreateVmEvent {
+        CreateVmEvent::Warning(banger_api::Warning {
+            message: message.into(),
+            elapsed_ms: 0,
+        })
+    }
+
+    #[test]
+    fn a_warning_is_shown_as_a_banger_warning() {
+        let CreateVmEvent::Warning(w) = warning("file_sync[0]: ~/x does not exist; skipped") else {
+            unreachable!()
+        };
+        assert_eq!(
+            warning_line(&w),
+            "banger: warning: file_sync[0]: ~/x does not exist; skipped"
+        );
+    }
+
     #[test]
     fn daemon_steps_fold_into_phases_with_timings() {
         let mut p = Phases::new(true);
@@ -465,7 +489,6 @@ mod tests {
             ("download", "fetching rootfs"),
             ("dir", "preparing VM directory"),
             ("record", "recording VM"),
-            ("warning", "file_sync[0]: ~/x does not exist; skipped"),
             ("files", "copying"),
             ("network", "net"),
             ("boot", "starting"),
@@ -474,6 +497,9 @@ mod tests {
             ("sshd", "waiting for sshd"),
         ] {
             p.on_event(&progress(ph, m));
+            if ph == "record" {
+                p.on_event(&warning("file_sync[0]: ~/x does not exist; skipped"));
+            }
         }
         let names: Vec<&str> = p.marks.iter().map(|(n, _)| n.as_str()).collect();
         assert_eq!(names, ["image", "create", "boot"]);

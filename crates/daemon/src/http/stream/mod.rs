@@ -3,26 +3,23 @@
 //! upgrades to a running VM's agent.
 
 use super::Shared;
-use crate::images::Report;
 use crate::{Daemon, DaemonError};
 use axum::body::Body;
 use axum::extract::ws::{WebSocket, WebSocketUpgrade};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use banger_api::images::Transfer;
-use banger_api::{ApiError, Progress};
+use banger_api::{ApiError, ProgressSink};
 use serde::Serialize;
-use std::sync::Arc;
-use std::time::Instant;
 use tokio::sync::mpsc;
 use tokio_util::sync::{CancellationToken, DropGuard};
 
 pub(crate) mod exec;
 pub(crate) mod files;
+pub(crate) mod progress;
 pub(crate) mod session_socket;
 
-/// Runs `op` as a streamed operation: the events it sends on its channel
-/// go out as NDJSON, its result ends the stream as `done(..)` or
+/// Runs `op` as a streamed operation: what it reports to its sink goes out
+/// as NDJSON events (see [`progress::sink`]), its result ends the stream as `done(..)` or
 /// `error(..)`, and its token is cancelled when the client goes away or the
 /// daemon shuts down.
 pub(crate) fn operation<E, T, F, Fut>(
@@ -32,16 +29,16 @@ pub(crate) fn operation<E, T, F, Fut>(
     op: F,
 ) -> Response
 where
-    E: Serialize + Send + 'static,
+    E: progress::ProgressEvents + Serialize,
     T: 'static,
-    F: FnOnce(Shared, mpsc::UnboundedSender<E>, CancellationToken) -> Fut + Send + 'static,
+    F: FnOnce(Shared, ProgressSink, CancellationToken) -> Fut + Send + 'static,
     Fut: std::future::Future<Output = Result<T, DaemonError>> + Send + 'static,
 {
     let (tx, rx) = mpsc::unbounded_channel();
     let cancel = d.shutdown.child_token();
     let guard = cancel.clone().drop_guard();
     tokio::spawn(async move {
-        let ev = match op(d, tx.clone(), cancel).await {
+        let ev = match op(d, progress::sink(&tx), cancel).await {
             Ok(v) => done(v),
             Err(e) => {
                 tracing::warn!(error = %e, "streamed operation failed");
@@ -51,23 +48,6 @@ where
         let _ = tx.send(ev);
     });
     ndjson(rx, guard)
-}
-
-/// A `(phase, message)` callback sending `wrap(Progress)` events on `tx`,
-/// their time counted from now.
-pub(crate) fn progress_events<E: Send + 'static>(
-    tx: &mpsc::UnboundedSender<E>,
-    wrap: fn(Progress) -> E,
-) -> impl Fn(&str, &str) + Send + Sync + 'static {
-    let started = Instant::now();
-    let tx = tx.clone();
-    move |phase: &str, message: &str| {
-        let _ = tx.send(wrap(Progress {
-            phase: phase.into(),
-            message: message.to_string(),
-            elapsed_ms: started.elapsed().as_millis() as u64,
-        }));
-    }
 }
 
 /// Streams events as NDJSON. `guard` lives as long as the response body:
@@ -121,37 +101,6 @@ where
             .on_upgrade(move |socket| serve(agent, socket))
             .into_response(),
         Err(e) => e.into_response(),
-    }
-}
-
-/// A [`Report`] sending `Progress` and `Transfer` events made by `wrap`.
-pub(crate) fn reporter<E: Send + 'static>(
-    tx: &mpsc::UnboundedSender<E>,
-    progress: fn(Progress) -> E,
-    transfer: Option<fn(Transfer) -> E>,
-) -> Report {
-    let ttx = tx.clone();
-    // Transfers are throttled to whole percents so the stream stays small.
-    let last = Arc::new(std::sync::Mutex::new((String::new(), u64::MAX)));
-    Report {
-        progress: Arc::new(progress_events(tx, progress)),
-        transfer: Arc::new(move |phase: &str, done: u64, total: u64| {
-            let Some(wrap) = transfer else { return };
-            let pct = done
-                .saturating_mul(100)
-                .checked_div(total)
-                .unwrap_or(done >> 20);
-            let mut l = last.lock().unwrap_or_else(|e| e.into_inner());
-            if l.0 == phase && l.1 == pct && done != total {
-                return;
-            }
-            *l = (phase.to_string(), pct);
-            let _ = ttx.send(wrap(Transfer {
-                phase: phase.to_string(),
-                done,
-                total,
-            }));
-        }),
     }
 }
 

@@ -23,6 +23,7 @@ use crate::vm::power::{Ask, PowerOff};
 use crate::vm::{BootCtx, BootError, WRITABLE_ROOT_WORK_DEVICE, console_tail, now_rfc3339};
 use crate::{Daemon, DaemonError};
 use anyhow::{Context, anyhow};
+use banger_api::{ProgressSink, Step};
 use banger_config::{HostResources, apply_flags, effective_defaults};
 use banger_image::derive::{DeriveOptions, GuestStep, check_packages, provisioning_steps};
 use banger_model::{ImageRecord, VmName, VmRecord, VmSpec};
@@ -107,15 +108,13 @@ pub(crate) struct DeriveRequest<'a> {
     pub(crate) packages: &'a [String],
 }
 
-type ProgressRef<'a> = &'a (dyn Fn(&str, &str) + Send + Sync);
-
 impl Daemon {
     /// Builds image `req.name` from image `req.base` in a transient VM and
     /// registers it. See the module docs.
     pub(crate) async fn derive_image(
         self: &Arc<Self>,
         req: DeriveRequest<'_>,
-        progress: ProgressRef<'_>,
+        progress: &ProgressSink,
         cancel: CancellationToken,
     ) -> Result<ImageRecord, DaemonError> {
         let name = req.name;
@@ -145,28 +144,28 @@ impl Daemon {
             .into_iter()
             .find(|v| v.name.as_str() == vm_name)
         {
-            progress(
-                "cleanup",
-                &format!("removing {vm_name}, left over by an interrupted build"),
+            progress.phase(
+                Step::Cleanup,
+                format!("removing {vm_name}, left over by an interrupted build"),
             );
             self.delete_vm(old.id.as_str()).await?;
         }
         let vm = self.transient_vm(&vm_name, &base).await?;
-        progress(
-            "vm",
-            &format!("transient VM {vm_name} (removed when the build ends)"),
+        progress.phase(
+            Step::Vm,
+            format!("transient VM {vm_name} (removed when the build ends)"),
         );
         let built = self
             .derive_in(&vm, &base, name, &plan, progress, &cancel)
             .await;
-        progress("cleanup", &format!("removing transient VM {vm_name}"));
+        progress.phase(Step::Cleanup, format!("removing transient VM {vm_name}"));
         let removed = self.delete_vm(vm.id.as_str()).await;
         match (built, removed) {
             (Ok(files), Ok(_)) => {
                 let img = self.register_derived(name, &base, files).await?;
-                progress(
-                    "done",
-                    &format!("image {name} registered (from {})", req.base),
+                progress.phase(
+                    Step::Done,
+                    format!("image {name} registered (from {})", req.base),
                 );
                 Ok(img)
             }
@@ -221,7 +220,7 @@ impl Daemon {
             initramfs: self.config.initramfs,
             start: Default::default(),
         };
-        let mut steps = crate::steps::Steps::new(|_, _| {});
+        let mut steps = crate::steps::Steps::new(&ProgressSink::discard());
         let (vm, _held) = self.admit(new, &mut steps).await?;
         steps.commit();
         Ok(vm)
@@ -235,7 +234,7 @@ impl Daemon {
         base: &ImageRecord,
         name: &str,
         plan: &[GuestStep],
-        progress: ProgressRef<'_>,
+        progress: &ProgressSink,
         cancel: &CancellationToken,
     ) -> Result<DerivedFiles, DaemonError> {
         let guard = self.lock_vm_id(&vm.id).await?;
@@ -248,16 +247,16 @@ impl Daemon {
         let mut host_files = Vec::new();
         for f in plan.iter().filter_map(|s| s.stdin) {
             let (url, _) = f.source();
-            progress("download", &format!("downloading {url} on the host"));
+            progress.phase(Step::Download, format!("downloading {url} on the host"));
             let path = vm.dir.join(format!("host-file-{}", host_files.len()));
             fetch_verified(f, &path, cancel).await?;
             host_files.push((f, path));
         }
 
         let base_len = file_len(&base.rootfs)?;
-        progress(
-            "disks",
-            &format!(
+        progress.phase(
+            Step::Disks,
+            format!(
                 "copying the root file system of {} ({} MiB) and its /root seed",
                 base.name,
                 base_len >> 20
@@ -278,13 +277,12 @@ impl Daemon {
             .await
             .context("creating the /root work disk")?;
 
-        let mut steps = crate::steps::Steps::new(|p, m| progress(p, m));
-        let boot_progress = |p: &str, m: &str| progress(p, m);
+        let mut steps = crate::steps::Steps::new(progress);
         let ctx = BootCtx {
             vmm: &vmm,
             kernel: &kernel,
             image: base,
-            progress: &boot_progress,
+            progress,
             cancel,
             writable_root: Some(&root),
             purpose: crate::vm::BootPurpose::Vm,
@@ -292,7 +290,7 @@ impl Daemon {
         let booted = match self.boot(ctx, &mut vm, &mut steps).await.map(|_| ()) {
             // Provisioning (apt, dpkg's service restarts) runs against a
             // fully booted system, as it would on a host.
-            Ok(()) => match self.wait_system(&vm, &boot_progress, cancel).await {
+            Ok(()) => match self.wait_system(&vm, progress, cancel).await {
                 crate::vm::SystemWait::Booted => Ok(()),
                 crate::vm::SystemWait::TimedOut(m) => Err(BootError::NotReady(m)),
                 crate::vm::SystemWait::Cancelled => {
@@ -320,7 +318,7 @@ impl Daemon {
             .ok_or_else(|| anyhow!("the transient VM has no agent connection"))?;
 
         for step in plan {
-            progress(step.name, &step.message);
+            progress.phase(step.name, &step.message);
             let stdin = step
                 .stdin
                 .and_then(|f| host_files.iter().find(|(h, _)| *h == f))
@@ -330,7 +328,7 @@ impl Daemon {
                 .map_err(|e| anyhow!("provisioning step {} failed: {e}", step.name))?;
         }
 
-        progress("shutdown", "powering the guest off");
+        progress.phase(Step::Shutdown, "powering the guest off");
         match self
             .power_off(&guard, Ask::Agent(&agent), POWEROFF_TIMEOUT, Some(cancel))
             .await
@@ -356,12 +354,12 @@ impl Daemon {
         }
         drop(guard);
 
-        progress("check", "checking the new file systems (e2fsck)");
+        progress.phase(Step::Check, "checking the new file systems (e2fsck)");
         for disk in [&root, &disks.work] {
             fsck(disk, cancel).await?;
         }
 
-        progress("save", &format!("saving image {name}"));
+        progress.phase(Step::Save, format!("saving image {name}"));
         let dir = self.paths.images_dir.join(name);
         let (work, images_dir, dest) = (disks.work.clone(), self.paths.images_dir.clone(), dir);
         let name = name.to_string();
