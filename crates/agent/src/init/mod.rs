@@ -127,7 +127,7 @@ pub fn run() -> Result<Early, InitError> {
         "started at {:.2} s",
         crate::bootinfo::uptime_ms() as f64 / 1000.0
     );
-    let mut later = Vec::new();
+    let (mut network, mut after) = (Vec::new(), Vec::new());
     let start = if initramfs {
         let t = Instant::now();
         let loaded = load_modules(Path::new(INITRAMFS_MODULES_LIST), &cmdline)?;
@@ -136,7 +136,7 @@ pub fn run() -> Result<Early, InitError> {
             loaded.now,
             t.elapsed().as_millis()
         ));
-        later = loaded.later;
+        (network, after) = (loaded.network, loaded.after);
         let t = Instant::now();
         let newroot = assemble_from_initramfs(&args)?;
         switch_root(&newroot)?;
@@ -158,7 +158,8 @@ pub fn run() -> Result<Early, InitError> {
     let checked = check_init(&args.init)?;
     let Some((init, target)) = checked else {
         // The agent is the init and serves from the start: prepare first.
-        let prepared = prepare_for_commands(&cmdline, &later);
+        let prepared = prepare_for_commands(&cmdline, &network);
+        load_each(&after, &cmdline);
         eprintln!(
             "banger-agent: {timings}, {prepared}; the image has nothing at {}: the agent is its init ({}= names another)",
             args.init,
@@ -201,12 +202,13 @@ pub fn run() -> Result<Early, InitError> {
             // On one vCPU the two compete: the greeting goes first, the
             // preparing takes the time the agent waits for the host.
             let idle = set_idle(true);
-            let prepared = prepare_for_commands(&cmdline, &later);
+            let prepared = prepare_for_commands(&cmdline, &network);
+            drop(prepared_wr);
+            load_each(&after, &cmdline);
             if idle {
                 set_idle(false);
             }
             eprintln!("banger-agent: {prepared} while the agent greeted");
-            drop(prepared_wr);
             wait_for_greeting(handover_rd, HANDOVER_WAIT);
             fail(&exec_init(&init))
         }
@@ -237,21 +239,16 @@ fn set_idle(idle: bool) -> bool {
 }
 
 /// What the host's commands expect and the agent's greeting does not:
-/// the remaining device modules (the network card, the entropy source),
-/// `/tmp` cleaned as the image's init would at boot, the network and the
-/// resolver, all before the image's init starts (its services find them
-/// ready). Problems are printed, not fatal: by now the agent may already
-/// serve. Returns a line for the console.
-fn prepare_for_commands(cmdline: &str, later: &[ModuleFile]) -> String {
+/// the network card's modules, `/tmp` cleaned as the image's init would at
+/// boot, the network and the resolver, all before the image's init starts
+/// (its services find them ready). Problems are printed, not fatal: by now
+/// the agent may already serve. Returns a line for the console.
+fn prepare_for_commands(cmdline: &str, network: &[ModuleFile]) -> String {
     let t = Instant::now();
     // In a thread, while the network is set up: both wait on the guest's
     // devices much of the time. Joined before anything forks or execs.
     let settle = std::thread::spawn(|| crate::boot_tmp::settle(Path::new("/")));
-    for m in later {
-        if let Err(e) = load_module(m, cmdline) {
-            eprintln!("banger-agent: {e}");
-        }
-    }
+    load_each(network, cmdline);
     for p in crate::netconf::apply(cmdline, Path::new("/etc")) {
         eprintln!("banger-agent: network: {p}");
     }
@@ -261,10 +258,20 @@ fn prepare_for_commands(cmdline: &str, later: &[ModuleFile]) -> String {
         Err(_) => eprintln!("banger-agent: settling /tmp failed unexpectedly"),
     }
     format!(
-        "{} device modules, /tmp and network in {} ms",
-        later.len(),
+        "{} network modules, /tmp and network in {} ms",
+        network.len(),
         t.elapsed().as_millis()
     )
+}
+
+/// Loads `modules` in order; a failure is printed, not fatal (the agent
+/// may already serve).
+fn load_each(modules: &[ModuleFile], cmdline: &str) {
+    for m in modules {
+        if let Err(e) = load_module(m, cmdline) {
+            eprintln!("banger-agent: {e}");
+        }
+    }
 }
 
 /// The agent as the image's init: PID 1 stays and reaps every orphan (the

@@ -15,8 +15,8 @@ use std::path::Path;
 /// of QEMU's agent channel, Firecracker's vsock) load in a thread of their
 /// own while the disks are probed and mounted (both wait on emulated I/O
 /// much of the time); it is joined before the agent greets. The other
-/// device modules (network card, entropy) are opened now and loaded after
-/// the greeting ([`prepare_for_commands`]). Parameters given on the kernel
+/// device modules are opened now and loaded after the greeting: the network
+/// card's before commands run, the rest (entropy) after. Parameters given on the kernel
 /// command line as `module.param=value` are passed on, as modprobe would.
 /// A module already loaded (or built in) is fine.
 pub(super) fn load_modules(list: &Path, cmdline: &str) -> Result<LoadedModules, InitError> {
@@ -44,11 +44,14 @@ pub(super) fn load_modules(list: &Path, cmdline: &str) -> Result<LoadedModules, 
         .partition(|e| only_for_devices(e));
     let (channel, later): (Vec<ModuleEntry>, Vec<ModuleEntry>) =
         devices.into_iter().partition(|e| for_channel(e));
+    let (network, after): (Vec<ModuleEntry>, Vec<ModuleEntry>) = later
+        .into_iter()
+        .partition(|e| e.wanted_by.iter().any(|w| w == NETWORK_MODULE));
     // Opened here, before the thread starts: the root is switched (and the
     // initramfs's files deleted) while it may still be loading them, and
     // the later ones load after that.
     let open_all = |v: &[ModuleEntry]| v.iter().map(open_module).collect::<Result<Vec<_>, _>>();
-    let (channel, later) = (open_all(&channel)?, open_all(&later)?);
+    let (channel, network, after) = (open_all(&channel)?, open_all(&network)?, open_all(&after)?);
     let line = cmdline.to_string();
     let thread = std::thread::spawn(move || {
         for m in &channel {
@@ -62,7 +65,8 @@ pub(super) fn load_modules(list: &Path, cmdline: &str) -> Result<LoadedModules, 
     Ok(LoadedModules {
         now: entries.iter().filter(|e| is_transport(e)).count() + disks.len(),
         channel: DeviceModules(thread),
-        later,
+        network,
+        after,
     })
 }
 
@@ -70,14 +74,20 @@ pub(super) fn load_modules(list: &Path, cmdline: &str) -> Result<LoadedModules, 
 /// greets. Other device modules wait until after the greeting.
 const CHANNEL_MODULES: &[&str] = &["virtio_console", "vsock", "vmw_vsock_virtio_transport"];
 
+/// The network card's module: commands wait for it (and the network).
+const NETWORK_MODULE: &str = "virtio_net";
+
 /// What [`load_modules`] did and left to do.
 pub(super) struct LoadedModules {
     /// How many loaded before it returned.
     pub(super) now: usize,
     /// The channel's modules, loading alongside.
     pub(super) channel: DeviceModules,
-    /// Opened, loaded after the greeting.
-    pub(super) later: Vec<ModuleFile>,
+    /// The network card's, opened, loaded after the fork before commands
+    /// run.
+    pub(super) network: Vec<ModuleFile>,
+    /// The rest (the entropy source), opened, loaded once commands may run.
+    pub(super) after: Vec<ModuleFile>,
 }
 
 /// The device modules loading alongside ([`load_modules`]).
