@@ -1,5 +1,27 @@
-/// A failed daemon operation, classified by what went wrong; the HTTP front
-/// end (`http::error`) decides the status and `code` it answers with.
+//! The daemon's errors: what kind of failure each is ([`ErrorKind`]), and
+//! the edge type the front ends take ([`DaemonError`]). Operations return
+//! their own typed enums (e.g. `vm::LookupError`); each has a `kind()` and
+//! converts into [`DaemonError`] by `From`. Only the HTTP front end
+//! (`http::error`) turns a kind into a status and an API `code`.
+
+use banger_store::StoreError;
+
+/// What went wrong, as the caller needs to know it: whether to fix the
+/// request, wait for or change the object's state, or report a failure.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorKind {
+    /// No such object.
+    NotFound,
+    /// The object's state forbids the operation.
+    Conflict,
+    /// The request is wrong whatever the state.
+    Invalid,
+    /// The daemon or the host failed.
+    Failed,
+}
+
+/// A failed daemon operation: the union the front ends take, classified
+/// by [`DaemonError::kind`].
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
     #[error("{0}")]
@@ -12,14 +34,56 @@ pub enum DaemonError {
     Failed(#[from] anyhow::Error),
 }
 
-impl From<banger_store::StoreError> for DaemonError {
-    fn from(e: banger_store::StoreError) -> Self {
-        use banger_store::StoreError as S;
-        match e {
-            S::NotFound(_) => DaemonError::NotFound(e.to_string()),
-            S::Ambiguous { .. } => DaemonError::Invalid(e.to_string()),
-            S::NameTaken(_) => DaemonError::Conflict(e.to_string()),
-            other => DaemonError::Failed(other.into()),
+impl DaemonError {
+    /// What kind of failure this is.
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            DaemonError::NotFound(_) => ErrorKind::NotFound,
+            DaemonError::Conflict(_) => ErrorKind::Conflict,
+            DaemonError::Invalid(_) => ErrorKind::Invalid,
+            DaemonError::Failed(_) => ErrorKind::Failed,
         }
+    }
+}
+
+/// The kind of a store error: a missing record, an ambiguous VM ref (a
+/// request to fix) and a taken name are the caller's; the rest fail.
+pub(crate) fn store_kind(e: &StoreError) -> ErrorKind {
+    match e {
+        StoreError::NotFound(_) => ErrorKind::NotFound,
+        StoreError::Ambiguous { .. } => ErrorKind::Invalid,
+        StoreError::NameTaken(_) => ErrorKind::Conflict,
+        _ => ErrorKind::Failed,
+    }
+}
+
+impl From<StoreError> for DaemonError {
+    fn from(e: StoreError) -> Self {
+        match store_kind(&e) {
+            ErrorKind::NotFound => DaemonError::NotFound(e.to_string()),
+            ErrorKind::Invalid => DaemonError::Invalid(e.to_string()),
+            ErrorKind::Conflict => DaemonError::Conflict(e.to_string()),
+            ErrorKind::Failed => DaemonError::Failed(e.into()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_store_error_keeps_its_message_and_gets_its_kind() {
+        let e = DaemonError::from(StoreError::NameTaken("calm-otter".into()));
+        assert_eq!(e.kind(), ErrorKind::Conflict);
+        assert_eq!(
+            e.to_string(),
+            "a VM named calm-otter already exists: pick another name or delete that VM"
+        );
+        let e = DaemonError::from(StoreError::Ambiguous {
+            reference: "ab".into(),
+            matches: vec!["a".into(), "b".into()],
+        });
+        assert_eq!(e.kind(), ErrorKind::Invalid);
     }
 }

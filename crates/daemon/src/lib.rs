@@ -24,7 +24,7 @@ mod vm;
 mod warm;
 mod web;
 
-pub use error::DaemonError;
+pub use error::{DaemonError, ErrorKind};
 pub use logging::init_logging;
 
 use anyhow::Context;

@@ -268,10 +268,8 @@ pub(crate) mod tests {
             other => panic!("expected one ok and one error: {other:?}"),
         };
         assert_eq!(ok.name.as_str(), "calm-otter");
-        match err {
-            crate::DaemonError::NotFound(m) => assert_eq!(m, format!("no VM with id {}", ok.id)),
-            e => panic!("expected not found: {e:?}"),
-        }
+        assert_eq!(err.kind(), crate::ErrorKind::NotFound, "{err:?}");
+        assert_eq!(err.to_string(), format!("no VM with id {}", ok.id));
         assert!(d.store.list_vms().expect("list").is_empty());
         assert_eq!(d.vms.len(), 0, "no handle left behind");
     }
