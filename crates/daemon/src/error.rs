@@ -4,6 +4,7 @@
 //! converts into [`DaemonError`] by `From`. Only the HTTP front end
 //! (`http::error`) turns a kind into a status and an API `code`.
 
+use crate::vm::{AgentError, LookupError};
 use banger_store::StoreError;
 
 /// What went wrong, as the caller needs to know it: whether to fix the
@@ -32,6 +33,10 @@ pub enum DaemonError {
     Invalid(String),
     #[error("{0:#}")]
     Failed(#[from] anyhow::Error),
+    #[error(transparent)]
+    Lookup(#[from] LookupError),
+    #[error(transparent)]
+    Agent(#[from] AgentError),
 }
 
 impl DaemonError {
@@ -42,6 +47,8 @@ impl DaemonError {
             DaemonError::Conflict(_) => ErrorKind::Conflict,
             DaemonError::Invalid(_) => ErrorKind::Invalid,
             DaemonError::Failed(_) => ErrorKind::Failed,
+            DaemonError::Lookup(e) => e.kind(),
+            DaemonError::Agent(e) => e.kind(),
         }
     }
 }
@@ -54,6 +61,22 @@ pub(crate) fn store_kind(e: &StoreError) -> ErrorKind {
         StoreError::Ambiguous { .. } => ErrorKind::Invalid,
         StoreError::NameTaken(_) => ErrorKind::Conflict,
         _ => ErrorKind::Failed,
+    }
+}
+
+/// Shows an error with its causes, `outer: cause: cause`, as anyhow's
+/// `{:#}` does: the message a failed store call has always had.
+pub(crate) struct Chain<'a>(pub(crate) &'a (dyn std::error::Error + 'static));
+
+impl std::fmt::Display for Chain<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.0)?;
+        let mut cause = self.0.source();
+        while let Some(c) = cause {
+            write!(f, ": {c}")?;
+            cause = c.source();
+        }
+        Ok(())
     }
 }
 
@@ -85,5 +108,23 @@ mod tests {
             matches: vec!["a".into(), "b".into()],
         });
         assert_eq!(e.kind(), ErrorKind::Invalid);
+    }
+
+    #[test]
+    fn chain_shows_causes_as_anyhow_does() {
+        let io = std::io::Error::other("disk full");
+        let e = StoreError::CreateDir {
+            path: "/x".into(),
+            source: io,
+        };
+        let want = format!(
+            "{:#}",
+            anyhow::Error::from(StoreError::CreateDir {
+                path: "/x".into(),
+                source: std::io::Error::other("disk full"),
+            })
+        );
+        assert_eq!(Chain(&e).to_string(), want);
+        assert_eq!(want, "creating /x: disk full");
     }
 }

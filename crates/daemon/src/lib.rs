@@ -26,6 +26,7 @@ mod web;
 
 pub use error::{DaemonError, ErrorKind};
 pub use logging::init_logging;
+pub use vm::{AgentError, LookupError};
 
 use anyhow::Context;
 use banger_agent_proto::client::AgentClient;

@@ -234,7 +234,7 @@ async fn wait_vm(
 ) -> Response {
     // An unknown or stopped VM is a plain 404 or 409, before any stream.
     if let Err(e) = d.running_agent(&vm) {
-        return e.into_response();
+        return DaemonError::from(e).into_response();
     }
     operation(
         d,
