@@ -4,7 +4,10 @@
 //! converts into [`DaemonError`] by `From`. Only the HTTP front end
 //! (`http::error`) turns a kind into a status and an API `code`.
 
-use crate::vm::{AgentError, LookupError};
+use crate::vm::{
+    AgentError, KillError, LookupError, ResourceError, RestartError, SetError, StartError,
+    StopError,
+};
 use banger_store::StoreError;
 
 /// What went wrong, as the caller needs to know it: whether to fix the
@@ -37,6 +40,18 @@ pub enum DaemonError {
     Lookup(#[from] LookupError),
     #[error(transparent)]
     Agent(#[from] AgentError),
+    #[error(transparent)]
+    Start(#[from] StartError),
+    #[error(transparent)]
+    Stop(#[from] StopError),
+    #[error(transparent)]
+    Restart(#[from] RestartError),
+    #[error(transparent)]
+    Kill(#[from] KillError),
+    #[error(transparent)]
+    Set(#[from] SetError),
+    #[error(transparent)]
+    Resources(#[from] ResourceError),
 }
 
 impl DaemonError {
@@ -49,9 +64,21 @@ impl DaemonError {
             DaemonError::Failed(_) => ErrorKind::Failed,
             DaemonError::Lookup(e) => e.kind(),
             DaemonError::Agent(e) => e.kind(),
+            DaemonError::Start(e) => e.kind(),
+            DaemonError::Stop(e) => e.kind(),
+            DaemonError::Restart(e) => e.kind(),
+            DaemonError::Kill(e) => e.kind(),
+            DaemonError::Set(e) => e.kind(),
+            DaemonError::Resources(e) => e.kind(),
         }
     }
 }
+
+/// No VMM backend on this host; the message says what to install. A
+/// failure: the daemon cannot boot anything.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct NoBackend(pub(crate) String);
 
 /// The kind of a store error: a missing record, an ambiguous VM ref (a
 /// request to fix) and a taken name are the caller's; the rest fail.

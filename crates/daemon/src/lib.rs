@@ -26,7 +26,10 @@ mod web;
 
 pub use error::{DaemonError, ErrorKind};
 pub use logging::init_logging;
-pub use vm::{AgentError, LookupError};
+pub use vm::{
+    AgentError, KillError, LookupError, ResourceError, RestartError, SetError, StartError,
+    StopError,
+};
 
 use anyhow::Context;
 use banger_agent_proto::client::AgentClient;
@@ -125,9 +128,13 @@ impl Daemon {
 
     /// The VMM backend; an error saying what to install when there is none.
     pub fn vmm(&self) -> Result<&Arc<dyn Vmm>, DaemonError> {
-        self.vmm
-            .as_ref()
+        self.backend_vmm()
             .map_err(|e| DaemonError::Failed(anyhow::anyhow!("{e}")))
+    }
+
+    /// [`Daemon::vmm`] with its typed error, for operations' own enums.
+    pub(crate) fn backend_vmm(&self) -> Result<&Arc<dyn Vmm>, error::NoBackend> {
+        self.vmm.as_ref().map_err(|e| error::NoBackend(e.clone()))
     }
 
     /// Whether the guest must reboot rather than power off for its VMM

@@ -107,7 +107,7 @@ async fn set_vm(
     Path(vm): Path<String>,
     Json(req): Json<SetVmRequest>,
 ) -> Result<Json<VmRecord>, DaemonError> {
-    d.set_vm(&vm, req).await.map(Json)
+    Ok(Json(d.set_vm(&vm, req).await?))
 }
 
 #[derive(serde::Deserialize, utoipa::IntoParams)]
@@ -148,7 +148,7 @@ async fn start_vm(
     State(d): State<Shared>,
     Path(vm): Path<String>,
 ) -> Result<Json<VmRecord>, DaemonError> {
-    d.start_vm(&vm).await.map(Json)
+    Ok(Json(d.start_vm(&vm).await?))
 }
 
 /// Powers a VM off (killing its VMM after a timeout); disks are kept.
@@ -158,7 +158,7 @@ async fn stop_vm(
     State(d): State<Shared>,
     Path(vm): Path<String>,
 ) -> Result<Json<VmRecord>, DaemonError> {
-    d.stop_vm(&vm).await.map(Json)
+    Ok(Json(d.stop_vm(&vm).await?))
 }
 
 /// Stops, then starts a VM.
@@ -168,7 +168,7 @@ async fn restart_vm(
     State(d): State<Shared>,
     Path(vm): Path<String>,
 ) -> Result<Json<VmRecord>, DaemonError> {
-    d.restart_vm(&vm).await.map(Json)
+    Ok(Json(d.restart_vm(&vm).await?))
 }
 
 /// Sends a signal to a VM's VMM process.
@@ -180,7 +180,7 @@ async fn kill_vm(
     Path(vm): Path<String>,
     Json(req): Json<KillRequest>,
 ) -> Result<Json<VmRecord>, DaemonError> {
-    d.kill_vm(&vm, req.signal).await.map(Json)
+    Ok(Json(d.kill_vm(&vm, req.signal).await?))
 }
 
 /// A VM's serial console or VMM log, as text, from the last `tail` lines

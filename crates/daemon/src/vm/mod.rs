@@ -29,7 +29,9 @@ pub(crate) use boot::{
 pub use error::{AgentError, LookupError};
 pub(crate) use exit::cap_logs;
 pub(crate) use initramfs::{BOOT_INITRD_FILE, BootFacts, BootInitrd};
+pub use lifecycle::{KillError, RestartError, StartError, StopError};
 pub(crate) use ready::{CONSOLE_LINES, SshWait, SystemWait, stopped_before_agent};
+pub use settings::{ResourceError, SetError};
 
 use crate::{Daemon, DaemonError};
 use banger_agent_proto::client::AgentClient;
