@@ -5,8 +5,8 @@
 //! (`http::error`) turns a kind into a status and an API `code`.
 
 use crate::vm::{
-    AgentError, KillError, LookupError, ResourceError, RestartError, SetError, StartError,
-    StopError,
+    AgentError, CreateError, KillError, LookupError, ResourceError, RestartError, SetError,
+    StartError, StopError,
 };
 use banger_store::StoreError;
 
@@ -52,6 +52,8 @@ pub enum DaemonError {
     Set(#[from] SetError),
     #[error(transparent)]
     Resources(#[from] ResourceError),
+    #[error(transparent)]
+    Create(#[from] CreateError),
 }
 
 impl DaemonError {
@@ -70,6 +72,7 @@ impl DaemonError {
             DaemonError::Kill(e) => e.kind(),
             DaemonError::Set(e) => e.kind(),
             DaemonError::Resources(e) => e.kind(),
+            DaemonError::Create(e) => e.kind(),
         }
     }
 }

@@ -27,8 +27,8 @@ mod web;
 pub use error::{DaemonError, ErrorKind};
 pub use logging::init_logging;
 pub use vm::{
-    AgentError, KillError, LookupError, ResourceError, RestartError, SetError, StartError,
-    StopError,
+    AgentError, CreateError, KillError, LookupError, ResourceError, RestartError, SetError,
+    StartError, StopError,
 };
 
 use anyhow::Context;

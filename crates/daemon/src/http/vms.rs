@@ -49,7 +49,7 @@ async fn list_vms(State(d): State<Shared>) -> Result<Json<Vec<VmRecord>>, Daemon
               (status = 400, body = ApiError), (status = 404, body = ApiError), (status = 409, body = ApiError)))]
 async fn create_vm(State(d): State<Shared>, Json(req): Json<CreateVmRequest>) -> Response {
     if let Err(e) = d.check_create(&req) {
-        return e.into_response();
+        return DaemonError::from(e).into_response();
     }
     let (tx, rx) = mpsc::unbounded_channel();
     // The operation lives as long as its client listens: a client that goes
@@ -72,7 +72,7 @@ async fn create_vm(State(d): State<Shared>, Json(req): Json<CreateVmRequest>) ->
             }
             Err(e) => {
                 tracing::warn!(error = %e, "create failed");
-                let _ = tx.send(CreateVmEvent::Error(e.to_api()));
+                let _ = tx.send(CreateVmEvent::Error(DaemonError::from(e).to_api()));
             }
         }
     });

@@ -26,6 +26,7 @@ mod state;
 pub(crate) use boot::{
     BootCtx, BootError, BootPurpose, TEMPLATE_MAC, WRITABLE_ROOT_WORK_DEVICE, console_tail,
 };
+pub use create::CreateError;
 pub use error::{AgentError, LookupError};
 pub(crate) use exit::cap_logs;
 pub(crate) use initramfs::{BOOT_INITRD_FILE, BootFacts, BootInitrd};
