@@ -3,6 +3,24 @@
 //! One [`Daemon`] value holds all state; the HTTP front end (`http`) turns
 //! requests into calls on it. Operations on one VM are serialised by a
 //! per-VM lock; different VMs proceed in parallel.
+//!
+//! Errors are typed per operation; each enum has a `kind()`
+//! ([`ErrorKind`]) and converts into the edge type [`DaemonError`], whose
+//! status and API `code` only `http::error` decides. The VM actions:
+//!
+//! | action | method | error | precondition |
+//! |---|---|---|---|
+//! | create | `create_vm` (`check_create` before the stream) | [`CreateError`] | the name is free |
+//! | start | `start_vm` | [`StartError`] | stopped or in error (running: no-op) |
+//! | stop | `stop_vm` | [`StopError`] | not being created |
+//! | restart | `restart_vm` | [`RestartError`] | as stop, then start |
+//! | kill | `kill_vm` | [`KillError`] | its VMM runs |
+//! | set | `set_vm`, `set_vm_nat` | [`SetError`] | stopped (NAT alone: any state) |
+//! | reach a VM | `lock_vm` / `lock_vm_id` | [`LookupError`] | the VM exists |
+//! | reach its agent | `running_agent`, sessions | [`AgentError`] | running, agent connected |
+//!
+//! The other operations (delete, images, kernels, bundles, templates,
+//! exec, files) still return [`DaemonError`] directly.
 
 mod bench_image;
 mod error;
