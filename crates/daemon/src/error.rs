@@ -4,6 +4,7 @@
 //! converts into [`DaemonError`] by `From`. Only the HTTP front end
 //! (`http::error`) turns a kind into a status and an API `code`.
 
+use crate::images::{DeleteImageError, RegisterError};
 use crate::vm::{
     AgentError, CreateError, KillError, LookupError, ResourceError, RestartError, SetError,
     StartError, StopError,
@@ -54,6 +55,10 @@ pub enum DaemonError {
     Resources(#[from] ResourceError),
     #[error(transparent)]
     Create(#[from] CreateError),
+    #[error(transparent)]
+    Register(#[from] RegisterError),
+    #[error(transparent)]
+    DeleteImage(#[from] DeleteImageError),
 }
 
 impl DaemonError {
@@ -73,6 +78,8 @@ impl DaemonError {
             DaemonError::Set(e) => e.kind(),
             DaemonError::Resources(e) => e.kind(),
             DaemonError::Create(e) => e.kind(),
+            DaemonError::Register(e) => e.kind(),
+            DaemonError::DeleteImage(e) => e.kind(),
         }
     }
 }

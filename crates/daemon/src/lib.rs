@@ -18,9 +18,11 @@
 //! | set | `set_vm`, `set_vm_nat` | [`SetError`] | stopped (NAT alone: any state) |
 //! | reach a VM | `lock_vm` / `lock_vm_id` | [`LookupError`] | the VM exists |
 //! | reach its agent | `running_agent`, sessions | [`AgentError`] | running, agent connected |
+//! | register an image | `register_image` | [`RegisterError`] | the name is not a managed image |
+//! | delete an image | `delete_image` | [`DeleteImageError`] | no VM uses it (or `force`) |
 //!
-//! The other operations (delete, images, kernels, bundles, templates,
-//! exec, files) still return [`DaemonError`] directly.
+//! The other operations (VM delete, pulls, builds, kernels, bundles,
+//! templates, exec, files) still return [`DaemonError`] directly.
 
 mod bench_image;
 mod error;
@@ -43,6 +45,7 @@ mod warm;
 mod web;
 
 pub use error::{DaemonError, ErrorKind};
+pub use images::{DeleteImageError, FileError, RegisterError};
 pub use logging::init_logging;
 pub use vm::{
     AgentError, CreateError, KillError, LookupError, ResourceError, RestartError, SetError,
