@@ -4,7 +4,7 @@
 //! converts into [`DaemonError`] by `From`. Only the HTTP front end
 //! (`http::error`) turns a kind into a status and an API `code`.
 
-use crate::images::{DeleteImageError, RegisterError};
+use crate::images::{DeleteImageError, DeleteKernelError, RegisterError};
 use crate::vm::{
     AgentError, CreateError, KillError, LookupError, ResourceError, RestartError, SetError,
     StartError, StopError,
@@ -59,6 +59,8 @@ pub enum DaemonError {
     Register(#[from] RegisterError),
     #[error(transparent)]
     DeleteImage(#[from] DeleteImageError),
+    #[error(transparent)]
+    DeleteKernel(#[from] DeleteKernelError),
 }
 
 impl DaemonError {
@@ -80,6 +82,7 @@ impl DaemonError {
             DaemonError::Create(e) => e.kind(),
             DaemonError::Register(e) => e.kind(),
             DaemonError::DeleteImage(e) => e.kind(),
+            DaemonError::DeleteKernel(e) => e.kind(),
         }
     }
 }

@@ -20,6 +20,7 @@
 //! | reach its agent | `running_agent`, sessions | [`AgentError`] | running, agent connected |
 //! | register an image | `register_image` | [`RegisterError`] | the name is not a managed image |
 //! | delete an image | `delete_image` | [`DeleteImageError`] | no VM uses it (or `force`) |
+//! | delete a kernel | `delete_kernel` | [`DeleteKernelError`] | no image uses it |
 //!
 //! The other operations (VM delete, pulls, builds, kernels, bundles,
 //! templates, exec, files) still return [`DaemonError`] directly.
@@ -45,7 +46,7 @@ mod warm;
 mod web;
 
 pub use error::{DaemonError, ErrorKind};
-pub use images::{DeleteImageError, FileError, RegisterError};
+pub use images::{DeleteImageError, DeleteKernelError, FileError, RegisterError};
 pub use logging::init_logging;
 pub use vm::{
     AgentError, CreateError, KillError, LookupError, ResourceError, RestartError, SetError,

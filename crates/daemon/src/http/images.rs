@@ -154,7 +154,7 @@ async fn delete_kernel(
     State(d): State<Shared>,
     Path(kernel): Path<String>,
 ) -> Result<Json<KernelRecord>, DaemonError> {
-    d.delete_kernel(&kernel).await.map(Json)
+    Ok(Json(d.delete_kernel(&kernel).await?))
 }
 
 /// Writes a catalog bundle of an image (and adds it to an index file).

@@ -10,6 +10,7 @@ mod kernels;
 mod pull;
 mod register;
 
+pub use kernels::DeleteKernelError;
 pub use register::{DeleteImageError, RegisterError};
 
 use crate::{Daemon, DaemonError, ErrorKind};
