@@ -3,6 +3,27 @@
 //! One [`Daemon`] value holds all state; the HTTP front end (`http`) turns
 //! requests into calls on it. Operations on one VM are serialised by a
 //! per-VM lock; different VMs proceed in parallel.
+//!
+//! Errors are typed per operation; each enum has a `kind()`
+//! ([`ErrorKind`]) and converts into the edge type [`DaemonError`], whose
+//! status and API `code` only `http::error` decides. The VM actions:
+//!
+//! | action | method | error | precondition |
+//! |---|---|---|---|
+//! | create | `create_vm` (`check_create` before the stream) | [`CreateError`] | the name is free |
+//! | start | `start_vm` | [`StartError`] | stopped or in error (running: no-op) |
+//! | stop | `stop_vm` | [`StopError`] | not being created |
+//! | restart | `restart_vm` | [`RestartError`] | as stop, then start |
+//! | kill | `kill_vm` | [`KillError`] | its VMM runs |
+//! | set | `set_vm`, `set_vm_nat` | [`SetError`] | stopped (NAT alone: any state) |
+//! | reach a VM | `lock_vm` / `lock_vm_id` | [`LookupError`] | the VM exists |
+//! | reach its agent | `running_agent`, sessions | [`AgentError`] | running, agent connected |
+//! | register an image | `register_image` | [`RegisterError`] | the name is not a managed image |
+//! | delete an image | `delete_image` | [`DeleteImageError`] | no VM uses it (or `force`) |
+//! | delete a kernel | `delete_kernel` | [`DeleteKernelError`] | no image uses it |
+//!
+//! The other operations (VM delete, pulls, builds, kernels, bundles,
+//! templates, exec, files) still return [`DaemonError`] directly.
 
 mod bench_image;
 mod error;
@@ -24,8 +45,13 @@ mod vm;
 mod warm;
 mod web;
 
-pub use error::DaemonError;
+pub use error::{DaemonError, ErrorKind};
+pub use images::{DeleteImageError, DeleteKernelError, FileError, RegisterError};
 pub use logging::init_logging;
+pub use vm::{
+    AgentError, CreateError, KillError, LookupError, ResourceError, RestartError, SetError,
+    StartError, StopError,
+};
 
 use anyhow::Context;
 use banger_agent_proto::client::AgentClient;
@@ -124,9 +150,13 @@ impl Daemon {
 
     /// The VMM backend; an error saying what to install when there is none.
     pub fn vmm(&self) -> Result<&Arc<dyn Vmm>, DaemonError> {
-        self.vmm
-            .as_ref()
+        self.backend_vmm()
             .map_err(|e| DaemonError::Failed(anyhow::anyhow!("{e}")))
+    }
+
+    /// [`Daemon::vmm`] with its typed error, for operations' own enums.
+    pub(crate) fn backend_vmm(&self) -> Result<&Arc<dyn Vmm>, error::NoBackend> {
+        self.vmm.as_ref().map_err(|e| error::NoBackend(e.clone()))
     }
 
     /// Whether the guest must reboot rather than power off for its VMM

@@ -1,6 +1,7 @@
 //! Supervised guest sessions, run by a running VM's agent: list, start,
 //! stop, their logs, and the checks before an attach.
 
+use crate::vm::AgentError;
 use crate::{Daemon, DaemonError};
 use banger_agent_proto::client::{AgentClient, ClientError, ExecEvent, ExecSession};
 use banger_agent_proto::{OutputStream, SessionInfo, SessionSpec, StdinMode, TtySize};
@@ -18,7 +19,7 @@ impl Daemon {
     /// Sessions of a running VM, running and ended.
     pub(crate) async fn list_sessions(&self, vm: &str) -> Result<Vec<SessionInfo>, DaemonError> {
         let (_, agent) = self.running_agent(vm)?;
-        agent.session_list().await.map_err(agent_error)
+        Ok(agent.session_list().await.map_err(AgentError::from)?)
     }
 
     /// Starts a supervised session in a running VM.
@@ -28,7 +29,7 @@ impl Daemon {
         spec: SessionSpec,
     ) -> Result<SessionInfo, DaemonError> {
         let (_, agent) = self.running_agent(vm)?;
-        agent.session_start(spec).await.map_err(agent_error)
+        Ok(agent.session_start(spec).await.map_err(AgentError::from)?)
     }
 
     /// Ends a session of a running VM (SIGTERM, SIGKILL after 10 s) and
@@ -39,7 +40,7 @@ impl Daemon {
         name: &str,
     ) -> Result<SessionInfo, DaemonError> {
         let (_, agent) = self.running_agent(vm)?;
-        agent.session_stop(name).await.map_err(agent_error)
+        Ok(agent.session_stop(name).await.map_err(AgentError::from)?)
     }
 
     /// A session's ring logs (one stream, or stdout's then stderr's) and,
@@ -56,12 +57,9 @@ impl Daemon {
         let (_, agent) = self.running_agent(vm)?;
         let mut logs = agent
             .session_logs(name, stream, follow)
-            .map_err(agent_error)?;
+            .map_err(AgentError::from)?;
         // The first event tells an unknown session from an empty log.
-        let first = next_bytes(&mut logs).await.map_err(|e| match e {
-            ClientError::Refused(m) => agent_error(ClientError::Refused(m)),
-            other => DaemonError::Conflict(other.to_string()),
-        })?;
+        let first = next_bytes(&mut logs).await.map_err(AgentError::from)?;
         let head = futures::stream::iter(first);
         let rest = futures::stream::unfold(logs, |mut logs| async move {
             match next_bytes(&mut logs).await {
@@ -82,7 +80,7 @@ impl Daemon {
         size: Option<TtySize>,
     ) -> Result<Attach, DaemonError> {
         let (rec, agent) = self.running_agent(vm)?;
-        let all = agent.session_list().await.map_err(agent_error)?;
+        let all = agent.session_list().await.map_err(AgentError::from)?;
         let Some(info) = all.into_iter().find(|s| s.name == name) else {
             return Err(DaemonError::NotFound(format!(
                 "VM {} has no session named {name:?}: `banger vm session list {}` shows them",
@@ -98,25 +96,15 @@ impl Daemon {
             && info.stdin == StdinMode::Tty
         {
             // A short attach of its own carries the resize.
-            let s = agent.session_attach(name).map_err(agent_error)?;
-            s.resize(size).map_err(agent_error)?;
-            s.detach().map_err(agent_error)?;
+            let s = agent.session_attach(name).map_err(AgentError::from)?;
+            s.resize(size).map_err(AgentError::from)?;
+            s.detach().map_err(AgentError::from)?;
         }
         Ok(Attach {
             vm: rec,
             agent,
             session: info,
         })
-    }
-}
-
-/// Agent refusals are the caller's doing (unknown name, name in use, bad
-/// command); a lost connection is a conflict with the VM's state.
-fn agent_error(e: ClientError) -> DaemonError {
-    match e {
-        ClientError::Refused(m) if m.starts_with("no session named") => DaemonError::NotFound(m),
-        ClientError::Refused(m) => DaemonError::Invalid(m),
-        other => DaemonError::Conflict(other.to_string()),
     }
 }
 

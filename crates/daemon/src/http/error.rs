@@ -15,7 +15,7 @@
 //! | 415    | `unsupported_media_type` | body not sent as `application/json`         |
 //! | 500    | `failed`                 | the daemon failed (a bug or the host)       |
 
-use crate::DaemonError;
+use crate::{DaemonError, ErrorKind};
 use axum::Json;
 use axum::extract::Request;
 use axum::http::{HeaderMap, Method, StatusCode, header};
@@ -174,16 +174,17 @@ fn rejection(
     (status, error)
 }
 
-/// The edge mapping of the daemon's errors: the one place that decides a
-/// [`DaemonError`]'s status and its stable `code`.
+/// The edge mapping of the daemon's errors: the one place that decides the
+/// status and the stable `code` of an [`ErrorKind`], and so of every typed
+/// error the core returns (through [`DaemonError`]).
 impl DaemonError {
     /// The `code` of the `ApiError` this error answers with.
     pub fn code(&self) -> &'static str {
-        match self {
-            DaemonError::NotFound(_) => "not_found",
-            DaemonError::Conflict(_) => "conflict",
-            DaemonError::Invalid(_) => "invalid",
-            DaemonError::Failed(_) => "failed",
+        match self.kind() {
+            ErrorKind::NotFound => "not_found",
+            ErrorKind::Conflict => "conflict",
+            ErrorKind::Invalid => "invalid",
+            ErrorKind::Failed => "failed",
         }
     }
 
@@ -196,11 +197,11 @@ impl DaemonError {
     }
 
     fn status(&self) -> StatusCode {
-        match self {
-            DaemonError::NotFound(_) => StatusCode::NOT_FOUND,
-            DaemonError::Conflict(_) => StatusCode::CONFLICT,
-            DaemonError::Invalid(_) => StatusCode::BAD_REQUEST,
-            DaemonError::Failed(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        match self.kind() {
+            ErrorKind::NotFound => StatusCode::NOT_FOUND,
+            ErrorKind::Conflict => StatusCode::CONFLICT,
+            ErrorKind::Invalid => StatusCode::BAD_REQUEST,
+            ErrorKind::Failed => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
 }
@@ -399,5 +400,36 @@ mod tests {
             (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed")
         );
         assert!(e.message.ends_with("allowed: GET,HEAD"), "{}", e.message);
+    }
+
+    #[test]
+    fn each_kind_has_one_status_and_code() {
+        let cases = [
+            (
+                DaemonError::NotFound("gone".into()),
+                StatusCode::NOT_FOUND,
+                "not_found",
+            ),
+            (
+                DaemonError::Conflict("busy".into()),
+                StatusCode::CONFLICT,
+                "conflict",
+            ),
+            (
+                DaemonError::Invalid("bad".into()),
+                StatusCode::BAD_REQUEST,
+                "invalid",
+            ),
+            (
+                DaemonError::Failed(anyhow::anyhow!("broke")),
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "failed",
+            ),
+        ];
+        for (e, status, code) in cases {
+            assert_eq!((e.status(), e.code()), (status, code), "{e:?}");
+            let api = e.to_api();
+            assert_eq!((api.code.as_str(), api.message), (code, e.to_string()));
+        }
     }
 }

@@ -123,7 +123,7 @@ async fn register_image(
     State(d): State<Shared>,
     Json(req): Json<RegisterImageRequest>,
 ) -> Result<Json<ImageRecord>, DaemonError> {
-    d.register_image(req).await.map(Json)
+    Ok(Json(d.register_image(req).await?))
 }
 
 /// Deletes an image (a managed one with its files). Refused while VMs use
@@ -135,7 +135,7 @@ async fn delete_image(
     Path(image): Path<String>,
     Query(q): Query<DeleteImageQuery>,
 ) -> Result<Json<ImageRecord>, DaemonError> {
-    d.delete_image(&image, q.force).await.map(Json)
+    Ok(Json(d.delete_image(&image, q.force).await?))
 }
 
 #[utoipa::path(get, path = p::KERNEL, params(("kernel" = String, Path)),
@@ -154,7 +154,7 @@ async fn delete_kernel(
     State(d): State<Shared>,
     Path(kernel): Path<String>,
 ) -> Result<Json<KernelRecord>, DaemonError> {
-    d.delete_kernel(&kernel).await.map(Json)
+    Ok(Json(d.delete_kernel(&kernel).await?))
 }
 
 /// Writes a catalog bundle of an image (and adds it to an index file).

@@ -49,7 +49,7 @@ async fn list_vms(State(d): State<Shared>) -> Result<Json<Vec<VmRecord>>, Daemon
               (status = 400, body = ApiError), (status = 404, body = ApiError), (status = 409, body = ApiError)))]
 async fn create_vm(State(d): State<Shared>, Json(req): Json<CreateVmRequest>) -> Response {
     if let Err(e) = d.check_create(&req) {
-        return e.into_response();
+        return DaemonError::from(e).into_response();
     }
     let (tx, rx) = mpsc::unbounded_channel();
     // The operation lives as long as its client listens: a client that goes
@@ -72,7 +72,7 @@ async fn create_vm(State(d): State<Shared>, Json(req): Json<CreateVmRequest>) ->
             }
             Err(e) => {
                 tracing::warn!(error = %e, "create failed");
-                let _ = tx.send(CreateVmEvent::Error(e.to_api()));
+                let _ = tx.send(CreateVmEvent::Error(DaemonError::from(e).to_api()));
             }
         }
     });
@@ -107,7 +107,7 @@ async fn set_vm(
     Path(vm): Path<String>,
     Json(req): Json<SetVmRequest>,
 ) -> Result<Json<VmRecord>, DaemonError> {
-    d.set_vm(&vm, req).await.map(Json)
+    Ok(Json(d.set_vm(&vm, req).await?))
 }
 
 #[derive(serde::Deserialize, utoipa::IntoParams)]
@@ -148,7 +148,7 @@ async fn start_vm(
     State(d): State<Shared>,
     Path(vm): Path<String>,
 ) -> Result<Json<VmRecord>, DaemonError> {
-    d.start_vm(&vm).await.map(Json)
+    Ok(Json(d.start_vm(&vm).await?))
 }
 
 /// Powers a VM off (killing its VMM after a timeout); disks are kept.
@@ -158,7 +158,7 @@ async fn stop_vm(
     State(d): State<Shared>,
     Path(vm): Path<String>,
 ) -> Result<Json<VmRecord>, DaemonError> {
-    d.stop_vm(&vm).await.map(Json)
+    Ok(Json(d.stop_vm(&vm).await?))
 }
 
 /// Stops, then starts a VM.
@@ -168,7 +168,7 @@ async fn restart_vm(
     State(d): State<Shared>,
     Path(vm): Path<String>,
 ) -> Result<Json<VmRecord>, DaemonError> {
-    d.restart_vm(&vm).await.map(Json)
+    Ok(Json(d.restart_vm(&vm).await?))
 }
 
 /// Sends a signal to a VM's VMM process.
@@ -180,7 +180,7 @@ async fn kill_vm(
     Path(vm): Path<String>,
     Json(req): Json<KillRequest>,
 ) -> Result<Json<VmRecord>, DaemonError> {
-    d.kill_vm(&vm, req.signal).await.map(Json)
+    Ok(Json(d.kill_vm(&vm, req.signal).await?))
 }
 
 /// A VM's serial console or VMM log, as text, from the last `tail` lines
@@ -234,7 +234,7 @@ async fn wait_vm(
 ) -> Response {
     // An unknown or stopped VM is a plain 404 or 409, before any stream.
     if let Err(e) = d.running_agent(&vm) {
-        return e.into_response();
+        return DaemonError::from(e).into_response();
     }
     operation(
         d,

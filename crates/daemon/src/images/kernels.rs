@@ -1,9 +1,11 @@
 //! Kernels registered from local files: their vmlinux and directories, lookup and deletion.
 
 use super::*;
-use crate::{Daemon, DaemonError};
+use crate::error::{Chain, store_kind};
+use crate::{Daemon, DaemonError, ErrorKind};
 use anyhow::anyhow;
 use banger_model::KernelRecord;
+use banger_store::StoreError;
 use std::path::{Path, PathBuf};
 
 impl Daemon {
@@ -90,20 +92,98 @@ impl Daemon {
 
     /// `DELETE /v1/kernels/{kernel}`: refused while images use it; a kernel
     /// in the daemon's kernel store loses its directory.
-    pub(crate) async fn delete_kernel(&self, name: &str) -> Result<KernelRecord, DaemonError> {
-        let k = self.get_kernel(name)?;
+    pub(crate) async fn delete_kernel(
+        &self,
+        name: &str,
+    ) -> Result<KernelRecord, DeleteKernelError> {
+        let k = self
+            .store
+            .get_kernel(name)
+            .map_err(|_| DeleteKernelError::NoKernel(name.to_string()))?;
         let _guard = self.image_lock.lock().await;
         self.store.delete_kernel(name).map_err(|e| match e {
-            banger_store::StoreError::InUse { ref users, .. } => DaemonError::Conflict(format!(
-                "{e}: delete {} first (banger image delete NAME), or register them with another kernel",
-                if users.len() == 1 { "that image" } else { "those images" }
-            )),
-            other => other.into(),
+            StoreError::InUse { what, users } => DeleteKernelError::Used { what, users },
+            other => DeleteKernelError::Store(other),
         })?;
         if let Some(dir) = &k.dir {
             self.remove_kernel_dir(dir).await;
         }
         tracing::info!(kernel = name, "kernel deleted");
         Ok(k)
+    }
+}
+
+/// Why a kernel was not deleted.
+#[derive(Debug, thiserror::Error)]
+pub enum DeleteKernelError {
+    #[error("no kernel named {0}: see `banger kernel list`")]
+    NoKernel(String),
+    /// Images boot it: `what` is the kernel, `users` the images.
+    #[error(
+        "{what} is in use by {}: delete {} first (banger image delete NAME), or register them with another kernel",
+        .users.join(", "),
+        those_images(.users)
+    )]
+    Used { what: String, users: Vec<String> },
+    #[error("{}", Chain(.0))]
+    Store(#[from] StoreError),
+}
+
+fn those_images(users: &[String]) -> &'static str {
+    if users.len() == 1 {
+        "that image"
+    } else {
+        "those images"
+    }
+}
+
+impl DeleteKernelError {
+    /// What kind of failure this is.
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            DeleteKernelError::NoKernel(_) => ErrorKind::NotFound,
+            DeleteKernelError::Used { .. } => ErrorKind::Conflict,
+            DeleteKernelError::Store(e) => store_kind(e),
+        }
+    }
+}
+
+#[cfg(test)]
+mod delete_tests {
+    use super::*;
+
+    #[test]
+    fn a_used_kernel_says_which_images_as_the_store_does() {
+        for users in [
+            vec!["image a".to_string()],
+            vec!["image a".into(), "image b".into()],
+        ] {
+            let store = StoreError::InUse {
+                what: "kernel k".into(),
+                users: users.clone(),
+            };
+            let word = if users.len() == 1 {
+                "that image"
+            } else {
+                "those images"
+            };
+            let want = format!(
+                "{store}: delete {word} first (banger image delete NAME), or register them with another kernel"
+            );
+            let e = DeleteKernelError::Used {
+                what: "kernel k".into(),
+                users,
+            };
+            assert_eq!(e.to_string(), want);
+            assert_eq!(e.kind(), ErrorKind::Conflict);
+        }
+        let e = DeleteKernelError::NoKernel("k".into());
+        assert_eq!(
+            (e.kind(), e.to_string().as_str()),
+            (
+                ErrorKind::NotFound,
+                "no kernel named k: see `banger kernel list`"
+            )
+        );
     }
 }

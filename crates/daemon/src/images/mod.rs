@@ -10,7 +10,10 @@ mod kernels;
 mod pull;
 mod register;
 
-use crate::{Daemon, DaemonError};
+pub use kernels::DeleteKernelError;
+pub use register::{DeleteImageError, RegisterError};
+
+use crate::{Daemon, DaemonError, ErrorKind};
 use banger_api::templates::WarmImageRequest;
 use banger_api::{BuildImageRequest, ProgressSink, Step};
 use banger_catalog::CatalogError;
@@ -99,36 +102,61 @@ fn oci_error(e: banger_oci::OciError) -> DaemonError {
     }
 }
 
-fn in_use(e: banger_store::StoreError) -> DaemonError {
-    match e {
-        banger_store::StoreError::InUse { .. } => DaemonError::Conflict(e.to_string()),
-        other => other.into(),
-    }
-}
-
 /// `path` as an absolute, existing regular file (symlinks resolved). A
 /// path that is not absolute is a bad request; a missing file is not
 /// found, and one that is no regular file or cannot be read conflicts
 /// with the host's state.
-fn regular_file(what: &str, path: &str) -> Result<PathBuf, DaemonError> {
+fn regular_file(what: &'static str, path: &str) -> Result<PathBuf, FileError> {
     let p = Path::new(path);
+    let (what, path) = (what, path.to_string());
     if !p.is_absolute() {
-        return Err(DaemonError::Invalid(format!(
-            "{what} {path:?} must be an absolute path"
-        )));
+        return Err(FileError::NotAbsolute { what, path });
     }
     match std::fs::metadata(p) {
-        Ok(md) if md.is_file() => std::fs::canonicalize(p)
-            .map_err(|e| DaemonError::Conflict(format!("{what} {path}: {e}"))),
-        Ok(_) => Err(DaemonError::Conflict(format!(
-            "{what} {path} is not a regular file"
-        ))),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(DaemonError::NotFound(format!(
-            "{what} {path} does not exist"
-        ))),
-        Err(e) => Err(DaemonError::Conflict(format!(
-            "{what} {path} cannot be read: {e}"
-        ))),
+        Ok(md) if md.is_file() => {
+            std::fs::canonicalize(p).map_err(|error| FileError::Resolve { what, path, error })
+        }
+        Ok(_) => Err(FileError::NotRegular { what, path }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            Err(FileError::Missing { what, path })
+        }
+        Err(error) => Err(FileError::Unreadable { what, path, error }),
+    }
+}
+
+/// A host file named in a request that cannot be used; `what` says which
+/// (rootfs, kernel, ...).
+#[derive(Debug, thiserror::Error)]
+pub enum FileError {
+    #[error("{what} {path:?} must be an absolute path")]
+    NotAbsolute { what: &'static str, path: String },
+    #[error("{what} {path} does not exist")]
+    Missing { what: &'static str, path: String },
+    #[error("{what} {path} is not a regular file")]
+    NotRegular { what: &'static str, path: String },
+    #[error("{what} {path} cannot be read: {error}")]
+    Unreadable {
+        what: &'static str,
+        path: String,
+        error: std::io::Error,
+    },
+    #[error("{what} {path}: {error}")]
+    Resolve {
+        what: &'static str,
+        path: String,
+        error: std::io::Error,
+    },
+}
+
+impl FileError {
+    /// What kind of failure this is: a relative path is the request's
+    /// fault, a missing file not found, the rest the host's state.
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            FileError::NotAbsolute { .. } => ErrorKind::Invalid,
+            FileError::Missing { .. } => ErrorKind::NotFound,
+            _ => ErrorKind::Conflict,
+        }
     }
 }
 

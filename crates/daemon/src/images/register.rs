@@ -1,10 +1,12 @@
 //! Registration of local files as images, and deletion of images.
 
 use super::*;
+use crate::error::{Chain, store_kind};
 use crate::vm::now_rfc3339;
-use crate::{Daemon, DaemonError};
+use crate::{Daemon, DaemonError, ErrorKind};
 use banger_api::images::RegisterImageRequest;
 use banger_model::{ImageRecord, KernelRecord};
+use banger_store::StoreError;
 use std::sync::Arc;
 
 impl Daemon {
@@ -21,9 +23,9 @@ impl Daemon {
     pub(crate) async fn register_image(
         &self,
         req: RegisterImageRequest,
-    ) -> Result<ImageRecord, DaemonError> {
+    ) -> Result<ImageRecord, RegisterError> {
         let name = req.name.as_str();
-        check_name("image", name)?;
+        check_name("image", name).map_err(|e| RegisterError::Other(Box::new(e)))?;
         let rootfs = regular_file("rootfs", &req.rootfs)?;
         let work_seed = req
             .work_seed
@@ -35,32 +37,22 @@ impl Daemon {
         if let Some(old) = &old
             && old.managed
         {
-            return Err(DaemonError::Conflict(format!(
-                "image {name} was pulled or built by banger: delete it first (banger image delete {name}) or register under another name"
-            )));
+            return Err(RegisterError::ManagedImage(name.to_string()));
         }
         let kernel = match (&req.kernel_ref, &req.kernel) {
             (Some(_), Some(_)) => {
-                return Err(DaemonError::Invalid(
-                    "give either --kernel-ref or --kernel, not both".into(),
-                ));
+                return Err(RegisterError::TwoKernels);
             }
             (None, None) => {
-                return Err(DaemonError::Invalid(
-                    "give the image's kernel: --kernel-ref NAME (see banger kernel list) or --kernel PATH [--initrd PATH]".into(),
-                ));
+                return Err(RegisterError::NoKernel);
             }
             (Some(k), None) => {
                 if req.initrd.is_some() {
-                    return Err(DaemonError::Invalid(
-                        "--initrd goes with --kernel PATH; a kernel ref has its own initrd".into(),
-                    ));
+                    return Err(RegisterError::InitrdWithRef);
                 }
-                self.store.get_kernel(k).map_err(|_| {
-                    DaemonError::NotFound(format!(
-                        "no kernel named {k}: see `banger kernel list`, or pull one with `banger kernel pull {k}`"
-                    ))
-                })?
+                self.store
+                    .get_kernel(k)
+                    .map_err(|_| RegisterError::NoKernelNamed(k.clone()))?
             }
             (None, Some(kpath)) => {
                 let kernel = regular_file("kernel", kpath)?;
@@ -71,11 +63,12 @@ impl Daemon {
                     .transpose()?;
                 let existing = self.store.get_kernel(name).ok();
                 if existing.as_ref().is_some_and(KernelRecord::is_managed) {
-                    return Err(DaemonError::Conflict(format!(
-                        "kernel {name} was pulled or built by banger: register the image under another name, or use --kernel-ref {name}"
-                    )));
+                    return Err(RegisterError::ManagedKernel(name.to_string()));
                 }
-                let (vmlinux, dir) = self.registered_vmlinux(name, &kernel).await?;
+                let (vmlinux, dir) = self
+                    .registered_vmlinux(name, &kernel)
+                    .await
+                    .map_err(|e| RegisterError::Other(Box::new(e)))?;
                 let k = KernelRecord {
                     name: name.to_string(),
                     release: bzimage_release(&kernel),
@@ -123,7 +116,7 @@ impl Daemon {
             let _ = self.store.delete_kernel(name);
         }
         tracing::info!(image = name, kernel = %image.kernel, "image registered");
-        self.store.get_image(name).map_err(Into::into)
+        Ok(self.store.get_image(name)?)
     }
 
     /// `DELETE /v1/images/{image}`. Managed images lose their directory,
@@ -134,10 +127,11 @@ impl Daemon {
         self: &Arc<Self>,
         name: &str,
         force: bool,
-    ) -> Result<ImageRecord, DaemonError> {
-        let img = self.store.get_image(name).map_err(|_| {
-            DaemonError::NotFound(format!("no image named {name}: see `banger image list`"))
-        })?;
+    ) -> Result<ImageRecord, DeleteImageError> {
+        let img = self
+            .store
+            .get_image(name)
+            .map_err(|_| DeleteImageError::NoImage(name.to_string()))?;
         let users: Vec<String> = self
             .store
             .list_vms()?
@@ -147,15 +141,16 @@ impl Daemon {
             .collect();
         if !users.is_empty() {
             if !force {
-                return Err(DaemonError::Conflict(format!(
-                    "image {name} is used by VM {}: delete them first (banger vm delete {}) or pass --force to delete them with the image",
-                    users.join(", "),
-                    users.join(" ")
-                )));
+                return Err(DeleteImageError::Used {
+                    name: name.to_string(),
+                    vms: users,
+                });
             }
             for vm in &users {
                 tracing::info!(image = name, vm = %vm, "deleting VM with its image (--force)");
-                self.delete_vm(vm).await?;
+                self.delete_vm(vm)
+                    .await
+                    .map_err(|e| DeleteImageError::DeleteVm(Box::new(e)))?;
             }
         }
         let _guard = self.image_lock.lock().await;
@@ -165,7 +160,7 @@ impl Daemon {
             let _build = self.template_build.lock().await;
             self.remove_image_templates(name);
         }
-        self.store.delete_image(name).map_err(in_use)?;
+        self.store.delete_image(name)?;
         if img.managed
             && let Some(dir) = owned_dir(&self.paths.images_dir, &img.rootfs)
         {
@@ -173,5 +168,152 @@ impl Daemon {
         }
         tracing::info!(image = name, managed = img.managed, "image deleted");
         Ok(img)
+    }
+}
+
+/// Why `image register` recorded nothing.
+#[derive(Debug, thiserror::Error)]
+pub enum RegisterError {
+    /// An image of this name was pulled or built by banger.
+    #[error(
+        "image {0} was pulled or built by banger: delete it first (banger image delete {0}) or register under another name"
+    )]
+    ManagedImage(String),
+    #[error("give either --kernel-ref or --kernel, not both")]
+    TwoKernels,
+    #[error(
+        "give the image's kernel: --kernel-ref NAME (see banger kernel list) or --kernel PATH [--initrd PATH]"
+    )]
+    NoKernel,
+    #[error("--initrd goes with --kernel PATH; a kernel ref has its own initrd")]
+    InitrdWithRef,
+    /// `--kernel-ref` names no recorded kernel.
+    #[error(
+        "no kernel named {0}: see `banger kernel list`, or pull one with `banger kernel pull {0}`"
+    )]
+    NoKernelNamed(String),
+    /// A kernel of the image's name was pulled or built by banger.
+    #[error(
+        "kernel {0} was pulled or built by banger: register the image under another name, or use --kernel-ref {0}"
+    )]
+    ManagedKernel(String),
+    #[error(transparent)]
+    File(#[from] FileError),
+    #[error("{}", Chain(.0))]
+    Store(#[from] StoreError),
+    /// The name rule and the kernel's vmlinux, whose errors are not typed
+    /// yet: their own kind and message.
+    #[error(transparent)]
+    Other(Box<DaemonError>),
+}
+
+impl RegisterError {
+    /// What kind of failure this is.
+    pub fn kind(&self) -> ErrorKind {
+        use RegisterError as E;
+        match self {
+            E::ManagedImage(_) | E::ManagedKernel(_) => ErrorKind::Conflict,
+            E::TwoKernels | E::NoKernel | E::InitrdWithRef => ErrorKind::Invalid,
+            E::NoKernelNamed(_) => ErrorKind::NotFound,
+            E::File(e) => e.kind(),
+            E::Store(e) => store_kind(e),
+            E::Other(e) => e.kind(),
+        }
+    }
+}
+
+/// Why an image was not deleted.
+#[derive(Debug, thiserror::Error)]
+pub enum DeleteImageError {
+    #[error("no image named {0}: see `banger image list`")]
+    NoImage(String),
+    /// VMs boot from the image and `--force` was not given.
+    #[error(
+        "image {name} is used by VM {}: delete them first (banger vm delete {}) or pass --force to delete them with the image",
+        .vms.join(", "),
+        .vms.join(" ")
+    )]
+    Used { name: String, vms: Vec<String> },
+    /// Deleting one of its VMs (`--force`) failed.
+    #[error(transparent)]
+    DeleteVm(Box<DaemonError>),
+    /// The store failed, or refused: the image is still in use.
+    #[error("{}", Chain(.0))]
+    Store(#[from] StoreError),
+}
+
+impl DeleteImageError {
+    /// What kind of failure this is.
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            DeleteImageError::NoImage(_) => ErrorKind::NotFound,
+            DeleteImageError::Used { .. } | DeleteImageError::Store(StoreError::InUse { .. }) => {
+                ErrorKind::Conflict
+            }
+            DeleteImageError::DeleteVm(e) => e.kind(),
+            DeleteImageError::Store(e) => store_kind(e),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::vm::tests::{daemon, record};
+    use banger_model::VmState;
+
+    #[test]
+    fn register_and_file_errors_keep_todays_text() {
+        let e = RegisterError::NoKernelNamed("k1".into());
+        assert_eq!(e.kind(), ErrorKind::NotFound);
+        assert_eq!(
+            e.to_string(),
+            "no kernel named k1: see `banger kernel list`, or pull one with `banger kernel pull k1`"
+        );
+        assert_eq!(RegisterError::TwoKernels.kind(), ErrorKind::Invalid);
+        let e = RegisterError::ManagedImage("img".into());
+        assert_eq!(e.kind(), ErrorKind::Conflict);
+        assert_eq!(
+            e.to_string(),
+            "image img was pulled or built by banger: delete it first (banger image delete img) or register under another name"
+        );
+        let e = regular_file("rootfs", "rel/path").expect_err("relative");
+        assert_eq!(e.kind(), ErrorKind::Invalid);
+        assert_eq!(
+            e.to_string(),
+            "rootfs \"rel/path\" must be an absolute path"
+        );
+        let e = regular_file("kernel", "/no/such/file").expect_err("missing");
+        assert_eq!(e.kind(), ErrorKind::NotFound);
+        assert_eq!(e.to_string(), "kernel /no/such/file does not exist");
+        let e = regular_file("rootfs", "/").expect_err("a directory");
+        assert_eq!(
+            (e.kind(), e.to_string().as_str()),
+            (ErrorKind::Conflict, "rootfs / is not a regular file")
+        );
+    }
+
+    #[tokio::test]
+    async fn an_image_with_vms_is_refused_naming_them() {
+        let t = tempfile::tempdir().expect("tmp");
+        let d = daemon(&t);
+        record(&d, "calm-otter", VmState::Stopped);
+        record(&d, "bold-heron", VmState::Stopped);
+        let e = d.delete_image("img", false).await.expect_err("in use");
+        assert_eq!(e.kind(), ErrorKind::Conflict);
+        let msg = e.to_string();
+        assert!(
+            msg.starts_with("image img is used by VM ")
+                && msg.ends_with(") or pass --force to delete them with the image")
+                && msg.contains("calm-otter")
+                && msg.contains("bold-heron"),
+            "{msg}"
+        );
+        let e = d.delete_image("nope", false).await.expect_err("unknown");
+        assert_eq!(
+            e.to_string(),
+            "no image named nope: see `banger image list`"
+        );
+        assert_eq!(crate::DaemonError::from(e).kind(), ErrorKind::NotFound);
     }
 }

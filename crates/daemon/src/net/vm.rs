@@ -1,6 +1,7 @@
 //! A VM's network: its address, the host side while it runs, and NAT.
 
 use crate::steps::{Steps, UndoSlot};
+use crate::vm::SetError;
 use crate::{Daemon, DaemonError};
 use anyhow::{Context, anyhow};
 use banger_model::{VmRecord, VmState};
@@ -171,7 +172,7 @@ impl Daemon {
 
     /// Turns NAT on or off for a VM; on a running VM the rules change at
     /// once.
-    pub async fn set_vm_nat(self: &Arc<Self>, r: &str, nat: bool) -> Result<VmRecord, DaemonError> {
+    pub async fn set_vm_nat(self: &Arc<Self>, r: &str, nat: bool) -> Result<VmRecord, SetError> {
         let mut cx = self.lock_vm(r).await?;
         let vm = &mut cx.vm;
         if vm.nat == nat {
@@ -192,10 +193,9 @@ impl Daemon {
                 }
                 (Mode::Bridge { .. }, None) => {}
                 _ if nat => {
-                    return Err(DaemonError::Conflict(format!(
-                        "NAT needs bridge networking; this daemon uses {} networking (see banger doctor)",
-                        net.mode_name()
-                    )));
+                    return Err(SetError::NatNeedsBridge {
+                        mode: net.mode_name(),
+                    });
                 }
                 _ => {}
             }

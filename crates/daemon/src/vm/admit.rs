@@ -1,8 +1,9 @@
 //! Admission of a new VM: its name, address, directory and record.
 
+use crate::Daemon;
 use crate::steps::{Steps, UndoSlot};
+use crate::vm::CreateError;
 use crate::vm::registry::VmHandle;
-use crate::{Daemon, DaemonError};
 use anyhow::Context;
 use banger_model::{InitramfsMode, StartInfo, VmId, VmName, VmRecord, VmSpec, VmState};
 use std::sync::Arc;
@@ -40,11 +41,9 @@ impl Drop for CreatingVm<'_> {
 
 impl Daemon {
     /// No VM is named `name` yet.
-    pub(crate) fn check_name_free(&self, name: &VmName) -> Result<(), DaemonError> {
+    pub(crate) fn check_name_free(&self, name: &VmName) -> Result<(), CreateError> {
         if self.store.list_vms()?.iter().any(|v| v.name == *name) {
-            return Err(DaemonError::Conflict(format!(
-                "a VM named {name} already exists: pick another --name or `banger vm delete {name}`"
-            )));
+            return Err(CreateError::NameTaken(name.clone()));
         }
         Ok(())
     }
@@ -59,8 +58,8 @@ impl Daemon {
         &'d self,
         new: NewVm,
         steps: &mut Steps<'_>,
-    ) -> Result<(VmRecord, CreatingVm<'d>), DaemonError> {
-        let backend = self.vmm()?.backend();
+    ) -> Result<(VmRecord, CreatingVm<'d>), CreateError> {
+        let backend = self.backend_vmm()?.backend();
         let id = VmId::random();
         let dir = self.paths.vms_dir.join(id.as_str());
         let admission = self.alloc_lock.lock().await;
@@ -108,7 +107,7 @@ impl Daemon {
                 },
             )
             .await
-            .map_err(|e| DaemonError::Failed(e.into()))?;
+            .map_err(|e| CreateError::Failed(e.into()))?;
         let store = self.store.clone();
         let rec = vm.clone();
         steps
@@ -121,7 +120,7 @@ impl Daemon {
             .await
             .map_err(|e| match e.cause.downcast::<banger_store::StoreError>() {
                 Ok(se) => se.into(),
-                Err(other) => DaemonError::Failed(other),
+                Err(other) => CreateError::Failed(other),
             })?;
         drop(admission);
         Ok((vm, held))
@@ -178,10 +177,13 @@ mod tests {
 
         let mut steps = Steps::new(&banger_api::ProgressSink::discard());
         match d.admit(new_vm("calm-otter"), &mut steps).await {
-            Err(DaemonError::Conflict(m)) => assert_eq!(
-                m,
-                "a VM named calm-otter already exists: pick another --name or `banger vm delete calm-otter`"
-            ),
+            Err(e @ CreateError::NameTaken(_)) => {
+                assert_eq!(e.kind(), crate::ErrorKind::Conflict);
+                assert_eq!(
+                    e.to_string(),
+                    "a VM named calm-otter already exists: pick another --name or `banger vm delete calm-otter`"
+                );
+            }
             other => panic!("expected a name clash: {:?}", other.map(|(v, _)| v)),
         }
 

@@ -2,31 +2,34 @@
 
 use super::boot::fail;
 use super::*;
+use crate::error::{Chain, NoBackend, store_kind};
 use crate::steps::{Steps, UndoSlot};
 use crate::vm::admit::NewVm;
+use crate::vm::settings::ResourceError;
 use crate::warm::plan::{ColdReason, StartPlan};
-use crate::{Daemon, DaemonError};
+use crate::{Daemon, DaemonError, ErrorKind};
 use anyhow::{Context, anyhow};
 use banger_api::{CreateVmRequest, PlannedVm, ProgressSink, Step};
 use banger_config::{HostResources, apply_flags, effective_defaults};
 use banger_model::{
-    StartInfo, TemplateShape, VmName, VmRecord, VmState, WarmMode, WarmSetting, generate_name,
+    NameError, StartInfo, TemplateShape, VmName, VmRecord, VmState, WarmMode, WarmSetting,
+    generate_name,
 };
 use banger_storage::{VmDisks, WorkSource};
+use banger_store::StoreError;
 use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
 
 impl Daemon {
     /// `--nat` needs bridge networking.
-    fn check_nat_mode(&self, nat: bool) -> Result<(), DaemonError> {
+    fn check_nat_mode(&self, nat: bool) -> Result<(), CreateError> {
         if nat
             && let Some(net) = self.network()
             && net.mode_name() != "bridge"
         {
-            return Err(DaemonError::Conflict(format!(
-                "--nat needs bridge networking; this daemon uses {} networking (see banger doctor)",
-                net.mode_name()
-            )));
+            return Err(CreateError::NatNeedsBridge {
+                mode: net.mode_name(),
+            });
         }
         Ok(())
     }
@@ -34,33 +37,27 @@ impl Daemon {
     /// The checks of a create request that need no lock and change nothing,
     /// so a bad request is answered with its error before the operation's
     /// stream starts. [`Daemon::create_vm`] checks again where it matters.
-    pub(crate) fn check_create(&self, req: &CreateVmRequest) -> Result<(), DaemonError> {
+    pub(crate) fn check_create(&self, req: &CreateVmRequest) -> Result<(), CreateError> {
         if let Some(n) = &req.name {
-            let name = VmName::parse(n).map_err(|e| DaemonError::Invalid(e.to_string()))?;
+            let name = VmName::parse(n)?;
             self.check_name_free(&name)?;
         }
         crate::vm::settings::check_resources(req.vcpu, req.memory_mib, req.disk_size.as_deref())?;
         if let Some(image) = &req.image {
             crate::images::check_name("image", image)?;
             if *image != self.config.default_image_name {
-                self.store.get_image(image).map_err(|_| {
-                    DaemonError::NotFound(format!(
-                        "no image named {image}: see `banger image list`"
-                    ))
-                })?;
+                self.store
+                    .get_image(image)
+                    .map_err(|_| CreateError::NoImage(image.clone()))?;
             }
         }
         self.check_nat_mode(req.nat)?;
         if req.warm == WarmMode::Require {
             if !req.start {
-                return Err(DaemonError::Invalid(
-                    "--warm restores a running VM: it cannot go with --no-start".into(),
-                ));
+                return Err(CreateError::WarmWithoutStart);
             }
             if self.config.warm_start == WarmSetting::Off {
-                return Err(DaemonError::Conflict(
-                    "--warm: warm starts are off (warm_start = \"off\" in config.toml)".into(),
-                ));
+                return Err(CreateError::WarmOff);
             }
         }
         Ok(())
@@ -76,11 +73,11 @@ impl Daemon {
         planned: impl FnOnce(PlannedVm),
         progress: &ProgressSink,
         cancel: CancellationToken,
-    ) -> Result<VmRecord, DaemonError> {
-        let vmm = self.vmm()?.clone();
+    ) -> Result<VmRecord, CreateError> {
+        let vmm = self.backend_vmm()?.clone();
         let _in_flight = CreateGuard::new(self);
         let name = match &req.name {
-            Some(n) => VmName::parse(n).map_err(|e| DaemonError::Invalid(e.to_string()))?,
+            Some(n) => VmName::parse(n)?,
             None => self.unused_name()?,
         };
         self.check_name_free(&name)?;
@@ -102,7 +99,7 @@ impl Daemon {
             .unwrap_or_else(|| self.config.default_image_name.clone());
         let image = self.ensure_image(&image_name, progress, &cancel).await?;
         if cancel.is_cancelled() {
-            return Err(DaemonError::Failed(anyhow!(self.cancel_reason())));
+            return Err(CreateError::Cancelled(self.cancel_reason()));
         }
         let kernel = self.store.get_kernel(&image.kernel)?;
 
@@ -132,7 +129,7 @@ impl Daemon {
             StartPlan::Warm(t) => Some(t),
             StartPlan::Cold(reason) => {
                 if req.warm == WarmMode::Require {
-                    return Err(DaemonError::Conflict(format!("--warm: {reason}")));
+                    return Err(CreateError::NoTemplate(reason.to_string()));
                 }
                 if req.start {
                     progress.phase(Step::Start, format!("cold ({reason})"));
@@ -173,7 +170,7 @@ impl Daemon {
                     let why = format!("{:#}", e.cause);
                     if req.warm == WarmMode::Require {
                         let rollback_errors = steps.rollback().await;
-                        return Err(DaemonError::Failed(
+                        return Err(CreateError::WarmFailed(
                             crate::steps::StepError {
                                 step: e.step,
                                 cause: anyhow!("--warm: warm start failed: {why}"),
@@ -239,7 +236,7 @@ impl Daemon {
                     },
                 )
                 .await
-                .map_err(|e| DaemonError::Failed(e.into()))?;
+                .map_err(|e| CreateError::Failed(e.into()))?;
             let (this2, rec) = (self.clone(), vm.clone());
             steps
                 .run("ssh", "giving the VM its ssh host key", |_| async move {
@@ -250,7 +247,7 @@ impl Daemon {
                     Ok(())
                 })
                 .await
-                .map_err(|e| DaemonError::Failed(e.into()))?;
+                .map_err(|e| CreateError::Failed(e.into()))?;
             if !self.config.file_sync.is_empty() {
                 let (this2, rec) = (self.clone(), vm.clone());
                 steps
@@ -260,7 +257,7 @@ impl Daemon {
                         |_| async move { this2.sync_files(&rec, progress).await },
                     )
                     .await
-                    .map_err(|e| DaemonError::Failed(e.into()))?;
+                    .map_err(|e| CreateError::Failed(e.into()))?;
             }
         }
         if !req.start {
@@ -319,9 +316,9 @@ impl Daemon {
                 steps.commit();
                 let pid = vm.pid;
                 this.set_state(&mut vm, VmState::Error, pid, Some(&msg))?;
-                Err(DaemonError::Failed(anyhow!(msg)))
+                Err(CreateError::NotReady(msg))
             }
-            Err(BootError::Failed(e)) => Err(DaemonError::Failed(e)),
+            Err(BootError::Failed(e)) => Err(CreateError::Boot(e)),
         }
     }
 
@@ -334,7 +331,7 @@ impl Daemon {
         }
     }
 
-    fn unused_name(&self) -> Result<VmName, DaemonError> {
+    fn unused_name(&self) -> Result<VmName, CreateError> {
         let taken: Vec<VmName> = self.store.list_vms()?.into_iter().map(|v| v.name).collect();
         for _ in 0..100 {
             let n = generate_name();
@@ -342,9 +339,89 @@ impl Daemon {
                 return Ok(n);
             }
         }
-        Err(DaemonError::Failed(anyhow!(
-            "could not find a free VM name; pass --name"
-        )))
+        Err(CreateError::NoFreeName)
+    }
+}
+
+/// Why a VM was not created (or, created, did not start).
+#[derive(Debug, thiserror::Error)]
+pub enum CreateError {
+    #[error("{0}")]
+    Name(#[from] NameError),
+    /// `name` is taken by another VM.
+    #[error("a VM named {0} already exists: pick another --name or `banger vm delete {0}`")]
+    NameTaken(VmName),
+    #[error("could not find a free VM name; pass --name")]
+    NoFreeName,
+    #[error(transparent)]
+    Resources(#[from] ResourceError),
+    /// The named image is not recorded.
+    #[error("no image named {0}: see `banger image list`")]
+    NoImage(String),
+    /// `--nat` with `mode` networking.
+    #[error(
+        "--nat needs bridge networking; this daemon uses {mode} networking (see banger doctor)"
+    )]
+    NatNeedsBridge { mode: &'static str },
+    #[error("--warm restores a running VM: it cannot go with --no-start")]
+    WarmWithoutStart,
+    #[error("--warm: warm starts are off (warm_start = \"off\" in config.toml)")]
+    WarmOff,
+    /// `--warm` and no usable template, for this reason.
+    #[error("--warm: {0}")]
+    NoTemplate(String),
+    /// `--warm` and the restore failed (rolled back).
+    #[error("{0:#}")]
+    WarmFailed(anyhow::Error),
+    #[error(transparent)]
+    NoBackend(#[from] NoBackend),
+    /// The client went away or the daemon is shutting down.
+    #[error("{0}")]
+    Cancelled(&'static str),
+    /// The guest booted but was not ready in time; the VM is kept, in
+    /// error, for inspection.
+    #[error("{0}")]
+    NotReady(String),
+    /// Boot failed and everything was rolled back.
+    #[error("{0:#}")]
+    Boot(anyhow::Error),
+    /// Making the VM's directory, disks or files failed (rolled back).
+    #[error("{0:#}")]
+    Failed(#[from] anyhow::Error),
+    #[error("{}", Chain(.0))]
+    Store(#[from] StoreError),
+    /// The image (its name, its pull) or the address allocation, whose
+    /// errors are not typed yet: their own kind and message.
+    #[error(transparent)]
+    Other(Box<DaemonError>),
+}
+
+impl CreateError {
+    /// What kind of failure this is.
+    pub fn kind(&self) -> ErrorKind {
+        use CreateError as E;
+        match self {
+            E::Name(_) | E::Resources(_) | E::WarmWithoutStart => ErrorKind::Invalid,
+            E::NameTaken(_) | E::NatNeedsBridge { .. } | E::WarmOff | E::NoTemplate(_) => {
+                ErrorKind::Conflict
+            }
+            E::NoImage(_) => ErrorKind::NotFound,
+            E::NoFreeName
+            | E::WarmFailed(_)
+            | E::NoBackend(_)
+            | E::Cancelled(_)
+            | E::NotReady(_)
+            | E::Boot(_)
+            | E::Failed(_) => ErrorKind::Failed,
+            E::Store(e) => store_kind(e),
+            E::Other(e) => e.kind(),
+        }
+    }
+}
+
+impl From<DaemonError> for CreateError {
+    fn from(e: DaemonError) -> Self {
+        CreateError::Other(Box::new(e))
     }
 }
 
@@ -362,5 +439,84 @@ impl<'a> CreateGuard<'a> {
 impl Drop for CreateGuard<'_> {
     fn drop(&mut self) {
         self.0.creates.send_modify(|n| *n = n.saturating_sub(1));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::vm::tests::{daemon, record};
+
+    fn check(d: &Daemon, req: CreateVmRequest) -> CreateError {
+        d.check_create(&req).expect_err("refused")
+    }
+
+    #[test]
+    fn refused_creates_keep_their_kind_and_text() {
+        let t = tempfile::tempdir().expect("tmp");
+        let d = daemon(&t);
+        record(&d, "calm-otter", VmState::Stopped);
+        let e = check(
+            &d,
+            CreateVmRequest {
+                name: Some("calm-otter".into()),
+                ..Default::default()
+            },
+        );
+        assert_eq!(e.kind(), ErrorKind::Conflict);
+        assert_eq!(
+            e.to_string(),
+            "a VM named calm-otter already exists: pick another --name or `banger vm delete calm-otter`"
+        );
+        let e = check(
+            &d,
+            CreateVmRequest {
+                name: Some(String::new()),
+                ..Default::default()
+            },
+        );
+        assert_eq!(
+            (e.kind(), e.to_string().as_str()),
+            (ErrorKind::Invalid, "VM name is empty")
+        );
+        let e = check(
+            &d,
+            CreateVmRequest {
+                image: Some("nope".into()),
+                ..Default::default()
+            },
+        );
+        assert_eq!(e.kind(), ErrorKind::NotFound);
+        assert_eq!(
+            e.to_string(),
+            "no image named nope: see `banger image list`"
+        );
+        let e = check(
+            &d,
+            CreateVmRequest {
+                start: false,
+                warm: WarmMode::Require,
+                ..Default::default()
+            },
+        );
+        assert_eq!(e.kind(), ErrorKind::Invalid);
+        assert_eq!(
+            e.to_string(),
+            "--warm restores a running VM: it cannot go with --no-start"
+        );
+        let e = check(
+            &d,
+            CreateVmRequest {
+                vcpu: Some(0),
+                ..Default::default()
+            },
+        );
+        assert!(
+            matches!(e, CreateError::Resources(ResourceError::Vcpu)),
+            "{e:?}"
+        );
+        // An untyped part's error keeps its own kind through the edge type.
+        let e = CreateError::from(DaemonError::Conflict("no free address".into()));
+        assert_eq!(DaemonError::from(e).kind(), ErrorKind::Conflict);
     }
 }

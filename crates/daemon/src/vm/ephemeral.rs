@@ -33,7 +33,7 @@ impl Daemon {
                 tracing::info!(vm = %vm.name, "deleted ephemeral VM: its client went away")
             }
             // The client deleted it itself before closing: the usual case.
-            Err(crate::DaemonError::NotFound(_)) => {}
+            Err(e) if e.kind() == crate::ErrorKind::NotFound => {}
             Err(e) => {
                 tracing::warn!(vm = %vm.name, error = %e, "could not delete ephemeral VM")
             }

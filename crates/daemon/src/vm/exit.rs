@@ -1,6 +1,6 @@
 //! A VMM's exit: watching it, ending it, and keeping its logs small.
 
-use crate::{Daemon, DaemonError};
+use crate::Daemon;
 use anyhow::Context;
 use banger_model::{VmId, VmRecord, VmState};
 use banger_vmm::VmPaths;
@@ -53,13 +53,12 @@ impl Daemon {
     }
 
     /// Ends a VM's VMM, through the backend when there is one, else by signal.
-    pub(crate) async fn terminate_vmm(&self, vm: &VmRecord, pid: u32) -> Result<(), DaemonError> {
-        match self.vmm() {
+    pub(crate) async fn terminate_vmm(&self, vm: &VmRecord, pid: u32) -> anyhow::Result<()> {
+        match self.backend_vmm() {
             Ok(vmm) => vmm
                 .terminate(&vm.dir, pid)
                 .await
-                .context("stopping the VMM")
-                .map_err(Into::into),
+                .context("stopping the VMM"),
             Err(_) => {
                 if banger_vmm::vmm_process_alive(pid, &vm.dir) {
                     let _ = nix::sys::signal::kill(

@@ -10,6 +10,7 @@ pub(crate) mod admit;
 pub(crate) mod boot;
 mod create;
 mod ephemeral;
+mod error;
 pub(crate) mod exit;
 pub(crate) mod initramfs;
 mod lifecycle;
@@ -25,9 +26,13 @@ mod state;
 pub(crate) use boot::{
     BootCtx, BootError, BootPurpose, TEMPLATE_MAC, WRITABLE_ROOT_WORK_DEVICE, console_tail,
 };
+pub use create::CreateError;
+pub use error::{AgentError, LookupError};
 pub(crate) use exit::cap_logs;
 pub(crate) use initramfs::{BOOT_INITRD_FILE, BootFacts, BootInitrd};
+pub use lifecycle::{KillError, RestartError, StartError, StopError};
 pub(crate) use ready::{CONSOLE_LINES, SshWait, SystemWait, stopped_before_agent};
+pub use settings::{ResourceError, SetError};
 
 use crate::{Daemon, DaemonError};
 use banger_agent_proto::client::AgentClient;
@@ -51,31 +56,28 @@ impl Daemon {
     /// prefix), takes the VM's operation lock, then re-reads its record
     /// under the lock (an operation that held it may have changed or
     /// deleted the VM).
-    pub(crate) async fn lock_vm(&self, r: &str) -> Result<VmCtx, DaemonError> {
+    pub(crate) async fn lock_vm(&self, r: &str) -> Result<VmCtx, LookupError> {
         let vm = self.store.resolve_vm(r)?;
         self.lock_vm_id(&vm.id).await
     }
 
     /// The agent of a running VM.
-    pub fn running_agent(&self, r: &str) -> Result<(VmRecord, AgentClient), DaemonError> {
+    pub fn running_agent(&self, r: &str) -> Result<(VmRecord, AgentClient), AgentError> {
         let vm = self.store.resolve_vm(r)?;
         if vm.state != VmState::Running {
-            return Err(DaemonError::Conflict(format!(
-                "VM {} is {}, not running: start it first",
-                vm.name, vm.state
-            )));
+            return Err(AgentError::NotRunning {
+                name: vm.name,
+                state: vm.state,
+            });
         }
         match self.agent(&vm.id) {
             Some(a) if !a.is_closed() => Ok((vm, a)),
-            _ => Err(DaemonError::Conflict(format!(
-                "VM {} has no agent connection (it may be shutting down)",
-                vm.name
-            ))),
+            _ => Err(AgentError::NotConnected { name: vm.name }),
         }
     }
 
     /// [`Daemon::lock_vm`] for a VM known by id.
-    pub(crate) async fn lock_vm_id(&self, id: &VmId) -> Result<VmCtx, DaemonError> {
+    pub(crate) async fn lock_vm_id(&self, id: &VmId) -> Result<VmCtx, LookupError> {
         let handle = self.vms.handle(id);
         let op = handle.lock_op().await;
         match self.store.get_vm(id) {
@@ -268,10 +270,8 @@ pub(crate) mod tests {
             other => panic!("expected one ok and one error: {other:?}"),
         };
         assert_eq!(ok.name.as_str(), "calm-otter");
-        match err {
-            crate::DaemonError::NotFound(m) => assert_eq!(m, format!("no VM with id {}", ok.id)),
-            e => panic!("expected not found: {e:?}"),
-        }
+        assert_eq!(err.kind(), crate::ErrorKind::NotFound, "{err:?}");
+        assert_eq!(err.to_string(), format!("no VM with id {}", ok.id));
         assert!(d.store.list_vms().expect("list").is_empty());
         assert_eq!(d.vms.len(), 0, "no handle left behind");
     }

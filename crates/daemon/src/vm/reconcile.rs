@@ -70,7 +70,7 @@ impl Daemon {
         if let Some(pid) = vm.pid
             && let Err(e) = self.terminate_vmm(&vm, pid).await
         {
-            tracing::warn!(vm = %vm.name, error = %e, "could not end leftover VMM");
+            tracing::warn!(vm = %vm.name, error = %format!("{e:#}"), "could not end leftover VMM");
         }
         // Networking starts after reconcile: this clears the record, and
         // the TAP pool then deletes TAPs no running VM holds.

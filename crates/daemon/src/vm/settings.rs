@@ -1,12 +1,15 @@
 //! `vm set` (resources of a stopped VM) and `vm stats`.
 
-use crate::{Daemon, DaemonError};
+use crate::error::{Chain, store_kind};
+use crate::vm::LookupError;
+use crate::{Daemon, DaemonError, ErrorKind};
 use anyhow::Context;
 use banger_agent_proto::ExecRequest;
 use banger_agent_proto::client::{AgentClient, ExecEvent};
 use banger_api::{DiskStats, GuestStats, SetVmRequest, VmStats, VmmProcessStats};
-use banger_model::{ByteSize, Provenance, SpecValue, VmRecord, VmState};
+use banger_model::{ByteSize, Provenance, SpecValue, VmName, VmRecord, VmState};
 use banger_storage::VmDisks;
+use banger_store::StoreError;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -23,26 +26,93 @@ pub(crate) fn check_resources(
     vcpu: Option<u32>,
     memory_mib: Option<u64>,
     disk_size: Option<&str>,
-) -> Result<Option<ByteSize>, DaemonError> {
+) -> Result<Option<ByteSize>, ResourceError> {
     if vcpu.is_some_and(|v| v == 0 || v > MAX_VCPU) {
-        return Err(DaemonError::Invalid(format!(
-            "vcpu must be between 1 and {MAX_VCPU}"
-        )));
+        return Err(ResourceError::Vcpu);
     }
     if memory_mib.is_some_and(|m| !(MIN_MEMORY_MIB..=MAX_MEMORY_MIB).contains(&m)) {
-        return Err(DaemonError::Invalid(format!(
-            "memory must be between {MIN_MEMORY_MIB} and {MAX_MEMORY_MIB} MiB"
-        )));
+        return Err(ResourceError::Memory);
     }
     if let Some(d) = disk_size {
         rules::DISK_SIZE
             .check(d)
-            .map_err(|e| DaemonError::Invalid(e.to_string()))?;
+            .map_err(|e| ResourceError::DiskSize(e.to_string()))?;
     }
     disk_size
         .map(str::parse::<ByteSize>)
         .transpose()
-        .map_err(|e| DaemonError::Invalid(format!("disk size: {e}")))
+        .map_err(|e| ResourceError::DiskSize(format!("disk size: {e}")))
+}
+
+/// A requested vCPU count, memory or disk size out of bounds (create and
+/// set): the request is wrong whatever the VM's state.
+#[derive(Debug, thiserror::Error)]
+pub enum ResourceError {
+    #[error("vcpu must be between 1 and {}", MAX_VCPU)]
+    Vcpu,
+    #[error("memory must be between {} and {} MiB", MIN_MEMORY_MIB, MAX_MEMORY_MIB)]
+    Memory,
+    /// The disk size's rule or parse, in its own words.
+    #[error("{0}")]
+    DiskSize(String),
+}
+
+impl ResourceError {
+    /// What kind of failure this is: always the request's.
+    pub fn kind(&self) -> ErrorKind {
+        ErrorKind::Invalid
+    }
+}
+
+/// Why `vm set` changed nothing.
+#[derive(Debug, thiserror::Error)]
+pub enum SetError {
+    #[error("nothing to change: pass --vcpu, --memory, --disk-size or --nat/--no-nat")]
+    Empty,
+    #[error(transparent)]
+    Resources(#[from] ResourceError),
+    #[error(transparent)]
+    Lookup(#[from] LookupError),
+    /// vCPUs, memory and disks change only while the VM is stopped.
+    #[error("VM {name} is {state}: stop it first (`banger vm stop {name}`) to change its {what}")]
+    NotStopped {
+        name: VmName,
+        state: VmState,
+        /// What the request asked to change, e.g. "vcpu, memory".
+        what: String,
+    },
+    /// Disks only grow.
+    #[error("VM {name} has a {current} disk; disks only grow, so {asked} is refused")]
+    Shrink {
+        name: VmName,
+        current: ByteSize,
+        asked: ByteSize,
+    },
+    /// NAT rules need the bridge; `mode` is the daemon's networking.
+    #[error("NAT needs bridge networking; this daemon uses {mode} networking (see banger doctor)")]
+    NatNeedsBridge { mode: &'static str },
+    /// Growing the disks or changing the NAT rules failed.
+    #[error("{0:#}")]
+    Failed(#[from] anyhow::Error),
+    /// Recording the change failed.
+    #[error("{}", Chain(.0))]
+    Store(#[from] StoreError),
+}
+
+impl SetError {
+    /// What kind of failure this is.
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            SetError::Empty => ErrorKind::Invalid,
+            SetError::Resources(e) => e.kind(),
+            SetError::Lookup(e) => e.kind(),
+            SetError::NotStopped { .. }
+            | SetError::Shrink { .. }
+            | SetError::NatNeedsBridge { .. } => ErrorKind::Conflict,
+            SetError::Failed(_) => ErrorKind::Failed,
+            SetError::Store(e) => store_kind(e),
+        }
+    }
 }
 
 impl Daemon {
@@ -54,11 +124,9 @@ impl Daemon {
         self: &Arc<Self>,
         r: &str,
         req: SetVmRequest,
-    ) -> Result<VmRecord, DaemonError> {
+    ) -> Result<VmRecord, SetError> {
         if req.is_empty() {
-            return Err(DaemonError::Invalid(
-                "nothing to change: pass --vcpu, --memory, --disk-size or --nat/--no-nat".into(),
-            ));
+            return Err(SetError::Empty);
         }
         // NAT alone can change under a running VM: its rules are host-side.
         if let (Some(nat), None, None, None) =
@@ -84,10 +152,11 @@ impl Daemon {
             .flatten()
             .collect::<Vec<_>>()
             .join(", ");
-            return Err(DaemonError::Conflict(format!(
-                "VM {} is {}: stop it first (`banger vm stop {}`) to change its {what}",
-                vm.name, vm.state, vm.name
-            )));
+            return Err(SetError::NotStopped {
+                name: vm.name.clone(),
+                state: vm.state,
+                what,
+            });
         }
         if let Some(d) = disk {
             // A work disk cloned from a seed larger than the asked size is
@@ -99,11 +168,11 @@ impl Daemon {
                 .fold(vm.spec.disk_bytes.value, u64::max);
             if d.bytes() < current {
                 // A rule of this VM's state, not of the request's shape.
-                return Err(DaemonError::Conflict(format!(
-                    "VM {} has a {} disk; disks only grow, so {d} is refused",
-                    vm.name,
-                    ByteSize(current)
-                )));
+                return Err(SetError::Shrink {
+                    name: vm.name.clone(),
+                    current: ByteSize(current),
+                    asked: d,
+                });
             }
             for path in [&disks.work, &disks.overlay] {
                 banger_storage::grow_disk(path, d.bytes())
@@ -280,6 +349,66 @@ fn parse_guest_stats(text: &str) -> Option<GuestStats> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::vm::tests::{daemon, record};
+
+    #[test]
+    fn resource_and_set_errors_keep_todays_text() {
+        let e = check_resources(Some(0), None, None).expect_err("vcpu");
+        assert_eq!(
+            (e.kind(), e.to_string()),
+            (
+                ErrorKind::Invalid,
+                format!("vcpu must be between 1 and {MAX_VCPU}")
+            )
+        );
+        let e = check_resources(None, None, Some("lots")).expect_err("disk");
+        assert!(matches!(e, ResourceError::DiskSize(_)), "{e:?}");
+        let name = VmName::parse("calm-otter").expect("name");
+        let e = SetError::Shrink {
+            name: name.clone(),
+            current: ByteSize(2 << 30),
+            asked: ByteSize(1 << 30),
+        };
+        assert_eq!(e.kind(), ErrorKind::Conflict);
+        assert_eq!(
+            e.to_string(),
+            format!(
+                "VM calm-otter has a {} disk; disks only grow, so {} is refused",
+                ByteSize(2 << 30),
+                ByteSize(1 << 30)
+            )
+        );
+        let e = SetError::NatNeedsBridge { mode: "user" };
+        assert_eq!(e.kind(), ErrorKind::Conflict);
+        assert_eq!(
+            e.to_string(),
+            "NAT needs bridge networking; this daemon uses user networking (see banger doctor)"
+        );
+        assert_eq!(SetError::Empty.kind(), ErrorKind::Invalid);
+    }
+
+    #[tokio::test]
+    async fn set_refuses_a_running_vm_with_what_to_do() {
+        let t = tempfile::tempdir().expect("tmp");
+        let d = daemon(&t);
+        record(&d, "calm-otter", VmState::Running);
+        let req = SetVmRequest {
+            vcpu: Some(2),
+            memory_mib: Some(512),
+            ..Default::default()
+        };
+        let e = d.set_vm("calm-otter", req).await.expect_err("running");
+        assert_eq!(e.kind(), ErrorKind::Conflict);
+        assert_eq!(
+            e.to_string(),
+            "VM calm-otter is running: stop it first (`banger vm stop calm-otter`) to change its vcpu, memory"
+        );
+        let e = d
+            .set_vm("calm-otter", SetVmRequest::default())
+            .await
+            .expect_err("empty");
+        assert_eq!(crate::DaemonError::from(e).to_api().code, "invalid");
+    }
 
     #[test]
     fn resources_are_checked_once_for_create_and_set() {

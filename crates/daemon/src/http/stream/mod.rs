@@ -100,7 +100,7 @@ where
         Ok((_, agent)) => ws
             .on_upgrade(move |socket| serve(agent, socket))
             .into_response(),
-        Err(e) => e.into_response(),
+        Err(e) => crate::DaemonError::from(e).into_response(),
     }
 }
 
