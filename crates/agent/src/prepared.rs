@@ -3,9 +3,11 @@
 //! Early init's PID 1 forks the agent off as soon as the root is assembled
 //! and the agent's channel is up, so the agent greets the host at once.
 //! PID 1 then finishes what commands expect (the network card's driver, the
-//! network and resolver, `/tmp` settled) and closes its end of a pipe; the
-//! agent holds the host's requests until then (0.2 s after the fork under
-//! emulation, part of which the host spends on its side of the boot).
+//! network and resolver, `/tmp` settled) and execs the image's init, which
+//! closes its end of a close-on-exec pipe; the agent holds the host's
+//! requests until then (0.2-0.3 s after the fork under emulation, part of
+//! which the host spends on its side of the boot), so a command never runs
+//! before the network or sees PID 1 before the handover.
 
 use std::os::fd::OwnedFd;
 use std::time::Duration;

@@ -103,8 +103,8 @@ pub struct Early {
     /// Written to (or closed) once the agent has greeted the host: PID 1
     /// waits for it before it execs the image's init.
     pub greeted: Option<std::os::fd::OwnedFd>,
-    /// Closed by PID 1 once the guest is prepared for commands (see
-    /// [`crate::prepared`]); `None` when it already is.
+    /// Closed when PID 1 execs the image's init, after preparing the guest
+    /// for commands (see [`crate::prepared`]); `None` when it already is.
     pub prepared: Option<std::os::fd::OwnedFd>,
 }
 
@@ -174,7 +174,8 @@ pub fn run() -> Result<Early, InitError> {
     // image's init, which takes the CPU for seconds, starts after that.
     let (handover_rd, handover_wr) =
         nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(sys("creating a pipe"))?;
-    // PID 1 closes its end once the guest is prepared for commands.
+    // Closed by PID 1's exec of the image's init: the guest is prepared
+    // for commands then.
     let (prepared_rd, prepared_wr) =
         nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(sys("creating a pipe"))?;
     let early = Early {
@@ -203,13 +204,16 @@ pub fn run() -> Result<Early, InitError> {
             // preparing takes the time the agent waits for the host.
             let idle = set_idle(true);
             let prepared = prepare_for_commands(&cmdline, &network);
-            drop(prepared_wr);
             load_each(&after, &cmdline);
             if idle {
                 set_idle(false);
             }
             eprintln!("banger-agent: {prepared} while the agent greeted");
             wait_for_greeting(handover_rd, HANDOVER_WAIT);
+            // Close-on-exec: the pipe closes, and the agent's commands
+            // start, when the image's init has replaced this process (so
+            // a command never sees PID 1 before the handover).
+            let _until_exec = prepared_wr;
             fail(&exec_init(&init))
         }
     }
