@@ -88,7 +88,9 @@ pub struct Daemon {
     /// Serialises template builds (each boots a guest; hosts may have 2 cores).
     template_build: tokio::sync::Mutex<()>,
     /// Image and shape of template builds queued in the background.
-    queued_builds: Mutex<std::collections::HashSet<(String, banger_model::TemplateShape)>>,
+    queued_builds: Mutex<
+        std::collections::HashMap<(String, banger_model::TemplateShape), warm::BackgroundBuild>,
+    >,
     /// Creates in progress; background template builds wait for zero.
     creates: tokio::sync::watch::Sender<usize>,
     /// sha256 of the agent binary, by its size/inode/mtime (template keys).

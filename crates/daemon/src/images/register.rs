@@ -132,6 +132,7 @@ impl Daemon {
             .store
             .get_image(name)
             .map_err(|_| DeleteImageError::NoImage(name.to_string()))?;
+        self.cancel_background_builds(name).await;
         let users: Vec<String> = self
             .store
             .list_vms()?

@@ -31,6 +31,18 @@ pub(crate) struct Looked {
     pub(crate) lookup: Lookup<Template>,
 }
 
+/// A background template build (`warm_start = "auto"`), queued or running.
+pub(crate) struct BackgroundBuild {
+    /// Cancels it (image delete, daemon stop).
+    pub(crate) cancel: tokio_util::sync::CancellationToken,
+    /// Turns true when it has ended, its transient VM rolled back.
+    pub(crate) done: tokio::sync::watch::Receiver<bool>,
+}
+
+/// How long deleting an image waits for its cancelled background template
+/// builds to roll back.
+const BUILD_CANCEL_WAIT: std::time::Duration = std::time::Duration::from_secs(120);
+
 impl Daemon {
     /// `<state_dir>/templates`: on the same file system as `vms/`, so a
     /// template's files move in by rename and clone by reflink.
@@ -204,17 +216,23 @@ impl Daemon {
         shape: TemplateShape,
     ) {
         let job = (image.to_string(), shape);
-        if !self
-            .queued_builds
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(job.clone())
+        let cancel = self.shutdown.child_token();
+        let (done_tx, done) = tokio::sync::watch::channel(false);
         {
-            return;
+            let mut queued = self.queued_builds.lock().unwrap_or_else(|p| p.into_inner());
+            if queued.contains_key(&job) {
+                return;
+            }
+            queued.insert(
+                job.clone(),
+                BackgroundBuild {
+                    cancel: cancel.clone(),
+                    done,
+                },
+            );
         }
         let this = self.clone();
         tokio::spawn(async move {
-            let cancel = this.shutdown.child_token();
             let mut creates = this.creates.subscribe();
             let idle = tokio::select! {
                 r = creates.wait_for(|n| *n == 0) => r.is_ok(),
@@ -236,7 +254,37 @@ impl Daemon {
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .remove(&job);
+            let _ = done_tx.send(true);
         });
+    }
+
+    /// Cancels the background template builds of `image`, queued or
+    /// running, and waits (at most [`BUILD_CANCEL_WAIT`]) until they have
+    /// ended: a running build rolls its transient VM back, so deleting the
+    /// image does not find a VM the user never made.
+    pub(crate) async fn cancel_background_builds(&self, image: &str) {
+        let waits: Vec<_> = self
+            .queued_builds
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .filter(|((i, _), _)| i == image)
+            .map(|(_, b)| {
+                b.cancel.cancel();
+                b.done.clone()
+            })
+            .collect();
+        for mut done in waits {
+            if tokio::time::timeout(BUILD_CANCEL_WAIT, done.wait_for(|d| *d))
+                .await
+                .is_err()
+            {
+                tracing::warn!(
+                    image,
+                    "a cancelled background template build did not end in time"
+                );
+            }
+        }
     }
 
     /// Removes a template's directory and row. VMs restored from it keep
@@ -374,5 +422,35 @@ fn remove_dir_logged(dir: &Path) {
         Err(e) => {
             tracing::warn!(dir = %dir.display(), error = %e, "cannot remove a template directory")
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use banger_model::TemplateShape;
+
+    #[tokio::test]
+    async fn deleting_an_image_cancels_its_queued_background_build() {
+        let t = tempfile::tempdir().expect("tmp");
+        let d = crate::vm::tests::daemon(&t);
+        // A create in flight keeps the build queued (it never boots here).
+        d.creates.send_modify(|n| *n += 1);
+        let shape = TemplateShape {
+            vcpu: 1,
+            memory_mib: 512,
+        };
+        d.queue_template_build("img", shape);
+        assert_eq!(d.queued_builds.lock().expect("lock").len(), 1);
+        tokio::time::timeout(
+            std::time::Duration::from_secs(10),
+            d.delete_image("img", false),
+        )
+        .await
+        .expect("delete in time")
+        .expect("deleted");
+        assert!(
+            d.queued_builds.lock().expect("lock").is_empty(),
+            "the image's background build is still queued"
+        );
     }
 }
