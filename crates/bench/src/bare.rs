@@ -75,6 +75,7 @@ pub(super) async fn bare_boot(
         nets: Vec::new(),
         vcpu: BENCH_VCPU,
         memory_mib: BENCH_MEMORY_MIB,
+        memory_file: None,
     };
     match vmm.kind {
         BackendKind::Qemu(_) => bare_qemu(&spec).await,

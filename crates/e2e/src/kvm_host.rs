@@ -22,7 +22,7 @@ pub const OUTER_VM: &str = "e2e-kvmhost";
 const OUTER_IMAGE: &str = "e2e-kvmhost";
 /// What the outer guest has beyond the default image: what a KVM host
 /// running these tests needs (NAT, QEMU for `-accel kvm` (from backports:
-/// warm starts need QEMU >= 9.0's `mapped-ram`, bookworm has 7.2),
+/// banger's warm starts need QEMU >= 8.2, bookworm has 7.2),
 /// unpacking what is carried in, DNS queries, a registry for OCI pulls).
 const OUTER_PACKAGES: &[&str] = &[
     "nftables",

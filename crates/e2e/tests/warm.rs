@@ -115,7 +115,13 @@ fn warm_vms_restore_with_identities_of_their_own() {
         assert_eq!(of_shape, [&t], "{what}: {img}");
     }
     let dir = PathBuf::from(t["dir"].as_str().expect("dir"));
-    for f in ["template.json", "memory", "overlay.ext4", "work.ext4"] {
+    for f in [
+        "template.json",
+        "memory",
+        "vmstate",
+        "overlay.ext4",
+        "work.ext4",
+    ] {
         assert!(dir.join(f).is_file(), "{f} missing in {}", dir.display());
     }
     use std::os::unix::fs::PermissionsExt;
@@ -379,7 +385,9 @@ fn broken_templates_are_refused() {
     // A header of another format: refused, and --warm leaves nothing.
     let path = dir.join("template.json");
     let text_before = std::fs::read_to_string(&path).expect("header");
-    std::fs::write(&path, text_before.replace("\"format\": 1", "\"format\": 7")).expect("w");
+    let mut other: Value = serde_json::from_str(&text_before).expect("header json");
+    other["format"] = 7.into();
+    std::fs::write(&path, other.to_string()).expect("w");
     let dirs_before = b.vm_dirs();
     let taps_before = taps(b);
     let out = b.run(&[

@@ -7,7 +7,7 @@ use std::fmt;
 
 /// The layout of a template directory and its header; bumped when either
 /// changes so older templates are refused, not misread.
-pub const TEMPLATE_FORMAT: u32 = 1;
+pub const TEMPLATE_FORMAT: u32 = 2;
 
 /// A file's identity without reading it: path, size, inode, mtime.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -345,7 +345,7 @@ mod tests {
         assert!(a.diff(&a).is_empty());
         type Change = Box<dyn Fn(&mut TemplateKey)>;
         let cases: Vec<(Change, &str)> = vec![
-            (Box::new(|k| k.format = 2), "format"),
+            (Box::new(|k| k.format = TEMPLATE_FORMAT + 1), "format"),
             (Box::new(|k| k.image = "x".into()), "image"),
             (Box::new(|k| k.image_fp[0].ino = 9), "image files"),
             (Box::new(|k| k.image_created_at = "x".into()), "image files"),

@@ -116,6 +116,11 @@ pub struct LaunchSpec {
     pub nets: Vec<NetSpec>,
     pub vcpu: u32,
     pub memory_mib: u64,
+    /// Guest memory in this file, mapped shared, instead of anonymous
+    /// memory: a VM that will be snapshotted under a backend whose
+    /// [`Vmm::snapshot_memory_at_launch`] is true (the file then is the
+    /// snapshot's memory). `None` for every other launch.
+    pub memory_file: Option<PathBuf>,
 }
 
 /// One guest network interface.
@@ -266,11 +271,12 @@ pub enum WarmSupport {
 /// The files a snapshot is written to and restored from.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SnapshotFiles {
-    /// Guest memory (Firecracker memory file; QEMU `mapped-ram` migration
-    /// stream, which also holds the device state).
+    /// Guest memory, one byte per byte of guest RAM (sparse where the
+    /// guest never wrote).
     pub memory: PathBuf,
-    /// Device state (Firecracker only; `None` for QEMU).
-    pub vmstate: Option<PathBuf>,
+    /// Device state (Firecracker's vmstate; QEMU's migration stream, with
+    /// the RAM left out).
+    pub vmstate: PathBuf,
 }
 
 /// Everything needed to start a VMM from a snapshot.
@@ -283,7 +289,7 @@ pub struct RestoreSpec {
     /// what the template was launched with. The MACs in `nets` are ignored:
     /// the guest's MAC is the template's until the guest changes it.
     pub launch: LaunchSpec,
-    /// The snapshot to load; it is only read (Firecracker maps the memory
+    /// The snapshot to load; it is only read (both backends map the memory
     /// file privately for the clone's lifetime: never rewrite it in place).
     pub from: SnapshotFiles,
     /// The template's interfaces as it was launched (same order as
@@ -331,6 +337,14 @@ pub trait Vmm: Send + Sync {
     /// this host. Probed on first call (may run the VMM binary once) and
     /// cached.
     async fn warm_support(&self) -> WarmSupport;
+
+    /// Whether a VM to be snapshotted must be launched with its memory in
+    /// the snapshot's memory file ([`LaunchSpec::memory_file`]): QEMU's
+    /// snapshot is that file plus a device-state stream, Firecracker writes
+    /// its memory file when it snapshots.
+    fn snapshot_memory_at_launch(&self) -> bool {
+        false
+    }
 
     /// Pauses the running VM of `dir` (VMM process `pid`), writes its state
     /// to `out` and ends the VMM: the guest never runs again, and its disks

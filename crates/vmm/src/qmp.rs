@@ -168,21 +168,44 @@ impl Qmp {
             .collect()
     }
 
-    /// `migrate-set-capabilities`: turns `mapped-ram` on (a fixed file
-    /// offset per RAM page, zero pages not written); needed on both the
-    /// saving and the loading side.
-    pub async fn set_mapped_ram(&mut self) -> Result<(), QmpError> {
+    /// `migrate-set-capabilities`: turns `x-ignore-shared` on (RAM blocks
+    /// backed by a named file stay out of the stream); needed on both the
+    /// saving and the loading side, which must agree on the stream's form.
+    pub async fn set_ignore_shared(&mut self) -> Result<(), QmpError> {
         self.execute(
             "migrate-set-capabilities",
             qapi::qmp::migrate_set_capabilities {
                 capabilities: vec![MigrationCapabilityStatus {
-                    capability: MigrationCapability::mapped_ram,
+                    capability: MigrationCapability::x_ignore_shared,
                     state: true,
                 }],
             },
         )
         .await
         .map(drop)
+    }
+
+    /// `qom-get` of `/objects/<id>`'s `mem-path`: the file a memory backend
+    /// maps, `None` when there is no such backend (anonymous RAM).
+    pub async fn memory_backend_path(&mut self, id: &str) -> Result<Option<PathBuf>, QmpError> {
+        const CMD: &str = "qom-get";
+        let answer = self
+            .execute(
+                CMD,
+                qapi::qmp::qom_get {
+                    path: format!("/objects/{id}"),
+                    property: "mem-path".into(),
+                },
+            )
+            .await;
+        match answer {
+            Ok(v) => v
+                .as_str()
+                .map(|p| Some(PathBuf::from(p)))
+                .ok_or_else(|| self.answer(CMD, format!("mem-path is not a string: {v}"))),
+            Err(QmpError::Command { .. }) => Ok(None),
+            Err(e) => Err(e),
+        }
     }
 
     /// `migrate` to the file `path` (the migration runs in the background;

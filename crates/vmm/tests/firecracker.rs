@@ -145,6 +145,7 @@ fn spec(dir: &Path) -> LaunchSpec {
         nets: vec![NetSpec::tap("tap-calm", "06:00:ac:10:00:02")],
         vcpu: 2,
         memory_mib: 256,
+        memory_file: None,
     }
 }
 
@@ -371,7 +372,7 @@ async fn contract_snapshot_restore_and_grow() {
 
     let files = banger_vmm::SnapshotFiles {
         memory: tmp.path().join("memory"),
-        vmstate: Some(tmp.path().join("vmstate")),
+        vmstate: tmp.path().join("vmstate"),
     };
     vmm.snapshot(&template.dir, launched.pid, &files)
         .await
@@ -381,7 +382,7 @@ async fn contract_snapshot_restore_and_grow() {
         .expect("the template's VMM ends after its snapshot")
         .expect("exit task");
     assert_eq!(mode_of(&files.memory), 0o600);
-    assert_eq!(mode_of(files.vmstate.as_ref().expect("vmstate")), 0o600);
+    assert_eq!(mode_of(&files.vmstate), 0o600);
 
     let clone_dir = tmp.path().join("clone");
     std::fs::create_dir(&clone_dir).expect("clone dir");

@@ -228,7 +228,7 @@ async fn warm_support_is_probed_from_the_binary() {
     let vmm = vmm();
     let version = host::qemu_version(vmm.binary()).expect("qemu --version");
     let support = vmm.warm_support().await;
-    if version.major >= 9 {
+    if (version.major, version.minor) >= (8, 2) {
         assert_eq!(
             support,
             WarmSupport::Supported {
@@ -237,7 +237,7 @@ async fn warm_support_is_probed_from_the_binary() {
         );
     } else {
         assert!(
-            matches!(&support, WarmSupport::Unsupported(why) if why.contains("mapped-ram")),
+            matches!(&support, WarmSupport::Unsupported(why) if why.contains(">= 8.2")),
             "{support:?}"
         );
     }
@@ -245,10 +245,12 @@ async fn warm_support_is_probed_from_the_binary() {
     assert_eq!(vmm.warm_support().await, support);
 }
 
-/// A running VM is saved to a file and restored into a new QEMU in another
-/// directory, with its own copy of the writable disk; the clone runs, its
-/// argv is the template's plus `-S -incoming defer` (host paths aside), and
-/// its disk grows online.
+/// A running VM with its memory in a file is saved (device state only) and
+/// restored into a new QEMU in another directory, with its own copy of the
+/// writable disk and the memory file mapped privately: the clone runs, its
+/// argv is the template's with that mapping plus `-S -incoming defer` (host
+/// paths aside), it never writes the template's memory, and its disk grows
+/// online.
 #[tokio::test]
 async fn snapshot_restore_and_grow() {
     let tmp = tempfile::tempdir().expect("tempdir");
@@ -257,12 +259,18 @@ async fn snapshot_restore_and_grow() {
         eprintln!("SKIPPED: this QEMU cannot restore from a file");
         return;
     }
+    assert!(vmm.snapshot_memory_at_launch());
     let template = spec(tmp.path());
     // The writable disk inside the VM directory, like banger's.
     let mut template = template;
     let own = template.dir.join("work.raw");
     std::fs::rename(&template.disks[1].path, &own).expect("move disk");
     template.disks[1].path = own;
+    let files = SnapshotFiles {
+        memory: tmp.path().join("memory"),
+        vmstate: tmp.path().join("vmstate"),
+    };
+    template.memory_file = Some(files.memory.clone());
     let launched = vmm.launch(&template).await.expect("launch");
     let _cleanup = KillOnDrop {
         pid: launched.pid,
@@ -270,10 +278,20 @@ async fn snapshot_restore_and_grow() {
     };
     let template_argv = argv_of(launched.pid, &template.dir);
 
-    let files = SnapshotFiles {
-        memory: tmp.path().join("memory"),
-        vmstate: None,
+    // A memory file the VM was not launched with is refused, the VM untouched.
+    let elsewhere = SnapshotFiles {
+        memory: tmp.path().join("other-memory"),
+        ..files.clone()
     };
+    let err = vmm
+        .snapshot(&template.dir, launched.pid, &elsewhere)
+        .await
+        .expect_err("not its memory");
+    assert!(
+        matches!(err, VmmError::Spec(ref m) if m.contains("is not in")),
+        "{err:?}"
+    );
+
     vmm.snapshot(&template.dir, launched.pid, &files)
         .await
         .expect("snapshot");
@@ -281,17 +299,24 @@ async fn snapshot_restore_and_grow() {
         .await
         .expect("the template's QEMU ends after its snapshot")
         .expect("join");
-    let memory = std::fs::read(&files.memory).expect("memory file");
-    assert_eq!(&memory[..4], b"QEVM", "not a QEMU migration stream");
-    use std::os::unix::fs::PermissionsExt;
-    assert_eq!(
-        std::fs::metadata(&files.memory)
-            .expect("stat")
-            .permissions()
-            .mode()
-            & 0o777,
-        0o600
+    let vmstate = std::fs::read(&files.vmstate).expect("vmstate file");
+    assert_eq!(&vmstate[..4], b"QEVM", "not a QEMU migration stream");
+    assert!(
+        vmstate.len() < 4 << 20,
+        "RAM left the stream: {} bytes",
+        vmstate.len()
     );
+    let memory = std::fs::read(&files.memory).expect("memory file");
+    assert_eq!(memory.len() as u64, template.memory_mib << 20);
+    assert!(
+        memory.iter().any(|b| *b != 0),
+        "the guest's memory is not in the file"
+    );
+    use std::os::unix::fs::PermissionsExt;
+    for f in [&files.memory, &files.vmstate] {
+        let mode = std::fs::metadata(f).expect("stat").permissions().mode();
+        assert_eq!(mode & 0o777, 0o600, "{}", f.display());
+    }
 
     let clone_dir = tmp.path().join("clone");
     std::fs::create_dir(&clone_dir).expect("clone dir");
@@ -317,7 +342,19 @@ async fn snapshot_restore_and_grow() {
     assert_eq!(status.status, RunState::running);
     assert!(status.running);
     drop(qmp);
-    let mut want = template_argv.clone();
+    let shared = format!("share=on,mem-path={}", files.memory.display());
+    let private = format!(
+        "share=off,readonly=on,rom=off,mem-path={}",
+        files.memory.display()
+    );
+    let mut want: Vec<String> = template_argv
+        .iter()
+        .map(|a| a.replace(&shared, &private))
+        .collect();
+    assert_ne!(
+        want, template_argv,
+        "no shared memory backend in {template_argv:?}"
+    );
     want.extend(["-S", "-incoming", "defer"].map(String::from));
     assert_eq!(argv_of(restored.pid, &clone_dir), want);
     assert!(matches!(restored.agent, AgentEndpoint::Connect(ref p) if *p == paths.agent_socket()));
@@ -352,14 +389,20 @@ async fn snapshot_restore_and_grow() {
         .expect("reaped")
         .expect("join");
 
-    // A truncated snapshot fails to load and leaves nothing running.
+    assert!(
+        std::fs::read(&files.memory).expect("memory") == memory,
+        "the clone wrote the template's memory"
+    );
+
+    // A truncated snapshot fails to load and leaves nothing running: the
+    // device state when QEMU reads it, the memory before QEMU starts.
     let short = tmp.path().join("short");
-    std::fs::write(&short, &memory[..memory.len() / 2]).expect("short");
+    std::fs::write(&short, &vmstate[..vmstate.len() / 2]).expect("short");
     let broken = tmp.path().join("broken");
     std::fs::create_dir(&broken).expect("dir");
     let mut bad = restore.clone();
     bad.launch.dir = broken.clone();
-    bad.from.memory = short;
+    bad.from.vmstate = short;
     let err = vmm.restore(&bad).await.expect_err("truncated");
     assert!(
         matches!(
@@ -369,6 +412,17 @@ async fn snapshot_restore_and_grow() {
                 ..
             }
         ),
+        "{err:?}"
+    );
+    assert!(processes_mentioning(&broken).is_empty());
+    let short_memory = tmp.path().join("short-memory");
+    std::fs::write(&short_memory, &memory[..memory.len() / 2]).expect("short");
+    let mut bad = restore.clone();
+    bad.launch.dir = broken.clone();
+    bad.from.memory = short_memory;
+    let err = vmm.restore(&bad).await.expect_err("truncated memory");
+    assert!(
+        matches!(err, VmmError::Spec(ref m) if m.contains("the guest has")),
         "{err:?}"
     );
     assert!(processes_mentioning(&broken).is_empty());

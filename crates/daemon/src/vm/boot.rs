@@ -99,6 +99,10 @@ impl Daemon {
             nets,
             vcpu: vm.spec.vcpu.value,
             memory_mib: vm.spec.memory_mib.value,
+            // A template's memory goes straight into its snapshot file
+            // where the backend snapshots that way (QEMU).
+            memory_file: (template && vmm.snapshot_memory_at_launch())
+                .then(|| vm.dir.join(crate::warm::header::MEMORY_FILE)),
         };
         let launch_vmm = vmm.clone();
         let launch_spec = spec.clone();

@@ -12,8 +12,7 @@ use anyhow::{Context, anyhow};
 use banger_api::{ProgressSink, Step};
 use banger_config::{HostResources, apply_flags, effective_defaults};
 use banger_model::{
-    InitramfsMode, Provenance, SpecValue, TemplateRecord, TemplateShape, TemplateState, VmBackend,
-    VmRecord,
+    InitramfsMode, Provenance, SpecValue, TemplateRecord, TemplateShape, TemplateState, VmRecord,
 };
 use banger_storage::{VmDisks, WorkSource};
 use banger_vmm::{SnapshotFiles, VmPaths};
@@ -218,7 +217,7 @@ impl Daemon {
         let backend = vmm.backend();
         let snap = SnapshotFiles {
             memory: vm.dir.join(MEMORY_FILE),
-            vmstate: (backend == VmBackend::Firecracker).then(|| vm.dir.join(VMSTATE_FILE)),
+            vmstate: vm.dir.join(VMSTATE_FILE),
         };
         progress.phase(
             Step::Snapshot,
@@ -263,12 +262,10 @@ impl Daemon {
         progress.phase(Step::Save, format!("saving template {id}"));
         let mut names = vec![
             MEMORY_FILE.to_string(),
+            VMSTATE_FILE.to_string(),
             disks_name(&disks.overlay),
             disks_name(&disks.work),
         ];
-        if snap.vmstate.is_some() {
-            names.push(VMSTATE_FILE.into());
-        }
         let initrd = match (initrd_kind, &spec.initrd) {
             (BootInitrd::Banger, _) => {
                 names.push(BOOT_INITRD_FILE.into());

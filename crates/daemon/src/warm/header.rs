@@ -3,7 +3,7 @@
 
 use super::key::{file_fp, key_id, sha256_file};
 use banger_agent_proto::SealReport;
-use banger_model::{TEMPLATE_FORMAT, TemplateKey, VmBackend};
+use banger_model::{TEMPLATE_FORMAT, TemplateKey};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
@@ -173,17 +173,16 @@ impl Template {
                 });
             }
         }
-        if header.key.backend == VmBackend::Firecracker {
-            let want = header.key.memory_mib << 20;
-            if let Some(m) = header.files.iter().find(|f| f.name == MEMORY_FILE)
-                && m.size != want
-            {
-                return Err(TemplateError::Truncated {
-                    file: MEMORY_FILE.into(),
-                    size: m.size,
-                    expected: want,
-                });
-            }
+        // Both backends map the memory file as the guest's RAM.
+        let want = header.key.memory_mib << 20;
+        if let Some(m) = header.files.iter().find(|f| f.name == MEMORY_FILE)
+            && m.size != want
+        {
+            return Err(TemplateError::Truncated {
+                file: MEMORY_FILE.into(),
+                size: m.size,
+                expected: want,
+            });
         }
         Ok(Template {
             dir: dir.to_path_buf(),
@@ -296,9 +295,14 @@ mod tests {
     fn setup() -> (tempfile::TempDir, Header) {
         let t = tempfile::tempdir().expect("tmp");
         let dir = t.path();
-        std::fs::write(dir.join("memory"), vec![1u8; 4096]).expect("w");
+        // A 1 MiB guest, so its memory file (exactly the guest's RAM) is
+        // small.
+        let mut key = super::super::key::tests::key();
+        key.memory_mib = 1;
+        let mut memory = vec![0u8; 1 << 20];
+        memory[..4096].fill(1);
+        std::fs::write(dir.join("memory"), memory).expect("w");
         std::fs::write(dir.join("overlay.ext4"), vec![2u8; 100]).expect("w");
-        let key = super::super::key::tests::key();
         let header = Header {
             magic: MAGIC.into(),
             format: TEMPLATE_FORMAT,
@@ -353,7 +357,7 @@ mod tests {
         let e = Template::open(t.path(), &ours).expect_err("foreign");
         assert!(
             e.to_string()
-                .ends_with("made for 1 vCPU/1024 MiB, not 2 vCPU/2048 MiB"),
+                .ends_with("made for 1 vCPU/1 MiB, not 2 vCPU/2048 MiB"),
             "{e}"
         );
         let mut ours = h.key.clone();
@@ -376,7 +380,7 @@ mod tests {
                 e,
                 TemplateError::Truncated {
                     size: 100,
-                    expected: 4096,
+                    expected: 1048576,
                     ..
                 }
             ),
@@ -384,8 +388,7 @@ mod tests {
         );
         assert_eq!(
             e.to_string(),
-            "template file memory is 4096 bytes, expected 4096: it was truncated or replaced"
-                .replace("is 4096", "is 100")
+            "template file memory is 100 bytes, expected 1048576: it was truncated or replaced"
         );
 
         let (t, h) = setup();
@@ -432,14 +435,14 @@ mod tests {
         std::fs::write(&path, text.replace(MAGIC, "something-else")).expect("w");
         assert!(matches!(open(&t, &h), Err(TemplateError::BadHeader(_))));
 
-        std::fs::write(&path, text.replace("\"format\": 1", "\"format\": 7")).expect("w");
+        std::fs::write(&path, text.replace("\"format\": 2", "\"format\": 7")).expect("w");
         let e = open(&t, &h).expect_err("format");
         assert!(
             matches!(
                 e,
                 TemplateError::Format {
                     found: 7,
-                    expected: 1
+                    expected: TEMPLATE_FORMAT
                 }
             ),
             "{e}"

@@ -143,10 +143,10 @@ mod tests {
             (
                 S::Auto,
                 M::Auto,
-                Err("QEMU 7.2 has no mapped-ram"),
+                Err("QEMU 7.2 has no x-ignore-shared"),
                 found,
                 8 * G,
-                Cold(C::Unsupported("QEMU 7.2 has no mapped-ram".into())),
+                Cold(C::Unsupported("QEMU 7.2 has no x-ignore-shared".into())),
             ),
             (
                 S::Auto,

@@ -14,7 +14,7 @@ use anyhow::{Context, anyhow};
 use banger_agent_proto::client::AgentClient;
 use banger_agent_proto::{GuestNetConfig, RestoreIdentity, RestoreReport, SshHostKey};
 use banger_api::{ProgressSink, Step};
-use banger_model::{ImageRecord, StartInfo, StartKind, VmBackend, VmRecord, VmState};
+use banger_model::{ImageRecord, StartInfo, StartKind, VmRecord, VmState};
 use banger_net::guest::GuestNet;
 use banger_ssh::{HostKey, UserKey};
 use banger_storage::{EntryKind, VmDisks};
@@ -247,11 +247,11 @@ impl Daemon {
                 nets,
                 vcpu: h.key.vcpu,
                 memory_mib: h.key.memory_mib,
+                memory_file: None,
             },
             from: SnapshotFiles {
                 memory: template.file(MEMORY_FILE),
-                vmstate: (h.key.backend == VmBackend::Firecracker)
-                    .then(|| template.file(VMSTATE_FILE)),
+                vmstate: template.file(VMSTATE_FILE),
             },
             template_nets,
         };

@@ -94,6 +94,14 @@ impl VmConfig {
 /// Checks `spec` against what Firecracker can do and turns it into API
 /// bodies. Reads the kernel's first bytes; starts nothing.
 pub fn vm_config(spec: &LaunchSpec) -> Result<VmConfig, VmmError> {
+    if let Some(file) = &spec.memory_file {
+        // Firecracker has no file-backed guest memory at boot; its
+        // snapshot writes the memory file itself.
+        return Err(VmmError::Spec(format!(
+            "Firecracker cannot boot a guest with its memory in {}",
+            file.display()
+        )));
+    }
     check_elf_kernel(&spec.kernel)?;
     let paths = VmPaths::new(&spec.dir);
     let mut drives = Vec::with_capacity(spec.disks.len());

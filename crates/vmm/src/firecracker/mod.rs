@@ -435,9 +435,7 @@ impl Vmm for FirecrackerVmm {
     /// `PATCH /vm Paused`, `PUT /snapshot/create` (full), then the process
     /// is killed: the snapshotted guest never runs again.
     async fn snapshot(&self, dir: &Path, pid: u32, out: &SnapshotFiles) -> Result<(), VmmError> {
-        let vmstate = out.vmstate.as_deref().ok_or_else(|| {
-            VmmError::Spec("a Firecracker snapshot needs a vmstate file next to the memory".into())
-        })?;
+        let vmstate = out.vmstate.as_path();
         if !vmm_process_alive(pid, dir) {
             return Err(VmmError::Control(format!(
                 "Firecracker {pid} of {} is not running",
@@ -469,9 +467,7 @@ impl Vmm for FirecrackerVmm {
     /// directory, so they resolve to the clone's copies; TAPs are
     /// overridden.
     async fn restore(&self, spec: &RestoreSpec) -> Result<Launched, VmmError> {
-        let vmstate = spec.from.vmstate.as_deref().ok_or_else(|| {
-            VmmError::Spec("a Firecracker restore needs the snapshot's vmstate file".into())
-        })?;
+        let vmstate = spec.from.vmstate.as_path();
         let overrides = network_overrides(spec)?;
         let launch = &spec.launch;
         let paths = VmPaths::new(&launch.dir);
@@ -574,6 +570,7 @@ mod tests {
             nets: vec![NetSpec::tap("tap0", "06:00:AC:10:00:02")],
             vcpu: 2,
             memory_mib: 512,
+            memory_file: None,
         }
     }
 
@@ -642,6 +639,16 @@ mod tests {
         let mut s = spec(tmp.path(), &kernel);
         s.vcpu = 33;
         assert!(vm_config(&s).is_err());
+    }
+
+    #[test]
+    fn a_memory_file_launch_is_refused() {
+        let s = LaunchSpec {
+            memory_file: Some("/vms/a/memory".into()),
+            ..spec(Path::new("/vms/a"), Path::new("/k"))
+        };
+        let err = vm_config(&s).expect_err("no file-backed memory");
+        assert!(err.to_string().contains("/vms/a/memory"), "{err}");
     }
 
     #[test]
@@ -730,7 +737,7 @@ mod tests {
             launch,
             from: SnapshotFiles {
                 memory: "/t/memory".into(),
-                vmstate: Some("/t/vmstate".into()),
+                vmstate: "/t/vmstate".into(),
             },
             template_nets: vec![crate::NetSpec::tap("tap-tpl", "06:00:00:00:00:01")],
         };

@@ -4,15 +4,21 @@ use super::{AGENT_PORT_NAME, Accel};
 use crate::{DiskFormat, LaunchSpec, NetBackend, VmPaths};
 use std::ffi::{OsStr, OsString};
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
+use std::path::Path;
 
 /// What QEMU is started for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ArgsMode {
+pub enum ArgsMode<'a> {
     /// Boot the guest.
     Boot,
-    /// Wait paused for a migration stream (`-S -incoming defer`).
-    Incoming,
+    /// Wait paused for a device-state stream (`-S -incoming defer`), with
+    /// guest memory mapped privately from a snapshot's memory file: opened
+    /// read-only, faulted in lazily, the guest's writes its own.
+    Incoming { memory: &'a Path },
 }
+
+/// The memory backend id the machine's RAM comes from, when not anonymous.
+pub(super) const RAM_ID: &str = "ram";
 
 /// The kernel command line: console on the ISA serial port, reboot (= QEMU
 /// exit, with `-no-reboot`) on panic, then the caller's arguments (root and
@@ -68,7 +74,7 @@ pub fn qemu_args_for(
     spec: &LaunchSpec,
     accel: Accel,
     tsc_khz: Option<u64>,
-    mode: ArgsMode,
+    mode: ArgsMode<'_>,
 ) -> Vec<OsString> {
     let paths = VmPaths::new(&spec.dir);
     let mut args: Vec<OsString> = Vec::new();
@@ -98,6 +104,29 @@ pub fn qemu_args_for(
         &os("none"),
         &os("-m"),
         &os(&format!("{}M", spec.memory_mib)),
+    ]);
+    // A file-backed RAM block (named, shared on the template's side) is
+    // what `x-ignore-shared` leaves out of the migration stream: a
+    // snapshot saves no RAM, a restore loads none.
+    let ram = match (mode, &spec.memory_file) {
+        (ArgsMode::Incoming { memory }, _) => Some((memory, "share=off,readonly=on,rom=off")),
+        (ArgsMode::Boot, Some(file)) => Some((file.as_path(), "share=on")),
+        (ArgsMode::Boot, None) => None,
+    };
+    if let Some((file, how)) = ram {
+        let mut object = OsString::from(format!(
+            "memory-backend-file,id={RAM_ID},size={}M,{how},mem-path=",
+            spec.memory_mib
+        ));
+        object.push(opt_value(file.as_os_str()));
+        push(&[
+            &os("-object"),
+            &object,
+            &os("-machine"),
+            &os(&format!("memory-backend={RAM_ID}")),
+        ]);
+    }
+    push(&[
         &os("-smp"),
         &os(&spec.vcpu.to_string()),
         &os("-pidfile"),
@@ -223,7 +252,7 @@ pub fn qemu_args_for(
         &os("-mon"),
         &os("chardev=qmp,mode=control"),
     ]);
-    if mode == ArgsMode::Incoming {
+    if let ArgsMode::Incoming { .. } = mode {
         push(&[&os("-S"), &os("-incoming"), &os("defer")]);
     }
     args

@@ -22,10 +22,10 @@ use tokio::process::{Child, Command};
 mod args;
 mod warm;
 
-use args::opt;
 pub use args::{ArgsMode, kernel_cmdline, qemu_args, qemu_args_for};
-use warm::incoming_launch;
+use args::{RAM_ID, opt};
 pub use warm::judge_warm;
+use warm::{check_memory_file, create_memory_file, incoming_launch};
 
 /// Name of the QEMU binary looked up in PATH.
 pub const QEMU_BINARY: &str = "qemu-system-x86_64";
@@ -43,13 +43,11 @@ const QUIT_GRACE: Duration = Duration::from_secs(3);
 /// How often the QMP socket is retried while QEMU starts; QEMU gives no
 /// other signal that its monitor is up.
 const CONNECT_RETRY: Duration = Duration::from_millis(10);
-/// Bound on writing a snapshot (QEMU writes only non-zero pages; a few GiB
-/// under a loaded 2-core host stay well below this).
-const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(600);
-/// Bound on loading a snapshot: a base plus the memory file at a slow
-/// 32 MiB/s.
-const RESTORE_BASE_TIMEOUT: Duration = Duration::from_secs(30);
-const RESTORE_BYTES_PER_SEC: u64 = 32 << 20;
+/// Bound on writing a snapshot's device state (the RAM is already in its
+/// file; the stream is a few hundred KiB).
+const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(60);
+/// Bound on loading a snapshot's device state.
+const RESTORE_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// The CPU virtualisation QEMU uses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -181,17 +179,13 @@ impl QemuVmm {
         }
     }
 
-    /// Loads the snapshot into a QEMU started with `-incoming defer` and
-    /// resumes it.
-    async fn load_and_resume(&self, paths: &VmPaths, from: &Path) -> Result<(), VmmError> {
-        let size = std::fs::metadata(from)
-            .map_err(|e| VmmError::io(format!("snapshot {}", from.display()), e))?
-            .len();
-        let limit = RESTORE_BASE_TIMEOUT + Duration::from_secs(size / RESTORE_BYTES_PER_SEC);
+    /// Loads the device state into a QEMU started with `-incoming defer`
+    /// and resumes it.
+    async fn load_and_resume(&self, paths: &VmPaths, vmstate: &Path) -> Result<(), VmmError> {
         let mut qmp = Qmp::connect(&paths.control_socket()).await?;
-        qmp_bounded("migrate-set-capabilities", qmp.set_mapped_ram()).await?;
-        qmp_bounded("migrate-incoming", qmp.migrate_incoming_file(from)).await?;
-        qmp.wait_migration("migrate-incoming", limit)
+        qmp_bounded("migrate-set-capabilities", qmp.set_ignore_shared()).await?;
+        qmp_bounded("migrate-incoming", qmp.migrate_incoming_file(vmstate)).await?;
+        qmp.wait_migration("migrate-incoming", RESTORE_TIMEOUT)
             .await
             .map_err(|e| VmmError::Snapshot {
                 what: "loading the snapshot",
@@ -350,6 +344,9 @@ impl Vmm for QemuVmm {
 
     async fn launch(&self, spec: &LaunchSpec) -> Result<Launched, VmmError> {
         check_macs(&spec.nets)?;
+        if let Some(file) = &spec.memory_file {
+            create_memory_file(file, spec.memory_mib)?;
+        }
         let paths = VmPaths::new(&spec.dir);
         let args = qemu_args(spec, self.accel, self.tsc_khz);
         let (child, pid) = self.spawn(&spec.name, &paths, args).await?;
@@ -415,19 +412,20 @@ impl Vmm for QemuVmm {
         self.warm.get_or_init(|| self.probe_warm()).await.clone()
     }
 
-    /// `stop` (drains and flushes the disks), `mapped-ram`, `migrate` to
-    /// `out.memory`, wait, `quit`.
+    fn snapshot_memory_at_launch(&self) -> bool {
+        true
+    }
+
+    /// `stop` (drains and flushes the disks), `x-ignore-shared`, `migrate`
+    /// of the device state to `out.vmstate`, wait, `quit`. The guest's RAM
+    /// is already `out.memory`: the VM must have been launched with it as
+    /// [`LaunchSpec::memory_file`] (checked against QEMU's own backend).
     async fn snapshot(&self, dir: &Path, pid: u32, out: &SnapshotFiles) -> Result<(), VmmError> {
-        if out.vmstate.is_some() {
-            return Err(VmmError::Spec(
-                "QEMU keeps device state in the memory file: no separate vmstate file".into(),
-            ));
-        }
         let pidfd = PidFd::open_vmm(pid, dir)?.ok_or_else(|| {
             VmmError::Control(format!("QEMU {pid} of {} is not running", dir.display()))
         })?;
-        // The file holds guest memory: the owner's only. QEMU truncates it
-        // and keeps the mode.
+        // The file holds guest device state: the owner's only. QEMU
+        // truncates it and keeps the mode.
         {
             use std::os::unix::fs::OpenOptionsExt;
             std::fs::OpenOptions::new()
@@ -435,13 +433,21 @@ impl Vmm for QemuVmm {
                 .create(true)
                 .truncate(true)
                 .mode(0o600)
-                .open(&out.memory)
-                .map_err(|e| VmmError::io(format!("create {}", out.memory.display()), e))?;
+                .open(&out.vmstate)
+                .map_err(|e| VmmError::io(format!("create {}", out.vmstate.display()), e))?;
         }
         let mut qmp = Qmp::connect(&VmPaths::new(dir).control_socket()).await?;
+        let backed = qmp_bounded("qom-get", qmp.memory_backend_path(RAM_ID)).await?;
+        if backed.as_deref() != Some(out.memory.as_path()) {
+            return Err(VmmError::Spec(format!(
+                "QEMU {pid}'s memory is not in {} (it was launched with {}): only a VM launched with its memory file can be snapshotted",
+                out.memory.display(),
+                backed.map_or("anonymous memory".into(), |p| p.display().to_string())
+            )));
+        }
         qmp_bounded("stop", qmp.stop()).await?;
-        qmp_bounded("migrate-set-capabilities", qmp.set_mapped_ram()).await?;
-        qmp_bounded("migrate", qmp.migrate_file(&out.memory)).await?;
+        qmp_bounded("migrate-set-capabilities", qmp.set_ignore_shared()).await?;
+        qmp_bounded("migrate", qmp.migrate_file(&out.vmstate)).await?;
         qmp.wait_migration("migrate", SNAPSHOT_TIMEOUT)
             .await
             .map_err(|e| VmmError::Snapshot {
@@ -467,20 +473,21 @@ impl Vmm for QemuVmm {
     }
 
     /// A `-S -incoming defer` QEMU with the template's machine (kernel,
-    /// initrd, command line, MACs) on the clone's files, `mapped-ram`,
-    /// `migrate-incoming`, wait, `cont`.
+    /// initrd, command line, MACs) on the clone's files and the template's
+    /// memory file mapped privately (nothing is copied: pages fault in as
+    /// the guest touches them), `x-ignore-shared`, `migrate-incoming` of
+    /// the device state, wait, `cont`.
     async fn restore(&self, spec: &RestoreSpec) -> Result<Launched, VmmError> {
-        if spec.from.vmstate.is_some() {
-            return Err(VmmError::Spec(
-                "QEMU restores from one migration file: no separate vmstate file".into(),
-            ));
-        }
         let launch = incoming_launch(spec)?;
+        check_memory_file(&spec.from.memory, launch.memory_mib)?;
         let paths = VmPaths::new(&launch.dir);
-        let args = qemu_args_for(&launch, self.accel, self.tsc_khz, ArgsMode::Incoming);
+        let mode = ArgsMode::Incoming {
+            memory: &spec.from.memory,
+        };
+        let args = qemu_args_for(&launch, self.accel, self.tsc_khz, mode);
         let (mut child, pid) = self.spawn(&launch.name, &paths, args).await?;
         let guard = KillOnDrop::new(pid);
-        if let Err(e) = self.load_and_resume(&paths, &spec.from.memory).await {
+        if let Err(e) = self.load_and_resume(&paths, &spec.from.vmstate).await {
             guard.disarm();
             kill_and_reap(&mut child).await;
             return Err(e);
@@ -534,6 +541,7 @@ mod tests {
             nets: Vec::new(),
             vcpu: 2,
             memory_mib: 1024,
+            memory_file: None,
         }
     }
 
@@ -697,12 +705,60 @@ mod tests {
     }
 
     #[test]
-    fn incoming_argv_is_the_boot_argv_paused_for_a_stream() {
+    fn incoming_argv_is_the_boot_argv_on_private_memory_paused_for_a_stream() {
         let s = spec("/vms/a");
         let boot = strings(&qemu_args(&s, Accel::Tcg, Some(1)));
-        let incoming = strings(&qemu_args_for(&s, Accel::Tcg, Some(1), ArgsMode::Incoming));
+        assert!(!boot.iter().any(|a| a == "-object"), "{boot:?}");
+        let memory = Path::new("/t/tpl,1/memory");
+        let mode = ArgsMode::Incoming { memory };
+        let mut incoming = strings(&qemu_args_for(&s, Accel::Tcg, Some(1), mode));
+        let at = incoming
+            .iter()
+            .position(|a| a == "-object")
+            .expect("-object");
+        let ram: Vec<String> = incoming.drain(at..at + 4).collect();
+        assert_eq!(
+            ram,
+            [
+                "-object",
+                "memory-backend-file,id=ram,size=1024M,share=off,readonly=on,rom=off,mem-path=/t/tpl,,1/memory",
+                "-machine",
+                "memory-backend=ram",
+            ]
+        );
         assert_eq!(incoming[..boot.len()], boot[..]);
         assert_eq!(incoming[boot.len()..], ["-S", "-incoming", "defer"]);
+    }
+
+    #[test]
+    fn a_memory_file_launch_maps_it_shared() {
+        let mut s = spec("/vms/a");
+        s.memory_file = Some("/vms/a/memory".into());
+        let args = strings(&qemu_args(&s, Accel::Tcg, Some(1)));
+        assert_eq!(
+            values(&args, "-object"),
+            ["memory-backend-file,id=ram,size=1024M,share=on,mem-path=/vms/a/memory"]
+        );
+        assert!(values(&args, "-machine").contains(&"memory-backend=ram"));
+    }
+
+    #[test]
+    fn memory_files_are_made_and_checked_at_the_guest_size() {
+        let t = tempfile::tempdir().expect("tmp");
+        let f = t.path().join("memory");
+        std::fs::write(&f, b"old").expect("w");
+        create_memory_file(&f, 2).expect("create");
+        let meta = std::fs::metadata(&f).expect("meta");
+        assert_eq!(meta.len(), 2 << 20);
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(meta.permissions().mode() & 0o777, 0o600);
+        check_memory_file(&f, 2).expect("fits");
+        let err = check_memory_file(&f, 4).expect_err("short");
+        assert!(
+            err.to_string()
+                .contains("is 2097152 bytes, the guest has 4194304"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -713,7 +769,7 @@ mod tests {
             launch,
             from: SnapshotFiles {
                 memory: "/t/memory".into(),
-                vmstate: None,
+                vmstate: "/t/vmstate".into(),
             },
             template_nets: vec![crate::NetSpec::tap("tap-tpl", "06:00:00:00:00:01")],
         };
@@ -740,22 +796,22 @@ mod tests {
     }
 
     #[test]
-    fn warm_needs_qemu_9_with_mapped_ram() {
+    fn warm_needs_qemu_8_2_with_ignore_shared() {
         let caps = |c: &[&str]| c.iter().map(|s| s.to_string()).collect::<Vec<_>>();
         assert_eq!(
-            judge_warm((10, 0, 2), &caps(&["xbzrle", "mapped-ram"])),
+            judge_warm((10, 0, 2), &caps(&["xbzrle", "x-ignore-shared"])),
             WarmSupport::Supported {
                 id: "QEMU 10.0.2".into()
             }
         );
-        let old = judge_warm((7, 2, 15), &caps(&["xbzrle"]));
+        let old = judge_warm((8, 1, 5), &caps(&["x-ignore-shared"]));
         assert!(
-            matches!(&old, WarmSupport::Unsupported(why) if why.contains("QEMU 7.2.15") && why.contains(">= 9.0")),
+            matches!(&old, WarmSupport::Unsupported(why) if why.contains("QEMU 8.1.5") && why.contains(">= 8.2")),
             "{old:?}"
         );
         let no_cap = judge_warm((9, 1, 0), &caps(&["xbzrle"]));
         assert!(
-            matches!(&no_cap, WarmSupport::Unsupported(why) if why.contains("no mapped-ram")),
+            matches!(&no_cap, WarmSupport::Unsupported(why) if why.contains("no x-ignore-shared")),
             "{no_cap:?}"
         );
     }

@@ -48,6 +48,7 @@ pub fn spec(dir: &Path) -> LaunchSpec {
         vcpu: 1,
         nets: Vec::new(),
         memory_mib: 64,
+        memory_file: None,
     }
 }
 
