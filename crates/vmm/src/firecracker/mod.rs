@@ -23,7 +23,8 @@ pub use version::{
     parse_firecracker_version,
 };
 pub use warm::{
-    MIN_WARM, judge_warm, network_overrides, snapshot_create_params, snapshot_load_params,
+    MIN_WARM, judge_warm, network_overrides, punch_zero_pages, snapshot_create_params,
+    snapshot_load_params,
 };
 
 use crate::host::{self};
@@ -433,7 +434,8 @@ impl Vmm for FirecrackerVmm {
     }
 
     /// `PATCH /vm Paused`, `PUT /snapshot/create` (full), then the process
-    /// is killed: the snapshotted guest never runs again.
+    /// is killed: the snapshotted guest never runs again. The memory file's
+    /// zero pages are then punched out (it keeps its size).
     async fn snapshot(&self, dir: &Path, pid: u32, out: &SnapshotFiles) -> Result<(), VmmError> {
         let vmstate = out.vmstate.as_path();
         if !vmm_process_alive(pid, dir) {
@@ -459,7 +461,17 @@ impl Vmm for FirecrackerVmm {
         api.with_timeout(self.request_timeout.max(SNAPSHOT_CREATE_TIMEOUT))
             .put_snapshot_create(&snapshot_create_params(vmstate, &out.memory))
             .await?;
-        self.terminate(dir, pid).await
+        self.terminate(dir, pid).await?;
+        let memory = out.memory.clone();
+        match tokio::task::spawn_blocking(move || punch_zero_pages(&memory)).await {
+            Ok(Ok(bytes)) => tracing::debug!(pid, bytes, "zero pages of the memory file punched"),
+            // The file is whole either way, only larger on disk.
+            Ok(Err(e)) => {
+                tracing::warn!(pid, error = %e, "cannot punch the memory file's zero pages")
+            }
+            Err(e) => tracing::warn!(pid, error = %e, "punching the memory file's zero pages"),
+        }
+        Ok(())
     }
 
     /// A fresh Firecracker in the clone's directory loads the template's
