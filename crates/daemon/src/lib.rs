@@ -48,6 +48,7 @@ mod web;
 pub use error::{DaemonError, ErrorKind};
 pub use images::{DeleteImageError, DeleteKernelError, FileError, RegisterError};
 pub use logging::init_logging;
+pub use net::NetError;
 pub use vm::{
     AgentError, CreateError, KillError, LookupError, ResourceError, RestartError, SetError,
     StartError, StopError,

@@ -1,9 +1,8 @@
 //! A VM's network: its address, the host side while it runs, and NAT.
 
+use crate::Daemon;
 use crate::steps::{Steps, UndoSlot};
 use crate::vm::SetError;
-use crate::{Daemon, DaemonError};
-use anyhow::{Context, anyhow};
 use banger_model::{VmRecord, VmState};
 use banger_net::{GuestNet, MacAddr, Subnet, TapName};
 use banger_vmm::{HostForward, NetBackend, NetSpec};
@@ -13,24 +12,23 @@ use std::sync::Arc;
 use super::*;
 
 /// A free TCP port on 127.0.0.1 (QEMU binds it right after).
-fn free_local_port() -> anyhow::Result<u16> {
-    let l = std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
-        .context("finding a free port on 127.0.0.1")?;
-    Ok(l.local_addr()?.port())
+fn free_local_port() -> Result<u16, NetError> {
+    std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .map_err(NetError::LocalPort)
 }
 
 impl Daemon {
     /// A guest address for a new VM: the lowest free one of `cidr`.
     /// Precondition: the caller holds `alloc_lock` until the VM is stored.
-    pub(crate) fn allocate_ip(&self) -> Result<Ipv4Addr, DaemonError> {
+    pub(crate) fn allocate_ip(&self) -> Result<Ipv4Addr, NetError> {
         let subnet: Subnet = match self.network() {
             Some(n) => n.settings.subnet,
             None => settings(&self.config)?.subnet,
         };
         let in_use = self.store.list_vms()?.into_iter().filter_map(|v| v.ip);
-        subnet
-            .allocate(in_use)
-            .map_err(|e| DaemonError::Conflict(e.to_string()))
+        subnet.allocate(in_use).map_err(NetError::NoFreeAddress)
     }
 
     /// Brings up the host side of `vm`'s network for a boot, registering
@@ -40,13 +38,13 @@ impl Daemon {
         &self,
         vm: &mut VmRecord,
         steps: &mut Steps<'_>,
-    ) -> anyhow::Result<Option<BootNet>> {
+    ) -> Result<Option<BootNet>, NetError> {
         let Some(net) = self.network() else {
             return Ok(None);
         };
         let settings = &net.settings;
         match &net.mode {
-            Mode::Unavailable { reason } => Err(anyhow!("{reason}")),
+            Mode::Unavailable { reason } => Err(NetError::Unavailable(reason.clone())),
             Mode::User { .. } => {
                 let port = free_local_port()?;
                 self.store.set_vm_net(&vm.id, None, Some(port))?;
@@ -80,11 +78,8 @@ impl Daemon {
                 }))
             }
             Mode::Bridge { host, pool } => {
-                let ip = vm.ip.ok_or_else(|| {
-                    anyhow!(
-                        "VM {} has no address (made before networking existed): recreate it",
-                        vm.name
-                    )
+                let ip = vm.ip.ok_or_else(|| NetError::NoAddress {
+                    name: vm.name.clone(),
                 })?;
                 let mut guest = GuestNet::new(&settings.subnet, ip, settings.default_dns);
                 if guest.dns.is_empty() {
@@ -189,13 +184,17 @@ impl Daemon {
                     } else {
                         host.nat_disable(subnet, ip).await
                     };
-                    r.with_context(|| format!("changing NAT of {}", vm.name))?;
+                    r.map_err(|cause| NetError::Nat {
+                        name: vm.name.clone(),
+                        cause,
+                    })?;
                 }
                 (Mode::Bridge { .. }, None) => {}
                 _ if nat => {
-                    return Err(SetError::NatNeedsBridge {
+                    return Err(NetError::NatNeedsBridge {
                         mode: net.mode_name(),
-                    });
+                    }
+                    .into());
                 }
                 _ => {}
             }

@@ -3,6 +3,7 @@
 use super::boot::fail;
 use super::*;
 use crate::error::{Chain, NoBackend, store_kind};
+use crate::net::NetError;
 use crate::steps::{Steps, UndoSlot};
 use crate::vm::admit::NewVm;
 use crate::vm::settings::ResourceError;
@@ -390,8 +391,11 @@ pub enum CreateError {
     Failed(#[from] anyhow::Error),
     #[error("{}", Chain(.0))]
     Store(#[from] StoreError),
-    /// The image (its name, its pull) or the address allocation, whose
-    /// errors are not typed yet: their own kind and message.
+    /// No address for the VM.
+    #[error(transparent)]
+    Net(#[from] NetError),
+    /// The image (its name, its pull), whose errors are not typed yet:
+    /// their own kind and message.
     #[error(transparent)]
     Other(Box<DaemonError>),
 }
@@ -414,6 +418,7 @@ impl CreateError {
             | E::Boot(_)
             | E::Failed(_) => ErrorKind::Failed,
             E::Store(e) => store_kind(e),
+            E::Net(e) => e.kind(),
             E::Other(e) => e.kind(),
         }
     }

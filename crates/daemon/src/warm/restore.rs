@@ -214,7 +214,10 @@ impl Daemon {
         self.set_state(vm, VmState::Starting, None, None)
             .map_err(|e| fail("network")(e.into()))?;
         progress.phase(Step::Network, "setting up the VM's network");
-        let boot_net = self.net_up(vm, steps).await.map_err(fail("network"))?;
+        let boot_net = self
+            .net_up(vm, steps)
+            .await
+            .map_err(|e| fail("network")(e.into()))?;
         let (nets, guest) = match boot_net {
             Some(n) => (n.nets, Some(n.guest)),
             None => (Vec::new(), None),
