@@ -51,7 +51,7 @@ pub use logging::init_logging;
 pub use net::NetError;
 pub use vm::{
     AgentError, CreateError, KillError, LookupError, ResourceError, RestartError, SetError,
-    StartError, StopError,
+    StartError, StateError, StopError,
 };
 
 use anyhow::Context;

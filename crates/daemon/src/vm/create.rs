@@ -5,6 +5,7 @@ use super::*;
 use crate::error::{Chain, NoBackend, store_kind};
 use crate::net::NetError;
 use crate::steps::{Steps, UndoSlot};
+use crate::vm::StateError;
 use crate::vm::admit::NewVm;
 use crate::vm::settings::ResourceError;
 use crate::warm::plan::{ColdReason, StartPlan};
@@ -188,7 +189,6 @@ impl Daemon {
                         this.remove_template(&row);
                     }
                     vm.start = StartInfo::cold(Some(format!("warm start failed: {why}")));
-                    vm.state = VmState::Creating;
                     this.store.set_vm_start(&id, &vm.start)?;
                 }
             }
@@ -394,6 +394,9 @@ pub enum CreateError {
     /// No address for the VM.
     #[error(transparent)]
     Net(#[from] NetError),
+    /// Recording the VM's state failed or was refused.
+    #[error(transparent)]
+    State(#[from] StateError),
     /// The image (its name, its pull), whose errors are not typed yet:
     /// their own kind and message.
     #[error(transparent)]
@@ -419,6 +422,7 @@ impl CreateError {
             | E::Failed(_) => ErrorKind::Failed,
             E::Store(e) => store_kind(e),
             E::Net(e) => e.kind(),
+            E::State(e) => e.kind(),
             E::Other(e) => e.kind(),
         }
     }

@@ -410,7 +410,7 @@ impl Daemon {
             restore_ms: Some(restore_ms),
         };
         self.set_state(vm, VmState::Running, Some(pid), None)
-            .and_then(|()| self.store.set_vm_start(&vm.id, &info))
+            .and_then(|()| Ok(self.store.set_vm_start(&vm.id, &info)?))
             .map_err(|e| fail("record")(e.into()))?;
         if let Err(e) = self.store.touch_template(&h.id, &crate::vm::now_rfc3339()) {
             tracing::warn!(template = %h.id, error = %e, "template use not recorded");
