@@ -14,6 +14,7 @@ mod status;
 mod vm;
 
 pub use error::NetError;
+pub(crate) use vm::NetLease;
 
 use crate::Daemon;
 use anyhow::Context;
