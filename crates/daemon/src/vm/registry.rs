@@ -126,8 +126,8 @@ impl VmHandle {
         *lock(&self.boot) = facts;
     }
 
-    /// Records the network lease of a new boot, handing back one that was
-    /// still held (a bug: its TAP and rules were never released).
+    /// Records the network lease of a new boot, handing back the one it
+    /// replaces (holding a TAP or NAT rules, that one was never released).
     pub(crate) fn set_net(&self, lease: NetLease) -> Option<NetLease> {
         lock(&self.net).replace(lease)
     }
