@@ -5,6 +5,7 @@
 //! (`http::error`) turns a kind into a status and an API `code`.
 
 use crate::images::{DeleteImageError, DeleteKernelError, RegisterError};
+use crate::net::NetError;
 use crate::vm::{
     AgentError, CreateError, KillError, LookupError, ResourceError, RestartError, SetError,
     StartError, StopError,
@@ -61,6 +62,8 @@ pub enum DaemonError {
     DeleteImage(#[from] DeleteImageError),
     #[error(transparent)]
     DeleteKernel(#[from] DeleteKernelError),
+    #[error(transparent)]
+    Net(#[from] NetError),
 }
 
 impl DaemonError {
@@ -83,6 +86,7 @@ impl DaemonError {
             DaemonError::Register(e) => e.kind(),
             DaemonError::DeleteImage(e) => e.kind(),
             DaemonError::DeleteKernel(e) => e.kind(),
+            DaemonError::Net(e) => e.kind(),
         }
     }
 }

@@ -18,9 +18,15 @@
 //! | set | `set_vm`, `set_vm_nat` | [`SetError`] | stopped (NAT alone: any state) |
 //! | reach a VM | `lock_vm` / `lock_vm_id` | [`LookupError`] | the VM exists |
 //! | reach its agent | `running_agent`, sessions | [`AgentError`] | running, agent connected |
+//! | list its ports | `vm_ports` | [`NetError`] | running, agent connected |
+//! | network facts | `network_status` | [`NetError`] | networking started (after reconcile) |
 //! | register an image | `register_image` | [`RegisterError`] | the name is not a managed image |
 //! | delete an image | `delete_image` | [`DeleteImageError`] | no VM uses it (or `force`) |
 //! | delete a kernel | `delete_kernel` | [`DeleteKernelError`] | no image uses it |
+//!
+//! Every VM state change goes through one writer, `set_state`, which
+//! refuses a move `VmState::can_move_to` forbids ([`StateError`], a
+//! conflict); create, start and stop carry it as their `State` variant.
 //!
 //! The other operations (VM delete, pulls, builds, kernels, bundles,
 //! templates, exec, files) still return [`DaemonError`] directly.
@@ -48,9 +54,10 @@ mod web;
 pub use error::{DaemonError, ErrorKind};
 pub use images::{DeleteImageError, DeleteKernelError, FileError, RegisterError};
 pub use logging::init_logging;
+pub use net::NetError;
 pub use vm::{
     AgentError, CreateError, KillError, LookupError, ResourceError, RestartError, SetError,
-    StartError, StopError,
+    StartError, StateError, StopError,
 };
 
 use anyhow::Context;
@@ -73,7 +80,8 @@ pub struct Daemon {
     vmm: Result<Arc<dyn Vmm>, String>,
     /// Why `vmm` was chosen, for `doctor` and `daemon status`.
     pub backend_reason: String,
-    /// Per-VM run-time state: operation lock, agent, exit signal, boot facts.
+    /// Per-VM run-time state: operation lock, agent, exit signal, boot
+    /// facts, network lease.
     vms: vm::registry::VmRegistry,
     /// Serialises image builds (they are big and share a store).
     image_lock: tokio::sync::Mutex<()>,

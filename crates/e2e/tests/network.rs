@@ -218,6 +218,20 @@ fn bridge_dns_nat_ports_and_restart() {
     // NAT off: no way back.
     let (ok, out, _) = exec(b, "net-b", &curl);
     assert!(!ok, "the VM without NAT reached upstream: {out}");
+    // NAT on and off again while it runs: the rules follow at once.
+    let set = |args: &[&str]| {
+        let out = b.run(args);
+        assert!(out.status.success(), "{args:?}: {}", text(&out).1);
+    };
+    set(&["vm", "set", "net-b", "--nat"]);
+    let (ok, out, err) = exec(b, "net-b", &curl);
+    assert!(
+        ok && out == "200",
+        "NAT turned on did not work: {out} {err}"
+    );
+    set(&["vm", "set", "net-b", "--no-nat"]);
+    let (ok, out, _) = exec(b, "net-b", &curl);
+    assert!(!ok, "NAT turned off still works: {out}");
 
     // vm ports finds a web server started in the guest.
     let (ok, _, err) = exec(
@@ -273,11 +287,13 @@ fn bridge_dns_nat_ports_and_restart() {
         .in_netns("nft", &["list", "table", "ip", "banger"])
         .output()
         .expect("nft");
-    assert!(
-        !text(&nat).0.contains(&ip_a),
-        "NAT rules left: {}",
-        text(&nat).0
-    );
+    for ip in [&ip_a, &ip_b] {
+        assert!(
+            !text(&nat).0.contains(ip.as_str()),
+            "NAT rules left: {}",
+            text(&nat).0
+        );
+    }
 }
 
 /// A `cidr` the host already uses (here an interface of the daemon's

@@ -317,4 +317,56 @@ mod tests {
             );
         }
     }
+
+    /// Every path the daemon takes (its `set_state` callers, audited for
+    /// the strict check), move by move, is legal.
+    #[test]
+    fn the_daemons_paths_are_legal() {
+        let paths: &[(&str, &[VmState])] = &[
+            (
+                "create, cold boot",
+                &[Creating, Starting, Starting, Running],
+            ),
+            ("create --no-start", &[Creating, Stopped]),
+            (
+                "create, warm restore",
+                &[Creating, Starting, Starting, Running],
+            ),
+            // A failed warm restore leaves starting; the cold boot follows.
+            (
+                "create, warm failed, cold boot",
+                &[Creating, Starting, Starting, Starting, Running],
+            ),
+            ("create, not ready", &[Creating, Starting, Starting, Error]),
+            (
+                "create, not ready after running",
+                &[Creating, Starting, Starting, Running, Error],
+            ),
+            (
+                "start, then stop",
+                &[Stopped, Starting, Starting, Running, Stopping, Stopped],
+            ),
+            (
+                "start of an errored VM",
+                &[Error, Starting, Starting, Running],
+            ),
+            ("start failing before starting", &[Stopped, Error]),
+            ("stop of a kept VMM", &[Error, Stopping, Stopped]),
+            (
+                "stop again after a failed stop",
+                &[Stopping, Stopping, Stopped],
+            ),
+            ("stop with a leftover VMM", &[Stopped, Stopping, Stopped]),
+            ("stop without a VMM", &[Running, Stopped]),
+            ("the exit watcher", &[Starting, Stopped]),
+            ("reconcile: lost", &[Running, Error]),
+            ("reconcile: interrupted", &[Stopping, Error]),
+            ("reconcile: a leftover VMM", &[Stopped, Stopped]),
+        ];
+        for (path, states) in paths {
+            for w in states.windows(2) {
+                assert!(w[0].can_move_to(w[1]), "{path}: {} -> {}", w[0], w[1]);
+            }
+        }
+    }
 }

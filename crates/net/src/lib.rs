@@ -33,4 +33,4 @@ pub use guest::GuestNet;
 pub use host::{HostNet, HostNetError, LocalHostNet};
 pub use ifname::{IfName, NameError, TAP_PREFIX, TapName};
 pub use pool::{AcquiredTap, PoolConfig, PoolError, TapPool};
-pub use settings::NetSettings;
+pub use settings::{NetSettings, SettingsError};

@@ -89,5 +89,5 @@ async fn shutdown(State(d): State<Shared>) -> StatusCode {
 /// The daemon's networking: mode, DNS server, NAT prerequisites, resolver.
 #[utoipa::path(get, path = paths::NETWORK, responses((status = 200, body = NetworkStatus), (status = 409, body = ApiError)))]
 async fn network_status(State(d): State<Shared>) -> Result<Json<NetworkStatus>, DaemonError> {
-    d.network_status().await.map(Json)
+    Ok(Json(d.network_status().await?))
 }

@@ -204,7 +204,7 @@ async fn vm_ports(
     State(d): State<Shared>,
     Path(vm): Path<String>,
 ) -> Result<Json<Vec<PortInfo>>, DaemonError> {
-    d.vm_ports(&vm).await.map(Json)
+    Ok(Json(d.vm_ports(&vm).await?))
 }
 
 /// How a running VM booted: which initramfs, when the kernel started its

@@ -11,9 +11,7 @@ use super::*;
 impl Daemon {
     /// TAP acquisition warm vs cold and `.vm` query latency.
     pub async fn network_bench(&self) -> Result<NetworkBench, DaemonError> {
-        let net = self
-            .network()
-            .ok_or_else(|| DaemonError::Conflict("networking is not initialised yet".into()))?;
+        let net = self.network().ok_or(NetError::NotInitialised)?;
         let (tap_warm_us, tap_cold_us, tap_note) = match &net.mode {
             Mode::Bridge { pool, .. } if pool.size() > 0 => {
                 let t = banger_net::bench::tap_acquire(pool.as_ref(), Duration::from_secs(30))

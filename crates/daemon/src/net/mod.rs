@@ -8,9 +8,13 @@
 //! while the VM runs and is rebuilt from the store at daemon start.
 
 mod bench;
+mod error;
 mod ports;
 mod status;
 mod vm;
+
+pub use error::NetError;
+pub(crate) use vm::NetLease;
 
 use crate::Daemon;
 use anyhow::Context;
@@ -67,8 +71,8 @@ pub(crate) struct BootNet {
 }
 
 /// The network settings of `config` (the DNS address from the config too).
-pub(crate) fn settings(config: &Config) -> anyhow::Result<NetSettings> {
-    let mut s = NetSettings::from_config(config).context("network settings in config.toml")?;
+pub(crate) fn settings(config: &Config) -> Result<NetSettings, NetError> {
+    let mut s = NetSettings::from_config(config).map_err(NetError::Settings)?;
     s.dns_listen = config.dns_listen_addr;
     Ok(s)
 }

@@ -1,7 +1,6 @@
 //! `vm ports`: a VM's listening ports, probed from the host.
 
-use crate::{Daemon, DaemonError};
-use anyhow::anyhow;
+use crate::Daemon;
 use banger_api::PortInfo;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -19,18 +18,18 @@ impl Daemon {
     /// The agent walks the guest's /proc for the listeners' processes; right
     /// after boot (ready at init) that competes with the image's init for an
     /// emulated CPU, hence [`PORTS_TIMEOUT`].
-    pub async fn vm_ports(self: &Arc<Self>, r: &str) -> Result<Vec<PortInfo>, DaemonError> {
+    pub async fn vm_ports(self: &Arc<Self>, r: &str) -> Result<Vec<PortInfo>, NetError> {
         let (vm, agent) = self.running_agent(r)?;
         let listeners = tokio::time::timeout(PORTS_TIMEOUT, agent.list_listeners())
             .await
-            .map_err(|_| {
-                anyhow!(
-                    "the agent of {} did not list its ports within {}s",
-                    vm.name,
-                    PORTS_TIMEOUT.as_secs()
-                )
+            .map_err(|_| NetError::PortsTimeout {
+                name: vm.name.clone(),
+                secs: PORTS_TIMEOUT.as_secs(),
             })?
-            .map_err(|e| anyhow!("listing ports of {}: {e}", vm.name))?;
+            .map_err(|cause| NetError::Ports {
+                name: vm.name.clone(),
+                cause,
+            })?;
         let target = match self.network().map(|n| &n.mode) {
             Some(Mode::Bridge { .. }) => vm.ip,
             _ => None,

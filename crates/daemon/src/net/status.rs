@@ -1,6 +1,6 @@
 //! Networking facts for `doctor`.
 
-use crate::{Daemon, DaemonError};
+use crate::Daemon;
 use banger_api::NetworkStatus;
 use std::time::Duration;
 
@@ -8,13 +8,11 @@ use super::*;
 
 impl Daemon {
     /// Networking facts for `doctor`.
-    pub async fn network_status(&self) -> Result<NetworkStatus, DaemonError> {
+    pub async fn network_status(&self) -> Result<NetworkStatus, NetError> {
         let (tun_ok, tun_detail) = tun_access();
         let nat = banger_net::nat::status().await;
         let Some(net) = self.network() else {
-            return Err(DaemonError::Conflict(
-                "networking is not initialised yet".into(),
-            ));
+            return Err(NetError::NotInitialised);
         };
         let s = &net.settings;
         let (reason, tap_pool) = match &net.mode {

@@ -1,10 +1,10 @@
-//! A VM's network: its address, the host side while it runs, and NAT.
+//! A VM's network: its address, the host side while it runs (its
+//! [`NetLease`]), and NAT.
 
+use crate::Daemon;
 use crate::steps::{Steps, UndoSlot};
 use crate::vm::SetError;
-use crate::{Daemon, DaemonError};
-use anyhow::{Context, anyhow};
-use banger_model::{VmRecord, VmState};
+use banger_model::{VmName, VmRecord, VmState};
 use banger_net::{GuestNet, MacAddr, Subnet, TapName};
 use banger_vmm::{HostForward, NetBackend, NetSpec};
 use std::net::{Ipv4Addr, SocketAddrV4};
@@ -12,45 +12,88 @@ use std::sync::Arc;
 
 use super::*;
 
+/// What a VM holds of the host's network while it runs: what `net_up` and
+/// `net_ready` set up, so that `net_down` undoes exactly that. It lives in
+/// the VM's handle. A VM re-adopted after a daemon restart has none:
+/// `net_down` then goes by its record, which `net_up` keeps up to date for
+/// that reason (and `Network::start` rebuilds NAT and the TAP pool from it).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(crate) struct NetLease {
+    /// Its TAP on the bridge, back to the pool at the end.
+    pub(crate) tap: Option<TapName>,
+    /// The guest address whose NAT rules are on.
+    pub(crate) nat: Option<Ipv4Addr>,
+    /// Its ssh forward on 127.0.0.1 (user-mode networking).
+    pub(crate) ssh_port: Option<u16>,
+    /// The name its `.vm` record is published under (once ready).
+    pub(crate) dns: Option<VmName>,
+}
+
+impl NetLease {
+    /// What `vm`'s record says it holds: for a VM this daemon did not bring
+    /// up (re-adopted, or reconciled before networking starts).
+    pub(crate) fn from_record(vm: &VmRecord) -> Self {
+        Self {
+            tap: vm.tap.as_deref().and_then(|t| TapName::new(t).ok()),
+            nat: vm.ip.filter(|_| vm.nat),
+            ssh_port: vm.ssh_port,
+            dns: Some(vm.name.clone()),
+        }
+    }
+}
+
 /// A free TCP port on 127.0.0.1 (QEMU binds it right after).
-fn free_local_port() -> anyhow::Result<u16> {
-    let l = std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
-        .context("finding a free port on 127.0.0.1")?;
-    Ok(l.local_addr()?.port())
+fn free_local_port() -> Result<u16, NetError> {
+    std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .map_err(NetError::LocalPort)
 }
 
 impl Daemon {
     /// A guest address for a new VM: the lowest free one of `cidr`.
     /// Precondition: the caller holds `alloc_lock` until the VM is stored.
-    pub(crate) fn allocate_ip(&self) -> Result<Ipv4Addr, DaemonError> {
+    pub(crate) fn allocate_ip(&self) -> Result<Ipv4Addr, NetError> {
         let subnet: Subnet = match self.network() {
             Some(n) => n.settings.subnet,
             None => settings(&self.config)?.subnet,
         };
         let in_use = self.store.list_vms()?.into_iter().filter_map(|v| v.ip);
-        subnet
-            .allocate(in_use)
-            .map_err(|e| DaemonError::Conflict(e.to_string()))
+        subnet.allocate(in_use).map_err(NetError::NoFreeAddress)
     }
 
     /// Brings up the host side of `vm`'s network for a boot, registering
-    /// undos in `steps`. `None` when networking was never initialised
-    /// (a daemon not started through `serve`).
+    /// undos in `steps`, and records it as the VM's [`NetLease`] (the undos
+    /// take it back). `None` when networking was never initialised (a
+    /// daemon not started through `serve`).
+    /// Precondition: the caller holds the VM's operation lock.
     pub(crate) async fn net_up(
         &self,
         vm: &mut VmRecord,
         steps: &mut Steps<'_>,
-    ) -> anyhow::Result<Option<BootNet>> {
+    ) -> Result<Option<BootNet>, NetError> {
         let Some(net) = self.network() else {
             return Ok(None);
         };
         let settings = &net.settings;
+        let handle = self.vms.handle(&vm.id);
+        let lease = |lease: NetLease| {
+            if let Some(old) = handle.set_net(lease)
+                && (old.tap.is_some() || old.nat.is_some())
+            {
+                tracing::warn!(vm = %vm.name, ?old, "a network lease was still held at boot");
+            }
+        };
         match &net.mode {
-            Mode::Unavailable { reason } => Err(anyhow!("{reason}")),
+            Mode::Unavailable { reason } => Err(NetError::Unavailable(reason.clone())),
             Mode::User { .. } => {
                 let port = free_local_port()?;
                 self.store.set_vm_net(&vm.id, None, Some(port))?;
                 vm.ssh_port = Some(port);
+                lease(NetLease {
+                    ssh_port: Some(port),
+                    ..NetLease::default()
+                });
                 let mut guest = GuestNet {
                     ip: USER_GUEST,
                     gateway: USER_HOST,
@@ -80,11 +123,8 @@ impl Daemon {
                 }))
             }
             Mode::Bridge { host, pool } => {
-                let ip = vm.ip.ok_or_else(|| {
-                    anyhow!(
-                        "VM {} has no address (made before networking existed): recreate it",
-                        vm.name
-                    )
+                let ip = vm.ip.ok_or_else(|| NetError::NoAddress {
+                    name: vm.name.clone(),
                 })?;
                 let mut guest = GuestNet::new(&settings.subnet, ip, settings.default_dns);
                 if guest.dns.is_empty() {
@@ -92,7 +132,12 @@ impl Daemon {
                     // resolv.conf its image was built with.
                     guest.dns = banger_net::guest::host_upstream_resolvers();
                 }
-                let (store, id, pool) = (self.store.clone(), vm.id.clone(), pool.clone());
+                let (store, id, pool, h) = (
+                    self.store.clone(),
+                    vm.id.clone(),
+                    pool.clone(),
+                    handle.clone(),
+                );
                 let tap = steps
                     .run(
                         "tap",
@@ -101,6 +146,7 @@ impl Daemon {
                             let tap = pool.acquire().await?;
                             let name = tap.name.clone();
                             u.set(move || async move {
+                                h.take_net();
                                 store.set_vm_net(&id, None, None)?;
                                 pool.release(&name).await.map_err(Into::into)
                             });
@@ -112,17 +158,23 @@ impl Daemon {
                     .set_vm_net(&vm.id, Some(tap.name.as_str()), None)?;
                 vm.tap = Some(tap.name.to_string());
                 if vm.nat {
-                    let (subnet, host) = (settings.subnet, host.clone());
+                    let (subnet, host, h) = (settings.subnet, host.clone(), handle.clone());
                     steps
                         .run("nat", "enabling NAT", |u: UndoSlot<'_>| async move {
                             host.nat_enable(&subnet, ip).await?;
                             u.set(move || async move {
+                                h.update_net(|l| l.nat = None);
                                 host.nat_disable(&subnet, ip).await.map_err(Into::into)
                             });
                             Ok(())
                         })
                         .await?;
                 }
+                lease(NetLease {
+                    tap: Some(tap.name.clone()),
+                    nat: vm.nat.then_some(ip),
+                    ..NetLease::default()
+                });
                 Ok(Some(BootNet {
                     nets: vec![NetSpec::tap(tap.name.as_str(), guest.mac.to_string())],
                     cmdline: guest_cmdline(&guest),
@@ -132,38 +184,60 @@ impl Daemon {
         }
     }
 
-    /// Publishes a VM that just became ready (its `.vm` record).
+    /// Publishes a VM that just became ready (its `.vm` record), in its
+    /// lease.
     pub(crate) fn net_ready(&self, vm: &VmRecord) {
         if let Some(net) = self.network()
             && let Mode::Bridge { .. } = net.mode
             && let Some(ip) = vm.ip
-            && let Err(e) = net.records.set(vm.name.as_str(), ip)
         {
-            tracing::warn!(vm = %vm.name, error = %e, "no DNS record");
+            match net.records.set(vm.name.as_str(), ip) {
+                Ok(()) => {
+                    let named = self
+                        .vms
+                        .handle(&vm.id)
+                        .update_net(|l| l.dns = Some(vm.name.clone()));
+                    if !named {
+                        // net_up made one; without it net_down goes by the
+                        // record, which names this record too.
+                        tracing::warn!(vm = %vm.name, "DNS record of a VM without a network lease");
+                    }
+                }
+                Err(e) => tracing::warn!(vm = %vm.name, error = %e, "no DNS record"),
+            }
         }
     }
 
-    /// Removes the host side of a stopped (or deleted) VM's network: DNS
-    /// record, NAT rules, TAP. Idempotent; problems are logged, not
-    /// returned, so stopping never fails on them.
+    /// Removes the host side of a stopped (or deleted) VM's network: what
+    /// its lease holds, or what its record says when it has none (a VM
+    /// re-adopted after a daemon restart): DNS record, NAT rules, TAP.
+    /// Idempotent; problems are logged, not returned, so stopping never
+    /// fails on them.
     pub(crate) async fn net_down(&self, vm: &VmRecord) {
+        let lease = self
+            .vms
+            .existing(&vm.id)
+            .and_then(|h| h.take_net())
+            .unwrap_or_else(|| NetLease::from_record(vm));
         if let Some(net) = self.network() {
-            net.records.remove(vm.name.as_str());
+            if let Some(name) = &lease.dns {
+                net.records.remove(name.as_str());
+            }
             if let Mode::Bridge { host, pool } = &net.mode {
-                if vm.nat
-                    && let Some(ip) = vm.ip
+                if let Some(ip) = lease.nat
                     && let Err(e) = host.nat_disable(&net.settings.subnet, ip).await
                 {
                     tracing::warn!(vm = %vm.name, error = %e, "removing NAT rules");
                 }
-                if let Some(tap) = vm.tap.as_deref().and_then(|t| TapName::new(t).ok())
-                    && let Err(e) = pool.release(&tap).await
+                if let Some(tap) = &lease.tap
+                    && let Err(e) = pool.release(tap).await
                 {
                     tracing::warn!(vm = %vm.name, %tap, error = %e, "deleting the TAP");
                 }
             }
         }
-        if (vm.tap.is_some() || vm.ssh_port.is_some())
+        let recorded = vm.tap.is_some() || vm.ssh_port.is_some();
+        if (recorded || lease.tap.is_some() || lease.ssh_port.is_some())
             && let Err(e) = self.store.set_vm_net(&vm.id, None, None)
         {
             tracing::debug!(vm = %vm.name, error = %e, "clearing network fields");
@@ -189,13 +263,19 @@ impl Daemon {
                     } else {
                         host.nat_disable(subnet, ip).await
                     };
-                    r.with_context(|| format!("changing NAT of {}", vm.name))?;
+                    r.map_err(|cause| NetError::Nat {
+                        name: vm.name.clone(),
+                        cause,
+                    })?;
+                    // What net_down undoes changes with the rules.
+                    cx.handle.update_net(|l| l.nat = nat.then_some(ip));
                 }
                 (Mode::Bridge { .. }, None) => {}
                 _ if nat => {
-                    return Err(SetError::NatNeedsBridge {
+                    return Err(NetError::NatNeedsBridge {
                         mode: net.mode_name(),
-                    });
+                    }
+                    .into());
                 }
                 _ => {}
             }
@@ -224,6 +304,199 @@ fn guest_cmdline(g: &GuestNet) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::vm::tests::{daemon, record};
+    use banger_api::ProgressSink;
+    use banger_net::host::{BridgeSpec, TapInfo};
+    use banger_net::link::BridgeChange;
+    use banger_net::{DnsRecords, HostNet, HostNetError, IfName, PoolConfig, TapPool};
+    use std::collections::{BTreeSet, HashSet};
+    use std::net::SocketAddr;
+    use std::sync::Mutex;
+
+    /// A [`HostNet`] that only notes what it is asked to do: the daemon's
+    /// side of the host network under test, without a host.
+    #[derive(Default)]
+    struct Recorder(Mutex<Vec<String>>);
+
+    impl Recorder {
+        fn note(&self, s: String) -> Result<(), HostNetError> {
+            self.0.lock().expect("lock").push(s);
+            Ok(())
+        }
+        /// What was asked since the last call.
+        fn asked(&self) -> Vec<String> {
+            std::mem::take(&mut *self.0.lock().expect("lock"))
+        }
+    }
+
+    #[async_trait::async_trait]
+    impl HostNet for Recorder {
+        async fn ensure_bridge(&self, _: &BridgeSpec) -> Result<BridgeChange, HostNetError> {
+            Ok(BridgeChange::default())
+        }
+        async fn bridge_index(&self, _: &IfName) -> Result<Option<u32>, HostNetError> {
+            Ok(Some(7))
+        }
+        async fn create_tap(&self, t: &TapName, _: u32, _: &IfName) -> Result<(), HostNetError> {
+            self.note(format!("create_tap {t}"))
+        }
+        async fn delete_tap(&self, t: &TapName) -> Result<(), HostNetError> {
+            self.note(format!("delete_tap {t}"))
+        }
+        async fn list_taps(&self) -> Result<Vec<TapInfo>, HostNetError> {
+            Ok(vec![])
+        }
+        async fn nat_enable(&self, _: &Subnet, ip: Ipv4Addr) -> Result<(), HostNetError> {
+            self.note(format!("nat_enable {ip}"))
+        }
+        async fn nat_disable(&self, _: &Subnet, ip: Ipv4Addr) -> Result<(), HostNetError> {
+            self.note(format!("nat_disable {ip}"))
+        }
+        async fn nat_rebuild(
+            &self,
+            _: &Subnet,
+            _: &BTreeSet<Ipv4Addr>,
+        ) -> Result<(), HostNetError> {
+            Ok(())
+        }
+        async fn resolved_wire(&self, _: &IfName, _: SocketAddr) -> Result<(), HostNetError> {
+            Ok(())
+        }
+        async fn resolved_unwire(&self, _: &IfName) -> Result<(), HostNetError> {
+            Ok(())
+        }
+    }
+
+    /// A daemon with bridge networking over a [`Recorder`] (an empty TAP
+    /// pool: every TAP is made on acquire).
+    async fn bridged(t: &tempfile::TempDir) -> (Arc<Daemon>, Arc<Recorder>) {
+        let d = daemon(t);
+        let host = Arc::new(Recorder::default());
+        let settings = settings(&d.config).expect("settings");
+        let pool = TapPool::start(
+            host.clone(),
+            PoolConfig {
+                bridge: settings.bridge.clone(),
+                owner_uid: 1000,
+                size: 0,
+            },
+            &HashSet::new(),
+        )
+        .await
+        .expect("pool");
+        let net = Network {
+            settings,
+            mode: Mode::Bridge {
+                host: host.clone(),
+                pool: Arc::new(pool),
+            },
+            records: DnsRecords::new(),
+            dns: None,
+            dns_error: None,
+        };
+        assert!(d.network.set(net).is_ok());
+        (d, host)
+    }
+
+    /// A VM recorded in `state` with an address and NAT.
+    fn nat_vm(d: &Daemon, name: &str, state: VmState) -> VmRecord {
+        let mut vm = record(d, name, state);
+        vm.ip = Some(d.allocate_ip().expect("an address"));
+        vm.nat = true;
+        d.store.update_vm(&vm).expect("update");
+        vm
+    }
+
+    #[tokio::test]
+    async fn net_down_undoes_the_lease_not_the_record() {
+        let t = tempfile::tempdir().expect("tmp");
+        let (d, host) = bridged(&t).await;
+        let mut vm = nat_vm(&d, "calm-otter", VmState::Starting);
+        let ip = vm.ip.expect("ip");
+        let mut steps = Steps::new(&ProgressSink::discard());
+        d.net_up(&mut vm, &mut steps)
+            .await
+            .expect("up")
+            .expect("networking");
+        steps.commit();
+        let tap = TapName::new(vm.tap.clone().expect("tap in the record")).expect("tap");
+        assert_eq!(
+            d.store.get_vm(&vm.id).expect("get").tap,
+            Some(tap.to_string()),
+            "recorded for a daemon restart"
+        );
+        assert_eq!(
+            host.asked(),
+            [format!("create_tap {tap}"), format!("nat_enable {ip}")]
+        );
+        let h = d.vms.existing(&vm.id).expect("a handle");
+        d.set_state(&mut vm, VmState::Running, Some(1), None)
+            .expect("running");
+        d.net_ready(&vm);
+        let records = &d.network().expect("net").records;
+        assert_eq!(records.get("calm-otter"), Some(ip));
+        assert_eq!(
+            h.net(),
+            Some(NetLease {
+                tap: Some(tap.clone()),
+                nat: Some(ip),
+                ssh_port: None,
+                dns: Some(vm.name.clone()),
+            })
+        );
+
+        // NAT off while it runs: the rules go, and the lease says so.
+        d.set_vm_nat("calm-otter", false).await.expect("nat off");
+        assert_eq!(host.asked(), [format!("nat_disable {ip}")]);
+        assert_eq!(h.net().and_then(|l| l.nat), None);
+
+        // A record that says otherwise (NAT on, no TAP) changes nothing:
+        // the lease is what is released.
+        let mut stale = vm.clone();
+        stale.tap = None;
+        stale.nat = true;
+        d.net_down(&stale).await;
+        assert_eq!(host.asked(), [format!("delete_tap {tap}")]);
+        assert_eq!(h.net(), None);
+        assert_eq!(records.get("calm-otter"), None);
+        assert_eq!(d.store.get_vm(&vm.id).expect("get").tap, None);
+
+        // Without a lease (a VM re-adopted after a restart) the record is.
+        d.net_down(&stale).await;
+        assert_eq!(host.asked(), [format!("nat_disable {ip}")]);
+    }
+
+    #[tokio::test]
+    async fn a_rolled_back_network_leaves_no_lease() {
+        let t = tempfile::tempdir().expect("tmp");
+        let (d, host) = bridged(&t).await;
+        let mut vm = nat_vm(&d, "calm-otter", VmState::Starting);
+        let ip = vm.ip.expect("ip");
+        let mut steps = Steps::new(&ProgressSink::discard());
+        d.net_up(&mut vm, &mut steps)
+            .await
+            .expect("up")
+            .expect("networking");
+        let tap = vm.tap.clone().expect("tap");
+        assert!(steps.rollback().await.is_empty());
+        assert_eq!(
+            host.asked(),
+            [
+                format!("create_tap {tap}"),
+                format!("nat_enable {ip}"),
+                format!("nat_disable {ip}"),
+                format!("delete_tap {tap}"),
+            ]
+        );
+        let h = d.vms.existing(&vm.id).expect("a handle");
+        assert_eq!(h.net(), None);
+        // By what the store says now, the TAP is not released a second
+        // time (NAT off is idempotent).
+        let vm = d.store.get_vm(&vm.id).expect("get");
+        assert_eq!(vm.tap, None);
+        d.net_down(&vm).await;
+        assert_eq!(host.asked(), [format!("nat_disable {ip}")]);
+    }
 
     #[test]
     fn guest_cmdline_carries_address_and_resolver() {

@@ -61,7 +61,7 @@ impl Daemon {
         progress.phase(Step::Network, "setting up the VM's network");
         let boot_net = match self.net_up(vm, steps).await {
             Ok(n) => n,
-            Err(e) => return Err(fail(steps, e).await),
+            Err(e) => return Err(fail(steps, e.into()).await),
         };
         let (boot_args, disk_specs) = boot_layout(image, &disks, writable_root);
         let hostname = if template {

@@ -3,7 +3,9 @@
 use super::boot::fail;
 use super::*;
 use crate::error::{Chain, NoBackend, store_kind};
+use crate::net::NetError;
 use crate::steps::{Steps, UndoSlot};
+use crate::vm::StateError;
 use crate::vm::admit::NewVm;
 use crate::vm::settings::ResourceError;
 use crate::warm::plan::{ColdReason, StartPlan};
@@ -187,7 +189,6 @@ impl Daemon {
                         this.remove_template(&row);
                     }
                     vm.start = StartInfo::cold(Some(format!("warm start failed: {why}")));
-                    vm.state = VmState::Creating;
                     this.store.set_vm_start(&id, &vm.start)?;
                 }
             }
@@ -390,8 +391,14 @@ pub enum CreateError {
     Failed(#[from] anyhow::Error),
     #[error("{}", Chain(.0))]
     Store(#[from] StoreError),
-    /// The image (its name, its pull) or the address allocation, whose
-    /// errors are not typed yet: their own kind and message.
+    /// No address for the VM.
+    #[error(transparent)]
+    Net(#[from] NetError),
+    /// Recording the VM's state failed or was refused.
+    #[error(transparent)]
+    State(#[from] StateError),
+    /// The image (its name, its pull), whose errors are not typed yet:
+    /// their own kind and message.
     #[error(transparent)]
     Other(Box<DaemonError>),
 }
@@ -414,6 +421,8 @@ impl CreateError {
             | E::Boot(_)
             | E::Failed(_) => ErrorKind::Failed,
             E::Store(e) => store_kind(e),
+            E::Net(e) => e.kind(),
+            E::State(e) => e.kind(),
             E::Other(e) => e.kind(),
         }
     }

@@ -4,7 +4,7 @@
 use crate::error::{Chain, NoBackend, store_kind};
 use crate::steps::Steps;
 use crate::vm::power::{Ask, PowerOff};
-use crate::vm::{BootCtx, BootError, BootPurpose, LookupError};
+use crate::vm::{BootCtx, BootError, BootPurpose, LookupError, StateError};
 use crate::{Daemon, ErrorKind};
 use banger_api::rules::{MAX_SIGNAL, MIN_SIGNAL};
 use banger_model::{VmName, VmRecord, VmState};
@@ -172,9 +172,12 @@ pub enum StartError {
     /// Ending an errored VM's leftover VMM failed.
     #[error("{0:#}")]
     Failed(#[from] anyhow::Error),
-    /// Reading the VM's image or kernel, or recording its state, failed.
+    /// Reading the VM's image or kernel failed.
     #[error("{}", Chain(.0))]
     Store(#[from] StoreError),
+    /// Recording the VM's state failed or was refused.
+    #[error(transparent)]
+    State(#[from] StateError),
 }
 
 impl StartError {
@@ -184,6 +187,7 @@ impl StartError {
             StartError::Lookup(e) => e.kind(),
             StartError::Busy { .. } => ErrorKind::Conflict,
             StartError::Store(e) => store_kind(e),
+            StartError::State(e) => e.kind(),
             StartError::NoBackend(_)
             | StartError::NotReady(_)
             | StartError::Boot(_)
@@ -203,9 +207,9 @@ pub enum StopError {
     /// Ending the VMM failed.
     #[error("{0:#}")]
     Failed(#[from] anyhow::Error),
-    /// Recording the VM's state failed.
-    #[error("{}", Chain(.0))]
-    Store(#[from] StoreError),
+    /// Recording the VM's state failed or was refused.
+    #[error(transparent)]
+    State(#[from] StateError),
 }
 
 impl StopError {
@@ -215,7 +219,7 @@ impl StopError {
             StopError::Lookup(e) => e.kind(),
             StopError::Creating { .. } => ErrorKind::Conflict,
             StopError::Failed(_) => ErrorKind::Failed,
-            StopError::Store(e) => store_kind(e),
+            StopError::State(e) => e.kind(),
         }
     }
 }

@@ -33,6 +33,7 @@ pub(crate) use initramfs::{BOOT_INITRD_FILE, BootFacts, BootInitrd};
 pub use lifecycle::{KillError, RestartError, StartError, StopError};
 pub(crate) use ready::{CONSOLE_LINES, SshWait, SystemWait, stopped_before_agent};
 pub use settings::{ResourceError, SetError};
+pub use state::StateError;
 
 use crate::{Daemon, DaemonError};
 use banger_agent_proto::client::AgentClient;

@@ -1,8 +1,10 @@
 //! The VM registry: one [`VmHandle`] per VM the daemon acts on, holding
 //! everything it knows about that VM at run time (the operation lock, the
-//! agent connection, the exit signal, the last boot's facts). A handle is
-//! made on first use and removed when its VM is deleted.
+//! agent connection, the exit signal, the last boot's facts, the network
+//! lease). A handle is made on first use and removed when its VM is
+//! deleted.
 
+use crate::net::NetLease;
 use crate::vm::BootFacts;
 use banger_agent_proto::client::AgentClient;
 use banger_model::VmId;
@@ -62,6 +64,9 @@ pub(crate) struct VmHandle {
     exit: Mutex<Option<watch::Sender<bool>>>,
     /// How the last boot went (initramfs, agent hello).
     boot: Mutex<Option<BootFacts>>,
+    /// The host side of its network while it runs (TAP, NAT rules, DNS
+    /// name, ssh forward): what `net_down` undoes.
+    net: Mutex<Option<NetLease>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -76,6 +81,7 @@ impl VmHandle {
             agent: Mutex::default(),
             exit: Mutex::default(),
             boot: Mutex::default(),
+            net: Mutex::default(),
         }
     }
 
@@ -118,6 +124,27 @@ impl VmHandle {
 
     pub(crate) fn set_boot_facts(&self, facts: Option<BootFacts>) {
         *lock(&self.boot) = facts;
+    }
+
+    /// Records the network lease of a new boot, handing back the one it
+    /// replaces (holding a TAP or NAT rules, that one was never released).
+    pub(crate) fn set_net(&self, lease: NetLease) -> Option<NetLease> {
+        lock(&self.net).replace(lease)
+    }
+
+    /// Forgets the network lease and hands it back, to release it.
+    pub(crate) fn take_net(&self) -> Option<NetLease> {
+        lock(&self.net).take()
+    }
+
+    /// Changes the network lease in place; false when there is none.
+    pub(crate) fn update_net(&self, f: impl FnOnce(&mut NetLease)) -> bool {
+        lock(&self.net).as_mut().map(f).is_some()
+    }
+
+    #[cfg(test)]
+    pub(crate) fn net(&self) -> Option<NetLease> {
+        lock(&self.net).clone()
     }
 
     /// A new exit signal for a new launch, replacing the last one.

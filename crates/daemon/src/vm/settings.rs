@@ -1,6 +1,7 @@
 //! `vm set` (resources of a stopped VM) and `vm stats`.
 
 use crate::error::{Chain, store_kind};
+use crate::net::NetError;
 use crate::vm::LookupError;
 use crate::{Daemon, DaemonError, ErrorKind};
 use anyhow::Context;
@@ -88,10 +89,10 @@ pub enum SetError {
         current: ByteSize,
         asked: ByteSize,
     },
-    /// NAT rules need the bridge; `mode` is the daemon's networking.
-    #[error("NAT needs bridge networking; this daemon uses {mode} networking (see banger doctor)")]
-    NatNeedsBridge { mode: &'static str },
-    /// Growing the disks or changing the NAT rules failed.
+    /// NAT needs the bridge, or changing the rules failed.
+    #[error(transparent)]
+    Net(#[from] NetError),
+    /// Growing the disks failed.
     #[error("{0:#}")]
     Failed(#[from] anyhow::Error),
     /// Recording the change failed.
@@ -106,9 +107,8 @@ impl SetError {
             SetError::Empty => ErrorKind::Invalid,
             SetError::Resources(e) => e.kind(),
             SetError::Lookup(e) => e.kind(),
-            SetError::NotStopped { .. }
-            | SetError::Shrink { .. }
-            | SetError::NatNeedsBridge { .. } => ErrorKind::Conflict,
+            SetError::NotStopped { .. } | SetError::Shrink { .. } => ErrorKind::Conflict,
+            SetError::Net(e) => e.kind(),
             SetError::Failed(_) => ErrorKind::Failed,
             SetError::Store(e) => store_kind(e),
         }
@@ -378,7 +378,7 @@ mod tests {
                 ByteSize(1 << 30)
             )
         );
-        let e = SetError::NatNeedsBridge { mode: "user" };
+        let e = SetError::from(NetError::NatNeedsBridge { mode: "user" });
         assert_eq!(e.kind(), ErrorKind::Conflict);
         assert_eq!(
             e.to_string(),

@@ -214,7 +214,10 @@ impl Daemon {
         self.set_state(vm, VmState::Starting, None, None)
             .map_err(|e| fail("network")(e.into()))?;
         progress.phase(Step::Network, "setting up the VM's network");
-        let boot_net = self.net_up(vm, steps).await.map_err(fail("network"))?;
+        let boot_net = self
+            .net_up(vm, steps)
+            .await
+            .map_err(|e| fail("network")(e.into()))?;
         let (nets, guest) = match boot_net {
             Some(n) => (n.nets, Some(n.guest)),
             None => (Vec::new(), None),
@@ -407,7 +410,7 @@ impl Daemon {
             restore_ms: Some(restore_ms),
         };
         self.set_state(vm, VmState::Running, Some(pid), None)
-            .and_then(|()| self.store.set_vm_start(&vm.id, &info))
+            .and_then(|()| Ok(self.store.set_vm_start(&vm.id, &info)?))
             .map_err(|e| fail("record")(e.into()))?;
         if let Err(e) = self.store.touch_template(&h.id, &crate::vm::now_rfc3339()) {
             tracing::warn!(template = %h.id, error = %e, "template use not recorded");
