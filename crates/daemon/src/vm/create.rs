@@ -171,14 +171,11 @@ impl Daemon {
                     let why = format!("{:#}", e.cause);
                     if req.warm == WarmMode::Require {
                         let rollback_errors = steps.rollback().await;
-                        return Err(CreateError::WarmFailed(
-                            crate::steps::StepError {
-                                step: e.step,
-                                cause: anyhow!("--warm: warm start failed: {why}"),
-                                rollback_errors,
-                            }
-                            .into(),
-                        ));
+                        return Err(CreateError::WarmFailed(crate::steps::StepError {
+                            step: e.step,
+                            cause: anyhow!("--warm: warm start failed: {why}"),
+                            rollback_errors,
+                        }));
                     }
                     tracing::warn!(vm = %vm.name, template = %template.header.id, step = e.step, error = %why, "warm start failed; booting cold");
                     progress.phase(Step::Start, format!("cold (warm start failed: {why})"));
@@ -351,8 +348,8 @@ pub enum CreateError {
     #[error("--warm: {0}")]
     NoTemplate(String),
     /// `--warm` and the restore failed (rolled back).
-    #[error("{0:#}")]
-    WarmFailed(anyhow::Error),
+    #[error("{0}")]
+    WarmFailed(crate::steps::StepError),
     #[error(transparent)]
     NoBackend(#[from] NoBackend),
     /// The client went away or the daemon is shutting down.
