@@ -10,20 +10,26 @@
 //!
 //! | action | method | error | precondition |
 //! |---|---|---|---|
-//! | create | `create_vm` (`check_create` before the stream) | [`CreateError`] | the name is free |
-//! | start | `start_vm` | [`StartError`] | stopped or in error (running: no-op) |
+//! | create | `create_vm` (`check_create` before the stream) | [`CreateError`] (its boot: [`BootError`]) | the name is free |
+//! | start | `start_vm` | [`StartError`] (its boot: [`BootError`]) | stopped or in error (running: no-op) |
 //! | stop | `stop_vm` | [`StopError`] | not being created |
 //! | restart | `restart_vm` | [`RestartError`] | as stop, then start |
 //! | kill | `kill_vm` | [`KillError`] | its VMM runs |
 //! | set | `set_vm`, `set_vm_nat` | [`SetError`] | stopped (NAT alone: any state) |
 //! | reach a VM | `lock_vm` / `lock_vm_id` | [`LookupError`] | the VM exists |
 //! | reach its agent | `running_agent`, sessions | [`AgentError`] | running, agent connected |
+//! | wait for a VM | `wait_vm` | [`WaitError`] | running |
+//! | its boot facts | `vm_boot` | [`BootInfoError`] | running, agent connected |
+//! | make a template | `build_template`, `list_templates`, `drop_templates` | [`TemplateError`] | the host can restore (build) |
 //! | register an image | `register_image` | [`RegisterError`] | the name is not a managed image |
 //! | delete an image | `delete_image` | [`DeleteImageError`] | no VM uses it (or `force`) |
 //! | delete a kernel | `delete_kernel` | [`DeleteKernelError`] | no image uses it |
 //!
-//! The other operations (VM delete, pulls, builds, kernels, bundles,
-//! templates, exec, files) still return [`DaemonError`] directly.
+//! Every boot (start, create, the transient VMs of image and template
+//! builds) waits for readiness with `vm::ready::wait_ready` and start and
+//! create end it with `finish_boot`. The other operations (VM delete,
+//! pulls, builds, kernels, bundles, exec, files) still return
+//! [`DaemonError`] directly.
 
 mod bench_image;
 mod error;
@@ -49,9 +55,10 @@ pub use error::{DaemonError, ErrorKind};
 pub use images::{DeleteImageError, DeleteKernelError, FileError, RegisterError};
 pub use logging::init_logging;
 pub use vm::{
-    AgentError, CreateError, KillError, LookupError, ResourceError, RestartError, SetError,
-    StartError, StopError,
+    AgentError, BootError, BootInfoError, CreateError, KillError, LookupError, ResourceError,
+    RestartError, SetError, StartError, StopError, WaitError,
 };
+pub use warm::TemplateError;
 
 use anyhow::Context;
 use banger_agent_proto::client::AgentClient;
