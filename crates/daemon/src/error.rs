@@ -7,9 +7,10 @@
 use crate::images::{DeleteImageError, DeleteKernelError, RegisterError};
 use crate::net::NetError;
 use crate::vm::{
-    AgentError, CreateError, KillError, LookupError, ResourceError, RestartError, SetError,
-    StartError, StopError,
+    AgentError, BootError, BootInfoError, CreateError, KillError, LookupError, ResourceError,
+    RestartError, SetError, StartError, StopError, WaitError,
 };
+use crate::warm::TemplateError;
 use banger_store::StoreError;
 
 /// What went wrong, as the caller needs to know it: whether to fix the
@@ -57,6 +58,14 @@ pub enum DaemonError {
     #[error(transparent)]
     Create(#[from] CreateError),
     #[error(transparent)]
+    Boot(#[from] BootError),
+    #[error(transparent)]
+    Wait(#[from] WaitError),
+    #[error(transparent)]
+    BootInfo(#[from] BootInfoError),
+    #[error(transparent)]
+    Template(#[from] TemplateError),
+    #[error(transparent)]
     Register(#[from] RegisterError),
     #[error(transparent)]
     DeleteImage(#[from] DeleteImageError),
@@ -83,6 +92,10 @@ impl DaemonError {
             DaemonError::Set(e) => e.kind(),
             DaemonError::Resources(e) => e.kind(),
             DaemonError::Create(e) => e.kind(),
+            DaemonError::Boot(e) => e.kind(),
+            DaemonError::Wait(e) => e.kind(),
+            DaemonError::BootInfo(e) => e.kind(),
+            DaemonError::Template(e) => e.kind(),
             DaemonError::Register(e) => e.kind(),
             DaemonError::DeleteImage(e) => e.kind(),
             DaemonError::DeleteKernel(e) => e.kind(),

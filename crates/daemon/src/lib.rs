@@ -10,8 +10,8 @@
 //!
 //! | action | method | error | precondition |
 //! |---|---|---|---|
-//! | create | `create_vm` (`check_create` before the stream) | [`CreateError`] | the name is free |
-//! | start | `start_vm` | [`StartError`] | stopped or in error (running: no-op) |
+//! | create | `create_vm` (`check_create` before the stream) | [`CreateError`] (its boot: [`BootError`]) | the name is free |
+//! | start | `start_vm` | [`StartError`] (its boot: [`BootError`]) | stopped or in error (running: no-op) |
 //! | stop | `stop_vm` | [`StopError`] | not being created |
 //! | restart | `restart_vm` | [`RestartError`] | as stop, then start |
 //! | kill | `kill_vm` | [`KillError`] | its VMM runs |
@@ -20,6 +20,9 @@
 //! | reach its agent | `running_agent`, sessions | [`AgentError`] | running, agent connected |
 //! | list its ports | `vm_ports` | [`NetError`] | running, agent connected |
 //! | network facts | `network_status` | [`NetError`] | networking started (after reconcile) |
+//! | wait for a VM | `wait_vm` | [`WaitError`] | running |
+//! | its boot facts | `vm_boot` | [`BootInfoError`] | running, agent connected |
+//! | make a template | `build_template`, `list_templates`, `drop_templates` | [`TemplateError`] | the host can restore (build) |
 //! | register an image | `register_image` | [`RegisterError`] | the name is not a managed image |
 //! | delete an image | `delete_image` | [`DeleteImageError`] | no VM uses it (or `force`) |
 //! | delete a kernel | `delete_kernel` | [`DeleteKernelError`] | no image uses it |
@@ -27,9 +30,12 @@
 //! Every VM state change goes through one writer, `set_state`, which
 //! refuses a move `VmState::can_move_to` forbids ([`StateError`], a
 //! conflict); create, start and stop carry it as their `State` variant.
+//! Every boot (start, create, the transient VMs of image and template
+//! builds) waits for readiness with `vm::ready::wait_ready` and start and
+//! create end it with `finish_boot`.
 //!
 //! The other operations (VM delete, pulls, builds, kernels, bundles,
-//! templates, exec, files) still return [`DaemonError`] directly.
+//! exec, files) still return [`DaemonError`] directly.
 
 mod bench_image;
 mod error;
@@ -56,9 +62,10 @@ pub use images::{DeleteImageError, DeleteKernelError, FileError, RegisterError};
 pub use logging::init_logging;
 pub use net::NetError;
 pub use vm::{
-    AgentError, CreateError, KillError, LookupError, ResourceError, RestartError, SetError,
-    StartError, StateError, StopError,
+    AgentError, BootError, BootInfoError, CreateError, KillError, LookupError, ResourceError,
+    RestartError, SetError, StartError, StateError, StopError, WaitError,
 };
+pub use warm::TemplateError;
 
 use anyhow::Context;
 use banger_agent_proto::client::AgentClient;

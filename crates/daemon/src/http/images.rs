@@ -41,7 +41,7 @@ async fn list_templates(
     State(d): State<Shared>,
     Path(image): Path<String>,
 ) -> Result<Json<Vec<TemplateRecord>>, DaemonError> {
-    d.list_templates(&image).map(Json)
+    Ok(Json(d.list_templates(&image)?))
 }
 
 /// Makes (or remakes) the warm-start template of one shape of an image:
@@ -64,7 +64,7 @@ async fn warm_image(
         WarmImageEvent::Error,
         move |d, progress, cancel| async move {
             let shape = d.default_shape(req.vcpu, req.memory_mib);
-            d.build_template(&image, shape, &progress, &cancel).await
+            Ok(d.build_template(&image, shape, &progress, &cancel).await?)
         },
     )
 }
@@ -77,7 +77,7 @@ async fn drop_templates(
     State(d): State<Shared>,
     Path(image): Path<String>,
 ) -> Result<Json<Vec<TemplateRecord>>, DaemonError> {
-    d.drop_templates(&image).await.map(Json)
+    Ok(Json(d.drop_templates(&image).await?))
 }
 
 /// Pulls an image: a catalog name through the catalog (with its kernel when

@@ -216,7 +216,7 @@ async fn vm_boot(
     State(d): State<Shared>,
     Path(vm): Path<String>,
 ) -> Result<Json<VmBoot>, DaemonError> {
-    d.vm_boot(&vm).await.map(Json)
+    Ok(Json(d.vm_boot(&vm).await?))
 }
 
 /// Waits until a running VM's sshd greets (an `SSH-` banner probed from the
@@ -240,6 +240,8 @@ async fn wait_vm(
         d,
         |vm| WaitEvent::Done(Box::new(vm)),
         WaitEvent::Error,
-        move |d, progress, cancel| async move { d.wait_vm(&vm, req.until, &progress, &cancel).await },
+        move |d, progress, cancel| async move {
+            Ok(d.wait_vm(&vm, req.until, &progress, &cancel).await?)
+        },
     )
 }

@@ -1,15 +1,17 @@
 //! Booting a VM: its disks' layout, the VMM launch and the wait for its agent.
 
 use super::*;
-use crate::Daemon;
+use crate::error::{Chain, store_kind};
 use crate::steps::{Steps, UndoSlot};
 use crate::vm::{BootFacts, BootInitrd};
+use crate::{Daemon, ErrorKind};
 use anyhow::{Context, anyhow};
 use banger_agent_proto::boot::BootArgs;
 use banger_agent_proto::client::AgentClient;
 use banger_api::{ProgressSink, Step};
 use banger_model::{ImageRecord, KernelRecord, VmBackend, VmRecord, VmState};
 use banger_storage::VmDisks;
+use banger_store::StoreError;
 use banger_vmm::{DiskFormat, DiskSpec, LaunchSpec, VmPaths, Vmm};
 use std::sync::Arc;
 use std::time::Instant;
@@ -289,12 +291,35 @@ fn boot_layout(
 /// [`boot_layout`].
 pub(crate) const WRITABLE_ROOT_WORK_DEVICE: &str = "/dev/vdb";
 
-/// Why a boot did not end with a ready VM.
-pub(crate) enum BootError {
-    /// The guest did not greet in time; the VM is kept for inspection.
+/// Why a boot (with its readiness wait) did not end with a ready VM: the
+/// outcome start and create share.
+#[derive(Debug, thiserror::Error)]
+pub enum BootError {
+    /// The guest did not greet, finish booting or answer ssh in time; the
+    /// VM is kept, in error, for inspection.
+    #[error("{0}")]
     NotReady(String),
-    /// Boot failed and everything the operation made was rolled back.
+    /// Boot failed and was rolled back.
+    #[error("{0:#}")]
     Failed(anyhow::Error),
+    /// Recording the VM's state after its boot failed.
+    #[error("{}", Chain(.0))]
+    Store(#[from] StoreError),
+    /// The VM's state after its boot could not be recorded (a refused
+    /// move, or the store failed).
+    #[error(transparent)]
+    State(#[from] crate::vm::StateError),
+}
+
+impl BootError {
+    /// What kind of failure this is.
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            BootError::NotReady(_) | BootError::Failed(_) => ErrorKind::Failed,
+            BootError::Store(e) => store_kind(e),
+            BootError::State(e) => e.kind(),
+        }
+    }
 }
 
 /// Rolls back every step so far and reports `cause` with any undo failures.

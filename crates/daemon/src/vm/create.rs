@@ -7,6 +7,7 @@ use crate::net::NetError;
 use crate::steps::{Steps, UndoSlot};
 use crate::vm::StateError;
 use crate::vm::admit::NewVm;
+use crate::vm::ready::{OnFailure, Readiness, Unready};
 use crate::vm::settings::ResourceError;
 use crate::warm::plan::{ColdReason, StartPlan};
 use crate::{Daemon, DaemonError, ErrorKind};
@@ -172,14 +173,11 @@ impl Daemon {
                     let why = format!("{:#}", e.cause);
                     if req.warm == WarmMode::Require {
                         let rollback_errors = steps.rollback().await;
-                        return Err(CreateError::WarmFailed(
-                            crate::steps::StepError {
-                                step: e.step,
-                                cause: anyhow!("--warm: warm start failed: {why}"),
-                                rollback_errors,
-                            }
-                            .into(),
-                        ));
+                        return Err(CreateError::WarmFailed(crate::steps::StepError {
+                            step: e.step,
+                            cause: anyhow!("--warm: warm start failed: {why}"),
+                            rollback_errors,
+                        }));
                     }
                     tracing::warn!(vm = %vm.name, template = %template.header.id, step = e.step, error = %why, "warm start failed; booting cold");
                     progress.phase(Step::Start, format!("cold (warm start failed: {why})"));
@@ -280,47 +278,26 @@ impl Daemon {
         } else {
             this.boot(ctx, &mut vm, &mut steps).await.map(|_| ())
         };
-        if booted.is_ok() && req.wait_boot.unwrap_or(self.config.wait_boot) {
-            booted = match this.wait_system(&vm, progress, &cancel).await {
-                crate::vm::SystemWait::Booted => Ok(()),
-                crate::vm::SystemWait::TimedOut(msg) => Err(BootError::NotReady(msg)),
-                crate::vm::SystemWait::Cancelled => {
+        if booted.is_ok() {
+            let want = Readiness {
+                system: req.wait_boot.unwrap_or(self.config.wait_boot),
+                sshd: req.wait_ssh,
+            };
+            booted = match this.wait_ready(&vm, want, progress, &cancel).await {
+                Ok(()) => Ok(()),
+                // The client went away: nothing of the VM is kept.
+                Err(Unready::Cancelled(why)) => {
                     this.set_agent(&id, None);
-                    Err(fail(&mut steps, anyhow!(this.cancel_reason())).await)
+                    Err(fail(&mut steps, anyhow!(why)).await)
                 }
+                Err(timed_out) => Err(timed_out.into_boot()),
             };
         }
-        if booted.is_ok() && req.wait_ssh {
-            booted = match this.wait_sshd(&vm, progress, &cancel).await {
-                crate::vm::SshWait::Up => Ok(()),
-                // Kept like a guest whose agent never greeted.
-                crate::vm::SshWait::TimedOut(msg) => Err(BootError::NotReady(format!(
-                    "{msg}; the VM is kept running for inspection: `banger vm logs {name}` shows its console, `banger vm delete {name}` removes it",
-                    name = vm.name
-                ))),
-                crate::vm::SshWait::Cancelled => {
-                    this.set_agent(&id, None);
-                    Err(fail(&mut steps, anyhow!(this.cancel_reason())).await)
-                }
-            };
+        this.finish_boot(&mut vm, steps, booted, OnFailure::RolledBack)?;
+        if let Err(e) = this.refresh_known_hosts() {
+            tracing::warn!(error = %format!("{e:#}"), "ssh files not updated");
         }
-        match booted {
-            Ok(()) => {
-                steps.commit();
-                if let Err(e) = this.refresh_known_hosts() {
-                    tracing::warn!(error = %format!("{e:#}"), "ssh files not updated");
-                }
-                Ok(vm)
-            }
-            Err(BootError::NotReady(msg)) => {
-                // Keep the VM for post-mortem: its console log says why.
-                steps.commit();
-                let pid = vm.pid;
-                this.set_state(&mut vm, VmState::Error, pid, Some(&msg))?;
-                Err(CreateError::NotReady(msg))
-            }
-            Err(BootError::Failed(e)) => Err(CreateError::Boot(e)),
-        }
+        Ok(vm)
     }
 
     /// Why an operation's cancellation token fired.
@@ -372,20 +349,17 @@ pub enum CreateError {
     #[error("--warm: {0}")]
     NoTemplate(String),
     /// `--warm` and the restore failed (rolled back).
-    #[error("{0:#}")]
-    WarmFailed(anyhow::Error),
+    #[error("{0}")]
+    WarmFailed(crate::steps::StepError),
     #[error(transparent)]
     NoBackend(#[from] NoBackend),
     /// The client went away or the daemon is shutting down.
     #[error("{0}")]
     Cancelled(&'static str),
-    /// The guest booted but was not ready in time; the VM is kept, in
-    /// error, for inspection.
-    #[error("{0}")]
-    NotReady(String),
-    /// Boot failed and everything was rolled back.
-    #[error("{0:#}")]
-    Boot(anyhow::Error),
+    /// The boot failed (everything rolled back) or the guest was not
+    /// ready in time (the VM is kept, in error, for inspection).
+    #[error(transparent)]
+    Boot(#[from] BootError),
     /// Making the VM's directory, disks or files failed (rolled back).
     #[error("{0:#}")]
     Failed(#[from] anyhow::Error),
@@ -413,13 +387,10 @@ impl CreateError {
                 ErrorKind::Conflict
             }
             E::NoImage(_) => ErrorKind::NotFound,
-            E::NoFreeName
-            | E::WarmFailed(_)
-            | E::NoBackend(_)
-            | E::Cancelled(_)
-            | E::NotReady(_)
-            | E::Boot(_)
-            | E::Failed(_) => ErrorKind::Failed,
+            E::NoFreeName | E::WarmFailed(_) | E::NoBackend(_) | E::Cancelled(_) | E::Failed(_) => {
+                ErrorKind::Failed
+            }
+            E::Boot(e) => e.kind(),
             E::Store(e) => store_kind(e),
             E::Net(e) => e.kind(),
             E::State(e) => e.kind(),

@@ -9,11 +9,13 @@
 //! before, at the first boot that may use it. Each boot then adds the
 //! daemon's own agent, so a VM always runs the agent of this banger.
 
-use crate::{Daemon, DaemonError};
+use crate::vm::AgentError;
+use crate::{Daemon, ErrorKind};
 use anyhow::{Context, anyhow};
+use banger_agent_proto::client::ClientError;
 use banger_api::{ProgressSink, VmBoot};
 use banger_image::initramfs::{Ext4Source, InitramfsError, MODULES_CPIO_FILE};
-use banger_model::{ImageRecord, InitramfsMode, KernelRecord, VmId, VmRecord};
+use banger_model::{ImageRecord, InitramfsMode, KernelRecord, VmId, VmName, VmRecord};
 use std::path::{Path, PathBuf};
 
 /// File name of a boot's initramfs in the VM's directory (removed once the
@@ -227,12 +229,15 @@ impl Daemon {
     }
 
     /// `GET /v1/vms/{vm}/boot`.
-    pub async fn vm_boot(&self, r: &str) -> Result<VmBoot, DaemonError> {
+    pub async fn vm_boot(&self, r: &str) -> Result<VmBoot, BootInfoError> {
         let (vm, agent) = self.running_agent(r)?;
         let report = agent
             .boot_status(false)
             .await
-            .map_err(|e| DaemonError::Failed(anyhow!("asking VM {}'s agent: {e}", vm.name)))?;
+            .map_err(|error| BootInfoError::Ask {
+                name: vm.name.clone(),
+                error,
+            })?;
         let facts = self.boot_facts(&vm.id);
         let ready = facts.map(|f| f.hello_ms);
         Ok(VmBoot {
@@ -248,5 +253,25 @@ impl Daemon {
             booting: report.system.is_booting(),
             system: report.system.describe().to_string(),
         })
+    }
+}
+
+/// Why `GET /v1/vms/{vm}/boot` did not answer.
+#[derive(Debug, thiserror::Error)]
+pub enum BootInfoError {
+    #[error(transparent)]
+    Agent(#[from] AgentError),
+    /// The agent did not answer.
+    #[error("asking VM {name}'s agent: {error}")]
+    Ask { name: VmName, error: ClientError },
+}
+
+impl BootInfoError {
+    /// What kind of failure this is.
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            BootInfoError::Agent(e) => e.kind(),
+            BootInfoError::Ask { .. } => ErrorKind::Failed,
+        }
     }
 }

@@ -4,6 +4,7 @@
 use crate::error::{Chain, NoBackend, store_kind};
 use crate::steps::Steps;
 use crate::vm::power::{Ask, PowerOff};
+use crate::vm::ready::{OnFailure, Readiness, Unready};
 use crate::vm::{BootCtx, BootError, BootPurpose, LookupError, StateError};
 use crate::{Daemon, ErrorKind};
 use banger_api::rules::{MAX_SIGNAL, MIN_SIGNAL};
@@ -54,42 +55,33 @@ impl Daemon {
             purpose: BootPurpose::Vm,
         };
         let mut booted = self.boot(ctx, vm, &mut steps).await.map(|_| ());
-        if booted.is_ok() && self.config.wait_boot {
-            booted = match self.wait_system(vm, &quiet, &cancel).await {
-                crate::vm::SystemWait::Booted => Ok(()),
-                crate::vm::SystemWait::TimedOut(m) => Err(BootError::NotReady(m)),
-                crate::vm::SystemWait::Cancelled => {
-                    Err(BootError::NotReady(self.cancel_reason().to_string()))
-                }
+        if booted.is_ok() {
+            let want = Readiness {
+                system: self.config.wait_boot,
+                sshd: false,
             };
+            booted = self
+                .wait_ready(vm, want, &quiet, &cancel)
+                .await
+                .map_err(|u| match u {
+                    // Only a daemon shutdown cancels a start: the VM is
+                    // kept, in error, as if it were not ready in time.
+                    Unready::Cancelled(why) => BootError::NotReady(why.to_string()),
+                    timed_out => timed_out.into_boot(),
+                });
         }
-        match booted {
-            Ok(()) => {
-                steps.commit();
-                // A VM restored from a template boots its own disks from
-                // now on: every later start is cold.
-                vm.start = banger_model::StartInfo::cold(None);
-                if let Err(e) = self.store.set_vm_start(&vm.id, &vm.start) {
-                    tracing::warn!(vm = %vm.name, error = %e, "start kind not recorded");
-                }
-                if let Err(e) = self.refresh_known_hosts() {
-                    tracing::warn!(error = %format!("{e:#}"), "ssh files not updated");
-                }
-                tracing::info!(vm = %vm.name, "started VM");
-                Ok(vm.clone())
-            }
-            Err(BootError::NotReady(msg)) => {
-                steps.commit();
-                let pid = vm.pid;
-                self.set_state(vm, VmState::Error, pid, Some(&msg))?;
-                Err(StartError::NotReady(msg))
-            }
-            Err(BootError::Failed(e)) => {
-                let msg = format!("{e:#}");
-                self.set_state(vm, VmState::Error, None, Some(&msg))?;
-                Err(StartError::Boot(e))
-            }
+        self.finish_boot(vm, steps, booted, OnFailure::KeepRecord)?;
+        // A VM restored from a template boots its own disks from now on:
+        // every later start is cold.
+        vm.start = banger_model::StartInfo::cold(None);
+        if let Err(e) = self.store.set_vm_start(&vm.id, &vm.start) {
+            tracing::warn!(vm = %vm.name, error = %e, "start kind not recorded");
         }
+        if let Err(e) = self.refresh_known_hosts() {
+            tracing::warn!(error = %format!("{e:#}"), "ssh files not updated");
+        }
+        tracing::info!(vm = %vm.name, "started VM");
+        Ok(vm.clone())
     }
 
     /// Powers the guest off (agent, else ACPI), and ends the VMM if it has
@@ -162,13 +154,10 @@ pub enum StartError {
     /// No VMM backend on this host.
     #[error(transparent)]
     NoBackend(#[from] NoBackend),
-    /// The guest booted but was not ready in time; the VM is kept, in
-    /// error, for inspection.
-    #[error("{0}")]
-    NotReady(String),
-    /// Boot failed and was rolled back; the VM is in error.
-    #[error("{0:#}")]
-    Boot(anyhow::Error),
+    /// The boot failed (rolled back) or the guest was not ready in time
+    /// (kept for inspection); either way the VM is in error.
+    #[error(transparent)]
+    Boot(#[from] BootError),
     /// Ending an errored VM's leftover VMM failed.
     #[error("{0:#}")]
     Failed(#[from] anyhow::Error),
@@ -188,10 +177,8 @@ impl StartError {
             StartError::Busy { .. } => ErrorKind::Conflict,
             StartError::Store(e) => store_kind(e),
             StartError::State(e) => e.kind(),
-            StartError::NoBackend(_)
-            | StartError::NotReady(_)
-            | StartError::Boot(_)
-            | StartError::Failed(_) => ErrorKind::Failed,
+            StartError::Boot(e) => e.kind(),
+            StartError::NoBackend(_) | StartError::Failed(_) => ErrorKind::Failed,
         }
     }
 }
@@ -295,12 +282,12 @@ mod tests {
             e.to_string(),
             "VM calm-otter is creating: wait for that to finish"
         );
-        let e = StartError::NotReady("the guest did not boot".into());
+        let e = StartError::from(BootError::NotReady("the guest did not boot".into()));
         assert_eq!(
             (e.kind(), e.to_string().as_str()),
             (ErrorKind::Failed, "the guest did not boot")
         );
-        let e = StartError::Boot(anyhow::anyhow!("disk").context("boot"));
+        let e = StartError::from(BootError::Failed(anyhow::anyhow!("disk").context("boot")));
         assert_eq!(e.to_string(), "boot: disk");
         let e = StopError::Creating { name: name() };
         assert_eq!(e.kind(), ErrorKind::Conflict);

@@ -23,15 +23,18 @@ pub(crate) mod registry;
 pub(crate) mod settings;
 mod state;
 
+pub use boot::BootError;
 pub(crate) use boot::{
-    BootCtx, BootError, BootPurpose, TEMPLATE_MAC, WRITABLE_ROOT_WORK_DEVICE, console_tail,
+    BootCtx, BootPurpose, TEMPLATE_MAC, WRITABLE_ROOT_WORK_DEVICE, console_tail,
 };
 pub use create::CreateError;
 pub use error::{AgentError, LookupError};
 pub(crate) use exit::cap_logs;
+pub use initramfs::BootInfoError;
 pub(crate) use initramfs::{BOOT_INITRD_FILE, BootFacts, BootInitrd};
 pub use lifecycle::{KillError, RestartError, StartError, StopError};
-pub(crate) use ready::{CONSOLE_LINES, SshWait, SystemWait, stopped_before_agent};
+pub use ready::WaitError;
+pub(crate) use ready::{CONSOLE_LINES, Readiness, Unready, stopped_before_agent};
 pub use settings::{ResourceError, SetError};
 pub use state::StateError;
 

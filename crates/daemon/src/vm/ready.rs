@@ -1,11 +1,18 @@
 //! Readiness beyond the agent: the guest's init finished booting, and
-//! its sshd (interactive sessions; `vm ssh` waits the same way).
+//! its sshd (interactive sessions; `vm ssh` waits the same way). One wait
+//! ([`Daemon::wait_ready`]) and one ending ([`Daemon::finish_boot`]) for
+//! every boot: start, create, the transient VMs of image and template
+//! builds.
 
-use crate::{Daemon, DaemonError};
+use crate::error::{Chain, store_kind};
+use crate::steps::Steps;
+use crate::vm::{AgentError, BootError};
+use crate::{Daemon, ErrorKind};
 use anyhow::anyhow;
 use banger_api::WaitFor;
 use banger_api::{ProgressSink, Step};
-use banger_model::{VmRecord, VmState};
+use banger_model::{VmName, VmRecord, VmState};
+use banger_store::StoreError;
 use banger_vmm::VmPaths;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -13,20 +20,51 @@ use std::time::{Duration, Instant};
 use tokio::io::AsyncReadExt;
 use tokio_util::sync::CancellationToken;
 
-/// How a wait for the guest's init ended.
-pub(crate) enum SystemWait {
-    Booted,
-    Cancelled,
-    TimedOut(String),
+/// What a boot waits for beyond its agent's greeting.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct Readiness {
+    /// The guest's init finished booting (`wait_boot`).
+    pub(crate) system: bool,
+    /// The guest's sshd greets (`--wait-ssh`).
+    pub(crate) sshd: bool,
 }
 
-/// How the wait for a guest's sshd ended.
-pub(crate) enum SshWait {
-    Up,
-    /// The client went away or the daemon is stopping.
-    Cancelled,
-    /// No ssh banner in time; the message says so (callers add what to do).
+impl Readiness {
+    /// The guest's init only (the transient VMs of image and template
+    /// builds: provisioning and sealing want a booted system).
+    pub(crate) const SYSTEM: Readiness = Readiness {
+        system: true,
+        sshd: false,
+    };
+}
+
+/// Why a running guest was not found ready.
+#[derive(Debug)]
+pub(crate) enum Unready {
+    /// Not in time, or its agent could not say; the message says which.
     TimedOut(String),
+    /// The client went away or the daemon is stopping: the reason.
+    Cancelled(&'static str),
+}
+
+impl Unready {
+    /// As a boot's outcome: a guest not ready in time is kept
+    /// ([`BootError::NotReady`]); a cancelled wait fails the boot.
+    pub(crate) fn into_boot(self) -> BootError {
+        match self {
+            Unready::TimedOut(m) => BootError::NotReady(m),
+            Unready::Cancelled(why) => BootError::Failed(anyhow!(why)),
+        }
+    }
+}
+
+/// What a failed boot leaves of its VM's record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum OnFailure {
+    /// The record stays, in error (start: the VM existed before).
+    KeepRecord,
+    /// The rollback removed the record with everything else (create).
+    RolledBack,
 }
 
 /// Where the daemon reaches a VM's sshd.
@@ -67,12 +105,12 @@ impl Daemon {
         vm: &VmRecord,
         progress: &ProgressSink,
         cancel: &CancellationToken,
-    ) -> SshWait {
+    ) -> Result<(), Unready> {
         let Some(addr) = ssh_target(vm) else {
-            return SshWait::TimedOut(format!(
+            return Err(Unready::TimedOut(format!(
                 "VM {} has no network address to reach its sshd",
                 vm.name
-            ));
+            )));
         };
         let started = Instant::now();
         let mut waited = false;
@@ -84,14 +122,14 @@ impl Daemon {
                         format!("sshd is up (after {} ms)", started.elapsed().as_millis()),
                     );
                 }
-                return SshWait::Up;
+                return Ok(());
             }
             if started.elapsed() >= self.ready_timeout() {
-                return SshWait::TimedOut(format!(
+                return Err(Unready::TimedOut(format!(
                     "VM {}'s sshd did not answer on {addr} within {}s (ready_timeout_secs)",
                     vm.name,
                     self.ready_timeout().as_secs(),
-                ));
+                )));
             }
             if !waited {
                 waited = true;
@@ -106,7 +144,7 @@ impl Daemon {
             }
             tokio::select! {
                 _ = tokio::time::sleep(Duration::from_millis(500)) => {}
-                _ = cancel.cancelled() => return SshWait::Cancelled,
+                _ = cancel.cancelled() => return Err(Unready::Cancelled(self.cancel_reason())),
             }
         }
     }
@@ -118,9 +156,12 @@ impl Daemon {
         vm: &VmRecord,
         progress: &ProgressSink,
         cancel: &CancellationToken,
-    ) -> SystemWait {
+    ) -> Result<(), Unready> {
         let Some(agent) = self.agent(&vm.id) else {
-            return SystemWait::TimedOut(format!("VM {} has no agent connection", vm.name));
+            return Err(Unready::TimedOut(format!(
+                "VM {} has no agent connection",
+                vm.name
+            )));
         };
         progress.phase(
             Step::System,
@@ -130,7 +171,7 @@ impl Daemon {
         let timeout = self.ready_timeout();
         let report = tokio::select! {
             r = tokio::time::timeout(timeout, agent.boot_status(true)) => r,
-            _ = cancel.cancelled() => return SystemWait::Cancelled,
+            _ = cancel.cancelled() => return Err(Unready::Cancelled(self.cancel_reason())),
         };
         match report {
             Ok(Ok(r)) => {
@@ -142,17 +183,80 @@ impl Daemon {
                         started.elapsed().as_millis()
                     ),
                 );
-                SystemWait::Booted
+                Ok(())
             }
-            Ok(Err(e)) => SystemWait::TimedOut(format!(
+            Ok(Err(e)) => Err(Unready::TimedOut(format!(
                 "VM {}'s agent could not say how its boot went: {e}",
                 vm.name
-            )),
-            Err(_) => SystemWait::TimedOut(format!(
+            ))),
+            Err(_) => Err(Unready::TimedOut(format!(
                 "VM {name}'s init did not finish booting within {}s (ready_timeout_secs); the VM is kept running for inspection: `banger vm logs {name}` shows its console, `banger vm delete {name}` removes it",
                 timeout.as_secs(),
                 name = vm.name
-            )),
+            ))),
+        }
+    }
+
+    /// The readiness wait of a boot, after its agent greeted: the guest's
+    /// init (`want.system`), then its sshd (`want.sshd`), each for at most
+    /// the ready timeout. A timeout keeps the VM running, and every
+    /// message says so.
+    pub(crate) async fn wait_ready(
+        &self,
+        vm: &VmRecord,
+        want: Readiness,
+        progress: &ProgressSink,
+        cancel: &CancellationToken,
+    ) -> Result<(), Unready> {
+        if want.system {
+            self.wait_system(vm, progress, cancel).await?;
+        }
+        if want.sshd {
+            self.wait_sshd(vm, progress, cancel)
+                .await
+                .map_err(|u| match u {
+                    // Kept like a guest whose agent never greeted.
+                    Unready::TimedOut(msg) => Unready::TimedOut(format!(
+                        "{msg}; the VM is kept running for inspection: `banger vm logs {name}` shows its console, `banger vm delete {name}` removes it",
+                        name = vm.name
+                    )),
+                    cancelled => cancelled,
+                })?;
+        }
+        Ok(())
+    }
+
+    /// Ends a boot (with its readiness wait) whose steps ran in `steps`:
+    /// a ready VM commits them; a VM not ready in time commits them too
+    /// (it is kept for post-mortem: its console log says why) and is
+    /// recorded in error; a failed boot (rolled back by then) is recorded
+    /// in error if its record is kept.
+    pub(crate) fn finish_boot(
+        &self,
+        vm: &mut VmRecord,
+        steps: Steps<'_>,
+        outcome: Result<(), BootError>,
+        on_failure: OnFailure,
+    ) -> Result<(), BootError> {
+        match outcome {
+            Ok(()) => {
+                steps.commit();
+                Ok(())
+            }
+            Err(BootError::NotReady(msg)) => {
+                steps.commit();
+                let pid = vm.pid;
+                self.set_state(vm, VmState::Error, pid, Some(&msg))?;
+                Err(BootError::NotReady(msg))
+            }
+            Err(BootError::Failed(e)) => {
+                if on_failure == OnFailure::KeepRecord {
+                    let msg = format!("{e:#}");
+                    self.set_state(vm, VmState::Error, None, Some(&msg))?;
+                }
+                Err(BootError::Failed(e))
+            }
+            Err(e @ (BootError::Store(_) | BootError::State(_))) => Err(e),
         }
     }
 
@@ -166,38 +270,68 @@ impl Daemon {
         until: WaitFor,
         progress: &ProgressSink,
         cancel: &CancellationToken,
-    ) -> Result<VmRecord, DaemonError> {
+    ) -> Result<VmRecord, WaitError> {
         let (vm, _) = self.running_agent(r)?;
-        let hint = |m: String| {
-            DaemonError::Failed(anyhow!(
-                "{m}: `banger vm logs {}` shows its console",
-                vm.name
-            ))
+        let waited = match until {
+            WaitFor::Sshd => self.wait_sshd(&vm, progress, cancel).await,
+            WaitFor::System => self.wait_system(&vm, progress, cancel).await,
         };
-        match until {
-            WaitFor::Sshd => match self.wait_sshd(&vm, progress, cancel).await {
-                crate::vm::SshWait::Up => {}
-                crate::vm::SshWait::Cancelled => {
-                    return Err(DaemonError::Failed(anyhow!(self.cancel_reason())));
-                }
-                crate::vm::SshWait::TimedOut(m) => return Err(hint(m)),
-            },
-            WaitFor::System => match self.wait_system(&vm, progress, cancel).await {
-                SystemWait::Booted => {}
-                SystemWait::Cancelled => {
-                    return Err(DaemonError::Failed(anyhow!(self.cancel_reason())));
-                }
-                SystemWait::TimedOut(m) => return Err(DaemonError::Failed(anyhow!(m))),
-            },
+        match waited {
+            Ok(()) => {}
+            Err(Unready::Cancelled(why)) => return Err(WaitError::Cancelled(why)),
+            Err(Unready::TimedOut(message)) => {
+                return Err(match until {
+                    WaitFor::Sshd => WaitError::Sshd {
+                        message,
+                        name: vm.name,
+                    },
+                    WaitFor::System => WaitError::System(message),
+                });
+            }
         }
         let vm = self.store.get_vm(&vm.id)?;
         if vm.state != VmState::Running {
-            return Err(DaemonError::Conflict(format!(
-                "VM {} is {} now",
-                vm.name, vm.state
-            )));
+            return Err(WaitError::NotRunning {
+                name: vm.name,
+                state: vm.state,
+            });
         }
         Ok(vm)
+    }
+}
+
+/// Why `POST /v1/vms/{vm}/wait` did not see the VM ready.
+#[derive(Debug, thiserror::Error)]
+pub enum WaitError {
+    #[error(transparent)]
+    Agent(#[from] AgentError),
+    /// Its sshd did not answer in time.
+    #[error("{message}: `banger vm logs {name}` shows its console")]
+    Sshd { message: String, name: VmName },
+    /// Its init did not finish booting in time (or its agent could not say).
+    #[error("{0}")]
+    System(String),
+    /// The client went away or the daemon is stopping.
+    #[error("{0}")]
+    Cancelled(&'static str),
+    /// The VM stopped while it was waited for.
+    #[error("VM {name} is {state} now")]
+    NotRunning { name: VmName, state: VmState },
+    #[error("{}", Chain(.0))]
+    Store(#[from] StoreError),
+}
+
+impl WaitError {
+    /// What kind of failure this is.
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            WaitError::Agent(e) => e.kind(),
+            WaitError::Sshd { .. } | WaitError::System(_) | WaitError::Cancelled(_) => {
+                ErrorKind::Failed
+            }
+            WaitError::NotRunning { .. } => ErrorKind::Conflict,
+            WaitError::Store(e) => store_kind(e),
+        }
     }
 }
 
@@ -308,7 +442,7 @@ mod tests {
         let r = d
             .wait_sshd(&vm(port), &progress, &CancellationToken::new())
             .await;
-        assert!(matches!(r, SshWait::Up));
+        assert!(r.is_ok(), "{r:?}");
         let notes = notes.lock().expect("lock").clone();
         assert_eq!(notes.len(), 2, "{notes:?}");
         assert_eq!(notes[0].0, "sshd");
@@ -333,7 +467,7 @@ mod tests {
         let r = d
             .wait_sshd(&vm(port), &progress, &CancellationToken::new())
             .await;
-        assert!(matches!(r, SshWait::Up));
+        assert!(r.is_ok(), "{r:?}");
         assert_eq!(*notes.lock().expect("lock"), 0);
 
         let (port, _never) = fake_sshd().await;
@@ -345,9 +479,135 @@ mod tests {
             )
             .await
         {
-            SshWait::TimedOut(m) => assert!(m.contains("within 1s (ready_timeout_secs)"), "{m}"),
+            Err(Unready::TimedOut(m)) => {
+                assert!(m.contains("within 1s (ready_timeout_secs)"), "{m}")
+            }
             _ => panic!("expected a timeout"),
         }
+    }
+
+    #[tokio::test]
+    async fn a_boot_kept_for_sshd_says_so_and_a_cancel_gives_the_reason() {
+        let t = tempfile::tempdir().expect("tmp");
+        let d = daemon(&t, 1);
+        let (port, _never) = fake_sshd().await;
+        let want = Readiness {
+            system: false,
+            sshd: true,
+        };
+        let quiet = ProgressSink::discard();
+        let r = d
+            .wait_ready(&vm(port), want, &quiet, &CancellationToken::new())
+            .await;
+        let Err(Unready::TimedOut(m)) = r else {
+            panic!("expected a timeout: {r:?}");
+        };
+        assert!(
+            m.ends_with("within 1s (ready_timeout_secs); the VM is kept running for inspection: `banger vm logs calm-otter` shows its console, `banger vm delete calm-otter` removes it"),
+            "{m}"
+        );
+        assert!(matches!(
+            Unready::TimedOut(m).into_boot(),
+            BootError::NotReady(_)
+        ));
+        let cancel = CancellationToken::new();
+        cancel.cancel();
+        let r = d.wait_ready(&vm(port), want, &quiet, &cancel).await;
+        let e = r.expect_err("cancelled").into_boot();
+        assert!(matches!(e, BootError::Failed(_)), "{e:?}");
+        assert_eq!(e.to_string(), "cancelled: the client went away");
+        // Nothing asked: ready at once, even without an agent or address.
+        let mut no_net = vm(port);
+        no_net.ssh_port = None;
+        let r = d
+            .wait_ready(&no_net, Readiness::default(), &quiet, &cancel)
+            .await;
+        assert!(r.is_ok(), "{r:?}");
+        // The guest's init without an agent connection: not ready, kept.
+        let r = d
+            .wait_ready(
+                &no_net,
+                Readiness::SYSTEM,
+                &quiet,
+                &CancellationToken::new(),
+            )
+            .await;
+        let e = r.expect_err("no agent").into_boot();
+        assert_eq!(e.to_string(), "VM calm-otter has no agent connection");
+    }
+
+    #[test]
+    fn finishing_a_boot_records_what_each_outcome_keeps() {
+        let t = tempfile::tempdir().expect("tmp");
+        let d = crate::vm::tests::daemon(&t);
+        let quiet = ProgressSink::discard();
+        let state = |vm: &VmRecord| d.store.get_vm(&vm.id).expect("vm");
+
+        let mut vm = crate::vm::tests::record(&d, "calm-otter", VmState::Starting);
+        let e = d
+            .finish_boot(
+                &mut vm,
+                Steps::new(&quiet),
+                Err(BootError::NotReady("slow guest".into())),
+                OnFailure::RolledBack,
+            )
+            .expect_err("not ready");
+        assert_eq!(
+            (e.kind(), e.to_string().as_str()),
+            (ErrorKind::Failed, "slow guest")
+        );
+        let stored = state(&vm);
+        assert_eq!(stored.state, VmState::Error);
+        assert_eq!(stored.last_error.as_deref(), Some("slow guest"));
+
+        let mut vm = crate::vm::tests::record(&d, "brave-heron", VmState::Starting);
+        let failed = || Err(BootError::Failed(anyhow!("disk").context("boot")));
+        d.finish_boot(&mut vm, Steps::new(&quiet), failed(), OnFailure::RolledBack)
+            .expect_err("failed");
+        assert_eq!(
+            state(&vm).state,
+            VmState::Starting,
+            "a rolled-back create records nothing"
+        );
+        let e = d
+            .finish_boot(&mut vm, Steps::new(&quiet), failed(), OnFailure::KeepRecord)
+            .expect_err("failed");
+        assert_eq!(e.to_string(), "boot: disk");
+        let stored = state(&vm);
+        assert_eq!(stored.state, VmState::Error);
+        assert_eq!(stored.last_error.as_deref(), Some("boot: disk"));
+
+        let mut vm = crate::vm::tests::record(&d, "quiet-lynx", VmState::Starting);
+        d.finish_boot(&mut vm, Steps::new(&quiet), Ok(()), OnFailure::KeepRecord)
+            .expect("ready");
+        assert_eq!(
+            state(&vm).state,
+            VmState::Starting,
+            "a ready VM's state is its boot's"
+        );
+    }
+
+    #[test]
+    fn wait_errors_keep_todays_messages() {
+        let e = WaitError::Sshd {
+            message: "VM calm-otter's sshd did not answer".into(),
+            name: VmName::parse("calm-otter").expect("name"),
+        };
+        assert_eq!(
+            (e.kind(), e.to_string().as_str()),
+            (
+                ErrorKind::Failed,
+                "VM calm-otter's sshd did not answer: `banger vm logs calm-otter` shows its console"
+            )
+        );
+        let e = WaitError::NotRunning {
+            name: VmName::parse("calm-otter").expect("name"),
+            state: VmState::Stopped,
+        };
+        assert_eq!(
+            (e.kind(), e.to_string().as_str()),
+            (ErrorKind::Conflict, "VM calm-otter is stopped now")
+        );
     }
 
     #[test]

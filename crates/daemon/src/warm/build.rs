@@ -3,11 +3,12 @@
 //! in it, settles, is sealed by its agent and snapshotted; its memory,
 //! state and disks move into `templates/<id>/` with a header.
 
+use super::TemplateError;
 use super::header::{self, FileEntry, Header, MEMORY_FILE, VMSTATE_FILE};
 use super::key::{KeyInput, key_id};
+use crate::Daemon;
 use crate::vm::{BOOT_INITRD_FILE, BootInitrd};
-use crate::vm::{BootCtx, BootError, BootPurpose, TEMPLATE_MAC, now_rfc3339};
-use crate::{Daemon, DaemonError};
+use crate::vm::{BootCtx, BootError, BootPurpose, Readiness, TEMPLATE_MAC, Unready, now_rfc3339};
 use anyhow::{Context, anyhow};
 use banger_api::{ProgressSink, Step};
 use banger_config::{HostResources, apply_flags, effective_defaults};
@@ -60,15 +61,16 @@ impl Daemon {
         shape: TemplateShape,
         progress: &ProgressSink,
         cancel: &CancellationToken,
-    ) -> Result<TemplateRecord, DaemonError> {
-        let backend_id = self.warm_backend().await.map_err(|why| {
-            DaemonError::Conflict(format!("this host cannot make templates: {why}"))
-        })?;
+    ) -> Result<TemplateRecord, TemplateError> {
+        let backend_id = self
+            .warm_backend()
+            .await
+            .map_err(TemplateError::Unsupported)?;
         let image = self.ensure_image(image_name, progress, cancel).await?;
         progress.phase(Step::Wait, "waiting for other template builds");
         let _one = tokio::select! {
             g = self.template_build.lock() => g,
-            _ = cancel.cancelled() => return Err(DaemonError::Failed(anyhow!(self.cancel_reason()))),
+            _ = cancel.cancelled() => return Err(TemplateError::Cancelled(self.cancel_reason())),
         };
         let kernel = self.store.get_kernel(&image.kernel)?;
         let looked =
@@ -127,12 +129,12 @@ impl Daemon {
         name: &str,
         image: &str,
         shape: TemplateShape,
-    ) -> Result<VmRecord, DaemonError> {
+    ) -> Result<VmRecord, TemplateError> {
         let defaults = effective_defaults(&self.config.vm_defaults, &HostResources::detect());
         let mut spec = apply_flags(defaults, None, None, None);
         spec.vcpu = SpecValue::new(shape.vcpu, Provenance::Flag);
         spec.memory_mib = SpecValue::new(shape.memory_mib, Provenance::Flag);
-        self.record_transient_vm(name, image, spec, false).await
+        Ok(self.record_transient_vm(name, image, spec, false).await?)
     }
 
     /// Disks, boot, settle, seal, snapshot and save of the transient VM.
@@ -144,10 +146,10 @@ impl Daemon {
         started: Instant,
         progress: &ProgressSink,
         cancel: &CancellationToken,
-    ) -> Result<TemplateRecord, DaemonError> {
+    ) -> Result<TemplateRecord, TemplateError> {
         let guard = self.lock_vm_id(&vm.id).await?;
         let mut vm = guard.vm.clone();
-        let vmm = self.vmm()?.clone();
+        let vmm = self.backend_vmm()?.clone();
         let kernel = self.store.get_kernel(&image.kernel)?;
         let disks = VmDisks::in_dir(&vm.dir);
         let disk_bytes = vm.spec.disk_bytes.value;
@@ -176,27 +178,25 @@ impl Daemon {
             writable_root: None,
             purpose: BootPurpose::Template,
         };
+        // Whatever happens, the transient VM is deleted after the build:
+        // a guest not ready is kept only until then.
         let spec = match self.boot(ctx, &mut vm, &mut steps).await {
             Ok(spec) => spec,
             Err(BootError::NotReady(m)) => {
                 steps.commit();
-                return Err(DaemonError::Failed(anyhow!(
-                    "the template's guest did not come up: {m}"
-                )));
+                return Err(TemplateError::NotUp(m));
             }
-            Err(BootError::Failed(e)) => return Err(DaemonError::Failed(e)),
+            Err(e) => return Err(e.into()),
         };
         steps.commit();
-        match self.wait_system(&vm, progress, cancel).await {
-            crate::vm::SystemWait::Booted => {}
-            crate::vm::SystemWait::TimedOut(m) => {
-                return Err(DaemonError::Failed(anyhow!(
-                    "the template's guest did not finish booting: {m}"
-                )));
-            }
-            crate::vm::SystemWait::Cancelled => {
-                return Err(DaemonError::Failed(anyhow!(self.cancel_reason())));
-            }
+        // Sealing wants a booted system.
+        match self
+            .wait_ready(&vm, Readiness::SYSTEM, progress, cancel)
+            .await
+        {
+            Ok(()) => {}
+            Err(Unready::TimedOut(m)) => return Err(TemplateError::NotBooted(m)),
+            Err(Unready::Cancelled(why)) => return Err(TemplateError::Cancelled(why)),
         }
         tokio::time::sleep(SETTLE).await;
         let agent = self
@@ -228,9 +228,7 @@ impl Daemon {
         );
         if let Err(e) = vmm.snapshot(&vm.dir, pid, &snap).await {
             let _ = vmm.terminate(&vm.dir, pid).await;
-            return Err(DaemonError::Failed(
-                anyhow::Error::from(e).context("saving the template"),
-            ));
+            return Err(anyhow::Error::from(e).context("saving the template").into());
         }
         // The guest is gone for good; the exit watcher records it stopped.
         self.set_agent(&vm.id, None);
@@ -316,7 +314,7 @@ impl Daemon {
             Ok(x) => x,
             Err(e) => {
                 let _ = std::fs::remove_dir_all(&partial);
-                return Err(DaemonError::Failed(e));
+                return Err(e.into());
             }
         };
         let record = TemplateRecord {

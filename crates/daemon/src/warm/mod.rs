@@ -8,12 +8,15 @@
 //! - [`restore`]: a create that restores one, falling back to a cold boot.
 
 pub(crate) mod build;
+mod error;
 pub(crate) mod header;
 pub(crate) mod key;
 pub(crate) mod plan;
 pub(crate) mod restore;
 
-use crate::{Daemon, DaemonError};
+pub use error::TemplateError;
+
+use crate::Daemon;
 use banger_model::{
     ImageRecord, InitramfsMode, KernelRecord, NicKind, TemplateKey, TemplateRecord, TemplateShape,
     TemplateState,
@@ -310,13 +313,13 @@ impl Daemon {
     }
 
     /// `GET /v1/images/{image}/templates`.
-    pub fn list_templates(&self, image: &str) -> Result<Vec<TemplateRecord>, DaemonError> {
+    pub fn list_templates(&self, image: &str) -> Result<Vec<TemplateRecord>, TemplateError> {
         self.store.get_image(image)?;
         Ok(self.store.list_templates(Some(image))?)
     }
 
     /// `DELETE /v1/images/{image}/templates`: waits for a build in progress.
-    pub async fn drop_templates(&self, image: &str) -> Result<Vec<TemplateRecord>, DaemonError> {
+    pub async fn drop_templates(&self, image: &str) -> Result<Vec<TemplateRecord>, TemplateError> {
         self.store.get_image(image)?;
         let _build = self.template_build.lock().await;
         Ok(self.remove_image_templates(image))

@@ -27,14 +27,33 @@ use tokio_util::sync::CancellationToken;
 /// so this is about reconnecting, not booting.
 const AGENT_TIMEOUT: Duration = Duration::from_secs(60);
 
-/// Which step of a warm start failed, so the caller knows whether the
-/// template itself is to blame.
-pub(crate) struct WarmError {
+/// Why a warm start failed: the step, so the caller knows whether the
+/// template itself is to blame, and its cause.
+#[derive(Debug, thiserror::Error)]
+#[error("{cause:#}")]
+pub(crate) struct RestoreError {
     pub(crate) step: &'static str,
     pub(crate) cause: anyhow::Error,
 }
 
-impl WarmError {
+/// Why the restored guest's agent was not reached, or was refused.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum AgentRestoreError {
+    #[error("the restored guest's agent channel did not open within {}s", AGENT_TIMEOUT.as_secs())]
+    ChannelTimeout,
+    #[error("the VMM exited right after the restore; see `banger vm logs {name}`")]
+    VmmExited { name: String },
+    #[error("the restored guest's agent did not greet within {}s", AGENT_TIMEOUT.as_secs())]
+    GreetTimeout,
+    /// A guest that was not sealed would keep the template's identity.
+    #[error("the template's agent was not sealed: refusing a guest with another VM's identity")]
+    NotSealed,
+    /// The client went away or the daemon is shutting down.
+    #[error("{0}")]
+    Cancelled(&'static str),
+}
+
+impl RestoreError {
     /// Failures of the snapshot load or of the restored guest point at
     /// the template; a full disk or a missing TAP do not.
     pub(crate) fn blames_template(&self) -> bool {
@@ -114,7 +133,7 @@ impl Daemon {
         steps: &mut Steps<'a>,
         progress: &'a ProgressSink,
         cancel: &CancellationToken,
-    ) -> Result<StartInfo, WarmError> {
+    ) -> Result<StartInfo, RestoreError> {
         // Its own runner: a failed step rolls back the warm attempt only,
         // never the create's directory and record.
         let mut warm = Steps::new(progress);
@@ -146,10 +165,13 @@ impl Daemon {
         steps: &mut Steps<'_>,
         progress: &ProgressSink,
         cancel: &CancellationToken,
-    ) -> Result<StartInfo, WarmError> {
-        let fail = |step: &'static str| move |e: anyhow::Error| WarmError { step, cause: e };
+    ) -> Result<StartInfo, RestoreError> {
+        let fail = |step: &'static str| move |e: anyhow::Error| RestoreError { step, cause: e };
         let started = Instant::now();
-        let vmm = self.vmm().map_err(|e| fail("restore")(e.into()))?.clone();
+        let vmm = self
+            .backend_vmm()
+            .map_err(|e| fail("restore")(e.into()))?
+            .clone();
         let h = &template.header;
         let disks = VmDisks::in_dir(&vm.dir);
 
@@ -311,10 +333,10 @@ impl Daemon {
                 });
                 let stream = tokio::select! {
                     r = tokio::time::timeout(AGENT_TIMEOUT, endpoint.open()) => r
-                        .map_err(|_| anyhow!("the restored guest's agent channel did not open within {}s", AGENT_TIMEOUT.as_secs()))?
+                        .map_err(|_| AgentRestoreError::ChannelTimeout)?
                         .context("connecting to the agent channel")?,
-                    _ = exited_ref => return Err(anyhow!("the VMM exited right after the restore; see `banger vm logs {name}`")),
-                    _ = cancel.cancelled() => return Err(anyhow!(this.cancel_reason())),
+                    _ = exited_ref => return Err(AgentRestoreError::VmmExited { name }.into()),
+                    _ = cancel.cancelled() => return Err(AgentRestoreError::Cancelled(this.cancel_reason()).into()),
                 };
                 let agent = AgentClient::spawn(stream);
                 // The guest may be mid-stream (virtio-serial) or reconnecting
@@ -322,12 +344,12 @@ impl Daemon {
                 let _ = agent.ping();
                 let hello = tokio::select! {
                     r = tokio::time::timeout(AGENT_TIMEOUT, agent.wait_hello()) => r
-                        .map_err(|_| anyhow!("the restored guest's agent did not greet within {}s", AGENT_TIMEOUT.as_secs()))?
+                        .map_err(|_| AgentRestoreError::GreetTimeout)?
                         .context("the restored guest's agent")?,
-                    _ = cancel.cancelled() => return Err(anyhow!(this.cancel_reason())),
+                    _ = cancel.cancelled() => return Err(AgentRestoreError::Cancelled(this.cancel_reason()).into()),
                 };
                 if !hello.sealed {
-                    return Err(anyhow!("the template's agent was not sealed: refusing a guest with another VM's identity"));
+                    return Err(AgentRestoreError::NotSealed.into());
                 }
                 this.set_agent(&id, Some(agent.clone()));
                 Ok(agent)
@@ -561,6 +583,44 @@ mod tests {
     use super::*;
 
     use crate::vm::TEMPLATE_MAC;
+
+    #[test]
+    fn agent_refusals_keep_todays_messages() {
+        let timeout = AGENT_TIMEOUT.as_secs();
+        let cases = [
+            (
+                AgentRestoreError::ChannelTimeout,
+                format!("the restored guest's agent channel did not open within {timeout}s"),
+            ),
+            (
+                AgentRestoreError::GreetTimeout,
+                format!("the restored guest's agent did not greet within {timeout}s"),
+            ),
+            (
+                AgentRestoreError::VmmExited {
+                    name: "calm-otter".into(),
+                },
+                "the VMM exited right after the restore; see `banger vm logs calm-otter`".into(),
+            ),
+            (
+                AgentRestoreError::NotSealed,
+                "the template's agent was not sealed: refusing a guest with another VM's identity"
+                    .into(),
+            ),
+        ];
+        for (e, want) in cases {
+            assert_eq!(e.to_string(), want);
+        }
+        let e = RestoreError {
+            step: "agent",
+            cause: anyhow::Error::from(AgentRestoreError::NotSealed).context("reconnecting"),
+        };
+        assert!(e.blames_template());
+        assert_eq!(
+            e.to_string(),
+            "reconnecting: the template's agent was not sealed: refusing a guest with another VM's identity"
+        );
+    }
 
     #[test]
     fn the_restore_is_noted_after_what_the_vmm_wrote() {

@@ -290,13 +290,10 @@ impl Daemon {
         let booted = match self.boot(ctx, &mut vm, &mut steps).await.map(|_| ()) {
             // Provisioning (apt, dpkg's service restarts) runs against a
             // fully booted system, as it would on a host.
-            Ok(()) => match self.wait_system(&vm, progress, cancel).await {
-                crate::vm::SystemWait::Booted => Ok(()),
-                crate::vm::SystemWait::TimedOut(m) => Err(BootError::NotReady(m)),
-                crate::vm::SystemWait::Cancelled => {
-                    Err(BootError::Failed(anyhow!(self.cancel_reason())))
-                }
-            },
+            Ok(()) => self
+                .wait_ready(&vm, crate::vm::Readiness::SYSTEM, progress, cancel)
+                .await
+                .map_err(crate::vm::Unready::into_boot),
             Err(e) => Err(e),
         };
         match booted {
@@ -311,7 +308,7 @@ impl Daemon {
                     "the transient VM did not come up; last console lines:\n{tail}"
                 )));
             }
-            Err(BootError::Failed(e)) => return Err(DaemonError::Failed(e)),
+            Err(e) => return Err(e.into()),
         }
         let agent = self
             .agent(&vm.id)

@@ -1,0 +1,103 @@
+//! Why a template was not made, listed or dropped ([`TemplateError`]).
+
+use crate::error::{Chain, NoBackend, store_kind};
+use crate::vm::{BootError, LookupError};
+use crate::{DaemonError, ErrorKind};
+use banger_store::StoreError;
+
+/// Why a template build (or a template list or drop) failed.
+#[derive(Debug, thiserror::Error)]
+pub enum TemplateError {
+    /// The VMM cannot snapshot and restore here, for this reason.
+    #[error("this host cannot make templates: {0}")]
+    Unsupported(String),
+    /// The client went away or the daemon is shutting down.
+    #[error("{0}")]
+    Cancelled(&'static str),
+    /// The template's guest did not greet in time.
+    #[error("the template's guest did not come up: {0}")]
+    NotUp(String),
+    /// The template's guest greeted but its init did not finish booting.
+    #[error("the template's guest did not finish booting: {0}")]
+    NotBooted(String),
+    /// The transient VM's boot failed (rolled back).
+    #[error(transparent)]
+    Boot(#[from] BootError),
+    /// The transient VM is gone (deleted while the build held it).
+    #[error(transparent)]
+    Lookup(#[from] LookupError),
+    #[error(transparent)]
+    NoBackend(#[from] NoBackend),
+    /// Disks, seal, snapshot or save failed.
+    #[error("{0:#}")]
+    Failed(#[from] anyhow::Error),
+    #[error("{}", Chain(.0))]
+    Store(#[from] StoreError),
+    /// The image (its lookup or pull) and the transient VM's record and
+    /// removal, whose errors are not typed yet: their own kind and message.
+    #[error(transparent)]
+    Other(Box<DaemonError>),
+}
+
+impl TemplateError {
+    /// What kind of failure this is.
+    pub fn kind(&self) -> ErrorKind {
+        use TemplateError as E;
+        match self {
+            E::Unsupported(_) => ErrorKind::Conflict,
+            E::Cancelled(_) | E::NotUp(_) | E::NotBooted(_) | E::NoBackend(_) | E::Failed(_) => {
+                ErrorKind::Failed
+            }
+            E::Boot(e) => e.kind(),
+            E::Lookup(e) => e.kind(),
+            E::Store(e) => store_kind(e),
+            E::Other(e) => e.kind(),
+        }
+    }
+}
+
+impl From<DaemonError> for TemplateError {
+    fn from(e: DaemonError) -> Self {
+        TemplateError::Other(Box::new(e))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn messages_and_kinds_are_todays() {
+        let e = TemplateError::Unsupported("QEMU 7 cannot restore".into());
+        assert_eq!(
+            (e.kind(), e.to_string().as_str()),
+            (
+                ErrorKind::Conflict,
+                "this host cannot make templates: QEMU 7 cannot restore"
+            )
+        );
+        let e = TemplateError::NotUp("VM x's agent did not connect".into());
+        assert_eq!(
+            (e.kind(), e.to_string().as_str()),
+            (
+                ErrorKind::Failed,
+                "the template's guest did not come up: VM x's agent did not connect"
+            )
+        );
+        let e = TemplateError::NotBooted("late".into());
+        assert_eq!(
+            e.to_string(),
+            "the template's guest did not finish booting: late"
+        );
+        let e = TemplateError::from(anyhow::anyhow!("disk full").context("saving the template"));
+        assert_eq!(e.to_string(), "saving the template: disk full");
+        let e = TemplateError::from(StoreError::NotFound("image nope".into()));
+        assert_eq!(e.kind(), ErrorKind::NotFound);
+        // An untyped part's error keeps its kind through the edge type.
+        let e = DaemonError::from(TemplateError::from(DaemonError::Conflict("busy".into())));
+        assert_eq!(
+            (e.kind(), e.to_string().as_str()),
+            (ErrorKind::Conflict, "busy")
+        );
+    }
+}
