@@ -95,7 +95,7 @@ async fn delete_vm(
     State(d): State<Shared>,
     Path(vm): Path<String>,
 ) -> Result<Json<VmRecord>, DaemonError> {
-    d.delete_vm(&vm).await.map(Json)
+    Ok(Json(d.delete_vm(&vm).await?))
 }
 
 /// Changes vcpu, memory, disk size (grow only) or NAT of a stopped VM.

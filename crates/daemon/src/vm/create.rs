@@ -390,8 +390,14 @@ pub enum CreateError {
     Failed(#[from] anyhow::Error),
     #[error("{}", Chain(.0))]
     Store(#[from] StoreError),
-    /// The image (its name, its pull) or the address allocation, whose
-    /// errors are not typed yet: their own kind and message.
+    /// The image name breaks its rule.
+    #[error(transparent)]
+    ImageName(#[from] crate::images::NameError),
+    /// The image is missing, or making the default image failed.
+    #[error(transparent)]
+    Image(#[from] crate::images::EnsureError),
+    /// The address allocation, whose errors are not typed yet: their own
+    /// kind and message.
     #[error(transparent)]
     Other(Box<DaemonError>),
 }
@@ -414,6 +420,8 @@ impl CreateError {
             | E::Boot(_)
             | E::Failed(_) => ErrorKind::Failed,
             E::Store(e) => store_kind(e),
+            E::ImageName(e) => e.kind(),
+            E::Image(e) => e.kind(),
             E::Other(e) => e.kind(),
         }
     }

@@ -133,7 +133,7 @@ impl Daemon {
         let mut spec = apply_flags(defaults, None, None, None);
         spec.vcpu = SpecValue::new(shape.vcpu, Provenance::Flag);
         spec.memory_mib = SpecValue::new(shape.memory_mib, Provenance::Flag);
-        self.record_transient_vm(name, image, spec, false).await
+        Ok(self.record_transient_vm(name, image, spec, false).await?)
     }
 
     /// Disks, boot, settle, seal, snapshot and save of the transient VM.
