@@ -21,9 +21,17 @@
 //! | register an image | `register_image` | [`RegisterError`] | the name is not a managed image |
 //! | delete an image | `delete_image` | [`DeleteImageError`] | no VM uses it (or `force`) |
 //! | delete a kernel | `delete_kernel` | [`DeleteKernelError`] | no image uses it |
+//! | delete a VM | `delete_vm` | [`DeleteError`] | the VM exists (a running one is stopped) |
+//! | pull an image or kernel | `pull_image`, `pull_kernel` (`check_pull*` before the stream) | [`PullError`] | no image (kernel) of that name |
+//! | build an image | `build_image` (`check_build_image` before the stream), `build_debian_image` | [`BuildError`] | a valid name; a Debian build of an existing name returns it |
+//! | derive an image | `derive_image` (`build_image` with `from_image`) | [`DeriveError`] | no image of that name, none being built |
+//! | bundle an image or kernel | `bundle_image`, `bundle_kernel` (`check_bundle_*`) | [`BundleError`] | it exists; absolute paths |
+//! | the image a VM boots | `ensure_image` (create, derive, template builds, OCI pulls) | [`EnsureError`] | it exists, or it is the default image (pulled or built) |
+//! | name a new image or kernel | `check_name`, `refuse_existing_image` | [`NameError`] | the name rule; not taken |
+//! | get a kernel | `get_kernel` | [`Missing`] | it exists |
 //!
-//! The other operations (VM delete, pulls, builds, kernels, bundles,
-//! templates, exec, files) still return [`DaemonError`] directly.
+//! The other operations (templates, exec, files, logs, sessions, network
+//! status) still return [`DaemonError`] directly.
 
 mod bench_image;
 mod error;
@@ -46,11 +54,14 @@ mod warm;
 mod web;
 
 pub use error::{DaemonError, ErrorKind};
-pub use images::{DeleteImageError, DeleteKernelError, FileError, RegisterError};
+pub use images::{
+    BuildError, BundleError, DeleteImageError, DeleteKernelError, DeriveError, EnsureError,
+    FileError, Missing, NameError, PullError, RegisterError,
+};
 pub use logging::init_logging;
 pub use vm::{
-    AgentError, CreateError, KillError, LookupError, ResourceError, RestartError, SetError,
-    StartError, StopError,
+    AgentError, CreateError, DeleteError, KillError, LookupError, ResourceError, RestartError,
+    SetError, StartError, StopError,
 };
 
 use anyhow::Context;
