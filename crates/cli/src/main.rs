@@ -132,10 +132,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let failed = match &cli.command {
-        Command::Vm(c) if c.passes_exit_status() => output::EXIT_BANGER_FAILED,
-        _ => 1,
-    };
+    let passes_exit_status = matches!(&cli.command, Command::Vm(c) if c.passes_exit_status());
     let result = rt.block_on(async {
         match cli.command {
             Command::Vm(c) => commands::vm::run(c).await,
@@ -159,11 +156,8 @@ fn main() -> ExitCode {
             }
         }
     });
-    match result {
-        Ok(code) => ExitCode::from(code.clamp(0, 255) as u8),
-        Err(e) => {
-            eprintln!("banger: {}", output::error_chain(&e));
-            ExitCode::from(failed as u8)
-        }
+    if let Err(e) = &result {
+        eprintln!("banger: {}", output::error_chain(e));
     }
+    ExitCode::from(output::exit_code(&result, passes_exit_status))
 }

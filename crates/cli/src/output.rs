@@ -7,6 +7,19 @@ use std::io::IsTerminal;
 /// guest command's own statuses pass through unchanged.
 pub const EXIT_BANGER_FAILED: i32 = 125;
 
+/// The process's exit status for a command's `result`: its own status
+/// (clamped to 0..=255) when it ran; when banger failed,
+/// [`EXIT_BANGER_FAILED`] for the commands that pass a guest command's
+/// status through (`passes_exit_status`), so it cannot pass for the
+/// guest's, and 1 for the others.
+pub fn exit_code<E>(result: &Result<i32, E>, passes_exit_status: bool) -> u8 {
+    match result {
+        Ok(code) => (*code).clamp(0, 255) as u8,
+        Err(_) if passes_exit_status => EXIT_BANGER_FAILED as u8,
+        Err(_) => 1,
+    }
+}
+
 /// What `--help` of those commands says about their exit status.
 pub const EXIT_STATUS_HELP: &str = "\
 Exit status:
@@ -156,6 +169,19 @@ impl ListArgs {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn exit_codes_pass_the_guest_s_and_mark_banger_s_failures() {
+        let failed: Result<i32, &str> = Err("daemon gone");
+        assert_eq!(exit_code(&failed, true), 125);
+        assert_eq!(exit_code(&failed, false), 1);
+        for passes in [true, false] {
+            assert_eq!(exit_code(&Ok::<i32, ()>(0), passes), 0);
+            assert_eq!(exit_code(&Ok::<i32, ()>(127), passes), 127);
+            assert_eq!(exit_code(&Ok::<i32, ()>(300), passes), 255);
+            assert_eq!(exit_code(&Ok::<i32, ()>(-1), passes), 0);
+        }
+    }
 
     #[test]
     fn progress_and_warnings_share_one_line_format() {

@@ -41,7 +41,7 @@ impl Daemon {
         cancel: &CancellationToken,
     ) -> Result<ImageBench, DaemonError> {
         let reference = req.reference.trim();
-        banger_oci::parse_reference(reference).map_err(|e| DaemonError::Invalid(e.to_string()))?;
+        banger_oci::parse_reference(reference).map_err(crate::images::PullError::from)?;
         let work = self
             .paths
             .cache_dir

@@ -4,11 +4,14 @@
 //! converts into [`DaemonError`] by `From`. Only the HTTP front end
 //! (`http::error`) turns a kind into a status and an API `code`.
 
-use crate::images::{DeleteImageError, DeleteKernelError, RegisterError};
+use crate::images::{
+    BuildError, BundleError, DeleteImageError, DeleteKernelError, DeriveError, EnsureError,
+    Missing, NameError, PullError, RegisterError,
+};
 use crate::net::NetError;
 use crate::vm::{
-    AgentError, BootError, BootInfoError, CreateError, KillError, LookupError, ResourceError,
-    RestartError, SetError, StartError, StopError, WaitError,
+    AgentError, BootError, BootInfoError, CreateError, DeleteError, KillError, LookupError,
+    ResourceError, RestartError, SetError, StartError, StopError, WaitError,
 };
 use crate::warm::TemplateError;
 use banger_store::StoreError;
@@ -73,6 +76,22 @@ pub enum DaemonError {
     DeleteKernel(#[from] DeleteKernelError),
     #[error(transparent)]
     Net(#[from] NetError),
+    #[error(transparent)]
+    DeleteVm(#[from] DeleteError),
+    #[error(transparent)]
+    Missing(#[from] Missing),
+    #[error(transparent)]
+    ImageName(#[from] NameError),
+    #[error(transparent)]
+    Image(#[from] EnsureError),
+    #[error(transparent)]
+    Pull(#[from] PullError),
+    #[error(transparent)]
+    Bundle(#[from] BundleError),
+    #[error(transparent)]
+    Build(#[from] BuildError),
+    #[error(transparent)]
+    Derive(#[from] DeriveError),
 }
 
 impl DaemonError {
@@ -100,6 +119,14 @@ impl DaemonError {
             DaemonError::DeleteImage(e) => e.kind(),
             DaemonError::DeleteKernel(e) => e.kind(),
             DaemonError::Net(e) => e.kind(),
+            DaemonError::DeleteVm(e) => e.kind(),
+            DaemonError::Missing(e) => e.kind(),
+            DaemonError::ImageName(e) => e.kind(),
+            DaemonError::Image(e) => e.kind(),
+            DaemonError::Pull(e) => e.kind(),
+            DaemonError::Bundle(e) => e.kind(),
+            DaemonError::Build(e) => e.kind(),
+            DaemonError::Derive(e) => e.kind(),
         }
     }
 }

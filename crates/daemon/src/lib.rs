@@ -26,6 +26,14 @@
 //! | register an image | `register_image` | [`RegisterError`] | the name is not a managed image |
 //! | delete an image | `delete_image` | [`DeleteImageError`] | no VM uses it (or `force`) |
 //! | delete a kernel | `delete_kernel` | [`DeleteKernelError`] | no image uses it |
+//! | delete a VM | `delete_vm` | [`DeleteError`] | the VM exists (a running one is stopped) |
+//! | pull an image or kernel | `pull_image`, `pull_kernel` (`check_pull*` before the stream) | [`PullError`] | no image (kernel) of that name |
+//! | build an image | `build_image` (`check_build_image` before the stream), `build_debian_image` | [`BuildError`] | a valid name; a Debian build of an existing name returns it |
+//! | derive an image | `derive_image` (`build_image` with `from_image`) | [`DeriveError`] | no image of that name, none being built |
+//! | bundle an image or kernel | `bundle_image`, `bundle_kernel` (`check_bundle_*`) | [`BundleError`] | it exists; absolute paths |
+//! | the image a VM boots | `ensure_image` (create, derive, template builds, OCI pulls) | [`EnsureError`] | it exists, or it is the default image (pulled or built) |
+//! | name a new image or kernel | `check_name`, `refuse_existing_image` | [`NameError`] | the name rule; not taken |
+//! | get a kernel | `get_kernel` | [`Missing`] | it exists |
 //!
 //! Every VM state change goes through one writer, `set_state`, which
 //! refuses a move `VmState::can_move_to` forbids ([`StateError`], a
@@ -34,8 +42,8 @@
 //! builds) waits for readiness with `vm::ready::wait_ready` and start and
 //! create end it with `finish_boot`.
 //!
-//! The other operations (VM delete, pulls, builds, kernels, bundles,
-//! exec, files) still return [`DaemonError`] directly.
+//! The other operations (exec, files, logs, sessions) still return
+//! [`DaemonError`] directly.
 
 mod bench_image;
 mod error;
@@ -58,12 +66,15 @@ mod warm;
 mod web;
 
 pub use error::{DaemonError, ErrorKind};
-pub use images::{DeleteImageError, DeleteKernelError, FileError, RegisterError};
+pub use images::{
+    BuildError, BundleError, DeleteImageError, DeleteKernelError, DeriveError, EnsureError,
+    FileError, Missing, NameError, PullError, RegisterError,
+};
 pub use logging::init_logging;
 pub use net::NetError;
 pub use vm::{
-    AgentError, BootError, BootInfoError, CreateError, KillError, LookupError, ResourceError,
-    RestartError, SetError, StartError, StateError, StopError, WaitError,
+    AgentError, BootError, BootInfoError, CreateError, DeleteError, KillError, LookupError,
+    ResourceError, RestartError, SetError, StartError, StateError, StopError, WaitError,
 };
 pub use warm::TemplateError;
 

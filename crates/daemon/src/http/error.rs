@@ -432,4 +432,150 @@ mod tests {
             assert_eq!((api.code.as_str(), api.message), (code, e.to_string()));
         }
     }
+
+    /// One error of each typed image enum (and the VM delete they wrap):
+    /// the status, `code` and message each had as a string variant.
+    #[test]
+    fn image_errors_keep_their_status_code_and_text() {
+        use crate::images::{
+            BuildError, BundleError, DeriveError, EnsureError, FileError, Missing, NameError,
+            PullError, RegisterError,
+        };
+        use crate::vm::{CreateError, DeleteError};
+        let (bad, missing, conflict, failed) = (
+            StatusCode::BAD_REQUEST,
+            StatusCode::NOT_FOUND,
+            StatusCode::CONFLICT,
+            StatusCode::INTERNAL_SERVER_ERROR,
+        );
+        let not_in_catalog = || banger_catalog::CatalogError::NotInCatalog {
+            kind: "kernel",
+            name: "k9".into(),
+            available: "none".into(),
+        };
+        let cases: Vec<(DaemonError, StatusCode, &str)> = vec![
+            (
+                NameError::ImageExists("img".into()).into(),
+                conflict,
+                "image img already exists: delete it first (banger image delete img) or choose another name",
+            ),
+            (
+                Missing::Kernel("k".into()).into(),
+                missing,
+                "no kernel named k: see `banger kernel list`",
+            ),
+            (
+                EnsureError::NoImage("img".into()).into(),
+                missing,
+                "no image named img: see `banger image list`, or build it with `banger image build --name img`",
+            ),
+            (
+                EnsureError::DefaultPull {
+                    name: "deb".into(),
+                    error: banger_catalog::CatalogError::Http {
+                        url: "http://c/i".into(),
+                        reason: "timed out".into(),
+                    },
+                }
+                .into(),
+                failed,
+                "pulling default image deb: fetching http://c/i: timed out",
+            ),
+            (
+                CreateError::Image(EnsureError::NoImage("img".into())).into(),
+                missing,
+                "no image named img: see `banger image list`, or build it with `banger image build --name img`",
+            ),
+            (
+                PullError::KernelRefForCatalog("deb".into()).into(),
+                bad,
+                "--kernel-ref is for OCI images; catalog image deb boots the kernel its catalog entry names",
+            ),
+            (
+                PullError::Name(NameError::KernelExists("k".into())).into(),
+                conflict,
+                "kernel k is already registered: delete it first (banger kernel delete k)",
+            ),
+            (
+                PullError::Catalog(not_in_catalog()).into(),
+                missing,
+                "kernel \"k9\" is not in the catalog (catalog has: none)",
+            ),
+            (
+                PullError::from(banger_oci::OciError::BadReference {
+                    reference: "x y".into(),
+                    reason: "spaces".into(),
+                })
+                .into(),
+                bad,
+                "image reference \"x y\" is not valid: spaces",
+            ),
+            (
+                BundleError::Path(FileError::NotAbsolute {
+                    what: "output directory",
+                    path: "out".into(),
+                })
+                .into(),
+                bad,
+                "output directory \"out\" must be an absolute path",
+            ),
+            (
+                BundleError::BadIndex {
+                    error: banger_catalog::CatalogError::BadIndex {
+                        source_name: "/i.json".into(),
+                        reason: "no kernel k".into(),
+                    },
+                    hint: "; add its kernel".into(),
+                }
+                .into(),
+                bad,
+                "catalog index /i.json is not valid: no kernel k; add its kernel",
+            ),
+            (
+                BuildError::SuiteWithBase.into(),
+                bad,
+                "--suite is for local Debian builds; a derived image keeps its base image's suite",
+            ),
+            (
+                BuildError::NotDnsLabel("A_b".into()).into(),
+                bad,
+                "image name \"A_b\" must be a DNS label (a-z, 0-9, -)",
+            ),
+            (
+                BuildError::from(DeriveError::SameAsBase("img".into())).into(),
+                bad,
+                "--name img is the base image: give the derived image another name",
+            ),
+            (
+                DeriveError::Busy("img".into()).into(),
+                conflict,
+                "image img is being built right now: wait for that build to finish",
+            ),
+            (
+                RegisterError::KernelUnusable {
+                    kernel: "/k".into(),
+                    why: "no magic".into(),
+                }
+                .into(),
+                conflict,
+                "kernel /k cannot be booted by Firecracker: no magic; give a bzImage compressed with gzip, xz, zstd, lz4 or lzma, or its uncompressed ELF vmlinux",
+            ),
+            (
+                DeleteError::Failed(anyhow::anyhow!("disk gone").context("removing /v")).into(),
+                failed,
+                "removing /v: disk gone",
+            ),
+        ];
+        for (e, status, message) in cases {
+            let code = match status {
+                StatusCode::BAD_REQUEST => "invalid",
+                StatusCode::NOT_FOUND => "not_found",
+                StatusCode::CONFLICT => "conflict",
+                _ => "failed",
+            };
+            assert_eq!((e.status(), e.code()), (status, code), "{e:?}");
+            let api = e.to_api();
+            assert_eq!((api.code.as_str(), api.message.as_str()), (code, message));
+        }
+    }
 }

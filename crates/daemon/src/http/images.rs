@@ -64,7 +64,7 @@ async fn warm_image(
         WarmImageEvent::Error,
         move |d, progress, cancel| async move {
             let shape = d.default_shape(req.vcpu, req.memory_mib);
-            Ok(d.build_template(&image, shape, &progress, &cancel).await?)
+            d.build_template(&image, shape, &progress, &cancel).await
         },
     )
 }
@@ -88,7 +88,7 @@ async fn drop_templates(
               (status = 400, body = ApiError), (status = 404, body = ApiError), (status = 409, body = ApiError)))]
 async fn pull_image(State(d): State<Shared>, Json(req): Json<PullImageRequest>) -> Response {
     if let Err(e) = d.check_pull(&req) {
-        return e.into_response();
+        return DaemonError::from(e).into_response();
     }
     operation(
         d,
@@ -105,7 +105,7 @@ async fn pull_image(State(d): State<Shared>, Json(req): Json<PullImageRequest>) 
               (status = 400, body = ApiError), (status = 409, body = ApiError)))]
 async fn pull_kernel(State(d): State<Shared>, Json(req): Json<PullKernelRequest>) -> Response {
     if let Err(e) = d.check_pull_kernel(&req) {
-        return e.into_response();
+        return DaemonError::from(e).into_response();
     }
     operation(
         d,
@@ -144,7 +144,7 @@ async fn get_kernel(
     State(d): State<Shared>,
     Path(kernel): Path<String>,
 ) -> Result<Json<KernelRecord>, DaemonError> {
-    d.get_kernel(&kernel).map(Json)
+    Ok(Json(d.get_kernel(&kernel)?))
 }
 
 /// Deletes a kernel no image uses (a pulled or built one with its files).
@@ -168,7 +168,7 @@ async fn bundle_image(
     Json(req): Json<BundleRequest>,
 ) -> Response {
     if let Err(e) = d.check_bundle_image(&image, &req) {
-        return e.into_response();
+        return DaemonError::from(e).into_response();
     }
     bundle(d, req, move |d, req, progress, cancel| async move {
         d.bundle_image(&image, req, &progress, &cancel).await
@@ -186,14 +186,14 @@ async fn bundle_kernel(
     Json(req): Json<BundleRequest>,
 ) -> Response {
     if let Err(e) = d.check_bundle_kernel(&kernel, &req) {
-        return e.into_response();
+        return DaemonError::from(e).into_response();
     }
     bundle(d, req, move |d, req, progress, cancel| async move {
         d.bundle_kernel(&kernel, req, &progress, &cancel).await
     })
 }
 
-fn bundle<F, Fut>(d: Shared, req: BundleRequest, op: F) -> Response
+fn bundle<F, Fut, Er>(d: Shared, req: BundleRequest, op: F) -> Response
 where
     F: FnOnce(
             Shared,
@@ -203,7 +203,8 @@ where
         ) -> Fut
         + Send
         + 'static,
-    Fut: std::future::Future<Output = Result<BundleResult, DaemonError>> + Send + 'static,
+    Fut: std::future::Future<Output = Result<BundleResult, Er>> + Send + 'static,
+    Er: Into<DaemonError>,
 {
     operation(
         d,
@@ -221,7 +222,7 @@ where
               (status = 400, body = ApiError)))]
 async fn build_image(State(d): State<Shared>, Json(req): Json<BuildImageRequest>) -> Response {
     if let Err(e) = d.check_build_image(&req) {
-        return e.into_response();
+        return DaemonError::from(e).into_response();
     }
     operation(
         d,

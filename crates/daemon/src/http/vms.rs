@@ -95,7 +95,7 @@ async fn delete_vm(
     State(d): State<Shared>,
     Path(vm): Path<String>,
 ) -> Result<Json<VmRecord>, DaemonError> {
-    d.delete_vm(&vm).await.map(Json)
+    Ok(Json(d.delete_vm(&vm).await?))
 }
 
 /// Changes vcpu, memory, disk size (grow only) or NAT of a stopped VM.
@@ -240,8 +240,6 @@ async fn wait_vm(
         d,
         |vm| WaitEvent::Done(Box::new(vm)),
         WaitEvent::Error,
-        move |d, progress, cancel| async move {
-            Ok(d.wait_vm(&vm, req.until, &progress, &cancel).await?)
-        },
+        move |d, progress, cancel| async move { d.wait_vm(&vm, req.until, &progress, &cancel).await },
     )
 }

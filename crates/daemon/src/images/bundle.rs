@@ -1,7 +1,7 @@
 //! Catalog bundles of images and kernels.
 
 use super::*;
-use crate::{Daemon, DaemonError};
+use crate::{Daemon, ErrorKind};
 use anyhow::anyhow;
 use banger_api::images::{BundleRequest, BundleResult};
 use banger_catalog::{CatalogError, IndexEntry};
@@ -15,11 +15,12 @@ impl Daemon {
         &self,
         image: &str,
         req: &BundleRequest,
-    ) -> Result<(), DaemonError> {
+    ) -> Result<(), BundleError> {
         check_bundle(req)?;
-        self.store.get_image(image).map(|_| ()).map_err(|_| {
-            DaemonError::NotFound(format!("no image named {image}: see `banger image list`"))
-        })
+        self.store
+            .get_image(image)
+            .map(|_| ())
+            .map_err(|_| Missing::Image(image.to_string()).into())
     }
 
     /// A bundle of `kernel`, checked before its stream starts: the
@@ -28,13 +29,12 @@ impl Daemon {
         &self,
         kernel: &str,
         req: &BundleRequest,
-    ) -> Result<(), DaemonError> {
+    ) -> Result<(), BundleError> {
         check_bundle(req)?;
-        self.store.get_kernel(kernel).map(|_| ()).map_err(|_| {
-            DaemonError::NotFound(format!(
-                "no kernel named {kernel}: see `banger kernel list`"
-            ))
-        })
+        self.store
+            .get_kernel(kernel)
+            .map(|_| ())
+            .map_err(|_| Missing::Kernel(kernel.to_string()).into())
     }
 
     /// `POST /v1/images/{image}/bundle`.
@@ -44,10 +44,11 @@ impl Daemon {
         req: BundleRequest,
         progress: &ProgressSink,
         cancel: &CancellationToken,
-    ) -> Result<BundleResult, DaemonError> {
-        let img = self.store.get_image(name).map_err(|_| {
-            DaemonError::NotFound(format!("no image named {name}: see `banger image list`"))
-        })?;
+    ) -> Result<BundleResult, BundleError> {
+        let img = self
+            .store
+            .get_image(name)
+            .map_err(|_| Missing::Image(name.to_string()))?;
         let out_dir = absolute_dir("output directory", &req.out_dir)?;
         let index = req
             .index
@@ -71,11 +72,9 @@ impl Daemon {
             out_dir,
             base_url: req.base_url.clone(),
         };
-        let b = banger_catalog::bundle_image(&breq, cancel)
-            .await
-            .map_err(catalog_error)?;
+        let b = banger_catalog::bundle_image(&breq, cancel).await?;
         let (url, sha256, size) = (b.entry.url.clone(), b.entry.sha256.clone(), b.entry.size);
-        let entry = serde_json::to_value(&b.entry).map_err(|e| DaemonError::Failed(e.into()))?;
+        let entry = serde_json::to_value(&b.entry).map_err(anyhow::Error::from)?;
         let hint = format!(
             "; add its kernel to that index first: banger kernel bundle {} --out DIR --base-url URL --index FILE",
             img.kernel
@@ -102,7 +101,7 @@ impl Daemon {
         req: BundleRequest,
         progress: &ProgressSink,
         cancel: &CancellationToken,
-    ) -> Result<BundleResult, DaemonError> {
+    ) -> Result<BundleResult, BundleError> {
         let k = self.get_kernel(name)?;
         let out_dir = absolute_dir("output directory", &req.out_dir)?;
         let index = req
@@ -110,12 +109,14 @@ impl Daemon {
             .as_deref()
             .map(|p| absolute_dir("index file", p))
             .transpose()?;
-        let release = k.release.clone().or_else(|| bzimage_release(&k.kernel)).ok_or_else(|| {
-            DaemonError::Invalid(format!(
-                "kernel {name}: its release is unknown and {} has no version string; it cannot be published",
-                k.kernel.display()
-            ))
-        })?;
+        let release = k
+            .release
+            .clone()
+            .or_else(|| bzimage_release(&k.kernel))
+            .ok_or_else(|| BundleError::NoRelease {
+                name: name.to_string(),
+                kernel: k.kernel.clone(),
+            })?;
         let beside = |file: &str| {
             k.kernel
                 .parent()
@@ -138,11 +139,9 @@ impl Daemon {
             out_dir,
             base_url: req.base_url.clone(),
         };
-        let b = banger_catalog::bundle_kernel(&breq, cancel)
-            .await
-            .map_err(catalog_error)?;
+        let b = banger_catalog::bundle_kernel(&breq, cancel).await?;
         let (url, sha256, size) = (b.entry.url.clone(), b.entry.sha256.clone(), b.entry.size);
-        let entry = serde_json::to_value(&b.entry).map_err(|e| DaemonError::Failed(e.into()))?;
+        let entry = serde_json::to_value(&b.entry).map_err(anyhow::Error::from)?;
         finish_bundle(
             "kernel",
             name,
@@ -171,17 +170,20 @@ async fn finish_bundle(
     size: u64,
     index: Option<PathBuf>,
     hint: &str,
-) -> Result<BundleResult, DaemonError> {
+) -> Result<BundleResult, BundleError> {
     if let Some(ix) = &index {
         let ix = ix.clone();
         tokio::task::spawn_blocking(move || {
             banger_catalog::merge_into_index_file(&ix, &[index_entry])
         })
         .await
-        .map_err(|e| DaemonError::Failed(anyhow!("index update: {e}")))?
+        .map_err(|e| BundleError::Failed(anyhow!("index update: {e}")))?
         .map_err(|e| match e {
-            CatalogError::BadIndex { .. } => DaemonError::Invalid(format!("{e}{hint}")),
-            other => catalog_error(other),
+            CatalogError::BadIndex { .. } => BundleError::BadIndex {
+                error: e,
+                hint: hint.to_string(),
+            },
+            other => BundleError::Catalog(other),
         })?;
     }
     Ok(BundleResult {
@@ -197,7 +199,7 @@ async fn finish_bundle(
 }
 
 /// The request's own rules, checked before the stream starts.
-fn check_bundle(req: &BundleRequest) -> Result<(), DaemonError> {
+fn check_bundle(req: &BundleRequest) -> Result<(), BundleError> {
     use banger_api::rules::{BASE_URL, HOST_PATH};
     let paths = [Some(&req.out_dir), req.index.as_ref()];
     paths
@@ -205,5 +207,47 @@ fn check_bundle(req: &BundleRequest) -> Result<(), DaemonError> {
         .flatten()
         .try_for_each(|p| HOST_PATH.check(p))
         .and_then(|()| BASE_URL.check(&req.base_url))
-        .map_err(|e| DaemonError::Invalid(e.to_string()))
+        .map_err(BundleError::Request)
+}
+
+/// Why a catalog bundle was not written.
+#[derive(Debug, thiserror::Error)]
+pub enum BundleError {
+    /// A path or the base URL breaks its rule.
+    #[error("{0}")]
+    Request(banger_api::rules::RuleError),
+    #[error(transparent)]
+    Missing(#[from] Missing),
+    /// An output or index path is not absolute.
+    #[error(transparent)]
+    Path(#[from] FileError),
+    /// A catalog kernel entry needs its release.
+    #[error(
+        "kernel {name}: its release is unknown and {} has no version string; it cannot be published",
+        .kernel.display()
+    )]
+    NoRelease { name: String, kernel: PathBuf },
+    /// Writing the bundle failed (or was refused).
+    #[error("{}", shown(catalog_kind(.0), .0))]
+    Catalog(#[from] CatalogError),
+    /// The index file to add the entry to is not valid; `hint` says what
+    /// else it needs.
+    #[error("{error}{hint}")]
+    BadIndex { error: CatalogError, hint: String },
+    #[error("{0:#}")]
+    Failed(#[from] anyhow::Error),
+}
+
+impl BundleError {
+    /// What kind of failure this is.
+    pub fn kind(&self) -> ErrorKind {
+        use BundleError as E;
+        match self {
+            E::Request(_) | E::NoRelease { .. } | E::BadIndex { .. } => ErrorKind::Invalid,
+            E::Missing(e) => e.kind(),
+            E::Path(e) => e.kind(),
+            E::Catalog(e) => catalog_kind(e),
+            E::Failed(_) => ErrorKind::Failed,
+        }
+    }
 }

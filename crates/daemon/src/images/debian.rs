@@ -1,11 +1,14 @@
 //! The local Debian build.
 
+use super::{DeriveError, NameError};
+use crate::error::{Chain, store_kind};
 use crate::vm::now_rfc3339;
-use crate::{Daemon, DaemonError};
+use crate::{Daemon, ErrorKind};
 use anyhow::Context;
 use banger_api::{ProgressSink, Step};
 use banger_image::{DebianBuild, GuestPayload};
 use banger_model::{ImageRecord, KernelRecord};
+use banger_store::StoreError;
 use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
 
@@ -19,12 +22,8 @@ impl Daemon {
         extra_packages: Vec<String>,
         progress: &ProgressSink,
         cancel: CancellationToken,
-    ) -> Result<ImageRecord, DaemonError> {
-        banger_model::VmName::parse(name).map_err(|_| {
-            DaemonError::Invalid(format!(
-                "image name {name:?} must be a DNS label (a-z, 0-9, -)"
-            ))
-        })?;
+    ) -> Result<ImageRecord, BuildError> {
+        banger_model::VmName::parse(name).map_err(|_| BuildError::NotDnsLabel(name.to_string()))?;
         let _guard = self.image_lock.lock().await;
         if let Ok(img) = self.store.get_image(name) {
             return Ok(img);
@@ -84,7 +83,7 @@ impl Daemon {
                         r.with_context(|| format!("building image {name}"))?
                     }
                     _ = cancel.cancelled() => {
-                        return Err(DaemonError::Failed(anyhow::anyhow!(
+                        return Err(BuildError::Failed(anyhow::anyhow!(
                             "building image {name}: cancelled (the root helper finishes the build in the background)"
                         )));
                     }
@@ -121,6 +120,45 @@ impl Daemon {
         self.offer_kernel_modules(&image, progress).await;
         tracing::info!(image = name, kernel = %kernel.name, "image registered");
         Ok(image)
+    }
+}
+
+/// Why an image was not built.
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    /// A Debian image's name becomes its kernel's and VM names.
+    #[error("image name {0:?} must be a DNS label (a-z, 0-9, -)")]
+    NotDnsLabel(String),
+    #[error("--suite is for local Debian builds; a derived image keeps its base image's suite")]
+    SuiteWithBase,
+    #[error(transparent)]
+    Name(#[from] NameError),
+    /// The derived build (`--from-image`) failed.
+    #[error(transparent)]
+    Derive(Box<DeriveError>),
+    /// The build itself failed or was cancelled; the message names its log.
+    #[error("{0:#}")]
+    Failed(#[from] anyhow::Error),
+    #[error("{}", Chain(.0))]
+    Store(#[from] StoreError),
+}
+
+impl From<DeriveError> for BuildError {
+    fn from(e: DeriveError) -> Self {
+        BuildError::Derive(Box::new(e))
+    }
+}
+
+impl BuildError {
+    /// What kind of failure this is.
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            BuildError::NotDnsLabel(_) | BuildError::SuiteWithBase => ErrorKind::Invalid,
+            BuildError::Name(e) => e.kind(),
+            BuildError::Derive(e) => e.kind(),
+            BuildError::Failed(_) => ErrorKind::Failed,
+            BuildError::Store(e) => store_kind(e),
+        }
     }
 }
 

@@ -18,19 +18,17 @@ impl Daemon {
         &self,
         name: &str,
         kernel: &Path,
-    ) -> Result<(Option<PathBuf>, Option<PathBuf>), DaemonError> {
+    ) -> Result<(Option<PathBuf>, Option<PathBuf>), RegisterError> {
         // What the file holds, not the request's shape.
-        let unusable = |why: String| {
-            DaemonError::Conflict(format!(
-                "kernel {} cannot be booted by Firecracker: {why}; give a bzImage compressed with gzip, xz, zstd, lz4 or lzma, or its uncompressed ELF vmlinux",
-                kernel.display()
-            ))
+        let unusable = |why: String| RegisterError::KernelUnusable {
+            kernel: kernel.to_path_buf(),
+            why,
         };
         if banger_image::vmlinux::is_elf(kernel).map_err(|e| unusable(e.to_string()))? {
             return Ok((Some(kernel.to_path_buf()), None));
         }
         let dir = new_kernel_dir(&self.paths.kernels_dir, name).map_err(|e| {
-            DaemonError::Failed(anyhow!(
+            RegisterError::Vmlinux(anyhow!(
                 "creating a directory for kernel {name}'s vmlinux in {}: {e}",
                 self.paths.kernels_dir.display()
             ))
@@ -52,7 +50,7 @@ impl Daemon {
             }
             Err(e) => {
                 remove_dir(&dir).await;
-                Err(DaemonError::Failed(anyhow!(
+                Err(RegisterError::Vmlinux(anyhow!(
                     "extracting the vmlinux of kernel {name}: {e}"
                 )))
             }
@@ -84,10 +82,10 @@ impl Daemon {
         Ok(())
     }
 
-    pub(crate) fn get_kernel(&self, name: &str) -> Result<KernelRecord, DaemonError> {
-        self.store.get_kernel(name).map_err(|_| {
-            DaemonError::NotFound(format!("no kernel named {name}: see `banger kernel list`"))
-        })
+    pub(crate) fn get_kernel(&self, name: &str) -> Result<KernelRecord, Missing> {
+        self.store
+            .get_kernel(name)
+            .map_err(|_| Missing::Kernel(name.to_string()))
     }
 
     /// `DELETE /v1/kernels/{kernel}`: refused while images use it; a kernel

@@ -10,9 +10,15 @@ mod kernels;
 mod pull;
 mod register;
 
+pub use bundle::BundleError;
+pub use debian::BuildError;
+pub use derive::DeriveError;
 pub use kernels::DeleteKernelError;
+pub use pull::PullError;
+
 pub use register::{DeleteImageError, RegisterError};
 
+use crate::error::Chain;
 use crate::{Daemon, DaemonError, ErrorKind};
 use banger_api::templates::WarmImageRequest;
 use banger_api::{BuildImageRequest, ProgressSink, Step};
@@ -30,13 +36,86 @@ pub(crate) fn is_oci_reference(reference: &str) -> bool {
 
 /// The rule for image and kernel names: they become directory names and
 /// catalog names.
-pub(crate) fn check_name(kind: &str, name: &str) -> Result<(), DaemonError> {
+pub(crate) fn check_name(kind: &str, name: &str) -> Result<(), NameError> {
     let rule = match kind {
         "kernel" => &banger_api::rules::KERNEL_NAME,
         _ => &banger_api::rules::IMAGE_NAME,
     };
-    rule.check(name)
-        .map_err(|e| DaemonError::Invalid(e.to_string()))
+    rule.check(name).map_err(NameError::Rule)
+}
+
+/// An image or kernel name that cannot be used for a new one.
+#[derive(Debug, thiserror::Error)]
+pub enum NameError {
+    /// It breaks the naming rule (a request to fix).
+    #[error("{0}")]
+    Rule(banger_api::rules::RuleError),
+    /// An image of this name exists already.
+    #[error(
+        "image {0} already exists: delete it first (banger image delete {0}) or choose another name"
+    )]
+    ImageExists(String),
+    /// A kernel of this name is registered already.
+    #[error("kernel {0} is already registered: delete it first (banger kernel delete {0})")]
+    KernelExists(String),
+}
+
+impl NameError {
+    /// What kind of failure this is: a bad name is the request's, a taken
+    /// one the store's state.
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            NameError::Rule(_) => ErrorKind::Invalid,
+            NameError::ImageExists(_) | NameError::KernelExists(_) => ErrorKind::Conflict,
+        }
+    }
+}
+
+/// A named image or kernel that is not recorded.
+#[derive(Debug, thiserror::Error)]
+pub enum Missing {
+    #[error("no image named {0}: see `banger image list`")]
+    Image(String),
+    #[error("no kernel named {0}: see `banger kernel list`")]
+    Kernel(String),
+}
+
+impl Missing {
+    /// Always [`ErrorKind::NotFound`].
+    pub fn kind(&self) -> ErrorKind {
+        ErrorKind::NotFound
+    }
+}
+
+/// Why the image a VM or a build boots is not there.
+#[derive(Debug, thiserror::Error)]
+pub enum EnsureError {
+    /// No image of this name, and it is not the default image.
+    #[error(
+        "no image named {0}: see `banger image list`, or build it with `banger image build --name {0}`"
+    )]
+    NoImage(String),
+    /// The catalog has the default image, but pulling it failed.
+    #[error("pulling default image {name}: {}", Chain(.error))]
+    DefaultPull { name: String, error: CatalogError },
+    /// The catalog cannot provide the default image and its local build
+    /// failed.
+    #[error(transparent)]
+    Build(#[from] BuildError),
+    #[error("{}", Chain(.0))]
+    Store(#[from] banger_store::StoreError),
+}
+
+impl EnsureError {
+    /// What kind of failure this is.
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            EnsureError::NoImage(_) => ErrorKind::NotFound,
+            EnsureError::DefaultPull { .. } => ErrorKind::Failed,
+            EnsureError::Build(e) => e.kind(),
+            EnsureError::Store(e) => crate::error::store_kind(e),
+        }
+    }
 }
 
 /// A default image name for an OCI reference: last repository component and
@@ -84,21 +163,34 @@ pub(crate) fn catalog_unavailable(e: &CatalogError) -> bool {
     )
 }
 
-fn catalog_error(e: CatalogError) -> DaemonError {
+/// The kind of a catalog error: an entry it lacks is not found, a pull
+/// in the way conflicts, a bad bundle request is the caller's.
+fn catalog_kind(e: &CatalogError) -> ErrorKind {
     match e {
-        CatalogError::NotInCatalog { .. } => DaemonError::NotFound(e.to_string()),
-        CatalogError::Exists(_) | CatalogError::Busy(_) => DaemonError::Conflict(e.to_string()),
-        CatalogError::Invalid(_) => DaemonError::Invalid(e.to_string()),
-        other => DaemonError::Failed(other.into()),
+        CatalogError::NotInCatalog { .. } => ErrorKind::NotFound,
+        CatalogError::Exists(_) | CatalogError::Busy(_) => ErrorKind::Conflict,
+        CatalogError::Invalid(_) => ErrorKind::Invalid,
+        _ => ErrorKind::Failed,
     }
 }
 
-fn oci_error(e: banger_oci::OciError) -> DaemonError {
+/// The kind of an OCI error: a bad reference or digest is the caller's,
+/// an image already unpacked conflicts.
+fn oci_kind(e: &banger_oci::OciError) -> ErrorKind {
     use banger_oci::OciError as O;
     match e {
-        O::BadReference { .. } | O::BadDigest(_) => DaemonError::Invalid(e.to_string()),
-        O::Exists(_) => DaemonError::Conflict(e.to_string()),
-        other => DaemonError::Failed(other.into()),
+        O::BadReference { .. } | O::BadDigest(_) => ErrorKind::Invalid,
+        O::Exists(_) => ErrorKind::Conflict,
+        _ => ErrorKind::Failed,
+    }
+}
+
+/// The message an error of `kind` has always had: its own text for the
+/// caller's errors, with its causes (as anyhow's `{:#}`) for failures.
+fn shown(kind: ErrorKind, e: &(dyn std::error::Error + 'static)) -> String {
+    match kind {
+        ErrorKind::Failed => Chain(e).to_string(),
+        _ => e.to_string(),
     }
 }
 
@@ -160,12 +252,14 @@ impl FileError {
     }
 }
 
-fn absolute_dir(what: &str, path: &str) -> Result<PathBuf, DaemonError> {
+/// `path` as an absolute directory path (it need not exist yet).
+fn absolute_dir(what: &'static str, path: &str) -> Result<PathBuf, FileError> {
     let p = Path::new(path);
     if !p.is_absolute() {
-        return Err(DaemonError::Invalid(format!(
-            "{what} {path:?} must be an absolute path"
-        )));
+        return Err(FileError::NotAbsolute {
+            what,
+            path: path.to_string(),
+        });
     }
     Ok(p.to_path_buf())
 }
@@ -225,22 +319,21 @@ const DEFAULT_SUITE: &str = "bookworm";
 
 impl Daemon {
     /// The image named `name`; when it is missing and it is the default image,
-    /// builds it locally first.
+    /// pulls it from the catalog, or builds it locally when the catalog
+    /// cannot provide it.
     pub(crate) async fn ensure_image(
         self: &Arc<Self>,
         name: &str,
         progress: &ProgressSink,
         cancel: &CancellationToken,
-    ) -> Result<ImageRecord, DaemonError> {
+    ) -> Result<ImageRecord, EnsureError> {
         match self.store.get_image(name) {
             Ok(img) => return Ok(img),
             Err(banger_store::StoreError::NotFound(_)) => {}
             Err(e) => return Err(e.into()),
         }
         if name != self.config.default_image_name {
-            return Err(DaemonError::NotFound(format!(
-                "no image named {name}: see `banger image list`, or build it with `banger image build --name {name}`"
-            )));
+            return Err(EnsureError::NoImage(name.to_string()));
         }
         progress.phase(
             Step::Image,
@@ -259,14 +352,16 @@ impl Daemon {
                     "the catalog does not provide {name} ({e}); building it from Debian packages instead (takes about a minute)"
                 ),
             ),
-            Err(e) => {
-                return Err(DaemonError::Failed(
-                    anyhow::Error::new(e).context(format!("pulling default image {name}")),
-                ));
+            Err(error) => {
+                return Err(EnsureError::DefaultPull {
+                    name: name.to_string(),
+                    error,
+                });
             }
         }
-        self.build_debian_image(name, DEFAULT_SUITE, Vec::new(), progress, cancel.clone())
-            .await
+        Ok(self
+            .build_debian_image(name, DEFAULT_SUITE, Vec::new(), progress, cancel.clone())
+            .await?)
     }
 
     /// A template build of `image`, checked before its stream starts: the
@@ -282,18 +377,19 @@ impl Daemon {
         if image == self.config.default_image_name {
             return Ok(());
         }
-        self.store.get_image(image).map(|_| ()).map_err(|_| {
-            DaemonError::NotFound(format!("no image named {image}: see `banger image list`"))
-        })
+        self.store
+            .get_image(image)
+            .map(|_| ())
+            .map_err(|_| Missing::Image(image.to_string()).into())
     }
 
     /// The names of a build request, checked before its stream starts.
-    pub(crate) fn check_build_image(&self, req: &BuildImageRequest) -> Result<(), DaemonError> {
+    pub(crate) fn check_build_image(&self, req: &BuildImageRequest) -> Result<(), BuildError> {
         let names = [Some(&req.name), req.from_image.as_ref()];
-        names
+        Ok(names
             .into_iter()
             .flatten()
-            .try_for_each(|n| crate::images::check_name("image", n))
+            .try_for_each(|n| crate::images::check_name("image", n))?)
     }
 
     /// `POST /v1/images/build`: a local Debian build, or with `from_image`
@@ -303,12 +399,9 @@ impl Daemon {
         req: BuildImageRequest,
         progress: &ProgressSink,
         cancel: CancellationToken,
-    ) -> Result<ImageRecord, DaemonError> {
+    ) -> Result<ImageRecord, BuildError> {
         match req.from_image.as_deref() {
-            Some(_) if req.suite.is_some() => Err(DaemonError::Invalid(
-                "--suite is for local Debian builds; a derived image keeps its base image's suite"
-                    .into(),
-            )),
+            Some(_) if req.suite.is_some() => Err(BuildError::SuiteWithBase),
             Some(base) => {
                 let derive = derive::DeriveRequest {
                     name: &req.name,
@@ -316,7 +409,7 @@ impl Daemon {
                     docker: req.docker,
                     packages: &req.packages,
                 };
-                self.derive_image(derive, progress, cancel).await
+                Ok(self.derive_image(derive, progress, cancel).await?)
             }
             None => {
                 let suite = req.suite.as_deref().unwrap_or(DEFAULT_SUITE);

@@ -1,12 +1,14 @@
 //! Catalog and OCI pulls of images and kernels.
 
 use super::*;
+use crate::error::store_kind;
 use crate::vm::now_rfc3339;
-use crate::{Daemon, DaemonError};
+use crate::{Daemon, ErrorKind};
 use banger_api::images::{PullImageRequest, PullKernelRequest};
 use banger_api::{ProgressSink, Step};
 use banger_catalog::CatalogError;
 use banger_model::{ImageRecord, KernelRecord};
+use banger_store::StoreError;
 use std::path::PathBuf;
 use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
@@ -140,26 +142,19 @@ impl Daemon {
         name: &str,
         progress: &ProgressSink,
         cancel: &CancellationToken,
-    ) -> Result<KernelRecord, DaemonError> {
+    ) -> Result<KernelRecord, PullError> {
         check_name("kernel", name)?;
         if self.store.get_kernel(name).is_ok() {
-            return Err(DaemonError::Conflict(format!(
-                "kernel {name} is already registered: delete it first (banger kernel delete {name})"
-            )));
+            return Err(NameError::KernelExists(name.to_string()).into());
         }
-        let index = banger_catalog::load_index(self.config.catalog_url.as_deref())
-            .await
-            .map_err(catalog_error)?;
-        let entry = index.kernel(name).map_err(catalog_error)?.clone();
+        let index = banger_catalog::load_index(self.config.catalog_url.as_deref()).await?;
+        let entry = index.kernel(name)?.clone();
         let _guard = self.image_lock.lock().await;
         progress.phase(
             Step::Download,
             format!("pulling kernel {name} from {}", entry.url),
         );
-        let k = self
-            .pull_kernel_entry(&entry, progress, cancel)
-            .await
-            .map_err(catalog_error)?;
+        let k = self.pull_kernel_entry(&entry, progress, cancel).await?;
         progress.phase(Step::Done, format!("kernel {name} registered"));
         Ok(k)
     }
@@ -167,10 +162,9 @@ impl Daemon {
     /// The checks of a pull request that need nothing but the request and
     /// the store, so a bad one is answered before the stream starts;
     /// [`Daemon::pull_image`] runs them again.
-    pub(crate) fn check_pull(&self, req: &PullImageRequest) -> Result<(), DaemonError> {
-        let rule = |r: &banger_api::rules::StringRule, v: &str| {
-            r.check(v).map_err(|e| DaemonError::Invalid(e.to_string()))
-        };
+    pub(crate) fn check_pull(&self, req: &PullImageRequest) -> Result<(), PullError> {
+        let rule =
+            |r: &banger_api::rules::StringRule, v: &str| r.check(v).map_err(PullError::Request);
         rule(&banger_api::rules::REFERENCE, &req.reference)?;
         if let Some(k) = &req.kernel_ref {
             rule(&banger_api::rules::KERNEL_NAME, k)?;
@@ -178,36 +172,29 @@ impl Daemon {
         let reference = req.reference.as_str();
         if !is_oci_reference(reference) {
             if req.kernel_ref.is_some() {
-                return Err(DaemonError::Invalid(format!(
-                    "--kernel-ref is for OCI images; catalog image {reference} boots the kernel its catalog entry names"
-                )));
+                return Err(PullError::KernelRefForCatalog(reference.to_string()));
             }
             if req.name.as_deref().is_some_and(|n| n != reference) {
-                return Err(DaemonError::Invalid(format!(
-                    "--name is for OCI images; catalog image {reference} keeps its catalog name"
-                )));
+                return Err(PullError::NameForCatalog(reference.to_string()));
             }
             check_name("image", reference)?;
-            return self.refuse_existing_image(reference);
+            return Ok(self.refuse_existing_image(reference)?);
         }
         let name = req
             .name
             .clone()
             .unwrap_or_else(|| name_from_reference(reference));
         check_name("image", &name)?;
-        banger_oci::parse_reference(reference).map_err(oci_error)?;
-        self.refuse_existing_image(&name)
+        banger_oci::parse_reference(reference)?;
+        Ok(self.refuse_existing_image(&name)?)
     }
 
     /// A kernel pull, checked before its stream starts: a valid name that
     /// no kernel has yet.
-    pub(crate) fn check_pull_kernel(&self, req: &PullKernelRequest) -> Result<(), DaemonError> {
+    pub(crate) fn check_pull_kernel(&self, req: &PullKernelRequest) -> Result<(), PullError> {
         check_name("kernel", &req.name)?;
         match self.store.get_kernel(&req.name) {
-            Ok(_) => Err(DaemonError::Conflict(format!(
-                "kernel {} is already registered: delete it first (banger kernel delete {})",
-                req.name, req.name
-            ))),
+            Ok(_) => Err(NameError::KernelExists(req.name.clone()).into()),
             Err(_) => Ok(()),
         }
     }
@@ -218,34 +205,28 @@ impl Daemon {
         req: PullImageRequest,
         progress: &ProgressSink,
         cancel: &CancellationToken,
-    ) -> Result<ImageRecord, DaemonError> {
+    ) -> Result<ImageRecord, PullError> {
         self.check_pull(&req)?;
         let reference = req.reference.as_str();
         if !is_oci_reference(reference) {
-            return self
-                .pull_catalog_image(reference, progress, cancel)
-                .await
-                .map_err(catalog_error);
+            return Ok(self.pull_catalog_image(reference, progress, cancel).await?);
         }
         let name = req
             .name
             .clone()
             .unwrap_or_else(|| name_from_reference(reference));
         let kernel = match &req.kernel_ref {
-            Some(k) => self.store.get_kernel(k).map_err(|_| {
-                DaemonError::NotFound(format!(
-                    "no kernel named {k}: see `banger kernel list`, or pull one with `banger kernel pull {k}`"
-                ))
-            })?,
+            Some(k) => self
+                .store
+                .get_kernel(k)
+                .map_err(|_| PullError::NoKernelNamed(k.clone()))?,
             None => {
                 let default = self.config.default_image_name.clone();
                 progress.phase(
                     Step::Kernel,
                     format!("using the kernel of the default image {default} (choose another with --kernel-ref)"),
                 );
-                let img = self
-                    .ensure_image(&default, progress, cancel)
-                    .await?;
+                let img = self.ensure_image(&default, progress, cancel).await?;
                 self.store.get_kernel(&img.kernel)?
             }
         };
@@ -262,7 +243,7 @@ impl Daemon {
             progress: Some(crate::progress::oci(progress)),
             cancel: cancel.clone(),
         };
-        let pulled = banger_oci::pull_to_ext4(opts).await.map_err(oci_error)?;
+        let pulled = banger_oci::pull_to_ext4(opts).await?;
         let image = ImageRecord {
             name: name.clone(),
             rootfs: pulled.rootfs.clone(),
@@ -284,5 +265,65 @@ impl Daemon {
             format!("image {name} registered ({})", pulled.digest),
         );
         Ok(image)
+    }
+}
+
+/// Why an image or a kernel was not pulled.
+#[derive(Debug, thiserror::Error)]
+pub enum PullError {
+    #[error(transparent)]
+    Name(#[from] NameError),
+    /// The reference or the kernel name breaks its rule.
+    #[error("{0}")]
+    Request(banger_api::rules::RuleError),
+    #[error(
+        "--kernel-ref is for OCI images; catalog image {0} boots the kernel its catalog entry names"
+    )]
+    KernelRefForCatalog(String),
+    #[error("--name is for OCI images; catalog image {0} keeps its catalog name")]
+    NameForCatalog(String),
+    /// `--kernel-ref` names no recorded kernel.
+    #[error(
+        "no kernel named {0}: see `banger kernel list`, or pull one with `banger kernel pull {0}`"
+    )]
+    NoKernelNamed(String),
+    /// The catalog refused or failed.
+    #[error("{}", shown(catalog_kind(.0), .0))]
+    Catalog(#[from] CatalogError),
+    /// The registry or the unpacking refused or failed (boxed: it is
+    /// large).
+    #[error("{}", shown(oci_kind(.0), &**.0))]
+    Oci(Box<banger_oci::OciError>),
+    /// An OCI image boots the default image's kernel: getting that image
+    /// failed.
+    #[error(transparent)]
+    DefaultImage(#[from] EnsureError),
+    /// The guest agent to install cannot be found.
+    #[error("{0:#}")]
+    Failed(#[from] anyhow::Error),
+    #[error("{}", Chain(.0))]
+    Store(#[from] StoreError),
+}
+
+impl From<banger_oci::OciError> for PullError {
+    fn from(e: banger_oci::OciError) -> Self {
+        PullError::Oci(Box::new(e))
+    }
+}
+
+impl PullError {
+    /// What kind of failure this is.
+    pub fn kind(&self) -> ErrorKind {
+        use PullError as E;
+        match self {
+            E::Name(e) => e.kind(),
+            E::Request(_) | E::KernelRefForCatalog(_) | E::NameForCatalog(_) => ErrorKind::Invalid,
+            E::NoKernelNamed(_) => ErrorKind::NotFound,
+            E::Catalog(e) => catalog_kind(e),
+            E::Oci(e) => oci_kind(e),
+            E::DefaultImage(e) => e.kind(),
+            E::Failed(_) => ErrorKind::Failed,
+            E::Store(e) => store_kind(e),
+        }
     }
 }

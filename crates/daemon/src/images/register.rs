@@ -2,19 +2,19 @@
 
 use super::*;
 use crate::error::{Chain, store_kind};
+use crate::vm::DeleteError;
 use crate::vm::now_rfc3339;
-use crate::{Daemon, DaemonError, ErrorKind};
+use crate::{Daemon, ErrorKind};
 use banger_api::images::RegisterImageRequest;
 use banger_model::{ImageRecord, KernelRecord};
 use banger_store::StoreError;
 use std::sync::Arc;
 
 impl Daemon {
-    pub(crate) fn refuse_existing_image(&self, name: &str) -> Result<(), DaemonError> {
+    /// Refuses a name an image has already.
+    pub(crate) fn refuse_existing_image(&self, name: &str) -> Result<(), NameError> {
         if self.store.get_image(name).is_ok() {
-            return Err(DaemonError::Conflict(format!(
-                "image {name} already exists: delete it first (banger image delete {name}) or choose another name"
-            )));
+            return Err(NameError::ImageExists(name.to_string()));
         }
         Ok(())
     }
@@ -25,7 +25,7 @@ impl Daemon {
         req: RegisterImageRequest,
     ) -> Result<ImageRecord, RegisterError> {
         let name = req.name.as_str();
-        check_name("image", name).map_err(|e| RegisterError::Other(Box::new(e)))?;
+        check_name("image", name)?;
         let rootfs = regular_file("rootfs", &req.rootfs)?;
         let work_seed = req
             .work_seed
@@ -65,10 +65,7 @@ impl Daemon {
                 if existing.as_ref().is_some_and(KernelRecord::is_managed) {
                     return Err(RegisterError::ManagedKernel(name.to_string()));
                 }
-                let (vmlinux, dir) = self
-                    .registered_vmlinux(name, &kernel)
-                    .await
-                    .map_err(|e| RegisterError::Other(Box::new(e)))?;
+                let (vmlinux, dir) = self.registered_vmlinux(name, &kernel).await?;
                 let k = KernelRecord {
                     name: name.to_string(),
                     release: bzimage_release(&kernel),
@@ -149,9 +146,7 @@ impl Daemon {
             }
             for vm in &users {
                 tracing::info!(image = name, vm = %vm, "deleting VM with its image (--force)");
-                self.delete_vm(vm)
-                    .await
-                    .map_err(|e| DeleteImageError::DeleteVm(Box::new(e)))?;
+                self.delete_vm(vm).await?;
             }
         }
         let _guard = self.image_lock.lock().await;
@@ -199,13 +194,20 @@ pub enum RegisterError {
     )]
     ManagedKernel(String),
     #[error(transparent)]
+    Name(#[from] NameError),
+    /// The kernel file yields no vmlinux Firecracker can boot.
+    #[error(
+        "kernel {} cannot be booted by Firecracker: {why}; give a bzImage compressed with gzip, xz, zstd, lz4 or lzma, or its uncompressed ELF vmlinux",
+        .kernel.display()
+    )]
+    KernelUnusable { kernel: PathBuf, why: String },
+    /// Making the kernel's directory or extracting its vmlinux failed.
+    #[error("{0:#}")]
+    Vmlinux(anyhow::Error),
+    #[error(transparent)]
     File(#[from] FileError),
     #[error("{}", Chain(.0))]
     Store(#[from] StoreError),
-    /// The name rule and the kernel's vmlinux, whose errors are not typed
-    /// yet: their own kind and message.
-    #[error(transparent)]
-    Other(Box<DaemonError>),
 }
 
 impl RegisterError {
@@ -213,12 +215,15 @@ impl RegisterError {
     pub fn kind(&self) -> ErrorKind {
         use RegisterError as E;
         match self {
-            E::ManagedImage(_) | E::ManagedKernel(_) => ErrorKind::Conflict,
+            E::ManagedImage(_) | E::ManagedKernel(_) | E::KernelUnusable { .. } => {
+                ErrorKind::Conflict
+            }
             E::TwoKernels | E::NoKernel | E::InitrdWithRef => ErrorKind::Invalid,
             E::NoKernelNamed(_) => ErrorKind::NotFound,
+            E::Name(e) => e.kind(),
+            E::Vmlinux(_) => ErrorKind::Failed,
             E::File(e) => e.kind(),
             E::Store(e) => store_kind(e),
-            E::Other(e) => e.kind(),
         }
     }
 }
@@ -237,7 +242,7 @@ pub enum DeleteImageError {
     Used { name: String, vms: Vec<String> },
     /// Deleting one of its VMs (`--force`) failed.
     #[error(transparent)]
-    DeleteVm(Box<DaemonError>),
+    DeleteVm(#[from] DeleteError),
     /// The store failed, or refused: the image is still in use.
     #[error("{}", Chain(.0))]
     Store(#[from] StoreError),

@@ -10,7 +10,7 @@ use crate::vm::admit::NewVm;
 use crate::vm::ready::{OnFailure, Readiness, Unready};
 use crate::vm::settings::ResourceError;
 use crate::warm::plan::{ColdReason, StartPlan};
-use crate::{Daemon, DaemonError, ErrorKind};
+use crate::{Daemon, ErrorKind};
 use anyhow::{Context, anyhow};
 use banger_api::{CreateVmRequest, PlannedVm, ProgressSink, Step};
 use banger_config::{HostResources, apply_flags, effective_defaults};
@@ -371,10 +371,12 @@ pub enum CreateError {
     /// Recording the VM's state failed or was refused.
     #[error(transparent)]
     State(#[from] StateError),
-    /// The image (its name, its pull), whose errors are not typed yet:
-    /// their own kind and message.
+    /// The image name breaks its rule.
     #[error(transparent)]
-    Other(Box<DaemonError>),
+    ImageName(#[from] crate::images::NameError),
+    /// The image is missing, or making the default image failed.
+    #[error(transparent)]
+    Image(#[from] crate::images::EnsureError),
 }
 
 impl CreateError {
@@ -394,14 +396,9 @@ impl CreateError {
             E::Store(e) => store_kind(e),
             E::Net(e) => e.kind(),
             E::State(e) => e.kind(),
-            E::Other(e) => e.kind(),
+            E::ImageName(e) => e.kind(),
+            E::Image(e) => e.kind(),
         }
-    }
-}
-
-impl From<DaemonError> for CreateError {
-    fn from(e: DaemonError) -> Self {
-        CreateError::Other(Box::new(e))
     }
 }
 
@@ -495,8 +492,9 @@ mod tests {
             matches!(e, CreateError::Resources(ResourceError::Vcpu)),
             "{e:?}"
         );
-        // An untyped part's error keeps its own kind through the edge type.
-        let e = CreateError::from(DaemonError::Conflict("no free address".into()));
-        assert_eq!(DaemonError::from(e).kind(), ErrorKind::Conflict);
+        // The network's error keeps its own kind through the edge type.
+        let e = CreateError::from(crate::net::NetError::NotInitialised);
+        let kind = crate::net::NetError::NotInitialised.kind();
+        assert_eq!(DaemonError::from(e).kind(), kind);
     }
 }

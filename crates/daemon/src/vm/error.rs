@@ -104,6 +104,29 @@ impl From<StoreError> for AgentError {
     }
 }
 
+/// Why a VM was not deleted.
+#[derive(Debug, thiserror::Error)]
+pub enum DeleteError {
+    #[error(transparent)]
+    Lookup(#[from] LookupError),
+    /// Stopping its VMM or removing its directory failed.
+    #[error("{0:#}")]
+    Failed(#[from] anyhow::Error),
+    #[error("{}", Chain(.0))]
+    Store(#[from] StoreError),
+}
+
+impl DeleteError {
+    /// What kind of failure this is.
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            DeleteError::Lookup(e) => e.kind(),
+            DeleteError::Failed(_) => ErrorKind::Failed,
+            DeleteError::Store(e) => store_kind(e),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -28,7 +28,7 @@ pub(crate) use boot::{
     BootCtx, BootPurpose, TEMPLATE_MAC, WRITABLE_ROOT_WORK_DEVICE, console_tail,
 };
 pub use create::CreateError;
-pub use error::{AgentError, LookupError};
+pub use error::{AgentError, DeleteError, LookupError};
 pub(crate) use exit::cap_logs;
 pub use initramfs::BootInfoError;
 pub(crate) use initramfs::{BOOT_INITRD_FILE, BootFacts, BootInitrd};
@@ -126,7 +126,7 @@ impl Daemon {
     }
 
     /// Stops the VM if it runs, then removes its disks, directory and record.
-    pub async fn delete_vm(self: &Arc<Self>, r: &str) -> Result<VmRecord, DaemonError> {
+    pub async fn delete_vm(self: &Arc<Self>, r: &str) -> Result<VmRecord, DeleteError> {
         // Re-read under the lock: a concurrent delete may have won.
         let cx = self.lock_vm(r).await?;
         let vm = &cx.vm;

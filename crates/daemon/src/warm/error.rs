@@ -1,8 +1,9 @@
 //! Why a template was not made, listed or dropped ([`TemplateError`]).
 
+use crate::ErrorKind;
 use crate::error::{Chain, NoBackend, store_kind};
-use crate::vm::{BootError, LookupError};
-use crate::{DaemonError, ErrorKind};
+use crate::images::EnsureError;
+use crate::vm::{BootError, CreateError, DeleteError, LookupError};
 use banger_store::StoreError;
 
 /// Why a template build (or a template list or drop) failed.
@@ -33,10 +34,15 @@ pub enum TemplateError {
     Failed(#[from] anyhow::Error),
     #[error("{}", Chain(.0))]
     Store(#[from] StoreError),
-    /// The image (its lookup or pull) and the transient VM's record and
-    /// removal, whose errors are not typed yet: their own kind and message.
+    /// The image is missing, or making the default image failed.
     #[error(transparent)]
-    Other(Box<DaemonError>),
+    Image(#[from] EnsureError),
+    /// Recording the transient VM failed.
+    #[error(transparent)]
+    TransientVm(#[from] CreateError),
+    /// Removing a transient VM left over by an interrupted build failed.
+    #[error(transparent)]
+    DeleteVm(#[from] DeleteError),
 }
 
 impl TemplateError {
@@ -51,14 +57,10 @@ impl TemplateError {
             E::Boot(e) => e.kind(),
             E::Lookup(e) => e.kind(),
             E::Store(e) => store_kind(e),
-            E::Other(e) => e.kind(),
+            E::Image(e) => e.kind(),
+            E::TransientVm(e) => e.kind(),
+            E::DeleteVm(e) => e.kind(),
         }
-    }
-}
-
-impl From<DaemonError> for TemplateError {
-    fn from(e: DaemonError) -> Self {
-        TemplateError::Other(Box::new(e))
     }
 }
 
@@ -93,11 +95,9 @@ mod tests {
         assert_eq!(e.to_string(), "saving the template: disk full");
         let e = TemplateError::from(StoreError::NotFound("image nope".into()));
         assert_eq!(e.kind(), ErrorKind::NotFound);
-        // An untyped part's error keeps its kind through the edge type.
-        let e = DaemonError::from(TemplateError::from(DaemonError::Conflict("busy".into())));
-        assert_eq!(
-            (e.kind(), e.to_string().as_str()),
-            (ErrorKind::Conflict, "busy")
-        );
+        // The transient VM's own error keeps its kind and message.
+        let e = TemplateError::from(CreateError::NoFreeName);
+        assert_eq!(e.kind(), ErrorKind::Failed);
+        assert_eq!(e.to_string(), CreateError::NoFreeName.to_string());
     }
 }

@@ -22,7 +22,7 @@ pub(crate) mod session_socket;
 /// as NDJSON events (see [`progress::sink`]), its result ends the stream as `done(..)` or
 /// `error(..)`, and its token is cancelled when the client goes away or the
 /// daemon shuts down.
-pub(crate) fn operation<E, T, F, Fut>(
+pub(crate) fn operation<E, T, Er, F, Fut>(
     d: Shared,
     done: fn(T) -> E,
     error: fn(ApiError) -> E,
@@ -31,8 +31,9 @@ pub(crate) fn operation<E, T, F, Fut>(
 where
     E: progress::ProgressEvents + Serialize,
     T: 'static,
+    Er: Into<DaemonError>,
     F: FnOnce(Shared, ProgressSink, CancellationToken) -> Fut + Send + 'static,
-    Fut: std::future::Future<Output = Result<T, DaemonError>> + Send + 'static,
+    Fut: std::future::Future<Output = Result<T, Er>> + Send + 'static,
 {
     let (tx, rx) = mpsc::unbounded_channel();
     let cancel = d.shutdown.child_token();
@@ -41,6 +42,7 @@ where
         let ev = match op(d, progress::sink(&tx), cancel).await {
             Ok(v) => done(v),
             Err(e) => {
+                let e: DaemonError = e.into();
                 tracing::warn!(error = %e, "streamed operation failed");
                 error(e.to_api())
             }

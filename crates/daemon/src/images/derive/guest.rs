@@ -1,7 +1,6 @@
 //! Provisioning steps run in the transient VM through its agent.
 
 use super::*;
-use crate::DaemonError;
 use anyhow::Context;
 use banger_agent_proto::ExecRequest;
 use banger_agent_proto::client::{AgentClient, ExecEvent};
@@ -78,11 +77,9 @@ pub(super) async fn fetch_verified(
     f: HostFile,
     path: &Path,
     cancel: &CancellationToken,
-) -> Result<(), DaemonError> {
+) -> anyhow::Result<()> {
     let (url, want) = f.source();
-    banger_image::mise::fetch_sha512(url, want, path, cancel)
-        .await
-        .map_err(|e| DaemonError::Failed(e.into()))
+    Ok(banger_image::mise::fetch_sha512(url, want, path, cancel).await?)
 }
 
 /// The last lines of a process's output.

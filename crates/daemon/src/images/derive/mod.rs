@@ -17,17 +17,22 @@
 mod guest;
 mod publish;
 
-use crate::images::check_name;
+use crate::error::{Chain, NoBackend, store_kind};
+use crate::images::{EnsureError, NameError, check_name};
 use crate::vm::admit::NewVm;
 use crate::vm::power::{Ask, PowerOff};
-use crate::vm::{BootCtx, BootError, WRITABLE_ROOT_WORK_DEVICE, console_tail, now_rfc3339};
-use crate::{Daemon, DaemonError};
+use crate::vm::{
+    BootCtx, BootError, CreateError, DeleteError, LookupError, WRITABLE_ROOT_WORK_DEVICE,
+    console_tail, now_rfc3339,
+};
+use crate::{Daemon, ErrorKind};
 use anyhow::{Context, anyhow};
 use banger_api::{ProgressSink, Step};
 use banger_config::{HostResources, apply_flags, effective_defaults};
 use banger_image::derive::{DeriveOptions, GuestStep, check_packages, provisioning_steps};
 use banger_model::{ImageRecord, VmName, VmRecord, VmSpec};
 use banger_storage::{VmDisks, WorkSource};
+use banger_store::StoreError;
 use banger_vmm::VmPaths;
 use guest::*;
 use publish::*;
@@ -80,12 +85,10 @@ fn in_progress() -> &'static Mutex<HashSet<String>> {
 struct BuildClaim(String);
 
 impl BuildClaim {
-    fn take(name: &str) -> Result<Self, DaemonError> {
+    fn take(name: &str) -> Result<Self, DeriveError> {
         let mut set = in_progress().lock().unwrap_or_else(|p| p.into_inner());
         if !set.insert(name.to_string()) {
-            return Err(DaemonError::Conflict(format!(
-                "image {name} is being built right now: wait for that build to finish"
-            )));
+            return Err(DeriveError::Busy(name.to_string()));
         }
         Ok(Self(name.to_string()))
     }
@@ -116,15 +119,13 @@ impl Daemon {
         req: DeriveRequest<'_>,
         progress: &ProgressSink,
         cancel: CancellationToken,
-    ) -> Result<ImageRecord, DaemonError> {
+    ) -> Result<ImageRecord, DeriveError> {
         let name = req.name;
         check_name("image", name)?;
         if name == req.base {
-            return Err(DaemonError::Invalid(format!(
-                "--name {name} is the base image: give the derived image another name"
-            )));
+            return Err(DeriveError::SameAsBase(name.to_string()));
         }
-        check_packages(req.packages).map_err(|e| DaemonError::Invalid(e.to_string()))?;
+        check_packages(req.packages).map_err(DeriveError::Plan)?;
         self.refuse_existing_image(name)?;
         let _claim = BuildClaim::take(name)?;
         let plan = provisioning_steps(&DeriveOptions {
@@ -132,7 +133,7 @@ impl Daemon {
             packages: req.packages.to_vec(),
             work_device: WRITABLE_ROOT_WORK_DEVICE.into(),
         })
-        .map_err(|e| DaemonError::Invalid(e.to_string()))?;
+        .map_err(DeriveError::Plan)?;
         let base = self.ensure_image(req.base, progress, &cancel).await?;
 
         let vm_name = transient_vm_name(name);
@@ -171,14 +172,14 @@ impl Daemon {
             }
             (Ok(files), Err(e)) => {
                 remove_dir(&files.dir).await;
-                Err(DaemonError::Failed(anyhow!(
+                Err(DeriveError::Failed(anyhow!(
                     "removing the transient VM {vm_name} failed, so image {name} was not registered: {e}"
                 )))
             }
             (Err(e), Ok(_)) => Err(e),
             (Err(e), Err(e2)) => {
                 tracing::warn!(vm = %vm_name, error = %e2, "transient VM not removed");
-                Err(DaemonError::Failed(anyhow!(
+                Err(DeriveError::Failed(anyhow!(
                     "{e}; also, removing the transient VM {vm_name} failed ({e2}): delete it with `banger vm delete {vm_name}`"
                 )))
             }
@@ -190,7 +191,7 @@ impl Daemon {
         self: &Arc<Self>,
         vm_name: &str,
         base: &ImageRecord,
-    ) -> Result<VmRecord, DaemonError> {
+    ) -> Result<VmRecord, CreateError> {
         let defaults = effective_defaults(&self.config.vm_defaults, &HostResources::detect());
         let spec = apply_flags(defaults, None, None, None);
         // The guest downloads packages: bridge networking needs NAT for
@@ -209,9 +210,9 @@ impl Daemon {
         image: &str,
         spec: VmSpec,
         nat: bool,
-    ) -> Result<VmRecord, DaemonError> {
-        self.vmm()?;
-        let name = VmName::parse(vm_name).map_err(|e| DaemonError::Invalid(e.to_string()))?;
+    ) -> Result<VmRecord, CreateError> {
+        self.backend_vmm()?;
+        let name = VmName::parse(vm_name)?;
         let new = NewVm {
             name,
             image: image.to_string(),
@@ -236,10 +237,10 @@ impl Daemon {
         plan: &[GuestStep],
         progress: &ProgressSink,
         cancel: &CancellationToken,
-    ) -> Result<DerivedFiles, DaemonError> {
+    ) -> Result<DerivedFiles, DeriveError> {
         let guard = self.lock_vm_id(&vm.id).await?;
         let mut vm = guard.vm.clone();
-        let vmm = self.vmm()?.clone();
+        let vmm = self.backend_vmm()?.clone();
         let kernel = self.store.get_kernel(&base.kernel)?;
         let disks = VmDisks::in_dir(&vm.dir);
         let root = vm.dir.join(ROOTFS_FILE);
@@ -304,11 +305,12 @@ impl Daemon {
                     &VmPaths::new(&vm.dir).console_log(),
                     crate::vm::CONSOLE_LINES,
                 );
-                return Err(DaemonError::Failed(anyhow!(
+                return Err(DeriveError::Failed(anyhow!(
                     "the transient VM did not come up; last console lines:\n{tail}"
                 )));
             }
-            Err(e) => return Err(e.into()),
+            Err(BootError::Failed(e)) => return Err(DeriveError::Failed(e)),
+            Err(e) => return Err(DeriveError::Boot(e)),
         }
         let agent = self
             .agent(&vm.id)
@@ -332,18 +334,18 @@ impl Daemon {
         {
             PowerOff::Exited => {}
             PowerOff::Unwatched => {
-                return Err(DaemonError::Failed(anyhow!(
+                return Err(DeriveError::Failed(anyhow!(
                     "the transient VM's VMM is not watched; cannot tell when it powers off"
                 )));
             }
             PowerOff::NotAsked(e) => {
-                return Err(DaemonError::Failed(
+                return Err(DeriveError::Failed(
                     e.context("asking the guest to power off"),
                 ));
             }
-            PowerOff::Cancelled => return Err(DaemonError::Failed(anyhow!(self.cancel_reason()))),
+            PowerOff::Cancelled => return Err(DeriveError::Failed(anyhow!(self.cancel_reason()))),
             PowerOff::TimedOut => {
-                return Err(DaemonError::Failed(anyhow!(
+                return Err(DeriveError::Failed(anyhow!(
                     "the guest did not power off within {}s, so its disks may be inconsistent; the image was not saved",
                     POWEROFF_TIMEOUT.as_secs()
                 )));
@@ -363,7 +365,7 @@ impl Daemon {
         tokio::task::spawn_blocking(move || publish(&images_dir, &name, &dest, &root, &work))
             .await
             .map_err(|e| anyhow!("image save worker: {e}"))?
-            .map_err(DaemonError::Failed)
+            .map_err(DeriveError::Failed)
     }
 
     /// Records the derived image, or removes its files if that fails.
@@ -372,11 +374,11 @@ impl Daemon {
         name: &str,
         base: &ImageRecord,
         files: DerivedFiles,
-    ) -> Result<ImageRecord, DaemonError> {
+    ) -> Result<ImageRecord, DeriveError> {
         let _guard = self.image_lock.lock().await;
         if let Err(e) = self.refuse_existing_image(name) {
             remove_dir(&files.dir).await;
-            return Err(e);
+            return Err(e.into());
         }
         let image = ImageRecord {
             name: name.to_string(),
@@ -393,6 +395,61 @@ impl Daemon {
         }
         tracing::info!(image = name, base = %base.name, "derived image registered");
         Ok(image)
+    }
+}
+
+/// Why a derived image (`image build --from-image`) was not made.
+#[derive(Debug, thiserror::Error)]
+pub enum DeriveError {
+    #[error(transparent)]
+    Name(#[from] NameError),
+    #[error("--name {0} is the base image: give the derived image another name")]
+    SameAsBase(String),
+    /// A package name or the provisioning plan is not valid.
+    #[error("{0}")]
+    Plan(banger_image::ImageError),
+    /// This daemon is deriving an image of this name already.
+    #[error("image {0} is being built right now: wait for that build to finish")]
+    Busy(String),
+    /// The base image is missing, or making the default one failed.
+    #[error(transparent)]
+    Base(#[from] EnsureError),
+    /// Recording the transient VM failed.
+    #[error(transparent)]
+    TransientVm(#[from] CreateError),
+    /// Removing a transient VM left over by an interrupted build failed.
+    #[error(transparent)]
+    DeleteVm(#[from] DeleteError),
+    #[error(transparent)]
+    Lookup(#[from] LookupError),
+    #[error(transparent)]
+    NoBackend(#[from] NoBackend),
+    /// Recording the transient VM's state during its boot failed.
+    #[error(transparent)]
+    Boot(BootError),
+    /// Booting, provisioning, powering off, checking or saving failed.
+    #[error("{0:#}")]
+    Failed(#[from] anyhow::Error),
+    #[error("{}", Chain(.0))]
+    Store(#[from] StoreError),
+}
+
+impl DeriveError {
+    /// What kind of failure this is.
+    pub fn kind(&self) -> ErrorKind {
+        use DeriveError as E;
+        match self {
+            E::Name(e) => e.kind(),
+            E::SameAsBase(_) | E::Plan(_) => ErrorKind::Invalid,
+            E::Busy(_) => ErrorKind::Conflict,
+            E::Base(e) => e.kind(),
+            E::TransientVm(e) => e.kind(),
+            E::Boot(e) => e.kind(),
+            E::DeleteVm(e) => e.kind(),
+            E::Lookup(e) => e.kind(),
+            E::NoBackend(_) | E::Failed(_) => ErrorKind::Failed,
+            E::Store(e) => store_kind(e),
+        }
     }
 }
 
@@ -414,10 +471,12 @@ mod tests {
     #[test]
     fn a_name_is_built_once_at_a_time() {
         let a = BuildClaim::take("claim-test").expect("first");
-        assert!(matches!(
-            BuildClaim::take("claim-test"),
-            Err(DaemonError::Conflict(_))
-        ));
+        let e = BuildClaim::take("claim-test").err().expect("taken");
+        assert_eq!(e.kind(), ErrorKind::Conflict);
+        assert_eq!(
+            e.to_string(),
+            "image claim-test is being built right now: wait for that build to finish"
+        );
         drop(a);
         BuildClaim::take("claim-test").expect("free again");
     }

@@ -1,7 +1,6 @@
 //! Saving a derived image: checking its file systems and moving them into the image store.
 
 use super::*;
-use crate::DaemonError;
 use anyhow::Context;
 use std::path::{Path, PathBuf};
 use tokio_util::sync::CancellationToken;
@@ -13,11 +12,10 @@ pub(super) struct DerivedFiles {
     pub(super) work_seed: PathBuf,
 }
 
-pub(super) fn file_len(p: &Path) -> Result<u64, DaemonError> {
+pub(super) fn file_len(p: &Path) -> anyhow::Result<u64> {
     std::fs::metadata(p)
         .map(|m| m.len())
         .with_context(|| format!("reading {}", p.display()))
-        .map_err(Into::into)
 }
 
 pub(super) async fn remove_dir(dir: &Path) {
@@ -30,11 +28,10 @@ pub(super) async fn remove_dir(dir: &Path) {
 
 /// `e2fsck -fn`: the guest powered off cleanly, so both file systems must
 /// be clean; anything else means they are not fit to become an image.
-pub(super) async fn fsck(disk: &Path, cancel: &CancellationToken) -> Result<(), DaemonError> {
+pub(super) async fn fsck(disk: &Path, cancel: &CancellationToken) -> anyhow::Result<()> {
     banger_ext4::check(disk, &|_| {}, cancel)
         .await
         .with_context(|| format!("checking {}", disk.display()))
-        .map_err(Into::into)
 }
 
 /// Moves the root file system and work disk into `images_dir/<name>/`
