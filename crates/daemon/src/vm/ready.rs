@@ -20,6 +20,13 @@ use std::time::{Duration, Instant};
 use tokio::io::AsyncReadExt;
 use tokio_util::sync::CancellationToken;
 
+/// The first pause between sshd probes: a warm VM's sshd starts right
+/// after its restore, within tens of milliseconds.
+const SSHD_POLL_FIRST: Duration = Duration::from_millis(20);
+/// The longest pause between sshd probes (a cold boot's sshd comes with
+/// systemd, seconds later).
+const SSHD_POLL_MAX: Duration = Duration::from_millis(500);
+
 /// What a boot waits for beyond its agent's greeting.
 #[derive(Debug, Clone, Copy, Default)]
 pub(crate) struct Readiness {
@@ -114,6 +121,7 @@ impl Daemon {
         };
         let started = Instant::now();
         let mut waited = false;
+        let mut pause = SSHD_POLL_FIRST;
         loop {
             if ssh_banner(addr).await {
                 if waited {
@@ -143,9 +151,10 @@ impl Daemon {
                 );
             }
             tokio::select! {
-                _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+                _ = tokio::time::sleep(pause) => {}
                 _ = cancel.cancelled() => return Err(Unready::Cancelled(self.cancel_reason())),
             }
+            pause = (pause * 2).min(SSHD_POLL_MAX);
         }
     }
 
