@@ -9,9 +9,10 @@ use crate::images::{
     Missing, NameError, PullError, RegisterError,
 };
 use crate::net::NetError;
+use crate::sessions::SessionError;
 use crate::vm::{
-    AgentError, BootError, BootInfoError, CreateError, DeleteError, KillError, LookupError,
-    ResourceError, RestartError, SetError, StartError, StopError, WaitError,
+    AgentError, BootError, BootInfoError, CreateError, DeleteError, KillError, LogsError,
+    LookupError, ResourceError, RestartError, SetError, StartError, StopError, WaitError,
 };
 use crate::warm::TemplateError;
 use banger_store::StoreError;
@@ -34,14 +35,17 @@ pub enum ErrorKind {
 /// by [`DaemonError::kind`].
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
-    #[error("{0}")]
-    NotFound(String),
-    #[error("{0}")]
-    Conflict(String),
+    /// A request the HTTP front end refuses by its own checks (a session
+    /// name, an empty command, an attach socket path too long).
     #[error("{0}")]
     Invalid(String),
+    /// The HTTP front end's own failures (an attach socket) and the
+    /// internal benchmark routes.
     #[error("{0:#}")]
     Failed(#[from] anyhow::Error),
+    /// A store call of a plain read (list or get a record).
+    #[error("{}", Chain(.0))]
+    Store(#[from] StoreError),
     #[error(transparent)]
     Lookup(#[from] LookupError),
     #[error(transparent)]
@@ -92,16 +96,19 @@ pub enum DaemonError {
     Build(#[from] BuildError),
     #[error(transparent)]
     Derive(#[from] DeriveError),
+    #[error(transparent)]
+    Session(#[from] SessionError),
+    #[error(transparent)]
+    Logs(#[from] LogsError),
 }
 
 impl DaemonError {
     /// What kind of failure this is.
     pub fn kind(&self) -> ErrorKind {
         match self {
-            DaemonError::NotFound(_) => ErrorKind::NotFound,
-            DaemonError::Conflict(_) => ErrorKind::Conflict,
             DaemonError::Invalid(_) => ErrorKind::Invalid,
             DaemonError::Failed(_) => ErrorKind::Failed,
+            DaemonError::Store(e) => store_kind(e),
             DaemonError::Lookup(e) => e.kind(),
             DaemonError::Agent(e) => e.kind(),
             DaemonError::Start(e) => e.kind(),
@@ -127,6 +134,8 @@ impl DaemonError {
             DaemonError::Bundle(e) => e.kind(),
             DaemonError::Build(e) => e.kind(),
             DaemonError::Derive(e) => e.kind(),
+            DaemonError::Session(e) => e.kind(),
+            DaemonError::Logs(e) => e.kind(),
         }
     }
 }
@@ -161,17 +170,6 @@ impl std::fmt::Display for Chain<'_> {
             cause = c.source();
         }
         Ok(())
-    }
-}
-
-impl From<StoreError> for DaemonError {
-    fn from(e: StoreError) -> Self {
-        match store_kind(&e) {
-            ErrorKind::NotFound => DaemonError::NotFound(e.to_string()),
-            ErrorKind::Invalid => DaemonError::Invalid(e.to_string()),
-            ErrorKind::Conflict => DaemonError::Conflict(e.to_string()),
-            ErrorKind::Failed => DaemonError::Failed(e.into()),
-        }
     }
 }
 

@@ -2,10 +2,10 @@
 //! stop, their logs, and the checks before an attach.
 
 use crate::vm::AgentError;
-use crate::{Daemon, DaemonError};
+use crate::{Daemon, ErrorKind};
 use banger_agent_proto::client::{AgentClient, ClientError, ExecEvent, ExecSession};
 use banger_agent_proto::{OutputStream, SessionInfo, SessionSpec, StdinMode, TtySize};
-use banger_model::VmRecord;
+use banger_model::{VmName, VmRecord};
 use futures::Stream;
 
 /// A live session to attach to, and what the attach socket needs.
@@ -17,9 +17,9 @@ pub(crate) struct Attach {
 
 impl Daemon {
     /// Sessions of a running VM, running and ended.
-    pub(crate) async fn list_sessions(&self, vm: &str) -> Result<Vec<SessionInfo>, DaemonError> {
+    pub(crate) async fn list_sessions(&self, vm: &str) -> Result<Vec<SessionInfo>, AgentError> {
         let (_, agent) = self.running_agent(vm)?;
-        Ok(agent.session_list().await.map_err(AgentError::from)?)
+        Ok(agent.session_list().await?)
     }
 
     /// Starts a supervised session in a running VM.
@@ -27,9 +27,9 @@ impl Daemon {
         &self,
         vm: &str,
         spec: SessionSpec,
-    ) -> Result<SessionInfo, DaemonError> {
+    ) -> Result<SessionInfo, AgentError> {
         let (_, agent) = self.running_agent(vm)?;
-        Ok(agent.session_start(spec).await.map_err(AgentError::from)?)
+        Ok(agent.session_start(spec).await?)
     }
 
     /// Ends a session of a running VM (SIGTERM, SIGKILL after 10 s) and
@@ -38,9 +38,9 @@ impl Daemon {
         &self,
         vm: &str,
         name: &str,
-    ) -> Result<SessionInfo, DaemonError> {
+    ) -> Result<SessionInfo, AgentError> {
         let (_, agent) = self.running_agent(vm)?;
-        Ok(agent.session_stop(name).await.map_err(AgentError::from)?)
+        Ok(agent.session_stop(name).await?)
     }
 
     /// A session's ring logs (one stream, or stdout's then stderr's) and,
@@ -52,14 +52,12 @@ impl Daemon {
         name: &str,
         stream: Option<OutputStream>,
         follow: bool,
-    ) -> Result<impl Stream<Item = Vec<u8>> + Send + 'static, DaemonError> {
+    ) -> Result<impl Stream<Item = Vec<u8>> + Send + 'static, AgentError> {
         use futures::StreamExt;
         let (_, agent) = self.running_agent(vm)?;
-        let mut logs = agent
-            .session_logs(name, stream, follow)
-            .map_err(AgentError::from)?;
+        let mut logs = agent.session_logs(name, stream, follow)?;
         // The first event tells an unknown session from an empty log.
-        let first = next_bytes(&mut logs).await.map_err(AgentError::from)?;
+        let first = next_bytes(&mut logs).await?;
         let head = futures::stream::iter(first);
         let rest = futures::stream::unfold(logs, |mut logs| async move {
             match next_bytes(&mut logs).await {
@@ -78,19 +76,19 @@ impl Daemon {
         vm: &str,
         name: &str,
         size: Option<TtySize>,
-    ) -> Result<Attach, DaemonError> {
+    ) -> Result<Attach, SessionError> {
         let (rec, agent) = self.running_agent(vm)?;
         let all = agent.session_list().await.map_err(AgentError::from)?;
         let Some(info) = all.into_iter().find(|s| s.name == name) else {
-            return Err(DaemonError::NotFound(format!(
-                "VM {} has no session named {name:?}: `banger vm session list {}` shows them",
-                rec.name, rec.name
-            )));
+            return Err(SessionError::NoSession {
+                vm: rec.name,
+                name: name.to_string(),
+            });
         };
         if info.status.is_some() {
-            return Err(DaemonError::Conflict(format!(
-                "session {name:?} has ended: `banger vm session logs` shows its output"
-            )));
+            return Err(SessionError::Ended {
+                name: name.to_string(),
+            });
         }
         if let Some(size) = size
             && info.stdin == StdinMode::Tty
@@ -105,6 +103,31 @@ impl Daemon {
             agent,
             session: info,
         })
+    }
+}
+
+/// Why a session cannot be attached to.
+#[derive(Debug, thiserror::Error)]
+pub enum SessionError {
+    /// The VM is not running, its agent is unreachable or refused.
+    #[error(transparent)]
+    Agent(#[from] AgentError),
+    /// The VM has no session of this name.
+    #[error("VM {vm} has no session named {name:?}: `banger vm session list {vm}` shows them")]
+    NoSession { vm: VmName, name: String },
+    /// The session has ended: there is nothing to attach to.
+    #[error("session {name:?} has ended: `banger vm session logs` shows its output")]
+    Ended { name: String },
+}
+
+impl SessionError {
+    /// What kind of failure this is.
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            SessionError::Agent(e) => e.kind(),
+            SessionError::NoSession { .. } => ErrorKind::NotFound,
+            SessionError::Ended { .. } => ErrorKind::Conflict,
+        }
     }
 }
 

@@ -406,12 +406,15 @@ mod tests {
     fn each_kind_has_one_status_and_code() {
         let cases = [
             (
-                DaemonError::NotFound("gone".into()),
+                crate::vm::LookupError::NotFound("gone".into()).into(),
                 StatusCode::NOT_FOUND,
                 "not_found",
             ),
             (
-                DaemonError::Conflict("busy".into()),
+                crate::sessions::SessionError::Ended {
+                    name: "busy".into(),
+                }
+                .into(),
                 StatusCode::CONFLICT,
                 "conflict",
             ),
@@ -576,6 +579,72 @@ mod tests {
             assert_eq!((e.status(), e.code()), (status, code), "{e:?}");
             let api = e.to_api();
             assert_eq!((api.code.as_str(), api.message.as_str()), (code, message));
+        }
+    }
+    /// One error of each type the session, log, list/get and template
+    /// checks gained: the status, `code` and message each had as a string
+    /// variant.
+    #[test]
+    fn session_log_and_read_errors_keep_their_status_code_and_text() {
+        use crate::images::Missing;
+        use crate::sessions::SessionError;
+        use crate::vm::LogsError;
+        use crate::warm::TemplateError;
+        use banger_store::StoreError;
+        let vm = banger_model::VmName::parse("calm-otter").expect("name");
+        let cases: Vec<(DaemonError, StatusCode, &str)> = vec![
+            (
+                SessionError::NoSession {
+                    vm,
+                    name: "web".into(),
+                }
+                .into(),
+                StatusCode::NOT_FOUND,
+                "VM calm-otter has no session named \"web\": `banger vm session list calm-otter` shows them",
+            ),
+            (
+                SessionError::Ended { name: "web".into() }.into(),
+                StatusCode::CONFLICT,
+                "session \"web\" has ended: `banger vm session logs` shows its output",
+            ),
+            (
+                LogsError::Invalid("--tail is at most 100000 lines".into()).into(),
+                StatusCode::BAD_REQUEST,
+                "--tail is at most 100000 lines",
+            ),
+            (
+                LogsError::Read {
+                    path: "/v/console.log".into(),
+                    error: std::io::Error::other("disk full"),
+                }
+                .into(),
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "reading /v/console.log: disk full",
+            ),
+            (
+                StoreError::NotFound("no image named img".into()).into(),
+                StatusCode::NOT_FOUND,
+                "no image named img",
+            ),
+            (
+                StoreError::CreateDir {
+                    path: "/x".into(),
+                    source: std::io::Error::other("disk full"),
+                }
+                .into(),
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "creating /x: disk full",
+            ),
+            (
+                TemplateError::from(Missing::Image("img".into())).into(),
+                StatusCode::NOT_FOUND,
+                "no image named img: see `banger image list`",
+            ),
+        ];
+        for (e, status, message) in cases {
+            assert_eq!(e.status(), status, "{e:?}");
+            let api = e.to_api();
+            assert_eq!(api.message, message);
         }
     }
 }

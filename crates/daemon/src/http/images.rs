@@ -56,7 +56,7 @@ async fn warm_image(
     Json(req): Json<WarmImageRequest>,
 ) -> Response {
     if let Err(e) = d.check_warm_image(&image, &req) {
-        return e.into_response();
+        return DaemonError::from(e).into_response();
     }
     operation(
         d,
@@ -234,7 +234,7 @@ async fn build_image(State(d): State<Shared>, Json(req): Json<BuildImageRequest>
 
 #[utoipa::path(get, path = paths::IMAGES, responses((status = 200, body = Vec<ImageRecord>)))]
 async fn list_images(State(d): State<Shared>) -> Result<Json<Vec<ImageRecord>>, DaemonError> {
-    d.list_images().map(Json)
+    Ok(Json(d.list_images()?))
 }
 
 #[utoipa::path(get, path = paths::IMAGE, params(("image" = String, Path)),
@@ -243,10 +243,10 @@ async fn get_image(
     State(d): State<Shared>,
     Path(image): Path<String>,
 ) -> Result<Json<ImageRecord>, DaemonError> {
-    d.get_image(&image).map(Json)
+    Ok(Json(d.get_image(&image)?))
 }
 
 #[utoipa::path(get, path = paths::KERNELS, responses((status = 200, body = Vec<KernelRecord>)))]
 async fn list_kernels(State(d): State<Shared>) -> Result<Json<Vec<KernelRecord>>, DaemonError> {
-    d.list_kernels().map(Json)
+    Ok(Json(d.list_kernels()?))
 }

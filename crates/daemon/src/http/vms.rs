@@ -37,7 +37,7 @@ pub(super) fn router() -> OpenApiRouter<Shared> {
 
 #[utoipa::path(get, path = paths::VMS, responses((status = 200, body = Vec<VmRecord>)))]
 async fn list_vms(State(d): State<Shared>) -> Result<Json<Vec<VmRecord>>, DaemonError> {
-    d.list_vms().map(Json)
+    Ok(Json(d.list_vms()?))
 }
 
 /// Creates a VM and (by default) boots it. Answers with newline-delimited
@@ -85,7 +85,7 @@ async fn get_vm(
     State(d): State<Shared>,
     Path(vm): Path<String>,
 ) -> Result<Json<VmRecord>, DaemonError> {
-    d.get_vm(&vm).map(Json)
+    Ok(Json(d.get_vm(&vm)?))
 }
 
 /// Stops (if running) and deletes a VM and its disks.
@@ -126,7 +126,7 @@ async fn vm_stats(
     Path(vm): Path<String>,
     Query(q): Query<StatsQuery>,
 ) -> Result<Json<VmStats>, DaemonError> {
-    d.vm_stats(&vm, q.guest).await.map(Json)
+    Ok(Json(d.vm_stats(&vm, q.guest).await?))
 }
 
 /// Runs a process in a running VM over a WebSocket (protocol: `banger_api::exec`).

@@ -2,7 +2,7 @@
 
 use super::*;
 use crate::error::{Chain, store_kind};
-use crate::{Daemon, DaemonError, ErrorKind};
+use crate::{Daemon, ErrorKind};
 use anyhow::anyhow;
 use banger_model::KernelRecord;
 use banger_store::StoreError;
@@ -71,7 +71,7 @@ impl Daemon {
     /// Records the directories of kernels pulled or built before kernel
     /// records carried them (`kernels/<name>/`, made by banger under the
     /// record's own name).
-    pub(crate) fn record_legacy_kernel_dirs(&self) -> Result<(), DaemonError> {
+    pub(crate) fn record_legacy_kernel_dirs(&self) -> Result<(), StoreError> {
         for mut k in self.store.list_kernels()? {
             let own = self.paths.kernels_dir.join(&k.name);
             if k.dir.is_none() && k.kernel.parent() == Some(own.as_path()) {

@@ -19,11 +19,12 @@ pub use pull::PullError;
 pub use register::{DeleteImageError, RegisterError};
 
 use crate::error::Chain;
-use crate::{Daemon, DaemonError, ErrorKind};
+use crate::{Daemon, ErrorKind};
 use banger_api::templates::WarmImageRequest;
 use banger_api::{BuildImageRequest, ProgressSink, Step};
 use banger_catalog::CatalogError;
 use banger_model::{ImageRecord, KernelRecord};
+use banger_store::StoreError;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
@@ -103,7 +104,7 @@ pub enum EnsureError {
     #[error(transparent)]
     Build(#[from] BuildError),
     #[error("{}", Chain(.0))]
-    Store(#[from] banger_store::StoreError),
+    Store(#[from] StoreError),
 }
 
 impl EnsureError {
@@ -371,7 +372,7 @@ impl Daemon {
         &self,
         image: &str,
         req: &WarmImageRequest,
-    ) -> Result<(), DaemonError> {
+    ) -> Result<(), crate::warm::TemplateError> {
         crate::vm::settings::check_resources(req.vcpu, req.memory_mib, None)?;
         crate::images::check_name("image", image)?;
         if image == self.config.default_image_name {
@@ -423,16 +424,19 @@ impl Daemon {
         }
     }
 
-    pub fn list_images(&self) -> Result<Vec<ImageRecord>, DaemonError> {
-        Ok(self.store.list_images()?)
+    /// Every image's record.
+    pub fn list_images(&self) -> Result<Vec<ImageRecord>, StoreError> {
+        self.store.list_images()
     }
 
-    pub fn get_image(&self, name: &str) -> Result<ImageRecord, DaemonError> {
-        Ok(self.store.get_image(name)?)
+    /// The record of image `name`.
+    pub fn get_image(&self, name: &str) -> Result<ImageRecord, StoreError> {
+        self.store.get_image(name)
     }
 
-    pub fn list_kernels(&self) -> Result<Vec<KernelRecord>, DaemonError> {
-        Ok(self.store.list_kernels()?)
+    /// Every kernel's record.
+    pub fn list_kernels(&self) -> Result<Vec<KernelRecord>, StoreError> {
+        self.store.list_kernels()
     }
 }
 

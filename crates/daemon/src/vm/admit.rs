@@ -59,7 +59,7 @@ impl Daemon {
         new: NewVm,
         steps: &mut Steps<'_>,
     ) -> Result<(VmRecord, CreatingVm<'d>), CreateError> {
-        let backend = self.backend_vmm()?.backend();
+        let backend = self.vmm()?.backend();
         let id = VmId::random();
         let dir = self.paths.vms_dir.join(id.as_str());
         let admission = self.alloc_lock.lock().await;

@@ -77,7 +77,7 @@ impl Daemon {
         progress: &ProgressSink,
         cancel: CancellationToken,
     ) -> Result<VmRecord, CreateError> {
-        let vmm = self.backend_vmm()?.clone();
+        let vmm = self.vmm()?.clone();
         let _in_flight = CreateGuard::new(self);
         let name = match &req.name {
             Some(n) => VmName::parse(n)?,
@@ -495,6 +495,6 @@ mod tests {
         // The network's error keeps its own kind through the edge type.
         let e = CreateError::from(crate::net::NetError::NotInitialised);
         let kind = crate::net::NetError::NotInitialised.kind();
-        assert_eq!(DaemonError::from(e).kind(), kind);
+        assert_eq!(crate::DaemonError::from(e).kind(), kind);
     }
 }

@@ -54,7 +54,7 @@ impl Daemon {
 
     /// Ends a VM's VMM, through the backend when there is one, else by signal.
     pub(crate) async fn terminate_vmm(&self, vm: &VmRecord, pid: u32) -> anyhow::Result<()> {
-        match self.backend_vmm() {
+        match self.vmm() {
             Ok(vmm) => vmm
                 .terminate(&vm.dir, pid)
                 .await

@@ -38,7 +38,7 @@ impl Daemon {
             self.terminate_vmm(vm, pid).await?;
         }
         self.net_down(vm).await;
-        let vmm = self.backend_vmm()?.clone();
+        let vmm = self.vmm()?.clone();
         let image = self.store.get_image(&vm.image)?;
         let kernel = self.store.get_kernel(&image.kernel)?;
         // Nobody watches a start: its steps are only logged on failure.

@@ -2,9 +2,11 @@
 //! read a piece at a time from where `--tail`/`--since` start, and
 //! followed across rotation until the VM is deleted.
 
-use crate::{Daemon, DaemonError};
+use crate::vm::LookupError;
+use crate::{Daemon, ErrorKind};
 use banger_api::{LogSource, LogsQuery};
 use futures::Stream;
+use std::path::PathBuf;
 use std::sync::Arc;
 
 impl Daemon {
@@ -16,8 +18,8 @@ impl Daemon {
         self: &Arc<Self>,
         vm: &str,
         q: &LogsQuery,
-    ) -> Result<impl Stream<Item = Vec<u8>> + Send + 'static, DaemonError> {
-        q.check().map_err(DaemonError::Invalid)?;
+    ) -> Result<impl Stream<Item = Vec<u8>> + Send + 'static, LogsError> {
+        q.check().map_err(LogsError::Invalid)?;
         let vm = self.get_vm(vm)?;
         let vp = banger_vmm::VmPaths::new(&vm.dir);
         let path = match q.source {
@@ -30,8 +32,13 @@ impl Daemon {
         // previous generation of a rotated log first, then the log itself.
         // Either is read a piece at a time (never a whole file in memory).
         let filtered = q.since_ms.is_some() || q.tail.is_some();
-        let start = crate::vm::log_index::start_offset(&path, q.since_ms, q.tail)
-            .map_err(|e| DaemonError::Failed(anyhow::anyhow!("reading {}: {e}", path.display())))?;
+        let start =
+            crate::vm::log_index::start_offset(&path, q.since_ms, q.tail).map_err(|error| {
+                LogsError::Read {
+                    path: path.clone(),
+                    error,
+                }
+            })?;
         let old = banger_vmm::logcap::rotated(&path);
         let files = if !filtered && old.is_file() {
             vec![old, path]
@@ -72,6 +79,33 @@ impl Daemon {
                 }
             },
         ))
+    }
+}
+
+/// Why `vm logs` cannot stream.
+#[derive(Debug, thiserror::Error)]
+pub enum LogsError {
+    /// The query is wrong (`--tail` too large, ...); the message says how.
+    #[error("{0}")]
+    Invalid(String),
+    #[error(transparent)]
+    Lookup(#[from] LookupError),
+    /// Finding where `--since`/`--tail` start failed.
+    #[error("reading {}: {error}", .path.display())]
+    Read {
+        path: PathBuf,
+        error: std::io::Error,
+    },
+}
+
+impl LogsError {
+    /// What kind of failure this is.
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            LogsError::Invalid(_) => ErrorKind::Invalid,
+            LogsError::Lookup(e) => e.kind(),
+            LogsError::Read { .. } => ErrorKind::Failed,
+        }
     }
 }
 

@@ -33,15 +33,17 @@ pub(crate) use exit::cap_logs;
 pub use initramfs::BootInfoError;
 pub(crate) use initramfs::{BOOT_INITRD_FILE, BootFacts, BootInitrd};
 pub use lifecycle::{KillError, RestartError, StartError, StopError};
+pub use logs::LogsError;
 pub use ready::WaitError;
 pub(crate) use ready::{CONSOLE_LINES, Readiness, Unready, stopped_before_agent};
 pub use settings::{ResourceError, SetError};
 pub use state::StateError;
 
-use crate::{Daemon, DaemonError};
+use crate::Daemon;
 use banger_agent_proto::client::AgentClient;
 use banger_config::Config;
 use banger_model::{VmId, VmRecord, VmState};
+use banger_store::StoreError;
 use banger_vmm::{HostFacts, Vmm, select_backend};
 use registry::VmHandle;
 use std::sync::Arc;
@@ -117,11 +119,13 @@ pub(crate) fn now_rfc3339() -> String {
 }
 
 impl Daemon {
-    pub fn list_vms(&self) -> Result<Vec<VmRecord>, DaemonError> {
-        Ok(self.store.list_vms()?)
+    /// Every VM's record.
+    pub fn list_vms(&self) -> Result<Vec<VmRecord>, StoreError> {
+        self.store.list_vms()
     }
 
-    pub fn get_vm(&self, r: &str) -> Result<VmRecord, DaemonError> {
+    /// The record of VM ref `r` (name, id or id prefix).
+    pub fn get_vm(&self, r: &str) -> Result<VmRecord, LookupError> {
         Ok(self.store.resolve_vm(r)?)
     }
 

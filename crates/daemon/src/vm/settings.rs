@@ -3,7 +3,7 @@
 use crate::error::{Chain, store_kind};
 use crate::net::NetError;
 use crate::vm::LookupError;
-use crate::{Daemon, DaemonError, ErrorKind};
+use crate::{Daemon, ErrorKind};
 use anyhow::Context;
 use banger_agent_proto::ExecRequest;
 use banger_agent_proto::client::{AgentClient, ExecEvent};
@@ -197,7 +197,7 @@ impl Daemon {
 
     /// Host-side figures of a VM (VMM process, disks) and, with `guest`,
     /// the guest's own through its agent.
-    pub async fn vm_stats(&self, r: &str, guest: bool) -> Result<VmStats, DaemonError> {
+    pub async fn vm_stats(&self, r: &str, guest: bool) -> Result<VmStats, LookupError> {
         let vm = self.store.resolve_vm(r)?;
         let vmm = vm
             .pid

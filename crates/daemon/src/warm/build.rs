@@ -149,7 +149,7 @@ impl Daemon {
     ) -> Result<TemplateRecord, TemplateError> {
         let guard = self.lock_vm_id(&vm.id).await?;
         let mut vm = guard.vm.clone();
-        let vmm = self.backend_vmm()?.clone();
+        let vmm = self.vmm()?.clone();
         let kernel = self.store.get_kernel(&image.kernel)?;
         let disks = VmDisks::in_dir(&vm.dir);
         let disk_bytes = vm.spec.disk_bytes.value;

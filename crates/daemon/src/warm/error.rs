@@ -2,8 +2,8 @@
 
 use crate::ErrorKind;
 use crate::error::{Chain, NoBackend, store_kind};
-use crate::images::EnsureError;
-use crate::vm::{BootError, CreateError, DeleteError, LookupError};
+use crate::images::{EnsureError, Missing, NameError};
+use crate::vm::{BootError, CreateError, DeleteError, LookupError, ResourceError};
 use banger_store::StoreError;
 
 /// Why a template build (or a template list or drop) failed.
@@ -43,6 +43,15 @@ pub enum TemplateError {
     /// Removing a transient VM left over by an interrupted build failed.
     #[error(transparent)]
     DeleteVm(#[from] DeleteError),
+    /// The shape asked for is out of bounds (checked before the build).
+    #[error(transparent)]
+    Resources(#[from] ResourceError),
+    /// The image name breaks the name rule (checked before the build).
+    #[error(transparent)]
+    Name(#[from] NameError),
+    /// The image is not registered (checked before the build).
+    #[error(transparent)]
+    Missing(#[from] Missing),
 }
 
 impl TemplateError {
@@ -60,6 +69,9 @@ impl TemplateError {
             E::Image(e) => e.kind(),
             E::TransientVm(e) => e.kind(),
             E::DeleteVm(e) => e.kind(),
+            E::Resources(e) => e.kind(),
+            E::Name(e) => e.kind(),
+            E::Missing(e) => e.kind(),
         }
     }
 }

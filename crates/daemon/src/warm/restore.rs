@@ -168,10 +168,7 @@ impl Daemon {
     ) -> Result<StartInfo, RestoreError> {
         let fail = |step: &'static str| move |e: anyhow::Error| RestoreError { step, cause: e };
         let started = Instant::now();
-        let vmm = self
-            .backend_vmm()
-            .map_err(|e| fail("restore")(e.into()))?
-            .clone();
+        let vmm = self.vmm().map_err(|e| fail("restore")(e.into()))?.clone();
         let h = &template.header;
         let disks = VmDisks::in_dir(&vm.dir);
 

@@ -211,7 +211,7 @@ impl Daemon {
         spec: VmSpec,
         nat: bool,
     ) -> Result<VmRecord, CreateError> {
-        self.backend_vmm()?;
+        self.vmm()?;
         let name = VmName::parse(vm_name)?;
         let new = NewVm {
             name,
@@ -240,7 +240,7 @@ impl Daemon {
     ) -> Result<DerivedFiles, DeriveError> {
         let guard = self.lock_vm_id(&vm.id).await?;
         let mut vm = guard.vm.clone();
-        let vmm = self.backend_vmm()?.clone();
+        let vmm = self.vmm()?.clone();
         let kernel = self.store.get_kernel(&base.kernel)?;
         let disks = VmDisks::in_dir(&vm.dir);
         let root = vm.dir.join(ROOTFS_FILE);
