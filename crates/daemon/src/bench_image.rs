@@ -9,7 +9,9 @@
 //!   on 127.0.0.1 by this daemon, and installed by banger's catalog pull
 //!   (download, sha256, unpack), then by `curl | zstd -d | tar -x`.
 
-use crate::{Daemon, DaemonError};
+use crate::images::PullError;
+use crate::net::NetError;
+use crate::{Daemon, ErrorKind};
 use anyhow::{Context, anyhow};
 use banger_api::bench::{CatalogInstallBench, ImageBench, ImageBenchRequest, OciImportBench};
 use banger_api::{ProgressSink, Step};
@@ -18,6 +20,31 @@ use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
+
+/// Why a daemon-side benchmark (`/internal/bench/*`) did not finish.
+#[derive(Debug, thiserror::Error)]
+pub enum BenchError {
+    /// Networking is not started.
+    #[error(transparent)]
+    Net(#[from] NetError),
+    /// The image reference is not valid.
+    #[error(transparent)]
+    Pull(#[from] PullError),
+    /// A timed step failed; the context says which.
+    #[error("{0:#}")]
+    Failed(#[from] anyhow::Error),
+}
+
+impl BenchError {
+    /// What kind of failure this is.
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            BenchError::Net(e) => e.kind(),
+            BenchError::Pull(e) => e.kind(),
+            BenchError::Failed(_) => ErrorKind::Failed,
+        }
+    }
+}
 
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
@@ -39,9 +66,9 @@ impl Daemon {
         req: &ImageBenchRequest,
         progress: &ProgressSink,
         cancel: &CancellationToken,
-    ) -> Result<ImageBench, DaemonError> {
+    ) -> Result<ImageBench, BenchError> {
         let reference = req.reference.trim();
-        banger_oci::parse_reference(reference).map_err(crate::images::PullError::from)?;
+        banger_oci::parse_reference(reference).map_err(PullError::from)?;
         let work = self
             .paths
             .cache_dir
@@ -61,7 +88,7 @@ impl Daemon {
         work: &Path,
         progress: &ProgressSink,
         cancel: &CancellationToken,
-    ) -> Result<ImageBench, DaemonError> {
+    ) -> Result<ImageBench, BenchError> {
         progress.phase(
             Step::Oci,
             format!(
@@ -82,7 +109,7 @@ impl Daemon {
         let oci_dir = work.join("oci");
         let r = banger_oci::bench::bench_image(&opts, &oci_dir)
             .await
-            .map_err(|e| DaemonError::Failed(anyhow::Error::new(e).context("OCI import bench")))?;
+            .map_err(|e| BenchError::Failed(anyhow::Error::new(e).context("OCI import bench")))?;
         let rootfs = oci_dir.join("pull-1").join(banger_oci::ROOTFS_FILE);
         let rootfs_bytes = std::fs::metadata(&rootfs)
             .with_context(|| format!("reading {}", rootfs.display()))?
@@ -116,7 +143,7 @@ async fn catalog_bench(
     rootfs: &Path,
     work: &Path,
     cancel: &CancellationToken,
-) -> Result<CatalogInstallBench, DaemonError> {
+) -> Result<CatalogInstallBench, BenchError> {
     let listener = tokio::net::TcpListener::bind((std::net::Ipv4Addr::LOCALHOST, 0))
         .await
         .context("binding a loopback port for the bundle server")?;
@@ -137,7 +164,7 @@ async fn catalog_bench(
         cancel,
     )
     .await
-    .map_err(|e| DaemonError::Failed(anyhow::Error::new(e).context("bundling for the bench")))?;
+    .map_err(|e| BenchError::Failed(anyhow::Error::new(e).context("bundling for the bench")))?;
     let server = serve_file(listener, bundle.path.clone()).await?;
 
     let opts = banger_catalog::PullOptions {
@@ -152,7 +179,7 @@ async fn catalog_bench(
         &opts,
     )
     .await
-    .map_err(|e| DaemonError::Failed(anyhow::Error::new(e).context("catalog install bench")))?;
+    .map_err(|e| BenchError::Failed(anyhow::Error::new(e).context("catalog install bench")))?;
     let banger = start.elapsed();
     let unpacked_bytes = dir_bytes(&pulled.dir);
 
@@ -178,7 +205,7 @@ async fn catalog_bench(
 async fn serve_file(
     listener: tokio::net::TcpListener,
     file: PathBuf,
-) -> Result<tokio::task::JoinHandle<()>, DaemonError> {
+) -> Result<tokio::task::JoinHandle<()>, BenchError> {
     let data = bytes::Bytes::from(
         tokio::fs::read(&file)
             .await

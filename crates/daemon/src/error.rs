@@ -4,6 +4,7 @@
 //! converts into [`DaemonError`] by `From`. Only the HTTP front end
 //! (`http::error`) turns a kind into a status and an API `code`.
 
+use crate::bench_image::BenchError;
 use crate::images::{
     BuildError, BundleError, DeleteImageError, DeleteKernelError, DeriveError, EnsureError,
     Missing, NameError, PullError, RegisterError,
@@ -39,8 +40,7 @@ pub enum DaemonError {
     /// name, an empty command, an attach socket path too long).
     #[error("{0}")]
     Invalid(String),
-    /// The HTTP front end's own failures (an attach socket) and the
-    /// internal benchmark routes.
+    /// The HTTP front end's own failures (an attach socket bridge).
     #[error("{0:#}")]
     Failed(#[from] anyhow::Error),
     /// A store call of a plain read (list or get a record).
@@ -100,6 +100,8 @@ pub enum DaemonError {
     Session(#[from] SessionError),
     #[error(transparent)]
     Logs(#[from] LogsError),
+    #[error(transparent)]
+    Bench(#[from] BenchError),
 }
 
 impl DaemonError {
@@ -136,6 +138,7 @@ impl DaemonError {
             DaemonError::Derive(e) => e.kind(),
             DaemonError::Session(e) => e.kind(),
             DaemonError::Logs(e) => e.kind(),
+            DaemonError::Bench(e) => e.kind(),
         }
     }
 }

@@ -20,7 +20,7 @@ pub(super) fn router(daemon: Shared) -> Router {
 
 /// Times TAP acquisition (warm pool vs cold) and 10k `.vm` DNS queries.
 async fn network_bench(State(d): State<Shared>) -> Result<Json<NetworkBench>, DaemonError> {
-    d.network_bench().await.map(Json)
+    Ok(Json(d.network_bench().await?))
 }
 
 /// Times an OCI import and a catalog install against skopeo/umoci/mkfs and

@@ -1,6 +1,7 @@
 //! The network benchmark: TAP acquisition and `.vm` DNS latency.
 
-use crate::{Daemon, DaemonError};
+use crate::Daemon;
+use crate::bench_image::BenchError;
 use anyhow::{Context, anyhow};
 use banger_api::NetworkBench;
 use std::net::Ipv4Addr;
@@ -10,7 +11,7 @@ use super::*;
 
 impl Daemon {
     /// TAP acquisition warm vs cold and `.vm` query latency.
-    pub async fn network_bench(&self) -> Result<NetworkBench, DaemonError> {
+    pub async fn network_bench(&self) -> Result<NetworkBench, BenchError> {
         let net = self.network().ok_or(NetError::NotInitialised)?;
         let (tap_warm_us, tap_cold_us, tap_note) = match &net.mode {
             Mode::Bridge { pool, .. } if pool.size() > 0 => {
