@@ -277,6 +277,20 @@ async fn snapshot_restore_and_grow() {
         dir: template.dir.clone(),
     };
     let template_argv = argv_of(launched.pid, &template.dir);
+    // The firmware loads the kernel at 1 MiB once the guest runs: until
+    // then the shared memory file is all zeros.
+    let loaded = || {
+        use std::os::unix::fs::FileExt;
+        let mut page = [0u8; 4096];
+        std::fs::File::open(&files.memory)
+            .and_then(|f| f.read_exact_at(&mut page, 1 << 20))
+            .is_ok_and(|()| page.iter().any(|b| *b != 0))
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !loaded() {
+        assert!(std::time::Instant::now() < deadline, "the guest never ran");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
 
     // A memory file the VM was not launched with is refused, the VM untouched.
     let elsewhere = SnapshotFiles {
@@ -291,6 +305,7 @@ async fn snapshot_restore_and_grow() {
         matches!(err, VmmError::Spec(ref m) if m.contains("is not in")),
         "{err:?}"
     );
+    assert!(!files.vmstate.exists(), "a refused snapshot left its file");
 
     vmm.snapshot(&template.dir, launched.pid, &files)
         .await

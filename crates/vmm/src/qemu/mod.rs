@@ -424,8 +424,18 @@ impl Vmm for QemuVmm {
         let pidfd = PidFd::open_vmm(pid, dir)?.ok_or_else(|| {
             VmmError::Control(format!("QEMU {pid} of {} is not running", dir.display()))
         })?;
-        // The file holds guest device state: the owner's only. QEMU
-        // truncates it and keeps the mode.
+        let mut qmp = Qmp::connect(&VmPaths::new(dir).control_socket()).await?;
+        let backed = qmp_bounded("qom-get", qmp.memory_backend_path(RAM_ID)).await?;
+        if backed.as_deref() != Some(out.memory.as_path()) {
+            return Err(VmmError::Spec(format!(
+                "QEMU {pid}'s memory is not in {} (it was launched with {}): only a VM launched with its memory file can be snapshotted",
+                out.memory.display(),
+                backed.map_or("anonymous memory".into(), |p| p.display().to_string())
+            )));
+        }
+        // Only now (a refused VM leaves nothing behind): the file holds
+        // guest device state, the owner's only. QEMU truncates it and
+        // keeps the mode.
         {
             use std::os::unix::fs::OpenOptionsExt;
             std::fs::OpenOptions::new()
@@ -435,15 +445,6 @@ impl Vmm for QemuVmm {
                 .mode(0o600)
                 .open(&out.vmstate)
                 .map_err(|e| VmmError::io(format!("create {}", out.vmstate.display()), e))?;
-        }
-        let mut qmp = Qmp::connect(&VmPaths::new(dir).control_socket()).await?;
-        let backed = qmp_bounded("qom-get", qmp.memory_backend_path(RAM_ID)).await?;
-        if backed.as_deref() != Some(out.memory.as_path()) {
-            return Err(VmmError::Spec(format!(
-                "QEMU {pid}'s memory is not in {} (it was launched with {}): only a VM launched with its memory file can be snapshotted",
-                out.memory.display(),
-                backed.map_or("anonymous memory".into(), |p| p.display().to_string())
-            )));
         }
         qmp_bounded("stop", qmp.stop()).await?;
         qmp_bounded("migrate-set-capabilities", qmp.set_ignore_shared()).await?;
