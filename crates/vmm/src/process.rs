@@ -130,20 +130,61 @@ impl Drop for KillOnDrop {
     }
 }
 
-/// Kills (with its session) and reaps a child that failed to start, bounded
-/// in time, so nothing of a failed launch is left running.
+/// Kills (with its session) and reaps a child that failed to start, and
+/// waits until no process of its group is left (a helper it was forking,
+/// say), bounded in time, so nothing of a failed launch is left running.
 pub(crate) async fn kill_and_reap(child: &mut tokio::process::Child) {
     // An id means not yet reaped, so the group id is still ours.
     if let Some(pgid) = child.id().and_then(|p| libc::pid_t::try_from(p).ok()) {
         // SAFETY: kill(2) with a negative pid signals that process group.
         unsafe { libc::kill(-pgid, libc::SIGKILL) };
-        if tokio::time::timeout(KILL_GRACE, child.wait())
-            .await
-            .is_err()
-        {
+        let gone = tokio::time::timeout(KILL_GRACE, async {
+            let _ = child.wait().await;
+            // The other members die on their own time (and are reaped,
+            // later, by whoever inherits them).
+            while group_alive(pgid) {
+                tokio::time::sleep(GROUP_POLL).await;
+            }
+        })
+        .await;
+        if gone.is_err() {
             tracing::warn!(pid = pgid, "killed VMM did not exit in time");
         }
     }
+}
+
+/// How often [`kill_and_reap`] looks whether a killed group is gone: there
+/// is no event for the last member's exit.
+const GROUP_POLL: Duration = Duration::from_millis(5);
+
+/// Whether a process of group `pgid` is still alive (not a zombie).
+fn group_alive(pgid: libc::pid_t) -> bool {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return false;
+    };
+    dir.flatten()
+        .filter(|e| {
+            e.file_name()
+                .as_encoded_bytes()
+                .iter()
+                .all(u8::is_ascii_digit)
+        })
+        .filter_map(|e| std::fs::read_to_string(e.path().join("stat")).ok())
+        .any(|stat| stat_alive_in_group(&stat, pgid))
+}
+
+/// From a `/proc/PID/stat` line: the process is in group `pgid` and has
+/// not exited (state other than zombie or dead).
+fn stat_alive_in_group(stat: &str, pgid: libc::pid_t) -> bool {
+    // The command name is in parentheses and may hold anything, so the
+    // fields are counted from its closing one: state, ppid, pgrp, ...
+    let Some((_, rest)) = stat.rsplit_once(')') else {
+        return false;
+    };
+    let mut fields = rest.split_ascii_whitespace();
+    let state = fields.next();
+    let pgrp = fields.nth(1).and_then(|f| f.parse::<libc::pid_t>().ok());
+    pgrp == Some(pgid) && !matches!(state, Some("Z" | "X" | "x"))
 }
 
 /// The last `lines` non-empty lines of a log, joined into one line.
@@ -257,4 +298,19 @@ pub(crate) fn reaper(
             Err(e) => tracing::warn!(vm = %name, pid, error = %e, "waiting for {vmm} failed"),
         }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::stat_alive_in_group;
+
+    #[test]
+    fn a_group_member_is_alive_until_it_exits() {
+        let line = |state: &str| format!("4242 (qemu) odd) name) {state} 1 4200 4200 0 -1 4194560");
+        assert!(stat_alive_in_group(&line("S"), 4200));
+        assert!(stat_alive_in_group(&line("R"), 4200));
+        assert!(!stat_alive_in_group(&line("Z"), 4200));
+        assert!(!stat_alive_in_group(&line("S"), 4201));
+        assert!(!stat_alive_in_group("garbage", 4200));
+    }
 }
