@@ -351,7 +351,9 @@ pub struct Listener {
 pub struct Hello {
     pub proto_version: u32,
     pub agent_version: String,
-    /// Seconds since the guest kernel booted, from /proc/uptime.
+    /// Milliseconds since the guest kernel booted: for the boot's first
+    /// greeting on the kernel log's clock (that of its console timestamps),
+    /// else from /proc/uptime.
     pub uptime_ms: u64,
     /// The guest is sealed (a template or a clone waiting for
     /// [`Body::Restore`]): it refuses all other work.

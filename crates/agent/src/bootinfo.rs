@@ -115,13 +115,53 @@ pub fn kernel_init_ms() -> Option<u64> {
 /// The timestamp (ms) of a `/dev/kmsg` record (`PRI,SEQ,USEC,FLAGS;TEXT`)
 /// announcing the first process.
 pub(crate) fn kmsg_init_ms(record: &str) -> Option<u64> {
+    let (usec, text) = kmsg_record(record)?;
+    (text.starts_with("Run ") && text.ends_with(" as init process")).then_some(usec / 1000)
+}
+
+/// A `/dev/kmsg` record's timestamp (µs on the kernel log's clock) and
+/// the first line of its text.
+fn kmsg_record(record: &str) -> Option<(u64, &str)> {
     let (head, text) = record.split_once(';')?;
-    let text = text.lines().next()?;
-    if !(text.starts_with("Run ") && text.ends_with(" as init process")) {
-        return None;
-    }
     let usec: u64 = head.split(',').nth(2)?.parse().ok()?;
-    Some(usec / 1000)
+    Some((usec, text.lines().next()?))
+}
+
+/// Writes `text` (one line) to the kernel log and returns its timestamp
+/// in milliseconds since boot, on the kernel log's clock: the clock of
+/// the console's timestamps and of [`kernel_init_ms`]. `/proc/uptime`
+/// runs behind that clock early in a boot under emulation (its timekeeping
+/// starts later and on a coarser clock), by tens of milliseconds, so times
+/// compared with the kernel's own come from here. `None` when the log
+/// cannot be written or read.
+pub fn kernel_log_mark(text: &str) -> Option<u64> {
+    use std::io::{Read, Seek, SeekFrom, Write};
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open("/dev/kmsg")
+        .ok()?;
+    // Read from the end: the next record is ours, or one the kernel wrote
+    // just before it.
+    f.seek(SeekFrom::End(0)).ok()?;
+    f.write_all(format!("{text}\n").as_bytes()).ok()?;
+    let mut buf = vec![0u8; 8192];
+    for _ in 0..64 {
+        let n = match f.read(&mut buf) {
+            Ok(n) => n,
+            Err(e) if e.raw_os_error() == Some(libc::EPIPE) => continue,
+            Err(_) => return None,
+        };
+        let record = String::from_utf8_lossy(&buf[..n]);
+        if let Some((usec, t)) = kmsg_record(&record)
+            && t == text
+        {
+            return Some(usec / 1000);
+        }
+    }
+    None
 }
 
 /// Every record the kernel log still holds (one per read of /dev/kmsg).
@@ -172,6 +212,11 @@ mod tests {
         assert_eq!(kmsg_init_ms("6,1,10,-;Run /init failed"), None);
         assert_eq!(kmsg_init_ms("garbage"), None);
         assert_eq!(kmsg_init_ms("6,1,x,-;Run /init as init process"), None);
+        assert_eq!(
+            kmsg_record("12,900,2310456,-;banger-agent: greeting the host\n"),
+            Some((2_310_456, "banger-agent: greeting the host"))
+        );
+        assert_eq!(kmsg_record("12,900,-1,-;x"), None);
     }
 
     #[test]

@@ -107,6 +107,7 @@ impl Agent {
         let (rd, wr) = tokio::io::split(stream);
         let (out, out_rx) = mpsc::channel::<Frame>(OUTBOX);
         let greeted = self.first_greeting.lock().ok().and_then(|mut g| g.take());
+        let boot_greeting = greeted.is_some();
         let writer = tokio::spawn(write_frames(wr, out_rx, greeted));
         let mut conn = Connection {
             power: self.power.clone(),
@@ -121,7 +122,8 @@ impl Agent {
             tasks: JoinSet::new(),
             next_id: 0,
         };
-        conn.send(CONTROL, hello(self.gate.is_sealed())).await;
+        conn.send(CONTROL, hello(self.gate.is_sealed(), boot_greeting))
+            .await;
 
         let mut frames = FramedRead::new(rd, HostFrames);
         loop {
@@ -373,7 +375,10 @@ impl Connection {
 
     async fn handle_control(&mut self, body: Body) {
         match body {
-            Body::Ping => self.send(CONTROL, hello(self.gate.is_sealed())).await,
+            Body::Ping => {
+                self.send(CONTROL, hello(self.gate.is_sealed(), false))
+                    .await
+            }
             Body::Shutdown { reboot } => {
                 tracing::info!(reboot, "host asked to shut down");
                 let power = self.power.clone();
@@ -546,11 +551,18 @@ async fn write_frames<W: AsyncWrite + Unpin>(
     }
 }
 
-fn hello(sealed: bool) -> Body {
+/// The greeting. The boot's first (the one the host times a boot by) is
+/// also marked in the kernel log, and its uptime is on that log's clock,
+/// the one the kernel's `Run /init` is timed by.
+fn hello(sealed: bool, boot_greeting: bool) -> Body {
+    let uptime_ms = boot_greeting
+        .then(|| crate::bootinfo::kernel_log_mark("banger-agent: greeting the host"))
+        .flatten()
+        .unwrap_or_else(crate::bootinfo::uptime_ms);
     Body::Hello(Hello {
         proto_version: PROTO_VERSION,
         agent_version: env!("CARGO_PKG_VERSION").to_string(),
-        uptime_ms: crate::bootinfo::uptime_ms(),
+        uptime_ms,
         sealed,
     })
 }

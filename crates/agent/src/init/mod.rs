@@ -10,8 +10,9 @@
 //! It starts in one of two places (see [`banger_agent_proto::boot`]):
 //! - as `/init` of banger's initramfs: it loads the kernel modules the
 //!   initramfs carries (`finit_module`, in the listed order), mounts the
-//!   root device itself, assembles the root and switches to it, deleting
-//!   the initramfs's files as `switch_root` does;
+//!   root device itself, assembles the root and switches to it (PID 1
+//!   deletes the initramfs's files, as `switch_root` does, while the agent
+//!   greets);
 //! - as `init=` after the distribution's initramfs (or the kernel) mounted
 //!   the root: it assembles the overlay in a tmpfs and `pivot_root`s.
 //!
@@ -128,6 +129,7 @@ pub fn run() -> Result<Early, InitError> {
         crate::bootinfo::uptime_ms() as f64 / 1000.0
     );
     let (mut network, mut after) = (Vec::new(), Vec::new());
+    let mut old_root = None;
     let start = if initramfs {
         let t = Instant::now();
         let loaded = load_modules(Path::new(INITRAMFS_MODULES_LIST), &cmdline)?;
@@ -138,8 +140,9 @@ pub fn run() -> Result<Early, InitError> {
         ));
         (network, after) = (loaded.network, loaded.after);
         let t = Instant::now();
-        let newroot = assemble_from_initramfs(&args)?;
-        switch_root(&newroot)?;
+        let filesystems = loaded.filesystems;
+        let newroot = assemble_from_initramfs(&args, || filesystems.wait())?;
+        old_root = Some(switch_root(&newroot)?);
         timings.push_str(&format!(", root in {} ms", t.elapsed().as_millis()));
         let t = Instant::now();
         let d = loaded.channel.wait()?;
@@ -160,6 +163,9 @@ pub fn run() -> Result<Early, InitError> {
         // The agent is the init and serves from the start: prepare first.
         let prepared = prepare_for_commands(&cmdline, &network);
         load_each(&after, &cmdline);
+        if let Some(r) = old_root {
+            r.delete();
+        }
         eprintln!(
             "banger-agent: {timings}, {prepared}; the image has nothing at {}: the agent is its init ({}= names another)",
             args.init,
@@ -191,6 +197,7 @@ pub fn run() -> Result<Early, InitError> {
         nix::unistd::ForkResult::Child => {
             drop(handover_rd);
             drop(prepared_wr);
+            drop(old_root);
             let _ = nix::unistd::setsid();
             let _ = nix::sys::prctl::set_name(c"banger-agent");
             // Like the unit's OOMScoreAdjust: the agent is the way in.
@@ -205,6 +212,9 @@ pub fn run() -> Result<Early, InitError> {
             let idle = set_idle(true);
             let prepared = prepare_for_commands(&cmdline, &network);
             load_each(&after, &cmdline);
+            if let Some(r) = old_root {
+                r.delete();
+            }
             if idle {
                 set_idle(false);
             }

@@ -10,11 +10,12 @@ use std::path::Path;
 
 /// The modules of banger's initramfs (see [`ModuleEntry`]): first those of
 /// the virtio transport, then, in the listed order, those needed always
-/// (the disks and their file systems) and those of the virtio devices the
-/// guest has. The modules of the agent's channel to the host (the console
-/// of QEMU's agent channel, Firecracker's vsock) load in a thread of their
-/// own while the disks are probed and mounted (both wait on emulated I/O
-/// much of the time); it is joined before the agent greets. The other
+/// (the disks) and those of the virtio devices the guest has. The overlay's
+/// file system loads in a thread of its own (joined before the overlay is
+/// mounted), and so do the modules of the agent's channel to the host (the
+/// console of QEMU's agent channel, Firecracker's vsock; joined before the
+/// agent greets), while the disks are probed and mounted (which wait on
+/// emulated I/O much of the time). The other
 /// device modules are opened now and loaded after the greeting: the network
 /// card's before commands run, the rest (entropy) after. Parameters given on the kernel
 /// command line as `module.param=value` are passed on, as modprobe would.
@@ -37,11 +38,16 @@ pub(super) fn load_modules(list: &Path, cmdline: &str) -> Result<LoadedModules, 
             .iter()
             .any(|w| CHANNEL_MODULES.contains(&w.as_str()))
     };
-    let (devices, disks): (Vec<ModuleEntry>, Vec<ModuleEntry>) = entries
+    let (devices, always): (Vec<ModuleEntry>, Vec<ModuleEntry>) = entries
         .iter()
         .filter(|e| !is_transport(e) && e.needed(&ids))
         .cloned()
         .partition(|e| only_for_devices(e));
+    // The overlay's file system is needed only once the disks are mounted:
+    // it loads in a thread of its own while they are probed and mounted.
+    let (filesystems, disks): (Vec<ModuleEntry>, Vec<ModuleEntry>) = always
+        .into_iter()
+        .partition(|e| e.wanted_by.iter().all(|w| w == OVERLAY_MODULE));
     let (channel, later): (Vec<ModuleEntry>, Vec<ModuleEntry>) =
         devices.into_iter().partition(|e| for_channel(e));
     let (network, after): (Vec<ModuleEntry>, Vec<ModuleEntry>) = later
@@ -52,19 +58,15 @@ pub(super) fn load_modules(list: &Path, cmdline: &str) -> Result<LoadedModules, 
     // the later ones load after that.
     let open_all = |v: &[ModuleEntry]| v.iter().map(open_module).collect::<Result<Vec<_>, _>>();
     let (channel, network, after) = (open_all(&channel)?, open_all(&network)?, open_all(&after)?);
-    let line = cmdline.to_string();
-    let thread = std::thread::spawn(move || {
-        for m in &channel {
-            load_module(m, &line)?;
-        }
-        Ok(channel.len())
-    });
+    let filesystems = DeviceModules::load(open_all(&filesystems)?, cmdline);
+    let channel = DeviceModules::load(channel, cmdline);
     for e in &disks {
         load_module(&open_module(e)?, cmdline)?;
     }
     Ok(LoadedModules {
         now: entries.iter().filter(|e| is_transport(e)).count() + disks.len(),
-        channel: DeviceModules(thread),
+        filesystems,
+        channel,
         network,
         after,
     })
@@ -77,10 +79,15 @@ const CHANNEL_MODULES: &[&str] = &["virtio_console", "vsock", "vmw_vsock_virtio_
 /// The network card's module: commands wait for it (and the network).
 const NETWORK_MODULE: &str = "virtio_net";
 
+/// The overlay's file system: needed once the disks are mounted.
+const OVERLAY_MODULE: &str = "overlay";
+
 /// What [`load_modules`] did and left to do.
 pub(super) struct LoadedModules {
     /// How many loaded before it returned.
     pub(super) now: usize,
+    /// The overlay's file system, loading alongside.
+    pub(super) filesystems: DeviceModules,
     /// The channel's modules, loading alongside.
     pub(super) channel: DeviceModules,
     /// The network card's, opened, loaded after the fork before commands
@@ -90,10 +97,20 @@ pub(super) struct LoadedModules {
     pub(super) after: Vec<ModuleFile>,
 }
 
-/// The device modules loading alongside ([`load_modules`]).
+/// Modules loading in a thread of their own ([`load_modules`]).
 pub(super) struct DeviceModules(std::thread::JoinHandle<Result<usize, InitError>>);
 
 impl DeviceModules {
+    fn load(modules: Vec<ModuleFile>, cmdline: &str) -> Self {
+        let line = cmdline.to_string();
+        DeviceModules(std::thread::spawn(move || {
+            for m in &modules {
+                load_module(m, &line)?;
+            }
+            Ok(modules.len())
+        }))
+    }
+
     /// Waits until they are loaded; how many.
     pub(super) fn wait(self) -> Result<usize, InitError> {
         self.0

@@ -49,7 +49,10 @@ fn joined(thread: std::thread::JoinHandle<Result<(), InitError>>) -> Result<(), 
 /// the base read-only under an overlay whose upper layer is on the overlay
 /// disk, the work disk at `/root`. Without an overlay disk the root is
 /// mounted as it is (read-write when asked).
-pub(super) fn assemble_from_initramfs(args: &BootArgs) -> Result<PathBuf, InitError> {
+pub(super) fn assemble_from_initramfs(
+    args: &BootArgs,
+    overlayfs: impl FnOnce() -> Result<usize, InitError>,
+) -> Result<PathBuf, InitError> {
     wait_for_device(&args.root, ROOT_WAIT)?;
     let newroot = PathBuf::from(INITRAMFS_NEWROOT);
     mkdir(&newroot)?;
@@ -64,6 +67,7 @@ pub(super) fn assemble_from_initramfs(args: &BootArgs) -> Result<PathBuf, InitEr
             if let Some(work_dev) = &args.work {
                 mount_work(work_dev, &newroot, &newroot)?;
             }
+            overlayfs()?;
         }
         Some(overlay_dev) => {
             let (base, disk) = (Path::new(INITRAMFS_BASE), Path::new(INITRAMFS_DISK));
@@ -94,6 +98,7 @@ pub(super) fn assemble_from_initramfs(args: &BootArgs) -> Result<PathBuf, InitEr
             };
             mount_ext4(&args.root, base, MsFlags::MS_RDONLY)?;
             joined(upper)?;
+            overlayfs()?;
             mount_overlay_root(base, disk, &newroot)?;
             if let Some(work) = work {
                 joined(work)?;
@@ -134,17 +139,38 @@ fn wait_for_device(dev: &str, timeout: Duration) -> Result<(), InitError> {
     }
 }
 
-/// `switch_root`: moves the API file systems into `newroot`, deletes the
-/// initramfs's files (freeing their memory), makes `newroot` the root.
-pub(super) fn switch_root(newroot: &Path) -> Result<(), InitError> {
+/// `switch_root`: moves the API file systems into `newroot` and makes it
+/// the root. The initramfs's files are deleted later ([`OldRoot::delete`]),
+/// off the path to the agent's greeting.
+pub(super) fn switch_root(newroot: &Path) -> Result<OldRoot, InitError> {
     move_api_mounts(newroot)?;
-    let root_dev = std::fs::metadata("/").map_err(io("reading /"))?.dev();
-    delete_tree(Path::new("/"), root_dev, newroot);
+    let dir = std::fs::File::open("/").map_err(io("opening /"))?;
+    let dev = dir.metadata().map_err(io("reading /"))?.dev();
     nix::unistd::chdir(newroot).map_err(sys("entering the new root"))?;
     mount(Some("."), "/", None::<&str>, MsFlags::MS_MOVE, None::<&str>)
         .map_err(sys("moving the new root onto /"))?;
     nix::unistd::chroot(".").map_err(sys("chroot into the new root"))?;
-    nix::unistd::chdir("/").map_err(sys("chdir /"))
+    nix::unistd::chdir("/").map_err(sys("chdir /"))?;
+    Ok(OldRoot { dir, dev })
+}
+
+/// The initramfs's file system after [`switch_root`], reachable only
+/// through this open directory.
+pub(super) struct OldRoot {
+    dir: std::fs::File,
+    dev: u64,
+}
+
+impl OldRoot {
+    /// Deletes the initramfs's files, freeing their memory (as
+    /// `switch_root(8)` does). Best effort.
+    pub(super) fn delete(self) {
+        use std::os::fd::AsRawFd;
+        // The process's own descriptor reaches the directory from outside
+        // the new root.
+        let dir = PathBuf::from(format!("/proc/self/fd/{}", self.dir.as_raw_fd()));
+        delete_tree(&dir, self.dev, Path::new(""));
+    }
 }
 
 /// Removes what is under `dir` on the file system `dev`, skipping `keep`
@@ -515,5 +541,21 @@ mod tests {
             .collect();
         assert_eq!(left, ["newroot"]);
         assert!(root.join("newroot/etc/os-release").is_file());
+    }
+
+    #[test]
+    fn the_old_root_is_emptied_through_its_open_directory() {
+        let t = tempfile::tempdir().expect("tmp");
+        let root = t.path().join("initramfs");
+        std::fs::create_dir_all(root.join("banger/modules")).expect("mkdir");
+        std::fs::write(root.join("init"), "agent").expect("w");
+        std::fs::write(root.join("banger/modules/a.ko"), "m").expect("w");
+        let dir = std::fs::File::open(&root).expect("open");
+        let dev = dir.metadata().expect("md").dev();
+        // As after the switch: the directory's path no longer reaches it.
+        let moved = t.path().join("elsewhere");
+        std::fs::rename(&root, &moved).expect("rename");
+        OldRoot { dir, dev }.delete();
+        assert_eq!(std::fs::read_dir(&moved).expect("ls").count(), 0);
     }
 }
