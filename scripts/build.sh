@@ -17,12 +17,13 @@ cargo build --profile "$profile" --locked -p banger-cli -p banger-daemon
 
 # The agent runs inside guests of any libc: link it fully static. A separate
 # target dir keeps these RUSTFLAGS from invalidating the main build. It is
-# always optimised: under TCG every guest instruction is emulated, so a debug
-# agent would slow every exec down.
+# always optimised (the `agent` profile: release with full LTO): under TCG
+# every guest instruction is emulated, so a debug agent would slow every
+# exec down.
 RUSTFLAGS='-C target-feature=+crt-static' CARGO_TARGET_DIR="$target/agent-static" \
-  cargo build --release --locked -p banger-agent --target x86_64-unknown-linux-gnu
+  cargo build --profile agent --locked -p banger-agent --target x86_64-unknown-linux-gnu
 
 mkdir -p build/bin
 install -m 0755 "$target/$dir/banger" "$target/$dir/bangerd" build/bin/
-install -m 0755 "$target"/agent-static/x86_64-unknown-linux-gnu/release/banger-agent build/bin/
+install -m 0755 "$target"/agent-static/x86_64-unknown-linux-gnu/agent/banger-agent build/bin/
 echo "built: $(ls build/bin | tr '\n' ' ')(profile $profile)"

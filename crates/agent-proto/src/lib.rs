@@ -351,7 +351,7 @@ pub struct Listener {
 pub struct Hello {
     pub proto_version: u32,
     pub agent_version: String,
-    /// Milliseconds since the guest kernel booted: for the boot's first
+    /// Milliseconds since the guest kernel booted: for the agent's first
     /// greeting on the kernel log's clock (that of its console timestamps),
     /// else from /proc/uptime.
     pub uptime_ms: u64,

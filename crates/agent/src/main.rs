@@ -94,7 +94,7 @@ async fn run(boot: BootInfo, greeted: Option<OwnedFd>, prepared: Option<OwnedFd>
         Err(e) => tracing::warn!(error = %e, "cannot take the agent lock; serving anyway"),
     }
     let start = boot.start;
-    let mut agent = Agent::with_boot(Arc::new(SystemPower), boot);
+    let mut agent = Agent::with_boot(Arc::new(SystemPower), boot).stamp_first_greeting();
     if let Some(fd) = prepared {
         agent = agent.with_prepared(Prepared::from_pipe(fd, PREPARE_WAIT));
     }

@@ -37,6 +37,9 @@ pub struct Agent {
     boot: Arc<BootInfo>,
     /// Called once the first greeting has been written to a host.
     first_greeting: Arc<std::sync::Mutex<Option<Greeted>>>,
+    /// The next greeting is stamped in the kernel log (see
+    /// [`Agent::stamp_first_greeting`]).
+    unannounced: Arc<std::sync::atomic::AtomicBool>,
     /// Sealed for a template, or waiting for a clone's identity: shared by
     /// all host connections (a clone's first connection is a new one).
     gate: Arc<SealGate>,
@@ -62,6 +65,7 @@ impl Agent {
             sessions: Arc::default(),
             boot: Arc::new(boot),
             first_greeting: Arc::default(),
+            unannounced: Arc::default(),
             gate: Arc::default(),
             identity: Arc::new(SystemIdentity),
             prepared: Prepared::default(),
@@ -87,6 +91,16 @@ impl Agent {
         self.gate.is_sealed()
     }
 
+    /// Stamps the first greeting in the guest's kernel log and gives its
+    /// uptime on that log's clock (the one the kernel's `Run /init` is
+    /// timed by), so the host can compare the two. For the guest's agent
+    /// only: it writes to the kernel log of the machine it runs on.
+    pub fn stamp_first_greeting(self) -> Self {
+        self.unannounced
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        self
+    }
+
     /// Calls `f` once the first greeting has been written to a host.
     pub fn on_first_greeting(&self, f: impl FnOnce() + Send + 'static) {
         if let Ok(mut g) = self.first_greeting.lock() {
@@ -107,7 +121,9 @@ impl Agent {
         let (rd, wr) = tokio::io::split(stream);
         let (out, out_rx) = mpsc::channel::<Frame>(OUTBOX);
         let greeted = self.first_greeting.lock().ok().and_then(|mut g| g.take());
-        let boot_greeting = greeted.is_some();
+        let boot_greeting = self
+            .unannounced
+            .swap(false, std::sync::atomic::Ordering::Relaxed);
         let writer = tokio::spawn(write_frames(wr, out_rx, greeted));
         let mut conn = Connection {
             power: self.power.clone(),
@@ -551,7 +567,7 @@ async fn write_frames<W: AsyncWrite + Unpin>(
     }
 }
 
-/// The greeting. The boot's first (the one the host times a boot by) is
+/// The greeting. The agent's first (the one the host times a boot by) is
 /// also marked in the kernel log, and its uptime is on that log's clock,
 /// the one the kernel's `Run /init` is timed by.
 fn hello(sealed: bool, boot_greeting: bool) -> Body {
