@@ -24,12 +24,23 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
     sorted[rank.clamp(1, sorted.len()) - 1]
 }
 
-/// Boots one VM (sshd up too), runs the exec block and then the cp block
-/// on it, deletes the VM. A failed cp block does not void the exec one.
+/// What [`exec_and_cp`] measured: exec, then cp and the network block,
+/// which may each have failed on their own.
+type ExecCpNet = (
+    ExecBench,
+    anyhow::Result<super::cp::CpBench>,
+    anyhow::Result<super::network::NetworkBench>,
+);
+
+/// Boots one VM (sshd up too), runs the exec block, the network block
+/// (`taps`: the TAP acquisitions of the earlier runs; its DNS queries ask
+/// for this VM) and then the cp block on it, deletes the VM. A failed cp
+/// or network block does not void the exec one.
 pub(super) async fn exec_and_cp(
     client: &banger_api::Client,
     a: &BenchArgs,
-) -> anyhow::Result<(ExecBench, anyhow::Result<super::cp::CpBench>)> {
+    taps: &[banger_api::TapAcquisition],
+) -> anyhow::Result<ExecCpNet> {
     let req = CreateVmRequest {
         name: Some(format!("bench-exec-{}", std::process::id())),
         image: a.image.clone(),
@@ -43,8 +54,13 @@ pub(super) async fn exec_and_cp(
     let name = vm.name.to_string();
     let result = async {
         let exec = exec_bench(client, &name, a.exec_runs, a.stdout_mib << 20).await?;
+        let mut taps = taps.to_vec();
+        if let Some(t) = client.vm_boot(&name).await?.tap {
+            taps.push(t);
+        }
+        let net = super::network::network_bench(client, &taps, &name).await;
         let cp = super::cp::cp_bench(client, &vm, a.cp_mib << 20).await;
-        anyhow::Ok((exec, cp))
+        anyhow::Ok((exec, cp, net))
     }
     .await;
     client.delete_vm(&name).await?;

@@ -1,13 +1,17 @@
 //! `banger bench`: where the time of `vm run --rm -- true` goes (JSON). The
 //! benchmarks drive the daemon's public API (through `banger-client`), the
-//! guest over ssh, and the VMMs directly for the bare boot; the CLI only
-//! parses `banger bench` and calls [`run`].
+//! guest over ssh, the VMMs directly for the bare boot, the `.vm` DNS
+//! server over UDP, and banger's image code directly for `bench image`;
+//! the CLI only parses `banger bench` and calls [`run`]. The daemon has no
+//! benchmark code: what is timed inside it comes from what it reports to
+//! any user (progress events, `vm show`'s boot facts, `GET /v1/network`).
 
 mod bare;
 mod boot;
 pub mod cp;
 mod exec;
 pub mod image;
+mod network;
 pub mod run;
 mod util;
 mod warm;
@@ -81,6 +85,9 @@ struct RunSample {
     kernel_init_ms: f64,
     /// Guest kernel uptime at the agent's hello.
     agent_ready_ms: f64,
+    /// How the VM got its TAP (for the network block).
+    #[serde(skip)]
+    tap: Option<banger_api::TapAcquisition>,
     /// `agent_ready_ms / kernel_init_ms`: how far past the kernel's own
     /// start the guest is ready (1.0 = at once).
     ready_over_kernel_init: f64,
@@ -138,9 +145,10 @@ struct Report {
     boot_ratio_banger_over_bare: f64,
     /// banger's whole `vm run --rm -- true` over the bare boot.
     total_ratio_banger_over_bare: f64,
-    /// TAP acquisition (warm pool vs cold) and `.vm` DNS latency over 10k
-    /// queries, measured in the daemon.
-    network: Option<banger_api::NetworkBench>,
+    /// TAP acquisition (warm pool vs cold), as the daemon reported it for
+    /// the bench's VMs, and `.vm` DNS latency over 10k queries to the
+    /// daemon's DNS server, for the exec block's VM.
+    network: Option<network::NetworkBench>,
     network_error: Option<String>,
     /// Warm starts: the same run restored from a template, interleaved
     /// with the cold runs above.
@@ -319,12 +327,21 @@ pub async fn run(a: BenchArgs) -> anyhow::Result<i32> {
         Err(e) => (None, Some(format!("{e:#}"))),
     };
     let bare_med = median(bare.clone());
-    let (network, network_error) = match client.network_bench().await {
-        Ok(n) => (Some(n), None),
-        Err(e) => (None, Some(e.to_string())),
-    };
-    let (exec, exec_error, cp, cp_error) = match exec_and_cp(&client, &a).await {
-        Ok((e, cp)) => {
+    let taps: Vec<_> = samples
+        .iter()
+        .chain(&distro)
+        .filter_map(|s| s.tap)
+        .collect();
+    let (exec, exec_error, cp, cp_error, network, network_error) = match exec_and_cp(
+        &client, &a, &taps,
+    )
+    .await
+    {
+        Ok((e, cp, net)) => {
+            let (network, network_error) = match net {
+                Ok(n) => (Some(n), None),
+                Err(e) => (None, Some(format!("{e:#}"))),
+            };
             eprintln!(
                 "bench: exec true p50 {:.1} ms, p99 {:.1} ms; stdout {:.1} MB/s",
                 e.true_p50_ms, e.true_p99_ms, e.stdout_mb_per_s
@@ -342,9 +359,16 @@ pub async fn run(a: BenchArgs) -> anyhow::Result<i32> {
                 }
                 Err(e) => (None, Some(format!("{e:#}"))),
             };
-            (Some(e), None, cp, cp_error)
+            (Some(e), None, cp, cp_error, network, network_error)
         }
-        Err(e) => (None, Some(format!("{e:#}")), None, None),
+        Err(e) => (
+            None,
+            Some(format!("{e:#}")),
+            None,
+            None,
+            None,
+            Some(format!("no VM to run the network block on: {e:#}")),
+        ),
     };
     let report = Report {
         runs: a.runs,
@@ -416,5 +440,6 @@ fn median_sample(samples: &[RunSample]) -> RunSample {
         kernel_init_ms: pick(|s| s.kernel_init_ms),
         agent_ready_ms: pick(|s| s.agent_ready_ms),
         ready_over_kernel_init: pick(|s| s.ready_over_kernel_init),
+        tap: None,
     }
 }
