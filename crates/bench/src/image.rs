@@ -1,6 +1,7 @@
 //! `banger bench image`: an OCI import and a catalog install, each timed
 //! side by side with the usual tool chain in the same run (JSON), in a
-//! scratch directory under banger's cache directory, removed afterwards.
+//! scratch directory under the user's banger cache directory, removed
+//! afterwards.
 //!
 //! - OCI: banger's import ([`banger_oci::pull_to_ext4`], the code behind
 //!   `image pull REF`) into an empty layer cache, then again from the now
@@ -14,7 +15,8 @@
 //! Both run here, in the `banger` process, with the same code the daemon
 //! runs for `image pull`: no daemon is needed (nor registered images, a
 //! kernel, or the default image), and nothing is left in the daemon's
-//! store or caches.
+//! store or caches. Registry credentials are this user's Docker config
+//! (a system install's daemon reads its owner's).
 
 use crate::util::ms;
 use anyhow::{Context, anyhow};
@@ -84,10 +86,11 @@ pub struct ImageBench {
 pub async fn run(a: ImageBenchArgs) -> anyhow::Result<i32> {
     let reference = a.reference.trim().to_string();
     banger_oci::parse_reference(&reference)?;
-    let paths = banger_client::connect::daemon_paths()?;
-    let config = banger_config::Config::load(&paths)?;
+    // The daemon's config names the agent it injects; the scratch space is
+    // this user's own cache (a system install's is not theirs to write).
+    let config = banger_config::Config::load(&banger_client::connect::daemon_paths()?)?;
     let agent = agent_binary(config.agent_path.as_deref())?;
-    let work = paths
+    let work = banger_config::Paths::from_env()?
         .cache_dir
         .join(format!("bench-image-{:016x}", rand::random::<u64>()));
     let cancel = CancellationToken::new();
