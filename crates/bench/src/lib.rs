@@ -332,44 +332,38 @@ pub async fn run(a: BenchArgs) -> anyhow::Result<i32> {
         .chain(&distro)
         .filter_map(|s| s.tap)
         .collect();
-    let (exec, exec_error, cp, cp_error, network, network_error) = match exec_and_cp(
-        &client, &a, &taps,
-    )
-    .await
-    {
-        Ok((e, cp, net)) => {
-            let (network, network_error) = match net {
-                Ok(n) => (Some(n), None),
-                Err(e) => (None, Some(format!("{e:#}"))),
-            };
-            eprintln!(
-                "bench: exec true p50 {:.1} ms, p99 {:.1} ms; stdout {:.1} MB/s",
-                e.true_p50_ms, e.true_p99_ms, e.stdout_mb_per_s
-            );
-            let (cp, cp_error) = match cp {
-                Ok(c) => {
-                    eprintln!(
-                        "bench: cp push {:.1} MB/s (ssh cat {:.1}), pull {:.1} MB/s (ssh cat {:.1})",
-                        c.banger_push_mb_per_s,
-                        c.ssh_cat_push_mb_per_s,
-                        c.banger_pull_mb_per_s,
-                        c.ssh_cat_pull_mb_per_s
-                    );
-                    (Some(c), None)
-                }
-                Err(e) => (None, Some(format!("{e:#}"))),
-            };
-            (Some(e), None, cp, cp_error, network, network_error)
-        }
+    let (exec, cp, network) = match exec_and_cp(&client, &a, &taps).await {
+        Ok(blocks) => blocks,
         Err(e) => (
+            Err(e),
             None,
-            Some(format!("{e:#}")),
-            None,
-            None,
-            None,
-            Some(format!("no VM to run the network block on: {e:#}")),
+            Err(anyhow::anyhow!("no VM to run the network block on")),
         ),
     };
+    if let Ok(e) = &exec {
+        eprintln!(
+            "bench: exec true p50 {:.1} ms, p99 {:.1} ms; stdout {:.1} MB/s",
+            e.true_p50_ms, e.true_p99_ms, e.stdout_mb_per_s
+        );
+    }
+    if let Some(Ok(c)) = &cp {
+        eprintln!(
+            "bench: cp push {:.1} MB/s (ssh cat {:.1}), pull {:.1} MB/s (ssh cat {:.1})",
+            c.banger_push_mb_per_s,
+            c.ssh_cat_push_mb_per_s,
+            c.banger_pull_mb_per_s,
+            c.ssh_cat_pull_mb_per_s
+        );
+    }
+    if let Ok(n) = &network {
+        eprintln!(
+            "bench: TAP warm {:?} us, cold {:?} us; .vm DNS p50 {} us, p99 {} us",
+            n.tap_warm_us, n.tap_cold_us, n.dns_p50_us, n.dns_p99_us
+        );
+    }
+    let (exec, exec_error) = split(exec);
+    let (cp, cp_error) = cp.map_or((None, None), split);
+    let (network, network_error) = split(network);
     let report = Report {
         runs: a.runs,
         backend: format!("{} ({})", info.backend, info.backend_reason),
@@ -415,6 +409,14 @@ pub async fn run(a: BenchArgs) -> anyhow::Result<i32> {
     };
     println!("{}", serde_json::to_string_pretty(&report)?);
     Ok(0)
+}
+
+/// A block's result as its report fields: the value, or the error's chain.
+fn split<T>(r: anyhow::Result<T>) -> (Option<T>, Option<String>) {
+    match r {
+        Ok(v) => (Some(v), None),
+        Err(e) => (None, Some(format!("{e:#}"))),
+    }
 }
 
 /// The median of each field.
