@@ -356,9 +356,13 @@ pub async fn run(a: BenchArgs) -> anyhow::Result<i32> {
         );
     }
     if let Ok(n) = &network {
+        let us = |v: Option<u64>| v.map_or("-".to_string(), |v| format!("{v} us"));
         eprintln!(
-            "bench: TAP warm {:?} us, cold {:?} us; .vm DNS p50 {} us, p99 {} us",
-            n.tap_warm_us, n.tap_cold_us, n.dns_p50_us, n.dns_p99_us
+            "bench: TAP from the pool {}, created {}; .vm DNS p50 {} us, p99 {} us",
+            us(n.tap_warm_us),
+            us(n.tap_cold_us),
+            n.dns_p50_us,
+            n.dns_p99_us
         );
     }
     let (exec, exec_error) = split(exec);
