@@ -259,12 +259,6 @@ impl Client {
         self.json(Method::GET, paths::NETWORK, None::<&()>).await
     }
 
-    /// Runs the network micro-benchmarks in the daemon.
-    pub async fn network_bench(&self) -> Result<crate::NetworkBench, ClientError> {
-        self.json(Method::POST, paths::NETWORK_BENCH, None::<&()>)
-            .await
-    }
-
     /// Sends signal number `signal` to the VM's VMM.
     pub async fn kill_vm(&self, vm: &str, signal: i32) -> Result<VmRecord, ClientError> {
         let req = crate::KillRequest { signal };

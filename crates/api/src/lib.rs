@@ -4,7 +4,6 @@
 //! (create, image build) answer with a stream of newline-delimited JSON
 //! events ending in `done` or `error`; exec is a WebSocket (see [`exec`]).
 
-pub mod bench;
 pub mod client;
 pub mod exec;
 pub mod files;
@@ -39,8 +38,6 @@ pub mod paths {
     pub const VM_BOOT: &str = "/v1/vms/{vm}/boot";
     pub const VM_WAIT: &str = "/v1/vms/{vm}/wait";
     pub const NETWORK: &str = "/v1/network";
-    /// Internal (`banger bench`), outside the public API document.
-    pub const NETWORK_BENCH: &str = "/internal/bench/network";
     pub const IMAGES: &str = "/v1/images";
     pub const IMAGE: &str = "/v1/images/{image}";
     pub const IMAGE_BUILD: &str = "/v1/images/build";
@@ -500,6 +497,19 @@ pub struct VmBoot {
     pub system: String,
     /// The init is still booting.
     pub booting: bool,
+    /// How its TAP device was got at its last boot (bridge networking;
+    /// unknown when this daemon did not boot it, or it has no TAP).
+    pub tap: Option<TapAcquisition>,
+}
+
+/// How a VM got its TAP device when it booted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct TapAcquisition {
+    /// Taken ready from the warm pool (`true`), or created on the spot
+    /// because the pool was empty or disabled (`tap_pool_size = 0`).
+    pub from_pool: bool,
+    /// How long getting it took, in microseconds.
+    pub took_us: u64,
 }
 
 /// What `POST /v1/vms/{vm}/wait` waits for.
@@ -549,6 +559,9 @@ pub struct NetworkStatus {
     pub bridge_ip: String,
     /// The TAP pool (bridge mode).
     pub tap_pool: Option<TapPool>,
+    /// The address the `.vm` DNS server listens on: the bound one while it
+    /// runs (so a configured port 0 shows the port it got), else the
+    /// configured `dns_listen_addr`.
     pub dns_listen: String,
     /// Why the DNS server is not running, when it is not.
     pub dns_error: Option<String>,
@@ -571,21 +584,10 @@ pub struct TapPool {
     pub idle: u64,
     /// How many the pool keeps ready (`tap_pool_size`).
     pub configured: u64,
-}
-
-/// Network micro-benchmarks (`banger bench`).
-#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
-pub struct NetworkBench {
-    /// A TAP from the warm pool, in microseconds.
-    pub tap_warm_us: Option<u64>,
-    /// A TAP created on demand, in microseconds.
-    pub tap_cold_us: Option<u64>,
-    /// Why TAP timings are missing (user-mode networking, pool disabled).
-    pub tap_note: Option<String>,
-    pub dns_queries: usize,
-    pub dns_p50_us: u64,
-    pub dns_p99_us: u64,
-    pub dns_max_us: u64,
+    /// How long creating the latest TAP took, in microseconds (the pool's
+    /// refill, or a VM start that found the pool empty): what a start
+    /// waits for its TAP without the pool. `None` until one was made.
+    pub last_create_us: Option<u64>,
 }
 
 #[cfg(test)]

@@ -90,6 +90,7 @@ pub(super) async fn one_run(
         kernel_init_ms,
         agent_ready_ms,
         ready_over_kernel_init: report.ready_over_kernel_init.unwrap_or(0.0),
+        tap: report.tap,
         total_ms: ms(total),
         create_ms: ms(boot_at),
         boot_to_agent_ms: boot,

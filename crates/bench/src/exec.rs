@@ -24,12 +24,23 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
     sorted[rank.clamp(1, sorted.len()) - 1]
 }
 
-/// Boots one VM (sshd up too), runs the exec block and then the cp block
-/// on it, deletes the VM. A failed cp block does not void the exec one.
+/// What [`exec_and_cp`] measured on its VM: the exec block, the cp block
+/// (not run when exec failed) and the network block, each failing alone.
+type OnOneVm = (
+    anyhow::Result<ExecBench>,
+    Option<anyhow::Result<super::cp::CpBench>>,
+    anyhow::Result<super::network::NetworkBench>,
+);
+
+/// Boots one VM (sshd up too), runs the exec block, the network block
+/// (`taps`: the TAP acquisitions of the earlier runs; its DNS queries ask
+/// for this VM) and then the cp block on it, deletes the VM. Only creating
+/// or deleting the VM fails the whole.
 pub(super) async fn exec_and_cp(
     client: &banger_api::Client,
     a: &BenchArgs,
-) -> anyhow::Result<(ExecBench, anyhow::Result<super::cp::CpBench>)> {
+    taps: &[banger_api::TapAcquisition],
+) -> anyhow::Result<OnOneVm> {
     let req = CreateVmRequest {
         name: Some(format!("bench-exec-{}", std::process::id())),
         image: a.image.clone(),
@@ -41,14 +52,19 @@ pub(super) async fn exec_and_cp(
     };
     let vm = client.create_vm(&req, |_| {}).await?;
     let name = vm.name.to_string();
-    let result = async {
-        let exec = exec_bench(client, &name, a.exec_runs, a.stdout_mib << 20).await?;
-        let cp = super::cp::cp_bench(client, &vm, a.cp_mib << 20).await;
-        anyhow::Ok((exec, cp))
+    let exec = exec_bench(client, &name, a.exec_runs, a.stdout_mib << 20).await;
+    let net = async {
+        let mut taps = taps.to_vec();
+        taps.extend(client.vm_boot(&name).await?.tap);
+        super::network::network_bench(client, &taps, &name).await
     }
     .await;
+    let cp = match exec {
+        Ok(_) => Some(super::cp::cp_bench(client, &vm, a.cp_mib << 20).await),
+        Err(_) => None,
+    };
     client.delete_vm(&name).await?;
-    result
+    Ok((exec, cp, net))
 }
 
 /// Times `runs` runs of `true` and the throughput of `stdout_bytes` of

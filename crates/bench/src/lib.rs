@@ -1,13 +1,17 @@
 //! `banger bench`: where the time of `vm run --rm -- true` goes (JSON). The
 //! benchmarks drive the daemon's public API (through `banger-client`), the
-//! guest over ssh, and the VMMs directly for the bare boot; the CLI only
-//! parses `banger bench` and calls [`run`].
+//! guest over ssh, the VMMs directly for the bare boot, the `.vm` DNS
+//! server over UDP, and banger's image code directly for `bench image`;
+//! the CLI only parses `banger bench` and calls [`run`]. The daemon has no
+//! benchmark code: what is timed inside it comes from what it reports to
+//! any user (progress events, `vm show`'s boot facts, `GET /v1/network`).
 
 mod bare;
 mod boot;
 pub mod cp;
 mod exec;
 pub mod image;
+mod network;
 pub mod run;
 mod util;
 mod warm;
@@ -81,6 +85,9 @@ struct RunSample {
     kernel_init_ms: f64,
     /// Guest kernel uptime at the agent's hello.
     agent_ready_ms: f64,
+    /// How the VM got its TAP (for the network block).
+    #[serde(skip)]
+    tap: Option<banger_api::TapAcquisition>,
     /// `agent_ready_ms / kernel_init_ms`: how far past the kernel's own
     /// start the guest is ready (1.0 = at once).
     ready_over_kernel_init: f64,
@@ -138,9 +145,10 @@ struct Report {
     boot_ratio_banger_over_bare: f64,
     /// banger's whole `vm run --rm -- true` over the bare boot.
     total_ratio_banger_over_bare: f64,
-    /// TAP acquisition (warm pool vs cold) and `.vm` DNS latency over 10k
-    /// queries, measured in the daemon.
-    network: Option<banger_api::NetworkBench>,
+    /// TAP acquisition (warm pool vs cold), as the daemon reported it for
+    /// the bench's VMs, and `.vm` DNS latency over 10k queries to the
+    /// daemon's DNS server, for the exec block's VM.
+    network: Option<network::NetworkBench>,
     network_error: Option<String>,
     /// Warm starts: the same run restored from a template, interleaved
     /// with the cold runs above.
@@ -319,33 +327,47 @@ pub async fn run(a: BenchArgs) -> anyhow::Result<i32> {
         Err(e) => (None, Some(format!("{e:#}"))),
     };
     let bare_med = median(bare.clone());
-    let (network, network_error) = match client.network_bench().await {
-        Ok(n) => (Some(n), None),
-        Err(e) => (None, Some(e.to_string())),
+    let taps: Vec<_> = samples
+        .iter()
+        .chain(&distro)
+        .filter_map(|s| s.tap)
+        .collect();
+    let (exec, cp, network) = match exec_and_cp(&client, &a, &taps).await {
+        Ok(blocks) => blocks,
+        Err(e) => (
+            Err(e),
+            None,
+            Err(anyhow::anyhow!("no VM to run the network block on")),
+        ),
     };
-    let (exec, exec_error, cp, cp_error) = match exec_and_cp(&client, &a).await {
-        Ok((e, cp)) => {
-            eprintln!(
-                "bench: exec true p50 {:.1} ms, p99 {:.1} ms; stdout {:.1} MB/s",
-                e.true_p50_ms, e.true_p99_ms, e.stdout_mb_per_s
-            );
-            let (cp, cp_error) = match cp {
-                Ok(c) => {
-                    eprintln!(
-                        "bench: cp push {:.1} MB/s (ssh cat {:.1}), pull {:.1} MB/s (ssh cat {:.1})",
-                        c.banger_push_mb_per_s,
-                        c.ssh_cat_push_mb_per_s,
-                        c.banger_pull_mb_per_s,
-                        c.ssh_cat_pull_mb_per_s
-                    );
-                    (Some(c), None)
-                }
-                Err(e) => (None, Some(format!("{e:#}"))),
-            };
-            (Some(e), None, cp, cp_error)
-        }
-        Err(e) => (None, Some(format!("{e:#}")), None, None),
-    };
+    if let Ok(e) = &exec {
+        eprintln!(
+            "bench: exec true p50 {:.1} ms, p99 {:.1} ms; stdout {:.1} MB/s",
+            e.true_p50_ms, e.true_p99_ms, e.stdout_mb_per_s
+        );
+    }
+    if let Some(Ok(c)) = &cp {
+        eprintln!(
+            "bench: cp push {:.1} MB/s (ssh cat {:.1}), pull {:.1} MB/s (ssh cat {:.1})",
+            c.banger_push_mb_per_s,
+            c.ssh_cat_push_mb_per_s,
+            c.banger_pull_mb_per_s,
+            c.ssh_cat_pull_mb_per_s
+        );
+    }
+    if let Ok(n) = &network {
+        let us = |v: Option<u64>| v.map_or("-".to_string(), |v| format!("{v} us"));
+        eprintln!(
+            "bench: TAP from the pool {}, created {}; .vm DNS p50 {} us, p99 {} us",
+            us(n.tap_warm_us),
+            us(n.tap_cold_us),
+            n.dns_p50_us,
+            n.dns_p99_us
+        );
+    }
+    let (exec, exec_error) = split(exec);
+    let (cp, cp_error) = cp.map_or((None, None), split);
+    let (network, network_error) = split(network);
     let report = Report {
         runs: a.runs,
         backend: format!("{} ({})", info.backend, info.backend_reason),
@@ -393,6 +415,14 @@ pub async fn run(a: BenchArgs) -> anyhow::Result<i32> {
     Ok(0)
 }
 
+/// A block's result as its report fields: the value, or the error's chain.
+fn split<T>(r: anyhow::Result<T>) -> (Option<T>, Option<String>) {
+    match r {
+        Ok(v) => (Some(v), None),
+        Err(e) => (None, Some(format!("{e:#}"))),
+    }
+}
+
 /// The median of each field.
 fn median_sample(samples: &[RunSample]) -> RunSample {
     let pick = |f: fn(&RunSample) -> f64| median(samples.iter().map(f).collect());
@@ -416,5 +446,6 @@ fn median_sample(samples: &[RunSample]) -> RunSample {
         kernel_init_ms: pick(|s| s.kernel_init_ms),
         agent_ready_ms: pick(|s| s.agent_ready_ms),
         ready_over_kernel_init: pick(|s| s.ready_over_kernel_init),
+        tap: None,
     }
 }

@@ -83,14 +83,3 @@ pub(crate) fn print_json<T: serde::Serialize>(value: &T) -> anyhow::Result<()> {
     println!("{}", serde_json::to_string_pretty(value)?);
     Ok(())
 }
-
-/// Runs `op` until it ends or Ctrl-C; Ctrl-C drops the request, which makes
-/// the daemon cancel the operation.
-pub(crate) async fn interruptible<T>(
-    op: impl std::future::Future<Output = Result<T, banger_api::ClientError>>,
-) -> anyhow::Result<T> {
-    tokio::select! {
-        r = op => Ok(r?),
-        _ = tokio::signal::ctrl_c() => anyhow::bail!("interrupted: the operation was cancelled"),
-    }
-}

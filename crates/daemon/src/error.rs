@@ -4,7 +4,6 @@
 //! converts into [`DaemonError`] by `From`. Only the HTTP front end
 //! (`http::error`) turns a kind into a status and an API `code`.
 
-use crate::bench_image::BenchError;
 use crate::images::{
     BuildError, BundleError, DeleteImageError, DeleteKernelError, DeriveError, EnsureError,
     Missing, NameError, PullError, RegisterError,
@@ -100,8 +99,6 @@ pub enum DaemonError {
     Session(#[from] SessionError),
     #[error(transparent)]
     Logs(#[from] LogsError),
-    #[error(transparent)]
-    Bench(#[from] BenchError),
 }
 
 impl DaemonError {
@@ -138,7 +135,6 @@ impl DaemonError {
             DaemonError::Derive(e) => e.kind(),
             DaemonError::Session(e) => e.kind(),
             DaemonError::Logs(e) => e.kind(),
-            DaemonError::Bench(e) => e.kind(),
         }
     }
 }

@@ -47,12 +47,10 @@
 //! builds) waits for readiness with `vm::ready::wait_ready` and start and
 //! create end it with `finish_boot`.
 //!
-//! The internal benchmark routes (`network_bench`, `bench_image`) return
-//! [`BenchError`]. Only the HTTP front end builds [`DaemonError`] itself:
+//! Only the HTTP front end builds [`DaemonError`] itself:
 //! `Invalid` for its own request checks, `Failed` for the attach socket
 //! bridge.
 
-mod bench_image;
 mod error;
 mod guest;
 mod http;
@@ -72,7 +70,6 @@ mod vm;
 mod warm;
 mod web;
 
-pub use bench_image::BenchError;
 pub use error::{DaemonError, ErrorKind, NoBackend};
 pub use images::{
     BuildError, BundleError, DeleteImageError, DeleteKernelError, DeriveError, EnsureError,

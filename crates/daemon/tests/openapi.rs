@@ -355,23 +355,15 @@ async fn refused_creates_leave_nothing() {
     );
 }
 
-/// The benchmarks `banger bench` drives are served, under `/internal/`,
-/// and are not part of the public document.
+/// The daemon serves no benchmark: `banger bench` measures from outside,
+/// through the public API (the routes it once called are gone).
 #[tokio::test]
-async fn bench_routes_are_internal() {
-    let (_t, router, doc) = daemon();
-    for p in [
-        banger_api::paths::NETWORK_BENCH,
-        banger_api::bench::routes::BENCH_IMAGE,
-    ] {
-        assert!(p.starts_with("/internal/"), "{p}");
-        assert!(doc["paths"].get(p).is_none(), "{p} is in the document");
+async fn no_bench_routes() {
+    let (_t, router, _doc) = daemon();
+    for p in ["/internal/bench/network", "/internal/bench/image"] {
         let (status, body) = send(&router, Method::POST, p).await;
         let err: banger_api::ApiError = serde_json::from_slice(&body).expect("api error");
-        assert!(
-            status.is_client_error() && !err.message.starts_with("no route"),
-            "{p}: {status} {}",
-            err.message
-        );
+        assert_eq!(status, StatusCode::NOT_FOUND, "{p}: {}", err.message);
+        assert!(err.message.starts_with("no route"), "{p}: {}", err.message);
     }
 }

@@ -16,7 +16,6 @@
 //! [`HostNet::resolved_wire`].
 
 pub mod alloc;
-pub mod bench;
 pub mod dns;
 pub mod guest;
 pub mod host;

@@ -12,7 +12,7 @@ use crate::ifname::{IfName, TapName};
 use std::collections::{HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::sync::{Notify, watch};
 use tokio::task::JoinHandle;
 
@@ -41,6 +41,8 @@ pub struct AcquiredTap {
     pub name: TapName,
     /// Taken from the pool (`true`) or created on demand (`false`).
     pub warm: bool,
+    /// How long [`TapPool::acquire`] took to hand it out.
+    pub took: Duration,
 }
 
 struct Inner {
@@ -50,6 +52,8 @@ struct Inner {
     wake: Notify,
     level: watch::Sender<usize>,
     closed: AtomicBool,
+    /// How long the latest TAP creation took (refill or on demand).
+    last_create: Mutex<Option<Duration>>,
 }
 
 impl Inner {
@@ -63,9 +67,11 @@ impl Inner {
 
     async fn create(&self) -> Result<TapName, HostNetError> {
         let tap = TapName::random();
+        let start = Instant::now();
         self.host
             .create_tap(&tap, self.cfg.owner_uid, &self.cfg.bridge)
             .await?;
+        *self.last_create.lock().unwrap_or_else(|p| p.into_inner()) = Some(start.elapsed());
         Ok(tap)
     }
 }
@@ -115,6 +121,7 @@ impl TapPool {
             wake: Notify::new(),
             level,
             closed: AtomicBool::new(false),
+            last_create: Mutex::new(None),
         });
         let task = tokio::spawn(refill(inner.clone()));
         Ok(Self {
@@ -125,6 +132,7 @@ impl TapPool {
 
     /// A TAP for a new VM: from the pool when one is ready, else created now.
     pub async fn acquire(&self) -> Result<AcquiredTap, PoolError> {
+        let start = Instant::now();
         let warm = {
             let mut idle = self.inner.idle();
             let t = idle.pop_front();
@@ -132,18 +140,14 @@ impl TapPool {
             t
         };
         self.inner.wake.notify_one();
-        match warm {
-            Some(name) => Ok(AcquiredTap { name, warm: true }),
-            None => self.acquire_cold().await,
-        }
-    }
-
-    /// A freshly created TAP, bypassing the pool (what [`Self::acquire`]
-    /// does when the pool is empty; also used by benchmarks).
-    pub async fn acquire_cold(&self) -> Result<AcquiredTap, PoolError> {
+        let (name, warm) = match warm {
+            Some(name) => (name, true),
+            None => (self.inner.create().await?, false),
+        };
         Ok(AcquiredTap {
-            name: self.inner.create().await?,
-            warm: false,
+            name,
+            warm,
+            took: start.elapsed(),
         })
     }
 
@@ -155,6 +159,17 @@ impl TapPool {
     /// How many TAPs are ready right now.
     pub fn idle_count(&self) -> usize {
         self.inner.idle().len()
+    }
+
+    /// How long the latest TAP creation took, whether the refill made it
+    /// or [`Self::acquire`] did on an empty pool: what a VM waits for its
+    /// TAP when the pool is empty. `None` until one was made.
+    pub fn last_create(&self) -> Option<Duration> {
+        *self
+            .inner
+            .last_create
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
     }
 
     /// The configured pool size.

@@ -1,7 +1,6 @@
 //! The `.vm` DNS server, queried on loopback with hickory's resolver over
 //! UDP and TCP.
 
-use banger_net::bench;
 use banger_net::dns::{DnsRecords, DnsServer};
 use hickory_resolver::TokioResolver;
 use hickory_resolver::config::{ConnectionConfig, NameServerConfig, ResolverConfig, ResolverOpts};
@@ -167,32 +166,6 @@ async fn binding_a_busy_address_is_a_clear_error() {
     let msg = e.to_string();
     assert!(msg.contains(&server.local_addr().to_string()), "{msg}");
     assert!(msg.contains("binding UDP"), "{msg}");
-    server.shutdown().await.expect("shutdown");
-}
-
-#[tokio::test]
-async fn latency_benchmark() {
-    let (server, records) = start().await;
-    records
-        .set("bench", Ipv4Addr::new(172, 16, 0, 2))
-        .expect("set");
-    let stats = bench::dns_latency(server.local_addr(), "bench", 200, Duration::from_secs(2))
-        .await
-        .expect("bench");
-    assert_eq!(stats.queries, 200);
-    assert!(
-        stats.p50 <= stats.p99 && stats.p99 <= stats.max,
-        "{stats:?}"
-    );
-    assert!(stats.p99 < Duration::from_secs(1), "{stats:?}");
-    // An unknown name is an error, not a fast wrong answer.
-    let e = bench::dns_latency(server.local_addr(), "absent", 3, Duration::from_secs(2))
-        .await
-        .expect_err("NXDOMAIN");
-    assert!(
-        e.to_string().contains("NXDomain") || e.to_string().contains("Non-Existent"),
-        "{e}"
-    );
     server.shutdown().await.expect("shutdown");
 }
 

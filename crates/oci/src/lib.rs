@@ -19,7 +19,6 @@
 //! types and layers larger than the free space are all refused.
 
 mod auth;
-pub mod bench;
 mod cache;
 mod ext4;
 mod inject;

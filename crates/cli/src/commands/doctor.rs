@@ -305,7 +305,13 @@ fn network_checks(daemon: Option<Result<banger_api::NetworkStatus, String>>) -> 
                 n.cidr,
                 n.bridge_ip,
                 n.tap_pool
-                    .map(|p| format!("{}/{} ready", p.idle, p.configured))
+                    .map(|p| {
+                        let made = p
+                            .last_create_us
+                            .map(|us| format!(", a TAP takes {:.1} ms to make", us as f64 / 1000.0))
+                            .unwrap_or_default();
+                        format!("{}/{} ready{made}", p.idle, p.configured)
+                    })
                     .unwrap_or_else(|| "-".into())
             ),
         ),

@@ -636,12 +636,6 @@ mod tests {
                 "creating /x: disk full",
             ),
             (
-                crate::BenchError::Failed(anyhow::anyhow!("no skopeo").context("OCI import bench"))
-                    .into(),
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "OCI import bench: no skopeo",
-            ),
-            (
                 TemplateError::from(Missing::Image("img".into())).into(),
                 StatusCode::NOT_FOUND,
                 "no image named img: see `banger image list`",

@@ -3,7 +3,6 @@
 mod error;
 mod files;
 mod images;
-mod internal;
 mod sessions;
 mod stream;
 mod vms;
@@ -59,7 +58,6 @@ pub fn router(daemon: Shared) -> (Router, serde_json::Value) {
             paths::OPENAPI,
             axum::routing::get(move || async move { Json(doc) }),
         )
-        .merge(internal::router(daemon))
         .fallback(error::no_route)
         .layer(axum::middleware::from_fn(error::layer));
     (router, api)

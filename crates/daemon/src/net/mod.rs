@@ -7,7 +7,6 @@
 //! side (TAP or forwarded ssh port, NAT rules, DNS record) exists only
 //! while the VM runs and is rebuilt from the store at daemon start.
 
-mod bench;
 mod error;
 mod ports;
 mod status;
@@ -68,6 +67,8 @@ pub(crate) struct BootNet {
     pub(crate) guest: GuestNet,
     /// Kernel parameters configuring the guest side.
     pub(crate) cmdline: String,
+    /// How its TAP was got (bridge networking).
+    pub(crate) tap: Option<banger_api::TapAcquisition>,
 }
 
 /// The network settings of `config` (the DNS address from the config too).

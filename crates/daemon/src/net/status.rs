@@ -21,6 +21,9 @@ impl Daemon {
                 Some(banger_api::TapPool {
                     idle: pool.idle_count() as u64,
                     configured: pool.size() as u64,
+                    last_create_us: pool
+                        .last_create()
+                        .map(|d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX)),
                 }),
             ),
             Mode::User { reason } | Mode::Unavailable { reason } => (reason.clone(), None),
@@ -46,7 +49,7 @@ impl Daemon {
             cidr: s.subnet.cidr().to_string(),
             bridge_ip: s.subnet.bridge_ip().to_string(),
             tap_pool,
-            dns_listen: s.dns_listen.to_string(),
+            dns_listen: net.dns_addr().unwrap_or(s.dns_listen).to_string(),
             dns_error: net.dns_error.clone(),
             nft_version: nat.nft_version,
             ip_forward: nat.ip_forward,
@@ -56,5 +59,41 @@ impl Daemon {
             tun_ok,
             tun_detail,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::vm::tests::daemon;
+    use banger_net::{DnsRecords, DnsServer};
+
+    /// A configured port 0 is reported as the port the server got, so a
+    /// client can query it.
+    #[tokio::test]
+    async fn dns_listen_is_the_bound_address() {
+        let t = tempfile::tempdir().expect("tmp");
+        let d = daemon(&t);
+        let mut settings = settings(&d.config).expect("settings");
+        settings.dns_listen = std::net::SocketAddr::from(([127, 0, 0, 1], 0));
+        let records = DnsRecords::new();
+        let dns = DnsServer::start(settings.dns_listen, records.clone())
+            .await
+            .expect("dns");
+        let bound = dns.local_addr();
+        assert_ne!(bound.port(), 0);
+        let net = Network {
+            settings,
+            mode: Mode::User {
+                reason: "test".into(),
+            },
+            records,
+            dns: Some(dns),
+            dns_error: None,
+        };
+        assert!(d.network.set(net).is_ok());
+        let status = d.network_status().await.expect("status");
+        assert_eq!(status.dns_listen, bound.to_string());
+        assert_eq!(status.tap_pool, None);
     }
 }

@@ -120,6 +120,7 @@ impl Daemon {
                     }],
                     cmdline: guest_cmdline(&guest),
                     guest,
+                    tap: None,
                 }))
             }
             Mode::Bridge { host, pool } => {
@@ -179,6 +180,10 @@ impl Daemon {
                     nets: vec![NetSpec::tap(tap.name.as_str(), guest.mac.to_string())],
                     cmdline: guest_cmdline(&guest),
                     guest,
+                    tap: Some(banger_api::TapAcquisition {
+                        from_pool: tap.warm,
+                        took_us: u64::try_from(tap.took.as_micros()).unwrap_or(u64::MAX),
+                    }),
                 }))
             }
         }
@@ -414,11 +419,20 @@ mod tests {
         let mut vm = nat_vm(&d, "calm-otter", VmState::Starting);
         let ip = vm.ip.expect("ip");
         let mut steps = Steps::new(&ProgressSink::discard());
-        d.net_up(&mut vm, &mut steps)
+        let boot = d
+            .net_up(&mut vm, &mut steps)
             .await
             .expect("up")
             .expect("networking");
         steps.commit();
+        // The pool is empty: the TAP was made on the spot, and both the boot
+        // (`vm show`) and the pool (`doctor`) say how long that took.
+        let got = boot.tap.expect("how the TAP was got");
+        assert!(!got.from_pool, "{got:?}");
+        let status = d.network_status().await.expect("status");
+        let pool = status.tap_pool.expect("bridge mode has a pool");
+        assert_eq!((pool.idle, pool.configured), (0, 0));
+        assert!(pool.last_create_us.is_some(), "{pool:?}");
         let tap = TapName::new(vm.tap.clone().expect("tap in the record")).expect("tap");
         assert_eq!(
             d.store.get_vm(&vm.id).expect("get").tap,

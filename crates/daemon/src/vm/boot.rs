@@ -73,6 +73,7 @@ impl Daemon {
         };
         let mut extra_cmdline = format!("{boot_args} systemd.hostname={hostname}");
         let mut nets = Vec::new();
+        let tap = boot_net.as_ref().and_then(|n| n.tap);
         if let Some(n) = boot_net {
             if template {
                 // Attached but never configured: no address or connection
@@ -179,6 +180,7 @@ impl Daemon {
                     Some(BootFacts {
                         initrd: initrd_kind,
                         hello_ms: hello.uptime_ms,
+                        tap,
                     }),
                 );
                 progress.phase(

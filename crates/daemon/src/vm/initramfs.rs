@@ -46,6 +46,8 @@ pub(crate) struct BootFacts {
     pub(crate) initrd: BootInitrd,
     /// Guest uptime at the agent's hello.
     pub(crate) hello_ms: u64,
+    /// How its TAP was got (bridge networking).
+    pub(crate) tap: Option<banger_api::TapAcquisition>,
 }
 
 impl Daemon {
@@ -252,6 +254,7 @@ impl Daemon {
             agent_start: report.agent.as_str().to_string(),
             booting: report.system.is_booting(),
             system: report.system.describe().to_string(),
+            tap: facts.and_then(|f| f.tap),
         })
     }
 }

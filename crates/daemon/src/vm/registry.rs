@@ -204,6 +204,7 @@ mod tests {
         old.set_boot_facts(Some(BootFacts {
             initrd: crate::vm::BootInitrd::None,
             hello_ms: 7,
+            tap: None,
         }));
         r.remove(&old);
         assert!(r.existing(&id('a')).is_none());

@@ -72,6 +72,14 @@ pub(crate) fn boot_line(b: &banger_api::VmBoot) -> String {
             .unwrap_or_default();
         parts.push(format!("agent ready at {}{ratio}", secs(r)));
     }
+    if let Some(t) = b.tap {
+        let how = if t.from_pool {
+            "from the pool"
+        } else {
+            "created"
+        };
+        parts.push(format!("TAP {how} in {:.2} ms", t.took_us as f64 / 1000.0));
+    }
     format!("{}; system {}", parts.join(", "), b.system)
 }
 
@@ -129,4 +137,42 @@ pub(crate) fn print_stats(s: &banger_api::VmStats) {
         );
     }
     print_disks(&s.disks);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_boot_line_says_how_the_tap_was_got() {
+        let mut b = banger_api::VmBoot {
+            name: "calm-otter".into(),
+            initramfs: Some("banger".into()),
+            kernel_init_ms: Some(1840),
+            agent_ready_ms: Some(2100),
+            ready_over_kernel_init: Some(1.14),
+            agent_start: "initramfs".into(),
+            system: "running".into(),
+            booting: false,
+            tap: Some(banger_api::TapAcquisition {
+                from_pool: true,
+                took_us: 25,
+            }),
+        };
+        assert_eq!(
+            boot_line(&b),
+            "banger initramfs, kernel ran its first process at 1.84 s, agent ready at 2.10 s (1.14x), TAP from the pool in 0.03 ms; system running"
+        );
+        b.tap = Some(banger_api::TapAcquisition {
+            from_pool: false,
+            took_us: 12_345,
+        });
+        assert!(
+            boot_line(&b).contains("TAP created in 12.35 ms"),
+            "{}",
+            boot_line(&b)
+        );
+        b.tap = None;
+        assert!(!boot_line(&b).contains("TAP"), "{}", boot_line(&b));
+    }
 }

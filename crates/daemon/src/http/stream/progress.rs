@@ -1,7 +1,6 @@
 //! A [`ProgressSink`] onto an operation's NDJSON stream: each operation's
 //! wire enum says how phases, warnings and transfers become its events.
 
-use banger_api::bench::ImageBenchEvent;
 use banger_api::images::{BundleEvent, PullImageEvent, PullKernelEvent, Transfer};
 use banger_api::templates::WarmImageEvent;
 use banger_api::{
@@ -38,7 +37,7 @@ macro_rules! progress_events {
 }
 
 progress_events!(
-    CreateVmEvent, WaitEvent, BuildImageEvent, WarmImageEvent, BundleEvent, ImageBenchEvent;
+    CreateVmEvent, WaitEvent, BuildImageEvent, WarmImageEvent, BundleEvent;
     transfer: PullImageEvent, PullKernelEvent
 );
 
