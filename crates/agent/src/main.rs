@@ -30,15 +30,20 @@ fn main() -> ExitCode {
         // The guest's first process: assemble the root, hand PID 1 over to
         // the image's init; only the forked child gets here.
         match init::run() {
-            Ok(early) => (
-                BootInfo {
-                    start: early.start,
-                    started_ms,
-                    init: early.init.map(|i| (i, early.init_is_systemd)),
-                },
-                early.greeted,
-                early.prepared,
-            ),
+            Ok(mut early) => {
+                if let Some(initramfs) = early.initramfs.take() {
+                    initramfs.delete_when_idle();
+                }
+                (
+                    BootInfo {
+                        start: early.start,
+                        started_ms,
+                        init: early.init.map(|i| (i, early.init_is_systemd)),
+                    },
+                    early.greeted,
+                    early.prepared,
+                )
+            }
             Err(e) => init::fail(&e),
         }
     } else {

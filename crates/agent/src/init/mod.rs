@@ -10,9 +10,9 @@
 //! It starts in one of two places (see [`banger_agent_proto::boot`]):
 //! - as `/init` of banger's initramfs: it loads the kernel modules the
 //!   initramfs carries (`finit_module`, in the listed order), mounts the
-//!   root device itself, assembles the root and switches to it (PID 1
-//!   deletes the initramfs's files, as `switch_root` does, while the agent
-//!   greets);
+//!   root device itself, assembles the root and switches to it (the
+//!   initramfs's files are deleted, as `switch_root` does, later, when the
+//!   CPU is idle);
 //! - as `init=` after the distribution's initramfs (or the kernel) mounted
 //!   the root: it assembles the overlay in a tmpfs and `pivot_root`s.
 //!
@@ -41,7 +41,7 @@ mod root;
 
 pub use modules::module_params;
 use modules::{ModuleFile, load_module, load_modules};
-use root::{assemble_from_initramfs, ensure_mounted, finish_root, prepare, switch_root};
+use root::{OldRoot, assemble_from_initramfs, ensure_mounted, finish_root, prepare, switch_root};
 
 /// Why early init could not hand over to the image's init. Messages are
 /// one line and name what is missing.
@@ -107,6 +107,25 @@ pub struct Early {
     /// Closed when PID 1 execs the image's init, after preparing the guest
     /// for commands (see [`crate::prepared`]); `None` when it already is.
     pub prepared: Option<std::os::fd::OwnedFd>,
+    /// The initramfs's files, left to delete (banger's initramfs only).
+    pub initramfs: Option<Initramfs>,
+}
+
+/// The file system of banger's initramfs after the switch to the VM's
+/// root: its files still take memory until they are deleted.
+#[derive(Debug)]
+pub struct Initramfs(OldRoot);
+
+impl Initramfs {
+    /// Deletes its files in a thread of their own that runs only when the
+    /// CPU is otherwise idle: nothing of the boot, the greeting or the
+    /// first command waits for it.
+    pub fn delete_when_idle(self) {
+        std::thread::spawn(move || {
+            set_idle(true);
+            self.0.delete();
+        });
+    }
 }
 
 /// Assembles the VM's root and hands PID 1 to the image's init. Returns
@@ -190,6 +209,7 @@ pub fn run() -> Result<Early, InitError> {
         init: Some(init.clone()),
         greeted: Some(handover_wr),
         prepared: Some(prepared_rd),
+        initramfs: None,
     };
     // SAFETY: the process is single-threaded here (no runtime yet, the
     // module thread joined), so the child may do anything.
@@ -197,12 +217,14 @@ pub fn run() -> Result<Early, InitError> {
         nix::unistd::ForkResult::Child => {
             drop(handover_rd);
             drop(prepared_wr);
-            drop(old_root);
             let _ = nix::unistd::setsid();
             let _ = nix::sys::prctl::set_name(c"banger-agent");
             // Like the unit's OOMScoreAdjust: the agent is the way in.
             let _ = std::fs::write("/proc/self/oom_score_adj", "-900");
-            Ok(early)
+            Ok(Early {
+                initramfs: old_root.map(Initramfs),
+                ..early
+            })
         }
         nix::unistd::ForkResult::Parent { .. } => {
             drop(early.greeted);
@@ -212,9 +234,7 @@ pub fn run() -> Result<Early, InitError> {
             let idle = set_idle(true);
             let prepared = prepare_for_commands(&cmdline, &network);
             load_each(&after, &cmdline);
-            if let Some(r) = old_root {
-                r.delete();
-            }
+            drop(old_root);
             if idle {
                 set_idle(false);
             }
@@ -306,6 +326,7 @@ fn be_init(start: AgentStart) -> Result<Early, InitError> {
                     init_is_systemd: false,
                     greeted: None,
                     prepared: None,
+                    initramfs: None,
                 });
             }
             Ok(ForkResult::Parent { child }) => child,

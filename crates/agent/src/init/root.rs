@@ -156,6 +156,7 @@ pub(super) fn switch_root(newroot: &Path) -> Result<OldRoot, InitError> {
 
 /// The initramfs's file system after [`switch_root`], reachable only
 /// through this open directory.
+#[derive(Debug)]
 pub(super) struct OldRoot {
     dir: std::fs::File,
     dev: u64,
