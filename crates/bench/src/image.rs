@@ -274,25 +274,12 @@ async fn oci_import(opts: &banger_oci::PullOptions, work: &Path) -> anyhow::Resu
 /// a loopback registry is plain HTTP, as banger's pull treats it.
 fn skopeo_args(registry: &str, whole: &str, dest: &str) -> Vec<OsString> {
     let mut args: Vec<OsString> = vec!["copy".into(), "--quiet".into()];
-    if is_loopback(registry) {
+    if banger_oci::is_loopback(registry) {
         args.push("--src-tls-verify=false".into());
     }
     args.push(format!("docker://{whole}").into());
     args.push(dest.into());
     args
-}
-
-/// Whether `registry` (`host[:port]`) is on the loopback interface.
-fn is_loopback(registry: &str) -> bool {
-    let host = if let Some(rest) = registry.strip_prefix('[') {
-        rest.split(']').next().unwrap_or("")
-    } else {
-        registry.split(':').next().unwrap_or("")
-    };
-    host.eq_ignore_ascii_case("localhost")
-        || host
-            .parse::<std::net::IpAddr>()
-            .is_ok_and(|ip| ip.is_loopback())
 }
 
 /// Bundles `rootfs`, serves the bundle on loopback and times both installs.
@@ -500,12 +487,6 @@ mod tests {
         );
         let a = skopeo_args("ghcr.io", "ghcr.io/o/r:t", "oci:/x:bench");
         assert!(!a.iter().any(|s| s == "--src-tls-verify=false"), "{a:?}");
-        for host in ["localhost:5000", "[::1]:5000", "127.0.0.1"] {
-            assert!(is_loopback(host), "{host}");
-        }
-        for host in ["ghcr.io", "10.0.0.1:5000", "localhost.example.com"] {
-            assert!(!is_loopback(host), "{host}");
-        }
     }
 
     /// The bundle server answers any path with the whole file, as curl and

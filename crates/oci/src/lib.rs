@@ -32,7 +32,7 @@ pub use inject::{FIRST_BOOT_SSHD_SCRIPT, GuestInfo, INSTALL_SSHD_PATH, INSTALL_S
 pub use pull::{
     IMAGE_INFO_FILE, PullOptions, PullProgress, PullReport, PulledImage, ROOTFS_FILE, pull_to_ext4,
 };
-pub use registry::parse_reference;
+pub use registry::{is_loopback, parse_reference};
 pub use unpack::{EntryMeta, Node, Tree};
 
 use std::path::PathBuf;

@@ -61,7 +61,7 @@ pub(crate) fn check_digest(d: &str) -> Result<&str, OciError> {
 
 /// Whether `registry` (`host[:port]`) is on the loopback interface, where
 /// plain HTTP is accepted as Docker does for its insecure default.
-pub(crate) fn is_loopback(registry: &str) -> bool {
+pub fn is_loopback(registry: &str) -> bool {
     let host = if let Some(rest) = registry.strip_prefix('[') {
         rest.split(']').next().unwrap_or("")
     } else {
