@@ -50,6 +50,7 @@ fn main() {
     }
     let host = kvm_host();
     let mut reports = Map::new();
+    let mut failed = Vec::new();
     for (name, vmm) in [
         ("firecracker", InnerVmm::Firecracker),
         ("qemu_kvm", InnerVmm::Qemu),
@@ -59,14 +60,36 @@ fn main() {
         args.extend(bench_args.iter().map(String::as_str));
         eprintln!("e2e-kvm-bench: banger {} ({name})", args.join(" "));
         let out = host.banger(&args);
-        host.assert_ok(&out, &format!("banger bench under {name}"));
-        let report: Value = serde_json::from_slice(&out.stdout)
-            .unwrap_or_else(|e| panic!("bench output under {name} is not JSON: {e}"));
-        reports.insert(name.to_string(), report);
+        // Each backend's summary as soon as it is known: a later failure
+        // (the nested guests are fragile) must not lose it.
+        eprint!("{}", String::from_utf8_lossy(&out.stderr));
+        let report = out
+            .status
+            .success()
+            .then(|| serde_json::from_slice::<Value>(&out.stdout).ok())
+            .flatten();
+        match report {
+            Some(report) => {
+                eprintln!("e2e-kvm-bench: {name}: {report}");
+                reports.insert(name.to_string(), report);
+            }
+            None => {
+                eprintln!(
+                    "e2e-kvm-bench: banger bench under {name} failed: {:?}",
+                    out.status.code()
+                );
+                failed.push(name);
+            }
+        }
     }
     let mut ratios = Map::new();
     for (pointer, name) in COMPARED {
-        let value = |backend: &str| reports[backend].pointer(pointer).and_then(Value::as_f64);
+        let value = |backend: &str| {
+            reports
+                .get(backend)?
+                .pointer(pointer)
+                .and_then(Value::as_f64)
+        };
         if let (Some(fc), Some(q)) = (value("firecracker"), value("qemu_kvm"))
             && q != 0.0
         {
@@ -83,4 +106,5 @@ fn main() {
         "{}",
         serde_json::to_string_pretty(&combined).unwrap_or_default()
     );
+    assert!(failed.is_empty(), "banger bench failed under {failed:?}");
 }
