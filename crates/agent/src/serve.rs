@@ -845,12 +845,18 @@ mod tests {
             matches!(ev, Some(ExecEvent::Exited(s)) if s.code == Some(0)),
             "{ev:?}"
         );
-        // sshd is started after the answer.
-        let lines = rec.lines();
-        assert_eq!(
-            lines.last().map(String::as_str),
-            Some("systemctl start --no-block ssh.service")
-        );
+        // sshd is started after the answer (so possibly after the exec
+        // above has finished, too).
+        let started = async {
+            while rec.lines().last().map(String::as_str)
+                != Some("systemctl start --no-block ssh.service")
+            {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        };
+        timeout(LIMIT, started)
+            .await
+            .unwrap_or_else(|_| panic!("sshd not started last: {:?}", rec.lines()));
     }
 
     /// A clone's first host connection is a new one (Firecracker resets
