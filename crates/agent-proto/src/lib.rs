@@ -43,7 +43,8 @@ use serde::{Deserialize, Serialize};
 /// 5: boot status (`BootStatus`/`Boot`), the boot contract carries `root=`
 /// and ro/rw, the module list and the boot failure line.
 /// 6: warm starts: `Hello.sealed`, `Seal`/`Sealed`, `Restore`/`Restored`.
-pub const PROTO_VERSION: u32 = 6;
+/// 7: `BootReport.pending` (what a late init is doing).
+pub const PROTO_VERSION: u32 = 7;
 
 /// Output frames an agent may send on one exec, attach or logs channel
 /// before the host grants more with [`Body::Credit`].
@@ -199,6 +200,10 @@ pub struct BootReport {
     pub agent_start_ms: u64,
     /// The image's init and how far its boot is.
     pub system: SystemState,
+    /// What a still booting init is doing, when the report did not wait:
+    /// systemd's unfinished jobs, or PID 1's kernel state when systemd
+    /// does not answer. Empty otherwise. Bounded by the daemon when used.
+    pub pending: Vec<String>,
 }
 
 /// How the agent was started.

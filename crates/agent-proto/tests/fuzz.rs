@@ -19,14 +19,21 @@ fn body() -> impl Strategy<Value = Body> {
         ".{0,40}".prop_map(|name| Body::SessionStop { name }),
         ".{0,40}".prop_map(Body::Error),
         any::<bool>().prop_map(|wait| Body::BootStatus { wait }),
-        (any::<Option<u64>>(), any::<u64>(), ".{0,20}").prop_map(|(k, a, state)| {
-            Body::Boot(banger_agent_proto::BootReport {
-                agent: banger_agent_proto::AgentStart::Initramfs,
-                kernel_init_ms: k,
-                agent_start_ms: a,
-                system: banger_agent_proto::SystemState::Systemd { state },
-            })
-        }),
+        (
+            any::<Option<u64>>(),
+            any::<u64>(),
+            ".{0,20}",
+            proptest::collection::vec(".{0,30}", 0..4)
+        )
+            .prop_map(|(k, a, state, pending)| {
+                Body::Boot(banger_agent_proto::BootReport {
+                    agent: banger_agent_proto::AgentStart::Initramfs,
+                    kernel_init_ms: k,
+                    agent_start_ms: a,
+                    system: banger_agent_proto::SystemState::Systemd { state },
+                    pending,
+                })
+            }),
     ]
 }
 

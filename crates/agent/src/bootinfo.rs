@@ -30,11 +30,18 @@ impl BootInfo {
     /// The report, with the system state now; with `wait`, once the init
     /// has finished booting.
     pub async fn report(&self, wait: bool) -> BootReport {
+        let system = self.system_state(wait).await;
+        let pending = if system.is_booting() {
+            pending().await
+        } else {
+            Vec::new()
+        };
         BootReport {
             agent: self.start,
             kernel_init_ms: kernel_init_ms(),
             agent_start_ms: self.started_ms,
-            system: self.system_state(wait).await,
+            system,
+            pending,
         }
     }
 
@@ -89,6 +96,78 @@ async fn systemctl_state(wait: bool) -> Option<String> {
         .ok()?;
     let text = String::from_utf8_lossy(&out.stdout);
     Some(text.lines().last().unwrap_or("").trim().to_string())
+}
+
+/// How long systemd may take to list its jobs: a stuck one does not
+/// answer at all.
+const JOBS_WAIT: Duration = Duration::from_secs(3);
+
+/// What a booting systemd still does: its unfinished jobs (`systemctl
+/// list-jobs`), or, when it does not answer in time, PID 1's kernel state
+/// (where it sleeps, its kernel stack).
+async fn pending() -> Vec<String> {
+    let mut cmd = tokio::process::Command::new("systemctl");
+    cmd.args(["list-jobs", "--no-legend", "--no-pager", "--full"])
+        .env("PATH", crate::exec::DEFAULT_PATH)
+        .stdin(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true);
+    if let Ok(Ok(out)) = tokio::time::timeout(JOBS_WAIT, cmd.output()).await
+        && out.status.success()
+    {
+        let jobs = parse_jobs(&String::from_utf8_lossy(&out.stdout));
+        if !jobs.is_empty() {
+            return jobs;
+        }
+    }
+    let read = |f: &str| std::fs::read_to_string(Path::new("/proc/1").join(f)).unwrap_or_default();
+    vec![pid1_state(&read("stat"), &read("wchan"), &read("stack"))]
+}
+
+/// At most this many jobs are listed.
+const MAX_JOBS: usize = 20;
+
+/// `systemctl list-jobs --no-legend` lines (`ID UNIT TYPE STATE`) as
+/// `UNIT (TYPE, STATE)`, the running ones (what the boot waits on) first.
+pub(crate) fn parse_jobs(text: &str) -> Vec<String> {
+    let mut jobs: Vec<(bool, String)> = text
+        .lines()
+        .filter_map(|l| match l.split_whitespace().collect::<Vec<_>>()[..] {
+            [_, unit, kind, state, ..] => {
+                Some((state != "running", format!("{unit} ({kind}, {state})")))
+            }
+            _ => None,
+        })
+        .collect();
+    jobs.sort_by_key(|(waiting, _)| *waiting);
+    jobs.into_iter().take(MAX_JOBS).map(|(_, j)| j).collect()
+}
+
+/// One line on PID 1 from its `/proc/1/stat`, `wchan` and `stack`.
+pub(crate) fn pid1_state(stat: &str, wchan: &str, stack: &str) -> String {
+    // The state follows the command's closing parenthesis.
+    let state = stat
+        .rsplit_once(')')
+        .and_then(|(_, rest)| rest.split_whitespace().next())
+        .unwrap_or("?");
+    let frames: Vec<&str> = stack
+        .lines()
+        .filter_map(|l| l.split_whitespace().nth(1))
+        .map(|f| f.split('+').next().unwrap_or(f))
+        .take(8)
+        .collect();
+    let wchan = match wchan.trim() {
+        "" | "0" => "-",
+        w => w,
+    };
+    format!(
+        "PID 1 does not answer: state {state}, waiting in {wchan}, kernel stack {}",
+        if frames.is_empty() {
+            "unknown".to_string()
+        } else {
+            frames.join(" < ")
+        }
+    )
 }
 
 /// Milliseconds since the guest kernel booted (0 if /proc is unreadable).
@@ -196,6 +275,34 @@ fn read_kmsg(path: &Path) -> Vec<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn unfinished_jobs_and_a_stuck_pid_1_read_as_one_line_each() {
+        let jobs = "  1 graphical.target    start waiting\n  143 docker.service      start running\n\nbad line\n";
+        assert_eq!(
+            parse_jobs(jobs),
+            [
+                "docker.service (start, running)",
+                "graphical.target (start, waiting)"
+            ]
+        );
+        let many: String = (0..50)
+            .map(|i| format!("{i} u{i}.service start waiting\n"))
+            .collect();
+        assert_eq!(parse_jobs(&many).len(), MAX_JOBS);
+        assert_eq!(
+            pid1_state(
+                "1 (systemd) D 0 1 1 0 -1 4194560",
+                "wait_for_completion\n",
+                "[<0>] wait_for_completion+0x9c/0x160\n[<0>] do_foo+0x1/0x2\n"
+            ),
+            "PID 1 does not answer: state D, waiting in wait_for_completion, kernel stack wait_for_completion < do_foo"
+        );
+        assert_eq!(
+            pid1_state("", "0", ""),
+            "PID 1 does not answer: state ?, waiting in -, kernel stack unknown"
+        );
+    }
 
     #[test]
     fn finds_the_first_process_in_kernel_log_records() {

@@ -9,6 +9,7 @@ use crate::steps::Steps;
 use crate::vm::{AgentError, BootError};
 use crate::{Daemon, ErrorKind};
 use anyhow::anyhow;
+use banger_agent_proto::client::AgentClient;
 use banger_api::WaitFor;
 use banger_api::{ProgressSink, Step};
 use banger_model::{VmName, VmRecord, VmState};
@@ -199,8 +200,9 @@ impl Daemon {
                 vm.name
             ))),
             Err(_) => Err(Unready::TimedOut(format!(
-                "VM {name}'s init did not finish booting within {}s (ready_timeout_secs); the VM is kept running for inspection: `banger vm logs {name}` shows its console, `banger vm delete {name}` removes it",
+                "VM {name}'s init did not finish booting within {}s (ready_timeout_secs){}; the VM is kept running for inspection: `banger vm logs {name}` shows its console, `banger vm delete {name}` removes it",
                 timeout.as_secs(),
+                still_booting(&agent).await,
                 name = vm.name
             ))),
         }
@@ -309,6 +311,47 @@ impl Daemon {
     }
 }
 
+/// How long a guest whose init is late may take to say what it is doing.
+const PENDING_WAIT: Duration = Duration::from_secs(10);
+
+/// `: still <state>: <what the init is doing>` from the agent of a guest
+/// whose init is late, bounded (the guest is not trusted); empty when the
+/// agent does not say.
+async fn still_booting(agent: &AgentClient) -> String {
+    match tokio::time::timeout(PENDING_WAIT, agent.boot_status(false)).await {
+        Ok(Ok(r)) => describe_pending(r.system.describe(), &r.pending),
+        _ => String::new(),
+    }
+}
+
+/// At most this many of the init's pending jobs are quoted, each cut to
+/// [`PENDING_CHARS`].
+const PENDING_LINES: usize = 10;
+const PENDING_CHARS: usize = 160;
+
+pub(crate) fn describe_pending(state: &str, pending: &[String]) -> String {
+    let clean = |s: &str, n: usize| -> String {
+        s.chars()
+            .map(|c| if c.is_control() { ' ' } else { c })
+            .take(n)
+            .collect()
+    };
+    let mut out = format!(": still {}", clean(state, 32));
+    if !pending.is_empty() {
+        let shown: Vec<String> = pending
+            .iter()
+            .take(PENDING_LINES)
+            .map(|p| clean(p, PENDING_CHARS))
+            .collect();
+        out.push_str(": ");
+        out.push_str(&shown.join("; "));
+        if pending.len() > PENDING_LINES {
+            out.push_str(&format!("; and {} more", pending.len() - PENDING_LINES));
+        }
+    }
+    out
+}
+
 /// Why `POST /v1/vms/{vm}/wait` did not see the VM ready.
 #[derive(Debug, thiserror::Error)]
 pub enum WaitError {
@@ -375,6 +418,74 @@ const VMM_LOG_LINES: usize = 6;
 mod tests {
     use super::*;
     use banger_config::{Config, Paths};
+
+    /// An agent whose image's init never finishes booting: a waiting
+    /// `BootStatus` is never answered, a plain one says what is pending.
+    fn late_init_agent(guest: tokio::io::DuplexStream) {
+        use banger_agent_proto::{AgentStart, Body, BootReport, Frame, FrameCodec, SystemState};
+        use futures::{SinkExt, StreamExt};
+        tokio::spawn(async move {
+            let mut io = tokio_util::codec::Framed::new(guest, FrameCodec);
+            while let Some(Ok(Ok(frame))) = io.next().await {
+                if let Body::BootStatus { wait: false } = frame.body {
+                    let report = BootReport {
+                        agent: AgentStart::Initramfs,
+                        kernel_init_ms: Some(1500),
+                        agent_start_ms: 1600,
+                        system: SystemState::Systemd {
+                            state: "starting".into(),
+                        },
+                        pending: vec!["docker.service (start, running)".into()],
+                    };
+                    let _ = io.send(Frame::new(frame.channel, Body::Boot(report))).await;
+                }
+            }
+        });
+    }
+
+    #[tokio::test]
+    async fn a_late_init_times_out_saying_what_it_still_does() {
+        let t = tempfile::tempdir().expect("tmp");
+        let d = daemon(&t, 1);
+        crate::vm::tests::add_image(&d);
+        let vm = crate::vm::tests::record(&d, "calm-otter", VmState::Running);
+        let (host, guest) = tokio::io::duplex(64 * 1024);
+        late_init_agent(guest);
+        let cx = d.lock_vm("calm-otter").await.expect("lock");
+        cx.handle.set_agent(Some(AgentClient::spawn(host)));
+        drop(cx);
+        match d
+            .wait_system(&vm, &ProgressSink::discard(), &CancellationToken::new())
+            .await
+        {
+            Err(Unready::TimedOut(m)) => assert!(
+                m.contains("within 1s (ready_timeout_secs): still starting: docker.service (start, running); the VM is kept running"),
+                "{m}"
+            ),
+            other => panic!("expected a timeout: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_late_init_is_described_bounded_and_on_one_line() {
+        assert_eq!(describe_pending("starting", &[]), ": still starting");
+        let jobs: Vec<String> = (0..13)
+            .map(|i| format!("u{i}.service (start, waiting)"))
+            .collect();
+        let d = describe_pending("starting", &jobs);
+        assert!(
+            d.starts_with(": still starting: u0.service (start, waiting); u1.service"),
+            "{d}"
+        );
+        assert!(
+            d.ends_with("u9.service (start, waiting); and 3 more"),
+            "{d}"
+        );
+        let hostile = ["x\ny".repeat(500)];
+        let d = describe_pending("st\rate", &hostile);
+        assert!(!d.contains('\n') && !d.contains('\r'), "{d}");
+        assert!(d.len() < 200, "{}", d.len());
+    }
     use banger_model::{Provenance, SpecValue, VmBackend, VmId, VmName, VmSpec, VmState};
     use std::sync::Mutex;
     use tokio::io::AsyncWriteExt;
