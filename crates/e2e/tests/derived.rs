@@ -57,9 +57,12 @@ impl<'a> UserModeDaemon<'a> {
         let cfg = b.config_dir().join("config.toml");
         let saved = std::fs::read_to_string(&cfg).ok();
         // Outside the test namespace: no fixed listener (another lane of the
-        // suite may run its own).
+        // suite may run its own). The builds' transient VMs wait for their
+        // systemd; on a CI machine shared by three emulating lanes one did
+        // not finish within the default 240 s (the error now says what it
+        // still ran): a slow boot passes, a stuck one still fails.
         b.write_config(
-            "network = \"user\"\ndns_listen_addr = \"127.0.0.1:0\"\nweb_listen_addr = \"\"\n",
+            "network = \"user\"\ndns_listen_addr = \"127.0.0.1:0\"\nweb_listen_addr = \"\"\nready_timeout_secs = 600\n",
         );
         UserModeDaemon { b, saved }
     }
