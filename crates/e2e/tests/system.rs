@@ -168,7 +168,10 @@ fn install_status_helper_reinstall_and_uninstall_in_a_guest() {
     // gives the service the kvm group), and Firecracker.
     sh(
         b,
-        "modprobe kvm_amd 2>/dev/null || modprobe kvm_intel; test -c /dev/kvm && getent group kvm",
+        &format!(
+            "{}; test -c /dev/kvm && getent group kvm",
+            banger_e2e::kvm_host::LOAD_KVM
+        ),
     );
     put(b, "/usr/local/bin/firecracker", &firecracker(), "755");
     sh(b, "mkdir -p /etc/banger");
