@@ -287,7 +287,17 @@ impl AgentClient {
     /// How the guest booted; with `wait`, once its init has finished
     /// booting (the caller bounds the wait).
     pub async fn boot_status(&self, wait: bool) -> Result<BootReport, ClientError> {
-        match self.query(Body::BootStatus { wait }).await? {
+        self.boot_report(wait, false).await
+    }
+
+    /// How the guest booted now and, while its init still boots, what that
+    /// init is doing ([`BootReport::pending`]).
+    pub async fn boot_status_explained(&self) -> Result<BootReport, ClientError> {
+        self.boot_report(false, true).await
+    }
+
+    async fn boot_report(&self, wait: bool, explain: bool) -> Result<BootReport, ClientError> {
+        match self.query(Body::BootStatus { wait, explain }).await? {
             Body::Boot(r) => Ok(r),
             other => Err(unexpected(&other)),
         }

@@ -43,7 +43,8 @@ use serde::{Deserialize, Serialize};
 /// 5: boot status (`BootStatus`/`Boot`), the boot contract carries `root=`
 /// and ro/rw, the module list and the boot failure line.
 /// 6: warm starts: `Hello.sealed`, `Seal`/`Sealed`, `Restore`/`Restored`.
-/// 7: `BootReport.pending` (what a late init is doing).
+/// 7: `BootStatus.explain` and `BootReport.pending` (what a late init is
+/// doing).
 pub const PROTO_VERSION: u32 = 7;
 
 /// Output frames an agent may send on one exec, attach or logs channel
@@ -163,9 +164,11 @@ pub enum Body {
     // Boot.
     /// Host → agent on a new channel: how the guest booted and how far the
     /// image's init is. With `wait` the answer waits until that init has
-    /// finished booting (systemd's `is-system-running --wait`). Answered
-    /// with [`Body::Boot`] or [`Body::Error`].
-    BootStatus { wait: bool },
+    /// finished booting (systemd's `is-system-running --wait`). With
+    /// `explain`, a still booting init's [`BootReport::pending`] is filled
+    /// in (it runs `systemctl`, so only when asked). Answered with
+    /// [`Body::Boot`] or [`Body::Error`].
+    BootStatus { wait: bool, explain: bool },
     /// Agent → host: the answer to [`Body::BootStatus`]; the channel is closed.
     Boot(BootReport),
 
@@ -200,7 +203,7 @@ pub struct BootReport {
     pub agent_start_ms: u64,
     /// The image's init and how far its boot is.
     pub system: SystemState,
-    /// What a still booting init is doing, when the report did not wait:
+    /// What a still booting init is doing, when asked (`explain`):
     /// systemd's unfinished jobs, or PID 1's kernel state when systemd
     /// does not answer. Empty otherwise. Bounded by the daemon when used.
     pub pending: Vec<String>,

@@ -18,7 +18,8 @@ fn body() -> impl Strategy<Value = Body> {
             .prop_map(|(rows, cols)| Body::Resize(banger_agent_proto::TtySize { rows, cols })),
         ".{0,40}".prop_map(|name| Body::SessionStop { name }),
         ".{0,40}".prop_map(Body::Error),
-        any::<bool>().prop_map(|wait| Body::BootStatus { wait }),
+        (any::<bool>(), any::<bool>())
+            .prop_map(|(wait, explain)| Body::BootStatus { wait, explain }),
         (
             any::<Option<u64>>(),
             any::<u64>(),

@@ -28,10 +28,11 @@ impl BootInfo {
     }
 
     /// The report, with the system state now; with `wait`, once the init
-    /// has finished booting.
-    pub async fn report(&self, wait: bool) -> BootReport {
+    /// has finished booting; with `explain`, what a still booting init is
+    /// doing.
+    pub async fn report(&self, wait: bool, explain: bool) -> BootReport {
         let system = self.system_state(wait).await;
-        let pending = if system.is_booting() {
+        let pending = if explain && system.is_booting() {
             pending().await
         } else {
             Vec::new()
@@ -341,7 +342,7 @@ mod tests {
             started_ms: 7,
             init: Some(("/sbin/init".into(), false)),
         };
-        let r = info.report(true).await;
+        let r = info.report(true, false).await;
         assert_eq!(r.agent, AgentStart::Initramfs);
         assert_eq!(r.agent_start_ms, 7);
         assert_eq!(

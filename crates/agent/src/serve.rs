@@ -245,11 +245,11 @@ impl Connection {
                 let all = self.sessions.list();
                 return self.send(channel, Body::Sessions(all)).await;
             }
-            Body::BootStatus { wait } => {
+            Body::BootStatus { wait, explain } => {
                 // Waiting for the init's boot can take long: off the loop.
                 let (boot, out) = (self.boot.clone(), self.out.clone());
                 tokio::spawn(async move {
-                    let report = boot.report(wait).await;
+                    let report = boot.report(wait, explain).await;
                     let _ = out.send(Frame::new(channel, Body::Boot(report))).await;
                 });
                 return;

@@ -318,7 +318,7 @@ const PENDING_WAIT: Duration = Duration::from_secs(10);
 /// whose init is late, bounded (the guest is not trusted); empty when the
 /// agent does not say.
 async fn still_booting(agent: &AgentClient) -> String {
-    match tokio::time::timeout(PENDING_WAIT, agent.boot_status(false)).await {
+    match tokio::time::timeout(PENDING_WAIT, agent.boot_status_explained()).await {
         Ok(Ok(r)) => describe_pending(r.system.describe(), &r.pending),
         _ => String::new(),
     }
@@ -420,14 +420,19 @@ mod tests {
     use banger_config::{Config, Paths};
 
     /// An agent whose image's init never finishes booting: a waiting
-    /// `BootStatus` is never answered, a plain one says what is pending.
+    /// `BootStatus` is never answered, an explaining one says what is
+    /// pending.
     fn late_init_agent(guest: tokio::io::DuplexStream) {
         use banger_agent_proto::{AgentStart, Body, BootReport, Frame, FrameCodec, SystemState};
         use futures::{SinkExt, StreamExt};
         tokio::spawn(async move {
             let mut io = tokio_util::codec::Framed::new(guest, FrameCodec);
             while let Some(Ok(Ok(frame))) = io.next().await {
-                if let Body::BootStatus { wait: false } = frame.body {
+                if let Body::BootStatus {
+                    wait: false,
+                    explain: true,
+                } = frame.body
+                {
                     let report = BootReport {
                         agent: AgentStart::Initramfs,
                         kernel_init_ms: Some(1500),
