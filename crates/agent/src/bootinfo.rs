@@ -79,22 +79,27 @@ impl BootInfo {
     }
 }
 
-/// `systemctl is-system-running [--wait]`'s answer; `None` when it could
-/// not be asked.
-async fn systemctl_state(wait: bool) -> Option<String> {
+/// `systemctl ARGS` as the boot report runs it: the default PATH, no
+/// input, its errors dropped, killed when the report gives up on it.
+fn systemctl(args: &[&str]) -> tokio::process::Command {
     let mut cmd = tokio::process::Command::new("systemctl");
-    cmd.arg("is-system-running");
-    if wait {
-        cmd.arg("--wait");
-    }
-    let out = cmd
+    cmd.args(args)
         .env("PATH", crate::exec::DEFAULT_PATH)
         .stdin(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
-        .kill_on_drop(true)
-        .output()
-        .await
-        .ok()?;
+        .kill_on_drop(true);
+    cmd
+}
+
+/// `systemctl is-system-running [--wait]`'s answer; `None` when it could
+/// not be asked.
+async fn systemctl_state(wait: bool) -> Option<String> {
+    let args: &[&str] = if wait {
+        &["is-system-running", "--wait"]
+    } else {
+        &["is-system-running"]
+    };
+    let out = systemctl(args).output().await.ok()?;
     let text = String::from_utf8_lossy(&out.stdout);
     Some(text.lines().last().unwrap_or("").trim().to_string())
 }
@@ -107,12 +112,7 @@ const JOBS_WAIT: Duration = Duration::from_secs(3);
 /// list-jobs`), or, when it does not answer in time, PID 1's kernel state
 /// (where it sleeps, its kernel stack).
 async fn pending() -> Vec<String> {
-    let mut cmd = tokio::process::Command::new("systemctl");
-    cmd.args(["list-jobs", "--no-legend", "--no-pager", "--full"])
-        .env("PATH", crate::exec::DEFAULT_PATH)
-        .stdin(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .kill_on_drop(true);
+    let mut cmd = systemctl(&["list-jobs", "--no-legend", "--no-pager", "--full"]);
     if let Ok(Ok(out)) = tokio::time::timeout(JOBS_WAIT, cmd.output()).await
         && out.status.success()
     {
