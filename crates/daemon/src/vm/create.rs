@@ -290,6 +290,11 @@ impl Daemon {
                     this.set_agent(&id, None);
                     Err(fail(&mut steps, anyhow!(why)).await)
                 }
+                // Its guest went down: nothing of the VM is kept either.
+                Err(Unready::Stopped(e)) => {
+                    this.set_agent(&id, None);
+                    Err(fail(&mut steps, e).await)
+                }
                 Err(timed_out) => Err(timed_out.into_boot()),
             };
         }

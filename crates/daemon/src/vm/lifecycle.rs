@@ -60,15 +60,19 @@ impl Daemon {
                 system: self.config.wait_boot,
                 sshd: false,
             };
-            booted = self
-                .wait_ready(vm, want, &quiet, &cancel)
-                .await
-                .map_err(|u| match u {
-                    // Only a daemon shutdown cancels a start: the VM is
-                    // kept, in error, as if it were not ready in time.
-                    Unready::Cancelled(why) => BootError::NotReady(why.to_string()),
-                    timed_out => timed_out.into_boot(),
-                });
+            booted = match self.wait_ready(vm, want, &quiet, &cancel).await {
+                Ok(()) => Ok(()),
+                // Only a daemon shutdown cancels a start: the VM is kept,
+                // in error, as if it were not ready in time.
+                Err(Unready::Cancelled(why)) => Err(BootError::NotReady(why.to_string())),
+                // Its guest went down: what the boot made is undone and the
+                // record kept, in error, saying how the guest ended.
+                Err(Unready::Stopped(e)) => {
+                    self.set_agent(&vm.id, None);
+                    Err(crate::vm::boot::fail(&mut steps, e).await)
+                }
+                Err(timed_out) => Err(timed_out.into_boot()),
+            };
         }
         self.finish_boot(vm, steps, booted, OnFailure::KeepRecord)?;
         // A VM restored from a template boots its own disks from now on:

@@ -53,6 +53,8 @@ pub(crate) enum Unready {
     TimedOut(String),
     /// The client went away or the daemon is stopping: the reason.
     Cancelled(&'static str),
+    /// The VM's VMM exited while it was waited for: how the guest ended.
+    Stopped(anyhow::Error),
 }
 
 impl Unready {
@@ -62,6 +64,7 @@ impl Unready {
         match self {
             Unready::TimedOut(m) => BootError::NotReady(m),
             Unready::Cancelled(why) => BootError::Failed(anyhow!(why)),
+            Unready::Stopped(e) => BootError::Failed(e),
         }
     }
 }
@@ -100,6 +103,20 @@ async fn ssh_banner(addr: SocketAddr) -> bool {
 }
 
 impl Daemon {
+    /// Resolves when the VM's current VMM has exited (at once if it already
+    /// has), with how its guest ended; never when its exit is not watched.
+    async fn vmm_exit(&self, vm: &VmRecord, waiting_for: &str) -> anyhow::Error {
+        let exited = match self.vms.existing(&vm.id).and_then(|h| h.subscribe_exit()) {
+            Some(mut rx) => rx.wait_for(|exited| *exited).await.is_ok(),
+            None => false,
+        };
+        if !exited {
+            // Not watched, or a dropped sender: a relaunch, not this exit.
+            std::future::pending::<()>().await;
+        }
+        stopped_during(vm.name.as_str(), &VmPaths::new(&vm.dir), waiting_for)
+    }
+
     /// How long a starting VM may take to signal readiness.
     pub(crate) fn ready_timeout(&self) -> Duration {
         Duration::from_secs(u64::from(self.config.ready_timeout_secs))
@@ -123,8 +140,14 @@ impl Daemon {
         let started = Instant::now();
         let mut waited = false;
         let mut pause = SSHD_POLL_FIRST;
+        let exited = self.vmm_exit(vm, "before its sshd answered");
+        tokio::pin!(exited);
         loop {
-            if ssh_banner(addr).await {
+            let greeted = tokio::select! {
+                up = ssh_banner(addr) => up,
+                e = &mut exited => return Err(Unready::Stopped(e)),
+            };
+            if greeted {
                 if waited {
                     progress.phase(
                         Step::Ready,
@@ -154,6 +177,7 @@ impl Daemon {
             tokio::select! {
                 _ = tokio::time::sleep(pause) => {}
                 _ = cancel.cancelled() => return Err(Unready::Cancelled(self.cancel_reason())),
+                e = &mut exited => return Err(Unready::Stopped(e)),
             }
             pause = (pause * 2).min(SSHD_POLL_MAX);
         }
@@ -179,9 +203,12 @@ impl Daemon {
         );
         let started = Instant::now();
         let timeout = self.ready_timeout();
+        let exited = self.vmm_exit(vm, "before its init finished booting");
+        tokio::pin!(exited);
         let report = tokio::select! {
             r = tokio::time::timeout(timeout, agent.boot_status(true)) => r,
             _ = cancel.cancelled() => return Err(Unready::Cancelled(self.cancel_reason())),
+            e = &mut exited => return Err(Unready::Stopped(e)),
         };
         match report {
             Ok(Ok(r)) => {
@@ -195,10 +222,17 @@ impl Daemon {
                 );
                 Ok(())
             }
-            Ok(Err(e)) => Err(Unready::TimedOut(format!(
-                "VM {}'s agent could not say how its boot went: {e}",
-                vm.name
-            ))),
+            Ok(Err(e)) => {
+                // A guest that went down takes its agent's connection with
+                // it, a moment before its VMM's exit is seen.
+                if let Ok(stopped) = tokio::time::timeout(EXIT_GRACE, &mut exited).await {
+                    return Err(Unready::Stopped(stopped));
+                }
+                Err(Unready::TimedOut(format!(
+                    "VM {}'s agent could not say how its boot went: {e}",
+                    vm.name
+                )))
+            }
             Err(_) => Err(Unready::TimedOut(format!(
                 "VM {name}'s init did not finish booting within {}s (ready_timeout_secs){}; the VM is kept running for inspection: `banger vm logs {name}` shows its console, `banger vm delete {name}` removes it",
                 timeout.as_secs(),
@@ -290,6 +324,7 @@ impl Daemon {
         match waited {
             Ok(()) => {}
             Err(Unready::Cancelled(why)) => return Err(WaitError::Cancelled(why)),
+            Err(Unready::Stopped(e)) => return Err(WaitError::Stopped(e)),
             Err(Unready::TimedOut(message)) => {
                 return Err(match until {
                     WaitFor::Sshd => WaitError::Sshd {
@@ -369,6 +404,9 @@ pub enum WaitError {
     /// The VM stopped while it was waited for.
     #[error("VM {name} is {state} now")]
     NotRunning { name: VmName, state: VmState },
+    /// Its VMM exited while it was waited for: how the guest ended.
+    #[error("{0:#}")]
+    Stopped(anyhow::Error),
     #[error("{}", Chain(.0))]
     Store(#[from] StoreError),
 }
@@ -378,19 +416,29 @@ impl WaitError {
     pub fn kind(&self) -> ErrorKind {
         match self {
             WaitError::Agent(e) => e.kind(),
-            WaitError::Sshd { .. } | WaitError::System(_) | WaitError::Cancelled(_) => {
-                ErrorKind::Failed
-            }
+            WaitError::Sshd { .. }
+            | WaitError::System(_)
+            | WaitError::Cancelled(_)
+            | WaitError::Stopped(_) => ErrorKind::Failed,
             WaitError::NotRunning { .. } => ErrorKind::Conflict,
             WaitError::Store(e) => store_kind(e),
         }
     }
 }
 
-/// The one line a failed boot leaves on the console, as an error; else
-/// the console's last lines and the VMM's (which say how the guest ended:
-/// Firecracker logs a triple fault apart from a reset the guest asked for).
+/// How long a lost agent connection waits for its VMM's exit to be seen.
+const EXIT_GRACE: Duration = Duration::from_secs(2);
+
+/// [`stopped_during`] of a guest whose agent never greeted.
 pub(crate) fn stopped_before_agent(vm: &str, paths: &VmPaths) -> anyhow::Error {
+    stopped_during(vm, paths, "before its agent came up")
+}
+
+/// The one line a failed boot leaves on the console, as an error; else
+/// that the VM stopped `when` ("before its agent came up"), with the
+/// console's last lines and the VMM's (which say how the guest ended:
+/// Firecracker logs a triple fault apart from a reset the guest asked for).
+pub(crate) fn stopped_during(vm: &str, paths: &VmPaths, when: &str) -> anyhow::Error {
     let console = paths.console_log();
     let text = std::fs::read(&console)
         .map(|b| String::from_utf8_lossy(&b).into_owned())
@@ -401,10 +449,10 @@ pub(crate) fn stopped_before_agent(vm: &str, paths: &VmPaths) -> anyhow::Error {
     let tail = crate::vm::console_tail(&console, CONSOLE_LINES);
     let vmm = crate::vm::console_tail(&paths.vmm_log(), VMM_LOG_LINES);
     if vmm.is_empty() {
-        anyhow!("the VM stopped before its agent came up; last console lines:\n{tail}")
+        anyhow!("the VM stopped {when}; last console lines:\n{tail}")
     } else {
         anyhow!(
-            "the VM stopped before its agent came up; last console lines:\n{tail}\nthe VMM's last log lines:\n{vmm}"
+            "the VM stopped {when}; last console lines:\n{tail}\nthe VMM's last log lines:\n{vmm}"
         )
     }
 }
@@ -659,6 +707,67 @@ mod tests {
             .await;
         let e = r.expect_err("no agent").into_boot();
         assert_eq!(e.to_string(), "VM calm-otter has no agent connection");
+    }
+
+    #[tokio::test]
+    async fn a_guest_that_goes_down_ends_the_wait_at_once_saying_how() {
+        let t = tempfile::tempdir().expect("tmp");
+        let d = daemon(&t, 600);
+        let (port, _never) = fake_sshd().await;
+        let dir = tempfile::tempdir().expect("vm dir");
+        let mut vm = vm(port);
+        vm.dir = dir.path().to_path_buf();
+        std::fs::write(
+            VmPaths::new(dir.path()).console_log(),
+            "[   19.0] systemd[1]: Starting ssh.service\n[   19.1] reboot: Restarting system\n",
+        )
+        .expect("console");
+        let exit = d.vms.handle(&vm.id).new_exit();
+        let quiet = ProgressSink::discard();
+        let cancel = CancellationToken::new();
+        let waited = async {
+            tokio::join!(d.wait_sshd(&vm, &quiet, &cancel), async {
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                exit.send(true).expect("a waiter");
+            })
+        };
+        let (r, _) = tokio::time::timeout(Duration::from_secs(20), waited)
+            .await
+            .expect("the wait ended with the VM, not with its 600 s timeout");
+        let Err(Unready::Stopped(e)) = r else {
+            panic!("expected the VM's stop: {r:?}");
+        };
+        let m = e.to_string();
+        assert!(
+            m.starts_with("the VM stopped before its sshd answered; last console lines:"),
+            "{m}"
+        );
+        assert!(m.contains("reboot: Restarting system"), "{m}");
+        assert!(matches!(
+            Unready::Stopped(e).into_boot(),
+            BootError::Failed(_)
+        ));
+
+        // The guest's init: its agent never answers; the VM is gone already.
+        let (host, guest) = tokio::io::duplex(64 * 1024);
+        late_init_agent(guest);
+        d.vms
+            .handle(&vm.id)
+            .set_agent(Some(AgentClient::spawn(host)));
+        let r = tokio::time::timeout(Duration::from_secs(20), d.wait_system(&vm, &quiet, &cancel))
+            .await
+            .expect("the wait ended with the VM");
+        let Err(Unready::Stopped(e)) = r else {
+            panic!("expected the VM's stop: {r:?}");
+        };
+        assert!(
+            e.to_string()
+                .starts_with("the VM stopped before its init finished booting;"),
+            "{e}"
+        );
+        // Through the API's wait: a failure, not a conflict.
+        let w = WaitError::Stopped(e);
+        assert_eq!(w.kind(), ErrorKind::Failed);
     }
 
     #[test]

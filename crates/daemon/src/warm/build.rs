@@ -197,6 +197,9 @@ impl Daemon {
             Ok(()) => {}
             Err(Unready::TimedOut(m)) => return Err(TemplateError::NotBooted(m)),
             Err(Unready::Cancelled(why)) => return Err(TemplateError::Cancelled(why)),
+            Err(Unready::Stopped(e)) => {
+                return Err(TemplateError::NotBooted(format!("{e:#}")));
+            }
         }
         tokio::time::sleep(SETTLE).await;
         let agent = self
