@@ -6,6 +6,7 @@
 //! guest's own root file system, and the owner uses them as a user would:
 //! `vm run` (session), `vm ssh`, `ssh <name>.vm`, `vm acp`.
 
+use banger_e2e::kvm_host::nested_guest_reset;
 use banger_e2e::{Banger, shared, text};
 use banger_root_client::proto::PROTOCOL_VERSION;
 use std::io::Write;
@@ -480,6 +481,22 @@ fn firecracker() -> Vec<u8> {
 }
 
 /// `script` run by the owner (`sh -c`), with `stdin` as its input.
+/// [`owner_sh`] of a boot (`vm run`): one more try when the nested guest
+/// went down while it booted ([`nested_guest_reset`]; its create was
+/// rolled back), after printing the first failure whole.
+fn owner_boot(b: &Banger, script: &str, stdin: &[u8]) -> Output {
+    let out = owner_sh(b, script, stdin);
+    if out.status.success() || !nested_guest_reset(&out) {
+        return out;
+    }
+    eprintln!(
+        "[system] nested guest went down while it booted; trying `{script}` once more. First failure:\n{}\n--- inner daemon ---\n{}",
+        text(&out).1,
+        inner_diagnostics(b)
+    );
+    owner_sh(b, script, stdin)
+}
+
 fn owner_sh(b: &Banger, script: &str, stdin: &[u8]) -> Output {
     let mut child = b
         .cmd(&[
@@ -562,7 +579,7 @@ fn vms_under_the_system_install(b: &Banger) {
 
     // Session mode of `vm run`: ssh with the system install's key, once
     // the inner sshd answers; its shell reads our stdin.
-    let out = owner_sh(
+    let out = owner_boot(
         b,
         &format!("/usr/local/bin/banger vm run --name {INNER}"),
         b"echo session-on-$(hostname)\n",
@@ -682,7 +699,7 @@ fn setid_image_under_the_system_install(b: &Banger) {
         b"",
     );
     owner_ok(b, "image pull (setuid/setgid entries)", out);
-    let out = owner_sh(
+    let out = owner_boot(
         b,
         "/usr/local/bin/banger vm run --rm --name setid --image setid -- stat -c '%a %n' /bin/suid /bin/sgid /var/mail",
         b"",
