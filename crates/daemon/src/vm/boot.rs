@@ -290,11 +290,17 @@ fn boot_layout(
 }
 
 /// Kernel parameters every guest boots with, beyond the boot contract's:
-/// `cryptomgr.notests` skips the kernel's crypto self-tests, about a fifth
-/// of a Debian cloud kernel's start under emulation (0.3 s of 1.35 s to
-/// `Run /init` here); libguestfs boots its short-lived appliance VMs the
-/// same way, and a kernel booted with `fips=1` runs them anyway.
-const KERNEL_TUNING: &str = "cryptomgr.notests";
+/// - `cryptomgr.notests` skips the kernel's crypto self-tests, about a
+///   fifth of a Debian cloud kernel's start under emulation (0.3 s of
+///   1.35 s to `Run /init` here); libguestfs boots its short-lived
+///   appliance VMs the same way, and a kernel booted with `fips=1` runs
+///   them anyway.
+/// - `init_on_alloc=0` stops the kernel zeroing every page and slab object
+///   it allocates (Debian turns it on as hardening against leaks of stale
+///   kernel memory to the guest's own processes, which in a one-owner
+///   sandbox whose commands run as root guards nothing): the greeting
+///   came ~70 ms sooner here, and a guest's page cache fills faster.
+const KERNEL_TUNING: &str = "cryptomgr.notests init_on_alloc=0";
 
 /// The guest kernel's command line beyond what the VMM adds: the boot
 /// contract's parameters, [`KERNEL_TUNING`], the host name.
@@ -379,10 +385,12 @@ mod tests {
     use std::path::{Path, PathBuf};
 
     #[test]
-    fn every_guest_skips_the_kernels_crypto_self_tests_and_keeps_its_contract() {
+    fn every_guest_gets_the_kernel_tuning_and_keeps_its_contract() {
         let params = BootArgs::standard().kernel_params(banger_agent_proto::install::BINARY_PATH);
         let line = kernel_cmdline(&params, "calm-otter");
-        assert!(line.split(' ').any(|p| p == "cryptomgr.notests"), "{line}");
+        for tuning in ["cryptomgr.notests", "init_on_alloc=0"] {
+            assert!(line.split(' ').any(|p| p == tuning), "{tuning}: {line}");
+        }
         assert!(line.ends_with(" systemd.hostname=calm-otter"), "{line}");
         // The agent still reads its contract from the whole line.
         assert_eq!(BootArgs::parse(&line), BootArgs::parse(&params));
