@@ -9,7 +9,7 @@ use anyhow::{Context, anyhow};
 use banger_agent_proto::boot::BootArgs;
 use banger_agent_proto::client::AgentClient;
 use banger_api::{ProgressSink, Step};
-use banger_model::{ImageRecord, KernelRecord, VmBackend, VmRecord, VmState};
+use banger_model::{ImageRecord, KernelRecord, VmBackend, VmId, VmRecord, VmState};
 use banger_storage::VmDisks;
 use banger_store::StoreError;
 use banger_vmm::{DiskFormat, DiskSpec, LaunchSpec, VmPaths, Vmm};
@@ -340,6 +340,20 @@ impl BootError {
             BootError::Store(e) => store_kind(e),
             BootError::State(e) => e.kind(),
         }
+    }
+}
+
+impl Daemon {
+    /// Gives up a boot whose agent greeted (the client went away, the
+    /// guest went down): its agent is forgotten, its steps rolled back.
+    pub(super) async fn abandon_boot(
+        &self,
+        id: &VmId,
+        steps: &mut Steps<'_>,
+        cause: anyhow::Error,
+    ) -> BootError {
+        self.set_agent(id, None);
+        fail(steps, cause).await
     }
 }
 

@@ -1,6 +1,5 @@
 //! `vm create`: the checks, the new VM's record, disks and first boot.
 
-use super::boot::fail;
 use super::*;
 use crate::error::{Chain, NoBackend, store_kind};
 use crate::net::NetError;
@@ -287,14 +286,10 @@ impl Daemon {
                 Ok(()) => Ok(()),
                 // The client went away: nothing of the VM is kept.
                 Err(Unready::Cancelled(why)) => {
-                    this.set_agent(&id, None);
-                    Err(fail(&mut steps, anyhow!(why)).await)
+                    Err(this.abandon_boot(&id, &mut steps, anyhow!(why)).await)
                 }
                 // Its guest went down: nothing of the VM is kept either.
-                Err(Unready::Stopped(e)) => {
-                    this.set_agent(&id, None);
-                    Err(fail(&mut steps, e).await)
-                }
+                Err(Unready::Stopped(e)) => Err(this.abandon_boot(&id, &mut steps, e).await),
                 Err(timed_out) => Err(timed_out.into_boot()),
             };
         }

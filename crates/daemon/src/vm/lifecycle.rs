@@ -67,10 +67,7 @@ impl Daemon {
                 Err(Unready::Cancelled(why)) => Err(BootError::NotReady(why.to_string())),
                 // Its guest went down: what the boot made is undone and the
                 // record kept, in error, saying how the guest ended.
-                Err(Unready::Stopped(e)) => {
-                    self.set_agent(&vm.id, None);
-                    Err(crate::vm::boot::fail(&mut steps, e).await)
-                }
+                Err(Unready::Stopped(e)) => Err(self.abandon_boot(&vm.id, &mut steps, e).await),
                 Err(timed_out) => Err(timed_out.into_boot()),
             };
         }
