@@ -17,6 +17,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/setup-host.sh --test-tools
 export PROFILE=dev
+# One build from a clean clone: incremental compilation's caches would only
+# double the target folder (several GiB) on a disk CI shares.
+export CARGO_INCREMENTAL=0
 ./scripts/build.sh
 export BANGER_BIN_DIR="$PWD/build/bin"
 E2E="${BANGER_E2E_ROOT:-/tmp/banger-e2e}"
