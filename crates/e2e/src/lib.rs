@@ -392,6 +392,36 @@ impl Banger {
         serde_json::from_slice(&out.stdout).expect("json output")
     }
 
+    /// True when guest `vm` went down by itself: its VMM exited (the
+    /// daemon marks it stopped; waited for a few seconds, as the daemon
+    /// sees the exit just after its agent connection broke) or its console
+    /// shows a kernel panic. Never panics: it is asked while a test
+    /// unwinds.
+    pub fn went_down(&self, vm: &str) -> bool {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            match self.vm_state(vm).as_deref() {
+                Some("running" | "starting") if Instant::now() < deadline => {}
+                Some("running" | "starting") => break,
+                // Gone from the list, or stopped: its VMM exited.
+                Some(_) => return true,
+                None => return false,
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        let logs = self.run(&["vm", "logs", vm, "--tail", "200"]);
+        String::from_utf8_lossy(&logs.stdout).contains("Kernel panic - not syncing")
+    }
+
+    /// The state of VM `vm` (`running`, `stopped`, ...); `None` when
+    /// the daemon does not say. Never panics.
+    pub fn vm_state(&self, vm: &str) -> Option<String> {
+        let show = self.run(&["vm", "show", vm, "--json"]);
+        serde_json::from_slice::<serde_json::Value>(&show.stdout)
+            .ok()
+            .and_then(|v| v["state"].as_str().map(String::from))
+    }
+
     /// Names of the VMs the daemon knows.
     pub fn vm_names(&self) -> Vec<String> {
         self.json(&["vm", "list"])
@@ -525,10 +555,73 @@ pub fn wait_until(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool)
     }
 }
 
+/// Runs `test`, and once more when it failed because guest `vm`, in
+/// which it runs nested guests, went down by itself (`down` says so, after
+/// the test unwound: see [`Banger::went_down`]; a test whose guards delete
+/// that guest asks before they do): QEMU's TCG emulation of SVM now and then loses the outer
+/// kernel's state on a nested guest's exit (a kernel panic in
+/// `exc_page_fault` during `KVM_RUN`, or a reset), which no code of banger
+/// causes. `revive` makes the guest usable again before the second run.
+/// The first failure is printed; a second one fails the test, as does a
+/// failure with the guest up.
+pub fn once_more_if_outer_went_down(
+    what: &str,
+    down: impl FnOnce() -> bool,
+    revive: impl FnOnce(),
+    test: impl Fn(),
+) {
+    let Err(panic) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(&test)) else {
+        return;
+    };
+    if !down() {
+        std::panic::resume_unwind(panic);
+    }
+    eprintln!(
+        "[{what}] the outer guest went down during the test (failure above); running it once more"
+    );
+    revive();
+    test();
+}
+
 /// Stdout and stderr as text, for assertions.
 pub fn text(out: &Output) -> (String, String) {
     (
         String::from_utf8_lossy(&out.stdout).into_owned(),
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::once_more_if_outer_went_down;
+    use std::cell::Cell;
+    use std::panic::{AssertUnwindSafe, catch_unwind};
+
+    /// Runs `once_more_if_outer_went_down` over a test that fails its
+    /// first `fails` runs; how many runs there were and whether the revive
+    /// ran, or `Err` when the whole thing failed.
+    fn run(fails: u32, down: bool) -> Result<(u32, bool), (u32, bool)> {
+        let (runs, revived) = (Cell::new(0), Cell::new(false));
+        let r = catch_unwind(AssertUnwindSafe(|| {
+            once_more_if_outer_went_down(
+                "t",
+                || down,
+                || revived.set(true),
+                || {
+                    runs.set(runs.get() + 1);
+                    assert!(runs.get() > fails, "run {} fails", runs.get());
+                },
+            )
+        }));
+        let seen = (runs.get(), revived.get());
+        r.map(|()| seen).map_err(|_| seen)
+    }
+
+    #[test]
+    fn only_a_failure_with_the_outer_guest_down_is_run_once_more() {
+        assert_eq!(run(0, true), Ok((1, false)));
+        assert_eq!(run(1, true), Ok((2, true)));
+        assert_eq!(run(2, true), Err((2, true)), "a second failure fails");
+        assert_eq!(run(1, false), Err((1, false)), "guest up: no retry");
+    }
 }

@@ -11,6 +11,7 @@ use banger_e2e::{Banger, shared, text};
 use banger_root_client::proto::PROTOCOL_VERSION;
 use std::io::Write;
 use std::process::{Command, Output, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 const VM: &str = "e2e-system";
 const OWNER: &str = "bgowner";
@@ -50,10 +51,17 @@ s.sendall(sys.argv[1].encode() + b"\n")
 print(s.makefile().readline().strip())
 "#;
 
+/// Set when a failing run found the guest gone down by itself (asked
+/// before [`DeleteVm`] deletes it).
+static WENT_DOWN: AtomicBool = AtomicBool::new(false);
+
 struct DeleteVm<'a>(&'a Banger);
 
 impl Drop for DeleteVm<'_> {
     fn drop(&mut self) {
+        if std::thread::panicking() {
+            WENT_DOWN.store(self.0.went_down(VM), Ordering::SeqCst);
+        }
         let _ = self.0.run(&["vm", "delete", VM]);
     }
 }
@@ -141,6 +149,15 @@ fn both_active(b: &Banger) {
 #[test]
 fn install_status_helper_reinstall_and_uninstall_in_a_guest() {
     let b = shared();
+    banger_e2e::once_more_if_outer_went_down(
+        "system",
+        || WENT_DOWN.load(Ordering::SeqCst),
+        || {},
+        || system_install_in_a_guest(b),
+    );
+}
+
+fn system_install_in_a_guest(b: &Banger) {
     let _ = b.run(&["vm", "delete", VM]);
     // Two vCPUs and room for a nested guest.
     let out = b.run(&[
