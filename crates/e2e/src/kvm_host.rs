@@ -54,7 +54,7 @@ pub const INNER_IMAGE: &str = "debian-bookworm";
 /// of SVM is the suspect and its virtual GIF the least-used part of it a
 /// nested Linux guest never needs; two local runs, with and without this,
 /// both passed, so it is a guess, not a proven fix; and it is not one: a
-/// later run (ci22) showed the same panic with it, so the tests now run
+/// later run showed the same panic with it, so the tests now run
 /// once more on a revived outer guest ([`nested_test`]).
 pub const LOAD_KVM: &str = "if grep -qw svm /proc/cpuinfo; then \
  [ \"$(cat /sys/module/kvm_amd/parameters/vgif 2>/dev/null)\" = 0 ] || \
