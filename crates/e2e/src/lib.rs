@@ -403,7 +403,7 @@ impl Banger {
             match self.vm_state(vm).as_deref() {
                 Some("running" | "starting") if Instant::now() < deadline => {}
                 Some("running" | "starting") => break,
-                // Gone from the list, or stopped: its VMM exited.
+                // Stopped (or failed): its VMM exited.
                 Some(_) => return true,
                 None => return false,
             }
@@ -555,13 +555,13 @@ pub fn wait_until(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool)
     }
 }
 
-/// Runs `test`, and once more when it failed because guest `vm`, in
-/// which it runs nested guests, went down by itself (`down` says so, after
+/// Runs `test`, and once more when it failed because the outer guest in
+/// which it runs nested guests went down by itself (`down` says so, after
 /// the test unwound: see [`Banger::went_down`]; a test whose guards delete
-/// that guest asks before they do): QEMU's TCG emulation of SVM now and then loses the outer
-/// kernel's state on a nested guest's exit (a kernel panic in
-/// `exc_page_fault` during `KVM_RUN`, or a reset), which no code of banger
-/// causes. `revive` makes the guest usable again before the second run.
+/// that guest asks before they do). QEMU's TCG emulation of SVM now and
+/// then loses the outer kernel's state on a nested guest's exit (a kernel
+/// panic in `exc_page_fault` during `KVM_RUN`, or a reset), which no code
+/// of banger causes. `revive` makes the guest usable again before the second run.
 /// The first failure is printed; a second one fails the test, as does a
 /// failure with the guest up.
 pub fn once_more_if_outer_went_down(
