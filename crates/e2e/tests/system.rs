@@ -26,12 +26,17 @@ const FIRECRACKER_SHA256: &str = "ce39ca94c18eb7bb20dd5b55c56cfa1e5f1cd4f8497418
 /// The system daemon's config: Firecracker on the guest's nested KVM, a
 /// bridge range apart from the guest's own eth0 (172.16.0.0/24), small
 /// inner VMs, and an ACP command that only this file sets (so `vm acp`
-/// proves the CLI read the system config, not the owner's).
+/// proves the CLI read the system config, not the owner's). No template
+/// builds in the background (`warm_start = "manual"`): one would boot a
+/// second nested guest beside the session's for minutes (in one CI run
+/// the session's guest went down 13 s after such a build began; warm
+/// starts are the kvm lane's to test).
 const SYSTEM_CONFIG: &str = r#"vmm = "firecracker"
 firecracker_bin = "/usr/local/bin/firecracker"
 cidr = "10.99.0.0/24"
 acp_command = ["cat"]
 ready_timeout_secs = 600
+warm_start = "manual"
 
 [vm_defaults]
 vcpu = 1
@@ -497,23 +502,44 @@ fn firecracker() -> Vec<u8> {
     data
 }
 
-/// `script` run by the owner (`sh -c`), with `stdin` as its input.
-/// [`owner_sh`] of a boot (`vm run`): one more try when the nested guest
-/// went down while it booted ([`nested_guest_reset`]; its create was
-/// rolled back), after printing the first failure whole.
-fn owner_boot(b: &Banger, script: &str, stdin: &[u8]) -> Output {
+/// [`owner_sh`] of a boot (`vm run`) of the inner VM `name`: one more
+/// try when that nested guest went down by itself, after printing the
+/// first failure whole. Either while it booted ([`nested_guest_reset`];
+/// its create was rolled back), or later, while `script` used it (a
+/// session): its VMM exited and the inner daemon marked it stopped.
+fn owner_boot(b: &Banger, name: &str, script: &str, stdin: &[u8]) -> Output {
+    let stops_before = inner_stops(b, name);
     let out = owner_sh(b, script, stdin);
-    if out.status.success() || !nested_guest_reset(&out) {
+    if out.status.success() {
         return out;
     }
+    let why = if nested_guest_reset(&out) {
+        "went down while it booted"
+    } else if inner_stops(b, name) > stops_before && !text(&out).1.contains("Kernel panic") {
+        "went down after it booted"
+    } else {
+        return out;
+    };
     eprintln!(
-        "[system] nested guest went down while it booted; trying `{script}` once more. First failure:\n{}\n--- inner daemon ---\n{}",
+        "[system] nested guest {name} {why}; trying `{script}` once more. First failure:\n{}\n--- inner daemon ---\n{}",
         text(&out).1,
         inner_diagnostics(b)
     );
+    // A VM that stopped is still there (unless `--rm` deleted it).
+    let _ = owner_sh(b, &format!("/usr/local/bin/banger vm delete {name}"), b"");
     owner_sh(b, script, stdin)
 }
 
+/// How often the inner daemon has marked the VM `name` stopped because
+/// its VMM exited (not by `vm stop` or `vm delete`): the line its exit
+/// watch logs.
+fn inner_stops(b: &Banger, name: &str) -> usize {
+    let pattern = format!(r#""VMM exited; marking VM stopped","vm":"{name}""#);
+    let out = exec(b, &["grep", "-cF", &pattern, "/var/lib/banger/bangerd.log"]);
+    text(&out).0.trim().parse().unwrap_or(0)
+}
+
+/// `script` run by the owner (`sh -c`), with `stdin` as its input.
 fn owner_sh(b: &Banger, script: &str, stdin: &[u8]) -> Output {
     let mut child = b
         .cmd(&[
@@ -598,6 +624,7 @@ fn vms_under_the_system_install(b: &Banger) {
     // the inner sshd answers; its shell reads our stdin.
     let out = owner_boot(
         b,
+        INNER,
         &format!("/usr/local/bin/banger vm run --name {INNER}"),
         b"echo session-on-$(hostname)\n",
     );
@@ -718,6 +745,7 @@ fn setid_image_under_the_system_install(b: &Banger) {
     owner_ok(b, "image pull (setuid/setgid entries)", out);
     let out = owner_boot(
         b,
+        "setid",
         "/usr/local/bin/banger vm run --rm --name setid --image setid -- stat -c '%a %n' /bin/suid /bin/sgid /var/mail",
         b"",
     );
