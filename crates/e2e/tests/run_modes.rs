@@ -203,6 +203,81 @@ fn interactive_session_mode_with_json() {
     assert_gone(b, "e2e-sess", &dirs_before);
 }
 
+/// A session whose VM goes down (its VMM killed here, as a guest that
+/// resets or panics ends it) is ended by banger within seconds, with the
+/// end of the VM's console, instead of ssh waiting on a guest that is gone
+/// until TCP gives up.
+#[test]
+fn a_session_ends_when_its_vm_goes_down() {
+    let b = shared();
+    let _ = b.run(&["vm", "delete", "e2e-down"]);
+    let mut child = b
+        .cmd(&["vm", "run", "--name", "e2e-down"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    // The shell reads this, then waits for more: stdin stays open.
+    let mut stdin = child.stdin.take().expect("stdin");
+    stdin
+        .write_all(b"echo session-is-up\n")
+        .expect("write stdin");
+    let (tx, rx) = std::sync::mpsc::channel();
+    let stdout = child.stdout.take().expect("stdout");
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines() {
+            if tx.send(line.unwrap_or_default()).is_err() {
+                break;
+            }
+        }
+    });
+    let deadline = std::time::Instant::now() + Duration::from_secs(300);
+    loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(line) if line.trim() == "session-is-up" => break,
+            Ok(_) => {}
+            Err(e) => {
+                let _ = child.kill();
+                let out = child.wait_with_output().expect("wait");
+                panic!("the session never answered ({e}): {}", text(&out).1);
+            }
+        }
+    }
+    let vm = b.json(&["vm", "show", "e2e-down"]);
+    let pid = vm["pid"].as_u64().expect("a running VM has a VMM pid");
+    let kill = std::process::Command::new("kill")
+        .args(["-9", &pid.to_string()])
+        .status()
+        .expect("kill");
+    assert!(kill.success(), "kill -9 {pid}");
+    let ended = (0..600).any(|_| {
+        let done = child.try_wait().expect("try_wait").is_some();
+        if !done {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        done
+    });
+    drop(stdin);
+    if !ended {
+        let _ = child.kill();
+    }
+    let out = child.wait_with_output().expect("wait");
+    let err = text(&out).1;
+    assert!(
+        ended,
+        "the session of the VM that went down still ran 60 s later: {err}"
+    );
+    assert_eq!(out.status.code(), Some(255), "{err}");
+    assert!(
+        err.contains("VM e2e-down went down during the session (now stopped)"),
+        "{err}"
+    );
+    assert!(err.contains("the end of its console:"), "{err}");
+    assert!(b.run(&["vm", "delete", "e2e-down"]).status.success());
+}
+
 #[test]
 fn a_name_clash_is_refused_before_anything_is_made() {
     let b = shared();

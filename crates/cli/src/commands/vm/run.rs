@@ -300,7 +300,7 @@ async fn run_inner(
                     }
                 ),
             );
-            run_session(&vm, cwd.as_deref(), a.json, sig).await
+            run_session(&client, &vm, cwd.as_deref(), a.json, sig).await
         }
         Ok(cwd) => {
             phases.enter("command", &a.command.join(" "));
@@ -402,8 +402,10 @@ async fn cleanup(client: &Client, name: &str, phases: &mut Phases) -> bool {
 
 /// Runs the system `ssh` into the VM (its stdout to stderr with `--json`)
 /// and returns its exit status. A signal to banger ends ssh (TERM, then
-/// KILL after 5s) and returns 128 + the signal.
+/// KILL after 5s) and returns 128 + the signal; the VM going down ends
+/// it too, said on stderr, with ssh's status for a lost connection (255).
 async fn run_session(
+    client: &Client,
     vm: &VmRecord,
     dir: Option<&str>,
     json: bool,
@@ -433,18 +435,15 @@ async fn run_session(
     tokio::select! {
         status = child.wait() => {
             let status = status.context("waiting for ssh")?;
-            Ok(status.code().unwrap_or(255))
+            Ok(status.code().unwrap_or(super::ssh::SSH_LOST))
+        }
+        down = super::ssh::went_down(client, vm) => {
+            super::ssh::end_ssh(&mut child).await;
+            super::ssh::report_down(client, vm, down).await;
+            Ok(super::ssh::SSH_LOST)
         }
         s = sig.recv() => {
-            if let Some(pid) = child.id() {
-                let _ = nix::sys::signal::kill(
-                    nix::unistd::Pid::from_raw(pid as i32),
-                    nix::sys::signal::Signal::SIGTERM,
-                );
-            }
-            if tokio::time::timeout(Duration::from_secs(5), child.wait()).await.is_err() {
-                let _ = child.kill().await;
-            }
+            super::ssh::end_ssh(&mut child).await;
             Ok(128 + s)
         }
     }
