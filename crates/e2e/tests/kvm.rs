@@ -219,23 +219,7 @@ fn firecracker_persistent_vm_end_to_end() {
         h.ok(&format!("cmp {KVM_DIR}/cp-blob {KVM_DIR}/cp-blob.back"));
 
         // ssh with the pinned host key, once sshd is up.
-        h.wait_for(
-            "sshd in the Firecracker guest",
-            LONG,
-            &KvmHost::banger_argv(&[
-                "vm",
-                "exec",
-                "fc",
-                "--",
-                "systemctl",
-                "is-active",
-                "--quiet",
-                "ssh",
-            ])
-            .join(" "),
-        );
-        let ssh = h.banger_ok(&["vm", "ssh", "fc", "--", "hostname"]);
-        assert_eq!(ssh.trim(), "fc");
+        ssh_reaches(h, "fc", "sshd in the Firecracker guest");
         let known = h.ok("cat /root/.local/state/banger/ssh/known_hosts");
         assert!(known.contains("ssh-ed25519"), "{known}");
 
@@ -630,23 +614,7 @@ fn firecracker_warm_start_end_to_end() {
         assert_eq!((a[3], b[3]), ("fw-a", "fw-b"));
         assert_eq!(a[4], "kvm");
 
-        h.wait_for(
-            "sshd in the warm Firecracker guest",
-            LONG,
-            &KvmHost::banger_argv(&[
-                "vm",
-                "exec",
-                "fw-a",
-                "--",
-                "systemctl",
-                "is-active",
-                "--quiet",
-                "ssh",
-            ])
-            .join(" "),
-        );
-        let ssh = h.banger_ok(&["vm", "ssh", "fw-a", "--", "hostname"]);
-        assert_eq!(ssh.trim(), "fw-a");
+        ssh_reaches(h, "fw-a", "sshd in the warm Firecracker guest");
 
         // The template goes; its clone runs on.
         h.banger_ok(&["image", "warm", "debian-bookworm", "--drop"]);
@@ -664,4 +632,26 @@ fn firecracker_warm_start_end_to_end() {
         );
         h.banger_ok(&["vm", "delete", "fw-a", "fw-b"]);
     });
+}
+
+/// Waits (up to [`LONG`]) until sshd is active in the inner VM `vm`, then
+/// checks that `vm ssh` reaches it: its host name comes back.
+fn ssh_reaches(h: &KvmHost, vm: &str, what: &str) {
+    h.wait_for(
+        what,
+        LONG,
+        &KvmHost::banger_argv(&[
+            "vm",
+            "exec",
+            vm,
+            "--",
+            "systemctl",
+            "is-active",
+            "--quiet",
+            "ssh",
+        ])
+        .join(" "),
+    );
+    let ssh = h.banger_ok(&["vm", "ssh", vm, "--", "hostname"]);
+    assert_eq!(ssh.trim(), vm);
 }
