@@ -172,15 +172,7 @@ fn firecracker_vm_run_rm_workspace_exit_status_and_nothing_left() {
         let cmdline = lines.get(4).copied().unwrap_or("");
         assert_eq!(cmdline.matches("root=").count(), 1, "{cmdline}");
         assert!(stderr.contains("spec: "), "{stderr}");
-        // Nothing left: no record, no VM directory, no Firecracker process.
-        assert!(!h.vm_names().contains(&"fc-run".to_string()));
-        let left =
-            h.ok("ls /root/.local/state/banger/vms | wc -l; pgrep -c -x firecracker || true");
-        assert_eq!(
-            left.split_whitespace().collect::<Vec<_>>(),
-            ["0", "0"],
-            "{left}"
-        );
+        nothing_left(h, "fc-run");
     });
 }
 
@@ -401,14 +393,7 @@ fn firecracker_persistent_vm_end_to_end() {
             "in-root\nin-etc\n"
         );
         h.banger_ok(&["vm", "delete", "fc"]);
-        assert!(!h.vm_names().contains(&"fc".to_string()));
-        let left =
-            h.ok("ls /root/.local/state/banger/vms | wc -l; pgrep -c -x firecracker || true");
-        assert_eq!(
-            left.split_whitespace().collect::<Vec<_>>(),
-            ["0", "0"],
-            "{left}"
-        );
+        nothing_left(h, "fc");
     });
 }
 
@@ -654,4 +639,16 @@ fn ssh_reaches(h: &KvmHost, vm: &str, what: &str) {
     );
     let ssh = h.banger_ok(&["vm", "ssh", vm, "--", "hostname"]);
     assert_eq!(ssh.trim(), vm);
+}
+
+/// Asserts the inner VM `vm` left nothing: no record, no VM directory,
+/// no Firecracker process.
+fn nothing_left(h: &KvmHost, vm: &str) {
+    assert!(!h.vm_names().iter().any(|n| n == vm), "record of {vm} left");
+    let left = h.ok("ls /root/.local/state/banger/vms | wc -l; pgrep -c -x firecracker || true");
+    assert_eq!(
+        left.split_whitespace().collect::<Vec<_>>(),
+        ["0", "0"],
+        "{left}"
+    );
 }
