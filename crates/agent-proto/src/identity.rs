@@ -18,6 +18,23 @@ use std::net::Ipv4Addr;
 /// What a sealed agent answers to every request it refuses.
 pub const SEALED_MESSAGE: &str = "this VM is waiting for its identity";
 
+/// The longest a restored guest holds sshd back for its first command
+/// ([`SshdStart::AfterFirstCommand`]).
+pub const SSHD_DEFER: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// When a restored guest starts the sshd its seal stopped.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SshdStart {
+    /// Right after the answer: the host waits for sshd (an ssh session).
+    #[default]
+    Now,
+    /// Once the first command after the restore has ended, or
+    /// [`SSHD_DEFER`] after the answer if none has: sshd's start (systemd,
+    /// key loading) would take the guest's CPU from that command.
+    AfterFirstCommand,
+}
+
 /// Bytes of host randomness a restore feeds the guest's entropy pool.
 pub const ENTROPY_BYTES: usize = 64;
 
@@ -140,6 +157,9 @@ pub struct RestoreIdentity {
     /// Mount points whose file system is grown to its (grown) device,
     /// e.g. `/` and `/root`.
     pub grow: Vec<String>,
+    /// When sshd starts.
+    #[serde(default)]
+    pub sshd: SshdStart,
 }
 
 impl RestoreIdentity {
@@ -344,6 +364,7 @@ pub(crate) mod tests {
             entropy: vec![7; ENTROPY_BYTES],
             realtime: (1_800_000_000, 5),
             grow: vec!["/".into(), "/root".into()],
+            sshd: SshdStart::Now,
         }
     }
 

@@ -31,8 +31,8 @@ pub mod install;
 pub use archive::{ArchiveSummary, GetArchive, PutArchive};
 pub use codec::{FrameCodec, ProtoError};
 pub use identity::{
-    GuestNetConfig, RestoreIdentity, RestoreReport, SEALED_MESSAGE, SealReport, SshHostKey,
-    SshdPlan,
+    GuestNetConfig, RestoreIdentity, RestoreReport, SEALED_MESSAGE, SSHD_DEFER, SealReport,
+    SshHostKey, SshdPlan, SshdStart,
 };
 
 use serde::{Deserialize, Serialize};
@@ -45,7 +45,9 @@ use serde::{Deserialize, Serialize};
 /// 6: warm starts: `Hello.sealed`, `Seal`/`Sealed`, `Restore`/`Restored`.
 /// 7: `BootStatus.explain` and `BootReport.pending` (what a late init is
 /// doing).
-pub const PROTO_VERSION: u32 = 7;
+/// 8: `Restore.sshd`: a restored guest may hold sshd back for its first
+/// command.
+pub const PROTO_VERSION: u32 = 8;
 
 /// Output frames an agent may send on one exec, attach or logs channel
 /// before the host grants more with [`Body::Credit`].

@@ -209,13 +209,15 @@ pub fn run_seal(sys: &dyn IdentitySys, gate: &SealGate, answer: impl FnOnce(Body
 
 /// Runs a restore begun with [`SealGate::begin_restore`]: applies `id`,
 /// opens the gate, hands the answer to `answer`, and only then starts
-/// sshd. A failed restore leaves the guest sealed.
+/// sshd, once `hold` returns (it waits as `id.sshd` asks). A failed
+/// restore leaves the guest sealed.
 pub fn run_restore(
     sys: &dyn IdentitySys,
     gate: &SealGate,
     id: &RestoreIdentity,
     sshd: SshdPlan,
     answer: impl FnOnce(Body),
+    hold: impl FnOnce(),
 ) {
     match restore(sys, id, &sshd) {
         Ok(report) => {
@@ -228,6 +230,7 @@ pub fn run_restore(
             );
             gate.end_restore(None);
             answer(Body::Restored(report));
+            hold();
             start_sshd(sys, &sshd);
         }
         Err(e) => {

@@ -9,7 +9,7 @@ use crate::prepared::Prepared;
 use crate::sessions::{Follow, Sessions};
 use banger_agent_proto::{
     Body, CONTROL, Frame, FrameCodec, Hello, PROTO_VERSION, ProtoError, RestoreIdentity,
-    SEALED_MESSAGE,
+    SEALED_MESSAGE, SSHD_DEFER, SshdStart,
 };
 use bytes::BytesMut;
 use futures::StreamExt;
@@ -45,9 +45,15 @@ pub struct Agent {
     gate: Arc<SealGate>,
     /// The system calls of sealing and restoring.
     identity: Arc<dyn IdentitySys>,
+    /// Told when a command ends, if a restore holds sshd back for it.
+    first_command: FirstCommand,
     /// Whether early init has finished preparing the guest for commands.
     prepared: Prepared,
 }
+
+/// Where a restore that holds sshd back for the first command waits to be
+/// told it has ended (see [`SshdStart::AfterFirstCommand`]).
+type FirstCommand = Arc<std::sync::Mutex<Option<std::sync::mpsc::Sender<()>>>>;
 
 type Greeted = Box<dyn FnOnce() + Send>;
 
@@ -68,6 +74,7 @@ impl Agent {
             unannounced: Arc::default(),
             gate: Arc::default(),
             identity: Arc::new(SystemIdentity),
+            first_command: Arc::default(),
             prepared: Prepared::default(),
         }
     }
@@ -131,6 +138,7 @@ impl Agent {
             boot: self.boot.clone(),
             gate: self.gate.clone(),
             identity: self.identity.clone(),
+            first_command: self.first_command.clone(),
             prepared: self.prepared.clone(),
             out,
             channels: HashMap::new(),
@@ -175,6 +183,7 @@ struct Connection {
     boot: Arc<BootInfo>,
     gate: Arc<SealGate>,
     identity: Arc<dyn IdentitySys>,
+    first_command: FirstCommand,
     prepared: Prepared,
     out: mpsc::Sender<Frame>,
     /// Live channels (exec, session attach, session logs) with the id of
@@ -228,8 +237,14 @@ impl Connection {
         let quiet = matches!(body, Body::Credit(_) | Body::Error(_));
         let msg = match body {
             Body::Exec(req) => {
-                let out = self.out.clone();
-                return self.open(channel, move |rx| exec::run(channel, req, rx, out));
+                let (out, first) = (self.out.clone(), self.first_command.clone());
+                return self.open(channel, move |rx| async move {
+                    exec::run(channel, req, rx, out).await;
+                    let waiting = first.lock().unwrap_or_else(|p| p.into_inner()).take();
+                    if let Some(tx) = waiting {
+                        let _ = tx.send(());
+                    }
+                });
             }
             Body::ListListeners => return self.list_listeners(channel),
             Body::Seal => return self.seal(channel).await,
@@ -449,11 +464,26 @@ impl Connection {
             Ok(p) => p,
             Err(e) => return self.send(channel, Body::Error(e)).await,
         };
+        // Set before the answer, so the first command cannot end unseen.
+        let first = match id.sshd {
+            SshdStart::Now => None,
+            SshdStart::AfterFirstCommand => {
+                let (tx, rx) = std::sync::mpsc::channel();
+                *self.first_command.lock().unwrap_or_else(|p| p.into_inner()) = Some(tx);
+                Some(rx)
+            }
+        };
         let (sys, gate, out) = (self.identity.clone(), self.gate.clone(), self.out.clone());
         tokio::task::spawn_blocking(move || {
-            identity::run_restore(&*sys, &gate, &id, plan, |body| {
+            let answer = |body| {
                 let _ = out.blocking_send(Frame::new(channel, body));
-            });
+            };
+            let hold = || {
+                if let Some(rx) = first {
+                    let _ = rx.recv_timeout(SSHD_DEFER);
+                }
+            };
+            identity::run_restore(&*sys, &gate, &id, plan, answer, hold);
         });
     }
 
@@ -679,7 +709,7 @@ fn varint_u32(b: &[u8]) -> Option<u32> {
 mod tests {
     use super::*;
     use crate::identity::tests::{Recorder, grown, identity};
-    use banger_agent_proto::client::{AgentClient, ClientError, ExecEvent};
+    use banger_agent_proto::client::{AgentClient, ClientError, ExecEvent, ExecSession};
     use banger_agent_proto::{ExecRequest, PutArchive, SshdPlan};
     use bytes::BufMut;
     use futures::SinkExt;
@@ -777,10 +807,7 @@ mod tests {
             })
             .expect("exec");
         assert_eq!(
-            timeout(LIMIT, exec.next_event())
-                .await
-                .expect("in time")
-                .expect("event"),
+            next(&mut exec).await,
             Some(ExecEvent::Error(SEALED_MESSAGE.into()))
         );
         let put = c
@@ -837,10 +864,7 @@ mod tests {
                 ..Default::default()
             })
             .expect("exec");
-        let ev = timeout(LIMIT, exec.next_event())
-            .await
-            .expect("in time")
-            .expect("event");
+        let ev = next(&mut exec).await;
         assert!(
             matches!(ev, Some(ExecEvent::Exited(s)) if s.code == Some(0)),
             "{ev:?}"
@@ -857,6 +881,109 @@ mod tests {
         timeout(LIMIT, started)
             .await
             .unwrap_or_else(|_| panic!("sshd not started last: {:?}", rec.lines()));
+    }
+
+    /// The next event of `exec`, within [`LIMIT`].
+    async fn next(exec: &mut ExecSession) -> Option<ExecEvent> {
+        timeout(LIMIT, exec.next_event())
+            .await
+            .expect("in time")
+            .expect("event")
+    }
+
+    /// Runs `script` under `sh -c` after an `echo up`, and returns once
+    /// that line arrived: the command is running for sure.
+    async fn running(c: &AgentClient, script: &str) -> ExecSession {
+        let mut exec = c
+            .exec(ExecRequest {
+                argv: vec!["sh".into(), "-c".into(), format!("echo up; {script}")],
+                ..Default::default()
+            })
+            .expect("exec");
+        let ev = next(&mut exec).await;
+        assert_eq!(ev, Some(ExecEvent::Stdout(b"up\n".to_vec())));
+        exec
+    }
+
+    /// Whether the recorder saw sshd started, within [`LIMIT`].
+    async fn sshd_started(rec: &Recorder) -> bool {
+        let started = async {
+            while !rec
+                .lines()
+                .iter()
+                .any(|l| l == "systemctl start --no-block ssh.service")
+            {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        };
+        timeout(LIMIT, started).await.is_ok()
+    }
+
+    /// A sealed agent on a new connection, restored with `sshd` held back.
+    async fn restored_holding_sshd(agent: &Agent) -> AgentClient {
+        let (c, _) = connect(agent).await;
+        hello(&c).await;
+        timeout(LIMIT, c.seal())
+            .await
+            .expect("in time")
+            .expect("seal");
+        let held = RestoreIdentity {
+            sshd: SshdStart::AfterFirstCommand,
+            ..identity()
+        };
+        timeout(LIMIT, c.restore(held))
+            .await
+            .expect("in time")
+            .expect("restore");
+        c
+    }
+
+    /// sshd held back for the first command is not started while that
+    /// command runs, and is once it has ended (well before the deadline).
+    #[tokio::test]
+    async fn a_held_sshd_starts_when_the_first_command_ends() {
+        let (agent, rec) = agent();
+        let asked = std::time::Instant::now();
+        let c = restored_holding_sshd(&agent).await;
+        let mut exec = running(&c, "sleep 0.2").await;
+        assert!(
+            !rec.lines().iter().any(|l| l.starts_with("systemctl start")),
+            "sshd started while the first command ran: {:?}",
+            rec.lines()
+        );
+        let ev = next(&mut exec).await;
+        assert!(
+            matches!(ev, Some(ExecEvent::Exited(s)) if s.code == Some(0)),
+            "{ev:?}"
+        );
+        assert!(
+            sshd_started(&rec).await,
+            "sshd never started: {:?}",
+            rec.lines()
+        );
+        assert!(
+            asked.elapsed() < SSHD_DEFER,
+            "sshd waited for the deadline ({:?}), not for the command",
+            asked.elapsed()
+        );
+    }
+
+    /// With no command, sshd held back starts at the deadline.
+    #[tokio::test]
+    async fn a_held_sshd_starts_by_the_deadline_without_a_command() {
+        let (agent, rec) = agent();
+        let asked = std::time::Instant::now();
+        let _c = restored_holding_sshd(&agent).await;
+        assert!(
+            sshd_started(&rec).await,
+            "sshd never started: {:?}",
+            rec.lines()
+        );
+        assert!(
+            asked.elapsed() >= SSHD_DEFER,
+            "sshd started after {:?}, before the deadline, with no command",
+            asked.elapsed()
+        );
     }
 
     /// A clone's first host connection is a new one (Firecracker resets
@@ -895,18 +1022,7 @@ mod tests {
         let (agent, rec) = agent();
         let (c, _) = connect(&agent).await;
         hello(&c).await;
-        let mut exec = c
-            .exec(ExecRequest {
-                argv: vec!["sh".into(), "-c".into(), "echo up; exec sleep 30".into()],
-                ..Default::default()
-            })
-            .expect("exec");
-        // Running for sure once it has written.
-        let ev = timeout(LIMIT, exec.next_event())
-            .await
-            .expect("in time")
-            .expect("event");
-        assert_eq!(ev, Some(ExecEvent::Stdout(b"up\n".to_vec())));
+        let exec = running(&c, "exec sleep 30").await;
         let err = c.seal().await.expect_err("refused");
         assert!(
             err.to_string()

@@ -262,6 +262,7 @@ impl Qmp {
         limit: std::time::Duration,
     ) -> Result<(), QmpError> {
         let deadline = tokio::time::Instant::now() + limit;
+        let mut poll = MIGRATION_POLL_FIRST;
         loop {
             let (status, desc) = self.query_migrate().await?;
             match status {
@@ -280,7 +281,8 @@ impl Qmp {
                     self.answer(what, format!("still {status:?} after {}s", limit.as_secs()))
                 );
             }
-            tokio::time::sleep(MIGRATION_POLL).await;
+            tokio::time::sleep(poll).await;
+            poll = (poll * 2).min(MIGRATION_POLL_MAX);
         }
     }
 
@@ -372,8 +374,11 @@ impl Qmp {
     }
 }
 
-/// How often a running migration is polled.
-const MIGRATION_POLL: std::time::Duration = std::time::Duration::from_millis(20);
+/// How often a running migration is polled: soon at first, since loading
+/// a template's device state takes a few milliseconds and a restore waits
+/// on it, then less often for a long save.
+const MIGRATION_POLL_FIRST: std::time::Duration = std::time::Duration::from_millis(1);
+const MIGRATION_POLL_MAX: std::time::Duration = std::time::Duration::from_millis(20);
 
 /// `query-migrate-capabilities` with an untyped answer.
 #[derive(Debug, serde::Serialize)]

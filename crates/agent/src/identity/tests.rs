@@ -1,7 +1,7 @@
 //! Seal and restore against a recording [`IdentitySys`].
 
 use super::*;
-use banger_agent_proto::SshHostKey;
+use banger_agent_proto::{SshHostKey, SshdStart};
 use std::collections::{HashMap, VecDeque};
 use std::net::Ipv4Addr;
 use std::sync::Arc;
@@ -165,6 +165,7 @@ pub(crate) fn identity() -> RestoreIdentity {
         entropy: (0..64).collect(),
         realtime: (1_800_000_000, 250_000_000),
         grow: vec!["/".into(), "/root".into()],
+        sshd: SshdStart::Now,
     }
 }
 
@@ -201,12 +202,19 @@ fn restore_runs_in_order_reseed_first_sshd_after_the_answer() {
     let gate = sealed_gate(SshdPlan::Unit("ssh.service".into()));
     let plan = gate.begin_restore().expect("restore");
     let mut answered = None;
-    run_restore(&sys, &gate, &identity(), plan, |body| {
-        // The host may send its first exec as soon as it has the answer.
-        assert!(!gate.is_sealed(), "the gate opens before the answer");
-        sys.note("answer".into()).expect("note");
-        answered = Some(body);
-    });
+    run_restore(
+        &sys,
+        &gate,
+        &identity(),
+        plan,
+        |body| {
+            // The host may send its first exec as soon as it has the answer.
+            assert!(!gate.is_sealed(), "the gate opens before the answer");
+            sys.note("answer".into()).expect("note");
+            answered = Some(body);
+        },
+        || sys.note("hold".into()).expect("note"),
+    );
     assert_eq!(
         sys.lines(),
         [
@@ -229,6 +237,7 @@ fn restore_runs_in_order_reseed_first_sshd_after_the_answer() {
             "replace /root/.ssh/authorized_keys 600",
             "sync",
             "answer",
+            "hold",
             "systemctl start --no-block ssh.service",
         ]
     );
@@ -274,7 +283,7 @@ fn entropy_is_credited_in_full() {
     let sys = grown();
     let gate = sealed_gate(SshdPlan::None);
     let plan = gate.begin_restore().expect("restore");
-    run_restore(&sys, &gate, &identity(), plan, |_| {});
+    run_restore(&sys, &gate, &identity(), plan, |_| {}, || {});
     let buffers = sys.buffers.lock().expect("buffers");
     let req = &buffers[0];
     assert_eq!(req.len(), 8 + ENTROPY_BYTES);
@@ -294,7 +303,14 @@ fn a_failing_step_answers_error_stops_there_and_stays_sealed() {
     let gate = sealed_gate(SshdPlan::Unit("ssh.service".into()));
     let plan = gate.begin_restore().expect("restore");
     let mut answered = None;
-    run_restore(&sys, &gate, &identity(), plan, |b| answered = Some(b));
+    run_restore(
+        &sys,
+        &gate,
+        &identity(),
+        plan,
+        |b| answered = Some(b),
+        || panic!("a failed restore holds nothing"),
+    );
     let Some(Body::Error(msg)) = answered else {
         panic!("expected Error, got {answered:?}");
     };

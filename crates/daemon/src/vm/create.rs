@@ -9,8 +9,10 @@ use crate::vm::admit::NewVm;
 use crate::vm::ready::{OnFailure, Readiness, Unready};
 use crate::vm::settings::ResourceError;
 use crate::warm::plan::{ColdReason, StartPlan};
+use crate::warm::restore::WarmFrom;
 use crate::{Daemon, ErrorKind};
 use anyhow::{Context, anyhow};
+use banger_agent_proto::SshdStart;
 use banger_api::{CreateVmRequest, PlannedVm, ProgressSink, Step};
 use banger_config::{HostResources, apply_flags, effective_defaults};
 use banger_model::{
@@ -164,7 +166,21 @@ impl Daemon {
                 format!("warm (restoring template {})", template.header.id),
             );
             match this
-                .try_warm(&mut vm, &image, template, &mut steps, progress, &cancel)
+                .try_warm(
+                    &mut vm,
+                    WarmFrom {
+                        image: &image,
+                        template,
+                        sshd: if req.wait_ssh {
+                            SshdStart::Now
+                        } else {
+                            SshdStart::AfterFirstCommand
+                        },
+                    },
+                    &mut steps,
+                    progress,
+                    &cancel,
+                )
                 .await
             {
                 Ok(_) => warmed = true,

@@ -12,7 +12,7 @@ use crate::vm::cap_logs;
 use crate::{Daemon, guest::ssh::HOST_PUBLIC_KEY};
 use anyhow::{Context, anyhow};
 use banger_agent_proto::client::AgentClient;
-use banger_agent_proto::{GuestNetConfig, RestoreIdentity, RestoreReport, SshHostKey};
+use banger_agent_proto::{GuestNetConfig, RestoreIdentity, RestoreReport, SshHostKey, SshdStart};
 use banger_api::{ProgressSink, Step};
 use banger_model::{ImageRecord, StartInfo, StartKind, VmRecord, VmState};
 use banger_net::guest::GuestNet;
@@ -69,6 +69,7 @@ pub(crate) fn identity_for(
     authorized_key: &str,
     net: Option<&GuestNet>,
     grow: bool,
+    sshd: SshdStart,
 ) -> RestoreIdentity {
     let machine: [u8; 16] = rand::random();
     let mut entropy = vec![0u8; banger_agent_proto::identity::ENTROPY_BYTES];
@@ -102,6 +103,7 @@ pub(crate) fn identity_for(
         } else {
             Vec::new()
         },
+        sshd,
     }
 }
 
@@ -120,16 +122,24 @@ fn restore_disks(image: &ImageRecord, disks: &VmDisks) -> Vec<DiskSpec> {
     ]
 }
 
+/// What a warm start restores, and how.
+pub(crate) struct WarmFrom<'a> {
+    pub(crate) image: &'a ImageRecord,
+    pub(crate) template: &'a Template,
+    /// When the guest starts sshd: at once when the create waits for it,
+    /// else after the first command, which it would slow.
+    pub(crate) sshd: SshdStart,
+}
+
 impl Daemon {
-    /// Restores `template` as the VM `vm` (recorded, state creating, its
-    /// directory made), registering undos in `steps`. On success the VM
+    /// Restores `from.template` as the VM `vm` (recorded, state creating,
+    /// its directory made), registering undos in `steps`. On success the VM
     /// runs with its own identity and agent connection; returns its
     /// [`StartInfo`].
     pub(crate) async fn try_warm<'a>(
         self: &Arc<Self>,
         vm: &mut VmRecord,
-        image: &ImageRecord,
-        template: &Template,
+        from: WarmFrom<'_>,
         steps: &mut Steps<'a>,
         progress: &'a ProgressSink,
         cancel: &CancellationToken,
@@ -138,7 +148,7 @@ impl Daemon {
         // never the create's directory and record.
         let mut warm = Steps::new(progress);
         match self
-            .restore_into(vm, image, template, &mut warm, progress, cancel)
+            .restore_into(vm, from, &mut warm, progress, cancel)
             .await
         {
             Ok(info) => {
@@ -160,12 +170,16 @@ impl Daemon {
     async fn restore_into(
         self: &Arc<Self>,
         vm: &mut VmRecord,
-        image: &ImageRecord,
-        template: &Template,
+        from: WarmFrom<'_>,
         steps: &mut Steps<'_>,
         progress: &ProgressSink,
         cancel: &CancellationToken,
     ) -> Result<StartInfo, RestoreError> {
+        let WarmFrom {
+            image,
+            template,
+            sshd,
+        } = from;
         let fail = |step: &'static str| move |e: anyhow::Error| RestoreError { step, cause: e };
         let started = Instant::now();
         let vmm = self.vmm().map_err(|e| fail("restore")(e.into()))?.clone();
@@ -197,15 +211,21 @@ impl Daemon {
                         }
                         Ok(())
                     });
-                    let kinds = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
-                        let a = banger_storage::clone_file(&t_overlay, &overlay)
-                            .context("cloning the template's overlay disk")?;
-                        let b = banger_storage::clone_file(&t_work, &work)
-                            .context("cloning the template's work disk")?;
-                        Ok((a, b))
-                    })
-                    .await
-                    .map_err(|e| anyhow!("disk clone worker: {e}"))??;
+                    // Side by side: where the file system cannot reflink,
+                    // each is a copy and a sync the restore waits for.
+                    let clone =
+                        |from: std::path::PathBuf, to: std::path::PathBuf, what: &'static str| {
+                            tokio::task::spawn_blocking(move || {
+                                banger_storage::clone_file(&from, &to)
+                                    .with_context(|| format!("cloning the template's {what} disk"))
+                            })
+                        };
+                    let (a, b) = tokio::join!(
+                        clone(t_overlay, overlay, "overlay"),
+                        clone(t_work, work, "work")
+                    );
+                    let worker = |e: tokio::task::JoinError| anyhow!("disk clone worker: {e}");
+                    let kinds = (a.map_err(worker)??, b.map_err(worker)??);
                     tracing::debug!(
                         overlay = kinds.0.as_str(),
                         work = kinds.1.as_str(),
@@ -386,6 +406,7 @@ impl Daemon {
             &user.public,
             guest.as_ref(),
             grow,
+            sshd,
         );
         let report: RestoreReport = steps
             .run("identity", "giving the guest its own identity", |_| async {
@@ -653,8 +674,22 @@ mod tests {
             mac: banger_net::MacAddr::from_ip("172.16.0.5".parse().expect("ip")),
             dns: vec!["172.16.0.1".parse().expect("dns")],
         };
-        let a = identity_for("a", &key, "ssh-ed25519 AAAA u", Some(&g), true);
-        let b = identity_for("a", &key, "ssh-ed25519 AAAA u", Some(&g), false);
+        let a = identity_for(
+            "a",
+            &key,
+            "ssh-ed25519 AAAA u",
+            Some(&g),
+            true,
+            SshdStart::Now,
+        );
+        let b = identity_for(
+            "a",
+            &key,
+            "ssh-ed25519 AAAA u",
+            Some(&g),
+            false,
+            SshdStart::AfterFirstCommand,
+        );
         assert_ne!(a.machine_id, b.machine_id);
         assert_ne!(a.entropy, b.entropy);
         assert_eq!(a.machine_id.len(), 32);

@@ -67,7 +67,7 @@ const DEFAULT_STARTUP_TIMEOUT: Duration = Duration::from_secs(10);
 const INSTANCE_START_TIMEOUT: Duration = Duration::from_secs(60);
 /// How often the API socket is retried while Firecracker starts; it gives
 /// no other signal that its API thread is up.
-const CONNECT_RETRY: Duration = Duration::from_millis(10);
+const CONNECT_RETRY: Duration = Duration::from_millis(2);
 /// After a failed API call, how long to wait for the process to turn out
 /// to have exited (so the error can quote its log instead).
 const EXIT_CHECK: Duration = Duration::from_secs(1);

@@ -42,7 +42,7 @@ const QMP_TIMEOUT: Duration = Duration::from_secs(5);
 const QUIT_GRACE: Duration = Duration::from_secs(3);
 /// How often the QMP socket is retried while QEMU starts; QEMU gives no
 /// other signal that its monitor is up.
-const CONNECT_RETRY: Duration = Duration::from_millis(10);
+const CONNECT_RETRY: Duration = Duration::from_millis(2);
 /// Bound on writing a snapshot's device state (the RAM is already in its
 /// file; the stream is a few hundred KiB).
 const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(60);
