@@ -27,11 +27,52 @@ impl CloneKind {
 }
 
 /// Copies `src` to the new file `dst` (mode 0600; it must not exist):
-/// a reflink when the file system can, else a sparse copy. Blocking: call
-/// from a blocking thread for large files. On error nothing is left at
-/// `dst` (unless it already existed, which is the error); a full file
+/// a reflink when the file system can, else a sparse copy, synced. Blocking:
+/// call from a blocking thread for large files. On error nothing is left
+/// at `dst` (unless it already existed, which is the error); a full file
 /// system is [`StorageError::NoSpace`].
 pub fn clone_file(src: &Path, dst: &Path) -> Result<CloneKind, StorageError> {
+    let clone = clone_file_unsynced(src, dst)?;
+    let synced = clone.sync();
+    if synced.is_err() {
+        let _ = std::fs::remove_file(dst);
+    }
+    synced
+}
+
+/// A clone whose data may be only in the page cache yet (a copy; a
+/// reflink shares extents already on disk). [`Unsynced::sync`] puts it on
+/// disk; until then a crash of the host may lose it.
+#[derive(Debug)]
+pub struct Unsynced {
+    kind: CloneKind,
+    file: File,
+    path: PathBuf,
+    needed: u64,
+}
+
+impl Unsynced {
+    pub fn kind(&self) -> CloneKind {
+        self.kind
+    }
+
+    /// Syncs a copy's data and metadata; a full file system (delayed
+    /// allocation) is [`StorageError::NoSpace`]. The file stays on error.
+    pub fn sync(self) -> Result<CloneKind, StorageError> {
+        if self.kind == CloneKind::Sparse {
+            self.file.sync_all().map_err(|e| {
+                let context = format!("syncing {}", self.path.display());
+                StorageError::io_on(&self.path, self.needed, context, e)
+            })?;
+        }
+        Ok(self.kind)
+    }
+}
+
+/// [`clone_file`] without the sync, for a caller that has other work to
+/// do meanwhile: it syncs the result with [`Unsynced::sync`] (and removes
+/// the file should that fail).
+pub fn clone_file_unsynced(src: &Path, dst: &Path) -> Result<Unsynced, StorageError> {
     let mut from = File::open(src).map_err(|e| {
         if e.kind() == std::io::ErrorKind::NotFound {
             StorageError::MissingSource {
@@ -51,12 +92,19 @@ pub fn clone_file(src: &Path, dst: &Path) -> Result<CloneKind, StorageError> {
         .mode(0o600)
         .open(dst)
         .map_err(|e| StorageError::io_on(dst, MIB, format!("creating {}", dst.display()), e))?;
-    let result = clone_into(src, &mut from, &mut to, dst);
-    if result.is_err() {
-        drop(to);
-        let _ = std::fs::remove_file(dst);
+    match clone_into(src, &mut from, &mut to, dst) {
+        Ok(kind) => Ok(Unsynced {
+            kind,
+            file: to,
+            path: dst.to_path_buf(),
+            needed: copy::allocated(&from),
+        }),
+        Err(e) => {
+            drop(to);
+            let _ = std::fs::remove_file(dst);
+            Err(e)
+        }
     }
-    result
 }
 
 fn clone_into(

@@ -25,8 +25,8 @@ pub(crate) fn sparse_copy(src: &Path, dst: &Path) -> Result<(), (u64, io::Error)
 }
 
 /// Copies the data extents of `from` (opened from `src`) into the empty
-/// file `to`, then sets its length and syncs it. On error returns how many
-/// bytes the copy needed in total, with the cause.
+/// file `to` and sets its length; the caller syncs it. On error returns
+/// how many bytes the copy needed in total, with the cause.
 pub(crate) fn copy_into(
     src: &Path,
     from: &mut File,
@@ -52,11 +52,11 @@ pub(crate) fn copy_into(
         }
         pos = end;
     }
-    to.set_len(len).map_err(fail)?;
-    to.sync_all().map_err(fail)
+    to.set_len(len).map_err(fail)
 }
 
-fn allocated(f: &File) -> u64 {
+/// Bytes `f` takes on disk.
+pub(crate) fn allocated(f: &File) -> u64 {
     use std::os::unix::fs::MetadataExt;
     f.metadata().map(|m| m.blocks() * 512).unwrap_or(0)
 }

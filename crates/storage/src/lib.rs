@@ -18,7 +18,7 @@ mod copy;
 mod inject;
 mod tree;
 
-pub use clone::{CloneKind, clone_file, reflink_supported};
+pub use clone::{CloneKind, Unsynced, clone_file, clone_file_unsynced, reflink_supported};
 pub use inject::{GuestFile, write_files};
 pub use tree::{EntryKind, GuestEntry, entry_path_ok, write_entries};
 

@@ -418,6 +418,24 @@ fn clone_keeps_holes_contents_and_is_private() {
     assert_eq!(host_mode(&dst), 0o600);
 }
 
+/// A clone is whole before its sync (the VMM may open it at once); the
+/// sync reports the same kind.
+#[test]
+fn an_unsynced_clone_is_whole_and_syncs_later() {
+    let t = tempfile::tempdir().expect("tempdir");
+    let src = t.path().join("src");
+    holey_file(&src, 8 << 20, &[(0, 4), (6 << 20, 5)]);
+    let dst = t.path().join("dst");
+    let clone = clone_file_unsynced(&src, &dst).expect("clone");
+    assert_eq!(
+        std::fs::read(&dst).expect("dst"),
+        std::fs::read(&src).expect("src")
+    );
+    let kind = clone.kind();
+    assert_eq!(clone.sync().expect("sync"), kind);
+    assert_eq!(host_mode(&dst), 0o600);
+}
+
 #[test]
 fn clone_refuses_an_existing_destination_and_keeps_it() {
     let t = tempfile::tempdir().expect("tempdir");

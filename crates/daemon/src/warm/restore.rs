@@ -192,7 +192,7 @@ impl Daemon {
             template.file(&file_name(&disks.work)),
         );
         let (overlay, work) = (disks.overlay.clone(), disks.work.clone());
-        steps
+        let synced = steps
             .run(
                 "clone-disks",
                 &format!("cloning the disks of template {}", h.id),
@@ -211,12 +211,12 @@ impl Daemon {
                         }
                         Ok(())
                     });
-                    // Side by side: where the file system cannot reflink,
-                    // each is a copy and a sync the restore waits for.
+                    // Side by side; where the file system cannot reflink
+                    // each is a copy, synced while the guest is restored.
                     let clone =
                         |from: std::path::PathBuf, to: std::path::PathBuf, what: &'static str| {
                             tokio::task::spawn_blocking(move || {
-                                banger_storage::clone_file(&from, &to)
+                                banger_storage::clone_file_unsynced(&from, &to)
                                     .with_context(|| format!("cloning the template's {what} disk"))
                             })
                         };
@@ -225,13 +225,17 @@ impl Daemon {
                         clone(t_work, work, "work")
                     );
                     let worker = |e: tokio::task::JoinError| anyhow!("disk clone worker: {e}");
-                    let kinds = (a.map_err(worker)??, b.map_err(worker)??);
+                    let (a, b) = (a.map_err(worker)??, b.map_err(worker)??);
                     tracing::debug!(
-                        overlay = kinds.0.as_str(),
-                        work = kinds.1.as_str(),
+                        overlay = a.kind().as_str(),
+                        work = b.kind().as_str(),
                         "template disks cloned"
                     );
-                    Ok(())
+                    Ok(tokio::task::spawn_blocking(move || {
+                        a.sync().context("syncing the overlay disk's clone")?;
+                        b.sync().context("syncing the work disk's clone")?;
+                        Ok::<_, anyhow::Error>(())
+                    }))
                 },
             )
             .await
@@ -442,7 +446,13 @@ impl Daemon {
                 .map_err(|e| fail("files")(e.into()))?;
         }
 
-        // 9. Running.
+        // 9. Running, once its disks' clones are on the host's disk (a host
+        // crash then leaves a VM that ran with whole disks).
+        synced
+            .await
+            .map_err(|e| anyhow!("disk sync worker: {e}"))
+            .and_then(|r| r)
+            .map_err(fail("clone-disks"))?;
         let info = StartInfo {
             kind: StartKind::Warm,
             template: Some(h.id.clone()),
