@@ -241,7 +241,15 @@ fn a_session_ends_when_its_vm_goes_down() {
             Err(e) => {
                 let _ = child.kill();
                 let out = child.wait_with_output().expect("wait");
-                panic!("the session never answered ({e}): {}", text(&out).1);
+                let logs = b.run(&["vm", "logs", "e2e-down"]);
+                let console = text(&logs).0;
+                let tail: Vec<&str> = console.lines().rev().take(60).collect();
+                let tail: Vec<&str> = tail.into_iter().rev().collect();
+                panic!(
+                    "the session never answered ({e}): {}\nthe end of its console:\n{}",
+                    text(&out).1,
+                    tail.join("\n")
+                );
             }
         }
     }

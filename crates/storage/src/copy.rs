@@ -21,7 +21,8 @@ pub(crate) fn sparse_copy(src: &Path, dst: &Path) -> Result<(), (u64, io::Error)
         .mode(0o600)
         .open(dst)
         .map_err(|e| (needed, e))?;
-    copy_into(src, &mut from, &mut to)
+    copy_into(src, &mut from, &mut to)?;
+    to.sync_all().map_err(|e| (needed, e))
 }
 
 /// Copies the data extents of `from` (opened from `src`) into the empty
