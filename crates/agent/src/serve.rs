@@ -871,16 +871,16 @@ mod tests {
         );
         // sshd is started after the answer (so possibly after the exec
         // above has finished, too).
-        let started = async {
-            while rec.lines().last().map(String::as_str)
-                != Some("systemctl start --no-block ssh.service")
-            {
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
-        };
-        timeout(LIMIT, started)
-            .await
-            .unwrap_or_else(|_| panic!("sshd not started last: {:?}", rec.lines()));
+        assert!(
+            sshd_started(&rec).await,
+            "sshd never started: {:?}",
+            rec.lines()
+        );
+        assert_eq!(
+            rec.lines().last().map(String::as_str),
+            Some("systemctl start --no-block ssh.service"),
+            "sshd not started last"
+        );
     }
 
     /// The next event of `exec`, within [`LIMIT`].

@@ -241,14 +241,11 @@ fn a_session_ends_when_its_vm_goes_down() {
             Err(e) => {
                 let _ = child.kill();
                 let out = child.wait_with_output().expect("wait");
-                let logs = b.run(&["vm", "logs", "e2e-down"]);
-                let console = text(&logs).0;
-                let tail: Vec<&str> = console.lines().rev().take(60).collect();
-                let tail: Vec<&str> = tail.into_iter().rev().collect();
+                let console = b.run(&["vm", "logs", "e2e-down", "--tail", "60"]);
                 panic!(
                     "the session never answered ({e}): {}\nthe end of its console:\n{}",
                     text(&out).1,
-                    tail.join("\n")
+                    text(&console).0
                 );
             }
         }
