@@ -4,8 +4,13 @@
 //! user, attached to the bridge, up). [`TapPool::acquire`] hands one out at
 //! once, or creates one on the spot when the pool is empty. Released TAPs
 //! are deleted rather than reused: a fresh device carries no state from the
-//! previous VM. On start the pool adopts idle TAPs a previous daemon left
-//! and deletes the rest, except those the caller says are in use.
+//! previous VM. The deletion goes on after [`TapPool::release`] returns
+//! (the kernel's unregistering of a device takes 15-25 ms, which a VM's
+//! stop or delete need not wait for); [`TapPool::shutdown`] waits for it.
+//! On start the pool deletes every banger TAP a previous daemon left,
+//! except those the caller says are in use: a leftover may be one whose
+//! deletion that daemon had not finished, and nothing tells it apart from
+//! an idle one.
 
 use crate::host::{HostNet, HostNetError};
 use crate::ifname::{IfName, TapName};
@@ -77,47 +82,38 @@ impl Inner {
 }
 
 /// The TAP pool. Dropping it stops the refill task; [`TapPool::shutdown`]
-/// also deletes the idle TAPs.
+/// also deletes the idle TAPs and waits for the released ones.
 pub struct TapPool {
     inner: Arc<Inner>,
     task: Option<JoinHandle<()>>,
+    /// How many released TAPs are still being deleted.
+    deleting: Arc<watch::Sender<usize>>,
 }
 
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
 
 impl TapPool {
-    /// Adopts leftover idle TAPs (attached to the bridge, owned by
-    /// `owner_uid`), deletes other banger TAPs not in `in_use`, and starts
-    /// the refill task on the current tokio runtime.
+    /// Deletes the banger TAPs not in `in_use` and starts the refill task
+    /// on the current tokio runtime.
     pub async fn start(
         host: Arc<dyn HostNet>,
         cfg: PoolConfig,
         in_use: &HashSet<TapName>,
     ) -> Result<Self, PoolError> {
-        let bridge = host
-            .bridge_index(&cfg.bridge)
-            .await?
-            .ok_or_else(|| PoolError::NoBridge(cfg.bridge.clone()))?;
-        let mut idle = VecDeque::new();
+        if host.bridge_index(&cfg.bridge).await?.is_none() {
+            return Err(PoolError::NoBridge(cfg.bridge.clone()));
+        }
         for tap in host.list_taps().await? {
-            if in_use.contains(&tap.name) {
-                continue;
-            }
-            let reusable =
-                tap.controller == Some(bridge) && tap.owner == Some(cfg.owner_uid) && tap.up;
-            if reusable && idle.len() < cfg.size {
-                tracing::debug!(tap = %tap.name, "adopting idle TAP");
-                idle.push_back(tap.name);
-            } else {
+            if !in_use.contains(&tap.name) {
                 tracing::info!(tap = %tap.name, "deleting leftover TAP");
                 host.delete_tap(&tap.name).await?;
             }
         }
-        let (level, _) = watch::channel(idle.len());
+        let (level, _) = watch::channel(0);
         let inner = Arc::new(Inner {
             host,
             cfg,
-            idle: Mutex::new(idle),
+            idle: Mutex::new(VecDeque::new()),
             wake: Notify::new(),
             level,
             closed: AtomicBool::new(false),
@@ -127,6 +123,7 @@ impl TapPool {
         Ok(Self {
             inner,
             task: Some(task),
+            deleting: Arc::new(watch::channel(0).0),
         })
     }
 
@@ -152,8 +149,23 @@ impl TapPool {
     }
 
     /// Gives back a VM's TAP: it is deleted, the pool makes fresh ones.
-    pub async fn release(&self, tap: &TapName) -> Result<(), PoolError> {
-        Ok(self.inner.host.delete_tap(tap).await?)
+    /// Returns at once; the deletion goes on in the background, and its
+    /// failure is logged (a later daemon start deletes the leftover).
+    pub fn release(&self, tap: &TapName) {
+        let (host, tap) = (self.inner.host.clone(), tap.clone());
+        let pending = Pending::new(self.deleting.clone());
+        tokio::spawn(async move {
+            let _pending = pending;
+            if let Err(e) = host.delete_tap(&tap).await {
+                tracing::warn!(%tap, error = %e, "deleting a released TAP");
+            }
+        });
+    }
+
+    /// Waits until the TAPs released so far are deleted (or failed to be).
+    pub async fn released(&self) {
+        let mut rx = self.deleting.subscribe();
+        let _ = rx.wait_for(|n| *n == 0).await;
     }
 
     /// How many TAPs are ready right now.
@@ -185,8 +197,8 @@ impl TapPool {
             .is_ok_and(|r| r.is_ok())
     }
 
-    /// Stops the refill task (after the TAP it may be creating) and deletes
-    /// the idle TAPs.
+    /// Stops the refill task (after the TAP it may be creating), deletes
+    /// the idle TAPs and waits for the deletions of released ones.
     pub async fn shutdown(mut self) -> Result<(), PoolError> {
         self.inner.closed.store(true, Ordering::SeqCst);
         self.inner.wake.notify_one();
@@ -198,6 +210,7 @@ impl TapPool {
         for tap in idle {
             self.inner.host.delete_tap(&tap).await?;
         }
+        self.released().await;
         Ok(())
     }
 }
@@ -206,6 +219,22 @@ impl Drop for TapPool {
     fn drop(&mut self) {
         self.inner.closed.store(true, Ordering::SeqCst);
         self.inner.wake.notify_one();
+    }
+}
+
+/// One deletion under way, counted while it lives.
+struct Pending(Arc<watch::Sender<usize>>);
+
+impl Pending {
+    fn new(count: Arc<watch::Sender<usize>>) -> Self {
+        count.send_modify(|n| *n += 1);
+        Self(count)
+    }
+}
+
+impl Drop for Pending {
+    fn drop(&mut self) {
+        self.0.send_modify(|n| *n = n.saturating_sub(1));
     }
 }
 

@@ -149,7 +149,8 @@ impl Daemon {
                             u.set(move || async move {
                                 h.take_net();
                                 store.set_vm_net(&id, None, None)?;
-                                pool.release(&name).await.map_err(Into::into)
+                                pool.release(&name);
+                                Ok(())
                             });
                             Ok(tap)
                         },
@@ -234,10 +235,8 @@ impl Daemon {
                 {
                     tracing::warn!(vm = %vm.name, error = %e, "removing NAT rules");
                 }
-                if let Some(tap) = &lease.tap
-                    && let Err(e) = pool.release(tap).await
-                {
-                    tracing::warn!(vm = %vm.name, %tap, error = %e, "deleting the TAP");
+                if let Some(tap) = &lease.tap {
+                    pool.release(tap);
                 }
             }
         }
@@ -403,6 +402,13 @@ mod tests {
         (d, host)
     }
 
+    /// Waits for the TAP deletions the pool runs after a release.
+    async fn released(d: &Daemon) {
+        if let Some(Mode::Bridge { pool, .. }) = d.network().map(|n| &n.mode) {
+            pool.released().await;
+        }
+    }
+
     /// A VM recorded in `state` with an address and NAT.
     fn nat_vm(d: &Daemon, name: &str, state: VmState) -> VmRecord {
         let mut vm = record(d, name, state);
@@ -470,6 +476,7 @@ mod tests {
         stale.tap = None;
         stale.nat = true;
         d.net_down(&stale).await;
+        released(&d).await;
         assert_eq!(host.asked(), [format!("delete_tap {tap}")]);
         assert_eq!(h.net(), None);
         assert_eq!(records.get("calm-otter"), None);
@@ -493,6 +500,7 @@ mod tests {
             .expect("networking");
         let tap = vm.tap.clone().expect("tap");
         assert!(steps.rollback().await.is_empty());
+        released(&d).await;
         assert_eq!(
             host.asked(),
             [
