@@ -432,16 +432,25 @@ impl Banger {
             .collect()
     }
 
-    /// Entries in the VMs directory (one per VM that has files).
-    /// Sorted names of the entries in the VMs directory.
+    /// Sorted names of the entries in the VMs directory (one per VM that
+    /// has files), once the files of deleted VMs are gone: a delete moves a
+    /// VM's directory aside and removes it after its answer.
     pub fn vm_dirs(&self) -> Vec<String> {
-        let mut v: Vec<String> = match std::fs::read_dir(self.vms_dir()) {
-            Ok(rd) => rd
-                .flatten()
-                .map(|e| e.file_name().to_string_lossy().into_owned())
-                .collect(),
-            Err(_) => Vec::new(),
+        let list = || -> Vec<String> {
+            match std::fs::read_dir(self.vms_dir()) {
+                Ok(rd) => rd
+                    .flatten()
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect(),
+                Err(_) => Vec::new(),
+            }
         };
+        wait_until(
+            "the files of deleted VMs to be removed",
+            Duration::from_secs(30),
+            || !list().iter().any(|n| n.starts_with(".deleting-")),
+        );
+        let mut v = list();
         v.sort();
         v
     }

@@ -382,6 +382,16 @@ pub fn vmm_process_alive(pid: u32, dir: &Path) -> bool {
     cmdline.windows(needle.len()).any(|w| w == needle)
 }
 
+/// Kills the VMM `pid` of `dir` (SIGKILL) and waits for its exit: for a VM
+/// whose disks are discarded, which needs no orderly quit (QEMU's flushes
+/// the disks). A process that is gone, or is not that VMM, is left alone.
+pub async fn kill_vmm(pid: u32, dir: &Path) -> Result<(), VmmError> {
+    match process::PidFd::open_vmm(pid, dir)? {
+        Some(fd) => fd.kill_and_wait(&format!("VMM {pid}")).await,
+        None => Ok(()),
+    }
+}
+
 /// A task that ends when process `pid` exits, for VMMs that are not our
 /// children (re-adopted after a daemon restart). `Ok(None)` when the process
 /// is already gone.

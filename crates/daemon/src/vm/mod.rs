@@ -104,6 +104,15 @@ impl Daemon {
     }
 }
 
+/// Prefix of a deleted VM's directory while its files are removed.
+const DELETING: &str = ".deleting-";
+
+fn remove_doomed(dir: &std::path::Path) {
+    if let Err(e) = std::fs::remove_dir_all(dir) {
+        tracing::warn!(dir = %dir.display(), error = %e, "removing a deleted VM's files");
+    }
+}
+
 /// Picks the VMM backend from config and host facts.
 pub(crate) fn choose_backend(cfg: &Config) -> anyhow::Result<(Arc<dyn Vmm>, String)> {
     let facts = HostFacts::probe(cfg.firecracker_bin.as_deref(), cfg.qemu_bin.as_deref());
@@ -137,17 +146,23 @@ impl Daemon {
         cx.handle.set_agent(None);
         cx.handle.set_boot_facts(None);
         if let Some(pid) = vm.pid {
-            self.terminate_vmm(vm, pid).await?;
+            // Its disks go next: no orderly quit that would flush them.
+            banger_vmm::kill_vmm(pid, &vm.dir)
+                .await
+                .map_err(|e| anyhow::Error::from(e).context("stopping the VMM"))?;
         }
-        // Side by side: deleting a TAP waits out the kernel's unregistering
-        // of the device (10-30 ms), the files do not depend on it.
-        let (_, removed) = tokio::join!(self.net_down(vm), tokio::fs::remove_dir_all(&vm.dir));
-        match removed {
-            Ok(()) => {}
+        // The directory leaves the VMs' folder at once (a failure keeps the
+        // record, to try again); its files are removed after the answer.
+        let doomed = self.paths.vms_dir.join(format!("{DELETING}{}", vm.id));
+        let (_, moved) = tokio::join!(self.net_down(vm), tokio::fs::rename(&vm.dir, &doomed));
+        match moved {
+            Ok(()) => {
+                tokio::task::spawn_blocking(move || remove_doomed(&doomed));
+            }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => {
                 return Err(anyhow::Error::from(e)
-                    .context(format!("removing {}", vm.dir.display()))
+                    .context(format!("moving {} away", vm.dir.display()))
                     .into());
             }
         }
@@ -159,6 +174,19 @@ impl Daemon {
             tracing::warn!(error = %format!("{e:#}"), "known_hosts not updated");
         }
         Ok(cx.vm)
+    }
+
+    /// Removes what deletes left in the VMs' folder when the daemon ended
+    /// before their files were gone.
+    pub(crate) fn remove_deleted_leftovers(&self) {
+        let Ok(entries) = std::fs::read_dir(&self.paths.vms_dir) else {
+            return;
+        };
+        for e in entries.flatten() {
+            if e.file_name().to_string_lossy().starts_with(DELETING) {
+                remove_doomed(&e.path());
+            }
+        }
     }
 
     pub fn backend(&self) -> String {
@@ -252,6 +280,32 @@ pub(crate) mod tests {
             "the exit watcher brought no handle back"
         );
         assert_eq!(d.vms.len(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_deleted_vms_files_go_and_an_unfinished_deletes_at_the_next_start() {
+        let t = tempfile::tempdir().expect("tmp");
+        let d = daemon(&t);
+        let vm = record(&d, "calm-otter", VmState::Stopped);
+        std::fs::write(vm.dir.join("work.ext4"), b"disk").expect("disk");
+        d.delete_vm("calm-otter").await.expect("delete");
+        assert!(!vm.dir.exists(), "out of the VMs' folder at once");
+        let vms_dir = d.paths.vms_dir.clone();
+        tokio::time::timeout(std::time::Duration::from_secs(10), async {
+            while std::fs::read_dir(&vms_dir).expect("vms").next().is_some() {
+                tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+            }
+        })
+        .await
+        .expect("the files are removed after the answer");
+
+        // The daemon ended before a delete's files were gone.
+        let left = vms_dir.join(format!("{}0123", super::DELETING));
+        std::fs::create_dir_all(left.join("sub")).expect("leftover");
+        let kept = record(&d, "keen-fox", VmState::Stopped);
+        d.remove_deleted_leftovers();
+        assert!(!left.exists());
+        assert!(kept.dir.is_dir(), "a VM's own directory stays");
     }
 
     #[tokio::test]

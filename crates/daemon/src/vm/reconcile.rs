@@ -37,6 +37,7 @@ impl Daemon {
                 (VmState::Stopped, true) => self.stop_leftover(vm, VmState::Stopped, None).await,
             }
         }
+        self.remove_deleted_leftovers();
         self.reconcile_templates();
         self.verify_templates_later();
         Ok(())
