@@ -66,8 +66,15 @@ impl<'a> Steps<'a> {
         Fut: std::future::Future<Output = anyhow::Result<T>>,
     {
         self.progress.phase(name, message);
+        let started = std::time::Instant::now();
         let slot = UndoSlot(Arc::new(Mutex::new(None)));
         let result = f(slot.clone()).await;
+        tracing::debug!(
+            step = name,
+            ok = result.is_ok(),
+            ms = started.elapsed().as_secs_f64() * 1e3,
+            "step ended"
+        );
         if let Some(u) = slot.0.lock().ok().and_then(|mut s| s.take()) {
             self.undos.push((name, u));
         }

@@ -73,7 +73,27 @@ impl Unsynced {
 /// do meanwhile: it syncs the result with [`Unsynced::sync`] (and removes
 /// the file should that fail).
 pub fn clone_file_unsynced(src: &Path, dst: &Path) -> Result<Unsynced, StorageError> {
-    let mut from = File::open(src).map_err(|e| {
+    let reserved = reserve_clone(src, dst)?;
+    reserved.fill().inspect_err(|_| {
+        let _ = std::fs::remove_file(dst);
+    })
+}
+
+/// A clone's destination made, not filled yet: see [`reserve_clone`].
+#[derive(Debug)]
+pub struct Reserved {
+    from: File,
+    to: File,
+    src: PathBuf,
+    dst: PathBuf,
+}
+
+/// Makes the new file `dst` (mode 0600; it must not exist) as long as
+/// `src` and all hole, so that a VMM can open it at once while
+/// [`Reserved::fill`] puts `src`'s contents into that same file. On error
+/// nothing is left at `dst` (unless it already existed, which is the error).
+pub fn reserve_clone(src: &Path, dst: &Path) -> Result<Reserved, StorageError> {
+    let from = File::open(src).map_err(|e| {
         if e.kind() == std::io::ErrorKind::NotFound {
             StorageError::MissingSource {
                 path: src.to_path_buf(),
@@ -86,24 +106,49 @@ pub fn clone_file_unsynced(src: &Path, dst: &Path) -> Result<Unsynced, StorageEr
         }
     })?;
     // Template files hold guest memory and disks: the owner's only.
-    let mut to = File::options()
+    let to = File::options()
         .write(true)
         .create_new(true)
         .mode(0o600)
         .open(dst)
         .map_err(|e| StorageError::io_on(dst, MIB, format!("creating {}", dst.display()), e))?;
-    match clone_into(src, &mut from, &mut to, dst) {
-        Ok(kind) => Ok(Unsynced {
+    let sized = from.metadata().and_then(|m| to.set_len(m.len()));
+    if let Err(e) = sized {
+        drop(to);
+        let _ = std::fs::remove_file(dst);
+        return Err(StorageError::io_on(
+            dst,
+            MIB,
+            format!("sizing {}", dst.display()),
+            e,
+        ));
+    }
+    Ok(Reserved {
+        from,
+        to,
+        src: src.to_path_buf(),
+        dst: dst.to_path_buf(),
+    })
+}
+
+impl Reserved {
+    /// Clones the source into the reserved file (a reflink when the file
+    /// system can, else a sparse copy), unsynced. Blocking. The file stays
+    /// on error: its owner removes it.
+    pub fn fill(self) -> Result<Unsynced, StorageError> {
+        let Reserved {
+            mut from,
+            mut to,
+            src,
+            dst,
+        } = self;
+        let kind = clone_into(&src, &mut from, &mut to, &dst)?;
+        Ok(Unsynced {
             kind,
             file: to,
-            path: dst.to_path_buf(),
             needed: copy::allocated(&from),
-        }),
-        Err(e) => {
-            drop(to);
-            let _ = std::fs::remove_file(dst);
-            Err(e)
-        }
+            path: dst,
+        })
     }
 }
 

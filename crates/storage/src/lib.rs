@@ -18,7 +18,10 @@ mod copy;
 mod inject;
 mod tree;
 
-pub use clone::{CloneKind, Unsynced, clone_file, clone_file_unsynced, reflink_supported};
+pub use clone::{
+    CloneKind, Reserved, Unsynced, clone_file, clone_file_unsynced, reflink_supported,
+    reserve_clone,
+};
 pub use inject::{GuestFile, write_files};
 pub use tree::{EntryKind, GuestEntry, entry_path_ok, write_entries};
 

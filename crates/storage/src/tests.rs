@@ -436,6 +436,41 @@ fn an_unsynced_clone_is_whole_and_syncs_later() {
     assert_eq!(host_mode(&dst), 0o600);
 }
 
+/// A reserved clone is its source's length, all hole, at once (a VMM
+/// may open it then); filling the same file makes it the source's copy.
+#[test]
+fn a_reserved_clone_is_sized_first_and_filled_in_place() {
+    use std::os::unix::fs::MetadataExt;
+    let t = tempfile::tempdir().expect("tempdir");
+    let src = t.path().join("src");
+    holey_file(&src, 8 << 20, &[(0, 4), (6 << 20, 5)]);
+    let dst = t.path().join("dst");
+    let reserved = reserve_clone(&src, &dst).expect("reserve");
+    let opened = std::fs::File::open(&dst).expect("open as a VMM would");
+    let meta = opened.metadata().expect("stat");
+    assert_eq!(meta.len(), 8 << 20);
+    assert_eq!(meta.blocks(), 0, "nothing allocated yet");
+    assert_eq!(host_mode(&dst), 0o600);
+    let clone = reserved.fill().expect("fill");
+    let mut seen = Vec::new();
+    std::io::Read::read_to_end(&mut &opened, &mut seen).expect("read");
+    assert_eq!(
+        seen,
+        std::fs::read(&src).expect("src"),
+        "the opened file holds the copy"
+    );
+    clone.sync().expect("sync");
+    let e = reserve_clone(&src, &dst).expect_err("exists");
+    assert!(
+        matches!(&e, StorageError::Io { source, .. }
+        if source.kind() == std::io::ErrorKind::AlreadyExists),
+        "{e:?}"
+    );
+    let e = reserve_clone(&t.path().join("nothing"), &t.path().join("new")).expect_err("no source");
+    assert!(matches!(e, StorageError::MissingSource { .. }), "{e:?}");
+    assert!(!t.path().join("new").exists());
+}
+
 #[test]
 fn clone_refuses_an_existing_destination_and_keeps_it() {
     let t = tempfile::tempdir().expect("tempdir");

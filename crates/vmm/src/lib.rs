@@ -72,6 +72,10 @@ pub enum VmmError {
     /// VMM's own description.
     #[error("{what} failed: {detail}")]
     Snapshot { what: &'static str, detail: String },
+    /// The disk copies a restore waited for could not be made (the caller
+    /// knows why).
+    #[error("the VM's disk copies could not be made")]
+    DisksUnavailable,
 }
 
 impl VmmError {
@@ -279,6 +283,15 @@ pub struct SnapshotFiles {
     pub vmstate: PathBuf,
 }
 
+/// Resolves once the disk files a restore names hold their contents:
+/// `true`, or `false` when they could not be made (see [`Vmm::restore`]).
+pub type DisksReady = std::pin::Pin<Box<dyn std::future::Future<Output = bool> + Send>>;
+
+/// Disks that are complete already, for [`Vmm::restore`].
+pub fn disks_ready() -> DisksReady {
+    Box::pin(std::future::ready(true))
+}
+
 /// Everything needed to start a VMM from a snapshot.
 #[derive(Debug, Clone)]
 pub struct RestoreSpec {
@@ -354,16 +367,20 @@ pub trait Vmm: Send + Sync {
 
     /// Starts a VMM in `spec.launch.dir` from the snapshot and resumes the
     /// guest: it is running when this returns. Preconditions: the directory
-    /// and the disk copies exist. On error nothing of this call is left
-    /// running. The agent endpoint is the same kind as `launch`'s (see
-    /// [`AgentEndpoint`]); the template's agent connection is gone and the
-    /// host opens a new one. QEMU (`Connect`): the guest agent does not
+    /// exists, and the disk copies exist at their full size; their contents
+    /// may still be being written: the VMM reads them only once `disks`
+    /// resolves `true` (QEMU: before the incoming migration; Firecracker:
+    /// before loading the snapshot), so they can be copied while the VMM
+    /// starts. `false` ends the restore with [`VmmError::DisksUnavailable`].
+    /// On error nothing of this call is left running. The agent endpoint is
+    /// the same kind as `launch`'s (see [`AgentEndpoint`]); the template's
+    /// agent connection is gone and the host opens a new one. QEMU (`Connect`): the guest agent does not
     /// greet a host that connects after the restore by itself; send `Ping`
     /// first, it answers `Hello`. Firecracker (`Accept`): the vsock device
     /// was reset at the snapshot; the guest agent notices the reset and
     /// connects to the listener again (docs/design/warm-starts.md §5a);
     /// bound the wait on `open` all the same.
-    async fn restore(&self, spec: &RestoreSpec) -> Result<Launched, VmmError>;
+    async fn restore(&self, spec: &RestoreSpec, disks: DisksReady) -> Result<Launched, VmmError>;
 
     /// Grows disk number `index` (in [`LaunchSpec::disks`] order) of the
     /// running VM of `dir` to `bytes` and tells the guest the new size. The

@@ -397,7 +397,10 @@ async fn contract_snapshot_restore_and_grow() {
         from: files.clone(),
         template_nets: template.nets.clone(),
     };
-    let restored = vmm.restore(&restore).await.expect("restore");
+    let restored = vmm
+        .restore(&restore, banger_vmm::disks_ready())
+        .await
+        .expect("restore");
     let _cleanup_clone = common::KillOnDrop {
         pid: restored.pid,
         dir: clone_dir.clone(),
@@ -524,8 +527,31 @@ async fn contract_snapshot_restore_and_grow() {
     let mut bad = restore.clone();
     bad.launch.dir = broken.clone();
     bad.launch.disks[0].path = broken.join("overlay.ext4");
-    let err = vmm.restore(&bad).await.expect_err("no disk copy");
+    let err = vmm
+        .restore(&bad, banger_vmm::disks_ready())
+        .await
+        .expect_err("no disk copy");
     assert!(err.to_string().contains("overlay.ext4 missing"), "{err}");
+    assert!(common::processes_mentioning(&broken).is_empty());
+    assert!(!agent_listener_path(&broken).exists());
+
+    // The disk copies are made while Firecracker starts: it waits for them
+    // (running already) before the load, and ends when they failed.
+    let up_while_waiting = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (seen, dir) = (up_while_waiting.clone(), broken.clone());
+    let gate = Box::pin(async move {
+        seen.store(
+            !common::processes_mentioning(&dir).is_empty(),
+            std::sync::atomic::Ordering::SeqCst,
+        );
+        false
+    });
+    let err = vmm.restore(&bad, gate).await.expect_err("no disks");
+    assert!(
+        matches!(err, banger_vmm::VmmError::DisksUnavailable),
+        "{err:?}"
+    );
+    assert!(up_while_waiting.load(std::sync::atomic::Ordering::SeqCst));
     assert!(common::processes_mentioning(&broken).is_empty());
     assert!(!agent_listener_path(&broken).exists());
 }

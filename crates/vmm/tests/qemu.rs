@@ -344,7 +344,10 @@ async fn snapshot_restore_and_grow() {
         from: files.clone(),
         template_nets: template.nets.clone(),
     };
-    let restored = vmm.restore(&restore).await.expect("restore");
+    let restored = vmm
+        .restore(&restore, banger_vmm::disks_ready())
+        .await
+        .expect("restore");
     let _cleanup_clone = KillOnDrop {
         pid: restored.pid,
         dir: clone_dir.clone(),
@@ -418,7 +421,10 @@ async fn snapshot_restore_and_grow() {
     let mut bad = restore.clone();
     bad.launch.dir = broken.clone();
     bad.from.vmstate = short;
-    let err = vmm.restore(&bad).await.expect_err("truncated");
+    let err = vmm
+        .restore(&bad, banger_vmm::disks_ready())
+        .await
+        .expect_err("truncated");
     assert!(
         matches!(
             err,
@@ -435,10 +441,31 @@ async fn snapshot_restore_and_grow() {
     let mut bad = restore.clone();
     bad.launch.dir = broken.clone();
     bad.from.memory = short_memory;
-    let err = vmm.restore(&bad).await.expect_err("truncated memory");
+    let err = vmm
+        .restore(&bad, banger_vmm::disks_ready())
+        .await
+        .expect_err("truncated memory");
     assert!(
         matches!(err, VmmError::Spec(ref m) if m.contains("the guest has")),
         "{err:?}"
     );
+    assert!(processes_mentioning(&broken).is_empty());
+
+    // The disk copies are made while QEMU starts: it waits for them
+    // (running already), and ends when they could not be made.
+    let mut waiting = restore.clone();
+    waiting.launch.dir = broken.clone();
+    let up_while_waiting = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (seen, dir) = (up_while_waiting.clone(), broken.clone());
+    let gate = Box::pin(async move {
+        seen.store(
+            !processes_mentioning(&dir).is_empty(),
+            std::sync::atomic::Ordering::SeqCst,
+        );
+        false
+    });
+    let err = vmm.restore(&waiting, gate).await.expect_err("no disks");
+    assert!(matches!(err, VmmError::DisksUnavailable), "{err:?}");
+    assert!(up_while_waiting.load(std::sync::atomic::Ordering::SeqCst));
     assert!(processes_mentioning(&broken).is_empty());
 }

@@ -186,13 +186,15 @@ impl Daemon {
         let h = &template.header;
         let disks = VmDisks::in_dir(&vm.dir);
 
-        // 1. Clone the disks (reflink where the file system can).
+        // 1. The disks: made at their full size now (the VMM opens them as
+        // it starts), filled meanwhile (reflink where the file system can):
+        // the VMM reads them once `filled` says so.
         let (t_overlay, t_work) = (
             template.file(&file_name(&disks.overlay)),
             template.file(&file_name(&disks.work)),
         );
         let (overlay, work) = (disks.overlay.clone(), disks.work.clone());
-        let synced = steps
+        let (r_overlay, r_work) = steps
             .run(
                 "clone-disks",
                 &format!("cloning the disks of template {}", h.id),
@@ -211,35 +213,17 @@ impl Daemon {
                         }
                         Ok(())
                     });
-                    // Side by side; where the file system cannot reflink
-                    // each is a copy, synced while the guest is restored.
-                    let clone =
-                        |from: std::path::PathBuf, to: std::path::PathBuf, what: &'static str| {
-                            tokio::task::spawn_blocking(move || {
-                                banger_storage::clone_file_unsynced(&from, &to)
-                                    .with_context(|| format!("cloning the template's {what} disk"))
-                            })
-                        };
-                    let (a, b) = tokio::join!(
-                        clone(t_overlay, overlay, "overlay"),
-                        clone(t_work, work, "work")
-                    );
-                    let worker = |e: tokio::task::JoinError| anyhow!("disk clone worker: {e}");
-                    let (a, b) = (a.map_err(worker)??, b.map_err(worker)??);
-                    tracing::debug!(
-                        overlay = a.kind().as_str(),
-                        work = b.kind().as_str(),
-                        "template disks cloned"
-                    );
-                    Ok(tokio::task::spawn_blocking(move || {
-                        a.sync().context("syncing the overlay disk's clone")?;
-                        b.sync().context("syncing the work disk's clone")?;
-                        Ok::<_, anyhow::Error>(())
-                    }))
+                    let a = banger_storage::reserve_clone(&t_overlay, &overlay)
+                        .context("the overlay disk's clone")?;
+                    let b = banger_storage::reserve_clone(&t_work, &work)
+                        .context("the work disk's clone")?;
+                    Ok((a, b))
                 },
             )
             .await
             .map_err(|e| fail("clone-disks")(e.into()))?;
+        let (filled, disks_ready) = tokio::sync::oneshot::channel::<bool>();
+        let clones = tokio::spawn(fill_clones(r_overlay, r_work, filled));
 
         // 2. Its own host key (pinned in known_hosts), never the template's.
         let host_key = HostKey::generate(vm.name.as_str())
@@ -308,14 +292,27 @@ impl Daemon {
                 "restore",
                 &format!("restoring template {}", h.id),
                 |u: UndoSlot<'_>| async move {
-                    let l = v.restore(&spec).await?;
+                    let ready = Box::pin(async move { disks_ready.await.unwrap_or(false) });
+                    let l = v.restore(&spec, ready).await?;
                     let (v2, d, pid) = (v.clone(), spec.launch.dir.clone(), l.pid);
                     u.set(move || async move { v2.terminate(&d, pid).await.map_err(Into::into) });
                     Ok(l)
                 },
             )
-            .await
-            .map_err(|e| fail("restore")(e.into()))?;
+            .await;
+        let launched = match launched {
+            Ok(l) => l,
+            // The copies failed: say why, not that the VMM waited in vain.
+            Err(e) if is_disks_unavailable(&e.cause) => {
+                let cause = match clones.await {
+                    Ok(Err(why)) => why,
+                    Ok(Ok(())) => e.into(),
+                    Err(join) => anyhow!("disk clone worker: {join}"),
+                };
+                return Err(fail("clone-disks")(cause));
+            }
+            Err(e) => return Err(fail("restore")(e.into())),
+        };
         let restore_ms = restore_started.elapsed().as_millis() as u64;
         let pid = launched.pid;
         vm.pid = Some(pid);
@@ -448,9 +445,9 @@ impl Daemon {
 
         // 9. Running, once its disks' clones are on the host's disk (a host
         // crash then leaves a VM that ran with whole disks).
-        synced
+        clones
             .await
-            .map_err(|e| anyhow!("disk sync worker: {e}"))
+            .map_err(|e| anyhow!("disk clone worker: {e}"))
             .and_then(|r| r)
             .map_err(fail("clone-disks"))?;
         let info = StartInfo {
@@ -479,6 +476,50 @@ impl Daemon {
         );
         Ok(info)
     }
+}
+
+/// Fills the two reserved clones side by side, tells `filled` whether
+/// they are whole (the VMM waits for that), then syncs them: a restored VM
+/// counts as running only once its disks are on the host's disk.
+async fn fill_clones(
+    overlay: banger_storage::Reserved,
+    work: banger_storage::Reserved,
+    filled: tokio::sync::oneshot::Sender<bool>,
+) -> anyhow::Result<()> {
+    let fill = |r: banger_storage::Reserved, what: &'static str| {
+        tokio::task::spawn_blocking(move || {
+            r.fill()
+                .with_context(|| format!("cloning the template's {what} disk"))
+        })
+    };
+    let (a, b) = tokio::join!(fill(overlay, "overlay"), fill(work, "work"));
+    let worker = |e: tokio::task::JoinError| anyhow!("disk clone worker: {e}");
+    let whole = a
+        .map_err(worker)
+        .and_then(|r| r)
+        .and_then(|a| Ok((a, b.map_err(worker)??)));
+    let _ = filled.send(whole.is_ok());
+    let (a, b) = whole?;
+    tracing::debug!(
+        overlay = a.kind().as_str(),
+        work = b.kind().as_str(),
+        "template disks cloned"
+    );
+    tokio::task::spawn_blocking(move || {
+        a.sync().context("syncing the overlay disk's clone")?;
+        b.sync().context("syncing the work disk's clone")?;
+        Ok(())
+    })
+    .await
+    .map_err(|e| anyhow!("disk sync worker: {e}"))?
+}
+
+/// Whether a restore failed because the disks it waited for were not made.
+fn is_disks_unavailable(e: &anyhow::Error) -> bool {
+    matches!(
+        e.downcast_ref::<banger_vmm::VmmError>(),
+        Some(banger_vmm::VmmError::DisksUnavailable)
+    )
 }
 
 /// The line a restored VM's console log starts with: the template it

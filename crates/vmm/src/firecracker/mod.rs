@@ -33,8 +33,8 @@ use crate::process::{
     wait_startup,
 };
 use crate::{
-    AgentEndpoint, GuestExit, LaunchSpec, Launched, RestoreSpec, SnapshotFiles, VmPaths, Vmm,
-    VmmError, WarmSupport, vmm_process_alive,
+    AgentEndpoint, DisksReady, GuestExit, LaunchSpec, Launched, RestoreSpec, SnapshotFiles,
+    VmPaths, Vmm, VmmError, WarmSupport, vmm_process_alive,
 };
 use api::{ActionType, Metrics, NetworkOverride, PartialDrive, VmState};
 use banger_agent_proto::VSOCK_PORT;
@@ -478,14 +478,21 @@ impl Vmm for FirecrackerVmm {
     /// state: drives and vsock were given relative to the template's
     /// directory, so they resolve to the clone's copies; TAPs are
     /// overridden.
-    async fn restore(&self, spec: &RestoreSpec) -> Result<Launched, VmmError> {
+    async fn restore(&self, spec: &RestoreSpec, disks: DisksReady) -> Result<Launched, VmmError> {
         let vmstate = spec.from.vmstate.as_path();
         let overrides = network_overrides(spec)?;
         let launch = &spec.launch;
         let paths = VmPaths::new(&launch.dir);
         let (mut child, pid) = self.spawn(launch).await?;
         let guard = KillOnDrop::new(pid);
-        let listener = match self.load_and_resume(spec, vmstate, overrides).await {
+        let loaded = async {
+            // The snapshot's load opens the drives.
+            if !disks.await {
+                return Err(VmmError::DisksUnavailable);
+            }
+            self.load_and_resume(spec, vmstate, overrides).await
+        };
+        let listener = match loaded.await {
             Ok(l) => l,
             Err(e) => {
                 let e = self.explain(e, &mut child, &paths).await;

@@ -8,8 +8,8 @@ use crate::process::{
 };
 use crate::qmp::Qmp;
 use crate::{
-    AgentEndpoint, GuestExit, LaunchSpec, Launched, RestoreSpec, SnapshotFiles, VmPaths, Vmm,
-    VmmError, WarmSupport, is_valid_mac,
+    AgentEndpoint, DisksReady, GuestExit, LaunchSpec, Launched, RestoreSpec, SnapshotFiles,
+    VmPaths, Vmm, VmmError, WarmSupport, is_valid_mac,
 };
 use banger_model::VmBackend;
 use std::ffi::OsString;
@@ -478,7 +478,7 @@ impl Vmm for QemuVmm {
     /// memory file mapped privately (nothing is copied: pages fault in as
     /// the guest touches them), `x-ignore-shared`, `migrate-incoming` of
     /// the device state, wait, `cont`.
-    async fn restore(&self, spec: &RestoreSpec) -> Result<Launched, VmmError> {
+    async fn restore(&self, spec: &RestoreSpec, disks: DisksReady) -> Result<Launched, VmmError> {
         let launch = incoming_launch(spec)?;
         check_memory_file(&spec.from.memory, launch.memory_mib)?;
         let paths = VmPaths::new(&launch.dir);
@@ -488,7 +488,15 @@ impl Vmm for QemuVmm {
         let args = qemu_args_for(&launch, self.accel, self.tsc_khz, mode);
         let (mut child, pid) = self.spawn(&launch.name, &paths, args).await?;
         let guard = KillOnDrop::new(pid);
-        if let Err(e) = self.load_and_resume(&paths, &spec.from.vmstate).await {
+        let loaded = async {
+            // Waiting for the incoming stream, QEMU holds its disks
+            // inactive: it reads them only after the load.
+            if !disks.await {
+                return Err(VmmError::DisksUnavailable);
+            }
+            self.load_and_resume(&paths, &spec.from.vmstate).await
+        };
+        if let Err(e) = loaded.await {
             guard.disarm();
             kill_and_reap(&mut child).await;
             return Err(e);
