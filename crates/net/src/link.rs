@@ -268,13 +268,14 @@ impl Netlink {
         let link = match self.link(name.as_str()).await? {
             Some(l) => l,
             None => {
-                match self
-                    .handle
-                    .link()
-                    .add(LinkBridge::new(name.as_str()).build())
-                    .execute()
-                    .await
-                {
+                // Its own address, set: a bridge without one takes the
+                // lowest of its ports' addresses, so a TAP joining or
+                // leaving would change it under its guests, whose ARP
+                // entry for their gateway would then point nowhere.
+                let bridge = LinkBridge::new(name.as_str())
+                    .address(random_local_mac().to_vec())
+                    .build();
+                match self.handle.link().add(bridge).execute().await {
                     Ok(()) => change.created = true,
                     // Someone else made it in between: fine, check it below.
                     Err(e) if is_errno(&e, libc::EEXIST) => {}
@@ -402,6 +403,13 @@ impl Netlink {
 }
 
 // IFLA_TUN_* attribute numbers (linux/if_link.h).
+/// A random locally administered unicast MAC address.
+fn random_local_mac() -> [u8; 6] {
+    let mut mac: [u8; 6] = rand::random();
+    mac[0] = (mac[0] & 0xfe) | 0x02;
+    mac
+}
+
 const IFLA_TUN_OWNER: u16 = 1;
 const IFLA_TUN_TYPE: u16 = 3;
 const IFLA_TUN_PERSIST: u16 = 6;

@@ -93,8 +93,8 @@ pub struct TapPool {
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
 
 impl TapPool {
-    /// Deletes the banger TAPs not in `in_use` and starts the refill task
-    /// on the current tokio runtime.
+    /// Starts the refill task on the current tokio runtime, and deletes the
+    /// banger TAPs not in `in_use` beside it (as released ones are).
     pub async fn start(
         host: Arc<dyn HostNet>,
         cfg: PoolConfig,
@@ -103,12 +103,13 @@ impl TapPool {
         if host.bridge_index(&cfg.bridge).await?.is_none() {
             return Err(PoolError::NoBridge(cfg.bridge.clone()));
         }
-        for tap in host.list_taps().await? {
-            if !in_use.contains(&tap.name) {
-                tracing::info!(tap = %tap.name, "deleting leftover TAP");
-                host.delete_tap(&tap.name).await?;
-            }
-        }
+        let leftovers: Vec<TapName> = host
+            .list_taps()
+            .await?
+            .into_iter()
+            .map(|t| t.name)
+            .filter(|name| !in_use.contains(name))
+            .collect();
         let (level, _) = watch::channel(0);
         let inner = Arc::new(Inner {
             host,
@@ -120,11 +121,16 @@ impl TapPool {
             last_create: Mutex::new(None),
         });
         let task = tokio::spawn(refill(inner.clone()));
-        Ok(Self {
+        let pool = Self {
             inner,
             task: Some(task),
             deleting: Arc::new(watch::channel(0).0),
-        })
+        };
+        for tap in leftovers {
+            tracing::info!(%tap, "deleting leftover TAP");
+            pool.release(&tap);
+        }
+        Ok(pool)
     }
 
     /// A TAP for a new VM: from the pool when one is ready, else created now.

@@ -55,6 +55,33 @@ fn bridge_is_created_once_and_repaired() {
             vec![(ip(1), 24)]
         );
 
+        // Its address is its own: ports with lower addresses joining and
+        // leaving do not change it (its guests' ARP entry for the gateway
+        // stays right).
+        let mac = || {
+            let json: serde_json::Value =
+                serde_json::from_str(&ns.ip(&["-j", "link", "show", "banger0"])).expect("json");
+            json[0]["address"].as_str().expect("address").to_string()
+        };
+        let first = mac();
+        assert!(!first.is_empty() && first != "00:00:00:00:00:00", "{first}");
+        ns.ip(&[
+            "link",
+            "add",
+            "lowport",
+            "address",
+            "00:00:00:00:00:01",
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "lowpeer",
+        ]);
+        ns.ip(&["link", "set", "lowport", "master", "banger0", "up"]);
+        assert_eq!(mac(), first, "a port with a lower address joined");
+        ns.ip(&["link", "del", "lowport"]);
+        assert_eq!(mac(), first, "that port left");
+
         // Second call: nothing to do.
         let c = host.ensure_bridge(&spec()).await.expect("again");
         assert_eq!(c, Default::default());
@@ -199,6 +226,7 @@ fn pool_deletes_leftovers_refills_and_hands_out() {
         let pool = TapPool::start(host.clone(), cfg.clone(), &in_use)
             .await
             .expect("pool");
+        pool.released().await;
         let names = |taps: Vec<banger_net::host::TapInfo>| -> BTreeSet<String> {
             taps.into_iter().map(|t| t.name.to_string()).collect()
         };
