@@ -200,8 +200,19 @@ impl MacAddr {
             h = h.wrapping_mul(0x0000_0100_0000_01b3);
         }
         let b = h.to_be_bytes();
-        // Clear the multicast bit, set the locally administered bit.
-        Self([(b[0] & 0xfe) | 0x02, b[1], b[2], b[3], b[4], b[5]])
+        Self::local([b[0], b[1], b[2], b[3], b[4], b[5]])
+    }
+
+    /// A random address, locally administered and unicast.
+    pub fn random() -> Self {
+        Self::local(rand::random())
+    }
+
+    /// `bytes` with the multicast bit cleared and the locally administered
+    /// bit set.
+    fn local(mut bytes: [u8; 6]) -> Self {
+        bytes[0] = (bytes[0] & 0xfe) | 0x02;
+        Self(bytes)
     }
 
     pub fn is_locally_administered(&self) -> bool {
@@ -327,5 +338,9 @@ mod tests {
             assert_eq!(m, MacAddr::from_id(id));
         }
         assert_ne!(MacAddr::from_id("a"), MacAddr::from_id("b"));
+        for _ in 0..64 {
+            let m = MacAddr::random();
+            assert!(m.is_locally_administered() && m.is_unicast(), "{m}");
+        }
     }
 }

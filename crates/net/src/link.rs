@@ -6,6 +6,7 @@
 //! thread. Callers outside this crate reach these operations through
 //! [`crate::HostNet`].
 
+use crate::alloc::MacAddr;
 use crate::ifname::{IfName, TAP_PREFIX, TapName};
 use futures::TryStreamExt;
 use rtnetlink::packet_core::Nla;
@@ -273,7 +274,7 @@ impl Netlink {
                 // leaving would change it under its guests, whose ARP
                 // entry for their gateway would then point nowhere.
                 let bridge = LinkBridge::new(name.as_str())
-                    .address(random_local_mac().to_vec())
+                    .address(MacAddr::random().0.to_vec())
                     .build();
                 match self.handle.link().add(bridge).execute().await {
                     Ok(()) => change.created = true,
@@ -403,13 +404,6 @@ impl Netlink {
 }
 
 // IFLA_TUN_* attribute numbers (linux/if_link.h).
-/// A random locally administered unicast MAC address.
-fn random_local_mac() -> [u8; 6] {
-    let mut mac: [u8; 6] = rand::random();
-    mac[0] = (mac[0] & 0xfe) | 0x02;
-    mac
-}
-
 const IFLA_TUN_OWNER: u16 = 1;
 const IFLA_TUN_TYPE: u16 = 3;
 const IFLA_TUN_PERSIST: u16 = 6;
