@@ -308,6 +308,7 @@ pub async fn serve(daemon: Arc<Daemon>) -> anyhow::Result<()> {
     axum::serve(listener, router)
         .with_graceful_shutdown(async move { token.cancelled().await })
         .await?;
+    daemon.stop_network().await;
     // Only our own socket: a daemon started since (for another state dir
     // with the same runtime dir, say) may have bound the path anew.
     if bound.is_some() && file_identity(&socket) == bound {

@@ -282,7 +282,6 @@ fn bridge_dns_nat_ports_and_restart() {
     let out = b.run(&["vm", "delete", "net-a", "net-b"]);
     assert!(out.status.success(), "{}", text(&out).1);
     assert_eq!(resolve(b, "net-a.vm"), Err("NXDOMAIN".into()));
-    // No TAP is left attached for the deleted VMs (only idle pool TAPs).
     let nat = b
         .in_netns("nft", &["list", "table", "ip", "banger"])
         .output()
@@ -294,6 +293,15 @@ fn bridge_dns_nat_ports_and_restart() {
             text(&nat).0
         );
     }
+    // With no VM running, a daemon stop leaves no TAP: the deleted VMs'
+    // (deleted in the background) and the pool's idle ones are gone.
+    let out = b.run(&["daemon", "stop"]);
+    assert!(out.status.success(), "{}", text(&out).1);
+    let links = b.ip(&["-o", "link", "show", "type", "tun"]);
+    assert!(
+        !links.contains("bgtap"),
+        "TAPs left after daemon stop: {links}"
+    );
 }
 
 /// A `cidr` the host already uses (here an interface of the daemon's

@@ -85,7 +85,8 @@ impl Inner {
 /// also deletes the idle TAPs and waits for the released ones.
 pub struct TapPool {
     inner: Arc<Inner>,
-    task: Option<JoinHandle<()>>,
+    /// The refill task, until [`TapPool::shutdown`] takes it.
+    task: Mutex<Option<JoinHandle<()>>>,
     /// How many released TAPs are still being deleted.
     deleting: Arc<watch::Sender<usize>>,
 }
@@ -123,7 +124,7 @@ impl TapPool {
         let task = tokio::spawn(refill(inner.clone()));
         let pool = Self {
             inner,
-            task: Some(task),
+            task: Mutex::new(Some(task)),
             deleting: Arc::new(watch::channel(0).0),
         };
         for tap in leftovers {
@@ -204,11 +205,13 @@ impl TapPool {
     }
 
     /// Stops the refill task (after the TAP it may be creating), deletes
-    /// the idle TAPs and waits for the deletions of released ones.
-    pub async fn shutdown(mut self) -> Result<(), PoolError> {
+    /// the idle TAPs and waits for the deletions of released ones. TAPs
+    /// handed out stay. A TAP acquired after this is made on the spot.
+    pub async fn shutdown(&self) -> Result<(), PoolError> {
         self.inner.closed.store(true, Ordering::SeqCst);
         self.inner.wake.notify_one();
-        if let Some(task) = self.task.take() {
+        let task = self.task.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(task) = task {
             let _ = task.await;
         }
         let idle: Vec<TapName> = self.inner.idle().drain(..).collect();

@@ -37,6 +37,9 @@ const USER_HOST: Ipv4Addr = Ipv4Addr::new(10, 0, 2, 2);
 const USER_DNS: Ipv4Addr = Ipv4Addr::new(10, 0, 2, 3);
 const USER_GUEST: Ipv4Addr = Ipv4Addr::new(10, 0, 2, 15);
 
+/// How long a daemon stop waits for its TAP deletions.
+const NET_STOP_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// How VMs are networked, decided once at daemon start.
 pub(crate) enum Mode {
     /// A TAP on the host bridge per VM.
@@ -318,6 +321,23 @@ impl Network {
 impl Daemon {
     pub(crate) fn network(&self) -> Option<&Network> {
         self.network.get()
+    }
+
+    /// At daemon stop: deletes the TAP pool's idle TAPs and waits for the
+    /// deletion of released ones (bounded by [`NET_STOP_WAIT`]), so a
+    /// stopped daemon leaves only the TAPs of VMs that keep running.
+    pub async fn stop_network(&self) {
+        let Some(Mode::Bridge { pool, .. }) = self.network().map(|n| &n.mode) else {
+            return;
+        };
+        match tokio::time::timeout(NET_STOP_WAIT, pool.shutdown()).await {
+            Ok(Ok(())) => tracing::debug!("TAP pool stopped; idle TAPs deleted"),
+            Ok(Err(e)) => tracing::warn!(error = %e, "deleting the idle TAPs at stop"),
+            Err(_) => tracing::warn!(
+                waited = ?NET_STOP_WAIT,
+                "the TAP pool's deletions did not end in time; the next start deletes what is left"
+            ),
+        }
     }
 
     /// Starts networking (see [`Network::start`]); once, after reconcile.

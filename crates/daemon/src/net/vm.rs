@@ -374,6 +374,11 @@ mod tests {
     /// A daemon with bridge networking over a [`Recorder`] (an empty TAP
     /// pool: every TAP is made on acquire).
     async fn bridged(t: &tempfile::TempDir) -> (Arc<Daemon>, Arc<Recorder>) {
+        bridged_with_pool(t, 0).await
+    }
+
+    /// [`bridged`] with a pool that keeps `size` TAPs ready.
+    async fn bridged_with_pool(t: &tempfile::TempDir, size: usize) -> (Arc<Daemon>, Arc<Recorder>) {
         let d = daemon(t);
         let host = Arc::new(Recorder::default());
         let settings = settings(&d.config).expect("settings");
@@ -382,7 +387,7 @@ mod tests {
             PoolConfig {
                 bridge: settings.bridge.clone(),
                 owner_uid: 1000,
-                size: 0,
+                size,
             },
             &HashSet::new(),
         )
@@ -518,6 +523,56 @@ mod tests {
         assert_eq!(vm.tap, None);
         d.net_down(&vm).await;
         assert_eq!(host.asked(), [format!("nat_disable {ip}")]);
+    }
+
+    #[tokio::test]
+    async fn a_daemon_stop_deletes_the_idle_taps_not_a_running_vms() {
+        let t = tempfile::tempdir().expect("tmp");
+        let (d, host) = bridged_with_pool(&t, 2).await;
+        let pool = match d.network().map(|n| &n.mode) {
+            Some(Mode::Bridge { pool, .. }) => pool.clone(),
+            _ => panic!("bridge mode"),
+        };
+        let wait = std::time::Duration::from_secs(10);
+        assert!(pool.wait_idle(2, wait).await, "the pool filled");
+        let mut vm = nat_vm(&d, "calm-otter", VmState::Starting);
+        let mut steps = Steps::new(&ProgressSink::discard());
+        d.net_up(&mut vm, &mut steps)
+            .await
+            .expect("up")
+            .expect("networking");
+        steps.commit();
+        let in_use = vm.tap.clone().expect("tap");
+        assert!(pool.wait_idle(2, wait).await, "the pool refilled");
+        let made: Vec<String> = host
+            .asked()
+            .into_iter()
+            .filter_map(|a| a.strip_prefix("create_tap ").map(str::to_string))
+            .collect();
+        assert_eq!(made.len(), 3, "two to fill, one to refill: {made:?}");
+        assert!(made.contains(&in_use), "{made:?}");
+
+        d.stop_network().await;
+        let mut deleted: Vec<String> = host
+            .asked()
+            .into_iter()
+            .filter_map(|a| a.strip_prefix("delete_tap ").map(str::to_string))
+            .collect();
+        deleted.sort();
+        let mut idle: Vec<String> = made.into_iter().filter(|t| *t != in_use).collect();
+        idle.sort();
+        assert_eq!(deleted, idle, "the idle TAPs go, the running VM's stays");
+        assert_eq!(pool.idle_count(), 0);
+        // Stopped, the pool makes no more; the VM's TAP is still released
+        // when its VMM exits.
+        d.net_down(&d.store.get_vm(&vm.id).expect("get")).await;
+        released(&d).await;
+        let asked = host.asked();
+        assert!(
+            asked.contains(&format!("delete_tap {in_use}"))
+                && !asked.iter().any(|a| a.starts_with("create_tap")),
+            "{asked:?}"
+        );
     }
 
     #[test]

@@ -52,22 +52,17 @@ impl Daemon {
         }
     }
 
-    /// Ends a VM's VMM, through the backend when there is one, else by signal.
+    /// Ends a VM's VMM, through the backend when there is one, else by
+    /// SIGKILL (waiting for its exit).
     pub(crate) async fn terminate_vmm(&self, vm: &VmRecord, pid: u32) -> anyhow::Result<()> {
         match self.vmm() {
             Ok(vmm) => vmm
                 .terminate(&vm.dir, pid)
                 .await
                 .context("stopping the VMM"),
-            Err(_) => {
-                if banger_vmm::vmm_process_alive(pid, &vm.dir) {
-                    let _ = nix::sys::signal::kill(
-                        nix::unistd::Pid::from_raw(pid as i32),
-                        nix::sys::signal::Signal::SIGKILL,
-                    );
-                }
-                Ok(())
-            }
+            Err(_) => banger_vmm::kill_vmm(pid, &vm.dir)
+                .await
+                .context("killing the VMM"),
         }
     }
 }
