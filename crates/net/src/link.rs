@@ -102,6 +102,8 @@ pub struct LinkState {
     pub is_tap: bool,
     /// For TUN/TAP devices: persistent (outlives the process that made it).
     pub persistent: bool,
+    /// Its hardware address, when it has one.
+    pub mac: Option<Vec<u8>>,
 }
 
 /// What [`Netlink::ensure_bridge`] had to do.
@@ -267,7 +269,12 @@ impl Netlink {
     ) -> Result<BridgeChange, LinkError> {
         let mut change = BridgeChange::default();
         let link = match self.link(name.as_str()).await? {
-            Some(l) => l,
+            Some(l) => {
+                if l.kind == "bridge" {
+                    self.pin_mac(&l).await?;
+                }
+                l
+            }
             None => {
                 // Its own address, set: a bridge without one takes the
                 // lowest of its ports' addresses, so a TAP joining or
@@ -316,6 +323,23 @@ impl Netlink {
             change.brought_up = true;
         }
         Ok(change)
+    }
+
+    /// Sets the hardware address of `link` to the one it has: the kernel
+    /// then counts it as chosen, and a bridge keeps it from then on instead
+    /// of taking the lowest of its ports' (a bridge made by an earlier
+    /// banger, without an address of its own). Nothing changes for the
+    /// guests behind it.
+    async fn pin_mac(&self, link: &LinkState) -> Result<(), LinkError> {
+        let Some(mac) = link.mac.clone().filter(|m| m.len() == 6) else {
+            return Ok(());
+        };
+        self.handle
+            .link()
+            .set(LinkUnspec::new_with_index(link.index).address(mac).build())
+            .execute()
+            .await
+            .map_err(nl_err("pinning the address of", &link.name))
     }
 
     async fn set_up(&self, name: &str, index: u32) -> Result<(), LinkError> {
@@ -418,10 +442,12 @@ fn link_state(msg: &LinkMessage) -> LinkState {
         tun_owner: None,
         is_tap: false,
         persistent: false,
+        mac: None,
     };
     for attr in &msg.attributes {
         match attr {
             LinkAttribute::IfName(n) => s.name = n.clone(),
+            LinkAttribute::Address(a) => s.mac = Some(a.clone()),
             LinkAttribute::Controller(c) => s.controller = Some(*c),
             LinkAttribute::LinkInfo(infos) => {
                 for info in infos {

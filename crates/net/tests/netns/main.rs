@@ -38,6 +38,40 @@ fn ip(last: u8) -> Ipv4Addr {
     Ipv4Addr::new(172, 16, 0, last)
 }
 
+/// A bridge made by an earlier banger had no address of its own and
+/// followed the lowest of its ports'; `ensure_bridge` pins the address it
+/// has, so a port leaving no longer changes it.
+#[test]
+fn an_earlier_bridge_keeps_its_address_once_ensured() {
+    let ns = NetNs::new("brpin");
+    ns.run(|| async {
+        let host = LocalHostNet::connect().expect("netlink");
+        let mac = || {
+            let json: serde_json::Value =
+                serde_json::from_str(&ns.ip(&["-j", "link", "show", "banger0"])).expect("json");
+            json[0]["address"].as_str().expect("address").to_string()
+        };
+        ns.ip(&["link", "add", "banger0", "type", "bridge"]);
+        for (port, addr) in [
+            ("port1", "00:00:00:00:00:01"),
+            ("port2", "00:00:00:00:00:02"),
+        ] {
+            let peer = format!("{port}p");
+            ns.ip(&[
+                "link", "add", port, "address", addr, "type", "veth", "peer", "name", &peer,
+            ]);
+            ns.ip(&["link", "set", port, "master", "banger0", "up"]);
+        }
+        assert_eq!(mac(), "00:00:00:00:00:01", "the lowest port's, as before");
+
+        let c = host.ensure_bridge(&spec()).await.expect("ensure");
+        assert!(!c.created, "{c:?}");
+        assert_eq!(mac(), "00:00:00:00:00:01", "pinning changes nothing");
+        ns.ip(&["link", "del", "port1"]);
+        assert_eq!(mac(), "00:00:00:00:00:01", "kept after its port left");
+    });
+}
+
 #[test]
 fn bridge_is_created_once_and_repaired() {
     let ns = NetNs::new("br");
