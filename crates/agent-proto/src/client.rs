@@ -2,6 +2,7 @@
 //! multiplexing any number of exec sessions over the single stream.
 
 use crate::archive::{ArchiveDownload, ArchiveRoutes, ArchiveUpload};
+use crate::outbox::Outbox;
 use crate::{
     Body, BootReport, CONTROL, ExecRequest, ExitStatus, Frame, FrameCodec, GetArchive, Hello,
     Listener, MAX_CHUNK, OUTPUT_WINDOW, OutputStream, PROTO_VERSION, PutArchive, RestoreIdentity,
@@ -11,6 +12,7 @@ use futures::{SinkExt, StreamExt};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::{mpsc, watch};
 use tokio_util::codec::{FramedRead, FramedWrite};
@@ -28,7 +30,18 @@ pub enum ClientError {
     Refused(String),
     #[error("guest agent sent an invalid answer: {0}")]
     Invalid(String),
+    #[error("the guest agent did not answer a {what} request within {secs}s")]
+    Timeout { what: &'static str, secs: u64 },
 }
+
+/// How long a request waits for the agent's answer unless it says
+/// otherwise: a guest that never answers must not hold a caller forever.
+pub const QUERY_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// How long a seal or a restore waits: both run the guest's own work
+/// (sshd stopped or started, files written and synced, a file system
+/// grown) before they answer.
+pub const IDENTITY_TIMEOUT: Duration = Duration::from_secs(600);
 
 /// What an exec session reports, in order; `Exited` or `Error` is last.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -57,13 +70,15 @@ type Queries = Arc<Mutex<HashMap<u32, tokio::sync::oneshot::Sender<Body>>>>;
 /// A connection to one guest agent.
 #[derive(Clone)]
 pub struct AgentClient {
-    tx: mpsc::UnboundedSender<Frame>,
+    tx: Outbox,
     routes: Routes,
     queries: Queries,
     archives: ArchiveRoutes,
     next_channel: Arc<AtomicU32>,
     hello: watch::Receiver<Option<Hello>>,
     closed: watch::Receiver<bool>,
+    /// [`QUERY_TIMEOUT`], shorter in tests.
+    query_timeout: Duration,
 }
 
 impl AgentClient {
@@ -73,7 +88,7 @@ impl AgentClient {
         S: AsyncRead + AsyncWrite + Send + 'static,
     {
         let (rd, wr) = tokio::io::split(stream);
-        let (tx, mut rx) = mpsc::unbounded_channel::<Frame>();
+        let (tx, mut rx) = crate::outbox::channel();
         let routes: Routes = Arc::default();
         let queries: Queries = Arc::default();
         let archives: ArchiveRoutes = Arc::default();
@@ -82,7 +97,7 @@ impl AgentClient {
 
         tokio::spawn(async move {
             let mut sink = FramedWrite::new(wr, FrameCodec);
-            while let Some(f) = rx.recv().await {
+            while let Some((f, _written)) = rx.recv().await {
                 if let Err(e) = sink.send(f).await {
                     tracing::debug!(error = %e, "agent write failed");
                     break;
@@ -135,6 +150,7 @@ impl AgentClient {
             next_channel: Arc::new(AtomicU32::new(1)),
             hello,
             closed,
+            query_timeout: QUERY_TIMEOUT,
         }
     }
 
@@ -242,20 +258,41 @@ impl AgentClient {
         })
     }
 
-    /// Sends `body` on a new channel and waits for the one-frame answer;
-    /// an [`Body::Error`] answer becomes [`ClientError::Refused`].
+    /// Sends `body` on a new channel and waits for the one-frame answer
+    /// (at most [`QUERY_TIMEOUT`]); an [`Body::Error`] answer becomes
+    /// [`ClientError::Refused`].
     async fn query(&self, body: Body) -> Result<Body, ClientError> {
+        self.query_within(body, Some(self.query_timeout)).await
+    }
+
+    /// [`Self::query`] waiting at most `limit` (`None`: as long as the
+    /// caller does). However the wait ends, nothing is left waiting for
+    /// the answer.
+    async fn query_within(&self, body: Body, limit: Option<Duration>) -> Result<Body, ClientError> {
+        let what = body.kind();
         let channel = self.next_channel.fetch_add(1, Ordering::Relaxed);
         let (answer_tx, answer) = tokio::sync::oneshot::channel();
         self.queries
             .lock()
             .map_err(|_| ClientError::Disconnected)?
             .insert(channel, answer_tx);
-        if let Err(e) = self.send(Frame::new(channel, body)) {
-            self.queries.lock().map(|mut r| r.remove(&channel)).ok();
-            return Err(e);
-        }
-        match answer.await {
+        let _pending = Unanswered {
+            queries: &self.queries,
+            channel,
+        };
+        self.send(Frame::new(channel, body))?;
+        let answer = match limit {
+            Some(limit) => {
+                tokio::time::timeout(limit, answer)
+                    .await
+                    .map_err(|_| ClientError::Timeout {
+                        what,
+                        secs: limit.as_secs(),
+                    })?
+            }
+            None => answer.await,
+        };
+        match answer {
             Ok(Body::Error(msg)) => Err(ClientError::Refused(msg)),
             Ok(body) => Ok(body),
             Err(_) => Err(ClientError::Disconnected),
@@ -297,7 +334,12 @@ impl AgentClient {
     }
 
     async fn boot_report(&self, wait: bool, explain: bool) -> Result<BootReport, ClientError> {
-        match self.query(Body::BootStatus { wait, explain }).await? {
+        // Waiting for the boot is as long as the caller's bound.
+        let limit = (!wait).then_some(self.query_timeout);
+        match self
+            .query_within(Body::BootStatus { wait, explain }, limit)
+            .await?
+        {
             Body::Boot(r) => Ok(r),
             other => Err(unexpected(&other)),
         }
@@ -334,7 +376,10 @@ impl AgentClient {
     /// every request but a restore refused from now on. The answer is
     /// checked against the protocol's bounds.
     pub async fn seal(&self) -> Result<SealReport, ClientError> {
-        match self.query(Body::Seal).await? {
+        match self
+            .query_within(Body::Seal, Some(IDENTITY_TIMEOUT))
+            .await?
+        {
             Body::Sealed(r) => {
                 r.validate().map_err(ClientError::Invalid)?;
                 Ok(r)
@@ -346,7 +391,8 @@ impl AgentClient {
     /// Gives a sealed guest its own identity; the agent serves again once
     /// this returns. The report is checked against the protocol's bounds.
     pub async fn restore(&self, identity: RestoreIdentity) -> Result<RestoreReport, ClientError> {
-        match self.query(Body::Restore(Box::new(identity))).await? {
+        let body = Body::Restore(Box::new(identity));
+        match self.query_within(body, Some(IDENTITY_TIMEOUT)).await? {
             Body::Restored(r) => {
                 r.validate().map_err(ClientError::Invalid)?;
                 Ok(r)
@@ -366,12 +412,27 @@ impl AgentClient {
     }
 
     fn send(&self, f: Frame) -> Result<(), ClientError> {
-        self.tx.send(f).map_err(|_| ClientError::Disconnected)
+        self.tx.send(f)
+    }
+}
+
+/// A query's entry in the waiting map, removed however the wait ends.
+struct Unanswered<'a> {
+    queries: &'a Queries,
+    channel: u32,
+}
+
+impl Drop for Unanswered<'_> {
+    fn drop(&mut self) {
+        self.queries
+            .lock()
+            .map(|mut q| q.remove(&self.channel))
+            .ok();
     }
 }
 
 fn unexpected(body: &Body) -> ClientError {
-    ClientError::Refused(format!("unexpected answer from the agent: {body:?}"))
+    ClientError::Refused(format!("unexpected {} answer from the agent", body.kind()))
 }
 
 fn route(
@@ -439,7 +500,7 @@ fn route(
 /// One running guest process.
 pub struct ExecSession {
     channel: u32,
-    tx: mpsc::UnboundedSender<Frame>,
+    tx: Outbox,
     routes: Routes,
     events: mpsc::UnboundedReceiver<ExecEvent>,
     /// Output frames received and not taken yet (shared with the route).
@@ -482,10 +543,14 @@ impl ExecSession {
         }
     }
 
-    /// Feeds the process's stdin, split into protocol-sized chunks.
-    pub fn write_stdin(&self, data: &[u8]) -> Result<(), ClientError> {
+    /// Feeds the process's stdin, split into protocol-sized chunks;
+    /// waits while the agent's end of the stream is not being read (see
+    /// [`crate::outbox`]).
+    pub async fn write_stdin(&self, data: &[u8]) -> Result<(), ClientError> {
         for chunk in data.chunks(MAX_CHUNK) {
-            self.send(Body::Stdin(chunk.to_vec()))?;
+            self.tx
+                .send_bulk(Frame::new(self.channel, Body::Stdin(chunk.to_vec())))
+                .await?;
         }
         Ok(())
     }
@@ -512,9 +577,7 @@ impl ExecSession {
     }
 
     fn send(&self, body: Body) -> Result<(), ClientError> {
-        self.tx
-            .send(Frame::new(self.channel, body))
-            .map_err(|_| ClientError::Disconnected)
+        self.tx.send(Frame::new(self.channel, body))
     }
 }
 
@@ -803,5 +866,38 @@ mod tests {
             assert_eq!(n, OUTPUT_WINDOW / 4);
             granted += n;
         }
+    }
+
+    /// An agent that never answers: the request ends after its bound and
+    /// leaves nothing waiting behind.
+    #[tokio::test]
+    async fn an_unanswered_request_times_out_and_is_forgotten() {
+        let (a, b) = tokio::io::duplex(1 << 16);
+        tokio::spawn(async move {
+            let (rd, wr) = tokio::io::split(b);
+            let mut rd = FramedRead::new(rd, FrameCodec);
+            let _wr = FramedWrite::new(wr, FrameCodec);
+            while let Some(Ok(Ok(_))) = rd.next().await {}
+        });
+        let mut c = AgentClient::spawn(a);
+        c.query_timeout = Duration::from_secs(1);
+        let started = std::time::Instant::now();
+        let e = c.session_list().await.expect_err("no answer");
+        assert!(
+            matches!(
+                e,
+                ClientError::Timeout {
+                    what: "SessionList",
+                    secs: 1
+                }
+            ),
+            "{e:?}"
+        );
+        assert!(started.elapsed() >= c.query_timeout);
+        assert!(c.queries.lock().expect("lock").is_empty());
+        // A caller's own, shorter bound leaves nothing behind either.
+        let short = tokio::time::timeout(Duration::from_millis(100), c.list_listeners()).await;
+        assert!(short.is_err());
+        assert!(c.queries.lock().expect("lock").is_empty());
     }
 }

@@ -27,6 +27,7 @@ pub mod client;
 mod codec;
 pub mod identity;
 pub mod install;
+pub mod outbox;
 
 pub use archive::{ArchiveSummary, GetArchive, PutArchive};
 pub use codec::{FrameCodec, ProtoError};
@@ -190,6 +191,49 @@ pub enum Body {
     /// Agent → host: the identity is applied and the agent serves again;
     /// the channel is closed.
     Restored(RestoreReport),
+}
+
+impl Body {
+    /// The variant's name, for messages: never the payload, which may be
+    /// large and comes from the other side.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Body::Hello(_) => "Hello",
+            Body::Ping => "Ping",
+            Body::Shutdown { .. } => "Shutdown",
+            Body::Exec(_) => "Exec",
+            Body::Stdin(_) => "Stdin",
+            Body::StdinEof => "StdinEof",
+            Body::Signal(_) => "Signal",
+            Body::Stdout(_) => "Stdout",
+            Body::Stderr(_) => "Stderr",
+            Body::Exited(_) => "Exited",
+            Body::Error(_) => "Error",
+            Body::ListListeners => "ListListeners",
+            Body::Listeners(_) => "Listeners",
+            Body::PutArchive(_) => "PutArchive",
+            Body::GetArchive(_) => "GetArchive",
+            Body::ArchiveData(_) => "ArchiveData",
+            Body::ArchiveEnd => "ArchiveEnd",
+            Body::Credit(_) => "Credit",
+            Body::ArchiveDone(_) => "ArchiveDone",
+            Body::Resize(_) => "Resize",
+            Body::Detach => "Detach",
+            Body::SessionStart(_) => "SessionStart",
+            Body::SessionList => "SessionList",
+            Body::SessionStop { .. } => "SessionStop",
+            Body::SessionAttach { .. } => "SessionAttach",
+            Body::SessionLogs { .. } => "SessionLogs",
+            Body::Session(_) => "Session",
+            Body::Sessions(_) => "Sessions",
+            Body::BootStatus { .. } => "BootStatus",
+            Body::Boot(_) => "Boot",
+            Body::Seal => "Seal",
+            Body::Sealed(_) => "Sealed",
+            Body::Restore(_) => "Restore",
+            Body::Restored(_) => "Restored",
+        }
+    }
 }
 
 /// How the guest booted, as its agent saw it.

@@ -109,7 +109,7 @@ async fn exec(socket: &str, ping: bool, argv: &[&str]) -> Result<ExitCode, Strin
                     stdin_open = false;
                     session.close_stdin().map_err(|e| e.to_string())?;
                 }
-                Ok(n) => session.write_stdin(&buf[..n]).map_err(|e| e.to_string())?,
+                Ok(n) => session.write_stdin(&buf[..n]).await.map_err(|e| e.to_string())?,
             },
             ev = session.next_event() => match ev.map_err(|e| e.to_string())? {
                 Some(ExecEvent::Stdout(d)) => write_out(&mut std::io::stdout(), &d)?,

@@ -309,7 +309,7 @@ impl Connection {
             Body::Error(reason) => {
                 SessionMsg::Abort(format!("the host ended the channel: {reason}"))
             }
-            other => SessionMsg::Abort(format!("unexpected {} frame from the host", kind(&other))),
+            other => SessionMsg::Abort(format!("unexpected {} frame from the host", other.kind())),
         };
         let live = self
             .channels
@@ -351,7 +351,7 @@ impl Connection {
             Body::Error(m) if self.archives.contains_key(&channel) => ArchiveMsg::Abort(m),
             other => {
                 if self.archives.contains_key(&channel) {
-                    let reason = format!("unexpected {} frame on a transfer", kind(&other));
+                    let reason = format!("unexpected {} frame on a transfer", other.kind());
                     self.abort(channel, reason).await;
                     return None;
                 }
@@ -426,7 +426,7 @@ impl Connection {
                 });
             }
             other => {
-                let msg = format!("unexpected {} frame on the control channel", kind(&other));
+                let msg = format!("unexpected {} frame on the control channel", other.kind());
                 self.send(CONTROL, Body::Error(msg)).await;
             }
         }
@@ -611,46 +611,6 @@ fn hello(sealed: bool, boot_greeting: bool) -> Body {
         uptime_ms,
         sealed,
     })
-}
-
-/// Name of a frame body, for error messages.
-fn kind(body: &Body) -> &'static str {
-    match body {
-        Body::Hello(_) => "Hello",
-        Body::Ping => "Ping",
-        Body::Shutdown { .. } => "Shutdown",
-        Body::Exec(_) => "Exec",
-        Body::Stdin(_) => "Stdin",
-        Body::StdinEof => "StdinEof",
-        Body::Signal(_) => "Signal",
-        Body::Stdout(_) => "Stdout",
-        Body::Stderr(_) => "Stderr",
-        Body::Exited(_) => "Exited",
-        Body::Error(_) => "Error",
-        Body::ListListeners => "ListListeners",
-        Body::Listeners(_) => "Listeners",
-        Body::PutArchive(_) => "PutArchive",
-        Body::GetArchive(_) => "GetArchive",
-        Body::ArchiveData(_) => "ArchiveData",
-        Body::ArchiveEnd => "ArchiveEnd",
-        Body::Credit(_) => "Credit",
-        Body::ArchiveDone(_) => "ArchiveDone",
-        Body::Resize(_) => "Resize",
-        Body::Detach => "Detach",
-        Body::SessionStart(_) => "SessionStart",
-        Body::SessionList => "SessionList",
-        Body::SessionStop { .. } => "SessionStop",
-        Body::SessionAttach { .. } => "SessionAttach",
-        Body::SessionLogs { .. } => "SessionLogs",
-        Body::Session(_) => "Session",
-        Body::Sessions(_) => "Sessions",
-        Body::BootStatus { .. } => "BootStatus",
-        Body::Boot(_) => "Boot",
-        Body::Seal => "Seal",
-        Body::Sealed(_) => "Sealed",
-        Body::Restore(_) => "Restore",
-        Body::Restored(_) => "Restored",
-    }
 }
 
 /// A frame from the host that could not be used.

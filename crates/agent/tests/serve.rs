@@ -161,7 +161,7 @@ async fn output_is_live_not_held_until_exit() {
         .expect("exec");
     // The process is blocked on stdin: "first" can only arrive if streamed.
     assert_eq!(next(&mut s).await, ExecEvent::Stdout(b"first\n".to_vec()));
-    s.write_stdin(b"x\n").expect("stdin");
+    s.write_stdin(b"x\n").await.expect("stdin");
     assert_eq!(
         collect(s).await,
         (b"got x\n".to_vec(), Vec::new(), exited(0))
@@ -175,7 +175,7 @@ async fn stdin_round_trips_five_megabytes() {
         .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
         .collect();
     let s = c.exec(with_stdin(&["cat"])).expect("exec");
-    s.write_stdin(&data).expect("stdin");
+    s.write_stdin(&data).await.expect("stdin");
     s.close_stdin().expect("eof");
     let (out, err, end) = collect(s).await;
     assert_eq!(end, exited(0));
@@ -386,7 +386,7 @@ async fn protocol_violation_on_a_live_channel_ends_its_process() {
     let c = client().await;
     // stdin was not requested, so sending some is a violation.
     let s = c.exec(cmd(&["sleep", "100"])).expect("exec");
-    s.write_stdin(b"unwanted").expect("stdin");
+    s.write_stdin(b"unwanted").await.expect("stdin");
     let (_, _, end) = collect(s).await;
     assert!(
         matches!(&end, ExecEvent::Error(m) if m.contains("stdin")),
@@ -416,7 +416,7 @@ async fn concurrent_execs_are_independent() {
         collect(fast).await,
         (b"fast\n".to_vec(), b"fast-err\n".to_vec(), exited(7))
     );
-    slow.write_stdin(b"done\n").expect("stdin");
+    slow.write_stdin(b"done\n").await.expect("stdin");
     assert_eq!(
         collect(slow).await,
         (b"slow done\n".to_vec(), Vec::new(), exited(0))

@@ -86,7 +86,7 @@ async fn exec_on_a_tty_has_a_terminal_of_the_given_size_and_resizes() {
         cols: 122,
     })
     .expect("resize");
-    s.write_stdin(b"\n").expect("stdin");
+    s.write_stdin(b"\n").await.expect("stdin");
     read_until(&mut s, "44 122").await;
     loop {
         match next(&mut s).await {
@@ -144,7 +144,7 @@ async fn sessions_outlive_their_connection_and_keep_logs() {
 
     // Attach, feed input, see the answer, detach.
     let mut a = c.session_attach("svc").expect("attach");
-    a.write_stdin(b"hello\n").expect("stdin");
+    a.write_stdin(b"hello\n").await.expect("stdin");
     read_until(&mut a, "got hello").await;
     drop(a);
 

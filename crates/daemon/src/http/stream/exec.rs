@@ -60,7 +60,7 @@ pub(crate) async fn run_exec(
                 }
             }
             msg = socket.recv() => match msg {
-                Some(Ok(Message::Binary(b))) => { let _ = session.write_stdin(&b); }
+                Some(Ok(Message::Binary(b))) => { let _ = session.write_stdin(&b).await; }
                 Some(Ok(Message::Text(t))) => match serde_json::from_str::<ExecControl>(&t) {
                     Ok(ExecControl::StdinEof) => { let _ = session.close_stdin(); }
                     Ok(ExecControl::Signal(s)) => { let _ = session.signal(s); }

@@ -115,7 +115,7 @@ async fn bridge(conn: UnixStream, mut session: ExecSession) -> bool {
                     let _ = session.detach();
                 }
                 Ok(n) => {
-                    if session.write_stdin(&buf[..n]).is_err() {
+                    if session.write_stdin(&buf[..n]).await.is_err() {
                         return false;
                     }
                 }

@@ -33,7 +33,7 @@ pub(super) async fn run_step(
         tty: None,
     })?;
     if let Some(data) = input {
-        session.write_stdin(&data)?;
+        session.write_stdin(&data).await?;
         session.close_stdin()?;
     }
     let mut tail = Tail::default();
