@@ -110,11 +110,12 @@ impl AgentClient {
         let reader_archives = archives.clone();
         tokio::spawn(async move {
             let mut frames = FramedRead::new(rd, FrameCodec);
+            let mut malformed = Malformed::default();
             while let Some(next) = frames.next().await {
                 let frame = match next {
                     Ok(Ok(f)) => f,
                     Ok(Err(e)) => {
-                        tracing::warn!(error = %e, "skipping malformed frame from agent");
+                        malformed.skipped(&e);
                         continue;
                     }
                     Err(e) => {
@@ -413,6 +414,36 @@ impl AgentClient {
 
     fn send(&self, f: Frame) -> Result<(), ClientError> {
         self.tx.send(f)
+    }
+}
+
+/// Logs the agent's malformed frames: the first at once, then at most one
+/// line per [`MALFORMED_LOG_EVERY`] with how many were skipped, so a guest
+/// sending garbage cannot flood the daemon's log (which rotates, taking
+/// every other VM's lines with it).
+#[derive(Default)]
+struct Malformed {
+    last_logged: Option<std::time::Instant>,
+    unlogged: u64,
+}
+
+/// See [`Malformed`].
+const MALFORMED_LOG_EVERY: Duration = Duration::from_secs(10);
+
+impl Malformed {
+    /// Notes one skipped frame; whether a line was logged.
+    fn skipped(&mut self, error: &dyn std::fmt::Display) -> bool {
+        self.unlogged += 1;
+        if self
+            .last_logged
+            .is_some_and(|t| t.elapsed() < MALFORMED_LOG_EVERY)
+        {
+            return false;
+        }
+        tracing::warn!(error = %error, skipped = self.unlogged, "skipping malformed frames from agent");
+        self.last_logged = Some(std::time::Instant::now());
+        self.unlogged = 0;
+        true
     }
 }
 
@@ -899,5 +930,18 @@ mod tests {
         let short = tokio::time::timeout(Duration::from_millis(100), c.list_listeners()).await;
         assert!(short.is_err());
         assert!(c.queries.lock().expect("lock").is_empty());
+    }
+
+    /// A flood of malformed frames logs one line, then one per period.
+    #[test]
+    fn malformed_frames_are_logged_sparingly() {
+        let mut m = Malformed::default();
+        assert!(m.skipped(&"bad"), "the first is logged");
+        let logged = (0..10_000).filter(|_| m.skipped(&"bad")).count();
+        assert_eq!(logged, 0);
+        assert_eq!(m.unlogged, 10_000);
+        m.last_logged = Some(std::time::Instant::now() - MALFORMED_LOG_EVERY);
+        assert!(m.skipped(&"bad"), "logged again after the period");
+        assert_eq!(m.unlogged, 0);
     }
 }

@@ -56,11 +56,14 @@ pub fn printable_lines(s: &str) -> String {
     clean(s, true)
 }
 
+/// Bidirectional marks and overrides: they reorder what a terminal shows.
+fn is_bidi(c: char) -> bool {
+    matches!(c, '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
+}
+
 fn clean(s: &str, keep_lines: bool) -> String {
-    let unsafe_char = |c: char| {
-        (c.is_control() && !(keep_lines && (c == '\n' || c == '\t')))
-            || matches!(c, '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
-    };
+    let unsafe_char =
+        |c: char| (c.is_control() && !(keep_lines && (c == '\n' || c == '\t'))) || is_bidi(c);
     if !s.chars().any(unsafe_char) {
         return s.to_string();
     }
@@ -81,9 +84,126 @@ pub fn json<T: serde::Serialize>(value: &T) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// A line of a long operation's progress: `[ 12.3s] phase: message`.
+/// A line of a long operation's progress: `[ 12.3s] phase: message`. The
+/// message may quote a guest (its agent's errors, its boot state), so it
+/// is made [`printable_lines`].
 pub fn progress_line(elapsed_ms: u64, phase: &str, message: &str) -> String {
-    format!("[{:>5.1}s] {phase}: {message}", elapsed_ms as f64 / 1000.0)
+    format!(
+        "[{:>5.1}s] {}: {}",
+        elapsed_ms as f64 / 1000.0,
+        printable(phase),
+        printable_lines(message)
+    )
+}
+
+/// Makes a guest's byte stream (its console log) safe to show on a
+/// terminal, piece by piece: text, newlines, tabs, carriage returns and
+/// colour (SGR) sequences pass; any other control character or escape
+/// sequence is shown escaped, so a console line cannot move the cursor,
+/// set the window title, write the clipboard or make the terminal answer
+/// on the user's input. Invalid UTF-8 becomes U+FFFD.
+#[derive(Debug, Default)]
+pub struct TerminalFilter {
+    /// An escape sequence or character cut by the end of the last piece.
+    pending: Vec<u8>,
+}
+
+/// Longest colour sequence kept whole; a longer one is shown escaped.
+const MAX_SGR: usize = 64;
+
+impl TerminalFilter {
+    /// The safe form of `chunk`, which continues the earlier ones.
+    pub fn push(&mut self, chunk: &[u8]) -> Vec<u8> {
+        let mut buf = std::mem::take(&mut self.pending);
+        buf.extend_from_slice(chunk);
+        let mut out = Vec::with_capacity(buf.len());
+        let mut i = 0;
+        while i < buf.len() {
+            let b = buf[i];
+            if b == 0x1b {
+                match sgr_len(&buf[i..]) {
+                    Some(Some(n)) => {
+                        out.extend_from_slice(&buf[i..i + n]);
+                        i += n;
+                    }
+                    Some(None) => {
+                        self.pending = buf[i..].to_vec();
+                        break;
+                    }
+                    None => {
+                        out.extend_from_slice(b"\\u{1b}");
+                        i += 1;
+                    }
+                }
+            } else if b < 0x80 {
+                if b.is_ascii_control() && !matches!(b, b'\n' | b'\t' | b'\r') {
+                    out.extend(char::from(b).escape_default().to_string().bytes());
+                } else {
+                    out.push(b);
+                }
+                i += 1;
+            } else {
+                let rest = &buf[i..];
+                let len = match b {
+                    0xc0..=0xdf => 2,
+                    0xe0..=0xef => 3,
+                    0xf0..=0xf7 => 4,
+                    _ => 1,
+                };
+                if rest.len() < len && len > 1 {
+                    self.pending = rest.to_vec();
+                    break;
+                }
+                match std::str::from_utf8(&rest[..len])
+                    .ok()
+                    .and_then(|s| s.chars().next())
+                {
+                    Some(c) if c.is_control() || is_bidi(c) => {
+                        out.extend(c.escape_default().to_string().bytes());
+                    }
+                    Some(_) => out.extend_from_slice(&rest[..len]),
+                    None => {
+                        // Only this byte: what follows may be good text.
+                        out.extend_from_slice("\u{fffd}".as_bytes());
+                        i += 1;
+                        continue;
+                    }
+                }
+                i += len;
+            }
+        }
+        out
+    }
+
+    /// What a cut-off sequence at the very end left, shown escaped.
+    pub fn finish(&mut self) -> Vec<u8> {
+        let rest = String::from_utf8_lossy(&std::mem::take(&mut self.pending)).into_owned();
+        printable(&rest).into_bytes()
+    }
+}
+
+/// At an escape character: `Some(Some(n))` when a colour sequence of `n`
+/// bytes starts here, `Some(None)` when `s` may be the start of one that
+/// the next piece completes, `None` when it is something else.
+fn sgr_len(s: &[u8]) -> Option<Option<usize>> {
+    if s.len() < 2 {
+        return Some(None);
+    }
+    if s[1] != b'[' {
+        return None;
+    }
+    for (j, &b) in s.iter().enumerate().skip(2).take(MAX_SGR) {
+        match b {
+            b'0'..=b'9' | b';' => {}
+            b'm' => return Some(Some(j + 1)),
+            _ => return None,
+        }
+    }
+    if s.len() < MAX_SGR + 2 {
+        Some(None)
+    } else {
+        None
+    }
 }
 
 /// [`progress_line`] of an operation's progress event.
@@ -169,6 +289,39 @@ impl ListArgs {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_console_stream_keeps_text_and_colour_and_loses_its_escapes() {
+        let mut f = TerminalFilter::default();
+        let mut out = Vec::new();
+        // Cut at every byte: a sequence or character split between pieces
+        // comes out as if whole.
+        let input = "\u{1b}[0;32m  OK  \u{1b}[0m] Started x.\r\n\
+                     title\u{1b}]0;pwned\u{7} clip\u{1b}]52;c;aGk=\u{7} \
+                     up\u{1b}[2A ask\u{1b}[6n bell\u{7} grün \u{202e}rtl\n";
+        for b in input.as_bytes() {
+            out.extend(f.push(std::slice::from_ref(b)));
+        }
+        out.extend(f.finish());
+        let shown = String::from_utf8(out).expect("utf8");
+        assert_eq!(
+            shown,
+            "\u{1b}[0;32m  OK  \u{1b}[0m] Started x.\r\n\
+             title\\u{1b}]0;pwned\\u{7} clip\\u{1b}]52;c;aGk=\\u{7} \
+             up\\u{1b}[2A ask\\u{1b}[6n bell\\u{7} grün \\u{202e}rtl\n"
+        );
+        // Bad UTF-8 is replaced byte by byte; a trailing escape is shown.
+        let mut f = TerminalFilter::default();
+        let mut out = f.push(b"a\xc3(b\x1b");
+        out.extend(f.finish());
+        assert_eq!(String::from_utf8(out).expect("utf8"), "a\u{fffd}(b\\u{1b}");
+    }
+
+    #[test]
+    fn progress_lines_escape_what_a_guest_said() {
+        let line = progress_line(1500, "boot", "state \u{1b}]0;x\u{7}running");
+        assert_eq!(line, "[  1.5s] boot: state \\u{1b}]0;x\\u{7}running");
+    }
 
     #[test]
     fn exit_codes_pass_the_guest_s_and_mark_banger_s_failures() {

@@ -21,7 +21,7 @@ use clap::Subcommand;
 pub use flags::JsonArg;
 use flags::{CreateFlags, parse_env, parse_memory_mib, parse_signal, parse_since, parse_size};
 use show::{boot_line, print_disks, print_stats, print_vm, print_vm_table};
-use std::io::Write;
+use std::io::{IsTerminal, Write};
 
 #[derive(Subcommand)]
 pub enum VmCommand {
@@ -167,6 +167,12 @@ pub enum VmCommand {
         /// 45s), an RFC 3339 time (2026-05-01T12:00:00Z) or Unix seconds.
         #[arg(long, value_name = "TIME", value_parser = parse_since)]
         since: Option<u64>,
+        /// Print the log's bytes as they are. Without it, on a terminal,
+        /// escape sequences other than colours and control characters
+        /// other than line ends and tabs are shown escaped: the guest
+        /// writes the log.
+        #[arg(long)]
+        raw: bool,
     },
     /// List a running VM's listening TCP ports; HTTP(S) ones with their URL.
     Ports {
@@ -367,6 +373,7 @@ pub async fn run(cmd: VmCommand) -> anyhow::Result<i32> {
             follow,
             tail,
             since,
+            raw,
         } => {
             let query = banger_api::LogsQuery {
                 source: if vmm {
@@ -379,13 +386,20 @@ pub async fn run(cmd: VmCommand) -> anyhow::Result<i32> {
                 since_ms: since,
             };
             let mut out = std::io::stdout();
+            let mut filter = (!raw && out.is_terminal()).then(output::TerminalFilter::default);
             connect::client()
                 .await?
                 .logs(&vm, &query, |chunk| {
-                    let _ = out.write_all(chunk);
+                    let _ = match filter.as_mut() {
+                        Some(f) => out.write_all(&f.push(chunk)),
+                        None => out.write_all(chunk),
+                    };
                     let _ = out.flush();
                 })
                 .await?;
+            if let Some(f) = filter.as_mut() {
+                let _ = out.write_all(&f.finish());
+            }
             Ok(0)
         }
         VmCommand::Ports { vm, json } => ports::run(&vm, json).await,

@@ -50,7 +50,8 @@ pub(crate) fn print_vm(v: &VmRecord) {
     let rows = [rows, ports::network_rows(v)].concat();
     output::table(&rows);
     if let Some(e) = &v.last_error {
-        println!("error    {e}");
+        // It can quote the guest's console and agent.
+        println!("error    {}", output::printable_lines(e));
     }
 }
 
@@ -80,7 +81,11 @@ pub(crate) fn boot_line(b: &banger_api::VmBoot) -> String {
         };
         parts.push(format!("TAP {how} in {:.2} ms", t.took_us as f64 / 1000.0));
     }
-    format!("{}; system {}", parts.join(", "), b.system)
+    format!(
+        "{}; system {}",
+        output::printable(&parts.join(", ")),
+        output::printable(&b.system)
+    )
 }
 
 pub(crate) fn print_disks(disks: &[banger_api::DiskStats]) {
