@@ -440,7 +440,9 @@ pub(crate) fn stopped_before_agent(vm: &str, paths: &VmPaths) -> anyhow::Error {
 /// Firecracker logs a triple fault apart from a reset the guest asked for).
 pub(crate) fn stopped_during(vm: &str, paths: &VmPaths, when: &str) -> anyhow::Error {
     let console = paths.console_log();
-    let text = std::fs::read(&console)
+    // The failure line is among the last the guest printed before it
+    // ended; the console may hold megabytes the guest wrote before that.
+    let text = crate::vm::boot::read_tail(&console, FAILURE_SEARCH_BYTES)
         .map(|b| String::from_utf8_lossy(&b).into_owned())
         .unwrap_or_default();
     if let Some(reason) = banger_agent_proto::boot::boot_failure(&text) {
@@ -459,6 +461,8 @@ pub(crate) fn stopped_during(vm: &str, paths: &VmPaths, when: &str) -> anyhow::E
 
 /// Console lines quoted by a failed boot.
 pub(crate) const CONSOLE_LINES: usize = 15;
+/// How much of the console's end is searched for a boot failure's line.
+const FAILURE_SEARCH_BYTES: u64 = 1 << 20;
 /// VMM log lines quoted by a failed boot: its exit reason is in the last few.
 const VMM_LOG_LINES: usize = 6;
 
