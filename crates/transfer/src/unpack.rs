@@ -12,8 +12,9 @@
 //! (a guest, whose root can replace the agent): only the one requested
 //! top entry (and what is below it, when it is a directory) is accepted,
 //! nothing is written through a symlink, links stay inside that tree,
-//! setuid and setgid bits are cleared, and a file larger than the free
-//! space of the destination's file system is refused before it is written.
+//! setuid and setgid bits are cleared, and a file is refused before it is
+//! written when it and the files before it are more than the free space
+//! the destination's file system had when the extraction began.
 
 use crate::plan::link_stays_inside;
 use std::io::{self, Read};
@@ -85,6 +86,7 @@ fn extract<R: Read>(reader: R, dest: &Path, only: Option<&str>) -> Result<Unpack
     }
     // Whether the requested top entry arrived, and as a directory.
     let mut top_seen: Option<bool> = None;
+    let mut room = None;
     let mut done = Unpacked::default();
     for entry in ar.entries().map_err(UnpackError::Read)? {
         let mut entry = entry.map_err(UnpackError::Read)?;
@@ -177,17 +179,21 @@ fn extract<R: Read>(reader: R, dest: &Path, only: Option<&str>) -> Result<Unpack
             // "./": the destination itself.
             continue;
         }
-        // The file's size (a sparse entry stores less: only its data
-        // regions take space, so those are what must fit).
+        // The size the tar crate will write: a PAX `size` record overrides
+        // the header's field, which can say 0 (for a sparse entry, its
+        // length with the holes: at least what it writes).
         let size = entry.size();
-        let stored = entry.header().size().unwrap_or(0);
         if only.is_some()
             && matches!(
                 kind,
                 EntryType::Regular | EntryType::Continuous | EntryType::GNUSparse
             )
         {
-            fits(&real_dest, stored).map_err(|r| refuse(&r))?;
+            let room = match &mut room {
+                Some(r) => r,
+                None => room.insert(Room::of(&real_dest).map_err(|r| refuse(&r))?),
+            };
+            room.take(size, &real_dest).map_err(|r| refuse(&r))?;
         }
         let written = entry
             .unpack_in(&real_dest)
@@ -249,18 +255,42 @@ fn no_symlink_on_the_way(real_dest: &Path, rel: &Path) -> Result<(), String> {
     Ok(())
 }
 
-/// Refuses a file of `size` bytes that the file system of `dir` has no
-/// room for (the announced size, checked before anything is written).
-fn fits(dir: &Path, size: u64) -> Result<(), String> {
-    let st = nix::sys::statvfs::statvfs(dir).map_err(|e| format!("checking free space: {e}"))?;
-    let free = st.blocks_available().saturating_mul(st.fragment_size());
-    if size > free {
-        return Err(format!(
-            "its announced size ({size} bytes) is more than the {free} bytes free in {}",
-            dir.display()
-        ));
+/// The free space of the destination's file system when the first file
+/// came, and how much of it the files so far announced: an untrusted
+/// archive cannot fill the disk with many files that each fit.
+#[derive(Debug)]
+struct Room {
+    free: u64,
+    taken: u64,
+}
+
+impl Room {
+    fn of(dir: &Path) -> Result<Self, String> {
+        let st =
+            nix::sys::statvfs::statvfs(dir).map_err(|e| format!("checking free space: {e}"))?;
+        Ok(Self {
+            free: st.blocks_available().saturating_mul(st.fragment_size()),
+            taken: 0,
+        })
     }
-    Ok(())
+
+    /// Counts a file of `size` bytes, or refuses it when it does not fit
+    /// (the announced size, checked before anything is written).
+    fn take(&mut self, size: u64, dir: &Path) -> Result<(), String> {
+        match self.taken.checked_add(size) {
+            Some(total) if total <= self.free => {
+                self.taken = total;
+                Ok(())
+            }
+            _ => Err(format!(
+                "its announced size ({size} bytes) with the {} bytes before it is more \
+                 than the {} bytes free in {}",
+                self.taken,
+                self.free,
+                dir.display()
+            )),
+        }
+    }
 }
 
 /// Where the parent of `rel` really is under `real_dest`, following
@@ -535,5 +565,51 @@ mod tests {
         .expect_err("does not fit");
         assert!(err.to_string().contains("announced size"), "{err}");
         assert!(!t.path().join("log").exists());
+    }
+
+    /// A PAX extended header of one `key=value` record.
+    fn pax_entry(key: &str, value: &str) -> Vec<u8> {
+        let kv = format!(" {key}={value}\n");
+        // The record's length counts its own digits.
+        let mut len = kv.len() + 1;
+        while format!("{len}{kv}").len() != len {
+            len += 1;
+        }
+        let record = format!("{len}{kv}");
+        raw_entry(
+            b"././@PaxHeader",
+            EntryType::XHeader,
+            None,
+            record.as_bytes(),
+        )
+    }
+
+    #[test]
+    fn an_untrusted_pax_size_is_the_size_checked_against_the_free_space() {
+        let t = tempfile::tempdir().expect("tmp");
+        // The header says 0 bytes, its PAX record an exabyte, and the
+        // stream goes on with data as long as the guest likes.
+        let mut stream = pax_entry("size", &(1u64 << 60).to_string());
+        stream.extend(raw_entry(b"log", EntryType::Regular, None, b""));
+        stream.extend_from_slice(&[7u8; 4096]);
+        let err = unpack_only(stream.as_slice(), t.path(), "log").expect_err("does not fit");
+        assert!(matches!(err, UnpackError::Refused { .. }), "{err}");
+        assert!(err.to_string().contains("announced size"), "{err}");
+        assert!(!t.path().join("log").exists());
+    }
+
+    #[test]
+    fn untrusted_files_count_together_against_the_free_space() {
+        let dir = Path::new("/dest");
+        let mut room = Room {
+            free: 100,
+            taken: 0,
+        };
+        room.take(60, dir).expect("fits alone");
+        let msg = room.take(60, dir).expect_err("not with the first");
+        assert!(msg.contains("with the 60 bytes before it"), "{msg}");
+        room.take(40, dir).expect("the rest fits");
+        room.take(0, dir).expect("empty files always fit");
+        assert!(room.take(u64::MAX, dir).is_err(), "no overflow");
     }
 }
