@@ -436,12 +436,36 @@ pub struct ExitStatus {
 }
 
 impl ExitStatus {
-    /// The status a shell would report: the code, or 128 + signal.
+    /// The status a shell would report: the code, or 128 + signal. Both
+    /// numbers come from the guest, so what no process can end with (a
+    /// code outside 0..=255, a signal outside 1..=127) is 255: never an
+    /// overflow, nor a status that passes for success.
     pub fn shell_code(&self) -> i32 {
         match (self.code, self.signal) {
-            (Some(c), _) => c,
-            (None, Some(s)) => 128 + s,
-            (None, None) => 255,
+            (Some(c), _) if (0..=255).contains(&c) => c,
+            (None, Some(s)) if (1..=127).contains(&s) => 128 + s,
+            _ => 255,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_hostile_exit_status_is_a_failure_not_an_overflow() {
+        let st = |code, signal| ExitStatus { code, signal }.shell_code();
+        assert_eq!(st(Some(0), None), 0);
+        assert_eq!(st(Some(3), Some(9)), 3);
+        assert_eq!(st(None, Some(9)), 137);
+        assert_eq!(st(None, Some(127)), 255);
+        assert_eq!(st(None, None), 255);
+        for bad in [i32::MAX, 128, 0, -128, i32::MIN] {
+            assert_eq!(st(None, Some(bad)), 255, "signal {bad}");
+        }
+        for bad in [256, -1, i32::MIN, i32::MAX] {
+            assert_eq!(st(Some(bad), None), 255, "code {bad}");
         }
     }
 }

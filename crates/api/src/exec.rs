@@ -78,13 +78,14 @@ pub struct ExecExit {
 }
 
 impl ExecExit {
-    /// The status a shell would report: the code, or 128 + signal.
+    /// The status a shell would report: the code, or 128 + signal; 255
+    /// for numbers no process ends with (they come from the guest).
     pub fn shell_code(&self) -> i32 {
-        match (self.code, self.signal) {
-            (Some(c), _) => c,
-            (None, Some(s)) => 128 + s,
-            (None, None) => 255,
+        banger_agent_proto::ExitStatus {
+            code: self.code,
+            signal: self.signal,
         }
+        .shell_code()
     }
 }
 
@@ -103,4 +104,19 @@ pub enum ExecOutput {
     Stderr(Vec<u8>),
     Exit(ExecExit),
     Error(ApiError),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_hostile_exit_is_reported_as_a_failure() {
+        let exit = |code, signal| ExecExit { code, signal }.shell_code();
+        assert_eq!(exit(None, Some(15)), 143);
+        assert_eq!(exit(None, Some(i32::MAX)), 255);
+        assert_eq!(exit(None, Some(-128)), 255);
+        assert_eq!(exit(Some(-1), None), 255);
+        assert_eq!(exit(Some(256), None), 255);
+    }
 }

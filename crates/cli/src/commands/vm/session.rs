@@ -140,6 +140,12 @@ pub async fn run(cmd: SessionCommand) -> anyhow::Result<i32> {
     }
 }
 
+/// Bytes a session wrote to both streams; the counts come from the guest,
+/// so their sum saturates instead of overflowing.
+fn output_bytes(s: &SessionInfo) -> u64 {
+    s.stdout_bytes.saturating_add(s.stderr_bytes)
+}
+
 fn state(s: &SessionInfo) -> String {
     match s.exit {
         None => "running".into(),
@@ -163,7 +169,7 @@ fn print_table(all: &[SessionInfo]) {
             state(s),
             s.pid.map_or("-".into(), |p| p.to_string()),
             format!("{:?}", s.stdin).to_ascii_lowercase(),
-            banger_model::ByteSize(s.stdout_bytes + s.stderr_bytes).human(),
+            banger_model::ByteSize(output_bytes(s)).human(),
             s.argv.join(" "),
         ]);
     }
@@ -250,4 +256,24 @@ pub async fn acp(vm: &str) -> anyhow::Result<i32> {
         stdin: true,
     };
     exec::exec(&connect::client().await?, vm, start, mode).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hostile_output_counts_saturate() {
+        let s = SessionInfo {
+            name: "s".into(),
+            argv: vec!["sh".into()],
+            stdin: Default::default(),
+            pid: None,
+            started_at: 0,
+            exit: None,
+            stdout_bytes: u64::MAX,
+            stderr_bytes: 2,
+        };
+        assert_eq!(output_bytes(&s), u64::MAX);
+    }
 }
