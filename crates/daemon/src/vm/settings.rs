@@ -6,7 +6,7 @@ use crate::vm::LookupError;
 use crate::{Daemon, ErrorKind};
 use anyhow::Context;
 use banger_agent_proto::ExecRequest;
-use banger_agent_proto::client::{AgentClient, ExecEvent};
+use banger_agent_proto::client::{AgentClient, ClientError, ExecEvent};
 use banger_api::{DiskStats, GuestStats, SetVmRequest, VmStats, VmmProcessStats};
 use banger_model::{ByteSize, Provenance, SpecValue, VmName, VmRecord, VmState};
 use banger_storage::VmDisks;
@@ -20,6 +20,9 @@ use banger_api::rules::{self, MAX_MEMORY_MIB, MAX_VCPU, MIN_MEMORY_MIB};
 const _: () = assert!(rules::MIN_DISK_BYTES == banger_storage::MIN_DISK_BYTES);
 /// Bound on the guest-side part of `vm stats`.
 const GUEST_STATS_TIMEOUT: Duration = Duration::from_secs(10);
+/// Most output taken from the guest's stats command: the real answer is a
+/// few KiB, a hostile guest's may never end.
+const MAX_GUEST_STATS: usize = 64 * 1024;
 
 /// Checks requested resources the same way for create and set; returns the
 /// parsed disk size.
@@ -212,10 +215,20 @@ impl Daemon {
         disks.push(disk_stats("work", &own.work, false));
         let guest = match (guest, vm.state, self.agent(&vm.id)) {
             (true, VmState::Running, Some(agent)) => {
-                tokio::time::timeout(GUEST_STATS_TIMEOUT, guest_stats(&agent))
-                    .await
-                    .ok()
-                    .flatten()
+                match tokio::time::timeout(GUEST_STATS_TIMEOUT, guest_stats(&agent)).await {
+                    Ok(Ok(g)) => Some(g),
+                    // Only an oversized answer is worth a warning: an image
+                    // without df, polled by the TUI, would fill the log.
+                    Ok(Err(e @ GuestStatsError::TooLarge)) => {
+                        tracing::warn!(vm = %vm.name, error = %e, "no guest figures");
+                        None
+                    }
+                    Ok(Err(e)) => {
+                        tracing::debug!(vm = %vm.name, error = %e, "no guest figures");
+                        None
+                    }
+                    Err(_) => None,
+                }
             }
             _ => None,
         };
@@ -284,8 +297,21 @@ pub(crate) fn process_stats(pid: u32) -> Option<VmmProcessStats> {
     })
 }
 
+/// Why the guest's own figures are missing from `vm stats`.
+#[derive(Debug, thiserror::Error)]
+enum GuestStatsError {
+    #[error("asking the guest agent: {0}")]
+    Agent(#[from] ClientError),
+    #[error("the guest's answer was too large (more than {MAX_GUEST_STATS} bytes)")]
+    TooLarge,
+    #[error("the guest's answer is not what its stats command prints")]
+    Unreadable,
+}
+
 /// Reads memory, load and file system use inside the guest with one exec.
-async fn guest_stats(agent: &AgentClient) -> Option<GuestStats> {
+/// An answer over [`MAX_GUEST_STATS`] ends the exec (dropping the session
+/// kills the process) instead of piling up until the timeout.
+async fn guest_stats(agent: &AgentClient) -> Result<GuestStats, GuestStatsError> {
     let req = ExecRequest {
         argv: vec![
             "sh".into(),
@@ -294,16 +320,21 @@ async fn guest_stats(agent: &AgentClient) -> Option<GuestStats> {
         ],
         ..Default::default()
     };
-    let mut session = agent.exec(req).ok()?;
+    let mut session = agent.exec(req)?;
     let mut out = Vec::new();
     while let Ok(Some(ev)) = session.next_event().await {
         match ev {
-            ExecEvent::Stdout(b) => out.extend_from_slice(&b),
+            ExecEvent::Stdout(b) => {
+                if out.len().saturating_add(b.len()) > MAX_GUEST_STATS {
+                    return Err(GuestStatsError::TooLarge);
+                }
+                out.extend_from_slice(&b);
+            }
             ExecEvent::Exited(_) => break,
             _ => {}
         }
     }
-    parse_guest_stats(&String::from_utf8_lossy(&out))
+    parse_guest_stats(&String::from_utf8_lossy(&out)).ok_or(GuestStatsError::Unreadable)
 }
 
 /// Parses `/proc/meminfo`, `/proc/loadavg` and `df -P -B1 / /root` output.
@@ -450,5 +481,49 @@ overlay      8318783488 8482816 7883358208       1% /\n\
         assert!(s.rss_bytes > 1 << 20, "{s:?}");
         assert!(s.cpu_seconds >= 0.0 && s.uptime_seconds >= 0.0, "{s:?}");
         assert!(process_stats(u32::MAX).is_none());
+    }
+
+    #[tokio::test]
+    async fn an_endless_stats_answer_is_cut_off_and_its_exec_ended() {
+        use banger_agent_proto::{Body, Frame, FrameCodec};
+        use futures::{SinkExt, StreamExt};
+        let (host, guest) = tokio::io::duplex(64 * 1024);
+        let agent = AgentClient::spawn(host);
+        let (ended_tx, ended) = tokio::sync::oneshot::channel();
+        // An agent that answers the stats exec with far more than its real
+        // output, and never with an exit.
+        tokio::spawn(async move {
+            let mut io = tokio_util::codec::Framed::new(guest, FrameCodec);
+            let mut ended_tx = Some(ended_tx);
+            while let Some(Ok(Ok(frame))) = io.next().await {
+                match frame.body {
+                    Body::Exec(_) => {
+                        for _ in 0..64 {
+                            let out = Body::Stdout(vec![b'x'; 16 * 1024]);
+                            if io.send(Frame::new(frame.channel, out)).await.is_err() {
+                                return;
+                            }
+                        }
+                    }
+                    Body::Credit(_) => {}
+                    other => {
+                        if let Some(tx) = ended_tx.take() {
+                            let _ = tx.send(other);
+                        }
+                    }
+                }
+            }
+        });
+        let got = tokio::time::timeout(Duration::from_secs(5), guest_stats(&agent))
+            .await
+            .expect("cut off, not waited out");
+        let err = got.expect_err("too large");
+        assert!(matches!(err, GuestStatsError::TooLarge), "{err}");
+        assert!(err.to_string().contains("too large"), "{err}");
+        let ended = tokio::time::timeout(Duration::from_secs(5), ended)
+            .await
+            .expect("the exec is ended")
+            .expect("the fake agent saw it");
+        assert!(matches!(ended, Body::Error(_)), "{ended:?}");
     }
 }
