@@ -8,26 +8,37 @@ use std::collections::VecDeque;
 
 /// Lines kept per log; older ones are dropped.
 pub const MAX_LINES: usize = 2000;
+/// Longest line kept, bytes: a guest console that never prints a newline
+/// gets the line cut to its last bytes instead of growing it.
+pub const MAX_LINE: usize = 4096;
 
 /// The last [`MAX_LINES`] complete lines of a log plus the line being written.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct LogView {
     lines: VecDeque<String>,
-    /// Bytes after the last newline: a line, an escape sequence or a UTF-8
-    /// character may be split across chunks.
+    /// Bytes after the last newline (at most the last [`MAX_LINE`]): a
+    /// line, an escape sequence or a UTF-8 character may be split across
+    /// chunks.
     partial: Vec<u8>,
+    /// Whether `partial` lost its start.
+    cut: bool,
 }
 
 impl LogView {
-    /// Appends a chunk of the log.
+    /// Appends a chunk of the log; only the chunk is scanned, never the
+    /// unfinished line again.
     pub fn push(&mut self, chunk: &[u8]) {
-        self.partial.extend_from_slice(chunk);
-        while let Some(nl) = self.partial.iter().position(|b| *b == b'\n') {
-            let line: Vec<u8> = self.partial.drain(..=nl).collect();
-            let text = printable(&line[..nl]);
+        let mut rest = chunk;
+        while let Some(nl) = rest.iter().position(|b| *b == b'\n') {
+            self.append(&rest[..nl]);
+            rest = &rest[nl + 1..];
+            let text = self.line();
             // Lines that were only escape sequences (cursor moves, colour
             // resets between status lines) would show as blank lines.
-            if text.is_empty() && line[..nl].contains(&0x1b) {
+            let only_escapes = text.is_empty() && self.partial.contains(&0x1b);
+            self.partial.clear();
+            self.cut = false;
+            if only_escapes {
                 continue;
             }
             self.lines.push_back(text);
@@ -35,11 +46,34 @@ impl LogView {
                 self.lines.pop_front();
             }
         }
+        self.append(rest);
+    }
+
+    /// Adds bytes of the unfinished line, keeping its last [`MAX_LINE`].
+    fn append(&mut self, bytes: &[u8]) {
+        let keep = &bytes[bytes.len().saturating_sub(MAX_LINE)..];
+        self.cut |= keep.len() < bytes.len();
+        self.partial.extend_from_slice(keep);
+        let over = self.partial.len().saturating_sub(MAX_LINE);
+        if over > 0 {
+            self.partial.drain(..over);
+            self.cut = true;
+        }
+    }
+
+    /// The unfinished line as printable text, marked when its start was cut.
+    fn line(&self) -> String {
+        let text = printable(&self.partial);
+        if self.cut && !text.is_empty() {
+            format!("…{text}")
+        } else {
+            text
+        }
     }
 
     /// The last `n` lines, oldest first, including the unfinished one.
     pub fn tail(&self, n: usize) -> Vec<String> {
-        let partial = (!self.partial.is_empty()).then(|| printable(&self.partial));
+        let partial = (!self.partial.is_empty()).then(|| self.line());
         let total = self.lines.len() + usize::from(partial.is_some());
         let skip = total.saturating_sub(n);
         self.lines
@@ -146,5 +180,25 @@ mod tests {
         let all = v.tail(usize::MAX);
         assert_eq!(all.len(), MAX_LINES);
         assert_eq!(all[0], "line 10");
+    }
+
+    #[test]
+    fn a_line_without_newline_keeps_a_bounded_end() {
+        let mut v = LogView::default();
+        v.push(b"before\n");
+        // A MiB without a newline, as a hostile guest console may print.
+        for _ in 0..1024 {
+            v.push(&[b'x'; 1024]);
+        }
+        assert!(v.partial.len() <= MAX_LINE, "{}", v.partial.len());
+        let tail = v.tail(2);
+        assert_eq!(tail[0], "before");
+        assert!(tail[1].starts_with("…xxx"), "{}", &tail[1][..10]);
+        assert_eq!(tail[1].len(), '…'.len_utf8() + MAX_LINE);
+        v.push(b"yz\nnext\n");
+        let tail = v.tail(2);
+        assert!(tail[0].starts_with('…') && tail[0].ends_with("xxyz"));
+        assert_eq!(tail[0].len(), '…'.len_utf8() + MAX_LINE);
+        assert_eq!(tail[1], "next");
     }
 }

@@ -82,23 +82,32 @@ pub(super) async fn fetch_verified(
     Ok(banger_image::mise::fetch_sha512(url, want, path, cancel).await?)
 }
 
+/// Longest output line kept, bytes: a guest that never prints a newline
+/// gets the line cut to its last bytes instead of growing it.
+const MAX_LINE: usize = 4096;
+
 /// The last lines of a process's output.
 #[derive(Default)]
 struct Tail {
+    /// The unfinished line: at most its last [`MAX_LINE`] bytes.
     partial: Vec<u8>,
+    /// Whether `partial` lost its start.
+    cut: bool,
     lines: VecDeque<String>,
 }
 
 impl Tail {
-    /// Adds output; returns the lines it completed.
+    /// Adds output; returns the lines it completed. Only `data` is
+    /// scanned, never the unfinished line again.
     fn push(&mut self, data: &[u8]) -> Vec<String> {
-        self.partial.extend_from_slice(data);
         let mut done = Vec::new();
-        while let Some(i) = self.partial.iter().position(|&b| b == b'\n' || b == b'\r') {
-            let line: Vec<u8> = self.partial.drain(..=i).collect();
-            let text = String::from_utf8_lossy(&line[..line.len() - 1])
-                .trim_end()
-                .to_string();
+        let mut rest = data;
+        while let Some(i) = rest.iter().position(|&b| b == b'\n' || b == b'\r') {
+            self.append(&rest[..i]);
+            rest = &rest[i + 1..];
+            let text = self.line();
+            self.partial.clear();
+            self.cut = false;
             if text.is_empty() {
                 continue;
             }
@@ -108,14 +117,39 @@ impl Tail {
             self.lines.push_back(text.clone());
             done.push(text);
         }
+        self.append(rest);
         done
+    }
+
+    /// Adds bytes of the unfinished line, keeping its last [`MAX_LINE`].
+    fn append(&mut self, bytes: &[u8]) {
+        let keep = &bytes[bytes.len().saturating_sub(MAX_LINE)..];
+        self.cut |= keep.len() < bytes.len();
+        self.partial.extend_from_slice(keep);
+        let over = self.partial.len().saturating_sub(MAX_LINE);
+        if over > 0 {
+            self.partial.drain(..over);
+            self.cut = true;
+        }
+    }
+
+    /// The unfinished line as text, marked when its start was cut.
+    fn line(&self) -> String {
+        let text = String::from_utf8_lossy(&self.partial);
+        let text = text.trim_end();
+        if self.cut && !text.is_empty() {
+            format!("…{text}")
+        } else {
+            text.to_string()
+        }
     }
 
     fn text(&self) -> String {
         let mut lines: Vec<String> = self.lines.iter().cloned().collect();
-        let rest = String::from_utf8_lossy(&self.partial).trim().to_string();
+        let rest = self.line();
+        let rest = rest.trim_start();
         if !rest.is_empty() {
-            lines.push(rest);
+            lines.push(rest.to_string());
         }
         lines.join("\n")
     }
@@ -137,5 +171,24 @@ mod tests {
         let text = t.text();
         assert!(text.starts_with("line 8\n"), "{text}");
         assert!(text.ends_with("line 19\nunterminated"), "{text}");
+    }
+
+    #[test]
+    fn tail_keeps_a_bounded_end_of_a_line_without_newline() {
+        let mut t = Tail::default();
+        t.push(b"before\n");
+        // A MiB without a newline, as a hostile guest may print.
+        for _ in 0..1024 {
+            assert!(t.push(&[b'x'; 1024]).is_empty());
+        }
+        assert!(t.partial.len() <= MAX_LINE, "{}", t.partial.len());
+        let text = t.text();
+        assert!(text.len() <= "before\n…".len() + MAX_LINE, "{}", text.len());
+        assert!(text.starts_with("before\n…xxx"), "{}", &text[..20]);
+        let done = t.push(b"yz\nnext\n");
+        assert_eq!(done.len(), 2);
+        assert!(done[0].starts_with('…') && done[0].ends_with("xxyz"));
+        assert_eq!(done[0].len(), '…'.len_utf8() + MAX_LINE);
+        assert_eq!(done[1], "next");
     }
 }
