@@ -5,6 +5,7 @@
 //! fast client is held back by its socket, not buffered here.
 
 use axum::extract::ws::{Message, WebSocket};
+use banger_agent_proto::archive::MAX_SKIPPED;
 use banger_agent_proto::client::{AgentClient, ClientError};
 use banger_agent_proto::{ArchiveSummary, GetArchive, PutArchive};
 use banger_api::ApiError;
@@ -110,9 +111,34 @@ async fn done(socket: &mut WebSocket, s: ArchiveSummary) {
     let summary = FilesSummary {
         files: s.files,
         bytes: s.bytes,
-        skipped: s.skipped,
+        skipped: bounded_skips(s.skipped),
     };
     send_report(socket, FilesReport::Done(summary)).await;
+}
+
+/// Longest skip note passed on, in characters.
+const MAX_SKIP_NOTE: usize = 256;
+
+/// The agent's skip notes as the client gets them: the agent keeps to
+/// [`MAX_SKIPPED`] short lines, but one replaced by root in the guest
+/// need not, so at most that many, each cut to [`MAX_SKIP_NOTE`]
+/// characters, then one line counting the rest.
+fn bounded_skips(skipped: Vec<String>) -> Vec<String> {
+    let dropped = skipped.len().saturating_sub(MAX_SKIPPED);
+    let mut out: Vec<String> = skipped
+        .into_iter()
+        .take(MAX_SKIPPED)
+        .map(|note| match note.char_indices().nth(MAX_SKIP_NOTE) {
+            Some((end, _)) => format!("{}…", &note[..end]),
+            None => note,
+        })
+        .collect();
+    if dropped > 0 {
+        out.push(format!(
+            "{dropped} more skip notes from the guest were dropped"
+        ));
+    }
+    out
 }
 
 async fn agent_failed(socket: &mut WebSocket, e: ClientError) {
@@ -136,4 +162,28 @@ async fn send_report(socket: &mut WebSocket, r: FilesReport) {
         let _ = socket.send(Message::Text(text.into())).await;
     }
     let _ = socket.send(Message::Close(None)).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_guest_s_skip_notes_are_bounded_in_number_and_length() {
+        let mut notes: Vec<String> = (0..MAX_SKIPPED + 5000).map(|i| format!("n{i}")).collect();
+        notes[0] = "é".repeat(100_000);
+        let got = bounded_skips(notes);
+        assert_eq!(got.len(), MAX_SKIPPED + 1);
+        assert_eq!(got[0].chars().count(), MAX_SKIP_NOTE + 1);
+        assert!(got[0].ends_with('…'), "{}", got[0]);
+        assert_eq!(got[1], "n1");
+        assert_eq!(got[MAX_SKIPPED - 1], format!("n{}", MAX_SKIPPED - 1));
+        assert_eq!(
+            got[MAX_SKIPPED],
+            "5000 more skip notes from the guest were dropped"
+        );
+        // An agent that keeps to the rules is passed on as it is.
+        let few = vec!["a symlink leaves the tree".to_string(); 3];
+        assert_eq!(bounded_skips(few.clone()), few);
+    }
 }
