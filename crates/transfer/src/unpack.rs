@@ -14,7 +14,8 @@
 //! nothing is written through a symlink, links stay inside that tree,
 //! setuid and setgid bits are cleared, and a file is refused before it is
 //! written when it and the files before it are more than the free space
-//! the destination's file system had when the extraction began.
+//! the destination's file system had when the extraction began (a file
+//! with holes counts its data).
 
 use crate::plan::link_stays_inside;
 use std::io::{self, Read};
@@ -112,7 +113,10 @@ fn extract<R: Read>(reader: R, dest: &Path, only: Option<&str>) -> Result<Unpack
                 None if below.as_os_str().is_empty() => {
                     if !matches!(
                         kind,
-                        EntryType::Regular | EntryType::Continuous | EntryType::Directory
+                        EntryType::Regular
+                            | EntryType::Continuous
+                            | EntryType::GNUSparse
+                            | EntryType::Directory
                     ) {
                         return Err(refuse("the requested entry must be a file or a directory"));
                     }
@@ -179,9 +183,7 @@ fn extract<R: Read>(reader: R, dest: &Path, only: Option<&str>) -> Result<Unpack
             // "./": the destination itself.
             continue;
         }
-        // The size the tar crate will write: a PAX `size` record overrides
-        // the header's field, which can say 0 (for a sparse entry, its
-        // length with the holes: at least what it writes).
+        // Its length (a sparse file's with its holes), for the summary.
         let size = entry.size();
         if only.is_some()
             && matches!(
@@ -193,7 +195,8 @@ fn extract<R: Read>(reader: R, dest: &Path, only: Option<&str>) -> Result<Unpack
                 Some(r) => r,
                 None => room.insert(Room::of(&real_dest).map_err(|r| refuse(&r))?),
             };
-            room.take(size, &real_dest).map_err(|r| refuse(&r))?;
+            let needs = written_size(&mut entry, kind);
+            room.take(needs, &real_dest).map_err(|r| refuse(&r))?;
         }
         let written = entry
             .unpack_in(&real_dest)
@@ -212,7 +215,7 @@ fn extract<R: Read>(reader: R, dest: &Path, only: Option<&str>) -> Result<Unpack
             kind,
             EntryType::Regular | EntryType::Continuous | EntryType::GNUSparse
         ) {
-            done.bytes += size;
+            done.bytes = done.bytes.saturating_add(size);
         }
     }
     Ok(done)
@@ -253,6 +256,34 @@ fn no_symlink_on_the_way(real_dest: &Path, rel: &Path) -> Result<(), String> {
         }
     }
     Ok(())
+}
+
+/// The bytes extracting `entry` writes, checked before it is written. The
+/// data the tar crate reads for an entry is the size of its PAX `size`
+/// record when it has one, else its header's (which can say 0 beside an
+/// exabyte in the record). For a regular file that is [`tar::Entry::size`];
+/// a sparse file's is its length with the holes, while only its data
+/// regions are written, at most that stored size: a disk image with holes
+/// copied out of a guest needs room for its data only.
+fn written_size<R: Read>(entry: &mut tar::Entry<'_, R>, kind: EntryType) -> u64 {
+    if kind != EntryType::GNUSparse {
+        return entry.size();
+    }
+    let pax_size = match entry.pax_extensions() {
+        Ok(Some(exts)) => exts
+            .filter_map(Result::ok)
+            .find(|e| e.key() == Ok("size"))
+            .map(|e| e.value().ok().and_then(|v| v.parse::<u64>().ok())),
+        Ok(None) => None,
+        // Unreadable records: count the whole length.
+        Err(_) => return entry.size(),
+    };
+    match pax_size {
+        Some(Some(n)) => n,
+        // A size record that is not a number: the whole length.
+        Some(None) => entry.size(),
+        None => entry.header().entry_size().unwrap_or_else(|_| entry.size()),
+    }
 }
 
 /// The free space of the destination's file system when the first file
@@ -611,5 +642,29 @@ mod tests {
         room.take(40, dir).expect("the rest fits");
         room.take(0, dir).expect("empty files always fit");
         assert!(room.take(u64::MAX, dir).is_err(), "no overflow");
+    }
+
+    /// A file with holes needs room for its data only, however long it is.
+    #[test]
+    fn a_sparse_file_longer_than_the_free_space_fits_by_its_data() {
+        use std::os::unix::fs::{FileExt, MetadataExt};
+        let t = tempfile::tempdir().expect("tmp");
+        let src = t.path().join("disk.img");
+        let st = nix::sys::statvfs::statvfs(t.path()).expect("statvfs");
+        let free = st.blocks_available() * st.fragment_size();
+        // Longer than the free space, within what ext4 and others allow.
+        let len = free + (1 << 30);
+        let f = std::fs::File::create(&src).expect("create");
+        f.set_len(len).expect("set_len");
+        f.write_all_at(&[9u8; 4096], 0).expect("data");
+        drop(f);
+        let plan = crate::plan_path(&src, "disk.img").expect("plan");
+        let tar = crate::write_tar(&plan, Vec::new(), None, &mut |_| {}).expect("tar");
+        let out = t.path().join("out");
+        std::fs::create_dir(&out).expect("out");
+        unpack_only(tar.as_slice(), &out, "disk.img").expect("its data fits");
+        let got = std::fs::metadata(out.join("disk.img")).expect("copied");
+        assert_eq!(got.len(), len);
+        assert!(got.blocks() * 512 < 1 << 20, "arrived sparse");
     }
 }
