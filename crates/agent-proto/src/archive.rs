@@ -396,6 +396,17 @@ mod tests {
         panic!("the host never sent {kind}");
     }
 
+    /// A download of `/x` and its channel, as the agent sees it opened.
+    async fn download(client: &AgentClient, rd: &mut Reader) -> (ArchiveDownload, u32) {
+        let down = client
+            .get_archive(GetArchive {
+                path: "/x".into(),
+                name: "x".into(),
+            })
+            .expect("open");
+        (down, opened(rd, "GetArchive").await)
+    }
+
     /// Sent after other frames: once the host has it, it has read those.
     async fn mark(wr: &mut Writer) {
         let hello = Hello {
@@ -412,13 +423,7 @@ mod tests {
     #[tokio::test]
     async fn a_download_past_its_window_ends_as_it_arrives() {
         let (mut rd, mut wr, client) = connect();
-        let mut down = client
-            .get_archive(GetArchive {
-                path: "/x".into(),
-                name: "x".into(),
-            })
-            .expect("open");
-        let ch = opened(&mut rd, "GetArchive").await;
+        let (mut down, ch) = download(&client, &mut rd).await;
         // Far past the window, and nobody reads on the host meanwhile.
         for _ in 0..300 {
             wr.send(Frame::new(ch, Body::ArchiveData(vec![7; 1024])))
@@ -484,13 +489,7 @@ mod tests {
     #[tokio::test]
     async fn an_unexpected_frame_is_named_not_dumped() {
         let (mut rd, mut wr, client) = connect();
-        let mut down = client
-            .get_archive(GetArchive {
-                path: "/x".into(),
-                name: "x".into(),
-            })
-            .expect("open");
-        let ch = opened(&mut rd, "GetArchive").await;
+        let (mut down, ch) = download(&client, &mut rd).await;
         let big = Body::Stdout(vec![b'A'; crate::MAX_CHUNK]);
         wr.send(Frame::new(ch, big)).await.expect("sent");
         let e = down.next().await.expect_err("refused");
