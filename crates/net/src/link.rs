@@ -270,8 +270,12 @@ impl Netlink {
         let mut change = BridgeChange::default();
         let link = match self.link(name.as_str()).await? {
             Some(l) => {
-                if l.kind == "bridge" {
-                    self.pin_mac(&l).await?;
+                if l.kind == "bridge"
+                    && let Err(e) = self.pin_mac(&l).await
+                {
+                    // The bridge works without it; only a port leaving
+                    // may then change its address, as before.
+                    tracing::warn!(bridge = %name, error = %e, "cannot pin the bridge's address");
                 }
                 l
             }

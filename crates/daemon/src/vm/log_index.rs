@@ -94,13 +94,21 @@ struct Sampled {
     last: Option<u64>,
 }
 
-/// Appends `<now> <size>` to each index whose log changed size.
+/// Appends `<now> <size>` to each index whose log changed size. A log that
+/// shrank was rotated: its index starts over (the samples before say
+/// nothing about the new file), so an index grows with its log's current
+/// file only, not with the VM's lifetime.
 fn sample(files: &mut [Sampled]) {
     for f in files {
         let Ok(size) = std::fs::metadata(&f.log).map(|m| m.len()) else {
             continue;
         };
         if f.last != Some(size) {
+            if f.last.is_some_and(|last| size < last)
+                && let Err(e) = f.index.set_len(0)
+            {
+                tracing::debug!(log = %f.log.display(), error = %e, "log index not restarted");
+            }
             f.last = Some(size);
             if let Err(e) = writeln!(f.index, "{} {size}", now_ms()) {
                 tracing::debug!(log = %f.log.display(), error = %e, "log index not updated");
@@ -335,6 +343,34 @@ mod tests {
             start_offset(&t.path().join("missing.log"), Some(1), Some(1)).expect("start"),
             0
         );
+    }
+
+    #[test]
+    fn a_rotated_log_starts_its_index_over() {
+        let t = tempfile::tempdir().expect("tmp");
+        let p = log(t.path(), "one\n");
+        let mut files = vec![Sampled {
+            log: p.clone(),
+            index: open_index(&p, true).expect("index"),
+            last: None,
+        }];
+        let lines = || {
+            std::fs::read_to_string(index_path(&p))
+                .expect("idx")
+                .lines()
+                .count()
+        };
+        sample(&mut files);
+        sample(&mut files);
+        std::fs::write(&p, "one\ntwo\n").expect("grow");
+        sample(&mut files);
+        assert_eq!(lines(), 2, "one line per size");
+        std::fs::write(&p, "x\n").expect("rotated");
+        sample(&mut files);
+        assert_eq!(lines(), 1, "only the new file's samples");
+        std::fs::write(&p, "x\ny\n").expect("grow");
+        sample(&mut files);
+        assert_eq!(lines(), 2);
     }
 
     #[tokio::test]
