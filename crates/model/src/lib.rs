@@ -4,12 +4,14 @@
 #[cfg(feature = "fixtures")]
 pub mod fixtures;
 pub mod limits;
+mod line;
 mod name;
 mod size;
 mod spec;
 mod template;
 mod vm;
 
+pub use line::{MAX_LINE, PartialLine};
 pub use name::{NameError, VM_NAME_MAX_LEN, VM_NAME_PATTERN, VmName, generate_name};
 pub use size::{ByteSize, SizeError};
 pub use spec::{Provenance, SpecValue, VmSpec};

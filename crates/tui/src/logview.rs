@@ -4,24 +4,18 @@
 //! into the terminal as they are, they would move ratatui's cursor and
 //! garble the screen, so every line is reduced to printable text.
 
+use banger_model::PartialLine;
 use std::collections::VecDeque;
 
 /// Lines kept per log; older ones are dropped.
 pub const MAX_LINES: usize = 2000;
-/// Longest line kept, bytes: a guest console that never prints a newline
-/// gets the line cut to its last bytes instead of growing it.
-pub const MAX_LINE: usize = 4096;
-
 /// The last [`MAX_LINES`] complete lines of a log plus the line being written.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct LogView {
     lines: VecDeque<String>,
-    /// Bytes after the last newline (at most the last [`MAX_LINE`]): a
-    /// line, an escape sequence or a UTF-8 character may be split across
-    /// chunks.
-    partial: Vec<u8>,
-    /// Whether `partial` lost its start.
-    cut: bool,
+    /// Bytes after the last newline: a line, an escape sequence or a UTF-8
+    /// character may be split across chunks.
+    partial: PartialLine,
 }
 
 impl LogView {
@@ -30,14 +24,13 @@ impl LogView {
     pub fn push(&mut self, chunk: &[u8]) {
         let mut rest = chunk;
         while let Some(nl) = rest.iter().position(|b| *b == b'\n') {
-            self.append(&rest[..nl]);
+            self.partial.append(&rest[..nl]);
             rest = &rest[nl + 1..];
             let text = self.line();
             // Lines that were only escape sequences (cursor moves, colour
             // resets between status lines) would show as blank lines.
-            let only_escapes = text.is_empty() && self.partial.contains(&0x1b);
+            let only_escapes = text.is_empty() && self.partial.bytes().contains(&0x1b);
             self.partial.clear();
-            self.cut = false;
             if only_escapes {
                 continue;
             }
@@ -46,29 +39,12 @@ impl LogView {
                 self.lines.pop_front();
             }
         }
-        self.append(rest);
-    }
-
-    /// Adds bytes of the unfinished line, keeping its last [`MAX_LINE`].
-    fn append(&mut self, bytes: &[u8]) {
-        let keep = &bytes[bytes.len().saturating_sub(MAX_LINE)..];
-        self.cut |= keep.len() < bytes.len();
-        self.partial.extend_from_slice(keep);
-        let over = self.partial.len().saturating_sub(MAX_LINE);
-        if over > 0 {
-            self.partial.drain(..over);
-            self.cut = true;
-        }
+        self.partial.append(rest);
     }
 
     /// The unfinished line as printable text, marked when its start was cut.
     fn line(&self) -> String {
-        let text = printable(&self.partial);
-        if self.cut && !text.is_empty() {
-            format!("…{text}")
-        } else {
-            text
-        }
+        self.partial.text(printable)
     }
 
     /// The last `n` lines, oldest first, including the unfinished one.
@@ -145,6 +121,7 @@ pub fn printable(bytes: &[u8]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use banger_model::MAX_LINE;
 
     #[test]
     fn strips_colours_and_crlf() {
@@ -190,7 +167,11 @@ mod tests {
         for _ in 0..1024 {
             v.push(&[b'x'; 1024]);
         }
-        assert!(v.partial.len() <= MAX_LINE, "{}", v.partial.len());
+        assert!(
+            v.partial.bytes().len() <= MAX_LINE,
+            "{}",
+            v.partial.bytes().len()
+        );
         let tail = v.tail(2);
         assert_eq!(tail[0], "before");
         assert!(tail[1].starts_with("…xxx"), "{}", &tail[1][..10]);

@@ -5,6 +5,7 @@ use anyhow::Context;
 use banger_agent_proto::ExecRequest;
 use banger_agent_proto::client::{AgentClient, ExecEvent};
 use banger_image::derive::{GuestStep, HostFile};
+use banger_model::PartialLine;
 use std::collections::VecDeque;
 use std::path::Path;
 use tokio_util::sync::CancellationToken;
@@ -82,17 +83,11 @@ pub(super) async fn fetch_verified(
     Ok(banger_image::mise::fetch_sha512(url, want, path, cancel).await?)
 }
 
-/// Longest output line kept, bytes: a guest that never prints a newline
-/// gets the line cut to its last bytes instead of growing it.
-const MAX_LINE: usize = 4096;
-
 /// The last lines of a process's output.
 #[derive(Default)]
 struct Tail {
-    /// The unfinished line: at most its last [`MAX_LINE`] bytes.
-    partial: Vec<u8>,
-    /// Whether `partial` lost its start.
-    cut: bool,
+    /// The unfinished line.
+    partial: PartialLine,
     lines: VecDeque<String>,
 }
 
@@ -103,11 +98,10 @@ impl Tail {
         let mut done = Vec::new();
         let mut rest = data;
         while let Some(i) = rest.iter().position(|&b| b == b'\n' || b == b'\r') {
-            self.append(&rest[..i]);
+            self.partial.append(&rest[..i]);
             rest = &rest[i + 1..];
             let text = self.line();
             self.partial.clear();
-            self.cut = false;
             if text.is_empty() {
                 continue;
             }
@@ -117,31 +111,14 @@ impl Tail {
             self.lines.push_back(text.clone());
             done.push(text);
         }
-        self.append(rest);
+        self.partial.append(rest);
         done
-    }
-
-    /// Adds bytes of the unfinished line, keeping its last [`MAX_LINE`].
-    fn append(&mut self, bytes: &[u8]) {
-        let keep = &bytes[bytes.len().saturating_sub(MAX_LINE)..];
-        self.cut |= keep.len() < bytes.len();
-        self.partial.extend_from_slice(keep);
-        let over = self.partial.len().saturating_sub(MAX_LINE);
-        if over > 0 {
-            self.partial.drain(..over);
-            self.cut = true;
-        }
     }
 
     /// The unfinished line as text, marked when its start was cut.
     fn line(&self) -> String {
-        let text = String::from_utf8_lossy(&self.partial);
-        let text = text.trim_end();
-        if self.cut && !text.is_empty() {
-            format!("…{text}")
-        } else {
-            text.to_string()
-        }
+        self.partial
+            .text(|b| String::from_utf8_lossy(b).trim_end().to_string())
     }
 
     fn text(&self) -> String {
@@ -158,6 +135,7 @@ impl Tail {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use banger_model::MAX_LINE;
 
     #[test]
     fn tail_keeps_the_last_lines() {
@@ -181,7 +159,11 @@ mod tests {
         for _ in 0..1024 {
             assert!(t.push(&[b'x'; 1024]).is_empty());
         }
-        assert!(t.partial.len() <= MAX_LINE, "{}", t.partial.len());
+        assert!(
+            t.partial.bytes().len() <= MAX_LINE,
+            "{}",
+            t.partial.bytes().len()
+        );
         let text = t.text();
         assert!(text.len() <= "before\n…".len() + MAX_LINE, "{}", text.len());
         assert!(text.starts_with("before\n…xxx"), "{}", &text[..20]);
