@@ -364,7 +364,7 @@ impl ArchiveDownload {
 mod tests {
     use super::*;
     use crate::client::AgentClient;
-    use crate::{CONTROL, FrameCodec, Hello, PROTO_VERSION};
+    use crate::{FrameCodec, PROTO_VERSION};
     use futures::{SinkExt, StreamExt};
     use std::time::Duration;
     use tokio::io::DuplexStream;
@@ -409,13 +409,7 @@ mod tests {
 
     /// Sent after other frames: once the host has it, it has read those.
     async fn mark(wr: &mut Writer) {
-        let hello = Hello {
-            proto_version: PROTO_VERSION,
-            agent_version: "hostile".into(),
-            uptime_ms: 0,
-            sealed: false,
-        };
-        wr.send(Frame::new(CONTROL, Body::Hello(hello)))
+        wr.send(Frame::test_hello(PROTO_VERSION))
             .await
             .expect("hello");
     }

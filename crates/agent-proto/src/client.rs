@@ -635,15 +635,7 @@ mod tests {
         let (rd, wr) = tokio::io::split(io);
         let mut rd = FramedRead::new(rd, FrameCodec);
         let mut wr = FramedWrite::new(wr, FrameCodec);
-        let hello = Hello {
-            proto_version: version,
-            agent_version: "test".into(),
-            uptime_ms: 1,
-            sealed: false,
-        };
-        wr.send(Frame::new(CONTROL, Body::Hello(hello)))
-            .await
-            .expect("hello");
+        wr.send(Frame::test_hello(version)).await.expect("hello");
         while let Some(Ok(Ok(f))) = rd.next().await {
             if f.body == Body::ListListeners {
                 let l = Listener {
@@ -811,13 +803,7 @@ mod tests {
             let (rd, wr) = tokio::io::split(b);
             let mut rd = FramedRead::new(rd, FrameCodec);
             let mut wr = FramedWrite::new(wr, FrameCodec);
-            let hello = Hello {
-                proto_version: PROTO_VERSION,
-                agent_version: "flood".into(),
-                uptime_ms: 1,
-                sealed: false,
-            };
-            wr.send(Frame::new(CONTROL, Body::Hello(hello)))
+            wr.send(Frame::test_hello(PROTO_VERSION))
                 .await
                 .expect("hello");
             while let Some(Ok(Ok(f))) = rd.next().await {

@@ -82,6 +82,21 @@ impl Frame {
     }
 }
 
+#[cfg(test)]
+impl Frame {
+    /// A test agent's greeting (`agent_version` "test") speaking
+    /// `proto_version`.
+    pub(crate) fn test_hello(proto_version: u32) -> Self {
+        let hello = Hello {
+            proto_version,
+            agent_version: "test".into(),
+            uptime_ms: 1,
+            sealed: false,
+        };
+        Frame::new(CONTROL, Body::Hello(hello))
+    }
+}
+
 /// What a frame carries.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Body {
