@@ -7,7 +7,7 @@ use std::fmt;
 
 /// The layout of a template directory and its header; bumped when either
 /// changes so older templates are refused, not misread.
-pub const TEMPLATE_FORMAT: u32 = 2;
+pub const TEMPLATE_FORMAT: u32 = 3;
 
 /// A file's identity without reading it: path, size, inode, mtime.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

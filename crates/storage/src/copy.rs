@@ -63,7 +63,7 @@ pub(crate) fn allocated(f: &File) -> u64 {
 }
 
 /// Next data offset at or after `pos`, `None` when only a hole follows.
-fn seek_data(f: &File, pos: u64) -> io::Result<Option<u64>> {
+pub(crate) fn seek_data(f: &File, pos: u64) -> io::Result<Option<u64>> {
     match nix::unistd::lseek(f.as_fd(), to_off(pos)?, nix::unistd::Whence::SeekData) {
         Ok(off) => Ok(Some(off as u64)),
         Err(nix::errno::Errno::ENXIO) => Ok(None),
@@ -72,7 +72,7 @@ fn seek_data(f: &File, pos: u64) -> io::Result<Option<u64>> {
 }
 
 /// Next hole at or after `pos` (the end of file counts as a hole).
-fn seek_hole(f: &File, pos: u64) -> io::Result<u64> {
+pub(crate) fn seek_hole(f: &File, pos: u64) -> io::Result<u64> {
     nix::unistd::lseek(f.as_fd(), to_off(pos)?, nix::unistd::Whence::SeekHole)
         .map(|off| off as u64)
         .map_err(Into::into)

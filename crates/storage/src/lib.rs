@@ -15,6 +15,7 @@
 
 mod clone;
 mod copy;
+mod digest;
 mod inject;
 mod tree;
 
@@ -22,6 +23,7 @@ pub use clone::{
     CloneKind, Reserved, Unsynced, clone_file, clone_file_unsynced, reflink_supported,
     reserve_clone,
 };
+pub use digest::{DigestError, content_digest};
 pub use inject::{GuestFile, write_files};
 pub use tree::{EntryKind, GuestEntry, entry_path_ok, write_entries};
 

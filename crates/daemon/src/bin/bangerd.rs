@@ -57,11 +57,27 @@ fn run() -> anyhow::Result<()> {
         .worker_threads(2)
         .enable_all()
         .build()?;
-    rt.block_on(async {
+    let served = rt.block_on(async {
         let daemon = banger_daemon::Daemon::new(config, paths)?;
         banger_daemon::serve(daemon).await
-    })
+    });
+    // Blocking work still running (a template being hashed, a copy) is
+    // told to stop by the shutdown token; whatever does not stop in time
+    // is left to the process's exit, which every step survives as it
+    // survives a kill (reconcile tidies up at the next start).
+    let start = std::time::Instant::now();
+    rt.shutdown_timeout(SHUTDOWN_WAIT);
+    if start.elapsed() >= SHUTDOWN_WAIT {
+        tracing::warn!(
+            waited_s = SHUTDOWN_WAIT.as_secs(),
+            "blocking work did not end in time; exiting without it"
+        );
+    }
+    served
 }
+
+/// How long a stopping daemon waits for its blocking work.
+const SHUTDOWN_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
 fn root_helper() -> anyhow::Result<()> {
     // systemd's journal keeps stderr; every operation is logged there.

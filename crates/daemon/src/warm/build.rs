@@ -328,8 +328,12 @@ impl Daemon {
         let (vm_dir, templates) = (vm.dir.clone(), self.templates_dir());
         let (p2, f2) = (partial.clone(), final_dir.clone());
         let console = VmPaths::new(&vm.dir).console_log();
+        // Hashing is stopped when the client goes or the daemon stops: the
+        // runtime would otherwise wait for this thread before it exits.
+        let stop = cancel.clone();
         let saved = tokio::task::spawn_blocking(move || -> anyhow::Result<(Header, u64)> {
-            let files = publish(&templates, &vm_dir, &p2, &names, &console)?;
+            let stopped = || stop.is_cancelled();
+            let files = publish(&templates, &vm_dir, &p2, &names, &console, &stopped)?;
             header.files = files;
             header.build_ms = started.elapsed().as_millis() as u64;
             header::write_header(&p2, &header)?;
@@ -350,6 +354,12 @@ impl Daemon {
             Ok(x) => x,
             Err(e) => {
                 let _ = std::fs::remove_dir_all(&partial);
+                if matches!(
+                    e.downcast_ref::<banger_storage::DigestError>(),
+                    Some(banger_storage::DigestError::Stopped { .. })
+                ) {
+                    return Err(TemplateError::Cancelled(self.cancel_reason()));
+                }
                 return Err(e.into());
             }
         };
@@ -384,13 +394,14 @@ fn disks_name(p: &Path) -> String {
 
 /// Moves `names` from the VM directory into a new private `partial`
 /// directory (and the boot's console log, for clones' `vm logs`), each
-/// file fsynced, made 0600 and hashed.
+/// file fsynced, made 0600 and hashed (until `stop` says otherwise).
 fn publish(
     templates: &Path,
     vm_dir: &Path,
     partial: &Path,
     names: &[String],
     console: &Path,
+    stop: &dyn Fn() -> bool,
 ) -> anyhow::Result<Vec<FileEntry>> {
     use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
     std::fs::DirBuilder::new()
@@ -413,7 +424,7 @@ fn publish(
         std::fs::File::open(&to)
             .and_then(|f| f.sync_all())
             .with_context(|| format!("flushing {}", to.display()))?;
-        out.push(header::entry(partial, name)?);
+        out.push(header::entry(partial, name, stop)?);
     }
     if console.is_file() {
         let to = partial.join(header::CONSOLE_FILE);
@@ -458,5 +469,38 @@ mod tests {
         assert_eq!(transient_name("my_img.v2", shape), "warm-my-img-v2-2c2048m");
         let long = transient_name(&"x".repeat(100), shape);
         assert!(VmName::parse(&long).is_ok(), "{long}");
+    }
+
+    #[test]
+    fn a_stopped_save_says_so_and_a_finished_one_hashes_only_data() {
+        use std::os::unix::fs::FileExt;
+        let t = tempfile::tempdir().expect("tmp");
+        let (vm, templates) = (t.path().join("vm"), t.path().join("templates"));
+        std::fs::create_dir(&vm).expect("vm dir");
+        // A sparse 64 GiB disk: read whole, it would take minutes.
+        let disk = std::fs::File::create(vm.join("work.ext4")).expect("disk");
+        disk.set_len(64 << 30).expect("size");
+        disk.write_all_at(b"data", 1 << 30).expect("write");
+        let names = vec!["work.ext4".to_string()];
+        let partial = templates.join("t.partial");
+        let console = vm.join("console.log");
+        let e =
+            publish(&templates, &vm, &partial, &names, &console, &|| true).expect_err("stopped");
+        assert!(
+            matches!(
+                e.downcast_ref::<banger_storage::DigestError>(),
+                Some(banger_storage::DigestError::Stopped { .. })
+            ),
+            "{e:#}"
+        );
+        // Moved back for a second try, which finishes.
+        std::fs::rename(partial.join("work.ext4"), vm.join("work.ext4")).expect("back");
+        let files = publish(&templates, &vm, &partial, &names, &console, &|| false).expect("saved");
+        assert_eq!(files.len(), 1);
+        assert_eq!(files[0].size, 64 << 30);
+        assert_eq!(
+            files[0].digest,
+            banger_storage::content_digest(&partial.join("work.ext4"), &|| false).expect("d")
+        );
     }
 }

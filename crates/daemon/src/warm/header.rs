@@ -1,9 +1,10 @@
 //! `template.json`: what a template directory holds and for which key, and
 //! [`Template::open`], the O(1) check every use of a template makes.
 
-use super::key::{file_fp, key_id, sha256_file};
+use super::key::{file_fp, key_id};
 use banger_agent_proto::SealReport;
 use banger_model::{TEMPLATE_FORMAT, TemplateKey};
+use banger_storage::{DigestError, content_digest};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
@@ -26,7 +27,9 @@ pub(crate) struct FileEntry {
     pub(crate) size: u64,
     pub(crate) ino: u64,
     pub(crate) mtime_ns: i128,
-    pub(crate) sha256: String,
+    /// Its [`content_digest`] (reads only data, so a sparse 8 GiB disk
+    /// costs what its few MiB of data do).
+    pub(crate) digest: String,
 }
 
 /// `template.json`.
@@ -87,6 +90,9 @@ pub(crate) enum TemplateError {
     },
     #[error("template file {file} was changed after the template was sealed")]
     Changed { file: String },
+    /// [`verify_contents`] was told to stop; nothing is known.
+    #[error("checking the template's contents was stopped")]
+    Stopped,
 }
 
 /// Words for what differs between the key a template was made for and the
@@ -128,7 +134,7 @@ pub(crate) struct Template {
 impl Template {
     /// Reads and checks `dir`'s header against the current key `expected`:
     /// magic, format, key, then each file's size, inode and mtime (and the
-    /// small `vmstate`'s sha256). Stat-only but for that one file.
+    /// small `vmstate`'s digest). Stat-only but for that one file.
     pub(crate) fn open(dir: &Path, expected: &TemplateKey) -> Result<Template, TemplateError> {
         let header = read_header(dir)?;
         if header.format != TEMPLATE_FORMAT {
@@ -164,9 +170,9 @@ impl Template {
                 });
             }
             if f.name == VMSTATE_FILE
-                && sha256_file(&path).map_err(|_| TemplateError::Changed {
+                && content_digest(&path, &|| false).map_err(|_| TemplateError::Changed {
                     file: f.name.clone(),
-                })? != f.sha256
+                })? != f.digest
             {
                 return Err(TemplateError::Changed {
                     file: f.name.clone(),
@@ -196,16 +202,25 @@ impl Template {
     }
 }
 
-/// Re-reads every file of the template in `dir` and compares its sha256
+/// Re-reads every file of the template in `dir` and compares its digest
 /// with the header's (the full check [`Template::open`] leaves out: it
-/// reads hundreds of MiB). `Err` names the first file that differs.
-pub(crate) fn verify_contents(dir: &Path) -> Result<(), TemplateError> {
+/// reads hundreds of MiB). `Err` names the first file that differs;
+/// [`TemplateError::Stopped`] when `stop` said so.
+pub(crate) fn verify_contents(dir: &Path, stop: &dyn Fn() -> bool) -> Result<(), TemplateError> {
     let header = read_header(dir)?;
     for f in &header.files {
-        let sum = sha256_file(&dir.join(&f.name)).map_err(|_| TemplateError::Missing {
-            file: f.name.clone(),
-        })?;
-        if sum != f.sha256 {
+        let sum = match content_digest(&dir.join(&f.name), stop) {
+            Ok(sum) => sum,
+            Err(DigestError::Stopped { .. }) => {
+                return Err(TemplateError::Stopped);
+            }
+            Err(DigestError::Io { .. }) => {
+                return Err(TemplateError::Missing {
+                    file: f.name.clone(),
+                });
+            }
+        };
+        if sum != f.digest {
             return Err(TemplateError::Changed {
                 file: f.name.clone(),
             });
@@ -274,8 +289,9 @@ pub(crate) fn write_header(dir: &Path, header: &Header) -> anyhow::Result<()> {
         .with_context(|| format!("renaming {}", tmp.display()))
 }
 
-/// The entry of file `name` in `dir` as it is now (hashing it).
-pub(crate) fn entry(dir: &Path, name: &str) -> anyhow::Result<FileEntry> {
+/// The entry of file `name` in `dir` as it is now (hashing it until
+/// `stop` says otherwise).
+pub(crate) fn entry(dir: &Path, name: &str, stop: &dyn Fn() -> bool) -> anyhow::Result<FileEntry> {
     let path = dir.join(name);
     let fp = file_fp(&path)?;
     Ok(FileEntry {
@@ -283,7 +299,7 @@ pub(crate) fn entry(dir: &Path, name: &str) -> anyhow::Result<FileEntry> {
         size: fp.size,
         ino: fp.ino,
         mtime_ns: fp.mtime_ns,
-        sha256: sha256_file(&path)?,
+        digest: content_digest(&path, stop)?,
     })
 }
 
@@ -314,8 +330,8 @@ mod tests {
             kernel: "/k/vmlinuz".into(),
             initrd: Some("initrd.img".into()),
             files: vec![
-                entry(dir, "memory").expect("e"),
-                entry(dir, "overlay.ext4").expect("e"),
+                entry(dir, "memory", &|| false).expect("e"),
+                entry(dir, "overlay.ext4", &|| false).expect("e"),
             ],
             seal: SealReport {
                 sshd: SshdPlan::Unit("ssh.service".into()),
@@ -410,7 +426,7 @@ mod tests {
     #[test]
     fn contents_are_verified_by_hash() {
         let (t, h) = setup();
-        verify_contents(t.path()).expect("intact");
+        verify_contents(t.path(), &|| false).expect("intact");
         // Same size, same inode, other bytes: only the hash sees it.
         use std::os::unix::fs::FileExt;
         let f = std::fs::OpenOptions::new()
@@ -418,7 +434,7 @@ mod tests {
             .open(t.path().join("overlay.ext4"))
             .expect("open");
         f.write_all_at(b"x", 10).expect("write");
-        let e = verify_contents(t.path()).expect_err("changed");
+        let e = verify_contents(t.path(), &|| false).expect_err("changed");
         assert!(
             matches!(e, TemplateError::Changed { ref file } if file == "overlay.ext4"),
             "{e}"
@@ -435,7 +451,11 @@ mod tests {
         std::fs::write(&path, text.replace(MAGIC, "something-else")).expect("w");
         assert!(matches!(open(&t, &h), Err(TemplateError::BadHeader(_))));
 
-        std::fs::write(&path, text.replace("\"format\": 2", "\"format\": 7")).expect("w");
+        std::fs::write(
+            &path,
+            text.replace(&format!("\"format\": {TEMPLATE_FORMAT}"), "\"format\": 7"),
+        )
+        .expect("w");
         let e = open(&t, &h).expect_err("format");
         assert!(
             matches!(

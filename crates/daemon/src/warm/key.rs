@@ -210,7 +210,7 @@ pub(crate) mod tests {
     #[test]
     fn key_id_is_golden() {
         let k = key();
-        assert_eq!(key_id(&k), "26c61cc28da13358");
+        assert_eq!(key_id(&k), "0e9bcab608112e45");
         let mut other = k.clone();
         other.memory_mib = 2048;
         assert_ne!(key_id(&other), key_id(&k));

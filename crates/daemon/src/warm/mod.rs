@@ -360,6 +360,7 @@ impl Daemon {
                 // Not while a build may be replacing this very directory.
                 let _build = this.template_build.lock().await;
                 let dir = t.dir.clone();
+                let stop = this.shutdown.clone();
                 // A thread of its own: its lowered priority cannot be raised
                 // back without privilege, so no pooled thread may get it.
                 let (tx, rx) = tokio::sync::oneshot::channel();
@@ -371,7 +372,7 @@ impl Daemon {
                         unsafe {
                             libc::setpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t, 19);
                         }
-                        let _ = tx.send(header::verify_contents(&dir));
+                        let _ = tx.send(header::verify_contents(&dir, &|| stop.is_cancelled()));
                     });
                 let checked = match spawned {
                     Ok(_) => rx.await.map_err(|e| e.to_string()),
@@ -379,6 +380,7 @@ impl Daemon {
                 };
                 match checked {
                     Ok(Ok(())) => tracing::debug!(template = %t.id, "template contents verified"),
+                    Ok(Err(header::TemplateError::Stopped)) => return,
                     Ok(Err(e)) => {
                         tracing::warn!(template = %t.id, error = %e, "removing a template whose contents changed");
                         this.remove_template(&t);
