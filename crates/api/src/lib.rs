@@ -572,6 +572,10 @@ pub struct NetworkStatus {
     /// Whether the host resolver sends `.vm` to banger, and why (not).
     pub resolver_ok: bool,
     pub resolver_detail: String,
+    /// Whether each guest can send only as its own address on the bridge
+    /// (nftables checks), and why not.
+    pub guard_ok: bool,
+    pub guard_detail: String,
     /// Whether `/dev/net/tun` can be opened, and why not.
     pub tun_ok: bool,
     pub tun_detail: String,

@@ -279,6 +279,8 @@ mod tests {
             nat_error: None,
             resolver_ok: false,
             resolver_detail: String::new(),
+            guard_ok: true,
+            guard_detail: String::new(),
             tun_ok: true,
             tun_detail: String::new(),
         }

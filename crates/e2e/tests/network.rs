@@ -148,6 +148,41 @@ fn resolve(b: &Banger, name: &str) -> Result<String, String> {
         .ok_or(status)
 }
 
+/// The bridge's address (the default `cidr`'s first).
+const BRIDGE_IP: &str = "172.16.0.1";
+const SINK_PORT: u16 = 9999;
+
+/// A UDP sink on the bridge's address in the daemon's namespace: prints
+/// `SOURCE MESSAGE` per datagram until `end` (or 60 s without one). Returns
+/// once it is bound.
+fn spawn_sink(b: &Banger) -> Child {
+    use std::io::BufRead;
+    let script = format!(
+        "import socket\n\
+         s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n\
+         s.bind(('{BRIDGE_IP}', {SINK_PORT}))\n\
+         s.settimeout(60)\n\
+         print('ready', flush=True)\n\
+         while True:\n    \
+             data, (ip, _) = s.recvfrom(64)\n    \
+             print(ip, data.decode(errors='replace'), flush=True)\n    \
+             if data == b'end':\n        \
+                 break\n"
+    );
+    let mut child = Command::new("ip")
+        .args(["netns", "exec", &b.netns, "/usr/bin/python3", "-c", &script])
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("spawn the sink");
+    let mut first = String::new();
+    let stdout = child.stdout.take().expect("stdout");
+    let mut reader = std::io::BufReader::new(stdout);
+    reader.read_line(&mut first).expect("the sink's first line");
+    assert_eq!(first.trim(), "ready", "the sink did not start");
+    child.stdout = Some(reader.into_inner());
+    child
+}
+
 /// Runs `script` with bash in the guest (`/dev/tcp` is a bash feature).
 fn exec(b: &Banger, vm: &str, script: &str) -> (bool, String, String) {
     let out = b.run(&["vm", "exec", vm, "--", "bash", "-c", script]);
@@ -232,6 +267,37 @@ fn bridge_dns_nat_ports_and_restart() {
     set(&["vm", "set", "net-b", "--no-nat"]);
     let (ok, out, _) = exec(b, "net-b", &curl);
     assert!(!ok, "NAT turned off still works: {out}");
+
+    // Root in a guest can take another VM's address; the bridge drops what
+    // it sends as one. net-b sends three datagrams to the host: as itself,
+    // as net-a (an address it added), as itself again.
+    let sink = spawn_sink(b);
+    let (ok, out, err) = exec(
+        b,
+        "net-b",
+        &format!(
+            "ip addr add {ip_a}/32 dev eth0 || exit 1; \
+             python3 -c \"
+import socket
+def send(src, msg):
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.bind((src, 0))
+    s.sendto(msg, ('{BRIDGE_IP}', {SINK_PORT}))
+send('{ip_b}', b'own'); send('{ip_a}', b'spoofed'); send('{ip_b}', b'end')
+\"; rc=$?; ip addr del {ip_a}/32 dev eth0; exit $rc"
+        ),
+    );
+    assert!(ok, "sending from net-b: {out} {err}");
+    let seen = sink.wait_with_output().expect("the host's sink");
+    let seen = text(&seen).0;
+    assert!(
+        seen.contains(&format!("{ip_b} own")) && seen.contains(&format!("{ip_b} end")),
+        "the host did not get net-b's own datagrams: {seen}"
+    );
+    assert!(
+        !seen.contains("spoofed"),
+        "a guest sent as another VM's address: {seen}"
+    );
 
     // vm ports finds a web server started in the guest.
     let (ok, _, err) = exec(

@@ -6,6 +6,7 @@
 //! implement the same trait over a socket later without callers changing.
 
 use crate::alloc::Subnet;
+use crate::guard;
 use crate::ifname::{IfName, TapName};
 use crate::link::{BridgeChange, LinkError, LinkState, Netlink};
 use crate::nat::{self, NatError};
@@ -86,6 +87,30 @@ pub trait HostNet: Send + Sync {
         &self,
         subnet: &Subnet,
         vm_ips: &BTreeSet<Ipv4Addr>,
+    ) -> Result<(), HostNetError>;
+
+    /// The guests' address checks on the bridge for exactly `bindings`
+    /// (reconcile; see [`crate::guard`]).
+    async fn guard_rebuild(
+        &self,
+        subnet: &Subnet,
+        bindings: &guard::Bindings,
+    ) -> Result<(), HostNetError>;
+
+    /// Lets the guest behind `tap` send as `ip`. Idempotent.
+    async fn guard_allow(
+        &self,
+        subnet: &Subnet,
+        tap: &TapName,
+        ip: Ipv4Addr,
+    ) -> Result<(), HostNetError>;
+
+    /// Takes that permission away again. Idempotent.
+    async fn guard_forget(
+        &self,
+        subnet: &Subnet,
+        tap: &TapName,
+        ip: Ipv4Addr,
     ) -> Result<(), HostNetError>;
 
     /// Routes `.vm` lookups through `bridge` to `dns` in systemd-resolved.
@@ -222,6 +247,32 @@ impl HostNet for LocalHostNet {
     ) -> Result<(), HostNetError> {
         let _g = self.nat_lock.lock().await;
         Ok(nat::rebuild(subnet, vm_ips).await?)
+    }
+
+    async fn guard_rebuild(
+        &self,
+        subnet: &Subnet,
+        bindings: &guard::Bindings,
+    ) -> Result<(), HostNetError> {
+        Ok(guard::rebuild(subnet, bindings).await?)
+    }
+
+    async fn guard_allow(
+        &self,
+        subnet: &Subnet,
+        tap: &TapName,
+        ip: Ipv4Addr,
+    ) -> Result<(), HostNetError> {
+        Ok(guard::allow(subnet, tap, ip).await?)
+    }
+
+    async fn guard_forget(
+        &self,
+        subnet: &Subnet,
+        tap: &TapName,
+        ip: Ipv4Addr,
+    ) -> Result<(), HostNetError> {
+        Ok(guard::forget(subnet, tap, ip).await?)
     }
 
     async fn resolved_wire(&self, bridge: &IfName, dns: SocketAddr) -> Result<(), HostNetError> {

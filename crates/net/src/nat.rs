@@ -53,10 +53,11 @@ const GUARD_COMMENT: &str = "banger guard";
 const BRIDGE_COMMENT: &str = "banger bridge";
 const IP_FORWARD: &str = "/proc/sys/net/ipv4/ip_forward";
 
-/// A NAT change that could not be made.
+/// An nftables change (NAT, or the guests' address checks) that could not
+/// be made.
 #[derive(Debug, thiserror::Error)]
 pub enum NatError {
-    #[error("{ip} is not a guest address of {cidr}: refusing to NAT it")]
+    #[error("{ip} is not a guest address of {cidr}: refused")]
     NotGuestIp { ip: Ipv4Addr, cidr: ipnet::Ipv4Net },
     #[error("nft not found: install nftables (apt-get install nftables)")]
     NftMissing,
@@ -74,7 +75,7 @@ pub enum NatError {
     IpForward(#[source] std::io::Error),
 }
 
-fn nft_err(action: &'static str) -> impl FnOnce(NftablesError) -> NatError {
+pub(crate) fn nft_err(action: &'static str) -> impl FnOnce(NftablesError) -> NatError {
     move |e| match e {
         NftablesError::NftExecution { inner, .. }
             if inner.kind() == std::io::ErrorKind::NotFound =>
@@ -182,7 +183,7 @@ fn vms_in(rs: &Nftables<'_>) -> BTreeSet<Ipv4Addr> {
         .collect()
 }
 
-fn field(proto: &'static str, name: &'static str) -> Expression<'static> {
+pub(crate) fn field(proto: &'static str, name: &'static str) -> Expression<'static> {
     Expression::Named(NamedExpression::Payload(Payload::PayloadField(
         PayloadField {
             protocol: Cow::Borrowed(proto),
@@ -191,7 +192,7 @@ fn field(proto: &'static str, name: &'static str) -> Expression<'static> {
     )))
 }
 
-fn matches(
+pub(crate) fn matches(
     left: Expression<'static>,
     op: Operator,
     right: Expression<'static>,
@@ -199,7 +200,7 @@ fn matches(
     Statement::Match(Match { left, right, op })
 }
 
-fn addr(ip: Ipv4Addr) -> Expression<'static> {
+pub(crate) fn addr(ip: Ipv4Addr) -> Expression<'static> {
     Expression::String(Cow::Owned(ip.to_string()))
 }
 

@@ -2,10 +2,12 @@
 //! helper and implements [`HostNet`] with them, so networking code runs
 //! unchanged whether the daemon holds CAP_NET_ADMIN or not.
 
-use crate::proto::{ErrorKind, MAX_LINE, Op, PROTOCOL_VERSION, Reply, Request, Response};
+use crate::proto::{
+    ErrorKind, GuardBinding, MAX_LINE, Op, PROTOCOL_VERSION, Reply, Request, Response,
+};
 use banger_net::host::{BridgeSpec, HostNetError, TapInfo};
 use banger_net::link::BridgeChange;
-use banger_net::{HostNet, IfName, Subnet, TapName};
+use banger_net::{HostNet, IfName, Subnet, TapName, guard};
 use banger_version::BuildInfo;
 use std::collections::BTreeSet;
 use std::net::{Ipv4Addr, SocketAddr};
@@ -295,6 +297,55 @@ impl HostNet for HelperClient {
             ips: vm_ips.iter().copied().collect(),
         };
         Ok(self.done("nat_rebuild", op).await?)
+    }
+
+    async fn guard_rebuild(
+        &self,
+        subnet: &Subnet,
+        bindings: &guard::Bindings,
+    ) -> Result<(), HostNetError> {
+        let op = Op::GuardRebuild {
+            cidr: cidr(subnet),
+            bridge_ip: subnet.bridge_ip(),
+            bindings: bindings
+                .iter()
+                .map(|(tap, ip)| GuardBinding {
+                    tap: tap.to_string(),
+                    ip: *ip,
+                })
+                .collect(),
+        };
+        Ok(self.done("guard_rebuild", op).await?)
+    }
+
+    async fn guard_allow(
+        &self,
+        subnet: &Subnet,
+        tap: &TapName,
+        ip: Ipv4Addr,
+    ) -> Result<(), HostNetError> {
+        let op = Op::GuardAllow {
+            cidr: cidr(subnet),
+            bridge_ip: subnet.bridge_ip(),
+            tap: tap.to_string(),
+            ip,
+        };
+        Ok(self.done("guard_allow", op).await?)
+    }
+
+    async fn guard_forget(
+        &self,
+        subnet: &Subnet,
+        tap: &TapName,
+        ip: Ipv4Addr,
+    ) -> Result<(), HostNetError> {
+        let op = Op::GuardForget {
+            cidr: cidr(subnet),
+            bridge_ip: subnet.bridge_ip(),
+            tap: tap.to_string(),
+            ip,
+        };
+        Ok(self.done("guard_forget", op).await?)
     }
 
     async fn resolved_wire(&self, bridge: &IfName, dns: SocketAddr) -> Result<(), HostNetError> {

@@ -14,8 +14,10 @@ use std::path::PathBuf;
 
 /// The protocol version this build speaks.
 /// 2 added [`Op::BuildDebianImage`]; 3 dropped `set_ip_forward` (NAT
-/// switches forwarding on by itself, and nothing may switch it off).
-pub const PROTOCOL_VERSION: u32 = 3;
+/// switches forwarding on by itself, and nothing may switch it off); 4
+/// added the guests' address checks ([`Op::GuardRebuild`] and the two
+/// after it).
+pub const PROTOCOL_VERSION: u32 = 4;
 
 /// Longest request or reply line accepted.
 pub const MAX_LINE: usize = 64 * 1024;
@@ -67,6 +69,26 @@ pub enum Op {
         bridge_ip: Ipv4Addr,
         ips: Vec<Ipv4Addr>,
     },
+    /// The guests' address checks on the bridge for exactly `bindings`.
+    GuardRebuild {
+        cidr: String,
+        bridge_ip: Ipv4Addr,
+        bindings: Vec<GuardBinding>,
+    },
+    /// Let the guest behind `tap` send as `ip`.
+    GuardAllow {
+        cidr: String,
+        bridge_ip: Ipv4Addr,
+        tap: String,
+        ip: Ipv4Addr,
+    },
+    /// Take that away again.
+    GuardForget {
+        cidr: String,
+        bridge_ip: Ipv4Addr,
+        tap: String,
+        ip: Ipv4Addr,
+    },
     ResolvedWire {
         bridge: String,
         dns: SocketAddr,
@@ -89,6 +111,14 @@ pub enum Op {
     },
 }
 
+/// A running VM's TAP and address ([`Op::GuardRebuild`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GuardBinding {
+    pub tap: String,
+    pub ip: Ipv4Addr,
+}
+
 impl Op {
     /// The operation's wire name, for logs.
     pub fn name(&self) -> &'static str {
@@ -102,6 +132,9 @@ impl Op {
             Op::NatEnable { .. } => "nat_enable",
             Op::NatDisable { .. } => "nat_disable",
             Op::NatRebuild { .. } => "nat_rebuild",
+            Op::GuardRebuild { .. } => "guard_rebuild",
+            Op::GuardAllow { .. } => "guard_allow",
+            Op::GuardForget { .. } => "guard_forget",
             Op::ResolvedWire { .. } => "resolved_wire",
             Op::ResolvedUnwire { .. } => "resolved_unwire",
             Op::ChownToOwner { .. } => "chown_to_owner",
@@ -200,6 +233,29 @@ mod tests {
     }
 
     #[test]
+    fn guard_operations_roundtrip() {
+        let r = Request {
+            version: PROTOCOL_VERSION,
+            op: Op::GuardRebuild {
+                cidr: "172.16.0.0/24".into(),
+                bridge_ip: Ipv4Addr::new(172, 16, 0, 1),
+                bindings: vec![GuardBinding {
+                    tap: "bgtap1".into(),
+                    ip: Ipv4Addr::new(172, 16, 0, 2),
+                }],
+            },
+        };
+        let line = serde_json::to_string(&r).expect("json");
+        assert_eq!(
+            line,
+            r#"{"version":4,"op":{"name":"guard_rebuild","cidr":"172.16.0.0/24","bridge_ip":"172.16.0.1","bindings":[{"tap":"bgtap1","ip":"172.16.0.2"}]}}"#
+        );
+        assert_eq!(serde_json::from_str::<Request>(&line).expect("parse"), r);
+        let bad = r#"{"version":4,"op":{"name":"guard_allow","cidr":"172.16.0.0/24","bridge_ip":"172.16.0.1","tap":"bgtap1","ip":"172.16.0.2","mac":"00:00:00:00:00:01"}}"#;
+        assert!(serde_json::from_str::<Request>(bad).is_err(), "{bad}");
+    }
+
+    #[test]
     fn build_debian_image_roundtrips() {
         let r = Request {
             version: PROTOCOL_VERSION,
@@ -211,13 +267,13 @@ mod tests {
         let line = serde_json::to_string(&r).expect("json");
         assert_eq!(
             line,
-            r#"{"version":3,"op":{"name":"build_debian_image","image":"default","suite":"bookworm"}}"#
+            r#"{"version":4,"op":{"name":"build_debian_image","image":"default","suite":"bookworm"}}"#
         );
         assert_eq!(serde_json::from_str::<Request>(&line).expect("parse"), r);
         // No paths, mirror or agent from the client.
         for bad in [
-            r#"{"version":3,"op":{"name":"build_debian_image","image":"d","suite":"bookworm","images_dir":"/etc"}}"#,
-            r#"{"version":3,"op":{"name":"build_debian_image","image":"d","suite":"bookworm","mirror":"http://x"}}"#,
+            r#"{"version":4,"op":{"name":"build_debian_image","image":"d","suite":"bookworm","images_dir":"/etc"}}"#,
+            r#"{"version":4,"op":{"name":"build_debian_image","image":"d","suite":"bookworm","mirror":"http://x"}}"#,
         ] {
             assert!(serde_json::from_str::<Request>(bad).is_err(), "{bad}");
         }

@@ -6,8 +6,10 @@
 //! config, TAPs must carry banger's prefix, DNS must be on loopback, and
 //! paths must lie inside banger's own directories without `..` or symlinks.
 
+#[cfg(test)]
+use crate::proto::GuardBinding;
 use crate::proto::{ErrorKind, Op};
-use banger_net::{IfName, Subnet, TapName};
+use banger_net::{IfName, Subnet, TapName, guard};
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Component, Path, PathBuf};
 
@@ -54,6 +56,9 @@ pub enum Checked {
     NatEnable(Ipv4Addr),
     NatDisable(Ipv4Addr),
     NatRebuild(Vec<Ipv4Addr>),
+    GuardRebuild(guard::Bindings),
+    GuardAllow(TapName, Ipv4Addr),
+    GuardForget(TapName, Ipv4Addr),
     ResolvedWire(SocketAddr),
     ResolvedUnwire,
     /// `dir` is one of [`Policy::dirs`], `rel` a plain relative path in it.
@@ -129,6 +134,43 @@ impl Policy {
                     .map(|ip| self.guest(ip))
                     .collect::<Result<_, _>>()?;
                 Checked::NatRebuild(ips)
+            }
+            Op::GuardRebuild {
+                cidr,
+                bridge_ip,
+                bindings,
+            } => {
+                self.subnet(&cidr, bridge_ip)?;
+                let mut checked = guard::Bindings::new();
+                for b in bindings {
+                    // One address per TAP; a list longer than the subnet
+                    // has guests cannot be honest.
+                    if checked
+                        .insert(tap_name(&b.tap)?, self.guest(b.ip)?)
+                        .is_some()
+                    {
+                        return Err(Refusal::refused(format!("TAP {} is listed twice", b.tap)));
+                    }
+                }
+                Checked::GuardRebuild(checked)
+            }
+            Op::GuardAllow {
+                cidr,
+                bridge_ip,
+                tap,
+                ip,
+            } => {
+                self.subnet(&cidr, bridge_ip)?;
+                Checked::GuardAllow(tap_name(&tap)?, self.guest(ip)?)
+            }
+            Op::GuardForget {
+                cidr,
+                bridge_ip,
+                tap,
+                ip,
+            } => {
+                self.subnet(&cidr, bridge_ip)?;
+                Checked::GuardForget(tap_name(&tap)?, self.guest(ip)?)
             }
             Op::ResolvedWire { bridge, dns } => {
                 self.bridge(&bridge)?;
@@ -407,7 +449,85 @@ pub(crate) mod tests {
                 },
             );
             assert_eq!(r.kind, ErrorKind::Refused, "{ip}");
+            for op in [
+                Op::GuardAllow {
+                    cidr: "172.16.0.0/24".into(),
+                    bridge_ip: gw,
+                    tap: "bgtap1".into(),
+                    ip,
+                },
+                Op::GuardForget {
+                    cidr: "172.16.0.0/24".into(),
+                    bridge_ip: gw,
+                    tap: "bgtap1".into(),
+                    ip,
+                },
+                Op::GuardRebuild {
+                    cidr: "172.16.0.0/24".into(),
+                    bridge_ip: gw,
+                    bindings: vec![GuardBinding {
+                        tap: "bgtap1".into(),
+                        ip,
+                    }],
+                },
+            ] {
+                assert_eq!(refused(&p, 1000, op).kind, ErrorKind::Refused, "{ip}");
+            }
         }
+        // The checks are for banger's TAPs only, one address each.
+        let guest = Ipv4Addr::new(172, 16, 0, 5);
+        let r = refused(
+            &p,
+            1000,
+            Op::GuardAllow {
+                cidr: "172.16.0.0/24".into(),
+                bridge_ip: gw,
+                tap: "eth0".into(),
+                ip: guest,
+            },
+        );
+        assert_eq!(r.kind, ErrorKind::Refused, "{r}");
+        let twice = |tap: &str| GuardBinding {
+            tap: tap.into(),
+            ip: guest,
+        };
+        let r = refused(
+            &p,
+            1000,
+            Op::GuardRebuild {
+                cidr: "172.16.0.0/24".into(),
+                bridge_ip: gw,
+                bindings: vec![twice("bgtap1"), twice("bgtap1")],
+            },
+        );
+        assert!(r.message.contains("listed twice"), "{r}");
+        assert_eq!(
+            p.check(
+                1000,
+                Op::GuardRebuild {
+                    cidr: "172.16.0.0/24".into(),
+                    bridge_ip: gw,
+                    bindings: vec![
+                        twice("bgtap1"),
+                        GuardBinding {
+                            tap: "bgtap2".into(),
+                            ip: Ipv4Addr::new(172, 16, 0, 6),
+                        },
+                    ],
+                },
+            )
+            .map_err(|r| r.message),
+            Ok(Checked::GuardRebuild(
+                [
+                    (TapName::new("bgtap1").expect("tap"), guest),
+                    (
+                        TapName::new("bgtap2").expect("tap"),
+                        Ipv4Addr::new(172, 16, 0, 6)
+                    ),
+                ]
+                .into()
+            ))
+        );
         let r = refused(
             &p,
             1000,

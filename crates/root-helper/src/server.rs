@@ -182,6 +182,20 @@ impl Server {
                     .map_err(failed)?;
                 Reply::Done
             }
+            Checked::GuardRebuild(bindings) => {
+                h.guard_rebuild(&p.subnet, &bindings)
+                    .await
+                    .map_err(failed)?;
+                Reply::Done
+            }
+            Checked::GuardAllow(tap, ip) => {
+                h.guard_allow(&p.subnet, &tap, ip).await.map_err(failed)?;
+                Reply::Done
+            }
+            Checked::GuardForget(tap, ip) => {
+                h.guard_forget(&p.subnet, &tap, ip).await.map_err(failed)?;
+                Reply::Done
+            }
             Checked::ResolvedWire(dns) => {
                 h.resolved_wire(&p.bridge, dns).await.map_err(failed)?;
                 Reply::Done
@@ -694,6 +708,29 @@ mod tests {
         ) -> Result<(), HostNetError> {
             self.log(format!("nat_rebuild {}", ips.len()))
         }
+        async fn guard_rebuild(
+            &self,
+            _: &Subnet,
+            bindings: &banger_net::guard::Bindings,
+        ) -> Result<(), HostNetError> {
+            self.log(format!("guard_rebuild {}", bindings.len()))
+        }
+        async fn guard_allow(
+            &self,
+            _: &Subnet,
+            t: &TapName,
+            ip: Ipv4Addr,
+        ) -> Result<(), HostNetError> {
+            self.log(format!("guard_allow {t} {ip}"))
+        }
+        async fn guard_forget(
+            &self,
+            _: &Subnet,
+            t: &TapName,
+            ip: Ipv4Addr,
+        ) -> Result<(), HostNetError> {
+            self.log(format!("guard_forget {t} {ip}"))
+        }
         async fn resolved_wire(&self, b: &IfName, dns: SocketAddr) -> Result<(), HostNetError> {
             self.log(format!("wire {b} {dns}"))
         }
@@ -723,20 +760,20 @@ mod tests {
                 ErrorKind::Version,
             ),
             (
-                r#"{"version":3,"op":{"name":"exec","argv":["/bin/sh"]}}"#,
+                r#"{"version":4,"op":{"name":"exec","argv":["/bin/sh"]}}"#,
                 ErrorKind::Malformed,
             ),
             // Forwarding is switched on by NAT alone; nothing switches it off.
             (
-                r#"{"version":3,"op":{"name":"set_ip_forward","on":false}}"#,
+                r#"{"version":4,"op":{"name":"set_ip_forward","on":false}}"#,
                 ErrorKind::Malformed,
             ),
             (
-                r#"{"version":3,"op":{"name":"delete_tap","tap":"eth0"}}"#,
+                r#"{"version":4,"op":{"name":"delete_tap","tap":"eth0"}}"#,
                 ErrorKind::Refused,
             ),
             (
-                r#"{"version":3,"op":{"name":"create_tap","tap":"bgtap1","bridge":"eth0"}}"#,
+                r#"{"version":4,"op":{"name":"create_tap","tap":"bgtap1","bridge":"eth0"}}"#,
                 ErrorKind::Refused,
             ),
         ];
@@ -757,14 +794,14 @@ mod tests {
         let r = s
             .handle_line(
                 1000,
-                r#"{"version":3,"op":{"name":"create_tap","tap":"bgtap1","bridge":"banger0"}}"#,
+                r#"{"version":4,"op":{"name":"create_tap","tap":"bgtap1","bridge":"banger0"}}"#,
             )
             .await;
         assert_eq!(r, Response::Ok(Reply::Done));
         let r = s
             .handle_line(
                 1001,
-                r#"{"version":3,"op":{"name":"delete_tap","tap":"bgtap1"}}"#,
+                r#"{"version":4,"op":{"name":"delete_tap","tap":"bgtap1"}}"#,
             )
             .await;
         assert_eq!(kind(&r), Some(ErrorKind::Unauthorized));
@@ -817,7 +854,7 @@ mod tests {
         };
         use std::io::{BufRead, Write};
         let mut s = std::os::unix::net::UnixStream::connect(sock).expect("connect");
-        s.write_all(b"{\"version\":3,\"op\":{\"name\":\"list_taps\"}}\n")
+        s.write_all(b"{\"version\":4,\"op\":{\"name\":\"list_taps\"}}\n")
             .expect("write");
         let mut line = String::new();
         std::io::BufReader::new(s)
@@ -991,7 +1028,7 @@ mod tests {
         let s = Server::new(policy(&state), Arc::new(Recorder::default()));
         let line = |p: &Path| {
             format!(
-                r#"{{"version":3,"op":{{"name":"chown_to_owner","path":"{}"}}}}"#,
+                r#"{{"version":4,"op":{{"name":"chown_to_owner","path":"{}"}}}}"#,
                 p.display()
             )
         };

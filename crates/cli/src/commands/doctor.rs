@@ -372,6 +372,15 @@ fn network_checks(daemon: Option<Result<banger_api::NetworkStatus, String>>) -> 
         n.resolver_detail.clone(),
     ));
     out.push(check(
+        "guest_addresses",
+        if n.guard_ok {
+            Status::Pass
+        } else {
+            Status::Warn
+        },
+        n.guard_detail.clone(),
+    ));
+    out.push(check(
         "tun",
         if n.tun_ok {
             Status::Pass

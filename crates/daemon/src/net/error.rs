@@ -42,6 +42,10 @@ pub enum NetError {
     /// Changing the NAT rules of a running VM failed.
     #[error("changing NAT of {name}: {}", Chain(.cause))]
     Nat { name: VmName, cause: HostNetError },
+    /// The guest's address checks on the bridge could not be added (the
+    /// boot is rolled back).
+    #[error("letting the guest send as its own address on the bridge: {}", Chain(.0))]
+    Guard(HostNetError),
     /// The guest's agent did not list its listening ports in time.
     #[error("the agent of {name} did not list its ports within {secs}s")]
     PortsTimeout { name: VmName, secs: u64 },
@@ -73,6 +77,7 @@ impl NetError {
             | E::LocalPort(_)
             | E::Setup(_)
             | E::Nat { .. }
+            | E::Guard(_)
             | E::PortsTimeout { .. }
             | E::Ports { .. } => ErrorKind::Failed,
             E::Agent(e) => e.kind(),

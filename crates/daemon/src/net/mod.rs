@@ -13,7 +13,7 @@ mod status;
 mod vm;
 
 pub use error::NetError;
-pub(crate) use vm::NetLease;
+pub(crate) use vm::{GuardPending, NetLease};
 
 use crate::Daemon;
 use anyhow::Context;
@@ -23,7 +23,7 @@ use banger_net::host::BridgeSpec;
 use banger_net::nat::NatError;
 use banger_net::{
     DnsRecords, DnsServer, GuestNet, HostNet, HostNetError, LocalHostNet, NetSettings, PoolConfig,
-    TapName, TapPool,
+    TapName, TapPool, guard,
 };
 use banger_root_client::HelperClient;
 use banger_vmm::NetSpec;
@@ -54,10 +54,26 @@ pub(crate) enum Mode {
     Unavailable { reason: String },
 }
 
+/// Whether the bridge checks that each guest sends only as its own
+/// address ([`banger_net::guard`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Guard {
+    On,
+    /// Not in place, and why (user-mode networking needs none).
+    Off(String),
+}
+
+impl Guard {
+    pub(crate) fn is_on(&self) -> bool {
+        *self == Guard::On
+    }
+}
+
 /// The daemon's networking state.
 pub(crate) struct Network {
     pub(crate) settings: NetSettings,
     pub(crate) mode: Mode,
+    pub(crate) guard: Guard,
     pub(crate) records: DnsRecords,
     dns: Option<DnsServer>,
     dns_error: Option<String>,
@@ -72,6 +88,9 @@ pub(crate) struct BootNet {
     pub(crate) cmdline: String,
     /// How its TAP was got (bridge networking).
     pub(crate) tap: Option<banger_api::TapAcquisition>,
+    /// Its address checks, being added; waited for before the guest is
+    /// reached.
+    pub(crate) guard: Option<GuardPending>,
 }
 
 /// The network settings of `config` (the DNS address from the config too).
@@ -179,6 +198,7 @@ impl Network {
         } else {
             helper.map(|h| Arc::new(h) as Arc<dyn HostNet>)
         };
+        let mut guard = Guard::Off("not bridge networking".into());
         let mode = match config.network {
             NetworkMode::User => Mode::User {
                 reason: "network = \"user\" in config.toml".into(),
@@ -187,10 +207,13 @@ impl Network {
                 reason: "bangerd has no CAP_NET_ADMIN (not root) and no root helper (no system install): QEMU user-mode networking with ssh forwarded on 127.0.0.1".into(),
             },
             choice => match Self::bridge(&settings, vms, host).await {
-                Ok((host, pool)) => Mode::Bridge {
-                    host,
-                    pool: Arc::new(pool),
-                },
+                Ok((host, pool, g)) => {
+                    guard = g;
+                    Mode::Bridge {
+                        host,
+                        pool: Arc::new(pool),
+                    }
+                }
                 Err(e) if choice == NetworkMode::Auto => {
                     let reason = format!("setting up bridge {} failed: {e:#}", settings.bridge);
                     tracing::warn!(%reason, "falling back to user-mode networking");
@@ -242,6 +265,7 @@ impl Network {
         Ok(Self {
             settings,
             mode,
+            guard,
             records,
             dns,
             dns_error,
@@ -254,7 +278,7 @@ impl Network {
         settings: &NetSettings,
         vms: &[VmRecord],
         host: Option<Arc<dyn HostNet>>,
-    ) -> anyhow::Result<(Arc<dyn HostNet>, TapPool)> {
+    ) -> anyhow::Result<(Arc<dyn HostNet>, TapPool, Guard)> {
         let host: Arc<dyn HostNet> = match host {
             Some(h) => h,
             None => Arc::new(LocalHostNet::connect()?),
@@ -284,6 +308,25 @@ impl Network {
             }
             Err(e) => return Err(anyhow::Error::from(e).context("rebuilding NAT rules")),
         }
+        // Before any TAP can carry a guest's frames: a TAP the checks do
+        // not know passes nothing.
+        let bindings: guard::Bindings = vms
+            .iter()
+            .filter(|v| running(v))
+            .filter_map(|v| Some((TapName::new(v.tap.as_deref()?).ok()?, v.ip?)))
+            .collect();
+        let guard = match host.guard_rebuild(&settings.subnet, &bindings).await {
+            Ok(()) => Guard::On,
+            Err(e) => {
+                // A host without nft (or without nftables' bridge family)
+                // still gets bridge networking; doctor says what is missing.
+                let reason = format!(
+                    "the guests' address checks are not in place, so a guest can send as another VM's address: {e}"
+                );
+                tracing::error!(%reason, "bridge without address checks");
+                Guard::Off(reason)
+            }
+        };
         let in_use: HashSet<TapName> = vms
             .iter()
             .filter(|v| running(v))
@@ -301,7 +344,7 @@ impl Network {
         )
         .await
         .context("starting the TAP pool")?;
-        Ok((host, pool))
+        Ok((host, pool, guard))
     }
 
     /// The address the DNS server listens on, when it runs.

@@ -56,6 +56,18 @@ impl Daemon {
             nat_error: nat.error,
             resolver_ok,
             resolver_detail,
+            guard_ok: matches!(net.mode, Mode::User { .. }) || net.guard.is_on(),
+            guard_detail: match (&net.mode, &net.guard) {
+                (Mode::User { .. }, _) => {
+                    "user-mode networking: every guest has a network of its own".into()
+                }
+                (_, Guard::On) => format!(
+                    "each guest on {} sends only as its own address (nftables: table bridge {})",
+                    s.bridge,
+                    banger_net::guard::TABLE
+                ),
+                (_, Guard::Off(why)) => why.clone(),
+            },
             tun_ok,
             tun_detail,
         })
@@ -87,6 +99,7 @@ mod tests {
             mode: Mode::User {
                 reason: "test".into(),
             },
+            guard: Guard::Off("not bridge networking".into()),
             records,
             dns: Some(dns),
             dns_error: None,

@@ -23,6 +23,8 @@ pub(crate) struct NetLease {
     pub(crate) tap: Option<TapName>,
     /// The guest address whose NAT rules are on.
     pub(crate) nat: Option<Ipv4Addr>,
+    /// The address its TAP may send as (the bridge's address checks).
+    pub(crate) guard: Option<Ipv4Addr>,
     /// Its ssh forward on 127.0.0.1 (user-mode networking).
     pub(crate) ssh_port: Option<u16>,
     /// The name its `.vm` record is published under (once ready).
@@ -36,8 +38,25 @@ impl NetLease {
         Self {
             tap: vm.tap.as_deref().and_then(|t| TapName::new(t).ok()),
             nat: vm.ip.filter(|_| vm.nat),
+            guard: vm.ip.filter(|_| vm.tap.is_some()),
             ssh_port: vm.ssh_port,
             dns: Some(vm.name.clone()),
+        }
+    }
+}
+
+/// The guest's address checks being added ([`Daemon::net_up`]): the boot
+/// waits for them before it reaches the guest.
+pub(crate) struct GuardPending(tokio::task::JoinHandle<Result<(), banger_net::HostNetError>>);
+
+impl GuardPending {
+    /// Waits until the checks are in place.
+    pub(crate) async fn wait(self) -> Result<(), NetError> {
+        match self.0.await {
+            Ok(r) => r.map_err(NetError::Guard),
+            Err(e) => Err(NetError::Guard(banger_net::HostNetError::Helper(format!(
+                "the address checks' task failed: {e}"
+            )))),
         }
     }
 }
@@ -121,6 +140,7 @@ impl Daemon {
                     cmdline: guest_cmdline(&guest),
                     guest,
                     tap: None,
+                    guard: None,
                 }))
             }
             Mode::Bridge { host, pool } => {
@@ -159,6 +179,44 @@ impl Daemon {
                 self.store
                     .set_vm_net(&vm.id, Some(tap.name.as_str()), None)?;
                 vm.tap = Some(tap.name.to_string());
+                // The checks are added while the VMM starts (a guest's
+                // frames are dropped until they are; the boot waits for
+                // them before the guest is reached: `GuardPending`).
+                let guard = if net.guard.is_on() {
+                    let (subnet, host, h, name) = (
+                        settings.subnet,
+                        host.clone(),
+                        handle.clone(),
+                        tap.name.clone(),
+                    );
+                    let pending = steps
+                        .run(
+                            "guard",
+                            "letting the guest send as its own address only",
+                            |u: UndoSlot<'_>| async move {
+                                // A forget waits for the allow it undoes.
+                                let order = Arc::new(tokio::sync::Mutex::new(()));
+                                let held = order.clone().lock_owned().await;
+                                let (host2, name2) = (host.clone(), name.clone());
+                                let task = tokio::spawn(async move {
+                                    let _held = held;
+                                    host2.guard_allow(&subnet, &name2, ip).await
+                                });
+                                u.set(move || async move {
+                                    h.update_net(|l| l.guard = None);
+                                    let _after = order.lock().await;
+                                    host.guard_forget(&subnet, &name, ip)
+                                        .await
+                                        .map_err(Into::into)
+                                });
+                                Ok(GuardPending(task))
+                            },
+                        )
+                        .await?;
+                    Some(pending)
+                } else {
+                    None
+                };
                 if vm.nat {
                     let (subnet, host, h) = (settings.subnet, host.clone(), handle.clone());
                     steps
@@ -175,6 +233,7 @@ impl Daemon {
                 lease(NetLease {
                     tap: Some(tap.name.clone()),
                     nat: vm.nat.then_some(ip),
+                    guard: net.guard.is_on().then_some(ip),
                     ..NetLease::default()
                 });
                 Ok(Some(BootNet {
@@ -185,6 +244,7 @@ impl Daemon {
                         from_pool: tap.warm,
                         took_us: u64::try_from(tap.took.as_micros()).unwrap_or(u64::MAX),
                     }),
+                    guard,
                 }))
             }
         }
@@ -234,6 +294,12 @@ impl Daemon {
                     && let Err(e) = host.nat_disable(&net.settings.subnet, ip).await
                 {
                     tracing::warn!(vm = %vm.name, error = %e, "removing NAT rules");
+                }
+                if let (Some(tap), Some(ip)) = (&lease.tap, lease.guard)
+                    && net.guard.is_on()
+                    && let Err(e) = host.guard_forget(&net.settings.subnet, tap, ip).await
+                {
+                    tracing::warn!(vm = %vm.name, error = %e, "removing the guest's address checks");
                 }
                 if let Some(tap) = &lease.tap {
                     pool.release(tap);
@@ -363,6 +429,34 @@ mod tests {
         ) -> Result<(), HostNetError> {
             Ok(())
         }
+        async fn guard_rebuild(
+            &self,
+            _: &Subnet,
+            bindings: &banger_net::guard::Bindings,
+        ) -> Result<(), HostNetError> {
+            self.note(format!("guard_rebuild {}", bindings.len()))
+        }
+        async fn guard_allow(
+            &self,
+            _: &Subnet,
+            t: &TapName,
+            ip: Ipv4Addr,
+        ) -> Result<(), HostNetError> {
+            // Slower than the rest, as an nft run is: what waits for it
+            // shows.
+            for _ in 0..10 {
+                tokio::task::yield_now().await;
+            }
+            self.note(format!("guard_allow {t} {ip}"))
+        }
+        async fn guard_forget(
+            &self,
+            _: &Subnet,
+            t: &TapName,
+            ip: Ipv4Addr,
+        ) -> Result<(), HostNetError> {
+            self.note(format!("guard_forget {t} {ip}"))
+        }
         async fn resolved_wire(&self, _: &IfName, _: SocketAddr) -> Result<(), HostNetError> {
             Ok(())
         }
@@ -374,11 +468,19 @@ mod tests {
     /// A daemon with bridge networking over a [`Recorder`] (an empty TAP
     /// pool: every TAP is made on acquire).
     async fn bridged(t: &tempfile::TempDir) -> (Arc<Daemon>, Arc<Recorder>) {
-        bridged_with_pool(t, 0).await
+        bridged_with(t, 0, Guard::On).await
     }
 
     /// [`bridged`] with a pool that keeps `size` TAPs ready.
     async fn bridged_with_pool(t: &tempfile::TempDir, size: usize) -> (Arc<Daemon>, Arc<Recorder>) {
+        bridged_with(t, size, Guard::On).await
+    }
+
+    async fn bridged_with(
+        t: &tempfile::TempDir,
+        size: usize,
+        guard: Guard,
+    ) -> (Arc<Daemon>, Arc<Recorder>) {
         let d = daemon(t);
         let host = Arc::new(Recorder::default());
         let settings = settings(&d.config).expect("settings");
@@ -399,12 +501,18 @@ mod tests {
                 host: host.clone(),
                 pool: Arc::new(pool),
             },
+            guard,
             records: DnsRecords::new(),
             dns: None,
             dns_error: None,
         };
         assert!(d.network.set(net).is_ok());
         (d, host)
+    }
+
+    fn sorted(mut v: Vec<String>) -> Vec<String> {
+        v.sort();
+        v
     }
 
     /// Waits for the TAP deletions the pool runs after a release.
@@ -430,11 +538,17 @@ mod tests {
         let mut vm = nat_vm(&d, "calm-otter", VmState::Starting);
         let ip = vm.ip.expect("ip");
         let mut steps = Steps::new(&ProgressSink::discard());
-        let boot = d
+        let mut boot = d
             .net_up(&mut vm, &mut steps)
             .await
             .expect("up")
             .expect("networking");
+        boot.guard
+            .take()
+            .expect("checks")
+            .wait()
+            .await
+            .expect("checks added");
         steps.commit();
         // The pool is empty: the TAP was made on the spot, and both the boot
         // (`vm show`) and the pool (`doctor`) say how long that took.
@@ -450,9 +564,14 @@ mod tests {
             Some(tap.to_string()),
             "recorded for a daemon restart"
         );
+        // The checks are added alongside the NAT rules.
         assert_eq!(
-            host.asked(),
-            [format!("create_tap {tap}"), format!("nat_enable {ip}")]
+            sorted(host.asked()),
+            sorted(vec![
+                format!("create_tap {tap}"),
+                format!("guard_allow {tap} {ip}"),
+                format!("nat_enable {ip}")
+            ])
         );
         let h = d.vms.existing(&vm.id).expect("a handle");
         d.set_state(&mut vm, VmState::Running, Some(1), None)
@@ -465,6 +584,7 @@ mod tests {
             Some(NetLease {
                 tap: Some(tap.clone()),
                 nat: Some(ip),
+                guard: Some(ip),
                 ssh_port: None,
                 dns: Some(vm.name.clone()),
             })
@@ -482,7 +602,13 @@ mod tests {
         stale.nat = true;
         d.net_down(&stale).await;
         released(&d).await;
-        assert_eq!(host.asked(), [format!("delete_tap {tap}")]);
+        assert_eq!(
+            host.asked(),
+            [
+                format!("guard_forget {tap} {ip}"),
+                format!("delete_tap {tap}")
+            ]
+        );
         assert_eq!(h.net(), None);
         assert_eq!(records.get("calm-otter"), None);
         assert_eq!(d.store.get_vm(&vm.id).expect("get").tap, None);
@@ -499,22 +625,28 @@ mod tests {
         let mut vm = nat_vm(&d, "calm-otter", VmState::Starting);
         let ip = vm.ip.expect("ip");
         let mut steps = Steps::new(&ProgressSink::discard());
-        d.net_up(&mut vm, &mut steps)
+        // Rolled back before the checks' task ran: the forget waits for
+        // the allow it undoes.
+        let boot = d
+            .net_up(&mut vm, &mut steps)
             .await
             .expect("up")
             .expect("networking");
         let tap = vm.tap.clone().expect("tap");
         assert!(steps.rollback().await.is_empty());
         released(&d).await;
-        assert_eq!(
-            host.asked(),
-            [
-                format!("create_tap {tap}"),
-                format!("nat_enable {ip}"),
-                format!("nat_disable {ip}"),
-                format!("delete_tap {tap}"),
-            ]
-        );
+        let asked = host.asked();
+        let at = |what: String| asked.iter().position(|a| *a == what).expect(&what);
+        assert_eq!(asked.len(), 6, "{asked:?}");
+        assert!(at(format!("create_tap {tap}")) < at(format!("guard_allow {tap} {ip}")));
+        assert!(at(format!("guard_allow {tap} {ip}")) < at(format!("guard_forget {tap} {ip}")));
+        assert!(at(format!("nat_enable {ip}")) < at(format!("nat_disable {ip}")));
+        assert!(at(format!("guard_forget {tap} {ip}")) < at(format!("delete_tap {tap}")));
+        boot.guard
+            .expect("checks")
+            .wait()
+            .await
+            .expect("the allow ran");
         let h = d.vms.existing(&vm.id).expect("a handle");
         assert_eq!(h.net(), None);
         // By what the store says now, the TAP is not released a second
@@ -572,6 +704,37 @@ mod tests {
             asked.contains(&format!("delete_tap {in_use}"))
                 && !asked.iter().any(|a| a.starts_with("create_tap")),
             "{asked:?}"
+        );
+    }
+
+    /// Without the checks (no nft on the host) a VM's network comes up
+    /// all the same, and doctor says what is missing.
+    #[tokio::test]
+    async fn without_address_checks_the_network_still_comes_up() {
+        let t = tempfile::tempdir().expect("tmp");
+        let why = "the guests' address checks are not in place: nft not found";
+        let (d, host) = bridged_with(&t, 0, Guard::Off(why.into())).await;
+        let mut vm = nat_vm(&d, "calm-otter", VmState::Starting);
+        let ip = vm.ip.expect("ip");
+        let mut steps = Steps::new(&ProgressSink::discard());
+        d.net_up(&mut vm, &mut steps)
+            .await
+            .expect("up")
+            .expect("networking");
+        steps.commit();
+        let tap = vm.tap.clone().expect("tap");
+        assert_eq!(
+            host.asked(),
+            [format!("create_tap {tap}"), format!("nat_enable {ip}")]
+        );
+        let status = d.network_status().await.expect("status");
+        assert!(!status.guard_ok);
+        assert_eq!(status.guard_detail, why);
+        d.net_down(&vm).await;
+        released(&d).await;
+        assert_eq!(
+            host.asked(),
+            [format!("nat_disable {ip}"), format!("delete_tap {tap}")]
         );
     }
 

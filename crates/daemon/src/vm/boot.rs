@@ -61,10 +61,11 @@ impl Daemon {
             VmBackend::Qemu => kernel.kernel.clone(),
         };
         progress.phase(Step::Network, "setting up the VM's network");
-        let boot_net = match self.net_up(vm, steps).await {
+        let mut boot_net = match self.net_up(vm, steps).await {
             Ok(n) => n,
             Err(e) => return Err(fail(steps, e.into()).await),
         };
+        let guard = boot_net.as_mut().and_then(|n| n.guard.take());
         let (boot_args, disk_specs) = boot_layout(image, &disks, writable_root);
         let hostname = if template {
             TEMPLATE_HOSTNAME
@@ -107,6 +108,11 @@ impl Daemon {
             memory_file: (template && vmm.snapshot_memory_at_launch())
                 .then(|| vm.dir.join(crate::warm::header::MEMORY_FILE)),
         };
+        if let Some(g) = guard
+            && let Err(e) = g.wait().await
+        {
+            return Err(fail(steps, e.into()).await);
+        }
         let launch_vmm = vmm.clone();
         let launch_spec = spec.clone();
         let launched = steps

@@ -245,9 +245,9 @@ impl Daemon {
             .net_up(vm, steps)
             .await
             .map_err(|e| fail("network")(e.into()))?;
-        let (nets, guest) = match boot_net {
-            Some(n) => (n.nets, Some(n.guest)),
-            None => (Vec::new(), None),
+        let (nets, guest, guard) = match boot_net {
+            Some(n) => (n.nets, Some(n.guest), n.guard),
+            None => (Vec::new(), None, None),
         };
         let template_nets = nets
             .iter()
@@ -398,6 +398,12 @@ impl Daemon {
                 )
                 .await
                 .map_err(|e| fail("grow")(e.into()))?;
+        }
+
+        // Until the address checks are in place the bridge drops what the
+        // guest sends; its identity (its own MAC and address) comes next.
+        if let Some(g) = guard {
+            g.wait().await.map_err(|e| fail("network")(e.into()))?;
         }
 
         // 7. Its own identity.

@@ -759,3 +759,134 @@ fn cidr_overlaps_with_the_hosts_addresses_and_routes_are_found() {
         assert!(other.iter().any(|u| u.interface == "banger0"), "{other:?}");
     });
 }
+
+/// Every guest sends only as itself: a guest that takes another VM's
+/// address or MAC reaches nothing through the bridge, a TAP the guard does
+/// not know (an idle one) passes nothing, and the guests still reach the
+/// host and each other as themselves.
+#[test]
+fn a_guest_cannot_send_as_another() {
+    use banger_net::MacAddr;
+    let host_ns = NetNs::new("gh");
+    let guests: Vec<NetNs> = (0..3).map(|i| NetNs::new(&format!("g{i}"))).collect();
+    let taps: Vec<TapName> = (0..3)
+        .map(|i| TapName::new(format!("bgtapguard{i}")).expect("tap"))
+        .collect();
+    let s = subnet();
+    host_ns.run(|| async {
+        let host = LocalHostNet::connect().expect("netlink");
+        host.ensure_bridge(&spec()).await.expect("bridge");
+    });
+    // Each guest's veth end stands in for a VM's TAP.
+    for (i, (g, tap)) in guests.iter().zip(&taps).enumerate() {
+        let me = ip(2 + i as u8);
+        host_ns.ip(&[
+            "link",
+            "add",
+            tap.as_str(),
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "eth0",
+            "netns",
+            &g.name,
+        ]);
+        g.ip(&[
+            "link",
+            "set",
+            "eth0",
+            "address",
+            &MacAddr::from_ip(me).to_string(),
+        ]);
+        g.ip(&["addr", "add", &format!("{me}/24"), "dev", "eth0"]);
+        g.ip(&["link", "set", "eth0", "up"]);
+        host_ns.ip(&["link", "set", tap.as_str(), "master", "banger0", "up"]);
+    }
+    let port = SocketAddr::from((s.bridge_ip(), 7000));
+    let _host_listener = host_ns.enter(|| TcpListener::bind(port).expect("bind on the host"));
+    let guest_port = SocketAddr::from((ip(3), 7001));
+    let _guest_listener = guests[1].enter(|| TcpListener::bind(guest_port).expect("bind"));
+    let reaches = |g: &NetNs, to: SocketAddr| {
+        g.enter(|| TcpStream::connect_timeout(&to, Duration::from_secs(2)).is_ok())
+    };
+    let forget_neighbours = || {
+        host_ns.ip(&["neigh", "flush", "dev", "banger0"]);
+        for g in &guests {
+            g.ip(&["neigh", "flush", "dev", "eth0"]);
+        }
+    };
+
+    let bindings: banger_net::guard::Bindings =
+        [(taps[0].clone(), ip(2)), (taps[1].clone(), ip(3))].into();
+    host_ns.run(|| async {
+        let host = LocalHostNet::connect().expect("netlink");
+        host.guard_rebuild(&s, &bindings).await.expect("guard");
+    });
+    assert!(
+        reaches(&guests[0], port),
+        "a guest reaches the host as itself"
+    );
+    assert!(reaches(&guests[0], guest_port), "and another guest");
+    assert!(!reaches(&guests[2], port), "an unknown TAP passes nothing");
+
+    // Guest 0 takes guest 1's address (guest 1 keeps it too).
+    guests[0].ip(&["addr", "del", &format!("{}/24", ip(2)), "dev", "eth0"]);
+    guests[0].ip(&["addr", "add", &format!("{}/24", ip(3)), "dev", "eth0"]);
+    forget_neighbours();
+    assert!(
+        !reaches(&guests[0], port),
+        "a guest sent as another's address"
+    );
+    guests[0].ip(&["addr", "del", &format!("{}/24", ip(3)), "dev", "eth0"]);
+    guests[0].ip(&["addr", "add", &format!("{}/24", ip(2)), "dev", "eth0"]);
+    // Its own address with guest 1's MAC.
+    guests[0].ip(&[
+        "link",
+        "set",
+        "eth0",
+        "address",
+        &MacAddr::from_ip(ip(3)).to_string(),
+    ]);
+    forget_neighbours();
+    assert!(
+        !reaches(&guests[0], port),
+        "a guest sent with another's MAC"
+    );
+    guests[0].ip(&[
+        "link",
+        "set",
+        "eth0",
+        "address",
+        &MacAddr::from_ip(ip(2)).to_string(),
+    ]);
+    forget_neighbours();
+    assert!(reaches(&guests[0], port), "itself again, it is let through");
+
+    // A VM starting behind the idle TAP, then stopping.
+    host_ns.run(|| async {
+        let host = LocalHostNet::connect().expect("netlink");
+        host.guard_allow(&s, &taps[2], ip(4)).await.expect("allow");
+        host.guard_allow(&s, &taps[2], ip(4))
+            .await
+            .expect("allow again");
+    });
+    assert!(reaches(&guests[2], port), "allowed, it reaches the host");
+    host_ns.run(|| async {
+        let host = LocalHostNet::connect().expect("netlink");
+        host.guard_forget(&s, &taps[2], ip(4))
+            .await
+            .expect("forget");
+        host.guard_forget(&s, &taps[2], ip(4))
+            .await
+            .expect("forget again");
+        let e = host
+            .guard_allow(&s, &taps[2], s.bridge_ip())
+            .await
+            .expect_err("the bridge's address is no guest's");
+        assert!(e.to_string().contains("not a guest address"), "{e}");
+    });
+    forget_neighbours();
+    assert!(!reaches(&guests[2], port), "forgotten, it passes nothing");
+    assert!(reaches(&guests[1], port), "the others are untouched");
+}

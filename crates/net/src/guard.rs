@@ -1,0 +1,333 @@
+//! Each guest speaks only as itself on the bridge: nftables rules in a
+//! `bridge`-family table banger owns (`table bridge banger`).
+//!
+//! Guests are not trusted, and root in one can set any address. Without a
+//! check a guest could answer for another VM's address (and so its
+//! `NAME.vm` name and ports), or send as a NAT-enabled VM's address to
+//! reach the outside world when it has no NAT of its own. So every frame a
+//! banger TAP (`bgtap*`) brings into the bridge, for other guests or for
+//! the host, must carry that VM's own MAC (`06:00:` + its IPv4 address,
+//! [`MacAddr::from_ip`]) as its Ethernet source, and its IPv4 source (or
+//! ARP sender address) must be the VM's address; only IPv4, ARP and IPv6
+//! frames pass (no VLAN tags around those checks). ARP probes (sender
+//! 0.0.0.0) are allowed. IPv6 is checked by MAC only: nothing banger
+//! grants is tied to a guest's IPv6 address.
+//!
+//! The VM addresses live in two sets keyed by TAP name
+//! (`ifname . ether_addr`, `ifname . ipv4_addr`), so a VM's start and stop
+//! add and remove its elements without rewriting the rules, and a TAP
+//! with no elements (an idle one in the pool, or one whose VM is gone)
+//! passes nothing. [`rebuild`] makes the table at daemon start.
+
+use crate::alloc::{MacAddr, Subnet};
+use crate::ifname::{TAP_PREFIX, TapName};
+use crate::nat::{NatError, addr, field, matches, nft_err};
+use nftables::batch::Batch;
+use nftables::expr::{Expression, Meta, MetaKey, NamedExpression};
+use nftables::helper;
+use nftables::schema::{Chain, Element, NfListObject, Nftables, Rule, Set, SetTypeValue, Table};
+use nftables::stmt::{Operator, Statement};
+use nftables::types::{NfChainPolicy, NfChainType, NfFamily, NfHook};
+use std::borrow::Cow;
+use std::collections::BTreeMap;
+use std::net::Ipv4Addr;
+
+/// The table's name (family `bridge`; the NAT table is family `ip`).
+pub const TABLE: &str = "banger";
+const CHAIN: &str = "guard";
+const MACS: &str = "guest_macs";
+const IPS: &str = "guest_ips";
+/// Before the bridge's other filters (`filter` is -200).
+const PRIORITY: i32 = -300;
+
+/// The TAP each running VM's guest sits behind, and its address.
+pub type Bindings = BTreeMap<TapName, Ipv4Addr>;
+
+fn check(subnet: &Subnet, ip: Ipv4Addr) -> Result<(), NatError> {
+    if subnet.is_guest_ip(ip) {
+        Ok(())
+    } else {
+        Err(NatError::NotGuestIp {
+            ip,
+            cidr: subnet.cidr(),
+        })
+    }
+}
+
+/// Makes the table hold the rules and exactly `bindings` (daemon start).
+pub async fn rebuild(subnet: &Subnet, bindings: &Bindings) -> Result<(), NatError> {
+    for ip in bindings.values() {
+        check(subnet, *ip)?;
+    }
+    apply(&ruleset(bindings), "rebuilding the guests' address checks").await
+}
+
+/// Lets the guest behind `tap` send as `ip` (and its MAC). Idempotent.
+pub async fn allow(subnet: &Subnet, tap: &TapName, ip: Ipv4Addr) -> Result<(), NatError> {
+    check(subnet, ip)?;
+    let mut b = Batch::new();
+    b.add(NfListObject::Table(table()));
+    for set in sets() {
+        b.add(set);
+    }
+    for e in elements(tap, ip) {
+        b.add(e);
+    }
+    apply(&b.to_nftables(), "allowing a guest's addresses").await
+}
+
+/// Takes `tap`'s permission to send as `ip` away. Idempotent: the
+/// elements are added before they are deleted, so a missing one is no
+/// error.
+pub async fn forget(subnet: &Subnet, tap: &TapName, ip: Ipv4Addr) -> Result<(), NatError> {
+    check(subnet, ip)?;
+    let mut b = Batch::new();
+    b.add(NfListObject::Table(table()));
+    for set in sets() {
+        b.add(set);
+    }
+    for e in elements(tap, ip) {
+        b.add(e);
+    }
+    for e in elements(tap, ip) {
+        b.delete(e);
+    }
+    apply(&b.to_nftables(), "removing a guest's addresses").await
+}
+
+async fn apply(rs: &Nftables<'_>, action: &'static str) -> Result<(), NatError> {
+    helper::apply_ruleset_async(rs)
+        .await
+        .map_err(nft_err(action))
+}
+
+fn table() -> Table<'static> {
+    Table {
+        family: NfFamily::Bridge,
+        name: Cow::Borrowed(TABLE),
+        handle: None,
+    }
+}
+
+fn sets() -> [NfListObject<'static>; 2] {
+    use nftables::schema::SetType;
+    let set = |name: &'static str, second: SetType| {
+        NfListObject::Set(Box::new(Set {
+            family: NfFamily::Bridge,
+            table: Cow::Borrowed(TABLE),
+            name: Cow::Borrowed(name),
+            handle: None,
+            set_type: SetTypeValue::Concatenated(Cow::Owned(vec![SetType::Ifname, second])),
+            policy: None,
+            flags: None,
+            elem: None,
+            timeout: None,
+            gc_interval: None,
+            size: None,
+            comment: None,
+        }))
+    };
+    [set(MACS, SetType::EtherAddr), set(IPS, SetType::Ipv4Addr)]
+}
+
+fn concat(parts: Vec<Expression<'static>>) -> Expression<'static> {
+    Expression::Named(NamedExpression::Concat(parts))
+}
+
+fn text(s: String) -> Expression<'static> {
+    Expression::String(Cow::Owned(s))
+}
+
+/// The two elements of the guest behind `tap` at `ip`.
+fn elements(tap: &TapName, ip: Ipv4Addr) -> [NfListObject<'static>; 2] {
+    let element = |set: &'static str, value: String| {
+        NfListObject::Element(Element {
+            family: NfFamily::Bridge,
+            table: Cow::Borrowed(TABLE),
+            name: Cow::Borrowed(set),
+            elem: Cow::Owned(vec![concat(vec![text(tap.to_string()), text(value)])]),
+        })
+    };
+    [
+        element(MACS, MacAddr::from_ip(ip).to_string()),
+        element(IPS, ip.to_string()),
+    ]
+}
+
+fn iifname() -> Expression<'static> {
+    Expression::Named(NamedExpression::Meta(Meta {
+        key: MetaKey::Iifname,
+    }))
+}
+
+fn in_set(name: &'static str) -> Expression<'static> {
+    Expression::String(Cow::Owned(format!("@{name}")))
+}
+
+fn ether_type(t: &'static str) -> Statement<'static> {
+    matches(
+        field("ether", "type"),
+        Operator::EQ,
+        Expression::String(Cow::Borrowed(t)),
+    )
+}
+
+/// The one transaction that makes the table hold the rules and exactly
+/// `bindings`: `add table` (so the `delete` cannot fail), `delete table`,
+/// then the table, its sets, chain, rules and elements.
+pub fn ruleset(bindings: &Bindings) -> Nftables<'static> {
+    let mut b = Batch::new();
+    b.add(NfListObject::Table(table()));
+    b.delete(NfListObject::Table(table()));
+    b.add(NfListObject::Table(table()));
+    for set in sets() {
+        b.add(set);
+    }
+    b.add(NfListObject::Chain(Chain {
+        family: NfFamily::Bridge,
+        table: Cow::Borrowed(TABLE),
+        name: Cow::Borrowed(CHAIN),
+        _type: Some(NfChainType::Filter),
+        hook: Some(NfHook::Prerouting),
+        prio: Some(PRIORITY),
+        policy: Some(NfChainPolicy::Accept),
+        ..Chain::default()
+    }));
+    let from_tap = || {
+        matches(
+            iifname(),
+            Operator::EQ,
+            Expression::String(Cow::Owned(format!("{TAP_PREFIX}*"))),
+        )
+    };
+    let rules: Vec<Vec<Statement<'static>>> = vec![
+        // Only what the checks below understand.
+        vec![
+            from_tap(),
+            matches(
+                field("ether", "type"),
+                Operator::NEQ,
+                Expression::Named(NamedExpression::Set(
+                    ["ip", "arp", "ip6"]
+                        .into_iter()
+                        .map(|t| {
+                            nftables::expr::SetItem::Element(Expression::String(Cow::Borrowed(t)))
+                        })
+                        .collect(),
+                )),
+            ),
+            Statement::Drop(None),
+        ],
+        vec![
+            from_tap(),
+            matches(
+                concat(vec![iifname(), field("ether", "saddr")]),
+                Operator::NEQ,
+                in_set(MACS),
+            ),
+            Statement::Drop(None),
+        ],
+        vec![
+            from_tap(),
+            ether_type("arp"),
+            matches(
+                concat(vec![iifname(), field("arp", "saddr ether")]),
+                Operator::NEQ,
+                in_set(MACS),
+            ),
+            Statement::Drop(None),
+        ],
+        vec![
+            from_tap(),
+            ether_type("arp"),
+            matches(
+                field("arp", "saddr ip"),
+                Operator::NEQ,
+                addr(Ipv4Addr::UNSPECIFIED),
+            ),
+            matches(
+                concat(vec![iifname(), field("arp", "saddr ip")]),
+                Operator::NEQ,
+                in_set(IPS),
+            ),
+            Statement::Drop(None),
+        ],
+        vec![
+            from_tap(),
+            ether_type("ip"),
+            matches(
+                concat(vec![iifname(), field("ip", "saddr")]),
+                Operator::NEQ,
+                in_set(IPS),
+            ),
+            Statement::Drop(None),
+        ],
+    ];
+    for expr in rules {
+        b.add(NfListObject::Rule(Rule {
+            family: NfFamily::Bridge,
+            table: Cow::Borrowed(TABLE),
+            chain: Cow::Borrowed(CHAIN),
+            expr: Cow::Owned(expr),
+            handle: None,
+            index: None,
+            comment: None,
+        }));
+    }
+    for (tap, ip) in bindings {
+        for e in elements(tap, *ip) {
+            b.add(e);
+        }
+    }
+    b.to_nftables()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ruleset_json() {
+        let tap = TapName::new("bgtap00000003").expect("tap");
+        let bindings: Bindings = [(tap, Ipv4Addr::new(172, 16, 0, 5))].into();
+        let json = serde_json::to_value(ruleset(&bindings)).expect("json");
+        let objs = json["nftables"].as_array().expect("array");
+        // add, delete, add table; two sets; the chain; five rules; two
+        // elements.
+        assert_eq!(objs.len(), 13, "{json}");
+        assert_eq!(objs[1]["delete"]["table"]["family"], "bridge");
+        assert_eq!(objs[5]["add"]["chain"]["hook"], "prerouting");
+        let macs = &objs[11]["add"]["element"];
+        assert_eq!(macs["name"], "guest_macs");
+        assert_eq!(
+            macs["elem"][0]["concat"],
+            serde_json::json!(["bgtap00000003", "06:00:ac:10:00:05"])
+        );
+        assert_eq!(
+            objs[12]["add"]["element"]["elem"][0]["concat"],
+            serde_json::json!(["bgtap00000003", "172.16.0.5"])
+        );
+        for o in objs {
+            let inner = o.as_object().and_then(|m| m.values().next()).expect("cmd");
+            let obj = inner
+                .as_object()
+                .and_then(|m| m.values().next())
+                .expect("obj");
+            assert_eq!(obj["family"], "bridge", "{o}");
+            let table = obj.get("table").unwrap_or(&obj["name"]);
+            assert_eq!(table, "banger", "{o}");
+        }
+    }
+
+    #[test]
+    fn refuses_non_guest_addresses() {
+        let subnet = Subnet::new(
+            "172.16.0.0/24".parse().expect("cidr"),
+            Ipv4Addr::new(172, 16, 0, 1),
+        )
+        .expect("subnet");
+        assert!(check(&subnet, Ipv4Addr::new(172, 16, 0, 1)).is_err());
+        assert!(check(&subnet, Ipv4Addr::new(10, 0, 0, 5)).is_err());
+        assert!(check(&subnet, Ipv4Addr::new(172, 16, 0, 5)).is_ok());
+    }
+}
