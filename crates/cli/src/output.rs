@@ -7,14 +7,20 @@ use std::io::IsTerminal;
 /// guest command's own statuses pass through unchanged.
 pub const EXIT_BANGER_FAILED: i32 = 125;
 
+/// The exit status for a status that does not fit in one (outside 0..=255): a
+/// failure, as `ExitStatus::shell_code` gives for a guest's out-of-range
+/// status, whatever its sign.
+pub const EXIT_OUT_OF_RANGE: u8 = 255;
+
 /// The process's exit status for a command's `result`: its own status
-/// (clamped to 0..=255) when it ran; when banger failed,
+/// when it ran, [`EXIT_OUT_OF_RANGE`] if that is outside 0..=255 (a
+/// negative one must not read as success); when banger failed,
 /// [`EXIT_BANGER_FAILED`] for the commands that pass a guest command's
 /// status through (`passes_exit_status`), so it cannot pass for the
 /// guest's, and 1 for the others.
 pub fn exit_code<E>(result: &Result<i32, E>, passes_exit_status: bool) -> u8 {
     match result {
-        Ok(code) => (*code).clamp(0, 255) as u8,
+        Ok(code) => u8::try_from(*code).unwrap_or(EXIT_OUT_OF_RANGE),
         Err(_) if passes_exit_status => EXIT_BANGER_FAILED as u8,
         Err(_) => 1,
     }
@@ -329,10 +335,16 @@ mod tests {
         assert_eq!(exit_code(&failed, true), 125);
         assert_eq!(exit_code(&failed, false), 1);
         for passes in [true, false] {
-            assert_eq!(exit_code(&Ok::<i32, ()>(0), passes), 0);
-            assert_eq!(exit_code(&Ok::<i32, ()>(127), passes), 127);
-            assert_eq!(exit_code(&Ok::<i32, ()>(300), passes), 255);
-            assert_eq!(exit_code(&Ok::<i32, ()>(-1), passes), 0);
+            for code in 0..=255u8 {
+                assert_eq!(exit_code(&Ok::<i32, ()>(code.into()), passes), code);
+            }
+            for out_of_range in [256, 300, i32::MAX, -1, -255, -256, i32::MIN] {
+                assert_eq!(
+                    exit_code(&Ok::<i32, ()>(out_of_range), passes),
+                    255,
+                    "status {out_of_range}"
+                );
+            }
         }
     }
 
