@@ -159,10 +159,20 @@ impl TapPool {
     /// Returns at once; the deletion goes on in the background, and its
     /// failure is logged (a later daemon start deletes the leftover).
     pub fn release(&self, tap: &TapName) {
+        self.release_after(tap, std::future::ready(()));
+    }
+
+    /// [`Self::release`], deleting the TAP only once `first` has run (its
+    /// VM's address checks going, say), in the same background task.
+    pub fn release_after<F>(&self, tap: &TapName, first: F)
+    where
+        F: std::future::Future<Output = ()> + Send + 'static,
+    {
         let (host, tap) = (self.inner.host.clone(), tap.clone());
         let pending = Pending::new(self.deleting.clone());
         tokio::spawn(async move {
             let _pending = pending;
+            first.await;
             if let Err(e) = host.delete_tap(&tap).await {
                 tracing::warn!(%tap, error = %e, "deleting a released TAP");
             }

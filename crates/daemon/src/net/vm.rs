@@ -295,14 +295,24 @@ impl Daemon {
                 {
                     tracing::warn!(vm = %vm.name, error = %e, "removing NAT rules");
                 }
-                if let (Some(tap), Some(ip)) = (&lease.tap, lease.guard)
-                    && net.guard.is_on()
-                    && let Err(e) = host.guard_forget(&net.settings.subnet, tap, ip).await
-                {
-                    tracing::warn!(vm = %vm.name, error = %e, "removing the guest's address checks");
-                }
-                if let Some(tap) = &lease.tap {
-                    pool.release(tap);
+                // After the answer, like the TAP's deletion (which follows
+                // it): nothing can use the checks of a TAP that goes.
+                match (&lease.tap, lease.guard) {
+                    (Some(tap), Some(ip)) if net.guard.is_on() => {
+                        let (host, subnet, t, name) = (
+                            host.clone(),
+                            net.settings.subnet,
+                            tap.clone(),
+                            vm.name.clone(),
+                        );
+                        pool.release_after(tap, async move {
+                            if let Err(e) = host.guard_forget(&subnet, &t, ip).await {
+                                tracing::warn!(vm = %name, error = %e, "removing the guest's address checks");
+                            }
+                        });
+                    }
+                    (Some(tap), _) => pool.release(tap),
+                    (None, _) => {}
                 }
             }
         }
