@@ -21,7 +21,7 @@
 
 use crate::alloc::{MacAddr, Subnet};
 use crate::ifname::{TAP_PREFIX, TapName};
-use crate::nat::{NatError, addr, field, matches, nft_err};
+use crate::nat::{NatError, addr, check, field, matches, nft_err};
 use nftables::batch::Batch;
 use nftables::expr::{Expression, Meta, MetaKey, NamedExpression};
 use nftables::helper;
@@ -42,17 +42,6 @@ const PRIORITY: i32 = -300;
 
 /// The TAP each running VM's guest sits behind, and its address.
 pub type Bindings = BTreeMap<TapName, Ipv4Addr>;
-
-fn check(subnet: &Subnet, ip: Ipv4Addr) -> Result<(), NatError> {
-    if subnet.is_guest_ip(ip) {
-        Ok(())
-    } else {
-        Err(NatError::NotGuestIp {
-            ip,
-            cidr: subnet.cidr(),
-        })
-    }
-}
 
 /// Makes the table hold the rules and exactly `bindings` (daemon start).
 pub async fn rebuild(subnet: &Subnet, bindings: &Bindings) -> Result<(), NatError> {
@@ -200,70 +189,45 @@ pub fn ruleset(bindings: &Bindings) -> Nftables<'static> {
             Expression::String(Cow::Owned(format!("{TAP_PREFIX}*"))),
         )
     };
+    // `iifname . <field>` not in `set`: the frame is not its TAP's own.
+    let not_own = |f: Expression<'static>, set: &'static str| {
+        matches(concat(vec![iifname(), f]), Operator::NEQ, in_set(set))
+    };
+    let only_these_types = matches(
+        field("ether", "type"),
+        Operator::NEQ,
+        Expression::Named(NamedExpression::Set(
+            ["ip", "arp", "ip6"]
+                .into_iter()
+                .map(|t| nftables::expr::SetItem::Element(Expression::String(Cow::Borrowed(t))))
+                .collect(),
+        )),
+    );
+    let not_a_probe = matches(
+        field("arp", "saddr ip"),
+        Operator::NEQ,
+        addr(Ipv4Addr::UNSPECIFIED),
+    );
+    // Each rule: a frame from a banger TAP matching all of these is dropped.
     let rules: Vec<Vec<Statement<'static>>> = vec![
         // Only what the checks below understand.
+        vec![only_these_types],
+        vec![not_own(field("ether", "saddr"), MACS)],
         vec![
-            from_tap(),
-            matches(
-                field("ether", "type"),
-                Operator::NEQ,
-                Expression::Named(NamedExpression::Set(
-                    ["ip", "arp", "ip6"]
-                        .into_iter()
-                        .map(|t| {
-                            nftables::expr::SetItem::Element(Expression::String(Cow::Borrowed(t)))
-                        })
-                        .collect(),
-                )),
-            ),
-            Statement::Drop(None),
-        ],
-        vec![
-            from_tap(),
-            matches(
-                concat(vec![iifname(), field("ether", "saddr")]),
-                Operator::NEQ,
-                in_set(MACS),
-            ),
-            Statement::Drop(None),
-        ],
-        vec![
-            from_tap(),
             ether_type("arp"),
-            matches(
-                concat(vec![iifname(), field("arp", "saddr ether")]),
-                Operator::NEQ,
-                in_set(MACS),
-            ),
-            Statement::Drop(None),
+            not_own(field("arp", "saddr ether"), MACS),
         ],
         vec![
-            from_tap(),
             ether_type("arp"),
-            matches(
-                field("arp", "saddr ip"),
-                Operator::NEQ,
-                addr(Ipv4Addr::UNSPECIFIED),
-            ),
-            matches(
-                concat(vec![iifname(), field("arp", "saddr ip")]),
-                Operator::NEQ,
-                in_set(IPS),
-            ),
-            Statement::Drop(None),
+            not_a_probe,
+            not_own(field("arp", "saddr ip"), IPS),
         ],
-        vec![
-            from_tap(),
-            ether_type("ip"),
-            matches(
-                concat(vec![iifname(), field("ip", "saddr")]),
-                Operator::NEQ,
-                in_set(IPS),
-            ),
-            Statement::Drop(None),
-        ],
+        vec![ether_type("ip"), not_own(field("ip", "saddr"), IPS)],
     ];
-    for expr in rules {
+    for checks in rules {
+        let mut expr = vec![from_tap()];
+        expr.extend(checks);
+        expr.push(Statement::Drop(None));
         b.add(NfListObject::Rule(Rule {
             family: NfFamily::Bridge,
             table: Cow::Borrowed(TABLE),

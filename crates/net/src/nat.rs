@@ -93,7 +93,9 @@ pub(crate) fn nft_err(action: &'static str) -> impl FnOnce(NftablesError) -> Nat
     }
 }
 
-fn check(subnet: &Subnet, ip: Ipv4Addr) -> Result<(), NatError> {
+/// `ip` is a guest address of `subnet` (not its network, bridge or
+/// broadcast address), or the error saying so.
+pub(crate) fn check(subnet: &Subnet, ip: Ipv4Addr) -> Result<(), NatError> {
     if subnet.is_guest_ip(ip) {
         Ok(())
     } else {
