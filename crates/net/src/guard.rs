@@ -8,16 +8,24 @@
 //! banger TAP (`bgtap*`) brings into the bridge, for other guests or for
 //! the host, must carry that VM's own MAC (`06:00:` + its IPv4 address,
 //! [`MacAddr::from_ip`]) as its Ethernet source, and its IPv4 source (or
-//! ARP sender address) must be the VM's address; only IPv4, ARP and IPv6
-//! frames pass (no VLAN tags around those checks). ARP probes (sender
-//! 0.0.0.0) are allowed. IPv6 is checked by MAC only: nothing banger
-//! grants is tied to a guest's IPv6 address.
+//! ARP sender address) must be the VM's address; only IPv4 and ARP frames
+//! pass (no VLAN tags around those checks, and no IPv6, whose router
+//! advertisements and neighbour messages would let a guest redirect the
+//! others' traffic; banger's guests are IPv4). ARP probes (sender 0.0.0.0)
+//! are allowed.
+//!
+//! Frames to the reserved link-local group addresses (`01:80:c2:00:00:0X`)
+//! skip the bridge's prerouting hook and go up the TAP's own stack: an
+//! `inet` table of the same name drops whatever reaches the host's IP
+//! layer on a TAP (bridged traffic arrives on the bridge), and the bridge
+//! does not learn MACs from such frames (see `Netlink::ensure_bridge`).
 //!
 //! The VM addresses live in two sets keyed by TAP name
 //! (`ifname . ether_addr`, `ifname . ipv4_addr`), so a VM's start and stop
 //! add and remove its elements without rewriting the rules, and a TAP
 //! with no elements (an idle one in the pool, or one whose VM is gone)
-//! passes nothing. [`rebuild`] makes the table at daemon start.
+//! passes nothing. [`rebuild`] makes the tables at daemon start; rules
+//! someone else flushes (`nft flush ruleset`) stay gone until then.
 
 use crate::alloc::{MacAddr, Subnet};
 use crate::ifname::{TAP_PREFIX, TapName};
@@ -197,7 +205,7 @@ pub fn ruleset(bindings: &Bindings) -> Nftables<'static> {
         field("ether", "type"),
         Operator::NEQ,
         Expression::Named(NamedExpression::Set(
-            ["ip", "arp", "ip6"]
+            ["ip", "arp"]
                 .into_iter()
                 .map(|t| nftables::expr::SetItem::Element(Expression::String(Cow::Borrowed(t))))
                 .collect(),
@@ -210,7 +218,7 @@ pub fn ruleset(bindings: &Bindings) -> Nftables<'static> {
     );
     // Each rule: a frame from a banger TAP matching all of these is dropped.
     let rules: Vec<Vec<Statement<'static>>> = vec![
-        // Only what the checks below understand.
+        // Only what the checks below understand: IPv4 and ARP.
         vec![only_these_types],
         vec![not_own(field("ether", "saddr"), MACS)],
         vec![
@@ -243,6 +251,37 @@ pub fn ruleset(bindings: &Bindings) -> Nftables<'static> {
             b.add(e);
         }
     }
+    // Frames to the reserved link-local group addresses skip the bridge's
+    // prerouting hook and reach the TAP's own stack: nothing a TAP brings
+    // to the host's IP layer that way is taken (what is bridged arrives on
+    // the bridge, never on a port).
+    let port_table = || Table {
+        family: NfFamily::INet,
+        name: Cow::Borrowed(TABLE),
+        handle: None,
+    };
+    b.add(NfListObject::Table(port_table()));
+    b.delete(NfListObject::Table(port_table()));
+    b.add(NfListObject::Table(port_table()));
+    b.add(NfListObject::Chain(Chain {
+        family: NfFamily::INet,
+        table: Cow::Borrowed(TABLE),
+        name: Cow::Borrowed(CHAIN),
+        _type: Some(NfChainType::Filter),
+        hook: Some(NfHook::Prerouting),
+        prio: Some(PRIORITY),
+        policy: Some(NfChainPolicy::Accept),
+        ..Chain::default()
+    }));
+    b.add(NfListObject::Rule(Rule {
+        family: NfFamily::INet,
+        table: Cow::Borrowed(TABLE),
+        chain: Cow::Borrowed(CHAIN),
+        expr: Cow::Owned(vec![from_tap(), Statement::Drop(None)]),
+        handle: None,
+        index: None,
+        comment: None,
+    }));
     b.to_nftables()
 }
 
@@ -257,8 +296,9 @@ mod tests {
         let json = serde_json::to_value(ruleset(&bindings)).expect("json");
         let objs = json["nftables"].as_array().expect("array");
         // add, delete, add table; two sets; the chain; five rules; two
-        // elements.
-        assert_eq!(objs.len(), 13, "{json}");
+        // elements; then the ports' table (add, delete, add), its chain
+        // and rule.
+        assert_eq!(objs.len(), 18, "{json}");
         assert_eq!(objs[1]["delete"]["table"]["family"], "bridge");
         assert_eq!(objs[5]["add"]["chain"]["hook"], "prerouting");
         let macs = &objs[11]["add"]["element"];
@@ -277,7 +317,7 @@ mod tests {
                 .as_object()
                 .and_then(|m| m.values().next())
                 .expect("obj");
-            assert_eq!(obj["family"], "bridge", "{o}");
+            assert!(obj["family"] == "bridge" || obj["family"] == "inet", "{o}");
             let table = obj.get("table").unwrap_or(&obj["name"]);
             assert_eq!(table, "banger", "{o}");
         }

@@ -46,13 +46,11 @@ pub fn content_digest(path: &Path, stop: &dyn Fn() -> bool) -> Result<String, Di
     let mut buf = vec![0u8; CHUNK];
     let mut pos = 0;
     while pos < len {
-        let Some(start) = seek_data(&f, pos).map_err(fail)? else {
+        let Some(data) = seek_data(&f, pos).map_err(fail)? else {
             break;
         };
-        // Extents start on block boundaries on every file system that
-        // reports them; rounding down keeps blocks aligned if one did not.
-        let start = start - start % BLOCK as u64;
-        let end = seek_hole(&f, start).map_err(fail)?.min(len);
+        let hole = seek_hole(&f, data).map_err(fail)?;
+        let (start, end) = blocks_of(data, hole, pos, len);
         f.seek(SeekFrom::Start(start)).map_err(fail)?;
         let mut at = start;
         while at < end {
@@ -78,10 +76,21 @@ pub fn content_digest(path: &Path, stop: &dyn Fn() -> bool) -> Result<String, Di
             }
             at += got as u64;
         }
-        pos = end.max(pos + 1);
+        pos = end;
     }
     hash.update(len.to_le_bytes());
     Ok(hash.finalize().iter().map(|b| format!("{b:02x}")).collect())
+}
+
+/// The whole [`BLOCK`]s holding the data extent `data..hole`, from `pos`
+/// (a block boundary where the previous extent's blocks ended) on: a file
+/// system with smaller blocks reports extents that start or end inside a
+/// block, and a block must be hashed once, at its own offset.
+fn blocks_of(data: u64, hole: u64, pos: u64, len: u64) -> (u64, u64) {
+    let block = BLOCK as u64;
+    let start = (data - data % block).max(pos);
+    let end = hole.div_ceil(block).saturating_mul(block).min(len);
+    (start, end.max(start))
 }
 
 /// Reads until `buf` is full or the file ends.
@@ -163,6 +172,19 @@ mod tests {
         let empty = dir.path().join("empty");
         File::create(&empty).expect("ok");
         assert_eq!(content_digest(&empty, &never).expect("ok").len(), 64);
+    }
+
+    /// Extents of a file system with 1 KiB blocks start and end inside a
+    /// 4 KiB block: each block is taken whole, once, and the walk moves on.
+    #[test]
+    fn extents_inside_a_block_give_whole_blocks_once() {
+        // Data at [0, 1024) and [2048, 3072) of a 1 MiB file.
+        assert_eq!(blocks_of(0, 1024, 0, 1 << 20), (0, 4096));
+        // The second extent lies in the block already hashed.
+        assert_eq!(blocks_of(2048, 3072, 4096, 1 << 20), (4096, 4096));
+        assert_eq!(blocks_of(5120, 9216, 4096, 1 << 20), (4096, 12288));
+        // The end of the file ends the last block.
+        assert_eq!(blocks_of(8192, 10000, 8192, 10000), (8192, 10000));
     }
 
     #[test]

@@ -889,4 +889,123 @@ fn a_guest_cannot_send_as_another() {
     forget_neighbours();
     assert!(!reaches(&guests[2], port), "forgotten, it passes nothing");
     assert!(reaches(&guests[1], port), "the others are untouched");
+
+    // Frames to the reserved link-local group addresses skip the bridge's
+    // prerouting hook: guest 0 sends one as guest 1 (its MAC and address)
+    // to 01:80:c2:00:00:0e with a UDP datagram for the host inside.
+    let fdb_port = |mac: &str| {
+        let out = std::process::Command::new("bridge")
+            .args(["-n", &host_ns.name, "fdb", "show", "br", "banger0"])
+            .output()
+            .expect("bridge fdb");
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .find(|l| l.starts_with(mac))
+            .and_then(|l| l.split_whitespace().nth(2).map(str::to_string))
+    };
+    let mac1 = MacAddr::from_ip(ip(3));
+    assert_eq!(
+        fdb_port(&mac1.to_string()).as_deref(),
+        Some(taps[1].as_str())
+    );
+    host_ns.enter(|| {
+        for knob in ["all", "default", taps[0].as_str()] {
+            std::fs::write(format!("/proc/sys/net/ipv4/conf/{knob}/rp_filter"), "0")
+                .expect("rp_filter off, the kernel's default");
+        }
+    });
+    let sink = SocketAddr::from((s.bridge_ip(), 7002));
+    let sink_socket = host_ns.enter(|| {
+        let u = std::net::UdpSocket::bind(sink).expect("bind the sink");
+        u.set_read_timeout(Some(Duration::from_secs(2)))
+            .expect("timeout");
+        u
+    });
+    guests[0].enter(|| {
+        send_raw(
+            "eth0",
+            [0x01, 0x80, 0xc2, 0x00, 0x00, 0x0e],
+            mac1.0,
+            ip(3),
+            sink,
+            b"spoofed",
+        )
+    });
+    let mut buf = [0u8; 64];
+    let got = host_ns.enter(|| sink_socket.recv_from(&mut buf));
+    assert!(
+        got.is_err(),
+        "the host took a datagram sent as another guest: {got:?}"
+    );
+    assert_eq!(
+        fdb_port(&mac1.to_string()).as_deref(),
+        Some(taps[1].as_str()),
+        "the bridge learnt guest 1's MAC from guest 0's frame"
+    );
+}
+
+/// Sends one Ethernet frame out of `ifname` (in the calling thread's
+/// namespace): `dst`, `src`, an IPv4/UDP datagram from `from` to `to`.
+fn send_raw(
+    ifname: &str,
+    dst: [u8; 6],
+    src: [u8; 6],
+    from: Ipv4Addr,
+    to: SocketAddr,
+    payload: &[u8],
+) {
+    let SocketAddr::V4(to) = to else {
+        panic!("IPv4 only")
+    };
+    let udp_len = 8 + payload.len();
+    let total = 20 + udp_len;
+    let mut ip_hdr = vec![0x45, 0, 0, 0, 0, 0, 0x40, 0, 64, 17, 0, 0];
+    ip_hdr[2..4].copy_from_slice(&(total as u16).to_be_bytes());
+    ip_hdr.extend_from_slice(&from.octets());
+    ip_hdr.extend_from_slice(&to.ip().octets());
+    let mut sum: u32 = ip_hdr
+        .chunks(2)
+        .map(|c| u32::from(u16::from_be_bytes([c[0], c[1]])))
+        .sum();
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    ip_hdr[10..12].copy_from_slice(&(!(sum as u16)).to_be_bytes());
+    let mut frame = Vec::new();
+    frame.extend_from_slice(&dst);
+    frame.extend_from_slice(&src);
+    frame.extend_from_slice(&0x0800u16.to_be_bytes());
+    frame.extend_from_slice(&ip_hdr);
+    frame.extend_from_slice(&40000u16.to_be_bytes());
+    frame.extend_from_slice(&to.port().to_be_bytes());
+    frame.extend_from_slice(&(udp_len as u16).to_be_bytes());
+    frame.extend_from_slice(&[0, 0]);
+    frame.extend_from_slice(payload);
+    let name = std::ffi::CString::new(ifname).expect("name");
+    // SAFETY: plain socket calls on a descriptor this function owns, with
+    // a sockaddr_ll that outlives the call.
+    unsafe {
+        let fd = libc::socket(libc::AF_PACKET, libc::SOCK_RAW, 0);
+        assert!(
+            fd >= 0,
+            "packet socket: {}",
+            std::io::Error::last_os_error()
+        );
+        let mut addr: libc::sockaddr_ll = std::mem::zeroed();
+        addr.sll_family = libc::AF_PACKET as u16;
+        addr.sll_ifindex = libc::if_nametoindex(name.as_ptr()) as i32;
+        addr.sll_halen = 6;
+        addr.sll_addr[..6].copy_from_slice(&dst);
+        let sent = libc::sendto(
+            fd,
+            frame.as_ptr().cast(),
+            frame.len(),
+            0,
+            (&raw const addr).cast(),
+            std::mem::size_of::<libc::sockaddr_ll>() as u32,
+        );
+        let err = std::io::Error::last_os_error();
+        libc::close(fd);
+        assert_eq!(sent, frame.len() as isize, "sending the frame: {err}");
+    }
 }
