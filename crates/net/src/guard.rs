@@ -62,14 +62,7 @@ pub async fn rebuild(subnet: &Subnet, bindings: &Bindings) -> Result<(), NatErro
 /// Lets the guest behind `tap` send as `ip` (and its MAC). Idempotent.
 pub async fn allow(subnet: &Subnet, tap: &TapName, ip: Ipv4Addr) -> Result<(), NatError> {
     check(subnet, ip)?;
-    let mut b = Batch::new();
-    b.add(NfListObject::Table(table()));
-    for set in sets() {
-        b.add(set);
-    }
-    for e in elements(tap, ip) {
-        b.add(e);
-    }
+    let b = with_elements(tap, ip);
     apply(&b.to_nftables(), "allowing a guest's addresses").await
 }
 
@@ -78,6 +71,16 @@ pub async fn allow(subnet: &Subnet, tap: &TapName, ip: Ipv4Addr) -> Result<(), N
 /// error.
 pub async fn forget(subnet: &Subnet, tap: &TapName, ip: Ipv4Addr) -> Result<(), NatError> {
     check(subnet, ip)?;
+    let mut b = with_elements(tap, ip);
+    for e in elements(tap, ip) {
+        b.delete(e);
+    }
+    apply(&b.to_nftables(), "removing a guest's addresses").await
+}
+
+/// A batch that makes sure of the table and its sets and adds the
+/// elements of the guest behind `tap` at `ip`.
+fn with_elements(tap: &TapName, ip: Ipv4Addr) -> Batch<'static> {
     let mut b = Batch::new();
     b.add(NfListObject::Table(table()));
     for set in sets() {
@@ -86,10 +89,7 @@ pub async fn forget(subnet: &Subnet, tap: &TapName, ip: Ipv4Addr) -> Result<(), 
     for e in elements(tap, ip) {
         b.add(e);
     }
-    for e in elements(tap, ip) {
-        b.delete(e);
-    }
-    apply(&b.to_nftables(), "removing a guest's addresses").await
+    b
 }
 
 async fn apply(rs: &Nftables<'_>, action: &'static str) -> Result<(), NatError> {
