@@ -82,7 +82,7 @@ pub async fn forget(subnet: &Subnet, tap: &TapName, ip: Ipv4Addr) -> Result<(), 
 /// elements of the guest behind `tap` at `ip`.
 fn with_elements(tap: &TapName, ip: Ipv4Addr) -> Batch<'static> {
     let mut b = Batch::new();
-    b.add(NfListObject::Table(table()));
+    b.add(table(NfFamily::Bridge));
     for set in sets() {
         b.add(set);
     }
@@ -98,12 +98,43 @@ async fn apply(rs: &Nftables<'_>, action: &'static str) -> Result<(), NatError> 
         .map_err(nft_err(action))
 }
 
-fn table() -> Table<'static> {
-    Table {
-        family: NfFamily::Bridge,
+fn table(family: NfFamily) -> NfListObject<'static> {
+    NfListObject::Table(Table {
+        family,
         name: Cow::Borrowed(TABLE),
         handle: None,
-    }
+    })
+}
+
+/// `family`'s table made afresh (`add`, so the `delete` cannot fail, then
+/// `delete` and `add`), with its empty `guard` chain at prerouting.
+fn fresh_table(b: &mut Batch<'static>, family: NfFamily) {
+    b.add(table(family));
+    b.delete(table(family));
+    b.add(table(family));
+    b.add(NfListObject::Chain(Chain {
+        family,
+        table: Cow::Borrowed(TABLE),
+        name: Cow::Borrowed(CHAIN),
+        _type: Some(NfChainType::Filter),
+        hook: Some(NfHook::Prerouting),
+        prio: Some(PRIORITY),
+        policy: Some(NfChainPolicy::Accept),
+        ..Chain::default()
+    }));
+}
+
+/// A rule of `family`'s `guard` chain.
+fn rule(family: NfFamily, expr: Vec<Statement<'static>>) -> NfListObject<'static> {
+    NfListObject::Rule(Rule {
+        family,
+        table: Cow::Borrowed(TABLE),
+        chain: Cow::Borrowed(CHAIN),
+        expr: Cow::Owned(expr),
+        handle: None,
+        index: None,
+        comment: None,
+    })
 }
 
 fn sets() -> [NfListObject<'static>; 2] {
@@ -174,22 +205,10 @@ fn ether_type(t: &'static str) -> Statement<'static> {
 /// then the table, its sets, chain, rules and elements.
 pub fn ruleset(bindings: &Bindings) -> Nftables<'static> {
     let mut b = Batch::new();
-    b.add(NfListObject::Table(table()));
-    b.delete(NfListObject::Table(table()));
-    b.add(NfListObject::Table(table()));
+    fresh_table(&mut b, NfFamily::Bridge);
     for set in sets() {
         b.add(set);
     }
-    b.add(NfListObject::Chain(Chain {
-        family: NfFamily::Bridge,
-        table: Cow::Borrowed(TABLE),
-        name: Cow::Borrowed(CHAIN),
-        _type: Some(NfChainType::Filter),
-        hook: Some(NfHook::Prerouting),
-        prio: Some(PRIORITY),
-        policy: Some(NfChainPolicy::Accept),
-        ..Chain::default()
-    }));
     let from_tap = || {
         matches(
             iifname(),
@@ -236,15 +255,7 @@ pub fn ruleset(bindings: &Bindings) -> Nftables<'static> {
         let mut expr = vec![from_tap()];
         expr.extend(checks);
         expr.push(Statement::Drop(None));
-        b.add(NfListObject::Rule(Rule {
-            family: NfFamily::Bridge,
-            table: Cow::Borrowed(TABLE),
-            chain: Cow::Borrowed(CHAIN),
-            expr: Cow::Owned(expr),
-            handle: None,
-            index: None,
-            comment: None,
-        }));
+        b.add(rule(NfFamily::Bridge, expr));
     }
     for (tap, ip) in bindings {
         for e in elements(tap, *ip) {
@@ -255,33 +266,11 @@ pub fn ruleset(bindings: &Bindings) -> Nftables<'static> {
     // prerouting hook and reach the TAP's own stack: nothing a TAP brings
     // to the host's IP layer that way is taken (what is bridged arrives on
     // the bridge, never on a port).
-    let port_table = || Table {
-        family: NfFamily::INet,
-        name: Cow::Borrowed(TABLE),
-        handle: None,
-    };
-    b.add(NfListObject::Table(port_table()));
-    b.delete(NfListObject::Table(port_table()));
-    b.add(NfListObject::Table(port_table()));
-    b.add(NfListObject::Chain(Chain {
-        family: NfFamily::INet,
-        table: Cow::Borrowed(TABLE),
-        name: Cow::Borrowed(CHAIN),
-        _type: Some(NfChainType::Filter),
-        hook: Some(NfHook::Prerouting),
-        prio: Some(PRIORITY),
-        policy: Some(NfChainPolicy::Accept),
-        ..Chain::default()
-    }));
-    b.add(NfListObject::Rule(Rule {
-        family: NfFamily::INet,
-        table: Cow::Borrowed(TABLE),
-        chain: Cow::Borrowed(CHAIN),
-        expr: Cow::Owned(vec![from_tap(), Statement::Drop(None)]),
-        handle: None,
-        index: None,
-        comment: None,
-    }));
+    fresh_table(&mut b, NfFamily::INet);
+    b.add(rule(
+        NfFamily::INet,
+        vec![from_tap(), Statement::Drop(None)],
+    ));
     b.to_nftables()
 }
 
@@ -295,12 +284,12 @@ mod tests {
         let bindings: Bindings = [(tap, Ipv4Addr::new(172, 16, 0, 5))].into();
         let json = serde_json::to_value(ruleset(&bindings)).expect("json");
         let objs = json["nftables"].as_array().expect("array");
-        // add, delete, add table; two sets; the chain; five rules; two
+        // add, delete, add table; the chain; two sets; five rules; two
         // elements; then the ports' table (add, delete, add), its chain
         // and rule.
         assert_eq!(objs.len(), 18, "{json}");
         assert_eq!(objs[1]["delete"]["table"]["family"], "bridge");
-        assert_eq!(objs[5]["add"]["chain"]["hook"], "prerouting");
+        assert_eq!(objs[3]["add"]["chain"]["hook"], "prerouting");
         let macs = &objs[11]["add"]["element"];
         assert_eq!(macs["name"], "guest_macs");
         assert_eq!(
