@@ -354,40 +354,116 @@ const DOCKER_USER: &str = "DOCKER-USER";
 /// bridge rule and the forward rules of `vms`, before any other rule;
 /// nothing when Docker has no such chain.
 async fn sync_docker_user(subnet: &Subnet, vms: &BTreeSet<Ipv4Addr>) -> Result<(), NatError> {
-    let args = ["list", "chain", "ip", DOCKER_TABLE, DOCKER_USER];
-    let listed = match helper::get_current_ruleset_with_args_async(DEFAULT_NFT, &args).await {
-        Ok(rs) => rs,
-        // No Docker (or not its iptables-nft tables): nothing to do. Without
-        // nft there is no NAT (enabling it fails before this).
-        Err(NftablesError::NftFailed { .. }) => return Ok(()),
-        Err(NftablesError::NftExecution { inner, .. })
-            if inner.kind() == std::io::ErrorKind::NotFound =>
-        {
-            return Ok(());
-        }
-        Err(e) => return Err(nft_err("listing Docker's DOCKER-USER chain")(e)),
+    // No Docker (or not its iptables-nft tables): nothing to do.
+    let Some(ours) = docker_user_rules().await? else {
+        return Ok(());
     };
-    let ours: Vec<u32> = listed
-        .objects
-        .iter()
-        .filter_map(|o| match o {
-            NfObject::ListObject(NfListObject::Rule(r))
-                if r.table == DOCKER_TABLE
-                    && r.chain == DOCKER_USER
-                    && r.comment
-                        .as_deref()
-                        .is_some_and(|c| c.starts_with(COMMENT_PREFIX) || c == BRIDGE_COMMENT) =>
-            {
-                r.handle
-            }
-            _ => None,
-        })
-        .collect();
     apply(
         &docker_user_batch(subnet, vms, &ours),
         "updating Docker's DOCKER-USER chain",
     )
     .await
+}
+
+/// The handles of banger's rules in Docker's `DOCKER-USER` chain; `None`
+/// without that chain, or without nft (then there is no NAT either:
+/// enabling it fails before this).
+async fn docker_user_rules() -> Result<Option<Vec<u32>>, NatError> {
+    let args = ["list", "chain", "ip", DOCKER_TABLE, DOCKER_USER];
+    let listed = match helper::get_current_ruleset_with_args_async(DEFAULT_NFT, &args).await {
+        Ok(rs) => rs,
+        Err(NftablesError::NftFailed { .. }) => return Ok(None),
+        Err(NftablesError::NftExecution { inner, .. })
+            if inner.kind() == std::io::ErrorKind::NotFound =>
+        {
+            return Ok(None);
+        }
+        Err(e) => return Err(nft_err("listing Docker's DOCKER-USER chain")(e)),
+    };
+    Ok(Some(
+        listed
+            .objects
+            .iter()
+            .filter_map(|o| match o {
+                NfObject::ListObject(NfListObject::Rule(r))
+                    if r.table == DOCKER_TABLE
+                        && r.chain == DOCKER_USER
+                        && r.comment.as_deref().is_some_and(|c| {
+                            c.starts_with(COMMENT_PREFIX) || c == BRIDGE_COMMENT
+                        }) =>
+                {
+                    r.handle
+                }
+                _ => None,
+            })
+            .collect(),
+    ))
+}
+
+/// Deletes the rule with `handle` from `DOCKER-USER`.
+fn delete_docker_user_rule(b: &mut Batch<'static>, handle: u32) {
+    b.delete(NfListObject::Rule(Rule {
+        family: NfFamily::IP,
+        table: Cow::Borrowed(DOCKER_TABLE),
+        chain: Cow::Borrowed(DOCKER_USER),
+        expr: Cow::Owned(Vec::new()),
+        handle: Some(handle),
+        index: None,
+        comment: None,
+    }));
+}
+
+/// Removes everything banger keeps in nftables: `table ip banger` (NAT),
+/// the guests' address checks (`table bridge banger`, `table inet
+/// banger`) and banger's rules in Docker's `DOCKER-USER` chain, in one
+/// transaction. For `system uninstall`: a daemon makes them again when it
+/// starts. `false` when there was nothing to remove (or no nft).
+pub async fn remove_all() -> Result<bool, NatError> {
+    let listed =
+        match helper::get_current_ruleset_with_args_async(DEFAULT_NFT, &["list", "tables"]).await {
+            Ok(rs) => rs,
+            Err(e) => match nft_err("listing tables")(e) {
+                NatError::NftMissing => return Ok(false),
+                e => return Err(e),
+            },
+        };
+    let tables = listed
+        .objects
+        .iter()
+        .any(|o| matches!(o, NfObject::ListObject(NfListObject::Table(t)) if t.name == TABLE));
+    let docker = docker_user_rules().await?.unwrap_or_default();
+    if !tables && docker.is_empty() {
+        return Ok(false);
+    }
+    apply(&removal(&docker), "removing banger's nftables tables").await?;
+    Ok(true)
+}
+
+/// The transaction of [`remove_all`]: each table added (so its deletion
+/// cannot fail) and deleted, then the `DOCKER-USER` rules with `docker`'s
+/// handles.
+fn removal(docker: &[u32]) -> Nftables<'static> {
+    let mut b = Batch::new();
+    let tables = [
+        (NfFamily::IP, TABLE),
+        (NfFamily::Bridge, crate::guard::TABLE),
+        (NfFamily::INet, crate::guard::TABLE),
+    ];
+    for (family, name) in tables {
+        let table = || {
+            NfListObject::Table(Table {
+                family,
+                name: Cow::Borrowed(name),
+                handle: None,
+            })
+        };
+        b.add(table());
+        b.delete(table());
+    }
+    for h in docker {
+        delete_docker_user_rule(&mut b, *h);
+    }
+    b.to_nftables()
 }
 
 /// The transaction that replaces the rules with `handles` in
@@ -400,15 +476,7 @@ fn docker_user_batch(
 ) -> Nftables<'static> {
     let mut b = Batch::new();
     for h in handles {
-        b.delete(NfListObject::Rule(Rule {
-            family: NfFamily::IP,
-            table: Cow::Borrowed(DOCKER_TABLE),
-            chain: Cow::Borrowed(DOCKER_USER),
-            expr: Cow::Owned(Vec::new()),
-            handle: Some(*h),
-            index: None,
-            comment: None,
-        }));
+        delete_docker_user_rule(&mut b, *h);
     }
     let cidr = || {
         Expression::Named(NamedExpression::Prefix(Prefix {

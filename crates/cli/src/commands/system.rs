@@ -123,7 +123,7 @@ pub async fn run(cmd: SystemCommand) -> anyhow::Result<i32> {
             println!("restarted {HELPER_UNIT} and {DAEMON_UNIT}");
             Ok(0)
         }
-        SystemCommand::Uninstall { purge } => uninstall(&layout, purge),
+        SystemCommand::Uninstall { purge } => uninstall(&layout, purge).await,
     }
 }
 
@@ -417,7 +417,7 @@ fn write_state_dirs(record: &InstallRecord) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn uninstall(layout: &Layout, purge: bool) -> anyhow::Result<i32> {
+async fn uninstall(layout: &Layout, purge: bool) -> anyhow::Result<i32> {
     need_root("system uninstall")?;
     let record = InstallRecord::load(&layout.record_file()).ok().flatten();
     let paths = record
@@ -434,6 +434,19 @@ fn uninstall(layout: &Layout, purge: bool) -> anyhow::Result<i32> {
         systemctl(&["stop", DAEMON_UNIT, HELPER_UNIT])?;
     }
     let mut removed = Vec::new();
+    // The daemon's nftables state (NAT, the guests' address checks) goes
+    // with it, unless a daemon in this network namespace still runs (a
+    // user-mode one): it would lose its own.
+    match daemon_in_this_netns() {
+        Some(pid) => println!(
+            "kept banger's nftables tables: bangerd (pid {pid}) still runs in this network namespace"
+        ),
+        None => match banger_net::nat::remove_all().await {
+            Ok(true) => removed.push("banger's nftables tables".to_string()),
+            Ok(false) => {}
+            Err(e) => eprintln!("warning: cannot remove banger's nftables tables: {e}"),
+        },
+    }
     for f in [
         &paths.daemon_unit,
         &paths.helper_unit,
@@ -485,6 +498,20 @@ fn uninstall(layout: &Layout, purge: bool) -> anyhow::Result<i32> {
         );
     }
     Ok(0)
+}
+
+/// A `bangerd` process in the caller's network namespace, by pid.
+fn daemon_in_this_netns() -> Option<u32> {
+    let ours = std::fs::read_link("/proc/self/ns/net").ok()?;
+    std::fs::read_dir("/proc")
+        .ok()?
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .find(|pid| {
+            let dir = PathBuf::from(format!("/proc/{pid}"));
+            std::fs::read_to_string(dir.join("comm")).is_ok_and(|c| c.trim_end() == "bangerd")
+                && std::fs::read_link(dir.join("ns/net")).is_ok_and(|ns| ns == ours)
+        })
 }
 
 /// A warning when `running` is not the build `installed` recorded;

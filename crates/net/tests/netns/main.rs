@@ -446,6 +446,89 @@ fn nat_rules_live_only_in_bangers_table() {
     assert_eq!(ns.nft_table("other"), Some(before), "other table untouched");
 }
 
+/// The names of the tables in `ns`, as `family name`.
+fn nft_tables(ns: &NetNs) -> Vec<String> {
+    let out = ns.exec(&["nft", "list", "tables"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.strip_prefix("table "))
+        .map(str::to_string)
+        .collect()
+}
+
+/// The comments of the rules in Docker's `DOCKER-USER` chain in `ns`
+/// (`-` for a rule without one).
+fn docker_user_comments(ns: &NetNs) -> Vec<String> {
+    let out = ns.exec(&["nft", "-j", "list", "chain", "ip", "filter", "DOCKER-USER"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("nft json");
+    v["nftables"]
+        .as_array()
+        .expect("array")
+        .iter()
+        .filter_map(|o| o.get("rule"))
+        .map(|r| r["comment"].as_str().unwrap_or("-").to_string())
+        .collect()
+}
+
+#[test]
+fn removal_takes_bangers_tables_and_rules_only() {
+    let ns = NetNs::new("rmall");
+    // Docker's chain for its users' rules, with a rule of the admin's.
+    let docker = "table ip filter {\n chain DOCKER-USER {\n  counter return\n }\n}\n";
+    let path = std::env::temp_dir().join(format!("{}-docker.nft", ns.name));
+    std::fs::write(&path, docker).expect("write");
+    let out = ns.exec(&["nft", "-f", path.to_str().expect("utf8")]);
+    let _ = std::fs::remove_file(&path);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let s = subnet();
+    let tap = TapName::new("bgtap00000003").expect("tap");
+    ns.run(|| async {
+        let host = LocalHostNet::connect().expect("netlink");
+        host.nat_enable(&s, ip(2)).await.expect("enable");
+        host.guard_rebuild(&s, &[(tap, ip(2))].into())
+            .await
+            .expect("guard");
+    });
+    let mut tables = nft_tables(&ns);
+    tables.sort();
+    assert_eq!(
+        tables,
+        ["bridge banger", "inet banger", "ip banger", "ip filter"],
+        "banger's three tables beside Docker's"
+    );
+    assert!(
+        docker_user_comments(&ns)
+            .iter()
+            .any(|c| c.starts_with("banger")),
+        "NAT is mirrored into DOCKER-USER"
+    );
+
+    ns.run(|| async {
+        assert!(nat::remove_all().await.expect("remove"), "removed");
+        assert!(
+            !nat::remove_all().await.expect("again"),
+            "nothing left to remove"
+        );
+    });
+    assert_eq!(nft_tables(&ns), ["ip filter"]);
+    assert_eq!(docker_user_comments(&ns), ["-"], "only the admin's rule");
+}
+
 /// An HTTP server in `ns` on `addr` that answers every request with
 /// `hello` and reports each client's address.
 struct Upstream {
