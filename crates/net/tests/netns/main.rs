@@ -345,12 +345,30 @@ fn pool_needs_the_bridge() {
 }
 
 /// (chain, comment) of the per-VM rules of a table listing (not the guard).
-fn rule_comments(table: &serde_json::Value) -> Vec<(String, String)> {
-    table["nftables"]
+/// Loads `ruleset` (nft's own syntax) into `ns`.
+fn load_nft(ns: &NetNs, ruleset: &str) {
+    let path = std::env::temp_dir().join(format!("{}.nft", ns.name));
+    std::fs::write(&path, ruleset).expect("write");
+    let out = ns.exec(&["nft", "-f", path.to_str().expect("utf8")]);
+    let _ = std::fs::remove_file(&path);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// The rules in an `nft -j` listing.
+fn rules(listing: &serde_json::Value) -> impl Iterator<Item = &serde_json::Value> {
+    listing["nftables"]
         .as_array()
         .expect("array")
         .iter()
         .filter_map(|o| o.get("rule"))
+}
+
+fn rule_comments(table: &serde_json::Value) -> Vec<(String, String)> {
+    rules(table)
         .filter(|r| r["comment"] != "banger guard")
         .map(|r| {
             (
@@ -365,15 +383,9 @@ fn rule_comments(table: &serde_json::Value) -> Vec<(String, String)> {
 fn nat_rules_live_only_in_bangers_table() {
     let ns = NetNs::new("nat");
     // Another table that must never change.
-    let other = "table ip other {\n chain other_forward {\n  type filter hook forward priority 10; policy accept;\n  ip saddr 172.16.0.2 counter accept\n }\n}\n";
-    let path = std::env::temp_dir().join(format!("{}-other.nft", ns.name));
-    std::fs::write(&path, other).expect("write");
-    let out = ns.exec(&["nft", "-f", path.to_str().expect("utf8")]);
-    let _ = std::fs::remove_file(&path);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    load_nft(
+        &ns,
+        "table ip other {\n chain other_forward {\n  type filter hook forward priority 10; policy accept;\n  ip saddr 172.16.0.2 counter accept\n }\n}\n",
     );
     let before = ns.nft_table("other").expect("other table");
     assert_eq!(ns.nft_table("banger"), None);
@@ -471,11 +483,7 @@ fn docker_user_comments(ns: &NetNs) -> Vec<String> {
         String::from_utf8_lossy(&out.stderr)
     );
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("nft json");
-    v["nftables"]
-        .as_array()
-        .expect("array")
-        .iter()
-        .filter_map(|o| o.get("rule"))
+    rules(&v)
         .map(|r| r["comment"].as_str().unwrap_or("-").to_string())
         .collect()
 }
@@ -484,15 +492,9 @@ fn docker_user_comments(ns: &NetNs) -> Vec<String> {
 fn removal_takes_bangers_tables_and_rules_only() {
     let ns = NetNs::new("rmall");
     // Docker's chain for its users' rules, with a rule of the admin's.
-    let docker = "table ip filter {\n chain DOCKER-USER {\n  counter return\n }\n}\n";
-    let path = std::env::temp_dir().join(format!("{}-docker.nft", ns.name));
-    std::fs::write(&path, docker).expect("write");
-    let out = ns.exec(&["nft", "-f", path.to_str().expect("utf8")]);
-    let _ = std::fs::remove_file(&path);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    load_nft(
+        &ns,
+        "table ip filter {\n chain DOCKER-USER {\n  counter return\n }\n}\n",
     );
 
     let s = subnet();
