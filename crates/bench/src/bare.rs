@@ -86,10 +86,35 @@ pub(super) async fn bare_boot(
 /// The guest agent's hello on `stream`, within the boot timeout.
 pub(super) async fn hello(stream: tokio::net::UnixStream) -> anyhow::Result<()> {
     let agent = banger_agent_proto::client::AgentClient::spawn(stream);
-    tokio::time::timeout(std::time::Duration::from_secs(240), agent.wait_hello())
+    tokio::time::timeout(BOOT_TIMEOUT, agent.wait_hello())
         .await
         .context("guest agent did not come up")??;
     Ok(())
+}
+
+/// How long a bare boot may take to the agent's hello.
+const BOOT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(240);
+
+/// `err` with the end of the guest's console at `console`, which says
+/// where a boot that never reached the agent stopped.
+fn with_console(err: anyhow::Error, console: &std::path::Path) -> anyhow::Error {
+    const TAIL: u64 = 2048;
+    let tail = (|| -> std::io::Result<String> {
+        use std::io::{Read, Seek, SeekFrom};
+        let mut f = std::fs::File::open(console)?;
+        let len = f.metadata()?.len();
+        f.seek(SeekFrom::Start(len.saturating_sub(TAIL)))?;
+        let mut bytes = Vec::new();
+        f.read_to_end(&mut bytes)?;
+        Ok(String::from_utf8_lossy(&bytes).into_owned())
+    })();
+    match tail {
+        Ok(t) if !t.trim().is_empty() => {
+            err.context(format!("the guest's console ends with:\n{}", t.trim_end()))
+        }
+        Ok(_) => err.context("the guest's console is empty"),
+        Err(e) => err.context(format!("no console at {}: {e}", console.display())),
+    }
 }
 
 pub(super) async fn bare_qemu(spec: &banger_vmm::LaunchSpec) -> anyhow::Result<f64> {
@@ -118,7 +143,9 @@ pub(super) async fn bare_qemu(spec: &banger_vmm::LaunchSpec) -> anyhow::Result<f
             Err(e) => return Err(e).context("connecting to the agent socket"),
         }
     };
-    hello(stream).await?;
+    hello(stream)
+        .await
+        .map_err(|e| with_console(e, &paths.console_log()))?;
     let elapsed = t0.elapsed();
     let _ = child.kill().await;
     Ok(ms(elapsed))
@@ -140,6 +167,11 @@ pub(super) async fn bare_firecracker(
     let listener =
         tokio::net::UnixListener::bind(banger_vmm::firecracker::agent_listener_path(&spec.dir))
             .context("listening for the guest agent")?;
+    // Without an API socket the guest's serial console is Firecracker's
+    // standard output.
+    let console = banger_vmm::VmPaths::new(&spec.dir).console_log();
+    let console_file = std::fs::File::create(&console)
+        .with_context(|| format!("creating {}", console.display()))?;
     let t0 = Instant::now();
     // Files in the VM directory are given relative to it (as for every
     // banger launch), so Firecracker must run there.
@@ -150,14 +182,17 @@ pub(super) async fn bare_firecracker(
         .arg(&config_file)
         .args(["--id", "bench-bare"])
         .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
+        .stdout(console_file)
         .stderr(std::process::Stdio::null())
         .kill_on_drop(true)
         .spawn()
         .with_context(|| format!("starting {}", binary.display()))?;
     let stream = tokio::select! {
-        accepted = tokio::time::timeout(std::time::Duration::from_secs(240), listener.accept()) => {
-            accepted.context("guest agent did not connect")??.0
+        accepted = tokio::time::timeout(BOOT_TIMEOUT, listener.accept()) => {
+            accepted
+                .context("guest agent did not connect")
+                .and_then(|a| Ok(a?.0))
+                .map_err(|e| with_console(e, &console))?
         }
         status = child.wait() => anyhow::bail!(
             "firecracker exited early ({}); its log: {}",
@@ -165,7 +200,7 @@ pub(super) async fn bare_firecracker(
             config.logger.log_path.display()
         ),
     };
-    hello(stream).await?;
+    hello(stream).await.map_err(|e| with_console(e, &console))?;
     let elapsed = t0.elapsed();
     let _ = child.kill().await;
     Ok(ms(elapsed))

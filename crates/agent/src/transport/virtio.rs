@@ -8,11 +8,11 @@
 //! tokio's readiness tracking (which treats a hang-up as final) cannot drive
 //! this descriptor. Two plain threads own it instead:
 //!
-//! - the reader polls it; while no host is there it looks again after
-//!   [`HOST_POLL_FIRST`], doubling up to [`HOST_POLL`] (the driver offers no
-//!   wake-up for "host connected" that `poll` can wait on: `POLLHUP` is
-//!   reported until then; at boot the host is usually a few milliseconds
-//!   away, and the greeting waits for it). Each time a host
+//! - the reader polls it; while no host is there it waits for the
+//!   driver's `SIGIO` (sent when the host's side opens or closes, see
+//!   [`HostSignal`]), looking again after [`HOST_POLL_FIRST`], doubling up
+//!   to [`HOST_POLL`], should none come (`poll` cannot wait for "host
+//!   connected": `POLLHUP` is reported until then). Each time a host
 //!   appears it hands out a new [`HostConnection`], and ends that
 //!   connection's byte stream when the host goes away.
 //! - the writer writes what connections send, one `write` per buffer. Bytes
@@ -198,6 +198,13 @@ impl Reader {
         let mut feed: Option<mpsc::Sender<Bytes>> = None;
         let mut buf = vec![0u8; 64 * 1024];
         let mut pause = HOST_POLL_FIRST;
+        let signal = match HostSignal::arm(&self.file) {
+            Ok(s) => Some(s),
+            Err(e) => {
+                tracing::info!(error = %e, "no SIGIO from the virtio-serial port: looking for the host every {HOST_POLL:?}");
+                None
+            }
+        };
         loop {
             let wait = if feed.is_some() {
                 PollTimeout::NONE
@@ -251,7 +258,10 @@ impl Reader {
                     tracing::info!("host left the virtio-serial port");
                     pause = HOST_POLL_FIRST;
                 }
-                std::thread::sleep(pause);
+                match &signal {
+                    Some(s) => s.wait(pause),
+                    None => std::thread::sleep(pause),
+                }
                 pause = (pause * 2).min(HOST_POLL);
                 continue;
             }
@@ -353,8 +363,95 @@ impl Writer {
     }
 }
 
+/// `SIGIO` from the port to the reader thread: the guest driver sends it
+/// when the host's side opens or closes (and when data arrives), so a
+/// host that connects is seen at once rather than at the next look.
+/// The signal is directed at this one thread (`F_OWNER_TID`), which keeps
+/// it blocked and takes it with `sigtimedwait`: no handler, and no other
+/// thread (nor the commands it starts) is touched.
+struct HostSignal {
+    set: nix::sys::signal::SigSet,
+}
+
+impl HostSignal {
+    /// Arms the port's signal for the calling thread.
+    fn arm(file: &File) -> nix::Result<Self> {
+        use nix::sys::signal::{SigSet, SigmaskHow, Signal, pthread_sigmask};
+        use std::os::fd::AsRawFd;
+        let mut set = SigSet::empty();
+        set.add(Signal::SIGIO);
+        pthread_sigmask(SigmaskHow::SIG_BLOCK, Some(&set), None)?;
+        // <linux/fcntl.h>, the same on every architecture; the libc crate
+        // has them for musl only.
+        const F_SETOWN_EX: libc::c_int = 15;
+        const F_OWNER_TID: libc::c_int = 0;
+        #[repr(C)]
+        struct FOwnerEx {
+            kind: libc::c_int,
+            pid: libc::pid_t,
+        }
+        let fd = file.as_raw_fd();
+        let owner = FOwnerEx {
+            kind: F_OWNER_TID,
+            pid: nix::unistd::gettid().as_raw(),
+        };
+        // SAFETY: fcntl(2) on an open descriptor with a valid, initialised
+        // argument of the type each command takes.
+        unsafe {
+            Errno::result(libc::fcntl(fd, F_SETOWN_EX, &owner))?;
+            let flags = Errno::result(libc::fcntl(fd, libc::F_GETFL))?;
+            Errno::result(libc::fcntl(fd, libc::F_SETFL, flags | libc::O_ASYNC))?;
+        }
+        Ok(Self { set })
+    }
+
+    /// Returns when the port signals, or after `timeout`.
+    fn wait(&self, timeout: Duration) {
+        let ts = libc::timespec {
+            tv_sec: timeout.as_secs() as libc::time_t,
+            tv_nsec: libc::c_long::from(timeout.subsec_nanos()),
+        };
+        // SAFETY: sigtimedwait(2) with a valid set and timeout; the
+        // siginfo pointer may be null.
+        unsafe {
+            libc::sigtimedwait(self.set.as_ref(), std::ptr::null_mut(), &ts);
+        }
+    }
+}
+
 fn poll_port(file: &File, events: PollFlags, timeout: PollTimeout) -> nix::Result<PollFlags> {
     let mut fds = [PollFd::new(file.as_fd(), events)];
     poll(&mut fds, timeout)?;
     Ok(fds[0].revents().unwrap_or(PollFlags::empty()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Instant;
+
+    /// The signal wakes the waiting thread as soon as its descriptor has
+    /// news (here a pipe's data), long before the wait's end; without
+    /// news the wait runs its course.
+    #[test]
+    fn the_signal_ends_the_wait_early() {
+        let (rd, wr) = nix::unistd::pipe().expect("pipe");
+        let (armed_tx, armed_rx) = std::sync::mpsc::channel();
+        let waiter = std::thread::spawn(move || {
+            let file = File::from(rd);
+            let signal = HostSignal::arm(&file).expect("arm");
+            let t = Instant::now();
+            signal.wait(Duration::from_millis(50));
+            let quiet = t.elapsed();
+            armed_tx.send(()).expect("send");
+            let t = Instant::now();
+            signal.wait(Duration::from_secs(30));
+            (quiet, t.elapsed())
+        });
+        armed_rx.recv().expect("armed");
+        File::from(wr).write_all(b"x").expect("write");
+        let (quiet, woken) = waiter.join().expect("waiter");
+        assert!(quiet >= Duration::from_millis(50), "{quiet:?}");
+        assert!(woken < Duration::from_secs(20), "{woken:?}");
+    }
 }

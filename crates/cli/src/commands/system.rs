@@ -636,6 +636,35 @@ async fn status(layout: &Layout, json: bool) -> anyhow::Result<i32> {
 mod tests {
     use super::*;
 
+    #[test]
+    fn a_daemon_in_this_network_namespace_is_found() {
+        // A process named bangerd: `sleep` under that name.
+        let dir = tempfile::tempdir().expect("tmp");
+        let fake = dir.path().join("bangerd");
+        std::fs::copy("/bin/sleep", &fake).expect("copy sleep");
+        let mut child = Command::new(&fake).arg("30").spawn().expect("spawn");
+        let pid = child.id();
+        // Its name is set by the exec, which may not have happened yet.
+        let named = std::time::Instant::now();
+        while std::fs::read_to_string(format!("/proc/{pid}/comm"))
+            .is_ok_and(|c| c.trim_end() != "bangerd")
+            && named.elapsed() < std::time::Duration::from_secs(10)
+        {
+            std::thread::yield_now();
+        }
+        let found = daemon_in_this_netns();
+        let _ = child.kill();
+        let _ = child.wait();
+        // Another bangerd of this namespace (a developer's) would do too.
+        let found = found.expect("the fake bangerd");
+        assert!(
+            found == pid
+                || std::fs::read_to_string(format!("/proc/{found}/comm"))
+                    .is_ok_and(|c| c.trim_end() == "bangerd"),
+            "{found}"
+        );
+    }
+
     fn record(layout: &Layout) -> InstallRecord {
         InstallRecord {
             version: "v0.1.0".into(),
