@@ -194,11 +194,10 @@ pub(super) async fn bare_firecracker(
                 .and_then(|a| Ok(a?.0))
                 .map_err(|e| with_console(e, &console))?
         }
-        status = child.wait() => anyhow::bail!(
-            "firecracker exited early ({}); its log: {}",
-            status?,
-            config.logger.log_path.display()
-        ),
+        // A guest that cannot boot reboots, which ends Firecracker.
+        status = child.wait() => {
+            return Err(with_console(anyhow::anyhow!("firecracker exited early ({})", status?), &console));
+        }
     };
     hello(stream).await.map_err(|e| with_console(e, &console))?;
     let elapsed = t0.elapsed();

@@ -202,7 +202,7 @@ fn ether_type(t: &'static str) -> Statement<'static> {
 
 /// The one transaction that makes the table hold the rules and exactly
 /// `bindings`: `add table` (so the `delete` cannot fail), `delete table`,
-/// then the table, its sets, chain, rules and elements.
+/// then the table, its chain, sets, rules and elements.
 pub fn ruleset(bindings: &Bindings) -> Nftables<'static> {
     let mut b = Batch::new();
     fresh_table(&mut b, NfFamily::Bridge);

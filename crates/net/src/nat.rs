@@ -415,9 +415,14 @@ fn delete_docker_user_rule(b: &mut Batch<'static>, handle: u32) {
 
 /// Removes everything banger keeps in nftables: `table ip banger` (NAT),
 /// the guests' address checks (`table bridge banger`, `table inet
-/// banger`) and banger's rules in Docker's `DOCKER-USER` chain, in one
-/// transaction. For `system uninstall`: a daemon makes them again when it
-/// starts. `false` when there was nothing to remove (or no nft).
+/// banger`) and banger's rules in Docker's `DOCKER-USER` chain. For
+/// `system uninstall`: a daemon makes them again when it starts. `false`
+/// when there was nothing to remove (or no nft).
+///
+/// The tables go in one transaction naming only those that exist (a
+/// kernel without nftables' bridge family refuses even a table of it).
+/// Docker's rules go in a second: a chain Docker rewrote in between must
+/// not keep the tables.
 pub async fn remove_all() -> Result<bool, NatError> {
     let listed =
         match helper::get_current_ruleset_with_args_async(DEFAULT_NFT, &["list", "tables"]).await {
@@ -427,40 +432,59 @@ pub async fn remove_all() -> Result<bool, NatError> {
                 e => return Err(e),
             },
         };
-    let tables = listed
+    let ours: Vec<NfFamily> = listed
         .objects
         .iter()
-        .any(|o| matches!(o, NfObject::ListObject(NfListObject::Table(t)) if t.name == TABLE));
-    let docker = docker_user_rules().await?.unwrap_or_default();
-    if !tables && docker.is_empty() {
-        return Ok(false);
+        .filter_map(|o| match o {
+            NfObject::ListObject(NfListObject::Table(t)) if is_ours(t) => Some(t.family),
+            _ => None,
+        })
+        .collect();
+    if !ours.is_empty() {
+        apply(&table_removal(&ours), "removing banger's nftables tables").await?;
     }
-    apply(&removal(&docker), "removing banger's nftables tables").await?;
-    Ok(true)
+    let docker = docker_user_rules().await?.unwrap_or_default();
+    if !docker.is_empty() {
+        apply(
+            &docker_user_removal(&docker),
+            "removing banger's rules from Docker's DOCKER-USER chain",
+        )
+        .await?;
+    }
+    Ok(!ours.is_empty() || !docker.is_empty())
 }
 
-/// The transaction of [`remove_all`]: each table added (so its deletion
-/// cannot fail) and deleted, then the `DOCKER-USER` rules with `docker`'s
-/// handles.
-fn removal(docker: &[u32]) -> Nftables<'static> {
-    let mut b = Batch::new();
-    let tables = [
-        (NfFamily::IP, TABLE),
-        (NfFamily::Bridge, crate::guard::TABLE),
-        (NfFamily::INet, crate::guard::TABLE),
-    ];
-    for (family, name) in tables {
-        let table = || {
-            NfListObject::Table(Table {
-                family,
-                name: Cow::Borrowed(name),
-                handle: None,
-            })
-        };
-        b.add(table());
-        b.delete(table());
+/// A table banger makes: `ip banger`, `bridge banger` or `inet banger`.
+fn is_ours(t: &Table<'_>) -> bool {
+    match t.family {
+        NfFamily::IP => t.name == TABLE,
+        NfFamily::Bridge | NfFamily::INet => t.name == crate::guard::TABLE,
+        _ => false,
     }
-    for h in docker {
+}
+
+/// Deletes banger's table of each of `families`.
+fn table_removal(families: &[NfFamily]) -> Nftables<'static> {
+    let mut b = Batch::new();
+    for family in families {
+        let name = if *family == NfFamily::IP {
+            TABLE
+        } else {
+            crate::guard::TABLE
+        };
+        b.delete(NfListObject::Table(Table {
+            family: *family,
+            name: Cow::Borrowed(name),
+            handle: None,
+        }));
+    }
+    b.to_nftables()
+}
+
+/// Deletes the `DOCKER-USER` rules with `handles`.
+fn docker_user_removal(handles: &[u32]) -> Nftables<'static> {
+    let mut b = Batch::new();
+    for h in handles {
         delete_docker_user_rule(&mut b, *h);
     }
     b.to_nftables()

@@ -405,16 +405,22 @@ impl HostSignal {
         Ok(Self { set })
     }
 
-    /// Returns when the port signals, or after `timeout`.
+    /// Returns when the port signals, or after `timeout` (another
+    /// signal's handler does not end the wait).
     fn wait(&self, timeout: Duration) {
-        let ts = libc::timespec {
-            tv_sec: timeout.as_secs() as libc::time_t,
-            tv_nsec: libc::c_long::from(timeout.subsec_nanos()),
-        };
-        // SAFETY: sigtimedwait(2) with a valid set and timeout; the
-        // siginfo pointer may be null.
-        unsafe {
-            libc::sigtimedwait(self.set.as_ref(), std::ptr::null_mut(), &ts);
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            let ts = libc::timespec {
+                tv_sec: left.as_secs() as libc::time_t,
+                tv_nsec: libc::c_long::from(left.subsec_nanos()),
+            };
+            // SAFETY: sigtimedwait(2) with a valid set and timeout; the
+            // siginfo pointer may be null.
+            let r = unsafe { libc::sigtimedwait(self.set.as_ref(), std::ptr::null_mut(), &ts) };
+            if r >= 0 || Errno::last() != Errno::EINTR || left.is_zero() {
+                return;
+            }
         }
     }
 }
