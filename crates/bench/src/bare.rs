@@ -98,22 +98,15 @@ const BOOT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(240);
 /// `err` with the end of the guest's console at `console`, which says
 /// where a boot that never reached the agent stopped.
 fn with_console(err: anyhow::Error, console: &std::path::Path) -> anyhow::Error {
-    const TAIL: u64 = 2048;
-    let tail = (|| -> std::io::Result<String> {
-        use std::io::{Read, Seek, SeekFrom};
-        let mut f = std::fs::File::open(console)?;
-        let len = f.metadata()?.len();
-        f.seek(SeekFrom::Start(len.saturating_sub(TAIL)))?;
-        let mut bytes = Vec::new();
-        f.read_to_end(&mut bytes)?;
-        Ok(String::from_utf8_lossy(&bytes).into_owned())
-    })();
-    match tail {
-        Ok(t) if !t.trim().is_empty() => {
-            err.context(format!("the guest's console ends with:\n{}", t.trim_end()))
-        }
-        Ok(_) => err.context("the guest's console is empty"),
-        Err(e) => err.context(format!("no console at {}: {e}", console.display())),
+    const LINES: usize = 15;
+    let tail = banger_vmm::console::console_tail(console, LINES);
+    if tail.is_empty() {
+        err.context(format!(
+            "the guest's console ({}) is empty or missing",
+            console.display()
+        ))
+    } else {
+        err.context(format!("the guest's console ends with:\n{tail}"))
     }
 }
 

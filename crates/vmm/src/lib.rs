@@ -8,6 +8,7 @@
 //! Firecracker (API calls, all configuration before `InstanceStart`) fit:
 //! `launch` does whatever the backend needs up to a booting guest.
 
+pub mod console;
 pub mod firecracker;
 pub mod host;
 pub mod logcap;

@@ -376,30 +376,7 @@ pub(super) async fn fail(steps: &mut Steps<'_>, cause: anyhow::Error) -> BootErr
     )
 }
 
-/// The last `max` bytes of the file at `path` (all of it when smaller).
-pub(crate) fn read_tail(path: &std::path::Path, max: u64) -> std::io::Result<Vec<u8>> {
-    use std::io::{Read, Seek, SeekFrom};
-    let mut f = std::fs::File::open(path)?;
-    let len = f.metadata()?.len();
-    f.seek(SeekFrom::Start(len.saturating_sub(max)))?;
-    let mut b = Vec::new();
-    f.take(max).read_to_end(&mut b)?;
-    Ok(b)
-}
-
-/// The last `n` lines of a console (or VMM) log, for error messages.
-pub(crate) fn console_tail(path: &std::path::Path, n: usize) -> String {
-    // The last 64 KiB hold the last 15 lines of any console worth reading.
-    let text = read_tail(path, 64 * 1024)
-        .map(|b| String::from_utf8_lossy(&b).into_owned())
-        .unwrap_or_default();
-    let mut lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
-    // A kernel panic's stack dump says nothing to a user; what led to it does.
-    if let Some(i) = lines.iter().position(|l| l.contains("Kernel panic")) {
-        lines.truncate(i + 1);
-    }
-    lines[lines.len().saturating_sub(n)..].join("\n")
-}
+pub(crate) use banger_vmm::console::{console_tail, read_tail};
 
 #[cfg(test)]
 mod tests {
