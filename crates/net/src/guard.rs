@@ -29,10 +29,9 @@
 
 use crate::alloc::{MacAddr, Subnet};
 use crate::ifname::{TAP_PREFIX, TapName};
-use crate::nat::{NatError, addr, check, field, matches, nft_err};
+use crate::nat::{NatError, addr, apply, check, field, matches};
 use nftables::batch::Batch;
 use nftables::expr::{Expression, Meta, MetaKey, NamedExpression};
-use nftables::helper;
 use nftables::schema::{Chain, Element, NfListObject, Nftables, Rule, Set, SetTypeValue, Table};
 use nftables::stmt::{Operator, Statement};
 use nftables::types::{NfChainPolicy, NfChainType, NfFamily, NfHook};
@@ -90,12 +89,6 @@ fn with_elements(tap: &TapName, ip: Ipv4Addr) -> Batch<'static> {
         b.add(e);
     }
     b
-}
-
-async fn apply(rs: &Nftables<'_>, action: &'static str) -> Result<(), NatError> {
-    helper::apply_ruleset_async(rs)
-        .await
-        .map_err(nft_err(action))
 }
 
 fn table(family: NfFamily) -> NfListObject<'static> {

@@ -161,7 +161,8 @@ pub async fn current() -> Result<BTreeSet<Ipv4Addr>, NatError> {
     }
 }
 
-async fn apply(rs: &Nftables<'_>, action: &'static str) -> Result<(), NatError> {
+/// Applies `rs` in one nft transaction; `action` names it in errors.
+pub(crate) async fn apply(rs: &Nftables<'_>, action: &'static str) -> Result<(), NatError> {
     helper::apply_ruleset_async(rs)
         .await
         .map_err(nft_err(action))
@@ -432,16 +433,23 @@ pub async fn remove_all() -> Result<bool, NatError> {
                 e => return Err(e),
             },
         };
-    let ours: Vec<NfFamily> = listed
+    let ours: Vec<NfListObject<'static>> = listed
         .objects
         .iter()
         .filter_map(|o| match o {
-            NfObject::ListObject(NfListObject::Table(t)) if is_ours(t) => Some(t.family),
+            NfObject::ListObject(NfListObject::Table(t)) if is_ours(t) => {
+                Some(NfListObject::Table(Table {
+                    family: t.family,
+                    name: Cow::Owned(t.name.to_string()),
+                    handle: None,
+                }))
+            }
             _ => None,
         })
         .collect();
-    if !ours.is_empty() {
-        apply(&table_removal(&ours), "removing banger's nftables tables").await?;
+    let any_table = !ours.is_empty();
+    if any_table {
+        apply(&table_removal(ours), "removing banger's nftables tables").await?;
     }
     let docker = docker_user_rules().await?.unwrap_or_default();
     if !docker.is_empty() {
@@ -451,7 +459,7 @@ pub async fn remove_all() -> Result<bool, NatError> {
         )
         .await?;
     }
-    Ok(!ours.is_empty() || !docker.is_empty())
+    Ok(any_table || !docker.is_empty())
 }
 
 /// A table banger makes: `ip banger`, `bridge banger` or `inet banger`.
@@ -463,20 +471,11 @@ fn is_ours(t: &Table<'_>) -> bool {
     }
 }
 
-/// Deletes banger's table of each of `families`.
-fn table_removal(families: &[NfFamily]) -> Nftables<'static> {
+/// Deletes `tables`.
+fn table_removal(tables: Vec<NfListObject<'static>>) -> Nftables<'static> {
     let mut b = Batch::new();
-    for family in families {
-        let name = if *family == NfFamily::IP {
-            TABLE
-        } else {
-            crate::guard::TABLE
-        };
-        b.delete(NfListObject::Table(Table {
-            family: *family,
-            name: Cow::Borrowed(name),
-            handle: None,
-        }));
+    for t in tables {
+        b.delete(t);
     }
     b.to_nftables()
 }
