@@ -759,7 +759,15 @@ mod tests {
         assert_eq!(c.status, Status::Pass, "{}", c.detail);
         assert_eq!(c.detail, format!("http://{live}/"));
         drop(listener);
-        let c = web_check(Some(live), true).await;
+        // A bound socket that does not listen keeps its port from every other
+        // program and refuses connections: silence that no parallel test can
+        // fill, unlike a port left free after a listener is dropped.
+        let silent = tokio::net::TcpSocket::new_v4().expect("socket");
+        silent
+            .bind("127.0.0.1:0".parse().expect("addr"))
+            .expect("bind");
+        let quiet = silent.local_addr().expect("addr");
+        let c = web_check(Some(quiet), true).await;
         assert_eq!(c.status, Status::Warn, "{}", c.detail);
         assert!(c.detail.contains("nothing answers"), "{}", c.detail);
     }
