@@ -271,13 +271,14 @@ fn bridge_dns_nat_ports_and_restart() {
     // Root in a guest can take another VM's address; the bridge drops what
     // it sends as one. net-b sends three datagrams to the host: as itself,
     // as net-a (an address it added), as itself again.
-    let sink = spawn_sink(b);
-    let (ok, out, err) = exec(
-        b,
-        "net-b",
-        &format!(
-            "ip addr add {ip_a}/32 dev eth0 || exit 1; \
-             python3 -c \"
+    let spoof_is_dropped = |when: &str| {
+        let sink = spawn_sink(b);
+        let (ok, out, err) = exec(
+            b,
+            "net-b",
+            &format!(
+                "ip addr add {ip_a}/32 dev eth0 || exit 1; \
+                 python3 -c \"
 import socket
 def send(src, msg):
     s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
@@ -285,19 +286,53 @@ def send(src, msg):
     s.sendto(msg, ('{BRIDGE_IP}', {SINK_PORT}))
 send('{ip_b}', b'own'); send('{ip_a}', b'spoofed'); send('{ip_b}', b'end')
 \"; rc=$?; ip addr del {ip_a}/32 dev eth0; exit $rc"
-        ),
+            ),
+        );
+        assert!(ok, "sending from net-b {when}: {out} {err}");
+        let seen = sink.wait_with_output().expect("the host's sink");
+        let seen = text(&seen).0;
+        assert!(
+            seen.contains(&format!("{ip_b} own")) && seen.contains(&format!("{ip_b} end")),
+            "the host did not get net-b's own datagrams {when}: {seen}"
+        );
+        assert!(
+            !seen.contains("spoofed"),
+            "a guest sent as another VM's address {when}: {seen}"
+        );
+    };
+    spoof_is_dropped("");
+
+    // Someone flushes the host's nftables (as a restart of its nftables
+    // service does): the daemon makes its tables again from what it keeps,
+    // the checks with both VMs' addresses and net-a's NAT.
+    let flush = b
+        .in_netns("nft", &["flush", "ruleset"])
+        .output()
+        .expect("nft");
+    assert!(flush.status.success(), "{}", text(&flush).1);
+    let listed = |family: &str| {
+        let out = b
+            .in_netns("nft", &["list", "table", family, "banger"])
+            .output()
+            .expect("nft");
+        text(&out).0
+    };
+    wait_until(
+        "the daemon to make its nftables tables again",
+        Duration::from_secs(60),
+        || {
+            let (bridge, nat) = (listed("bridge"), listed("ip"));
+            bridge.contains("chain guard")
+                && bridge.contains(&ip_a)
+                && bridge.contains(&ip_b)
+                && !listed("inet").is_empty()
+                && nat.contains(&format!("banger vm {ip_a}"))
+                && nat.contains("banger guard")
+        },
     );
-    assert!(ok, "sending from net-b: {out} {err}");
-    let seen = sink.wait_with_output().expect("the host's sink");
-    let seen = text(&seen).0;
-    assert!(
-        seen.contains(&format!("{ip_b} own")) && seen.contains(&format!("{ip_b} end")),
-        "the host did not get net-b's own datagrams: {seen}"
-    );
-    assert!(
-        !seen.contains("spoofed"),
-        "a guest sent as another VM's address: {seen}"
-    );
+    spoof_is_dropped("after a flush");
+    let (ok, out, err) = exec(b, "net-a", &curl);
+    assert!(ok && out == "200", "NAT lost after a flush: {out} {err}");
 
     // vm ports finds a web server started in the guest.
     let (ok, _, err) = exec(

@@ -24,19 +24,22 @@
 //! (`ifname . ether_addr`, `ifname . ipv4_addr`), so a VM's start and stop
 //! add and remove its elements without rewriting the rules, and a TAP
 //! with no elements (an idle one in the pool, or one whose VM is gone)
-//! passes nothing. [`rebuild`] makes the tables at daemon start; rules
-//! someone else flushes (`nft flush ruleset`) stay gone until then.
+//! passes nothing. [`rebuild`] makes the tables at daemon start, and again
+//! whenever [`in_place`] finds them changed by someone else (`nft flush
+//! ruleset`; see [`crate::firewall`]).
 
 use crate::alloc::{MacAddr, Subnet};
 use crate::ifname::{TAP_PREFIX, TapName};
-use crate::nat::{NatError, addr, apply, check, field, matches};
+use crate::nat::{NatError, addr, apply, check, field, listing, matches, rules_of};
 use nftables::batch::Batch;
 use nftables::expr::{Expression, Meta, MetaKey, NamedExpression};
-use nftables::schema::{Chain, Element, NfListObject, Nftables, Rule, Set, SetTypeValue, Table};
+use nftables::schema::{
+    Chain, Element, NfListObject, NfObject, Nftables, Rule, Set, SetTypeValue, Table,
+};
 use nftables::stmt::{Operator, Statement};
 use nftables::types::{NfChainPolicy, NfChainType, NfFamily, NfHook};
 use std::borrow::Cow;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
 
 /// The table's name (family `bridge`; the NAT table is family `ip`).
@@ -75,6 +78,69 @@ pub async fn forget(subnet: &Subnet, tap: &TapName, ip: Ipv4Addr) -> Result<(), 
         b.delete(e);
     }
     apply(&b.to_nftables(), "removing a guest's addresses").await
+}
+
+/// Whether the tables hold what [`ruleset`] makes for `bindings`: both
+/// families' rules, and in the sets exactly the elements of `bindings`.
+/// `false` when a table is gone (`nft flush ruleset`), or holds only the
+/// sets that an [`allow`] after such a flush makes.
+pub async fn in_place(bindings: &Bindings) -> Result<bool, NatError> {
+    let wanted = ruleset(bindings);
+    for family in [NfFamily::Bridge, NfFamily::INet] {
+        let name = if family == NfFamily::Bridge {
+            "bridge"
+        } else {
+            "inet"
+        };
+        let Some(listed) = listing(name, TABLE).await? else {
+            return Ok(false);
+        };
+        if rules_of(&listed, family) != rules_of(&wanted, family) {
+            return Ok(false);
+        }
+        if family == NfFamily::Bridge && elements_in(&listed) != elements_of(bindings) {
+            return Ok(false);
+        }
+    }
+    Ok(true)
+}
+
+/// The elements of the sets, as `(set, tap, value)`.
+type Elements = BTreeSet<(String, String, String)>;
+
+/// What the sets hold for `bindings`.
+fn elements_of(bindings: &Bindings) -> Elements {
+    bindings
+        .iter()
+        .flat_map(|(tap, ip)| {
+            [
+                (MACS, MacAddr::from_ip(*ip).to_string()),
+                (IPS, ip.to_string()),
+            ]
+            .map(|(set, value)| (set.to_string(), tap.to_string(), value))
+        })
+        .collect()
+}
+
+/// What the sets of a listed table hold.
+fn elements_in(listed: &Nftables<'_>) -> Elements {
+    let mut found = Elements::new();
+    for o in listed.objects.iter() {
+        let NfObject::ListObject(NfListObject::Set(set)) = o else {
+            continue;
+        };
+        for e in set.elem.iter().flat_map(|e| e.iter()) {
+            if let Expression::Named(NamedExpression::Concat(parts)) = e
+                && let [Expression::String(tap), Expression::String(value)] = parts.as_slice()
+            {
+                found.insert((set.name.to_string(), tap.to_string(), value.to_string()));
+            } else {
+                // Something banger does not add: never in place.
+                found.insert((set.name.to_string(), format!("{e:?}"), String::new()));
+            }
+        }
+    }
+    found
 }
 
 /// A batch that makes sure of the table and its sets and adds the

@@ -6,6 +6,7 @@
 //! implement the same trait over a socket later without callers changing.
 
 use crate::alloc::Subnet;
+use crate::firewall::{self, Repaired};
 use crate::guard;
 use crate::ifname::{IfName, TapName};
 use crate::link::{BridgeChange, LinkError, LinkState, Netlink};
@@ -96,6 +97,16 @@ pub trait HostNet: Send + Sync {
         subnet: &Subnet,
         bindings: &guard::Bindings,
     ) -> Result<(), HostNetError>;
+
+    /// Checks banger's tables against the address checks for exactly
+    /// `guard` (`None`: the checks are off) and NAT for exactly `nat`, and
+    /// rebuilds those someone else changed (see [`crate::firewall`]).
+    async fn firewall_ensure(
+        &self,
+        subnet: &Subnet,
+        guard: Option<&guard::Bindings>,
+        nat: &BTreeSet<Ipv4Addr>,
+    ) -> Result<Repaired, HostNetError>;
 
     /// Lets the guest behind `tap` send as `ip`. Idempotent.
     async fn guard_allow(
@@ -255,6 +266,16 @@ impl HostNet for LocalHostNet {
         bindings: &guard::Bindings,
     ) -> Result<(), HostNetError> {
         Ok(guard::rebuild(subnet, bindings).await?)
+    }
+
+    async fn firewall_ensure(
+        &self,
+        subnet: &Subnet,
+        guard: Option<&guard::Bindings>,
+        nat: &BTreeSet<Ipv4Addr>,
+    ) -> Result<Repaired, HostNetError> {
+        let _g = self.nat_lock.lock().await;
+        Ok(firewall::ensure(subnet, guard, nat).await?)
     }
 
     async fn guard_allow(

@@ -17,6 +17,7 @@
 
 pub mod alloc;
 pub mod dns;
+pub mod firewall;
 pub mod guard;
 pub mod guest;
 pub mod host;

@@ -37,7 +37,7 @@ use crate::alloc::Subnet;
 use nftables::batch::Batch;
 use nftables::expr::{CT, Expression, NamedExpression, Payload, PayloadField, Prefix};
 use nftables::helper::{self, DEFAULT_NFT, NftablesError};
-use nftables::schema::{Chain, NfListObject, NfObject, Nftables, Rule, Table};
+use nftables::schema::{Chain, NfCmd, NfListObject, NfObject, Nftables, Rule, Table};
 use nftables::stmt::{Match, Operator, Statement};
 use nftables::types::{NfChainPolicy, NfChainType, NfFamily, NfHook};
 use std::borrow::Cow;
@@ -149,16 +149,51 @@ pub async fn rebuild(subnet: &Subnet, vm_ips: &BTreeSet<Ipv4Addr>) -> Result<(),
 
 /// Guest addresses that currently have NAT rules in banger's table.
 pub async fn current() -> Result<BTreeSet<Ipv4Addr>, NatError> {
-    let args = ["list", "table", "ip", TABLE];
+    Ok(listing("ip", TABLE)
+        .await?
+        .map(|rs| vms_in(&rs))
+        .unwrap_or_default())
+}
+
+/// Whether banger's table holds what [`ruleset`] makes for `vms`: NAT
+/// rules for exactly those addresses and as many rules in all (the
+/// guard's among them). `false` when the table is gone, as after
+/// `nft flush ruleset`.
+pub async fn in_place(subnet: &Subnet, vms: &BTreeSet<Ipv4Addr>) -> Result<bool, NatError> {
+    Ok(listing("ip", TABLE).await?.is_some_and(|rs| {
+        vms_in(&rs) == *vms
+            && rules_of(&rs, NfFamily::IP) == rules_of(&ruleset(subnet, vms), NfFamily::IP)
+    }))
+}
+
+/// The table `family` `name` as nft lists it; `None` when there is none.
+pub(crate) async fn listing(
+    family: &str,
+    name: &str,
+) -> Result<Option<Nftables<'static>>, NatError> {
+    let args = ["list", "table", family, name];
     match helper::get_current_ruleset_with_args_async(DEFAULT_NFT, &args).await {
-        Ok(rs) => Ok(vms_in(&rs)),
+        Ok(rs) => Ok(Some(rs)),
         Err(NftablesError::NftFailed { stderr, .. })
             if stderr.contains("No such file or directory") =>
         {
-            Ok(BTreeSet::new())
+            Ok(None)
         }
-        Err(e) => Err(nft_err("listing table ip banger")(e)),
+        Err(e) => Err(nft_err("listing banger's tables")(e)),
     }
+}
+
+/// How many rules of `family` `rs` holds: those nft listed, or those a
+/// batch adds.
+pub(crate) fn rules_of(rs: &Nftables<'_>, family: NfFamily) -> usize {
+    rs.objects
+        .iter()
+        .filter(|o| match o {
+            NfObject::ListObject(NfListObject::Rule(r))
+            | NfObject::CmdObject(NfCmd::Add(NfListObject::Rule(r))) => r.family == family,
+            _ => false,
+        })
+        .count()
 }
 
 /// Applies `rs` in one nft transaction; `action` names it in errors.

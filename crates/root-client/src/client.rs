@@ -5,6 +5,7 @@
 use crate::proto::{
     ErrorKind, GuardBinding, MAX_LINE, Op, PROTOCOL_VERSION, Reply, Request, Response,
 };
+use banger_net::firewall::Repaired;
 use banger_net::host::{BridgeSpec, HostNetError, TapInfo};
 use banger_net::link::BridgeChange;
 use banger_net::{HostNet, IfName, Subnet, TapName, guard};
@@ -197,6 +198,16 @@ fn cidr(subnet: &Subnet) -> String {
     subnet.cidr().to_string()
 }
 
+fn wire_bindings(bindings: &guard::Bindings) -> Vec<GuardBinding> {
+    bindings
+        .iter()
+        .map(|(tap, ip)| GuardBinding {
+            tap: tap.to_string(),
+            ip: *ip,
+        })
+        .collect()
+}
+
 #[async_trait::async_trait]
 impl HostNet for HelperClient {
     async fn ensure_bridge(&self, bridge: &BridgeSpec) -> Result<BridgeChange, HostNetError> {
@@ -307,15 +318,27 @@ impl HostNet for HelperClient {
         let op = Op::GuardRebuild {
             cidr: cidr(subnet),
             bridge_ip: subnet.bridge_ip(),
-            bindings: bindings
-                .iter()
-                .map(|(tap, ip)| GuardBinding {
-                    tap: tap.to_string(),
-                    ip: *ip,
-                })
-                .collect(),
+            bindings: wire_bindings(bindings),
         };
         Ok(self.done("guard_rebuild", op).await?)
+    }
+
+    async fn firewall_ensure(
+        &self,
+        subnet: &Subnet,
+        guard: Option<&guard::Bindings>,
+        nat: &BTreeSet<Ipv4Addr>,
+    ) -> Result<Repaired, HostNetError> {
+        let op = Op::FirewallEnsure {
+            cidr: cidr(subnet),
+            bridge_ip: subnet.bridge_ip(),
+            guard: guard.map(wire_bindings),
+            nat: nat.iter().copied().collect(),
+        };
+        match self.call(op).await? {
+            Reply::Repaired { guard, nat } => Ok(Repaired { guard, nat }),
+            other => Err(self.unexpected("firewall_ensure", &other).into()),
+        }
     }
 
     async fn guard_allow(

@@ -16,8 +16,8 @@ use std::path::PathBuf;
 /// 2 added [`Op::BuildDebianImage`]; 3 dropped `set_ip_forward` (NAT
 /// switches forwarding on by itself, and nothing may switch it off); 4
 /// added the guests' address checks ([`Op::GuardRebuild`] and the two
-/// after it).
-pub const PROTOCOL_VERSION: u32 = 4;
+/// after it); 5 added [`Op::FirewallEnsure`].
+pub const PROTOCOL_VERSION: u32 = 5;
 
 /// Longest request or reply line accepted.
 pub const MAX_LINE: usize = 64 * 1024;
@@ -74,6 +74,15 @@ pub enum Op {
         cidr: String,
         bridge_ip: Ipv4Addr,
         bindings: Vec<GuardBinding>,
+    },
+    /// Check banger's nftables tables against the address checks for
+    /// exactly `guard` (`None`: the checks are off) and NAT for exactly
+    /// `nat`; rebuild those someone else changed.
+    FirewallEnsure {
+        cidr: String,
+        bridge_ip: Ipv4Addr,
+        guard: Option<Vec<GuardBinding>>,
+        nat: Vec<Ipv4Addr>,
     },
     /// Let the guest behind `tap` send as `ip`.
     GuardAllow {
@@ -133,6 +142,7 @@ impl Op {
             Op::NatDisable { .. } => "nat_disable",
             Op::NatRebuild { .. } => "nat_rebuild",
             Op::GuardRebuild { .. } => "guard_rebuild",
+            Op::FirewallEnsure { .. } => "firewall_ensure",
             Op::GuardAllow { .. } => "guard_allow",
             Op::GuardForget { .. } => "guard_forget",
             Op::ResolvedWire { .. } => "resolved_wire",
@@ -185,6 +195,11 @@ pub enum Reply {
     BridgeIndex(Option<u32>),
     Taps(Vec<Tap>),
     Image(Image),
+    /// What [`Op::FirewallEnsure`] made again.
+    Repaired {
+        guard: bool,
+        nat: bool,
+    },
 }
 
 /// A built Debian image: the image crate's own record travels as is.
@@ -248,9 +263,35 @@ mod tests {
         let line = serde_json::to_string(&r).expect("json");
         assert_eq!(
             line,
-            r#"{"version":4,"op":{"name":"guard_rebuild","cidr":"172.16.0.0/24","bridge_ip":"172.16.0.1","bindings":[{"tap":"bgtap1","ip":"172.16.0.2"}]}}"#
+            r#"{"version":5,"op":{"name":"guard_rebuild","cidr":"172.16.0.0/24","bridge_ip":"172.16.0.1","bindings":[{"tap":"bgtap1","ip":"172.16.0.2"}]}}"#
         );
         assert_eq!(serde_json::from_str::<Request>(&line).expect("parse"), r);
+        let ensure = Request {
+            version: PROTOCOL_VERSION,
+            op: Op::FirewallEnsure {
+                cidr: "172.16.0.0/24".into(),
+                bridge_ip: Ipv4Addr::new(172, 16, 0, 1),
+                guard: None,
+                nat: vec![Ipv4Addr::new(172, 16, 0, 2)],
+            },
+        };
+        let line = serde_json::to_string(&ensure).expect("json");
+        assert_eq!(
+            line,
+            r#"{"version":5,"op":{"name":"firewall_ensure","cidr":"172.16.0.0/24","bridge_ip":"172.16.0.1","guard":null,"nat":["172.16.0.2"]}}"#
+        );
+        assert_eq!(
+            serde_json::from_str::<Request>(&line).expect("parse"),
+            ensure
+        );
+        assert_eq!(
+            serde_json::to_string(&Response::Ok(Reply::Repaired {
+                guard: true,
+                nat: false
+            }))
+            .expect("json"),
+            r#"{"ok":{"repaired":{"guard":true,"nat":false}}}"#
+        );
         let bad = r#"{"version":4,"op":{"name":"guard_allow","cidr":"172.16.0.0/24","bridge_ip":"172.16.0.1","tap":"bgtap1","ip":"172.16.0.2","mac":"00:00:00:00:00:01"}}"#;
         assert!(serde_json::from_str::<Request>(bad).is_err(), "{bad}");
     }
@@ -267,7 +308,7 @@ mod tests {
         let line = serde_json::to_string(&r).expect("json");
         assert_eq!(
             line,
-            r#"{"version":4,"op":{"name":"build_debian_image","image":"default","suite":"bookworm"}}"#
+            r#"{"version":5,"op":{"name":"build_debian_image","image":"default","suite":"bookworm"}}"#
         );
         assert_eq!(serde_json::from_str::<Request>(&line).expect("parse"), r);
         // No paths, mirror or agent from the client.

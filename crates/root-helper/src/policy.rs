@@ -6,10 +6,9 @@
 //! config, TAPs must carry banger's prefix, DNS must be on loopback, and
 //! paths must lie inside banger's own directories without `..` or symlinks.
 
-#[cfg(test)]
-use crate::proto::GuardBinding;
-use crate::proto::{ErrorKind, Op};
+use crate::proto::{ErrorKind, GuardBinding, Op};
 use banger_net::{IfName, Subnet, TapName, guard};
+use std::collections::BTreeSet;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Component, Path, PathBuf};
 
@@ -57,6 +56,10 @@ pub enum Checked {
     NatDisable(Ipv4Addr),
     NatRebuild(Vec<Ipv4Addr>),
     GuardRebuild(guard::Bindings),
+    FirewallEnsure {
+        guard: Option<guard::Bindings>,
+        nat: BTreeSet<Ipv4Addr>,
+    },
     GuardAllow(TapName, Ipv4Addr),
     GuardForget(TapName, Ipv4Addr),
     ResolvedWire(SocketAddr),
@@ -129,11 +132,7 @@ impl Policy {
                 ips,
             } => {
                 self.subnet(&cidr, bridge_ip)?;
-                let ips = ips
-                    .into_iter()
-                    .map(|ip| self.guest(ip))
-                    .collect::<Result<_, _>>()?;
-                Checked::NatRebuild(ips)
+                Checked::NatRebuild(self.guests(ips)?)
             }
             Op::GuardRebuild {
                 cidr,
@@ -141,18 +140,19 @@ impl Policy {
                 bindings,
             } => {
                 self.subnet(&cidr, bridge_ip)?;
-                let mut checked = guard::Bindings::new();
-                for b in bindings {
-                    // One address per TAP; a list longer than the subnet
-                    // has guests cannot be honest.
-                    if checked
-                        .insert(tap_name(&b.tap)?, self.guest(b.ip)?)
-                        .is_some()
-                    {
-                        return Err(Refusal::refused(format!("TAP {} is listed twice", b.tap)));
-                    }
+                Checked::GuardRebuild(self.bindings(bindings)?)
+            }
+            Op::FirewallEnsure {
+                cidr,
+                bridge_ip,
+                guard,
+                nat,
+            } => {
+                self.subnet(&cidr, bridge_ip)?;
+                Checked::FirewallEnsure {
+                    guard: guard.map(|b| self.bindings(b)).transpose()?,
+                    nat: self.guests(nat)?.into_iter().collect(),
                 }
-                Checked::GuardRebuild(checked)
             }
             Op::GuardAllow {
                 cidr,
@@ -216,6 +216,24 @@ impl Policy {
             )));
         }
         Ok(())
+    }
+
+    fn guests(&self, ips: Vec<Ipv4Addr>) -> Result<Vec<Ipv4Addr>, Refusal> {
+        ips.into_iter().map(|ip| self.guest(ip)).collect()
+    }
+
+    /// One guest address per TAP.
+    fn bindings(&self, bindings: Vec<GuardBinding>) -> Result<guard::Bindings, Refusal> {
+        let mut checked = guard::Bindings::new();
+        for b in bindings {
+            if checked
+                .insert(tap_name(&b.tap)?, self.guest(b.ip)?)
+                .is_some()
+            {
+                return Err(Refusal::refused(format!("TAP {} is listed twice", b.tap)));
+            }
+        }
+        Ok(checked)
     }
 
     fn guest(&self, ip: Ipv4Addr) -> Result<Ipv4Addr, Refusal> {
@@ -470,6 +488,21 @@ pub(crate) mod tests {
                         ip,
                     }],
                 },
+                Op::FirewallEnsure {
+                    cidr: "172.16.0.0/24".into(),
+                    bridge_ip: gw,
+                    guard: Some(vec![GuardBinding {
+                        tap: "bgtap1".into(),
+                        ip,
+                    }]),
+                    nat: vec![],
+                },
+                Op::FirewallEnsure {
+                    cidr: "172.16.0.0/24".into(),
+                    bridge_ip: gw,
+                    guard: None,
+                    nat: vec![ip],
+                },
             ] {
                 assert_eq!(refused(&p, 1000, op).kind, ErrorKind::Refused, "{ip}");
             }
@@ -527,6 +560,43 @@ pub(crate) mod tests {
                 ]
                 .into()
             ))
+        );
+        // The check of the tables: the same rules for what it is told.
+        let ensure = |guard, nat| Op::FirewallEnsure {
+            cidr: "172.16.0.0/24".into(),
+            bridge_ip: gw,
+            guard,
+            nat,
+        };
+        let r = refused(
+            &p,
+            1000,
+            ensure(Some(vec![twice("bgtap1"), twice("bgtap1")]), vec![]),
+        );
+        assert!(r.message.contains("listed twice"), "{r}");
+        let r = refused(&p, 1000, ensure(Some(vec![twice("eth0")]), vec![]));
+        assert_eq!(r.kind, ErrorKind::Refused, "{r}");
+        assert_eq!(
+            p.check(
+                1000,
+                ensure(Some(vec![twice("bgtap1")]), vec![guest, guest])
+            )
+            .map_err(|r| r.message),
+            Ok(Checked::FirewallEnsure {
+                guard: Some([(TapName::new("bgtap1").expect("tap"), guest)].into()),
+                nat: [guest].into(),
+            })
+        );
+        assert_eq!(
+            p.check(1000, ensure(None, vec![])).map_err(|r| r.message),
+            Ok(Checked::FirewallEnsure {
+                guard: None,
+                nat: BTreeSet::new(),
+            })
+        );
+        assert_eq!(
+            refused(&p, 1001, ensure(None, vec![])).kind,
+            ErrorKind::Unauthorized
         );
         let r = refused(
             &p,

@@ -101,9 +101,28 @@ impl Server {
                 return fail(kind, message);
             }
         };
-        tracing::info!(peer_uid, op = name, args = ?checked, "operation");
+        // The daemon checks its tables every few seconds: only a check that
+        // repaired something is worth the journal's space.
+        let routine = matches!(checked, Checked::FirewallEnsure { .. });
+        if routine {
+            tracing::debug!(peer_uid, op = name, args = ?checked, "operation");
+        } else {
+            tracing::info!(peer_uid, op = name, args = ?checked, "operation");
+        }
         match self.execute(checked).await {
-            Ok(reply) => Response::Ok(reply),
+            Ok(reply) => {
+                if let Reply::Repaired { guard, nat } = reply
+                    && (guard || nat)
+                {
+                    tracing::warn!(
+                        peer_uid,
+                        guard,
+                        nat,
+                        "banger's nftables tables had been changed by someone else: made again"
+                    );
+                }
+                Response::Ok(reply)
+            }
             Err(e) => {
                 tracing::warn!(peer_uid, op = name, error = %e, "operation failed");
                 Response::Error {
@@ -187,6 +206,16 @@ impl Server {
                     .await
                     .map_err(failed)?;
                 Reply::Done
+            }
+            Checked::FirewallEnsure { guard, nat } => {
+                let r = h
+                    .firewall_ensure(&p.subnet, guard.as_ref(), &nat)
+                    .await
+                    .map_err(failed)?;
+                Reply::Repaired {
+                    guard: r.guard,
+                    nat: r.nat,
+                }
             }
             Checked::GuardAllow(tap, ip) => {
                 h.guard_allow(&p.subnet, &tap, ip).await.map_err(failed)?;
@@ -715,6 +744,22 @@ mod tests {
         ) -> Result<(), HostNetError> {
             self.log(format!("guard_rebuild {}", bindings.len()))
         }
+        async fn firewall_ensure(
+            &self,
+            _: &Subnet,
+            guard: Option<&banger_net::guard::Bindings>,
+            nat: &BTreeSet<Ipv4Addr>,
+        ) -> Result<banger_net::firewall::Repaired, HostNetError> {
+            self.log(format!(
+                "firewall_ensure {:?} {}",
+                guard.map(|g| g.len()),
+                nat.len()
+            ))?;
+            Ok(banger_net::firewall::Repaired {
+                guard: true,
+                nat: false,
+            })
+        }
         async fn guard_allow(
             &self,
             _: &Subnet,
@@ -760,20 +805,20 @@ mod tests {
                 ErrorKind::Version,
             ),
             (
-                r#"{"version":4,"op":{"name":"exec","argv":["/bin/sh"]}}"#,
+                r#"{"version":5,"op":{"name":"exec","argv":["/bin/sh"]}}"#,
                 ErrorKind::Malformed,
             ),
             // Forwarding is switched on by NAT alone; nothing switches it off.
             (
-                r#"{"version":4,"op":{"name":"set_ip_forward","on":false}}"#,
+                r#"{"version":5,"op":{"name":"set_ip_forward","on":false}}"#,
                 ErrorKind::Malformed,
             ),
             (
-                r#"{"version":4,"op":{"name":"delete_tap","tap":"eth0"}}"#,
+                r#"{"version":5,"op":{"name":"delete_tap","tap":"eth0"}}"#,
                 ErrorKind::Refused,
             ),
             (
-                r#"{"version":4,"op":{"name":"create_tap","tap":"bgtap1","bridge":"eth0"}}"#,
+                r#"{"version":5,"op":{"name":"create_tap","tap":"bgtap1","bridge":"eth0"}}"#,
                 ErrorKind::Refused,
             ),
         ];
@@ -794,18 +839,38 @@ mod tests {
         let r = s
             .handle_line(
                 1000,
-                r#"{"version":4,"op":{"name":"create_tap","tap":"bgtap1","bridge":"banger0"}}"#,
+                r#"{"version":5,"op":{"name":"create_tap","tap":"bgtap1","bridge":"banger0"}}"#,
             )
             .await;
         assert_eq!(r, Response::Ok(Reply::Done));
         let r = s
             .handle_line(
                 1001,
-                r#"{"version":4,"op":{"name":"delete_tap","tap":"bgtap1"}}"#,
+                r#"{"version":5,"op":{"name":"delete_tap","tap":"bgtap1"}}"#,
             )
             .await;
         assert_eq!(kind(&r), Some(ErrorKind::Unauthorized));
-        assert_eq!(rec.calls(), ["create_tap bgtap1 1000 banger0"]);
+        // The check of the tables answers what it made again.
+        let r = s
+            .handle_line(
+                1000,
+                r#"{"version":5,"op":{"name":"firewall_ensure","cidr":"172.16.0.0/24","bridge_ip":"172.16.0.1","guard":[{"tap":"bgtap1","ip":"172.16.0.2"}],"nat":[]}}"#,
+            )
+            .await;
+        assert_eq!(
+            r,
+            Response::Ok(Reply::Repaired {
+                guard: true,
+                nat: false
+            })
+        );
+        assert_eq!(
+            rec.calls(),
+            [
+                "create_tap bgtap1 1000 banger0",
+                "firewall_ensure Some(1) 0"
+            ]
+        );
     }
 
     /// The real path: a Unix socket, SO_PEERCRED, and a client whose uid
@@ -854,7 +919,7 @@ mod tests {
         };
         use std::io::{BufRead, Write};
         let mut s = std::os::unix::net::UnixStream::connect(sock).expect("connect");
-        s.write_all(b"{\"version\":4,\"op\":{\"name\":\"list_taps\"}}\n")
+        s.write_all(b"{\"version\":5,\"op\":{\"name\":\"list_taps\"}}\n")
             .expect("write");
         let mut line = String::new();
         std::io::BufReader::new(s)
@@ -1028,7 +1093,7 @@ mod tests {
         let s = Server::new(policy(&state), Arc::new(Recorder::default()));
         let line = |p: &Path| {
             format!(
-                r#"{{"version":4,"op":{{"name":"chown_to_owner","path":"{}"}}}}"#,
+                r#"{{"version":5,"op":{{"name":"chown_to_owner","path":"{}"}}}}"#,
                 p.display()
             )
         };

@@ -8,11 +8,13 @@
 //! while the VM runs and is rebuilt from the store at daemon start.
 
 mod error;
+mod firewall;
 mod ports;
 mod status;
 mod vm;
 
 pub use error::NetError;
+pub(crate) use firewall::Firewall;
 pub(crate) use vm::{GuardPending, NetLease};
 
 use crate::Daemon;
@@ -46,6 +48,8 @@ pub(crate) enum Mode {
     Bridge {
         host: Arc<dyn HostNet>,
         pool: Arc<TapPool>,
+        /// The nftables changes, and what they must hold.
+        firewall: Arc<Firewall>,
     },
     /// QEMU's user-mode stack with host port forwards on 127.0.0.1.
     User { reason: String },
@@ -207,11 +211,12 @@ impl Network {
                 reason: "bangerd has no CAP_NET_ADMIN (not root) and no root helper (no system install): QEMU user-mode networking with ssh forwarded on 127.0.0.1".into(),
             },
             choice => match Self::bridge(&settings, vms, host).await {
-                Ok((host, pool, g)) => {
+                Ok((host, pool, g, firewall)) => {
                     guard = g;
                     Mode::Bridge {
                         host,
                         pool: Arc::new(pool),
+                        firewall: Arc::new(firewall),
                     }
                 }
                 Err(e) if choice == NetworkMode::Auto => {
@@ -278,7 +283,7 @@ impl Network {
         settings: &NetSettings,
         vms: &[VmRecord],
         host: Option<Arc<dyn HostNet>>,
-    ) -> anyhow::Result<(Arc<dyn HostNet>, TapPool, Guard)> {
+    ) -> anyhow::Result<(Arc<dyn HostNet>, TapPool, Guard, Firewall)> {
         let host: Arc<dyn HostNet> = match host {
             Some(h) => h,
             None => Arc::new(LocalHostNet::connect()?),
@@ -344,7 +349,8 @@ impl Network {
         )
         .await
         .context("starting the TAP pool")?;
-        Ok((host, pool, guard))
+        let firewall = Firewall::new(host.clone(), settings.subnet, guard.is_on(), bindings, nat);
+        Ok((host, pool, guard, firewall))
     }
 
     /// The address the DNS server listens on, when it runs.
@@ -392,6 +398,9 @@ impl Daemon {
             system_helper().await
         };
         let net = Network::start(&self.config, &vms, helper).await?;
+        if let Mode::Bridge { firewall, .. } = &net.mode {
+            firewall.clone().watch(self.shutdown.clone());
+        }
         if self.network.set(net).is_err() {
             anyhow::bail!("networking is already initialised");
         }

@@ -42,6 +42,36 @@ impl Daemon {
                 }
             }
         };
+        // Checked now, not as of daemon start: someone may have flushed
+        // the tables since (the check makes them again).
+        let checked = match &net.mode {
+            Mode::Bridge { firewall, .. } => Some(firewall.heal().await),
+            _ => None,
+        };
+        let guard_ok = match (&net.mode, &net.guard, &checked) {
+            (Mode::User { .. }, _, _) => true,
+            (_, Guard::On, Some(Err(_))) => false,
+            (_, guard, _) => guard.is_on(),
+        };
+        let mut guard_detail = match (&net.mode, &net.guard) {
+            (Mode::User { .. }, _) => {
+                "user-mode networking: every guest has a network of its own".to_string()
+            }
+            (_, Guard::On) => format!(
+                "each guest on {} sends only as its own address (nftables: table bridge {})",
+                s.bridge,
+                banger_net::guard::TABLE
+            ),
+            (_, Guard::Off(why)) => why.clone(),
+        };
+        match &checked {
+            Some(Ok(r)) if r.any() => guard_detail.push_str(
+                "; banger's nftables tables had been removed or changed by someone else and were made again just now",
+            ),
+            Some(Err(e)) => guard_detail
+                .push_str(&format!("; but banger's nftables tables could not be checked: {e}")),
+            _ => {}
+        }
         Ok(NetworkStatus {
             mode: net.mode_name().into(),
             reason,
@@ -56,18 +86,8 @@ impl Daemon {
             nat_error: nat.error,
             resolver_ok,
             resolver_detail,
-            guard_ok: matches!(net.mode, Mode::User { .. }) || net.guard.is_on(),
-            guard_detail: match (&net.mode, &net.guard) {
-                (Mode::User { .. }, _) => {
-                    "user-mode networking: every guest has a network of its own".into()
-                }
-                (_, Guard::On) => format!(
-                    "each guest on {} sends only as its own address (nftables: table bridge {})",
-                    s.bridge,
-                    banger_net::guard::TABLE
-                ),
-                (_, Guard::Off(why)) => why.clone(),
-            },
+            guard_ok,
+            guard_detail,
             tun_ok,
             tun_detail,
         })

@@ -143,7 +143,7 @@ impl Daemon {
                     guard: None,
                 }))
             }
-            Mode::Bridge { host, pool } => {
+            Mode::Bridge { pool, firewall, .. } => {
                 let ip = vm.ip.ok_or_else(|| NetError::NoAddress {
                     name: vm.name.clone(),
                 })?;
@@ -183,12 +183,7 @@ impl Daemon {
                 // frames are dropped until they are; the boot waits for
                 // them before the guest is reached: `GuardPending`).
                 let guard = if net.guard.is_on() {
-                    let (subnet, host, h, name) = (
-                        settings.subnet,
-                        host.clone(),
-                        handle.clone(),
-                        tap.name.clone(),
-                    );
+                    let (firewall, h, name) = (firewall.clone(), handle.clone(), tap.name.clone());
                     let pending = steps
                         .run(
                             "guard",
@@ -197,17 +192,15 @@ impl Daemon {
                                 // A forget waits for the allow it undoes.
                                 let order = Arc::new(tokio::sync::Mutex::new(()));
                                 let held = order.clone().lock_owned().await;
-                                let (host2, name2) = (host.clone(), name.clone());
+                                let (firewall2, name2) = (firewall.clone(), name.clone());
                                 let task = tokio::spawn(async move {
                                     let _held = held;
-                                    host2.guard_allow(&subnet, &name2, ip).await
+                                    firewall2.allow(&name2, ip).await
                                 });
                                 u.set(move || async move {
                                     h.update_net(|l| l.guard = None);
                                     let _after = order.lock().await;
-                                    host.guard_forget(&subnet, &name, ip)
-                                        .await
-                                        .map_err(Into::into)
+                                    firewall.forget(&name, ip).await.map_err(Into::into)
                                 });
                                 Ok(GuardPending(task))
                             },
@@ -218,13 +211,13 @@ impl Daemon {
                     None
                 };
                 if vm.nat {
-                    let (subnet, host, h) = (settings.subnet, host.clone(), handle.clone());
+                    let (firewall, h) = (firewall.clone(), handle.clone());
                     steps
                         .run("nat", "enabling NAT", |u: UndoSlot<'_>| async move {
-                            host.nat_enable(&subnet, ip).await?;
+                            firewall.nat(ip, true).await?;
                             u.set(move || async move {
                                 h.update_net(|l| l.nat = None);
-                                host.nat_disable(&subnet, ip).await.map_err(Into::into)
+                                firewall.nat(ip, false).await.map_err(Into::into)
                             });
                             Ok(())
                         })
@@ -289,9 +282,9 @@ impl Daemon {
             if let Some(name) = &lease.dns {
                 net.records.remove(name.as_str());
             }
-            if let Mode::Bridge { host, pool } = &net.mode {
+            if let Mode::Bridge { pool, firewall, .. } = &net.mode {
                 if let Some(ip) = lease.nat
-                    && let Err(e) = host.nat_disable(&net.settings.subnet, ip).await
+                    && let Err(e) = firewall.nat(ip, false).await
                 {
                     tracing::warn!(vm = %vm.name, error = %e, "removing NAT rules");
                 }
@@ -299,14 +292,9 @@ impl Daemon {
                 // it): nothing can use the checks of a TAP that goes.
                 match (&lease.tap, lease.guard) {
                     (Some(tap), Some(ip)) if net.guard.is_on() => {
-                        let (host, subnet, t, name) = (
-                            host.clone(),
-                            net.settings.subnet,
-                            tap.clone(),
-                            vm.name.clone(),
-                        );
+                        let (firewall, t, name) = (firewall.clone(), tap.clone(), vm.name.clone());
                         pool.release_after(tap, async move {
-                            if let Err(e) = host.guard_forget(&subnet, &t, ip).await {
+                            if let Err(e) = firewall.forget(&t, ip).await {
                                 tracing::warn!(vm = %name, error = %e, "removing the guest's address checks");
                             }
                         });
@@ -336,14 +324,8 @@ impl Daemon {
             && let Some(net) = self.network()
         {
             match (&net.mode, vm.ip) {
-                (Mode::Bridge { host, .. }, Some(ip)) => {
-                    let subnet = &net.settings.subnet;
-                    let r = if nat {
-                        host.nat_enable(subnet, ip).await
-                    } else {
-                        host.nat_disable(subnet, ip).await
-                    };
-                    r.map_err(|cause| NetError::Nat {
+                (Mode::Bridge { firewall, .. }, Some(ip)) => {
+                    firewall.nat(ip, nat).await.map_err(|cause| NetError::Nat {
                         name: vm.name.clone(),
                         cause,
                     })?;
@@ -396,7 +378,16 @@ mod tests {
     /// A [`HostNet`] that only notes what it is asked to do: the daemon's
     /// side of the host network under test, without a host.
     #[derive(Default)]
-    struct Recorder(Mutex<Vec<String>>);
+    struct Recorder(Mutex<Vec<String>>, Mutex<FirewallAnswer>);
+
+    /// What the recorder's check of the tables answers.
+    #[derive(Default, Clone)]
+    enum FirewallAnswer {
+        #[default]
+        InPlace,
+        Repaired,
+        Fails,
+    }
 
     impl Recorder {
         fn note(&self, s: String) -> Result<(), HostNetError> {
@@ -445,6 +436,29 @@ mod tests {
             bindings: &banger_net::guard::Bindings,
         ) -> Result<(), HostNetError> {
             self.note(format!("guard_rebuild {}", bindings.len()))
+        }
+        async fn firewall_ensure(
+            &self,
+            _: &Subnet,
+            guard: Option<&banger_net::guard::Bindings>,
+            nat: &BTreeSet<Ipv4Addr>,
+        ) -> Result<banger_net::firewall::Repaired, HostNetError> {
+            let list = |v: Vec<String>| v.join(",");
+            let guard = guard.map(|g| list(g.iter().map(|(t, ip)| format!("{t}={ip}")).collect()));
+            let nat = list(nat.iter().map(|ip| ip.to_string()).collect());
+            self.note(format!(
+                "firewall_ensure {} {nat}",
+                guard.unwrap_or("off".into())
+            ))?;
+            let answer = self.1.lock().expect("lock").clone();
+            match answer {
+                FirewallAnswer::InPlace => Ok(banger_net::firewall::Repaired::default()),
+                FirewallAnswer::Repaired => Ok(banger_net::firewall::Repaired {
+                    guard: true,
+                    nat: false,
+                }),
+                FirewallAnswer::Fails => Err(HostNetError::Helper("nft exploded".into())),
+            }
         }
         async fn guard_allow(
             &self,
@@ -505,11 +519,19 @@ mod tests {
         )
         .await
         .expect("pool");
+        let subnet = settings.subnet;
         let net = Network {
             settings,
             mode: Mode::Bridge {
                 host: host.clone(),
                 pool: Arc::new(pool),
+                firewall: Arc::new(Firewall::new(
+                    host.clone(),
+                    subnet,
+                    guard.is_on(),
+                    Default::default(),
+                    Default::default(),
+                )),
             },
             guard,
             records: DnsRecords::new(),
@@ -530,6 +552,14 @@ mod tests {
         if let Some(Mode::Bridge { pool, .. }) = d.network().map(|n| &n.mode) {
             pool.released().await;
         }
+    }
+
+    /// Has the daemon check its nftables tables against what it keeps.
+    async fn heal(d: &Daemon) {
+        let Some(Mode::Bridge { firewall, .. }) = d.network().map(|n| &n.mode) else {
+            panic!("bridge networking");
+        };
+        firewall.heal().await.expect("heal");
     }
 
     /// A VM recorded in `state` with an address and NAT.
@@ -574,13 +604,15 @@ mod tests {
             Some(tap.to_string()),
             "recorded for a daemon restart"
         );
-        // The checks are added alongside the NAT rules.
+        // The checks are added alongside the NAT rules, and what they hold
+        // is kept: doctor's check of the tables asks for it.
         assert_eq!(
             sorted(host.asked()),
             sorted(vec![
                 format!("create_tap {tap}"),
                 format!("guard_allow {tap} {ip}"),
-                format!("nat_enable {ip}")
+                format!("nat_enable {ip}"),
+                format!("firewall_ensure {tap}={ip} {ip}"),
             ])
         );
         let h = d.vms.existing(&vm.id).expect("a handle");
@@ -600,10 +632,13 @@ mod tests {
             })
         );
 
-        // NAT off while it runs: the rules go, and the lease says so.
+        // NAT off while it runs: the rules go, and the lease and the kept
+        // state say so.
         d.set_vm_nat("calm-otter", false).await.expect("nat off");
         assert_eq!(host.asked(), [format!("nat_disable {ip}")]);
         assert_eq!(h.net().and_then(|l| l.nat), None);
+        heal(&d).await;
+        assert_eq!(host.asked(), [format!("firewall_ensure {tap}={ip} ")]);
 
         // A record that says otherwise (NAT on, no TAP) changes nothing:
         // the lease is what is released.
@@ -622,6 +657,8 @@ mod tests {
         assert_eq!(h.net(), None);
         assert_eq!(records.get("calm-otter"), None);
         assert_eq!(d.store.get_vm(&vm.id).expect("get").tap, None);
+        heal(&d).await;
+        assert_eq!(host.asked(), ["firewall_ensure  "]);
 
         // Without a lease (a VM re-adopted after a restart) the record is.
         d.net_down(&stale).await;
@@ -740,12 +777,48 @@ mod tests {
         let status = d.network_status().await.expect("status");
         assert!(!status.guard_ok);
         assert_eq!(status.guard_detail, why);
+        // The check of the tables leaves the checks out; NAT it keeps.
+        assert_eq!(host.asked(), [format!("firewall_ensure off {ip}")]);
         d.net_down(&vm).await;
         released(&d).await;
         assert_eq!(
             host.asked(),
             [format!("nat_disable {ip}"), format!("delete_tap {tap}")]
         );
+    }
+
+    #[tokio::test]
+    async fn doctor_checks_the_tables_now() {
+        let t = tempfile::tempdir().expect("tmp");
+        let (d, host) = bridged(&t).await;
+        let status = d.network_status().await.expect("status");
+        assert!(status.guard_ok, "{}", status.guard_detail);
+        assert!(
+            !status.guard_detail.contains("again"),
+            "{}",
+            status.guard_detail
+        );
+
+        *host.1.lock().expect("lock") = FirewallAnswer::Repaired;
+        let status = d.network_status().await.expect("status");
+        assert!(status.guard_ok, "{}", status.guard_detail);
+        assert!(
+            status.guard_detail.contains("made again just now"),
+            "{}",
+            status.guard_detail
+        );
+
+        *host.1.lock().expect("lock") = FirewallAnswer::Fails;
+        let status = d.network_status().await.expect("status");
+        assert!(!status.guard_ok, "{}", status.guard_detail);
+        assert!(
+            status
+                .guard_detail
+                .contains("could not be checked: nft exploded"),
+            "{}",
+            status.guard_detail
+        );
+        assert_eq!(host.asked(), vec!["firewall_ensure  ".to_string(); 3]);
     }
 
     #[test]

@@ -3,10 +3,11 @@
 
 mod common;
 
+use banger_net::firewall::Repaired;
 use banger_net::host::BridgeSpec;
 use banger_net::link::LinkError;
 use banger_net::{
-    HostNet, HostNetError, IfName, LocalHostNet, PoolConfig, Subnet, TapName, TapPool, nat,
+    HostNet, HostNetError, IfName, LocalHostNet, PoolConfig, Subnet, TapName, TapPool, guard, nat,
 };
 use common::NetNs;
 use std::collections::{BTreeSet, HashSet};
@@ -538,6 +539,118 @@ fn removal_takes_bangers_tables_and_rules_only() {
         assert!(nat::remove_all().await.expect("remove"), "removed");
     });
     assert_eq!(nft_tables(&ns), ["ip filter"]);
+}
+
+#[test]
+fn tables_someone_else_changed_are_made_again_from_the_kept_state() {
+    let ns = NetNs::new("heal");
+    let s = subnet();
+    let (a, b) = (
+        TapName::new("bgtap00000002").expect("tap"),
+        TapName::new("bgtap00000003").expect("tap"),
+    );
+    let bindings: guard::Bindings = [(a.clone(), ip(2)), (b.clone(), ip(3))].into();
+    let nat = BTreeSet::from([ip(2)]);
+    let ensure = || async {
+        LocalHostNet::connect()
+            .expect("netlink")
+            .firewall_ensure(&s, Some(&bindings), &nat)
+            .await
+            .expect("ensure")
+    };
+    let made_again = |guard, nat| Repaired { guard, nat };
+    // The tables as the daemon's start makes them, and as `ensure` leaves
+    // them: a listing to compare with after each repair.
+    let canonical = |ns: &NetNs| {
+        let mut tables = nft_tables(ns);
+        tables.sort();
+        tables
+            .into_iter()
+            .map(|t| {
+                let mut args = vec!["nft", "list", "table"];
+                args.extend(t.split(' '));
+                let listing = ns.exec(&args);
+                (t, String::from_utf8_lossy(&listing.stdout).into_owned())
+            })
+            .collect::<Vec<_>>()
+    };
+    ns.run(|| async {
+        let host = LocalHostNet::connect().expect("netlink");
+        host.nat_rebuild(&s, &nat).await.expect("nat");
+        host.guard_rebuild(&s, &bindings).await.expect("guard");
+        assert_eq!(ensure().await, Repaired::default(), "all in place");
+    });
+    let made = canonical(&ns);
+    assert_eq!(
+        made.iter().map(|(t, _)| t.as_str()).collect::<Vec<_>>(),
+        ["bridge banger", "inet banger", "ip banger"]
+    );
+
+    // A flush, as a restart of the host's nftables service does.
+    assert!(ns.exec(&["nft", "flush", "ruleset"]).status.success());
+    assert!(nft_tables(&ns).is_empty());
+    ns.run(|| async {
+        assert_eq!(ensure().await, made_again(true, true));
+        assert_eq!(ensure().await, Repaired::default(), "then in place");
+    });
+    assert_eq!(canonical(&ns), made, "the same tables again");
+
+    // A flush and then a VM's start before the check: the allow makes the
+    // bridge table's sets, not its rules.
+    assert!(ns.exec(&["nft", "flush", "ruleset"]).status.success());
+    ns.run(|| async {
+        let host = LocalHostNet::connect().expect("netlink");
+        host.guard_allow(&s, &a, ip(2)).await.expect("allow");
+        host.nat_enable(&s, ip(2)).await.expect("nat");
+        assert_eq!(ensure().await, made_again(true, false));
+    });
+    assert_eq!(canonical(&ns), made);
+
+    // A rule deleted, an element added or taken away, a NAT VM too many.
+    // A rule is named by its chain and handle, read when it is deleted.
+    let first_rule = |family: &str| {
+        let out = ns.exec(&["nft", "-j", "list", "table", family, "banger"]);
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+        // In NAT's table the forward guard: no per-VM comment names it.
+        let r = rules(&v)
+            .find(|r| family != "ip" || r["comment"] == "banger guard")
+            .expect("a rule");
+        format!(
+            "delete rule {family} banger {} handle {}",
+            r["chain"].as_str().expect("chain"),
+            r["handle"].as_u64().expect("handle")
+        )
+    };
+    let extra = "add element bridge banger guest_ips { \"bgtap00000009\" . 172.16.0.9 }";
+    let missing =
+        "delete element bridge banger guest_macs { \"bgtap00000003\" . 06:00:ac:10:00:03 }";
+    for (edit, guard, nat) in [
+        ("inet", true, false),
+        ("ip", false, true),
+        (extra, true, false),
+        (missing, true, false),
+    ] {
+        let line = match edit {
+            "inet" | "ip" => first_rule(edit),
+            other => other.to_string(),
+        };
+        let out = ns.exec(&["nft", &line]);
+        assert!(
+            out.status.success(),
+            "{line}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        ns.run(|| async {
+            assert_eq!(ensure().await, made_again(guard, nat), "after {line}");
+        });
+        assert_eq!(canonical(&ns), made, "after {line}");
+    }
+    ns.run(|| async {
+        let host = LocalHostNet::connect().expect("netlink");
+        host.nat_enable(&s, ip(4)).await.expect("nat");
+        assert_eq!(ensure().await, made_again(false, true), "a NAT VM too many");
+    });
+    assert_eq!(canonical(&ns), made);
 }
 
 /// An HTTP server in `ns` on `addr` that answers every request with
