@@ -483,7 +483,9 @@ async fn uninstall(layout: &Layout, purge: bool) -> anyhow::Result<i32> {
     for r in &removed {
         println!("removed {r}");
     }
-    if !purge {
+    // Said only where there is such state: a host that never had a system
+    // install (only banger's nftables tables to remove) has none.
+    if !purge && (record.is_some() || paths.state_dir.exists() || paths.cache_dir.exists()) {
         println!(
             "kept VM, image and cache state in {} and {} (--purge removes them)",
             paths.state_dir.display(),
