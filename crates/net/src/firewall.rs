@@ -40,23 +40,26 @@ pub async fn ensure(
     guard: Option<&Bindings>,
     nat: &BTreeSet<Ipv4Addr>,
 ) -> Result<Repaired, NatError> {
-    let mut repaired = Repaired::default();
-    if let Some(bindings) = guard
-        && !guard::in_place(bindings).await?
-    {
-        guard::rebuild(subnet, bindings).await?;
-        repaired.guard = true;
-    }
-    match nat::in_place(subnet, nat).await {
-        Ok(true) => {}
-        Ok(false) => {
-            nat::rebuild(subnet, nat).await?;
-            repaired.nat = true;
-        }
+    // Each part is tried even when the other fails: a lasting problem with
+    // one table must not keep the other from being repaired.
+    let checks = match guard {
+        None => Ok(false),
+        Some(bindings) => match guard::in_place(bindings).await {
+            Ok(true) => Ok(false),
+            Ok(false) => guard::rebuild(subnet, bindings).await.map(|()| true),
+            Err(e) => Err(e),
+        },
+    };
+    let forwarding = match nat::in_place(subnet, nat).await {
+        Ok(true) => Ok(false),
+        Ok(false) => nat::rebuild(subnet, nat).await.map(|()| true),
         // Without nft there is no table to keep: bridge networking works
         // without one until a VM asks for NAT.
-        Err(NatError::NftMissing) if guard.is_none() && nat.is_empty() => {}
-        Err(e) => return Err(e),
-    }
-    Ok(repaired)
+        Err(NatError::NftMissing) if guard.is_none() && nat.is_empty() => Ok(false),
+        Err(e) => Err(e),
+    };
+    Ok(Repaired {
+        guard: checks?,
+        nat: forwarding?,
+    })
 }

@@ -135,8 +135,9 @@ pub trait HostNet: Send + Sync {
 /// CAP_NET_ADMIN), in the network namespace of the thread that connected.
 pub struct LocalHostNet {
     netlink: Netlink,
-    /// nft changes read-modify-write banger's table: one at a time.
-    nat_lock: tokio::sync::Mutex<()>,
+    /// nft changes read-modify-write banger's tables, and a check rebuilds
+    /// them from what it is given: one at a time.
+    nft_lock: tokio::sync::Mutex<()>,
 }
 
 impl LocalHostNet {
@@ -144,7 +145,7 @@ impl LocalHostNet {
     pub fn connect() -> Result<Self, HostNetError> {
         Ok(Self {
             netlink: Netlink::connect()?,
-            nat_lock: tokio::sync::Mutex::new(()),
+            nft_lock: tokio::sync::Mutex::new(()),
         })
     }
 
@@ -242,12 +243,12 @@ impl HostNet for LocalHostNet {
     }
 
     async fn nat_enable(&self, subnet: &Subnet, vm_ip: Ipv4Addr) -> Result<(), HostNetError> {
-        let _g = self.nat_lock.lock().await;
+        let _g = self.nft_lock.lock().await;
         Ok(nat::enable(subnet, vm_ip).await?)
     }
 
     async fn nat_disable(&self, subnet: &Subnet, vm_ip: Ipv4Addr) -> Result<(), HostNetError> {
-        let _g = self.nat_lock.lock().await;
+        let _g = self.nft_lock.lock().await;
         Ok(nat::disable(subnet, vm_ip).await?)
     }
 
@@ -256,7 +257,7 @@ impl HostNet for LocalHostNet {
         subnet: &Subnet,
         vm_ips: &BTreeSet<Ipv4Addr>,
     ) -> Result<(), HostNetError> {
-        let _g = self.nat_lock.lock().await;
+        let _g = self.nft_lock.lock().await;
         Ok(nat::rebuild(subnet, vm_ips).await?)
     }
 
@@ -265,6 +266,7 @@ impl HostNet for LocalHostNet {
         subnet: &Subnet,
         bindings: &guard::Bindings,
     ) -> Result<(), HostNetError> {
+        let _g = self.nft_lock.lock().await;
         Ok(guard::rebuild(subnet, bindings).await?)
     }
 
@@ -274,7 +276,7 @@ impl HostNet for LocalHostNet {
         guard: Option<&guard::Bindings>,
         nat: &BTreeSet<Ipv4Addr>,
     ) -> Result<Repaired, HostNetError> {
-        let _g = self.nat_lock.lock().await;
+        let _g = self.nft_lock.lock().await;
         Ok(firewall::ensure(subnet, guard, nat).await?)
     }
 
@@ -284,6 +286,7 @@ impl HostNet for LocalHostNet {
         tap: &TapName,
         ip: Ipv4Addr,
     ) -> Result<(), HostNetError> {
+        let _g = self.nft_lock.lock().await;
         Ok(guard::allow(subnet, tap, ip).await?)
     }
 
@@ -293,6 +296,7 @@ impl HostNet for LocalHostNet {
         tap: &TapName,
         ip: Ipv4Addr,
     ) -> Result<(), HostNetError> {
+        let _g = self.nft_lock.lock().await;
         Ok(guard::forget(subnet, tap, ip).await?)
     }
 

@@ -157,13 +157,21 @@ pub async fn current() -> Result<BTreeSet<Ipv4Addr>, NatError> {
 
 /// Whether banger's table holds what [`ruleset`] makes for `vms`: NAT
 /// rules for exactly those addresses and as many rules in all (the
-/// guard's among them). `false` when the table is gone, as after
-/// `nft flush ruleset`.
+/// guard's among them), and Docker's `DOCKER-USER` chain, where there is
+/// one, as many of banger's rules as [`rebuild`] puts there. `false` when
+/// the table is gone, as after `nft flush ruleset`.
 pub async fn in_place(subnet: &Subnet, vms: &BTreeSet<Ipv4Addr>) -> Result<bool, NatError> {
-    Ok(listing("ip", TABLE).await?.is_some_and(|rs| {
+    let table = listing("ip", TABLE).await?.is_some_and(|rs| {
         vms_in(&rs) == *vms
             && rules_of(&rs, NfFamily::IP) == rules_of(&ruleset(subnet, vms), NfFamily::IP)
-    }))
+    });
+    if !table {
+        return Ok(false);
+    }
+    Ok(match docker_user_rules().await? {
+        None => true,
+        Some(ours) => ours.len() == rules_of(&docker_user_batch(subnet, vms, &[]), NfFamily::IP),
+    })
 }
 
 /// The table `family` `name` as nft lists it; `None` when there is none.
@@ -190,7 +198,9 @@ pub(crate) fn rules_of(rs: &Nftables<'_>, family: NfFamily) -> usize {
         .iter()
         .filter(|o| match o {
             NfObject::ListObject(NfListObject::Rule(r))
-            | NfObject::CmdObject(NfCmd::Add(NfListObject::Rule(r))) => r.family == family,
+            | NfObject::CmdObject(
+                NfCmd::Add(NfListObject::Rule(r)) | NfCmd::Insert(NfListObject::Rule(r)),
+            ) => r.family == family,
             _ => false,
         })
         .count()

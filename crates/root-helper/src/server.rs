@@ -3,7 +3,7 @@
 //! [`HostNet`] (or the chown executor) and logs every operation.
 
 use crate::policy::{Checked, Policy, Refusal};
-use crate::proto::{ErrorKind, MAX_LINE, PROTOCOL_VERSION, Reply, Request, Response, Tap};
+use crate::proto::{ErrorKind, MAX_LINE, Op, PROTOCOL_VERSION, Reply, Request, Response, Tap};
 use banger_net::HostNet;
 use banger_net::host::BridgeSpec;
 use banger_version::BuildInfo;
@@ -94,16 +94,21 @@ impl Server {
             }
         };
         let name = request.op.name();
+        // The daemon checks its tables every few seconds: only a check that
+        // repaired something is worth the journal's space (the daemon logs
+        // a check's failure itself, once).
+        let routine = matches!(request.op, Op::FirewallEnsure { .. });
         let checked = match self.policy.check(peer_uid, request.op) {
             Ok(c) => c,
             Err(Refusal { kind, message }) => {
-                tracing::warn!(peer_uid, op = name, %message, "refused");
+                if routine {
+                    tracing::debug!(peer_uid, op = name, %message, "refused");
+                } else {
+                    tracing::warn!(peer_uid, op = name, %message, "refused");
+                }
                 return fail(kind, message);
             }
         };
-        // The daemon checks its tables every few seconds: only a check that
-        // repaired something is worth the journal's space.
-        let routine = matches!(checked, Checked::FirewallEnsure { .. });
         if routine {
             tracing::debug!(peer_uid, op = name, args = ?checked, "operation");
         } else {
@@ -124,7 +129,11 @@ impl Server {
                 Response::Ok(reply)
             }
             Err(e) => {
-                tracing::warn!(peer_uid, op = name, error = %e, "operation failed");
+                if routine {
+                    tracing::debug!(peer_uid, op = name, error = %e, "operation failed");
+                } else {
+                    tracing::warn!(peer_uid, op = name, error = %e, "operation failed");
+                }
                 Response::Error {
                     kind: e.kind,
                     message: e.message,

@@ -398,11 +398,11 @@ impl Daemon {
             system_helper().await
         };
         let net = Network::start(&self.config, &vms, helper).await?;
-        if let Mode::Bridge { firewall, .. } = &net.mode {
-            firewall.clone().watch(self.shutdown.clone());
-        }
         if self.network.set(net).is_err() {
             anyhow::bail!("networking is already initialised");
+        }
+        if let Some(Mode::Bridge { firewall, .. }) = self.network().map(|n| &n.mode) {
+            firewall.clone().watch(self.shutdown.clone());
         }
         Ok(())
     }

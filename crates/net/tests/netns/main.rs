@@ -651,6 +651,37 @@ fn tables_someone_else_changed_are_made_again_from_the_kept_state() {
         assert_eq!(ensure().await, made_again(false, true), "a NAT VM too many");
     });
     assert_eq!(canonical(&ns), made);
+
+    // Docker's chain for its users' rules, which Docker restarted after a
+    // flush makes empty: banger's rules there are part of NAT's state.
+    load_nft(
+        &ns,
+        "table ip filter {\n chain DOCKER-USER {\n  counter return\n }\n}\n",
+    );
+    let ours = |ns: &NetNs| {
+        docker_user_comments(ns)
+            .into_iter()
+            .filter(|c| c.starts_with("banger"))
+            .count()
+    };
+    ns.run(|| async {
+        assert_eq!(ensure().await, made_again(false, true), "Docker's chain");
+    });
+    assert_eq!(ours(&ns), 3, "the bridge's rule and the NAT VM's two");
+    assert!(
+        ns.exec(&["nft", "flush", "chain", "ip", "filter", "DOCKER-USER"])
+            .status
+            .success()
+    );
+    ns.run(|| async {
+        assert_eq!(
+            ensure().await,
+            made_again(false, true),
+            "Docker's chain emptied"
+        );
+        assert_eq!(ensure().await, Repaired::default(), "then in place");
+    });
+    assert_eq!(ours(&ns), 3);
 }
 
 /// An HTTP server in `ns` on `addr` that answers every request with
