@@ -30,7 +30,7 @@
 
 use crate::alloc::{MacAddr, Subnet};
 use crate::ifname::{TAP_PREFIX, TapName};
-use crate::nat::{NatError, addr, apply, check, field, listing, matches, rules_of};
+use crate::nat::{NatError, addr, apply, chains_of, check, field, listing, matches, rules_of};
 use nftables::batch::Batch;
 use nftables::expr::{Expression, Meta, MetaKey, NamedExpression};
 use nftables::schema::{
@@ -81,7 +81,8 @@ pub async fn forget(subnet: &Subnet, tap: &TapName, ip: Ipv4Addr) -> Result<(), 
 }
 
 /// Whether the tables hold what [`ruleset`] makes for `bindings`: both
-/// families' rules, and in the sets exactly the elements of `bindings`.
+/// families' chains and rules, and in the sets exactly the elements of
+/// `bindings`.
 /// `false` when a table is gone (`nft flush ruleset`), or holds only the
 /// sets that an [`allow`] after such a flush makes.
 pub async fn in_place(bindings: &Bindings) -> Result<bool, NatError> {
@@ -95,7 +96,9 @@ pub async fn in_place(bindings: &Bindings) -> Result<bool, NatError> {
         let Some(listed) = listing(name, TABLE).await? else {
             return Ok(false);
         };
-        if rules_of(&listed, family) != rules_of(&wanted, family) {
+        if rules_of(&listed, family) != rules_of(&wanted, family)
+            || chains_of(&listed, family) != chains_of(&wanted, family)
+        {
             return Ok(false);
         }
         if family == NfFamily::Bridge && elements_in(&listed) != elements_of(bindings) {

@@ -156,14 +156,16 @@ pub async fn current() -> Result<BTreeSet<Ipv4Addr>, NatError> {
 }
 
 /// Whether banger's table holds what [`ruleset`] makes for `vms`: NAT
-/// rules for exactly those addresses and as many rules in all (the
-/// guard's among them), and Docker's `DOCKER-USER` chain, where there is
+/// rules for exactly those addresses, as many rules in all (the guard's
+/// among them) and the same chains, and Docker's `DOCKER-USER` chain, where there is
 /// one, as many of banger's rules as [`rebuild`] puts there. `false` when
 /// the table is gone, as after `nft flush ruleset`.
 pub async fn in_place(subnet: &Subnet, vms: &BTreeSet<Ipv4Addr>) -> Result<bool, NatError> {
+    let wanted = ruleset(subnet, vms);
     let table = listing("ip", TABLE).await?.is_some_and(|rs| {
         vms_in(&rs) == *vms
-            && rules_of(&rs, NfFamily::IP) == rules_of(&ruleset(subnet, vms), NfFamily::IP)
+            && rules_of(&rs, NfFamily::IP) == rules_of(&wanted, NfFamily::IP)
+            && chains_of(&rs, NfFamily::IP) == chains_of(&wanted, NfFamily::IP)
     });
     if !table {
         return Ok(false);
@@ -189,6 +191,30 @@ pub(crate) async fn listing(
         }
         Err(e) => Err(nft_err("listing banger's tables")(e)),
     }
+}
+
+/// The chains of `family` in `rs` (listed, or added by a batch) with
+/// their type, hook, priority and policy, in order: `policy drop` on one
+/// of banger's chains would cut the guests off.
+pub(crate) fn chains_of(rs: &Nftables<'_>, family: NfFamily) -> Vec<String> {
+    let mut chains: Vec<String> = rs
+        .objects
+        .iter()
+        .filter_map(|o| match o {
+            NfObject::ListObject(NfListObject::Chain(c))
+            | NfObject::CmdObject(NfCmd::Add(NfListObject::Chain(c)))
+                if c.family == family =>
+            {
+                Some(format!(
+                    "{} {:?} {:?} {:?} {:?}",
+                    c.name, c._type, c.hook, c.prio, c.policy
+                ))
+            }
+            _ => None,
+        })
+        .collect();
+    chains.sort();
+    chains
 }
 
 /// How many rules of `family` `rs` holds: those nft listed, or those a

@@ -606,7 +606,8 @@ fn tables_someone_else_changed_are_made_again_from_the_kept_state() {
     });
     assert_eq!(canonical(&ns), made);
 
-    // A rule deleted, an element added or taken away, a NAT VM too many.
+    // A rule deleted, an element added or taken away, a chain that drops
+    // everything, a NAT VM too many.
     // A rule is named by its chain and handle, read when it is deleted.
     let first_rule = |family: &str| {
         let out = ns.exec(&["nft", "-j", "list", "table", family, "banger"]);
@@ -621,6 +622,8 @@ fn tables_someone_else_changed_are_made_again_from_the_kept_state() {
             r["handle"].as_u64().expect("handle")
         )
     };
+    let drop_all =
+        |family: &str, chain: &str| format!("chain {family} banger {chain} {{ policy drop; }}");
     let extra = "add element bridge banger guest_ips { \"bgtap00000009\" . 172.16.0.9 }";
     let missing =
         "delete element bridge banger guest_macs { \"bgtap00000003\" . 06:00:ac:10:00:03 }";
@@ -629,10 +632,13 @@ fn tables_someone_else_changed_are_made_again_from_the_kept_state() {
         ("ip", false, true),
         (extra, true, false),
         (missing, true, false),
+        ("policy bridge guard", true, false),
+        ("policy ip forward", false, true),
     ] {
-        let line = match edit {
-            "inet" | "ip" => first_rule(edit),
-            other => other.to_string(),
+        let line = match edit.split(' ').collect::<Vec<_>>()[..] {
+            ["inet" | "ip"] => first_rule(edit),
+            ["policy", family, chain] => drop_all(family, chain),
+            _ => edit.to_string(),
         };
         let out = ns.exec(&["nft", &line]);
         assert!(
