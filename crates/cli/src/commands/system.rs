@@ -641,12 +641,23 @@ mod tests {
     #[test]
     fn a_daemon_in_this_network_namespace_is_found() {
         // A process named bangerd: `sleep` through a link of that name
-        // (the name is the exec'd path's; `spawn` returns after the exec).
+        // (the name is the exec'd path's).
         let dir = tempfile::tempdir().expect("tmp");
         let fake = dir.path().join("bangerd");
         std::os::unix::fs::symlink("/bin/sleep", &fake).expect("link");
         let mut child = Command::new(&fake).arg("30").spawn().expect("spawn");
         let pid = child.id();
+        // `spawn` returns once the exec has replaced the child's memory,
+        // and the kernel sets the new name a moment after that.
+        let comm = format!("/proc/{pid}/comm");
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while std::fs::read_to_string(&comm).is_ok_and(|c| c.trim_end() != "bangerd") {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the child never took its name"
+            );
+            std::thread::yield_now();
+        }
         let found = daemon_in_this_netns();
         let _ = child.kill();
         let _ = child.wait();
