@@ -344,11 +344,19 @@ send('{ip_b}', b'own'); send('{ip_a}', b'spoofed'); send('{ip_b}', b'end')
     let mut last = serde_json::Value::Null;
     wait_until(
         "vm ports to show the web server",
-        Duration::from_secs(60),
+        Duration::from_secs(120),
         || {
             // A listing that fails (the guest still booting) is tried again.
             let out = b.run(&["vm", "ports", "net-a", "--json"]);
-            last = serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null);
+            let now = serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null);
+            if now != last || now.is_null() {
+                // Shown only when the test fails: what the listing said.
+                eprintln!(
+                    "vm ports: {now} {}",
+                    String::from_utf8_lossy(&out.stderr).trim()
+                );
+            }
+            last = now;
             last.as_array().is_some_and(|ports| {
                 ports.iter().any(|p| {
                     p["port"] == 8080
