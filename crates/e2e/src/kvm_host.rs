@@ -329,20 +329,36 @@ impl KvmHost {
         );
         self.set_vmm(InnerVmm::Firecracker);
         let dir = format!("{KVM_DIR}/image");
-        let out = self.banger(&[
-            "image",
-            "register",
-            "--name",
-            INNER_IMAGE,
-            "--rootfs",
-            &format!("{dir}/rootfs.ext4"),
-            "--work-seed",
-            &format!("{dir}/work-seed.ext4"),
-            "--kernel",
-            &format!("{dir}/vmlinuz"),
-            "--initrd",
-            &format!("{dir}/initrd.img"),
-        ]);
+        let register = || {
+            self.banger(&[
+                "image",
+                "register",
+                "--name",
+                INNER_IMAGE,
+                "--rootfs",
+                &format!("{dir}/rootfs.ext4"),
+                "--work-seed",
+                &format!("{dir}/work-seed.ext4"),
+                "--kernel",
+                &format!("{dir}/vmlinuz"),
+                "--initrd",
+                &format!("{dir}/initrd.img"),
+            ])
+        };
+        let mut out = register();
+        if !out.status.success() && text(&out).1.contains("did not come up within") {
+            // The inner daemon's first start (a debug build on an emulated
+            // CPU, while the outer guest's own services start) can outlast
+            // the CLI's 30 s autostart wait; it goes on starting. Wait for
+            // it to answer, then register.
+            let status = Self::banger_argv(&["daemon", "status"]).join(" ");
+            self.wait_for(
+                "the inner daemon",
+                Duration::from_secs(300),
+                &format!("{status} >/dev/null"),
+            );
+            out = register();
+        }
         self.assert_ok(&out, "registering the default image inside");
     }
 
